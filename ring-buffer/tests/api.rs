@@ -1,0 +1,481 @@
+//! Behaviour of the public API, one property per test.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use granary_ring::{
+    BadLayout, ConfigError, ExternalRegion, HeapRegion, InitError, Mode, PopError, PushError,
+    Region, ReserveError, Ring, RingConfig, TryPopError, TryPushError, WaitPolicy, WrongMode,
+};
+
+fn mpsc(capacity: u32, max_payload: u32) -> (granary_ring::Producer, granary_ring::Consumer) {
+    Ring::new(RingConfig::mpsc(capacity, max_payload))
+        .unwrap()
+        .split_mpsc()
+        .unwrap()
+}
+
+fn spsc(capacity: u32, max_payload: u32) -> (granary_ring::SpscProducer, granary_ring::Consumer) {
+    Ring::new(RingConfig::spsc(capacity, max_payload))
+        .unwrap()
+        .split_spsc()
+        .unwrap()
+}
+
+#[test]
+fn round_trip_keeps_payload_request_id_and_order() {
+    let (producer, mut consumer) = mpsc(8, 64);
+    for i in 0..5u64 {
+        producer.try_push_with(100 + i, i.to_le_bytes()).unwrap();
+    }
+    for i in 0..5u64 {
+        let message = consumer.try_pop().unwrap();
+        assert_eq!(message.request_id(), 100 + i);
+        assert_eq!(message.payload(), i.to_le_bytes());
+        assert_eq!(message.position(), i);
+        assert_eq!(message.status(), 0);
+    }
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+}
+
+#[test]
+fn full_gives_the_payload_back_in_both_modes() {
+    let (producer, mut consumer) = mpsc(4, 8);
+    for _ in 0..4 {
+        producer.try_push(vec![1u8]).unwrap();
+    }
+    match producer.try_push(vec![9u8, 9]) {
+        Err(TryPushError::Full(payload)) => assert_eq!(payload, vec![9, 9]),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    drop(consumer.try_pop().unwrap());
+    producer.try_push(vec![2u8]).unwrap();
+
+    let (mut producer, _consumer) = spsc(2, 8);
+    producer.try_push(*b"a").unwrap();
+    producer.try_push(*b"b").unwrap();
+    assert_eq!(producer.try_push(*b"c").unwrap_err().into_inner(), *b"c");
+}
+
+#[test]
+fn zero_length_and_maximum_length_payloads() {
+    for mode in [Mode::Mpsc, Mode::Spsc] {
+        let ring = Ring::new(RingConfig {
+            mode,
+            capacity: 4,
+            max_payload: 100,
+        })
+        .unwrap();
+        let max = ring.layout().max_payload as usize;
+        assert_eq!(max, 112, "100 + 32 rounds up to a 144-byte slot");
+        let big: Vec<u8> = (0..max).map(|i| (i * 7) as u8).collect();
+        let too_big = vec![0u8; max + 1];
+        let (push, mut pop): (Box<dyn FnMut(&[u8]) -> Result<(), String>>, _) = match mode {
+            Mode::Mpsc => {
+                let (p, c) = ring.split_mpsc().unwrap();
+                (
+                    Box::new(move |b: &[u8]| p.try_push(b).map_err(|e| e.to_string())),
+                    c,
+                )
+            }
+            Mode::Spsc => {
+                let (mut p, c) = ring.split_spsc().unwrap();
+                (
+                    Box::new(move |b: &[u8]| p.try_push(b).map_err(|e| e.to_string())),
+                    c,
+                )
+            }
+        };
+        let mut push = push;
+        push(&[]).unwrap();
+        push(&big).unwrap();
+        let err = push(&too_big).unwrap_err();
+        assert!(
+            err.contains("113 bytes exceeds the slot maximum of 112"),
+            "{err}"
+        );
+        assert_eq!(pop.try_pop().unwrap().payload(), &[] as &[u8]);
+        assert_eq!(pop.try_pop().unwrap().payload(), &big[..]);
+        assert_eq!(pop.try_pop().unwrap_err(), TryPopError::Empty);
+    }
+}
+
+#[test]
+fn payload_too_large_reports_len_and_max_and_returns_payload() {
+    let (producer, _consumer) = mpsc(4, 16);
+    match producer.try_push(vec![0u8; 17]) {
+        Err(TryPushError::PayloadTooLarge { len, max, payload }) => {
+            assert_eq!((len, max, payload.len()), (17, 16, 17));
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_configs_are_typed_errors() {
+    assert_eq!(
+        Ring::new(RingConfig::mpsc(3, 8)).unwrap_err(),
+        ConfigError::Capacity { capacity: 3 }
+    );
+    assert_eq!(
+        Ring::new(RingConfig::mpsc(1, 8)).unwrap_err(),
+        ConfigError::Capacity { capacity: 1 }
+    );
+    assert!(matches!(
+        Ring::new(RingConfig::spsc(4, 2 << 20)).unwrap_err(),
+        ConfigError::PayloadTooLarge { .. }
+    ));
+    let err = Ring::new(RingConfig::mpsc(4, 8))
+        .unwrap()
+        .split_spsc()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        WrongMode {
+            actual: Mode::Mpsc,
+            requested: Mode::Spsc
+        }
+    );
+}
+
+#[test]
+fn close_drains_then_reports_closed_in_both_modes() {
+    let (producer, mut consumer) = mpsc(8, 8);
+    producer.try_push(*b"x").unwrap();
+    producer.close();
+    assert!(matches!(
+        producer.try_push(*b"y"),
+        Err(TryPushError::Closed(_))
+    ));
+    assert_eq!(producer.try_reserve(1).unwrap_err(), ReserveError::Closed);
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"x");
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Closed);
+
+    let (mut producer, mut consumer) = spsc(8, 8);
+    producer.try_push(*b"x").unwrap();
+    consumer.close();
+    assert!(matches!(
+        producer.try_push(*b"y"),
+        Err(TryPushError::Closed(_))
+    ));
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"x");
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Closed);
+}
+
+#[test]
+fn batch_reserve_writes_in_place_and_commits_in_order() {
+    let (producer, mut consumer) = mpsc(8, 16);
+    let mut chunk = producer.try_reserve(3).unwrap();
+    assert_eq!(chunk.len(), 3);
+    for i in 0..3 {
+        let mut slot = chunk.slot(i).unwrap();
+        slot.payload_mut()[..2].copy_from_slice(&[i as u8, 0xAB]);
+        slot.set_len(2).unwrap();
+        slot.set_request_id(i as u64 * 10);
+        slot.set_status(i as u32);
+    }
+    assert!(chunk.slot(3).is_none());
+    assert_eq!(
+        consumer.try_pop().unwrap_err(),
+        TryPopError::Empty,
+        "not visible before commit"
+    );
+    chunk.commit();
+    let read = consumer.try_read(10).unwrap();
+    let got: Vec<_> = read
+        .iter()
+        .map(|m| (m.request_id, m.status, m.payload.to_vec()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 0, vec![0, 0xAB]),
+            (10, 1, vec![1, 0xAB]),
+            (20, 2, vec![2, 0xAB])
+        ]
+    );
+}
+
+#[test]
+fn reserve_is_all_or_nothing_and_checks_its_count() {
+    let (producer, mut consumer) = mpsc(8, 8);
+    for _ in 0..6 {
+        producer.try_push(*b"z").unwrap();
+    }
+    assert_eq!(
+        producer.try_reserve(3).unwrap_err(),
+        ReserveError::Full { requested: 3 }
+    );
+    assert_eq!(
+        producer.try_reserve(0).unwrap_err(),
+        ReserveError::BadCount {
+            requested: 0,
+            capacity: 8
+        }
+    );
+    assert_eq!(
+        producer.try_reserve(9).unwrap_err(),
+        ReserveError::BadCount {
+            requested: 9,
+            capacity: 8
+        }
+    );
+    producer.try_reserve(2).unwrap().commit();
+    assert_eq!(consumer.try_read(100).unwrap().len(), 8);
+
+    let (mut producer, _consumer) = spsc(4, 8);
+    producer.try_push(*b"z").unwrap();
+    assert_eq!(
+        producer.try_reserve(4).unwrap_err(),
+        ReserveError::Full { requested: 4 }
+    );
+    producer.try_reserve(3).unwrap().commit();
+}
+
+#[test]
+fn dropped_chunks_are_skipped_in_mpsc_and_discarded_in_spsc() {
+    let (producer, mut consumer) = mpsc(4, 8);
+    producer.try_push(*b"1").unwrap();
+    drop(producer.try_reserve(2).unwrap());
+    producer.try_push(*b"2").unwrap();
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"1");
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"2");
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+    // The skipped slots were released: all four slots are free again.
+    drop(producer.try_reserve(4).unwrap());
+
+    let (mut producer, mut consumer) = spsc(4, 8);
+    drop(producer.try_reserve(3).unwrap());
+    producer.try_push(*b"3").unwrap();
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"3");
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+}
+
+#[test]
+fn slot_write_checks_length() {
+    let (producer, _consumer) = mpsc(4, 16);
+    let mut chunk = producer.try_reserve(1).unwrap();
+    let mut slot = chunk.slot(0).unwrap();
+    let err = slot.write(&[0u8; 17]).unwrap_err();
+    assert_eq!((err.len, err.max), (17, 16));
+    assert!(slot.set_len(17).is_err());
+    slot.write(&[5u8; 16]).unwrap();
+    chunk.commit();
+}
+
+#[test]
+fn try_read_stops_at_unpublished_slots_and_at_its_limit() {
+    let (producer, mut consumer) = mpsc(16, 8);
+    for i in 0..5u8 {
+        producer.try_push([i]).unwrap();
+    }
+    let held = producer.try_reserve(1).unwrap();
+    producer.try_push([9u8]).unwrap();
+    {
+        let chunk = consumer.try_read(3).unwrap();
+        assert_eq!(
+            chunk.iter().map(|m| m.payload[0]).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+    }
+    {
+        let chunk = consumer.try_read(100).unwrap();
+        assert_eq!(
+            chunk.iter().map(|m| m.payload[0]).collect::<Vec<_>>(),
+            [3, 4]
+        );
+    }
+    assert_eq!(consumer.try_read(100).unwrap_err(), TryPopError::Empty);
+    drop(held);
+    let chunk = consumer.try_read(100).unwrap();
+    assert_eq!(chunk.iter().map(|m| m.payload[0]).collect::<Vec<_>>(), [9]);
+}
+
+#[test]
+fn attach_shares_one_ring_between_two_views() {
+    let region = Arc::new(HeapRegion::zeroed(
+        RingConfig::mpsc(8, 24).layout().unwrap().total_bytes,
+    ));
+    let host = Ring::init_in(region.clone(), RingConfig::mpsc(8, 24)).unwrap();
+    // SAFETY: the host view takes only the producer role; the second view
+    // takes the only consumer.
+    let device = unsafe { Ring::attach(region.clone()) }.unwrap();
+    assert_eq!(device.layout(), host.layout());
+    let (producer, _unused_consumer) = host.split_mpsc().unwrap();
+    let (_extra_producer, mut consumer) = device.split_mpsc().unwrap();
+    producer.try_push_with(42, b"across views").unwrap();
+    let message = consumer.try_pop().unwrap();
+    assert_eq!(
+        (message.request_id(), message.payload()),
+        (42, &b"across views"[..])
+    );
+    drop(message);
+    producer.close();
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Closed);
+}
+
+#[test]
+fn init_rejects_small_and_misaligned_regions() {
+    let config = RingConfig::spsc(4, 16);
+    let total = config.layout().unwrap().total_bytes;
+    assert_eq!(
+        Ring::init_in(HeapRegion::zeroed(total - 1), config).unwrap_err(),
+        InitError::RegionTooSmall {
+            len: total - 1,
+            required: total
+        }
+    );
+    let backing = HeapRegion::zeroed(total + 64);
+    // SAFETY: `backing` outlives the region and the ring (both dropped at the
+    // end of this block, the ring never being created).
+    let shifted = unsafe {
+        ExternalRegion::new(
+            std::ptr::NonNull::new(backing.base().as_ptr().add(64)).unwrap(),
+            total,
+        )
+    };
+    assert!(matches!(
+        Ring::init_in(shifted, config),
+        Err(InitError::Misaligned { .. })
+    ));
+    let unaligned = unsafe {
+        ExternalRegion::new(
+            std::ptr::NonNull::new(backing.base().as_ptr().add(64)).unwrap(),
+            total,
+        )
+    };
+    assert!(matches!(
+        Ring::inspect(&unaligned),
+        Err(BadLayout::Misaligned { .. })
+    ));
+}
+
+#[test]
+fn corrupt_slot_length_is_reported_and_skipped() {
+    let config = RingConfig::mpsc(4, 8);
+    let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
+    let ring = Ring::init_in(region.clone(), config).unwrap();
+    let (producer, mut consumer) = ring.split_mpsc().unwrap();
+    producer.try_push(*b"bad").unwrap();
+    producer.try_push(*b"good").unwrap();
+    // Simulate a device that wrote a bad header: slot 0's len at byte 768+16.
+    // SAFETY: slot 0 is published and nobody reads it concurrently here.
+    unsafe {
+        region
+            .base()
+            .as_ptr()
+            .add(768 + 16)
+            .cast::<u32>()
+            .write(9999)
+    };
+    assert_eq!(
+        consumer.try_pop().unwrap_err(),
+        TryPopError::Corrupt {
+            position: 0,
+            len: 9999,
+            max: 16
+        }
+    );
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"good");
+}
+
+#[test]
+fn blocking_pop_times_out_and_blocking_push_times_out() {
+    let (producer, mut consumer) = mpsc(2, 8);
+    let policy = WaitPolicy::default();
+    let started = Instant::now();
+    assert_eq!(
+        consumer
+            .pop(&policy, Some(Duration::from_millis(20)))
+            .unwrap_err(),
+        PopError::Timeout
+    );
+    assert!(started.elapsed() >= Duration::from_millis(20));
+    producer.try_push(*b"a").unwrap();
+    producer.try_push(*b"b").unwrap();
+    match producer.push(*b"c", &policy, Some(Duration::from_millis(20))) {
+        Err(PushError::Timeout(payload)) => assert_eq!(&payload, b"c"),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn close_wakes_every_blocked_waiter() {
+    // Parks long enough that only a wake-up, not a timed re-check, ends the
+    // wait within the test's bound.
+    let policy = WaitPolicy {
+        spins: 0,
+        yields: 0,
+        park_min: Duration::from_secs(30),
+        park_max: Duration::from_secs(30),
+    };
+    let (producer, mut consumer) = mpsc(2, 8);
+    producer.try_push(*b"1").unwrap();
+    producer.try_push(*b"2").unwrap();
+    let blocked_producers: Vec<_> = (0..3)
+        .map(|_| {
+            let producer = producer.clone();
+            thread::spawn(move || producer.push(*b"3", &policy, None))
+        })
+        .collect();
+    let (spsc_producer, mut spsc_consumer) = spsc(2, 8);
+    let blocked_consumer = thread::spawn(move || spsc_consumer.pop(&policy, None).map(|_| ()));
+    thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    producer.close();
+    spsc_producer.close();
+    for handle in blocked_producers {
+        assert!(matches!(handle.join().unwrap(), Err(PushError::Closed(_))));
+    }
+    assert_eq!(blocked_consumer.join().unwrap(), Err(PopError::Closed));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waiters slept through close"
+    );
+    // The two messages pushed before close are still delivered.
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"1");
+    assert_eq!(consumer.try_pop().unwrap().payload(), b"2");
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Closed);
+}
+
+#[test]
+fn blocking_pop_is_woken_by_a_push() {
+    let policy = WaitPolicy {
+        spins: 0,
+        yields: 0,
+        park_min: Duration::from_secs(30),
+        park_max: Duration::from_secs(30),
+    };
+    let (producer, mut consumer) = mpsc(4, 8);
+    let waiter = thread::spawn(move || {
+        let message = consumer
+            .pop(&policy, Some(Duration::from_secs(60)))
+            .map(|m| m.payload().to_vec());
+        (message, consumer)
+    });
+    thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    producer.push(*b"wake", &policy, None).unwrap();
+    let (message, _consumer) = waiter.join().unwrap();
+    assert_eq!(message.unwrap(), b"wake");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn heartbeats_advance_while_waiting_and_on_beat() {
+    let ring = Ring::new(RingConfig::spsc(2, 8)).unwrap();
+    let (beat_view, _) = (ring.consumer_heartbeat(), ring.producer_heartbeat());
+    assert_eq!(beat_view, 0);
+    let config = RingConfig::spsc(2, 8);
+    let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
+    let ring = Ring::init_in(region.clone(), config).unwrap();
+    // SAFETY: the observer view takes no role.
+    let observer = unsafe { Ring::attach(region) }.unwrap();
+    let (producer, mut consumer) = ring.split_spsc().unwrap();
+    producer.beat();
+    producer.beat();
+    assert_eq!(observer.producer_heartbeat(), 2);
+    let _ = consumer.pop(&WaitPolicy::default(), Some(Duration::from_millis(5)));
+    assert!(observer.consumer_heartbeat() > 0);
+}

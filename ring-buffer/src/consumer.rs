@@ -328,7 +328,7 @@ impl<'a> ReadChunk<'a> {
     }
 
     /// The messages, in order, skipping slots that carry none.
-    pub fn iter(&self) -> impl Iterator<Item = MessageRef<'_>> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = MessageRef<'_>> {
         let view = &self.consumer.shared.view;
         (self.start..self.start + self.count).filter_map(move |position| {
             // SAFETY: every position in the chunk was seen published and is

@@ -127,15 +127,29 @@ impl Producer {
         Ok(())
     }
 
-    /// Enqueues `payload`, waiting per `policy` while the ring is full, for
-    /// at most `timeout` (`None` waits until the ring closes).
+    /// Enqueues `payload` with request id 0, waiting per `policy` while the
+    /// ring is full, for at most `timeout` (`None` waits until the ring
+    /// closes).
     pub fn push<P: AsRef<[u8]>>(
         &self,
         payload: P,
         policy: &WaitPolicy,
         timeout: Option<Duration>,
     ) -> Result<(), PushError<P>> {
-        push_blocking(&self.shared, payload, policy, timeout, |p| self.try_push(p))
+        self.push_with(0, payload, policy, timeout)
+    }
+
+    /// [`Producer::push`] with a request id.
+    pub fn push_with<P: AsRef<[u8]>>(
+        &self,
+        request_id: u64,
+        payload: P,
+        policy: &WaitPolicy,
+        timeout: Option<Duration>,
+    ) -> Result<(), PushError<P>> {
+        push_blocking(&self.shared, payload, policy, timeout, |p| {
+            self.try_push_with(request_id, p)
+        })
     }
 
     /// Reserves `count` consecutive slots, all or nothing, to fill in place.
@@ -294,15 +308,29 @@ impl SpscProducer {
         Ok(())
     }
 
-    /// Enqueues `payload`, waiting per `policy` while the ring is full.
+    /// Enqueues `payload` with request id 0, waiting per `policy` while the
+    /// ring is full, for at most `timeout`.
     pub fn push<P: AsRef<[u8]>>(
         &mut self,
         payload: P,
         policy: &WaitPolicy,
         timeout: Option<Duration>,
     ) -> Result<(), PushError<P>> {
+        self.push_with(0, payload, policy, timeout)
+    }
+
+    /// [`SpscProducer::push`] with a request id.
+    pub fn push_with<P: AsRef<[u8]>>(
+        &mut self,
+        request_id: u64,
+        payload: P,
+        policy: &WaitPolicy,
+        timeout: Option<Duration>,
+    ) -> Result<(), PushError<P>> {
         let shared = self.shared.clone();
-        push_blocking(&shared, payload, policy, timeout, |p| self.try_push(p))
+        push_blocking(&shared, payload, policy, timeout, |p| {
+            self.try_push_with(request_id, p)
+        })
     }
 
     /// Reserves `count` consecutive slots to fill in place. Dropping the

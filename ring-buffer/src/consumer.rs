@@ -48,7 +48,9 @@ impl Consumer {
     fn peek(&mut self, position: u64) -> Next {
         let view = &self.shared.view;
         let ready = match self.mode {
-            Mode::Mpsc => view.sequence(position).load(Ordering::Acquire) == position + 1,
+            Mode::Mpsc => {
+                view.sequence(position).load(Ordering::Acquire) == position.wrapping_add(1)
+            }
             Mode::Spsc => {
                 position < self.cached_tail || {
                     self.cached_tail = view.tail().load(Ordering::Acquire);
@@ -238,7 +240,7 @@ impl Consumer {
 fn has_news(shared: &Shared, mode: Mode, head: u64) -> bool {
     let view = &shared.view;
     let published = match mode {
-        Mode::Mpsc => view.sequence(head).load(Ordering::Acquire) == head + 1,
+        Mode::Mpsc => view.sequence(head).load(Ordering::Acquire) == head.wrapping_add(1),
         Mode::Spsc => view.tail().load(Ordering::Acquire) != head,
     };
     published || shared.is_closed()

@@ -151,6 +151,14 @@ pub enum BadLayout {
         /// The offset found.
         found: u32,
     },
+    /// `head` and `tail` are not positions of one ring: each must be below
+    /// 2^63 and `head <= tail <= head + capacity`.
+    BadIndices {
+        /// The head found.
+        head: u64,
+        /// The tail found (without the MPSC closed bit).
+        tail: u64,
+    },
     /// The stored total size disagrees with capacity × slot size.
     WrongTotal {
         /// The total stored in the header.
@@ -198,6 +206,12 @@ impl fmt::Display for BadLayout {
                 )
             }
             BadLayout::WrongSlotsOffset { found } => write!(f, "slots start at {found}, not 768"),
+            BadLayout::BadIndices { head, tail } => {
+                write!(
+                    f,
+                    "head {head} and tail {tail} are not positions of one ring"
+                )
+            }
             BadLayout::WrongTotal { stored, computed } => {
                 write!(f, "total size {stored} != computed {computed}")
             }

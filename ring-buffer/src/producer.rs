@@ -270,11 +270,19 @@ impl SpscProducer {
     #[inline(always)]
     fn has_room(&mut self, count: u64) -> bool {
         let capacity = self.shared.view.capacity();
-        if self.tail - self.cached_head + count <= capacity {
+        if self
+            .tail
+            .wrapping_sub(self.cached_head)
+            .saturating_add(count)
+            <= capacity
+        {
             return true;
         }
         self.cached_head = self.shared.view.head().load(Ordering::Acquire);
-        self.tail - self.cached_head + count <= capacity
+        self.tail
+            .wrapping_sub(self.cached_head)
+            .saturating_add(count)
+            <= capacity
     }
 
     /// Enqueues `payload` with request id 0 if a slot is free.

@@ -212,6 +212,39 @@ impl View {
     }
 }
 
+/// Checks that `head` and `tail` describe a ring of `capacity` slots: both
+/// below 2^63 and `head <= tail <= head + capacity`. Reads head, tail, then
+/// head again, so that progress made between the reads on a ring in use does
+/// not look like corruption; if head keeps moving, only the bounds that
+/// progress cannot break are checked.
+fn check_indices(
+    head: &std::sync::atomic::AtomicU64,
+    tail: &std::sync::atomic::AtomicU64,
+    capacity: u64,
+) -> Result<(), BadLayout> {
+    use std::sync::atomic::Ordering::Acquire;
+    for _ in 0..4 {
+        let head_before = head.load(Acquire);
+        let tail_now = tail.load(Acquire) & !TAIL_CLOSED_BIT;
+        let head_after = head.load(Acquire);
+        let bad = BadLayout::BadIndices {
+            head: head_before,
+            tail: tail_now,
+        };
+        if head_before >= TAIL_CLOSED_BIT || head_before > tail_now {
+            return Err(bad);
+        }
+        if head_before == head_after {
+            return if tail_now - head_before <= capacity {
+                Ok(())
+            } else {
+                Err(bad)
+            };
+        }
+    }
+    Ok(())
+}
+
 /// What every handle of one ring shares.
 pub(crate) struct Shared {
     pub(crate) view: View,
@@ -239,8 +272,13 @@ impl Shared {
         self.not_full.wake_all();
     }
 
+    /// Rule C1: in MPSC mode the closed bit in `tail` is the authority
+    /// (producers obey it); in SPSC mode the `closed` word.
     pub(crate) fn is_closed(&self) -> bool {
-        self.view.closed().load(Ordering::Acquire) != 0
+        match self.view.info.mode {
+            Mode::Mpsc => self.view.tail().load(Ordering::Acquire) & TAIL_CLOSED_BIT != 0,
+            Mode::Spsc => self.view.closed().load(Ordering::Acquire) != 0,
+        }
     }
 
     /// Messages claimed or written but not yet released, from a snapshot of
@@ -349,7 +387,16 @@ impl Ring {
         // contract); the header is plain data and only written before a ring
         // is shared.
         let header: RingHeader = unsafe { base.cast::<RingHeader>().as_ptr().read() };
-        LayoutInfo::validate(&header, addr, region.len())
+        let info = LayoutInfo::validate(&header, addr, region.len())?;
+        // SAFETY: validated above: the region holds a whole control block at
+        // an aligned address; `head` and `tail` are only accessed atomically.
+        let control = unsafe { base.cast::<ControlBlock>().as_ref() };
+        check_indices(
+            &control.head.value,
+            &control.tail.value,
+            u64::from(info.capacity),
+        )?;
+        Ok(info)
     }
 
     /// # Safety

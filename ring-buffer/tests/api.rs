@@ -71,7 +71,8 @@ fn zero_length_and_maximum_length_payloads() {
         assert_eq!(max, 112, "100 + 32 rounds up to a 144-byte slot");
         let big: Vec<u8> = (0..max).map(|i| (i * 7) as u8).collect();
         let too_big = vec![0u8; max + 1];
-        let (push, mut pop): (Box<dyn FnMut(&[u8]) -> Result<(), String>>, _) = match mode {
+        type Push = Box<dyn FnMut(&[u8]) -> Result<(), String>>;
+        let (push, mut pop): (Push, _) = match mode {
             Mode::Mpsc => {
                 let (p, c) = ring.split_mpsc().unwrap();
                 (
@@ -339,6 +340,7 @@ fn init_rejects_small_and_misaligned_regions() {
         Ring::init_in(shifted, config),
         Err(InitError::Misaligned { .. })
     ));
+    // SAFETY: as above.
     let unaligned = unsafe {
         ExternalRegion::new(
             std::ptr::NonNull::new(backing.base().as_ptr().add(64)).unwrap(),

@@ -1,0 +1,85 @@
+//! The `granary demo` path end to end: the library entry point and the
+//! binary the README tells users to run.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use granary::demo::{self, DemoConfig, DemoError};
+
+#[test]
+fn demo_moves_every_message_and_reports_consistent_latency() {
+    let config = DemoConfig {
+        producers: 3,
+        messages_per_producer: 20_000,
+        payload: 40,
+        capacity: 64,
+    };
+    let last = AtomicU64::new(0);
+    let report = demo::run(config, |received| last.store(received, Ordering::Relaxed)).unwrap();
+    assert_eq!(report.received, 60_000);
+    assert_eq!(
+        last.load(Ordering::Relaxed),
+        60_000,
+        "final progress is the total"
+    );
+    assert_eq!(report.latency_ns.len(), 60_000);
+    assert!(report.latency_us(0.5) <= report.latency_us(0.99));
+    assert!(report.throughput() > 0.0);
+    let table = report.to_string();
+    assert!(
+        table.contains("| messages            | 60000 × 40 B |"),
+        "{table}"
+    );
+}
+
+#[test]
+fn demo_refuses_bad_parameters_with_typed_errors() {
+    let bad_payload = DemoConfig {
+        payload: 8,
+        ..DemoConfig::default()
+    };
+    assert!(matches!(
+        demo::run(bad_payload, |_| {}),
+        Err(DemoError::BadParameter(_))
+    ));
+    let bad_capacity = DemoConfig {
+        capacity: 1000,
+        messages_per_producer: 1,
+        ..DemoConfig::default()
+    };
+    assert!(matches!(
+        demo::run(bad_capacity, |_| {}),
+        Err(DemoError::Ring(_))
+    ));
+}
+
+#[test]
+fn the_binary_runs_the_demo_and_prints_the_table() {
+    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args([
+            "demo",
+            "--producers",
+            "2",
+            "--messages",
+            "5000",
+            "--no-progress",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("| throughput"), "{stdout}");
+    assert!(stdout.contains("| latency p99 "), "{stdout}");
+    assert!(stdout.contains("10000 × 64 B"), "{stdout}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["demo", "--capacity", "1000", "--no-progress"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a power of two"));
+}

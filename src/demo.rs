@@ -85,40 +85,75 @@ impl DemoReport {
     }
 }
 
-impl fmt::Display for DemoReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl DemoReport {
+    /// The report as (metric, value) rows.
+    pub fn rows(&self) -> Vec<(String, String)> {
         let c = &self.config;
         let megabytes = self.throughput() * f64::from(c.payload) / 1e6;
-        writeln!(f, "| metric              | value |")?;
-        writeln!(f, "|---------------------|-------|")?;
-        writeln!(
-            f,
-            "| producers → consumer | {} → 1 (MPSC ring, {} slots) |",
-            c.producers, c.capacity
-        )?;
-        writeln!(
-            f,
-            "| messages            | {} × {} B |",
-            self.received, c.payload
-        )?;
-        writeln!(
-            f,
-            "| elapsed             | {:.3} s |",
-            self.elapsed.as_secs_f64()
-        )?;
-        writeln!(
-            f,
-            "| throughput          | {:.2} M msg/s ({megabytes:.0} MB/s) |",
-            self.throughput() / 1e6
-        )?;
-        for (label, q) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
-            writeln!(f, "| latency {label:<11} | {:.1} µs |", self.latency_us(q))?;
+        let mut rows = vec![
+            (
+                "path".to_string(),
+                format!(
+                    "{} producers → MPSC ring ({} slots) → 1 consumer",
+                    c.producers, c.capacity
+                ),
+            ),
+            (
+                "messages".to_string(),
+                format!("{} × {} B", self.received, c.payload),
+            ),
+            (
+                "elapsed".to_string(),
+                format!("{:.3} s", self.elapsed.as_secs_f64()),
+            ),
+            (
+                "throughput".to_string(),
+                format!(
+                    "{:.2} M msg/s ({megabytes:.0} MB/s)",
+                    self.throughput() / 1e6
+                ),
+            ),
+        ];
+        for (label, quantile) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
+            rows.push((
+                format!("latency {label}"),
+                format!("{:.1} µs", self.latency_us(quantile)),
+            ));
         }
-        write!(
-            f,
-            "| latency max         | {:.1} µs |",
-            self.latency_ns.max() as f64 / 1_000.0
-        )
+        rows.push((
+            "latency max".to_string(),
+            format!("{:.1} µs", self.latency_ns.max() as f64 / 1_000.0),
+        ));
+        rows
+    }
+}
+
+impl fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows = self.rows();
+        let width = |text: &str| text.chars().count();
+        let left = rows
+            .iter()
+            .map(|(metric, _)| width(metric))
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        let right = rows
+            .iter()
+            .map(|(_, value)| width(value))
+            .max()
+            .unwrap_or(0)
+            .max(5);
+        writeln!(f, "| {:<left$} | {:<right$} |", "metric", "value")?;
+        writeln!(f, "|{}|{}|", "-".repeat(left + 2), "-".repeat(right + 2))?;
+        for (index, (metric, value)) in rows.iter().enumerate() {
+            // `{:<N}` pads by chars, which is what a terminal shows here.
+            write!(f, "| {metric:<left$} | {value:<right$} |")?;
+            if index + 1 < rows.len() {
+                writeln!(f)?;
+            }
+        }
+        Ok(())
     }
 }
 

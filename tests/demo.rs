@@ -27,8 +27,15 @@ fn demo_moves_every_message_and_reports_consistent_latency() {
     assert!(report.throughput() > 0.0);
     let table = report.to_string();
     assert!(
-        table.contains("| messages            | 60000 × 40 B |"),
+        table
+            .lines()
+            .any(|line| line.starts_with("| messages ") && line.contains("| 60000 × 40 B ")),
         "{table}"
+    );
+    let widths: Vec<usize> = table.lines().map(|line| line.chars().count()).collect();
+    assert!(
+        widths.iter().all(|&w| w == widths[0]),
+        "ragged table:\n{table}"
     );
 }
 
@@ -72,7 +79,7 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.contains("| throughput"), "{stdout}");
+    assert!(stdout.contains("| throughput "), "{stdout}");
     assert!(stdout.contains("| latency p99 "), "{stdout}");
     assert!(stdout.contains("10000 × 64 B"), "{stdout}");
 

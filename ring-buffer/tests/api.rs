@@ -354,6 +354,32 @@ fn init_rejects_small_and_misaligned_regions() {
 }
 
 #[test]
+fn attach_rejects_head_and_tail_that_are_not_positions_of_one_ring() {
+    for (head, tail) in [
+        (10u64, 0u64),
+        (0, 1000),
+        (u64::MAX, u64::MAX),
+        (1 << 63, 1 << 63),
+    ] {
+        let config = RingConfig::spsc(4, 8);
+        let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
+        drop(Ring::init_in(region.clone(), config).unwrap());
+        // SAFETY: no ring handle is alive on this memory; head is at byte 256
+        // and tail at byte 128 (docs/ring-protocol.md).
+        unsafe {
+            region.base().as_ptr().add(256).cast::<u64>().write(head);
+            region.base().as_ptr().add(128).cast::<u64>().write(tail);
+        }
+        // SAFETY: no other view of this memory exists.
+        let err = unsafe { Ring::attach(region) }.unwrap_err();
+        assert!(
+            matches!(err, BadLayout::BadIndices { .. }),
+            "{head} {tail}: {err}"
+        );
+    }
+}
+
+#[test]
 fn corrupt_slot_length_is_reported_and_skipped() {
     let config = RingConfig::mpsc(4, 8);
     let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));

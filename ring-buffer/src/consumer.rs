@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::{PopError, TryPopError};
 use crate::layout::{LayoutInfo, Mode, SLOT_FLAG_SKIP, TAIL_CLOSED_BIT};
-use crate::loom::Ordering;
+use crate::loom::{Ordering, ReadGuard};
 use crate::ring::{Shared, SlotMeta};
 use crate::wait::{WaitPolicy, Waiting};
 
@@ -28,6 +28,8 @@ pub struct Consumer {
 enum Next {
     Ready(SlotMeta),
     NotReady,
+    /// SPSC: the published tail is not within one ring of `head`.
+    CorruptTail(u64),
 }
 
 impl Consumer {
@@ -53,12 +55,17 @@ impl Consumer {
             }
             Mode::Spsc => {
                 position < self.cached_tail || {
-                    self.cached_tail = view.tail().load(Ordering::Acquire);
-                    position < self.cached_tail
+                    let tail = view.tail().load(Ordering::Acquire);
+                    if tail < self.head || tail - self.head > view.capacity() {
+                        return Next::CorruptTail(tail);
+                    }
+                    self.cached_tail = tail;
+                    position < tail
                 }
             }
         };
         if ready {
+            let _access = view.tracker(position).reading();
             // SAFETY: the acquire load above saw the slot published, and only
             // this consumer releases it.
             Next::Ready(unsafe { view.read_meta(position) })
@@ -83,23 +90,8 @@ impl Consumer {
         self.shared.not_full.wake_if_parked();
     }
 
-    /// Rule C3: the ring is closed and nothing claimed remains unread.
-    fn closed_and_drained(&self) -> bool {
-        let view = &self.shared.view;
-        match self.mode {
-            Mode::Mpsc => {
-                let tail = view.tail().load(Ordering::Acquire);
-                tail & TAIL_CLOSED_BIT != 0 && tail & !TAIL_CLOSED_BIT == self.head
-            }
-            Mode::Spsc => {
-                view.closed().load(Ordering::Acquire) != 0
-                    && view.tail().load(Ordering::Acquire) == self.head
-            }
-        }
-    }
-
     fn empty_or_closed(&self) -> TryPopError {
-        if self.closed_and_drained() {
+        if closed_and_drained(&self.shared, self.mode, self.head) {
             TryPopError::Closed
         } else {
             TryPopError::Empty
@@ -115,6 +107,12 @@ impl Consumer {
             let meta = match self.peek(position) {
                 Next::Ready(meta) => meta,
                 Next::NotReady => return Err(self.empty_or_closed()),
+                Next::CorruptTail(tail) => {
+                    return Err(TryPopError::CorruptIndex {
+                        head: position,
+                        tail,
+                    });
+                }
             };
             if meta.flags & SLOT_FLAG_SKIP != 0 {
                 self.release(1);
@@ -142,10 +140,12 @@ impl Consumer {
     pub fn try_pop(&mut self) -> Result<Message<'_>, TryPopError> {
         let meta = self.next_message()?;
         let position = self.head;
+        let access = Some(self.shared.view.tracker(position).reading());
         Ok(Message {
             consumer: self,
             position,
             meta,
+            access,
         })
     }
 
@@ -166,6 +166,9 @@ impl Consumer {
                 Err(TryPopError::Corrupt { position, len, max }) => {
                     return Err(PopError::Corrupt { position, len, max });
                 }
+                Err(TryPopError::CorruptIndex { head, tail }) => {
+                    return Err(PopError::CorruptIndex { head, tail });
+                }
             }
             let (head, mode) = (self.head, self.mode);
             let still_empty = || !has_news(&shared, mode, head);
@@ -178,10 +181,12 @@ impl Consumer {
             }
         };
         let position = self.head;
+        let access = Some(self.shared.view.tracker(position).reading());
         Ok(Message {
             consumer: self,
             position,
             meta,
+            access,
         })
     }
 
@@ -205,10 +210,17 @@ impl Consumer {
                 _ => break,
             }
         }
+        let start = self.head;
+        #[cfg(loom)]
+        let access = (start..start + count)
+            .map(|position| self.shared.view.tracker(position).reading())
+            .collect();
         Ok(ReadChunk {
-            start: self.head,
+            start,
             count,
             consumer: self,
+            #[cfg(loom)]
+            access,
         })
     }
 
@@ -236,14 +248,32 @@ impl Consumer {
     }
 }
 
-/// Whether anything changed that a parked consumer at `head` should see.
+/// Rule C3: the ring is closed and nothing claimed remains unread.
+fn closed_and_drained(shared: &Shared, mode: Mode, head: u64) -> bool {
+    let view = &shared.view;
+    match mode {
+        Mode::Mpsc => {
+            let tail = view.tail().load(Ordering::Acquire);
+            tail & TAIL_CLOSED_BIT != 0 && tail & !TAIL_CLOSED_BIT == head
+        }
+        Mode::Spsc => {
+            view.closed().load(Ordering::Acquire) != 0
+                && view.tail().load(Ordering::Acquire) == head
+        }
+    }
+}
+
+/// Whether anything changed that a parked consumer at `head` should see: a
+/// publication, or the end of the stream. A ring that is closed but still
+/// has a claimed, unpublished slot is not news: the waiter parks until the
+/// slot is published.
 fn has_news(shared: &Shared, mode: Mode, head: u64) -> bool {
     let view = &shared.view;
     let published = match mode {
         Mode::Mpsc => view.sequence(head).load(Ordering::Acquire) == head.wrapping_add(1),
         Mode::Spsc => view.tail().load(Ordering::Acquire) != head,
     };
-    published || shared.is_closed()
+    published || closed_and_drained(shared, mode, head)
 }
 
 impl fmt::Debug for Consumer {
@@ -259,21 +289,23 @@ impl fmt::Debug for Consumer {
 pub struct Message<'a> {
     consumer: &'a mut Consumer,
     position: u64,
+    /// Validated in `next_message`: `len <= max_payload`.
     meta: SlotMeta,
+    /// Records, under loom, that the slot is being read. Taken (ended)
+    /// before the slot is released.
+    access: Option<ReadGuard>,
 }
 
 impl Message<'_> {
     /// The payload bytes, in slot memory.
     pub fn payload(&self) -> &[u8] {
         let view = &self.consumer.shared.view;
-        view.tracker(self.position).read(|| {
-            // SAFETY: the slot was published (acquire-observed in `peek`) and
-            // is not released until this message drops; `len` was checked
-            // against `max_payload`.
-            unsafe {
-                std::slice::from_raw_parts(view.payload_ptr(self.position), self.meta.len as usize)
-            }
-        })
+        // SAFETY: the slot was published (acquire-observed in `peek`) and is
+        // not released until this message drops; `len` was checked against
+        // `max_payload` and is our own copy.
+        unsafe {
+            std::slice::from_raw_parts(view.payload_ptr(self.position), self.meta.len as usize)
+        }
     }
 
     /// The request id the producer attached.
@@ -294,6 +326,8 @@ impl Message<'_> {
 
 impl Drop for Message<'_> {
     fn drop(&mut self) {
+        // The read ends before the slot goes back to the producers.
+        self.access = None;
         self.consumer.release(1);
     }
 }
@@ -316,6 +350,9 @@ pub struct ReadChunk<'a> {
     start: u64,
     /// Slots in the chunk, `1..=capacity`; skipped slots included.
     count: u64,
+    /// Records, under loom, that the chunk's slots are being read.
+    #[cfg(loom)]
+    access: Vec<ReadGuard>,
 }
 
 impl<'a> ReadChunk<'a> {
@@ -339,11 +376,12 @@ impl<'a> ReadChunk<'a> {
             if meta.flags & SLOT_FLAG_SKIP != 0 {
                 return None;
             }
-            let payload = view.tracker(position).read(|| {
-                // SAFETY: as above; `try_read` admitted only lengths within
-                // `max_payload`.
-                unsafe { std::slice::from_raw_parts(view.payload_ptr(position), meta.len as usize) }
-            });
+            // `try_read` admitted only lengths within `max_payload`, but the
+            // header is re-read here, so a producer that breaks the protocol
+            // could have changed it since: clamp rather than trust it.
+            let len = meta.len.min(view.info.max_payload) as usize;
+            // SAFETY: as above, and `len` is within the slot.
+            let payload = unsafe { std::slice::from_raw_parts(view.payload_ptr(position), len) };
             Some(MessageRef {
                 position,
                 request_id: meta.request_id,
@@ -356,6 +394,9 @@ impl<'a> ReadChunk<'a> {
 
 impl Drop for ReadChunk<'_> {
     fn drop(&mut self) {
+        // The reads end before the slots go back to the producers.
+        #[cfg(loom)]
+        self.access.clear();
         self.consumer.release(self.count);
     }
 }

@@ -10,6 +10,14 @@ pub enum ConfigError {
         /// The requested capacity.
         capacity: u32,
     },
+    /// The ring (`768 + capacity × slot size` bytes) does not fit this
+    /// target's address space.
+    TooLarge {
+        /// The requested capacity.
+        capacity: u32,
+        /// The slot size it would have.
+        slot_size: u32,
+    },
     /// The payload does not fit the largest slot (1 MiB).
     PayloadTooLarge {
         /// The requested maximum payload.
@@ -28,6 +36,13 @@ impl fmt::Display for ConfigError {
                     "ring capacity {capacity} is not a power of two in 2..=16777216"
                 )
             }
+            ConfigError::TooLarge {
+                capacity,
+                slot_size,
+            } => write!(
+                f,
+                "a ring of {capacity} slots of {slot_size} bytes does not fit the address space"
+            ),
             ConfigError::PayloadTooLarge { max_payload, limit } => {
                 write!(
                     f,
@@ -391,6 +406,15 @@ pub enum TryPopError {
         /// The largest payload a slot holds.
         max: u32,
     },
+    /// The producer side published a `tail` more than a ring's capacity
+    /// ahead of `head` (or behind it): the other side broke the protocol.
+    /// Nothing is read; the consumer stays where it is.
+    CorruptIndex {
+        /// The consumer's head.
+        head: u64,
+        /// The tail found.
+        tail: u64,
+    },
 }
 
 impl fmt::Display for TryPopError {
@@ -402,6 +426,9 @@ impl fmt::Display for TryPopError {
                 f,
                 "slot at position {position} claims {len} bytes, more than the maximum {max}"
             ),
+            TryPopError::CorruptIndex { head, tail } => {
+                write!(f, "tail {tail} is not within one ring of head {head}")
+            }
         }
     }
 }
@@ -424,19 +451,26 @@ pub enum PopError {
         /// The largest payload a slot holds.
         max: u32,
     },
+    /// See [`TryPopError::CorruptIndex`].
+    CorruptIndex {
+        /// The consumer's head.
+        head: u64,
+        /// The tail found.
+        tail: u64,
+    },
 }
 
 impl fmt::Display for PopError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        match *self {
             PopError::Timeout => write!(f, "timed out waiting for a message"),
             PopError::Closed => write!(f, "ring is closed and drained"),
-            PopError::Corrupt { position, len, max } => TryPopError::Corrupt {
-                position: *position,
-                len: *len,
-                max: *max,
+            PopError::Corrupt { position, len, max } => {
+                TryPopError::Corrupt { position, len, max }.fmt(f)
             }
-            .fmt(f),
+            PopError::CorruptIndex { head, tail } => {
+                TryPopError::CorruptIndex { head, tail }.fmt(f)
+            }
         }
     }
 }

@@ -226,7 +226,10 @@ impl RingConfig {
             });
         }
         let slot_size = (SLOT_HEADER_BYTES as u32 + self.max_payload).next_multiple_of(16);
-        Ok(LayoutInfo::new(self.mode, self.capacity, slot_size))
+        LayoutInfo::new(self.mode, self.capacity, slot_size).ok_or(ConfigError::TooLarge {
+            capacity: self.capacity,
+            slot_size,
+        })
     }
 }
 
@@ -247,14 +250,21 @@ pub struct LayoutInfo {
 }
 
 impl LayoutInfo {
-    fn new(mode: Mode, capacity: u32, slot_size: u32) -> LayoutInfo {
-        LayoutInfo {
+    /// `None` when the ring's size does not fit this target's address
+    /// space (up to 2^44 bytes, so only on 32-bit targets).
+    fn new(mode: Mode, capacity: u32, slot_size: u32) -> Option<LayoutInfo> {
+        let total = (CONTROL_BYTES as u64)
+            .checked_add(u64::from(capacity).checked_mul(u64::from(slot_size))?)?;
+        let total_bytes = usize::try_from(total)
+            .ok()
+            .filter(|&t| t <= isize::MAX as usize)?;
+        Some(LayoutInfo {
             mode,
             capacity,
             slot_size,
             max_payload: slot_size - SLOT_HEADER_BYTES as u32,
-            total_bytes: CONTROL_BYTES + capacity as usize * slot_size as usize,
-        }
+            total_bytes,
+        })
     }
 
     /// The header that `init` writes for this layout.
@@ -342,13 +352,20 @@ impl LayoutInfo {
                 found: header.slots_offset,
             });
         }
-        let info = LayoutInfo::new(mode, header.capacity, slot_size);
-        if header.total_bytes != info.total_bytes as u64 {
+        let computed = CONTROL_BYTES as u64 + u64::from(header.capacity) * u64::from(slot_size);
+        if header.total_bytes != computed {
             return Err(BadLayout::WrongTotal {
                 stored: header.total_bytes,
-                computed: info.total_bytes as u64,
+                computed,
             });
         }
+        // A total beyond the address space cannot fit in any region.
+        let Some(info) = LayoutInfo::new(mode, header.capacity, slot_size) else {
+            return Err(BadLayout::TooSmall {
+                len: region_len,
+                required: usize::MAX,
+            });
+        };
         if region_len < info.total_bytes {
             return Err(BadLayout::TooSmall {
                 len: region_len,

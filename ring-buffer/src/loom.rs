@@ -38,23 +38,32 @@ pub(crate) fn yield_now() {
     std::thread::yield_now();
 }
 
-/// Tracks accesses to one slot's payload bytes.
+/// Tracks accesses to one slot's payload and header bytes.
 ///
-/// Under loom this is a [`loom::cell::UnsafeCell`] whose `with`/`with_mut`
-/// record each access, so the model checker reports a payload read that is not
-/// ordered after the write that produced it. Outside loom it is zero-sized and
-/// the closures run directly.
+/// Under loom this is a [`loom::cell::UnsafeCell`]; a guard from
+/// [`AccessTracker::reading`] or [`AccessTracker::writing`] records an access
+/// that lasts until the guard drops, and loom reports any access that is not
+/// ordered after a conflicting one. Handles keep the guard for as long as
+/// they lend out the bytes. Outside loom the tracker and its guards are
+/// zero-sized and do nothing.
 #[cfg(loom)]
 #[derive(Debug, Default)]
 pub(crate) struct AccessTracker(loom::cell::UnsafeCell<()>);
 
+/// A recorded shared access; ends when dropped.
+#[cfg(loom)]
+pub(crate) type ReadGuard = loom::cell::ConstPtr<()>;
+/// A recorded exclusive access; ends when dropped.
+#[cfg(loom)]
+pub(crate) type WriteGuard = loom::cell::MutPtr<()>;
+
 #[cfg(loom)]
 impl AccessTracker {
-    pub(crate) fn read<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.0.with(|_| f())
+    pub(crate) fn reading(&self) -> ReadGuard {
+        self.0.get()
     }
-    pub(crate) fn write<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.0.with_mut(|_| f())
+    pub(crate) fn writing(&self) -> WriteGuard {
+        self.0.get_mut()
     }
 }
 
@@ -62,14 +71,23 @@ impl AccessTracker {
 #[derive(Debug, Default)]
 pub(crate) struct AccessTracker;
 
+/// A recorded shared access (nothing outside loom).
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub(crate) struct ReadGuard;
+/// A recorded exclusive access (nothing outside loom).
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub(crate) struct WriteGuard;
+
 #[cfg(not(loom))]
 impl AccessTracker {
     #[inline(always)]
-    pub(crate) fn read<T>(&self, f: impl FnOnce() -> T) -> T {
-        f()
+    pub(crate) fn reading(&self) -> ReadGuard {
+        ReadGuard
     }
     #[inline(always)]
-    pub(crate) fn write<T>(&self, f: impl FnOnce() -> T) -> T {
-        f()
+    pub(crate) fn writing(&self) -> WriteGuard {
+        WriteGuard
     }
 }

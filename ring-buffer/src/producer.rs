@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::{PayloadTooLarge, PushError, ReserveError, TryPushError};
 use crate::layout::{LayoutInfo, SLOT_FLAG_SKIP, TAIL_CLOSED_BIT};
-use crate::loom::Ordering;
+use crate::loom::{Ordering, WriteGuard};
 use crate::ring::{Shared, SlotMeta, View};
 use crate::wait::{WaitPolicy, Waiting};
 
@@ -20,23 +20,20 @@ use crate::wait::{WaitPolicy, Waiting};
 /// most `view.max_payload()`.
 #[inline(always)]
 unsafe fn write_message(view: &View, position: u64, request_id: u64, bytes: &[u8]) {
-    view.tracker(position).write(|| {
-        // SAFETY: the slot is held, so nobody else touches its payload; the
-        // length fits by the caller's check; source and slot cannot overlap
-        // because the caller's slice is not inside a held slot of ours.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), view.payload_ptr(position), bytes.len());
-            view.write_meta(
-                position,
-                SlotMeta {
-                    request_id,
-                    len: bytes.len() as u32,
-                    status: 0,
-                    flags: 0,
-                },
-            );
-        }
-    });
+    let _access = view.tracker(position).writing();
+    let meta = SlotMeta {
+        request_id,
+        len: bytes.len() as u32,
+        status: 0,
+        flags: 0,
+    };
+    // SAFETY: the slot is held, so nobody else touches its bytes; the length
+    // fits by the caller's check; source and slot cannot overlap because the
+    // caller's slice is not inside a slot this producer holds unpublished.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), view.payload_ptr(position), bytes.len());
+        view.write_meta(position, meta);
+    }
 }
 
 /// Runs `try_push` under `policy` until it enqueues, the ring closes, or
@@ -155,6 +152,10 @@ impl Producer {
     /// Reserves `count` consecutive slots, all or nothing, to fill in place.
     /// Dropping the chunk without [`WriteChunk::commit`] publishes its slots
     /// as skipped, so the consumer never waits on them.
+    ///
+    /// A chunk that is leaked (`mem::forget`) never publishes its slots, and
+    /// the consumer stops at the first of them for good: the ring is sound
+    /// but stuck, and never reports `Closed`. Do not leak chunks.
     pub fn try_reserve(&self, count: usize) -> Result<WriteChunk<'_>, ReserveError> {
         let view = &self.shared.view;
         let capacity = view.capacity() as usize;
@@ -190,8 +191,16 @@ impl Producer {
                     return Err(ClaimError::Full);
                 }
                 if lag > 0 {
-                    // Another producer claimed this position: our tail is stale.
-                    tail = view.tail().load(Ordering::Relaxed);
+                    // Another producer claimed this position: our tail is
+                    // stale. That claim happened before the store we just
+                    // acquired, so a reload must move; if it does not, the
+                    // sequence is corrupt and the ring is reported full
+                    // rather than spun on.
+                    let reloaded = view.tail().load(Ordering::Relaxed);
+                    if reloaded == tail {
+                        return Err(ClaimError::Full);
+                    }
+                    tail = reloaded;
                     continue 'retry;
                 }
             }
@@ -428,6 +437,7 @@ pub struct WriteChunk<'a> {
 impl<'a> WriteChunk<'a> {
     fn new(shared: &'a Shared, start: u64, count: usize, publish: Publish<'a>) -> WriteChunk<'a> {
         for position in start..start + count as u64 {
+            let _access = shared.view.tracker(position).writing();
             // SAFETY: the reservation holds these slots.
             unsafe { shared.view.write_meta(position, SlotMeta::default()) };
         }
@@ -460,9 +470,12 @@ impl<'a> WriteChunk<'a> {
         if index >= self.count {
             return None;
         }
+        let view = &self.shared.view;
+        let position = self.start + index as u64;
         Some(SlotMut {
-            view: &self.shared.view,
-            position: self.start + index as u64,
+            view,
+            position,
+            _access: view.tracker(position).writing(),
         })
     }
 
@@ -478,6 +491,7 @@ impl<'a> WriteChunk<'a> {
             Publish::Mpsc => {
                 for position in self.start..self.start + self.count as u64 {
                     if flags != 0 {
+                        let _access = view.tracker(position).writing();
                         // SAFETY: still held: not yet published.
                         unsafe {
                             view.write_meta(
@@ -529,6 +543,8 @@ impl fmt::Debug for WriteChunk<'_> {
 pub struct SlotMut<'c> {
     view: &'c View,
     position: u64,
+    /// Records, under loom, that this slot is being written.
+    _access: WriteGuard,
 }
 
 impl SlotMut<'_> {
@@ -537,12 +553,10 @@ impl SlotMut<'_> {
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let len = self.view.max_payload();
         let ptr = self.view.payload_ptr(self.position);
-        self.view.tracker(self.position).write(|| {
-            // SAFETY: the chunk holds this slot exclusively until it is
-            // published, which needs `&mut WriteChunk`, which this borrow
-            // blocks; the bytes are initialised (Region contract).
-            unsafe { std::slice::from_raw_parts_mut(ptr, len) }
-        })
+        // SAFETY: the chunk holds this slot exclusively until it is
+        // published, which needs `&mut WriteChunk`, which this borrow blocks;
+        // the bytes are initialised (Region contract).
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
     }
 
     /// Sets how many payload bytes the message carries.

@@ -115,8 +115,10 @@ unsafe impl Send for HeapRegion {}
 unsafe impl Sync for HeapRegion {}
 
 // SAFETY: 1. the allocation lives until drop and never moves; 2. it is
-// zeroed; 3. it is aligned to `REGION_ALIGN`, a power of two; 4. holds for
-// every view the crate creates.
+// zeroed; 3. it is aligned to `REGION_ALIGN`, a power of two; 4. a
+// `HeapRegion` hands its memory to one ring (`Ring::new`, or `init_in`,
+// whose unsafe contract covers sharing through `Arc`), and the crate's
+// handles follow the protocol.
 unsafe impl Region for HeapRegion {
     fn base(&self) -> NonNull<u8> {
         self.base

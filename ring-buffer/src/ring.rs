@@ -80,7 +80,8 @@ impl View {
     fn control(&self) -> &ControlBlock {
         // SAFETY: the region starts with a control block (validated or just
         // written), is 128-byte aligned, and outlives `self`. Shared words
-        // are atomics; the header is immutable after init.
+        // are atomics; the header is never written after `format` (the
+        // contract of `init_in`, and `new` owns fresh memory).
         unsafe { self.base.cast::<ControlBlock>().as_ref() }
     }
 
@@ -212,26 +213,33 @@ impl View {
     }
 }
 
-/// Checks that `head` and `tail` describe a ring of `capacity` slots: both
-/// below 2^63 and `head <= tail <= head + capacity`. Reads head, tail, then
-/// head again, so that progress made between the reads on a ring in use does
-/// not look like corruption; if head keeps moving, only the bounds that
-/// progress cannot break are checked.
+/// Rule P2: checks that `head` and `tail` describe a ring of `capacity`
+/// slots: both below 2^63 and `head <= tail <= head + capacity`. Only MPSC
+/// rings carry the closed bit in `tail`. Reads head, tail, then head again,
+/// so that progress made between the reads on a ring in use does not look
+/// like corruption; if head keeps moving, the upper bound (which progress can
+/// break) is not checked.
 fn check_indices(
     head: &std::sync::atomic::AtomicU64,
     tail: &std::sync::atomic::AtomicU64,
+    mode: Mode,
     capacity: u64,
 ) -> Result<(), BadLayout> {
     use std::sync::atomic::Ordering::Acquire;
+    let closed_bit = if mode == Mode::Mpsc {
+        TAIL_CLOSED_BIT
+    } else {
+        0
+    };
     for _ in 0..4 {
         let head_before = head.load(Acquire);
-        let tail_now = tail.load(Acquire) & !TAIL_CLOSED_BIT;
+        let tail_now = tail.load(Acquire) & !closed_bit;
         let head_after = head.load(Acquire);
         let bad = BadLayout::BadIndices {
             head: head_before,
             tail: tail_now,
         };
-        if head_before >= TAIL_CLOSED_BIT || head_before > tail_now {
+        if tail_now >= TAIL_CLOSED_BIT || head_before > tail_now {
             return Err(bad);
         }
         if head_before == head_after {
@@ -250,8 +258,9 @@ pub(crate) struct Shared {
     pub(crate) view: View,
     pub(crate) not_empty: Waiters,
     pub(crate) not_full: Waiters,
-    /// Keeps the memory alive; never touched after construction.
-    _region: Box<dyn Region>,
+    /// Keeps the memory alive; read only through `view` (and `Ring::region`
+    /// for its base and length).
+    region: Box<dyn Region>,
 }
 
 // SAFETY: the region is Send + Sync (a `Region` requirement); `View` only
@@ -308,7 +317,16 @@ impl Ring {
 
     /// Lays out a new, empty ring in `region`, overwriting its control block
     /// and slot headers.
-    pub fn init_in(region: impl Region, config: RingConfig) -> Result<Ring, InitError> {
+    ///
+    /// # Safety
+    ///
+    /// Until the returned ring and every view attached to it are dropped,
+    /// nothing accesses the region's bytes except through those views and
+    /// through device code that follows `docs/ring-protocol.md`. In
+    /// particular no other ring may be created in, or still be live on, the
+    /// same memory (a region shared through `Arc` makes that possible, so
+    /// the compiler cannot check it).
+    pub unsafe fn init_in(region: impl Region, config: RingConfig) -> Result<Ring, InitError> {
         let info = config.layout()?;
         let addr = region.base().as_ptr() as usize;
         if addr % REGION_ALIGN != 0 {
@@ -323,8 +341,8 @@ impl Ring {
                 required: info.total_bytes,
             });
         }
-        // SAFETY: checked just above: large enough and aligned. Taking the
-        // region by value means no ring handle of ours uses it yet.
+        // SAFETY: checked just above: large enough and aligned; the caller
+        // guarantees nobody else uses the memory while it is formatted.
         Ok(unsafe { Ring::format(Box::new(region), info) })
     }
 
@@ -357,10 +375,13 @@ impl Ring {
     ///
     /// # Safety
     ///
-    /// Roles are exclusive across all views of one ring: the caller must not
-    /// take the consumer role (or, in SPSC mode, the producer role) through
-    /// this view while another view or a device holds it. MPSC producers may
-    /// be on any number of views.
+    /// Roles are exclusive across all views of one ring. The caller must not
+    /// obtain the consumer role (`into_consumer`, `split_*`) through this view
+    /// while another view or a device holds it, nor, in SPSC mode, the
+    /// producer role (`into_spsc_producer`, `split_spsc`). MPSC producers
+    /// (`into_producer`) may be on any number of views. A view whose peer
+    /// roles live elsewhere takes its own role with `into_*`, never with
+    /// `split_*`.
     pub unsafe fn attach(region: impl Region) -> Result<Ring, BadLayout> {
         let info = Ring::inspect(&region)?;
         // SAFETY: `inspect` validated the layout over this region.
@@ -384,8 +405,8 @@ impl Ring {
             });
         }
         // SAFETY: at least 128 initialised bytes at an aligned address (Region
-        // contract); the header is plain data and only written before a ring
-        // is shared.
+        // contract). The header is plain data written only by `init_in` /
+        // `new`, whose contract excludes any other access while they run.
         let header: RingHeader = unsafe { base.cast::<RingHeader>().as_ptr().read() };
         let info = LayoutInfo::validate(&header, addr, region.len())?;
         // SAFETY: validated above: the region holds a whole control block at
@@ -394,6 +415,7 @@ impl Ring {
         check_indices(
             &control.head.value,
             &control.tail.value,
+            info.mode,
             u64::from(info.capacity),
         )?;
         Ok(info)
@@ -410,7 +432,7 @@ impl Ring {
                 view,
                 not_empty: Waiters::default(),
                 not_full: Waiters::default(),
-                _region: region,
+                region,
             }),
         }
     }
@@ -418,6 +440,30 @@ impl Ring {
     /// The ring's geometry.
     pub fn layout(&self) -> LayoutInfo {
         self.shared.view.info
+    }
+
+    /// Takes only the producer role of an MPSC ring: for a view whose
+    /// consumer is a device or another view.
+    pub fn into_producer(self) -> Result<Producer, WrongMode> {
+        self.check_mode(Mode::Mpsc)?;
+        Ok(Producer::new(self.shared))
+    }
+
+    /// Takes only the producer role of an SPSC ring.
+    pub fn into_spsc_producer(self) -> Result<SpscProducer, WrongMode> {
+        self.check_mode(Mode::Spsc)?;
+        Ok(SpscProducer::new(self.shared))
+    }
+
+    /// Takes only the consumer role, in either mode: for a view whose
+    /// producers are a device or other views.
+    pub fn into_consumer(self) -> Consumer {
+        Consumer::new(self.shared)
+    }
+
+    /// The memory the ring lives in: its base is what device code is given.
+    pub fn region(&self) -> &dyn Region {
+        &*self.shared.region
     }
 
     /// Splits an MPSC ring into a cloneable producer and the consumer.

@@ -1,15 +1,19 @@
 //! How a blocked party waits: spin, then yield, then park.
 //!
 //! A device cannot wake a host thread, so parking is always bounded: a parked
-//! thread re-checks the ring at least every `park_max`. Host-side parties do
-//! wake each other early:
-//! - `close()` wakes every parked thread at once, with a full fence, so no
-//!   waiter misses it;
+//! thread re-checks the ring at least every `park_max`. Threads parked
+//! through handles of the same [`crate::Ring`] (one host view) wake each
+//! other early:
+//! - `close()` wakes every thread parked through that view at once, with a
+//!   full fence, so none of them misses it;
 //! - a push or a pop wakes the other side's parked threads when it sees one
 //!   registered. That check is a relaxed load, kept off the fast path's
 //!   fences, so in a narrow race a waiter sleeps until its park interval ends
 //!   instead (under `--cfg loom` the check is fenced so the model stays
 //!   exact).
+//!
+//! Threads parked through another view of the same memory, like a device,
+//! notice changes at their next re-check, within `park_max`.
 
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
@@ -24,7 +28,8 @@ pub struct WaitPolicy {
     pub spins: u32,
     /// `yield_now` steps before parking.
     pub yields: u32,
-    /// First park interval; doubles on each park up to `park_max`.
+    /// First park interval; doubles on each park up to `park_max`. Intervals
+    /// below 1 µs are raised to 1 µs.
     pub park_min: Duration,
     /// Longest park interval: the worst-case delay to notice a device's
     /// progress. Must be at least `park_min`.
@@ -54,6 +59,9 @@ impl WaitPolicy {
     }
 }
 
+/// The shortest park: a zero interval would turn parking into a busy loop.
+const MIN_PARK: Duration = Duration::from_micros(1);
+
 /// One wait in progress: tracks which phase the policy is in and the deadline.
 pub(crate) struct Waiting<'p> {
     policy: &'p WaitPolicy,
@@ -70,7 +78,7 @@ impl<'p> Waiting<'p> {
             policy,
             deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
             step: 0,
-            park: policy.park_min,
+            park: policy.park_min.max(MIN_PARK),
         }
     }
 
@@ -99,7 +107,8 @@ impl<'p> Waiting<'p> {
                 park = park.min(left);
             }
             waiters.park(park, still_blocked);
-            self.park = (self.park * 2).min(policy.park_max.max(policy.park_min));
+            let longest = policy.park_max.max(policy.park_min).max(MIN_PARK);
+            self.park = self.park.saturating_mul(2).min(longest);
         }
         self.step = self.step.saturating_add(1);
         match self.deadline {

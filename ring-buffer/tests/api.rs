@@ -298,13 +298,16 @@ fn attach_shares_one_ring_between_two_views() {
     let region = Arc::new(HeapRegion::zeroed(
         RingConfig::mpsc(8, 24).layout().unwrap().total_bytes,
     ));
-    let host = Ring::init_in(region.clone(), RingConfig::mpsc(8, 24)).unwrap();
+    // SAFETY: fresh memory that only this ring and the views attached
+    // to it below use.
+    let host = unsafe { Ring::init_in(region.clone(), RingConfig::mpsc(8, 24)) }.unwrap();
     // SAFETY: the host view takes only the producer role; the second view
     // takes the only consumer.
     let device = unsafe { Ring::attach(region.clone()) }.unwrap();
     assert_eq!(device.layout(), host.layout());
-    let (producer, _unused_consumer) = host.split_mpsc().unwrap();
-    let (_extra_producer, mut consumer) = device.split_mpsc().unwrap();
+    assert_eq!(device.region().base(), host.region().base());
+    let producer = host.into_producer().unwrap();
+    let mut consumer = device.into_consumer();
     producer.try_push_with(42, b"across views").unwrap();
     let message = consumer.try_pop().unwrap();
     assert_eq!(
@@ -321,7 +324,9 @@ fn init_rejects_small_and_misaligned_regions() {
     let config = RingConfig::spsc(4, 16);
     let total = config.layout().unwrap().total_bytes;
     assert_eq!(
-        Ring::init_in(HeapRegion::zeroed(total - 1), config).unwrap_err(),
+        // SAFETY: fresh memory that only this ring and the views attached
+        // to it below use.
+        unsafe { Ring::init_in(HeapRegion::zeroed(total - 1), config) }.unwrap_err(),
         InitError::RegionTooSmall {
             len: total - 1,
             required: total
@@ -337,7 +342,9 @@ fn init_rejects_small_and_misaligned_regions() {
         )
     };
     assert!(matches!(
-        Ring::init_in(shifted, config),
+        // SAFETY: fresh memory that only this ring and the views attached
+        // to it below use.
+        unsafe { Ring::init_in(shifted, config) },
         Err(InitError::Misaligned { .. })
     ));
     // SAFETY: as above.
@@ -363,7 +370,9 @@ fn attach_rejects_head_and_tail_that_are_not_positions_of_one_ring() {
     ] {
         let config = RingConfig::spsc(4, 8);
         let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
-        drop(Ring::init_in(region.clone(), config).unwrap());
+        // SAFETY: fresh memory that only this ring and the views attached
+        // to it below use.
+        drop(unsafe { Ring::init_in(region.clone(), config) }.unwrap());
         // SAFETY: no ring handle is alive on this memory; head is at byte 256
         // and tail at byte 128 (docs/ring-protocol.md).
         unsafe {
@@ -383,7 +392,9 @@ fn attach_rejects_head_and_tail_that_are_not_positions_of_one_ring() {
 fn corrupt_slot_length_is_reported_and_skipped() {
     let config = RingConfig::mpsc(4, 8);
     let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
-    let ring = Ring::init_in(region.clone(), config).unwrap();
+    // SAFETY: fresh memory that only this ring and the views attached
+    // to it below use.
+    let ring = unsafe { Ring::init_in(region.clone(), config) }.unwrap();
     let (producer, mut consumer) = ring.split_mpsc().unwrap();
     producer.try_push(*b"bad").unwrap();
     producer.try_push(*b"good").unwrap();
@@ -497,7 +508,9 @@ fn heartbeats_advance_while_waiting_and_on_beat() {
     assert_eq!(beat_view, 0);
     let config = RingConfig::spsc(2, 8);
     let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
-    let ring = Ring::init_in(region.clone(), config).unwrap();
+    // SAFETY: fresh memory that only this ring and the views attached
+    // to it below use.
+    let ring = unsafe { Ring::init_in(region.clone(), config) }.unwrap();
     // SAFETY: the observer view takes no role.
     let observer = unsafe { Ring::attach(region) }.unwrap();
     let (producer, mut consumer) = ring.split_spsc().unwrap();
@@ -506,4 +519,141 @@ fn heartbeats_advance_while_waiting_and_on_beat() {
     assert_eq!(observer.producer_heartbeat(), 2);
     let _ = consumer.pop(&WaitPolicy::default(), Some(Duration::from_millis(5)));
     assert!(observer.consumer_heartbeat() > 0);
+}
+
+/// A view over `region` laid out as `config`, plus the region for poking at
+/// its bytes the way a misbehaving device would.
+fn poked_ring(config: RingConfig) -> (Arc<HeapRegion>, Ring) {
+    let region = Arc::new(HeapRegion::zeroed(config.layout().unwrap().total_bytes));
+    // SAFETY: fresh memory; the test writes to it only where it says.
+    let ring = unsafe { Ring::init_in(region.clone(), config) }.unwrap();
+    (region, ring)
+}
+
+/// Writes `value` at byte `offset` of `region`.
+fn poke<T>(region: &HeapRegion, offset: usize, value: T) {
+    // SAFETY: the offset is inside the ring (callers pass control-block or
+    // slot-header offsets), and no handle accesses that word concurrently.
+    unsafe {
+        region
+            .base()
+            .as_ptr()
+            .add(offset)
+            .cast::<T>()
+            .write_unaligned(value)
+    };
+}
+
+#[test]
+fn attach_rejects_the_closed_bit_in_an_spsc_tail() {
+    let (region, ring) = poked_ring(RingConfig::spsc(4, 8));
+    drop(ring);
+    poke(&region, 128, 1u64 << 63);
+    // SAFETY: no other view exists.
+    let err = unsafe { Ring::attach(region) }.unwrap_err();
+    assert_eq!(
+        err,
+        BadLayout::BadIndices {
+            head: 0,
+            tail: 1 << 63
+        }
+    );
+}
+
+#[test]
+fn a_tail_published_beyond_one_ring_is_reported_not_read() {
+    let (region, ring) = poked_ring(RingConfig::spsc(4, 8));
+    let mut consumer = ring.into_consumer();
+    poke(&region, 128, 1000u64);
+    assert_eq!(
+        consumer.try_pop().unwrap_err(),
+        TryPopError::CorruptIndex {
+            head: 0,
+            tail: 1000
+        }
+    );
+    assert!(matches!(
+        consumer.pop(&WaitPolicy::default(), Some(Duration::from_millis(5))),
+        Err(PopError::CorruptIndex { .. })
+    ));
+    // The tail is repaired: the ring goes on.
+    poke(&region, 128, 0u64);
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+}
+
+#[test]
+fn a_corrupt_sequence_makes_try_push_return_instead_of_spinning() {
+    let (region, ring) = poked_ring(RingConfig::mpsc(4, 8));
+    let producer = ring.into_producer().unwrap();
+    // Slot 0's sequence (byte 768) claims position 5 is already taken.
+    poke(&region, 768, 5u64);
+    assert!(matches!(
+        producer.try_push(*b"x"),
+        Err(TryPushError::Full(_))
+    ));
+}
+
+#[test]
+fn a_read_chunk_never_lends_more_than_max_payload() {
+    let (region, ring) = poked_ring(RingConfig::mpsc(4, 16));
+    let (producer, mut consumer) = ring.split_mpsc().unwrap();
+    producer.try_push(*b"abc").unwrap();
+    let chunk = consumer.try_read(4).unwrap();
+    // A misbehaving producer rewrites the length after the chunk was taken.
+    poke(&region, 768 + 16, 1u32 << 20);
+    let lens: Vec<usize> = chunk.iter().map(|m| m.payload.len()).collect();
+    assert_eq!(lens, [16]);
+}
+
+#[test]
+fn a_closed_ring_with_an_unpublished_slot_parks_its_consumer() {
+    let policy = WaitPolicy {
+        spins: 0,
+        yields: 0,
+        park_min: Duration::from_millis(20),
+        park_max: Duration::from_millis(20),
+    };
+    let (region, ring) = poked_ring(RingConfig::mpsc(4, 8));
+    // SAFETY: the observer takes no role.
+    let observer = unsafe { Ring::attach(region.clone()) }.unwrap();
+    let (producer, mut consumer) = ring.split_mpsc().unwrap();
+    let held = producer.try_reserve(1).unwrap();
+    producer.close();
+    assert_eq!(
+        consumer
+            .pop(&policy, Some(Duration::from_millis(200)))
+            .unwrap_err(),
+        PopError::Timeout
+    );
+    // Each wait step advances the heartbeat once: parked steps of 20 ms give
+    // about ten; a busy loop would give hundreds of thousands.
+    let steps = observer.consumer_heartbeat();
+    assert!(
+        (1..100).contains(&steps),
+        "{steps} wait steps in 200 ms: not parked"
+    );
+    drop(held);
+    assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Closed);
+}
+
+#[test]
+fn extreme_wait_policies_do_not_panic() {
+    let (_producer, mut consumer) = mpsc(2, 8);
+    for (park_min, park_max) in [
+        (Duration::MAX, Duration::MAX),
+        (Duration::ZERO, Duration::ZERO),
+    ] {
+        let policy = WaitPolicy {
+            spins: 0,
+            yields: 0,
+            park_min,
+            park_max,
+        };
+        assert_eq!(
+            consumer
+                .pop(&policy, Some(Duration::from_millis(5)))
+                .unwrap_err(),
+            PopError::Timeout
+        );
+    }
 }

@@ -514,7 +514,9 @@ fn run(mode: Mode, scenario: &Scenario) -> Result<(), TestCaseError> {
             .as_ptr()
             .write_bytes(scenario.stale_fill, layout.total_bytes)
     };
-    let ring = Ring::init_in(region.clone(), config).unwrap();
+    // SAFETY: fresh memory that only this ring and the views attached
+    // to it below use.
+    let ring = unsafe { Ring::init_in(region.clone(), config) }.unwrap();
     prop_assert_eq!(ring.layout(), layout);
     let max_payload = layout.max_payload as usize;
     prop_assert!(max_payload >= scenario.requested_max as usize);

@@ -13,14 +13,17 @@ use granary_ring::{HeapRegion, PopError, Ring, RingConfig, WaitPolicy};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = RingConfig::mpsc(256, 64);
     let region = Arc::new(HeapRegion::zeroed(config.layout()?.total_bytes));
-    let host = Ring::init_in(region.clone(), config)?;
+    // SAFETY: fresh memory that only this ring and the views attached
+    // to it below use.
+    let host = unsafe { Ring::init_in(region.clone(), config) }?;
     // SAFETY: the host view below keeps only producers; this view takes the
     // one consumer.
     let device = unsafe { Ring::attach(region) }?;
     println!("attached: {:?}", device.layout());
 
-    let (producer, _host_consumer_unused) = host.split_mpsc()?;
-    let (_device_producers_unused, mut consumer) = device.split_mpsc()?;
+    // Each view takes only its own role.
+    let producer = host.into_producer()?;
+    let mut consumer = device.into_consumer();
     let kernel = thread::spawn(move || {
         let mut sum = 0u64;
         let policy = WaitPolicy::default();

@@ -82,7 +82,7 @@ typedef struct granary_ring_control {
 } granary_ring_control;
 
 typedef struct granary_slot_header {
-    GRANARY_ATOMIC_U64 sequence; /* MPSC: Vyukov sequence; SPSC: unused */
+    GRANARY_ATOMIC_U64 sequence; /* p + 1 once written (both modes); MPSC: p when free */
     GRANARY_U64 request_id;
     GRANARY_U32 len;             /* 0 ..= max_payload */
     GRANARY_U32 status;

@@ -20,50 +20,29 @@ pub struct Consumer {
     mode: Mode,
     /// Next position to read; equals the shared `head` between calls.
     head: u64,
-    /// SPSC only: last `tail` seen, at most the true tail.
-    cached_tail: u64,
 }
 
 /// What the next slot holds.
 enum Next {
     Ready(SlotMeta),
     NotReady,
-    /// SPSC: the published tail is not within one ring of `head`.
-    CorruptTail(u64),
 }
 
 impl Consumer {
     pub(crate) fn new(shared: Arc<Shared>) -> Consumer {
         let mode = shared.view.info.mode;
         let head = shared.view.head().load(Ordering::Acquire);
-        Consumer {
-            shared,
-            mode,
-            head,
-            cached_tail: head,
-        }
+        Consumer { shared, mode, head }
     }
 
     /// Rules M4 / S3: whether the slot at `position` holds a published
-    /// message, and its metadata if so.
+    /// message, and its metadata if so. Both modes publish through the
+    /// slot's sequence, so the consumer never reads the producers' `tail`
+    /// line while messages flow.
     #[inline(always)]
-    fn peek(&mut self, position: u64) -> Next {
+    fn peek(&self, position: u64) -> Next {
         let view = &self.shared.view;
-        let ready = match self.mode {
-            Mode::Mpsc => {
-                view.sequence(position).load(Ordering::Acquire) == position.wrapping_add(1)
-            }
-            Mode::Spsc => {
-                position < self.cached_tail || {
-                    let tail = view.tail().load(Ordering::Acquire);
-                    if tail < self.head || tail - self.head > view.capacity() {
-                        return Next::CorruptTail(tail);
-                    }
-                    self.cached_tail = tail;
-                    position < tail
-                }
-            }
-        };
+        let ready = view.sequence(position).load(Ordering::Acquire) == position.wrapping_add(1);
         if ready {
             let _access = view.tracker(position).reading();
             // SAFETY: the acquire load above saw the slot published, and only
@@ -74,7 +53,9 @@ impl Consumer {
         }
     }
 
-    /// Rules M5 / S4: hands `count` slots from `head` back to producers.
+    /// Rules M5 / S4: hands `count` slots from `head` back to producers:
+    /// MPSC producers find free slots by their sequence, the SPSC producer
+    /// by `head` alone.
     #[inline(always)]
     fn release(&mut self, count: u64) {
         let view = &self.shared.view;
@@ -107,12 +88,6 @@ impl Consumer {
             let meta = match self.peek(position) {
                 Next::Ready(meta) => meta,
                 Next::NotReady => return Err(self.empty_or_closed()),
-                Next::CorruptTail(tail) => {
-                    return Err(TryPopError::CorruptIndex {
-                        head: position,
-                        tail,
-                    });
-                }
             };
             if meta.flags & SLOT_FLAG_SKIP != 0 {
                 self.release(1);
@@ -165,9 +140,6 @@ impl Consumer {
                 Err(TryPopError::Closed) => return Err(PopError::Closed),
                 Err(TryPopError::Corrupt { position, len, max }) => {
                     return Err(PopError::Corrupt { position, len, max });
-                }
-                Err(TryPopError::CorruptIndex { head, tail }) => {
-                    return Err(PopError::CorruptIndex { head, tail });
                 }
             }
             let (head, mode) = (self.head, self.mode);
@@ -249,17 +221,22 @@ impl Consumer {
 }
 
 /// Rule C3: the ring is closed and nothing claimed remains unread.
+#[inline(always)]
 fn closed_and_drained(shared: &Shared, mode: Mode, head: u64) -> bool {
     let view = &shared.view;
+    // The `closed` word is read-mostly, while `tail` is the producers' hot
+    // line: polling `tail` on every empty pop would pull it away from them
+    // (rule C1 sets the tail bit before this word, so a ring whose word is
+    // still 0 is at most momentarily closed, and reporting Empty is right).
+    if view.closed().load(Ordering::Acquire) == 0 {
+        return false;
+    }
     match mode {
         Mode::Mpsc => {
             let tail = view.tail().load(Ordering::Acquire);
             tail & TAIL_CLOSED_BIT != 0 && tail & !TAIL_CLOSED_BIT == head
         }
-        Mode::Spsc => {
-            view.closed().load(Ordering::Acquire) != 0
-                && view.tail().load(Ordering::Acquire) == head
-        }
+        Mode::Spsc => view.tail().load(Ordering::Acquire) == head,
     }
 }
 
@@ -269,10 +246,7 @@ fn closed_and_drained(shared: &Shared, mode: Mode, head: u64) -> bool {
 /// slot is published.
 fn has_news(shared: &Shared, mode: Mode, head: u64) -> bool {
     let view = &shared.view;
-    let published = match mode {
-        Mode::Mpsc => view.sequence(head).load(Ordering::Acquire) == head.wrapping_add(1),
-        Mode::Spsc => view.tail().load(Ordering::Acquire) != head,
-    };
+    let published = view.sequence(head).load(Ordering::Acquire) == head.wrapping_add(1);
     published || closed_and_drained(shared, mode, head)
 }
 
@@ -325,6 +299,7 @@ impl Message<'_> {
 }
 
 impl Drop for Message<'_> {
+    #[inline]
     fn drop(&mut self) {
         // The read ends before the slot goes back to the producers.
         self.access = None;

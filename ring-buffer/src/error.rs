@@ -406,15 +406,6 @@ pub enum TryPopError {
         /// The largest payload a slot holds.
         max: u32,
     },
-    /// The producer side published a `tail` more than a ring's capacity
-    /// ahead of `head` (or behind it): the other side broke the protocol.
-    /// Nothing is read; the consumer stays where it is.
-    CorruptIndex {
-        /// The consumer's head.
-        head: u64,
-        /// The tail found.
-        tail: u64,
-    },
 }
 
 impl fmt::Display for TryPopError {
@@ -426,9 +417,6 @@ impl fmt::Display for TryPopError {
                 f,
                 "slot at position {position} claims {len} bytes, more than the maximum {max}"
             ),
-            TryPopError::CorruptIndex { head, tail } => {
-                write!(f, "tail {tail} is not within one ring of head {head}")
-            }
         }
     }
 }
@@ -451,13 +439,6 @@ pub enum PopError {
         /// The largest payload a slot holds.
         max: u32,
     },
-    /// See [`TryPopError::CorruptIndex`].
-    CorruptIndex {
-        /// The consumer's head.
-        head: u64,
-        /// The tail found.
-        tail: u64,
-    },
 }
 
 impl fmt::Display for PopError {
@@ -467,9 +448,6 @@ impl fmt::Display for PopError {
             PopError::Closed => write!(f, "ring is closed and drained"),
             PopError::Corrupt { position, len, max } => {
                 TryPopError::Corrupt { position, len, max }.fmt(f)
-            }
-            PopError::CorruptIndex { head, tail } => {
-                TryPopError::CorruptIndex { head, tail }.fmt(f)
             }
         }
     }

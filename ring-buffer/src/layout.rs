@@ -69,8 +69,11 @@ pub enum Mode {
     /// `sequence` says whether it is free or written. Used for requests
     /// (many grains to one kernel).
     Mpsc = 1,
-    /// One producer, one consumer, with cached indices as in rtrb. The
-    /// `sequence` words are unused. Used for responses (a kernel to the host).
+    /// One producer, one consumer. The producer finds room with a cached
+    /// copy of `head`, as rtrb does, and needs no compare-and-swap; it
+    /// publishes through each slot's `sequence` like MPSC, so the consumer
+    /// never reads the producer's `tail` line. Used for responses (a kernel
+    /// to the host).
     Spsc = 2,
 }
 
@@ -149,7 +152,9 @@ pub struct ControlBlock {
 pub struct SlotHeader {
     /// MPSC: Vyukov's sequence. Equals the position `p` when the slot is free
     /// for position `p`; `p + 1` once the message for `p` is written;
-    /// `p + capacity` once the consumer has released it. Unused in SPSC.
+    /// `p + capacity` once the consumer has released it. SPSC: 0 at
+    /// creation, `p + 1` once the message for `p` is written (the consumer
+    /// does not write it back; the producer tracks room through `head`).
     pub sequence: AtomicU64,
     /// Caller-chosen id carried with the message; responses echo it.
     pub request_id: u64,

@@ -16,9 +16,10 @@
 //! 3. A slot's payload and header are touched by exactly one party at a
 //!    time: the producer that claimed it, until it publishes; then the
 //!    consumer, until it releases.
-//! 4. Publication is a release store (the slot's `sequence` in MPSC, `tail`
-//!    in SPSC) that the consumer observes with an acquire load; release is
-//!    the mirror image. No other ordering is relied on in the fast path.
+//! 4. Publication is a release store of the slot's `sequence` that the
+//!    consumer observes with an acquire load; release is the mirror image
+//!    (the slot's `sequence` in MPSC, `head` in SPSC). No other ordering is
+//!    relied on in the fast path.
 //! 5. Nothing read from shared memory is trusted: attaching validates the
 //!    whole header ([`BadLayout`]), and a slot length over `max_payload` is
 //!    reported ([`TryPopError::Corrupt`]), never used.
@@ -29,8 +30,11 @@
 //!   (<https://www.1024cores.net/home/lock-free-algorithms/queues/bounded-mpmc-queue>),
 //!   used with a single consumer, extended with all-or-nothing batch claims
 //!   and a closed bit in `tail`.
-//! - [`Mode::Spsc`] is Lamport's single-producer single-consumer ring with
-//!   cached indices, as in rtrb (<https://github.com/mgeier/rtrb>).
+//! - [`Mode::Spsc`] finds room like Lamport's single-producer
+//!   single-consumer ring with a cached index, as rtrb does
+//!   (<https://github.com/mgeier/rtrb>), and publishes through per-slot
+//!   sequences as FastForward does (Giacomoni, Moseley and Vachharajani,
+//!   PPoPP 2008), so the consumer never reads the producer's index line.
 //!
 //! The rules are numbered in `docs/ring-protocol.md`; the code cites them.
 //!

@@ -318,8 +318,13 @@ impl SpscProducer {
         // SAFETY: `has_room` proved the slot for `position` was released by
         // the consumer, and only this producer writes SPSC slots.
         unsafe { write_message(&self.shared.view, position, request_id, payload.as_ref()) };
+        // Rule S2: publish through the slot's sequence (pairs with the
+        // consumer's acquire load), then advance `tail` for observers.
+        self.shared
+            .view
+            .sequence(position)
+            .store(position + 1, Ordering::Release);
         self.tail = position + 1;
-        // Rule S2: publish. Pairs with the consumer's acquire load of tail.
         self.shared.view.tail().store(self.tail, Ordering::Release);
         self.shared.not_empty.wake_if_parked();
         Ok(())
@@ -416,7 +421,7 @@ impl fmt::Debug for SpscProducer {
 enum Publish<'a> {
     /// Store each slot's sequence (rule M3).
     Mpsc,
-    /// Advance the producer's tail once (rule S2).
+    /// Store each slot's sequence, then advance the producer's tail (rule S2).
     Spsc { tail: &'a mut u64 },
 }
 
@@ -511,6 +516,10 @@ impl<'a> WriteChunk<'a> {
                 if flags != 0 {
                     // An SPSC reservation was never visible: just forget it.
                     return;
+                }
+                for position in self.start..self.start + self.count as u64 {
+                    view.sequence(position)
+                        .store(position + 1, Ordering::Release);
                 }
                 **tail = self.start + self.count as u64;
                 view.tail().store(**tail, Ordering::Release);

@@ -44,7 +44,12 @@ pub(crate) struct View {
     pub(crate) info: LayoutInfo,
     /// `capacity - 1`; capacity is a power of two.
     mask: u64,
-    /// One per slot: records payload accesses under loom, zero-sized otherwise.
+    /// `info.capacity` as a `u64`, kept to spare the hot paths a conversion.
+    capacity: u64,
+    /// Slot size in bytes, as `info.slot_size`.
+    slot_size: usize,
+    /// Under loom, one per slot: records payload and header accesses.
+    #[cfg(loom)]
     trackers: Box<[AccessTracker]>,
     #[cfg(loom)]
     model: ModelWords,
@@ -55,13 +60,15 @@ impl View {
     /// `base` points to at least `info.total_bytes` bytes that stay valid for
     /// the view's life and hold (or are about to be given) this layout.
     unsafe fn new(base: NonNull<u8>, info: LayoutInfo) -> View {
-        let capacity = info.capacity as usize;
         View {
             base,
             info,
             mask: u64::from(info.capacity) - 1,
+            capacity: u64::from(info.capacity),
+            slot_size: info.slot_size as usize,
+            #[cfg(loom)]
             trackers: std::iter::repeat_with(AccessTracker::default)
-                .take(capacity)
+                .take(info.capacity as usize)
                 .collect(),
             #[cfg(loom)]
             model: ModelWords {
@@ -70,7 +77,12 @@ impl View {
                 closed: AtomicU32::new(0),
                 producer_heartbeat: AtomicU64::new(0),
                 consumer_heartbeat: AtomicU64::new(0),
-                sequences: (0..capacity as u64).map(AtomicU64::new).collect(),
+                // As `format` writes them: rule M0 for MPSC, zero for SPSC.
+                sequences: (0..u64::from(info.capacity))
+                    .map(|position| {
+                        AtomicU64::new(if info.mode == Mode::Mpsc { position } else { 0 })
+                    })
+                    .collect(),
             },
         }
     }
@@ -87,7 +99,7 @@ impl View {
 
     #[inline(always)]
     pub(crate) fn capacity(&self) -> u64 {
-        self.mask + 1
+        self.capacity
     }
 
     #[inline(always)]
@@ -139,7 +151,7 @@ impl View {
     #[inline(always)]
     fn slot_header(&self, position: u64) -> *mut SlotHeader {
         let index = (position & self.mask) as usize;
-        let offset = CONTROL_BYTES + index * self.info.slot_size as usize;
+        let offset = CONTROL_BYTES + index * self.slot_size;
         // SAFETY: `index < capacity`, so the slot lies inside the
         // `total_bytes` the view covers.
         unsafe { self.base.as_ptr().add(offset).cast() }
@@ -160,7 +172,14 @@ impl View {
 
     #[inline(always)]
     pub(crate) fn tracker(&self, position: u64) -> &AccessTracker {
-        &self.trackers[(position & self.mask) as usize]
+        #[cfg(loom)]
+        return &self.trackers[(position & self.mask) as usize];
+        // Zero-sized and stateless outside loom: no per-slot lookup.
+        #[cfg(not(loom))]
+        {
+            let _ = position;
+            &AccessTracker
+        }
     }
 
     /// Start of the payload of the slot that holds `position`.

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
                 ProgressBar::new(total)
             };
             if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} msgs ({per_sec})",
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} messages, eta {eta}",
             ) {
                 bar.set_style(style);
             }

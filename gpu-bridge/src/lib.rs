@@ -1,6 +1,20 @@
-//! The per-node GPU bridge for Granary (not built yet).
+//! The per-node GPU bridge for Granary.
 //!
-//! This crate will hold the device broker (inventory, memory reservations,
-//! selection), the per-device memory pool, the kernel catalog, and the async
-//! tokio API (`execute`, batching, backpressure, CPU fallback) that grains
-//! use to reach persistent kernels. See issue 3 and `ARCHITECTURE.md`.
+//! Built so far: the [memory pool](pool), which keeps device buffers in
+//! power-of-two size classes so that a request rents a buffer instead of
+//! paying for an allocation.
+//!
+//! Still to come (issue 3): the device broker (inventory, memory
+//! reservations, selection), the kernel catalog, and the async tokio API
+//! (`execute`, micro-batching, backpressure, CPU fallback) that grains use
+//! to reach persistent kernels. See `ARCHITECTURE.md`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod pool;
+
+pub use pool::{
+    AllocError, Allocator, Buffer, HostAllocator, HostBuffer, MemoryPool, PoolConfig, PoolError,
+    PoolStats, Rented,
+};

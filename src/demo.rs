@@ -46,6 +46,8 @@ pub enum DemoError {
     BadParameter(String),
     /// The consumer saw a message that failed verification.
     Verification(String),
+    /// A producer thread could not be started.
+    Thread(String),
 }
 
 impl fmt::Display for DemoError {
@@ -54,6 +56,7 @@ impl fmt::Display for DemoError {
             DemoError::Ring(err) => write!(f, "ring: {err}"),
             DemoError::BadParameter(why) => write!(f, "bad parameter: {why}"),
             DemoError::Verification(why) => write!(f, "verification failed: {why}"),
+            DemoError::Thread(why) => write!(f, "cannot start a producer thread: {why}"),
         }
     }
 }
@@ -184,6 +187,9 @@ pub fn run(config: DemoConfig, progress: impl Fn(u64)) -> Result<DemoReport, Dem
             config.payload
         )));
     }
+    let total = u64::from(config.producers)
+        .checked_mul(config.messages_per_producer)
+        .ok_or_else(|| DemoError::BadParameter("producers × messages overflows 64 bits".into()))?;
     let ring =
         Ring::new(RingConfig::mpsc(config.capacity, config.payload)).map_err(DemoError::Ring)?;
     let (producer, mut consumer) = ring
@@ -191,10 +197,12 @@ pub fn run(config: DemoConfig, progress: impl Fn(u64)) -> Result<DemoReport, Dem
         .map_err(|err| DemoError::BadParameter(err.to_string()))?;
     let started = Instant::now();
     let policy = WaitPolicy::default();
-    let handles: Vec<_> = (0..u64::from(config.producers))
-        .map(|id| {
-            let producer = producer.clone();
-            thread::spawn(move || {
+    let mut handles = Vec::with_capacity(config.producers as usize);
+    for id in 0..u64::from(config.producers) {
+        let producer = producer.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("demo-producer-{id}"))
+            .spawn(move || {
                 let mut payload = vec![0u8; config.payload as usize];
                 for sequence in 0..config.messages_per_producer {
                     let sent_ns = started.elapsed().as_nanos() as u64;
@@ -202,15 +210,23 @@ pub fn run(config: DemoConfig, progress: impl Fn(u64)) -> Result<DemoReport, Dem
                     payload[8..16].copy_from_slice(&sequence.to_le_bytes());
                     payload[16..24].copy_from_slice(&checksum(id, sequence, sent_ns).to_le_bytes());
                     if producer.push_with(id, &payload[..], &policy, None).is_err() {
-                        return; // Closed: the consumer gave up on a bad message.
+                        return; // Closed: the consumer gave up.
                     }
                 }
-            })
-        })
-        .collect();
+            });
+        match spawned {
+            Ok(handle) => handles.push(handle),
+            Err(err) => {
+                consumer.close();
+                for handle in handles {
+                    let _ = handle.join();
+                }
+                return Err(DemoError::Thread(err.to_string()));
+            }
+        }
+    }
     drop(producer);
 
-    let total = u64::from(config.producers) * config.messages_per_producer;
     let mut next = vec![0u64; config.producers as usize];
     let mut latency_ns = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .map_err(|err| DemoError::BadParameter(err.to_string()))?;

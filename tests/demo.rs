@@ -49,6 +49,15 @@ fn demo_refuses_bad_parameters_with_typed_errors() {
         demo::run(bad_payload, |_| {}),
         Err(DemoError::BadParameter(_))
     ));
+    let overflowing = DemoConfig {
+        producers: 2,
+        messages_per_producer: u64::MAX,
+        ..DemoConfig::default()
+    };
+    assert!(matches!(
+        demo::run(overflowing, |_| {}),
+        Err(DemoError::BadParameter(_))
+    ));
     let bad_capacity = DemoConfig {
         capacity: 1000,
         messages_per_producer: 1,

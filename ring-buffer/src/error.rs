@@ -4,6 +4,7 @@ use std::fmt;
 
 /// A ring configuration that cannot be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The capacity is not a power of two in `2..=2^24`.
     Capacity {
@@ -17,6 +18,11 @@ pub enum ConfigError {
         capacity: u32,
         /// The slot size it would have.
         slot_size: u32,
+    },
+    /// The allocator refused the ring's memory.
+    OutOfMemory {
+        /// Bytes the ring needs.
+        bytes: usize,
     },
     /// The payload does not fit the largest slot (1 MiB).
     PayloadTooLarge {
@@ -43,6 +49,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "a ring of {capacity} slots of {slot_size} bytes does not fit the address space"
             ),
+            ConfigError::OutOfMemory { bytes } => {
+                write!(f, "cannot allocate {bytes} bytes for the ring")
+            }
             ConfigError::PayloadTooLarge { max_payload, limit } => {
                 write!(
                     f,
@@ -57,6 +66,7 @@ impl std::error::Error for ConfigError {}
 
 /// Why a ring could not be created in a caller's region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InitError {
     /// The configuration itself is invalid.
     Config(ConfigError),
@@ -106,6 +116,7 @@ impl From<ConfigError> for InitError {
 
 /// Memory that does not hold a valid ring, found when attaching to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BadLayout {
     /// The region's base is not 128-byte aligned.
     Misaligned {
@@ -149,7 +160,7 @@ pub enum BadLayout {
         found: u32,
     },
     /// The capacity is not a power of two in `2..=2^24`.
-    CapacityNotPowerOfTwo {
+    BadCapacity {
         /// The capacity found.
         capacity: u32,
     },
@@ -165,6 +176,12 @@ pub enum BadLayout {
     WrongSlotsOffset {
         /// The offset found.
         found: u32,
+    },
+    /// The `closed` word is neither 0 nor 1, or (MPSC) says closed while the
+    /// closed bit in `tail`, which `close()` sets first, is clear.
+    BadClosedFlag {
+        /// The word found.
+        closed: u32,
     },
     /// `head` and `tail` are not positions of one ring: each must be below
     /// 2^63 and `head <= tail <= head + capacity`.
@@ -205,7 +222,7 @@ impl fmt::Display for BadLayout {
             }
             BadLayout::ReservedNotZero => write!(f, "reserved header words are not zero"),
             BadLayout::UnknownMode { found } => write!(f, "unknown mode {found}"),
-            BadLayout::CapacityNotPowerOfTwo { capacity } => {
+            BadLayout::BadCapacity { capacity } => {
                 write!(
                     f,
                     "capacity {capacity} is not a power of two in 2..=16777216"
@@ -221,6 +238,9 @@ impl fmt::Display for BadLayout {
                 )
             }
             BadLayout::WrongSlotsOffset { found } => write!(f, "slots start at {found}, not 768"),
+            BadLayout::BadClosedFlag { closed } => {
+                write!(f, "closed word {closed} disagrees with the ring's state")
+            }
             BadLayout::BadIndices { head, tail } => {
                 write!(
                     f,
@@ -351,6 +371,7 @@ payload_error_impls!(PushError, Timeout, "timed out waiting for a free slot");
 
 /// A batch reservation that reserved nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReserveError {
     /// Fewer than the requested number of slots are free.
     Full {
@@ -390,6 +411,7 @@ impl std::error::Error for ReserveError {}
 
 /// A non-blocking pop that returned nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TryPopError {
     /// No message is ready.
     Empty,
@@ -425,6 +447,7 @@ impl std::error::Error for TryPopError {}
 
 /// A blocking pop that returned nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PopError {
     /// No message arrived before the timeout.
     Timeout,

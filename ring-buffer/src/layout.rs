@@ -337,7 +337,7 @@ impl LayoutInfo {
         if !header.capacity.is_power_of_two()
             || !(MIN_CAPACITY..=MAX_CAPACITY).contains(&header.capacity)
         {
-            return Err(BadLayout::CapacityNotPowerOfTwo {
+            return Err(BadLayout::BadCapacity {
                 capacity: header.capacity,
             });
         }

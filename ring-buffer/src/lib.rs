@@ -54,6 +54,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+// The layout is little-endian (docs/ring-protocol.md) and the structs are
+// native-endian: refuse to build where the two differ.
+#[cfg(target_endian = "big")]
+compile_error!("granary-ring's shared-memory layout is little-endian only");
+
 mod consumer;
 pub mod device;
 mod error;

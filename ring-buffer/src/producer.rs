@@ -318,14 +318,16 @@ impl SpscProducer {
         // SAFETY: `has_room` proved the slot for `position` was released by
         // the consumer, and only this producer writes SPSC slots.
         unsafe { write_message(&self.shared.view, position, request_id, payload.as_ref()) };
-        // Rule S2: publish through the slot's sequence (pairs with the
-        // consumer's acquire load), then advance `tail` for observers.
+        // Rule S2: advance `tail` (for observers; it may run ahead of the
+        // publications, never behind, so `head <= tail` always holds), then
+        // publish through the slot's sequence, which pairs with the
+        // consumer's acquire load.
+        self.tail = position + 1;
+        self.shared.view.tail().store(self.tail, Ordering::Release);
         self.shared
             .view
             .sequence(position)
             .store(position + 1, Ordering::Release);
-        self.tail = position + 1;
-        self.shared.view.tail().store(self.tail, Ordering::Release);
         self.shared.not_empty.wake_if_parked();
         Ok(())
     }
@@ -517,12 +519,13 @@ impl<'a> WriteChunk<'a> {
                     // An SPSC reservation was never visible: just forget it.
                     return;
                 }
+                // Rule S2: tail first, then the publications.
+                **tail = self.start + self.count as u64;
+                view.tail().store(**tail, Ordering::Release);
                 for position in self.start..self.start + self.count as u64 {
                     view.sequence(position)
                         .store(position + 1, Ordering::Release);
                 }
-                **tail = self.start + self.count as u64;
-                view.tail().store(**tail, Ordering::Release);
             }
         }
         self.shared.not_empty.wake_if_parked();

@@ -72,22 +72,28 @@ impl HeapRegion {
     /// allocates one byte so the pointer is real.
     ///
     /// Allocation failure aborts through [`std::alloc::handle_alloc_error`],
-    /// as it does for `Vec`.
+    /// as it does for `Vec`; [`HeapRegion::try_zeroed`] returns it instead.
     pub fn zeroed(len: usize) -> HeapRegion {
-        let Ok(alloc_layout) = Layout::from_size_align(len.max(1), REGION_ALIGN) else {
-            // Only possible when `len` is within 128 bytes of isize::MAX.
-            std::alloc::handle_alloc_error(Layout::new::<u8>());
-        };
+        match HeapRegion::try_zeroed(len) {
+            Some(region) => region,
+            None => std::alloc::handle_alloc_error(
+                Layout::from_size_align(len.max(1), REGION_ALIGN).unwrap_or(Layout::new::<u8>()),
+            ),
+        }
+    }
+
+    /// Allocates `len` zeroed bytes aligned to 128, or `None` if the
+    /// allocator refuses (or `len` is within 128 bytes of `isize::MAX`).
+    pub fn try_zeroed(len: usize) -> Option<HeapRegion> {
+        let alloc_layout = Layout::from_size_align(len.max(1), REGION_ALIGN).ok()?;
         // SAFETY: `alloc_layout` has a non-zero size.
         let ptr = unsafe { alloc_zeroed(alloc_layout) };
-        let Some(base) = NonNull::new(ptr) else {
-            std::alloc::handle_alloc_error(alloc_layout);
-        };
-        HeapRegion {
+        let base = NonNull::new(ptr)?;
+        Some(HeapRegion {
             base,
             len,
             alloc_layout,
-        }
+        })
     }
 }
 

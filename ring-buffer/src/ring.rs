@@ -272,6 +272,20 @@ fn check_indices(
     Ok(())
 }
 
+/// Rule A1: the `closed` word is 0 or 1, and in MPSC mode a 1 comes with
+/// the tail bit that `close()` sets before it (the bit alone is a close in
+/// progress, and fine).
+fn check_closed(control: &ControlBlock, mode: Mode) -> Result<(), BadLayout> {
+    use std::sync::atomic::Ordering::Acquire;
+    let closed = control.closed.value.load(Acquire);
+    let tail_bit = control.tail.value.load(Acquire) & TAIL_CLOSED_BIT != 0;
+    match (closed, mode) {
+        (0, _) | (1, Mode::Spsc) => Ok(()),
+        (1, Mode::Mpsc) if tail_bit => Ok(()),
+        _ => Err(BadLayout::BadClosedFlag { closed }),
+    }
+}
+
 /// What every handle of one ring shares.
 pub(crate) struct Shared {
     pub(crate) view: View,
@@ -328,7 +342,9 @@ impl Ring {
     /// Creates a ring in fresh heap memory.
     pub fn new(config: RingConfig) -> Result<Ring, ConfigError> {
         let info = config.layout()?;
-        let region = HeapRegion::zeroed(info.total_bytes);
+        let region = HeapRegion::try_zeroed(info.total_bytes).ok_or(ConfigError::OutOfMemory {
+            bytes: info.total_bytes,
+        })?;
         // SAFETY: a fresh heap region of exactly `total_bytes`, 128-byte
         // aligned, that nothing else can see.
         Ok(unsafe { Ring::format(Box::new(region), info) })
@@ -437,6 +453,7 @@ impl Ring {
             info.mode,
             u64::from(info.capacity),
         )?;
+        check_closed(control, info.mode)?;
         Ok(info)
     }
 

@@ -83,21 +83,24 @@ impl<'p> Waiting<'p> {
     }
 
     /// Waits one step. Returns `false` once the deadline has passed.
-    /// `heartbeat` is the waiting side's heartbeat, advanced on each step so
-    /// a blocked party still shows it is alive.
+    /// `heartbeat` is the waiting side's heartbeat, advanced on each yield
+    /// and park step so a blocked party still shows it is alive.
     pub(crate) fn step(
         &mut self,
         waiters: &Waiters,
         heartbeat: &AtomicU64,
         still_blocked: impl Fn() -> bool,
     ) -> bool {
-        heartbeat.fetch_add(1, Ordering::Relaxed);
         let policy = self.policy;
         if self.step < policy.spins {
+            // No heartbeat here: every blocked producer shares one
+            // heartbeat line, and spinning threads would fight over it.
             spin_hint();
         } else if self.step - policy.spins < policy.yields {
+            heartbeat.fetch_add(1, Ordering::Relaxed);
             yield_now();
         } else {
+            heartbeat.fetch_add(1, Ordering::Relaxed);
             let mut park = self.park;
             if let Some(deadline) = self.deadline {
                 let left = deadline.saturating_duration_since(Instant::now());

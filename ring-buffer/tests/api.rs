@@ -647,3 +647,40 @@ fn extreme_wait_policies_do_not_panic() {
         );
     }
 }
+
+#[test]
+fn a_ring_too_big_to_allocate_is_an_error_not_an_abort() {
+    // 2^24 slots of 1 MiB: 16 TiB, beyond this machine.
+    let err = Ring::new(RingConfig::mpsc(1 << 24, (1 << 20) - 32)).unwrap_err();
+    assert!(matches!(err, ConfigError::OutOfMemory { .. }), "{err}");
+}
+
+#[test]
+fn attach_checks_the_closed_word() {
+    for (mode, closed, tail, ok) in [
+        (Mode::Spsc, 1u32, 0u64, true),
+        (Mode::Spsc, 2, 0, false),
+        (Mode::Mpsc, 1, 1 << 63, true),
+        (Mode::Mpsc, 1, 0, false),
+        (Mode::Mpsc, 0, 1 << 63, true),
+    ] {
+        let (region, ring) = poked_ring(RingConfig {
+            mode,
+            capacity: 4,
+            max_payload: 8,
+        });
+        drop(ring);
+        poke(&region, 384, closed);
+        poke(&region, 128, tail);
+        // SAFETY: no other view exists.
+        let result = unsafe { Ring::attach(region) }.map(|_| ());
+        assert_eq!(
+            result.is_ok(),
+            ok,
+            "{mode:?} closed={closed} tail={tail:#x}: {result:?}"
+        );
+        if !ok {
+            assert_eq!(result.unwrap_err(), BadLayout::BadClosedFlag { closed });
+        }
+    }
+}

@@ -6,12 +6,14 @@
 //! producers push one message at a time; two reserve and commit batches.
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use granary_ring::{Consumer, Producer, Ring, RingConfig, SpscProducer, TryPopError, WaitPolicy};
 
 const PRODUCERS: u64 = 4;
 const PER_PRODUCER: u64 = 1_000_000;
+/// How long the consumer waits without a message before failing.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
 
 fn encode(producer: u64, sequence: u64) -> [u8; 24] {
     let mut bytes = [0u8; 24];
@@ -83,7 +85,14 @@ fn consume(mut consumer: Consumer, producers: u64, total: u64) {
         received
     };
     let mut done = 0;
+    let mut last_progress = (Instant::now(), 0);
     while done < total {
+        // A lost message must fail the test, not hang it.
+        if done != last_progress.1 {
+            last_progress = (Instant::now(), done);
+        } else if last_progress.0.elapsed() > STALL_LIMIT {
+            panic!("no message for {STALL_LIMIT:?}: {done} of {total} arrived");
+        }
         let got_chunk = match consumer.try_read(64) {
             Ok(chunk) => {
                 for message in chunk.iter() {
@@ -152,7 +161,7 @@ fn spsc_one_million_in_order() {
     let policy = WaitPolicy::default();
     let mut expected = 0;
     loop {
-        match consumer.pop(&policy, None) {
+        match consumer.pop(&policy, Some(STALL_LIMIT)) {
             Ok(message) => {
                 let (_, sequence) = decode(message.payload(), message.request_id());
                 assert_eq!(sequence, expected);

@@ -11,10 +11,10 @@
 //! Groups:
 //! - `spsc_8B`: one producer, one consumer, 8-byte messages: granary SPSC
 //!   against rtrb and `crossbeam_queue::ArrayQueue` carrying a `u64`, and
-//!   carrying a 48-byte record (the bytes a granary slot moves for an 8-byte
-//!   message: 32-byte header, 16-byte aligned payload).
+//!   carrying a 64-byte record (the bytes a granary slot moves for an 8-byte
+//!   message: the 32-byte header and the payload in one 64-byte slot).
 //! - `mpsc_2p_8B`: two producers: granary MPSC against `ArrayQueue`, with a
-//!   `u64` and with the 48-byte record.
+//!   `u64` and with the 64-byte record.
 //! - `batch_32`: one producer publishing 32 messages as one reserved batch
 //!   against 32 single pushes, into granary MPSC.
 //! - `slot_size`: granary SPSC with 64-byte and 4 KiB slots (header
@@ -43,7 +43,7 @@ fn benches(c: &mut Criterion) {
     let mut g = group(c, "spsc_8B");
     g.bench_function("granary_spsc", |b| b.iter_custom(|n| granary_u64(n, 1)));
     g.bench_function("rtrb", |b| b.iter_custom(|n| rtrb_spsc(n, |i| i)));
-    g.bench_function("rtrb_48B_record", |b| {
+    g.bench_function("rtrb_64B_record", |b| {
         b.iter_custom(|n| rtrb_spsc(n, record))
     });
     g.bench_function("crossbeam_array_queue", |b| {
@@ -56,7 +56,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("crossbeam_array_queue", |b| {
         b.iter_custom(|n| array_queue(n, 2, |i| i))
     });
-    g.bench_function("crossbeam_array_queue_48B_record", |b| {
+    g.bench_function("crossbeam_array_queue_64B_record", |b| {
         b.iter_custom(|n| array_queue(n, 2, record))
     });
     g.finish();

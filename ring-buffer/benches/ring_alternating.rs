@@ -72,7 +72,7 @@ fn main() {
     compare(
         "spsc_8B",
         &|n| granary_u64(n, 1),
-        "rtrb 48-byte record",
+        "rtrb 64-byte record",
         &|n| rtrb_spsc(n, record),
     );
     compare("spsc_8B", &|n| granary_u64(n, 1), "ArrayQueue u64", &|n| {
@@ -87,7 +87,7 @@ fn main() {
     compare(
         "mpsc_2p_8B",
         &|n| granary_u64(n, 2),
-        "ArrayQueue 48-byte record",
+        "ArrayQueue 64-byte record",
         &|n| array_queue(n, 2, record),
     );
     compare(

@@ -42,8 +42,13 @@ pub const CONTROL_BYTES: usize = 6 * LINE_BYTES;
 /// Size of the header at the start of every slot.
 pub const SLOT_HEADER_BYTES: usize = 32;
 /// Slot sizes are multiples of this, so every payload is 16-byte aligned
-/// (enough for `float4`/`int4` loads on a device).
+/// (enough for `float4`/`int4` loads on a device). This is what the layout
+/// accepts; [`RingConfig`] itself always picks whole cache lines.
 pub const SLOT_ALIGN: usize = 16;
+/// [`RingConfig::layout`] rounds slots up to whole lines of this size.
+/// Measured: 8-byte messages in 48-byte slots (two slots sharing lines)
+/// took 3.7× as long per message as in 64-byte slots (BENCHMARKS.md).
+pub const CACHE_LINE_BYTES: usize = 64;
 /// The smallest capacity. Vyukov's sequence scheme cannot tell "written" from
 /// "free" in a one-slot ring.
 pub const MIN_CAPACITY: u32 = 2;
@@ -191,7 +196,9 @@ pub struct RingConfig {
     /// Number of slots: a power of two in `2..=2^24`.
     pub capacity: u32,
     /// Largest payload in bytes. The slot size is this plus the 32-byte slot
-    /// header, rounded up to a multiple of 16.
+    /// header, rounded up to whole 64-byte cache lines, so that neighbouring
+    /// slots never share a line: a producer writing slot `k + 1` never
+    /// steals the line the consumer is reading slot `k` from.
     pub max_payload: u32,
 }
 
@@ -230,7 +237,8 @@ impl RingConfig {
                 limit: max_slot_payload,
             });
         }
-        let slot_size = (SLOT_HEADER_BYTES as u32 + self.max_payload).next_multiple_of(16);
+        let slot_size =
+            (SLOT_HEADER_BYTES as u32 + self.max_payload).next_multiple_of(CACHE_LINE_BYTES as u32);
         LayoutInfo::new(self.mode, self.capacity, slot_size).ok_or(ConfigError::TooLarge {
             capacity: self.capacity,
             slot_size,

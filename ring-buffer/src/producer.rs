@@ -577,7 +577,13 @@ impl SlotMut<'_> {
         if len > max {
             return Err(PayloadTooLarge { len, max });
         }
-        self.update(|meta| meta.len = len as u32);
+        // SAFETY: the slot is held by the chunk this borrows from; the
+        // field pointer is in bounds.
+        unsafe {
+            self.view
+                .slot_field(self.position, |h| &raw mut (*h).len)
+                .write(len as u32)
+        };
         Ok(())
     }
 
@@ -596,20 +602,21 @@ impl SlotMut<'_> {
 
     /// Sets the request id carried with the message.
     pub fn set_request_id(&mut self, request_id: u64) {
-        self.update(|meta| meta.request_id = request_id);
+        // SAFETY: as in `set_len`.
+        unsafe {
+            self.view
+                .slot_field(self.position, |h| &raw mut (*h).request_id)
+                .write(request_id)
+        };
     }
 
     /// Sets the status code carried with the message.
     pub fn set_status(&mut self, status: u32) {
-        self.update(|meta| meta.status = status);
-    }
-
-    fn update(&mut self, change: impl FnOnce(&mut SlotMeta)) {
-        // SAFETY: the slot is held by the chunk this borrows from.
+        // SAFETY: as in `set_len`.
         unsafe {
-            let mut meta = self.view.read_meta(self.position);
-            change(&mut meta);
-            self.view.write_meta(self.position, meta);
-        }
+            self.view
+                .slot_field(self.position, |h| &raw mut (*h).status)
+                .write(status)
+        };
     }
 }

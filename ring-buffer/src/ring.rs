@@ -194,6 +194,18 @@ impl View {
         }
     }
 
+    /// Pointer to one field of the header of the slot that holds
+    /// `position`, chosen by `field` (for example `|h| &raw mut (*h).len`).
+    /// Writing through it needs the slot held.
+    #[inline(always)]
+    pub(crate) fn slot_field<T>(
+        &self,
+        position: u64,
+        field: impl FnOnce(*mut SlotHeader) -> *mut T,
+    ) -> *mut T {
+        field(self.slot_header(position))
+    }
+
     /// Writes a slot's metadata.
     ///
     /// # Safety

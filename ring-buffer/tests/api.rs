@@ -68,7 +68,10 @@ fn zero_length_and_maximum_length_payloads() {
         })
         .unwrap();
         let max = ring.layout().max_payload as usize;
-        assert_eq!(max, 112, "100 + 32 rounds up to a 144-byte slot");
+        assert_eq!(
+            max, 160,
+            "100 + 32 rounds up to a 192-byte slot (three lines)"
+        );
         let big: Vec<u8> = (0..max).map(|i| (i * 7) as u8).collect();
         let too_big = vec![0u8; max + 1];
         type Push = Box<dyn FnMut(&[u8]) -> Result<(), String>>;
@@ -93,7 +96,7 @@ fn zero_length_and_maximum_length_payloads() {
         push(&big).unwrap();
         let err = push(&too_big).unwrap_err();
         assert!(
-            err.contains("113 bytes exceeds the slot maximum of 112"),
+            err.contains("161 bytes exceeds the slot maximum of 160"),
             "{err}"
         );
         assert_eq!(pop.try_pop().unwrap().payload(), &[] as &[u8]);
@@ -104,10 +107,11 @@ fn zero_length_and_maximum_length_payloads() {
 
 #[test]
 fn payload_too_large_reports_len_and_max_and_returns_payload() {
-    let (producer, _consumer) = mpsc(4, 16);
-    match producer.try_push(vec![0u8; 17]) {
+    // 32 + the 32-byte header is exactly one 64-byte slot.
+    let (producer, _consumer) = mpsc(4, 32);
+    match producer.try_push(vec![0u8; 33]) {
         Err(TryPushError::PayloadTooLarge { len, max, payload }) => {
-            assert_eq!((len, max, payload.len()), (17, 16, 17));
+            assert_eq!((len, max, payload.len()), (33, 32, 33));
         }
         other => panic!("expected PayloadTooLarge, got {other:?}"),
     }
@@ -255,13 +259,13 @@ fn dropped_chunks_are_skipped_in_mpsc_and_discarded_in_spsc() {
 
 #[test]
 fn slot_write_checks_length() {
-    let (producer, _consumer) = mpsc(4, 16);
+    let (producer, _consumer) = mpsc(4, 32);
     let mut chunk = producer.try_reserve(1).unwrap();
     let mut slot = chunk.slot(0).unwrap();
-    let err = slot.write(&[0u8; 17]).unwrap_err();
-    assert_eq!((err.len, err.max), (17, 16));
-    assert!(slot.set_len(17).is_err());
-    slot.write(&[5u8; 16]).unwrap();
+    let err = slot.write(&[0u8; 33]).unwrap_err();
+    assert_eq!((err.len, err.max), (33, 32));
+    assert!(slot.set_len(33).is_err());
+    slot.write(&[5u8; 32]).unwrap();
     chunk.commit();
 }
 
@@ -413,7 +417,7 @@ fn corrupt_slot_length_is_reported_and_skipped() {
         TryPopError::Corrupt {
             position: 0,
             len: 9999,
-            max: 16
+            max: 32
         }
     );
     assert_eq!(consumer.try_pop().unwrap().payload(), b"good");
@@ -592,7 +596,8 @@ fn a_read_chunk_never_lends_more_than_max_payload() {
     // A misbehaving producer rewrites the length after the chunk was taken.
     poke(&region, 768 + 16, 1u32 << 20);
     let lens: Vec<usize> = chunk.iter().map(|m| m.payload.len()).collect();
-    assert_eq!(lens, [16]);
+    // 16 + the 32-byte header rounds up to a 64-byte slot: 32 bytes max.
+    assert_eq!(lens, [32]);
 }
 
 #[test]

@@ -522,7 +522,7 @@ fn run(mode: Mode, scenario: &Scenario) -> Result<(), TestCaseError> {
     prop_assert!(max_payload >= scenario.requested_max as usize);
     prop_assert_eq!(
         layout.slot_size as usize,
-        (32 + scenario.requested_max as usize).next_multiple_of(16)
+        (32 + scenario.requested_max as usize).next_multiple_of(64)
     );
     // SAFETY: the observer view takes no role; `ring` takes both.
     let observer = unsafe { Ring::attach(region.clone()) }.unwrap();

@@ -73,13 +73,13 @@ pub fn transfer<S: Send + 'static>(
 /// What a granary slot carries for an 8-byte message, as a plain record.
 #[derive(Clone, Copy, Default)]
 #[allow(dead_code)] // moved and black-boxed whole, never read field by field
-pub struct Record48 {
+pub struct SlotRecord {
     header: [u64; 4],
     payload: [u64; 2],
 }
 
-pub fn record(i: u64) -> Record48 {
-    Record48 {
+pub fn record(i: u64) -> SlotRecord {
+    SlotRecord {
         header: [0, i, 8, 0],
         payload: [i, 0],
     }

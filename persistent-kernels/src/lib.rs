@@ -1,7 +1,34 @@
-//! Persistent kernels for Granary (not built yet).
+//! Kernel specs and persistent kernels for Granary.
 //!
-//! This crate will hold the kernel spec (id, version, request and response
-//! layouts, device source in OpenCL C and CUDA C, and a CPU implementation),
-//! the persistent-kernel loop template that drains a `granary-ring` request
-//! ring and answers on a response ring, and the backend trait with its CPU
-//! and OpenCL implementations. See issue 3 and `ARCHITECTURE.md`.
+//! A [`KernelSpec`] describes one kernel: its id and version, the shapes of
+//! its request and response, and its implementations. A persistent kernel
+//! runs the spec's `process(request, response)` in a loop that drains a
+//! request ring and answers on a response ring (rules in
+//! `docs/ring-protocol.md`):
+//!
+//! 1. wait on the request ring: a bounded spin, then back-off;
+//! 2. process the request, checking its length against the spec first;
+//! 3. publish the response, tagged with the request's id and a [`Status`];
+//! 4. bump the heartbeat;
+//! 5. exit when the request ring is closed and drained, or at once when
+//!    stopped with [`StopMode::Abandon`].
+//!
+//! Built so far: the spec types, the shipped kernels' CPU implementations
+//! ([`shipped`]) and the CPU backend's persistent kernel ([`cpu`]), a thread
+//! running the loop above. Still to come (issue 3): the backend trait with
+//! device discovery and compilation, the OpenCL backend on POCL, and the
+//! device sources of the shipped kernels.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod shipped;
+mod spec;
+
+pub use cpu::{
+    Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode, StopReport, SubmitError,
+    Submitter,
+};
+pub use granary_ring::WaitPolicy;
+pub use spec::{Count, CpuFn, ElementType, KernelSpec, Shape, ShapeError, Status};

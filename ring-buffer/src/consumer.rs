@@ -206,6 +206,15 @@ impl Consumer {
         self.shared.is_closed()
     }
 
+    /// The producing side's heartbeat (rule H1): how a consumer on the host
+    /// watches a device producer's liveness.
+    pub fn producer_heartbeat(&self) -> u64 {
+        self.shared
+            .view
+            .producer_heartbeat()
+            .load(Ordering::Relaxed)
+    }
+
     /// Advances the consumer heartbeat.
     pub fn beat(&self) {
         self.shared

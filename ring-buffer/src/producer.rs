@@ -229,6 +229,15 @@ impl Producer {
         self.shared.is_closed()
     }
 
+    /// The consumer's heartbeat (rule H1): how a producer on the host watches
+    /// a device consumer's liveness.
+    pub fn consumer_heartbeat(&self) -> u64 {
+        self.shared
+            .view
+            .consumer_heartbeat()
+            .load(Ordering::Relaxed)
+    }
+
     /// Advances the producer heartbeat, for a producing loop that wants to
     /// show it is alive while idle.
     pub fn beat(&self) {

@@ -1,0 +1,193 @@
+//! What a kernel is: id, version, request and response shapes, and
+//! implementations.
+
+use std::fmt;
+
+/// The element type of a request or response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElementType {
+    /// Unsigned bytes.
+    U8,
+    /// 32-bit unsigned integers.
+    U32,
+    /// 32-bit signed integers.
+    I32,
+    /// 32-bit floats.
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
+impl ElementType {
+    /// Size of one element in bytes.
+    pub const fn size(self) -> usize {
+        match self {
+            ElementType::U8 => 1,
+            ElementType::U32 | ElementType::I32 | ElementType::F32 => 4,
+            ElementType::F64 => 8,
+        }
+    }
+}
+
+/// How many elements a request or response holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Count {
+    /// Exactly this many.
+    Exactly(u32),
+    /// From `min` to `max` elements, in steps of `multiple` (at least 1):
+    /// vector add takes two vectors, so an even count.
+    Between {
+        /// Fewest elements.
+        min: u32,
+        /// Most elements.
+        max: u32,
+        /// The count is a multiple of this.
+        multiple: u32,
+    },
+}
+
+/// The shape of a request or response: element type and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Element type.
+    pub element: ElementType,
+    /// Element count.
+    pub count: Count,
+}
+
+/// A byte length that does not fit a [`Shape`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeError {
+    /// The length given.
+    pub len: usize,
+    /// The shape it was checked against.
+    pub shape: Shape,
+}
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let element = self.shape.element;
+        match self.shape.count {
+            Count::Exactly(n) => write!(
+                f,
+                "{} bytes is not {n} elements of {element:?} ({} bytes)",
+                self.len,
+                n as usize * element.size()
+            ),
+            Count::Between { min, max, multiple } => write!(
+                f,
+                "{} bytes is not {min}..={max} elements of {element:?} in steps of {multiple}",
+                self.len
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+impl Shape {
+    /// A shape of exactly `count` elements.
+    pub const fn exactly(element: ElementType, count: u32) -> Shape {
+        Shape {
+            element,
+            count: Count::Exactly(count),
+        }
+    }
+
+    /// A shape of `min..=max` elements in steps of `multiple`.
+    pub const fn between(element: ElementType, min: u32, max: u32, multiple: u32) -> Shape {
+        Shape {
+            element,
+            count: Count::Between { min, max, multiple },
+        }
+    }
+
+    /// The largest byte length the shape allows.
+    pub const fn max_bytes(&self) -> usize {
+        let count = match self.count {
+            Count::Exactly(n) => n,
+            Count::Between { max, .. } => max,
+        };
+        count as usize * self.element.size()
+    }
+
+    /// The element count of `len` bytes, if the shape allows it.
+    pub fn check(&self, len: usize) -> Result<usize, ShapeError> {
+        let error = ShapeError { len, shape: *self };
+        let size = self.element.size();
+        if len % size != 0 {
+            return Err(error);
+        }
+        let count = len / size;
+        let fits = match self.count {
+            Count::Exactly(n) => count == n as usize,
+            Count::Between { min, max, multiple } => {
+                (min as usize..=max as usize).contains(&count)
+                    && count % (multiple.max(1) as usize) == 0
+            }
+        };
+        if fits { Ok(count) } else { Err(error) }
+    }
+}
+
+/// The outcome a response carries in its slot's status word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Status {
+    /// The response holds the result.
+    Ok = 0,
+    /// The request's length does not fit the kernel's request shape.
+    BadLength = 1,
+    /// The request's contents are invalid for the kernel (for example a
+    /// non-finite scale factor).
+    BadInput = 2,
+    /// The kernel failed while processing (a CPU implementation panicked,
+    /// or a device reported a fault).
+    Fault = 3,
+    /// The kernel has no implementation on this backend.
+    Unsupported = 4,
+}
+
+impl Status {
+    /// The status for a slot's status word, or `None` for an unknown code.
+    pub fn from_code(code: u32) -> Option<Status> {
+        Some(match code {
+            0 => Status::Ok,
+            1 => Status::BadLength,
+            2 => Status::BadInput,
+            3 => Status::Fault,
+            4 => Status::Unsupported,
+            _ => return None,
+        })
+    }
+
+    /// The slot status word for this status.
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A CPU implementation: reads `request`, writes the response into
+/// `response` (sized to the response shape's maximum) and returns how many
+/// bytes it wrote. The request has already been checked against the
+/// request shape.
+pub type CpuFn = fn(request: &[u8], response: &mut [u8]) -> Result<usize, Status>;
+
+/// One kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSpec {
+    /// Stable id, used to register and call the kernel.
+    pub id: &'static str,
+    /// Version; bumped when the kernel's semantics change.
+    pub version: u32,
+    /// What a request holds.
+    pub request: Shape,
+    /// What a response holds.
+    pub response: Shape,
+    /// The device function in OpenCL C, `process(request, response)`.
+    pub opencl_c: Option<&'static str>,
+    /// The device function in CUDA C.
+    pub cuda_c: Option<&'static str>,
+    /// The CPU implementation.
+    pub cpu: Option<CpuFn>,
+}

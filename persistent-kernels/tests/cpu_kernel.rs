@@ -1,0 +1,314 @@
+//! The CPU backend's persistent kernel, end to end through its rings.
+
+use std::collections::HashMap;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use granary_kernels::shipped::{DOT, DOUBLE, SAXPY, VECTOR_ADD};
+use granary_kernels::{
+    CpuPersistentKernel, ElementType, KernelConfig, KernelSpec, LaunchError, Shape, Status,
+    StopMode, SubmitError,
+};
+use proptest::prelude::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn f32s(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn launch(spec: KernelSpec) -> CpuPersistentKernel {
+    CpuPersistentKernel::launch(spec, KernelConfig::default()).unwrap()
+}
+
+#[test]
+fn one_hundred_sequential_double_requests_are_each_answered_correctly() {
+    let mut kernel = launch(DOUBLE);
+    for i in 0..100u64 {
+        let input = [i as f32, -(i as f32) / 3.0, 0.5];
+        kernel.submit(i, f32s(&input)).unwrap();
+        let done = kernel.complete(WAIT).expect("a completion within 10 s");
+        assert_eq!((done.request_id, done.status), (i, Status::Ok));
+        assert_eq!(from_f32s(&done.payload), input.map(|x| 2.0 * x));
+    }
+    let report = kernel.stop(StopMode::Drain);
+    assert_eq!((report.processed, report.abandoned.len()), (100, 0));
+    assert!(!report.thread_panicked);
+}
+
+#[test]
+fn eight_concurrent_callers_ten_thousand_requests_each_nothing_lost_or_mixed() {
+    let mut kernel = launch(DOUBLE);
+    let callers: Vec<_> = (0..8u64)
+        .map(|caller| {
+            let submitter = kernel.submitter();
+            thread::spawn(move || {
+                for n in 0..10_000u64 {
+                    let id = caller << 32 | n;
+                    let mut payload = f32s(&[id as f32, caller as f32]);
+                    loop {
+                        match submitter.submit(id, payload) {
+                            Ok(()) => break,
+                            Err(SubmitError::Full(back)) => {
+                                payload = back;
+                                thread::yield_now();
+                            }
+                            Err(err) => panic!("{err}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut seen = HashMap::new();
+    let started = Instant::now();
+    while seen.len() < 80_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "only {} answered",
+            seen.len()
+        );
+        if let Some(done) = kernel.complete(Duration::from_millis(10)) {
+            assert_eq!(done.status, Status::Ok);
+            let caller = done.request_id >> 32;
+            assert_eq!(
+                from_f32s(&done.payload),
+                [2.0 * done.request_id as f32, 2.0 * caller as f32],
+                "answer does not belong to request {:#x}",
+                done.request_id
+            );
+            assert!(
+                seen.insert(done.request_id, ()).is_none(),
+                "duplicate {:#x}",
+                done.request_id
+            );
+        }
+    }
+    for caller in callers {
+        caller.join().unwrap();
+    }
+    let report = kernel.stop(StopMode::Drain);
+    assert_eq!(report.processed, 80_000);
+    assert!(report.completions.is_empty() && report.abandoned.is_empty());
+}
+
+#[test]
+fn drain_answers_every_request_in_flight() {
+    let mut kernel = launch(DOUBLE);
+    for i in 0..500u64 {
+        kernel.submit(i, f32s(&[i as f32])).unwrap();
+    }
+    let early = kernel.try_complete().into_iter().count();
+    let report = kernel.stop(StopMode::Drain);
+    assert!(report.abandoned.is_empty());
+    assert_eq!(report.completions.len() + early, 500);
+    assert_eq!(report.processed, 500);
+}
+
+#[test]
+fn abandon_reports_every_unprocessed_request_exactly_once() {
+    // A slow kernel, so that requests are still queued when it stops.
+    fn slow_double(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
+        thread::sleep(Duration::from_millis(2));
+        (DOUBLE.cpu.unwrap())(request, response)
+    }
+    let slow = KernelSpec {
+        id: "slow_double",
+        cpu: Some(slow_double),
+        ..DOUBLE
+    };
+    let kernel = launch(slow);
+    for i in 0..200u64 {
+        kernel.submit(i, f32s(&[1.0])).unwrap();
+    }
+    thread::sleep(Duration::from_millis(20));
+    let started = Instant::now();
+    let report = kernel.stop(StopMode::Abandon);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "abandon waited for the queue"
+    );
+    let mut ids: Vec<u64> = report.completions.iter().map(|c| c.request_id).collect();
+    ids.extend(&report.abandoned);
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (0..200).collect::<Vec<_>>(),
+        "each request answered or abandoned once"
+    );
+    assert!(
+        !report.abandoned.is_empty(),
+        "the queue should not have drained in 20 ms"
+    );
+    assert_eq!(report.processed as usize, report.completions.len());
+}
+
+#[test]
+fn bad_requests_get_typed_errors_and_statuses_and_the_kernel_keeps_serving() {
+    fn panics(_: &[u8], _: &mut [u8]) -> Result<usize, Status> {
+        panic!("kernel bug (expected in this test)");
+    }
+    let mut kernel = launch(SAXPY);
+    // Host-side shape check: not a whole number of f32s.
+    match kernel.submit(1, vec![0u8; 7]) {
+        Err(SubmitError::WrongShape(err, payload)) => {
+            assert_eq!((err.len, payload.len()), (7, 7));
+        }
+        other => panic!("expected WrongShape, got {other:?}"),
+    }
+    // Even count: passes the shape, refused by the kernel with a status.
+    kernel.submit(2, f32s(&[1.0, 2.0, 3.0, 4.0])).unwrap();
+    assert_eq!(
+        kernel
+            .complete(WAIT)
+            .expect("a completion within 10 s")
+            .status,
+        Status::BadLength
+    );
+    // Non-finite scale.
+    kernel.submit(3, f32s(&[f32::NAN, 1.0, 2.0])).unwrap();
+    assert_eq!(
+        kernel
+            .complete(WAIT)
+            .expect("a completion within 10 s")
+            .status,
+        Status::BadInput
+    );
+    // And a good one after both.
+    kernel.submit(4, f32s(&[2.0, 1.0, 10.0])).unwrap();
+    let done = kernel.complete(WAIT).expect("a completion within 10 s");
+    assert_eq!(
+        (done.request_id, done.status, from_f32s(&done.payload)),
+        (4, Status::Ok, vec![12.0])
+    );
+    drop(kernel);
+
+    let mut kernel = launch(KernelSpec {
+        id: "panics",
+        cpu: Some(panics),
+        ..DOUBLE
+    });
+    kernel.submit(5, f32s(&[1.0])).unwrap();
+    let done = kernel.complete(WAIT).expect("a completion within 10 s");
+    assert_eq!(
+        (done.request_id, done.status, done.payload.len()),
+        (5, Status::Fault, 0)
+    );
+    kernel.submit(6, f32s(&[1.0])).unwrap();
+    assert_eq!(
+        kernel
+            .complete(WAIT)
+            .expect("a completion within 10 s")
+            .request_id,
+        6,
+        "still serving after a panic"
+    );
+    assert!(!kernel.stop(StopMode::Drain).thread_panicked);
+}
+
+#[test]
+fn after_stop_submits_fail_and_completions_end() {
+    let mut kernel = launch(DOUBLE);
+    let submitter = kernel.submitter();
+    kernel.submit(1, f32s(&[1.0])).unwrap();
+    assert_eq!(
+        kernel
+            .complete(WAIT)
+            .expect("a completion within 10 s")
+            .request_id,
+        1
+    );
+    let report = kernel.stop(StopMode::Drain);
+    assert_eq!(report.processed, 1);
+    assert!(matches!(
+        submitter.submit(2, f32s(&[1.0])),
+        Err(SubmitError::Stopped(_))
+    ));
+}
+
+#[test]
+fn the_heartbeat_advances_while_idle() {
+    let kernel = launch(DOUBLE);
+    let first = kernel.heartbeat();
+    thread::sleep(Duration::from_millis(50));
+    assert!(kernel.heartbeat() > first, "an idle loop still beats");
+}
+
+#[test]
+fn dropping_a_running_kernel_joins_its_thread() {
+    let kernel = launch(DOUBLE);
+    for i in 0..100u64 {
+        kernel.submit(i, f32s(&[1.0])).unwrap();
+    }
+    let started = Instant::now();
+    drop(kernel);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_spec_without_a_cpu_implementation_is_refused() {
+    let spec = KernelSpec {
+        id: "device_only",
+        cpu: None,
+        ..DOUBLE
+    };
+    assert_eq!(
+        CpuPersistentKernel::launch(spec, KernelConfig::default()).unwrap_err(),
+        LaunchError::NoCpuImplementation {
+            kernel: "device_only"
+        }
+    );
+    let bad_ring = KernelConfig {
+        capacity: 3,
+        ..KernelConfig::default()
+    };
+    assert!(matches!(
+        CpuPersistentKernel::launch(DOUBLE, bad_ring),
+        Err(LaunchError::Ring(_))
+    ));
+}
+
+#[test]
+fn shapes_accept_exactly_what_they_describe() {
+    let pairs = Shape::between(ElementType::F32, 2, 8, 2);
+    assert_eq!(pairs.check(8), Ok(2));
+    assert!(pairs.check(12).is_err(), "3 elements is odd");
+    assert!(pairs.check(9).is_err(), "not whole f32s");
+    assert!(pairs.check(0).is_err() && pairs.check(40).is_err());
+    assert_eq!(Shape::exactly(ElementType::F64, 3).check(24), Ok(3));
+    assert_eq!(pairs.max_bytes(), 32);
+}
+
+proptest! {
+    #[test]
+    fn shipped_kernels_match_a_direct_computation(
+        x in prop::collection::vec(-1e3f32..1e3, 1..64),
+        seed in -1e3f32..1e3,
+    ) {
+        let y: Vec<f32> = x.iter().map(|v| v * 0.5 + seed).collect();
+        let mut out = vec![0u8; 8192];
+        let run = |spec: KernelSpec, request: Vec<u8>, out: &mut [u8]| {
+            (spec.cpu.unwrap())(&request, out).map(|n| from_f32s(&out[..n]))
+        };
+        prop_assert_eq!(run(DOUBLE, f32s(&x), &mut out), Ok(x.iter().map(|v| 2.0 * v).collect::<Vec<_>>()));
+        let xy = [x.clone(), y.clone()].concat();
+        prop_assert_eq!(
+            run(VECTOR_ADD, f32s(&xy), &mut out),
+            Ok(x.iter().zip(&y).map(|(a, b)| a + b).collect::<Vec<_>>())
+        );
+        let axy = [vec![seed], x.clone(), y.clone()].concat();
+        prop_assert_eq!(
+            run(SAXPY, f32s(&axy), &mut out),
+            Ok(x.iter().zip(&y).map(|(a, b)| seed * a + b).collect::<Vec<_>>())
+        );
+        let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        prop_assert_eq!(run(DOT, f32s(&xy), &mut out), Ok(vec![dot]));
+    }
+}

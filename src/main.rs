@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// List the devices this node's backends find, with their memory.
+    Devices,
     /// Drive the request ring under load and print throughput and latency.
     Demo {
         /// Producer threads.
@@ -41,6 +43,16 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Devices => {
+            // The CPU backend is always present; the OpenCL and CUDA
+            // backends will add their devices here when they are built.
+            let devices = [granary::kernels::host_device()];
+            println!("{} device(s):", devices.len());
+            for device in &devices {
+                println!("  {device}");
+            }
+            ExitCode::SUCCESS
+        }
         Command::Demo {
             producers,
             messages,

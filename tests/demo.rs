@@ -99,3 +99,18 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a power of two"));
 }
+
+#[test]
+fn the_binary_lists_devices() {
+    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .arg("devices")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.starts_with("1 device(s):"), "{stdout}");
+    assert!(
+        stdout.contains("Cpu#0") && stdout.contains("MiB free of"),
+        "{stdout}"
+    );
+}

@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod device;
 pub mod shipped;
 mod spec;
 
@@ -30,5 +31,6 @@ pub use cpu::{
     Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode, StopReport, SubmitError,
     Submitter,
 };
+pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
 pub use spec::{Count, CpuFn, ElementType, KernelSpec, Shape, ShapeError, Status};

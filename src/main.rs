@@ -44,9 +44,14 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Devices => {
-            // The CPU backend is always present; the OpenCL and CUDA
-            // backends will add their devices here when they are built.
-            let devices = [granary::kernels::host_device()];
+            // The CPU backend is always present; OpenCL where a runtime is
+            // installed. CUDA arrives with its own issue.
+            let mut devices = vec![granary::kernels::host_device()];
+            let opencl = granary::kernels::opencl::OpenClBackend::discover();
+            match &opencl {
+                Ok(backend) => devices.extend(backend.devices()),
+                Err(err) => println!("OpenCL backend unavailable: {err}"),
+            }
             println!("{} device(s):", devices.len());
             for device in &devices {
                 println!("  {device}");

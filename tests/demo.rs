@@ -108,9 +108,14 @@ fn the_binary_lists_devices() {
         .unwrap();
     assert!(output.status.success());
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.starts_with("1 device(s):"), "{stdout}");
+    assert!(stdout.contains(" device(s):"), "{stdout}");
     assert!(
         stdout.contains("Cpu#0") && stdout.contains("MiB free of"),
+        "{stdout}"
+    );
+    // Either an OpenCL device is listed or the backend says why it is not.
+    assert!(
+        stdout.contains("OpenCl#0") || stdout.contains("OpenCL backend unavailable"),
         "{stdout}"
     );
 }

@@ -14,16 +14,20 @@
 //!    stopped with [`StopMode::Abandon`].
 //!
 //! Built so far: the spec types, the shipped kernels' CPU implementations
-//! ([`shipped`]) and the CPU backend's persistent kernel ([`cpu`]), a thread
-//! running the loop above. Still to come (issue 3): the backend trait with
-//! device discovery and compilation, the OpenCL backend on POCL, and the
-//! device sources of the shipped kernels.
+//! ([`shipped`]), the CPU backend's persistent kernel ([`cpu`]), a thread
+//! running the loop above, device descriptions ([`device`]), and the first
+//! part of the OpenCL backend ([`opencl`]: discovery, compilation with a
+//! cache and build logs, and the launch-per-batch path). Still to come
+//! (issue 3): the backend trait that unifies them, the OpenCL persistent
+//! kernel over fine-grained SVM rings, and the device sources of the
+//! shipped kernels.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod cpu;
 pub mod device;
+pub mod opencl;
 pub mod shipped;
 mod spec;
 

@@ -17,10 +17,10 @@
 //! ([`shipped`]), the CPU backend's persistent kernel ([`cpu`]), a thread
 //! running the loop above, device descriptions ([`device`]), and the first
 //! part of the OpenCL backend ([`opencl`]: discovery, compilation with a
-//! cache and build logs, and the launch-per-batch path). Still to come
-//! (issue 3): the backend trait that unifies them, the OpenCL persistent
-//! kernel over fine-grained SVM rings, and the device sources of the
-//! shipped kernels.
+//! cache and build logs, the launch-per-batch path, and the persistent
+//! kernel over fine-grained SVM rings). Still to come (issue 3): the backend
+//! trait that unifies them, hang detection with relaunch, and the other
+//! shipped kernels' device sources.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

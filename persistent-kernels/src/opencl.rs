@@ -27,6 +27,10 @@ use opencl3::types::{CL_BLOCKING, cl_float, cl_uint};
 
 use crate::device::{BackendKind, DeviceInfo, DeviceKind};
 
+mod persistent;
+
+pub use persistent::{OpenClPersistentKernel, PERSISTENT_TEMPLATE};
+
 /// What went wrong in the OpenCL backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -72,10 +76,14 @@ fn api(call: &'static str) -> impl Fn(opencl3::error_codes::ClError) -> OpenClEr
 /// One OpenCL device with its context, queue and compiled programs.
 struct OpenClDevice {
     info: DeviceInfo,
-    context: Context,
+    /// Shared with the SVM regions allocated in it, which must not outlive it.
+    context: Arc<Context>,
+    /// The batch path's in-order queue. Persistent kernels get their own,
+    /// since one never finishes.
     queue: CommandQueue,
-    /// Built programs keyed by their source text (so a hit is exact).
-    programs: Mutex<HashMap<String, Arc<Program>>>,
+    /// Built programs keyed by (build options, source text), so a hit is
+    /// exact.
+    programs: Mutex<HashMap<(String, String), Arc<Program>>>,
 }
 
 /// The OpenCL devices of this node.
@@ -130,7 +138,7 @@ impl OpenClBackend {
                     .map_err(api("clCreateCommandQueue"))?;
                 devices.push(OpenClDevice {
                     info,
-                    context,
+                    context: Arc::new(context),
                     queue,
                     programs: Mutex::new(HashMap::new()),
                 });
@@ -163,18 +171,30 @@ impl OpenClBackend {
     /// Builds `source` for device `index`, or returns the cached build. A
     /// build failure returns the driver's build log and caches nothing.
     pub fn compile(&self, index: usize, source: &str) -> Result<Arc<Program>, OpenClError> {
+        self.compile_with(index, source, "")
+    }
+
+    /// [`OpenClBackend::compile`] with build options (for example
+    /// `-cl-std=CL2.0`); the cache keys on the options too.
+    pub fn compile_with(
+        &self,
+        index: usize,
+        source: &str,
+        options: &str,
+    ) -> Result<Arc<Program>, OpenClError> {
         let device = self.device(index)?;
         let mut programs = device
             .programs
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(program) = programs.get(source) {
+        let key = (options.to_string(), source.to_string());
+        if let Some(program) = programs.get(&key) {
             return Ok(program.clone());
         }
-        let program = Program::create_and_build_from_source(&device.context, source, "")
+        let program = Program::create_and_build_from_source(&device.context, source, options)
             .map_err(|log| OpenClError::Build { log })?;
         let program = Arc::new(program);
-        programs.insert(source.to_string(), program.clone());
+        programs.insert(key, program.clone());
         Ok(program)
     }
 

@@ -2,9 +2,10 @@
 //!
 //! All values are little-endian `f32`. Request sizes are bounded so that a
 //! request fits one ring slot of [`MAX_ELEMENTS`] `f32`s per operand; larger
-//! inputs take the bridge's batch path. The OpenCL C and CUDA C sources of
-//! these kernels arrive with the device backends (issue 3), where they can be
-//! compiled and checked against these CPU results.
+//! inputs take the bridge's batch path. [`DOUBLE`] has its OpenCL C
+//! `granary_process`, run by the OpenCL persistent kernel and checked
+//! against the CPU result; the others' device sources (and every CUDA C
+//! source) are still to come.
 
 use crate::spec::{ElementType, KernelSpec, Shape, Status};
 
@@ -17,7 +18,7 @@ pub const DOUBLE: KernelSpec = KernelSpec {
     version: 1,
     request: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
     response: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
-    opencl_c: None,
+    opencl_c: Some(DOUBLE_OPENCL),
     cuda_c: None,
     cpu: Some(double),
 };
@@ -55,6 +56,20 @@ pub const DOT: KernelSpec = KernelSpec {
     cuda_c: None,
     cpu: Some(dot),
 };
+
+/// `granary_process` for [`DOUBLE`] in OpenCL C: payloads are 16-byte
+/// aligned in their slots, so they can be read as `float`s.
+const DOUBLE_OPENCL: &str = r#"
+uint granary_process(global const uchar* request, uint request_len,
+                     global uchar* response, uint response_max, uint* response_len) {
+    if (request_len == 0u || request_len % 4u != 0u || request_len > response_max) return 1u;
+    global const float* in = (global const float*)request;
+    global float* out = (global float*)response;
+    for (uint i = 0; i < request_len / 4u; i++) out[i] = 2.0f * in[i];
+    *response_len = request_len;
+    return 0u;
+}
+"#;
 
 /// Every shipped kernel.
 pub const ALL: [KernelSpec; 4] = [DOUBLE, VECTOR_ADD, SAXPY, DOT];

@@ -1,0 +1,305 @@
+//! The OpenCL persistent kernel: rings in fine-grained SVM, drained by a
+//! kernel that never returns until its request ring is closed.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use granary_ring::device::OPENCL_HEADER;
+use granary_ring::{
+    Consumer, Ownership, PopError, Producer, Region, Ring, RingConfig, TryPushError, WaitPolicy,
+};
+use opencl3::command_queue::CommandQueue;
+use opencl3::context::Context;
+use opencl3::event::{CL_COMPLETE, Event};
+use opencl3::kernel::{ExecuteKernel, Kernel};
+use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRAIN_BUFFER};
+
+use super::{OpenClBackend, OpenClError, api};
+use crate::cpu::{Completion, SubmitError};
+use crate::spec::{KernelSpec, ShapeError, Status};
+
+/// The persistent-kernel template (OpenCL C 2.0), appended after the ring
+/// layout and the spec's `granary_process`.
+pub const PERSISTENT_TEMPLATE: &str = include_str!("../../device/persistent_opencl.cl");
+
+/// Fine-grained SVM with atomics: host and device see each other's stores
+/// and atomics while the kernel runs.
+struct SvmRegion {
+    /// Keeps the context (which owns the allocation) alive.
+    context: Arc<Context>,
+    /// From `clSVMAlloc`, `len` bytes, 128-byte aligned, zeroed.
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl SvmRegion {
+    fn zeroed(context: Arc<Context>, len: usize) -> Result<SvmRegion, OpenClError> {
+        let flags = CL_MEM_READ_WRITE | CL_MEM_SVM_FINE_GRAIN_BUFFER | CL_MEM_SVM_ATOMICS;
+        // SAFETY: valid flags and context; the size is the ring's.
+        let ptr = unsafe { opencl3::memory::svm_alloc(context.get(), flags, len, 128) }.map_err(
+            |code| OpenClError::Api {
+                call: "clSVMAlloc",
+                code,
+            },
+        )?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(OpenClError::Api {
+            call: "clSVMAlloc",
+            code: 0,
+        })?;
+        // SAFETY: fine-grained SVM is host-accessible; `len` bytes were just
+        // allocated and nobody else holds the pointer yet.
+        unsafe { base.as_ptr().write_bytes(0, len) };
+        Ok(SvmRegion { context, base, len })
+    }
+}
+
+impl Drop for SvmRegion {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `clSVMAlloc` in this context, freed once; the
+        // kernel that used it has finished (the handle waits for it before
+        // the rings, and so the regions, are dropped).
+        let _ = unsafe { opencl3::memory::svm_free(self.context.get(), self.base.as_ptr().cast()) };
+    }
+}
+
+// SAFETY: SVM memory is not tied to a thread; access follows the ring
+// protocol.
+unsafe impl Send for SvmRegion {}
+// SAFETY: as above.
+unsafe impl Sync for SvmRegion {}
+
+// SAFETY: 1. the allocation lives until drop and never moves; 2. it is
+// zeroed on allocation; 3. `clSVMAlloc` was asked for 128-byte alignment;
+// 4. the host uses it through ring handles and the device through the
+// persistent template, which follows docs/ring-protocol.md.
+unsafe impl Region for SvmRegion {
+    fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn align(&self) -> usize {
+        128
+    }
+    fn ownership(&self) -> Ownership {
+        Ownership::Owned {
+            allocator: "opencl-svm",
+        }
+    }
+}
+
+/// A persistent kernel running on an OpenCL device.
+pub struct OpenClPersistentKernel {
+    spec: KernelSpec,
+    /// `None` only after a drop that found the kernel still running.
+    requests: Option<Producer>,
+    /// As `requests`.
+    responses: Option<Consumer>,
+    /// The launch; complete once the kernel has exited.
+    event: Option<Event>,
+    /// Kept alive while the kernel runs.
+    _kernel: Kernel,
+    _queue: CommandQueue,
+    policy: WaitPolicy,
+}
+
+impl std::fmt::Debug for OpenClPersistentKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenClPersistentKernel")
+            .field("kernel", &self.spec.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenClPersistentKernel {
+    /// Launches `spec`'s persistent kernel on device `index`: one work-item
+    /// per work-group and `work_groups` work-groups (POCL runs each spinning
+    /// work-group on a CPU thread, so keep it at most the compute units).
+    pub fn launch(
+        backend: &OpenClBackend,
+        index: usize,
+        spec: KernelSpec,
+        capacity: u32,
+        work_groups: usize,
+    ) -> Result<OpenClPersistentKernel, OpenClError> {
+        let Some(process) = spec.opencl_c else {
+            return Err(OpenClError::BadInput(format!(
+                "kernel {:?} has no OpenCL C source",
+                spec.id
+            )));
+        };
+        let device = backend.device(index)?;
+        let compute_units = device.info.compute_units as usize;
+        if work_groups == 0 || work_groups > compute_units {
+            return Err(OpenClError::BadInput(format!(
+                "{work_groups} work-groups on a device with {compute_units} compute units"
+            )));
+        }
+        let source = format!("{OPENCL_HEADER}\n{process}\n{PERSISTENT_TEMPLATE}");
+        // OpenCL C 3.0 first (POCL's C11 atomics only build there), then 2.0.
+        let program = match backend.compile_with(index, &source, "-cl-std=CL3.0") {
+            Ok(program) => program,
+            Err(OpenClError::Build { log: log_3 }) => {
+                match backend.compile_with(index, &source, "-cl-std=CL2.0") {
+                    Ok(program) => program,
+                    Err(OpenClError::Build { log: log_2 }) => {
+                        return Err(OpenClError::Build {
+                            log: format!("as OpenCL C 3.0:\n{log_3}\nas OpenCL C 2.0:\n{log_2}"),
+                        });
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            Err(other) => return Err(other),
+        };
+        let kernel =
+            Kernel::create(&program, "granary_persistent").map_err(api("clCreateKernel"))?;
+        let ring = |config: RingConfig| -> Result<Ring, OpenClError> {
+            let layout = config
+                .layout()
+                .map_err(|err| OpenClError::BadInput(err.to_string()))?;
+            let region = SvmRegion::zeroed(device.context.clone(), layout.total_bytes)?;
+            // SAFETY: fresh SVM memory; the only other party is the kernel
+            // launched below, which follows the ring protocol.
+            unsafe { Ring::init_in(region, config) }
+                .map_err(|err| OpenClError::BadInput(err.to_string()))
+        };
+        let request_ring = ring(RingConfig::mpsc(capacity, spec.request.max_bytes() as u32))?;
+        let response_ring = ring(RingConfig::mpsc(capacity, spec.response.max_bytes() as u32))?;
+        let request_base = request_ring.region().base().as_ptr();
+        let response_base = response_ring.region().base().as_ptr();
+        // The device holds the request ring's consumer role and is a
+        // producer of responses; the host takes the other roles.
+        let requests = request_ring
+            .into_producer()
+            .map_err(|err| OpenClError::BadInput(err.to_string()))?;
+        let responses = response_ring.into_consumer();
+        let queue = CommandQueue::create_default_with_properties(&device.context, 0, 0)
+            .map_err(api("clCreateCommandQueue"))?;
+        // SAFETY: the two arguments are SVM pointers to initialised rings,
+        // matching the kernel's signature; one work-item per work-group.
+        let event = unsafe {
+            ExecuteKernel::new(&kernel)
+                .set_arg_svm(request_base)
+                .set_arg_svm(response_base)
+                .set_global_work_size(work_groups)
+                .set_local_work_size(1)
+                .enqueue_nd_range(&queue)
+                .map_err(api("clEnqueueNDRangeKernel"))?
+        };
+        queue.flush().map_err(api("clFlush"))?;
+        Ok(OpenClPersistentKernel {
+            spec,
+            requests: Some(requests),
+            responses: Some(responses),
+            event: Some(event),
+            _kernel: kernel,
+            _queue: queue,
+            policy: WaitPolicy::default(),
+        })
+    }
+
+    /// Submits one request. Never blocks.
+    pub fn submit<P: AsRef<[u8]>>(
+        &self,
+        request_id: u64,
+        payload: P,
+    ) -> Result<(), SubmitError<P>> {
+        if let Err(err) = self.spec.request.check(payload.as_ref().len()) {
+            return Err(SubmitError::WrongShape(err, payload));
+        }
+        let Some(requests) = &self.requests else {
+            return Err(SubmitError::Stopped(payload));
+        };
+        match requests.try_push_with(request_id, payload) {
+            Ok(()) => Ok(()),
+            Err(TryPushError::Full(payload)) => Err(SubmitError::Full(payload)),
+            Err(TryPushError::Closed(payload)) => Err(SubmitError::Stopped(payload)),
+            Err(TryPushError::PayloadTooLarge { payload, len, .. }) => {
+                Err(SubmitError::WrongShape(
+                    ShapeError {
+                        len,
+                        shape: self.spec.request,
+                    },
+                    payload,
+                ))
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for one completion.
+    pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        let responses = self.responses.as_mut()?;
+        match responses.pop(&self.policy, Some(timeout)) {
+            Ok(message) => Some(Completion {
+                request_id: message.request_id(),
+                status: Status::from_code(message.status()).unwrap_or(Status::Fault),
+                payload: message.payload().to_vec(),
+            }),
+            Err(PopError::Timeout | PopError::Closed) | Err(_) => None,
+        }
+    }
+
+    /// Takes one completion if one is ready.
+    pub fn try_complete(&mut self) -> Option<Completion> {
+        let message = self.responses.as_mut()?.try_pop().ok()?;
+        Some(Completion {
+            request_id: message.request_id(),
+            status: Status::from_code(message.status()).unwrap_or(Status::Fault),
+            payload: message.payload().to_vec(),
+        })
+    }
+
+    /// The kernel loop's heartbeat (rule H1).
+    pub fn heartbeat(&self) -> u64 {
+        self.requests
+            .as_ref()
+            .map_or(0, Producer::consumer_heartbeat)
+    }
+
+    /// Closes the request ring and waits up to `timeout` for the kernel to
+    /// answer what is queued and exit. `Ok(false)`: still running at the
+    /// deadline (a hung device); the rings stay alive for it.
+    pub fn stop(&mut self, timeout: Duration) -> Result<bool, OpenClError> {
+        if let Some(requests) = &self.requests {
+            requests.close();
+        }
+        let Some(event) = &self.event else {
+            return Ok(true);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = event
+                .command_execution_status()
+                .map_err(api("clGetEventInfo"))?;
+            if status.0 == CL_COMPLETE {
+                self.event = None;
+                return Ok(true);
+            }
+            if status.0 < 0 {
+                return Err(OpenClError::Api {
+                    call: "persistent kernel",
+                    code: status.0,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for OpenClPersistentKernel {
+    fn drop(&mut self) {
+        // The SVM rings must outlive the kernel: wait for it to exit. A
+        // kernel that does not exit in time keeps its rings: they are
+        // leaked rather than freed under a running kernel.
+        if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
+            std::mem::forget(self.requests.take());
+            std::mem::forget(self.responses.take());
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The OpenCL persistent kernel, run for real (POCL in CI): rings in
+//! fine-grained SVM, drained by a kernel that runs until closed.
+//!
+//! Reported as ignored, with the reason, where no OpenCL runtime was found
+//! when the tests were built (see build.rs).
+
+use std::time::Duration;
+
+use granary_kernels::Status;
+use granary_kernels::opencl::{OpenClBackend, OpenClPersistentKernel};
+use granary_kernels::shipped::DOUBLE;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn f32s(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(granary_opencl),
+    ignore = "no OpenCL runtime when this test was built"
+)]
+fn one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel() {
+    let backend = OpenClBackend::discover().unwrap();
+    let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 64, 1).unwrap();
+    for i in 0..100u64 {
+        let input = [i as f32, -1.5, 1e6];
+        kernel.submit(i, f32s(&input)).unwrap();
+        let done = kernel.complete(WAIT).expect("an answer from the device");
+        assert_eq!((done.request_id, done.status), (i, Status::Ok));
+        assert_eq!(from_f32s(&done.payload), input.map(|x| 2.0 * x));
+    }
+    assert!(kernel.heartbeat() > 0, "the device loop beats");
+    assert_eq!(
+        kernel.stop(WAIT),
+        Ok(true),
+        "the kernel exits once its ring is closed"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(granary_opencl),
+    ignore = "no OpenCL runtime when this test was built"
+)]
+fn concurrent_callers_through_two_device_work_groups_lose_nothing() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+    use std::thread;
+    let backend = OpenClBackend::discover().unwrap();
+    let groups = backend.devices()[0].compute_units.min(2) as usize;
+    let kernel = Arc::new(Mutex::new(
+        OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 256, groups).unwrap(),
+    ));
+    const CALLERS: u64 = 4;
+    const EACH: u64 = 2_000;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let kernel = kernel.clone();
+            thread::spawn(move || {
+                for n in 0..EACH {
+                    let id = caller << 32 | n;
+                    let mut payload = f32s(&[id as f32, caller as f32]);
+                    loop {
+                        match kernel.lock().unwrap().submit(id, payload) {
+                            Ok(()) => break,
+                            Err(err) => {
+                                payload = err.into_inner();
+                                thread::yield_now();
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while seen.len() < (CALLERS * EACH) as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} answered",
+            seen.len()
+        );
+        let done = kernel.lock().unwrap().try_complete();
+        let Some(done) = done else {
+            thread::yield_now();
+            continue;
+        };
+        assert_eq!(done.status, Status::Ok);
+        let caller = done.request_id >> 32;
+        assert_eq!(
+            from_f32s(&done.payload),
+            [2.0 * done.request_id as f32, 2.0 * caller as f32],
+            "answer does not belong to request {:#x}",
+            done.request_id
+        );
+        assert!(
+            seen.insert(done.request_id),
+            "duplicate {:#x}",
+            done.request_id
+        );
+    }
+    for caller in callers {
+        caller.join().unwrap();
+    }
+    assert_eq!(kernel.lock().unwrap().stop(WAIT), Ok(true));
+}
+
+#[test]
+#[cfg_attr(
+    not(granary_opencl),
+    ignore = "no OpenCL runtime when this test was built"
+)]
+fn stop_drains_requests_in_flight_and_refuses_new_ones() {
+    use granary_kernels::SubmitError;
+    let backend = OpenClBackend::discover().unwrap();
+    let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 256, 1).unwrap();
+    for i in 0..200u64 {
+        kernel.submit(i, f32s(&[i as f32])).unwrap();
+    }
+    assert_eq!(kernel.stop(WAIT), Ok(true), "the kernel drained and exited");
+    let mut answered = 0;
+    while let Some(done) = kernel.try_complete() {
+        assert_eq!(from_f32s(&done.payload), [2.0 * done.request_id as f32]);
+        answered += 1;
+    }
+    assert_eq!(answered, 200, "every request in flight was answered");
+    assert!(matches!(
+        kernel.submit(999, f32s(&[1.0])),
+        Err(SubmitError::Stopped(_))
+    ));
+}
+
+#[test]
+#[cfg_attr(
+    not(granary_opencl),
+    ignore = "no OpenCL runtime when this test was built"
+)]
+fn bad_requests_and_launches_are_typed_errors() {
+    use granary_kernels::SubmitError;
+    use granary_kernels::opencl::OpenClError;
+    use granary_kernels::shipped::DOT;
+    let backend = OpenClBackend::discover().unwrap();
+    let kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, 1).unwrap();
+    assert!(matches!(
+        kernel.submit(1, vec![0u8; 6]),
+        Err(SubmitError::WrongShape(..))
+    ));
+    drop(kernel);
+    // No OpenCL source yet for dot; too many work-groups; unknown device.
+    assert!(matches!(
+        OpenClPersistentKernel::launch(&backend, 0, DOT, 16, 1),
+        Err(OpenClError::BadInput(_))
+    ));
+    assert!(matches!(
+        OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, 1000),
+        Err(OpenClError::BadInput(_))
+    ));
+    assert!(matches!(
+        OpenClPersistentKernel::launch(&backend, 99, DOUBLE, 16, 1),
+        Err(OpenClError::UnknownDevice(99))
+    ));
+}

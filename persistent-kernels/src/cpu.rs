@@ -164,6 +164,21 @@ pub struct Submitter {
 }
 
 impl Submitter {
+    /// A submitter feeding `requests`, checking payloads against `spec`.
+    pub(crate) fn new(spec: KernelSpec, requests: Producer) -> Submitter {
+        Submitter { spec, requests }
+    }
+
+    /// Closes the request ring: no more submissions.
+    pub(crate) fn close(&self) {
+        self.requests.close();
+    }
+
+    /// The kernel's consumer heartbeat on the request ring.
+    pub(crate) fn consumer_heartbeat(&self) -> u64 {
+        self.requests.consumer_heartbeat()
+    }
+
     /// Submits `payload` tagged with `request_id`. Never blocks.
     pub fn submit<P: AsRef<[u8]>>(
         &self,
@@ -360,7 +375,9 @@ impl Drop for CpuPersistentKernel {
     }
 }
 
-fn completion(message: &granary_ring::Message<'_>) -> Completion {
+/// A completion copied out of a response slot (shared with the OpenCL
+/// backend, which answers on the same kind of ring).
+pub(crate) fn completion(message: &granary_ring::Message<'_>) -> Completion {
     Completion {
         request_id: message.request_id(),
         status: Status::from_code(message.status()).unwrap_or(Status::Fault),

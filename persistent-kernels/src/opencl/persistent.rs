@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use granary_ring::device::OPENCL_HEADER;
-use granary_ring::{
-    Consumer, Ownership, PopError, Producer, Region, Ring, RingConfig, TryPushError, WaitPolicy,
-};
+use granary_ring::{Consumer, Ownership, Region, Ring, RingConfig, WaitPolicy};
 use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
 use opencl3::event::{CL_COMPLETE, Event};
@@ -16,8 +14,8 @@ use opencl3::kernel::{ExecuteKernel, Kernel};
 use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRAIN_BUFFER};
 
 use super::{OpenClBackend, OpenClError, api};
-use crate::cpu::{Completion, SubmitError};
-use crate::spec::{KernelSpec, ShapeError, Status};
+use crate::cpu::{Completion, SubmitError, Submitter, completion};
+use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (OpenCL C 2.0), appended after the ring
 /// layout and the spec's `granary_process`.
@@ -94,7 +92,7 @@ unsafe impl Region for SvmRegion {
 pub struct OpenClPersistentKernel {
     spec: KernelSpec,
     /// `None` only after a drop that found the kernel still running.
-    requests: Option<Producer>,
+    requests: Option<Submitter>,
     /// As `requests`.
     responses: Option<Consumer>,
     /// The launch; complete once the kernel has exited.
@@ -192,7 +190,7 @@ impl OpenClPersistentKernel {
         queue.flush().map_err(api("clFlush"))?;
         Ok(OpenClPersistentKernel {
             spec,
-            requests: Some(requests),
+            requests: Some(Submitter::new(spec, requests)),
             responses: Some(responses),
             event: Some(event),
             _kernel: kernel,
@@ -201,62 +199,38 @@ impl OpenClPersistentKernel {
         })
     }
 
-    /// Submits one request. Never blocks.
+    /// Submits one request; see [`Submitter::submit`].
     pub fn submit<P: AsRef<[u8]>>(
         &self,
         request_id: u64,
         payload: P,
     ) -> Result<(), SubmitError<P>> {
-        if let Err(err) = self.spec.request.check(payload.as_ref().len()) {
-            return Err(SubmitError::WrongShape(err, payload));
-        }
-        let Some(requests) = &self.requests else {
-            return Err(SubmitError::Stopped(payload));
-        };
-        match requests.try_push_with(request_id, payload) {
-            Ok(()) => Ok(()),
-            Err(TryPushError::Full(payload)) => Err(SubmitError::Full(payload)),
-            Err(TryPushError::Closed(payload)) => Err(SubmitError::Stopped(payload)),
-            Err(TryPushError::PayloadTooLarge { payload, len, .. }) => {
-                Err(SubmitError::WrongShape(
-                    ShapeError {
-                        len,
-                        shape: self.spec.request,
-                    },
-                    payload,
-                ))
-            }
+        match &self.requests {
+            Some(requests) => requests.submit(request_id, payload),
+            None => Err(SubmitError::Stopped(payload)),
         }
     }
 
     /// Waits up to `timeout` for one completion.
     pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         let responses = self.responses.as_mut()?;
-        match responses.pop(&self.policy, Some(timeout)) {
-            Ok(message) => Some(Completion {
-                request_id: message.request_id(),
-                status: Status::from_code(message.status()).unwrap_or(Status::Fault),
-                payload: message.payload().to_vec(),
-            }),
-            Err(PopError::Timeout | PopError::Closed) | Err(_) => None,
-        }
+        responses
+            .pop(&self.policy, Some(timeout))
+            .ok()
+            .map(|message| completion(&message))
     }
 
     /// Takes one completion if one is ready.
     pub fn try_complete(&mut self) -> Option<Completion> {
         let message = self.responses.as_mut()?.try_pop().ok()?;
-        Some(Completion {
-            request_id: message.request_id(),
-            status: Status::from_code(message.status()).unwrap_or(Status::Fault),
-            payload: message.payload().to_vec(),
-        })
+        Some(completion(&message))
     }
 
     /// The kernel loop's heartbeat (rule H1).
     pub fn heartbeat(&self) -> u64 {
         self.requests
             .as_ref()
-            .map_or(0, Producer::consumer_heartbeat)
+            .map_or(0, Submitter::consumer_heartbeat)
     }
 
     /// Closes the request ring and waits up to `timeout` for the kernel to

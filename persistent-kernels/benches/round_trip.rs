@@ -19,15 +19,40 @@
 use std::hint::black_box;
 use std::thread;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use granary_kernels::shipped::DOUBLE;
-use granary_kernels::{CpuPersistentKernel, KernelConfig, WaitPolicy};
+use granary_kernels::{Completion, CpuPersistentKernel, KernelConfig, WaitPolicy};
 
 fn request() -> Vec<u8> {
     [1.0f32, 2.0, 3.0, 4.0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect()
+}
+
+/// One round trip per iteration: submit a 16-byte `double` request, then
+/// spin on `try_complete` until its answer is back.
+fn bench_persistent<K>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    kernel: &mut K,
+    submit: fn(&K, u64, &[u8]) -> Result<(), String>,
+    try_complete: fn(&mut K) -> Option<Completion>,
+) {
+    let payload = request();
+    let mut id = 0u64;
+    group.bench_function("persistent_kernel", |b| {
+        b.iter(|| {
+            id += 1;
+            submit(kernel, id, &payload).unwrap();
+            loop {
+                if let Some(done) = try_complete(kernel) {
+                    break black_box(done);
+                }
+                std::hint::spin_loop();
+            }
+        })
+    });
 }
 
 fn benches(c: &mut Criterion) {
@@ -37,21 +62,14 @@ fn benches(c: &mut Criterion) {
         ..KernelConfig::default()
     };
     let mut kernel = CpuPersistentKernel::launch(DOUBLE, config).unwrap();
-    let payload = request();
-    let mut id = 0u64;
-    group.bench_function("persistent_kernel", |b| {
-        b.iter(|| {
-            id += 1;
-            kernel.submit(id, &payload[..]).unwrap();
-            loop {
-                if let Some(done) = kernel.try_complete() {
-                    break black_box(done);
-                }
-                std::hint::spin_loop();
-            }
-        })
-    });
+    bench_persistent(
+        &mut group,
+        &mut kernel,
+        |kernel, id, payload| kernel.submit(id, payload).map_err(|err| err.to_string()),
+        CpuPersistentKernel::try_complete,
+    );
     let cpu = DOUBLE.cpu.unwrap();
+    let payload = request();
     group.bench_function("launch_per_request", |b| {
         b.iter(|| {
             let request = payload.clone();
@@ -89,20 +107,12 @@ fn opencl(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("round_trip_16B_double_opencl");
     let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 256, 1).unwrap();
-    let payload = request();
-    let mut id = 0u64;
-    group.bench_function("persistent_kernel", |b| {
-        b.iter(|| {
-            id += 1;
-            kernel.submit(id, &payload[..]).unwrap();
-            loop {
-                if let Some(done) = kernel.try_complete() {
-                    break black_box(done);
-                }
-                std::hint::spin_loop();
-            }
-        })
-    });
+    bench_persistent(
+        &mut group,
+        &mut kernel,
+        |kernel, id, payload| kernel.submit(id, payload).map_err(|err| err.to_string()),
+        OpenClPersistentKernel::try_complete,
+    );
     drop(kernel);
 
     // Launch per request, on its own context and queue.

@@ -13,16 +13,8 @@ use proptest::prelude::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn f32s(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn from_f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+mod common;
+use common::{f32s, from_f32s};
 
 fn launch(spec: KernelSpec) -> CpuPersistentKernel {
     CpuPersistentKernel::launch(spec, KernelConfig::default()).unwrap()

@@ -25,8 +25,6 @@
 #else
 #define GRANARY_SCOPE memory_scope_device
 #endif
-#define GRANARY_STATUS_BAD_LENGTH 1u
-#define GRANARY_STATUS_FAULT 3u
 
 static inline global granary_slot_header* granary_slot(global uchar* ring, ulong position) {
     global granary_ring_control* control = (global granary_ring_control*)ring;

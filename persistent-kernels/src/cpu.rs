@@ -37,6 +37,10 @@ pub struct KernelConfig {
     /// Longest the kernel thread waits before it beats its heartbeat and
     /// checks for a stop (default 1 ms).
     pub idle_poll: Duration,
+    /// Work-groups (device backends) that share the request ring; `None`
+    /// lets the backend choose: one on a CPU device, where each spinning
+    /// work-group holds a host thread. Ignored by the CPU backend.
+    pub work_groups: Option<u32>,
 }
 
 impl Default for KernelConfig {
@@ -45,6 +49,7 @@ impl Default for KernelConfig {
             capacity: 1024,
             policy: WaitPolicy::default(),
             idle_poll: Duration::from_millis(1),
+            work_groups: None,
         }
     }
 }
@@ -154,6 +159,10 @@ pub struct StopReport {
     /// Whether the kernel thread died outside a request (a bug: requests
     /// are processed under `catch_unwind`).
     pub thread_panicked: bool,
+    /// Whether the kernel had exited when the stop returned. `false` means
+    /// it was still running at the deadline (a hung implementation): its
+    /// thread or device memory was left to it rather than freed under it.
+    pub exited: bool,
 }
 
 /// A handle that submits requests; clone one per caller thread.
@@ -333,14 +342,24 @@ impl CpuPersistentKernel {
         self.processed.load(Ordering::Relaxed)
     }
 
-    /// Stops the kernel and joins its thread.
+    /// Stops the kernel and joins its thread, however long that takes.
     pub fn stop(mut self, mode: StopMode) -> StopReport {
-        self.shut_down(mode)
+        self.shut_down(mode, None)
     }
 
-    fn shut_down(&mut self, mode: StopMode) -> StopReport {
+    /// Stops the kernel, waiting at most `timeout` for its thread. A thread
+    /// still busy at the deadline (an implementation that never returns) is
+    /// detached: it exits on its own once the call returns, since the stop
+    /// flag and the closed ring are already set, and the report says
+    /// `exited: false`.
+    pub fn stop_within(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        self.shut_down(mode, Some(timeout))
+    }
+
+    fn shut_down(&mut self, mode: StopMode, timeout: Option<Duration>) -> StopReport {
         let mut report = StopReport::default();
         let Some(worker) = self.worker.take() else {
+            report.exited = true;
             return report;
         };
         if mode == StopMode::Abandon {
@@ -349,16 +368,31 @@ impl CpuPersistentKernel {
         // No new requests; in Drain mode the loop answers the rest and then
         // sees the ring closed and drained.
         self.submitter.requests.close();
-        match worker.join() {
-            Ok(mut requests) => loop {
-                match requests.try_pop() {
-                    Ok(message) => report.abandoned.push(message.request_id()),
-                    Err(TryPopError::Corrupt { .. }) => {}
-                    Err(_) => break,
+        let finished = match timeout {
+            None => true,
+            Some(timeout) => {
+                let deadline = std::time::Instant::now() + timeout;
+                while !worker.is_finished() && std::time::Instant::now() < deadline {
+                    thread::sleep(Duration::from_micros(100));
                 }
-            },
-            Err(_) => report.thread_panicked = true,
+                worker.is_finished()
+            }
+        };
+        if finished {
+            report.exited = true;
+            match worker.join() {
+                Ok(mut requests) => loop {
+                    match requests.try_pop() {
+                        Ok(message) => report.abandoned.push(message.request_id()),
+                        Err(TryPopError::Corrupt { .. }) => {}
+                        Err(_) => break,
+                    }
+                },
+                Err(_) => report.thread_panicked = true,
+            }
         }
+        // Otherwise the worker is detached: dropping a JoinHandle does not
+        // stop the thread, and the thread owns what it uses.
         while let Some(completion) = self.try_complete() {
             report.completions.push(completion);
         }
@@ -367,11 +401,16 @@ impl CpuPersistentKernel {
     }
 }
 
+/// How long a dropped kernel waits for its thread before detaching it.
+const DROP_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Drop for CpuPersistentKernel {
     /// A kernel dropped without `stop` abandons its queue and joins its
-    /// thread, so no thread outlives its handle.
+    /// thread, so no thread outlives its handle (unless the thread is stuck
+    /// in an implementation for longer than five seconds; then it is
+    /// detached rather than waited on forever).
     fn drop(&mut self) {
-        self.shut_down(StopMode::Abandon);
+        self.shut_down(StopMode::Abandon, Some(DROP_TIMEOUT));
     }
 }
 

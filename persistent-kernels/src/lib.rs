@@ -13,28 +13,32 @@
 //! 5. exit when the request ring is closed and drained, or at once when
 //!    stopped with [`StopMode::Abandon`].
 //!
-//! Built so far: the spec types, the shipped kernels' CPU implementations
-//! ([`shipped`]), the CPU backend's persistent kernel ([`cpu`]), a thread
-//! running the loop above, device descriptions ([`device`]), and the first
-//! part of the OpenCL backend ([`opencl`]: discovery, compilation with a
-//! cache and build logs, the launch-per-batch path, and the persistent
-//! kernel over fine-grained SVM rings). Still to come (issue 3): the backend
-//! trait that unifies them, hang detection with relaunch, and the other
-//! shipped kernels' device sources.
+//! Every backend implements [`Backend`] (discover devices, build with a
+//! cache, launch a [`PersistentKernel`], run the launch-per-batch path):
+//! the CPU backend ([`CpuBackend`], a thread runs the loop) and OpenCL
+//! ([`opencl`], rings in fine-grained SVM). The shipped kernels
+//! ([`shipped`]) have CPU, OpenCL C and CUDA C implementations in
+//! `kernels/`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cpu;
 pub mod device;
 pub mod opencl;
 pub mod shipped;
 mod spec;
 
+pub use backend::{Backend, BackendError, CpuBackend, PersistentKernel, batch_output_len};
 pub use cpu::{
     Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode, StopReport, SubmitError,
     Submitter,
 };
 pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
-pub use spec::{Count, CpuFn, ElementType, KernelSpec, Shape, ShapeError, Status};
+pub use spec::{Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status};
+
+/// The status codes device sources return (`device/prelude.h`), placed
+/// before every kernel's device source.
+pub const DEVICE_PRELUDE: &str = include_str!("../device/prelude.h");

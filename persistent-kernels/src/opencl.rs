@@ -1,13 +1,11 @@
-//! The OpenCL backend, first part: device discovery, compilation with a
-//! per-device cache, and the launch-per-batch path with device buffers.
+//! The OpenCL backend: device discovery, compilation with a per-device
+//! cache, the launch-per-batch path with device buffers, and persistent
+//! kernels over fine-grained SVM rings ([`OpenClPersistentKernel`]).
 //!
 //! OpenCL is loaded at run time (opencl3's `dynamic` feature): where no
 //! OpenCL runtime is installed, [`OpenClBackend::discover`] returns
 //! [`OpenClError::Unavailable`] and everything else keeps working. CI runs
 //! this backend for real on POCL.
-//!
-//! Still to come (issue 3): the persistent kernel with its rings in
-//! fine-grained SVM.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,9 +21,15 @@ use opencl3::kernel::{ExecuteKernel, Kernel};
 use opencl3::memory::{Buffer, CL_MEM_READ_ONLY, CL_MEM_WRITE_ONLY};
 use opencl3::platform::get_platforms;
 use opencl3::program::Program;
-use opencl3::types::{CL_BLOCKING, cl_float, cl_uint};
+use opencl3::types::{CL_BLOCKING, cl_uint};
 
+use granary_ring::device::OPENCL_HEADER;
+
+use crate::DEVICE_PRELUDE;
+use crate::backend::{Backend, BackendError, PersistentKernel, batch_output_len};
+use crate::cpu::KernelConfig;
 use crate::device::{BackendKind, DeviceInfo, DeviceKind};
+use crate::spec::KernelSpec;
 
 mod persistent;
 
@@ -53,6 +57,8 @@ pub enum OpenClError {
     },
     /// The input does not fit the kernel.
     BadInput(String),
+    /// The kernel has no OpenCL C source.
+    NoSource,
 }
 
 impl fmt::Display for OpenClError {
@@ -63,6 +69,7 @@ impl fmt::Display for OpenClError {
             OpenClError::Build { log } => write!(f, "OpenCL program failed to build:\n{log}"),
             OpenClError::Api { call, code } => write!(f, "OpenCL {call} failed with {code}"),
             OpenClError::BadInput(why) => write!(f, "bad input: {why}"),
+            OpenClError::NoSource => write!(f, "the kernel has no OpenCL C source"),
         }
     }
 }
@@ -98,15 +105,6 @@ impl fmt::Debug for OpenClBackend {
             .finish()
     }
 }
-
-/// Element-wise vector add for the batch path.
-pub const VECTOR_ADD_SOURCE: &str = r#"
-kernel void granary_vector_add(global const float* a, global const float* b,
-                               global float* c, uint n) {
-    size_t i = get_global_id(0);
-    if (i < n) c[i] = a[i] + b[i];
-}
-"#;
 
 impl OpenClBackend {
     /// Finds every OpenCL device on every platform, with a context and an
@@ -208,67 +206,166 @@ impl OpenClBackend {
             .len())
     }
 
-    /// `a + b` on device `index` through device buffers: the
+    /// The program holding `spec`'s two entry points on device `index`:
+    /// the ring layout, the prelude, the kernel's OpenCL C and the
+    /// persistent template, built as OpenCL C 3.0 (POCL's C11 atomics only
+    /// build there) or else 2.0. Cached like any build.
+    pub fn program_for(
+        &self,
+        index: usize,
+        spec: &KernelSpec,
+    ) -> Result<Arc<Program>, OpenClError> {
+        let Some(process) = spec.opencl_c else {
+            return Err(OpenClError::NoSource);
+        };
+        let source = format!(
+            "{OPENCL_HEADER}\n{DEVICE_PRELUDE}\n{process}\n{}",
+            persistent::PERSISTENT_TEMPLATE
+        );
+        match self.compile_with(index, &source, "-cl-std=CL3.0") {
+            Err(OpenClError::Build { log: log_3 }) => {
+                match self.compile_with(index, &source, "-cl-std=CL2.0") {
+                    Err(OpenClError::Build { log: log_2 }) => Err(OpenClError::Build {
+                        log: format!("as OpenCL C 3.0:\n{log_3}\nas OpenCL C 2.0:\n{log_2}"),
+                    }),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `spec`'s `granary_batch` over `request` on device `index`, one
+    /// work-item per output element, through device buffers: the
     /// launch-per-batch path for inputs too big for a ring slot.
-    pub fn vector_add(&self, index: usize, a: &[f32], b: &[f32]) -> Result<Vec<f32>, OpenClError> {
-        if a.len() != b.len() {
-            return Err(OpenClError::BadInput(format!(
-                "vector add of {} and {} elements",
-                a.len(),
-                b.len()
-            )));
-        }
-        let n = a.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let count = cl_uint::try_from(n)
-            .map_err(|_| OpenClError::BadInput(format!("{n} elements exceed u32")))?;
+    pub fn run_batch(
+        &self,
+        index: usize,
+        spec: &KernelSpec,
+        request: &[u8],
+    ) -> Result<Vec<u8>, OpenClError> {
+        let output_len = batch_output_len(spec, request)
+            .map_err(|err| OpenClError::BadInput(err.to_string()))?;
+        let request_len = cl_uint::try_from(request.len())
+            .map_err(|_| OpenClError::BadInput(format!("{} bytes exceed u32", request.len())))?;
+        let response_len = cl_uint::try_from(output_len)
+            .map_err(|_| OpenClError::BadInput(format!("{output_len} bytes exceed u32")))?;
         let device = self.device(index)?;
-        let program = self.compile(index, VECTOR_ADD_SOURCE)?;
-        let kernel =
-            Kernel::create(&program, "granary_vector_add").map_err(api("clCreateKernel"))?;
-        // SAFETY: null host pointers with no USE/COPY_HOST_PTR flags: the
-        // buffers are device allocations of `n` floats.
-        let (mut a_buffer, mut b_buffer, c_buffer) = unsafe {
+        let program = self.program_for(index, spec)?;
+        let kernel = Kernel::create(&program, "granary_batch").map_err(api("clCreateKernel"))?;
+        // Zero-length buffers are invalid in OpenCL; a kernel never sees the
+        // padding byte, since both lengths travel as arguments.
+        let request_bytes = request.len().max(1);
+        let response_bytes = output_len.max(1);
+        // SAFETY: null host pointers with no USE/COPY_HOST_PTR flags: plain
+        // device allocations of the given sizes.
+        let (mut request_buffer, response_buffer) = unsafe {
             (
-                Buffer::<cl_float>::create(&device.context, CL_MEM_READ_ONLY, n, ptr::null_mut())
-                    .map_err(api("clCreateBuffer"))?,
-                Buffer::<cl_float>::create(&device.context, CL_MEM_READ_ONLY, n, ptr::null_mut())
-                    .map_err(api("clCreateBuffer"))?,
-                Buffer::<cl_float>::create(&device.context, CL_MEM_WRITE_ONLY, n, ptr::null_mut())
-                    .map_err(api("clCreateBuffer"))?,
+                Buffer::<u8>::create(
+                    &device.context,
+                    CL_MEM_READ_ONLY,
+                    request_bytes,
+                    ptr::null_mut(),
+                )
+                .map_err(api("clCreateBuffer"))?,
+                Buffer::<u8>::create(
+                    &device.context,
+                    CL_MEM_WRITE_ONLY,
+                    response_bytes,
+                    ptr::null_mut(),
+                )
+                .map_err(api("clCreateBuffer"))?,
             )
         };
-        let mut c = vec![0.0f32; n];
-        // SAFETY: blocking writes and reads of exactly `n` floats into and
-        // out of buffers of `n` floats; the kernel's arguments match its
-        // signature (three float buffers and a uint) and it writes only
-        // indices below `n`. The queue is in order, so the read follows the
-        // kernel.
+        let mut response = vec![0u8; output_len];
+        let work_items = (output_len / 4).max(1);
+        // SAFETY: a blocking write of `request.len()` bytes into a buffer at
+        // least that large, and a blocking read of `output_len` bytes out of
+        // one at least that large. The arguments match `granary_batch`'s
+        // signature (buffer, uint, buffer, uint), and the kernel writes only
+        // below `response_len` (checked by `output_len` above). The queue
+        // is in order, so the read follows the kernel.
         unsafe {
-            device
-                .queue
-                .enqueue_write_buffer(&mut a_buffer, CL_BLOCKING, 0, a, &[])
-                .map_err(api("clEnqueueWriteBuffer"))?;
-            device
-                .queue
-                .enqueue_write_buffer(&mut b_buffer, CL_BLOCKING, 0, b, &[])
-                .map_err(api("clEnqueueWriteBuffer"))?;
+            if !request.is_empty() {
+                device
+                    .queue
+                    .enqueue_write_buffer(&mut request_buffer, CL_BLOCKING, 0, request, &[])
+                    .map_err(api("clEnqueueWriteBuffer"))?;
+            }
             ExecuteKernel::new(&kernel)
-                .set_arg(&a_buffer)
-                .set_arg(&b_buffer)
-                .set_arg(&c_buffer)
-                .set_arg(&count)
-                .set_global_work_size(n)
+                .set_arg(&request_buffer)
+                .set_arg(&request_len)
+                .set_arg(&response_buffer)
+                .set_arg(&response_len)
+                .set_global_work_size(work_items)
                 .enqueue_nd_range(&device.queue)
                 .map_err(api("clEnqueueNDRangeKernel"))?;
-            device
-                .queue
-                .enqueue_read_buffer(&c_buffer, CL_BLOCKING, 0, &mut c, &[])
-                .map_err(api("clEnqueueReadBuffer"))?;
+            if output_len > 0 {
+                device
+                    .queue
+                    .enqueue_read_buffer(&response_buffer, CL_BLOCKING, 0, &mut response, &[])
+                    .map_err(api("clEnqueueReadBuffer"))?;
+            }
         }
-        Ok(c)
+        device.queue.finish().map_err(api("clFinish"))?;
+        Ok(response)
+    }
+}
+
+impl Backend for OpenClBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::OpenCl
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        OpenClBackend::devices(self)
+    }
+
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.program_for(device, spec)
+            .map(drop)
+            .map_err(|err| backend_error(err, spec))
+    }
+
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        let work_groups = config.work_groups.unwrap_or(1) as usize;
+        OpenClPersistentKernel::launch(self, device, spec, config.capacity, work_groups)
+            .map(|kernel| Box::new(kernel) as Box<dyn PersistentKernel>)
+            .map_err(|err| backend_error(err, &spec))
+    }
+
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        request: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        // Shape errors first, typed, before any OpenCL call.
+        batch_output_len(spec, request)?;
+        OpenClBackend::run_batch(self, device, spec, request)
+            .map_err(|err| backend_error(err, spec))
+    }
+}
+
+/// An OpenCL error as the backend trait reports it.
+fn backend_error(err: OpenClError, spec: &KernelSpec) -> BackendError {
+    match err {
+        OpenClError::Unavailable(why) => BackendError::Unavailable(why),
+        OpenClError::UnknownDevice(index) => BackendError::UnknownDevice(index),
+        OpenClError::Build { log } => BackendError::Build {
+            kernel: spec.id,
+            log,
+        },
+        OpenClError::NoSource => BackendError::Unsupported {
+            kernel: spec.id,
+            backend: BackendKind::OpenCl,
+        },
+        other => BackendError::Device(other.to_string()),
     }
 }
 

@@ -1,16 +1,22 @@
-//! The kernels Granary ships, with their CPU implementations.
+//! The kernels Granary ships: element-wise double (the latency-test
+//! kernel), vector add, SAXPY, a dot-product reduction and matrix multiply.
 //!
-//! All values are little-endian `f32`. Request sizes are bounded so that a
-//! request fits one ring slot of [`MAX_ELEMENTS`] `f32`s per operand; larger
-//! inputs take the bridge's batch path. [`DOUBLE`] has its OpenCL C
-//! `granary_process`, run by the OpenCL persistent kernel and checked
-//! against the CPU result; the others' device sources (and every CUDA C
-//! source) are still to come.
+//! All values are little-endian `f32`. Each kernel has a CPU implementation
+//! here and OpenCL C and CUDA C sources in `kernels/`, with both device
+//! entry points (see [`KernelSpec`]). A ring request carries at most
+//! [`MAX_ELEMENTS`] elements per operand; the batch path takes up to
+//! [`MAX_BATCH_ELEMENTS`] elements in all (a vector add of 1M elements, a
+//! 1024² matrix multiply). The CPU implementations sum in element order,
+//! as the device sources do, so results agree to the bit where the device
+//! does not fuse multiply-adds.
 
 use crate::spec::{ElementType, KernelSpec, Shape, Status};
 
 /// Elements per operand a ring request may carry.
 pub const MAX_ELEMENTS: u32 = 1024;
+
+/// Elements a batch-path request may carry in all (128 MiB of `f32`).
+pub const MAX_BATCH_ELEMENTS: u32 = 1 << 25;
 
 /// `response[i] = 2 × request[i]`: the latency-test kernel.
 pub const DOUBLE: KernelSpec = KernelSpec {
@@ -18,8 +24,10 @@ pub const DOUBLE: KernelSpec = KernelSpec {
     version: 1,
     request: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
     response: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
-    opencl_c: Some(DOUBLE_OPENCL),
-    cuda_c: None,
+    batch_request: Shape::between(ElementType::F32, 1, MAX_BATCH_ELEMENTS, 1),
+    output_len: same_len,
+    opencl_c: Some(include_str!("../kernels/double.cl")),
+    cuda_c: Some(include_str!("../kernels/double.cu")),
     cpu: Some(double),
 };
 
@@ -29,20 +37,24 @@ pub const VECTOR_ADD: KernelSpec = KernelSpec {
     version: 1,
     request: Shape::between(ElementType::F32, 2, 2 * MAX_ELEMENTS, 2),
     response: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
-    opencl_c: None,
-    cuda_c: None,
+    batch_request: Shape::between(ElementType::F32, 2, MAX_BATCH_ELEMENTS, 2),
+    output_len: half_len,
+    opencl_c: Some(include_str!("../kernels/vector_add.cl")),
+    cuda_c: Some(include_str!("../kernels/vector_add.cu")),
     cpu: Some(vector_add),
 };
 
 /// `y = a·x + y`; the request is the scalar `a`, then `x`, then `y`, of
-/// equal length (so an odd element count).
+/// equal length (so an odd element count). A non-finite `a` is bad input.
 pub const SAXPY: KernelSpec = KernelSpec {
     id: "saxpy",
     version: 1,
     request: Shape::between(ElementType::F32, 3, 2 * MAX_ELEMENTS + 1, 1),
     response: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
-    opencl_c: None,
-    cuda_c: None,
+    batch_request: Shape::between(ElementType::F32, 3, MAX_BATCH_ELEMENTS - 1, 1),
+    output_len: saxpy_len,
+    opencl_c: Some(include_str!("../kernels/saxpy.cl")),
+    cuda_c: Some(include_str!("../kernels/saxpy.cu")),
     cpu: Some(saxpy),
 };
 
@@ -52,27 +64,46 @@ pub const DOT: KernelSpec = KernelSpec {
     version: 1,
     request: Shape::between(ElementType::F32, 2, 2 * MAX_ELEMENTS, 2),
     response: Shape::exactly(ElementType::F32, 1),
-    opencl_c: None,
-    cuda_c: None,
+    batch_request: Shape::between(ElementType::F32, 2, MAX_BATCH_ELEMENTS, 2),
+    output_len: one_f32,
+    opencl_c: Some(include_str!("../kernels/dot.cl")),
+    cuda_c: Some(include_str!("../kernels/dot.cu")),
     cpu: Some(dot),
 };
 
-/// `granary_process` for [`DOUBLE`] in OpenCL C: payloads are 16-byte
-/// aligned in their slots, so they can be read as `float`s.
-const DOUBLE_OPENCL: &str = r#"
-uint granary_process(global const uchar* request, uint request_len,
-                     global uchar* response, uint response_max, uint* response_len) {
-    if (request_len == 0u || request_len % 4u != 0u || request_len > response_max) return 1u;
-    global const float* in = (global const float*)request;
-    global float* out = (global float*)response;
-    for (uint i = 0; i < request_len / 4u; i++) out[i] = 2.0f * in[i];
-    *response_len = request_len;
-    return 0u;
-}
-"#;
+/// `C = A·B`; the request is the dimensions `n, k, m` (whole numbers as
+/// `f32`), then `A` (`n×k`, row-major), then `B` (`k×m`); the response is
+/// `C` (`n×m`).
+pub const MATMUL: KernelSpec = KernelSpec {
+    id: "matmul",
+    version: 1,
+    request: Shape::between(ElementType::F32, 5, 3 + 2 * MAX_ELEMENTS, 1),
+    response: Shape::between(ElementType::F32, 1, MAX_ELEMENTS, 1),
+    batch_request: Shape::between(ElementType::F32, 5, MAX_BATCH_ELEMENTS, 1),
+    output_len: matmul_len,
+    opencl_c: Some(include_str!("../kernels/matmul.cl")),
+    cuda_c: Some(include_str!("../kernels/matmul.cu")),
+    cpu: Some(matmul),
+};
 
 /// Every shipped kernel.
-pub const ALL: [KernelSpec; 4] = [DOUBLE, VECTOR_ADD, SAXPY, DOT];
+pub const ALL: [KernelSpec; 5] = [DOUBLE, VECTOR_ADD, SAXPY, DOT, MATMUL];
+
+/// A request for [`MATMUL`]: `a` is `n×k` and `b` is `k×m`, row-major.
+/// `None` if the slices do not have those lengths.
+pub fn matmul_request(n: usize, k: usize, m: usize, a: &[f32], b: &[f32]) -> Option<Vec<u8>> {
+    if a.len() != n.checked_mul(k)? || b.len() != k.checked_mul(m)? {
+        return None;
+    }
+    let dims = [n as f32, k as f32, m as f32];
+    Some(
+        dims.iter()
+            .chain(a)
+            .chain(b)
+            .flat_map(|value| value.to_le_bytes())
+            .collect(),
+    )
+}
 
 fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes.chunks_exact(4).map(|chunk| {
@@ -83,8 +114,8 @@ fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
 }
 
 /// Writes `values` into `out` as little-endian `f32`s; returns the bytes
-/// written, or `Fault` if `out` is too small (a response shape that does
-/// not match the kernel).
+/// written, or `Fault` if `out` is too small (a caller that did not size
+/// the response with the kernel's `output_len`).
 fn write_floats(values: impl Iterator<Item = f32>, out: &mut [u8]) -> Result<usize, Status> {
     let mut written = 0;
     for value in values {
@@ -93,6 +124,60 @@ fn write_floats(values: impl Iterator<Item = f32>, out: &mut [u8]) -> Result<usi
         written += 4;
     }
     Ok(written)
+}
+
+fn same_len(request: &[u8]) -> Result<usize, Status> {
+    Ok(request.len())
+}
+
+fn half_len(request: &[u8]) -> Result<usize, Status> {
+    Ok(request.len() / 2)
+}
+
+fn one_f32(_: &[u8]) -> Result<usize, Status> {
+    Ok(4)
+}
+
+/// Also checks the scalar, so the batch path rejects what the ring path
+/// does.
+fn saxpy_len(request: &[u8]) -> Result<usize, Status> {
+    let count = request.len() / 4;
+    if count % 2 == 0 {
+        return Err(Status::BadLength);
+    }
+    let a = floats(request).next().ok_or(Status::BadLength)?;
+    if !a.is_finite() {
+        return Err(Status::BadInput);
+    }
+    Ok((count - 1) / 2 * 4)
+}
+
+/// `(n, k, m)` of a matmul request, checked against its length.
+fn matmul_dims(request: &[u8]) -> Result<(usize, usize, usize), Status> {
+    let mut dims = [0usize; 3];
+    for (dim, value) in dims.iter_mut().zip(floats(request)) {
+        // Whole numbers that f32 holds exactly.
+        if !(1.0..=16_777_216.0).contains(&value) || value.fract() != 0.0 {
+            return Err(Status::BadInput);
+        }
+        *dim = value as usize;
+    }
+    let [n, k, m] = dims;
+    let expected = n
+        .checked_mul(k)
+        .zip(k.checked_mul(m))
+        .and_then(|(a, b)| a.checked_add(b)?.checked_add(3));
+    if expected != Some(request.len() / 4) {
+        return Err(Status::BadLength);
+    }
+    Ok((n, k, m))
+}
+
+fn matmul_len(request: &[u8]) -> Result<usize, Status> {
+    let (n, _, m) = matmul_dims(request)?;
+    n.checked_mul(m)
+        .and_then(|c| c.checked_mul(4))
+        .ok_or(Status::BadInput)
 }
 
 fn double(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
@@ -105,21 +190,46 @@ fn vector_add(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
 }
 
 fn saxpy(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
-    let count = request.len() / 4;
-    if count % 2 == 0 {
-        return Err(Status::BadLength);
-    }
+    saxpy_len(request)?;
     let (scalar, vectors) = request.split_at(4);
     let a = floats(scalar).next().ok_or(Status::BadLength)?;
-    if !a.is_finite() {
-        return Err(Status::BadInput);
-    }
     let (x, y) = vectors.split_at(vectors.len() / 2);
     write_floats(floats(x).zip(floats(y)).map(|(x, y)| a * x + y), response)
 }
 
 fn dot(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
     let (x, y) = request.split_at(request.len() / 2);
-    let sum: f32 = floats(x).zip(floats(y)).map(|(x, y)| x * y).sum();
+    // A fold from +0.0 in element order, as the device sources sum.
+    let sum = floats(x)
+        .zip(floats(y))
+        .fold(0.0f32, |sum, (x, y)| sum + x * y);
     write_floats(std::iter::once(sum), response)
+}
+
+fn matmul(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
+    let (n, k, m) = matmul_dims(request)?;
+    let values: Vec<f32> = floats(&request[12..]).collect();
+    let (a, b) = values.split_at(n * k);
+    let out_len = n * m * 4;
+    let out = response.get_mut(..out_len).ok_or(Status::Fault)?;
+    // Each C element is summed over `i` in order, as on the devices; the
+    // row of B is walked through a transposed copy so the inner loop reads
+    // memory in order.
+    let mut b_t = vec![0.0f32; k * m];
+    for i in 0..k {
+        for col in 0..m {
+            b_t[col * k + i] = b[i * m + col];
+        }
+    }
+    for (row, a_row) in a.chunks_exact(k).enumerate() {
+        for (col, b_col) in b_t.chunks_exact(k).enumerate() {
+            let sum = a_row
+                .iter()
+                .zip(b_col)
+                .fold(0.0f32, |sum, (x, y)| sum + x * y);
+            let at = (row * m + col) * 4;
+            out[at..at + 4].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+    Ok(out_len)
 }

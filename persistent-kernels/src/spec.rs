@@ -168,26 +168,56 @@ impl Status {
 }
 
 /// A CPU implementation: reads `request`, writes the response into
-/// `response` (sized to the response shape's maximum) and returns how many
-/// bytes it wrote. The request has already been checked against the
-/// request shape.
+/// `response` and returns how many bytes it wrote. The request has already
+/// been checked against the request shape (or the batch shape), and
+/// `response` holds at least [`KernelSpec::output_len`] bytes.
 pub type CpuFn = fn(request: &[u8], response: &mut [u8]) -> Result<usize, Status>;
 
+/// The response length of a request, in bytes, or the status that
+/// rejects it (for example matrix dimensions that do not match the data).
+/// Called after the shape check; the batch path sizes its output buffer
+/// with it and the bridge routes on it.
+pub type OutputLenFn = fn(request: &[u8]) -> Result<usize, Status>;
+
 /// One kernel.
+///
+/// Device sources define two entry points:
+/// - `granary_process(request, request_len, response, response_max,
+///   &response_len) -> status`, a device function that the persistent
+///   template calls once per ring request;
+/// - `granary_batch(request, request_len, response, response_len)`, a
+///   kernel launched over one work-item per output element for the
+///   launch-per-batch path.
+///
+/// Both see the status codes of `device/prelude.h`
+/// ([`DEVICE_PRELUDE`](crate::DEVICE_PRELUDE)).
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSpec {
     /// Stable id, used to register and call the kernel.
     pub id: &'static str,
     /// Version; bumped when the kernel's semantics change.
     pub version: u32,
-    /// What a request holds.
+    /// What a ring request holds: at most one ring slot.
     pub request: Shape,
-    /// What a response holds.
+    /// What a ring response holds.
     pub response: Shape,
-    /// The device function in OpenCL C, `process(request, response)`.
+    /// What a batch-path request holds: inputs too large for a ring slot.
+    pub batch_request: Shape,
+    /// The response length of a valid request.
+    pub output_len: OutputLenFn,
+    /// OpenCL C source with `granary_process` and `granary_batch`.
     pub opencl_c: Option<&'static str>,
-    /// The device function in CUDA C.
+    /// CUDA C source with the same two entry points.
     pub cuda_c: Option<&'static str>,
     /// The CPU implementation.
     pub cpu: Option<CpuFn>,
+}
+
+impl KernelSpec {
+    /// Whether `request` goes through a ring slot: it fits the ring request
+    /// shape and its response fits the ring response shape.
+    pub fn fits_ring(&self, request: &[u8]) -> bool {
+        self.request.check(request.len()).is_ok()
+            && (self.output_len)(request).is_ok_and(|len| len <= self.response.max_bytes())
+    }
 }

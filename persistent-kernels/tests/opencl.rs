@@ -3,8 +3,15 @@
 //! Where no OpenCL runtime was found when these tests were built, they are
 //! reported as ignored with the reason (see build.rs), not as passed.
 
-use granary_kernels::DeviceKind;
-use granary_kernels::opencl::{OpenClBackend, OpenClError, VECTOR_ADD_SOURCE};
+mod common;
+
+use common::{f32s, from_f32s};
+use granary_kernels::opencl::{OpenClBackend, OpenClError};
+use granary_kernels::shipped::{MATMUL, VECTOR_ADD};
+use granary_kernels::{Backend, BackendError, DeviceKind, KernelSpec, Shape, Status};
+
+/// A trivial source for the cache test.
+const SOURCE: &str = "kernel void granary_probe(global float* x) { x[get_global_id(0)] = 1.0f; }";
 
 fn backend() -> OpenClBackend {
     OpenClBackend::discover().expect("an OpenCL runtime was found at build time")
@@ -40,7 +47,8 @@ fn a_vector_add_of_one_million_elements_matches_the_cpu() {
     let n = 1 << 20;
     let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
     let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32).collect();
-    let c = backend.vector_add(0, &a, &b).unwrap();
+    let request = f32s(&[a.clone(), b.clone()].concat());
+    let c = from_f32s(&backend.run_batch(0, &VECTOR_ADD, &request).unwrap());
     assert_eq!(c.len(), n);
     for i in 0..n {
         assert_eq!(c[i], a[i] + b[i], "element {i}");
@@ -54,8 +62,8 @@ fn a_vector_add_of_one_million_elements_matches_the_cpu() {
 )]
 fn builds_are_cached_per_source_and_failures_return_the_build_log() {
     let backend = backend();
-    let first = backend.compile(0, VECTOR_ADD_SOURCE).unwrap();
-    let again = backend.compile(0, VECTOR_ADD_SOURCE).unwrap();
+    let first = backend.compile(0, SOURCE).unwrap();
+    let again = backend.compile(0, SOURCE).unwrap();
     assert!(
         std::sync::Arc::ptr_eq(&first, &again),
         "the second build came from the cache"
@@ -85,18 +93,51 @@ fn builds_are_cached_per_source_and_failures_return_the_build_log() {
 )]
 fn bad_input_and_unknown_devices_are_typed_errors() {
     let backend = backend();
+    // An odd element count is not two equal vectors.
     assert!(matches!(
-        backend.vector_add(0, &[1.0], &[1.0, 2.0]),
-        Err(OpenClError::BadInput(_))
+        Backend::run_batch(&backend, 0, &VECTOR_ADD, &f32s(&[1.0, 2.0, 3.0])),
+        Err(BackendError::WrongShape(_))
     ));
-    assert_eq!(backend.vector_add(0, &[], &[]), Ok(Vec::new()));
+    // Dimensions that do not match the data.
+    let bad_dims = f32s(&[2.0, 2.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+    assert_eq!(
+        Backend::run_batch(&backend, 0, &MATMUL, &bad_dims),
+        Err(BackendError::Rejected(Status::BadLength))
+    );
     let missing = backend.devices().len();
+    let request = f32s(&[1.0, 2.0, 3.0, 4.0]);
     assert_eq!(
-        backend.vector_add(missing, &[1.0], &[1.0]),
-        Err(OpenClError::UnknownDevice(missing))
+        Backend::run_batch(&backend, missing, &VECTOR_ADD, &request),
+        Err(BackendError::UnknownDevice(missing))
     );
     assert_eq!(
-        backend.vector_add(0, &[1.0, 2.0], &[3.0, 4.0]),
-        Ok(vec![4.0, 6.0])
+        from_f32s(&Backend::run_batch(&backend, 0, &VECTOR_ADD, &request).unwrap()),
+        vec![4.0, 6.0]
     );
+    // A kernel without OpenCL C, and one whose source does not build.
+    let no_source = KernelSpec {
+        opencl_c: None,
+        ..VECTOR_ADD
+    };
+    assert!(matches!(
+        backend.prepare(0, &no_source),
+        Err(BackendError::Unsupported { .. })
+    ));
+    let broken = KernelSpec {
+        id: "broken",
+        opencl_c: Some("uint granary_process(oops"),
+        request: Shape::exactly(granary_kernels::ElementType::F32, 1),
+        ..VECTOR_ADD
+    };
+    match backend.prepare(0, &broken) {
+        Err(BackendError::Build { kernel, log }) => {
+            assert_eq!(kernel, "broken");
+            assert!(!log.is_empty());
+        }
+        other => panic!("expected a build error, got {other:?}"),
+    }
+    assert!(matches!(
+        backend.program_for(0, &broken),
+        Err(OpenClError::Build { .. })
+    ));
 }

@@ -148,10 +148,14 @@ fn bad_requests_and_launches_are_typed_errors() {
         Err(SubmitError::WrongShape(..))
     ));
     drop(kernel);
-    // No OpenCL source yet for dot; too many work-groups; unknown device.
+    // No OpenCL source; too many work-groups; unknown device.
+    let no_source = granary_kernels::KernelSpec {
+        opencl_c: None,
+        ..DOT
+    };
     assert!(matches!(
-        OpenClPersistentKernel::launch(&backend, 0, DOT, 16, 1),
-        Err(OpenClError::BadInput(_))
+        OpenClPersistentKernel::launch(&backend, 0, no_source, 16, 1),
+        Err(OpenClError::NoSource)
     ));
     assert!(matches!(
         OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, 1000),

@@ -5,7 +5,6 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use granary_ring::device::OPENCL_HEADER;
 use granary_ring::{Consumer, Ownership, Region, Ring, RingConfig, WaitPolicy};
 use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
@@ -14,7 +13,8 @@ use opencl3::kernel::{ExecuteKernel, Kernel};
 use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRAIN_BUFFER};
 
 use super::{OpenClBackend, OpenClError, api};
-use crate::cpu::{Completion, SubmitError, Submitter, completion};
+use crate::backend::PersistentKernel;
+use crate::cpu::{Completion, StopMode, StopReport, SubmitError, Submitter, completion};
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (OpenCL C 2.0), appended after the ring
@@ -122,12 +122,6 @@ impl OpenClPersistentKernel {
         capacity: u32,
         work_groups: usize,
     ) -> Result<OpenClPersistentKernel, OpenClError> {
-        let Some(process) = spec.opencl_c else {
-            return Err(OpenClError::BadInput(format!(
-                "kernel {:?} has no OpenCL C source",
-                spec.id
-            )));
-        };
         let device = backend.device(index)?;
         let compute_units = device.info.compute_units as usize;
         if work_groups == 0 || work_groups > compute_units {
@@ -135,23 +129,7 @@ impl OpenClPersistentKernel {
                 "{work_groups} work-groups on a device with {compute_units} compute units"
             )));
         }
-        let source = format!("{OPENCL_HEADER}\n{process}\n{PERSISTENT_TEMPLATE}");
-        // OpenCL C 3.0 first (POCL's C11 atomics only build there), then 2.0.
-        let program = match backend.compile_with(index, &source, "-cl-std=CL3.0") {
-            Ok(program) => program,
-            Err(OpenClError::Build { log: log_3 }) => {
-                match backend.compile_with(index, &source, "-cl-std=CL2.0") {
-                    Ok(program) => program,
-                    Err(OpenClError::Build { log: log_2 }) => {
-                        return Err(OpenClError::Build {
-                            log: format!("as OpenCL C 3.0:\n{log_3}\nas OpenCL C 2.0:\n{log_2}"),
-                        });
-                    }
-                    Err(other) => return Err(other),
-                }
-            }
-            Err(other) => return Err(other),
-        };
+        let program = backend.program_for(index, &spec)?;
         let kernel =
             Kernel::create(&program, "granary_persistent").map_err(api("clCreateKernel"))?;
         let ring = |config: RingConfig| -> Result<Ring, OpenClError> {
@@ -226,11 +204,19 @@ impl OpenClPersistentKernel {
         Some(completion(&message))
     }
 
-    /// The kernel loop's heartbeat (rule H1).
+    /// The kernel loop's heartbeat (rule H1): the request ring's consumer
+    /// heartbeat, which every loop turn beats, plus the response ring's
+    /// producer heartbeat, which it beats while waiting for response space.
     pub fn heartbeat(&self) -> u64 {
-        self.requests
+        let requests = self
+            .requests
             .as_ref()
-            .map_or(0, Submitter::consumer_heartbeat)
+            .map_or(0, Submitter::consumer_heartbeat);
+        let responses = self
+            .responses
+            .as_ref()
+            .map_or(0, Consumer::producer_heartbeat);
+        requests.wrapping_add(responses)
     }
 
     /// Closes the request ring and waits up to `timeout` for the kernel to
@@ -263,6 +249,54 @@ impl OpenClPersistentKernel {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Stops as [`PersistentKernel::stop`] does. Abandoning closes the
+    /// response ring too: the kernel's next response claim fails, and it
+    /// releases the request in hand and exits (template step 3).
+    pub fn stop_with(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        if mode == StopMode::Abandon {
+            if let Some(responses) = &self.responses {
+                responses.close();
+            }
+        }
+        let mut report = StopReport {
+            // A kernel that failed reports no exit; its rings are kept.
+            exited: matches!(self.stop(timeout), Ok(true)),
+            ..StopReport::default()
+        };
+        if report.exited {
+            while let Some(completion) = self.try_complete() {
+                report.completions.push(completion);
+            }
+        }
+        report
+    }
+}
+
+impl PersistentKernel for OpenClPersistentKernel {
+    fn spec(&self) -> &KernelSpec {
+        &self.spec
+    }
+
+    fn submitter(&self) -> Option<Submitter> {
+        self.requests.clone()
+    }
+
+    fn try_complete(&mut self) -> Option<Completion> {
+        OpenClPersistentKernel::try_complete(self)
+    }
+
+    fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        OpenClPersistentKernel::complete(self, timeout)
+    }
+
+    fn heartbeat(&self) -> u64 {
+        OpenClPersistentKernel::heartbeat(self)
+    }
+
+    fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        self.stop_with(mode, timeout)
     }
 }
 

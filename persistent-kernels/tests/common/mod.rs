@@ -13,3 +13,19 @@ pub fn from_f32s(bytes: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// Deterministic pseudo-random `f32`s in `[-1, 1)` (xorshift64*), so a
+/// failure reproduces.
+#[allow(dead_code)]
+pub fn random_f32s(seed: u64, count: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+            bits as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}

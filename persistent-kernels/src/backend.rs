@@ -1,0 +1,266 @@
+//! The traits every backend implements, and the CPU backend.
+//!
+//! A [`Backend`] owns the devices of one API (CPU, OpenCL, CUDA). It can:
+//! 1. list its devices ([`Backend::devices`]);
+//! 2. build a kernel for a device, once ([`Backend::prepare`]; the build is
+//!    cached per device and source, and a failed build returns the
+//!    driver's log);
+//! 3. launch a persistent kernel and hand back a [`PersistentKernel`]:
+//!    submit through a [`Submitter`], poll completions, stop;
+//! 4. run the launch-per-batch path with device buffers
+//!    ([`Backend::run_batch`]) for inputs too large for a ring slot.
+//!
+//! The bridge drives every backend through these traits only, so the CUDA
+//! backend plugs in beside the two here.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::cpu::{Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode};
+use crate::cpu::{StopReport, Submitter};
+use crate::device::{BackendKind, DeviceInfo, host_device};
+use crate::spec::{KernelSpec, ShapeError, Status};
+
+/// What a backend operation can fail with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend's runtime is not installed or has no device.
+    Unavailable(String),
+    /// No device with this index on the backend.
+    UnknownDevice(usize),
+    /// The kernel has no source or implementation for this backend.
+    Unsupported {
+        /// The kernel.
+        kernel: &'static str,
+        /// The backend.
+        backend: BackendKind,
+    },
+    /// The kernel failed to build; `log` is the compiler's log.
+    Build {
+        /// The kernel.
+        kernel: &'static str,
+        /// The build log.
+        log: String,
+    },
+    /// The input does not fit the kernel's batch shape.
+    WrongShape(ShapeError),
+    /// The kernel rejected the input (bad length or bad contents).
+    Rejected(Status),
+    /// A driver call or the device failed.
+    Device(String),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::Unavailable(why) => write!(f, "backend unavailable: {why}"),
+            BackendError::UnknownDevice(index) => write!(f, "no device {index}"),
+            BackendError::Unsupported { kernel, backend } => {
+                write!(f, "kernel {kernel:?} has no {backend:?} implementation")
+            }
+            BackendError::Build { kernel, log } => {
+                write!(f, "kernel {kernel:?} failed to build:\n{log}")
+            }
+            BackendError::WrongShape(err) => write!(f, "input does not fit the kernel: {err}"),
+            BackendError::Rejected(status) => {
+                write!(f, "the kernel rejected the input: {status:?}")
+            }
+            BackendError::Device(why) => write!(f, "device failure: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+impl From<LaunchError> for BackendError {
+    fn from(err: LaunchError) -> BackendError {
+        match err {
+            LaunchError::NoCpuImplementation { kernel } => BackendError::Unsupported {
+                kernel,
+                backend: BackendKind::Cpu,
+            },
+            other => BackendError::Device(other.to_string()),
+        }
+    }
+}
+
+/// A running persistent kernel, whatever its backend.
+pub trait PersistentKernel: Send {
+    /// The kernel's spec.
+    fn spec(&self) -> &KernelSpec;
+
+    /// A handle that submits requests from any thread; `None` once stopped.
+    fn submitter(&self) -> Option<Submitter>;
+
+    /// Takes one completion if one is ready.
+    fn try_complete(&mut self) -> Option<Completion>;
+
+    /// Waits up to `timeout` for one completion.
+    fn complete(&mut self, timeout: Duration) -> Option<Completion>;
+
+    /// The kernel loop's heartbeat: it advances while the loop runs, busy or
+    /// idle (rule H1), and stands still while the kernel is stuck.
+    fn heartbeat(&self) -> u64;
+
+    /// Stops the kernel: no new requests, then either every queued request
+    /// is answered ([`StopMode::Drain`]) or the loop exits after the request
+    /// in hand ([`StopMode::Abandon`]). Waits at most `timeout` for the
+    /// kernel to exit; the report says whether it did.
+    fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport;
+}
+
+/// One API's devices: discovery, builds, persistent kernels, batches.
+pub trait Backend: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The devices found, indexed from 0.
+    fn devices(&self) -> Vec<DeviceInfo>;
+
+    /// Builds `spec` for `device`, or finds the cached build. Idempotent.
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError>;
+
+    /// Launches `spec`'s persistent kernel on `device`, building it first
+    /// if needed.
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError>;
+
+    /// Runs `spec` once over `request` on `device` with device buffers and
+    /// returns the response. The request is checked against the kernel's
+    /// batch shape and its `output_len` first.
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        request: &[u8],
+    ) -> Result<Vec<u8>, BackendError>;
+}
+
+/// The response length of a batch request: the batch shape and the
+/// kernel's own check, in that order.
+pub fn batch_output_len(spec: &KernelSpec, request: &[u8]) -> Result<usize, BackendError> {
+    spec.batch_request
+        .check(request.len())
+        .map_err(BackendError::WrongShape)?;
+    (spec.output_len)(request).map_err(BackendError::Rejected)
+}
+
+/// The CPU backend: one device, this host; persistent kernels are threads.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    device: DeviceInfo,
+}
+
+impl CpuBackend {
+    /// The host as the backend's one device.
+    pub fn new() -> CpuBackend {
+        CpuBackend {
+            device: host_device(),
+        }
+    }
+
+    /// A CPU backend that reports `device` (for example with a memory limit
+    /// configured for placement tests).
+    pub fn with_device(device: DeviceInfo) -> CpuBackend {
+        CpuBackend { device }
+    }
+
+    fn check_device(&self, device: usize) -> Result<(), BackendError> {
+        if device == 0 {
+            Ok(())
+        } else {
+            Err(BackendError::UnknownDevice(device))
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> CpuBackend {
+        CpuBackend::new()
+    }
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![self.device.clone()]
+    }
+
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.check_device(device)?;
+        match spec.cpu {
+            Some(_) => Ok(()),
+            None => Err(BackendError::Unsupported {
+                kernel: spec.id,
+                backend: BackendKind::Cpu,
+            }),
+        }
+    }
+
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        self.check_device(device)?;
+        Ok(Box::new(CpuPersistentKernel::launch(spec, *config)?))
+    }
+
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        request: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        self.check_device(device)?;
+        let Some(cpu) = spec.cpu else {
+            return Err(BackendError::Unsupported {
+                kernel: spec.id,
+                backend: BackendKind::Cpu,
+            });
+        };
+        let len = batch_output_len(spec, request)?;
+        let mut response = vec![0u8; len];
+        let written =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cpu(request, &mut response)))
+                .unwrap_or(Err(Status::Fault))
+                .map_err(BackendError::Rejected)?;
+        response.truncate(written);
+        Ok(response)
+    }
+}
+
+impl PersistentKernel for CpuPersistentKernel {
+    fn spec(&self) -> &KernelSpec {
+        CpuPersistentKernel::spec(self)
+    }
+
+    fn submitter(&self) -> Option<Submitter> {
+        Some(CpuPersistentKernel::submitter(self))
+    }
+
+    fn try_complete(&mut self) -> Option<Completion> {
+        CpuPersistentKernel::try_complete(self)
+    }
+
+    fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        CpuPersistentKernel::complete(self, timeout)
+    }
+
+    fn heartbeat(&self) -> u64 {
+        CpuPersistentKernel::heartbeat(self)
+    }
+
+    fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        self.stop_within(mode, timeout)
+    }
+}

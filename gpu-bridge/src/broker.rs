@@ -215,10 +215,20 @@ impl DeviceBroker {
 
     /// The device that best meets `need` (invariant 3), if any does.
     pub fn select(&self, need: &Requirements) -> Option<DeviceId> {
+        self.select_where(need, |_| true)
+    }
+
+    /// [`DeviceBroker::select`] among the devices `allowed` accepts (the
+    /// bridge passes the devices that have the kernel and are healthy).
+    pub fn select_where(
+        &self,
+        need: &Requirements,
+        allowed: impl Fn(DeviceId) -> bool,
+    ) -> Option<DeviceId> {
         self.devices
             .iter()
             .enumerate()
-            .filter(|(_, entry)| entry.meets(need))
+            .filter(|(i, entry)| allowed(DeviceId(*i)) && entry.meets(need))
             .map(|(i, entry)| {
                 let depth = entry.queue_depth.load(Ordering::Acquire);
                 (DeviceId(i), entry.available() as f64 / (1 + depth) as f64)

@@ -15,8 +15,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod bridge;
 pub mod broker;
 pub mod pool;
+
+pub use bridge::{
+    BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
+};
+pub use granary_kernels::StopMode;
 
 pub use broker::{
     BrokerError, DeviceBroker, DeviceId, DeviceStats, InFlight, Requirements, Reservation,

@@ -216,6 +216,82 @@ impl Submitter {
     }
 }
 
+/// Why a batch was not submitted. Nothing of the batch was enqueued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BatchSubmitError {
+    /// Request `index` of the batch does not fit the kernel's request shape.
+    WrongShape {
+        /// Its position in the batch.
+        index: usize,
+        /// Why.
+        error: ShapeError,
+    },
+    /// The request ring has fewer free slots than the batch has requests.
+    Full,
+    /// The batch is empty or larger than the ring.
+    BadCount(usize),
+    /// The kernel has been stopped.
+    Stopped,
+}
+
+impl fmt::Display for BatchSubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchSubmitError::WrongShape { index, error } => {
+                write!(f, "request {index} does not fit the kernel: {error}")
+            }
+            BatchSubmitError::Full => write!(f, "the kernel's request ring is too full"),
+            BatchSubmitError::BadCount(count) => {
+                write!(f, "a batch of {count} requests does not fit the ring")
+            }
+            BatchSubmitError::Stopped => write!(f, "the kernel has been stopped"),
+        }
+    }
+}
+
+impl std::error::Error for BatchSubmitError {}
+
+impl Submitter {
+    /// Submits every `(request_id, payload)` of `batch` with one claim on
+    /// the request ring: all of them or none. Never blocks. This is how
+    /// the bridge micro-batches: one claim, one wake of the kernel, for
+    /// many callers' requests.
+    pub fn submit_batch<P: AsRef<[u8]>>(&self, batch: &[(u64, P)]) -> Result<(), BatchSubmitError> {
+        for (index, (_, payload)) in batch.iter().enumerate() {
+            if let Err(error) = self.spec.request.check(payload.as_ref().len()) {
+                return Err(BatchSubmitError::WrongShape { index, error });
+            }
+        }
+        let mut chunk = match self.requests.try_reserve(batch.len()) {
+            Ok(chunk) => chunk,
+            Err(ReserveError::Full { .. }) => return Err(BatchSubmitError::Full),
+            Err(ReserveError::Closed) => return Err(BatchSubmitError::Stopped),
+            Err(_) => return Err(BatchSubmitError::BadCount(batch.len())),
+        };
+        for (index, (request_id, payload)) in batch.iter().enumerate() {
+            let Some(mut slot) = chunk.slot(index) else {
+                return Err(BatchSubmitError::BadCount(batch.len()));
+            };
+            // The ring's slots hold the shape's largest request, and every
+            // payload passed the shape check above. Should a write still
+            // fail, dropping the chunk publishes its slots as skipped.
+            if slot.write(payload.as_ref()).is_err() {
+                return Err(BatchSubmitError::WrongShape {
+                    index,
+                    error: ShapeError {
+                        len: payload.as_ref().len(),
+                        shape: self.spec.request,
+                    },
+                });
+            }
+            slot.set_request_id(*request_id);
+        }
+        chunk.commit();
+        Ok(())
+    }
+}
+
 impl fmt::Debug for Submitter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Submitter")

@@ -32,8 +32,8 @@ mod spec;
 
 pub use backend::{Backend, BackendError, CpuBackend, PersistentKernel, batch_output_len};
 pub use cpu::{
-    Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode, StopReport, SubmitError,
-    Submitter,
+    BatchSubmitError, Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode,
+    StopReport, SubmitError, Submitter,
 };
 pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;

@@ -1,0 +1,766 @@
+//! The bridge: the async API that grains call to run kernels.
+//!
+//! `bridge.execute(kernel_id, input).await` picks a route and a device:
+//!
+//! 1. **Catalog.** The kernel must be registered (specs are registered once,
+//!    when the bridge is built).
+//! 2. **Route.** A request that fits a ring slot, and whose answer fits one,
+//!    goes to a persistent kernel. A larger one takes the launch-per-batch
+//!    path. Anything beyond the kernel's batch shape is `TooLarge`, and a
+//!    length the kernel cannot take is `WrongShape`, before any device is
+//!    touched.
+//! 3. **Device.** Among the primary backends' devices that have the kernel
+//!    and are healthy, the broker picks the one with the most free memory
+//!    per request in flight. The kernel is built and launched there on its
+//!    first request (lazily, once per kernel and device; a failed build is
+//!    remembered, not retried on every call).
+//! 4. **Fallback.** When no device can run the kernel (it failed to build,
+//!    its device failed, or it has no source for any device), the request
+//!    runs on the CPU backend if the kernel has a CPU implementation and
+//!    the policy is [`FallbackPolicy::Cpu`]. Each fallback is counted
+//!    (`granary_gpu_fallbacks_total`) and logged at debug level; the device
+//!    failure that caused it is logged once, as a warning.
+//! 5. **Ring path.** See [`instance`](self::instance) for slots, request ids,
+//!    micro-batching, completions, hang detection and stopping.
+//! 6. **Batch path.** The request's input and output bytes are reserved on
+//!    the device in the broker first (so it never overcommits), then the
+//!    backend runs the kernel on a blocking thread.
+//!
+//! Every request runs in a `granary_gpu.execute` tracing span at debug
+//! level. Metrics: `granary_gpu_requests_total`,
+//! `granary_gpu_failures_total` (by reason), `granary_gpu_request_seconds`,
+//! `granary_gpu_queue_depth`, `granary_gpu_fallbacks_total`,
+//! `granary_gpu_hangs_total`, and `granary_gpu_device_memory_used_bytes` /
+//! `_free_bytes`. Install a `metrics` recorder before building the bridge:
+//! instances register their handles when they launch.
+
+mod config;
+mod error;
+mod instance;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use granary_kernels::{
+    Backend, BackendError, BackendKind, CpuBackend, DeviceInfo, KernelSpec, Status, StopMode,
+    batch_output_len,
+};
+use granary_ring::RingConfig;
+use tokio::sync::OnceCell;
+use tracing::Instrument;
+
+pub use config::{BridgeConfig, FallbackPolicy};
+pub use error::{BuildError, ExecuteError};
+use instance::{KernelInstance, Launcher, record_failure};
+
+use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
+
+/// A device and the backend that drives it.
+struct DeviceSlot {
+    backend: Arc<dyn Backend>,
+    /// Index among its backend's devices.
+    index: usize,
+    info: DeviceInfo,
+    /// Routed to first; the CPU backend is primary only when no other
+    /// backend was given.
+    primary: bool,
+}
+
+/// A launched (or failed) kernel instance.
+type InstanceCell = OnceCell<Result<Arc<KernelInstance>, BackendError>>;
+
+struct Shared {
+    kernels: Vec<KernelSpec>,
+    by_id: HashMap<&'static str, usize>,
+    devices: Vec<DeviceSlot>,
+    /// The CPU backend's device: the fallback.
+    cpu: DeviceId,
+    broker: DeviceBroker,
+    /// `kernels.len() × devices.len()`, kernel-major.
+    instances: Box<[InstanceCell]>,
+    config: BridgeConfig,
+    shut_down: AtomicBool,
+}
+
+impl Drop for Shared {
+    /// The last handle gone: every kernel is told to stop. Their threads
+    /// exit on their own; nothing blocks here, which may be inside a
+    /// runtime.
+    fn drop(&mut self) {
+        for instance in self
+            .instances
+            .iter()
+            .filter_map(|cell| cell.get()?.as_ref().ok())
+        {
+            instance.request_stop(StopMode::Abandon);
+        }
+    }
+}
+
+/// The node's GPU bridge. Cheap to clone; every clone is the same bridge.
+#[derive(Clone)]
+pub struct GpuBridge {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for GpuBridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuBridge")
+            .field("kernels", &self.shared.by_id.keys().collect::<Vec<_>>())
+            .field("devices", &self.shared.broker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`GpuBridge`].
+pub struct BridgeBuilder {
+    backends: Vec<Arc<dyn Backend>>,
+    cpu: CpuBackend,
+    kernels: Vec<KernelSpec>,
+    config: BridgeConfig,
+}
+
+impl Default for BridgeBuilder {
+    fn default() -> BridgeBuilder {
+        BridgeBuilder::new()
+    }
+}
+
+impl fmt::Debug for BridgeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BridgeBuilder")
+            .field("kernels", &self.kernels.len())
+            .field("backends", &self.backends.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BridgeBuilder {
+    /// A bridge with only the CPU backend and no kernels.
+    pub fn new() -> BridgeBuilder {
+        BridgeBuilder {
+            backends: Vec::new(),
+            cpu: CpuBackend::new(),
+            kernels: Vec::new(),
+            config: BridgeConfig::default(),
+        }
+    }
+
+    /// Adds a device backend (OpenCL, CUDA). Its devices are routed to
+    /// before the CPU backend, which then serves as the fallback.
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> BridgeBuilder {
+        self.backends.push(backend);
+        self
+    }
+
+    /// Replaces the CPU backend (for example one reporting a memory limit).
+    pub fn cpu_backend(mut self, cpu: CpuBackend) -> BridgeBuilder {
+        self.cpu = cpu;
+        self
+    }
+
+    /// Registers a kernel.
+    pub fn kernel(mut self, spec: KernelSpec) -> BridgeBuilder {
+        self.kernels.push(spec);
+        self
+    }
+
+    /// Registers several kernels.
+    pub fn kernels(mut self, specs: impl IntoIterator<Item = KernelSpec>) -> BridgeBuilder {
+        self.kernels.extend(specs);
+        self
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: BridgeConfig) -> BridgeBuilder {
+        self.config = config;
+        self
+    }
+
+    /// Builds the bridge. Nothing is compiled or launched yet.
+    pub fn build(self) -> Result<GpuBridge, BuildError> {
+        self.config.validate().map_err(BuildError::InvalidConfig)?;
+        let mut by_id = HashMap::new();
+        for (position, spec) in self.kernels.iter().enumerate() {
+            if by_id.insert(spec.id, position).is_some() {
+                return Err(BuildError::DuplicateKernel(spec.id));
+            }
+        }
+        let cpu_primary = self.backends.is_empty();
+        let mut devices = Vec::new();
+        for backend in self.backends {
+            for (index, info) in backend.devices().into_iter().enumerate() {
+                devices.push(DeviceSlot {
+                    backend: backend.clone(),
+                    index,
+                    info,
+                    primary: true,
+                });
+            }
+        }
+        let cpu = DeviceId(devices.len());
+        let cpu_backend: Arc<dyn Backend> = Arc::new(self.cpu);
+        for (index, info) in cpu_backend.devices().into_iter().enumerate() {
+            devices.push(DeviceSlot {
+                backend: cpu_backend.clone(),
+                index,
+                info,
+                primary: cpu_primary,
+            });
+        }
+        let broker = DeviceBroker::new(devices.iter().map(|d| d.info.clone()).collect());
+        let instances = (0..self.kernels.len() * devices.len())
+            .map(|_| OnceCell::new())
+            .collect();
+        let bridge = GpuBridge {
+            shared: Arc::new(Shared {
+                kernels: self.kernels,
+                by_id,
+                devices,
+                cpu,
+                broker,
+                instances,
+                config: self.config,
+                shut_down: AtomicBool::new(false),
+            }),
+        };
+        for id in 0..bridge.shared.devices.len() {
+            bridge.report_memory(DeviceId(id));
+        }
+        Ok(bridge)
+    }
+}
+
+/// Where a request goes.
+enum Route {
+    Ring,
+    Batch { output_len: usize },
+}
+
+impl GpuBridge {
+    /// A builder.
+    pub fn builder() -> BridgeBuilder {
+        BridgeBuilder::new()
+    }
+
+    /// The registered kernels.
+    pub fn kernels(&self) -> impl Iterator<Item = &KernelSpec> {
+        self.shared.kernels.iter()
+    }
+
+    /// The device broker: devices, reservations and per-device stats.
+    pub fn broker(&self) -> &DeviceBroker {
+        &self.shared.broker
+    }
+
+    /// Every device with its counters.
+    pub fn devices(&self) -> Vec<(DeviceId, DeviceInfo, DeviceStats)> {
+        self.shared
+            .devices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let id = DeviceId(i);
+                let stats = self.shared.broker.stats(id).ok()?;
+                Some((id, slot.info.clone(), stats))
+            })
+            .collect()
+    }
+
+    /// Runs kernel `kernel_id` on `input` and returns its response.
+    pub async fn execute(&self, kernel_id: &str, input: &[u8]) -> Result<Vec<u8>, ExecuteError> {
+        let span = tracing::debug_span!(
+            "granary_gpu.execute",
+            kernel = kernel_id,
+            bytes = input.len()
+        );
+        self.execute_inner(kernel_id, input).instrument(span).await
+    }
+
+    async fn execute_inner(&self, kernel_id: &str, input: &[u8]) -> Result<Vec<u8>, ExecuteError> {
+        let (kernel, spec) = self.lookup(kernel_id)?;
+        match self.route(&spec, input)? {
+            Route::Ring => {
+                let instance = self.instance_for(kernel, &spec).await?;
+                let reply = instance.stage(input.to_vec()).await?;
+                instance.flush();
+                reply.await.unwrap_or(Err(ExecuteError::ShutDown))
+            }
+            Route::Batch { output_len } => self.run_batch(&spec, input, output_len).await,
+        }
+    }
+
+    /// Runs kernel `kernel_id` on every input; the answers come back in
+    /// order. Ring-sized inputs are staged together, so they enter the ring
+    /// in as few claims as `micro_batch` allows.
+    pub async fn execute_batch<I: AsRef<[u8]>>(
+        &self,
+        kernel_id: &str,
+        inputs: &[I],
+    ) -> Vec<Result<Vec<u8>, ExecuteError>> {
+        let span = tracing::debug_span!(
+            "granary_gpu.execute_batch",
+            kernel = kernel_id,
+            requests = inputs.len()
+        );
+        self.execute_batch_inner(kernel_id, inputs)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_batch_inner<I: AsRef<[u8]>>(
+        &self,
+        kernel_id: &str,
+        inputs: &[I],
+    ) -> Vec<Result<Vec<u8>, ExecuteError>> {
+        let (kernel, spec) = match self.lookup(kernel_id) {
+            Ok(found) => found,
+            Err(err) => return inputs.iter().map(|_| Err(err.clone())).collect(),
+        };
+        enum Waiting {
+            Reply(tokio::sync::oneshot::Receiver<Result<Vec<u8>, ExecuteError>>),
+            Done(Result<Vec<u8>, ExecuteError>),
+            Batch(usize),
+        }
+        let mut waiting = Vec::with_capacity(inputs.len());
+        let mut staged_on = Vec::new();
+        for input in inputs {
+            let input = input.as_ref();
+            let entry = match self.route(&spec, input) {
+                Err(err) => Waiting::Done(Err(err)),
+                Ok(Route::Batch { output_len }) => Waiting::Batch(output_len),
+                Ok(Route::Ring) => match self.instance_for(kernel, &spec).await {
+                    Err(err) => Waiting::Done(Err(err)),
+                    Ok(instance) => {
+                        // Flush before waiting for a slot, or a batch larger
+                        // than the ring would wait on its own requests.
+                        instance.flush();
+                        let staged = instance.stage(input.to_vec()).await;
+                        if !staged_on.iter().any(|i| Arc::ptr_eq(i, &instance)) {
+                            staged_on.push(instance);
+                        }
+                        match staged {
+                            Ok(reply) => Waiting::Reply(reply),
+                            Err(err) => Waiting::Done(Err(err)),
+                        }
+                    }
+                },
+            };
+            waiting.push(entry);
+        }
+        for instance in &staged_on {
+            instance.flush();
+        }
+        let mut results = Vec::with_capacity(inputs.len());
+        for (entry, input) in waiting.into_iter().zip(inputs) {
+            results.push(match entry {
+                Waiting::Done(result) => result,
+                Waiting::Reply(reply) => reply.await.unwrap_or(Err(ExecuteError::ShutDown)),
+                Waiting::Batch(output_len) => {
+                    self.run_batch(&spec, input.as_ref(), output_len).await
+                }
+            });
+        }
+        results
+    }
+
+    /// Stops every kernel: `Drain` answers every request already accepted,
+    /// `Abandon` fails the ones not yet answered with `ShutDown`. Requests
+    /// made afterwards fail with `ShutDown`. Returns once every kernel's
+    /// thread has exited (or been given up on after `stop_timeout`).
+    pub async fn shutdown(&self, mode: StopMode) {
+        self.shared.shut_down.store(true, Ordering::Release);
+        let instances: Vec<Arc<KernelInstance>> = self
+            .shared
+            .instances
+            .iter()
+            .filter_map(|cell| cell.get()?.as_ref().ok().cloned())
+            .collect();
+        for instance in &instances {
+            instance.request_stop(mode);
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for instance in instances {
+                instance.join();
+            }
+        });
+        if joined.await.is_err() {
+            tracing::error!("a kernel's completion thread panicked during shutdown");
+        }
+    }
+
+    fn lookup(&self, kernel_id: &str) -> Result<(usize, KernelSpec), ExecuteError> {
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            return Err(ExecuteError::ShutDown);
+        }
+        match self.shared.by_id.get(kernel_id) {
+            Some(&kernel) => Ok((kernel, self.shared.kernels[kernel])),
+            None => Err(ExecuteError::UnknownKernel(kernel_id.to_string())),
+        }
+    }
+
+    /// Rule 2 of the module docs.
+    fn route(&self, spec: &KernelSpec, input: &[u8]) -> Result<Route, ExecuteError> {
+        let kernel = spec.id;
+        if spec.fits_ring(input) {
+            return Ok(Route::Ring);
+        }
+        let max = spec.batch_request.max_bytes();
+        if input.len() > max {
+            return Err(ExecuteError::TooLarge {
+                kernel,
+                len: input.len(),
+                max,
+            });
+        }
+        match batch_output_len(spec, input) {
+            Ok(output_len) => Ok(Route::Batch { output_len }),
+            Err(BackendError::WrongShape(error)) => Err(ExecuteError::WrongShape { kernel, error }),
+            Err(BackendError::Rejected(status)) => Err(ExecuteError::Rejected { kernel, status }),
+            Err(other) => Err(ExecuteError::DeviceFailed {
+                kernel,
+                backend: BackendKind::Cpu,
+                reason: other.to_string(),
+            }),
+        }
+    }
+
+    fn cell(&self, kernel: usize, device: DeviceId) -> &InstanceCell {
+        &self.shared.instances[kernel * self.shared.devices.len() + device.0]
+    }
+
+    /// Whether `device` can run `spec`'s persistent kernel now.
+    fn usable(&self, kernel: usize, spec: &KernelSpec, device: DeviceId) -> bool {
+        let slot = &self.shared.devices[device.0];
+        slot.primary
+            && supports(slot.backend.kind(), spec)
+            && match self.cell(kernel, device).get() {
+                None => true,
+                Some(Ok(instance)) => !instance.is_failed(),
+                Some(Err(_)) => false,
+            }
+    }
+
+    /// Rules 3 and 4: the instance that serves this request.
+    async fn instance_for(
+        &self,
+        kernel: usize,
+        spec: &KernelSpec,
+    ) -> Result<Arc<KernelInstance>, ExecuteError> {
+        let mut cause = None;
+        let need = Requirements::default();
+        while let Some(device) = self
+            .shared
+            .broker
+            .select_where(&need, |id| self.usable(kernel, spec, id))
+        {
+            match self.instance(kernel, spec, device).await {
+                Ok(instance) => return Ok(instance),
+                Err(err) => cause = Some((device, err)),
+            }
+        }
+        let cpu = self.shared.cpu;
+        if self.shared.devices[cpu.0].primary {
+            return match cause {
+                Some((_, err)) => Err(execute_error(spec, BackendKind::Cpu, err)),
+                None => Err(ExecuteError::NoDevice { kernel: spec.id }),
+            };
+        }
+        let from = cause
+            .as_ref()
+            .map(|(device, _)| self.shared.devices[device.0].backend.kind());
+        if !self.may_fall_back(spec) {
+            return match cause {
+                Some((device, err)) => Err(execute_error(
+                    spec,
+                    self.shared.devices[device.0].backend.kind(),
+                    err,
+                )),
+                None => Err(ExecuteError::NoDevice { kernel: spec.id }),
+            };
+        }
+        self.count_fallback(spec, from, "no usable device");
+        self.instance(kernel, spec, cpu)
+            .await
+            .map_err(|err| execute_error(spec, BackendKind::Cpu, err))
+    }
+
+    fn may_fall_back(&self, spec: &KernelSpec) -> bool {
+        self.shared.config.fallback == FallbackPolicy::Cpu && spec.cpu.is_some()
+    }
+
+    fn count_fallback(&self, spec: &KernelSpec, from: Option<BackendKind>, reason: &'static str) {
+        let from = from.map_or_else(|| "none".to_string(), |kind| format!("{kind:?}"));
+        tracing::debug!(kernel = spec.id, from = %from, reason, "request falls back to the CPU backend");
+        metrics::counter!(
+            "granary_gpu_fallbacks_total",
+            "kernel" => spec.id,
+            "from" => from,
+            "reason" => reason
+        )
+        .increment(1);
+    }
+
+    /// The instance of `spec` on `device`, launched on first use.
+    async fn instance(
+        &self,
+        kernel: usize,
+        spec: &KernelSpec,
+        device: DeviceId,
+    ) -> Result<Arc<KernelInstance>, BackendError> {
+        let cell = self.cell(kernel, device);
+        let result = cell
+            .get_or_init(|| async {
+                let slot = &self.shared.devices[device.0];
+                let launcher = Launcher {
+                    backend: slot.backend.clone(),
+                    device_index: slot.index,
+                };
+                let broker = self.shared.broker.clone();
+                let config = self.shared.config;
+                let spec = *spec;
+                let started = Instant::now();
+                let launched = tokio::task::spawn_blocking(move || {
+                    let rings = ring_bytes(&spec, config.kernel.capacity);
+                    let reservation = broker.reserve(device, rings).map_err(|err| {
+                        BackendError::Device(format!("no memory for the kernel's rings: {err}"))
+                    })?;
+                    KernelInstance::start(spec, device, launcher, broker, config, Some(reservation))
+                })
+                .await
+                .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())));
+                match &launched {
+                    Ok(instance) => tracing::debug!(
+                        kernel = spec.id,
+                        backend = ?instance.backend(),
+                        device = slot.index,
+                        elapsed = ?started.elapsed(),
+                        "kernel launched"
+                    ),
+                    Err(err) => tracing::warn!(
+                        kernel = spec.id,
+                        backend = ?slot.backend.kind(),
+                        device = slot.index,
+                        error = %err,
+                        "kernel could not be launched; requests go elsewhere"
+                    ),
+                }
+                self.report_memory(device);
+                launched
+            })
+            .await;
+        let instance = result.clone()?;
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            // Launched while a shutdown began: stop it too.
+            instance.request_stop(StopMode::Abandon);
+            return Err(BackendError::Unavailable("the bridge has shut down".into()));
+        }
+        Ok(instance)
+    }
+
+    /// Rule 6 of the module docs.
+    async fn run_batch(
+        &self,
+        spec: &KernelSpec,
+        input: &[u8],
+        output_len: usize,
+    ) -> Result<Vec<u8>, ExecuteError> {
+        let bytes = (input.len() + output_len) as u64;
+        let need = Requirements {
+            min_free_memory: bytes,
+            ..Requirements::default()
+        };
+        let broker = &self.shared.broker;
+        let chosen = broker.select_where(&need, |id| {
+            let slot = &self.shared.devices[id.0];
+            slot.primary && supports(slot.backend.kind(), spec)
+        });
+        let cpu = self.shared.cpu;
+        let device = match chosen {
+            Some(device) => device,
+            // The only device is busy: `batch_on` waits, bounded, for
+            // memory.
+            None if self.shared.devices[cpu.0].primary => cpu,
+            None if self.may_fall_back(spec) => {
+                self.count_fallback(spec, None, "no device with the memory");
+                cpu
+            }
+            None => return Err(ExecuteError::NoDevice { kernel: spec.id }),
+        };
+        match self.batch_on(spec, input, device, bytes).await {
+            Err(err @ (ExecuteError::Compile { .. } | ExecuteError::DeviceFailed { .. }))
+                if device != cpu && self.may_fall_back(spec) =>
+            {
+                self.count_fallback(
+                    spec,
+                    Some(self.shared.devices[device.0].backend.kind()),
+                    err.reason(),
+                );
+                self.batch_on(spec, input, cpu, bytes).await
+            }
+            other => other,
+        }
+    }
+
+    /// Reserves `bytes` on `device`, waiting up to `overload_timeout` for
+    /// other requests to release memory (then `Overloaded`). A request
+    /// larger than the device could ever hold fails at once.
+    async fn reserve_within(
+        &self,
+        spec: &KernelSpec,
+        device: DeviceId,
+        bytes: u64,
+    ) -> Result<Reservation, ExecuteError> {
+        let broker = &self.shared.broker;
+        let backend = self.shared.devices[device.0].backend.kind();
+        let capacity = broker
+            .stats(device)
+            .map_or(0, |stats| stats.reserved + stats.available);
+        if bytes > capacity {
+            return Err(ExecuteError::DeviceFailed {
+                kernel: spec.id,
+                backend,
+                reason: format!("{bytes} bytes exceed the device's {capacity} bytes"),
+            });
+        }
+        let started = Instant::now();
+        loop {
+            match broker.reserve(device, bytes) {
+                Ok(reservation) => return Ok(reservation),
+                Err(BrokerError::InsufficientMemory { .. })
+                    if started.elapsed() < self.shared.config.overload_timeout =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(BrokerError::InsufficientMemory { .. }) => {
+                    return Err(ExecuteError::Overloaded {
+                        kernel: spec.id,
+                        waited: started.elapsed(),
+                    });
+                }
+                Err(err) => {
+                    return Err(ExecuteError::DeviceFailed {
+                        kernel: spec.id,
+                        backend,
+                        reason: err.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn batch_on(
+        &self,
+        spec: &KernelSpec,
+        input: &[u8],
+        device: DeviceId,
+        bytes: u64,
+    ) -> Result<Vec<u8>, ExecuteError> {
+        let slot = &self.shared.devices[device.0];
+        let kind = slot.backend.kind();
+        let broker = &self.shared.broker;
+        // Reserve before allocating (broker invariant 2).
+        let reservation = self.reserve_within(spec, device, bytes).await?;
+        self.report_memory(device);
+        let in_flight = broker
+            .begin(device)
+            .map_err(|err| ExecuteError::DeviceFailed {
+                kernel: spec.id,
+                backend: kind,
+                reason: err.to_string(),
+            })?;
+        let backend = slot.backend.clone();
+        let index = slot.index;
+        let owned_spec = *spec;
+        let owned_input = input.to_vec();
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            backend.run_batch(index, &owned_spec, &owned_input)
+        })
+        .await
+        .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())));
+        drop(reservation);
+        self.report_memory(device);
+        let labels = [
+            ("kernel", spec.id.to_string()),
+            ("backend", format!("{kind:?}")),
+            ("device", index.to_string()),
+        ];
+        match outcome {
+            Ok(output) => {
+                let latency = started.elapsed();
+                in_flight.succeed(latency);
+                metrics::counter!("granary_gpu_requests_total", &labels).increment(1);
+                metrics::histogram!("granary_gpu_request_seconds", &labels)
+                    .record(latency.as_secs_f64());
+                Ok(output)
+            }
+            Err(err) => {
+                in_flight.fail();
+                let err = execute_error(spec, kind, err);
+                record_failure(spec.id, kind, &err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Publishes `device`'s memory gauges.
+    fn report_memory(&self, device: DeviceId) {
+        let Ok(stats) = self.shared.broker.stats(device) else {
+            return;
+        };
+        let slot = &self.shared.devices[device.0];
+        let labels = [
+            ("backend", format!("{:?}", slot.backend.kind())),
+            ("device", slot.index.to_string()),
+        ];
+        metrics::gauge!("granary_gpu_device_memory_used_bytes", &labels).set(stats.reserved as f64);
+        metrics::gauge!("granary_gpu_device_memory_free_bytes", &labels)
+            .set(stats.available as f64);
+    }
+}
+
+/// Whether `kind` has an implementation of `spec`.
+fn supports(kind: BackendKind, spec: &KernelSpec) -> bool {
+    match kind {
+        BackendKind::Cpu => spec.cpu.is_some(),
+        BackendKind::OpenCl => spec.opencl_c.is_some(),
+        BackendKind::Cuda => spec.cuda_c.is_some(),
+    }
+}
+
+/// Device memory a kernel's two rings take.
+fn ring_bytes(spec: &KernelSpec, capacity: u32) -> u64 {
+    let ring = |max: usize| {
+        RingConfig::mpsc(capacity, max as u32)
+            .layout()
+            .map_or(0, |layout| layout.total_bytes as u64)
+    };
+    ring(spec.request.max_bytes()) + ring(spec.response.max_bytes())
+}
+
+/// A backend error as a caller sees it.
+fn execute_error(spec: &KernelSpec, backend: BackendKind, err: BackendError) -> ExecuteError {
+    let kernel = spec.id;
+    match err {
+        BackendError::Build { log, .. } => ExecuteError::Compile {
+            kernel,
+            backend,
+            log,
+        },
+        BackendError::Unsupported { .. } => ExecuteError::NoDevice { kernel },
+        BackendError::WrongShape(error) => ExecuteError::WrongShape { kernel, error },
+        BackendError::Rejected(status @ (Status::BadLength | Status::BadInput)) => {
+            ExecuteError::Rejected { kernel, status }
+        }
+        BackendError::Rejected(status) => ExecuteError::KernelFault { kernel, status },
+        other => ExecuteError::DeviceFailed {
+            kernel,
+            backend,
+            reason: other.to_string(),
+        },
+    }
+}

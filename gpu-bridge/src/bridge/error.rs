@@ -1,0 +1,183 @@
+//! What the bridge's calls fail with.
+
+use std::fmt;
+use std::time::Duration;
+
+use granary_kernels::{BackendKind, ShapeError, Status};
+
+/// Why a request through the bridge failed. The bridge keeps serving after
+/// every one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecuteError {
+    /// No kernel with this id is registered.
+    UnknownKernel(String),
+    /// The input's length does not fit the kernel's request shape (wrong
+    /// element size, or a count the kernel does not take).
+    WrongShape {
+        /// The kernel.
+        kernel: &'static str,
+        /// Why.
+        error: ShapeError,
+    },
+    /// The input is larger than the kernel's batch path takes.
+    TooLarge {
+        /// The kernel.
+        kernel: &'static str,
+        /// Bytes given.
+        len: usize,
+        /// The most the kernel takes.
+        max: usize,
+    },
+    /// The kernel rejected the input: a bad length or bad contents.
+    Rejected {
+        /// The kernel.
+        kernel: &'static str,
+        /// `BadLength` or `BadInput`.
+        status: Status,
+    },
+    /// The kernel failed while processing (`Fault`), or reported that it
+    /// has no implementation (`Unsupported`).
+    KernelFault {
+        /// The kernel.
+        kernel: &'static str,
+        /// The status it answered with.
+        status: Status,
+    },
+    /// The kernel failed to build for the chosen device, and the fallback
+    /// policy is to fail.
+    Compile {
+        /// The kernel.
+        kernel: &'static str,
+        /// The backend.
+        backend: BackendKind,
+        /// The compiler's log.
+        log: String,
+    },
+    /// No device can run the kernel (and no CPU fallback applies).
+    NoDevice {
+        /// The kernel.
+        kernel: &'static str,
+    },
+    /// Every slot for the kernel stayed busy for the whole wait.
+    Overloaded {
+        /// The kernel.
+        kernel: &'static str,
+        /// How long the call waited for a slot.
+        waited: Duration,
+    },
+    /// The kernel's heartbeat stopped while this request was pending. The
+    /// kernel is relaunched; the request was not answered.
+    DeviceHung {
+        /// The kernel.
+        kernel: &'static str,
+        /// The backend.
+        backend: BackendKind,
+        /// The device's index on its backend.
+        device: u32,
+    },
+    /// The device failed (a driver error, a relaunch that failed, too
+    /// little device memory), and the fallback policy is to fail.
+    DeviceFailed {
+        /// The kernel.
+        kernel: &'static str,
+        /// The backend.
+        backend: BackendKind,
+        /// What happened.
+        reason: String,
+    },
+    /// The bridge is shutting down or has shut down.
+    ShutDown,
+}
+
+impl fmt::Display for ExecuteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecuteError::UnknownKernel(id) => write!(f, "no kernel {id:?} is registered"),
+            ExecuteError::WrongShape { kernel, error } => {
+                write!(f, "input does not fit kernel {kernel:?}: {error}")
+            }
+            ExecuteError::TooLarge { kernel, len, max } => write!(
+                f,
+                "input of {len} bytes exceeds kernel {kernel:?}'s limit of {max} bytes"
+            ),
+            ExecuteError::Rejected { kernel, status } => {
+                write!(f, "kernel {kernel:?} rejected the input ({status:?})")
+            }
+            ExecuteError::KernelFault { kernel, status } => {
+                write!(f, "kernel {kernel:?} failed ({status:?})")
+            }
+            ExecuteError::Compile {
+                kernel,
+                backend,
+                log,
+            } => write!(
+                f,
+                "kernel {kernel:?} failed to build on {backend:?}:\n{log}"
+            ),
+            ExecuteError::NoDevice { kernel } => {
+                write!(f, "no device can run kernel {kernel:?}")
+            }
+            ExecuteError::Overloaded { kernel, waited } => write!(
+                f,
+                "kernel {kernel:?} is overloaded: no slot freed up in {waited:?}"
+            ),
+            ExecuteError::DeviceHung {
+                kernel,
+                backend,
+                device,
+            } => write!(
+                f,
+                "kernel {kernel:?} on {backend:?} device {device} stopped beating while the request was pending"
+            ),
+            ExecuteError::DeviceFailed {
+                kernel,
+                backend,
+                reason,
+            } => write!(f, "kernel {kernel:?} on {backend:?} failed: {reason}"),
+            ExecuteError::ShutDown => write!(f, "the GPU bridge has shut down"),
+        }
+    }
+}
+
+impl std::error::Error for ExecuteError {}
+
+impl ExecuteError {
+    /// A short, stable name for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExecuteError::UnknownKernel(_) => "unknown_kernel",
+            ExecuteError::WrongShape { .. } => "wrong_shape",
+            ExecuteError::TooLarge { .. } => "too_large",
+            ExecuteError::Rejected { .. } => "rejected",
+            ExecuteError::KernelFault { .. } => "kernel_fault",
+            ExecuteError::Compile { .. } => "compile",
+            ExecuteError::NoDevice { .. } => "no_device",
+            ExecuteError::Overloaded { .. } => "overloaded",
+            ExecuteError::DeviceHung { .. } => "device_hung",
+            ExecuteError::DeviceFailed { .. } => "device_failed",
+            ExecuteError::ShutDown => "shut_down",
+        }
+    }
+}
+
+/// Why a bridge could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Two kernels were registered under one id.
+    DuplicateKernel(&'static str),
+    /// A configuration value is out of range.
+    InvalidConfig(String),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::DuplicateKernel(id) => write!(f, "kernel {id:?} is registered twice"),
+            BuildError::InvalidConfig(why) => write!(f, "invalid bridge configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {}

@@ -1,0 +1,549 @@
+//! One persistent kernel on one device, as the bridge runs it.
+//!
+//! # Protocol
+//!
+//! 1. **Slots.** An instance has `capacity` slots, the size of its rings.
+//!    A call takes a permit from a semaphore of `capacity` permits before
+//!    anything else, waiting at most `overload_timeout` (then
+//!    `Overloaded`). The permit names a free slot index; the slot holds the
+//!    call's reply channel until its completion is dispatched, and only
+//!    then are the index and the permit given back. So at most `capacity`
+//!    requests are in flight, the request ring can never be full when the
+//!    bridge submits, and memory is bounded by the slots.
+//! 2. **Request ids** are `sequence << 20 | slot index`: unique over the
+//!    instance's life (the sequence has 44 bits), and a completion finds
+//!    its slot without a map. A completion whose id does not match its
+//!    slot's is stale and dropped.
+//! 3. **Micro-batching** (flat combining): a call stages its request in a
+//!    lock-free queue and then tries to become the flusher. The flusher
+//!    moves everything staged into the ring, up to `micro_batch` requests
+//!    per claim, so requests that arrive together cost one claim and one
+//!    wake of the kernel. After releasing the flusher lock it looks at the
+//!    queue again; a SeqCst fence on both sides (stage then fence then
+//!    try-lock; unlock then fence then look) means a request staged while
+//!    the lock was held is seen either by its own caller or by the
+//!    departing flusher, so none is stranded.
+//! 4. **Completions.** One thread per instance owns the kernel handle: it
+//!    waits for completions, dispatches each to its slot, and watches the
+//!    heartbeat.
+//! 5. **Hangs.** If the heartbeat stands still for `hang_timeout` while
+//!    requests are in flight, the thread takes the flusher lock (no more
+//!    submissions), stops the kernel (abandon), delivers any answers it
+//!    still gave, fails every other pending request with `DeviceHung`, and
+//!    relaunches. If the relaunch fails, the instance is marked failed and
+//!    the bridge routes around it.
+//! 6. **Stop.** A stop request is carried out by the completion thread:
+//!    drain (flush what is staged, let the kernel answer everything) or
+//!    abandon (stop at once); whatever is still pending afterwards fails
+//!    with `ShutDown`. Then the thread exits.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use granary_kernels::{
+    Backend, BackendKind, BatchSubmitError, Completion, KernelSpec, PersistentKernel, Status,
+    StopMode, Submitter,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use super::config::BridgeConfig;
+use super::error::ExecuteError;
+use crate::broker::{DeviceBroker, DeviceId, InFlight, Reservation};
+
+/// Bits of a request id that hold the slot index (rule 2).
+const INDEX_BITS: u32 = 20;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
+/// The answer a call waits for.
+pub(crate) type Reply = Result<Vec<u8>, ExecuteError>;
+
+/// A request waiting for its answer.
+struct Pending {
+    request_id: u64,
+    reply: oneshot::Sender<Reply>,
+    started: Instant,
+    in_flight: InFlight,
+}
+
+/// A request staged for the flusher.
+struct Staged {
+    request_id: u64,
+    payload: Vec<u8>,
+}
+
+/// What the flusher lock guards.
+struct Flusher {
+    /// `None` while stopping, stopped or failed: staged requests then fail.
+    submitter: Option<Submitter>,
+    /// Reused between flushes.
+    batch: Vec<(u64, Vec<u8>)>,
+}
+
+/// Labels and handles for the instance's metrics.
+struct InstanceMetrics {
+    requests: metrics::Counter,
+    latency: metrics::Histogram,
+    queue_depth: metrics::Gauge,
+}
+
+/// How to relaunch the kernel after a hang.
+pub(crate) struct Launcher {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) device_index: usize,
+}
+
+const RUNNING: u8 = 0;
+const STOP_DRAIN: u8 = 1;
+const STOP_ABANDON: u8 = 2;
+
+/// One persistent kernel on one device, with its slots and its thread.
+pub(crate) struct KernelInstance {
+    spec: KernelSpec,
+    device: DeviceId,
+    backend: BackendKind,
+    device_index: u32,
+    config: BridgeConfig,
+    broker: DeviceBroker,
+    /// Rule 1.
+    permits: Arc<Semaphore>,
+    free: ArrayQueue<u32>,
+    slots: Box<[Mutex<Option<Pending>>]>,
+    next_sequence: AtomicU64,
+    /// Rule 3.
+    staging: ArrayQueue<Staged>,
+    flusher: Mutex<Flusher>,
+    /// `RUNNING`, `STOP_DRAIN` or `STOP_ABANDON`.
+    stop: AtomicU8,
+    /// Set when a relaunch failed (rule 5); the bridge routes around it.
+    failed: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    metrics: InstanceMetrics,
+    /// The device memory its rings take, held for its life.
+    _rings: Option<Reservation>,
+}
+
+impl KernelInstance {
+    /// Launches the kernel and starts its completion thread.
+    pub(crate) fn start(
+        spec: KernelSpec,
+        device: DeviceId,
+        launcher: Launcher,
+        broker: DeviceBroker,
+        config: BridgeConfig,
+        rings: Option<Reservation>,
+    ) -> Result<Arc<KernelInstance>, granary_kernels::BackendError> {
+        let kernel = launcher
+            .backend
+            .launch(launcher.device_index, spec, &config.kernel)?;
+        let Some(submitter) = kernel.submitter() else {
+            return Err(granary_kernels::BackendError::Device(
+                "the kernel stopped as it started".into(),
+            ));
+        };
+        let capacity = config.kernel.capacity as usize;
+        let free = ArrayQueue::new(capacity);
+        for index in 0..capacity as u32 {
+            // Cannot fail: the queue holds `capacity` entries.
+            let _ = free.push(index);
+        }
+        let backend = launcher.backend.kind();
+        let device_index = launcher.device_index as u32;
+        let labels = [
+            ("kernel", spec.id.to_string()),
+            ("backend", format!("{backend:?}")),
+            ("device", device_index.to_string()),
+        ];
+        let instance = Arc::new(KernelInstance {
+            spec,
+            device,
+            backend,
+            device_index,
+            config,
+            broker,
+            permits: Arc::new(Semaphore::new(capacity)),
+            free,
+            slots: (0..capacity).map(|_| Mutex::new(None)).collect(),
+            next_sequence: AtomicU64::new(0),
+            staging: ArrayQueue::new(capacity),
+            flusher: Mutex::new(Flusher {
+                submitter: Some(submitter),
+                batch: Vec::with_capacity(config.micro_batch),
+            }),
+            stop: AtomicU8::new(RUNNING),
+            failed: AtomicBool::new(false),
+            thread: Mutex::new(None),
+            metrics: InstanceMetrics {
+                requests: metrics::counter!("granary_gpu_requests_total", &labels),
+                latency: metrics::histogram!("granary_gpu_request_seconds", &labels),
+                queue_depth: metrics::gauge!("granary_gpu_queue_depth", &labels),
+            },
+            _rings: rings,
+        });
+        let worker = instance.clone();
+        let handle = thread::Builder::new()
+            .name(format!("granary-bridge-{}", spec.id))
+            .spawn(move || worker.run(kernel, launcher))
+            .map_err(|err| granary_kernels::BackendError::Device(err.to_string()))?;
+        *lock(&instance.thread) = Some(handle);
+        Ok(instance)
+    }
+
+    pub(crate) fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// Whether the instance can take requests (rule 5).
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Stages one request and returns the channel its answer comes on
+    /// (rules 1–3). The caller flushes.
+    pub(crate) async fn stage(
+        &self,
+        payload: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
+        let permit = self.acquire().await?;
+        Ok(self.stage_with(permit, payload))
+    }
+
+    async fn acquire(&self) -> Result<OwnedSemaphorePermit, ExecuteError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let started = Instant::now();
+        let wait = self.permits.clone().acquire_owned();
+        match tokio::time::timeout(self.config.overload_timeout, wait).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(ExecuteError::ShutDown),
+            Err(_elapsed) => Err(ExecuteError::Overloaded {
+                kernel: self.spec.id,
+                waited: started.elapsed(),
+            }),
+        }
+    }
+
+    fn stage_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+        payload: Vec<u8>,
+    ) -> oneshot::Receiver<Reply> {
+        let (reply, receiver) = oneshot::channel();
+        // The broker knows every device an instance runs on.
+        let in_flight = match self.broker.begin(self.device) {
+            Ok(in_flight) => in_flight,
+            Err(err) => {
+                let _ = reply.send(Err(ExecuteError::DeviceFailed {
+                    kernel: self.spec.id,
+                    backend: self.backend,
+                    reason: err.to_string(),
+                }));
+                return receiver;
+            }
+        };
+        // The permit guarantees a free index (rule 1).
+        let Some(index) = self.free.pop() else {
+            let _ = reply.send(Err(self.unavailable()));
+            return receiver;
+        };
+        let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let request_id = (sequence << INDEX_BITS) | u64::from(index);
+        let pending = Pending {
+            request_id,
+            reply,
+            started: Instant::now(),
+            in_flight,
+        };
+        *lock(&self.slots[index as usize]) = Some(pending);
+        // From here the slot owns the permit: given back on dispatch.
+        permit.forget();
+        self.metrics.queue_depth.increment(1.0);
+        if let Err(staged) = self.staging.push(Staged {
+            request_id,
+            payload,
+        }) {
+            // Cannot happen: staged requests hold permits, and the queue
+            // has one entry per permit.
+            self.finish(staged.request_id, Err(self.unavailable()));
+        }
+        receiver
+    }
+
+    /// Rule 3: moves staged requests into the ring.
+    pub(crate) fn flush(&self) {
+        loop {
+            fence(Ordering::SeqCst);
+            let mut flusher = match self.flusher.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::WouldBlock) => return,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            };
+            self.flush_locked(&mut flusher);
+            drop(flusher);
+            fence(Ordering::SeqCst);
+            if self.staging.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn flush_locked(&self, flusher: &mut Flusher) {
+        let Flusher { submitter, batch } = flusher;
+        while !self.staging.is_empty() {
+            batch.clear();
+            while batch.len() < self.config.micro_batch {
+                match self.staging.pop() {
+                    Some(staged) => batch.push((staged.request_id, staged.payload)),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let outcome = match submitter {
+                Some(submitter) => submitter.submit_batch(batch),
+                None => Err(BatchSubmitError::Stopped),
+            };
+            if let Err(err) = outcome {
+                let error = match err {
+                    BatchSubmitError::Stopped => self.unavailable(),
+                    BatchSubmitError::WrongShape { error, .. } => ExecuteError::WrongShape {
+                        kernel: self.spec.id,
+                        error,
+                    },
+                    // Rule 1 rules these out; fail rather than lose them.
+                    _ => ExecuteError::DeviceFailed {
+                        kernel: self.spec.id,
+                        backend: self.backend,
+                        reason: format!("the request ring refused a batch: {err}"),
+                    },
+                };
+                for (request_id, _) in batch.drain(..) {
+                    self.finish(request_id, Err(error.clone()));
+                }
+            }
+        }
+        batch.clear();
+    }
+
+    /// The error for requests that reach an instance that cannot serve.
+    fn unavailable(&self) -> ExecuteError {
+        if self.stop.load(Ordering::Acquire) != RUNNING {
+            ExecuteError::ShutDown
+        } else {
+            ExecuteError::DeviceFailed {
+                kernel: self.spec.id,
+                backend: self.backend,
+                reason: "the kernel could not be relaunched".into(),
+            }
+        }
+    }
+
+    /// Answers the request `request_id` and frees its slot (rule 1). A
+    /// stale id (rule 2) is ignored.
+    fn finish(&self, request_id: u64, reply: Reply) {
+        let index = (request_id & INDEX_MASK) as usize;
+        let Some(slot) = self.slots.get(index) else {
+            return;
+        };
+        let pending = {
+            let mut slot = lock(slot);
+            match &*slot {
+                Some(pending) if pending.request_id == request_id => slot.take(),
+                _ => None,
+            }
+        };
+        let Some(pending) = pending else { return };
+        let latency = pending.started.elapsed();
+        match &reply {
+            Ok(_) => {
+                pending.in_flight.succeed(latency);
+                self.metrics.requests.increment(1);
+                self.metrics.latency.record(latency.as_secs_f64());
+            }
+            Err(err) => {
+                pending.in_flight.fail();
+                record_failure(self.spec.id, self.backend, err);
+            }
+        }
+        // The caller may have given up (its future dropped): nothing to do.
+        let _ = pending.reply.send(reply);
+        let _ = self.free.push(index as u32);
+        self.metrics.queue_depth.decrement(1.0);
+        self.permits.add_permits(1);
+    }
+
+    fn dispatch(&self, completion: Completion) {
+        let kernel = self.spec.id;
+        let reply = match completion.status {
+            Status::Ok => Ok(completion.payload),
+            status @ (Status::BadLength | Status::BadInput) => {
+                Err(ExecuteError::Rejected { kernel, status })
+            }
+            status => Err(ExecuteError::KernelFault { kernel, status }),
+        };
+        self.finish(completion.request_id, reply);
+    }
+
+    /// Fails every pending request (staged or submitted) with `error`.
+    fn fail_all(&self, error: &ExecuteError) {
+        while self.staging.pop().is_some() {}
+        for slot in self.slots.iter() {
+            let request_id = lock(slot).as_ref().map(|pending| pending.request_id);
+            if let Some(request_id) = request_id {
+                self.finish(request_id, Err(error.clone()));
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.config.kernel.capacity as usize - self.permits.available_permits()
+    }
+
+    /// Asks the completion thread to stop (rule 6); `join` waits for it.
+    pub(crate) fn request_stop(&self, mode: StopMode) {
+        let code = match mode {
+            StopMode::Drain => STOP_DRAIN,
+            StopMode::Abandon => STOP_ABANDON,
+        };
+        let _ = self
+            .stop
+            .compare_exchange(RUNNING, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Waits for the completion thread to exit.
+    pub(crate) fn join(&self) {
+        let handle = lock(&self.thread).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    /// The completion thread (rules 4–6).
+    fn run(self: Arc<KernelInstance>, mut kernel: Box<dyn PersistentKernel>, launcher: Launcher) {
+        let poll = (self.config.hang_timeout / 4).min(Duration::from_millis(1));
+        let mut heartbeat = kernel.heartbeat();
+        let mut progress = Instant::now();
+        loop {
+            match self.stop.load(Ordering::Acquire) {
+                RUNNING => {}
+                STOP_DRAIN => return self.shut_down(kernel, StopMode::Drain),
+                _ => return self.shut_down(kernel, StopMode::Abandon),
+            }
+            if self.is_failed() {
+                // Nothing to serve; wait for the stop.
+                thread::sleep(poll);
+                continue;
+            }
+            if let Some(completion) = kernel.complete(poll) {
+                self.dispatch(completion);
+                while let Some(completion) = kernel.try_complete() {
+                    self.dispatch(completion);
+                }
+                progress = Instant::now();
+            }
+            let beat = kernel.heartbeat();
+            if beat != heartbeat {
+                heartbeat = beat;
+                progress = Instant::now();
+            } else if self.in_flight() > 0 && progress.elapsed() >= self.config.hang_timeout {
+                self.recover(&mut kernel, &launcher);
+                heartbeat = kernel.heartbeat();
+                progress = Instant::now();
+            }
+        }
+    }
+
+    /// Rule 5.
+    fn recover(&self, kernel: &mut Box<dyn PersistentKernel>, launcher: &Launcher) {
+        tracing::warn!(
+            kernel = self.spec.id,
+            backend = ?self.backend,
+            device = self.device_index,
+            in_flight = self.in_flight(),
+            "kernel heartbeat stopped with requests pending; relaunching"
+        );
+        metrics::counter!(
+            "granary_gpu_hangs_total",
+            "kernel" => self.spec.id,
+            "backend" => format!("{:?}", self.backend)
+        )
+        .increment(1);
+        let mut flusher = lock(&self.flusher);
+        flusher.submitter = None;
+        let report = kernel.stop(StopMode::Abandon, Duration::from_millis(100));
+        for completion in report.completions {
+            self.dispatch(completion);
+        }
+        self.fail_all(&ExecuteError::DeviceHung {
+            kernel: self.spec.id,
+            backend: self.backend,
+            device: self.device_index,
+        });
+        match launcher
+            .backend
+            .launch(launcher.device_index, self.spec, &self.config.kernel)
+        {
+            Ok(fresh) => {
+                flusher.submitter = fresh.submitter();
+                *kernel = fresh;
+            }
+            Err(err) => {
+                tracing::error!(
+                    kernel = self.spec.id,
+                    backend = ?self.backend,
+                    error = %err,
+                    "relaunch failed; the bridge routes around this device"
+                );
+                self.failed.store(true, Ordering::Release);
+            }
+        }
+        drop(flusher);
+        // Requests staged while the lock was held.
+        self.flush();
+    }
+
+    /// Rule 6.
+    fn shut_down(&self, mut kernel: Box<dyn PersistentKernel>, mode: StopMode) {
+        let mut flusher = lock(&self.flusher);
+        if mode == StopMode::Drain {
+            self.flush_locked(&mut flusher);
+        }
+        flusher.submitter = None;
+        drop(flusher);
+        let report = kernel.stop(mode, self.config.stop_timeout);
+        for completion in report.completions {
+            self.dispatch(completion);
+        }
+        // Whatever is left was abandoned, or the kernel did not exit.
+        self.fail_all(&ExecuteError::ShutDown);
+        self.permits.close();
+        if !report.exited {
+            tracing::error!(
+                kernel = self.spec.id,
+                backend = ?self.backend,
+                "kernel did not exit within the stop timeout; its resources are left to it"
+            );
+        }
+    }
+}
+
+/// Counts a failed request.
+pub(crate) fn record_failure(kernel: &'static str, backend: BackendKind, err: &ExecuteError) {
+    metrics::counter!(
+        "granary_gpu_failures_total",
+        "kernel" => kernel,
+        "backend" => format!("{backend:?}"),
+        "reason" => err.reason()
+    )
+    .increment(1);
+}
+
+/// Locks a mutex, ignoring poison: every critical section here leaves its
+/// data consistent, so a panic elsewhere does not make it unusable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

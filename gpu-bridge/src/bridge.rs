@@ -54,7 +54,7 @@ use tracing::Instrument;
 
 pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
-use instance::{KernelInstance, Launcher, record_failure};
+use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 
@@ -281,12 +281,24 @@ impl GpuBridge {
     }
 
     async fn execute_inner(&self, kernel_id: &str, input: &[u8]) -> Result<Vec<u8>, ExecuteError> {
-        let (kernel, spec) = self.lookup(kernel_id)?;
-        match self.route(&spec, input)? {
+        let (kernel, spec) = self
+            .lookup(kernel_id)
+            .map_err(|err| refused("unknown", err))?;
+        let route = self
+            .route(&spec, input)
+            .map_err(|err| refused(spec.id, err))?;
+        match route {
             Route::Ring => {
-                let instance = self.instance_for(kernel, &spec).await?;
-                let reply = instance.stage(input.to_vec()).await?;
+                let instance = self
+                    .instance_for(kernel, &spec)
+                    .await
+                    .map_err(|err| refused(spec.id, err))?;
+                let reply = instance
+                    .stage(input.to_vec())
+                    .await
+                    .map_err(|err| refused(spec.id, err))?;
                 instance.flush();
+                // Failures from here on are counted where they happen.
                 reply.await.unwrap_or(Err(ExecuteError::ShutDown))
             }
             Route::Batch { output_len } => self.run_batch(&spec, input, output_len).await,
@@ -452,15 +464,22 @@ impl GpuBridge {
     ) -> Result<Arc<KernelInstance>, ExecuteError> {
         let mut cause = None;
         let need = Requirements::default();
-        while let Some(device) = self
-            .shared
-            .broker
-            .select_where(&need, |id| self.usable(kernel, spec, id))
-        {
+        // Each device is tried at most once per call.
+        let mut tried = Vec::new();
+        while let Some(device) = self.shared.broker.select_where(&need, |id| {
+            !tried.contains(&id) && self.usable(kernel, spec, id)
+        }) {
+            tried.push(device);
             match self.instance(kernel, spec, device).await {
                 Ok(instance) => return Ok(instance),
+                Err(_) if self.shared.shut_down.load(Ordering::Acquire) => {
+                    return Err(ExecuteError::ShutDown);
+                }
                 Err(err) => cause = Some((device, err)),
             }
+        }
+        if cause.is_none() {
+            cause = self.remembered_failure(kernel, spec);
         }
         let cpu = self.shared.cpu;
         if self.shared.devices[cpu.0].primary {
@@ -488,6 +507,31 @@ impl GpuBridge {
             .map_err(|err| execute_error(spec, BackendKind::Cpu, err))
     }
 
+    /// Why no device can run `spec`'s persistent kernel: a launch that
+    /// failed, or an instance whose relaunch failed.
+    fn remembered_failure(
+        &self,
+        kernel: usize,
+        spec: &KernelSpec,
+    ) -> Option<(DeviceId, BackendError)> {
+        (0..self.shared.devices.len())
+            .map(DeviceId)
+            .find_map(|device| {
+                let slot = &self.shared.devices[device.0];
+                if !slot.primary || !supports(slot.backend.kind(), spec) {
+                    return None;
+                }
+                match self.cell(kernel, device).get()? {
+                    Err(err) => Some((device, err.clone())),
+                    Ok(instance) if instance.is_failed() => Some((
+                        device,
+                        BackendError::Device("the kernel hung and could not be relaunched".into()),
+                    )),
+                    Ok(_) => None,
+                }
+            })
+    }
+
     fn may_fall_back(&self, spec: &KernelSpec) -> bool {
         self.shared.config.fallback == FallbackPolicy::Cpu && spec.cpu.is_some()
     }
@@ -512,8 +556,10 @@ impl GpuBridge {
         device: DeviceId,
     ) -> Result<Arc<KernelInstance>, BackendError> {
         let cell = self.cell(kernel, device);
+        // The outer error is transient (the device is busy): not cached, so
+        // a later request tries again. The inner result is cached.
         let result = cell
-            .get_or_init(|| async {
+            .get_or_try_init(|| async {
                 let slot = &self.shared.devices[device.0];
                 let launcher = Launcher {
                     backend: slot.backend.clone(),
@@ -540,6 +586,13 @@ impl GpuBridge {
                         elapsed = ?started.elapsed(),
                         "kernel launched"
                     ),
+                    Err(err @ BackendError::NoCapacity(_)) => tracing::debug!(
+                        kernel = spec.id,
+                        backend = ?slot.backend.kind(),
+                        device = slot.index,
+                        error = %err,
+                        "device busy; requests go elsewhere for now"
+                    ),
                     Err(err) => tracing::warn!(
                         kernel = spec.id,
                         backend = ?slot.backend.kind(),
@@ -549,9 +602,12 @@ impl GpuBridge {
                     ),
                 }
                 self.report_memory(device);
-                launched
+                match launched {
+                    Err(err @ BackendError::NoCapacity(_)) => Err(err),
+                    other => Ok(other),
+                }
             })
-            .await;
+            .await?;
         let instance = result.clone()?;
         if self.shared.shut_down.load(Ordering::Acquire) {
             // Launched while a shutdown began: stop it too.
@@ -588,7 +644,7 @@ impl GpuBridge {
                 self.count_fallback(spec, None, "no device with the memory");
                 cpu
             }
-            None => return Err(ExecuteError::NoDevice { kernel: spec.id }),
+            None => return Err(refused(spec.id, ExecuteError::NoDevice { kernel: spec.id })),
         };
         match self.batch_on(spec, input, device, bytes).await {
             Err(err @ (ExecuteError::Compile { .. } | ExecuteError::DeviceFailed { .. }))
@@ -663,7 +719,10 @@ impl GpuBridge {
         let kind = slot.backend.kind();
         let broker = &self.shared.broker;
         // Reserve before allocating (broker invariant 2).
-        let reservation = self.reserve_within(spec, device, bytes).await?;
+        let reservation = self
+            .reserve_within(spec, device, bytes)
+            .await
+            .inspect_err(|err| record_failure(spec.id, kind, err))?;
         self.report_memory(device);
         let in_flight = broker
             .begin(device)
@@ -721,6 +780,13 @@ impl GpuBridge {
         metrics::gauge!("granary_gpu_device_memory_free_bytes", &labels)
             .set(stats.available as f64);
     }
+}
+
+/// Counts a request refused before it reached a device, and passes the
+/// error on.
+fn refused(kernel: &'static str, err: ExecuteError) -> ExecuteError {
+    record_failure_labelled(kernel, "none".into(), &err);
+    err
 }
 
 /// Whether `kind` has an implementation of `spec`.

@@ -47,6 +47,10 @@ pub enum BackendError {
     WrongShape(ShapeError),
     /// The kernel rejected the input (bad length or bad contents).
     Rejected(Status),
+    /// The device has no compute units left for another persistent kernel
+    /// (each running one holds some until it stops). Retrying after a
+    /// kernel stops may succeed.
+    NoCapacity(String),
     /// A driver call or the device failed.
     Device(String),
 }
@@ -66,6 +70,7 @@ impl fmt::Display for BackendError {
             BackendError::Rejected(status) => {
                 write!(f, "the kernel rejected the input: {status:?}")
             }
+            BackendError::NoCapacity(why) => write!(f, "device busy: {why}"),
             BackendError::Device(why) => write!(f, "device failure: {why}"),
         }
     }

@@ -41,6 +41,11 @@ pub struct KernelConfig {
     /// lets the backend choose: one on a CPU device, where each spinning
     /// work-group holds a host thread. Ignored by the CPU backend.
     pub work_groups: Option<u32>,
+    /// Compute units a device backend must leave free when it launches
+    /// this kernel, counting every persistent kernel already running on the
+    /// device (default 0). The bridge keeps one free, so that batch
+    /// kernels can still run. Ignored by the CPU backend.
+    pub keep_free_compute_units: u32,
 }
 
 impl Default for KernelConfig {
@@ -50,6 +55,7 @@ impl Default for KernelConfig {
             policy: WaitPolicy::default(),
             idle_poll: Duration::from_millis(1),
             work_groups: None,
+            keep_free_compute_units: 0,
         }
     }
 }

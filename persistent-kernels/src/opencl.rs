@@ -59,6 +59,16 @@ pub enum OpenClError {
     BadInput(String),
     /// The kernel has no OpenCL C source.
     NoSource,
+    /// Launching would hold more compute units than the device may give
+    /// persistent kernels.
+    NoCapacity {
+        /// Compute units held by running persistent kernels.
+        held: u32,
+        /// Compute units the launch asked for.
+        requested: u32,
+        /// The most that may be held.
+        limit: u32,
+    },
 }
 
 impl fmt::Display for OpenClError {
@@ -70,6 +80,14 @@ impl fmt::Display for OpenClError {
             OpenClError::Api { call, code } => write!(f, "OpenCL {call} failed with {code}"),
             OpenClError::BadInput(why) => write!(f, "bad input: {why}"),
             OpenClError::NoSource => write!(f, "the kernel has no OpenCL C source"),
+            OpenClError::NoCapacity {
+                held,
+                requested,
+                limit,
+            } => write!(
+                f,
+                "{requested} more compute units for a persistent kernel, with {held} of {limit} held"
+            ),
         }
     }
 }
@@ -334,9 +352,16 @@ impl Backend for OpenClBackend {
         config: &KernelConfig,
     ) -> Result<Box<dyn PersistentKernel>, BackendError> {
         let work_groups = config.work_groups.unwrap_or(1) as usize;
-        OpenClPersistentKernel::launch(self, device, spec, config.capacity, work_groups)
-            .map(|kernel| Box::new(kernel) as Box<dyn PersistentKernel>)
-            .map_err(|err| backend_error(err, &spec))
+        OpenClPersistentKernel::launch_leaving(
+            self,
+            device,
+            spec,
+            config.capacity,
+            work_groups,
+            config.keep_free_compute_units,
+        )
+        .map(|kernel| Box::new(kernel) as Box<dyn PersistentKernel>)
+        .map_err(|err| backend_error(err, &spec))
     }
 
     fn run_batch(
@@ -365,6 +390,7 @@ fn backend_error(err: OpenClError, spec: &KernelSpec) -> BackendError {
             kernel: spec.id,
             backend: BackendKind::OpenCl,
         },
+        err @ OpenClError::NoCapacity { .. } => BackendError::NoCapacity(err.to_string()),
         other => BackendError::Device(other.to_string()),
     }
 }

@@ -21,6 +21,7 @@ use common::{f32s, from_f32s};
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel() {
+    let _device = common::opencl_device_lock();
     let backend = OpenClBackend::discover().unwrap();
     let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 64, 1).unwrap();
     for i in 0..100u64 {
@@ -44,6 +45,7 @@ fn one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel() 
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn concurrent_callers_through_two_device_work_groups_lose_nothing() {
+    let _device = common::opencl_device_lock();
     use std::collections::HashSet;
     use std::sync::{Arc, Mutex};
     use std::thread;
@@ -113,6 +115,7 @@ fn concurrent_callers_through_two_device_work_groups_lose_nothing() {
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn stop_drains_requests_in_flight_and_refuses_new_ones() {
+    let _device = common::opencl_device_lock();
     use granary_kernels::SubmitError;
     let backend = OpenClBackend::discover().unwrap();
     let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 256, 1).unwrap();
@@ -138,6 +141,7 @@ fn stop_drains_requests_in_flight_and_refuses_new_ones() {
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn bad_requests_and_launches_are_typed_errors() {
+    let _device = common::opencl_device_lock();
     use granary_kernels::SubmitError;
     use granary_kernels::opencl::OpenClError;
     use granary_kernels::shipped::DOT;
@@ -160,6 +164,22 @@ fn bad_requests_and_launches_are_typed_errors() {
     assert!(matches!(
         OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, 1000),
         Err(OpenClError::BadInput(_))
+    ));
+    // Every compute unit held: one more persistent kernel is refused, not
+    // left unscheduled; units come back when a kernel stops.
+    let units = backend.devices()[0].compute_units as usize;
+    let mut holder = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, units).unwrap();
+    assert_eq!(backend.held_compute_units(0).unwrap() as usize, units);
+    assert!(matches!(
+        OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 16, 1),
+        Err(OpenClError::NoCapacity { .. })
+    ));
+    assert_eq!(holder.stop(WAIT), Ok(true));
+    assert_eq!(backend.held_compute_units(0).unwrap(), 0);
+    // Keeping units free for batch work.
+    assert!(matches!(
+        OpenClPersistentKernel::launch_leaving(&backend, 0, DOUBLE, 16, units, 1),
+        Err(OpenClError::NoCapacity { .. })
     ));
     assert!(matches!(
         OpenClPersistentKernel::launch(&backend, 99, DOUBLE, 16, 1),

@@ -214,6 +214,7 @@ fn cpu_bad_input_and_stops() {
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn opencl_ring_path_matches_the_cpu_implementations() {
+    let _device = common::opencl_device_lock();
     ring_path_matches_the_cpu(backends()[1].as_ref());
 }
 
@@ -223,6 +224,7 @@ fn opencl_ring_path_matches_the_cpu_implementations() {
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn opencl_batch_path_matches_the_cpu_implementations() {
+    let _device = common::opencl_device_lock();
     batch_path_matches_the_cpu(backends()[1].as_ref());
 }
 
@@ -232,6 +234,7 @@ fn opencl_batch_path_matches_the_cpu_implementations() {
     ignore = "no OpenCL runtime when this test was built"
 )]
 fn opencl_bad_input_and_stops() {
+    let _device = common::opencl_device_lock();
     let backends = backends();
     bad_input_comes_back_as_a_status(backends[1].as_ref());
     stopping_with_requests_in_flight(backends[1].as_ref());

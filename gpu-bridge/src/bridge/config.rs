@@ -43,7 +43,12 @@ pub struct BridgeConfig {
 impl Default for BridgeConfig {
     fn default() -> BridgeConfig {
         BridgeConfig {
-            kernel: KernelConfig::default(),
+            // One compute unit stays free on every device for batch kernels,
+            // which could not run beside spinning persistent ones.
+            kernel: KernelConfig {
+                keep_free_compute_units: 1,
+                ..KernelConfig::default()
+            },
             micro_batch: 64,
             overload_timeout: Duration::from_secs(1),
             hang_timeout: Duration::from_secs(2),

@@ -533,10 +533,17 @@ impl KernelInstance {
 
 /// Counts a failed request.
 pub(crate) fn record_failure(kernel: &'static str, backend: BackendKind, err: &ExecuteError) {
+    record_failure_labelled(kernel, format!("{backend:?}"), err);
+}
+
+/// Counts a failed request; `backend` is `"none"` for requests refused
+/// before reaching a device, and `kernel` is `"unknown"` for ids that are
+/// not registered (never the caller's string: labels stay bounded).
+pub(crate) fn record_failure_labelled(kernel: &'static str, backend: String, err: &ExecuteError) {
     metrics::counter!(
         "granary_gpu_failures_total",
         "kernel" => kernel,
-        "backend" => format!("{backend:?}"),
+        "backend" => backend,
         "reason" => err.reason()
     )
     .increment(1);

@@ -1,8 +1,9 @@
 //! The OpenCL persistent kernel: rings in fine-grained SVM, drained by a
 //! kernel that never returns until its request ring is closed.
 
+use std::collections::BTreeMap;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use granary_ring::{Consumer, Ownership, Region, Ring, RingConfig, WaitPolicy};
@@ -15,6 +16,7 @@ use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRA
 use super::{OpenClBackend, OpenClError, api};
 use crate::backend::PersistentKernel;
 use crate::cpu::{Completion, StopMode, StopReport, SubmitError, Submitter, completion};
+use crate::device::DeviceInfo;
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (OpenCL C 2.0), appended after the ring
@@ -101,6 +103,66 @@ pub struct OpenClPersistentKernel {
     _kernel: Kernel,
     _queue: CommandQueue,
     policy: WaitPolicy,
+    /// The compute units the kernel holds; released once it has exited.
+    lease: Option<UnitLease>,
+}
+
+/// Compute units held by running persistent kernels, per device, across the
+/// process. Each spinning work-group holds one compute unit (on POCL, a
+/// host thread) for as long as its kernel runs, and a kernel launched
+/// beyond them would never be scheduled: launches are refused instead.
+static HELD_UNITS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// A device as the registry knows it: every `OpenClBackend` in the process
+/// sees the same devices in the same order.
+fn device_key(info: &DeviceInfo) -> String {
+    format!("{}#{}", info.index, info.name)
+}
+
+/// Compute units held on one device; given back on drop.
+#[derive(Debug)]
+struct UnitLease {
+    key: String,
+    units: u32,
+}
+
+impl UnitLease {
+    fn acquire(key: String, units: u32, limit: u32) -> Result<UnitLease, OpenClError> {
+        let mut held = HELD_UNITS.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = held.get(&key).copied().unwrap_or(0);
+        if now + units > limit {
+            return Err(OpenClError::NoCapacity {
+                held: now,
+                requested: units,
+                limit,
+            });
+        }
+        held.insert(key.clone(), now + units);
+        Ok(UnitLease { key, units })
+    }
+
+    /// Compute units held on the device with `key`.
+    fn held(key: &str) -> u32 {
+        let held = HELD_UNITS.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for UnitLease {
+    fn drop(&mut self) {
+        let mut held = HELD_UNITS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(now) = held.get_mut(&self.key) {
+            *now = now.saturating_sub(self.units);
+        }
+    }
+}
+
+impl OpenClBackend {
+    /// Compute units that persistent kernels hold on device `index`, across
+    /// this process.
+    pub fn held_compute_units(&self, index: usize) -> Result<u32, OpenClError> {
+        Ok(UnitLease::held(&device_key(&self.device(index)?.info)))
+    }
 }
 
 impl std::fmt::Debug for OpenClPersistentKernel {
@@ -122,13 +184,33 @@ impl OpenClPersistentKernel {
         capacity: u32,
         work_groups: usize,
     ) -> Result<OpenClPersistentKernel, OpenClError> {
+        OpenClPersistentKernel::launch_leaving(backend, index, spec, capacity, work_groups, 0)
+    }
+
+    /// [`OpenClPersistentKernel::launch`], refused with
+    /// [`OpenClError::NoCapacity`] unless `keep_free` compute units stay
+    /// free afterwards (for the batch path, or other kernels), counting
+    /// every persistent kernel running on the device in this process.
+    pub fn launch_leaving(
+        backend: &OpenClBackend,
+        index: usize,
+        spec: KernelSpec,
+        capacity: u32,
+        work_groups: usize,
+        keep_free: u32,
+    ) -> Result<OpenClPersistentKernel, OpenClError> {
         let device = backend.device(index)?;
-        let compute_units = device.info.compute_units as usize;
-        if work_groups == 0 || work_groups > compute_units {
+        let compute_units = device.info.compute_units;
+        if work_groups == 0 || work_groups > compute_units as usize {
             return Err(OpenClError::BadInput(format!(
                 "{work_groups} work-groups on a device with {compute_units} compute units"
             )));
         }
+        let lease = UnitLease::acquire(
+            device_key(&device.info),
+            work_groups as u32,
+            compute_units.saturating_sub(keep_free),
+        )?;
         let program = backend.program_for(index, &spec)?;
         let kernel =
             Kernel::create(&program, "granary_persistent").map_err(api("clCreateKernel"))?;
@@ -172,6 +254,7 @@ impl OpenClPersistentKernel {
             responses: Some(responses),
             event: Some(event),
             _kernel: kernel,
+            lease: Some(lease),
             _queue: queue,
             policy: WaitPolicy::default(),
         })
@@ -236,6 +319,7 @@ impl OpenClPersistentKernel {
                 .map_err(api("clGetEventInfo"))?;
             if status.0 == CL_COMPLETE {
                 self.event = None;
+                self.lease = None;
                 return Ok(true);
             }
             if status.0 < 0 {
@@ -308,6 +392,8 @@ impl Drop for OpenClPersistentKernel {
         if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
             std::mem::forget(self.requests.take());
             std::mem::forget(self.responses.take());
+            // Its compute units stay held too: the kernel still runs.
+            std::mem::forget(self.lease.take());
         }
     }
 }

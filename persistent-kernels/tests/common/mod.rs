@@ -29,3 +29,13 @@ pub fn random_f32s(seed: u64, count: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Serialises the tests that launch OpenCL persistent kernels: each holds
+/// compute units while it runs (on POCL, host threads), and tests running
+/// side by side would be refused for want of them.
+#[allow(dead_code)]
+pub fn opencl_device_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,287 +1,360 @@
-//! `granary demo`: drives the request ring under load.
+//! `granary demo`: a mix of small latency-bound requests and large batch
+//! requests through the GPU bridge, on every backend present.
 //!
-//! Producer threads (standing in for grains) push timestamped requests into
-//! one MPSC ring; one consumer thread (standing in for a persistent kernel)
-//! drains it in chunks, verifies every payload's checksum and per-producer
-//! order, and records the enqueue-to-dequeue latency of each message. Later
-//! issues grow this into the full cluster demo.
+//! For each backend, a bridge is built with that backend alone (no CPU
+//! fallback, so each row measures the backend it names). Concurrent tokio
+//! tasks, standing in for grains, send small `double` requests through the
+//! backend's persistent kernel; every `batch_every`-th request is instead a
+//! large `vector_add` that takes the launch-per-batch path. Every answer is
+//! checked. The report has one row per backend and path: requests, p50,
+//! p99 and throughput.
 
 use std::fmt;
-use std::thread;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use granary_ring::{ConfigError, Ring, RingConfig, TryPopError, WaitPolicy};
+use granary_gpu::{BridgeConfig, FallbackPolicy, GpuBridge, StopMode};
+use granary_kernels::shipped::{DOUBLE, VECTOR_ADD};
+use granary_kernels::{Backend, BackendKind};
 use hdrhistogram::Histogram;
 
-/// What the demo runs.
+/// What the demo runs on each backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DemoConfig {
-    /// Producer threads, at least 1.
-    pub producers: u32,
-    /// Messages each producer sends.
-    pub messages_per_producer: u64,
-    /// Payload bytes per message, at least 24 (timestamp, sequence, checksum).
-    pub payload: u32,
-    /// Ring capacity: a power of two.
-    pub capacity: u32,
+    /// Concurrent callers, at least 1.
+    pub callers: u32,
+    /// Requests per backend, at least 1, split across the callers.
+    pub requests: u64,
+    /// `f32` elements in each small request, `1..=1024`.
+    pub small_elements: u32,
+    /// Every this many requests (per caller) one is a batch request; 0 for
+    /// none.
+    pub batch_every: u64,
+    /// Elements per operand of each batch `vector_add`, more than 1024 (so
+    /// it does not fit a ring slot) and at most 2^24.
+    pub batch_elements: u32,
 }
 
 impl Default for DemoConfig {
     fn default() -> DemoConfig {
         DemoConfig {
-            producers: 4,
-            messages_per_producer: 1_000_000,
-            payload: 64,
-            capacity: 4096,
+            callers: 64,
+            requests: 200_000,
+            small_elements: 16,
+            batch_every: 2_000,
+            batch_elements: 1 << 18,
         }
     }
 }
 
 /// Why the demo could not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DemoError {
-    /// The ring configuration was refused.
-    Ring(ConfigError),
     /// A parameter is out of range.
     BadParameter(String),
-    /// The consumer saw a message that failed verification.
-    Verification(String),
-    /// A producer thread could not be started.
-    Thread(String),
+    /// The bridge could not be built.
+    Bridge(String),
+    /// A request failed or came back wrong.
+    Request(String),
 }
 
 impl fmt::Display for DemoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DemoError::Ring(err) => write!(f, "ring: {err}"),
             DemoError::BadParameter(why) => write!(f, "bad parameter: {why}"),
-            DemoError::Verification(why) => write!(f, "verification failed: {why}"),
-            DemoError::Thread(why) => write!(f, "cannot start a producer thread: {why}"),
+            DemoError::Bridge(why) => write!(f, "bridge: {why}"),
+            DemoError::Request(why) => write!(f, "request failed: {why}"),
         }
     }
 }
 
 impl std::error::Error for DemoError {}
 
-/// What the demo measured.
+/// What one path on one backend measured.
+#[derive(Debug, Clone)]
+pub struct PathReport {
+    /// The backend.
+    pub backend: BackendKind,
+    /// `"ring"` (persistent kernel) or `"batch"` (launch per batch).
+    pub path: &'static str,
+    /// Requests answered and checked.
+    pub requests: u64,
+    /// Wall time of the backend's whole run.
+    pub elapsed: Duration,
+    /// Per-request latency in nanoseconds.
+    pub latency_ns: Histogram<u64>,
+}
+
+impl PathReport {
+    /// Requests per second over the backend's run.
+    pub fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency at `quantile`, in microseconds.
+    pub fn latency_us(&self, quantile: f64) -> f64 {
+        self.latency_ns.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+/// Everything the demo measured.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
     /// The configuration that ran.
     pub config: DemoConfig,
-    /// Messages the consumer received and verified.
-    pub received: u64,
-    /// Wall time from the first push to the last pop.
-    pub elapsed: Duration,
-    /// Enqueue-to-dequeue latency in nanoseconds.
-    pub latency_ns: Histogram<u64>,
-}
-
-impl DemoReport {
-    /// Messages per second.
-    pub fn throughput(&self) -> f64 {
-        self.received as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Latency at `quantile` (0.0..=1.0), in microseconds.
-    pub fn latency_us(&self, quantile: f64) -> f64 {
-        self.latency_ns.value_at_quantile(quantile) as f64 / 1_000.0
-    }
-}
-
-impl DemoReport {
-    /// The report as (metric, value) rows.
-    pub fn rows(&self) -> Vec<(String, String)> {
-        let c = &self.config;
-        let megabytes = self.throughput() * f64::from(c.payload) / 1e6;
-        let mut rows = vec![
-            (
-                "path".to_string(),
-                format!(
-                    "{} producers → MPSC ring ({} slots) → 1 consumer",
-                    c.producers, c.capacity
-                ),
-            ),
-            (
-                "messages".to_string(),
-                format!("{} × {} B", self.received, c.payload),
-            ),
-            (
-                "elapsed".to_string(),
-                format!("{:.3} s", self.elapsed.as_secs_f64()),
-            ),
-            (
-                "throughput".to_string(),
-                format!(
-                    "{:.2} M msg/s ({megabytes:.0} MB/s)",
-                    self.throughput() / 1e6
-                ),
-            ),
-        ];
-        for (label, quantile) in [("p50", 0.5), ("p99", 0.99), ("p99.9", 0.999)] {
-            rows.push((
-                format!("latency {label}"),
-                format!("{:.1} µs", self.latency_us(quantile)),
-            ));
-        }
-        rows.push((
-            "latency max".to_string(),
-            format!("{:.1} µs", self.latency_ns.max() as f64 / 1_000.0),
-        ));
-        rows
-    }
+    /// One entry per backend and path, in run order.
+    pub paths: Vec<PathReport>,
+    /// Backends that were not present, with the reason.
+    pub skipped: Vec<(BackendKind, String)>,
 }
 
 impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let rows = self.rows();
-        let width = |text: &str| text.chars().count();
-        let left = rows
+        let header = ["backend", "path", "requests", "p50", "p99", "throughput"];
+        let rows: Vec<[String; 6]> = self
+            .paths
             .iter()
-            .map(|(metric, _)| width(metric))
-            .max()
-            .unwrap_or(0)
-            .max(6);
-        let right = rows
-            .iter()
-            .map(|(_, value)| width(value))
-            .max()
-            .unwrap_or(0)
-            .max(5);
-        writeln!(f, "| {:<left$} | {:<right$} |", "metric", "value")?;
-        writeln!(f, "|{}|{}|", "-".repeat(left + 2), "-".repeat(right + 2))?;
-        for (index, (metric, value)) in rows.iter().enumerate() {
-            // `{:<N}` pads by chars, which is what a terminal shows here.
-            write!(f, "| {metric:<left$} | {value:<right$} |")?;
-            if index + 1 < rows.len() {
-                writeln!(f)?;
+            .map(|path| {
+                [
+                    format!("{:?}", path.backend),
+                    path.path.to_string(),
+                    path.requests.to_string(),
+                    format_us(path.latency_us(0.5)),
+                    format_us(path.latency_us(0.99)),
+                    format!("{:.0} req/s", path.throughput()),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
             }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: &[String]| -> fmt::Result {
+            for (cell, width) in cells.iter().zip(widths) {
+                write!(f, "| {cell:>width$} ")?;
+            }
+            writeln!(f, "|")
+        };
+        line(f, &header.map(String::from))?;
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        line(f, &rule)?;
+        for row in &rows {
+            line(f, row)?;
+        }
+        for (backend, why) in &self.skipped {
+            writeln!(f, "{backend:?}: not run ({why})")?;
         }
         Ok(())
     }
 }
 
-/// Payload layout: nanoseconds since start at push, sequence, checksum, then
-/// filler up to the payload size.
-fn checksum(producer: u64, sequence: u64, sent_ns: u64) -> u64 {
-    (producer.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sequence ^ sent_ns.rotate_left(17))
-        .wrapping_mul(0xBF58_476D_1CE4_E5B9)
+fn format_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.1} µs")
+    }
 }
 
-fn word(payload: &[u8], index: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&payload[index * 8..index * 8 + 8]);
-    u64::from_le_bytes(bytes)
-}
-
-/// Runs the demo, calling `progress(received)` from the consumer about every
-/// 64 Ki messages.
-pub fn run(config: DemoConfig, progress: impl Fn(u64)) -> Result<DemoReport, DemoError> {
-    if config.producers == 0 || config.messages_per_producer == 0 {
-        return Err(DemoError::BadParameter(
-            "producers and messages must be at least 1".into(),
-        ));
-    }
-    if config.payload < 24 {
-        return Err(DemoError::BadParameter(format!(
-            "payload {} B is below the 24 B the demo stamps into each message",
-            config.payload
-        )));
-    }
-    let total = u64::from(config.producers)
-        .checked_mul(config.messages_per_producer)
-        .ok_or_else(|| DemoError::BadParameter("producers × messages overflows 64 bits".into()))?;
-    let ring =
-        Ring::new(RingConfig::mpsc(config.capacity, config.payload)).map_err(DemoError::Ring)?;
-    let (producer, mut consumer) = ring
-        .split_mpsc()
-        .map_err(|err| DemoError::BadParameter(err.to_string()))?;
-    let started = Instant::now();
-    let policy = WaitPolicy::default();
-    let mut handles = Vec::with_capacity(config.producers as usize);
-    for id in 0..u64::from(config.producers) {
-        let producer = producer.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("demo-producer-{id}"))
-            .spawn(move || {
-                let mut payload = vec![0u8; config.payload as usize];
-                for sequence in 0..config.messages_per_producer {
-                    let sent_ns = started.elapsed().as_nanos() as u64;
-                    payload[..8].copy_from_slice(&sent_ns.to_le_bytes());
-                    payload[8..16].copy_from_slice(&sequence.to_le_bytes());
-                    payload[16..24].copy_from_slice(&checksum(id, sequence, sent_ns).to_le_bytes());
-                    if producer.push_with(id, &payload[..], &policy, None).is_err() {
-                        return; // Closed: the consumer gave up.
-                    }
-                }
-            });
-        match spawned {
-            Ok(handle) => handles.push(handle),
-            Err(err) => {
-                consumer.close();
-                for handle in handles {
-                    let _ = handle.join();
-                }
-                return Err(DemoError::Thread(err.to_string()));
-            }
+impl DemoConfig {
+    fn validate(&self) -> Result<(), DemoError> {
+        let bad = |why: String| Err(DemoError::BadParameter(why));
+        if self.callers == 0 {
+            return bad("at least one caller".into());
         }
+        if self.requests == 0 {
+            return bad("at least one request".into());
+        }
+        if !(1..=1024).contains(&self.small_elements) {
+            return bad(format!(
+                "small requests of {} elements (1..=1024)",
+                self.small_elements
+            ));
+        }
+        if self.batch_every > 0 && !(1025..=1 << 24).contains(&self.batch_elements) {
+            return bad(format!(
+                "batch requests of {} elements (1025..=2^24)",
+                self.batch_elements
+            ));
+        }
+        Ok(())
     }
-    drop(producer);
+}
 
-    let mut next = vec![0u64; config.producers as usize];
-    let mut latency_ns = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .map_err(|err| DemoError::BadParameter(err.to_string()))?;
-    let mut received = 0u64;
-    let mut failure = None;
-    'consume: while received < total {
-        let chunk = match consumer.try_read(256) {
-            Ok(chunk) => chunk,
-            Err(TryPopError::Empty) => {
-                thread::yield_now();
+/// The backends present on this machine: the CPU always, OpenCL where a
+/// runtime is installed (otherwise skipped, with the reason).
+pub fn backends() -> (Vec<Arc<dyn Backend>>, Vec<(BackendKind, String)>) {
+    let mut present: Vec<Arc<dyn Backend>> = vec![Arc::new(granary_kernels::CpuBackend::new())];
+    let mut skipped = Vec::new();
+    match granary_kernels::opencl::OpenClBackend::discover() {
+        Ok(opencl) => present.push(Arc::new(opencl)),
+        Err(err) => skipped.push((BackendKind::OpenCl, err.to_string())),
+    }
+    skipped.push((
+        BackendKind::Cuda,
+        "the CUDA backend is not built yet".to_string(),
+    ));
+    (present, skipped)
+}
+
+/// Runs the demo on every backend in `backends`; `progress` gets the
+/// number of requests answered so far, across backends.
+pub async fn run(
+    config: DemoConfig,
+    backends: Vec<Arc<dyn Backend>>,
+    skipped: Vec<(BackendKind, String)>,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<DemoReport, DemoError> {
+    config.validate()?;
+    let progress = Arc::new(progress);
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut paths = Vec::new();
+    for backend in backends {
+        let kind = backend.kind();
+        let builder = GpuBridge::builder().kernels([DOUBLE, VECTOR_ADD]);
+        // The CPU backend alone, or the device backend with no fallback.
+        let builder = if kind == BackendKind::Cpu {
+            builder
+        } else {
+            builder.backend(backend)
+        };
+        let bridge = builder
+            .config(BridgeConfig {
+                fallback: FallbackPolicy::Fail,
+                ..BridgeConfig::default()
+            })
+            .build()
+            .map_err(|err| DemoError::Bridge(err.to_string()))?;
+        let outcome = run_backend(&bridge, config, &answered, &progress).await;
+        bridge.shutdown(StopMode::Drain).await;
+        let (ring, batch, elapsed) = outcome?;
+        for (path, latency_ns) in [("ring", ring), ("batch", batch)] {
+            if latency_ns.is_empty() {
                 continue;
             }
-            Err(err) => {
-                failure = Some(err.to_string());
-                break;
-            }
-        };
-        let now_ns = started.elapsed().as_nanos() as u64;
-        for message in chunk.iter() {
-            let id = message.request_id as usize;
-            let (sent_ns, sequence) = (word(message.payload, 0), word(message.payload, 1));
-            if id >= next.len()
-                || sequence != next[id]
-                || word(message.payload, 2) != checksum(id as u64, sequence, sent_ns)
-            {
-                failure = Some(format!(
-                    "message at position {} is out of order or corrupt",
-                    message.position
-                ));
-                break 'consume;
-            }
-            next[id] += 1;
-            latency_ns.saturating_record(now_ns.saturating_sub(sent_ns).max(1));
-            received += 1;
-            if received % 65_536 == 0 {
-                progress(received);
-            }
+            paths.push(PathReport {
+                backend: kind,
+                path,
+                requests: latency_ns.len(),
+                elapsed,
+                latency_ns,
+            });
         }
     }
-    let elapsed = started.elapsed();
-    if let Some(why) = failure {
-        consumer.close();
-        for handle in handles {
-            let _ = handle.join();
-        }
-        return Err(DemoError::Verification(why));
-    }
-    for handle in handles {
-        let _ = handle.join();
-    }
-    progress(received);
     Ok(DemoReport {
         config,
-        received,
-        elapsed,
-        latency_ns,
+        paths,
+        skipped,
     })
+}
+
+type Latencies = (Histogram<u64>, Histogram<u64>, Duration);
+
+async fn run_backend(
+    bridge: &GpuBridge,
+    config: DemoConfig,
+    answered: &Arc<AtomicU64>,
+    progress: &Arc<impl Fn(u64) + Send + Sync + 'static>,
+) -> Result<Latencies, DemoError> {
+    let started = Instant::now();
+    let callers: Vec<_> = (0..config.callers)
+        .map(|caller| {
+            let share = config.requests / u64::from(config.callers)
+                + u64::from(u64::from(caller) < config.requests % u64::from(config.callers));
+            let (bridge, answered, progress) = (bridge.clone(), answered.clone(), progress.clone());
+            tokio::spawn(async move {
+                call_many(&bridge, config, caller, share, &answered, &*progress).await
+            })
+        })
+        .collect();
+    let mut ring = histogram();
+    let mut batch = histogram();
+    for caller in callers {
+        let (caller_ring, caller_batch) = caller
+            .await
+            .map_err(|err| DemoError::Request(format!("a caller task failed: {err}")))??;
+        ring.add(&caller_ring)
+            .map_err(|err| DemoError::Request(err.to_string()))?;
+        batch
+            .add(&caller_batch)
+            .map_err(|err| DemoError::Request(err.to_string()))?;
+    }
+    Ok((ring, batch, started.elapsed()))
+}
+
+/// 1 ns to 1 min, 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant bounds are valid")
+}
+
+async fn call_many(
+    bridge: &GpuBridge,
+    config: DemoConfig,
+    caller: u32,
+    count: u64,
+    answered: &AtomicU64,
+    progress: &(impl Fn(u64) + Send + Sync),
+) -> Result<(Histogram<u64>, Histogram<u64>), DemoError> {
+    let mut ring = histogram();
+    let mut batch = histogram();
+    let batch_elements = config.batch_elements as usize;
+    let batch_input: Vec<u8> = (0..2 * batch_elements)
+        .flat_map(|i| ((i % batch_elements) as f32).to_le_bytes())
+        .collect();
+    for i in 0..count {
+        let is_batch = config.batch_every > 0 && i % config.batch_every == config.batch_every - 1;
+        let started = Instant::now();
+        if is_batch {
+            let output = bridge
+                .execute("vector_add", &batch_input)
+                .await
+                .map_err(|err| DemoError::Request(err.to_string()))?;
+            let checked = output.len() == 4 * batch_elements
+                && output
+                    .chunks_exact(4)
+                    .enumerate()
+                    .all(|(j, word)| word == (2.0 * j as f32).to_le_bytes());
+            if !checked {
+                return Err(DemoError::Request("a vector add came back wrong".into()));
+            }
+            batch.saturating_record(elapsed_ns(started));
+        } else {
+            // A request unique to this caller and turn.
+            let base = (caller as f32) * 1e4 + (i % 10_000) as f32;
+            let input: Vec<u8> = (0..config.small_elements)
+                .flat_map(|j| (base + j as f32).to_le_bytes())
+                .collect();
+            let output = bridge
+                .execute("double", &input)
+                .await
+                .map_err(|err| DemoError::Request(err.to_string()))?;
+            let checked = output.len() == input.len()
+                && output
+                    .chunks_exact(4)
+                    .zip(input.chunks_exact(4))
+                    .all(|(out, inp)| {
+                        let x = f32::from_le_bytes([inp[0], inp[1], inp[2], inp[3]]);
+                        out == (2.0 * x).to_le_bytes()
+                    });
+            if !checked {
+                return Err(DemoError::Request(format!(
+                    "caller {caller} request {i} came back wrong"
+                )));
+            }
+            ring.saturating_record(elapsed_ns(started));
+        }
+        let done = answered.fetch_add(1, Ordering::Relaxed) + 1;
+        if done % 1024 == 0 {
+            progress(done);
+        }
+    }
+    Ok((ring, batch))
+}
+
+fn elapsed_ns(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

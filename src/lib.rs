@@ -1,8 +1,9 @@
 //! Granary: Orleans-style virtual actors whose compute goes to GPUs.
 //!
-//! This facade re-exports the workspace crates. Today the ring buffer and
-//! the bridge's memory pool are built; the kernels, the rest of the bridge,
-//! the actor runtime and the cluster follow (see `ARCHITECTURE.md`).
+//! This facade re-exports the workspace crates: the ring buffer, the
+//! persistent kernels with their CPU and OpenCL backends, and the GPU
+//! bridge. The actor runtime and the cluster follow (see
+//! `ARCHITECTURE.md`).
 
 pub use granary_actors as actors;
 pub use granary_cluster as cluster;
@@ -11,3 +12,4 @@ pub use granary_kernels as kernels;
 pub use granary_ring as ring;
 
 pub mod demo;
+pub mod ring_demo;

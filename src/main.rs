@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use granary::demo::{self, DemoConfig};
+use granary::ring_demo::{self, RingDemoConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -21,24 +22,61 @@ struct Cli {
 enum Command {
     /// List the devices this node's backends find, with their memory.
     Devices,
-    /// Drive the request ring under load and print throughput and latency.
+    /// Send small and batch requests through the GPU bridge on every
+    /// backend present, and print latency and throughput.
     Demo {
+        /// Concurrent callers.
+        #[arg(long, default_value_t = DemoConfig::default().callers)]
+        callers: u32,
+        /// Requests per backend.
+        #[arg(long, default_value_t = DemoConfig::default().requests)]
+        requests: u64,
+        /// `f32` elements per small request (1..=1024).
+        #[arg(long, default_value_t = DemoConfig::default().small_elements)]
+        small_elements: u32,
+        /// One batch request every this many requests per caller (0: none).
+        #[arg(long, default_value_t = DemoConfig::default().batch_every)]
+        batch_every: u64,
+        /// Elements per operand of each batch vector add.
+        #[arg(long, default_value_t = DemoConfig::default().batch_elements)]
+        batch_elements: u32,
+        /// Hide the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Drive the request ring alone under load and print throughput and
+    /// latency.
+    RingDemo {
         /// Producer threads.
-        #[arg(long, default_value_t = DemoConfig::default().producers)]
+        #[arg(long, default_value_t = RingDemoConfig::default().producers)]
         producers: u32,
         /// Messages per producer.
-        #[arg(long, default_value_t = DemoConfig::default().messages_per_producer)]
+        #[arg(long, default_value_t = RingDemoConfig::default().messages_per_producer)]
         messages: u64,
         /// Payload bytes per message (at least 24).
-        #[arg(long, default_value_t = DemoConfig::default().payload)]
+        #[arg(long, default_value_t = RingDemoConfig::default().payload)]
         payload: u32,
         /// Ring capacity (a power of two).
-        #[arg(long, default_value_t = DemoConfig::default().capacity)]
+        #[arg(long, default_value_t = RingDemoConfig::default().capacity)]
         capacity: u32,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
     },
+}
+
+fn progress_bar(total: u64, hidden: bool, unit: &str) -> ProgressBar {
+    let bar = if hidden {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}}/{{human_len}} {unit}, eta {{eta}}"
+    )) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn main() -> ExitCode {
@@ -59,33 +97,78 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Demo {
+            callers,
+            requests,
+            small_elements,
+            batch_every,
+            batch_elements,
+            no_progress,
+        } => {
+            let config = DemoConfig {
+                callers,
+                requests,
+                small_elements,
+                batch_every,
+                batch_elements,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("granary demo: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (backends, skipped) = demo::backends();
+            let total = requests.saturating_mul(backends.len() as u64);
+            let bar = progress_bar(total, no_progress, "requests");
+            println!(
+                "granary demo: {callers} callers × {requests} requests per backend through the GPU bridge \
+                 ({small_elements}-element doubles on persistent kernels; every {batch_every}th a \
+                 {batch_elements}-element vector add on the batch path), on {}",
+                backends
+                    .iter()
+                    .map(|b| format!("{:?}", b.kind()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let shown = bar.clone();
+            let result = runtime.block_on(demo::run(config, backends, skipped, move |done| {
+                shown.set_position(done)
+            }));
+            bar.finish_and_clear();
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("granary demo: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::RingDemo {
             producers,
             messages,
             payload,
             capacity,
             no_progress,
         } => {
-            let config = DemoConfig {
+            let config = RingDemoConfig {
                 producers,
                 messages_per_producer: messages,
                 payload,
                 capacity,
             };
             let total = u64::from(producers).saturating_mul(messages);
-            let bar = if no_progress {
-                ProgressBar::hidden()
-            } else {
-                ProgressBar::new(total)
-            };
-            if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} messages, eta {eta}",
-            ) {
-                bar.set_style(style);
-            }
+            let bar = progress_bar(total, no_progress, "messages");
             println!(
-                "granary demo: {producers} producer threads → MPSC ring ({capacity} slots) → 1 consumer, {total} messages of {payload} B"
+                "granary ring-demo: {producers} producer threads → MPSC ring ({capacity} slots) → 1 consumer, {total} messages of {payload} B"
             );
-            let result = demo::run(config, |received| bar.set_position(received));
+            let result = ring_demo::run(config, |received| bar.set_position(received));
             bar.finish_and_clear();
             match result {
                 Ok(report) => {
@@ -93,7 +176,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("granary demo: {err}");
+                    eprintln!("granary ring-demo: {err}");
                     ExitCode::FAILURE
                 }
             }

@@ -1,72 +1,78 @@
-//! The `granary demo` path end to end: the library entry point and the
-//! binary the README tells users to run.
+//! `granary demo` end to end: the library entry point on every backend
+//! present, and the binary the README tells users to run.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use granary::demo::{self, DemoConfig, DemoError};
 
-#[test]
-fn demo_moves_every_message_and_reports_consistent_latency() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
     let config = DemoConfig {
-        producers: 3,
-        messages_per_producer: 20_000,
-        payload: 40,
-        capacity: 64,
+        callers: 8,
+        requests: 4_000,
+        small_elements: 4,
+        batch_every: 250,
+        batch_elements: 4096,
     };
-    let last = AtomicU64::new(0);
-    let report = demo::run(config, |received| last.store(received, Ordering::Relaxed)).unwrap();
-    assert_eq!(report.received, 60_000);
-    assert_eq!(
-        last.load(Ordering::Relaxed),
-        60_000,
-        "final progress is the total"
-    );
-    assert_eq!(report.latency_ns.len(), 60_000);
-    assert!(report.latency_us(0.5) <= report.latency_us(0.99));
-    assert!(report.throughput() > 0.0);
+    let (backends, skipped) = demo::backends();
+    let present = backends.len();
+    let last = Arc::new(AtomicU64::new(0));
+    let seen = last.clone();
+    let report = demo::run(config, backends, skipped, move |done| {
+        seen.store(done, Ordering::Relaxed)
+    })
+    .await
+    .unwrap();
+    // A ring row and a batch row per backend.
+    assert_eq!(report.paths.len(), 2 * present);
+    for pair in report.paths.chunks(2) {
+        let (ring, batch) = (&pair[0], &pair[1]);
+        assert_eq!((ring.path, batch.path), ("ring", "batch"));
+        assert_eq!(ring.requests + batch.requests, 4_000);
+        assert_eq!(batch.requests, 8 * (500 / 250));
+        assert!(ring.latency_us(0.5) <= ring.latency_us(0.99));
+        assert!(ring.throughput() > 0.0);
+    }
+    assert!(last.load(Ordering::Relaxed) > 0);
     let table = report.to_string();
     assert!(
-        table
-            .lines()
-            .any(|line| line.starts_with("| messages ") && line.contains("| 60000 × 40 B ")),
+        table.starts_with("| backend |  path | requests |"),
         "{table}"
     );
-    let widths: Vec<usize> = table.lines().map(|line| line.chars().count()).collect();
+    let widths: Vec<usize> = table
+        .lines()
+        .filter(|line| line.starts_with('|'))
+        .map(|line| line.chars().count())
+        .collect();
     assert!(
         widths.iter().all(|&w| w == widths[0]),
         "ragged table:\n{table}"
     );
 }
 
-#[test]
-fn demo_refuses_bad_parameters_with_typed_errors() {
-    let bad_payload = DemoConfig {
-        payload: 8,
-        ..DemoConfig::default()
-    };
-    assert!(matches!(
-        demo::run(bad_payload, |_| {}),
-        Err(DemoError::BadParameter(_))
-    ));
-    let overflowing = DemoConfig {
-        producers: 2,
-        messages_per_producer: u64::MAX,
-        ..DemoConfig::default()
-    };
-    assert!(matches!(
-        demo::run(overflowing, |_| {}),
-        Err(DemoError::BadParameter(_))
-    ));
-    let bad_capacity = DemoConfig {
-        capacity: 1000,
-        messages_per_producer: 1,
-        ..DemoConfig::default()
-    };
-    assert!(matches!(
-        demo::run(bad_capacity, |_| {}),
-        Err(DemoError::Ring(_))
-    ));
+#[tokio::test]
+async fn bad_parameters_are_typed_errors() {
+    for config in [
+        DemoConfig {
+            callers: 0,
+            ..DemoConfig::default()
+        },
+        DemoConfig {
+            small_elements: 2000,
+            ..DemoConfig::default()
+        },
+        DemoConfig {
+            batch_elements: 16,
+            ..DemoConfig::default()
+        },
+    ] {
+        assert!(matches!(
+            demo::run(config, Vec::new(), Vec::new(), |_| {}).await,
+            Err(DemoError::BadParameter(_))
+        ));
+    }
 }
 
 #[test]
@@ -74,10 +80,12 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
     let output = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args([
             "demo",
-            "--producers",
-            "2",
-            "--messages",
-            "5000",
+            "--callers",
+            "4",
+            "--requests",
+            "3000",
+            "--batch-every",
+            "100",
             "--no-progress",
         ])
         .output()
@@ -88,34 +96,13 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.contains("| throughput "), "{stdout}");
-    assert!(stdout.contains("| latency p99 "), "{stdout}");
-    assert!(stdout.contains("10000 × 64 B"), "{stdout}");
-
+    assert!(stdout.contains("|     Cpu |  ring |"), "{stdout}");
+    assert!(stdout.contains("|     Cpu | batch |"), "{stdout}");
+    assert!(stdout.contains("req/s"), "{stdout}");
     let refused = Command::new(env!("CARGO_BIN_EXE_granary"))
-        .args(["demo", "--capacity", "1000", "--no-progress"])
+        .args(["demo", "--callers", "0", "--no-progress"])
         .output()
         .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a power of two"));
-}
-
-#[test]
-fn the_binary_lists_devices() {
-    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
-        .arg("devices")
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.contains(" device(s):"), "{stdout}");
-    assert!(
-        stdout.contains("Cpu#0") && stdout.contains("MiB free of"),
-        "{stdout}"
-    );
-    // Either an OpenCL device is listed or the backend says why it is not.
-    assert!(
-        stdout.contains("OpenCl#0") || stdout.contains("OpenCL backend unavailable"),
-        "{stdout}"
-    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("at least one caller"));
 }

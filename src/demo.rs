@@ -107,7 +107,7 @@ pub struct DemoReport {
     /// One entry per backend and path, in run order.
     pub paths: Vec<PathReport>,
     /// Backends that were not present, with the reason.
-    pub skipped: Vec<(BackendKind, String)>,
+    pub skipped: Skipped,
 }
 
 impl fmt::Display for DemoReport {
@@ -185,9 +185,12 @@ impl DemoConfig {
     }
 }
 
+/// Backends that were not run, with the reason.
+pub type Skipped = Vec<(BackendKind, String)>;
+
 /// The backends present on this machine: the CPU always, OpenCL where a
 /// runtime is installed (otherwise skipped, with the reason).
-pub fn backends() -> (Vec<Arc<dyn Backend>>, Vec<(BackendKind, String)>) {
+pub fn backends() -> (Vec<Arc<dyn Backend>>, Skipped) {
     let mut present: Vec<Arc<dyn Backend>> = vec![Arc::new(granary_kernels::CpuBackend::new())];
     let mut skipped = Vec::new();
     match granary_kernels::opencl::OpenClBackend::discover() {
@@ -206,7 +209,7 @@ pub fn backends() -> (Vec<Arc<dyn Backend>>, Vec<(BackendKind, String)>) {
 pub async fn run(
     config: DemoConfig,
     backends: Vec<Arc<dyn Backend>>,
-    skipped: Vec<(BackendKind, String)>,
+    skipped: Skipped,
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<DemoReport, DemoError> {
     config.validate()?;

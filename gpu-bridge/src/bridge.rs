@@ -23,15 +23,19 @@
 //! 5. **Ring path.** See [`instance`](self::instance) for slots, request ids,
 //!    micro-batching, completions, hang detection and stopping.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
-//!    the device in the broker first (so it never overcommits), then the
-//!    backend runs the kernel on a blocking thread.
+//!    the device in the broker first (so it never overcommits; a caller
+//!    waits up to `overload_timeout` for memory, then `Overloaded`), the
+//!    input is copied into a staging buffer rented from the bridge's
+//!    [memory pool](crate::pool), and the backend runs the kernel on a
+//!    blocking thread.
 //!
 //! Every request runs in a `granary_gpu.execute` tracing span at debug
 //! level. Metrics: `granary_gpu_requests_total`,
 //! `granary_gpu_failures_total` (by reason), `granary_gpu_request_seconds`,
 //! `granary_gpu_queue_depth`, `granary_gpu_fallbacks_total`,
-//! `granary_gpu_hangs_total`, and `granary_gpu_device_memory_used_bytes` /
-//! `_free_bytes`. Install a `metrics` recorder before building the bridge:
+//! `granary_gpu_hangs_total`, `granary_gpu_device_memory_used_bytes` /
+//! `_free_bytes`, and the batch path's staging pool:
+//! `granary_gpu_pool_hits_total`, `_misses_total`, `_cached_bytes`. Install a `metrics` recorder before building the bridge:
 //! instances register their handles when they launch.
 
 mod config;
@@ -57,6 +61,7 @@ pub use error::{BuildError, ExecuteError};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
+use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
 
 /// A device and the backend that drives it.
 struct DeviceSlot {
@@ -83,6 +88,8 @@ struct Shared {
     instances: Box<[InstanceCell]>,
     config: BridgeConfig,
     shut_down: AtomicBool,
+    /// Host staging buffers for the batch path.
+    staging: MemoryPool<HostAllocator>,
 }
 
 impl Drop for Shared {
@@ -225,6 +232,8 @@ impl BridgeBuilder {
                 instances,
                 config: self.config,
                 shut_down: AtomicBool::new(false),
+                staging: MemoryPool::new(HostAllocator, PoolConfig::default())
+                    .map_err(|err| BuildError::InvalidConfig(err.to_string()))?,
             }),
         };
         for id in 0..bridge.shared.devices.len() {
@@ -734,13 +743,23 @@ impl GpuBridge {
         let backend = slot.backend.clone();
         let index = slot.index;
         let owned_spec = *spec;
-        let owned_input = input.to_vec();
         let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            backend.run_batch(index, &owned_spec, &owned_input)
-        })
-        .await
-        .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())));
+        // The input travels to the blocking thread in a pooled staging
+        // buffer: a large batch then costs a copy into warm memory, not a
+        // fresh allocation and its page faults.
+        let staging = self.stage_input(spec, kind, input);
+        let outcome = match staging {
+            Ok(staging) => {
+                let len = input.len();
+                tokio::task::spawn_blocking(move || {
+                    backend.run_batch(index, &owned_spec, &staging.as_slice()[..len])
+                })
+                .await
+                .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())))
+            }
+            Err(err) => Err(err),
+        };
+        self.report_pool();
         drop(reservation);
         self.report_memory(device);
         let labels = [
@@ -764,6 +783,41 @@ impl GpuBridge {
                 Err(err)
             }
         }
+    }
+
+    /// A staging buffer from the pool holding a copy of `input`.
+    fn stage_input(
+        &self,
+        spec: &KernelSpec,
+        kind: BackendKind,
+        input: &[u8],
+    ) -> Result<Rented<HostAllocator>, BackendError> {
+        let mut staging = self
+            .shared
+            .staging
+            .rent(input.len().max(1))
+            .map_err(|err| {
+                BackendError::Device(format!(
+                    "no staging buffer for {} bytes of {} on {kind:?}: {err}",
+                    input.len(),
+                    spec.id
+                ))
+            })?;
+        staging.as_mut_slice()[..input.len()].copy_from_slice(input);
+        Ok(staging)
+    }
+
+    /// The staging pool's counters: its hit ratio is what the pool saves.
+    pub fn staging_pool_stats(&self) -> PoolStats {
+        self.shared.staging.stats()
+    }
+
+    /// Publishes the staging pool's counters.
+    fn report_pool(&self) {
+        let stats = self.shared.staging.stats();
+        metrics::counter!("granary_gpu_pool_hits_total").absolute(stats.hits);
+        metrics::counter!("granary_gpu_pool_misses_total").absolute(stats.misses);
+        metrics::gauge!("granary_gpu_pool_cached_bytes").set(stats.cached_bytes as f64);
     }
 
     /// Publishes `device`'s memory gauges.

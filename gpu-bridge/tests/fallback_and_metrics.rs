@@ -212,6 +212,22 @@ async fn fallback_failure_and_metrics() {
             ("reason", "compile")
         ) >= 1
     );
+    // The batch request's staging buffer came from the pool, and the pool
+    // reports.
+    counters.take();
+    for name in [
+        "granary_gpu_pool_hits_total",
+        "granary_gpu_pool_misses_total",
+    ] {
+        assert!(
+            counters
+                .seen
+                .iter()
+                .any(|(key, _, _, _)| key.key().name() == name),
+            "{name}"
+        );
+    }
+    assert!(bridge.staging_pool_stats().misses >= 1);
     // Device memory gauges exist for both devices.
     counters.take();
     let mut gauges: Vec<String> = counters

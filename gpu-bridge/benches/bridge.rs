@@ -1,0 +1,170 @@
+//! The bridge's async API, with its peers, in one criterion run.
+//!
+//! ```text
+//! cargo bench -p granary-gpu --bench bridge
+//! ```
+//!
+//! - `bridge_round_trip/*`: one small request at a time (a 4-element
+//!   `double`) from a tokio task, awaited before the next.
+//!   - `cpu/bridge_execute`: through `GpuBridge::execute` and the CPU
+//!     backend's persistent kernel;
+//!   - `cpu/spawn_blocking_per_request`: the CPU backend's launch per
+//!     request, the same work handed to tokio's blocking pool;
+//!   - `opencl/bridge_execute` and `opencl/launch_per_request` (the OpenCL
+//!     backend's batch path for the same input: buffers, a kernel launch,
+//!     a blocking read), where an OpenCL runtime is present.
+//! - `bridge_throughput/*`: 256 tasks each sending independent requests
+//!   with up to 256 in flight; criterion's throughput is requests per
+//!   second. `micro_batch_64` is the default configuration; `no_batching`
+//!   sets `micro_batch` to 1, so every request takes its own ring claim.
+//!
+//! The runtime has two worker threads, the machine's core count in CI;
+//! `GRANARY_BENCH_WORKERS=n` sets another count.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use granary_gpu::{BridgeConfig, GpuBridge};
+use granary_kernels::shipped::DOUBLE;
+use granary_kernels::{Backend, CpuBackend};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("GRANARY_BENCH_WORKERS")
+                .ok()
+                .and_then(|workers| workers.parse().ok())
+                .unwrap_or(2),
+        )
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn request() -> Vec<u8> {
+    [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+fn cpu_bridge(micro_batch: usize) -> GpuBridge {
+    GpuBridge::builder()
+        .kernel(DOUBLE)
+        .config(BridgeConfig {
+            micro_batch,
+            ..BridgeConfig::default()
+        })
+        .build()
+        .expect("a bridge")
+}
+
+fn round_trip(c: &mut Criterion) {
+    let rt = runtime();
+    let payload = request();
+    let mut group = c.benchmark_group("bridge_round_trip");
+
+    let bridge = cpu_bridge(64);
+    group.bench_function("cpu/bridge_execute", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(bridge.execute("double", &payload).await.unwrap()) })
+    });
+    rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
+
+    let cpu = Arc::new(CpuBackend::new());
+    group.bench_function("cpu/spawn_blocking_per_request", |b| {
+        b.to_async(&rt).iter(|| {
+            let (cpu, payload) = (cpu.clone(), payload.clone());
+            async move {
+                let answer =
+                    tokio::task::spawn_blocking(move || cpu.run_batch(0, &DOUBLE, &payload))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                black_box(answer)
+            }
+        })
+    });
+
+    match granary_kernels::opencl::OpenClBackend::discover() {
+        Ok(opencl) => {
+            let opencl = Arc::new(opencl);
+            let bridge = GpuBridge::builder()
+                .backend(opencl.clone())
+                .kernel(DOUBLE)
+                .build()
+                .expect("a bridge");
+            group.bench_function("opencl/bridge_execute", |b| {
+                b.to_async(&rt)
+                    .iter(|| async { black_box(bridge.execute("double", &payload).await.unwrap()) })
+            });
+            rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
+            group.bench_function("opencl/launch_per_request", |b| {
+                b.to_async(&rt).iter(|| {
+                    let (opencl, payload) = (opencl.clone(), payload.clone());
+                    async move {
+                        let answer = tokio::task::spawn_blocking(move || {
+                            opencl.run_batch(0, &DOUBLE, &payload)
+                        })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                        black_box(answer)
+                    }
+                })
+            });
+        }
+        Err(err) => eprintln!("bridge_round_trip/opencl skipped: {err}"),
+    }
+    group.finish();
+}
+
+/// `tasks` tasks send `per_task` requests each, all at once; returns the
+/// wall time.
+async fn fan_out(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Duration {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let bridge = bridge.clone();
+            tokio::spawn(async move {
+                let payload = request();
+                for _ in 0..per_task {
+                    black_box(bridge.execute("double", &payload).await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn throughput(c: &mut Criterion) {
+    let rt = runtime();
+    let (tasks, per_task) = (256, 64);
+    let mut group = c.benchmark_group("bridge_throughput");
+    group.throughput(Throughput::Elements((tasks * per_task) as u64));
+    group.sample_size(30);
+    for (name, micro_batch) in [("cpu/micro_batch_64", 64), ("cpu/no_batching", 1)] {
+        let bridge = cpu_bridge(micro_batch);
+        // Launch the kernel before measuring.
+        rt.block_on(bridge.execute("double", &request())).unwrap();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    total += rt.block_on(fan_out(&bridge, tasks, per_task));
+                }
+                total
+            })
+        });
+        rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, round_trip, throughput);
+criterion_main!(benches);

@@ -303,10 +303,9 @@ impl GpuBridge {
                     .await
                     .map_err(|err| refused(spec.id, err))?;
                 let reply = instance
-                    .stage(input.to_vec())
+                    .send(input)
                     .await
                     .map_err(|err| refused(spec.id, err))?;
-                instance.flush();
                 // Failures from here on are counted where they happen.
                 reply.await.unwrap_or(Err(ExecuteError::ShutDown))
             }

@@ -116,6 +116,25 @@ impl DeviceEntry {
             .saturating_sub(self.reserved.load(Ordering::Acquire))
     }
 
+    /// Ends one request: counts it, records a success's latency, and
+    /// lowers the queue depth.
+    fn record(&self, latency: Option<Duration>) {
+        match latency {
+            Some(latency) => {
+                self.processed.fetch_add(1, Ordering::AcqRel);
+                let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+                self.latency_ns
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .saturating_record(nanos);
+            }
+            None => {
+                self.failed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.queue_depth.fetch_sub(1, Ordering::AcqRel);
+    }
+
     fn meets(&self, need: &Requirements) -> bool {
         self.available() >= need.min_free_memory
             && need.kind.is_none_or(|kind| kind == self.info.kind)
@@ -252,6 +271,24 @@ impl DeviceBroker {
         })
     }
 
+    /// [`DeviceBroker::begin`] without a guard, for a caller that always
+    /// finishes with [`DeviceBroker::finish`] (the bridge's slots do): no
+    /// broker handle is cloned per request.
+    pub(crate) fn enter(&self, device: DeviceId) -> Result<(), BrokerError> {
+        self.entry(device)?
+            .queue_depth
+            .fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Ends a request begun with [`DeviceBroker::enter`]: `Some(latency)`
+    /// for a success, `None` for a failure.
+    pub(crate) fn finish(&self, device: DeviceId, latency: Option<Duration>) {
+        if let Some(entry) = self.devices.get(device.0) {
+            entry.record(latency);
+        }
+    }
+
     /// `device`'s counters now.
     pub fn stats(&self, device: DeviceId) -> Result<DeviceStats, BrokerError> {
         let entry = self.entry(device)?;
@@ -316,16 +353,7 @@ impl InFlight {
     /// Records the request as done after `latency`.
     pub fn succeed(mut self, latency: Duration) {
         self.finished = true;
-        if let Some(entry) = self.broker.devices.get(self.device.0) {
-            entry.processed.fetch_add(1, Ordering::AcqRel);
-            let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
-            entry
-                .latency_ns
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .saturating_record(nanos);
-            entry.queue_depth.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.broker.finish(self.device, Some(latency));
     }
 
     /// Records the request as failed.
@@ -335,10 +363,7 @@ impl InFlight {
     }
 
     fn record_failure(&self) {
-        if let Some(entry) = self.broker.devices.get(self.device.0) {
-            entry.failed.fetch_add(1, Ordering::AcqRel);
-            entry.queue_depth.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.broker.finish(self.device, None);
     }
 }
 

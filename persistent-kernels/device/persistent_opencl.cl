@@ -151,9 +151,10 @@ kernel void granary_persistent(global uchar* requests, global uchar* responses) 
         response->len = response_len;
         response->status = status;
         response->flags = 0u;
-        /* 3. Publish the response (M3), then release the request (M5). */
-        atomic_store_explicit(&response->sequence, out + 1, memory_order_release, GRANARY_SCOPE);
+        /* 3. Release the request (M5), then publish the response (M3): whoever
+         * sees the response may count the request's slot free (rule K1). */
         atomic_store_explicit(&request->sequence, position + request_capacity,
                               memory_order_release, GRANARY_SCOPE);
+        atomic_store_explicit(&response->sequence, out + 1, memory_order_release, GRANARY_SCOPE);
     }
 }

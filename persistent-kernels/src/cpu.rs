@@ -60,6 +60,49 @@ impl Default for KernelConfig {
     }
 }
 
+/// A wait policy that remembers idleness: it waits with `busy` while work
+/// flows, and after a wait that timed out it parks at once. An idle kernel
+/// (or completion poller) then sleeps between its periodic wake-ups instead
+/// of spinning and yielding afresh every poll interval.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdleWait {
+    busy: WaitPolicy,
+    idle: WaitPolicy,
+    was_idle: bool,
+}
+
+impl IdleWait {
+    pub(crate) fn new(busy: WaitPolicy) -> IdleWait {
+        IdleWait {
+            busy,
+            // Parks at once, and long: a host producer wakes it on its
+            // next push; a device producer's answer is seen within a
+            // quarter of `park_max`.
+            idle: WaitPolicy {
+                spins: 0,
+                yields: 0,
+                park_min: (busy.park_max / 4).max(busy.park_min),
+                ..busy
+            },
+            was_idle: false,
+        }
+    }
+
+    /// The policy for the next wait.
+    pub(crate) fn policy(&self) -> &WaitPolicy {
+        if self.was_idle {
+            &self.idle
+        } else {
+            &self.busy
+        }
+    }
+
+    /// Records whether the last wait found work.
+    pub(crate) fn record(&mut self, found_work: bool) {
+        self.was_idle = !found_work;
+    }
+}
+
 /// Why a kernel could not be launched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LaunchError {
@@ -314,7 +357,7 @@ pub struct CpuPersistentKernel {
     processed: Arc<AtomicU64>,
     /// `Some` until `stop`; yields the request ring's consumer back.
     worker: Option<JoinHandle<Consumer>>,
-    policy: WaitPolicy,
+    wait: IdleWait,
 }
 
 impl fmt::Debug for CpuPersistentKernel {
@@ -361,6 +404,7 @@ impl CpuPersistentKernel {
             abort: abort.clone(),
             processed: processed.clone(),
             config,
+            wait: IdleWait::new(config.policy),
         };
         let worker = thread::Builder::new()
             .name(format!("granary-kernel-{}", spec.id))
@@ -372,7 +416,7 @@ impl CpuPersistentKernel {
             abort,
             processed,
             worker: Some(worker),
-            policy: config.policy,
+            wait: IdleWait::new(config.policy),
         })
     }
 
@@ -405,10 +449,13 @@ impl CpuPersistentKernel {
 
     /// Waits up to `timeout` for one completion; `None` if none arrived.
     pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
-        self.responses
-            .pop(&self.policy, Some(timeout))
+        let done = self
+            .responses
+            .pop(self.wait.policy(), Some(timeout))
             .ok()
-            .map(|message| completion(&message))
+            .map(|message| completion(&message));
+        self.wait.record(done.is_some());
+        done
     }
 
     /// The kernel loop's heartbeat: advances on every iteration, busy or
@@ -515,6 +562,7 @@ struct KernelLoop {
     abort: Arc<AtomicBool>,
     processed: Arc<AtomicU64>,
     config: KernelConfig,
+    wait: IdleWait,
 }
 
 impl KernelLoop {
@@ -528,13 +576,17 @@ impl KernelLoop {
             // 1. Wait for a request, bounded so stops and heartbeats go on.
             let message = match self
                 .requests
-                .pop(&self.config.policy, Some(self.config.idle_poll))
+                .pop(self.wait.policy(), Some(self.config.idle_poll))
             {
                 Ok(message) => message,
                 Err(PopError::Closed) => break,
                 // Timeout, or a corrupt slot the ring already skipped.
-                Err(_) => continue,
+                Err(_) => {
+                    self.wait.record(false);
+                    continue;
+                }
             };
+            self.wait.record(true);
             let request_id = message.request_id();
             // 3 (first half). A response slot, waiting while the host is
             // behind on collecting.
@@ -576,9 +628,10 @@ impl KernelLoop {
             let _ = slot.set_len(len);
             slot.set_status(status.code());
             slot.set_request_id(request_id);
-            // 3. Publish the response, then release the request.
-            chunk.commit();
+            // 3. Release the request, then publish the response (rule K1:
+            // whoever sees the response may count the request's slot free).
             drop(message);
+            chunk.commit();
             self.processed.fetch_add(1, Ordering::Relaxed);
         }
         // The kernel is the response ring's only producer: closing it here

@@ -360,7 +360,10 @@ impl Backend for OpenClBackend {
             work_groups,
             config.keep_free_compute_units,
         )
-        .map(|kernel| Box::new(kernel) as Box<dyn PersistentKernel>)
+        .map(|mut kernel| {
+            kernel.set_wait_policy(config.policy);
+            Box::new(kernel) as Box<dyn PersistentKernel>
+        })
         .map_err(|err| backend_error(err, &spec))
     }
 

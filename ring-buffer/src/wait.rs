@@ -96,6 +96,12 @@ impl<'p> Waiting<'p> {
             // No heartbeat here: every blocked producer shares one
             // heartbeat line, and spinning threads would fight over it.
             spin_hint();
+            // Reading the clock costs more than a spin step: look at the
+            // deadline every 64 spins only (a spin phase is short).
+            if self.step % 64 != 63 {
+                self.step += 1;
+                return true;
+            }
         } else if self.step - policy.spins < policy.yields {
             heartbeat.fetch_add(1, Ordering::Relaxed);
             yield_now();

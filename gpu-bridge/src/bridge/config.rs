@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use granary_kernels::KernelConfig;
+use granary_kernels::{KernelConfig, WaitPolicy};
 
 /// What happens when a device kernel fails to build, or its device fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +47,16 @@ impl Default for BridgeConfig {
             // which could not run beside spinning persistent ones.
             kernel: KernelConfig {
                 keep_free_compute_units: 1,
+                // Patient before parking: a parked kernel or completion
+                // thread costs a futex wake-up per request (measured: the
+                // round trip's p50 went from 8.9 µs to the figure in
+                // BENCHMARKS.md). Yielding gives the core away to any
+                // runnable thread, so waiting this way starves no one.
+                policy: WaitPolicy {
+                    spins: 256,
+                    yields: 512,
+                    ..WaitPolicy::default()
+                },
                 ..KernelConfig::default()
             },
             micro_batch: 64,

@@ -9,7 +9,9 @@
 //!    call's reply channel until its completion is dispatched, and only
 //!    then are the index and the permit given back. So at most `capacity`
 //!    requests are in flight, the request ring can never be full when the
-//!    bridge submits, and memory is bounded by the slots.
+//!    bridge submits (kernels release a request's slot before publishing
+//!    its response, rule K1 of `docs/ring-protocol.md`), and memory is
+//!    bounded by the slots.
 //! 2. **Request ids** are `sequence << 20 | slot index`: unique over the
 //!    instance's life (the sequence has 44 bits), and a completion finds
 //!    its slot without a map. A completion whose id does not match its
@@ -45,13 +47,13 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use granary_kernels::{
     Backend, BackendKind, BatchSubmitError, Completion, KernelSpec, PersistentKernel, Status,
-    StopMode, Submitter,
+    StopMode, SubmitError, Submitter,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
-use crate::broker::{DeviceBroker, DeviceId, InFlight, Reservation};
+use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// Bits of a request id that hold the slot index (rule 2).
 const INDEX_BITS: u32 = 20;
@@ -65,7 +67,6 @@ struct Pending {
     request_id: u64,
     reply: oneshot::Sender<Reply>,
     started: Instant,
-    in_flight: InFlight,
 }
 
 /// A request staged for the flusher.
@@ -226,41 +227,53 @@ impl KernelInstance {
         }
     }
 
-    fn stage_with(
+    /// Takes a slot for a request (rule 1) and returns its id and the
+    /// channel its answer comes on; `Err` carries a channel that already
+    /// holds the error.
+    fn register(
         &self,
         permit: OwnedSemaphorePermit,
-        payload: Vec<u8>,
-    ) -> oneshot::Receiver<Reply> {
+    ) -> Result<(u64, oneshot::Receiver<Reply>), oneshot::Receiver<Reply>> {
         let (reply, receiver) = oneshot::channel();
-        // The broker knows every device an instance runs on.
-        let in_flight = match self.broker.begin(self.device) {
-            Ok(in_flight) => in_flight,
-            Err(err) => {
-                let _ = reply.send(Err(ExecuteError::DeviceFailed {
-                    kernel: self.spec.id,
-                    backend: self.backend,
-                    reason: err.to_string(),
-                }));
-                return receiver;
-            }
-        };
         // The permit guarantees a free index (rule 1).
         let Some(index) = self.free.pop() else {
             let _ = reply.send(Err(self.unavailable()));
-            return receiver;
+            return Err(receiver);
         };
+        // Counted in the broker until `answer` finishes it. The broker
+        // knows every device an instance runs on, so this cannot fail.
+        if let Err(err) = self.broker.enter(self.device) {
+            let _ = self.free.push(index);
+            let _ = reply.send(Err(ExecuteError::DeviceFailed {
+                kernel: self.spec.id,
+                backend: self.backend,
+                reason: err.to_string(),
+            }));
+            return Err(receiver);
+        }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
         let request_id = (sequence << INDEX_BITS) | u64::from(index);
         let pending = Pending {
             request_id,
             reply,
             started: Instant::now(),
-            in_flight,
         };
         *lock(&self.slots[index as usize]) = Some(pending);
         // From here the slot owns the permit: given back on dispatch.
         permit.forget();
         self.metrics.queue_depth.increment(1.0);
+        Ok((request_id, receiver))
+    }
+
+    fn stage_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+        payload: Vec<u8>,
+    ) -> oneshot::Receiver<Reply> {
+        let (request_id, receiver) = match self.register(permit) {
+            Ok(registered) => registered,
+            Err(failed) => return failed,
+        };
         if let Err(staged) = self.staging.push(Staged {
             request_id,
             payload,
@@ -270,6 +283,60 @@ impl KernelInstance {
             self.finish(staged.request_id, Err(self.unavailable()));
         }
         receiver
+    }
+
+    /// Sends one request and returns the channel its answer comes on. When
+    /// no flush is under way, the caller takes the flusher lock and writes
+    /// its request straight into the ring (after anything staged), with no
+    /// copy of its own; otherwise it stages a copy for the flusher, which
+    /// is where requests that arrive together are batched (rule 3).
+    pub(crate) async fn send(
+        &self,
+        input: &[u8],
+    ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
+        let permit = self.acquire().await?;
+        let mut flusher = match self.flusher.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let receiver = self.stage_with(permit, input.to_vec());
+                self.flush();
+                return Ok(receiver);
+            }
+        };
+        let (request_id, receiver) = match self.register(permit) {
+            Ok(registered) => registered,
+            Err(failed) => return Ok(failed),
+        };
+        self.flush_locked(&mut flusher);
+        let outcome = match &flusher.submitter {
+            Some(submitter) => submitter
+                .submit(request_id, input)
+                .map_err(|err| match err {
+                    SubmitError::WrongShape(error, _) => ExecuteError::WrongShape {
+                        kernel: self.spec.id,
+                        error,
+                    },
+                    SubmitError::Stopped(_) => self.unavailable(),
+                    // Rule 1 rules this out; fail rather than lose it.
+                    SubmitError::Full(_) => ExecuteError::DeviceFailed {
+                        kernel: self.spec.id,
+                        backend: self.backend,
+                        reason: "the request ring refused a request".into(),
+                    },
+                }),
+            None => Err(self.unavailable()),
+        };
+        drop(flusher);
+        if let Err(err) = outcome {
+            self.finish(request_id, Err(err));
+        }
+        // Requests staged while the lock was held.
+        fence(Ordering::SeqCst);
+        if !self.staging.is_empty() {
+            self.flush();
+        }
+        Ok(receiver)
     }
 
     /// Rule 3: moves staged requests into the ring.
@@ -345,9 +412,19 @@ impl KernelInstance {
     /// Answers the request `request_id` and frees its slot (rule 1). A
     /// stale id (rule 2) is ignored.
     fn finish(&self, request_id: u64, reply: Reply) {
+        if self.answer(request_id, reply) {
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// [`KernelInstance::finish`] without giving the permit back: returns
+    /// whether a slot was freed, so that the completion thread can give
+    /// back a whole drained batch's permits at once (each `add_permits`
+    /// takes the semaphore's waiter lock).
+    fn answer(&self, request_id: u64, reply: Reply) -> bool {
         let index = (request_id & INDEX_MASK) as usize;
         let Some(slot) = self.slots.get(index) else {
-            return;
+            return false;
         };
         let pending = {
             let mut slot = lock(slot);
@@ -356,16 +433,18 @@ impl KernelInstance {
                 _ => None,
             }
         };
-        let Some(pending) = pending else { return };
+        let Some(pending) = pending else {
+            return false;
+        };
         let latency = pending.started.elapsed();
         match &reply {
             Ok(_) => {
-                pending.in_flight.succeed(latency);
+                self.broker.finish(self.device, Some(latency));
                 self.metrics.requests.increment(1);
                 self.metrics.latency.record(latency.as_secs_f64());
             }
             Err(err) => {
-                pending.in_flight.fail();
+                self.broker.finish(self.device, None);
                 record_failure(self.spec.id, self.backend, err);
             }
         }
@@ -373,10 +452,18 @@ impl KernelInstance {
         let _ = pending.reply.send(reply);
         let _ = self.free.push(index as u32);
         self.metrics.queue_depth.decrement(1.0);
-        self.permits.add_permits(1);
+        true
     }
 
     fn dispatch(&self, completion: Completion) {
+        if self.dispatch_quietly(completion) {
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// [`KernelInstance::dispatch`] leaving the permit to the caller, as
+    /// [`KernelInstance::answer`] does.
+    fn dispatch_quietly(&self, completion: Completion) -> bool {
         let kernel = self.spec.id;
         let reply = match completion.status {
             Status::Ok => Ok(completion.payload),
@@ -385,7 +472,7 @@ impl KernelInstance {
             }
             status => Err(ExecuteError::KernelFault { kernel, status }),
         };
-        self.finish(completion.request_id, reply);
+        self.answer(completion.request_id, reply)
     }
 
     /// Fails every pending request (staged or submitted) with `error`.
@@ -439,10 +526,11 @@ impl KernelInstance {
                 continue;
             }
             if let Some(completion) = kernel.complete(poll) {
-                self.dispatch(completion);
+                let mut freed = usize::from(self.dispatch_quietly(completion));
                 while let Some(completion) = kernel.try_complete() {
-                    self.dispatch(completion);
+                    freed += usize::from(self.dispatch_quietly(completion));
                 }
+                self.permits.add_permits(freed);
                 progress = Instant::now();
             }
             let beat = kernel.heartbeat();

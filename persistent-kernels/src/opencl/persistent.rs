@@ -15,7 +15,7 @@ use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRA
 
 use super::{OpenClBackend, OpenClError, api};
 use crate::backend::PersistentKernel;
-use crate::cpu::{Completion, StopMode, StopReport, SubmitError, Submitter, completion};
+use crate::cpu::{Completion, IdleWait, StopMode, StopReport, SubmitError, Submitter, completion};
 use crate::device::DeviceInfo;
 use crate::spec::KernelSpec;
 
@@ -102,7 +102,7 @@ pub struct OpenClPersistentKernel {
     /// Kept alive while the kernel runs.
     _kernel: Kernel,
     _queue: CommandQueue,
-    policy: WaitPolicy,
+    wait: IdleWait,
     /// The compute units the kernel holds; released once it has exited.
     lease: Option<UnitLease>,
 }
@@ -256,7 +256,7 @@ impl OpenClPersistentKernel {
             _kernel: kernel,
             lease: Some(lease),
             _queue: queue,
-            policy: WaitPolicy::default(),
+            wait: IdleWait::new(WaitPolicy::default()),
         })
     }
 
@@ -275,10 +275,18 @@ impl OpenClPersistentKernel {
     /// Waits up to `timeout` for one completion.
     pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         let responses = self.responses.as_mut()?;
-        responses
-            .pop(&self.policy, Some(timeout))
+        let done = responses
+            .pop(self.wait.policy(), Some(timeout))
             .ok()
-            .map(|message| completion(&message))
+            .map(|message| completion(&message));
+        self.wait.record(done.is_some());
+        done
+    }
+
+    /// Sets how [`OpenClPersistentKernel::complete`] waits (default:
+    /// [`WaitPolicy::default`]).
+    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.wait = IdleWait::new(policy);
     }
 
     /// Takes one completion if one is ready.

@@ -15,7 +15,7 @@
 //!     a blocking read), where an OpenCL runtime is present.
 //! - `bridge_throughput/*`: 256 tasks each sending independent requests
 //!   with up to 256 in flight; criterion's throughput is requests per
-//!   second. `micro_batch_64` is the default configuration; `no_batching`
+//!   second. `micro_batch_16` is the default configuration; `no_batching`
 //!   sets `micro_batch` to 1, so every request takes its own ring claim.
 //!
 //! The runtime has two worker threads, the machine's core count in CI;
@@ -66,7 +66,7 @@ fn round_trip(c: &mut Criterion) {
     let payload = request();
     let mut group = c.benchmark_group("bridge_round_trip");
 
-    let bridge = cpu_bridge(64);
+    let bridge = cpu_bridge(BridgeConfig::default().micro_batch);
     group.bench_function("cpu/bridge_execute", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(bridge.execute("double", &payload).await.unwrap()) })
@@ -148,7 +148,7 @@ fn throughput(c: &mut Criterion) {
     let mut group = c.benchmark_group("bridge_throughput");
     group.throughput(Throughput::Elements((tasks * per_task) as u64));
     group.sample_size(30);
-    for (name, micro_batch) in [("cpu/micro_batch_64", 64), ("cpu/no_batching", 1)] {
+    for (name, micro_batch) in [("cpu/micro_batch_16", 16), ("cpu/no_batching", 1)] {
         let bridge = cpu_bridge(micro_batch);
         // Launch the kernel before measuring.
         rt.block_on(bridge.execute("double", &request())).unwrap();

@@ -335,6 +335,9 @@ impl Submitter {
                 });
             }
             slot.set_request_id(*request_id);
+            // The kernel can start on this request while the next ones are
+            // written: one claim, no hold-up.
+            chunk.publish_prefix(index + 1);
         }
         chunk.commit();
         Ok(())

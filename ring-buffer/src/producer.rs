@@ -446,6 +446,9 @@ pub struct WriteChunk<'a> {
     /// Number of reserved slots, `1..=capacity`.
     count: usize,
     publish: Publish<'a>,
+    /// Slots published so far by `publish_prefix`, `0..=count`; they are
+    /// always the first ones.
+    published: usize,
     /// Set by `commit` so `Drop` knows the slots are published.
     committed: bool,
 }
@@ -462,6 +465,7 @@ impl<'a> WriteChunk<'a> {
             start,
             count,
             publish,
+            published: 0,
             committed: false,
         }
     }
@@ -481,9 +485,10 @@ impl<'a> WriteChunk<'a> {
         self.shared.view.max_payload()
     }
 
-    /// The `index`-th reserved slot, or `None` past the end.
+    /// The `index`-th reserved slot, or `None` past the end or once it has
+    /// been published (the consumer may be reading it).
     pub fn slot(&mut self, index: usize) -> Option<SlotMut<'_>> {
-        if index >= self.count {
+        if index >= self.count || index < self.published {
             return None;
         }
         let view = &self.shared.view;
@@ -495,17 +500,32 @@ impl<'a> WriteChunk<'a> {
         })
     }
 
-    /// Publishes every slot. The consumer sees them in order.
+    /// Publishes every slot not yet published. The consumer sees them in
+    /// order.
     pub fn commit(mut self) {
-        self.publish_all(0);
+        self.publish_range(self.count, 0);
         self.committed = true;
     }
 
-    fn publish_all(&mut self, flags: u32) {
+    /// Publishes the first `end` slots (those not yet published), so the
+    /// consumer can start on them while the rest are written: one claim
+    /// for many messages, without holding the first back until the last is
+    /// written. `end` is capped at the chunk's length. Published slots are
+    /// the consumer's: `slot` no longer hands them out.
+    pub fn publish_prefix(&mut self, end: usize) {
+        self.publish_range(end.min(self.count), 0);
+    }
+
+    fn publish_range(&mut self, end: usize, flags: u32) {
+        if end <= self.published {
+            return;
+        }
         let view = &self.shared.view;
+        let first = self.start + self.published as u64;
+        let last = self.start + end as u64;
         match &mut self.publish {
             Publish::Mpsc => {
-                for position in self.start..self.start + self.count as u64 {
+                for position in first..last {
                     if flags != 0 {
                         let _access = view.tracker(position).writing();
                         // SAFETY: still held: not yet published.
@@ -525,18 +545,20 @@ impl<'a> WriteChunk<'a> {
             }
             Publish::Spsc { tail } => {
                 if flags != 0 {
-                    // An SPSC reservation was never visible: just forget it.
+                    // An SPSC reservation was never visible: just forget
+                    // what was not published.
                     return;
                 }
                 // Rule S2: tail first, then the publications.
-                **tail = self.start + self.count as u64;
-                view.tail().store(**tail, Ordering::Release);
-                for position in self.start..self.start + self.count as u64 {
+                **tail = last;
+                view.tail().store(last, Ordering::Release);
+                for position in first..last {
                     view.sequence(position)
                         .store(position + 1, Ordering::Release);
                 }
             }
         }
+        self.published = end;
         self.shared.not_empty.wake_if_parked();
     }
 }
@@ -546,7 +568,7 @@ impl Drop for WriteChunk<'_> {
         if !self.committed {
             // MPSC: the positions are claimed and the consumer will wait on
             // them, so they must be published, marked as carrying nothing.
-            self.publish_all(SLOT_FLAG_SKIP);
+            self.publish_range(self.count, SLOT_FLAG_SKIP);
         }
     }
 }

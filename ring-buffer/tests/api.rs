@@ -258,6 +258,58 @@ fn dropped_chunks_are_skipped_in_mpsc_and_discarded_in_spsc() {
 }
 
 #[test]
+fn a_chunk_publishes_its_prefix_while_the_rest_is_written() {
+    for mode in ["mpsc", "spsc"] {
+        let (mpsc_producer, mut spsc_producer, mut consumer) = match mode {
+            "mpsc" => {
+                let (producer, consumer) = mpsc(8, 8);
+                (Some(producer), None, consumer)
+            }
+            _ => {
+                let (producer, consumer) = spsc(8, 8);
+                (None, Some(producer), consumer)
+            }
+        };
+        let mut chunk = match (&mpsc_producer, &mut spsc_producer) {
+            (Some(producer), _) => producer.try_reserve(4).unwrap(),
+            (_, Some(producer)) => producer.try_reserve(4).unwrap(),
+            _ => unreachable!(),
+        };
+        for index in 0..2 {
+            chunk.slot(index).unwrap().write(&[index as u8]).unwrap();
+        }
+        chunk.publish_prefix(2);
+        // Published slots are the consumer's now.
+        assert!(chunk.slot(1).is_none(), "{mode}");
+        chunk.slot(2).unwrap().write(&[2]).unwrap();
+        // Publishing is in order and idempotent; beyond the end is capped.
+        chunk.publish_prefix(1);
+        chunk.publish_prefix(3);
+        {
+            let read = consumer.try_read(8).unwrap();
+            assert_eq!(
+                read.iter().map(|m| m.payload[0]).collect::<Vec<_>>(),
+                [0, 1, 2],
+                "{mode}"
+            );
+        }
+        // Dropped uncommitted: MPSC skips the last slot, SPSC forgets it.
+        drop(chunk);
+        assert_eq!(
+            consumer.try_pop().unwrap_err(),
+            TryPopError::Empty,
+            "{mode}"
+        );
+        match (&mpsc_producer, &mut spsc_producer) {
+            (Some(producer), _) => producer.try_push(*b"x").unwrap(),
+            (_, Some(producer)) => producer.try_push(*b"x").unwrap(),
+            _ => unreachable!(),
+        }
+        assert_eq!(consumer.try_pop().unwrap().payload(), b"x", "{mode}");
+    }
+}
+
+#[test]
 fn slot_write_checks_length() {
     let (producer, _consumer) = mpsc(4, 32);
     let mut chunk = producer.try_reserve(1).unwrap();

@@ -22,7 +22,7 @@ pub struct BridgeConfig {
     /// `2..=2^20`) is also the most requests in flight per kernel and
     /// device: a call waits for one of those slots.
     pub kernel: KernelConfig,
-    /// Most requests one ring claim carries (`1..=capacity`, default 64).
+    /// Most requests one ring claim carries (`1..=capacity`, default 16).
     /// Requests that arrive together go into the ring together; 1 turns
     /// micro-batching off.
     pub micro_batch: usize,
@@ -59,7 +59,7 @@ impl Default for BridgeConfig {
                 },
                 ..KernelConfig::default()
             },
-            micro_batch: 64,
+            micro_batch: 16,
             overload_timeout: Duration::from_secs(1),
             hang_timeout: Duration::from_secs(2),
             stop_timeout: Duration::from_secs(5),

@@ -16,15 +16,18 @@
 //!    instance's life (the sequence has 44 bits), and a completion finds
 //!    its slot without a map. A completion whose id does not match its
 //!    slot's is stale and dropped.
-//! 3. **Micro-batching** (flat combining): a call stages its request in a
-//!    lock-free queue and then tries to become the flusher. The flusher
-//!    moves everything staged into the ring, up to `micro_batch` requests
-//!    per claim, so requests that arrive together cost one claim and one
-//!    wake of the kernel. After releasing the flusher lock it looks at the
-//!    queue again; a SeqCst fence on both sides (stage then fence then
-//!    try-lock; unlock then fence then look) means a request staged while
-//!    the lock was held is seen either by its own caller or by the
-//!    departing flusher, so none is stranded.
+//! 3. **Micro-batching** (flat combining): a call that finds the flusher
+//!    lock free takes it, moves anything staged into the ring, then writes
+//!    its own request straight from its slice. A call that finds the lock
+//!    held stages a copy in a lock-free queue and tries to flush. The
+//!    flusher moves staged requests into the ring up to `micro_batch` per
+//!    claim, publishing each slot as soon as it is written, so requests
+//!    that arrive together cost one claim and the kernel never waits for
+//!    the end of a batch. After releasing the lock, a flusher looks at the
+//!    queue again; a SeqCst fence on both sides (stage, fence, try-lock;
+//!    unlock, fence, look) means a request staged while the lock was held
+//!    is seen either by its own caller or by the departing flusher, so none
+//!    is stranded.
 //! 4. **Completions.** One thread per instance owns the kernel handle: it
 //!    waits for completions, dispatches each to its slot, and watches the
 //!    heartbeat.
@@ -577,7 +580,8 @@ impl KernelInstance {
         {
             Ok(fresh) => {
                 flusher.submitter = fresh.submitter();
-                *kernel = fresh;
+                let hung = std::mem::replace(kernel, fresh);
+                reap(hung, report.exited);
             }
             Err(err) => {
                 tracing::error!(
@@ -616,6 +620,24 @@ impl KernelInstance {
                 "kernel did not exit within the stop timeout; its resources are left to it"
             );
         }
+        reap(kernel, report.exited);
+    }
+}
+
+/// Drops a stopped kernel. One that had not exited is dropped on a thread
+/// of its own: a backend's handle may wait for its kernel before freeing
+/// memory the kernel still uses (OpenCL waits up to 10 s, then leaks), and
+/// the completion thread must not wait with it.
+fn reap(kernel: Box<dyn PersistentKernel>, exited: bool) {
+    if exited {
+        drop(kernel);
+        return;
+    }
+    let spawned = thread::Builder::new()
+        .name("granary-reaper".into())
+        .spawn(move || drop(kernel));
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "cannot start a thread to release a hung kernel");
     }
 }
 

@@ -20,7 +20,7 @@
 //!    the policy is [`FallbackPolicy::Cpu`]. Each fallback is counted
 //!    (`granary_gpu_fallbacks_total`) and logged at debug level; the device
 //!    failure that caused it is logged once, as a warning.
-//! 5. **Ring path.** See [`instance`](self::instance) for slots, request ids,
+//! 5. **Ring path.** See `bridge/instance.rs` for slots, request ids,
 //!    micro-batching, completions, hang detection and stopping.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller

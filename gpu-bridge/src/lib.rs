@@ -1,16 +1,18 @@
 //! The per-node GPU bridge for Granary.
 //!
-//! Built so far:
-//! - the [device broker](broker): the node's device inventory with memory
+//! - The [bridge]: [`GpuBridge::execute`] runs a registered kernel
+//!   on the best device (a persistent kernel for small requests, the
+//!   launch-per-batch path for large ones), with micro-batching into the
+//!   rings, bounded waits (`Overloaded`), hang detection and relaunch, CPU
+//!   fallback, tracing spans and metrics.
+//! - The [device broker](broker): the node's device inventory with memory
 //!   reservations that never overcommit, device selection, and per-device
-//!   statistics;
-//! - the [memory pool](pool), which keeps device buffers in power-of-two
-//!   size classes so that a request rents a buffer instead of paying for an
-//!   allocation.
+//!   statistics.
+//! - The [memory pool](pool), which keeps buffers in power-of-two size
+//!   classes so that a request rents a buffer instead of paying for an
+//!   allocation; the bridge stages batch inputs in one.
 //!
-//! Still to come (issue 3): the kernel catalog and the async tokio API
-//! (`execute`, micro-batching, backpressure, CPU fallback) that grains use
-//! to reach persistent kernels. See `ARCHITECTURE.md`.
+//! See `ARCHITECTURE.md` for the data path.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

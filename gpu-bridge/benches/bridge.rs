@@ -23,43 +23,15 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use granary_gpu::{BridgeConfig, GpuBridge};
 use granary_kernels::shipped::DOUBLE;
 use granary_kernels::{Backend, CpuBackend};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("GRANARY_BENCH_WORKERS")
-                .ok()
-                .and_then(|workers| workers.parse().ok())
-                .unwrap_or(2),
-        )
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
-fn request() -> Vec<u8> {
-    [1.0f32, 2.0, 3.0, 4.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
-}
-
-fn cpu_bridge(micro_batch: usize) -> GpuBridge {
-    GpuBridge::builder()
-        .kernel(DOUBLE)
-        .config(BridgeConfig {
-            micro_batch,
-            ..BridgeConfig::default()
-        })
-        .build()
-        .expect("a bridge")
-}
+mod common;
+use common::{cpu_bridge, fan_out, request, runtime};
 
 fn round_trip(c: &mut Criterion) {
     let rt = runtime();
@@ -119,27 +91,6 @@ fn round_trip(c: &mut Criterion) {
         Err(err) => eprintln!("bridge_round_trip/opencl skipped: {err}"),
     }
     group.finish();
-}
-
-/// `tasks` tasks send `per_task` requests each, all at once; returns the
-/// wall time.
-async fn fan_out(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Duration {
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move {
-                let payload = request();
-                for _ in 0..per_task {
-                    black_box(bridge.execute("double", &payload).await.unwrap());
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.unwrap();
-    }
-    started.elapsed()
 }
 
 fn throughput(c: &mut Criterion) {

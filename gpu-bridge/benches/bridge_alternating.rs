@@ -18,29 +18,14 @@ use granary_gpu::{BridgeConfig, GpuBridge, StopMode};
 use granary_kernels::shipped::DOUBLE;
 use granary_kernels::{Backend, CpuBackend};
 
-const TRIALS: usize = 15;
+mod common;
+use common::{cpu_bridge, fan_out, request, runtime};
 
-fn request() -> Vec<u8> {
-    [1.0f32, 2.0, 3.0, 4.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
-}
+const TRIALS: usize = 15;
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-fn cpu_bridge(micro_batch: usize) -> GpuBridge {
-    GpuBridge::builder()
-        .kernel(DOUBLE)
-        .config(BridgeConfig {
-            micro_batch,
-            ..BridgeConfig::default()
-        })
-        .build()
-        .expect("a bridge")
 }
 
 /// Alternates `a` and `b`, and prints both medians and the median of the
@@ -89,24 +74,8 @@ fn throughput(
     tasks: usize,
     per_task: usize,
 ) -> f64 {
-    let started = Instant::now();
-    rt.block_on(async {
-        let handles: Vec<_> = (0..tasks)
-            .map(|_| {
-                let bridge = bridge.clone();
-                tokio::spawn(async move {
-                    let payload = request();
-                    for _ in 0..per_task {
-                        black_box(bridge.execute("double", &payload).await.unwrap());
-                    }
-                })
-            })
-            .collect();
-        for handle in handles {
-            handle.await.unwrap();
-        }
-    });
-    (tasks * per_task) as f64 / started.elapsed().as_secs_f64() / 1e6
+    let elapsed = rt.block_on(fan_out(bridge, tasks, per_task));
+    (tasks * per_task) as f64 / elapsed.as_secs_f64() / 1e6
 }
 
 /// The median round trip, in microseconds, of `count` requests from one
@@ -125,11 +94,7 @@ fn round_trip(rt: &tokio::runtime::Runtime, count: usize, call: impl AsyncFn() -
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = runtime();
     println!("| comparison | a | b | b's figure | a ÷ b, median (min–max) |");
     println!("|---|---|---|---|---|");
 

@@ -29,22 +29,7 @@ async fn one_hundred_sequential_double_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_callers_times_ten_thousand_lose_and_mix_nothing() {
     let bridge = bridge();
-    let callers: Vec<_> = (0..8u32)
-        .map(|caller| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move {
-                for i in 0..10_000u32 {
-                    // Each request is unique to its caller and turn.
-                    let input = [caller as f32, i as f32];
-                    let output = bridge.execute("double", &f32s(&input)).await.unwrap();
-                    assert_eq!(from_f32s(&output), input.map(|x| 2.0 * x));
-                }
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
+    common::double_from_concurrent_callers(&bridge, 8, 10_000).await;
     let cpu = bridge.devices().pop().unwrap().2;
     assert_eq!(cpu.processed, 80_000);
     assert_eq!((cpu.failed, cpu.queue_depth), (0, 0));

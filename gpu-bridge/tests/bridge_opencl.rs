@@ -70,21 +70,7 @@ async fn one_hundred_sequential_double_requests_on_opencl() {
 async fn eight_concurrent_callers_times_ten_thousand_on_opencl() {
     let _device = DEVICE.lock().await;
     let bridge = bridge(BridgeConfig::default());
-    let callers: Vec<_> = (0..8u32)
-        .map(|caller| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move {
-                for i in 0..10_000u32 {
-                    let input = [caller as f32, i as f32];
-                    let output = bridge.execute("double", &f32s(&input)).await.unwrap();
-                    assert_eq!(from_f32s(&output), input.map(|x| 2.0 * x));
-                }
-            })
-        })
-        .collect();
-    for caller in callers {
-        caller.await.unwrap();
-    }
+    common::double_from_concurrent_callers(&bridge, 8, 10_000).await;
     assert_eq!(opencl_processed(&bridge), 80_000);
     bridge.shutdown(StopMode::Drain).await;
 }

@@ -96,13 +96,21 @@ pub fn matmul_request(n: usize, k: usize, m: usize, a: &[f32], b: &[f32]) -> Opt
         return None;
     }
     let dims = [n as f32, k as f32, m as f32];
-    Some(
-        dims.iter()
-            .chain(a)
-            .chain(b)
-            .flat_map(|value| value.to_le_bytes())
-            .collect(),
-    )
+    Some(f32_bytes(&[&dims[..], a, b].concat()))
+}
+
+/// `values` as the bytes of a request: little-endian `f32`s, the layout
+/// every shipped kernel takes.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|value| value.to_le_bytes())
+        .collect()
+}
+
+/// A response's bytes as `f32`s; a trailing partial element is ignored.
+pub fn bytes_f32(bytes: &[u8]) -> Vec<f32> {
+    floats(bytes).collect()
 }
 
 fn floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {

@@ -4,19 +4,31 @@
 use std::thread;
 use std::time::Duration;
 
+use granary_gpu::GpuBridge;
 use granary_kernels::{ElementType, KernelSpec, Shape, Status};
 
-/// `values` as request bytes.
-pub fn f32s(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
+/// Requests and responses of the shipped kernels are little-endian `f32`s.
+pub use granary_kernels::shipped::{bytes_f32 as from_f32s, f32_bytes as f32s};
 
-/// Response bytes as `f32`s.
-pub fn from_f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// `callers` tasks each send `each` `double` requests, every one unique to
+/// its caller and turn, and check every answer: nothing lost, nothing
+/// mixed up.
+pub async fn double_from_concurrent_callers(bridge: &GpuBridge, callers: u32, each: u32) {
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let bridge = bridge.clone();
+            tokio::spawn(async move {
+                for i in 0..each {
+                    let input = [caller as f32, i as f32];
+                    let output = bridge.execute("double", &f32s(&input)).await.unwrap();
+                    assert_eq!(from_f32s(&output), input.map(|x| 2.0 * x));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
 }
 
 /// The input value that makes [`STALL`] stall.

@@ -1,0 +1,61 @@
+//! Workloads shared by the bridge benches.
+#![allow(dead_code)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use granary_gpu::{BridgeConfig, GpuBridge};
+use granary_kernels::shipped::{DOUBLE, f32_bytes};
+
+/// A tokio runtime with two workers (the CI machine's cores), or
+/// `GRANARY_BENCH_WORKERS`.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("GRANARY_BENCH_WORKERS")
+                .ok()
+                .and_then(|workers| workers.parse().ok())
+                .unwrap_or(2),
+        )
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The request every bench sends: a 4-element `double`.
+pub fn request() -> Vec<u8> {
+    f32_bytes(&[1.0, 2.0, 3.0, 4.0])
+}
+
+/// A CPU-backend bridge serving `double`, with `micro_batch`.
+pub fn cpu_bridge(micro_batch: usize) -> GpuBridge {
+    GpuBridge::builder()
+        .kernel(DOUBLE)
+        .config(BridgeConfig {
+            micro_batch,
+            ..BridgeConfig::default()
+        })
+        .build()
+        .expect("a bridge")
+}
+
+/// `tasks` tasks send `per_task` requests each, all at once; returns the
+/// wall time.
+pub async fn fan_out(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Duration {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let bridge = bridge.clone();
+            tokio::spawn(async move {
+                let payload = request();
+                for _ in 0..per_task {
+                    black_box(bridge.execute("double", &payload).await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    started.elapsed()
+}

@@ -338,7 +338,12 @@ impl GpuBridge {
     ) -> Vec<Result<Vec<u8>, ExecuteError>> {
         let (kernel, spec) = match self.lookup(kernel_id) {
             Ok(found) => found,
-            Err(err) => return inputs.iter().map(|_| Err(err.clone())).collect(),
+            Err(err) => {
+                return inputs
+                    .iter()
+                    .map(|_| Err(refused("unknown", err.clone())))
+                    .collect();
+            }
         };
         enum Waiting {
             Reply(tokio::sync::oneshot::Receiver<Result<Vec<u8>, ExecuteError>>),
@@ -350,10 +355,10 @@ impl GpuBridge {
         for input in inputs {
             let input = input.as_ref();
             let entry = match self.route(&spec, input) {
-                Err(err) => Waiting::Done(Err(err)),
+                Err(err) => Waiting::Done(Err(refused(spec.id, err))),
                 Ok(Route::Batch { output_len }) => Waiting::Batch(output_len),
                 Ok(Route::Ring) => match self.instance_for(kernel, &spec).await {
-                    Err(err) => Waiting::Done(Err(err)),
+                    Err(err) => Waiting::Done(Err(refused(spec.id, err))),
                     Ok(instance) => {
                         // Flush before waiting for a slot, or a batch larger
                         // than the ring would wait on its own requests.
@@ -364,7 +369,7 @@ impl GpuBridge {
                         }
                         match staged {
                             Ok(reply) => Waiting::Reply(reply),
-                            Err(err) => Waiting::Done(Err(err)),
+                            Err(err) => Waiting::Done(Err(refused(spec.id, err))),
                         }
                     }
                 },
@@ -557,15 +562,52 @@ impl GpuBridge {
     }
 
     /// The instance of `spec` on `device`, launched on first use.
+    ///
+    /// The launch runs in a task of its own: a caller that gives up (its
+    /// future dropped by a timeout) does not abandon a half-made instance,
+    /// whose result still lands in the cell, where shutdown finds it.
     async fn instance(
         &self,
         kernel: usize,
         spec: &KernelSpec,
         device: DeviceId,
     ) -> Result<Arc<KernelInstance>, BackendError> {
+        if let Some(result) = self.cell(kernel, device).get() {
+            return self.checked(result.clone());
+        }
+        let bridge = self.clone();
+        let spec = *spec;
+        let launch = tokio::spawn(async move { bridge.launch_once(kernel, spec, device).await });
+        let result = launch
+            .await
+            .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())))?;
+        self.checked(result)
+    }
+
+    /// An instance from the cell, unless a shutdown began meanwhile.
+    fn checked(
+        &self,
+        result: Result<Arc<KernelInstance>, BackendError>,
+    ) -> Result<Arc<KernelInstance>, BackendError> {
+        let instance = result?;
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            // Launched while a shutdown began: stop it too.
+            instance.request_stop(StopMode::Abandon);
+            return Err(BackendError::Unavailable("the bridge has shut down".into()));
+        }
+        Ok(instance)
+    }
+
+    /// Fills the cell of `spec` on `device` once. The outer error is
+    /// transient (the device is busy): not cached, so a later request tries
+    /// again. The inner result, success or failed build, is cached.
+    async fn launch_once(
+        &self,
+        kernel: usize,
+        spec: KernelSpec,
+        device: DeviceId,
+    ) -> Result<Result<Arc<KernelInstance>, BackendError>, BackendError> {
         let cell = self.cell(kernel, device);
-        // The outer error is transient (the device is busy): not cached, so
-        // a later request tries again. The inner result is cached.
         let result = cell
             .get_or_try_init(|| async {
                 let slot = &self.shared.devices[device.0];
@@ -575,7 +617,6 @@ impl GpuBridge {
                 };
                 let broker = self.shared.broker.clone();
                 let config = self.shared.config;
-                let spec = *spec;
                 let started = Instant::now();
                 let launched = tokio::task::spawn_blocking(move || {
                     let rings = ring_bytes(&spec, config.kernel.capacity);
@@ -616,13 +657,7 @@ impl GpuBridge {
                 }
             })
             .await?;
-        let instance = result.clone()?;
-        if self.shared.shut_down.load(Ordering::Acquire) {
-            // Launched while a shutdown began: stop it too.
-            instance.request_stop(StopMode::Abandon);
-            return Err(BackendError::Unavailable("the bridge has shut down".into()));
-        }
-        Ok(instance)
+        Ok(result.clone())
     }
 
     /// Rule 6 of the module docs.
@@ -746,42 +781,56 @@ impl GpuBridge {
         // The input travels to the blocking thread in a pooled staging
         // buffer: a large batch then costs a copy into warm memory, not a
         // fresh allocation and its page faults.
-        let staging = self.stage_input(spec, kind, input);
-        let outcome = match staging {
-            Ok(staging) => {
-                let len = input.len();
-                tokio::task::spawn_blocking(move || {
-                    backend.run_batch(index, &owned_spec, &staging.as_slice()[..len])
-                })
-                .await
-                .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())))
-            }
-            Err(err) => Err(err),
-        };
-        self.report_pool();
-        drop(reservation);
-        self.report_memory(device);
-        let labels = [
-            ("kernel", spec.id.to_string()),
-            ("backend", format!("{kind:?}")),
-            ("device", index.to_string()),
-        ];
-        match outcome {
-            Ok(output) => {
-                let latency = started.elapsed();
-                in_flight.succeed(latency);
-                metrics::counter!("granary_gpu_requests_total", &labels).increment(1);
-                metrics::histogram!("granary_gpu_request_seconds", &labels)
-                    .record(latency.as_secs_f64());
-                Ok(output)
-            }
+        let staging = match self.stage_input(spec, kind, input) {
+            Ok(staging) => staging,
             Err(err) => {
                 in_flight.fail();
                 let err = execute_error(spec, kind, err);
                 record_failure(spec.id, kind, &err);
-                Err(err)
+                return Err(err);
             }
-        }
+        };
+        // The reservation, the in-flight record and the outcome's metrics
+        // belong to the blocking job, which runs to the end even if the
+        // caller gives up: memory is released only after the backend has
+        // freed its buffers (broker invariant 2).
+        let bridge = self.clone();
+        let len = input.len();
+        let job = tokio::task::spawn_blocking(move || {
+            let outcome = backend.run_batch(index, &owned_spec, &staging.as_slice()[..len]);
+            drop(staging);
+            drop(reservation);
+            bridge.report_pool();
+            bridge.report_memory(device);
+            let labels = [
+                ("kernel", owned_spec.id.to_string()),
+                ("backend", format!("{kind:?}")),
+                ("device", index.to_string()),
+            ];
+            match outcome {
+                Ok(output) => {
+                    let latency = started.elapsed();
+                    in_flight.succeed(latency);
+                    metrics::counter!("granary_gpu_requests_total", &labels).increment(1);
+                    metrics::histogram!("granary_gpu_request_seconds", &labels)
+                        .record(latency.as_secs_f64());
+                    Ok(output)
+                }
+                Err(err) => {
+                    in_flight.fail();
+                    let err = execute_error(&owned_spec, kind, err);
+                    record_failure(owned_spec.id, kind, &err);
+                    Err(err)
+                }
+            }
+        });
+        job.await.unwrap_or_else(|err| {
+            Err(ExecuteError::DeviceFailed {
+                kernel: spec.id,
+                backend: kind,
+                reason: format!("the batch job failed: {err}"),
+            })
+        })
     }
 
     /// A staging buffer from the pool holding a copy of `input`.

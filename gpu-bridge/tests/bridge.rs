@@ -383,3 +383,33 @@ async fn memory_accounting_never_overcommits() {
     assert!(peak <= capacity);
     assert_eq!(broker.stats(id).unwrap().reserved, 0, "everything released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbounded_stop_timeout_still_answers_every_caller() {
+    let bridge = GpuBridge::builder()
+        .kernel(SLOW)
+        .config(BridgeConfig {
+            stop_timeout: Duration::MAX,
+            hang_timeout: Duration::from_secs(30),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let bridge = bridge.clone();
+            tokio::spawn(async move { bridge.execute("slow", &f32s(&[100.0])).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    bridge.shutdown(StopMode::Abandon).await;
+    for call in calls {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("every caller is answered");
+        assert!(matches!(
+            outcome.unwrap(),
+            Ok(_) | Err(ExecuteError::ShutDown)
+        ));
+    }
+}

@@ -114,8 +114,8 @@ kernel void granary_persistent(global uchar* requests, global uchar* responses) 
         }
         backoff = 1;
         global granary_slot_header* request = granary_slot(requests, position);
-        /* A slot its producer abandoned (rule A2) carries nothing: release
-         * it unanswered. */
+        /* A slot its producer abandoned (rules A3, K2) carries nothing:
+         * release it unanswered. */
         if (request->flags & GRANARY_RING_SLOT_FLAG_SKIP) {
             atomic_store_explicit(&request->sequence, position + request_capacity,
                                   memory_order_release, GRANARY_SCOPE);

@@ -75,9 +75,10 @@ impl IdleWait {
     pub(crate) fn new(busy: WaitPolicy) -> IdleWait {
         IdleWait {
             busy,
-            // Parks at once, and long: a host producer wakes it on its
-            // next push; a device producer's answer is seen within a
-            // quarter of `park_max`.
+            // Parks at once, starting at a quarter of `park_max`: a host
+            // producer wakes it on its next push; a device producer's
+            // answer is seen at the end of the park in progress (at most
+            // `park_max`).
             idle: WaitPolicy {
                 spins: 0,
                 yields: 0,
@@ -265,7 +266,8 @@ impl Submitter {
     }
 }
 
-/// Why a batch was not submitted. Nothing of the batch was enqueued.
+/// Why a batch was not submitted. Nothing of the batch was enqueued,
+/// except as [`BatchSubmitError::Interrupted`] says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BatchSubmitError {
@@ -282,6 +284,16 @@ pub enum BatchSubmitError {
     BadCount(usize),
     /// The kernel has been stopped.
     Stopped,
+    /// Writing request `enqueued` into its slot failed after the requests
+    /// before it had been enqueued (each slot is published as it is
+    /// written); it and the rest were not. The shape check before the
+    /// claim makes this unreachable with rings sized from the spec.
+    Interrupted {
+        /// Requests enqueued, from the start of the batch.
+        enqueued: usize,
+        /// Why the next one could not be written.
+        error: ShapeError,
+    },
 }
 
 impl fmt::Display for BatchSubmitError {
@@ -295,6 +307,10 @@ impl fmt::Display for BatchSubmitError {
                 write!(f, "a batch of {count} requests does not fit the ring")
             }
             BatchSubmitError::Stopped => write!(f, "the kernel has been stopped"),
+            BatchSubmitError::Interrupted { enqueued, error } => write!(
+                f,
+                "only the first {enqueued} requests were enqueued; the next failed: {error}"
+            ),
         }
     }
 }
@@ -303,9 +319,10 @@ impl std::error::Error for BatchSubmitError {}
 
 impl Submitter {
     /// Submits every `(request_id, payload)` of `batch` with one claim on
-    /// the request ring: all of them or none. Never blocks. This is how
-    /// the bridge micro-batches: one claim, one wake of the kernel, for
-    /// many callers' requests.
+    /// the request ring: all of them or, when the ring lacks room, none.
+    /// Never blocks. Each slot is published as soon as it is written, so
+    /// the kernel starts on the first while the rest are written. This is
+    /// how the bridge micro-batches: one claim for many callers' requests.
     pub fn submit_batch<P: AsRef<[u8]>>(&self, batch: &[(u64, P)]) -> Result<(), BatchSubmitError> {
         for (index, (_, payload)) in batch.iter().enumerate() {
             if let Err(error) = self.spec.request.check(payload.as_ref().len()) {
@@ -319,20 +336,22 @@ impl Submitter {
             Err(_) => return Err(BatchSubmitError::BadCount(batch.len())),
         };
         for (index, (request_id, payload)) in batch.iter().enumerate() {
-            let Some(mut slot) = chunk.slot(index) else {
-                return Err(BatchSubmitError::BadCount(batch.len()));
+            let error = ShapeError {
+                len: payload.as_ref().len(),
+                shape: self.spec.request,
+            };
+            let interrupted = BatchSubmitError::Interrupted {
+                enqueued: index,
+                error,
             };
             // The ring's slots hold the shape's largest request, and every
             // payload passed the shape check above. Should a write still
-            // fail, dropping the chunk publishes its slots as skipped.
+            // fail, dropping the chunk publishes the rest as skipped.
+            let Some(mut slot) = chunk.slot(index) else {
+                return Err(interrupted);
+            };
             if slot.write(payload.as_ref()).is_err() {
-                return Err(BatchSubmitError::WrongShape {
-                    index,
-                    error: ShapeError {
-                        len: payload.as_ref().len(),
-                        shape: self.spec.request,
-                    },
-                });
+                return Err(interrupted);
             }
             slot.set_request_id(*request_id);
             // The kernel can start on this request while the next ones are
@@ -481,9 +500,10 @@ impl CpuPersistentKernel {
 
     /// Stops the kernel, waiting at most `timeout` for its thread. A thread
     /// still busy at the deadline (an implementation that never returns) is
-    /// detached: it exits on its own once the call returns, since the stop
-    /// flag and the closed ring are already set, and the report says
-    /// `exited: false`.
+    /// detached and the report says `exited: false`. It exits on its own
+    /// once the call in hand returns: at once after an `Abandon` (the stop
+    /// flag is set), after answering the queue after a `Drain` (the ring is
+    /// closed).
     pub fn stop_within(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
         self.shut_down(mode, Some(timeout))
     }
@@ -503,8 +523,11 @@ impl CpuPersistentKernel {
         let finished = match timeout {
             None => true,
             Some(timeout) => {
-                let deadline = std::time::Instant::now() + timeout;
-                while !worker.is_finished() && std::time::Instant::now() < deadline {
+                // A timeout too long to represent waits without a deadline.
+                let deadline = std::time::Instant::now().checked_add(timeout);
+                while !worker.is_finished()
+                    && deadline.is_none_or(|deadline| std::time::Instant::now() < deadline)
+                {
                     thread::sleep(Duration::from_micros(100));
                 }
                 worker.is_finished()

@@ -11,7 +11,10 @@
 //!    requests are in flight, the request ring can never be full when the
 //!    bridge submits (kernels release a request's slot before publishing
 //!    its response, rule K1 of `docs/ring-protocol.md`), and memory is
-//!    bounded by the slots.
+//!    bounded by the slots. Several work-groups release slots out of
+//!    order, so there the ring can still be full for a moment: requests
+//!    then stay staged, and the completion thread flushes them as answers
+//!    come back.
 //! 2. **Request ids** are `sequence << 20 | slot index`: unique over the
 //!    instance's life (the sequence has 44 bits), and a completion finds
 //!    its slot without a map. A completion whose id does not match its
@@ -35,13 +38,17 @@
 //!    requests are in flight, the thread takes the flusher lock (no more
 //!    submissions), stops the kernel (abandon), delivers any answers it
 //!    still gave, fails every other pending request with `DeviceHung`, and
-//!    relaunches. If the relaunch fails, the instance is marked failed and
-//!    the bridge routes around it.
+//!    relaunches. If the relaunch fails, the instance is marked failed, the
+//!    bridge routes around it, and the thread tries again every 250 ms (a
+//!    device whose compute units the hung kernel still holds may free up).
+//!    A request answered while it sat staged is dropped by the flusher,
+//!    never submitted without its slot.
 //! 6. **Stop.** A stop request is carried out by the completion thread:
 //!    drain (flush what is staged, let the kernel answer everything) or
 //!    abandon (stop at once); whatever is still pending afterwards fails
 //!    with `ShutDown`. Then the thread exits.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
@@ -98,6 +105,9 @@ pub(crate) struct Launcher {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) device_index: usize,
 }
+
+/// How often a failed instance tries to relaunch its kernel.
+const RELAUNCH_RETRY: Duration = Duration::from_millis(250);
 
 const RUNNING: u8 = 0;
 const STOP_DRAIN: u8 = 1;
@@ -189,7 +199,23 @@ impl KernelInstance {
         let worker = instance.clone();
         let handle = thread::Builder::new()
             .name(format!("granary-bridge-{}", spec.id))
-            .spawn(move || worker.run(kernel, launcher))
+            .spawn(move || {
+                let serving = worker.clone();
+                let outcome = catch_unwind(AssertUnwindSafe(move || serving.run(kernel, launcher)));
+                if outcome.is_err() {
+                    // A bug, but no caller may wait forever for it: fail
+                    // everything pending and refuse new requests.
+                    tracing::error!(kernel = worker.spec.id, "the completion thread panicked");
+                    worker.failed.store(true, Ordering::Release);
+                    lock(&worker.flusher).submitter = None;
+                    worker.fail_all(&ExecuteError::DeviceFailed {
+                        kernel: worker.spec.id,
+                        backend: worker.backend,
+                        reason: "the bridge's completion thread panicked".into(),
+                    });
+                    worker.permits.close();
+                }
+            })
             .map_err(|err| granary_kernels::BackendError::Device(err.to_string()))?;
         *lock(&instance.thread) = Some(handle);
         Ok(instance)
@@ -307,32 +333,42 @@ impl KernelInstance {
                 return Ok(receiver);
             }
         };
-        let (request_id, receiver) = match self.register(permit) {
-            Ok(registered) => registered,
-            Err(failed) => return Ok(failed),
-        };
-        self.flush_locked(&mut flusher);
-        let outcome = match &flusher.submitter {
-            Some(submitter) => submitter
-                .submit(request_id, input)
-                .map_err(|err| match err {
-                    SubmitError::WrongShape(error, _) => ExecuteError::WrongShape {
-                        kernel: self.spec.id,
-                        error,
-                    },
-                    SubmitError::Stopped(_) => self.unavailable(),
-                    // Rule 1 rules this out; fail rather than lose it.
-                    SubmitError::Full(_) => ExecuteError::DeviceFailed {
-                        kernel: self.spec.id,
-                        backend: self.backend,
-                        reason: "the request ring refused a request".into(),
-                    },
-                }),
-            None => Err(self.unavailable()),
+        let (receiver, failure) = match self.register(permit) {
+            Err(failed) => (failed, None),
+            Ok((request_id, receiver)) => {
+                self.flush_locked(&mut flusher);
+                let outcome = match &flusher.submitter {
+                    Some(submitter) => submitter.submit(request_id, input),
+                    None => Err(SubmitError::Stopped(input)),
+                };
+                let failure = match outcome {
+                    Ok(()) => None,
+                    // Rule 1: only out-of-order releases (several
+                    // work-groups) leave the ring full; the request waits
+                    // staged until the completion thread sees a slot free.
+                    Err(SubmitError::Full(_)) => self
+                        .staging
+                        .push(Staged {
+                            request_id,
+                            payload: input.to_vec(),
+                        })
+                        .err()
+                        .map(|_| (request_id, self.unavailable())),
+                    Err(SubmitError::WrongShape(error, _)) => Some((
+                        request_id,
+                        ExecuteError::WrongShape {
+                            kernel: self.spec.id,
+                            error,
+                        },
+                    )),
+                    Err(SubmitError::Stopped(_)) => Some((request_id, self.unavailable())),
+                };
+                (receiver, failure)
+            }
         };
         drop(flusher);
-        if let Err(err) = outcome {
-            self.finish(request_id, Err(err));
+        if let Some((request_id, error)) = failure {
+            self.finish(request_id, Err(error));
         }
         // Requests staged while the lock was held.
         fence(Ordering::SeqCst);
@@ -342,7 +378,9 @@ impl KernelInstance {
         Ok(receiver)
     }
 
-    /// Rule 3: moves staged requests into the ring.
+    /// Rule 3: moves staged requests into the ring. Stops early when the
+    /// ring is full; the completion thread flushes again as answers free
+    /// slots.
     pub(crate) fn flush(&self) {
         loop {
             fence(Ordering::SeqCst);
@@ -351,22 +389,31 @@ impl KernelInstance {
                 Err(TryLockError::WouldBlock) => return,
                 Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             };
-            self.flush_locked(&mut flusher);
+            let ring_full = self.flush_locked(&mut flusher);
             drop(flusher);
             fence(Ordering::SeqCst);
-            if self.staging.is_empty() {
+            if ring_full || self.staging.is_empty() {
                 return;
             }
         }
     }
 
-    fn flush_locked(&self, flusher: &mut Flusher) {
+    /// Moves staged requests into the ring, `micro_batch` per claim.
+    /// Returns whether it stopped because the ring was full.
+    fn flush_locked(&self, flusher: &mut Flusher) -> bool {
         let Flusher { submitter, batch } = flusher;
-        while !self.staging.is_empty() {
+        let mut ring_full = false;
+        loop {
             batch.clear();
             while batch.len() < self.config.micro_batch {
                 match self.staging.pop() {
-                    Some(staged) => batch.push((staged.request_id, staged.payload)),
+                    // A request answered while it sat staged (failed by a
+                    // hang recovery) is dropped: its slot and permit are
+                    // already someone else's.
+                    Some(staged) if self.is_pending(staged.request_id) => {
+                        batch.push((staged.request_id, staged.payload));
+                    }
+                    Some(_) => {}
                     None => break,
                 }
             }
@@ -377,26 +424,59 @@ impl KernelInstance {
                 Some(submitter) => submitter.submit_batch(batch),
                 None => Err(BatchSubmitError::Stopped),
             };
-            if let Err(err) = outcome {
-                let error = match err {
-                    BatchSubmitError::Stopped => self.unavailable(),
-                    BatchSubmitError::WrongShape { error, .. } => ExecuteError::WrongShape {
-                        kernel: self.spec.id,
-                        error,
-                    },
-                    // Rule 1 rules these out; fail rather than lose them.
-                    _ => ExecuteError::DeviceFailed {
-                        kernel: self.spec.id,
-                        backend: self.backend,
-                        reason: format!("the request ring refused a batch: {err}"),
-                    },
-                };
-                for (request_id, _) in batch.drain(..) {
-                    self.finish(request_id, Err(error.clone()));
+            let failed_from = match outcome {
+                Ok(()) => continue,
+                Err(BatchSubmitError::Full) => {
+                    // Rule 1: out-of-order releases only. Keep them staged.
+                    for (request_id, payload) in batch.drain(..) {
+                        if self
+                            .staging
+                            .push(Staged {
+                                request_id,
+                                payload,
+                            })
+                            .is_err()
+                        {
+                            self.finish(request_id, Err(self.unavailable()));
+                        }
+                    }
+                    ring_full = true;
+                    break;
                 }
+                Err(BatchSubmitError::Interrupted { enqueued, .. }) => enqueued,
+                Err(_) => 0,
+            };
+            let error = match outcome {
+                Err(BatchSubmitError::Stopped) => self.unavailable(),
+                Err(BatchSubmitError::WrongShape { error, .. }) => ExecuteError::WrongShape {
+                    kernel: self.spec.id,
+                    error,
+                },
+                Err(err) => ExecuteError::DeviceFailed {
+                    kernel: self.spec.id,
+                    backend: self.backend,
+                    reason: format!("the request ring refused a batch: {err}"),
+                },
+                Ok(()) => continue,
+            };
+            // Those before `failed_from` are in the ring and will be
+            // answered.
+            for (request_id, _) in batch.drain(failed_from..) {
+                self.finish(request_id, Err(error.clone()));
             }
         }
         batch.clear();
+        ring_full
+    }
+
+    /// Whether `request_id` still waits for its answer.
+    fn is_pending(&self, request_id: u64) -> bool {
+        let index = (request_id & INDEX_MASK) as usize;
+        self.slots.get(index).is_some_and(|slot| {
+            lock(slot)
+                .as_ref()
+                .is_some_and(|p| p.request_id == request_id)
+        })
     }
 
     /// The error for requests that reach an instance that cannot serve.
@@ -517,6 +597,10 @@ impl KernelInstance {
         let poll = (self.config.hang_timeout / 4).min(Duration::from_millis(1));
         let mut heartbeat = kernel.heartbeat();
         let mut progress = Instant::now();
+        // While failed: when to try the relaunch again, and whether the
+        // stopped kernel had exited (rule 5).
+        let mut retry_at = Instant::now();
+        let mut stopped_exited = true;
         loop {
             match self.stop.load(Ordering::Acquire) {
                 RUNNING => {}
@@ -524,7 +608,19 @@ impl KernelInstance {
                 _ => return self.shut_down(kernel, StopMode::Abandon),
             }
             if self.is_failed() {
-                // Nothing to serve; wait for the stop.
+                if Instant::now() >= retry_at {
+                    let mut flusher = lock(&self.flusher);
+                    if self.relaunch(&mut flusher, &mut kernel, &launcher, stopped_exited) {
+                        heartbeat = kernel.heartbeat();
+                        progress = Instant::now();
+                    } else {
+                        retry_at = Instant::now() + RELAUNCH_RETRY;
+                    }
+                }
+                // Requests that slipped in meanwhile fail, typed.
+                if !self.staging.is_empty() {
+                    self.flush();
+                }
                 thread::sleep(poll);
                 continue;
             }
@@ -536,20 +632,26 @@ impl KernelInstance {
                 self.permits.add_permits(freed);
                 progress = Instant::now();
             }
+            // Rules 1 and 3: requests left staged (a full ring, a caller
+            // that gave up mid-flush) go in now.
+            if !self.staging.is_empty() {
+                self.flush();
+            }
             let beat = kernel.heartbeat();
             if beat != heartbeat {
                 heartbeat = beat;
                 progress = Instant::now();
             } else if self.in_flight() > 0 && progress.elapsed() >= self.config.hang_timeout {
-                self.recover(&mut kernel, &launcher);
+                stopped_exited = self.recover(&mut kernel, &launcher);
+                retry_at = Instant::now() + RELAUNCH_RETRY;
                 heartbeat = kernel.heartbeat();
                 progress = Instant::now();
             }
         }
     }
 
-    /// Rule 5.
-    fn recover(&self, kernel: &mut Box<dyn PersistentKernel>, launcher: &Launcher) {
+    /// Rule 5. Returns whether the hung kernel exited when stopped.
+    fn recover(&self, kernel: &mut Box<dyn PersistentKernel>, launcher: &Launcher) -> bool {
         tracing::warn!(
             kernel = self.spec.id,
             backend = ?self.backend,
@@ -574,28 +676,52 @@ impl KernelInstance {
             backend: self.backend,
             device: self.device_index,
         });
+        if !self.relaunch(&mut flusher, kernel, launcher, report.exited) {
+            tracing::error!(
+                kernel = self.spec.id,
+                backend = ?self.backend,
+                "relaunch failed; the bridge routes around this device and retries"
+            );
+        }
+        drop(flusher);
+        // Requests staged while the lock was held.
+        self.flush();
+        report.exited
+    }
+
+    /// Launches a fresh kernel in place of the stopped one, under the
+    /// flusher lock. On failure the instance is marked failed (the bridge
+    /// routes around it) and the caller retries later: a busy device (its
+    /// compute units still held by the hung kernel) may free up.
+    fn relaunch(
+        &self,
+        flusher: &mut Flusher,
+        kernel: &mut Box<dyn PersistentKernel>,
+        launcher: &Launcher,
+        stopped_exited: bool,
+    ) -> bool {
         match launcher
             .backend
             .launch(launcher.device_index, self.spec, &self.config.kernel)
         {
             Ok(fresh) => {
                 flusher.submitter = fresh.submitter();
-                let hung = std::mem::replace(kernel, fresh);
-                reap(hung, report.exited);
+                let stopped = std::mem::replace(kernel, fresh);
+                reap(stopped, stopped_exited);
+                self.failed.store(false, Ordering::Release);
+                true
             }
             Err(err) => {
-                tracing::error!(
+                tracing::debug!(
                     kernel = self.spec.id,
                     backend = ?self.backend,
                     error = %err,
-                    "relaunch failed; the bridge routes around this device"
+                    "relaunch failed"
                 );
                 self.failed.store(true, Ordering::Release);
+                false
             }
         }
-        drop(flusher);
-        // Requests staged while the lock was held.
-        self.flush();
     }
 
     /// Rule 6.

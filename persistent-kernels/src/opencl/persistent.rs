@@ -320,7 +320,8 @@ impl OpenClPersistentKernel {
         let Some(event) = &self.event else {
             return Ok(true);
         };
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to represent waits without a deadline.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             let status = event
                 .command_execution_status()
@@ -336,7 +337,7 @@ impl OpenClPersistentKernel {
                     code: status.0,
                 });
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(1));

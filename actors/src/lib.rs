@@ -1,6 +1,59 @@
-//! Granary's virtual actor runtime (not built yet).
+//! Granary's virtual actor runtime.
 //!
-//! This crate will hold grains, activations with bounded mailboxes on tokio,
-//! turn-based execution with call-chain reentrancy, persistence providers,
-//! timers, reminders and observers. It has no GPU dependency: the bridge
-//! reaches grains as a silo service. See issue 4 and `ARCHITECTURE.md`.
+//! A grain has an identity and always exists: a [`Silo`] activates it on
+//! its first message, runs its turns one at a time on a tokio task with a
+//! bounded mailbox, deactivates it when idle, and restores its persisted
+//! state on the next activation. Orleans is the model; the guarantees are
+//! written down in `docs/runtime-semantics.md`.
+//!
+//! ```
+//! use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+//!
+//! struct Counter(u64);
+//! impl Grain for Counter {
+//!     fn new(_: &GrainKey) -> Counter {
+//!         Counter(0)
+//!     }
+//! }
+//! struct Add(u64);
+//! impl Message for Add {
+//!     type Reply = u64;
+//! }
+//! impl Handler<Add> for Counter {
+//!     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+//!         self.0 += n;
+//!         self.0
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let silo = Silo::builder().register::<Counter>("counter").build()?;
+//! let counter = silo.grain::<Counter>("alice");
+//! assert_eq!(counter.call(Add(2)).await?, 2);
+//! assert_eq!(counter.call(Add(3)).await?, 5);
+//! silo.shutdown().await;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! Built so far (issue 4, first part): grains, messages and handlers, keys,
+//! activation on demand, turns, bounded mailboxes, call timeouts, idle
+//! deactivation, panic reset, graceful shutdown, silo services, and
+//! persistence with ETag concurrency (in memory). Still to come:
+//! reentrancy, interleaving, stateless workers, timers, reminders,
+//! observers, the redb and PostgreSQL providers, and GPU grains.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+mod grain;
+mod key;
+mod silo;
+pub mod storage;
+
+pub use error::{ActivationError, CallError, SiloError};
+pub use grain::{Grain, GrainContext, Handler, Message};
+pub use key::{GrainId, GrainKey};
+pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig};
+pub use storage::{ETag, MemoryStorage, PersistentState, StorageError, StorageProvider};

@@ -1,0 +1,93 @@
+//! What the runtime's operations fail with.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::key::GrainId;
+
+/// Why a call (request and response) failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The grain type was not registered on the silo.
+    NotRegistered {
+        /// The grain type's Rust name.
+        type_name: &'static str,
+    },
+    /// No answer within the call timeout (the mailbox stayed full, or the
+    /// turn took too long).
+    Timeout {
+        /// The grain.
+        grain: GrainId,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The turn failed without answering: its handler panicked, or the
+    /// activation could not start. The activation was reset; the silo keeps
+    /// serving.
+    TurnFailed {
+        /// The grain.
+        grain: GrainId,
+    },
+    /// The silo is shutting down.
+    ShutDown,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::NotRegistered { type_name } => {
+                write!(f, "grain type {type_name} is not registered on this silo")
+            }
+            CallError::Timeout { grain, after } => {
+                write!(f, "call to {grain} timed out after {after:?}")
+            }
+            CallError::TurnFailed { grain } => write!(
+                f,
+                "{grain} failed while handling the call (panicked or could not activate)"
+            ),
+            CallError::ShutDown => write!(f, "the silo is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Why an activation could not start (returned by `Grain::on_activate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivationError(pub String);
+
+impl fmt::Display for ActivationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "activation failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for ActivationError {}
+
+impl From<crate::storage::StorageError> for ActivationError {
+    fn from(err: crate::storage::StorageError) -> ActivationError {
+        ActivationError(err.to_string())
+    }
+}
+
+/// Why a silo could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SiloError {
+    /// Two grain types were registered under one name.
+    DuplicateName(String),
+    /// A configuration value is out of range.
+    InvalidConfig(String),
+}
+
+impl fmt::Display for SiloError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SiloError::DuplicateName(name) => write!(f, "grain name {name:?} is registered twice"),
+            SiloError::InvalidConfig(why) => write!(f, "invalid silo configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SiloError {}

@@ -1,0 +1,106 @@
+//! What a grain is: the [`Grain`] trait, its messages, and the context a
+//! turn runs with.
+
+use std::any::{Any, TypeId};
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ActivationError;
+use crate::key::{GrainId, GrainKey};
+use crate::silo::Silo;
+use crate::storage::{PersistentState, StorageError};
+
+/// A virtual actor: it always exists, and the silo activates it on its
+/// first message.
+pub trait Grain: Send + Sized + 'static {
+    /// A fresh in-memory object for a new activation of the grain `key`.
+    fn new(key: &GrainKey) -> Self;
+
+    /// Runs once per activation, before the first message: load state here.
+    /// An error fails the messages that triggered the activation.
+    fn on_activate(
+        &mut self,
+        ctx: &mut GrainContext,
+    ) -> impl Future<Output = Result<(), ActivationError>> + Send {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+
+    /// Runs once when the activation ends (idle, or silo shutdown), after
+    /// its last turn: write state here.
+    fn on_deactivate(&mut self, ctx: &mut GrainContext) -> impl Future<Output = ()> + Send {
+        let _ = ctx;
+        async {}
+    }
+}
+
+/// A message a grain handles, with the type of its reply.
+pub trait Message: Send + 'static {
+    /// What the handler answers.
+    type Reply: Send + 'static;
+}
+
+/// `G` handles messages of type `M`, one turn at a time.
+pub trait Handler<M: Message>: Grain {
+    /// Handles one message. Turns of one activation never overlap.
+    fn handle(
+        &mut self,
+        message: M,
+        ctx: &mut GrainContext,
+    ) -> impl Future<Output = M::Reply> + Send;
+}
+
+/// What a turn can reach: its grain's identity, the silo (to call other
+/// grains), persistent state, and the silo's services.
+pub struct GrainContext {
+    id: GrainId,
+    silo: Silo,
+}
+
+impl std::fmt::Debug for GrainContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrainContext")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrainContext {
+    pub(crate) fn new(id: GrainId, silo: Silo) -> GrainContext {
+        GrainContext { id, silo }
+    }
+
+    /// This grain's identity.
+    pub fn id(&self) -> &GrainId {
+        &self.id
+    }
+
+    /// The silo this activation runs on.
+    pub fn silo(&self) -> &Silo {
+        &self.silo
+    }
+
+    /// Loads this grain's state of type `T` from the silo's storage.
+    pub async fn load_state<T: Serialize + DeserializeOwned + Default>(
+        &self,
+    ) -> Result<PersistentState<T>, StorageError> {
+        PersistentState::load(self.silo.storage(), self.id.clone()).await
+    }
+
+    /// The silo service of type `S` (for example the GPU bridge), if one
+    /// was registered when the silo was built.
+    pub fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+        self.silo.service::<S>()
+    }
+}
+
+/// A type-erased silo service.
+pub(crate) type Service = Arc<dyn Any + Send + Sync>;
+
+/// The key a service is stored under.
+pub(crate) fn service_key<S: 'static>() -> TypeId {
+    TypeId::of::<S>()
+}

@@ -1,0 +1,530 @@
+//! The silo: registered grain types, their activations, and grain
+//! references.
+//!
+//! # Activation protocol
+//!
+//! 1. **Directory.** Each registered grain type has a directory from key to
+//!    entry: `Active` (the activation's mailbox sender) or `Deactivating`
+//!    (a signal that fires when the old activation is gone).
+//! 2. **Activation on demand.** A message for a key with no entry inserts
+//!    an `Active` entry and spawns the activation, under the directory's
+//!    per-key lock; so concurrent first messages create exactly one
+//!    activation.
+//! 3. **Turns.** An activation is one task that takes one message at a
+//!    time from its bounded mailbox and runs the handler to completion
+//!    before the next: turns never overlap, and messages from one sender
+//!    run in the order sent.
+//! 4. **Backpressure.** A full mailbox makes senders wait, bounded by the
+//!    call timeout; memory never grows without bound.
+//! 5. **Deactivation** (idle for `idle_timeout`, or silo shutdown): the
+//!    activation marks its entry `Deactivating`, closes its mailbox, runs
+//!    the messages already in it, runs `on_deactivate`, removes the entry
+//!    and fires the signal. A sender whose message is refused by the closed
+//!    mailbox gets the message back, waits for the signal, and delivers to
+//!    a new activation. Nothing is lost, and the old and new activations
+//!    never overlap.
+//! 6. **Failures.** A handler that panics fails its call with `TurnFailed`;
+//!    the activation is reset (a new object, `on_activate` again) and goes
+//!    on with the next message. An activation whose `on_activate` fails
+//!    fails the messages waiting for it and ends.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{CallError, SiloError};
+use crate::grain::{Grain, GrainContext, Handler, Message, Service, service_key};
+use crate::key::{GrainId, GrainKey};
+use crate::storage::{MemoryStorage, StorageProvider};
+
+/// A message packed for an activation: runs the handler and answers.
+type Envelope<G> =
+    Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
+
+/// A directory entry (rule 1).
+enum Entry<G> {
+    Active(mpsc::Sender<Envelope<G>>),
+    Deactivating(watch::Receiver<bool>),
+}
+
+/// One registered grain type.
+struct GrainType<G> {
+    name: String,
+    directory: DashMap<GrainKey, Entry<G>>,
+}
+
+/// How a silo is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiloConfig {
+    /// Messages an activation's mailbox holds, at least 1 (default 1024).
+    pub mailbox_capacity: usize,
+    /// How long a call waits for its answer (default 30 s).
+    pub call_timeout: Duration,
+    /// How long an activation may sit idle before it is deactivated
+    /// (default 15 minutes).
+    pub idle_timeout: Duration,
+}
+
+impl Default for SiloConfig {
+    fn default() -> SiloConfig {
+        SiloConfig {
+            mailbox_capacity: 1024,
+            call_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+struct SiloInner {
+    types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    services: HashMap<TypeId, Service>,
+    storage: Arc<dyn StorageProvider>,
+    config: SiloConfig,
+    tasks: TaskTracker,
+    shutdown: watch::Sender<bool>,
+    shutting_down: AtomicBool,
+    activations: AtomicU64,
+    live: AtomicU64,
+}
+
+/// A node of the runtime. Cheap to clone; every clone is the same silo.
+#[derive(Clone)]
+pub struct Silo {
+    inner: Arc<SiloInner>,
+}
+
+impl fmt::Debug for Silo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Silo")
+            .field("grain_types", &self.inner.types.len())
+            .field("live_activations", &self.live_activations())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Silo`].
+pub struct SiloBuilder {
+    types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    names: HashMap<String, TypeId>,
+    /// A name registered twice, reported by `build`.
+    duplicate: Option<String>,
+    services: HashMap<TypeId, Service>,
+    storage: Arc<dyn StorageProvider>,
+    config: SiloConfig,
+}
+
+impl fmt::Debug for SiloBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiloBuilder")
+            .field("grain_types", &self.names.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SiloBuilder {
+    fn default() -> SiloBuilder {
+        SiloBuilder::new()
+    }
+}
+
+impl SiloBuilder {
+    /// A silo with no grain types, in-memory storage and default settings.
+    pub fn new() -> SiloBuilder {
+        SiloBuilder {
+            types: HashMap::new(),
+            names: HashMap::new(),
+            duplicate: None,
+            services: HashMap::new(),
+            storage: Arc::new(MemoryStorage::new()),
+            config: SiloConfig::default(),
+        }
+    }
+
+    /// Registers grain type `G` under the stable `name`.
+    pub fn register<G: Grain>(mut self, name: &str) -> SiloBuilder {
+        if self
+            .names
+            .insert(name.to_string(), TypeId::of::<G>())
+            .is_some()
+        {
+            self.duplicate.get_or_insert_with(|| name.to_string());
+        }
+        let registered: Arc<GrainType<G>> = Arc::new(GrainType {
+            name: name.to_string(),
+            directory: DashMap::new(),
+        });
+        self.types.insert(TypeId::of::<G>(), registered);
+        self
+    }
+
+    /// Registers a service that grains reach with
+    /// `GrainContext::service::<S>()` (the GPU bridge, for example). The
+    /// silo shares it: keep a clone of the `Arc` to use it outside grains.
+    pub fn service<S: Send + Sync + 'static>(mut self, service: Arc<S>) -> SiloBuilder {
+        self.services.insert(service_key::<S>(), service);
+        self
+    }
+
+    /// Sets the storage provider for grain state.
+    pub fn storage(mut self, storage: Arc<dyn StorageProvider>) -> SiloBuilder {
+        self.storage = storage;
+        self
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: SiloConfig) -> SiloBuilder {
+        self.config = config;
+        self
+    }
+
+    /// Builds the silo. Nothing is activated yet.
+    pub fn build(self) -> Result<Silo, SiloError> {
+        if let Some(duplicate) = self.duplicate {
+            return Err(SiloError::DuplicateName(duplicate));
+        }
+        if self.config.mailbox_capacity == 0 {
+            return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
+        }
+        let (shutdown, _) = watch::channel(false);
+        Ok(Silo {
+            inner: Arc::new(SiloInner {
+                types: self.types,
+                services: self.services,
+                storage: self.storage,
+                config: self.config,
+                tasks: TaskTracker::new(),
+                shutdown,
+                shutting_down: AtomicBool::new(false),
+                activations: AtomicU64::new(0),
+                live: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+impl Silo {
+    /// A builder.
+    pub fn builder() -> SiloBuilder {
+        SiloBuilder::new()
+    }
+
+    /// A reference to the grain of type `G` with `key`. It always exists:
+    /// the first message activates it.
+    pub fn grain<G: Grain>(&self, key: impl Into<GrainKey>) -> GrainRef<G> {
+        GrainRef {
+            silo: self.clone(),
+            key: key.into(),
+            _grain: PhantomData,
+        }
+    }
+
+    /// Activations started since the silo was built.
+    pub fn activations_started(&self) -> u64 {
+        self.inner.activations.load(Ordering::Relaxed)
+    }
+
+    /// Activations alive now.
+    pub fn live_activations(&self) -> u64 {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn storage(&self) -> Arc<dyn StorageProvider> {
+        self.inner.storage.clone()
+    }
+
+    pub(crate) fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+        self.inner
+            .services
+            .get(&service_key::<S>())
+            .and_then(|service| service.clone().downcast::<S>().ok())
+    }
+
+    /// Deactivates every activation gracefully (each finishes the messages
+    /// in its mailbox and runs `on_deactivate`, which writes state), then
+    /// returns. Later calls fail with `ShutDown`.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        let _ = self.inner.shutdown.send(true);
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn grain_type<G: Grain>(&self) -> Result<Arc<GrainType<G>>, CallError> {
+        self.inner
+            .types
+            .get(&TypeId::of::<G>())
+            .and_then(|registered| registered.clone().downcast::<GrainType<G>>().ok())
+            .ok_or(CallError::NotRegistered {
+                type_name: std::any::type_name::<G>(),
+            })
+    }
+
+    /// The mailbox of `key`'s activation, activating it if needed (rules 1,
+    /// 2 and 5).
+    async fn mailbox<G: Grain>(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        key: &GrainKey,
+    ) -> Result<mpsc::Sender<Envelope<G>>, CallError> {
+        loop {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return Err(CallError::ShutDown);
+            }
+            let mut gone = match grain_type.directory.entry(key.clone()) {
+                dashmap::Entry::Occupied(entry) => match entry.get() {
+                    Entry::Active(sender) => return Ok(sender.clone()),
+                    Entry::Deactivating(gone) => gone.clone(),
+                },
+                dashmap::Entry::Vacant(vacant) => {
+                    let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
+                    vacant.insert(Entry::Active(sender.clone()));
+                    self.spawn_activation(grain_type.clone(), key.clone(), mailbox);
+                    return Ok(sender);
+                }
+            };
+            // The old activation is finishing: wait until it is gone. If it
+            // died without saying so (its task was cancelled), clear its
+            // entry.
+            if gone.wait_for(|gone| *gone).await.is_err() {
+                grain_type.directory.remove_if(key, |_, entry| {
+                    matches!(entry, Entry::Deactivating(gone) if gone.has_changed().is_err())
+                });
+            }
+        }
+    }
+
+    fn spawn_activation<G: Grain>(
+        &self,
+        grain_type: Arc<GrainType<G>>,
+        key: GrainKey,
+        mailbox: mpsc::Receiver<Envelope<G>>,
+    ) {
+        self.inner.activations.fetch_add(1, Ordering::Relaxed);
+        self.inner.live.fetch_add(1, Ordering::Relaxed);
+        let silo = self.clone();
+        self.inner.tasks.spawn(async move {
+            run_activation(silo.clone(), grain_type, key, mailbox).await;
+            silo.inner.live.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// A grain's activation: rules 3, 5 and 6.
+async fn run_activation<G: Grain>(
+    silo: Silo,
+    grain_type: Arc<GrainType<G>>,
+    key: GrainKey,
+    mut mailbox: mpsc::Receiver<Envelope<G>>,
+) {
+    let id = GrainId {
+        type_name: grain_type.name.clone(),
+        key: key.clone(),
+    };
+    let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    let mut shutdown = silo.inner.shutdown.subscribe();
+    let idle = silo.inner.config.idle_timeout;
+    let mut grain = activate::<G>(&key, &mut ctx).await;
+    if grain.is_some() {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let next = tokio::select! {
+                next = tokio::time::timeout(idle, mailbox.recv()) => next,
+                _ = shutdown.changed() => break,
+            };
+            match next {
+                Ok(Some(envelope)) => {
+                    grain = turn(grain, envelope, &key, &mut ctx).await;
+                    if grain.is_none() {
+                        break;
+                    }
+                }
+                // Idle, or (never: the directory holds a sender) closed.
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    // Rule 5: no new messages; run the ones already queued.
+    let (gone, gone_signal) = watch::channel(false);
+    grain_type
+        .directory
+        .insert(key.clone(), Entry::Deactivating(gone_signal));
+    mailbox.close();
+    while let Some(envelope) = mailbox.recv().await {
+        match grain {
+            Some(_) => grain = turn(grain, envelope, &key, &mut ctx).await,
+            // Failed activation: dropping the envelope fails its call.
+            None => drop(envelope),
+        }
+    }
+    if let Some(mut grain) = grain {
+        grain.on_deactivate(&mut ctx).await;
+    }
+    grain_type.directory.remove(&key);
+    let _ = gone.send(true);
+    tracing::debug!(grain = %id, "deactivated");
+}
+
+/// A new object for `key`, activated; `None` if `on_activate` failed.
+async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
+    let mut grain = G::new(key);
+    match AssertUnwindSafe(grain.on_activate(ctx))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => Some(grain),
+        Ok(Err(err)) => {
+            tracing::warn!(grain = %ctx.id(), error = %err, "activation failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(grain = %ctx.id(), "on_activate panicked");
+            None
+        }
+    }
+}
+
+/// One turn (rule 3); a panic resets the activation (rule 6).
+async fn turn<G: Grain>(
+    grain: Option<G>,
+    envelope: Envelope<G>,
+    key: &GrainKey,
+    ctx: &mut GrainContext,
+) -> Option<G> {
+    let mut grain = grain?;
+    let outcome = AssertUnwindSafe(envelope(&mut grain, ctx))
+        .catch_unwind()
+        .await;
+    match outcome {
+        Ok(()) => Some(grain),
+        Err(_) => {
+            tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+            drop(grain);
+            activate::<G>(key, ctx).await
+        }
+    }
+}
+
+/// A reference to a grain: cheap to clone, valid whether or not the grain
+/// is active.
+pub struct GrainRef<G> {
+    silo: Silo,
+    key: GrainKey,
+    _grain: PhantomData<fn() -> G>,
+}
+
+impl<G> Clone for GrainRef<G> {
+    fn clone(&self) -> GrainRef<G> {
+        GrainRef {
+            silo: self.silo.clone(),
+            key: self.key.clone(),
+            _grain: PhantomData,
+        }
+    }
+}
+
+impl<G> fmt::Debug for GrainRef<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrainRef")
+            .field("type", &std::any::type_name::<G>())
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl<G: Grain> GrainRef<G> {
+    /// The grain's key.
+    pub fn key(&self) -> &GrainKey {
+        &self.key
+    }
+
+    /// Sends `message` and waits for the reply, at most the silo's call
+    /// timeout. Dropping the future cancels the wait (the message may
+    /// still run).
+    pub async fn call<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
+    where
+        G: Handler<M>,
+    {
+        let grain_type = self.silo.grain_type::<G>()?;
+        let timeout = self.silo.inner.config.call_timeout;
+        let deadline = Instant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        let envelope: Envelope<G> = Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = reply.send(grain.handle(message, ctx).await);
+            })
+        });
+        self.deliver(&grain_type, envelope, deadline).await?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(CallError::TurnFailed {
+                grain: self.id(&grain_type),
+            }),
+            Err(_) => Err(CallError::Timeout {
+                grain: self.id(&grain_type),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Sends `message` without waiting for its handling: returns once the
+    /// grain's mailbox has taken it (waiting at most the call timeout for
+    /// room).
+    pub async fn tell<M: Message>(&self, message: M) -> Result<(), CallError>
+    where
+        G: Handler<M>,
+    {
+        let grain_type = self.silo.grain_type::<G>()?;
+        let deadline = Instant::now() + self.silo.inner.config.call_timeout;
+        let envelope: Envelope<G> = Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = grain.handle(message, ctx).await;
+            })
+        });
+        self.deliver(&grain_type, envelope, deadline).await
+    }
+
+    fn id(&self, grain_type: &GrainType<G>) -> GrainId {
+        GrainId {
+            type_name: grain_type.name.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    /// Puts `envelope` in the grain's mailbox, activating it if needed; a
+    /// mailbox closed by deactivation hands the envelope back, and it goes
+    /// to the next activation (rule 5).
+    async fn deliver(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        mut envelope: Envelope<G>,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        loop {
+            let mailbox = self.silo.mailbox(grain_type, &self.key).await?;
+            match tokio::time::timeout_at(deadline, mailbox.send(envelope)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
+                Err(_) => {
+                    return Err(CallError::Timeout {
+                        grain: self.id(grain_type),
+                        after: self.silo.inner.config.call_timeout,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The runtime's guarantees (docs/runtime-semantics.md), one test each.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use granary_actors::{
+    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, MemoryStorage, Message,
+    PersistentState, Silo, SiloConfig, SiloError, StorageError, StorageProvider,
+};
+
+/// Counts activations per silo (a silo service).
+#[derive(Default)]
+struct Activations(AtomicU64);
+
+/// A counter whose value persists.
+struct Counter {
+    state: Option<PersistentState<u64>>,
+}
+
+impl Grain for Counter {
+    fn new(_: &GrainKey) -> Counter {
+        Counter { state: None }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        if let Some(count) = ctx.service::<Activations>() {
+            count.0.fetch_add(1, Ordering::SeqCst);
+        }
+        self.state = Some(ctx.load_state::<u64>().await?);
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, _: &mut GrainContext) {
+        if let Some(state) = &mut self.state {
+            let _ = state.write().await;
+        }
+    }
+}
+
+struct Add(u64);
+impl Message for Add {
+    type Reply = u64;
+}
+impl Handler<Add> for Counter {
+    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+        let state = self.state.as_mut().expect("activated");
+        *state.get_mut() += n;
+        *state.get()
+    }
+}
+
+struct Get;
+impl Message for Get {
+    type Reply = u64;
+}
+impl Handler<Get> for Counter {
+    async fn handle(&mut self, _: Get, _: &mut GrainContext) -> u64 {
+        *self.state.as_ref().expect("activated").get()
+    }
+}
+
+/// Sleeps for the given time, or panics when asked.
+struct Sleep(Duration);
+impl Message for Sleep {
+    type Reply = ();
+}
+impl Handler<Sleep> for Counter {
+    async fn handle(&mut self, Sleep(time): Sleep, _: &mut GrainContext) {
+        tokio::time::sleep(time).await;
+    }
+}
+
+struct Panic;
+impl Message for Panic {
+    type Reply = ();
+}
+impl Handler<Panic> for Counter {
+    async fn handle(&mut self, _: Panic, _: &mut GrainContext) {
+        panic!("a handler bug");
+    }
+}
+
+/// Records `(sender, sequence)` pairs in arrival order.
+struct Log(Vec<(u32, u32)>);
+impl Grain for Log {
+    fn new(_: &GrainKey) -> Log {
+        Log(Vec::new())
+    }
+}
+struct Record(u32, u32);
+impl Message for Record {
+    type Reply = ();
+}
+impl Handler<Record> for Log {
+    async fn handle(&mut self, Record(sender, sequence): Record, _: &mut GrainContext) {
+        self.0.push((sender, sequence));
+    }
+}
+struct Entries;
+impl Message for Entries {
+    type Reply = Vec<(u32, u32)>;
+}
+impl Handler<Entries> for Log {
+    async fn handle(&mut self, _: Entries, _: &mut GrainContext) -> Vec<(u32, u32)> {
+        self.0.clone()
+    }
+}
+
+/// Never registered.
+struct Stranger;
+impl Grain for Stranger {
+    fn new(_: &GrainKey) -> Stranger {
+        Stranger
+    }
+}
+impl Handler<Get> for Stranger {
+    async fn handle(&mut self, _: Get, _: &mut GrainContext) -> u64 {
+        0
+    }
+}
+
+fn silo(config: SiloConfig, storage: Arc<dyn StorageProvider>) -> (Silo, Arc<Activations>) {
+    let activations = Arc::new(Activations::default());
+    let silo = Silo::builder()
+        .register::<Counter>("counter")
+        .register::<Log>("log")
+        .service(activations.clone())
+        .storage(storage)
+        .config(config)
+        .build()
+        .unwrap();
+    (silo, activations)
+}
+
+fn activations(silo: &Silo) -> u64 {
+    silo.activations_started()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_thousand_concurrent_first_calls_make_exactly_one_activation() {
+    let (silo, counted) = silo(SiloConfig::default(), Arc::new(MemoryStorage::new()));
+    let calls: Vec<_> = (0..1000)
+        .map(|_| {
+            let counter = silo.grain::<Counter>("hot");
+            tokio::spawn(async move { counter.call(Add(1)).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for call in calls {
+        replies.push(call.await.unwrap().unwrap());
+    }
+    replies.sort_unstable();
+    assert_eq!(
+        replies,
+        (1..=1000).collect::<Vec<u64>>(),
+        "every turn ran once, in turn"
+    );
+    assert_eq!(activations(&silo), 1);
+    // `on_activate` ran exactly once, per the silo service the grain bumps.
+    let service = counted.0.load(Ordering::SeqCst);
+    assert_eq!(service, 1);
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_one_sender_run_in_the_order_sent() {
+    let (silo, _) = silo(SiloConfig::default(), Arc::new(MemoryStorage::new()));
+    let senders: Vec<_> = (0..4u32)
+        .map(|sender| {
+            let log = silo.grain::<Log>(7u64);
+            tokio::spawn(async move {
+                for sequence in 0..500 {
+                    log.tell(Record(sender, sequence)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let entries = silo.grain::<Log>(7u64).call(Entries).await.unwrap();
+    assert_eq!(entries.len(), 2000);
+    for sender in 0..4 {
+        let sequence: Vec<u32> = entries
+            .iter()
+            .filter(|(from, _)| *from == sender)
+            .map(|(_, sequence)| *sequence)
+            .collect();
+        assert_eq!(sequence, (0..500).collect::<Vec<_>>(), "sender {sender}");
+    }
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_grain_is_deactivated_and_reactivated_with_its_state() {
+    let config = SiloConfig {
+        idle_timeout: Duration::from_millis(100),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    let counter = silo.grain::<Counter>((9u64, "tenant"));
+    assert_eq!(counter.call(Add(5)).await.unwrap(), 5);
+    assert_eq!(silo.live_activations(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(silo.live_activations(), 0, "deactivated when idle");
+    assert_eq!(counter.call(Get).await.unwrap(), 5, "state restored");
+    assert_eq!(activations(&silo), 2);
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_racing_a_deactivation_are_never_lost() {
+    // Deactivations every few milliseconds while calls keep coming.
+    let config = SiloConfig {
+        idle_timeout: Duration::from_millis(2),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    let counter = silo.grain::<Counter>("flapping");
+    for expected in 1..=200u64 {
+        assert_eq!(counter.call(Add(1)).await.unwrap(), expected);
+        if expected % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    assert!(
+        activations(&silo) > 1,
+        "the grain was deactivated in between"
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_time_out_and_the_silo_keeps_serving() {
+    let config = SiloConfig {
+        call_timeout: Duration::from_millis(100),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    let counter = silo.grain::<Counter>("slow");
+    match counter.call(Sleep(Duration::from_millis(500))).await {
+        Err(CallError::Timeout { grain, after }) => {
+            assert_eq!(grain.type_name, "counter");
+            assert_eq!(after, Duration::from_millis(100));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // The slow turn finishes, then the grain answers again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counter.call(Add(1)).await.unwrap(), 1);
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_call_and_resets_the_activation() {
+    let storage = Arc::new(MemoryStorage::new());
+    let (silo, counted) = silo(SiloConfig::default(), storage);
+    let counter = silo.grain::<Counter>("fragile");
+    assert_eq!(counter.call(Add(3)).await.unwrap(), 3);
+    assert!(matches!(
+        counter.call(Panic).await,
+        Err(CallError::TurnFailed { .. })
+    ));
+    // A fresh object, activated again: the unsaved in-memory value is gone.
+    assert_eq!(counter.call(Get).await.unwrap(), 0);
+    assert_eq!(counted.0.load(Ordering::SeqCst), 2);
+    // Other grains were never affected.
+    assert_eq!(
+        silo.grain::<Counter>("sturdy").call(Add(1)).await.unwrap(),
+        1
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_makes_senders_wait_bounded_by_the_call_timeout() {
+    let config = SiloConfig {
+        mailbox_capacity: 1,
+        call_timeout: Duration::from_millis(150),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    let counter = silo.grain::<Counter>("busy");
+    // One turn running, one message queued: the mailbox is full.
+    counter
+        .tell(Sleep(Duration::from_millis(600)))
+        .await
+        .unwrap();
+    counter
+        .tell(Sleep(Duration::from_millis(10)))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        counter.tell(Add(1)).await,
+        Err(CallError::Timeout { .. })
+    ));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "bounded wait"
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deactivates_gracefully_and_writes_state() {
+    let storage = Arc::new(MemoryStorage::new());
+    let (silo, _) = silo(SiloConfig::default(), storage.clone());
+    for key in 0..10u64 {
+        silo.grain::<Counter>(key).call(Add(key + 1)).await.unwrap();
+    }
+    silo.shutdown().await;
+    assert_eq!(silo.live_activations(), 0);
+    assert!(matches!(
+        silo.grain::<Counter>(1u64).call(Get).await,
+        Err(CallError::ShutDown)
+    ));
+    // A new silo on the same storage finds every grain's state.
+    let (second, _) = self::silo(SiloConfig::default(), storage);
+    for key in 0..10u64 {
+        assert_eq!(
+            second.grain::<Counter>(key).call(Get).await.unwrap(),
+            key + 1
+        );
+    }
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn unregistered_grains_and_duplicate_names_are_clear_errors() {
+    let (silo, _) = silo(SiloConfig::default(), Arc::new(MemoryStorage::new()));
+    match silo.grain::<Stranger>("x").call(Get).await {
+        Err(CallError::NotRegistered { type_name }) => assert!(type_name.ends_with("Stranger")),
+        other => panic!("expected NotRegistered, got {other:?}"),
+    }
+    assert_eq!(
+        Silo::builder()
+            .register::<Counter>("same")
+            .register::<Log>("same")
+            .build()
+            .unwrap_err(),
+        SiloError::DuplicateName("same".into())
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stale_write_is_rejected_never_lost() {
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let id = granary_actors::GrainId {
+        type_name: "counter".into(),
+        key: GrainKey::from("contended"),
+    };
+    let mut first = PersistentState::<u64>::load(storage.clone(), id.clone())
+        .await
+        .unwrap();
+    let mut second = PersistentState::<u64>::load(storage.clone(), id.clone())
+        .await
+        .unwrap();
+    *first.get_mut() = 1;
+    first.write().await.unwrap();
+    *second.get_mut() = 2;
+    match second.write().await {
+        Err(StorageError::Conflict {
+            expected, actual, ..
+        }) => {
+            assert_eq!(expected, None);
+            assert_eq!(actual, first.etag());
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // The winner's value is what is stored; the loser can reload and retry.
+    let mut reloaded = PersistentState::<u64>::load(storage, id).await.unwrap();
+    assert_eq!(*reloaded.get(), 1);
+    *reloaded.get_mut() += 2;
+    reloaded.write().await.unwrap();
+    assert!(matches!(
+        first.write().await,
+        Err(StorageError::Conflict { .. })
+    ));
+}

@@ -3,14 +3,14 @@
 
 use std::any::{Any, TypeId};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::ActivationError;
 use crate::key::{GrainId, GrainKey};
-use crate::silo::Silo;
+use crate::silo::{Mailbox, Silo};
 use crate::storage::{PersistentState, StorageError};
 
 /// A virtual actor: it always exists, and the silo activates it on its
@@ -58,6 +58,13 @@ pub trait Handler<M: Message>: Grain {
 pub struct GrainContext {
     id: GrainId,
     silo: Silo,
+    /// The call chain of the turn running now.
+    chain: u64,
+    /// The activation's `Mailbox<G>`, type-erased; taken out while the
+    /// activation or a reentrant wait receives from it. The mutex makes it
+    /// `Sync`, as a context shared across an `.await` must be; it is only
+    /// ever reached through `&mut`, so it is never locked.
+    mailbox: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -70,7 +77,36 @@ impl std::fmt::Debug for GrainContext {
 
 impl GrainContext {
     pub(crate) fn new(id: GrainId, silo: Silo) -> GrainContext {
-        GrainContext { id, silo }
+        GrainContext {
+            id,
+            silo,
+            chain: 0,
+            mailbox: None,
+        }
+    }
+
+    pub(crate) fn chain(&self) -> u64 {
+        self.chain
+    }
+
+    pub(crate) fn set_chain(&mut self, chain: u64) {
+        self.chain = chain;
+    }
+
+    /// Takes the activation's mailbox out, if it is a `Mailbox<G>` and in
+    /// place; a mailbox of another type stays where it is.
+    pub(crate) fn take_mailbox<G: Grain>(&mut self) -> Option<Box<Mutex<Mailbox<G>>>> {
+        match self.mailbox.take()?.downcast::<Mutex<Mailbox<G>>>() {
+            Ok(mailbox) => Some(mailbox),
+            Err(other) => {
+                self.mailbox = Some(other);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn put_mailbox<G: Grain>(&mut self, mailbox: Box<Mutex<Mailbox<G>>>) {
+        self.mailbox = Some(mailbox);
     }
 
     /// This grain's identity.

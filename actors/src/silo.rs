@@ -27,6 +27,15 @@
 //!    the activation is reset (a new object, `on_activate` again) and goes
 //!    on with the next message. An activation whose `on_activate` fails
 //!    fails the messages waiting for it and ends.
+//! 7. **Call chains and reentrancy.** Every message carries a call chain:
+//!    a call made while a turn runs joins that turn's chain (a task-local),
+//!    any other call starts a new one. A turn that calls another grain
+//!    through `GrainContext::call` lends its grain while it waits: a
+//!    message of its own chain that reaches the grain then runs at once, on
+//!    the lent grain (A → B → A completes); messages of other chains are
+//!    set aside and run after the turn, in arrival order. A panic in a
+//!    reentrant turn unwinds the turn that lent the grain, and rule 6
+//!    resets the activation.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -49,9 +58,55 @@ use crate::grain::{Grain, GrainContext, Handler, Message, Service, service_key};
 use crate::key::{GrainId, GrainKey};
 use crate::storage::{MemoryStorage, StorageProvider};
 
-/// A message packed for an activation: runs the handler and answers.
-type Envelope<G> =
-    Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
+/// Runs a handler on a grain and answers its caller.
+type Turn<G> = Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
+
+/// A message packed for an activation, with the call chain it belongs to
+/// (rule 7).
+pub(crate) struct Envelope<G> {
+    chain: u64,
+    turn: Turn<G>,
+}
+
+tokio::task_local! {
+    /// The call chain of the turn running on this task, if any.
+    static CHAIN: u64;
+}
+
+/// The chain a new call joins: the current turn's, or a fresh one.
+fn current_chain() -> u64 {
+    static NEXT_CHAIN: AtomicU64 = AtomicU64::new(1);
+    CHAIN
+        .try_with(|chain| *chain)
+        .unwrap_or_else(|_| NEXT_CHAIN.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An activation's mailbox, kept in its `GrainContext` so that a turn
+/// waiting in `GrainContext::call` can take reentrant messages from it.
+pub(crate) struct Mailbox<G> {
+    receiver: mpsc::Receiver<Envelope<G>>,
+    /// Messages of other chains that arrived during a reentrant wait, in
+    /// arrival order; they run before anything newer.
+    deferred: std::collections::VecDeque<Envelope<G>>,
+}
+
+/// The mailbox behind a `&mut`: its mutex is never contended (see
+/// `GrainContext::mailbox`), and a poisoned one is still consistent.
+fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox<G> {
+    mailbox
+        .get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<G: Grain> Mailbox<G> {
+    /// The next message for a new turn.
+    async fn next(&mut self) -> Option<Envelope<G>> {
+        match self.deferred.pop_front() {
+            Some(envelope) => Some(envelope),
+            None => self.receiver.recv().await,
+        }
+    }
+}
 
 /// A directory entry (rule 1).
 enum Entry<G> {
@@ -321,18 +376,22 @@ impl Silo {
     }
 }
 
-/// A grain's activation: rules 3, 5 and 6.
+/// A grain's activation: rules 3, 5, 6 and 7.
 async fn run_activation<G: Grain>(
     silo: Silo,
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
-    mut mailbox: mpsc::Receiver<Envelope<G>>,
+    receiver: mpsc::Receiver<Envelope<G>>,
 ) {
     let id = GrainId {
         type_name: grain_type.name.clone(),
         key: key.clone(),
     };
     let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
+        receiver,
+        deferred: std::collections::VecDeque::new(),
+    })));
     let mut shutdown = silo.inner.shutdown.subscribe();
     let idle = silo.inner.config.idle_timeout;
     let mut grain = activate::<G>(&key, &mut ctx).await;
@@ -341,19 +400,25 @@ async fn run_activation<G: Grain>(
             if *shutdown.borrow() {
                 break;
             }
-            let next = tokio::select! {
-                next = tokio::time::timeout(idle, mailbox.recv()) => next,
-                _ = shutdown.changed() => break,
+            let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+                break;
             };
+            // `None`: idle or shutting down.
+            let next = tokio::select! {
+                next = tokio::time::timeout(idle, exclusive(&mut mailbox).next()) => next.ok(),
+                _ = shutdown.changed() => None,
+            };
+            ctx.put_mailbox(mailbox);
             match next {
-                Ok(Some(envelope)) => {
+                Some(Some(envelope)) => {
                     grain = turn(grain, envelope, &key, &mut ctx).await;
                     if grain.is_none() {
                         break;
                     }
                 }
-                // Idle, or (never: the directory holds a sender) closed.
-                Ok(None) | Err(_) => break,
+                // Idle, shutting down, or (never: the directory holds a
+                // sender) closed.
+                Some(None) | None => break,
             }
         }
     }
@@ -362,8 +427,15 @@ async fn run_activation<G: Grain>(
     grain_type
         .directory
         .insert(key.clone(), Entry::Deactivating(gone_signal));
-    mailbox.close();
-    while let Some(envelope) = mailbox.recv().await {
+    loop {
+        let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+            break;
+        };
+        let open = exclusive(&mut mailbox);
+        open.receiver.close();
+        let next = open.next().await;
+        ctx.put_mailbox(mailbox);
+        let Some(envelope) = next else { break };
         match grain {
             Some(_) => grain = turn(grain, envelope, &key, &mut ctx).await,
             // Failed activation: dropping the envelope fails its call.
@@ -405,8 +477,13 @@ async fn turn<G: Grain>(
     ctx: &mut GrainContext,
 ) -> Option<G> {
     let mut grain = grain?;
-    let outcome = AssertUnwindSafe(envelope(&mut grain, ctx))
-        .catch_unwind()
+    let chain = envelope.chain;
+    ctx.set_chain(chain);
+    let outcome = CHAIN
+        .scope(
+            chain,
+            AssertUnwindSafe((envelope.turn)(&mut grain, ctx)).catch_unwind(),
+        )
         .await;
     match outcome {
         Ok(()) => Some(grain),
@@ -462,11 +539,14 @@ impl<G: Grain> GrainRef<G> {
         let timeout = self.silo.inner.config.call_timeout;
         let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
-        let envelope: Envelope<G> = Box::new(move |grain, ctx| {
-            Box::pin(async move {
-                let _ = reply.send(grain.handle(message, ctx).await);
-            })
-        });
+        let envelope = Envelope::<G> {
+            chain: current_chain(),
+            turn: Box::new(move |grain, ctx| {
+                Box::pin(async move {
+                    let _ = reply.send(grain.handle(message, ctx).await);
+                })
+            }),
+        };
         self.deliver(&grain_type, envelope, deadline).await?;
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(reply)) => Ok(reply),
@@ -489,11 +569,14 @@ impl<G: Grain> GrainRef<G> {
     {
         let grain_type = self.silo.grain_type::<G>()?;
         let deadline = Instant::now() + self.silo.inner.config.call_timeout;
-        let envelope: Envelope<G> = Box::new(move |grain, ctx| {
-            Box::pin(async move {
-                let _ = grain.handle(message, ctx).await;
-            })
-        });
+        let envelope = Envelope::<G> {
+            chain: current_chain(),
+            turn: Box::new(move |grain, ctx| {
+                Box::pin(async move {
+                    let _ = grain.handle(message, ctx).await;
+                })
+            }),
+        };
         self.deliver(&grain_type, envelope, deadline).await
     }
 
@@ -524,6 +607,100 @@ impl<G: Grain> GrainRef<G> {
                         after: self.silo.inner.config.call_timeout,
                     });
                 }
+            }
+        }
+    }
+}
+
+impl GrainContext {
+    /// Calls `target` from a turn of `this` grain and waits for the reply,
+    /// lending `this` meanwhile: a message of the same call chain that
+    /// reaches `this` grain while it waits (a call back from `target`, or
+    /// from further down the chain) runs on it at once, so A → B → A
+    /// completes instead of deadlocking (rule 7). Messages of other chains
+    /// wait until the current turn ends, in arrival order.
+    ///
+    /// A plain `GrainRef::call` from a handler joins the chain too, but
+    /// does not lend the grain: a call back into it then waits for the
+    /// current turn, and times out.
+    pub async fn call<G, T, M>(
+        &mut self,
+        this: &mut G,
+        target: &GrainRef<T>,
+        message: M,
+    ) -> Result<M::Reply, CallError>
+    where
+        G: Grain,
+        T: Handler<M>,
+        M: Message,
+    {
+        let chain = self.chain();
+        let grain_type = target.silo.grain_type::<T>()?;
+        let timeout = target.silo.inner.config.call_timeout;
+        let deadline = Instant::now() + timeout;
+        let (reply, mut answer) = oneshot::channel();
+        let envelope = Envelope::<T> {
+            chain,
+            turn: Box::new(move |grain, ctx| {
+                Box::pin(async move {
+                    let _ = reply.send(grain.handle(message, ctx).await);
+                })
+            }),
+        };
+        target.deliver(&grain_type, envelope, deadline).await?;
+        enum Event<G, R> {
+            Answer(Result<R, oneshot::error::RecvError>),
+            Message(Option<Envelope<G>>),
+            Timeout,
+        }
+        loop {
+            // Outside an activation of `G` there is nothing to lend.
+            let mut mailbox = self.take_mailbox::<G>();
+            let receiving = mailbox.as_mut().map(exclusive).is_some_and(|mailbox| {
+                !mailbox.receiver.is_closed() || !mailbox.receiver.is_empty()
+            });
+            let event = tokio::select! {
+                answer = &mut answer => Event::Answer(answer),
+                next = async {
+                    match mailbox.as_mut() {
+                        Some(mailbox) => exclusive(mailbox).receiver.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if receiving => Event::Message(next),
+                _ = tokio::time::sleep_until(deadline) => Event::Timeout,
+            };
+            // A message of another chain waits for the current turn.
+            let event = match event {
+                Event::Message(Some(envelope)) if envelope.chain != chain => {
+                    if let Some(mailbox) = mailbox.as_mut() {
+                        exclusive(mailbox).deferred.push_back(envelope);
+                    }
+                    Event::Message(None)
+                }
+                other => other,
+            };
+            if let Some(mailbox) = mailbox {
+                self.put_mailbox(mailbox);
+            }
+            match event {
+                Event::Answer(Ok(reply)) => return Ok(reply),
+                Event::Answer(Err(_)) => {
+                    return Err(CallError::TurnFailed {
+                        grain: target.id(&grain_type),
+                    });
+                }
+                Event::Timeout => {
+                    return Err(CallError::Timeout {
+                        grain: target.id(&grain_type),
+                        after: timeout,
+                    });
+                }
+                // A reentrant turn on the lent grain.
+                Event::Message(Some(envelope)) => {
+                    (envelope.turn)(this, self).await;
+                    self.set_chain(chain);
+                }
+                Event::Message(None) => {}
             }
         }
     }

@@ -56,4 +56,6 @@ pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message};
 pub use key::{GrainId, GrainKey};
 pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig};
-pub use storage::{ETag, MemoryStorage, PersistentState, StorageError, StorageProvider};
+pub use storage::{
+    ETag, MemoryStorage, PersistentState, RedbStorage, StorageError, StorageProvider,
+};

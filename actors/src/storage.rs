@@ -17,6 +17,10 @@ use serde::de::DeserializeOwned;
 
 use crate::key::GrainId;
 
+mod redb;
+
+pub use self::redb::RedbStorage;
+
 /// A state version: changes on every write.
 pub type ETag = u64;
 
@@ -67,8 +71,8 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
-/// Where grain state lives. Implementations: [`MemoryStorage`]; the
-/// embedded on-disk and PostgreSQL providers follow.
+/// Where grain state lives. Implementations: [`MemoryStorage`] and
+/// [`RedbStorage`] (embedded, on disk); the PostgreSQL provider follows.
 pub trait StorageProvider: Send + Sync + 'static {
     /// The grain's state and version, if any is stored.
     fn read<'a>(

@@ -380,3 +380,32 @@ async fn a_stale_write_is_rejected_never_lost() {
         Err(StorageError::Conflict { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_in_redb_survives_a_silo_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silo.redb");
+    {
+        let storage = Arc::new(granary_actors::RedbStorage::open(&path).unwrap());
+        let (silo, _) = silo(SiloConfig::default(), storage);
+        silo.grain::<Counter>("durable")
+            .call(Add(41))
+            .await
+            .unwrap();
+        silo.grain::<Counter>("durable").call(Add(1)).await.unwrap();
+        // Graceful shutdown writes the state; then the silo and its
+        // database handle go away.
+        silo.shutdown().await;
+    }
+    let storage = Arc::new(granary_actors::RedbStorage::open(&path).unwrap());
+    let (restarted, _) = silo(SiloConfig::default(), storage);
+    assert_eq!(
+        restarted
+            .grain::<Counter>("durable")
+            .call(Get)
+            .await
+            .unwrap(),
+        42
+    );
+    restarted.shutdown().await;
+}

@@ -65,6 +65,8 @@ pub struct GrainContext {
     /// `Sync`, as a context shared across an `.await` must be; it is only
     /// ever reached through `&mut`, so it is never locked.
     mailbox: Option<Box<dyn Any + Send + Sync>>,
+    /// Cancels this activation's timers (rule 8 of `silo.rs`).
+    timers: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -82,7 +84,18 @@ impl GrainContext {
             silo,
             chain: 0,
             mailbox: None,
+            timers: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    pub(crate) fn timers(&self) -> &tokio_util::sync::CancellationToken {
+        &self.timers
+    }
+
+    /// Stops every timer of the activation; later ones start afresh.
+    pub(crate) fn cancel_timers(&mut self) {
+        self.timers.cancel();
+        self.timers = tokio_util::sync::CancellationToken::new();
     }
 
     pub(crate) fn chain(&self) -> u64 {

@@ -37,11 +37,11 @@
 //! ```
 //!
 //! Built so far (issue 4, first part): grains, messages and handlers, keys,
-//! activation on demand, turns, bounded mailboxes, call timeouts, idle
-//! deactivation, panic reset, graceful shutdown, silo services, and
-//! persistence with ETag concurrency (in memory). Still to come:
-//! reentrancy, interleaving, stateless workers, timers, reminders,
-//! observers, the redb and PostgreSQL providers, and GPU grains.
+//! activation on demand, turns, call-chain reentrancy, bounded mailboxes,
+//! call timeouts, idle deactivation, panic reset, graceful shutdown,
+//! timers, silo services, and persistence with ETag concurrency (in memory
+//! and in redb). Still to come: read-only interleaving, stateless workers,
+//! reminders, observers, the PostgreSQL provider, and GPU grains.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -55,7 +55,7 @@ pub mod storage;
 pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message};
 pub use key::{GrainId, GrainKey};
-pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig};
+pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig, Timer};
 pub use storage::{
     ETag, MemoryStorage, PersistentState, RedbStorage, StorageError, StorageProvider,
 };

@@ -36,6 +36,10 @@
 //!    set aside and run after the turn, in arrival order. A panic in a
 //!    reentrant turn unwinds the turn that lent the grain, and rule 6
 //!    resets the activation.
+//! 8. **Timers** belong to an activation: a tick is a message the
+//!    activation sends itself, run as a turn like any other. Ticks do not
+//!    count as activity for idle collection, and a timer ends when its
+//!    activation deactivates or resets (its mailbox refuses the tick).
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -65,6 +69,9 @@ type Turn<G> = Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFut
 /// (rule 7).
 pub(crate) struct Envelope<G> {
     chain: u64,
+    /// Whether the message counts as activity for idle collection (a timer
+    /// tick does not).
+    keeps_alive: bool,
     turn: Turn<G>,
 }
 
@@ -85,6 +92,8 @@ fn current_chain() -> u64 {
 /// waiting in `GrainContext::call` can take reentrant messages from it.
 pub(crate) struct Mailbox<G> {
     receiver: mpsc::Receiver<Envelope<G>>,
+    /// For the activation's own timers; closing `receiver` refuses them.
+    sender: mpsc::Sender<Envelope<G>>,
     /// Messages of other chains that arrived during a reentrant wait, in
     /// arrival order; they run before anything newer.
     deferred: std::collections::VecDeque<Envelope<G>>,
@@ -345,7 +354,7 @@ impl Silo {
                 dashmap::Entry::Vacant(vacant) => {
                     let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
                     vacant.insert(Entry::Active(sender.clone()));
-                    self.spawn_activation(grain_type.clone(), key.clone(), mailbox);
+                    self.spawn_activation(grain_type.clone(), key.clone(), mailbox, sender.clone());
                     return Ok(sender);
                 }
             };
@@ -365,12 +374,13 @@ impl Silo {
         grain_type: Arc<GrainType<G>>,
         key: GrainKey,
         mailbox: mpsc::Receiver<Envelope<G>>,
+        sender: mpsc::Sender<Envelope<G>>,
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         self.inner.live.fetch_add(1, Ordering::Relaxed);
         let silo = self.clone();
         self.inner.tasks.spawn(async move {
-            run_activation(silo.clone(), grain_type, key, mailbox).await;
+            run_activation(silo.clone(), grain_type, key, mailbox, sender).await;
             silo.inner.live.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -382,6 +392,7 @@ async fn run_activation<G: Grain>(
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
     receiver: mpsc::Receiver<Envelope<G>>,
+    sender: mpsc::Sender<Envelope<G>>,
 ) {
     let id = GrainId {
         type_name: grain_type.name.clone(),
@@ -390,11 +401,14 @@ async fn run_activation<G: Grain>(
     let mut ctx = GrainContext::new(id.clone(), silo.clone());
     ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
         receiver,
+        sender,
         deferred: std::collections::VecDeque::new(),
     })));
     let mut shutdown = silo.inner.shutdown.subscribe();
     let idle = silo.inner.config.idle_timeout;
     let mut grain = activate::<G>(&key, &mut ctx).await;
+    // Idle collection counts messages that keep the grain alive (rule 8).
+    let mut last_activity = Instant::now();
     if grain.is_some() {
         loop {
             if *shutdown.borrow() {
@@ -405,15 +419,22 @@ async fn run_activation<G: Grain>(
             };
             // `None`: idle or shutting down.
             let next = tokio::select! {
-                next = tokio::time::timeout(idle, exclusive(&mut mailbox).next()) => next.ok(),
+                next = tokio::time::timeout_at(
+                    last_activity + idle,
+                    exclusive(&mut mailbox).next(),
+                ) => next.ok(),
                 _ = shutdown.changed() => None,
             };
             ctx.put_mailbox(mailbox);
             match next {
                 Some(Some(envelope)) => {
+                    let keeps_alive = envelope.keeps_alive;
                     grain = turn(grain, envelope, &key, &mut ctx).await;
                     if grain.is_none() {
                         break;
+                    }
+                    if keeps_alive {
+                        last_activity = Instant::now();
                     }
                 }
                 // Idle, shutting down, or (never: the directory holds a
@@ -422,7 +443,9 @@ async fn run_activation<G: Grain>(
             }
         }
     }
-    // Rule 5: no new messages; run the ones already queued.
+    // Rule 5: no new messages; run the ones already queued. Timers end
+    // with the activation.
+    ctx.cancel_timers();
     let (gone, gone_signal) = watch::channel(false);
     grain_type
         .directory
@@ -490,6 +513,9 @@ async fn turn<G: Grain>(
         Err(_) => {
             tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
             drop(grain);
+            // The old object's timers go with it; the new one registers its
+            // own in `on_activate`.
+            ctx.cancel_timers();
             activate::<G>(key, ctx).await
         }
     }
@@ -541,6 +567,7 @@ impl<G: Grain> GrainRef<G> {
         let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
+            keeps_alive: true,
             turn: Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = reply.send(grain.handle(message, ctx).await);
@@ -571,6 +598,7 @@ impl<G: Grain> GrainRef<G> {
         let deadline = Instant::now() + self.silo.inner.config.call_timeout;
         let envelope = Envelope::<G> {
             chain: current_chain(),
+            keeps_alive: true,
             turn: Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = grain.handle(message, ctx).await;
@@ -641,6 +669,7 @@ impl GrainContext {
         let (reply, mut answer) = oneshot::channel();
         let envelope = Envelope::<T> {
             chain,
+            keeps_alive: true,
             turn: Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = reply.send(grain.handle(message, ctx).await);
@@ -703,5 +732,77 @@ impl GrainContext {
                 Event::Message(None) => {}
             }
         }
+    }
+}
+
+/// A timer registered with [`GrainContext::register_timer`]; it stops when
+/// cancelled or when its activation ends.
+#[derive(Debug, Clone)]
+pub struct Timer {
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Timer {
+    /// Stops the timer; a tick already in the mailbox still runs.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl GrainContext {
+    /// Registers a timer on this activation (rule 8): after `due`, and then
+    /// every `period` if one is given, the grain receives `tick()` as a
+    /// message of its own, handled in a turn like any other. The grain type
+    /// `G` is the caller's own (`Self` in a handler).
+    pub fn register_timer<G, M>(
+        &mut self,
+        due: Duration,
+        period: Option<Duration>,
+        tick: impl Fn() -> M + Send + 'static,
+    ) -> Result<Timer, CallError>
+    where
+        G: Handler<M>,
+        M: Message,
+    {
+        let Some(mut mailbox) = self.take_mailbox::<G>() else {
+            return Err(CallError::NotRegistered {
+                type_name: std::any::type_name::<G>(),
+            });
+        };
+        let sender = exclusive(&mut mailbox).sender.clone();
+        self.put_mailbox(mailbox);
+        let cancel = self.timers().child_token();
+        let timer = Timer {
+            cancel: cancel.clone(),
+        };
+        tokio::spawn(async move {
+            let mut wait = due;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let message = tick();
+                let envelope = Envelope::<G> {
+                    chain: current_chain(),
+                    keeps_alive: false,
+                    turn: Box::new(move |grain, ctx| {
+                        Box::pin(async move {
+                            let _ = grain.handle(message, ctx).await;
+                        })
+                    }),
+                };
+                // A closed mailbox: the activation is ending.
+                let sent = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    sent = sender.send(envelope) => sent,
+                };
+                match (sent, period) {
+                    (Ok(()), Some(period)) => wait = period,
+                    _ => return,
+                }
+            }
+        });
+        Ok(timer)
     }
 }

@@ -157,7 +157,8 @@ struct SiloInner {
     storage: Arc<dyn StorageProvider>,
     config: SiloConfig,
     tasks: TaskTracker,
-    shutdown: watch::Sender<bool>,
+    /// Cancelled when the silo shuts down.
+    shutdown: tokio_util::sync::CancellationToken,
     shutting_down: AtomicBool,
     activations: AtomicU64,
     live: AtomicU64,
@@ -261,7 +262,7 @@ impl SiloBuilder {
         if self.config.mailbox_capacity == 0 {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
         }
-        let (shutdown, _) = watch::channel(false);
+        let shutdown = tokio_util::sync::CancellationToken::new();
         Ok(Silo {
             inner: Arc::new(SiloInner {
                 types: self.types,
@@ -290,6 +291,7 @@ impl Silo {
         GrainRef {
             silo: self.clone(),
             key: key.into(),
+            registered: self.grain_type::<G>().ok(),
             _grain: PhantomData,
         }
     }
@@ -320,7 +322,7 @@ impl Silo {
     /// returns. Later calls fail with `ShutDown`.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
-        let _ = self.inner.shutdown.send(true);
+        self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
@@ -345,6 +347,12 @@ impl Silo {
         loop {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return Err(CallError::ShutDown);
+            }
+            // The common case, an active grain: a shared lock, no key copy.
+            if let Some(entry) = grain_type.directory.get(key) {
+                if let Entry::Active(sender) = entry.value() {
+                    return Ok(sender.clone());
+                }
             }
             let mut gone = match grain_type.directory.entry(key.clone()) {
                 dashmap::Entry::Occupied(entry) => match entry.get() {
@@ -404,26 +412,51 @@ async fn run_activation<G: Grain>(
         sender,
         deferred: std::collections::VecDeque::new(),
     })));
-    let mut shutdown = silo.inner.shutdown.subscribe();
+    // One future for the whole activation, not one per turn.
+    let shutdown = silo.inner.shutdown.clone();
+    let shutting_down = shutdown.cancelled();
+    tokio::pin!(shutting_down);
     let idle = silo.inner.config.idle_timeout;
     let mut grain = activate::<G>(&key, &mut ctx).await;
     // Idle collection counts messages that keep the grain alive (rule 8).
-    let mut last_activity = Instant::now();
+    // One timer checks for idleness a few times per idle period, rather
+    // than a timeout armed for every message.
+    // Turns that kept the grain alive, and how long none has: both only
+    // looked at when the idle check ticks, so a turn reads no clock.
+    let mut activity: u64 = 0;
+    let mut seen_activity: u64 = 0;
+    let mut idle_for = Duration::ZERO;
+    let mut idle_check = tokio::time::interval_at(
+        Instant::now() + idle / 4,
+        (idle / 4).max(Duration::from_micros(100)),
+    );
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if grain.is_some() {
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_cancelled() {
                 break;
             }
             let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
                 break;
             };
             // `None`: idle or shutting down.
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(
-                    last_activity + idle,
-                    exclusive(&mut mailbox).next(),
-                ) => next.ok(),
-                _ = shutdown.changed() => None,
+            let next = loop {
+                tokio::select! {
+                    biased;
+                    next = exclusive(&mut mailbox).next() => break Some(next),
+                    _ = &mut shutting_down => break None,
+                    _ = idle_check.tick() => {
+                        if activity == seen_activity {
+                            idle_for += idle_check.period();
+                            if idle_for >= idle {
+                                break None;
+                            }
+                        } else {
+                            seen_activity = activity;
+                            idle_for = Duration::ZERO;
+                        }
+                    }
+                }
             };
             ctx.put_mailbox(mailbox);
             match next {
@@ -434,7 +467,7 @@ async fn run_activation<G: Grain>(
                         break;
                     }
                     if keeps_alive {
-                        last_activity = Instant::now();
+                        activity += 1;
                     }
                 }
                 // Idle, shutting down, or (never: the directory holds a
@@ -526,6 +559,9 @@ async fn turn<G: Grain>(
 pub struct GrainRef<G> {
     silo: Silo,
     key: GrainKey,
+    /// The grain type's directory, looked up once; `None` if `G` is not
+    /// registered.
+    registered: Option<Arc<GrainType<G>>>,
     _grain: PhantomData<fn() -> G>,
 }
 
@@ -534,6 +570,7 @@ impl<G> Clone for GrainRef<G> {
         GrainRef {
             silo: self.silo.clone(),
             key: self.key.clone(),
+            registered: self.registered.clone(),
             _grain: PhantomData,
         }
     }
@@ -561,10 +598,10 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
-        let grain_type = self.silo.grain_type::<G>()?;
+        let grain_type = self.registered()?;
         let timeout = self.silo.inner.config.call_timeout;
         let deadline = Instant::now() + timeout;
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
@@ -575,6 +612,18 @@ impl<G: Grain> GrainRef<G> {
             }),
         };
         self.deliver(&grain_type, envelope, deadline).await?;
+        // Fast path: give the activation a chance to run first, and take the
+        // answer without arming a timer if it is already there.
+        tokio::task::yield_now().await;
+        let answer = match answer.try_recv() {
+            Ok(reply) => return Ok(reply),
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Err(CallError::TurnFailed {
+                    grain: self.id(&grain_type),
+                });
+            }
+            Err(oneshot::error::TryRecvError::Empty) => answer,
+        };
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(CallError::TurnFailed {
@@ -594,7 +643,7 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
-        let grain_type = self.silo.grain_type::<G>()?;
+        let grain_type = self.registered()?;
         let deadline = Instant::now() + self.silo.inner.config.call_timeout;
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -606,6 +655,12 @@ impl<G: Grain> GrainRef<G> {
             }),
         };
         self.deliver(&grain_type, envelope, deadline).await
+    }
+
+    fn registered(&self) -> Result<Arc<GrainType<G>>, CallError> {
+        self.registered.clone().ok_or(CallError::NotRegistered {
+            type_name: std::any::type_name::<G>(),
+        })
     }
 
     fn id(&self, grain_type: &GrainType<G>) -> GrainId {
@@ -626,6 +681,15 @@ impl<G: Grain> GrainRef<G> {
     ) -> Result<(), CallError> {
         loop {
             let mailbox = self.silo.mailbox(grain_type, &self.key).await?;
+            // Room in the mailbox: no timer needed.
+            envelope = match mailbox.try_send(envelope) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    envelope = returned;
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Full(returned)) => returned,
+            };
             match tokio::time::timeout_at(deadline, mailbox.send(envelope)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
@@ -663,7 +727,7 @@ impl GrainContext {
         M: Message,
     {
         let chain = self.chain();
-        let grain_type = target.silo.grain_type::<T>()?;
+        let grain_type = target.registered()?;
         let timeout = target.silo.inner.config.call_timeout;
         let deadline = Instant::now() + timeout;
         let (reply, mut answer) = oneshot::channel();

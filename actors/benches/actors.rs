@@ -1,0 +1,296 @@
+//! Granary's actor runtime against actix and ractor, same workloads, one
+//! criterion run.
+//!
+//! ```text
+//! cargo bench -p granary-actors --bench actors
+//! ```
+//!
+//! Every system runs on one thread (a tokio current-thread runtime for
+//! granary and ractor, an actix `System` for actix), so the comparison is
+//! of the runtimes' own costs, not of scheduling across cores.
+//!
+//! - `ask/*`: one request-response at a time to a counter that adds and
+//!   answers: granary `GrainRef::call`, actix `Addr::send`, ractor `call!`.
+//! - `fan_in/*`: 1000 senders each send 100 one-way messages to one
+//!   counter (granary `tell`, actix `do_send`, ractor `cast`), then one ask
+//!   confirms all 100 000 arrived; throughput is messages per second.
+//! - `activate/granary`: one call to each of 1000 new grains (activation
+//!   plus first turn); throughput is activations per second.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+mod granary_side {
+    use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo, SiloConfig};
+
+    pub struct Counter(u64);
+    impl Grain for Counter {
+        fn new(_: &GrainKey) -> Counter {
+            Counter(0)
+        }
+    }
+    pub struct Add(pub u64);
+    impl Message for Add {
+        type Reply = u64;
+    }
+    impl Handler<Add> for Counter {
+        async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+            self.0 += n;
+            self.0
+        }
+    }
+
+    pub fn silo() -> Silo {
+        Silo::builder()
+            .register::<Counter>("counter")
+            .config(SiloConfig {
+                mailbox_capacity: 4096,
+                ..SiloConfig::default()
+            })
+            .build()
+            .expect("a silo")
+    }
+}
+
+mod actix_side {
+    use actix::{Actor, Context, Handler, Message};
+
+    pub struct Counter(pub u64);
+    impl Actor for Counter {
+        type Context = Context<Self>;
+    }
+    pub struct Add(pub u64);
+    impl Message for Add {
+        type Result = u64;
+    }
+    impl Handler<Add> for Counter {
+        type Result = u64;
+        fn handle(&mut self, Add(n): Add, _: &mut Context<Self>) -> u64 {
+            self.0 += n;
+            self.0
+        }
+    }
+}
+
+mod ractor_side {
+    use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+    pub struct Counter;
+    pub enum Msg {
+        Add(u64),
+        AddAndRead(u64, RpcReplyPort<u64>),
+    }
+    impl Actor for Counter {
+        type Msg = Msg;
+        type State = u64;
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<Msg>, _: ()) -> Result<u64, ActorProcessingErr> {
+            Ok(0)
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<Msg>,
+            message: Msg,
+            state: &mut u64,
+        ) -> Result<(), ActorProcessingErr> {
+            match message {
+                Msg::Add(n) => *state += n,
+                Msg::AddAndRead(n, reply) => {
+                    *state += n;
+                    let _ = reply.send(*state);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn ask(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ask");
+    let rt = tokio_runtime();
+
+    let silo = granary_side::silo();
+    let counter = silo.grain::<granary_side::Counter>("bench");
+    group.bench_function("granary", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(counter.call(granary_side::Add(1)).await.unwrap()) })
+    });
+    rt.block_on(silo.shutdown());
+
+    let (actor, handle) = rt
+        .block_on(ractor::Actor::spawn(None, ractor_side::Counter, ()))
+        .expect("a ractor actor");
+    group.bench_function("ractor", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(ractor::call!(actor, ractor_side::Msg::AddAndRead, 1).expect("an answer"))
+        })
+    });
+    actor.stop(None);
+    let _ = rt.block_on(handle);
+
+    group.bench_function("actix", |b| {
+        b.iter_custom(|iterations| {
+            actix_rt::System::new().block_on(async move {
+                use actix::Actor;
+                let addr = actix_side::Counter(0).start();
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    black_box(addr.send(actix_side::Add(1)).await.expect("an answer"));
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+const SENDERS: u64 = 1000;
+const EACH: u64 = 100;
+
+fn fan_in(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan_in");
+    group.throughput(Throughput::Elements(SENDERS * EACH));
+    group.sample_size(20);
+    let rt = tokio_runtime();
+
+    group.bench_function("granary", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += rt.block_on(async {
+                    let silo = granary_side::silo();
+                    let sink = silo.grain::<granary_side::Counter>("sink");
+                    sink.call(granary_side::Add(0)).await.unwrap();
+                    let started = Instant::now();
+                    let senders: Vec<_> = (0..SENDERS)
+                        .map(|_| {
+                            let sink = sink.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..EACH {
+                                    sink.tell(granary_side::Add(1)).await.unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for sender in senders {
+                        sender.await.unwrap();
+                    }
+                    let total = sink.call(granary_side::Add(0)).await.unwrap();
+                    assert_eq!(total, SENDERS * EACH);
+                    let elapsed = started.elapsed();
+                    silo.shutdown().await;
+                    elapsed
+                });
+            }
+            total
+        })
+    });
+
+    group.bench_function("ractor", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += rt.block_on(async {
+                    let (sink, handle) = ractor::Actor::spawn(None, ractor_side::Counter, ())
+                        .await
+                        .expect("a ractor actor");
+                    let started = Instant::now();
+                    let senders: Vec<_> = (0..SENDERS)
+                        .map(|_| {
+                            let sink = sink.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..EACH {
+                                    sink.cast(ractor_side::Msg::Add(1)).expect("sent");
+                                    // As granary's `tell` may, give way.
+                                    tokio::task::yield_now().await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for sender in senders {
+                        sender.await.unwrap();
+                    }
+                    let total =
+                        ractor::call!(sink, ractor_side::Msg::AddAndRead, 0).expect("an answer");
+                    assert_eq!(total, SENDERS * EACH);
+                    let elapsed = started.elapsed();
+                    sink.stop(None);
+                    let _ = handle.await;
+                    elapsed
+                });
+            }
+            total
+        })
+    });
+
+    group.bench_function("actix", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += actix_rt::System::new().block_on(async {
+                    use actix::Actor;
+                    let sink = actix_side::Counter(0).start();
+                    let started = Instant::now();
+                    let senders: Vec<_> = (0..SENDERS)
+                        .map(|_| {
+                            let sink = sink.clone();
+                            actix_rt::spawn(async move {
+                                for _ in 0..EACH {
+                                    sink.do_send(actix_side::Add(1));
+                                    actix_rt::task::yield_now().await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for sender in senders {
+                        sender.await.unwrap();
+                    }
+                    let total = sink.send(actix_side::Add(0)).await.expect("an answer");
+                    assert_eq!(total, SENDERS * EACH);
+                    started.elapsed()
+                });
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+fn activate(c: &mut Criterion) {
+    const GRAINS: u64 = 1000;
+    let mut group = c.benchmark_group("activate");
+    group.throughput(Throughput::Elements(GRAINS));
+    let rt = tokio_runtime();
+    group.bench_function("granary", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += rt.block_on(async {
+                    let silo = granary_side::silo();
+                    let started = Instant::now();
+                    for key in 0..GRAINS {
+                        let grain = silo.grain::<granary_side::Counter>(key);
+                        black_box(grain.call(granary_side::Add(1)).await.unwrap());
+                    }
+                    let elapsed = started.elapsed();
+                    silo.shutdown().await;
+                    elapsed
+                });
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ask, fan_in, activate);
+criterion_main!(benches);

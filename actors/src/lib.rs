@@ -39,9 +39,9 @@
 //! Built so far (issue 4, first part): grains, messages and handlers, keys,
 //! activation on demand, turns, call-chain reentrancy, bounded mailboxes,
 //! call timeouts, idle deactivation, panic reset, graceful shutdown,
-//! timers, observers, silo services, and persistence with ETag concurrency
-//! (in memory and in redb). Still to come: read-only interleaving,
-//! stateless workers, reminders, the PostgreSQL provider, and the GPU grain
+//! timers, observers, stateless workers, silo services, and persistence
+//! with ETag concurrency (in memory and in redb). Still to come: read-only
+//! interleaving, reminders, the PostgreSQL provider, and the GPU grain
 //! samples.
 
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -40,6 +40,12 @@
 //!    activation sends itself, run as a turn like any other. Ticks do not
 //!    count as activity for idle collection, and a timer ends when its
 //!    activation deactivates or resets (its mailbox refuses the tick).
+//! 9. **Stateless workers.** A type registered with `register_stateless`
+//!    has up to `max_workers` slots per key instead of one. A message goes
+//!    to an activation with an empty mailbox, else starts one in a free
+//!    slot, else queues in the activation with the most room. Each worker
+//!    is an ordinary activation (rules 3 to 8); rule 2's "exactly one"
+//!    becomes "at most `max_workers`".
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -126,7 +132,53 @@ enum Entry<G> {
 /// One registered grain type.
 struct GrainType<G> {
     name: String,
-    directory: DashMap<GrainKey, Entry<G>>,
+    /// Per key, one slot per worker: `workers` slots for a stateless
+    /// worker type (rule 9), one otherwise. A key with every slot empty is
+    /// removed.
+    directory: DashMap<GrainKey, Vec<Option<Entry<G>>>>,
+    /// Activations one key may have at once, at least 1.
+    workers: usize,
+}
+
+/// What a message for a key should do (rules 2 and 9).
+enum Choice<G> {
+    Use(mpsc::Sender<Envelope<G>>),
+    Activate(usize),
+    Wait(watch::Receiver<bool>),
+}
+
+/// Picks a slot: an idle activation, else a free slot to activate, else the
+/// activation with the most room, else (every slot deactivating) the first
+/// one to wait for.
+fn choose<G>(slots: &[Option<Entry<G>>]) -> Choice<G> {
+    let mut roomiest: Option<&mpsc::Sender<Envelope<G>>> = None;
+    let mut free = None;
+    let mut leaving = None;
+    for (index, slot) in slots.iter().enumerate() {
+        match slot {
+            Some(Entry::Active(sender)) => {
+                if sender.capacity() == sender.max_capacity() {
+                    return Choice::Use(sender.clone());
+                }
+                if roomiest.is_none_or(|best| sender.capacity() > best.capacity()) {
+                    roomiest = Some(sender);
+                }
+            }
+            None => {
+                free.get_or_insert(index);
+            }
+            Some(Entry::Deactivating(gone)) => {
+                leaving.get_or_insert(gone);
+            }
+        }
+    }
+    match (free, roomiest, leaving) {
+        (Some(index), _, _) => Choice::Activate(index),
+        (None, Some(sender), _) => Choice::Use(sender.clone()),
+        (None, None, Some(gone)) => Choice::Wait(gone.clone()),
+        // No slots at all (a worker count of 0 is refused at build).
+        (None, None, None) => Choice::Activate(0),
+    }
 }
 
 /// How a silo is set up.
@@ -185,6 +237,8 @@ pub struct SiloBuilder {
     names: HashMap<String, TypeId>,
     /// A name registered twice, reported by `build`.
     duplicate: Option<String>,
+    /// An invalid registration, reported by `build`.
+    invalid: Option<String>,
     services: HashMap<TypeId, Service>,
     storage: Arc<dyn StorageProvider>,
     config: SiloConfig,
@@ -211,6 +265,7 @@ impl SiloBuilder {
             types: HashMap::new(),
             names: HashMap::new(),
             duplicate: None,
+            invalid: None,
             services: HashMap::new(),
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
@@ -218,7 +273,26 @@ impl SiloBuilder {
     }
 
     /// Registers grain type `G` under the stable `name`.
-    pub fn register<G: Grain>(mut self, name: &str) -> SiloBuilder {
+    pub fn register<G: Grain>(self, name: &str) -> SiloBuilder {
+        self.register_with_workers::<G>(name, 1)
+    }
+
+    /// Registers `G` as a stateless worker under `name`: each key may have
+    /// up to `max_workers` activations at once, and a message goes to an
+    /// idle one, or starts another, or else queues where there is most
+    /// room (rule 9). For throughput-bound grains without state.
+    pub fn register_stateless<G: Grain>(self, name: &str, max_workers: usize) -> SiloBuilder {
+        if max_workers == 0 {
+            let mut builder = self;
+            builder
+                .invalid
+                .get_or_insert_with(|| format!("{name}: max_workers is 0"));
+            return builder;
+        }
+        self.register_with_workers::<G>(name, max_workers)
+    }
+
+    fn register_with_workers<G: Grain>(mut self, name: &str, workers: usize) -> SiloBuilder {
         if self
             .names
             .insert(name.to_string(), TypeId::of::<G>())
@@ -229,6 +303,7 @@ impl SiloBuilder {
         let registered: Arc<GrainType<G>> = Arc::new(GrainType {
             name: name.to_string(),
             directory: DashMap::new(),
+            workers,
         });
         self.types.insert(TypeId::of::<G>(), registered);
         self
@@ -258,6 +333,9 @@ impl SiloBuilder {
     pub fn build(self) -> Result<Silo, SiloError> {
         if let Some(duplicate) = self.duplicate {
             return Err(SiloError::DuplicateName(duplicate));
+        }
+        if let Some(invalid) = self.invalid {
+            return Err(SiloError::InvalidConfig(invalid));
         }
         if self.config.mailbox_capacity == 0 {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
@@ -348,39 +426,74 @@ impl Silo {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return Err(CallError::ShutDown);
             }
-            // The common case, an active grain: a shared lock, no key copy.
-            if let Some(entry) = grain_type.directory.get(key) {
-                if let Entry::Active(sender) = entry.value() {
-                    return Ok(sender.clone());
+            // The common case, an idle activation: a shared lock, no key
+            // copy.
+            if let Some(slots) = grain_type.directory.get(key) {
+                if let Choice::Use(sender) = choose(&slots) {
+                    return Ok(sender);
                 }
             }
             let mut gone = match grain_type.directory.entry(key.clone()) {
-                dashmap::Entry::Occupied(entry) => match entry.get() {
-                    Entry::Active(sender) => return Ok(sender.clone()),
-                    Entry::Deactivating(gone) => gone.clone(),
+                dashmap::Entry::Occupied(mut entry) => match choose(entry.get()) {
+                    Choice::Use(sender) => return Ok(sender),
+                    Choice::Wait(gone) => gone,
+                    Choice::Activate(worker) => {
+                        let sender = self.activate_slot(grain_type, key, worker);
+                        if let Some(slot) = entry.get_mut().get_mut(worker) {
+                            *slot = Some(Entry::Active(sender.clone()));
+                        }
+                        return Ok(sender);
+                    }
                 },
                 dashmap::Entry::Vacant(vacant) => {
-                    let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
-                    vacant.insert(Entry::Active(sender.clone()));
-                    self.spawn_activation(grain_type.clone(), key.clone(), mailbox, sender.clone());
+                    let sender = self.activate_slot(grain_type, key, 0);
+                    let mut slots: Vec<Option<Entry<G>>> =
+                        (0..grain_type.workers.max(1)).map(|_| None).collect();
+                    slots[0] = Some(Entry::Active(sender.clone()));
+                    vacant.insert(slots);
                     return Ok(sender);
                 }
             };
             // The old activation is finishing: wait until it is gone. If it
             // died without saying so (its task was cancelled), clear its
-            // entry.
+            // slot.
             if gone.wait_for(|gone| *gone).await.is_err() {
-                grain_type.directory.remove_if(key, |_, entry| {
-                    matches!(entry, Entry::Deactivating(gone) if gone.has_changed().is_err())
-                });
+                if let Some(mut slots) = grain_type.directory.get_mut(key) {
+                    for slot in slots.iter_mut() {
+                        if matches!(slot, Some(Entry::Deactivating(gone)) if gone.has_changed().is_err())
+                        {
+                            *slot = None;
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// Starts activation `worker` of `key` (under the directory's lock for
+    /// `key`) and returns its mailbox.
+    fn activate_slot<G: Grain>(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        key: &GrainKey,
+        worker: usize,
+    ) -> mpsc::Sender<Envelope<G>> {
+        let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
+        self.spawn_activation(
+            grain_type.clone(),
+            key.clone(),
+            worker,
+            mailbox,
+            sender.clone(),
+        );
+        sender
     }
 
     fn spawn_activation<G: Grain>(
         &self,
         grain_type: Arc<GrainType<G>>,
         key: GrainKey,
+        worker: usize,
         mailbox: mpsc::Receiver<Envelope<G>>,
         sender: mpsc::Sender<Envelope<G>>,
     ) {
@@ -388,7 +501,7 @@ impl Silo {
         self.inner.live.fetch_add(1, Ordering::Relaxed);
         let silo = self.clone();
         self.inner.tasks.spawn(async move {
-            run_activation(silo.clone(), grain_type, key, mailbox, sender).await;
+            run_activation(silo.clone(), grain_type, key, worker, mailbox, sender).await;
             silo.inner.live.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -399,6 +512,7 @@ async fn run_activation<G: Grain>(
     silo: Silo,
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
+    worker: usize,
     receiver: mpsc::Receiver<Envelope<G>>,
     sender: mpsc::Sender<Envelope<G>>,
 ) {
@@ -480,9 +594,11 @@ async fn run_activation<G: Grain>(
     // with the activation.
     ctx.cancel_timers();
     let (gone, gone_signal) = watch::channel(false);
-    grain_type
-        .directory
-        .insert(key.clone(), Entry::Deactivating(gone_signal));
+    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = Some(Entry::Deactivating(gone_signal));
+        }
+    }
     loop {
         let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
             break;
@@ -501,7 +617,14 @@ async fn run_activation<G: Grain>(
     if let Some(mut grain) = grain {
         grain.on_deactivate(&mut ctx).await;
     }
-    grain_type.directory.remove(&key);
+    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = None;
+        }
+    }
+    grain_type
+        .directory
+        .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
     let _ = gone.send(true);
     tracing::debug!(grain = %id, "deactivated");
 }

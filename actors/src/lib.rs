@@ -39,10 +39,10 @@
 //! Built so far (issue 4, first part): grains, messages and handlers, keys,
 //! activation on demand, turns, call-chain reentrancy, bounded mailboxes,
 //! call timeouts, idle deactivation, panic reset, graceful shutdown,
-//! timers, observers, stateless workers, silo services, and persistence
-//! with ETag concurrency (in memory and in redb). Still to come: read-only
-//! interleaving, reminders, the PostgreSQL provider, and the GPU grain
-//! samples.
+//! timers, reminders, observers, stateless workers, silo services, and
+//! persistence with ETag concurrency (in memory and in redb). Still to
+//! come: read-only interleaving, the PostgreSQL provider, and the GPU
+//! grain samples.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -51,6 +51,7 @@ mod error;
 mod grain;
 mod key;
 pub mod observers;
+mod reminders;
 mod silo;
 pub mod storage;
 
@@ -58,6 +59,7 @@ pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message};
 pub use key::{GrainId, GrainKey};
 pub use observers::{Observers, Subscription};
+pub use reminders::{REMINDERS, ReminderError, ReminderFired};
 pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig, Timer};
 pub use storage::{
     ETag, MemoryStorage, PersistentState, RedbStorage, StorageError, StorageProvider,

@@ -203,7 +203,7 @@ impl Default for SiloConfig {
     }
 }
 
-struct SiloInner {
+pub(crate) struct SiloInner {
     types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
     services: HashMap<TypeId, Service>,
     storage: Arc<dyn StorageProvider>,
@@ -214,6 +214,7 @@ struct SiloInner {
     shutting_down: AtomicBool,
     activations: AtomicU64,
     live: AtomicU64,
+    pub(crate) reminders: Arc<crate::reminders::Reminders>,
 }
 
 /// A node of the runtime. Cheap to clone; every clone is the same silo.
@@ -239,6 +240,8 @@ pub struct SiloBuilder {
     duplicate: Option<String>,
     /// An invalid registration, reported by `build`.
     invalid: Option<String>,
+    /// Remindable grain types, by registered name.
+    remindable: HashMap<String, crate::reminders::Dispatch>,
     services: HashMap<TypeId, Service>,
     storage: Arc<dyn StorageProvider>,
     config: SiloConfig,
@@ -266,6 +269,7 @@ impl SiloBuilder {
             names: HashMap::new(),
             duplicate: None,
             invalid: None,
+            remindable: HashMap::new(),
             services: HashMap::new(),
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
@@ -309,6 +313,34 @@ impl SiloBuilder {
         self
     }
 
+    /// Lets grain type `G`, already registered, hold reminders: it handles
+    /// [`ReminderFired`](crate::ReminderFired), and the silo runs a
+    /// reminder service that fires them, across restarts (see
+    /// `reminders.rs`). A silo with remindable types must be built inside a
+    /// tokio runtime.
+    pub fn remindable<G: Handler<crate::reminders::ReminderFired>>(mut self) -> SiloBuilder {
+        match self
+            .names
+            .iter()
+            .find(|(_, id)| **id == TypeId::of::<G>())
+            .map(|(name, _)| name.clone())
+        {
+            Some(name) => {
+                self.remindable
+                    .insert(name, crate::reminders::dispatcher::<G>());
+            }
+            None => {
+                self.invalid.get_or_insert_with(|| {
+                    format!(
+                        "{} is made remindable before it is registered",
+                        std::any::type_name::<G>()
+                    )
+                });
+            }
+        }
+        self
+    }
+
     /// Registers a service that grains reach with
     /// `GrainContext::service::<S>()` (the GPU bridge, for example). The
     /// silo shares it: keep a clone of the `Arc` to use it outside grains.
@@ -341,7 +373,20 @@ impl SiloBuilder {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
-        Ok(Silo {
+        let reminders = Arc::new(crate::reminders::Reminders::new(
+            self.remindable,
+            self.storage.clone(),
+        ));
+        let runtime = if reminders.is_empty() {
+            None
+        } else {
+            Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                SiloError::InvalidConfig(
+                    "a silo with remindable grains must be built inside a tokio runtime".into(),
+                )
+            })?)
+        };
+        let silo = Silo {
             inner: Arc::new(SiloInner {
                 types: self.types,
                 services: self.services,
@@ -352,12 +397,31 @@ impl SiloBuilder {
                 shutting_down: AtomicBool::new(false),
                 activations: AtomicU64::new(0),
                 live: AtomicU64::new(0),
+                reminders: reminders.clone(),
             }),
-        })
+        };
+        if let Some(runtime) = runtime {
+            // The service holds the silo weakly: a silo dropped without a
+            // shutdown does not live on for its reminders.
+            let weak = Arc::downgrade(&silo.inner);
+            let stop = silo.inner.shutdown.clone();
+            let service = async move {
+                let Some(inner) = weak.upgrade() else { return };
+                let reminders = inner.reminders.clone();
+                drop(inner);
+                reminders.run(weak, stop).await;
+            };
+            runtime.spawn(silo.inner.tasks.track_future(service));
+        }
+        Ok(silo)
     }
 }
 
 impl Silo {
+    pub(crate) fn from_inner(inner: Arc<SiloInner>) -> Silo {
+        Silo { inner }
+    }
+
     /// A builder.
     pub fn builder() -> SiloBuilder {
         SiloBuilder::new()
@@ -991,5 +1055,30 @@ impl GrainContext {
             }
         });
         Ok(timer)
+    }
+}
+
+impl GrainContext {
+    /// Registers (or replaces) this grain's reminder `name`: it first fires
+    /// after `due`, then every `period` (at least 1 ms), whether or not the
+    /// grain is active, and across silo restarts. The grain's type must be
+    /// registered with `SiloBuilder::remindable`.
+    pub async fn register_reminder(
+        &self,
+        name: &str,
+        due: Duration,
+        period: Duration,
+    ) -> Result<(), crate::reminders::ReminderError> {
+        let reminders = self.silo().inner.reminders.clone();
+        reminders.register(self.id(), name, due, period).await
+    }
+
+    /// Removes this grain's reminder `name`; returns whether it existed.
+    pub async fn unregister_reminder(
+        &self,
+        name: &str,
+    ) -> Result<bool, crate::reminders::ReminderError> {
+        let reminders = self.silo().inner.reminders.clone();
+        reminders.unregister(self.id(), name).await
     }
 }

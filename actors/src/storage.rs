@@ -17,8 +17,10 @@ use serde::de::DeserializeOwned;
 
 use crate::key::GrainId;
 
+mod postgres;
 mod redb;
 
+pub use self::postgres::PostgresStorage;
 pub use self::redb::RedbStorage;
 
 /// A state version: changes on every write.
@@ -71,8 +73,8 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
-/// Where grain state lives. Implementations: [`MemoryStorage`] and
-/// [`RedbStorage`] (embedded, on disk); the PostgreSQL provider follows.
+/// Where grain state lives. Implementations: [`MemoryStorage`],
+/// [`RedbStorage`] (embedded, on disk) and [`PostgresStorage`].
 pub trait StorageProvider: Send + Sync + 'static {
     /// The grain's state and version, if any is stored.
     fn read<'a>(

@@ -171,3 +171,35 @@ fn a_silo_with_reminders_needs_a_runtime() {
         .build();
     assert!(matches!(built, Err(SiloError::InvalidConfig(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn a_reminder_survives_a_silo_restart_with_postgres() {
+    #[cfg(granary_postgres)]
+    {
+        let url = env!("GRANARY_POSTGRES_URL");
+        // The database outlives the test: a fresh grain each run.
+        let key = uuid::Uuid::new_v4().to_string();
+        {
+            let storage = Arc::new(granary_actors::PostgresStorage::connect(url).await.unwrap());
+            let silo = silo(storage, Duration::from_secs(60));
+            silo.grain::<Alarm>(key.as_str())
+                .call(Set(Some(Duration::from_millis(100))))
+                .await
+                .unwrap()
+                .unwrap();
+            silo.shutdown().await;
+        }
+        let storage = Arc::new(granary_actors::PostgresStorage::connect(url).await.unwrap());
+        let restarted = silo(storage, Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let alarm = restarted.grain::<Alarm>(key.as_str());
+        assert!(alarm.call(Fired).await.unwrap() >= 2);
+        // Leave the shared reminder record as it was found.
+        alarm.call(Set(None)).await.unwrap().unwrap();
+        restarted.shutdown().await;
+    }
+}

@@ -6,14 +6,25 @@ use granary_actors::{
     GrainId, GrainKey, MemoryStorage, RedbStorage, StorageError, StorageProvider,
 };
 
-fn id(key: &str) -> GrainId {
+/// A grain of a type named `namespace`: a database that outlives the test
+/// gets a fresh namespace each run.
+fn id_in(namespace: &str, key: &str) -> GrainId {
     GrainId {
-        type_name: "account".into(),
+        type_name: namespace.into(),
         key: GrainKey::from(key),
     }
 }
 
+fn id(key: &str) -> GrainId {
+    id_in("account", key)
+}
+
 async fn contract(storage: &dyn StorageProvider) {
+    contract_in(storage, "account").await;
+}
+
+async fn contract_in(storage: &dyn StorageProvider, namespace: &str) {
+    let id = |key: &str| id_in(namespace, key);
     let grain = id("alice");
     assert_eq!(storage.read(&grain).await.unwrap(), None);
     // A write that expects a version where none is stored is stale.
@@ -92,4 +103,41 @@ async fn a_file_that_is_not_a_database_is_a_typed_error() {
         RedbStorage::open(&path),
         Err(StorageError::Backend(_))
     ));
+}
+
+#[cfg(granary_postgres)]
+const POSTGRES: &str = env!("GRANARY_POSTGRES_URL");
+
+#[tokio::test]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn postgres_storage_keeps_the_contract() {
+    #[cfg(granary_postgres)]
+    {
+        let storage = granary_actors::PostgresStorage::connect(POSTGRES)
+            .await
+            .unwrap();
+        let namespace = format!("account-{}", uuid::Uuid::new_v4());
+        contract_in(&storage, &namespace).await;
+        // Two stores on one database see each other's writes and conflicts.
+        let other = granary_actors::PostgresStorage::connect(POSTGRES)
+            .await
+            .unwrap();
+        let grain = id_in(&namespace, "shared");
+        let first = storage.write(&grain, b"one", None).await.unwrap();
+        assert!(matches!(
+            other.write(&grain, b"two", None).await,
+            Err(StorageError::Conflict { actual: Some(actual), .. }) if actual == first
+        ));
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_server_is_a_typed_error() {
+    // Nothing listens on port 1.
+    let refused =
+        granary_actors::PostgresStorage::connect("postgres://nobody@127.0.0.1:1/none").await;
+    assert!(matches!(refused, Err(StorageError::Backend(_))));
 }

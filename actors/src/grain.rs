@@ -15,7 +15,11 @@ use crate::storage::{PersistentState, StorageError};
 
 /// A virtual actor: it always exists, and the silo activates it on its
 /// first message.
-pub trait Grain: Send + Sized + 'static {
+///
+/// Grains are `Sync` because read-only turns share a borrow of the grain
+/// across their await points (`ReadHandler`); a grain that needs interior
+/// mutability uses the `std::sync` kinds.
+pub trait Grain: Send + Sync + Sized + 'static {
     /// A fresh in-memory object for a new activation of the grain `key`.
     fn new(key: &GrainKey) -> Self;
 
@@ -51,6 +55,14 @@ pub trait Handler<M: Message>: Grain {
         message: M,
         ctx: &mut GrainContext,
     ) -> impl Future<Output = M::Reply> + Send;
+}
+
+/// `G` answers messages of type `M` without changing itself: such reads
+/// may run interleaved with each other (never with a [`Handler`] turn).
+/// Send them with `GrainRef::read`.
+pub trait ReadHandler<M: Message>: Grain {
+    /// Handles one read-only message.
+    fn handle_read(&self, message: M, ctx: &GrainContext) -> impl Future<Output = M::Reply> + Send;
 }
 
 /// What a turn can reach: its grain's identity, the silo (to call other

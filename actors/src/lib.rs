@@ -36,13 +36,13 @@
 //! # }).unwrap();
 //! ```
 //!
-//! Built so far (issue 4, first part): grains, messages and handlers, keys,
-//! activation on demand, turns, call-chain reentrancy, bounded mailboxes,
-//! call timeouts, idle deactivation, panic reset, graceful shutdown,
-//! timers, reminders, observers, stateless workers, silo services, and
-//! persistence with ETag concurrency (in memory and in redb). Still to
-//! come: read-only interleaving, the PostgreSQL provider, and the GPU
-//! grain samples.
+//! Built so far (issue 4): grains, messages and handlers, keys,
+//! activation on demand, turns, call-chain reentrancy, read-only
+//! interleaving, bounded mailboxes, call timeouts, idle deactivation, panic
+//! reset, graceful shutdown, timers, reminders, observers, stateless
+//! workers, silo services, and persistence with ETag concurrency (in memory,
+//! redb and PostgreSQL). Still to come: memory-pressure shedding and the
+//! GPU grain samples.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -56,7 +56,7 @@ mod silo;
 pub mod storage;
 
 pub use error::{ActivationError, CallError, SiloError};
-pub use grain::{Grain, GrainContext, Handler, Message};
+pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
 pub use key::{GrainId, GrainKey};
 pub use observers::{Observers, Subscription};
 pub use reminders::{REMINDERS, ReminderError, ReminderFired};

@@ -46,6 +46,12 @@
 //!    slot, else queues in the activation with the most room. Each worker
 //!    is an ordinary activation (rules 3 to 8); rule 2's "exactly one"
 //!    becomes "at most `max_workers`".
+//! 10. **Read-only interleaving.** A message sent with `GrainRef::read` is
+//!    handled by `ReadHandler::handle_read`, on `&self`. When a turn would
+//!    start with a read, the reads queued right behind it (up to 64) join
+//!    it and they run together, interleaved at their await points; the
+//!    first write in the queue waits for the batch. A panicking read fails
+//!    its own call only.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -69,7 +75,15 @@ use crate::key::{GrainId, GrainKey};
 use crate::storage::{MemoryStorage, StorageProvider};
 
 /// Runs a handler on a grain and answers its caller.
-type Turn<G> = Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
+enum Turn<G> {
+    /// A handler with `&mut` access: runs alone (rule 3).
+    Write(Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>),
+    /// A read-only handler: may interleave with other reads (rule 10).
+    Read(ReadTurn<G>),
+}
+
+/// Most reads one interleaved batch takes (rule 10).
+const MAX_READ_BATCH: usize = 64;
 
 /// A message packed for an activation, with the call chain it belongs to
 /// (rule 7).
@@ -721,11 +735,18 @@ async fn turn<G: Grain>(
 ) -> Option<G> {
     let mut grain = grain?;
     let chain = envelope.chain;
+    let write = match envelope.turn {
+        Turn::Write(write) => write,
+        Turn::Read(read) => {
+            read_batch(&grain, (chain, read), ctx).await;
+            return Some(grain);
+        }
+    };
     ctx.set_chain(chain);
     let outcome = CHAIN
         .scope(
             chain,
-            AssertUnwindSafe((envelope.turn)(&mut grain, ctx)).catch_unwind(),
+            AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
         )
         .await;
     match outcome {
@@ -740,6 +761,51 @@ async fn turn<G: Grain>(
         }
     }
 }
+
+/// Rule 10: `first` and the reads queued right behind it run together on
+/// a shared borrow of the grain. The first write in the queue stops the
+/// batch and runs after it. A panicking read fails only its own call: it
+/// could not change the grain.
+async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut GrainContext) {
+    let mut reads = vec![first];
+    if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
+        let open = exclusive(&mut mailbox);
+        while reads.len() < MAX_READ_BATCH {
+            let next = match open.deferred.pop_front() {
+                Some(envelope) => Some(envelope),
+                None => open.receiver.try_recv().ok(),
+            };
+            match next {
+                Some(Envelope {
+                    chain,
+                    turn: Turn::Read(read),
+                    ..
+                }) => reads.push((chain, read)),
+                Some(other) => {
+                    open.deferred.push_front(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        ctx.put_mailbox(mailbox);
+    }
+    let ctx: &GrainContext = ctx;
+    let running = reads
+        .into_iter()
+        .map(|(chain, read)| CHAIN.scope(chain, AssertUnwindSafe(read(grain, ctx)).catch_unwind()));
+    let panicked = futures_util::future::join_all(running)
+        .await
+        .iter()
+        .filter(|outcome| outcome.is_err())
+        .count();
+    if panicked > 0 {
+        tracing::warn!(grain = %ctx.id(), panicked, "read-only handlers panicked");
+    }
+}
+
+/// A read-only turn.
+type ReadTurn<G> = Box<dyn for<'a> FnOnce(&'a G, &'a GrainContext) -> BoxFuture<'a, ()> + Send>;
 
 /// A reference to a grain: cheap to clone, valid whether or not the grain
 /// is active.
@@ -792,11 +858,11 @@ impl<G: Grain> GrainRef<G> {
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
-            turn: Box::new(move |grain, ctx| {
+            turn: Turn::Write(Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = reply.send(grain.handle(message, ctx).await);
                 })
-            }),
+            })),
         };
         self.deliver(&grain_type, envelope, deadline).await?;
         // Fast path: give the activation a chance to run first, and take the
@@ -823,6 +889,39 @@ impl<G: Grain> GrainRef<G> {
         }
     }
 
+    /// Sends a read-only `message` and waits for the reply, as
+    /// [`GrainRef::call`] does. Reads queued together run interleaved on a
+    /// shared borrow of the grain (rule 10); writes never overlap them.
+    pub async fn read<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
+    where
+        G: crate::grain::ReadHandler<M>,
+    {
+        let grain_type = self.registered()?;
+        let timeout = self.silo.inner.config.call_timeout;
+        let deadline = Instant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        let envelope = Envelope::<G> {
+            chain: current_chain(),
+            keeps_alive: true,
+            turn: Turn::Read(Box::new(move |grain, ctx| {
+                Box::pin(async move {
+                    let _ = reply.send(grain.handle_read(message, ctx).await);
+                })
+            })),
+        };
+        self.deliver(&grain_type, envelope, deadline).await?;
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(CallError::TurnFailed {
+                grain: self.id(&grain_type),
+            }),
+            Err(_) => Err(CallError::Timeout {
+                grain: self.id(&grain_type),
+                after: timeout,
+            }),
+        }
+    }
+
     /// Sends `message` without waiting for its handling: returns once the
     /// grain's mailbox has taken it (waiting at most the call timeout for
     /// room).
@@ -835,11 +934,11 @@ impl<G: Grain> GrainRef<G> {
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
-            turn: Box::new(move |grain, ctx| {
+            turn: Turn::Write(Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = grain.handle(message, ctx).await;
                 })
-            }),
+            })),
         };
         self.deliver(&grain_type, envelope, deadline).await
     }
@@ -921,11 +1020,11 @@ impl GrainContext {
         let envelope = Envelope::<T> {
             chain,
             keeps_alive: true,
-            turn: Box::new(move |grain, ctx| {
+            turn: Turn::Write(Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = reply.send(grain.handle(message, ctx).await);
                 })
-            }),
+            })),
         };
         target.deliver(&grain_type, envelope, deadline).await?;
         enum Event<G, R> {
@@ -977,7 +1076,10 @@ impl GrainContext {
                 }
                 // A reentrant turn on the lent grain.
                 Event::Message(Some(envelope)) => {
-                    (envelope.turn)(this, self).await;
+                    match envelope.turn {
+                        Turn::Write(write) => write(this, self).await,
+                        Turn::Read(read) => read(this, self).await,
+                    }
                     self.set_chain(chain);
                 }
                 Event::Message(None) => {}
@@ -1037,11 +1139,11 @@ impl GrainContext {
                 let envelope = Envelope::<G> {
                     chain: current_chain(),
                     keeps_alive: false,
-                    turn: Box::new(move |grain, ctx| {
+                    turn: Turn::Write(Box::new(move |grain, ctx| {
                         Box::pin(async move {
                             let _ = grain.handle(message, ctx).await;
                         })
-                    }),
+                    })),
                 };
                 // A closed mailbox: the activation is ending.
                 let sent = tokio::select! {

@@ -47,11 +47,11 @@
 //!    is an ordinary activation (rules 3 to 8); rule 2's "exactly one"
 //!    becomes "at most `max_workers`".
 //! 10. **Read-only interleaving.** A message sent with `GrainRef::read` is
-//!    handled by `ReadHandler::handle_read`, on `&self`. When a turn would
-//!    start with a read, the reads queued right behind it (up to 64) join
-//!    it and they run together, interleaved at their await points; the
-//!    first write in the queue waits for the batch. A panicking read fails
-//!    its own call only.
+//!     handled by `ReadHandler::handle_read`, on `&self`. When a turn would
+//!     start with a read, the reads queued right behind it (up to 64) join
+//!     it and they run together, interleaved at their await points; the
+//!     first write in the queue waits for the batch. A panicking read fails
+//!     its own call only.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;

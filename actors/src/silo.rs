@@ -77,7 +77,7 @@ use crate::storage::{MemoryStorage, StorageProvider};
 /// Runs a handler on a grain and answers its caller.
 enum Turn<G> {
     /// A handler with `&mut` access: runs alone (rule 3).
-    Write(Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>),
+    Write(WriteTurn<G>),
     /// A read-only handler: may interleave with other reads (rule 10).
     Read(ReadTurn<G>),
 }
@@ -803,6 +803,10 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
         tracing::warn!(grain = %ctx.id(), panicked, "read-only handlers panicked");
     }
 }
+
+/// A turn with `&mut` access to the grain.
+type WriteTurn<G> =
+    Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
 
 /// A read-only turn.
 type ReadTurn<G> = Box<dyn for<'a> FnOnce(&'a G, &'a GrainContext) -> BoxFuture<'a, ()> + Send>;

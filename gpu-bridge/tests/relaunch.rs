@@ -97,6 +97,11 @@ async fn a_failed_relaunch_routes_around_the_device_and_is_retried() {
         call(STALL_ON).await,
         Err(ExecuteError::DeviceHung { .. })
     ));
+    // The relaunch follows the failed requests' answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while flaky.launches.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(flaky.launches.load(Ordering::SeqCst), 2);
     // Meanwhile requests go to the CPU fallback.
     assert_eq!(from_f32s(&call(2.0).await.unwrap()), [2.0]);

@@ -40,9 +40,9 @@
 //! activation on demand, turns, call-chain reentrancy, read-only
 //! interleaving, bounded mailboxes, call timeouts, idle deactivation, panic
 //! reset, graceful shutdown, timers, reminders, observers, stateless
-//! workers, silo services, and persistence with ETag concurrency (in memory,
-//! redb and PostgreSQL). Still to come: memory-pressure shedding and the
-//! GPU grain samples.
+//! workers, shedding under memory pressure, silo services, and persistence
+//! with ETag concurrency (in memory, redb and PostgreSQL). Still to come:
+//! the GPU grain samples.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

@@ -16,7 +16,8 @@
 //!    run in the order sent.
 //! 4. **Backpressure.** A full mailbox makes senders wait, bounded by the
 //!    call timeout; memory never grows without bound.
-//! 5. **Deactivation** (idle for `idle_timeout`, or silo shutdown): the
+//! 5. **Deactivation** (idle for `idle_timeout`, idle for one check while
+//!    the silo holds more than `max_activations`, or silo shutdown): the
 //!    activation marks its entry `Deactivating`, closes its mailbox, runs
 //!    the messages already in it, runs `on_deactivate`, removes the entry
 //!    and fires the signal. A sender whose message is refused by the closed
@@ -205,6 +206,10 @@ pub struct SiloConfig {
     /// How long an activation may sit idle before it is deactivated
     /// (default 15 minutes).
     pub idle_timeout: Duration,
+    /// Memory pressure, as a number of activations: while more are alive,
+    /// activations idle for at least one idle check (at most a second) are
+    /// deactivated early (default: no limit).
+    pub max_activations: Option<u64>,
 }
 
 impl Default for SiloConfig {
@@ -213,6 +218,7 @@ impl Default for SiloConfig {
             mailbox_capacity: 1024,
             call_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
+            max_activations: None,
         }
     }
 }
@@ -618,10 +624,11 @@ async fn run_activation<G: Grain>(
     let mut activity: u64 = 0;
     let mut seen_activity: u64 = 0;
     let mut idle_for = Duration::ZERO;
-    let mut idle_check = tokio::time::interval_at(
-        Instant::now() + idle / 4,
-        (idle / 4).max(Duration::from_micros(100)),
-    );
+    // At most a second apart, so that shedding reacts to memory pressure.
+    let check_every = (idle / 4)
+        .min(Duration::from_secs(1))
+        .max(Duration::from_micros(100));
+    let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if grain.is_some() {
         loop {
@@ -640,7 +647,12 @@ async fn run_activation<G: Grain>(
                     _ = idle_check.tick() => {
                         if activity == seen_activity {
                             idle_for += idle_check.period();
-                            if idle_for >= idle {
+                            let crowded = silo
+                                .inner
+                                .config
+                                .max_activations
+                                .is_some_and(|most| silo.live_activations() > most);
+                            if idle_for >= idle || crowded {
                                 break None;
                             }
                         } else {

@@ -409,3 +409,27 @@ async fn state_in_redb_survives_a_silo_restart() {
     );
     restarted.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_activations_are_shed_under_memory_pressure() {
+    let config = SiloConfig {
+        idle_timeout: Duration::from_secs(600),
+        max_activations: Some(10),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    for key in 0..40u64 {
+        silo.grain::<Counter>(key).call(Add(1)).await.unwrap();
+    }
+    assert!(silo.live_activations() > 10);
+    // Idle checks run at most a second apart.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        silo.live_activations() <= 10,
+        "{} alive",
+        silo.live_activations()
+    );
+    // Shed grains come back with their state when called.
+    assert_eq!(silo.grain::<Counter>(3u64).call(Get).await.unwrap(), 1);
+    silo.shutdown().await;
+}

@@ -2,19 +2,22 @@
 //! requests through the GPU bridge, on every backend present.
 //!
 //! For each backend, a bridge is built with that backend alone (no CPU
-//! fallback, so each row measures the backend it names). Concurrent tokio
-//! tasks, standing in for grains, send small `double` requests through the
-//! backend's persistent kernel; every `batch_every`-th request is instead a
-//! large `vector_add` that takes the launch-per-batch path. Every answer is
-//! checked. The report has one row per backend and path: requests, p50,
-//! p99 and throughput.
+//! fallback, so each row measures the backend it names) and registered as
+//! the service of a silo. Concurrent callers ask many `Compute` grains
+//! (`grains` keys, activated on demand) to run small `double` requests on
+//! the backend's persistent kernel; every `batch_every`-th request is
+//! instead a large `vector_add` that takes the launch-per-batch path. The
+//! grains send the work through the bridge. Every answer is checked. The
+//! report has one row per backend and path: requests, p50, p99 and
+//! throughput, measured at the caller (grain call plus compute).
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use granary_gpu::{BridgeConfig, FallbackPolicy, GpuBridge, StopMode};
+use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
 use granary_kernels::shipped::{DOUBLE, VECTOR_ADD};
 use granary_kernels::{Backend, BackendKind};
 use hdrhistogram::Histogram;
@@ -34,6 +37,8 @@ pub struct DemoConfig {
     /// Elements per operand of each batch `vector_add`, more than 1024 (so
     /// it does not fit a ring slot) and at most 2^24.
     pub batch_elements: u32,
+    /// Grains the requests are spread over, at least 1.
+    pub grains: u32,
 }
 
 impl Default for DemoConfig {
@@ -44,6 +49,7 @@ impl Default for DemoConfig {
             small_elements: 16,
             batch_every: 2_000,
             batch_elements: 1 << 18,
+            grains: 1000,
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct DemoReport {
     pub paths: Vec<PathReport>,
     /// Backends that were not present, with the reason.
     pub skipped: Skipped,
+    /// Grain activations, over every backend's silo.
+    pub activations: u64,
 }
 
 impl fmt::Display for DemoReport {
@@ -148,6 +156,11 @@ impl fmt::Display for DemoReport {
         for (backend, why) in &self.skipped {
             writeln!(f, "{backend:?}: not run ({why})")?;
         }
+        writeln!(
+            f,
+            "{} grain activations over {} grains per backend",
+            self.activations, self.config.grains
+        )?;
         Ok(())
     }
 }
@@ -168,6 +181,9 @@ impl DemoConfig {
         }
         if self.requests == 0 {
             return bad("at least one request".into());
+        }
+        if self.grains == 0 {
+            return bad("at least one grain".into());
         }
         if !(1..=1024).contains(&self.small_elements) {
             return bad(format!(
@@ -216,6 +232,7 @@ pub async fn run(
     let progress = Arc::new(progress);
     let answered = Arc::new(AtomicU64::new(0));
     let mut paths = Vec::new();
+    let mut activations = 0;
     for backend in backends {
         let kind = backend.kind();
         let builder = GpuBridge::builder().kernels([DOUBLE, VECTOR_ADD]);
@@ -232,7 +249,14 @@ pub async fn run(
             })
             .build()
             .map_err(|err| DemoError::Bridge(err.to_string()))?;
-        let outcome = run_backend(&bridge, config, &answered, &progress).await;
+        let silo = Silo::builder()
+            .register::<Compute>("compute")
+            .service(Arc::new(bridge.clone()))
+            .build()
+            .map_err(|err| DemoError::Bridge(err.to_string()))?;
+        let outcome = run_backend(&silo, config, &answered, &progress).await;
+        activations += silo.activations_started();
+        silo.shutdown().await;
         bridge.shutdown(StopMode::Drain).await;
         let (ring, batch, elapsed) = outcome?;
         for (path, latency_ns) in [("ring", ring), ("batch", batch)] {
@@ -252,13 +276,14 @@ pub async fn run(
         config,
         paths,
         skipped,
+        activations,
     })
 }
 
 type Latencies = (Histogram<u64>, Histogram<u64>, Duration);
 
 async fn run_backend(
-    bridge: &GpuBridge,
+    silo: &Silo,
     config: DemoConfig,
     answered: &Arc<AtomicU64>,
     progress: &Arc<impl Fn(u64) + Send + Sync + 'static>,
@@ -268,9 +293,9 @@ async fn run_backend(
         .map(|caller| {
             let share = config.requests / u64::from(config.callers)
                 + u64::from(u64::from(caller) < config.requests % u64::from(config.callers));
-            let (bridge, answered, progress) = (bridge.clone(), answered.clone(), progress.clone());
+            let (silo, answered, progress) = (silo.clone(), answered.clone(), progress.clone());
             tokio::spawn(async move {
-                call_many(&bridge, config, caller, share, &answered, &*progress).await
+                call_many(&silo, config, caller, share, &answered, &*progress).await
             })
         })
         .collect();
@@ -294,8 +319,58 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant bounds are valid")
 }
 
+/// A grain that runs kernels on its silo's GPU bridge.
+struct Compute {
+    bridge: Option<Arc<GpuBridge>>,
+}
+
+impl Grain for Compute {
+    fn new(_: &GrainKey) -> Compute {
+        Compute { bridge: None }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.bridge = Some(
+            ctx.service::<GpuBridge>()
+                .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?,
+        );
+        Ok(())
+    }
+}
+
+/// Run `kernel` on `input`.
+struct Run {
+    kernel: &'static str,
+    input: Vec<u8>,
+}
+
+impl Message for Run {
+    type Reply = Result<Vec<u8>, ExecuteError>;
+}
+
+impl Handler<Run> for Compute {
+    async fn handle(&mut self, run: Run, _: &mut GrainContext) -> Result<Vec<u8>, ExecuteError> {
+        let bridge = self.bridge.as_ref().ok_or(ExecuteError::ShutDown)?;
+        bridge.execute(run.kernel, &run.input).await
+    }
+}
+
+/// Asks grain `key` to run `kernel` on `input`.
+async fn compute(
+    silo: &Silo,
+    key: u64,
+    kernel: &'static str,
+    input: Vec<u8>,
+) -> Result<Vec<u8>, DemoError> {
+    silo.grain::<Compute>(key)
+        .call(Run { kernel, input })
+        .await
+        .map_err(|err| DemoError::Request(err.to_string()))?
+        .map_err(|err| DemoError::Request(err.to_string()))
+}
+
 async fn call_many(
-    bridge: &GpuBridge,
+    silo: &Silo,
     config: DemoConfig,
     caller: u32,
     count: u64,
@@ -312,10 +387,8 @@ async fn call_many(
         let is_batch = config.batch_every > 0 && i % config.batch_every == config.batch_every - 1;
         let started = Instant::now();
         if is_batch {
-            let output = bridge
-                .execute("vector_add", &batch_input)
-                .await
-                .map_err(|err| DemoError::Request(err.to_string()))?;
+            let key = grain_key(caller, i, config.grains);
+            let output = compute(silo, key, "vector_add", batch_input.clone()).await?;
             let checked = output.len() == 4 * batch_elements
                 && output
                     .chunks_exact(4)
@@ -331,10 +404,8 @@ async fn call_many(
             let input: Vec<u8> = (0..config.small_elements)
                 .flat_map(|j| (base + j as f32).to_le_bytes())
                 .collect();
-            let output = bridge
-                .execute("double", &input)
-                .await
-                .map_err(|err| DemoError::Request(err.to_string()))?;
+            let key = grain_key(caller, i, config.grains);
+            let output = compute(silo, key, "double", input.clone()).await?;
             let checked = output.len() == input.len()
                 && output
                     .chunks_exact(4)
@@ -356,6 +427,11 @@ async fn call_many(
         }
     }
     Ok((ring, batch))
+}
+
+/// Spreads callers' requests over the grains.
+fn grain_key(caller: u32, request: u64, grains: u32) -> u64 {
+    (u64::from(caller) * 7919 + request) % u64::from(grains)
 }
 
 fn elapsed_ns(started: Instant) -> u64 {

@@ -22,8 +22,8 @@ struct Cli {
 enum Command {
     /// List the devices this node's backends find, with their memory.
     Devices,
-    /// Send small and batch requests through the GPU bridge on every
-    /// backend present, and print latency and throughput.
+    /// Send small and batch requests from many grains through the GPU
+    /// bridge on every backend present, and print latency and throughput.
     Demo {
         /// Concurrent callers.
         #[arg(long, default_value_t = DemoConfig::default().callers)]
@@ -40,6 +40,9 @@ enum Command {
         /// Elements per operand of each batch vector add.
         #[arg(long, default_value_t = DemoConfig::default().batch_elements)]
         batch_elements: u32,
+        /// Grains the requests are spread over.
+        #[arg(long, default_value_t = DemoConfig::default().grains)]
+        grains: u32,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
             small_elements,
             batch_every,
             batch_elements,
+            grains,
             no_progress,
         } => {
             let config = DemoConfig {
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
                 small_elements,
                 batch_every,
                 batch_elements,
+                grains,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -125,9 +130,9 @@ fn main() -> ExitCode {
             let total = requests.saturating_mul(backends.len() as u64);
             let bar = progress_bar(total, no_progress, "requests");
             println!(
-                "granary demo: {callers} callers × {requests} requests per backend through the GPU bridge \
-                 ({small_elements}-element doubles on persistent kernels; every {batch_every}th a \
-                 {batch_elements}-element vector add on the batch path), on {}",
+                "granary demo: {callers} callers × {requests} requests per backend, through {grains} grains \
+                 to the GPU bridge ({small_elements}-element doubles on persistent kernels; every \
+                 {batch_every}th a {batch_elements}-element vector add on the batch path), on {}",
                 backends
                     .iter()
                     .map(|b| format!("{:?}", b.kind()))

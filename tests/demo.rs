@@ -15,6 +15,7 @@ async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
         small_elements: 4,
         batch_every: 250,
         batch_elements: 4096,
+        grains: 50,
     };
     let (backends, skipped) = demo::backends();
     let present = backends.len();
@@ -36,6 +37,8 @@ async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
         assert!(ring.throughput() > 0.0);
     }
     assert!(last.load(Ordering::Relaxed) > 0);
+    // Every grain was activated once per backend.
+    assert_eq!(report.activations, 50 * present as u64);
     let table = report.to_string();
     assert!(
         table.starts_with("| backend |  path | requests |"),
@@ -65,6 +68,10 @@ async fn bad_parameters_are_typed_errors() {
         },
         DemoConfig {
             batch_elements: 16,
+            ..DemoConfig::default()
+        },
+        DemoConfig {
+            grains: 0,
             ..DemoConfig::default()
         },
     ] {
@@ -99,6 +106,10 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
     assert!(stdout.contains("|     Cpu |  ring |"), "{stdout}");
     assert!(stdout.contains("|     Cpu | batch |"), "{stdout}");
     assert!(stdout.contains("req/s"), "{stdout}");
+    assert!(
+        stdout.contains("grain activations over 1000 grains"),
+        "{stdout}"
+    );
     let refused = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args(["demo", "--callers", "0", "--no-progress"])
         .output()

@@ -176,10 +176,10 @@ impl Reminders {
             period_ms,
             next_due_ms: now_ms().saturating_add(due_ms),
         };
-        let reminders = table.get_mut();
-        reminders.retain(|r| !(r.grain == *grain && r.name == name));
-        reminders.push(reminder);
-        table.write().await.map_err(ReminderError::Storage)?;
+        let mut updated = table.get().clone();
+        updated.retain(|r| !(r.grain == *grain && r.name == name));
+        updated.push(reminder);
+        Self::store(&mut guard, updated).await?;
         drop(guard);
         self.changed.notify_one();
         Ok(())
@@ -195,15 +195,38 @@ impl Reminders {
         let Some(table) = guard.as_mut() else {
             return Ok(false);
         };
-        let before = table.get().len();
-        table
-            .get_mut()
-            .retain(|r| !(r.grain == *grain && r.name == name));
-        let removed = table.get().len() != before;
+        let mut updated = table.get().clone();
+        updated.retain(|r| !(r.grain == *grain && r.name == name));
+        let removed = updated.len() != table.get().len();
         if removed {
-            table.write().await.map_err(ReminderError::Storage)?;
+            Self::store(&mut guard, updated).await?;
         }
         Ok(removed)
+    }
+
+    /// Writes `updated` as the new table. The in-memory table changes only
+    /// if the write succeeds; on a conflict (another writer) it is dropped,
+    /// so the next use reloads it.
+    async fn store(
+        guard: &mut tokio::sync::MutexGuard<'_, Option<PersistentState<Vec<Reminder>>>>,
+        updated: Vec<Reminder>,
+    ) -> Result<(), ReminderError> {
+        let Some(table) = guard.as_mut() else {
+            return Err(ReminderError::Storage(StorageError::Backend(
+                "reminders not loaded".into(),
+            )));
+        };
+        let previous = std::mem::replace(table.get_mut(), updated);
+        match table.write().await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                *table.get_mut() = previous;
+                if matches!(err, StorageError::Conflict { .. }) {
+                    **guard = None;
+                }
+                Err(ReminderError::Storage(err))
+            }
+        }
     }
 
     /// The service loop (rule 2); ends when `stop` is cancelled or the
@@ -240,19 +263,31 @@ impl Reminders {
         };
         let now = now_ms();
         let mut fired = Vec::new();
-        for reminder in table.get_mut().iter_mut() {
+        let mut updated = table.get().clone();
+        for reminder in updated.iter_mut() {
             if reminder.next_due_ms <= now {
                 fired.push((reminder.grain.clone(), reminder.name.clone()));
-                // Whole periods past now: a missed period fires once.
-                let behind = (now - reminder.next_due_ms) / reminder.period_ms + 1;
+                // Whole periods past now: a missed period fires once. A
+                // zero period (foreign data) counts as 1 ms.
+                let period = reminder.period_ms.max(1);
+                let behind = (now - reminder.next_due_ms) / period + 1;
                 reminder.next_due_ms = reminder
                     .next_due_ms
-                    .saturating_add(behind.saturating_mul(reminder.period_ms));
+                    .saturating_add(behind.saturating_mul(period));
             }
         }
         if !fired.is_empty() {
-            table.write().await?;
+            // Fire only what the store recorded as fired.
+            if let Err(err) = Self::store(&mut guard, updated).await {
+                return Err(match err {
+                    ReminderError::Storage(err) => err,
+                    other => StorageError::Backend(other.to_string()),
+                });
+            }
         }
+        let Some(table) = guard.as_ref() else {
+            return Ok(Duration::from_millis(100));
+        };
         let next = table
             .get()
             .iter()

@@ -43,8 +43,9 @@
 //!    activation deactivates or resets (its mailbox refuses the tick).
 //! 9. **Stateless workers.** A type registered with `register_stateless`
 //!    has up to `max_workers` slots per key instead of one. A message goes
-//!    to an activation with an empty mailbox, else starts one in a free
-//!    slot, else queues in the activation with the most room. Each worker
+//!    to an idle activation (empty mailbox, no turn running: a worker holds
+//!    one slot of its own mailbox while it runs a turn), else starts one in
+//!    a free slot, else queues in the activation with the most room. Each worker
 //!    is an ordinary activation (rules 3 to 8); rule 2's "exactly one"
 //!    becomes "at most `max_workers`".
 //! 10. **Read-only interleaving.** A message sent with `GrainRef::read` is
@@ -118,6 +119,28 @@ pub(crate) struct Mailbox<G> {
     /// Messages of other chains that arrived during a reentrant wait, in
     /// arrival order; they run before anything newer.
     deferred: std::collections::VecDeque<Envelope<G>>,
+}
+
+/// `timeout` from now; a timeout too long to represent waits a century.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// A mailbox taken out of its context for a reentrant wait; put back when
+/// dropped.
+struct LentMailbox<'c, G: Grain> {
+    ctx: &'c mut GrainContext,
+    mailbox: Option<Box<std::sync::Mutex<Mailbox<G>>>>,
+}
+
+impl<G: Grain> Drop for LentMailbox<'_, G> {
+    fn drop(&mut self) {
+        if let Some(mailbox) = self.mailbox.take() {
+            self.ctx.put_mailbox(mailbox);
+        }
+    }
 }
 
 /// The mailbox behind a `&mut`: its mutex is never contended (see
@@ -505,6 +528,7 @@ impl Silo {
         &self,
         grain_type: &Arc<GrainType<G>>,
         key: &GrainKey,
+        deadline: Instant,
     ) -> Result<mpsc::Sender<Envelope<G>>, CallError> {
         loop {
             if self.inner.shutting_down.load(Ordering::Acquire) {
@@ -514,21 +538,33 @@ impl Silo {
             // copy.
             if let Some(slots) = grain_type.directory.get(key) {
                 if let Choice::Use(sender) = choose(&slots) {
-                    return Ok(sender);
+                    if !sender.is_closed() {
+                        return Ok(sender);
+                    }
                 }
             }
             let mut gone = match grain_type.directory.entry(key.clone()) {
-                dashmap::Entry::Occupied(mut entry) => match choose(entry.get()) {
-                    Choice::Use(sender) => return Ok(sender),
-                    Choice::Wait(gone) => gone,
-                    Choice::Activate(worker) => {
-                        let sender = self.activate_slot(grain_type, key, worker);
-                        if let Some(slot) = entry.get_mut().get_mut(worker) {
-                            *slot = Some(Entry::Active(sender.clone()));
+                dashmap::Entry::Occupied(mut entry) => {
+                    // An active slot whose mailbox is closed belongs to an
+                    // activation that died (rule 5 marks a slot
+                    // `Deactivating` before closing): free it.
+                    for slot in entry.get_mut().iter_mut() {
+                        if matches!(slot, Some(Entry::Active(sender)) if sender.is_closed()) {
+                            *slot = None;
                         }
-                        return Ok(sender);
                     }
-                },
+                    match choose(entry.get()) {
+                        Choice::Use(sender) => return Ok(sender),
+                        Choice::Wait(gone) => gone,
+                        Choice::Activate(worker) => {
+                            let sender = self.activate_slot(grain_type, key, worker);
+                            if let Some(slot) = entry.get_mut().get_mut(worker) {
+                                *slot = Some(Entry::Active(sender.clone()));
+                            }
+                            return Ok(sender);
+                        }
+                    }
+                }
                 dashmap::Entry::Vacant(vacant) => {
                     let sender = self.activate_slot(grain_type, key, 0);
                     let mut slots: Vec<Option<Entry<G>>> =
@@ -538,10 +574,23 @@ impl Silo {
                     return Ok(sender);
                 }
             };
-            // The old activation is finishing: wait until it is gone. If it
-            // died without saying so (its task was cancelled), clear its
-            // slot.
-            if gone.wait_for(|gone| *gone).await.is_err() {
+            // The old activation is finishing: wait until it is gone, at
+            // most until the call's deadline. If it died without saying so
+            // (its task was cancelled), clear its slot.
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(deadline, gone.wait_for(|gone| *gone)) => waited,
+                _ = self.inner.shutdown.cancelled() => return Err(CallError::ShutDown),
+            };
+            let Ok(waited) = waited else {
+                return Err(CallError::Timeout {
+                    grain: GrainId {
+                        type_name: grain_type.name.clone(),
+                        key: key.clone(),
+                    },
+                    after: self.inner.config.call_timeout,
+                });
+            };
+            if waited.is_err() {
                 if let Some(mut slots) = grain_type.directory.get_mut(key) {
                     for slot in slots.iter_mut() {
                         if matches!(slot, Some(Entry::Deactivating(gone)) if gone.has_changed().is_err())
@@ -605,6 +654,9 @@ async fn run_activation<G: Grain>(
         key: key.clone(),
     };
     let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    // A stateless worker holds one mailbox slot while it runs a turn, so
+    // that `choose` sees it busy (rule 9).
+    let busy_marker = (grain_type.workers > 1).then(|| sender.clone());
     ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
         receiver,
         sender,
@@ -666,7 +718,9 @@ async fn run_activation<G: Grain>(
             match next {
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
+                    let busy = busy_marker.as_ref().and_then(|own| own.try_reserve().ok());
                     grain = turn(grain, envelope, &key, &mut ctx).await;
+                    drop(busy);
                     if grain.is_none() {
                         break;
                     }
@@ -705,7 +759,13 @@ async fn run_activation<G: Grain>(
         }
     }
     if let Some(mut grain) = grain {
-        grain.on_deactivate(&mut ctx).await;
+        if AssertUnwindSafe(grain.on_deactivate(&mut ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::warn!(grain = %id, "on_deactivate panicked");
+        }
     }
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
@@ -721,7 +781,10 @@ async fn run_activation<G: Grain>(
 
 /// A new object for `key`, activated; `None` if `on_activate` failed.
 async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
-    let mut grain = G::new(key);
+    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) else {
+        tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
+        return None;
+    };
     match AssertUnwindSafe(grain.on_activate(ctx))
         .catch_unwind()
         .await
@@ -869,7 +932,7 @@ impl<G: Grain> GrainRef<G> {
     {
         let grain_type = self.registered()?;
         let timeout = self.silo.inner.config.call_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let (reply, mut answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -914,7 +977,7 @@ impl<G: Grain> GrainRef<G> {
     {
         let grain_type = self.registered()?;
         let timeout = self.silo.inner.config.call_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -946,7 +1009,7 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         let grain_type = self.registered()?;
-        let deadline = Instant::now() + self.silo.inner.config.call_timeout;
+        let deadline = deadline_after(self.silo.inner.config.call_timeout);
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
@@ -982,11 +1045,20 @@ impl<G: Grain> GrainRef<G> {
         deadline: Instant,
     ) -> Result<(), CallError> {
         loop {
-            let mailbox = self.silo.mailbox(grain_type, &self.key).await?;
+            let mailbox = self.silo.mailbox(grain_type, &self.key, deadline).await?;
             // Room in the mailbox: no timer needed.
             envelope = match mailbox.try_send(envelope) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Closed(returned)) => {
+                    // The activation is deactivating or died: give it a
+                    // moment, and respect the deadline.
+                    if Instant::now() >= deadline {
+                        return Err(CallError::Timeout {
+                            grain: self.id(grain_type),
+                            after: self.silo.inner.config.call_timeout,
+                        });
+                    }
+                    tokio::task::yield_now().await;
                     envelope = returned;
                     continue;
                 }
@@ -1031,7 +1103,7 @@ impl GrainContext {
         let chain = self.chain();
         let grain_type = target.registered()?;
         let timeout = target.silo.inner.config.call_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let (reply, mut answer) = oneshot::channel();
         let envelope = Envelope::<T> {
             chain,
@@ -1048,16 +1120,26 @@ impl GrainContext {
             Message(Option<Envelope<G>>),
             Timeout,
         }
+        let capacity = self.silo().inner.config.mailbox_capacity;
         loop {
-            // Outside an activation of `G` there is nothing to lend.
-            let mut mailbox = self.take_mailbox::<G>();
-            let receiving = mailbox.as_mut().map(exclusive).is_some_and(|mailbox| {
-                !mailbox.receiver.is_closed() || !mailbox.receiver.is_empty()
+            // Outside an activation of `G` there is nothing to lend. The
+            // guard puts the mailbox back even if this future is dropped
+            // mid-wait (a caller's timeout).
+            let mailbox = self.take_mailbox::<G>();
+            let mut lent = LentMailbox {
+                ctx: &mut *self,
+                mailbox,
+            };
+            // Set-aside messages count against the mailbox's bound: past
+            // it, the wait stops receiving, and senders wait (rule 4).
+            let receiving = lent.mailbox.as_mut().map(exclusive).is_some_and(|mailbox| {
+                (!mailbox.receiver.is_closed() || !mailbox.receiver.is_empty())
+                    && mailbox.deferred.len() < capacity
             });
             let event = tokio::select! {
                 answer = &mut answer => Event::Answer(answer),
                 next = async {
-                    match mailbox.as_mut() {
+                    match lent.mailbox.as_mut() {
                         Some(mailbox) => exclusive(mailbox).receiver.recv().await,
                         None => std::future::pending().await,
                     }
@@ -1067,16 +1149,14 @@ impl GrainContext {
             // A message of another chain waits for the current turn.
             let event = match event {
                 Event::Message(Some(envelope)) if envelope.chain != chain => {
-                    if let Some(mailbox) = mailbox.as_mut() {
+                    if let Some(mailbox) = lent.mailbox.as_mut() {
                         exclusive(mailbox).deferred.push_back(envelope);
                     }
                     Event::Message(None)
                 }
                 other => other,
             };
-            if let Some(mailbox) = mailbox {
-                self.put_mailbox(mailbox);
-            }
+            drop(lent);
             match event {
                 Event::Answer(Ok(reply)) => return Ok(reply),
                 Event::Answer(Err(_)) => {
@@ -1094,7 +1174,10 @@ impl GrainContext {
                 Event::Message(Some(envelope)) => {
                     match envelope.turn {
                         Turn::Write(write) => write(this, self).await,
-                        Turn::Read(read) => read(this, self).await,
+                        // A panicking read fails only its own call (rule 10).
+                        Turn::Read(read) => {
+                            let _ = AssertUnwindSafe(read(this, self)).catch_unwind().await;
+                        }
                     }
                     self.set_chain(chain);
                 }

@@ -177,13 +177,25 @@ impl StorageProvider for MemoryStorage {
         expected: Option<ETag>,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
         Box::pin(async move {
-            let actual = self.states.get(grain).map(|state| state.etag);
-            if actual != expected {
-                return Err(Self::conflict(grain, expected, actual));
+            let Some(expected_etag) = expected else {
+                // Clearing nothing: fine only if nothing is stored.
+                let actual = self.states.get(grain).map(|state| state.etag);
+                return match actual {
+                    None => Ok(()),
+                    actual => Err(Self::conflict(grain, None, actual)),
+                };
+            };
+            // The check and the removal are one operation on the entry.
+            match self
+                .states
+                .remove_if(grain, |_, state| state.etag == expected_etag)
+            {
+                Some(_) => Ok(()),
+                None => {
+                    let actual = self.states.get(grain).map(|state| state.etag);
+                    Err(Self::conflict(grain, expected, actual))
+                }
             }
-            self.states
-                .remove_if(grain, |_, state| Some(state.etag) == expected);
-            Ok(())
         })
     }
 }

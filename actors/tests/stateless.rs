@@ -75,3 +75,29 @@ fn zero_workers_is_refused() {
         Err(SiloError::InvalidConfig(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_is_not_chosen_while_a_slot_is_free() {
+    let silo = Silo::builder()
+        .register_stateless::<Hasher>("hasher", 4)
+        .build()
+        .unwrap();
+    let hasher = silo.grain::<Hasher>("pool");
+    let first = {
+        let hasher = hasher.clone();
+        tokio::spawn(async move { hasher.call(Work(1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The first worker is mid-turn with an empty mailbox: a second call
+    // starts a second worker instead of queueing behind it.
+    let started = Instant::now();
+    assert_eq!(hasher.call(Work(2)).await.unwrap(), 4);
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 2);
+    assert_eq!(silo.activations_started(), 2);
+    silo.shutdown().await;
+}

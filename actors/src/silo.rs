@@ -340,6 +340,14 @@ impl SiloBuilder {
     }
 
     fn register_with_workers<G: Grain>(mut self, name: &str, workers: usize) -> SiloBuilder {
+        if self.types.contains_key(&TypeId::of::<G>()) {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "{} is registered under two names",
+                    std::any::type_name::<G>()
+                )
+            });
+        }
         if self
             .names
             .insert(name.to_string(), TypeId::of::<G>())
@@ -767,6 +775,8 @@ async fn run_activation<G: Grain>(
             tracing::warn!(grain = %id, "on_deactivate panicked");
         }
     }
+    // Timers registered by the last turns or by on_deactivate end too.
+    ctx.cancel_timers();
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;

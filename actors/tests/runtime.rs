@@ -433,3 +433,14 @@ async fn idle_activations_are_shed_under_memory_pressure() {
     assert_eq!(silo.grain::<Counter>(3u64).call(Get).await.unwrap(), 1);
     silo.shutdown().await;
 }
+
+#[test]
+fn one_type_under_two_names_is_refused() {
+    assert!(matches!(
+        Silo::builder()
+            .register::<Counter>("counter")
+            .register::<Counter>("tally")
+            .build(),
+        Err(SiloError::InvalidConfig(_))
+    ));
+}

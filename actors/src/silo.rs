@@ -941,9 +941,8 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         let grain_type = self.registered()?;
-        let timeout = self.silo.inner.config.call_timeout;
-        let deadline = deadline_after(timeout);
-        let (reply, mut answer) = oneshot::channel();
+        let deadline = deadline_after(self.silo.inner.config.call_timeout);
+        let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
@@ -954,6 +953,16 @@ impl<G: Grain> GrainRef<G> {
             })),
         };
         self.deliver(&grain_type, envelope, deadline).await?;
+        self.reply(&grain_type, answer, deadline).await
+    }
+
+    /// Waits for the answer to a delivered call, until `deadline`.
+    async fn reply<R>(
+        &self,
+        grain_type: &GrainType<G>,
+        mut answer: oneshot::Receiver<R>,
+        deadline: Instant,
+    ) -> Result<R, CallError> {
         // Fast path: give the activation a chance to run first, and take the
         // answer without arming a timer if it is already there.
         tokio::task::yield_now().await;
@@ -961,7 +970,7 @@ impl<G: Grain> GrainRef<G> {
             Ok(reply) => return Ok(reply),
             Err(oneshot::error::TryRecvError::Closed) => {
                 return Err(CallError::TurnFailed {
-                    grain: self.id(&grain_type),
+                    grain: self.id(grain_type),
                 });
             }
             Err(oneshot::error::TryRecvError::Empty) => answer,
@@ -969,11 +978,11 @@ impl<G: Grain> GrainRef<G> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(CallError::TurnFailed {
-                grain: self.id(&grain_type),
+                grain: self.id(grain_type),
             }),
             Err(_) => Err(CallError::Timeout {
-                grain: self.id(&grain_type),
-                after: timeout,
+                grain: self.id(grain_type),
+                after: self.silo.inner.config.call_timeout,
             }),
         }
     }
@@ -986,8 +995,7 @@ impl<G: Grain> GrainRef<G> {
         G: crate::grain::ReadHandler<M>,
     {
         let grain_type = self.registered()?;
-        let timeout = self.silo.inner.config.call_timeout;
-        let deadline = deadline_after(timeout);
+        let deadline = deadline_after(self.silo.inner.config.call_timeout);
         let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -999,16 +1007,7 @@ impl<G: Grain> GrainRef<G> {
             })),
         };
         self.deliver(&grain_type, envelope, deadline).await?;
-        match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(CallError::TurnFailed {
-                grain: self.id(&grain_type),
-            }),
-            Err(_) => Err(CallError::Timeout {
-                grain: self.id(&grain_type),
-                after: timeout,
-            }),
-        }
+        self.reply(&grain_type, answer, deadline).await
     }
 
     /// Sends `message` without waiting for its handling: returns once the

@@ -1,5 +1,9 @@
-//! Grains reach their silo's GPU bridge through the grain context: the
-//! bridge is a silo service, and granary-actors knows nothing of GPUs.
+//! GPU grains. Grains reach their silo's GPU bridge through the grain
+//! context (the bridge is a silo service; granary-actors knows nothing of
+//! GPUs). Three kinds, as the samples: a latency-bound grain on a
+//! persistent kernel (`Doubler`), a compute grain on the batch path
+//! (`Matrices`), and a grain that keeps a buffer resident on its device,
+//! reserved in the broker while it is active (`Resident`).
 
 use std::sync::Arc;
 
@@ -88,4 +92,198 @@ async fn a_silo_without_the_bridge_fails_activation_clearly() {
         Err(granary::actors::CallError::TurnFailed { .. })
     ));
     silo.shutdown().await;
+}
+
+/// A grain that keeps a vector resident on its device across calls: the
+/// buffer's memory is reserved in the bridge's broker when the grain
+/// activates and released when it deactivates. On the CPU backend the
+/// device's memory is host memory, so the buffer is an ordinary vector.
+struct Resident {
+    bridge: Option<Arc<GpuBridge>>,
+    buffer: Vec<f32>,
+    reservation: Option<granary::gpu::Reservation>,
+}
+
+/// Elements the resident buffer holds (within one ring slot for SAXPY).
+const RESIDENT: usize = 1000;
+
+impl Grain for Resident {
+    fn new(_: &GrainKey) -> Resident {
+        Resident {
+            bridge: None,
+            buffer: Vec::new(),
+            reservation: None,
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        let bridge = ctx
+            .service::<GpuBridge>()
+            .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
+        let bytes = (RESIDENT * 4) as u64;
+        let need = granary::gpu::Requirements {
+            min_free_memory: bytes,
+            ..Default::default()
+        };
+        let broker = bridge.broker();
+        let device = broker
+            .select(&need)
+            .ok_or_else(|| ActivationError("no device has room for the buffer".into()))?;
+        self.reservation = Some(
+            broker
+                .reserve(device, bytes)
+                .map_err(|err| ActivationError(err.to_string()))?,
+        );
+        self.buffer = vec![1.0; RESIDENT];
+        self.bridge = Some(bridge);
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, _: &mut GrainContext) {
+        // The buffer goes, and its reservation with it.
+        self.buffer = Vec::new();
+        self.reservation = None;
+    }
+}
+
+/// `buffer = a·buffer + buffer`, computed by the SAXPY kernel; answers the
+/// first element.
+struct Grow(f32);
+impl Message for Grow {
+    type Reply = Result<f32, ExecuteError>;
+}
+impl Handler<Grow> for Resident {
+    async fn handle(&mut self, Grow(a): Grow, _: &mut GrainContext) -> Result<f32, ExecuteError> {
+        let bridge = self.bridge.as_ref().ok_or(ExecuteError::ShutDown)?;
+        let request: Vec<f32> = std::iter::once(a)
+            .chain(self.buffer.iter().copied())
+            .chain(self.buffer.iter().copied())
+            .collect();
+        self.buffer = bytes_f32(&bridge.execute("saxpy", &f32_bytes(&request)).await?);
+        Ok(self.buffer[0])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_buffer_is_reserved_while_active_and_released_on_deactivation() {
+    let bridge = Arc::new(GpuBridge::builder().kernels(shipped::ALL).build().unwrap());
+    let silo = Silo::builder()
+        .register::<Resident>("resident")
+        .service(bridge.clone())
+        .config(granary::actors::SiloConfig {
+            idle_timeout: std::time::Duration::from_millis(200),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let device = bridge.devices()[0].0;
+    let reserved = || bridge.broker().stats(device).unwrap().reserved;
+    let grain = silo.grain::<Resident>("v");
+    // The buffer lives across calls: 1 → 3 → 9.
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 3.0);
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 9.0);
+    // Reserved: the buffer, plus the SAXPY kernel's rings.
+    let while_active = reserved();
+    assert!(while_active >= (RESIDENT * 4) as u64);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(silo.live_activations(), 0);
+    assert_eq!(
+        while_active - reserved(),
+        (RESIDENT * 4) as u64,
+        "the buffer's reservation was released"
+    );
+    // A new activation starts from a fresh buffer.
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 3.0);
+    silo.shutdown().await;
+    bridge.shutdown(StopMode::Drain).await;
+}
+
+/// Multiplies matrices on the bridge's batch path (inputs too large for a
+/// ring slot), keeping the last product.
+struct Matrices {
+    bridge: Option<Arc<GpuBridge>>,
+    last: Vec<f32>,
+}
+
+impl Grain for Matrices {
+    fn new(_: &GrainKey) -> Matrices {
+        Matrices {
+            bridge: None,
+            last: Vec::new(),
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.bridge = Some(
+            ctx.service::<GpuBridge>()
+                .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?,
+        );
+        Ok(())
+    }
+}
+
+/// `A·B` for square `n×n` matrices.
+struct Multiply {
+    n: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+impl Message for Multiply {
+    type Reply = Result<Vec<f32>, ExecuteError>;
+}
+impl Handler<Multiply> for Matrices {
+    async fn handle(
+        &mut self,
+        m: Multiply,
+        _: &mut GrainContext,
+    ) -> Result<Vec<f32>, ExecuteError> {
+        let bridge = self.bridge.as_ref().ok_or(ExecuteError::ShutDown)?;
+        let request =
+            shipped::matmul_request(m.n, m.n, m.n, &m.a, &m.b).ok_or(ExecuteError::Rejected {
+                kernel: "matmul",
+                status: granary::kernels::Status::BadLength,
+            })?;
+        self.last = bytes_f32(&bridge.execute("matmul", &request).await?);
+        Ok(self.last.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_grain_multiplies_matrices_on_the_batch_path() {
+    let bridge = Arc::new(GpuBridge::builder().kernels(shipped::ALL).build().unwrap());
+    let silo = Silo::builder()
+        .register::<Matrices>("matrices")
+        .service(bridge.clone())
+        .build()
+        .unwrap();
+    let n = 96;
+    let identity: Vec<f32> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32).collect();
+    let grain = silo.grain::<Matrices>("m");
+    let product = grain
+        .call(Multiply {
+            n,
+            a: a.clone(),
+            b: identity,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(product, a, "A·I = A");
+    // Mismatched sizes are a typed error from the grain.
+    assert!(matches!(
+        grain
+            .call(Multiply {
+                n,
+                a: vec![1.0],
+                b: vec![1.0]
+            })
+            .await
+            .unwrap(),
+        Err(ExecuteError::Rejected { .. })
+    ));
+    silo.shutdown().await;
+    bridge.shutdown(StopMode::Drain).await;
 }

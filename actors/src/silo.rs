@@ -675,7 +675,13 @@ async fn run_activation<G: Grain>(
     let shutting_down = shutdown.cancelled();
     tokio::pin!(shutting_down);
     let idle = silo.inner.config.idle_timeout;
-    let mut grain = activate::<G>(&key, &mut ctx).await;
+    // An activation spawned as the silo shut down does not start: its
+    // messages fail, and no grain code runs after `shutdown` returned.
+    let mut grain = if silo.inner.shutdown.is_cancelled() {
+        None
+    } else {
+        activate::<G>(&key, &mut ctx).await
+    };
     // Idle collection counts messages that keep the grain alive (rule 8).
     // One timer checks for idleness a few times per idle period, rather
     // than a timeout armed for every message.

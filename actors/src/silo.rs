@@ -104,10 +104,23 @@ tokio::task_local! {
 
 /// The chain a new call joins: the current turn's, or a fresh one.
 fn current_chain() -> u64 {
-    static NEXT_CHAIN: AtomicU64 = AtomicU64::new(1);
     CHAIN
         .try_with(|chain| *chain)
-        .unwrap_or_else(|_| NEXT_CHAIN.fetch_add(1, Ordering::Relaxed))
+        .unwrap_or_else(|_| fresh_chain())
+}
+
+/// A chain id no other call has: a per-thread counter in the low 40 bits
+/// and the thread's number above, so no shared counter is touched.
+fn fresh_chain() -> u64 {
+    static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40);
+    }
+    NEXT.with(|next| {
+        let chain = next.get();
+        next.set(chain + 1);
+        chain
+    })
 }
 
 /// An activation's mailbox, kept in its `GrainContext` so that a turn
@@ -677,7 +690,7 @@ async fn run_activation<G: Grain>(
     let idle = silo.inner.config.idle_timeout;
     // An activation spawned as the silo shut down does not start: its
     // messages fail, and no grain code runs after `shutdown` returned.
-    let mut grain = if silo.inner.shutdown.is_cancelled() {
+    let mut grain = if silo.inner.shutting_down.load(Ordering::Acquire) {
         None
     } else {
         activate::<G>(&key, &mut ctx).await
@@ -698,7 +711,8 @@ async fn run_activation<G: Grain>(
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if grain.is_some() {
         loop {
-            if shutdown.is_cancelled() {
+            // The flag, not the token: checking a token takes a lock.
+            if silo.inner.shutting_down.load(Ordering::Acquire) {
                 break;
             }
             let Some(mut mailbox) = ctx.take_mailbox::<G>() else {

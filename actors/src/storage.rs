@@ -73,6 +73,35 @@ impl fmt::Display for StorageError {
 
 impl std::error::Error for StorageError {}
 
+impl StorageError {
+    /// A `Conflict` for `grain`.
+    pub(crate) fn conflict(
+        grain: &GrainId,
+        expected: Option<ETag>,
+        actual: Option<ETag>,
+    ) -> StorageError {
+        StorageError::Conflict {
+            grain: grain.clone(),
+            expected,
+            actual,
+        }
+    }
+
+    /// `Ok` if the stored version `actual` is the `expected` one, else a
+    /// `Conflict`: the check every provider makes before it writes.
+    pub(crate) fn unless_current(
+        grain: &GrainId,
+        expected: Option<ETag>,
+        actual: Option<ETag>,
+    ) -> Result<(), StorageError> {
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(StorageError::conflict(grain, expected, actual))
+        }
+    }
+}
+
 /// Where grain state lives. Implementations: [`MemoryStorage`],
 /// [`RedbStorage`] (embedded, on disk) and [`PostgresStorage`].
 pub trait StorageProvider: Send + Sync + 'static {
@@ -120,14 +149,6 @@ impl MemoryStorage {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1
     }
-
-    fn conflict(grain: &GrainId, expected: Option<ETag>, actual: Option<ETag>) -> StorageError {
-        StorageError::Conflict {
-            grain: grain.clone(),
-            expected,
-            actual,
-        }
-    }
 }
 
 impl StorageProvider for MemoryStorage {
@@ -149,18 +170,14 @@ impl StorageProvider for MemoryStorage {
             match self.states.entry(grain.clone()) {
                 dashmap::Entry::Occupied(mut stored) => {
                     let actual = stored.get().etag;
-                    if expected != Some(actual) {
-                        return Err(Self::conflict(grain, expected, Some(actual)));
-                    }
+                    StorageError::unless_current(grain, expected, Some(actual))?;
                     stored.insert(StoredState {
                         data: data.to_vec(),
                         etag,
                     });
                 }
                 dashmap::Entry::Vacant(vacant) => {
-                    if expected.is_some() {
-                        return Err(Self::conflict(grain, expected, None));
-                    }
+                    StorageError::unless_current(grain, expected, None)?;
                     vacant.insert(StoredState {
                         data: data.to_vec(),
                         etag,
@@ -180,10 +197,7 @@ impl StorageProvider for MemoryStorage {
             let Some(expected_etag) = expected else {
                 // Clearing nothing: fine only if nothing is stored.
                 let actual = self.states.get(grain).map(|state| state.etag);
-                return match actual {
-                    None => Ok(()),
-                    actual => Err(Self::conflict(grain, None, actual)),
-                };
+                return StorageError::unless_current(grain, None, actual);
             };
             // The check and the removal are one operation on the entry.
             match self
@@ -193,7 +207,7 @@ impl StorageProvider for MemoryStorage {
                 Some(_) => Ok(()),
                 None => {
                     let actual = self.states.get(grain).map(|state| state.etag);
-                    Err(Self::conflict(grain, expected, actual))
+                    Err(StorageError::conflict(grain, expected, actual))
                 }
             }
         })

@@ -83,11 +83,7 @@ impl PostgresStorage {
 
     async fn conflict(&self, grain: &GrainId, key: &[u8], expected: Option<ETag>) -> StorageError {
         match self.stored_etag(grain, key).await {
-            Ok(actual) => StorageError::Conflict {
-                grain: grain.clone(),
-                expected,
-                actual,
-            },
+            Ok(actual) => StorageError::conflict(grain, expected, actual),
             Err(err) => err,
         }
     }
@@ -163,14 +159,8 @@ impl StorageProvider for PostgresStorage {
             let key = encode_key(grain)?;
             let Some(expected) = expected else {
                 // Clearing nothing: fine only if nothing is stored.
-                return match self.stored_etag(grain, &key).await? {
-                    None => Ok(()),
-                    actual => Err(StorageError::Conflict {
-                        grain: grain.clone(),
-                        expected: None,
-                        actual,
-                    }),
-                };
+                let actual = self.stored_etag(grain, &key).await?;
+                return StorageError::unless_current(grain, None, actual);
             };
             let deleted = self
                 .client

@@ -120,14 +120,7 @@ impl StorageProvider for RedbStorage {
             let txn = db.begin_write().map_err(backend)?;
             let etag = {
                 let mut table = txn.open_table(STATES).map_err(backend)?;
-                let actual = stored_etag(&table, &key)?;
-                if actual != expected {
-                    return Err(StorageError::Conflict {
-                        grain,
-                        expected,
-                        actual,
-                    });
-                }
+                StorageError::unless_current(&grain, expected, stored_etag(&table, &key)?)?;
                 let mut meta = txn.open_table(META).map_err(backend)?;
                 let etag = meta
                     .get(NEXT_ETAG)
@@ -159,14 +152,7 @@ impl StorageProvider for RedbStorage {
             let txn = db.begin_write().map_err(backend)?;
             {
                 let mut table = txn.open_table(STATES).map_err(backend)?;
-                let actual = stored_etag(&table, &key)?;
-                if actual != expected {
-                    return Err(StorageError::Conflict {
-                        grain,
-                        expected,
-                        actual,
-                    });
-                }
+                StorageError::unless_current(&grain, expected, stored_etag(&table, &key)?)?;
                 table.remove(key.as_slice()).map_err(backend)?;
             }
             txn.commit().map_err(backend)?;

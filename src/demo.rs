@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
-use granary_kernels::shipped::{DOUBLE, VECTOR_ADD};
+use granary_kernels::shipped::{DOUBLE, VECTOR_ADD, bytes_f32, f32_bytes};
 use granary_kernels::{Backend, BackendKind};
 use hdrhistogram::Histogram;
 
@@ -380,20 +380,23 @@ async fn call_many(
     let mut ring = histogram();
     let mut batch = histogram();
     let batch_elements = config.batch_elements as usize;
-    let batch_input: Vec<u8> = (0..2 * batch_elements)
-        .flat_map(|i| ((i % batch_elements) as f32).to_le_bytes())
-        .collect();
+    let batch_input = f32_bytes(
+        &(0..2 * batch_elements)
+            .map(|i| (i % batch_elements) as f32)
+            .collect::<Vec<_>>(),
+    );
     for i in 0..count {
         let is_batch = config.batch_every > 0 && i % config.batch_every == config.batch_every - 1;
         let started = Instant::now();
         if is_batch {
             let key = grain_key(caller, i, config.grains);
             let output = compute(silo, key, "vector_add", batch_input.clone()).await?;
-            let checked = output.len() == 4 * batch_elements
-                && output
-                    .chunks_exact(4)
+            let sums = bytes_f32(&output);
+            let checked = sums.len() == batch_elements
+                && sums
+                    .iter()
                     .enumerate()
-                    .all(|(j, word)| word == (2.0 * j as f32).to_le_bytes());
+                    .all(|(j, sum)| *sum == 2.0 * j as f32);
             if !checked {
                 return Err(DemoError::Request("a vector add came back wrong".into()));
             }
@@ -401,19 +404,14 @@ async fn call_many(
         } else {
             // A request unique to this caller and turn.
             let base = (caller as f32) * 1e4 + (i % 10_000) as f32;
-            let input: Vec<u8> = (0..config.small_elements)
-                .flat_map(|j| (base + j as f32).to_le_bytes())
+            let values: Vec<f32> = (0..config.small_elements)
+                .map(|j| base + j as f32)
                 .collect();
             let key = grain_key(caller, i, config.grains);
-            let output = compute(silo, key, "double", input.clone()).await?;
-            let checked = output.len() == input.len()
-                && output
-                    .chunks_exact(4)
-                    .zip(input.chunks_exact(4))
-                    .all(|(out, inp)| {
-                        let x = f32::from_le_bytes([inp[0], inp[1], inp[2], inp[3]]);
-                        out == (2.0 * x).to_le_bytes()
-                    });
+            let output = compute(silo, key, "double", f32_bytes(&values)).await?;
+            let doubled = bytes_f32(&output);
+            let checked = doubled.len() == values.len()
+                && doubled.iter().zip(&values).all(|(out, x)| *out == 2.0 * x);
             if !checked {
                 return Err(DemoError::Request(format!(
                     "caller {caller} request {i} came back wrong"

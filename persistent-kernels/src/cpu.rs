@@ -41,6 +41,10 @@ pub struct KernelConfig {
     /// lets the backend choose: one on a CPU device, where each spinning
     /// work-group holds a host thread. Ignored by the CPU backend.
     pub work_groups: Option<u32>,
+    /// Work-items in each work-group; `None` lets the backend choose. The
+    /// CUDA backend runs one block of this many threads (default 256, at
+    /// most the capacity and 1024); OpenCL and the CPU ignore it.
+    pub threads_per_group: Option<u32>,
     /// Compute units a device backend must leave free when it launches
     /// this kernel, counting every persistent kernel already running on the
     /// device (default 0). The bridge keeps one free, so that batch
@@ -55,6 +59,7 @@ impl Default for KernelConfig {
             policy: WaitPolicy::default(),
             idle_poll: Duration::from_millis(1),
             work_groups: None,
+            threads_per_group: None,
             keep_free_compute_units: 0,
         }
     }

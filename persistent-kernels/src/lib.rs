@@ -25,6 +25,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 pub mod opencl;
 pub mod shipped;

@@ -4,7 +4,9 @@
  * Shared by the CUDA C and OpenCL C preludes, which define:
  *   GRANARY_U32, GRANARY_U64         plain 32- and 64-bit unsigned integers
  *   GRANARY_ATOMIC_U32, _U64         the same sizes, accessed atomically
- *   GRANARY_OFFSETOF(type, member)   offsetof
+ *   GRANARY_OFFSETOF(type, member)   offsetof, where the compiler has a
+ *                                    constant one (not NVRTC: offsets are
+ *                                    then left to the host compiler's check)
  * Every offset below is checked against the Rust definitions by
  * ring-buffer/tests/device_layout.rs; the protocol is docs/ring-protocol.md.
  */
@@ -95,6 +97,7 @@ typedef struct granary_slot_header {
 GRANARY_RING_CHECK(header_size, sizeof(granary_ring_header) == GRANARY_RING_LINE_BYTES);
 GRANARY_RING_CHECK(control_size, sizeof(granary_ring_control) == GRANARY_RING_CONTROL_BYTES);
 GRANARY_RING_CHECK(slot_header_size, sizeof(granary_slot_header) == GRANARY_RING_SLOT_HEADER_BYTES);
+#ifdef GRANARY_OFFSETOF
 GRANARY_RING_CHECK(off_total, GRANARY_OFFSETOF(granary_ring_header, total_bytes) == GRANARY_RING_OFF_TOTAL_BYTES);
 GRANARY_RING_CHECK(off_crc, GRANARY_OFFSETOF(granary_ring_header, header_crc) == GRANARY_RING_OFF_HEADER_CRC);
 GRANARY_RING_CHECK(off_tail, GRANARY_OFFSETOF(granary_ring_control, tail) == GRANARY_RING_OFF_TAIL);
@@ -104,6 +107,7 @@ GRANARY_RING_CHECK(off_pbeat, GRANARY_OFFSETOF(granary_ring_control, producer_he
 GRANARY_RING_CHECK(off_cbeat, GRANARY_OFFSETOF(granary_ring_control, consumer_heartbeat) == GRANARY_RING_OFF_CONSUMER_HEARTBEAT);
 GRANARY_RING_CHECK(off_len, GRANARY_OFFSETOF(granary_slot_header, len) == GRANARY_SLOT_OFF_LEN);
 GRANARY_RING_CHECK(off_slot_flags, GRANARY_OFFSETOF(granary_slot_header, flags) == GRANARY_SLOT_OFF_FLAGS);
+#endif
 
 /* The header of the slot that holds `position` (capacity is a power of two). */
 #define GRANARY_RING_SLOT(ring_base, slot_size, capacity, position)                    \

@@ -1,0 +1,298 @@
+/*
+ * Granary persistent kernel, CUDA C (NVRTC).
+ *
+ * Included after the ring layout (granary_ring::device::CUDA_HEADER), the
+ * status codes (device/prelude.h) and the kernel's own
+ *
+ *   __device__ unsigned int granary_process(const unsigned char* request,
+ *       unsigned int request_len, unsigned char* response,
+ *       unsigned int response_max, unsigned int* response_len);
+ *
+ * which returns a status (0 = ok).
+ *
+ * Both rings live in pinned host memory mapped into the device's address
+ * space (cuMemHostAlloc with DEVICEMAP|PORTABLE), so every access to them
+ * crosses PCIe. The kernel is launched as ONE block of blockDim.x threads
+ * (a multiple of 32, at most GRANARY_BLOCK_MAX and at most the ring's
+ * capacity), and that block is:
+ *
+ *   - the request ring's only consumer (MPSC, rules M4-M5): no
+ *     read-modify-write on `head` is needed, and none is made (atomics on
+ *     mapped host memory are not atomic with respect to the host over PCIe);
+ *   - the response ring's only producer, in SPSC mode (rules S1-S2, S5): it
+ *     keeps its own `tail` and a cached `head`, and the host's close of that
+ *     ring is the Abandon signal.
+ *
+ * One turn of the loop (docs/ring-protocol.md, rule numbers in brackets):
+ *
+ *   1. Thread t loads, with acquire at system scope, the sequence of the
+ *      slot at position head + t, for t below the poll width (one warp
+ *      while idle, the whole block while busy). The published prefix is the
+ *      batch [M4].
+ *   2. An empty turn beats the heartbeat [H1], checks for Abandon (the
+ *      response ring closed) and for the end of the stream (the request
+ *      ring closed and drained, [C3]), and backs off.
+ *   3. Thread 0 finds room for the batch's responses [S1]; a batch that
+ *      does not fit is cut to the room there is. SKIP slots need no room.
+ *   4. Thread 0 stores the response tail with release [S2].
+ *   5. Each thread copies its request from host memory into device scratch
+ *      with 16-byte loads (a few PCIe round trips for the whole batch,
+ *      instead of one per element), runs granary_process on the copy,
+ *      writes the response slot, releases the request slot [M5] and only
+ *      then publishes the response [M3, K1].
+ *   6. Thread 0 stores the new request head [M5] and beats the heartbeat.
+ *
+ * Visibility: loads of shared words use ld.acquire.sys and stores
+ * st.release.sys (PTX memory model, sm_70 and later), so a thread that has
+ * acquired a published sequence reads the payload written before it, and a
+ * response's bytes reach the host before its sequence. Thread 0's stores of
+ * indices follow a __syncthreads() and a __threadfence_system(), which make
+ * the other threads' writes visible first.
+ */
+
+#define GRANARY_BLOCK_MAX 1024u
+/* Threads that poll while the kernel is idle: one warp. */
+#define GRANARY_IDLE_POLL 32u
+/* Empty turns spun before the kernel starts to sleep between polls. */
+#define GRANARY_SPIN_TURNS 4096u
+/* The longest sleep between polls of an idle kernel, in nanoseconds. */
+#define GRANARY_MAX_SLEEP_NS 20000u
+
+__device__ __forceinline__ unsigned long long granary_load_acquire_u64(
+    const volatile unsigned long long* address) {
+    unsigned long long value;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ unsigned int granary_load_acquire_u32(
+    const volatile unsigned int* address) {
+    unsigned int value;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void granary_store_release_u64(volatile unsigned long long* address,
+                                                          unsigned long long value) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void granary_store_relaxed_u64(volatile unsigned long long* address,
+                                                          unsigned long long value) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ granary_slot_header* granary_slot(unsigned char* ring,
+                                                             unsigned int slot_size,
+                                                             unsigned long long capacity,
+                                                             unsigned long long position) {
+    return (granary_slot_header*)(ring + GRANARY_RING_CONTROL_BYTES
+                                  + (size_t)(position & (capacity - 1ull)) * slot_size);
+}
+
+/* Copies `bytes` rounded up to 16 (both ends 16-byte aligned, and the
+ * rounded length within both buffers), with eight loads in flight. */
+__device__ __forceinline__ void granary_copy16(unsigned char* to, const unsigned char* from,
+                                               unsigned int bytes) {
+    const uint4* source = (const uint4*)from;
+    uint4* target = (uint4*)to;
+    const unsigned int words = (bytes + 15u) / 16u;
+#pragma unroll 8
+    for (unsigned int i = 0; i < words; i++) target[i] = source[i];
+}
+
+/* requests, responses: the rings' device addresses (host-mapped).
+ * scratch: device memory, blockDim.x * scratch_stride bytes; each thread
+ * uses its own stride, request copy first, then its response. */
+extern "C" __global__ void __launch_bounds__(GRANARY_BLOCK_MAX)
+granary_persistent(unsigned char* requests, unsigned char* responses, unsigned char* scratch,
+                   unsigned int scratch_stride) {
+    granary_ring_control* request_control = (granary_ring_control*)requests;
+    granary_ring_control* response_control = (granary_ring_control*)responses;
+    /* Header lines are written before launch and never change. */
+    const unsigned long long request_capacity = request_control->header.capacity;
+    const unsigned int request_slot = request_control->header.slot_size;
+    const unsigned int request_max = request_control->header.max_payload;
+    const unsigned long long response_capacity = response_control->header.capacity;
+    const unsigned int response_slot = response_control->header.slot_size;
+    const unsigned int response_max = response_control->header.max_payload;
+    const unsigned int width = blockDim.x;
+    const unsigned int t = threadIdx.x;
+    const unsigned int request_room = (request_max + 15u) & ~15u;
+    unsigned char* my_request = scratch + (size_t)t * scratch_stride;
+    unsigned char* my_response = my_request + request_room;
+
+    __shared__ unsigned long long s_head;        /* request ring: next position to take */
+    __shared__ unsigned long long s_tail;        /* response ring: next position to fill */
+    __shared__ unsigned long long s_cached_head; /* response ring: host's head, cached (S1) */
+    __shared__ unsigned long long s_beat;        /* heartbeat value last stored */
+    __shared__ unsigned long long s_waits;       /* response producer heartbeat */
+    __shared__ unsigned int s_ready;             /* published prefix of this turn */
+    __shared__ unsigned int s_take;              /* slots taken this turn */
+    __shared__ unsigned int s_answered;          /* responses among them */
+    __shared__ unsigned int s_skips;             /* SKIP slots among the first s_ready */
+    __shared__ unsigned int s_poll;              /* threads that poll this turn */
+    __shared__ unsigned int s_idle;              /* empty turns in a row */
+    __shared__ int s_exit;
+    __shared__ unsigned int s_out[GRANARY_BLOCK_MAX]; /* response offset per taken slot */
+    __shared__ unsigned char s_skip[GRANARY_BLOCK_MAX];
+
+    if (t == 0) {
+        s_head = granary_load_acquire_u64(&request_control->head.value);
+        s_tail = granary_load_acquire_u64(&response_control->tail.value) & ~GRANARY_RING_TAIL_CLOSED_BIT;
+        s_cached_head = granary_load_acquire_u64(&response_control->head.value);
+        s_beat = granary_load_acquire_u64(&request_control->consumer_heartbeat.value);
+        s_waits = granary_load_acquire_u64(&response_control->producer_heartbeat.value);
+        s_poll = width < GRANARY_IDLE_POLL ? width : GRANARY_IDLE_POLL;
+        s_idle = 0;
+        s_exit = 0;
+    }
+    __syncthreads();
+
+    for (;;) {
+        const unsigned long long head = s_head;
+        const unsigned int poll = s_poll;
+        if (t == 0) s_ready = poll;
+        __syncthreads();
+
+        /* 1. The published prefix. */
+        granary_slot_header* slot = granary_slot(requests, request_slot, request_capacity, head + t);
+        if (t < poll) {
+            unsigned long long sequence = granary_load_acquire_u64(&slot->sequence);
+            if (sequence != head + t + 1ull) atomicMin(&s_ready, t);
+        }
+        __syncthreads();
+        const unsigned int ready = s_ready;
+
+        /* 2. An empty turn. */
+        if (ready == 0u) {
+            if (t == 0) {
+                s_beat += 1ull;
+                granary_store_relaxed_u64(&request_control->consumer_heartbeat.value, s_beat);
+                if (granary_load_acquire_u32(&response_control->closed.value) != 0u) {
+                    s_exit = 1; /* Abandon */
+                } else if (granary_load_acquire_u32(&request_control->closed.value) != 0u) {
+                    unsigned long long tail = granary_load_acquire_u64(&request_control->tail.value);
+                    if ((tail & GRANARY_RING_TAIL_CLOSED_BIT) != 0ull
+                        && (tail & ~GRANARY_RING_TAIL_CLOSED_BIT) == head) {
+                        s_exit = 1; /* closed and drained */
+                    }
+                }
+                s_poll = width < GRANARY_IDLE_POLL ? width : GRANARY_IDLE_POLL;
+                if (s_idle < GRANARY_SPIN_TURNS) {
+                    s_idle += 1u;
+                } else {
+                    unsigned int sleep = (s_idle - GRANARY_SPIN_TURNS + 1u) * 64u;
+                    __nanosleep(sleep < GRANARY_MAX_SLEEP_NS ? sleep : GRANARY_MAX_SLEEP_NS);
+                    if (sleep < GRANARY_MAX_SLEEP_NS) s_idle += 1u;
+                }
+            }
+            __syncthreads();
+            if (s_exit) break;
+            continue;
+        }
+
+        /* 3. SKIP slots, then room for the responses. */
+        unsigned int skip = 0u;
+        if (t < ready) {
+            skip = (slot->flags & GRANARY_RING_SLOT_FLAG_SKIP) != 0u ? 1u : 0u;
+            s_skip[t] = (unsigned char)skip;
+        }
+        const unsigned int skips = __syncthreads_count(skip);
+        if (t == 0) {
+            s_idle = 0;
+            s_skips = skips;
+            unsigned long long room = response_capacity - (s_tail - s_cached_head);
+            if ((unsigned long long)(ready - skips) > room) {
+                s_cached_head = granary_load_acquire_u64(&response_control->head.value);
+                room = response_capacity - (s_tail - s_cached_head);
+            }
+            unsigned int take;
+            unsigned int answered;
+            if (skips == 0u) {
+                take = (unsigned long long)ready <= room ? ready : (unsigned int)room;
+                answered = take;
+            } else {
+                /* Rare: number the answered slots, up to the room there is. */
+                take = 0u;
+                answered = 0u;
+                while (take < ready) {
+                    if (s_skip[take] == 0u) {
+                        if ((unsigned long long)answered == room) break;
+                        s_out[take] = answered;
+                        answered += 1u;
+                    }
+                    take += 1u;
+                }
+            }
+            s_take = take;
+            s_answered = answered;
+            if (take == 0u) {
+                /* The host is behind: nothing taken; beat, stop on Abandon,
+                 * and poll again. */
+                s_waits += 1ull;
+                granary_store_relaxed_u64(&response_control->producer_heartbeat.value, s_waits);
+                if (granary_load_acquire_u32(&response_control->closed.value) != 0u) s_exit = 1;
+            }
+            if (answered != 0u) {
+                /* 4. S2: the tail before the publications. */
+                granary_store_release_u64(&response_control->tail.value, s_tail + answered);
+            }
+        }
+        __syncthreads();
+        if (s_exit) break;
+        const unsigned int take = s_take;
+        const unsigned long long tail = s_tail;
+
+        /* 5. Process and answer. */
+        if (t < take) {
+            const unsigned long long position = head + t;
+            if (s_skip[t] != 0u) {
+                granary_store_release_u64(&slot->sequence, position + request_capacity);
+            } else {
+                const unsigned long long out = tail + (s_skips == 0u ? t : s_out[t]);
+                granary_slot_header* response =
+                    granary_slot(responses, response_slot, response_capacity, out);
+                const unsigned long long request_id = slot->request_id;
+                const unsigned int request_len = slot->len;
+                unsigned int response_len = 0u;
+                unsigned int status;
+                if (request_len > request_max) {
+                    status = GRANARY_STATUS_BAD_LENGTH;
+                } else {
+                    granary_copy16(my_request, (const unsigned char*)(slot + 1), request_len);
+                    status = granary_process(my_request, request_len, my_response, response_max,
+                                             &response_len);
+                    if (status == GRANARY_STATUS_OK && response_len > response_max) {
+                        status = GRANARY_STATUS_FAULT;
+                    }
+                }
+                if (status != GRANARY_STATUS_OK) response_len = 0u;
+                if (response_len != 0u) {
+                    granary_copy16((unsigned char*)(response + 1), my_response, response_len);
+                }
+                response->request_id = request_id;
+                response->len = response_len;
+                response->status = status;
+                response->flags = 0u;
+                /* K1: release the request, then publish the response. */
+                granary_store_release_u64(&slot->sequence, position + request_capacity);
+                granary_store_release_u64(&response->sequence, out + 1ull);
+            }
+        }
+        __syncthreads();
+
+        /* 6. The new indices, and a beat. */
+        if (t == 0) {
+            __threadfence_system();
+            s_tail = tail + s_answered;
+            s_head = head + take;
+            granary_store_release_u64(&request_control->head.value, head + take);
+            s_beat += 1ull;
+            granary_store_relaxed_u64(&request_control->consumer_heartbeat.value, s_beat);
+            /* A full poll asks for the whole block next turn. */
+            s_poll = take == poll ? width : (width < GRANARY_IDLE_POLL ? width : GRANARY_IDLE_POLL);
+        }
+        __syncthreads();
+    }
+}

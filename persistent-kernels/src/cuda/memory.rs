@@ -1,0 +1,285 @@
+//! CUDA memory: host-mapped ring regions, pinned staging chunks and
+//! stream-ordered device buffers.
+//!
+//! Invariants:
+//! 1. Nothing here frees memory with a call that may wait for the whole
+//!    device (`cuMemFree`, `cuMemFreeHost`) while the backend lives: a
+//!    persistent kernel never ends by itself, so such a wait could last
+//!    forever. Ring regions and staging chunks go back to a per-device
+//!    cache and are freed when the last handle on the cache is dropped;
+//!    device buffers are freed with `cuMemFreeAsync` on their stream.
+//! 2. Every driver call is made with the device's context bound to the
+//!    calling thread.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::{CudaContext, result};
+use granary_ring::{Ownership, Region};
+
+use super::{CudaError, driver};
+
+/// Host allocations of one device's context, cached for reuse.
+pub(crate) struct HostCache {
+    context: Arc<CudaContext>,
+    /// Free host-mapped allocations: (base, bytes), each from
+    /// `cuMemHostAlloc(DEVICEMAP | PORTABLE)`.
+    free: Mutex<Vec<(NonNull<u8>, usize)>>,
+}
+
+// SAFETY: the cached pointers are host allocations owned by the cache, used
+// by one region at a time; the mutex serialises the list.
+unsafe impl Send for HostCache {}
+// SAFETY: as above.
+unsafe impl Sync for HostCache {}
+
+impl HostCache {
+    pub(crate) fn new(context: Arc<CudaContext>) -> Arc<HostCache> {
+        Arc::new(HostCache {
+            context,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `bytes` of pinned host memory mapped into the device's address
+    /// space, zeroed: a cached allocation of exactly that size, or a new one.
+    fn take(&self, bytes: usize) -> Result<NonNull<u8>, CudaError> {
+        let cached = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            free.iter()
+                .position(|&(_, len)| len == bytes)
+                .map(|at| free.swap_remove(at).0)
+        };
+        let base = match cached {
+            Some(base) => base,
+            None => {
+                self.context
+                    .bind_to_thread()
+                    .map_err(driver("cuCtxSetCurrent"))?;
+                let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+                // SAFETY: the context is bound; the flags ask for portable,
+                // device-mapped (not write-combined) pinned memory.
+                let ptr = unsafe { result::malloc_host(bytes, flags) }
+                    .map_err(driver("cuMemHostAlloc"))?;
+                NonNull::new(ptr.cast::<u8>()).ok_or(CudaError::Api {
+                    call: "cuMemHostAlloc",
+                    code: 0,
+                })?
+            }
+        };
+        // SAFETY: `bytes` bytes owned by this cache and handed to one user.
+        unsafe { base.as_ptr().write_bytes(0, bytes) };
+        Ok(base)
+    }
+
+    fn give_back(&self, base: NonNull<u8>, bytes: usize) {
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((base, bytes));
+    }
+
+    /// The device address of host-mapped memory at `base`.
+    fn device_pointer(&self, base: NonNull<u8>) -> Result<CUdeviceptr, CudaError> {
+        self.context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        let mut device = 0;
+        // SAFETY: `base` came from cuMemHostAlloc with DEVICEMAP in this
+        // context; flags must be 0.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, base.as_ptr().cast(), 0) }
+            .result()
+            .map_err(driver("cuMemHostGetDevicePointer"))?;
+        Ok(device)
+    }
+}
+
+impl Drop for HostCache {
+    fn drop(&mut self) {
+        // The last region and the backend are gone: no kernel uses these.
+        if self.context.bind_to_thread().is_err() {
+            return;
+        }
+        let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (base, _) in free.drain(..) {
+            // SAFETY: from cuMemHostAlloc, freed once; nothing refers to it.
+            let _ = unsafe { result::free_host(base.as_ptr().cast()) };
+        }
+    }
+}
+
+/// A ring's memory: pinned, mapped into the device, 4 KiB aligned (the
+/// driver allocates whole pages).
+pub(crate) struct MappedRegion {
+    cache: Arc<HostCache>,
+    base: NonNull<u8>,
+    len: usize,
+    /// `base` as the device addresses it.
+    device: CUdeviceptr,
+}
+
+impl MappedRegion {
+    pub(crate) fn zeroed(cache: &Arc<HostCache>, len: usize) -> Result<MappedRegion, CudaError> {
+        let base = cache.take(len)?;
+        let device = match cache.device_pointer(base) {
+            Ok(device) => device,
+            Err(err) => {
+                cache.give_back(base, len);
+                return Err(err);
+            }
+        };
+        Ok(MappedRegion {
+            cache: cache.clone(),
+            base,
+            len,
+            device,
+        })
+    }
+
+    pub(crate) fn device_pointer(&self) -> CUdeviceptr {
+        self.device
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // Rule 1: back to the cache, not to the driver.
+        self.cache.give_back(self.base, self.len);
+    }
+}
+
+// SAFETY: pinned host memory is not tied to a thread; access follows the
+// ring protocol.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above.
+unsafe impl Sync for MappedRegion {}
+
+// SAFETY: 1. the allocation lives (in the cache) until drop and never moves;
+// 2. it is zeroed when taken; 3. the driver returns page-aligned memory, so
+// 128-byte alignment holds; 4. the host uses it through ring handles and the
+// device through the persistent template, which follows
+// docs/ring-protocol.md.
+unsafe impl Region for MappedRegion {
+    fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn align(&self) -> usize {
+        128
+    }
+    fn ownership(&self) -> Ownership {
+        Ownership::Owned {
+            allocator: "cuda-host-mapped",
+        }
+    }
+}
+
+/// Device memory from the stream-ordered allocator, freed on its stream
+/// when dropped (rule 1).
+pub struct DeviceBytes {
+    context: Arc<CudaContext>,
+    pointer: CUdeviceptr,
+    len: usize,
+    /// The stream the buffer was allocated on and is freed on.
+    stream: CUstream,
+}
+
+// SAFETY: a device address and a stream handle; the driver accepts both from
+// any thread with the context bound, which every use does.
+unsafe impl Send for DeviceBytes {}
+// SAFETY: shared references only read the fields.
+unsafe impl Sync for DeviceBytes {}
+
+impl std::fmt::Debug for DeviceBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBytes")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceBytes {
+    /// `len` bytes (at least 1) on `stream`, usable by work queued after
+    /// this call on the same stream.
+    pub(crate) fn alloc(
+        context: &Arc<CudaContext>,
+        stream: CUstream,
+        len: usize,
+    ) -> Result<DeviceBytes, CudaError> {
+        context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the context is bound and `stream` belongs to it.
+        let pointer = unsafe { result::malloc_async(stream, len.max(1)) }
+            .map_err(driver("cuMemAllocAsync"))?;
+        Ok(DeviceBytes {
+            context: context.clone(),
+            pointer,
+            len,
+            stream,
+        })
+    }
+
+    /// The device address.
+    pub fn pointer(&self) -> CUdeviceptr {
+        self.pointer
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for DeviceBytes {
+    fn drop(&mut self) {
+        if self.context.bind_to_thread().is_ok() {
+            // SAFETY: allocated on `stream` and freed once, after the work
+            // queued on it (stream order).
+            let _ = unsafe { result::free_async(self.pointer, self.stream) };
+        }
+    }
+}
+
+/// A pinned host chunk for staging batch transfers (not mapped, not
+/// write-combined: the host both writes and reads it).
+pub(crate) struct PinnedChunk {
+    pub(crate) base: NonNull<u8>,
+    pub(crate) len: usize,
+}
+
+// SAFETY: host memory owned by one lane at a time.
+unsafe impl Send for PinnedChunk {}
+
+impl PinnedChunk {
+    pub(crate) fn new(context: &Arc<CudaContext>, len: usize) -> Result<PinnedChunk, CudaError> {
+        context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the context is bound; portable pinned memory.
+        let ptr = unsafe { result::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(driver("cuMemHostAlloc"))?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(CudaError::Api {
+            call: "cuMemHostAlloc",
+            code: 0,
+        })?;
+        Ok(PinnedChunk { base, len })
+    }
+
+    /// Frees the chunk. Only for a backend being dropped (rule 1).
+    ///
+    /// # Safety
+    /// No transfer may still use the chunk, and the context must be bound.
+    pub(crate) unsafe fn free(self) {
+        // SAFETY: from cuMemHostAlloc, freed once (the caller's promise).
+        let _ = unsafe { result::free_host(self.base.as_ptr().cast()) };
+    }
+}

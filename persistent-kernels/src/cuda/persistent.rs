@@ -1,0 +1,400 @@
+//! The CUDA persistent kernel: one block drains a request ring and answers
+//! on a response ring, both in pinned host memory mapped into the device.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUstream};
+use cudarc::driver::{CudaContext, result};
+use granary_ring::{Consumer, Ring, RingConfig, WaitPolicy};
+
+use super::memory::{DeviceBytes, MappedRegion};
+use super::{CudaBackend, CudaError, Module, driver};
+use crate::backend::PersistentKernel;
+use crate::cpu::{
+    Completion, IdleWait, KernelConfig, StopMode, StopReport, SubmitError, Submitter, completion,
+};
+use crate::spec::KernelSpec;
+
+/// The persistent-kernel template (CUDA C), appended after the ring layout
+/// and the spec's `granary_process`.
+pub const PERSISTENT_TEMPLATE: &str = include_str!("../../device/persistent_cuda.cu");
+
+/// Threads in the block when the configuration leaves it to the backend.
+pub const DEFAULT_THREADS: u32 = 256;
+
+/// Persistent kernels running per device in this process. Each holds one
+/// block, resident on one SM for as long as it runs; the bridge keeps some
+/// SMs free for batch kernels.
+static RUNNING: Mutex<BTreeMap<usize, u32>> = Mutex::new(BTreeMap::new());
+
+/// One persistent kernel's place on a device; given back on drop.
+#[derive(Debug)]
+struct BlockLease {
+    device: usize,
+}
+
+impl BlockLease {
+    fn acquire(device: usize, limit: u32) -> Result<BlockLease, CudaError> {
+        let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = running.get(&device).copied().unwrap_or(0);
+        if now >= limit {
+            return Err(CudaError::NoCapacity {
+                running: now,
+                limit,
+            });
+        }
+        running.insert(device, now + 1);
+        Ok(BlockLease { device })
+    }
+}
+
+impl Drop for BlockLease {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(now) = running.get_mut(&self.device) {
+            *now = now.saturating_sub(1);
+        }
+    }
+}
+
+/// A persistent kernel running on a CUDA device.
+pub struct CudaPersistentKernel {
+    spec: KernelSpec,
+    /// `None` only after a drop that found the kernel still running.
+    requests: Option<Submitter>,
+    /// As `requests`.
+    responses: Option<Consumer>,
+    context: Arc<CudaContext>,
+    /// The kernel's own non-blocking stream.
+    stream: CUstream,
+    /// Recorded after the launch: complete once the kernel has exited.
+    exited: CUevent,
+    /// `false` until the kernel is seen to have exited.
+    finished: bool,
+    /// Per-thread request and response copies, on the kernel's stream.
+    scratch: Option<DeviceBytes>,
+    /// Held until the kernel has exited.
+    module: Option<Arc<Module>>,
+    lease: Option<BlockLease>,
+    wait: IdleWait,
+    threads: u32,
+}
+
+// SAFETY: the stream and event are driver handles usable from any thread
+// that binds the context, which every use does; the rest is Send.
+unsafe impl Send for CudaPersistentKernel {}
+
+impl std::fmt::Debug for CudaPersistentKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaPersistentKernel")
+            .field("kernel", &self.spec.id)
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaPersistentKernel {
+    /// Launches `spec`'s persistent kernel on device `index`: one block of
+    /// `config.threads_per_group` threads (default 256, at most the ring's
+    /// capacity and 1024) over two rings of `config.capacity` slots.
+    /// Refused with [`CudaError::NoCapacity`] unless
+    /// `config.keep_free_compute_units` SMs stay free of persistent kernels.
+    pub fn launch(
+        backend: &CudaBackend,
+        index: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<CudaPersistentKernel, CudaError> {
+        let device = backend.device(index)?;
+        let threads = config
+            .threads_per_group
+            .unwrap_or(DEFAULT_THREADS)
+            .min(config.capacity)
+            .min(1024);
+        if threads == 0 {
+            return Err(CudaError::BadInput("a block of 0 threads".to_string()));
+        }
+        let limit = device
+            .info
+            .compute_units
+            .saturating_sub(config.keep_free_compute_units);
+        let lease = BlockLease::acquire(index, limit)?;
+        let module = backend.module_for(index, &spec)?;
+        let ring = |config: RingConfig| -> Result<(Ring, CUdeviceptr), CudaError> {
+            let layout = config
+                .layout()
+                .map_err(|err| CudaError::BadInput(err.to_string()))?;
+            let region = MappedRegion::zeroed(&device.host, layout.total_bytes)?;
+            let device_pointer = region.device_pointer();
+            // SAFETY: fresh, zeroed memory; the only other party is the
+            // kernel launched below, which follows the ring protocol.
+            let ring = unsafe { Ring::init_in(region, config) }
+                .map_err(|err| CudaError::BadInput(err.to_string()))?;
+            Ok((ring, device_pointer))
+        };
+        let request_max = spec.request.max_bytes() as u32;
+        let response_max = spec.response.max_bytes() as u32;
+        // Requests: many host producers, the block as the one consumer.
+        // Responses: the block as the one producer (SPSC, see the template).
+        let (request_ring, request_pointer) = ring(RingConfig::mpsc(config.capacity, request_max))?;
+        let (response_ring, response_pointer) =
+            ring(RingConfig::spsc(config.capacity, response_max))?;
+        let round16 = |bytes: u32| (bytes + 15) & !15;
+        // The template copies whole 16-byte words: a request's copy takes
+        // its payload room rounded up, then the response's room.
+        let stride = round16(request_ring.layout().max_payload)
+            + round16(response_ring.layout().max_payload);
+        let requests = request_ring
+            .into_producer()
+            .map_err(|err| CudaError::BadInput(err.to_string()))?;
+        let responses = response_ring.into_consumer();
+
+        device
+            .context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(driver("cuStreamCreate"))?;
+        let launched = (|| {
+            let scratch =
+                DeviceBytes::alloc(&device.context, stream, stride as usize * threads as usize)?;
+            let exited = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(driver("cuEventCreate"))?;
+            let mut request_pointer = request_pointer;
+            let mut response_pointer = response_pointer;
+            let mut scratch_pointer = scratch.pointer();
+            let mut stride = stride;
+            let mut params = [
+                (&mut request_pointer as *mut CUdeviceptr).cast(),
+                (&mut response_pointer as *mut CUdeviceptr).cast(),
+                (&mut scratch_pointer as *mut CUdeviceptr).cast(),
+                (&mut stride as *mut u32).cast(),
+            ];
+            // SAFETY: the parameters match granary_persistent's signature
+            // (three device pointers, one u32) and are copied at launch;
+            // the rings are initialised, mapped and outlive the kernel (the
+            // handle keeps them until the kernel has exited, or leaks
+            // them); the scratch holds `stride` bytes per thread.
+            let launch = unsafe {
+                result::launch_kernel(
+                    module.persistent,
+                    (1, 1, 1),
+                    (threads, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+            if let Err(err) = launch {
+                // SAFETY: created above, never recorded.
+                let _ = unsafe { result::event::destroy(exited) };
+                return Err(driver("cuLaunchKernel")(err));
+            }
+            // SAFETY: a fresh event and the kernel's stream.
+            unsafe { result::event::record(exited, stream) }.map_err(driver("cuEventRecord"))?;
+            Ok((scratch, exited))
+        })();
+        let (scratch, exited) = match launched {
+            Ok(launched) => launched,
+            Err(err) => {
+                // SAFETY: nothing runs on the stream (the launch failed).
+                let _ = unsafe { result::stream::destroy(stream) };
+                return Err(err);
+            }
+        };
+        Ok(CudaPersistentKernel {
+            spec,
+            requests: Some(Submitter::new(spec, requests)),
+            responses: Some(responses),
+            context: device.context.clone(),
+            stream,
+            exited,
+            finished: false,
+            scratch: Some(scratch),
+            module: Some(module),
+            lease: Some(lease),
+            wait: IdleWait::new(config.policy),
+            threads,
+        })
+    }
+
+    /// Threads in the kernel's block.
+    pub fn threads(&self) -> u32 {
+        self.threads
+    }
+
+    /// Submits one request; see [`Submitter::submit`].
+    pub fn submit<P: AsRef<[u8]>>(
+        &self,
+        request_id: u64,
+        payload: P,
+    ) -> Result<(), SubmitError<P>> {
+        match &self.requests {
+            Some(requests) => requests.submit(request_id, payload),
+            None => Err(SubmitError::Stopped(payload)),
+        }
+    }
+
+    /// Sets how [`CudaPersistentKernel::complete`] waits.
+    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.wait = IdleWait::new(policy);
+    }
+
+    /// Waits up to `timeout` for one completion.
+    pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        let responses = self.responses.as_mut()?;
+        let done = responses
+            .pop(self.wait.policy(), Some(timeout))
+            .ok()
+            .map(|message| completion(&message));
+        self.wait.record(done.is_some());
+        done
+    }
+
+    /// Takes one completion if one is ready.
+    pub fn try_complete(&mut self) -> Option<Completion> {
+        let message = self.responses.as_mut()?.try_pop().ok()?;
+        Some(completion(&message))
+    }
+
+    /// The kernel's heartbeat (rule H1): the request ring's consumer
+    /// heartbeat, beaten every turn, plus the response ring's producer
+    /// heartbeat, beaten while the kernel waits for response room.
+    pub fn heartbeat(&self) -> u64 {
+        let requests = self
+            .requests
+            .as_ref()
+            .map_or(0, Submitter::consumer_heartbeat);
+        let responses = self
+            .responses
+            .as_ref()
+            .map_or(0, Consumer::producer_heartbeat);
+        requests.wrapping_add(responses)
+    }
+
+    /// Whether the kernel has exited, from its event.
+    fn poll_exit(&mut self) -> Result<bool, CudaError> {
+        if self.finished {
+            return Ok(true);
+        }
+        self.context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: an event recorded after the launch, on the bound context.
+        match unsafe { sys::cuEventQuery(self.exited) } {
+            sys::cudaError_enum::CUDA_SUCCESS => {
+                self.finished = true;
+                Ok(true)
+            }
+            sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(false),
+            other => Err(CudaError::Api {
+                call: "persistent kernel",
+                code: other as i32,
+            }),
+        }
+    }
+
+    /// Closes the request ring and waits up to `timeout` for the kernel to
+    /// answer what is queued and exit. `Ok(false)`: still running at the
+    /// deadline (a hung device); the rings stay alive for it.
+    pub fn stop(&mut self, timeout: Duration) -> Result<bool, CudaError> {
+        if let Some(requests) = &self.requests {
+            requests.close();
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let mut pause = Duration::from_micros(10);
+        loop {
+            if self.poll_exit()? {
+                self.release();
+                return Ok(true);
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return Ok(false);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Gives back what only the running kernel needed. The rings stay
+    /// until the handle drops, for completions still to be read.
+    fn release(&mut self) {
+        self.scratch = None;
+        self.module = None;
+        self.lease = None;
+    }
+
+    /// Stops as [`PersistentKernel::stop`] does. Abandoning closes the
+    /// response ring too: the template checks it on every empty turn and
+    /// while it waits for room, and exits without taking more requests.
+    pub fn stop_with(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        if mode == StopMode::Abandon {
+            if let Some(responses) = &self.responses {
+                responses.close();
+            }
+        }
+        let mut report = StopReport {
+            exited: matches!(self.stop(timeout), Ok(true)),
+            ..StopReport::default()
+        };
+        if report.exited {
+            while let Some(completion) = self.try_complete() {
+                report.completions.push(completion);
+            }
+        }
+        report
+    }
+}
+
+impl PersistentKernel for CudaPersistentKernel {
+    fn spec(&self) -> &KernelSpec {
+        &self.spec
+    }
+
+    fn submitter(&self) -> Option<Submitter> {
+        self.requests.clone()
+    }
+
+    fn try_complete(&mut self) -> Option<Completion> {
+        CudaPersistentKernel::try_complete(self)
+    }
+
+    fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        CudaPersistentKernel::complete(self, timeout)
+    }
+
+    fn heartbeat(&self) -> u64 {
+        CudaPersistentKernel::heartbeat(self)
+    }
+
+    fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
+        self.stop_with(mode, timeout)
+    }
+}
+
+impl Drop for CudaPersistentKernel {
+    fn drop(&mut self) {
+        // The rings must outlive the kernel: wait for it to exit. One that
+        // does not exit in time keeps everything it uses, leaked rather
+        // than freed under a running kernel.
+        if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
+            std::mem::forget(self.requests.take());
+            std::mem::forget(self.responses.take());
+            std::mem::forget(self.scratch.take());
+            std::mem::forget(self.module.take());
+            std::mem::forget(self.lease.take());
+            return;
+        }
+        if self.context.bind_to_thread().is_ok() {
+            // SAFETY: the kernel has exited; the scratch's free was queued
+            // on the stream above (stream order). Destroying a stream with
+            // queued work is allowed: it is released once that work is done.
+            unsafe {
+                let _ = result::event::destroy(self.exited);
+                let _ = result::stream::destroy(self.stream);
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the CUDA test binaries and benches in release mode and copies them,
+# under stable names, into target/gpu/ (or $1): the GPU machine has no Rust
+# toolchain, so they are built here and carried there. scripts/gpu-check.sh
+# runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-target/gpu}"
+mkdir -p "$out"
+copy() {
+    # cargo's JSON messages name each executable it built.
+    python3 -c '
+import json, shutil, sys
+out = sys.argv[1]
+for line in sys.stdin:
+    msg = json.loads(line)
+    exe = msg.get("executable")
+    if msg.get("reason") == "compiler-artifact" and exe:
+        kind = msg["target"]["kind"][0]
+        name = msg["target"]["name"]
+        shutil.copy(exe, f"{out}/{kind}-{name}")
+        print(f"{out}/{kind}-{name}")
+' "$out"
+}
+cargo test --release --no-run --message-format=json -q \
+    -p granary-kernels --test cuda --test cuda_nvrtc \
+    -p granary-gpu --test bridge_cuda | copy
+cargo bench --no-run --message-format=json -q \
+    -p granary-kernels --bench cuda \
+    -p granary-gpu --bench bridge_cuda | copy

@@ -383,9 +383,8 @@ impl CudaBackend {
                 && unsafe { result::stream::synchronize(lane.stream) }.is_ok();
             if !synced {
                 // A stream that cannot be waited for may still read the
-                // chunks: the lane is dropped without being freed (a lane
-                // frees nothing on drop), so nothing reuses its chunks.
-                drop(lane);
+                // chunks: the lane is not returned (a lane frees nothing
+                // when dropped), so nothing reuses its chunks.
                 return;
             }
         }

@@ -28,3 +28,5 @@ cargo test --release --no-run --message-format=json -q \
 cargo bench --no-run --message-format=json -q \
     -p granary-kernels --bench cuda \
     -p granary-gpu --bench bridge_cuda | copy
+# Line tables are for profiling here; the carried copies need none.
+strip "$out"/test-* "$out"/bench-* 2>/dev/null || true

@@ -29,17 +29,20 @@
  *      slot at position head + t, for t below the poll width (one warp
  *      while idle, the whole block while busy). The published prefix is the
  *      batch [M4].
- *   2. An empty turn beats the heartbeat [H1], checks for Abandon (the
- *      response ring closed) and for the end of the stream (the request
- *      ring closed and drained, [C3]), and backs off.
+ *   2. An empty turn beats the heartbeat [H1] and backs off; one empty
+ *      turn in 64 also checks for Abandon (the response ring closed) and
+ *      for the end of the stream (the request ring closed and drained,
+ *      [C3]), since each check is a read across PCIe.
  *   3. Thread 0 finds room for the batch's responses [S1]; a batch that
  *      does not fit is cut to the room there is. SKIP slots need no room.
  *   4. Thread 0 stores the response tail with release [S2].
  *   5. Each thread copies its request from host memory into device scratch
- *      with 16-byte loads (a few PCIe round trips for the whole batch,
- *      instead of one per element), runs granary_process on the copy,
- *      writes the response slot, releases the request slot [M5] and only
- *      then publishes the response [M3, K1].
+ *      with 16-byte loads (its header and first 64 bytes in the same round
+ *      trip as the flags in step 3, the rest after: a few PCIe round trips
+ *      for the whole batch, instead of one per element), releases the
+ *      request slot at once [M5], runs granary_process on the copy, writes
+ *      the response slot and then publishes it [M3]; the request's slot is
+ *      thus free before its response can be seen [K1].
  *   6. Thread 0 stores the new request head [M5] and beats the heartbeat.
  *
  * Visibility: loads of shared words use ld.acquire.sys and stores
@@ -53,10 +56,16 @@
 #define GRANARY_BLOCK_MAX 1024u
 /* Threads that poll while the kernel is idle: one warp. */
 #define GRANARY_IDLE_POLL 32u
+/* Payload bytes read together with a request's header (a small request
+ * then costs one round trip across PCIe after its sequence). */
+#define GRANARY_HEAD_BYTES 64u
 /* Empty turns spun before the kernel starts to sleep between polls. */
 #define GRANARY_SPIN_TURNS 4096u
 /* The longest sleep between polls of an idle kernel, in nanoseconds. */
 #define GRANARY_MAX_SLEEP_NS 20000u
+/* Empty turns between checks of the two `closed` words: each check is two
+ * reads across PCIe that the next poll would wait for. */
+#define GRANARY_CLOSE_CHECK_TURNS 64u
 
 __device__ __forceinline__ unsigned long long granary_load_acquire_u64(
     const volatile unsigned long long* address) {
@@ -169,7 +178,9 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
             if (t == 0) {
                 s_beat += 1ull;
                 granary_store_relaxed_u64(&request_control->consumer_heartbeat.value, s_beat);
-                if (granary_load_acquire_u32(&response_control->closed.value) != 0u) {
+                if (s_idle % GRANARY_CLOSE_CHECK_TURNS != GRANARY_CLOSE_CHECK_TURNS - 1u) {
+                    /* Not this turn. */
+                } else if (granary_load_acquire_u32(&response_control->closed.value) != 0u) {
                     s_exit = 1; /* Abandon */
                 } else if (granary_load_acquire_u32(&request_control->closed.value) != 0u) {
                     unsigned long long tail = granary_load_acquire_u64(&request_control->tail.value);
@@ -179,12 +190,12 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                     }
                 }
                 s_poll = width < GRANARY_IDLE_POLL ? width : GRANARY_IDLE_POLL;
-                if (s_idle < GRANARY_SPIN_TURNS) {
-                    s_idle += 1u;
-                } else {
-                    unsigned int sleep = (s_idle - GRANARY_SPIN_TURNS + 1u) * 64u;
+                s_idle += 1u;
+                if (s_idle > GRANARY_SPIN_TURNS) {
+                    unsigned int sleep = (s_idle - GRANARY_SPIN_TURNS) * 64u;
                     __nanosleep(sleep < GRANARY_MAX_SLEEP_NS ? sleep : GRANARY_MAX_SLEEP_NS);
-                    if (sleep < GRANARY_MAX_SLEEP_NS) s_idle += 1u;
+                    /* Saturates well past the longest sleep. */
+                    if (s_idle > 0x40000000u) s_idle = GRANARY_SPIN_TURNS + GRANARY_MAX_SLEEP_NS;
                 }
             }
             __syncthreads();
@@ -194,8 +205,26 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
 
         /* 3. SKIP slots, then room for the responses. */
         unsigned int skip = 0u;
+        unsigned long long request_id = 0ull;
+        unsigned int request_len = 0u;
         if (t < ready) {
-            skip = (slot->flags & GRANARY_RING_SLOT_FLAG_SKIP) != 0u ? 1u : 0u;
+            /* One round trip: the header's fields and the payload's first
+             * GRANARY_HEAD_BYTES are independent loads, all issued before
+             * any is used. */
+            const uint4 header = *(const uint4*)((const unsigned char*)slot + 8);
+            const unsigned int flags = *(const unsigned int*)((const unsigned char*)slot + 24);
+            const uint4* payload = (const uint4*)(slot + 1);
+            uint4* copy = (uint4*)my_request;
+            const unsigned int head_words = request_room / 16u < GRANARY_HEAD_BYTES / 16u
+                                                ? request_room / 16u
+                                                : GRANARY_HEAD_BYTES / 16u;
+#pragma unroll
+            for (unsigned int i = 0; i < GRANARY_HEAD_BYTES / 16u; i++) {
+                if (i < head_words) copy[i] = payload[i];
+            }
+            request_id = (unsigned long long)header.x | ((unsigned long long)header.y << 32);
+            request_len = header.z;
+            skip = (flags & GRANARY_RING_SLOT_FLAG_SKIP) != 0u ? 1u : 0u;
             s_skip[t] = (unsigned char)skip;
         }
         const unsigned int skips = __syncthreads_count(skip);
@@ -253,14 +282,20 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 const unsigned long long out = tail + (s_skips == 0u ? t : s_out[t]);
                 granary_slot_header* response =
                     granary_slot(responses, response_slot, response_capacity, out);
-                const unsigned long long request_id = slot->request_id;
-                const unsigned int request_len = slot->len;
                 unsigned int response_len = 0u;
                 unsigned int status;
-                if (request_len > request_max) {
+                const bool fits = request_len <= request_max;
+                if (fits && request_len > GRANARY_HEAD_BYTES) {
+                    granary_copy16(my_request + GRANARY_HEAD_BYTES,
+                                   (const unsigned char*)(slot + 1) + GRANARY_HEAD_BYTES,
+                                   request_len - GRANARY_HEAD_BYTES);
+                }
+                /* K1, early: the request is copied, so its slot is free
+                 * before the response exists. */
+                granary_store_release_u64(&slot->sequence, position + request_capacity);
+                if (!fits) {
                     status = GRANARY_STATUS_BAD_LENGTH;
                 } else {
-                    granary_copy16(my_request, (const unsigned char*)(slot + 1), request_len);
                     status = granary_process(my_request, request_len, my_response, response_max,
                                              &response_len);
                     if (status == GRANARY_STATUS_OK && response_len > response_max) {
@@ -275,8 +310,8 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 response->len = response_len;
                 response->status = status;
                 response->flags = 0u;
-                /* K1: release the request, then publish the response. */
-                granary_store_release_u64(&slot->sequence, position + request_capacity);
+                /* M3: the response's bytes, then its sequence (K1: the
+                 * request's slot was released above). */
                 granary_store_release_u64(&response->sequence, out + 1ull);
             }
         }

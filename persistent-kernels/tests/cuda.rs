@@ -22,6 +22,7 @@ use granary_kernels::{
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Outcome = Result<(), Failed>;
+type Test = fn(&CudaBackend) -> Outcome;
 
 fn fail(why: impl std::fmt::Display) -> Failed {
     Failed::from(why.to_string())
@@ -36,7 +37,7 @@ fn main() {
             None
         }
     };
-    let tests: Vec<(&str, fn(&CudaBackend) -> Outcome)> = vec![
+    let tests: Vec<(&str, Test)> = vec![
         ("discovery_reports_every_gpu", discovery_reports_every_gpu),
         (
             "every_shipped_kernel_matches_the_cpu_on_the_ring",

@@ -1,0 +1,279 @@
+//! The bridge on the CUDA backend, on a real GPU: every shipped kernel
+//! against the CPU on both paths, 100 sequential requests with their p50,
+//! 8 concurrent callers × 100k requests with nothing lost, bad input, and
+//! shutdown with requests in flight.
+//!
+//! Built without a GPU and run where one is (`scripts/gpu-check.sh`): the
+//! binary decides when it runs, and where CUDA is unavailable every test is
+//! reported as ignored with the reason printed, never as passed.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{f32s, from_f32s};
+use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
+use granary_kernels::cuda::CudaBackend;
+use granary_kernels::{BackendKind, shipped};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type Outcome = Result<(), Failed>;
+type Test = fn(&Arc<CudaBackend>) -> Outcome;
+
+fn fail(why: impl std::fmt::Display) -> Failed {
+    Failed::from(why.to_string())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let backend = match CudaBackend::discover() {
+        Ok(backend) => Some(Arc::new(backend)),
+        Err(err) => {
+            eprintln!("bridge_cuda: SKIPPED: every CUDA test is ignored: {err}");
+            None
+        }
+    };
+    let tests: Vec<(&str, Test)> = vec![
+        (
+            "every_shipped_kernel_matches_the_cpu",
+            every_kernel_matches_the_cpu,
+        ),
+        ("one_hundred_sequential_doubles", one_hundred_sequential),
+        (
+            "eight_callers_times_100k_lose_nothing",
+            eight_callers_lose_nothing,
+        ),
+        (
+            "bad_input_is_typed_and_the_bridge_keeps_serving",
+            bad_input_is_typed,
+        ),
+        ("shutdown_with_requests_in_flight", shutdown_in_flight),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            let backend = backend.clone();
+            let ignored = backend.is_none();
+            Trial::test(name, move || match &backend {
+                Some(backend) => test(backend),
+                None => Ok(()),
+            })
+            .with_ignored_flag(ignored)
+        })
+        .collect();
+    let mut args = args;
+    args.test_threads = Some(1);
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// A bridge whose only device is the GPU: no CPU fallback, so a request
+/// the GPU did not answer fails the test.
+fn bridge(backend: &Arc<CudaBackend>, config: BridgeConfig) -> GpuBridge {
+    GpuBridge::builder()
+        .backend(backend.clone())
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Fail,
+            ..config
+        })
+        .build()
+        .expect("a bridge over the CUDA backend")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(8)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Requests the GPU answered (the bridge's first device).
+fn gpu_processed(bridge: &GpuBridge) -> u64 {
+    let (_, info, stats) = bridge.devices().remove(0);
+    assert_eq!(info.backend, BackendKind::Cuda);
+    stats.processed
+}
+
+fn every_kernel_matches_the_cpu(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let gpu = bridge(backend, BridgeConfig::default());
+        let cpu = GpuBridge::builder()
+            .kernels(shipped::ALL)
+            .build()
+            .map_err(fail)?;
+        let big: Vec<f32> = (0..2 << 20).map(|i| (i % 977) as f32 * 0.5).collect();
+        let inputs: Vec<(&str, Vec<u8>)> = vec![
+            ("double", f32s(&[1.0, -2.5, 1e-7])),
+            ("vector_add", f32s(&[1.0, 2.0, 3.0, 4.0])),
+            ("saxpy", f32s(&[0.5, 1.0, 2.0, 10.0, 20.0])),
+            ("dot", f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+            (
+                "matmul",
+                shipped::matmul_request(
+                    2,
+                    3,
+                    2,
+                    &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                    &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
+                )
+                .ok_or_else(|| fail("a matmul request"))?,
+            ),
+            // The batch path.
+            ("double", f32s(&big)),
+            ("vector_add", f32s(&big)),
+            (
+                "saxpy",
+                f32s(&[[2.0].as_slice(), &big[..1 << 20], &big[1 << 20..]].concat()),
+            ),
+            ("dot", f32s(&big)),
+            (
+                "matmul",
+                shipped::matmul_request(
+                    256,
+                    256,
+                    256,
+                    &vec![0.5; 256 * 256],
+                    &vec![0.25; 256 * 256],
+                )
+                .ok_or_else(|| fail("a matmul request"))?,
+            ),
+        ];
+        for (count, (kernel, input)) in inputs.iter().enumerate() {
+            let on_gpu = gpu.execute(kernel, input).await.map_err(fail)?;
+            let on_cpu = cpu.execute(kernel, input).await.map_err(fail)?;
+            if on_gpu != on_cpu {
+                return Err(fail(format!(
+                    "{kernel} on {} bytes differs from the CPU",
+                    input.len()
+                )));
+            }
+            if gpu_processed(&gpu) != count as u64 + 1 {
+                return Err(fail(format!("{kernel} was not answered by the GPU")));
+            }
+        }
+        gpu.shutdown(StopMode::Drain).await;
+        cpu.shutdown(StopMode::Drain).await;
+        Ok(())
+    })
+}
+
+fn one_hundred_sequential(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let bridge = bridge(backend, BridgeConfig::default());
+        // The first request builds and launches the kernel.
+        bridge
+            .execute("double", &f32s(&[0.0]))
+            .await
+            .map_err(fail)?;
+        let mut times = Vec::with_capacity(100);
+        for i in 0..100 {
+            let input = [i as f32, 3.25, -7.0];
+            let started = Instant::now();
+            let output = bridge
+                .execute("double", &f32s(&input))
+                .await
+                .map_err(fail)?;
+            times.push(started.elapsed());
+            if from_f32s(&output) != input.map(|x| 2.0 * x) {
+                return Err(fail(format!("request {i} answered {output:?}")));
+            }
+        }
+        times.sort();
+        eprintln!(
+            "  bridge, 100 sequential doubles on CUDA: p50 {:.2} us, p99 {:.2} us",
+            times[50].as_secs_f64() * 1e6,
+            times[99].as_secs_f64() * 1e6
+        );
+        bridge.shutdown(StopMode::Drain).await;
+        Ok(())
+    })
+}
+
+fn eight_callers_lose_nothing(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let bridge = bridge(backend, BridgeConfig::default());
+        let started = Instant::now();
+        common::double_from_concurrent_callers(&bridge, 8, 100_000).await;
+        let elapsed = started.elapsed();
+        let processed = gpu_processed(&bridge);
+        eprintln!(
+            "  bridge, 8 callers x 100k doubles on CUDA: {processed} answered in {:.2} s",
+            elapsed.as_secs_f64()
+        );
+        if processed != 800_000 {
+            return Err(fail(format!("the GPU answered {processed} of 800000")));
+        }
+        bridge.shutdown(StopMode::Drain).await;
+        Ok(())
+    })
+}
+
+fn bad_input_is_typed(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let bridge = bridge(backend, BridgeConfig::default());
+        // Rejected by the kernel on the device (matmul's dimensions).
+        let bad_dims = f32s(&[1.5, 1.0, 1.0, 2.0, 3.0]);
+        match bridge.execute("matmul", &bad_dims).await {
+            Err(ExecuteError::Rejected {
+                kernel: "matmul", ..
+            }) => {}
+            other => return Err(fail(format!("bad dimensions gave {other:?}"))),
+        }
+        // Wrong shape, unknown kernel: refused before any device.
+        if !matches!(
+            bridge.execute("double", &[1, 2, 3]).await,
+            Err(ExecuteError::WrongShape { .. })
+        ) {
+            return Err(fail("a 3-byte double was not refused"));
+        }
+        if !matches!(
+            bridge.execute("nope", &[]).await,
+            Err(ExecuteError::UnknownKernel(_))
+        ) {
+            return Err(fail("an unknown kernel was not refused"));
+        }
+        let good = shipped::matmul_request(1, 1, 1, &[3.0], &[4.0])
+            .ok_or_else(|| fail("a matmul request"))?;
+        let answer = bridge.execute("matmul", &good).await.map_err(fail)?;
+        if from_f32s(&answer) != [12.0] {
+            return Err(fail("the kernel stopped serving after bad input"));
+        }
+        bridge.shutdown(StopMode::Drain).await;
+        Ok(())
+    })
+}
+
+fn shutdown_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        for mode in [StopMode::Drain, StopMode::Abandon] {
+            let bridge = bridge(backend, BridgeConfig::default());
+            bridge.execute("double", &f32s(&[0.0])).await.map_err(fail)?;
+            let calls: Vec<_> = (0..2000)
+                .map(|i| {
+                    let bridge = bridge.clone();
+                    tokio::spawn(async move { bridge.execute("double", &f32s(&[i as f32; 256])).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let started = Instant::now();
+            bridge.shutdown(mode).await;
+            let took = started.elapsed();
+            let (mut answered, mut refused) = (0, 0);
+            for (i, call) in calls.into_iter().enumerate() {
+                match call.await.map_err(fail)? {
+                    Ok(output) if from_f32s(&output) == vec![2.0 * i as f32; 256] => answered += 1,
+                    Ok(_) => return Err(fail(format!("request {i} answered wrongly"))),
+                    Err(ExecuteError::ShutDown) => refused += 1,
+                    Err(other) => return Err(fail(format!("request {i}: {other:?}"))),
+                }
+            }
+            eprintln!("  shutdown {mode:?} in {took:?}: {answered} answered, {refused} refused with ShutDown");
+            if bridge.execute("double", &f32s(&[1.0])).await != Err(ExecuteError::ShutDown) {
+                return Err(fail("a request after shutdown was not refused"));
+            }
+        }
+        Ok(())
+    })
+}

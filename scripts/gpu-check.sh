@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Runs the CUDA test binaries and benches built beforehand by
+# scripts/build-gpu-binaries.sh (this machine needs no Rust toolchain) and
+# writes a report: every shipped kernel against the CPU, 100 sequential
+# doubles with their p50, 8 concurrent callers x 100k requests, shutdown
+# with requests in flight, and the criterion figures beside their peers.
+#
+#   scripts/gpu-check.sh [binaries-dir] [report-file]
+#
+# Defaults: target/gpu and target/gpu-report.md. Exits non-zero if a test
+# failed; where no GPU is present the tests report "ignored" with the
+# reason, and the report says so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-target/gpu}"
+report="${2:-target/gpu-report.md}"
+mkdir -p "$(dirname "$report")"
+# NVRTC and the driver: CUDA's own lib64, then whatever the caller set.
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+status=0
+{
+    echo "# Granary GPU check"
+    echo
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    if command -v nvidia-smi >/dev/null; then
+        echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | paste -sd ';')"
+    else
+        echo "- GPU: none (nvidia-smi not found)"
+    fi
+    echo "- host: $(nproc) cores, $(uname -r)"
+    echo
+} >"$report"
+
+run_test() {
+    local name="$1"
+    echo "## test: $name" >>"$report"
+    echo '```text' >>"$report"
+    if [ -x "$bin/test-$name" ]; then
+        timeout 600 "$bin/test-$name" --nocapture >>"$report" 2>&1 || status=1
+    else
+        echo "missing: $bin/test-$name (run scripts/build-gpu-binaries.sh)" >>"$report"
+        status=1
+    fi
+    echo '```' >>"$report"
+    echo >>"$report"
+}
+
+run_bench() {
+    local name="$1"
+    echo "## bench: $name" >>"$report"
+    echo '```text' >>"$report"
+    if [ -x "$bin/bench-$name" ]; then
+        # criterion's own summary lines: the name, then time and throughput.
+        timeout 600 "$bin/bench-$name" --bench --noplot 2>&1 |
+            grep -E '^[a-z_]+/|time:|thrpt:|SKIPPED' >>"$report" || status=1
+    else
+        echo "missing: $bin/bench-$name" >>"$report"
+        status=1
+    fi
+    echo '```' >>"$report"
+    echo >>"$report"
+}
+
+run_test cuda_nvrtc
+run_test cuda
+run_test bridge_cuda
+if [ "${GRANARY_GPU_CHECK_BENCH:-1}" = 1 ]; then
+    run_bench cuda
+    run_bench bridge_cuda
+fi
+echo "report: $report"
+cat "$report"
+exit $status

@@ -24,7 +24,7 @@ status=0
     echo "# Granary GPU check"
     echo
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- commit: ${GRANARY_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     if command -v nvidia-smi >/dev/null; then
         echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | paste -sd ';')"
     else
@@ -39,7 +39,7 @@ run_test() {
     echo "## test: $name" >>"$report"
     echo '```text' >>"$report"
     if [ -x "$bin/test-$name" ]; then
-        timeout 600 "$bin/test-$name" --nocapture >>"$report" 2>&1 || status=1
+        timeout "${GRANARY_TEST_TIMEOUT:-180}" "$bin/test-$name" --nocapture >>"$report" 2>&1 || status=1
     else
         echo "missing: $bin/test-$name (run scripts/build-gpu-binaries.sh)" >>"$report"
         status=1
@@ -54,7 +54,7 @@ run_bench() {
     echo '```text' >>"$report"
     if [ -x "$bin/bench-$name" ]; then
         # criterion's own summary lines: the name, then time and throughput.
-        timeout 600 "$bin/bench-$name" --bench --noplot 2>&1 |
+        timeout "${GRANARY_BENCH_TIMEOUT:-300}" "$bin/bench-$name" --bench --noplot 2>&1 |
             grep -E '^[a-z_]+/|time:|thrpt:|SKIPPED' >>"$report" || status=1
     else
         echo "missing: $bin/bench-$name" >>"$report"

@@ -617,8 +617,17 @@ impl GpuBridge {
                 };
                 let broker = self.shared.broker.clone();
                 let config = self.shared.config;
+                let catalog = self.shared.kernels.clone();
                 let started = Instant::now();
                 let launched = tokio::task::spawn_blocking(move || {
+                    if launcher.backend.build_before_launch() {
+                        // Every kernel of the catalog, before any of them
+                        // runs for good (cached after the first time). A
+                        // failed build is reported when that kernel is used.
+                        for other in &catalog {
+                            let _ = launcher.backend.prepare(launcher.device_index, other);
+                        }
+                    }
                     let rings = ring_bytes(&spec, config.kernel.capacity);
                     let reservation = broker.reserve(device, rings).map_err(|err| {
                         BackendError::Device(format!("no memory for the kernel's rings: {err}"))

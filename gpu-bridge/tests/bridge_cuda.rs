@@ -27,6 +27,12 @@ fn fail(why: impl std::fmt::Display) -> Failed {
 
 fn main() {
     let args = Arguments::from_args();
+    if std::env::var_os("GRANARY_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("GRANARY_LOG"))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let backend = match CudaBackend::discover() {
         Ok(backend) => Some(Arc::new(backend)),
         Err(err) => {
@@ -79,6 +85,19 @@ fn bridge(backend: &Arc<CudaBackend>, config: BridgeConfig) -> GpuBridge {
         })
         .build()
         .expect("a bridge over the CUDA backend")
+}
+
+/// `execute` with a deadline: a request the GPU never answers fails the
+/// test instead of hanging it.
+async fn execute(bridge: &GpuBridge, kernel: &str, input: &[u8]) -> Result<Vec<u8>, Failed> {
+    match tokio::time::timeout(Duration::from_secs(30), bridge.execute(kernel, input)).await {
+        Ok(outcome) => outcome.map_err(fail),
+        Err(_) => Err(fail(format!(
+            "{kernel} on {} bytes: no answer in 30 s; devices: {:?}",
+            input.len(),
+            bridge.devices()
+        ))),
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -141,7 +160,7 @@ fn every_kernel_matches_the_cpu(backend: &Arc<CudaBackend>) -> Outcome {
             ),
         ];
         for (count, (kernel, input)) in inputs.iter().enumerate() {
-            let on_gpu = gpu.execute(kernel, input).await.map_err(fail)?;
+            let on_gpu = execute(&gpu, kernel, input).await?;
             let on_cpu = cpu.execute(kernel, input).await.map_err(fail)?;
             if on_gpu != on_cpu {
                 return Err(fail(format!(
@@ -195,7 +214,17 @@ fn eight_callers_lose_nothing(backend: &Arc<CudaBackend>) -> Outcome {
     runtime().block_on(async {
         let bridge = bridge(backend, BridgeConfig::default());
         let started = Instant::now();
-        common::double_from_concurrent_callers(&bridge, 8, 100_000).await;
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            common::double_from_concurrent_callers(&bridge, 8, 100_000),
+        )
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "not done in 120 s; devices: {:?}",
+                bridge.devices()
+            ))
+        })?;
         let elapsed = started.elapsed();
         let processed = gpu_processed(&bridge);
         eprintln!(
@@ -215,7 +244,10 @@ fn bad_input_is_typed(backend: &Arc<CudaBackend>) -> Outcome {
         let bridge = bridge(backend, BridgeConfig::default());
         // Rejected by the kernel on the device (matmul's dimensions).
         let bad_dims = f32s(&[1.5, 1.0, 1.0, 2.0, 3.0]);
-        match bridge.execute("matmul", &bad_dims).await {
+        match tokio::time::timeout(Duration::from_secs(30), bridge.execute("matmul", &bad_dims))
+            .await
+            .map_err(|_| fail("no answer in 30 s"))?
+        {
             Err(ExecuteError::Rejected {
                 kernel: "matmul", ..
             }) => {}
@@ -236,7 +268,7 @@ fn bad_input_is_typed(backend: &Arc<CudaBackend>) -> Outcome {
         }
         let good = shipped::matmul_request(1, 1, 1, &[3.0], &[4.0])
             .ok_or_else(|| fail("a matmul request"))?;
-        let answer = bridge.execute("matmul", &good).await.map_err(fail)?;
+        let answer = execute(&bridge, "matmul", &good).await?;
         if from_f32s(&answer) != [12.0] {
             return Err(fail("the kernel stopped serving after bad input"));
         }
@@ -249,7 +281,7 @@ fn shutdown_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
     runtime().block_on(async {
         for mode in [StopMode::Drain, StopMode::Abandon] {
             let bridge = bridge(backend, BridgeConfig::default());
-            bridge.execute("double", &f32s(&[0.0])).await.map_err(fail)?;
+            execute(&bridge, "double", &f32s(&[0.0])).await?;
             let calls: Vec<_> = (0..2000)
                 .map(|i| {
                     let bridge = bridge.clone();
@@ -258,7 +290,9 @@ fn shutdown_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
                 .collect();
             tokio::time::sleep(Duration::from_millis(1)).await;
             let started = Instant::now();
-            bridge.shutdown(mode).await;
+            tokio::time::timeout(Duration::from_secs(60), bridge.shutdown(mode))
+                .await
+                .map_err(|_| fail(format!("shutdown {mode:?} took over 60 s")))?;
             let took = started.elapsed();
             let (mut answered, mut refused) = (0, 0);
             for (i, call) in calls.into_iter().enumerate() {

@@ -39,18 +39,21 @@
  *   5. Each thread copies its request from host memory into device scratch
  *      with 16-byte loads (its header and first 64 bytes in the same round
  *      trip as the flags in step 3, the rest after: a few PCIe round trips
- *      for the whole batch, instead of one per element), releases the
- *      request slot at once [M5], runs granary_process on the copy, writes
- *      the response slot and then publishes it [M3]; the request's slot is
- *      thus free before its response can be seen [K1].
+ *      for the whole batch, instead of one per element), runs
+ *      granary_process on the copy, writes the response slot, frees the
+ *      request slot [M5] and publishes the response [M3], the last two
+ *      under one release, so the request's slot is free before its
+ *      response can be seen [K1].
  *   6. Thread 0 stores the new request head [M5] and beats the heartbeat.
  *
- * Visibility: loads of shared words use ld.acquire.sys and stores
- * st.release.sys (PTX memory model, sm_70 and later), so a thread that has
- * acquired a published sequence reads the payload written before it, and a
- * response's bytes reach the host before its sequence. Thread 0's stores of
- * indices follow a __syncthreads() and a __threadfence_system(), which make
- * the other threads' writes visible first.
+ * Visibility (PTX memory model, sm_70 and later): sequences are loaded with
+ * ld.acquire.sys, so a thread that has acquired a published sequence reads
+ * the payload written before it; each response's sequence is stored with
+ * st.release.sys, so its bytes, and the freed request slot, reach the host
+ * first. That release is the one fence on a response's path: a fence at
+ * system scope waits for earlier writes to cross PCIe, about a microsecond.
+ * The indices the host reads only for observation (request head, response
+ * tail, heartbeats) are relaxed stores.
  */
 
 #define GRANARY_BLOCK_MAX 1024u
@@ -211,8 +214,10 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
             /* One round trip: the header's fields and the payload's first
              * GRANARY_HEAD_BYTES are independent loads, all issued before
              * any is used. */
-            const uint4 header = *(const uint4*)((const unsigned char*)slot + 8);
-            const unsigned int flags = *(const unsigned int*)((const unsigned char*)slot + 24);
+            const unsigned long long id = slot->request_id;
+            /* len, status, flags, reserved: one 16-byte load (slot + 16
+             * is 16-byte aligned). */
+            const uint4 words = *(const uint4*)((const unsigned char*)slot + 16);
             const uint4* payload = (const uint4*)(slot + 1);
             uint4* copy = (uint4*)my_request;
             const unsigned int head_words = request_room / 16u < GRANARY_HEAD_BYTES / 16u
@@ -222,9 +227,9 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
             for (unsigned int i = 0; i < GRANARY_HEAD_BYTES / 16u; i++) {
                 if (i < head_words) copy[i] = payload[i];
             }
-            request_id = (unsigned long long)header.x | ((unsigned long long)header.y << 32);
-            request_len = header.z;
-            skip = (flags & GRANARY_RING_SLOT_FLAG_SKIP) != 0u ? 1u : 0u;
+            request_id = id;
+            request_len = words.x;
+            skip = (words.z & GRANARY_RING_SLOT_FLAG_SKIP) != 0u ? 1u : 0u;
             s_skip[t] = (unsigned char)skip;
         }
         const unsigned int skips = __syncthreads_count(skip);
@@ -264,8 +269,10 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 if (granary_load_acquire_u32(&response_control->closed.value) != 0u) s_exit = 1;
             }
             if (answered != 0u) {
-                /* 4. S2: the tail before the publications. */
-                granary_store_release_u64(&response_control->tail.value, s_tail + answered);
+                /* 4. S2: the tail before the publications. Relaxed: the
+                 * host's consumer reads sequences, not the tail, and a
+                 * fence here would sit on every response's path. */
+                granary_store_relaxed_u64(&response_control->tail.value, s_tail + answered);
             }
         }
         __syncthreads();
@@ -290,9 +297,6 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                                    (const unsigned char*)(slot + 1) + GRANARY_HEAD_BYTES,
                                    request_len - GRANARY_HEAD_BYTES);
                 }
-                /* K1, early: the request is copied, so its slot is free
-                 * before the response exists. */
-                granary_store_release_u64(&slot->sequence, position + request_capacity);
                 if (!fits) {
                     status = GRANARY_STATUS_BAD_LENGTH;
                 } else {
@@ -310,8 +314,12 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 response->len = response_len;
                 response->status = status;
                 response->flags = 0u;
-                /* M3: the response's bytes, then its sequence (K1: the
-                 * request's slot was released above). */
+                /* M5 then M3 under one fence: the request's slot is freed
+                 * (relaxed), then the release store of the response's
+                 * sequence orders the response's bytes and that free
+                 * before it [K1]. The request's loads were used to compute
+                 * the response, so they are done before either store. */
+                granary_store_relaxed_u64(&slot->sequence, position + request_capacity);
                 granary_store_release_u64(&response->sequence, out + 1ull);
             }
         }
@@ -319,10 +327,11 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
 
         /* 6. The new indices, and a beat. */
         if (t == 0) {
-            __threadfence_system();
             s_tail = tail + s_answered;
             s_head = head + take;
-            granary_store_release_u64(&request_control->head.value, head + take);
+            /* For observers and blocked producers only (M5): relaxed, so no
+             * fence delays the next poll. */
+            granary_store_relaxed_u64(&request_control->head.value, head + take);
             s_beat += 1ull;
             granary_store_relaxed_u64(&request_control->consumer_heartbeat.value, s_beat);
             /* A full poll asks for the whole block next turn. */

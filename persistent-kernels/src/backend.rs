@@ -135,6 +135,14 @@ pub trait Backend: Send + Sync {
         config: &KernelConfig,
     ) -> Result<Box<dyn PersistentKernel>, BackendError>;
 
+    /// Whether every kernel a caller may use should be built on a device
+    /// ([`Backend::prepare`]) before the first persistent kernel is launched
+    /// there. True for CUDA, where loading a module while a kernel that
+    /// never returns is running may wait for that kernel to end.
+    fn build_before_launch(&self) -> bool {
+        false
+    }
+
     /// Runs `spec` once over `request` on `device` with device buffers and
     /// returns the response. The request is checked against the kernel's
     /// batch shape and its `output_len` first.

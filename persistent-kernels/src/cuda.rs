@@ -646,6 +646,10 @@ impl Backend for CudaBackend {
             .map_err(|err| backend_error(err, spec))
     }
 
+    fn build_before_launch(&self) -> bool {
+        true
+    }
+
     fn launch(
         &self,
         device: usize,

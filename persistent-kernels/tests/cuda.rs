@@ -22,7 +22,7 @@ use granary_kernels::{
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Outcome = Result<(), Failed>;
-type Test = fn(&CudaBackend) -> Outcome;
+type Test = fn(&Arc<CudaBackend>) -> Outcome;
 
 fn fail(why: impl std::fmt::Display) -> Failed {
     Failed::from(why.to_string())
@@ -70,6 +70,12 @@ fn main() {
             bad_input_is_typed,
         ),
         ("small_rings_and_blocks_work", small_rings_and_blocks),
+        // Last: if loading a module waits for a running kernel, the call
+        // never returns and would hold up every test after it.
+        (
+            "a_module_loads_while_a_kernel_runs",
+            a_module_loads_while_a_kernel_runs,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -164,7 +170,7 @@ impl CpuAnswer {
     }
 }
 
-fn discovery_reports_every_gpu(backend: &CudaBackend) -> Outcome {
+fn discovery_reports_every_gpu(backend: &Arc<CudaBackend>) -> Outcome {
     let devices = backend.devices();
     if devices.is_empty() {
         return Err(fail("no device"));
@@ -185,7 +191,7 @@ fn discovery_reports_every_gpu(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn every_kernel_on_the_ring(backend: &CudaBackend) -> Outcome {
+fn every_kernel_on_the_ring(backend: &Arc<CudaBackend>) -> Outcome {
     for spec in ALL {
         let mut kernel = launch(backend, spec, spin())?;
         let mut expected = Vec::new();
@@ -218,7 +224,7 @@ fn every_kernel_on_the_ring(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn every_kernel_in_a_batch(backend: &CudaBackend) -> Outcome {
+fn every_kernel_in_a_batch(backend: &Arc<CudaBackend>) -> Outcome {
     for spec in ALL {
         for elements in [1usize, 1000, 1 << 20] {
             let (request, answer) = request_for(&spec, 7, elements);
@@ -242,7 +248,7 @@ fn every_kernel_in_a_batch(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn a_large_batch_round_trips(backend: &CudaBackend) -> Outcome {
+fn a_large_batch_round_trips(backend: &Arc<CudaBackend>) -> Outcome {
     let n = 16 << 20; // 64 MiB of f32: sixteen staging chunks each way
     let input: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
     let response = backend
@@ -255,7 +261,7 @@ fn a_large_batch_round_trips(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn one_hundred_sequential_doubles(backend: &CudaBackend) -> Outcome {
+fn one_hundred_sequential_doubles(backend: &Arc<CudaBackend>) -> Outcome {
     let mut kernel = launch(backend, DOUBLE, spin())?;
     let mut times = Vec::new();
     for id in 0..100u64 {
@@ -283,7 +289,7 @@ fn one_hundred_sequential_doubles(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn eight_threads_lose_nothing(backend: &CudaBackend) -> Outcome {
+fn eight_threads_lose_nothing(backend: &Arc<CudaBackend>) -> Outcome {
     const THREADS: u64 = 8;
     const EACH: u64 = 100_000;
     let mut kernel = launch(
@@ -351,7 +357,7 @@ fn eight_threads_lose_nothing(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn drain_answers_in_flight(backend: &CudaBackend) -> Outcome {
+fn drain_answers_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
     let mut kernel = launch(
         backend,
         DOUBLE,
@@ -384,7 +390,7 @@ fn drain_answers_in_flight(backend: &CudaBackend) -> Outcome {
     }
 }
 
-fn abandon_exits_in_flight(backend: &CudaBackend) -> Outcome {
+fn abandon_exits_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
     // Small rings, and nobody reading responses: the kernel fills the
     // response ring and waits for room with requests still queued.
     let mut kernel = launch(
@@ -428,7 +434,7 @@ fn abandon_exits_in_flight(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn two_kernels_side_by_side(backend: &CudaBackend) -> Outcome {
+fn two_kernels_side_by_side(backend: &Arc<CudaBackend>) -> Outcome {
     // The second module is built and loaded while the first kernel spins:
     // rule 3 (eager loading) and the non-blocking streams make this work.
     let mut first = launch(backend, DOUBLE, spin())?;
@@ -463,7 +469,7 @@ fn two_kernels_side_by_side(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn bad_input_is_typed(backend: &CudaBackend) -> Outcome {
+fn bad_input_is_typed(backend: &Arc<CudaBackend>) -> Outcome {
     let mut kernel = launch(backend, SAXPY, spin())?;
     // The kernel's own check: a non-finite scale factor.
     kernel
@@ -488,11 +494,11 @@ fn bad_input_is_typed(backend: &CudaBackend) -> Outcome {
         return Err(fail("a 5-byte request was not refused"));
     }
     // The batch path: shape errors and kernel rejections are typed.
-    match Backend::run_batch(backend, 0, &DOUBLE, &[0u8; 6]) {
+    match Backend::run_batch(&**backend, 0, &DOUBLE, &[0u8; 6]) {
         Err(BackendError::WrongShape(_)) => {}
         other => return Err(fail(format!("a 6-byte batch gave {other:?}"))),
     }
-    match Backend::run_batch(backend, 9, &DOUBLE, &[0u8; 4]) {
+    match Backend::run_batch(&**backend, 9, &DOUBLE, &[0u8; 4]) {
         Err(BackendError::UnknownDevice(9)) => {}
         other => return Err(fail(format!("device 9 gave {other:?}"))),
     }
@@ -500,7 +506,7 @@ fn bad_input_is_typed(backend: &CudaBackend) -> Outcome {
     let mut broken = DOUBLE;
     broken.id = "broken";
     broken.cuda_c = Some("__device__ unsigned int granary_process(oops");
-    match Backend::prepare(backend, 0, &broken) {
+    match Backend::prepare(&**backend, 0, &broken) {
         Err(BackendError::Build { log, .. }) if !log.is_empty() => {}
         other => return Err(fail(format!("a broken source gave {other:?}"))),
     }
@@ -512,7 +518,7 @@ fn bad_input_is_typed(backend: &CudaBackend) -> Outcome {
     Ok(())
 }
 
-fn small_rings_and_blocks(backend: &CudaBackend) -> Outcome {
+fn small_rings_and_blocks(backend: &Arc<CudaBackend>) -> Outcome {
     for (capacity, threads) in [
         (2u32, None),
         (8, Some(3)),
@@ -549,5 +555,40 @@ fn small_rings_and_blocks(backend: &CudaBackend) -> Outcome {
             return Err(fail(format!("capacity {capacity}: no exit")));
         }
     }
+    Ok(())
+}
+
+fn a_module_loads_while_a_kernel_runs(backend: &Arc<CudaBackend>) -> Outcome {
+    // A source no earlier test built, so the module is not in the cache.
+    let mut fresh = granary_kernels::shipped::VECTOR_ADD;
+    let source = format!(
+        "{}\n/* built while another kernel runs */\n",
+        fresh.cuda_c.unwrap_or("")
+    );
+    fresh.cuda_c = Some(Box::leak(source.into_boxed_str()));
+    let mut running = launch(backend, DOUBLE, spin())?;
+    running
+        .submit(1, f32_bytes(&[1.0]))
+        .map_err(|e| fail(format!("{e:?}")))?;
+    collect(&mut running, 1, Duration::from_secs(10))?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let builder = backend.clone();
+    thread::spawn(move || {
+        let started = Instant::now();
+        let outcome = Backend::prepare(&*builder, 0, &fresh);
+        let _ = sender.send((outcome, started.elapsed()));
+    });
+    match receiver.recv_timeout(Duration::from_secs(20)) {
+        Ok((Ok(()), took)) => {
+            eprintln!("  a module built and loaded in {took:?} beside a running kernel");
+        }
+        Ok((Err(err), _)) => return Err(fail(format!("the build failed: {err}"))),
+        Err(_) => {
+            return Err(fail(
+                "loading a module did not return in 20 s while a persistent kernel ran",
+            ));
+        }
+    }
+    running.stop_with(StopMode::Drain, Duration::from_secs(10));
     Ok(())
 }

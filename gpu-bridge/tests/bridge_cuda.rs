@@ -282,13 +282,17 @@ fn shutdown_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
         for mode in [StopMode::Drain, StopMode::Abandon] {
             let bridge = bridge(backend, BridgeConfig::default());
             execute(&bridge, "double", &f32s(&[0.0])).await?;
-            let calls: Vec<_> = (0..2000)
+            let calls: Vec<_> = (0..20_000)
                 .map(|i| {
                     let bridge = bridge.clone();
                     tokio::spawn(async move { bridge.execute("double", &f32s(&[i as f32; 256])).await })
                 })
                 .collect();
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // A few scheduler turns: some requests are in the ring, some
+            // answered, some not yet submitted when the shutdown begins.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
             let started = Instant::now();
             tokio::time::timeout(Duration::from_secs(60), bridge.shutdown(mode))
                 .await

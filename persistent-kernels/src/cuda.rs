@@ -73,6 +73,14 @@ pub enum CudaError {
     BadInput(String),
     /// The kernel has no CUDA C source.
     NoSource,
+    /// A module that is not built yet cannot be loaded while persistent
+    /// kernels run on the device: the driver would wait for them to end,
+    /// which they never do. Build every kernel first
+    /// ([`Backend::prepare`]), as the bridge does; or stop the kernels.
+    ModuleWhileRunning {
+        /// Persistent kernels running on the device.
+        running: u32,
+    },
     /// Every block a device may give persistent kernels is taken.
     NoCapacity {
         /// Persistent kernels running on the device in this process.
@@ -91,6 +99,10 @@ impl fmt::Display for CudaError {
             CudaError::Api { call, code } => write!(f, "CUDA {call} failed with {code}"),
             CudaError::BadInput(why) => write!(f, "bad input: {why}"),
             CudaError::NoSource => write!(f, "the kernel has no CUDA C source"),
+            CudaError::ModuleWhileRunning { running } => write!(
+                f,
+                "a new module cannot be loaded while {running} persistent kernel(s) run on the device; build every kernel before the first launch"
+            ),
             CudaError::NoCapacity { running, limit } => write!(
                 f,
                 "{running} persistent kernels already run on the device, the most it may hold is {limit}"
@@ -330,7 +342,9 @@ impl CudaBackend {
             return Ok(module.clone());
         }
         let cubin = nvrtc::compile_cubin(&source, device.arch, spec.id)?;
-        let module = Arc::new(Module::load(&device.context, &cubin)?);
+        let module = Arc::new(persistent::while_idle(index, || {
+            Module::load(&device.context, &cubin)
+        })?);
         modules.insert(source, module.clone());
         Ok(module)
     }
@@ -686,7 +700,9 @@ fn backend_error(err: CudaError, spec: &KernelSpec) -> BackendError {
             kernel: spec.id,
             backend: BackendKind::Cuda,
         },
-        err @ CudaError::NoCapacity { .. } => BackendError::NoCapacity(err.to_string()),
+        err @ (CudaError::NoCapacity { .. } | CudaError::ModuleWhileRunning { .. }) => {
+            BackendError::NoCapacity(err.to_string())
+        }
         other => BackendError::Device(other.to_string()),
     }
 }

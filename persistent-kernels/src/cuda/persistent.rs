@@ -29,6 +29,20 @@ pub const DEFAULT_THREADS: u32 = 256;
 /// SMs free for batch kernels.
 static RUNNING: Mutex<BTreeMap<usize, u32>> = Mutex::new(BTreeMap::new());
 
+/// Runs `load` unless a persistent kernel runs (or is about to) on
+/// `device`: loading a module then would wait for kernels that never end
+/// (rule 3 of the backend). No launch can begin while `load` runs.
+pub(crate) fn while_idle<T>(
+    device: usize,
+    load: impl FnOnce() -> Result<T, CudaError>,
+) -> Result<T, CudaError> {
+    let running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    match running.get(&device).copied().unwrap_or(0) {
+        0 => load(),
+        count => Err(CudaError::ModuleWhileRunning { running: count }),
+    }
+}
+
 /// One persistent kernel's place on a device; given back on drop.
 #[derive(Debug)]
 struct BlockLease {
@@ -120,8 +134,9 @@ impl CudaPersistentKernel {
             .info
             .compute_units
             .saturating_sub(config.keep_free_compute_units);
-        let lease = BlockLease::acquire(index, limit)?;
+        // The module first: it can only be loaded while no kernel runs.
         let module = backend.module_for(index, &spec)?;
+        let lease = BlockLease::acquire(index, limit)?;
         let ring = |config: RingConfig| -> Result<(Ring, CUdeviceptr), CudaError> {
             let layout = config
                 .layout()

@@ -113,6 +113,30 @@ impl fmt::Display for CudaError {
 
 impl std::error::Error for CudaError {}
 
+/// Device memory the stream-ordered allocator keeps for reuse after batch
+/// buffers are freed, instead of handing it back to the driver at the next
+/// synchronisation (its default threshold is 0, so every 64 MiB batch paid
+/// for mapping fresh memory: measured at a fifth of the copy's speed).
+pub const DEVICE_POOL_KEEP: u64 = 1 << 30;
+
+/// Sets the device's default memory pool to keep [`DEVICE_POOL_KEEP`]
+/// bytes: the batch path's device buffers are then recycled by the driver.
+fn keep_freed_device_memory(context: &Arc<CudaContext>) -> Result<(), CudaError> {
+    // SAFETY: a device of a live context.
+    let pool = unsafe { result::device::get_default_mem_pool(context.cu_device()) }
+        .map_err(driver("cuDeviceGetDefaultMemPool"))?;
+    let mut keep = DEVICE_POOL_KEEP;
+    // SAFETY: the release threshold is a u64, passed by pointer.
+    unsafe {
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+    }
+    .map_err(driver("cuMemPoolSetAttribute"))
+}
+
 /// A driver error as a [`CudaError`], naming the call.
 pub(crate) fn driver(call: &'static str) -> impl Fn(DriverError) -> CudaError {
     move |err| CudaError::Api {
@@ -280,6 +304,7 @@ impl CudaBackend {
                     "device {ordinal} ({name}) cannot map host memory"
                 )));
             }
+            keep_freed_device_memory(&context)?;
             let (free, total) = context.mem_get_info().map_err(driver("cuMemGetInfo"))?;
             let info = DeviceInfo {
                 backend: BackendKind::Cuda,

@@ -7,7 +7,10 @@
 //!    persistent kernel never ends by itself, so such a wait could last
 //!    forever. Ring regions and staging chunks go back to a per-device
 //!    cache and are freed when the last handle on the cache is dropped;
-//!    device buffers are freed with `cuMemFreeAsync` on their stream.
+//!    device buffers are freed with `cuMemFreeAsync` on their stream, into
+//!    the device's stream-ordered pool, which keeps up to
+//!    [`DEVICE_POOL_KEEP`](super::DEVICE_POOL_KEEP) bytes for the next
+//!    batch: the device-buffer pool is the driver's.
 //! 2. Every driver call is made with the device's context bound to the
 //!    calling thread.
 

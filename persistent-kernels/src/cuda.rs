@@ -17,7 +17,7 @@
 //!    running kernel.
 //! 2. No call that may wait for the whole device (`cuCtxSynchronize`,
 //!    `cuMemFree`, `cuMemFreeHost`) is made while the backend lives
-//!    ([`memory`] rule 1). Waits are on one stream or one event.
+//!    (rule 1 in `cuda/memory.rs`). Waits are on one stream or one event.
 //! 3. Both entry points of a module are loaded eagerly (`cuFuncLoad`) when
 //!    it is built: with CUDA's lazy loading, a first launch may otherwise
 //!    need the context to be idle, which it never is.

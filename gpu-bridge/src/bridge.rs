@@ -49,8 +49,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use granary_kernels::{
-    Backend, BackendError, BackendKind, CpuBackend, DeviceInfo, KernelSpec, Status, StopMode,
-    batch_output_len,
+    Backend, BackendError, BackendKind, CpuBackend, DeviceInfo, KernelSpec, StagedInput, Status,
+    StopMode, batch_output_len,
 };
 use granary_ring::RingConfig;
 use tokio::sync::OnceCell;
@@ -240,6 +240,23 @@ impl BridgeBuilder {
             bridge.report_memory(DeviceId(id));
         }
         Ok(bridge)
+    }
+}
+
+/// A batch input on its way to the backend.
+enum Staged {
+    /// In the backend's staging memory.
+    Backend(StagedInput),
+    /// In a buffer from the bridge's pool.
+    Pool(Rented<HostAllocator>),
+}
+
+impl Staged {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Staged::Backend(staged) => (**staged).as_ref(),
+            Staged::Pool(rented) => rented.as_slice(),
+        }
     }
 }
 
@@ -790,7 +807,7 @@ impl GpuBridge {
         // The input travels to the blocking thread in a pooled staging
         // buffer: a large batch then costs a copy into warm memory, not a
         // fresh allocation and its page faults.
-        let staging = match self.stage_input(spec, kind, input) {
+        let staging = match self.stage_input(spec, &slot.backend, index, input) {
             Ok(staging) => staging,
             Err(err) => {
                 in_flight.fail();
@@ -806,7 +823,7 @@ impl GpuBridge {
         let bridge = self.clone();
         let len = input.len();
         let job = tokio::task::spawn_blocking(move || {
-            let outcome = backend.run_batch(index, &owned_spec, &staging.as_slice()[..len]);
+            let outcome = backend.run_batch(index, &owned_spec, &staging.bytes()[..len]);
             drop(staging);
             drop(reservation);
             bridge.report_pool();
@@ -842,13 +859,20 @@ impl GpuBridge {
         })
     }
 
-    /// A staging buffer from the pool holding a copy of `input`.
+    /// A copy of `input` for the batch job: in the backend's own staging
+    /// memory where it has some (page-locked for CUDA, sent by one DMA),
+    /// else in a buffer from the bridge's pool.
     fn stage_input(
         &self,
         spec: &KernelSpec,
-        kind: BackendKind,
+        backend: &Arc<dyn Backend>,
+        index: usize,
         input: &[u8],
-    ) -> Result<Rented<HostAllocator>, BackendError> {
+    ) -> Result<Staged, BackendError> {
+        if let Some(staged) = backend.stage_input(index, input) {
+            return staged.map(Staged::Backend);
+        }
+        let kind = backend.kind();
         let mut staging = self
             .shared
             .staging
@@ -861,7 +885,7 @@ impl GpuBridge {
                 ))
             })?;
         staging.as_mut_slice()[..input.len()].copy_from_slice(input);
-        Ok(staging)
+        Ok(Staged::Pool(staging))
     }
 
     /// The staging pool's counters: its hit ratio is what the pool saves.

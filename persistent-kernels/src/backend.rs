@@ -115,6 +115,10 @@ pub trait PersistentKernel: Send {
     fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport;
 }
 
+/// A batch input copied into host memory a backend reads fastest from
+/// (page-locked, for CUDA): see [`Backend::stage_input`].
+pub type StagedInput = Box<dyn AsRef<[u8]> + Send + Sync>;
+
 /// One API's devices: discovery, builds, persistent kernels, batches.
 pub trait Backend: Send + Sync {
     /// Which backend this is.
@@ -141,6 +145,20 @@ pub trait Backend: Send + Sync {
     /// never returns is running may wait for that kernel to end.
     fn build_before_launch(&self) -> bool {
         false
+    }
+
+    /// A copy of `input` in host memory that [`Backend::run_batch`] on
+    /// `device` copies to the device fastest, or `None` where the backend
+    /// has no such memory (then any host buffer will do). CUDA hands back
+    /// page-locked memory, filled by a few threads, which `run_batch` sends
+    /// by one DMA without staging it again.
+    fn stage_input(
+        &self,
+        device: usize,
+        input: &[u8],
+    ) -> Option<Result<StagedInput, BackendError>> {
+        let _ = (device, input);
+        None
     }
 
     /// Runs `spec` once over `request` on `device` with device buffers and

@@ -31,7 +31,9 @@ pub mod opencl;
 pub mod shipped;
 mod spec;
 
-pub use backend::{Backend, BackendError, CpuBackend, PersistentKernel, batch_output_len};
+pub use backend::{
+    Backend, BackendError, CpuBackend, PersistentKernel, StagedInput, batch_output_len,
+};
 pub use cpu::{
     BatchSubmitError, Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode,
     StopReport, SubmitError, Submitter,

@@ -49,6 +49,10 @@ fn main() {
         ),
         ("a_batch_of_64_mib_round_trips", a_large_batch_round_trips),
         (
+            "a_batch_from_pinned_memory_goes_by_dma",
+            a_batch_from_pinned_memory,
+        ),
+        (
             "one_hundred_sequential_doubles",
             one_hundred_sequential_doubles,
         ),
@@ -257,6 +261,32 @@ fn a_large_batch_round_trips(backend: &Arc<CudaBackend>) -> Outcome {
     let output = bytes_f32(&response);
     if output.len() != n || output.iter().zip(&input).any(|(o, i)| *o != 2.0 * i) {
         return Err(fail("a doubled 64 MiB vector came back wrong"));
+    }
+    Ok(())
+}
+
+fn a_batch_from_pinned_memory(backend: &Arc<CudaBackend>) -> Outcome {
+    let n = 3 << 20; // 12 MiB: three staging chunks' worth
+    let input: Vec<f32> = (0..n).map(|i| (i % 4099) as f32 - 2000.0).collect();
+    let bytes = f32_bytes(&input);
+    let mut pinned = backend.pinned(0, bytes.len()).map_err(fail)?;
+    pinned.copy_from_slice(&bytes);
+    let direct = backend.run_batch(0, &DOUBLE, &pinned).map_err(fail)?;
+    let staged = Backend::stage_input(&**backend, 0, &bytes)
+        .ok_or_else(|| fail("CUDA offers no staging"))?
+        .map_err(fail)?;
+    let via_stage = backend
+        .run_batch(0, &DOUBLE, (*staged).as_ref())
+        .map_err(fail)?;
+    let expected: Vec<f32> = input.iter().map(|x| 2.0 * x).collect();
+    if bytes_f32(&direct) != expected || bytes_f32(&via_stage) != expected {
+        return Err(fail("a batch from page-locked memory came back wrong"));
+    }
+    // The buffer goes back to the cache and comes out zeroed.
+    drop(pinned);
+    let again = backend.pinned(0, 64).map_err(fail)?;
+    if again.iter().any(|&b| b != 0) || again.len() != 64 {
+        return Err(fail("a recycled pinned buffer was not zeroed"));
     }
     Ok(())
 }

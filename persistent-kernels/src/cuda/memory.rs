@@ -286,3 +286,146 @@ impl PinnedChunk {
         let _ = unsafe { result::free_host(self.base.as_ptr().cast()) };
     }
 }
+
+/// Whether `bytes` lie in page-locked host memory that the driver can copy
+/// from directly (`cuMemHostAlloc`, or registered with `cuMemHostRegister`).
+/// A Rust slice lies within one allocation, so its first byte decides.
+pub(crate) fn is_pinned(context: &Arc<CudaContext>, bytes: &[u8]) -> bool {
+    if bytes.is_empty() || context.bind_to_thread().is_err() {
+        return false;
+    }
+    let mut memory_type = 0u32;
+    // SAFETY: a valid out-pointer for a CUmemorytype (a u32 enum) and the
+    // address of live host memory; pageable memory returns an error.
+    let found = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut memory_type as *mut u32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            bytes.as_ptr() as CUdeviceptr,
+        )
+    };
+    found == sys::cudaError_enum::CUDA_SUCCESS
+        && memory_type == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+}
+
+/// Page-locked host memory for a batch's input, from
+/// [`CudaBackend::pinned`](super::CudaBackend::pinned): a batch whose input
+/// is here is copied to the device by DMA straight from it, with no staging
+/// copy. Given back to the device's cache when dropped (rule 1).
+pub struct PinnedBytes {
+    cache: Arc<PinnedCache>,
+    base: NonNull<u8>,
+    /// Bytes allocated, at least `len`.
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: host memory owned by this handle alone.
+unsafe impl Send for PinnedBytes {}
+// SAFETY: shared references only read.
+unsafe impl Sync for PinnedBytes {}
+
+impl std::fmt::Debug for PinnedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedBytes")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for PinnedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len <= capacity` bytes, initialised (zeroed when taken),
+        // owned by this handle.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PinnedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, through a unique borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for PinnedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Drop for PinnedBytes {
+    fn drop(&mut self) {
+        self.cache.give_back(self.base, self.capacity);
+    }
+}
+
+/// Page-locked host buffers of one device, recycled by size (powers of
+/// two from 4 KiB), freed when the last handle goes.
+pub(crate) struct PinnedCache {
+    context: Arc<CudaContext>,
+    free: Mutex<Vec<(NonNull<u8>, usize)>>,
+}
+
+// SAFETY: the cached pointers are host allocations owned by the cache; the
+// mutex serialises the list.
+unsafe impl Send for PinnedCache {}
+// SAFETY: as above.
+unsafe impl Sync for PinnedCache {}
+
+impl PinnedCache {
+    pub(crate) fn new(context: Arc<CudaContext>) -> Arc<PinnedCache> {
+        Arc::new(PinnedCache {
+            context,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `len` zeroed bytes of page-locked host memory.
+    pub(crate) fn take(self: &Arc<Self>, len: usize) -> Result<PinnedBytes, CudaError> {
+        let capacity = len
+            .max(4096)
+            .checked_next_power_of_two()
+            .ok_or_else(|| CudaError::BadInput(format!("{len} bytes of pinned memory")))?;
+        let cached = {
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            free.iter()
+                .position(|&(_, size)| size == capacity)
+                .map(|at| free.swap_remove(at).0)
+        };
+        let base = match cached {
+            Some(base) => base,
+            None => PinnedChunk::new(&self.context, capacity)?.base,
+        };
+        // SAFETY: `capacity` bytes owned by the new handle alone.
+        unsafe { base.as_ptr().write_bytes(0, len) };
+        Ok(PinnedBytes {
+            cache: self.clone(),
+            base,
+            capacity,
+            len,
+        })
+    }
+
+    fn give_back(&self, base: NonNull<u8>, capacity: usize) {
+        self.free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((base, capacity));
+    }
+}
+
+impl Drop for PinnedCache {
+    fn drop(&mut self) {
+        if self.context.bind_to_thread().is_err() {
+            return;
+        }
+        let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (base, _) in free.drain(..) {
+            // SAFETY: from cuMemHostAlloc, freed once; no handle refers to
+            // it (each handle holds the cache).
+            let _ = unsafe { result::free_host(base.as_ptr().cast()) };
+        }
+    }
+}

@@ -37,9 +37,10 @@
  *      does not fit is cut to the room there is. SKIP slots need no room.
  *   4. Thread 0 stores the response tail with release [S2].
  *   5. Each thread copies its request from host memory into device scratch
- *      with 16-byte loads (its header and first 64 bytes in the same round
- *      trip as the flags in step 3, the rest after: a few PCIe round trips
- *      for the whole batch, instead of one per element), runs
+ *      with 16-byte loads (a few PCIe round trips for the whole batch,
+ *      instead of one per element; when at most 8 requests are published,
+ *      the first 64 bytes come in the same round trip as the header in
+ *      step 3, so a small request costs one round trip less), runs
  *      granary_process on the copy, writes the response slot, frees the
  *      request slot [M5] and publishes the response [M3], the last two
  *      under one release, so the request's slot is free before its
@@ -62,6 +63,9 @@
 /* Payload bytes read together with a request's header (a small request
  * then costs one round trip across PCIe after its sequence). */
 #define GRANARY_HEAD_BYTES 64u
+/* The most published requests in a turn for which the first
+ * GRANARY_HEAD_BYTES are read ahead, with the header. */
+#define GRANARY_PREFETCH_MAX 8u
 /* Empty turns spun before the kernel starts to sleep between polls. */
 #define GRANARY_SPIN_TURNS 4096u
 /* The longest sleep between polls of an idle kernel, in nanoseconds. */
@@ -207,6 +211,10 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
         }
 
         /* 3. SKIP slots, then room for the responses. */
+        /* Few requests: latency counts, so read ahead. Many: PCIe read
+         * requests count, so read exactly each request's length. */
+        const bool prefetch = ready <= GRANARY_PREFETCH_MAX;
+        const unsigned int prefetched = prefetch ? GRANARY_HEAD_BYTES : 0u;
         unsigned int skip = 0u;
         unsigned long long request_id = 0ull;
         unsigned int request_len = 0u;
@@ -218,14 +226,16 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
             /* len, status, flags, reserved: one 16-byte load (slot + 16
              * is 16-byte aligned). */
             const uint4 words = *(const uint4*)((const unsigned char*)slot + 16);
-            const uint4* payload = (const uint4*)(slot + 1);
-            uint4* copy = (uint4*)my_request;
-            const unsigned int head_words = request_room / 16u < GRANARY_HEAD_BYTES / 16u
-                                                ? request_room / 16u
-                                                : GRANARY_HEAD_BYTES / 16u;
+            if (prefetch) {
+                const uint4* payload = (const uint4*)(slot + 1);
+                uint4* copy = (uint4*)my_request;
+                const unsigned int head_words = request_room / 16u < GRANARY_HEAD_BYTES / 16u
+                                                    ? request_room / 16u
+                                                    : GRANARY_HEAD_BYTES / 16u;
 #pragma unroll
-            for (unsigned int i = 0; i < GRANARY_HEAD_BYTES / 16u; i++) {
-                if (i < head_words) copy[i] = payload[i];
+                for (unsigned int i = 0; i < GRANARY_HEAD_BYTES / 16u; i++) {
+                    if (i < head_words) copy[i] = payload[i];
+                }
             }
             request_id = id;
             request_len = words.x;
@@ -292,10 +302,10 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 unsigned int response_len = 0u;
                 unsigned int status;
                 const bool fits = request_len <= request_max;
-                if (fits && request_len > GRANARY_HEAD_BYTES) {
-                    granary_copy16(my_request + GRANARY_HEAD_BYTES,
-                                   (const unsigned char*)(slot + 1) + GRANARY_HEAD_BYTES,
-                                   request_len - GRANARY_HEAD_BYTES);
+                if (fits && request_len > prefetched) {
+                    granary_copy16(my_request + prefetched,
+                                   (const unsigned char*)(slot + 1) + prefetched,
+                                   request_len - prefetched);
                 }
                 if (!fits) {
                     status = GRANARY_STATUS_BAD_LENGTH;

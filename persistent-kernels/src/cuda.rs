@@ -437,7 +437,8 @@ impl CudaBackend {
             .push(lane);
     }
 
-    /// `len` zeroed bytes of page-locked host memory for a batch's input on
+    /// `len` bytes of page-locked host memory (zeroed when newly allocated;
+    /// a recycled buffer holds earlier bytes) for a batch's input on
     /// device `index`. Write the input there and pass it to
     /// [`CudaBackend::run_batch`]: it then goes to the device by DMA with no
     /// staging copy (about 2.5 times faster for large inputs, BENCHMARKS.md).

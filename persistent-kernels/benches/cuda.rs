@@ -13,6 +13,10 @@
 //!   from page-locked input, vs one `cuMemcpyHtoDAsync` from pinned memory
 //!   of the same size.
 //!
+//! - `cuda_pcie_x1000`: what bounds the round trip: 1000 dependent device
+//!   loads from host-mapped memory, and 1000 mapped stores each followed by
+//!   `__threadfence_system()`, in one launch each.
+//!
 //! Without a GPU the bench prints why and measures nothing.
 //! `cargo bench -p granary-kernels --bench cuda`; BENCHMARKS.md has figures.
 
@@ -238,10 +242,79 @@ fn h2d(c: &mut Criterion, backend: &CudaBackend) {
     group.finish();
 }
 
+/// Two costs that bound the round trip: a device load from host-mapped
+/// memory that must wait for the previous one (a pointer chase, 1000 per
+/// launch), and a device store to host-mapped memory followed by
+/// `__threadfence_system()` (1000 per launch). Time per launch / 1000 is
+/// the cost of one.
+fn pcie(c: &mut Criterion) {
+    const SOURCE: &str = r#"
+extern "C" __global__ void chase(const volatile unsigned long long* ring, unsigned long long* out) {
+    unsigned long long at = 0;
+    for (int i = 0; i < 1000; i++) at = ring[at];
+    *out = at;
+}
+extern "C" __global__ void fenced_stores(volatile unsigned long long* slot) {
+    for (unsigned long long i = 0; i < 1000; i++) { *slot = i; __threadfence_system(); }
+}
+"#;
+    let context = CudaContext::new(0).expect("context");
+    context.bind_to_thread().expect("bind");
+    let (major, minor) = context.compute_capability().expect("cc");
+    let cubin = nvrtc::compile_cubin(SOURCE, (major * 10 + minor) as u32, "pcie").expect("nvrtc");
+    // SAFETY: a CUBIN image alive for the call.
+    let module = unsafe { result::module::load_data(cubin.as_ptr().cast()) }.expect("load");
+    let function = |name: &str| {
+        // SAFETY: a loaded module.
+        unsafe { result::module::get_function(module, CString::new(name).unwrap()) }
+            .expect("function")
+    };
+    let (chase, fenced) = (function("chase"), function("fenced_stores"));
+    let stream = result::stream::create(result::stream::StreamKind::NonBlocking).expect("stream");
+    // A ring of 64 8-byte entries, each naming the next, 128 bytes apart.
+    let memory = Mapped::new(64 * 128);
+    for i in 0..64usize {
+        // SAFETY: within the 8 KiB mapped buffer.
+        unsafe { *(memory.host.add(i * 128) as *mut u64) = (((i + 1) % 64) * 16) as u64 };
+    }
+    let out = Mapped::new(4096);
+    let mut group = c.benchmark_group("cuda_pcie_x1000");
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(500));
+    let launch = |function, args: &mut [*mut std::ffi::c_void]| {
+        // SAFETY: the kernels' signatures take one or two device pointers,
+        // which `args` hold; both buffers are mapped and alive.
+        unsafe {
+            result::launch_kernel(function, (1, 1, 1), (1, 1, 1), 0, stream, args).expect("launch");
+            result::stream::synchronize(stream).expect("sync");
+        }
+    };
+    group.bench_function("dependent_mapped_loads", |b| {
+        b.iter(|| {
+            let (mut ring, mut target) = (memory.device, out.device);
+            launch(
+                chase,
+                &mut [
+                    (&mut ring as *mut CUdeviceptr).cast(),
+                    (&mut target as *mut CUdeviceptr).cast(),
+                ],
+            );
+        })
+    });
+    group.bench_function("mapped_store_and_threadfence_system", |b| {
+        b.iter(|| {
+            let mut slot = out.device;
+            launch(fenced, &mut [(&mut slot as *mut CUdeviceptr).cast()]);
+        })
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let Some(backend) = backend() else {
         return;
     };
+    pcie(c);
     round_trip(c, &backend);
     throughput(c, &backend);
     h2d(c, &backend);

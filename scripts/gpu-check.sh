@@ -55,7 +55,7 @@ run_bench() {
     if [ -x "$bin/bench-$name" ]; then
         # criterion's own summary lines: the name, then time and throughput.
         timeout "${GRANARY_BENCH_TIMEOUT:-300}" "$bin/bench-$name" --bench --noplot 2>&1 |
-            grep -E '^[a-z_]+/|time:|thrpt:|SKIPPED' >>"$report" || status=1
+            grep -E '^[A-Za-z0-9_]+/|time:|thrpt:|SKIPPED' >>"$report" || status=1
     else
         echo "missing: $bin/bench-$name" >>"$report"
         status=1

@@ -205,7 +205,8 @@ impl DemoConfig {
 pub type Skipped = Vec<(BackendKind, String)>;
 
 /// The backends present on this machine: the CPU always, OpenCL where a
-/// runtime is installed (otherwise skipped, with the reason).
+/// runtime is installed, CUDA where a driver, NVRTC and a GPU are
+/// (otherwise skipped, with the reason).
 pub fn backends() -> (Vec<Arc<dyn Backend>>, Skipped) {
     let mut present: Vec<Arc<dyn Backend>> = vec![Arc::new(granary_kernels::CpuBackend::new())];
     let mut skipped = Vec::new();
@@ -213,10 +214,10 @@ pub fn backends() -> (Vec<Arc<dyn Backend>>, Skipped) {
         Ok(opencl) => present.push(Arc::new(opencl)),
         Err(err) => skipped.push((BackendKind::OpenCl, err.to_string())),
     }
-    skipped.push((
-        BackendKind::Cuda,
-        "the CUDA backend is not built yet".to_string(),
-    ));
+    match granary_kernels::cuda::CudaBackend::discover() {
+        Ok(cuda) => present.push(Arc::new(cuda)),
+        Err(err) => skipped.push((BackendKind::Cuda, err.to_string())),
+    }
     (present, skipped)
 }
 

@@ -86,12 +86,15 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Devices => {
             // The CPU backend is always present; OpenCL where a runtime is
-            // installed. CUDA arrives with its own issue.
+            // installed; CUDA where a driver, NVRTC and a GPU are.
             let mut devices = vec![granary::kernels::host_device()];
-            let opencl = granary::kernels::opencl::OpenClBackend::discover();
-            match &opencl {
+            match granary::kernels::opencl::OpenClBackend::discover() {
                 Ok(backend) => devices.extend(backend.devices()),
-                Err(err) => println!("OpenCL backend unavailable: {err}"),
+                Err(err) => println!("{err}"),
+            }
+            match granary::kernels::cuda::CudaBackend::discover() {
+                Ok(backend) => devices.extend(backend.devices()),
+                Err(err) => println!("{err}"),
             }
             println!("{} device(s):", devices.len());
             for device in &devices {

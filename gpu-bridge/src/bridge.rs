@@ -869,10 +869,18 @@ impl GpuBridge {
         index: usize,
         input: &[u8],
     ) -> Result<Staged, BackendError> {
-        if let Some(staged) = backend.stage_input(index, input) {
-            return staged.map(Staged::Backend);
-        }
         let kind = backend.kind();
+        match backend.stage_input(index, input) {
+            Some(Ok(staged)) => return Ok(Staged::Backend(staged)),
+            // The backend's staging memory is short: the pool's will do.
+            Some(Err(err)) => tracing::debug!(
+                kernel = spec.id,
+                backend = ?kind,
+                error = %err,
+                "staging in the bridge's pool instead"
+            ),
+            None => {}
+        }
         let mut staging = self
             .shared
             .staging

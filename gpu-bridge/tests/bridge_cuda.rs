@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{f32s, from_f32s};
 use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
 use granary_kernels::cuda::CudaBackend;
-use granary_kernels::{BackendKind, shipped};
+use granary_kernels::{BackendKind, ElementType, KernelSpec, Shape, Status, shipped};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Outcome = Result<(), Failed>;
@@ -55,6 +55,11 @@ fn main() {
             bad_input_is_typed,
         ),
         ("shutdown_with_requests_in_flight", shutdown_in_flight),
+        // Last: it leaves a block spinning on the GPU for good.
+        (
+            "a_hung_kernel_fails_its_requests_and_is_relaunched",
+            a_hung_kernel_is_relaunched,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -312,6 +317,90 @@ fn shutdown_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
                 return Err(fail("a request after shutdown was not refused"));
             }
         }
+        Ok(())
+    })
+}
+
+/// Echoes one `f32`, except 42, on which the thread spins for good: a
+/// device kernel that stops making progress, which no host code can stop.
+const STALL: KernelSpec = KernelSpec {
+    id: "stall",
+    version: 1,
+    request: Shape::exactly(ElementType::F32, 1),
+    response: Shape::exactly(ElementType::F32, 1),
+    batch_request: Shape::exactly(ElementType::F32, 1),
+    output_len: |_| Ok(4),
+    opencl_c: None,
+    cuda_c: Some(
+        r#"
+__device__ unsigned int granary_process(const unsigned char* request, unsigned int request_len,
+                                        unsigned char* response, unsigned int response_max,
+                                        unsigned int* response_len) {
+    if (request_len != 4u || response_max < 4u) return GRANARY_STATUS_BAD_LENGTH;
+    volatile const float* watched = (volatile const float*)request;
+    while (*watched == 42.0f) __nanosleep(1000);
+    *(float*)response = *watched;
+    *response_len = 4u;
+    return GRANARY_STATUS_OK;
+}
+extern "C" __global__ void granary_batch(const unsigned char* request, unsigned int request_len,
+                                         unsigned char* response, unsigned int response_len) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *(float*)response = *(const float*)request;
+}
+"#,
+    ),
+    cpu: Some(echo),
+};
+
+fn echo(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
+    response[..4].copy_from_slice(&request[..4]);
+    Ok(4)
+}
+
+fn a_hung_kernel_is_relaunched(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let bridge = GpuBridge::builder()
+            .backend(backend.clone())
+            .kernel(STALL)
+            .config(BridgeConfig {
+                fallback: FallbackPolicy::Fail,
+                hang_timeout: Duration::from_secs(1),
+                ..BridgeConfig::default()
+            })
+            .build()
+            .map_err(fail)?;
+        if from_f32s(&execute(&bridge, "stall", &f32s(&[1.0])).await?) != [1.0] {
+            return Err(fail("the stall kernel does not echo"));
+        }
+        let stalled = {
+            let bridge = bridge.clone();
+            tokio::spawn(async move { bridge.execute("stall", &f32s(&[42.0])).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let queued = {
+            let bridge = bridge.clone();
+            tokio::spawn(async move { bridge.execute("stall", &f32s(&[2.0])).await })
+        };
+        let started = Instant::now();
+        for call in [stalled, queued] {
+            match tokio::time::timeout(Duration::from_secs(30), call).await {
+                Ok(Ok(Err(ExecuteError::DeviceHung {
+                    kernel: "stall", ..
+                }))) => {}
+                other => return Err(fail(format!("expected DeviceHung, got {other:?}"))),
+            }
+        }
+        let detected = started.elapsed();
+        // The relaunched kernel, on another SM, answers; the hung block
+        // keeps its SM and its memory (leaked, not freed under it).
+        let answer = execute(&bridge, "stall", &f32s(&[3.0])).await?;
+        eprintln!("  hang detected in {detected:?}; the relaunched kernel answered");
+        if from_f32s(&answer) != [3.0] {
+            return Err(fail(format!("after the relaunch: {answer:?}")));
+        }
+        tokio::time::timeout(Duration::from_secs(60), bridge.shutdown(StopMode::Drain))
+            .await
+            .map_err(|_| fail("shutdown took over 60 s"))?;
         Ok(())
     })
 }

@@ -13,8 +13,8 @@
  * Both rings live in pinned host memory mapped into the device's address
  * space (cuMemHostAlloc with DEVICEMAP|PORTABLE), so every access to them
  * crosses PCIe. The kernel is launched as ONE block of blockDim.x threads
- * (a multiple of 32, at most GRANARY_BLOCK_MAX and at most the ring's
- * capacity), and that block is:
+ * (any count from 1 to GRANARY_BLOCK_MAX, at most the ring's capacity;
+ * best a multiple of 32), and that block is:
  *
  *   - the request ring's only consumer (MPSC, rules M4-M5): no
  *     read-modify-write on `head` is needed, and none is made (atomics on
@@ -29,10 +29,11 @@
  *      slot at position head + t, for t below the poll width (one warp
  *      while idle, the whole block while busy). The published prefix is the
  *      batch [M4].
- *   2. An empty turn beats the heartbeat [H1] and backs off; one empty
- *      turn in 64 also checks for Abandon (the response ring closed) and
- *      for the end of the stream (the request ring closed and drained,
- *      [C3]), since each check is a read across PCIe.
+ *      Thread 0 reads both rings' `closed` words in the same round trip;
+ *      the response ring closed (Abandon) ends the kernel before it takes
+ *      anything [S5].
+ *   2. An empty turn beats the heartbeat [H1], ends the kernel if the
+ *      request ring is closed and drained [C3], and backs off.
  *   3. Thread 0 finds room for the batch's responses [S1]; a batch that
  *      does not fit is cut to the room there is. SKIP slots need no room.
  *   4. Thread 0 stores the response tail with release [S2].
@@ -70,9 +71,6 @@
 #define GRANARY_SPIN_TURNS 4096u
 /* The longest sleep between polls of an idle kernel, in nanoseconds. */
 #define GRANARY_MAX_SLEEP_NS 20000u
-/* Empty turns between checks of the two `closed` words: each check is two
- * reads across PCIe that the next poll would wait for. */
-#define GRANARY_CLOSE_CHECK_TURNS 64u
 
 __device__ __forceinline__ unsigned long long granary_load_acquire_u64(
     const volatile unsigned long long* address) {
@@ -85,6 +83,13 @@ __device__ __forceinline__ unsigned int granary_load_acquire_u32(
     const volatile unsigned int* address) {
     unsigned int value;
     asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ unsigned int granary_load_relaxed_u32(
+    const volatile unsigned int* address) {
+    unsigned int value;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
     return value;
 }
 
@@ -150,6 +155,8 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
     __shared__ unsigned int s_poll;              /* threads that poll this turn */
     __shared__ unsigned int s_idle;              /* empty turns in a row */
     __shared__ int s_exit;
+    __shared__ unsigned int s_abandon;           /* response ring's `closed`, this turn */
+    __shared__ unsigned int s_closing;           /* request ring's `closed`, this turn */
     __shared__ unsigned int s_out[GRANARY_BLOCK_MAX]; /* response offset per taken slot */
     __shared__ unsigned char s_skip[GRANARY_BLOCK_MAX];
 
@@ -171,38 +178,41 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
         if (t == 0) s_ready = poll;
         __syncthreads();
 
-        /* 1. The published prefix. */
+        /* 1. The published prefix. Thread 0 also reads both `closed` words,
+         * relaxed and issued before its acquire load, so all three loads
+         * cross PCIe together: the checks cost no round trip of their own. */
         granary_slot_header* slot = granary_slot(requests, request_slot, request_capacity, head + t);
+        if (t == 0) {
+            s_abandon = granary_load_relaxed_u32(&response_control->closed.value);
+            s_closing = granary_load_relaxed_u32(&request_control->closed.value);
+        }
         if (t < poll) {
             unsigned long long sequence = granary_load_acquire_u64(&slot->sequence);
             if (sequence != head + t + 1ull) atomicMin(&s_ready, t);
         }
         __syncthreads();
         const unsigned int ready = s_ready;
+        /* Abandon (S5: checked before anything is taken). */
+        if (s_abandon != 0u) break;
 
         /* 2. An empty turn. */
         if (ready == 0u) {
             if (t == 0) {
                 s_beat += 1ull;
                 granary_store_relaxed_u64(&request_control->consumer_heartbeat.value, s_beat);
-                if (s_idle % GRANARY_CLOSE_CHECK_TURNS != GRANARY_CLOSE_CHECK_TURNS - 1u) {
-                    /* Not this turn. */
-                } else if (granary_load_acquire_u32(&response_control->closed.value) != 0u) {
-                    s_exit = 1; /* Abandon */
-                } else if (granary_load_acquire_u32(&request_control->closed.value) != 0u) {
+                if (s_closing != 0u) {
                     unsigned long long tail = granary_load_acquire_u64(&request_control->tail.value);
                     if ((tail & GRANARY_RING_TAIL_CLOSED_BIT) != 0ull
                         && (tail & ~GRANARY_RING_TAIL_CLOSED_BIT) == head) {
-                        s_exit = 1; /* closed and drained */
+                        s_exit = 1; /* closed and drained (C3) */
                     }
                 }
                 s_poll = width < GRANARY_IDLE_POLL ? width : GRANARY_IDLE_POLL;
-                s_idle += 1u;
+                /* Saturates one past the longest sleep. */
+                if (s_idle <= GRANARY_SPIN_TURNS + GRANARY_MAX_SLEEP_NS / 64u) s_idle += 1u;
                 if (s_idle > GRANARY_SPIN_TURNS) {
                     unsigned int sleep = (s_idle - GRANARY_SPIN_TURNS) * 64u;
                     __nanosleep(sleep < GRANARY_MAX_SLEEP_NS ? sleep : GRANARY_MAX_SLEEP_NS);
-                    /* Saturates well past the longest sleep. */
-                    if (s_idle > 0x40000000u) s_idle = GRANARY_SPIN_TURNS + GRANARY_MAX_SLEEP_NS;
                 }
             }
             __syncthreads();
@@ -327,8 +337,14 @@ granary_persistent(unsigned char* requests, unsigned char* responses, unsigned c
                 /* M5 then M3 under one fence: the request's slot is freed
                  * (relaxed), then the release store of the response's
                  * sequence orders the response's bytes and that free
-                 * before it [K1]. The request's loads were used to compute
-                 * the response, so they are done before either store. */
+                 * before it [K1]. M5 asks for a release on the free; a
+                 * relaxed store is enough here because every load of the
+                 * request's slot fed a store to scratch (the copy) that
+                 * comes before the free in program order, and a store
+                 * cannot issue before the load whose value it writes has
+                 * returned: the slot is read completely before it can be
+                 * seen free. (A release would add a fence, 0.7 us, to every
+                 * response; BENCHMARKS.md.) */
                 granary_store_relaxed_u64(&slot->sequence, position + request_capacity);
                 granary_store_release_u64(&response->sequence, out + 1ull);
             }

@@ -149,9 +149,10 @@ pub trait Backend: Send + Sync {
 
     /// A copy of `input` in host memory that [`Backend::run_batch`] on
     /// `device` copies to the device fastest, or `None` where the backend
-    /// has no such memory (then any host buffer will do). CUDA hands back
-    /// page-locked memory, filled by a few threads, which `run_batch` sends
-    /// by one DMA without staging it again.
+    /// has no such memory, or none to spare (then any host buffer will do;
+    /// an error means the same). CUDA hands back page-locked memory, up to
+    /// a bound, filled by a few threads, which `run_batch` sends by one DMA
+    /// without staging it again.
     fn stage_input(
         &self,
         device: usize,

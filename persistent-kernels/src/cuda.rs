@@ -45,8 +45,8 @@ mod memory;
 pub mod nvrtc;
 mod persistent;
 
-pub use memory::{DeviceBytes, PinnedBytes};
-use memory::{HostCache, PinnedCache, PinnedChunk, is_pinned};
+pub use memory::{DeviceBytes, PINNED_LIMIT, PinnedBytes};
+use memory::{HostCache, PinnedCache, PinnedChunk, Stream, is_pinned};
 pub use persistent::{CudaPersistentKernel, PERSISTENT_TEMPLATE};
 
 /// What went wrong in the CUDA backend.
@@ -81,6 +81,15 @@ pub enum CudaError {
         /// Persistent kernels running on the device.
         running: u32,
     },
+    /// The device's page-locked memory for batch inputs is at its bound.
+    NoPinnedMemory {
+        /// Bytes asked for (rounded up to a power of two).
+        requested: usize,
+        /// Bytes already allocated.
+        allocated: usize,
+        /// [`PINNED_LIMIT`].
+        limit: usize,
+    },
     /// Every block a device may give persistent kernels is taken.
     NoCapacity {
         /// Persistent kernels running on the device in this process.
@@ -102,6 +111,14 @@ impl fmt::Display for CudaError {
             CudaError::ModuleWhileRunning { running } => write!(
                 f,
                 "a new module cannot be loaded while {running} persistent kernel(s) run on the device; build every kernel before the first launch"
+            ),
+            CudaError::NoPinnedMemory {
+                requested,
+                allocated,
+                limit,
+            } => write!(
+                f,
+                "{requested} more bytes of page-locked memory, with {allocated} of {limit} allocated"
             ),
             CudaError::NoCapacity { running, limit } => write!(
                 f,
@@ -214,8 +231,12 @@ impl Module {
 impl Drop for Module {
     fn drop(&mut self) {
         // Every kernel of the module has exited: persistent kernels hold
-        // the module until they do, and batches run under a reference.
-        if self.context.bind_to_thread().is_ok() {
+        // the module until they do, and batches run under a reference. An
+        // unload beside another running kernel could wait for it (rule 3):
+        // then the module stays loaded.
+        if persistent::running_on(self.context.ordinal()) == 0
+            && self.context.bind_to_thread().is_ok()
+        {
             // SAFETY: loaded once, unloaded once.
             let _ = unsafe { result::module::unload(self.module) };
         }
@@ -226,7 +247,7 @@ impl Drop for Module {
 /// and two pinned staging chunks. Lanes are reused, never freed while the
 /// backend lives (rule 2).
 struct Lane {
-    stream: sys::CUstream,
+    stream: Arc<Stream>,
     events: [CUevent; 2],
     chunks: [PinnedChunk; 2],
 }
@@ -396,12 +417,7 @@ impl CudaBackend {
         {
             return Ok(lane);
         }
-        device
-            .context
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(driver("cuStreamCreate"))?;
+        let stream = Stream::new(&device.context)?;
         let event = || {
             result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                 .map_err(driver("cuEventCreate"))
@@ -422,7 +438,7 @@ impl CudaBackend {
         if outcome.is_err() {
             // SAFETY: the lane's own stream, on its context.
             let synced = device.context.bind_to_thread().is_ok()
-                && unsafe { result::stream::synchronize(lane.stream) }.is_ok();
+                && unsafe { result::stream::synchronize(lane.stream.raw) }.is_ok();
             if !synced {
                 // A stream that cannot be waited for may still read the
                 // chunks: the lane is not returned (a lane frees nothing
@@ -446,6 +462,14 @@ impl CudaBackend {
         self.device(index)?.pinned.take(len)
     }
 
+    /// Whether `bytes` are page-locked host memory that device `index`'s
+    /// batch path copies from directly, by one DMA.
+    pub fn is_page_locked(&self, index: usize, bytes: &[u8]) -> bool {
+        self.device(index)
+            .map(|device| is_pinned(&device.context, bytes))
+            .unwrap_or(false)
+    }
+
     /// Copies `input` into a new device buffer the way the batch path
     /// does, and returns when the bytes are on the device. Input already in
     /// page-locked memory ([`CudaBackend::pinned`]) goes by one DMA;
@@ -456,10 +480,10 @@ impl CudaBackend {
         let device = self.device(index)?;
         let mut lane = self.take_lane(device)?;
         let outcome = (|| {
-            let buffer = DeviceBytes::alloc(&device.context, lane.stream, input.len())?;
+            let buffer = DeviceBytes::alloc(&lane.stream, input.len())?;
             upload(&device.context, &mut lane, &buffer, input)?;
             // SAFETY: a stream of the bound context.
-            unsafe { result::stream::synchronize(lane.stream) }
+            unsafe { result::stream::synchronize(lane.stream.raw) }
                 .map_err(driver("cuStreamSynchronize"))?;
             Ok(buffer)
         })();
@@ -487,8 +511,8 @@ impl CudaBackend {
         let module = self.module_for(index, spec)?;
         let mut lane = self.take_lane(device)?;
         let outcome = (|| {
-            let input = DeviceBytes::alloc(&device.context, lane.stream, request.len())?;
-            let output = DeviceBytes::alloc(&device.context, lane.stream, output_len)?;
+            let input = DeviceBytes::alloc(&lane.stream, request.len())?;
+            let output = DeviceBytes::alloc(&lane.stream, output_len)?;
             upload(&device.context, &mut lane, &input, request)?;
             let work_items = (output_len / 4).max(1);
             let blocks = u32::try_from(work_items.div_ceil(256))
@@ -514,7 +538,7 @@ impl CudaBackend {
                     (blocks, 1, 1),
                     (256, 1, 1),
                     0,
-                    lane.stream,
+                    lane.stream.raw,
                     &mut params,
                 )
             }
@@ -579,7 +603,7 @@ fn upload(
                 target.pointer(),
                 input.as_ptr().cast(),
                 input.len(),
-                lane.stream,
+                lane.stream.raw,
             )
         };
         if direct == sys::cudaError_enum::CUDA_SUCCESS {
@@ -611,11 +635,11 @@ fn upload(
                 target.pointer() + offset,
                 chunk.base.as_ptr().cast(),
                 piece.len(),
-                lane.stream,
+                lane.stream.raw,
             )
             .result()
             .map_err(driver("cuMemcpyHtoDAsync"))?;
-            result::event::record(lane.events[which], lane.stream)
+            result::event::record(lane.events[which], lane.stream.raw)
                 .map_err(driver("cuEventRecord"))?;
         }
     }
@@ -641,11 +665,11 @@ fn download(lane: &mut Lane, source: &DeviceBytes, output: &mut [u8]) -> Result<
                 lane.chunks[which].base.as_ptr().cast(),
                 source.pointer() + start as CUdeviceptr,
                 len,
-                lane.stream,
+                lane.stream.raw,
             )
             .result()
             .map_err(driver("cuMemcpyDtoHAsync"))?;
-            result::event::record(lane.events[which], lane.stream)
+            result::event::record(lane.events[which], lane.stream.raw)
                 .map_err(driver("cuEventRecord"))?;
         }
         Ok(())
@@ -672,7 +696,7 @@ fn download(lane: &mut Lane, source: &DeviceBytes, output: &mut [u8]) -> Result<
     if pieces == 0 {
         // Nothing to copy back, but the kernel must have finished.
         // SAFETY: a stream of the bound context.
-        unsafe { result::stream::synchronize(lane.stream) }
+        unsafe { result::stream::synchronize(lane.stream.raw) }
             .map_err(driver("cuStreamSynchronize"))?;
     }
     Ok(())
@@ -681,19 +705,24 @@ fn download(lane: &mut Lane, source: &DeviceBytes, output: &mut [u8]) -> Result<
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         for device in &mut self.devices {
-            if device.context.bind_to_thread().is_err() {
-                continue;
-            }
             let lanes = device
                 .lanes
                 .get_mut()
                 .unwrap_or_else(PoisonError::into_inner);
+            // Rule 2: nothing that may wait for the device while a
+            // persistent kernel still runs on it (one that hung, or a
+            // handle that outlives the backend): then the chunks are kept.
+            let may_free = persistent::running_on(device.info.index as usize) == 0
+                && device.context.bind_to_thread().is_ok();
             for lane in lanes.drain(..) {
+                if !may_free {
+                    continue;
+                }
                 // SAFETY: an idle lane: its last batch waited for its copies.
-                // Streams and events are destroyed once; the chunks are
-                // freed once, with no transfer using them.
+                // Events are destroyed once; the chunks are freed once, with
+                // no transfer using them. The stream goes with its last
+                // holder.
                 unsafe {
-                    let _ = result::stream::destroy(lane.stream);
                     for event in lane.events {
                         let _ = result::event::destroy(event);
                     }
@@ -730,14 +759,11 @@ impl Backend for CudaBackend {
         device: usize,
         input: &[u8],
     ) -> Option<Result<StagedInput, BackendError>> {
-        Some(
-            self.pinned(device, input.len())
-                .map(|mut pinned| {
-                    staged_copy(&mut pinned, input);
-                    Box::new(pinned) as StagedInput
-                })
-                .map_err(|err| BackendError::Device(err.to_string())),
-        )
+        // Beyond the page-locked bound (or where the host refuses to lock
+        // more), the caller stages in ordinary memory instead.
+        let mut pinned = self.pinned(device, input.len()).ok()?;
+        staged_copy(&mut pinned, input);
+        Some(Ok(Box::new(pinned) as StagedInput))
     }
 
     fn launch(
@@ -776,9 +802,9 @@ fn backend_error(err: CudaError, spec: &KernelSpec) -> BackendError {
             kernel: spec.id,
             backend: BackendKind::Cuda,
         },
-        err @ (CudaError::NoCapacity { .. } | CudaError::ModuleWhileRunning { .. }) => {
-            BackendError::NoCapacity(err.to_string())
-        }
+        err @ (CudaError::NoCapacity { .. }
+        | CudaError::ModuleWhileRunning { .. }
+        | CudaError::NoPinnedMemory { .. }) => BackendError::NoCapacity(err.to_string()),
         other => BackendError::Device(other.to_string()),
     }
 }

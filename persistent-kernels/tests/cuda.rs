@@ -68,14 +68,20 @@ fn main() {
             "abandon_exits_with_requests_in_flight",
             abandon_exits_in_flight,
         ),
+        (
+            "abandon_stops_a_busy_kernel_at_its_next_turn",
+            abandon_stops_a_busy_kernel,
+        ),
+        (
+            "dropping_a_kernel_with_full_rings_ends_it",
+            dropping_a_kernel_with_full_rings,
+        ),
         ("two_kernels_run_side_by_side", two_kernels_side_by_side),
         (
             "bad_input_is_typed_and_the_kernel_keeps_serving",
             bad_input_is_typed,
         ),
         ("small_rings_and_blocks_work", small_rings_and_blocks),
-        // Last: if loading a module waits for a running kernel, the call
-        // never returns and would hold up every test after it.
         (
             "a_module_build_beside_a_running_kernel_is_refused",
             a_module_build_beside_a_running_kernel_is_refused,
@@ -271,6 +277,10 @@ fn a_batch_from_pinned_memory(backend: &Arc<CudaBackend>) -> Outcome {
     let bytes = f32_bytes(&input);
     let mut pinned = backend.pinned(0, bytes.len()).map_err(fail)?;
     pinned.copy_from_slice(&bytes);
+    // The DMA path is taken only for page-locked memory, and it is.
+    if !backend.is_page_locked(0, &pinned) || backend.is_page_locked(0, &bytes) {
+        return Err(fail("page-locked memory is not told apart from pageable"));
+    }
     let direct = backend.run_batch(0, &DOUBLE, &pinned).map_err(fail)?;
     let staged = Backend::stage_input(&**backend, 0, &bytes)
         .ok_or_else(|| fail("CUDA offers no staging"))?
@@ -314,7 +324,12 @@ fn one_hundred_sequential_doubles(backend: &Arc<CudaBackend>) -> Outcome {
         times[99].as_secs_f64() * 1e6,
         times[0].as_secs_f64() * 1e6
     );
-    kernel.stop_with(StopMode::Drain, Duration::from_secs(10));
+    if !kernel
+        .stop_with(StopMode::Drain, Duration::from_secs(10))
+        .exited
+    {
+        return Err(fail("the kernel did not exit"));
+    }
     Ok(())
 }
 
@@ -382,8 +397,76 @@ fn eight_threads_lose_nothing(backend: &Arc<CudaBackend>) -> Outcome {
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64() / 1e6
     );
-    kernel.stop_with(StopMode::Drain, Duration::from_secs(10));
+    if !kernel
+        .stop_with(StopMode::Drain, Duration::from_secs(10))
+        .exited
+    {
+        return Err(fail("the kernel did not exit"));
+    }
     Ok(())
+}
+
+fn abandon_stops_a_busy_kernel(backend: &Arc<CudaBackend>) -> Outcome {
+    // One thread and 4 KiB requests: the kernel is busy for tens of
+    // milliseconds, with room in the response ring all along. Abandon must
+    // end it at its next turn, not after the queue.
+    let config = KernelConfig {
+        capacity: 4096,
+        threads_per_group: Some(1),
+        ..spin()
+    };
+    let mut kernel = launch(backend, DOUBLE, config)?;
+    for id in 0..4000u64 {
+        kernel
+            .submit(id, f32_bytes(&[1.0; 1024]))
+            .map_err(|e| fail(format!("{e:?}")))?;
+    }
+    let started = Instant::now();
+    let report = kernel.stop_with(StopMode::Abandon, Duration::from_secs(10));
+    let took = started.elapsed();
+    eprintln!(
+        "  abandon of a busy kernel: exited in {took:?}, {} of 4000 answered",
+        report.completions.len()
+    );
+    if !report.exited || report.completions.len() >= 4000 {
+        return Err(fail(format!(
+            "exited {} with {} answered: Abandon ran the queue",
+            report.exited,
+            report.completions.len()
+        )));
+    }
+    Ok(())
+}
+
+fn dropping_a_kernel_with_full_rings(backend: &Arc<CudaBackend>) -> Outcome {
+    // Both rings full and nobody reading: the kernel waits for room. Dropping
+    // the handle must still end it promptly and give its SM back.
+    let config = KernelConfig {
+        capacity: 64,
+        ..spin()
+    };
+    let kernel = launch(backend, DOUBLE, config)?;
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let mut submitted = 0u64;
+    while Instant::now() < deadline {
+        if kernel.submit(submitted, f32_bytes(&[1.0])).is_ok() {
+            submitted += 1;
+        }
+    }
+    let started = Instant::now();
+    drop(kernel);
+    let took = started.elapsed();
+    eprintln!("  dropped with {submitted} requests submitted, in {took:?}");
+    if submitted < 128 || took > Duration::from_secs(2) {
+        return Err(fail(format!(
+            "{submitted} submitted; the drop took {took:?}"
+        )));
+    }
+    // Nothing runs on the device any more: a new module may be loaded.
+    let mut fresh = DOUBLE;
+    let source = format!("{}\n/* after a drop */\n", DOUBLE.cuda_c.unwrap_or(""));
+    fresh.cuda_c = Some(Box::leak(source.into_boxed_str()));
+    Backend::prepare(&**backend, 0, &fresh).map_err(fail)
 }
 
 fn drain_answers_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
@@ -464,8 +547,11 @@ fn abandon_exits_in_flight(backend: &Arc<CudaBackend>) -> Outcome {
 }
 
 fn two_kernels_side_by_side(backend: &Arc<CudaBackend>) -> Outcome {
-    // The second module is built and loaded while the first kernel spins:
-    // rule 3 (eager loading) and the non-blocking streams make this work.
+    // Both modules are built first (a module cannot be loaded beside a
+    // running kernel, see the last test); the kernels, and a batch, then run
+    // side by side on their own non-blocking streams.
+    Backend::prepare(&**backend, 0, &DOUBLE).map_err(fail)?;
+    Backend::prepare(&**backend, 0, &SAXPY).map_err(fail)?;
     let mut first = launch(backend, DOUBLE, spin())?;
     first
         .submit(1, f32_bytes(&[2.0]))

@@ -21,7 +21,53 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 use cudarc::driver::{CudaContext, result};
 use granary_ring::{Ownership, Region};
 
+use super::persistent::running_on;
 use super::{CudaError, driver};
+
+/// A non-blocking stream, destroyed when the last holder drops it: lanes,
+/// persistent kernels and the device buffers freed on it share it, so a
+/// buffer never frees on a destroyed stream.
+pub(crate) struct Stream {
+    context: Arc<CudaContext>,
+    pub(crate) raw: CUstream,
+}
+
+// SAFETY: a driver handle usable from any thread that binds the context,
+// which every use does.
+unsafe impl Send for Stream {}
+// SAFETY: as above; the handle is never mutated.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    pub(crate) fn new(context: &Arc<CudaContext>) -> Result<Arc<Stream>, CudaError> {
+        context
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        let raw = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(driver("cuStreamCreate"))?;
+        Ok(Arc::new(Stream {
+            context: context.clone(),
+            raw,
+        }))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.context.bind_to_thread().is_ok() {
+            // SAFETY: created once, destroyed once. Work still queued on it
+            // completes first; destroying does not wait for other streams.
+            let _ = unsafe { result::stream::destroy(self.raw) };
+        }
+    }
+}
+
+/// Whether the device's host allocations may be freed now: not while a
+/// persistent kernel runs there (rule 1; a hung kernel's lease is never
+/// given back, so its device keeps everything for good).
+fn may_free(context: &CudaContext) -> bool {
+    running_on(context.ordinal()) == 0 && context.bind_to_thread().is_ok()
+}
 
 /// Host allocations of one device's context, cached for reuse.
 pub(crate) struct HostCache {
@@ -101,7 +147,7 @@ impl HostCache {
 impl Drop for HostCache {
     fn drop(&mut self) {
         // The last region and the backend are gone: no kernel uses these.
-        if self.context.bind_to_thread().is_err() {
+        if !may_free(&self.context) {
             return;
         }
         let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner);
@@ -183,11 +229,11 @@ unsafe impl Region for MappedRegion {
 /// Device memory from the stream-ordered allocator, freed on its stream
 /// when dropped (rule 1).
 pub struct DeviceBytes {
-    context: Arc<CudaContext>,
     pointer: CUdeviceptr,
     len: usize,
-    /// The stream the buffer was allocated on and is freed on.
-    stream: CUstream,
+    /// The stream the buffer was allocated on and is freed on; kept alive
+    /// by the buffer.
+    stream: Arc<Stream>,
 }
 
 // SAFETY: a device address and a stream handle; the driver accepts both from
@@ -207,22 +253,18 @@ impl std::fmt::Debug for DeviceBytes {
 impl DeviceBytes {
     /// `len` bytes (at least 1) on `stream`, usable by work queued after
     /// this call on the same stream.
-    pub(crate) fn alloc(
-        context: &Arc<CudaContext>,
-        stream: CUstream,
-        len: usize,
-    ) -> Result<DeviceBytes, CudaError> {
-        context
+    pub(crate) fn alloc(stream: &Arc<Stream>, len: usize) -> Result<DeviceBytes, CudaError> {
+        stream
+            .context
             .bind_to_thread()
             .map_err(driver("cuCtxSetCurrent"))?;
-        // SAFETY: the context is bound and `stream` belongs to it.
-        let pointer = unsafe { result::malloc_async(stream, len.max(1)) }
+        // SAFETY: the context is bound and the stream belongs to it.
+        let pointer = unsafe { result::malloc_async(stream.raw, len.max(1)) }
             .map_err(driver("cuMemAllocAsync"))?;
         Ok(DeviceBytes {
-            context: context.clone(),
             pointer,
             len,
-            stream,
+            stream: stream.clone(),
         })
     }
 
@@ -244,10 +286,10 @@ impl DeviceBytes {
 
 impl Drop for DeviceBytes {
     fn drop(&mut self) {
-        if self.context.bind_to_thread().is_ok() {
-            // SAFETY: allocated on `stream` and freed once, after the work
-            // queued on it (stream order).
-            let _ = unsafe { result::free_async(self.pointer, self.stream) };
+        if self.stream.context.bind_to_thread().is_ok() {
+            // SAFETY: allocated on the stream, which this buffer keeps
+            // alive, and freed once, after the work queued on it.
+            let _ = unsafe { result::free_async(self.pointer, self.stream.raw) };
         }
     }
 }
@@ -366,7 +408,15 @@ impl Drop for PinnedBytes {
 pub(crate) struct PinnedCache {
     context: Arc<CudaContext>,
     free: Mutex<Vec<(NonNull<u8>, usize)>>,
+    /// Bytes allocated so far, handed out or cached; at most
+    /// [`PINNED_LIMIT`].
+    allocated: std::sync::atomic::AtomicUsize,
 }
+
+/// The most page-locked memory one device's cache allocates for batch
+/// inputs. Page-locked memory is taken from the host for good (rule 1), so
+/// it is bounded; beyond it callers stage in ordinary memory.
+pub const PINNED_LIMIT: usize = 1 << 30;
 
 // SAFETY: the cached pointers are host allocations owned by the cache; the
 // mutex serialises the list.
@@ -379,6 +429,7 @@ impl PinnedCache {
         Arc::new(PinnedCache {
             context,
             free: Mutex::new(Vec::new()),
+            allocated: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -398,7 +449,23 @@ impl PinnedCache {
         let base = match cached {
             Some(base) => base,
             None => {
-                let base = PinnedChunk::new(&self.context, capacity)?.base;
+                use std::sync::atomic::Ordering;
+                let before = self.allocated.fetch_add(capacity, Ordering::Relaxed);
+                if before + capacity > PINNED_LIMIT {
+                    self.allocated.fetch_sub(capacity, Ordering::Relaxed);
+                    return Err(CudaError::NoPinnedMemory {
+                        requested: capacity,
+                        allocated: before,
+                        limit: PINNED_LIMIT,
+                    });
+                }
+                let base = match PinnedChunk::new(&self.context, capacity) {
+                    Ok(chunk) => chunk.base,
+                    Err(err) => {
+                        self.allocated.fetch_sub(capacity, Ordering::Relaxed);
+                        return Err(err);
+                    }
+                };
                 // SAFETY: fresh, so uninitialised: `capacity` bytes owned by
                 // the new handle alone are zeroed once. A recycled buffer
                 // holds its last user's bytes (initialised), which a staged
@@ -426,7 +493,7 @@ impl PinnedCache {
 
 impl Drop for PinnedCache {
     fn drop(&mut self) {
-        if self.context.bind_to_thread().is_err() {
+        if !may_free(&self.context) {
             return;
         }
         let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner);

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, result};
 use granary_ring::{Consumer, Ring, RingConfig, WaitPolicy};
 
-use super::memory::{DeviceBytes, MappedRegion};
+use super::memory::{DeviceBytes, MappedRegion, Stream};
 use super::{CudaBackend, CudaError, Module, driver};
 use crate::backend::PersistentKernel;
 use crate::cpu::{
@@ -28,6 +28,12 @@ pub const DEFAULT_THREADS: u32 = 256;
 /// block, resident on one SM for as long as it runs; the bridge keeps some
 /// SMs free for batch kernels.
 static RUNNING: Mutex<BTreeMap<usize, u32>> = Mutex::new(BTreeMap::new());
+
+/// Persistent kernels running (or leaked while running) on `device`.
+pub(crate) fn running_on(device: usize) -> u32 {
+    let running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    running.get(&device).copied().unwrap_or(0)
+}
 
 /// Runs `load` unless a persistent kernel runs (or is about to) on
 /// `device`: loading a module then would wait for kernels that never end
@@ -81,10 +87,10 @@ pub struct CudaPersistentKernel {
     /// As `requests`.
     responses: Option<Consumer>,
     context: Arc<CudaContext>,
-    /// The kernel's own non-blocking stream.
-    stream: CUstream,
-    /// Recorded after the launch: complete once the kernel has exited.
-    exited: CUevent,
+    /// The kernel's own non-blocking stream: idle once the kernel has
+    /// exited (`cuStreamQuery`), so nothing needs to be queued after the
+    /// launch, and nothing can fail after it.
+    stream: Arc<Stream>,
     /// `false` until the kernel is seen to have exited.
     finished: bool,
     /// Per-thread request and response copies, on the kernel's stream.
@@ -95,10 +101,6 @@ pub struct CudaPersistentKernel {
     wait: IdleWait,
     threads: u32,
 }
-
-// SAFETY: the stream and event are driver handles usable from any thread
-// that binds the context, which every use does; the rest is Send.
-unsafe impl Send for CudaPersistentKernel {}
 
 impl std::fmt::Debug for CudaPersistentKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,66 +168,41 @@ impl CudaPersistentKernel {
             .map_err(|err| CudaError::BadInput(err.to_string()))?;
         let responses = response_ring.into_consumer();
 
-        device
-            .context
-            .bind_to_thread()
-            .map_err(driver("cuCtxSetCurrent"))?;
-        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
-            .map_err(driver("cuStreamCreate"))?;
-        let launched = (|| {
-            let scratch =
-                DeviceBytes::alloc(&device.context, stream, stride as usize * threads as usize)?;
-            let exited = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                .map_err(driver("cuEventCreate"))?;
-            let mut request_pointer = request_pointer;
-            let mut response_pointer = response_pointer;
-            let mut scratch_pointer = scratch.pointer();
-            let mut stride = stride;
-            let mut params = [
-                (&mut request_pointer as *mut CUdeviceptr).cast(),
-                (&mut response_pointer as *mut CUdeviceptr).cast(),
-                (&mut scratch_pointer as *mut CUdeviceptr).cast(),
-                (&mut stride as *mut u32).cast(),
-            ];
-            // SAFETY: the parameters match granary_persistent's signature
-            // (three device pointers, one u32) and are copied at launch;
-            // the rings are initialised, mapped and outlive the kernel (the
-            // handle keeps them until the kernel has exited, or leaks
-            // them); the scratch holds `stride` bytes per thread.
-            let launch = unsafe {
-                result::launch_kernel(
-                    module.persistent,
-                    (1, 1, 1),
-                    (threads, 1, 1),
-                    0,
-                    stream,
-                    &mut params,
-                )
-            };
-            if let Err(err) = launch {
-                // SAFETY: created above, never recorded.
-                let _ = unsafe { result::event::destroy(exited) };
-                return Err(driver("cuLaunchKernel")(err));
-            }
-            // SAFETY: a fresh event and the kernel's stream.
-            unsafe { result::event::record(exited, stream) }.map_err(driver("cuEventRecord"))?;
-            Ok((scratch, exited))
-        })();
-        let (scratch, exited) = match launched {
-            Ok(launched) => launched,
-            Err(err) => {
-                // SAFETY: nothing runs on the stream (the launch failed).
-                let _ = unsafe { result::stream::destroy(stream) };
-                return Err(err);
-            }
-        };
+        let stream = Stream::new(&device.context)?;
+        let scratch = DeviceBytes::alloc(&stream, stride as usize * threads as usize)?;
+        let mut request_pointer = request_pointer;
+        let mut response_pointer = response_pointer;
+        let mut scratch_pointer = scratch.pointer();
+        let mut stride = stride;
+        let mut params = [
+            (&mut request_pointer as *mut CUdeviceptr).cast(),
+            (&mut response_pointer as *mut CUdeviceptr).cast(),
+            (&mut scratch_pointer as *mut CUdeviceptr).cast(),
+            (&mut stride as *mut u32).cast(),
+        ];
+        // SAFETY: the parameters match granary_persistent's signature
+        // (three device pointers, one u32) and are copied at launch; the
+        // rings are initialised, mapped and outlive the kernel (the handle
+        // keeps them until the kernel has exited, or leaks them); the
+        // scratch holds `stride` bytes per thread. Nothing after this call
+        // can fail, so a launched kernel always has its handle.
+        unsafe {
+            result::launch_kernel(
+                module.persistent,
+                (1, 1, 1),
+                (threads, 1, 1),
+                0,
+                stream.raw,
+                &mut params,
+            )
+        }
+        .map_err(driver("cuLaunchKernel"))?;
         Ok(CudaPersistentKernel {
             spec,
             requests: Some(Submitter::new(spec, requests)),
             responses: Some(responses),
             context: device.context.clone(),
             stream,
-            exited,
             finished: false,
             scratch: Some(scratch),
             module: Some(module),
@@ -297,8 +274,9 @@ impl CudaPersistentKernel {
         self.context
             .bind_to_thread()
             .map_err(driver("cuCtxSetCurrent"))?;
-        // SAFETY: an event recorded after the launch, on the bound context.
-        match unsafe { sys::cuEventQuery(self.exited) } {
+        // SAFETY: the kernel's own stream, on the bound context; the scratch
+        // is freed on it only after the kernel is seen to have exited.
+        match unsafe { sys::cuStreamQuery(self.stream.raw) } {
             sys::cudaError_enum::CUDA_SUCCESS => {
                 self.finished = true;
                 Ok(true)
@@ -311,28 +289,6 @@ impl CudaPersistentKernel {
         }
     }
 
-    /// Closes the request ring and waits up to `timeout` for the kernel to
-    /// answer what is queued and exit. `Ok(false)`: still running at the
-    /// deadline (a hung device); the rings stay alive for it.
-    pub fn stop(&mut self, timeout: Duration) -> Result<bool, CudaError> {
-        if let Some(requests) = &self.requests {
-            requests.close();
-        }
-        let deadline = Instant::now().checked_add(timeout);
-        let mut pause = Duration::from_micros(10);
-        loop {
-            if self.poll_exit()? {
-                self.release();
-                return Ok(true);
-            }
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                return Ok(false);
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(1));
-        }
-    }
-
     /// Gives back what only the running kernel needed. The rings stay
     /// until the handle drops, for completions still to be read.
     fn release(&mut self) {
@@ -342,18 +298,42 @@ impl CudaPersistentKernel {
     }
 
     /// Stops as [`PersistentKernel::stop`] does. Abandoning closes the
-    /// response ring too: the template checks it on every empty turn and
-    /// while it waits for room, and exits without taking more requests.
+    /// response ring too: the template reads its `closed` word every turn
+    /// and exits before it takes another request. While a drain waits, the
+    /// responses are read into the report, so a kernel that has filled the
+    /// response ring can still finish.
     pub fn stop_with(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
         if mode == StopMode::Abandon {
             if let Some(responses) = &self.responses {
                 responses.close();
             }
         }
-        let mut report = StopReport {
-            exited: matches!(self.stop(timeout), Ok(true)),
-            ..StopReport::default()
-        };
+        if let Some(requests) = &self.requests {
+            requests.close();
+        }
+        let mut report = StopReport::default();
+        let deadline = Instant::now().checked_add(timeout);
+        let mut pause = Duration::from_micros(10);
+        loop {
+            while let Some(completion) = self.try_complete() {
+                report.completions.push(completion);
+            }
+            match self.poll_exit() {
+                Ok(true) => {
+                    self.release();
+                    report.exited = true;
+                    break;
+                }
+                Ok(false) => {}
+                // A kernel that failed reports no exit; its rings are kept.
+                Err(_) => break,
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
         if report.exited {
             while let Some(completion) = self.try_complete() {
                 report.completions.push(completion);
@@ -391,25 +371,21 @@ impl PersistentKernel for CudaPersistentKernel {
 
 impl Drop for CudaPersistentKernel {
     fn drop(&mut self) {
-        // The rings must outlive the kernel: wait for it to exit. One that
-        // does not exit in time keeps everything it uses, leaked rather
-        // than freed under a running kernel.
-        if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
+        // The rings must outlive the kernel: stop it (Abandon, so a full
+        // response ring nobody reads cannot hold it) and wait for it. One
+        // that does not exit in time keeps everything it uses, leaked
+        // rather than freed under a running kernel, and its lease, so the
+        // device is known to be busy for good.
+        if !self
+            .stop_with(StopMode::Abandon, Duration::from_secs(10))
+            .exited
+        {
             std::mem::forget(self.requests.take());
             std::mem::forget(self.responses.take());
             std::mem::forget(self.scratch.take());
             std::mem::forget(self.module.take());
             std::mem::forget(self.lease.take());
-            return;
         }
-        if self.context.bind_to_thread().is_ok() {
-            // SAFETY: the kernel has exited; the scratch's free was queued
-            // on the stream above (stream order). Destroying a stream with
-            // queued work is allowed: it is released once that work is done.
-            unsafe {
-                let _ = result::event::destroy(self.exited);
-                let _ = result::stream::destroy(self.stream);
-            }
-        }
+        // The stream goes with its last holder (the scratch, if leaked).
     }
 }

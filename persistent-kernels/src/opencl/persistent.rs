@@ -395,9 +395,14 @@ impl PersistentKernel for OpenClPersistentKernel {
 
 impl Drop for OpenClPersistentKernel {
     fn drop(&mut self) {
-        // The SVM rings must outlive the kernel: wait for it to exit. A
-        // kernel that does not exit in time keeps its rings: they are
-        // leaked rather than freed under a running kernel.
+        // The SVM rings must outlive the kernel: stop it and wait for it to
+        // exit. The response ring is closed too (Abandon), so a kernel
+        // waiting for room in a ring nobody reads still exits. A kernel
+        // that does not exit in time keeps its rings: they are leaked
+        // rather than freed under a running kernel.
+        if let Some(responses) = &self.responses {
+            responses.close();
+        }
         if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
             std::mem::forget(self.requests.take());
             std::mem::forget(self.responses.take());

@@ -28,5 +28,9 @@ cargo test --release --no-run --message-format=json -q \
 cargo bench --no-run --message-format=json -q \
     -p granary-kernels --bench cuda \
     -p granary-gpu --bench bridge_cuda | copy
+# The CLI, for `granary devices` and the demo on the GPU machine.
+cargo build --release -q --bin granary
+cp target/release/granary "$out/granary"
+echo "$out/granary"
 # Line tables are for profiling here; the carried copies need none.
-strip "$out"/test-* "$out"/bench-* 2>/dev/null || true
+strip "$out"/test-* "$out"/bench-* "$out"/granary 2>/dev/null || true

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the CUDA test binaries and benches built beforehand by
 # scripts/build-gpu-binaries.sh (this machine needs no Rust toolchain) and
-# writes a report: every shipped kernel against the CPU, 100 sequential
-# doubles with their p50, 8 concurrent callers x 100k requests, shutdown
-# with requests in flight, and the criterion figures beside their peers.
+# writes a report: the devices and the demo, every shipped kernel against
+# the CPU, 100 sequential doubles with their p50, 8 concurrent callers x
+# 100k requests, shutdown with requests in flight, a hung kernel, and the
+# criterion figures beside their peers.
 #
 #   scripts/gpu-check.sh [binaries-dir] [report-file]
 #
@@ -63,6 +64,19 @@ run_bench() {
     echo '```' >>"$report"
     echo >>"$report"
 }
+
+echo "## granary devices, and the demo" >>"$report"
+echo '```text' >>"$report"
+if [ -x "$bin/granary" ]; then
+    "$bin/granary" devices >>"$report" 2>&1 || status=1
+    timeout "${GRANARY_TEST_TIMEOUT:-180}" "$bin/granary" demo --no-progress \
+        --requests "${GRANARY_DEMO_REQUESTS:-50000}" >>"$report" 2>&1 || status=1
+else
+    echo "missing: $bin/granary" >>"$report"
+    status=1
+fi
+echo '```' >>"$report"
+echo >>"$report"
 
 run_test cuda_nvrtc
 run_test cuda

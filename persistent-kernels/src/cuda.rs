@@ -46,7 +46,7 @@ pub mod nvrtc;
 mod persistent;
 
 pub use memory::{DeviceBytes, PINNED_LIMIT, PinnedBytes};
-use memory::{HostCache, PinnedCache, PinnedChunk, Stream, is_pinned};
+use memory::{HostCache, PinnedChunk, Stream, is_pinned};
 pub use persistent::{CudaPersistentKernel, PERSISTENT_TEMPLATE};
 
 /// What went wrong in the CUDA backend.
@@ -273,7 +273,7 @@ pub(crate) struct CudaDevice {
     /// Host-mapped ring memory, recycled.
     pub(crate) host: Arc<HostCache>,
     /// Page-locked batch inputs handed to callers, recycled.
-    pinned: Arc<PinnedCache>,
+    pinned: Arc<HostCache>,
 }
 
 /// The CUDA devices of this node.
@@ -340,8 +340,8 @@ impl CudaBackend {
             };
             devices.push(CudaDevice {
                 info,
-                host: HostCache::new(context.clone()),
-                pinned: PinnedCache::new(context.clone()),
+                host: HostCache::mapped(context.clone()),
+                pinned: HostCache::pinned(context.clone()),
                 context,
                 arch: (major * 10 + minor) as u32,
                 modules: Mutex::new(HashMap::new()),
@@ -459,7 +459,7 @@ impl CudaBackend {
     /// [`CudaBackend::run_batch`]: it then goes to the device by DMA with no
     /// staging copy (about 2.5 times faster for large inputs, BENCHMARKS.md).
     pub fn pinned(&self, index: usize, len: usize) -> Result<PinnedBytes, CudaError> {
-        self.device(index)?.pinned.take(len)
+        self.device(index)?.pinned.take_pinned(len)
     }
 
     /// Whether `bytes` are page-locked host memory that device `index`'s

@@ -27,6 +27,7 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+mod host_ends;
 pub mod opencl;
 pub mod shipped;
 mod spec;

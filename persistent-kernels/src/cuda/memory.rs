@@ -15,6 +15,7 @@
 //!    calling thread.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
@@ -69,57 +70,101 @@ fn may_free(context: &CudaContext) -> bool {
     running_on(context.ordinal()) == 0 && context.bind_to_thread().is_ok()
 }
 
-/// Host allocations of one device's context, cached for reuse.
+/// Page-locked host allocations of one device's context, all made with
+/// the same `cuMemHostAlloc` flags, recycled by exact size, and freed when
+/// the last holder goes (rule 1).
 pub(crate) struct HostCache {
     context: Arc<CudaContext>,
-    /// Free host-mapped allocations: (base, bytes), each from
-    /// `cuMemHostAlloc(DEVICEMAP | PORTABLE)`.
+    /// `cuMemHostAlloc` flags of every allocation.
+    flags: u32,
+    /// Bytes the cache may allocate in all, handed out or cached.
+    limit: usize,
+    /// Bytes allocated so far, at most `limit`.
+    allocated: AtomicUsize,
+    /// Free allocations: (base, bytes).
     free: Mutex<Vec<(NonNull<u8>, usize)>>,
 }
 
 // SAFETY: the cached pointers are host allocations owned by the cache, used
-// by one region at a time; the mutex serialises the list.
+// by one holder at a time; the mutex serialises the list.
 unsafe impl Send for HostCache {}
 // SAFETY: as above.
 unsafe impl Sync for HostCache {}
 
+/// The most page-locked memory one device's cache allocates for batch
+/// inputs. Page-locked memory is taken from the host for good (rule 1), so
+/// it is bounded; beyond it callers stage in ordinary memory.
+pub const PINNED_LIMIT: usize = 1 << 30;
+
 impl HostCache {
-    pub(crate) fn new(context: Arc<CudaContext>) -> Arc<HostCache> {
+    /// Ring memory: page-locked, mapped into the device's address space
+    /// (not write-combined: the host reads it too), unbounded (rings are
+    /// few and sized by their configuration).
+    pub(crate) fn mapped(context: Arc<CudaContext>) -> Arc<HostCache> {
+        HostCache::with(
+            context,
+            sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            usize::MAX,
+        )
+    }
+
+    /// Batch inputs: page-locked, up to [`PINNED_LIMIT`].
+    pub(crate) fn pinned(context: Arc<CudaContext>) -> Arc<HostCache> {
+        HostCache::with(context, sys::CU_MEMHOSTALLOC_PORTABLE, PINNED_LIMIT)
+    }
+
+    fn with(context: Arc<CudaContext>, flags: u32, limit: usize) -> Arc<HostCache> {
         Arc::new(HostCache {
             context,
+            flags,
+            limit,
+            allocated: AtomicUsize::new(0),
             free: Mutex::new(Vec::new()),
         })
     }
 
-    /// `bytes` of pinned host memory mapped into the device's address
-    /// space, zeroed: a cached allocation of exactly that size, or a new one.
-    fn take(&self, bytes: usize) -> Result<NonNull<u8>, CudaError> {
+    /// Exactly `bytes`: a cached allocation of that size (`false`: its
+    /// bytes are what its last holder left), or a new one (`true`: its
+    /// bytes are uninitialised).
+    fn take(&self, bytes: usize) -> Result<(NonNull<u8>, bool), CudaError> {
         let cached = {
             let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
             free.iter()
                 .position(|&(_, len)| len == bytes)
                 .map(|at| free.swap_remove(at).0)
         };
-        let base = match cached {
-            Some(base) => base,
-            None => {
-                self.context
-                    .bind_to_thread()
-                    .map_err(driver("cuCtxSetCurrent"))?;
-                let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-                // SAFETY: the context is bound; the flags ask for portable,
-                // device-mapped (not write-combined) pinned memory.
-                let ptr = unsafe { result::malloc_host(bytes, flags) }
-                    .map_err(driver("cuMemHostAlloc"))?;
-                NonNull::new(ptr.cast::<u8>()).ok_or(CudaError::Api {
-                    call: "cuMemHostAlloc",
-                    code: 0,
-                })?
+        if let Some(base) = cached {
+            return Ok((base, false));
+        }
+        let before = self.allocated.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > self.limit {
+            self.allocated.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(CudaError::NoPinnedMemory {
+                requested: bytes,
+                allocated: before,
+                limit: self.limit,
+            });
+        }
+        let allocated = (|| {
+            self.context
+                .bind_to_thread()
+                .map_err(driver("cuCtxSetCurrent"))?;
+            // SAFETY: the context is bound; the flags are valid
+            // cuMemHostAlloc flags (never write-combined).
+            let ptr = unsafe { result::malloc_host(bytes, self.flags) }
+                .map_err(driver("cuMemHostAlloc"))?;
+            NonNull::new(ptr.cast::<u8>()).ok_or(CudaError::Api {
+                call: "cuMemHostAlloc",
+                code: 0,
+            })
+        })();
+        match allocated {
+            Ok(base) => Ok((base, true)),
+            Err(err) => {
+                self.allocated.fetch_sub(bytes, Ordering::Relaxed);
+                Err(err)
             }
-        };
-        // SAFETY: `bytes` bytes owned by this cache and handed to one user.
-        unsafe { base.as_ptr().write_bytes(0, bytes) };
-        Ok(base)
+        }
     }
 
     fn give_back(&self, base: NonNull<u8>, bytes: usize) {
@@ -141,6 +186,30 @@ impl HostCache {
             .result()
             .map_err(driver("cuMemHostGetDevicePointer"))?;
         Ok(device)
+    }
+
+    /// `len` bytes of page-locked memory for a batch input, as a power of
+    /// two from 4 KiB: zeroed when new, else what its last holder left.
+    pub(crate) fn take_pinned(self: &Arc<Self>, len: usize) -> Result<PinnedBytes, CudaError> {
+        let capacity = len
+            .max(4096)
+            .checked_next_power_of_two()
+            .ok_or_else(|| CudaError::BadInput(format!("{len} bytes of pinned memory")))?;
+        let (base, fresh) = self.take(capacity)?;
+        if fresh {
+            // SAFETY: fresh, so uninitialised: `capacity` bytes owned by
+            // the new handle alone are zeroed once. A recycled buffer holds
+            // its last user's (initialised) bytes, which a staged input
+            // overwrites anyway: zeroing 64 MiB again measured as slow as
+            // the copy itself.
+            unsafe { base.as_ptr().write_bytes(0, capacity) };
+        }
+        Ok(PinnedBytes {
+            cache: self.clone(),
+            base,
+            capacity,
+            len,
+        })
     }
 }
 
@@ -170,7 +239,10 @@ pub(crate) struct MappedRegion {
 
 impl MappedRegion {
     pub(crate) fn zeroed(cache: &Arc<HostCache>, len: usize) -> Result<MappedRegion, CudaError> {
-        let base = cache.take(len)?;
+        let (base, _) = cache.take(len)?;
+        // SAFETY: `len` bytes owned by this region alone; a ring needs them
+        // zeroed, whoever held them before.
+        unsafe { base.as_ptr().write_bytes(0, len) };
         let device = match cache.device_pointer(base) {
             Ok(device) => device,
             Err(err) => {
@@ -355,7 +427,7 @@ pub(crate) fn is_pinned(context: &Arc<CudaContext>, bytes: &[u8]) -> bool {
 /// is here is copied to the device by DMA straight from it, with no staging
 /// copy. Given back to the device's cache when dropped (rule 1).
 pub struct PinnedBytes {
-    cache: Arc<PinnedCache>,
+    cache: Arc<HostCache>,
     base: NonNull<u8>,
     /// Bytes allocated, at least `len`.
     capacity: usize,
@@ -400,107 +472,5 @@ impl AsRef<[u8]> for PinnedBytes {
 impl Drop for PinnedBytes {
     fn drop(&mut self) {
         self.cache.give_back(self.base, self.capacity);
-    }
-}
-
-/// Page-locked host buffers of one device, recycled by size (powers of
-/// two from 4 KiB), freed when the last handle goes.
-pub(crate) struct PinnedCache {
-    context: Arc<CudaContext>,
-    free: Mutex<Vec<(NonNull<u8>, usize)>>,
-    /// Bytes allocated so far, handed out or cached; at most
-    /// [`PINNED_LIMIT`].
-    allocated: std::sync::atomic::AtomicUsize,
-}
-
-/// The most page-locked memory one device's cache allocates for batch
-/// inputs. Page-locked memory is taken from the host for good (rule 1), so
-/// it is bounded; beyond it callers stage in ordinary memory.
-pub const PINNED_LIMIT: usize = 1 << 30;
-
-// SAFETY: the cached pointers are host allocations owned by the cache; the
-// mutex serialises the list.
-unsafe impl Send for PinnedCache {}
-// SAFETY: as above.
-unsafe impl Sync for PinnedCache {}
-
-impl PinnedCache {
-    pub(crate) fn new(context: Arc<CudaContext>) -> Arc<PinnedCache> {
-        Arc::new(PinnedCache {
-            context,
-            free: Mutex::new(Vec::new()),
-            allocated: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    /// `len` bytes of page-locked host memory: zeroed when new, else what
-    /// the buffer's last user left.
-    pub(crate) fn take(self: &Arc<Self>, len: usize) -> Result<PinnedBytes, CudaError> {
-        let capacity = len
-            .max(4096)
-            .checked_next_power_of_two()
-            .ok_or_else(|| CudaError::BadInput(format!("{len} bytes of pinned memory")))?;
-        let cached = {
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-            free.iter()
-                .position(|&(_, size)| size == capacity)
-                .map(|at| free.swap_remove(at).0)
-        };
-        let base = match cached {
-            Some(base) => base,
-            None => {
-                use std::sync::atomic::Ordering;
-                let before = self.allocated.fetch_add(capacity, Ordering::Relaxed);
-                if before + capacity > PINNED_LIMIT {
-                    self.allocated.fetch_sub(capacity, Ordering::Relaxed);
-                    return Err(CudaError::NoPinnedMemory {
-                        requested: capacity,
-                        allocated: before,
-                        limit: PINNED_LIMIT,
-                    });
-                }
-                let base = match PinnedChunk::new(&self.context, capacity) {
-                    Ok(chunk) => chunk.base,
-                    Err(err) => {
-                        self.allocated.fetch_sub(capacity, Ordering::Relaxed);
-                        return Err(err);
-                    }
-                };
-                // SAFETY: fresh, so uninitialised: `capacity` bytes owned by
-                // the new handle alone are zeroed once. A recycled buffer
-                // holds its last user's bytes (initialised), which a staged
-                // input overwrites anyway: zeroing 64 MiB again measured as
-                // slow as the copy itself.
-                unsafe { base.as_ptr().write_bytes(0, capacity) };
-                base
-            }
-        };
-        Ok(PinnedBytes {
-            cache: self.clone(),
-            base,
-            capacity,
-            len,
-        })
-    }
-
-    fn give_back(&self, base: NonNull<u8>, capacity: usize) {
-        self.free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((base, capacity));
-    }
-}
-
-impl Drop for PinnedCache {
-    fn drop(&mut self) {
-        if !may_free(&self.context) {
-            return;
-        }
-        let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for (base, _) in free.drain(..) {
-            // SAFETY: from cuMemHostAlloc, freed once; no handle refers to
-            // it (each handle holds the cache).
-            let _ = unsafe { result::free_host(base.as_ptr().cast()) };
-        }
     }
 }

@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, result};
-use granary_ring::{Consumer, Ring, RingConfig, WaitPolicy};
+use granary_ring::{Ring, RingConfig, WaitPolicy};
 
 use super::memory::{DeviceBytes, MappedRegion, Stream};
 use super::{CudaBackend, CudaError, Module, driver};
 use crate::backend::PersistentKernel;
-use crate::cpu::{
-    Completion, IdleWait, KernelConfig, StopMode, StopReport, SubmitError, Submitter, completion,
-};
+use crate::cpu::{Completion, KernelConfig, StopMode, StopReport, SubmitError, Submitter};
+use crate::host_ends::HostEnds;
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (CUDA C), appended after the ring layout
@@ -82,10 +81,8 @@ impl Drop for BlockLease {
 /// A persistent kernel running on a CUDA device.
 pub struct CudaPersistentKernel {
     spec: KernelSpec,
-    /// `None` only after a drop that found the kernel still running.
-    requests: Option<Submitter>,
-    /// As `requests`.
-    responses: Option<Consumer>,
+    /// The host's ends of the two rings.
+    ends: HostEnds,
     context: Arc<CudaContext>,
     /// The kernel's own non-blocking stream: idle once the kernel has
     /// exited (`cuStreamQuery`), so nothing needs to be queued after the
@@ -98,7 +95,6 @@ pub struct CudaPersistentKernel {
     /// Held until the kernel has exited.
     module: Option<Arc<Module>>,
     lease: Option<BlockLease>,
-    wait: IdleWait,
     threads: u32,
 }
 
@@ -199,15 +195,13 @@ impl CudaPersistentKernel {
         .map_err(driver("cuLaunchKernel"))?;
         Ok(CudaPersistentKernel {
             spec,
-            requests: Some(Submitter::new(spec, requests)),
-            responses: Some(responses),
+            ends: HostEnds::new(spec, requests, responses, config.policy),
             context: device.context.clone(),
             stream,
             finished: false,
             scratch: Some(scratch),
             module: Some(module),
             lease: Some(lease),
-            wait: IdleWait::new(config.policy),
             threads,
         })
     }
@@ -223,47 +217,27 @@ impl CudaPersistentKernel {
         request_id: u64,
         payload: P,
     ) -> Result<(), SubmitError<P>> {
-        match &self.requests {
-            Some(requests) => requests.submit(request_id, payload),
-            None => Err(SubmitError::Stopped(payload)),
-        }
+        self.ends.submit(request_id, payload)
     }
 
     /// Sets how [`CudaPersistentKernel::complete`] waits.
     pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
-        self.wait = IdleWait::new(policy);
+        self.ends.set_wait_policy(policy);
     }
 
     /// Waits up to `timeout` for one completion.
     pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
-        let responses = self.responses.as_mut()?;
-        let done = responses
-            .pop(self.wait.policy(), Some(timeout))
-            .ok()
-            .map(|message| completion(&message));
-        self.wait.record(done.is_some());
-        done
+        self.ends.complete(timeout)
     }
 
     /// Takes one completion if one is ready.
     pub fn try_complete(&mut self) -> Option<Completion> {
-        let message = self.responses.as_mut()?.try_pop().ok()?;
-        Some(completion(&message))
+        self.ends.try_complete()
     }
 
-    /// The kernel's heartbeat (rule H1): the request ring's consumer
-    /// heartbeat, beaten every turn, plus the response ring's producer
-    /// heartbeat, beaten while the kernel waits for response room.
+    /// The kernel's heartbeat (rule H1).
     pub fn heartbeat(&self) -> u64 {
-        let requests = self
-            .requests
-            .as_ref()
-            .map_or(0, Submitter::consumer_heartbeat);
-        let responses = self
-            .responses
-            .as_ref()
-            .map_or(0, Consumer::producer_heartbeat);
-        requests.wrapping_add(responses)
+        self.ends.heartbeat()
     }
 
     /// Whether the kernel has exited, from its event.
@@ -304,20 +278,14 @@ impl CudaPersistentKernel {
     /// response ring can still finish.
     pub fn stop_with(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
         if mode == StopMode::Abandon {
-            if let Some(responses) = &self.responses {
-                responses.close();
-            }
+            self.ends.close_responses();
         }
-        if let Some(requests) = &self.requests {
-            requests.close();
-        }
+        self.ends.close_requests();
         let mut report = StopReport::default();
         let deadline = Instant::now().checked_add(timeout);
         let mut pause = Duration::from_micros(10);
         loop {
-            while let Some(completion) = self.try_complete() {
-                report.completions.push(completion);
-            }
+            self.ends.drain_into(&mut report.completions);
             match self.poll_exit() {
                 Ok(true) => {
                     self.release();
@@ -335,9 +303,7 @@ impl CudaPersistentKernel {
             pause = (pause * 2).min(Duration::from_millis(1));
         }
         if report.exited {
-            while let Some(completion) = self.try_complete() {
-                report.completions.push(completion);
-            }
+            self.ends.drain_into(&mut report.completions);
         }
         report
     }
@@ -349,7 +315,7 @@ impl PersistentKernel for CudaPersistentKernel {
     }
 
     fn submitter(&self) -> Option<Submitter> {
-        self.requests.clone()
+        self.ends.submitter()
     }
 
     fn try_complete(&mut self) -> Option<Completion> {
@@ -380,8 +346,7 @@ impl Drop for CudaPersistentKernel {
             .stop_with(StopMode::Abandon, Duration::from_secs(10))
             .exited
         {
-            std::mem::forget(self.requests.take());
-            std::mem::forget(self.responses.take());
+            self.ends.leak();
             std::mem::forget(self.scratch.take());
             std::mem::forget(self.module.take());
             std::mem::forget(self.lease.take());

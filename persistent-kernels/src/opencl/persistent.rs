@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use granary_ring::{Consumer, Ownership, Region, Ring, RingConfig, WaitPolicy};
+use granary_ring::{Ownership, Region, Ring, RingConfig, WaitPolicy};
 use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
 use opencl3::event::{CL_COMPLETE, Event};
@@ -15,8 +15,9 @@ use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRA
 
 use super::{OpenClBackend, OpenClError, api};
 use crate::backend::PersistentKernel;
-use crate::cpu::{Completion, IdleWait, StopMode, StopReport, SubmitError, Submitter, completion};
+use crate::cpu::{Completion, StopMode, StopReport, SubmitError, Submitter};
 use crate::device::DeviceInfo;
+use crate::host_ends::HostEnds;
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (OpenCL C 2.0), appended after the ring
@@ -93,16 +94,13 @@ unsafe impl Region for SvmRegion {
 /// A persistent kernel running on an OpenCL device.
 pub struct OpenClPersistentKernel {
     spec: KernelSpec,
-    /// `None` only after a drop that found the kernel still running.
-    requests: Option<Submitter>,
-    /// As `requests`.
-    responses: Option<Consumer>,
+    /// The host's ends of the two rings.
+    ends: HostEnds,
     /// The launch; complete once the kernel has exited.
     event: Option<Event>,
     /// Kept alive while the kernel runs.
     _kernel: Kernel,
     _queue: CommandQueue,
-    wait: IdleWait,
     /// The compute units the kernel holds; released once it has exited.
     lease: Option<UnitLease>,
 }
@@ -250,13 +248,11 @@ impl OpenClPersistentKernel {
         queue.flush().map_err(api("clFlush"))?;
         Ok(OpenClPersistentKernel {
             spec,
-            requests: Some(Submitter::new(spec, requests)),
-            responses: Some(responses),
+            ends: HostEnds::new(spec, requests, responses, WaitPolicy::default()),
             event: Some(event),
             _kernel: kernel,
             lease: Some(lease),
             _queue: queue,
-            wait: IdleWait::new(WaitPolicy::default()),
         })
     }
 
@@ -266,57 +262,35 @@ impl OpenClPersistentKernel {
         request_id: u64,
         payload: P,
     ) -> Result<(), SubmitError<P>> {
-        match &self.requests {
-            Some(requests) => requests.submit(request_id, payload),
-            None => Err(SubmitError::Stopped(payload)),
-        }
+        self.ends.submit(request_id, payload)
     }
 
     /// Waits up to `timeout` for one completion.
     pub fn complete(&mut self, timeout: Duration) -> Option<Completion> {
-        let responses = self.responses.as_mut()?;
-        let done = responses
-            .pop(self.wait.policy(), Some(timeout))
-            .ok()
-            .map(|message| completion(&message));
-        self.wait.record(done.is_some());
-        done
+        self.ends.complete(timeout)
     }
 
     /// Sets how [`OpenClPersistentKernel::complete`] waits (default:
     /// [`WaitPolicy::default`]).
     pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
-        self.wait = IdleWait::new(policy);
+        self.ends.set_wait_policy(policy);
     }
 
     /// Takes one completion if one is ready.
     pub fn try_complete(&mut self) -> Option<Completion> {
-        let message = self.responses.as_mut()?.try_pop().ok()?;
-        Some(completion(&message))
+        self.ends.try_complete()
     }
 
-    /// The kernel loop's heartbeat (rule H1): the request ring's consumer
-    /// heartbeat, which every loop turn beats, plus the response ring's
-    /// producer heartbeat, which it beats while waiting for response space.
+    /// The kernel loop's heartbeat (rule H1).
     pub fn heartbeat(&self) -> u64 {
-        let requests = self
-            .requests
-            .as_ref()
-            .map_or(0, Submitter::consumer_heartbeat);
-        let responses = self
-            .responses
-            .as_ref()
-            .map_or(0, Consumer::producer_heartbeat);
-        requests.wrapping_add(responses)
+        self.ends.heartbeat()
     }
 
     /// Closes the request ring and waits up to `timeout` for the kernel to
     /// answer what is queued and exit. `Ok(false)`: still running at the
     /// deadline (a hung device); the rings stay alive for it.
     pub fn stop(&mut self, timeout: Duration) -> Result<bool, OpenClError> {
-        if let Some(requests) = &self.requests {
-            requests.close();
-        }
+        self.ends.close_requests();
         let Some(event) = &self.event else {
             return Ok(true);
         };
@@ -349,9 +323,7 @@ impl OpenClPersistentKernel {
     /// releases the request in hand and exits (template step 3).
     pub fn stop_with(&mut self, mode: StopMode, timeout: Duration) -> StopReport {
         if mode == StopMode::Abandon {
-            if let Some(responses) = &self.responses {
-                responses.close();
-            }
+            self.ends.close_responses();
         }
         let mut report = StopReport {
             // A kernel that failed reports no exit; its rings are kept.
@@ -359,9 +331,7 @@ impl OpenClPersistentKernel {
             ..StopReport::default()
         };
         if report.exited {
-            while let Some(completion) = self.try_complete() {
-                report.completions.push(completion);
-            }
+            self.ends.drain_into(&mut report.completions);
         }
         report
     }
@@ -373,7 +343,7 @@ impl PersistentKernel for OpenClPersistentKernel {
     }
 
     fn submitter(&self) -> Option<Submitter> {
-        self.requests.clone()
+        self.ends.submitter()
     }
 
     fn try_complete(&mut self) -> Option<Completion> {
@@ -400,12 +370,9 @@ impl Drop for OpenClPersistentKernel {
         // waiting for room in a ring nobody reads still exits. A kernel
         // that does not exit in time keeps its rings: they are leaked
         // rather than freed under a running kernel.
-        if let Some(responses) = &self.responses {
-            responses.close();
-        }
+        self.ends.close_responses();
         if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
-            std::mem::forget(self.requests.take());
-            std::mem::forget(self.responses.take());
+            self.ends.leak();
             // Its compute units stay held too: the kernel still runs.
             std::mem::forget(self.lease.take());
         }

@@ -1,0 +1,116 @@
+//! The host's ends of a device persistent kernel's two rings, shared by the
+//! OpenCL and CUDA kernels: submitting, taking completions, the heartbeat
+//! (rule H1), closing, and leaking both ends when a kernel will not exit.
+
+use std::time::Duration;
+
+use granary_ring::{Consumer, Producer, WaitPolicy};
+
+use crate::cpu::{Completion, IdleWait, SubmitError, Submitter, completion};
+use crate::spec::KernelSpec;
+
+/// The request ring's producer side and the response ring's consumer.
+pub(crate) struct HostEnds {
+    /// `None` only after [`HostEnds::leak`].
+    requests: Option<Submitter>,
+    /// As `requests`.
+    responses: Option<Consumer>,
+    wait: IdleWait,
+}
+
+impl HostEnds {
+    pub(crate) fn new(
+        spec: KernelSpec,
+        requests: Producer,
+        responses: Consumer,
+        policy: WaitPolicy,
+    ) -> HostEnds {
+        HostEnds {
+            requests: Some(Submitter::new(spec, requests)),
+            responses: Some(responses),
+            wait: IdleWait::new(policy),
+        }
+    }
+
+    /// A handle that submits from any thread.
+    pub(crate) fn submitter(&self) -> Option<Submitter> {
+        self.requests.clone()
+    }
+
+    /// Submits one request; see [`Submitter::submit`].
+    pub(crate) fn submit<P: AsRef<[u8]>>(
+        &self,
+        request_id: u64,
+        payload: P,
+    ) -> Result<(), SubmitError<P>> {
+        match &self.requests {
+            Some(requests) => requests.submit(request_id, payload),
+            None => Err(SubmitError::Stopped(payload)),
+        }
+    }
+
+    /// Sets how [`HostEnds::complete`] waits.
+    pub(crate) fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.wait = IdleWait::new(policy);
+    }
+
+    /// Waits up to `timeout` for one completion.
+    pub(crate) fn complete(&mut self, timeout: Duration) -> Option<Completion> {
+        let responses = self.responses.as_mut()?;
+        let done = responses
+            .pop(self.wait.policy(), Some(timeout))
+            .ok()
+            .map(|message| completion(&message));
+        self.wait.record(done.is_some());
+        done
+    }
+
+    /// Takes one completion if one is ready.
+    pub(crate) fn try_complete(&mut self) -> Option<Completion> {
+        let message = self.responses.as_mut()?.try_pop().ok()?;
+        Some(completion(&message))
+    }
+
+    /// Takes every completion that is ready.
+    pub(crate) fn drain_into(&mut self, completions: &mut Vec<Completion>) {
+        while let Some(completion) = self.try_complete() {
+            completions.push(completion);
+        }
+    }
+
+    /// The kernel's heartbeat (rule H1): the request ring's consumer
+    /// heartbeat, which the kernel beats every turn, plus the response
+    /// ring's producer heartbeat, which it beats while waiting for room.
+    pub(crate) fn heartbeat(&self) -> u64 {
+        let requests = self
+            .requests
+            .as_ref()
+            .map_or(0, Submitter::consumer_heartbeat);
+        let responses = self
+            .responses
+            .as_ref()
+            .map_or(0, Consumer::producer_heartbeat);
+        requests.wrapping_add(responses)
+    }
+
+    /// No more requests: the kernel drains what is queued and exits.
+    pub(crate) fn close_requests(&self) {
+        if let Some(requests) = &self.requests {
+            requests.close();
+        }
+    }
+
+    /// The Abandon signal: the kernel exits without taking more requests.
+    pub(crate) fn close_responses(&self) {
+        if let Some(responses) = &self.responses {
+            responses.close();
+        }
+    }
+
+    /// Forgets both ends, so the rings' memory is never freed: for a kernel
+    /// that did not exit and may still use it.
+    pub(crate) fn leak(&mut self) {
+        std::mem::forget(self.requests.take());
+        std::mem::forget(self.responses.take());
+    }
+}

@@ -141,6 +141,31 @@ fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
+/// A call's deadline, read from the clock only when a wait needs it: the
+/// fast paths (room in the mailbox, an answer ready after one yield) read
+/// no clock. Once read, it stays: every wait of the call shares it.
+struct Deadline {
+    timeout: Duration,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Deadline {
+        Deadline { timeout, at: None }
+    }
+
+    fn at(at: Instant, timeout: Duration) -> Deadline {
+        Deadline {
+            timeout,
+            at: Some(at),
+        }
+    }
+
+    fn get(&mut self) -> Instant {
+        *self.at.get_or_insert_with(|| deadline_after(self.timeout))
+    }
+}
+
 /// A mailbox taken out of its context for a reentrant wait; put back when
 /// dropped.
 struct LentMailbox<'c, G: Grain> {
@@ -961,7 +986,7 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         let grain_type = self.registered()?;
-        let deadline = deadline_after(self.silo.inner.config.call_timeout);
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -972,8 +997,8 @@ impl<G: Grain> GrainRef<G> {
                 })
             })),
         };
-        self.deliver(&grain_type, envelope, deadline).await?;
-        self.reply(&grain_type, answer, deadline).await
+        self.deliver(grain_type, envelope, &mut deadline).await?;
+        self.reply(grain_type, answer, &mut deadline).await
     }
 
     /// Waits for the answer to a delivered call, until `deadline`.
@@ -981,7 +1006,7 @@ impl<G: Grain> GrainRef<G> {
         &self,
         grain_type: &GrainType<G>,
         mut answer: oneshot::Receiver<R>,
-        deadline: Instant,
+        deadline: &mut Deadline,
     ) -> Result<R, CallError> {
         // Fast path: give the activation a chance to run first, and take the
         // answer without arming a timer if it is already there.
@@ -995,7 +1020,7 @@ impl<G: Grain> GrainRef<G> {
             }
             Err(oneshot::error::TryRecvError::Empty) => answer,
         };
-        match tokio::time::timeout_at(deadline, answer).await {
+        match tokio::time::timeout_at(deadline.get(), answer).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(CallError::TurnFailed {
                 grain: self.id(grain_type),
@@ -1015,7 +1040,7 @@ impl<G: Grain> GrainRef<G> {
         G: crate::grain::ReadHandler<M>,
     {
         let grain_type = self.registered()?;
-        let deadline = deadline_after(self.silo.inner.config.call_timeout);
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
@@ -1026,8 +1051,8 @@ impl<G: Grain> GrainRef<G> {
                 })
             })),
         };
-        self.deliver(&grain_type, envelope, deadline).await?;
-        self.reply(&grain_type, answer, deadline).await
+        self.deliver(grain_type, envelope, &mut deadline).await?;
+        self.reply(grain_type, answer, &mut deadline).await
     }
 
     /// Sends `message` without waiting for its handling: returns once the
@@ -1038,7 +1063,7 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         let grain_type = self.registered()?;
-        let deadline = deadline_after(self.silo.inner.config.call_timeout);
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
@@ -1048,11 +1073,11 @@ impl<G: Grain> GrainRef<G> {
                 })
             })),
         };
-        self.deliver(&grain_type, envelope, deadline).await
+        self.deliver(grain_type, envelope, &mut deadline).await
     }
 
-    fn registered(&self) -> Result<Arc<GrainType<G>>, CallError> {
-        self.registered.clone().ok_or(CallError::NotRegistered {
+    fn registered(&self) -> Result<&Arc<GrainType<G>>, CallError> {
+        self.registered.as_ref().ok_or(CallError::NotRegistered {
             type_name: std::any::type_name::<G>(),
         })
     }
@@ -1071,17 +1096,36 @@ impl<G: Grain> GrainRef<G> {
         &self,
         grain_type: &Arc<GrainType<G>>,
         mut envelope: Envelope<G>,
-        deadline: Instant,
+        deadline: &mut Deadline,
     ) -> Result<(), CallError> {
+        // Fast path: a single activation with room in its mailbox. The send
+        // happens under the directory's shared lock, so no sender is cloned
+        // (four atomic operations) and no clock is read.
+        if grain_type.workers <= 1 && !self.silo.inner.shutting_down.load(Ordering::Acquire) {
+            if let Some(slots) = grain_type.directory.get(&self.key) {
+                if let Some(Some(Entry::Active(sender))) = slots.first() {
+                    envelope = match sender.try_send(envelope) {
+                        Ok(()) => return Ok(()),
+                        Err(
+                            mpsc::error::TrySendError::Full(returned)
+                            | mpsc::error::TrySendError::Closed(returned),
+                        ) => returned,
+                    };
+                }
+            }
+        }
         loop {
-            let mailbox = self.silo.mailbox(grain_type, &self.key, deadline).await?;
+            let mailbox = self
+                .silo
+                .mailbox(grain_type, &self.key, deadline.get())
+                .await?;
             // Room in the mailbox: no timer needed.
             envelope = match mailbox.try_send(envelope) {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::TrySendError::Closed(returned)) => {
                     // The activation is deactivating or died: give it a
                     // moment, and respect the deadline.
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= deadline.get() {
                         return Err(CallError::Timeout {
                             grain: self.id(grain_type),
                             after: self.silo.inner.config.call_timeout,
@@ -1093,7 +1137,7 @@ impl<G: Grain> GrainRef<G> {
                 }
                 Err(mpsc::error::TrySendError::Full(returned)) => returned,
             };
-            match tokio::time::timeout_at(deadline, mailbox.send(envelope)).await {
+            match tokio::time::timeout_at(deadline.get(), mailbox.send(envelope)).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
                 Err(_) => {
@@ -1143,7 +1187,9 @@ impl GrainContext {
                 })
             })),
         };
-        target.deliver(&grain_type, envelope, deadline).await?;
+        target
+            .deliver(grain_type, envelope, &mut Deadline::at(deadline, timeout))
+            .await?;
         enum Event<G, R> {
             Answer(Result<R, oneshot::error::RecvError>),
             Message(Option<Envelope<G>>),
@@ -1190,12 +1236,12 @@ impl GrainContext {
                 Event::Answer(Ok(reply)) => return Ok(reply),
                 Event::Answer(Err(_)) => {
                     return Err(CallError::TurnFailed {
-                        grain: target.id(&grain_type),
+                        grain: target.id(grain_type),
                     });
                 }
                 Event::Timeout => {
                     return Err(CallError::Timeout {
-                        grain: target.id(&grain_type),
+                        grain: target.id(grain_type),
                         after: timeout,
                     });
                 }

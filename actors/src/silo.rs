@@ -190,6 +190,13 @@ fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox
 }
 
 impl<G: Grain> Mailbox<G> {
+    /// The next message for a new turn, if one is already queued.
+    fn try_next(&mut self) -> Option<Envelope<G>> {
+        self.deferred
+            .pop_front()
+            .or_else(|| self.receiver.try_recv().ok())
+    }
+
     /// The next message for a new turn.
     async fn next(&mut self) -> Option<Envelope<G>> {
         match self.deferred.pop_front() {
@@ -743,9 +750,21 @@ async fn run_activation<G: Grain>(
             let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
                 break;
             };
-            // `None`: idle or shutting down.
-            let next = loop {
-                tokio::select! {
+            // `None`: idle or shutting down. A message already queued is
+            // taken without building the select below (a busy grain's
+            // common case; the shutdown flag was checked above, and a busy
+            // grain is not idle).
+            let queued = exclusive(&mut mailbox).try_next();
+            let next = if let Some(envelope) = queued {
+                // `try_recv` spends none of tokio's cooperative budget, and a
+                // mailbox refilled from other threads could keep this task
+                // from ever yielding: spend one unit per turn, as `recv`
+                // would.
+                tokio::task::consume_budget().await;
+                Some(Some(envelope))
+            } else {
+                loop {
+                    tokio::select! {
                     biased;
                     next = exclusive(&mut mailbox).next() => break Some(next),
                     _ = &mut shutting_down => break None,
@@ -764,6 +783,7 @@ async fn run_activation<G: Grain>(
                             seen_activity = activity;
                             idle_for = Duration::ZERO;
                         }
+                    }
                     }
                 }
             };

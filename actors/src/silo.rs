@@ -1120,17 +1120,34 @@ impl<G: Grain> GrainRef<G> {
     ) -> Result<(), CallError> {
         // Fast path: a single activation with room in its mailbox. The send
         // happens under the directory's shared lock, so no sender is cloned
-        // (four atomic operations) and no clock is read.
+        // (four atomic operations) and no clock is read. A full mailbox is
+        // waited on right away, without a second lookup.
+        let mut full = None;
         if grain_type.workers <= 1 && !self.silo.inner.shutting_down.load(Ordering::Acquire) {
             if let Some(slots) = grain_type.directory.get(&self.key) {
                 if let Some(Some(Entry::Active(sender))) = slots.first() {
                     envelope = match sender.try_send(envelope) {
                         Ok(()) => return Ok(()),
-                        Err(
-                            mpsc::error::TrySendError::Full(returned)
-                            | mpsc::error::TrySendError::Closed(returned),
-                        ) => returned,
+                        Err(mpsc::error::TrySendError::Full(returned)) => {
+                            full = Some(sender.clone());
+                            returned
+                        }
+                        Err(mpsc::error::TrySendError::Closed(returned)) => returned,
                     };
+                }
+            }
+        }
+        if let Some(mailbox) = full {
+            match tokio::time::timeout_at(deadline.get(), mailbox.send(envelope)).await {
+                Ok(Ok(())) => return Ok(()),
+                // Closed while waiting: deactivated; the loop finds the next
+                // activation (rule 5).
+                Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
+                Err(_) => {
+                    return Err(CallError::Timeout {
+                        grain: self.id(grain_type),
+                        after: self.silo.inner.config.call_timeout,
+                    });
                 }
             }
         }

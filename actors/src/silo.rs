@@ -1137,45 +1137,39 @@ impl<G: Grain> GrainRef<G> {
                 }
             }
         }
-        if let Some(mailbox) = full {
-            match tokio::time::timeout_at(deadline.get(), mailbox.send(envelope)).await {
-                Ok(Ok(())) => return Ok(()),
-                // Closed while waiting: deactivated; the loop finds the next
-                // activation (rule 5).
-                Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
-                Err(_) => {
-                    return Err(CallError::Timeout {
-                        grain: self.id(grain_type),
-                        after: self.silo.inner.config.call_timeout,
-                    });
-                }
-            }
-        }
         loop {
-            let mailbox = self
-                .silo
-                .mailbox(grain_type, &self.key, deadline.get())
-                .await?;
-            // Room in the mailbox: no timer needed.
-            envelope = match mailbox.try_send(envelope) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(returned)) => {
-                    // The activation is deactivating or died: give it a
-                    // moment, and respect the deadline.
-                    if Instant::now() >= deadline.get() {
-                        return Err(CallError::Timeout {
-                            grain: self.id(grain_type),
-                            after: self.silo.inner.config.call_timeout,
-                        });
-                    }
-                    tokio::task::yield_now().await;
-                    envelope = returned;
-                    continue;
+            let mailbox = match full.take() {
+                Some(mailbox) => mailbox,
+                None => {
+                    let mailbox = self
+                        .silo
+                        .mailbox(grain_type, &self.key, deadline.get())
+                        .await?;
+                    // Room in the mailbox: no timer needed.
+                    envelope = match mailbox.try_send(envelope) {
+                        Ok(()) => return Ok(()),
+                        Err(mpsc::error::TrySendError::Closed(returned)) => {
+                            // The activation is deactivating or died: give
+                            // it a moment, and respect the deadline.
+                            if Instant::now() >= deadline.get() {
+                                return Err(CallError::Timeout {
+                                    grain: self.id(grain_type),
+                                    after: self.silo.inner.config.call_timeout,
+                                });
+                            }
+                            tokio::task::yield_now().await;
+                            envelope = returned;
+                            continue;
+                        }
+                        Err(mpsc::error::TrySendError::Full(returned)) => returned,
+                    };
+                    mailbox
                 }
-                Err(mpsc::error::TrySendError::Full(returned)) => returned,
             };
             match tokio::time::timeout_at(deadline.get(), mailbox.send(envelope)).await {
                 Ok(Ok(())) => return Ok(()),
+                // Closed while waiting (deactivated): the next turn of the
+                // loop finds the next activation (rule 5).
                 Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
                 Err(_) => {
                     return Err(CallError::Timeout {

@@ -1005,17 +1005,24 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
+        let (reply, answer) = oneshot::channel();
+        let turn: Turn<G> = Turn::Write(Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = reply.send(grain.handle(message, ctx).await);
+            })
+        }));
+        self.ask(turn, answer).await
+    }
+
+    /// Delivers `turn`, which answers on `answer`, and waits for the
+    /// answer: the shared body of [`GrainRef::call`] and [`GrainRef::read`].
+    async fn ask<R>(&self, turn: Turn<G>, answer: oneshot::Receiver<R>) -> Result<R, CallError> {
         let grain_type = self.registered()?;
         let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
-        let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<G> {
             chain: current_chain(),
             keeps_alive: true,
-            turn: Turn::Write(Box::new(move |grain, ctx| {
-                Box::pin(async move {
-                    let _ = reply.send(grain.handle(message, ctx).await);
-                })
-            })),
+            turn,
         };
         self.deliver(grain_type, envelope, &mut deadline).await?;
         self.reply(grain_type, answer, &mut deadline).await
@@ -1059,20 +1066,13 @@ impl<G: Grain> GrainRef<G> {
     where
         G: crate::grain::ReadHandler<M>,
     {
-        let grain_type = self.registered()?;
-        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let (reply, answer) = oneshot::channel();
-        let envelope = Envelope::<G> {
-            chain: current_chain(),
-            keeps_alive: true,
-            turn: Turn::Read(Box::new(move |grain, ctx| {
-                Box::pin(async move {
-                    let _ = reply.send(grain.handle_read(message, ctx).await);
-                })
-            })),
-        };
-        self.deliver(grain_type, envelope, &mut deadline).await?;
-        self.reply(grain_type, answer, &mut deadline).await
+        let turn: Turn<G> = Turn::Read(Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = reply.send(grain.handle_read(message, ctx).await);
+            })
+        }));
+        self.ask(turn, answer).await
     }
 
     /// Sends `message` without waiting for its handling: returns once the

@@ -36,9 +36,12 @@ async fn an_idle_bridge_uses_almost_no_cpu() {
     let before = cpu_ticks().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used = cpu_ticks().unwrap() - before;
-    // Two seconds hold 200 ticks of one core; four parked threads waking
-    // every millisecond take a few. Spinning ones would take hundreds.
+    // Two seconds hold 200 ticks of one core. Four parked threads waking
+    // every millisecond take a few on a quiet machine and 21-23 on this VM
+    // when it is slow (measured at the code of fe02448 and later alike); a
+    // single spinning thread would take about 200. A quarter of a core
+    // separates the two with room on either side.
     eprintln!("idle bridge: {used} ticks of CPU in 2 s");
-    assert!(used <= 20, "an idle bridge used {used} ticks in 2 s");
+    assert!(used <= 50, "an idle bridge used {used} ticks in 2 s");
     bridge.shutdown(StopMode::Drain).await;
 }

@@ -107,8 +107,7 @@ async fn callers_that_give_up_leave_nothing_behind() {
     // a moment before it removes the thread from /proc, so the count is
     // given a short while to settle (CI once saw 1 right after the join).
     let settled = std::time::Instant::now() + Duration::from_secs(1);
-    while bridge_threads().is_some_and(|threads| threads > 0)
-        && std::time::Instant::now() < settled
+    while bridge_threads().is_some_and(|threads| threads > 0) && std::time::Instant::now() < settled
     {
         std::thread::sleep(Duration::from_millis(5));
     }

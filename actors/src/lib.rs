@@ -50,6 +50,7 @@
 mod error;
 mod grain;
 mod key;
+mod mailbox;
 pub mod observers;
 mod reminders;
 mod silo;

@@ -67,13 +67,14 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{CallError, SiloError};
 use crate::grain::{Grain, GrainContext, Handler, Message, Service, service_key};
 use crate::key::{GrainId, GrainKey};
+use crate::mailbox::{self, SendError, TrySendError};
 use crate::storage::{MemoryStorage, StorageProvider};
 
 /// Runs a handler on a grain and answers its caller.
@@ -126,9 +127,9 @@ fn fresh_chain() -> u64 {
 /// An activation's mailbox, kept in its `GrainContext` so that a turn
 /// waiting in `GrainContext::call` can take reentrant messages from it.
 pub(crate) struct Mailbox<G> {
-    receiver: mpsc::Receiver<Envelope<G>>,
+    receiver: mailbox::Receiver<Envelope<G>>,
     /// For the activation's own timers; closing `receiver` refuses them.
-    sender: mpsc::Sender<Envelope<G>>,
+    sender: mailbox::Sender<Envelope<G>>,
     /// Messages of other chains that arrived during a reentrant wait, in
     /// arrival order; they run before anything newer.
     deferred: std::collections::VecDeque<Envelope<G>>,
@@ -194,7 +195,7 @@ impl<G: Grain> Mailbox<G> {
     fn try_next(&mut self) -> Option<Envelope<G>> {
         self.deferred
             .pop_front()
-            .or_else(|| self.receiver.try_recv().ok())
+            .or_else(|| self.receiver.try_recv())
     }
 
     /// The next message for a new turn.
@@ -208,7 +209,7 @@ impl<G: Grain> Mailbox<G> {
 
 /// A directory entry (rule 1).
 enum Entry<G> {
-    Active(mpsc::Sender<Envelope<G>>),
+    Active(mailbox::Sender<Envelope<G>>),
     Deactivating(watch::Receiver<bool>),
 }
 
@@ -225,7 +226,7 @@ struct GrainType<G> {
 
 /// What a message for a key should do (rules 2 and 9).
 enum Choice<G> {
-    Use(mpsc::Sender<Envelope<G>>),
+    Use(mailbox::Sender<Envelope<G>>),
     Activate(usize),
     Wait(watch::Receiver<bool>),
 }
@@ -234,7 +235,7 @@ enum Choice<G> {
 /// activation with the most room, else (every slot deactivating) the first
 /// one to wait for.
 fn choose<G>(slots: &[Option<Entry<G>>]) -> Choice<G> {
-    let mut roomiest: Option<&mpsc::Sender<Envelope<G>>> = None;
+    let mut roomiest: Option<&mailbox::Sender<Envelope<G>>> = None;
     let mut free = None;
     let mut leaving = None;
     for (index, slot) in slots.iter().enumerate() {
@@ -302,6 +303,8 @@ pub(crate) struct SiloInner {
     shutting_down: AtomicBool,
     activations: AtomicU64,
     live: AtomicU64,
+    /// Times out senders waiting on full mailboxes.
+    sweeper: Arc<mailbox::Sweeper>,
     pub(crate) reminders: Arc<crate::reminders::Reminders>,
 }
 
@@ -493,6 +496,9 @@ impl SiloBuilder {
                 shutting_down: AtomicBool::new(false),
                 activations: AtomicU64::new(0),
                 live: AtomicU64::new(0),
+                sweeper: mailbox::Sweeper::new(mailbox::Sweeper::tick_for(
+                    self.config.call_timeout,
+                )),
                 reminders: reminders.clone(),
             }),
         };
@@ -582,7 +588,7 @@ impl Silo {
         grain_type: &Arc<GrainType<G>>,
         key: &GrainKey,
         deadline: Instant,
-    ) -> Result<mpsc::Sender<Envelope<G>>, CallError> {
+    ) -> Result<mailbox::Sender<Envelope<G>>, CallError> {
         loop {
             if self.inner.shutting_down.load(Ordering::Acquire) {
                 return Err(CallError::ShutDown);
@@ -663,8 +669,11 @@ impl Silo {
         grain_type: &Arc<GrainType<G>>,
         key: &GrainKey,
         worker: usize,
-    ) -> mpsc::Sender<Envelope<G>> {
-        let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
+    ) -> mailbox::Sender<Envelope<G>> {
+        let (sender, mailbox) = mailbox::channel(
+            self.inner.config.mailbox_capacity,
+            self.inner.sweeper.clone(),
+        );
         self.spawn_activation(
             grain_type.clone(),
             key.clone(),
@@ -680,8 +689,8 @@ impl Silo {
         grain_type: Arc<GrainType<G>>,
         key: GrainKey,
         worker: usize,
-        mailbox: mpsc::Receiver<Envelope<G>>,
-        sender: mpsc::Sender<Envelope<G>>,
+        mailbox: mailbox::Receiver<Envelope<G>>,
+        sender: mailbox::Sender<Envelope<G>>,
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         self.inner.live.fetch_add(1, Ordering::Relaxed);
@@ -699,8 +708,8 @@ async fn run_activation<G: Grain>(
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
     worker: usize,
-    receiver: mpsc::Receiver<Envelope<G>>,
-    sender: mpsc::Sender<Envelope<G>>,
+    receiver: mailbox::Receiver<Envelope<G>>,
+    sender: mailbox::Sender<Envelope<G>>,
 ) {
     let id = GrainId {
         type_name: grain_type.name.clone(),
@@ -791,7 +800,7 @@ async fn run_activation<G: Grain>(
             match next {
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
-                    let busy = busy_marker.as_ref().and_then(|own| own.try_reserve().ok());
+                    let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
                     grain = turn(grain, envelope, &key, &mut ctx).await;
                     drop(busy);
                     if grain.is_none() {
@@ -923,7 +932,7 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
         while reads.len() < MAX_READ_BATCH {
             let next = match open.deferred.pop_front() {
                 Some(envelope) => Some(envelope),
-                None => open.receiver.try_recv().ok(),
+                None => open.receiver.try_recv(),
             };
             match next {
                 Some(Envelope {
@@ -1128,11 +1137,11 @@ impl<G: Grain> GrainRef<G> {
                 if let Some(Some(Entry::Active(sender))) = slots.first() {
                     envelope = match sender.try_send(envelope) {
                         Ok(()) => return Ok(()),
-                        Err(mpsc::error::TrySendError::Full(returned)) => {
+                        Err(TrySendError::Full(returned)) => {
                             full = Some(sender.clone());
                             returned
                         }
-                        Err(mpsc::error::TrySendError::Closed(returned)) => returned,
+                        Err(TrySendError::Closed(returned)) => returned,
                     };
                 }
             }
@@ -1148,7 +1157,7 @@ impl<G: Grain> GrainRef<G> {
                     // Room in the mailbox: no timer needed.
                     envelope = match mailbox.try_send(envelope) {
                         Ok(()) => return Ok(()),
-                        Err(mpsc::error::TrySendError::Closed(returned)) => {
+                        Err(TrySendError::Closed(returned)) => {
                             // The activation is deactivating or died: give
                             // it a moment, and respect the deadline.
                             if Instant::now() >= deadline.get() {
@@ -1161,17 +1170,19 @@ impl<G: Grain> GrainRef<G> {
                             envelope = returned;
                             continue;
                         }
-                        Err(mpsc::error::TrySendError::Full(returned)) => returned,
+                        Err(TrySendError::Full(returned)) => returned,
                     };
                     mailbox
                 }
             };
-            match tokio::time::timeout_at(deadline.get(), mailbox.send(envelope)).await {
-                Ok(Ok(())) => return Ok(()),
+            // The mailbox times the wait out itself, without a timer per
+            // waiting sender (see `mailbox.rs`).
+            match mailbox.send(envelope, deadline.get()).await {
+                Ok(()) => return Ok(()),
                 // Closed while waiting (deactivated): the next turn of the
                 // loop finds the next activation (rule 5).
-                Ok(Err(mpsc::error::SendError(returned))) => envelope = returned,
-                Err(_) => {
+                Err(SendError::Closed(returned)) => envelope = returned,
+                Err(SendError::Timeout) => {
                     return Err(CallError::Timeout {
                         grain: self.id(grain_type),
                         after: self.silo.inner.config.call_timeout,
@@ -1353,7 +1364,7 @@ impl GrainContext {
                 // A closed mailbox: the activation is ending.
                 let sent = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    sent = sender.send(envelope) => sent,
+                    sent = sender.send(envelope, deadline_after(Duration::MAX)) => sent,
                 };
                 match (sent, period) {
                     (Ok(()), Some(period)) => wait = period,

@@ -1,0 +1,582 @@
+//! An activation's bounded mailbox: many senders, one receiver, with
+//! senders that wait for room handing their message over as they park.
+//!
+//! # Rules
+//!
+//! 1. **Bound.** At most `capacity` messages are queued, less one per
+//!    [`Permit`] held. A message offered to a full mailbox is refused
+//!    ([`TrySendError::Full`]) or parked by [`Sender::send`].
+//! 2. **Parking hands the message over.** A sender that must wait leaves
+//!    its message in the mailbox's parked list with a ticket (increasing)
+//!    and its deadline, and sleeps. Memory stays bounded: a parked message
+//!    is one the sender would have held anyway, and each waiting sender
+//!    parks one.
+//! 3. **Admission is first come, first served.** When a slot frees (the
+//!    receiver takes a message, a permit is dropped), the oldest parked
+//!    message moves into the queue, the admission watermark passes its
+//!    ticket, and its sender is woken. A new message never overtakes a
+//!    parked one: while any is parked, the mailbox counts as full. So
+//!    messages keep the order in which their senders reached the mailbox.
+//! 4. **Completion is one load.** A woken sender whose ticket is below the
+//!    watermark is done; it takes no lock.
+//! 5. **Deadlines are swept, not timed.** No timer is armed per waiting
+//!    sender. A silo-wide [`Sweeper`] wakes, every tick, the parked senders
+//!    whose deadline has passed; a woken sender that is still parked and
+//!    past its deadline takes its message back out and fails with
+//!    [`SendError::Timeout`]. A sender times out at most one tick late.
+//! 6. **Closing** refuses new messages ([`TrySendError::Closed`] and
+//!    [`SendError::Closed`] hand the message back) and wakes every parked
+//!    sender, which takes its message back. Queued messages stay for the
+//!    receiver to drain. Dropping the receiver closes the mailbox and drops
+//!    what is queued.
+//! 7. **Cancellation.** A send future dropped while parked takes its
+//!    message out, unless it was admitted first: then it is delivered.
+//!
+//! Everything is under one mutex, held for a few pointer moves; wakers are
+//! woken after it is released. Rules 2 to 4 are the hand-off of Go's
+//! channels (a parked sender's message is taken by the one who frees the
+//! slot); the sweep replaces tokio's per-waiter timers, which in the
+//! fan-in benchmark cost a fifth of the time (`BENCHMARKS.md`).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A sender whose message waits for room (rule 2).
+struct Parked<T> {
+    /// Increasing in parking order.
+    ticket: u64,
+    message: T,
+    waker: Waker,
+    deadline: Instant,
+}
+
+struct State<T> {
+    /// At most `capacity - reserved` messages.
+    queue: VecDeque<T>,
+    /// Oldest first; tickets increase from front to back.
+    parked: VecDeque<Parked<T>>,
+    /// The ticket the next parked sender gets.
+    next_ticket: u64,
+    /// Slots held by permits, `0..=capacity`.
+    reserved: usize,
+    closed: bool,
+    /// The receiver, waiting for a message.
+    receiver: Option<Waker>,
+    /// Whether the sweeper holds this mailbox (so it is listed once).
+    swept: bool,
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    /// Slots, at least 1.
+    capacity: usize,
+    /// Every parked ticket below this was admitted (rule 4).
+    admitted: AtomicU64,
+    /// Free slots, `0..=capacity`, mirrored from `state` for lock-free
+    /// reads; 0 while senders are parked.
+    free: AtomicUsize,
+    /// Mirrors `state.closed`.
+    closed: AtomicBool,
+    sweeper: Arc<Sweeper>,
+}
+
+impl<T> Shared<T> {
+    /// The state; a panic while it was locked (only in a waker or a drop,
+    /// never between two updates) leaves it consistent.
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Rule 3: fills free slots from the parked list. Returns the senders
+    /// to wake once the lock is released.
+    fn admit(&self, state: &mut State<T>, woken: &mut Vec<Waker>) {
+        if state.closed {
+            return;
+        }
+        while state.queue.len() + state.reserved < self.capacity {
+            let Some(parked) = state.parked.pop_front() else {
+                break;
+            };
+            state.queue.push_back(parked.message);
+            self.admitted.store(parked.ticket + 1, Ordering::Release);
+            woken.push(parked.waker);
+        }
+        self.mirror(state);
+    }
+
+    fn mirror(&self, state: &State<T>) {
+        let free = if state.parked.is_empty() {
+            self.capacity
+                .saturating_sub(state.queue.len() + state.reserved)
+        } else {
+            0
+        };
+        self.free.store(free, Ordering::Relaxed);
+    }
+
+    /// Rule 6.
+    fn close(&self) -> Vec<Waker> {
+        let mut state = self.lock();
+        state.closed = true;
+        self.closed.store(true, Ordering::Release);
+        let mut woken: Vec<Waker> = state
+            .parked
+            .iter()
+            .map(|parked| parked.waker.clone())
+            .collect();
+        woken.extend(state.receiver.take());
+        self.mirror(&state);
+        woken
+    }
+}
+
+/// Creates a mailbox of `capacity` slots (at least 1) whose parked senders
+/// `sweeper` times out.
+pub(crate) fn channel<T: Send + 'static>(
+    capacity: usize,
+    sweeper: Arc<Sweeper>,
+) -> (Sender<T>, Receiver<T>) {
+    let capacity = capacity.max(1);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            parked: VecDeque::new(),
+            next_ticket: 0,
+            reserved: 0,
+            closed: false,
+            receiver: None,
+            swept: false,
+        }),
+        capacity,
+        admitted: AtomicU64::new(0),
+        free: AtomicUsize::new(capacity),
+        closed: AtomicBool::new(false),
+        sweeper,
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+/// Why [`Sender::try_send`] refused a message, which comes back.
+#[derive(Debug)]
+pub(crate) enum TrySendError<T> {
+    /// No free slot (rule 1).
+    Full(T),
+    /// The mailbox is closed (rule 6).
+    Closed(T),
+}
+
+/// Why [`Sender::send`] did not deliver.
+#[derive(Debug)]
+pub(crate) enum SendError<T> {
+    /// The mailbox closed; the message comes back.
+    Closed(T),
+    /// The deadline passed while the sender waited for room; the message
+    /// was dropped.
+    Timeout,
+}
+
+/// The sending end; cheap to clone.
+pub(crate) struct Sender<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Sender<T> {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Wakes `woken`; call with no lock held.
+fn wake_all(woken: Vec<Waker>) {
+    for waker in woken {
+        waker.wake();
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queues `message` if a slot is free and no sender is parked.
+    pub(crate) fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(TrySendError::Closed(message));
+        }
+        if !state.parked.is_empty() || state.queue.len() + state.reserved >= self.shared.capacity {
+            return Err(TrySendError::Full(message));
+        }
+        state.queue.push_back(message);
+        self.shared.mirror(&state);
+        let receiver = state.receiver.take();
+        drop(state);
+        if let Some(receiver) = receiver {
+            receiver.wake();
+        }
+        Ok(())
+    }
+
+    /// Whether the mailbox is closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Free slots now (0 while senders are parked).
+    pub(crate) fn capacity(&self) -> usize {
+        self.shared.free.load(Ordering::Relaxed)
+    }
+
+    /// Slots in all.
+    pub(crate) fn max_capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// Holds one free slot until the permit is dropped, if one is free.
+    pub(crate) fn try_reserve(&self) -> Option<Permit<T>> {
+        let mut state = self.shared.lock();
+        if state.closed
+            || !state.parked.is_empty()
+            || state.queue.len() + state.reserved >= self.shared.capacity
+        {
+            return None;
+        }
+        state.reserved += 1;
+        self.shared.mirror(&state);
+        Some(Permit {
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+impl<T: Send + 'static> Sender<T> {
+    /// Queues `message`, parking it until a slot frees (rules 2 to 5), at
+    /// most until `deadline`.
+    pub(crate) fn send(&self, message: T, deadline: Instant) -> SendFuture<'_, T> {
+        SendFuture {
+            sender: self,
+            deadline,
+            stage: Stage::Unsent(message),
+        }
+    }
+}
+
+/// One slot held (rule 1); dropping it frees the slot.
+pub(crate) struct Permit<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Drop for Permit<T> {
+    fn drop(&mut self) {
+        let mut woken = Vec::new();
+        let mut state = self.shared.lock();
+        state.reserved = state.reserved.saturating_sub(1);
+        self.shared.admit(&mut state, &mut woken);
+        let receiver = if woken.is_empty() {
+            None
+        } else {
+            state.receiver.take()
+        };
+        drop(state);
+        woken.extend(receiver);
+        wake_all(woken);
+    }
+}
+
+enum Stage<T> {
+    Unsent(T),
+    Parked { ticket: u64 },
+    Done,
+}
+
+/// The future of [`Sender::send`].
+pub(crate) struct SendFuture<'s, T> {
+    sender: &'s Sender<T>,
+    deadline: Instant,
+    stage: Stage<T>,
+}
+
+// The message is moved, never pinned.
+impl<T> Unpin for SendFuture<'_, T> {}
+
+impl<T: Send + 'static> Future for SendFuture<'_, T> {
+    type Output = Result<(), SendError<T>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let shared = &self.sender.shared;
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Done => Poll::Ready(Ok(())),
+            Stage::Unsent(message) => {
+                let mut state = shared.lock();
+                if state.closed {
+                    return Poll::Ready(Err(SendError::Closed(message)));
+                }
+                if state.parked.is_empty() && state.queue.len() + state.reserved < shared.capacity {
+                    state.queue.push_back(message);
+                    shared.mirror(&state);
+                    let receiver = state.receiver.take();
+                    drop(state);
+                    if let Some(receiver) = receiver {
+                        receiver.wake();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                let ticket = state.next_ticket;
+                state.next_ticket += 1;
+                state.parked.push_back(Parked {
+                    ticket,
+                    message,
+                    waker: cx.waker().clone(),
+                    deadline: self.deadline,
+                });
+                shared.mirror(&state);
+                let sweep = !std::mem::replace(&mut state.swept, true);
+                drop(state);
+                if sweep {
+                    let weak = Arc::downgrade(shared);
+                    shared.sweeper.watch(weak);
+                }
+                self.stage = Stage::Parked { ticket };
+                Poll::Pending
+            }
+            Stage::Parked { ticket } => {
+                if shared.admitted.load(Ordering::Acquire) > ticket {
+                    return Poll::Ready(Ok(()));
+                }
+                let mut state = shared.lock();
+                if shared.admitted.load(Ordering::Acquire) > ticket {
+                    return Poll::Ready(Ok(()));
+                }
+                let Ok(index) = state.parked.binary_search_by_key(&ticket, |p| p.ticket) else {
+                    // Not admitted and not parked: cannot happen, as only
+                    // this future removes its entry; report it delivered
+                    // rather than wait for nothing.
+                    return Poll::Ready(Ok(()));
+                };
+                let closed = state.closed;
+                let expired = !closed && Instant::now() >= self.deadline;
+                if closed || expired {
+                    let parked = state.parked.remove(index);
+                    shared.mirror(&state);
+                    drop(state);
+                    return Poll::Ready(match parked {
+                        Some(parked) if closed => Err(SendError::Closed(parked.message)),
+                        _ => Err(SendError::Timeout),
+                    });
+                }
+                if let Some(parked) = state.parked.get_mut(index) {
+                    if !parked.waker.will_wake(cx.waker()) {
+                        parked.waker = cx.waker().clone();
+                    }
+                }
+                drop(state);
+                self.stage = Stage::Parked { ticket };
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T> Drop for SendFuture<'_, T> {
+    fn drop(&mut self) {
+        // Rule 7: a parked message not yet admitted goes with its sender.
+        if let Stage::Parked { ticket } = self.stage {
+            let shared = &self.sender.shared;
+            if shared.admitted.load(Ordering::Acquire) > ticket {
+                return;
+            }
+            let mut state = shared.lock();
+            let removed = match state.parked.binary_search_by_key(&ticket, |p| p.ticket) {
+                Ok(index) => state.parked.remove(index),
+                Err(_) => None,
+            };
+            shared.mirror(&state);
+            drop(state);
+            drop(removed);
+        }
+    }
+}
+
+/// The receiving end, held by the activation.
+pub(crate) struct Receiver<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Receiver<T> {
+    /// The oldest queued message, if any; frees its slot for the oldest
+    /// parked sender (rule 3).
+    pub(crate) fn try_recv(&mut self) -> Option<T> {
+        let mut woken = Vec::new();
+        let mut state = self.shared.lock();
+        let message = state.queue.pop_front()?;
+        self.shared.admit(&mut state, &mut woken);
+        drop(state);
+        wake_all(woken);
+        Some(message)
+    }
+
+    /// The oldest queued message, waiting for one; `None` once the mailbox
+    /// is closed and drained.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut woken = Vec::new();
+        let mut state = self.shared.lock();
+        if let Some(message) = state.queue.pop_front() {
+            self.shared.admit(&mut state, &mut woken);
+            drop(state);
+            wake_all(woken);
+            return Poll::Ready(Some(message));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        match &mut state.receiver {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            receiver => *receiver = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// [`Receiver::poll_recv`] as a future.
+    pub(crate) async fn recv(&mut self) -> Option<T> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Refuses new messages and hands parked ones back (rule 6).
+    pub(crate) fn close(&mut self) {
+        wake_all(self.shared.close());
+    }
+
+    /// Whether the mailbox is closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.shared.lock().queue.is_empty()
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        let woken = self.shared.close();
+        let queued = std::mem::take(&mut self.shared.lock().queue);
+        // Dropped messages may wake their callers: no lock held.
+        drop(queued);
+        wake_all(woken);
+    }
+}
+
+/// A mailbox as the sweeper sees it.
+trait Sweep: Send + Sync {
+    /// Wakes the parked senders whose deadline is `now` or past; returns
+    /// whether any sender is still parked (if not, the sweeper lets the
+    /// mailbox go, and its next parked sender lists it again).
+    fn sweep(&self, now: Instant) -> bool;
+}
+
+impl<T: Send> Sweep for Shared<T> {
+    fn sweep(&self, now: Instant) -> bool {
+        let mut state = self.lock();
+        let woken: Vec<Waker> = state
+            .parked
+            .iter()
+            .filter(|parked| parked.deadline <= now)
+            .map(|parked| parked.waker.clone())
+            .collect();
+        let keep = !state.parked.is_empty();
+        state.swept = keep;
+        drop(state);
+        wake_all(woken);
+        keep
+    }
+}
+
+/// Times out the parked senders of a silo's mailboxes (rule 5): one task,
+/// running only while some sender is parked.
+pub(crate) struct Sweeper {
+    /// How often parked senders are checked: a sender times out at most
+    /// this late.
+    tick: Duration,
+    watched: Mutex<Watched>,
+}
+
+struct Watched {
+    mailboxes: Vec<Weak<dyn Sweep>>,
+    /// Whether the sweeping task is running.
+    running: bool,
+}
+
+impl Sweeper {
+    /// A sweeper that checks every `tick` (at least 1 ms).
+    pub(crate) fn new(tick: Duration) -> Arc<Sweeper> {
+        Arc::new(Sweeper {
+            tick: tick.max(Duration::from_millis(1)),
+            watched: Mutex::new(Watched {
+                mailboxes: Vec::new(),
+                running: false,
+            }),
+        })
+    }
+
+    /// The tick for a silo whose calls time out after `timeout`: a
+    /// twentieth of it, from 1 ms to 50 ms.
+    pub(crate) fn tick_for(timeout: Duration) -> Duration {
+        (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(50))
+    }
+
+    fn watch<T: Send + 'static>(self: &Arc<Self>, mailbox: Weak<Shared<T>>) {
+        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        watched.mailboxes.push(mailbox);
+        if watched.running {
+            return;
+        }
+        // Parking happens in a task polled by tokio; without a runtime
+        // there is nothing to sweep with, and the sender waits for room or
+        // for the mailbox to close.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        watched.running = true;
+        drop(watched);
+        let sweeper = self.clone();
+        runtime.spawn(async move { sweeper.run().await });
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(self.tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let mailboxes = {
+                let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+                if watched.mailboxes.is_empty() {
+                    watched.running = false;
+                    return;
+                }
+                std::mem::take(&mut watched.mailboxes)
+            };
+            let now = Instant::now();
+            let kept: Vec<Weak<dyn Sweep>> = mailboxes
+                .into_iter()
+                .filter(|mailbox| mailbox.upgrade().is_some_and(|mailbox| mailbox.sweep(now)))
+                .collect();
+            let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+            watched.mailboxes.extend(kept);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! The mailbox's rules, one test or more each.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_util::poll;
+use tokio::time::Instant;
+
+use super::{SendError, Sweeper, TrySendError, channel};
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+fn sweeper() -> Arc<Sweeper> {
+    Sweeper::new(Duration::from_millis(5))
+}
+
+/// Counts drops, to see that no message is lost or kept.
+struct Tracked(u32, Arc<AtomicUsize>);
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_full_mailbox_refuses_and_hands_the_message_back() {
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    assert_eq!(sender.capacity(), 2);
+    sender.try_send(1).unwrap();
+    sender.try_send(2).unwrap();
+    assert_eq!(sender.capacity(), 0);
+    assert!(matches!(sender.try_send(3), Err(TrySendError::Full(3))));
+    assert_eq!(receiver.try_recv(), Some(1));
+    sender.try_send(3).unwrap();
+    assert_eq!(receiver.try_recv(), Some(2));
+    assert_eq!(receiver.try_recv(), Some(3));
+    assert_eq!(receiver.try_recv(), None);
+    assert_eq!(sender.capacity(), 2);
+}
+
+#[tokio::test]
+async fn parked_senders_are_admitted_in_order_as_slots_free() {
+    let (sender, mut receiver) = channel::<u32>(1, sweeper());
+    sender.try_send(0).unwrap();
+    let mut first = pin!(sender.send(1, far()));
+    let mut second = pin!(sender.send(2, far()));
+    assert!(poll!(first.as_mut()).is_pending());
+    assert!(poll!(second.as_mut()).is_pending());
+    // Parked senders make the mailbox full for newcomers (rule 3).
+    assert!(matches!(sender.try_send(9), Err(TrySendError::Full(9))));
+    assert_eq!(sender.capacity(), 0);
+
+    assert_eq!(receiver.try_recv(), Some(0));
+    // The oldest parked message took the slot; its sender is done.
+    assert!(matches!(poll!(first.as_mut()), Poll::Ready(Ok(()))));
+    assert!(poll!(second.as_mut()).is_pending());
+    assert_eq!(receiver.try_recv(), Some(1));
+    assert!(matches!(poll!(second.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.recv().await, Some(2));
+    assert_eq!(sender.capacity(), 1);
+}
+
+#[tokio::test]
+async fn a_parked_sender_times_out_within_a_tick_and_its_message_is_dropped() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (sender, mut receiver) = channel::<Tracked>(1, sweeper());
+    sender.try_send(Tracked(0, drops.clone())).ok().unwrap();
+    let started = Instant::now();
+    let sent = sender
+        .send(
+            Tracked(1, drops.clone()),
+            started + Duration::from_millis(30),
+        )
+        .await;
+    let waited = started.elapsed();
+    assert!(matches!(sent, Err(SendError::Timeout)));
+    assert!(waited >= Duration::from_millis(30), "{waited:?}");
+    assert!(waited < Duration::from_millis(500), "{waited:?}");
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+    // The queued message is untouched, and the slot frees normally.
+    assert_eq!(receiver.try_recv().map(|m| m.0), Some(0));
+    assert!(receiver.try_recv().is_none());
+    sender.try_send(Tracked(2, drops.clone())).ok().unwrap();
+}
+
+#[tokio::test]
+async fn closing_hands_parked_messages_back_and_keeps_queued_ones() {
+    let (sender, mut receiver) = channel::<u32>(1, sweeper());
+    sender.try_send(1).unwrap();
+    let mut parked = pin!(sender.send(2, far()));
+    assert!(poll!(parked.as_mut()).is_pending());
+    receiver.close();
+    assert!(sender.is_closed());
+    assert!(matches!(
+        poll!(parked.as_mut()),
+        Poll::Ready(Err(SendError::Closed(2)))
+    ));
+    assert!(matches!(sender.try_send(3), Err(TrySendError::Closed(3))));
+    assert!(matches!(
+        sender.send(4, far()).await,
+        Err(SendError::Closed(4))
+    ));
+    // Rule 6: what was queued is drained, then the end.
+    assert_eq!(receiver.recv().await, Some(1));
+    assert_eq!(receiver.recv().await, None);
+}
+
+#[tokio::test]
+async fn a_dropped_parked_send_takes_its_message_with_it() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (sender, mut receiver) = channel::<Tracked>(1, sweeper());
+    sender.try_send(Tracked(0, drops.clone())).ok().unwrap();
+    {
+        let mut parked = pin!(sender.send(Tracked(1, drops.clone()), far()));
+        assert!(poll!(parked.as_mut()).is_pending());
+    }
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+    let mut next = pin!(sender.send(Tracked(2, drops.clone()), far()));
+    assert!(poll!(next.as_mut()).is_pending());
+    assert_eq!(receiver.try_recv().map(|m| m.0), Some(0));
+    assert!(matches!(poll!(next.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.try_recv().map(|m| m.0), Some(2));
+}
+
+#[tokio::test]
+async fn a_send_dropped_after_admission_is_still_delivered() {
+    let (sender, mut receiver) = channel::<u32>(1, sweeper());
+    sender.try_send(0).unwrap();
+    {
+        let mut parked = pin!(sender.send(1, far()));
+        assert!(poll!(parked.as_mut()).is_pending());
+        assert_eq!(receiver.try_recv(), Some(0));
+    }
+    assert_eq!(receiver.try_recv(), Some(1));
+}
+
+#[tokio::test]
+async fn a_permit_holds_a_slot_and_its_drop_admits_a_parked_sender() {
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    let permit = sender.try_reserve().unwrap();
+    assert_eq!(sender.capacity(), 1);
+    sender.try_send(1).unwrap();
+    assert!(sender.try_reserve().is_none());
+    let mut parked = pin!(sender.send(2, far()));
+    assert!(poll!(parked.as_mut()).is_pending());
+    drop(permit);
+    assert!(matches!(poll!(parked.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.try_recv(), Some(1));
+    assert_eq!(receiver.try_recv(), Some(2));
+}
+
+#[tokio::test]
+async fn dropping_the_receiver_drops_queued_messages_and_returns_parked_ones() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (sender, receiver) = channel::<Tracked>(1, sweeper());
+    sender.try_send(Tracked(0, drops.clone())).ok().unwrap();
+    let mut parked = pin!(sender.send(Tracked(1, drops.clone()), far()));
+    assert!(poll!(parked.as_mut()).is_pending());
+    drop(receiver);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+    match poll!(parked.as_mut()) {
+        Poll::Ready(Err(SendError::Closed(message))) => assert_eq!(message.0, 1),
+        other => panic!("expected the message back, got {:?}", other.is_ready()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_senders_through_a_tiny_mailbox_lose_nothing_and_keep_their_order() {
+    const SENDERS: u32 = 8;
+    const EACH: u32 = 5000;
+    let (sender, mut receiver) = channel::<(u32, u32)>(3, sweeper());
+    let tasks: Vec<_> = (0..SENDERS)
+        .map(|who| {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                for n in 0..EACH {
+                    let mut message = (who, n);
+                    loop {
+                        match sender.try_send(message) {
+                            Ok(()) => break,
+                            Err(TrySendError::Full(back)) => {
+                                sender.send(back, far()).await.unwrap();
+                                break;
+                            }
+                            Err(TrySendError::Closed(back)) => message = back,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next = vec![0u32; SENDERS as usize];
+    for _ in 0..SENDERS * EACH {
+        let (who, n) = receiver.recv().await.unwrap();
+        assert_eq!(next[who as usize], n, "sender {who} out of order");
+        next[who as usize] += 1;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(receiver.try_recv().is_none());
+    assert_eq!(sender.capacity(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn senders_timing_out_while_others_are_admitted_lose_nothing_else() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (sender, mut receiver) = channel::<Tracked>(2, sweeper());
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..64u32)
+        .map(|n| {
+            let sender = sender.clone();
+            let drops = drops.clone();
+            let delivered = delivered.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_millis(u64::from(n % 4) * 10);
+                if sender.send(Tracked(n, drops), deadline).await.is_ok() {
+                    delivered.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    // Take slowly, so that some senders time out while parked.
+    let mut received = 0;
+    let stop = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < stop {
+        if receiver.try_recv().is_some() {
+            received += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    while receiver.try_recv().is_some() {
+        received += 1;
+    }
+    // Every message was received or dropped by its timed-out sender, once.
+    assert_eq!(received, delivered.load(Ordering::SeqCst));
+    assert_eq!(drops.load(Ordering::SeqCst), 64);
+    assert!(received < 64, "some senders should have timed out");
+}

@@ -94,21 +94,20 @@ impl<T> Shared<T> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Rule 3: fills free slots from the parked list. Returns the senders
-    /// to wake once the lock is released.
-    fn admit(&self, state: &mut State<T>, woken: &mut Vec<Waker>) {
-        if state.closed {
-            return;
-        }
-        while state.queue.len() + state.reserved < self.capacity {
-            let Some(parked) = state.parked.pop_front() else {
-                break;
-            };
-            state.queue.push_back(parked.message);
-            self.admitted.store(parked.ticket + 1, Ordering::Release);
-            woken.push(parked.waker);
+    /// Rule 3: a freed slot takes the oldest parked message. Returns its
+    /// sender, to wake once the lock is released. One is enough: while a
+    /// sender is parked the queue is full, and each caller frees one slot.
+    fn admit(&self, state: &mut State<T>) -> Option<Waker> {
+        let mut woken = None;
+        if !state.closed && state.queue.len() + state.reserved < self.capacity {
+            if let Some(parked) = state.parked.pop_front() {
+                state.queue.push_back(parked.message);
+                self.admitted.store(parked.ticket + 1, Ordering::Release);
+                woken = Some(parked.waker);
+            }
         }
         self.mirror(state);
+        woken
     }
 
     fn mirror(&self, state: &State<T>) {
@@ -278,18 +277,13 @@ pub(crate) struct Permit<T> {
 
 impl<T> Drop for Permit<T> {
     fn drop(&mut self) {
-        let mut woken = Vec::new();
         let mut state = self.shared.lock();
         state.reserved = state.reserved.saturating_sub(1);
-        self.shared.admit(&mut state, &mut woken);
-        let receiver = if woken.is_empty() {
-            None
-        } else {
-            state.receiver.take()
-        };
+        let admitted = self.shared.admit(&mut state);
+        // An admitted message is new to the receiver.
+        let receiver = admitted.as_ref().and_then(|_| state.receiver.take());
         drop(state);
-        woken.extend(receiver);
-        wake_all(woken);
+        admitted.into_iter().chain(receiver).for_each(Waker::wake);
     }
 }
 
@@ -416,24 +410,26 @@ impl<T> Receiver<T> {
     /// The oldest queued message, if any; frees its slot for the oldest
     /// parked sender (rule 3).
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let mut woken = Vec::new();
         let mut state = self.shared.lock();
         let message = state.queue.pop_front()?;
-        self.shared.admit(&mut state, &mut woken);
+        let admitted = self.shared.admit(&mut state);
         drop(state);
-        wake_all(woken);
+        if let Some(sender) = admitted {
+            sender.wake();
+        }
         Some(message)
     }
 
     /// The oldest queued message, waiting for one; `None` once the mailbox
     /// is closed and drained.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        let mut woken = Vec::new();
         let mut state = self.shared.lock();
         if let Some(message) = state.queue.pop_front() {
-            self.shared.admit(&mut state, &mut woken);
+            let admitted = self.shared.admit(&mut state);
             drop(state);
-            wake_all(woken);
+            if let Some(sender) = admitted {
+                sender.wake();
+            }
             return Poll::Ready(Some(message));
         }
         if state.closed {

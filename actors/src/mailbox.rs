@@ -163,7 +163,10 @@ pub(crate) fn channel<T: Send + 'static>(
         Sender {
             shared: shared.clone(),
         },
-        Receiver { shared },
+        Receiver {
+            shared,
+            admitted: Vec::new(),
+        },
     )
 }
 
@@ -209,21 +212,7 @@ fn wake_all(woken: Vec<Waker>) {
 impl<T> Sender<T> {
     /// Queues `message` if a slot is free and no sender is parked.
     pub(crate) fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
-        let mut state = self.shared.lock();
-        if state.closed {
-            return Err(TrySendError::Closed(message));
-        }
-        if !state.parked.is_empty() || state.queue.len() + state.reserved >= self.shared.capacity {
-            return Err(TrySendError::Full(message));
-        }
-        state.queue.push_back(message);
-        self.shared.mirror(&state);
-        let receiver = state.receiver.take();
-        drop(state);
-        if let Some(receiver) = receiver {
-            receiver.wake();
-        }
-        Ok(())
+        try_send(&self.shared, message)
     }
 
     /// Whether the mailbox is closed.
@@ -266,6 +255,81 @@ impl<T: Send + 'static> Sender<T> {
             sender: self,
             deadline,
             stage: Stage::Unsent(message),
+        }
+    }
+}
+
+/// Queues `message` if a slot is free and no sender is parked (rules 1
+/// and 3). A mailbox that looks full is refused without taking the lock;
+/// one that only looked so is found out by the sender's next step, which
+/// takes it.
+fn try_send<T>(shared: &Shared<T>, message: T) -> Result<(), TrySendError<T>> {
+    if shared.free.load(Ordering::Relaxed) == 0 && !shared.closed.load(Ordering::Acquire) {
+        return Err(TrySendError::Full(message));
+    }
+    let mut state = shared.lock();
+    if state.closed {
+        return Err(TrySendError::Closed(message));
+    }
+    if !state.parked.is_empty() || state.queue.len() + state.reserved >= shared.capacity {
+        return Err(TrySendError::Full(message));
+    }
+    state.queue.push_back(message);
+    shared.mirror(&state);
+    let receiver = state.receiver.take();
+    drop(state);
+    if let Some(receiver) = receiver {
+        receiver.wake();
+    }
+    Ok(())
+}
+
+/// A grain reference's memory of the mailbox it last delivered to, so that
+/// the next message skips the directory. Read without a lock or a
+/// reference count (`arc-swap`); a closed mailbox is never used, so a stale
+/// entry costs one more lookup, nothing else.
+pub(crate) struct SenderCache<T> {
+    last: arc_swap::ArcSwapOption<Shared<T>>,
+}
+
+impl<T> SenderCache<T> {
+    pub(crate) fn new() -> SenderCache<T> {
+        SenderCache {
+            last: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// Remembers `sender`.
+    pub(crate) fn set(&self, sender: &Sender<T>) {
+        self.last.store(Some(sender.shared.clone()));
+    }
+
+    /// Queues `message` in the remembered mailbox if it is open and has a
+    /// free slot. `Full` hands back the message with the mailbox, to wait
+    /// on; anything else (nothing remembered, closed) hands back the
+    /// message alone.
+    pub(crate) fn try_send(&self, message: T) -> Result<(), (T, Option<Sender<T>>)> {
+        let last = self.last.load();
+        let Some(shared) = last.as_ref() else {
+            return Err((message, None));
+        };
+        match try_send(shared, message) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(message)) => Err((
+                message,
+                Some(Sender {
+                    shared: shared.clone(),
+                }),
+            )),
+            Err(TrySendError::Closed(message)) => Err((message, None)),
+        }
+    }
+}
+
+impl<T> Clone for SenderCache<T> {
+    fn clone(&self) -> SenderCache<T> {
+        SenderCache {
+            last: arc_swap::ArcSwapOption::new(self.last.load_full()),
         }
     }
 }
@@ -404,6 +468,9 @@ impl<T> Drop for SendFuture<'_, T> {
 /// The receiving end, held by the activation.
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
+    /// Senders admitted by [`Receiver::try_recv_all`], woken after the
+    /// lock is released; kept to reuse its allocation.
+    admitted: Vec<Waker>,
 }
 
 impl<T> Receiver<T> {
@@ -418,6 +485,30 @@ impl<T> Receiver<T> {
             sender.wake();
         }
         Some(message)
+    }
+
+    /// Moves every queued message to the back of `batch`, and fills the
+    /// freed slots from the parked senders (rule 3); returns whether any
+    /// message moved. One lock for the lot: the receiver of a busy mailbox
+    /// works through a batch while senders refill the mailbox, so it holds
+    /// at most twice its capacity.
+    pub(crate) fn try_recv_all(&mut self, batch: &mut VecDeque<T>) -> bool {
+        let mut state = self.shared.lock();
+        if state.queue.is_empty() {
+            return false;
+        }
+        if batch.is_empty() {
+            // Swapped, so both deques keep their allocations.
+            std::mem::swap(&mut state.queue, batch);
+        } else {
+            batch.append(&mut state.queue);
+        }
+        while let Some(sender) = self.shared.admit(&mut state) {
+            self.admitted.push(sender);
+        }
+        drop(state);
+        self.admitted.drain(..).for_each(Waker::wake);
+        true
     }
 
     /// The oldest queued message, waiting for one; `None` once the mailbox

@@ -160,8 +160,16 @@ pub(crate) struct Mailbox<G> {
     receiver: mailbox::Receiver<Envelope<G>>,
     /// For the activation's own timers; closing `receiver` refuses them.
     sender: mailbox::Sender<Envelope<G>>,
+    /// Messages taken from the mailbox in one go, oldest first; they run
+    /// before anything else. Only for single activations: a stateless
+    /// worker takes one message at a time, so that a busy worker's messages
+    /// stay in its mailbox where `choose` sees them (rule 9).
+    batch: std::collections::VecDeque<Envelope<G>>,
+    /// Whether the activation takes its mailbox's messages in batches.
+    batches: bool,
     /// Messages of other chains that arrived during a reentrant wait, in
-    /// arrival order; they run before anything newer.
+    /// arrival order; they run after `batch` (which arrived before them)
+    /// and before anything newer.
     deferred: std::collections::VecDeque<Envelope<G>>,
 }
 
@@ -223,17 +231,31 @@ fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox
 impl<G: Grain> Mailbox<G> {
     /// The next message for a new turn, if one is already queued.
     fn try_next(&mut self) -> Option<Envelope<G>> {
-        self.deferred
-            .pop_front()
-            .or_else(|| self.receiver.try_recv())
+        if let Some(envelope) = self.batch.pop_front() {
+            return Some(envelope);
+        }
+        if let Some(envelope) = self.deferred.pop_front() {
+            return Some(envelope);
+        }
+        if self.batches {
+            self.receiver.try_recv_all(&mut self.batch);
+            self.batch.pop_front()
+        } else {
+            self.receiver.try_recv()
+        }
     }
 
     /// The next message for a new turn.
     async fn next(&mut self) -> Option<Envelope<G>> {
-        match self.deferred.pop_front() {
+        match self.try_next() {
             Some(envelope) => Some(envelope),
             None => self.receiver.recv().await,
         }
+    }
+
+    /// Puts back the message `try_next` returned last, first in line.
+    fn put_back(&mut self, envelope: Envelope<G>) {
+        self.batch.push_front(envelope);
     }
 }
 
@@ -566,6 +588,7 @@ impl Silo {
             silo: self.clone(),
             key: key.into(),
             registered: self.grain_type::<G>().ok(),
+            last: mailbox::SenderCache::new(),
             _grain: PhantomData,
         }
     }
@@ -752,6 +775,8 @@ async fn run_activation<G: Grain>(
     ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
         receiver,
         sender,
+        batch: std::collections::VecDeque::new(),
+        batches: grain_type.workers <= 1,
         deferred: std::collections::VecDeque::new(),
     })));
     // One future for the whole activation, not one per turn.
@@ -959,18 +984,14 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         let open = exclusive(&mut mailbox);
         while reads.len() < MAX_READ_BATCH {
-            let next = match open.deferred.pop_front() {
-                Some(envelope) => Some(envelope),
-                None => open.receiver.try_recv(),
-            };
-            match next {
+            match open.try_next() {
                 Some(Envelope {
                     chain,
                     turn: Turn::Read(read),
                     ..
                 }) => reads.push((chain, read)),
                 Some(other) => {
-                    open.deferred.push_front(other);
+                    open.put_back(other);
                     break;
                 }
                 None => break,
@@ -1008,6 +1029,8 @@ pub struct GrainRef<G> {
     /// The grain type's directory, looked up once; `None` if `G` is not
     /// registered.
     registered: Option<Arc<GrainType<G>>>,
+    /// The mailbox of the activation this reference delivered to last.
+    last: mailbox::SenderCache<Envelope<G>>,
     _grain: PhantomData<fn() -> G>,
 }
 
@@ -1017,6 +1040,7 @@ impl<G> Clone for GrainRef<G> {
             silo: self.silo.clone(),
             key: self.key.clone(),
             registered: self.registered.clone(),
+            last: self.last.clone(),
             _grain: PhantomData,
         }
     }
@@ -1157,22 +1181,36 @@ impl<G: Grain> GrainRef<G> {
         mut envelope: Envelope<G>,
         deadline: &mut Deadline,
     ) -> Result<(), CallError> {
-        // Fast path: a single activation with room in its mailbox. The send
-        // happens under the directory's shared lock, so no sender is cloned
-        // (four atomic operations) and no clock is read. A full mailbox is
-        // waited on right away, without a second lookup.
+        // Fast paths, for a single activation with room in its mailbox: the
+        // mailbox this reference delivered to last, if still open (no
+        // lookup); else the directory, where the send happens under the
+        // shared lock so no sender is cloned. Neither reads a clock. A
+        // full mailbox is waited on right away, without another lookup.
         let mut full = None;
         if grain_type.workers <= 1 && !self.silo.inner.shutting_down.load(Ordering::Acquire) {
-            if let Some(slots) = grain_type.directory.get(&self.key) {
-                if let Some(Some(Entry::Active(sender))) = slots.first() {
-                    envelope = match sender.try_send(envelope) {
-                        Ok(()) => return Ok(()),
-                        Err(TrySendError::Full(returned)) => {
-                            full = Some(sender.clone());
-                            returned
-                        }
-                        Err(TrySendError::Closed(returned)) => returned,
-                    };
+            envelope = match self.last.try_send(envelope) {
+                Ok(()) => return Ok(()),
+                Err((returned, mailbox)) => {
+                    full = mailbox;
+                    returned
+                }
+            };
+            if full.is_none() {
+                if let Some(slots) = grain_type.directory.get(&self.key) {
+                    if let Some(Some(Entry::Active(sender))) = slots.first() {
+                        envelope = match sender.try_send(envelope) {
+                            Ok(()) => {
+                                self.last.set(sender);
+                                return Ok(());
+                            }
+                            Err(TrySendError::Full(returned)) => {
+                                self.last.set(sender);
+                                full = Some(sender.clone());
+                                returned
+                            }
+                            Err(TrySendError::Closed(returned)) => returned,
+                        };
+                    }
                 }
             }
         }
@@ -1184,6 +1222,9 @@ impl<G: Grain> GrainRef<G> {
                         .silo
                         .mailbox(grain_type, &self.key, deadline.get())
                         .await?;
+                    if grain_type.workers <= 1 {
+                        self.last.set(&mailbox);
+                    }
                     // Room in the mailbox: no timer needed.
                     envelope = match mailbox.try_send(envelope) {
                         Ok(()) => return Ok(()),

@@ -245,3 +245,30 @@ async fn senders_timing_out_while_others_are_admitted_lose_nothing_else() {
     assert_eq!(drops.load(Ordering::SeqCst), 64);
     assert!(received < 64, "some senders should have timed out");
 }
+
+#[tokio::test]
+async fn taking_all_at_once_keeps_order_and_refills_from_parked_senders() {
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    sender.try_send(1).unwrap();
+    sender.try_send(2).unwrap();
+    let mut third = pin!(sender.send(3, far()));
+    let mut fourth = pin!(sender.send(4, far()));
+    let mut fifth = pin!(sender.send(5, far()));
+    for parked in [third.as_mut(), fourth.as_mut(), fifth.as_mut()] {
+        assert!(poll!(parked).is_pending());
+    }
+    let mut batch = std::collections::VecDeque::from([0]);
+    assert!(receiver.try_recv_all(&mut batch));
+    assert_eq!(batch, [0, 1, 2]);
+    // Both freed slots went to the oldest parked senders, in order.
+    assert!(matches!(poll!(third.as_mut()), Poll::Ready(Ok(()))));
+    assert!(matches!(poll!(fourth.as_mut()), Poll::Ready(Ok(()))));
+    assert!(poll!(fifth.as_mut()).is_pending());
+    batch.clear();
+    assert!(receiver.try_recv_all(&mut batch));
+    assert_eq!(batch, [3, 4]);
+    assert!(matches!(poll!(fifth.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.try_recv(), Some(5));
+    assert!(!receiver.try_recv_all(&mut batch));
+    assert_eq!(sender.capacity(), 2);
+}

@@ -11,6 +11,10 @@
 //!
 //! - `ask/*`: one request-response at a time to a counter that adds and
 //!   answers: granary `GrainRef::call`, actix `Addr::send`, ractor `call!`.
+//! - `ask_concurrent/*`: 100 callers, each with an actor of its own, make
+//!   100 calls each, one at a time, all at once on the one thread: the
+//!   throughput of request-response when callers are tasks (the runtime
+//!   always has another caller to run, as in a busy service).
 //! - `fan_in/*`: 1000 senders each send 100 one-way messages to one
 //!   counter (granary `tell`, actix `do_send`, ractor `cast`), then one ask
 //!   confirms all 100 000 arrived; throughput is messages per second.
@@ -145,6 +149,116 @@ fn ask(c: &mut Criterion) {
                 let started = Instant::now();
                 for _ in 0..iterations {
                     black_box(addr.send(actix_side::Add(1)).await.expect("an answer"));
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+const CALLERS: u64 = 100;
+const CALLS: u64 = 100;
+
+fn ask_concurrent(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ask_concurrent");
+    group.throughput(Throughput::Elements(CALLERS * CALLS));
+    group.sample_size(30);
+    let rt = tokio_runtime();
+
+    group.bench_function("granary", |b| {
+        let silo = granary_side::silo();
+        let counters: Vec<_> = (0..CALLERS)
+            .map(|key| silo.grain::<granary_side::Counter>(key))
+            .collect();
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let callers: Vec<_> = counters
+                        .iter()
+                        .map(|counter| {
+                            let counter = counter.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS {
+                                    black_box(counter.call(granary_side::Add(1)).await.unwrap());
+                                }
+                            })
+                        })
+                        .collect();
+                    for caller in callers {
+                        caller.await.unwrap();
+                    }
+                }
+                started.elapsed()
+            })
+        });
+        rt.block_on(silo.shutdown());
+    });
+
+    group.bench_function("ractor", |b| {
+        let actors: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                rt.block_on(ractor::Actor::spawn(None, ractor_side::Counter, ()))
+                    .expect("a ractor actor")
+            })
+            .collect();
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let callers: Vec<_> = actors
+                        .iter()
+                        .map(|(actor, _)| {
+                            let actor = actor.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS {
+                                    black_box(
+                                        ractor::call!(actor, ractor_side::Msg::AddAndRead, 1)
+                                            .expect("an answer"),
+                                    );
+                                }
+                            })
+                        })
+                        .collect();
+                    for caller in callers {
+                        caller.await.unwrap();
+                    }
+                }
+                started.elapsed()
+            })
+        });
+        for (actor, handle) in actors {
+            actor.stop(None);
+            let _ = rt.block_on(handle);
+        }
+    });
+
+    group.bench_function("actix", |b| {
+        b.iter_custom(|iterations| {
+            actix_rt::System::new().block_on(async move {
+                use actix::Actor;
+                let counters: Vec<_> = (0..CALLERS)
+                    .map(|_| actix_side::Counter(0).start())
+                    .collect();
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let callers: Vec<_> = counters
+                        .iter()
+                        .map(|counter| {
+                            let counter = counter.clone();
+                            actix_rt::spawn(async move {
+                                for _ in 0..CALLS {
+                                    black_box(
+                                        counter.send(actix_side::Add(1)).await.expect("an answer"),
+                                    );
+                                }
+                            })
+                        })
+                        .collect();
+                    for caller in callers {
+                        caller.await.unwrap();
+                    }
                 }
                 started.elapsed()
             })
@@ -292,5 +406,5 @@ fn activate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ask, fan_in, activate);
+criterion_group!(benches, ask, ask_concurrent, fan_in, activate);
 criterion_main!(benches);

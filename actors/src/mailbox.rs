@@ -511,6 +511,28 @@ impl<T> Receiver<T> {
         true
     }
 
+    /// [`Receiver::try_recv_all`], or else registers to be woken, in one
+    /// lock. `Ready(false)`: the mailbox is closed and drained.
+    pub(crate) fn poll_recv_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<T>,
+    ) -> Poll<bool> {
+        let mut state = self.shared.lock();
+        if state.queue.is_empty() {
+            if state.closed {
+                return Poll::Ready(false);
+            }
+            match &mut state.receiver {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                receiver => *receiver = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        drop(state);
+        Poll::Ready(self.try_recv_all(batch))
+    }
+
     /// The oldest queued message, waiting for one; `None` once the mailbox
     /// is closed and drained.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {

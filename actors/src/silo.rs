@@ -145,10 +145,14 @@ impl<F: std::future::Future + Unpin> std::future::Future for InChain<F> {
 fn fresh_chain() -> u64 {
     static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
     thread_local! {
-        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40);
+        /// The next chain of this thread; 0 until its first call.
+        static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
     NEXT.with(|next| {
-        let chain = next.get();
+        let chain = match next.get() {
+            0 => NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40,
+            chain => chain,
+        };
         next.set(chain + 1);
         chain
     })
@@ -245,12 +249,31 @@ impl<G: Grain> Mailbox<G> {
         }
     }
 
+    /// The next message already taken from the mailbox, if any.
+    fn taken(&mut self) -> Option<Envelope<G>> {
+        self.batch
+            .pop_front()
+            .or_else(|| self.deferred.pop_front())
+    }
+
+    /// The next message for a new turn, or registers to be woken for one,
+    /// taking the mailbox's lock once. `None`: closed and drained.
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Envelope<G>>> {
+        if let Some(envelope) = self.taken() {
+            return std::task::Poll::Ready(Some(envelope));
+        }
+        if self.batches {
+            self.receiver
+                .poll_recv_all(cx, &mut self.batch)
+                .map(|_| self.batch.pop_front())
+        } else {
+            self.receiver.poll_recv(cx)
+        }
+    }
+
     /// The next message for a new turn.
     async fn next(&mut self) -> Option<Envelope<G>> {
-        match self.try_next() {
-            Some(envelope) => Some(envelope),
-            None => self.receiver.recv().await,
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
     /// Puts back the message `try_next` returned last, first in line.
@@ -814,16 +837,16 @@ async fn run_activation<G: Grain>(
             let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
                 break;
             };
-            // `None`: idle or shutting down. A message already queued is
-            // taken without building the select below (a busy grain's
-            // common case; the shutdown flag was checked above, and a busy
-            // grain is not idle).
-            let queued = exclusive(&mut mailbox).try_next();
+            // `None`: idle or shutting down. A message already taken from
+            // the mailbox (a busy grain's common case) runs without
+            // building the select below: the shutdown flag was checked
+            // above, and a busy grain is not idle.
+            let queued = exclusive(&mut mailbox).taken();
             let next = if let Some(envelope) = queued {
-                // `try_recv` spends none of tokio's cooperative budget, and a
-                // mailbox refilled from other threads could keep this task
-                // from ever yielding: spend one unit per turn, as `recv`
-                // would.
+                // Taking a batch spends none of tokio's cooperative budget,
+                // and a mailbox refilled from other threads could keep this
+                // task from ever yielding: spend one unit per turn, as
+                // `recv` would.
                 tokio::task::consume_budget().await;
                 Some(Some(envelope))
             } else {

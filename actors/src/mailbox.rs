@@ -220,6 +220,15 @@ impl<T> Sender<T> {
         self.shared.closed.load(Ordering::Acquire)
     }
 
+    /// Wakes the receiver if it waits for a message, so that it looks at
+    /// whatever else it waits for.
+    pub(crate) fn wake_receiver(&self) {
+        let receiver = self.shared.lock().receiver.take();
+        if let Some(receiver) = receiver {
+            receiver.wake();
+        }
+    }
+
     /// Free slots now (0 while senders are parked).
     pub(crate) fn capacity(&self) -> usize {
         self.shared.free.load(Ordering::Relaxed)

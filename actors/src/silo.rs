@@ -251,14 +251,15 @@ impl<G: Grain> Mailbox<G> {
 
     /// The next message already taken from the mailbox, if any.
     fn taken(&mut self) -> Option<Envelope<G>> {
-        self.batch
-            .pop_front()
-            .or_else(|| self.deferred.pop_front())
+        self.batch.pop_front().or_else(|| self.deferred.pop_front())
     }
 
     /// The next message for a new turn, or registers to be woken for one,
     /// taking the mailbox's lock once. `None`: closed and drained.
-    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Envelope<G>>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Envelope<G>>> {
         if let Some(envelope) = self.taken() {
             return std::task::Poll::Ready(Some(envelope));
         }
@@ -376,6 +377,8 @@ pub(crate) struct SiloInner {
     /// Cancelled when the silo shuts down.
     shutdown: tokio_util::sync::CancellationToken,
     shutting_down: AtomicBool,
+    /// Per grain type, wakes every activation (to see `shutting_down`).
+    wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
     activations: AtomicU64,
     live: AtomicU64,
     /// Times out senders waiting on full mailboxes.
@@ -411,6 +414,8 @@ pub struct SiloBuilder {
     services: HashMap<TypeId, Service>,
     storage: Arc<dyn StorageProvider>,
     config: SiloConfig,
+    /// Per registered type, wakes its activations (for `shutdown`).
+    wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl fmt::Debug for SiloBuilder {
@@ -439,6 +444,7 @@ impl SiloBuilder {
             services: HashMap::new(),
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
+            wake_activations: Vec::new(),
         }
     }
 
@@ -483,6 +489,16 @@ impl SiloBuilder {
             directory: DashMap::new(),
             workers,
         });
+        let directory = registered.clone();
+        self.wake_activations.push(Box::new(move || {
+            for slots in directory.directory.iter() {
+                for slot in slots.iter() {
+                    if let Some(Entry::Active(sender)) = slot {
+                        sender.wake_receiver();
+                    }
+                }
+            }
+        }));
         self.types.insert(TypeId::of::<G>(), registered);
         self
     }
@@ -569,6 +585,7 @@ impl SiloBuilder {
                 tasks: TaskTracker::new(),
                 shutdown,
                 shutting_down: AtomicBool::new(false),
+                wake_activations: self.wake_activations,
                 activations: AtomicU64::new(0),
                 live: AtomicU64::new(0),
                 sweeper: mailbox::Sweeper::new(mailbox::Sweeper::tick_for(
@@ -643,6 +660,12 @@ impl Silo {
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
         self.inner.shutdown.cancel();
+        // An idle activation sees the flag when woken; one that goes idle
+        // after this reads the flag after registering to be woken (see
+        // `run_activation`), so none sleeps through the shutdown.
+        for wake in &self.inner.wake_activations {
+            wake();
+        }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
@@ -803,9 +826,6 @@ async fn run_activation<G: Grain>(
         deferred: std::collections::VecDeque::new(),
     })));
     // One future for the whole activation, not one per turn.
-    let shutdown = silo.inner.shutdown.clone();
-    let shutting_down = shutdown.cancelled();
-    tokio::pin!(shutting_down);
     let idle = silo.inner.config.idle_timeout;
     // An activation spawned as the silo shut down does not start: its
     // messages fail, and no grain code runs after `shutdown` returned.
@@ -853,8 +873,18 @@ async fn run_activation<G: Grain>(
                 loop {
                     tokio::select! {
                     biased;
-                    next = exclusive(&mut mailbox).next() => break Some(next),
-                    _ = &mut shutting_down => break None,
+                    next = std::future::poll_fn(|cx| {
+                        match exclusive(&mut mailbox).poll_next(cx) {
+                            std::task::Poll::Ready(next) => std::task::Poll::Ready(Some(next)),
+                            // Registered to be woken: a shutdown that starts
+                            // now wakes this task, and one that started
+                            // earlier is seen here.
+                            std::task::Poll::Pending if silo.inner.shutting_down.load(Ordering::Acquire) => {
+                                std::task::Poll::Ready(None)
+                            }
+                            std::task::Poll::Pending => std::task::Poll::Pending,
+                        }
+                    }) => break next,
                     _ = idle_check.tick() => {
                         if activity == seen_activity {
                             idle_for += idle_check.period();

@@ -8,7 +8,11 @@
 //! 3. launch a persistent kernel and hand back a [`PersistentKernel`]:
 //!    submit through a [`Submitter`], poll completions, stop;
 //! 4. run the launch-per-batch path with device buffers
-//!    ([`Backend::run_batch`]) for inputs too large for a ring slot.
+//!    ([`Backend::run_batch`]) for inputs too large for a ring slot;
+//! 5. keep resident buffers on a device across calls and run batches
+//!    whose request parts and response live there
+//!    ([`Backend::alloc_resident`], [`Backend::run_batch_parts`]; the
+//!    contract is in `resident.rs`).
 //!
 //! The bridge drives every backend through these traits only, so the CUDA
 //! backend plugs in beside the two here.
@@ -19,6 +23,7 @@ use std::time::Duration;
 use crate::cpu::{Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode};
 use crate::cpu::{StopReport, Submitter};
 use crate::device::{BackendKind, DeviceInfo, host_device};
+use crate::resident::{self, BatchOutput, BatchPart, CpuBuffer, DeviceBuffer};
 use crate::spec::{KernelSpec, ShapeError, Status};
 
 /// What a backend operation can fail with.
@@ -53,6 +58,10 @@ pub enum BackendError {
     NoCapacity(String),
     /// A driver call or the device failed.
     Device(String),
+    /// A resident buffer used where it cannot be: made by another backend
+    /// or for another device, a range outside it, an output buffer whose
+    /// length is not the response's.
+    BadBuffer(String),
 }
 
 impl fmt::Display for BackendError {
@@ -72,6 +81,7 @@ impl fmt::Display for BackendError {
             }
             BackendError::NoCapacity(why) => write!(f, "device busy: {why}"),
             BackendError::Device(why) => write!(f, "device failure: {why}"),
+            BackendError::BadBuffer(why) => write!(f, "bad resident buffer: {why}"),
         }
     }
 }
@@ -171,6 +181,69 @@ pub trait Backend: Send + Sync {
         spec: &KernelSpec,
         request: &[u8],
     ) -> Result<Vec<u8>, BackendError>;
+
+    /// A resident buffer of `len` zeroed bytes on `device`. The default:
+    /// the backend keeps none.
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn DeviceBuffer>, BackendError> {
+        let _ = (device, len);
+        Err(BackendError::Unavailable(format!(
+            "the {:?} backend keeps no resident buffers",
+            self.kind()
+        )))
+    }
+
+    /// Copies `data` into `buffer` at `offset`.
+    fn write_resident(
+        &self,
+        buffer: &dyn DeviceBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        let _ = (offset, data);
+        Err(foreign(self.kind(), buffer))
+    }
+
+    /// Copies `len` bytes of `buffer` from `offset` to the host.
+    fn read_resident(
+        &self,
+        buffer: &dyn DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        let _ = (offset, len);
+        Err(foreign(self.kind(), buffer))
+    }
+
+    /// Runs `spec` once on `device` over the request made of `parts`, and
+    /// puts the response where `output` says (the contract is in
+    /// `resident.rs`). With [`BatchOutput::Into`] the returned bytes are
+    /// empty.
+    fn run_batch_parts(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        parts: &[BatchPart<'_>],
+        output: BatchOutput<'_>,
+    ) -> Result<Vec<u8>, BackendError> {
+        let _ = (device, spec, parts, output);
+        Err(BackendError::Unavailable(format!(
+            "the {:?} backend keeps no resident buffers",
+            self.kind()
+        )))
+    }
+}
+
+/// A buffer handed to a backend that did not make it.
+fn foreign(kind: BackendKind, buffer: &dyn DeviceBuffer) -> BackendError {
+    BackendError::BadBuffer(format!(
+        "a buffer of {:?} device {} used on the {kind:?} backend",
+        buffer.backend(),
+        buffer.device()
+    ))
 }
 
 /// The response length of a batch request: the batch shape and the
@@ -268,6 +341,82 @@ impl Backend for CpuBackend {
                 .map_err(BackendError::Rejected)?;
         response.truncate(written);
         Ok(response)
+    }
+
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn DeviceBuffer>, BackendError> {
+        self.check_device(device)?;
+        Ok(Box::new(CpuBuffer::new(len)))
+    }
+
+    fn write_resident(
+        &self,
+        buffer: &dyn DeviceBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, 0)?;
+        resident::check_range(offset, data.len(), buffer.len())?;
+        buffer.with(|bytes| bytes[offset..offset + data.len()].copy_from_slice(data));
+        Ok(())
+    }
+
+    fn read_resident(
+        &self,
+        buffer: &dyn DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, 0)?;
+        resident::check_range(offset, len, buffer.len())?;
+        Ok(buffer.with(|bytes| bytes[offset..offset + len].to_vec()))
+    }
+
+    fn run_batch_parts(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        parts: &[BatchPart<'_>],
+        output: BatchOutput<'_>,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.check_device(device)?;
+        // The device's memory is the host's: the request is assembled from
+        // the parts' own bytes, so the kernel's checks see the real ones.
+        let mut request = Vec::with_capacity(resident::request_len(parts)?);
+        for part in parts {
+            match part {
+                BatchPart::Host(bytes) => request.extend_from_slice(bytes),
+                BatchPart::Resident(buffer) => {
+                    let buffer = resident::own_buffer::<CpuBuffer>(*buffer, BackendKind::Cpu, 0)?;
+                    buffer.with(|bytes| request.extend_from_slice(bytes));
+                }
+            }
+        }
+        let into = match output {
+            BatchOutput::Host => None,
+            BatchOutput::Into(buffer) => Some(resident::own_buffer::<CpuBuffer>(
+                buffer,
+                BackendKind::Cpu,
+                0,
+            )?),
+        };
+        if let Some(into) = into {
+            resident::check_output(into, batch_output_len(spec, &request)?)?;
+        }
+        let response = self.run_batch(device, spec, &request)?;
+        match into {
+            None => Ok(response),
+            Some(into) => {
+                into.with(|bytes| {
+                    let written = response.len().min(bytes.len());
+                    bytes[..written].copy_from_slice(&response[..written]);
+                });
+                Ok(Vec::new())
+            }
+        }
     }
 }
 

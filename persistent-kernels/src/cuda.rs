@@ -44,10 +44,12 @@ use crate::spec::KernelSpec;
 mod memory;
 pub mod nvrtc;
 mod persistent;
+mod resident;
 
 pub use memory::{DeviceBytes, PINNED_LIMIT, PinnedBytes};
 use memory::{HostCache, PinnedChunk, Stream, is_pinned};
 pub use persistent::{CudaPersistentKernel, PERSISTENT_TEMPLATE};
+pub use resident::CudaBuffer;
 
 /// What went wrong in the CUDA backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -481,7 +483,7 @@ impl CudaBackend {
         let mut lane = self.take_lane(device)?;
         let outcome = (|| {
             let buffer = DeviceBytes::alloc(&lane.stream, input.len())?;
-            upload(&device.context, &mut lane, &buffer, input)?;
+            upload(&device.context, &mut lane, buffer.pointer(), input)?;
             // SAFETY: a stream of the bound context.
             unsafe { result::stream::synchronize(lane.stream.raw) }
                 .map_err(driver("cuStreamSynchronize"))?;
@@ -513,43 +515,56 @@ impl CudaBackend {
         let outcome = (|| {
             let input = DeviceBytes::alloc(&lane.stream, request.len())?;
             let output = DeviceBytes::alloc(&lane.stream, output_len)?;
-            upload(&device.context, &mut lane, &input, request)?;
-            let work_items = (output_len / 4).max(1);
-            let blocks = u32::try_from(work_items.div_ceil(256))
-                .map_err(|_| CudaError::BadInput(format!("{work_items} work items")))?;
-            let mut input_pointer: CUdeviceptr = input.pointer();
-            let mut request_len = request_len;
-            let mut output_pointer: CUdeviceptr = output.pointer();
-            let mut response_len = response_len;
-            let mut params = [
-                (&mut input_pointer as *mut CUdeviceptr).cast(),
-                (&mut request_len as *mut u32).cast(),
-                (&mut output_pointer as *mut CUdeviceptr).cast(),
-                (&mut response_len as *mut u32).cast(),
-            ];
-            // SAFETY: the parameters match granary_batch's signature
-            // (pointer, u32, pointer, u32) and live across the call (the
-            // driver copies them at launch); both buffers are at least as
-            // large as the lengths passed, and the kernel writes only below
-            // `response_len` (checked by `output_len`).
-            unsafe {
-                result::launch_kernel(
-                    module.batch,
-                    (blocks, 1, 1),
-                    (256, 1, 1),
-                    0,
-                    lane.stream.raw,
-                    &mut params,
-                )
-            }
-            .map_err(driver("cuLaunchKernel"))?;
+            upload(&device.context, &mut lane, input.pointer(), request)?;
+            launch_batch(
+                &module,
+                &lane,
+                (input.pointer(), request_len),
+                (output.pointer(), response_len),
+            )?;
             let mut response = vec![0u8; output_len];
-            download(&mut lane, &output, &mut response)?;
+            download(&mut lane, output.pointer(), &mut response)?;
             Ok(response)
         })();
         Self::give_lane(device, lane, &outcome);
         outcome
     }
+}
+
+/// Launches `module`'s `granary_batch` on `lane`'s stream over a request
+/// and a response buffer (device address and length each): one thread per
+/// output word, 256 to a block.
+fn launch_batch(
+    module: &Module,
+    lane: &Lane,
+    (mut input_pointer, mut request_len): (CUdeviceptr, u32),
+    (mut output_pointer, mut response_len): (CUdeviceptr, u32),
+) -> Result<(), CudaError> {
+    let work_items = (response_len as usize / 4).max(1);
+    let blocks = u32::try_from(work_items.div_ceil(256))
+        .map_err(|_| CudaError::BadInput(format!("{work_items} work items")))?;
+    let mut params = [
+        (&mut input_pointer as *mut CUdeviceptr).cast(),
+        (&mut request_len as *mut u32).cast(),
+        (&mut output_pointer as *mut CUdeviceptr).cast(),
+        (&mut response_len as *mut u32).cast(),
+    ];
+    // SAFETY: the parameters match granary_batch's signature (pointer, u32,
+    // pointer, u32) and live across the call (the driver copies them at
+    // launch); the caller passes buffers at least as large as the lengths,
+    // and the kernel writes only below `response_len` (checked by the
+    // kernel's `output_len` before any buffer was made).
+    unsafe {
+        result::launch_kernel(
+            module.batch,
+            (blocks, 1, 1),
+            (256, 1, 1),
+            0,
+            lane.stream.raw,
+            &mut params,
+        )
+    }
+    .map_err(driver("cuLaunchKernel"))
 }
 
 /// Bytes each staging thread copies at a time.
@@ -591,7 +606,7 @@ fn staged_copy(to: &mut [u8], from: &[u8]) {
 fn upload(
     context: &Arc<CudaContext>,
     lane: &mut Lane,
-    target: &DeviceBytes,
+    target: CUdeviceptr,
     input: &[u8],
 ) -> Result<(), CudaError> {
     if is_pinned(context, input) {
@@ -600,7 +615,7 @@ fn upload(
         // stream (stage_in and run_batch both do before returning).
         let direct = unsafe {
             sys::cuMemcpyHtoDAsync_v2(
-                target.pointer(),
+                target,
                 input.as_ptr().cast(),
                 input.len(),
                 lane.stream.raw,
@@ -632,7 +647,7 @@ fn upload(
         // event recorded after the copy has fired.
         unsafe {
             sys::cuMemcpyHtoDAsync_v2(
-                target.pointer() + offset,
+                target + offset,
                 chunk.base.as_ptr().cast(),
                 piece.len(),
                 lane.stream.raw,
@@ -649,7 +664,7 @@ fn upload(
 /// Device → host through the lane's two chunks: the copy of chunk k+1 is
 /// queued before the host copies chunk k out. Returns with every byte in
 /// `output`.
-fn download(lane: &mut Lane, source: &DeviceBytes, output: &mut [u8]) -> Result<(), CudaError> {
+fn download(lane: &mut Lane, source: CUdeviceptr, output: &mut [u8]) -> Result<(), CudaError> {
     let total = output.len();
     let pieces = total.div_ceil(STAGING_CHUNK);
     let queue = |lane: &Lane, k: usize| -> Result<(), CudaError> {
@@ -663,7 +678,7 @@ fn download(lane: &mut Lane, source: &DeviceBytes, output: &mut [u8]) -> Result<
         unsafe {
             sys::cuMemcpyDtoHAsync_v2(
                 lane.chunks[which].base.as_ptr().cast(),
-                source.pointer() + start as CUdeviceptr,
+                source + start as CUdeviceptr,
                 len,
                 lane.stream.raw,
             )
@@ -786,6 +801,42 @@ impl Backend for CudaBackend {
         // Shape errors first, typed, before any CUDA call.
         batch_output_len(spec, request)?;
         CudaBackend::run_batch(self, device, spec, request).map_err(|err| backend_error(err, spec))
+    }
+
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn crate::DeviceBuffer>, BackendError> {
+        Ok(Box::new(CudaBackend::alloc_resident(self, device, len)?))
+    }
+
+    fn write_resident(
+        &self,
+        buffer: &dyn crate::DeviceBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        CudaBackend::write_resident(self, buffer, offset, data)
+    }
+
+    fn read_resident(
+        &self,
+        buffer: &dyn crate::DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        CudaBackend::read_resident(self, buffer, offset, len)
+    }
+
+    fn run_batch_parts(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        parts: &[crate::BatchPart<'_>],
+        output: crate::BatchOutput<'_>,
+    ) -> Result<Vec<u8>, BackendError> {
+        CudaBackend::run_batch_parts(self, device, spec, parts, output)
     }
 }
 

@@ -29,6 +29,7 @@ pub mod cuda;
 pub mod device;
 mod host_ends;
 pub mod opencl;
+pub mod resident;
 pub mod shipped;
 mod spec;
 
@@ -41,6 +42,7 @@ pub use cpu::{
 };
 pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
+pub use resident::{BatchOutput, BatchPart, DeviceBuffer};
 pub use spec::{Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status};
 
 /// The status codes device sources return (`device/prelude.h`), placed

@@ -32,8 +32,10 @@ use crate::device::{BackendKind, DeviceInfo, DeviceKind};
 use crate::spec::KernelSpec;
 
 mod persistent;
+mod resident;
 
 pub use persistent::{OpenClPersistentKernel, PERSISTENT_TEMPLATE};
+pub use resident::ClBuffer;
 
 /// What went wrong in the OpenCL backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,6 +379,42 @@ impl Backend for OpenClBackend {
         batch_output_len(spec, request)?;
         OpenClBackend::run_batch(self, device, spec, request)
             .map_err(|err| backend_error(err, spec))
+    }
+
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn crate::DeviceBuffer>, BackendError> {
+        Ok(Box::new(OpenClBackend::alloc_resident(self, device, len)?))
+    }
+
+    fn write_resident(
+        &self,
+        buffer: &dyn crate::DeviceBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        OpenClBackend::write_resident(self, buffer, offset, data)
+    }
+
+    fn read_resident(
+        &self,
+        buffer: &dyn crate::DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        OpenClBackend::read_resident(self, buffer, offset, len)
+    }
+
+    fn run_batch_parts(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        parts: &[crate::BatchPart<'_>],
+        output: crate::BatchOutput<'_>,
+    ) -> Result<Vec<u8>, BackendError> {
+        OpenClBackend::run_batch_parts(self, device, spec, parts, output)
     }
 }
 

@@ -614,12 +614,7 @@ fn upload(
         // page-locked and borrowed until the caller has waited for the
         // stream (stage_in and run_batch both do before returning).
         let direct = unsafe {
-            sys::cuMemcpyHtoDAsync_v2(
-                target,
-                input.as_ptr().cast(),
-                input.len(),
-                lane.stream.raw,
-            )
+            sys::cuMemcpyHtoDAsync_v2(target, input.as_ptr().cast(), input.len(), lane.stream.raw)
         };
         if direct == sys::cudaError_enum::CUDA_SUCCESS {
             return Ok(());

@@ -8,6 +8,8 @@
 //! the reason is printed, never as passed. `scripts/gpu-check.sh` runs this
 //! binary on the GPU machine.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -87,7 +89,7 @@ fn main() {
             a_module_build_beside_a_running_kernel_is_refused,
         ),
     ];
-    let trials = tests
+    let mut trials: Vec<Trial> = tests
         .into_iter()
         .map(|(name, test)| {
             let backend = backend.clone();
@@ -99,6 +101,16 @@ fn main() {
             .with_ignored_flag(ignored)
         })
         .collect();
+    // The resident-buffer contract, as on the CPU and OpenCL backends.
+    trials.extend(common::resident::ALL.into_iter().map(|(name, check)| {
+        let backend = backend.clone();
+        let ignored = backend.is_none();
+        Trial::test(format!("resident_{name}"), move || match &backend {
+            Some(backend) => check(backend.as_ref()).map_err(fail),
+            None => Ok(()),
+        })
+        .with_ignored_flag(ignored)
+    }));
     // One GPU: the tests run one at a time, so timings are their own.
     let mut args = args;
     args.test_threads = Some(1);

@@ -207,8 +207,7 @@ impl OpenClBackend {
             }
         };
         let fail = |err: OpenClError| backend_error(err, spec);
-        let too_large =
-            |len: usize| fail(OpenClError::BadInput(format!("{len} bytes exceed u32")));
+        let too_large = |len: usize| fail(OpenClError::BadInput(format!("{len} bytes exceed u32")));
         let request_arg = cl_uint::try_from(request_len).map_err(|_| too_large(request_len))?;
         let response_arg = cl_uint::try_from(output_len).map_err(|_| too_large(output_len))?;
         let device = self.device(index).map_err(fail)?;
@@ -292,7 +291,11 @@ impl OpenClBackend {
                 }
                 .map_err(api("clEnqueueNDRangeKernel"))
                 .map_err(fail)?;
-                device.queue.finish().map_err(api("clFinish")).map_err(fail)?;
+                device
+                    .queue
+                    .finish()
+                    .map_err(api("clFinish"))
+                    .map_err(fail)?;
                 Ok(Vec::new())
             }
             None => {
@@ -329,7 +332,11 @@ impl OpenClBackend {
                             .map_err(fail)?;
                     }
                 }
-                device.queue.finish().map_err(api("clFinish")).map_err(fail)?;
+                device
+                    .queue
+                    .finish()
+                    .map_err(api("clFinish"))
+                    .map_err(fail)?;
                 Ok(out)
             }
         }

@@ -2,6 +2,7 @@
 //! `f32`s.
 
 /// Requests and responses of the shipped kernels are little-endian `f32`s.
+#[allow(unused_imports)]
 pub use granary_kernels::shipped::{bytes_f32 as from_f32s, f32_bytes as f32s};
 
 /// Deterministic pseudo-random `f32`s in `[-1, 1)` (xorshift64*), so a
@@ -29,3 +30,6 @@ pub fn opencl_device_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[allow(dead_code)]
+pub mod resident;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use granary::actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
-use granary::gpu::{ExecuteError, GpuBridge, StopMode};
+use granary::gpu::{ExecuteError, GpuBridge, Output, Part, StopMode};
 use granary::kernels::shipped::{self, bytes_f32, f32_bytes};
 
 /// Doubles vectors through the bridge's persistent `double` kernel.
@@ -94,25 +94,24 @@ async fn a_silo_without_the_bridge_fails_activation_clearly() {
     silo.shutdown().await;
 }
 
-/// A grain that keeps a vector resident on its device across calls: the
-/// buffer's memory is reserved in the bridge's broker when the grain
-/// activates and released when it deactivates. On the CPU backend the
-/// device's memory is host memory, so the buffer is an ordinary vector.
+/// Keeps a vector resident on its device across calls: the buffer is
+/// allocated through the bridge when the grain activates (its memory
+/// reserved in the broker) and freed when it deactivates (the reservation
+/// released). Each call sends one scalar to the device and reads back one
+/// element; the vector never crosses the bus again.
 struct Resident {
     bridge: Option<Arc<GpuBridge>>,
-    buffer: Vec<f32>,
-    reservation: Option<granary::gpu::Reservation>,
+    buffer: Option<granary::gpu::ResidentBuffer>,
 }
 
-/// Elements the resident buffer holds (within one ring slot for SAXPY).
-const RESIDENT: usize = 1000;
+/// Elements the resident buffer holds.
+const RESIDENT: usize = 100_000;
 
 impl Grain for Resident {
     fn new(_: &GrainKey) -> Resident {
         Resident {
             bridge: None,
-            buffer: Vec::new(),
-            reservation: None,
+            buffer: None,
         }
     }
 
@@ -120,47 +119,66 @@ impl Grain for Resident {
         let bridge = ctx
             .service::<GpuBridge>()
             .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
-        let bytes = (RESIDENT * 4) as u64;
-        let need = granary::gpu::Requirements {
-            min_free_memory: bytes,
-            ..Default::default()
-        };
-        let broker = bridge.broker();
-        let device = broker
-            .select(&need)
-            .ok_or_else(|| ActivationError("no device has room for the buffer".into()))?;
-        self.reservation = Some(
-            broker
-                .reserve(device, bytes)
-                .map_err(|err| ActivationError(err.to_string()))?,
-        );
-        self.buffer = vec![1.0; RESIDENT];
+        let buffer = bridge
+            .allocate_resident(RESIDENT * 4, &granary::gpu::Requirements::default())
+            .await
+            .map_err(|err| ActivationError(err.to_string()))?;
+        buffer
+            .write(0, &f32_bytes(&vec![1.0; RESIDENT]))
+            .await
+            .map_err(|err| ActivationError(err.to_string()))?;
+        self.buffer = Some(buffer);
         self.bridge = Some(bridge);
         Ok(())
     }
 
     async fn on_deactivate(&mut self, _: &mut GrainContext) {
-        // The buffer goes, and its reservation with it.
-        self.buffer = Vec::new();
-        self.reservation = None;
+        // The device memory goes, and its reservation with it.
+        self.buffer = None;
     }
 }
 
-/// `buffer = a·buffer + buffer`, computed by the SAXPY kernel; answers the
-/// first element.
+/// `buffer = a·buffer + buffer` on the device (SAXPY in place); answers
+/// the first and last elements.
 struct Grow(f32);
 impl Message for Grow {
-    type Reply = Result<f32, ExecuteError>;
+    type Reply = Result<(f32, f32), ExecuteError>;
 }
 impl Handler<Grow> for Resident {
-    async fn handle(&mut self, Grow(a): Grow, _: &mut GrainContext) -> Result<f32, ExecuteError> {
-        let bridge = self.bridge.as_ref().ok_or(ExecuteError::ShutDown)?;
-        let request: Vec<f32> = std::iter::once(a)
-            .chain(self.buffer.iter().copied())
-            .chain(self.buffer.iter().copied())
-            .collect();
-        self.buffer = bytes_f32(&bridge.execute("saxpy", &f32_bytes(&request)).await?);
-        Ok(self.buffer[0])
+    async fn handle(
+        &mut self,
+        Grow(a): Grow,
+        _: &mut GrainContext,
+    ) -> Result<(f32, f32), ExecuteError> {
+        let (Some(bridge), Some(buffer)) = (&self.bridge, &self.buffer) else {
+            return Err(ExecuteError::ShutDown);
+        };
+        let scalar = f32_bytes(&[a]);
+        bridge
+            .execute_resident(
+                "saxpy",
+                &[
+                    Part::Host(&scalar),
+                    Part::Resident(buffer),
+                    Part::Resident(buffer),
+                ],
+                Output::Into(buffer),
+            )
+            .await?;
+        let read = |offset| async move {
+            buffer
+                .read(offset, 4)
+                .await
+                .map(|bytes| bytes_f32(&bytes)[0])
+        };
+        let failed = |err: granary::gpu::ResidentError| ExecuteError::DeviceFailed {
+            kernel: "saxpy",
+            backend: buffer.backend(),
+            reason: err.to_string(),
+        };
+        let first = read(0).await.map_err(failed)?;
+        let last = read((RESIDENT - 1) * 4).await.map_err(failed)?;
+        Ok((first, last))
     }
 }
 
@@ -179,12 +197,12 @@ async fn a_resident_buffer_is_reserved_while_active_and_released_on_deactivation
     let device = bridge.devices()[0].0;
     let reserved = || bridge.broker().stats(device).unwrap().reserved;
     let grain = silo.grain::<Resident>("v");
-    // The buffer lives across calls: 1 → 3 → 9.
-    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 3.0);
-    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 9.0);
-    // Reserved: the buffer, plus the SAXPY kernel's rings.
+    // The buffer lives across calls: 1 → 3 → 9, every element.
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), (3.0, 3.0));
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), (9.0, 9.0));
+    // Reserved: the buffer (the batches' temporaries are released).
     let while_active = reserved();
-    assert!(while_active >= (RESIDENT * 4) as u64);
+    assert_eq!(while_active, (RESIDENT * 4) as u64);
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert_eq!(silo.live_activations(), 0);
     assert_eq!(
@@ -192,8 +210,9 @@ async fn a_resident_buffer_is_reserved_while_active_and_released_on_deactivation
         (RESIDENT * 4) as u64,
         "the buffer's reservation was released"
     );
+    assert_eq!(reserved(), 0);
     // A new activation starts from a fresh buffer.
-    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), 3.0);
+    assert_eq!(grain.call(Grow(2.0)).await.unwrap().unwrap(), (3.0, 3.0));
     silo.shutdown().await;
     bridge.shutdown(StopMode::Drain).await;
 }

@@ -41,6 +41,7 @@
 mod config;
 mod error;
 mod instance;
+mod resident;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -59,6 +60,7 @@ use tracing::Instrument;
 pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
+pub use resident::{Output, Part, ResidentBuffer, ResidentError};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
@@ -982,6 +984,7 @@ fn execute_error(spec: &KernelSpec, backend: BackendKind, err: BackendError) -> 
             ExecuteError::Rejected { kernel, status }
         }
         BackendError::Rejected(status) => ExecuteError::KernelFault { kernel, status },
+        BackendError::BadBuffer(reason) => ExecuteError::WrongBuffer { kernel, reason },
         other => ExecuteError::DeviceFailed {
             kernel,
             backend,

@@ -22,7 +22,8 @@ pub mod broker;
 pub mod pool;
 
 pub use bridge::{
-    BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
+    BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge, Output, Part,
+    ResidentBuffer, ResidentError,
 };
 pub use granary_kernels::StopMode;
 

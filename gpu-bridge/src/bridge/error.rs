@@ -86,6 +86,15 @@ pub enum ExecuteError {
         /// What happened.
         reason: String,
     },
+    /// A resident buffer that cannot be used here: on another device
+    /// than the request's other buffers, an output buffer whose length is
+    /// not the response's, or none given where one is needed.
+    WrongBuffer {
+        /// The kernel.
+        kernel: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// The bridge is shutting down or has shut down.
     ShutDown,
 }
@@ -135,6 +144,12 @@ impl fmt::Display for ExecuteError {
                 backend,
                 reason,
             } => write!(f, "kernel {kernel:?} on {backend:?} failed: {reason}"),
+            ExecuteError::WrongBuffer { kernel, reason } => {
+                write!(
+                    f,
+                    "kernel {kernel:?} cannot use that resident buffer: {reason}"
+                )
+            }
             ExecuteError::ShutDown => write!(f, "the GPU bridge has shut down"),
         }
     }
@@ -156,6 +171,7 @@ impl ExecuteError {
             ExecuteError::Overloaded { .. } => "overloaded",
             ExecuteError::DeviceHung { .. } => "device_hung",
             ExecuteError::DeviceFailed { .. } => "device_failed",
+            ExecuteError::WrongBuffer { .. } => "wrong_buffer",
             ExecuteError::ShutDown => "shut_down",
         }
     }

@@ -1,0 +1,449 @@
+//! Resident buffers through the bridge: device memory a caller (a resident
+//! grain) keeps across calls, reserved in the broker for as long as it
+//! lives.
+//!
+//! 1. **Reserved first.** [`GpuBridge::allocate_resident`] picks a primary
+//!    device that meets the requirements and has room (the broker's choice:
+//!    most free memory per queued request), reserves the bytes, then
+//!    allocates. With no such device it falls back to the CPU device under
+//!    `FallbackPolicy::Cpu`, else fails with [`ResidentError::NoDevice`].
+//! 2. **Released last.** Dropping the last handle frees the device memory,
+//!    then releases the reservation (broker invariant 2). A job still
+//!    running on the buffer holds a handle, so a caller that gives up
+//!    early never frees memory under the device.
+//! 3. **Batches over resident parts.** [`GpuBridge::execute_resident`] runs
+//!    a kernel's batch path over a request made of host bytes and resident
+//!    buffers, with the response returned or written into a resident
+//!    buffer; only host parts cross the bus. Every buffer must be on one
+//!    device, where the kernel runs; the request's temporary device
+//!    buffers are reserved like any batch's. The rules of the parts are
+//!    `granary_kernels::resident`'s.
+//! 4. Backend work runs on tokio's blocking pool, as the batch path's does.
+
+use std::sync::{Arc, Weak};
+
+use granary_kernels::{Backend, BackendKind, BatchOutput, BatchPart, DeviceBuffer};
+
+use super::record_failure;
+use super::{FallbackPolicy, GpuBridge, Shared, execute_error, refused, supports};
+use crate::ExecuteError;
+use crate::broker::{DeviceId, Requirements, Reservation};
+
+/// Why a resident buffer could not be made, written or read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResidentError {
+    /// No device meets the requirements with this much free memory.
+    NoDevice {
+        /// The bytes asked for.
+        bytes: u64,
+    },
+    /// A range outside the buffer.
+    OutOfRange {
+        /// Where the range starts.
+        offset: usize,
+        /// Its length.
+        len: usize,
+        /// The buffer's length.
+        buffer: usize,
+    },
+    /// The device or its driver failed.
+    Device {
+        /// The backend.
+        backend: BackendKind,
+        /// What failed.
+        reason: String,
+    },
+    /// The bridge has shut down.
+    ShutDown,
+}
+
+impl std::fmt::Display for ResidentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResidentError::NoDevice { bytes } => {
+                write!(f, "no device has {bytes} bytes free for a resident buffer")
+            }
+            ResidentError::OutOfRange {
+                offset,
+                len,
+                buffer,
+            } => write!(
+                f,
+                "{len} bytes at offset {offset} lie outside a resident buffer of {buffer} bytes"
+            ),
+            ResidentError::Device { backend, reason } => {
+                write!(f, "resident buffer on {backend:?}: {reason}")
+            }
+            ResidentError::ShutDown => write!(f, "the GPU bridge has shut down"),
+        }
+    }
+}
+
+impl std::error::Error for ResidentError {}
+
+/// What a handle owns. Fields drop in declaration order: the memory, then
+/// its reservation (rule 2), then the gauges are brought up to date.
+struct Inner {
+    buffer: Box<dyn DeviceBuffer>,
+    _reservation: Reservation,
+    _report: ReportMemory,
+    backend: Arc<dyn Backend>,
+    device: DeviceId,
+}
+
+impl Inner {
+    fn buffer(&self) -> &dyn DeviceBuffer {
+        self.buffer.as_ref()
+    }
+}
+
+/// Publishes a device's memory figures when dropped.
+struct ReportMemory {
+    /// Weak: a buffer does not keep the bridge alive.
+    bridge: Weak<Shared>,
+    device: DeviceId,
+}
+
+impl Drop for ReportMemory {
+    fn drop(&mut self) {
+        if let Some(shared) = self.bridge.upgrade() {
+            GpuBridge { shared }.report_memory(self.device);
+        }
+    }
+}
+
+/// A buffer kept on one device across calls; cheap to clone, every clone
+/// is the same buffer. Its memory is reserved in the bridge's broker until
+/// the last clone (and the last job using it) is gone.
+#[derive(Clone)]
+pub struct ResidentBuffer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ResidentBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResidentBuffer")
+            .field("len", &self.len())
+            .field("device", &self.inner.device)
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+/// One part of a request for [`GpuBridge::execute_resident`].
+#[derive(Debug, Clone, Copy)]
+pub enum Part<'a> {
+    /// Bytes from the host.
+    Host(&'a [u8]),
+    /// A whole resident buffer, read on the device.
+    Resident(&'a ResidentBuffer),
+}
+
+/// Where [`GpuBridge::execute_resident`] puts the response.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
+    /// Back to the caller.
+    Host,
+    /// Into this resident buffer, whose length must be the response's; the
+    /// call then returns no bytes.
+    Into(&'a ResidentBuffer),
+}
+
+impl ResidentBuffer {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.inner.buffer().len()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device it lives on.
+    pub fn device(&self) -> DeviceId {
+        self.inner.device
+    }
+
+    /// The backend of its device.
+    pub fn backend(&self) -> BackendKind {
+        self.inner.backend.kind()
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<(), ResidentError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(ResidentError::OutOfRange {
+                offset,
+                len,
+                buffer: self.len(),
+            }),
+        }
+    }
+
+    /// Copies `data` into the buffer at `offset`.
+    pub async fn write(&self, offset: usize, data: &[u8]) -> Result<(), ResidentError> {
+        self.check_range(offset, data.len())?;
+        let inner = self.inner.clone();
+        let data = data.to_vec();
+        self.blocking(move || inner.backend.write_resident(inner.buffer(), offset, &data))
+            .await
+    }
+
+    /// Copies `len` bytes from `offset` to the host.
+    pub async fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>, ResidentError> {
+        self.check_range(offset, len)?;
+        let inner = self.inner.clone();
+        self.blocking(move || inner.backend.read_resident(inner.buffer(), offset, len))
+            .await
+    }
+
+    /// Runs `job` on the blocking pool (rule 4), with errors typed.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> Result<T, granary_kernels::BackendError> + Send + 'static,
+    ) -> Result<T, ResidentError> {
+        let backend = self.backend();
+        match tokio::task::spawn_blocking(job).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(ResidentError::Device {
+                backend,
+                reason: err.to_string(),
+            }),
+            Err(err) => Err(ResidentError::Device {
+                backend,
+                reason: format!("the job failed: {err}"),
+            }),
+        }
+    }
+}
+
+/// A part that the blocking job owns.
+enum OwnedPart {
+    Host(Vec<u8>),
+    Resident(Arc<Inner>),
+}
+
+impl GpuBridge {
+    /// A resident buffer of `bytes` zeroed bytes on a device that meets
+    /// `need` and has room (rule 1).
+    pub async fn allocate_resident(
+        &self,
+        bytes: usize,
+        need: &Requirements,
+    ) -> Result<ResidentBuffer, ResidentError> {
+        if self
+            .shared
+            .shut_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(ResidentError::ShutDown);
+        }
+        let wanted = bytes as u64;
+        let need = Requirements {
+            min_free_memory: need.min_free_memory.max(wanted),
+            ..*need
+        };
+        let broker = &self.shared.broker;
+        let cpu = self.shared.cpu;
+        let chosen = broker
+            .select_where(&need, |id| self.shared.devices[id.0].primary)
+            .or_else(|| {
+                // The CPU device, when it is the fallback and fits.
+                let fallback = self.shared.config.fallback == FallbackPolicy::Cpu
+                    && !self.shared.devices[cpu.0].primary;
+                fallback
+                    .then(|| broker.select_where(&need, |id| id == cpu))
+                    .flatten()
+            })
+            .ok_or(ResidentError::NoDevice { bytes: wanted })?;
+        let reservation = broker
+            .reserve(chosen, wanted)
+            .map_err(|_| ResidentError::NoDevice { bytes: wanted })?;
+        let slot = &self.shared.devices[chosen.0];
+        let backend = slot.backend.clone();
+        let index = slot.index;
+        let kind = backend.kind();
+        let made = {
+            let backend = backend.clone();
+            tokio::task::spawn_blocking(move || backend.alloc_resident(index, bytes)).await
+        };
+        let buffer = match made {
+            Ok(Ok(buffer)) => buffer,
+            Ok(Err(err)) => {
+                return Err(ResidentError::Device {
+                    backend: kind,
+                    reason: err.to_string(),
+                });
+            }
+            Err(err) => {
+                return Err(ResidentError::Device {
+                    backend: kind,
+                    reason: format!("the allocation failed: {err}"),
+                });
+            }
+        };
+        self.report_memory(chosen);
+        Ok(ResidentBuffer {
+            inner: Arc::new(Inner {
+                buffer,
+                _reservation: reservation,
+                _report: ReportMemory {
+                    bridge: Arc::downgrade(&self.shared),
+                    device: chosen,
+                },
+                backend,
+                device: chosen,
+            }),
+        })
+    }
+
+    /// Runs kernel `kernel_id`'s batch path over the request made of
+    /// `parts`, on the device of the resident buffers given, and puts the
+    /// response where `output` says (rule 3). With [`Output::Into`] the
+    /// returned bytes are empty.
+    pub async fn execute_resident(
+        &self,
+        kernel_id: &str,
+        parts: &[Part<'_>],
+        output: Output<'_>,
+    ) -> Result<Vec<u8>, ExecuteError> {
+        let (_, spec) = self
+            .lookup(kernel_id)
+            .map_err(|err| refused("unknown", err))?;
+        let kernel = spec.id;
+        let wrong = |reason: String| refused(kernel, ExecuteError::WrongBuffer { kernel, reason });
+        // The device: the one every resident buffer is on.
+        let mut buffers = parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Resident(buffer) => Some(*buffer),
+                Part::Host(_) => None,
+            })
+            .chain(match output {
+                Output::Into(buffer) => Some(buffer),
+                Output::Host => None,
+            });
+        let Some(first) = buffers.next() else {
+            return Err(wrong(
+                "no resident buffer among the parts or the output: use execute".into(),
+            ));
+        };
+        let device = first.device();
+        if let Some(other) = buffers.find(|buffer| buffer.device() != device) {
+            return Err(wrong(format!(
+                "buffers on two devices ({:?} and {:?})",
+                device,
+                other.device()
+            )));
+        }
+        let slot = &self.shared.devices[device.0];
+        let kind = slot.backend.kind();
+        if !supports(kind, &spec) {
+            return Err(refused(kernel, ExecuteError::NoDevice { kernel }));
+        }
+        // The request's temporary buffers, reserved like any batch's: the
+        // request, and the response unless it goes into a buffer. Shape and
+        // kernel checks come first, typed, before any device work.
+        let probe_parts: Vec<BatchPart<'_>> = parts
+            .iter()
+            .map(|part| match part {
+                Part::Host(bytes) => BatchPart::Host(bytes),
+                Part::Resident(buffer) => BatchPart::Resident(buffer.inner.buffer()),
+            })
+            .collect();
+        let checked = granary_kernels::resident::request_probe(&probe_parts).and_then(|probe| {
+            Ok((
+                probe.len(),
+                granary_kernels::batch_output_len(&spec, &probe)?,
+            ))
+        });
+        let (request_len, output_len) = match checked {
+            Ok(lens) => lens,
+            Err(err) => {
+                let err = execute_error(&spec, kind, err);
+                record_failure(kernel, kind, &err);
+                return Err(err);
+            }
+        };
+        let temporary = request_len
+            + match output {
+                Output::Host => output_len,
+                Output::Into(_) => 0,
+            };
+        let reservation = self
+            .reserve_within(&spec, device, temporary as u64)
+            .await
+            .inspect_err(|err| record_failure(kernel, kind, err))?;
+        let in_flight =
+            self.shared
+                .broker
+                .begin(device)
+                .map_err(|err| ExecuteError::DeviceFailed {
+                    kernel,
+                    backend: kind,
+                    reason: err.to_string(),
+                })?;
+        let owned: Vec<OwnedPart> = parts
+            .iter()
+            .map(|part| match part {
+                Part::Host(bytes) => OwnedPart::Host(bytes.to_vec()),
+                Part::Resident(buffer) => OwnedPart::Resident(buffer.inner.clone()),
+            })
+            .collect();
+        let into = match output {
+            Output::Into(buffer) => Some(buffer.inner.clone()),
+            Output::Host => None,
+        };
+        let backend = slot.backend.clone();
+        let index = slot.index;
+        let bridge = self.clone();
+        let started = std::time::Instant::now();
+        let job = tokio::task::spawn_blocking(move || {
+            let parts: Vec<BatchPart<'_>> = owned
+                .iter()
+                .map(|part| match part {
+                    OwnedPart::Host(bytes) => BatchPart::Host(bytes),
+                    OwnedPart::Resident(inner) => BatchPart::Resident(inner.buffer()),
+                })
+                .collect();
+            let output = match &into {
+                Some(inner) => BatchOutput::Into(inner.buffer()),
+                None => BatchOutput::Host,
+            };
+            let outcome = backend.run_batch_parts(index, &spec, &parts, output);
+            drop(parts);
+            drop(reservation);
+            bridge.report_memory(device);
+            let labels = [
+                ("kernel", spec.id.to_string()),
+                ("backend", format!("{kind:?}")),
+                ("device", index.to_string()),
+            ];
+            match outcome {
+                Ok(response) => {
+                    let latency = started.elapsed();
+                    in_flight.succeed(latency);
+                    metrics::counter!("granary_gpu_requests_total", &labels).increment(1);
+                    metrics::histogram!("granary_gpu_request_seconds", &labels)
+                        .record(latency.as_secs_f64());
+                    Ok(response)
+                }
+                Err(err) => {
+                    in_flight.fail();
+                    let err = execute_error(&spec, kind, err);
+                    record_failure(spec.id, kind, &err);
+                    Err(err)
+                }
+            }
+        });
+        job.await.unwrap_or_else(|err| {
+            Err(ExecuteError::DeviceFailed {
+                kernel,
+                backend: kind,
+                reason: format!("the batch job failed: {err}"),
+            })
+        })
+    }
+}

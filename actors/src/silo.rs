@@ -15,7 +15,10 @@
 //!    before the next: turns never overlap, and messages from one sender
 //!    run in the order sent.
 //! 4. **Backpressure.** A full mailbox makes senders wait, bounded by the
-//!    call timeout; memory never grows without bound.
+//!    call timeout; memory never grows without bound. A waiting sender's
+//!    message waits in the mailbox and takes the next free slot in turn;
+//!    a single activation takes its whole mailbox at once, so it holds at
+//!    most twice the capacity (the rules are in `mailbox.rs`).
 //! 5. **Deactivation** (idle for `idle_timeout`, idle for one check while
 //!    the silo holds more than `max_activations`, or silo shutdown): the
 //!    activation marks its entry `Deactivating`, closes its mailbox, runs

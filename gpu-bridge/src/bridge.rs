@@ -28,6 +28,10 @@
 //!    input is copied into a staging buffer rented from the bridge's
 //!    [memory pool](crate::pool), and the backend runs the kernel on a
 //!    blocking thread.
+//! 7. **Resident buffers.** Device memory a caller keeps across calls,
+//!    reserved in the broker for as long as it lives; batches may take
+//!    their request from it and write their response into it, so only the
+//!    host parts cross the bus (`bridge/resident.rs`).
 //!
 //! Every request runs in a `granary_gpu.execute` tracing span at debug
 //! level. Metrics: `granary_gpu_requests_total`,

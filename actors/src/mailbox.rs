@@ -474,6 +474,28 @@ impl<T> Drop for SendFuture<'_, T> {
     }
 }
 
+/// Moves `shared`'s queue to the back of `batch` and refills it from parked
+/// senders (rule 3), then releases the lock and wakes them (through
+/// `admitted`, kept to reuse its allocation).
+fn take_all<T>(
+    shared: &Shared<T>,
+    mut state: MutexGuard<'_, State<T>>,
+    batch: &mut VecDeque<T>,
+    admitted: &mut Vec<Waker>,
+) {
+    if batch.is_empty() {
+        // Swapped, so both deques keep their allocations.
+        std::mem::swap(&mut state.queue, batch);
+    } else {
+        batch.append(&mut state.queue);
+    }
+    while let Some(sender) = shared.admit(&mut state) {
+        admitted.push(sender);
+    }
+    drop(state);
+    admitted.drain(..).for_each(Waker::wake);
+}
+
 /// The receiving end, held by the activation.
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
@@ -502,21 +524,11 @@ impl<T> Receiver<T> {
     /// works through a batch while senders refill the mailbox, so it holds
     /// at most twice its capacity.
     pub(crate) fn try_recv_all(&mut self, batch: &mut VecDeque<T>) -> bool {
-        let mut state = self.shared.lock();
+        let state = self.shared.lock();
         if state.queue.is_empty() {
             return false;
         }
-        if batch.is_empty() {
-            // Swapped, so both deques keep their allocations.
-            std::mem::swap(&mut state.queue, batch);
-        } else {
-            batch.append(&mut state.queue);
-        }
-        while let Some(sender) = self.shared.admit(&mut state) {
-            self.admitted.push(sender);
-        }
-        drop(state);
-        self.admitted.drain(..).for_each(Waker::wake);
+        take_all(&self.shared, state, batch, &mut self.admitted);
         true
     }
 
@@ -538,8 +550,8 @@ impl<T> Receiver<T> {
             }
             return Poll::Pending;
         }
-        drop(state);
-        Poll::Ready(self.try_recv_all(batch))
+        take_all(&self.shared, state, batch, &mut self.admitted);
+        Poll::Ready(true)
     }
 
     /// The oldest queued message, waiting for one; `None` once the mailbox

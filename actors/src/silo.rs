@@ -849,8 +849,12 @@ async fn run_activation<G: Grain>(
     let check_every = (idle / 4)
         .min(Duration::from_secs(1))
         .max(Duration::from_micros(100));
-    let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
-    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_check = tokio::time::sleep(check_every);
+    tokio::pin!(idle_check);
+    // Whether the idle check holds this task's waker: it then wakes the
+    // task when it fires, so an idle wait looks at it only once it has
+    // (one load) instead of registering again every time.
+    let mut check_armed = false;
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
@@ -874,36 +878,52 @@ async fn run_activation<G: Grain>(
                 Some(Some(envelope))
             } else {
                 loop {
-                    tokio::select! {
-                    biased;
-                    next = std::future::poll_fn(|cx| {
-                        match exclusive(&mut mailbox).poll_next(cx) {
-                            std::task::Poll::Ready(next) => std::task::Poll::Ready(Some(next)),
-                            // Registered to be woken: a shutdown that starts
-                            // now wakes this task, and one that started
-                            // earlier is seen here.
-                            std::task::Poll::Pending if silo.inner.shutting_down.load(Ordering::Acquire) => {
-                                std::task::Poll::Ready(None)
-                            }
-                            std::task::Poll::Pending => std::task::Poll::Pending,
-                        }
-                    }) => break next,
-                    _ = idle_check.tick() => {
-                        if activity == seen_activity {
-                            idle_for += idle_check.period();
-                            let crowded = silo
-                                .inner
-                                .config
-                                .max_activations
-                                .is_some_and(|most| silo.live_activations() > most);
-                            if idle_for >= idle || crowded {
-                                break None;
-                            }
-                        } else {
-                            seen_activity = activity;
-                            idle_for = Duration::ZERO;
-                        }
+                    enum Idle<E> {
+                        Next(Option<E>),
+                        Stop,
+                        Check,
                     }
+                    let event = std::future::poll_fn(|cx| {
+                        use std::task::Poll;
+                        if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
+                            return Poll::Ready(Idle::Next(next));
+                        }
+                        // Registered to be woken: a shutdown that starts now
+                        // wakes this task, and one that started earlier is
+                        // seen here.
+                        if silo.inner.shutting_down.load(Ordering::Acquire) {
+                            return Poll::Ready(Idle::Stop);
+                        }
+                        if !check_armed || idle_check.is_elapsed() {
+                            if idle_check.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(Idle::Check);
+                            }
+                            check_armed = true;
+                        }
+                        Poll::Pending
+                    })
+                    .await;
+                    match event {
+                        Idle::Next(next) => break Some(next),
+                        Idle::Stop => break None,
+                        Idle::Check => {
+                            check_armed = false;
+                            idle_check.as_mut().reset(Instant::now() + check_every);
+                            if activity == seen_activity {
+                                idle_for += check_every;
+                                let crowded = silo
+                                    .inner
+                                    .config
+                                    .max_activations
+                                    .is_some_and(|most| silo.live_activations() > most);
+                                if idle_for >= idle || crowded {
+                                    break None;
+                                }
+                            } else {
+                                seen_activity = activity;
+                                idle_for = Duration::ZERO;
+                            }
+                        }
                     }
                 }
             };

@@ -79,6 +79,13 @@ pub enum SiloError {
     DuplicateName(String),
     /// A configuration value is out of range.
     InvalidConfig(String),
+    /// Two message types of one grain type were registered under one name.
+    DuplicateMessage {
+        /// The grain type's name.
+        grain_type: String,
+        /// The message name.
+        message: String,
+    },
 }
 
 impl fmt::Display for SiloError {
@@ -86,6 +93,13 @@ impl fmt::Display for SiloError {
         match self {
             SiloError::DuplicateName(name) => write!(f, "grain name {name:?} is registered twice"),
             SiloError::InvalidConfig(why) => write!(f, "invalid silo configuration: {why}"),
+            SiloError::DuplicateMessage {
+                grain_type,
+                message,
+            } => write!(
+                f,
+                "message name {message:?} is registered twice for grain type {grain_type:?}"
+            ),
         }
     }
 }

@@ -36,17 +36,18 @@
 //! # }).unwrap();
 //! ```
 //!
-//! Built so far (issue 4): grains, messages and handlers, keys,
+//! It provides grains, messages and handlers, keys,
 //! activation on demand, turns, call-chain reentrancy, read-only
 //! interleaving, bounded mailboxes, call timeouts, idle deactivation, panic
 //! reset, graceful shutdown, timers, reminders, observers, stateless
 //! workers, shedding under memory pressure, silo services, and persistence
-//! with ETag concurrency (in memory, redb and PostgreSQL). Still to come:
-//! the GPU grain samples.
+//! with ETag concurrency (in memory, redb and PostgreSQL), and dispatch of
+//! messages addressed by name (`dispatch`), which the cluster uses.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod dispatch;
 mod error;
 mod grain;
 mod key;
@@ -56,6 +57,7 @@ mod reminders;
 mod silo;
 pub mod storage;
 
+pub use dispatch::DispatchError;
 pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
 pub use key::{GrainId, GrainKey};

@@ -382,6 +382,8 @@ pub(crate) struct SiloInner {
     shutting_down: AtomicBool,
     /// Per grain type, wakes every activation (to see `shutting_down`).
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Grain types and messages by name.
+    registry: crate::dispatch::Registry,
     activations: AtomicU64,
     live: AtomicU64,
     /// Times out senders waiting on full mailboxes.
@@ -419,6 +421,11 @@ pub struct SiloBuilder {
     config: SiloConfig,
     /// Per registered type, wakes its activations (for `shutdown`).
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Grain types and messages by name, for dispatch from the network.
+    registry: crate::dispatch::Registry,
+    /// A message name registered twice for one grain type, reported by
+    /// `build`.
+    duplicate_message: Option<(String, String)>,
 }
 
 impl fmt::Debug for SiloBuilder {
@@ -448,6 +455,8 @@ impl SiloBuilder {
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
             wake_activations: Vec::new(),
+            registry: crate::dispatch::Registry::default(),
+            duplicate_message: None,
         }
     }
 
@@ -492,6 +501,10 @@ impl SiloBuilder {
             directory: DashMap::new(),
             workers,
         });
+        self.registry.handles.entry(name.to_string()).or_default();
+        self.registry
+            .type_names
+            .insert(TypeId::of::<G>(), name.to_string());
         let directory = registered.clone();
         self.wake_activations.push(Box::new(move || {
             for slots in directory.directory.iter() {
@@ -534,6 +547,40 @@ impl SiloBuilder {
         self
     }
 
+    /// Registers message type `M` of grain type `G`, already registered,
+    /// under the stable `name`: a message that arrives by name (from
+    /// another silo, through `Silo::call_named`) is decoded from the wire
+    /// form and handled as a local call would be (see `dispatch.rs`).
+    /// Names are per grain type.
+    pub fn message<G, M>(mut self, name: &str) -> SiloBuilder
+    where
+        G: Handler<M>,
+        M: Message + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize,
+    {
+        let Some(grain_type) = self.registry.type_names.get(&TypeId::of::<G>()).cloned() else {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "message {name:?} is registered for {} before the grain type is",
+                    std::any::type_name::<G>()
+                )
+            });
+            return self;
+        };
+        let messages = self.registry.handles.entry(grain_type.clone()).or_default();
+        if messages
+            .insert(name.to_string(), crate::dispatch::handle::<G, M>())
+            .is_some()
+        {
+            self.duplicate_message
+                .get_or_insert_with(|| (grain_type, name.to_string()));
+        }
+        self.registry
+            .names
+            .insert((TypeId::of::<G>(), TypeId::of::<M>()), name.to_string());
+        self
+    }
+
     /// Registers a service that grains reach with
     /// `GrainContext::service::<S>()` (the GPU bridge, for example). The
     /// silo shares it: keep a clone of the `Arc` to use it outside grains.
@@ -558,6 +605,12 @@ impl SiloBuilder {
     pub fn build(self) -> Result<Silo, SiloError> {
         if let Some(duplicate) = self.duplicate {
             return Err(SiloError::DuplicateName(duplicate));
+        }
+        if let Some((grain_type, message)) = self.duplicate_message {
+            return Err(SiloError::DuplicateMessage {
+                grain_type,
+                message,
+            });
         }
         if let Some(invalid) = self.invalid {
             return Err(SiloError::InvalidConfig(invalid));
@@ -589,6 +642,7 @@ impl SiloBuilder {
                 shutdown,
                 shutting_down: AtomicBool::new(false),
                 wake_activations: self.wake_activations,
+                registry: self.registry,
                 activations: AtomicU64::new(0),
                 live: AtomicU64::new(0),
                 sweeper: mailbox::Sweeper::new(mailbox::Sweeper::tick_for(
@@ -634,6 +688,19 @@ impl Silo {
             last: mailbox::SenderCache::new(),
             _grain: PhantomData,
         }
+    }
+
+    pub(crate) fn registry(&self) -> &crate::dispatch::Registry {
+        &self.inner.registry
+    }
+
+    /// The name grain type `G` is registered under, if it is.
+    pub fn grain_type_name<G: Grain>(&self) -> Option<&str> {
+        self.inner
+            .registry
+            .type_names
+            .get(&TypeId::of::<G>())
+            .map(String::as_str)
     }
 
     /// Activations started since the silo was built.

@@ -22,8 +22,11 @@
 //! 5. **Deadlines are swept, not timed.** No timer is armed per waiting
 //!    sender. A silo-wide [`Sweeper`] wakes, every tick, the parked senders
 //!    whose deadline has passed; a woken sender that is still parked and
-//!    past its deadline takes its message back out and fails with
-//!    [`SendError::Timeout`]. A sender times out at most one tick late.
+//!    past its deadline takes its message out of the mailbox, drops it and
+//!    fails with [`SendError::Timeout`]. A sender times out at most one
+//!    tick late while the sweeping task runs; it runs on the runtime of the
+//!    first sender that parked, and if that runtime goes away the next
+//!    parked sender starts another.
 //! 6. **Closing** refuses new messages ([`TrySendError::Closed`] and
 //!    [`SendError::Closed`] hand the message back) and wakes every parked
 //!    sender, which takes its message back. Queued messages stay for the
@@ -123,6 +126,10 @@ impl<T> Shared<T> {
     /// Rule 6.
     fn close(&self) -> Vec<Waker> {
         let mut state = self.lock();
+        if state.closed {
+            // Every parked sender was woken by the first close.
+            return Vec::new();
+        }
         state.closed = true;
         self.closed.store(true, Ordering::Release);
         let mut woken: Vec<Waker> = state
@@ -411,7 +418,11 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 drop(state);
                 if sweep {
                     let weak = Arc::downgrade(shared);
-                    shared.sweeper.watch(weak);
+                    shared.sweeper.watch(Some(weak));
+                } else if !shared.sweeper.running.load(Ordering::Acquire) {
+                    // Listed, but the sweeping task is gone (its runtime
+                    // shut down): start another.
+                    shared.sweeper.watch::<T>(None);
                 }
                 self.stage = Stage::Parked { ticket };
                 Poll::Pending
@@ -522,7 +533,8 @@ impl<T> Receiver<T> {
     /// freed slots from the parked senders (rule 3); returns whether any
     /// message moved. One lock for the lot: the receiver of a busy mailbox
     /// works through a batch while senders refill the mailbox, so it holds
-    /// at most twice its capacity.
+    /// at most twice its capacity (three times with the reentrant
+    /// set-aside messages of `silo.rs`'s rule 7).
     pub(crate) fn try_recv_all(&mut self, batch: &mut VecDeque<T>) -> bool {
         let state = self.shared.lock();
         if state.queue.is_empty() {
@@ -632,6 +644,25 @@ impl<T: Send> Sweep for Shared<T> {
     }
 }
 
+/// Marks the sweeper stopped when its task ends, also when the task is
+/// dropped (its runtime shut down) or panics, so that the next parked
+/// sender starts another. The list is taken only between two awaits, so it
+/// is whole whenever the task can be dropped.
+struct Ended(Option<Arc<Sweeper>>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if let Some(sweeper) = self.0.take() {
+            let mut watched = sweeper
+                .watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            watched.running = false;
+            sweeper.running.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// Times out the parked senders of a silo's mailboxes (rule 5): one task,
 /// running only while some sender is parked.
 pub(crate) struct Sweeper {
@@ -639,6 +670,8 @@ pub(crate) struct Sweeper {
     /// this late.
     tick: Duration,
     watched: Mutex<Watched>,
+    /// Mirrors `watched.running`, for a lock-free check.
+    running: AtomicBool,
 }
 
 struct Watched {
@@ -656,6 +689,7 @@ impl Sweeper {
                 mailboxes: Vec::new(),
                 running: false,
             }),
+            running: AtomicBool::new(false),
         })
     }
 
@@ -665,9 +699,11 @@ impl Sweeper {
         (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(50))
     }
 
-    fn watch<T: Send + 'static>(self: &Arc<Self>, mailbox: Weak<Shared<T>>) {
+    fn watch<T: Send + 'static>(self: &Arc<Self>, mailbox: Option<Weak<Shared<T>>>) {
         let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.mailboxes.push(mailbox);
+        if let Some(mailbox) = mailbox {
+            watched.mailboxes.push(mailbox);
+        }
         if watched.running {
             return;
         }
@@ -678,12 +714,13 @@ impl Sweeper {
             return;
         };
         watched.running = true;
+        self.running.store(true, Ordering::Release);
         drop(watched);
-        let sweeper = self.clone();
-        runtime.spawn(async move { sweeper.run().await });
+        // The guard travels in the task: dropped with it, run or not.
+        runtime.spawn(self.clone().run(Ended(Some(self.clone()))));
     }
 
-    async fn run(self: Arc<Self>) {
+    async fn run(self: Arc<Self>, mut ended: Ended) {
         let mut ticks = tokio::time::interval(self.tick);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -692,7 +729,10 @@ impl Sweeper {
             let mailboxes = {
                 let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
                 if watched.mailboxes.is_empty() {
+                    // Stopped under the lock that `watch` checks.
                     watched.running = false;
+                    self.running.store(false, Ordering::Release);
+                    ended.0 = None;
                     return;
                 }
                 std::mem::take(&mut watched.mailboxes)

@@ -10,15 +10,19 @@
 //!    an `Active` entry and spawns the activation, under the directory's
 //!    per-key lock; so concurrent first messages create exactly one
 //!    activation.
-//! 3. **Turns.** An activation is one task that takes one message at a
-//!    time from its bounded mailbox and runs the handler to completion
-//!    before the next: turns never overlap, and messages from one sender
-//!    run in the order sent.
+//! 3. **Turns.** An activation is one task that takes the messages in its
+//!    bounded mailbox in arrival order (a single activation takes all that
+//!    are queued at once) and runs one handler at a time to completion:
+//!    turns never overlap, and messages from one sender run in the order
+//!    sent.
 //! 4. **Backpressure.** A full mailbox makes senders wait, bounded by the
-//!    call timeout; memory never grows without bound. A waiting sender's
-//!    message waits in the mailbox and takes the next free slot in turn;
-//!    a single activation takes its whole mailbox at once, so it holds at
-//!    most twice the capacity (the rules are in `mailbox.rs`).
+//!    call timeout (enforced by a silo-wide sweep, so at most one sweep
+//!    tick late); memory never grows without bound. A waiting sender's
+//!    message waits in the mailbox and takes the next free slot in turn. A
+//!    single activation holds at most twice its capacity (the batch it
+//!    works through and a full mailbox), three times while a turn lends
+//!    the grain (plus the set-aside messages of rule 7); the rules are in
+//!    `mailbox.rs`.
 //! 5. **Deactivation** (idle for `idle_timeout`, idle for one check while
 //!    the silo holds more than `max_activations`, or silo shutdown): the
 //!    activation marks its entry `Deactivating`, closes its mailbox, runs
@@ -32,7 +36,7 @@
 //!    on with the next message. An activation whose `on_activate` fails
 //!    fails the messages waiting for it and ends.
 //! 7. **Call chains and reentrancy.** Every message carries a call chain:
-//!    a call made while a turn runs joins that turn's chain (a task-local),
+//!    a call made while a turn runs joins that turn's chain (a thread-local set around each poll of the turn),
 //!    any other call starts a new one. A turn that calls another grain
 //!    through `GrainContext::call` lends its grain while it waits: a
 //!    message of its own chain that reaches the grain then runs at once, on
@@ -153,7 +157,9 @@ fn fresh_chain() -> u64 {
     }
     NEXT.with(|next| {
         let chain = match next.get() {
-            0 => NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40,
+            // Low bits from 1: never 0 (no chain), even once the thread
+            // number wraps (after 2^24 threads, when ids may repeat).
+            0 => (NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40) | 1,
             chain => chain,
         };
         next.set(chain + 1);
@@ -380,6 +386,9 @@ pub(crate) struct SiloInner {
     /// Cancelled when the silo shuts down.
     shutdown: tokio_util::sync::CancellationToken,
     shutting_down: AtomicBool,
+    /// Set once `shutdown` has waited for every activation: an activation
+    /// that starts later runs no grain code.
+    stopped: AtomicBool,
     /// Per grain type, wakes every activation (to see `shutting_down`).
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
     /// Grain types and messages by name.
@@ -641,6 +650,7 @@ impl SiloBuilder {
                 tasks: TaskTracker::new(),
                 shutdown,
                 shutting_down: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
                 wake_activations: self.wake_activations,
                 registry: self.registry,
                 activations: AtomicU64::new(0),
@@ -737,6 +747,11 @@ impl Silo {
             wake();
         }
         self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        // An activation spawned by a sender that passed the flag just
+        // before it was set may still be starting: it sees `stopped` and
+        // runs no grain code, or it started before and is waited for here.
+        self.inner.stopped.store(true, Ordering::Release);
         self.inner.tasks.wait().await;
     }
 
@@ -895,11 +910,12 @@ async fn run_activation<G: Grain>(
         batches: grain_type.workers <= 1,
         deferred: std::collections::VecDeque::new(),
     })));
-    // One future for the whole activation, not one per turn.
     let idle = silo.inner.config.idle_timeout;
-    // An activation spawned as the silo shut down does not start: its
-    // messages fail, and no grain code runs after `shutdown` returned.
-    let mut grain = if silo.inner.shutting_down.load(Ordering::Acquire) {
+    // An activation whose messages were accepted before the silo began to
+    // shut down starts, and rule 5 runs them; one that starts after
+    // `shutdown` returned does not: its messages fail, and no grain code
+    // runs after `shutdown` returned.
+    let mut grain = if silo.inner.stopped.load(Ordering::Acquire) {
         None
     } else {
         activate::<G>(&key, &mut ctx).await
@@ -1023,13 +1039,15 @@ async fn run_activation<G: Grain>(
             *slot = Some(Entry::Deactivating(gone_signal));
         }
     }
+    if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
+        exclusive(&mut mailbox).receiver.close();
+        ctx.put_mailbox(mailbox);
+    }
     loop {
         let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
             break;
         };
-        let open = exclusive(&mut mailbox);
-        open.receiver.close();
-        let next = open.next().await;
+        let next = exclusive(&mut mailbox).next().await;
         ctx.put_mailbox(mailbox);
         let Some(envelope) = next else { break };
         match grain {
@@ -1467,7 +1485,19 @@ impl GrainContext {
                 (!mailbox.receiver.is_closed() || !mailbox.receiver.is_empty())
                     && mailbox.deferred.len() < capacity
             });
-            let event = tokio::select! {
+            // A message of this chain already taken from the mailbox into
+            // the batch runs now, as it would had it stayed in the mailbox.
+            let early = lent.mailbox.as_mut().map(exclusive).and_then(|mailbox| {
+                let at = mailbox
+                    .batch
+                    .iter()
+                    .position(|queued| queued.chain == chain)?;
+                mailbox.batch.remove(at)
+            });
+            let event = if let Some(envelope) = early {
+                Event::Message(Some(envelope))
+            } else {
+                tokio::select! {
                 answer = &mut answer => Event::Answer(answer),
                 next = async {
                     match lent.mailbox.as_mut() {
@@ -1476,6 +1506,7 @@ impl GrainContext {
                     }
                 }, if receiving => Event::Message(next),
                 _ = tokio::time::sleep_until(deadline) => Event::Timeout,
+                }
             };
             // A message of another chain waits for the current turn.
             let event = match event {

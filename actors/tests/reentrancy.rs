@@ -177,3 +177,91 @@ async fn a_plain_call_back_into_a_busy_grain_times_out_instead_of_hanging() {
     assert_eq!(silo.grain::<Node>(5u64).call(Seen).await.unwrap(), ["seen"]);
     silo.shutdown().await;
 }
+
+// A message of the lending turn's own chain that was already queued when
+// the turn started (taken from the mailbox with the rest of its batch)
+// runs during the turn's reentrant wait, as one arriving later does. Found
+// in review: the batch had hidden it from the wait.
+mod queued_before_the_wait {
+    use std::time::Duration;
+
+    use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+
+    struct Gate {
+        open: bool,
+    }
+    impl Grain for Gate {
+        fn new(_: &GrainKey) -> Gate {
+            Gate { open: false }
+        }
+    }
+
+    struct WaitOpen;
+    impl Message for WaitOpen {
+        type Reply = bool;
+    }
+    impl Handler<WaitOpen> for Gate {
+        async fn handle(&mut self, _: WaitOpen, ctx: &mut GrainContext) -> bool {
+            let pinger = ctx.silo().grain::<Gate>("pinger");
+            for _ in 0..40 {
+                if self.open {
+                    return true;
+                }
+                ctx.call(self, &pinger, Nap(Duration::from_millis(5)))
+                    .await
+                    .unwrap();
+            }
+            false
+        }
+    }
+
+    struct Open;
+    impl Message for Open {
+        type Reply = ();
+    }
+    impl Handler<Open> for Gate {
+        async fn handle(&mut self, _: Open, _: &mut GrainContext) {
+            self.open = true;
+        }
+    }
+
+    struct Nap(Duration);
+    impl Message for Nap {
+        type Reply = ();
+    }
+    impl Handler<Nap> for Gate {
+        async fn handle(&mut self, Nap(d): Nap, _: &mut GrainContext) {
+            tokio::time::sleep(d).await;
+        }
+    }
+
+    /// One turn of the driver sends both messages, so they share its chain.
+    struct Both;
+    impl Message for Both {
+        type Reply = bool;
+    }
+    impl Handler<Both> for Gate {
+        async fn handle(&mut self, _: Both, ctx: &mut GrainContext) -> bool {
+            let a = ctx.silo().grain::<Gate>("a");
+            let (waited, opened) = tokio::join!(a.call(WaitOpen), a.call(Open));
+            opened.unwrap();
+            waited.unwrap()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_of_the_lending_chain_queued_before_the_wait_runs_during_it() {
+        let silo = Silo::builder().register::<Gate>("gate").build().unwrap();
+        let a = silo.grain::<Gate>("a");
+        // Keep `a` busy so that both messages are queued when it next looks.
+        let busy = tokio::spawn(async move { a.call(Nap(Duration::from_millis(100))).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let opened = silo.grain::<Gate>("driver").call(Both).await.unwrap();
+        busy.await.unwrap().unwrap();
+        assert!(
+            opened,
+            "Open (same chain, queued) never ran during WaitOpen's reentrant waits"
+        );
+        silo.shutdown().await;
+    }
+}

@@ -1,5 +1,6 @@
 //! The mailbox's rules, one test or more each.
 
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -271,4 +272,33 @@ async fn taking_all_at_once_keeps_order_and_refills_from_parked_senders() {
     assert_eq!(receiver.try_recv(), Some(5));
     assert!(!receiver.try_recv_all(&mut batch));
     assert_eq!(sender.capacity(), 2);
+}
+
+#[tokio::test]
+async fn review_closing_twice_wakes_every_parked_sender_twice() {
+    use std::task::{Context, Wake, Waker};
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let count = Arc::new(Count(AtomicUsize::new(0)));
+    let waker = Waker::from(count.clone());
+    let mut cx = Context::from_waker(&waker);
+    let (sender, mut receiver) = channel::<u32>(1, sweeper());
+    sender.try_send(0).unwrap();
+    let mut sends: Vec<_> = (0..1000).map(|n| Box::pin(sender.send(n, far()))).collect();
+    for send in &mut sends {
+        assert!(send.as_mut().poll(&mut cx).is_pending());
+    }
+    // The silo's drain loop closes once per drained message.
+    receiver.close();
+    receiver.close();
+    receiver.close();
+    assert_eq!(
+        count.0.load(Ordering::SeqCst),
+        1000,
+        "each close wakes every parked sender again"
+    );
 }

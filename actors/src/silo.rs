@@ -932,12 +932,8 @@ async fn run_activation<G: Grain>(
     let check_every = (idle / 4)
         .min(Duration::from_secs(1))
         .max(Duration::from_micros(100));
-    let idle_check = tokio::time::sleep(check_every);
-    tokio::pin!(idle_check);
-    // Whether the idle check holds this task's waker: it then wakes the
-    // task when it fires, so an idle wait looks at it only once it has
-    // (one load) instead of registering again every time.
-    let mut check_armed = false;
+    let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
@@ -977,11 +973,8 @@ async fn run_activation<G: Grain>(
                         if silo.inner.shutting_down.load(Ordering::Acquire) {
                             return Poll::Ready(Idle::Stop);
                         }
-                        if !check_armed || idle_check.is_elapsed() {
-                            if idle_check.as_mut().poll(cx).is_ready() {
-                                return Poll::Ready(Idle::Check);
-                            }
-                            check_armed = true;
+                        if idle_check.poll_tick(cx).is_ready() {
+                            return Poll::Ready(Idle::Check);
                         }
                         Poll::Pending
                     })
@@ -990,8 +983,6 @@ async fn run_activation<G: Grain>(
                         Idle::Next(next) => break Some(next),
                         Idle::Stop => break None,
                         Idle::Check => {
-                            check_armed = false;
-                            idle_check.as_mut().reset(Instant::now() + check_every);
                             if activity == seen_activity {
                                 idle_for += check_every;
                                 let crowded = silo

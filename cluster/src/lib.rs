@@ -1,6 +1,59 @@
-//! Granary clustering (not built yet).
+//! Granary's cluster: silos on several machines that act as one.
 //!
-//! This crate will hold membership with failure detection (chitchat gossip,
-//! etcd), the TCP transport with an in-process test transport, the
-//! distributed grain directory and GPU-aware placement. See issue 5 and
-//! `ARCHITECTURE.md`.
+//! Built so far:
+//! - [`transport`]: byte streams between silos, over TCP or an in-process
+//!   network that still serialises every frame and can cut links;
+//! - [`wire`]: the frames (length-delimited, a postcard header, raw
+//!   payload bytes);
+//! - [`auth`]: the cluster secret and the handshake that proves it;
+//! - [`connection`]: one authenticated, multiplexed, pipelined connection
+//!   per pair of silos, whose calls fail fast when it closes.
+//!
+//! Membership, the distributed directory and placement are issue 5's next
+//! parts (see `ARCHITECTURE.md`).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod connection;
+pub mod transport;
+pub mod wire;
+
+use serde::{Deserialize, Serialize};
+
+pub use auth::{ClusterSecret, WeakSecret};
+pub use connection::{
+    CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, accept,
+    connect,
+};
+pub use transport::{InProcessNetwork, InProcessTransport, Listener, TcpTransport, Transport};
+pub use wire::RemoteError;
+
+/// A silo's identity in the cluster: where it listens, and which life of
+/// that address it is (a silo that restarts on the same address comes back
+/// with a greater incarnation, so the cluster never mistakes it for the
+/// one that died).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SiloId {
+    /// The address it listens on.
+    pub address: String,
+    /// Which start of the silo at that address; greater is newer.
+    pub incarnation: u64,
+}
+
+impl SiloId {
+    /// The silo at `address`, in its `incarnation`.
+    pub fn new(address: impl Into<String>, incarnation: u64) -> SiloId {
+        SiloId {
+            address: address.into(),
+            incarnation,
+        }
+    }
+}
+
+impl std::fmt::Display for SiloId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.address, self.incarnation)
+    }
+}

@@ -1,0 +1,709 @@
+//! One authenticated, multiplexed connection between two silos.
+//!
+//! # Protocol
+//!
+//! 1. **Handshake first** (`auth.rs`): `Hello`, `Challenge`, `Proof`, all
+//!    within `handshake_timeout`. A peer of another cluster, with a wrong
+//!    proof, or that sends anything else first is refused: the connection
+//!    closes and nothing it sent is handled.
+//! 2. **Both ways.** Either silo may send requests; each side numbers its
+//!    own, and a response carries its request's number. Any number of
+//!    requests may be in flight (pipelining); responses come back in any
+//!    order.
+//! 3. **One writer.** Frames to send queue in a bounded channel; one task
+//!    writes every frame that is waiting, then flushes once, so a burst of
+//!    small requests costs one system call, not one each.
+//! 4. **Bounded work.** At most `max_inbound` requests from the peer run at
+//!    once; past that the reader stops reading, and TCP's own flow control
+//!    pushes back on the peer.
+//! 5. **Failure is fast.** A frame longer than `max_frame`, a frame that
+//!    does not decode, a handshake frame after the handshake, an I/O error
+//!    or the peer closing: the connection closes, every call waiting on it
+//!    fails at once with [`CallFailure::SiloUnavailable`], and later calls
+//!    fail the same way without waiting. Nothing else is affected. A call
+//!    that gets no response fails with [`CallFailure::Timeout`] after
+//!    `call_timeout`.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use granary_actors::GrainKey;
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+
+use crate::SiloId;
+use crate::auth::{self, ClusterSecret, Role};
+use crate::transport::BoxIo;
+use crate::wire::{self, FrameError, Header, Outcome, RemoteError};
+
+/// How a connection behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// The longest frame body read or written (default 16 MiB).
+    pub max_frame: usize,
+    /// How long the handshake may take (default 5 s).
+    pub handshake_timeout: Duration,
+    /// How long a call waits for its response (default 30 s).
+    pub call_timeout: Duration,
+    /// Frames waiting to be written, at least 1 (default 4096); a sender
+    /// waits for room.
+    pub outgoing_frames: usize,
+    /// Requests from the peer running at once, at least 1 (default 4096).
+    pub max_inbound: usize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> ConnectionConfig {
+        ConnectionConfig {
+            max_frame: wire::DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(30),
+            outgoing_frames: 4096,
+            max_inbound: 4096,
+        }
+    }
+}
+
+/// What a silo does with the requests that reach it over a connection.
+pub trait Inbound: Send + Sync + 'static {
+    /// Handles one request from `from`; the reply is in its wire form (for
+    /// a one-way message, empty and not sent).
+    fn request(
+        &self,
+        from: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>>;
+}
+
+/// A request as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRequest {
+    /// The grain type's registered name.
+    pub grain_type: String,
+    /// The grain's key.
+    pub key: GrainKey,
+    /// The message's registered name.
+    pub message: String,
+    /// The message in its wire form.
+    pub payload: Bytes,
+    /// Whether the sender wants no reply.
+    pub one_way: bool,
+}
+
+/// A silo handles requests by name (`Silo::call_named`, `tell_named`).
+impl Inbound for granary_actors::Silo {
+    fn request(
+        &self,
+        _from: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let silo = self.clone();
+        Box::pin(async move {
+            let InboundRequest {
+                grain_type,
+                key,
+                message,
+                payload,
+                one_way,
+            } = request;
+            if one_way {
+                silo.tell_named(&grain_type, key, &message, &payload)
+                    .await
+                    .map(|()| Vec::new())
+                    .map_err(RemoteError::from)
+            } else {
+                silo.call_named(&grain_type, key, &message, &payload)
+                    .await
+                    .map_err(RemoteError::from)
+            }
+        })
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The transport failed (refused, reset, unreachable).
+    Io(String),
+    /// The handshake did not finish within `handshake_timeout`.
+    Timeout,
+    /// The peer belongs to another cluster.
+    WrongCluster {
+        /// The cluster the peer named.
+        theirs: String,
+    },
+    /// A proof did not verify: the peer does not hold the cluster's secret
+    /// (or refused ours).
+    Unauthenticated,
+    /// The peer broke the handshake's protocol.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(why) => write!(f, "connection failed: {why}"),
+            ConnectError::Timeout => write!(f, "the handshake timed out"),
+            ConnectError::WrongCluster { theirs } => {
+                write!(f, "the peer belongs to cluster {theirs:?}")
+            }
+            ConnectError::Unauthenticated => {
+                write!(f, "the peer could not prove it holds the cluster secret")
+            }
+            ConnectError::Protocol(why) => write!(f, "handshake protocol error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl From<io::Error> for ConnectError {
+    fn from(err: io::Error) -> ConnectError {
+        ConnectError::Io(err.to_string())
+    }
+}
+
+/// Why a call over a connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallFailure {
+    /// The connection to the silo is closed or closed while waiting
+    /// (rule 5): the silo may be dead.
+    SiloUnavailable {
+        /// The silo.
+        silo: SiloId,
+        /// Why the connection closed.
+        reason: String,
+    },
+    /// The remote silo answered with a failure.
+    Remote(RemoteError),
+    /// No response within the call timeout.
+    Timeout {
+        /// The silo.
+        silo: SiloId,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The request is longer than a frame may be.
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallFailure::SiloUnavailable { silo, reason } => {
+                write!(f, "silo {silo} is unavailable: {reason}")
+            }
+            CallFailure::Remote(err) => write!(f, "the remote silo failed the call: {err}"),
+            CallFailure::Timeout { silo, after } => {
+                write!(f, "no answer from silo {silo} within {after:?}")
+            }
+            CallFailure::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "a request of {len} bytes exceeds the {max}-byte frame limit"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for CallFailure {}
+
+type Reply = oneshot::Sender<Result<Bytes, CallFailure>>;
+
+struct Shared {
+    peer: SiloId,
+    config: ConnectionConfig,
+    outgoing: mpsc::Sender<Bytes>,
+    /// Calls waiting for their response, by request number.
+    pending: Mutex<HashMap<u64, Reply>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    reason: Mutex<Option<String>>,
+    /// Stops the reader and the writer.
+    stop: CancellationToken,
+}
+
+impl Shared {
+    fn unavailable(&self) -> CallFailure {
+        CallFailure::SiloUnavailable {
+            silo: self.peer.clone(),
+            reason: self
+                .reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .unwrap_or_else(|| "the connection is closed".into()),
+        }
+    }
+
+    /// Rule 5: closes once, and fails every waiting call.
+    fn close(&self, reason: String) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::debug!(peer = %self.peer, %reason, "connection closed");
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        self.stop.cancel();
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let failure = self.unavailable();
+        for (_, reply) in pending {
+            let _ = reply.send(Err(failure.clone()));
+        }
+    }
+
+    fn take_pending(&self, id: u64) -> Option<Reply> {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+    }
+}
+
+/// An open connection to one silo. Cheap to clone; every clone is the same
+/// connection. It closes when asked, on failure (rule 5), or when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    _last: Arc<CloseOnDrop>,
+}
+
+/// Closes the connection when the last handle goes.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close("closed by this silo".into());
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// The silo at the other end, as it proved itself.
+    pub fn peer(&self) -> &SiloId {
+        &self.shared.peer
+    }
+
+    /// Whether the connection is closed (rule 5).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection; waiting calls fail with `SiloUnavailable`.
+    pub fn close(&self) {
+        self.shared.close("closed by this silo".into());
+    }
+
+    /// Resolves once the connection is closed.
+    pub async fn closed(&self) {
+        self.shared.stop.cancelled().await;
+    }
+
+    /// Calls grain `grain_type`/`key` on the peer with the message
+    /// registered as `message`, in its wire form, and returns the reply in
+    /// its wire form.
+    pub async fn call(
+        &self,
+        grain_type: &str,
+        key: &GrainKey,
+        message: &str,
+        payload: &[u8],
+    ) -> Result<Bytes, CallFailure> {
+        let shared = &self.shared;
+        if self.is_closed() {
+            return Err(shared.unavailable());
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request_frame(shared, id, grain_type, key, message, payload, false)?;
+        let (reply, answer) = oneshot::channel();
+        shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, reply);
+        // Closed before the insert: `close` set the flag before draining,
+        // so it is seen here (rule 5).
+        if self.is_closed() {
+            shared.take_pending(id);
+            return Err(shared.unavailable());
+        }
+        /// Forgets the call if its caller gives up.
+        struct Forget<'a>(&'a Shared, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.take_pending(self.1);
+            }
+        }
+        let _forget = Forget(shared, id);
+        if shared.outgoing.send(frame).await.is_err() {
+            return Err(shared.unavailable());
+        }
+        match tokio::time::timeout(shared.config.call_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(shared.unavailable()),
+            Err(_) => Err(CallFailure::Timeout {
+                silo: shared.peer.clone(),
+                after: shared.config.call_timeout,
+            }),
+        }
+    }
+
+    /// Sends a one-way message: returns once it is queued for the peer.
+    pub async fn tell(
+        &self,
+        grain_type: &str,
+        key: &GrainKey,
+        message: &str,
+        payload: &[u8],
+    ) -> Result<(), CallFailure> {
+        let shared = &self.shared;
+        if self.is_closed() {
+            return Err(shared.unavailable());
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request_frame(shared, id, grain_type, key, message, payload, true)?;
+        shared
+            .outgoing
+            .send(frame)
+            .await
+            .map_err(|_| shared.unavailable())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn request_frame(
+    shared: &Shared,
+    id: u64,
+    grain_type: &str,
+    key: &GrainKey,
+    message: &str,
+    payload: &[u8],
+    one_way: bool,
+) -> Result<Bytes, CallFailure> {
+    let header = Header::Request {
+        id,
+        grain_type: grain_type.to_string(),
+        key: key.clone(),
+        message: message.to_string(),
+        one_way,
+    };
+    let frame = wire::encode(&header, payload).map_err(|err| {
+        CallFailure::Remote(RemoteError::Other(format!(
+            "the request did not encode: {err}"
+        )))
+    })?;
+    if frame.len() > shared.config.max_frame {
+        return Err(CallFailure::TooLarge {
+            len: frame.len(),
+            max: shared.config.max_frame,
+        });
+    }
+    Ok(frame)
+}
+
+type Reader = FramedRead<ReadHalf<BoxIo>, LengthDelimitedCodec>;
+type Writer = FramedWrite<WriteHalf<BoxIo>, LengthDelimitedCodec>;
+
+fn framed(io: BoxIo, config: &ConnectionConfig) -> (Reader, Writer) {
+    let codec = || {
+        LengthDelimitedCodec::builder()
+            .max_frame_length(config.max_frame)
+            .new_codec()
+    };
+    let (read, write) = tokio::io::split(io);
+    (
+        FramedRead::new(read, codec()),
+        FramedWrite::new(write, codec()),
+    )
+}
+
+/// The next handshake frame.
+async fn next_header(reader: &mut Reader) -> Result<Header, ConnectError> {
+    match reader.next().await {
+        Some(Ok(body)) => wire::decode(body.freeze())
+            .map(|(header, _)| header)
+            .map_err(|err| ConnectError::Protocol(err.to_string())),
+        Some(Err(err)) => Err(ConnectError::Io(err.to_string())),
+        None => Err(ConnectError::Io("the peer closed the connection".into())),
+    }
+}
+
+async fn send_header(writer: &mut Writer, header: &Header) -> Result<(), ConnectError> {
+    let frame = wire::encode(header, &[]).map_err(|err| ConnectError::Protocol(err.to_string()))?;
+    writer.send(frame).await?;
+    Ok(())
+}
+
+/// Opens a connection over `io` to the silo that accepted it, proving both
+/// sides hold `secret` (rule 1).
+pub async fn connect(
+    io: BoxIo,
+    local: SiloId,
+    cluster: &str,
+    secret: &ClusterSecret,
+    inbound: Arc<dyn Inbound>,
+    config: ConnectionConfig,
+) -> Result<Connection, ConnectError> {
+    let (mut reader, mut writer) = framed(io, &config);
+    let handshake = async {
+        let ours = auth::nonce()?;
+        send_header(
+            &mut writer,
+            &Header::Hello {
+                cluster: cluster.to_string(),
+                silo: local.clone(),
+                nonce: ours,
+            },
+        )
+        .await?;
+        let Header::Challenge {
+            silo: peer,
+            nonce: theirs,
+            proof,
+        } = next_header(&mut reader).await?
+        else {
+            return Err(ConnectError::Protocol("expected a challenge".into()));
+        };
+        if !secret.verify(Role::Acceptor, [&ours, &theirs], [&local, &peer], &proof) {
+            return Err(ConnectError::Unauthenticated);
+        }
+        let proof = secret.proof(Role::Connector, [&theirs, &ours], [&local, &peer]);
+        send_header(&mut writer, &Header::Proof { proof }).await?;
+        Ok(peer)
+    };
+    let peer = tokio::time::timeout(config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    Ok(start(peer, reader, writer, inbound, config))
+}
+
+/// Accepts a connection over `io` from a silo that connected, proving both
+/// sides hold `secret` (rule 1).
+pub async fn accept(
+    io: BoxIo,
+    local: SiloId,
+    cluster: &str,
+    secret: &ClusterSecret,
+    inbound: Arc<dyn Inbound>,
+    config: ConnectionConfig,
+) -> Result<Connection, ConnectError> {
+    let (mut reader, mut writer) = framed(io, &config);
+    let handshake = async {
+        let Header::Hello {
+            cluster: theirs_cluster,
+            silo: peer,
+            nonce: theirs,
+        } = next_header(&mut reader).await?
+        else {
+            return Err(ConnectError::Protocol("expected a hello".into()));
+        };
+        if theirs_cluster != cluster {
+            return Err(ConnectError::WrongCluster {
+                theirs: theirs_cluster,
+            });
+        }
+        let ours = auth::nonce()?;
+        let proof = secret.proof(Role::Acceptor, [&theirs, &ours], [&peer, &local]);
+        send_header(
+            &mut writer,
+            &Header::Challenge {
+                silo: local.clone(),
+                nonce: ours,
+                proof,
+            },
+        )
+        .await?;
+        let Header::Proof { proof } = next_header(&mut reader).await? else {
+            return Err(ConnectError::Protocol("expected a proof".into()));
+        };
+        if !secret.verify(Role::Connector, [&ours, &theirs], [&peer, &local], &proof) {
+            return Err(ConnectError::Unauthenticated);
+        }
+        Ok(peer)
+    };
+    let peer = tokio::time::timeout(config.handshake_timeout, handshake)
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    Ok(start(peer, reader, writer, inbound, config))
+}
+
+/// Starts the reader and the writer of an authenticated connection.
+fn start(
+    peer: SiloId,
+    reader: Reader,
+    writer: Writer,
+    inbound: Arc<dyn Inbound>,
+    config: ConnectionConfig,
+) -> Connection {
+    let (outgoing, frames) = mpsc::channel(config.outgoing_frames.max(1));
+    let shared = Arc::new(Shared {
+        peer,
+        config,
+        outgoing,
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+        closed: AtomicBool::new(false),
+        reason: Mutex::new(None),
+        stop: CancellationToken::new(),
+    });
+    tokio::spawn(write_frames(shared.clone(), writer, frames));
+    // The reader holds the shared state weakly through its sender side
+    // only: a connection whose handles are all gone closes (CloseOnDrop).
+    tokio::spawn(read_frames(shared.clone(), reader, inbound));
+    Connection {
+        _last: Arc::new(CloseOnDrop(shared.clone())),
+        shared,
+    }
+}
+
+/// Most frames written before one flush.
+const WRITE_BATCH: usize = 256;
+
+/// Rule 3.
+async fn write_frames(shared: Arc<Shared>, mut writer: Writer, mut frames: mpsc::Receiver<Bytes>) {
+    let outcome: io::Result<()> = async {
+        loop {
+            let first = tokio::select! {
+                _ = shared.stop.cancelled() => return Ok(()),
+                frame = frames.recv() => frame,
+            };
+            let Some(first) = first else { return Ok(()) };
+            writer.feed(first).await?;
+            for _ in 1..WRITE_BATCH {
+                match frames.try_recv() {
+                    Ok(frame) => writer.feed(frame).await?,
+                    Err(_) => break,
+                }
+            }
+            SinkExt::<Bytes>::flush(&mut writer).await?;
+        }
+    }
+    .await;
+    if let Err(err) = outcome {
+        shared.close(format!("writing failed: {err}"));
+    }
+    // Best effort: tell the peer the stream ends.
+    let _ = SinkExt::<Bytes>::close(&mut writer).await;
+}
+
+/// Reads frames until the connection closes (rules 2, 4 and 5).
+async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn Inbound>) {
+    let running = Arc::new(Semaphore::new(shared.config.max_inbound.max(1)));
+    let reason = loop {
+        let next = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            next = reader.next() => next,
+        };
+        let body = match next {
+            Some(Ok(body)) => body.freeze(),
+            Some(Err(err)) => break format!("reading failed: {err}"),
+            None => break "the peer closed the connection".to_string(),
+        };
+        match wire::decode(body) {
+            Ok((
+                Header::Request {
+                    id,
+                    grain_type,
+                    key,
+                    message,
+                    one_way,
+                },
+                payload,
+            )) => {
+                // Rule 4: wait for room before reading on.
+                let permit = tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    permit = running.clone().acquire_owned() => permit,
+                };
+                let Ok(permit) = permit else { return };
+                let request = InboundRequest {
+                    grain_type,
+                    key,
+                    message,
+                    payload,
+                    one_way,
+                };
+                let handled = inbound.request(&shared.peer, request);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let result = handled.await;
+                    drop(permit);
+                    if one_way {
+                        return;
+                    }
+                    let (outcome, payload) = match result {
+                        Ok(reply) => (Outcome::Ok, reply),
+                        Err(err) => (Outcome::Failed(err), Vec::new()),
+                    };
+                    respond(&shared, id, outcome, &payload).await;
+                });
+            }
+            Ok((Header::Response { id, outcome }, payload)) => {
+                if let Some(reply) = shared.take_pending(id) {
+                    let _ = reply.send(match outcome {
+                        Outcome::Ok => Ok(payload),
+                        Outcome::Failed(err) => Err(CallFailure::Remote(err)),
+                    });
+                }
+            }
+            Ok((other, _)) => {
+                break format!("a handshake frame after the handshake: {other:?}");
+            }
+            Err(FrameError::Truncated { len }) => {
+                break format!("a truncated frame of {len} bytes");
+            }
+            Err(err) => break err.to_string(),
+        }
+    };
+    shared.close(reason);
+}
+
+/// Sends the response to request `id`; one too long for a frame is sent
+/// as a failure instead.
+async fn respond(shared: &Shared, id: u64, outcome: Outcome, payload: &[u8]) {
+    let header = Header::Response { id, outcome };
+    let frame = match wire::encode(&header, payload) {
+        Ok(frame) if frame.len() <= shared.config.max_frame => frame,
+        Ok(frame) => {
+            let failed = Header::Response {
+                id,
+                outcome: Outcome::Failed(RemoteError::Other(format!(
+                    "a reply of {} bytes exceeds the {}-byte frame limit",
+                    frame.len(),
+                    shared.config.max_frame
+                ))),
+            };
+            match wire::encode(&failed, &[]) {
+                Ok(frame) => frame,
+                Err(_) => return,
+            }
+        }
+        Err(_) => return,
+    };
+    let _ = shared.outgoing.send(frame).await;
+}

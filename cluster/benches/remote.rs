@@ -1,0 +1,336 @@
+//! A remote call between two silos on loopback against tonic's unary gRPC,
+//! same payload, same run.
+//!
+//! ```text
+//! cargo bench -p granary-cluster --bench remote
+//! ```
+//!
+//! - Granary: silo B calls grain `echo`/`k` on silo A over one
+//!   authenticated TCP connection (`Connection::call`); A decodes the
+//!   message, runs the grain's turn (activation, mailbox, turn) and sends
+//!   the reply back. The message is 32 bytes and the reply is the same
+//!   bytes.
+//! - tonic: a unary gRPC call over HTTP/2 to a service that returns the
+//!   request's 32 bytes (a raw-bytes codec, so no protobuf work on either
+//!   side). The service does less than the silo: no grain, no mailbox.
+//!
+//! Groups:
+//! - `remote_sequential/*`: one call at a time (criterion's time is the
+//!   round trip);
+//! - `remote_pipelined/*`: 64 tasks each making calls back to back over
+//!   the one connection (tonic: one HTTP/2 channel), so up to 64 are in
+//!   flight; throughput is calls per second.
+//!
+//! The runtime has two worker threads (the machine's two cores), shared by
+//! both ends of each connection.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use granary_actors::dispatch::{decode, encode};
+use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_cluster::{
+    ClusterSecret, Connection, ConnectionConfig, Listener, SiloId, TcpTransport, Transport, accept,
+    connect,
+};
+use serde::{Deserialize, Serialize};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+const PAYLOAD: usize = 32;
+const TASKS: usize = 64;
+const CALLS_PER_TASK: usize = 200;
+
+struct EchoGrain;
+impl Grain for EchoGrain {
+    fn new(_: &GrainKey) -> EchoGrain {
+        EchoGrain
+    }
+}
+#[derive(Serialize, Deserialize)]
+struct Echo(Vec<u8>);
+impl Message for Echo {
+    type Reply = Echo;
+}
+impl Handler<Echo> for EchoGrain {
+    async fn handle(&mut self, echo: Echo, _: &mut GrainContext) -> Echo {
+        echo
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// Silo A serving on loopback, and B's connection to it.
+async fn granary_pair() -> (Connection, Silo, Silo) {
+    let secret = ClusterSecret::new(*b"the benchmark cluster's secret").expect("a secret");
+    let a = Silo::builder()
+        .register::<EchoGrain>("echo")
+        .message::<EchoGrain, Echo>("echo")
+        .build()
+        .expect("silo a");
+    let b = Silo::builder()
+        .register::<EchoGrain>("echo")
+        .build()
+        .expect("silo b");
+    let mut listener: Box<dyn Listener> = TcpTransport
+        .bind("127.0.0.1:0".into())
+        .await
+        .expect("a listener");
+    let address = listener.local_address();
+    let (serving, secret_a) = (a.clone(), secret.clone());
+    let a_id = SiloId::new(address.clone(), 1);
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((io, _)) = listener.accept().await {
+            if let Ok(connection) = accept(
+                io,
+                a_id.clone(),
+                "bench",
+                &secret_a,
+                Arc::new(serving.clone()),
+                ConnectionConfig::default(),
+            )
+            .await
+            {
+                open.push(connection);
+            }
+        }
+    });
+    let io = TcpTransport.connect(address).await.expect("connected");
+    let connection = connect(
+        io,
+        SiloId::new("b", 1),
+        "bench",
+        &secret,
+        Arc::new(b.clone()),
+        ConnectionConfig::default(),
+    )
+    .await
+    .expect("a connection");
+    (connection, a, b)
+}
+
+async fn granary_call(connection: &Connection, key: &GrainKey, payload: &[u8]) -> usize {
+    let reply = connection
+        .call("echo", key, "echo", payload)
+        .await
+        .expect("a reply");
+    decode::<Echo>(&reply).expect("an echo").0.len()
+}
+
+/// Raw bytes in and out of gRPC's framing.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RawEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// `/bench.Echo/Echo`: returns the request's bytes.
+#[derive(Debug, Clone, Copy)]
+struct EchoService;
+
+impl tonic::server::NamedService for EchoService {
+    const NAME: &'static str = "bench.Echo";
+}
+
+struct EchoHandler;
+
+impl tonic::server::UnaryService<Bytes> for EchoHandler {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        std::future::ready(Ok(tonic::Response::new(request.into_inner())))
+    }
+}
+
+impl<B> tower_service::Service<http::Request<B>> for EchoService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            Ok(grpc.unary(EchoHandler, request).await)
+        })
+    }
+}
+
+type GrpcClient = tonic::client::Grpc<tonic::transport::Channel>;
+
+async fn tonic_pair() -> GrpcClient {
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().expect("an address"))
+            .expect("a listener")
+            // As Granary's TCP transport does.
+            .with_nodelay(Some(true));
+    let address = incoming.local_addr().expect("its address");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoService)
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .expect("a uri")
+        .connect()
+        .await
+        .expect("a channel");
+    tonic::client::Grpc::new(channel)
+}
+
+async fn tonic_call(client: &mut GrpcClient, payload: &Bytes) -> usize {
+    client.ready().await.expect("ready");
+    let reply = client
+        .unary(
+            tonic::Request::new(payload.clone()),
+            http::uri::PathAndQuery::from_static("/bench.Echo/Echo"),
+            RawCodec,
+        )
+        .await
+        .expect("a reply");
+    reply.into_inner().len()
+}
+
+fn sequential(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("remote_sequential");
+    let (connection, _a, _b) = rt.block_on(granary_pair());
+    let key = GrainKey::from("k");
+    let payload = encode(&Echo(vec![7; PAYLOAD])).expect("encoded");
+    group.bench_function("granary", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(granary_call(&connection, &key, &payload).await) })
+    });
+    let client = rt.block_on(tonic_pair());
+    let bytes = Bytes::from(vec![7u8; PAYLOAD]);
+    group.bench_function("tonic", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut client = client.clone();
+            let bytes = bytes.clone();
+            async move { black_box(tonic_call(&mut client, &bytes).await) }
+        })
+    });
+    group.finish();
+}
+
+fn pipelined(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("remote_pipelined");
+    group.throughput(Throughput::Elements((TASKS * CALLS_PER_TASK) as u64));
+    group.sample_size(20);
+    let (connection, _a, _b) = rt.block_on(granary_pair());
+    let payload = Bytes::from(encode(&Echo(vec![7; PAYLOAD])).expect("encoded"));
+    group.bench_function("granary", |b| {
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|task| {
+                            let (connection, payload) = (connection.clone(), payload.clone());
+                            tokio::spawn(async move {
+                                let key = GrainKey::U64(task as u64);
+                                for _ in 0..CALLS_PER_TASK {
+                                    black_box(granary_call(&connection, &key, &payload).await);
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("a task");
+                    }
+                }
+                started.elapsed()
+            })
+        })
+    });
+    let client = rt.block_on(tonic_pair());
+    let bytes = Bytes::from(vec![7u8; PAYLOAD]);
+    group.bench_function("tonic", |b| {
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let (mut client, bytes) = (client.clone(), bytes.clone());
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS_PER_TASK {
+                                    black_box(tonic_call(&mut client, &bytes).await);
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("a task");
+                    }
+                }
+                started.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5));
+    targets = sequential, pipelined
+}
+criterion_main!(benches);

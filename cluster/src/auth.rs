@@ -114,6 +114,26 @@ impl ClusterSecret {
     }
 }
 
+impl ClusterSecret {
+    /// A tag over `data` under `label`, for datagrams (gossip) that have no
+    /// handshake.
+    pub fn tag(&self, label: &[u8], data: &[u8]) -> [u8; PROOF_LEN] {
+        let mut mac = self.mac();
+        mac.update(label);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is [`ClusterSecret::tag`] of `label` and `data`,
+    /// compared in constant time.
+    pub fn verify_tag(&self, label: &[u8], data: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.mac();
+        mac.update(label);
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
 /// Which side of the handshake a proof is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -7,16 +7,19 @@
 //!   payload bytes);
 //! - [`auth`]: the cluster secret and the handshake that proves it;
 //! - [`connection`]: one authenticated, multiplexed, pipelined connection
-//!   per pair of silos, whose calls fail fast when it closes.
+//!   per pair of silos, whose calls fail fast when it closes;
+//! - [`membership`]: gossip (chitchat) with phi-accrual failure detection,
+//!   each silo's load in its node state.
 //!
-//! Membership, the distributed directory and placement are issue 5's next
-//! parts (see `ARCHITECTURE.md`).
+//! The distributed directory, placement and the etcd provider are issue
+//! 5's next parts (see `ARCHITECTURE.md`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod connection;
+pub mod membership;
 pub mod transport;
 pub mod wire;
 
@@ -27,6 +30,7 @@ pub use connection::{
     CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, accept,
     connect,
 };
+pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
 pub use transport::{InProcessNetwork, InProcessTransport, Listener, TcpTransport, Transport};
 pub use wire::RemoteError;
 

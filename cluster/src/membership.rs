@@ -1,0 +1,371 @@
+//! Who is in the cluster, alive, and how loaded: gossip with chitchat.
+//!
+//! # Rules
+//!
+//! 1. **Identity.** A silo gossips as chitchat node `address` with
+//!    generation `incarnation` (its [`SiloId`]); a silo that restarts comes
+//!    back with a greater incarnation, and the view keeps only the newest
+//!    incarnation of an address.
+//! 2. **Joining** needs only seed addresses: chitchat gossips every
+//!    `gossip_interval` with a few peers and the seeds.
+//! 3. **Failure detection** is chitchat's phi-accrual detector over
+//!    heartbeats: a silo whose heartbeats stop is marked dead once phi
+//!    passes `phi_threshold`, and leaves the view.
+//! 4. **Load** travels as node state: the silo's activation count and, per
+//!    device, free memory, queue depth and capabilities
+//!    ([`SiloLoad`]), published with [`Membership::publish_load`].
+//! 5. **Leaving** gracefully marks the silo `leaving` and gossips that for
+//!    a few intervals before stopping: peers drop it at once, without
+//!    waiting for the failure detector.
+//! 6. **Signed state.** A silo's status and load travel as one value
+//!    tagged with the cluster secret over its id and incarnation
+//!    (HMAC-SHA-256). A node whose value is missing or does not verify is
+//!    not in the view: a host without the secret may gossip, but no silo
+//!    counts it, places grains on it, or (connections need the secret too)
+//!    talks to it. chitchat 0.9 keeps its message decoding private, so the
+//!    datagrams themselves cannot be signed from outside it.
+//! 7. **The view** ([`Membership::members`], [`Membership::watch`]) lists
+//!    live silos, this one included, sorted by id, each with its last load.
+//!    It changes when a silo joins, leaves, dies or publishes new load.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chitchat::transport::Transport as GossipTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::SiloId;
+use crate::auth::ClusterSecret;
+
+/// The node-state key of a silo's signed state: `<hex tag>:<json State>`.
+const STATE: &str = "granary.state";
+/// What the tag covers, besides the node and the value.
+const LABEL: &[u8] = b"granary member";
+
+/// What a silo says about itself (rules 4 to 6).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    /// Leaving gracefully (rule 5).
+    leaving: bool,
+    load: SiloLoad,
+}
+
+/// One device of a silo, as the cluster sees it (rule 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLoad {
+    /// The backend (`Cpu`, `OpenCl`, `Cuda`).
+    pub backend: String,
+    /// The device's name.
+    pub name: String,
+    /// Device memory in all, in bytes.
+    pub total_memory: u64,
+    /// Device memory not reserved, in bytes.
+    pub free_memory: u64,
+    /// Requests running or queued on it.
+    pub queue_depth: u64,
+    /// Its compute units (SMs, OpenCL compute units, cores).
+    pub compute_units: u32,
+}
+
+/// A silo's load (rule 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiloLoad {
+    /// Grain activations alive on it.
+    pub activations: u64,
+    /// Its devices.
+    pub devices: Vec<DeviceLoad>,
+}
+
+/// A live silo in the view (rule 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its identity.
+    pub silo: SiloId,
+    /// Where it gossips.
+    pub gossip: SocketAddr,
+    /// Its last published load (default until it publishes).
+    pub load: SiloLoad,
+}
+
+/// How a silo gossips.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipConfig {
+    /// The cluster's name; silos of other clusters are ignored.
+    pub cluster: String,
+    /// This silo.
+    pub silo: SiloId,
+    /// Where this silo gossips (UDP).
+    pub gossip_address: SocketAddr,
+    /// Gossip addresses to join through (any live member will do).
+    pub seeds: Vec<String>,
+    /// How often to gossip (default 500 ms).
+    pub gossip_interval: Duration,
+    /// Phi above which a silo is taken for dead (default 8, chitchat's).
+    pub phi_threshold: f64,
+    /// How long a dead silo's state is kept before it is forgotten
+    /// (default 1 hour).
+    pub dead_grace_period: Duration,
+}
+
+impl GossipConfig {
+    /// Gossip for `silo` on `gossip_address`, joining through `seeds`,
+    /// with the defaults.
+    pub fn new(
+        cluster: impl Into<String>,
+        silo: SiloId,
+        gossip_address: SocketAddr,
+        seeds: Vec<String>,
+    ) -> GossipConfig {
+        GossipConfig {
+            cluster: cluster.into(),
+            silo,
+            gossip_address,
+            seeds,
+            gossip_interval: Duration::from_millis(500),
+            phi_threshold: 8.0,
+            dead_grace_period: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why gossip could not start or stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipError {
+    /// The gossip socket could not be opened, or chitchat failed to start.
+    Start(String),
+    /// The gossip server failed while stopping.
+    Stop(String),
+}
+
+impl std::fmt::Display for MembershipError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MembershipError::Start(why) => write!(f, "gossip could not start: {why}"),
+            MembershipError::Stop(why) => write!(f, "gossip did not stop cleanly: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for MembershipError {}
+
+/// This silo's membership: its gossip and its view of the cluster.
+pub struct Membership {
+    handle: ChitchatHandle,
+    secret: ClusterSecret,
+    /// What this silo says about itself, signed and published whole.
+    state: tokio::sync::Mutex<State>,
+    view: watch::Receiver<Vec<Member>>,
+    gossip_interval: Duration,
+    /// Turns chitchat's live set into the view.
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("members", &*self.view.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// Starts gossiping over `transport` (chitchat's UDP transport, or its
+    /// in-process channel transport in tests) and joins through the seeds
+    /// (rule 2).
+    pub async fn join(
+        config: GossipConfig,
+        secret: ClusterSecret,
+        transport: &dyn GossipTransport,
+    ) -> Result<Membership, MembershipError> {
+        let gossip_interval = config.gossip_interval.max(Duration::from_millis(1));
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(
+                config.silo.address.clone(),
+                config.silo.incarnation,
+                config.gossip_address,
+            ),
+            cluster_id: config.cluster.clone(),
+            gossip_interval,
+            listen_addr: config.gossip_address,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                // Heartbeats come every gossip round or so: a silo heard
+                // from once starts from that, not chitchat's 5 s default.
+                max_interval: gossip_interval * 20,
+                initial_interval: gossip_interval * 2,
+                dead_node_grace_period: config.dead_grace_period,
+            },
+            marked_for_deletion_grace_period: config.dead_grace_period,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let state = State::default();
+        let value = signed(&secret, &chitchat_config.chitchat_id, &state)
+            .ok_or_else(|| MembershipError::Start("the state did not serialise".into()))?;
+        let handle =
+            chitchat::spawn_chitchat(chitchat_config, vec![(STATE.to_string(), value)], transport)
+                .await
+                .map_err(|err| MembershipError::Start(err.to_string()))?;
+        let live = handle
+            .with_chitchat(|chitchat| chitchat.live_nodes_watcher())
+            .await;
+        let (publish, view) = watch::channel(Vec::new());
+        let follower = tokio::spawn(follow(live, publish, secret.clone()));
+        Ok(Membership {
+            handle,
+            secret,
+            state: tokio::sync::Mutex::new(state),
+            view,
+            gossip_interval,
+            follower,
+        })
+    }
+
+    /// Publishes `change` of this silo's state, signed (rule 6).
+    async fn publish(&self, change: impl FnOnce(&mut State)) {
+        let mut state = self.state.lock().await;
+        change(&mut state);
+        let Some(value) = signed(&self.secret, self.handle.chitchat_id(), &state) else {
+            return;
+        };
+        self.handle
+            .with_chitchat(|chitchat| chitchat.self_node_state().set(STATE, &value))
+            .await;
+    }
+
+    /// The live silos now, this one included (rule 7).
+    pub fn members(&self) -> Vec<Member> {
+        self.view.borrow().clone()
+    }
+
+    /// The view, as it changes.
+    pub fn watch(&self) -> watch::Receiver<Vec<Member>> {
+        self.view.clone()
+    }
+
+    /// This silo's identity.
+    pub fn silo(&self) -> SiloId {
+        let id = self.handle.chitchat_id();
+        SiloId::new(id.node_id.clone(), id.generation_id)
+    }
+
+    /// Publishes this silo's load to the cluster (rule 4).
+    pub async fn publish_load(&self, load: &SiloLoad) {
+        self.publish(|state| state.load = load.clone()).await;
+    }
+
+    /// Leaves gracefully (rule 5): peers drop this silo from their views
+    /// at once, then gossip stops.
+    pub async fn leave(self) -> Result<(), MembershipError> {
+        self.publish(|state| state.leaving = true).await;
+        tokio::time::sleep(self.gossip_interval * 4).await;
+        self.stop().await
+    }
+
+    /// Stops gossiping at once, as a crash would look to peers (they find
+    /// out through the failure detector).
+    pub async fn stop(self) -> Result<(), MembershipError> {
+        self.follower.abort();
+        self.handle
+            .shutdown()
+            .await
+            .map_err(|err| MembershipError::Stop(err.to_string()))
+    }
+}
+
+/// Keeps the view up to date with chitchat's live set (rule 7).
+async fn follow(
+    mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    publish: watch::Sender<Vec<Member>>,
+    secret: ClusterSecret,
+) {
+    loop {
+        let members = view_of(&live.borrow_and_update(), &secret);
+        publish.send_if_modified(|view| {
+            if *view == members {
+                false
+            } else {
+                *view = members;
+                true
+            }
+        });
+        if live.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The value of [`STATE`] for `state` of node `id`: the tag in hex, a
+/// colon, the JSON.
+fn signed(secret: &ClusterSecret, id: &ChitchatId, state: &State) -> Option<String> {
+    let json = serde_json::to_string(state).ok()?;
+    let tag = secret.tag(LABEL, &covered(id, &json));
+    let hex: String = tag.iter().map(|byte| format!("{byte:02x}")).collect();
+    Some(format!("{hex}:{json}"))
+}
+
+/// What a state's tag covers: the node's id, incarnation and gossip
+/// address, length-prefixed, then the JSON.
+fn covered(id: &ChitchatId, json: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(json.len() + 64);
+    for part in [
+        id.node_id.as_bytes(),
+        id.gossip_advertise_addr.to_string().as_bytes(),
+    ] {
+        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(part);
+    }
+    bytes.extend_from_slice(&id.generation_id.to_le_bytes());
+    bytes.extend_from_slice(json.as_bytes());
+    bytes
+}
+
+/// The state node `id` published, if its tag verifies (rule 6).
+fn verified(secret: &ClusterSecret, id: &ChitchatId, value: &str) -> Option<State> {
+    let (hex, json) = value.split_once(':')?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let tag = (0..32)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    if !secret.verify_tag(LABEL, &covered(id, json), &tag) {
+        return None;
+    }
+    serde_json::from_str(json).ok()
+}
+
+/// Rules 1, 5 and 6: the newest incarnation of each address whose state
+/// verifies, without silos that are leaving; sorted by id.
+fn view_of(live: &BTreeMap<ChitchatId, NodeState>, secret: &ClusterSecret) -> Vec<Member> {
+    let mut newest: BTreeMap<&str, Member> = BTreeMap::new();
+    for (id, node) in live {
+        let Some(state) = node
+            .get(STATE)
+            .and_then(|value| verified(secret, id, value))
+        else {
+            continue;
+        };
+        if state.leaving {
+            continue;
+        }
+        let member = Member {
+            silo: SiloId::new(id.node_id.clone(), id.generation_id),
+            gossip: id.gossip_advertise_addr,
+            load: state.load,
+        };
+        match newest.get(id.node_id.as_str()) {
+            Some(known) if known.silo.incarnation >= id.generation_id => {}
+            _ => {
+                newest.insert(id.node_id.as_str(), member);
+            }
+        }
+    }
+    newest.into_values().collect()
+}

@@ -1,0 +1,258 @@
+//! Gossip membership: silos join through a seed, see each other and each
+//! other's load, notice one that dies, drop one that leaves at once, and
+//! keep only the newest incarnation of a silo that restarts. Over
+//! chitchat's in-process channel transport (which serialises every message
+//! and can cut links) and over UDP on loopback.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chitchat::transport::{ChannelTransport, UdpTransport};
+use granary_cluster::{
+    ClusterSecret, DeviceLoad, GossipConfig, Member, Membership, SiloId, SiloLoad,
+};
+
+fn secret() -> ClusterSecret {
+    ClusterSecret::new(*b"the gossiping cluster's secret").unwrap()
+}
+
+fn gossip_address(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn config(port: u16, incarnation: u64, seed: u16) -> GossipConfig {
+    let mut config = GossipConfig::new(
+        "test",
+        SiloId::new(format!("silo-{port}"), incarnation),
+        gossip_address(port),
+        vec![gossip_address(seed).to_string()],
+    );
+    config.gossip_interval = Duration::from_millis(50);
+    config
+}
+
+/// Waits until `membership`'s view satisfies `ok`, at most `within`.
+async fn until(membership: &Membership, within: Duration, ok: impl Fn(&[Member]) -> bool) {
+    let mut view = membership.watch();
+    let deadline = Instant::now() + within;
+    loop {
+        if ok(&view.borrow_and_update()) {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, view.changed()).await.is_err() {
+            panic!(
+                "view of {} did not settle within {within:?}: {:?}",
+                membership.silo(),
+                membership.members()
+            );
+        }
+    }
+}
+
+fn addresses(members: &[Member]) -> Vec<String> {
+    members.iter().map(|m| m.silo.address.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_silos_join_through_a_seed_and_see_each_others_load() {
+    let transport = ChannelTransport::default();
+    let mut silos = Vec::new();
+    for port in 20_001..=20_005 {
+        silos.push(
+            Membership::join(config(port, 1, 20_001), secret(), &transport)
+                .await
+                .unwrap(),
+        );
+    }
+    let all: Vec<String> = (20_001..=20_005).map(|p| format!("silo-{p}")).collect();
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| addresses(m) == all).await;
+    }
+    let load = SiloLoad {
+        activations: 42,
+        devices: vec![DeviceLoad {
+            backend: "Cuda".into(),
+            name: "H100".into(),
+            total_memory: 80 << 30,
+            free_memory: 60 << 30,
+            queue_depth: 3,
+            compute_units: 132,
+        }],
+    };
+    silos[2].publish_load(&load).await;
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| {
+            m.iter()
+                .any(|member| member.silo.address == "silo-20003" && member.load == load)
+        })
+        .await;
+    }
+    for silo in silos {
+        silo.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_that_dies_is_dropped_by_the_failure_detector_and_one_that_leaves_at_once() {
+    let transport = ChannelTransport::default();
+    let mut silos = Vec::new();
+    for port in 21_001..=21_004 {
+        silos.push(
+            Membership::join(config(port, 1, 21_001), secret(), &transport)
+                .await
+                .unwrap(),
+        );
+    }
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| m.len() == 4).await;
+    }
+    // Silo 4 crashes: its heartbeats stop.
+    let dead = silos.pop().unwrap();
+    let died = Instant::now();
+    dead.stop().await.unwrap();
+    for silo in &silos {
+        until(silo, Duration::from_secs(20), |m| {
+            !addresses(m).contains(&"silo-21004".to_string())
+        })
+        .await;
+    }
+    let detected = died.elapsed();
+    // Silo 3 leaves: no detector needed.
+    let leaving = silos.pop().unwrap();
+    let left = Instant::now();
+    let leave = tokio::spawn(leaving.leave());
+    for silo in &silos {
+        until(silo, Duration::from_secs(5), |m| {
+            addresses(m) == ["silo-21001", "silo-21002"]
+        })
+        .await;
+    }
+    assert!(
+        left.elapsed() < detected,
+        "leaving ({:?}) is seen sooner than dying ({detected:?})",
+        left.elapsed()
+    );
+    leave.await.unwrap().unwrap();
+    for silo in silos {
+        silo.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_that_restarts_comes_back_with_a_new_incarnation_only() {
+    let transport = ChannelTransport::default();
+    let seed = Membership::join(config(22_001, 1, 22_001), secret(), &transport)
+        .await
+        .unwrap();
+    let first = Membership::join(config(22_002, 1, 22_001), secret(), &transport)
+        .await
+        .unwrap();
+    until(&seed, Duration::from_secs(10), |m| m.len() == 2).await;
+    first.stop().await.unwrap();
+    // The same address, restarted: a greater incarnation.
+    let second = Membership::join(config(22_002, 2, 22_001), secret(), &transport)
+        .await
+        .unwrap();
+    until(&seed, Duration::from_secs(20), |m| {
+        m.iter()
+            .filter(|member| member.silo.address == "silo-22002")
+            .map(|member| member.silo.incarnation)
+            .collect::<Vec<_>>()
+            == [2]
+    })
+    .await;
+    second.stop().await.unwrap();
+    seed.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_isolates_a_silo_until_it_is_healed() {
+    let transport = ChannelTransport::default();
+    let mut silos = Vec::new();
+    for port in 23_001..=23_003 {
+        silos.push(
+            Membership::join(config(port, 1, 23_001), secret(), &transport)
+                .await
+                .unwrap(),
+        );
+    }
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| m.len() == 3).await;
+    }
+    // Silo 3 can no longer reach anyone.
+    for other in [23_001, 23_002] {
+        transport
+            .remove_link(gossip_address(23_003), gossip_address(other))
+            .await;
+    }
+    for silo in &silos[..2] {
+        until(silo, Duration::from_secs(20), |m| m.len() == 2).await;
+    }
+    until(&silos[2], Duration::from_secs(20), |m| m.len() == 1).await;
+    for other in [23_001, 23_002] {
+        transport
+            .add_link(gossip_address(23_003), gossip_address(other))
+            .await;
+    }
+    for silo in &silos {
+        until(silo, Duration::from_secs(20), |m| m.len() == 3).await;
+    }
+    for silo in silos {
+        silo.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_silos_gossip_over_udp_on_loopback() {
+    // Ports from the OS, so parallel runs do not collide.
+    let ports: Vec<u16> = (0..3)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let mut silos = Vec::new();
+    for &port in &ports {
+        silos.push(
+            Membership::join(config(port, 1, ports[0]), secret(), &UdpTransport)
+                .await
+                .unwrap(),
+        );
+    }
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| m.len() == 3).await;
+    }
+    for silo in silos {
+        silo.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_secret_gossips_but_is_never_a_member() {
+    let transport = ChannelTransport::default();
+    let a = Membership::join(config(24_001, 1, 24_001), secret(), &transport)
+        .await
+        .unwrap();
+    let b = Membership::join(config(24_002, 1, 24_001), secret(), &transport)
+        .await
+        .unwrap();
+    let stranger_secret = ClusterSecret::new(*b"a secret of some other cluster").unwrap();
+    let stranger = Membership::join(config(24_003, 1, 24_001), stranger_secret, &transport)
+        .await
+        .unwrap();
+    until(&a, Duration::from_secs(10), |m| m.len() == 2).await;
+    // Give the stranger's gossip every chance to be heard.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for member in [&a, &b] {
+        assert_eq!(addresses(&member.members()), ["silo-24001", "silo-24002"]);
+    }
+    // The stranger cannot verify the members either.
+    assert_eq!(addresses(&stranger.members()), ["silo-24003"]);
+    for silo in [a, b, stranger] {
+        silo.stop().await.unwrap();
+    }
+}

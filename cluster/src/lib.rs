@@ -9,17 +9,25 @@
 //! - [`connection`]: one authenticated, multiplexed, pipelined connection
 //!   per pair of silos, whose calls fail fast when it closes;
 //! - [`membership`]: gossip (chitchat) with phi-accrual failure detection,
-//!   each silo's load in its node state.
+//!   each silo's load in its node state;
+//! - [`placement`]: random, prefer-local, hash, least-activations and
+//!   GPU-aware placement over the membership view;
+//! - [`directory`]: rendezvous ownership of directory entries, the
+//!   first-registration-wins partition, and the callers' location cache.
 //!
-//! The distributed directory, placement and the etcd provider are issue
-//! 5's next parts (see `ARCHITECTURE.md`).
+//! Still to come in issue 5: the directory service between silos (its
+//! messages and the hand-over of entries), routing grain references to
+//! remote activations, the etcd provider, `granary node` and the
+//! multi-node demo (see `ARCHITECTURE.md`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod connection;
+pub mod directory;
 pub mod membership;
+pub mod placement;
 pub mod transport;
 pub mod wire;
 
@@ -30,7 +38,12 @@ pub use connection::{
     CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, accept,
     connect,
 };
+pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
+pub use placement::{
+    GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
+    PlacementStrategy, PreferLocal, RandomPlacement,
+};
 pub use transport::{InProcessNetwork, InProcessTransport, Listener, TcpTransport, Transport};
 pub use wire::RemoteError;
 

@@ -1,0 +1,108 @@
+//! A placement decision and a cached directory lookup, each against its
+//! goal of 1 µs.
+//!
+//! ```text
+//! cargo bench -p granary-cluster --bench decisions
+//! ```
+//!
+//! - `placement/gpu_aware/{8,64}_silos`: GPU-aware placement over a view of
+//!   8 or 64 silos with 4 devices each (a grain needing 1 GiB, so every
+//!   device is checked);
+//! - `placement/hash/{8,64}_silos`: rendezvous hashing over the same view;
+//! - `placement/least_activations/64_silos`;
+//! - `directory/cached_lookup`: a hit in a location cache of 100 000
+//!   grains; `directory/owner/64_silos`: which silo owns a grain's entry.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use granary_actors::{GrainId, GrainKey};
+use granary_cluster::{
+    ActivationAddress, DeviceLoad, GpuAware, GpuNeeds, HashPlacement, LeastActivations,
+    LocationCache, Member, PlacementRequest, PlacementStrategy, SiloId, SiloLoad, directory,
+};
+
+fn view(silos: usize) -> Vec<Member> {
+    (0..silos)
+        .map(|i| Member {
+            silo: SiloId::new(format!("10.0.{}.{}:7000", i / 256, i % 256), 1),
+            gossip: "127.0.0.1:1".parse().expect("an address"),
+            load: SiloLoad {
+                activations: (i * 37 % 1000) as u64,
+                devices: (0..4)
+                    .map(|d| DeviceLoad {
+                        backend: "Cuda".into(),
+                        name: "H100".into(),
+                        total_memory: 80 << 30,
+                        free_memory: (((i * 7 + d * 13) % 80) as u64) << 30,
+                        queue_depth: ((i + d) % 5) as u64,
+                        compute_units: 132,
+                    })
+                    .collect(),
+            },
+        })
+        .collect()
+}
+
+fn grain(key: u64) -> GrainId {
+    GrainId {
+        type_name: "tensor".into(),
+        key: GrainKey::U64(key),
+    }
+}
+
+fn placement(c: &mut Criterion) {
+    let mut group = c.benchmark_group("placement");
+    let needs = GpuNeeds {
+        device_memory: 1 << 30,
+        ..GpuNeeds::default()
+    };
+    let caller = SiloId::new("10.0.0.0:7000", 1);
+    let grain = grain(42);
+    let request = PlacementRequest {
+        grain: &grain,
+        caller: &caller,
+        needs: Some(&needs),
+    };
+    let gpu = GpuAware::with_cpu_fallback();
+    for silos in [8, 64] {
+        let view = view(silos);
+        group.bench_function(format!("gpu_aware/{silos}_silos"), |b| {
+            b.iter(|| black_box(gpu.place(black_box(&request), &view)))
+        });
+        group.bench_function(format!("hash/{silos}_silos"), |b| {
+            b.iter(|| black_box(HashPlacement.place(black_box(&request), &view)))
+        });
+    }
+    let view = view(64);
+    group.bench_function("least_activations/64_silos", |b| {
+        b.iter(|| black_box(LeastActivations.place(black_box(&request), &view)))
+    });
+    group.finish();
+}
+
+fn lookups(c: &mut Criterion) {
+    let mut group = c.benchmark_group("directory");
+    let cache = LocationCache::new();
+    for key in 0..100_000 {
+        cache.insert(
+            grain(key),
+            ActivationAddress {
+                silo: SiloId::new(format!("10.0.0.{}:7000", key % 16), 1),
+                activation: key,
+            },
+        );
+    }
+    let wanted = grain(54_321);
+    group.bench_function("cached_lookup", |b| {
+        b.iter(|| black_box(cache.get(black_box(&wanted))))
+    });
+    let view = view(64);
+    group.bench_function("owner/64_silos", |b| {
+        b.iter(|| black_box(directory::owner(black_box(&wanted), &view)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, placement, lookups);
+criterion_main!(benches);

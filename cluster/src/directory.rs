@@ -1,0 +1,275 @@
+//! The grain directory's parts: who owns a grain's entry, the entries a
+//! silo owns, and the locations a silo caches.
+//!
+//! # Rules
+//!
+//! 1. **Ownership.** The entry of a grain lives on one silo of the view,
+//!    chosen by rendezvous hashing of the grain's identity with each silo's
+//!    ([`owner`]): every silo that sees the same view agrees, and a change
+//!    of view moves only the entries of the silos that came or went.
+//! 2. **First registration wins.** [`Partition::register`] records the
+//!    proposed activation only if the grain has no entry, or its entry
+//!    names a silo that is no longer live; otherwise it returns the entry
+//!    that stands, and the proposer must not activate. Registrations of one
+//!    grain are serialised by the partition's per-entry lock.
+//! 3. **Unregistering** removes an entry only if it still names the
+//!    activation being removed, so a late unregister never erases a newer
+//!    activation.
+//! 4. **Caching.** Callers keep the locations they learn
+//!    ([`LocationCache`]); a location that turns out stale (its silo is
+//!    gone, or it no longer hosts the grain) is invalidated and looked up
+//!    again. A silo that leaves the view is dropped from the cache whole.
+//!
+//! The messages that carry registrations between silos, and the hand-over
+//! of entries when ownership moves, come with the directory service (issue
+//! 5, next part); these rules are what it enforces.
+
+use dashmap::DashMap;
+use granary_actors::GrainId;
+use serde::{Deserialize, Serialize};
+
+use crate::SiloId;
+use crate::membership::Member;
+use crate::placement::{grain_key_hash, rendezvous};
+
+/// Where a grain's activation lives: the silo, and which activation there
+/// (an activation that is replaced gets a new number).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ActivationAddress {
+    /// The hosting silo.
+    pub silo: SiloId,
+    /// The activation's number on that silo.
+    pub activation: u64,
+}
+
+/// The silo that owns `grain`'s directory entry in `members` (rule 1).
+pub fn owner<'m>(grain: &GrainId, members: &'m [Member]) -> Option<&'m SiloId> {
+    let grain = grain_key_hash(grain);
+    members
+        .iter()
+        .map(|member| &member.silo)
+        .max_by_key(|silo| (rendezvous(grain, silo), *silo))
+}
+
+/// The directory entries one silo owns (rules 2 and 3).
+#[derive(Debug, Default)]
+pub struct Partition {
+    entries: DashMap<GrainId, ActivationAddress>,
+}
+
+impl Partition {
+    /// An empty partition.
+    pub fn new() -> Partition {
+        Partition::default()
+    }
+
+    /// Registers `proposed` for `grain` unless a live activation stands;
+    /// returns the activation that stands afterwards (rule 2). `live` tells
+    /// whether a silo is in the current view.
+    pub fn register(
+        &self,
+        grain: &GrainId,
+        proposed: ActivationAddress,
+        live: impl Fn(&SiloId) -> bool,
+    ) -> ActivationAddress {
+        match self.entries.entry(grain.clone()) {
+            dashmap::Entry::Occupied(mut entry) => {
+                if live(&entry.get().silo) {
+                    entry.get().clone()
+                } else {
+                    entry.insert(proposed.clone());
+                    proposed
+                }
+            }
+            dashmap::Entry::Vacant(vacant) => {
+                vacant.insert(proposed.clone());
+                proposed
+            }
+        }
+    }
+
+    /// The activation registered for `grain`.
+    pub fn lookup(&self, grain: &GrainId) -> Option<ActivationAddress> {
+        self.entries.get(grain).map(|entry| entry.clone())
+    }
+
+    /// Removes `grain`'s entry if it is still `address` (rule 3); returns
+    /// whether it was.
+    pub fn unregister(&self, grain: &GrainId, address: &ActivationAddress) -> bool {
+        self.entries
+            .remove_if(grain, |_, current| current == address)
+            .is_some()
+    }
+
+    /// Removes every entry naming `silo` (it left the view); returns how
+    /// many.
+    pub fn forget_silo(&self, silo: &SiloId) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, address| &address.silo != silo);
+        before - self.entries.len()
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Locations a silo has learned (rule 4).
+#[derive(Debug, Default)]
+pub struct LocationCache {
+    locations: DashMap<GrainId, ActivationAddress>,
+}
+
+impl LocationCache {
+    /// An empty cache.
+    pub fn new() -> LocationCache {
+        LocationCache::default()
+    }
+
+    /// The cached location of `grain`.
+    pub fn get(&self, grain: &GrainId) -> Option<ActivationAddress> {
+        self.locations.get(grain).map(|entry| entry.clone())
+    }
+
+    /// Remembers `address` for `grain`.
+    pub fn insert(&self, grain: GrainId, address: ActivationAddress) {
+        self.locations.insert(grain, address);
+    }
+
+    /// Forgets `grain`'s location if it is still `stale` (a newer one that
+    /// raced in stays).
+    pub fn invalidate(&self, grain: &GrainId, stale: &ActivationAddress) {
+        self.locations.remove_if(grain, |_, cached| cached == stale);
+    }
+
+    /// Forgets every location on `silo`.
+    pub fn forget_silo(&self, silo: &SiloId) {
+        self.locations.retain(|_, address| &address.silo != silo);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use granary_actors::GrainKey;
+
+    use super::*;
+    use crate::membership::SiloLoad;
+
+    fn grain(key: u64) -> GrainId {
+        GrainId {
+            type_name: "g".into(),
+            key: GrainKey::U64(key),
+        }
+    }
+
+    fn view(addresses: &[&str]) -> Vec<Member> {
+        addresses
+            .iter()
+            .map(|address| Member {
+                silo: SiloId::new(*address, 1),
+                gossip: "127.0.0.1:1".parse().unwrap(),
+                load: SiloLoad::default(),
+            })
+            .collect()
+    }
+
+    fn at(silo: &str, activation: u64) -> ActivationAddress {
+        ActivationAddress {
+            silo: SiloId::new(silo, 1),
+            activation,
+        }
+    }
+
+    #[test]
+    fn ownership_is_agreed_and_moves_only_with_the_silo_that_left() {
+        let five = view(&["a", "b", "c", "d", "e"]);
+        let four = view(&["a", "b", "d", "e"]);
+        let mut owners = HashSet::new();
+        for key in 0..1000 {
+            let before = owner(&grain(key), &five).unwrap();
+            owners.insert(before.clone());
+            let after = owner(&grain(key), &four).unwrap();
+            if before.address != "c" {
+                assert_eq!(before, after, "grain {key}");
+            }
+        }
+        assert_eq!(owners.len(), 5);
+        assert_eq!(owner(&grain(1), &[]), None);
+    }
+
+    #[test]
+    fn the_first_registration_wins_until_its_silo_leaves() {
+        let partition = Partition::new();
+        let everyone = |_: &SiloId| true;
+        assert_eq!(
+            partition.register(&grain(1), at("a", 1), everyone),
+            at("a", 1)
+        );
+        assert_eq!(
+            partition.register(&grain(1), at("b", 9), everyone),
+            at("a", 1)
+        );
+        // Silo a is gone: the next proposal takes over.
+        let without_a = |silo: &SiloId| silo.address != "a";
+        assert_eq!(
+            partition.register(&grain(1), at("b", 9), without_a),
+            at("b", 9)
+        );
+        // A late unregister of the old activation changes nothing.
+        assert!(!partition.unregister(&grain(1), &at("a", 1)));
+        assert_eq!(partition.lookup(&grain(1)), Some(at("b", 9)));
+        assert!(partition.unregister(&grain(1), &at("b", 9)));
+        assert_eq!(partition.lookup(&grain(1)), None);
+        partition.register(&grain(2), at("c", 1), everyone);
+        partition.register(&grain(3), at("c", 2), everyone);
+        assert_eq!(partition.forget_silo(&SiloId::new("c", 1)), 2);
+        assert!(partition.is_empty());
+    }
+
+    #[test]
+    fn concurrent_first_registrations_agree_on_one_winner() {
+        let partition = Arc::new(Partition::new());
+        let threads: Vec<_> = (0..8u64)
+            .map(|silo| {
+                let partition = partition.clone();
+                std::thread::spawn(move || {
+                    (0..500)
+                        .map(|key| {
+                            partition.register(&grain(key), at(&format!("s{silo}"), key), |_| true)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<Vec<ActivationAddress>> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for key in 0..500usize {
+            let winners: HashSet<_> = results.iter().map(|r| r[key].clone()).collect();
+            assert_eq!(winners.len(), 1, "grain {key}: {winners:?}");
+        }
+    }
+
+    #[test]
+    fn a_stale_location_is_invalidated_but_a_newer_one_stays() {
+        let cache = LocationCache::new();
+        cache.insert(grain(1), at("a", 1));
+        cache.invalidate(&grain(1), &at("a", 1));
+        assert_eq!(cache.get(&grain(1)), None);
+        cache.insert(grain(1), at("b", 2));
+        cache.invalidate(&grain(1), &at("a", 1));
+        assert_eq!(cache.get(&grain(1)), Some(at("b", 2)));
+        cache.insert(grain(2), at("b", 3));
+        cache.forget_silo(&SiloId::new("b", 1));
+        assert_eq!(cache.get(&grain(1)), None);
+        assert_eq!(cache.get(&grain(2)), None);
+    }
+}

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod connection;
 pub mod directory;
 pub mod membership;
+pub mod node;
 pub mod placement;
 pub mod transport;
 pub mod wire;
@@ -40,6 +41,7 @@ pub use connection::{
 };
 pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
+pub use node::{ClusterCallError, ClusterNode, ClusterRef, NodeBuilder, NodeConfig, NodeError};
 pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
     PlacementStrategy, PreferLocal, RandomPlacement,

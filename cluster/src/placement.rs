@@ -228,8 +228,13 @@ impl std::fmt::Debug for GpuAware {
 impl GpuAware {
     /// Falls back to the silo with the fewest activations.
     pub fn with_cpu_fallback() -> GpuAware {
+        GpuAware::with_fallback(Box::new(LeastActivations))
+    }
+
+    /// Falls back to `fallback` (the grain runs on that silo's CPU).
+    pub fn with_fallback(fallback: Box<dyn PlacementStrategy>) -> GpuAware {
         GpuAware {
-            fallback: Some(Box::new(LeastActivations)),
+            fallback: Some(fallback),
         }
     }
 

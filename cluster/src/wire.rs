@@ -105,6 +105,12 @@ pub enum RemoteError {
     TurnFailed(String),
     /// The remote silo is shutting down.
     ShutDown,
+    /// The grain's activation is on another silo (the directory says so):
+    /// send it there.
+    Moved(crate::SiloId),
+    /// The directory cannot decide yet (its owner took over the entry a
+    /// moment ago); retry shortly.
+    Retry,
     /// Anything else, described.
     Other(String),
 }
@@ -121,6 +127,8 @@ impl std::fmt::Display for RemoteError {
             RemoteError::Timeout(why) => write!(f, "timed out: {why}"),
             RemoteError::TurnFailed(why) => write!(f, "the turn failed: {why}"),
             RemoteError::ShutDown => write!(f, "the silo is shutting down"),
+            RemoteError::Moved(silo) => write!(f, "the grain's activation is on {silo}"),
+            RemoteError::Retry => write!(f, "the directory is taking over the entry; retry"),
             RemoteError::Other(why) => write!(f, "{why}"),
         }
     }

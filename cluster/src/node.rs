@@ -1,0 +1,958 @@
+//! A silo in a cluster: its grains reachable from every silo.
+//!
+//! # Protocol
+//!
+//! 1. **Home.** A grain's activation lives on its *home* silo. The home is
+//!    recorded in the directory: the entry owned by the silo that
+//!    rendezvous hashing picks for the grain from the membership view
+//!    (`directory.rs`).
+//! 2. **Calling.** A call goes to the home the caller has cached, else the
+//!    one the directory's owner names, else the silo the placement
+//!    strategy picks. A silo that receives a call for a grain it is not
+//!    home to registers itself with the owner first: if it wins, it
+//!    becomes the home and handles the call (its local silo activates the
+//!    grain on demand); if not, it answers `Moved(home)` and the caller
+//!    goes there, remembering it. So a grain is handled by at most one
+//!    silo among those that agree on the view.
+//! 3. **Ownership moves** when the view changes. Each silo then registers
+//!    its homes with their new owners, and a silo that loses one stops
+//!    taking calls for it. A new owner answers `Retry` for a grain it has
+//!    no entry for during `handoff` after a view change, so that homes are
+//!    re-registered before anyone else can claim them. This holds as long
+//!    as every silo learns of a view change within `handoff` (several
+//!    gossip rounds by default).
+//! 4. **Failure.** A silo that leaves the view loses its homes: the
+//!    owners drop its entries, the next call places the grain elsewhere,
+//!    and the grain starts from its persisted state there. Connections to
+//!    it are closed, so calls in flight fail at once with
+//!    `SiloUnavailable`; a call to a silo that no longer answers fails the
+//!    same way, never hangs.
+//! 5. **Load.** Every `load_interval` the node publishes its activation
+//!    count and, if it has a GPU bridge, each device's free memory, queue
+//!    depth and capabilities, for placement elsewhere.
+//!
+//! Directory operations travel as ordinary requests to the reserved grain
+//! type `$directory` on the same connections as grain calls.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashSet;
+use futures_util::future::BoxFuture;
+use granary_actors::dispatch::{decode, encode};
+use granary_actors::{GrainId, GrainKey, Handler, Message, Silo};
+use granary_gpu::GpuBridge;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::{self, CallFailure, Connection, ConnectionConfig, Inbound, InboundRequest};
+use crate::directory::{self, ActivationAddress, LocationCache, Partition};
+use crate::membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
+use crate::placement::{GpuNeeds, PlacementRequest, PlacementStrategy};
+use crate::transport::Transport;
+use crate::wire::RemoteError;
+use crate::{ClusterSecret, SiloId};
+
+/// The reserved grain type of directory requests.
+const DIRECTORY: &str = "$directory";
+/// Hops a call may take (moved, retried) before it gives up.
+const MAX_HOPS: usize = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum DirectoryRequest {
+    /// Registers a home; `existing` for a home re-registering after a view
+    /// change (rule 3).
+    Register {
+        grain: GrainId,
+        home: ActivationAddress,
+        existing: bool,
+    },
+    Lookup(GrainId),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum DirectoryReply {
+    /// The home that stands.
+    Home(ActivationAddress),
+    /// No entry.
+    Unknown,
+    /// Within the hand-over window (rule 3).
+    Retry,
+}
+
+/// Why a node could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The listener could not be bound.
+    Listen(String),
+    /// Gossip could not start.
+    Membership(MembershipError),
+}
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeError::Listen(why) => write!(f, "could not listen: {why}"),
+            NodeError::Membership(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for NodeError {}
+
+/// Why a call through the cluster failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterCallError {
+    /// The grain type or message is not registered by name on this silo.
+    NotRegistered(String),
+    /// The silo hosting the grain is unavailable (rule 4).
+    SiloUnavailable {
+        /// The silo.
+        silo: SiloId,
+        /// Why.
+        reason: String,
+    },
+    /// No silo to place the grain on.
+    Placement(crate::placement::PlacementError),
+    /// The call failed where it ran, or on the way.
+    Remote(RemoteError),
+    /// No answer within the call timeout.
+    Timeout(String),
+    /// The message or its reply did not encode or decode.
+    Payload(String),
+}
+
+impl std::fmt::Display for ClusterCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterCallError::NotRegistered(what) => write!(f, "not registered by name: {what}"),
+            ClusterCallError::SiloUnavailable { silo, reason } => {
+                write!(f, "silo {silo} is unavailable: {reason}")
+            }
+            ClusterCallError::Placement(err) => write!(f, "{err}"),
+            ClusterCallError::Remote(err) => write!(f, "{err}"),
+            ClusterCallError::Timeout(why) => write!(f, "timed out: {why}"),
+            ClusterCallError::Payload(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterCallError {}
+
+fn from_failure(failure: CallFailure) -> ClusterCallError {
+    match failure {
+        CallFailure::SiloUnavailable { silo, reason } => {
+            ClusterCallError::SiloUnavailable { silo, reason }
+        }
+        CallFailure::Remote(err) => ClusterCallError::Remote(err),
+        CallFailure::Timeout { silo, after } => {
+            ClusterCallError::Timeout(format!("no answer from {silo} within {after:?}"))
+        }
+        CallFailure::TooLarge { len, max } => {
+            ClusterCallError::Payload(format!("a request of {len} bytes exceeds {max}"))
+        }
+    }
+}
+
+/// How a node joins its cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The cluster's secret (connections and gossip).
+    pub secret: ClusterSecret,
+    /// Where to listen for other silos (port 0: any).
+    pub listen: String,
+    /// Where to gossip, and whom to join through.
+    pub gossip_address: std::net::SocketAddr,
+    /// Gossip addresses to join through.
+    pub seeds: Vec<String>,
+    /// How often to gossip (default 200 ms).
+    pub gossip_interval: Duration,
+    /// Which start of this silo (greater than any earlier one on the same
+    /// address; default: the clock in milliseconds).
+    pub incarnation: u64,
+    /// Connection settings.
+    pub connection: ConnectionConfig,
+    /// The hand-over window after a view change (rule 3; default 5
+    /// gossip intervals).
+    pub handoff: Option<Duration>,
+    /// How often load is published (rule 5; default 1 s).
+    pub load_interval: Duration,
+}
+
+impl NodeConfig {
+    /// A node of `cluster` listening on `listen` and gossiping on
+    /// `gossip_address`, joining through `seeds`, with the defaults.
+    pub fn new(
+        cluster: impl Into<String>,
+        secret: ClusterSecret,
+        listen: impl Into<String>,
+        gossip_address: std::net::SocketAddr,
+        seeds: Vec<String>,
+    ) -> NodeConfig {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |since| since.as_millis() as u64);
+        NodeConfig {
+            cluster: cluster.into(),
+            secret,
+            listen: listen.into(),
+            gossip_address,
+            seeds,
+            gossip_interval: Duration::from_millis(200),
+            incarnation,
+            connection: ConnectionConfig::default(),
+            handoff: None,
+            load_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Inner {
+    id: SiloId,
+    config: NodeConfig,
+    silo: Silo,
+    bridge: Option<Arc<GpuBridge>>,
+    transport: Arc<dyn Transport>,
+    /// Taken out when the node leaves or stops.
+    membership: tokio::sync::Mutex<Option<Membership>>,
+    /// The membership's view, as it changes.
+    members: tokio::sync::watch::Receiver<Vec<Member>>,
+    /// The view, as last seen by the view task.
+    view: Mutex<Arc<Vec<Member>>>,
+    /// When the view last changed (rule 3).
+    view_changed: Mutex<Instant>,
+    handoff: Duration,
+    /// Directory entries this silo owns.
+    partition: Partition,
+    /// Homes learned.
+    cache: LocationCache,
+    /// Grains this silo is home to.
+    homes: DashSet<GrainId>,
+    /// Open connections, by peer: the one calls go out on.
+    connections: tokio::sync::Mutex<HashMap<SiloId, Connection>>,
+    /// Connections peers opened, kept open for their calls (when both
+    /// sides connect at once, each uses its own for its calls).
+    accepted: tokio::sync::Mutex<Vec<Connection>>,
+    placement: Arc<dyn PlacementStrategy>,
+    /// Device needs by grain type name.
+    needs: HashMap<String, GpuNeeds>,
+    next_activation: AtomicU64,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A silo in a cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.inner.id)
+            .field("homes", &self.inner.homes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`ClusterNode`].
+pub struct NodeBuilder {
+    silo: Silo,
+    config: NodeConfig,
+    bridge: Option<Arc<GpuBridge>>,
+    transport: Arc<dyn Transport>,
+    placement: Arc<dyn PlacementStrategy>,
+    needs: HashMap<String, GpuNeeds>,
+}
+
+impl ClusterNode {
+    /// A builder for a node hosting `silo`'s grains, over TCP, placing new
+    /// activations with GPU-aware placement, and grains that need no
+    /// device (or fit none) by rendezvous hash.
+    pub fn builder(silo: Silo, config: NodeConfig) -> NodeBuilder {
+        NodeBuilder {
+            silo,
+            config,
+            bridge: None,
+            transport: Arc::new(crate::TcpTransport),
+            placement: Arc::new(crate::placement::GpuAware::with_fallback(Box::new(
+                crate::placement::HashPlacement,
+            ))),
+            needs: HashMap::new(),
+        }
+    }
+
+    /// This silo's identity.
+    pub fn id(&self) -> &SiloId {
+        &self.inner.id
+    }
+
+    /// The local silo.
+    pub fn silo(&self) -> &Silo {
+        &self.inner.silo
+    }
+
+    /// The live members, as this silo sees them.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.members.borrow().clone()
+    }
+
+    /// Grains this silo is home to now.
+    pub fn homes(&self) -> usize {
+        self.inner.homes.len()
+    }
+
+    /// A reference to grain `G` with `key`, callable from this silo
+    /// wherever the grain lives.
+    pub fn grain<G: granary_actors::Grain>(&self, key: impl Into<GrainKey>) -> ClusterRef<G> {
+        ClusterRef {
+            node: self.clone(),
+            key: key.into(),
+            _grain: std::marker::PhantomData,
+        }
+    }
+
+    /// Calls grain `grain_type`/`key` with message `message` in its wire
+    /// form, wherever it lives (rule 2).
+    pub async fn call_named(
+        &self,
+        grain_type: &str,
+        key: GrainKey,
+        message: &str,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ClusterCallError> {
+        let grain = GrainId {
+            type_name: grain_type.to_string(),
+            key,
+        };
+        let inner = &self.inner;
+        // Moves and silos found gone count as hops; waits for a directory
+        // that is settling (rule 3) are bounded by time instead.
+        let mut hops = 0;
+        let settle_by = Instant::now() + inner.handoff * 4;
+        let mut last = None;
+        while hops < MAX_HOPS {
+            let target = match self.home_of(&grain).await {
+                Ok(target) => target,
+                Err(err @ ClusterCallError::Remote(RemoteError::Retry))
+                    if Instant::now() < settle_by =>
+                {
+                    last = Some(err);
+                    tokio::time::sleep(inner.handoff / 8).await;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let outcome = if target == inner.id {
+                inner
+                    .host(&grain, message, Bytes::copy_from_slice(payload), false)
+                    .await
+                    .map_err(ClusterCallError::Remote)
+            } else {
+                match self.connection(&target).await {
+                    Ok(connection) => connection
+                        .call(grain_type, &grain.key, message, payload)
+                        .await
+                        .map(|reply| reply.to_vec())
+                        .map_err(from_failure),
+                    Err(err) => Err(err),
+                }
+            };
+            match outcome {
+                Ok(reply) => {
+                    inner.cache.insert(
+                        grain.clone(),
+                        ActivationAddress {
+                            silo: target,
+                            activation: 0,
+                        },
+                    );
+                    return Ok(reply);
+                }
+                Err(ClusterCallError::Remote(RemoteError::Moved(home))) => {
+                    hops += 1;
+                    inner.cache.insert(
+                        grain.clone(),
+                        ActivationAddress {
+                            silo: home,
+                            activation: 0,
+                        },
+                    );
+                }
+                Err(err @ ClusterCallError::Remote(RemoteError::Retry)) => {
+                    if Instant::now() >= settle_by {
+                        return Err(err);
+                    }
+                    last = Some(err);
+                    tokio::time::sleep(inner.handoff / 8).await;
+                }
+                Err(err @ ClusterCallError::SiloUnavailable { .. }) => {
+                    inner.cache.forget_silo(&target);
+                    // In the view still: the call fails fast (rule 4); gone
+                    // from it: the grain is placed elsewhere.
+                    if inner.is_live(&target) {
+                        return Err(err);
+                    }
+                    hops += 1;
+                    last = Some(err);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| ClusterCallError::Timeout("the grain's home did not settle".into())))
+    }
+
+    /// The silo to send a call for `grain` to (rule 2).
+    async fn home_of(&self, grain: &GrainId) -> Result<SiloId, ClusterCallError> {
+        let inner = &self.inner;
+        if let Some(home) = inner.cache.get(grain) {
+            if inner.is_live(&home.silo) {
+                return Ok(home.silo);
+            }
+        }
+        match self
+            .directory(DirectoryRequest::Lookup(grain.clone()))
+            .await?
+        {
+            DirectoryReply::Home(home) if inner.is_live(&home.silo) => return Ok(home.silo),
+            DirectoryReply::Retry => return Err(ClusterCallError::Remote(RemoteError::Retry)),
+            DirectoryReply::Home(_) | DirectoryReply::Unknown => {}
+        }
+        let view = inner.view();
+        let request = PlacementRequest {
+            grain,
+            caller: &inner.id,
+            needs: inner.needs.get(&grain.type_name),
+        };
+        inner
+            .placement
+            .place(&request, &view)
+            .map_err(ClusterCallError::Placement)
+    }
+
+    /// Sends a directory request to the grain's entry's owner.
+    async fn directory(
+        &self,
+        request: DirectoryRequest,
+    ) -> Result<DirectoryReply, ClusterCallError> {
+        let grain = match &request {
+            DirectoryRequest::Register { grain, .. } | DirectoryRequest::Lookup(grain) => grain,
+        };
+        let view = self.inner.view();
+        let Some(owner) = directory::owner(grain, &view).cloned() else {
+            return Err(ClusterCallError::Placement(
+                crate::placement::PlacementError::NoSilos,
+            ));
+        };
+        if owner == self.inner.id {
+            return Ok(self.inner.answer_directory(request));
+        }
+        let payload = encode(&request).map_err(|err| ClusterCallError::Payload(err.to_string()))?;
+        let connection = self.connection(&owner).await?;
+        let reply = connection
+            .call(DIRECTORY, &GrainKey::U64(0), "directory", &payload)
+            .await
+            .map_err(from_failure)?;
+        decode(&reply).map_err(|err| ClusterCallError::Payload(err.to_string()))
+    }
+
+    /// The open connection to `peer`, opened if needed.
+    async fn connection(&self, peer: &SiloId) -> Result<Connection, ClusterCallError> {
+        let inner = &self.inner;
+        let mut connections = inner.connections.lock().await;
+        if let Some(connection) = connections.get(peer) {
+            if !connection.is_closed() {
+                return Ok(connection.clone());
+            }
+        }
+        let unavailable = |reason: String| ClusterCallError::SiloUnavailable {
+            silo: peer.clone(),
+            reason,
+        };
+        let io = inner
+            .transport
+            .connect(peer.address.clone())
+            .await
+            .map_err(|err| unavailable(err.to_string()))?;
+        let connection = connection::connect(
+            io,
+            inner.id.clone(),
+            &inner.config.cluster,
+            &inner.config.secret,
+            Arc::new(NodeInbound(Arc::downgrade(inner))),
+            inner.config.connection,
+        )
+        .await
+        .map_err(|err| unavailable(err.to_string()))?;
+        if connection.peer() != peer {
+            return Err(unavailable(format!(
+                "{} answered in its place",
+                connection.peer()
+            )));
+        }
+        connections.insert(peer.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Leaves the cluster gracefully: gossip says so at once, then the
+    /// node stops serving and its connections close.
+    pub async fn leave(&self) -> Result<(), MembershipError> {
+        let membership = self.inner.membership.lock().await.take();
+        let left = match membership {
+            Some(membership) => membership.leave().await,
+            None => Ok(()),
+        };
+        self.stop_serving().await;
+        left
+    }
+
+    /// Stops at once, as a crash looks to the others: gossip stops (the
+    /// failure detector notices), connections close, nothing is handed
+    /// over.
+    pub async fn kill(&self) -> Result<(), MembershipError> {
+        let membership = self.inner.membership.lock().await.take();
+        self.stop_serving().await;
+        match membership {
+            Some(membership) => membership.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn stop_serving(&self) {
+        self.inner.stop_tasks();
+        for (_, connection) in self.inner.connections.lock().await.drain() {
+            connection.close();
+        }
+        for connection in self.inner.accepted.lock().await.drain(..) {
+            connection.close();
+        }
+    }
+}
+
+impl Inner {
+    fn view(&self) -> Arc<Vec<Member>> {
+        self.view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn is_live(&self, silo: &SiloId) -> bool {
+        self.view().iter().any(|member| &member.silo == silo)
+    }
+
+    fn stop_tasks(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Answers a directory request for an entry this silo owns (rules 2
+    /// and 3).
+    fn answer_directory(&self, request: DirectoryRequest) -> DirectoryReply {
+        let settling = self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+            < self.handoff;
+        match request {
+            DirectoryRequest::Lookup(grain) => match self.partition.lookup(&grain) {
+                Some(home) => DirectoryReply::Home(home),
+                None if settling => DirectoryReply::Retry,
+                None => DirectoryReply::Unknown,
+            },
+            DirectoryRequest::Register {
+                grain,
+                home,
+                existing,
+            } => {
+                // A home from before the view changed may not have
+                // re-registered yet: only it may claim the grain now.
+                if settling && !existing && self.partition.lookup(&grain).is_none() {
+                    return DirectoryReply::Retry;
+                }
+                let view = self.view();
+                DirectoryReply::Home(self.partition.register(&grain, home, |silo| {
+                    view.iter().any(|member| &member.silo == silo)
+                }))
+            }
+        }
+    }
+
+    /// Handles a call for `grain` arriving here (rule 2).
+    async fn host(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        message: &str,
+        payload: Bytes,
+        one_way: bool,
+    ) -> Result<Vec<u8>, RemoteError> {
+        if !self.homes.contains(grain) {
+            let node = ClusterNode {
+                inner: self.clone(),
+            };
+            let proposed = ActivationAddress {
+                silo: self.id.clone(),
+                activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
+            };
+            match node
+                .directory(DirectoryRequest::Register {
+                    grain: grain.clone(),
+                    home: proposed,
+                    existing: false,
+                })
+                .await
+            {
+                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                    self.homes.insert(grain.clone());
+                }
+                Ok(DirectoryReply::Home(home)) => return Err(RemoteError::Moved(home.silo)),
+                Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
+                    return Err(RemoteError::Retry);
+                }
+                Err(err) => return Err(RemoteError::Other(err.to_string())),
+            }
+        }
+        let key = grain.key.clone();
+        let outcome = if one_way {
+            self.silo
+                .tell_named(&grain.type_name, key, message, &payload)
+                .await
+                .map(|()| Vec::new())
+        } else {
+            self.silo
+                .call_named(&grain.type_name, key, message, &payload)
+                .await
+        };
+        outcome.map_err(RemoteError::from)
+    }
+
+    /// Rule 3 and 4: the view changed from `before` to `after`.
+    async fn on_view_change(self: &Arc<Self>, before: &[Member], after: &[Member]) {
+        *self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        let live: HashSet<&SiloId> = after.iter().map(|member| &member.silo).collect();
+        let gone: Vec<SiloId> = before
+            .iter()
+            .filter(|member| !live.contains(&member.silo))
+            .map(|member| member.silo.clone())
+            .collect();
+        for silo in &gone {
+            self.partition.forget_silo(silo);
+            self.cache.forget_silo(silo);
+            if let Some(connection) = self.connections.lock().await.remove(silo) {
+                connection.close();
+            }
+            self.accepted.lock().await.retain(|connection| {
+                if connection.peer() == silo {
+                    connection.close();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // Re-register homes whose entry changed owner.
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let homes: Vec<GrainId> = self.homes.iter().map(|grain| grain.clone()).collect();
+        for grain in homes {
+            let old = directory::owner(&grain, before);
+            let new = directory::owner(&grain, after);
+            if old == new {
+                continue;
+            }
+            let proposed = ActivationAddress {
+                silo: self.id.clone(),
+                activation: 0,
+            };
+            match node
+                .directory(DirectoryRequest::Register {
+                    grain: grain.clone(),
+                    home: proposed,
+                    existing: true,
+                })
+                .await
+            {
+                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {}
+                Ok(DirectoryReply::Home(_)) => {
+                    self.homes.remove(&grain);
+                }
+                // Tried again at the next view change or call.
+                _ => {}
+            }
+        }
+    }
+
+    fn load(&self) -> SiloLoad {
+        SiloLoad {
+            activations: self.silo.live_activations(),
+            devices: self
+                .bridge
+                .iter()
+                .flat_map(|bridge| bridge.devices())
+                .map(|(_, info, stats)| DeviceLoad {
+                    backend: format!("{:?}", info.backend),
+                    name: info.name,
+                    total_memory: info.total_memory,
+                    free_memory: stats.available,
+                    queue_depth: stats.queue_depth,
+                    compute_units: info.compute_units,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Requests arriving over connections: directory operations and calls.
+struct NodeInbound(Weak<Inner>);
+
+impl Inbound for NodeInbound {
+    fn request(
+        &self,
+        _from: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let inner = self.0.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return Err(RemoteError::ShutDown);
+            };
+            if request.grain_type == DIRECTORY {
+                let asked: DirectoryRequest = decode(&request.payload)
+                    .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+                return encode(&inner.answer_directory(asked))
+                    .map_err(|err| RemoteError::Other(err.to_string()));
+            }
+            let grain = GrainId {
+                type_name: request.grain_type,
+                key: request.key,
+            };
+            inner
+                .host(&grain, &request.message, request.payload, request.one_way)
+                .await
+        })
+    }
+}
+
+impl NodeBuilder {
+    /// Connects to other silos with `transport` (default TCP).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> NodeBuilder {
+        self.transport = transport;
+        self
+    }
+
+    /// Places new activations with `placement`.
+    pub fn placement(mut self, placement: Arc<dyn PlacementStrategy>) -> NodeBuilder {
+        self.placement = placement;
+        self
+    }
+
+    /// Publishes the devices of `bridge` with the silo's load (rule 5).
+    pub fn bridge(mut self, bridge: Arc<GpuBridge>) -> NodeBuilder {
+        self.bridge = Some(bridge);
+        self
+    }
+
+    /// Grains of type `grain_type` need `needs` of a device (GPU-aware
+    /// placement).
+    pub fn needs(mut self, grain_type: &str, needs: GpuNeeds) -> NodeBuilder {
+        self.needs.insert(grain_type.to_string(), needs);
+        self
+    }
+
+    /// Listens, joins the gossip over `gossip` (chitchat's UDP transport,
+    /// or its channel transport in tests), and starts serving.
+    pub async fn start(
+        self,
+        gossip: &dyn chitchat::transport::Transport,
+    ) -> Result<ClusterNode, NodeError> {
+        let NodeBuilder {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        } = self;
+        let mut listener = transport
+            .bind(config.listen.clone())
+            .await
+            .map_err(|err| NodeError::Listen(err.to_string()))?;
+        let id = SiloId::new(listener.local_address(), config.incarnation);
+        let mut gossip_config = GossipConfig::new(
+            config.cluster.clone(),
+            id.clone(),
+            config.gossip_address,
+            config.seeds.clone(),
+        );
+        gossip_config.gossip_interval = config.gossip_interval;
+        let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
+            .await
+            .map_err(NodeError::Membership)?;
+        let handoff = config.handoff.unwrap_or(config.gossip_interval * 5);
+        let inner = Arc::new(Inner {
+            id,
+            silo,
+            bridge,
+            transport,
+            view: Mutex::new(Arc::new(membership.members())),
+            view_changed: Mutex::new(Instant::now()),
+            members: membership.watch(),
+            membership: tokio::sync::Mutex::new(Some(membership)),
+            handoff,
+            partition: Partition::new(),
+            cache: LocationCache::new(),
+            homes: DashSet::new(),
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+            accepted: tokio::sync::Mutex::new(Vec::new()),
+            placement,
+            needs,
+            next_activation: AtomicU64::new(1),
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let weak = Arc::downgrade(&inner);
+        let accepting = tokio::spawn({
+            let weak = weak.clone();
+            async move {
+                while let Ok((io, _)) = listener.accept().await {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let weak = weak.clone();
+                    tokio::spawn(async move {
+                        let accepted = connection::accept(
+                            io,
+                            inner.id.clone(),
+                            &inner.config.cluster,
+                            &inner.config.secret,
+                            Arc::new(NodeInbound(weak)),
+                            inner.config.connection,
+                        )
+                        .await;
+                        match accepted {
+                            Ok(connection) => {
+                                let peer = connection.peer().clone();
+                                // An open connection of our own stays the
+                                // one we call on; this one serves the peer.
+                                let mut connections = inner.connections.lock().await;
+                                match connections.get(&peer) {
+                                    Some(open) if !open.is_closed() => {}
+                                    _ => {
+                                        connections.insert(peer, connection.clone());
+                                    }
+                                }
+                                drop(connections);
+                                let mut accepted = inner.accepted.lock().await;
+                                accepted.retain(|kept| !kept.is_closed());
+                                accepted.push(connection);
+                            }
+                            Err(err) => tracing::debug!(error = %err, "a connection was refused"),
+                        }
+                    });
+                }
+            }
+        });
+        let mut views = inner.members.clone();
+        let watching = tokio::spawn({
+            let weak = weak.clone();
+            async move {
+                while views.changed().await.is_ok() {
+                    let after = Arc::new(views.borrow_and_update().clone());
+                    let Some(inner) = weak.upgrade() else { return };
+                    let before = std::mem::replace(
+                        &mut *inner.view.lock().unwrap_or_else(PoisonError::into_inner),
+                        after.clone(),
+                    );
+                    let silos = |view: &[Member]| -> Vec<SiloId> {
+                        view.iter().map(|member| member.silo.clone()).collect()
+                    };
+                    if silos(&before) != silos(&after) {
+                        inner.on_view_change(&before, &after).await;
+                    }
+                }
+            }
+        });
+        let publishing = tokio::spawn({
+            let weak = weak.clone();
+            let every = inner.config.load_interval.max(Duration::from_millis(10));
+            async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let load = inner.load();
+                    if let Some(membership) = inner.membership.lock().await.as_ref() {
+                        membership.publish_load(&load).await;
+                    }
+                }
+            }
+        });
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend([accepting, watching, publishing]);
+        Ok(ClusterNode { inner })
+    }
+}
+
+/// A reference to grain `G`, callable from this silo wherever it lives.
+pub struct ClusterRef<G> {
+    node: ClusterNode,
+    key: GrainKey,
+    _grain: std::marker::PhantomData<fn() -> G>,
+}
+
+impl<G> Clone for ClusterRef<G> {
+    fn clone(&self) -> ClusterRef<G> {
+        ClusterRef {
+            node: self.node.clone(),
+            key: self.key.clone(),
+            _grain: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<G: granary_actors::Grain> ClusterRef<G> {
+    /// Sends `message` to the grain wherever it lives and waits for the
+    /// reply. The grain type and the message must be registered by name.
+    pub async fn call<M>(&self, message: M) -> Result<M::Reply, ClusterCallError>
+    where
+        G: Handler<M>,
+        M: Message + Serialize,
+        M::Reply: DeserializeOwned,
+    {
+        let silo = &self.node.inner.silo;
+        let grain_type = silo
+            .grain_type_name::<G>()
+            .ok_or_else(|| ClusterCallError::NotRegistered(std::any::type_name::<G>().into()))?
+            .to_string();
+        let name = silo
+            .message_name::<G, M>()
+            .ok_or_else(|| ClusterCallError::NotRegistered(std::any::type_name::<M>().into()))?
+            .to_string();
+        let payload = encode(&message).map_err(|err| ClusterCallError::Payload(err.to_string()))?;
+        let reply = self
+            .node
+            .call_named(&grain_type, self.key.clone(), &name, &payload)
+            .await?;
+        decode(&reply).map_err(|err| ClusterCallError::Payload(err.to_string()))
+    }
+}

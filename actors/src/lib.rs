@@ -65,6 +65,6 @@ pub use observers::{Observers, Subscription};
 pub use reminders::{REMINDERS, ReminderError, ReminderFired};
 pub use silo::{GrainRef, Silo, SiloBuilder, SiloConfig, Timer};
 pub use storage::{
-    ETag, MemoryStorage, PersistentState, PostgresStorage, RedbStorage, StorageError,
-    StorageProvider,
+    ETag, MemoryStorage, PersistentState, PostgresStorage, RedbStorage, SqliteStorage,
+    StorageError, StorageProvider,
 };

@@ -19,9 +19,11 @@ use crate::key::GrainId;
 
 mod postgres;
 mod redb;
+mod sqlite;
 
 pub use self::postgres::PostgresStorage;
 pub use self::redb::RedbStorage;
+pub use self::sqlite::SqliteStorage;
 
 /// A state version: changes on every write.
 pub type ETag = u64;

@@ -3,7 +3,7 @@
 //! restart.
 
 use granary_actors::{
-    GrainId, GrainKey, MemoryStorage, RedbStorage, StorageError, StorageProvider,
+    GrainId, GrainKey, MemoryStorage, RedbStorage, SqliteStorage, StorageError, StorageProvider,
 };
 
 /// A grain of a type named `namespace`: a database that outlives the test
@@ -94,6 +94,40 @@ async fn redb_storage_keeps_the_contract_and_the_data_across_reopening() {
     assert!(next > stored.etag);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_storage_keeps_the_contract_and_is_shared_by_two_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grains.sqlite");
+    let storage = SqliteStorage::open(&path).unwrap();
+    contract(&storage).await;
+    // A second connection to the file (as another process would have)
+    // sees the writes and the conflicts.
+    let other = SqliteStorage::open(&path).unwrap();
+    let grain = id("shared");
+    let first = storage.write(&grain, b"one", None).await.unwrap();
+    assert_eq!(other.read(&grain).await.unwrap().unwrap().etag, first);
+    assert!(matches!(
+        other.write(&grain, b"stale", None).await,
+        Err(StorageError::Conflict { .. })
+    ));
+    // Writers racing from both handles: exactly one wins each round.
+    let mut etag = other.write(&grain, b"two", Some(first)).await.unwrap();
+    for round in 0..20 {
+        let (a, b) = tokio::join!(
+            storage.write(&grain, b"a", Some(etag)),
+            other.write(&grain, b"b", Some(etag))
+        );
+        match (a, b) {
+            (Ok(won), Err(StorageError::Conflict { .. }))
+            | (Err(StorageError::Conflict { .. }), Ok(won)) => etag = won,
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    drop((storage, other));
+    let reopened = SqliteStorage::open(&path).unwrap();
+    assert_eq!(reopened.read(&grain).await.unwrap().unwrap().etag, etag);
+}
+
 #[tokio::test]
 async fn a_file_that_is_not_a_database_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,6 +135,12 @@ async fn a_file_that_is_not_a_database_is_a_typed_error() {
     std::fs::write(&path, b"this is not a redb file at all, just some bytes").unwrap();
     assert!(matches!(
         RedbStorage::open(&path),
+        Err(StorageError::Backend(_))
+    ));
+    let path = dir.path().join("garbage.sqlite");
+    std::fs::write(&path, b"this is not a sqlite file at all, just some bytes").unwrap();
+    assert!(matches!(
+        SqliteStorage::open(&path),
         Err(StorageError::Backend(_))
     ));
 }

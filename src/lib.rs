@@ -1,9 +1,9 @@
 //! Granary: Orleans-style virtual actors whose compute goes to GPUs.
 //!
 //! This facade re-exports the workspace crates: the ring buffer, the
-//! persistent kernels with their CPU and OpenCL backends, and the GPU
-//! bridge. The actor runtime and the cluster follow (see
-//! `ARCHITECTURE.md`).
+//! persistent kernels with their CPU, OpenCL and CUDA backends, the GPU
+//! bridge, the actor runtime and the cluster (see `ARCHITECTURE.md`). It
+//! also holds the `granary` CLI's demos and `granary node`.
 
 pub use granary_actors as actors;
 pub use granary_cluster as cluster;
@@ -11,5 +11,6 @@ pub use granary_gpu as gpu;
 pub use granary_kernels as kernels;
 pub use granary_ring as ring;
 
+pub mod cluster_demo;
 pub mod demo;
 pub mod ring_demo;

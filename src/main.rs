@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use granary::cluster_demo::{self, ClusterDemoConfig, NodeFile};
 use granary::demo::{self, DemoConfig};
 use granary::ring_demo::{self, RingDemoConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -40,12 +41,28 @@ enum Command {
         /// Elements per operand of each batch vector add.
         #[arg(long, default_value_t = DemoConfig::default().batch_elements)]
         batch_elements: u32,
-        /// Grains the requests are spread over.
-        #[arg(long, default_value_t = DemoConfig::default().grains)]
-        grains: u32,
+        /// Grains the requests are spread over (default 1000; with
+        /// `--nodes`, 48).
+        #[arg(long)]
+        grains: Option<u32>,
+        /// Run the multi-node demo instead: this many silo processes on
+        /// loopback, GPU grains placed by free memory, one silo killed
+        /// midway, every grain's persisted state checked.
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Sequential calls per grain in the multi-node demo.
+        #[arg(long, default_value_t = ClusterDemoConfig::default().calls)]
+        calls: u32,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Run a silo of a cluster from a TOML file: listen address, gossip
+    /// address and seeds, the cluster's name and secret, storage, devices.
+    Node {
+        /// The configuration file.
+        #[arg(long)]
+        config: std::path::PathBuf,
     },
     /// Drive the request ring alone under load and print throughput and
     /// latency.
@@ -102,6 +119,83 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Node { config } => {
+            let file = match NodeFile::load(&config) {
+                Ok(file) => file,
+                Err(err) => {
+                    eprintln!("granary node: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("granary node: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(cluster_demo::run_node(file)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("granary node: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            nodes: Some(nodes),
+            grains,
+            calls,
+            no_progress,
+            ..
+        } => {
+            let grains = grains.unwrap_or(ClusterDemoConfig::default().grains);
+            let config = ClusterDemoConfig {
+                nodes,
+                grains,
+                calls,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("granary demo: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let total = u64::from(grains).saturating_mul(u64::from(calls));
+            let bar = progress_bar(total, no_progress, "calls");
+            println!(
+                "granary demo --nodes {nodes}: {nodes} silo processes on loopback, {grains} GPU grains \
+                 ({} MiB resident each, placed by free device memory), {calls} calls each; the \
+                 busiest silo is killed halfway",
+                cluster_demo::LEDGER_DEVICE_BYTES >> 20
+            );
+            let shown = bar.clone();
+            let result = runtime.block_on(cluster_demo::run_cluster_demo(config, move |done| {
+                shown.set_position(done)
+            }));
+            bar.finish_and_clear();
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.lost.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(err) => {
+                    eprintln!("granary demo: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo {
             callers,
             requests,
@@ -110,7 +204,9 @@ fn main() -> ExitCode {
             batch_elements,
             grains,
             no_progress,
+            ..
         } => {
+            let grains = grains.unwrap_or(DemoConfig::default().grains);
             let config = DemoConfig {
                 callers,
                 requests,

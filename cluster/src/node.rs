@@ -309,6 +309,15 @@ impl ClusterNode {
         self.inner.homes.len()
     }
 
+    /// Where this silo last found grain `grain_type`/`key` living.
+    pub fn location(&self, grain_type: &str, key: GrainKey) -> Option<SiloId> {
+        let grain = GrainId {
+            type_name: grain_type.to_string(),
+            key,
+        };
+        self.inner.cache.get(&grain).map(|home| home.silo)
+    }
+
     /// A reference to grain `G` with `key`, callable from this silo
     /// wherever the grain lives.
     pub fn grain<G: granary_actors::Grain>(&self, key: impl Into<GrainKey>) -> ClusterRef<G> {

@@ -256,3 +256,37 @@ async fn a_node_without_the_secret_gossips_but_is_never_a_member() {
         silo.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_that_dies_is_dropped_over_udp_too() {
+    let ports: Vec<u16> = (0..3)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let mut silos = Vec::new();
+    for &port in &ports {
+        let mut config = config(port, 1, ports[0]);
+        config.gossip_interval = Duration::from_millis(100);
+        silos.push(
+            Membership::join(config, secret(), &UdpTransport)
+                .await
+                .unwrap(),
+        );
+    }
+    for silo in &silos {
+        until(silo, Duration::from_secs(10), |m| m.len() == 3).await;
+    }
+    let dead = silos.pop().unwrap();
+    dead.stop().await.unwrap();
+    for silo in &silos {
+        until(silo, Duration::from_secs(20), |m| m.len() == 2).await;
+    }
+    for silo in silos {
+        silo.stop().await.unwrap();
+    }
+}

@@ -1,0 +1,672 @@
+//! `granary node` and `granary demo --nodes N`: silos as separate
+//! processes, GPU grains placed by free device memory, one silo killed
+//! while load runs, and every grain's persisted state checked afterwards.
+//!
+//! # The sample grain
+//!
+//! A [`Ledger`] keeps a resident buffer on its silo's device (reserved in
+//! the bridge's broker, so placement elsewhere sees less free memory) and a
+//! persisted `(applied, total)`. `Apply { seq, amount }` runs a SAXPY on
+//! the resident buffer and adds `amount` if `seq` is the next one: a call
+//! retried after its silo died is applied once, so the final totals show
+//! whether anything acknowledged was lost.
+//!
+//! # The demo
+//!
+//! 1. Writes one TOML config per silo (each with its own device memory
+//!    limit on the CPU backend) and a shared SQLite file for grain state,
+//!    and starts `granary node --config …` for each.
+//! 2. Joins the cluster itself (hosting no devices, so no ledger) and
+//!    drives `grains` ledgers, each with one caller sending `calls`
+//!    sequential `Apply`s; a call that fails is retried until it succeeds.
+//! 3. Halfway, kills (SIGKILL) the silo that hosts the most ledgers.
+//! 4. Prints where ledgers lived before and after, latency and
+//!    throughput, and checks every ledger's persisted total.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use granary_actors::{
+    ActivationError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState, Silo,
+    StorageProvider,
+};
+use granary_cluster::{
+    ClusterCallError, ClusterNode, ClusterSecret, GpuAware, GpuNeeds, NodeConfig, TcpTransport,
+};
+use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
+use granary_kernels::shipped::{self, f32_bytes};
+use granary_kernels::{CpuBackend, DeviceInfo, host_device};
+use serde::{Deserialize, Serialize};
+
+/// Bytes of device memory each ledger keeps resident.
+pub const LEDGER_DEVICE_BYTES: u64 = 16 << 20;
+
+/// A ledger's persisted state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerState {
+    /// The last sequence number applied.
+    pub applied: u64,
+    /// The sum of the amounts applied.
+    pub total: u64,
+}
+
+/// The sample GPU grain (see the module docs).
+pub struct Ledger {
+    state: Option<PersistentState<LedgerState>>,
+    bridge: Option<Arc<GpuBridge>>,
+    buffer: Option<ResidentBuffer>,
+}
+
+impl Grain for Ledger {
+    fn new(_: &GrainKey) -> Ledger {
+        Ledger {
+            state: None,
+            bridge: None,
+            buffer: None,
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        let bridge = ctx
+            .service::<GpuBridge>()
+            .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
+        let buffer = bridge
+            .allocate_resident(LEDGER_DEVICE_BYTES as usize, &Requirements::default())
+            .await
+            .map_err(|err| ActivationError(err.to_string()))?;
+        self.state = Some(ctx.load_state::<LedgerState>().await?);
+        self.buffer = Some(buffer);
+        self.bridge = Some(bridge);
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, _: &mut GrainContext) {
+        self.buffer = None;
+    }
+}
+
+/// Applies `amount` as step `seq` (once).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Apply {
+    /// The step: applied only if it is the next one.
+    pub seq: u64,
+    /// What it adds.
+    pub amount: u64,
+}
+
+impl Message for Apply {
+    type Reply = Result<LedgerState, String>;
+}
+
+impl Handler<Apply> for Ledger {
+    async fn handle(&mut self, apply: Apply, _: &mut GrainContext) -> Result<LedgerState, String> {
+        let (Some(state), Some(bridge), Some(buffer)) =
+            (&mut self.state, &self.bridge, &self.buffer)
+        else {
+            return Err("the ledger is not active".into());
+        };
+        if apply.seq == state.get().applied + 1 {
+            // The GPU work: y = a·y + y over the resident buffer, in place.
+            let scalar = f32_bytes(&[0.5]);
+            let parts = [
+                Part::Host(&scalar),
+                Part::Resident(buffer),
+                Part::Resident(buffer),
+            ];
+            bridge
+                .execute_resident("saxpy", &parts, Output::Into(buffer))
+                .await
+                .map_err(|err: ExecuteError| err.to_string())?;
+            let next = LedgerState {
+                applied: apply.seq,
+                total: state.get().total + apply.amount,
+            };
+            *state.get_mut() = next;
+            state.write().await.map_err(|err| err.to_string())?;
+        }
+        Ok(*state.get())
+    }
+}
+
+/// Reads a ledger's state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Read;
+
+impl Message for Read {
+    type Reply = LedgerState;
+}
+
+impl Handler<Read> for Ledger {
+    async fn handle(&mut self, _: Read, _: &mut GrainContext) -> LedgerState {
+        self.state
+            .as_ref()
+            .map(|state| *state.get())
+            .unwrap_or_default()
+    }
+}
+
+/// The silo every node runs: the ledger and its messages, by name.
+pub fn silo(
+    storage: Arc<dyn StorageProvider>,
+    bridge: Option<Arc<GpuBridge>>,
+) -> Result<Silo, String> {
+    let mut builder = Silo::builder()
+        .register::<Ledger>("ledger")
+        .message::<Ledger, Apply>("apply")
+        .message::<Ledger, Read>("read")
+        .storage(storage);
+    if let Some(bridge) = bridge {
+        builder = builder.service(bridge);
+    }
+    builder.build().map_err(|err| err.to_string())
+}
+
+/// Where a node keeps grain state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageFile {
+    /// In memory: lost with the process.
+    Memory,
+    /// An embedded redb file (one process per file).
+    Redb {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A SQLite file, shared by the processes of one machine.
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL server.
+    Postgres {
+        /// Its connection string.
+        url: String,
+    },
+}
+
+/// A node's TOML configuration (`granary node --config FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The cluster's secret (at least 16 bytes).
+    pub secret: String,
+    /// Where to listen for other silos.
+    pub listen: String,
+    /// Where to gossip (UDP).
+    pub gossip: SocketAddr,
+    /// Gossip addresses to join through.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// How often to gossip, in milliseconds (default 200).
+    #[serde(default)]
+    pub gossip_interval_ms: Option<u64>,
+    /// Where grain state is kept.
+    pub storage: StorageFile,
+    /// The devices this node offers.
+    #[serde(default)]
+    pub devices: DevicesFile,
+}
+
+/// The devices a node offers grains.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesFile {
+    /// The CPU backend's device memory, in MiB (default: the host's).
+    pub cpu_memory_mib: Option<u64>,
+    /// Offer no devices at all (a silo that only routes).
+    #[serde(default)]
+    pub none: bool,
+}
+
+/// Why a node could not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRunError(pub String);
+
+impl fmt::Display for NodeRunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for NodeRunError {}
+
+impl NodeFile {
+    /// Reads and checks the TOML file at `path`.
+    pub fn load(path: &Path) -> Result<NodeFile, NodeRunError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?;
+        toml::from_str(&text).map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
+    }
+}
+
+async fn open_storage(file: &StorageFile) -> Result<Arc<dyn StorageProvider>, NodeRunError> {
+    let fail = |err: granary_actors::StorageError| NodeRunError(format!("storage: {err}"));
+    Ok(match file {
+        StorageFile::Memory => Arc::new(granary_actors::MemoryStorage::new()),
+        StorageFile::Redb { path } => {
+            Arc::new(granary_actors::RedbStorage::open(path).map_err(fail)?)
+        }
+        StorageFile::Sqlite { path } => {
+            Arc::new(granary_actors::SqliteStorage::open(path).map_err(fail)?)
+        }
+        StorageFile::Postgres { url } => Arc::new(
+            granary_actors::PostgresStorage::connect(url)
+                .await
+                .map_err(fail)?,
+        ),
+    })
+}
+
+/// Starts the node `file` describes; returns once it has joined.
+pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
+    let secret = ClusterSecret::new(file.secret.as_bytes().to_vec())
+        .map_err(|err| NodeRunError(err.to_string()))?;
+    let storage = open_storage(&file.storage).await?;
+    let bridge = if file.devices.none {
+        None
+    } else {
+        let mut device = host_device();
+        if let Some(mib) = file.devices.cpu_memory_mib {
+            device = DeviceInfo {
+                total_memory: mib << 20,
+                free_memory: mib << 20,
+                ..device
+            };
+        }
+        Some(Arc::new(
+            GpuBridge::builder()
+                .cpu_backend(CpuBackend::with_device(device))
+                .kernels(shipped::ALL)
+                .build()
+                .map_err(|err| NodeRunError(format!("bridge: {err}")))?,
+        ))
+    };
+    let silo = silo(storage, bridge.clone()).map_err(NodeRunError)?;
+    let mut config = NodeConfig::new(
+        file.cluster.clone(),
+        secret,
+        file.listen.clone(),
+        file.gossip,
+        file.seeds.clone(),
+    );
+    if let Some(ms) = file.gossip_interval_ms {
+        config.gossip_interval = Duration::from_millis(ms.max(1));
+    }
+    config.load_interval = config.gossip_interval;
+    let mut builder = ClusterNode::builder(silo, config)
+        .transport(Arc::new(TcpTransport))
+        .placement(Arc::new(GpuAware::strict()))
+        .needs(
+            "ledger",
+            GpuNeeds {
+                device_memory: LEDGER_DEVICE_BYTES,
+                ..GpuNeeds::default()
+            },
+        );
+    if let Some(bridge) = bridge {
+        builder = builder.bridge(bridge);
+    }
+    builder
+        .start(&chitchat::transport::UdpTransport)
+        .await
+        .map_err(|err| NodeRunError(err.to_string()))
+}
+
+/// How a multi-node demo runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDemoConfig {
+    /// Silo processes (at least 2: one is killed).
+    pub nodes: u32,
+    /// Ledgers driven.
+    pub grains: u32,
+    /// Sequential calls per ledger.
+    pub calls: u32,
+}
+
+impl Default for ClusterDemoConfig {
+    fn default() -> ClusterDemoConfig {
+        ClusterDemoConfig {
+            nodes: 3,
+            grains: 48,
+            calls: 40,
+        }
+    }
+}
+
+/// What a multi-node demo measured.
+#[derive(Debug, Clone)]
+pub struct ClusterDemoReport {
+    /// The silos, with their device memory (MiB).
+    pub silos: Vec<(String, u64)>,
+    /// Ledgers per silo address before the kill.
+    pub before: Vec<(String, usize)>,
+    /// Ledgers per silo address at the end.
+    pub after: Vec<(String, usize)>,
+    /// The silo killed.
+    pub killed: String,
+    /// Calls acknowledged.
+    pub calls: u64,
+    /// Calls that failed and were retried.
+    pub retried: u64,
+    /// Median and 99th percentile latency of acknowledged calls.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Wall time of the load.
+    pub elapsed: Duration,
+    /// Ledgers whose persisted total was not what was acknowledged.
+    pub lost: Vec<String>,
+}
+
+impl fmt::Display for ClusterDemoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "silos (device memory):")?;
+        for (silo, mib) in &self.silos {
+            writeln!(f, "  {silo}  {mib} MiB")?;
+        }
+        writeln!(f, "ledgers per silo, placed by free device memory:")?;
+        let after: std::collections::HashMap<&str, usize> =
+            self.after.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        for (silo, before) in &self.before {
+            let mark = if *silo == self.killed {
+                "  (killed)"
+            } else {
+                ""
+            };
+            writeln!(
+                f,
+                "  {silo}  before {before:>3}  after {:>3}{mark}",
+                after.get(silo.as_str()).copied().unwrap_or(0)
+            )?;
+        }
+        let throughput = self.calls as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        writeln!(
+            f,
+            "calls: {} acknowledged, {} retried after failures; p50 {:?}, p99 {:?}; {:.0} calls/s",
+            self.calls, self.retried, self.p50, self.p99, throughput
+        )?;
+        if self.lost.is_empty() {
+            writeln!(
+                f,
+                "persisted state: every ledger holds every acknowledged call"
+            )
+        } else {
+            writeln!(f, "persisted state LOST for: {}", self.lost.join(", "))
+        }
+    }
+}
+
+/// A free local port for TCP and one for UDP.
+fn free_ports() -> Result<(u16, u16), NodeRunError> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|err| NodeRunError(format!("no free port: {err}")))?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(|err| NodeRunError(format!("no free port: {err}")))?;
+    Ok((tcp.port(), udp.port()))
+}
+
+/// Kills the child processes when dropped, whatever happens.
+struct Children(Vec<(std::process::Child, String)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the multi-node demo (see the module docs); `progress` gets the
+/// number of calls acknowledged so far.
+pub async fn run_cluster_demo(
+    config: ClusterDemoConfig,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<ClusterDemoReport, NodeRunError> {
+    if config.nodes < 2 || config.grains == 0 || config.calls < 2 {
+        return Err(NodeRunError(
+            "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("granary-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|err| NodeRunError(err.to_string()))?;
+    let storage = StorageFile::Sqlite {
+        path: dir.join("grains.sqlite"),
+    };
+    let secret = "granary demo cluster secret".to_string();
+    let exe = std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?;
+    let mut gossip_seed = None;
+    let mut children = Children(Vec::new());
+    let mut silos = Vec::new();
+    for n in 0..config.nodes {
+        let (tcp, udp) = free_ports()?;
+        let gossip: SocketAddr = SocketAddr::from(([127, 0, 0, 1], udp));
+        let seed = *gossip_seed.get_or_insert(gossip);
+        // Different memory per silo, so placement has a choice to make.
+        let memory = 512 + 256 * u64::from((n * 2 + 1) % config.nodes);
+        let file = NodeFile {
+            cluster: "demo".into(),
+            secret: secret.clone(),
+            listen: format!("127.0.0.1:{tcp}"),
+            gossip,
+            seeds: vec![seed.to_string()],
+            gossip_interval_ms: Some(100),
+            storage: storage.clone(),
+            devices: DevicesFile {
+                cpu_memory_mib: Some(memory),
+                none: false,
+            },
+        };
+        let path = dir.join(format!("node-{n}.toml"));
+        let text = toml::to_string(&file).map_err(|err| NodeRunError(err.to_string()))?;
+        std::fs::write(&path, text).map_err(|err| NodeRunError(err.to_string()))?;
+        let child = std::process::Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
+        children.0.push((child, file.listen.clone()));
+        silos.push((file.listen.clone(), memory));
+    }
+    // This process joins too, with no devices: it routes, hosts no ledger.
+    let (_, udp) = free_ports()?;
+    let me = NodeFile {
+        cluster: "demo".into(),
+        secret,
+        listen: "127.0.0.1:0".into(),
+        gossip: SocketAddr::from(([127, 0, 0, 1], udp)),
+        seeds: vec![gossip_seed.map(|seed| seed.to_string()).unwrap_or_default()],
+        gossip_interval_ms: Some(100),
+        storage: storage.clone(),
+        devices: DevicesFile {
+            cpu_memory_mib: None,
+            none: true,
+        },
+    };
+    let node = start_node(&me).await?;
+    // Wait for every silo, with its devices.
+    let expected = config.nodes as usize + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let members = node.members();
+        let with_devices = members
+            .iter()
+            .filter(|m| !m.load.devices.is_empty())
+            .count();
+        if members.len() == expected && with_devices == config.nodes as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(NodeRunError(format!(
+                "the cluster did not form: {} of {expected} silos seen",
+                members.len()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
+        let watched = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let members: Vec<String> = watched
+                    .members()
+                    .iter()
+                    .map(|m| m.silo.to_string())
+                    .collect();
+                eprintln!("view: {members:?}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let progress = Arc::new(progress);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let halfway = Arc::new(tokio::sync::Barrier::new(config.grains as usize + 1));
+    let started = Instant::now();
+    let drivers: Vec<_> = (0..config.grains)
+        .map(|grain| {
+            let (node, progress, done, retried, halfway) = (
+                node.clone(),
+                progress.clone(),
+                done.clone(),
+                retried.clone(),
+                halfway.clone(),
+            );
+            let calls = config.calls;
+            tokio::spawn(async move {
+                let ledger = node.grain::<Ledger>(u64::from(grain));
+                let mut latencies = Vec::with_capacity(calls as usize);
+                for seq in 1..=u64::from(calls) {
+                    if seq == u64::from(calls / 2) + 1 {
+                        halfway.wait().await;
+                    }
+                    let apply = Apply { seq, amount: seq };
+                    loop {
+                        let sent = Instant::now();
+                        match ledger.call(apply).await {
+                            Ok(Ok(state)) if state.applied >= seq => {
+                                latencies.push(sent.elapsed());
+                                break;
+                            }
+                            other => {
+                                if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
+                                    eprintln!("ledger {grain} seq {seq}: {other:?}");
+                                }
+                                retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                    let now = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    progress(now);
+                }
+                latencies
+            })
+        })
+        .collect();
+    // Halfway: every ledger is placed; kill the silo hosting the most.
+    halfway.wait().await;
+    let before = placement(&node, config.grains, &silos);
+    let killed = before
+        .iter()
+        .max_by_key(|(_, count)| *count)
+        .map(|(silo, _)| silo.clone())
+        .unwrap_or_default();
+    if let Some((child, _)) = children.0.iter_mut().find(|(_, listen)| *listen == killed) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut latencies = Vec::new();
+    for driver in drivers {
+        latencies.extend(
+            driver
+                .await
+                .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?,
+        );
+    }
+    let elapsed = started.elapsed();
+    let after = placement(&node, config.grains, &silos);
+    // Every ledger must hold every acknowledged call: the sum 1..=calls.
+    let want = u64::from(config.calls) * (u64::from(config.calls) + 1) / 2;
+    let mut lost = Vec::new();
+    for grain in 0..config.grains {
+        match node.grain::<Ledger>(u64::from(grain)).call(Read).await {
+            Ok(state) if state.total == want && state.applied == u64::from(config.calls) => {}
+            Ok(state) => lost.push(format!("ledger {grain}: {state:?}")),
+            Err(err) => lost.push(format!("ledger {grain}: {err}")),
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let report = ClusterDemoReport {
+        silos,
+        before,
+        after,
+        killed,
+        calls: latencies.len() as u64,
+        retried: retried.load(std::sync::atomic::Ordering::Relaxed),
+        p50: at(0.5),
+        p99: at(0.99),
+        elapsed,
+        lost,
+    };
+    let _ = node.leave().await;
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// Ledgers per silo, from where this node last found each.
+fn placement(node: &ClusterNode, grains: u32, silos: &[(String, u64)]) -> Vec<(String, usize)> {
+    silos
+        .iter()
+        .map(|(silo, _)| {
+            let count = (0..grains)
+                .filter(|grain| {
+                    node.location("ledger", GrainKey::U64(u64::from(*grain)))
+                        .is_some_and(|home| home.address == *silo)
+                })
+                .count();
+            (silo.clone(), count)
+        })
+        .collect()
+}
+
+/// Runs a node until Ctrl-C, then leaves gracefully.
+pub async fn run_node(file: NodeFile) -> Result<(), NodeRunError> {
+    let node = start_node(&file).await?;
+    println!(
+        "granary node: {} in cluster {:?}, gossip on {}",
+        node.id(),
+        file.cluster,
+        file.gossip
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))?;
+    node.leave()
+        .await
+        .map_err(|err| NodeRunError(err.to_string()))
+}
+
+impl From<ClusterCallError> for NodeRunError {
+    fn from(err: ClusterCallError) -> NodeRunError {
+        NodeRunError(err.to_string())
+    }
+}

@@ -360,12 +360,15 @@ impl Connection {
             }
         }
         let _forget = Forget(shared, id);
-        if shared.outgoing.send(frame).await.is_err() {
-            return Err(shared.unavailable());
-        }
-        match tokio::time::timeout(shared.config.call_timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(shared.unavailable()),
+        // The timeout covers waiting for room in the queue too (rule 5).
+        let sent_and_answered = async {
+            if shared.outgoing.send(frame).await.is_err() {
+                return Err(shared.unavailable());
+            }
+            answer.await.unwrap_or_else(|_| Err(shared.unavailable()))
+        };
+        match tokio::time::timeout(shared.config.call_timeout, sent_and_answered).await {
+            Ok(result) => result,
             Err(_) => Err(CallFailure::Timeout {
                 silo: shared.peer.clone(),
                 after: shared.config.call_timeout,
@@ -387,11 +390,13 @@ impl Connection {
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = request_frame(shared, id, grain_type, key, message, payload, true)?;
-        shared
-            .outgoing
-            .send(frame)
-            .await
-            .map_err(|_| shared.unavailable())
+        match tokio::time::timeout(shared.config.call_timeout, shared.outgoing.send(frame)).await {
+            Ok(sent) => sent.map_err(|_| shared.unavailable()),
+            Err(_) => Err(CallFailure::Timeout {
+                silo: shared.peer.clone(),
+                after: shared.config.call_timeout,
+            }),
+        }
     }
 }
 
@@ -429,10 +434,13 @@ fn request_frame(
 type Reader = FramedRead<ReadHalf<BoxIo>, LengthDelimitedCodec>;
 type Writer = FramedWrite<WriteHalf<BoxIo>, LengthDelimitedCodec>;
 
-fn framed(io: BoxIo, config: &ConnectionConfig) -> (Reader, Writer) {
+/// The longest frame read before the peer has proved itself.
+const HANDSHAKE_MAX_FRAME: usize = 1024;
+
+fn framed(io: BoxIo, _config: &ConnectionConfig) -> (Reader, Writer) {
     let codec = || {
         LengthDelimitedCodec::builder()
-            .max_frame_length(config.max_frame)
+            .max_frame_length(HANDSHAKE_MAX_FRAME)
             .new_codec()
     };
     let (read, write) = tokio::io::split(io);
@@ -555,11 +563,13 @@ pub async fn accept(
 /// Starts the reader and the writer of an authenticated connection.
 fn start(
     peer: SiloId,
-    reader: Reader,
-    writer: Writer,
+    mut reader: Reader,
+    mut writer: Writer,
     inbound: Arc<dyn Inbound>,
     config: ConnectionConfig,
 ) -> Connection {
+    reader.decoder_mut().set_max_frame_length(config.max_frame);
+    writer.encoder_mut().set_max_frame_length(config.max_frame);
     let (outgoing, frames) = mpsc::channel(config.outgoing_frames.max(1));
     let shared = Arc::new(Shared {
         peer,
@@ -635,12 +645,18 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                 },
                 payload,
             )) => {
-                // Rule 4: wait for room before reading on.
-                let permit = tokio::select! {
-                    _ = shared.stop.cancelled() => return,
-                    permit = running.clone().acquire_owned() => permit,
+                // Rule 4: past the bound, refuse the request but keep
+                // reading: responses to our own calls must get through.
+                let Ok(permit) = running.clone().try_acquire_owned() else {
+                    if !one_way {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            respond(&shared, id, Outcome::Failed(RemoteError::Overloaded), &[])
+                                .await;
+                        });
+                    }
+                    continue;
                 };
-                let Ok(permit) = permit else { return };
                 let request = InboundRequest {
                     grain_type,
                     key,

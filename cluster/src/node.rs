@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dashmap::DashSet;
+use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use granary_actors::dispatch::{decode, encode};
 use granary_actors::{GrainId, GrainKey, Handler, Message, Silo};
@@ -233,10 +233,12 @@ struct Inner {
     partition: Partition,
     /// Homes learned.
     cache: LocationCache,
-    /// Grains this silo is home to.
-    homes: DashSet<GrainId>,
-    /// Open connections, by peer: the one calls go out on.
-    connections: tokio::sync::Mutex<HashMap<SiloId, Connection>>,
+    /// Grains this silo is home to, with the owner it is registered with.
+    homes: DashMap<GrainId, SiloId>,
+    /// Open connections, by peer: the one calls go out on. The map's lock
+    /// is never held across an await; a peer's slot is, only while
+    /// connecting to that peer.
+    connections: Mutex<HashMap<SiloId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     /// Connections peers opened, kept open for their calls (when both
     /// sides connect at once, each uses its own for its calls).
     accepted: tokio::sync::Mutex<Vec<Connection>>,
@@ -337,6 +339,9 @@ impl ClusterNode {
         message: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, ClusterCallError> {
+        if grain_type == DIRECTORY {
+            return Err(ClusterCallError::NotRegistered(grain_type.to_string()));
+        }
         let grain = GrainId {
             type_name: grain_type.to_string(),
             key,
@@ -348,6 +353,7 @@ impl ClusterNode {
         let settle_by = Instant::now() + inner.handoff * 4;
         let mut last = None;
         while hops < MAX_HOPS {
+            let mut sent = false;
             let target = match self.home_of(&grain).await {
                 Ok(target) => target,
                 Err(err @ ClusterCallError::Remote(RemoteError::Retry))
@@ -366,11 +372,14 @@ impl ClusterNode {
                     .map_err(ClusterCallError::Remote)
             } else {
                 match self.connection(&target).await {
-                    Ok(connection) => connection
-                        .call(grain_type, &grain.key, message, payload)
-                        .await
-                        .map(|reply| reply.to_vec())
-                        .map_err(from_failure),
+                    Ok(connection) => {
+                        sent = true;
+                        connection
+                            .call(grain_type, &grain.key, message, payload)
+                            .await
+                            .map(|reply| reply.to_vec())
+                            .map_err(from_failure)
+                    }
                     Err(err) => Err(err),
                 }
             };
@@ -395,7 +404,9 @@ impl ClusterNode {
                         },
                     );
                 }
-                Err(err @ ClusterCallError::Remote(RemoteError::Retry)) => {
+                Err(
+                    err @ ClusterCallError::Remote(RemoteError::Retry | RemoteError::Overloaded),
+                ) => {
                     if Instant::now() >= settle_by {
                         return Err(err);
                     }
@@ -406,7 +417,9 @@ impl ClusterNode {
                     inner.cache.forget_silo(&target);
                     // In the view still: the call fails fast (rule 4); gone
                     // from it: the grain is placed elsewhere.
-                    if inner.is_live(&target) {
+                    // A call that went out may have run: never send it
+                    // again (at most once).
+                    if sent || inner.is_live(&target) {
                         return Err(err);
                     }
                     hops += 1;
@@ -476,8 +489,15 @@ impl ClusterNode {
     /// The open connection to `peer`, opened if needed.
     async fn connection(&self, peer: &SiloId) -> Result<Connection, ClusterCallError> {
         let inner = &self.inner;
-        let mut connections = inner.connections.lock().await;
-        if let Some(connection) = connections.get(peer) {
+        let slot = inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(peer.clone())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref() {
             if !connection.is_closed() {
                 return Ok(connection.clone());
             }
@@ -486,28 +506,34 @@ impl ClusterNode {
             silo: peer.clone(),
             reason,
         };
-        let io = inner
-            .transport
-            .connect(peer.address.clone())
+        let connecting = async {
+            let io = inner
+                .transport
+                .connect(peer.address.clone())
+                .await
+                .map_err(|err| unavailable(err.to_string()))?;
+            connection::connect(
+                io,
+                inner.id.clone(),
+                &inner.config.cluster,
+                &inner.config.secret,
+                Arc::new(NodeInbound(Arc::downgrade(inner))),
+                inner.config.connection,
+            )
             .await
-            .map_err(|err| unavailable(err.to_string()))?;
-        let connection = connection::connect(
-            io,
-            inner.id.clone(),
-            &inner.config.cluster,
-            &inner.config.secret,
-            Arc::new(NodeInbound(Arc::downgrade(inner))),
-            inner.config.connection,
-        )
-        .await
-        .map_err(|err| unavailable(err.to_string()))?;
+            .map_err(|err| unavailable(err.to_string()))
+        };
+        let connection =
+            tokio::time::timeout(inner.config.connection.handshake_timeout, connecting)
+                .await
+                .map_err(|_| unavailable("connecting timed out".into()))??;
         if connection.peer() != peer {
             return Err(unavailable(format!(
                 "{} answered in its place",
                 connection.peer()
             )));
         }
-        connections.insert(peer.clone(), connection.clone());
+        *slot = Some(connection.clone());
         Ok(connection)
     }
 
@@ -537,8 +563,18 @@ impl ClusterNode {
 
     async fn stop_serving(&self) {
         self.inner.stop_tasks();
-        for (_, connection) in self.inner.connections.lock().await.drain() {
-            connection.close();
+        let slots: Vec<_> = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in slots {
+            if let Some(connection) = slot.lock().await.take() {
+                connection.close();
+            }
         }
         for connection in self.inner.accepted.lock().await.drain(..) {
             connection.close();
@@ -578,6 +614,13 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
             < self.handoff;
+        let view = self.view();
+        let grain = match &request {
+            DirectoryRequest::Register { grain, .. } | DirectoryRequest::Lookup(grain) => grain,
+        };
+        if directory::owner(grain, &view) != Some(&self.id) {
+            return DirectoryReply::Retry;
+        }
         match request {
             DirectoryRequest::Lookup(grain) => match self.partition.lookup(&grain) {
                 Some(home) => DirectoryReply::Home(home),
@@ -594,7 +637,11 @@ impl Inner {
                 if settling && !existing && self.partition.lookup(&grain).is_none() {
                     return DirectoryReply::Retry;
                 }
-                let view = self.view();
+                // A proposer this silo does not see yet would be taken for
+                // a dead one by the next registration.
+                if !view.iter().any(|member| member.silo == home.silo) {
+                    return DirectoryReply::Retry;
+                }
                 DirectoryReply::Home(self.partition.register(&grain, home, |silo| {
                     view.iter().any(|member| &member.silo == silo)
                 }))
@@ -610,7 +657,9 @@ impl Inner {
         payload: Bytes,
         one_way: bool,
     ) -> Result<Vec<u8>, RemoteError> {
-        if !self.homes.contains(grain) {
+        let owner = directory::owner(grain, &self.view()).cloned();
+        let registered_with = self.homes.get(grain).map(|entry| entry.value().clone());
+        if registered_with.is_none() || registered_with != owner {
             let node = ClusterNode {
                 inner: self.clone(),
             };
@@ -622,14 +671,21 @@ impl Inner {
                 .directory(DirectoryRequest::Register {
                     grain: grain.clone(),
                     home: proposed,
-                    existing: false,
+                    existing: registered_with.is_some(),
                 })
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    self.homes.insert(grain.clone());
+                    if let Some(owner) = owner {
+                        self.homes.insert(grain.clone(), owner);
+                    }
                 }
-                Ok(DirectoryReply::Home(home)) => return Err(RemoteError::Moved(home.silo)),
+                Ok(DirectoryReply::Home(home)) => {
+                    // Lost: stop serving it (its activation here should be
+                    // deactivated too; the silo has no API for that yet).
+                    self.homes.remove(grain);
+                    return Err(RemoteError::Moved(home.silo));
+                }
                 Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
                     return Err(RemoteError::Retry);
                 }
@@ -665,8 +721,16 @@ impl Inner {
         for silo in &gone {
             self.partition.forget_silo(silo);
             self.cache.forget_silo(silo);
-            if let Some(connection) = self.connections.lock().await.remove(silo) {
-                connection.close();
+            let slot = self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(silo);
+            if let Some(slot) = slot {
+                // Waits at most handshake_timeout for a connect in progress.
+                if let Some(connection) = slot.lock().await.take() {
+                    connection.close();
+                }
             }
             self.accepted.lock().await.retain(|connection| {
                 if connection.peer() == silo {
@@ -681,11 +745,16 @@ impl Inner {
         let node = ClusterNode {
             inner: self.clone(),
         };
-        let homes: Vec<GrainId> = self.homes.iter().map(|grain| grain.clone()).collect();
+        let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
         for grain in homes {
-            let old = directory::owner(&grain, before);
-            let new = directory::owner(&grain, after);
-            if old == new {
+            let Some(new) = directory::owner(&grain, after).cloned() else {
+                continue;
+            };
+            if self
+                .homes
+                .get(&grain)
+                .is_some_and(|entry| *entry.value() == new)
+            {
                 continue;
             }
             let proposed = ActivationAddress {
@@ -700,11 +769,13 @@ impl Inner {
                 })
                 .await
             {
-                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {}
+                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                    self.homes.insert(grain, new);
+                }
                 Ok(DirectoryReply::Home(_)) => {
                     self.homes.remove(&grain);
                 }
-                // Tried again at the next view change or call.
+                // Tried again at the next call (host sees the owner changed).
                 _ => {}
             }
         }
@@ -829,8 +900,8 @@ impl NodeBuilder {
             handoff,
             partition: Partition::new(),
             cache: LocationCache::new(),
-            homes: DashSet::new(),
-            connections: tokio::sync::Mutex::new(HashMap::new()),
+            homes: DashMap::new(),
+            connections: Mutex::new(HashMap::new()),
             accepted: tokio::sync::Mutex::new(Vec::new()),
             placement,
             needs,
@@ -860,14 +931,19 @@ impl NodeBuilder {
                                 let peer = connection.peer().clone();
                                 // An open connection of our own stays the
                                 // one we call on; this one serves the peer.
-                                let mut connections = inner.connections.lock().await;
-                                match connections.get(&peer) {
-                                    Some(open) if !open.is_closed() => {}
-                                    _ => {
-                                        connections.insert(peer, connection.clone());
+                                let slot = inner
+                                    .connections
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .entry(peer)
+                                    .or_default()
+                                    .clone();
+                                // Busy: we are connecting to it ourselves.
+                                if let Ok(mut slot) = slot.try_lock() {
+                                    if slot.as_ref().is_none_or(Connection::is_closed) {
+                                        *slot = Some(connection.clone());
                                     }
                                 }
-                                drop(connections);
                                 let mut accepted = inner.accepted.lock().await;
                                 accepted.retain(|kept| !kept.is_closed());
                                 accepted.push(connection);

@@ -113,6 +113,9 @@ pub enum RemoteError {
     Retry,
     /// Anything else, described.
     Other(String),
+    /// The remote silo has `max_inbound` requests from this one running;
+    /// retry shortly.
+    Overloaded,
 }
 
 impl std::fmt::Display for RemoteError {
@@ -130,6 +133,7 @@ impl std::fmt::Display for RemoteError {
             RemoteError::Moved(silo) => write!(f, "the grain's activation is on {silo}"),
             RemoteError::Retry => write!(f, "the directory is taking over the entry; retry"),
             RemoteError::Other(why) => write!(f, "{why}"),
+            RemoteError::Overloaded => write!(f, "the silo is overloaded; retry"),
         }
     }
 }

@@ -1,0 +1,144 @@
+//! Connections' hard cases, each found in review: a call waiting for room
+//! in the outgoing queue, and a stranger announcing huge frames before the
+//! handshake.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use granary_actors::GrainKey;
+use granary_cluster::{
+    ClusterSecret, ConnectionConfig, Inbound, InboundRequest, RemoteError, SiloId, accept, connect,
+};
+use tokio::io::AsyncWriteExt;
+
+/// Counts live heap bytes.
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+// SAFETY: forwards to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+}
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn secret() -> ClusterSecret {
+    ClusterSecret::new(*b"a cluster secret for the tests").unwrap()
+}
+
+/// Never answers.
+struct Never;
+impl Inbound for Never {
+    fn request(
+        &self,
+        _: &SiloId,
+        _: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Connection rule 5: "A call that gets no response fails with
+/// CallFailure::Timeout after call_timeout". Once the outgoing queue is
+/// full (the peer stopped reading: its own rule 4), `call` waits for room
+/// with no timeout at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
+    let config = ConnectionConfig {
+        call_timeout: Duration::from_millis(300),
+        outgoing_frames: 1,
+        max_inbound: 1,
+        ..ConnectionConfig::default()
+    };
+    let (near, far) = tokio::io::duplex(4096);
+    let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
+    let accepted = tokio::spawn({
+        let b = b.clone();
+        async move { accept(Box::new(far), b, "test", &secret(), Arc::new(Never), config).await }
+    });
+    let connection = connect(
+        Box::new(near),
+        a,
+        "test",
+        &secret(),
+        Arc::new(Never),
+        config,
+    )
+    .await
+    .unwrap();
+    let _server = accepted.await.unwrap().unwrap();
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                connection
+                    .call("g", &GrainKey::U64(1), "m", &[0u8; 8192])
+                    .await
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut hung = 0;
+    for call in calls {
+        let left = Duration::from_secs(3).saturating_sub(started.elapsed());
+        if tokio::time::timeout(left, call).await.is_err() {
+            hung += 1;
+        }
+    }
+    assert_eq!(
+        hung, 0,
+        "{hung} of 20 calls with a 300 ms timeout still waiting after 3 s"
+    );
+}
+
+/// An unauthenticated peer that sends only a 4-byte length prefix makes
+/// the acceptor reserve a buffer of that length (up to max_frame, 16 MiB)
+/// before the handshake, for handshake_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_cannot_make_the_acceptor_reserve_memory_before_the_handshake() {
+    let config = ConnectionConfig::default();
+    let base = LIVE.load(Ordering::Relaxed);
+    let mut strangers = Vec::new();
+    for n in 0..8u64 {
+        let (mut near, far) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = accept(
+                Box::new(far),
+                SiloId::new("b:1", n),
+                "test",
+                &secret(),
+                Arc::new(Never),
+                config,
+            )
+            .await;
+        });
+        near.write_all(&((16u32 << 20) - 1).to_be_bytes())
+            .await
+            .unwrap();
+        strangers.push(near);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let grown = LIVE.load(Ordering::Relaxed).saturating_sub(base);
+    assert!(
+        grown < 1 << 20,
+        "8 unauthenticated 4-byte writes hold {} MiB on the acceptor",
+        grown >> 20
+    );
+}

@@ -42,7 +42,7 @@ use granary_kernels::{CpuBackend, DeviceInfo, host_device};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of device memory each ledger keeps resident.
-pub const LEDGER_DEVICE_BYTES: u64 = 16 << 20;
+pub const LEDGER_DEVICE_BYTES: u64 = 4 << 20;
 
 /// A ledger's persisted state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,7 +450,7 @@ pub async fn run_cluster_demo(
         let gossip: SocketAddr = SocketAddr::from(([127, 0, 0, 1], udp));
         let seed = *gossip_seed.get_or_insert(gossip);
         // Different memory per silo, so placement has a choice to make.
-        let memory = 512 + 256 * u64::from((n * 2 + 1) % config.nodes);
+        let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);
         let file = NodeFile {
             cluster: "demo".into(),
             secret: secret.clone(),

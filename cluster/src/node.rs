@@ -29,7 +29,10 @@
 //!    same way, never hangs.
 //! 5. **Load.** Every `load_interval` the node publishes its activation
 //!    count and, if it has a GPU bridge, each device's free memory, queue
-//!    depth and capabilities, for placement elsewhere.
+//!    depth and capabilities, for placement elsewhere. Published load may
+//!    be stale, so a silo never becomes home to a grain whose declared
+//!    device needs do not fit it now: it answers `NoRoom`, and the caller
+//!    places the grain elsewhere.
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -352,9 +355,11 @@ impl ClusterNode {
         let mut hops = 0;
         let settle_by = Instant::now() + inner.handoff * 4;
         let mut last = None;
+        // Silos that had no room for the grain in this call (rule 5).
+        let mut full: Vec<SiloId> = Vec::new();
         while hops < MAX_HOPS {
             let mut sent = false;
-            let target = match self.home_of(&grain).await {
+            let target = match self.home_of(&grain, &full).await {
                 Ok(target) => target,
                 Err(err @ ClusterCallError::Remote(RemoteError::Retry))
                     if Instant::now() < settle_by =>
@@ -393,6 +398,13 @@ impl ClusterNode {
                         },
                     );
                     return Ok(reply);
+                }
+                Err(ClusterCallError::Remote(RemoteError::NoRoom)) => {
+                    // Its published load was stale: place elsewhere.
+                    hops += 1;
+                    inner.cache.forget_silo(&target);
+                    full.push(target);
+                    last = Some(ClusterCallError::Remote(RemoteError::NoRoom));
                 }
                 Err(ClusterCallError::Remote(RemoteError::Moved(home))) => {
                     hops += 1;
@@ -433,7 +445,7 @@ impl ClusterNode {
     }
 
     /// The silo to send a call for `grain` to (rule 2).
-    async fn home_of(&self, grain: &GrainId) -> Result<SiloId, ClusterCallError> {
+    async fn home_of(&self, grain: &GrainId, full: &[SiloId]) -> Result<SiloId, ClusterCallError> {
         let inner = &self.inner;
         if let Some(home) = inner.cache.get(grain) {
             if inner.is_live(&home.silo) {
@@ -448,7 +460,12 @@ impl ClusterNode {
             DirectoryReply::Retry => return Err(ClusterCallError::Remote(RemoteError::Retry)),
             DirectoryReply::Home(_) | DirectoryReply::Unknown => {}
         }
-        let view = inner.view();
+        let view: Vec<Member> = inner
+            .view()
+            .iter()
+            .filter(|member| !full.contains(&member.silo))
+            .cloned()
+            .collect();
         let request = PlacementRequest {
             grain,
             caller: &inner.id,
@@ -659,6 +676,11 @@ impl Inner {
     ) -> Result<Vec<u8>, RemoteError> {
         let owner = directory::owner(grain, &self.view()).cloned();
         let registered_with = self.homes.get(grain).map(|entry| entry.value().clone());
+        // Rule 5: never become home to a grain whose device needs do not
+        // fit here now (placement decided on load that may be stale).
+        if registered_with.is_none() && !self.fits(&grain.type_name) {
+            return Err(RemoteError::NoRoom);
+        }
         if registered_with.is_none() || registered_with != owner {
             let node = ClusterNode {
                 inner: self.clone(),
@@ -779,6 +801,16 @@ impl Inner {
                 _ => {}
             }
         }
+    }
+
+    /// Whether a new grain of `grain_type` fits a device here: one of the
+    /// bridge's devices has the memory and capabilities it declares. A
+    /// type that declares none fits anywhere.
+    fn fits(&self, grain_type: &str) -> bool {
+        let Some(needs) = self.needs.get(grain_type) else {
+            return true;
+        };
+        self.load().devices.iter().any(|device| needs.fits(device))
     }
 
     fn load(&self) -> SiloLoad {

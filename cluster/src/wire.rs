@@ -111,6 +111,9 @@ pub enum RemoteError {
     /// The directory cannot decide yet (its owner took over the entry a
     /// moment ago); retry shortly.
     Retry,
+    /// The silo has no device where the grain fits (its published load
+    /// was stale): place the grain elsewhere.
+    NoRoom,
     /// Anything else, described.
     Other(String),
     /// The remote silo has `max_inbound` requests from this one running;
@@ -132,6 +135,7 @@ impl std::fmt::Display for RemoteError {
             RemoteError::ShutDown => write!(f, "the silo is shutting down"),
             RemoteError::Moved(silo) => write!(f, "the grain's activation is on {silo}"),
             RemoteError::Retry => write!(f, "the directory is taking over the entry; retry"),
+            RemoteError::NoRoom => write!(f, "no device on the silo has room for the grain"),
             RemoteError::Other(why) => write!(f, "{why}"),
             RemoteError::Overloaded => write!(f, "the silo is overloaded; retry"),
         }

@@ -23,14 +23,19 @@
 //!    not in the view: a host without the secret may gossip, but no silo
 //!    counts it, places grains on it, or (connections need the secret too)
 //!    talks to it. chitchat 0.9 keeps its message decoding private, so the
-//!    datagrams themselves cannot be signed from outside it.
+//!    datagrams themselves cannot be signed from outside it; chitchat's
+//!    heartbeats can therefore be forged. So the signed state also carries
+//!    a beat that the silo advances every few gossip rounds, and a silo
+//!    whose signed beat has not advanced for `BEATS_MISSED` beats leaves
+//!    the view whatever chitchat's detector says.
 //! 7. **The view** ([`Membership::members`], [`Membership::watch`]) lists
 //!    live silos, this one included, sorted by id, each with its last load.
 //!    It changes when a silo joins, leaves, dies or publishes new load.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chitchat::transport::Transport as GossipTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
@@ -51,7 +56,14 @@ struct State {
     /// Leaving gracefully (rule 5).
     leaving: bool,
     load: SiloLoad,
+    /// Advances every `BEAT_EVERY` gossip rounds (rule 6).
+    beat: u64,
 }
+
+/// Gossip rounds between two signed beats.
+const BEAT_EVERY: u32 = 2;
+/// Beats a silo may miss before it leaves the view (rule 6).
+const BEATS_MISSED: u32 = 10;
 
 /// One device of a silo, as the cluster sees it (rule 4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +169,9 @@ pub struct Membership {
     handle: ChitchatHandle,
     secret: ClusterSecret,
     /// What this silo says about itself, signed and published whole.
-    state: tokio::sync::Mutex<State>,
+    state: Arc<tokio::sync::Mutex<State>>,
+    /// Advances the signed beat (rule 6).
+    beater: tokio::task::JoinHandle<()>,
     view: watch::Receiver<Vec<Member>>,
     gossip_interval: Duration,
     /// Turns chitchat's live set into the view.
@@ -216,11 +230,21 @@ impl Membership {
             .with_chitchat(|chitchat| chitchat.live_nodes_watcher())
             .await;
         let (publish, view) = watch::channel(Vec::new());
-        let follower = tokio::spawn(follow(live, publish, secret.clone()));
+        let beat = gossip_interval * BEAT_EVERY;
+        let follower = tokio::spawn(follow(live, publish, secret.clone(), beat * BEATS_MISSED));
+        let state = Arc::new(tokio::sync::Mutex::new(state));
+        let beater = tokio::spawn(advance_beat(
+            handle.chitchat(),
+            handle.chitchat_id().clone(),
+            state.clone(),
+            secret.clone(),
+            beat,
+        ));
         Ok(Membership {
             handle,
             secret,
-            state: tokio::sync::Mutex::new(state),
+            state,
+            beater,
             view,
             gossip_interval,
             follower,
@@ -272,6 +296,7 @@ impl Membership {
     /// out through the failure detector).
     pub async fn stop(self) -> Result<(), MembershipError> {
         self.follower.abort();
+        self.beater.abort();
         self.handle
             .shutdown()
             .await
@@ -284,9 +309,29 @@ async fn follow(
     mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     publish: watch::Sender<Vec<Member>>,
     secret: ClusterSecret,
+    stale_after: Duration,
 ) {
+    // Each node's last signed beat and when it was first seen (rule 6).
+    let mut beats: std::collections::HashMap<ChitchatId, (u64, Instant)> =
+        std::collections::HashMap::new();
+    let mut recheck = tokio::time::interval(stale_after / BEATS_MISSED);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let members = view_of(&live.borrow_and_update(), &secret);
+        let now = Instant::now();
+        let signed = signed_states(&live.borrow_and_update(), &secret);
+        beats.retain(|id, _| signed.iter().any(|(known, _)| known == id));
+        let fresh: Vec<(ChitchatId, State)> = signed
+            .into_iter()
+            .filter(|(id, state)| {
+                let (beat, since) = beats.entry(id.clone()).or_insert((state.beat, now));
+                if state.beat > *beat {
+                    *beat = state.beat;
+                    *since = now;
+                }
+                now.duration_since(*since) < stale_after
+            })
+            .collect();
+        let members = view_of(fresh);
         publish.send_if_modified(|view| {
             if *view == members {
                 false
@@ -295,8 +340,33 @@ async fn follow(
                 true
             }
         });
-        if live.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = live.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = recheck.tick() => {}
+        }
+    }
+}
+
+/// Republishes this silo's signed state with its beat advanced, every
+/// `every` (rule 6).
+async fn advance_beat(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    id: ChitchatId,
+    state: Arc<tokio::sync::Mutex<State>>,
+    secret: ClusterSecret,
+    every: Duration,
+) {
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        ticks.tick().await;
+        let mut state = state.lock().await;
+        state.beat += 1;
+        if let Some(value) = signed(&secret, &id, &state) {
+            chitchat.lock().await.self_node_state().set(STATE, &value);
         }
     }
 }
@@ -341,17 +411,26 @@ fn verified(secret: &ClusterSecret, id: &ChitchatId, value: &str) -> Option<Stat
     serde_json::from_str(json).ok()
 }
 
-/// Rules 1, 5 and 6: the newest incarnation of each address whose state
-/// verifies, without silos that are leaving; sorted by id.
-fn view_of(live: &BTreeMap<ChitchatId, NodeState>, secret: &ClusterSecret) -> Vec<Member> {
-    let mut newest: BTreeMap<&str, Member> = BTreeMap::new();
-    for (id, node) in live {
-        let Some(state) = node
-            .get(STATE)
-            .and_then(|value| verified(secret, id, value))
-        else {
-            continue;
-        };
+/// The live nodes whose state verifies (rule 6).
+fn signed_states(
+    live: &BTreeMap<ChitchatId, NodeState>,
+    secret: &ClusterSecret,
+) -> Vec<(ChitchatId, State)> {
+    live.iter()
+        .filter_map(|(id, node)| {
+            let state = node
+                .get(STATE)
+                .and_then(|value| verified(secret, id, value))?;
+            Some((id.clone(), state))
+        })
+        .collect()
+}
+
+/// Rules 1 and 5: the newest incarnation of each address, without silos
+/// that are leaving; sorted by id.
+fn view_of(signed: Vec<(ChitchatId, State)>) -> Vec<Member> {
+    let mut newest: BTreeMap<String, Member> = BTreeMap::new();
+    for (id, state) in signed {
         if state.leaving {
             continue;
         }
@@ -363,7 +442,7 @@ fn view_of(live: &BTreeMap<ChitchatId, NodeState>, secret: &ClusterSecret) -> Ve
         match newest.get(id.node_id.as_str()) {
             Some(known) if known.silo.incarnation >= id.generation_id => {}
             _ => {
-                newest.insert(id.node_id.as_str(), member);
+                newest.insert(id.node_id.clone(), member);
             }
         }
     }

@@ -25,9 +25,10 @@
 //!    talks to it. chitchat 0.9 keeps its message decoding private, so the
 //!    datagrams themselves cannot be signed from outside it; chitchat's
 //!    heartbeats can therefore be forged. So the signed state also carries
-//!    a beat that the silo advances every few gossip rounds, and a silo
-//!    whose signed beat has not advanced for `BEATS_MISSED` beats leaves
-//!    the view whatever chitchat's detector says.
+//!    a beat that the silo advances every few of its own gossip rounds
+//!    (and how often it does), and a silo whose signed beat has not
+//!    advanced for `BEATS_MISSED` of its beats leaves the view whatever
+//!    chitchat's detector says.
 //! 7. **The view** ([`Membership::members`], [`Membership::watch`]) lists
 //!    live silos, this one included, sorted by id, each with its last load.
 //!    It changes when a silo joins, leaves, dies or publishes new load.
@@ -58,6 +59,9 @@ struct State {
     load: SiloLoad,
     /// Advances every `BEAT_EVERY` gossip rounds (rule 6).
     beat: u64,
+    /// How often this silo advances its beat, in milliseconds: silos may
+    /// gossip at different rates, so each is judged by its own.
+    beat_every_ms: u64,
 }
 
 /// Gossip rounds between two signed beats.
@@ -219,7 +223,11 @@ impl Membership {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let state = State::default();
+        let beat = gossip_interval * BEAT_EVERY;
+        let state = State {
+            beat_every_ms: beat.as_millis().max(1) as u64,
+            ..State::default()
+        };
         let value = signed(&secret, &chitchat_config.chitchat_id, &state)
             .ok_or_else(|| MembershipError::Start("the state did not serialise".into()))?;
         let handle =
@@ -230,8 +238,7 @@ impl Membership {
             .with_chitchat(|chitchat| chitchat.live_nodes_watcher())
             .await;
         let (publish, view) = watch::channel(Vec::new());
-        let beat = gossip_interval * BEAT_EVERY;
-        let follower = tokio::spawn(follow(live, publish, secret.clone(), beat * BEATS_MISSED));
+        let follower = tokio::spawn(follow(live, publish, secret.clone(), beat));
         let state = Arc::new(tokio::sync::Mutex::new(state));
         let beater = tokio::spawn(advance_beat(
             handle.chitchat(),
@@ -309,12 +316,12 @@ async fn follow(
     mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     publish: watch::Sender<Vec<Member>>,
     secret: ClusterSecret,
-    stale_after: Duration,
+    own_beat: Duration,
 ) {
     // Each node's last signed beat and when it was first seen (rule 6).
     let mut beats: std::collections::HashMap<ChitchatId, (u64, Instant)> =
         std::collections::HashMap::new();
-    let mut recheck = tokio::time::interval(stale_after / BEATS_MISSED);
+    let mut recheck = tokio::time::interval(own_beat);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now = Instant::now();
@@ -328,6 +335,8 @@ async fn follow(
                     *beat = state.beat;
                     *since = now;
                 }
+                let stale_after =
+                    Duration::from_millis(state.beat_every_ms.max(1)).saturating_mul(BEATS_MISSED);
                 now.duration_since(*since) < stale_after
             })
             .collect();

@@ -26,14 +26,18 @@ use crate::wire::PROOF_LEN;
 /// Bytes a cluster secret has at least.
 pub const MIN_SECRET_LEN: usize = 16;
 
-/// The secret every silo of a cluster holds. Its `Debug` shows no byte of
-/// it.
+/// The secret every silo of a cluster holds, as the HMAC keyed with it.
+/// Its `Debug` shows no byte of it.
 #[derive(Clone)]
-pub struct ClusterSecret(Vec<u8>);
+pub struct ClusterSecret {
+    /// Keyed once; cloned for each tag.
+    keyed: Hmac<Sha256>,
+    len: usize,
+}
 
 impl std::fmt::Debug for ClusterSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClusterSecret({} bytes)", self.0.len())
+        write!(f, "ClusterSecret({} bytes)", self.len)
     }
 }
 
@@ -60,18 +64,20 @@ impl ClusterSecret {
     /// The secret `bytes`, at least [`MIN_SECRET_LEN`] of them.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<ClusterSecret, WeakSecret> {
         let bytes = bytes.into();
+        let weak = WeakSecret { len: bytes.len() };
         if bytes.len() < MIN_SECRET_LEN {
-            return Err(WeakSecret { len: bytes.len() });
+            return Err(weak);
         }
-        Ok(ClusterSecret(bytes))
+        // HMAC takes keys of every length; the error exists for other MACs.
+        let keyed = Hmac::<Sha256>::new_from_slice(&bytes).map_err(|_| weak)?;
+        Ok(ClusterSecret {
+            keyed,
+            len: bytes.len(),
+        })
     }
 
     fn mac(&self) -> Hmac<Sha256> {
-        // HMAC takes a key of any length.
-        match Hmac::<Sha256>::new_from_slice(&self.0) {
-            Ok(mac) => mac,
-            Err(_) => unreachable!("HMAC accepts keys of every length"),
-        }
+        self.keyed.clone()
     }
 
     fn keyed(&self, role: Role, nonces: [&[u8; PROOF_LEN]; 2], ids: [&SiloId; 2]) -> Hmac<Sha256> {

@@ -137,6 +137,18 @@ where
     })
 }
 
+/// Deactivates one grain of a type (`GrainRef::deactivate`).
+pub(crate) type Deactivate =
+    Arc<dyn Fn(&Silo, GrainKey) -> BoxFuture<'static, Result<(), CallError>> + Send + Sync>;
+
+/// The deactivator of grain type `G`.
+pub(crate) fn deactivator<G: crate::grain::Grain>() -> Deactivate {
+    Arc::new(|silo: &Silo, key: GrainKey| {
+        let grain = silo.grain::<G>(key);
+        Box::pin(async move { grain.deactivate().await })
+    })
+}
+
 /// The names a silo dispatches on (rule 1).
 #[derive(Default)]
 pub(crate) struct Registry {
@@ -146,6 +158,8 @@ pub(crate) struct Registry {
     pub(crate) names: HashMap<(TypeId, TypeId), String>,
     /// The name of each registered grain type.
     pub(crate) type_names: HashMap<TypeId, String>,
+    /// Deactivates a grain, by type name.
+    pub(crate) deactivators: HashMap<String, Deactivate>,
 }
 
 impl Silo {
@@ -174,6 +188,22 @@ impl Silo {
     ) -> Result<(), DispatchError> {
         let handle = self.named_handle(grain_type, message)?;
         handle(self, key, payload, Mode::Tell).await.map(drop)
+    }
+
+    /// Deactivates grain `grain_type`/`key` if it is active here (see
+    /// `GrainRef::deactivate`).
+    pub async fn deactivate_named(
+        &self,
+        grain_type: &str,
+        key: GrainKey,
+    ) -> Result<(), DispatchError> {
+        let deactivate = self
+            .registry()
+            .deactivators
+            .get(grain_type)
+            .cloned()
+            .ok_or_else(|| DispatchError::UnknownGrainType(grain_type.to_string()))?;
+        deactivate(self, key).await.map_err(DispatchError::Call)
     }
 
     /// The name message type `M` of grain type `G` is registered under, if

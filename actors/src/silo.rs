@@ -90,6 +90,9 @@ enum Turn<G> {
     Write(WriteTurn<G>),
     /// A read-only handler: may interleave with other reads (rule 10).
     Read(ReadTurn<G>),
+    /// Deactivate now (rule 5), after the turns already taken from the
+    /// mailbox; sent by `GrainRef::deactivate`.
+    Deactivate,
 }
 
 /// Most reads one interleaved batch takes (rule 10).
@@ -514,6 +517,9 @@ impl SiloBuilder {
         self.registry
             .type_names
             .insert(TypeId::of::<G>(), name.to_string());
+        self.registry
+            .deactivators
+            .insert(name.to_string(), crate::dispatch::deactivator::<G>());
         let directory = registered.clone();
         self.wake_activations.push(Box::new(move || {
             for slots in directory.directory.iter() {
@@ -1003,6 +1009,7 @@ async fn run_activation<G: Grain>(
             };
             ctx.put_mailbox(mailbox);
             match next {
+                Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
@@ -1107,6 +1114,8 @@ async fn turn<G: Grain>(
             read_batch(&grain, (chain, read), ctx).await;
             return Some(grain);
         }
+        // Already deactivating (rule 5).
+        Turn::Deactivate => return Some(grain),
     };
     ctx.set_chain(chain);
     let outcome = InChain {
@@ -1311,6 +1320,28 @@ impl<G: Grain> GrainRef<G> {
         self.deliver(grain_type, envelope, &mut deadline).await
     }
 
+    /// Deactivates the grain's activation, if it has one: it runs what its
+    /// mailbox already holds, then `on_deactivate` (rule 5); the next
+    /// message activates it again. Returns once the request is queued.
+    pub async fn deactivate(&self) -> Result<(), CallError> {
+        let grain_type = self.registered()?;
+        let active = grain_type.directory.get(&self.key).is_some_and(|slots| {
+            slots
+                .iter()
+                .any(|slot| matches!(slot, Some(Entry::Active(sender)) if !sender.is_closed()))
+        });
+        if !active {
+            return Ok(());
+        }
+        let envelope = Envelope::<G> {
+            chain: fresh_chain(),
+            keeps_alive: false,
+            turn: Turn::Deactivate,
+        };
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        self.deliver(grain_type, envelope, &mut deadline).await
+    }
+
     fn registered(&self) -> Result<&Arc<GrainType<G>>, CallError> {
         self.registered.as_ref().ok_or(CallError::NotRegistered {
             type_name: std::any::type_name::<G>(),
@@ -1501,7 +1532,9 @@ impl GrainContext {
             };
             // A message of another chain waits for the current turn.
             let event = match event {
-                Event::Message(Some(envelope)) if envelope.chain != chain => {
+                Event::Message(Some(envelope))
+                    if envelope.chain != chain || matches!(envelope.turn, Turn::Deactivate) =>
+                {
                     if let Some(mailbox) = lent.mailbox.as_mut() {
                         exclusive(mailbox).deferred.push_back(envelope);
                     }
@@ -1531,6 +1564,8 @@ impl GrainContext {
                         Turn::Read(read) => {
                             let _ = AssertUnwindSafe(read(this, self)).catch_unwind().await;
                         }
+                        // Set aside above: it waits for the turn.
+                        Turn::Deactivate => {}
                     }
                     self.set_chain(chain);
                 }

@@ -444,3 +444,36 @@ fn one_type_under_two_names_is_refused() {
         Err(SiloError::InvalidConfig(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grain_deactivated_on_request_writes_its_state_and_comes_back_with_it() {
+    let storage = Arc::new(MemoryStorage::new());
+    let (silo, _) = silo(SiloConfig::default(), storage);
+    let counter = silo.grain::<Counter>("asked-to-leave");
+    // Nothing to deactivate yet: nothing is activated either.
+    counter.deactivate().await.unwrap();
+    assert_eq!(silo.live_activations(), 0);
+    assert_eq!(counter.call(Add(4)).await.unwrap(), 4);
+    // Messages already queued run before it goes.
+    let queued = counter.tell(Add(1));
+    queued.await.unwrap();
+    counter.deactivate().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while silo.live_activations() > 0 {
+        assert!(std::time::Instant::now() < deadline, "not deactivated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(activations(&silo), 1);
+    // Reactivated from the state on_deactivate wrote.
+    assert_eq!(counter.call(Get).await.unwrap(), 5);
+    assert_eq!(activations(&silo), 2);
+    // By name, as the cluster does.
+    silo.deactivate_named("counter", GrainKey::from("asked-to-leave"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        silo.deactivate_named("nothing", GrainKey::from("x")).await,
+        Err(granary_actors::DispatchError::UnknownGrainType(_))
+    ));
+    silo.shutdown().await;
+}

@@ -16,7 +16,8 @@
 //!    silo among those that agree on the view.
 //! 3. **Ownership moves** when the view changes. Each silo then registers
 //!    its homes with their new owners, and a silo that loses one stops
-//!    taking calls for it. A new owner answers `Retry` for a grain it has
+//!    taking calls for it and deactivates its activation (which writes its
+//!    state; ETags refuse a stale write). A new owner answers `Retry` for a grain it has
 //!    no entry for during `handoff` after a view change, so that homes are
 //!    re-registered before anyone else can claim them. This holds as long
 //!    as every silo learns of a view change within `handoff` (several
@@ -703,9 +704,11 @@ impl Inner {
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
-                    // Lost: stop serving it (its activation here should be
-                    // deactivated too; the silo has no API for that yet).
-                    self.homes.remove(grain);
+                    // Lost: stop serving it, and let its activation here
+                    // (if it was home before) go.
+                    if self.homes.remove(grain).is_some() {
+                        self.release(grain);
+                    }
                     return Err(RemoteError::Moved(home.silo));
                 }
                 Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
@@ -795,12 +798,28 @@ impl Inner {
                     self.homes.insert(grain, new);
                 }
                 Ok(DirectoryReply::Home(_)) => {
-                    self.homes.remove(&grain);
+                    if self.homes.remove(&grain).is_some() {
+                        self.release(&grain);
+                    }
                 }
                 // Tried again at the next call (host sees the owner changed).
                 _ => {}
             }
         }
+    }
+
+    /// Deactivates this silo's activation of `grain`, which it is no
+    /// longer home to: the activation runs what it already holds, writes
+    /// its state, and frees its resources (a resident buffer's device
+    /// memory, say).
+    fn release(&self, grain: &GrainId) {
+        let silo = self.silo.clone();
+        let (grain_type, key) = (grain.type_name.clone(), grain.key.clone());
+        tokio::spawn(async move {
+            if let Err(err) = silo.deactivate_named(&grain_type, key).await {
+                tracing::debug!(%grain_type, error = %err, "a lost home's activation did not deactivate");
+            }
+        });
     }
 
     /// Whether a new grain of `grain_type` fits a device here: one of the

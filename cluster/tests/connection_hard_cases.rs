@@ -55,10 +55,10 @@ impl Inbound for Never {
     }
 }
 
-/// Connection rule 5: "A call that gets no response fails with
-/// CallFailure::Timeout after call_timeout". Once the outgoing queue is
-/// full (the peer stopped reading: its own rule 4), `call` waits for room
-/// with no timeout at all.
+/// Connection rule 5: a call that gets no response fails with `Timeout`
+/// after `call_timeout`, also when the outgoing queue is full (the peer
+/// stopped reading) and the call is still waiting for room. (In review,
+/// that wait had no timeout.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
     let config = ConnectionConfig {
@@ -108,9 +108,10 @@ async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
     );
 }
 
-/// An unauthenticated peer that sends only a 4-byte length prefix makes
-/// the acceptor reserve a buffer of that length (up to max_frame, 16 MiB)
-/// before the handshake, for handshake_timeout.
+/// An unauthenticated peer that sends only a 4-byte length prefix cannot
+/// make the acceptor reserve a buffer of that length before the handshake:
+/// frames are limited to 1 KiB until it is done. (In review, each such
+/// peer held up to 16 MiB for the handshake timeout.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_cannot_make_the_acceptor_reserve_memory_before_the_handshake() {
     let config = ConnectionConfig::default();

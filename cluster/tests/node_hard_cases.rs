@@ -183,11 +183,10 @@ fn activations(nodes: &[&ClusterNode]) -> u64 {
     nodes.iter().map(|n| n.silo().activations_started()).sum()
 }
 
-/// Rule 3: "Each silo then registers its homes with their new owners ...
-/// Tried again at the next view change or call." A home whose
-/// re-registration fails is never re-registered (host() skips the directory
-/// for grains in `homes`), so once the hand-over window passes the new
-/// owner lets another silo activate the grain: two activations.
+/// Rule 3: a home whose re-registration failed when ownership moved (its
+/// link to the new owner was cut) registers again before it serves, so the
+/// new owner never lets another silo activate the grain. (In review, such a
+/// home never re-registered, and the grain ran on two silos.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_whose_reregistration_failed_registers_again_before_serving() {
     let cluster = Cluster::new();
@@ -232,11 +231,9 @@ async fn a_home_whose_reregistration_failed_registers_again_before_serving() {
     );
 }
 
-/// Rule 4: "calls in flight fail at once with SiloUnavailable". A silo
-/// that leaves is dropped from the view first; on_view_change then closes
-/// the connection, the caller sees the silo is no longer live, and sends the
-/// call again to a new activation elsewhere: the message runs twice, while
-/// the first activation is still running its turn.
+/// Rule 4: a call in flight to a silo that leaves fails with
+/// `SiloUnavailable`; it is not sent again to a new activation elsewhere,
+/// where the message would run a second time. (Found in review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_to_a_leaving_silo_fails_instead_of_running_twice() {
     let cluster = Cluster::new();
@@ -286,9 +283,9 @@ impl Transport for BlackHole {
     }
 }
 
-/// connection() holds the `connections` mutex across transport.connect
-/// (which has no timeout): one peer that does not answer SYNs stalls every
-/// call from this silo, to every peer, and its view changes.
+/// A peer whose connects never complete delays only the calls to it, and
+/// those end after the handshake timeout; calls to other silos go on.
+/// (In review, one such peer stalled every call of the silo.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_peer_delays_only_its_own_calls() {
     let cluster = Cluster::new();
@@ -353,11 +350,10 @@ impl PlacementStrategy for On {
     }
 }
 
-/// Connection rule 4 (the reader stops reading at `max_inbound`) and the
-/// node's directory requests share one connection: requests from b that
-/// wait for their directory reply from b block the reader that would read
-/// that reply. Shown with max_inbound = 1; with 4096 it takes 4096 grains
-/// being activated at once from one peer.
+/// Connection rule 4: requests over the inbound bound are answered
+/// `Overloaded` and retried, instead of stopping the reader while the
+/// running ones wait for directory replies on the same connection.
+/// (Found in review: a deadlock.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_inbound_work_answers_overloaded_instead_of_deadlocking() {
     let cluster = Cluster::new();
@@ -408,10 +404,10 @@ async fn bounded_inbound_work_answers_overloaded_instead_of_deadlocking() {
     );
 }
 
-/// A silo that has just joined registers with an owner that does not see
-/// it yet; the owner then treats that entry as a dead silo's and lets
-/// another silo replace it: two activations. (The owner's gossip interval
-/// is slowed to widen the window in which it lags.)
+/// An owner that does not yet see a joining silo answers `Retry` to its
+/// registration, instead of recording it and later treating it as a dead
+/// silo's entry that another silo may replace. The owner's gossip is slowed
+/// to widen the window. (Found in review: two activations.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_that_does_not_see_a_joining_silo_yet_answers_retry() {
     let cluster = Cluster::new();
@@ -474,11 +470,9 @@ enum ForgedRequest {
     Lookup(GrainId),
 }
 
-/// The reserved grain type is reachable through the public call API: a
-/// `call_named("$directory", ...)` that is routed to another silo is
-/// executed there as a directory operation (here: registering a home for
-/// a grain on a silo that never asked, at a silo that does not own the
-/// entry), instead of failing as an unknown grain type.
+/// The reserved `$directory` grain type cannot be called by name: a
+/// gateway passing names through from outside cannot rewrite the
+/// directory. (Found in review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reserved_directory_type_cannot_be_called_by_name() {
     let cluster = Cluster::new();

@@ -797,10 +797,8 @@ impl Inner {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
                     self.homes.insert(grain, new);
                 }
-                Ok(DirectoryReply::Home(_)) => {
-                    if self.homes.remove(&grain).is_some() {
-                        self.release(&grain);
-                    }
+                Ok(DirectoryReply::Home(_)) if self.homes.remove(&grain).is_some() => {
+                    self.release(&grain);
                 }
                 // Tried again at the next call (host sees the owner changed).
                 _ => {}

@@ -6,13 +6,16 @@
 //! in-process network with chitchat's channel transport, and over TCP and
 //! UDP on loopback.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
-use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
-use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use common::{Add, Counter, free_udp_ports};
+use granary_actors::storage::{MemoryStorage, StorageProvider};
+use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_cluster::{
     ClusterCallError, ClusterNode, ClusterSecret, GpuNeeds, InProcessNetwork, NodeConfig,
     PreferLocal, TcpTransport, Transport,
@@ -21,34 +24,6 @@ use granary_gpu::GpuBridge;
 use granary_kernels::{CpuBackend, DeviceInfo, host_device};
 use serde::{Deserialize, Serialize};
 
-/// A counter whose value is persisted after every change.
-struct Counter {
-    state: Option<PersistentState<u64>>,
-}
-impl Grain for Counter {
-    fn new(_: &GrainKey) -> Counter {
-        Counter { state: None }
-    }
-    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
-        self.state = Some(ctx.load_state::<u64>().await?);
-        Ok(())
-    }
-}
-#[derive(Serialize, Deserialize)]
-struct Add(u64);
-impl Message for Add {
-    type Reply = u64;
-}
-impl Handler<Add> for Counter {
-    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
-        let Some(state) = &mut self.state else {
-            return 0;
-        };
-        *state.get_mut() += n;
-        let _ = state.write().await;
-        *state.get()
-    }
-}
 #[derive(Serialize, Deserialize)]
 struct Nap(u64);
 impl Message for Nap {
@@ -324,15 +299,7 @@ async fn gpu_grains_are_placed_where_device_memory_is_freest_and_never_where_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_silos_over_tcp_and_udp() {
     let storage = Arc::new(MemoryStorage::new());
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = free_udp_ports(3);
     let mut nodes = Vec::new();
     for &port in &ports {
         let mut config = config("127.0.0.1:0", port, ports[0]);

@@ -2,6 +2,8 @@
 //! silo (chitchat trusts digests from anyone); the dead silo still leaves
 //! every view, because its signed beat stops advancing. Found in review.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -44,15 +46,7 @@ fn forged_syn(node: &ChitchatId, heartbeat: u64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_heartbeats_do_not_keep_a_dead_silo_in_the_view() {
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = common::free_udp_ports(3);
     let mut silos = Vec::new();
     for &port in &ports {
         silos.push(

@@ -4,6 +4,8 @@
 //! chitchat's in-process channel transport (which serialises every message
 //! and can cut links) and over UDP on loopback.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -205,16 +207,7 @@ async fn a_cut_link_isolates_a_silo_until_it_is_healed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_silos_gossip_over_udp_on_loopback() {
-    // Ports from the OS, so parallel runs do not collide.
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = common::free_udp_ports(3);
     let mut silos = Vec::new();
     for &port in &ports {
         silos.push(
@@ -259,15 +252,7 @@ async fn a_node_without_the_secret_gossips_but_is_never_a_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silo_that_dies_is_dropped_over_udp_too() {
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports = common::free_udp_ports(3);
     let mut silos = Vec::new();
     for &port in &ports {
         let mut config = config(port, 1, ports[0]);

@@ -3,6 +3,8 @@
 //! unreachable peer, bounded inbound work, an owner that does not see a
 //! joining silo yet, and the reserved directory type called by name.
 
+mod common;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,11 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chitchat::transport::ChannelTransport;
+use common::{Add, Counter};
 use futures_util::future::BoxFuture;
-use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
-use granary_actors::{
-    ActivationError, Grain, GrainContext, GrainId, GrainKey, Handler, Message, Silo,
-};
+use granary_actors::storage::{MemoryStorage, StorageProvider};
+use granary_actors::{GrainContext, GrainId, GrainKey, Handler, Message, Silo};
 use granary_cluster::transport::{BoxIo, Listener};
 use granary_cluster::{
     ClusterCallError, ClusterNode, ClusterSecret, InProcessNetwork, InProcessTransport, Member,
@@ -22,34 +23,6 @@ use granary_cluster::{
     SiloId, SiloLoad, Transport,
 };
 use serde::{Deserialize, Serialize};
-
-struct Counter {
-    state: Option<PersistentState<u64>>,
-}
-impl Grain for Counter {
-    fn new(_: &GrainKey) -> Counter {
-        Counter { state: None }
-    }
-    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
-        self.state = Some(ctx.load_state::<u64>().await?);
-        Ok(())
-    }
-}
-#[derive(Serialize, Deserialize)]
-struct Add(u64);
-impl Message for Add {
-    type Reply = u64;
-}
-impl Handler<Add> for Counter {
-    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
-        let Some(state) = &mut self.state else {
-            return 0;
-        };
-        *state.get_mut() += n;
-        let _ = state.write().await;
-        *state.get()
-    }
-}
 
 /// Counts its runs (process-wide), then sleeps, then adds.
 static SLOW_RUNS: AtomicU64 = AtomicU64::new(0);
@@ -62,12 +35,7 @@ impl Handler<SlowAdd> for Counter {
     async fn handle(&mut self, SlowAdd(n): SlowAdd, _: &mut GrainContext) -> u64 {
         SLOW_RUNS.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(800)).await;
-        let Some(state) = &mut self.state else {
-            return 0;
-        };
-        *state.get_mut() += n;
-        let _ = state.write().await;
-        *state.get()
+        self.add(n).await
     }
 }
 

@@ -113,6 +113,12 @@ impl<T> Shared<T> {
         woken
     }
 
+    /// Whether a new message may be queued now: a slot is free and no
+    /// sender is parked (rules 1 and 3).
+    fn has_room(&self, state: &State<T>) -> bool {
+        state.parked.is_empty() && state.queue.len() + state.reserved < self.capacity
+    }
+
     fn mirror(&self, state: &State<T>) {
         let free = if state.parked.is_empty() {
             self.capacity
@@ -249,10 +255,7 @@ impl<T> Sender<T> {
     /// Holds one free slot until the permit is dropped, if one is free.
     pub(crate) fn try_reserve(&self) -> Option<Permit<T>> {
         let mut state = self.shared.lock();
-        if state.closed
-            || !state.parked.is_empty()
-            || state.queue.len() + state.reserved >= self.shared.capacity
-        {
+        if state.closed || !self.shared.has_room(&state) {
             return None;
         }
         state.reserved += 1;
@@ -283,13 +286,20 @@ fn try_send<T>(shared: &Shared<T>, message: T) -> Result<(), TrySendError<T>> {
     if shared.free.load(Ordering::Relaxed) == 0 && !shared.closed.load(Ordering::Acquire) {
         return Err(TrySendError::Full(message));
     }
-    let mut state = shared.lock();
+    let state = shared.lock();
     if state.closed {
         return Err(TrySendError::Closed(message));
     }
-    if !state.parked.is_empty() || state.queue.len() + state.reserved >= shared.capacity {
+    if !shared.has_room(&state) {
         return Err(TrySendError::Full(message));
     }
+    queue_and_wake(shared, state, message);
+    Ok(())
+}
+
+/// Queues `message` (the caller checked for room), releases the lock, and
+/// wakes the receiver if it waits.
+fn queue_and_wake<T>(shared: &Shared<T>, mut state: MutexGuard<'_, State<T>>, message: T) {
     state.queue.push_back(message);
     shared.mirror(&state);
     let receiver = state.receiver.take();
@@ -297,7 +307,6 @@ fn try_send<T>(shared: &Shared<T>, message: T) -> Result<(), TrySendError<T>> {
     if let Some(receiver) = receiver {
         receiver.wake();
     }
-    Ok(())
 }
 
 /// A grain reference's memory of the mailbox it last delivered to, so that
@@ -395,14 +404,8 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 if state.closed {
                     return Poll::Ready(Err(SendError::Closed(message)));
                 }
-                if state.parked.is_empty() && state.queue.len() + state.reserved < shared.capacity {
-                    state.queue.push_back(message);
-                    shared.mirror(&state);
-                    let receiver = state.receiver.take();
-                    drop(state);
-                    if let Some(receiver) = receiver {
-                        receiver.wake();
-                    }
+                if shared.has_room(&state) {
+                    queue_and_wake(shared, state, message);
                     return Poll::Ready(Ok(()));
                 }
                 let ticket = state.next_ticket;

@@ -22,6 +22,9 @@
 //! 3. Halfway, kills (SIGKILL) the silo that hosts the most ledgers.
 //! 4. Prints where ledgers lived before and after, latency and
 //!    throughput, and checks every ledger's persisted total.
+//!
+//! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
+//! cluster every second and every failed call it retries.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -33,9 +36,7 @@ use granary_actors::{
     ActivationError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState, Silo,
     StorageProvider,
 };
-use granary_cluster::{
-    ClusterCallError, ClusterNode, ClusterSecret, GpuAware, GpuNeeds, NodeConfig, TcpTransport,
-};
+use granary_cluster::{ClusterNode, ClusterSecret, GpuAware, GpuNeeds, NodeConfig, TcpTransport};
 use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
 use granary_kernels::shipped::{self, f32_bytes};
 use granary_kernels::{CpuBackend, DeviceInfo, host_device};
@@ -663,10 +664,4 @@ pub async fn run_node(file: NodeFile) -> Result<(), NodeRunError> {
     node.leave()
         .await
         .map_err(|err| NodeRunError(err.to_string()))
-}
-
-impl From<ClusterCallError> for NodeRunError {
-    fn from(err: ClusterCallError) -> NodeRunError {
-        NodeRunError(err.to_string())
-    }
 }

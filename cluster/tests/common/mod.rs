@@ -1,0 +1,60 @@
+//! What the cluster tests share: a persisted counter grain and free ports.
+#![allow(dead_code)]
+
+use granary_actors::storage::PersistentState;
+use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message};
+use serde::{Deserialize, Serialize};
+
+/// A counter whose value is persisted after every change.
+pub struct Counter {
+    pub state: Option<PersistentState<u64>>,
+}
+
+impl Grain for Counter {
+    fn new(_: &GrainKey) -> Counter {
+        Counter { state: None }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.state = Some(ctx.load_state::<u64>().await?);
+        Ok(())
+    }
+}
+
+impl Counter {
+    /// Adds `n`, writes the state, and answers the new value.
+    pub async fn add(&mut self, n: u64) -> u64 {
+        let Some(state) = &mut self.state else {
+            return 0;
+        };
+        *state.get_mut() += n;
+        let _ = state.write().await;
+        *state.get()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Add(pub u64);
+
+impl Message for Add {
+    type Reply = u64;
+}
+
+impl Handler<Add> for Counter {
+    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+        self.add(n).await
+    }
+}
+
+/// `count` UDP ports on loopback the OS had free, so parallel runs do not
+/// collide.
+pub fn free_udp_ports(count: usize) -> Vec<u16> {
+    (0..count)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|socket| socket.local_addr())
+                .map(|address| address.port())
+                .expect("a free UDP port")
+        })
+        .collect()
+}

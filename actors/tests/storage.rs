@@ -128,6 +128,32 @@ async fn sqlite_storage_keeps_the_contract_and_is_shared_by_two_handles() {
     assert_eq!(reopened.read(&grain).await.unwrap().unwrap().etag, etag);
 }
 
+/// Silo processes started together open one new file at once (the
+/// multi-node demo does): every open succeeds, none is refused for the
+/// lock another holds while it switches the file to WAL.
+#[test]
+fn sqlite_storage_opened_by_many_at_once_opens_for_all() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grains.sqlite");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let openers: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    SqliteStorage::open(&path).map(drop)
+                })
+            })
+            .collect();
+        for opener in openers {
+            if let Err(err) = opener.join().unwrap() {
+                panic!("round {round}: {err}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_file_that_is_not_a_database_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();

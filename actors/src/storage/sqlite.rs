@@ -47,14 +47,26 @@ fn etag_of(value: i64) -> Result<ETag, StorageError> {
     ETag::try_from(value).map_err(|_| backend(format!("a negative ETag {value}")))
 }
 
+/// Whether SQLite refused for a lock held elsewhere.
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 impl SqliteStorage {
     /// Opens the database at `path`, creating it and its tables if needed.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStorage, StorageError> {
         let connection = Connection::open(path).map_err(backend)?;
         connection.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
-        connection
-            .execute_batch(
+        // Switching to WAL and creating the tables take the file's lock,
+        // and SQLite may refuse at once rather than wait when processes
+        // open a new file together: such a refusal is retried.
+        let setup = || {
+            connection.execute_batch(
                 "PRAGMA journal_mode = WAL;
+                 BEGIN IMMEDIATE;
                  CREATE TABLE IF NOT EXISTS grain_state (
                      key BLOB PRIMARY KEY,
                      etag INTEGER NOT NULL,
@@ -63,9 +75,24 @@ impl SqliteStorage {
                  CREATE TABLE IF NOT EXISTS meta (
                      name TEXT PRIMARY KEY,
                      value INTEGER NOT NULL
-                 );",
+                 );
+                 COMMIT;",
             )
-            .map_err(backend)?;
+        };
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match setup() {
+                Ok(()) => break,
+                Err(err) if is_busy(&err) && started.elapsed() < BUSY_TIMEOUT => {
+                    // A failed batch may leave its transaction open.
+                    let _ = connection.execute_batch("ROLLBACK;");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                Err(err) => return Err(backend(err)),
+            }
+        }
         Ok(SqliteStorage {
             connection: Arc::new(Mutex::new(connection)),
         })

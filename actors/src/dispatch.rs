@@ -149,6 +149,14 @@ pub(crate) fn deactivator<G: crate::grain::Grain>() -> Deactivate {
     })
 }
 
+/// Whether a grain of a type is active on a silo (`GrainRef::is_active`).
+pub(crate) type IsActive = Arc<dyn Fn(&Silo, GrainKey) -> bool + Send + Sync>;
+
+/// The activity check of grain type `G`.
+pub(crate) fn activity<G: crate::grain::Grain>() -> IsActive {
+    Arc::new(|silo: &Silo, key: GrainKey| silo.grain::<G>(key).is_active())
+}
+
 /// The names a silo dispatches on (rule 1).
 #[derive(Default)]
 pub(crate) struct Registry {
@@ -160,6 +168,8 @@ pub(crate) struct Registry {
     pub(crate) type_names: HashMap<TypeId, String>,
     /// Deactivates a grain, by type name.
     pub(crate) deactivators: HashMap<String, Deactivate>,
+    /// Whether a grain is active here, by type name.
+    pub(crate) activity: HashMap<String, IsActive>,
 }
 
 impl Silo {
@@ -188,6 +198,15 @@ impl Silo {
     ) -> Result<(), DispatchError> {
         let handle = self.named_handle(grain_type, message)?;
         handle(self, key, payload, Mode::Tell).await.map(drop)
+    }
+
+    /// Whether grain `grain_type`/`key` is active on this silo now
+    /// (`GrainRef::is_active`); an unknown type has no activations.
+    pub fn is_active_named(&self, grain_type: &str, key: &GrainKey) -> bool {
+        self.registry()
+            .activity
+            .get(grain_type)
+            .is_some_and(|active| active(self, key.clone()))
     }
 
     /// Deactivates grain `grain_type`/`key` if it is active here (see

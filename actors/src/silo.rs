@@ -401,6 +401,22 @@ pub(crate) struct SiloInner {
     /// Times out senders waiting on full mailboxes.
     sweeper: Arc<mailbox::Sweeper>,
     pub(crate) reminders: Arc<crate::reminders::Reminders>,
+    /// Told of every activation that ends (set once, by a cluster node).
+    ended: std::sync::OnceLock<EndedListener>,
+}
+
+/// Told of every activation that ends (`Silo::on_activation_ended`).
+pub type EndedListener = Arc<dyn Fn(&GrainId, ActivationEnd) + Send + Sync>;
+
+/// How an activation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationEnd {
+    /// It deactivated (idle, on request, under memory pressure, or at
+    /// shutdown) after `on_deactivate`.
+    Deactivated,
+    /// Its `on_activate` failed (or the silo had stopped): it handled
+    /// nothing, and the messages that waited for it failed.
+    ActivationFailed,
 }
 
 /// A node of the runtime. Cheap to clone; every clone is the same silo.
@@ -520,6 +536,9 @@ impl SiloBuilder {
         self.registry
             .deactivators
             .insert(name.to_string(), crate::dispatch::deactivator::<G>());
+        self.registry
+            .activity
+            .insert(name.to_string(), crate::dispatch::activity::<G>());
         let directory = registered.clone();
         self.wake_activations.push(Box::new(move || {
             for slots in directory.directory.iter() {
@@ -665,6 +684,7 @@ impl SiloBuilder {
                     self.config.call_timeout,
                 )),
                 reminders: reminders.clone(),
+                ended: std::sync::OnceLock::new(),
             }),
         };
         if let Some(runtime) = runtime {
@@ -727,6 +747,16 @@ impl Silo {
     /// Activations alive now.
     pub fn live_activations(&self) -> u64 {
         self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Calls `listener` each time an activation ends, after its entry is
+    /// gone (a message sent from inside the listener starts a new one).
+    /// It runs on the activation's task and must not block. One listener
+    /// per silo (a cluster node sets it to release the directory entries
+    /// of grains that are no longer active here); a second is refused and
+    /// comes back.
+    pub fn on_activation_ended(&self, listener: EndedListener) -> Result<(), EndedListener> {
+        self.inner.ended.set(listener)
     }
 
     pub(crate) fn storage(&self) -> Arc<dyn StorageProvider> {
@@ -1054,6 +1084,11 @@ async fn run_activation<G: Grain>(
             None => drop(envelope),
         }
     }
+    let end = if grain.is_some() {
+        ActivationEnd::Deactivated
+    } else {
+        ActivationEnd::ActivationFailed
+    };
     if let Some(mut grain) = grain {
         if AssertUnwindSafe(grain.on_deactivate(&mut ctx))
             .catch_unwind()
@@ -1075,6 +1110,9 @@ async fn run_activation<G: Grain>(
         .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
     let _ = gone.send(true);
     tracing::debug!(grain = %id, "deactivated");
+    if let Some(listener) = silo.inner.ended.get() {
+        listener(&id, end);
+    }
 }
 
 /// A new object for `key`, activated; `None` if `on_activate` failed.
@@ -1340,6 +1378,15 @@ impl<G: Grain> GrainRef<G> {
         };
         let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         self.deliver(grain_type, envelope, &mut deadline).await
+    }
+
+    /// Whether this silo holds an activation of the grain now (starting,
+    /// running or deactivating). A grain type that is not registered has
+    /// none.
+    pub fn is_active(&self) -> bool {
+        self.registered
+            .as_ref()
+            .is_some_and(|grain_type| grain_type.directory.contains_key(&self.key))
     }
 
     fn registered(&self) -> Result<&Arc<GrainType<G>>, CallError> {

@@ -477,3 +477,82 @@ async fn a_grain_deactivated_on_request_writes_its_state_and_comes_back_with_it(
     ));
     silo.shutdown().await;
 }
+
+/// A grain that never starts.
+struct Refuser;
+impl Grain for Refuser {
+    fn new(_: &GrainKey) -> Refuser {
+        Refuser
+    }
+
+    async fn on_activate(&mut self, _: &mut GrainContext) -> Result<(), ActivationError> {
+        Err(ActivationError("refused".into()))
+    }
+}
+impl Handler<Add> for Refuser {
+    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_activation_that_ends_is_reported_once_with_how_it_ended() {
+    use granary_actors::{ActivationEnd, GrainId};
+    let silo = Silo::builder()
+        .register::<Counter>("counter")
+        .register::<Refuser>("refuser")
+        .storage(Arc::new(MemoryStorage::new()))
+        .build()
+        .unwrap();
+    let (ended, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    // The listener runs after the entry is gone: the grain is no longer
+    // active when it is told.
+    let watched = silo.clone();
+    silo.on_activation_ended(Arc::new(move |grain: &GrainId, how| {
+        let active = watched.is_active_named(&grain.type_name, &grain.key);
+        let _ = ended.send((grain.to_string(), how, active));
+    }))
+    .map_err(drop)
+    .expect("the first listener");
+    assert!(
+        silo.on_activation_ended(Arc::new(|_: &GrainId, _| {}))
+            .is_err(),
+        "a second listener is refused"
+    );
+    let counter = silo.grain::<Counter>(1u64);
+    assert!(!counter.is_active());
+    assert_eq!(counter.call(Add(2)).await.unwrap(), 2);
+    assert!(counter.is_active());
+    assert!(silo.is_active_named("counter", &GrainKey::U64(1)));
+    assert!(!silo.is_active_named("no such type", &GrainKey::U64(1)));
+    counter.deactivate().await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report,
+        ("counter/1".to_string(), ActivationEnd::Deactivated, false)
+    );
+    assert!(!counter.is_active());
+
+    let refused = silo.grain::<Refuser>(9u64).call(Add(1)).await;
+    assert!(
+        matches!(refused, Err(CallError::TurnFailed { .. })),
+        "{refused:?}"
+    );
+    let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report,
+        (
+            "refuser/9".to_string(),
+            ActivationEnd::ActivationFailed,
+            false
+        )
+    );
+    silo.shutdown().await;
+    assert!(reports.try_recv().is_err(), "nothing else ended");
+}

@@ -101,6 +101,14 @@ impl Partition {
             .is_some()
     }
 
+    /// Removes `grain`'s entry if it names `silo` (its home gave it up);
+    /// returns whether it did.
+    pub fn unregister_silo(&self, grain: &GrainId, silo: &SiloId) -> bool {
+        self.entries
+            .remove_if(grain, |_, current| &current.silo == silo)
+            .is_some()
+    }
+
     /// Removes every entry naming `silo` (it left the view); returns how
     /// many.
     pub fn forget_silo(&self, silo: &SiloId) -> usize {

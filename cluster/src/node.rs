@@ -33,7 +33,19 @@
 //!    depth and capabilities, for placement elsewhere. Published load may
 //!    be stale, so a silo never becomes home to a grain whose declared
 //!    device needs do not fit it now: it answers `NoRoom`, and the caller
-//!    places the grain elsewhere.
+//!    places the grain elsewhere. Memory is promised to a grain from that
+//!    check until the call that activates it returns, so that first calls
+//!    arriving together do not all count the same free bytes.
+//! 6. **Giving a home up.** When a grain's activation here ends (idle,
+//!    deactivated, or its `on_activate` failed) and no call to it is in
+//!    flight here, the silo marks the home leaving, answers `Retry` to
+//!    calls for it, asks the owner to remove the entry if it still names
+//!    this silo, and then forgets the home. The next call places the grain
+//!    afresh, where it fits now; a caller that was told `Retry` asks the
+//!    directory again, while one that still has the old home cached sends
+//!    its call there, and that silo becomes home again if the grain fits
+//!    (rule 5). Calls are counted under the home's lock, so a home is
+//!    never given up while a call may be starting an activation.
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -75,6 +87,11 @@ enum DirectoryRequest {
         existing: bool,
     },
     Lookup(GrainId),
+    /// Removes the grain's entry if it names `home` (rule 6).
+    Unregister {
+        grain: GrainId,
+        home: SiloId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +112,8 @@ pub enum NodeError {
     Listen(String),
     /// Gossip could not start.
     Membership(MembershipError),
+    /// The silo already serves another node.
+    SiloInUse,
 }
 
 impl std::fmt::Display for NodeError {
@@ -102,6 +121,7 @@ impl std::fmt::Display for NodeError {
         match self {
             NodeError::Listen(why) => write!(f, "could not listen: {why}"),
             NodeError::Membership(err) => write!(f, "{err}"),
+            NodeError::SiloInUse => write!(f, "the silo already serves another cluster node"),
         }
     }
 }
@@ -237,8 +257,13 @@ struct Inner {
     partition: Partition,
     /// Homes learned.
     cache: LocationCache,
-    /// Grains this silo is home to, with the owner it is registered with.
-    homes: DashMap<GrainId, SiloId>,
+    /// Grains this silo is home to (rules 2, 3 and 6).
+    homes: DashMap<GrainId, Home>,
+    /// Device memory promised to grains becoming home here whose
+    /// activations have not reserved theirs yet (rule 5), in bytes.
+    promised: Mutex<u64>,
+    /// Homes given up under rule 6.
+    given_up: AtomicU64,
     /// Open connections, by peer: the one calls go out on. The map's lock
     /// is never held across an await; a peer's slot is, only while
     /// connecting to that peer.
@@ -251,6 +276,19 @@ struct Inner {
     needs: HashMap<String, GpuNeeds>,
     next_activation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A grain this silo is home to.
+#[derive(Debug, Clone)]
+struct Home {
+    /// The owner of its directory entry it registered with.
+    owner: SiloId,
+    /// Calls handed to the local silo that have not returned: while any
+    /// is, the activation may be starting, so the home is kept (rule 6).
+    in_flight: u32,
+    /// Its activation ended and its entry is being removed: calls are
+    /// answered `Retry` until it is gone (rule 6).
+    leaving: bool,
 }
 
 /// A silo in a cluster. Cheap to clone.
@@ -313,6 +351,12 @@ impl ClusterNode {
     /// Grains this silo is home to now.
     pub fn homes(&self) -> usize {
         self.inner.homes.len()
+    }
+
+    /// Homes this silo has given up since it started because their
+    /// activations ended (rule 6).
+    pub fn homes_given_up(&self) -> u64 {
+        self.inner.given_up.load(Ordering::Relaxed)
     }
 
     /// Where this silo last found grain `grain_type`/`key` living.
@@ -423,6 +467,17 @@ impl ClusterNode {
                     if Instant::now() >= settle_by {
                         return Err(err);
                     }
+                    if matches!(err, ClusterCallError::Remote(RemoteError::Retry)) {
+                        // The home is in flux (settling, or given up by
+                        // rule 6): ask the directory again next time.
+                        inner.cache.invalidate(
+                            &grain,
+                            &ActivationAddress {
+                                silo: target.clone(),
+                                activation: 0,
+                            },
+                        );
+                    }
                     last = Some(err);
                     tokio::time::sleep(inner.handoff / 8).await;
                 }
@@ -484,7 +539,9 @@ impl ClusterNode {
         request: DirectoryRequest,
     ) -> Result<DirectoryReply, ClusterCallError> {
         let grain = match &request {
-            DirectoryRequest::Register { grain, .. } | DirectoryRequest::Lookup(grain) => grain,
+            DirectoryRequest::Register { grain, .. }
+            | DirectoryRequest::Lookup(grain)
+            | DirectoryRequest::Unregister { grain, .. } => grain,
         };
         let view = self.inner.view();
         let Some(owner) = directory::owner(grain, &view).cloned() else {
@@ -634,7 +691,9 @@ impl Inner {
             < self.handoff;
         let view = self.view();
         let grain = match &request {
-            DirectoryRequest::Register { grain, .. } | DirectoryRequest::Lookup(grain) => grain,
+            DirectoryRequest::Register { grain, .. }
+            | DirectoryRequest::Lookup(grain)
+            | DirectoryRequest::Unregister { grain, .. } => grain,
         };
         if directory::owner(grain, &view) != Some(&self.id) {
             return DirectoryReply::Retry;
@@ -664,6 +723,13 @@ impl Inner {
                     view.iter().any(|member| &member.silo == silo)
                 }))
             }
+            DirectoryRequest::Unregister { grain, home } => {
+                self.partition.unregister_silo(&grain, &home);
+                match self.partition.lookup(&grain) {
+                    Some(other) => DirectoryReply::Home(other),
+                    None => DirectoryReply::Unknown,
+                }
+            }
         }
     }
 
@@ -676,12 +742,18 @@ impl Inner {
         one_way: bool,
     ) -> Result<Vec<u8>, RemoteError> {
         let owner = directory::owner(grain, &self.view()).cloned();
-        let registered_with = self.homes.get(grain).map(|entry| entry.value().clone());
+        let registered_with = match self.homes.get(grain) {
+            Some(home) if home.leaving => return Err(RemoteError::Retry),
+            Some(home) => Some(home.owner.clone()),
+            None => None,
+        };
         // Rule 5: never become home to a grain whose device needs do not
-        // fit here now (placement decided on load that may be stale).
-        if registered_with.is_none() && !self.fits(&grain.type_name) {
-            return Err(RemoteError::NoRoom);
-        }
+        // fit here now (placement decided on load that may be stale); the
+        // memory is promised until the call that activates it returns.
+        let _promise = match registered_with {
+            None => Some(self.promise(&grain.type_name)?),
+            Some(_) => None,
+        };
         if registered_with.is_none() || registered_with != owner {
             let node = ClusterNode {
                 inner: self.clone(),
@@ -700,7 +772,21 @@ impl Inner {
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
                     if let Some(owner) = owner {
-                        self.homes.insert(grain.clone(), owner);
+                        match self.homes.entry(grain.clone()) {
+                            dashmap::Entry::Occupied(mut entry) => {
+                                if entry.get().leaving {
+                                    return Err(RemoteError::Retry);
+                                }
+                                entry.get_mut().owner = owner;
+                            }
+                            dashmap::Entry::Vacant(entry) => {
+                                entry.insert(Home {
+                                    owner,
+                                    in_flight: 0,
+                                    leaving: false,
+                                });
+                            }
+                        }
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
@@ -717,6 +803,9 @@ impl Inner {
                 Err(err) => return Err(RemoteError::Other(err.to_string())),
             }
         }
+        // Rule 6: counted in flight, under the home's lock, so that the
+        // home is not released while this call may start an activation.
+        let _in_flight = self.enter(grain)?;
         let key = grain.key.clone();
         let outcome = if one_way {
             self.silo
@@ -729,6 +818,103 @@ impl Inner {
                 .await
         };
         outcome.map_err(RemoteError::from)
+    }
+
+    /// Counts a call to the local silo for `grain`, home here and not
+    /// leaving; the guard uncounts it, and releases the home if that was
+    /// the last call and no activation is left (rule 6).
+    fn enter(self: &Arc<Self>, grain: &GrainId) -> Result<InFlight, RemoteError> {
+        match self.homes.get_mut(grain) {
+            Some(mut home) if !home.leaving => {
+                home.in_flight += 1;
+                Ok(InFlight {
+                    inner: self.clone(),
+                    grain: grain.clone(),
+                })
+            }
+            // Left or lost since it was registered: the caller asks again.
+            _ => Err(RemoteError::Retry),
+        }
+    }
+
+    /// Rule 6: `grain`'s activation here ended, or a call to it returned.
+    /// With no call in flight and no activation left, the home is given
+    /// up: its directory entry is removed, and the next call places the
+    /// grain afresh.
+    fn maybe_leave(self: &Arc<Self>, grain: &GrainId) {
+        {
+            let Some(mut home) = self.homes.get_mut(grain) else {
+                return;
+            };
+            if home.leaving
+                || home.in_flight > 0
+                || self.silo.is_active_named(&grain.type_name, &grain.key)
+            {
+                return;
+            }
+            home.leaving = true;
+        }
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let grain = grain.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.homes.remove(&grain);
+            return;
+        };
+        runtime.spawn(async move {
+            let inner = &node.inner;
+            // The owner may change on the way: ask whoever owns the entry
+            // now, for a while; an entry left behind names this silo and
+            // only this silo acts on it (it becomes home again).
+            let settle_by = Instant::now() + inner.handoff * 4;
+            loop {
+                let request = DirectoryRequest::Unregister {
+                    grain: grain.clone(),
+                    home: inner.id.clone(),
+                };
+                match node.directory(request).await {
+                    Ok(DirectoryReply::Home(_) | DirectoryReply::Unknown) => break,
+                    Ok(DirectoryReply::Retry) | Err(_) if Instant::now() < settle_by => {
+                        tokio::time::sleep(inner.handoff / 8).await;
+                    }
+                    Ok(DirectoryReply::Retry) | Err(_) => break,
+                }
+            }
+            if inner
+                .homes
+                .remove_if(&grain, |_, home| home.leaving)
+                .is_some()
+            {
+                inner.given_up.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Promises the device memory a new grain of `grain_type` declares,
+    /// if a device here has it beyond what is promised already (rule 5);
+    /// a type that declares none always fits.
+    fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
+        let Some(needs) = self.needs.get(grain_type) else {
+            return Ok(Promise {
+                inner: self.clone(),
+                bytes: 0,
+            });
+        };
+        let devices = self.load().devices;
+        let mut promised = self.promised.lock().unwrap_or_else(PoisonError::into_inner);
+        let fits = devices.into_iter().any(|mut device| {
+            device.free_memory = device.free_memory.saturating_sub(*promised);
+            needs.fits(&device)
+        });
+        if !fits {
+            return Err(RemoteError::NoRoom);
+        }
+        *promised += needs.device_memory;
+        Ok(Promise {
+            inner: self.clone(),
+            bytes: needs.device_memory,
+        })
     }
 
     /// Rule 3 and 4: the view changed from `before` to `after`.
@@ -775,10 +961,11 @@ impl Inner {
             let Some(new) = directory::owner(&grain, after).cloned() else {
                 continue;
             };
+            // Up to date, or leaving (its entry is being removed).
             if self
                 .homes
                 .get(&grain)
-                .is_some_and(|entry| *entry.value() == new)
+                .is_none_or(|home| home.owner == new || home.leaving)
             {
                 continue;
             }
@@ -795,7 +982,9 @@ impl Inner {
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    self.homes.insert(grain, new);
+                    if let Some(mut home) = self.homes.get_mut(&grain) {
+                        home.owner = new;
+                    }
                 }
                 Ok(DirectoryReply::Home(_)) if self.homes.remove(&grain).is_some() => {
                     self.release(&grain);
@@ -820,16 +1009,6 @@ impl Inner {
         });
     }
 
-    /// Whether a new grain of `grain_type` fits a device here: one of the
-    /// bridge's devices has the memory and capabilities it declares. A
-    /// type that declares none fits anywhere.
-    fn fits(&self, grain_type: &str) -> bool {
-        let Some(needs) = self.needs.get(grain_type) else {
-            return true;
-        };
-        self.load().devices.iter().any(|device| needs.fits(device))
-    }
-
     fn load(&self) -> SiloLoad {
         SiloLoad {
             activations: self.silo.live_activations(),
@@ -846,6 +1025,40 @@ impl Inner {
                     compute_units: info.compute_units,
                 })
                 .collect(),
+        }
+    }
+}
+
+/// A call to the local silo counted in its home's `in_flight` (rule 6).
+struct InFlight {
+    inner: Arc<Inner>,
+    grain: GrainId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
+            home.in_flight = home.in_flight.saturating_sub(1);
+        }
+        self.inner.maybe_leave(&self.grain);
+    }
+}
+
+/// Device memory promised to a grain becoming home here (rule 5).
+struct Promise {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Promise {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut promised = self
+                .inner
+                .promised
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            *promised = promised.saturating_sub(self.bytes);
         }
     }
 }
@@ -950,6 +1163,8 @@ impl NodeBuilder {
             partition: Partition::new(),
             cache: LocationCache::new(),
             homes: DashMap::new(),
+            promised: Mutex::new(0),
+            given_up: AtomicU64::new(0),
             connections: Mutex::new(HashMap::new()),
             accepted: tokio::sync::Mutex::new(Vec::new()),
             placement,
@@ -959,6 +1174,16 @@ impl NodeBuilder {
             config,
         });
         let weak = Arc::downgrade(&inner);
+        // Rule 6: an activation that ends may give up its home.
+        let ended = weak.clone();
+        inner
+            .silo
+            .on_activation_ended(Arc::new(move |grain, _| {
+                if let Some(inner) = ended.upgrade() {
+                    inner.maybe_leave(grain);
+                }
+            }))
+            .map_err(|_| NodeError::SiloInUse)?;
         let accepting = tokio::spawn({
             let weak = weak.clone();
             async move {

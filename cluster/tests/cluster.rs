@@ -2,7 +2,9 @@
 //! exactly one activation under concurrent first calls from every silo,
 //! a killed silo's grains moving elsewhere with their persisted state,
 //! calls in flight to a dead silo failing fast, and GPU-aware placement by
-//! free device memory (CPU backends with memory limits). Over the
+//! free device memory (CPU backends with memory limits), first calls
+//! arriving together never overfilling a device, and homes given up when
+//! their activations end (rule 6 in `node.rs`). Over the
 //! in-process network with chitchat's channel transport, and over TCP and
 //! UDP on loopback.
 
@@ -107,12 +109,21 @@ impl InProcess {
         base: u16,
         extra: impl FnOnce(granary_cluster::NodeBuilder) -> granary_cluster::NodeBuilder,
     ) -> ClusterNode {
+        self.node_on(silo(self.storage.clone()), n, base, extra)
+            .await
+    }
+
+    /// A node hosting `silo`.
+    async fn node_on(
+        &self,
+        silo: Silo,
+        n: u16,
+        base: u16,
+        extra: impl FnOnce(granary_cluster::NodeBuilder) -> granary_cluster::NodeBuilder,
+    ) -> ClusterNode {
         let listen = format!("silo-{n}:7000");
-        let builder = ClusterNode::builder(
-            silo(self.storage.clone()),
-            config(&listen, base + n, base + 1),
-        )
-        .transport(Arc::new(self.network.transport(&listen)));
+        let builder = ClusterNode::builder(silo, config(&listen, base + n, base + 1))
+            .transport(Arc::new(self.network.transport(&listen)));
         extra(builder).start(&self.gossip).await.unwrap()
     }
 }
@@ -314,4 +325,350 @@ async fn three_silos_over_tcp_and_udp() {
     }
     converged(&nodes.iter().collect::<Vec<_>>(), 3).await;
     every_silo_calls_every_grain(&nodes, 30).await;
+}
+
+/// A grain that keeps `SLAB_BYTES` resident on its silo's device while it
+/// is active, as a GPU grain does, and counts how many of it are active at
+/// once across the cluster.
+struct Slab {
+    buffer: Option<granary_gpu::ResidentBuffer>,
+    tracker: Option<Arc<Tracker>>,
+    state: Option<granary_actors::storage::PersistentState<u64>>,
+}
+
+const SLAB_BYTES: u64 = 8 << 20;
+
+/// Shared by every silo of one in-process cluster.
+#[derive(Default)]
+struct Tracker {
+    /// Activations alive now, per key.
+    live: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+    /// The most activations of one key ever alive at once.
+    most: std::sync::atomic::AtomicU32,
+    /// Silos whose activations refuse to start (by silo number).
+    refuse_on: std::sync::Mutex<Option<u16>>,
+    /// Every (key, silo number) that held an activation.
+    seen: std::sync::Mutex<std::collections::HashSet<(u64, u16)>>,
+}
+
+/// Which silo a `Slab` lives on.
+struct SiloNumber(u16);
+
+impl Grain for Slab {
+    fn new(_: &GrainKey) -> Slab {
+        Slab {
+            buffer: None,
+            tracker: None,
+            state: None,
+        }
+    }
+
+    async fn on_activate(
+        &mut self,
+        ctx: &mut GrainContext,
+    ) -> Result<(), granary_actors::ActivationError> {
+        let tracker = ctx.service::<Tracker>().expect("a tracker");
+        let here = ctx.service::<SiloNumber>().expect("a silo number").0;
+        if *tracker.refuse_on.lock().unwrap() == Some(here) {
+            return Err(granary_actors::ActivationError(format!(
+                "silo {here} refuses slabs"
+            )));
+        }
+        if let Some(bridge) = ctx.service::<GpuBridge>() {
+            // Starting takes a while (state, a model to load), so first
+            // calls arriving together all pass the room check before any
+            // of them has reserved its memory.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let buffer = bridge
+                .allocate_resident(SLAB_BYTES as usize, &granary_gpu::Requirements::default())
+                .await
+                .map_err(|err| granary_actors::ActivationError(err.to_string()))?;
+            self.buffer = Some(buffer);
+        }
+        self.state = Some(ctx.load_state::<u64>().await?);
+        let key = match ctx.id().key {
+            GrainKey::U64(key) => key,
+            _ => u64::MAX,
+        };
+        tracker.seen.lock().unwrap().insert((key, here));
+        let mut live = tracker.live.lock().unwrap();
+        let count = live.entry(key).or_default();
+        *count += 1;
+        tracker
+            .most
+            .fetch_max(*count, std::sync::atomic::Ordering::SeqCst);
+        drop(live);
+        self.tracker = Some(tracker);
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &mut GrainContext) {
+        self.buffer = None;
+        if let (Some(tracker), GrainKey::U64(key)) = (&self.tracker, &ctx.id().key) {
+            if let Some(count) = tracker.live.lock().unwrap().get_mut(key) {
+                *count -= 1;
+            }
+        }
+    }
+}
+
+impl Handler<Add> for Slab {
+    async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+        let Some(state) = &mut self.state else {
+            return 0;
+        };
+        *state.get_mut() += n;
+        state.write().await.expect("the state is written");
+        *state.get()
+    }
+}
+
+fn slab_silo(
+    storage: Arc<dyn StorageProvider>,
+    tracker: Arc<Tracker>,
+    n: u16,
+    bridge: Option<Arc<GpuBridge>>,
+) -> Silo {
+    let mut builder = Silo::builder()
+        .register::<Slab>("slab")
+        .message::<Slab, Add>("add")
+        .service(tracker)
+        .service(Arc::new(SiloNumber(n)))
+        .storage(storage);
+    if let Some(bridge) = bridge {
+        builder = builder.service(bridge);
+    }
+    builder.build().unwrap()
+}
+
+fn cpu_device_bridge(mib: u64) -> Arc<GpuBridge> {
+    Arc::new(
+        GpuBridge::builder()
+            .cpu_backend(CpuBackend::with_device(DeviceInfo {
+                total_memory: mib << 20,
+                free_memory: mib << 20,
+                ..host_device()
+            }))
+            .build()
+            .unwrap(),
+    )
+}
+
+/// Rule 5: placement decides on published load, which lags. Eight first
+/// calls at once all pick the silo with the most free memory; it promises
+/// memory as it accepts them and sends the ones beyond its device on
+/// (`NoRoom`), so every activation fits and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_calls_arriving_together_never_overfill_a_device() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let needs = GpuNeeds {
+        device_memory: SLAB_BYTES,
+        ..GpuNeeds::default()
+    };
+    let mut nodes = Vec::new();
+    // Room for 5 slabs on silo 1, 3 on silo 2; silo 3 has no devices.
+    for (n, mib) in [(1u16, Some(40u64)), (2, Some(24)), (3, None)] {
+        let bridge = mib.map(cpu_device_bridge);
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, bridge.clone());
+        let needs = needs.clone();
+        nodes.push(
+            cluster
+                .node_on(silo, n, 34_000, move |builder| {
+                    let builder = builder
+                        .needs("slab", needs)
+                        .placement(Arc::new(granary_cluster::GpuAware::strict()));
+                    match bridge {
+                        Some(bridge) => builder.bridge(bridge),
+                        None => builder,
+                    }
+                })
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 3).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[2]
+        .members()
+        .iter()
+        .filter(|m| !m.load.devices.is_empty())
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "loads not published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls: Vec<_> = (0..8u64)
+        .map(|key| {
+            let router = nodes[2].clone();
+            tokio::spawn(async move { router.grain::<Slab>(key).call(Add(1)).await })
+        })
+        .collect();
+    for (key, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap(), Ok(1), "slab {key}");
+    }
+    assert_eq!(
+        nodes.iter().map(ClusterNode::homes).collect::<Vec<_>>(),
+        [5, 3, 0],
+        "each device filled to what it holds, not beyond"
+    );
+    // A ninth fits nowhere: refused with a typed error, nothing activated.
+    let ninth = nodes[2].grain::<Slab>(8u64).call(Add(1)).await;
+    assert!(ninth.is_err(), "{ninth:?}");
+    assert_eq!(nodes.iter().map(ClusterNode::homes).sum::<usize>(), 8);
+}
+
+/// Waits until `node` is home to `count` grains.
+async fn homes_come_to(node: &ClusterNode, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.homes() != count {
+        assert!(
+            Instant::now() < deadline,
+            "{} homes, expected {count}",
+            node.homes()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Rule 6: a grain whose activation ends gives its home up. With
+/// prefer-local placement, the next call from another silo activates it
+/// there, from its persisted state; without rule 6 the stale entry would
+/// send it back to the first silo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grain_that_deactivates_gives_up_its_home_and_keeps_its_state() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let mut nodes = Vec::new();
+    for n in 1..=2u16 {
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
+        nodes.push(
+            cluster
+                .node_on(silo, n, 35_000, |b| b.placement(Arc::new(PreferLocal)))
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    assert_eq!(a.grain::<Slab>(7u64).call(Add(5)).await, Ok(5));
+    assert_eq!((a.homes(), b.homes()), (1, 0));
+    a.silo()
+        .deactivate_named("slab", GrainKey::U64(7))
+        .await
+        .unwrap();
+    homes_come_to(a, 0).await;
+    assert_eq!(b.grain::<Slab>(7u64).call(Add(1)).await, Ok(6));
+    assert_eq!((a.homes(), b.homes()), (0, 1), "activated where called");
+    assert_eq!(a.grain::<Slab>(7u64).call(Add(1)).await, Ok(7));
+    assert_eq!((a.homes(), b.homes()), (0, 1), "one home until it ends");
+}
+
+/// Rule 6: a failed activation gives the home up too, so the grain is not
+/// stuck on a silo where it cannot start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_activation_gives_up_its_home() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let mut nodes = Vec::new();
+    for n in 1..=2u16 {
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
+        nodes.push(
+            cluster
+                .node_on(silo, n, 36_000, |b| b.placement(Arc::new(PreferLocal)))
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    *tracker.refuse_on.lock().unwrap() = Some(1);
+    let refused = nodes[0].grain::<Slab>(3u64).call(Add(1)).await;
+    assert!(
+        matches!(refused, Err(ClusterCallError::Remote(_))),
+        "{refused:?}"
+    );
+    homes_come_to(&nodes[0], 0).await;
+    assert_eq!(nodes[1].grain::<Slab>(3u64).call(Add(1)).await, Ok(1));
+    assert_eq!(nodes[1].homes(), 1);
+}
+
+/// Rule 6 under churn: callers on both silos while both keep deactivating
+/// the grains, until homes have been given up and taken again hundreds of
+/// times (mostly by the same silo: a caller with the home cached sends its
+/// next call there). Never are two activations of one grain alive at once,
+/// and every acknowledged call is in the grain's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homes_given_up_under_churn_never_make_a_second_activation() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let mut nodes = Vec::new();
+    for n in 1..=2u16 {
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
+        nodes.push(
+            cluster
+                .node_on(silo, n, 37_000, |b| b.placement(Arc::new(PreferLocal)))
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let grains = 4u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Arc<Vec<AtomicU64>> =
+        Arc::new((0..grains).map(|_| AtomicU64::new(0)).collect());
+    let churn: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            let (node, stop) = (node.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = GrainKey::U64(round % grains);
+                    let _ = node.silo().deactivate_named("slab", key).await;
+                    round += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect();
+    // One caller on each silo per grain, with gaps in which a deactivated
+    // grain's home is free.
+    let callers: Vec<_> = (0..grains * 2)
+        .map(|caller| {
+            let node = nodes[(caller % 2) as usize].clone();
+            let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                let key = caller / 2;
+                while !stop.load(Ordering::Relaxed) {
+                    node.grain::<Slab>(key)
+                        .call(Add(1))
+                        .await
+                        .expect("a call under churn");
+                    acknowledged[key as usize].fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1 + caller % 3)).await;
+                }
+            })
+        })
+        .collect();
+    // Long enough for homes to be given up and taken again many times.
+    let given_up = || nodes.iter().map(ClusterNode::homes_given_up).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while given_up() < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in churn.into_iter().chain(callers) {
+        task.await.unwrap();
+    }
+    assert!(given_up() >= 200, "{} homes given up", given_up());
+    assert_eq!(
+        tracker.most.load(Ordering::SeqCst),
+        1,
+        "never two activations of one grain at once"
+    );
+    for key in 0..grains {
+        assert_eq!(
+            nodes[0].grain::<Slab>(key).call(Add(0)).await,
+            Ok(acknowledged[key as usize].load(Ordering::Relaxed)),
+            "grain {key} holds every acknowledged call"
+        );
+    }
 }

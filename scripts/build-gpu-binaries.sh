@@ -27,7 +27,7 @@ cargo test --release --no-run --message-format=json -q \
     -p granary-gpu --test bridge_cuda | copy
 cargo bench --no-run --message-format=json -q \
     -p granary-kernels --bench cuda \
-    -p granary-gpu --bench bridge_cuda | copy
+    -p granary-gpu --bench bridge_cuda --bench resident | copy
 # The CLI, for `granary devices` and the demo on the GPU machine.
 cargo build --release -q --bin granary
 cp target/release/granary "$out/granary"

@@ -38,8 +38,8 @@ use granary_actors::{
 };
 use granary_cluster::{ClusterNode, ClusterSecret, GpuAware, GpuNeeds, NodeConfig, TcpTransport};
 use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
+use granary_kernels::BackendKind;
 use granary_kernels::shipped::{self, f32_bytes};
-use granary_kernels::{CpuBackend, DeviceInfo, host_device};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of device memory each ledger keeps resident.
@@ -74,8 +74,11 @@ impl Grain for Ledger {
         let bridge = ctx
             .service::<GpuBridge>()
             .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
+        let devices = ctx
+            .service::<LedgerDevices>()
+            .map_or_else(Requirements::default, |devices| devices.0);
         let buffer = bridge
-            .allocate_resident(LEDGER_DEVICE_BYTES as usize, &Requirements::default())
+            .allocate_resident(LEDGER_DEVICE_BYTES as usize, &devices)
             .await
             .map_err(|err| ActivationError(err.to_string()))?;
         self.state = Some(ctx.load_state::<LedgerState>().await?);
@@ -153,12 +156,14 @@ impl Handler<Read> for Ledger {
 pub fn silo(
     storage: Arc<dyn StorageProvider>,
     bridge: Option<Arc<GpuBridge>>,
+    ledger_devices: LedgerDevices,
 ) -> Result<Silo, String> {
     let mut builder = Silo::builder()
         .register::<Ledger>("ledger")
         .message::<Ledger, Apply>("apply")
         .message::<Ledger, Read>("read")
-        .storage(storage);
+        .storage(storage)
+        .service(Arc::new(ledger_devices));
     if let Some(bridge) = bridge {
         builder = builder.service(bridge);
     }
@@ -217,12 +222,49 @@ pub struct NodeFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevicesFile {
-    /// The CPU backend's device memory, in MiB (default: the host's).
-    pub cpu_memory_mib: Option<u64>,
+    /// Which backend's devices: `cpu` (the default), `opencl` or `cuda`.
+    /// With `opencl` or `cuda` the CPU stays as the fallback for requests,
+    /// and ledgers are placed on that backend's devices only.
+    #[serde(default)]
+    pub backend: DeviceBackend,
+    /// The most memory this node lends on each device, in MiB (default:
+    /// what the device has free). Silos that share a device each take a
+    /// share. `cpu_memory_mib` is the older name.
+    #[serde(alias = "cpu_memory_mib")]
+    pub memory_mib: Option<u64>,
     /// Offer no devices at all (a silo that only routes).
     #[serde(default)]
     pub none: bool,
 }
+
+/// A node's device backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceBackend {
+    /// The CPU backend: a thread runs each kernel loop.
+    #[default]
+    Cpu,
+    /// OpenCL devices (a runtime must be installed).
+    #[value(name = "opencl")]
+    OpenCl,
+    /// CUDA GPUs (a driver, NVRTC and a GPU must be present).
+    Cuda,
+}
+
+impl DeviceBackend {
+    /// The bridge's name for it.
+    pub fn kind(self) -> BackendKind {
+        match self {
+            DeviceBackend::Cpu => BackendKind::Cpu,
+            DeviceBackend::OpenCl => BackendKind::OpenCl,
+            DeviceBackend::Cuda => BackendKind::Cuda,
+        }
+    }
+}
+
+/// The devices a ledger may live on: the node's configured backend.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerDevices(pub Requirements);
 
 /// Why a node could not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,26 +310,39 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
     let secret = ClusterSecret::new(file.secret.as_bytes().to_vec())
         .map_err(|err| NodeRunError(err.to_string()))?;
     let storage = open_storage(&file.storage).await?;
+    let backend = file.devices.backend;
     let bridge = if file.devices.none {
         None
     } else {
-        let mut device = host_device();
-        if let Some(mib) = file.devices.cpu_memory_mib {
-            device = DeviceInfo {
-                total_memory: mib << 20,
-                free_memory: mib << 20,
-                ..device
-            };
+        let mut builder = GpuBridge::builder().kernels(shipped::ALL);
+        builder = match backend {
+            DeviceBackend::Cpu => builder,
+            DeviceBackend::OpenCl => builder.backend(Arc::new(
+                granary_kernels::opencl::OpenClBackend::discover()
+                    .map_err(|err| NodeRunError(format!("devices: OpenCL: {err}")))?,
+            )),
+            DeviceBackend::Cuda => builder.backend(Arc::new(
+                granary_kernels::cuda::CudaBackend::discover()
+                    .map_err(|err| NodeRunError(format!("devices: CUDA: {err}")))?,
+            )),
+        };
+        if let Some(mib) = file.devices.memory_mib {
+            let bytes = mib
+                .checked_mul(1 << 20)
+                .ok_or_else(|| NodeRunError(format!("devices: memory_mib {mib} is too large")))?;
+            builder = builder.device_memory_limit(bytes);
         }
         Some(Arc::new(
-            GpuBridge::builder()
-                .cpu_backend(CpuBackend::with_device(device))
-                .kernels(shipped::ALL)
+            builder
                 .build()
                 .map_err(|err| NodeRunError(format!("bridge: {err}")))?,
         ))
     };
-    let silo = silo(storage, bridge.clone()).map_err(NodeRunError)?;
+    let ledger_devices = LedgerDevices(Requirements {
+        backend: Some(backend.kind()),
+        ..Requirements::default()
+    });
+    let silo = silo(storage, bridge.clone(), ledger_devices).map_err(NodeRunError)?;
     let mut config = NodeConfig::new(
         file.cluster.clone(),
         secret,
@@ -306,6 +361,7 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
             "ledger",
             GpuNeeds {
                 device_memory: LEDGER_DEVICE_BYTES,
+                backend: Some(format!("{:?}", backend.kind())),
                 ..GpuNeeds::default()
             },
         );
@@ -327,6 +383,8 @@ pub struct ClusterDemoConfig {
     pub grains: u32,
     /// Sequential calls per ledger.
     pub calls: u32,
+    /// The silos' device backend.
+    pub backend: DeviceBackend,
 }
 
 impl Default for ClusterDemoConfig {
@@ -335,6 +393,7 @@ impl Default for ClusterDemoConfig {
             nodes: 3,
             grains: 48,
             calls: 40,
+            backend: DeviceBackend::Cpu,
         }
     }
 }
@@ -461,19 +520,22 @@ pub async fn run_cluster_demo(
             gossip_interval_ms: Some(100),
             storage: storage.clone(),
             devices: DevicesFile {
-                cpu_memory_mib: Some(memory),
+                backend: config.backend,
+                memory_mib: Some(memory),
                 none: false,
             },
         };
         let path = dir.join(format!("node-{n}.toml"));
         let text = toml::to_string(&file).map_err(|err| NodeRunError(err.to_string()))?;
         std::fs::write(&path, text).map_err(|err| NodeRunError(err.to_string()))?;
+        let log = std::fs::File::create(dir.join(format!("node-{n}.log")))
+            .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
         let child = std::process::Command::new(&exe)
             .arg("node")
             .arg("--config")
             .arg(&path)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
         children.0.push((child, file.listen.clone()));
@@ -490,8 +552,8 @@ pub async fn run_cluster_demo(
         gossip_interval_ms: Some(100),
         storage: storage.clone(),
         devices: DevicesFile {
-            cpu_memory_mib: None,
             none: true,
+            ..DevicesFile::default()
         },
     };
     let node = start_node(&me).await?;
@@ -509,8 +571,11 @@ pub async fn run_cluster_demo(
         }
         if Instant::now() > deadline {
             return Err(NodeRunError(format!(
-                "the cluster did not form: {} of {expected} silos seen",
-                members.len()
+                "the cluster did not form: {} of {expected} silos seen, {with_devices} of {} \
+                 with devices; the silos' logs are in {}",
+                members.len(),
+                config.nodes,
+                dir.display()
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use granary::cluster_demo::{self, ClusterDemoConfig, NodeFile};
+use granary::cluster_demo::{self, ClusterDemoConfig, DeviceBackend, NodeFile};
 use granary::demo::{self, DemoConfig};
 use granary::ring_demo::{self, RingDemoConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -53,6 +53,10 @@ enum Command {
         /// Sequential calls per grain in the multi-node demo.
         #[arg(long, default_value_t = ClusterDemoConfig::default().calls)]
         calls: u32,
+        /// The silos' device backend in the multi-node demo; each silo
+        /// takes its own share of the device's memory.
+        #[arg(long, value_enum, default_value_t = DeviceBackend::Cpu)]
+        backend: DeviceBackend,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             nodes: Some(nodes),
             grains,
             calls,
+            backend,
             no_progress,
             ..
         } => {
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
                 nodes,
                 grains,
                 calls,
+                backend,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -172,8 +178,8 @@ fn main() -> ExitCode {
             let bar = progress_bar(total, no_progress, "calls");
             println!(
                 "granary demo --nodes {nodes}: {nodes} silo processes on loopback, {grains} GPU grains \
-                 ({} MiB resident each, placed by free device memory), {calls} calls each; the \
-                 busiest silo is killed halfway",
+                 ({} MiB resident each on the {backend:?} backend, placed by free device memory), \
+                 {calls} calls each; the busiest silo is killed halfway",
                 cluster_demo::LEDGER_DEVICE_BYTES >> 20
             );
             let shown = bar.clone();

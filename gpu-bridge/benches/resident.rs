@@ -14,7 +14,8 @@
 //!
 //! On the CPU backend the device's memory is host memory, so the
 //! difference is the copies and allocations alone; on OpenCL (POCL in CI,
-//! host memory too) it adds the transfers; on a GPU it is bus traffic.
+//! host memory too) it adds the transfers; on CUDA it is bus traffic: 8 MiB
+//! up and 4 MiB back each time against 4 bytes.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -36,6 +37,19 @@ fn bridges() -> Vec<(&'static str, GpuBridge)> {
             .build()
             .expect("a CPU bridge"),
     )];
+    // Where a GPU is (built here, run on the GPU machine by
+    // scripts/gpu-check.sh); elsewhere it says why and measures the rest.
+    match granary_kernels::cuda::CudaBackend::discover() {
+        Ok(cuda) => bridges.push((
+            "cuda",
+            GpuBridge::builder()
+                .backend(Arc::new(cuda))
+                .kernel(SAXPY)
+                .build()
+                .expect("a CUDA bridge"),
+        )),
+        Err(err) => eprintln!("resident bench: cuda SKIPPED: {err}"),
+    }
     if cfg!(granary_opencl) {
         if let Ok(opencl) = granary_kernels::opencl::OpenClBackend::discover() {
             bridges.push((

@@ -134,6 +134,8 @@ pub struct BridgeBuilder {
     cpu: CpuBackend,
     kernels: Vec<KernelSpec>,
     config: BridgeConfig,
+    /// The most memory the broker lends per device, if capped.
+    memory_limit: Option<u64>,
 }
 
 impl Default for BridgeBuilder {
@@ -159,6 +161,7 @@ impl BridgeBuilder {
             cpu: CpuBackend::new(),
             kernels: Vec::new(),
             config: BridgeConfig::default(),
+            memory_limit: None,
         }
     }
 
@@ -187,6 +190,15 @@ impl BridgeBuilder {
         self
     }
 
+    /// Caps the memory the broker lends on each device (every backend's,
+    /// the CPU's too) at `bytes`: the device then reports at most that
+    /// much, total and free, to reservations and to placement. For
+    /// processes that share a device, each with its own share.
+    pub fn device_memory_limit(mut self, bytes: u64) -> BridgeBuilder {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     /// Sets the configuration.
     pub fn config(mut self, config: BridgeConfig) -> BridgeBuilder {
         self.config = config;
@@ -203,9 +215,16 @@ impl BridgeBuilder {
             }
         }
         let cpu_primary = self.backends.is_empty();
+        let limit = |mut info: DeviceInfo| {
+            if let Some(limit) = self.memory_limit {
+                info.total_memory = info.total_memory.min(limit);
+                info.free_memory = info.free_memory.min(limit);
+            }
+            info
+        };
         let mut devices = Vec::new();
         for backend in self.backends {
-            for (index, info) in backend.devices().into_iter().enumerate() {
+            for (index, info) in backend.devices().into_iter().map(limit).enumerate() {
                 devices.push(DeviceSlot {
                     backend: backend.clone(),
                     index,
@@ -216,7 +235,7 @@ impl BridgeBuilder {
         }
         let cpu = DeviceId(devices.len());
         let cpu_backend: Arc<dyn Backend> = Arc::new(self.cpu);
-        for (index, info) in cpu_backend.devices().into_iter().enumerate() {
+        for (index, info) in cpu_backend.devices().into_iter().map(limit).enumerate() {
             devices.push(DeviceSlot {
                 backend: cpu_backend.clone(),
                 index,

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{f32s, from_f32s};
-use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
+use granary_gpu::{
+    BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, Output, Part, Requirements,
+    ResidentError, StopMode,
+};
 use granary_kernels::cuda::CudaBackend;
 use granary_kernels::{BackendKind, ElementType, KernelSpec, Shape, Status, shipped};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -55,6 +58,14 @@ fn main() {
             bad_input_is_typed,
         ),
         ("shutdown_with_requests_in_flight", shutdown_in_flight),
+        (
+            "resident_buffers_live_on_the_gpu_and_are_reserved",
+            resident_buffers_on_the_gpu,
+        ),
+        (
+            "a_memory_limit_caps_what_the_gpu_lends",
+            a_memory_limit_caps_the_gpu,
+        ),
         // Last: it leaves a block spinning on the GPU for good.
         (
             "a_hung_kernel_fails_its_requests_and_is_relaunched",
@@ -401,6 +412,186 @@ fn a_hung_kernel_is_relaunched(backend: &Arc<CudaBackend>) -> Outcome {
         tokio::time::timeout(Duration::from_secs(60), bridge.shutdown(StopMode::Drain))
             .await
             .map_err(|_| fail("shutdown took over 60 s"))?;
+        Ok(())
+    })
+}
+
+/// Bytes the broker holds reserved on the GPU (the bridge's first device).
+fn gpu_reserved(bridge: &GpuBridge) -> u64 {
+    bridge.devices().remove(0).2.reserved
+}
+
+/// Waits (briefly) for the GPU's reservations to come down to `bytes`: a
+/// buffer's memory is freed, and its bytes released, by a blocking job.
+async fn gpu_settles_at(bridge: &GpuBridge, bytes: u64) -> Outcome {
+    for _ in 0..400 {
+        if gpu_reserved(bridge) == bytes {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err(fail(format!(
+        "the GPU still has {} bytes reserved, expected {bytes}",
+        gpu_reserved(bridge)
+    )))
+}
+
+/// A resident grain's life on the GPU: a 32 MiB vector allocated on the
+/// device and reserved in the broker, updated in place by SAXPY rounds
+/// where only the scalar crosses the bus, read back and checked against
+/// the CPU, a matmul over two resident operands, a buffer of another
+/// device refused, and every byte released after the buffers are dropped.
+fn resident_buffers_on_the_gpu(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let gpu = bridge(backend, BridgeConfig::default());
+        let elements = 8usize << 20;
+        let start: Vec<f32> = (0..elements).map(|i| (i % 1000) as f32 * 0.125).collect();
+        let vector = gpu
+            .allocate_resident(elements * 4, &Requirements::default())
+            .await
+            .map_err(fail)?;
+        if vector.backend() != BackendKind::Cuda {
+            return Err(fail(format!("allocated on {:?}", vector.backend())));
+        }
+        if gpu_reserved(&gpu) != (elements * 4) as u64 {
+            return Err(fail("the vector is not reserved in the broker"));
+        }
+        vector.write(0, &f32s(&start)).await.map_err(fail)?;
+        let mut expected = start.clone();
+        for a in [0.5f32, -1.25, 3.0] {
+            let scalar = f32s(&[a]);
+            let parts = [
+                Part::Host(&scalar),
+                Part::Resident(&vector),
+                Part::Resident(&vector),
+            ];
+            let returned = gpu
+                .execute_resident("saxpy", &parts, Output::Into(&vector))
+                .await
+                .map_err(fail)?;
+            if !returned.is_empty() {
+                return Err(fail("an update into a buffer returned bytes"));
+            }
+            for y in &mut expected {
+                *y = a * *y + *y;
+            }
+        }
+        let got = from_f32s(&vector.read(0, elements * 4).await.map_err(fail)?);
+        if got != expected {
+            let first = got.iter().zip(&expected).position(|(g, e)| g != e);
+            return Err(fail(format!(
+                "SAXPY rounds differ from the CPU at {first:?}"
+            )));
+        }
+
+        let (n, k, m) = (128usize, 96usize, 64usize);
+        let a: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * m).map(|i| (i % 5) as f32 * 0.5).collect();
+        let a_buffer = gpu
+            .allocate_resident(a.len() * 4, &Requirements::default())
+            .await
+            .map_err(fail)?;
+        let b_buffer = gpu
+            .allocate_resident(b.len() * 4, &Requirements::default())
+            .await
+            .map_err(fail)?;
+        a_buffer.write(0, &f32s(&a)).await.map_err(fail)?;
+        b_buffer.write(0, &f32s(&b)).await.map_err(fail)?;
+        let dims = f32s(&[n as f32, k as f32, m as f32]);
+        let product = gpu
+            .execute_resident(
+                "matmul",
+                &[
+                    Part::Host(&dims),
+                    Part::Resident(&a_buffer),
+                    Part::Resident(&b_buffer),
+                ],
+                Output::Host,
+            )
+            .await
+            .map_err(fail)?;
+        let whole =
+            shipped::matmul_request(n, k, m, &a, &b).ok_or_else(|| fail("a matmul request"))?;
+        let cpu = GpuBridge::builder()
+            .kernels(shipped::ALL)
+            .build()
+            .map_err(fail)?;
+        let expected = cpu.execute("matmul", &whole).await.map_err(fail)?;
+        if product != expected {
+            return Err(fail("matmul over resident operands differs from the CPU"));
+        }
+
+        // A buffer from another bridge's device does not mix with these.
+        let elsewhere = cpu
+            .allocate_resident(4, &Requirements::default())
+            .await
+            .map_err(fail)?;
+        let scalar = f32s(&[1.0]);
+        match gpu
+            .execute_resident(
+                "saxpy",
+                &[
+                    Part::Host(&scalar),
+                    Part::Resident(&elsewhere),
+                    Part::Resident(&vector),
+                ],
+                Output::Host,
+            )
+            .await
+        {
+            Err(ExecuteError::WrongBuffer { .. }) => {}
+            other => return Err(fail(format!("a foreign buffer: {other:?}"))),
+        }
+        drop((vector, a_buffer, b_buffer, elsewhere));
+        gpu_settles_at(&gpu, 0).await?;
+        gpu.shutdown(StopMode::Drain).await;
+        cpu.shutdown(StopMode::Drain).await;
+        Ok(())
+    })
+}
+
+/// `device_memory_limit` caps the GPU's share: a silo sharing the GPU
+/// lends no more than its share, and a request beyond it is refused with
+/// a typed error while the bridge keeps serving.
+fn a_memory_limit_caps_the_gpu(backend: &Arc<CudaBackend>) -> Outcome {
+    runtime().block_on(async {
+        let share = 64u64 << 20;
+        let gpu = GpuBridge::builder()
+            .backend(backend.clone())
+            .kernels(shipped::ALL)
+            .device_memory_limit(share)
+            .config(BridgeConfig {
+                fallback: FallbackPolicy::Fail,
+                ..BridgeConfig::default()
+            })
+            .build()
+            .map_err(fail)?;
+        let (_, info, stats) = gpu.devices().remove(0);
+        if info.total_memory != share || stats.available != share {
+            return Err(fail(format!(
+                "the GPU reports {} total, {} available; the share is {share}",
+                info.total_memory, stats.available
+            )));
+        }
+        let gpu_only = Requirements {
+            backend: Some(BackendKind::Cuda),
+            ..Requirements::default()
+        };
+        match gpu.allocate_resident(share as usize + 1, &gpu_only).await {
+            Err(ResidentError::NoDevice { .. }) => {}
+            other => return Err(fail(format!("beyond the share: {other:?}"))),
+        }
+        let within = gpu
+            .allocate_resident(share as usize, &gpu_only)
+            .await
+            .map_err(fail)?;
+        drop(within);
+        gpu_settles_at(&gpu, 0).await?;
+        let doubled = execute(&gpu, "double", &f32s(&[1.5])).await?;
+        if from_f32s(&doubled) != [3.0] {
+            return Err(fail("the bridge stopped serving"));
+        }
+        gpu.shutdown(StopMode::Drain).await;
         Ok(())
     })
 }

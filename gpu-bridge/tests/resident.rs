@@ -304,3 +304,45 @@ async fn on_opencl_the_buffer_lives_on_the_device() {
         Err(ExecuteError::WrongBuffer { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_memory_limit_caps_what_each_device_lends() {
+    let bridge = GpuBridge::builder()
+        .kernels(shipped::ALL)
+        .cpu_backend(CpuBackend::with_device(DeviceInfo {
+            total_memory: 64 << 20,
+            free_memory: 48 << 20,
+            ..host_device()
+        }))
+        .device_memory_limit(1 << 20)
+        .build()
+        .unwrap();
+    let (_, info, stats) = bridge.devices().remove(0);
+    assert_eq!((info.total_memory, info.free_memory), (1 << 20, 1 << 20));
+    assert_eq!(stats.available, 1 << 20);
+    assert!(matches!(
+        bridge
+            .allocate_resident((1 << 20) + 1, &Requirements::default())
+            .await,
+        Err(ResidentError::NoDevice { .. })
+    ));
+    let whole = bridge
+        .allocate_resident(1 << 20, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(reserved(&bridge), 1 << 20);
+    drop(whole);
+    settles_at(&bridge, 0).await;
+    // A limit above what the device has changes nothing.
+    let roomy = GpuBridge::builder()
+        .cpu_backend(CpuBackend::with_device(DeviceInfo {
+            total_memory: 64 << 20,
+            free_memory: 48 << 20,
+            ..host_device()
+        }))
+        .device_memory_limit(1 << 40)
+        .build()
+        .unwrap();
+    let (_, info, _) = roomy.devices().remove(0);
+    assert_eq!((info.total_memory, info.free_memory), (64 << 20, 48 << 20));
+}

@@ -346,3 +346,57 @@ async fn a_device_memory_limit_caps_what_each_device_lends() {
     let (_, info, _) = roomy.devices().remove(0);
     assert_eq!((info.total_memory, info.free_memory), (64 << 20, 48 << 20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number() {
+    // Both bridges' CPU device is their device 0.
+    let (ours, theirs) = (cpu_bridge(1 << 20), cpu_bridge(1 << 20));
+    let mine = ours
+        .allocate_resident(16, &Requirements::default())
+        .await
+        .unwrap();
+    let foreign = theirs
+        .allocate_resident(16, &Requirements::default())
+        .await
+        .unwrap();
+    let scalar = f32s(&[2.0]);
+    for (parts, output) in [
+        (
+            [
+                Part::Host(&scalar),
+                Part::Resident(&foreign),
+                Part::Resident(&mine),
+            ],
+            Output::Host,
+        ),
+        (
+            [
+                Part::Host(&scalar),
+                Part::Resident(&mine),
+                Part::Resident(&mine),
+            ],
+            Output::Into(&foreign),
+        ),
+    ] {
+        match ours.execute_resident("saxpy", &parts, output).await {
+            Err(ExecuteError::WrongBuffer { reason, .. }) => {
+                assert!(reason.contains("another bridge"), "{reason}")
+            }
+            other => panic!("a foreign buffer: {other:?}"),
+        }
+    }
+    // The bridge keeps serving its own buffers.
+    let returned = ours
+        .execute_resident(
+            "saxpy",
+            &[
+                Part::Host(&scalar),
+                Part::Resident(&mine),
+                Part::Resident(&mine),
+            ],
+            Output::Host,
+        )
+        .await
+        .unwrap();
+    assert_eq!(returned.len(), 16);
+}

@@ -96,6 +96,11 @@ impl Inner {
     fn buffer(&self) -> &dyn DeviceBuffer {
         self.buffer.as_ref()
     }
+
+    /// Whether the buffer was allocated by the bridge `shared` is.
+    fn belongs_to(&self, shared: &Arc<Shared>) -> bool {
+        std::ptr::eq(self._report.bridge.as_ptr(), Arc::as_ptr(shared))
+    }
 }
 
 /// Publishes a device's memory figures when dropped.
@@ -331,6 +336,21 @@ impl GpuBridge {
             ));
         };
         let device = first.device();
+        // Device ids are per bridge: another bridge's device 0 is not ours.
+        let foreign = parts
+            .iter()
+            .filter_map(|part| match part {
+                Part::Resident(buffer) => Some(*buffer),
+                Part::Host(_) => None,
+            })
+            .chain(match output {
+                Output::Into(buffer) => Some(buffer),
+                Output::Host => None,
+            })
+            .any(|buffer| !buffer.inner.belongs_to(&self.shared));
+        if foreign {
+            return Err(wrong("a buffer allocated by another bridge".into()));
+        }
         if let Some(other) = buffers.find(|buffer| buffer.device() != device) {
             return Err(wrong(format!(
                 "buffers on two devices ({:?} and {:?})",

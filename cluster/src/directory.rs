@@ -184,7 +184,7 @@ mod tests {
             .iter()
             .map(|address| Member {
                 silo: SiloId::new(*address, 1),
-                gossip: "127.0.0.1:1".parse().unwrap(),
+                gossip: "127.0.0.1:1".parse().ok(),
                 load: SiloLoad::default(),
             })
             .collect()

@@ -26,6 +26,8 @@
 pub mod auth;
 pub mod connection;
 pub mod directory;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod membership;
 pub mod node;
 pub mod placement;

@@ -100,8 +100,8 @@ pub struct SiloLoad {
 pub struct Member {
     /// Its identity.
     pub silo: SiloId,
-    /// Where it gossips.
-    pub gossip: SocketAddr,
+    /// Where it gossips (chitchat membership; `None` under etcd).
+    pub gossip: Option<SocketAddr>,
     /// Its last published load (default until it publishes).
     pub load: SiloLoad,
 }
@@ -445,7 +445,7 @@ fn view_of(signed: Vec<(ChitchatId, State)>) -> Vec<Member> {
         }
         let member = Member {
             silo: SiloId::new(id.node_id.clone(), id.generation_id),
-            gossip: id.gossip_advertise_addr,
+            gossip: Some(id.gossip_advertise_addr),
             load: state.load,
         };
         match newest.get(id.node_id.as_str()) {

@@ -126,7 +126,7 @@ fn grain(key: u64) -> GrainId {
 fn member(silo: &SiloId) -> Member {
     Member {
         silo: silo.clone(),
-        gossip: gossip(1),
+        gossip: Some(gossip(1)),
         load: SiloLoad::default(),
     }
 }

@@ -21,7 +21,7 @@ fn device(backend: &str, free_mib: u64, queue: u64, units: u32) -> DeviceLoad {
 fn member(address: &str, activations: u64, devices: Vec<DeviceLoad>) -> Member {
     Member {
         silo: SiloId::new(address, 1),
-        gossip: "127.0.0.1:1".parse().unwrap(),
+        gossip: "127.0.0.1:1".parse().ok(),
         load: SiloLoad {
             activations,
             devices,

@@ -1,0 +1,264 @@
+//! The etcd provider against a real etcd (`GRANARY_ETCD_ENDPOINTS`; CI
+//! starts Debian's etcd-server on loopback): joins, loads, a graceful
+//! leave, a crash noticed when the lease expires, a rejoin as a new
+//! incarnation, exactly one winner among concurrent registrations, and
+//! entries that go with their silo. Each test uses a cluster name of its
+//! own, so runs never see each other's keys.
+
+#![cfg(feature = "etcd")]
+
+use std::time::{Duration, Instant};
+
+use granary_actors::{GrainId, GrainKey};
+use granary_cluster::etcd::{EtcdConfig, EtcdError, EtcdMembership};
+use granary_cluster::{Member, SiloId, SiloLoad};
+
+#[cfg(granary_etcd)]
+const ENDPOINTS: &str = env!("GRANARY_ETCD_ENDPOINTS");
+#[cfg(not(granary_etcd))]
+const ENDPOINTS: &str = "";
+
+/// A cluster of its own for one test.
+fn config(test: &str) -> EtcdConfig {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).expect("randomness");
+    let mut config = EtcdConfig::new(
+        format!("{test}-{}", u64::from_le_bytes(nonce)),
+        ENDPOINTS.split(',').map(str::to_string).collect(),
+    );
+    config.ttl = Duration::from_secs(2);
+    config
+}
+
+fn silo(n: u64) -> SiloId {
+    SiloId::new(format!("10.0.0.{n}:7000"), 100 + n)
+}
+
+async fn view_becomes(membership: &EtcdMembership, want: &[SiloId]) -> Vec<Member> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let members = membership.members();
+        let silos: Vec<SiloId> = members.iter().map(|m| m.silo.clone()).collect();
+        if silos == want {
+            return members;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the view is {silos:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn silos_join_publish_load_leave_crash_and_rejoin() {
+    let config = config("membership");
+    let a = EtcdMembership::join(config.clone(), silo(1), SiloLoad::default())
+        .await
+        .unwrap();
+    let b = EtcdMembership::join(config.clone(), silo(2), SiloLoad::default())
+        .await
+        .unwrap();
+    let c = EtcdMembership::join(config.clone(), silo(3), SiloLoad::default())
+        .await
+        .unwrap();
+    let all = [silo(1), silo(2), silo(3)];
+    for membership in [&a, &b, &c] {
+        view_becomes(membership, &all).await;
+    }
+    // Load travels.
+    b.publish_load(SiloLoad {
+        activations: 42,
+        devices: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .members()
+        .iter()
+        .find(|m| m.silo == silo(2))
+        .is_none_or(|m| m.load.activations != 42)
+    {
+        assert!(Instant::now() < deadline, "b's load never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A graceful leave is seen at once (well inside the lease's ttl).
+    let left = Instant::now();
+    c.leave().await.unwrap();
+    view_becomes(&a, &[silo(1), silo(2)]).await;
+    assert!(left.elapsed() < config.ttl, "{:?}", left.elapsed());
+    // A crash is seen when the lease expires.
+    let crashed = Instant::now();
+    b.stop();
+    view_becomes(&a, &[silo(1)]).await;
+    let noticed = crashed.elapsed();
+    assert!(noticed >= config.ttl / 2, "noticed after {noticed:?}");
+    // A rejoin is a new incarnation, seen beside nothing of the old one.
+    let again = SiloId::new(silo(2).address, silo(2).incarnation + 1);
+    let b2 = EtcdMembership::join(config.clone(), again.clone(), SiloLoad::default())
+        .await
+        .unwrap();
+    view_becomes(&a, &[silo(1), again.clone()]).await;
+    view_becomes(&b2, &[silo(1), again]).await;
+    a.leave().await.unwrap();
+    b2.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn the_first_registration_wins_and_entries_go_with_their_silo() {
+    let config = config("directory");
+    let mut silos = Vec::new();
+    for n in 1..=3 {
+        silos.push(
+            EtcdMembership::join(config.clone(), silo(n), SiloLoad::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let grain = |key: u64| GrainId {
+        type_name: "ledger".into(),
+        key: GrainKey::U64(key),
+    };
+    // Every silo registers every grain at once, several times over.
+    for key in 0..20u64 {
+        let attempts: Vec<_> = silos
+            .iter()
+            .flat_map(|membership| {
+                let directory = membership.directory();
+                (0..3u64).map(move |activation| {
+                    let directory = directory.clone();
+                    tokio::spawn(async move { directory.register(&grain(key), activation).await })
+                })
+            })
+            .collect();
+        let mut homes = Vec::new();
+        for attempt in attempts {
+            homes.push(attempt.await.unwrap().unwrap());
+        }
+        assert!(
+            homes.windows(2).all(|pair| pair[0] == pair[1]),
+            "grain {key}: more than one home: {homes:?}"
+        );
+        let looked_up = silos[0].directory().lookup(&grain(key)).await.unwrap();
+        assert_eq!(looked_up.as_ref(), homes.first(), "grain {key}");
+    }
+    // Only the silo that registered an entry removes it.
+    let home = silos[0]
+        .directory()
+        .lookup(&grain(0))
+        .await
+        .unwrap()
+        .unwrap();
+    let (owner, others): (Vec<_>, Vec<_>) = silos.iter().partition(|m| *m.silo() == home.silo);
+    for other in others {
+        assert!(!other.directory().unregister(&grain(0)).await.unwrap());
+    }
+    assert!(owner[0].directory().unregister(&grain(0)).await.unwrap());
+    assert_eq!(silos[1].directory().lookup(&grain(0)).await.unwrap(), None);
+    // A new registration after it wins.
+    let next = silos[1].directory().register(&grain(0), 9).await.unwrap();
+    assert_eq!((next.silo, next.activation), (silo(2), 9));
+
+    // A silo that stops takes its entries with it when its lease expires;
+    // one that leaves, at once.
+    let on_three: Vec<u64> = {
+        let mut keys = Vec::new();
+        for key in 1..20u64 {
+            let home = silos[0]
+                .directory()
+                .lookup(&grain(key))
+                .await
+                .unwrap()
+                .unwrap();
+            if home.silo == silo(3) {
+                keys.push(key);
+            }
+        }
+        keys
+    };
+    let third = silos.pop().unwrap();
+    third.stop();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for key in &on_three {
+        while silos[0]
+            .directory()
+            .lookup(&grain(*key))
+            .await
+            .unwrap()
+            .is_some()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "grain {key}'s entry outlived its silo"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let taken = silos[0]
+            .directory()
+            .register(&grain(*key), 1)
+            .await
+            .unwrap();
+        assert_eq!(taken.silo, silo(1));
+    }
+    let second = silos.pop().unwrap();
+    let second_homes: Vec<u64> = {
+        let mut keys = Vec::new();
+        for key in 0..20u64 {
+            if let Some(home) = silos[0].directory().lookup(&grain(key)).await.unwrap() {
+                if home.silo == silo(2) {
+                    keys.push(key);
+                }
+            }
+        }
+        keys
+    };
+    assert!(!second_homes.is_empty());
+    second.leave().await.unwrap();
+    for key in second_homes {
+        assert_eq!(
+            silos[0].directory().lookup(&grain(key)).await.unwrap(),
+            None
+        );
+    }
+    silos.pop().unwrap().leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configurations_and_an_unreachable_etcd_are_typed_errors() {
+    let mut config = EtcdConfig::new("c", Vec::new());
+    assert!(matches!(
+        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        Err(EtcdError::InvalidConfig(_))
+    ));
+    config.endpoints = vec!["http://127.0.0.1:1".into()];
+    config.ttl = Duration::from_millis(500);
+    assert!(matches!(
+        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        Err(EtcdError::InvalidConfig(_))
+    ));
+    config.ttl = Duration::from_secs(2);
+    config.cluster = "a/b".into();
+    assert!(matches!(
+        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        Err(EtcdError::InvalidConfig(_))
+    ));
+    // Nothing listens on port 1: refused, within the timeout.
+    config.cluster = "c".into();
+    config.timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let refused = EtcdMembership::join(config, silo(1), SiloLoad::default()).await;
+    assert!(
+        matches!(refused, Err(EtcdError::Connect(_) | EtcdError::Request(_))),
+        "{refused:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

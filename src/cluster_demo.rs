@@ -216,6 +216,20 @@ pub struct NodeFile {
     /// The devices this node offers.
     #[serde(default)]
     pub devices: DevicesFile,
+    /// Membership and the grain directory in etcd instead of gossip (the
+    /// `etcd` build feature); `gossip` and `seeds` are then not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdFile>,
+}
+
+/// Where a node finds etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    /// etcd's client endpoints (`http://10.0.0.9:2379`).
+    pub endpoints: Vec<String>,
+    /// Seconds a silo that stops answering stays in the view (default 6).
+    pub ttl_secs: Option<u64>,
 }
 
 /// The devices a node offers grains.
@@ -368,10 +382,42 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
     if let Some(bridge) = bridge {
         builder = builder.bridge(bridge);
     }
+    match &file.etcd {
+        None => builder
+            .start(&chitchat::transport::UdpTransport)
+            .await
+            .map_err(|err| NodeRunError(err.to_string())),
+        Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await,
+    }
+}
+
+#[cfg(feature = "etcd")]
+async fn start_with_etcd(
+    builder: granary_cluster::NodeBuilder,
+    cluster: &str,
+    etcd: &EtcdFile,
+) -> Result<ClusterNode, NodeRunError> {
+    let mut config = granary_cluster::etcd::EtcdConfig::new(cluster, etcd.endpoints.clone());
+    if let Some(secs) = etcd.ttl_secs {
+        config.ttl = Duration::from_secs(secs);
+    }
     builder
-        .start(&chitchat::transport::UdpTransport)
+        .start_with_etcd(config)
         .await
         .map_err(|err| NodeRunError(err.to_string()))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_with_etcd(
+    _: granary_cluster::NodeBuilder,
+    _: &str,
+    _: &EtcdFile,
+) -> Result<ClusterNode, NodeRunError> {
+    Err(NodeRunError(
+        "etcd: this granary was built without the etcd feature \
+         (cargo build --release --features etcd; it needs protoc)"
+            .into(),
+    ))
 }
 
 /// How a multi-node demo runs.
@@ -385,6 +431,9 @@ pub struct ClusterDemoConfig {
     pub calls: u32,
     /// The silos' device backend.
     pub backend: DeviceBackend,
+    /// etcd endpoints: membership and the directory in etcd instead of
+    /// gossip (a build with the `etcd` feature).
+    pub etcd: Option<Vec<String>>,
 }
 
 impl Default for ClusterDemoConfig {
@@ -394,6 +443,7 @@ impl Default for ClusterDemoConfig {
             grains: 48,
             calls: 40,
             backend: DeviceBackend::Cpu,
+            etcd: None,
         }
     }
 }
@@ -501,6 +551,16 @@ pub async fn run_cluster_demo(
         path: dir.join("grains.sqlite"),
     };
     let secret = "granary demo cluster secret".to_string();
+    // Under etcd, a cluster name of this run's own: keys of an earlier run
+    // (its leases expiring) are not this cluster's.
+    let cluster = match &config.etcd {
+        Some(_) => format!("demo-{}", std::process::id()),
+        None => "demo".to_string(),
+    };
+    let etcd = config.etcd.as_ref().map(|endpoints| EtcdFile {
+        endpoints: endpoints.clone(),
+        ttl_secs: Some(2),
+    });
     let exe = std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?;
     let mut gossip_seed = None;
     let mut children = Children(Vec::new());
@@ -512,7 +572,7 @@ pub async fn run_cluster_demo(
         // Different memory per silo, so placement has a choice to make.
         let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);
         let file = NodeFile {
-            cluster: "demo".into(),
+            cluster: cluster.clone(),
             secret: secret.clone(),
             listen: format!("127.0.0.1:{tcp}"),
             gossip,
@@ -524,6 +584,7 @@ pub async fn run_cluster_demo(
                 memory_mib: Some(memory),
                 none: false,
             },
+            etcd: etcd.clone(),
         };
         let path = dir.join(format!("node-{n}.toml"));
         let text = toml::to_string(&file).map_err(|err| NodeRunError(err.to_string()))?;
@@ -544,7 +605,7 @@ pub async fn run_cluster_demo(
     // This process joins too, with no devices: it routes, hosts no ledger.
     let (_, udp) = free_ports()?;
     let me = NodeFile {
-        cluster: "demo".into(),
+        cluster: cluster.clone(),
         secret,
         listen: "127.0.0.1:0".into(),
         gossip: SocketAddr::from(([127, 0, 0, 1], udp)),
@@ -555,6 +616,7 @@ pub async fn run_cluster_demo(
             none: true,
             ..DevicesFile::default()
         },
+        etcd: etcd.clone(),
     };
     let node = start_node(&me).await?;
     // Wait for every silo, with its devices.

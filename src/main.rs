@@ -57,6 +57,11 @@ enum Command {
         /// takes its own share of the device's memory.
         #[arg(long, value_enum, default_value_t = DeviceBackend::Cpu)]
         backend: DeviceBackend,
+        /// Run the multi-node demo's membership and directory on etcd at
+        /// these endpoints (comma-separated; a build with `--features
+        /// etcd`).
+        #[arg(long, value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
             grains,
             calls,
             backend,
+            etcd,
             no_progress,
             ..
         } => {
@@ -163,6 +169,7 @@ fn main() -> ExitCode {
                 grains,
                 calls,
                 backend,
+                etcd,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -177,9 +184,14 @@ fn main() -> ExitCode {
             let total = u64::from(grains).saturating_mul(u64::from(calls));
             let bar = progress_bar(total, no_progress, "calls");
             println!(
-                "granary demo --nodes {nodes}: {nodes} silo processes on loopback, {grains} GPU grains \
-                 ({} MiB resident each on the {backend:?} backend, placed by free device memory), \
-                 {calls} calls each; the busiest silo is killed halfway",
+                "granary demo --nodes {nodes}: {nodes} silo processes on loopback (membership on {}), \
+                 {grains} GPU grains ({} MiB resident each on the {backend:?} backend, placed by free \
+                 device memory), {calls} calls each; the busiest silo is killed halfway",
+                if config.etcd.is_some() {
+                    "etcd"
+                } else {
+                    "gossip"
+                },
                 cluster_demo::LEDGER_DEVICE_BYTES >> 20
             );
             let shown = bar.clone();

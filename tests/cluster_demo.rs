@@ -1,7 +1,9 @@
 //! `granary demo --nodes 3` and `granary node` end to end: three silo
 //! processes on loopback, GPU grains placed by free device memory, the
 //! busiest silo killed halfway, and every grain's persisted state intact;
-//! and a node configuration that is wrong, refused with a clear message.
+//! the same on etcd (a build with the `etcd` feature and an etcd in
+//! `GRANARY_ETCD_ENDPOINTS`); and a node configuration that is wrong,
+//! refused with a clear message.
 
 use std::process::Command;
 
@@ -31,6 +33,43 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
         "{stdout}"
     );
     assert!(stdout.contains("(killed)"), "{stdout}");
+    assert!(stdout.contains("120 acknowledged"), "{stdout}");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+fn three_silo_processes_on_etcd_lose_a_silo_and_no_state() {
+    let endpoints = option_env!("GRANARY_ETCD_ENDPOINTS").unwrap_or_default();
+    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args([
+            "demo",
+            "--nodes",
+            "3",
+            "--grains",
+            "12",
+            "--calls",
+            "10",
+            "--no-progress",
+            "--etcd",
+            endpoints,
+        ])
+        .output()
+        .expect("the demo ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("membership on etcd"), "{stdout}");
+    assert!(
+        stdout.contains("every ledger holds every acknowledged call"),
+        "{stdout}"
+    );
     assert!(stdout.contains("120 acknowledged"), "{stdout}");
 }
 
@@ -82,6 +121,24 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{name}");
         assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+    // Without the etcd feature, an [etcd] section says how to get it.
+    #[cfg(not(feature = "etcd"))]
+    {
+        let path = dir.join("etcd.toml");
+        std::fs::write(
+            &path,
+            "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\netcd = { endpoints = [\"http://127.0.0.1:2379\"] }\n",
+        )
+        .unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+            .args(["node", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("--features etcd"), "{stderr}");
     }
     // A backend this machine lacks is named in the error (where CUDA is
     // present, the node would start: nothing to check then).

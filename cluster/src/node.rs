@@ -112,6 +112,9 @@ pub enum NodeError {
     Listen(String),
     /// Gossip could not start.
     Membership(MembershipError),
+    /// etcd could not be joined.
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::EtcdError),
     /// The silo already serves another node.
     SiloInUse,
 }
@@ -121,6 +124,8 @@ impl std::fmt::Display for NodeError {
         match self {
             NodeError::Listen(why) => write!(f, "could not listen: {why}"),
             NodeError::Membership(err) => write!(f, "{err}"),
+            #[cfg(feature = "etcd")]
+            NodeError::Etcd(err) => write!(f, "{err}"),
             NodeError::SiloInUse => write!(f, "the silo already serves another cluster node"),
         }
     }
@@ -245,7 +250,9 @@ struct Inner {
     bridge: Option<Arc<GpuBridge>>,
     transport: Arc<dyn Transport>,
     /// Taken out when the node leaves or stops.
-    membership: tokio::sync::Mutex<Option<Membership>>,
+    membership: tokio::sync::Mutex<Option<Provider>>,
+    /// Where directory entries live.
+    directory: DirectoryBackend,
     /// The membership's view, as it changes.
     members: tokio::sync::watch::Receiver<Vec<Member>>,
     /// The view, as last seen by the view task.
@@ -276,6 +283,87 @@ struct Inner {
     needs: HashMap<String, GpuNeeds>,
     next_activation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Where the view comes from.
+enum Provider {
+    /// Gossip (chitchat), the embedded default.
+    Gossip(Box<Membership>),
+    /// Leases and watches in etcd.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        membership: Box<crate::etcd::EtcdMembership>,
+        /// The load last written, so an unchanged load is not written again.
+        published: Option<SiloLoad>,
+    },
+}
+
+impl Provider {
+    fn members(&self) -> Vec<Member> {
+        match self {
+            Provider::Gossip(membership) => membership.members(),
+            #[cfg(feature = "etcd")]
+            Provider::Etcd { membership, .. } => membership.members(),
+        }
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
+        match self {
+            Provider::Gossip(membership) => membership.watch(),
+            #[cfg(feature = "etcd")]
+            Provider::Etcd { membership, .. } => membership.watch(),
+        }
+    }
+
+    async fn publish_load(&mut self, load: &SiloLoad) {
+        match self {
+            Provider::Gossip(membership) => membership.publish_load(load).await,
+            #[cfg(feature = "etcd")]
+            Provider::Etcd {
+                membership,
+                published,
+            } => {
+                if published.as_ref() != Some(load) {
+                    match membership.publish_load(load.clone()).await {
+                        Ok(()) => *published = Some(load.clone()),
+                        Err(err) => tracing::warn!(error = %err, "publishing load to etcd failed"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn leave(self) -> Result<(), MembershipError> {
+        match self {
+            Provider::Gossip(membership) => membership.leave().await,
+            #[cfg(feature = "etcd")]
+            Provider::Etcd { membership, .. } => membership
+                .leave()
+                .await
+                .map_err(|err| MembershipError::Stop(err.to_string())),
+        }
+    }
+
+    async fn stop(self) -> Result<(), MembershipError> {
+        match self {
+            Provider::Gossip(membership) => membership.stop().await,
+            #[cfg(feature = "etcd")]
+            Provider::Etcd { membership, .. } => {
+                membership.stop();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where directory entries live.
+enum DirectoryBackend {
+    /// Partitioned over the live silos (rules 1 to 3).
+    Partitioned,
+    /// In etcd: one entry per grain, first registration wins, entries go
+    /// with their silo's lease; nothing moves when the view changes.
+    #[cfg(feature = "etcd")]
+    Etcd(Box<crate::etcd::EtcdDirectory>),
 }
 
 /// A grain this silo is home to.
@@ -538,6 +626,29 @@ impl ClusterNode {
         &self,
         request: DirectoryRequest,
     ) -> Result<DirectoryReply, ClusterCallError> {
+        #[cfg(feature = "etcd")]
+        if let DirectoryBackend::Etcd(etcd) = &self.inner.directory {
+            let failed = |err: crate::etcd::EtcdError| {
+                ClusterCallError::Remote(RemoteError::Other(err.to_string()))
+            };
+            return match request {
+                DirectoryRequest::Register { grain, home, .. } => etcd
+                    .register(&grain, home.activation)
+                    .await
+                    .map(DirectoryReply::Home)
+                    .map_err(failed),
+                DirectoryRequest::Lookup(grain) => match etcd.lookup(&grain).await {
+                    Ok(Some(home)) => Ok(DirectoryReply::Home(home)),
+                    Ok(None) => Ok(DirectoryReply::Unknown),
+                    Err(err) => Err(failed(err)),
+                },
+                DirectoryRequest::Unregister { grain, .. } => etcd
+                    .unregister(&grain)
+                    .await
+                    .map(|_| DirectoryReply::Unknown)
+                    .map_err(failed),
+            };
+        }
         let grain = match &request {
             DirectoryRequest::Register { grain, .. }
             | DirectoryRequest::Lookup(grain)
@@ -665,6 +776,17 @@ impl Inner {
             .clone()
     }
 
+    /// Who keeps `grain`'s directory entry in `view`: its owner among the
+    /// silos, or etcd (one name for every entry, which view changes never
+    /// move).
+    fn entry_owner(&self, grain: &GrainId, view: &[Member]) -> Option<SiloId> {
+        match &self.directory {
+            DirectoryBackend::Partitioned => directory::owner(grain, view).cloned(),
+            #[cfg(feature = "etcd")]
+            DirectoryBackend::Etcd(_) => Some(SiloId::new("etcd", 0)),
+        }
+    }
+
     fn is_live(&self, silo: &SiloId) -> bool {
         self.view().iter().any(|member| &member.silo == silo)
     }
@@ -741,7 +863,7 @@ impl Inner {
         payload: Bytes,
         one_way: bool,
     ) -> Result<Vec<u8>, RemoteError> {
-        let owner = directory::owner(grain, &self.view()).cloned();
+        let owner = self.entry_owner(grain, &self.view());
         let registered_with = match self.homes.get(grain) {
             Some(home) if home.leaving => return Err(RemoteError::Retry),
             Some(home) => Some(home.owner.clone()),
@@ -958,7 +1080,7 @@ impl Inner {
         };
         let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
         for grain in homes {
-            let Some(new) = directory::owner(&grain, after).cloned() else {
+            let Some(new) = self.entry_owner(&grain, after) else {
                 continue;
             };
             // Up to date, or leaving (its entry is being removed).
@@ -1134,7 +1256,7 @@ impl NodeBuilder {
             placement,
             needs,
         } = self;
-        let mut listener = transport
+        let listener = transport
             .bind(config.listen.clone())
             .await
             .map_err(|err| NodeError::Listen(err.to_string()))?;
@@ -1149,6 +1271,97 @@ impl NodeBuilder {
         let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
+        NodeParts {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        }
+        .serve(
+            listener,
+            id,
+            Provider::Gossip(Box::new(membership)),
+            DirectoryBackend::Partitioned,
+        )
+        .await
+    }
+
+    /// Listens and joins through etcd instead of gossip: membership by
+    /// leases and watches, and the grain directory in etcd (feature
+    /// `etcd`). The config's gossip settings are not used.
+    #[cfg(feature = "etcd")]
+    pub async fn start_with_etcd(
+        self,
+        etcd: crate::etcd::EtcdConfig,
+    ) -> Result<ClusterNode, NodeError> {
+        let NodeBuilder {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        } = self;
+        let listener = transport
+            .bind(config.listen.clone())
+            .await
+            .map_err(|err| NodeError::Listen(err.to_string()))?;
+        let id = SiloId::new(listener.local_address(), config.incarnation);
+        let parts = NodeParts {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        };
+        let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), SiloLoad::default())
+            .await
+            .map_err(NodeError::Etcd)?;
+        let directory = DirectoryBackend::Etcd(Box::new(membership.directory()));
+        parts
+            .serve(
+                listener,
+                id,
+                Provider::Etcd {
+                    membership: Box::new(membership),
+                    published: None,
+                },
+                directory,
+            )
+            .await
+    }
+}
+
+/// What a node is made of, before it serves.
+struct NodeParts {
+    silo: Silo,
+    config: NodeConfig,
+    bridge: Option<Arc<GpuBridge>>,
+    transport: Arc<dyn Transport>,
+    placement: Arc<dyn PlacementStrategy>,
+    needs: HashMap<String, GpuNeeds>,
+}
+
+impl NodeParts {
+    /// Starts serving on `listener` as `id`, with the view from `membership`.
+    async fn serve(
+        self,
+        mut listener: Box<dyn crate::transport::Listener>,
+        id: SiloId,
+        membership: Provider,
+        directory: DirectoryBackend,
+    ) -> Result<ClusterNode, NodeError> {
+        let NodeParts {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        } = self;
         let handoff = config.handoff.unwrap_or(config.gossip_interval * 5);
         let inner = Arc::new(Inner {
             id,
@@ -1159,6 +1372,7 @@ impl NodeBuilder {
             view_changed: Mutex::new(Instant::now()),
             members: membership.watch(),
             membership: tokio::sync::Mutex::new(Some(membership)),
+            directory,
             handoff,
             partition: Partition::new(),
             cache: LocationCache::new(),
@@ -1257,7 +1471,7 @@ impl NodeBuilder {
                     ticks.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
                     let load = inner.load();
-                    if let Some(membership) = inner.membership.lock().await.as_ref() {
+                    if let Some(membership) = inner.membership.lock().await.as_mut() {
                         membership.publish_load(&load).await;
                     }
                 }

@@ -2,16 +2,26 @@
 //! starts Debian's etcd-server on loopback): joins, loads, a graceful
 //! leave, a crash noticed when the lease expires, a rejoin as a new
 //! incarnation, exactly one winner among concurrent registrations, and
-//! entries that go with their silo. Each test uses a cluster name of its
-//! own, so runs never see each other's keys.
+//! entries that go with their silo; and cluster nodes on etcd: exactly
+//! one activation under concurrent first calls from every silo, and a
+//! killed silo's grains moving with their state once its lease expires.
+//! Each test uses a cluster name of its own, so runs never see each
+//! other's keys.
 
 #![cfg(feature = "etcd")]
 
+mod common;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use granary_actors::{GrainId, GrainKey};
+use common::{Add, Counter};
+use granary_actors::storage::MemoryStorage;
+use granary_actors::{GrainId, GrainKey, Silo};
 use granary_cluster::etcd::{EtcdConfig, EtcdError, EtcdMembership};
-use granary_cluster::{Member, SiloId, SiloLoad};
+use granary_cluster::{
+    ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, SiloId, SiloLoad,
+};
 
 #[cfg(granary_etcd)]
 const ENDPOINTS: &str = env!("GRANARY_ETCD_ENDPOINTS");
@@ -261,4 +271,102 @@ async fn bad_configurations_and_an_unreachable_etcd_are_typed_errors() {
         "{refused:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A node on etcd over the in-process network.
+async fn etcd_node(
+    network: &InProcessNetwork,
+    storage: &Arc<MemoryStorage>,
+    etcd: &EtcdConfig,
+    n: u16,
+) -> ClusterNode {
+    let silo = Silo::builder()
+        .register::<Counter>("counter")
+        .message::<Counter, Add>("add")
+        .storage(storage.clone())
+        .build()
+        .unwrap();
+    let listen = format!("etcd-silo-{n}:7000");
+    let config = NodeConfig::new(
+        "etcd-test",
+        ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
+        listen.clone(),
+        "127.0.0.1:1".parse().unwrap(),
+        Vec::new(),
+    );
+    ClusterNode::builder(silo, config)
+        .transport(Arc::new(network.transport(&listen)))
+        .start_with_etcd(etcd.clone())
+        .await
+        .unwrap()
+}
+
+async fn nodes_see(nodes: &[&ClusterNode], count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nodes.iter().any(|node| node.members().len() != count) {
+        assert!(Instant::now() < deadline, "views did not converge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_cluster_on_etcd_activates_each_grain_once_and_survives_a_killed_silo() {
+    let etcd = config("nodes");
+    let network = InProcessNetwork::new();
+    let storage = Arc::new(MemoryStorage::new());
+    let mut nodes = Vec::new();
+    for n in 1..=3 {
+        nodes.push(etcd_node(&network, &storage, &etcd, n).await);
+    }
+    nodes_see(&nodes.iter().collect::<Vec<_>>(), 3).await;
+    let grains = 30u64;
+    let calls: Vec<_> = nodes
+        .iter()
+        .flat_map(|node| {
+            (0..grains).map(move |key| {
+                let node = node.clone();
+                tokio::spawn(async move { node.grain::<Counter>(key).call(Add(1)).await })
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let activations: u64 = nodes.iter().map(|n| n.silo().activations_started()).sum();
+    assert_eq!(activations, grains, "exactly one activation per grain");
+    assert_eq!(
+        nodes.iter().map(ClusterNode::homes).sum::<usize>(),
+        grains as usize
+    );
+
+    // Kill the busiest silo: its lease expires, its entries with it, and
+    // its grains start elsewhere from their state.
+    let victim = (0..3)
+        .max_by_key(|i| nodes[*i].homes())
+        .expect("three nodes");
+    let moved = nodes[victim].homes();
+    assert!(moved > 0);
+    network.isolate(&nodes[victim].id().address);
+    nodes[victim].kill().await.unwrap();
+    let survivors: Vec<&ClusterNode> = (0..3).filter(|i| *i != victim).map(|i| &nodes[i]).collect();
+    nodes_see(&survivors, 2).await;
+    for key in 0..grains {
+        assert_eq!(
+            survivors[0].grain::<Counter>(key).call(Add(1)).await,
+            Ok(4),
+            "grain {key}"
+        );
+    }
+    assert_eq!(
+        survivors.iter().map(|n| n.homes()).sum::<usize>(),
+        grains as usize,
+        "the {moved} grains of the dead silo moved"
+    );
+    for node in survivors {
+        node.leave().await.unwrap();
+    }
 }

@@ -29,7 +29,8 @@
 //!    silo's view, and every other reads the winner. Entries never outlive
 //!    their silo (rule 1).
 //! 5. **Unregistering** is one transaction: delete the entry if it is still
-//!    attached to this silo's lease.
+//!    attached to this silo's lease and, when the caller names one, holds
+//!    that activation (a late unregister never removes a newer entry).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -492,13 +493,25 @@ impl EtcdDirectory {
             .transpose()
     }
 
-    /// Removes `grain`'s entry if this silo registered it (rule 5);
-    /// returns whether it did.
-    pub async fn unregister(&self, grain: &GrainId) -> Result<bool, EtcdError> {
+    /// Removes `grain`'s entry if this silo registered it, and if given,
+    /// as `activation` (rule 5); returns whether it did.
+    pub async fn unregister(
+        &self,
+        grain: &GrainId,
+        activation: Option<u64>,
+    ) -> Result<bool, EtcdError> {
         let key = self.key(grain)?;
-        let txn = Txn::new()
-            .when([Compare::lease(key.clone(), CompareOp::Equal, self.lease)])
-            .and_then([TxnOp::delete(key, None)]);
+        let mut when = vec![Compare::lease(key.clone(), CompareOp::Equal, self.lease)];
+        if let Some(activation) = activation {
+            let ours = ActivationAddress {
+                silo: self.silo.clone(),
+                activation,
+            };
+            let value =
+                serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+            when.push(Compare::value(key.clone(), CompareOp::Equal, value));
+        }
+        let txn = Txn::new().when(when).and_then([TxnOp::delete(key, None)]);
         let answer = self.client.clone().txn(txn).await.map_err(request)?;
         Ok(answer.succeeded())
     }

@@ -36,17 +36,22 @@
 //!    places the grain elsewhere. Memory is promised to a grain from that
 //!    check until the call that activates it returns, so that first calls
 //!    arriving together do not all count the same free bytes.
-//! 6. **Giving a home up.** When a grain's activation here ends (idle,
-//!    deactivated, or its `on_activate` failed) and no call to it is in
-//!    flight here, the silo marks the home leaving, answers `Retry` to
-//!    calls for it, asks the owner to remove the entry if it still names
-//!    this silo, and then forgets the home. The next call places the grain
-//!    afresh, where it fits now; a caller that was told `Retry` asks the
-//!    directory again, while one that still has the old home cached sends
-//!    its call there, and that silo becomes home again if the grain fits
-//!    (rule 5). Calls are counted under the home's lock, so a home is
-//!    never given up while a call may be starting an activation.
-//!
+//! 6. **Giving a home up.** A call arriving here pins the grain's home
+//!    from before it registers until the local silo has answered it
+//!    (creating the home unconfirmed if there is none). When the grain's
+//!    activation here ends (idle, deactivated, or its `on_activate`
+//!    failed) and no call pins the home, the silo marks it leaving
+//!    (calls get `Retry`), asks the owner to remove the entry if it still
+//!    holds this silo's activation number, and forgets the home. The next
+//!    call places the grain afresh, where it fits now; a caller told
+//!    `Retry` asks the directory again, while one that still has the old
+//!    home cached sends its call there, and that silo becomes home again
+//!    if the grain fits (rule 5). An unconfirmed home whose entry may name
+//!    this silo anyway (a registration whose answer was lost, or a full
+//!    device answering `NoRoom` to a grain the entry sends here) removes
+//!    any entry naming this silo when it goes. A node that has left or
+//!    was killed serves nothing and connects to no one.
+
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
 
@@ -87,10 +92,12 @@ enum DirectoryRequest {
         existing: bool,
     },
     Lookup(GrainId),
-    /// Removes the grain's entry if it names `home` (rule 6).
+    /// Removes the grain's entry if it names `home` and, if given,
+    /// `activation` (rule 6).
     Unregister {
         grain: GrainId,
         home: SiloId,
+        activation: Option<u64>,
     },
 }
 
@@ -115,7 +122,8 @@ pub enum NodeError {
     /// etcd could not be joined.
     #[cfg(feature = "etcd")]
     Etcd(crate::etcd::EtcdError),
-    /// The silo already serves another node.
+    /// The silo already serves another node (a silo serves one node for
+    /// its whole life).
     SiloInUse,
 }
 
@@ -268,9 +276,12 @@ struct Inner {
     homes: DashMap<GrainId, Home>,
     /// Device memory promised to grains becoming home here whose
     /// activations have not reserved theirs yet (rule 5), in bytes.
-    promised: Mutex<u64>,
+    promised: Mutex<HashMap<usize, u64>>,
     /// Homes given up under rule 6.
     given_up: AtomicU64,
+    /// Set when the node leaves or is killed: it serves nothing and
+    /// connects to no one after that.
+    stopped: std::sync::atomic::AtomicBool,
     /// Open connections, by peer: the one calls go out on. The map's lock
     /// is never held across an await; a peer's slot is, only while
     /// connecting to that peer.
@@ -366,14 +377,22 @@ enum DirectoryBackend {
     Etcd(Box<crate::etcd::EtcdDirectory>),
 }
 
-/// A grain this silo is home to.
+/// A grain this silo is home to, or is becoming home to.
 #[derive(Debug, Clone)]
 struct Home {
-    /// The owner of its directory entry it registered with.
-    owner: SiloId,
-    /// Calls handed to the local silo that have not returned: while any
-    /// is, the activation may be starting, so the home is kept (rule 6).
+    /// The owner of its directory entry it registered with; `None` while
+    /// no registration has been confirmed (rule 6).
+    owner: Option<SiloId>,
+    /// The activation number the entry holds (unregistering names it).
+    activation: u64,
+    /// Calls pinning the home: from before their registration until the
+    /// local silo has answered them. While any is, the activation may be
+    /// starting, so the home is kept (rule 6).
     in_flight: u32,
+    /// The entry may name this silo although no registration was
+    /// confirmed (a registration whose answer was lost, or an entry found
+    /// when the device was full): removed when the home is (rule 6).
+    maybe_registered: bool,
     /// Its activation ended and its entry is being removed: calls are
     /// answered `Retry` until it is gone (rule 6).
     leaving: bool,
@@ -389,7 +408,7 @@ impl std::fmt::Debug for ClusterNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterNode")
             .field("id", &self.inner.id)
-            .field("homes", &self.inner.homes.len())
+            .field("homes", &self.homes())
             .finish_non_exhaustive()
     }
 }
@@ -438,7 +457,11 @@ impl ClusterNode {
 
     /// Grains this silo is home to now.
     pub fn homes(&self) -> usize {
-        self.inner.homes.len()
+        self.inner
+            .homes
+            .iter()
+            .filter(|home| home.owner.is_some() && !home.leaving)
+            .count()
     }
 
     /// Homes this silo has given up since it started because their
@@ -642,8 +665,10 @@ impl ClusterNode {
                     Ok(None) => Ok(DirectoryReply::Unknown),
                     Err(err) => Err(failed(err)),
                 },
-                DirectoryRequest::Unregister { grain, .. } => etcd
-                    .unregister(&grain)
+                DirectoryRequest::Unregister {
+                    grain, activation, ..
+                } => etcd
+                    .unregister(&grain, activation)
                     .await
                     .map(|_| DirectoryReply::Unknown)
                     .map_err(failed),
@@ -675,6 +700,9 @@ impl ClusterNode {
     /// The open connection to `peer`, opened if needed.
     async fn connection(&self, peer: &SiloId) -> Result<Connection, ClusterCallError> {
         let inner = &self.inner;
+        if inner.stopped.load(Ordering::Acquire) {
+            return Err(ClusterCallError::Remote(RemoteError::ShutDown));
+        }
         let slot = inner
             .connections
             .lock()
@@ -748,6 +776,7 @@ impl ClusterNode {
     }
 
     async fn stop_serving(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
         self.inner.stop_tasks();
         let slots: Vec<_> = self
             .inner
@@ -845,8 +874,25 @@ impl Inner {
                     view.iter().any(|member| &member.silo == silo)
                 }))
             }
-            DirectoryRequest::Unregister { grain, home } => {
-                self.partition.unregister_silo(&grain, &home);
+            DirectoryRequest::Unregister {
+                grain,
+                home,
+                activation,
+            } => {
+                match activation {
+                    Some(activation) => {
+                        self.partition.unregister(
+                            &grain,
+                            &ActivationAddress {
+                                silo: home,
+                                activation,
+                            },
+                        );
+                    }
+                    None => {
+                        self.partition.unregister_silo(&grain, &home);
+                    }
+                }
                 match self.partition.lookup(&grain) {
                     Some(other) => DirectoryReply::Home(other),
                     None => DirectoryReply::Unknown,
@@ -863,17 +909,27 @@ impl Inner {
         payload: Bytes,
         one_way: bool,
     ) -> Result<Vec<u8>, RemoteError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(RemoteError::ShutDown);
+        }
         let owner = self.entry_owner(grain, &self.view());
-        let registered_with = match self.homes.get(grain) {
-            Some(home) if home.leaving => return Err(RemoteError::Retry),
-            Some(home) => Some(home.owner.clone()),
-            None => None,
-        };
+        // Rule 6: the home is pinned from before its registration until
+        // the local silo has answered, so it is never given up while this
+        // call may be registering it or starting its activation.
+        let (registered_with, pin) = self.pin(grain)?;
         // Rule 5: never become home to a grain whose device needs do not
         // fit here now (placement decided on load that may be stale); the
         // memory is promised until the call that activates it returns.
         let _promise = match registered_with {
-            None => Some(self.promise(&grain.type_name)?),
+            None => match self.promise(&grain.type_name) {
+                Ok(promise) => Some(promise),
+                Err(no_room) => {
+                    // An entry naming this silo may be left from before;
+                    // it would send every caller back here.
+                    pin.suspect_entry();
+                    return Err(no_room);
+                }
+            },
             Some(_) => None,
         };
         if registered_with.is_none() || registered_with != owner {
@@ -893,28 +949,16 @@ impl Inner {
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    if let Some(owner) = owner {
-                        match self.homes.entry(grain.clone()) {
-                            dashmap::Entry::Occupied(mut entry) => {
-                                if entry.get().leaving {
-                                    return Err(RemoteError::Retry);
-                                }
-                                entry.get_mut().owner = owner;
-                            }
-                            dashmap::Entry::Vacant(entry) => {
-                                entry.insert(Home {
-                                    owner,
-                                    in_flight: 0,
-                                    leaving: false,
-                                });
-                            }
-                        }
+                    if let Some(mut entry) = self.homes.get_mut(grain) {
+                        entry.owner = owner;
+                        entry.activation = home.activation;
+                        entry.maybe_registered = false;
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
                     // Lost: stop serving it, and let its activation here
                     // (if it was home before) go.
-                    if self.homes.remove(grain).is_some() {
+                    if registered_with.is_some() && self.homes.remove(grain).is_some() {
                         self.release(grain);
                     }
                     return Err(RemoteError::Moved(home.silo));
@@ -922,12 +966,14 @@ impl Inner {
                 Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
                     return Err(RemoteError::Retry);
                 }
-                Err(err) => return Err(RemoteError::Other(err.to_string())),
+                Err(err) => {
+                    // The registration may have been made and its answer
+                    // lost.
+                    pin.suspect_entry();
+                    return Err(RemoteError::Other(err.to_string()));
+                }
             }
         }
-        // Rule 6: counted in flight, under the home's lock, so that the
-        // home is not released while this call may start an activation.
-        let _in_flight = self.enter(grain)?;
         let key = grain.key.clone();
         let outcome = if one_way {
             self.silo
@@ -942,29 +988,45 @@ impl Inner {
         outcome.map_err(RemoteError::from)
     }
 
-    /// Counts a call to the local silo for `grain`, home here and not
-    /// leaving; the guard uncounts it, and releases the home if that was
-    /// the last call and no activation is left (rule 6).
-    fn enter(self: &Arc<Self>, grain: &GrainId) -> Result<InFlight, RemoteError> {
-        match self.homes.get_mut(grain) {
-            Some(mut home) if !home.leaving => {
-                home.in_flight += 1;
-                Ok(InFlight {
-                    inner: self.clone(),
-                    grain: grain.clone(),
-                })
+    /// Pins `grain`'s home here for one call (rule 6), creating it
+    /// unconfirmed if there is none; returns the owner it is registered
+    /// with, if confirmed. A leaving home is not pinned: `Retry`.
+    fn pin(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, InFlight), RemoteError> {
+        let registered_with = match self.homes.entry(grain.clone()) {
+            dashmap::Entry::Occupied(entry) if entry.get().leaving => {
+                return Err(RemoteError::Retry);
             }
-            // Left or lost since it was registered: the caller asks again.
-            _ => Err(RemoteError::Retry),
-        }
+            dashmap::Entry::Occupied(mut entry) => {
+                let home = entry.get_mut();
+                home.in_flight += 1;
+                home.owner.clone()
+            }
+            dashmap::Entry::Vacant(entry) => {
+                entry.insert(Home {
+                    owner: None,
+                    activation: 0,
+                    in_flight: 1,
+                    maybe_registered: false,
+                    leaving: false,
+                });
+                None
+            }
+        };
+        Ok((
+            registered_with,
+            InFlight {
+                inner: self.clone(),
+                grain: grain.clone(),
+            },
+        ))
     }
 
     /// Rule 6: `grain`'s activation here ended, or a call to it returned.
-    /// With no call in flight and no activation left, the home is given
-    /// up: its directory entry is removed, and the next call places the
-    /// grain afresh.
+    /// With no call pinning the home and no activation left, the home is
+    /// given up: its directory entry is removed (if one may name this
+    /// silo), and the next call places the grain afresh.
     fn maybe_leave(self: &Arc<Self>, grain: &GrainId) {
-        {
+        let unregister = {
             let Some(mut home) = self.homes.get_mut(grain) else {
                 return;
             };
@@ -974,8 +1036,23 @@ impl Inner {
             {
                 return;
             }
-            home.leaving = true;
-        }
+            let unregister = match (&home.owner, home.maybe_registered) {
+                (Some(_), _) => Some(Some(home.activation)),
+                (None, true) => Some(None),
+                // Never registered: nothing names this silo.
+                (None, false) => None,
+            };
+            if unregister.is_some() {
+                home.leaving = true;
+            }
+            unregister
+        };
+        let Some(activation) = unregister else {
+            self.homes.remove_if(grain, |_, home| {
+                home.owner.is_none() && home.in_flight == 0 && !home.leaving
+            });
+            return;
+        };
         let node = ClusterNode {
             inner: self.clone(),
         };
@@ -987,13 +1064,15 @@ impl Inner {
         runtime.spawn(async move {
             let inner = &node.inner;
             // The owner may change on the way: ask whoever owns the entry
-            // now, for a while; an entry left behind names this silo and
-            // only this silo acts on it (it becomes home again).
+            // now, for a while. An entry left behind names this silo and
+            // only this silo acts on it: it becomes home again, or, full,
+            // removes it (rule 5).
             let settle_by = Instant::now() + inner.handoff * 4;
-            loop {
+            while !inner.stopped.load(Ordering::Acquire) {
                 let request = DirectoryRequest::Unregister {
                     grain: grain.clone(),
                     home: inner.id.clone(),
+                    activation,
                 };
                 match node.directory(request).await {
                     Ok(DirectoryReply::Home(_) | DirectoryReply::Unknown) => break,
@@ -1013,28 +1092,37 @@ impl Inner {
         });
     }
 
-    /// Promises the device memory a new grain of `grain_type` declares,
-    /// if a device here has it beyond what is promised already (rule 5);
-    /// a type that declares none always fits.
+    /// Promises the device memory a new grain of `grain_type` declares on
+    /// the device here with the most left beyond what is promised already,
+    /// if one fits it (rule 5); a type that declares none always fits.
     fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
         let Some(needs) = self.needs.get(grain_type) else {
             return Ok(Promise {
                 inner: self.clone(),
+                device: 0,
                 bytes: 0,
             });
         };
-        let devices = self.load().devices;
+        // Read under the lock that releases promises, so that a promise
+        // dropped after its activation reserved is never missed.
         let mut promised = self.promised.lock().unwrap_or_else(PoisonError::into_inner);
-        let fits = devices.into_iter().any(|mut device| {
-            device.free_memory = device.free_memory.saturating_sub(*promised);
-            needs.fits(&device)
-        });
-        if !fits {
+        let devices = self.load().devices;
+        let chosen = devices
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, mut device)| {
+                let already = promised.get(&index).copied().unwrap_or(0);
+                device.free_memory = device.free_memory.saturating_sub(already);
+                needs.fits(&device).then_some((index, device.free_memory))
+            })
+            .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
+        let Some((device, _)) = chosen else {
             return Err(RemoteError::NoRoom);
-        }
-        *promised += needs.device_memory;
+        };
+        *promised.entry(device).or_default() += needs.device_memory;
         Ok(Promise {
             inner: self.clone(),
+            device,
             bytes: needs.device_memory,
         })
     }
@@ -1083,17 +1171,17 @@ impl Inner {
             let Some(new) = self.entry_owner(&grain, after) else {
                 continue;
             };
-            // Up to date, or leaving (its entry is being removed).
-            if self
-                .homes
-                .get(&grain)
-                .is_none_or(|home| home.owner == new || home.leaving)
-            {
+            // Up to date, leaving (its entry is being removed), or not
+            // registered yet (its first call registers it).
+            let Some(activation) = self.homes.get(&grain).and_then(|home| {
+                (home.owner.is_some() && home.owner.as_ref() != Some(&new) && !home.leaving)
+                    .then_some(home.activation)
+            }) else {
                 continue;
-            }
+            };
             let proposed = ActivationAddress {
                 silo: self.id.clone(),
-                activation: 0,
+                activation,
             };
             match node
                 .directory(DirectoryRequest::Register {
@@ -1104,8 +1192,9 @@ impl Inner {
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    if let Some(mut home) = self.homes.get_mut(&grain) {
-                        home.owner = new;
+                    if let Some(mut entry) = self.homes.get_mut(&grain) {
+                        entry.owner = Some(new);
+                        entry.activation = home.activation;
                     }
                 }
                 Ok(DirectoryReply::Home(_)) if self.homes.remove(&grain).is_some() => {
@@ -1157,6 +1246,19 @@ struct InFlight {
     grain: GrainId,
 }
 
+impl InFlight {
+    /// The directory may hold an entry naming this silo for the grain
+    /// although its home here is not confirmed: remove it when the home
+    /// goes (rule 6).
+    fn suspect_entry(&self) {
+        if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
+            if home.owner.is_none() {
+                home.maybe_registered = true;
+            }
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
@@ -1169,6 +1271,8 @@ impl Drop for InFlight {
 /// Device memory promised to a grain becoming home here (rule 5).
 struct Promise {
     inner: Arc<Inner>,
+    /// The device's position in this silo's load.
+    device: usize,
     bytes: u64,
 }
 
@@ -1180,7 +1284,9 @@ impl Drop for Promise {
                 .promised
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            *promised = promised.saturating_sub(self.bytes);
+            if let Some(bytes) = promised.get_mut(&self.device) {
+                *bytes = bytes.saturating_sub(self.bytes);
+            }
         }
     }
 }
@@ -1196,7 +1302,7 @@ impl Inbound for NodeInbound {
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let inner = self.0.upgrade();
         Box::pin(async move {
-            let Some(inner) = inner else {
+            let Some(inner) = inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) else {
                 return Err(RemoteError::ShutDown);
             };
             if request.grain_type == DIRECTORY {
@@ -1256,6 +1362,7 @@ impl NodeBuilder {
             placement,
             needs,
         } = self;
+        let ended = claim(&silo)?;
         let listener = transport
             .bind(config.listen.clone())
             .await
@@ -1272,6 +1379,7 @@ impl NodeBuilder {
             .await
             .map_err(NodeError::Membership)?;
         NodeParts {
+            ended,
             silo,
             config,
             bridge,
@@ -1310,6 +1418,7 @@ impl NodeBuilder {
             .map_err(|err| NodeError::Listen(err.to_string()))?;
         let id = SiloId::new(listener.local_address(), config.incarnation);
         let parts = NodeParts {
+            ended: claim(&silo)?,
             silo,
             config,
             bridge,
@@ -1335,8 +1444,24 @@ impl NodeBuilder {
     }
 }
 
+/// Claims `silo` for one node: its activation-end listener (rule 6)
+/// reaches the node once the node exists. Refused if another node has it.
+fn claim(silo: &Silo) -> Result<Arc<std::sync::OnceLock<Weak<Inner>>>, NodeError> {
+    let slot: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::default();
+    let node = slot.clone();
+    silo.on_activation_ended(Arc::new(move |grain, _| {
+        if let Some(inner) = node.get().and_then(Weak::upgrade) {
+            inner.maybe_leave(grain);
+        }
+    }))
+    .map_err(|_| NodeError::SiloInUse)?;
+    Ok(slot)
+}
+
 /// What a node is made of, before it serves.
 struct NodeParts {
+    /// Where the silo's activation-end listener finds the node.
+    ended: Arc<std::sync::OnceLock<Weak<Inner>>>,
     silo: Silo,
     config: NodeConfig,
     bridge: Option<Arc<GpuBridge>>,
@@ -1355,6 +1480,7 @@ impl NodeParts {
         directory: DirectoryBackend,
     ) -> Result<ClusterNode, NodeError> {
         let NodeParts {
+            ended,
             silo,
             config,
             bridge,
@@ -1377,8 +1503,9 @@ impl NodeParts {
             partition: Partition::new(),
             cache: LocationCache::new(),
             homes: DashMap::new(),
-            promised: Mutex::new(0),
+            promised: Mutex::new(HashMap::new()),
             given_up: AtomicU64::new(0),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
             accepted: tokio::sync::Mutex::new(Vec::new()),
             placement,
@@ -1389,15 +1516,7 @@ impl NodeParts {
         });
         let weak = Arc::downgrade(&inner);
         // Rule 6: an activation that ends may give up its home.
-        let ended = weak.clone();
-        inner
-            .silo
-            .on_activation_ended(Arc::new(move |grain, _| {
-                if let Some(inner) = ended.upgrade() {
-                    inner.maybe_leave(grain);
-                }
-            }))
-            .map_err(|_| NodeError::SiloInUse)?;
+        let _ = ended.set(weak.clone());
         let accepting = tokio::spawn({
             let weak = weak.clone();
             async move {

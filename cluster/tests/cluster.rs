@@ -672,3 +672,136 @@ async fn homes_given_up_under_churn_never_make_a_second_activation() {
         );
     }
 }
+
+fn slab_id(key: u64) -> granary_actors::GrainId {
+    granary_actors::GrainId {
+        type_name: "slab".into(),
+        key: GrainKey::U64(key),
+    }
+}
+
+/// Keys whose directory entry `owner` keeps in `view`.
+fn slab_keys_owned_by(
+    owner: &granary_cluster::SiloId,
+    view: &[granary_cluster::Member],
+) -> impl Iterator<Item = u64> + use<> {
+    let (owner, view) = (owner.clone(), view.to_vec());
+    (0..10_000u64)
+        .filter(move |key| granary_cluster::directory::owner(&slab_id(*key), &view) == Some(&owner))
+}
+
+/// A node that was killed stays dead: a grain of its that deactivates
+/// afterwards does not make it dial its peers again (rule 6 runs, but a
+/// stopped node connects to no one and serves nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let mut nodes = Vec::new();
+    for n in 1..=2u16 {
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
+        nodes.push(
+            cluster
+                .node_on(silo, n, 38_000, |b| b.placement(Arc::new(PreferLocal)))
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut keys = slab_keys_owned_by(b.id(), &a.members());
+    let (k1, k2) = (keys.next().unwrap(), keys.next().unwrap());
+    assert_eq!(a.grain::<Slab>(k1).call(Add(1)).await, Ok(1));
+    assert_eq!(a.grain::<Slab>(k2).call(Add(1)).await, Ok(1));
+    a.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = b.grain::<Slab>(k2).call(Add(1)).await;
+    assert!(
+        matches!(before, Err(ClusterCallError::SiloUnavailable { .. })),
+        "{before:?}"
+    );
+    a.silo()
+        .deactivate_named("slab", GrainKey::U64(k1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = b.grain::<Slab>(k2).call(Add(1)).await;
+    assert!(
+        matches!(after, Err(ClusterCallError::SiloUnavailable { .. })),
+        "the killed silo served a call: {after:?}"
+    );
+}
+
+/// Rule 5 and 6: a directory entry left naming a silo that is no longer
+/// home (its unregister was cut off) does not strand the grain once that
+/// silo's device is full: the silo removes the entry as it answers
+/// `NoRoom`, and the grain is placed where there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_naming_a_full_silo_does_not_strand_its_grain() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    let needs = GpuNeeds {
+        device_memory: SLAB_BYTES,
+        ..GpuNeeds::default()
+    };
+    let (mut nodes, mut bridges) = (Vec::new(), Vec::new());
+    // a: room for 3 slabs, b: 2, c routes and owns the entry.
+    for (n, mib) in [(1u16, Some(24u64)), (2, Some(16)), (3, None)] {
+        let bridge = mib.map(cpu_device_bridge);
+        bridges.push(bridge.clone());
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, bridge.clone());
+        let needs = needs.clone();
+        nodes.push(
+            cluster
+                .node_on(silo, n, 39_000, move |builder| {
+                    let builder = builder
+                        .needs("slab", needs)
+                        .placement(Arc::new(granary_cluster::GpuAware::strict()));
+                    match bridge {
+                        Some(bridge) => builder.bridge(bridge),
+                        None => builder,
+                    }
+                })
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 3).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes[2]
+        .members()
+        .iter()
+        .filter(|m| !m.load.devices.is_empty())
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "loads not published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (a, c) = (&nodes[0], &nodes[2]);
+    let key = slab_keys_owned_by(c.id(), &c.members()).next().unwrap();
+    assert_eq!(c.grain::<Slab>(key).call(Add(1)).await, Ok(1));
+    assert_eq!(a.homes(), 1, "placed where memory is freest");
+    // The unregister is cut off: the entry at c keeps naming a.
+    cluster.network.cut(&a.id().address, &c.id().address);
+    a.silo()
+        .deactivate_named("slab", GrainKey::U64(key))
+        .await
+        .unwrap();
+    homes_come_to(a, 0).await;
+    cluster.network.heal(&a.id().address, &c.id().address);
+    // a's device fills up.
+    let _held = bridges[0]
+        .clone()
+        .unwrap()
+        .allocate_resident(24 << 20, &granary_gpu::Requirements::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut outcome = c.grain::<Slab>(key).call(Add(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outcome.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        outcome = c.grain::<Slab>(key).call(Add(1)).await;
+    }
+    assert_eq!(outcome, Ok(2), "b has room for it");
+    assert_eq!(nodes[1].homes(), 1);
+}

@@ -170,9 +170,15 @@ async fn the_first_registration_wins_and_entries_go_with_their_silo() {
         .unwrap();
     let (owner, others): (Vec<_>, Vec<_>) = silos.iter().partition(|m| *m.silo() == home.silo);
     for other in others {
-        assert!(!other.directory().unregister(&grain(0)).await.unwrap());
+        assert!(!other.directory().unregister(&grain(0), None).await.unwrap());
     }
-    assert!(owner[0].directory().unregister(&grain(0)).await.unwrap());
+    assert!(
+        owner[0]
+            .directory()
+            .unregister(&grain(0), None)
+            .await
+            .unwrap()
+    );
     assert_eq!(silos[1].directory().lookup(&grain(0)).await.unwrap(), None);
     // A new registration after it wins.
     let next = silos[1].directory().register(&grain(0), 9).await.unwrap();

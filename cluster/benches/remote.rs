@@ -10,6 +10,11 @@
 //!   message, runs the grain's turn (activation, mailbox, turn) and sends
 //!   the reply back. The message is 32 bytes and the reply is the same
 //!   bytes.
+//! - Granary through `ClusterNode`s (`*/granary_node`): silo B calls the
+//!   grain through `ClusterRef::call`, as an application does; on top of
+//!   the connection it pays the location cache, the message's encoding and
+//!   A's home check (rule 6's pin). A hosts every grain (prefer-local
+//!   placement; A calls each first).
 //! - tonic: a unary gRPC call over HTTP/2 to a service that returns the
 //!   request's 32 bytes (a raw-bytes codec, so no protobuf work on either
 //!   side). The service does less than the silo: no grain, no mailbox.
@@ -34,8 +39,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use granary_actors::dispatch::{decode, encode};
 use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_cluster::{
-    ClusterSecret, Connection, ConnectionConfig, Listener, SiloId, TcpTransport, Transport, accept,
-    connect,
+    ClusterNode, ClusterSecret, Connection, ConnectionConfig, Listener, NodeConfig, PreferLocal,
+    SiloId, TcpTransport, Transport, accept, connect,
 };
 use serde::{Deserialize, Serialize};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -117,6 +122,57 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
     .await
     .expect("a connection");
     (connection, a, b)
+}
+
+/// Two nodes on loopback TCP (gossip in-process); A hosts grains
+/// `0..grains`. Returns B, which calls them, and A.
+async fn node_pair(grains: u64) -> (ClusterNode, ClusterNode) {
+    let secret = ClusterSecret::new(*b"the benchmark cluster's secret").expect("a secret");
+    let gossip = chitchat::transport::ChannelTransport::default();
+    let mut nodes = Vec::new();
+    for port in [1u16, 2] {
+        let silo = Silo::builder()
+            .register::<EchoGrain>("echo")
+            .message::<EchoGrain, Echo>("echo")
+            .build()
+            .expect("a silo");
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 40_000 + port));
+        let mut config = NodeConfig::new(
+            "bench",
+            secret.clone(),
+            "127.0.0.1:0",
+            address,
+            vec!["127.0.0.1:40001".into()],
+        );
+        config.gossip_interval = Duration::from_millis(50);
+        nodes.push(
+            ClusterNode::builder(silo, config)
+                .placement(Arc::new(PreferLocal))
+                .start(&gossip)
+                .await
+                .expect("a node"),
+        );
+    }
+    while nodes.iter().any(|node| node.members().len() != 2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (a, b) = (nodes.remove(0), nodes.remove(0));
+    for key in 0..grains {
+        a.grain::<EchoGrain>(key)
+            .call(Echo(vec![7; PAYLOAD]))
+            .await
+            .expect("placed on a");
+    }
+    (b, a)
+}
+
+async fn node_call(node: &ClusterNode, key: u64) -> usize {
+    node.grain::<EchoGrain>(key)
+        .call(Echo(vec![7; PAYLOAD]))
+        .await
+        .expect("a reply")
+        .0
+        .len()
 }
 
 async fn granary_call(connection: &Connection, key: &GrainKey, payload: &[u8]) -> usize {
@@ -257,6 +313,11 @@ fn sequential(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { black_box(granary_call(&connection, &key, &payload).await) })
     });
+    let (caller, _host) = rt.block_on(node_pair(1));
+    group.bench_function("granary_node", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(node_call(&caller, 0).await) })
+    });
     let client = rt.block_on(tonic_pair());
     let bytes = Bytes::from(vec![7u8; PAYLOAD]);
     group.bench_function("tonic", |b| {
@@ -288,6 +349,30 @@ fn pipelined(c: &mut Criterion) {
                                 let key = GrainKey::U64(task as u64);
                                 for _ in 0..CALLS_PER_TASK {
                                     black_box(granary_call(&connection, &key, &payload).await);
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("a task");
+                    }
+                }
+                started.elapsed()
+            })
+        })
+    });
+    let (caller, _host) = rt.block_on(node_pair(TASKS as u64));
+    group.bench_function("granary_node", |b| {
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|task| {
+                            let caller = caller.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS_PER_TASK {
+                                    black_box(node_call(&caller, task as u64).await);
                                 }
                             })
                         })

@@ -51,7 +51,7 @@
 //!    device answering `NoRoom` to a grain the entry sends here) removes
 //!    any entry naming this silo when it goes. A node that has left or
 //!    was killed serves nothing and connects to no one.
-
+//!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
 

@@ -1,6 +1,8 @@
-//! `granary node` and `granary demo --nodes N`: silos as separate
-//! processes, GPU grains placed by free device memory, one silo killed
-//! while load runs, and every grain's persisted state checked afterwards.
+//! The multi-node sample, run by the `granary` CLI: `granary node` (a silo
+//! from a TOML file) and `granary demo --nodes N` (silos as separate
+//! processes of the same executable, GPU grains placed by free device
+//! memory, one silo killed while load runs, and every grain's persisted
+//! state checked afterwards).
 //!
 //! # The sample grain
 //!

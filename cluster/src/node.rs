@@ -286,6 +286,10 @@ struct Inner {
     /// is never held across an await; a peer's slot is, only while
     /// connecting to that peer.
     connections: Mutex<HashMap<SiloId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    /// The connection calls go out on, by peer, for the common case: read
+    /// without the slots' locks. Kept with the slots: set when a slot gets
+    /// a connection, removed when the peer leaves the view.
+    open: DashMap<SiloId, Connection>,
     /// Connections peers opened, kept open for their calls (when both
     /// sides connect at once, each uses its own for its calls).
     accepted: tokio::sync::Mutex<Vec<Connection>>,
@@ -515,8 +519,8 @@ impl ClusterNode {
         let mut full: Vec<SiloId> = Vec::new();
         while hops < MAX_HOPS {
             let mut sent = false;
-            let target = match self.home_of(&grain, &full).await {
-                Ok(target) => target,
+            let (target, cached) = match self.home_of(&grain, &full).await {
+                Ok(found) => found,
                 Err(err @ ClusterCallError::Remote(RemoteError::Retry))
                     if Instant::now() < settle_by =>
                 {
@@ -546,13 +550,15 @@ impl ClusterNode {
             };
             match outcome {
                 Ok(reply) => {
-                    inner.cache.insert(
-                        grain.clone(),
-                        ActivationAddress {
-                            silo: target,
-                            activation: 0,
-                        },
-                    );
+                    if !cached {
+                        inner.cache.insert(
+                            grain.clone(),
+                            ActivationAddress {
+                                silo: target,
+                                activation: 0,
+                            },
+                        );
+                    }
                     return Ok(reply);
                 }
                 Err(ClusterCallError::Remote(RemoteError::NoRoom)) => {
@@ -611,19 +617,26 @@ impl ClusterNode {
             .unwrap_or_else(|| ClusterCallError::Timeout("the grain's home did not settle".into())))
     }
 
-    /// The silo to send a call for `grain` to (rule 2).
-    async fn home_of(&self, grain: &GrainId, full: &[SiloId]) -> Result<SiloId, ClusterCallError> {
+    /// The silo to send a call for `grain` to (rule 2), and whether it
+    /// came from the location cache.
+    async fn home_of(
+        &self,
+        grain: &GrainId,
+        full: &[SiloId],
+    ) -> Result<(SiloId, bool), ClusterCallError> {
         let inner = &self.inner;
         if let Some(home) = inner.cache.get(grain) {
             if inner.is_live(&home.silo) {
-                return Ok(home.silo);
+                return Ok((home.silo, true));
             }
         }
         match self
             .directory(DirectoryRequest::Lookup(grain.clone()))
             .await?
         {
-            DirectoryReply::Home(home) if inner.is_live(&home.silo) => return Ok(home.silo),
+            DirectoryReply::Home(home) if inner.is_live(&home.silo) => {
+                return Ok((home.silo, false));
+            }
             DirectoryReply::Retry => return Err(ClusterCallError::Remote(RemoteError::Retry)),
             DirectoryReply::Home(_) | DirectoryReply::Unknown => {}
         }
@@ -641,6 +654,7 @@ impl ClusterNode {
         inner
             .placement
             .place(&request, &view)
+            .map(|silo| (silo, false))
             .map_err(ClusterCallError::Placement)
     }
 
@@ -703,6 +717,11 @@ impl ClusterNode {
         if inner.stopped.load(Ordering::Acquire) {
             return Err(ClusterCallError::Remote(RemoteError::ShutDown));
         }
+        if let Some(open) = inner.open.get(peer) {
+            if !open.is_closed() {
+                return Ok(open.clone());
+            }
+        }
         let slot = inner
             .connections
             .lock()
@@ -713,6 +732,7 @@ impl ClusterNode {
         let mut slot = slot.lock().await;
         if let Some(connection) = slot.as_ref() {
             if !connection.is_closed() {
+                inner.open.insert(peer.clone(), connection.clone());
                 return Ok(connection.clone());
             }
         }
@@ -748,6 +768,7 @@ impl ClusterNode {
             )));
         }
         *slot = Some(connection.clone());
+        inner.open.insert(peer.clone(), connection.clone());
         Ok(connection)
     }
 
@@ -778,6 +799,7 @@ impl ClusterNode {
     async fn stop_serving(&self) {
         self.inner.stopped.store(true, Ordering::Release);
         self.inner.stop_tasks();
+        self.inner.open.clear();
         let slots: Vec<_> = self
             .inner
             .connections
@@ -1142,6 +1164,7 @@ impl Inner {
         for silo in &gone {
             self.partition.forget_silo(silo);
             self.cache.forget_silo(silo);
+            self.open.remove(silo);
             let slot = self
                 .connections
                 .lock()
@@ -1507,6 +1530,7 @@ impl NodeParts {
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
+            open: DashMap::new(),
             accepted: tokio::sync::Mutex::new(Vec::new()),
             placement,
             needs,
@@ -1542,13 +1566,14 @@ impl NodeParts {
                                     .connections
                                     .lock()
                                     .unwrap_or_else(PoisonError::into_inner)
-                                    .entry(peer)
+                                    .entry(peer.clone())
                                     .or_default()
                                     .clone();
                                 // Busy: we are connecting to it ourselves.
                                 if let Ok(mut slot) = slot.try_lock() {
                                     if slot.as_ref().is_none_or(Connection::is_closed) {
                                         *slot = Some(connection.clone());
+                                        inner.open.insert(peer, connection.clone());
                                     }
                                 }
                                 let mut accepted = inner.accepted.lock().await;

@@ -60,7 +60,7 @@ enum Command {
         /// Run the multi-node demo's membership and directory on etcd at
         /// these endpoints (comma-separated; a build with `--features
         /// etcd`).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', requires = "nodes")]
         etcd: Option<Vec<String>>,
         /// Hide the progress bar.
         #[arg(long)]

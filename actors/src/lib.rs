@@ -63,7 +63,10 @@ pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
 pub use key::{GrainId, GrainKey};
 pub use observers::{Observers, Subscription};
 pub use reminders::{REMINDERS, ReminderError, ReminderFired};
-pub use silo::{ActivationEnd, EndedListener, GrainRef, Silo, SiloBuilder, SiloConfig, Timer};
+pub use silo::{
+    ActivationEnd, EndedListener, EndedListenerGuard, GrainRef, Silo, SiloBuilder, SiloConfig,
+    Timer,
+};
 pub use storage::{
     ETag, MemoryStorage, PersistentState, PostgresStorage, RedbStorage, SqliteStorage,
     StorageError, StorageProvider,

@@ -67,8 +67,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -401,8 +401,41 @@ pub(crate) struct SiloInner {
     /// Times out senders waiting on full mailboxes.
     sweeper: Arc<mailbox::Sweeper>,
     pub(crate) reminders: Arc<crate::reminders::Reminders>,
-    /// Told of every activation that ends (set once, by a cluster node).
-    ended: std::sync::OnceLock<EndedListener>,
+    /// Told of every activation that ends (a cluster node's), with the
+    /// number of the guard that set it.
+    ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
+    /// Numbers the listeners set.
+    listeners_set: AtomicU64,
+}
+
+/// Keeps a silo's activation-end listener set; dropping it clears the
+/// listener (`Silo::on_activation_ended`).
+#[must_use = "the listener is cleared when the guard is dropped"]
+pub struct EndedListenerGuard {
+    silo: std::sync::Weak<SiloInner>,
+    number: u64,
+}
+
+impl fmt::Debug for EndedListenerGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndedListenerGuard")
+            .field("number", &self.number)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EndedListenerGuard {
+    fn drop(&mut self) {
+        if let Some(silo) = self.silo.upgrade() {
+            let mut ended = silo.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            if ended
+                .as_ref()
+                .is_some_and(|(number, _)| *number == self.number)
+            {
+                *ended = None;
+            }
+        }
+    }
 }
 
 /// Told of every activation that ends (`Silo::on_activation_ended`).
@@ -684,7 +717,8 @@ impl SiloBuilder {
                     self.config.call_timeout,
                 )),
                 reminders: reminders.clone(),
-                ended: std::sync::OnceLock::new(),
+                ended: std::sync::Mutex::new(None),
+                listeners_set: AtomicU64::new(0),
             }),
         };
         if let Some(runtime) = runtime {
@@ -752,11 +786,27 @@ impl Silo {
     /// Calls `listener` each time an activation ends, after its entry is
     /// gone (a message sent from inside the listener starts a new one).
     /// It runs on the activation's task and must not block. One listener
-    /// per silo (a cluster node sets it to release the directory entries
-    /// of grains that are no longer active here); a second is refused and
-    /// comes back.
-    pub fn on_activation_ended(&self, listener: EndedListener) -> Result<(), EndedListener> {
-        self.inner.ended.set(listener)
+    /// at a time per silo (a cluster node sets it to release the directory
+    /// entries of grains that are no longer active here): while the
+    /// returned guard lives, another is refused and comes back.
+    pub fn on_activation_ended(
+        &self,
+        listener: EndedListener,
+    ) -> Result<EndedListenerGuard, EndedListener> {
+        let mut ended = self
+            .inner
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ended.is_some() {
+            return Err(listener);
+        }
+        let number = self.inner.listeners_set.fetch_add(1, Ordering::Relaxed);
+        *ended = Some((number, listener));
+        Ok(EndedListenerGuard {
+            silo: Arc::downgrade(&self.inner),
+            number,
+        })
     }
 
     pub(crate) fn storage(&self) -> Arc<dyn StorageProvider> {
@@ -1110,7 +1160,14 @@ async fn run_activation<G: Grain>(
         .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
     let _ = gone.send(true);
     tracing::debug!(grain = %id, "deactivated");
-    if let Some(listener) = silo.inner.ended.get() {
+    let listener = silo
+        .inner
+        .ended
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|(_, listener)| listener.clone());
+    if let Some(listener) = listener {
         listener(&id, end);
     }
 }

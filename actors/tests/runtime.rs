@@ -508,17 +508,21 @@ async fn every_activation_that_ends_is_reported_once_with_how_it_ended() {
     // The listener runs after the entry is gone: the grain is no longer
     // active when it is told.
     let watched = silo.clone();
-    silo.on_activation_ended(Arc::new(move |grain: &GrainId, how| {
-        let active = watched.is_active_named(&grain.type_name, &grain.key);
-        let _ = ended.send((grain.to_string(), how, active));
-    }))
-    .map_err(drop)
-    .expect("the first listener");
+    let first = silo.on_activation_ended(Arc::new(|_: &GrainId, _| {}));
+    assert!(first.is_ok());
     assert!(
         silo.on_activation_ended(Arc::new(|_: &GrainId, _| {}))
             .is_err(),
-        "a second listener is refused"
+        "a second listener is refused while the first's guard lives"
     );
+    drop(first);
+    let _guard = silo
+        .on_activation_ended(Arc::new(move |grain: &GrainId, how| {
+            let active = watched.is_active_named(&grain.type_name, &grain.key);
+            let _ = ended.send((grain.to_string(), how, active));
+        }))
+        .map_err(drop)
+        .expect("a listener once the first's guard is gone");
     let counter = silo.grain::<Counter>(1u64);
     assert!(!counter.is_active());
     assert_eq!(counter.call(Add(2)).await.unwrap(), 2);

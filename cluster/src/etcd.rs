@@ -17,10 +17,10 @@
 //!    lease after `ttl` and deletes every key attached to it: the silo's
 //!    record and every directory entry naming it. A silo that leaves
 //!    revokes its lease: the same, at once.
-//! 2. **The view** is every silo record not marked leaving. It is read at
-//!    one revision and then watched from the next, so no change between the
-//!    read and the watch is missed. A watch that fails or is cancelled
-//!    (compaction) reads and watches again.
+//! 2. **The view** is every silo record. It is read at one revision and
+//!    then watched from the next, so no change between the read and the
+//!    watch is missed. A watch that fails, is cancelled (compaction) or
+//!    stays silent for a whole `ttl` reads and watches again.
 //! 3. **Incarnations.** A silo that rejoins has a new incarnation, so a new
 //!    key: the old record's expiry does not remove the new one.
 //! 4. **Registering** is one transaction: if the entry's create revision
@@ -31,9 +31,18 @@
 //! 5. **Unregistering** is one transaction: delete the entry if it is still
 //!    attached to this silo's lease and, when the caller names one, holds
 //!    that activation (a late unregister never removes a newer entry).
+//! 6. **Fencing.** A silo holds its lease until `ttl` (less a margin)
+//!    after its last confirmed renewal was sent: etcd, counting from when
+//!    it received that renewal, cannot have expired it sooner. A lost
+//!    keep-alive stream is re-opened. Once a silo can no longer be sure it
+//!    holds its lease, it has left for good ([`EtcdMembership::holds_lease`]
+//!    turns false): a node then stops serving, since others may already
+//!    have activated its grains elsewhere.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
@@ -144,7 +153,6 @@ fn request(err: etcd_client::Error) -> EtcdError {
 struct SiloRecord {
     silo: SiloId,
     load: SiloLoad,
-    leaving: bool,
 }
 
 /// One silo's membership in etcd (rules 1 to 3).
@@ -154,8 +162,99 @@ pub struct EtcdMembership {
     silo: SiloId,
     key: String,
     lease: i64,
+    /// When the lease may expire at the earliest (rule 6).
+    lease_ends: Arc<LeaseClock>,
     view: watch::Receiver<Vec<Member>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The earliest moment etcd may expire a silo's lease, from this side:
+/// `ttl` after the last renewal was *sent* (etcd counts from when it
+/// received it, which is later), less a margin for clock-rate drift.
+#[derive(Debug)]
+struct LeaseClock {
+    /// The clock's zero.
+    base: Instant,
+    /// Nanoseconds after `base` when the lease may end; 0 once lost.
+    ends_at: AtomicU64,
+    ttl: Duration,
+}
+
+impl LeaseClock {
+    fn new(granted: Instant, ttl: Duration) -> LeaseClock {
+        let ends = u64::try_from((ttl - ttl / 6).as_nanos()).unwrap_or(u64::MAX);
+        LeaseClock {
+            base: granted,
+            ends_at: AtomicU64::new(ends),
+            ttl,
+        }
+    }
+
+    /// A renewal sent at `sent` was confirmed.
+    fn renewed(&self, sent: Instant) {
+        let ends = sent.saturating_duration_since(self.base) + self.ttl - self.ttl / 6;
+        let nanos = u64::try_from(ends.as_nanos()).unwrap_or(u64::MAX);
+        // Never revives a lost lease, never moves the end back.
+        let _ = self
+            .ends_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                (current != 0 && nanos > current).then_some(nanos)
+            });
+    }
+
+    fn lose(&self) {
+        self.ends_at.store(0, Ordering::Release);
+    }
+
+    fn holds(&self) -> bool {
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now < self.ends_at.load(Ordering::Acquire)
+    }
+}
+
+/// Rule 1: renews the lease every `ttl / 3`, re-opening the keep-alive
+/// stream when it breaks (an etcd restart, a leader change); each round is
+/// bounded, so a silent etcd cannot stall it. When the lease is found
+/// expired, or cannot have been renewed in time, it is lost for good.
+async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, clock: Arc<LeaseClock>) {
+    let every = ttl / 3;
+    let mut stream = None;
+    loop {
+        if !clock.holds() {
+            clock.lose();
+            tracing::error!(
+                lease,
+                "the etcd lease could not be renewed in time; this silo left the view"
+            );
+            return;
+        }
+        let sent = Instant::now();
+        let round = async {
+            if stream.is_none() {
+                stream = Some(client.lease_keep_alive(lease).await?);
+            }
+            let Some((keeper, answers)) = stream.as_mut() else {
+                return Ok(None);
+            };
+            keeper.keep_alive().await?;
+            answers.message().await
+        };
+        match tokio::time::timeout(every, round).await {
+            Ok(Ok(Some(answer))) if answer.ttl() > 0 => clock.renewed(sent),
+            Ok(Ok(Some(_))) => {
+                clock.lose();
+                tracing::error!(lease, "the etcd lease expired; this silo left the view");
+                return;
+            }
+            // The stream ended, failed or went silent: open a new one.
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                tracing::warn!(lease, "etcd lease keep-alive failed; retrying");
+                stream = None;
+                continue;
+            }
+        }
+        tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
+    }
 }
 
 impl std::fmt::Debug for EtcdMembership {
@@ -176,9 +275,13 @@ impl EtcdMembership {
         load: SiloLoad,
     ) -> Result<EtcdMembership, EtcdError> {
         config.validate()?;
+        // HTTP/2 pings find a connection that went silent (a partition)
+        // instead of waiting on it for ever.
         let options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
-            .with_timeout(config.timeout);
+            .with_timeout(config.timeout)
+            .with_keep_alive(config.ttl / 3, config.ttl / 3)
+            .with_keep_alive_while_idle(true);
         let mut client = tokio::time::timeout(
             config.timeout,
             Client::connect(config.endpoints.clone(), Some(options)),
@@ -187,38 +290,26 @@ impl EtcdMembership {
         .map_err(|_| EtcdError::Connect(format!("no answer in {:?}", config.timeout)))?
         .map_err(|err| EtcdError::Connect(err.to_string()))?;
         let ttl = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
+        let granted = Instant::now();
         let lease = client.lease_grant(ttl, None).await.map_err(request)?.id();
         let key = format!("{}{}", config.silos(), silo);
         let record = SiloRecord {
             silo: silo.clone(),
             load,
-            leaving: false,
         };
         put_record(&mut client, &key, &record, lease).await?;
-        let (keeper, mut answers) = client.lease_keep_alive(lease).await.map_err(request)?;
-        let every = config.ttl / 3;
-        let keeping = tokio::spawn(async move {
-            let mut keeper = keeper;
-            loop {
-                if let Err(err) = keeper.keep_alive().await {
-                    tracing::warn!(error = %err, "etcd lease keep-alive failed");
-                }
-                match answers.message().await {
-                    Ok(Some(answer)) if answer.ttl() > 0 => {}
-                    Ok(_) => {
-                        // Expired: this silo is out of the view for good
-                        // (rule 3: a rejoin is a new incarnation).
-                        tracing::error!(lease, "etcd lease expired; this silo left the view");
-                        return;
-                    }
-                    Err(err) => tracing::warn!(error = %err, "etcd lease keep-alive failed"),
-                }
-                tokio::time::sleep(every).await;
-            }
-        });
         let (publish, view) = watch::channel(Vec::new());
         let first = read_view(&mut client, &config).await?;
         publish.send_replace(members(&first.1));
+        // Nothing is awaited from here on: a join cancelled earlier leaves
+        // no task keeping its lease alive (the lease expires after ttl).
+        let lease_ends = Arc::new(LeaseClock::new(granted, config.ttl));
+        let keeping = tokio::spawn(keep_alive(
+            client.clone(),
+            lease,
+            config.ttl,
+            lease_ends.clone(),
+        ));
         let watching = tokio::spawn(watch_view(client.clone(), config.clone(), first, publish));
         Ok(EtcdMembership {
             client,
@@ -226,9 +317,25 @@ impl EtcdMembership {
             silo,
             key,
             lease,
+            lease_ends,
             view,
             tasks: vec![keeping, watching],
         })
+    }
+
+    /// A cheap check of [`EtcdMembership::holds_lease`] that outlives
+    /// this handle (a node reads it on every call it serves).
+    pub fn lease_check(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let clock = self.lease_ends.clone();
+        move || clock.holds()
+    }
+
+    /// Whether this silo may still act as a member (rule 6): its lease
+    /// was last renewed recently enough that etcd cannot have expired it.
+    /// Once false it stays false: the silo has, or may have, left the
+    /// view, and only a new incarnation may rejoin.
+    pub fn holds_lease(&self) -> bool {
+        self.lease_ends.holds()
     }
 
     /// This silo.
@@ -251,7 +358,6 @@ impl EtcdMembership {
         let record = SiloRecord {
             silo: self.silo.clone(),
             load,
-            leaving: false,
         };
         put_record(&mut self.client.clone(), &self.key, &record, self.lease).await
     }
@@ -335,7 +441,6 @@ async fn read_view(
 fn members(records: &BTreeMap<Vec<u8>, SiloRecord>) -> Vec<Member> {
     let mut members: Vec<Member> = records
         .values()
-        .filter(|record| !record.leaving)
         .map(|record| Member {
             silo: record.silo.clone(),
             gossip: None,
@@ -360,7 +465,11 @@ async fn watch_view(
             .with_prefix()
             .with_start_revision(revision + 1);
         if let Ok(mut stream) = client.watch(config.silos(), Some(options)).await {
-            while let Ok(Some(answer)) = stream.message().await {
+            // A stream quiet for a whole ttl is read afresh: a partition
+            // can leave it open and silent.
+            while let Ok(Ok(Some(answer))) =
+                tokio::time::timeout(config.ttl, stream.message()).await
+            {
                 if answer.canceled() {
                     break;
                 }

@@ -282,6 +282,12 @@ struct Inner {
     /// Set when the node leaves or is killed: it serves nothing and
     /// connects to no one after that.
     stopped: std::sync::atomic::AtomicBool,
+    /// Under etcd, whether the silo still holds its lease (etcd rule 6):
+    /// once it does not, others may have activated its grains, so it
+    /// serves nothing more.
+    holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The silo's claim for this node, held as long as the node lives.
+    claim: Mutex<Option<Claim>>,
     /// Open connections, by peer: the one calls go out on. The map's lock
     /// is never held across an await; a peer's slot is, only while
     /// connecting to that peer.
@@ -400,6 +406,10 @@ struct Home {
     /// Its activation ended and its entry is being removed: calls are
     /// answered `Retry` until it is gone (rule 6).
     leaving: bool,
+    /// Tells this home from a later one for the same grain, so that a pin
+    /// taken on a home that was since removed never counts against its
+    /// successor.
+    generation: u64,
 }
 
 /// A silo in a cluster. Cheap to clone.
@@ -513,7 +523,7 @@ impl ClusterNode {
         // Moves and silos found gone count as hops; waits for a directory
         // that is settling (rule 3) are bounded by time instead.
         let mut hops = 0;
-        let settle_by = Instant::now() + inner.handoff * 4;
+        let settle_by = deadline_after(inner.handoff.saturating_mul(4));
         let mut last = None;
         // Silos that had no room for the grain in this call (rule 5).
         let mut full: Vec<SiloId> = Vec::new();
@@ -636,6 +646,13 @@ impl ClusterNode {
         {
             DirectoryReply::Home(home) if inner.is_live(&home.silo) => {
                 return Ok((home.silo, false));
+            }
+            // In etcd an entry outlives no silo: one this view lacks is a
+            // silo the view has not caught up with.
+            DirectoryReply::Home(_)
+                if !matches!(inner.directory, DirectoryBackend::Partitioned) =>
+            {
+                return Err(ClusterCallError::Remote(RemoteError::Retry));
             }
             DirectoryReply::Retry => return Err(ClusterCallError::Remote(RemoteError::Retry)),
             DirectoryReply::Home(_) | DirectoryReply::Unknown => {}
@@ -775,6 +792,10 @@ impl ClusterNode {
     /// Leaves the cluster gracefully: gossip says so at once, then the
     /// node stops serving and its connections close.
     pub async fn leave(&self) -> Result<(), MembershipError> {
+        // Serve nothing more, and let every activation here go (writing its
+        // state) before the others may place its grains elsewhere.
+        self.inner.stopped.store(true, Ordering::Release);
+        self.deactivate_homes().await;
         let membership = self.inner.membership.lock().await.take();
         let left = match membership {
             Some(membership) => membership.leave().await,
@@ -782,6 +803,32 @@ impl ClusterNode {
         };
         self.stop_serving().await;
         left
+    }
+
+    /// Whether this node has stopped serving: it left, was killed, or
+    /// (under etcd) lost its lease. A stopped node never serves again; a
+    /// silo process rejoins as a new node (a new incarnation).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire) || !self.inner.holds_lease()
+    }
+
+    /// Forgets every home and deactivates its activation here, waiting
+    /// for each (at most the silo's call timeout).
+    async fn deactivate_homes(&self) {
+        let homes: Vec<GrainId> = self
+            .inner
+            .homes
+            .iter()
+            .map(|home| home.key().clone())
+            .collect();
+        self.inner.homes.clear();
+        let silo = &self.inner.silo;
+        futures_util::future::join_all(homes.into_iter().map(|grain| async move {
+            if let Err(err) = silo.deactivate_named(&grain.type_name, grain.key).await {
+                tracing::debug!(error = %err, "an activation did not deactivate");
+            }
+        }))
+        .await;
     }
 
     /// Stops at once, as a crash looks to the others: gossip stops (the
@@ -836,6 +883,12 @@ impl Inner {
             #[cfg(feature = "etcd")]
             DirectoryBackend::Etcd(_) => Some(SiloId::new("etcd", 0)),
         }
+    }
+
+    /// Whether this silo may serve: always under gossip; under etcd while
+    /// it holds its lease.
+    fn holds_lease(&self) -> bool {
+        self.holds_lease.as_ref().is_none_or(|holds| holds())
     }
 
     fn is_live(&self, silo: &SiloId) -> bool {
@@ -931,7 +984,7 @@ impl Inner {
         payload: Bytes,
         one_way: bool,
     ) -> Result<Vec<u8>, RemoteError> {
-        if self.stopped.load(Ordering::Acquire) {
+        if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
         let owner = self.entry_owner(grain, &self.view());
@@ -971,10 +1024,15 @@ impl Inner {
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    if let Some(mut entry) = self.homes.get_mut(grain) {
-                        entry.owner = owner;
-                        entry.activation = home.activation;
-                        entry.maybe_registered = false;
+                    match self.homes.get_mut(grain) {
+                        Some(mut entry) if entry.generation == pin.generation => {
+                            entry.owner = owner;
+                            entry.activation = home.activation;
+                            entry.maybe_registered = false;
+                        }
+                        // The home was lost or replaced meanwhile: ask
+                        // again rather than serve without it.
+                        _ => return Err(RemoteError::Retry),
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
@@ -1021,24 +1079,28 @@ impl Inner {
             dashmap::Entry::Occupied(mut entry) => {
                 let home = entry.get_mut();
                 home.in_flight += 1;
-                home.owner.clone()
+                (home.owner.clone(), home.generation)
             }
             dashmap::Entry::Vacant(entry) => {
+                let generation = self.next_activation.fetch_add(1, Ordering::Relaxed);
                 entry.insert(Home {
                     owner: None,
                     activation: 0,
                     in_flight: 1,
                     maybe_registered: false,
                     leaving: false,
+                    generation,
                 });
-                None
+                (None, generation)
             }
         };
+        let (registered_with, generation) = registered_with;
         Ok((
             registered_with,
             InFlight {
                 inner: self.clone(),
                 grain: grain.clone(),
+                generation,
             },
         ))
     }
@@ -1089,7 +1151,7 @@ impl Inner {
             // now, for a while. An entry left behind names this silo and
             // only this silo acts on it: it becomes home again, or, full,
             // removes it (rule 5).
-            let settle_by = Instant::now() + inner.handoff * 4;
+            let settle_by = deadline_after(inner.handoff.saturating_mul(4));
             while !inner.stopped.load(Ordering::Acquire) {
                 let request = DirectoryRequest::Unregister {
                     grain: grain.clone(),
@@ -1263,10 +1325,20 @@ impl Inner {
     }
 }
 
+/// `wait` from now, or as far as the clock goes (a huge configured
+/// hand-over window must not overflow).
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// A call to the local silo counted in its home's `in_flight` (rule 6).
 struct InFlight {
     inner: Arc<Inner>,
     grain: GrainId,
+    /// The pinned home's generation.
+    generation: u64,
 }
 
 impl InFlight {
@@ -1275,7 +1347,7 @@ impl InFlight {
     /// goes (rule 6).
     fn suspect_entry(&self) {
         if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
-            if home.owner.is_none() {
+            if home.owner.is_none() && home.generation == self.generation {
                 home.maybe_registered = true;
             }
         }
@@ -1285,7 +1357,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
-            home.in_flight = home.in_flight.saturating_sub(1);
+            if home.generation == self.generation {
+                home.in_flight = home.in_flight.saturating_sub(1);
+            }
         }
         self.inner.maybe_leave(&self.grain);
     }
@@ -1415,6 +1489,7 @@ impl NodeBuilder {
             id,
             Provider::Gossip(Box::new(membership)),
             DirectoryBackend::Partitioned,
+            None,
         )
         .await
     }
@@ -1453,6 +1528,7 @@ impl NodeBuilder {
             .await
             .map_err(NodeError::Etcd)?;
         let directory = DirectoryBackend::Etcd(Box::new(membership.directory()));
+        let holds_lease: Box<dyn Fn() -> bool + Send + Sync> = Box::new(membership.lease_check());
         parts
             .serve(
                 listener,
@@ -1462,29 +1538,41 @@ impl NodeBuilder {
                     published: None,
                 },
                 directory,
+                Some(holds_lease),
             )
             .await
     }
 }
 
-/// Claims `silo` for one node: its activation-end listener (rule 6)
-/// reaches the node once the node exists. Refused if another node has it.
-fn claim(silo: &Silo) -> Result<Arc<std::sync::OnceLock<Weak<Inner>>>, NodeError> {
-    let slot: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::default();
-    let node = slot.clone();
-    silo.on_activation_ended(Arc::new(move |grain, _| {
-        if let Some(inner) = node.get().and_then(Weak::upgrade) {
-            inner.maybe_leave(grain);
-        }
-    }))
-    .map_err(|_| NodeError::SiloInUse)?;
-    Ok(slot)
+/// A silo claimed for one node: its activation-end listener (rule 6)
+/// reaches the node once the node exists; dropped with the node (or with
+/// a start that failed), it frees the silo.
+struct Claim {
+    node: Arc<std::sync::OnceLock<Weak<Inner>>>,
+    _listener: granary_actors::EndedListenerGuard,
+}
+
+/// Claims `silo` for one node. Refused while another node has it.
+fn claim(silo: &Silo) -> Result<Claim, NodeError> {
+    let node: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::default();
+    let reaches = node.clone();
+    let listener = silo
+        .on_activation_ended(Arc::new(move |grain, _| {
+            if let Some(inner) = reaches.get().and_then(Weak::upgrade) {
+                inner.maybe_leave(grain);
+            }
+        }))
+        .map_err(|_| NodeError::SiloInUse)?;
+    Ok(Claim {
+        node,
+        _listener: listener,
+    })
 }
 
 /// What a node is made of, before it serves.
 struct NodeParts {
-    /// Where the silo's activation-end listener finds the node.
-    ended: Arc<std::sync::OnceLock<Weak<Inner>>>,
+    /// The silo, claimed for this node.
+    ended: Claim,
     silo: Silo,
     config: NodeConfig,
     bridge: Option<Arc<GpuBridge>>,
@@ -1501,6 +1589,7 @@ impl NodeParts {
         id: SiloId,
         membership: Provider,
         directory: DirectoryBackend,
+        holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
     ) -> Result<ClusterNode, NodeError> {
         let NodeParts {
             ended,
@@ -1511,7 +1600,9 @@ impl NodeParts {
             placement,
             needs,
         } = self;
-        let handoff = config.handoff.unwrap_or(config.gossip_interval * 5);
+        let handoff = config
+            .handoff
+            .unwrap_or(config.gossip_interval.saturating_mul(5));
         let inner = Arc::new(Inner {
             id,
             silo,
@@ -1529,6 +1620,8 @@ impl NodeParts {
             promised: Mutex::new(HashMap::new()),
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            holds_lease,
+            claim: Mutex::new(None),
             connections: Mutex::new(HashMap::new()),
             open: DashMap::new(),
             accepted: tokio::sync::Mutex::new(Vec::new()),
@@ -1540,7 +1633,8 @@ impl NodeParts {
         });
         let weak = Arc::downgrade(&inner);
         // Rule 6: an activation that ends may give up its home.
-        let _ = ended.set(weak.clone());
+        let _ = ended.node.set(weak.clone());
+        *inner.claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
         let accepting = tokio::spawn({
             let weak = weak.clone();
             async move {
@@ -1626,6 +1720,31 @@ impl NodeParts {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend([accepting, watching, publishing]);
+        if inner.holds_lease.is_some() {
+            // Etcd rule 6: a silo that lost its lease stops serving and
+            // lets its activations go.
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if !inner.holds_lease() {
+                        tracing::error!(silo = %inner.id, "lost the etcd lease: this node stops serving");
+                        let node = ClusterNode { inner };
+                        node.inner.stopped.store(true, Ordering::Release);
+                        node.deactivate_homes().await;
+                        if let Some(membership) = node.inner.membership.lock().await.take() {
+                            let _ = membership.stop().await;
+                        }
+                        node.stop_serving().await;
+                        return;
+                    }
+                }
+            });
+        }
         Ok(ClusterNode { inner })
     }
 }

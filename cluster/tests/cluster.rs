@@ -518,6 +518,20 @@ async fn first_calls_arriving_together_never_overfill_a_device() {
     assert_eq!(nodes.iter().map(ClusterNode::homes).sum::<usize>(), 8);
 }
 
+/// Waits until `node` has given up `count` homes in all (rule 6: its
+/// directory entries are gone).
+async fn homes_given_up_come_to(node: &ClusterNode, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.homes_given_up() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{} homes given up, expected {count}",
+            node.homes_given_up()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `node` is home to `count` grains.
 async fn homes_come_to(node: &ClusterNode, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -557,6 +571,7 @@ async fn a_grain_that_deactivates_gives_up_its_home_and_keeps_its_state() {
         .await
         .unwrap();
     homes_come_to(a, 0).await;
+    homes_given_up_come_to(a, 1).await;
     assert_eq!(b.grain::<Slab>(7u64).call(Add(1)).await, Ok(6));
     assert_eq!((a.homes(), b.homes()), (0, 1), "activated where called");
     assert_eq!(a.grain::<Slab>(7u64).call(Add(1)).await, Ok(7));
@@ -586,6 +601,7 @@ async fn a_failed_activation_gives_up_its_home() {
         "{refused:?}"
     );
     homes_come_to(&nodes[0], 0).await;
+    homes_given_up_come_to(&nodes[0], 1).await;
     assert_eq!(nodes[1].grain::<Slab>(3u64).call(Add(1)).await, Ok(1));
     assert_eq!(nodes[1].homes(), 1);
 }

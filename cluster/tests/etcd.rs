@@ -376,3 +376,231 @@ async fn a_cluster_on_etcd_activates_each_grain_once_and_survives_a_killed_silo(
         node.leave().await.unwrap();
     }
 }
+
+/// A TCP proxy in front of etcd that can pass traffic, hold it (a silent
+/// partition: connections stay open, nothing moves), or cut every
+/// connection at once.
+struct Proxy {
+    endpoint: String,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+    pumps: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = ENDPOINTS
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("http://")
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pumps: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (hold, tasks) = (holding.clone(), pumps.clone());
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                // Closed with a reset, as a crashed peer or a middlebox
+                // would.
+                let _ = client.set_zero_linger();
+                let _ = server.set_zero_linger();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(server_read), Box::new(client_write)),
+                ] {
+                    let hold = hold.clone();
+                    tasks.lock().unwrap().push(tokio::spawn(async move {
+                        let mut buffer = vec![0u8; 64 << 10];
+                        while let Ok(read) = from.read(&mut buffer).await {
+                            if read == 0 {
+                                break;
+                            }
+                            while hold.load(std::sync::atomic::Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if to.write_all(&buffer[..read]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }));
+                }
+            }
+        });
+        Proxy {
+            endpoint,
+            holding,
+            pumps,
+            accepting,
+        }
+    }
+
+    fn hold(&self) {
+        self.holding
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes every connection through the proxy (new ones are accepted).
+    fn reset(&self) {
+        for pump in self.pumps.lock().unwrap().drain(..) {
+            pump.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.reset();
+    }
+}
+
+fn through(proxy: &Proxy, mut config: EtcdConfig) -> EtcdConfig {
+    config.endpoints = vec![proxy.endpoint.clone()];
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_reset_connection_to_etcd_does_not_end_membership() {
+    let config = config("reset");
+    let proxy = Proxy::start().await;
+    let a = EtcdMembership::join(
+        through(&proxy, config.clone()),
+        silo(1),
+        SiloLoad::default(),
+    )
+    .await
+    .unwrap();
+    let b = EtcdMembership::join(config.clone(), silo(2), SiloLoad::default())
+        .await
+        .unwrap();
+    view_becomes(&b, &[silo(1), silo(2)]).await;
+    proxy.reset();
+    // Three lease lifetimes later a still holds its lease and its place.
+    tokio::time::sleep(config.ttl * 3).await;
+    assert!(a.holds_lease(), "the keep-alive did not recover");
+    assert_eq!(
+        b.members()
+            .iter()
+            .map(|m| m.silo.clone())
+            .collect::<Vec<_>>(),
+        [silo(1), silo(2)]
+    );
+    view_becomes(&a, &[silo(1), silo(2)]).await;
+    a.leave().await.unwrap();
+    b.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_silo_cut_off_from_etcd_stops_serving_before_its_grains_move() {
+    let etcd = config("fenced");
+    let proxy = Proxy::start().await;
+    let network = InProcessNetwork::new();
+    let storage = Arc::new(MemoryStorage::new());
+    let a = etcd_node(&network, &storage, &through(&proxy, etcd.clone()), 1).await;
+    let b = etcd_node(&network, &storage, &etcd, 2).await;
+    nodes_see(&[&a, &b], 2).await;
+    // A grain homed on a (the default placement hashes grains over the
+    // silos: try keys until one lands there).
+    let mut homed = None;
+    for candidate in 0..64u64 {
+        a.grain::<Counter>(candidate).call(Add(1)).await.unwrap();
+        if a.silo()
+            .is_active_named("counter", &GrainKey::U64(candidate))
+        {
+            homed = Some(candidate);
+            break;
+        }
+    }
+    let key = homed.expect("a grain homed on a");
+    // a is cut off from etcd, silently.
+    proxy.hold();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.members().len() != 1 {
+        assert!(Instant::now() < deadline, "b never dropped a");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // By the time b sees a gone, a has stopped serving and let its
+    // activation go: the grain is never active on both.
+    assert!(a.is_stopped(), "a still serves without its lease");
+    assert!(!a.silo().is_active_named("counter", &GrainKey::U64(key)));
+    assert_eq!(b.grain::<Counter>(key).call(Add(10)).await, Ok(11));
+    assert!(a.grain::<Counter>(key).call(Add(100)).await.is_err());
+    assert!(!a.silo().is_active_named("counter", &GrainKey::U64(key)));
+    b.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_cancelled_join_leaves_no_member_behind_and_a_failed_start_frees_the_silo() {
+    let etcd = config("cancelled");
+    let observer = EtcdMembership::join(etcd.clone(), silo(200), SiloLoad::default())
+        .await
+        .unwrap();
+    let mut cancelled = Vec::new();
+    for step in 0..60u64 {
+        let id = SiloId::new(format!("10.0.1.{step}:7000"), 1);
+        let join = EtcdMembership::join(etcd.clone(), id.clone(), SiloLoad::default());
+        match tokio::time::timeout(Duration::from_micros(step * 300), join).await {
+            Ok(joined) => joined.unwrap().leave().await.unwrap(),
+            Err(_) => cancelled.push(id),
+        }
+    }
+    assert!(!cancelled.is_empty());
+    tokio::time::sleep(etcd.ttl * 2).await;
+    view_becomes(&observer, &[silo(200)]).await;
+    observer.leave().await.unwrap();
+
+    // A node whose start fails leaves its silo free for the next one.
+    let silo = Silo::builder()
+        .register::<Counter>("counter")
+        .message::<Counter, Add>("add")
+        .build()
+        .unwrap();
+    let network = InProcessNetwork::new();
+    let config = || {
+        NodeConfig::new(
+            "etcd-test",
+            ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
+            "retry-silo:7000",
+            "127.0.0.1:1".parse().unwrap(),
+            Vec::new(),
+        )
+    };
+    let mut unreachable = EtcdConfig::new("unreachable", vec!["http://127.0.0.1:1".into()]);
+    unreachable.timeout = Duration::from_secs(1);
+    assert!(
+        ClusterNode::builder(silo.clone(), config())
+            .transport(Arc::new(network.transport("retry-silo:7000")))
+            .start_with_etcd(unreachable)
+            .await
+            .is_err()
+    );
+    let node = ClusterNode::builder(silo, config())
+        .transport(Arc::new(network.transport("retry-silo:7000")))
+        .start_with_etcd(etcd)
+        .await
+        .expect("the silo is free again");
+    node.leave().await.unwrap();
+}

@@ -787,9 +787,23 @@ pub async fn run_node(file: NodeFile) -> Result<(), NodeRunError> {
         file.cluster,
         file.gossip
     );
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))?;
+    // Runs until Ctrl-C, or until the node stops by itself (under etcd,
+    // when it lost its lease: a restart rejoins as a new incarnation).
+    let stopped = async {
+        while !node.is_stopped() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted.map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))?;
+        }
+        () = stopped => {
+            return Err(NodeRunError(
+                "the node stopped serving: it lost its etcd lease; restart it to rejoin".into(),
+            ));
+        }
+    }
     node.leave()
         .await
         .map_err(|err| NodeRunError(err.to_string()))

@@ -264,7 +264,7 @@ struct Inner {
     /// The membership's view, as it changes.
     members: tokio::sync::watch::Receiver<Vec<Member>>,
     /// The view, as last seen by the view task.
-    view: Mutex<Arc<Vec<Member>>>,
+    view: arc_swap::ArcSwap<Vec<Member>>,
     /// When the view last changed (rule 3).
     view_changed: Mutex<Instant>,
     handoff: Duration,
@@ -868,10 +868,7 @@ impl ClusterNode {
 
 impl Inner {
     fn view(&self) -> Arc<Vec<Member>> {
-        self.view
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.view.load_full()
     }
 
     /// Who keeps `grain`'s directory entry in `view`: its owner among the
@@ -892,7 +889,7 @@ impl Inner {
     }
 
     fn is_live(&self, silo: &SiloId) -> bool {
-        self.view().iter().any(|member| &member.silo == silo)
+        self.view.load().iter().any(|member| &member.silo == silo)
     }
 
     fn stop_tasks(&self) {
@@ -1072,14 +1069,37 @@ impl Inner {
     /// unconfirmed if there is none; returns the owner it is registered
     /// with, if confirmed. A leaving home is not pinned: `Retry`.
     fn pin(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, InFlight), RemoteError> {
-        let registered_with = match self.homes.entry(grain.clone()) {
-            dashmap::Entry::Occupied(entry) if entry.get().leaving => {
+        // The common case, a home already here: no key to clone.
+        let found = self.homes.get_mut(grain).map(|mut home| {
+            if home.leaving {
                 return Err(RemoteError::Retry);
             }
+            home.in_flight += 1;
+            Ok((home.owner.clone(), home.generation))
+        });
+        let (registered_with, generation) = match found {
+            Some(found) => found?,
+            None => self.pin_new(grain)?,
+        };
+        Ok((
+            registered_with,
+            InFlight {
+                inner: self.clone(),
+                grain: grain.clone(),
+                generation,
+            },
+        ))
+    }
+
+    /// [`Inner::pin`] where no home was found: one is made unconfirmed,
+    /// unless another call made one meanwhile.
+    fn pin_new(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, u64), RemoteError> {
+        match self.homes.entry(grain.clone()) {
+            dashmap::Entry::Occupied(entry) if entry.get().leaving => Err(RemoteError::Retry),
             dashmap::Entry::Occupied(mut entry) => {
                 let home = entry.get_mut();
                 home.in_flight += 1;
-                (home.owner.clone(), home.generation)
+                Ok((home.owner.clone(), home.generation))
             }
             dashmap::Entry::Vacant(entry) => {
                 let generation = self.next_activation.fetch_add(1, Ordering::Relaxed);
@@ -1091,18 +1111,9 @@ impl Inner {
                     leaving: false,
                     generation,
                 });
-                (None, generation)
+                Ok((None, generation))
             }
-        };
-        let (registered_with, generation) = registered_with;
-        Ok((
-            registered_with,
-            InFlight {
-                inner: self.clone(),
-                grain: grain.clone(),
-                generation,
-            },
-        ))
+        }
     }
 
     /// Rule 6: `grain`'s activation here ended, or a call to it returned.
@@ -1356,12 +1367,17 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
-            if home.generation == self.generation {
+        let last = match self.inner.homes.get_mut(&self.grain) {
+            Some(mut home) if home.generation == self.generation => {
                 home.in_flight = home.in_flight.saturating_sub(1);
+                home.in_flight == 0
             }
+            // Removed or replaced: whoever removed it saw to its entry.
+            _ => false,
+        };
+        if last {
+            self.inner.maybe_leave(&self.grain);
         }
-        self.inner.maybe_leave(&self.grain);
     }
 }
 
@@ -1608,7 +1624,7 @@ impl NodeParts {
             silo,
             bridge,
             transport,
-            view: Mutex::new(Arc::new(membership.members())),
+            view: arc_swap::ArcSwap::from_pointee(membership.members()),
             view_changed: Mutex::new(Instant::now()),
             members: membership.watch(),
             membership: tokio::sync::Mutex::new(Some(membership)),
@@ -1687,10 +1703,7 @@ impl NodeParts {
                 while views.changed().await.is_ok() {
                     let after = Arc::new(views.borrow_and_update().clone());
                     let Some(inner) = weak.upgrade() else { return };
-                    let before = std::mem::replace(
-                        &mut *inner.view.lock().unwrap_or_else(PoisonError::into_inner),
-                        after.clone(),
-                    );
+                    let before = inner.view.swap(after.clone());
                     let silos = |view: &[Member]| -> Vec<SiloId> {
                         view.iter().map(|member| member.silo.clone()).collect()
                     };

@@ -1279,25 +1279,43 @@ impl Inner {
                 silo: self.id.clone(),
                 activation,
             };
-            match node
-                .directory(DirectoryRequest::Register {
-                    grain: grain.clone(),
-                    home: proposed,
-                    existing: true,
-                })
-                .await
-            {
-                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                    if let Some(mut entry) = self.homes.get_mut(&grain) {
-                        entry.owner = Some(new);
-                        entry.activation = home.activation;
+            // A few tries inside the hand-over window; a home that cannot
+            // re-register in it is given up (its activation let go), since
+            // after it another silo may claim the grain.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let reply = node
+                    .directory(DirectoryRequest::Register {
+                        grain: grain.clone(),
+                        home: proposed.clone(),
+                        existing: true,
+                    })
+                    .await;
+                match reply {
+                    Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                        if let Some(mut entry) = self.homes.get_mut(&grain) {
+                            entry.owner = Some(new);
+                            entry.activation = home.activation;
+                        }
+                        break;
+                    }
+                    Ok(DirectoryReply::Home(_)) => {
+                        if self.homes.remove(&grain).is_some() {
+                            self.release(&grain);
+                        }
+                        break;
+                    }
+                    _ if tries < 4 && !self.stopped.load(Ordering::Acquire) => {
+                        tokio::time::sleep(self.handoff / 8).await;
+                    }
+                    _ => {
+                        if self.homes.remove(&grain).is_some() {
+                            self.release(&grain);
+                        }
+                        break;
                     }
                 }
-                Ok(DirectoryReply::Home(_)) if self.homes.remove(&grain).is_some() => {
-                    self.release(&grain);
-                }
-                // Tried again at the next call (host sees the owner changed).
-                _ => {}
             }
         }
     }

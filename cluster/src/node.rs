@@ -572,9 +572,17 @@ impl ClusterNode {
                     return Ok(reply);
                 }
                 Err(ClusterCallError::Remote(RemoteError::NoRoom)) => {
-                    // Its published load was stale: place elsewhere.
+                    // Its published load was stale: place elsewhere. Only
+                    // this grain's location is forgotten: the silo is
+                    // alive, and its other grains still live there.
                     hops += 1;
-                    inner.cache.forget_silo(&target);
+                    inner.cache.invalidate(
+                        &grain,
+                        &ActivationAddress {
+                            silo: target.clone(),
+                            activation: 0,
+                        },
+                    );
                     full.push(target);
                     last = Some(ClusterCallError::Remote(RemoteError::NoRoom));
                 }

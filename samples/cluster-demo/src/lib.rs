@@ -726,7 +726,6 @@ pub async fn run_cluster_demo(
         );
     }
     let elapsed = started.elapsed();
-    let after = placement(&node, config.grains, &silos);
     // Every ledger must hold every acknowledged call: the sum 1..=calls.
     let want = u64::from(config.calls) * (u64::from(config.calls) + 1) / 2;
     let mut lost = Vec::new();
@@ -737,6 +736,8 @@ pub async fn run_cluster_demo(
             Err(err) => lost.push(format!("ledger {grain}: {err}")),
         }
     }
+    // Where each ledger answered that last read from.
+    let after = placement(&node, config.grains, &silos);
     latencies.sort_unstable();
     let at = |q: f64| {
         latencies

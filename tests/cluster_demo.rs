@@ -7,8 +7,9 @@
 
 use std::process::Command;
 
-#[test]
-fn three_silo_processes_lose_a_silo_and_no_state() {
+/// Runs the three-silo demo (12 ledgers × 10 calls) with `extra`
+/// arguments, checks that it lost nothing, and returns what it printed.
+fn three_silo_demo(extra: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args([
             "demo",
@@ -20,9 +21,10 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
             "10",
             "--no-progress",
         ])
+        .args(extra)
         .output()
         .expect("the demo ran");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -34,6 +36,13 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
     );
     assert!(stdout.contains("(killed)"), "{stdout}");
     assert!(stdout.contains("120 acknowledged"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn three_silo_processes_lose_a_silo_and_no_state() {
+    let stdout = three_silo_demo(&[]);
+    assert!(stdout.contains("membership on gossip"), "{stdout}");
 }
 
 #[cfg(feature = "etcd")]
@@ -44,118 +53,73 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
 )]
 fn three_silo_processes_on_etcd_lose_a_silo_and_no_state() {
     let endpoints = option_env!("GRANARY_ETCD_ENDPOINTS").unwrap_or_default();
-    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
-        .args([
-            "demo",
-            "--nodes",
-            "3",
-            "--grains",
-            "12",
-            "--calls",
-            "10",
-            "--no-progress",
-            "--etcd",
-            endpoints,
-        ])
-        .output()
-        .expect("the demo ran");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let stdout = three_silo_demo(&["--etcd", endpoints]);
     assert!(stdout.contains("membership on etcd"), "{stdout}");
-    assert!(
-        stdout.contains("every ledger holds every acknowledged call"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("120 acknowledged"), "{stdout}");
+}
+
+/// A node file's fields before its `extra` lines.
+const NODE_FILE: &str = "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\n";
+
+/// Runs `granary node` on the file `name` in `dir` (written from `text`
+/// unless `None`), expects it to fail, and returns what it printed.
+fn refused_node(dir: &std::path::Path, name: &str, text: Option<&str>) -> String {
+    let path = dir.join(name);
+    if let Some(text) = text {
+        std::fs::write(&path, text).unwrap();
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["node", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{name} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]
 fn a_node_with_a_bad_configuration_says_what_is_wrong() {
     let dir = std::env::temp_dir().join(format!("granary-node-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let with = |extra: &str| format!("{NODE_FILE}{extra}");
     let cases = [
         ("missing.toml", None, "missing.toml"),
         (
             "unknown-key.toml",
-            Some(
-                "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\ncolour = \"blue\"\n",
-            ),
+            Some(with("colour = \"blue\"\n")),
             "colour",
         ),
         (
             "weak-secret.toml",
-            Some(
-                "cluster = \"c\"\nsecret = \"short\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\n",
-            ),
+            Some(NODE_FILE.replace("0123456789abcdef", "short")),
             "at least 16",
         ),
         (
             "unknown-backend.toml",
-            Some(
-                "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\ndevices = { backend = \"tpu\" }\n",
-            ),
+            Some(with("devices = { backend = \"tpu\" }\n")),
             "tpu",
         ),
         (
             "oversized-share.toml",
-            Some(
-                "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\ndevices = { memory_mib = 18446744073709551615 }\n",
-            ),
+            Some(with("devices = { memory_mib = 18446744073709551615 }\n")),
             "too large",
         ),
     ];
     for (name, text, expected) in cases {
-        let path = dir.join(name);
-        if let Some(text) = text {
-            std::fs::write(&path, text).unwrap();
-        }
-        let output = Command::new(env!("CARGO_BIN_EXE_granary"))
-            .args(["node", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{name}");
+        let stderr = refused_node(&dir, name, text.as_deref());
         assert!(stderr.contains(expected), "{name}: {stderr}");
     }
     // Without the etcd feature, an [etcd] section says how to get it.
     #[cfg(not(feature = "etcd"))]
     {
-        let path = dir.join("etcd.toml");
-        std::fs::write(
-            &path,
-            "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\netcd = { endpoints = [\"http://127.0.0.1:2379\"] }\n",
-        )
-        .unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_granary"))
-            .args(["node", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
+        let text = with("etcd = { endpoints = [\"http://127.0.0.1:2379\"] }\n");
+        let stderr = refused_node(&dir, "etcd.toml", Some(&text));
         assert!(stderr.contains("--features etcd"), "{stderr}");
     }
     // A backend this machine lacks is named in the error (where CUDA is
     // present, the node would start: nothing to check then).
     if let Err(why) = granary::kernels::cuda::CudaBackend::discover() {
-        let path = dir.join("cuda.toml");
-        std::fs::write(
-            &path,
-            "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\ndevices = { backend = \"cuda\" }\n",
-        )
-        .unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_granary"))
-            .args(["node", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
+        let text = with("devices = { backend = \"cuda\" }\n");
+        let stderr = refused_node(&dir, "cuda.toml", Some(&text));
         assert!(
             stderr.contains("devices: CUDA:"),
             "no CUDA here ({why}): {stderr}"

@@ -1493,47 +1493,26 @@ impl NodeBuilder {
         self,
         gossip: &dyn chitchat::transport::Transport,
     ) -> Result<ClusterNode, NodeError> {
-        let NodeBuilder {
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
-        } = self;
-        let ended = claim(&silo)?;
-        let listener = transport
-            .bind(config.listen.clone())
-            .await
-            .map_err(|err| NodeError::Listen(err.to_string()))?;
-        let id = SiloId::new(listener.local_address(), config.incarnation);
+        let (parts, listener, id) = self.bind().await?;
         let mut gossip_config = GossipConfig::new(
-            config.cluster.clone(),
+            parts.config.cluster.clone(),
             id.clone(),
-            config.gossip_address,
-            config.seeds.clone(),
+            parts.config.gossip_address,
+            parts.config.seeds.clone(),
         );
-        gossip_config.gossip_interval = config.gossip_interval;
-        let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
+        gossip_config.gossip_interval = parts.config.gossip_interval;
+        let membership = Membership::join(gossip_config, parts.config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
-        NodeParts {
-            ended,
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
-        }
-        .serve(
-            listener,
-            id,
-            Provider::Gossip(Box::new(membership)),
-            DirectoryBackend::Partitioned,
-            None,
-        )
-        .await
+        parts
+            .serve(
+                listener,
+                id,
+                Provider::Gossip(Box::new(membership)),
+                DirectoryBackend::Partitioned,
+                None,
+            )
+            .await
     }
 
     /// Listens and joins through etcd instead of gossip: membership by
@@ -1544,28 +1523,7 @@ impl NodeBuilder {
         self,
         etcd: crate::etcd::EtcdConfig,
     ) -> Result<ClusterNode, NodeError> {
-        let NodeBuilder {
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
-        } = self;
-        let listener = transport
-            .bind(config.listen.clone())
-            .await
-            .map_err(|err| NodeError::Listen(err.to_string()))?;
-        let id = SiloId::new(listener.local_address(), config.incarnation);
-        let parts = NodeParts {
-            ended: claim(&silo)?,
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
-        };
+        let (parts, listener, id) = self.bind().await?;
         let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), SiloLoad::default())
             .await
             .map_err(NodeError::Etcd)?;
@@ -1583,6 +1541,37 @@ impl NodeBuilder {
                 Some(holds_lease),
             )
             .await
+    }
+
+    /// Claims the silo, then binds the listener: the silo's identity is
+    /// the address bound and the configured incarnation.
+    async fn bind(
+        self,
+    ) -> Result<(NodeParts, Box<dyn crate::transport::Listener>, SiloId), NodeError> {
+        let NodeBuilder {
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        } = self;
+        let ended = claim(&silo)?;
+        let listener = transport
+            .bind(config.listen.clone())
+            .await
+            .map_err(|err| NodeError::Listen(err.to_string()))?;
+        let id = SiloId::new(listener.local_address(), config.incarnation);
+        let parts = NodeParts {
+            ended,
+            silo,
+            config,
+            bridge,
+            transport,
+            placement,
+            needs,
+        };
+        Ok((parts, listener, id))
     }
 }
 

@@ -454,27 +454,29 @@ fn cpu_device_bridge(mib: u64) -> Arc<GpuBridge> {
     )
 }
 
-/// Rule 5: placement decides on published load, which lags. Eight first
-/// calls at once all pick the silo with the most free memory; it promises
-/// memory as it accepts them and sends the ones beyond its device on
-/// (`NoRoom`), so every activation fits and none fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn first_calls_arriving_together_never_overfill_a_device() {
-    let cluster = InProcess::new();
-    let tracker = Arc::new(Tracker::default());
+/// Three silos for slabs under strict GPU-aware placement: silos 1 and 2
+/// with CPU devices of `first` and `second` MiB, silo 3 with none (it
+/// routes). Returns the nodes, once silo 3 sees both devices, and the
+/// bridges.
+async fn slab_cluster(
+    cluster: &InProcess,
+    tracker: &Arc<Tracker>,
+    (first, second): (u64, u64),
+    base: u16,
+) -> (Vec<ClusterNode>, Vec<Option<Arc<GpuBridge>>>) {
     let needs = GpuNeeds {
         device_memory: SLAB_BYTES,
         ..GpuNeeds::default()
     };
-    let mut nodes = Vec::new();
-    // Room for 5 slabs on silo 1, 3 on silo 2; silo 3 has no devices.
-    for (n, mib) in [(1u16, Some(40u64)), (2, Some(24)), (3, None)] {
+    let (mut nodes, mut bridges) = (Vec::new(), Vec::new());
+    for (n, mib) in [(1u16, Some(first)), (2, Some(second)), (3, None)] {
         let bridge = mib.map(cpu_device_bridge);
+        bridges.push(bridge.clone());
         let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, bridge.clone());
         let needs = needs.clone();
         nodes.push(
             cluster
-                .node_on(silo, n, 34_000, move |builder| {
+                .node_on(silo, n, base, move |builder| {
                     let builder = builder
                         .needs("slab", needs)
                         .placement(Arc::new(granary_cluster::GpuAware::strict()));
@@ -498,6 +500,19 @@ async fn first_calls_arriving_together_never_overfill_a_device() {
         assert!(Instant::now() < deadline, "loads not published");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (nodes, bridges)
+}
+
+/// Rule 5: placement decides on published load, which lags. Eight first
+/// calls at once all pick the silo with the most free memory; it promises
+/// memory as it accepts them and sends the ones beyond its device on
+/// (`NoRoom`), so every activation fits and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_calls_arriving_together_never_overfill_a_device() {
+    let cluster = InProcess::new();
+    let tracker = Arc::new(Tracker::default());
+    // Room for 5 slabs on silo 1, 3 on silo 2; silo 3 has no devices.
+    let (nodes, _bridges) = slab_cluster(&cluster, &tracker, (40, 24), 34_000).await;
     let calls: Vec<_> = (0..8u64)
         .map(|key| {
             let router = nodes[2].clone();
@@ -755,43 +770,8 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
 async fn a_stale_entry_naming_a_full_silo_does_not_strand_its_grain() {
     let cluster = InProcess::new();
     let tracker = Arc::new(Tracker::default());
-    let needs = GpuNeeds {
-        device_memory: SLAB_BYTES,
-        ..GpuNeeds::default()
-    };
-    let (mut nodes, mut bridges) = (Vec::new(), Vec::new());
     // a: room for 3 slabs, b: 2, c routes and owns the entry.
-    for (n, mib) in [(1u16, Some(24u64)), (2, Some(16)), (3, None)] {
-        let bridge = mib.map(cpu_device_bridge);
-        bridges.push(bridge.clone());
-        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, bridge.clone());
-        let needs = needs.clone();
-        nodes.push(
-            cluster
-                .node_on(silo, n, 39_000, move |builder| {
-                    let builder = builder
-                        .needs("slab", needs)
-                        .placement(Arc::new(granary_cluster::GpuAware::strict()));
-                    match bridge {
-                        Some(bridge) => builder.bridge(bridge),
-                        None => builder,
-                    }
-                })
-                .await,
-        );
-    }
-    converged(&nodes.iter().collect::<Vec<_>>(), 3).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nodes[2]
-        .members()
-        .iter()
-        .filter(|m| !m.load.devices.is_empty())
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "loads not published");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (nodes, bridges) = slab_cluster(&cluster, &tracker, (24, 16), 39_000).await;
     let (a, c) = (&nodes[0], &nodes[2]);
     let key = slab_keys_owned_by(c.id(), &c.members()).next().unwrap();
     assert_eq!(c.grain::<Slab>(key).call(Add(1)).await, Ok(1));

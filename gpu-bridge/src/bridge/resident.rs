@@ -320,7 +320,7 @@ impl GpuBridge {
         let kernel = spec.id;
         let wrong = |reason: String| refused(kernel, ExecuteError::WrongBuffer { kernel, reason });
         // The device: the one every resident buffer is on.
-        let mut buffers = parts
+        let buffers: Vec<&ResidentBuffer> = parts
             .iter()
             .filter_map(|part| match part {
                 Part::Resident(buffer) => Some(*buffer),
@@ -329,29 +329,22 @@ impl GpuBridge {
             .chain(match output {
                 Output::Into(buffer) => Some(buffer),
                 Output::Host => None,
-            });
-        let Some(first) = buffers.next() else {
+            })
+            .collect();
+        let Some(first) = buffers.first() else {
             return Err(wrong(
                 "no resident buffer among the parts or the output: use execute".into(),
             ));
         };
         let device = first.device();
         // Device ids are per bridge: another bridge's device 0 is not ours.
-        let foreign = parts
+        if buffers
             .iter()
-            .filter_map(|part| match part {
-                Part::Resident(buffer) => Some(*buffer),
-                Part::Host(_) => None,
-            })
-            .chain(match output {
-                Output::Into(buffer) => Some(buffer),
-                Output::Host => None,
-            })
-            .any(|buffer| !buffer.inner.belongs_to(&self.shared));
-        if foreign {
+            .any(|buffer| !buffer.inner.belongs_to(&self.shared))
+        {
             return Err(wrong("a buffer allocated by another bridge".into()));
         }
-        if let Some(other) = buffers.find(|buffer| buffer.device() != device) {
+        if let Some(other) = buffers.iter().find(|buffer| buffer.device() != device) {
             return Err(wrong(format!(
                 "buffers on two devices ({:?} and {:?})",
                 device,

@@ -1494,14 +1494,15 @@ impl NodeBuilder {
         gossip: &dyn chitchat::transport::Transport,
     ) -> Result<ClusterNode, NodeError> {
         let (parts, listener, id) = self.bind().await?;
+        let config = &parts.builder.config;
         let mut gossip_config = GossipConfig::new(
-            parts.config.cluster.clone(),
+            config.cluster.clone(),
             id.clone(),
-            parts.config.gossip_address,
-            parts.config.seeds.clone(),
+            config.gossip_address,
+            config.seeds.clone(),
         );
-        gossip_config.gossip_interval = parts.config.gossip_interval;
-        let membership = Membership::join(gossip_config, parts.config.secret.clone(), gossip)
+        gossip_config.gossip_interval = config.gossip_interval;
+        let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
         parts
@@ -1548,28 +1549,16 @@ impl NodeBuilder {
     async fn bind(
         self,
     ) -> Result<(NodeParts, Box<dyn crate::transport::Listener>, SiloId), NodeError> {
-        let NodeBuilder {
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
-        } = self;
-        let ended = claim(&silo)?;
-        let listener = transport
-            .bind(config.listen.clone())
+        let ended = claim(&self.silo)?;
+        let listener = self
+            .transport
+            .bind(self.config.listen.clone())
             .await
             .map_err(|err| NodeError::Listen(err.to_string()))?;
-        let id = SiloId::new(listener.local_address(), config.incarnation);
+        let id = SiloId::new(listener.local_address(), self.config.incarnation);
         let parts = NodeParts {
             ended,
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
+            builder: self,
         };
         Ok((parts, listener, id))
     }
@@ -1604,12 +1593,7 @@ fn claim(silo: &Silo) -> Result<Claim, NodeError> {
 struct NodeParts {
     /// The silo, claimed for this node.
     ended: Claim,
-    silo: Silo,
-    config: NodeConfig,
-    bridge: Option<Arc<GpuBridge>>,
-    transport: Arc<dyn Transport>,
-    placement: Arc<dyn PlacementStrategy>,
-    needs: HashMap<String, GpuNeeds>,
+    builder: NodeBuilder,
 }
 
 impl NodeParts {
@@ -1624,12 +1608,15 @@ impl NodeParts {
     ) -> Result<ClusterNode, NodeError> {
         let NodeParts {
             ended,
-            silo,
-            config,
-            bridge,
-            transport,
-            placement,
-            needs,
+            builder:
+                NodeBuilder {
+                    silo,
+                    config,
+                    bridge,
+                    transport,
+                    placement,
+                    needs,
+                },
         } = self;
         let handoff = config
             .handoff

@@ -560,6 +560,26 @@ async fn homes_come_to(node: &ClusterNode, count: usize) {
     }
 }
 
+/// Two silos for slabs with prefer-local placement and no devices, once
+/// they see each other.
+async fn two_slab_silos(
+    cluster: &InProcess,
+    tracker: &Arc<Tracker>,
+    base: u16,
+) -> Vec<ClusterNode> {
+    let mut nodes = Vec::new();
+    for n in 1..=2u16 {
+        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
+        nodes.push(
+            cluster
+                .node_on(silo, n, base, |b| b.placement(Arc::new(PreferLocal)))
+                .await,
+        );
+    }
+    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    nodes
+}
+
 /// Rule 6: a grain whose activation ends gives its home up. With
 /// prefer-local placement, the next call from another silo activates it
 /// there, from its persisted state; without rule 6 the stale entry would
@@ -568,16 +588,7 @@ async fn homes_come_to(node: &ClusterNode, count: usize) {
 async fn a_grain_that_deactivates_gives_up_its_home_and_keeps_its_state() {
     let cluster = InProcess::new();
     let tracker = Arc::new(Tracker::default());
-    let mut nodes = Vec::new();
-    for n in 1..=2u16 {
-        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
-        nodes.push(
-            cluster
-                .node_on(silo, n, 35_000, |b| b.placement(Arc::new(PreferLocal)))
-                .await,
-        );
-    }
-    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let nodes = two_slab_silos(&cluster, &tracker, 35_000).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     assert_eq!(a.grain::<Slab>(7u64).call(Add(5)).await, Ok(5));
     assert_eq!((a.homes(), b.homes()), (1, 0));
@@ -599,16 +610,7 @@ async fn a_grain_that_deactivates_gives_up_its_home_and_keeps_its_state() {
 async fn a_failed_activation_gives_up_its_home() {
     let cluster = InProcess::new();
     let tracker = Arc::new(Tracker::default());
-    let mut nodes = Vec::new();
-    for n in 1..=2u16 {
-        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
-        nodes.push(
-            cluster
-                .node_on(silo, n, 36_000, |b| b.placement(Arc::new(PreferLocal)))
-                .await,
-        );
-    }
-    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let nodes = two_slab_silos(&cluster, &tracker, 36_000).await;
     *tracker.refuse_on.lock().unwrap() = Some(1);
     let refused = nodes[0].grain::<Slab>(3u64).call(Add(1)).await;
     assert!(
@@ -631,16 +633,7 @@ async fn homes_given_up_under_churn_never_make_a_second_activation() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let cluster = InProcess::new();
     let tracker = Arc::new(Tracker::default());
-    let mut nodes = Vec::new();
-    for n in 1..=2u16 {
-        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
-        nodes.push(
-            cluster
-                .node_on(silo, n, 37_000, |b| b.placement(Arc::new(PreferLocal)))
-                .await,
-        );
-    }
-    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let nodes = two_slab_silos(&cluster, &tracker, 37_000).await;
     let grains = 4u64;
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged: Arc<Vec<AtomicU64>> =
@@ -728,16 +721,7 @@ fn slab_keys_owned_by(
 async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     let cluster = InProcess::new();
     let tracker = Arc::new(Tracker::default());
-    let mut nodes = Vec::new();
-    for n in 1..=2u16 {
-        let silo = slab_silo(cluster.storage.clone(), tracker.clone(), n, None);
-        nodes.push(
-            cluster
-                .node_on(silo, n, 38_000, |b| b.placement(Arc::new(PreferLocal)))
-                .await,
-        );
-    }
-    converged(&nodes.iter().collect::<Vec<_>>(), 2).await;
+    let nodes = two_slab_silos(&cluster, &tracker, 38_000).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut keys = slab_keys_owned_by(b.id(), &a.members());
     let (k1, k2) = (keys.next().unwrap(), keys.next().unwrap());

@@ -330,6 +330,25 @@ fn sequential(c: &mut Criterion) {
     group.finish();
 }
 
+/// `iterations` rounds of `TASKS` tasks each making `CALLS_PER_TASK`
+/// calls back to back; `task(n)` makes task `n`'s calls.
+fn pipelined_rounds<F, Fut>(rt: &tokio::runtime::Runtime, iterations: u64, task: F) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    rt.block_on(async {
+        let started = Instant::now();
+        for _ in 0..iterations {
+            let tasks: Vec<_> = (0..TASKS).map(|n| tokio::spawn(task(n))).collect();
+            for task in tasks {
+                task.await.expect("a task");
+            }
+        }
+        started.elapsed()
+    })
+}
+
 fn pipelined(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("remote_pipelined");
@@ -339,49 +358,27 @@ fn pipelined(c: &mut Criterion) {
     let payload = Bytes::from(encode(&Echo(vec![7; PAYLOAD])).expect("encoded"));
     group.bench_function("granary", |b| {
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|task| {
-                            let (connection, payload) = (connection.clone(), payload.clone());
-                            tokio::spawn(async move {
-                                let key = GrainKey::U64(task as u64);
-                                for _ in 0..CALLS_PER_TASK {
-                                    black_box(granary_call(&connection, &key, &payload).await);
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a task");
+            pipelined_rounds(&rt, iterations, |n| {
+                let (connection, payload) = (connection.clone(), payload.clone());
+                async move {
+                    let key = GrainKey::U64(n as u64);
+                    for _ in 0..CALLS_PER_TASK {
+                        black_box(granary_call(&connection, &key, &payload).await);
                     }
                 }
-                started.elapsed()
             })
         })
     });
     let (caller, _host) = rt.block_on(node_pair(TASKS as u64));
     group.bench_function("granary_node", |b| {
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|task| {
-                            let caller = caller.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS_PER_TASK {
-                                    black_box(node_call(&caller, task as u64).await);
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a task");
+            pipelined_rounds(&rt, iterations, |n| {
+                let caller = caller.clone();
+                async move {
+                    for _ in 0..CALLS_PER_TASK {
+                        black_box(node_call(&caller, n as u64).await);
                     }
                 }
-                started.elapsed()
             })
         })
     });
@@ -389,24 +386,13 @@ fn pipelined(c: &mut Criterion) {
     let bytes = Bytes::from(vec![7u8; PAYLOAD]);
     group.bench_function("tonic", |b| {
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let (mut client, bytes) = (client.clone(), bytes.clone());
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS_PER_TASK {
-                                    black_box(tonic_call(&mut client, &bytes).await);
-                                }
-                            })
-                        })
-                        .collect();
-                    for task in tasks {
-                        task.await.expect("a task");
+            pipelined_rounds(&rt, iterations, |_| {
+                let (mut client, bytes) = (client.clone(), bytes.clone());
+                async move {
+                    for _ in 0..CALLS_PER_TASK {
+                        black_box(tonic_call(&mut client, &bytes).await);
                     }
                 }
-                started.elapsed()
             })
         })
     });

@@ -206,8 +206,18 @@ impl LeaseClock {
         self.ends_at.store(0, Ordering::Release);
     }
 
+    /// Whether the lease is held now; once it is not, it never is again
+    /// (a renewal confirmed late does not revive it).
     fn holds(&self) -> bool {
         let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ends = self.ends_at.load(Ordering::Acquire);
+        if now < ends {
+            return true;
+        }
+        // Lost: make it stick, unless a renewal moved the end meanwhile.
+        let _ = self
+            .ends_at
+            .compare_exchange(ends, 0, Ordering::AcqRel, Ordering::Acquire);
         now < self.ends_at.load(Ordering::Acquire)
     }
 }
@@ -246,10 +256,12 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, clock: Arc<Le
                 tracing::error!(lease, "the etcd lease expired; this silo left the view");
                 return;
             }
-            // The stream ended, failed or went silent: open a new one.
+            // The stream ended, failed or went silent: open a new one,
+            // after a short pause (etcd may be refusing at once).
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 tracing::warn!(lease, "etcd lease keep-alive failed; retrying");
                 stream = None;
+                tokio::time::sleep((ttl / 30).max(Duration::from_millis(20))).await;
                 continue;
             }
         }
@@ -291,7 +303,12 @@ impl EtcdMembership {
         .map_err(|err| EtcdError::Connect(err.to_string()))?;
         let ttl = i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX);
         let granted = Instant::now();
-        let lease = client.lease_grant(ttl, None).await.map_err(request)?.id();
+        let grant = client.lease_grant(ttl, None).await.map_err(request)?;
+        let lease = grant.id();
+        // Fencing counts from what etcd granted, in whole seconds, never
+        // more than was asked for.
+        let lease_ttl = Duration::from_secs(u64::try_from(grant.ttl()).unwrap_or(0))
+            .min(Duration::from_secs(config.ttl.as_secs()));
         let key = format!("{}{}", config.silos(), silo);
         let record = SiloRecord {
             silo: silo.clone(),
@@ -303,11 +320,11 @@ impl EtcdMembership {
         publish.send_replace(members(&first.1));
         // Nothing is awaited from here on: a join cancelled earlier leaves
         // no task keeping its lease alive (the lease expires after ttl).
-        let lease_ends = Arc::new(LeaseClock::new(granted, config.ttl));
+        let lease_ends = Arc::new(LeaseClock::new(granted, lease_ttl));
         let keeping = tokio::spawn(keep_alive(
             client.clone(),
             lease,
-            config.ttl,
+            lease_ttl,
             lease_ends.clone(),
         ));
         let watching = tokio::spawn(watch_view(client.clone(), config.clone(), first, publish));

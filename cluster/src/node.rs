@@ -821,7 +821,8 @@ impl ClusterNode {
     }
 
     /// Forgets every home and deactivates its activation here, waiting
-    /// for each (at most the silo's call timeout).
+    /// until each has ended (its queued messages run and `on_deactivate`
+    /// wrote its state), for at most the connection's call timeout.
     async fn deactivate_homes(&self) {
         let homes: Vec<GrainId> = self
             .inner
@@ -831,9 +832,21 @@ impl ClusterNode {
             .collect();
         self.inner.homes.clear();
         let silo = &self.inner.silo;
+        let give_up = deadline_after(self.inner.config.connection.call_timeout);
         futures_util::future::join_all(homes.into_iter().map(|grain| async move {
-            if let Err(err) = silo.deactivate_named(&grain.type_name, grain.key).await {
+            // Queued only: the activation ends later.
+            if let Err(err) = silo
+                .deactivate_named(&grain.type_name, grain.key.clone())
+                .await
+            {
                 tracing::debug!(error = %err, "an activation did not deactivate");
+            }
+            while silo.is_active_named(&grain.type_name, &grain.key) {
+                if Instant::now() >= give_up {
+                    tracing::warn!(%grain, "an activation outlived its node's leave");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }))
         .await;
@@ -1058,6 +1071,11 @@ impl Inner {
                     return Err(RemoteError::Other(err.to_string()));
                 }
             }
+        }
+        // A leave may have begun while this call registered: it must not
+        // start an activation the leave would not wait for.
+        if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
+            return Err(RemoteError::ShutDown);
         }
         let key = grain.key.clone();
         let outcome = if one_way {

@@ -604,3 +604,104 @@ async fn a_cancelled_join_leaves_no_member_behind_and_a_failed_start_frees_the_s
         .expect("the silo is free again");
     node.leave().await.unwrap();
 }
+
+/// Activations alive of each `Slow` grain, across the test's silos.
+static SLOW_ALIVE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, i64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn slow_alive(ctx: &granary_actors::GrainContext, change: i64) -> i64 {
+    let mut alive = SLOW_ALIVE.lock().unwrap();
+    let count = alive.entry(ctx.id().to_string()).or_default();
+    *count += change;
+    *count
+}
+
+/// A grain whose `on_deactivate` takes a while (it writes its state).
+struct Slow;
+
+impl granary_actors::Grain for Slow {
+    fn new(_: &GrainKey) -> Slow {
+        Slow
+    }
+
+    async fn on_activate(
+        &mut self,
+        ctx: &mut granary_actors::GrainContext,
+    ) -> Result<(), granary_actors::ActivationError> {
+        slow_alive(ctx, 1);
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &mut granary_actors::GrainContext) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        slow_alive(ctx, -1);
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Alive;
+
+impl granary_actors::Message for Alive {
+    type Reply = i64;
+}
+
+impl granary_actors::Handler<Alive> for Slow {
+    async fn handle(&mut self, _: Alive, ctx: &mut granary_actors::GrainContext) -> i64 {
+        slow_alive(ctx, 0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_leave_waits_for_its_activations_to_end_before_others_may_start_them() {
+    let etcd = config("leave");
+    let network = InProcessNetwork::new();
+    let mut nodes = Vec::new();
+    for n in 1..=2 {
+        let silo = Silo::builder()
+            .register::<Slow>("slow")
+            .message::<Slow, Alive>("alive")
+            .build()
+            .unwrap();
+        let listen = format!("slow-silo-{n}:7000");
+        let config = NodeConfig::new(
+            "etcd-test",
+            ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
+            listen.clone(),
+            "127.0.0.1:1".parse().unwrap(),
+            Vec::new(),
+        );
+        nodes.push(
+            ClusterNode::builder(silo, config)
+                .transport(Arc::new(network.transport(&listen)))
+                .start_with_etcd(etcd.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    nodes_see(&[a, b], 2).await;
+    let mut homed = None;
+    for key in 0..64u64 {
+        a.grain::<Slow>(key).call(Alive).await.unwrap();
+        if a.silo().is_active_named("slow", &GrainKey::U64(key)) {
+            homed = Some(key);
+            break;
+        }
+    }
+    let key = homed.expect("a grain homed on a");
+    a.leave().await.unwrap();
+    assert!(
+        !a.silo().is_active_named("slow", &GrainKey::U64(key)),
+        "leave returned while its activation still ran"
+    );
+    assert_eq!(
+        b.grain::<Slow>(key).call(Alive).await,
+        Ok(1),
+        "one activation alive"
+    );
+    b.leave().await.unwrap();
+}

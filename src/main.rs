@@ -94,6 +94,15 @@ enum Command {
     },
 }
 
+/// A multi-threaded tokio runtime, or `None` after saying why not.
+fn runtime(command: &str) -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .inspect_err(|err| eprintln!("{command}: cannot start the runtime: {err}"))
+        .ok()
+}
+
 fn progress_bar(total: u64, hidden: bool, unit: &str) -> ProgressBar {
     let bar = if hidden {
         ProgressBar::hidden()
@@ -136,15 +145,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("granary node: cannot start the runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime("granary node") else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(cluster_demo::run_node(file)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -171,15 +173,8 @@ fn main() -> ExitCode {
                 backend,
                 etcd,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("granary demo: cannot start the runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime("granary demo") else {
+                return ExitCode::FAILURE;
             };
             let total = u64::from(grains).saturating_mul(u64::from(calls));
             let bar = progress_bar(total, no_progress, "calls");
@@ -233,15 +228,8 @@ fn main() -> ExitCode {
                 batch_elements,
                 grains,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("granary demo: cannot start the runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime("granary demo") else {
+                return ExitCode::FAILURE;
             };
             let (backends, skipped) = demo::backends();
             let total = requests.saturating_mul(backends.len() as u64);

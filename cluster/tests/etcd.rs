@@ -292,19 +292,30 @@ async fn etcd_node(
         .storage(storage.clone())
         .build()
         .unwrap();
-    let listen = format!("etcd-silo-{n}:7000");
+    start_on_etcd(network, silo, &format!("etcd-silo-{n}:7000"), etcd.clone())
+        .await
+        .unwrap()
+}
+
+/// Starts a node hosting `silo` at `listen` on the in-process network,
+/// with membership and directory in `etcd`.
+async fn start_on_etcd(
+    network: &InProcessNetwork,
+    silo: Silo,
+    listen: &str,
+    etcd: EtcdConfig,
+) -> Result<ClusterNode, granary_cluster::NodeError> {
     let config = NodeConfig::new(
         "etcd-test",
         ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
-        listen.clone(),
+        listen,
         "127.0.0.1:1".parse().unwrap(),
         Vec::new(),
     );
     ClusterNode::builder(silo, config)
-        .transport(Arc::new(network.transport(&listen)))
-        .start_with_etcd(etcd.clone())
+        .transport(Arc::new(network.transport(listen)))
+        .start_with_etcd(etcd)
         .await
-        .unwrap()
 }
 
 async fn nodes_see(nodes: &[&ClusterNode], count: usize) {
@@ -579,27 +590,14 @@ async fn a_cancelled_join_leaves_no_member_behind_and_a_failed_start_frees_the_s
         .build()
         .unwrap();
     let network = InProcessNetwork::new();
-    let config = || {
-        NodeConfig::new(
-            "etcd-test",
-            ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
-            "retry-silo:7000",
-            "127.0.0.1:1".parse().unwrap(),
-            Vec::new(),
-        )
-    };
     let mut unreachable = EtcdConfig::new("unreachable", vec!["http://127.0.0.1:1".into()]);
     unreachable.timeout = Duration::from_secs(1);
     assert!(
-        ClusterNode::builder(silo.clone(), config())
-            .transport(Arc::new(network.transport("retry-silo:7000")))
-            .start_with_etcd(unreachable)
+        start_on_etcd(&network, silo.clone(), "retry-silo:7000", unreachable)
             .await
             .is_err()
     );
-    let node = ClusterNode::builder(silo, config())
-        .transport(Arc::new(network.transport("retry-silo:7000")))
-        .start_with_etcd(etcd)
+    let node = start_on_etcd(&network, silo, "retry-silo:7000", etcd)
         .await
         .expect("the silo is free again");
     node.leave().await.unwrap();
@@ -666,18 +664,8 @@ async fn a_leave_waits_for_its_activations_to_end_before_others_may_start_them()
             .message::<Slow, Alive>("alive")
             .build()
             .unwrap();
-        let listen = format!("slow-silo-{n}:7000");
-        let config = NodeConfig::new(
-            "etcd-test",
-            ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
-            listen.clone(),
-            "127.0.0.1:1".parse().unwrap(),
-            Vec::new(),
-        );
         nodes.push(
-            ClusterNode::builder(silo, config)
-                .transport(Arc::new(network.transport(&listen)))
-                .start_with_etcd(etcd.clone())
+            start_on_etcd(&network, silo, &format!("slow-silo-{n}:7000"), etcd.clone())
                 .await
                 .unwrap(),
         );

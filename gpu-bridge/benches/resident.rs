@@ -50,17 +50,16 @@ fn bridges() -> Vec<(&'static str, GpuBridge)> {
         )),
         Err(err) => eprintln!("resident bench: cuda SKIPPED: {err}"),
     }
-    if cfg!(granary_opencl) {
-        if let Ok(opencl) = granary_kernels::opencl::OpenClBackend::discover() {
-            bridges.push((
-                "opencl",
-                GpuBridge::builder()
-                    .backend(Arc::new(opencl))
-                    .kernel(SAXPY)
-                    .build()
-                    .expect("an OpenCL bridge"),
-            ));
-        }
+    match granary_kernels::opencl::OpenClBackend::discover() {
+        Ok(opencl) => bridges.push((
+            "opencl",
+            GpuBridge::builder()
+                .backend(Arc::new(opencl))
+                .kernel(SAXPY)
+                .build()
+                .expect("an OpenCL bridge"),
+        )),
+        Err(err) => eprintln!("resident bench: opencl SKIPPED: {err}"),
     }
     bridges
 }

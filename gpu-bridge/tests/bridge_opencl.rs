@@ -1,9 +1,11 @@
 //! The bridge on the OpenCL backend, run for real (POCL in CI): the same
 //! scenarios as on the CPU, answered by OpenCL persistent kernels and the
 //! OpenCL batch path. Reported as ignored, with the reason, where no OpenCL
-//! runtime was found at build time.
+//! device is found when the tests run.
 
 mod common;
+
+use common::gate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,11 +44,6 @@ fn cpu_processed(bridge: &GpuBridge) -> u64 {
     stats.processed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn one_hundred_sequential_double_requests_on_opencl() {
     let _device = DEVICE.lock().await;
     let bridge = bridge(BridgeConfig::default());
@@ -62,11 +59,6 @@ async fn one_hundred_sequential_double_requests_on_opencl() {
     bridge.shutdown(StopMode::Drain).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn eight_concurrent_callers_times_ten_thousand_on_opencl() {
     let _device = DEVICE.lock().await;
     let bridge = bridge(BridgeConfig::default());
@@ -75,11 +67,6 @@ async fn eight_concurrent_callers_times_ten_thousand_on_opencl() {
     bridge.shutdown(StopMode::Drain).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn every_shipped_kernel_through_the_bridge_matches_the_cpu() {
     let _device = DEVICE.lock().await;
     let cpu_only = GpuBridge::builder().kernels(shipped::ALL).build().unwrap();
@@ -126,11 +113,6 @@ async fn every_shipped_kernel_through_the_bridge_matches_the_cpu() {
     cpu_only.shutdown(StopMode::Drain).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn a_busy_device_sends_further_kernels_to_the_cpu() {
     let _device = DEVICE.lock().await;
     let bridge = bridge(BridgeConfig::default());
@@ -157,11 +139,6 @@ async fn a_busy_device_sends_further_kernels_to_the_cpu() {
     bridge.shutdown(StopMode::Drain).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn bad_input_and_shutdown_on_opencl() {
     let _device = DEVICE.lock().await;
     let bridge = bridge(BridgeConfig {
@@ -218,4 +195,14 @@ async fn bad_input_and_shutdown_on_opencl() {
         bridge.execute("double", &f32s(&[1.0])).await,
         Err(ExecuteError::ShutDown)
     );
+}
+
+fn main() {
+    gate::run(vec![
+        gate::opencl("one_hundred_sequential_double_requests_on_opencl", || common::on_tokio(one_hundred_sequential_double_requests_on_opencl)),
+        gate::opencl("eight_concurrent_callers_times_ten_thousand_on_opencl", || common::on_tokio(eight_concurrent_callers_times_ten_thousand_on_opencl)),
+        gate::opencl("every_shipped_kernel_through_the_bridge_matches_the_cpu", || common::on_tokio(every_shipped_kernel_through_the_bridge_matches_the_cpu)),
+        gate::opencl("a_busy_device_sends_further_kernels_to_the_cpu", || common::on_tokio(a_busy_device_sends_further_kernels_to_the_cpu)),
+        gate::opencl("bad_input_and_shutdown_on_opencl", || common::on_tokio(bad_input_and_shutdown_on_opencl)),
+    ]);
 }

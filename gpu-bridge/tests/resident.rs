@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::gate;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,13 +41,20 @@ fn reserved(bridge: &GpuBridge) -> u64 {
     bridge.broker().stats(id).unwrap().reserved
 }
 
-/// The reservation may outlive the handle by a blocking job's last steps.
+/// Waits until every job the bridge started has ended (the broker's queue
+/// depth is zero: a job counts as ended only after it has let go of its
+/// buffers and reservations), then checks what is still reserved. The bound
+/// only keeps a broken bridge from hanging the test; nothing waits for a
+/// fixed time.
 async fn settles_at(bridge: &GpuBridge, bytes: u64) {
-    for _ in 0..200 {
-        if reserved(bridge) == bytes {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let (id, _, _) = bridge.devices()[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while bridge.broker().stats(id).unwrap().queue_depth > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs still running after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_eq!(reserved(bridge), bytes);
 }
@@ -87,7 +96,6 @@ fn expected_rounds(start: &[f32]) -> Vec<f32> {
     y
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resident_buffer_is_reserved_while_it_lives_and_released_after() {
     let bridge = cpu_bridge(1 << 20);
     assert_eq!(reserved(&bridge), 0);
@@ -106,7 +114,6 @@ async fn a_resident_buffer_is_reserved_while_it_lives_and_released_after() {
     settles_at(&bridge, 0).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_over_resident_parts_match_the_cpu() {
     let bridge = cpu_bridge(64 << 20);
     let start: Vec<f32> = (0..5000).map(|i| i as f32 * 0.25 - 300.0).collect();
@@ -150,7 +157,6 @@ async fn batches_over_resident_parts_match_the_cpu() {
     settles_at(&bridge, 0).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misuse_is_typed_and_the_bridge_keeps_serving() {
     let bridge = cpu_bridge(1 << 20);
     let none = Requirements::default();
@@ -238,7 +244,6 @@ async fn misuse_is_typed_and_the_bridge_keeps_serving() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_gives_up_never_frees_memory_under_the_job() {
     let bridge = cpu_bridge(256 << 20);
     let buffer = bridge
@@ -261,11 +266,6 @@ async fn a_caller_that_gives_up_never_frees_memory_under_the_job() {
     settles_at(&bridge, 0).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 async fn on_opencl_the_buffer_lives_on_the_device() {
     let opencl = granary_kernels::opencl::OpenClBackend::discover()
         .expect("an OpenCL runtime was found at build time");
@@ -305,7 +305,6 @@ async fn on_opencl_the_buffer_lives_on_the_device() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_memory_limit_caps_what_each_device_lends() {
     let bridge = GpuBridge::builder()
         .kernels(shipped::ALL)
@@ -347,7 +346,6 @@ async fn a_device_memory_limit_caps_what_each_device_lends() {
     assert_eq!((info.total_memory, info.free_memory), (64 << 20, 48 << 20));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number() {
     // Both bridges' CPU device is their device 0.
     let (ours, theirs) = (cpu_bridge(1 << 20), cpu_bridge(1 << 20));
@@ -399,4 +397,16 @@ async fn a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number(
         .await
         .unwrap();
     assert_eq!(returned.len(), 16);
+}
+
+fn main() {
+    gate::run(vec![
+        gate::test("a_resident_buffer_is_reserved_while_it_lives_and_released_after", || common::on_tokio(a_resident_buffer_is_reserved_while_it_lives_and_released_after)),
+        gate::test("batches_over_resident_parts_match_the_cpu", || common::on_tokio(batches_over_resident_parts_match_the_cpu)),
+        gate::test("misuse_is_typed_and_the_bridge_keeps_serving", || common::on_tokio(misuse_is_typed_and_the_bridge_keeps_serving)),
+        gate::test("a_caller_that_gives_up_never_frees_memory_under_the_job", || common::on_tokio(a_caller_that_gives_up_never_frees_memory_under_the_job)),
+        gate::opencl("on_opencl_the_buffer_lives_on_the_device", || common::on_tokio(on_opencl_the_buffer_lives_on_the_device)),
+        gate::test("a_device_memory_limit_caps_what_each_device_lends", || common::on_tokio(a_device_memory_limit_caps_what_each_device_lends)),
+        gate::test("a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number", || common::on_tokio(a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number)),
+    ]);
 }

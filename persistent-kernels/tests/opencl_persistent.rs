@@ -1,8 +1,8 @@
 //! The OpenCL persistent kernel, run for real (POCL in CI): rings in
 //! fine-grained SVM, drained by a kernel that runs until closed.
 //!
-//! Reported as ignored, with the reason, where no OpenCL runtime was found
-//! when the tests were built (see build.rs).
+//! Reported as ignored, with the reason, where no OpenCL device is found
+//! when the tests run (`build-support/runtime_gate.rs`).
 
 use std::time::Duration;
 
@@ -13,13 +13,10 @@ use granary_kernels::shipped::DOUBLE;
 const WAIT: Duration = Duration::from_secs(30);
 
 mod common;
+
+use common::gate;
 use common::{f32s, from_f32s};
 
-#[test]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 fn one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel() {
     let _device = common::opencl_device_lock();
     let backend = OpenClBackend::discover().unwrap();
@@ -39,11 +36,6 @@ fn one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel() 
     );
 }
 
-#[test]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 fn concurrent_callers_through_two_device_work_groups_lose_nothing() {
     let _device = common::opencl_device_lock();
     use std::collections::HashSet;
@@ -109,11 +101,6 @@ fn concurrent_callers_through_two_device_work_groups_lose_nothing() {
     assert_eq!(kernel.lock().unwrap().stop(WAIT), Ok(true));
 }
 
-#[test]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 fn stop_drains_requests_in_flight_and_refuses_new_ones() {
     let _device = common::opencl_device_lock();
     use granary_kernels::SubmitError;
@@ -135,11 +122,6 @@ fn stop_drains_requests_in_flight_and_refuses_new_ones() {
     ));
 }
 
-#[test]
-#[cfg_attr(
-    not(granary_opencl),
-    ignore = "no OpenCL runtime when this test was built"
-)]
 fn bad_requests_and_launches_are_typed_errors() {
     let _device = common::opencl_device_lock();
     use granary_kernels::SubmitError;
@@ -185,4 +167,13 @@ fn bad_requests_and_launches_are_typed_errors() {
         OpenClPersistentKernel::launch(&backend, 99, DOUBLE, 16, 1),
         Err(OpenClError::UnknownDevice(99))
     ));
+}
+
+fn main() {
+    gate::run(vec![
+        gate::opencl("one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel", one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel),
+        gate::opencl("concurrent_callers_through_two_device_work_groups_lose_nothing", concurrent_callers_through_two_device_work_groups_lose_nothing),
+        gate::opencl("stop_drains_requests_in_flight_and_refuses_new_ones", stop_drains_requests_in_flight_and_refuses_new_ones),
+        gate::opencl("bad_requests_and_launches_are_typed_errors", bad_requests_and_launches_are_typed_errors),
+    ]);
 }

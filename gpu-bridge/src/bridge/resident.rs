@@ -426,7 +426,12 @@ impl GpuBridge {
                 None => BatchOutput::Host,
             };
             let outcome = backend.run_batch_parts(index, &spec, &parts, output);
+            // Everything the job holds goes before it counts as finished, so
+            // a broker whose queue depth reads zero holds no reservation
+            // for a job (a caller that gave up can wait on that).
             drop(parts);
+            drop(owned);
+            drop(into);
             drop(reservation);
             bridge.report_memory(device);
             let labels = [

@@ -10,6 +10,22 @@ use granary_kernels::{ElementType, KernelSpec, Shape, Status};
 /// Requests and responses of the shipped kernels are little-endian `f32`s.
 pub use granary_kernels::shipped::{bytes_f32 as from_f32s, f32_bytes as f32s};
 
+/// Test binaries that decide at run time whether OpenCL is there.
+#[path = "../../../build-support/runtime_gate.rs"]
+pub mod gate;
+
+/// Runs an async test body on a two-worker tokio runtime, as
+/// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` would.
+pub fn on_tokio<F: std::future::Future<Output = ()>>(body: impl FnOnce() -> F) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the test")
+        .block_on(body());
+}
+
+
 /// `callers` tasks each send `each` `double` requests, every one unique to
 /// its caller and turn, and check every answer: nothing lost, nothing
 /// mixed up.

@@ -33,3 +33,8 @@ pub fn opencl_device_lock() -> std::sync::MutexGuard<'static, ()> {
 
 #[allow(dead_code)]
 pub mod resident;
+
+/// Test binaries that decide at run time whether OpenCL is there.
+#[allow(dead_code)]
+#[path = "../../../build-support/runtime_gate.rs"]
+pub mod gate;

@@ -63,7 +63,10 @@ pub fn opencl_available() -> Result<(), String> {
 /// Runs the cases under libtest's command line and exits (rules 2 and 3).
 pub fn run(cases: Vec<Case>) -> ! {
     let args = Arguments::from_args();
-    let needs_opencl = cases.iter().filter(|case| case.needs == Needs::OpenCl).count();
+    let needs_opencl = cases
+        .iter()
+        .filter(|case| case.needs == Needs::OpenCl)
+        .count();
     let opencl = if needs_opencl > 0 {
         opencl_available()
     } else {

@@ -199,10 +199,22 @@ async fn bad_input_and_shutdown_on_opencl() {
 
 fn main() {
     gate::run(vec![
-        gate::opencl("one_hundred_sequential_double_requests_on_opencl", || common::on_tokio(one_hundred_sequential_double_requests_on_opencl)),
-        gate::opencl("eight_concurrent_callers_times_ten_thousand_on_opencl", || common::on_tokio(eight_concurrent_callers_times_ten_thousand_on_opencl)),
-        gate::opencl("every_shipped_kernel_through_the_bridge_matches_the_cpu", || common::on_tokio(every_shipped_kernel_through_the_bridge_matches_the_cpu)),
-        gate::opencl("a_busy_device_sends_further_kernels_to_the_cpu", || common::on_tokio(a_busy_device_sends_further_kernels_to_the_cpu)),
-        gate::opencl("bad_input_and_shutdown_on_opencl", || common::on_tokio(bad_input_and_shutdown_on_opencl)),
+        gate::opencl("one_hundred_sequential_double_requests_on_opencl", || {
+            common::on_tokio(one_hundred_sequential_double_requests_on_opencl)
+        }),
+        gate::opencl(
+            "eight_concurrent_callers_times_ten_thousand_on_opencl",
+            || common::on_tokio(eight_concurrent_callers_times_ten_thousand_on_opencl),
+        ),
+        gate::opencl(
+            "every_shipped_kernel_through_the_bridge_matches_the_cpu",
+            || common::on_tokio(every_shipped_kernel_through_the_bridge_matches_the_cpu),
+        ),
+        gate::opencl("a_busy_device_sends_further_kernels_to_the_cpu", || {
+            common::on_tokio(a_busy_device_sends_further_kernels_to_the_cpu)
+        }),
+        gate::opencl("bad_input_and_shutdown_on_opencl", || {
+            common::on_tokio(bad_input_and_shutdown_on_opencl)
+        }),
     ]);
 }

@@ -401,12 +401,33 @@ async fn a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number(
 
 fn main() {
     gate::run(vec![
-        gate::test("a_resident_buffer_is_reserved_while_it_lives_and_released_after", || common::on_tokio(a_resident_buffer_is_reserved_while_it_lives_and_released_after)),
-        gate::test("batches_over_resident_parts_match_the_cpu", || common::on_tokio(batches_over_resident_parts_match_the_cpu)),
-        gate::test("misuse_is_typed_and_the_bridge_keeps_serving", || common::on_tokio(misuse_is_typed_and_the_bridge_keeps_serving)),
-        gate::test("a_caller_that_gives_up_never_frees_memory_under_the_job", || common::on_tokio(a_caller_that_gives_up_never_frees_memory_under_the_job)),
-        gate::opencl("on_opencl_the_buffer_lives_on_the_device", || common::on_tokio(on_opencl_the_buffer_lives_on_the_device)),
-        gate::test("a_device_memory_limit_caps_what_each_device_lends", || common::on_tokio(a_device_memory_limit_caps_what_each_device_lends)),
-        gate::test("a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number", || common::on_tokio(a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number)),
+        gate::test(
+            "a_resident_buffer_is_reserved_while_it_lives_and_released_after",
+            || common::on_tokio(a_resident_buffer_is_reserved_while_it_lives_and_released_after),
+        ),
+        gate::test("batches_over_resident_parts_match_the_cpu", || {
+            common::on_tokio(batches_over_resident_parts_match_the_cpu)
+        }),
+        gate::test("misuse_is_typed_and_the_bridge_keeps_serving", || {
+            common::on_tokio(misuse_is_typed_and_the_bridge_keeps_serving)
+        }),
+        gate::test(
+            "a_caller_that_gives_up_never_frees_memory_under_the_job",
+            || common::on_tokio(a_caller_that_gives_up_never_frees_memory_under_the_job),
+        ),
+        gate::opencl("on_opencl_the_buffer_lives_on_the_device", || {
+            common::on_tokio(on_opencl_the_buffer_lives_on_the_device)
+        }),
+        gate::test("a_device_memory_limit_caps_what_each_device_lends", || {
+            common::on_tokio(a_device_memory_limit_caps_what_each_device_lends)
+        }),
+        gate::test(
+            "a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number",
+            || {
+                common::on_tokio(
+                    a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number,
+                )
+            },
+        ),
     ]);
 }

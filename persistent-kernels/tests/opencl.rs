@@ -127,9 +127,21 @@ fn bad_input_and_unknown_devices_are_typed_errors() {
 
 fn main() {
     gate::run(vec![
-        gate::opencl("discovery_reports_each_device_with_its_resources", discovery_reports_each_device_with_its_resources),
-        gate::opencl("a_vector_add_of_one_million_elements_matches_the_cpu", a_vector_add_of_one_million_elements_matches_the_cpu),
-        gate::opencl("builds_are_cached_per_source_and_failures_return_the_build_log", builds_are_cached_per_source_and_failures_return_the_build_log),
-        gate::opencl("bad_input_and_unknown_devices_are_typed_errors", bad_input_and_unknown_devices_are_typed_errors),
+        gate::opencl(
+            "discovery_reports_each_device_with_its_resources",
+            discovery_reports_each_device_with_its_resources,
+        ),
+        gate::opencl(
+            "a_vector_add_of_one_million_elements_matches_the_cpu",
+            a_vector_add_of_one_million_elements_matches_the_cpu,
+        ),
+        gate::opencl(
+            "builds_are_cached_per_source_and_failures_return_the_build_log",
+            builds_are_cached_per_source_and_failures_return_the_build_log,
+        ),
+        gate::opencl(
+            "bad_input_and_unknown_devices_are_typed_errors",
+            bad_input_and_unknown_devices_are_typed_errors,
+        ),
     ]);
 }

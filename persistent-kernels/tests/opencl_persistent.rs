@@ -171,9 +171,21 @@ fn bad_requests_and_launches_are_typed_errors() {
 
 fn main() {
     gate::run(vec![
-        gate::opencl("one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel", one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel),
-        gate::opencl("concurrent_callers_through_two_device_work_groups_lose_nothing", concurrent_callers_through_two_device_work_groups_lose_nothing),
-        gate::opencl("stop_drains_requests_in_flight_and_refuses_new_ones", stop_drains_requests_in_flight_and_refuses_new_ones),
-        gate::opencl("bad_requests_and_launches_are_typed_errors", bad_requests_and_launches_are_typed_errors),
+        gate::opencl(
+            "one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel",
+            one_hundred_sequential_double_requests_through_an_opencl_persistent_kernel,
+        ),
+        gate::opencl(
+            "concurrent_callers_through_two_device_work_groups_lose_nothing",
+            concurrent_callers_through_two_device_work_groups_lose_nothing,
+        ),
+        gate::opencl(
+            "stop_drains_requests_in_flight_and_refuses_new_ones",
+            stop_drains_requests_in_flight_and_refuses_new_ones,
+        ),
+        gate::opencl(
+            "bad_requests_and_launches_are_typed_errors",
+            bad_requests_and_launches_are_typed_errors,
+        ),
     ]);
 }

@@ -26,7 +26,13 @@ fn the_opencl_backend_keeps_the_resident_contract() {
 
 fn main() {
     gate::run(vec![
-        gate::test("the_cpu_backend_keeps_the_resident_contract", the_cpu_backend_keeps_the_resident_contract),
-        gate::opencl("the_opencl_backend_keeps_the_resident_contract", the_opencl_backend_keeps_the_resident_contract),
+        gate::test(
+            "the_cpu_backend_keeps_the_resident_contract",
+            the_cpu_backend_keeps_the_resident_contract,
+        ),
+        gate::opencl(
+            "the_opencl_backend_keeps_the_resident_contract",
+            the_opencl_backend_keeps_the_resident_contract,
+        ),
     ]);
 }

@@ -224,11 +224,23 @@ fn opencl_bad_input_and_stops() {
 
 fn main() {
     gate::run(vec![
-        gate::test("cpu_ring_path_matches_the_cpu_implementations", cpu_ring_path_matches_the_cpu_implementations),
-        gate::test("cpu_batch_path_runs_every_kernel", cpu_batch_path_runs_every_kernel),
+        gate::test(
+            "cpu_ring_path_matches_the_cpu_implementations",
+            cpu_ring_path_matches_the_cpu_implementations,
+        ),
+        gate::test(
+            "cpu_batch_path_runs_every_kernel",
+            cpu_batch_path_runs_every_kernel,
+        ),
         gate::test("cpu_bad_input_and_stops", cpu_bad_input_and_stops),
-        gate::opencl("opencl_ring_path_matches_the_cpu_implementations", opencl_ring_path_matches_the_cpu_implementations),
-        gate::opencl("opencl_batch_path_matches_the_cpu_implementations", opencl_batch_path_matches_the_cpu_implementations),
+        gate::opencl(
+            "opencl_ring_path_matches_the_cpu_implementations",
+            opencl_ring_path_matches_the_cpu_implementations,
+        ),
+        gate::opencl(
+            "opencl_batch_path_matches_the_cpu_implementations",
+            opencl_batch_path_matches_the_cpu_implementations,
+        ),
         gate::opencl("opencl_bad_input_and_stops", opencl_bad_input_and_stops),
     ]);
 }

@@ -25,7 +25,6 @@ pub fn on_tokio<F: std::future::Future<Output = ()>>(body: impl FnOnce() -> F) {
         .block_on(body());
 }
 
-
 /// `callers` tasks each send `each` `double` requests, every one unique to
 /// its caller and turn, and check every answer: nothing lost, nothing
 /// mixed up.

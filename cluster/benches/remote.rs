@@ -145,6 +145,8 @@ async fn node_pair(grains: u64) -> (ClusterNode, ClusterNode) {
             vec!["127.0.0.1:40001".into()],
         );
         config.gossip_interval = Duration::from_millis(50);
+        // Fail over fast: a short grace before a silent silo is declared dead.
+        config.death_grace = Duration::from_millis(200);
         nodes.push(
             ClusterNode::builder(silo, config)
                 .placement(Arc::new(PreferLocal))

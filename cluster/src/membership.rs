@@ -9,8 +9,17 @@
 //! 2. **Joining** needs only seed addresses: chitchat gossips every
 //!    `gossip_interval` with a few peers and the seeds.
 //! 3. **Failure detection** is chitchat's phi-accrual detector over
-//!    heartbeats: a silo whose heartbeats stop is marked dead once phi
-//!    passes `phi_threshold`, and leaves the view.
+//!    heartbeats: a silo whose heartbeats stop is suspected once phi (its
+//!    silence over the mean interval between its heartbeats, about one
+//!    `gossip_interval`) passes `phi_threshold`. A suspected silo stays in
+//!    the view for `death_grace` more, and leaves it only if it stays
+//!    silent that long; one heard from again in time was never gone. So a
+//!    silo is declared dead after about `phi_threshold × gossip_interval +
+//!    death_grace` of silence (1.6 s + 4 s with a node's defaults): a
+//!    shorter time fails over sooner and takes a stalled silo (a blocked
+//!    runtime, a GC-like pause, a slow disk) for dead more often. Both
+//!    ends of a stall see it: the stalled silo, once it runs again, finds
+//!    every peer silent for as long, and the same grace keeps its view.
 //! 4. **Load** travels as node state: the silo's activation count and, per
 //!    device, free memory, queue depth and capabilities
 //!    ([`SiloLoad`]), published with [`Membership::publish_load`].
@@ -119,8 +128,12 @@ pub struct GossipConfig {
     pub seeds: Vec<String>,
     /// How often to gossip (default 500 ms).
     pub gossip_interval: Duration,
-    /// Phi above which a silo is taken for dead (default 8, chitchat's).
+    /// Phi above which a silo is suspected (default 8, chitchat's): its
+    /// silence over the mean interval between its heartbeats (rule 3).
     pub phi_threshold: f64,
+    /// How long a suspected silo stays in the view before it is declared
+    /// dead, unless it is heard from again (rule 3; default 4 s).
+    pub death_grace: Duration,
     /// How long a dead silo's state is kept before it is forgotten
     /// (default 1 hour).
     pub dead_grace_period: Duration,
@@ -142,6 +155,7 @@ impl GossipConfig {
             seeds,
             gossip_interval: Duration::from_millis(500),
             phi_threshold: 8.0,
+            death_grace: Duration::from_secs(4),
             dead_grace_period: Duration::from_secs(3600),
         }
     }
@@ -238,7 +252,13 @@ impl Membership {
             .with_chitchat(|chitchat| chitchat.live_nodes_watcher())
             .await;
         let (publish, view) = watch::channel(Vec::new());
-        let follower = tokio::spawn(follow(live, publish, secret.clone(), beat));
+        let follower = tokio::spawn(follow(
+            live,
+            publish,
+            secret.clone(),
+            beat,
+            config.death_grace,
+        ));
         let state = Arc::new(tokio::sync::Mutex::new(state));
         let beater = tokio::spawn(advance_beat(
             handle.chitchat(),
@@ -311,16 +331,22 @@ impl Membership {
     }
 }
 
-/// Keeps the view up to date with chitchat's live set (rule 7).
+/// Keeps the view up to date with chitchat's live set (rules 3 and 7).
 async fn follow(
     mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     publish: watch::Sender<Vec<Member>>,
     secret: ClusterSecret,
     own_beat: Duration,
+    death_grace: Duration,
 ) {
     // Each node's last signed beat and when it was first seen (rule 6).
     let mut beats: std::collections::HashMap<ChitchatId, (u64, Instant)> =
         std::collections::HashMap::new();
+    // Rule 3: the silos counted live last time, and those that have since
+    // fallen silent, with their last state and since when.
+    let mut counted: std::collections::HashMap<ChitchatId, State> =
+        std::collections::HashMap::new();
+    let mut suspects = Suspects::default();
     let mut recheck = tokio::time::interval(own_beat);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -340,7 +366,8 @@ async fn follow(
                 now.duration_since(*since) < stale_after
             })
             .collect();
-        let members = view_of(fresh);
+        let suspected = suspects.update(&mut counted, &fresh, now, death_grace);
+        let members = view_of(fresh.into_iter().chain(suspected));
         publish.send_if_modified(|view| {
             if *view == members {
                 false
@@ -357,6 +384,41 @@ async fn follow(
             }
             _ = recheck.tick() => {}
         }
+    }
+}
+
+/// Silos that fell silent and are within their grace (rule 3).
+#[derive(Default)]
+struct Suspects {
+    /// Each suspect's last state, and when it was first found silent.
+    silent: std::collections::HashMap<ChitchatId, (State, Instant)>,
+}
+
+impl Suspects {
+    /// Moves the silos of `counted` missing from `fresh` to the suspects
+    /// (a silo that said it is leaving goes at once: rule 5), forgets
+    /// suspects heard from again or past their grace, sets `counted` to
+    /// `fresh`, and returns the suspects still within their grace.
+    fn update(
+        &mut self,
+        counted: &mut std::collections::HashMap<ChitchatId, State>,
+        fresh: &[(ChitchatId, State)],
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<(ChitchatId, State)> {
+        let heard = |id: &ChitchatId| fresh.iter().any(|(known, _)| known == id);
+        for (id, state) in counted.drain() {
+            if !state.leaving && !heard(&id) {
+                self.silent.entry(id).or_insert((state, now));
+            }
+        }
+        counted.extend(fresh.iter().cloned());
+        self.silent
+            .retain(|id, (_, since)| !heard(id) && now.duration_since(*since) < grace);
+        self.silent
+            .iter()
+            .map(|(id, (state, _))| (id.clone(), state.clone()))
+            .collect()
     }
 }
 
@@ -437,7 +499,7 @@ fn signed_states(
 
 /// Rules 1 and 5: the newest incarnation of each address, without silos
 /// that are leaving; sorted by id.
-fn view_of(signed: Vec<(ChitchatId, State)>) -> Vec<Member> {
+fn view_of(signed: impl IntoIterator<Item = (ChitchatId, State)>) -> Vec<Member> {
     let mut newest: BTreeMap<String, Member> = BTreeMap::new();
     for (id, state) in signed {
         if state.leaving {

@@ -125,6 +125,8 @@ pub enum NodeError {
     /// The silo already serves another node (a silo serves one node for
     /// its whole life).
     SiloInUse,
+    /// A setting of the [`NodeConfig`] is out of range.
+    InvalidConfig(String),
 }
 
 impl std::fmt::Display for NodeError {
@@ -135,6 +137,7 @@ impl std::fmt::Display for NodeError {
             #[cfg(feature = "etcd")]
             NodeError::Etcd(err) => write!(f, "{err}"),
             NodeError::SiloInUse => write!(f, "the silo already serves another cluster node"),
+            NodeError::InvalidConfig(why) => write!(f, "invalid node configuration: {why}"),
         }
     }
 }
@@ -211,6 +214,15 @@ pub struct NodeConfig {
     pub seeds: Vec<String>,
     /// How often to gossip (default 200 ms).
     pub gossip_interval: Duration,
+    /// Phi above which a silent silo is suspected (default 8): about how
+    /// many gossip intervals of silence that takes (membership rule 3).
+    pub phi_threshold: f64,
+    /// How long a suspected silo stays in the view before it is declared
+    /// dead, unless heard from again (default 4 s). With the defaults a
+    /// silo is declared dead after about 1.6 s + 4 s of silence, so a
+    /// 3 s stall is not a death; lower both for faster failover, at the
+    /// cost of more false deaths.
+    pub death_grace: Duration,
     /// Which start of this silo (greater than any earlier one on the same
     /// address; default: the clock in milliseconds).
     pub incarnation: u64,
@@ -243,11 +255,31 @@ impl NodeConfig {
             gossip_address,
             seeds,
             gossip_interval: Duration::from_millis(200),
+            phi_threshold: 8.0,
+            death_grace: Duration::from_secs(4),
             incarnation,
             connection: ConnectionConfig::default(),
             handoff: None,
             load_interval: Duration::from_secs(1),
         }
+    }
+}
+
+impl NodeConfig {
+    /// Refuses settings the failure detector cannot work with.
+    fn validate(&self) -> Result<(), NodeError> {
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return Err(NodeError::InvalidConfig(format!(
+                "phi_threshold must be a positive number, not {}",
+                self.phi_threshold
+            )));
+        }
+        if self.gossip_interval.is_zero() {
+            return Err(NodeError::InvalidConfig(
+                "gossip_interval must be more than zero".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1520,6 +1552,8 @@ impl NodeBuilder {
             config.seeds.clone(),
         );
         gossip_config.gossip_interval = config.gossip_interval;
+        gossip_config.phi_threshold = config.phi_threshold;
+        gossip_config.death_grace = config.death_grace;
         let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
@@ -1567,6 +1601,7 @@ impl NodeBuilder {
     async fn bind(
         self,
     ) -> Result<(NodeParts, Box<dyn crate::transport::Listener>, SiloId), NodeError> {
+        self.config.validate()?;
         let ended = claim(&self.silo)?;
         let listener = self
             .transport

@@ -80,6 +80,8 @@ fn config(listen: &str, port: u16, seed: u16) -> NodeConfig {
         vec![gossip(seed).to_string()],
     );
     config.gossip_interval = Duration::from_millis(50);
+    // Fail over fast: a short grace before a silent silo is declared dead.
+    config.death_grace = Duration::from_millis(200);
     config.load_interval = Duration::from_millis(50);
     config
 }

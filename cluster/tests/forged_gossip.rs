@@ -27,6 +27,8 @@ fn config(port: u16, seed: u16) -> GossipConfig {
         vec![addr(seed).to_string()],
     );
     config.gossip_interval = Duration::from_millis(50);
+    // Fail over fast: a short grace before a silent silo is declared dead.
+    config.death_grace = Duration::from_millis(200);
     config
 }
 

@@ -30,6 +30,8 @@ fn config(port: u16, incarnation: u64, seed: u16) -> GossipConfig {
         vec![gossip_address(seed).to_string()],
     );
     config.gossip_interval = Duration::from_millis(50);
+    // Fail over fast: a short grace before a silent silo is declared dead.
+    config.death_grace = Duration::from_millis(200);
     config
 }
 
@@ -257,6 +259,8 @@ async fn a_silo_that_dies_is_dropped_over_udp_too() {
     for &port in &ports {
         let mut config = config(port, 1, ports[0]);
         config.gossip_interval = Duration::from_millis(100);
+        // Fail over fast: a short grace before a silent silo is declared dead.
+        config.death_grace = Duration::from_millis(200);
         silos.push(
             Membership::join(config, secret(), &UdpTransport)
                 .await

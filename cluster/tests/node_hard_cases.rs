@@ -70,6 +70,8 @@ fn config(n: u16, base: u16) -> NodeConfig {
         vec![gossip(base + 1).to_string()],
     );
     config.gossip_interval = Duration::from_millis(50);
+    // Fail over fast: a short grace before a silent silo is declared dead.
+    config.death_grace = Duration::from_millis(200);
     config.load_interval = Duration::from_millis(50);
     config
 }

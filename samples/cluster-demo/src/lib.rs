@@ -196,7 +196,7 @@ pub enum StorageFile {
 }
 
 /// A node's TOML configuration (`granary node --config FILE`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
     /// The cluster's name.
@@ -213,6 +213,16 @@ pub struct NodeFile {
     /// How often to gossip, in milliseconds (default 200).
     #[serde(default)]
     pub gossip_interval_ms: Option<u64>,
+    /// Phi above which a silent silo is suspected: about how many gossip
+    /// intervals of silence that takes (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phi_threshold: Option<f64>,
+    /// How long a suspected silo stays in the view before it is declared
+    /// dead, in milliseconds (default 4000). A silo is declared dead after
+    /// about `phi_threshold × gossip_interval_ms + death_grace_ms` of
+    /// silence: lower is faster failover and more false deaths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub death_grace_ms: Option<u64>,
     /// Where grain state is kept.
     pub storage: StorageFile,
     /// The devices this node offers.
@@ -223,6 +233,10 @@ pub struct NodeFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdFile>,
 }
+
+/// The demo's grace before a silent silo is declared dead, in
+/// milliseconds (the default is 4000).
+const DEMO_DEATH_GRACE_MS: u64 = 500;
 
 /// Where a node finds etcd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,6 +382,12 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
     );
     if let Some(ms) = file.gossip_interval_ms {
         config.gossip_interval = Duration::from_millis(ms.max(1));
+    }
+    if let Some(phi) = file.phi_threshold {
+        config.phi_threshold = phi;
+    }
+    if let Some(ms) = file.death_grace_ms {
+        config.death_grace = Duration::from_millis(ms);
     }
     config.load_interval = config.gossip_interval;
     let mut builder = ClusterNode::builder(silo, config)
@@ -580,6 +600,10 @@ pub async fn run_cluster_demo(
             gossip,
             seeds: vec![seed.to_string()],
             gossip_interval_ms: Some(100),
+            phi_threshold: None,
+            // The demo kills a silo on purpose: fail over within a second
+            // or two rather than the default grace's six.
+            death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
             storage: storage.clone(),
             devices: DevicesFile {
                 backend: config.backend,
@@ -613,6 +637,8 @@ pub async fn run_cluster_demo(
         gossip: SocketAddr::from(([127, 0, 0, 1], udp)),
         seeds: vec![gossip_seed.map(|seed| seed.to_string()).unwrap_or_default()],
         gossip_interval_ms: Some(100),
+        phi_threshold: None,
+        death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
         storage: storage.clone(),
         devices: DevicesFile {
             none: true,

@@ -77,7 +77,7 @@ pub struct GrainContext {
     /// `Sync`, as a context shared across an `.await` must be; it is only
     /// ever reached through `&mut`, so it is never locked.
     mailbox: Option<Box<dyn Any + Send + Sync>>,
-    /// Cancels this activation's timers (rule 8 of `silo.rs`).
+    /// Cancels this activation's timers (rule 8 of `silo/mod.rs`).
     timers: tokio_util::sync::CancellationToken,
 }
 

@@ -537,7 +537,7 @@ impl<T> Receiver<T> {
     /// message moved. One lock for the lot: the receiver of a busy mailbox
     /// works through a batch while senders refill the mailbox, so it holds
     /// at most twice its capacity (three times with the reentrant
-    /// set-aside messages of `silo.rs`'s rule 7).
+    /// set-aside messages of `silo/mod.rs`'s rule 7).
     pub(crate) fn try_recv_all(&mut self, batch: &mut VecDeque<T>) -> bool {
         let state = self.shared.lock();
         if state.queue.is_empty() {

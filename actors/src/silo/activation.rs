@@ -1,0 +1,411 @@
+//! The activation side: the task that runs one activation of a grain
+//! (`run_activation`), its turns, and the mailbox it keeps in its
+//! `GrainContext`. Rules 3, 5, 6, 7, 8 and 10 of the silo's protocol
+//! (`silo/mod.rs`).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::envelope::{Envelope, InChain, MAX_READ_BATCH, ReadTurn, Turn};
+use super::registry::{Entry, GrainType};
+use super::{ActivationEnd, Silo};
+use crate::grain::{Grain, GrainContext};
+use crate::key::{GrainId, GrainKey};
+use crate::mailbox;
+
+/// An activation's mailbox, kept in its `GrainContext` so that a turn
+/// waiting in `GrainContext::call` can take reentrant messages from it.
+pub(crate) struct Mailbox<G> {
+    pub(super) receiver: mailbox::Receiver<Envelope<G>>,
+    /// For the activation's own timers; closing `receiver` refuses them.
+    pub(super) sender: mailbox::Sender<Envelope<G>>,
+    /// Messages taken from the mailbox in one go, oldest first; they run
+    /// before anything else. Only for single activations: a stateless
+    /// worker takes one message at a time, so that a busy worker's messages
+    /// stay in its mailbox where `choose` sees them (rule 9).
+    pub(super) batch: std::collections::VecDeque<Envelope<G>>,
+    /// Whether the activation takes its mailbox's messages in batches.
+    batches: bool,
+    /// Messages of other chains that arrived during a reentrant wait, in
+    /// arrival order; they run after `batch` (which arrived before them)
+    /// and before anything newer.
+    pub(super) deferred: std::collections::VecDeque<Envelope<G>>,
+}
+
+/// A mailbox taken out of its context for a reentrant wait; put back when
+/// dropped.
+pub(super) struct LentMailbox<'c, G: Grain> {
+    pub(super) ctx: &'c mut GrainContext,
+    pub(super) mailbox: Option<Box<std::sync::Mutex<Mailbox<G>>>>,
+}
+
+impl<G: Grain> Drop for LentMailbox<'_, G> {
+    fn drop(&mut self) {
+        if let Some(mailbox) = self.mailbox.take() {
+            self.ctx.put_mailbox(mailbox);
+        }
+    }
+}
+
+/// The mailbox behind a `&mut`: its mutex is never contended (see
+/// `GrainContext::mailbox`), and a poisoned one is still consistent.
+pub(super) fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox<G> {
+    mailbox
+        .get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<G: Grain> Mailbox<G> {
+    /// The next message for a new turn, if one is already queued.
+    fn try_next(&mut self) -> Option<Envelope<G>> {
+        if let Some(envelope) = self.batch.pop_front() {
+            return Some(envelope);
+        }
+        if let Some(envelope) = self.deferred.pop_front() {
+            return Some(envelope);
+        }
+        if self.batches {
+            self.receiver.try_recv_all(&mut self.batch);
+            self.batch.pop_front()
+        } else {
+            self.receiver.try_recv()
+        }
+    }
+
+    /// The next message already taken from the mailbox, if any.
+    fn taken(&mut self) -> Option<Envelope<G>> {
+        self.batch.pop_front().or_else(|| self.deferred.pop_front())
+    }
+
+    /// The next message for a new turn, or registers to be woken for one,
+    /// taking the mailbox's lock once. `None`: closed and drained.
+    fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Envelope<G>>> {
+        if let Some(envelope) = self.taken() {
+            return std::task::Poll::Ready(Some(envelope));
+        }
+        if self.batches {
+            self.receiver
+                .poll_recv_all(cx, &mut self.batch)
+                .map(|_| self.batch.pop_front())
+        } else {
+            self.receiver.poll_recv(cx)
+        }
+    }
+
+    /// The next message for a new turn.
+    async fn next(&mut self) -> Option<Envelope<G>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Puts back the message `try_next` returned last, first in line.
+    fn put_back(&mut self, envelope: Envelope<G>) {
+        self.batch.push_front(envelope);
+    }
+}
+
+/// A grain's activation: rules 3, 5, 6 and 7.
+pub(super) async fn run_activation<G: Grain>(
+    silo: Silo,
+    grain_type: Arc<GrainType<G>>,
+    key: GrainKey,
+    worker: usize,
+    receiver: mailbox::Receiver<Envelope<G>>,
+    sender: mailbox::Sender<Envelope<G>>,
+) {
+    let id = GrainId {
+        type_name: grain_type.name.clone(),
+        key: key.clone(),
+    };
+    let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    // A stateless worker holds one mailbox slot while it runs a turn, so
+    // that `choose` sees it busy (rule 9).
+    let busy_marker = (grain_type.workers > 1).then(|| sender.clone());
+    ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
+        receiver,
+        sender,
+        batch: std::collections::VecDeque::new(),
+        batches: grain_type.workers <= 1,
+        deferred: std::collections::VecDeque::new(),
+    })));
+    let idle = silo.inner.config.idle_timeout;
+    // An activation whose messages were accepted before the silo began to
+    // shut down starts, and rule 5 runs them; one that starts after
+    // `shutdown` returned does not: its messages fail, and no grain code
+    // runs after `shutdown` returned.
+    let mut grain = if silo.inner.stopped.load(Ordering::Acquire) {
+        None
+    } else {
+        activate::<G>(&key, &mut ctx).await
+    };
+    // Idle collection counts messages that keep the grain alive (rule 8).
+    // One timer checks for idleness a few times per idle period, rather
+    // than a timeout armed for every message.
+    // Turns that kept the grain alive, and how long none has: both only
+    // looked at when the idle check ticks, so a turn reads no clock.
+    let mut activity: u64 = 0;
+    let mut seen_activity: u64 = 0;
+    let mut idle_for = Duration::ZERO;
+    // At most a second apart, so that shedding reacts to memory pressure.
+    let check_every = (idle / 4)
+        .min(Duration::from_secs(1))
+        .max(Duration::from_micros(100));
+    let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if grain.is_some() {
+        loop {
+            // The flag, not the token: checking a token takes a lock.
+            if silo.inner.shutting_down.load(Ordering::Acquire) {
+                break;
+            }
+            let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+                break;
+            };
+            // `None`: idle or shutting down. A message already taken from
+            // the mailbox (a busy grain's common case) runs without
+            // building the select below: the shutdown flag was checked
+            // above, and a busy grain is not idle.
+            let queued = exclusive(&mut mailbox).taken();
+            let next = if let Some(envelope) = queued {
+                // Taking a batch spends none of tokio's cooperative budget,
+                // and a mailbox refilled from other threads could keep this
+                // task from ever yielding: spend one unit per turn, as
+                // `recv` would.
+                tokio::task::consume_budget().await;
+                Some(Some(envelope))
+            } else {
+                loop {
+                    enum Idle<E> {
+                        Next(Option<E>),
+                        Stop,
+                        Check,
+                    }
+                    let event = std::future::poll_fn(|cx| {
+                        use std::task::Poll;
+                        if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
+                            return Poll::Ready(Idle::Next(next));
+                        }
+                        // Registered to be woken: a shutdown that starts now
+                        // wakes this task, and one that started earlier is
+                        // seen here.
+                        if silo.inner.shutting_down.load(Ordering::Acquire) {
+                            return Poll::Ready(Idle::Stop);
+                        }
+                        if idle_check.poll_tick(cx).is_ready() {
+                            return Poll::Ready(Idle::Check);
+                        }
+                        Poll::Pending
+                    })
+                    .await;
+                    match event {
+                        Idle::Next(next) => break Some(next),
+                        Idle::Stop => break None,
+                        Idle::Check => {
+                            if activity == seen_activity {
+                                idle_for += check_every;
+                                let crowded = silo
+                                    .inner
+                                    .config
+                                    .max_activations
+                                    .is_some_and(|most| silo.live_activations() > most);
+                                if idle_for >= idle || crowded {
+                                    break None;
+                                }
+                            } else {
+                                seen_activity = activity;
+                                idle_for = Duration::ZERO;
+                            }
+                        }
+                    }
+                }
+            };
+            ctx.put_mailbox(mailbox);
+            match next {
+                Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
+                Some(Some(envelope)) => {
+                    let keeps_alive = envelope.keeps_alive;
+                    let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
+                    grain = turn(grain, envelope, &key, &mut ctx).await;
+                    drop(busy);
+                    if grain.is_none() {
+                        break;
+                    }
+                    if keeps_alive {
+                        activity += 1;
+                    }
+                }
+                // Idle, shutting down, or (never: the directory holds a
+                // sender) closed.
+                Some(None) | None => break,
+            }
+        }
+    }
+    // Rule 5: no new messages; run the ones already queued. Timers end
+    // with the activation.
+    ctx.cancel_timers();
+    let (gone, gone_signal) = watch::channel(false);
+    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = Some(Entry::Deactivating(gone_signal));
+        }
+    }
+    if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
+        exclusive(&mut mailbox).receiver.close();
+        ctx.put_mailbox(mailbox);
+    }
+    loop {
+        let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+            break;
+        };
+        let next = exclusive(&mut mailbox).next().await;
+        ctx.put_mailbox(mailbox);
+        let Some(envelope) = next else { break };
+        match grain {
+            Some(_) => grain = turn(grain, envelope, &key, &mut ctx).await,
+            // Failed activation: dropping the envelope fails its call.
+            None => drop(envelope),
+        }
+    }
+    let end = if grain.is_some() {
+        ActivationEnd::Deactivated
+    } else {
+        ActivationEnd::ActivationFailed
+    };
+    if let Some(mut grain) = grain {
+        if AssertUnwindSafe(grain.on_deactivate(&mut ctx))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::warn!(grain = %id, "on_deactivate panicked");
+        }
+    }
+    // Timers registered by the last turns or by on_deactivate end too.
+    ctx.cancel_timers();
+    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = None;
+        }
+    }
+    grain_type
+        .directory
+        .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
+    let _ = gone.send(true);
+    tracing::debug!(grain = %id, "deactivated");
+    let listener = silo
+        .inner
+        .ended
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|(_, listener)| listener.clone());
+    if let Some(listener) = listener {
+        listener(&id, end);
+    }
+}
+
+/// A new object for `key`, activated; `None` if `on_activate` failed.
+async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
+    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) else {
+        tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
+        return None;
+    };
+    match AssertUnwindSafe(grain.on_activate(ctx))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => Some(grain),
+        Ok(Err(err)) => {
+            tracing::warn!(grain = %ctx.id(), error = %err, "activation failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(grain = %ctx.id(), "on_activate panicked");
+            None
+        }
+    }
+}
+
+/// One turn (rule 3); a panic resets the activation (rule 6).
+async fn turn<G: Grain>(
+    grain: Option<G>,
+    envelope: Envelope<G>,
+    key: &GrainKey,
+    ctx: &mut GrainContext,
+) -> Option<G> {
+    let mut grain = grain?;
+    let chain = envelope.chain;
+    let write = match envelope.turn {
+        Turn::Write(write) => write,
+        Turn::Read(read) => {
+            read_batch(&grain, (chain, read), ctx).await;
+            return Some(grain);
+        }
+        // Already deactivating (rule 5).
+        Turn::Deactivate => return Some(grain),
+    };
+    ctx.set_chain(chain);
+    let outcome = InChain {
+        chain,
+        future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
+    }
+    .await;
+    match outcome {
+        Ok(()) => Some(grain),
+        Err(_) => {
+            tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+            drop(grain);
+            // The old object's timers go with it; the new one registers its
+            // own in `on_activate`.
+            ctx.cancel_timers();
+            activate::<G>(key, ctx).await
+        }
+    }
+}
+
+/// Rule 10: `first` and the reads queued right behind it run together on
+/// a shared borrow of the grain. The first write in the queue stops the
+/// batch and runs after it. A panicking read fails only its own call: it
+/// could not change the grain.
+async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut GrainContext) {
+    let mut reads = vec![first];
+    if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
+        let open = exclusive(&mut mailbox);
+        while reads.len() < MAX_READ_BATCH {
+            match open.try_next() {
+                Some(Envelope {
+                    chain,
+                    turn: Turn::Read(read),
+                    ..
+                }) => reads.push((chain, read)),
+                Some(other) => {
+                    open.put_back(other);
+                    break;
+                }
+                None => break,
+            }
+        }
+        ctx.put_mailbox(mailbox);
+    }
+    let ctx: &GrainContext = ctx;
+    let running = reads.into_iter().map(|(chain, read)| InChain {
+        chain,
+        future: AssertUnwindSafe(read(grain, ctx)).catch_unwind(),
+    });
+    let panicked = futures_util::future::join_all(running)
+        .await
+        .iter()
+        .filter(|outcome| outcome.is_err())
+        .count();
+    if panicked > 0 {
+        tracing::warn!(grain = %ctx.id(), panicked, "read-only handlers panicked");
+    }
+}

@@ -1,0 +1,319 @@
+//! Building a silo: `SiloConfig` (the settings behind rules 4 and 5 of the
+//! silo's protocol, `silo/mod.rs`) and `SiloBuilder`, which registers grain
+//! types by stable name (stateless workers: rule 9), reminders, messages by
+//! name, services and storage, and builds the silo.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio_util::task::TaskTracker;
+
+use super::registry::{Entry, GrainType};
+use super::{Silo, SiloInner};
+use crate::error::SiloError;
+use crate::grain::{Grain, Handler, Message, Service, service_key};
+use crate::mailbox;
+use crate::storage::{MemoryStorage, StorageProvider};
+
+/// How a silo is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiloConfig {
+    /// Messages an activation's mailbox holds, at least 1 (default 1024).
+    pub mailbox_capacity: usize,
+    /// How long a call waits for its answer (default 30 s).
+    pub call_timeout: Duration,
+    /// How long an activation may sit idle before it is deactivated
+    /// (default 15 minutes).
+    pub idle_timeout: Duration,
+    /// Memory pressure, as a number of activations: while more are alive,
+    /// activations idle for at least one idle check (at most a second) are
+    /// deactivated early (default: no limit).
+    pub max_activations: Option<u64>,
+}
+
+impl Default for SiloConfig {
+    fn default() -> SiloConfig {
+        SiloConfig {
+            mailbox_capacity: 1024,
+            call_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15 * 60),
+            max_activations: None,
+        }
+    }
+}
+
+/// Builds a [`Silo`].
+pub struct SiloBuilder {
+    types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    names: HashMap<String, TypeId>,
+    /// A name registered twice, reported by `build`.
+    duplicate: Option<String>,
+    /// An invalid registration, reported by `build`.
+    invalid: Option<String>,
+    /// Remindable grain types, by registered name.
+    remindable: HashMap<String, crate::reminders::Dispatch>,
+    services: HashMap<TypeId, Service>,
+    storage: Arc<dyn StorageProvider>,
+    config: SiloConfig,
+    /// Per registered type, wakes its activations (for `shutdown`).
+    wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Grain types and messages by name, for dispatch from the network.
+    registry: crate::dispatch::Registry,
+    /// A message name registered twice for one grain type, reported by
+    /// `build`.
+    duplicate_message: Option<(String, String)>,
+}
+
+impl fmt::Debug for SiloBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiloBuilder")
+            .field("grain_types", &self.names.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SiloBuilder {
+    fn default() -> SiloBuilder {
+        SiloBuilder::new()
+    }
+}
+
+impl SiloBuilder {
+    /// A silo with no grain types, in-memory storage and default settings.
+    pub fn new() -> SiloBuilder {
+        SiloBuilder {
+            types: HashMap::new(),
+            names: HashMap::new(),
+            duplicate: None,
+            invalid: None,
+            remindable: HashMap::new(),
+            services: HashMap::new(),
+            storage: Arc::new(MemoryStorage::new()),
+            config: SiloConfig::default(),
+            wake_activations: Vec::new(),
+            registry: crate::dispatch::Registry::default(),
+            duplicate_message: None,
+        }
+    }
+
+    /// Registers grain type `G` under the stable `name`.
+    pub fn register<G: Grain>(self, name: &str) -> SiloBuilder {
+        self.register_with_workers::<G>(name, 1)
+    }
+
+    /// Registers `G` as a stateless worker under `name`: each key may have
+    /// up to `max_workers` activations at once, and a message goes to an
+    /// idle one, or starts another, or else queues where there is most
+    /// room (rule 9). For throughput-bound grains without state.
+    pub fn register_stateless<G: Grain>(self, name: &str, max_workers: usize) -> SiloBuilder {
+        if max_workers == 0 {
+            let mut builder = self;
+            builder
+                .invalid
+                .get_or_insert_with(|| format!("{name}: max_workers is 0"));
+            return builder;
+        }
+        self.register_with_workers::<G>(name, max_workers)
+    }
+
+    fn register_with_workers<G: Grain>(mut self, name: &str, workers: usize) -> SiloBuilder {
+        if self.types.contains_key(&TypeId::of::<G>()) {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "{} is registered under two names",
+                    std::any::type_name::<G>()
+                )
+            });
+        }
+        if self
+            .names
+            .insert(name.to_string(), TypeId::of::<G>())
+            .is_some()
+        {
+            self.duplicate.get_or_insert_with(|| name.to_string());
+        }
+        let registered: Arc<GrainType<G>> = Arc::new(GrainType {
+            name: name.to_string(),
+            directory: DashMap::new(),
+            workers,
+        });
+        self.registry.handles.entry(name.to_string()).or_default();
+        self.registry
+            .type_names
+            .insert(TypeId::of::<G>(), name.to_string());
+        self.registry
+            .deactivators
+            .insert(name.to_string(), crate::dispatch::deactivator::<G>());
+        self.registry
+            .activity
+            .insert(name.to_string(), crate::dispatch::activity::<G>());
+        let directory = registered.clone();
+        self.wake_activations.push(Box::new(move || {
+            for slots in directory.directory.iter() {
+                for slot in slots.iter() {
+                    if let Some(Entry::Active(sender)) = slot {
+                        sender.wake_receiver();
+                    }
+                }
+            }
+        }));
+        self.types.insert(TypeId::of::<G>(), registered);
+        self
+    }
+
+    /// Lets grain type `G`, already registered, hold reminders: it handles
+    /// [`ReminderFired`](crate::ReminderFired), and the silo runs a
+    /// reminder service that fires them, across restarts (see
+    /// `reminders.rs`). A silo with remindable types must be built inside a
+    /// tokio runtime.
+    pub fn remindable<G: Handler<crate::reminders::ReminderFired>>(mut self) -> SiloBuilder {
+        match self
+            .names
+            .iter()
+            .find(|(_, id)| **id == TypeId::of::<G>())
+            .map(|(name, _)| name.clone())
+        {
+            Some(name) => {
+                self.remindable
+                    .insert(name, crate::reminders::dispatcher::<G>());
+            }
+            None => {
+                self.invalid.get_or_insert_with(|| {
+                    format!(
+                        "{} is made remindable before it is registered",
+                        std::any::type_name::<G>()
+                    )
+                });
+            }
+        }
+        self
+    }
+
+    /// Registers message type `M` of grain type `G`, already registered,
+    /// under the stable `name`: a message that arrives by name (from
+    /// another silo, through `Silo::call_named`) is decoded from the wire
+    /// form and handled as a local call would be (see `dispatch.rs`).
+    /// Names are per grain type.
+    pub fn message<G, M>(mut self, name: &str) -> SiloBuilder
+    where
+        G: Handler<M>,
+        M: Message + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize,
+    {
+        let Some(grain_type) = self.registry.type_names.get(&TypeId::of::<G>()).cloned() else {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "message {name:?} is registered for {} before the grain type is",
+                    std::any::type_name::<G>()
+                )
+            });
+            return self;
+        };
+        let messages = self.registry.handles.entry(grain_type.clone()).or_default();
+        if messages
+            .insert(name.to_string(), crate::dispatch::handle::<G, M>())
+            .is_some()
+        {
+            self.duplicate_message
+                .get_or_insert_with(|| (grain_type, name.to_string()));
+        }
+        self.registry
+            .names
+            .insert((TypeId::of::<G>(), TypeId::of::<M>()), name.to_string());
+        self
+    }
+
+    /// Registers a service that grains reach with
+    /// `GrainContext::service::<S>()` (the GPU bridge, for example). The
+    /// silo shares it: keep a clone of the `Arc` to use it outside grains.
+    pub fn service<S: Send + Sync + 'static>(mut self, service: Arc<S>) -> SiloBuilder {
+        self.services.insert(service_key::<S>(), service);
+        self
+    }
+
+    /// Sets the storage provider for grain state.
+    pub fn storage(mut self, storage: Arc<dyn StorageProvider>) -> SiloBuilder {
+        self.storage = storage;
+        self
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: SiloConfig) -> SiloBuilder {
+        self.config = config;
+        self
+    }
+
+    /// Builds the silo. Nothing is activated yet.
+    pub fn build(self) -> Result<Silo, SiloError> {
+        if let Some(duplicate) = self.duplicate {
+            return Err(SiloError::DuplicateName(duplicate));
+        }
+        if let Some((grain_type, message)) = self.duplicate_message {
+            return Err(SiloError::DuplicateMessage {
+                grain_type,
+                message,
+            });
+        }
+        if let Some(invalid) = self.invalid {
+            return Err(SiloError::InvalidConfig(invalid));
+        }
+        if self.config.mailbox_capacity == 0 {
+            return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
+        }
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let reminders = Arc::new(crate::reminders::Reminders::new(
+            self.remindable,
+            self.storage.clone(),
+        ));
+        let runtime = if reminders.is_empty() {
+            None
+        } else {
+            Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                SiloError::InvalidConfig(
+                    "a silo with remindable grains must be built inside a tokio runtime".into(),
+                )
+            })?)
+        };
+        let silo = Silo {
+            inner: Arc::new(SiloInner {
+                types: self.types,
+                services: self.services,
+                storage: self.storage,
+                config: self.config,
+                tasks: TaskTracker::new(),
+                shutdown,
+                shutting_down: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                wake_activations: self.wake_activations,
+                registry: self.registry,
+                activations: AtomicU64::new(0),
+                live: AtomicU64::new(0),
+                sweeper: mailbox::Sweeper::new(mailbox::Sweeper::tick_for(
+                    self.config.call_timeout,
+                )),
+                reminders: reminders.clone(),
+                ended: std::sync::Mutex::new(None),
+                listeners_set: AtomicU64::new(0),
+            }),
+        };
+        if let Some(runtime) = runtime {
+            // The service holds the silo weakly: a silo dropped without a
+            // shutdown does not live on for its reminders.
+            let weak = Arc::downgrade(&silo.inner);
+            let stop = silo.inner.shutdown.clone();
+            let service = async move {
+                let Some(inner) = weak.upgrade() else { return };
+                let reminders = inner.reminders.clone();
+                drop(inner);
+                reminders.run(weak, stop).await;
+            };
+            runtime.spawn(silo.inner.tasks.track_future(service));
+        }
+        Ok(silo)
+    }
+}

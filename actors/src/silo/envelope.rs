@@ -1,0 +1,139 @@
+//! What travels to an activation: a turn (a write, a read, or a request to
+//! deactivate) packed in an envelope with the call chain it belongs to; the
+//! call-chain scoping of a turn's polls; and a call's deadline, read from the
+//! clock only when needed. The pieces of rules 4, 5, 7 and 10 of the silo's
+//! protocol (`silo/mod.rs`) that the other submodules share.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::grain::GrainContext;
+
+/// Runs a handler on a grain and answers its caller.
+pub(super) enum Turn<G> {
+    /// A handler with `&mut` access: runs alone (rule 3).
+    Write(WriteTurn<G>),
+    /// A read-only handler: may interleave with other reads (rule 10).
+    Read(ReadTurn<G>),
+    /// Deactivate now (rule 5), after the turns already taken from the
+    /// mailbox; sent by `GrainRef::deactivate`.
+    Deactivate,
+}
+
+/// Most reads one interleaved batch takes (rule 10).
+pub(super) const MAX_READ_BATCH: usize = 64;
+
+/// A message packed for an activation, with the call chain it belongs to
+/// (rule 7).
+pub(crate) struct Envelope<G> {
+    pub(super) chain: u64,
+    /// Whether the message counts as activity for idle collection (a timer
+    /// tick does not).
+    pub(super) keeps_alive: bool,
+    pub(super) turn: Turn<G>,
+}
+
+thread_local! {
+    /// The call chain of the turn being polled on this thread; 0 while
+    /// none is (chain ids are never 0: see `fresh_chain`).
+    static CHAIN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The chain a new call joins: the current turn's, or a fresh one.
+pub(super) fn current_chain() -> u64 {
+    match CHAIN.with(std::cell::Cell::get) {
+        0 => fresh_chain(),
+        chain => chain,
+    }
+}
+
+/// A turn's future, polled with its chain as the thread's current chain
+/// (rule 7). A thread-local set around each poll, rather than a tokio
+/// task-local: the same scoping for a fraction of the cost, which matters
+/// at one scope per turn.
+pub(super) struct InChain<F> {
+    pub(super) chain: u64,
+    pub(super) future: F,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for InChain<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        /// Puts the previous chain back, also if the poll unwinds.
+        struct Restore(u64);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CHAIN.with(|chain| chain.set(self.0));
+            }
+        }
+        let _restore = Restore(CHAIN.with(|chain| chain.replace(self.chain)));
+        std::pin::Pin::new(&mut self.future).poll(cx)
+    }
+}
+
+/// A chain id no other call has: a per-thread counter in the low 40 bits
+/// and the thread's number above, so no shared counter is touched.
+pub(super) fn fresh_chain() -> u64 {
+    static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        /// The next chain of this thread; 0 until its first call.
+        static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    NEXT.with(|next| {
+        let chain = match next.get() {
+            // Low bits from 1: never 0 (no chain), even once the thread
+            // number wraps (after 2^24 threads, when ids may repeat).
+            0 => (NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40) | 1,
+            chain => chain,
+        };
+        next.set(chain + 1);
+        chain
+    })
+}
+
+/// `timeout` from now; a timeout too long to represent waits a century.
+pub(super) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// A call's deadline, read from the clock only when a wait needs it: the
+/// fast paths (room in the mailbox, an answer ready after one yield) read
+/// no clock. Once read, it stays: every wait of the call shares it.
+pub(super) struct Deadline {
+    timeout: Duration,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    pub(super) fn after(timeout: Duration) -> Deadline {
+        Deadline { timeout, at: None }
+    }
+
+    pub(super) fn at(at: Instant, timeout: Duration) -> Deadline {
+        Deadline {
+            timeout,
+            at: Some(at),
+        }
+    }
+
+    pub(super) fn get(&mut self) -> Instant {
+        *self.at.get_or_insert_with(|| deadline_after(self.timeout))
+    }
+}
+
+/// A turn with `&mut` access to the grain.
+type WriteTurn<G> =
+    Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
+
+/// A read-only turn.
+pub(super) type ReadTurn<G> =
+    Box<dyn for<'a> FnOnce(&'a G, &'a GrainContext) -> BoxFuture<'a, ()> + Send>;

@@ -1,0 +1,274 @@
+//! The silo: registered grain types, their activations, and grain
+//! references.
+//!
+//! # Activation protocol
+//!
+//! 1. **Directory.** Each registered grain type has a directory from key to
+//!    entry: `Active` (the activation's mailbox sender) or `Deactivating`
+//!    (a signal that fires when the old activation is gone).
+//! 2. **Activation on demand.** A message for a key with no entry inserts
+//!    an `Active` entry and spawns the activation, under the directory's
+//!    per-key lock; so concurrent first messages create exactly one
+//!    activation.
+//! 3. **Turns.** An activation is one task that takes the messages in its
+//!    bounded mailbox in arrival order (a single activation takes all that
+//!    are queued at once) and runs one handler at a time to completion:
+//!    turns never overlap, and messages from one sender run in the order
+//!    sent.
+//! 4. **Backpressure.** A full mailbox makes senders wait, bounded by the
+//!    call timeout (enforced by a silo-wide sweep, so at most one sweep
+//!    tick late); memory never grows without bound. A waiting sender's
+//!    message waits in the mailbox and takes the next free slot in turn. A
+//!    single activation holds at most twice its capacity (the batch it
+//!    works through and a full mailbox), three times while a turn lends
+//!    the grain (plus the set-aside messages of rule 7); the rules are in
+//!    `mailbox.rs`.
+//! 5. **Deactivation** (idle for `idle_timeout`, idle for one check while
+//!    the silo holds more than `max_activations`, or silo shutdown): the
+//!    activation marks its entry `Deactivating`, closes its mailbox, runs
+//!    the messages already in it, runs `on_deactivate`, removes the entry
+//!    and fires the signal. A sender whose message is refused by the closed
+//!    mailbox gets the message back, waits for the signal, and delivers to
+//!    a new activation. Nothing is lost, and the old and new activations
+//!    never overlap.
+//! 6. **Failures.** A handler that panics fails its call with `TurnFailed`;
+//!    the activation is reset (a new object, `on_activate` again) and goes
+//!    on with the next message. An activation whose `on_activate` fails
+//!    fails the messages waiting for it and ends.
+//! 7. **Call chains and reentrancy.** Every message carries a call chain:
+//!    a call made while a turn runs joins that turn's chain (a thread-local set around each poll of the turn),
+//!    any other call starts a new one. A turn that calls another grain
+//!    through `GrainContext::call` lends its grain while it waits: a
+//!    message of its own chain that reaches the grain then runs at once, on
+//!    the lent grain (A → B → A completes); messages of other chains are
+//!    set aside and run after the turn, in arrival order. A panic in a
+//!    reentrant turn unwinds the turn that lent the grain, and rule 6
+//!    resets the activation.
+//! 8. **Timers** belong to an activation: a tick is a message the
+//!    activation sends itself, run as a turn like any other. Ticks do not
+//!    count as activity for idle collection, and a timer ends when its
+//!    activation deactivates or resets (its mailbox refuses the tick).
+//! 9. **Stateless workers.** A type registered with `register_stateless`
+//!    has up to `max_workers` slots per key instead of one. A message goes
+//!    to an idle activation (empty mailbox, no turn running: a worker holds
+//!    one slot of its own mailbox while it runs a turn), else starts one in
+//!    a free slot, else queues in the activation with the most room. Each worker
+//!    is an ordinary activation (rules 3 to 8); rule 2's "exactly one"
+//!    becomes "at most `max_workers`".
+//! 10. **Read-only interleaving.** A message sent with `GrainRef::read` is
+//!     handled by `ReadHandler::handle_read`, on `&self`. When a turn would
+//!     start with a read, the reads queued right behind it (up to 64) join
+//!     it and they run together, interleaved at their await points; the
+//!     first write in the queue waits for the batch. A panicking read fails
+//!     its own call only.
+//!
+//! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
+//! `registry` (the per-type directory: rules 1, 2 and 9), `activation`
+//! (the activation task, its turns and mailbox: rules 3, 5 to 8 and 10),
+//! `reference` (`GrainRef`: delivery, rules 4 and 5), `context`
+//! (`GrainContext::call`, timers, reminders) and `builder` (`SiloBuilder`,
+//! `SiloConfig`).
+
+mod activation;
+mod builder;
+mod context;
+mod envelope;
+mod reference;
+mod registry;
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+
+use tokio_util::task::TaskTracker;
+
+pub(crate) use activation::Mailbox;
+pub use builder::{SiloBuilder, SiloConfig};
+pub use context::Timer;
+pub use reference::GrainRef;
+
+use crate::grain::{Grain, Service, service_key};
+use crate::key::GrainId;
+use crate::mailbox;
+use crate::storage::StorageProvider;
+
+pub(crate) struct SiloInner {
+    types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    services: HashMap<TypeId, Service>,
+    storage: Arc<dyn StorageProvider>,
+    config: SiloConfig,
+    tasks: TaskTracker,
+    /// Cancelled when the silo shuts down.
+    shutdown: tokio_util::sync::CancellationToken,
+    shutting_down: AtomicBool,
+    /// Set once `shutdown` has waited for every activation: an activation
+    /// that starts later runs no grain code.
+    stopped: AtomicBool,
+    /// Per grain type, wakes every activation (to see `shutting_down`).
+    wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Grain types and messages by name.
+    registry: crate::dispatch::Registry,
+    activations: AtomicU64,
+    live: AtomicU64,
+    /// Times out senders waiting on full mailboxes.
+    sweeper: Arc<mailbox::Sweeper>,
+    pub(crate) reminders: Arc<crate::reminders::Reminders>,
+    /// Told of every activation that ends (a cluster node's), with the
+    /// number of the guard that set it.
+    ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
+    /// Numbers the listeners set.
+    listeners_set: AtomicU64,
+}
+
+/// Keeps a silo's activation-end listener set; dropping it clears the
+/// listener (`Silo::on_activation_ended`).
+#[must_use = "the listener is cleared when the guard is dropped"]
+pub struct EndedListenerGuard {
+    silo: std::sync::Weak<SiloInner>,
+    number: u64,
+}
+
+impl fmt::Debug for EndedListenerGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndedListenerGuard")
+            .field("number", &self.number)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EndedListenerGuard {
+    fn drop(&mut self) {
+        if let Some(silo) = self.silo.upgrade() {
+            let mut ended = silo.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            if ended
+                .as_ref()
+                .is_some_and(|(number, _)| *number == self.number)
+            {
+                *ended = None;
+            }
+        }
+    }
+}
+
+/// Told of every activation that ends (`Silo::on_activation_ended`).
+pub type EndedListener = Arc<dyn Fn(&GrainId, ActivationEnd) + Send + Sync>;
+
+/// How an activation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationEnd {
+    /// It deactivated (idle, on request, under memory pressure, or at
+    /// shutdown) after `on_deactivate`.
+    Deactivated,
+    /// Its `on_activate` failed (or the silo had stopped): it handled
+    /// nothing, and the messages that waited for it failed.
+    ActivationFailed,
+}
+
+/// A node of the runtime. Cheap to clone; every clone is the same silo.
+#[derive(Clone)]
+pub struct Silo {
+    inner: Arc<SiloInner>,
+}
+
+impl fmt::Debug for Silo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Silo")
+            .field("grain_types", &self.inner.types.len())
+            .field("live_activations", &self.live_activations())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Silo {
+    pub(crate) fn from_inner(inner: Arc<SiloInner>) -> Silo {
+        Silo { inner }
+    }
+
+    /// A builder.
+    pub fn builder() -> SiloBuilder {
+        SiloBuilder::new()
+    }
+
+    pub(crate) fn registry(&self) -> &crate::dispatch::Registry {
+        &self.inner.registry
+    }
+
+    /// The name grain type `G` is registered under, if it is.
+    pub fn grain_type_name<G: Grain>(&self) -> Option<&str> {
+        self.inner
+            .registry
+            .type_names
+            .get(&TypeId::of::<G>())
+            .map(String::as_str)
+    }
+
+    /// Activations started since the silo was built.
+    pub fn activations_started(&self) -> u64 {
+        self.inner.activations.load(Ordering::Relaxed)
+    }
+
+    /// Activations alive now.
+    pub fn live_activations(&self) -> u64 {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    /// Calls `listener` each time an activation ends, after its entry is
+    /// gone (a message sent from inside the listener starts a new one).
+    /// It runs on the activation's task and must not block. One listener
+    /// at a time per silo (a cluster node sets it to release the directory
+    /// entries of grains that are no longer active here): while the
+    /// returned guard lives, another is refused and comes back.
+    pub fn on_activation_ended(
+        &self,
+        listener: EndedListener,
+    ) -> Result<EndedListenerGuard, EndedListener> {
+        let mut ended = self
+            .inner
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ended.is_some() {
+            return Err(listener);
+        }
+        let number = self.inner.listeners_set.fetch_add(1, Ordering::Relaxed);
+        *ended = Some((number, listener));
+        Ok(EndedListenerGuard {
+            silo: Arc::downgrade(&self.inner),
+            number,
+        })
+    }
+
+    pub(crate) fn storage(&self) -> Arc<dyn StorageProvider> {
+        self.inner.storage.clone()
+    }
+
+    pub(crate) fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+        self.inner
+            .services
+            .get(&service_key::<S>())
+            .and_then(|service| service.clone().downcast::<S>().ok())
+    }
+
+    /// Deactivates every activation gracefully (each finishes the messages
+    /// in its mailbox and runs `on_deactivate`, which writes state), then
+    /// returns. Later calls fail with `ShutDown`.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shutdown.cancel();
+        // An idle activation sees the flag when woken; one that goes idle
+        // after this reads the flag after registering to be woken (see
+        // `run_activation`), so none sleeps through the shutdown.
+        for wake in &self.inner.wake_activations {
+            wake();
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        // An activation spawned by a sender that passed the flag just
+        // before it was set may still be starting: it sees `stopped` and
+        // runs no grain code, or it started before and is waited for here.
+        self.inner.stopped.store(true, Ordering::Release);
+        self.inner.tasks.wait().await;
+    }
+}

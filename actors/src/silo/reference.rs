@@ -1,0 +1,308 @@
+//! Grain references: `GrainRef` (call, read, tell, deactivate) and
+//! `Silo::grain`, which makes one. Delivery to an activation's mailbox,
+//! through full mailboxes and deactivations: rules 4 and 5 of the silo's
+//! protocol (`silo/mod.rs`), and the caller's side of rules 7 and 10.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::Silo;
+use super::envelope::{Deadline, Envelope, Turn, current_chain, fresh_chain};
+use super::registry::{Entry, GrainType};
+use crate::error::CallError;
+use crate::grain::{Grain, Handler, Message};
+use crate::key::{GrainId, GrainKey};
+use crate::mailbox::{self, SendError, TrySendError};
+
+/// A reference to a grain: cheap to clone, valid whether or not the grain
+/// is active.
+pub struct GrainRef<G> {
+    pub(super) silo: Silo,
+    key: GrainKey,
+    /// The grain type's directory, looked up once; `None` if `G` is not
+    /// registered.
+    registered: Option<Arc<GrainType<G>>>,
+    /// The mailbox of the activation this reference delivered to last.
+    last: mailbox::SenderCache<Envelope<G>>,
+    _grain: PhantomData<fn() -> G>,
+}
+
+impl<G> Clone for GrainRef<G> {
+    fn clone(&self) -> GrainRef<G> {
+        GrainRef {
+            silo: self.silo.clone(),
+            key: self.key.clone(),
+            registered: self.registered.clone(),
+            last: self.last.clone(),
+            _grain: PhantomData,
+        }
+    }
+}
+
+impl<G> fmt::Debug for GrainRef<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrainRef")
+            .field("type", &std::any::type_name::<G>())
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl<G: Grain> GrainRef<G> {
+    /// The grain's key.
+    pub fn key(&self) -> &GrainKey {
+        &self.key
+    }
+
+    /// Sends `message` and waits for the reply, at most the silo's call
+    /// timeout. Dropping the future cancels the wait (the message may
+    /// still run).
+    pub async fn call<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
+    where
+        G: Handler<M>,
+    {
+        let (reply, answer) = oneshot::channel();
+        let turn: Turn<G> = Turn::Write(Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = reply.send(grain.handle(message, ctx).await);
+            })
+        }));
+        self.ask(turn, answer).await
+    }
+
+    /// Delivers `turn`, which answers on `answer`, and waits for the
+    /// answer: the shared body of [`GrainRef::call`] and [`GrainRef::read`].
+    async fn ask<R>(&self, turn: Turn<G>, answer: oneshot::Receiver<R>) -> Result<R, CallError> {
+        let grain_type = self.registered()?;
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        let envelope = Envelope::<G> {
+            chain: current_chain(),
+            keeps_alive: true,
+            turn,
+        };
+        self.deliver(grain_type, envelope, &mut deadline).await?;
+        self.reply(grain_type, answer, &mut deadline).await
+    }
+
+    /// Waits for the answer to a delivered call, until `deadline`.
+    async fn reply<R>(
+        &self,
+        grain_type: &GrainType<G>,
+        mut answer: oneshot::Receiver<R>,
+        deadline: &mut Deadline,
+    ) -> Result<R, CallError> {
+        // Fast path: give the activation a chance to run first, and take the
+        // answer without arming a timer if it is already there.
+        tokio::task::yield_now().await;
+        let answer = match answer.try_recv() {
+            Ok(reply) => return Ok(reply),
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Err(CallError::TurnFailed {
+                    grain: self.id(grain_type),
+                });
+            }
+            Err(oneshot::error::TryRecvError::Empty) => answer,
+        };
+        match tokio::time::timeout_at(deadline.get(), answer).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(CallError::TurnFailed {
+                grain: self.id(grain_type),
+            }),
+            Err(_) => Err(CallError::Timeout {
+                grain: self.id(grain_type),
+                after: self.silo.inner.config.call_timeout,
+            }),
+        }
+    }
+
+    /// Sends a read-only `message` and waits for the reply, as
+    /// [`GrainRef::call`] does. Reads queued together run interleaved on a
+    /// shared borrow of the grain (rule 10); writes never overlap them.
+    pub async fn read<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
+    where
+        G: crate::grain::ReadHandler<M>,
+    {
+        let (reply, answer) = oneshot::channel();
+        let turn: Turn<G> = Turn::Read(Box::new(move |grain, ctx| {
+            Box::pin(async move {
+                let _ = reply.send(grain.handle_read(message, ctx).await);
+            })
+        }));
+        self.ask(turn, answer).await
+    }
+
+    /// Sends `message` without waiting for its handling: returns once the
+    /// grain's mailbox has taken it (waiting at most the call timeout for
+    /// room).
+    pub async fn tell<M: Message>(&self, message: M) -> Result<(), CallError>
+    where
+        G: Handler<M>,
+    {
+        let grain_type = self.registered()?;
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        let envelope = Envelope::<G> {
+            chain: current_chain(),
+            keeps_alive: true,
+            turn: Turn::Write(Box::new(move |grain, ctx| {
+                Box::pin(async move {
+                    let _ = grain.handle(message, ctx).await;
+                })
+            })),
+        };
+        self.deliver(grain_type, envelope, &mut deadline).await
+    }
+
+    /// Deactivates the grain's activation, if it has one: it runs what its
+    /// mailbox already holds, then `on_deactivate` (rule 5); the next
+    /// message activates it again. Returns once the request is queued.
+    pub async fn deactivate(&self) -> Result<(), CallError> {
+        let grain_type = self.registered()?;
+        let active = grain_type.directory.get(&self.key).is_some_and(|slots| {
+            slots
+                .iter()
+                .any(|slot| matches!(slot, Some(Entry::Active(sender)) if !sender.is_closed()))
+        });
+        if !active {
+            return Ok(());
+        }
+        let envelope = Envelope::<G> {
+            chain: fresh_chain(),
+            keeps_alive: false,
+            turn: Turn::Deactivate,
+        };
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        self.deliver(grain_type, envelope, &mut deadline).await
+    }
+
+    /// Whether this silo holds an activation of the grain now (starting,
+    /// running or deactivating). A grain type that is not registered has
+    /// none.
+    pub fn is_active(&self) -> bool {
+        self.registered
+            .as_ref()
+            .is_some_and(|grain_type| grain_type.directory.contains_key(&self.key))
+    }
+
+    pub(super) fn registered(&self) -> Result<&Arc<GrainType<G>>, CallError> {
+        self.registered.as_ref().ok_or(CallError::NotRegistered {
+            type_name: std::any::type_name::<G>(),
+        })
+    }
+
+    pub(super) fn id(&self, grain_type: &GrainType<G>) -> GrainId {
+        GrainId {
+            type_name: grain_type.name.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    /// Puts `envelope` in the grain's mailbox, activating it if needed; a
+    /// mailbox closed by deactivation hands the envelope back, and it goes
+    /// to the next activation (rule 5).
+    pub(super) async fn deliver(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        mut envelope: Envelope<G>,
+        deadline: &mut Deadline,
+    ) -> Result<(), CallError> {
+        // Fast paths, for a single activation with room in its mailbox: the
+        // mailbox this reference delivered to last, if still open (no
+        // lookup); else the directory, where the send happens under the
+        // shared lock so no sender is cloned. Neither reads a clock. A
+        // full mailbox is waited on right away, without another lookup.
+        let mut full = None;
+        if grain_type.workers <= 1 && !self.silo.inner.shutting_down.load(Ordering::Acquire) {
+            envelope = match self.last.try_send(envelope) {
+                Ok(()) => return Ok(()),
+                Err((returned, mailbox)) => {
+                    full = mailbox;
+                    returned
+                }
+            };
+            if full.is_none() {
+                if let Some(slots) = grain_type.directory.get(&self.key) {
+                    if let Some(Some(Entry::Active(sender))) = slots.first() {
+                        envelope = match sender.try_send(envelope) {
+                            Ok(()) => {
+                                self.last.set(sender);
+                                return Ok(());
+                            }
+                            Err(TrySendError::Full(returned)) => {
+                                self.last.set(sender);
+                                full = Some(sender.clone());
+                                returned
+                            }
+                            Err(TrySendError::Closed(returned)) => returned,
+                        };
+                    }
+                }
+            }
+        }
+        loop {
+            let mailbox = match full.take() {
+                Some(mailbox) => mailbox,
+                None => {
+                    let mailbox = self
+                        .silo
+                        .mailbox(grain_type, &self.key, deadline.get())
+                        .await?;
+                    if grain_type.workers <= 1 {
+                        self.last.set(&mailbox);
+                    }
+                    // Room in the mailbox: no timer needed.
+                    envelope = match mailbox.try_send(envelope) {
+                        Ok(()) => return Ok(()),
+                        Err(TrySendError::Closed(returned)) => {
+                            // The activation is deactivating or died: give
+                            // it a moment, and respect the deadline.
+                            if Instant::now() >= deadline.get() {
+                                return Err(CallError::Timeout {
+                                    grain: self.id(grain_type),
+                                    after: self.silo.inner.config.call_timeout,
+                                });
+                            }
+                            tokio::task::yield_now().await;
+                            envelope = returned;
+                            continue;
+                        }
+                        Err(TrySendError::Full(returned)) => returned,
+                    };
+                    mailbox
+                }
+            };
+            // The mailbox times the wait out itself, without a timer per
+            // waiting sender (see `mailbox.rs`).
+            match mailbox.send(envelope, deadline.get()).await {
+                Ok(()) => return Ok(()),
+                // Closed while waiting (deactivated): the next turn of the
+                // loop finds the next activation (rule 5).
+                Err(SendError::Closed(returned)) => envelope = returned,
+                Err(SendError::Timeout) => {
+                    return Err(CallError::Timeout {
+                        grain: self.id(grain_type),
+                        after: self.silo.inner.config.call_timeout,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Silo {
+    /// A reference to the grain of type `G` with `key`. It always exists:
+    /// the first message activates it.
+    pub fn grain<G: Grain>(&self, key: impl Into<GrainKey>) -> GrainRef<G> {
+        GrainRef {
+            silo: self.clone(),
+            key: key.into(),
+            registered: self.grain_type::<G>().ok(),
+            last: mailbox::SenderCache::new(),
+            _grain: PhantomData,
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The per-type activation directory: each registered grain type's map
+//! from key to activation slots, the choice of a slot for a message, and
+//! the start of an activation. Rules 1, 2 and 9 of the silo's protocol
+//! (`silo/mod.rs`), and rule 5's wait for a deactivating activation.
+
+use std::any::TypeId;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::Silo;
+use super::activation::run_activation;
+use super::envelope::Envelope;
+use crate::error::CallError;
+use crate::grain::Grain;
+use crate::key::{GrainId, GrainKey};
+use crate::mailbox;
+
+/// A directory entry (rule 1).
+pub(super) enum Entry<G> {
+    Active(mailbox::Sender<Envelope<G>>),
+    Deactivating(watch::Receiver<bool>),
+}
+
+/// One registered grain type.
+pub(super) struct GrainType<G> {
+    pub(super) name: String,
+    /// Per key, one slot per worker: `workers` slots for a stateless
+    /// worker type (rule 9), one otherwise. A key with every slot empty is
+    /// removed.
+    pub(super) directory: DashMap<GrainKey, Vec<Option<Entry<G>>>>,
+    /// Activations one key may have at once, at least 1.
+    pub(super) workers: usize,
+}
+
+/// What a message for a key should do (rules 2 and 9).
+enum Choice<G> {
+    Use(mailbox::Sender<Envelope<G>>),
+    Activate(usize),
+    Wait(watch::Receiver<bool>),
+}
+
+/// Picks a slot: an idle activation, else a free slot to activate, else the
+/// activation with the most room, else (every slot deactivating) the first
+/// one to wait for.
+fn choose<G>(slots: &[Option<Entry<G>>]) -> Choice<G> {
+    let mut roomiest: Option<&mailbox::Sender<Envelope<G>>> = None;
+    let mut free = None;
+    let mut leaving = None;
+    for (index, slot) in slots.iter().enumerate() {
+        match slot {
+            Some(Entry::Active(sender)) => {
+                if sender.capacity() == sender.max_capacity() {
+                    return Choice::Use(sender.clone());
+                }
+                if roomiest.is_none_or(|best| sender.capacity() > best.capacity()) {
+                    roomiest = Some(sender);
+                }
+            }
+            None => {
+                free.get_or_insert(index);
+            }
+            Some(Entry::Deactivating(gone)) => {
+                leaving.get_or_insert(gone);
+            }
+        }
+    }
+    match (free, roomiest, leaving) {
+        (Some(index), _, _) => Choice::Activate(index),
+        (None, Some(sender), _) => Choice::Use(sender.clone()),
+        (None, None, Some(gone)) => Choice::Wait(gone.clone()),
+        // No slots at all (a worker count of 0 is refused at build).
+        (None, None, None) => Choice::Activate(0),
+    }
+}
+
+impl Silo {
+    pub(super) fn grain_type<G: Grain>(&self) -> Result<Arc<GrainType<G>>, CallError> {
+        self.inner
+            .types
+            .get(&TypeId::of::<G>())
+            .and_then(|registered| registered.clone().downcast::<GrainType<G>>().ok())
+            .ok_or(CallError::NotRegistered {
+                type_name: std::any::type_name::<G>(),
+            })
+    }
+
+    /// The mailbox of `key`'s activation, activating it if needed (rules 1,
+    /// 2 and 5).
+    pub(super) async fn mailbox<G: Grain>(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        key: &GrainKey,
+        deadline: Instant,
+    ) -> Result<mailbox::Sender<Envelope<G>>, CallError> {
+        loop {
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return Err(CallError::ShutDown);
+            }
+            // The common case, an idle activation: a shared lock, no key
+            // copy.
+            if let Some(slots) = grain_type.directory.get(key) {
+                if let Choice::Use(sender) = choose(&slots) {
+                    if !sender.is_closed() {
+                        return Ok(sender);
+                    }
+                }
+            }
+            let mut gone = match grain_type.directory.entry(key.clone()) {
+                dashmap::Entry::Occupied(mut entry) => {
+                    // An active slot whose mailbox is closed belongs to an
+                    // activation that died (rule 5 marks a slot
+                    // `Deactivating` before closing): free it.
+                    for slot in entry.get_mut().iter_mut() {
+                        if matches!(slot, Some(Entry::Active(sender)) if sender.is_closed()) {
+                            *slot = None;
+                        }
+                    }
+                    match choose(entry.get()) {
+                        Choice::Use(sender) => return Ok(sender),
+                        Choice::Wait(gone) => gone,
+                        Choice::Activate(worker) => {
+                            let sender = self.activate_slot(grain_type, key, worker);
+                            if let Some(slot) = entry.get_mut().get_mut(worker) {
+                                *slot = Some(Entry::Active(sender.clone()));
+                            }
+                            return Ok(sender);
+                        }
+                    }
+                }
+                dashmap::Entry::Vacant(vacant) => {
+                    let sender = self.activate_slot(grain_type, key, 0);
+                    let mut slots: Vec<Option<Entry<G>>> =
+                        (0..grain_type.workers.max(1)).map(|_| None).collect();
+                    slots[0] = Some(Entry::Active(sender.clone()));
+                    vacant.insert(slots);
+                    return Ok(sender);
+                }
+            };
+            // The old activation is finishing: wait until it is gone, at
+            // most until the call's deadline. If it died without saying so
+            // (its task was cancelled), clear its slot.
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(deadline, gone.wait_for(|gone| *gone)) => waited,
+                _ = self.inner.shutdown.cancelled() => return Err(CallError::ShutDown),
+            };
+            let Ok(waited) = waited else {
+                return Err(CallError::Timeout {
+                    grain: GrainId {
+                        type_name: grain_type.name.clone(),
+                        key: key.clone(),
+                    },
+                    after: self.inner.config.call_timeout,
+                });
+            };
+            if waited.is_err() {
+                if let Some(mut slots) = grain_type.directory.get_mut(key) {
+                    for slot in slots.iter_mut() {
+                        if matches!(slot, Some(Entry::Deactivating(gone)) if gone.has_changed().is_err())
+                        {
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts activation `worker` of `key` (under the directory's lock for
+    /// `key`) and returns its mailbox.
+    fn activate_slot<G: Grain>(
+        &self,
+        grain_type: &Arc<GrainType<G>>,
+        key: &GrainKey,
+        worker: usize,
+    ) -> mailbox::Sender<Envelope<G>> {
+        let (sender, mailbox) = mailbox::channel(
+            self.inner.config.mailbox_capacity,
+            self.inner.sweeper.clone(),
+        );
+        self.spawn_activation(
+            grain_type.clone(),
+            key.clone(),
+            worker,
+            mailbox,
+            sender.clone(),
+        );
+        sender
+    }
+
+    fn spawn_activation<G: Grain>(
+        &self,
+        grain_type: Arc<GrainType<G>>,
+        key: GrainKey,
+        worker: usize,
+        mailbox: mailbox::Receiver<Envelope<G>>,
+        sender: mailbox::Sender<Envelope<G>>,
+    ) {
+        self.inner.activations.fetch_add(1, Ordering::Relaxed);
+        self.inner.live.fetch_add(1, Ordering::Relaxed);
+        let silo = self.clone();
+        self.inner.tasks.spawn(async move {
+            run_activation(silo.clone(), grain_type, key, worker, mailbox, sender).await;
+            silo.inner.live.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}

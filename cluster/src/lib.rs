@@ -1,6 +1,6 @@
 //! Granary's cluster: silos on several machines that act as one.
 //!
-//! Built so far:
+//! Its parts:
 //! - [`transport`]: byte streams between silos, over TCP or an in-process
 //!   network that still serialises every frame and can cut links;
 //! - [`wire`]: the frames (length-delimited, a postcard header, raw
@@ -8,17 +8,22 @@
 //! - [`auth`]: the cluster secret and the handshake that proves it;
 //! - [`connection`]: one authenticated, multiplexed, pipelined connection
 //!   per pair of silos, whose calls fail fast when it closes;
-//! - [`membership`]: gossip (chitchat) with phi-accrual failure detection,
-//!   each silo's load in its node state;
+//! - [`membership`]: gossip (chitchat) with phi-accrual failure detection
+//!   and a grace before a silent silo is declared dead, each silo's load
+//!   in its signed node state;
 //! - [`placement`]: random, prefer-local, hash, least-activations and
 //!   GPU-aware placement over the membership view;
 //! - [`directory`]: rendezvous ownership of directory entries, the
-//!   first-registration-wins partition, and the callers' location cache.
+//!   first-registration-wins partition, and the callers' location cache;
+//! - [`node`]: [`ClusterNode`], a silo joined to the cluster: the
+//!   directory service between silos and its hand-over on view changes,
+//!   homes and their device-memory promises, calls routed to the grain's
+//!   home wherever it is, failover when a silo dies;
+//! - `etcd` (feature `etcd`): membership by leases and the grain directory
+//!   in etcd, with fencing when a silo loses its lease.
 //!
-//! Still to come in issue 5: the directory service between silos (its
-//! messages and the hand-over of entries), routing grain references to
-//! remote activations, the etcd provider, `granary node` and the
-//! multi-node demo (see `ARCHITECTURE.md`).
+//! `granary node` and `granary demo --nodes N` (the `granary` crate) run
+//! silos from TOML files; see `ARCHITECTURE.md` for how the parts fit.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

@@ -14,8 +14,9 @@
 //!    ([`Backend::alloc_resident`], [`Backend::run_batch_parts`]; the
 //!    contract is in `resident.rs`).
 //!
-//! The bridge drives every backend through these traits only, so the CUDA
-//! backend plugs in beside the two here.
+//! The bridge drives every backend through these traits only: the CPU
+//! backend here, OpenCL (`opencl.rs`) and CUDA (`cuda.rs`) all plug in the
+//! same way.
 
 use std::fmt;
 use std::time::Duration;

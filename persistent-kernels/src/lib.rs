@@ -15,10 +15,12 @@
 //!
 //! Every backend implements [`Backend`] (discover devices, build with a
 //! cache, launch a [`PersistentKernel`], run the launch-per-batch path):
-//! the CPU backend ([`CpuBackend`], a thread runs the loop) and OpenCL
-//! ([`opencl`], rings in fine-grained SVM). The shipped kernels
-//! ([`shipped`]) have CPU, OpenCL C and CUDA C implementations in
-//! `kernels/`.
+//! the CPU backend ([`CpuBackend`], a thread runs the loop), OpenCL
+//! ([`opencl`], rings in fine-grained SVM; run on POCL in CI) and CUDA
+//! ([`cuda`], cudarc with the driver and NVRTC loaded at run time, rings in
+//! pinned host-mapped memory drained by one persistent block; run on an
+//! H100, see `docs/reports/`). The shipped kernels ([`shipped`]) have CPU,
+//! OpenCL C and CUDA C implementations in `kernels/`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

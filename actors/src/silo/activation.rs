@@ -38,21 +38,6 @@ pub(crate) struct Mailbox<G> {
     pub(super) deferred: std::collections::VecDeque<Envelope<G>>,
 }
 
-/// A mailbox taken out of its context for a reentrant wait; put back when
-/// dropped.
-pub(super) struct LentMailbox<'c, G: Grain> {
-    pub(super) ctx: &'c mut GrainContext,
-    pub(super) mailbox: Option<Box<std::sync::Mutex<Mailbox<G>>>>,
-}
-
-impl<G: Grain> Drop for LentMailbox<'_, G> {
-    fn drop(&mut self) {
-        if let Some(mailbox) = self.mailbox.take() {
-            self.ctx.put_mailbox(mailbox);
-        }
-    }
-}
-
 /// The mailbox behind a `&mut`: its mutex is never contended (see
 /// `GrainContext::mailbox`), and a poisoned one is still consistent.
 pub(super) fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox<G> {

@@ -9,10 +9,25 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::GrainRef;
-use super::activation::{LentMailbox, exclusive};
+use super::activation::{Mailbox, exclusive};
 use super::envelope::{Deadline, Envelope, Turn, current_chain, deadline_after};
 use crate::error::CallError;
 use crate::grain::{Grain, GrainContext, Handler, Message};
+
+/// A mailbox taken out of its context for a reentrant wait; put back when
+/// dropped.
+struct LentMailbox<'c, G: Grain> {
+    ctx: &'c mut GrainContext,
+    mailbox: Option<Box<std::sync::Mutex<Mailbox<G>>>>,
+}
+
+impl<G: Grain> Drop for LentMailbox<'_, G> {
+    fn drop(&mut self) {
+        if let Some(mailbox) = self.mailbox.take() {
+            self.ctx.put_mailbox(mailbox);
+        }
+    }
+}
 
 impl GrainContext {
     /// Calls `target` from a turn of `this` grain and waits for the reply,

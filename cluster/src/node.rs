@@ -472,12 +472,15 @@ pub struct NodeBuilder {
 impl ClusterNode {
     /// A builder for a node hosting `silo`'s grains, over TCP, placing new
     /// activations with GPU-aware placement, and grains that need no
-    /// device (or fit none) by rendezvous hash.
+    /// device (or fit none) by rendezvous hash. The node publishes the
+    /// devices of the silo's GPU bridge, if the silo serves one
+    /// ([`SiloBuilder::service`](granary_actors::SiloBuilder::service)):
+    /// the bridge is handed over once, to the silo.
     pub fn builder(silo: Silo, config: NodeConfig) -> NodeBuilder {
         NodeBuilder {
+            bridge: silo.service::<GpuBridge>(),
             silo,
             config,
-            bridge: None,
             transport: Arc::new(crate::TcpTransport),
             placement: Arc::new(crate::placement::GpuAware::with_fallback(Box::new(
                 crate::placement::HashPlacement,
@@ -1521,12 +1524,6 @@ impl NodeBuilder {
     /// Places new activations with `placement`.
     pub fn placement(mut self, placement: Arc<dyn PlacementStrategy>) -> NodeBuilder {
         self.placement = placement;
-        self
-    }
-
-    /// Publishes the devices of `bridge` with the silo's load (rule 5).
-    pub fn bridge(mut self, bridge: Arc<GpuBridge>) -> NodeBuilder {
-        self.bridge = Some(bridge);
         self
     }
 

@@ -38,6 +38,16 @@ impl Handler<Nap> for Counter {
 }
 
 fn silo(storage: Arc<dyn StorageProvider>) -> Silo {
+    silo_builder(storage).build().unwrap()
+}
+
+/// A silo that serves `bridge` to its grains; its node publishes the
+/// bridge's devices.
+fn silo_serving(storage: Arc<dyn StorageProvider>, bridge: Arc<GpuBridge>) -> Silo {
+    silo_builder(storage).service(bridge).build().unwrap()
+}
+
+fn silo_builder(storage: Arc<dyn StorageProvider>) -> granary_actors::SiloBuilder {
     Silo::builder()
         .register::<Counter>("counter")
         .message::<Counter, Add>("add")
@@ -45,8 +55,6 @@ fn silo(storage: Arc<dyn StorageProvider>) -> Silo {
         .register::<Counter2>("tensor")
         .message::<Counter2, Add>("add")
         .storage(storage)
-        .build()
-        .unwrap()
 }
 
 /// The same grain under another name, for placement by device needs.
@@ -280,11 +288,15 @@ async fn gpu_grains_are_placed_where_device_memory_is_freest_and_never_where_the
         let (bridge, needs) = (bridge(free), needs.clone());
         nodes.push(
             cluster
-                .node_with(n, 33_000, move |b| {
-                    b.bridge(bridge)
-                        .needs("tensor", needs)
-                        .placement(Arc::new(granary_cluster::GpuAware::strict()))
-                })
+                .node_on(
+                    silo_serving(cluster.storage.clone(), bridge),
+                    n,
+                    33_000,
+                    move |b| {
+                        b.needs("tensor", needs)
+                            .placement(Arc::new(granary_cluster::GpuAware::strict()))
+                    },
+                )
                 .await,
         );
     }
@@ -479,13 +491,9 @@ async fn slab_cluster(
         nodes.push(
             cluster
                 .node_on(silo, n, base, move |builder| {
-                    let builder = builder
+                    builder
                         .needs("slab", needs)
-                        .placement(Arc::new(granary_cluster::GpuAware::strict()));
-                    match bridge {
-                        Some(bridge) => builder.bridge(bridge),
-                        None => builder,
-                    }
+                        .placement(Arc::new(granary_cluster::GpuAware::strict()))
                 })
                 .await,
         );

@@ -244,7 +244,10 @@ impl Silo {
         self.inner.storage.clone()
     }
 
-    pub(crate) fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+    /// The service of type `S` registered with [`SiloBuilder::service`]
+    /// (the GPU bridge, for example), if there is one: what grains reach
+    /// with `GrainContext::service::<S>()`.
+    pub fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
         self.inner
             .services
             .get(&service_key::<S>())

@@ -390,7 +390,7 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
         config.death_grace = Duration::from_millis(ms);
     }
     config.load_interval = config.gossip_interval;
-    let mut builder = ClusterNode::builder(silo, config)
+    let builder = ClusterNode::builder(silo, config)
         .transport(Arc::new(TcpTransport))
         .placement(Arc::new(GpuAware::strict()))
         .needs(
@@ -401,9 +401,6 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
                 ..GpuNeeds::default()
             },
         );
-    if let Some(bridge) = bridge {
-        builder = builder.bridge(bridge);
-    }
     match &file.etcd {
         None => builder
             .start(&chitchat::transport::UdpTransport)

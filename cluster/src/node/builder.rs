@@ -1,0 +1,130 @@
+//! [`NodeBuilder`]: a node's transport, placement and grains' device
+//! needs (rule 5 of the protocol in `node/mod.rs`), and its start:
+//! claim the silo, bind, join through gossip or etcd, serve.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use granary_actors::Silo;
+use granary_gpu::GpuBridge;
+
+use super::directory_client::DirectoryBackend;
+use super::peers::Provider;
+use super::serve::{NodeParts, claim};
+use super::{ClusterNode, NodeConfig, NodeError};
+use crate::SiloId;
+#[cfg(feature = "etcd")]
+use crate::membership::SiloLoad;
+use crate::membership::{GossipConfig, Membership};
+use crate::placement::{GpuNeeds, PlacementStrategy};
+use crate::transport::Transport;
+
+/// Builds a [`ClusterNode`].
+pub struct NodeBuilder {
+    pub(super) silo: Silo,
+    pub(super) config: NodeConfig,
+    pub(super) bridge: Option<Arc<GpuBridge>>,
+    pub(super) transport: Arc<dyn Transport>,
+    pub(super) placement: Arc<dyn PlacementStrategy>,
+    pub(super) needs: HashMap<String, GpuNeeds>,
+}
+
+impl NodeBuilder {
+    /// Connects to other silos with `transport` (default TCP).
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> NodeBuilder {
+        self.transport = transport;
+        self
+    }
+
+    /// Places new activations with `placement`.
+    pub fn placement(mut self, placement: Arc<dyn PlacementStrategy>) -> NodeBuilder {
+        self.placement = placement;
+        self
+    }
+
+    /// Grains of type `grain_type` need `needs` of a device (GPU-aware
+    /// placement).
+    pub fn needs(mut self, grain_type: &str, needs: GpuNeeds) -> NodeBuilder {
+        self.needs.insert(grain_type.to_string(), needs);
+        self
+    }
+
+    /// Listens, joins the gossip over `gossip` (chitchat's UDP transport,
+    /// or its channel transport in tests), and starts serving.
+    pub async fn start(
+        self,
+        gossip: &dyn chitchat::transport::Transport,
+    ) -> Result<ClusterNode, NodeError> {
+        let (parts, listener, id) = self.bind().await?;
+        let config = &parts.builder.config;
+        let mut gossip_config = GossipConfig::new(
+            config.cluster.clone(),
+            id.clone(),
+            config.gossip_address,
+            config.seeds.clone(),
+        );
+        gossip_config.gossip_interval = config.gossip_interval;
+        gossip_config.phi_threshold = config.phi_threshold;
+        gossip_config.death_grace = config.death_grace;
+        let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
+            .await
+            .map_err(NodeError::Membership)?;
+        parts
+            .serve(
+                listener,
+                id,
+                Provider::Gossip(Box::new(membership)),
+                DirectoryBackend::Partitioned,
+                None,
+            )
+            .await
+    }
+
+    /// Listens and joins through etcd instead of gossip: membership by
+    /// leases and watches, and the grain directory in etcd (feature
+    /// `etcd`). The config's gossip settings are not used.
+    #[cfg(feature = "etcd")]
+    pub async fn start_with_etcd(
+        self,
+        etcd: crate::etcd::EtcdConfig,
+    ) -> Result<ClusterNode, NodeError> {
+        let (parts, listener, id) = self.bind().await?;
+        let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), SiloLoad::default())
+            .await
+            .map_err(NodeError::Etcd)?;
+        let directory = DirectoryBackend::Etcd(Box::new(membership.directory()));
+        let holds_lease: Box<dyn Fn() -> bool + Send + Sync> = Box::new(membership.lease_check());
+        parts
+            .serve(
+                listener,
+                id,
+                Provider::Etcd {
+                    membership: Box::new(membership),
+                    published: None,
+                },
+                directory,
+                Some(holds_lease),
+            )
+            .await
+    }
+
+    /// Claims the silo, then binds the listener: the silo's identity is
+    /// the address bound and the configured incarnation.
+    async fn bind(
+        self,
+    ) -> Result<(NodeParts, Box<dyn crate::transport::Listener>, SiloId), NodeError> {
+        self.config.validate()?;
+        let ended = claim(&self.silo)?;
+        let listener = self
+            .transport
+            .bind(self.config.listen.clone())
+            .await
+            .map_err(|err| NodeError::Listen(err.to_string()))?;
+        let id = SiloId::new(listener.local_address(), self.config.incarnation);
+        let parts = NodeParts {
+            ended,
+            builder: self,
+        };
+        Ok((parts, listener, id))
+    }
+}

@@ -1,0 +1,126 @@
+//! The node's settings ([`NodeConfig`]) and why a node could not start
+//! ([`NodeError`]); the hand-over window and load interval are those of
+//! rules 3 and 5 of the protocol in `node/mod.rs`.
+
+use std::time::Duration;
+
+use crate::ClusterSecret;
+use crate::connection::ConnectionConfig;
+use crate::membership::MembershipError;
+
+/// Why a node could not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The listener could not be bound.
+    Listen(String),
+    /// Gossip could not start.
+    Membership(MembershipError),
+    /// etcd could not be joined.
+    #[cfg(feature = "etcd")]
+    Etcd(crate::etcd::EtcdError),
+    /// The silo already serves another node (a silo serves one node for
+    /// its whole life).
+    SiloInUse,
+    /// A setting of the [`NodeConfig`] is out of range.
+    InvalidConfig(String),
+}
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeError::Listen(why) => write!(f, "could not listen: {why}"),
+            NodeError::Membership(err) => write!(f, "{err}"),
+            #[cfg(feature = "etcd")]
+            NodeError::Etcd(err) => write!(f, "{err}"),
+            NodeError::SiloInUse => write!(f, "the silo already serves another cluster node"),
+            NodeError::InvalidConfig(why) => write!(f, "invalid node configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for NodeError {}
+
+/// How a node joins its cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The cluster's secret (connections and gossip).
+    pub secret: ClusterSecret,
+    /// Where to listen for other silos (port 0: any).
+    pub listen: String,
+    /// Where to gossip, and whom to join through.
+    pub gossip_address: std::net::SocketAddr,
+    /// Gossip addresses to join through.
+    pub seeds: Vec<String>,
+    /// How often to gossip (default 200 ms).
+    pub gossip_interval: Duration,
+    /// Phi above which a silent silo is suspected (default 8): about how
+    /// many gossip intervals of silence that takes (membership rule 3).
+    pub phi_threshold: f64,
+    /// How long a suspected silo stays in the view before it is declared
+    /// dead, unless heard from again (default 4 s). With the defaults a
+    /// silo is declared dead after about 1.6 s + 4 s of silence, so a
+    /// 3 s stall is not a death; lower both for faster failover, at the
+    /// cost of more false deaths.
+    pub death_grace: Duration,
+    /// Which start of this silo (greater than any earlier one on the same
+    /// address; default: the clock in milliseconds).
+    pub incarnation: u64,
+    /// Connection settings.
+    pub connection: ConnectionConfig,
+    /// The hand-over window after a view change (rule 3; default 5
+    /// gossip intervals).
+    pub handoff: Option<Duration>,
+    /// How often load is published (rule 5; default 1 s).
+    pub load_interval: Duration,
+}
+
+impl NodeConfig {
+    /// A node of `cluster` listening on `listen` and gossiping on
+    /// `gossip_address`, joining through `seeds`, with the defaults.
+    pub fn new(
+        cluster: impl Into<String>,
+        secret: ClusterSecret,
+        listen: impl Into<String>,
+        gossip_address: std::net::SocketAddr,
+        seeds: Vec<String>,
+    ) -> NodeConfig {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |since| since.as_millis() as u64);
+        NodeConfig {
+            cluster: cluster.into(),
+            secret,
+            listen: listen.into(),
+            gossip_address,
+            seeds,
+            gossip_interval: Duration::from_millis(200),
+            phi_threshold: 8.0,
+            death_grace: Duration::from_secs(4),
+            incarnation,
+            connection: ConnectionConfig::default(),
+            handoff: None,
+            load_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Refuses settings the failure detector cannot work with.
+    pub(super) fn validate(&self) -> Result<(), NodeError> {
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return Err(NodeError::InvalidConfig(format!(
+                "phi_threshold must be a positive number, not {}",
+                self.phi_threshold
+            )));
+        }
+        if self.gossip_interval.is_zero() {
+            return Err(NodeError::InvalidConfig(
+                "gossip_interval must be more than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! Directory requests and where they go: to the silo that owns the
+//! grain's entry (rule 1 of the protocol in `node/mod.rs`), as the
+//! reserved grain type `$directory`, or to etcd; the requests and
+//! replies of rules 2, 3 and 6.
+
+use granary_actors::dispatch::{decode, encode};
+use granary_actors::{GrainId, GrainKey};
+use serde::{Deserialize, Serialize};
+
+use super::ClusterNode;
+use super::router::{ClusterCallError, from_failure};
+use crate::SiloId;
+use crate::directory::{self, ActivationAddress};
+#[cfg(feature = "etcd")]
+use crate::wire::RemoteError;
+
+/// The reserved grain type of directory requests.
+pub(super) const DIRECTORY: &str = "$directory";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) enum DirectoryRequest {
+    /// Registers a home; `existing` for a home re-registering after a view
+    /// change (rule 3).
+    Register {
+        grain: GrainId,
+        home: ActivationAddress,
+        existing: bool,
+    },
+    Lookup(GrainId),
+    /// Removes the grain's entry if it names `home` and, if given,
+    /// `activation` (rule 6).
+    Unregister {
+        grain: GrainId,
+        home: SiloId,
+        activation: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) enum DirectoryReply {
+    /// The home that stands.
+    Home(ActivationAddress),
+    /// No entry.
+    Unknown,
+    /// Within the hand-over window (rule 3).
+    Retry,
+}
+
+/// Where directory entries live.
+pub(super) enum DirectoryBackend {
+    /// Partitioned over the live silos (rules 1 to 3).
+    Partitioned,
+    /// In etcd: one entry per grain, first registration wins, entries go
+    /// with their silo's lease; nothing moves when the view changes.
+    #[cfg(feature = "etcd")]
+    Etcd(Box<crate::etcd::EtcdDirectory>),
+}
+
+impl ClusterNode {
+    /// Sends a directory request to the grain's entry's owner.
+    pub(super) async fn directory(
+        &self,
+        request: DirectoryRequest,
+    ) -> Result<DirectoryReply, ClusterCallError> {
+        #[cfg(feature = "etcd")]
+        if let DirectoryBackend::Etcd(etcd) = &self.inner.directory {
+            let failed = |err: crate::etcd::EtcdError| {
+                ClusterCallError::Remote(RemoteError::Other(err.to_string()))
+            };
+            return match request {
+                DirectoryRequest::Register { grain, home, .. } => etcd
+                    .register(&grain, home.activation)
+                    .await
+                    .map(DirectoryReply::Home)
+                    .map_err(failed),
+                DirectoryRequest::Lookup(grain) => match etcd.lookup(&grain).await {
+                    Ok(Some(home)) => Ok(DirectoryReply::Home(home)),
+                    Ok(None) => Ok(DirectoryReply::Unknown),
+                    Err(err) => Err(failed(err)),
+                },
+                DirectoryRequest::Unregister {
+                    grain, activation, ..
+                } => etcd
+                    .unregister(&grain, activation)
+                    .await
+                    .map(|_| DirectoryReply::Unknown)
+                    .map_err(failed),
+            };
+        }
+        let grain = match &request {
+            DirectoryRequest::Register { grain, .. }
+            | DirectoryRequest::Lookup(grain)
+            | DirectoryRequest::Unregister { grain, .. } => grain,
+        };
+        let view = self.inner.view();
+        let Some(owner) = directory::owner(grain, &view).cloned() else {
+            return Err(ClusterCallError::Placement(
+                crate::placement::PlacementError::NoSilos,
+            ));
+        };
+        if owner == self.inner.id {
+            return Ok(self.inner.answer_directory(request));
+        }
+        let payload = encode(&request).map_err(|err| ClusterCallError::Payload(err.to_string()))?;
+        let connection = self.connection(&owner).await?;
+        let reply = connection
+            .call(DIRECTORY, &GrainKey::U64(0), "directory", &payload)
+            .await
+            .map_err(from_failure)?;
+        decode(&reply).map_err(|err| ClusterCallError::Payload(err.to_string()))
+    }
+}

@@ -1,0 +1,81 @@
+//! The directory service: answers directory requests for the entries
+//! this silo owns, with the hand-over window after a view change
+//! (rules 1 to 3 and 6 of the protocol in `node/mod.rs`).
+
+use std::sync::PoisonError;
+
+use super::Inner;
+use super::directory_client::{DirectoryReply, DirectoryRequest};
+use crate::directory::{self, ActivationAddress};
+
+impl Inner {
+    /// Answers a directory request for an entry this silo owns (rules 2
+    /// and 3).
+    pub(super) fn answer_directory(&self, request: DirectoryRequest) -> DirectoryReply {
+        let settling = self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+            < self.handoff;
+        let view = self.view();
+        let grain = match &request {
+            DirectoryRequest::Register { grain, .. }
+            | DirectoryRequest::Lookup(grain)
+            | DirectoryRequest::Unregister { grain, .. } => grain,
+        };
+        if directory::owner(grain, &view) != Some(&self.id) {
+            return DirectoryReply::Retry;
+        }
+        match request {
+            DirectoryRequest::Lookup(grain) => match self.partition.lookup(&grain) {
+                Some(home) => DirectoryReply::Home(home),
+                None if settling => DirectoryReply::Retry,
+                None => DirectoryReply::Unknown,
+            },
+            DirectoryRequest::Register {
+                grain,
+                home,
+                existing,
+            } => {
+                // A home from before the view changed may not have
+                // re-registered yet: only it may claim the grain now.
+                if settling && !existing && self.partition.lookup(&grain).is_none() {
+                    return DirectoryReply::Retry;
+                }
+                // A proposer this silo does not see yet would be taken for
+                // a dead one by the next registration.
+                if !view.iter().any(|member| member.silo == home.silo) {
+                    return DirectoryReply::Retry;
+                }
+                DirectoryReply::Home(self.partition.register(&grain, home, |silo| {
+                    view.iter().any(|member| &member.silo == silo)
+                }))
+            }
+            DirectoryRequest::Unregister {
+                grain,
+                home,
+                activation,
+            } => {
+                match activation {
+                    Some(activation) => {
+                        self.partition.unregister(
+                            &grain,
+                            &ActivationAddress {
+                                silo: home,
+                                activation,
+                            },
+                        );
+                    }
+                    None => {
+                        self.partition.unregister_silo(&grain, &home);
+                    }
+                }
+                match self.partition.lookup(&grain) {
+                    Some(other) => DirectoryReply::Home(other),
+                    None => DirectoryReply::Unknown,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The serving side of a grain's home: a call arriving here registers
+//! the home and runs on the local silo (rule 2), homes re-register or
+//! go when the view changes (rule 3; connections to silos gone close,
+//! rule 4), device memory is promised to a grain becoming home (rule 5),
+//! and a home whose activation ended is given up (rule 6): the rules
+//! of the protocol in `node/mod.rs`.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use granary_actors::GrainId;
+
+use super::directory_client::{DirectoryReply, DirectoryRequest};
+use super::router::deadline_after;
+use super::{ClusterNode, Inner};
+use crate::SiloId;
+use crate::directory::ActivationAddress;
+use crate::membership::Member;
+use crate::wire::RemoteError;
+
+/// A grain this silo is home to, or is becoming home to.
+#[derive(Debug, Clone)]
+pub(super) struct Home {
+    /// The owner of its directory entry it registered with; `None` while
+    /// no registration has been confirmed (rule 6).
+    pub(super) owner: Option<SiloId>,
+    /// The activation number the entry holds (unregistering names it).
+    activation: u64,
+    /// Calls pinning the home: from before their registration until the
+    /// local silo has answered them. While any is, the activation may be
+    /// starting, so the home is kept (rule 6).
+    in_flight: u32,
+    /// The entry may name this silo although no registration was
+    /// confirmed (a registration whose answer was lost, or an entry found
+    /// when the device was full): removed when the home is (rule 6).
+    maybe_registered: bool,
+    /// Its activation ended and its entry is being removed: calls are
+    /// answered `Retry` until it is gone (rule 6).
+    pub(super) leaving: bool,
+    /// Tells this home from a later one for the same grain, so that a pin
+    /// taken on a home that was since removed never counts against its
+    /// successor.
+    generation: u64,
+}
+
+impl ClusterNode {
+    /// Forgets every home and deactivates its activation here, waiting
+    /// until each has ended (its queued messages run and `on_deactivate`
+    /// wrote its state), for at most the connection's call timeout.
+    pub(super) async fn deactivate_homes(&self) {
+        let homes: Vec<GrainId> = self
+            .inner
+            .homes
+            .iter()
+            .map(|home| home.key().clone())
+            .collect();
+        self.inner.homes.clear();
+        let silo = &self.inner.silo;
+        let give_up = deadline_after(self.inner.config.connection.call_timeout);
+        futures_util::future::join_all(homes.into_iter().map(|grain| async move {
+            // Queued only: the activation ends later.
+            if let Err(err) = silo
+                .deactivate_named(&grain.type_name, grain.key.clone())
+                .await
+            {
+                tracing::debug!(error = %err, "an activation did not deactivate");
+            }
+            while silo.is_active_named(&grain.type_name, &grain.key) {
+                if Instant::now() >= give_up {
+                    tracing::warn!(%grain, "an activation outlived its node's leave");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }))
+        .await;
+    }
+}
+
+impl Inner {
+    /// Handles a call for `grain` arriving here (rule 2).
+    pub(super) async fn host(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        message: &str,
+        payload: Bytes,
+        one_way: bool,
+    ) -> Result<Vec<u8>, RemoteError> {
+        if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
+            return Err(RemoteError::ShutDown);
+        }
+        let owner = self.entry_owner(grain, &self.view());
+        // Rule 6: the home is pinned from before its registration until
+        // the local silo has answered, so it is never given up while this
+        // call may be registering it or starting its activation.
+        let (registered_with, pin) = self.pin(grain)?;
+        // Rule 5: never become home to a grain whose device needs do not
+        // fit here now (placement decided on load that may be stale); the
+        // memory is promised until the call that activates it returns.
+        let _promise = match registered_with {
+            None => match self.promise(&grain.type_name) {
+                Ok(promise) => Some(promise),
+                Err(no_room) => {
+                    // An entry naming this silo may be left from before;
+                    // it would send every caller back here.
+                    pin.suspect_entry();
+                    return Err(no_room);
+                }
+            },
+            Some(_) => None,
+        };
+        if registered_with.is_none() || registered_with != owner {
+            let node = ClusterNode {
+                inner: self.clone(),
+            };
+            let proposed = ActivationAddress {
+                silo: self.id.clone(),
+                activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
+            };
+            match node
+                .directory(DirectoryRequest::Register {
+                    grain: grain.clone(),
+                    home: proposed,
+                    existing: registered_with.is_some(),
+                })
+                .await
+            {
+                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                    match self.homes.get_mut(grain) {
+                        Some(mut entry) if entry.generation == pin.generation => {
+                            entry.owner = owner;
+                            entry.activation = home.activation;
+                            entry.maybe_registered = false;
+                        }
+                        // The home was lost or replaced meanwhile: ask
+                        // again rather than serve without it.
+                        _ => return Err(RemoteError::Retry),
+                    }
+                }
+                Ok(DirectoryReply::Home(home)) => {
+                    // Lost: stop serving it, and let its activation here
+                    // (if it was home before) go.
+                    if registered_with.is_some() && self.homes.remove(grain).is_some() {
+                        self.release(grain);
+                    }
+                    return Err(RemoteError::Moved(home.silo));
+                }
+                Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
+                    return Err(RemoteError::Retry);
+                }
+                Err(err) => {
+                    // The registration may have been made and its answer
+                    // lost.
+                    pin.suspect_entry();
+                    return Err(RemoteError::Other(err.to_string()));
+                }
+            }
+        }
+        // A leave may have begun while this call registered: it must not
+        // start an activation the leave would not wait for.
+        if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
+            return Err(RemoteError::ShutDown);
+        }
+        let key = grain.key.clone();
+        let outcome = if one_way {
+            self.silo
+                .tell_named(&grain.type_name, key, message, &payload)
+                .await
+                .map(|()| Vec::new())
+        } else {
+            self.silo
+                .call_named(&grain.type_name, key, message, &payload)
+                .await
+        };
+        outcome.map_err(RemoteError::from)
+    }
+
+    /// Pins `grain`'s home here for one call (rule 6), creating it
+    /// unconfirmed if there is none; returns the owner it is registered
+    /// with, if confirmed. A leaving home is not pinned: `Retry`.
+    fn pin(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, InFlight), RemoteError> {
+        // The common case, a home already here: no key to clone.
+        let found = self.homes.get_mut(grain).map(|mut home| {
+            if home.leaving {
+                return Err(RemoteError::Retry);
+            }
+            home.in_flight += 1;
+            Ok((home.owner.clone(), home.generation))
+        });
+        let (registered_with, generation) = match found {
+            Some(found) => found?,
+            None => self.pin_new(grain)?,
+        };
+        Ok((
+            registered_with,
+            InFlight {
+                inner: self.clone(),
+                grain: grain.clone(),
+                generation,
+            },
+        ))
+    }
+
+    /// [`Inner::pin`] where no home was found: one is made unconfirmed,
+    /// unless another call made one meanwhile.
+    fn pin_new(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, u64), RemoteError> {
+        match self.homes.entry(grain.clone()) {
+            dashmap::Entry::Occupied(entry) if entry.get().leaving => Err(RemoteError::Retry),
+            dashmap::Entry::Occupied(mut entry) => {
+                let home = entry.get_mut();
+                home.in_flight += 1;
+                Ok((home.owner.clone(), home.generation))
+            }
+            dashmap::Entry::Vacant(entry) => {
+                let generation = self.next_activation.fetch_add(1, Ordering::Relaxed);
+                entry.insert(Home {
+                    owner: None,
+                    activation: 0,
+                    in_flight: 1,
+                    maybe_registered: false,
+                    leaving: false,
+                    generation,
+                });
+                Ok((None, generation))
+            }
+        }
+    }
+
+    /// Rule 6: `grain`'s activation here ended, or a call to it returned.
+    /// With no call pinning the home and no activation left, the home is
+    /// given up: its directory entry is removed (if one may name this
+    /// silo), and the next call places the grain afresh.
+    pub(super) fn maybe_leave(self: &Arc<Self>, grain: &GrainId) {
+        let unregister = {
+            let Some(mut home) = self.homes.get_mut(grain) else {
+                return;
+            };
+            if home.leaving
+                || home.in_flight > 0
+                || self.silo.is_active_named(&grain.type_name, &grain.key)
+            {
+                return;
+            }
+            let unregister = match (&home.owner, home.maybe_registered) {
+                (Some(_), _) => Some(Some(home.activation)),
+                (None, true) => Some(None),
+                // Never registered: nothing names this silo.
+                (None, false) => None,
+            };
+            if unregister.is_some() {
+                home.leaving = true;
+            }
+            unregister
+        };
+        let Some(activation) = unregister else {
+            self.homes.remove_if(grain, |_, home| {
+                home.owner.is_none() && home.in_flight == 0 && !home.leaving
+            });
+            return;
+        };
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let grain = grain.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.homes.remove(&grain);
+            return;
+        };
+        runtime.spawn(async move {
+            let inner = &node.inner;
+            // The owner may change on the way: ask whoever owns the entry
+            // now, for a while. An entry left behind names this silo and
+            // only this silo acts on it: it becomes home again, or, full,
+            // removes it (rule 5).
+            let settle_by = deadline_after(inner.handoff.saturating_mul(4));
+            while !inner.stopped.load(Ordering::Acquire) {
+                let request = DirectoryRequest::Unregister {
+                    grain: grain.clone(),
+                    home: inner.id.clone(),
+                    activation,
+                };
+                match node.directory(request).await {
+                    Ok(DirectoryReply::Home(_) | DirectoryReply::Unknown) => break,
+                    Ok(DirectoryReply::Retry) | Err(_) if Instant::now() < settle_by => {
+                        tokio::time::sleep(inner.handoff / 8).await;
+                    }
+                    Ok(DirectoryReply::Retry) | Err(_) => break,
+                }
+            }
+            if inner
+                .homes
+                .remove_if(&grain, |_, home| home.leaving)
+                .is_some()
+            {
+                inner.given_up.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Promises the device memory a new grain of `grain_type` declares on
+    /// the device here with the most left beyond what is promised already,
+    /// if one fits it (rule 5); a type that declares none always fits.
+    fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
+        let Some(needs) = self.needs.get(grain_type) else {
+            return Ok(Promise {
+                inner: self.clone(),
+                device: 0,
+                bytes: 0,
+            });
+        };
+        // Read under the lock that releases promises, so that a promise
+        // dropped after its activation reserved is never missed.
+        let mut promised = self.promised.lock().unwrap_or_else(PoisonError::into_inner);
+        let devices = self.load().devices;
+        let chosen = devices
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, mut device)| {
+                let already = promised.get(&index).copied().unwrap_or(0);
+                device.free_memory = device.free_memory.saturating_sub(already);
+                needs.fits(&device).then_some((index, device.free_memory))
+            })
+            .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
+        let Some((device, _)) = chosen else {
+            return Err(RemoteError::NoRoom);
+        };
+        *promised.entry(device).or_default() += needs.device_memory;
+        Ok(Promise {
+            inner: self.clone(),
+            device,
+            bytes: needs.device_memory,
+        })
+    }
+
+    /// Rule 3 and 4: the view changed from `before` to `after`.
+    pub(super) async fn on_view_change(self: &Arc<Self>, before: &[Member], after: &[Member]) {
+        *self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        let live: HashSet<&SiloId> = after.iter().map(|member| &member.silo).collect();
+        let gone: Vec<SiloId> = before
+            .iter()
+            .filter(|member| !live.contains(&member.silo))
+            .map(|member| member.silo.clone())
+            .collect();
+        for silo in &gone {
+            self.partition.forget_silo(silo);
+            self.cache.forget_silo(silo);
+            self.open.remove(silo);
+            let slot = self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(silo);
+            if let Some(slot) = slot {
+                // Waits at most handshake_timeout for a connect in progress.
+                if let Some(connection) = slot.lock().await.take() {
+                    connection.close();
+                }
+            }
+            self.accepted.lock().await.retain(|connection| {
+                if connection.peer() == silo {
+                    connection.close();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // Re-register homes whose entry changed owner.
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
+        for grain in homes {
+            let Some(new) = self.entry_owner(&grain, after) else {
+                continue;
+            };
+            // Up to date, leaving (its entry is being removed), or not
+            // registered yet (its first call registers it).
+            let Some(activation) = self.homes.get(&grain).and_then(|home| {
+                (home.owner.is_some() && home.owner.as_ref() != Some(&new) && !home.leaving)
+                    .then_some(home.activation)
+            }) else {
+                continue;
+            };
+            let proposed = ActivationAddress {
+                silo: self.id.clone(),
+                activation,
+            };
+            // A few tries inside the hand-over window; a home that cannot
+            // re-register in it is given up (its activation let go), since
+            // after it another silo may claim the grain.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let reply = node
+                    .directory(DirectoryRequest::Register {
+                        grain: grain.clone(),
+                        home: proposed.clone(),
+                        existing: true,
+                    })
+                    .await;
+                match reply {
+                    Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                        if let Some(mut entry) = self.homes.get_mut(&grain) {
+                            entry.owner = Some(new);
+                            entry.activation = home.activation;
+                        }
+                        break;
+                    }
+                    Ok(DirectoryReply::Home(_)) => {
+                        if self.homes.remove(&grain).is_some() {
+                            self.release(&grain);
+                        }
+                        break;
+                    }
+                    _ if tries < 4 && !self.stopped.load(Ordering::Acquire) => {
+                        tokio::time::sleep(self.handoff / 8).await;
+                    }
+                    _ => {
+                        if self.homes.remove(&grain).is_some() {
+                            self.release(&grain);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deactivates this silo's activation of `grain`, which it is no
+    /// longer home to: the activation runs what it already holds, writes
+    /// its state, and frees its resources (a resident buffer's device
+    /// memory, say).
+    fn release(&self, grain: &GrainId) {
+        let silo = self.silo.clone();
+        let (grain_type, key) = (grain.type_name.clone(), grain.key.clone());
+        tokio::spawn(async move {
+            if let Err(err) = silo.deactivate_named(&grain_type, key).await {
+                tracing::debug!(%grain_type, error = %err, "a lost home's activation did not deactivate");
+            }
+        });
+    }
+}
+
+/// A call to the local silo counted in its home's `in_flight` (rule 6).
+struct InFlight {
+    inner: Arc<Inner>,
+    grain: GrainId,
+    /// The pinned home's generation.
+    generation: u64,
+}
+
+impl InFlight {
+    /// The directory may hold an entry naming this silo for the grain
+    /// although its home here is not confirmed: remove it when the home
+    /// goes (rule 6).
+    fn suspect_entry(&self) {
+        if let Some(mut home) = self.inner.homes.get_mut(&self.grain) {
+            if home.owner.is_none() && home.generation == self.generation {
+                home.maybe_registered = true;
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let last = match self.inner.homes.get_mut(&self.grain) {
+            Some(mut home) if home.generation == self.generation => {
+                home.in_flight = home.in_flight.saturating_sub(1);
+                home.in_flight == 0
+            }
+            // Removed or replaced: whoever removed it saw to its entry.
+            _ => false,
+        };
+        if last {
+            self.inner.maybe_leave(&self.grain);
+        }
+    }
+}
+
+/// Device memory promised to a grain becoming home here (rule 5).
+struct Promise {
+    inner: Arc<Inner>,
+    /// The device's position in this silo's load.
+    device: usize,
+    bytes: u64,
+}
+
+impl Drop for Promise {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut promised = self
+                .inner
+                .promised
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(bytes) = promised.get_mut(&self.device) {
+                *bytes = bytes.saturating_sub(self.bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! A silo in a cluster: its grains reachable from every silo.
+//!
+//! # Protocol
+//!
+//! 1. **Home.** A grain's activation lives on its *home* silo. The home is
+//!    recorded in the directory: the entry owned by the silo that
+//!    rendezvous hashing picks for the grain from the membership view
+//!    (`directory.rs`).
+//! 2. **Calling.** A call goes to the home the caller has cached, else the
+//!    one the directory's owner names, else the silo the placement
+//!    strategy picks. A silo that receives a call for a grain it is not
+//!    home to registers itself with the owner first: if it wins, it
+//!    becomes the home and handles the call (its local silo activates the
+//!    grain on demand); if not, it answers `Moved(home)` and the caller
+//!    goes there, remembering it. So a grain is handled by at most one
+//!    silo among those that agree on the view.
+//! 3. **Ownership moves** when the view changes. Each silo then registers
+//!    its homes with their new owners, and a silo that loses one stops
+//!    taking calls for it and deactivates its activation (which writes its
+//!    state; ETags refuse a stale write). A new owner answers `Retry` for a grain it has
+//!    no entry for during `handoff` after a view change, so that homes are
+//!    re-registered before anyone else can claim them. This holds as long
+//!    as every silo learns of a view change within `handoff` (several
+//!    gossip rounds by default).
+//! 4. **Failure.** A silo that leaves the view loses its homes: the
+//!    owners drop its entries, the next call places the grain elsewhere,
+//!    and the grain starts from its persisted state there. Connections to
+//!    it are closed, so calls in flight fail at once with
+//!    `SiloUnavailable`; a call to a silo that no longer answers fails the
+//!    same way, never hangs.
+//! 5. **Load.** Every `load_interval` the node publishes its activation
+//!    count and, if it has a GPU bridge, each device's free memory, queue
+//!    depth and capabilities, for placement elsewhere. Published load may
+//!    be stale, so a silo never becomes home to a grain whose declared
+//!    device needs do not fit it now: it answers `NoRoom`, and the caller
+//!    places the grain elsewhere. Memory is promised to a grain from that
+//!    check until the call that activates it returns, so that first calls
+//!    arriving together do not all count the same free bytes.
+//! 6. **Giving a home up.** A call arriving here pins the grain's home
+//!    from before it registers until the local silo has answered it
+//!    (creating the home unconfirmed if there is none). When the grain's
+//!    activation here ends (idle, deactivated, or its `on_activate`
+//!    failed) and no call pins the home, the silo marks it leaving
+//!    (calls get `Retry`), asks the owner to remove the entry if it still
+//!    holds this silo's activation number, and forgets the home. The next
+//!    call places the grain afresh, where it fits now; a caller told
+//!    `Retry` asks the directory again, while one that still has the old
+//!    home cached sends its call there, and that silo becomes home again
+//!    if the grain fits (rule 5). An unconfirmed home whose entry may name
+//!    this silo anyway (a registration whose answer was lost, or a full
+//!    device answering `NoRoom` to a grain the entry sends here) removes
+//!    any entry naming this silo when it goes. A node that has left or
+//!    was killed serves nothing and connects to no one.
+//!
+//! Directory operations travel as ordinary requests to the reserved grain
+//! type `$directory` on the same connections as grain calls.
+//!
+//! The parts: `config` holds the node's settings and why a start fails;
+//! `builder` binds, joins through gossip or etcd and hands over to
+//! `serve`, which runs the tasks that accept connections, follow the view
+//! and publish load, and stops them when the node leaves or is killed;
+//! `peers` keeps the connection to each peer (rule 4), the membership
+//! provider and the load it publishes (rule 5); `router` is the calling
+//! side (rule 2); `directory_client` sends directory requests and
+//! `directory_service` answers those for entries this silo owns (rules 1
+//! to 3); `home` is the serving side of rules 2, 3, 5 and 6.
+
+mod builder;
+mod config;
+mod directory_client;
+mod directory_service;
+mod home;
+mod peers;
+mod router;
+mod serve;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use granary_actors::{GrainId, GrainKey, Silo};
+use granary_gpu::GpuBridge;
+
+use crate::SiloId;
+use crate::connection::Connection;
+use crate::directory::{self, LocationCache, Partition};
+use crate::membership::Member;
+use crate::placement::{GpuNeeds, PlacementStrategy};
+use crate::transport::Transport;
+
+pub use builder::NodeBuilder;
+pub use config::{NodeConfig, NodeError};
+pub use router::{ClusterCallError, ClusterRef};
+
+use directory_client::DirectoryBackend;
+use home::Home;
+use peers::Provider;
+use serve::Claim;
+
+struct Inner {
+    id: SiloId,
+    config: NodeConfig,
+    silo: Silo,
+    bridge: Option<Arc<GpuBridge>>,
+    transport: Arc<dyn Transport>,
+    /// Taken out when the node leaves or stops.
+    membership: tokio::sync::Mutex<Option<Provider>>,
+    /// Where directory entries live.
+    directory: DirectoryBackend,
+    /// The membership's view, as it changes.
+    members: tokio::sync::watch::Receiver<Vec<Member>>,
+    /// The view, as last seen by the view task.
+    view: arc_swap::ArcSwap<Vec<Member>>,
+    /// When the view last changed (rule 3).
+    view_changed: Mutex<Instant>,
+    handoff: Duration,
+    /// Directory entries this silo owns.
+    partition: Partition,
+    /// Homes learned.
+    cache: LocationCache,
+    /// Grains this silo is home to (rules 2, 3 and 6).
+    homes: DashMap<GrainId, Home>,
+    /// Device memory promised to grains becoming home here whose
+    /// activations have not reserved theirs yet (rule 5), in bytes.
+    promised: Mutex<HashMap<usize, u64>>,
+    /// Homes given up under rule 6.
+    given_up: AtomicU64,
+    /// Set when the node leaves or is killed: it serves nothing and
+    /// connects to no one after that.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Under etcd, whether the silo still holds its lease (etcd rule 6):
+    /// once it does not, others may have activated its grains, so it
+    /// serves nothing more.
+    holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The silo's claim for this node, held as long as the node lives.
+    claim: Mutex<Option<Claim>>,
+    /// Open connections, by peer: the one calls go out on. The map's lock
+    /// is never held across an await; a peer's slot is, only while
+    /// connecting to that peer.
+    connections: Mutex<HashMap<SiloId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    /// The connection calls go out on, by peer, for the common case: read
+    /// without the slots' locks. Kept with the slots: set when a slot gets
+    /// a connection, removed when the peer leaves the view.
+    open: DashMap<SiloId, Connection>,
+    /// Connections peers opened, kept open for their calls (when both
+    /// sides connect at once, each uses its own for its calls).
+    accepted: tokio::sync::Mutex<Vec<Connection>>,
+    placement: Arc<dyn PlacementStrategy>,
+    /// Device needs by grain type name.
+    needs: HashMap<String, GpuNeeds>,
+    next_activation: AtomicU64,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A silo in a cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.inner.id)
+            .field("homes", &self.homes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// A builder for a node hosting `silo`'s grains, over TCP, placing new
+    /// activations with GPU-aware placement, and grains that need no
+    /// device (or fit none) by rendezvous hash. The node publishes the
+    /// devices of the silo's GPU bridge, if the silo serves one
+    /// ([`SiloBuilder::service`](granary_actors::SiloBuilder::service)):
+    /// the bridge is handed over once, to the silo.
+    pub fn builder(silo: Silo, config: NodeConfig) -> NodeBuilder {
+        NodeBuilder {
+            bridge: silo.service::<GpuBridge>(),
+            silo,
+            config,
+            transport: Arc::new(crate::TcpTransport),
+            placement: Arc::new(crate::placement::GpuAware::with_fallback(Box::new(
+                crate::placement::HashPlacement,
+            ))),
+            needs: HashMap::new(),
+        }
+    }
+
+    /// This silo's identity.
+    pub fn id(&self) -> &SiloId {
+        &self.inner.id
+    }
+
+    /// The local silo.
+    pub fn silo(&self) -> &Silo {
+        &self.inner.silo
+    }
+
+    /// The live members, as this silo sees them.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.members.borrow().clone()
+    }
+
+    /// Grains this silo is home to now.
+    pub fn homes(&self) -> usize {
+        self.inner
+            .homes
+            .iter()
+            .filter(|home| home.owner.is_some() && !home.leaving)
+            .count()
+    }
+
+    /// Homes this silo has given up since it started because their
+    /// activations ended (rule 6).
+    pub fn homes_given_up(&self) -> u64 {
+        self.inner.given_up.load(Ordering::Relaxed)
+    }
+
+    /// Where this silo last found grain `grain_type`/`key` living.
+    pub fn location(&self, grain_type: &str, key: GrainKey) -> Option<SiloId> {
+        let grain = GrainId {
+            type_name: grain_type.to_string(),
+            key,
+        };
+        self.inner.cache.get(&grain).map(|home| home.silo)
+    }
+}
+
+impl Inner {
+    fn view(&self) -> Arc<Vec<Member>> {
+        self.view.load_full()
+    }
+
+    /// Who keeps `grain`'s directory entry in `view`: its owner among the
+    /// silos, or etcd (one name for every entry, which view changes never
+    /// move).
+    fn entry_owner(&self, grain: &GrainId, view: &[Member]) -> Option<SiloId> {
+        match &self.directory {
+            DirectoryBackend::Partitioned => directory::owner(grain, view).cloned(),
+            #[cfg(feature = "etcd")]
+            DirectoryBackend::Etcd(_) => Some(SiloId::new("etcd", 0)),
+        }
+    }
+
+    /// Whether this silo may serve: always under gossip; under etcd while
+    /// it holds its lease.
+    fn holds_lease(&self) -> bool {
+        self.holds_lease.as_ref().is_none_or(|holds| holds())
+    }
+
+    fn is_live(&self, silo: &SiloId) -> bool {
+        self.view.load().iter().any(|member| &member.silo == silo)
+    }
+
+    fn stop_tasks(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! A node serving: the silo claimed for it (its activation-end listener,
+//! rule 6 of the protocol in `node/mod.rs`), the tasks that accept
+//! connections, follow the view (rules 3 and 4) and publish load
+//! (rule 5), requests arriving over connections, and leaving, being
+//! killed, or losing the etcd lease, after which it serves nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use granary_actors::dispatch::{decode, encode};
+use granary_actors::{GrainId, Silo};
+
+use super::directory_client::{DIRECTORY, DirectoryBackend, DirectoryRequest};
+use super::peers::Provider;
+use super::{ClusterNode, Inner, NodeBuilder, NodeError};
+use crate::SiloId;
+use crate::connection::{self, Connection, Inbound, InboundRequest};
+use crate::directory::{LocationCache, Partition};
+use crate::membership::{Member, MembershipError};
+use crate::wire::RemoteError;
+
+impl ClusterNode {
+    /// Leaves the cluster gracefully: gossip says so at once, then the
+    /// node stops serving and its connections close.
+    pub async fn leave(&self) -> Result<(), MembershipError> {
+        // Serve nothing more, and let every activation here go (writing its
+        // state) before the others may place its grains elsewhere.
+        self.inner.stopped.store(true, Ordering::Release);
+        self.deactivate_homes().await;
+        let membership = self.inner.membership.lock().await.take();
+        let left = match membership {
+            Some(membership) => membership.leave().await,
+            None => Ok(()),
+        };
+        self.stop_serving().await;
+        left
+    }
+
+    /// Whether this node has stopped serving: it left, was killed, or
+    /// (under etcd) lost its lease. A stopped node never serves again; a
+    /// silo process rejoins as a new node (a new incarnation).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire) || !self.inner.holds_lease()
+    }
+
+    /// Stops at once, as a crash looks to the others: gossip stops (the
+    /// failure detector notices), connections close, nothing is handed
+    /// over.
+    pub async fn kill(&self) -> Result<(), MembershipError> {
+        let membership = self.inner.membership.lock().await.take();
+        self.stop_serving().await;
+        match membership {
+            Some(membership) => membership.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn stop_serving(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
+        self.inner.stop_tasks();
+        self.inner.open.clear();
+        let slots: Vec<_> = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in slots {
+            if let Some(connection) = slot.lock().await.take() {
+                connection.close();
+            }
+        }
+        for connection in self.inner.accepted.lock().await.drain(..) {
+            connection.close();
+        }
+    }
+}
+
+/// Requests arriving over connections: directory operations and calls.
+pub(super) struct NodeInbound(pub(super) Weak<Inner>);
+
+impl Inbound for NodeInbound {
+    fn request(
+        &self,
+        _from: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        let inner = self.0.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) else {
+                return Err(RemoteError::ShutDown);
+            };
+            if request.grain_type == DIRECTORY {
+                let asked: DirectoryRequest = decode(&request.payload)
+                    .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+                return encode(&inner.answer_directory(asked))
+                    .map_err(|err| RemoteError::Other(err.to_string()));
+            }
+            let grain = GrainId {
+                type_name: request.grain_type,
+                key: request.key,
+            };
+            inner
+                .host(&grain, &request.message, request.payload, request.one_way)
+                .await
+        })
+    }
+}
+
+/// A silo claimed for one node: its activation-end listener (rule 6)
+/// reaches the node once the node exists; dropped with the node (or with
+/// a start that failed), it frees the silo.
+pub(super) struct Claim {
+    node: Arc<std::sync::OnceLock<Weak<Inner>>>,
+    _listener: granary_actors::EndedListenerGuard,
+}
+
+/// Claims `silo` for one node. Refused while another node has it.
+pub(super) fn claim(silo: &Silo) -> Result<Claim, NodeError> {
+    let node: Arc<std::sync::OnceLock<Weak<Inner>>> = Arc::default();
+    let reaches = node.clone();
+    let listener = silo
+        .on_activation_ended(Arc::new(move |grain, _| {
+            if let Some(inner) = reaches.get().and_then(Weak::upgrade) {
+                inner.maybe_leave(grain);
+            }
+        }))
+        .map_err(|_| NodeError::SiloInUse)?;
+    Ok(Claim {
+        node,
+        _listener: listener,
+    })
+}
+
+/// What a node is made of, before it serves.
+pub(super) struct NodeParts {
+    /// The silo, claimed for this node.
+    pub(super) ended: Claim,
+    pub(super) builder: NodeBuilder,
+}
+
+impl NodeParts {
+    /// Starts serving on `listener` as `id`, with the view from `membership`.
+    pub(super) async fn serve(
+        self,
+        mut listener: Box<dyn crate::transport::Listener>,
+        id: SiloId,
+        membership: Provider,
+        directory: DirectoryBackend,
+        holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    ) -> Result<ClusterNode, NodeError> {
+        let NodeParts {
+            ended,
+            builder:
+                NodeBuilder {
+                    silo,
+                    config,
+                    bridge,
+                    transport,
+                    placement,
+                    needs,
+                },
+        } = self;
+        let handoff = config
+            .handoff
+            .unwrap_or(config.gossip_interval.saturating_mul(5));
+        let inner = Arc::new(Inner {
+            id,
+            silo,
+            bridge,
+            transport,
+            view: arc_swap::ArcSwap::from_pointee(membership.members()),
+            view_changed: Mutex::new(Instant::now()),
+            members: membership.watch(),
+            membership: tokio::sync::Mutex::new(Some(membership)),
+            directory,
+            handoff,
+            partition: Partition::new(),
+            cache: LocationCache::new(),
+            homes: DashMap::new(),
+            promised: Mutex::new(HashMap::new()),
+            given_up: AtomicU64::new(0),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            holds_lease,
+            claim: Mutex::new(None),
+            connections: Mutex::new(HashMap::new()),
+            open: DashMap::new(),
+            accepted: tokio::sync::Mutex::new(Vec::new()),
+            placement,
+            needs,
+            next_activation: AtomicU64::new(1),
+            tasks: Mutex::new(Vec::new()),
+            config,
+        });
+        let weak = Arc::downgrade(&inner);
+        // Rule 6: an activation that ends may give up its home.
+        let _ = ended.node.set(weak.clone());
+        *inner.claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
+        let accepting = tokio::spawn({
+            let weak = weak.clone();
+            async move {
+                while let Ok((io, _)) = listener.accept().await {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let weak = weak.clone();
+                    tokio::spawn(async move {
+                        let accepted = connection::accept(
+                            io,
+                            inner.id.clone(),
+                            &inner.config.cluster,
+                            &inner.config.secret,
+                            Arc::new(NodeInbound(weak)),
+                            inner.config.connection,
+                        )
+                        .await;
+                        match accepted {
+                            Ok(connection) => {
+                                let peer = connection.peer().clone();
+                                // An open connection of our own stays the
+                                // one we call on; this one serves the peer.
+                                let slot = inner
+                                    .connections
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .entry(peer.clone())
+                                    .or_default()
+                                    .clone();
+                                // Busy: we are connecting to it ourselves.
+                                if let Ok(mut slot) = slot.try_lock() {
+                                    if slot.as_ref().is_none_or(Connection::is_closed) {
+                                        *slot = Some(connection.clone());
+                                        inner.open.insert(peer, connection.clone());
+                                    }
+                                }
+                                let mut accepted = inner.accepted.lock().await;
+                                accepted.retain(|kept| !kept.is_closed());
+                                accepted.push(connection);
+                            }
+                            Err(err) => tracing::debug!(error = %err, "a connection was refused"),
+                        }
+                    });
+                }
+            }
+        });
+        let mut views = inner.members.clone();
+        let watching = tokio::spawn({
+            let weak = weak.clone();
+            async move {
+                while views.changed().await.is_ok() {
+                    let after = Arc::new(views.borrow_and_update().clone());
+                    let Some(inner) = weak.upgrade() else { return };
+                    let before = inner.view.swap(after.clone());
+                    let silos = |view: &[Member]| -> Vec<SiloId> {
+                        view.iter().map(|member| member.silo.clone()).collect()
+                    };
+                    if silos(&before) != silos(&after) {
+                        inner.on_view_change(&before, &after).await;
+                    }
+                }
+            }
+        });
+        let publishing = tokio::spawn({
+            let weak = weak.clone();
+            let every = inner.config.load_interval.max(Duration::from_millis(10));
+            async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let load = inner.load();
+                    if let Some(membership) = inner.membership.lock().await.as_mut() {
+                        membership.publish_load(&load).await;
+                    }
+                }
+            }
+        });
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend([accepting, watching, publishing]);
+        if inner.holds_lease.is_some() {
+            // Etcd rule 6: a silo that lost its lease stops serving and
+            // lets its activations go.
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if !inner.holds_lease() {
+                        tracing::error!(silo = %inner.id, "lost the etcd lease: this node stops serving");
+                        let node = ClusterNode { inner };
+                        node.inner.stopped.store(true, Ordering::Release);
+                        node.deactivate_homes().await;
+                        if let Some(membership) = node.inner.membership.lock().await.take() {
+                            let _ = membership.stop().await;
+                        }
+                        node.stop_serving().await;
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(ClusterNode { inner })
+    }
+}

@@ -10,12 +10,16 @@
 //! 3. **Dispatch.** [`Silo::call_named`] decodes the message, calls the
 //!    grain as a local `GrainRef::call` would (activation on demand, turns,
 //!    timeouts) and encodes the reply; [`Silo::tell_named`] delivers
-//!    without a reply.
+//!    without a reply. On a routed silo both go where the grain lives
+//!    (`route.rs`); a request that the router brings here is dispatched on
+//!    the local path in the sender's call chain, until its deadline.
+//!    Read-only messages (`SiloBuilder::read_message`) have names of
+//!    their own kind: a read travels as a read.
 //! 4. **Errors.** An unknown grain type or message name, bytes that do not
 //!    decode, and the call's own failures are a typed [`DispatchError`];
 //!    nothing panics and the silo keeps serving.
 
-use std::any::TypeId;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -23,10 +27,13 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use crate::error::CallError;
-use crate::grain::{Handler, Message};
-use crate::key::GrainKey;
+use crate::grain::{Handler, Message, ReadHandler};
+use crate::key::{GrainId, GrainKey};
+use crate::route::InboundRequest;
+pub(crate) use crate::route::Kind;
 use crate::silo::Silo;
 
 /// `value` in the wire form (rule 2).
@@ -99,42 +106,121 @@ impl From<CallError> for DispatchError {
     }
 }
 
-/// Whether the sender waits for the reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    Call,
-    Tell,
+/// One message as the silo's dispatch sees it: what arrived, in which
+/// chain, and until when its sender waits.
+pub(crate) struct Inbound<'a> {
+    pub(crate) key: GrainKey,
+    pub(crate) payload: &'a [u8],
+    pub(crate) kind: Kind,
+    pub(crate) chain: u64,
+    /// When the sender stops waiting.
+    pub(crate) deadline: Instant,
+    /// Set for messages from other silos: a turn not started by then is
+    /// not run (`silo/mod.rs`, rule 11).
+    pub(crate) expires: Option<Instant>,
 }
 
-/// Decodes, delivers and (for a call) encodes the reply of one message
-/// type of one grain type.
+/// Decodes, delivers on the local typed path (never routed) and, for a
+/// call or a read, encodes the reply of one message type of one grain
+/// type.
 pub(crate) type Handle = Arc<
-    dyn Fn(&Silo, GrainKey, &[u8], Mode) -> BoxFuture<'static, Result<Vec<u8>, DispatchError>>
-        + Send
-        + Sync,
+    dyn Fn(&Silo, Inbound<'_>) -> BoxFuture<'static, Result<Vec<u8>, DispatchError>> + Send + Sync,
 >;
 
-/// The handle for message `M` of grain type `G`.
+/// The handle for message `M` of grain type `G`, taken as a write (a call
+/// or a tell).
 pub(crate) fn handle<G, M>() -> Handle
 where
     G: Handler<M>,
     M: Message + DeserializeOwned,
     M::Reply: Serialize,
 {
-    Arc::new(|silo: &Silo, key: GrainKey, payload: &[u8], mode: Mode| {
-        let decoded = decode::<M>(payload);
-        let grain = silo.grain::<G>(key);
+    Arc::new(|silo: &Silo, inbound: Inbound<'_>| {
+        let decoded = decode::<M>(inbound.payload);
+        let grain = silo.grain::<G>(inbound.key);
+        let (kind, chain, deadline, expires) = (
+            inbound.kind,
+            inbound.chain,
+            inbound.deadline,
+            inbound.expires,
+        );
         Box::pin(async move {
             let message = decoded?;
-            match mode {
-                Mode::Call => encode(&grain.call(message).await?),
-                Mode::Tell => {
-                    grain.tell(message).await?;
+            match kind {
+                Kind::Tell => {
+                    grain
+                        .tell_here(message, chain, expires, deadline.into())
+                        .await?;
                     Ok(Vec::new())
                 }
+                Kind::Call | Kind::Read => encode(
+                    &grain
+                        .call_here(message, chain, expires, deadline.into())
+                        .await?,
+                ),
             }
         })
     })
+}
+
+/// The handle for read-only message `M` of grain type `G` (rule 10 of
+/// `silo/mod.rs`).
+pub(crate) fn read_handle<G, M>() -> Handle
+where
+    G: ReadHandler<M>,
+    M: Message + DeserializeOwned,
+    M::Reply: Serialize,
+{
+    Arc::new(|silo: &Silo, inbound: Inbound<'_>| {
+        let decoded = decode::<M>(inbound.payload);
+        let grain = silo.grain::<G>(inbound.key);
+        let (chain, deadline, expires) = (inbound.chain, inbound.deadline, inbound.expires);
+        Box::pin(async move {
+            let message = decoded?;
+            encode(
+                &grain
+                    .read_here(message, chain, expires, deadline.into())
+                    .await?,
+            )
+        })
+    })
+}
+
+/// How a sender puts message type `M` of one grain type in the wire form,
+/// and reads its reply back: what a grain reference needs to send `M` to
+/// a home on another silo (`route.rs`, rule 4).
+#[derive(Clone)]
+pub(crate) struct Codec {
+    /// The message's registered name.
+    pub(crate) name: Arc<str>,
+    /// The message (an `M` behind `dyn Any`) in its wire form.
+    pub(crate) encode: fn(&dyn Any) -> Result<Vec<u8>, DispatchError>,
+    /// A reply from its wire form, as an `M::Reply` behind `dyn Any`.
+    pub(crate) decode_reply: DecodeReply,
+}
+
+/// Reads a reply from its wire form, as a value behind `dyn Any`.
+pub(crate) type DecodeReply = fn(&[u8]) -> Result<Box<dyn Any + Send>, DispatchError>;
+
+/// The codec of message `M` under `name`.
+pub(crate) fn codec<M>(name: &str) -> Codec
+where
+    M: Message + Serialize,
+    M::Reply: DeserializeOwned,
+{
+    Codec {
+        name: Arc::from(name),
+        encode: |message| match message.downcast_ref::<M>() {
+            Some(message) => encode(message),
+            None => Err(DispatchError::BadPayload {
+                what: std::any::type_name::<M>().to_string(),
+                reason: "a value of another type".into(),
+            }),
+        },
+        decode_reply: |bytes| {
+            decode::<M::Reply>(bytes).map(|reply| Box::new(reply) as Box<dyn Any + Send>)
+        },
+    }
 }
 
 /// Deactivates one grain of a type (`GrainRef::deactivate`).
@@ -160,14 +246,20 @@ pub(crate) fn activity<G: crate::grain::Grain>() -> IsActive {
 /// The names a silo dispatches on (rule 1).
 #[derive(Default)]
 pub(crate) struct Registry {
-    /// By grain type name, then message name.
+    /// By grain type name, then message name: calls and tells.
     pub(crate) handles: HashMap<String, HashMap<String, Handle>>,
-    /// The message name of `(G, M)`, for senders.
-    pub(crate) names: HashMap<(TypeId, TypeId), String>,
+    /// By grain type name, then message name: read-only messages.
+    pub(crate) read_handles: HashMap<String, HashMap<String, Handle>>,
+    /// The codec of `(G, M)`, for senders (a write).
+    pub(crate) codecs: HashMap<(TypeId, TypeId), Codec>,
+    /// The codec of `(G, M)` sent as a read.
+    pub(crate) read_codecs: HashMap<(TypeId, TypeId), Codec>,
     /// The name of each registered grain type.
     pub(crate) type_names: HashMap<TypeId, String>,
     /// Deactivates a grain, by type name.
     pub(crate) deactivators: HashMap<String, Deactivate>,
+    /// The stateless worker types, by name: never routed.
+    pub(crate) stateless: std::collections::HashSet<String>,
     /// Whether a grain is active here, by type name.
     pub(crate) activity: HashMap<String, IsActive>,
 }
@@ -175,7 +267,8 @@ pub(crate) struct Registry {
 impl Silo {
     /// Calls grain `grain_type`/`key` with the message registered as
     /// `message`, given in the wire form, and returns the reply in the wire
-    /// form (rule 3).
+    /// form (rule 3). On a routed silo the call goes where the grain lives
+    /// (`route.rs`).
     pub async fn call_named(
         &self,
         grain_type: &str,
@@ -183,12 +276,13 @@ impl Silo {
         message: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, DispatchError> {
-        let handle = self.named_handle(grain_type, message)?;
-        handle(self, key, payload, Mode::Call).await
+        self.send_named(grain_type, key, message, payload, Kind::Call)
+            .await
     }
 
     /// Delivers the message registered as `message` to grain
-    /// `grain_type`/`key` without waiting for its handling (rule 3).
+    /// `grain_type`/`key` without waiting for its handling (rule 3); on a
+    /// routed silo, to wherever the grain lives.
     pub async fn tell_named(
         &self,
         grain_type: &str,
@@ -196,8 +290,81 @@ impl Silo {
         message: &str,
         payload: &[u8],
     ) -> Result<(), DispatchError> {
-        let handle = self.named_handle(grain_type, message)?;
-        handle(self, key, payload, Mode::Tell).await.map(drop)
+        self.send_named(grain_type, key, message, payload, Kind::Tell)
+            .await
+            .map(drop)
+    }
+
+    async fn send_named(
+        &self,
+        grain_type: &str,
+        key: GrainKey,
+        message: &str,
+        payload: &[u8],
+        kind: Kind,
+    ) -> Result<Vec<u8>, DispatchError> {
+        // Unknown names are refused here, before anything is routed.
+        let handle = self.named_handle(grain_type, message, kind)?;
+        let chain = crate::silo::current_chain();
+        let deadline = crate::silo::deadline_after(self.call_timeout());
+        match self.router() {
+            Some(router) if !self.is_stateless_named(grain_type) => {
+                crate::route::send_named(
+                    router.as_ref(),
+                    self,
+                    GrainId {
+                        type_name: grain_type.to_string(),
+                        key,
+                    },
+                    message,
+                    payload,
+                    kind,
+                    chain,
+                    deadline,
+                )
+                .await
+            }
+            _ => {
+                handle(
+                    self,
+                    Inbound {
+                        key,
+                        payload,
+                        kind,
+                        chain,
+                        deadline,
+                        expires: None,
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// Handles a request that the router found is for this silo (`route.rs`,
+    /// rule 5), on the local path.
+    pub(crate) async fn dispatch_here(
+        &self,
+        request: InboundRequest<'_>,
+    ) -> Result<Vec<u8>, DispatchError> {
+        let handle = self.named_handle(request.grain_type, request.message, request.kind)?;
+        let deadline = crate::silo::deadline_after(request.time_left);
+        let expires = match request.kind {
+            Kind::Tell => None,
+            Kind::Call | Kind::Read => Some(deadline),
+        };
+        handle(
+            self,
+            Inbound {
+                key: request.key,
+                payload: request.payload,
+                kind: request.kind,
+                chain: request.chain,
+                deadline,
+                expires,
+            },
+        )
+        .await
     }
 
     /// Whether grain `grain_type`/`key` is active on this silo now
@@ -229,17 +396,30 @@ impl Silo {
     /// it is.
     pub fn message_name<G: Handler<M>, M: Message>(&self) -> Option<&str> {
         self.registry()
-            .names
+            .codecs
             .get(&(TypeId::of::<G>(), TypeId::of::<M>()))
-            .map(String::as_str)
+            .map(|codec| &*codec.name)
     }
 
-    fn named_handle(&self, grain_type: &str, message: &str) -> Result<Handle, DispatchError> {
-        let messages = self
-            .registry()
-            .handles
+    fn named_handle(
+        &self,
+        grain_type: &str,
+        message: &str,
+        kind: Kind,
+    ) -> Result<Handle, DispatchError> {
+        let by_type = match kind {
+            Kind::Call | Kind::Tell => &self.registry().handles,
+            Kind::Read => &self.registry().read_handles,
+        };
+        if !self.registry().handles.contains_key(grain_type) {
+            return Err(DispatchError::UnknownGrainType(grain_type.to_string()));
+        }
+        let messages = by_type
             .get(grain_type)
-            .ok_or_else(|| DispatchError::UnknownGrainType(grain_type.to_string()))?;
+            .ok_or_else(|| DispatchError::UnknownMessage {
+                grain_type: grain_type.to_string(),
+                message: message.to_string(),
+            })?;
         messages
             .get(message)
             .cloned()

@@ -31,6 +31,24 @@ pub enum CallError {
     },
     /// The silo is shutting down.
     ShutDown,
+    /// The grain lives on another silo, and the message's type has no
+    /// registered name, so it cannot travel there
+    /// (`SiloBuilder::message`, `SiloBuilder::read_message`).
+    NotRoutable {
+        /// The grain.
+        grain: GrainId,
+        /// The message's Rust type.
+        message: &'static str,
+    },
+    /// The grain's home could not be reached or settled, or refused the
+    /// message (a silo that does not know its name, bytes that do not
+    /// decode): the message was not handled, or its outcome is unknown.
+    Unavailable {
+        /// The grain.
+        grain: GrainId,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl fmt::Display for CallError {
@@ -47,6 +65,13 @@ impl fmt::Display for CallError {
                 "{grain} failed while handling the call (panicked or could not activate)"
             ),
             CallError::ShutDown => write!(f, "the silo is shutting down"),
+            CallError::NotRoutable { grain, message } => write!(
+                f,
+                "{grain} lives on another silo and message type {message} has no registered name to travel under"
+            ),
+            CallError::Unavailable { grain, reason } => {
+                write!(f, "{grain} could not be reached: {reason}")
+            }
         }
     }
 }

@@ -54,6 +54,7 @@ mod key;
 mod mailbox;
 pub mod observers;
 mod reminders;
+pub mod route;
 mod silo;
 pub mod storage;
 

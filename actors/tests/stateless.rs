@@ -1,6 +1,8 @@
 //! Stateless workers: up to `max_workers` activations of one key share its
 //! load; ordinary grains keep exactly one.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo, SiloError};
@@ -24,25 +26,76 @@ impl Handler<Work> for Hasher {
     }
 }
 
+/// A turn that holds its worker until the test opens the gate: counts the
+/// turns running now and the most that ever ran at once.
+#[derive(Clone)]
+struct Gate {
+    running: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+struct Hold(Gate, u64);
+impl Message for Hold {
+    type Reply = u64;
+}
+impl Handler<Hold> for Hasher {
+    async fn handle(&mut self, Hold(mut gate, n): Hold, _: &mut GrainContext) -> u64 {
+        let now = gate.running.fetch_add(1, Ordering::SeqCst) + 1;
+        gate.peak.fetch_max(now, Ordering::SeqCst);
+        let _ = gate.open.wait_for(|open| *open).await;
+        gate.running.fetch_sub(1, Ordering::SeqCst);
+        n * 2
+    }
+}
+
+fn gate() -> (Gate, tokio::sync::watch::Sender<bool>) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    (
+        Gate {
+            running: Arc::default(),
+            peak: Arc::default(),
+            open: gate,
+        },
+        open,
+    )
+}
+
+/// Waits until `count` turns hold their workers (bounded only so that a
+/// broken runtime fails rather than hangs).
+async fn holding(gate: &Gate, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gate.running.load(Ordering::SeqCst) < count {
+        assert!(Instant::now() < deadline, "turns did not start");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateless_worker_spreads_one_key_over_several_activations() {
     let silo = Silo::builder()
         .register_stateless::<Hasher>("hasher", 4)
         .build()
         .unwrap();
-    let started = Instant::now();
+    let (gate, open) = gate();
     let calls: Vec<_> = (0..8u64)
         .map(|n| {
             let hasher = silo.grain::<Hasher>("pool");
-            tokio::spawn(async move { hasher.call(Work(n)).await })
+            let gate = gate.clone();
+            tokio::spawn(async move { hasher.call(Hold(gate, n)).await })
         })
         .collect();
+    // Four turns of one key run at once (four workers), not one.
+    holding(&gate, 4).await;
+    open.send_replace(true);
     for (n, call) in calls.into_iter().enumerate() {
         assert_eq!(call.await.unwrap().unwrap(), 2 * n as u64);
     }
-    // Eight 100 ms turns on four workers: two rounds, not eight.
-    let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(500), "{elapsed:?}");
+    assert_eq!(
+        gate.peak.load(Ordering::SeqCst),
+        4,
+        "never more than max_workers"
+    );
     assert_eq!(silo.activations_started(), 4, "never more than max_workers");
     silo.shutdown().await;
 }
@@ -83,20 +136,21 @@ async fn a_busy_worker_is_not_chosen_while_a_slot_is_free() {
         .build()
         .unwrap();
     let hasher = silo.grain::<Hasher>("pool");
+    let (gate, open) = gate();
     let first = {
-        let hasher = hasher.clone();
-        tokio::spawn(async move { hasher.call(Work(1)).await })
+        let (hasher, gate) = (hasher.clone(), gate.clone());
+        tokio::spawn(async move { hasher.call(Hold(gate, 1)).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    // The first worker is mid-turn with an empty mailbox: a second call
-    // starts a second worker instead of queueing behind it.
-    let started = Instant::now();
+    holding(&gate, 1).await;
+    // The first worker is mid-turn with an empty mailbox and holds until
+    // the gate opens: a second call can only finish if it starts a second
+    // worker instead of queueing behind it.
     assert_eq!(hasher.call(Work(2)).await.unwrap(), 4);
     assert!(
-        started.elapsed() < Duration::from_millis(150),
-        "{:?}",
-        started.elapsed()
+        !first.is_finished(),
+        "the first turn still holds its worker"
     );
+    open.send_replace(true);
     assert_eq!(first.await.unwrap().unwrap(), 2);
     assert_eq!(silo.activations_started(), 2);
     silo.shutdown().await;

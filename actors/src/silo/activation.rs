@@ -327,6 +327,11 @@ async fn turn<G: Grain>(
     ctx: &mut GrainContext,
 ) -> Option<G> {
     let mut grain = grain?;
+    // Rule 11: the sender gave up before the turn started; dropping the
+    // envelope drops its reply.
+    if envelope.expired() {
+        return Some(grain);
+    }
     let chain = envelope.chain;
     let write = match envelope.turn {
         Turn::Write(write) => write,
@@ -366,6 +371,8 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
         let open = exclusive(&mut mailbox);
         while reads.len() < MAX_READ_BATCH {
             match open.try_next() {
+                // Rule 11: a read whose sender gave up is dropped.
+                Some(envelope) if envelope.expired() => {}
                 Some(Envelope {
                     chain,
                     turn: Turn::Read(read),

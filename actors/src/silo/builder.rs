@@ -103,7 +103,7 @@ impl SiloBuilder {
 
     /// Registers grain type `G` under the stable `name`.
     pub fn register<G: Grain>(self, name: &str) -> SiloBuilder {
-        self.register_with_workers::<G>(name, 1)
+        self.register_with_workers::<G>(name, 1, false)
     }
 
     /// Registers `G` as a stateless worker under `name`: each key may have
@@ -118,10 +118,15 @@ impl SiloBuilder {
                 .get_or_insert_with(|| format!("{name}: max_workers is 0"));
             return builder;
         }
-        self.register_with_workers::<G>(name, max_workers)
+        self.register_with_workers::<G>(name, max_workers, true)
     }
 
-    fn register_with_workers<G: Grain>(mut self, name: &str, workers: usize) -> SiloBuilder {
+    fn register_with_workers<G: Grain>(
+        mut self,
+        name: &str,
+        workers: usize,
+        stateless: bool,
+    ) -> SiloBuilder {
         if self.types.contains_key(&TypeId::of::<G>()) {
             self.invalid.get_or_insert_with(|| {
                 format!(
@@ -141,7 +146,11 @@ impl SiloBuilder {
             name: name.to_string(),
             directory: DashMap::new(),
             workers,
+            stateless,
         });
+        if stateless {
+            self.registry.stateless.insert(name.to_string());
+        }
         self.registry.handles.entry(name.to_string()).or_default();
         self.registry
             .type_names
@@ -197,13 +206,49 @@ impl SiloBuilder {
     /// Registers message type `M` of grain type `G`, already registered,
     /// under the stable `name`: a message that arrives by name (from
     /// another silo, through `Silo::call_named`) is decoded from the wire
-    /// form and handled as a local call would be (see `dispatch.rs`).
-    /// Names are per grain type.
-    pub fn message<G, M>(mut self, name: &str) -> SiloBuilder
+    /// form and handled as a local call would be, and a grain reference on
+    /// a routed silo sends `M` under this name to a home on another silo
+    /// (see `dispatch.rs` and `route.rs`). Names are per grain type.
+    pub fn message<G, M>(self, name: &str) -> SiloBuilder
     where
         G: Handler<M>,
-        M: Message + serde::de::DeserializeOwned,
-        M::Reply: serde::Serialize,
+        M: Message + serde::Serialize + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.add_message::<G, M>(
+            name,
+            crate::dispatch::handle::<G, M>(),
+            crate::dispatch::Kind::Call,
+        )
+    }
+
+    /// Registers read-only message type `M` of grain type `G` (handled by
+    /// `ReadHandler::handle_read`, interleaved with other reads) under the
+    /// stable `name`, as [`SiloBuilder::message`] does for writes: a read
+    /// travels between silos as a read.
+    pub fn read_message<G, M>(self, name: &str) -> SiloBuilder
+    where
+        G: crate::grain::ReadHandler<M>,
+        M: Message + serde::Serialize + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.add_message::<G, M>(
+            name,
+            crate::dispatch::read_handle::<G, M>(),
+            crate::dispatch::Kind::Read,
+        )
+    }
+
+    fn add_message<G, M>(
+        mut self,
+        name: &str,
+        handle: crate::dispatch::Handle,
+        kind: crate::dispatch::Kind,
+    ) -> SiloBuilder
+    where
+        G: Grain,
+        M: Message + serde::Serialize,
+        M::Reply: serde::de::DeserializeOwned,
     {
         let Some(grain_type) = self.registry.type_names.get(&TypeId::of::<G>()).cloned() else {
             self.invalid.get_or_insert_with(|| {
@@ -214,17 +259,24 @@ impl SiloBuilder {
             });
             return self;
         };
-        let messages = self.registry.handles.entry(grain_type.clone()).or_default();
-        if messages
-            .insert(name.to_string(), crate::dispatch::handle::<G, M>())
-            .is_some()
-        {
+        let (handles, codecs) = match kind {
+            crate::dispatch::Kind::Read => (
+                &mut self.registry.read_handles,
+                &mut self.registry.read_codecs,
+            ),
+            crate::dispatch::Kind::Call | crate::dispatch::Kind::Tell => {
+                (&mut self.registry.handles, &mut self.registry.codecs)
+            }
+        };
+        let messages = handles.entry(grain_type.clone()).or_default();
+        if messages.insert(name.to_string(), handle).is_some() {
             self.duplicate_message
                 .get_or_insert_with(|| (grain_type, name.to_string()));
         }
-        self.registry
-            .names
-            .insert((TypeId::of::<G>(), TypeId::of::<M>()), name.to_string());
+        codecs.insert(
+            (TypeId::of::<G>(), TypeId::of::<M>()),
+            crate::dispatch::codec::<M>(name),
+        );
         self
     }
 
@@ -297,6 +349,7 @@ impl SiloBuilder {
                     self.config.call_timeout,
                 )),
                 reminders: reminders.clone(),
+                router: std::sync::OnceLock::new(),
                 ended: std::sync::Mutex::new(None),
                 listeners_set: AtomicU64::new(0),
             }),

@@ -11,8 +11,10 @@ use tokio::sync::oneshot;
 use super::GrainRef;
 use super::activation::{Mailbox, exclusive};
 use super::envelope::{Deadline, Envelope, Turn, current_chain, deadline_after};
+use super::reference::routed_reply;
 use crate::error::CallError;
 use crate::grain::{Grain, GrainContext, Handler, Message};
+use crate::route::Kind;
 
 /// A mailbox taken out of its context for a reentrant wait; put back when
 /// dropped.
@@ -53,12 +55,37 @@ impl GrainContext {
     {
         let chain = self.chain();
         let grain_type = target.registered()?;
+        let grain = target.id(grain_type);
         let timeout = target.silo.inner.config.call_timeout;
+        // On a routed silo the call goes to the grain's home, wherever it
+        // is (rule 12); it carries this turn's chain, so a call back from
+        // another silo runs on the lent grain too.
+        if let Some(router) = target.router() {
+            let router = router.clone();
+            let (outbound, reply, codec) = target.outbound(
+                Kind::Call,
+                message,
+                chain,
+                |target, message, chain, deadline| async move {
+                    target.call_here(message, chain, None, deadline).await
+                },
+            )?;
+            let deadline = outbound.deadline;
+            let answer_grain = grain.clone();
+            let answer = async move {
+                let delivered = router.dispatch(Box::new(outbound)).await?;
+                routed_reply(delivered, reply, codec, Kind::Call, &answer_grain)
+            };
+            return self
+                .lend_until(this, chain, answer, deadline, grain, timeout)
+                .await;
+        }
         let deadline = deadline_after(timeout);
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let envelope = Envelope::<T> {
             chain,
             keeps_alive: true,
+            expires: None,
             turn: Turn::Write(Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = reply.send(grain.handle(message, ctx).await);
@@ -68,11 +95,36 @@ impl GrainContext {
         target
             .deliver(grain_type, envelope, &mut Deadline::at(deadline, timeout))
             .await?;
+        let failed = grain.clone();
+        let answer = async move {
+            answer
+                .await
+                .map_err(|_| CallError::TurnFailed { grain: failed })
+        };
+        self.lend_until(this, chain, answer, deadline, grain, timeout)
+            .await
+    }
+
+    /// Waits for `answer` until `deadline`, lending `this` to the messages
+    /// of `chain` that reach it meanwhile (rule 7).
+    async fn lend_until<G, R>(
+        &mut self,
+        this: &mut G,
+        chain: u64,
+        answer: impl std::future::Future<Output = Result<R, CallError>>,
+        deadline: tokio::time::Instant,
+        grain: crate::key::GrainId,
+        timeout: std::time::Duration,
+    ) -> Result<R, CallError>
+    where
+        G: Grain,
+    {
         enum Event<G, R> {
-            Answer(Result<R, oneshot::error::RecvError>),
+            Answer(Result<R, CallError>),
             Message(Option<Envelope<G>>),
             Timeout,
         }
+        let mut answer = std::pin::pin!(answer);
         let capacity = self.silo().inner.config.mailbox_capacity;
         loop {
             // Outside an activation of `G` there is nothing to lend. The
@@ -102,14 +154,14 @@ impl GrainContext {
                 Event::Message(Some(envelope))
             } else {
                 tokio::select! {
-                answer = &mut answer => Event::Answer(answer),
-                next = async {
-                    match lent.mailbox.as_mut() {
-                        Some(mailbox) => exclusive(mailbox).receiver.recv().await,
-                        None => std::future::pending().await,
-                    }
-                }, if receiving => Event::Message(next),
-                _ = tokio::time::sleep_until(deadline) => Event::Timeout,
+                    answer = &mut answer => Event::Answer(answer),
+                    next = async {
+                        match lent.mailbox.as_mut() {
+                            Some(mailbox) => exclusive(mailbox).receiver.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if receiving => Event::Message(next),
+                    _ = tokio::time::sleep_until(deadline) => Event::Timeout,
                 }
             };
             // A message of another chain waits for the current turn.
@@ -126,18 +178,16 @@ impl GrainContext {
             };
             drop(lent);
             match event {
-                Event::Answer(Ok(reply)) => return Ok(reply),
-                Event::Answer(Err(_)) => {
-                    return Err(CallError::TurnFailed {
-                        grain: target.id(grain_type),
-                    });
-                }
+                Event::Answer(answer) => return answer,
                 Event::Timeout => {
                     return Err(CallError::Timeout {
-                        grain: target.id(grain_type),
+                        grain,
                         after: timeout,
                     });
                 }
+                // Rule 11: a sender from another silo gave up before this
+                // reentrant turn could start.
+                Event::Message(Some(envelope)) if envelope.expired() => {}
                 // A reentrant turn on the lent grain.
                 Event::Message(Some(envelope)) => {
                     match envelope.turn {
@@ -208,6 +258,7 @@ impl GrainContext {
                 let envelope = Envelope::<G> {
                     chain: current_chain(),
                     keeps_alive: false,
+                    expires: None,
                     turn: Turn::Write(Box::new(move |grain, ctx| {
                         Box::pin(async move {
                             let _ = grain.handle(message, ctx).await;

@@ -4,7 +4,6 @@
 //! clock only when needed. The pieces of rules 4, 5, 7 and 10 of the silo's
 //! protocol (`silo/mod.rs`) that the other submodules share.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -33,7 +32,18 @@ pub(crate) struct Envelope<G> {
     /// Whether the message counts as activity for idle collection (a timer
     /// tick does not).
     pub(super) keeps_alive: bool,
+    /// When the sender stops waiting, if it came from another silo: a turn
+    /// not started by then is not run (rule 11). `None` for local senders,
+    /// so their turns read no clock.
+    pub(super) expires: Option<Instant>,
     pub(super) turn: Turn<G>,
+}
+
+impl<G> Envelope<G> {
+    /// Whether the sender gave up before the turn started (rule 11).
+    pub(super) fn expired(&self) -> bool {
+        self.expires.is_some_and(|at| Instant::now() >= at)
+    }
 }
 
 thread_local! {
@@ -43,7 +53,7 @@ thread_local! {
 }
 
 /// The chain a new call joins: the current turn's, or a fresh one.
-pub(super) fn current_chain() -> u64 {
+pub(crate) fn current_chain() -> u64 {
     match CHAIN.with(std::cell::Cell::get) {
         0 => fresh_chain(),
         chain => chain,
@@ -78,28 +88,38 @@ impl<F: std::future::Future + Unpin> std::future::Future for InChain<F> {
     }
 }
 
-/// A chain id no other call has: a per-thread counter in the low 40 bits
-/// and the thread's number above, so no shared counter is touched.
-pub(super) fn fresh_chain() -> u64 {
-    static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
+/// A chain id no other call has, in this process or any other silo's: a
+/// per-thread counter that starts at a random point of the 64-bit space,
+/// so no shared counter is touched and chains that travel between silos
+/// (rule 7) do not collide except with negligible probability.
+pub(crate) fn fresh_chain() -> u64 {
     thread_local! {
         /// The next chain of this thread; 0 until its first call.
         static NEXT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
     NEXT.with(|next| {
         let chain = match next.get() {
-            // Low bits from 1: never 0 (no chain), even once the thread
-            // number wraps (after 2^24 threads, when ids may repeat).
-            0 => (NEXT_THREAD.fetch_add(1, Ordering::Relaxed) << 40) | 1,
+            0 => random_start(),
             chain => chain,
         };
-        next.set(chain + 1);
+        // Never 0 (no chain), also when the counter wraps.
+        next.set(chain.wrapping_add(1).max(1));
         chain
     })
 }
 
+/// A random, non-zero 64-bit value: std's per-thread random hash keys,
+/// mixed with the clock and the thread's id.
+fn random_start() -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    std::thread::current().id().hash(&mut hasher);
+    std::time::SystemTime::now().hash(&mut hasher);
+    hasher.finish().max(1)
+}
+
 /// `timeout` from now; a timeout too long to represent waits a century.
-pub(super) fn deadline_after(timeout: Duration) -> Instant {
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
@@ -108,21 +128,26 @@ pub(super) fn deadline_after(timeout: Duration) -> Instant {
 /// A call's deadline, read from the clock only when a wait needs it: the
 /// fast paths (room in the mailbox, an answer ready after one yield) read
 /// no clock. Once read, it stays: every wait of the call shares it.
-pub(super) struct Deadline {
+pub(crate) struct Deadline {
     timeout: Duration,
     at: Option<Instant>,
 }
 
 impl Deadline {
-    pub(super) fn after(timeout: Duration) -> Deadline {
+    pub(crate) fn after(timeout: Duration) -> Deadline {
         Deadline { timeout, at: None }
     }
 
-    pub(super) fn at(at: Instant, timeout: Duration) -> Deadline {
+    pub(crate) fn at(at: Instant, timeout: Duration) -> Deadline {
         Deadline {
             timeout,
             at: Some(at),
         }
+    }
+
+    /// The timeout it was made from (what a `Timeout` error reports).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub(super) fn get(&mut self) -> Instant {
@@ -137,3 +162,10 @@ type WriteTurn<G> =
 /// A read-only turn.
 pub(super) type ReadTurn<G> =
     Box<dyn for<'a> FnOnce(&'a G, &'a GrainContext) -> BoxFuture<'a, ()> + Send>;
+
+impl From<Instant> for Deadline {
+    /// A deadline at `at`, reporting the time left from now as its timeout.
+    fn from(at: Instant) -> Deadline {
+        Deadline::at(at, at.saturating_duration_since(Instant::now()))
+    }
+}

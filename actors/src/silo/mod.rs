@@ -61,6 +61,17 @@
 //!     it and they run together, interleaved at their await points; the
 //!     first write in the queue waits for the batch. A panicking read fails
 //!     its own call only.
+//! 11. **Deadlines from other silos.** A message that arrives from another
+//!     silo carries the time its sender still waits. A turn that has not
+//!     started by then is not run: its envelope is dropped, which fails
+//!     the call on this side, and the sender has already timed out on its
+//!     own. A local sender's messages carry no deadline (a caller that
+//!     gives up drops its wait; the message may still run).
+//! 12. **Routing.** On a silo with a router (`route.rs`), every message
+//!     sent through a `GrainRef` goes to the router, which delivers it on
+//!     the typed path of rules 1 to 10 when the grain's home is this silo,
+//!     or sends it by name to the home elsewhere. Stateless workers (rule
+//!     9) are never routed.
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
 //! `registry` (the per-type directory: rules 1, 2 and 9), `activation`
@@ -87,6 +98,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use activation::Mailbox;
 pub use builder::{SiloBuilder, SiloConfig};
 pub use context::Timer;
+pub(crate) use envelope::{current_chain, deadline_after};
 pub use reference::GrainRef;
 
 use crate::grain::{Grain, Service, service_key};
@@ -115,6 +127,9 @@ pub(crate) struct SiloInner {
     /// Times out senders waiting on full mailboxes.
     sweeper: Arc<mailbox::Sweeper>,
     pub(crate) reminders: Arc<crate::reminders::Reminders>,
+    /// Where grain references' messages go, once a cluster installs it
+    /// (rule 12; `route.rs`).
+    router: std::sync::OnceLock<Arc<dyn crate::route::Router>>,
     /// Told of every activation that ends (a cluster node's), with the
     /// number of the guard that set it.
     ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
@@ -189,6 +204,30 @@ impl Silo {
     /// A builder.
     pub fn builder() -> SiloBuilder {
         SiloBuilder::new()
+    }
+
+    /// How long a call waits for its answer.
+    pub(crate) fn call_timeout(&self) -> std::time::Duration {
+        self.inner.config.call_timeout
+    }
+
+    /// Whether grain type `name` is a stateless worker (rules 9 and 12).
+    pub(crate) fn is_stateless_named(&self, name: &str) -> bool {
+        self.inner.registry.stateless.contains(name)
+    }
+
+    /// The router, if one is installed (rule 12).
+    pub(crate) fn router(&self) -> Option<&Arc<dyn crate::route::Router>> {
+        self.inner.router.get()
+    }
+
+    /// Installs the router (rule 12); refused, and handed back, once one
+    /// is installed.
+    pub(crate) fn set_router(
+        &self,
+        router: Arc<dyn crate::route::Router>,
+    ) -> Result<(), Arc<dyn crate::route::Router>> {
+        self.inner.router.set(router)
     }
 
     pub(crate) fn registry(&self) -> &crate::dispatch::Registry {

@@ -7,17 +7,21 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::Silo;
-use super::envelope::{Deadline, Envelope, Turn, current_chain, fresh_chain};
+use super::envelope::{Deadline, Envelope, Turn, current_chain, deadline_after, fresh_chain};
 use super::registry::{Entry, GrainType};
+use crate::dispatch::{Codec, DispatchError};
 use crate::error::CallError;
 use crate::grain::{Grain, Handler, Message};
 use crate::key::{GrainId, GrainKey};
 use crate::mailbox::{self, SendError, TrySendError};
+use crate::route::{Delivered, Kind, Outbound, Router};
 
 /// A reference to a grain: cheap to clone, valid whether or not the grain
 /// is active.
@@ -61,8 +65,39 @@ impl<G: Grain> GrainRef<G> {
 
     /// Sends `message` and waits for the reply, at most the silo's call
     /// timeout. Dropping the future cancels the wait (the message may
-    /// still run).
+    /// still run). On a routed silo the message goes to the grain's home,
+    /// wherever it is (rule 12).
     pub async fn call<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
+    where
+        G: Handler<M>,
+    {
+        if let Some(router) = self.router() {
+            return self
+                .send_routed(
+                    router,
+                    Kind::Call,
+                    message,
+                    |target, message, chain, deadline| async move {
+                        target.call_here(message, chain, None, deadline).await
+                    },
+                )
+                .await;
+        }
+        let timeout = self.silo.inner.config.call_timeout;
+        self.call_here(message, current_chain(), None, Deadline::after(timeout))
+            .await
+    }
+
+    /// [`GrainRef::call`] on the local path, never routed: in `chain`,
+    /// until `deadline`, and not run if its turn has not started by
+    /// `expires` (rule 11).
+    pub(crate) async fn call_here<M: Message>(
+        &self,
+        message: M,
+        chain: u64,
+        expires: Option<Instant>,
+        deadline: Deadline,
+    ) -> Result<M::Reply, CallError>
     where
         G: Handler<M>,
     {
@@ -72,17 +107,24 @@ impl<G: Grain> GrainRef<G> {
                 let _ = reply.send(grain.handle(message, ctx).await);
             })
         }));
-        self.ask(turn, answer).await
+        self.ask(turn, answer, chain, expires, deadline).await
     }
 
     /// Delivers `turn`, which answers on `answer`, and waits for the
     /// answer: the shared body of [`GrainRef::call`] and [`GrainRef::read`].
-    async fn ask<R>(&self, turn: Turn<G>, answer: oneshot::Receiver<R>) -> Result<R, CallError> {
+    async fn ask<R>(
+        &self,
+        turn: Turn<G>,
+        answer: oneshot::Receiver<R>,
+        chain: u64,
+        expires: Option<Instant>,
+        mut deadline: Deadline,
+    ) -> Result<R, CallError> {
         let grain_type = self.registered()?;
-        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let envelope = Envelope::<G> {
-            chain: current_chain(),
+            chain,
             keeps_alive: true,
+            expires,
             turn,
         };
         self.deliver(grain_type, envelope, &mut deadline).await?;
@@ -115,7 +157,7 @@ impl<G: Grain> GrainRef<G> {
             }),
             Err(_) => Err(CallError::Timeout {
                 grain: self.id(grain_type),
-                after: self.silo.inner.config.call_timeout,
+                after: deadline.timeout(),
             }),
         }
     }
@@ -127,27 +169,84 @@ impl<G: Grain> GrainRef<G> {
     where
         G: crate::grain::ReadHandler<M>,
     {
+        if let Some(router) = self.router() {
+            return self
+                .send_routed(
+                    router,
+                    Kind::Read,
+                    message,
+                    |target, message, chain, deadline| async move {
+                        target.read_here(message, chain, None, deadline).await
+                    },
+                )
+                .await;
+        }
+        let timeout = self.silo.inner.config.call_timeout;
+        self.read_here(message, current_chain(), None, Deadline::after(timeout))
+            .await
+    }
+
+    /// [`GrainRef::read`] on the local path (see [`GrainRef::call_here`]).
+    pub(crate) async fn read_here<M: Message>(
+        &self,
+        message: M,
+        chain: u64,
+        expires: Option<Instant>,
+        deadline: Deadline,
+    ) -> Result<M::Reply, CallError>
+    where
+        G: crate::grain::ReadHandler<M>,
+    {
         let (reply, answer) = oneshot::channel();
         let turn: Turn<G> = Turn::Read(Box::new(move |grain, ctx| {
             Box::pin(async move {
                 let _ = reply.send(grain.handle_read(message, ctx).await);
             })
         }));
-        self.ask(turn, answer).await
+        self.ask(turn, answer, chain, expires, deadline).await
     }
 
     /// Sends `message` without waiting for its handling: returns once the
     /// grain's mailbox has taken it (waiting at most the call timeout for
-    /// room).
+    /// room). On a routed silo, once the home's mailbox has taken it: a
+    /// home that cannot be reached is an error, never a silent loss.
     pub async fn tell<M: Message>(&self, message: M) -> Result<(), CallError>
     where
         G: Handler<M>,
     {
+        if let Some(router) = self.router() {
+            return self
+                .send_routed(
+                    router,
+                    Kind::Tell,
+                    message,
+                    |target, message, chain, deadline| async move {
+                        target.tell_here(message, chain, None, deadline).await
+                    },
+                )
+                .await;
+        }
+        let timeout = self.silo.inner.config.call_timeout;
+        self.tell_here(message, current_chain(), None, Deadline::after(timeout))
+            .await
+    }
+
+    /// [`GrainRef::tell`] on the local path (see [`GrainRef::call_here`]).
+    pub(crate) async fn tell_here<M: Message>(
+        &self,
+        message: M,
+        chain: u64,
+        expires: Option<Instant>,
+        mut deadline: Deadline,
+    ) -> Result<(), CallError>
+    where
+        G: Handler<M>,
+    {
         let grain_type = self.registered()?;
-        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
         let envelope = Envelope::<G> {
-            chain: current_chain(),
+            chain,
             keeps_alive: true,
+            expires,
             turn: Turn::Write(Box::new(move |grain, ctx| {
                 Box::pin(async move {
                     let _ = grain.handle(message, ctx).await;
@@ -155,6 +254,88 @@ impl<G: Grain> GrainRef<G> {
             })),
         };
         self.deliver(grain_type, envelope, &mut deadline).await
+    }
+
+    /// The router this reference's messages go through: the silo's, unless
+    /// the grain type is a stateless worker (rule 12), or `G` is not
+    /// registered (the local path reports that).
+    pub(super) fn router(&self) -> Option<&Arc<dyn Router>> {
+        match &self.registered {
+            Some(grain_type) if !grain_type.stateless => self.silo.router(),
+            _ => None,
+        }
+    }
+
+    /// Sends `message` through `router` (rule 12): `here` is the local
+    /// delivery the router runs when the home is this silo.
+    pub(super) async fn send_routed<M, R, L, F>(
+        &self,
+        router: &Arc<dyn Router>,
+        kind: Kind,
+        message: M,
+        here: L,
+    ) -> Result<R, CallError>
+    where
+        M: Message,
+        R: Send + 'static,
+        L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
+        F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
+    {
+        let (outbound, reply, codec) = self.outbound(kind, message, current_chain(), here)?;
+        let deadline = outbound.deadline;
+        let grain = outbound.grain.clone();
+        let timeout = self.silo.inner.config.call_timeout;
+        let delivered = tokio::time::timeout_at(deadline, router.dispatch(Box::new(outbound)))
+            .await
+            .map_err(|_| CallError::Timeout {
+                grain: grain.clone(),
+                after: timeout,
+            })??;
+        routed_reply(delivered, reply, codec, kind, &grain)
+    }
+
+    /// The routed form of `message` (rule 12): the router's view of it, the
+    /// receiver of its local reply, and its codec, if it has one.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn outbound<M, R, L, F>(
+        &self,
+        kind: Kind,
+        message: M,
+        chain: u64,
+        here: L,
+    ) -> Result<(Routed<G, M, R, L>, oneshot::Receiver<R>, Option<Codec>), CallError>
+    where
+        M: Message,
+        R: Send + 'static,
+        L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
+        F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
+    {
+        let grain_type = self.registered()?;
+        let codecs = match kind {
+            Kind::Call | Kind::Tell => &self.silo.registry().codecs,
+            Kind::Read => &self.silo.registry().read_codecs,
+        };
+        let codec = codecs
+            .get(&(std::any::TypeId::of::<G>(), std::any::TypeId::of::<M>()))
+            .cloned();
+        let (reply, answer) = oneshot::channel();
+        let timeout = self.silo.inner.config.call_timeout;
+        Ok((
+            Routed {
+                target: self.clone(),
+                grain: self.id(grain_type),
+                kind,
+                chain,
+                deadline: deadline_after(timeout),
+                timeout,
+                codec: codec.clone(),
+                message,
+                reply,
+                here,
+            },
+            answer,
+            codec,
+        ))
     }
 
     /// Deactivates the grain's activation, if it has one: it runs what its
@@ -173,6 +354,7 @@ impl<G: Grain> GrainRef<G> {
         let envelope = Envelope::<G> {
             chain: fresh_chain(),
             keeps_alive: false,
+            expires: None,
             turn: Turn::Deactivate,
         };
         let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
@@ -303,6 +485,123 @@ impl Silo {
             registered: self.grain_type::<G>().ok(),
             last: mailbox::SenderCache::new(),
             _grain: PhantomData,
+        }
+    }
+}
+
+/// A message on its way through the router (rule 12): what the router
+/// sees of it ([`Outbound`]), and the local delivery it runs when the home
+/// is this silo.
+pub(super) struct Routed<G, M, R, L> {
+    /// A reference that delivers on the local path.
+    target: GrainRef<G>,
+    grain: GrainId,
+    kind: Kind,
+    chain: u64,
+    pub(super) deadline: Instant,
+    timeout: Duration,
+    codec: Option<Codec>,
+    message: M,
+    /// Where the local delivery puts its reply.
+    reply: oneshot::Sender<R>,
+    here: L,
+}
+
+impl<G, M, R, L, F> Outbound for Routed<G, M, R, L>
+where
+    G: Grain,
+    M: Message,
+    R: Send + 'static,
+    L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
+{
+    fn grain(&self) -> &GrainId {
+        &self.grain
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn chain(&self) -> u64 {
+        self.chain
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn message_name(&self) -> Option<&str> {
+        self.codec.as_ref().map(|codec| &*codec.name)
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, CallError> {
+        let codec = self.codec.as_ref().ok_or_else(|| CallError::NotRoutable {
+            grain: self.grain.clone(),
+            message: std::any::type_name::<M>(),
+        })?;
+        (codec.encode)(&self.message).map_err(|err: DispatchError| CallError::Unavailable {
+            grain: self.grain.clone(),
+            reason: format!("the message has no wire form: {err}"),
+        })
+    }
+
+    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>> {
+        let Routed {
+            target,
+            chain,
+            deadline,
+            timeout,
+            message,
+            reply,
+            here,
+            ..
+        } = *self;
+        Box::pin(async move {
+            let answer = here(target, message, chain, Deadline::at(deadline, timeout)).await?;
+            let _ = reply.send(answer);
+            Ok(())
+        })
+    }
+}
+
+/// The reply of a routed message: the local delivery's, or the remote
+/// home's decoded.
+pub(super) fn routed_reply<R: Send + 'static>(
+    delivered: Delivered,
+    mut reply: oneshot::Receiver<R>,
+    codec: Option<Codec>,
+    kind: Kind,
+    grain: &GrainId,
+) -> Result<R, CallError> {
+    match delivered {
+        Delivered::Here => reply.try_recv().map_err(|_| CallError::TurnFailed {
+            grain: grain.clone(),
+        }),
+        Delivered::Elsewhere(bytes) => {
+            let decoded: Box<dyn std::any::Any + Send> = match (kind, codec) {
+                // A tell's acknowledgement carries no reply: `R` is `()`.
+                (Kind::Tell, _) => Box::new(()),
+                (_, Some(codec)) => {
+                    (codec.decode_reply)(&bytes).map_err(|err| CallError::Unavailable {
+                        grain: grain.clone(),
+                        reason: format!("the reply did not decode: {err}"),
+                    })?
+                }
+                (_, None) => {
+                    return Err(CallError::Unavailable {
+                        grain: grain.clone(),
+                        reason: "the reply has no wire form".into(),
+                    });
+                }
+            };
+            decoded
+                .downcast::<R>()
+                .map(|reply| *reply)
+                .map_err(|_| CallError::Unavailable {
+                    grain: grain.clone(),
+                    reason: "the reply decoded to another type".into(),
+                })
         }
     }
 }

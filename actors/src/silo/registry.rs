@@ -34,6 +34,9 @@ pub(super) struct GrainType<G> {
     pub(super) directory: DashMap<GrainKey, Vec<Option<Entry<G>>>>,
     /// Activations one key may have at once, at least 1.
     pub(super) workers: usize,
+    /// Registered as a stateless worker: local to each silo, never routed
+    /// (rules 9 and 12).
+    pub(super) stateless: bool,
 }
 
 /// What a message for a key should do (rules 2 and 9).

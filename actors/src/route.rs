@@ -1,0 +1,286 @@
+//! The routing seam: where a grain reference's messages go when the silo
+//! is part of something larger (a cluster), without `granary-actors`
+//! knowing what that is.
+//!
+//! # Rules
+//!
+//! 1. **Alone, no router.** A silo built on its own has no [`Router`]: a
+//!    [`GrainRef`](crate::GrainRef) delivers to the local activation on the
+//!    typed path, and the only cost of this seam is one atomic load per
+//!    message.
+//! 2. **One router, installed once.** A cluster node installs its router
+//!    with [`Silo::route_through`] before it serves; from then on every
+//!    message sent through a `GrainRef` of this silo (from outside grains,
+//!    from a handler, and the reentrant `GrainContext::call`), and every
+//!    [`Silo::call_named`]/[`Silo::tell_named`], goes to
+//!    [`Router::dispatch`]. Installing returns the [`HomeSide`]: the only
+//!    way to reach the local activations without routing, kept by the
+//!    router for what arrives from other silos. So, on a clustered silo,
+//!    no public API activates a grain here without the router having made
+//!    this silo the grain's home.
+//! 3. **Here: the typed path.** When the router finds the grain's home is
+//!    this silo, it calls [`Outbound::deliver_here`]: the message goes to
+//!    the local activation as the Rust value it is, with no encoding and
+//!    no hop, and the router's guard on the home (whatever it needs to
+//!    keep the home here) lives until the local call has answered.
+//! 4. **Elsewhere: by name.** When the home is another silo, the router
+//!    sends [`Outbound::encode`]'s bytes under [`Outbound::message_name`]
+//!    with the call chain, the time left before the caller's deadline, and
+//!    the [`Kind`]; the reply comes back as bytes, and the reference
+//!    decodes them. A message type with no registered name cannot travel:
+//!    [`CallError::NotRoutable`], before anything is sent.
+//! 5. **What arrives.** The router hands a request from another silo to
+//!    [`HomeSide::dispatch`] once it has made this silo the grain's home. It
+//!    joins the chain it carries (so reentrancy works across silos), and a
+//!    turn that has not started by its deadline is not run: the caller has
+//!    given up (see `silo/mod.rs`, rule 11).
+//! 6. **Stateless workers** are never routed: they are local to each silo
+//!    by design and never in a directory.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::dispatch::DispatchError;
+use crate::error::CallError;
+use crate::key::{GrainId, GrainKey};
+use crate::silo::Silo;
+
+/// How the sender waits (rule 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    /// A request with a reply (`GrainRef::call`).
+    Call,
+    /// A one-way message whose admission is acknowledged (`GrainRef::tell`).
+    Tell,
+    /// A read-only request, interleaved with other reads (`GrainRef::read`).
+    Read,
+}
+
+/// Where a message went (rule 3 or 4).
+#[derive(Debug)]
+pub enum Delivered {
+    /// Handled on this silo on the typed path: the reference has its reply
+    /// (or, for a tell, its admission) already.
+    Here,
+    /// Handled on another silo: the reply in its wire form (empty for a
+    /// tell).
+    Elsewhere(Vec<u8>),
+}
+
+/// A message on its way out of a grain reference, seen by the router.
+/// One value per message; `deliver_here` consumes it.
+pub trait Outbound: Send {
+    /// The grain it is for.
+    fn grain(&self) -> &GrainId;
+    /// How the sender waits.
+    fn kind(&self) -> Kind;
+    /// The call chain it belongs to (rule 5).
+    fn chain(&self) -> u64;
+    /// When the sender stops waiting.
+    fn deadline(&self) -> Instant;
+    /// The message's registered name, if it has one (rule 4).
+    fn message_name(&self) -> Option<&str>;
+    /// The message in its wire form (rule 4); `NotRoutable` if it has no
+    /// registered name.
+    fn encode(&self) -> Result<Vec<u8>, CallError>;
+    /// Delivers to the local activation on the typed path (rule 3) and
+    /// completes when the local call has answered (a tell: when its
+    /// admission has).
+    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>>;
+}
+
+/// Decides where each grain's messages are handled (rule 2).
+pub trait Router: Send + Sync + 'static {
+    /// Delivers `message` to its grain's home: here through
+    /// [`Outbound::deliver_here`], or elsewhere by name.
+    fn dispatch(&self, message: Box<dyn Outbound>) -> BoxFuture<'_, Result<Delivered, CallError>>;
+}
+
+/// A request from another silo, for a grain this silo is home to (rule 5).
+#[derive(Debug, Clone)]
+pub struct InboundRequest<'a> {
+    /// The grain type's registered name.
+    pub grain_type: &'a str,
+    /// The grain's key.
+    pub key: GrainKey,
+    /// The message's registered name.
+    pub message: &'a str,
+    /// The message in its wire form.
+    pub payload: &'a [u8],
+    /// How the sender waits.
+    pub kind: Kind,
+    /// The sender's call chain.
+    pub chain: u64,
+    /// How long the sender still waits.
+    pub time_left: Duration,
+}
+
+/// The local side of a routed silo: the only way to reach its activations
+/// without going through the router (rule 2). Cheap to clone.
+#[derive(Clone)]
+pub struct HomeSide {
+    silo: Silo,
+}
+
+impl fmt::Debug for HomeSide {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HomeSide").finish_non_exhaustive()
+    }
+}
+
+impl HomeSide {
+    /// The silo.
+    pub fn silo(&self) -> &Silo {
+        &self.silo
+    }
+
+    /// Handles `request` here (rule 5): decodes the message, delivers it to
+    /// the local activation in the sender's chain, and answers the reply in
+    /// its wire form (nothing for a tell, once the mailbox took it).
+    pub async fn dispatch(&self, request: InboundRequest<'_>) -> Result<Vec<u8>, DispatchError> {
+        self.silo.dispatch_here(request).await
+    }
+}
+
+/// Why a router could not be installed.
+pub enum RouteThroughError {
+    /// The silo already has one (rule 2); the rejected router comes back.
+    AlreadyRouted(Arc<dyn Router>),
+}
+
+impl fmt::Debug for RouteThroughError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteThroughError::AlreadyRouted(_) => f.write_str("AlreadyRouted"),
+        }
+    }
+}
+
+impl fmt::Display for RouteThroughError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteThroughError::AlreadyRouted(_) => {
+                write!(f, "the silo already routes through another router")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RouteThroughError {}
+
+impl Silo {
+    /// Routes every message of this silo's grain references through
+    /// `router` from now on (rule 2), and returns the local side the router
+    /// delivers to. A silo is routed once for its whole life.
+    pub fn route_through(&self, router: Arc<dyn Router>) -> Result<HomeSide, RouteThroughError> {
+        self.set_router(router)
+            .map_err(RouteThroughError::AlreadyRouted)?;
+        Ok(HomeSide { silo: self.clone() })
+    }
+
+    /// Whether a router is installed (rule 2).
+    pub fn is_routed(&self) -> bool {
+        self.router().is_some()
+    }
+}
+
+/// A message given by name and in its wire form, on its way through the
+/// router (`Silo::call_named` and `tell_named` on a routed silo).
+struct Named {
+    silo: Silo,
+    grain: GrainId,
+    message: String,
+    payload: Vec<u8>,
+    kind: Kind,
+    chain: u64,
+    deadline: Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, DispatchError>>,
+}
+
+impl Outbound for Named {
+    fn grain(&self) -> &GrainId {
+        &self.grain
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn chain(&self) -> u64 {
+        self.chain
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn message_name(&self) -> Option<&str> {
+        Some(&self.message)
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, CallError> {
+        Ok(self.payload.clone())
+    }
+
+    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>> {
+        Box::pin(async move {
+            let time_left = self.deadline.saturating_duration_since(Instant::now());
+            let outcome = self
+                .silo
+                .dispatch_here(InboundRequest {
+                    grain_type: &self.grain.type_name,
+                    key: self.grain.key.clone(),
+                    message: &self.message,
+                    payload: &self.payload,
+                    kind: self.kind,
+                    chain: self.chain,
+                    time_left,
+                })
+                .await;
+            let _ = self.reply.send(outcome);
+            Ok(())
+        })
+    }
+}
+
+/// Sends a message given by name through `router` and answers its reply
+/// in the wire form.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_named(
+    router: &dyn Router,
+    silo: &Silo,
+    grain: GrainId,
+    message: &str,
+    payload: &[u8],
+    kind: Kind,
+    chain: u64,
+    deadline: Instant,
+) -> Result<Vec<u8>, DispatchError> {
+    let (reply, mut answer) = tokio::sync::oneshot::channel();
+    let named = Named {
+        silo: silo.clone(),
+        grain: grain.clone(),
+        message: message.to_string(),
+        payload: payload.to_vec(),
+        kind,
+        chain,
+        deadline,
+        reply,
+    };
+    let delivered = tokio::time::timeout_at(deadline, router.dispatch(Box::new(named)))
+        .await
+        .map_err(|_| CallError::Timeout {
+            grain: grain.clone(),
+            after: silo.call_timeout(),
+        })??;
+    match delivered {
+        Delivered::Here => answer
+            .try_recv()
+            .map_err(|_| DispatchError::Call(CallError::TurnFailed { grain }))?,
+        Delivered::Elsewhere(bytes) => Ok(bytes),
+    }
+}

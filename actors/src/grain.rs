@@ -144,6 +144,14 @@ impl GrainContext {
         &self.silo
     }
 
+    /// A reference to the grain of type `G` with `key`, as
+    /// [`Silo::grain`] gives: on a clustered silo it reaches the grain
+    /// wherever it lives, and calls made with it from this turn join the
+    /// turn's call chain.
+    pub fn grain<G: Grain>(&self, key: impl Into<GrainKey>) -> crate::GrainRef<G> {
+        self.silo.grain(key)
+    }
+
     /// Loads this grain's state of type `T` from the silo's storage.
     pub async fn load_state<T: Serialize + DeserializeOwned + Default>(
         &self,

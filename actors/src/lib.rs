@@ -69,6 +69,6 @@ pub use silo::{
     Timer,
 };
 pub use storage::{
-    ETag, MemoryStorage, PersistentState, PostgresStorage, RedbStorage, SqliteStorage,
-    StorageError, StorageProvider,
+    DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,
+    ReminderRow, ReminderTable, SqliteStorage, StorageError, StorageProvider,
 };

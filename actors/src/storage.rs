@@ -6,6 +6,10 @@
 //! [`StorageError::Conflict`]. A stale writer (an activation that lost the
 //! race with another) therefore fails loudly instead of overwriting newer
 //! state.
+//!
+//! Reminders live beside the states, in a table of their own with one row
+//! per reminder ([`ReminderTable`], `storage/reminders.rs`), which a
+//! provider hands out through [`StorageProvider::reminder_table`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,10 +23,12 @@ use crate::key::GrainId;
 
 mod postgres;
 mod redb;
+mod reminders;
 mod sqlite;
 
 pub use self::postgres::PostgresStorage;
 pub use self::redb::RedbStorage;
+pub use self::reminders::{BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable};
 pub use self::sqlite::SqliteStorage;
 
 /// A state version: changes on every write.
@@ -105,7 +111,8 @@ impl StorageError {
 }
 
 /// Where grain state lives. Implementations: [`MemoryStorage`],
-/// [`RedbStorage`] (embedded, on disk) and [`PostgresStorage`].
+/// [`RedbStorage`] (embedded, on disk), [`SqliteStorage`] (shared by the
+/// processes of one machine) and [`PostgresStorage`].
 pub trait StorageProvider: Send + Sync + 'static {
     /// The grain's state and version, if any is stored.
     fn read<'a>(
@@ -128,6 +135,13 @@ pub trait StorageProvider: Send + Sync + 'static {
         grain: &'a GrainId,
         expected: Option<ETag>,
     ) -> BoxFuture<'a, Result<(), StorageError>>;
+
+    /// The provider's reminder table, if it keeps one (every built-in
+    /// provider does). A silo with remindable grain types needs one: it is
+    /// refused at build without.
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        None
+    }
 }
 
 /// State in process memory: for tests, and for grains whose state may be
@@ -138,6 +152,8 @@ pub struct MemoryStorage {
     /// Versions are unique across the store, so a cleared and rewritten
     /// state never reuses an old ETag.
     next_etag: std::sync::atomic::AtomicU64,
+    /// The reminder table (`storage/reminders.rs`).
+    reminders: self::reminders::MemoryTable,
 }
 
 impl MemoryStorage {
@@ -213,6 +229,10 @@ impl StorageProvider for MemoryStorage {
                 }
             }
         })
+    }
+
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        Some(self)
     }
 }
 

@@ -1,9 +1,11 @@
 //! Every storage provider against the same contract: ETag concurrency,
 //! clear, versions never reused; redb across reopening and across a silo
-//! restart.
+//! restart. The same for every provider's reminder table: one row per
+//! reminder, per-row ETags, every key variant.
 
 use granary_actors::{
-    GrainId, GrainKey, MemoryStorage, RedbStorage, SqliteStorage, StorageError, StorageProvider,
+    DueUpdate, GrainId, GrainKey, MemoryStorage, NewReminder, RedbStorage, ReminderRow,
+    ReminderTable, SqliteStorage, StorageError, StorageProvider,
 };
 
 /// A grain of a type named `namespace`: a database that outlives the test
@@ -69,9 +71,317 @@ async fn contract_in(storage: &dyn StorageProvider, namespace: &str) {
     assert_eq!(storage.read(&id("bob")).await.unwrap(), None);
 }
 
+/// Grains of every key variant, with keys that are prefixes of others (a
+/// grain's rows must not take in another's).
+fn every_key_variant(namespace: &str) -> Vec<GrainId> {
+    [
+        GrainKey::from("a"),
+        GrainKey::from("ab"),
+        GrainKey::from(""),
+        GrainKey::from("ünïcode/ключ"),
+        GrainKey::from(0),
+        GrainKey::from(u64::MAX),
+        GrainKey::from(uuid::Uuid::from_u128(
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        )),
+        GrainKey::from((7, "ext")),
+        GrainKey::from((7, "ex")),
+        GrainKey::from((u64::MAX, "")),
+    ]
+    .into_iter()
+    .map(|key| GrainId {
+        type_name: namespace.to_string(),
+        key,
+    })
+    .collect()
+}
+
+/// The rows of `table` in `namespace`, sorted.
+async fn rows_in(table: &dyn ReminderTable, namespace: &str) -> Vec<ReminderRow> {
+    let mut rows: Vec<ReminderRow> = table
+        .read_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|row| row.grain.type_name == namespace)
+        .collect();
+    rows.sort_by(|a, b| (&a.grain, &a.name).cmp(&(&b.grain, &b.name)));
+    rows
+}
+
+async fn reminder_contract(storage: &dyn StorageProvider, namespace: &str) {
+    let table = storage.reminder_table().expect("a reminder table");
+    let grains = every_key_variant(namespace);
+    let alice = &grains[0];
+    assert_eq!(table.read_grain(alice).await.unwrap(), vec![]);
+    assert_eq!(table.delete(alice, "wake").await.unwrap(), None);
+    // A conditional write to a row that is not there is stale.
+    assert!(matches!(
+        table.update_due(alice, "wake", 5, 1).await,
+        Err(StorageError::Conflict {
+            expected: Some(1),
+            actual: None,
+            ..
+        })
+    ));
+
+    // Every key variant round-trips, each grain's rows apart.
+    let mut expected = Vec::new();
+    for (i, grain) in grains.iter().enumerate() {
+        let i = i as u64;
+        for name in ["wake", "sleep"] {
+            let etag = table.upsert(grain, name, 10 + i, 1_000 + i).await.unwrap();
+            expected.push(ReminderRow {
+                grain: grain.clone(),
+                name: name.to_string(),
+                period_ms: 10 + i,
+                next_due_ms: 1_000 + i,
+                etag,
+            });
+        }
+    }
+    expected.sort_by(|a, b| (&a.grain, &a.name).cmp(&(&b.grain, &b.name)));
+    assert_eq!(rows_in(table, namespace).await, expected);
+    for grain in &grains {
+        let mut own = table.read_grain(grain).await.unwrap();
+        own.sort_by(|a, b| a.name.cmp(&b.name));
+        let mine: Vec<ReminderRow> = expected
+            .iter()
+            .filter(|row| row.grain == *grain)
+            .cloned()
+            .collect();
+        assert_eq!(own, mine, "{grain}");
+    }
+
+    // Conditional update: moves the due time and the ETag, keeps the period.
+    let first = table.upsert(alice, "wake", 100, 5_000).await.unwrap();
+    let second = table.update_due(alice, "wake", 5_100, first).await.unwrap();
+    assert!(second > first, "ETags grow");
+    assert!(matches!(
+        table.update_due(alice, "wake", 9_999, first).await,
+        Err(StorageError::Conflict { expected: Some(e), actual: Some(a), .. }) if e == first && a == second
+    ));
+    let row = |rows: Vec<ReminderRow>| rows.into_iter().find(|row| row.name == "wake");
+    let stored = row(table.read_grain(alice).await.unwrap()).unwrap();
+    assert_eq!(
+        (stored.period_ms, stored.next_due_ms, stored.etag),
+        (100, 5_100, second)
+    );
+    // An upsert replaces whatever is stored, with a newer ETag.
+    let third = table.upsert(alice, "wake", 200, 6_000).await.unwrap();
+    assert!(third > second);
+    assert!(matches!(
+        table.update_due(alice, "wake", 9_999, second).await,
+        Err(StorageError::Conflict { .. })
+    ));
+    // The largest time the service writes (2^63 - 1) round-trips.
+    let far = (1u64 << 63) - 1;
+    let fourth = table.update_due(alice, "wake", far, third).await.unwrap();
+    assert_eq!(
+        row(table.read_grain(alice).await.unwrap())
+            .unwrap()
+            .next_due_ms,
+        far
+    );
+
+    // Delete answers the ETag it removed, once.
+    assert_eq!(table.delete(alice, "wake").await.unwrap(), Some(fourth));
+    assert_eq!(table.delete(alice, "wake").await.unwrap(), None);
+    assert!(row(table.read_grain(alice).await.unwrap()).is_none());
+    assert!(matches!(
+        table.update_due(alice, "wake", 1, fourth).await,
+        Err(StorageError::Conflict { actual: None, .. })
+    ));
+    // Registered again: a version never seen before.
+    let fifth = table.upsert(alice, "wake", 1, 1).await.unwrap();
+    assert!(fifth > fourth);
+    assert!(matches!(
+        table.update_due(alice, "wake", 2, fourth).await,
+        Err(StorageError::Conflict { .. })
+    ));
+
+    // Batches: each update with its own outcome.
+    let bob = &grains[4];
+    let bob_etag = expected
+        .iter()
+        .find(|row| row.grain == *bob && row.name == "wake")
+        .unwrap()
+        .etag;
+    let outcome = table
+        .update_due_batch(&[
+            DueUpdate {
+                grain: alice.clone(),
+                name: "wake".into(),
+                next_due_ms: 77,
+                expected: fifth,
+            },
+            DueUpdate {
+                grain: bob.clone(),
+                name: "wake".into(),
+                next_due_ms: 88,
+                expected: fifth, // stale
+            },
+            DueUpdate {
+                grain: bob.clone(),
+                name: "sleep-not-there".into(),
+                next_due_ms: 88,
+                expected: bob_etag,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcome.len(), 3);
+    assert!(matches!(outcome[0], Ok(etag) if etag > fifth));
+    assert!(matches!(
+        outcome[1],
+        Err(StorageError::Conflict { actual: Some(a), .. }) if a == bob_etag
+    ));
+    assert!(matches!(
+        outcome[2],
+        Err(StorageError::Conflict { actual: None, .. })
+    ));
+    assert_eq!(
+        row(table.read_grain(alice).await.unwrap())
+            .unwrap()
+            .next_due_ms,
+        77
+    );
+    assert_eq!(
+        row(table.read_grain(bob).await.unwrap())
+            .unwrap()
+            .next_due_ms,
+        1_004
+    );
+    let batch: Vec<NewReminder> = (0..3)
+        .map(|i| NewReminder {
+            grain: grains[7].clone(),
+            name: format!("batch-{i}"),
+            period_ms: 5,
+            next_due_ms: 50 + i,
+        })
+        .collect();
+    let outcome = table.upsert_batch(&batch).await.unwrap();
+    assert!(outcome.iter().all(Result::is_ok));
+    assert_eq!(table.read_grain(&grains[7]).await.unwrap().len(), 5);
+
+    // Leave a shared database as it was found.
+    for row in rows_in(table, namespace).await {
+        assert_eq!(
+            table.delete(&row.grain, &row.name).await.unwrap(),
+            Some(row.etag)
+        );
+    }
+    assert_eq!(rows_in(table, namespace).await, vec![]);
+}
+
+/// A provider that keeps no reminder table: the default.
+struct NoTable;
+
+impl StorageProvider for NoTable {
+    fn read<'a>(
+        &'a self,
+        _: &'a GrainId,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<Option<granary_actors::storage::StoredState>, StorageError>,
+    > {
+        Box::pin(async { Ok(None) })
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a GrainId,
+        _: &'a [u8],
+        _: Option<granary_actors::ETag>,
+    ) -> futures_util::future::BoxFuture<'a, Result<granary_actors::ETag, StorageError>> {
+        Box::pin(async { Ok(1) })
+    }
+    fn clear<'a>(
+        &'a self,
+        _: &'a GrainId,
+        _: Option<granary_actors::ETag>,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[test]
+fn a_provider_keeps_no_reminder_table_unless_it_says_so() {
+    assert!(NoTable.reminder_table().is_none());
+    assert!(MemoryStorage::new().reminder_table().is_some());
+}
+
 #[tokio::test]
 async fn memory_storage_keeps_the_contract() {
     contract(&MemoryStorage::new()).await;
+}
+
+#[tokio::test]
+async fn memory_reminder_table_keeps_the_contract() {
+    reminder_contract(&MemoryStorage::new(), "alarm").await;
+}
+
+#[tokio::test]
+async fn redb_reminder_table_keeps_the_contract_and_its_rows_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reminders.redb");
+    let grain = GrainId {
+        type_name: "alarm".into(),
+        key: GrainKey::from((3, "kept")),
+    };
+    let etag = {
+        let storage = RedbStorage::open(&path).unwrap();
+        reminder_contract(&storage, "alarm").await;
+        let table = storage.reminder_table().unwrap();
+        table.upsert(&grain, "kept", 10, 20).await.unwrap()
+    };
+    let reopened = RedbStorage::open(&path).unwrap();
+    let table = reopened.reminder_table().unwrap();
+    let rows = table.read_all().await.unwrap();
+    assert_eq!(
+        rows,
+        vec![ReminderRow {
+            grain: grain.clone(),
+            name: "kept".into(),
+            period_ms: 10,
+            next_due_ms: 20,
+            etag,
+        }]
+    );
+    // The version counter is shared with grain state and survived.
+    assert!(table.update_due(&grain, "kept", 30, etag).await.unwrap() > etag);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reminder_table_keeps_the_contract_and_is_shared_by_two_handles() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reminders.sqlite");
+    let storage = SqliteStorage::open(&path).unwrap();
+    reminder_contract(&storage, "alarm").await;
+    let other = SqliteStorage::open(&path).unwrap();
+    let (mine, theirs) = (
+        storage.reminder_table().unwrap(),
+        other.reminder_table().unwrap(),
+    );
+    let grain = GrainId {
+        type_name: "alarm".into(),
+        key: GrainKey::from(uuid::Uuid::from_u128(9)),
+    };
+    let mut etag = mine.upsert(&grain, "wake", 10, 100).await.unwrap();
+    assert_eq!(theirs.read_grain(&grain).await.unwrap()[0].etag, etag);
+    // Owners racing from both handles: exactly one write wins each round.
+    for round in 0..20 {
+        let (a, b) = tokio::join!(
+            mine.update_due(&grain, "wake", 200 + round, etag),
+            theirs.update_due(&grain, "wake", 300 + round, etag)
+        );
+        match (a, b) {
+            (Ok(won), Err(StorageError::Conflict { .. }))
+            | (Err(StorageError::Conflict { .. }), Ok(won)) => etag = won,
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    assert_eq!(theirs.delete(&grain, "wake").await.unwrap(), Some(etag));
+    assert_eq!(mine.read_grain(&grain).await.unwrap(), vec![]);
 }
 
 #[tokio::test]
@@ -197,6 +507,40 @@ async fn postgres_storage_keeps_the_contract() {
             other.write(&grain, b"two", None).await,
             Err(StorageError::Conflict { actual: Some(actual), .. }) if actual == first
         ));
+        storage.clear(&grain, Some(first)).await.unwrap();
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn postgres_reminder_table_keeps_the_contract() {
+    #[cfg(granary_postgres)]
+    {
+        let storage = granary_actors::PostgresStorage::connect(POSTGRES)
+            .await
+            .unwrap();
+        // The database outlives the test: a type name of its own each run,
+        // and every row it writes deleted again.
+        let namespace = format!("alarm-{}", uuid::Uuid::new_v4());
+        reminder_contract(&storage, &namespace).await;
+        let other = granary_actors::PostgresStorage::connect(POSTGRES)
+            .await
+            .unwrap();
+        let (mine, theirs) = (
+            storage.reminder_table().unwrap(),
+            other.reminder_table().unwrap(),
+        );
+        let grain = id_in(&namespace, "shared");
+        let etag = mine.upsert(&grain, "wake", 10, 100).await.unwrap();
+        let moved = theirs.update_due(&grain, "wake", 110, etag).await.unwrap();
+        assert!(matches!(
+            mine.update_due(&grain, "wake", 120, etag).await,
+            Err(StorageError::Conflict { actual: Some(actual), .. }) if actual == moved
+        ));
+        assert_eq!(mine.delete(&grain, "wake").await.unwrap(), Some(moved));
     }
 }
 

@@ -226,8 +226,11 @@ async fn full_rings_make_callers_wait_then_fail_overloaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_kernel_fails_pending_requests_with_device_hung_and_is_relaunched() {
-    // Long enough that a loaded CI machine does not trip it by accident.
-    let hang_timeout = Duration::from_secs(1);
+    // Long enough that a loaded machine does not trip it by accident: the
+    // relaunched kernel below must not be taken for hung while it waits
+    // for a core (1 s was seen to trip with two builds running beside the
+    // suite on two cores).
+    let hang_timeout = Duration::from_secs(3);
     let bridge = GpuBridge::builder()
         .kernel(STALL)
         .config(BridgeConfig {
@@ -245,7 +248,12 @@ async fn a_stalled_kernel_fails_pending_requests_with_device_hung_and_is_relaunc
         let bridge = bridge.clone();
         tokio::spawn(async move { bridge.execute("stall", &f32s(&[STALL_ON])).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The stalling request is in flight before the next one is sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bridge.devices().pop().unwrap().2.queue_depth == 0 {
+        assert!(Instant::now() < deadline, "the stalling request never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let queued = {
         let bridge = bridge.clone();
         tokio::spawn(async move { bridge.execute("stall", &f32s(&[2.0])).await })

@@ -98,18 +98,30 @@ async fn a_failed_relaunch_routes_around_the_device_and_is_retried() {
         Err(ExecuteError::DeviceHung { .. })
     ));
     // The relaunch follows the failed requests' answers.
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while flaky.launches.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+    launched(&flaky, 2).await;
+    // Meanwhile requests go to the CPU fallback (unless the retry, every
+    // 250 ms, has already brought the device back).
+    assert_eq!(from_f32s(&call(2.0).await.unwrap()), [2.0]);
+    let (device, fallback) = processed(&bridge);
+    assert_eq!(device + fallback, 2);
+    // The retry relaunches it, and the device serves again.
+    launched(&flaky, 3).await;
+    assert_eq!(from_f32s(&call(3.0).await.unwrap()), [3.0]);
+    assert_eq!(processed(&bridge), (device + 1, fallback));
+    bridge.shutdown(StopMode::Abandon).await;
+}
+
+/// Waits until the backend has seen `count` launches; the bound only keeps
+/// a broken retry from hanging the test.
+async fn launched(flaky: &SecondLaunchFails, count: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while flaky.launches.load(Ordering::SeqCst) < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "launches: {}",
+            flaky.launches.load(Ordering::SeqCst)
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(flaky.launches.load(Ordering::SeqCst), 2);
-    // Meanwhile requests go to the CPU fallback.
-    assert_eq!(from_f32s(&call(2.0).await.unwrap()), [2.0]);
-    assert_eq!(processed(&bridge), (1, 1));
-    // The retry relaunches it, and the device serves again.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(flaky.launches.load(Ordering::SeqCst), 3);
-    assert_eq!(from_f32s(&call(3.0).await.unwrap()), [3.0]);
-    assert_eq!(processed(&bridge), (2, 1));
-    bridge.shutdown(StopMode::Abandon).await;
+    assert_eq!(flaky.launches.load(Ordering::SeqCst), count);
 }

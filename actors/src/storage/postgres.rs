@@ -6,10 +6,21 @@
 //! statement whose `WHERE` clause (or `ON CONFLICT`) holds the ETag check,
 //! so the check and the store are atomic without a transaction. The client
 //! pipelines statements over one connection.
+//!
+//! Reminders are rows of a second table, `granary_reminders (grain_type,
+//! grain_key, name, period_ms, next_due_ms, etag)`, keyed by type name,
+//! encoded key and name. Their ETags come from the same sequence, taken
+//! when the row is written (for an upsert that meets a row, after its lock
+//! is held), so a row's ETag only grows. A batch is its statements
+//! pipelined, each with its own outcome.
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, join_all};
 use tokio_postgres::{Client, NoTls};
 
+use super::reminders::{
+    BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, decode_grain,
+    encode_grain_key, ms_to_sql, sql_to_u64,
+};
 use super::{ETag, StorageError, StorageProvider, StoredState};
 use crate::key::GrainId;
 
@@ -45,7 +56,7 @@ fn expected_sql(expected: ETag) -> Result<i64, StorageError> {
 impl PostgresStorage {
     /// Connects to `url` (for example
     /// `postgres://granary:granary@127.0.0.1/granary`, without TLS: use it
-    /// on a trusted network) and creates the table and sequence if needed.
+    /// on a trusted network) and creates the tables and sequence if needed.
     pub async fn connect(url: &str) -> Result<PostgresStorage, StorageError> {
         let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(backend)?;
         tokio::spawn(async move {
@@ -62,6 +73,15 @@ impl PostgresStorage {
                      etag bigint NOT NULL,
                      data bytea NOT NULL,
                      PRIMARY KEY (grain_type, grain_key)
+                 );
+                 CREATE TABLE IF NOT EXISTS granary_reminders (
+                     grain_type text NOT NULL,
+                     grain_key bytea NOT NULL,
+                     name text NOT NULL,
+                     period_ms bigint NOT NULL,
+                     next_due_ms bigint NOT NULL,
+                     etag bigint NOT NULL,
+                     PRIMARY KEY (grain_type, grain_key, name)
                  );",
             )
             .await
@@ -176,6 +196,201 @@ impl StorageProvider for PostgresStorage {
             } else {
                 Err(self.conflict(grain, &key, Some(expected)).await)
             }
+        })
+    }
+
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        Some(self)
+    }
+}
+
+/// The columns every reminder query selects, in this order.
+const ROW_COLUMNS: &str = "grain_type, grain_key, name, period_ms, next_due_ms, etag";
+
+fn reminder_row(row: &tokio_postgres::Row) -> Result<ReminderRow, StorageError> {
+    let key: Vec<u8> = row.try_get(1).map_err(backend)?;
+    Ok(ReminderRow {
+        grain: decode_grain(row.try_get(0).map_err(backend)?, &key)?,
+        name: row.try_get(2).map_err(backend)?,
+        period_ms: sql_to_u64(row.try_get(3).map_err(backend)?)?,
+        next_due_ms: sql_to_u64(row.try_get(4).map_err(backend)?)?,
+        etag: sql_to_u64(row.try_get(5).map_err(backend)?)?,
+    })
+}
+
+impl PostgresStorage {
+    /// The ETag of `grain`'s reminder `name`, if the row exists.
+    async fn reminder_etag(
+        &self,
+        grain: &GrainId,
+        key: &[u8],
+        name: &str,
+    ) -> Result<Option<ETag>, StorageError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT etag FROM granary_reminders
+                 WHERE grain_type = $1 AND grain_key = $2 AND name = $3",
+                &[&grain.type_name, &key, &name],
+            )
+            .await
+            .map_err(backend)?;
+        row.map(|row| sql_to_u64(row.try_get(0).map_err(backend)?))
+            .transpose()
+    }
+}
+
+impl ReminderTable for PostgresStorage {
+    fn upsert<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        period_ms: u64,
+        next_due_ms: u64,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        Box::pin(async move {
+            let key = encode_grain_key(grain)?;
+            let (period_ms, next_due_ms) = (ms_to_sql(period_ms)?, ms_to_sql(next_due_ms)?);
+            // The update's ETag is taken once the conflicting row is locked.
+            let row = self
+                .client
+                .query_one(
+                    "INSERT INTO granary_reminders
+                         (grain_type, grain_key, name, period_ms, next_due_ms, etag)
+                     VALUES ($1, $2, $3, $4, $5, nextval('granary_etag_seq'))
+                     ON CONFLICT (grain_type, grain_key, name) DO UPDATE SET
+                         period_ms = excluded.period_ms,
+                         next_due_ms = excluded.next_due_ms,
+                         etag = nextval('granary_etag_seq')
+                     RETURNING etag",
+                    &[&grain.type_name, &key, &name, &period_ms, &next_due_ms],
+                )
+                .await
+                .map_err(backend)?;
+            sql_to_u64(row.try_get(0).map_err(backend)?)
+        })
+    }
+
+    fn update_due<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        next_due_ms: u64,
+        expected: ETag,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        Box::pin(async move {
+            let key = encode_grain_key(grain)?;
+            let next_due_ms = ms_to_sql(next_due_ms)?;
+            let row = self
+                .client
+                .query_opt(
+                    "UPDATE granary_reminders
+                     SET next_due_ms = $4, etag = nextval('granary_etag_seq')
+                     WHERE grain_type = $1 AND grain_key = $2 AND name = $3 AND etag = $5
+                     RETURNING etag",
+                    &[
+                        &grain.type_name,
+                        &key,
+                        &name,
+                        &next_due_ms,
+                        &expected_sql(expected)?,
+                    ],
+                )
+                .await
+                .map_err(backend)?;
+            match row {
+                Some(row) => sql_to_u64(row.try_get(0).map_err(backend)?),
+                None => Err(StorageError::conflict(
+                    grain,
+                    Some(expected),
+                    self.reminder_etag(grain, &key, name).await?,
+                )),
+            }
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
+        Box::pin(async move {
+            let key = encode_grain_key(grain)?;
+            let row = self
+                .client
+                .query_opt(
+                    "DELETE FROM granary_reminders
+                     WHERE grain_type = $1 AND grain_key = $2 AND name = $3
+                     RETURNING etag",
+                    &[&grain.type_name, &key, &name],
+                )
+                .await
+                .map_err(backend)?;
+            row.map(|row| sql_to_u64(row.try_get(0).map_err(backend)?))
+                .transpose()
+        })
+    }
+
+    fn read_grain<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
+        Box::pin(async move {
+            let key = encode_grain_key(grain)?;
+            let rows = self
+                .client
+                .query(
+                    &format!(
+                        "SELECT {ROW_COLUMNS} FROM granary_reminders
+                         WHERE grain_type = $1 AND grain_key = $2 ORDER BY name"
+                    ),
+                    &[&grain.type_name, &key],
+                )
+                .await
+                .map_err(backend)?;
+            rows.iter().map(reminder_row).collect()
+        })
+    }
+
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
+        Box::pin(async move {
+            let rows = self
+                .client
+                .query(&format!("SELECT {ROW_COLUMNS} FROM granary_reminders"), &[])
+                .await
+                .map_err(backend)?;
+            rows.iter().map(reminder_row).collect()
+        })
+    }
+
+    fn upsert_batch<'a>(
+        &'a self,
+        rows: &'a [NewReminder],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        // Pipelined on the one connection.
+        Box::pin(async move {
+            Ok(join_all(
+                rows.iter()
+                    .map(|row| self.upsert(&row.grain, &row.name, row.period_ms, row.next_due_ms)),
+            )
+            .await)
+        })
+    }
+
+    fn update_due_batch<'a>(
+        &'a self,
+        updates: &'a [DueUpdate],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        Box::pin(async move {
+            Ok(join_all(updates.iter().map(|update| {
+                self.update_due(
+                    &update.grain,
+                    &update.name,
+                    update.next_due_ms,
+                    update.expected,
+                )
+            }))
+            .await)
         })
     }
 }

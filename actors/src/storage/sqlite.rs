@@ -8,6 +8,11 @@
 //! a cleared and rewritten state never reuses an old version. The file is
 //! in WAL mode and a writer waits up to `BUSY_TIMEOUT` for another. SQLite
 //! is blocking, so every operation runs on tokio's blocking pool.
+//!
+//! Reminders are rows of `granary_reminders (grain_type, grain_key, name,
+//! period_ms, next_due_ms, etag)`, keyed by type name, encoded key and
+//! name; their ETags come from the same counter, and each write (a batch:
+//! all of it) is one `IMMEDIATE` transaction.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +21,10 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::reminders::{
+    BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, decode_grain,
+    encode_grain_key, ms_to_sql, sql_to_u64,
+};
 use super::{ETag, StorageError, StorageProvider, StoredState};
 use crate::key::GrainId;
 
@@ -76,6 +85,15 @@ impl SqliteStorage {
                      name TEXT PRIMARY KEY,
                      value INTEGER NOT NULL
                  );
+                 CREATE TABLE IF NOT EXISTS granary_reminders (
+                     grain_type TEXT NOT NULL,
+                     grain_key BLOB NOT NULL,
+                     name TEXT NOT NULL,
+                     period_ms INTEGER NOT NULL,
+                     next_due_ms INTEGER NOT NULL,
+                     etag INTEGER NOT NULL,
+                     PRIMARY KEY (grain_type, grain_key, name)
+                 );
                  COMMIT;",
             )
         };
@@ -115,6 +133,26 @@ impl SqliteStorage {
             .map_err(|err| StorageError::Backend(format!("sqlite task: {err}")))?
         })
     }
+}
+
+/// Takes the next ETag from the counter in `meta`, within a transaction.
+fn take_etag(txn: &rusqlite::Transaction<'_>) -> Result<i64, StorageError> {
+    let next: i64 = txn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'next_etag'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(backend)?
+        .unwrap_or(1);
+    txn.execute(
+        "INSERT INTO meta (name, value) VALUES ('next_etag', ?1)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![next + 1],
+    )
+    .map_err(backend)?;
+    Ok(next)
 }
 
 /// The stored ETag of `key` within a transaction.
@@ -171,21 +209,7 @@ impl StorageProvider for SqliteStorage {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
             StorageError::unless_current(&grain, expected, stored_etag(&txn, &key)?)?;
-            let next: i64 = txn
-                .query_row(
-                    "SELECT value FROM meta WHERE name = 'next_etag'",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(backend)?
-                .unwrap_or(1);
-            txn.execute(
-                "INSERT INTO meta (name, value) VALUES ('next_etag', ?1)
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                params![next + 1],
-            )
-            .map_err(backend)?;
+            let next = take_etag(&txn)?;
             txn.execute(
                 "INSERT INTO grain_state (key, etag, data) VALUES (?1, ?2, ?3)
                  ON CONFLICT (key) DO UPDATE SET etag = excluded.etag, data = excluded.data",
@@ -214,6 +238,271 @@ impl StorageProvider for SqliteStorage {
                 .map_err(backend)?;
             txn.commit().map_err(backend)?;
             Ok(())
+        })
+    }
+
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        Some(self)
+    }
+}
+
+/// A reminder row's key columns, and the name.
+struct RowKey {
+    grain: GrainId,
+    key: Vec<u8>,
+    name: String,
+}
+
+impl RowKey {
+    fn new(grain: &GrainId, name: &str) -> Result<RowKey, StorageError> {
+        Ok(RowKey {
+            grain: grain.clone(),
+            key: encode_grain_key(grain)?,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Writes a reminder row unconditionally within a transaction.
+fn upsert_in(
+    txn: &rusqlite::Transaction<'_>,
+    row: &RowKey,
+    period_ms: u64,
+    next_due_ms: u64,
+) -> Result<ETag, StorageError> {
+    let (period_ms, next_due_ms) = (ms_to_sql(period_ms)?, ms_to_sql(next_due_ms)?);
+    let etag = take_etag(txn)?;
+    txn.execute(
+        "INSERT INTO granary_reminders (grain_type, grain_key, name, period_ms, next_due_ms, etag)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (grain_type, grain_key, name) DO UPDATE SET
+             period_ms = excluded.period_ms,
+             next_due_ms = excluded.next_due_ms,
+             etag = excluded.etag",
+        params![
+            row.grain.type_name,
+            row.key,
+            row.name,
+            period_ms,
+            next_due_ms,
+            etag
+        ],
+    )
+    .map_err(backend)?;
+    etag_of(etag)
+}
+
+/// Moves a reminder row's due time if its ETag is `expected`, within a
+/// transaction.
+fn update_in(
+    txn: &rusqlite::Transaction<'_>,
+    row: &RowKey,
+    next_due_ms: u64,
+    expected: ETag,
+) -> Result<ETag, StorageError> {
+    let next_due_ms = ms_to_sql(next_due_ms)?;
+    let stored = txn
+        .query_row(
+            "SELECT etag FROM granary_reminders
+             WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+            params![row.grain.type_name, row.key, row.name],
+            |stored| stored.get::<_, i64>(0),
+        )
+        .optional()
+        .map_err(backend)?
+        .map(etag_of)
+        .transpose()?;
+    StorageError::unless_current(&row.grain, Some(expected), stored)?;
+    let etag = take_etag(txn)?;
+    txn.execute(
+        "UPDATE granary_reminders SET next_due_ms = ?4, etag = ?5
+         WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+        params![row.grain.type_name, row.key, row.name, next_due_ms, etag],
+    )
+    .map_err(backend)?;
+    etag_of(etag)
+}
+
+/// The columns every reminder query selects, in this order.
+const ROW_COLUMNS: &str = "grain_type, grain_key, name, period_ms, next_due_ms, etag";
+
+/// Reads the rows a query selects with [`ROW_COLUMNS`].
+fn collect_rows(
+    statement: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<ReminderRow>, StorageError> {
+    let raw = statement
+        .query_map(params, |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, i64>(5)?,
+            ))
+        })
+        .map_err(backend)?;
+    let mut rows = Vec::new();
+    for row in raw {
+        let (grain_type, key, name, period_ms, next_due_ms, etag) = row.map_err(backend)?;
+        rows.push(ReminderRow {
+            grain: decode_grain(grain_type, &key)?,
+            name,
+            period_ms: sql_to_u64(period_ms)?,
+            next_due_ms: sql_to_u64(next_due_ms)?,
+            etag: etag_of(etag)?,
+        });
+    }
+    Ok(rows)
+}
+
+impl SqliteStorage {
+    /// Runs `work` in one `IMMEDIATE` transaction, committed if it succeeds.
+    fn write_txn<'a, T: Send + 'static>(
+        &'a self,
+        work: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StorageError> + Send + 'static,
+    ) -> BoxFuture<'a, Result<T, StorageError>> {
+        self.blocking(move |connection| {
+            let txn = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let done = work(&txn)?;
+            txn.commit().map_err(backend)?;
+            Ok(done)
+        })
+    }
+}
+
+impl ReminderTable for SqliteStorage {
+    fn upsert<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        period_ms: u64,
+        next_due_ms: u64,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        let row = RowKey::new(grain, name);
+        self.write_txn(move |txn| upsert_in(txn, &row?, period_ms, next_due_ms))
+    }
+
+    fn update_due<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        next_due_ms: u64,
+        expected: ETag,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        let row = RowKey::new(grain, name);
+        self.write_txn(move |txn| update_in(txn, &row?, next_due_ms, expected))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
+        let row = RowKey::new(grain, name);
+        self.write_txn(move |txn| {
+            let row = row?;
+            let stored = txn
+                .query_row(
+                    "SELECT etag FROM granary_reminders
+                     WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+                    params![row.grain.type_name, row.key, row.name],
+                    |stored| stored.get::<_, i64>(0),
+                )
+                .optional()
+                .map_err(backend)?
+                .map(etag_of)
+                .transpose()?;
+            if stored.is_some() {
+                txn.execute(
+                    "DELETE FROM granary_reminders
+                     WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+                    params![row.grain.type_name, row.key, row.name],
+                )
+                .map_err(backend)?;
+            }
+            Ok(stored)
+        })
+    }
+
+    fn read_grain<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
+        let key = encode_grain_key(grain);
+        let grain_type = grain.type_name.clone();
+        self.blocking(move |connection| {
+            let key = key?;
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {ROW_COLUMNS} FROM granary_reminders
+                     WHERE grain_type = ?1 AND grain_key = ?2 ORDER BY name"
+                ))
+                .map_err(backend)?;
+            collect_rows(&mut statement, params![grain_type, key])
+        })
+    }
+
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
+        self.blocking(move |connection| {
+            let mut statement = connection
+                .prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM granary_reminders"))
+                .map_err(backend)?;
+            collect_rows(&mut statement, [])
+        })
+    }
+
+    fn upsert_batch<'a>(
+        &'a self,
+        rows: &'a [NewReminder],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        let rows: Result<Vec<_>, _> = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    RowKey::new(&row.grain, &row.name)?,
+                    row.period_ms,
+                    row.next_due_ms,
+                ))
+            })
+            .collect();
+        self.write_txn(move |txn| {
+            let mut outcome = Vec::new();
+            for (row, period_ms, next_due_ms) in rows? {
+                outcome.push(Ok(upsert_in(txn, &row, period_ms, next_due_ms)?));
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn update_due_batch<'a>(
+        &'a self,
+        updates: &'a [DueUpdate],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        let updates: Result<Vec<_>, _> = updates
+            .iter()
+            .map(|update| {
+                Ok((
+                    RowKey::new(&update.grain, &update.name)?,
+                    update.next_due_ms,
+                    update.expected,
+                ))
+            })
+            .collect();
+        self.write_txn(move |txn| {
+            let mut outcome = Vec::new();
+            for (row, next_due_ms, expected) in updates? {
+                match update_in(txn, &row, next_due_ms, expected) {
+                    Ok(etag) => outcome.push(Ok(etag)),
+                    Err(conflict @ StorageError::Conflict { .. }) => outcome.push(Err(conflict)),
+                    // Nothing is committed.
+                    Err(err) => return Err(err),
+                }
+            }
+            Ok(outcome)
         })
     }
 }

@@ -64,7 +64,7 @@ pub const STALL: KernelSpec = KernelSpec {
 };
 
 /// How long [`STALL`] stalls.
-pub const STALL_FOR: Duration = Duration::from_secs(6);
+pub const STALL_FOR: Duration = Duration::from_secs(12);
 
 fn stall(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
     if from_f32s(request) == [STALL_ON] {

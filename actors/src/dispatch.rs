@@ -305,10 +305,14 @@ impl Silo {
     ) -> Result<Vec<u8>, DispatchError> {
         // Unknown names are refused here, before anything is routed.
         let handle = self.named_handle(grain_type, message, kind)?;
+        let router = match self.router() {
+            Some(router) if !self.is_stateless_named(grain_type) => Some(router),
+            _ => None,
+        };
         let chain = crate::silo::current_chain();
         let deadline = crate::silo::deadline_after(self.call_timeout());
-        match self.router() {
-            Some(router) if !self.is_stateless_named(grain_type) => {
+        match router {
+            Some(router) => {
                 crate::route::send_named(
                     router.as_ref(),
                     self,
@@ -324,7 +328,7 @@ impl Silo {
                 )
                 .await
             }
-            _ => {
+            None => {
                 handle(
                     self,
                     Inbound {
@@ -341,6 +345,16 @@ impl Silo {
         }
     }
 
+    /// Refuses a grain type or message name this silo does not know.
+    pub(crate) fn check_named(
+        &self,
+        grain_type: &str,
+        message: &str,
+        kind: Kind,
+    ) -> Result<(), DispatchError> {
+        self.named_handle(grain_type, message, kind).map(drop)
+    }
+
     /// Handles a request that the router found is for this silo (`route.rs`,
     /// rule 5), on the local path.
     pub(crate) async fn dispatch_here(
@@ -349,6 +363,11 @@ impl Silo {
     ) -> Result<Vec<u8>, DispatchError> {
         let handle = self.named_handle(request.grain_type, request.message, request.kind)?;
         let deadline = crate::silo::deadline_after(request.time_left);
+        // A sender outside any chain (0) gets one of its own here.
+        let chain = match request.chain {
+            0 => crate::silo::fresh_chain(),
+            chain => chain,
+        };
         let expires = match request.kind {
             Kind::Tell => None,
             Kind::Call | Kind::Read => Some(deadline),
@@ -359,7 +378,7 @@ impl Silo {
                 key: request.key,
                 payload: request.payload,
                 kind: request.kind,
-                chain: request.chain,
+                chain,
                 deadline,
                 expires,
             },

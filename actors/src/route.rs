@@ -8,16 +8,19 @@
 //!    [`GrainRef`](crate::GrainRef) delivers to the local activation on the
 //!    typed path, and the only cost of this seam is one atomic load per
 //!    message.
-//! 2. **One router, installed once.** A cluster node installs its router
-//!    with [`Silo::route_through`] before it serves; from then on every
+//! 2. **One router at a time.** A cluster node installs its router with
+//!    [`Silo::route_through`] before it serves (refused while another is
+//!    installed; a node that fails to start takes its router back with
+//!    [`HomeSide::detach`]); from then on every
 //!    message sent through a `GrainRef` of this silo (from outside grains,
 //!    from a handler, and the reentrant `GrainContext::call`), and every
 //!    [`Silo::call_named`]/[`Silo::tell_named`], goes to
 //!    [`Router::dispatch`]. Installing returns the [`HomeSide`]: the only
 //!    way to reach the local activations without routing, kept by the
-//!    router for what arrives from other silos. So, on a clustered silo,
-//!    no public API activates a grain here without the router having made
-//!    this silo the grain's home.
+//!    router for what arrives from other silos ([`Silo::receive`], for a
+//!    silo served on a connection directly, routes too). So, on a
+//!    clustered silo, no public API activates a grain here without the
+//!    router having made this silo the grain's home.
 //! 3. **Here: the typed path.** When the router finds the grain's home is
 //!    this silo, it calls [`Outbound::deliver_here`]: the message goes to
 //!    the local activation as the Rust value it is, with no encoding and
@@ -119,11 +122,17 @@ pub struct InboundRequest<'a> {
     pub time_left: Duration,
 }
 
+/// The router a silo has installed (rule 2).
+pub(crate) struct Installed {
+    pub(crate) router: Arc<dyn Router>,
+}
+
 /// The local side of a routed silo: the only way to reach its activations
 /// without going through the router (rule 2). Cheap to clone.
 #[derive(Clone)]
 pub struct HomeSide {
     silo: Silo,
+    installed: Arc<Installed>,
 }
 
 impl fmt::Debug for HomeSide {
@@ -143,6 +152,14 @@ impl HomeSide {
     /// its wire form (nothing for a tell, once the mailbox took it).
     pub async fn dispatch(&self, request: InboundRequest<'_>) -> Result<Vec<u8>, DispatchError> {
         self.silo.dispatch_here(request).await
+    }
+
+    /// Uninstalls this side's router, if it is still the silo's: for a
+    /// cluster node that failed to start, so that the silo can serve
+    /// another. A node that ran keeps its silo routed (to its stopped
+    /// router, which refuses everything) for the silo's whole life.
+    pub fn detach(&self) {
+        self.silo.clear_router(&self.installed);
     }
 }
 
@@ -175,16 +192,51 @@ impl std::error::Error for RouteThroughError {}
 impl Silo {
     /// Routes every message of this silo's grain references through
     /// `router` from now on (rule 2), and returns the local side the router
-    /// delivers to. A silo is routed once for its whole life.
+    /// delivers to. Refused while another router is installed.
     pub fn route_through(&self, router: Arc<dyn Router>) -> Result<HomeSide, RouteThroughError> {
-        self.set_router(router)
-            .map_err(RouteThroughError::AlreadyRouted)?;
-        Ok(HomeSide { silo: self.clone() })
+        let installed = Arc::new(Installed { router });
+        if !self.set_router(&installed) {
+            return Err(RouteThroughError::AlreadyRouted(installed.router.clone()));
+        }
+        Ok(HomeSide {
+            silo: self.clone(),
+            installed,
+        })
     }
 
     /// Whether a router is installed (rule 2).
     pub fn is_routed(&self) -> bool {
         self.router().is_some()
+    }
+
+    /// Handles a request that arrived from another silo outside any
+    /// router's `HomeSide` (a silo served directly on a connection): on a
+    /// silo without a router, on the local path in the sender's chain and
+    /// until its deadline; on a routed silo, through the router, which
+    /// delivers it at the grain's home.
+    pub async fn receive(&self, request: InboundRequest<'_>) -> Result<Vec<u8>, DispatchError> {
+        match self.router() {
+            Some(router) if !self.is_stateless_named(request.grain_type) => {
+                // Refuse unknown names before routing.
+                self.check_named(request.grain_type, request.message, request.kind)?;
+                let deadline = crate::silo::deadline_after(request.time_left);
+                send_named(
+                    router.as_ref(),
+                    self,
+                    GrainId {
+                        type_name: request.grain_type.to_string(),
+                        key: request.key,
+                    },
+                    request.message,
+                    request.payload,
+                    request.kind,
+                    request.chain,
+                    deadline,
+                )
+                .await
+            }
+            _ => self.dispatch_here(request).await,
+        }
     }
 }
 

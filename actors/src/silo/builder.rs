@@ -34,6 +34,10 @@ pub struct SiloConfig {
     /// activations idle for at least one idle check (at most a second) are
     /// deactivated early (default: no limit).
     pub max_activations: Option<u64>,
+    /// How often the reminder service rereads the whole reminder table, a
+    /// safety net for a lost `ReminderPlacement::notify_owner` (rule 2 of
+    /// `reminders.rs`); more than zero (default 30 s).
+    pub reminder_rescan: Duration,
 }
 
 impl Default for SiloConfig {
@@ -43,6 +47,7 @@ impl Default for SiloConfig {
             call_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
             max_activations: None,
+            reminder_rescan: Duration::from_secs(30),
         }
     }
 }
@@ -178,8 +183,11 @@ impl SiloBuilder {
     /// Lets grain type `G`, already registered, hold reminders: it handles
     /// [`ReminderFired`](crate::ReminderFired), and the silo runs a
     /// reminder service that fires them, across restarts (see
-    /// `reminders.rs`). A silo with remindable types must be built inside a
-    /// tokio runtime.
+    /// `reminders.rs`). `ReminderFired` is registered as `G`'s message
+    /// [`REMINDER_FIRED`](crate::REMINDER_FIRED), so it reaches a grain
+    /// whose home is another silo. A silo with remindable types must be
+    /// built inside a tokio runtime, over storage that keeps a reminder
+    /// table.
     pub fn remindable<G: Handler<crate::reminders::ReminderFired>>(mut self) -> SiloBuilder {
         match self
             .names
@@ -188,8 +196,15 @@ impl SiloBuilder {
             .map(|(name, _)| name.clone())
         {
             Some(name) => {
-                self.remindable
-                    .insert(name, crate::reminders::dispatcher::<G>());
+                if self
+                    .remindable
+                    .insert(name, crate::reminders::dispatcher::<G>())
+                    .is_none()
+                {
+                    return self.message::<G, crate::reminders::ReminderFired>(
+                        crate::reminders::REMINDER_FIRED,
+                    );
+                }
             }
             None => {
                 self.invalid.get_or_insert_with(|| {
@@ -317,11 +332,22 @@ impl SiloBuilder {
         if self.config.mailbox_capacity == 0 {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
         }
+        if self.config.reminder_rescan.is_zero() {
+            return Err(SiloError::InvalidConfig("reminder_rescan is 0".into()));
+        }
         let shutdown = tokio_util::sync::CancellationToken::new();
         let reminders = Arc::new(crate::reminders::Reminders::new(
             self.remindable,
             self.storage.clone(),
+            self.config.reminder_rescan,
         ));
+        if !reminders.is_empty() && self.storage.reminder_table().is_none() {
+            return Err(SiloError::InvalidConfig(format!(
+                "grain types {:?} are remindable, but the storage provider keeps no reminder table \
+                 (StorageProvider::reminder_table)",
+                reminders.remindable_types()
+            )));
+        }
         let runtime = if reminders.is_empty() {
             None
         } else {
@@ -349,21 +375,24 @@ impl SiloBuilder {
                     self.config.call_timeout,
                 )),
                 reminders: reminders.clone(),
-                router: std::sync::OnceLock::new(),
+                router: arc_swap::ArcSwapOption::empty(),
                 ended: std::sync::Mutex::new(None),
                 listeners_set: AtomicU64::new(0),
             }),
         };
         if let Some(runtime) = runtime {
             // The service holds the silo weakly: a silo dropped without a
-            // shutdown does not live on for its reminders.
+            // shutdown does not live on for its reminders. Its firing
+            // rounds are tracked with the activations, so a shutdown waits
+            // for their writes.
             let weak = Arc::downgrade(&silo.inner);
             let stop = silo.inner.shutdown.clone();
+            let rounds = silo.inner.tasks.clone();
             let service = async move {
                 let Some(inner) = weak.upgrade() else { return };
                 let reminders = inner.reminders.clone();
                 drop(inner);
-                reminders.run(weak, stop).await;
+                reminders.run(weak, stop, rounds).await;
             };
             runtime.spawn(silo.inner.tasks.track_future(service));
         }

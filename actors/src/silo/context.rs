@@ -61,7 +61,6 @@ impl GrainContext {
         // is (rule 12); it carries this turn's chain, so a call back from
         // another silo runs on the lent grain too.
         if let Some(router) = target.router() {
-            let router = router.clone();
             let (outbound, reply, codec) = target.outbound(
                 Kind::Call,
                 message,

@@ -98,7 +98,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use activation::Mailbox;
 pub use builder::{SiloBuilder, SiloConfig};
 pub use context::Timer;
-pub(crate) use envelope::{current_chain, deadline_after};
+pub(crate) use envelope::{current_chain, deadline_after, fresh_chain};
 pub use reference::GrainRef;
 
 use crate::grain::{Grain, Service, service_key};
@@ -129,7 +129,7 @@ pub(crate) struct SiloInner {
     pub(crate) reminders: Arc<crate::reminders::Reminders>,
     /// Where grain references' messages go, once a cluster installs it
     /// (rule 12; `route.rs`).
-    router: std::sync::OnceLock<Arc<dyn crate::route::Router>>,
+    router: arc_swap::ArcSwapOption<crate::route::Installed>,
     /// Told of every activation that ends (a cluster node's), with the
     /// number of the guard that set it.
     ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
@@ -217,17 +217,32 @@ impl Silo {
     }
 
     /// The router, if one is installed (rule 12).
-    pub(crate) fn router(&self) -> Option<&Arc<dyn crate::route::Router>> {
-        self.inner.router.get()
+    pub(crate) fn router(&self) -> Option<Arc<dyn crate::route::Router>> {
+        self.inner
+            .router
+            .load()
+            .as_ref()
+            .map(|installed| installed.router.clone())
     }
 
-    /// Installs the router (rule 12); refused, and handed back, once one
-    /// is installed.
-    pub(crate) fn set_router(
-        &self,
-        router: Arc<dyn crate::route::Router>,
-    ) -> Result<(), Arc<dyn crate::route::Router>> {
-        self.inner.router.set(router)
+    /// Installs `router` (rule 12), unless one is installed already.
+    pub(crate) fn set_router(&self, router: &Arc<crate::route::Installed>) -> bool {
+        let previous = self
+            .inner
+            .router
+            .compare_and_swap(&None::<Arc<crate::route::Installed>>, Some(router.clone()));
+        previous.is_none()
+    }
+
+    /// Removes `router` if it is the one installed (rule 12).
+    pub(crate) fn clear_router(&self, router: &Arc<crate::route::Installed>) {
+        let current = self.inner.router.load_full();
+        if current
+            .as_ref()
+            .is_some_and(|installed| Arc::ptr_eq(installed, router))
+        {
+            self.inner.router.compare_and_swap(&current, None);
+        }
     }
 
     pub(crate) fn registry(&self) -> &crate::dispatch::Registry {
@@ -277,6 +292,12 @@ impl Silo {
             silo: Arc::downgrade(&self.inner),
             number,
         })
+    }
+
+    /// The reminder service (`reminders.rs`, where the silo's reminder
+    /// methods are).
+    pub(crate) fn reminder_service(&self) -> &Arc<crate::reminders::Reminders> {
+        &self.inner.reminders
     }
 
     pub(crate) fn storage(&self) -> Arc<dyn StorageProvider> {

@@ -74,7 +74,7 @@ impl<G: Grain> GrainRef<G> {
         if let Some(router) = self.router() {
             return self
                 .send_routed(
-                    router,
+                    &router,
                     Kind::Call,
                     message,
                     |target, message, chain, deadline| async move {
@@ -172,7 +172,7 @@ impl<G: Grain> GrainRef<G> {
         if let Some(router) = self.router() {
             return self
                 .send_routed(
-                    router,
+                    &router,
                     Kind::Read,
                     message,
                     |target, message, chain, deadline| async move {
@@ -217,7 +217,7 @@ impl<G: Grain> GrainRef<G> {
         if let Some(router) = self.router() {
             return self
                 .send_routed(
-                    router,
+                    &router,
                     Kind::Tell,
                     message,
                     |target, message, chain, deadline| async move {
@@ -259,7 +259,7 @@ impl<G: Grain> GrainRef<G> {
     /// The router this reference's messages go through: the silo's, unless
     /// the grain type is a stateless worker (rule 12), or `G` is not
     /// registered (the local path reports that).
-    pub(super) fn router(&self) -> Option<&Arc<dyn Router>> {
+    pub(super) fn router(&self) -> Option<Arc<dyn Router>> {
         match &self.registered {
             Some(grain_type) if !grain_type.stateless => self.silo.router(),
             _ => None,

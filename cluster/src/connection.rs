@@ -9,7 +9,9 @@
 //! 2. **Both ways.** Either silo may send requests; each side numbers its
 //!    own, and a response carries its request's number. Any number of
 //!    requests may be in flight (pipelining); responses come back in any
-//!    order.
+//!    order. A request carries how its sender waits (a call, a read, or a
+//!    tell, which is answered with its admission at the grain's mailbox),
+//!    its call chain, and the time its sender still waits.
 //! 3. **One writer.** Frames to send queue in a bounded channel; one task
 //!    writes every frame that is waiting, then flushes once, so a burst of
 //!    small requests costs one system call, not one each.
@@ -42,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::SiloId;
 use crate::auth::{self, ClusterSecret, Role};
 use crate::transport::BoxIo;
-use crate::wire::{self, FrameError, Header, Outcome, RemoteError};
+use crate::wire::{self, FrameError, Header, Kind, Outcome, RemoteError};
 
 /// How a connection behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,11 +96,38 @@ pub struct InboundRequest {
     pub message: String,
     /// The message in its wire form.
     pub payload: Bytes,
-    /// Whether the sender wants no reply.
-    pub one_way: bool,
+    /// How the sender waits (a tell is answered with its admission).
+    pub kind: Kind,
+    /// The sender's call chain (0: none).
+    pub chain: u64,
+    /// How long the sender still waits.
+    pub time_left: Duration,
 }
 
-/// A silo handles requests by name (`Silo::call_named`, `tell_named`).
+/// A request to send: a grain, a message in its wire form, and how the
+/// sender waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The grain type's registered name.
+    pub grain_type: &'a str,
+    /// The grain's key.
+    pub key: &'a GrainKey,
+    /// The message's registered name.
+    pub message: &'a str,
+    /// The message in its wire form.
+    pub payload: &'a [u8],
+    /// How the sender waits.
+    pub kind: Kind,
+    /// The sender's call chain (0: none).
+    pub chain: u64,
+    /// How long the sender waits, at most; the connection's
+    /// `call_timeout` bounds it too.
+    pub time_left: Duration,
+}
+
+/// A silo served on a connection directly (no cluster node) handles
+/// requests by name in the sender's chain and until its deadline
+/// (`Silo::receive`).
 impl Inbound for granary_actors::Silo {
     fn request(
         &self,
@@ -107,23 +136,17 @@ impl Inbound for granary_actors::Silo {
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let silo = self.clone();
         Box::pin(async move {
-            let InboundRequest {
-                grain_type,
-                key,
-                message,
-                payload,
-                one_way,
-            } = request;
-            if one_way {
-                silo.tell_named(&grain_type, key, &message, &payload)
-                    .await
-                    .map(|()| Vec::new())
-                    .map_err(RemoteError::from)
-            } else {
-                silo.call_named(&grain_type, key, &message, &payload)
-                    .await
-                    .map_err(RemoteError::from)
-            }
+            silo.receive(granary_actors::route::InboundRequest {
+                grain_type: &request.grain_type,
+                key: request.key,
+                message: &request.message,
+                payload: &request.payload,
+                kind: request.kind,
+                chain: request.chain,
+                time_left: request.time_left,
+            })
+            .await
+            .map_err(RemoteError::from)
         })
     }
 }
@@ -326,7 +349,8 @@ impl Connection {
 
     /// Calls grain `grain_type`/`key` on the peer with the message
     /// registered as `message`, in its wire form, and returns the reply in
-    /// its wire form.
+    /// its wire form: a call outside any chain, waiting at most the
+    /// connection's `call_timeout`.
     pub async fn call(
         &self,
         grain_type: &str,
@@ -334,12 +358,50 @@ impl Connection {
         message: &str,
         payload: &[u8],
     ) -> Result<Bytes, CallFailure> {
+        self.send(Outgoing {
+            grain_type,
+            key,
+            message,
+            payload,
+            kind: Kind::Call,
+            chain: 0,
+            time_left: self.shared.config.call_timeout,
+        })
+        .await
+    }
+
+    /// Sends a one-way message and returns once the peer has admitted it
+    /// (its grain's mailbox took it), or with why not.
+    pub async fn tell(
+        &self,
+        grain_type: &str,
+        key: &GrainKey,
+        message: &str,
+        payload: &[u8],
+    ) -> Result<(), CallFailure> {
+        self.send(Outgoing {
+            grain_type,
+            key,
+            message,
+            payload,
+            kind: Kind::Tell,
+            chain: 0,
+            time_left: self.shared.config.call_timeout,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Sends `request` and waits for its answer (a tell's: its admission),
+    /// at most its `time_left` and the connection's `call_timeout`.
+    pub async fn send(&self, request: Outgoing<'_>) -> Result<Bytes, CallFailure> {
         let shared = &self.shared;
         if self.is_closed() {
             return Err(shared.unavailable());
         }
+        let wait = request.time_left.min(shared.config.call_timeout);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = request_frame(shared, id, grain_type, key, message, payload, false)?;
+        let frame = request_frame(shared, id, &request, wait)?;
         let (reply, answer) = oneshot::channel();
         shared
             .pending
@@ -367,56 +429,32 @@ impl Connection {
             }
             answer.await.unwrap_or_else(|_| Err(shared.unavailable()))
         };
-        match tokio::time::timeout(shared.config.call_timeout, sent_and_answered).await {
+        match tokio::time::timeout(wait, sent_and_answered).await {
             Ok(result) => result,
             Err(_) => Err(CallFailure::Timeout {
                 silo: shared.peer.clone(),
-                after: shared.config.call_timeout,
-            }),
-        }
-    }
-
-    /// Sends a one-way message: returns once it is queued for the peer.
-    pub async fn tell(
-        &self,
-        grain_type: &str,
-        key: &GrainKey,
-        message: &str,
-        payload: &[u8],
-    ) -> Result<(), CallFailure> {
-        let shared = &self.shared;
-        if self.is_closed() {
-            return Err(shared.unavailable());
-        }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = request_frame(shared, id, grain_type, key, message, payload, true)?;
-        match tokio::time::timeout(shared.config.call_timeout, shared.outgoing.send(frame)).await {
-            Ok(sent) => sent.map_err(|_| shared.unavailable()),
-            Err(_) => Err(CallFailure::Timeout {
-                silo: shared.peer.clone(),
-                after: shared.config.call_timeout,
+                after: wait,
             }),
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn request_frame(
     shared: &Shared,
     id: u64,
-    grain_type: &str,
-    key: &GrainKey,
-    message: &str,
-    payload: &[u8],
-    one_way: bool,
+    request: &Outgoing<'_>,
+    wait: Duration,
 ) -> Result<Bytes, CallFailure> {
     let header = Header::Request {
         id,
-        grain_type: grain_type.to_string(),
-        key: key.clone(),
-        message: message.to_string(),
-        one_way,
+        grain_type: request.grain_type.to_string(),
+        key: request.key.clone(),
+        message: request.message.to_string(),
+        kind: request.kind,
+        chain: request.chain,
+        time_left_us: u64::try_from(wait.as_micros()).unwrap_or(u64::MAX),
     };
+    let payload = request.payload;
     let frame = wire::encode(&header, payload).map_err(|err| {
         CallFailure::Remote(RemoteError::Other(format!(
             "the request did not encode: {err}"
@@ -641,20 +679,19 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                     grain_type,
                     key,
                     message,
-                    one_way,
+                    kind,
+                    chain,
+                    time_left_us,
                 },
                 payload,
             )) => {
                 // Rule 4: past the bound, refuse the request but keep
                 // reading: responses to our own calls must get through.
                 let Ok(permit) = running.clone().try_acquire_owned() else {
-                    if !one_way {
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            respond(&shared, id, Outcome::Failed(RemoteError::Overloaded), &[])
-                                .await;
-                        });
-                    }
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        respond(&shared, id, Outcome::Failed(RemoteError::Overloaded), &[]).await;
+                    });
                     continue;
                 };
                 let request = InboundRequest {
@@ -662,16 +699,15 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                     key,
                     message,
                     payload,
-                    one_way,
+                    kind,
+                    chain,
+                    time_left: Duration::from_micros(time_left_us),
                 };
                 let handled = inbound.request(&shared.peer, request);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let result = handled.await;
                     drop(permit);
-                    if one_way {
-                        return;
-                    }
                     let (outcome, payload) = match result {
                         Ok(reply) => (Outcome::Ok, reply),
                         Err(err) => (Outcome::Failed(err), Vec::new()),

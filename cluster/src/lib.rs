@@ -43,12 +43,12 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{ClusterSecret, WeakSecret};
 pub use connection::{
-    CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, accept,
-    connect,
+    CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, Outgoing,
+    accept, connect,
 };
 pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
-pub use node::{ClusterCallError, ClusterNode, ClusterRef, NodeBuilder, NodeConfig, NodeError};
+pub use node::{ClusterCallError, ClusterNode, NodeBuilder, NodeConfig, NodeError};
 pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
     PlacementStrategy, PreferLocal, RandomPlacement,

@@ -16,6 +16,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use granary_actors::GrainKey;
+pub use granary_actors::route::Kind;
 use serde::{Deserialize, Serialize};
 
 use crate::SiloId;
@@ -63,8 +64,16 @@ pub enum Header {
         key: GrainKey,
         /// The message's registered name.
         message: String,
-        /// Whether no response is wanted.
-        one_way: bool,
+        /// How the sender waits: a call or a read is answered with the
+        /// reply, a tell with its admission at the home.
+        kind: Kind,
+        /// The sender's call chain (0: none), so that a call back to a
+        /// grain waiting in that chain runs at once (reentrancy across
+        /// silos).
+        chain: u64,
+        /// How long the sender still waits, in microseconds; a turn not
+        /// started by then is not run.
+        time_left_us: u64,
     },
     /// The answer to request `id`; on success the payload is the reply in
     /// its wire form.
@@ -234,7 +243,9 @@ mod tests {
             grain_type: "account".into(),
             key: GrainKey::Compound(3, "eu".into()),
             message: "deposit".into(),
-            one_way: false,
+            kind: Kind::Call,
+            chain: 0x1234_5678_9abc_def0,
+            time_left_us: 2_500_000,
         };
         let payload: Vec<u8> = (0..=255).collect();
         let (back, body) = decode(encode(&header, &payload).unwrap()).unwrap();

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
 use common::{Add, Counter, free_udp_ports};
 use granary_actors::storage::{MemoryStorage, StorageProvider};
-use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_actors::{CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_cluster::{
-    ClusterCallError, ClusterNode, ClusterSecret, GpuNeeds, InProcessNetwork, NodeConfig,
-    PreferLocal, TcpTransport, Transport,
+    ClusterNode, ClusterSecret, GpuNeeds, InProcessNetwork, NodeConfig, PreferLocal, TcpTransport,
+    Transport,
 };
 use granary_gpu::GpuBridge;
 use granary_kernels::{CpuBackend, DeviceInfo, host_device};
@@ -151,7 +151,7 @@ async fn converged(nodes: &[&ClusterNode], count: usize) {
     }
 }
 
-async fn add(node: &ClusterNode, key: u64, n: u64) -> Result<u64, ClusterCallError> {
+async fn add(node: &ClusterNode, key: u64, n: u64) -> Result<u64, CallError> {
     node.grain::<Counter>(key).call(Add(n)).await
 }
 
@@ -253,7 +253,7 @@ async fn calls_in_flight_to_a_dead_silo_fail_fast() {
     cluster.network.isolate(&c.id().address);
     let (outcome, took) = napping.await.unwrap();
     assert!(
-        matches!(outcome, Err(ClusterCallError::SiloUnavailable { .. })),
+        matches!(outcome, Err(CallError::Unavailable { .. })),
         "{outcome:?}"
     );
     assert!(took < Duration::from_secs(2), "failed fast: {took:?}");
@@ -624,7 +624,7 @@ async fn a_failed_activation_gives_up_its_home() {
     *tracker.refuse_on.lock().unwrap() = Some(1);
     let refused = nodes[0].grain::<Slab>(3u64).call(Add(1)).await;
     assert!(
-        matches!(refused, Err(ClusterCallError::Remote(_))),
+        matches!(refused, Err(CallError::TurnFailed { .. })),
         "{refused:?}"
     );
     homes_come_to(&nodes[0], 0).await;
@@ -741,7 +741,7 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = b.grain::<Slab>(k2).call(Add(1)).await;
     assert!(
-        matches!(before, Err(ClusterCallError::SiloUnavailable { .. })),
+        matches!(before, Err(CallError::Unavailable { .. })),
         "{before:?}"
     );
     a.silo()
@@ -751,7 +751,7 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = b.grain::<Slab>(k2).call(Add(1)).await;
     assert!(
-        matches!(after, Err(ClusterCallError::SiloUnavailable { .. })),
+        matches!(after, Err(CallError::Unavailable { .. })),
         "the killed silo served a call: {after:?}"
     );
 }

@@ -15,12 +15,12 @@ use chitchat::transport::ChannelTransport;
 use common::{Add, Counter};
 use futures_util::future::BoxFuture;
 use granary_actors::storage::{MemoryStorage, StorageProvider};
-use granary_actors::{GrainContext, GrainId, GrainKey, Handler, Message, Silo};
+use granary_actors::{CallError, GrainContext, GrainId, GrainKey, Handler, Message, Silo};
 use granary_cluster::transport::{BoxIo, Listener};
 use granary_cluster::{
-    ClusterCallError, ClusterNode, ClusterSecret, InProcessNetwork, InProcessTransport, Member,
-    NodeBuilder, NodeConfig, PlacementError, PlacementRequest, PlacementStrategy, PreferLocal,
-    SiloId, SiloLoad, Transport,
+    ClusterNode, ClusterSecret, InProcessNetwork, InProcessTransport, Member, NodeBuilder,
+    NodeConfig, PlacementError, PlacementRequest, PlacementStrategy, PreferLocal, SiloId, SiloLoad,
+    Transport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -145,7 +145,7 @@ fn key_owned_by(want: &SiloId, views: &[Vec<SiloId>]) -> u64 {
         .expect("a key")
 }
 
-async fn add(node: &ClusterNode, key: u64, n: u64) -> Result<u64, ClusterCallError> {
+async fn add(node: &ClusterNode, key: u64, n: u64) -> Result<u64, CallError> {
     node.grain::<Counter>(key).call(Add(n)).await
 }
 
@@ -229,10 +229,7 @@ async fn a_call_in_flight_to_a_leaving_silo_never_runs_twice() {
     let live = (v.silo().live_activations(), a.silo().live_activations());
     leaving.await.unwrap().unwrap();
     assert!(
-        matches!(
-            outcome,
-            Ok(2) | Err(ClusterCallError::SiloUnavailable { .. })
-        ) && runs == 1,
+        matches!(outcome, Ok(2) | Err(CallError::Unavailable { .. })) && runs == 1,
         "outcome {outcome:?}; the message ran {runs} times; live activations (v, a) = {live:?}"
     );
 }

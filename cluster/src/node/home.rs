@@ -10,13 +10,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use granary_actors::GrainId;
 
 use super::directory_client::{DirectoryReply, DirectoryRequest};
 use super::router::deadline_after;
 use super::{ClusterNode, Inner};
 use crate::SiloId;
+use crate::connection::InboundRequest;
 use crate::directory::ActivationAddress;
 use crate::membership::Member;
 use crate::wire::RemoteError;
@@ -81,14 +81,34 @@ impl ClusterNode {
 }
 
 impl Inner {
-    /// Handles a call for `grain` arriving here (rule 2).
+    /// Handles a request for `grain` that arrived from another silo (rule
+    /// 2): makes this silo its home, then dispatches it to the local
+    /// activation in the sender's chain, until its deadline.
     pub(super) async fn host(
         self: &Arc<Self>,
         grain: &GrainId,
-        message: &str,
-        payload: Bytes,
-        one_way: bool,
+        request: &InboundRequest,
     ) -> Result<Vec<u8>, RemoteError> {
+        let _admitted = self.admit(grain).await?;
+        self.home_side
+            .dispatch(granary_actors::route::InboundRequest {
+                grain_type: &grain.type_name,
+                key: grain.key.clone(),
+                message: &request.message,
+                payload: &request.payload,
+                kind: request.kind,
+                chain: request.chain,
+                time_left: request.time_left,
+            })
+            .await
+            .map_err(RemoteError::from)
+    }
+
+    /// Makes this silo `grain`'s home for one message (rules 2, 5 and 6):
+    /// pins the home, promises device memory to a grain becoming home, and
+    /// registers it with its entry's owner. The home stays pinned until
+    /// the returned guard is dropped, once the local silo has answered.
+    pub(super) async fn admit(self: &Arc<Self>, grain: &GrainId) -> Result<Admitted, RemoteError> {
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
@@ -100,7 +120,7 @@ impl Inner {
         // Rule 5: never become home to a grain whose device needs do not
         // fit here now (placement decided on load that may be stale); the
         // memory is promised until the call that activates it returns.
-        let _promise = match registered_with {
+        let promise = match registered_with {
             None => match self.promise(&grain.type_name) {
                 Ok(promise) => Some(promise),
                 Err(no_room) => {
@@ -164,18 +184,10 @@ impl Inner {
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
-        let key = grain.key.clone();
-        let outcome = if one_way {
-            self.silo
-                .tell_named(&grain.type_name, key, message, &payload)
-                .await
-                .map(|()| Vec::new())
-        } else {
-            self.silo
-                .call_named(&grain.type_name, key, message, &payload)
-                .await
-        };
-        outcome.map_err(RemoteError::from)
+        Ok(Admitted {
+            _pin: pin,
+            _promise: promise,
+        })
     }
 
     /// Pins `grain`'s home here for one call (rule 6), creating it
@@ -449,6 +461,13 @@ impl Inner {
 }
 
 /// A call to the local silo counted in its home's `in_flight` (rule 6).
+/// This silo is a grain's home for one message (rule 6), with the device
+/// memory promised to it if it is becoming home (rule 5), until dropped.
+pub(super) struct Admitted {
+    _pin: InFlight,
+    _promise: Option<Promise>,
+}
+
 struct InFlight {
     inner: Arc<Inner>,
     grain: GrainId,

@@ -92,7 +92,7 @@ use crate::transport::Transport;
 
 pub use builder::NodeBuilder;
 pub use config::{NodeConfig, NodeError};
-pub use router::{ClusterCallError, ClusterRef};
+pub use router::ClusterCallError;
 
 use directory_client::DirectoryBackend;
 use home::Home;
@@ -134,6 +134,9 @@ struct Inner {
     /// once it does not, others may have activated its grains, so it
     /// serves nothing more.
     holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Where requests from other silos reach the local activations,
+    /// without routing (rule 2).
+    home_side: granary_actors::route::HomeSide,
     /// The silo's claim for this node, held as long as the node lives.
     claim: Mutex<Option<Claim>>,
     /// Open connections, by peer: the one calls go out on. The map's lock

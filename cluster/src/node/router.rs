@@ -1,19 +1,20 @@
-//! The calling side: a call finds the grain's home and goes there,
-//! following `Moved`, `Retry` and `NoRoom` (rules 2 to 5 of the
-//! protocol in `node/mod.rs`); [`ClusterRef`] and [`ClusterCallError`].
+//! The calling side: the silo's router sends each message to its grain's
+//! home, on the typed path when that is this silo and by name otherwise,
+//! following `Moved`, `Retry` and `NoRoom` (rules 2 to 5 of the protocol
+//! in `node/mod.rs`); [`ClusterCallError`] for `call_named`.
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use granary_actors::dispatch::{decode, encode};
-use granary_actors::{GrainId, GrainKey, Handler, Message};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use super::ClusterNode;
+use granary_actors::route::{Delivered, Outbound};
+use granary_actors::{CallError, DispatchError, GrainId, GrainKey, GrainRef};
+
 use super::directory_client::{DIRECTORY, DirectoryBackend, DirectoryReply, DirectoryRequest};
+use super::{ClusterNode, Inner};
 use crate::SiloId;
-use crate::connection::CallFailure;
+use crate::connection::{CallFailure, Outgoing};
 use crate::directory::ActivationAddress;
 use crate::membership::Member;
 use crate::placement::PlacementRequest;
@@ -78,14 +79,11 @@ pub(super) fn from_failure(failure: CallFailure) -> ClusterCallError {
 }
 
 impl ClusterNode {
-    /// A reference to grain `G` with `key`, callable from this silo
-    /// wherever the grain lives.
-    pub fn grain<G: granary_actors::Grain>(&self, key: impl Into<GrainKey>) -> ClusterRef<G> {
-        ClusterRef {
-            node: self.clone(),
-            key: key.into(),
-            _grain: std::marker::PhantomData,
-        }
+    /// A reference to grain `G` with `key`: the silo's own [`GrainRef`],
+    /// which on a clustered silo reaches the grain wherever it lives (rule
+    /// 2), the same type that handlers get from `ctx.grain`.
+    pub fn grain<G: granary_actors::Grain>(&self, key: impl Into<GrainKey>) -> GrainRef<G> {
+        self.inner.silo.grain(key)
     }
 
     /// Calls grain `grain_type`/`key` with message `message` in its wire
@@ -100,42 +98,119 @@ impl ClusterNode {
         if grain_type == DIRECTORY {
             return Err(ClusterCallError::NotRegistered(grain_type.to_string()));
         }
-        let grain = GrainId {
-            type_name: grain_type.to_string(),
-            key,
+        self.inner
+            .silo
+            .call_named(grain_type, key, message, payload)
+            .await
+            .map_err(|err| match err {
+                DispatchError::UnknownGrainType(_) | DispatchError::UnknownMessage { .. } => {
+                    ClusterCallError::NotRegistered(err.to_string())
+                }
+                DispatchError::BadPayload { .. } => ClusterCallError::Payload(err.to_string()),
+                DispatchError::Call(CallError::Timeout { .. }) => {
+                    ClusterCallError::Timeout(err.to_string())
+                }
+                other => ClusterCallError::Remote(RemoteError::from(other)),
+            })
+    }
+}
+
+impl Inner {
+    /// Delivers `message` at its grain's home (rule 2): on this silo on the
+    /// typed path, once this silo is the grain's home; elsewhere by name,
+    /// following `Moved`, `Retry` and `NoRoom`.
+    pub(super) async fn route(
+        self: &Arc<Self>,
+        message: Box<dyn Outbound>,
+    ) -> Result<Delivered, CallError> {
+        let started = Instant::now();
+        let grain = message.grain().clone();
+        let node = ClusterNode {
+            inner: self.clone(),
         };
-        let inner = &self.inner;
+        let mut message = Some(message);
+        // The wire form, made once, the first time it is needed.
+        let mut encoded: Option<Vec<u8>> = None;
         // Moves and silos found gone count as hops; waits for a directory
         // that is settling (rule 3) are bounded by time instead.
         let mut hops = 0;
-        let settle_by = deadline_after(inner.handoff.saturating_mul(4));
+        let settle_by = deadline_after(self.handoff.saturating_mul(4));
         let mut last = None;
         // Silos that had no room for the grain in this call (rule 5).
         let mut full: Vec<SiloId> = Vec::new();
         while hops < MAX_HOPS {
+            if self.stopped.load(Ordering::Acquire) {
+                return Err(CallError::ShutDown);
+            }
             let mut sent = false;
-            let (target, cached) = match self.home_of(&grain, &full).await {
+            let (target, cached) = match node.home_of(&grain, &full).await {
                 Ok(found) => found,
                 Err(err @ ClusterCallError::Remote(RemoteError::Retry))
                     if Instant::now() < settle_by =>
                 {
                     last = Some(err);
-                    tokio::time::sleep(inner.handoff / 8).await;
+                    tokio::time::sleep(self.handoff / 8).await;
                     continue;
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(call_error(err, &grain, started.elapsed())),
             };
-            let outcome = if target == inner.id {
-                inner
-                    .host(&grain, message, Bytes::copy_from_slice(payload), false)
-                    .await
-                    .map_err(ClusterCallError::Remote)
+            let outcome = if target == self.id {
+                match self.admit(&grain).await {
+                    Ok(admitted) => {
+                        let Some(message) = message.take() else {
+                            return Err(CallError::ShutDown);
+                        };
+                        // Rule 2, on the typed path: the home stays pinned
+                        // until the local silo has answered.
+                        let delivered = message.deliver_here().await;
+                        drop(admitted);
+                        delivered?;
+                        if !cached {
+                            self.remember(&grain, target);
+                        }
+                        return Ok(Delivered::Here);
+                    }
+                    Err(err) => Err(ClusterCallError::Remote(err)),
+                }
             } else {
-                match self.connection(&target).await {
+                // What goes on the wire, taken out before any wait (the
+                // message itself stays here, in case the home is here
+                // after a move).
+                let (name, kind, chain, deadline) = {
+                    let Some(outbound) = message.as_ref() else {
+                        return Err(CallError::ShutDown);
+                    };
+                    if encoded.is_none() {
+                        encoded = Some(outbound.encode()?);
+                    }
+                    let Some(name) = outbound.message_name() else {
+                        return Err(CallError::NotRoutable {
+                            grain,
+                            message: "a message with no registered name",
+                        });
+                    };
+                    (
+                        name.to_string(),
+                        outbound.kind(),
+                        outbound.chain(),
+                        outbound.deadline(),
+                    )
+                };
+                let payload = encoded.as_deref().unwrap_or_default();
+                match node.connection(&target).await {
                     Ok(connection) => {
                         sent = true;
                         connection
-                            .call(grain_type, &grain.key, message, payload)
+                            .send(Outgoing {
+                                grain_type: &grain.type_name,
+                                key: &grain.key,
+                                message: &name,
+                                payload,
+                                kind,
+                                chain,
+                                time_left: deadline
+                                    .saturating_duration_since(tokio::time::Instant::now()),
+                            })
                             .await
                             .map(|reply| reply.to_vec())
                             .map_err(from_failure)
@@ -146,22 +221,16 @@ impl ClusterNode {
             match outcome {
                 Ok(reply) => {
                     if !cached {
-                        inner.cache.insert(
-                            grain.clone(),
-                            ActivationAddress {
-                                silo: target,
-                                activation: 0,
-                            },
-                        );
+                        self.remember(&grain, target);
                     }
-                    return Ok(reply);
+                    return Ok(Delivered::Elsewhere(reply));
                 }
                 Err(ClusterCallError::Remote(RemoteError::NoRoom)) => {
                     // Its published load was stale: place elsewhere. Only
                     // this grain's location is forgotten: the silo is
                     // alive, and its other grains still live there.
                     hops += 1;
-                    inner.cache.invalidate(
+                    self.cache.invalidate(
                         &grain,
                         &ActivationAddress {
                             silo: target.clone(),
@@ -173,24 +242,18 @@ impl ClusterNode {
                 }
                 Err(ClusterCallError::Remote(RemoteError::Moved(home))) => {
                     hops += 1;
-                    inner.cache.insert(
-                        grain.clone(),
-                        ActivationAddress {
-                            silo: home,
-                            activation: 0,
-                        },
-                    );
+                    self.remember(&grain, home);
                 }
                 Err(
                     err @ ClusterCallError::Remote(RemoteError::Retry | RemoteError::Overloaded),
                 ) => {
                     if Instant::now() >= settle_by {
-                        return Err(err);
+                        return Err(call_error(err, &grain, started.elapsed()));
                     }
                     if matches!(err, ClusterCallError::Remote(RemoteError::Retry)) {
                         // The home is in flux (settling, or given up by
                         // rule 6): ask the directory again next time.
-                        inner.cache.invalidate(
+                        self.cache.invalidate(
                             &grain,
                             &ActivationAddress {
                                 silo: target.clone(),
@@ -199,27 +262,66 @@ impl ClusterNode {
                         );
                     }
                     last = Some(err);
-                    tokio::time::sleep(inner.handoff / 8).await;
+                    tokio::time::sleep(self.handoff / 8).await;
                 }
                 Err(err @ ClusterCallError::SiloUnavailable { .. }) => {
-                    inner.cache.forget_silo(&target);
+                    self.cache.forget_silo(&target);
                     // In the view still: the call fails fast (rule 4); gone
                     // from it: the grain is placed elsewhere.
                     // A call that went out may have run: never send it
                     // again (at most once).
-                    if sent || inner.is_live(&target) {
-                        return Err(err);
+                    if sent || self.is_live(&target) {
+                        return Err(call_error(err, &grain, started.elapsed()));
                     }
                     hops += 1;
                     last = Some(err);
                 }
-                Err(other) => return Err(other),
+                Err(other) => return Err(call_error(other, &grain, started.elapsed())),
             }
         }
-        Err(last
-            .unwrap_or_else(|| ClusterCallError::Timeout("the grain's home did not settle".into())))
+        Err(call_error(
+            last.unwrap_or_else(|| {
+                ClusterCallError::Timeout("the grain's home did not settle".into())
+            }),
+            &grain,
+            started.elapsed(),
+        ))
     }
 
+    /// Remembers that `grain` lives on `silo`.
+    fn remember(&self, grain: &GrainId, silo: SiloId) {
+        self.cache.insert(
+            grain.clone(),
+            ActivationAddress {
+                silo,
+                activation: 0,
+            },
+        );
+    }
+}
+
+/// What a grain reference's caller sees of a failure on the way to, or
+/// at, the grain's home.
+fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallError {
+    let unavailable = |reason: String| CallError::Unavailable {
+        grain: grain.clone(),
+        reason,
+    };
+    match err {
+        ClusterCallError::Remote(RemoteError::TurnFailed(_)) => CallError::TurnFailed {
+            grain: grain.clone(),
+        },
+        ClusterCallError::Remote(RemoteError::Timeout(_)) | ClusterCallError::Timeout(_) => {
+            CallError::Timeout {
+                grain: grain.clone(),
+                after: waited,
+            }
+        }
+        other => unavailable(other.to_string()),
+    }
+}
+
+impl ClusterNode {
     /// The silo to send a call for `grain` to (rule 2), and whether it
     /// came from the location cache.
     async fn home_of(
@@ -275,48 +377,4 @@ pub(super) fn deadline_after(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
-}
-
-/// A reference to grain `G`, callable from this silo wherever it lives.
-pub struct ClusterRef<G> {
-    node: ClusterNode,
-    key: GrainKey,
-    _grain: std::marker::PhantomData<fn() -> G>,
-}
-
-impl<G> Clone for ClusterRef<G> {
-    fn clone(&self) -> ClusterRef<G> {
-        ClusterRef {
-            node: self.node.clone(),
-            key: self.key.clone(),
-            _grain: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<G: granary_actors::Grain> ClusterRef<G> {
-    /// Sends `message` to the grain wherever it lives and waits for the
-    /// reply. The grain type and the message must be registered by name.
-    pub async fn call<M>(&self, message: M) -> Result<M::Reply, ClusterCallError>
-    where
-        G: Handler<M>,
-        M: Message + Serialize,
-        M::Reply: DeserializeOwned,
-    {
-        let silo = &self.node.inner.silo;
-        let grain_type = silo
-            .grain_type_name::<G>()
-            .ok_or_else(|| ClusterCallError::NotRegistered(std::any::type_name::<G>().into()))?
-            .to_string();
-        let name = silo
-            .message_name::<G, M>()
-            .ok_or_else(|| ClusterCallError::NotRegistered(std::any::type_name::<M>().into()))?
-            .to_string();
-        let payload = encode(&message).map_err(|err| ClusterCallError::Payload(err.to_string()))?;
-        let reply = self
-            .node
-            .call_named(&grain_type, self.key.clone(), &name, &payload)
-            .await?;
-        decode(&reply).map_err(|err| ClusterCallError::Payload(err.to_string()))
-    }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use granary_actors::dispatch::{decode, encode};
-use granary_actors::{GrainId, Silo};
+use granary_actors::route::{Delivered, HomeSide, Outbound, Router};
+use granary_actors::{CallError, GrainId, Silo};
 
 use super::directory_client::{DIRECTORY, DirectoryBackend, DirectoryRequest};
 use super::peers::Provider;
@@ -103,22 +104,28 @@ impl Inbound for NodeInbound {
                     .map_err(|err| RemoteError::Other(err.to_string()));
             }
             let grain = GrainId {
-                type_name: request.grain_type,
-                key: request.key,
+                type_name: request.grain_type.clone(),
+                key: request.key.clone(),
             };
-            inner
-                .host(&grain, &request.message, request.payload, request.one_way)
-                .await
+            inner.host(&grain, &request).await
         })
     }
 }
 
-/// A silo claimed for one node: its activation-end listener (rule 6)
-/// reaches the node once the node exists; dropped with the node (or with
-/// a start that failed), it frees the silo.
+/// A silo claimed for one node: its activation-end listener (rule 6) and
+/// its router (rule 2), which reach the node once the node exists;
+/// dropped with the node (or with a start that failed), it frees the
+/// silo: the listener is cleared and the router detached.
 pub(super) struct Claim {
     node: Arc<std::sync::OnceLock<Weak<Inner>>>,
+    pub(super) home_side: HomeSide,
     _listener: granary_actors::EndedListenerGuard,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.home_side.detach();
+    }
 }
 
 /// Claims `silo` for one node. Refused while another node has it.
@@ -132,10 +139,34 @@ pub(super) fn claim(silo: &Silo) -> Result<Claim, NodeError> {
             }
         }))
         .map_err(|_| NodeError::SiloInUse)?;
+    let home_side = silo
+        .route_through(Arc::new(NodeRouter { node: node.clone() }))
+        .map_err(|_| NodeError::SiloInUse)?;
     Ok(Claim {
         node,
+        home_side,
         _listener: listener,
     })
+}
+
+/// The silo's router (rule 2 of `route.rs` in `granary-actors`): every
+/// message sent through the silo's grain references goes to the node,
+/// which finds the grain's home (rule 2 of this protocol).
+struct NodeRouter {
+    node: Arc<std::sync::OnceLock<Weak<Inner>>>,
+}
+
+impl Router for NodeRouter {
+    fn dispatch(&self, message: Box<dyn Outbound>) -> BoxFuture<'_, Result<Delivered, CallError>> {
+        let inner = self.node.get().and_then(Weak::upgrade);
+        Box::pin(async move {
+            match inner {
+                Some(inner) => inner.route(message).await,
+                // Not started yet, or gone.
+                None => Err(CallError::ShutDown),
+            }
+        })
+    }
 }
 
 /// What a node is made of, before it serves.
@@ -188,6 +219,7 @@ impl NodeParts {
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             holds_lease,
+            home_side: ended.home_side.clone(),
             claim: Mutex::new(None),
             connections: Mutex::new(HashMap::new()),
             open: DashMap::new(),

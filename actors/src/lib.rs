@@ -63,7 +63,9 @@ pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
 pub use key::{GrainId, GrainKey};
 pub use observers::{Observers, Subscription};
-pub use reminders::{REMINDERS, ReminderError, ReminderFired};
+pub use reminders::{
+    LoneSilo, REMINDER_FIRED, REMINDERS, ReminderError, ReminderFired, ReminderPlacement,
+};
 pub use silo::{
     ActivationEnd, EndedListener, EndedListenerGuard, GrainRef, Silo, SiloBuilder, SiloConfig,
     Timer,

@@ -1,14 +1,21 @@
 //! Reminders persist: they fire whether or not the grain is active, and
-//! after the silo restarts.
+//! after the silo restarts. Silos sharing one storage share the reminders:
+//! each due time fires once, on the silo that owns the grain, and the
+//! reminders of a silo that goes keep firing on another.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
+use granary_actors::storage::{BatchOutcome, StoredState};
 use granary_actors::{
-    ActivationError, Grain, GrainContext, GrainKey, Handler, MemoryStorage, Message,
-    PersistentState, RedbStorage, ReminderError, ReminderFired, Silo, SiloConfig, SiloError,
-    StorageProvider,
+    ActivationError, DueUpdate, ETag, Grain, GrainContext, GrainId, GrainKey, Handler, LoneSilo,
+    MemoryStorage, Message, PersistentState, RedbStorage, ReminderError, ReminderFired,
+    ReminderPlacement, ReminderRow, ReminderTable, Silo, SiloConfig, SiloError, SqliteStorage,
+    StorageError, StorageProvider,
 };
+use tokio::sync::Notify;
 
 /// Counts the reminders it receives, in persisted state.
 struct Alarm {
@@ -202,4 +209,688 @@ async fn a_reminder_survives_a_silo_restart_with_postgres() {
         alarm.call(Set(None)).await.unwrap().unwrap();
         restarted.shutdown().await;
     }
+}
+
+// ---------------------------------------------------------------------
+// Reminders that belong to the cluster: several silos over one storage.
+// ---------------------------------------------------------------------
+
+/// Fires seen by grains, per grain key, across every silo of a test.
+#[derive(Default)]
+struct Fires {
+    counts: Mutex<HashMap<u64, u32>>,
+    changed: Notify,
+}
+
+impl Fires {
+    fn record(&self, key: u64) {
+        *self.counts.lock().unwrap().entry(key).or_default() += 1;
+        self.changed.notify_waiters();
+    }
+
+    fn count(&self, key: u64) -> u32 {
+        self.counts.lock().unwrap().get(&key).copied().unwrap_or(0)
+    }
+
+    fn snapshot(&self) -> HashMap<u64, u32> {
+        self.counts.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds, at most `bound`.
+    async fn wait_until(&self, what: &str, bound: Duration, mut done: impl FnMut(&Fires) -> bool) {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("waited {bound:?} for {what}: {:?}", self.snapshot());
+            }
+        }
+    }
+}
+
+/// A remindable grain keyed by number that reports its fires to `Fires`.
+struct Beeper;
+
+impl Grain for Beeper {
+    fn new(_: &GrainKey) -> Beeper {
+        Beeper
+    }
+}
+
+impl Handler<ReminderFired> for Beeper {
+    async fn handle(&mut self, _: ReminderFired, ctx: &mut GrainContext) {
+        if let (GrainKey::U64(key), Some(fires)) = (&ctx.id().key, ctx.service::<Fires>()) {
+            fires.record(*key);
+        }
+    }
+}
+
+/// Registers (`Some(period)`, first due after one period) or removes
+/// reminder `name`; answers whether a removed one existed.
+struct Beep(&'static str, Option<Duration>);
+impl Message for Beep {
+    type Reply = Result<bool, ReminderError>;
+}
+impl Handler<Beep> for Beeper {
+    async fn handle(
+        &mut self,
+        Beep(name, period): Beep,
+        ctx: &mut GrainContext,
+    ) -> Result<bool, ReminderError> {
+        match period {
+            Some(period) => ctx
+                .register_reminder(name, period, period)
+                .await
+                .map(|()| true),
+            None => ctx.unregister_reminder(name).await,
+        }
+    }
+}
+
+fn beeper(key: u64) -> GrainId {
+    GrainId {
+        type_name: "beeper".into(),
+        key: GrainKey::U64(key),
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Every attempt to write a fired due time back, whoever made it: the
+/// storage each silo sees is wrapped in a [`Recorded`] sharing one ledger.
+/// A firing is always followed by exactly one conditional write against
+/// the version it fired (rule 4), won or lost, so the ledger counts fires
+/// per (grain, due time) without looking at clocks.
+#[derive(Default)]
+struct Ledger {
+    state: Mutex<LedgerState>,
+}
+
+#[derive(Default)]
+struct LedgerState {
+    /// The due time each row version held.
+    due_of: HashMap<ETag, u64>,
+    /// Per (grain key, due time fired): the silos that fired it.
+    fired: BTreeMap<(u64, u64), Vec<&'static str>>,
+}
+
+impl Ledger {
+    fn written(&self, etag: ETag, due: u64) {
+        self.state.lock().unwrap().due_of.insert(etag, due);
+    }
+
+    fn attempted(
+        &self,
+        silo: &'static str,
+        grain: &GrainId,
+        next_due_ms: u64,
+        expected: ETag,
+        outcome: &Result<ETag, StorageError>,
+    ) {
+        let mut state = self.state.lock().unwrap();
+        let due = state.due_of.get(&expected).copied().unwrap_or(u64::MAX);
+        let key = match grain.key {
+            GrainKey::U64(key) => key,
+            _ => u64::MAX,
+        };
+        match outcome {
+            Ok(etag) => {
+                state.due_of.insert(*etag, next_due_ms);
+                state.fired.entry((key, due)).or_default().push(silo);
+            }
+            Err(StorageError::Conflict { .. }) => {
+                state.fired.entry((key, due)).or_default().push(silo);
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn fired(&self) -> BTreeMap<(u64, u64), Vec<&'static str>> {
+        self.state.lock().unwrap().fired.clone()
+    }
+}
+
+/// A storage provider that tells the ledger of every reminder write.
+struct Recorded {
+    inner: Arc<dyn StorageProvider>,
+    ledger: Arc<Ledger>,
+    silo: &'static str,
+}
+
+impl Recorded {
+    fn table(&self) -> &dyn ReminderTable {
+        self.inner.reminder_table().expect("a reminder table")
+    }
+}
+
+impl StorageProvider for Recorded {
+    fn read<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+        self.inner.read(grain)
+    }
+    fn write<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        data: &'a [u8],
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        self.inner.write(grain, data, expected)
+    }
+    fn clear<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.inner.clear(grain, expected)
+    }
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        Some(self)
+    }
+}
+
+impl ReminderTable for Recorded {
+    fn upsert<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        period_ms: u64,
+        next_due_ms: u64,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        Box::pin(async move {
+            let etag = self
+                .table()
+                .upsert(grain, name, period_ms, next_due_ms)
+                .await?;
+            self.ledger.written(etag, next_due_ms);
+            Ok(etag)
+        })
+    }
+    fn update_due<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        next_due_ms: u64,
+        expected: ETag,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        Box::pin(async move {
+            let outcome = self
+                .table()
+                .update_due(grain, name, next_due_ms, expected)
+                .await;
+            self.ledger
+                .attempted(self.silo, grain, next_due_ms, expected, &outcome);
+            outcome
+        })
+    }
+    fn update_due_batch<'a>(
+        &'a self,
+        updates: &'a [DueUpdate],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        Box::pin(async move {
+            let outcome = self.table().update_due_batch(updates).await?;
+            for (update, outcome) in updates.iter().zip(&outcome) {
+                self.ledger.attempted(
+                    self.silo,
+                    &update.grain,
+                    update.next_due_ms,
+                    update.expected,
+                    outcome,
+                );
+            }
+            Ok(outcome)
+        })
+    }
+    fn delete<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
+        self.table().delete(grain, name)
+    }
+    fn read_grain<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
+        self.table().read_grain(grain)
+    }
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
+        self.table().read_all()
+    }
+}
+
+/// Owns the grains of one key parity; tells the peer silo of changes to
+/// the others'.
+struct Parity {
+    even: bool,
+    peer: OnceLock<Silo>,
+}
+
+impl Parity {
+    fn new(even: bool) -> Arc<Parity> {
+        Arc::new(Parity {
+            even,
+            peer: OnceLock::new(),
+        })
+    }
+}
+
+impl ReminderPlacement for Parity {
+    fn owns(&self, grain: &GrainId) -> bool {
+        matches!(grain.key, GrainKey::U64(key) if (key % 2 == 0) == self.even)
+    }
+    fn notify_owner(&self, grain: &GrainId) -> BoxFuture<'static, ()> {
+        let (peer, grain) = (self.peer.get().cloned(), grain.clone());
+        Box::pin(async move {
+            if let Some(peer) = peer {
+                peer.reminders_changed(&grain).await.unwrap();
+            }
+        })
+    }
+}
+
+/// Owns every grain: the survivor of a failover.
+struct Everything;
+impl ReminderPlacement for Everything {
+    fn owns(&self, _: &GrainId) -> bool {
+        true
+    }
+    fn notify_owner(&self, _: &GrainId) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+fn beeper_silo(storage: Arc<dyn StorageProvider>, fires: &Arc<Fires>, rescan: Duration) -> Silo {
+    Silo::builder()
+        .register::<Beeper>("beeper")
+        .remindable::<Beeper>()
+        .service(fires.clone())
+        .storage(storage)
+        .reminder_rescan(rescan)
+        .build()
+        .unwrap()
+}
+
+/// Two silos, each owning half the grains, then one shut down and the
+/// other owning everything.
+async fn two_silos_then_failover(a: Arc<dyn StorageProvider>, b: Arc<dyn StorageProvider>) {
+    const REMINDERS: u64 = 50;
+    const PERIOD: Duration = Duration::from_millis(200);
+    let period_ms = PERIOD.as_millis() as u64;
+    let fires = Arc::new(Fires::default());
+    let ledger = Arc::new(Ledger::default());
+    let recorded = |inner, silo| -> Arc<dyn StorageProvider> {
+        Arc::new(Recorded {
+            inner,
+            ledger: ledger.clone(),
+            silo,
+        })
+    };
+    // The periodic rescan is a safety net; the test must pass without it.
+    let hour = Duration::from_secs(3600);
+    let silo_a = beeper_silo(recorded(a, "a"), &fires, hour);
+    let silo_b = beeper_silo(recorded(b, "b"), &fires, hour);
+    let (even, odd) = (Parity::new(true), Parity::new(false));
+    even.peer.set(silo_b.clone()).ok();
+    odd.peer.set(silo_a.clone()).ok();
+    silo_a.set_reminder_placement(even);
+    silo_b.set_reminder_placement(odd);
+    silo_a.rescan_reminders().await.unwrap();
+    silo_b.rescan_reminders().await.unwrap();
+
+    // Registered on one silo: the other's half reaches it by notification.
+    for key in 0..REMINDERS {
+        let registered = silo_a
+            .grain::<Beeper>(key)
+            .call(Beep("beep", Some(PERIOD)))
+            .await
+            .unwrap();
+        assert_eq!(registered, Ok(true));
+    }
+    // About 3 s of firing, with a rescan on each silo part-way (as after a
+    // view change that moves nothing): each keeps its own half only.
+    fires
+        .wait_until(
+            "5 fires of every reminder",
+            Duration::from_secs(30),
+            |fires| (0..REMINDERS).all(|key| fires.count(key) >= 5),
+        )
+        .await;
+    silo_a.rescan_reminders().await.unwrap();
+    silo_b.rescan_reminders().await.unwrap();
+    fires
+        .wait_until(
+            "15 fires of every reminder",
+            Duration::from_secs(30),
+            |fires| (0..REMINDERS).all(|key| fires.count(key) >= 15),
+        )
+        .await;
+
+    // B goes; A takes every grain.
+    let stopping = wall_ms();
+    silo_b.shutdown().await;
+    let switched = wall_ms();
+    silo_a.set_reminder_placement(Arc::new(Everything));
+    silo_a.rescan_reminders().await.unwrap();
+    let at_switch = fires.snapshot();
+    fires
+        .wait_until(
+            "3 more fires of every reminder",
+            Duration::from_secs(30),
+            |fires| {
+                (0..REMINDERS)
+                    .all(|key| fires.count(key) >= at_switch.get(&key).copied().unwrap_or(0) + 3)
+            },
+        )
+        .await;
+    silo_a.shutdown().await;
+
+    // Both silos are down, their firings written: the ledger is complete.
+    let fired = ledger.fired();
+    let handled = fires.snapshot();
+    for key in 0..REMINDERS {
+        let dues: Vec<(u64, &Vec<&str>)> = fired
+            .range((key, 0)..=(key, u64::MAX))
+            .map(|((_, due), silos)| (*due, silos))
+            .collect();
+        assert!(
+            dues.iter().all(|(due, _)| *due != u64::MAX),
+            "{key}: a due time the ledger never saw"
+        );
+        // Each fire the grain saw is one attempt to write its due time.
+        let attempts: usize = dues.iter().map(|(_, silos)| silos.len()).sum();
+        assert_eq!(attempts, handled[&key] as usize, "grain {key}");
+        let owner = if key % 2 == 0 { "a" } else { "b" };
+        let twice: Vec<u64> = dues
+            .iter()
+            .filter(|(_, silos)| silos.len() > 1)
+            .map(|(due, _)| *due)
+            .collect();
+        if key % 2 == 0 {
+            // Never moved: each due time exactly once, always by A.
+            assert!(twice.is_empty(), "grain {key} fired twice at {twice:?}");
+            assert!(dues.iter().all(|(_, silos)| silos == &&vec!["a"]));
+        } else {
+            // Moved once: at most one due time fired twice, at the switch.
+            assert!(twice.len() <= 1, "grain {key} fired twice at {twice:?}");
+            for due in &twice {
+                assert!(
+                    *due + period_ms >= stopping && *due <= switched + period_ms,
+                    "grain {key}: a double fire at {due}, not at the switch ({stopping}..{switched})"
+                );
+            }
+            // B fired before the switch, A after; A's first due time was due
+            // within a period of the switch: nothing was lost.
+            let first_by_a = dues
+                .iter()
+                .find(|(_, silos)| silos.contains(&"a"))
+                .map(|(due, _)| *due)
+                .unwrap();
+            assert!(
+                first_by_a <= switched + period_ms,
+                "grain {key}: first fired by A at {first_by_a}, switch at {switched}"
+            );
+            assert!(
+                dues.iter()
+                    .filter(|(due, _)| *due < stopping.saturating_sub(period_ms))
+                    .all(|(_, silos)| silos == &&vec![owner]),
+                "grain {key}: fired by a silo that did not own it"
+            );
+        }
+        // Nothing fired ahead of time or skipped in steady state: due times
+        // are at least a period apart.
+        for pair in dues.windows(2) {
+            assert!(pair[1].0 >= pair[0].0 + period_ms, "grain {key}: {pair:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_silos_sharing_memory_storage_fire_each_due_time_once_and_fail_over() {
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    two_silos_then_failover(storage.clone(), storage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_silos_sharing_a_sqlite_file_fire_each_due_time_once_and_fail_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reminders.sqlite");
+    // Two handles on one file, as two processes would have.
+    two_silos_then_failover(
+        Arc::new(SqliteStorage::open(&path).unwrap()),
+        Arc::new(SqliteStorage::open(&path).unwrap()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_on_a_silo_that_does_not_own_the_grain_reaches_the_owner() {
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let ledger = Arc::new(Ledger::default());
+    let fires = Arc::new(Fires::default());
+    let hour = Duration::from_secs(3600);
+    let on = |silo| -> Arc<dyn StorageProvider> {
+        Arc::new(Recorded {
+            inner: storage.clone(),
+            ledger: ledger.clone(),
+            silo,
+        })
+    };
+    let (silo_a, silo_b) = (
+        beeper_silo(on("a"), &fires, hour),
+        beeper_silo(on("b"), &fires, hour),
+    );
+    let (even, odd) = (Parity::new(true), Parity::new(false));
+    even.peer.set(silo_b.clone()).ok();
+    odd.peer.set(silo_a.clone()).ok();
+    silo_a.set_reminder_placement(even);
+    silo_b.set_reminder_placement(odd);
+    silo_a.rescan_reminders().await.unwrap();
+    silo_b.rescan_reminders().await.unwrap();
+
+    // Grain 7 is B's; registered through A, which does not fire it.
+    let seven = silo_a.grain::<Beeper>(7u64);
+    let period = Duration::from_millis(100);
+    assert_eq!(
+        seven.call(Beep("beep", Some(period))).await.unwrap(),
+        Ok(true)
+    );
+    fires
+        .wait_until("grain 7 fired 3 times", Duration::from_secs(20), |fires| {
+            fires.count(7) >= 3
+        })
+        .await;
+    assert!(
+        ledger.fired().values().all(|silos| silos == &vec!["b"]),
+        "only the owner fires: {:?}",
+        ledger.fired()
+    );
+    // Removed through A: the owner hears of it before the answer comes.
+    assert_eq!(seven.call(Beep("beep", None)).await.unwrap(), Ok(true));
+    let stopped = fires.count(7);
+    // A second reminder on the same grain, due after two periods of the
+    // first: once it has fired, the first has had time to fire twice.
+    assert_eq!(
+        seven
+            .call(Beep("sentinel", Some(period * 2)))
+            .await
+            .unwrap(),
+        Ok(true)
+    );
+    fires
+        .wait_until("the sentinel", Duration::from_secs(20), |fires| {
+            fires.count(7) > stopped + 1
+        })
+        .await;
+    // One of the fires since may be the removed reminder's, if its firing
+    // was under way; the sentinel's are the rest.
+    let since = fires.count(7) - stopped;
+    assert!(since <= 2, "{since} fires after the removal");
+    assert_eq!(seven.call(Beep("sentinel", None)).await.unwrap(), Ok(true));
+    silo_a.shutdown().await;
+    silo_b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregister_answers_true_once_and_the_row_is_gone() {
+    let storage = Arc::new(MemoryStorage::new());
+    let fires = Arc::new(Fires::default());
+    let silo = beeper_silo(storage.clone(), &fires, Duration::from_secs(30));
+    let grain = silo.grain::<Beeper>(1u64);
+    assert_eq!(
+        grain
+            .call(Beep("beep", Some(Duration::from_secs(60))))
+            .await
+            .unwrap(),
+        Ok(true)
+    );
+    let table = storage.reminder_table().unwrap();
+    assert_eq!(table.read_grain(&beeper(1)).await.unwrap().len(), 1);
+    assert_eq!(grain.call(Beep("beep", None)).await.unwrap(), Ok(true));
+    assert_eq!(grain.call(Beep("beep", None)).await.unwrap(), Ok(false));
+    assert_eq!(table.read_grain(&beeper(1)).await.unwrap(), vec![]);
+    assert_eq!(table.read_all().await.unwrap(), vec![]);
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reminders_are_a_hundred_rows_and_a_rescan_finds_them() {
+    let storage = Arc::new(MemoryStorage::new());
+    let fires = Arc::new(Fires::default());
+    let silo = beeper_silo(storage.clone(), &fires, Duration::from_secs(30));
+    // Registered while the silo owns nothing: nothing fires.
+    struct Nothing;
+    impl ReminderPlacement for Nothing {
+        fn owns(&self, _: &GrainId) -> bool {
+            false
+        }
+        fn notify_owner(&self, _: &GrainId) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+    silo.set_reminder_placement(Arc::new(Nothing));
+    silo.rescan_reminders().await.unwrap();
+    for key in 0..100u64 {
+        silo.grain::<Beeper>(key)
+            .call(Beep("beep", Some(Duration::from_millis(100))))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let rows = storage.reminder_table().unwrap().read_all().await.unwrap();
+    assert_eq!(rows.len(), 100);
+    assert_eq!(fires.snapshot(), HashMap::new());
+    // Owning everything again: installing the placement rescans.
+    silo.set_reminder_placement(Arc::new(LoneSilo));
+    fires
+        .wait_until("every reminder fired", Duration::from_secs(20), |fires| {
+            (0..100).all(|key| fires.count(key) >= 1)
+        })
+        .await;
+    silo.shutdown().await;
+}
+
+/// A provider without a reminder table (the trait's default).
+struct NoTable(MemoryStorage);
+
+impl StorageProvider for NoTable {
+    fn read<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+        self.0.read(grain)
+    }
+    fn write<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        data: &'a [u8],
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        self.0.write(grain, data, expected)
+    }
+    fn clear<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        self.0.clear(grain, expected)
+    }
+}
+
+#[tokio::test]
+async fn a_silo_with_remindable_grains_needs_a_reminder_table() {
+    let refused = Silo::builder()
+        .register::<Alarm>("alarm")
+        .remindable::<Alarm>()
+        .storage(Arc::new(NoTable(MemoryStorage::new())))
+        .build();
+    assert!(
+        matches!(&refused, Err(SiloError::InvalidConfig(why)) if why.contains("reminder table")),
+        "{refused:?}"
+    );
+    // Without remindable grains the table is not needed.
+    let silo = Silo::builder()
+        .register::<Plain>("plain")
+        .storage(Arc::new(NoTable(MemoryStorage::new())))
+        .build()
+        .unwrap();
+    silo.shutdown().await;
+    // A rescan interval of zero is refused too.
+    assert!(matches!(
+        Silo::builder()
+            .register::<Alarm>("alarm")
+            .remindable::<Alarm>()
+            .reminder_rescan(Duration::ZERO)
+            .build(),
+        Err(SiloError::InvalidConfig(_))
+    ));
+}
+
+/// A reminder as the one-record format of earlier versions held it.
+#[derive(serde::Serialize)]
+struct OldReminder {
+    grain: GrainId,
+    name: String,
+    period_ms: u64,
+    next_due_ms: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminders_of_an_earlier_version_are_copied_into_the_table() {
+    let storage = Arc::new(MemoryStorage::new());
+    let record = GrainId {
+        type_name: granary_actors::REMINDERS.into(),
+        key: GrainKey::from("silo"),
+    };
+    let old = vec![OldReminder {
+        grain: beeper(3),
+        name: "beep".into(),
+        period_ms: 100,
+        next_due_ms: wall_ms(),
+    }];
+    let data = postcard::to_allocvec(&old).unwrap();
+    storage.write(&record, &data, None).await.unwrap();
+    let fires = Arc::new(Fires::default());
+    let silo = beeper_silo(storage.clone(), &fires, Duration::from_secs(30));
+    fires
+        .wait_until("the old reminder", Duration::from_secs(20), |fires| {
+            fires.count(3) >= 2
+        })
+        .await;
+    assert_eq!(storage.read(&record).await.unwrap(), None, "cleared");
+    let rows = storage.reminder_table().unwrap().read_all().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].grain.clone(), rows[0].period_ms), (beeper(3), 100));
+    silo.shutdown().await;
 }

@@ -34,10 +34,6 @@ pub struct SiloConfig {
     /// activations idle for at least one idle check (at most a second) are
     /// deactivated early (default: no limit).
     pub max_activations: Option<u64>,
-    /// How often the reminder service rereads the whole reminder table, a
-    /// safety net for a lost `ReminderPlacement::notify_owner` (rule 2 of
-    /// `reminders.rs`); more than zero (default 30 s).
-    pub reminder_rescan: Duration,
 }
 
 impl Default for SiloConfig {
@@ -47,7 +43,6 @@ impl Default for SiloConfig {
             call_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
             max_activations: None,
-            reminder_rescan: Duration::from_secs(30),
         }
     }
 }
@@ -62,6 +57,8 @@ pub struct SiloBuilder {
     invalid: Option<String>,
     /// Remindable grain types, by registered name.
     remindable: HashMap<String, crate::reminders::Dispatch>,
+    /// How often the reminder service rescans the table.
+    reminder_rescan: Duration,
     services: HashMap<TypeId, Service>,
     storage: Arc<dyn StorageProvider>,
     config: SiloConfig,
@@ -97,6 +94,7 @@ impl SiloBuilder {
             duplicate: None,
             invalid: None,
             remindable: HashMap::new(),
+            reminder_rescan: crate::reminders::DEFAULT_RESCAN,
             services: HashMap::new(),
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
@@ -218,6 +216,15 @@ impl SiloBuilder {
         self
     }
 
+    /// Sets how often the reminder service rereads the whole reminder
+    /// table and keeps the rows this silo owns: a safety net for a lost
+    /// `ReminderPlacement::notify_owner` (rule 2 of `reminders.rs`). More
+    /// than zero; the default is 30 s.
+    pub fn reminder_rescan(mut self, every: Duration) -> SiloBuilder {
+        self.reminder_rescan = every;
+        self
+    }
+
     /// Registers message type `M` of grain type `G`, already registered,
     /// under the stable `name`: a message that arrives by name (from
     /// another silo, through `Silo::call_named`) is decoded from the wire
@@ -332,14 +339,14 @@ impl SiloBuilder {
         if self.config.mailbox_capacity == 0 {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
         }
-        if self.config.reminder_rescan.is_zero() {
+        if self.reminder_rescan.is_zero() {
             return Err(SiloError::InvalidConfig("reminder_rescan is 0".into()));
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
         let reminders = Arc::new(crate::reminders::Reminders::new(
             self.remindable,
             self.storage.clone(),
-            self.config.reminder_rescan,
+            self.reminder_rescan,
         ));
         if !reminders.is_empty() && self.storage.reminder_table().is_none() {
             return Err(SiloError::InvalidConfig(format!(

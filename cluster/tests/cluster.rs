@@ -4,7 +4,7 @@
 //! calls in flight to a dead silo failing fast, and GPU-aware placement by
 //! free device memory (CPU backends with memory limits), first calls
 //! arriving together never overfilling a device, and homes given up when
-//! their activations end (rule 6 in `node.rs`). Over the
+//! their activations end (rule 6 in `node/mod.rs`). Over the
 //! in-process network with chitchat's channel transport, and over TCP and
 //! UDP on loopback.
 

@@ -1,18 +1,38 @@
-//! One grain reference everywhere: what a caller sees across the cluster.
-//!
-//! So far: the failure detector's defaults, so that a silo whose runtime
-//! stalls is not taken for dead (membership rule 3).
+//! One grain reference everywhere: what a caller sees across the cluster,
+//! through the same `GrainRef` a lone silo hands out. Three silos, over the
+//! in-process network (chitchat's channel transport) and over TCP and UDP
+//! on loopback:
+//! - A → B → C → A across three silos completes, and another chain's
+//!   message to A waits for A's turn;
+//! - 200 grains calling two others each on other silos, first calls from
+//!   every silo at once, one silo killed midway: never two live
+//!   activations of a grain on serving silos, and every acknowledged
+//!   persisted write survives;
+//! - 10 000 tells from three silos to 100 grains, all handled; a tell to
+//!   an unreachable home is an error;
+//! - a call whose deadline passes while it waits at the callee fails on
+//!   both ends, and the callee never runs it;
+//! - the failure detector's defaults: a silo whose runtime stalls for 3 s
+//!   is not taken for dead (membership rule 3).
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitchat::transport::ChannelTransport;
-use granary_actors::storage::MemoryStorage;
-use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
-use granary_cluster::{ClusterNode, ClusterSecret, InProcessNetwork, NodeConfig, NodeError};
+use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
+use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
+use granary_actors::{
+    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo, SiloConfig,
+};
+use granary_cluster::{
+    ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError, PlacementError,
+    PlacementRequest, PlacementStrategy, SiloId, TcpTransport, Transport,
+};
+use serde::{Deserialize, Serialize};
 
 /// A stateless worker (local to each silo) whose handler blocks its
 /// thread: on a single-worker runtime, the whole silo stalls, gossip
@@ -79,7 +99,11 @@ async fn start(
 }
 
 async fn converged(nodes: &[&ClusterNode], count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    converged_within(nodes, count, Duration::from_secs(20)).await;
+}
+
+async fn converged_within(nodes: &[&ClusterNode], count: usize, within: Duration) {
+    let deadline = Instant::now() + within;
     while nodes.iter().any(|node| node.members().len() != count) {
         assert!(Instant::now() < deadline, "views did not converge");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -179,4 +203,647 @@ async fn failure_detector_settings_out_of_range_are_refused() {
             .unwrap();
         node.kill().await.unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Grains calling grains across silos.
+
+/// Which silos have a live activation of each peer key (counted in
+/// `on_activate` and `on_deactivate`), and every time a key was live on two
+/// serving silos at once.
+#[derive(Default)]
+struct Census {
+    live: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Silos killed by the test: their activations serve nothing.
+    killed: Mutex<Vec<u64>>,
+    doubles: Mutex<Vec<(u64, Vec<u64>)>>,
+}
+
+impl Census {
+    fn activated(&self, key: u64, silo: u64) {
+        let killed = self.killed.lock().unwrap().clone();
+        let mut live = self.live.lock().unwrap();
+        let silos = live.entry(key).or_default();
+        silos.push(silo);
+        let serving: Vec<u64> = silos
+            .iter()
+            .copied()
+            .filter(|silo| !killed.contains(silo))
+            .collect();
+        if serving.len() > 1 {
+            self.doubles.lock().unwrap().push((key, serving));
+        }
+    }
+
+    fn deactivated(&self, key: u64, silo: u64) {
+        let mut live = self.live.lock().unwrap();
+        if let Some(silos) = live.get_mut(&key) {
+            if let Some(at) = silos.iter().position(|s| *s == silo) {
+                silos.remove(at);
+            }
+        }
+    }
+}
+
+/// The silo a grain runs on, as a service.
+struct SiloNumber(u64);
+
+/// A peer: persisted counts of touches and bumps, and the census.
+struct Peer {
+    key: u64,
+    silo: u64,
+    state: Option<PersistentState<Counts>>,
+    /// Marks, in the order handled (for the chain tests).
+    seen: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Counts {
+    touched: u64,
+    bumped: u64,
+}
+
+impl Grain for Peer {
+    fn new(key: &GrainKey) -> Peer {
+        Peer {
+            key: match key {
+                GrainKey::U64(key) => *key,
+                _ => u64::MAX,
+            },
+            silo: u64::MAX,
+            state: None,
+            seen: Vec::new(),
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.silo = ctx.service::<SiloNumber>().map_or(u64::MAX, |n| n.0);
+        self.state = Some(ctx.load_state::<Counts>().await?);
+        if let Some(census) = ctx.service::<Census>() {
+            census.activated(self.key, self.silo);
+        }
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &mut GrainContext) {
+        if let Some(census) = ctx.service::<Census>() {
+            census.deactivated(self.key, self.silo);
+        }
+    }
+}
+
+impl Peer {
+    /// Applies `change` and writes the state; answers the counts written,
+    /// or why not.
+    async fn write(&mut self, change: impl FnOnce(&mut Counts)) -> Result<Counts, String> {
+        let state = self.state.as_mut().ok_or("no state")?;
+        change(state.get_mut());
+        state.write().await.map_err(|err| err.to_string())?;
+        Ok(state.get().clone())
+    }
+}
+
+/// Counts a touch, then bumps `others` (grains on other silos), each
+/// through the grain reference a handler gets; answers the counts written
+/// and how many bumps were acknowledged.
+#[derive(Serialize, Deserialize)]
+struct Touch {
+    others: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Touched {
+    counts: Counts,
+    bumped: Vec<u64>,
+}
+
+impl Message for Touch {
+    type Reply = Result<Touched, String>;
+}
+
+impl Handler<Touch> for Peer {
+    async fn handle(&mut self, touch: Touch, ctx: &mut GrainContext) -> Result<Touched, String> {
+        let counts = self.write(|counts| counts.touched += 1).await?;
+        let mut bumped = Vec::new();
+        for other in touch.others {
+            if let Ok(Ok(_)) = ctx.grain::<Peer>(other).call(Bump).await {
+                bumped.push(other);
+            }
+        }
+        Ok(Touched { counts, bumped })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Bump;
+impl Message for Bump {
+    type Reply = Result<Counts, String>;
+}
+impl Handler<Bump> for Peer {
+    async fn handle(&mut self, _: Bump, _: &mut GrainContext) -> Result<Counts, String> {
+        self.write(|counts| counts.bumped += 1).await
+    }
+}
+
+/// The persisted counts, as a read.
+#[derive(Serialize, Deserialize)]
+struct Read;
+impl Message for Read {
+    type Reply = (u64, Counts, Vec<String>);
+}
+impl granary_actors::ReadHandler<Read> for Peer {
+    async fn handle_read(&self, _: Read, _: &GrainContext) -> (u64, Counts, Vec<String>) {
+        let counts = self
+            .state
+            .as_ref()
+            .map(|s| s.get().clone())
+            .unwrap_or_default();
+        (self.silo, counts, self.seen.clone())
+    }
+}
+
+/// Walks `path` through the reentrant `GrainContext::call`, recording a
+/// mark at each step; answers the silos it ran on.
+#[derive(Serialize, Deserialize)]
+struct Walk {
+    path: Vec<u64>,
+    pause_ms: u64,
+}
+impl Message for Walk {
+    type Reply = Result<Vec<u64>, String>;
+}
+impl Handler<Walk> for Peer {
+    async fn handle(&mut self, walk: Walk, ctx: &mut GrainContext) -> Result<Vec<u64>, String> {
+        self.seen.push(format!("walk {:?}", walk.path));
+        let Some((&next, rest)) = walk.path.split_first() else {
+            tokio::time::sleep(Duration::from_millis(walk.pause_ms)).await;
+            return Ok(vec![self.silo]);
+        };
+        let target = ctx.grain::<Peer>(next);
+        let onward = Walk {
+            path: rest.to_vec(),
+            pause_ms: walk.pause_ms,
+        };
+        let mut silos = ctx
+            .call(self, &target, onward)
+            .await
+            .map_err(|err| err.to_string())??;
+        silos.insert(0, self.silo);
+        Ok(silos)
+    }
+}
+
+/// Records a mark (a tell).
+#[derive(Serialize, Deserialize)]
+struct Mark(String);
+impl Message for Mark {
+    type Reply = ();
+}
+impl Handler<Mark> for Peer {
+    async fn handle(&mut self, Mark(mark): Mark, _: &mut GrainContext) {
+        self.seen.push(mark);
+    }
+}
+
+/// Holds the grain for `ms`, then counts a run (process-wide).
+#[derive(Serialize, Deserialize)]
+struct Hold(u64);
+static HOLDS_STARTED: AtomicU64 = AtomicU64::new(0);
+static HOLDS_RUN: AtomicU64 = AtomicU64::new(0);
+impl Message for Hold {
+    type Reply = ();
+}
+impl Handler<Hold> for Peer {
+    async fn handle(&mut self, Hold(ms): Hold, _: &mut GrainContext) {
+        HOLDS_STARTED.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        HOLDS_RUN.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Places grain `k` on the `k % 3`-th silo of the view (sorted by id), so
+/// that tests know where each grain starts.
+struct ByKey;
+impl PlacementStrategy for ByKey {
+    fn place(
+        &self,
+        request: &PlacementRequest<'_>,
+        members: &[Member],
+    ) -> Result<SiloId, PlacementError> {
+        let key = match request.grain.key {
+            GrainKey::U64(key) => key,
+            _ => 0,
+        };
+        if members.is_empty() {
+            return Err(PlacementError::NoSilos);
+        }
+        Ok(members[(key % members.len() as u64) as usize].silo.clone())
+    }
+}
+
+fn peer_silo(
+    storage: Arc<dyn StorageProvider>,
+    n: u64,
+    census: Arc<Census>,
+    timeout: Duration,
+) -> Silo {
+    Silo::builder()
+        .register::<Peer>("peer")
+        .message::<Peer, Touch>("touch")
+        .message::<Peer, Bump>("bump")
+        .message::<Peer, Walk>("walk")
+        .message::<Peer, Mark>("mark")
+        .message::<Peer, Hold>("hold")
+        .read_message::<Peer, Read>("read")
+        .service(Arc::new(SiloNumber(n)))
+        .service(census)
+        .storage(storage)
+        .config(SiloConfig {
+            call_timeout: timeout,
+            ..SiloConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
+/// How the three silos of a test reach each other.
+enum Net {
+    InProcess(InProcessNetwork, ChannelTransport),
+    Tcp,
+}
+
+struct Three {
+    nodes: Vec<ClusterNode>,
+    census: Arc<Census>,
+}
+
+/// Three silos (numbered 0, 1, 2 in the order of their ids, so `ByKey`
+/// puts grain `k` on silo `k % 3`), sharing one storage.
+async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let census = Arc::new(Census::default());
+    let ports = match net {
+        Net::Tcp => common::free_udp_ports(3),
+        Net::InProcess(..) => (1..=3).map(|n| base + n).collect(),
+    };
+    let mut started = Vec::new();
+    for (n, port) in ports.iter().enumerate() {
+        let (listen, transport): (String, Arc<dyn Transport>) = match net {
+            Net::InProcess(network, _) => {
+                let listen = format!("silo-{n}:7000");
+                let transport = Arc::new(network.transport(&listen));
+                (listen, transport)
+            }
+            Net::Tcp => ("127.0.0.1:0".to_string(), Arc::new(TcpTransport)),
+        };
+        let mut config = NodeConfig::new(
+            "three",
+            secret(),
+            listen,
+            gossip(*port),
+            vec![gossip(ports[0]).to_string()],
+        );
+        config.gossip_interval = Duration::from_millis(50);
+        config.death_grace = Duration::from_millis(200);
+        config.load_interval = Duration::from_millis(50);
+        let silo = peer_silo(storage.clone(), n as u64, census.clone(), timeout);
+        let builder = ClusterNode::builder(silo, config)
+            .transport(transport)
+            .placement(Arc::new(ByKey));
+        let node = match net {
+            Net::InProcess(_, gossip) => builder.start(gossip as &dyn GossipTransport).await,
+            Net::Tcp => builder.start(&UdpTransport).await,
+        }
+        .unwrap();
+        started.push(node);
+    }
+    let refs: Vec<&ClusterNode> = started.iter().collect();
+    converged(&refs, 3).await;
+    // Number the silos by their place in the view, as ByKey does.
+    let view: Vec<SiloId> = started[0].members().into_iter().map(|m| m.silo).collect();
+    started.sort_by_key(|node| view.iter().position(|id| id == node.id()));
+    Three {
+        nodes: started,
+        census,
+    }
+}
+
+impl Three {
+    /// The number silo `index` (in view order) reports for its grains.
+    fn number(&self, index: usize) -> u64 {
+        let node = &self.nodes[index];
+        node.silo()
+            .service::<SiloNumber>()
+            .map_or(u64::MAX, |n| n.0)
+    }
+
+    async fn leave(self) {
+        for node in &self.nodes {
+            let _ = node.leave().await;
+        }
+    }
+}
+
+async fn a_b_c_a(net: Net, base: u16) {
+    let three = three(&net, base, Duration::from_secs(10)).await;
+    let numbers = [three.number(0), three.number(1), three.number(2)];
+    // Grain 300 on silo 0, 301 on silo 1, 302 on silo 2, then back to 300:
+    // A → B → C → A, with every hop on another silo.
+    let silos = three.nodes[1]
+        .grain::<Peer>(300u64)
+        .call(Walk {
+            path: vec![301, 302, 300],
+            pause_ms: 0,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(silos, vec![numbers[0], numbers[1], numbers[2], numbers[0]]);
+    // Again, with the last step holding A for 300 ms while a message of
+    // another chain arrives at A from silo 2: it waits for A's turn.
+    let walk = {
+        let grain = three.nodes[1].grain::<Peer>(300u64);
+        tokio::spawn(async move {
+            grain
+                .call(Walk {
+                    path: vec![301, 302, 300],
+                    pause_ms: 300,
+                })
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, seen) = three.nodes[0]
+            .grain::<Peer>(302u64)
+            .read(Read)
+            .await
+            .unwrap();
+        if seen.len() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the walk never reached C");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    three.nodes[2]
+        .grain::<Peer>(300u64)
+        .tell(Mark("other chain".into()))
+        .await
+        .unwrap();
+    walk.await.unwrap().unwrap().unwrap();
+    let (_, _, seen) = three.nodes[2]
+        .grain::<Peer>(300u64)
+        .read(Read)
+        .await
+        .unwrap();
+    let other = seen.iter().position(|m| m == "other chain").unwrap();
+    let last_step = seen.iter().rposition(|m| m == "walk []").unwrap();
+    assert!(
+        last_step < other,
+        "the other chain's message ran after the walk's turn: {seen:?}"
+    );
+    three.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_to_b_to_c_to_a_across_three_silos_in_process() {
+    a_b_c_a(
+        Net::InProcess(InProcessNetwork::new(), ChannelTransport::default()),
+        43_000,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_to_b_to_c_to_a_across_three_silos_over_tcp() {
+    a_b_c_a(Net::Tcp, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grains_calling_grains_keep_one_activation_and_every_write_through_a_kill() {
+    let three = three(
+        &Net::InProcess(InProcessNetwork::new(), ChannelTransport::default()),
+        43_100,
+        Duration::from_secs(10),
+    )
+    .await;
+    let keys: Vec<u64> = (1000..1200).collect();
+    // Acknowledged touches and bumps, per grain.
+    let acked: Arc<Mutex<HashMap<u64, (u64, u64)>>> = Arc::default();
+    // Each grain bumps the two grains whose keys follow it: under `ByKey`
+    // they live on the other two silos. Calls only go up, so the graph has
+    // no cycle: grains that called each other in turns of different chains
+    // would wait for each other forever, in any actor system (the last two
+    // grains call one and none).
+    let others = |key: u64| (key + 1..(key + 3).min(1200)).collect::<Vec<u64>>();
+    let round = |three: &Three| {
+        let mut calls = Vec::new();
+        for node in &three.nodes {
+            for &key in &keys {
+                let grain = node.grain::<Peer>(key);
+                let (acked, others) = (acked.clone(), others(key));
+                calls.push(tokio::spawn(async move {
+                    let outcome = grain.call(Touch { others }).await;
+                    let touched = match outcome {
+                        Ok(Ok(touched)) => touched,
+                        _ => return false,
+                    };
+                    let mut acked = acked.lock().unwrap();
+                    acked.entry(key).or_default().0 += 1;
+                    for other in touched.bumped {
+                        acked.entry(other).or_default().1 += 1;
+                    }
+                    true
+                }));
+            }
+        }
+        calls
+    };
+    // First calls from every silo at once: all answered.
+    for call in round(&three) {
+        assert!(call.await.unwrap(), "a first call failed");
+    }
+    // Kill silo 2 midway through the second round.
+    let second = round(&three);
+    let victim = three.number(2);
+    three.census.killed.lock().unwrap().push(victim);
+    three.nodes[2].kill().await.unwrap();
+    // Calls that were on their way to the dead silo, or sent from it,
+    // may fail (rule 4: fast, never hanging); the others are answered.
+    for call in second {
+        call.await.unwrap();
+    }
+    let survivors: Vec<&ClusterNode> = three.nodes[..2].iter().collect();
+    converged(&survivors, 2).await;
+    // A third round on the survivors only.
+    let mut calls = Vec::new();
+    for node in &survivors {
+        for &key in &keys {
+            let grain = node.grain::<Peer>(key);
+            let acked = acked.clone();
+            calls.push(tokio::spawn(async move {
+                let outcome = grain.call(Touch { others: vec![] }).await;
+                if let Ok(Ok(_)) = outcome {
+                    acked.lock().unwrap().entry(key).or_default().0 += 1;
+                }
+                outcome.map(drop).map_err(|err| err.to_string())
+            }));
+        }
+    }
+    // Once the survivors agree, every grain answers again, the dead silo's
+    // from their persisted state on a survivor.
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let doubles = three.census.doubles.lock().unwrap().clone();
+    assert!(doubles.is_empty(), "two live activations: {doubles:?}");
+    // Every acknowledged write is in the state the grain has now.
+    let acked = acked.lock().unwrap().clone();
+    for &key in &keys {
+        let (_, counts, _) = survivors[0].grain::<Peer>(key).read(Read).await.unwrap();
+        let (touches, bumps) = acked.get(&key).copied().unwrap_or_default();
+        assert!(
+            counts.touched >= touches && counts.bumped >= bumps,
+            "grain {key}: stored {counts:?}, acknowledged {touches} touches and {bumps} bumps"
+        );
+    }
+    let total: u64 = acked.values().map(|(t, _)| t).sum();
+    assert!(
+        total >= 2 * 200 * 2,
+        "most touches were acknowledged: {total}"
+    );
+    for node in survivors {
+        let _ = node.leave().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tells_from_three_silos_are_all_handled() {
+    let three = three(
+        &Net::InProcess(InProcessNetwork::new(), ChannelTransport::default()),
+        43_200,
+        Duration::from_secs(20),
+    )
+    .await;
+    let mut senders = Vec::new();
+    for (n, node) in three.nodes.iter().enumerate() {
+        let node = node.clone();
+        senders.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            for i in 0..3334u64 {
+                if n == 2 && i == 3332 {
+                    break;
+                }
+                let key = 2000 + (i * 3 + n as u64) % 100;
+                node.grain::<Peer>(key)
+                    .tell(Mark(format!("{n}:{i}")))
+                    .await
+                    .unwrap();
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for sender in senders {
+        sent += sender.await.unwrap();
+    }
+    assert_eq!(sent, 10_000);
+    // Every tell was admitted at its home: read back, they were all handled,
+    // each sender's in the order sent.
+    let mut handled = 0;
+    for key in 2000..2100u64 {
+        let (_, _, seen) = three.nodes[0].grain::<Peer>(key).read(Read).await.unwrap();
+        handled += seen.len();
+        for n in 0..3 {
+            let mine: Vec<u64> = seen
+                .iter()
+                .filter_map(|m| m.strip_prefix(&format!("{n}:")))
+                .filter_map(|i| i.parse().ok())
+                .collect();
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "sender {n}'s order at {key}"
+            );
+        }
+    }
+    assert_eq!(handled, 10_000);
+    three.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tell_to_an_unreachable_home_is_an_error() {
+    let network = InProcessNetwork::new();
+    let three = three(
+        &Net::InProcess(network.clone(), ChannelTransport::default()),
+        43_300,
+        Duration::from_secs(2),
+    )
+    .await;
+    // Grain 3001 lives on silo 1; silo 0 learns so, then loses its link.
+    three.nodes[0]
+        .grain::<Peer>(3001u64)
+        .tell(Mark("first".into()))
+        .await
+        .unwrap();
+    network.isolate(&three.nodes[1].id().address);
+    let told = three.nodes[0]
+        .grain::<Peer>(3001u64)
+        .tell(Mark("lost?".into()))
+        .await;
+    assert!(
+        matches!(
+            told,
+            Err(CallError::Unavailable { .. } | CallError::Timeout { .. })
+        ),
+        "{told:?}"
+    );
+    network.rejoin(&three.nodes[1].id().address);
+    three.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_at_the_callee_fails_on_both_ends() {
+    let three = three(
+        &Net::InProcess(InProcessNetwork::new(), ChannelTransport::default()),
+        43_400,
+        Duration::from_millis(500),
+    )
+    .await;
+    // Grain 4001 lives on silo 1. A caller there holds it for 1.5 s...
+    let started = HOLDS_STARTED.load(Ordering::SeqCst);
+    let run = HOLDS_RUN.load(Ordering::SeqCst);
+    let busy = {
+        let grain = three.nodes[1].grain::<Peer>(4001u64);
+        tokio::spawn(async move { grain.call(Hold(1500)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while HOLDS_STARTED.load(Ordering::SeqCst) == started {
+        assert!(Instant::now() < deadline, "the hold never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // ...so a call from silo 0 waits behind it and gives up after 500 ms.
+    let late = three.nodes[0].grain::<Peer>(4001u64).call(Hold(0)).await;
+    assert!(matches!(late, Err(CallError::Timeout { .. })), "{late:?}");
+    let _ = busy.await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while HOLDS_RUN.load(Ordering::SeqCst) == run {
+        assert!(Instant::now() < deadline, "the hold never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The grain is free again: only the first hold ran; the late one,
+    // whose caller had given up before its turn, never did.
+    three.nodes[1]
+        .grain::<Peer>(4001u64)
+        .tell(Mark("after".into()))
+        .await
+        .unwrap();
+    let _ = three.nodes[1]
+        .grain::<Peer>(4001u64)
+        .read(Read)
+        .await
+        .unwrap();
+    assert_eq!(HOLDS_RUN.load(Ordering::SeqCst), run + 1);
+    assert_eq!(HOLDS_STARTED.load(Ordering::SeqCst), started + 1);
+    three.leave().await;
 }

@@ -430,7 +430,7 @@ async fn an_owner_that_does_not_see_a_joining_silo_yet_answers_retry() {
     );
 }
 
-/// Mirrors node.rs's private `DirectoryRequest` (postcard is structural).
+/// Mirrors node/directory_client.rs's private `DirectoryRequest` (postcard is structural).
 #[derive(Serialize, Deserialize)]
 enum ForgedRequest {
     Register {

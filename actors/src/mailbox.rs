@@ -351,6 +351,32 @@ impl<T> SenderCache<T> {
     }
 }
 
+impl<T> SenderCache<T> {
+    /// Queues the message `make` builds in the remembered mailbox, if it is
+    /// open and has a free slot; `make` runs only then (under the
+    /// mailbox's lock), so a refused message never leaves its sender.
+    pub(crate) fn try_send_with(&self, make: impl FnOnce() -> Option<T>) -> bool {
+        let last = self.last.load();
+        let Some(shared) = last.as_ref() else {
+            return false;
+        };
+        if shared.free.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let state = shared.lock();
+        if state.closed || !shared.has_room(&state) {
+            return false;
+        }
+        match make() {
+            Some(message) => {
+                queue_and_wake(shared, state, message);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl<T> Clone for SenderCache<T> {
     fn clone(&self) -> SenderCache<T> {
         SenderCache {

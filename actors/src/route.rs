@@ -25,7 +25,12 @@
 //!    this silo, it calls [`Outbound::deliver_here`]: the message goes to
 //!    the local activation as the Rust value it is, with no encoding and
 //!    no hop, and the router's guard on the home (whatever it needs to
-//!    keep the home here) lives until the local call has answered.
+//!    keep the home here) lives until the local call has answered. The
+//!    router may hand the reference a [`HomeLease`]: while it holds, the
+//!    reference's next messages go straight into the activation's open
+//!    mailbox without the router. Only an open mailbox: a reference never
+//!    starts an activation on its own, so every activation still begins
+//!    through the router.
 //! 4. **Elsewhere: by name.** When the home is another silo, the router
 //!    sends [`Outbound::encode`]'s bytes under [`Outbound::message_name`]
 //!    with the call chain, the time left before the caller's deadline, and
@@ -42,6 +47,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -92,8 +98,42 @@ pub trait Outbound: Send {
     fn encode(&self) -> Result<Vec<u8>, CallError>;
     /// Delivers to the local activation on the typed path (rule 3) and
     /// completes when the local call has answered (a tell: when its
-    /// admission has).
-    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>>;
+    /// admission has). `lease`, if the router gives one, lets the sending
+    /// reference deliver its next messages without the router while it
+    /// holds.
+    fn deliver_here(
+        self: Box<Self>,
+        lease: Option<Arc<HomeLease>>,
+    ) -> BoxFuture<'static, Result<(), CallError>>;
+}
+
+/// A router's promise that a grain's home is this silo, while it stays
+/// valid (rule 3): a reference that holds a valid lease delivers straight
+/// into the grain's open mailbox on the typed path, without asking the
+/// router, and asks again once the lease is invalidated (the home moves,
+/// is given up, or the view changes) or the mailbox is closed or full.
+#[derive(Debug)]
+pub struct HomeLease {
+    valid: AtomicBool,
+}
+
+impl HomeLease {
+    /// A valid lease.
+    pub fn new() -> Arc<HomeLease> {
+        Arc::new(HomeLease {
+            valid: AtomicBool::new(true),
+        })
+    }
+
+    /// Ends the lease: references holding it ask the router again.
+    pub fn invalidate(&self) {
+        self.valid.store(false, Ordering::Release);
+    }
+
+    /// Whether the lease still holds.
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
 }
 
 /// Decides where each grain's messages are handled (rule 2).
@@ -278,7 +318,10 @@ impl Outbound for Named {
         Ok(self.payload.clone())
     }
 
-    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>> {
+    fn deliver_here(
+        self: Box<Self>,
+        _lease: Option<Arc<HomeLease>>,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
         Box::pin(async move {
             let time_left = self.deadline.saturating_duration_since(Instant::now());
             let outcome = self

@@ -40,7 +40,7 @@ impl Router for KeyRouter {
             let home = home_of(message.grain(), sides.len());
             if home == self.me {
                 self.here.fetch_add(1, Ordering::SeqCst);
-                message.deliver_here().await?;
+                message.deliver_here(None).await?;
                 return Ok(Delivered::Here);
             }
             self.sent.fetch_add(1, Ordering::SeqCst);

@@ -383,6 +383,7 @@ impl SiloBuilder {
                 )),
                 reminders: reminders.clone(),
                 router: arc_swap::ArcSwapOption::empty(),
+                routed: AtomicBool::new(false),
                 ended: std::sync::Mutex::new(None),
                 listeners_set: AtomicU64::new(0),
             }),

@@ -130,6 +130,9 @@ pub(crate) struct SiloInner {
     /// Where grain references' messages go, once a cluster installs it
     /// (rule 12; `route.rs`).
     router: arc_swap::ArcSwapOption<crate::route::Installed>,
+    /// Whether `router` holds one: read on every message, so a lone silo
+    /// pays one relaxed load for the seam.
+    routed: AtomicBool,
     /// Told of every activation that ends (a cluster node's), with the
     /// number of the guard that set it.
     ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
@@ -216,6 +219,11 @@ impl Silo {
         self.inner.registry.stateless.contains(name)
     }
 
+    /// Whether a router is installed now (rule 12); the lone silo's check.
+    pub(crate) fn is_routed_now(&self) -> bool {
+        self.inner.routed.load(Ordering::Acquire)
+    }
+
     /// The router, if one is installed (rule 12).
     pub(crate) fn router(&self) -> Option<Arc<dyn crate::route::Router>> {
         self.inner
@@ -231,7 +239,11 @@ impl Silo {
             .inner
             .router
             .compare_and_swap(&None::<Arc<crate::route::Installed>>, Some(router.clone()));
-        previous.is_none()
+        let installed = previous.is_none();
+        if installed {
+            self.inner.routed.store(true, Ordering::Release);
+        }
+        installed
     }
 
     /// Removes `router` if it is the one installed (rule 12).
@@ -241,7 +253,13 @@ impl Silo {
             .as_ref()
             .is_some_and(|installed| Arc::ptr_eq(installed, router))
         {
-            self.inner.router.compare_and_swap(&current, None);
+            let previous = self.inner.router.compare_and_swap(&current, None);
+            if previous
+                .as_ref()
+                .is_some_and(|installed| Arc::ptr_eq(installed, router))
+            {
+                self.inner.routed.store(false, Ordering::Release);
+            }
         }
     }
 

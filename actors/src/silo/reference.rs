@@ -21,7 +21,7 @@ use crate::error::CallError;
 use crate::grain::{Grain, Handler, Message};
 use crate::key::{GrainId, GrainKey};
 use crate::mailbox::{self, SendError, TrySendError};
-use crate::route::{Delivered, Kind, Outbound, Router};
+use crate::route::{Delivered, HomeLease, Kind, Outbound, Router};
 
 /// A reference to a grain: cheap to clone, valid whether or not the grain
 /// is active.
@@ -31,9 +31,18 @@ pub struct GrainRef<G> {
     /// The grain type's directory, looked up once; `None` if `G` is not
     /// registered.
     registered: Option<Arc<GrainType<G>>>,
+    /// What this reference and its clones remember between messages.
+    cache: Arc<RefCache<G>>,
+    _grain: PhantomData<fn() -> G>,
+}
+
+/// A reference's memory, shared by its clones.
+struct RefCache<G> {
     /// The mailbox of the activation this reference delivered to last.
     last: mailbox::SenderCache<Envelope<G>>,
-    _grain: PhantomData<fn() -> G>,
+    /// On a routed silo, the router's lease on the grain's home here
+    /// (`route.rs`, rule 3).
+    lease: arc_swap::ArcSwapOption<HomeLease>,
 }
 
 impl<G> Clone for GrainRef<G> {
@@ -42,7 +51,7 @@ impl<G> Clone for GrainRef<G> {
             silo: self.silo.clone(),
             key: self.key.clone(),
             registered: self.registered.clone(),
-            last: self.last.clone(),
+            cache: self.cache.clone(),
             _grain: PhantomData,
         }
     }
@@ -71,11 +80,29 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
-        if let Some(router) = self.router() {
+        if self.silo.is_routed_now() {
+            let chain = current_chain();
+            let timeout = self.silo.inner.config.call_timeout;
+            let message = match self.leased::<M::Reply, M>(message, chain, |message, reply| {
+                Turn::Write(Box::new(move |grain, ctx| {
+                    Box::pin(async move {
+                        let _ = reply.send(grain.handle(message, ctx).await);
+                    })
+                }))
+            }) {
+                Ok(answer) => return self.answer(answer, Deadline::after(timeout)).await,
+                Err(message) => message,
+            };
+            let Some(router) = self.router() else {
+                return self
+                    .call_here(message, chain, None, Deadline::after(timeout))
+                    .await;
+            };
             return self
                 .send_routed(
                     &router,
                     Kind::Call,
+                    chain,
                     message,
                     |target, message, chain, deadline| async move {
                         target.call_here(message, chain, None, deadline).await
@@ -169,11 +196,29 @@ impl<G: Grain> GrainRef<G> {
     where
         G: crate::grain::ReadHandler<M>,
     {
-        if let Some(router) = self.router() {
+        if self.silo.is_routed_now() {
+            let chain = current_chain();
+            let timeout = self.silo.inner.config.call_timeout;
+            let message = match self.leased::<M::Reply, M>(message, chain, |message, reply| {
+                Turn::Read(Box::new(move |grain, ctx| {
+                    Box::pin(async move {
+                        let _ = reply.send(grain.handle_read(message, ctx).await);
+                    })
+                }))
+            }) {
+                Ok(answer) => return self.answer(answer, Deadline::after(timeout)).await,
+                Err(message) => message,
+            };
+            let Some(router) = self.router() else {
+                return self
+                    .read_here(message, chain, None, Deadline::after(timeout))
+                    .await;
+            };
             return self
                 .send_routed(
                     &router,
                     Kind::Read,
+                    chain,
                     message,
                     |target, message, chain, deadline| async move {
                         target.read_here(message, chain, None, deadline).await
@@ -214,11 +259,29 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
-        if let Some(router) = self.router() {
+        if self.silo.is_routed_now() {
+            let chain = current_chain();
+            let timeout = self.silo.inner.config.call_timeout;
+            let message = match self.leased::<(), M>(message, chain, |message, _| {
+                Turn::Write(Box::new(move |grain, ctx| {
+                    Box::pin(async move {
+                        let _ = grain.handle(message, ctx).await;
+                    })
+                }))
+            }) {
+                Ok(_) => return Ok(()),
+                Err(message) => message,
+            };
+            let Some(router) = self.router() else {
+                return self
+                    .tell_here(message, chain, None, Deadline::after(timeout))
+                    .await;
+            };
             return self
                 .send_routed(
                     &router,
                     Kind::Tell,
+                    chain,
                     message,
                     |target, message, chain, deadline| async move {
                         target.tell_here(message, chain, None, deadline).await
@@ -256,6 +319,48 @@ impl<G: Grain> GrainRef<G> {
         self.deliver(grain_type, envelope, &mut deadline).await
     }
 
+    /// Rule 12's fast path (`route.rs`, rule 3): while this reference holds
+    /// a valid lease on the grain's home here, the message goes straight
+    /// into the activation's open mailbox, if it has room; the envelope is
+    /// built only then. Otherwise the message comes back, for the router.
+    /// Never starts an activation.
+    fn leased<R: Send + 'static, M>(
+        &self,
+        message: M,
+        chain: u64,
+        turn: impl FnOnce(M, oneshot::Sender<R>) -> Turn<G>,
+    ) -> Result<oneshot::Receiver<R>, M> {
+        let lease = self.cache.lease.load();
+        if !lease.as_ref().is_some_and(|lease| lease.is_valid()) {
+            return Err(message);
+        }
+        let (reply, answer) = oneshot::channel();
+        let mut parts = Some((message, reply, turn));
+        let sent = self.cache.last.try_send_with(|| {
+            let (message, reply, turn) = parts.take()?;
+            Some(Envelope {
+                chain,
+                keeps_alive: true,
+                expires: None,
+                turn: turn(message, reply),
+            })
+        });
+        match parts {
+            Some((message, _, _)) if !sent => Err(message),
+            _ => Ok(answer),
+        }
+    }
+
+    /// Waits for the answer of a message the fast path delivered.
+    async fn answer<R>(
+        &self,
+        answer: oneshot::Receiver<R>,
+        mut deadline: Deadline,
+    ) -> Result<R, CallError> {
+        let grain_type = self.registered()?;
+        self.reply(grain_type, answer, &mut deadline).await
+    }
+
     /// The router this reference's messages go through: the silo's, unless
     /// the grain type is a stateless worker (rule 12), or `G` is not
     /// registered (the local path reports that).
@@ -272,6 +377,7 @@ impl<G: Grain> GrainRef<G> {
         &self,
         router: &Arc<dyn Router>,
         kind: Kind,
+        chain: u64,
         message: M,
         here: L,
     ) -> Result<R, CallError>
@@ -281,7 +387,7 @@ impl<G: Grain> GrainRef<G> {
         L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
         F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
     {
-        let (outbound, reply, codec) = self.outbound(kind, message, current_chain(), here)?;
+        let (outbound, reply, codec) = self.outbound(kind, message, chain, here)?;
         let deadline = outbound.deadline;
         let grain = outbound.grain.clone();
         let timeout = self.silo.inner.config.call_timeout;
@@ -399,7 +505,7 @@ impl<G: Grain> GrainRef<G> {
         // full mailbox is waited on right away, without another lookup.
         let mut full = None;
         if grain_type.workers <= 1 && !self.silo.inner.shutting_down.load(Ordering::Acquire) {
-            envelope = match self.last.try_send(envelope) {
+            envelope = match self.cache.last.try_send(envelope) {
                 Ok(()) => return Ok(()),
                 Err((returned, mailbox)) => {
                     full = mailbox;
@@ -411,11 +517,11 @@ impl<G: Grain> GrainRef<G> {
                     if let Some(Some(Entry::Active(sender))) = slots.first() {
                         envelope = match sender.try_send(envelope) {
                             Ok(()) => {
-                                self.last.set(sender);
+                                self.cache.last.set(sender);
                                 return Ok(());
                             }
                             Err(TrySendError::Full(returned)) => {
-                                self.last.set(sender);
+                                self.cache.last.set(sender);
                                 full = Some(sender.clone());
                                 returned
                             }
@@ -434,7 +540,7 @@ impl<G: Grain> GrainRef<G> {
                         .mailbox(grain_type, &self.key, deadline.get())
                         .await?;
                     if grain_type.workers <= 1 {
-                        self.last.set(&mailbox);
+                        self.cache.last.set(&mailbox);
                     }
                     // Room in the mailbox: no timer needed.
                     envelope = match mailbox.try_send(envelope) {
@@ -483,7 +589,10 @@ impl Silo {
             silo: self.clone(),
             key: key.into(),
             registered: self.grain_type::<G>().ok(),
-            last: mailbox::SenderCache::new(),
+            cache: Arc::new(RefCache {
+                last: mailbox::SenderCache::new(),
+                lease: arc_swap::ArcSwapOption::empty(),
+            }),
             _grain: PhantomData,
         }
     }
@@ -546,7 +655,13 @@ where
         })
     }
 
-    fn deliver_here(self: Box<Self>) -> BoxFuture<'static, Result<(), CallError>> {
+    fn deliver_here(
+        self: Box<Self>,
+        lease: Option<Arc<HomeLease>>,
+    ) -> BoxFuture<'static, Result<(), CallError>> {
+        // The sending reference (and its clones) may skip the router while
+        // the lease holds (`route.rs`, rule 3).
+        self.target.cache.lease.store(lease);
         let Routed {
             target,
             chain,

@@ -11,6 +11,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use granary_actors::GrainId;
+use granary_actors::route::HomeLease;
 
 use super::directory_client::{DirectoryReply, DirectoryRequest};
 use super::router::deadline_after;
@@ -44,6 +45,18 @@ pub(super) struct Home {
     /// taken on a home that was since removed never counts against its
     /// successor.
     generation: u64,
+    /// Handed to the grain references that reached the home here once it
+    /// is confirmed: while valid they deliver into its open mailbox without
+    /// the router. Invalidated whenever the home stops being confirmed
+    /// with its entry's current owner: removed, leaving, or a view change.
+    lease: Arc<HomeLease>,
+}
+
+impl Home {
+    /// Ends the lease handed out for this home.
+    pub(super) fn end_lease(&self) {
+        self.lease.invalidate();
+    }
 }
 
 impl ClusterNode {
@@ -57,6 +70,7 @@ impl ClusterNode {
             .iter()
             .map(|home| home.key().clone())
             .collect();
+        self.inner.end_leases();
         self.inner.homes.clear();
         let silo = &self.inner.silo;
         let give_up = deadline_after(self.inner.config.connection.call_timeout);
@@ -163,7 +177,7 @@ impl Inner {
                 Ok(DirectoryReply::Home(home)) => {
                     // Lost: stop serving it, and let its activation here
                     // (if it was home before) go.
-                    if registered_with.is_some() && self.homes.remove(grain).is_some() {
+                    if registered_with.is_some() && self.remove_home(grain) {
                         self.release(grain);
                     }
                     return Err(RemoteError::Moved(home.silo));
@@ -184,10 +198,40 @@ impl Inner {
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
+        // The home is confirmed with its entry's owner now: references may
+        // skip the router while that holds.
+        let lease = self
+            .homes
+            .get(grain)
+            .filter(|home| {
+                home.generation == pin.generation && home.owner.is_some() && !home.leaving
+            })
+            .map(|home| home.lease.clone());
         Ok(Admitted {
             _pin: pin,
             _promise: promise,
+            lease,
         })
+    }
+
+    /// Ends every lease handed out (a view change, or the node stopping);
+    /// a home confirmed again hands out a new one.
+    pub(super) fn end_leases(&self) {
+        for mut home in self.homes.iter_mut() {
+            home.end_lease();
+            home.lease = HomeLease::new();
+        }
+    }
+
+    /// Removes `grain`'s home, ending its lease; whether there was one.
+    pub(super) fn remove_home(&self, grain: &GrainId) -> bool {
+        match self.homes.remove(grain) {
+            Some((_, home)) => {
+                home.end_lease();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Pins `grain`'s home here for one call (rule 6), creating it
@@ -235,6 +279,7 @@ impl Inner {
                     maybe_registered: false,
                     leaving: false,
                     generation,
+                    lease: HomeLease::new(),
                 });
                 Ok((None, generation))
             }
@@ -264,13 +309,16 @@ impl Inner {
             };
             if unregister.is_some() {
                 home.leaving = true;
+                home.end_lease();
             }
             unregister
         };
         let Some(activation) = unregister else {
-            self.homes.remove_if(grain, |_, home| {
+            if let Some((_, home)) = self.homes.remove_if(grain, |_, home| {
                 home.owner.is_none() && home.in_flight == 0 && !home.leaving
-            });
+            }) {
+                home.end_lease();
+            }
             return;
         };
         let node = ClusterNode {
@@ -278,7 +326,7 @@ impl Inner {
         };
         let grain = grain.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.homes.remove(&grain);
+            self.remove_home(&grain);
             return;
         };
         runtime.spawn(async move {
@@ -349,6 +397,9 @@ impl Inner {
 
     /// Rule 3 and 4: the view changed from `before` to `after`.
     pub(super) async fn on_view_change(self: &Arc<Self>, before: &[Member], after: &[Member]) {
+        // Every home must be confirmed again with its entry's owner in the
+        // new view before a reference may skip the router for it.
+        self.end_leases();
         *self
             .view_changed
             .lock()
@@ -426,7 +477,7 @@ impl Inner {
                         break;
                     }
                     Ok(DirectoryReply::Home(_)) => {
-                        if self.homes.remove(&grain).is_some() {
+                        if self.remove_home(&grain) {
                             self.release(&grain);
                         }
                         break;
@@ -435,7 +486,7 @@ impl Inner {
                         tokio::time::sleep(self.handoff / 8).await;
                     }
                     _ => {
-                        if self.homes.remove(&grain).is_some() {
+                        if self.remove_home(&grain) {
                             self.release(&grain);
                         }
                         break;
@@ -466,6 +517,8 @@ impl Inner {
 pub(super) struct Admitted {
     _pin: InFlight,
     _promise: Option<Promise>,
+    /// The home's lease, if it is confirmed.
+    pub(super) lease: Option<Arc<HomeLease>>,
 }
 
 struct InFlight {

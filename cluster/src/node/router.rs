@@ -161,8 +161,11 @@ impl Inner {
                             return Err(CallError::ShutDown);
                         };
                         // Rule 2, on the typed path: the home stays pinned
-                        // until the local silo has answered.
-                        let delivered = message.deliver_here().await;
+                        // until the local silo has answered. A confirmed
+                        // home's lease lets the reference skip this next
+                        // time, while it holds.
+                        let lease = admitted.lease.clone();
+                        let delivered = message.deliver_here(lease).await;
                         drop(admitted);
                         delivered?;
                         if !cached {

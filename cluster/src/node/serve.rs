@@ -62,6 +62,8 @@ impl ClusterNode {
 
     async fn stop_serving(&self) {
         self.inner.stopped.store(true, Ordering::Release);
+        // References stop skipping the router, which refuses from now on.
+        self.inner.end_leases();
         self.inner.stop_tasks();
         self.inner.open.clear();
         let slots: Vec<_> = self

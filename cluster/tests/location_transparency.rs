@@ -13,7 +13,11 @@
 //! - a call whose deadline passes while it waits at the callee fails on
 //!   both ends, and the callee never runs it;
 //! - the failure detector's defaults: a silo whose runtime stalls for 3 s
-//!   is not taken for dead (membership rule 3).
+//!   is not taken for dead (membership rule 3);
+//! - a false death: a silo whose runtime stalls past what the detector
+//!   allows is taken for dead and its grains move; it fences itself, and
+//!   after it returns no grain is live on two silos and every
+//!   acknowledged write is kept (node rule 7).
 
 mod common;
 
@@ -846,4 +850,143 @@ async fn a_deadline_that_passes_at_the_callee_fails_on_both_ends() {
     assert_eq!(HOLDS_RUN.load(Ordering::SeqCst), run + 1);
     assert_eq!(HOLDS_STARTED.load(Ordering::SeqCst), started + 1);
     three.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost() {
+    let network = InProcessNetwork::new();
+    let gossip_net = ChannelTransport::default();
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let census = Arc::new(Census::default());
+    let base = 43_500u16;
+    let config = |n: u16| {
+        let mut config = NodeConfig::new(
+            "false-death",
+            secret(),
+            format!("silo-{n}:7000"),
+            gossip(base + n),
+            vec![gossip(base).to_string()],
+        );
+        // Declared dead after about 0.7 s of silence; fences after 0.42 s.
+        config.gossip_interval = Duration::from_millis(50);
+        config.death_grace = Duration::from_millis(300);
+        config.load_interval = Duration::from_millis(50);
+        config
+    };
+    let start = |n: u16, network: InProcessNetwork, gossip_net: ChannelTransport| {
+        let silo = Silo::builder()
+            .register::<Peer>("peer")
+            .message::<Peer, Touch>("touch")
+            .read_message::<Peer, Read>("read")
+            .register_stateless::<Staller>("staller", 1)
+            .service(Arc::new(SiloNumber(u64::from(n))))
+            .service(census.clone())
+            .storage(storage.clone())
+            .build()
+            .unwrap();
+        let config = config(n);
+        async move {
+            ClusterNode::builder(silo, config.clone())
+                .transport(Arc::new(network.transport(&config.listen)))
+                .placement(Arc::new(ByKey))
+                .start(&gossip_net)
+                .await
+                .unwrap()
+        }
+    };
+    let zero = start(0, network.clone(), gossip_net.clone()).await;
+    let one = start(1, network.clone(), gossip_net.clone()).await;
+    // Silo 2 alone on a single-worker runtime of its own.
+    let (started, node) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let third = start(2, network.clone(), gossip_net.clone());
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let two = third.await;
+            let _ = started.send((two.clone(), tokio::runtime::Handle::current()));
+            let _ = stopped.await;
+            let _ = two.leave().await;
+        });
+    });
+    let (two, two_runtime) = node.await.unwrap();
+    converged(&[&zero, &one, &two], 3).await;
+
+    let keys: Vec<u64> = (5000..5060).collect();
+    let acked: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
+    let touch_all = |node: &ClusterNode| {
+        let calls: Vec<_> = keys
+            .iter()
+            .map(|&key| {
+                let (grain, acked) = (node.grain::<Peer>(key), acked.clone());
+                tokio::spawn(async move {
+                    if let Ok(Ok(_)) = grain.call(Touch { others: vec![] }).await {
+                        *acked.lock().unwrap().entry(key).or_default() += 1;
+                    }
+                })
+            })
+            .collect();
+        async move {
+            for call in calls {
+                call.await.unwrap();
+            }
+        }
+    };
+    touch_all(&zero).await;
+    assert_eq!(
+        acked.lock().unwrap().len(),
+        keys.len(),
+        "every grain answered"
+    );
+    let on_two = keys.iter().filter(|key| *key % 3 == 2).count() as u64;
+    assert_eq!(
+        two.homes() as u64,
+        on_two,
+        "a third of the grains live on silo 2"
+    );
+
+    // Silo 2's only thread blocks for 2.5 s: the others take it for dead.
+    let staller = two.silo().grain::<Staller>(0u64);
+    let stall =
+        two_runtime.spawn(async move { staller.call(Stall(Duration::from_millis(2500))).await });
+    converged_within(&[&zero, &one], 2, Duration::from_secs(10)).await;
+    // Its grains are placed afresh on the survivors, from their state.
+    touch_all(&zero).await;
+    touch_all(&one).await;
+    stall.await.unwrap().unwrap();
+
+    // Back: it fenced itself, gave every home up, and rejoined.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while two.fences() == 0 || two.is_fenced() {
+        assert!(
+            Instant::now() < deadline,
+            "silo 2 never fenced, or never lifted its fence"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    converged(&[&zero, &one, &two], 3).await;
+    touch_all(&two).await;
+    touch_all(&zero).await;
+
+    let live = census.live.lock().unwrap().clone();
+    for key in &keys {
+        let silos = live.get(key).cloned().unwrap_or_default();
+        assert!(silos.len() <= 1, "grain {key} is live on silos {silos:?}");
+    }
+    let acked = acked.lock().unwrap().clone();
+    for &key in &keys {
+        let (_, counts, _) = zero.grain::<Peer>(key).read(Read).await.unwrap();
+        let touches = acked.get(&key).copied().unwrap_or_default();
+        assert!(
+            counts.touched >= touches,
+            "grain {key}: stored {counts:?}, acknowledged {touches} touches"
+        );
+    }
+    let _ = stop.send(());
+    thread.join().unwrap();
+    zero.leave().await.unwrap();
+    one.leave().await.unwrap();
 }

@@ -126,6 +126,11 @@ impl Inner {
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
+        // Rule 7: a fenced silo becomes home to nothing; the caller asks
+        // the directory again.
+        if self.fence.is_fenced() {
+            return Err(RemoteError::Retry);
+        }
         let owner = self.entry_owner(grain, &self.view());
         // Rule 6: the home is pinned from before its registration until
         // the local silo has answered, so it is never given up while this
@@ -197,6 +202,9 @@ impl Inner {
         // start an activation the leave would not wait for.
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
+        }
+        if self.fence.is_fenced() {
+            return Err(RemoteError::Retry);
         }
         // The home is confirmed with its entry's owner now: references may
         // skip the router while that holds.

@@ -51,6 +51,14 @@
 //!    device answering `NoRoom` to a grain the entry sends here) removes
 //!    any entry naming this silo when it goes. A node that has left or
 //!    was killed serves nothing and connects to no one.
+//! 7. **Fencing after a stall.** A silo whose runtime stood still for 60%
+//!    of the soonest its peers could declare it dead fences itself from a
+//!    watchdog thread, before anyone can place its grains elsewhere: it
+//!    refuses to become home to anything (`Retry`), ends its home leases,
+//!    and, once it runs again, deactivates every activation it held and
+//!    waits for them to end before it serves again (`fence.rs`). So a
+//!    silo taken for dead never serves a grain beside the activation that
+//!    replaced it.
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -69,6 +77,7 @@ mod builder;
 mod config;
 mod directory_client;
 mod directory_service;
+mod fence;
 mod home;
 mod peers;
 mod router;
@@ -130,6 +139,8 @@ struct Inner {
     /// Set when the node leaves or is killed: it serves nothing and
     /// connects to no one after that.
     stopped: std::sync::atomic::AtomicBool,
+    /// Fencing after a stall (rule 7, `fence.rs`).
+    fence: fence::Fence,
     /// Under etcd, whether the silo still holds its lease (etcd rule 6):
     /// once it does not, others may have activated its grains, so it
     /// serves nothing more.
@@ -220,6 +231,18 @@ impl ClusterNode {
     /// activations ended (rule 6).
     pub fn homes_given_up(&self) -> u64 {
         self.inner.given_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the silo is fenced now: after its runtime stood still long
+    /// enough to be taken for dead, it serves no home until every
+    /// activation it held has ended (rule 7).
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fence.is_fenced()
+    }
+
+    /// How many times the silo has fenced itself since it started.
+    pub fn fences(&self) -> u64 {
+        self.inner.fence.count()
     }
 
     /// Where this silo last found grain `grain_type`/`key` living.

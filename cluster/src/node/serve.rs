@@ -220,6 +220,7 @@ impl NodeParts {
             promised: Mutex::new(HashMap::new()),
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            fence: super::fence::Fence::new(),
             holds_lease,
             home_side: ended.home_side.clone(),
             claim: Mutex::new(None),
@@ -313,11 +314,12 @@ impl NodeParts {
                 }
             }
         });
+        let stamping = super::fence::start(&inner);
         inner
             .tasks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend([accepting, watching, publishing]);
+            .extend([accepting, watching, publishing, stamping]);
         if inner.holds_lease.is_some() {
             // Etcd rule 6: a silo that lost its lease stops serving and
             // lets its activations go.

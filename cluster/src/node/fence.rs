@@ -1,0 +1,160 @@
+//! Fencing after a stall: a silo whose own runtime stood still long enough
+//! that its peers may take it for dead stops serving its homes before it
+//! takes calls again (rule 7 of the protocol in `node/mod.rs`).
+//!
+//! 1. A task on the node's runtime stamps the time every quarter of a
+//!    gossip interval. A watchdog on an OS thread of its own, which a
+//!    blocked runtime does not stop, reads the stamp.
+//! 2. When the stamp is older than the fence bound, the watchdog fences the
+//!    silo at once, from its own thread: it sets the fenced flag (every
+//!    message that would make this silo a home is refused with `Retry`,
+//!    so callers go back to the directory) and ends every home lease (no
+//!    reference delivers to an activation here without the router). This
+//!    happens while the runtime is still stalled, so nothing it runs when
+//!    it wakes is served as before.
+//! 3. The bound is 60% of the soonest the peers can declare the silo dead
+//!    (`phi_threshold` gossip intervals of silence, plus `death_grace`),
+//!    and at least two gossip intervals: the silo fences itself before
+//!    anyone can place its grains elsewhere.
+//! 4. Once the runtime runs again, the node forgets every home and
+//!    deactivates its activation here, waiting until each has ended
+//!    (queued messages run, `on_deactivate` writes state; ETags refuse a
+//!    write from an activation whose grain moved on), drops the entries it
+//!    owns that name itself and forgets the homes it had learned, and only
+//!    then lifts the fence. Grains it was home to are placed afresh by
+//!    their next call, from their persisted state.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::{ClusterNode, Inner};
+
+/// What the watchdog and the runtime share (rule 1).
+pub(super) struct Fence {
+    /// Set while the silo serves no home (rules 2 and 4).
+    fenced: AtomicBool,
+    /// Milliseconds since `epoch` when the runtime last stamped.
+    stamp: AtomicU64,
+    epoch: Instant,
+    /// Times the silo fenced itself.
+    fences: AtomicU64,
+}
+
+impl Fence {
+    pub(super) fn new() -> Fence {
+        Fence {
+            fenced: AtomicBool::new(false),
+            stamp: AtomicU64::new(0),
+            epoch: Instant::now(),
+            fences: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the silo is fenced now.
+    pub(super) fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// How many times the silo has fenced itself.
+    pub(super) fn count(&self) -> u64 {
+        self.fences.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn stamp(&self) {
+        self.stamp.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// How long the runtime has not stamped.
+    fn silence(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.stamp.load(Ordering::Acquire)),
+        )
+    }
+}
+
+/// The fence bound for `config` (rule 3).
+pub(super) fn bound(config: &super::NodeConfig) -> Duration {
+    let interval = config.gossip_interval;
+    let death = interval.mul_f64(config.phi_threshold.max(0.0)) + config.death_grace;
+    death.mul_f64(0.6).max(interval * 2)
+}
+
+/// Starts the stamping task on the current runtime and the watchdog thread
+/// (rule 1). Both end when the node is gone or stopped.
+pub(super) fn start(inner: &Arc<Inner>) -> tokio::task::JoinHandle<()> {
+    inner.fence.stamp();
+    let every = (inner.config.gossip_interval / 4).max(Duration::from_millis(1));
+    let weak = Arc::downgrade(inner);
+    let stamping = tokio::spawn({
+        let weak = weak.clone();
+        async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.fence.stamp();
+            }
+        }
+    });
+    let runtime = tokio::runtime::Handle::current();
+    let limit = bound(&inner.config);
+    let spawned = std::thread::Builder::new()
+        .name("granary-fence".into())
+        .spawn(move || watch(weak, runtime, every, limit));
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, "cannot start the fence watchdog; a stalled silo will not fence itself");
+    }
+    stamping
+}
+
+/// The watchdog (rules 1 and 2).
+fn watch(node: Weak<Inner>, runtime: tokio::runtime::Handle, every: Duration, limit: Duration) {
+    loop {
+        std::thread::sleep(every);
+        let Some(inner) = node.upgrade() else { return };
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        if inner.fence.is_fenced() || inner.fence.silence() < limit {
+            continue;
+        }
+        // Rule 2, from this thread: nothing the stalled runtime runs when
+        // it wakes is served as before.
+        inner.fence.fenced.store(true, Ordering::Release);
+        inner.fence.fences.fetch_add(1, Ordering::Relaxed);
+        inner.end_leases();
+        tracing::warn!(
+            silo = %inner.id,
+            silence = ?inner.fence.silence(),
+            "the silo's runtime stood still long enough to be taken for dead: fencing"
+        );
+        let node = ClusterNode {
+            inner: inner.clone(),
+        };
+        drop(inner);
+        runtime.spawn(async move { recover(node).await });
+    }
+}
+
+/// Rule 4: the homes go, then the fence lifts.
+async fn recover(node: ClusterNode) {
+    node.deactivate_homes().await;
+    let inner = &node.inner;
+    // Entries this silo owns that name itself are stale now; entries for
+    // other silos' homes stay (if no peer took this silo for dead, they
+    // are still right, and a home that moved re-registers after a view
+    // change). Learned homes are hints, forgotten.
+    inner.partition.forget_silo(&inner.id);
+    for member in inner.view().iter() {
+        inner.cache.forget_silo(&member.silo);
+    }
+    inner.fence.fenced.store(false, Ordering::Release);
+    tracing::info!(silo = %inner.id, "fence lifted: every home here was given up");
+}

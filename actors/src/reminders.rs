@@ -35,7 +35,8 @@
 //!    round's writes go as one batch). So a silo that was down fires a
 //!    missed reminder once, not once per missed period. A row is not fired
 //!    again while its write is under way. A firing refused because the silo
-//!    is shutting down is not written: the next owner fires it. A firing
+//!    (or the grain's home) is shutting down is not written: the next owner
+//!    fires it, or this silo tries again a second later. A firing
 //!    that could not be delivered otherwise (the grain's mailbox stayed
 //!    full past the call timeout, its home on another silo could not be
 //!    reached) is logged and counts as fired. On a silo that routes its
@@ -106,6 +107,9 @@ const MAX_MS: u64 = u64::MAX >> 1;
 /// How often a silo rescans the table unless told otherwise
 /// (`SiloBuilder::reminder_rescan`).
 pub(crate) const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
+
+/// How soon a firing refused for a shutdown is tried again here (rule 4).
+const NOT_FIRED_RETRY_MS: u64 = 1_000;
 
 /// How soon a failed rescan is tried again.
 const RESCAN_RETRY: Duration = Duration::from_secs(1);
@@ -563,8 +567,9 @@ impl Reminders {
         let mut conflicts: HashMap<GrainId, Vec<Firing>> = HashMap::new();
         {
             let mut schedule = self.schedule();
+            let retry_ms = now_ms().saturating_add(NOT_FIRED_RETRY_MS);
             for firing in &not_fired {
-                schedule.not_fired(firing);
+                schedule.not_fired(firing, retry_ms);
             }
             match outcome {
                 Ok(outcome) => {

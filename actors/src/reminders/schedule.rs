@@ -171,60 +171,72 @@ impl Schedule {
         scope: Scope<'_>,
         keep: &dyn Fn(&GrainId) -> bool,
     ) {
-        // Consecutive rows of one grain (the usual order) ask `keep` once.
-        let mut last: Option<(GrainId, bool)> = None;
         for row in rows {
-            let kept = match &last {
-                Some((grain, kept)) if *grain == row.grain => *kept,
-                _ => {
-                    let kept = keep(&row.grain);
-                    last = Some((row.grain.clone(), kept));
-                    kept
-                }
-            };
-            let key = (row.grain, row.name);
-            if !kept {
-                self.remove(&key);
+            if !keep(&row.grain) {
+                self.remove(&(row.grain, row.name));
                 continue;
             }
-            if let Some((etag, generation)) = self.tombstones.get(&key)
+            let key = (row.grain, row.name);
+            if !self.tombstones.is_empty()
+                && let Some((etag, generation)) = self.tombstones.get(&key)
                 && *generation > start
                 && row.etag <= *etag
             {
                 // Deleted here while the read ran.
                 continue;
             }
-            let adopted = match self.entries.get(&key) {
+            let Some(entry) = self.entries.get_mut(&key) else {
+                // New here: the row as read.
+                self.queue.insert((row.next_due_ms, key.clone()));
+                self.entries.insert(
+                    key,
+                    Entry {
+                        period_ms: row.period_ms,
+                        due_ms: row.next_due_ms,
+                        etag: row.etag,
+                        in_flight: false,
+                        generation: start,
+                    },
+                );
+                continue;
+            };
+            let adopted = if entry.generation > start && row.etag <= entry.etag {
                 // Changed here while the read ran: the greater ETag wins.
-                Some(entry) if entry.generation > start && row.etag <= entry.etag => continue,
-                // The version this silo has: a due time moved on here
-                // stays (rule 5), and so does a firing under way.
-                Some(entry) if entry.etag == row.etag => Entry {
+                continue;
+            } else if entry.etag == row.etag {
+                // The version this silo has: a due time moved on here stays
+                // (rule 5), and so does a firing under way.
+                Entry {
                     period_ms: row.period_ms,
                     due_ms: entry.due_ms.max(row.next_due_ms),
                     etag: row.etag,
                     in_flight: entry.in_flight,
                     generation: entry.generation.max(start),
-                },
-                // New, or changed elsewhere: the row as read. A firing
-                // under way will meet a conflict and re-read (rule 5).
-                Some(_) | None => Entry {
+                }
+            } else {
+                // Changed elsewhere: the row as read. A firing under way
+                // will meet a conflict and re-read (rule 5).
+                Entry {
                     period_ms: row.period_ms,
                     due_ms: row.next_due_ms,
                     etag: row.etag,
                     in_flight: false,
                     generation: start,
-                },
+                }
             };
-            if let Some(entry) = self.entries.get_mut(&key)
-                && !entry.in_flight
-                && !adopted.in_flight
-                && entry.due_ms == adopted.due_ms
-            {
-                // The queue is right already: the common case of a rescan.
-                *entry = adopted;
-            } else {
-                self.put(key, adopted);
+            let queued = (!entry.in_flight).then_some(entry.due_ms);
+            let requeue = (!adopted.in_flight).then_some(adopted.due_ms);
+            *entry = adopted;
+            if queued != requeue {
+                // Keep the queue in step (the common rescan leaves it be).
+                let mut item = (queued.unwrap_or_default(), key);
+                if queued.is_some() {
+                    self.queue.remove(&item);
+                }
+                if let Some(due) = requeue {
+                    item.0 = due;
+                    self.queue.insert(item);
+                }
             }
         }
         // Entries the read did not show, unless changed here since it
@@ -310,15 +322,18 @@ impl Schedule {
         self.put(firing.key.clone(), entry);
     }
 
-    /// A firing that did not happen (the silo is shutting down): the entry
-    /// is due again as it was.
-    pub(super) fn not_fired(&mut self, firing: &Firing) {
+    /// A firing that did not happen (the silo, or the grain's home, is
+    /// shutting down): the row is left as it was, and this silo tries
+    /// again at `retry_ms`.
+    pub(super) fn not_fired(&mut self, firing: &Firing, retry_ms: u64) {
         if let Some(entry) = self.entries.get(&firing.key)
             && entry.in_flight
             && entry.etag == firing.etag
         {
             let mut entry = entry.clone();
             entry.in_flight = false;
+            entry.due_ms = entry.due_ms.max(retry_ms);
+            entry.generation = self.fresh_generation();
             self.put(firing.key.clone(), entry);
         }
     }

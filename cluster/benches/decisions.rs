@@ -28,6 +28,7 @@ fn view(silos: usize) -> Vec<Member> {
             silo: SiloId::new(format!("10.0.{}.{}:7000", i / 256, i % 256), 1),
             gossip: None,
             load: SiloLoad {
+                grain_types: Vec::new(),
                 activations: (i * 37 % 1000) as u64,
                 devices: (0..4)
                     .map(|d| DeviceLoad {

@@ -102,6 +102,10 @@ pub struct SiloLoad {
     pub activations: u64,
     /// Its devices.
     pub devices: Vec<DeviceLoad>,
+    /// The grain types it hosts (placement picks only silos that host a
+    /// grain's type; an external client hosts none).
+    #[serde(default)]
+    pub grain_types: Vec<String>,
 }
 
 /// A live silo in the view (rule 7).

@@ -82,6 +82,7 @@ async fn silos_join_publish_load_leave_crash_and_rejoin() {
     }
     // Load travels.
     b.publish_load(SiloLoad {
+        grain_types: Vec::new(),
         activations: 42,
         devices: Vec::new(),
     })

@@ -12,6 +12,8 @@
 //!   an unreachable home is an error;
 //! - a call whose deadline passes while it waits at the callee fails on
 //!   both ends, and the callee never runs it;
+//! - an external client (hosting no grains) gets the same reference, and
+//!   placement never picks it;
 //! - the failure detector's defaults: a silo whose runtime stalls for 3 s
 //!   is not taken for dead (membership rule 3);
 //! - a false death: a silo whose runtime stalls past what the detector
@@ -989,4 +991,71 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
     thread.join().unwrap();
     zero.leave().await.unwrap();
     one.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
+    let network = InProcessNetwork::new();
+    let gossip_net = ChannelTransport::default();
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let census = Arc::new(Census::default());
+    let base = 43_600u16;
+    let mut nodes = Vec::new();
+    for n in 0..3u16 {
+        let mut config = NodeConfig::new(
+            "client",
+            secret(),
+            format!("silo-{n}:7000"),
+            gossip(base + n),
+            vec![gossip(base).to_string()],
+        );
+        config.gossip_interval = Duration::from_millis(50);
+        config.load_interval = Duration::from_millis(50);
+        let silo = peer_silo(
+            storage.clone(),
+            u64::from(n),
+            census.clone(),
+            Duration::from_secs(10),
+        );
+        let builder = ClusterNode::builder(silo, config.clone())
+            .transport(Arc::new(network.transport(&config.listen)))
+            .placement(Arc::new(ByKey));
+        // Silo 2 is a web front end: it calls grains, hosts none.
+        let builder = if n == 2 { builder.client() } else { builder };
+        nodes.push(builder.start(&gossip_net).await.unwrap());
+    }
+    let refs: Vec<&ClusterNode> = nodes.iter().collect();
+    converged(&refs, 3).await;
+    let client = &nodes[2];
+    for key in 6000..6030u64 {
+        let touched = client
+            .grain::<Peer>(key)
+            .call(Touch { others: vec![] })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(touched.counts.touched, 1);
+        client
+            .grain::<Peer>(key)
+            .tell(Mark("told".into()))
+            .await
+            .unwrap();
+        let (silo, _, seen) = client.grain::<Peer>(key).read(Read).await.unwrap();
+        assert_ne!(silo, 2, "grain {key} was placed on the client");
+        assert_eq!(seen, vec!["told".to_string()]);
+    }
+    assert_eq!(client.homes(), 0);
+    assert_eq!(
+        client.silo().live_activations(),
+        0,
+        "the client hosts nothing"
+    );
+    assert_eq!(
+        nodes[0].homes() + nodes[1].homes(),
+        30,
+        "every grain lives on a server"
+    );
+    for node in &nodes {
+        let _ = node.leave().await;
+    }
 }

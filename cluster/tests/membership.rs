@@ -74,6 +74,7 @@ async fn five_silos_join_through_a_seed_and_see_each_others_load() {
         until(silo, Duration::from_secs(10), |m| addresses(m) == all).await;
     }
     let load = SiloLoad {
+        grain_types: Vec::new(),
         activations: 42,
         devices: vec![DeviceLoad {
             backend: "Cuda".into(),

@@ -267,6 +267,21 @@ impl Silo {
         &self.inner.registry
     }
 
+    /// The names of the grain types this silo hosts and routes: every
+    /// registered type but stateless workers (rule 12), sorted.
+    pub fn routed_grain_types(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .registry
+            .type_names
+            .values()
+            .filter(|name| !self.inner.registry.stateless.contains(*name))
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The name grain type `G` is registered under, if it is.
     pub fn grain_type_name<G: Grain>(&self) -> Option<&str> {
         self.inner

@@ -27,9 +27,20 @@ pub struct NodeBuilder {
     pub(super) transport: Arc<dyn Transport>,
     pub(super) placement: Arc<dyn PlacementStrategy>,
     pub(super) needs: HashMap<String, GpuNeeds>,
+    /// An external client: hosts no grain (rule 2).
+    pub(super) client: bool,
 }
 
 impl NodeBuilder {
+    /// Joins as an external client (a web front end, a tool): the node
+    /// calls grains wherever they live through the same `GrainRef`, but
+    /// hosts none, so placement never picks it, whatever grain types its
+    /// silo registers (it registers them for their message names).
+    pub fn client(mut self) -> NodeBuilder {
+        self.client = true;
+        self
+    }
+
     /// Connects to other silos with `transport` (default TCP).
     pub fn transport(mut self, transport: Arc<dyn Transport>) -> NodeBuilder {
         self.transport = transport;

@@ -131,6 +131,11 @@ impl Inner {
         if self.fence.is_fenced() {
             return Err(RemoteError::Retry);
         }
+        // Rule 2: a type this silo does not host (an external client hosts
+        // none) is placed elsewhere.
+        if !self.hosts.contains(&grain.type_name) {
+            return Err(RemoteError::NoRoom);
+        }
         let owner = self.entry_owner(grain, &self.view());
         // Rule 6: the home is pinned from before its registration until
         // the local silo has answered, so it is never given up while this

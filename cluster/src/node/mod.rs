@@ -8,7 +8,10 @@
 //!    (`directory.rs`).
 //! 2. **Calling.** A call goes to the home the caller has cached, else the
 //!    one the directory's owner names, else the silo the placement
-//!    strategy picks. A silo that receives a call for a grain it is not
+//!    strategy picks among those that host the grain's type (each silo
+//!    publishes the types it hosts; an external client hosts none, and a
+//!    silo asked to become home to a type it does not host answers
+//!    `NoRoom`). A silo that receives a call for a grain it is not
 //!    home to registers itself with the owner first: if it wins, it
 //!    becomes the home and handles the call (its local silo activates the
 //!    grain on demand); if not, it answers `Moved(home)` and the caller
@@ -164,6 +167,9 @@ struct Inner {
     placement: Arc<dyn PlacementStrategy>,
     /// Device needs by grain type name.
     needs: HashMap<String, GpuNeeds>,
+    /// The grain types this silo hosts, published with its load (none for
+    /// an external client).
+    hosts: Vec<String>,
     next_activation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -200,6 +206,7 @@ impl ClusterNode {
                 crate::placement::HashPlacement,
             ))),
             needs: HashMap::new(),
+            client: false,
         }
     }
 

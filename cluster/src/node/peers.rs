@@ -150,6 +150,7 @@ impl ClusterNode {
 impl Inner {
     pub(super) fn load(&self) -> SiloLoad {
         SiloLoad {
+            grain_types: self.hosts.clone(),
             activations: self.silo.live_activations(),
             devices: self
                 .bridge

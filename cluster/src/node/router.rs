@@ -355,12 +355,21 @@ impl ClusterNode {
             DirectoryReply::Retry => return Err(ClusterCallError::Remote(RemoteError::Retry)),
             DirectoryReply::Home(_) | DirectoryReply::Unknown => {}
         }
-        let view: Vec<Member> = inner
-            .view()
+        // Only silos that host the grain's type (rule 2); one whose load
+        // has not arrived yet is not a candidate until it has.
+        let all = inner.view();
+        let view: Vec<Member> = all
             .iter()
-            .filter(|member| !full.contains(&member.silo))
+            .filter(|member| {
+                !full.contains(&member.silo) && member.load.grain_types.contains(&grain.type_name)
+            })
             .cloned()
             .collect();
+        if view.is_empty() && all.iter().any(|member| !full.contains(&member.silo)) {
+            // Silos are there, but none says it hosts the type yet (a load
+            // on its way) or at all: ask again while the cluster settles.
+            return Err(ClusterCallError::Remote(RemoteError::Retry));
+        }
         let request = PlacementRequest {
             grain,
             caller: &inner.id,

@@ -198,8 +198,14 @@ impl NodeParts {
                     transport,
                     placement,
                     needs,
+                    client,
                 },
         } = self;
+        let hosts = if client {
+            Vec::new()
+        } else {
+            silo.routed_grain_types()
+        };
         let handoff = config
             .handoff
             .unwrap_or(config.gossip_interval.saturating_mul(5));
@@ -229,6 +235,7 @@ impl NodeParts {
             accepted: tokio::sync::Mutex::new(Vec::new()),
             placement,
             needs,
+            hosts,
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
             config,

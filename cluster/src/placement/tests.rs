@@ -23,6 +23,7 @@ fn member(address: &str, activations: u64, devices: Vec<DeviceLoad>) -> Member {
         silo: SiloId::new(address, 1),
         gossip: "127.0.0.1:1".parse().ok(),
         load: SiloLoad {
+            grain_types: Vec::new(),
             activations,
             devices,
         },

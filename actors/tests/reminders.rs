@@ -33,11 +33,53 @@ impl Grain for Alarm {
 }
 
 impl Handler<ReminderFired> for Alarm {
-    async fn handle(&mut self, fired: ReminderFired, _: &mut GrainContext) {
+    async fn handle(&mut self, fired: ReminderFired, ctx: &mut GrainContext) {
         assert_eq!(fired.name, "wake");
         if let Some(state) = &mut self.fired {
             *state.get_mut() += 1;
             let _ = state.write().await;
+        }
+        if let (GrainKey::Str(key), Some(pulse)) = (&ctx.id().key, ctx.service::<Pulse>()) {
+            pulse.beat(key);
+        }
+    }
+}
+
+/// The fires `Alarm`s handled on one silo, by key, to wait on.
+#[derive(Default)]
+struct Pulse {
+    beats: Mutex<HashMap<String, u32>>,
+    changed: Notify,
+}
+
+impl Pulse {
+    fn beat(&self, key: &str) {
+        *self
+            .beats
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default() += 1;
+        self.changed.notify_waiters();
+    }
+
+    fn beats(&self, key: &str) -> u32 {
+        self.beats.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    /// Waits until `done` holds, checked at every fire, at most 20 s.
+    async fn wait_until(&self, what: &str, mut done: impl FnMut(&Pulse) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("waited 20 s for {what}");
+            }
         }
     }
 }
@@ -89,6 +131,7 @@ fn silo(storage: Arc<dyn StorageProvider>, idle: Duration) -> Silo {
         .register::<Alarm>("alarm")
         .register::<Plain>("plain")
         .remindable::<Alarm>()
+        .service(Arc::new(Pulse::default()))
         .storage(storage)
         .config(SiloConfig {
             idle_timeout: idle,
@@ -98,31 +141,51 @@ fn silo(storage: Arc<dyn StorageProvider>, idle: Duration) -> Silo {
         .unwrap()
 }
 
+fn pulse(silo: &Silo) -> Arc<Pulse> {
+    silo.service::<Pulse>().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reminder_fires_while_its_grain_is_deactivated() {
+    // Idle for 60 ms, woken every 150 ms: the grain is deactivated between
+    // fires, and each fire activates it again.
     let silo = silo(Arc::new(MemoryStorage::new()), Duration::from_millis(60));
+    let pulse = pulse(&silo);
     let alarm = silo.grain::<Alarm>("a");
-    alarm
-        .call(Set(Some(Duration::from_millis(150))))
+    let period = Duration::from_millis(150);
+    let registered = std::time::Instant::now();
+    alarm.call(Set(Some(period))).await.unwrap().unwrap();
+    pulse
+        .wait_until("3 fires, reactivating the grain", |pulse| {
+            pulse.beats("a") >= 3 && silo.activations_started() >= 3
+        })
+        .await;
+    // Never ahead of time: at most one fire per period elapsed.
+    let fired = pulse.beats("a");
+    let periods = registered.elapsed().as_millis() / period.as_millis();
+    assert!(
+        u128::from(fired) <= periods,
+        "{fired} fires in {periods} periods"
+    );
+    // The count the grain kept in its state, across its activations.
+    assert!(alarm.call(Fired).await.unwrap() >= 3);
+
+    alarm.call(Set(None)).await.unwrap().unwrap();
+    let stopped = pulse.beats("a");
+    // Another grain's reminder, first due after three periods: once it has
+    // fired, the removed one has had time to fire three times.
+    silo.grain::<Alarm>("sentinel")
+        .call(Set(Some(period * 3)))
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let fired = alarm.call(Fired).await.unwrap();
+    pulse
+        .wait_until("the sentinel", |pulse| pulse.beats("sentinel") >= 1)
+        .await;
     assert!(
-        (3..=5).contains(&fired),
-        "{fired} reminders in 700 ms at 150 ms"
-    );
-    assert!(
-        silo.activations_started() >= 3,
-        "each reminder reactivated the idle grain"
-    );
-    alarm.call(Set(None)).await.unwrap().unwrap();
-    let stopped = alarm.call(Fired).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(
-        alarm.call(Fired).await.unwrap() <= stopped + 1,
-        "unregistered"
+        pulse.beats("a") <= stopped + 1,
+        "unregistered, yet fired {} times more",
+        pulse.beats("a") - stopped
     );
     silo.shutdown().await;
 }
@@ -144,7 +207,9 @@ async fn a_reminder_survives_a_silo_restart_with_redb() {
     // A new silo on the same file: nobody calls the grain, yet it is woken.
     let storage = Arc::new(RedbStorage::open(&path).unwrap());
     let restarted = silo(storage, Duration::from_secs(60));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    pulse(&restarted)
+        .wait_until("two fires after the restart", |pulse| pulse.beats("b") >= 2)
+        .await;
     assert!(
         restarted.activations_started() >= 1,
         "the reminder activated it"
@@ -202,10 +267,15 @@ async fn a_reminder_survives_a_silo_restart_with_postgres() {
         }
         let storage = Arc::new(granary_actors::PostgresStorage::connect(url).await.unwrap());
         let restarted = silo(storage, Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        pulse(&restarted)
+            .wait_until("two fires after the restart", |pulse| {
+                pulse.beats(&key) >= 2
+            })
+            .await;
         let alarm = restarted.grain::<Alarm>(key.as_str());
         assert!(alarm.call(Fired).await.unwrap() >= 2);
-        // Leave the shared reminder record as it was found.
+        // Leave the shared reminder table as it was found (the grain's
+        // state row stays, as it always has).
         alarm.call(Set(None)).await.unwrap().unwrap();
         restarted.shutdown().await;
     }

@@ -137,20 +137,20 @@ impl SqliteStorage {
 
 /// Takes the next ETag from the counter in `meta`, within a transaction.
 fn take_etag(txn: &rusqlite::Transaction<'_>) -> Result<i64, StorageError> {
+    // Cached statements: a batch takes one per row.
     let next: i64 = txn
-        .query_row(
-            "SELECT value FROM meta WHERE name = 'next_etag'",
-            [],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT value FROM meta WHERE name = 'next_etag'")
+        .map_err(backend)?
+        .query_row([], |row| row.get(0))
         .optional()
         .map_err(backend)?
         .unwrap_or(1);
-    txn.execute(
+    txn.prepare_cached(
         "INSERT INTO meta (name, value) VALUES ('next_etag', ?1)
          ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        params![next + 1],
     )
+    .map_err(backend)?
+    .execute(params![next + 1])
     .map_err(backend)?;
     Ok(next)
 }
@@ -263,6 +263,25 @@ impl RowKey {
     }
 }
 
+/// The ETag of a reminder row, if it exists, within a transaction.
+fn stored_reminder_etag(
+    txn: &rusqlite::Transaction<'_>,
+    row: &RowKey,
+) -> Result<Option<ETag>, StorageError> {
+    txn.prepare_cached(
+        "SELECT etag FROM granary_reminders
+         WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+    )
+    .map_err(backend)?
+    .query_row(params![row.grain.type_name, row.key, row.name], |stored| {
+        stored.get::<_, i64>(0)
+    })
+    .optional()
+    .map_err(backend)?
+    .map(etag_of)
+    .transpose()
+}
+
 /// Writes a reminder row unconditionally within a transaction.
 fn upsert_in(
     txn: &rusqlite::Transaction<'_>,
@@ -272,22 +291,23 @@ fn upsert_in(
 ) -> Result<ETag, StorageError> {
     let (period_ms, next_due_ms) = (ms_to_sql(period_ms)?, ms_to_sql(next_due_ms)?);
     let etag = take_etag(txn)?;
-    txn.execute(
+    txn.prepare_cached(
         "INSERT INTO granary_reminders (grain_type, grain_key, name, period_ms, next_due_ms, etag)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (grain_type, grain_key, name) DO UPDATE SET
              period_ms = excluded.period_ms,
              next_due_ms = excluded.next_due_ms,
              etag = excluded.etag",
-        params![
-            row.grain.type_name,
-            row.key,
-            row.name,
-            period_ms,
-            next_due_ms,
-            etag
-        ],
     )
+    .map_err(backend)?
+    .execute(params![
+        row.grain.type_name,
+        row.key,
+        row.name,
+        period_ms,
+        next_due_ms,
+        etag
+    ])
     .map_err(backend)?;
     etag_of(etag)
 }
@@ -301,24 +321,21 @@ fn update_in(
     expected: ETag,
 ) -> Result<ETag, StorageError> {
     let next_due_ms = ms_to_sql(next_due_ms)?;
-    let stored = txn
-        .query_row(
-            "SELECT etag FROM granary_reminders
-             WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
-            params![row.grain.type_name, row.key, row.name],
-            |stored| stored.get::<_, i64>(0),
-        )
-        .optional()
-        .map_err(backend)?
-        .map(etag_of)
-        .transpose()?;
+    let stored = stored_reminder_etag(txn, row)?;
     StorageError::unless_current(&row.grain, Some(expected), stored)?;
     let etag = take_etag(txn)?;
-    txn.execute(
+    txn.prepare_cached(
         "UPDATE granary_reminders SET next_due_ms = ?4, etag = ?5
          WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
-        params![row.grain.type_name, row.key, row.name, next_due_ms, etag],
     )
+    .map_err(backend)?
+    .execute(params![
+        row.grain.type_name,
+        row.key,
+        row.name,
+        next_due_ms,
+        etag
+    ])
     .map_err(backend)?;
     etag_of(etag)
 }
@@ -405,17 +422,7 @@ impl ReminderTable for SqliteStorage {
         let row = RowKey::new(grain, name);
         self.write_txn(move |txn| {
             let row = row?;
-            let stored = txn
-                .query_row(
-                    "SELECT etag FROM granary_reminders
-                     WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
-                    params![row.grain.type_name, row.key, row.name],
-                    |stored| stored.get::<_, i64>(0),
-                )
-                .optional()
-                .map_err(backend)?
-                .map(etag_of)
-                .transpose()?;
+            let stored = stored_reminder_etag(txn, &row)?;
             if stored.is_some() {
                 txn.execute(
                     "DELETE FROM granary_reminders

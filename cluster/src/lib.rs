@@ -41,6 +41,13 @@ pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
+/// Gossip transports for [`NodeBuilder::start`]: UDP for real clusters,
+/// chitchat's in-process channels for tests, so that starting a node needs
+/// no dependency on chitchat of its own.
+pub mod gossip {
+    pub use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
+}
+
 pub use auth::{ClusterSecret, WeakSecret};
 pub use connection::{
     CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, Outgoing,

@@ -47,7 +47,52 @@ impl Default for SiloConfig {
     }
 }
 
-/// Builds a [`Silo`].
+/// Builds a [`Silo`]: grain types under stable names, the messages that
+/// may travel between silos, services, storage and settings. Mistakes in
+/// registration are refused by `build`, not at the first call.
+///
+/// ```
+/// use std::sync::Arc;
+/// use granary_actors::{
+///     Grain, GrainContext, GrainKey, Handler, MemoryStorage, Message, Silo, SiloConfig, SiloError,
+/// };
+/// use serde::{Deserialize, Serialize};
+///
+/// struct Account(i64);
+/// impl Grain for Account {
+///     fn new(_: &GrainKey) -> Account {
+///         Account(0)
+///     }
+/// }
+/// #[derive(Serialize, Deserialize)]
+/// struct Deposit(i64);
+/// impl Message for Deposit {
+///     type Reply = i64;
+/// }
+/// impl Handler<Deposit> for Account {
+///     async fn handle(&mut self, Deposit(n): Deposit, _: &mut GrainContext) -> i64 {
+///         self.0 += n;
+///         self.0
+///     }
+/// }
+///
+/// let silo = Silo::builder()
+///     .register::<Account>("account")
+///     .message::<Account, Deposit>("deposit") // by name, from other silos
+///     .storage(Arc::new(MemoryStorage::new()))
+///     .config(SiloConfig::default())
+///     .build()?;
+/// assert_eq!(silo.grain_type_name::<Account>(), Some("account"));
+///
+/// // A name registered twice is refused when the silo is built.
+/// let twice = Silo::builder()
+///     .register::<Account>("account")
+///     .message::<Account, Deposit>("deposit")
+///     .message::<Account, Deposit>("deposit")
+///     .build();
+/// assert!(matches!(twice, Err(SiloError::DuplicateMessage { .. })));
+/// # Ok::<(), SiloError>(())
+/// ```
 pub struct SiloBuilder {
     types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
     names: HashMap<String, TypeId>,

@@ -24,7 +24,48 @@ use crate::mailbox::{self, SendError, TrySendError};
 use crate::route::{Delivered, HomeLease, Kind, Outbound, Router};
 
 /// A reference to a grain: cheap to clone, valid whether or not the grain
-/// is active.
+/// is active. The same type on a lone silo and on a cluster node's silo,
+/// where it reaches the grain wherever it lives (rule 12).
+///
+/// ```
+/// use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, ReadHandler, Silo};
+///
+/// struct Counter(u64);
+/// impl Grain for Counter {
+///     fn new(_: &GrainKey) -> Counter {
+///         Counter(0)
+///     }
+/// }
+/// struct Add(u64);
+/// impl Message for Add {
+///     type Reply = u64;
+/// }
+/// impl Handler<Add> for Counter {
+///     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+///         self.0 += n;
+///         self.0
+///     }
+/// }
+/// struct Get;
+/// impl Message for Get {
+///     type Reply = u64;
+/// }
+/// impl ReadHandler<Get> for Counter {
+///     async fn handle_read(&self, _: Get, _: &GrainContext) -> u64 {
+///         self.0
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let silo = Silo::builder().register::<Counter>("counter").build()?;
+/// let counter = silo.grain::<Counter>("apples");
+/// assert_eq!(counter.call(Add(2)).await?, 2); // activated by its first message
+/// counter.tell(Add(3)).await?; // returns once the mailbox took it
+/// assert_eq!(counter.read(Get).await?, 5); // reads interleave with each other
+/// silo.shutdown().await;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
 pub struct GrainRef<G> {
     pub(super) silo: Silo,
     key: GrainKey,

@@ -175,6 +175,66 @@ struct Inner {
 }
 
 /// A silo in a cluster. Cheap to clone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+/// use granary_cluster::{gossip::ChannelTransport, ClusterNode, ClusterSecret, InProcessNetwork, NodeConfig};
+/// use serde::{Deserialize, Serialize};
+///
+/// struct Counter(u64);
+/// impl Grain for Counter {
+///     fn new(_: &GrainKey) -> Counter {
+///         Counter(0)
+///     }
+/// }
+/// #[derive(Serialize, Deserialize)]
+/// struct Add(u64);
+/// impl Message for Add {
+///     type Reply = u64;
+/// }
+/// impl Handler<Add> for Counter {
+///     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+///         self.0 += n;
+///         self.0
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+/// // Two silos in this process, over an in-process network (TCP and UDP
+/// // gossip in production: `TcpTransport`, `gossip::UdpTransport`).
+/// let network = InProcessNetwork::new();
+/// let gossip = ChannelTransport::default();
+/// let secret = ClusterSecret::new(*b"sixteen or more bytes, shared")?;
+/// let mut nodes = Vec::new();
+/// for n in 1..=2u16 {
+///     let silo = Silo::builder()
+///         .register::<Counter>("counter")
+///         .message::<Counter, Add>("add")
+///         .build()?;
+///     let listen = format!("silo-{n}:7000");
+///     let address = std::net::SocketAddr::from(([127, 0, 0, 1], 47_000 + n));
+///     let seed = "127.0.0.1:47001".to_string();
+///     let config = NodeConfig::new("docs", secret.clone(), listen.clone(), address, vec![seed]);
+///     let node = ClusterNode::builder(silo, config)
+///         .transport(Arc::new(network.transport(&listen)))
+///         .start(&gossip)
+///         .await?;
+///     nodes.push(node);
+/// }
+/// while nodes.iter().any(|node| node.members().len() < 2) {
+///     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// }
+/// // The same grain from either silo: one activation, wherever it lives.
+/// assert_eq!(nodes[0].grain::<Counter>(7u64).call(Add(1)).await?, 1);
+/// assert_eq!(nodes[1].grain::<Counter>(7u64).call(Add(1)).await?, 2);
+/// assert_eq!(nodes[0].homes() + nodes[1].homes(), 1);
+/// for node in &nodes {
+///     node.leave().await?;
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct ClusterNode {
     inner: Arc<Inner>,

@@ -36,6 +36,7 @@ pub mod etcd;
 pub mod membership;
 pub mod node;
 pub mod placement;
+pub mod provider;
 pub mod transport;
 pub mod wire;
 
@@ -60,6 +61,7 @@ pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
     PlacementStrategy, PreferLocal, RandomPlacement,
 };
+pub use provider::MembershipProvider;
 pub use transport::{InProcessNetwork, InProcessTransport, Listener, TcpTransport, Transport};
 pub use wire::RemoteError;
 

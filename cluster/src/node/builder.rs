@@ -9,7 +9,6 @@ use granary_actors::Silo;
 use granary_gpu::GpuBridge;
 
 use super::directory_client::DirectoryBackend;
-use super::peers::Provider;
 use super::serve::{NodeParts, claim};
 use super::{ClusterNode, NodeConfig, NodeError};
 use crate::SiloId;
@@ -84,7 +83,7 @@ impl NodeBuilder {
             .serve(
                 listener,
                 id,
-                Provider::Gossip(Box::new(membership)),
+                Box::new(membership),
                 DirectoryBackend::Partitioned,
                 None,
             )
@@ -109,10 +108,7 @@ impl NodeBuilder {
             .serve(
                 listener,
                 id,
-                Provider::Etcd {
-                    membership: Box::new(membership),
-                    published: None,
-                },
+                Box::new(crate::provider::EtcdProvider::new(membership)),
                 directory,
                 Some(holds_lease),
             )

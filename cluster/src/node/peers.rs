@@ -1,6 +1,6 @@
 //! The node's peers: the connection to each (opened on demand, closed
 //! when the node stops; rule 4 of the protocol in `node/mod.rs`), the
-//! membership provider the view comes from (gossip or etcd), and the
+//! membership provider the view comes from (`provider.rs`), and the
 //! load published to it (rule 5).
 
 use std::sync::atomic::Ordering;
@@ -10,79 +10,11 @@ use super::serve::NodeInbound;
 use super::{ClusterCallError, ClusterNode, Inner};
 use crate::SiloId;
 use crate::connection::{self, Connection};
-use crate::membership::{DeviceLoad, Member, Membership, MembershipError, SiloLoad};
+use crate::membership::{DeviceLoad, SiloLoad};
 use crate::wire::RemoteError;
 
-/// Where the view comes from.
-pub(super) enum Provider {
-    /// Gossip (chitchat), the embedded default.
-    Gossip(Box<Membership>),
-    /// Leases and watches in etcd.
-    #[cfg(feature = "etcd")]
-    Etcd {
-        membership: Box<crate::etcd::EtcdMembership>,
-        /// The load last written, so an unchanged load is not written again.
-        published: Option<SiloLoad>,
-    },
-}
-
-impl Provider {
-    pub(super) fn members(&self) -> Vec<Member> {
-        match self {
-            Provider::Gossip(membership) => membership.members(),
-            #[cfg(feature = "etcd")]
-            Provider::Etcd { membership, .. } => membership.members(),
-        }
-    }
-
-    pub(super) fn watch(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
-        match self {
-            Provider::Gossip(membership) => membership.watch(),
-            #[cfg(feature = "etcd")]
-            Provider::Etcd { membership, .. } => membership.watch(),
-        }
-    }
-
-    pub(super) async fn publish_load(&mut self, load: &SiloLoad) {
-        match self {
-            Provider::Gossip(membership) => membership.publish_load(load).await,
-            #[cfg(feature = "etcd")]
-            Provider::Etcd {
-                membership,
-                published,
-            } => {
-                if published.as_ref() != Some(load) {
-                    match membership.publish_load(load.clone()).await {
-                        Ok(()) => *published = Some(load.clone()),
-                        Err(err) => tracing::warn!(error = %err, "publishing load to etcd failed"),
-                    }
-                }
-            }
-        }
-    }
-
-    pub(super) async fn leave(self) -> Result<(), MembershipError> {
-        match self {
-            Provider::Gossip(membership) => membership.leave().await,
-            #[cfg(feature = "etcd")]
-            Provider::Etcd { membership, .. } => membership
-                .leave()
-                .await
-                .map_err(|err| MembershipError::Stop(err.to_string())),
-        }
-    }
-
-    pub(super) async fn stop(self) -> Result<(), MembershipError> {
-        match self {
-            Provider::Gossip(membership) => membership.stop().await,
-            #[cfg(feature = "etcd")]
-            Provider::Etcd { membership, .. } => {
-                membership.stop();
-                Ok(())
-            }
-        }
-    }
-}
+/// Where the view comes from: gossip or etcd (`provider.rs`).
+pub(super) type Provider = Box<dyn crate::provider::MembershipProvider>;
 
 impl ClusterNode {
     /// The open connection to `peer`, opened if needed.

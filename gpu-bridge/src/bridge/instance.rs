@@ -569,6 +569,29 @@ impl KernelInstance {
         }
     }
 
+    /// Rule 5: fails the pending requests whose sequence is below
+    /// `cutoff`, staged or sent; later ones keep their slots and stay
+    /// staged. (Failing those too would fail a request the hung kernel
+    /// never saw: one sent the moment an earlier caller got its
+    /// `DeviceHung`.)
+    fn fail_registered_before(&self, cutoff: u64, error: &ExecuteError) {
+        let before = |request_id: u64| request_id >> INDEX_BITS < cutoff;
+        let kept: Vec<Staged> = std::iter::from_fn(|| self.staging.pop())
+            .filter(|staged| !before(staged.request_id))
+            .collect();
+        for staged in kept {
+            if let Err(staged) = self.staging.push(staged) {
+                self.finish(staged.request_id, Err(self.unavailable()));
+            }
+        }
+        for slot in self.slots.iter() {
+            let request_id = lock(slot).as_ref().map(|pending| pending.request_id);
+            if let Some(request_id) = request_id.filter(|&id| before(id)) {
+                self.finish(request_id, Err(error.clone()));
+            }
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.config.kernel.capacity as usize - self.permits.available_permits()
     }
@@ -667,15 +690,22 @@ impl KernelInstance {
         .increment(1);
         let mut flusher = lock(&self.flusher);
         flusher.submitter = None;
+        // Only requests registered before the lock was taken can have been
+        // sent to the hung kernel: sending takes the lock, held from here
+        // until the relaunch. Later ones stay staged for the fresh kernel.
+        let cutoff = self.next_sequence.load(Ordering::Relaxed);
         let report = kernel.stop(StopMode::Abandon, Duration::from_millis(100));
         for completion in report.completions {
             self.dispatch(completion);
         }
-        self.fail_all(&ExecuteError::DeviceHung {
-            kernel: self.spec.id,
-            backend: self.backend,
-            device: self.device_index,
-        });
+        self.fail_registered_before(
+            cutoff,
+            &ExecuteError::DeviceHung {
+                kernel: self.spec.id,
+                backend: self.backend,
+                device: self.device_index,
+            },
+        );
         if !self.relaunch(&mut flusher, kernel, launcher, report.exited) {
             tracing::error!(
                 kernel = self.spec.id,

@@ -4,15 +4,66 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{SLOW, STALL, STALL_FOR, STALL_ON, f32s, from_f32s};
 use granary_gpu::{BridgeConfig, BuildError, ExecuteError, GpuBridge, StopMode};
 use granary_kernels::shipped::{self, DOUBLE, MATMUL, SAXPY, VECTOR_ADD};
-use granary_kernels::{CpuBackend, DeviceInfo, KernelConfig, Status, host_device};
+use granary_kernels::{
+    CpuBackend, DeviceInfo, ElementType, KernelConfig, KernelSpec, Shape, Status, host_device,
+};
 
 fn bridge() -> GpuBridge {
     GpuBridge::builder().kernels(shipped::ALL).build().unwrap()
+}
+
+/// The gates [`GATED`] requests wait on: one per test that uses them, as
+/// the tests of this binary run at once.
+static GATES: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+const FULL_RINGS_GATE: f32 = 0.0;
+const DRAIN_GATE: f32 = 1.0;
+const ABANDON_GATE: f32 = 2.0;
+
+/// `[gate, millis]`: waits until gate `gate` of [`GATES`] is open, then
+/// sleeps `millis` ms, and echoes the request. A kernel that holds its
+/// requests until the test lets them go, so that a test can fill a queue
+/// and know it stays full, however the threads are scheduled.
+const GATED: KernelSpec = KernelSpec {
+    id: "gated",
+    version: 1,
+    request: Shape::exactly(ElementType::F32, 2),
+    response: Shape::exactly(ElementType::F32, 2),
+    batch_request: Shape::exactly(ElementType::F32, 2),
+    output_len: |_| Ok(8),
+    opencl_c: None,
+    cuda_c: None,
+    cpu: Some(gated),
+};
+
+fn gated(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
+    let [gate, millis] = from_f32s(request)[..] else {
+        return Err(Status::BadLength);
+    };
+    while !GATES[gate as usize].load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(millis as u64));
+    response[..8].copy_from_slice(request);
+    Ok(8)
+}
+
+/// Waits until `bridge`'s only device has `depth` requests in flight
+/// (bounded only so that a broken bridge fails rather than hangs).
+async fn in_flight(bridge: &GpuBridge, depth: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bridge.devices().pop().unwrap().2.queue_depth < depth {
+        assert!(
+            Instant::now() < deadline,
+            "{depth} requests never in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +233,7 @@ fn invalid_configurations_and_duplicate_kernels_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_rings_make_callers_wait_then_fail_overloaded() {
     let bridge = GpuBridge::builder()
-        .kernel(SLOW)
+        .kernel(GATED)
         .config(BridgeConfig {
             kernel: KernelConfig {
                 capacity: 2,
@@ -195,32 +246,42 @@ async fn full_rings_make_callers_wait_then_fail_overloaded() {
         })
         .build()
         .unwrap();
-    // Two slow requests take both slots.
+    // Two held requests take both slots, and keep them until the gate
+    // opens.
+    let held = f32s(&[FULL_RINGS_GATE, 0.0]);
     let busy: Vec<_> = (0..2)
         .map(|_| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move { bridge.execute("slow", &f32s(&[400.0])).await })
+            let (bridge, held) = (bridge.clone(), held.clone());
+            tokio::spawn(async move { bridge.execute("gated", &held).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    in_flight(&bridge, 2).await;
     let started = Instant::now();
-    match bridge.execute("slow", &f32s(&[0.0])).await {
+    match bridge.execute("gated", &held).await {
         Err(ExecuteError::Overloaded { waited, .. }) => {
             assert!(waited >= Duration::from_millis(50));
+            // No slot frees while the gate is shut, so getting an answer
+            // at all shows the wait is bounded; this only keeps it near
+            // the overload timeout, with room for a loaded machine.
             assert!(
-                started.elapsed() < Duration::from_millis(350),
-                "bounded wait"
+                started.elapsed() < Duration::from_secs(5),
+                "bounded wait: {:?}",
+                started.elapsed()
             );
         }
         other => panic!("expected Overloaded, got {other:?}"),
     }
+    GATES[FULL_RINGS_GATE as usize].store(true, Ordering::SeqCst);
     for call in busy {
-        assert_eq!(from_f32s(&call.await.unwrap().unwrap()), [400.0]);
+        assert_eq!(
+            from_f32s(&call.await.unwrap().unwrap()),
+            [FULL_RINGS_GATE, 0.0]
+        );
     }
     // Slots free again.
     assert_eq!(
-        from_f32s(&bridge.execute("slow", &f32s(&[1.0])).await.unwrap()),
-        [1.0]
+        from_f32s(&bridge.execute("gated", &held).await.unwrap()),
+        [FULL_RINGS_GATE, 0.0]
     );
 }
 
@@ -251,7 +312,10 @@ async fn a_stalled_kernel_fails_pending_requests_with_device_hung_and_is_relaunc
     // The stalling request is in flight before the next one is sent.
     let deadline = Instant::now() + Duration::from_secs(30);
     while bridge.devices().pop().unwrap().2.queue_depth == 0 {
-        assert!(Instant::now() < deadline, "the stalling request never started");
+        assert!(
+            Instant::now() < deadline,
+            "the stalling request never started"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let queued = {
@@ -277,9 +341,16 @@ async fn a_stalled_kernel_fails_pending_requests_with_device_hung_and_is_relaunc
     bridge.shutdown(StopMode::Drain).await;
 }
 
-async fn shutdown_with_requests_in_flight(mode: StopMode) -> (usize, usize) {
+/// Forty requests in flight, each `millis` ms once `gate` opens, and a
+/// shutdown in `mode` that begins while all forty are: the kernel holds the
+/// first until the shutdown has been asked for.
+async fn shutdown_with_requests_in_flight(
+    mode: StopMode,
+    gate: f32,
+    millis: f32,
+) -> (usize, usize) {
     let bridge = GpuBridge::builder()
-        .kernel(SLOW)
+        .kernel(GATED)
         .config(BridgeConfig {
             kernel: KernelConfig {
                 capacity: 64,
@@ -290,24 +361,32 @@ async fn shutdown_with_requests_in_flight(mode: StopMode) -> (usize, usize) {
         })
         .build()
         .unwrap();
+    let input = f32s(&[gate, millis]);
     let calls: Vec<_> = (0..40)
         .map(|_| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move { bridge.execute("slow", &f32s(&[5.0])).await })
+            let (bridge, input) = (bridge.clone(), input.clone());
+            tokio::spawn(async move { bridge.execute("gated", &input).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Every call is staged (none can be answered before the gate opens).
+    in_flight(&bridge, 40).await;
     let started = Instant::now();
-    bridge.shutdown(mode).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "shutdown does not hang"
-    );
+    let shutdown = {
+        let bridge = bridge.clone();
+        tokio::spawn(async move { bridge.shutdown(mode).await })
+    };
+    GATES[gate as usize].store(true, Ordering::SeqCst);
+    // Bounded only so that a shutdown that hangs fails rather than hangs.
+    tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .expect("shutdown does not hang")
+        .unwrap();
+    eprintln!("shut down ({mode:?}) in {:?}", started.elapsed());
     let (mut answered, mut shut_down) = (0, 0);
     for call in calls {
-        match tokio::time::timeout(Duration::from_secs(5), call).await {
+        match tokio::time::timeout(Duration::from_secs(30), call).await {
             Ok(Ok(Ok(output))) => {
-                assert_eq!(from_f32s(&output), [5.0]);
+                assert_eq!(from_f32s(&output), [gate, millis]);
                 answered += 1;
             }
             Ok(Ok(Err(ExecuteError::ShutDown))) => shut_down += 1,
@@ -321,7 +400,8 @@ async fn shutdown_with_requests_in_flight(mode: StopMode) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight() {
-    let (answered, shut_down) = shutdown_with_requests_in_flight(StopMode::Drain).await;
+    let (answered, shut_down) =
+        shutdown_with_requests_in_flight(StopMode::Drain, DRAIN_GATE, 5.0).await;
     // Every call was staged before the shutdown began, so every one is
     // answered.
     assert_eq!((answered, shut_down), (40, 0));
@@ -329,7 +409,10 @@ async fn shutdown_drains_requests_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_abandons_requests_in_flight_with_a_clear_error() {
-    let (answered, shut_down) = shutdown_with_requests_in_flight(StopMode::Abandon).await;
+    // 50 ms a request: the 39 behind the held one would take two seconds,
+    // far longer than the kernel takes to see the stop.
+    let (answered, shut_down) =
+        shutdown_with_requests_in_flight(StopMode::Abandon, ABANDON_GATE, 50.0).await;
     assert_eq!(answered + shut_down, 40);
     assert!(shut_down > 0, "abandoned requests fail with ShutDown");
 }

@@ -458,9 +458,12 @@ fn dropping_a_kernel_with_full_rings(backend: &Arc<CudaBackend>) -> Outcome {
         ..spin()
     };
     let kernel = launch(backend, DOUBLE, config)?;
-    let deadline = Instant::now() + Duration::from_millis(200);
+    // Both rings hold 64: submit until 128 are in, however long the kernel
+    // takes to fill the response ring (bounded only so that a kernel that
+    // never takes them fails rather than hangs).
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut submitted = 0u64;
-    while Instant::now() < deadline {
+    while submitted < 128 && Instant::now() < deadline {
         if kernel.submit(submitted, f32_bytes(&[1.0])).is_ok() {
             submitted += 1;
         }

@@ -4,6 +4,7 @@
 //! senders. Each found a defect in review.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,18 @@ impl Handler<Nap> for Rec {
     }
 }
 
+/// A [`Nap`] that says when its turn has begun.
+struct Busy(Arc<AtomicBool>, Duration);
+impl Message for Busy {
+    type Reply = ();
+}
+impl Handler<Busy> for Rec {
+    async fn handle(&mut self, Busy(started, d): Busy, _: &mut GrainContext) {
+        started.store(true, Ordering::SeqCst);
+        tokio::time::sleep(d).await;
+    }
+}
+
 fn silo(config: SiloConfig, log: Arc<Log>) -> Silo {
     Silo::builder()
         .register::<Rec>("rec")
@@ -79,9 +92,17 @@ fn a_parked_sender_times_out_after_another_runtime_parked_first() {
     );
     let grain = silo.grain::<Rec>("k");
     main.block_on(async {
-        let busy = grain.clone();
-        tokio::spawn(async move { busy.call(Nap(Duration::from_secs(10))).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A ten-second turn under way (told, so it runs however late it
+        // starts), then one message in the one slot: nothing parked on this
+        // runtime yet.
+        let started = Arc::new(AtomicBool::new(false));
+        let turn = Busy(started.clone(), Duration::from_secs(10));
+        grain.tell(turn).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !started.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the busy turn never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         grain.tell(Nap(Duration::ZERO)).await.unwrap(); // fills the one slot
     });
     // A short-lived runtime (sync code calling into the silo) parks a
@@ -97,6 +118,10 @@ fn a_parked_sender_times_out_after_another_runtime_parked_first() {
                     .await;
         });
     }
+    // Room comes only when the ten-second turn ends: a sender that nothing
+    // times out waits that long, well past the 3 s bound here. One that
+    // times out waits at least the call timeout; the 3 s leave a loaded
+    // machine room above it.
     let outcome = main.block_on(async {
         let started = Instant::now();
         let sent =
@@ -105,7 +130,7 @@ fn a_parked_sender_times_out_after_another_runtime_parked_first() {
     });
     assert!(
         matches!(outcome.0, Ok(Err(CallError::Timeout { .. })))
-            && outcome.1 < Duration::from_secs(1),
+            && outcome.1 >= Duration::from_millis(300),
         "a sender waiting for room must time out after the call timeout (300 ms); got {:?} after {:?}",
         outcome.0.map(|r| r.map_err(|e| e.to_string())),
         outcome.1

@@ -2,11 +2,17 @@
 //! `GrainContext::call`, which lends A to its own call chain while it
 //! waits. Messages of other chains wait their turn.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use granary_actors::{
     CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo, SiloConfig,
 };
+use tokio::sync::watch;
 
 /// A node with a value; `Relay` walks a path of nodes and sums values.
 struct Node {
@@ -28,13 +34,46 @@ impl Grain for Node {
     }
 }
 
+/// Where a relay's path ends, it holds until the test opens the gate.
+#[derive(Clone)]
+struct Hold {
+    arrived: Arc<AtomicBool>,
+    open: watch::Receiver<bool>,
+}
+
+fn hold() -> (Hold, watch::Sender<bool>) {
+    let (open, gate) = watch::channel(false);
+    let hold = Hold {
+        arrived: Arc::default(),
+        open: gate,
+    };
+    (hold, open)
+}
+
+/// Waits until `check` holds (bounded only so that a broken runtime fails
+/// rather than hangs).
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls `future` once. A call polled once is in the grain's mailbox when
+/// the grain is active and its mailbox has room: sending does not wait
+/// then.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+}
+
 /// Visit the nodes in `path` in turn; answers the sum of their values and
 /// this node's. `lend` chooses `GrainContext::call` (reentrant) or a plain
 /// `GrainRef::call`.
 struct Relay {
     path: Vec<u64>,
     lend: bool,
-    pause: Duration,
+    hold: Option<Hold>,
 }
 
 impl Message for Relay {
@@ -46,14 +85,17 @@ impl Handler<Relay> for Node {
         self.seen.push("relay");
         let Some((&next, rest)) = relay.path.split_first() else {
             // The end of the path takes its time.
-            tokio::time::sleep(relay.pause).await;
+            if let Some(mut hold) = relay.hold {
+                hold.arrived.store(true, Ordering::SeqCst);
+                let _ = hold.open.wait_for(|open| *open).await;
+            }
             return Ok(self.value);
         };
         let target = ctx.silo().grain::<Node>(next);
         let onward = Relay {
             path: rest.to_vec(),
             lend: relay.lend,
-            pause: relay.pause,
+            hold: relay.hold,
         };
         let below = if relay.lend {
             ctx.call(self, &target, onward).await??
@@ -93,7 +135,7 @@ async fn a_calls_b_calls_a_completes() {
     let relay = Relay {
         path: vec![2, 1],
         lend: true,
-        pause: Duration::ZERO,
+        hold: None,
     };
     // A (1) → B (2) → A (1): 1 + 2 + 1.
     assert_eq!(a.call(relay).await.unwrap(), Ok(4));
@@ -101,7 +143,7 @@ async fn a_calls_b_calls_a_completes() {
     let relay = Relay {
         path: vec![2, 3, 1, 2],
         lend: true,
-        pause: Duration::ZERO,
+        hold: None,
     };
     assert_eq!(a.call(relay).await.unwrap(), Ok(1 + 2 + 3 + 1 + 2));
     silo.shutdown().await;
@@ -109,46 +151,45 @@ async fn a_calls_b_calls_a_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_chains_wait_for_the_turn_and_keep_their_order() {
-    let silo = silo(Duration::from_secs(5));
+    let silo = silo(Duration::from_secs(30));
     let a = silo.grain::<Node>(1u64);
-    // A's turn waits 200 ms on B; meanwhile another caller sends A a relay
-    // and then asks what A has seen: both wait for A's turn, in order.
+    // A's turn waits on B, which holds until the gate opens; meanwhile
+    // another caller sends A a relay and then asks what A has seen: both
+    // wait for A's turn, in order.
+    let (hold, open) = hold();
     let chain = {
-        let a = a.clone();
+        let (a, hold) = (a.clone(), hold.clone());
         tokio::spawn(async move {
             a.call(Relay {
                 path: vec![2],
                 lend: true,
-                pause: Duration::from_millis(200),
+                hold: Some(hold),
             })
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let sent = std::time::Instant::now();
-    let (other, seen) = {
-        let a = a.clone();
-        let other = a.call(Relay {
-            path: vec![],
-            lend: true,
-            pause: Duration::ZERO,
-        });
-        let b = a.clone();
-        let seen = async move {
-            // Sent after the relay, from the same task: runs after it.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            b.call(Seen).await
-        };
-        tokio::join!(other, seen)
-    };
-    assert_eq!(chain.await.unwrap().unwrap(), Ok(3));
-    assert_eq!(other.unwrap(), Ok(1));
+    until("A's turn reached B", || hold.arrived.load(Ordering::SeqCst)).await;
+    let mut other = Box::pin(a.call(Relay {
+        path: vec![],
+        lend: true,
+        hold: None,
+    }));
+    let mut seen = Box::pin(a.call(Seen));
+    // Each is in A's mailbox once polled: the relay, then the question.
+    assert!(poll_once(&mut other).await.is_pending());
+    assert!(poll_once(&mut seen).await.is_pending());
+    // A while for a runtime that wrongly lets another chain in during A's
+    // turn to do so (a correct one cannot fail here, however slow).
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
-        sent.elapsed() >= Duration::from_millis(120),
+        poll_once(&mut other).await.is_pending(),
         "the other chain's message waited for A's turn"
     );
+    open.send_replace(true);
+    assert_eq!(chain.await.unwrap().unwrap(), Ok(3));
+    assert_eq!(other.await.unwrap(), Ok(1));
     // A finished its own chain's relay before the others ran.
-    assert_eq!(seen.unwrap(), ["relay", "relay", "seen"]);
+    assert_eq!(seen.await.unwrap(), ["relay", "relay", "seen"]);
     silo.shutdown().await;
 }
 
@@ -162,7 +203,7 @@ async fn a_plain_call_back_into_a_busy_grain_times_out_instead_of_hanging() {
         .call(Relay {
             path: vec![2, 1],
             lend: false,
-            pause: Duration::ZERO,
+            hold: None,
         })
         .await;
     assert!(
@@ -183,35 +224,43 @@ async fn a_plain_call_back_into_a_busy_grain_times_out_instead_of_hanging() {
 // runs during the turn's reentrant wait, as one arriving later does. Found
 // in review: the batch had hidden it from the wait.
 mod queued_before_the_wait {
-    use std::time::Duration;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
 
     use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+    use tokio::sync::watch;
 
     struct Gate {
         open: bool,
+        /// What the last `WaitOpen` found.
+        waited: Option<bool>,
     }
     impl Grain for Gate {
         fn new(_: &GrainKey) -> Gate {
-            Gate { open: false }
+            Gate {
+                open: false,
+                waited: None,
+            }
         }
     }
 
+    /// Waits, in reentrant calls, for `Open`; gives up after 10 s (a
+    /// correct runtime runs `Open` during the first wait).
     struct WaitOpen;
     impl Message for WaitOpen {
-        type Reply = bool;
+        type Reply = ();
     }
     impl Handler<WaitOpen> for Gate {
-        async fn handle(&mut self, _: WaitOpen, ctx: &mut GrainContext) -> bool {
+        async fn handle(&mut self, _: WaitOpen, ctx: &mut GrainContext) {
             let pinger = ctx.silo().grain::<Gate>("pinger");
-            for _ in 0..40 {
-                if self.open {
-                    return true;
-                }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.open && Instant::now() < deadline {
                 ctx.call(self, &pinger, Nap(Duration::from_millis(5)))
                     .await
                     .unwrap();
             }
-            false
+            self.waited = Some(self.open);
         }
     }
 
@@ -225,6 +274,16 @@ mod queued_before_the_wait {
         }
     }
 
+    struct Waited;
+    impl Message for Waited {
+        type Reply = Option<bool>;
+    }
+    impl Handler<Waited> for Gate {
+        async fn handle(&mut self, _: Waited, _: &mut GrainContext) -> Option<bool> {
+            self.waited
+        }
+    }
+
     struct Nap(Duration);
     impl Message for Nap {
         type Reply = ();
@@ -235,17 +294,32 @@ mod queued_before_the_wait {
         }
     }
 
-    /// One turn of the driver sends both messages, so they share its chain.
+    /// Holds the grain until `open` turns true; `started` says it began.
+    struct Hold {
+        started: Arc<AtomicBool>,
+        open: watch::Receiver<bool>,
+    }
+    impl Message for Hold {
+        type Reply = ();
+    }
+    impl Handler<Hold> for Gate {
+        async fn handle(&mut self, mut hold: Hold, _: &mut GrainContext) {
+            hold.started.store(true, Ordering::SeqCst);
+            let _ = hold.open.wait_for(|open| *open).await;
+        }
+    }
+
+    /// One turn of the driver sends both messages, so they share its
+    /// chain; it answers once `a`'s mailbox has taken both.
     struct Both;
     impl Message for Both {
-        type Reply = bool;
+        type Reply = ();
     }
     impl Handler<Both> for Gate {
-        async fn handle(&mut self, _: Both, ctx: &mut GrainContext) -> bool {
+        async fn handle(&mut self, _: Both, ctx: &mut GrainContext) {
             let a = ctx.silo().grain::<Gate>("a");
-            let (waited, opened) = tokio::join!(a.call(WaitOpen), a.call(Open));
-            opened.unwrap();
-            waited.unwrap()
+            a.tell(WaitOpen).await.unwrap();
+            a.tell(Open).await.unwrap();
         }
     }
 
@@ -254,12 +328,30 @@ mod queued_before_the_wait {
         let silo = Silo::builder().register::<Gate>("gate").build().unwrap();
         let a = silo.grain::<Gate>("a");
         // Keep `a` busy so that both messages are queued when it next looks.
-        let busy = tokio::spawn(async move { a.call(Nap(Duration::from_millis(100))).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let opened = silo.grain::<Gate>("driver").call(Both).await.unwrap();
+        let started = Arc::new(AtomicBool::new(false));
+        let (open, gate) = watch::channel(false);
+        let busy = {
+            let (a, started) = (a.clone(), started.clone());
+            tokio::spawn(async move {
+                a.call(Hold {
+                    started,
+                    open: gate,
+                })
+                .await
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !started.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the holding turn never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        silo.grain::<Gate>("driver").call(Both).await.unwrap();
+        open.send_replace(true);
         busy.await.unwrap().unwrap();
-        assert!(
-            opened,
+        // Asked from another chain: answered once WaitOpen's turn is over.
+        assert_eq!(
+            a.call(Waited).await.unwrap(),
+            Some(true),
             "Open (same chain, queued) never ran during WaitOpen's reentrant waits"
         );
         silo.shutdown().await;

@@ -100,16 +100,20 @@ async fn giving_up_on_a_reentrant_call_keeps_the_mailbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_constructor_fails_calls_promptly() {
-    let silo = silo(SiloConfig {
-        call_timeout: Duration::from_secs(2),
-        ..SiloConfig::default()
-    });
+    // The default 30 s call timeout: a call that waited it out would end
+    // in `Timeout`, not `TurnFailed`, and the bound below leaves a loaded
+    // machine room while still far short of it.
+    let silo = silo(SiloConfig::default());
     let started = Instant::now();
     assert!(matches!(
         silo.grain::<Node>("cursed").call(Count).await,
         Err(CallError::TurnFailed { .. })
     ));
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     // Other grains are fine.
     assert_eq!(silo.grain::<Node>("fine").call(Count).await.unwrap(), 1);
     silo.shutdown().await;
@@ -117,21 +121,27 @@ async fn a_panicking_constructor_fails_calls_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grain_calling_itself_while_deactivating_does_not_hang() {
+    // A call timeout that the calls after the deactivation keep to even on
+    // a loaded machine.
     let silo = silo(SiloConfig {
-        call_timeout: Duration::from_millis(200),
+        call_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_millis(50),
         ..SiloConfig::default()
     });
     let node = silo.grain::<Node>("selfish");
     assert_eq!(node.call(Count).await.unwrap(), 1);
-    // It deactivates when idle; its self-call times out; then it is gone.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(silo.live_activations(), 0);
+    // It deactivates when idle; its self-call times out; then it is gone
+    // (bounded only so that a hang fails rather than hangs the test).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while silo.live_activations() > 0 {
+        assert!(Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(node.call(Count).await.unwrap(), 1, "a new activation");
     let started = Instant::now();
     silo.shutdown().await;
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "shutdown returns"
     );
 }

@@ -71,6 +71,36 @@ impl Handler<Sleep> for Counter {
     }
 }
 
+/// Holds the turn until `open` turns true; `started` says it began.
+struct Hold {
+    started: Arc<std::sync::atomic::AtomicBool>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+impl Message for Hold {
+    type Reply = ();
+}
+impl Handler<Hold> for Counter {
+    async fn handle(&mut self, mut hold: Hold, _: &mut GrainContext) {
+        hold.started.store(true, Ordering::SeqCst);
+        let _ = hold.open.wait_for(|open| *open).await;
+    }
+}
+
+/// A [`Hold`] message, whether its turn has started, and its gate.
+fn hold() -> (
+    Hold,
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let message = Hold {
+        started: started.clone(),
+        open: gate,
+    };
+    (message, started, open)
+}
+
 struct Panic;
 impl Message for Panic {
     type Reply = ();
@@ -135,6 +165,16 @@ fn silo(config: SiloConfig, storage: Arc<dyn StorageProvider>) -> (Silo, Arc<Act
 
 fn activations(silo: &Silo) -> u64 {
     silo.activations_started()
+}
+
+/// Waits until `done` holds, polling; the bound only keeps a broken
+/// runtime from hanging the test.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +242,7 @@ async fn an_idle_grain_is_deactivated_and_reactivated_with_its_state() {
     let counter = silo.grain::<Counter>((9u64, "tenant"));
     assert_eq!(counter.call(Add(5)).await.unwrap(), 5);
     assert_eq!(silo.live_activations(), 1);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(silo.live_activations(), 0, "deactivated when idle");
+    eventually("deactivated when idle", || silo.live_activations() == 0).await;
     assert_eq!(counter.call(Get).await.unwrap(), 5, "state restored");
     assert_eq!(activations(&silo), 2);
     silo.shutdown().await;
@@ -220,7 +259,11 @@ async fn messages_racing_a_deactivation_are_never_lost() {
     let counter = silo.grain::<Counter>("flapping");
     for expected in 1..=200u64 {
         assert_eq!(counter.call(Add(1)).await.unwrap(), expected);
-        if expected % 3 == 0 {
+        if expected % 50 == 0 {
+            // Now and then a full deactivation, so that the check below
+            // never depends on how the pauses and idle checks line up.
+            eventually("deactivated", || silo.live_activations() == 0).await;
+        } else if expected % 3 == 0 {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     }
@@ -233,21 +276,26 @@ async fn messages_racing_a_deactivation_are_never_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_time_out_and_the_silo_keeps_serving() {
+    // Long enough that the calls after the timeout are not at risk on a
+    // loaded machine; the slow turn holds until the test lets it go, so
+    // the first call times out however long the timeout is.
+    let call_timeout = Duration::from_secs(1);
     let config = SiloConfig {
-        call_timeout: Duration::from_millis(100),
+        call_timeout,
         ..SiloConfig::default()
     };
     let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
     let counter = silo.grain::<Counter>("slow");
-    match counter.call(Sleep(Duration::from_millis(500))).await {
+    let (held, _, open) = hold();
+    match counter.call(held).await {
         Err(CallError::Timeout { grain, after }) => {
             assert_eq!(grain.type_name, "counter");
-            assert_eq!(after, Duration::from_millis(100));
+            assert_eq!(after, call_timeout);
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
     // The slow turn finishes, then the grain answers again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    open.send_replace(true);
     assert_eq!(counter.call(Add(1)).await.unwrap(), 1);
     silo.shutdown().await;
 }
@@ -282,11 +330,11 @@ async fn a_full_mailbox_makes_senders_wait_bounded_by_the_call_timeout() {
     };
     let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
     let counter = silo.grain::<Counter>("busy");
-    // One turn running, one message queued: the mailbox is full.
-    counter
-        .tell(Sleep(Duration::from_millis(600)))
-        .await
-        .unwrap();
+    // One turn running (held until the gate opens), one message queued:
+    // the mailbox is full, and stays full.
+    let (held, running, open) = hold();
+    counter.tell(held).await.unwrap();
+    eventually("the held turn started", || running.load(Ordering::SeqCst)).await;
     counter
         .tell(Sleep(Duration::from_millis(10)))
         .await
@@ -296,10 +344,13 @@ async fn a_full_mailbox_makes_senders_wait_bounded_by_the_call_timeout() {
         counter.tell(Add(1)).await,
         Err(CallError::Timeout { .. })
     ));
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "bounded wait"
-    );
+    // No room ever came, so the error shows that the wait is bounded; it
+    // took at least the call timeout, and (with room for a loaded machine)
+    // not much more.
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(150), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "bounded wait: {waited:?}");
+    open.send_replace(true);
     silo.shutdown().await;
 }
 
@@ -423,12 +474,7 @@ async fn idle_activations_are_shed_under_memory_pressure() {
     }
     assert!(silo.live_activations() > 10);
     // Idle checks run at most a second apart.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(
-        silo.live_activations() <= 10,
-        "{} alive",
-        silo.live_activations()
-    );
+    eventually("shed to the limit", || silo.live_activations() <= 10).await;
     // Shed grains come back with their state when called.
     assert_eq!(silo.grain::<Counter>(3u64).call(Get).await.unwrap(), 1);
     silo.shutdown().await;
@@ -458,11 +504,7 @@ async fn a_grain_deactivated_on_request_writes_its_state_and_comes_back_with_it(
     let queued = counter.tell(Add(1));
     queued.await.unwrap();
     counter.deactivate().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while silo.live_activations() > 0 {
-        assert!(std::time::Instant::now() < deadline, "not deactivated");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("deactivated", || silo.live_activations() == 0).await;
     assert_eq!(activations(&silo), 1);
     // Reactivated from the state on_deactivate wrote.
     assert_eq!(counter.call(Get).await.unwrap(), 5);
@@ -530,7 +572,7 @@ async fn every_activation_that_ends_is_reported_once_with_how_it_ended() {
     assert!(silo.is_active_named("counter", &GrainKey::U64(1)));
     assert!(!silo.is_active_named("no such type", &GrainKey::U64(1)));
     counter.deactivate().await.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+    let report = tokio::time::timeout(Duration::from_secs(30), reports.recv())
         .await
         .unwrap()
         .unwrap();
@@ -545,7 +587,7 @@ async fn every_activation_that_ends_is_reported_once_with_how_it_ended() {
         matches!(refused, Err(CallError::TurnFailed { .. })),
         "{refused:?}"
     );
-    let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
+    let report = tokio::time::timeout(Duration::from_secs(30), reports.recv())
         .await
         .unwrap()
         .unwrap();

@@ -203,8 +203,18 @@ async fn a_resident_buffer_is_reserved_while_active_and_released_on_deactivation
     // Reserved: the buffer (the batches' temporaries are released).
     let while_active = reserved();
     assert_eq!(while_active, (RESIDENT * 4) as u64);
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    assert_eq!(silo.live_activations(), 0);
+    // Idle, it is deactivated; then every job that used the buffer has
+    // ended (the broker's queue depth drops to zero only once a job has
+    // let go of its buffers and reservations). Bounded only so that a
+    // broken runtime fails rather than hangs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while silo.live_activations() > 0 || bridge.broker().stats(device).unwrap().queue_depth > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still active, or its jobs still running, after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert_eq!(
         while_active - reserved(),
         (RESIDENT * 4) as u64,

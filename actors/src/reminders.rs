@@ -19,8 +19,8 @@
 //!    when a placement is installed, on `Silo::rescan_reminders` (the
 //!    cluster calls it after every view change) and every
 //!    `SiloBuilder::reminder_rescan` (30 s by default: a safety net for a
-//!    lost notification);
-//!    `Silo::reminders_changed` re-reads one grain's rows.
+//!    lost notification); `Silo::reminders_changed` re-reads one grain's
+//!    rows.
 //! 3. **Registration.** `register` writes the row unconditionally (a new
 //!    ETag, and the first due time `now + due`); if this silo owns the
 //!    grain it schedules the row at once, else it tells the owner through
@@ -36,10 +36,10 @@
 //!    missed reminder once, not once per missed period. A row is not fired
 //!    again while its write is under way. A firing refused because the silo
 //!    (or the grain's home) is shutting down is not written: the next owner
-//!    fires it, or this silo tries again a second later. A firing
-//!    that could not be delivered otherwise (the grain's mailbox stayed
-//!    full past the call timeout, its home on another silo could not be
-//!    reached) is logged and counts as fired. On a silo that routes its
+//!    fires it, or this silo tries again a second later. A firing that
+//!    could not be delivered otherwise (the grain's mailbox stayed full past
+//!    the call timeout, its home on another silo could not be reached) is
+//!    logged and counts as fired. On a silo that routes its
 //!    grain references (a cluster node), the message goes to the grain's
 //!    home wherever it is, under the name [`REMINDER_FIRED`].
 //! 5. **Conflicts.** A write refused because the row's ETag moved means
@@ -131,10 +131,14 @@ impl Message for ReminderFired {
 }
 
 /// Decides which silo fires which grain's reminders (rule 2). A cluster
-/// node installs one on its silo with `Silo::set_reminder_placement`; a
-/// silo starts with [`LoneSilo`].
+/// node installs one on its silo with `Silo::set_reminder_placement` (every
+/// silo's placement should name one owner per grain for a given view, such
+/// as a hash of the grain over the live silos); a silo starts with
+/// [`LoneSilo`].
 pub trait ReminderPlacement: Send + Sync + 'static {
-    /// Whether this silo fires `grain`'s reminders now.
+    /// Whether this silo fires `grain`'s reminders now. Asked for every
+    /// row of a rescan and before every firing, with the silo's schedule
+    /// locked: it must be quick and must not block.
     fn owns(&self, grain: &GrainId) -> bool;
 
     /// Tells the silo that owns `grain`'s reminders that its rows changed:

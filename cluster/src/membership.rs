@@ -141,6 +141,9 @@ pub struct GossipConfig {
     /// How long a dead silo's state is kept before it is forgotten
     /// (default 1 hour).
     pub dead_grace_period: Duration,
+    /// The load this silo joins with (rule 4), so that its first entry in
+    /// every view already says what it hosts (default: nothing yet).
+    pub load: SiloLoad,
 }
 
 impl GossipConfig {
@@ -161,6 +164,7 @@ impl GossipConfig {
             phi_threshold: 8.0,
             death_grace: Duration::from_secs(4),
             dead_grace_period: Duration::from_secs(3600),
+            load: SiloLoad::default(),
         }
     }
 }
@@ -244,6 +248,7 @@ impl Membership {
         let beat = gossip_interval * BEAT_EVERY;
         let state = State {
             beat_every_ms: beat.as_millis().max(1) as u64,
+            load: config.load.clone(),
             ..State::default()
         };
         let value = signed(&secret, &chitchat_config.chitchat_id, &state)

@@ -739,11 +739,17 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     assert_eq!(a.grain::<Slab>(k2).call(Add(1)).await, Ok(1));
     a.kill().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // The killed silo refuses everything (its connections are closed, and
+    // its inbound side answers ShutDown): a call to a grain homed there
+    // fails, until b takes it for dead and places the grain afresh (on a
+    // loaded machine that may come first).
+    let refused_or_moved = |outcome: &Result<u64, CallError>| match outcome {
+        Err(CallError::Unavailable { .. }) => true,
+        Ok(_) => !b.members().iter().any(|member| &member.silo == a.id()),
+        Err(_) => false,
+    };
     let before = b.grain::<Slab>(k2).call(Add(1)).await;
-    assert!(
-        matches!(before, Err(CallError::Unavailable { .. })),
-        "{before:?}"
-    );
+    assert!(refused_or_moved(&before), "{before:?}");
     a.silo()
         .deactivate_named("slab", GrainKey::U64(k1))
         .await
@@ -751,7 +757,7 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = b.grain::<Slab>(k2).call(Add(1)).await;
     assert!(
-        matches!(after, Err(CallError::Unavailable { .. })),
+        refused_or_moved(&after),
         "the killed silo served a call: {after:?}"
     );
 }

@@ -1059,3 +1059,192 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
         let _ = node.leave().await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Reminders belong to the cluster.
+
+/// Every fire any silo delivered: (key, when, the silo it ran on).
+#[derive(Default)]
+struct Fires(Mutex<Vec<(u64, Instant, u64)>>);
+
+struct Alarm {
+    key: u64,
+}
+
+impl Grain for Alarm {
+    fn new(key: &GrainKey) -> Alarm {
+        Alarm {
+            key: match key {
+                GrainKey::U64(key) => *key,
+                _ => u64::MAX,
+            },
+        }
+    }
+}
+
+impl Handler<granary_actors::ReminderFired> for Alarm {
+    async fn handle(&mut self, _: granary_actors::ReminderFired, ctx: &mut GrainContext) {
+        let silo = ctx.service::<SiloNumber>().map_or(u64::MAX, |n| n.0);
+        if let Some(fires) = ctx.service::<Fires>() {
+            fires
+                .0
+                .lock()
+                .unwrap()
+                .push((self.key, Instant::now(), silo));
+        }
+    }
+}
+
+/// Registers the alarm's reminder: first due after `due_ms`, every
+/// `period_ms`.
+#[derive(Serialize, Deserialize)]
+struct Arm {
+    due_ms: u64,
+    period_ms: u64,
+}
+impl Message for Arm {
+    type Reply = Result<(), String>;
+}
+impl Handler<Arm> for Alarm {
+    async fn handle(&mut self, arm: Arm, ctx: &mut GrainContext) -> Result<(), String> {
+        ctx.register_reminder(
+            "tick",
+            Duration::from_millis(arm.due_ms),
+            Duration::from_millis(arm.period_ms),
+        )
+        .await
+        .map_err(|err| err.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminders_fire_once_per_due_time_across_the_cluster_and_survive_a_kill() {
+    let network = InProcessNetwork::new();
+    let gossip_net = ChannelTransport::default();
+    let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
+    let fires = Arc::new(Fires::default());
+    let base = 43_700u16;
+    let mut nodes = Vec::new();
+    for n in 0..3u16 {
+        let mut config = NodeConfig::new(
+            "reminders",
+            secret(),
+            format!("silo-{n}:7000"),
+            gossip(base + n),
+            vec![gossip(base).to_string()],
+        );
+        config.gossip_interval = Duration::from_millis(50);
+        config.death_grace = Duration::from_millis(200);
+        config.load_interval = Duration::from_millis(50);
+        let silo = Silo::builder()
+            .register::<Alarm>("alarm")
+            .message::<Alarm, Arm>("arm")
+            .remindable::<Alarm>()
+            .service(Arc::new(SiloNumber(u64::from(n))))
+            .service(fires.clone())
+            .storage(storage.clone())
+            .build()
+            .unwrap();
+        nodes.push(
+            ClusterNode::builder(silo, config.clone())
+                .transport(Arc::new(network.transport(&config.listen)))
+                .start(&gossip_net)
+                .await
+                .unwrap(),
+        );
+    }
+    let refs: Vec<&ClusterNode> = nodes.iter().collect();
+    converged(&refs, 3).await;
+    // 300 reminders with a 1 s period, registered from every silo.
+    let period = Duration::from_secs(1);
+    let keys: Vec<u64> = (7000..7300).collect();
+    for (i, &key) in keys.iter().enumerate() {
+        nodes[i % 3]
+            .grain::<Alarm>(key)
+            .call(Arm {
+                due_ms: 500 + (key % 500),
+                period_ms: 1000,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // Steady state until every reminder fired three times, then silo 2 is
+    // killed, until every reminder fired three times more (each wait
+    // bounded only so that a broken cluster fails instead of hanging).
+    let fired_since = |since: Instant, times: usize| {
+        let fires = fires.0.lock().unwrap();
+        let mut counts: HashMap<u64, usize> = HashMap::new();
+        for (key, at, _) in fires.iter() {
+            if *at >= since {
+                *counts.entry(*key).or_default() += 1;
+            }
+        }
+        keys.iter()
+            .all(|key| counts.get(key).copied().unwrap_or(0) >= times)
+    };
+    let armed = Instant::now();
+    while !fired_since(armed, 3) {
+        assert!(
+            armed.elapsed() < Duration::from_secs(60),
+            "reminders did not fire"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed_at = Instant::now();
+    nodes[2].kill().await.unwrap();
+    while !fired_since(killed_at, 3) {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "the killed silo's reminders stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = Instant::now();
+    let fires = fires.0.lock().unwrap().clone();
+
+    let mut by_key: HashMap<u64, Vec<Instant>> = HashMap::new();
+    for (key, at, _) in &fires {
+        by_key.entry(*key).or_default().push(*at);
+    }
+    let mut extra_around_kill = 0;
+    for &key in &keys {
+        let mut times = by_key.remove(&key).unwrap_or_default();
+        times.sort();
+        // Steady state (first due time to the kill): one fire per second,
+        // none twice.
+        let steady: Vec<&Instant> = times.iter().filter(|at| **at < killed_at).collect();
+        for pair in steady.windows(2) {
+            let gap = *pair[1] - *pair[0];
+            assert!(
+                gap >= period / 2,
+                "reminder {key} fired twice for one due time ({gap:?} apart) in steady state"
+            );
+        }
+        // Around the failover: at most one extra fire, and no gap much
+        // longer than a period plus the time to declare the silo dead
+        // (generous: a loaded machine fires late, never early).
+        let doubles = times
+            .windows(2)
+            .filter(|pair| pair[1] - pair[0] < period / 2)
+            .count();
+        assert!(doubles <= 1, "reminder {key} fired {doubles} extra times");
+        extra_around_kill += doubles;
+        let mut last = *times.first().unwrap();
+        for at in times.iter().chain(std::iter::once(&ended)) {
+            let gap = *at - last;
+            assert!(
+                gap <= period * 5,
+                "reminder {key} went {gap:?} without firing"
+            );
+            last = *at;
+        }
+    }
+    assert!(
+        extra_around_kill <= keys.len(),
+        "{extra_around_kill} extra fires"
+    );
+    for node in &nodes[..2] {
+        let _ = node.leave().await;
+    }
+}

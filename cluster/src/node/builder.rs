@@ -12,7 +12,6 @@ use super::directory_client::DirectoryBackend;
 use super::serve::{NodeParts, claim};
 use super::{ClusterNode, NodeConfig, NodeError};
 use crate::SiloId;
-#[cfg(feature = "etcd")]
 use crate::membership::SiloLoad;
 use crate::membership::{GossipConfig, Membership};
 use crate::placement::{GpuNeeds, PlacementStrategy};
@@ -76,6 +75,7 @@ impl NodeBuilder {
         gossip_config.gossip_interval = config.gossip_interval;
         gossip_config.phi_threshold = config.phi_threshold;
         gossip_config.death_grace = config.death_grace;
+        gossip_config.load = parts.builder.first_load();
         let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
@@ -99,7 +99,8 @@ impl NodeBuilder {
         etcd: crate::etcd::EtcdConfig,
     ) -> Result<ClusterNode, NodeError> {
         let (parts, listener, id) = self.bind().await?;
-        let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), SiloLoad::default())
+        let first_load = parts.builder.first_load();
+        let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), first_load)
             .await
             .map_err(NodeError::Etcd)?;
         let directory = DirectoryBackend::Etcd(Box::new(membership.directory()));
@@ -113,6 +114,24 @@ impl NodeBuilder {
                 Some(holds_lease),
             )
             .await
+    }
+
+    /// The grain types this node hosts (none for a client): what placement
+    /// on other silos looks at (rule 2).
+    pub(super) fn hosts(&self) -> Vec<String> {
+        if self.client {
+            Vec::new()
+        } else {
+            self.silo.routed_grain_types()
+        }
+    }
+
+    /// The load the node joins with: what it hosts, before any activation.
+    fn first_load(&self) -> SiloLoad {
+        SiloLoad {
+            grain_types: self.hosts(),
+            ..SiloLoad::default()
+        }
     }
 
     /// Claims the silo, then binds the listener: the silo's identity is

@@ -413,6 +413,13 @@ impl Inner {
         // Every home must be confirmed again with its entry's owner in the
         // new view before a reference may skip the router for it.
         self.end_leases();
+        // Rule 8: reminder ownership moves with the view.
+        let silo = self.silo.clone();
+        tokio::spawn(async move {
+            if let Err(err) = silo.rescan_reminders().await {
+                tracing::warn!(error = %err, "rescanning reminders after a view change failed");
+            }
+        });
         *self
             .view_changed
             .lock()

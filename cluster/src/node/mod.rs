@@ -62,6 +62,11 @@
 //!    waits for them to end before it serves again (`fence.rs`). So a
 //!    silo taken for dead never serves a grain beside the activation that
 //!    replaced it.
+//! 8. **Reminders** are fired by one silo per grain: the rendezvous choice
+//!    among the silos of the view that host the grain's type; each silo
+//!    rescans the shared reminder table after every view change, and a
+//!    reminder registered elsewhere is announced to its owner
+//!    (`reminders.rs`).
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -83,6 +88,7 @@ mod directory_service;
 mod fence;
 mod home;
 mod peers;
+mod reminders;
 mod router;
 mod serve;
 

@@ -105,6 +105,18 @@ impl Inbound for NodeInbound {
                 return encode(&inner.answer_directory(asked))
                     .map_err(|err| RemoteError::Other(err.to_string()));
             }
+            // Rule 8: another silo registered or removed a reminder of a
+            // grain whose reminders this silo owns.
+            if request.grain_type == super::reminders::REMINDERS {
+                let grain: GrainId = decode(&request.payload)
+                    .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+                inner
+                    .silo
+                    .reminders_changed(&grain)
+                    .await
+                    .map_err(|err| RemoteError::Other(err.to_string()))?;
+                return Ok(Vec::new());
+            }
             let grain = GrainId {
                 type_name: request.grain_type.clone(),
                 key: request.key.clone(),
@@ -243,6 +255,10 @@ impl NodeParts {
         let weak = Arc::downgrade(&inner);
         // Rule 6: an activation that ends may give up its home.
         let _ = ended.node.set(weak.clone());
+        // Rule 8: reminders are fired by their owner in the view.
+        inner
+            .silo
+            .set_reminder_placement(Arc::new(super::reminders::NodeReminders(weak.clone())));
         *inner.claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
         let accepting = tokio::spawn({
             let weak = weak.clone();

@@ -181,7 +181,8 @@ fn main() -> ExitCode {
             println!(
                 "granary demo --nodes {nodes}: {nodes} silo processes on loopback (membership on {}), \
                  {grains} GPU grains ({} MiB resident each on the {backend:?} backend, placed by free \
-                 device memory), {calls} calls each; the busiest silo is killed halfway",
+                 device memory), {calls} calls each, each call notifying an auditor grain on another silo; \
+                 the busiest silo is killed halfway",
                 if config.etcd.is_some() {
                     "etcd"
                 } else {
@@ -197,7 +198,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(report) => {
                     print!("{report}");
-                    if report.lost.is_empty() {
+                    if report.passed() {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

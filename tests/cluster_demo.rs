@@ -1,6 +1,8 @@
 //! `granary demo --nodes 3` and `granary node` end to end: three silo
-//! processes on loopback, GPU grains placed by free device memory, the
-//! busiest silo killed halfway, and every grain's persisted state intact;
+//! processes on loopback, GPU grains placed by free device memory, each
+//! notifying an auditor grain on another silo, the busiest silo killed
+//! halfway, every grain's persisted state intact and no grain active on two
+//! silos;
 //! the same on etcd (a build with the `etcd` feature and an etcd in
 //! `GRANARY_ETCD_ENDPOINTS`); and a node configuration that is wrong,
 //! refused with a clear message.
@@ -36,7 +38,66 @@ fn three_silo_demo(extra: &[&str]) -> String {
     );
     assert!(stdout.contains("(killed)"), "{stdout}");
     assert!(stdout.contains("120 acknowledged"), "{stdout}");
+    // Grain-to-grain calls: one notification per acknowledged call, some
+    // of them across silos, every one in its auditor's persisted count.
+    let (notified, crossed) = notifications(&stdout);
+    assert_eq!(notified, 120, "{stdout}");
+    assert!(crossed > 0 && crossed <= notified, "{stdout}");
+    assert!(
+        stdout.contains("every auditor counts every acknowledged notification"),
+        "{stdout}"
+    );
+    // The census: each ledger and auditor on at most one silo, none on the
+    // demo's own client node.
+    assert!(
+        stdout.contains("single activation: no grain is active on two silos"),
+        "{stdout}"
+    );
+    let (ledgers, auditors) = cluster_wide(&stdout);
+    assert!(ledgers <= 12 && auditors <= 4, "{stdout}");
+    let client = stdout
+        .lines()
+        .find(|line| line.contains("(this client)"))
+        .unwrap_or_else(|| panic!("no client line: {stdout}"));
+    assert!(
+        client.contains("live   0:   0 ledgers,  0 auditors"),
+        "{stdout}"
+    );
     stdout
+}
+
+/// The numbers before `word` in `line`, in order.
+fn numbers_before(line: &str, word: &str) -> Vec<u64> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|pair| pair[1].trim_end_matches(',') == word)
+        .filter_map(|pair| pair[0].parse().ok())
+        .collect()
+}
+
+/// The demo's grain-to-grain line: (notifications acknowledged, crossed).
+fn notifications(stdout: &str) -> (u64, u64) {
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("grain-to-grain calls"))
+        .unwrap_or_else(|| panic!("no grain-to-grain line: {stdout}"));
+    let notified = numbers_before(line, "notifications");
+    let crossed = numbers_before(line, "crossed");
+    assert_eq!((notified.len(), crossed.len()), (1, 1), "{line}");
+    (notified[0], crossed[0])
+}
+
+/// The census's cluster-wide line: (ledgers active, auditors active).
+fn cluster_wide(stdout: &str) -> (u64, u64) {
+    let line = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("cluster-wide:"))
+        .unwrap_or_else(|| panic!("no cluster-wide line: {stdout}"));
+    let ledgers = numbers_before(line, "ledgers");
+    let auditors = numbers_before(line, "auditors");
+    assert_eq!((ledgers.len(), auditors.len()), (1, 1), "{line}");
+    (ledgers[0], auditors[0])
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The multi-node sample, run by the `granary` CLI: `granary node` (a silo
 //! from a TOML file) and `granary demo --nodes N` (silos as separate
 //! processes of the same executable, GPU grains placed by free device
-//! memory, one silo killed while load runs, and every grain's persisted
-//! state checked afterwards).
+//! memory, each ledger notifying an auditor grain on another silo, one
+//! silo killed while load runs, and every grain's persisted state checked
+//! afterwards).
 //!
 //! # The sample grain
 //!
@@ -13,17 +14,35 @@
 //! retried after its silo died is applied once, so the final totals show
 //! whether anything acknowledged was lost.
 //!
+//! Each `Apply` is also a grain-to-grain call across silos: the ledger
+//! notifies its [`Auditor`] (ledger `k`'s is auditor `k % AUDITORS`) with
+//! `ctx.grain::<Auditor>(k % AUDITORS).call(Note { … })` before it answers,
+//! through the same `GrainRef` the demo itself uses. [`DemoPlacement`]
+//! places an auditor on a silo other than the one whose ledger first
+//! calls it, so notifications usually cross silos. The auditor persists,
+//! per ledger, how many distinct steps it was notified of (a retried step
+//! is counted once). A `call` rather than a `tell`: a tell is acknowledged
+//! once the auditor's mailbox has taken the note, before its state is
+//! written, so a silo killed in between would lose an acknowledged note;
+//! the call's answer comes after the write.
+//!
 //! # The demo
 //!
 //! 1. Writes one TOML config per silo (each with its own device memory
 //!    limit on the CPU backend) and a shared SQLite file for grain state,
 //!    and starts `granary node --config …` for each.
-//! 2. Joins the cluster itself (hosting no devices, so no ledger) and
-//!    drives `grains` ledgers, each with one caller sending `calls`
-//!    sequential `Apply`s; a call that fails is retried until it succeeds.
+//! 2. Joins the cluster itself as a client (`NodeBuilder::client`: it
+//!    hosts no grain) and drives `grains` ledgers, each with one caller
+//!    sending `calls` sequential `Apply`s; a call that fails is retried
+//!    until it succeeds.
 //! 3. Halfway, kills (SIGKILL) the silo that hosts the most ledgers.
 //! 4. Prints where ledgers lived before and after, latency and
-//!    throughput, and checks every ledger's persisted total.
+//!    throughput, how many notifications were acknowledged and how many
+//!    crossed silos; checks every ledger's persisted total and every
+//!    auditor's persisted counts; and takes a census of each live silo's
+//!    activations (an [`Inspector`] grain placed on each silo answers with
+//!    its `live_activations()` and which ledgers and auditors are active
+//!    there), so that a grain active on two silos is caught.
 //!
 //! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
 //! cluster every second and every failed call it retries.
@@ -38,7 +57,10 @@ use granary_actors::{
     ActivationError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState, Silo,
     StorageProvider,
 };
-use granary_cluster::{ClusterNode, ClusterSecret, GpuAware, GpuNeeds, NodeConfig, TcpTransport};
+use granary_cluster::{
+    ClusterNode, ClusterSecret, GpuAware, GpuNeeds, HashPlacement, Member, NodeConfig,
+    PlacementError, PlacementRequest, PlacementStrategy, SiloId, TcpTransport,
+};
 use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
 use granary_kernels::BackendKind;
 use granary_kernels::shipped::{self, f32_bytes};
@@ -58,14 +80,20 @@ pub struct LedgerState {
 
 /// The sample GPU grain (see the module docs).
 pub struct Ledger {
+    /// Its number (ledgers are keyed by number).
+    key: Option<u64>,
     state: Option<PersistentState<LedgerState>>,
     bridge: Option<Arc<GpuBridge>>,
     buffer: Option<ResidentBuffer>,
 }
 
 impl Grain for Ledger {
-    fn new(_: &GrainKey) -> Ledger {
+    fn new(key: &GrainKey) -> Ledger {
         Ledger {
+            key: match key {
+                GrainKey::U64(key) => Some(*key),
+                _ => None,
+            },
             state: None,
             bridge: None,
             buffer: None,
@@ -104,15 +132,41 @@ pub struct Apply {
 }
 
 impl Message for Apply {
-    type Reply = Result<LedgerState, String>;
+    type Reply = Result<Applied, String>;
+}
+
+/// A ledger's answer to [`Apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Its state after the step.
+    pub state: LedgerState,
+    /// The auditor's acknowledgement of this step, when the step is the
+    /// ledger's last one (a step applied now, or a retry of it).
+    pub notified: Option<Notified>,
+}
+
+/// Where a notification went: the ledger's silo and its auditor's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notified {
+    /// The address of the silo the ledger ran on.
+    pub ledger_silo: String,
+    /// The address of the silo the auditor ran on.
+    pub auditor_silo: String,
+}
+
+impl Notified {
+    /// Whether the notification went from one silo to another.
+    pub fn crossed(&self) -> bool {
+        self.ledger_silo != self.auditor_silo
+    }
 }
 
 impl Handler<Apply> for Ledger {
-    async fn handle(&mut self, apply: Apply, _: &mut GrainContext) -> Result<LedgerState, String> {
-        let (Some(state), Some(bridge), Some(buffer)) =
-            (&mut self.state, &self.bridge, &self.buffer)
+    async fn handle(&mut self, apply: Apply, ctx: &mut GrainContext) -> Result<Applied, String> {
+        let (Some(key), Some(state), Some(bridge), Some(buffer)) =
+            (self.key, &mut self.state, &self.bridge, &self.buffer)
         else {
-            return Err("the ledger is not active".into());
+            return Err("the ledger is not active (or not keyed by number)".into());
         };
         if apply.seq == state.get().applied + 1 {
             // The GPU work: y = a·y + y over the resident buffer, in place.
@@ -133,7 +187,32 @@ impl Handler<Apply> for Ledger {
             *state.get_mut() = next;
             state.write().await.map_err(|err| err.to_string())?;
         }
-        Ok(*state.get())
+        let state = *state.get();
+        if state.applied != apply.seq {
+            return Ok(Applied {
+                state,
+                notified: None,
+            });
+        }
+        // The grain-to-grain call: answered once the auditor (usually on
+        // another silo) has persisted the note. A step retried after a
+        // failure notifies again; the auditor counts each step once.
+        let ledger_silo = here(ctx)?;
+        let receipt = ctx
+            .grain::<Auditor>(auditor_of(key))
+            .call(Note {
+                ledger: key,
+                seq: apply.seq,
+            })
+            .await
+            .map_err(|err| format!("notifying auditor {}: {err}", auditor_of(key)))??;
+        Ok(Applied {
+            state,
+            notified: Some(Notified {
+                ledger_silo,
+                auditor_silo: receipt.auditor_silo,
+            }),
+        })
     }
 }
 
@@ -154,18 +233,267 @@ impl Handler<Read> for Ledger {
     }
 }
 
-/// The silo every node runs: the ledger and its messages, by name.
+/// How many auditors the ledgers share: ledger `k` notifies auditor
+/// `k % AUDITORS`.
+pub const AUDITORS: u64 = 4;
+
+/// The auditor ledger `ledger` notifies.
+pub fn auditor_of(ledger: u64) -> u64 {
+    ledger % AUDITORS
+}
+
+/// The address of the silo a grain runs on, known once its node has
+/// started (a silo service that [`start_node`] fills in).
+#[derive(Debug, Default)]
+pub struct Here(std::sync::OnceLock<String>);
+
+impl Here {
+    /// The silo's address, once its node has started.
+    pub fn address(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+/// The address of the silo `ctx`'s grain runs on.
+fn here(ctx: &GrainContext) -> Result<String, String> {
+    ctx.service::<Here>()
+        .and_then(|here| here.address().map(str::to_string))
+        .ok_or_else(|| "this silo's address is not known yet".to_string())
+}
+
+/// What an auditor knows of one ledger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Distinct steps notified.
+    pub notes: u64,
+    /// The highest step notified.
+    pub last_seq: u64,
+}
+
+/// An auditor's persisted state: per ledger, what it was notified of.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditState {
+    /// Per ledger key.
+    pub ledgers: std::collections::BTreeMap<u64, AuditEntry>,
+}
+
+/// The grain ledgers notify (see the module docs): it needs no device,
+/// so any silo that hosts the type may hold it.
+pub struct Auditor {
+    state: Option<PersistentState<AuditState>>,
+}
+
+impl Grain for Auditor {
+    fn new(_: &GrainKey) -> Auditor {
+        Auditor { state: None }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.state = Some(ctx.load_state::<AuditState>().await?);
+        Ok(())
+    }
+}
+
+/// Tells an auditor that ledger `ledger` applied step `seq`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Note {
+    /// The ledger's key.
+    pub ledger: u64,
+    /// The step it applied.
+    pub seq: u64,
+}
+
+/// An auditor's answer to a [`Note`], once persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The address of the silo the auditor runs on.
+    pub auditor_silo: String,
+}
+
+impl Message for Note {
+    type Reply = Result<Receipt, String>;
+}
+
+impl Handler<Note> for Auditor {
+    async fn handle(&mut self, note: Note, ctx: &mut GrainContext) -> Result<Receipt, String> {
+        let auditor_silo = here(ctx)?;
+        let Some(state) = &mut self.state else {
+            return Err("the auditor is not active".into());
+        };
+        let entry = state
+            .get()
+            .ledgers
+            .get(&note.ledger)
+            .copied()
+            .unwrap_or_default();
+        // A step seen before (a retried Apply) is not counted again.
+        if note.seq > entry.last_seq {
+            state.get_mut().ledgers.insert(
+                note.ledger,
+                AuditEntry {
+                    notes: entry.notes + 1,
+                    last_seq: note.seq,
+                },
+            );
+            state.write().await.map_err(|err| err.to_string())?;
+        }
+        Ok(Receipt { auditor_silo })
+    }
+}
+
+/// Reads an auditor's state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Audit;
+
+impl Message for Audit {
+    type Reply = AuditState;
+}
+
+impl Handler<Audit> for Auditor {
+    async fn handle(&mut self, _: Audit, _: &mut GrainContext) -> AuditState {
+        self.state
+            .as_ref()
+            .map(|state| state.get().clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A grain that answers for the silo it runs on: [`DemoPlacement`] puts
+/// the inspector keyed by a silo's address on that silo.
+pub struct Inspector;
+
+impl Grain for Inspector {
+    fn new(_: &GrainKey) -> Inspector {
+        Inspector
+    }
+}
+
+/// Asks an inspector which ledgers (keys `0..ledgers`) and auditors (keys
+/// `0..auditors`) are active on its silo.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Inspect {
+    /// Ledger keys to look for.
+    pub ledgers: u64,
+    /// Auditor keys to look for.
+    pub auditors: u64,
+}
+
+/// One silo's activations, as its inspector saw them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiloActivity {
+    /// The silo's address.
+    pub silo: String,
+    /// Its `live_activations()` (the inspector's own included).
+    pub live: u64,
+    /// The ledgers active there.
+    pub ledgers: Vec<u64>,
+    /// The auditors active there.
+    pub auditors: Vec<u64>,
+}
+
+impl Message for Inspect {
+    type Reply = Result<SiloActivity, String>;
+}
+
+impl Handler<Inspect> for Inspector {
+    async fn handle(
+        &mut self,
+        inspect: Inspect,
+        ctx: &mut GrainContext,
+    ) -> Result<SiloActivity, String> {
+        let silo = ctx.silo();
+        let active = |grain_type: &str, keys: u64| -> Vec<u64> {
+            (0..keys)
+                .filter(|key| silo.is_active_named(grain_type, &GrainKey::U64(*key)))
+                .collect()
+        };
+        Ok(SiloActivity {
+            silo: here(ctx)?,
+            live: silo.live_activations(),
+            ledgers: active(LEDGER, inspect.ledgers),
+            auditors: active(AUDITOR, inspect.auditors),
+        })
+    }
+}
+
+/// The ledger's registered name.
+pub const LEDGER: &str = "ledger";
+/// The auditor's registered name.
+pub const AUDITOR: &str = "auditor";
+/// The inspector's registered name.
+pub const INSPECTOR: &str = "inspector";
+
+/// The demo's placement: ledgers by free device memory
+/// ([`GpuAware::strict`]); an auditor on a silo other than the caller's
+/// (the silo whose ledger first calls it), by rendezvous hash among the
+/// others, so that notifications usually cross silos; the inspector keyed
+/// by a silo's address on that silo.
+#[derive(Debug)]
+pub struct DemoPlacement {
+    ledgers: GpuAware,
+}
+
+impl Default for DemoPlacement {
+    fn default() -> DemoPlacement {
+        DemoPlacement {
+            ledgers: GpuAware::strict(),
+        }
+    }
+}
+
+impl PlacementStrategy for DemoPlacement {
+    fn place(
+        &self,
+        request: &PlacementRequest<'_>,
+        members: &[Member],
+    ) -> Result<SiloId, PlacementError> {
+        match request.grain.type_name.as_str() {
+            AUDITOR => {
+                let others: Vec<Member> = members
+                    .iter()
+                    .filter(|member| member.silo != *request.caller)
+                    .cloned()
+                    .collect();
+                if others.is_empty() {
+                    HashPlacement.place(request, members)
+                } else {
+                    HashPlacement.place(request, &others)
+                }
+            }
+            INSPECTOR => match &request.grain.key {
+                GrainKey::Str(address) => members
+                    .iter()
+                    .find(|member| member.silo.address == *address)
+                    .map(|member| member.silo.clone())
+                    .ok_or(PlacementError::NoSilos),
+                _ => Err(PlacementError::NoSilos),
+            },
+            _ => self.ledgers.place(request, members),
+        }
+    }
+}
+
+/// The silo every node runs: the ledger, the auditor and the inspector
+/// with their messages, by name; `here` is filled in with the silo's
+/// address once its node has started.
 pub fn silo(
     storage: Arc<dyn StorageProvider>,
     bridge: Option<Arc<GpuBridge>>,
     ledger_devices: LedgerDevices,
+    here: Arc<Here>,
 ) -> Result<Silo, String> {
     let mut builder = Silo::builder()
-        .register::<Ledger>("ledger")
+        .register::<Ledger>(LEDGER)
         .message::<Ledger, Apply>("apply")
         .message::<Ledger, Read>("read")
+        .register::<Auditor>(AUDITOR)
+        .message::<Auditor, Note>("note")
+        .message::<Auditor, Audit>("audit")
+        .register::<Inspector>(INSPECTOR)
+        .message::<Inspector, Inspect>("inspect")
         .storage(storage)
-        .service(Arc::new(ledger_devices));
+        .service(Arc::new(ledger_devices))
+        .service(here);
     if let Some(bridge) = bridge {
         builder = builder.service(bridge);
     }
@@ -262,7 +590,8 @@ pub struct DevicesFile {
     /// share. `cpu_memory_mib` is the older name.
     #[serde(alias = "cpu_memory_mib")]
     pub memory_mib: Option<u64>,
-    /// Offer no devices at all (a silo that only routes).
+    /// Offer no devices at all: the node only routes (it joins as a
+    /// client, `NodeBuilder::client`, and hosts no grain).
     #[serde(default)]
     pub none: bool,
 }
@@ -372,7 +701,8 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
         backend: Some(backend.kind()),
         ..Requirements::default()
     });
-    let silo = silo(storage, bridge.clone(), ledger_devices).map_err(NodeRunError)?;
+    let here = Arc::new(Here::default());
+    let silo = silo(storage, bridge.clone(), ledger_devices, here.clone()).map_err(NodeRunError)?;
     let mut config = NodeConfig::new(
         file.cluster.clone(),
         secret,
@@ -390,24 +720,31 @@ pub async fn start_node(file: &NodeFile) -> Result<ClusterNode, NodeRunError> {
         config.death_grace = Duration::from_millis(ms);
     }
     config.load_interval = config.gossip_interval;
-    let builder = ClusterNode::builder(silo, config)
+    let mut builder = ClusterNode::builder(silo, config)
         .transport(Arc::new(TcpTransport))
-        .placement(Arc::new(GpuAware::strict()))
+        .placement(Arc::new(DemoPlacement::default()))
         .needs(
-            "ledger",
+            LEDGER,
             GpuNeeds {
                 device_memory: LEDGER_DEVICE_BYTES,
                 backend: Some(format!("{:?}", backend.kind())),
                 ..GpuNeeds::default()
             },
         );
-    match &file.etcd {
+    if file.devices.none {
+        builder = builder.client();
+    }
+    let node = match &file.etcd {
         None => builder
             .start(&chitchat::transport::UdpTransport)
             .await
-            .map_err(|err| NodeRunError(err.to_string())),
-        Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await,
-    }
+            .map_err(|err| NodeRunError(err.to_string()))?,
+        Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await?,
+    };
+    // Grains answer with it from now on (until then they say it is not
+    // known yet, and their callers retry).
+    let _ = here.0.set(node.id().address.clone());
+    Ok(node)
 }
 
 #[cfg(feature = "etcd")]
@@ -490,6 +827,27 @@ pub struct ClusterDemoReport {
     pub elapsed: Duration,
     /// Ledgers whose persisted total was not what was acknowledged.
     pub lost: Vec<String>,
+    /// Notifications (ledger → auditor calls) acknowledged: one per
+    /// acknowledged `Apply`.
+    pub notified: u64,
+    /// Of those, the ones whose ledger and auditor ran on different silos.
+    pub crossed: u64,
+    /// Auditors whose persisted counts miss an acknowledged notification.
+    pub audit_lost: Vec<String>,
+    /// Each live silo's activations at the end (the census), this
+    /// process's own (a client: none) last.
+    pub census: Vec<SiloActivity>,
+    /// Ledgers and auditors active on more than one silo, and silos the
+    /// census could not reach.
+    pub duplicates: Vec<String>,
+}
+
+impl ClusterDemoReport {
+    /// Whether every check held: no ledger or auditor state lost, no
+    /// grain active on two silos.
+    pub fn passed(&self) -> bool {
+        self.lost.is_empty() && self.audit_lost.is_empty() && self.duplicates.is_empty()
+    }
 }
 
 impl fmt::Display for ClusterDemoReport {
@@ -519,13 +877,55 @@ impl fmt::Display for ClusterDemoReport {
             "calls: {} acknowledged, {} retried after failures; p50 {:?}, p99 {:?}; {:.0} calls/s",
             self.calls, self.retried, self.p50, self.p99, throughput
         )?;
+        writeln!(
+            f,
+            "grain-to-grain calls (ledger -> auditor, {AUDITORS} auditors): {} notifications acknowledged, {} crossed silos",
+            self.notified, self.crossed
+        )?;
         if self.lost.is_empty() {
             writeln!(
                 f,
                 "persisted state: every ledger holds every acknowledged call"
-            )
+            )?;
         } else {
-            writeln!(f, "persisted state LOST for: {}", self.lost.join(", "))
+            writeln!(f, "persisted state LOST for: {}", self.lost.join(", "))?;
+        }
+        if self.audit_lost.is_empty() {
+            writeln!(
+                f,
+                "audited state: every auditor counts every acknowledged notification"
+            )?;
+        } else {
+            writeln!(f, "audited state LOST for: {}", self.audit_lost.join(", "))?;
+        }
+        writeln!(f, "activations at the end, per live silo:")?;
+        for silo in &self.census {
+            writeln!(
+                f,
+                "  {}  live {:>3}: {:>3} ledgers, {:>2} auditors",
+                silo.silo,
+                silo.live,
+                silo.ledgers.len(),
+                silo.auditors.len()
+            )?;
+        }
+        let total =
+            |count: fn(&SiloActivity) -> usize| -> usize { self.census.iter().map(count).sum() };
+        writeln!(
+            f,
+            "  cluster-wide: {} live, {} ledgers, {} auditors (and one inspector per silo)",
+            self.census.iter().map(|silo| silo.live).sum::<u64>(),
+            total(|silo| silo.ledgers.len()),
+            total(|silo| silo.auditors.len())
+        )?;
+        if self.duplicates.is_empty() {
+            writeln!(f, "single activation: no grain is active on two silos")
+        } else {
+            writeln!(
+                f,
+                "single activation BROKEN: {}",
+                self.duplicates.join(", ")
+            )
         }
     }
 }
@@ -685,6 +1085,8 @@ pub async fn run_cluster_demo(
     let progress = Arc::new(progress);
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let notified = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let crossed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let halfway = Arc::new(tokio::sync::Barrier::new(config.grains as usize + 1));
     let started = Instant::now();
     let drivers: Vec<_> = (0..config.grains)
@@ -696,6 +1098,7 @@ pub async fn run_cluster_demo(
                 retried.clone(),
                 halfway.clone(),
             );
+            let (notified, crossed) = (notified.clone(), crossed.clone());
             let calls = config.calls;
             tokio::spawn(async move {
                 let ledger = node.grain::<Ledger>(u64::from(grain));
@@ -708,8 +1111,14 @@ pub async fn run_cluster_demo(
                     loop {
                         let sent = Instant::now();
                         match ledger.call(apply).await {
-                            Ok(Ok(state)) if state.applied >= seq => {
+                            Ok(Ok(applied)) if applied.state.applied >= seq => {
                                 latencies.push(sent.elapsed());
+                                if let Some(notice) = applied.notified {
+                                    notified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    if notice.crossed() {
+                                        crossed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    }
+                                }
                                 break;
                             }
                             other => {
@@ -759,8 +1168,27 @@ pub async fn run_cluster_demo(
             Err(err) => lost.push(format!("ledger {grain}: {err}")),
         }
     }
+    // Every auditor must count every step of each of its ledgers: each
+    // was acknowledged (the ledger answers only after its auditor did).
+    let auditors = AUDITORS.min(u64::from(config.grains));
+    let mut audit_lost = Vec::new();
+    for auditor in 0..auditors {
+        match node.grain::<Auditor>(auditor).call(Audit).await {
+            Ok(audit) => {
+                for ledger in (0..u64::from(config.grains)).filter(|l| auditor_of(*l) == auditor) {
+                    let entry = audit.ledgers.get(&ledger).copied().unwrap_or_default();
+                    let calls = u64::from(config.calls);
+                    if entry.notes != calls || entry.last_seq != calls {
+                        audit_lost.push(format!("auditor {auditor}, ledger {ledger}: {entry:?}"));
+                    }
+                }
+            }
+            Err(err) => audit_lost.push(format!("auditor {auditor}: {err}")),
+        }
+    }
     // Where each ledger answered that last read from.
     let after = placement(&node, config.grains, &silos);
+    let (census, duplicates) = census(&node, &silos, &killed, config.grains, auditors).await;
     latencies.sort_unstable();
     let at = |q: f64| {
         latencies
@@ -779,11 +1207,71 @@ pub async fn run_cluster_demo(
         p99: at(0.99),
         elapsed,
         lost,
+        notified: notified.load(std::sync::atomic::Ordering::Relaxed),
+        crossed: crossed.load(std::sync::atomic::Ordering::Relaxed),
+        audit_lost,
+        census,
+        duplicates,
     };
     let _ = node.leave().await;
     drop(children);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+/// Each live silo's activations, asked of the inspector placed on it, and
+/// this process's own; with the ledgers and auditors active on more than
+/// one silo (and silos that did not answer).
+async fn census(
+    node: &ClusterNode,
+    silos: &[(String, u64)],
+    killed: &str,
+    ledgers: u32,
+    auditors: u64,
+) -> (Vec<SiloActivity>, Vec<String>) {
+    let inspect = Inspect {
+        ledgers: u64::from(ledgers),
+        auditors,
+    };
+    let mut census = Vec::new();
+    let mut problems = Vec::new();
+    for (silo, _) in silos.iter().filter(|(silo, _)| silo != killed) {
+        match node.grain::<Inspector>(silo.as_str()).call(inspect).await {
+            Ok(Ok(activity)) => census.push(activity),
+            Ok(Err(err)) => problems.push(format!("census of {silo}: {err}")),
+            Err(err) => problems.push(format!("census of {silo}: {err}")),
+        }
+    }
+    census.push(SiloActivity {
+        silo: format!("{} (this client)", node.id().address),
+        live: node.silo().live_activations(),
+        ledgers: (0..u64::from(ledgers))
+            .filter(|key| node.silo().is_active_named(LEDGER, &GrainKey::U64(*key)))
+            .collect(),
+        auditors: (0..auditors)
+            .filter(|key| node.silo().is_active_named(AUDITOR, &GrainKey::U64(*key)))
+            .collect(),
+    });
+    for (grain_type, keys, of) in [
+        (
+            LEDGER,
+            u64::from(ledgers),
+            (|silo: &SiloActivity| &silo.ledgers) as fn(&SiloActivity) -> &Vec<u64>,
+        ),
+        (AUDITOR, auditors, |silo: &SiloActivity| &silo.auditors),
+    ] {
+        for key in 0..keys {
+            let homes: Vec<&str> = census
+                .iter()
+                .filter(|silo| of(silo).contains(&key))
+                .map(|silo| silo.silo.as_str())
+                .collect();
+            if homes.len() > 1 {
+                problems.push(format!("{grain_type} {key} on {}", homes.join(" and ")));
+            }
+        }
+    }
+    (census, problems)
 }
 
 /// Ledgers per silo, from where this node last found each.
@@ -793,7 +1281,7 @@ fn placement(node: &ClusterNode, grains: u32, silos: &[(String, u64)]) -> Vec<(S
         .map(|(silo, _)| {
             let count = (0..grains)
                 .filter(|grain| {
-                    node.location("ledger", GrainKey::U64(u64::from(*grain)))
+                    node.location(LEDGER, GrainKey::U64(u64::from(*grain)))
                         .is_some_and(|home| home.address == *silo)
                 })
                 .count();

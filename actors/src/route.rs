@@ -125,6 +125,13 @@ impl HomeLease {
         })
     }
 
+    /// A lease that has already ended (a placeholder until one is granted).
+    pub fn ended() -> Arc<HomeLease> {
+        Arc::new(HomeLease {
+            valid: AtomicBool::new(false),
+        })
+    }
+
     /// Ends the lease: references holding it ask the router again.
     pub fn invalidate(&self) {
         self.valid.store(false, Ordering::Release);

@@ -100,8 +100,18 @@ pub struct InboundRequest {
     pub kind: Kind,
     /// The sender's call chain (0: none).
     pub chain: u64,
-    /// How long the sender still waits.
+    /// How long the sender still waited when the request arrived.
     pub time_left: Duration,
+    /// When the request arrived: the sender's deadline is `received +
+    /// time_left`, however long the request then waits here.
+    pub received: std::time::Instant,
+}
+
+impl InboundRequest {
+    /// How long the sender still waits now.
+    pub fn time_left_now(&self) -> Duration {
+        self.time_left.saturating_sub(self.received.elapsed())
+    }
 }
 
 /// A request to send: a grain, a message in its wire form, and how the
@@ -136,6 +146,7 @@ impl Inbound for granary_actors::Silo {
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let silo = self.clone();
         Box::pin(async move {
+            let time_left = request.time_left_now();
             silo.receive(granary_actors::route::InboundRequest {
                 grain_type: &request.grain_type,
                 key: request.key,
@@ -143,7 +154,7 @@ impl Inbound for granary_actors::Silo {
                 payload: &request.payload,
                 kind: request.kind,
                 chain: request.chain,
-                time_left: request.time_left,
+                time_left,
             })
             .await
             .map_err(RemoteError::from)
@@ -702,6 +713,7 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                     kind,
                     chain,
                     time_left: Duration::from_micros(time_left_us),
+                    received: std::time::Instant::now(),
                 };
                 let handled = inbound.request(&shared.peer, request);
                 let shared = shared.clone();

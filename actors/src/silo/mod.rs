@@ -258,7 +258,12 @@ impl Silo {
                 .as_ref()
                 .is_some_and(|installed| Arc::ptr_eq(installed, router))
             {
-                self.inner.routed.store(false, Ordering::Release);
+                self.inner.routed.store(false, Ordering::SeqCst);
+                // A router installed between the swap and the flag's store
+                // keeps the flag set.
+                if self.inner.router.load().is_some() {
+                    self.inner.routed.store(true, Ordering::SeqCst);
+                }
             }
         }
     }

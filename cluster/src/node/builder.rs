@@ -76,6 +76,7 @@ impl NodeBuilder {
         gossip_config.phi_threshold = config.phi_threshold;
         gossip_config.death_grace = config.death_grace;
         gossip_config.load = parts.builder.first_load();
+        let death = super::fence::gossip_death(config);
         let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
             .await
             .map_err(NodeError::Membership)?;
@@ -86,6 +87,7 @@ impl NodeBuilder {
                 Box::new(membership),
                 DirectoryBackend::Partitioned,
                 None,
+                death,
             )
             .await
     }
@@ -99,6 +101,7 @@ impl NodeBuilder {
         etcd: crate::etcd::EtcdConfig,
     ) -> Result<ClusterNode, NodeError> {
         let (parts, listener, id) = self.bind().await?;
+        let ttl = etcd.ttl;
         let first_load = parts.builder.first_load();
         let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), first_load)
             .await
@@ -112,6 +115,7 @@ impl NodeBuilder {
                 Box::new(crate::provider::EtcdProvider::new(membership)),
                 directory,
                 Some(holds_lease),
+                ttl,
             )
             .await
     }

@@ -64,16 +64,26 @@ impl ClusterNode {
     /// until each has ended (its queued messages run and `on_deactivate`
     /// wrote its state), for at most the connection's call timeout.
     pub(super) async fn deactivate_homes(&self) {
-        let homes: Vec<GrainId> = self
-            .inner
-            .homes
-            .iter()
-            .map(|home| home.key().clone())
-            .collect();
-        self.inner.end_leases();
-        self.inner.homes.clear();
-        let silo = &self.inner.silo;
         let give_up = deadline_after(self.inner.config.connection.call_timeout);
+        // The caller stopped (or fenced) the node first, so no new call
+        // gets past `admit`; a call already past it holds its pin until
+        // the local silo answered it, and may be starting an activation:
+        // wait for those, so that every activation started is deactivated.
+        self.inner.end_leases();
+        while self.inner.homes.iter().any(|home| home.in_flight > 0) {
+            if Instant::now() >= give_up {
+                tracing::warn!("calls pinning homes outlived their node's leave");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut homes: Vec<GrainId> = Vec::new();
+        self.inner.homes.retain(|grain, home| {
+            home.end_lease();
+            homes.push(grain.clone());
+            false
+        });
+        let silo = &self.inner.silo;
         futures_util::future::join_all(homes.into_iter().map(|grain| async move {
             // Queued only: the activation ends later.
             if let Err(err) = silo
@@ -112,7 +122,9 @@ impl Inner {
                 payload: &request.payload,
                 kind: request.kind,
                 chain: request.chain,
-                time_left: request.time_left,
+                // Counted from when the request arrived: a registration on
+                // the way does not extend the sender's deadline.
+                time_left: request.time_left_now(),
             })
             .await
             .map_err(RemoteError::from)
@@ -123,6 +135,8 @@ impl Inner {
     /// registers it with its entry's owner. The home stays pinned until
     /// the returned guard is dropped, once the local silo has answered.
     pub(super) async fn admit(self: &Arc<Self>, grain: &GrainId) -> Result<Admitted, RemoteError> {
+        // Leases handed out from here on are checked against this.
+        let epoch = self.lease_epoch.load(Ordering::SeqCst);
         if self.stopped.load(Ordering::Acquire) || !self.holds_lease() {
             return Err(RemoteError::ShutDown);
         }
@@ -212,14 +226,29 @@ impl Inner {
             return Err(RemoteError::Retry);
         }
         // The home is confirmed with its entry's owner now: references may
-        // skip the router while that holds.
-        let lease = self
-            .homes
-            .get(grain)
-            .filter(|home| {
-                home.generation == pin.generation && home.owner.is_some() && !home.leaving
-            })
-            .map(|home| home.lease.clone());
+        // skip the router while that holds. A lease ended since is renewed
+        // here, under the entry's lock; then the node's state is checked
+        // again, so that a stop, a fence or a view change that ended leases
+        // meanwhile ends this one too (either `end_leases` sees the new
+        // lease, or this check sees what it did first).
+        let lease = self.homes.get_mut(grain).and_then(|mut home| {
+            if home.generation != pin.generation || home.owner.is_none() || home.leaving {
+                return None;
+            }
+            if !home.lease.is_valid() {
+                home.lease = HomeLease::new();
+            }
+            Some(home.lease.clone())
+        });
+        if let Some(lease) = &lease {
+            if self.lease_epoch.load(Ordering::SeqCst) != epoch
+                || self.stopped.load(Ordering::SeqCst)
+                || self.fence.is_fenced()
+                || !self.holds_lease()
+            {
+                lease.invalidate();
+            }
+        }
         Ok(Admitted {
             _pin: pin,
             _promise: promise,
@@ -230,9 +259,9 @@ impl Inner {
     /// Ends every lease handed out (a view change, or the node stopping);
     /// a home confirmed again hands out a new one.
     pub(super) fn end_leases(&self) {
-        for mut home in self.homes.iter_mut() {
+        self.lease_epoch.fetch_add(1, Ordering::SeqCst);
+        for home in self.homes.iter() {
             home.end_lease();
-            home.lease = HomeLease::new();
         }
     }
 
@@ -292,7 +321,7 @@ impl Inner {
                     maybe_registered: false,
                     leaving: false,
                     generation,
-                    lease: HomeLease::new(),
+                    lease: HomeLease::ended(),
                 });
                 Ok((None, generation))
             }

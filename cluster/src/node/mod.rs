@@ -59,9 +59,9 @@
 //!    watchdog thread, before anyone can place its grains elsewhere: it
 //!    refuses to become home to anything (`Retry`), ends its home leases,
 //!    and, once it runs again, deactivates every activation it held and
-//!    waits for them to end before it serves again (`fence.rs`). So a
-//!    silo taken for dead never serves a grain beside the activation that
-//!    replaced it.
+//!    waits for them to end before it serves again (`fence.rs`). So once
+//!    its fence lifts, it holds no activation of a grain that moved (see
+//!    `fence.rs` for what still runs while they drain).
 //! 8. **Reminders** are fired by one silo per grain: the rendezvous choice
 //!    among the silos of the view that host the grain's type; each silo
 //!    rescans the shared reminder table after every view change, and a
@@ -150,6 +150,9 @@ struct Inner {
     stopped: std::sync::atomic::AtomicBool,
     /// Fencing after a stall (rule 7, `fence.rs`).
     fence: fence::Fence,
+    /// Advanced each time every home lease is ended (a view change, a
+    /// stop, a fence): a lease granted across an advance is ended too.
+    lease_epoch: AtomicU64,
     /// Under etcd, whether the silo still holds its lease (etcd rule 6):
     /// once it does not, others may have activated its grains, so it
     /// serves nothing more.
@@ -325,6 +328,16 @@ impl ClusterNode {
             key,
         };
         self.inner.cache.get(&grain).map(|home| home.silo)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A node dropped without leaving: no reference keeps skipping its
+        // (now refusing) router.
+        for home in self.homes.iter() {
+            home.end_lease();
+        }
     }
 }
 

@@ -248,14 +248,20 @@ impl Inner {
                     self.remember(&grain, home);
                 }
                 Err(
-                    err @ ClusterCallError::Remote(RemoteError::Retry | RemoteError::Overloaded),
+                    err @ ClusterCallError::Remote(
+                        RemoteError::Retry | RemoteError::Overloaded | RemoteError::ShutDown,
+                    ),
                 ) => {
                     if Instant::now() >= settle_by {
                         return Err(call_error(err, &grain, started.elapsed()));
                     }
-                    if matches!(err, ClusterCallError::Remote(RemoteError::Retry)) {
-                        // The home is in flux (settling, or given up by
-                        // rule 6): ask the directory again next time.
+                    if matches!(
+                        err,
+                        ClusterCallError::Remote(RemoteError::Retry | RemoteError::ShutDown)
+                    ) {
+                        // The home is in flux (settling, given up by rule
+                        // 6, or its silo leaving, which hands its grains
+                        // over): ask the directory again next time.
                         self.cache.invalidate(
                             &grain,
                             &ActivationAddress {
@@ -314,6 +320,9 @@ fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallE
         ClusterCallError::Remote(RemoteError::TurnFailed(_)) => CallError::TurnFailed {
             grain: grain.clone(),
         },
+        // The home's silo is shutting down and the grain had not moved on
+        // in time: the caller may try again (reminders do).
+        ClusterCallError::Remote(RemoteError::ShutDown) => CallError::ShutDown,
         ClusterCallError::Remote(RemoteError::Timeout(_)) | ClusterCallError::Timeout(_) => {
             CallError::Timeout {
                 grain: grain.clone(),

@@ -138,7 +138,13 @@ pub(super) struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.home_side.detach();
+        // A start that failed frees the silo for another node. A node that
+        // served keeps the silo routed to its router, which refuses
+        // everything once the node is stopped or gone: the silo's
+        // activations are never reachable again without a home.
+        if self.node.get().is_none() {
+            self.home_side.detach();
+        }
     }
 }
 
@@ -199,6 +205,7 @@ impl NodeParts {
         membership: Provider,
         directory: DirectoryBackend,
         holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+        death: Duration,
     ) -> Result<ClusterNode, NodeError> {
         let NodeParts {
             ended,
@@ -239,6 +246,7 @@ impl NodeParts {
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             fence: super::fence::Fence::new(),
+            lease_epoch: AtomicU64::new(0),
             holds_lease,
             home_side: ended.home_side.clone(),
             claim: Mutex::new(None),
@@ -337,7 +345,7 @@ impl NodeParts {
                 }
             }
         });
-        let stamping = super::fence::start(&inner);
+        let stamping = super::fence::start(&inner, death);
         inner
             .tasks
             .lock()

@@ -122,29 +122,11 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         if self.silo.is_routed_now() {
-            let chain = current_chain();
-            let timeout = self.silo.inner.config.call_timeout;
-            let message = match self.leased::<M::Reply, M>(message, chain, |message, reply| {
-                Turn::Write(Box::new(move |grain, ctx| {
-                    Box::pin(async move {
-                        let _ = reply.send(grain.handle(message, ctx).await);
-                    })
-                }))
-            }) {
-                Ok(answer) => return self.answer(answer, Deadline::after(timeout)).await,
-                Err(message) => message,
-            };
-            let Some(router) = self.router() else {
-                return self
-                    .call_here(message, chain, None, Deadline::after(timeout))
-                    .await;
-            };
             return self
-                .send_routed(
-                    &router,
+                .ask_routed(
                     Kind::Call,
-                    chain,
                     message,
+                    write_turn::<G, M>,
                     |target, message, chain, deadline| async move {
                         target.call_here(message, chain, None, deadline).await
                     },
@@ -170,11 +152,7 @@ impl<G: Grain> GrainRef<G> {
         G: Handler<M>,
     {
         let (reply, answer) = oneshot::channel();
-        let turn: Turn<G> = Turn::Write(Box::new(move |grain, ctx| {
-            Box::pin(async move {
-                let _ = reply.send(grain.handle(message, ctx).await);
-            })
-        }));
+        let turn = write_turn::<G, M>(message, reply);
         self.ask(turn, answer, chain, expires, deadline).await
     }
 
@@ -238,29 +216,11 @@ impl<G: Grain> GrainRef<G> {
         G: crate::grain::ReadHandler<M>,
     {
         if self.silo.is_routed_now() {
-            let chain = current_chain();
-            let timeout = self.silo.inner.config.call_timeout;
-            let message = match self.leased::<M::Reply, M>(message, chain, |message, reply| {
-                Turn::Read(Box::new(move |grain, ctx| {
-                    Box::pin(async move {
-                        let _ = reply.send(grain.handle_read(message, ctx).await);
-                    })
-                }))
-            }) {
-                Ok(answer) => return self.answer(answer, Deadline::after(timeout)).await,
-                Err(message) => message,
-            };
-            let Some(router) = self.router() else {
-                return self
-                    .read_here(message, chain, None, Deadline::after(timeout))
-                    .await;
-            };
             return self
-                .send_routed(
-                    &router,
+                .ask_routed(
                     Kind::Read,
-                    chain,
                     message,
+                    read_turn::<G, M>,
                     |target, message, chain, deadline| async move {
                         target.read_here(message, chain, None, deadline).await
                     },
@@ -284,11 +244,7 @@ impl<G: Grain> GrainRef<G> {
         G: crate::grain::ReadHandler<M>,
     {
         let (reply, answer) = oneshot::channel();
-        let turn: Turn<G> = Turn::Read(Box::new(move |grain, ctx| {
-            Box::pin(async move {
-                let _ = reply.send(grain.handle_read(message, ctx).await);
-            })
-        }));
+        let turn = read_turn::<G, M>(message, reply);
         self.ask(turn, answer, chain, expires, deadline).await
     }
 
@@ -302,33 +258,21 @@ impl<G: Grain> GrainRef<G> {
     {
         if self.silo.is_routed_now() {
             let chain = current_chain();
-            let timeout = self.silo.inner.config.call_timeout;
-            let message = match self.leased::<(), M>(message, chain, |message, _| {
-                Turn::Write(Box::new(move |grain, ctx| {
-                    Box::pin(async move {
-                        let _ = grain.handle(message, ctx).await;
-                    })
-                }))
-            }) {
-                Ok(_) => return Ok(()),
-                Err(message) => message,
+            return match self.leased(message, chain, tell_turn::<G, M>) {
+                // Queued in the open mailbox: admitted.
+                Ok(_) => Ok(()),
+                Err(message) => {
+                    self.route_or_here(
+                        Kind::Tell,
+                        chain,
+                        message,
+                        |target, message, chain, deadline| async move {
+                            target.tell_here(message, chain, None, deadline).await
+                        },
+                    )
+                    .await
+                }
             };
-            let Some(router) = self.router() else {
-                return self
-                    .tell_here(message, chain, None, Deadline::after(timeout))
-                    .await;
-            };
-            return self
-                .send_routed(
-                    &router,
-                    Kind::Tell,
-                    chain,
-                    message,
-                    |target, message, chain, deadline| async move {
-                        target.tell_here(message, chain, None, deadline).await
-                    },
-                )
-                .await;
         }
         let timeout = self.silo.inner.config.call_timeout;
         self.tell_here(message, current_chain(), None, Deadline::after(timeout))
@@ -400,6 +344,55 @@ impl<G: Grain> GrainRef<G> {
     ) -> Result<R, CallError> {
         let grain_type = self.registered()?;
         self.reply(grain_type, answer, &mut deadline).await
+    }
+
+    /// A call or a read on a routed silo (rule 12): the leased fast path
+    /// (`turn` builds its turn), else the router.
+    async fn ask_routed<M, R, L, F>(
+        &self,
+        kind: Kind,
+        message: M,
+        turn: impl FnOnce(M, oneshot::Sender<R>) -> Turn<G>,
+        here: L,
+    ) -> Result<R, CallError>
+    where
+        M: Message,
+        R: Send + 'static,
+        L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
+        F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
+    {
+        let chain = current_chain();
+        match self.leased(message, chain, turn) {
+            Ok(answer) => {
+                let timeout = self.silo.inner.config.call_timeout;
+                self.answer(answer, Deadline::after(timeout)).await
+            }
+            Err(message) => self.route_or_here(kind, chain, message, here).await,
+        }
+    }
+
+    /// Rule 12 past the fast path: through the router, or on the local
+    /// path (`here`) where the type is never routed (a stateless worker).
+    async fn route_or_here<M, R, L, F>(
+        &self,
+        kind: Kind,
+        chain: u64,
+        message: M,
+        here: L,
+    ) -> Result<R, CallError>
+    where
+        M: Message,
+        R: Send + 'static,
+        L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
+        F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
+    {
+        match self.router() {
+            Some(router) => self.send_routed(&router, kind, chain, message, here).await,
+            None => {
+                let timeout = self.silo.inner.config.call_timeout;
+                here(self.clone(), message, chain, Deadline::after(timeout)).await
+            }
+        }
     }
 
     /// The router this reference's messages go through: the silo's, unless
@@ -760,4 +753,36 @@ pub(super) fn routed_reply<R: Send + 'static>(
                 })
         }
     }
+}
+
+/// A call's turn: `message` handled with `&mut` access, its reply sent on
+/// `reply` (rule 3).
+fn write_turn<G: Handler<M>, M: Message>(message: M, reply: oneshot::Sender<M::Reply>) -> Turn<G> {
+    Turn::Write(Box::new(move |grain, ctx| {
+        Box::pin(async move {
+            let _ = reply.send(grain.handle(message, ctx).await);
+        })
+    }))
+}
+
+/// A read's turn (rule 10).
+fn read_turn<G, M>(message: M, reply: oneshot::Sender<M::Reply>) -> Turn<G>
+where
+    G: crate::grain::ReadHandler<M>,
+    M: Message,
+{
+    Turn::Read(Box::new(move |grain, ctx| {
+        Box::pin(async move {
+            let _ = reply.send(grain.handle_read(message, ctx).await);
+        })
+    }))
+}
+
+/// A tell's turn: handled, its reply dropped.
+fn tell_turn<G: Handler<M>, M: Message>(message: M, _: oneshot::Sender<()>) -> Turn<G> {
+    Turn::Write(Box::new(move |grain, ctx| {
+        Box::pin(async move {
+            let _ = grain.handle(message, ctx).await;
+        })
+    }))
 }

@@ -121,21 +121,39 @@ impl<G: Grain> GrainRef<G> {
     where
         G: Handler<M>,
     {
-        if self.silo.is_routed_now() {
-            return self
-                .ask_routed(
-                    Kind::Call,
-                    message,
-                    write_turn::<G, M>,
-                    |target, message, chain, deadline| async move {
-                        target.call_here(message, chain, None, deadline).await
-                    },
-                )
-                .await;
-        }
-        let timeout = self.silo.inner.config.call_timeout;
-        self.call_here(message, current_chain(), None, Deadline::after(timeout))
-            .await
+        let grain_type = self.registered()?;
+        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        let answer = if self.silo.is_routed_now() {
+            let chain = current_chain();
+            match self.leased(message, chain, write_turn::<G, M>) {
+                // In the open mailbox of the grain's home here: wait below.
+                Ok(answer) => answer,
+                // Boxed, so that the lone silo's future stays as small as
+                // it was.
+                Err(message) => {
+                    return Box::pin(self.route_or_here(
+                        Kind::Call,
+                        chain,
+                        message,
+                        |target, message, chain, deadline| async move {
+                            target.call_here(message, chain, None, deadline).await
+                        },
+                    ))
+                    .await;
+                }
+            }
+        } else {
+            let (reply, answer) = oneshot::channel();
+            let envelope = Envelope::<G> {
+                chain: current_chain(),
+                keeps_alive: true,
+                expires: None,
+                turn: write_turn::<G, M>(message, reply),
+            };
+            self.deliver(grain_type, envelope, &mut deadline).await?;
+            answer
+        };
+        self.reply(grain_type, answer, &mut deadline).await
     }
 
     /// [`GrainRef::call`] on the local path, never routed: in `chain`,
@@ -216,16 +234,22 @@ impl<G: Grain> GrainRef<G> {
         G: crate::grain::ReadHandler<M>,
     {
         if self.silo.is_routed_now() {
-            return self
-                .ask_routed(
-                    Kind::Read,
-                    message,
-                    read_turn::<G, M>,
-                    |target, message, chain, deadline| async move {
-                        target.read_here(message, chain, None, deadline).await
-                    },
-                )
-                .await;
+            let chain = current_chain();
+            let timeout = self.silo.inner.config.call_timeout;
+            return match self.leased(message, chain, read_turn::<G, M>) {
+                Ok(answer) => self.answer(answer, Deadline::after(timeout)).await,
+                Err(message) => {
+                    Box::pin(self.route_or_here(
+                        Kind::Read,
+                        chain,
+                        message,
+                        |target, message, chain, deadline| async move {
+                            target.read_here(message, chain, None, deadline).await
+                        },
+                    ))
+                    .await
+                }
+            };
         }
         let timeout = self.silo.inner.config.call_timeout;
         self.read_here(message, current_chain(), None, Deadline::after(timeout))
@@ -262,14 +286,14 @@ impl<G: Grain> GrainRef<G> {
                 // Queued in the open mailbox: admitted.
                 Ok(_) => Ok(()),
                 Err(message) => {
-                    self.route_or_here(
+                    Box::pin(self.route_or_here(
                         Kind::Tell,
                         chain,
                         message,
                         |target, message, chain, deadline| async move {
                             target.tell_here(message, chain, None, deadline).await
                         },
-                    )
+                    ))
                     .await
                 }
             };
@@ -344,31 +368,6 @@ impl<G: Grain> GrainRef<G> {
     ) -> Result<R, CallError> {
         let grain_type = self.registered()?;
         self.reply(grain_type, answer, &mut deadline).await
-    }
-
-    /// A call or a read on a routed silo (rule 12): the leased fast path
-    /// (`turn` builds its turn), else the router.
-    async fn ask_routed<M, R, L, F>(
-        &self,
-        kind: Kind,
-        message: M,
-        turn: impl FnOnce(M, oneshot::Sender<R>) -> Turn<G>,
-        here: L,
-    ) -> Result<R, CallError>
-    where
-        M: Message,
-        R: Send + 'static,
-        L: FnOnce(GrainRef<G>, M, u64, Deadline) -> F + Send + 'static,
-        F: std::future::Future<Output = Result<R, CallError>> + Send + 'static,
-    {
-        let chain = current_chain();
-        match self.leased(message, chain, turn) {
-            Ok(answer) => {
-                let timeout = self.silo.inner.config.call_timeout;
-                self.answer(answer, Deadline::after(timeout)).await
-            }
-            Err(message) => self.route_or_here(kind, chain, message, here).await,
-        }
     }
 
     /// Rule 12 past the fast path: through the router, or on the local

@@ -345,8 +345,9 @@ impl Silo {
         }
     }
 
-    /// Refuses a grain type or message name this silo does not know.
-    pub(crate) fn check_named(
+    /// Refuses a grain type or message name this silo does not know (for
+    /// `kind`: reads have names of their own), as `call_named` would.
+    pub fn check_named(
         &self,
         grain_type: &str,
         message: &str,

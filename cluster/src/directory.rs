@@ -5,8 +5,11 @@
 //!
 //! 1. **Ownership.** The entry of a grain lives on one silo of the view,
 //!    chosen by rendezvous hashing of the grain's identity with each silo's
-//!    ([`owner`]): every silo that sees the same view agrees, and a change
-//!    of view moves only the entries of the silos that came or went.
+//!    ([`owner`]) among the silos that host grains (an external client,
+//!    which hosts none, owns no entry; a view where no silo says it hosts
+//!    anything counts every silo): every silo that sees the same view
+//!    agrees, and a change of view moves only the entries of the silos
+//!    that came or went.
 //! 2. **First registration wins.** [`Partition::register`] records the
 //!    proposed activation only if the grain has no entry, or its entry
 //!    names a silo that is no longer live; otherwise it returns the entry
@@ -21,8 +24,9 @@
 //!    again. A silo that leaves the view is dropped from the cache whole.
 //!
 //! The messages that carry registrations between silos, and the hand-over
-//! of entries when ownership moves, come with the directory service (issue
-//! 5, next part); these rules are what it enforces.
+//! of entries when ownership moves, are the directory service's
+//! (`node/directory_client.rs`, `node/directory_service.rs`); these rules
+//! are what it enforces.
 
 use dashmap::DashMap;
 use granary_actors::GrainId;
@@ -45,8 +49,12 @@ pub struct ActivationAddress {
 /// The silo that owns `grain`'s directory entry in `members` (rule 1).
 pub fn owner<'m>(grain: &GrainId, members: &'m [Member]) -> Option<&'m SiloId> {
     let grain = grain_key_hash(grain);
+    let any_host = members
+        .iter()
+        .any(|member| !member.load.grain_types.is_empty());
     members
         .iter()
+        .filter(|member| !any_host || !member.load.grain_types.is_empty())
         .map(|member| &member.silo)
         .max_by_key(|silo| (rendezvous(grain, silo), *silo))
 }

@@ -113,6 +113,11 @@ impl Inner {
         grain: &GrainId,
         request: &InboundRequest,
     ) -> Result<Vec<u8>, RemoteError> {
+        // A name this silo does not know is refused before the grain is
+        // made a home here (a peer built from another binary).
+        self.silo
+            .check_named(&grain.type_name, &request.message, request.kind)
+            .map_err(RemoteError::from)?;
         let _admitted = self.admit(grain).await?;
         self.home_side
             .dispatch(granary_actors::route::InboundRequest {

@@ -1050,6 +1050,20 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
         0,
         "the client hosts nothing"
     );
+    // Nor does it own directory entries: a client joining or leaving moves
+    // no grain's entry.
+    let view = client.members();
+    for key in 6000..6030u64 {
+        let grain = granary_actors::GrainId {
+            type_name: "peer".into(),
+            key: GrainKey::U64(key),
+        };
+        assert_ne!(
+            granary_cluster::directory::owner(&grain, &view),
+            Some(client.id()),
+            "the client owns grain {key}'s entry"
+        );
+    }
     assert_eq!(
         nodes[0].homes() + nodes[1].homes(),
         30,

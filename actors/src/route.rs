@@ -125,7 +125,8 @@ impl HomeLease {
         })
     }
 
-    /// A lease that has already ended (a placeholder until one is granted).
+    /// A lease that has already ended: what a home holds before the router
+    /// grants it a valid one.
     pub fn ended() -> Arc<HomeLease> {
         Arc::new(HomeLease {
             valid: AtomicBool::new(false),

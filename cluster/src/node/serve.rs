@@ -207,6 +207,8 @@ impl NodeParts {
         holds_lease: Option<Box<dyn Fn() -> bool + Send + Sync>>,
         death: Duration,
     ) -> Result<ClusterNode, NodeError> {
+        // What the node joined with (its first load) is what it hosts.
+        let hosts = self.builder.hosts();
         let NodeParts {
             ended,
             builder:
@@ -217,14 +219,9 @@ impl NodeParts {
                     transport,
                     placement,
                     needs,
-                    client,
+                    client: _,
                 },
         } = self;
-        let hosts = if client {
-            Vec::new()
-        } else {
-            silo.routed_grain_types()
-        };
         let handoff = config
             .handoff
             .unwrap_or(config.gossip_interval.saturating_mul(5));

@@ -62,7 +62,7 @@ pub use dispatch::DispatchError;
 pub use error::{ActivationError, CallError, SiloError};
 pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
 pub use key::{GrainId, GrainKey};
-pub use observers::{Observers, Subscription};
+pub use observers::{AddObserverError, ObserverRef, Observers, Subscription};
 pub use reminders::{
     LoneSilo, REMINDER_FIRED, REMINDERS, ReminderError, ReminderFired, ReminderPlacement,
 };

@@ -44,6 +44,11 @@
 //!    given up (see `silo/mod.rs`, rule 11).
 //! 6. **Stateless workers** are never routed: they are local to each silo
 //!    by design and never in a directory.
+//! 7. **Observers.** A router names its silo ([`Router::place`]) in the
+//!    observer references the silo hands out, carries notifications to
+//!    the silo a reference names ([`Router::observe`]), where they arrive
+//!    at [`HomeSide::observe`], and says whether that silo is still a
+//!    member ([`Router::is_present`]); see `observers/mod.rs`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -56,6 +61,7 @@ use tokio::time::Instant;
 use crate::dispatch::DispatchError;
 use crate::error::CallError;
 use crate::key::{GrainId, GrainKey};
+use crate::observers::{Observed, ObserverUnreachable};
 use crate::silo::Silo;
 
 /// How the sender waits (rule 4).
@@ -149,6 +155,39 @@ pub trait Router: Send + Sync + 'static {
     /// Delivers `message` to its grain's home: here through
     /// [`Outbound::deliver_here`], or elsewhere by name.
     fn dispatch(&self, message: Box<dyn Outbound>) -> BoxFuture<'_, Result<Delivered, CallError>>;
+
+    /// This silo's name among its peers, for the observer references it
+    /// hands out (rule 7); `None` (the default) keeps the silo's own name,
+    /// which no other silo can reach.
+    fn place(&self) -> Option<String> {
+        None
+    }
+
+    /// Sends a notification in its wire form to subscriber `endpoint` on
+    /// the silo named `place`, and answers what became of it there
+    /// (rule 7). The default reaches no one.
+    fn observe<'a>(
+        &'a self,
+        place: &'a str,
+        endpoint: u64,
+        type_name: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Observed, ObserverUnreachable>> {
+        let _ = (endpoint, type_name, payload);
+        Box::pin(async move {
+            Err(ObserverUnreachable {
+                place: place.to_string(),
+                reason: "this router carries no notifications".to_string(),
+            })
+        })
+    }
+
+    /// Whether the silo named `place` is still a member of what this
+    /// router reaches (rule 7). The default knows of none.
+    fn is_present(&self, place: &str) -> bool {
+        let _ = place;
+        false
+    }
 }
 
 /// A request from another silo, for a grain this silo is home to (rule 5).

@@ -1,9 +1,14 @@
 //! A grain notifies its subscribers: every subscriber sees every result in
 //! order, a slow one misses (counted) without holding anyone back, and a
-//! dropped one is unsubscribed.
+//! dropped one is unsubscribed. Subscribers made with `Silo::observe` are
+//! added by reference: on the grain's own silo on the typed path; one whose
+//! silo cannot be reached is dropped after its expiry, and counted.
+
+use std::time::Duration;
 
 use granary_actors::{
-    Grain, GrainContext, GrainKey, Handler, Message, Observers, Silo, Subscription,
+    AddObserverError, Grain, GrainContext, GrainKey, Handler, Message, ObserverRef, Observers,
+    Silo, Subscription,
 };
 
 struct Sensor {
@@ -13,8 +18,34 @@ struct Sensor {
 impl Grain for Sensor {
     fn new(_: &GrainKey) -> Sensor {
         Sensor {
-            readings: Observers::new(4),
+            readings: Observers::with_expiry(4, Duration::from_millis(300)),
         }
+    }
+}
+
+/// Adds a subscriber by reference.
+struct Watch(ObserverRef<u32>);
+impl Message for Watch {
+    type Reply = Result<(), AddObserverError>;
+}
+impl Handler<Watch> for Sensor {
+    async fn handle(
+        &mut self,
+        Watch(observer): Watch,
+        ctx: &mut GrainContext,
+    ) -> Result<(), AddObserverError> {
+        self.readings.add(ctx.silo(), observer)
+    }
+}
+
+/// The subscribers that have not gone, and those dropped as unreachable.
+struct Count;
+impl Message for Count {
+    type Reply = (usize, u64);
+}
+impl Handler<Count> for Sensor {
+    async fn handle(&mut self, _: Count, _: &mut GrainContext) -> (usize, u64) {
+        (self.readings.len(), self.readings.expired())
     }
 }
 
@@ -73,4 +104,93 @@ async fn subscribers_see_results_in_order_and_a_slow_one_holds_no_one_back() {
     silo.shutdown().await;
     // The grain is gone: its subscriptions end.
     assert_eq!(slow.next().await, None);
+}
+
+fn sensor_silo() -> Silo {
+    Silo::builder()
+        .register::<Sensor>("sensor")
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_added_by_reference_on_the_same_silo_sees_every_value_in_order() {
+    let silo = sensor_silo();
+    let sensor = silo.grain::<Sensor>("s");
+    let (observer, mut subscription) = silo.observe::<u32>(16);
+    assert_eq!(observer.place(), silo.observer_place());
+    sensor.call(Watch(observer.clone())).await.unwrap().unwrap();
+    // Adding it again changes nothing.
+    sensor.call(Watch(observer.clone())).await.unwrap().unwrap();
+    assert_eq!(sensor.call(Count).await.unwrap(), (1, 0));
+    for value in 0..10 {
+        assert_eq!(sensor.call(Publish(value)).await.unwrap(), 1);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(subscription.next().await.unwrap());
+    }
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    // Dropping the subscription removes the endpoint: the grain drops the
+    // subscriber at its next notification, and a late add is refused.
+    drop(subscription);
+    assert_eq!(sensor.call(Publish(10)).await.unwrap(), 0);
+    assert_eq!(sensor.call(Count).await.unwrap(), (0, 0));
+    assert_eq!(
+        sensor.call(Watch(observer)).await.unwrap(),
+        Err(AddObserverError::Gone)
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_of_another_type_is_refused() {
+    let silo = sensor_silo();
+    let (words, _subscription) = silo.observe::<String>(4);
+    // The reference travels as bytes, so its type is only a claim: read it
+    // back as a reference to `u32` subscribers.
+    let bytes = postcard::to_allocvec(&words).unwrap();
+    let claimed: ObserverRef<u32> = postcard::from_bytes(&bytes).unwrap();
+    let refused = silo
+        .grain::<Sensor>("s")
+        .call(Watch(claimed))
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Err(AddObserverError::WrongType { .. })),
+        "{refused:?}"
+    );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_silo_cannot_be_reached_is_dropped_after_its_expiry_and_counted() {
+    // Two silos in no cluster: neither can reach the other's endpoints.
+    let here = sensor_silo();
+    let there = sensor_silo();
+    let (observer, mut subscription) = there.observe::<u32>(4);
+    assert_ne!(observer.place(), here.observer_place());
+    let sensor = here.grain::<Sensor>("s");
+    sensor.call(Watch(observer)).await.unwrap().unwrap();
+    assert_eq!(sensor.call(Count).await.unwrap(), (1, 0));
+    // Queued for delivery, which fails; without further notifications the
+    // delivery task drops the subscriber once the 300 ms expiry has passed.
+    assert_eq!(sensor.call(Publish(1)).await.unwrap(), 1);
+    let started = std::time::Instant::now();
+    loop {
+        let (live, expired) = sensor.call(Count).await.unwrap();
+        if live == 0 {
+            assert_eq!(expired, 1);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the unreachable subscriber was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(subscription.try_next(), None);
+    here.shutdown().await;
+    there.shutdown().await;
 }

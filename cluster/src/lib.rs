@@ -92,3 +92,33 @@ impl std::fmt::Display for SiloId {
         write!(f, "{}#{}", self.address, self.incarnation)
     }
 }
+
+/// Why a text is not a [`SiloId`] written out (`address#incarnation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseSiloIdError(String);
+
+impl std::fmt::Display for ParseSiloIdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} is not a silo id (address#incarnation)", self.0)
+    }
+}
+
+impl std::error::Error for ParseSiloIdError {}
+
+impl std::str::FromStr for SiloId {
+    type Err = ParseSiloIdError;
+
+    /// Reads what `Display` writes: `address#incarnation`.
+    fn from_str(text: &str) -> Result<SiloId, ParseSiloIdError> {
+        let (address, incarnation) = text
+            .rsplit_once('#')
+            .ok_or_else(|| ParseSiloIdError(text.to_string()))?;
+        let incarnation = incarnation
+            .parse()
+            .map_err(|_| ParseSiloIdError(text.to_string()))?;
+        if address.is_empty() {
+            return Err(ParseSiloIdError(text.to_string()));
+        }
+        Ok(SiloId::new(address, incarnation))
+    }
+}

@@ -12,6 +12,8 @@
 //!   an unreachable home is an error;
 //! - a call whose deadline passes while it waits at the callee fails on
 //!   both ends, and the callee never runs it;
+//! - observers: a subscriber on silo 2 gets the notifications of a grain
+//!   on silo 1, and once silo 2 is killed the grain drops it (counted);
 //! - an external client (hosting no grains) gets the same reference, and
 //!   placement never picks it;
 //! - the failure detector's defaults: a silo whose runtime stalls for 3 s
@@ -32,7 +34,8 @@ use std::time::{Duration, Instant};
 use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
 use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
 use granary_actors::{
-    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo, SiloConfig,
+    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, ObserverRef,
+    Observers, Silo, SiloConfig,
 };
 use granary_cluster::{
     ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError, PlacementError,
@@ -368,6 +371,69 @@ impl granary_actors::ReadHandler<Read> for Peer {
     }
 }
 
+/// A grain with subscribers anywhere in the cluster.
+struct Board {
+    posts: Observers<String>,
+    silo: u64,
+}
+
+impl Grain for Board {
+    fn new(_: &GrainKey) -> Board {
+        Board {
+            posts: Observers::with_expiry(64, Duration::from_millis(500)),
+            silo: u64::MAX,
+        }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.silo = ctx.service::<SiloNumber>().map_or(u64::MAX, |n| n.0);
+        Ok(())
+    }
+}
+
+/// Adds a subscriber by reference; answers the board's silo.
+#[derive(Serialize, Deserialize)]
+struct Watch(ObserverRef<String>);
+impl Message for Watch {
+    type Reply = Result<u64, String>;
+}
+impl Handler<Watch> for Board {
+    async fn handle(
+        &mut self,
+        Watch(observer): Watch,
+        ctx: &mut GrainContext,
+    ) -> Result<u64, String> {
+        self.posts
+            .add(ctx.silo(), observer)
+            .map_err(|err| err.to_string())?;
+        Ok(self.silo)
+    }
+}
+
+/// Notifies every subscriber; answers how many it reached.
+#[derive(Serialize, Deserialize)]
+struct Post(String);
+impl Message for Post {
+    type Reply = usize;
+}
+impl Handler<Post> for Board {
+    async fn handle(&mut self, Post(text): Post, _: &mut GrainContext) -> usize {
+        self.posts.notify(&text)
+    }
+}
+
+/// The subscribers that have not gone, and those dropped as unreachable.
+#[derive(Serialize, Deserialize)]
+struct Subscribers;
+impl Message for Subscribers {
+    type Reply = (usize, u64);
+}
+impl Handler<Subscribers> for Board {
+    async fn handle(&mut self, _: Subscribers, _: &mut GrainContext) -> (usize, u64) {
+        (self.posts.len(), self.posts.expired())
+    }
+}
+
 /// Walks `path` through the reentrant `GrainContext::call`, recording a
 /// mark at each step; answers the silos it ran on.
 #[derive(Serialize, Deserialize)]
@@ -461,6 +527,10 @@ fn peer_silo(
         .message::<Peer, Mark>("mark")
         .message::<Peer, Hold>("hold")
         .read_message::<Peer, Read>("read")
+        .register::<Board>("board")
+        .message::<Board, Watch>("watch")
+        .message::<Board, Post>("post")
+        .message::<Board, Subscribers>("subscribers")
         .service(Arc::new(SiloNumber(n)))
         .service(census)
         .storage(storage)
@@ -1261,4 +1331,75 @@ async fn reminders_fire_once_per_due_time_across_the_cluster_and_survive_a_kill(
     for node in &nodes[..2] {
         let _ = node.leave().await;
     }
+}
+
+async fn observers_across_silos(net: Net, base: u16) {
+    let three = three(&net, base, Duration::from_secs(5)).await;
+    // Board 601 lives on silo 1; its subscriber on silo 2.
+    let (observer, mut subscription) = three.nodes[2].silo().observe::<String>(64);
+    assert_eq!(observer.place(), three.nodes[2].id().to_string());
+    let board_silo = three.nodes[2]
+        .grain::<Board>(601u64)
+        .call(Watch(observer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(board_silo, three.number(1));
+    // Posted from silo 0, run on silo 1, seen on silo 2, in order.
+    let board = three.nodes[0].grain::<Board>(601u64);
+    for n in 0..20 {
+        assert_eq!(board.call(Post(format!("post {n}"))).await.unwrap(), 1);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let next = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a notification did not arrive")
+            .expect("the subscription ended");
+        seen.push(next);
+    }
+    assert_eq!(
+        seen,
+        (0..20).map(|n| format!("post {n}")).collect::<Vec<_>>()
+    );
+    assert_eq!(subscription.missed(), 0);
+    assert_eq!(board.call(Subscribers).await.unwrap(), (1, 0));
+    // Silo 2 dies. The others declare it dead, and the board drops its
+    // subscriber once it has been unreachable for 500 ms, without any more
+    // notifications, and counts it.
+    let survivors = [&three.nodes[0], &three.nodes[1]];
+    three.nodes[2].kill().await.unwrap();
+    let killed = Instant::now();
+    converged(&survivors, 2).await;
+    loop {
+        let (live, expired) = board.call(Subscribers).await.unwrap();
+        if live == 0 {
+            assert_eq!(expired, 1);
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the dead silo's subscriber was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Posts now reach no one.
+    assert_eq!(board.call(Post("after".into())).await.unwrap(), 0);
+    for node in survivors {
+        let _ = node.leave().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_another_silo_is_notified_and_dropped_when_its_silo_dies_in_process() {
+    observers_across_silos(
+        Net::InProcess(InProcessNetwork::new(), ChannelTransport::default()),
+        43_800,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_another_silo_is_notified_and_dropped_when_its_silo_dies_over_tcp() {
+    observers_across_silos(Net::Tcp, 0).await;
 }

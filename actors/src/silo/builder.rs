@@ -431,6 +431,7 @@ impl SiloBuilder {
                 routed: AtomicBool::new(false),
                 ended: std::sync::Mutex::new(None),
                 listeners_set: AtomicU64::new(0),
+                observers: crate::observers::Endpoints::new(),
             }),
         };
         if let Some(runtime) = runtime {

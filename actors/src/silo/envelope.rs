@@ -110,7 +110,7 @@ pub(crate) fn fresh_chain() -> u64 {
 
 /// A random, non-zero 64-bit value: std's per-thread random hash keys,
 /// mixed with the clock and the thread's id.
-fn random_start() -> u64 {
+pub(crate) fn random_start() -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     std::thread::current().id().hash(&mut hasher);

@@ -98,7 +98,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use activation::Mailbox;
 pub use builder::{SiloBuilder, SiloConfig};
 pub use context::Timer;
-pub(crate) use envelope::{current_chain, deadline_after, fresh_chain};
+pub(crate) use envelope::{current_chain, deadline_after, fresh_chain, random_start as random_u64};
 pub use reference::GrainRef;
 
 use crate::grain::{Grain, Service, service_key};
@@ -138,6 +138,8 @@ pub(crate) struct SiloInner {
     ended: std::sync::Mutex<Option<(u64, EndedListener)>>,
     /// Numbers the listeners set.
     listeners_set: AtomicU64,
+    /// Endpoints of this silo's subscribers (`observers/endpoint.rs`).
+    observers: crate::observers::Endpoints,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the
@@ -202,6 +204,14 @@ impl fmt::Debug for Silo {
 impl Silo {
     pub(crate) fn from_inner(inner: Arc<SiloInner>) -> Silo {
         Silo { inner }
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<SiloInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn endpoints(&self) -> &crate::observers::Endpoints {
+        &self.inner.observers
     }
 
     /// A builder.

@@ -68,6 +68,12 @@
 //!    reminder registered elsewhere is announced to its owner
 //!    (`reminders.rs`).
 //!
+//! 9. **Observers** on other silos are reached through the node: a
+//!    notification travels to the silo an observer reference names, as a
+//!    request to a reserved grain type; a reference to a silo that is not
+//!    in the view reaches no one, and the grain drops that subscriber once
+//!    its expiry has passed (`observers.rs`).
+//!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
 //!
@@ -79,7 +85,8 @@
 //! provider and the load it publishes (rule 5); `router` is the calling
 //! side (rule 2); `directory_client` sends directory requests and
 //! `directory_service` answers those for entries this silo owns (rules 1
-//! to 3); `home` is the serving side of rules 2, 3, 5 and 6.
+//! to 3); `home` is the serving side of rules 2, 3, 5 and 6; `fence`,
+//! `reminders` and `observers` keep rules 7, 8 and 9.
 
 mod builder;
 mod config;
@@ -87,6 +94,7 @@ mod directory_client;
 mod directory_service;
 mod fence;
 mod home;
+mod observers;
 mod peers;
 mod reminders;
 mod router;

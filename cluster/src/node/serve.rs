@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use granary_actors::dispatch::{decode, encode};
+use granary_actors::observers::{Observed, ObserverUnreachable};
 use granary_actors::route::{Delivered, HomeSide, Outbound, Router};
 use granary_actors::{CallError, GrainId, Silo};
 
@@ -105,6 +106,10 @@ impl Inbound for NodeInbound {
                 return encode(&inner.answer_directory(asked))
                     .map_err(|err| RemoteError::Other(err.to_string()));
             }
+            // Rule 9: a notification for a subscriber here.
+            if request.grain_type == super::observers::OBSERVERS {
+                return inner.observed(&request);
+            }
             // Rule 8: another silo registered or removed a reminder of a
             // grain whose reminders this silo owns.
             if request.grain_type == super::reminders::REMINDERS {
@@ -186,6 +191,43 @@ impl Router for NodeRouter {
                 None => Err(CallError::ShutDown),
             }
         })
+    }
+
+    fn place(&self) -> Option<String> {
+        let inner = self.node.get().and_then(Weak::upgrade)?;
+        Some(inner.id.to_string())
+    }
+
+    fn observe<'a>(
+        &'a self,
+        place: &'a str,
+        endpoint: u64,
+        type_name: &'a str,
+        payload: Vec<u8>,
+    ) -> BoxFuture<'a, Result<Observed, ObserverUnreachable>> {
+        let inner = self.node.get().and_then(Weak::upgrade);
+        Box::pin(async move {
+            match inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) {
+                Some(inner) => {
+                    inner
+                        .send_observation(place, endpoint, type_name, payload)
+                        .await
+                }
+                None => Err(ObserverUnreachable {
+                    place: place.to_string(),
+                    reason: "this node has stopped".to_string(),
+                }),
+            }
+        })
+    }
+
+    fn is_present(&self, place: &str) -> bool {
+        let Some(inner) = self.node.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        place
+            .parse::<SiloId>()
+            .is_ok_and(|silo| inner.is_live(&silo))
     }
 }
 

@@ -3,9 +3,10 @@
 //! This facade re-exports the workspace crates: the ring buffer, the
 //! persistent kernels with their CPU, OpenCL and CUDA backends, the GPU
 //! bridge, the actor runtime and the cluster (see `ARCHITECTURE.md`). It
-//! also holds the `granary` CLI's demos; `granary node` and the multi-node
-//! demo are the sample in `samples/cluster-demo`, re-exported as
-//! [`cluster_demo`].
+//! also holds what the `granary` CLI runs: a cluster node from its TOML
+//! file ([`node_file`], `granary node`, hosting grains its caller passes),
+//! and the demos ([`demo`], [`ring_demo`], and [`cluster_demo`], the
+//! multi-node demo whose grains `granary node` hosts).
 
 pub use granary_actors as actors;
 pub use granary_cluster as cluster;
@@ -13,6 +14,7 @@ pub use granary_gpu as gpu;
 pub use granary_kernels as kernels;
 pub use granary_ring as ring;
 
-pub use granary_cluster_demo as cluster_demo;
+pub mod cluster_demo;
 pub mod demo;
+pub mod node_file;
 pub mod ring_demo;

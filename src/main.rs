@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use granary::cluster_demo::{self, ClusterDemoConfig, DeviceBackend, NodeFile};
+use granary::cluster_demo::{self, ClusterDemoConfig, DemoGrains};
 use granary::demo::{self, DemoConfig};
+use granary::node_file::{self, DeviceBackend, NodeFile};
 use granary::ring_demo::{self, RingDemoConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -148,7 +149,9 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime("granary node") else {
                 return ExitCode::FAILURE;
             };
-            match runtime.block_on(cluster_demo::run_node(file)) {
+            // A node hosts the multi-node demo's grains: `granary demo
+            // --nodes N` runs its silos this way.
+            match runtime.block_on(node_file::run_node(file, &DemoGrains::default())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("granary node: {err}");

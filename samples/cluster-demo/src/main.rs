@@ -1,0 +1,236 @@
+//! Sample: cluster nodes started from TOML node files, hosting grains of
+//! your own, with the `granary` library (`granary::node_file`, what
+//! `granary node` runs with the cluster demo's grains).
+//!
+//! ```text
+//! cluster-demo                  two nodes in this process, from node files
+//!                               written here; a few calls to counters
+//!                               from each, wherever the counters live
+//! cluster-demo --config FILE    one node from FILE, hosting the counters,
+//!                               until Ctrl-C
+//! ```
+//!
+//! The grains a node hosts are not in its file: the program passes them.
+//! Here that is [`counters`], a function that registers the [`Counter`]
+//! grain and its message on the node's silo; the file gives the rest
+//! (addresses, secret, storage, devices, gossip or etcd).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use granary::actors::{
+    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState,
+    SiloBuilder,
+};
+use granary::cluster::{ClusterNode, MembershipError};
+use granary::node_file::{self, NodeDevices, NodeFile, NodeRunError};
+use serde::{Deserialize, Serialize};
+
+/// A counter with persisted state, keyed by name.
+pub struct Counter {
+    state: Option<PersistentState<u64>>,
+}
+
+impl Grain for Counter {
+    fn new(_: &GrainKey) -> Counter {
+        Counter { state: None }
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        self.state = Some(ctx.load_state::<u64>().await?);
+        Ok(())
+    }
+}
+
+/// Adds to a counter; answers its total once persisted.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Add(pub u64);
+
+impl Message for Add {
+    type Reply = Result<u64, String>;
+}
+
+impl Handler<Add> for Counter {
+    async fn handle(&mut self, Add(by): Add, _: &mut GrainContext) -> Result<u64, String> {
+        let Some(state) = &mut self.state else {
+            return Err("the counter is not active".into());
+        };
+        *state.get_mut() += by;
+        state.write().await.map_err(|err| err.to_string())?;
+        Ok(*state.get())
+    }
+}
+
+/// The counter's registered name.
+pub const COUNTER: &str = "counter";
+
+/// What these nodes host: the counter, and its message by name (so that
+/// a call reaches a counter whose home is another silo).
+pub fn counters(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
+    silo.register::<Counter>(COUNTER)
+        .message::<Counter, Add>("add")
+}
+
+/// Why the sample failed.
+#[derive(Debug)]
+enum SampleError {
+    /// A node could not start or run.
+    Node(NodeRunError),
+    /// No free local port for gossip.
+    Port(std::io::Error),
+    /// The two nodes did not see each other in time.
+    NotFormed(usize),
+    /// A call failed, after retries.
+    Call(String, CallError),
+    /// A counter refused a call.
+    Counter(String, String),
+    /// A counter's total is not the sum of what was added.
+    Total(String, u64),
+    /// A node could not leave the cluster.
+    Leave(MembershipError),
+}
+
+impl fmt::Display for SampleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SampleError::Node(err) => write!(f, "{err}"),
+            SampleError::Port(err) => write!(f, "no free port: {err}"),
+            SampleError::NotFormed(seen) => {
+                write!(f, "the cluster did not form: {seen} of 2 nodes seen")
+            }
+            SampleError::Call(key, err) => write!(f, "calling counter {key}: {err}"),
+            SampleError::Counter(key, err) => write!(f, "counter {key}: {err}"),
+            SampleError::Total(key, total) => {
+                write!(f, "counter {key} holds {total}, not 3")
+            }
+            SampleError::Leave(err) => write!(f, "leaving: {err}"),
+        }
+    }
+}
+
+impl From<NodeRunError> for SampleError {
+    fn from(err: NodeRunError) -> SampleError {
+        SampleError::Node(err)
+    }
+}
+
+/// A node file for a node on loopback that gossips on `gossip` and joins
+/// through `seed`: the text a real deployment keeps in a file.
+fn node_file(gossip: SocketAddr, seed: SocketAddr) -> Result<NodeFile, NodeRunError> {
+    NodeFile::from_toml(&format!(
+        r#"
+cluster = "sample"
+secret = "the sample cluster's secret"
+listen = "127.0.0.1:0"
+gossip = "{gossip}"
+seeds = ["{seed}"]
+gossip_interval_ms = 100
+storage = {{ kind = "memory" }}
+devices = {{ backend = "cpu", memory_mib = 64 }}
+"#
+    ))
+}
+
+/// A free local UDP port.
+fn free_gossip_address() -> Result<SocketAddr, SampleError> {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(SampleError::Port)
+}
+
+/// Adds `by` to counter `key` through `node`, retrying while the cluster
+/// settles (a call may fail while a view change is handed over).
+async fn add(node: &ClusterNode, key: &str, by: u64) -> Result<u64, SampleError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match node.grain::<Counter>(key).call(Add(by)).await {
+            Ok(Ok(total)) => return Ok(total),
+            Ok(Err(err)) => return Err(SampleError::Counter(key.to_string(), err)),
+            Err(err) if Instant::now() > deadline => {
+                return Err(SampleError::Call(key.to_string(), err));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Two nodes in this process, from node files; each adds to every
+/// counter, and the counters' totals and homes are printed.
+async fn two_nodes() -> Result<(), SampleError> {
+    let (gossip_a, gossip_b) = (free_gossip_address()?, free_gossip_address()?);
+    let a = node_file::start_node(&node_file(gossip_a, gossip_a)?, &counters).await?;
+    let b = node_file::start_node(&node_file(gossip_b, gossip_a)?, &counters).await?;
+    println!("nodes: {} and {}", a.id(), b.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.members().len() < 2 || b.members().len() < 2 {
+        if Instant::now() > deadline {
+            return Err(SampleError::NotFormed(
+                a.members().len().min(b.members().len()),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for key in ["apples", "pears", "plums", "figs"] {
+        add(&a, key, 1).await?;
+        let total = add(&b, key, 2).await?;
+        if total != 3 {
+            return Err(SampleError::Total(key.to_string(), total));
+        }
+        let home = b
+            .location(COUNTER, GrainKey::from(key))
+            .map_or_else(|| "unknown".to_string(), |home| home.to_string());
+        println!("counter {key}: total {total} after a call from each node; lives on {home}");
+    }
+    println!(
+        "homes: {} on {}, {} on {}",
+        a.homes(),
+        a.id(),
+        b.homes(),
+        b.id()
+    );
+    b.leave().await.map_err(SampleError::Leave)?;
+    a.leave().await.map_err(SampleError::Leave)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match args.as_slice() {
+        [] => None,
+        [flag, path] if flag == "--config" => Some(PathBuf::from(path)),
+        _ => {
+            eprintln!("usage: cluster-demo [--config FILE]");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cluster-demo: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match config {
+        None => runtime.block_on(two_nodes()),
+        Some(path) => NodeFile::load(&path)
+            .map_err(SampleError::Node)
+            .and_then(|file| {
+                runtime
+                    .block_on(node_file::run_node(file, &counters))
+                    .map_err(SampleError::Node)
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cluster-demo: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

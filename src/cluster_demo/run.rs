@@ -1,0 +1,411 @@
+//! The demo's run: silo processes started from node files, the load, the
+//! kill, and the checks afterwards.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use granary_actors::GrainKey;
+use granary_cluster::ClusterNode;
+
+use super::DemoGrains;
+use super::grains::{
+    AUDITOR, AUDITORS, Apply, Audit, Auditor, Inspect, Inspector, LEDGER, Ledger, Read,
+    SiloActivity, auditor_of,
+};
+use super::report::ClusterDemoReport;
+use crate::node_file::{
+    DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, StorageFile, start_node,
+};
+
+/// How a multi-node demo runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDemoConfig {
+    /// Silo processes (at least 2: one is killed).
+    pub nodes: u32,
+    /// Ledgers driven.
+    pub grains: u32,
+    /// Sequential calls per ledger.
+    pub calls: u32,
+    /// The silos' device backend.
+    pub backend: DeviceBackend,
+    /// etcd endpoints: membership and the directory in etcd instead of
+    /// gossip (a build with the `etcd` feature).
+    pub etcd: Option<Vec<String>>,
+}
+
+impl Default for ClusterDemoConfig {
+    fn default() -> ClusterDemoConfig {
+        ClusterDemoConfig {
+            nodes: 3,
+            grains: 48,
+            calls: 40,
+            backend: DeviceBackend::Cpu,
+            etcd: None,
+        }
+    }
+}
+
+/// The demo's grace before a silent silo is declared dead, in
+/// milliseconds (the default is 4000).
+const DEMO_DEATH_GRACE_MS: u64 = 500;
+
+/// A free local port for TCP and one for UDP.
+fn free_ports() -> Result<(u16, u16), NodeRunError> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|err| NodeRunError(format!("no free port: {err}")))?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(|err| NodeRunError(format!("no free port: {err}")))?;
+    Ok((tcp.port(), udp.port()))
+}
+
+/// Kills the child processes when dropped, whatever happens.
+struct Children(Vec<(std::process::Child, String)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the multi-node demo (see the module docs); `progress` gets the
+/// number of calls acknowledged so far.
+pub async fn run_cluster_demo(
+    config: ClusterDemoConfig,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<ClusterDemoReport, NodeRunError> {
+    if config.nodes < 2 || config.grains == 0 || config.calls < 2 {
+        return Err(NodeRunError(
+            "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("granary-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|err| NodeRunError(err.to_string()))?;
+    let storage = StorageFile::Sqlite {
+        path: dir.join("grains.sqlite"),
+    };
+    let secret = "granary demo cluster secret".to_string();
+    // Under etcd, a cluster name of this run's own: keys of an earlier run
+    // (its leases expiring) are not this cluster's.
+    let cluster = match &config.etcd {
+        Some(_) => format!("demo-{}", std::process::id()),
+        None => "demo".to_string(),
+    };
+    let etcd = config.etcd.as_ref().map(|endpoints| EtcdFile {
+        endpoints: endpoints.clone(),
+        ttl_secs: Some(2),
+    });
+    let exe = std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?;
+    let mut gossip_seed = None;
+    let mut children = Children(Vec::new());
+    let mut silos = Vec::new();
+    for n in 0..config.nodes {
+        let (tcp, udp) = free_ports()?;
+        let gossip: SocketAddr = SocketAddr::from(([127, 0, 0, 1], udp));
+        let seed = *gossip_seed.get_or_insert(gossip);
+        // Different memory per silo, so placement has a choice to make.
+        let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);
+        let file = NodeFile {
+            cluster: cluster.clone(),
+            secret: secret.clone(),
+            listen: format!("127.0.0.1:{tcp}"),
+            gossip,
+            seeds: vec![seed.to_string()],
+            gossip_interval_ms: Some(100),
+            phi_threshold: None,
+            // The demo kills a silo on purpose: fail over within a second
+            // or two rather than the default grace's six.
+            death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
+            storage: storage.clone(),
+            devices: DevicesFile {
+                backend: config.backend,
+                memory_mib: Some(memory),
+                none: false,
+            },
+            etcd: etcd.clone(),
+        };
+        let path = dir.join(format!("node-{n}.toml"));
+        let text = file.to_toml()?;
+        std::fs::write(&path, text).map_err(|err| NodeRunError(err.to_string()))?;
+        let log = std::fs::File::create(dir.join(format!("node-{n}.log")))
+            .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
+        let child = std::process::Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
+        children.0.push((child, file.listen.clone()));
+        silos.push((file.listen.clone(), memory));
+    }
+    // This process joins too, with no devices: it routes, hosts no ledger.
+    let (_, udp) = free_ports()?;
+    let me = NodeFile {
+        cluster: cluster.clone(),
+        secret,
+        listen: "127.0.0.1:0".into(),
+        gossip: SocketAddr::from(([127, 0, 0, 1], udp)),
+        seeds: vec![gossip_seed.map(|seed| seed.to_string()).unwrap_or_default()],
+        gossip_interval_ms: Some(100),
+        phi_threshold: None,
+        death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
+        storage: storage.clone(),
+        devices: DevicesFile {
+            none: true,
+            ..DevicesFile::default()
+        },
+        etcd: etcd.clone(),
+    };
+    let node = start_node(&me, &DemoGrains::default()).await?;
+    // Wait for every silo, with its devices.
+    let expected = config.nodes as usize + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let members = node.members();
+        let with_devices = members
+            .iter()
+            .filter(|m| !m.load.devices.is_empty())
+            .count();
+        if members.len() == expected && with_devices == config.nodes as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(NodeRunError(format!(
+                "the cluster did not form: {} of {expected} silos seen, {with_devices} of {} \
+                 with devices; the silos' logs are in {}",
+                members.len(),
+                config.nodes,
+                dir.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
+        let watched = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let members: Vec<String> = watched
+                    .members()
+                    .iter()
+                    .map(|m| m.silo.to_string())
+                    .collect();
+                eprintln!("view: {members:?}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let progress = Arc::new(progress);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let notified = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let crossed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let halfway = Arc::new(tokio::sync::Barrier::new(config.grains as usize + 1));
+    let started = Instant::now();
+    let drivers: Vec<_> = (0..config.grains)
+        .map(|grain| {
+            let (node, progress, done, retried, halfway) = (
+                node.clone(),
+                progress.clone(),
+                done.clone(),
+                retried.clone(),
+                halfway.clone(),
+            );
+            let (notified, crossed) = (notified.clone(), crossed.clone());
+            let calls = config.calls;
+            tokio::spawn(async move {
+                let ledger = node.grain::<Ledger>(u64::from(grain));
+                let mut latencies = Vec::with_capacity(calls as usize);
+                for seq in 1..=u64::from(calls) {
+                    if seq == u64::from(calls / 2) + 1 {
+                        halfway.wait().await;
+                    }
+                    let apply = Apply { seq, amount: seq };
+                    loop {
+                        let sent = Instant::now();
+                        match ledger.call(apply).await {
+                            Ok(Ok(applied)) if applied.state.applied >= seq => {
+                                latencies.push(sent.elapsed());
+                                if let Some(notice) = applied.notified {
+                                    notified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    if notice.crossed() {
+                                        crossed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    }
+                                }
+                                break;
+                            }
+                            other => {
+                                if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
+                                    eprintln!("ledger {grain} seq {seq}: {other:?}");
+                                }
+                                retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                    let now = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    progress(now);
+                }
+                latencies
+            })
+        })
+        .collect();
+    // Halfway: every ledger is placed; kill the silo hosting the most.
+    halfway.wait().await;
+    let before = placement(&node, config.grains, &silos);
+    let killed = before
+        .iter()
+        .max_by_key(|(_, count)| *count)
+        .map(|(silo, _)| silo.clone())
+        .unwrap_or_default();
+    if let Some((child, _)) = children.0.iter_mut().find(|(_, listen)| *listen == killed) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut latencies = Vec::new();
+    for driver in drivers {
+        latencies.extend(
+            driver
+                .await
+                .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?,
+        );
+    }
+    let elapsed = started.elapsed();
+    // Every ledger must hold every acknowledged call: the sum 1..=calls.
+    let want = u64::from(config.calls) * (u64::from(config.calls) + 1) / 2;
+    let mut lost = Vec::new();
+    for grain in 0..config.grains {
+        match node.grain::<Ledger>(u64::from(grain)).call(Read).await {
+            Ok(state) if state.total == want && state.applied == u64::from(config.calls) => {}
+            Ok(state) => lost.push(format!("ledger {grain}: {state:?}")),
+            Err(err) => lost.push(format!("ledger {grain}: {err}")),
+        }
+    }
+    // Every auditor must count every step of each of its ledgers: each
+    // was acknowledged (the ledger answers only after its auditor did).
+    let auditors = AUDITORS.min(u64::from(config.grains));
+    let mut audit_lost = Vec::new();
+    for auditor in 0..auditors {
+        match node.grain::<Auditor>(auditor).call(Audit).await {
+            Ok(audit) => {
+                for ledger in (0..u64::from(config.grains)).filter(|l| auditor_of(*l) == auditor) {
+                    let entry = audit.ledgers.get(&ledger).copied().unwrap_or_default();
+                    let calls = u64::from(config.calls);
+                    if entry.notes != calls || entry.last_seq != calls {
+                        audit_lost.push(format!("auditor {auditor}, ledger {ledger}: {entry:?}"));
+                    }
+                }
+            }
+            Err(err) => audit_lost.push(format!("auditor {auditor}: {err}")),
+        }
+    }
+    // Where each ledger answered that last read from.
+    let after = placement(&node, config.grains, &silos);
+    let (census, duplicates) = census(&node, &silos, &killed, config.grains, auditors).await;
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let report = ClusterDemoReport {
+        silos,
+        before,
+        after,
+        killed,
+        calls: latencies.len() as u64,
+        retried: retried.load(std::sync::atomic::Ordering::Relaxed),
+        p50: at(0.5),
+        p99: at(0.99),
+        elapsed,
+        lost,
+        notified: notified.load(std::sync::atomic::Ordering::Relaxed),
+        crossed: crossed.load(std::sync::atomic::Ordering::Relaxed),
+        audit_lost,
+        census,
+        duplicates,
+    };
+    let _ = node.leave().await;
+    drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// Each live silo's activations, asked of the inspector placed on it, and
+/// this process's own; with the ledgers and auditors active on more than
+/// one silo (and silos that did not answer).
+async fn census(
+    node: &ClusterNode,
+    silos: &[(String, u64)],
+    killed: &str,
+    ledgers: u32,
+    auditors: u64,
+) -> (Vec<SiloActivity>, Vec<String>) {
+    let inspect = Inspect {
+        ledgers: u64::from(ledgers),
+        auditors,
+    };
+    let mut census = Vec::new();
+    let mut problems = Vec::new();
+    for (silo, _) in silos.iter().filter(|(silo, _)| silo != killed) {
+        match node.grain::<Inspector>(silo.as_str()).call(inspect).await {
+            Ok(Ok(activity)) => census.push(activity),
+            Ok(Err(err)) => problems.push(format!("census of {silo}: {err}")),
+            Err(err) => problems.push(format!("census of {silo}: {err}")),
+        }
+    }
+    census.push(SiloActivity {
+        silo: format!("{} (this client)", node.id().address),
+        live: node.silo().live_activations(),
+        ledgers: (0..u64::from(ledgers))
+            .filter(|key| node.silo().is_active_named(LEDGER, &GrainKey::U64(*key)))
+            .collect(),
+        auditors: (0..auditors)
+            .filter(|key| node.silo().is_active_named(AUDITOR, &GrainKey::U64(*key)))
+            .collect(),
+    });
+    for (grain_type, keys, of) in [
+        (
+            LEDGER,
+            u64::from(ledgers),
+            (|silo: &SiloActivity| &silo.ledgers) as fn(&SiloActivity) -> &Vec<u64>,
+        ),
+        (AUDITOR, auditors, |silo: &SiloActivity| &silo.auditors),
+    ] {
+        for key in 0..keys {
+            let homes: Vec<&str> = census
+                .iter()
+                .filter(|silo| of(silo).contains(&key))
+                .map(|silo| silo.silo.as_str())
+                .collect();
+            if homes.len() > 1 {
+                problems.push(format!("{grain_type} {key} on {}", homes.join(" and ")));
+            }
+        }
+    }
+    (census, problems)
+}
+
+/// Ledgers per silo, from where this node last found each.
+fn placement(node: &ClusterNode, grains: u32, silos: &[(String, u64)]) -> Vec<(String, usize)> {
+    silos
+        .iter()
+        .map(|(silo, _)| {
+            let count = (0..grains)
+                .filter(|grain| {
+                    node.location(LEDGER, GrainKey::U64(u64::from(*grain)))
+                        .is_some_and(|home| home.address == *silo)
+                })
+                .count();
+            (silo.clone(), count)
+        })
+        .collect()
+}

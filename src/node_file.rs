@@ -1,0 +1,442 @@
+//! A silo of a cluster from a TOML file: what `granary node --config FILE`
+//! runs.
+//!
+//! The file ([`NodeFile`]) says where the node listens and gossips, the
+//! cluster's name and secret, the failure detector's settings, where grain
+//! state is kept ([`StorageFile`]), which devices the node lends grains
+//! ([`DevicesFile`]) and, in a build with the `etcd` feature, the etcd that
+//! holds membership and the directory instead of gossip ([`EtcdFile`]).
+//!
+//! The grains a node hosts are not in the file: the program that starts
+//! the node passes them as a [`NodeGrains`], which registers its grain
+//! types and messages on the silo and may set the node's placement and its
+//! grains' device needs. `granary node` hosts the cluster demo's grains
+//! ([`crate::cluster_demo::DemoGrains`]); a program of your own passes its
+//! own (`samples/cluster-demo` shows one):
+//!
+//! ```no_run
+//! use granary::actors::SiloBuilder;
+//! use granary::node_file::{self, NodeDevices, NodeFile, NodeRunError};
+//! # use granary::actors::{Grain, GrainKey};
+//! # struct Counter;
+//! # impl Grain for Counter { fn new(_: &GrainKey) -> Counter { Counter } }
+//!
+//! # async fn run() -> Result<(), NodeRunError> {
+//! let file = NodeFile::load("node.toml".as_ref())?;
+//! let grains = |silo: SiloBuilder, _: &NodeDevices| silo.register::<Counter>("counter");
+//! node_file::run_node(file, &grains).await
+//! # }
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use granary_actors::{Silo, SiloBuilder, StorageProvider};
+use granary_cluster::{
+    ClusterNode, ClusterSecret, GpuNeeds, NodeBuilder, NodeConfig, TcpTransport,
+};
+use granary_gpu::{GpuBridge, Requirements};
+use granary_kernels::BackendKind;
+use granary_kernels::shipped;
+use serde::{Deserialize, Serialize};
+
+/// A node's TOML configuration (`granary node --config FILE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The cluster's secret (at least 16 bytes).
+    pub secret: String,
+    /// Where to listen for other silos.
+    pub listen: String,
+    /// Where to gossip (UDP).
+    pub gossip: SocketAddr,
+    /// Gossip addresses to join through.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// How often to gossip, in milliseconds (default 200).
+    #[serde(default)]
+    pub gossip_interval_ms: Option<u64>,
+    /// Phi above which a silent silo is suspected: about how many gossip
+    /// intervals of silence that takes (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phi_threshold: Option<f64>,
+    /// How long a suspected silo stays in the view before it is declared
+    /// dead, in milliseconds (default 4000). A silo is declared dead after
+    /// about `phi_threshold × gossip_interval_ms + death_grace_ms` of
+    /// silence: lower is faster failover and more false deaths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub death_grace_ms: Option<u64>,
+    /// Where grain state is kept.
+    pub storage: StorageFile,
+    /// The devices this node offers.
+    #[serde(default)]
+    pub devices: DevicesFile,
+    /// Membership and the grain directory in etcd instead of gossip (the
+    /// `etcd` build feature); `gossip` and `seeds` are then not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdFile>,
+}
+
+/// Where a node keeps grain state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageFile {
+    /// In memory: lost with the process.
+    Memory,
+    /// An embedded redb file (one process per file).
+    Redb {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A SQLite file, shared by the processes of one machine.
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A PostgreSQL server.
+    Postgres {
+        /// Its connection string.
+        url: String,
+    },
+}
+
+/// Where a node finds etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    /// etcd's client endpoints (`http://10.0.0.9:2379`).
+    pub endpoints: Vec<String>,
+    /// Seconds a silo that stops answering stays in the view (default 6).
+    pub ttl_secs: Option<u64>,
+}
+
+/// The devices a node offers grains.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesFile {
+    /// Which backend's devices: `cpu` (the default), `opencl` or `cuda`.
+    /// With `opencl` or `cuda` the CPU stays as the fallback for requests;
+    /// grains whose device needs name the node's backend
+    /// ([`NodeDevices::needs`]) are placed on that backend's devices only.
+    #[serde(default)]
+    pub backend: DeviceBackend,
+    /// The most memory this node lends on each device, in MiB (default:
+    /// what the device has free). Silos that share a device each take a
+    /// share. `cpu_memory_mib` is the older name.
+    #[serde(alias = "cpu_memory_mib")]
+    pub memory_mib: Option<u64>,
+    /// Offer no devices at all: the node only routes (it joins as a
+    /// client, `NodeBuilder::client`, and hosts no grain).
+    #[serde(default)]
+    pub none: bool,
+}
+
+/// A node's device backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceBackend {
+    /// The CPU backend: a thread runs each kernel loop.
+    #[default]
+    Cpu,
+    /// OpenCL devices (a runtime must be installed).
+    #[value(name = "opencl")]
+    OpenCl,
+    /// CUDA GPUs (a driver, NVRTC and a GPU must be present).
+    Cuda,
+}
+
+impl DeviceBackend {
+    /// The bridge's name for it.
+    pub fn kind(self) -> BackendKind {
+        match self {
+            DeviceBackend::Cpu => BackendKind::Cpu,
+            DeviceBackend::OpenCl => BackendKind::OpenCl,
+            DeviceBackend::Cuda => BackendKind::Cuda,
+        }
+    }
+}
+
+/// Why a node could not start or run: the file, its storage, its devices,
+/// the cluster, or the node stopping by itself; the message names which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRunError(pub String);
+
+impl fmt::Display for NodeRunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for NodeRunError {}
+
+impl NodeFile {
+    /// Reads and checks the TOML file at `path`.
+    pub fn load(path: &Path) -> Result<NodeFile, NodeRunError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?;
+        NodeFile::from_toml(&text).map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
+    }
+
+    /// Reads and checks a node's configuration from TOML text.
+    pub fn from_toml(text: &str) -> Result<NodeFile, NodeRunError> {
+        toml::from_str(text).map_err(|err| NodeRunError(err.to_string()))
+    }
+
+    /// The file as TOML text (what [`NodeFile::from_toml`] reads back).
+    pub fn to_toml(&self) -> Result<String, NodeRunError> {
+        toml::to_string(self).map_err(|err| NodeRunError(err.to_string()))
+    }
+}
+
+/// What a node's file gave it in devices: told to [`NodeGrains`], so that
+/// grains can be pointed at the node's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeDevices {
+    /// The backend the file names (the CPU by default).
+    pub backend: DeviceBackend,
+    /// Whether the node lends devices at all: `false` for a node whose file
+    /// says `devices = { none = true }`, which joins as a client, serves
+    /// no GPU bridge and hosts no grain.
+    pub offered: bool,
+}
+
+impl NodeDevices {
+    /// Bridge requirements for the node's backend: what a grain passes
+    /// when it allocates or runs on a device, so that it uses the backend
+    /// the file names rather than the CPU fallback.
+    pub fn requirements(&self) -> Requirements {
+        Requirements {
+            backend: Some(self.backend.kind()),
+            ..Requirements::default()
+        }
+    }
+
+    /// Placement needs of a grain that keeps `device_memory` bytes on a
+    /// device of the node's backend (for [`NodeBuilder::needs`]).
+    pub fn needs(&self, device_memory: u64) -> GpuNeeds {
+        GpuNeeds {
+            device_memory,
+            backend: Some(format!("{:?}", self.backend.kind())),
+            ..GpuNeeds::default()
+        }
+    }
+}
+
+/// The grains a node hosts, and how the cluster treats them: what a
+/// program passes to [`start_node`] and [`run_node`] besides the file.
+///
+/// A function `Fn(SiloBuilder, &NodeDevices) -> SiloBuilder` is one: it
+/// registers the grain types and their messages, and nothing else.
+pub trait NodeGrains: Send + Sync {
+    /// Registers the grain types this node hosts (a client node registers
+    /// them too, for their message names), their messages, and any silo
+    /// services they need. The node then sets the file's storage and, where
+    /// the node lends devices, serves its GPU bridge to grains
+    /// (`ctx.service::<GpuBridge>()`).
+    fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder;
+
+    /// Sets the node's placement and its grains' device needs (by default
+    /// nothing: `ClusterNode::builder`'s GPU-aware placement with a
+    /// rendezvous-hash fallback, and no needs).
+    fn configure(&self, node: NodeBuilder, devices: &NodeDevices) -> NodeBuilder {
+        let _ = devices;
+        node
+    }
+
+    /// Told once the node has joined the cluster (by default nothing).
+    fn started(&self, node: &ClusterNode) {
+        let _ = node;
+    }
+}
+
+impl<F> NodeGrains for F
+where
+    F: Fn(SiloBuilder, &NodeDevices) -> SiloBuilder + Send + Sync,
+{
+    fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder {
+        self(silo, devices)
+    }
+}
+
+async fn open_storage(file: &StorageFile) -> Result<Arc<dyn StorageProvider>, NodeRunError> {
+    let fail = |err: granary_actors::StorageError| NodeRunError(format!("storage: {err}"));
+    Ok(match file {
+        StorageFile::Memory => Arc::new(granary_actors::MemoryStorage::new()),
+        StorageFile::Redb { path } => {
+            Arc::new(granary_actors::RedbStorage::open(path).map_err(fail)?)
+        }
+        StorageFile::Sqlite { path } => {
+            Arc::new(granary_actors::SqliteStorage::open(path).map_err(fail)?)
+        }
+        StorageFile::Postgres { url } => Arc::new(
+            granary_actors::PostgresStorage::connect(url)
+                .await
+                .map_err(fail)?,
+        ),
+    })
+}
+
+/// The GPU bridge the file's devices describe (with the shipped kernels),
+/// or `None` for a node that lends none.
+fn open_bridge(devices: &DevicesFile) -> Result<Option<Arc<GpuBridge>>, NodeRunError> {
+    if devices.none {
+        return Ok(None);
+    }
+    let mut builder = GpuBridge::builder().kernels(shipped::ALL);
+    builder = match devices.backend {
+        DeviceBackend::Cpu => builder,
+        DeviceBackend::OpenCl => builder.backend(Arc::new(
+            granary_kernels::opencl::OpenClBackend::discover()
+                .map_err(|err| NodeRunError(format!("devices: OpenCL: {err}")))?,
+        )),
+        DeviceBackend::Cuda => builder.backend(Arc::new(
+            granary_kernels::cuda::CudaBackend::discover()
+                .map_err(|err| NodeRunError(format!("devices: CUDA: {err}")))?,
+        )),
+    };
+    if let Some(mib) = devices.memory_mib {
+        let bytes = mib
+            .checked_mul(1 << 20)
+            .ok_or_else(|| NodeRunError(format!("devices: memory_mib {mib} is too large")))?;
+        builder = builder.device_memory_limit(bytes);
+    }
+    Ok(Some(Arc::new(
+        builder
+            .build()
+            .map_err(|err| NodeRunError(format!("bridge: {err}")))?,
+    )))
+}
+
+/// The node's settings from the file: addresses, seeds and the failure
+/// detector (load is published as often as the node gossips).
+fn node_config(file: &NodeFile) -> Result<NodeConfig, NodeRunError> {
+    let secret = ClusterSecret::new(file.secret.as_bytes().to_vec())
+        .map_err(|err| NodeRunError(err.to_string()))?;
+    let mut config = NodeConfig::new(
+        file.cluster.clone(),
+        secret,
+        file.listen.clone(),
+        file.gossip,
+        file.seeds.clone(),
+    );
+    if let Some(ms) = file.gossip_interval_ms {
+        config.gossip_interval = Duration::from_millis(ms.max(1));
+    }
+    if let Some(phi) = file.phi_threshold {
+        config.phi_threshold = phi;
+    }
+    if let Some(ms) = file.death_grace_ms {
+        config.death_grace = Duration::from_millis(ms);
+    }
+    config.load_interval = config.gossip_interval;
+    Ok(config)
+}
+
+/// Starts the node `file` describes, hosting `grains`; returns once it has
+/// joined (through gossip, or etcd where the file names one).
+///
+/// The silo gets the grains' registrations, the file's storage and, unless
+/// the file says `devices = { none = true }`, a GPU bridge with the shipped
+/// kernels on the file's backend, lending at most `memory_mib` per device;
+/// a node with no devices joins as a client. The node listens over TCP.
+pub async fn start_node(
+    file: &NodeFile,
+    grains: &dyn NodeGrains,
+) -> Result<ClusterNode, NodeRunError> {
+    let config = node_config(file)?;
+    let storage = open_storage(&file.storage).await?;
+    let bridge = open_bridge(&file.devices)?;
+    let devices = NodeDevices {
+        backend: file.devices.backend,
+        offered: !file.devices.none,
+    };
+    let mut silo = grains.register(Silo::builder(), &devices).storage(storage);
+    if let Some(bridge) = bridge {
+        silo = silo.service(bridge);
+    }
+    let silo = silo
+        .build()
+        .map_err(|err| NodeRunError(format!("silo: {err}")))?;
+    let mut builder = grains.configure(
+        ClusterNode::builder(silo, config).transport(Arc::new(TcpTransport)),
+        &devices,
+    );
+    if file.devices.none {
+        builder = builder.client();
+    }
+    let node = match &file.etcd {
+        None => builder
+            .start(&granary_cluster::gossip::UdpTransport)
+            .await
+            .map_err(|err| NodeRunError(err.to_string()))?,
+        Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await?,
+    };
+    grains.started(&node);
+    Ok(node)
+}
+
+#[cfg(feature = "etcd")]
+async fn start_with_etcd(
+    builder: NodeBuilder,
+    cluster: &str,
+    etcd: &EtcdFile,
+) -> Result<ClusterNode, NodeRunError> {
+    let mut config = granary_cluster::etcd::EtcdConfig::new(cluster, etcd.endpoints.clone());
+    if let Some(secs) = etcd.ttl_secs {
+        config.ttl = Duration::from_secs(secs);
+    }
+    builder
+        .start_with_etcd(config)
+        .await
+        .map_err(|err| NodeRunError(err.to_string()))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_with_etcd(
+    _: NodeBuilder,
+    _: &str,
+    _: &EtcdFile,
+) -> Result<ClusterNode, NodeRunError> {
+    Err(NodeRunError(
+        "etcd: this granary was built without the etcd feature \
+         (cargo build --release --features etcd; it needs protoc)"
+            .into(),
+    ))
+}
+
+/// Runs the node `file` describes, hosting `grains`, until Ctrl-C, then
+/// leaves gracefully. Under etcd, a node that loses its lease stops
+/// serving by itself: that ends the run with an error (a restart rejoins
+/// as a new incarnation).
+pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), NodeRunError> {
+    let node = start_node(&file, grains).await?;
+    println!(
+        "granary node: {} in cluster {:?}, gossip on {}",
+        node.id(),
+        file.cluster,
+        file.gossip
+    );
+    let stopped = async {
+        while !node.is_stopped() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted.map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))?;
+        }
+        () = stopped => {
+            return Err(NodeRunError(
+                "the node stopped serving: it lost its etcd lease; restart it to rejoin".into(),
+            ));
+        }
+    }
+    node.leave()
+        .await
+        .map_err(|err| NodeRunError(err.to_string()))
+}

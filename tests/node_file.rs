@@ -1,0 +1,131 @@
+//! `granary::node_file`: a node's TOML file read and checked, and a node
+//! started from one hosting the grains its caller passes (not the
+//! cluster demo's).
+
+use std::time::{Duration, Instant};
+
+use granary::actors::{Grain, GrainContext, GrainKey, Handler, Message, SiloBuilder};
+use granary::node_file::{
+    DeviceBackend, NodeDevices, NodeFile, NodeGrains, StorageFile, start_node,
+};
+use serde::{Deserialize, Serialize};
+
+/// The README's example file.
+const README_FILE: &str = r#"
+cluster = "prod"
+secret = "at least sixteen bytes, the same on every silo"
+listen = "10.0.0.5:7000"          # other silos connect here (TCP)
+gossip = "10.0.0.5:7100"          # membership (UDP)
+seeds = ["10.0.0.4:7100"]
+storage = { kind = "postgres", url = "postgres://granary@db/granary" }
+devices = { backend = "cuda", memory_mib = 40960 }  # or "opencl", "cpu" (the default)
+"#;
+
+#[test]
+fn the_readme_file_reads_back_as_written() {
+    let file = NodeFile::from_toml(README_FILE).expect("the README's file is valid");
+    assert_eq!(file.cluster, "prod");
+    assert_eq!(file.devices.backend, DeviceBackend::Cuda);
+    assert_eq!(file.devices.memory_mib, Some(40960));
+    assert!(matches!(file.storage, StorageFile::Postgres { .. }));
+    assert_eq!(file.etcd, None);
+    let text = file.to_toml().expect("a file writes as TOML");
+    assert_eq!(NodeFile::from_toml(&text), Ok(file));
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let err = NodeFile::from_toml(&format!("{README_FILE}colour = \"blue\"\n"))
+        .expect_err("an unknown key is refused");
+    assert!(err.to_string().contains("colour"), "{err}");
+}
+
+/// A grain of the caller's own.
+struct Echo;
+
+impl Grain for Echo {
+    fn new(_: &GrainKey) -> Echo {
+        Echo
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Say(String);
+
+impl Message for Say {
+    type Reply = String;
+}
+
+impl Handler<Say> for Echo {
+    async fn handle(&mut self, Say(text): Say, _: &mut GrainContext) -> String {
+        text
+    }
+}
+
+fn echoes(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
+    silo.register::<Echo>("echo").message::<Echo, Say>("say")
+}
+
+fn lone_node(devices: &str) -> NodeFile {
+    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port");
+    NodeFile::from_toml(&format!(
+        "cluster = \"node-file-test\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\n\
+         gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n{devices}"
+    ))
+    .expect("a valid file")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_hosts_the_grains_its_caller_passes() {
+    let node = start_node(&lone_node("devices = { memory_mib = 16 }\n"), &echoes)
+        .await
+        .expect("the node starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        match node.grain::<Echo>("a").call(Say("hello".into())).await {
+            Ok(answer) => break answer,
+            Err(err) if Instant::now() > deadline => panic!("the call failed: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(answer, "hello");
+    assert!(node.silo().is_active_named("echo", &GrainKey::from("a")));
+    node.leave().await.expect("the node leaves");
+}
+
+/// Grains that also say when their node has started.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Option<String>>);
+
+impl NodeGrains for Told {
+    fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder {
+        echoes(silo, devices)
+    }
+
+    fn started(&self, node: &granary::cluster::ClusterNode) {
+        if let Ok(mut told) = self.0.lock() {
+            *told = Some(node.id().address.clone());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_devices_is_a_client_and_says_when_it_started() {
+    let told = Told::default();
+    let node = start_node(&lone_node("devices = { none = true }\n"), &told)
+        .await
+        .expect("the node starts");
+    assert_eq!(
+        told.0.lock().expect("not poisoned").as_deref(),
+        Some(node.id().address.as_str())
+    );
+    // A client hosts nothing: with no other silo, a call has nowhere to go.
+    let echo = node.grain::<Echo>("a");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), echo.call(Say("hello".into()))).await;
+    assert!(!matches!(answer, Ok(Ok(_))), "{answer:?}");
+    assert!(!node.silo().is_active_named("echo", &GrainKey::from("a")));
+    node.leave().await.expect("the node leaves");
+}

@@ -42,12 +42,141 @@ pub trait Grain: Send + Sync + Sized + 'static {
 }
 
 /// A message a grain handles, with the type of its reply.
+///
+/// Derive it: `#[derive(Message)]` with `#[message(reply = T)]` (the
+/// reply defaults to `()`) implements this trait and [`NamedMessage`].
 pub trait Message: Send + 'static {
     /// What the handler answers.
     type Reply: Send + 'static;
 }
 
+/// A message with a stable name: the name it travels under between silos
+/// when a grain type accepts it by name ([`GrainType`]). Names, not Rust
+/// types, cross the network, so silos built from different binaries agree
+/// on them; names are per grain type.
+///
+/// `#[derive(Message)]` implements it: the name is the type's identifier,
+/// or `#[message(name = "...")]`.
+///
+/// ```
+/// use granary_actors::{Message, NamedMessage};
+///
+/// #[derive(Message)]
+/// #[message(reply = u64, name = "add")]
+/// struct Add(u64);
+///
+/// #[derive(Message)]
+/// struct Reset;
+///
+/// assert_eq!(Add::NAME, "add");
+/// assert_eq!(Reset::NAME, "Reset");
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` has no stable message name",
+    label = "not a `NamedMessage`",
+    note = "derive it: `#[derive(Message)]`, with `#[message(name = \"...\")]` to choose the name"
+)]
+pub trait NamedMessage: Message {
+    /// The stable name, unique among the messages of each grain type that
+    /// accepts this one.
+    const NAME: &'static str;
+}
+
+/// A grain type that registers itself: its stable name, how it is
+/// activated, and the messages it accepts by name from other silos.
+/// [`SiloBuilder::host`](crate::SiloBuilder::host) registers all of it in
+/// one line.
+///
+/// Derive it: `#[derive(GrainType)]` with `#[grain(name = "ledger",
+/// messages(Apply), reads(Balance), remindable)]` (or
+/// `stateless(max_workers = 8)` for a stateless worker). What the derive
+/// lists is checked when the crate compiles: each message must be handled
+/// (`Handler`, or `ReadHandler` for reads), be a [`NamedMessage`] and
+/// serialise with its reply, and no two messages of the type may share a
+/// name.
+///
+/// ```
+/// use granary_actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(GrainType)]
+/// #[grain(name = "counter", messages(Add))]
+/// struct Counter(u64);
+/// impl Grain for Counter {
+///     fn new(_: &GrainKey) -> Counter {
+///         Counter(0)
+///     }
+/// }
+///
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[message(reply = u64, name = "add")]
+/// struct Add(u64);
+/// impl Handler<Add> for Counter {
+///     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+///         self.0 += n;
+///         self.0
+///     }
+/// }
+///
+/// let silo = Silo::builder().host::<Counter>().build()?;
+/// assert_eq!(Counter::NAME, "counter");
+/// assert_eq!(silo.grain_type_name::<Counter>(), Some("counter"));
+/// assert_eq!(silo.message_name::<Counter, Add>(), Some("add"));
+/// # Ok::<(), granary_actors::SiloError>(())
+/// ```
+///
+/// By hand, for a generic grain (one implementation per instantiation,
+/// each under a name of its own):
+///
+/// ```
+/// use granary_actors::{Grain, GrainKey, GrainType, Registration, Silo};
+///
+/// struct Cache<T>(Option<T>);
+/// impl<T: Send + Sync + 'static> Grain for Cache<T> {
+///     fn new(_: &GrainKey) -> Cache<T> {
+///         Cache(None)
+///     }
+/// }
+/// impl GrainType for Cache<String> {
+///     const NAME: &'static str = "cache.string";
+///     fn accepts(registration: Registration<Self>) -> Registration<Self> {
+///         registration
+///     }
+/// }
+///
+/// let silo = Silo::builder().host::<Cache<String>>().build()?;
+/// assert_eq!(silo.grain_type_name::<Cache<String>>(), Some("cache.string"));
+/// # Ok::<(), granary_actors::SiloError>(())
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not declare its grain type name and messages",
+    label = "not a `GrainType`",
+    note = "derive it: `#[derive(GrainType)]` with `#[grain(name = \"...\", messages(...))]`, \
+            or register it explicitly with `SiloBuilder::register`"
+)]
+pub trait GrainType: Grain {
+    /// The grain type's stable name: what silos and cluster nodes know it
+    /// by, unique in the silo.
+    const NAME: &'static str;
+
+    /// `Some(max_workers)` for a stateless worker, with up to that many
+    /// activations per key (rule 9 of `silo/mod.rs`); `None`, the default,
+    /// for a grain with one activation per key.
+    const STATELESS: Option<usize> = None;
+
+    /// Registers the messages this grain type accepts by name, its reads,
+    /// and whether it is remindable, through `registration`'s typed
+    /// methods.
+    fn accepts(registration: crate::Registration<Self>) -> crate::Registration<Self>;
+}
+
 /// `G` handles messages of type `M`, one turn at a time.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not handle `{M}`",
+    label = "no `impl Handler<{M}> for {Self}`",
+    note = "a grain accepts the messages it implements `Handler` for (read-only ones: `ReadHandler`, \
+            listed under `reads(...)`)"
+)]
 pub trait Handler<M: Message>: Grain {
     /// Handles one message. Turns of one activation never overlap.
     fn handle(
@@ -60,6 +189,12 @@ pub trait Handler<M: Message>: Grain {
 /// `G` answers messages of type `M` without changing itself: such reads
 /// may run interleaved with each other (never with a [`Handler`] turn).
 /// Send them with `GrainRef::read`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not handle `{M}` as a read",
+    label = "no `impl ReadHandler<{M}> for {Self}`",
+    note = "`reads(...)` lists read-only messages, handled by `ReadHandler`; \
+            messages handled by `Handler` go under `messages(...)`"
+)]
 pub trait ReadHandler<M: Message>: Grain {
     /// Handles one read-only message.
     fn handle_read(&self, message: M, ctx: &GrainContext) -> impl Future<Output = M::Reply> + Send;

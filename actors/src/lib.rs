@@ -7,18 +7,19 @@
 //! written down in `docs/runtime-semantics.md`.
 //!
 //! ```
-//! use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+//! use granary_actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo};
 //!
+//! #[derive(GrainType)]
+//! #[grain(name = "counter")]
 //! struct Counter(u64);
 //! impl Grain for Counter {
 //!     fn new(_: &GrainKey) -> Counter {
 //!         Counter(0)
 //!     }
 //! }
+//! #[derive(Message)]
+//! #[message(reply = u64)]
 //! struct Add(u64);
-//! impl Message for Add {
-//!     type Reply = u64;
-//! }
 //! impl Handler<Add> for Counter {
 //!     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
 //!         self.0 += n;
@@ -27,7 +28,7 @@
 //! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! let silo = Silo::builder().register::<Counter>("counter").build()?;
+//! let silo = Silo::builder().host::<Counter>().build()?;
 //! let counter = silo.grain::<Counter>("alice");
 //! assert_eq!(counter.call(Add(2)).await?, 2);
 //! assert_eq!(counter.call(Add(3)).await?, 5);
@@ -35,6 +36,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
+//!
+//! A grain type declares its stable name, and the messages it accepts by
+//! name from other silos (`messages(...)`, `reads(...)`), once with
+//! `#[derive(GrainType)]`; `#[derive(Message)]` names each message. The
+//! derives come from `granary-macros` (`actors/macros`) and are checked
+//! when the crate compiles.
 //!
 //! It provides grains, messages and handlers, keys,
 //! activation on demand, turns, call-chain reentrancy, read-only
@@ -46,6 +53,11 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+
+// The derives name this crate `::granary_actors`, from users' crates and
+// from this crate's own code and tests alike.
+#[doc(hidden)]
+extern crate self as granary_actors;
 
 pub mod dispatch;
 mod error;
@@ -60,17 +72,44 @@ pub mod storage;
 
 pub use dispatch::DispatchError;
 pub use error::{ActivationError, CallError, SiloError};
-pub use grain::{Grain, GrainContext, Handler, Message, ReadHandler};
+pub use grain::{Grain, GrainContext, GrainType, Handler, Message, NamedMessage, ReadHandler};
+/// `#[derive(GrainType)]`: see [`GrainType`](trait@GrainType).
+pub use granary_macros::GrainType;
+/// `#[derive(Message)]`: see [`Message`](trait@Message) and
+/// [`NamedMessage`].
+pub use granary_macros::Message;
 pub use key::{GrainId, GrainKey};
 pub use observers::{AddObserverError, ObserverRef, Observers, Subscription};
 pub use reminders::{
     LoneSilo, REMINDER_FIRED, REMINDERS, ReminderError, ReminderFired, ReminderPlacement,
 };
 pub use silo::{
-    ActivationEnd, EndedListener, EndedListenerGuard, GrainRef, Silo, SiloBuilder, SiloConfig,
-    Timer,
+    ActivationEnd, EndedListener, EndedListenerGuard, GrainRef, Registration, Silo, SiloBuilder,
+    SiloConfig, Timer,
 };
 pub use storage::{
     DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,
     ReminderRow, ReminderTable, SqliteStorage, StorageError, StorageProvider,
 };
+
+/// What the derives' generated code calls; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    /// Whether `a` and `b` are the same string, in a `const`: the
+    /// compile-time check that a grain type's messages have distinct
+    /// names.
+    pub const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}

@@ -130,6 +130,10 @@ impl Message for ReminderFired {
     type Reply = ();
 }
 
+impl crate::grain::NamedMessage for ReminderFired {
+    const NAME: &'static str = REMINDER_FIRED;
+}
+
 /// Decides which silo fires which grain's reminders (rule 2). A cluster
 /// node installs one on its silo with `Silo::set_reminder_placement` (every
 /// silo's placement should name one owner per grain for a given view, such

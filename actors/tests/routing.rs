@@ -13,8 +13,8 @@ use futures_util::future::BoxFuture;
 use granary_actors::DispatchError;
 use granary_actors::route::{Delivered, HomeSide, InboundRequest, Outbound, Router};
 use granary_actors::{
-    CallError, Grain, GrainContext, GrainId, GrainKey, Handler, Message, ReadHandler, Silo,
-    SiloConfig,
+    CallError, Grain, GrainContext, GrainId, GrainKey, GrainType, Handler, Message, NamedMessage,
+    ReadHandler, Silo, SiloConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,8 @@ struct Census {
 static CENSUS: OnceLock<Census> = OnceLock::new();
 
 /// A node of a path; remembers what it handled, in order.
+#[derive(GrainType)]
+#[grain(name = "node", messages(Walk, Mark, Slow), reads(Peek))]
 struct Node {
     key: u64,
     seen: Vec<String>,
@@ -127,7 +129,8 @@ struct SiloNumber(u64);
 
 /// Walks `path`, through `GrainContext::call` (reentrant); answers the
 /// sum of the keys visited and the silos they ran on.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "walk", reply = Result<Walked, String>)]
 struct Walk {
     path: Vec<u64>,
     /// How long the last node waits before answering, in ms.
@@ -138,10 +141,6 @@ struct Walk {
 struct Walked {
     sum: u64,
     silos: Vec<u64>,
-}
-
-impl Message for Walk {
-    type Reply = Result<Walked, String>;
 }
 
 impl Handler<Walk> for Node {
@@ -170,11 +169,9 @@ impl Handler<Walk> for Node {
 }
 
 /// Records a mark; answers what the node has seen so far.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "mark", reply = Vec<String>)]
 struct Mark(String);
-impl Message for Mark {
-    type Reply = Vec<String>;
-}
 impl Handler<Mark> for Node {
     async fn handle(&mut self, Mark(mark): Mark, _: &mut GrainContext) -> Vec<String> {
         self.seen.push(mark);
@@ -183,11 +180,9 @@ impl Handler<Mark> for Node {
 }
 
 /// What the node has seen, as a read.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "peek", reply = (u64, Vec<String>))]
 struct Peek;
-impl Message for Peek {
-    type Reply = (u64, Vec<String>);
-}
 impl ReadHandler<Peek> for Node {
     async fn handle_read(&self, _: Peek, _: &GrainContext) -> (u64, Vec<String>) {
         (self.silo, self.seen.clone())
@@ -195,13 +190,11 @@ impl ReadHandler<Peek> for Node {
 }
 
 /// Counts its runs (process-wide) after holding for `ms`.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "slow")]
 struct Slow(u64);
 static SLOW_RUNS: AtomicU64 = AtomicU64::new(0);
 static SLOW_STARTED: AtomicU64 = AtomicU64::new(0);
-impl Message for Slow {
-    type Reply = ();
-}
 impl Handler<Slow> for Node {
     async fn handle(&mut self, Slow(ms): Slow, _: &mut GrainContext) {
         SLOW_STARTED.fetch_add(1, Ordering::SeqCst);
@@ -220,6 +213,8 @@ impl Handler<Local> for Node {
 }
 
 /// A stateless worker: answers the silo it ran on.
+#[derive(GrainType)]
+#[grain(name = "worker", stateless(max_workers = 2))]
 struct Worker;
 impl Grain for Worker {
     fn new(_: &GrainKey) -> Worker {
@@ -248,12 +243,8 @@ fn cluster(count: usize, call_timeout: Duration) -> Cluster {
     let mut homes = Vec::new();
     for n in 0..count {
         let silo = Silo::builder()
-            .register::<Node>("node")
-            .message::<Node, Walk>("walk")
-            .message::<Node, Mark>("mark")
-            .message::<Node, Slow>("slow")
-            .read_message::<Node, Peek>("peek")
-            .register_stateless::<Worker>("worker", 2)
+            .host::<Node>()
+            .host::<Worker>()
             .service(Arc::new(SiloNumber(n as u64)))
             .config(SiloConfig {
                 call_timeout,
@@ -485,11 +476,16 @@ async fn a_message_without_a_name_to_a_remote_home_is_a_typed_error() {
         .unwrap();
     // Names a silo does not know are refused, and the silo keeps serving.
     let unknown = cluster.silos[0]
-        .call_named("node", GrainKey::from(701u64), "no-such", &[])
+        .call_named(Node::NAME, GrainKey::from(701u64), "no-such", &[])
         .await;
     assert!(unknown.is_err());
     let garbage = cluster.silos[0]
-        .call_named("node", GrainKey::from(701u64), "mark", &[0xff, 0xff, 0xff])
+        .call_named(
+            Node::NAME,
+            GrainKey::from(701u64),
+            Mark::NAME,
+            &[0xff, 0xff, 0xff],
+        )
         .await;
     assert!(garbage.is_err(), "{garbage:?}");
     cluster.silos[0]
@@ -515,7 +511,7 @@ async fn stateless_workers_stay_local_and_named_calls_are_routed() {
     // A named call on a routed silo goes to the grain's home.
     let payload = granary_actors::dispatch::encode(&Mark("named".into())).unwrap();
     let reply = cluster.silos[0]
-        .call_named("node", GrainKey::from(801u64), "mark", &payload)
+        .call_named(Node::NAME, GrainKey::from(801u64), Mark::NAME, &payload)
         .await
         .unwrap();
     let seen: Vec<String> = granary_actors::dispatch::decode(&reply).unwrap();

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
 use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
 use granary_actors::{
-    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, ObserverRef,
-    Observers, Silo, SiloConfig,
+    ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
+    ObserverRef, Observers, Silo, SiloConfig,
 };
 use granary_cluster::{
     ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError, PlacementError,
@@ -46,6 +46,8 @@ use serde::{Deserialize, Serialize};
 /// A stateless worker (local to each silo) whose handler blocks its
 /// thread: on a single-worker runtime, the whole silo stalls, gossip
 /// included.
+#[derive(GrainType)]
+#[grain(name = "staller", stateless(max_workers = 1))]
 struct Staller;
 
 impl Grain for Staller {
@@ -88,7 +90,7 @@ fn config(n: u16, base: u16) -> NodeConfig {
 
 fn silo() -> Silo {
     Silo::builder()
-        .register_stateless::<Staller>("staller", 1)
+        .host::<Staller>()
         .storage(Arc::new(MemoryStorage::new()))
         .build()
         .unwrap()
@@ -258,6 +260,8 @@ impl Census {
 struct SiloNumber(u64);
 
 /// A peer: persisted counts of touches and bumps, and the census.
+#[derive(GrainType)]
+#[grain(name = "peer", messages(Touch, Bump, Walk, Mark, Hold), reads(Read))]
 struct Peer {
     key: u64,
     silo: u64,
@@ -315,7 +319,8 @@ impl Peer {
 /// Counts a touch, then bumps `others` (grains on other silos), each
 /// through the grain reference a handler gets; answers the counts written
 /// and how many bumps were acknowledged.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "touch", reply = Result<Touched, String>)]
 struct Touch {
     others: Vec<u64>,
 }
@@ -324,10 +329,6 @@ struct Touch {
 struct Touched {
     counts: Counts,
     bumped: Vec<u64>,
-}
-
-impl Message for Touch {
-    type Reply = Result<Touched, String>;
 }
 
 impl Handler<Touch> for Peer {
@@ -343,11 +344,9 @@ impl Handler<Touch> for Peer {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "bump", reply = Result<Counts, String>)]
 struct Bump;
-impl Message for Bump {
-    type Reply = Result<Counts, String>;
-}
 impl Handler<Bump> for Peer {
     async fn handle(&mut self, _: Bump, _: &mut GrainContext) -> Result<Counts, String> {
         self.write(|counts| counts.bumped += 1).await
@@ -355,11 +354,9 @@ impl Handler<Bump> for Peer {
 }
 
 /// The persisted counts, as a read.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "read", reply = (u64, Counts, Vec<String>))]
 struct Read;
-impl Message for Read {
-    type Reply = (u64, Counts, Vec<String>);
-}
 impl granary_actors::ReadHandler<Read> for Peer {
     async fn handle_read(&self, _: Read, _: &GrainContext) -> (u64, Counts, Vec<String>) {
         let counts = self
@@ -372,6 +369,8 @@ impl granary_actors::ReadHandler<Read> for Peer {
 }
 
 /// A grain with subscribers anywhere in the cluster.
+#[derive(GrainType)]
+#[grain(name = "board", messages(Watch, Post, Subscribers))]
 struct Board {
     posts: Observers<String>,
     silo: u64,
@@ -392,11 +391,9 @@ impl Grain for Board {
 }
 
 /// Adds a subscriber by reference; answers the board's silo.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "watch", reply = Result<u64, String>)]
 struct Watch(ObserverRef<String>);
-impl Message for Watch {
-    type Reply = Result<u64, String>;
-}
 impl Handler<Watch> for Board {
     async fn handle(
         &mut self,
@@ -411,11 +408,9 @@ impl Handler<Watch> for Board {
 }
 
 /// Notifies every subscriber; answers how many it reached.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "post", reply = usize)]
 struct Post(String);
-impl Message for Post {
-    type Reply = usize;
-}
 impl Handler<Post> for Board {
     async fn handle(&mut self, Post(text): Post, _: &mut GrainContext) -> usize {
         self.posts.notify(&text)
@@ -423,11 +418,9 @@ impl Handler<Post> for Board {
 }
 
 /// The subscribers that have not gone, and those dropped as unreachable.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "subscribers", reply = (usize, u64))]
 struct Subscribers;
-impl Message for Subscribers {
-    type Reply = (usize, u64);
-}
 impl Handler<Subscribers> for Board {
     async fn handle(&mut self, _: Subscribers, _: &mut GrainContext) -> (usize, u64) {
         (self.posts.len(), self.posts.expired())
@@ -436,13 +429,11 @@ impl Handler<Subscribers> for Board {
 
 /// Walks `path` through the reentrant `GrainContext::call`, recording a
 /// mark at each step; answers the silos it ran on.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "walk", reply = Result<Vec<u64>, String>)]
 struct Walk {
     path: Vec<u64>,
     pause_ms: u64,
-}
-impl Message for Walk {
-    type Reply = Result<Vec<u64>, String>;
 }
 impl Handler<Walk> for Peer {
     async fn handle(&mut self, walk: Walk, ctx: &mut GrainContext) -> Result<Vec<u64>, String> {
@@ -466,11 +457,9 @@ impl Handler<Walk> for Peer {
 }
 
 /// Records a mark (a tell).
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "mark")]
 struct Mark(String);
-impl Message for Mark {
-    type Reply = ();
-}
 impl Handler<Mark> for Peer {
     async fn handle(&mut self, Mark(mark): Mark, _: &mut GrainContext) {
         self.seen.push(mark);
@@ -478,13 +467,11 @@ impl Handler<Mark> for Peer {
 }
 
 /// Holds the grain for `ms`, then counts a run (process-wide).
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "hold")]
 struct Hold(u64);
 static HOLDS_STARTED: AtomicU64 = AtomicU64::new(0);
 static HOLDS_RUN: AtomicU64 = AtomicU64::new(0);
-impl Message for Hold {
-    type Reply = ();
-}
 impl Handler<Hold> for Peer {
     async fn handle(&mut self, Hold(ms): Hold, _: &mut GrainContext) {
         HOLDS_STARTED.fetch_add(1, Ordering::SeqCst);
@@ -520,17 +507,8 @@ fn peer_silo(
     timeout: Duration,
 ) -> Silo {
     Silo::builder()
-        .register::<Peer>("peer")
-        .message::<Peer, Touch>("touch")
-        .message::<Peer, Bump>("bump")
-        .message::<Peer, Walk>("walk")
-        .message::<Peer, Mark>("mark")
-        .message::<Peer, Hold>("hold")
-        .read_message::<Peer, Read>("read")
-        .register::<Board>("board")
-        .message::<Board, Watch>("watch")
-        .message::<Board, Post>("post")
-        .message::<Board, Subscribers>("subscribers")
+        .host::<Peer>()
+        .host::<Board>()
         .service(Arc::new(SiloNumber(n)))
         .service(census)
         .storage(storage)
@@ -947,10 +925,8 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
     };
     let start = |n: u16, network: InProcessNetwork, gossip_net: ChannelTransport| {
         let silo = Silo::builder()
-            .register::<Peer>("peer")
-            .message::<Peer, Touch>("touch")
-            .read_message::<Peer, Read>("read")
-            .register_stateless::<Staller>("staller", 1)
+            .host::<Peer>()
+            .host::<Staller>()
             .service(Arc::new(SiloNumber(u64::from(n))))
             .service(census.clone())
             .storage(storage.clone())
@@ -1125,7 +1101,7 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
     let view = client.members();
     for key in 6000..6030u64 {
         let grain = granary_actors::GrainId {
-            type_name: "peer".into(),
+            type_name: Peer::NAME.into(),
             key: GrainKey::U64(key),
         };
         assert_ne!(
@@ -1151,6 +1127,8 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
 #[derive(Default)]
 struct Fires(Mutex<Vec<(u64, Instant, u64)>>);
 
+#[derive(GrainType)]
+#[grain(name = "alarm", messages(Arm), remindable)]
 struct Alarm {
     key: u64,
 }
@@ -1181,13 +1159,11 @@ impl Handler<granary_actors::ReminderFired> for Alarm {
 
 /// Registers the alarm's reminder: first due after `due_ms`, every
 /// `period_ms`.
-#[derive(Serialize, Deserialize)]
+#[derive(Message, Serialize, Deserialize)]
+#[message(name = "arm", reply = Result<(), String>)]
 struct Arm {
     due_ms: u64,
     period_ms: u64,
-}
-impl Message for Arm {
-    type Reply = Result<(), String>;
 }
 impl Handler<Arm> for Alarm {
     async fn handle(&mut self, arm: Arm, ctx: &mut GrainContext) -> Result<(), String> {
@@ -1221,9 +1197,7 @@ async fn reminders_fire_once_per_due_time_across_the_cluster_and_survive_a_kill(
         config.death_grace = Duration::from_millis(200);
         config.load_interval = Duration::from_millis(50);
         let silo = Silo::builder()
-            .register::<Alarm>("alarm")
-            .message::<Alarm, Arm>("arm")
-            .remindable::<Alarm>()
+            .host::<Alarm>()
             .service(Arc::new(SiloNumber(u64::from(n))))
             .service(fires.clone())
             .storage(storage.clone())

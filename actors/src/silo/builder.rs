@@ -6,6 +6,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use super::registry::{Entry, GrainType};
 use super::{Silo, SiloInner};
 use crate::error::SiloError;
-use crate::grain::{Grain, Handler, Message, Service, service_key};
+use crate::grain::{Grain, Handler, Message, NamedMessage, ReadHandler, Service, service_key};
 use crate::mailbox;
 use crate::storage::{MemoryStorage, StorageProvider};
 
@@ -51,24 +52,33 @@ impl Default for SiloConfig {
 /// may travel between silos, services, storage and settings. Mistakes in
 /// registration are refused by `build`, not at the first call.
 ///
+/// A grain type declares its name and the messages it accepts by name
+/// once, with `#[derive(GrainType)]` and `#[derive(Message)]`, and
+/// [`host`](SiloBuilder::host) registers it in one line: the documented
+/// way. [`register`](SiloBuilder::register),
+/// [`message`](SiloBuilder::message) and
+/// [`read_message`](SiloBuilder::read_message) are the explicit form, for
+/// types that do not implement [`GrainType`](crate::GrainType).
+///
 /// ```
 /// use std::sync::Arc;
 /// use granary_actors::{
-///     Grain, GrainContext, GrainKey, Handler, MemoryStorage, Message, Silo, SiloConfig, SiloError,
+///     Grain, GrainContext, GrainKey, GrainType, Handler, MemoryStorage, Message, Silo,
+///     SiloConfig, SiloError,
 /// };
 /// use serde::{Deserialize, Serialize};
 ///
+/// #[derive(GrainType)]
+/// #[grain(name = "account", messages(Deposit))]
 /// struct Account(i64);
 /// impl Grain for Account {
 ///     fn new(_: &GrainKey) -> Account {
 ///         Account(0)
 ///     }
 /// }
-/// #[derive(Serialize, Deserialize)]
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[message(reply = i64, name = "deposit")]
 /// struct Deposit(i64);
-/// impl Message for Deposit {
-///     type Reply = i64;
-/// }
 /// impl Handler<Deposit> for Account {
 ///     async fn handle(&mut self, Deposit(n): Deposit, _: &mut GrainContext) -> i64 {
 ///         self.0 += n;
@@ -77,14 +87,14 @@ impl Default for SiloConfig {
 /// }
 ///
 /// let silo = Silo::builder()
-///     .register::<Account>("account")
-///     .message::<Account, Deposit>("deposit") // by name, from other silos
+///     .host::<Account>() // "account", taking "deposit" from other silos
 ///     .storage(Arc::new(MemoryStorage::new()))
 ///     .config(SiloConfig::default())
 ///     .build()?;
 /// assert_eq!(silo.grain_type_name::<Account>(), Some("account"));
 ///
-/// // A name registered twice is refused when the silo is built.
+/// // The explicit form registers the same names; a name registered twice
+/// // is refused when the silo is built.
 /// let twice = Silo::builder()
 ///     .register::<Account>("account")
 ///     .message::<Account, Deposit>("deposit")
@@ -149,7 +159,74 @@ impl SiloBuilder {
         }
     }
 
-    /// Registers grain type `G` under the stable `name`.
+    /// Registers grain type `G` as it declares itself ([`GrainType`]):
+    /// under its stable name, as a stateless worker if it is one, with the
+    /// messages and reads it accepts by name, and as remindable if it is.
+    /// The documented way to register a grain type: one line per type, no
+    /// name written twice, every message checked when the crate compiles
+    /// (see `#[derive(GrainType)]`). What only the whole silo can see, a
+    /// name taken by two grain types or a type hosted twice, is refused by
+    /// [`SiloBuilder::build`].
+    ///
+    /// [`GrainType`]: crate::GrainType
+    ///
+    /// ```
+    /// use granary_actors::{
+    ///     Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo, SiloError,
+    /// };
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(GrainType)]
+    /// #[grain(name = "account", messages(Deposit))]
+    /// struct Account(i64);
+    /// impl Grain for Account {
+    ///     fn new(_: &GrainKey) -> Account {
+    ///         Account(0)
+    ///     }
+    /// }
+    ///
+    /// #[derive(Message, Serialize, Deserialize)]
+    /// #[message(reply = i64, name = "deposit")]
+    /// struct Deposit(i64);
+    /// impl Handler<Deposit> for Account {
+    ///     async fn handle(&mut self, Deposit(n): Deposit, _: &mut GrainContext) -> i64 {
+    ///         self.0 += n;
+    ///         self.0
+    ///     }
+    /// }
+    ///
+    /// #[derive(GrainType)]
+    /// #[grain(name = "thumbnailer", stateless(max_workers = 4))]
+    /// struct Thumbnailer;
+    /// impl Grain for Thumbnailer {
+    ///     fn new(_: &GrainKey) -> Thumbnailer {
+    ///         Thumbnailer
+    ///     }
+    /// }
+    ///
+    /// let silo = Silo::builder().host::<Account>().host::<Thumbnailer>().build()?;
+    /// assert_eq!(silo.message_name::<Account, Deposit>(), Some("deposit"));
+    ///
+    /// // A type hosted twice is refused when the silo is built.
+    /// let twice = Silo::builder().host::<Account>().host::<Account>().build();
+    /// assert!(matches!(twice, Err(SiloError::DuplicateName(name)) if name == "account"));
+    /// # Ok::<(), SiloError>(())
+    /// ```
+    pub fn host<G: crate::GrainType>(self) -> SiloBuilder {
+        let builder = match G::STATELESS {
+            Some(max_workers) => self.register_stateless::<G>(G::NAME, max_workers),
+            None => self.register::<G>(G::NAME),
+        };
+        G::accepts(Registration {
+            builder,
+            grain: PhantomData,
+        })
+        .builder
+    }
+
+    /// Registers grain type `G` under the stable `name`: the explicit form
+    /// of [`SiloBuilder::host`], for a type that does not implement
+    /// [`GrainType`](crate::GrainType).
     pub fn register<G: Grain>(self, name: &str) -> SiloBuilder {
         self.register_with_workers::<G>(name, 1, false)
     }
@@ -271,7 +348,8 @@ impl SiloBuilder {
     }
 
     /// Registers message type `M` of grain type `G`, already registered,
-    /// under the stable `name`: a message that arrives by name (from
+    /// under the stable `name` (the explicit form of what
+    /// [`Registration::message`] does for a hosted type): a message that arrives by name (from
     /// another silo, through `Silo::call_named`) is decoded from the wire
     /// form and handled as a local call would be, and a grain reference on
     /// a routed silo sends `M` under this name to a home on another silo
@@ -451,5 +529,61 @@ impl SiloBuilder {
             runtime.spawn(silo.inner.tasks.track_future(service));
         }
         Ok(silo)
+    }
+}
+
+/// The messages a hosted grain type `G` accepts by name, registered from
+/// [`GrainType::accepts`](crate::GrainType::accepts) (which
+/// `#[derive(GrainType)]` writes). Each method's bounds are the checks:
+/// a message `G` does not handle, one without a [`NamedMessage`] name, or
+/// one that does not serialise with its reply does not compile.
+pub struct Registration<G> {
+    builder: SiloBuilder,
+    grain: PhantomData<fn() -> G>,
+}
+
+impl<G> fmt::Debug for Registration<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("grain_type", &std::any::type_name::<G>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<G: Grain> Registration<G> {
+    /// `G` accepts message `M` by its name, [`NamedMessage::NAME`], as
+    /// [`SiloBuilder::message`] registers it: from another silo, through
+    /// `Silo::call_named`, and sent under that name by a grain reference
+    /// whose grain lives on another silo.
+    pub fn message<M>(mut self) -> Registration<G>
+    where
+        G: Handler<M>,
+        M: NamedMessage + serde::Serialize + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.builder = self.builder.message::<G, M>(M::NAME);
+        self
+    }
+
+    /// `G` accepts read-only message `M` by its name, as
+    /// [`SiloBuilder::read_message`] registers it: a read travels between
+    /// silos as a read.
+    pub fn read<M>(mut self) -> Registration<G>
+    where
+        G: ReadHandler<M>,
+        M: NamedMessage + serde::Serialize + serde::de::DeserializeOwned,
+        M::Reply: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.builder = self.builder.read_message::<G, M>(M::NAME);
+        self
+    }
+
+    /// `G` holds reminders, as [`SiloBuilder::remindable`] makes it.
+    pub fn remindable(mut self) -> Registration<G>
+    where
+        G: Handler<crate::reminders::ReminderFired>,
+    {
+        self.builder = self.builder.remindable::<G>();
+        self
     }
 }

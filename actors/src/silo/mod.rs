@@ -96,7 +96,7 @@ use std::sync::{Arc, PoisonError};
 use tokio_util::task::TaskTracker;
 
 pub(crate) use activation::Mailbox;
-pub use builder::{SiloBuilder, SiloConfig};
+pub use builder::{Registration, SiloBuilder, SiloConfig};
 pub use context::Timer;
 pub(crate) use envelope::{current_chain, deadline_after, fresh_chain, random_start as random_u64};
 pub use reference::GrainRef;

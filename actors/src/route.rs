@@ -241,6 +241,15 @@ impl HomeSide {
         self.silo.dispatch_here(request).await
     }
 
+    /// Gives every home on this silo up at once (rule 13 of
+    /// `silo/mod.rs`): each activation of a routed type stops after the
+    /// turn it is in and drops what is queued, without running it. For a
+    /// router that learns the silo may have been taken for dead; safe to
+    /// call from any thread, also while the silo's runtime is stalled.
+    pub fn give_up_homes(&self) {
+        self.silo.give_up_homes();
+    }
+
     /// Uninstalls this side's router, if it is still the silo's: for a
     /// cluster node that failed to start, so that the silo can serve
     /// another. A node that ran keeps its silo routed (to its stopped

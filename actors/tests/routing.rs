@@ -523,3 +523,51 @@ async fn stateless_workers_stay_local_and_named_calls_are_routed() {
     assert!(again.is_err());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_every_home_up_drops_what_is_queued_unrun_and_tells_the_callers() {
+    let cluster = cluster(1, Duration::from_secs(10));
+    let silo = &cluster.silos[0];
+    let home = cluster.routers[0].sides.get().unwrap()[0].clone();
+    let grain = silo.grain::<Node>(900u64);
+    grain.call(Mark("before".into())).await.unwrap();
+    // A turn holds the grain; calls and tells queue behind it.
+    let started = SLOW_STARTED.load(Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.call(Slow(300)).await }
+    });
+    while SLOW_STARTED.load(Ordering::SeqCst) == started {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let queued_calls: Vec<_> = (0..3)
+        .map(|n| {
+            let grain = grain.clone();
+            tokio::spawn(async move { grain.call(Mark(format!("queued {n}"))).await })
+        })
+        .collect();
+    for n in 0..2 {
+        grain.tell(Mark(format!("told {n}"))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dropped = silo.dropped_with_homes();
+    home.give_up_homes();
+    // The turn that was running finishes; nothing queued behind it runs.
+    slow.await.unwrap().unwrap();
+    for call in queued_calls {
+        let refused = call.await.unwrap();
+        assert!(
+            matches!(refused, Err(CallError::Unavailable { .. })),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(silo.dropped_with_homes(), dropped + 5);
+    // The grain comes back fresh, without the dropped marks; a stateless
+    // worker was never a home.
+    assert_eq!(
+        grain.call(Mark("after".into())).await.unwrap(),
+        vec!["after".to_string()]
+    );
+    assert_eq!(silo.grain::<Worker>(1u64).call(Where).await.unwrap(), 0);
+    cluster.shutdown().await;
+}

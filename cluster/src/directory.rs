@@ -125,6 +125,14 @@ impl Partition {
         before - self.entries.len()
     }
 
+    /// Removes every entry (a silo that fenced itself rebuilds its part
+    /// of the directory from the homes); returns how many.
+    pub fn clear(&self) -> usize {
+        let before = self.entries.len();
+        self.entries.clear();
+        before
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()

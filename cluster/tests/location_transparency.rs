@@ -462,9 +462,17 @@ impl Handler<Walk> for Peer {
 struct Mark(String);
 impl Handler<Mark> for Peer {
     async fn handle(&mut self, Mark(mark): Mark, _: &mut GrainContext) {
+        if mark == QUEUED_BEFORE_A_STALL {
+            QUEUED_RUN.fetch_add(1, Ordering::SeqCst);
+        }
         self.seen.push(mark);
     }
 }
+
+/// A mark queued on a silo just before its runtime stalls (the false-death
+/// test), and how many such marks ran, process-wide.
+const QUEUED_BEFORE_A_STALL: &str = "queued before a stall";
+static QUEUED_RUN: AtomicU64 = AtomicU64::new(0);
 
 /// Holds the grain for `ms`, then counts a run (process-wide).
 #[derive(Message, Serialize, Deserialize)]
@@ -996,10 +1004,39 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
         "a third of the grains live on silo 2"
     );
 
-    // Silo 2's only thread blocks for 2.5 s: the others take it for dead.
+    // Messages wait in the mailbox of grain 6002 (on silo 2, first called
+    // there, so that its activation runs on silo 2's runtime) when silo 2's
+    // only thread blocks for 2.5 s: the others take it for dead.
+    let queued_tells = 5u64;
+    let busy = two.grain::<Peer>(6002u64);
     let staller = two.silo().grain::<Staller>(0u64);
-    let stall =
-        two_runtime.spawn(async move { staller.call(Stall(Duration::from_millis(2500))).await });
+    let (queued, queued_now) = tokio::sync::oneshot::channel();
+    let holds_started = HOLDS_STARTED.load(Ordering::SeqCst);
+    let stall = two_runtime.spawn(async move {
+        // On silo 2's runtime: the grain is made active here, then a turn
+        // holds it while a call and tells queue behind that turn, then the
+        // runtime stalls.
+        let first = busy.call(Touch { others: vec![] }).await;
+        assert!(matches!(first, Ok(Ok(_))), "{first:?}");
+        let hold = tokio::spawn({
+            let busy = busy.clone();
+            async move { busy.call(Hold(400)).await }
+        });
+        while HOLDS_STARTED.load(Ordering::SeqCst) == holds_started {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let tells: Vec<_> = (0..queued_tells)
+            .map(|_| {
+                let busy = busy.clone();
+                tokio::spawn(async move { busy.tell(Mark(QUEUED_BEFORE_A_STALL.into())).await })
+            })
+            .collect();
+        let queued_call = tokio::spawn(async move { busy.call(Touch { others: vec![] }).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = queued.send((hold, tells, queued_call));
+        staller.call(Stall(Duration::from_millis(2500))).await
+    });
+    let (hold, tells, queued_call) = queued_now.await.unwrap();
     converged_within(&[&zero, &one], 2, Duration::from_secs(10)).await;
     // Its grains are placed afresh on the survivors, from their state.
     touch_all(&zero).await;
@@ -1016,6 +1053,28 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     converged(&[&zero, &one, &two], 3).await;
+    // Nothing queued before the stall ran after it: the tells had been
+    // admitted (and are counted as dropped), the call was told to send
+    // again.
+    for tell in tells {
+        tell.await.unwrap().unwrap();
+    }
+    let held = hold.await.unwrap();
+    let queued_call = queued_call.await.unwrap();
+    assert!(
+        matches!(queued_call, Err(CallError::Unavailable { .. })),
+        "{queued_call:?}"
+    );
+    assert!(
+        matches!(held, Ok(()) | Err(CallError::Unavailable { .. })),
+        "{held:?}"
+    );
+    assert_eq!(QUEUED_RUN.load(Ordering::SeqCst), 0);
+    assert!(
+        two.silo().dropped_with_homes() > queued_tells,
+        "dropped {}",
+        two.silo().dropped_with_homes()
+    );
     touch_all(&two).await;
     touch_all(&zero).await;
 

@@ -117,8 +117,11 @@ struct Endpoint {
     /// `LocalEnd<T>`, for a grain on this silo (rule 3).
     typed: Box<dyn Any + Send + Sync>,
     /// Decodes a notification from another silo and delivers it (rule 4).
-    from_wire: Box<dyn Fn(&[u8]) -> Observed + Send + Sync>,
+    from_wire: FromWire,
 }
+
+/// Decodes a notification in its wire form and delivers it.
+type FromWire = Box<dyn Fn(&[u8]) -> Observed + Send + Sync>;
 
 struct LocalEnd<T> {
     sender: mpsc::Sender<T>,

@@ -62,6 +62,9 @@ pub use endpoint::{EndpointGuard, Observed, ObserverRef, ObserverUnreachable};
 
 use crate::silo::Silo;
 
+/// A subscriber's place and endpoint number (rule 2).
+type Endpoint = (String, u64);
+
 /// How long a subscriber may stay unreachable before it is dropped, by
 /// default (rule 6).
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(10);
@@ -81,7 +84,9 @@ enum Subscriber<T> {
 
 /// A grain's subscribers.
 pub struct Observers<T> {
-    subscribers: Vec<(Option<(String, u64)>, Subscriber<T>)>,
+    /// Each subscriber, with its place and endpoint if it was added by
+    /// reference.
+    subscribers: Vec<(Option<Endpoint>, Subscriber<T>)>,
     /// Notifications each subscriber may hold unread, at least 1.
     capacity: usize,
     expiry: Duration,

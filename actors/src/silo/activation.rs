@@ -126,6 +126,11 @@ pub(super) async fn run_activation<G: Grain>(
     // shut down starts, and rule 5 runs them; one that starts after
     // `shutdown` returned does not: its messages fail, and no grain code
     // runs after `shutdown` returned.
+    // Rule 13: the homes given up before this activation began are none
+    // of its business; a later give-up stops it. Stateless workers are
+    // never homes.
+    let given_up = silo.homes_given_up();
+    let abandoned = |silo: &Silo| !grain_type.stateless && silo.homes_given_up() != given_up;
     let mut grain = if silo.inner.stopped.load(Ordering::Acquire) {
         None
     } else {
@@ -148,7 +153,7 @@ pub(super) async fn run_activation<G: Grain>(
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
-            if silo.inner.shutting_down.load(Ordering::Acquire) {
+            if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
                 break;
             }
             let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
@@ -181,7 +186,7 @@ pub(super) async fn run_activation<G: Grain>(
                         // Registered to be woken: a shutdown that starts now
                         // wakes this task, and one that started earlier is
                         // seen here.
-                        if silo.inner.shutting_down.load(Ordering::Acquire) {
+                        if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
                             return Poll::Ready(Idle::Stop);
                         }
                         if idle_check.poll_tick(cx).is_ready() {
@@ -253,6 +258,16 @@ pub(super) async fn run_activation<G: Grain>(
         let next = exclusive(&mut mailbox).next().await;
         ctx.put_mailbox(mailbox);
         let Some(envelope) = next else { break };
+        if abandoned(&silo) {
+            // Rule 13: not run; dropping it fails its call.
+            if !matches!(envelope.turn, Turn::Deactivate) {
+                silo.inner
+                    .dropped_with_homes
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            drop(envelope);
+            continue;
+        }
         match grain {
             Some(_) => grain = turn(grain, envelope, &key, &mut ctx).await,
             // Failed activation: dropping the envelope fails its call.

@@ -510,6 +510,8 @@ impl SiloBuilder {
                 ended: std::sync::Mutex::new(None),
                 listeners_set: AtomicU64::new(0),
                 observers: crate::observers::Endpoints::new(),
+                homes_given_up: AtomicU64::new(0),
+                dropped_with_homes: AtomicU64::new(0),
             }),
         };
         if let Some(runtime) = runtime {

@@ -72,6 +72,15 @@
 //!     the typed path of rules 1 to 10 when the grain's home is this silo,
 //!     or sends it by name to the home elsewhere. Stateless workers (rule
 //!     9) are never routed.
+//! 13. **Giving every home up.** A router that learns this silo may have
+//!     been taken for dead (`HomeSide::give_up_homes`) makes every
+//!     activation of a routed type stop: after the turn it is in, it runs
+//!     nothing more, drops every message still queued (a call's caller
+//!     gets `CallError::Unavailable` and may send it again through the
+//!     router; a tell is lost and counted in `Silo::dropped_with_homes`),
+//!     runs `on_deactivate` (a state write of a grain that has moved on is
+//!     refused by its ETag) and ends. Unlike rule 5, nothing queued runs:
+//!     another silo may already be the grain's home.
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
 //! `registry` (the per-type directory: rules 1, 2 and 9), `activation`
@@ -140,6 +149,11 @@ pub(crate) struct SiloInner {
     listeners_set: AtomicU64,
     /// Endpoints of this silo's subscribers (`observers/endpoint.rs`).
     observers: crate::observers::Endpoints,
+    /// Times the router gave every home up (rule 13): an activation that
+    /// sees it move stops and drops what is queued.
+    homes_given_up: AtomicU64,
+    /// Messages dropped unrun with a home given up (rule 13).
+    dropped_with_homes: AtomicU64,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the
@@ -208,6 +222,28 @@ impl Silo {
 
     pub(crate) fn downgrade(&self) -> std::sync::Weak<SiloInner> {
         Arc::downgrade(&self.inner)
+    }
+
+    /// Times every home here was given up (rule 13).
+    pub(crate) fn homes_given_up(&self) -> u64 {
+        self.inner.homes_given_up.load(Ordering::Relaxed)
+    }
+
+    /// Messages that were dropped unrun, still queued in an activation,
+    /// when its router gave every home on this silo up (rule 13): their
+    /// callers were told (`CallError::Unavailable`); tells among them were
+    /// lost, and are counted here.
+    pub fn dropped_with_homes(&self) -> u64 {
+        self.inner.dropped_with_homes.load(Ordering::Relaxed)
+    }
+
+    /// Rule 13: every activation of a routed type stops after the turn it
+    /// is in, and drops its queued messages. Wakes idle ones.
+    pub(crate) fn give_up_homes(&self) {
+        self.inner.homes_given_up.fetch_add(1, Ordering::AcqRel);
+        for wake in &self.inner.wake_activations {
+            wake();
+        }
     }
 
     pub(crate) fn endpoints(&self) -> &crate::observers::Endpoints {

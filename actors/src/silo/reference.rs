@@ -123,6 +123,7 @@ impl<G: Grain> GrainRef<G> {
     {
         let grain_type = self.registered()?;
         let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
+        let given_up = self.silo.homes_given_up();
         let answer = if self.silo.is_routed_now() {
             let chain = current_chain();
             match self.leased(message, chain, write_turn::<G, M>) {
@@ -153,7 +154,8 @@ impl<G: Grain> GrainRef<G> {
             self.deliver(grain_type, envelope, &mut deadline).await?;
             answer
         };
-        self.reply(grain_type, answer, &mut deadline).await
+        self.reply(grain_type, answer, &mut deadline, given_up)
+            .await
     }
 
     /// [`GrainRef::call`] on the local path, never routed: in `chain`,
@@ -191,16 +193,22 @@ impl<G: Grain> GrainRef<G> {
             expires,
             turn,
         };
+        let given_up = self.silo.homes_given_up();
         self.deliver(grain_type, envelope, &mut deadline).await?;
-        self.reply(grain_type, answer, &mut deadline).await
+        self.reply(grain_type, answer, &mut deadline, given_up)
+            .await
     }
 
     /// Waits for the answer to a delivered call, until `deadline`.
+    /// `given_up` is the silo's count of homes given up when the message
+    /// was delivered: an answer dropped since the count moved is a message
+    /// the silo dropped with its home (rule 13).
     async fn reply<R>(
         &self,
         grain_type: &GrainType<G>,
         mut answer: oneshot::Receiver<R>,
         deadline: &mut Deadline,
+        given_up: u64,
     ) -> Result<R, CallError> {
         // Fast path: give the activation a chance to run first, and take the
         // answer without arming a timer if it is already there.
@@ -208,21 +216,34 @@ impl<G: Grain> GrainRef<G> {
         let answer = match answer.try_recv() {
             Ok(reply) => return Ok(reply),
             Err(oneshot::error::TryRecvError::Closed) => {
-                return Err(CallError::TurnFailed {
-                    grain: self.id(grain_type),
-                });
+                return Err(self.dropped(grain_type, given_up));
             }
             Err(oneshot::error::TryRecvError::Empty) => answer,
         };
         match tokio::time::timeout_at(deadline.get(), answer).await {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(CallError::TurnFailed {
-                grain: self.id(grain_type),
-            }),
+            Ok(Err(_)) => Err(self.dropped(grain_type, given_up)),
             Err(_) => Err(CallError::Timeout {
                 grain: self.id(grain_type),
                 after: deadline.timeout(),
             }),
+        }
+    }
+
+    /// Why a delivered message's answer was dropped unanswered: its turn
+    /// failed (rules 6 and 11), or the silo gave the grain's home up with
+    /// the message still queued (rule 13).
+    fn dropped(&self, grain_type: &GrainType<G>, given_up: u64) -> CallError {
+        let grain = self.id(grain_type);
+        if self.silo.homes_given_up() != given_up {
+            CallError::Unavailable {
+                grain,
+                reason: "the silo gave the grain's home up with the message still queued; \
+                         send it again"
+                    .to_string(),
+            }
+        } else {
+            CallError::TurnFailed { grain }
         }
     }
 
@@ -236,8 +257,12 @@ impl<G: Grain> GrainRef<G> {
         if self.silo.is_routed_now() {
             let chain = current_chain();
             let timeout = self.silo.inner.config.call_timeout;
+            let given_up = self.silo.homes_given_up();
             return match self.leased(message, chain, read_turn::<G, M>) {
-                Ok(answer) => self.answer(answer, Deadline::after(timeout)).await,
+                Ok(answer) => {
+                    self.answer(answer, Deadline::after(timeout), given_up)
+                        .await
+                }
                 Err(message) => {
                     Box::pin(self.route_or_here(
                         Kind::Read,
@@ -365,9 +390,11 @@ impl<G: Grain> GrainRef<G> {
         &self,
         answer: oneshot::Receiver<R>,
         mut deadline: Deadline,
+        given_up: u64,
     ) -> Result<R, CallError> {
         let grain_type = self.registered()?;
-        self.reply(grain_type, answer, &mut deadline).await
+        self.reply(grain_type, answer, &mut deadline, given_up)
+            .await
     }
 
     /// Rule 12 past the fast path: through the router, or on the local

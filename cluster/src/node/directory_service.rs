@@ -12,6 +12,11 @@ impl Inner {
     /// Answers a directory request for an entry this silo owns (rules 2
     /// and 3).
     pub(super) fn answer_directory(&self, request: DirectoryRequest) -> DirectoryReply {
+        // Rule 7: a fenced silo's entries may be stale (it may have been
+        // taken for dead); it answers nothing until it has rebuilt them.
+        if self.fence.is_fenced() {
+            return DirectoryReply::Retry;
+        }
         let settling = self
             .view_changed
             .lock()

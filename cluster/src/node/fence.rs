@@ -18,19 +18,29 @@
 //!    itself before anyone can place its grains elsewhere. Under etcd the
 //!    watchdog also ends every home lease as soon as the silo can no
 //!    longer be sure it holds its etcd lease.
-//! 4. Once the runtime runs again, the node forgets every home and
-//!    deactivates its activation here, waiting until each has ended
-//!    (queued messages run, `on_deactivate` writes state; ETags refuse a
-//!    write from an activation whose grain moved on), drops the entries it
-//!    owns that name itself and forgets the homes it had learned, and only
-//!    then lifts the fence. Grains it was home to are placed afresh by
-//!    their next call, from their persisted state.
-//!
-//! Not covered yet: messages local senders queued before the stall still
-//! run while the activations drain, and entries this silo owns that name
-//! other silos' homes are kept, though one may have gone stale while the
-//! silo was taken for dead. Rejoining as a new incarnation, as Orleans
-//! does, would settle both.
+//!    From the same thread it gives every home up in the local silo
+//!    (rule 13 of `silo/mod.rs` in `granary-actors`): when the runtime
+//!    wakes, each activation finishes the turn it was in and runs nothing
+//!    more; what was queued is dropped unrun (callers are told
+//!    `Unavailable`, or `Retry` across silos, and send again through the
+//!    directory; a dropped tell is counted in `Silo::dropped_with_homes`).
+//!    While fenced, the directory entries this silo owns are not answered
+//!    either (`Retry`): they may be stale.
+//! 4. Once the runtime runs again, the node forgets every home and waits
+//!    until each activation here has ended (`on_deactivate` writes state;
+//!    ETags refuse a write from an activation whose grain moved on), and
+//!    forgets the homes it had learned. Grains it was home to are placed
+//!    afresh by their next call, from their persisted state.
+//! 5. Then it rebuilds the directory entries it owns, as a new
+//!    incarnation would find them: it drops every one, opens a fresh
+//!    hand-over window (rule 3 of `node/mod.rs`: a grain with no entry is
+//!    answered `Retry` rather than placed afresh), lifts the fence, and
+//!    asks every peer to re-register the homes whose entries it owns
+//!    ([`REHOME`]). So a stall leaves no activation of a grain that moved,
+//!    runs nothing that was queued before it, and keeps no entry that went
+//!    stale while the silo was taken for dead. The silo keeps its
+//!    identity: its peers see it return under the same incarnation, with
+//!    nothing of its past life served.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -155,6 +165,7 @@ fn watch(node: Weak<Inner>, runtime: tokio::runtime::Handle, every: Duration, li
         inner.fence.fenced.store(true, Ordering::Release);
         inner.fence.fences.fetch_add(1, Ordering::Relaxed);
         inner.end_leases();
+        inner.home_side.give_up_homes();
         tracing::warn!(
             silo = %inner.id,
             silence = ?inner.fence.silence(),
@@ -168,18 +179,61 @@ fn watch(node: Weak<Inner>, runtime: tokio::runtime::Handle, every: Duration, li
     }
 }
 
-/// Rule 4: the homes go, then the fence lifts.
+/// The message, to the directory's reserved grain type, by which a silo
+/// that fenced itself asks a peer to re-register the homes whose entries
+/// it owns (rule 5).
+pub(super) const REHOME: &str = "rehome";
+
+/// Rules 4 and 5: the homes go, the directory entries this silo owns are
+/// rebuilt, then the fence lifts.
 async fn recover(node: ClusterNode) {
     node.deactivate_homes().await;
     let inner = &node.inner;
-    // Entries this silo owns that name itself are stale now; entries for
-    // other silos' homes stay (if no peer took this silo for dead, they
-    // are still right, and a home that moved re-registers after a view
-    // change). Learned homes are hints, forgotten.
-    inner.partition.forget_silo(&inner.id);
+    // Learned homes are hints, forgotten.
     for member in inner.view().iter() {
         inner.cache.forget_silo(&member.silo);
     }
-    inner.fence.fenced.store(false, Ordering::Release);
-    tracing::info!(silo = %inner.id, "fence lifted: every home here was given up");
+    let partitioned = matches!(inner.directory, super::DirectoryBackend::Partitioned);
+    if partitioned {
+        // Rule 5: every entry here may be stale. Start empty, inside a
+        // fresh hand-over window (a grain with no entry is answered
+        // `Retry`, not placed afresh), and ask every peer for its homes.
+        let dropped = inner.partition.clear();
+        *inner
+            .view_changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        inner.fence.fenced.store(false, Ordering::Release);
+        let peers: Vec<_> = inner
+            .view()
+            .iter()
+            .map(|member| member.silo.clone())
+            .filter(|silo| silo != &inner.id)
+            .collect();
+        let asked = futures_util::future::join_all(peers.iter().map(|peer| {
+            let node = node.clone();
+            async move {
+                let connection = node.connection(peer).await.map_err(|err| err.to_string())?;
+                connection
+                    .call(
+                        super::directory_client::DIRECTORY,
+                        &granary_actors::GrainKey::U64(0),
+                        REHOME,
+                        &[],
+                    )
+                    .await
+                    .map_err(|err| err.to_string())
+            }
+        }))
+        .await;
+        for (peer, answer) in peers.iter().zip(asked) {
+            if let Err(err) = answer {
+                tracing::warn!(%peer, error = %err, "a peer was not asked to re-register its homes; its next calls register them");
+            }
+        }
+        tracing::info!(silo = %inner.id, dropped, "fence lifted: every home here was given up and the directory entries owned here are rebuilt");
+    } else {
+        inner.fence.fenced.store(false, Ordering::Release);
+        tracing::info!(silo = %inner.id, "fence lifted: every home here was given up");
+    }
 }

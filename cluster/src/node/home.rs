@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use granary_actors::GrainId;
 use granary_actors::route::HomeLease;
+use granary_actors::{CallError, DispatchError, GrainId};
 
 use super::directory_client::{DirectoryReply, DirectoryRequest};
 use super::router::deadline_after;
@@ -132,7 +132,13 @@ impl Inner {
                 time_left: request.time_left_now(),
             })
             .await
-            .map_err(RemoteError::from)
+            .map_err(|err| match err {
+                // Only a home given up when the silo fenced itself (rule 7)
+                // makes the local path answer this: the message was dropped
+                // unrun, and the caller asks the directory again.
+                DispatchError::Call(CallError::Unavailable { .. }) => RemoteError::Retry,
+                err => RemoteError::from(err),
+            })
     }
 
     /// Makes this silo `grain`'s home for one message (rules 2, 5 and 6):
@@ -489,19 +495,39 @@ impl Inner {
             });
         }
         // Re-register homes whose entry changed owner.
+        self.reregister_homes(after, |current, new| current != new)
+            .await;
+    }
+
+    /// Rule 7: `owner`, which fenced itself, dropped every entry it owned
+    /// and asks for them again: re-registers with it every confirmed home
+    /// here whose entry it owns, as after a view change.
+    pub(super) async fn rehome_with(self: &Arc<Self>, owner: &SiloId) {
+        let view = self.view();
+        self.reregister_homes(&view, |_, new| new == owner).await;
+    }
+
+    /// Re-registers, with its entry's owner in `view`, every confirmed
+    /// home here that is not leaving and for which `wanted(current owner,
+    /// owner in view)` holds (rule 3).
+    async fn reregister_homes(
+        self: &Arc<Self>,
+        view: &[Member],
+        wanted: impl Fn(&SiloId, &SiloId) -> bool,
+    ) {
         let node = ClusterNode {
             inner: self.clone(),
         };
         let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
         for grain in homes {
-            let Some(new) = self.entry_owner(&grain, after) else {
+            let Some(new) = self.entry_owner(&grain, view) else {
                 continue;
             };
             // Up to date, leaving (its entry is being removed), or not
             // registered yet (its first call registers it).
             let Some(activation) = self.homes.get(&grain).and_then(|home| {
-                (home.owner.is_some() && home.owner.as_ref() != Some(&new) && !home.leaving)
-                    .then_some(home.activation)
+                let current = home.owner.as_ref()?;
+                (wanted(current, &new) && !home.leaving).then_some(home.activation)
             }) else {
                 continue;
             };

@@ -92,15 +92,24 @@ pub(super) struct NodeInbound(pub(super) Weak<Inner>);
 impl Inbound for NodeInbound {
     fn request(
         &self,
-        _from: &SiloId,
+        from: &SiloId,
         request: InboundRequest,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let inner = self.0.upgrade();
+        let from = from.clone();
         Box::pin(async move {
             let Some(inner) = inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) else {
                 return Err(RemoteError::ShutDown);
             };
             if request.grain_type == DIRECTORY {
+                // Rule 7: a silo that fenced itself rebuilds the entries
+                // it owns from the homes; answered at once, re-registered
+                // on the side.
+                if request.message == super::fence::REHOME {
+                    let owner = from.clone();
+                    tokio::spawn(async move { inner.rehome_with(&owner).await });
+                    return Ok(Vec::new());
+                }
                 let asked: DirectoryRequest = decode(&request.payload)
                     .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
                 return encode(&inner.answer_directory(asked))

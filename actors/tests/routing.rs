@@ -203,6 +203,20 @@ impl Handler<Slow> for Node {
     }
 }
 
+/// Holds the grain for `ms` (the give-up test's own, so that its counts
+/// are not shared with the deadline test's `Slow`).
+struct Hold(u64);
+impl Message for Hold {
+    type Reply = ();
+}
+static HOLDS_STARTED: AtomicU64 = AtomicU64::new(0);
+impl Handler<Hold> for Node {
+    async fn handle(&mut self, Hold(ms): Hold, _: &mut GrainContext) {
+        HOLDS_STARTED.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
 /// Registered with no name: it cannot travel.
 struct Local;
 impl Message for Local {
@@ -532,12 +546,12 @@ async fn giving_every_home_up_drops_what_is_queued_unrun_and_tells_the_callers()
     let grain = silo.grain::<Node>(900u64);
     grain.call(Mark("before".into())).await.unwrap();
     // A turn holds the grain; calls and tells queue behind it.
-    let started = SLOW_STARTED.load(Ordering::SeqCst);
+    let started = HOLDS_STARTED.load(Ordering::SeqCst);
     let slow = tokio::spawn({
         let grain = grain.clone();
-        async move { grain.call(Slow(300)).await }
+        async move { grain.call(Hold(300)).await }
     });
-    while SLOW_STARTED.load(Ordering::SeqCst) == started {
+    while HOLDS_STARTED.load(Ordering::SeqCst) == started {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let queued_calls: Vec<_> = (0..3)
@@ -569,5 +583,28 @@ async fn giving_every_home_up_drops_what_is_queued_unrun_and_tells_the_callers()
         vec!["after".to_string()]
     );
     assert_eq!(silo.grain::<Worker>(1u64).call(Where).await.unwrap(), 0);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_taken_by_an_idle_activation_after_a_give_up_is_not_run() {
+    // One thread: the tell is queued, and the give-up happens, before the
+    // idle activation is polled again and takes the message.
+    let cluster = cluster(1, Duration::from_secs(10));
+    let silo = &cluster.silos[0];
+    let home = cluster.routers[0].sides.get().unwrap()[0].clone();
+    let grain = silo.grain::<Node>(901u64);
+    grain.call(Mark("before".into())).await.unwrap();
+    let dropped = silo.dropped_with_homes();
+    grain.tell(Mark("queued".into())).await.unwrap();
+    home.give_up_homes();
+    while grain.is_active() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(silo.dropped_with_homes(), dropped + 1);
+    assert_eq!(
+        grain.call(Mark("after".into())).await.unwrap(),
+        vec!["after".to_string()]
+    );
     cluster.shutdown().await;
 }

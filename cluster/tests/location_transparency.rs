@@ -1065,10 +1065,8 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
         matches!(queued_call, Err(CallError::Unavailable { .. })),
         "{queued_call:?}"
     );
-    assert!(
-        matches!(held, Ok(()) | Err(CallError::Unavailable { .. })),
-        "{held:?}"
-    );
+    // The turn that was running when the runtime stalled finished.
+    assert!(matches!(held, Ok(())), "{held:?}");
     assert_eq!(QUEUED_RUN.load(Ordering::SeqCst), 0);
     assert!(
         two.silo().dropped_with_homes() > queued_tells,

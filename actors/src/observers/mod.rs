@@ -33,13 +33,18 @@
 //! 6. **Dropped after a bounded time.** A subscriber whose silo cannot be
 //!    reached is dropped once it has been unreachable for the `expiry`
 //!    given to [`Observers::with_expiry`] (10 s by default), and counted in
-//!    [`Observers::expired`]. While nothing is notified, the task asks
-//!    the router every quarter of `expiry` whether the subscriber's silo
-//!    is still a member, so a subscriber whose silo died is dropped within
-//!    the time the cluster takes to declare that death plus `expiry`, with
-//!    or without notifications. A silo declared dead never comes back
-//!    under the same place (it rejoins as a new incarnation), so a
-//!    subscriber dropped this way is never missed by a living silo.
+//!    [`Observers::expired`]: unreachable from the first notification that
+//!    could not be delivered (which may itself take up to the call timeout
+//!    to fail), or from when the router first says the silo is no longer a
+//!    member. While nothing is notified, the task asks the router every
+//!    quarter of `expiry` (at most every second, at least every 10 ms)
+//!    whether the subscriber's silo is still a member, so a subscriber
+//!    whose silo died is dropped within the time the cluster takes to
+//!    declare that death plus `expiry`, with or without notifications.
+//!    Only a delivered notification clears the clock. A silo that was
+//!    falsely declared dead and comes back keeps its place: a subscriber
+//!    on it that was dropped meanwhile receives nothing more, though its
+//!    subscription stays open, and must subscribe again (rule 7).
 //! 7. **What a subscriber does not see.** A remote subscriber is not told
 //!    that the grain's activation ended (its subscription stays open); as
 //!    with Orleans observers, a subscriber that must not miss a
@@ -214,6 +219,8 @@ impl<T: Clone + Send + 'static> Observers<T> {
 
     /// Removes the subscriber `observer` refers to; whether it was here.
     pub fn remove(&mut self, observer: &ObserverRef<T>) -> bool {
+        // An expired subscriber stays counted once removed.
+        self.prune();
         let key = (observer.place().to_string(), observer.endpoint());
         let before = self.subscribers.len();
         self.subscribers
@@ -272,8 +279,8 @@ impl<T: Clone + Send + 'static> Observers<T> {
         let mut expired = 0;
         self.subscribers.retain(|(_, subscriber)| match subscriber {
             Subscriber::Local { sender, .. } => !sender.is_closed(),
-            Subscriber::Remote { state, .. } => {
-                let gone = state.is_gone();
+            Subscriber::Remote { queue, state } => {
+                let gone = state.is_gone() || queue.is_closed();
                 expired += u64::from(gone && state.has_expired());
                 !gone
             }
@@ -287,7 +294,7 @@ impl<T: Clone + Send + 'static> Observers<T> {
             .iter()
             .filter(|(_, subscriber)| match subscriber {
                 Subscriber::Local { sender, .. } => !sender.is_closed(),
-                Subscriber::Remote { state, .. } => !state.is_gone(),
+                Subscriber::Remote { queue, state } => !state.is_gone() && !queue.is_closed(),
             })
             .count()
     }

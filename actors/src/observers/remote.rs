@@ -39,6 +39,19 @@ impl RemoteState {
     }
 }
 
+/// Ends the state however the task ends (its silo gone, its runtime shut
+/// down, a panic), so that the grain's `Observers` never keeps a subscriber
+/// no task serves.
+struct EndOnDrop(Arc<RemoteState>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if !self.0.is_gone() {
+            self.0.end(false);
+        }
+    }
+}
+
 /// How often an idle task checks its subscriber's silo, at most.
 const LONGEST_CHECK: Duration = Duration::from_secs(1);
 /// And at least.
@@ -73,6 +86,7 @@ async fn deliver<T: Serialize>(
     state: Arc<RemoteState>,
     expiry: Duration,
 ) {
+    let _end = EndOnDrop(state.clone());
     let silo = silo.downgrade();
     let check_every = (expiry / 4).clamp(SHORTEST_CHECK, LONGEST_CHECK);
     // Since when the subscriber's silo has been unreachable, if it is.
@@ -82,6 +96,8 @@ async fn deliver<T: Serialize>(
         let Some(silo) = silo.upgrade().map(Silo::from_inner) else {
             return;
         };
+        // `Some(true)`: a notification was delivered; `Some(false)`: the
+        // subscriber's silo could not be reached; `None`: no news.
         let reachable = match next {
             // The grain's observers are gone.
             Ok(None) => return,
@@ -108,23 +124,25 @@ async fn deliver<T: Serialize>(
                     )
                     .await
                 {
-                    Ok(Observed::Delivered | Observed::Full) => true,
+                    Ok(Observed::Delivered | Observed::Full) => Some(true),
                     Ok(Observed::Gone) => {
                         state.end(false);
                         return;
                     }
                     Err(unreachable) => {
                         tracing::debug!(error = %unreachable, "a notification was not delivered");
-                        false
+                        Some(false)
                     }
                 }
             }
-            // Idle: is the subscriber's silo still there?
-            Err(_) => silo.is_observer_place_present(observer.place()),
+            // Idle: a silo that has left the view is unreachable; one still
+            // in it proves nothing (it may be cut off), so only a delivery
+            // clears the clock.
+            Err(_) => (!silo.is_observer_place_present(observer.place())).then_some(false),
         };
-        if reachable {
+        if reachable == Some(true) {
             unreachable_since = None;
-        } else {
+        } else if reachable == Some(false) || unreachable_since.is_some() {
             let since = *unreachable_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= expiry {
                 tracing::debug!(

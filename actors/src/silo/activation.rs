@@ -105,6 +105,7 @@ pub(super) async fn run_activation<G: Grain>(
     worker: usize,
     receiver: mailbox::Receiver<Envelope<G>>,
     sender: mailbox::Sender<Envelope<G>>,
+    given_up: u64,
 ) {
     let id = GrainId {
         type_name: grain_type.name.clone(),
@@ -126,10 +127,9 @@ pub(super) async fn run_activation<G: Grain>(
     // shut down starts, and rule 5 runs them; one that starts after
     // `shutdown` returned does not: its messages fail, and no grain code
     // runs after `shutdown` returned.
-    // Rule 13: the homes given up before this activation began are none
+    // Rule 13: the homes given up before this activation was made are none
     // of its business; a later give-up stops it. Stateless workers are
     // never homes.
-    let given_up = silo.homes_given_up();
     let abandoned = |silo: &Silo| !grain_type.stateless && silo.homes_given_up() != given_up;
     let mut grain = if silo.inner.stopped.load(Ordering::Acquire) {
         None
@@ -150,6 +150,8 @@ pub(super) async fn run_activation<G: Grain>(
         .max(Duration::from_micros(100));
     let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A message taken but not run when a give-up stopped the loop.
+    let mut unrun = None;
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
@@ -220,6 +222,12 @@ pub(super) async fn run_activation<G: Grain>(
             ctx.put_mailbox(mailbox);
             match next {
                 Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
+                // Rule 13: taken after a give-up (an idle activation woken
+                // by a message that waited through a stall): not run.
+                Some(Some(envelope)) if abandoned(&silo) => {
+                    unrun = Some(envelope);
+                    break;
+                }
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
@@ -252,11 +260,17 @@ pub(super) async fn run_activation<G: Grain>(
         ctx.put_mailbox(mailbox);
     }
     loop {
-        let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
-            break;
+        let next = match unrun.take() {
+            Some(envelope) => Some(envelope),
+            None => {
+                let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+                    break;
+                };
+                let next = exclusive(&mut mailbox).next().await;
+                ctx.put_mailbox(mailbox);
+                next
+            }
         };
-        let next = exclusive(&mut mailbox).next().await;
-        ctx.put_mailbox(mailbox);
         let Some(envelope) = next else { break };
         if abandoned(&silo) {
             // Rule 13: not run; dropping it fails its call.

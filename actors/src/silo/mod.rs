@@ -74,13 +74,18 @@
 //!     9) are never routed.
 //! 13. **Giving every home up.** A router that learns this silo may have
 //!     been taken for dead (`HomeSide::give_up_homes`) makes every
-//!     activation of a routed type stop: after the turn it is in, it runs
-//!     nothing more, drops every message still queued (a call's caller
-//!     gets `CallError::Unavailable` and may send it again through the
-//!     router; a tell is lost and counted in `Silo::dropped_with_homes`),
-//!     runs `on_deactivate` (a state write of a grain that has moved on is
+//!     activation of a routed type that exists then (the count of
+//!     give-ups is read when an activation is made) stop: after the turn
+//!     it is in, it runs nothing more, drops every message still queued
+//!     or taken but not started (a call's caller gets
+//!     `CallError::Unavailable`; an admitted tell is lost; every dropped
+//!     message is counted in `Silo::dropped_with_homes`), runs
+//!     `on_deactivate` (a state write of a grain that has moved on is
 //!     refused by its ETag) and ends. Unlike rule 5, nothing queued runs:
-//!     another silo may already be the grain's home.
+//!     another silo may already be the grain's home. A caller whose
+//!     message was delivered before a give-up and whose answer never came
+//!     gets `Unavailable` rather than `TurnFailed` (the turn that was
+//!     running then may have failed instead: the caller cannot tell).
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
 //! `registry` (the per-type directory: rules 1, 2 and 9), `activation`

@@ -231,15 +231,17 @@ impl<G: Grain> GrainRef<G> {
     }
 
     /// Why a delivered message's answer was dropped unanswered: its turn
-    /// failed (rules 6 and 11), or the silo gave the grain's home up with
-    /// the message still queued (rule 13).
+    /// failed (rules 6 and 11), or the silo gave every home up since it was
+    /// delivered (rule 13): most likely it was still queued and did not
+    /// run, but the turn running at the give-up may have failed too, so
+    /// the caller is told `Unavailable`, not that it may send it again.
     fn dropped(&self, grain_type: &GrainType<G>, given_up: u64) -> CallError {
         let grain = self.id(grain_type);
         if self.silo.homes_given_up() != given_up {
             CallError::Unavailable {
                 grain,
-                reason: "the silo gave the grain's home up with the message still queued; \
-                         send it again"
+                reason: "the silo gave the grain's home up (it fenced itself) before the \
+                         message was answered; a message still queued then did not run"
                     .to_string(),
             }
         } else {

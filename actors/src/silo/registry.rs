@@ -204,9 +204,22 @@ impl Silo {
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         self.inner.live.fetch_add(1, Ordering::Relaxed);
+        // Rule 13: read when the activation is made (under the directory's
+        // lock, before any message is queued for it), not when its task
+        // first runs: a give-up in between stops it.
+        let given_up = self.homes_given_up();
         let silo = self.clone();
         self.inner.tasks.spawn(async move {
-            run_activation(silo.clone(), grain_type, key, worker, mailbox, sender).await;
+            run_activation(
+                silo.clone(),
+                grain_type,
+                key,
+                worker,
+                mailbox,
+                sender,
+                given_up,
+            )
+            .await;
             silo.inner.live.fetch_sub(1, Ordering::Relaxed);
         });
     }

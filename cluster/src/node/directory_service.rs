@@ -22,7 +22,8 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
-            < self.handoff;
+            < self.handoff
+            || self.rebuilding.load(std::sync::atomic::Ordering::Acquire);
         let view = self.view();
         let grain = match &request {
             DirectoryRequest::Register { grain, .. }

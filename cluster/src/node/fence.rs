@@ -21,9 +21,9 @@
 //!    From the same thread it gives every home up in the local silo
 //!    (rule 13 of `silo/mod.rs` in `granary-actors`): when the runtime
 //!    wakes, each activation finishes the turn it was in and runs nothing
-//!    more; what was queued is dropped unrun (callers are told
-//!    `Unavailable`, or `Retry` across silos, and send again through the
-//!    directory; a dropped tell is counted in `Silo::dropped_with_homes`).
+//!    more; what was queued is dropped unrun (a caller, here or on another
+//!    silo, is told `Unavailable`; every dropped message is counted in
+//!    `Silo::dropped_with_homes`).
 //!    While fenced, the directory entries this silo owns are not answered
 //!    either (`Retry`): they may be stale.
 //! 4. Once the runtime runs again, the node forgets every home and waits
@@ -31,16 +31,20 @@
 //!    ETags refuse a write from an activation whose grain moved on), and
 //!    forgets the homes it had learned. Grains it was home to are placed
 //!    afresh by their next call, from their persisted state.
+//!    The fence stays until every activation has ended, however long
+//!    that takes (a turn that never ends keeps the silo fenced, with a
+//!    warning every call timeout).
 //! 5. Then it rebuilds the directory entries it owns, as a new
-//!    incarnation would find them: it drops every one, opens a fresh
-//!    hand-over window (rule 3 of `node/mod.rs`: a grain with no entry is
-//!    answered `Retry` rather than placed afresh), lifts the fence, and
-//!    asks every peer to re-register the homes whose entries it owns
-//!    ([`REHOME`]). So a stall leaves no activation of a grain that moved,
-//!    runs nothing that was queued before it, and keeps no entry that went
-//!    stale while the silo was taken for dead. The silo keeps its
-//!    identity: its peers see it return under the same incarnation, with
-//!    nothing of its past life served.
+//!    incarnation would find them: it drops every one, lifts the fence,
+//!    and asks every peer of its view to re-register the homes whose
+//!    entries it owns ([`REHOME`]), again until each has answered that it
+//!    did or has left the view. Until then a grain with no entry is
+//!    answered `Retry` (as in the hand-over window of rule 3 of
+//!    `node/mod.rs`), never placed afresh. So a stall leaves no activation
+//!    of a grain that moved and keeps no entry that went stale while the
+//!    silo was taken for dead. The silo keeps its identity: its peers see
+//!    it return under the same incarnation, with nothing of its past life
+//!    served.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -187,53 +191,70 @@ pub(super) const REHOME: &str = "rehome";
 /// Rules 4 and 5: the homes go, the directory entries this silo owns are
 /// rebuilt, then the fence lifts.
 async fn recover(node: ClusterNode) {
-    node.deactivate_homes().await;
+    // Rule 4: the fence stays until every activation has ended, however
+    // long that takes: one still running could run beside the grain's new
+    // home.
+    node.deactivate_homes_within(None).await;
     let inner = &node.inner;
     // Learned homes are hints, forgotten.
     for member in inner.view().iter() {
         inner.cache.forget_silo(&member.silo);
     }
-    let partitioned = matches!(inner.directory, super::DirectoryBackend::Partitioned);
-    if partitioned {
-        // Rule 5: every entry here may be stale. Start empty, inside a
-        // fresh hand-over window (a grain with no entry is answered
-        // `Retry`, not placed afresh), and ask every peer for its homes.
-        let dropped = inner.partition.clear();
-        *inner
-            .view_changed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
-        inner.fence.fenced.store(false, Ordering::Release);
-        let peers: Vec<_> = inner
-            .view()
-            .iter()
-            .map(|member| member.silo.clone())
-            .filter(|silo| silo != &inner.id)
-            .collect();
-        let asked = futures_util::future::join_all(peers.iter().map(|peer| {
-            let node = node.clone();
-            async move {
-                let connection = node.connection(peer).await.map_err(|err| err.to_string())?;
-                connection
-                    .call(
-                        super::directory_client::DIRECTORY,
-                        &granary_actors::GrainKey::U64(0),
-                        REHOME,
-                        &[],
-                    )
-                    .await
-                    .map_err(|err| err.to_string())
-            }
-        }))
-        .await;
-        for (peer, answer) in peers.iter().zip(asked) {
-            if let Err(err) = answer {
-                tracing::warn!(%peer, error = %err, "a peer was not asked to re-register its homes; its next calls register them");
-            }
-        }
-        tracing::info!(silo = %inner.id, dropped, "fence lifted: every home here was given up and the directory entries owned here are rebuilt");
-    } else {
+    if !matches!(inner.directory, super::DirectoryBackend::Partitioned) {
         inner.fence.fenced.store(false, Ordering::Release);
         tracing::info!(silo = %inner.id, "fence lifted: every home here was given up");
+        return;
+    }
+    // Rule 5: every entry here may be stale. Start empty and answer `Retry`
+    // for a grain with no entry (not `Unknown`, which would place it
+    // afresh) until every peer has re-registered its homes.
+    inner.rebuilding.store(true, Ordering::Release);
+    let dropped = inner.partition.clear();
+    inner.fence.fenced.store(false, Ordering::Release);
+    let peers: Vec<_> = inner
+        .view()
+        .iter()
+        .map(|member| member.silo.clone())
+        .filter(|silo| silo != &inner.id)
+        .collect();
+    futures_util::future::join_all(peers.iter().map(|peer| rehome(&node, peer))).await;
+    inner.rebuilding.store(false, Ordering::Release);
+    tracing::info!(
+        silo = %inner.id,
+        dropped,
+        "fence lifted: every home here was given up and the directory entries owned here are rebuilt"
+    );
+}
+
+/// Asks `peer` to re-register the homes whose entries this silo owns, until
+/// it has answered that it did, it has left the view, or this node stops
+/// (rule 5).
+async fn rehome(node: &ClusterNode, peer: &crate::SiloId) {
+    let inner = &node.inner;
+    let pause = (inner.handoff / 4).max(Duration::from_millis(10));
+    loop {
+        if inner.stopped.load(Ordering::Acquire) || !inner.is_live(peer) {
+            return;
+        }
+        let answer = match node.connection(peer).await {
+            Ok(connection) => connection
+                .call(
+                    super::directory_client::DIRECTORY,
+                    &granary_actors::GrainKey::U64(0),
+                    REHOME,
+                    &[],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match answer {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::debug!(%peer, error = %err, "a peer has not re-registered its homes yet; asking again");
+                tokio::time::sleep(pause).await;
+            }
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use granary_actors::GrainId;
 use granary_actors::route::HomeLease;
-use granary_actors::{CallError, DispatchError, GrainId};
 
 use super::directory_client::{DirectoryReply, DirectoryRequest};
 use super::router::deadline_after;
@@ -64,16 +64,31 @@ impl ClusterNode {
     /// until each has ended (its queued messages run and `on_deactivate`
     /// wrote its state), for at most the connection's call timeout.
     pub(super) async fn deactivate_homes(&self) {
-        let give_up = deadline_after(self.inner.config.connection.call_timeout);
+        self.deactivate_homes_within(Some(self.inner.config.connection.call_timeout))
+            .await;
+    }
+
+    /// As [`ClusterNode::deactivate_homes`], waiting at most `bound` for
+    /// the activations to end, or (`None`) until they have, warning every
+    /// call timeout (a fence that lifted while one still ran could run it
+    /// beside the grain's new home; rule 7).
+    pub(super) async fn deactivate_homes_within(&self, bound: Option<Duration>) {
+        let warn_every = self.inner.config.connection.call_timeout;
+        let give_up = bound.map(deadline_after);
+        let mut warn_at = deadline_after(warn_every);
         // The caller stopped (or fenced) the node first, so no new call
         // gets past `admit`; a call already past it holds its pin until
         // the local silo answered it, and may be starting an activation:
         // wait for those, so that every activation started is deactivated.
         self.inner.end_leases();
         while self.inner.homes.iter().any(|home| home.in_flight > 0) {
-            if Instant::now() >= give_up {
+            if give_up.is_some_and(|at| Instant::now() >= at) {
                 tracing::warn!("calls pinning homes outlived their node's leave");
                 break;
+            }
+            if Instant::now() >= warn_at {
+                tracing::warn!("calls pinning homes are still running; waiting for them");
+                warn_at = deadline_after(warn_every);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -92,10 +107,15 @@ impl ClusterNode {
             {
                 tracing::debug!(error = %err, "an activation did not deactivate");
             }
+            let mut warn_at = deadline_after(warn_every);
             while silo.is_active_named(&grain.type_name, &grain.key) {
-                if Instant::now() >= give_up {
+                if give_up.is_some_and(|at| Instant::now() >= at) {
                     tracing::warn!(%grain, "an activation outlived its node's leave");
                     return;
+                }
+                if Instant::now() >= warn_at {
+                    tracing::warn!(%grain, "an activation is still running; waiting for it to end");
+                    warn_at = deadline_after(warn_every);
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -132,13 +152,10 @@ impl Inner {
                 time_left: request.time_left_now(),
             })
             .await
-            .map_err(|err| match err {
-                // Only a home given up when the silo fenced itself (rule 7)
-                // makes the local path answer this: the message was dropped
-                // unrun, and the caller asks the directory again.
-                DispatchError::Call(CallError::Unavailable { .. }) => RemoteError::Retry,
-                err => RemoteError::from(err),
-            })
+            // A message dropped with a home given up (rule 7) reaches the
+            // caller as `Unavailable`: it may have run (the turn that was
+            // running then finishes), so it is not retried for the caller.
+            .map_err(RemoteError::from)
     }
 
     /// Makes this silo `grain`'s home for one message (rules 2, 5 and 6):

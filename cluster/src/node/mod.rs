@@ -141,6 +141,10 @@ struct Inner {
     view: arc_swap::ArcSwap<Vec<Member>>,
     /// When the view last changed (rule 3).
     view_changed: Mutex<Instant>,
+    /// Set while a silo that fenced itself rebuilds the directory entries
+    /// it owns (rule 7): an entry it lacks is answered `Retry`, as in the
+    /// hand-over window.
+    rebuilding: std::sync::atomic::AtomicBool,
     handoff: Duration,
     /// Directory entries this silo owns.
     partition: Partition,

@@ -103,11 +103,10 @@ impl Inbound for NodeInbound {
             };
             if request.grain_type == DIRECTORY {
                 // Rule 7: a silo that fenced itself rebuilds the entries
-                // it owns from the homes; answered at once, re-registered
-                // on the side.
+                // it owns from the homes; answered once they are
+                // re-registered.
                 if request.message == super::fence::REHOME {
-                    let owner = from.clone();
-                    tokio::spawn(async move { inner.rehome_with(&owner).await });
+                    inner.rehome_with(&from).await;
                     return Ok(Vec::new());
                 }
                 let asked: DirectoryRequest = decode(&request.payload)
@@ -283,6 +282,7 @@ impl NodeParts {
             transport,
             view: arc_swap::ArcSwap::from_pointee(membership.members()),
             view_changed: Mutex::new(Instant::now()),
+            rebuilding: std::sync::atomic::AtomicBool::new(false),
             members: membership.watch(),
             membership: tokio::sync::Mutex::new(Some(membership)),
             directory,

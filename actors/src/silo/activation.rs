@@ -312,6 +312,10 @@ pub(super) async fn run_activation<G: Grain>(
     grain_type
         .directory
         .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
+    // The next activation's references are leased afresh (rule 12).
+    if silo.is_routed_now() {
+        grain_type.leased.remove(&key);
+    }
     let _ = gone.send(true);
     tracing::debug!(grain = %id, "deactivated");
     let listener = silo

@@ -272,6 +272,7 @@ impl SiloBuilder {
             directory: DashMap::new(),
             workers,
             stateless,
+            leased: DashMap::new(),
         });
         if stateless {
             self.registry.stateless.insert(name.to_string());

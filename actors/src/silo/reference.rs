@@ -78,7 +78,7 @@ pub struct GrainRef<G> {
 }
 
 /// A reference's memory, shared by its clones.
-struct RefCache<G> {
+pub(super) struct RefCache<G> {
     /// The mailbox of the activation this reference delivered to last.
     last: mailbox::SenderCache<Envelope<G>>,
     /// On a routed silo, the router's lease on the grain's home here
@@ -647,13 +647,27 @@ impl Silo {
     /// A reference to the grain of type `G` with `key`. It always exists:
     /// the first message activates it.
     pub fn grain<G: Grain>(&self, key: impl Into<GrainKey>) -> GrainRef<G> {
+        let key = key.into();
+        let registered = self.grain_type::<G>().ok();
+        // On a routed silo, a new reference to a grain homed here starts
+        // from the cache of the last one the router leased the home to
+        // (rule 12); a lone silo pays one load for this.
+        let leased = if self.is_routed_now() {
+            registered
+                .as_ref()
+                .and_then(|grain_type| grain_type.leased.get(&key).map(|cache| cache.clone()))
+        } else {
+            None
+        };
         GrainRef {
             silo: self.clone(),
-            key: key.into(),
-            registered: self.grain_type::<G>().ok(),
-            cache: Arc::new(RefCache {
-                last: mailbox::SenderCache::new(),
-                lease: arc_swap::ArcSwapOption::empty(),
+            key,
+            registered,
+            cache: leased.unwrap_or_else(|| {
+                Arc::new(RefCache {
+                    last: mailbox::SenderCache::new(),
+                    lease: arc_swap::ArcSwapOption::empty(),
+                })
             }),
             _grain: PhantomData,
         }
@@ -721,8 +735,16 @@ where
         self: Box<Self>,
         lease: Option<Arc<HomeLease>>,
     ) -> BoxFuture<'static, Result<(), CallError>> {
-        // The sending reference (and its clones) may skip the router while
-        // the lease holds (`route.rs`, rule 3).
+        // The sending reference (and its clones, and references made later
+        // for the grain on this silo) may skip the router while the lease
+        // holds (`route.rs`, rule 3).
+        if lease.is_some() {
+            if let Some(grain_type) = self.target.registered.as_ref() {
+                grain_type
+                    .leased
+                    .insert(self.target.key.clone(), self.target.cache.clone());
+            }
+        }
         self.target.cache.lease.store(lease);
         let Routed {
             target,

@@ -37,6 +37,11 @@ pub(super) struct GrainType<G> {
     /// Registered as a stateless worker: local to each silo, never routed
     /// (rules 9 and 12).
     pub(super) stateless: bool,
+    /// On a routed silo, the cache of the last reference the router leased
+    /// each home here to (rule 12): a new reference to the grain starts
+    /// from it, so it too delivers on the lease's fast path rather than
+    /// through the router. Removed when the activation ends.
+    pub(super) leased: DashMap<GrainKey, Arc<super::reference::RefCache<G>>>,
 }
 
 /// What a message for a key should do (rules 2 and 9).

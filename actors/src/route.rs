@@ -28,7 +28,9 @@
 //!    keep the home here) lives until the local call has answered. The
 //!    router may hand the reference a [`HomeLease`]: while it holds, the
 //!    reference's next messages go straight into the activation's open
-//!    mailbox without the router. Only an open mailbox: a reference never
+//!    mailbox without the router, and so do those of references made
+//!    later for the grain on this silo (`Silo::grain` starts them from
+//!    the leased reference's cache, until the activation ends). Only an open mailbox: a reference never
 //!    starts an activation on its own, so every activation still begins
 //!    through the router.
 //! 4. **Elsewhere: by name.** When the home is another silo, the router

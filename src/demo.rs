@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_actors::{
+    ActivationError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo,
+};
 use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
 use granary_kernels::shipped::{DOUBLE, VECTOR_ADD, bytes_f32, f32_bytes};
 use granary_kernels::{Backend, BackendKind};
@@ -262,7 +264,7 @@ pub async fn run(
             .build()
             .map_err(|err| DemoError::Bridge(err.to_string()))?;
         let silo = Silo::builder()
-            .register::<Compute>("compute")
+            .host::<Compute>()
             .service(Arc::new(bridge.clone()))
             .build()
             .map_err(|err| DemoError::Bridge(err.to_string()))?;
@@ -357,7 +359,11 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant bounds are valid")
 }
 
-/// A grain that runs kernels on its silo's GPU bridge.
+/// A grain that runs kernels on its silo's GPU bridge, hosted as
+/// `"compute"`. Its messages are called on its own silo only, so it
+/// accepts none by name.
+#[derive(GrainType)]
+#[grain(name = "compute")]
 struct Compute {
     bridge: Option<Arc<GpuBridge>>,
 }
@@ -377,13 +383,11 @@ impl Grain for Compute {
 }
 
 /// Run `kernel` on `input`.
+#[derive(Message)]
+#[message(reply = Result<Vec<u8>, ExecuteError>)]
 struct Run {
     kernel: &'static str,
     input: Vec<u8>,
-}
-
-impl Message for Run {
-    type Reply = Result<Vec<u8>, ExecuteError>;
 }
 
 impl Handler<Run> for Compute {

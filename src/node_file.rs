@@ -15,15 +15,33 @@
 //! own (`samples/cluster-demo` shows one):
 //!
 //! ```no_run
-//! use granary::actors::SiloBuilder;
+//! use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, SiloBuilder};
 //! use granary::node_file::{self, NodeDevices, NodeFile, NodeRunError};
-//! # use granary::actors::{Grain, GrainKey};
-//! # struct Counter;
-//! # impl Grain for Counter { fn new(_: &GrainKey) -> Counter { Counter } }
+//! use serde::{Deserialize, Serialize};
+//!
+//! /// Hosted as "counter", taking "add" from other silos.
+//! #[derive(GrainType)]
+//! #[grain(crate = granary::actors, name = "counter", messages(Add))]
+//! struct Counter(u64);
+//! impl Grain for Counter {
+//!     fn new(_: &GrainKey) -> Counter {
+//!         Counter(0)
+//!     }
+//! }
+//!
+//! #[derive(Message, Serialize, Deserialize)]
+//! #[message(crate = granary::actors, name = "add", reply = u64)]
+//! struct Add(u64);
+//! impl Handler<Add> for Counter {
+//!     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
+//!         self.0 += n;
+//!         self.0
+//!     }
+//! }
 //!
 //! # async fn run() -> Result<(), NodeRunError> {
 //! let file = NodeFile::load("node.toml".as_ref())?;
-//! let grains = |silo: SiloBuilder, _: &NodeDevices| silo.register::<Counter>("counter");
+//! let grains = |silo: SiloBuilder, _: &NodeDevices| silo.host::<Counter>();
 //! node_file::run_node(file, &grains).await
 //! # }
 //! ```
@@ -231,7 +249,8 @@ impl NodeDevices {
 /// program passes to [`start_node`] and [`run_node`] besides the file.
 ///
 /// A function `Fn(SiloBuilder, &NodeDevices) -> SiloBuilder` is one: it
-/// registers the grain types and their messages, and nothing else.
+/// registers the grain types and their messages (`silo.host::<G>()` for
+/// each `#[derive(GrainType)]`), and nothing else.
 pub trait NodeGrains: Send + Sync {
     /// Registers the grain types this node hosts (a client node registers
     /// them too, for their message names), their messages, and any silo

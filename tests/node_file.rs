@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use granary::actors::{Grain, GrainContext, GrainKey, Handler, Message, SiloBuilder};
+use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, SiloBuilder};
 use granary::node_file::{
     DeviceBackend, NodeDevices, NodeFile, NodeGrains, StorageFile, start_node,
 };
@@ -41,6 +41,8 @@ fn an_unknown_key_is_named() {
 }
 
 /// A grain of the caller's own.
+#[derive(GrainType)]
+#[grain(crate = granary::actors, name = "echo", messages(Say))]
 struct Echo;
 
 impl Grain for Echo {
@@ -49,12 +51,9 @@ impl Grain for Echo {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, Message)]
+#[message(crate = granary::actors, name = "say", reply = String)]
 struct Say(String);
-
-impl Message for Say {
-    type Reply = String;
-}
 
 impl Handler<Say> for Echo {
     async fn handle(&mut self, Say(text): Say, _: &mut GrainContext) -> String {
@@ -63,7 +62,7 @@ impl Handler<Say> for Echo {
 }
 
 fn echoes(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
-    silo.register::<Echo>("echo").message::<Echo, Say>("say")
+    silo.host::<Echo>()
 }
 
 fn lone_node(devices: &str) -> NodeFile {

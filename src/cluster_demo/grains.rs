@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use granary_actors::{
-    ActivationError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState,
+    ActivationError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, PersistentState,
 };
 use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
 use granary_kernels::shipped::f32_bytes;
@@ -23,7 +23,10 @@ pub struct LedgerState {
     pub total: u64,
 }
 
-/// The sample GPU grain (see the module docs).
+/// The sample GPU grain (see the module docs), hosted as `"ledger"`
+/// ([`LEDGER`]), taking [`Apply`] and [`Read`] from other silos.
+#[derive(GrainType)]
+#[grain(name = "ledger", messages(Apply, Read))]
 pub struct Ledger {
     /// Its number (ledgers are keyed by number).
     key: Option<u64>,
@@ -68,16 +71,13 @@ impl Grain for Ledger {
 }
 
 /// Applies `amount` as step `seq` (once).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(name = "apply", reply = Result<Applied, String>)]
 pub struct Apply {
     /// The step: applied only if it is the next one.
     pub seq: u64,
     /// What it adds.
     pub amount: u64,
-}
-
-impl Message for Apply {
-    type Reply = Result<Applied, String>;
 }
 
 /// A ledger's answer to [`Apply`].
@@ -162,12 +162,9 @@ impl Handler<Apply> for Ledger {
 }
 
 /// Reads a ledger's state.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(name = "read", reply = LedgerState)]
 pub struct Read;
-
-impl Message for Read {
-    type Reply = LedgerState;
-}
 
 impl Handler<Read> for Ledger {
     async fn handle(&mut self, _: Read, _: &mut GrainContext) -> LedgerState {
@@ -229,7 +226,10 @@ pub struct AuditState {
 }
 
 /// The grain ledgers notify (see the module docs): it needs no device,
-/// so any silo that hosts the type may hold it.
+/// so any silo that hosts the type may hold it. Hosted as `"auditor"`
+/// ([`AUDITOR`]), taking [`Note`] and [`Audit`] from other silos.
+#[derive(GrainType)]
+#[grain(name = "auditor", messages(Note, Audit))]
 pub struct Auditor {
     state: Option<PersistentState<AuditState>>,
 }
@@ -246,7 +246,8 @@ impl Grain for Auditor {
 }
 
 /// Tells an auditor that ledger `ledger` applied step `seq`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(name = "note", reply = Result<Receipt, String>)]
 pub struct Note {
     /// The ledger's key.
     pub ledger: u64,
@@ -259,10 +260,6 @@ pub struct Note {
 pub struct Receipt {
     /// The address of the silo the auditor runs on.
     pub auditor_silo: String,
-}
-
-impl Message for Note {
-    type Reply = Result<Receipt, String>;
 }
 
 impl Handler<Note> for Auditor {
@@ -293,12 +290,9 @@ impl Handler<Note> for Auditor {
 }
 
 /// Reads an auditor's state.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(name = "audit", reply = AuditState)]
 pub struct Audit;
-
-impl Message for Audit {
-    type Reply = AuditState;
-}
 
 impl Handler<Audit> for Auditor {
     async fn handle(&mut self, _: Audit, _: &mut GrainContext) -> AuditState {
@@ -311,7 +305,10 @@ impl Handler<Audit> for Auditor {
 
 /// A grain that answers for the silo it runs on:
 /// [`DemoPlacement`](super::DemoPlacement) puts the inspector keyed by a
-/// silo's address on that silo.
+/// silo's address on that silo. Hosted as `"inspector"` ([`INSPECTOR`]),
+/// taking [`Inspect`] from other silos.
+#[derive(GrainType)]
+#[grain(name = "inspector", messages(Inspect))]
 pub struct Inspector;
 
 impl Grain for Inspector {
@@ -322,7 +319,8 @@ impl Grain for Inspector {
 
 /// Asks an inspector which ledgers (keys `0..ledgers`) and auditors (keys
 /// `0..auditors`) are active on its silo.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(name = "inspect", reply = Result<SiloActivity, String>)]
 pub struct Inspect {
     /// Ledger keys to look for.
     pub ledgers: u64,
@@ -341,10 +339,6 @@ pub struct SiloActivity {
     pub ledgers: Vec<u64>,
     /// The auditors active there.
     pub auditors: Vec<u64>,
-}
-
-impl Message for Inspect {
-    type Reply = Result<SiloActivity, String>;
 }
 
 impl Handler<Inspect> for Inspector {
@@ -368,12 +362,13 @@ impl Handler<Inspect> for Inspector {
     }
 }
 
-/// The ledger's registered name.
-pub const LEDGER: &str = "ledger";
-/// The auditor's registered name.
-pub const AUDITOR: &str = "auditor";
-/// The inspector's registered name.
-pub const INSPECTOR: &str = "inspector";
+/// The ledger's registered name (`#[grain(name = ...)]` on [`Ledger`]).
+pub const LEDGER: &str = Ledger::NAME;
+/// The auditor's registered name (`#[grain(name = ...)]` on [`Auditor`]).
+pub const AUDITOR: &str = Auditor::NAME;
+/// The inspector's registered name (`#[grain(name = ...)]` on
+/// [`Inspector`]).
+pub const INSPECTOR: &str = Inspector::NAME;
 
 /// The devices a ledger may live on: the node's configured backend.
 #[derive(Debug, Clone, Copy)]

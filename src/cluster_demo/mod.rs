@@ -77,7 +77,8 @@ pub use run::{ClusterDemoConfig, run_cluster_demo};
 
 /// What a demo node hosts (what `granary node` passes to
 /// [`run_node`](crate::node_file::run_node)): the ledger, the auditor and
-/// the inspector with their messages, by name; ledgers on the node's
+/// the inspector, each hosted as its `#[derive(GrainType)]` declares it
+/// (its name, and its messages by name); ledgers on the node's
 /// backend ([`LedgerDevices`]), needing [`LEDGER_DEVICE_BYTES`] of its
 /// devices; [`DemoPlacement`]; and the silo's address ([`Here`]) for the
 /// grains once the node has joined.
@@ -90,14 +91,9 @@ pub struct DemoGrains {
 
 impl NodeGrains for DemoGrains {
     fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder {
-        silo.register::<Ledger>(LEDGER)
-            .message::<Ledger, Apply>("apply")
-            .message::<Ledger, Read>("read")
-            .register::<Auditor>(AUDITOR)
-            .message::<Auditor, Note>("note")
-            .message::<Auditor, Audit>("audit")
-            .register::<Inspector>(INSPECTOR)
-            .message::<Inspector, Inspect>("inspect")
+        silo.host::<Ledger>()
+            .host::<Auditor>()
+            .host::<Inspector>()
             .service(Arc::new(LedgerDevices(devices.requirements())))
             .service(self.here.clone())
     }

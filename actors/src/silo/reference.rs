@@ -28,28 +28,30 @@ use crate::route::{Delivered, HomeLease, Kind, Outbound, Router};
 /// where it reaches the grain wherever it lives (rule 12).
 ///
 /// ```
-/// use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, ReadHandler, Silo};
+/// use granary_actors::{
+///     Grain, GrainContext, GrainKey, GrainType, Handler, Message, ReadHandler, Silo,
+/// };
 ///
+/// #[derive(GrainType)]
+/// #[grain(name = "counter")]
 /// struct Counter(u64);
 /// impl Grain for Counter {
 ///     fn new(_: &GrainKey) -> Counter {
 ///         Counter(0)
 ///     }
 /// }
+/// #[derive(Message)]
+/// #[message(reply = u64)]
 /// struct Add(u64);
-/// impl Message for Add {
-///     type Reply = u64;
-/// }
 /// impl Handler<Add> for Counter {
 ///     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
 ///         self.0 += n;
 ///         self.0
 ///     }
 /// }
+/// #[derive(Message)]
+/// #[message(reply = u64)]
 /// struct Get;
-/// impl Message for Get {
-///     type Reply = u64;
-/// }
 /// impl ReadHandler<Get> for Counter {
 ///     async fn handle_read(&self, _: Get, _: &GrainContext) -> u64 {
 ///         self.0
@@ -57,7 +59,7 @@ use crate::route::{Delivered, HomeLease, Kind, Outbound, Router};
 /// }
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// let silo = Silo::builder().register::<Counter>("counter").build()?;
+/// let silo = Silo::builder().host::<Counter>().build()?;
 /// let counter = silo.grain::<Counter>("apples");
 /// assert_eq!(counter.call(Add(2)).await?, 2); // activated by its first message
 /// counter.tell(Add(3)).await?; // returns once the mailbox took it

@@ -199,21 +199,22 @@ struct Inner {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+/// use granary_actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo};
 /// use granary_cluster::{gossip::ChannelTransport, ClusterNode, ClusterSecret, InProcessNetwork, NodeConfig};
 /// use serde::{Deserialize, Serialize};
 ///
+/// /// Hosted as "counter", taking "add" from other silos.
+/// #[derive(GrainType)]
+/// #[grain(name = "counter", messages(Add))]
 /// struct Counter(u64);
 /// impl Grain for Counter {
 ///     fn new(_: &GrainKey) -> Counter {
 ///         Counter(0)
 ///     }
 /// }
-/// #[derive(Serialize, Deserialize)]
+/// #[derive(Message, Serialize, Deserialize)]
+/// #[message(name = "add", reply = u64)]
 /// struct Add(u64);
-/// impl Message for Add {
-///     type Reply = u64;
-/// }
 /// impl Handler<Add> for Counter {
 ///     async fn handle(&mut self, Add(n): Add, _: &mut GrainContext) -> u64 {
 ///         self.0 += n;
@@ -229,10 +230,7 @@ struct Inner {
 /// let secret = ClusterSecret::new(*b"sixteen or more bytes, shared")?;
 /// let mut nodes = Vec::new();
 /// for n in 1..=2u16 {
-///     let silo = Silo::builder()
-///         .register::<Counter>("counter")
-///         .message::<Counter, Add>("add")
-///         .build()?;
+///     let silo = Silo::builder().host::<Counter>().build()?;
 ///     let listen = format!("silo-{n}:7000");
 ///     let address = std::net::SocketAddr::from(([127, 0, 0, 1], 47_000 + n));
 ///     let seed = "127.0.0.1:47001".to_string();

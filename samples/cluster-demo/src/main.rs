@@ -11,9 +11,11 @@
 //! ```
 //!
 //! The grains a node hosts are not in its file: the program passes them.
-//! Here that is [`counters`], a function that registers the [`Counter`]
-//! grain and its message on the node's silo; the file gives the rest
-//! (addresses, secret, storage, devices, gossip or etcd).
+//! Here that is [`counters`], a function that hosts the [`Counter`] grain
+//! on the node's silo, in one line: the grain type declares its name and
+//! the messages it takes from other silos with `#[derive(GrainType)]`.
+//! The file gives the rest (addresses, secret, storage, devices, gossip or
+//! etcd).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,14 +24,18 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use granary::actors::{
-    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, PersistentState,
-    SiloBuilder,
+    ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
+    PersistentState, SiloBuilder,
 };
 use granary::cluster::{ClusterNode, MembershipError};
 use granary::node_file::{self, NodeDevices, NodeFile, NodeRunError};
 use serde::{Deserialize, Serialize};
 
-/// A counter with persisted state, keyed by name.
+/// A counter with persisted state, keyed by name: hosted as `"counter"`,
+/// taking [`Add`] from other silos (so that a call reaches a counter whose
+/// home is another silo).
+#[derive(GrainType)]
+#[grain(crate = granary::actors, name = "counter", messages(Add))]
 pub struct Counter {
     state: Option<PersistentState<u64>>,
 }
@@ -46,12 +52,9 @@ impl Grain for Counter {
 }
 
 /// Adds to a counter; answers its total once persisted.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+#[message(crate = granary::actors, name = "add", reply = Result<u64, String>)]
 pub struct Add(pub u64);
-
-impl Message for Add {
-    type Reply = Result<u64, String>;
-}
 
 impl Handler<Add> for Counter {
     async fn handle(&mut self, Add(by): Add, _: &mut GrainContext) -> Result<u64, String> {
@@ -64,14 +67,9 @@ impl Handler<Add> for Counter {
     }
 }
 
-/// The counter's registered name.
-pub const COUNTER: &str = "counter";
-
-/// What these nodes host: the counter, and its message by name (so that
-/// a call reaches a counter whose home is another silo).
+/// What these nodes host: the counter, with its message by name.
 pub fn counters(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
-    silo.register::<Counter>(COUNTER)
-        .message::<Counter, Add>("add")
+    silo.host::<Counter>()
 }
 
 /// Why the sample failed.
@@ -180,7 +178,7 @@ async fn two_nodes() -> Result<(), SampleError> {
             return Err(SampleError::Total(key.to_string(), total));
         }
         let home = b
-            .location(COUNTER, GrainKey::from(key))
+            .location(Counter::NAME, GrainKey::from(key))
             .map_or_else(|| "unknown".to_string(), |home| home.to_string());
         println!("counter {key}: total {total} after a call from each node; lives on {home}");
     }

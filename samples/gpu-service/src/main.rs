@@ -19,12 +19,16 @@ use std::sync::Arc;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use granary_actors::{
-    ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo,
+    ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo,
 };
 use granary_gpu::{ExecuteError, GpuBridge};
 use granary_kernels::shipped::{self, bytes_f32, f32_bytes};
 
 /// Doubles vectors on the silo's GPU bridge and counts its requests.
+/// Hosted as `"doubler"`; its messages come from this process only, so
+/// it accepts none by name from other silos.
+#[derive(GrainType)]
+#[grain(name = "doubler")]
 struct Doubler {
     bridge: Option<Arc<GpuBridge>>,
     served: u64,
@@ -47,10 +51,9 @@ impl Grain for Doubler {
     }
 }
 
+#[derive(Message)]
+#[message(reply = Result<Vec<f32>, ExecuteError>)]
 struct Double(Vec<f32>);
-impl Message for Double {
-    type Reply = Result<Vec<f32>, ExecuteError>;
-}
 impl Handler<Double> for Doubler {
     async fn handle(
         &mut self,
@@ -64,10 +67,9 @@ impl Handler<Double> for Doubler {
     }
 }
 
+#[derive(Message)]
+#[message(reply = u64)]
 struct Served;
-impl Message for Served {
-    type Reply = u64;
-}
 impl Handler<Served> for Doubler {
     async fn handle(&mut self, _: Served, _: &mut GrainContext) -> u64 {
         self.served
@@ -138,7 +140,7 @@ fn main() -> std::io::Result<()> {
         .build()
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let silo = Silo::builder()
-        .register::<Doubler>("doubler")
+        .host::<Doubler>()
         .service(Arc::new(bridge))
         .build()
         .map_err(|err| std::io::Error::other(err.to_string()))?;

@@ -214,6 +214,9 @@ pub struct GrainContext {
     mailbox: Option<Box<dyn Any + Send + Sync>>,
     /// Cancels this activation's timers (rule 8 of `silo/mod.rs`).
     timers: tokio_util::sync::CancellationToken,
+    /// The silo's count of homes given up when this activation was made;
+    /// `None` for a stateless worker, never a home (rule 13).
+    given_up: Option<u64>,
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -232,7 +235,21 @@ impl GrainContext {
             chain: 0,
             mailbox: None,
             timers: tokio_util::sync::CancellationToken::new(),
+            given_up: None,
         }
+    }
+
+    /// Records the count of homes given up when the activation was made
+    /// (rule 13 of `silo/mod.rs`); a stateless worker records none.
+    pub(crate) fn set_given_up(&mut self, given_up: Option<u64>) {
+        self.given_up = given_up;
+    }
+
+    /// Whether the silo gave every home up since this activation was made
+    /// (rule 13 of `silo/mod.rs`): it runs nothing more.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.given_up
+            .is_some_and(|given_up| self.silo.homes_given_up() != given_up)
     }
 
     pub(crate) fn timers(&self) -> &tokio_util::sync::CancellationToken {

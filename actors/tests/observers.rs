@@ -194,3 +194,100 @@ async fn a_subscriber_whose_silo_cannot_be_reached_is_dropped_after_its_expiry_a
     here.shutdown().await;
     there.shutdown().await;
 }
+
+/// Routes every grain message here, and carries notifications to one other
+/// silo's home side; its first `fail` notifications are lost on the way.
+struct TwoSilos {
+    place: &'static str,
+    other: std::sync::OnceLock<granary_actors::route::HomeSide>,
+    fail: std::sync::atomic::AtomicU64,
+}
+
+impl granary_actors::route::Router for TwoSilos {
+    fn dispatch(
+        &self,
+        message: Box<dyn granary_actors::route::Outbound>,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<granary_actors::route::Delivered, granary_actors::CallError>,
+    > {
+        Box::pin(async move {
+            message.deliver_here(None).await?;
+            Ok(granary_actors::route::Delivered::Here)
+        })
+    }
+
+    fn place(&self) -> Option<String> {
+        Some(self.place.to_string())
+    }
+
+    fn observe<'a>(
+        &'a self,
+        place: &'a str,
+        endpoint: u64,
+        type_name: &'a str,
+        payload: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<granary_actors::observers::Observed, granary_actors::observers::ObserverUnreachable>,
+    > {
+        Box::pin(async move {
+            let failing = self
+                .fail
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |left| left.checked_sub(1),
+                )
+                .is_ok();
+            match self.other.get() {
+                Some(other) if !failing => Ok(other.observe(endpoint, type_name, &payload)),
+                _ => Err(granary_actors::observers::ObserverUnreachable {
+                    place: place.to_string(),
+                    reason: "lost on the way (test)".to_string(),
+                }),
+            }
+        })
+    }
+
+    fn is_present(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_silo_answers_again_is_kept_though_a_notification_was_lost() {
+    use std::sync::Arc;
+    let here = sensor_silo();
+    let there = sensor_silo();
+    let router_here = Arc::new(TwoSilos {
+        place: "here",
+        other: std::sync::OnceLock::new(),
+        fail: std::sync::atomic::AtomicU64::new(1),
+    });
+    let router_there = Arc::new(TwoSilos {
+        place: "there",
+        other: std::sync::OnceLock::new(),
+        fail: std::sync::atomic::AtomicU64::new(0),
+    });
+    let _here_side = here.route_through(router_here.clone()).unwrap();
+    let there_side = there.route_through(router_there).unwrap();
+    assert!(router_here.other.set(there_side).is_ok());
+    let (observer, mut subscription) = there.observe::<u32>(4);
+    assert_eq!(observer.place(), "there");
+    let sensor = here.grain::<Sensor>("s");
+    sensor.call(Watch(observer)).await.unwrap().unwrap();
+    // The first notification is lost: the unreachable clock starts. Nothing
+    // more is notified, but the subscriber's silo answers the idle probes,
+    // so the 300 ms expiry passes without dropping it.
+    assert_eq!(sensor.call(Publish(1)).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(sensor.call(Count).await.unwrap(), (1, 0));
+    assert_eq!(sensor.call(Publish(2)).await.unwrap(), 1);
+    let next = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(next, Some(2));
+    here.shutdown().await;
+    there.shutdown().await;
+}

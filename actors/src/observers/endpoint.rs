@@ -128,6 +128,10 @@ struct LocalEnd<T> {
     missed: Arc<AtomicU64>,
 }
 
+/// What a probe's type name starts with (rule 6): it asks whether a
+/// subscriber is there without notifying it.
+pub(crate) const PROBE: &str = "$probe:";
+
 /// The endpoints a silo keeps for its subscribers.
 pub(crate) struct Endpoints {
     /// This silo's place while no router names it.
@@ -148,10 +152,22 @@ impl Endpoints {
         }
     }
 
-    /// Delivers a notification in its wire form to endpoint `number`.
+    /// Delivers a notification in its wire form to endpoint `number`; a
+    /// probe (its type name prefixed with [`PROBE`]) only asks whether the
+    /// endpoint is there, and delivers nothing.
     pub(crate) fn deliver(&self, number: u64, type_name: &str, payload: &[u8]) -> Observed {
+        let (probe, type_name) = match type_name.strip_prefix(PROBE) {
+            Some(type_name) => (true, type_name),
+            None => (false, type_name),
+        };
         match self.table.get(&number) {
-            Some(endpoint) if endpoint.type_name == type_name => (endpoint.from_wire)(payload),
+            Some(endpoint) if endpoint.type_name == type_name => {
+                if probe {
+                    Observed::Delivered
+                } else {
+                    (endpoint.from_wire)(payload)
+                }
+            }
             _ => Observed::Gone,
         }
     }

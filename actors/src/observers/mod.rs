@@ -41,7 +41,10 @@
 //!    whether the subscriber's silo is still a member, so a subscriber
 //!    whose silo died is dropped within the time the cluster takes to
 //!    declare that death plus `expiry`, with or without notifications.
-//!    Only a delivered notification clears the clock. A silo that was
+//!    Only an answer from the subscriber's silo clears the clock: a
+//!    delivered notification, or, while the clock runs and nothing is
+//!    notified, a probe that asks that silo whether the subscriber is
+//!    there (and delivers nothing). A silo that was
 //!    falsely declared dead and comes back keeps its place: a subscriber
 //!    on it that was dropped meanwhile receives nothing more, though its
 //!    subscription stays open, and must subscribe again (rule 7).

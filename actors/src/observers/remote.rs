@@ -135,10 +135,26 @@ async fn deliver<T: Serialize>(
                     }
                 }
             }
-            // Idle: a silo that has left the view is unreachable; one still
-            // in it proves nothing (it may be cut off), so only a delivery
-            // clears the clock.
-            Err(_) => (!silo.is_observer_place_present(observer.place())).then_some(false),
+            // Idle: a silo that has left the view is unreachable. While the
+            // clock runs for one still in it, a probe asks the subscriber's
+            // silo whether the subscriber is there: only an answer clears
+            // the clock (a silo cut off but still in the view expires).
+            Err(_) if !silo.is_observer_place_present(observer.place()) => Some(false),
+            Err(_) if unreachable_since.is_some() => {
+                let probe = format!("{}{}", super::endpoint::PROBE, observer.type_name());
+                match silo
+                    .send_observation(observer.place(), observer.endpoint(), &probe, Vec::new())
+                    .await
+                {
+                    Ok(Observed::Delivered | Observed::Full) => Some(true),
+                    Ok(Observed::Gone) => {
+                        state.end(false);
+                        return;
+                    }
+                    Err(_) => Some(false),
+                }
+            }
+            Err(_) => None,
         };
         if reachable == Some(true) {
             unreachable_since = None;

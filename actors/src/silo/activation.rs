@@ -112,6 +112,7 @@ pub(super) async fn run_activation<G: Grain>(
         key: key.clone(),
     };
     let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    ctx.set_given_up((!grain_type.stateless).then_some(given_up));
     // A stateless worker holds one mailbox slot while it runs a turn, so
     // that `choose` sees it busy (rule 9).
     let busy_marker = (grain_type.workers > 1).then(|| sender.clone());
@@ -131,7 +132,9 @@ pub(super) async fn run_activation<G: Grain>(
     // of its business; a later give-up stops it. Stateless workers are
     // never homes.
     let abandoned = |silo: &Silo| !grain_type.stateless && silo.homes_given_up() != given_up;
-    let mut grain = if silo.inner.stopped.load(Ordering::Acquire) {
+    // An activation made before a give-up whose task first runs after it
+    // does not even start: its messages are dropped below.
+    let mut grain = if silo.inner.stopped.load(Ordering::Acquire) || abandoned(&silo) {
         None
     } else {
         activate::<G>(&key, &mut ctx).await

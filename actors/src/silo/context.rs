@@ -187,6 +187,16 @@ impl GrainContext {
                 // Rule 11: a sender from another silo gave up before this
                 // reentrant turn could start.
                 Event::Message(Some(envelope)) if envelope.expired() => {}
+                // Rule 13: every home was given up while this turn waited;
+                // a message of its chain is dropped unrun, as the queued
+                // ones are.
+                Event::Message(Some(envelope)) if self.abandoned() => {
+                    self.silo()
+                        .inner
+                        .dropped_with_homes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(envelope);
+                }
                 // A reentrant turn on the lent grain.
                 Event::Message(Some(envelope)) => {
                     match envelope.turn {

@@ -74,12 +74,15 @@ pub struct GrainRef<G> {
     /// The grain type's directory, looked up once; `None` if `G` is not
     /// registered.
     registered: Option<Arc<GrainType<G>>>,
-    /// What this reference and its clones remember between messages.
+    /// What this reference and its clones (and, on a routed silo, later
+    /// references to a grain leased here) remember between messages.
     cache: Arc<RefCache<G>>,
     _grain: PhantomData<fn() -> G>,
 }
 
-/// A reference's memory, shared by its clones.
+/// A reference's memory, shared by its clones and, once the router has
+/// leased the grain's home here to it, by references made later for the
+/// grain on this silo (`GrainType::leased`, rule 12).
 pub(super) struct RefCache<G> {
     /// The mailbox of the activation this reference delivered to last.
     last: mailbox::SenderCache<Envelope<G>>,

@@ -40,7 +40,10 @@ pub(super) struct GrainType<G> {
     /// On a routed silo, the cache of the last reference the router leased
     /// each home here to (rule 12): a new reference to the grain starts
     /// from it, so it too delivers on the lease's fast path rather than
-    /// through the router. Removed when the activation ends.
+    /// through the router. Removed when the activation ends (a lease
+    /// granted in the same moment may leave an entry behind: harmless,
+    /// since a reference delivers on it only while the lease holds and the
+    /// mailbox is open).
     pub(super) leased: DashMap<GrainKey, Arc<super::reference::RefCache<G>>>,
 }
 

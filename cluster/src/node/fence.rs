@@ -38,7 +38,9 @@
 //!    incarnation would find them: it drops every one, lifts the fence,
 //!    and asks every peer of its view to re-register the homes whose
 //!    entries it owns ([`REHOME`]), again until each has answered that it
-//!    did or has left the view. Until then a grain with no entry is
+//!    did or has left the view, for at most the call timeout or eight
+//!    hand-over windows, whichever is longer (then it warns and goes on
+//!    with the entries it has). Until then a grain with no entry is
 //!    answered `Retry` (as in the hand-over window of rule 3 of
 //!    `node/mod.rs`), never placed afresh. So a stall leaves no activation
 //!    of a grain that moved and keeps no entry that went stale while the
@@ -208,6 +210,9 @@ async fn recover(node: ClusterNode) {
     // Rule 5: every entry here may be stale. Start empty and answer `Retry`
     // for a grain with no entry (not `Unknown`, which would place it
     // afresh) until every peer has re-registered its homes.
+    // A stall during this rebuild starts another: only the latest clears
+    // the flag.
+    let rebuild = inner.rebuilds.fetch_add(1, Ordering::AcqRel) + 1;
     inner.rebuilding.store(true, Ordering::Release);
     let dropped = inner.partition.clear();
     inner.fence.fenced.store(false, Ordering::Release);
@@ -217,13 +222,36 @@ async fn recover(node: ClusterNode) {
         .map(|member| member.silo.clone())
         .filter(|silo| silo != &inner.id)
         .collect();
-    futures_util::future::join_all(peers.iter().map(|peer| rehome(&node, peer))).await;
-    inner.rebuilding.store(false, Ordering::Release);
+    let asked = futures_util::future::join_all(peers.iter().map(|peer| rehome(&node, peer)));
+    if tokio::time::timeout(rebuild_limit(inner), asked)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            silo = %inner.id,
+            limit = ?rebuild_limit(inner),
+            "not every peer re-registered its homes in time; serving the directory entries owned here as they are"
+        );
+    }
+    if inner.rebuilds.load(Ordering::Acquire) == rebuild {
+        inner.rebuilding.store(false, Ordering::Release);
+    }
     tracing::info!(
         silo = %inner.id,
         dropped,
         "fence lifted: every home here was given up and the directory entries owned here are rebuilt"
     );
+}
+
+/// The longest a rebuild waits for its peers (rule 5): a peer that never
+/// answers but stays in the view (cut off one way, or too old to know the
+/// request) must not keep the entries owned here unanswerable for good.
+fn rebuild_limit(inner: &Inner) -> Duration {
+    inner
+        .config
+        .connection
+        .call_timeout
+        .max(inner.handoff.saturating_mul(8))
 }
 
 /// Asks `peer` to re-register the homes whose entries this silo owns, until

@@ -6,6 +6,8 @@
 //! of the protocol in `node/mod.rs`.
 
 use std::collections::HashSet;
+
+use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -123,6 +125,9 @@ impl ClusterNode {
         .await;
     }
 }
+
+/// Homes re-registered at once after a view change or a rehome (rule 3).
+const REREGISTER_AT_ONCE: usize = 32;
 
 impl Inner {
     /// Handles a request for `grain` that arrived from another silo (rule
@@ -536,58 +541,75 @@ impl Inner {
             inner: self.clone(),
         };
         let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
-        for grain in homes {
-            let Some(new) = self.entry_owner(&grain, view) else {
-                continue;
-            };
-            // Up to date, leaving (its entry is being removed), or not
-            // registered yet (its first call registers it).
-            let Some(activation) = self.homes.get(&grain).and_then(|home| {
-                let current = home.owner.as_ref()?;
-                (wanted(current, &new) && !home.leaving).then_some(home.activation)
-            }) else {
-                continue;
-            };
-            let proposed = ActivationAddress {
-                silo: self.id.clone(),
-                activation,
-            };
-            // A few tries inside the hand-over window; a home that cannot
-            // re-register in it is given up (its activation let go), since
-            // after it another silo may claim the grain.
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let reply = node
-                    .directory(DirectoryRequest::Register {
-                        grain: grain.clone(),
-                        home: proposed.clone(),
-                        existing: true,
-                    })
-                    .await;
-                match reply {
-                    Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
-                        if let Some(mut entry) = self.homes.get_mut(&grain) {
-                            entry.owner = Some(new);
-                            entry.activation = home.activation;
-                        }
-                        break;
+        // Every home needs a round trip to its owner: a few at a time, so
+        // that many homes re-register within the hand-over window.
+        let wanted = &wanted;
+        let node = &node;
+        futures_util::stream::iter(homes)
+            .for_each_concurrent(REREGISTER_AT_ONCE, |grain| async move {
+                self.reregister_home(node, view, wanted, grain).await;
+            })
+            .await;
+    }
+
+    /// Re-registers one home, if `wanted` (see `reregister_homes`).
+    async fn reregister_home(
+        self: &Arc<Self>,
+        node: &ClusterNode,
+        view: &[Member],
+        wanted: &impl Fn(&SiloId, &SiloId) -> bool,
+        grain: GrainId,
+    ) {
+        let Some(new) = self.entry_owner(&grain, view) else {
+            return;
+        };
+        // Up to date, leaving (its entry is being removed), or not
+        // registered yet (its first call registers it).
+        let Some(activation) = self.homes.get(&grain).and_then(|home| {
+            let current = home.owner.as_ref()?;
+            (wanted(current, &new) && !home.leaving).then_some(home.activation)
+        }) else {
+            return;
+        };
+        let proposed = ActivationAddress {
+            silo: self.id.clone(),
+            activation,
+        };
+        // A few tries inside the hand-over window; a home that cannot
+        // re-register in it is given up (its activation let go), since
+        // after it another silo may claim the grain.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let reply = node
+                .directory(DirectoryRequest::Register {
+                    grain: grain.clone(),
+                    home: proposed.clone(),
+                    existing: true,
+                })
+                .await;
+            match reply {
+                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                    if let Some(mut entry) = self.homes.get_mut(&grain) {
+                        entry.owner = Some(new);
+                        entry.activation = home.activation;
                     }
-                    Ok(DirectoryReply::Home(_)) => {
-                        if self.remove_home(&grain) {
-                            self.release(&grain);
-                        }
-                        break;
+                    return;
+                }
+                Ok(DirectoryReply::Home(_)) => {
+                    if self.remove_home(&grain) {
+                        self.release(&grain);
                     }
-                    _ if tries < 4 && !self.stopped.load(Ordering::Acquire) => {
-                        tokio::time::sleep(self.handoff / 8).await;
+                    return;
+                }
+                _ if tries < 4 && !self.stopped.load(Ordering::Acquire) => {
+                    tokio::time::sleep(self.handoff / 8).await;
+                }
+                _ => {
+                    if self.remove_home(&grain) {
+                        self.release(&grain);
                     }
-                    _ => {
-                        if self.remove_home(&grain) {
-                            self.release(&grain);
-                        }
-                        break;
-                    }
+                    return;
                 }
             }
         }

@@ -145,6 +145,8 @@ struct Inner {
     /// it owns (rule 7): an entry it lacks is answered `Retry`, as in the
     /// hand-over window.
     rebuilding: std::sync::atomic::AtomicBool,
+    /// Numbers the rebuilds, so that only the latest clears `rebuilding`.
+    rebuilds: AtomicU64,
     handoff: Duration,
     /// Directory entries this silo owns.
     partition: Partition,

@@ -283,6 +283,7 @@ impl NodeParts {
             view: arc_swap::ArcSwap::from_pointee(membership.members()),
             view_changed: Mutex::new(Instant::now()),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
+            rebuilds: AtomicU64::new(0),
             members: membership.watch(),
             membership: tokio::sync::Mutex::new(Some(membership)),
             directory,

@@ -180,6 +180,14 @@ pub enum ConnectError {
     Unauthenticated,
     /// The peer broke the handshake's protocol.
     Protocol(String),
+    /// The peer speaks another version of the wire protocol (`wire.rs`,
+    /// rule 4).
+    Version {
+        /// This build's version.
+        ours: u32,
+        /// The peer's.
+        theirs: u32,
+    },
 }
 
 impl std::fmt::Display for ConnectError {
@@ -194,6 +202,10 @@ impl std::fmt::Display for ConnectError {
                 write!(f, "the peer could not prove it holds the cluster secret")
             }
             ConnectError::Protocol(why) => write!(f, "handshake protocol error: {why}"),
+            ConnectError::Version { ours, theirs } => write!(
+                f,
+                "the peer speaks wire protocol version {theirs}, this silo {ours}"
+            ),
         }
     }
 }
@@ -502,9 +514,22 @@ fn framed(io: BoxIo, _config: &ConnectionConfig) -> (Reader, Writer) {
 /// The next handshake frame.
 async fn next_header(reader: &mut Reader) -> Result<Header, ConnectError> {
     match reader.next().await {
-        Some(Ok(body)) => wire::decode(body.freeze())
-            .map(|(header, _)| header)
-            .map_err(|err| ConnectError::Protocol(err.to_string())),
+        Some(Ok(body)) => {
+            let body = body.freeze();
+            // A peer of another version: refused by number (wire rule 4),
+            // whether or not the rest of its header reads.
+            if let Some(theirs) = wire::protocol_of(&body) {
+                if theirs != wire::PROTOCOL {
+                    return Err(ConnectError::Version {
+                        ours: wire::PROTOCOL,
+                        theirs,
+                    });
+                }
+            }
+            wire::decode(body)
+                .map(|(header, _)| header)
+                .map_err(|err| ConnectError::Protocol(err.to_string()))
+        }
         Some(Err(err)) => Err(ConnectError::Io(err.to_string())),
         None => Err(ConnectError::Io("the peer closed the connection".into())),
     }
@@ -532,13 +557,16 @@ pub async fn connect(
         send_header(
             &mut writer,
             &Header::Hello {
+                protocol: wire::PROTOCOL,
                 cluster: cluster.to_string(),
                 silo: local.clone(),
                 nonce: ours,
             },
         )
         .await?;
+        // `next_header` refused a challenge of another version.
         let Header::Challenge {
+            protocol: _,
             silo: peer,
             nonce: theirs,
             proof,
@@ -571,7 +599,9 @@ pub async fn accept(
 ) -> Result<Connection, ConnectError> {
     let (mut reader, mut writer) = framed(io, &config);
     let handshake = async {
+        // `next_header` refused a hello of another version.
         let Header::Hello {
+            protocol: _,
             cluster: theirs_cluster,
             silo: peer,
             nonce: theirs,
@@ -589,6 +619,7 @@ pub async fn accept(
         send_header(
             &mut writer,
             &Header::Challenge {
+                protocol: wire::PROTOCOL,
                 silo: local.clone(),
                 nonce: ours,
                 proof,

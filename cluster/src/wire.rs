@@ -13,6 +13,13 @@
 //! 3. A body whose header length overruns it, or whose header does not
 //!    decode, is a [`FrameError`]: the connection that read it closes, and
 //!    nothing else does.
+//! 4. **Versions.** The first header each side sends ([`Header::Hello`],
+//!    [`Header::Challenge`]) starts with the wire protocol's version,
+//!    [`PROTOCOL`]. A later version keeps these two variants first, in
+//!    this order, and keeps the version their first field, so a silo
+//!    reads a peer's version ([`protocol_of`]) even when it cannot read the
+//!    rest, and refuses a peer of another version by number
+//!    (`ConnectError::Version`) rather than with a decoding error.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use granary_actors::GrainKey;
@@ -20,6 +27,9 @@ pub use granary_actors::route::Kind;
 use serde::{Deserialize, Serialize};
 
 use crate::SiloId;
+
+/// The version of the wire protocol this build speaks (rule 4).
+pub const PROTOCOL: u32 = 1;
 
 /// The default bound on a frame's body.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -32,6 +42,8 @@ pub const PROOF_LEN: usize = 32;
 pub enum Header {
     /// The connecting silo: who it is, and a challenge for the acceptor.
     Hello {
+        /// The wire protocol's version it speaks (rule 4): always first.
+        protocol: u32,
         /// The cluster it believes it joins.
         cluster: String,
         /// The connecting silo.
@@ -42,6 +54,8 @@ pub enum Header {
     /// The accepting silo: who it is, its proof of the secret, and its own
     /// challenge.
     Challenge {
+        /// The wire protocol's version it speaks (rule 4): always first.
+        protocol: u32,
         /// The accepting silo.
         silo: SiloId,
         /// A fresh random challenge.
@@ -230,6 +244,18 @@ pub fn decode(mut body: Bytes) -> Result<(Header, Bytes), FrameError> {
     let header = postcard::from_bytes(&header_bytes)
         .map_err(|err| FrameError::BadHeader(err.to_string()))?;
     Ok((header, body))
+}
+
+/// The protocol version a handshake body announces (rule 4): that of a
+/// `Hello` or a `Challenge`, read from the front of its header, even when
+/// the rest of the header is of a layout this build cannot read. `None`
+/// for a body that is not a handshake header.
+pub fn protocol_of(body: &[u8]) -> Option<u32> {
+    let header_len = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    let header = body.get(4..4 + header_len)?;
+    // The variant's index, then the first field: both varints.
+    let ((variant, protocol), _) = postcard::take_from_bytes::<(u32, u32)>(header).ok()?;
+    (variant <= 1).then_some(protocol)
 }
 
 #[cfg(test)]

@@ -263,6 +263,7 @@ async fn a_silo_without_the_secret_or_of_another_cluster_is_refused() {
     let mut raw = Framed::new(io, LengthDelimitedCodec::new());
     let nonce = auth::nonce().unwrap();
     let hello = Header::Hello {
+        protocol: wire::PROTOCOL,
         cluster: CLUSTER.into(),
         silo: SiloId::new("m", 1),
         nonce,
@@ -281,6 +282,38 @@ async fn a_silo_without_the_secret_or_of_another_cluster_is_refused() {
     );
     // The acceptor hung up.
     assert!(raw.next().await.is_none_or(|frame| frame.is_err()));
+    // A peer of another wire protocol version is refused by number, also
+    // when the rest of its hello is of a layout this build cannot read.
+    let io = network.transport("m").connect("a:1".into()).await.unwrap();
+    let mut raw = Framed::new(io, LengthDelimitedCodec::new());
+    let newer = Header::Hello {
+        protocol: wire::PROTOCOL + 1,
+        cluster: CLUSTER.into(),
+        silo: SiloId::new("m", 1),
+        nonce: auth::nonce().unwrap(),
+    };
+    raw.send(wire::encode(&newer, &[]).unwrap()).await.unwrap();
+    assert_eq!(
+        accepted.recv().await.unwrap().unwrap_err(),
+        ConnectError::Version {
+            ours: wire::PROTOCOL,
+            theirs: wire::PROTOCOL + 1
+        }
+    );
+    let io = network.transport("m").connect("a:1".into()).await.unwrap();
+    let mut raw = Framed::new(io, LengthDelimitedCodec::new());
+    // Variant 0 (hello), version 7, then bytes of some future layout.
+    let header = [0u8, 7, 0xff, 0xff, 0xff];
+    let mut body = (header.len() as u32).to_le_bytes().to_vec();
+    body.extend_from_slice(&header);
+    raw.send(bytes::Bytes::from(body)).await.unwrap();
+    assert_eq!(
+        accepted.recv().await.unwrap().unwrap_err(),
+        ConnectError::Version {
+            ours: wire::PROTOCOL,
+            theirs: 7
+        }
+    );
     // And the silo still serves real members.
     let io = network.transport("b").connect("a:1".into()).await.unwrap();
     let member = connect(
@@ -306,6 +339,7 @@ async fn raw_member(
     let me = SiloId::new("raw", 1);
     let ours = auth::nonce().unwrap();
     let hello = Header::Hello {
+        protocol: wire::PROTOCOL,
         cluster: CLUSTER.into(),
         silo: me.clone(),
         nonce: ours,
@@ -313,6 +347,7 @@ async fn raw_member(
     raw.send(wire::encode(&hello, &[]).unwrap()).await.unwrap();
     let frame = raw.next().await.unwrap().unwrap();
     let Header::Challenge {
+        protocol: _,
         silo: peer,
         nonce: theirs,
         proof,
@@ -354,6 +389,7 @@ async fn a_bad_or_oversize_frame_closes_that_connection_and_nothing_else() {
             }
             _ => {
                 let hello = Header::Hello {
+                    protocol: wire::PROTOCOL,
                     cluster: CLUSTER.into(),
                     silo: SiloId::new("raw", 1),
                     nonce: [0; 32],

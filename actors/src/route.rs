@@ -66,6 +66,13 @@ use crate::key::{GrainId, GrainKey};
 use crate::observers::{Observed, ObserverUnreachable};
 use crate::silo::Silo;
 
+/// The call chain a message sent now belongs to (rule 5): the running
+/// turn's, inside a handler, or a fresh one. For a router's own messages
+/// given by name, so that they keep reentrancy as a reference's do.
+pub fn current_chain() -> u64 {
+    crate::silo::current_chain()
+}
+
 /// How the sender waits (rule 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Kind {

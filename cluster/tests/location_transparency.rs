@@ -38,8 +38,8 @@ use granary_actors::{
     ObserverRef, Observers, Silo, SiloConfig,
 };
 use granary_cluster::{
-    ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError, PlacementError,
-    PlacementRequest, PlacementStrategy, SiloId, TcpTransport, Transport,
+    ClusterCallError, ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError,
+    PlacementError, PlacementRequest, PlacementStrategy, SiloId, TcpTransport, Transport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -848,6 +848,14 @@ async fn a_tell_to_an_unreachable_home_is_an_error() {
         .tell(Mark("first".into()))
         .await
         .unwrap();
+    // A call by name to a grain on another silo (3002, on silo 2) is
+    // answered with the reply in its wire form.
+    let payload = granary_actors::dispatch::encode(&Mark("by name".into())).unwrap();
+    let reply = three.nodes[0]
+        .call_named("peer", GrainKey::U64(3002), "mark", &payload)
+        .await
+        .unwrap();
+    let () = granary_actors::dispatch::decode(&reply).unwrap();
     network.isolate(&three.nodes[1].id().address);
     let told = three.nodes[0]
         .grain::<Peer>(3001u64)
@@ -860,6 +868,25 @@ async fn a_tell_to_an_unreachable_home_is_an_error() {
         ),
         "{told:?}"
     );
+    // A call by name keeps the failure's kind: the home's silo is
+    // unavailable (or did not answer in time), not an opaque error; an
+    // unknown name is refused before anything is sent.
+    let named = three.nodes[0]
+        .call_named("peer", GrainKey::U64(3001), "mark", &payload)
+        .await;
+    assert!(
+        matches!(
+            named,
+            Err(ClusterCallError::SiloUnavailable { .. } | ClusterCallError::Timeout(_))
+        ),
+        "{named:?}"
+    );
+    assert!(matches!(
+        three.nodes[0]
+            .call_named("peer", GrainKey::U64(3001), "no such message", &payload)
+            .await,
+        Err(ClusterCallError::NotRegistered(_))
+    ));
     network.rejoin(&three.nodes[1].id().address);
     three.leave().await;
 }

@@ -265,8 +265,9 @@ impl Silo {
         self.inner.config.call_timeout
     }
 
-    /// Whether grain type `name` is a stateless worker (rules 9 and 12).
-    pub(crate) fn is_stateless_named(&self, name: &str) -> bool {
+    /// Whether grain type `name` is registered as a stateless worker: local
+    /// to each silo, never routed (rules 9 and 12).
+    pub fn is_stateless_named(&self, name: &str) -> bool {
         self.inner.registry.stateless.contains(name)
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use granary_actors::route::{Delivered, Outbound};
+use granary_actors::route::{Delivered, Kind, Outbound};
 use granary_actors::{CallError, DispatchError, GrainId, GrainKey, GrainRef};
 
 use super::directory_client::{DIRECTORY, DirectoryBackend, DirectoryReply, DirectoryRequest};
@@ -44,6 +44,10 @@ pub enum ClusterCallError {
     Timeout(String),
     /// The message or its reply did not encode or decode.
     Payload(String),
+    /// The message failed on this silo, as a local call does (it timed
+    /// out waiting for room or for its turn, its turn failed, or the silo
+    /// is shutting down).
+    Local(CallError),
 }
 
 impl std::fmt::Display for ClusterCallError {
@@ -57,6 +61,7 @@ impl std::fmt::Display for ClusterCallError {
             ClusterCallError::Remote(err) => write!(f, "{err}"),
             ClusterCallError::Timeout(why) => write!(f, "timed out: {why}"),
             ClusterCallError::Payload(why) => write!(f, "{why}"),
+            ClusterCallError::Local(err) => write!(f, "{err}"),
         }
     }
 }
@@ -87,7 +92,11 @@ impl ClusterNode {
     }
 
     /// Calls grain `grain_type`/`key` with message `message` in its wire
-    /// form, wherever it lives (rule 2).
+    /// form, wherever it lives (rule 2), and answers the reply in its wire
+    /// form. A failure on the way keeps its kind: the home's silo
+    /// unavailable (`SiloUnavailable`), no silo to place the grain on
+    /// (`Placement`), a failure where it ran (`Remote`), no answer in time
+    /// (`Timeout`), or a local one (`Local`).
     pub async fn call_named(
         &self,
         grain_type: &str,
@@ -95,23 +104,111 @@ impl ClusterNode {
         message: &str,
         payload: &[u8],
     ) -> Result<Vec<u8>, ClusterCallError> {
+        let not_registered = |err: DispatchError| match err {
+            DispatchError::UnknownGrainType(_) | DispatchError::UnknownMessage { .. } => {
+                ClusterCallError::NotRegistered(err.to_string())
+            }
+            DispatchError::BadPayload { .. } => ClusterCallError::Payload(err.to_string()),
+            DispatchError::Call(err) => ClusterCallError::Local(err),
+            other => ClusterCallError::Remote(RemoteError::from(other)),
+        };
         if grain_type == DIRECTORY {
             return Err(ClusterCallError::NotRegistered(grain_type.to_string()));
         }
-        self.inner
-            .silo
-            .call_named(grain_type, key, message, payload)
-            .await
-            .map_err(|err| match err {
-                DispatchError::UnknownGrainType(_) | DispatchError::UnknownMessage { .. } => {
-                    ClusterCallError::NotRegistered(err.to_string())
-                }
-                DispatchError::BadPayload { .. } => ClusterCallError::Payload(err.to_string()),
-                DispatchError::Call(CallError::Timeout { .. }) => {
-                    ClusterCallError::Timeout(err.to_string())
-                }
-                other => ClusterCallError::Remote(RemoteError::from(other)),
-            })
+        let silo = &self.inner.silo;
+        silo.check_named(grain_type, message, Kind::Call)
+            .map_err(not_registered)?;
+        // Stateless workers are local to each silo (route.rs, rule 6).
+        if silo.is_stateless_named(grain_type) {
+            return silo
+                .call_named(grain_type, key, message, payload)
+                .await
+                .map_err(not_registered);
+        }
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        let named = NamedCall {
+            home: self.inner.home_side.clone(),
+            grain: GrainId {
+                type_name: grain_type.to_string(),
+                key,
+            },
+            message: message.to_string(),
+            payload: payload.to_vec(),
+            chain: granary_actors::route::current_chain(),
+            deadline: tokio::time::Instant::now() + self.inner.config.connection.call_timeout,
+            reply,
+        };
+        match self.inner.route_raw(Box::new(named)).await? {
+            Delivered::Here => match answer.try_recv() {
+                Ok(reply) => reply.map_err(not_registered),
+                Err(_) => Err(ClusterCallError::Local(CallError::ShutDown)),
+            },
+            Delivered::Elsewhere(bytes) => Ok(bytes),
+        }
+    }
+}
+
+/// A call given by name and in its wire form (`ClusterNode::call_named`),
+/// on its way through the router: here it is dispatched to the local
+/// activation by name.
+struct NamedCall {
+    home: granary_actors::route::HomeSide,
+    grain: GrainId,
+    message: String,
+    payload: Vec<u8>,
+    chain: u64,
+    deadline: tokio::time::Instant,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, DispatchError>>,
+}
+
+impl Outbound for NamedCall {
+    fn grain(&self) -> &GrainId {
+        &self.grain
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::Call
+    }
+
+    fn chain(&self) -> u64 {
+        self.chain
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+
+    fn message_name(&self) -> Option<&str> {
+        Some(&self.message)
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, CallError> {
+        Ok(self.payload.clone())
+    }
+
+    fn deliver_here(
+        self: Box<Self>,
+        _lease: Option<Arc<granary_actors::route::HomeLease>>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), CallError>> {
+        Box::pin(async move {
+            let time_left = self
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            let outcome = self
+                .home
+                .dispatch(granary_actors::route::InboundRequest {
+                    grain_type: &self.grain.type_name,
+                    key: self.grain.key.clone(),
+                    message: &self.message,
+                    payload: &self.payload,
+                    kind: Kind::Call,
+                    chain: self.chain,
+                    time_left,
+                })
+                .await;
+            let _ = self.reply.send(outcome);
+            Ok(())
+        })
     }
 }
 
@@ -124,6 +221,17 @@ impl Inner {
         message: Box<dyn Outbound>,
     ) -> Result<Delivered, CallError> {
         let started = Instant::now();
+        let grain = message.grain().clone();
+        self.route_raw(message)
+            .await
+            .map_err(|err| call_error(err, &grain, started.elapsed()))
+    }
+
+    /// [`Inner::route`], with a failure on the way as the cluster saw it.
+    pub(super) async fn route_raw(
+        self: &Arc<Self>,
+        message: Box<dyn Outbound>,
+    ) -> Result<Delivered, ClusterCallError> {
         let grain = message.grain().clone();
         let node = ClusterNode {
             inner: self.clone(),
@@ -140,7 +248,7 @@ impl Inner {
         let mut full: Vec<SiloId> = Vec::new();
         while hops < MAX_HOPS {
             if self.stopped.load(Ordering::Acquire) {
-                return Err(CallError::ShutDown);
+                return Err(ClusterCallError::Local(CallError::ShutDown));
             }
             let mut sent = false;
             let (target, cached) = match node.home_of(&grain, &full).await {
@@ -152,13 +260,13 @@ impl Inner {
                     tokio::time::sleep(self.handoff / 8).await;
                     continue;
                 }
-                Err(err) => return Err(call_error(err, &grain, started.elapsed())),
+                Err(err) => return Err(err),
             };
             let outcome = if target == self.id {
                 match self.admit(&grain).await {
                     Ok(admitted) => {
                         let Some(message) = message.take() else {
-                            return Err(CallError::ShutDown);
+                            return Err(ClusterCallError::Local(CallError::ShutDown));
                         };
                         // Rule 2, on the typed path: the home stays pinned
                         // until the local silo has answered. A confirmed
@@ -167,7 +275,7 @@ impl Inner {
                         let lease = admitted.lease.clone();
                         let delivered = message.deliver_here(lease).await;
                         drop(admitted);
-                        delivered?;
+                        delivered.map_err(ClusterCallError::Local)?;
                         if !cached {
                             self.remember(&grain, target);
                         }
@@ -181,16 +289,16 @@ impl Inner {
                 // after a move).
                 let (name, kind, chain, deadline) = {
                     let Some(outbound) = message.as_ref() else {
-                        return Err(CallError::ShutDown);
+                        return Err(ClusterCallError::Local(CallError::ShutDown));
                     };
                     if encoded.is_none() {
-                        encoded = Some(outbound.encode()?);
+                        encoded = Some(outbound.encode().map_err(ClusterCallError::Local)?);
                     }
                     let Some(name) = outbound.message_name() else {
-                        return Err(CallError::NotRoutable {
+                        return Err(ClusterCallError::Local(CallError::NotRoutable {
                             grain,
                             message: "a message with no registered name",
-                        });
+                        }));
                     };
                     (
                         name.to_string(),
@@ -253,7 +361,7 @@ impl Inner {
                     ),
                 ) => {
                     if Instant::now() >= settle_by {
-                        return Err(call_error(err, &grain, started.elapsed()));
+                        return Err(err);
                     }
                     if matches!(
                         err,
@@ -280,21 +388,16 @@ impl Inner {
                     // A call that went out may have run: never send it
                     // again (at most once).
                     if sent || self.is_live(&target) {
-                        return Err(call_error(err, &grain, started.elapsed()));
+                        return Err(err);
                     }
                     hops += 1;
                     last = Some(err);
                 }
-                Err(other) => return Err(call_error(other, &grain, started.elapsed())),
+                Err(other) => return Err(other),
             }
         }
-        Err(call_error(
-            last.unwrap_or_else(|| {
-                ClusterCallError::Timeout("the grain's home did not settle".into())
-            }),
-            &grain,
-            started.elapsed(),
-        ))
+        Err(last
+            .unwrap_or_else(|| ClusterCallError::Timeout("the grain's home did not settle".into())))
     }
 
     /// Remembers that `grain` lives on `silo`.
@@ -317,6 +420,7 @@ fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallE
         reason,
     };
     match err {
+        ClusterCallError::Local(err) => err,
         ClusterCallError::Remote(RemoteError::TurnFailed(_)) => CallError::TurnFailed {
             grain: grain.clone(),
         },

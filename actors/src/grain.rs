@@ -92,8 +92,12 @@ pub trait NamedMessage: Message {
 /// `stateless(max_workers = 8)` for a stateless worker). What the derive
 /// lists is checked when the crate compiles: each message must be handled
 /// (`Handler`, or `ReadHandler` for reads), be a [`NamedMessage`] and
-/// serialise with its reply, and no two messages of the type may share a
-/// name.
+/// serialise with its reply, and no two messages (or two reads) of the type
+/// may share a name; a read may share a write's name, as they are
+/// dispatched apart. The name is the grain type's identity in storage
+/// (state and reminders are kept under it) and on the wire: give it with
+/// `name = "..."` rather than leave it to the Rust identifier, which a
+/// rename would change.
 ///
 /// ```
 /// use granary_actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo};

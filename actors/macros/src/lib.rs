@@ -12,8 +12,10 @@
 //!
 //! Each name is written once, where the type is declared, and checked
 //! when the crate compiles: a message the grain does not handle, a message
-//! without a name, and two messages of one grain type under one name are
-//! compile errors, not failures at the first call. What only the whole
+//! without a name, and two messages of one grain type under one name (two
+//! calls or tells, or two reads: a read may share a write's name, as they
+//! are dispatched apart) are compile errors, not failures at the first
+//! call. What only the whole
 //! silo can see (two grain types under one name, a type hosted twice) is
 //! refused by `SiloBuilder::build`.
 //!
@@ -167,7 +169,7 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 /// struct Apply; // no `impl Handler<Apply> for Ledger`
 /// ```
 ///
-/// So are two messages of one grain type under one name:
+/// So are two messages (or two reads) of one grain type under one name:
 ///
 /// ```compile_fail
 /// use granary_actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message};
@@ -324,7 +326,7 @@ mod message {
                 #reply
             }
             impl #impl_generics #runtime::NamedMessage for #ident #type_generics #where_clause {
-                const NAME: &'static str = #name;
+                const NAME: &'static ::core::primitive::str = #name;
             }
         })
     }
@@ -509,7 +511,7 @@ mod grain {
             .unwrap_or_else(|| LitStr::new(&ident.unraw().to_string(), ident.span()));
         let stateless = settings.stateless.map(|max_workers| {
             quote_spanned! {max_workers.span()=>
-                const STATELESS: ::core::option::Option<usize> =
+                const STATELESS: ::core::option::Option<::core::primitive::usize> =
                     ::core::option::Option::Some(#max_workers);
             }
         });
@@ -534,7 +536,7 @@ mod grain {
         let checks = (!checks.is_empty()).then(|| quote!(const _: () = { #(#checks)* };));
         Ok(quote! {
             impl #runtime::GrainType for #ident {
-                const NAME: &'static str = #name;
+                const NAME: &'static ::core::primitive::str = #name;
                 #stateless
                 fn accepts(
                     registration: #runtime::Registration<Self>,
@@ -571,7 +573,7 @@ mod tests {
         .unwrap();
         assert!(out.contains("type Reply = () ;"), "{out}");
         assert!(
-            out.contains("const NAME : & 'static str = \"Touch\""),
+            out.contains("const NAME : & 'static :: core :: primitive :: str = \"Touch\""),
             "{out}"
         );
         assert!(
@@ -688,7 +690,7 @@ mod tests {
         ))
         .unwrap();
         assert!(
-            out.contains("const NAME : & 'static str = \"ledger\""),
+            out.contains("const NAME : & 'static :: core :: primitive :: str = \"ledger\""),
             "{out}"
         );
         assert!(
@@ -725,7 +727,7 @@ mod tests {
         .unwrap();
         assert!(
             out.contains(
-                "const STATELESS : :: core :: option :: Option < usize > = :: core :: option :: Option :: Some (8)"
+                "const STATELESS : :: core :: option :: Option < :: core :: primitive :: usize > = :: core :: option :: Option :: Some (8)"
             ),
             "{out}"
         );

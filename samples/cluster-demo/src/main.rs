@@ -132,11 +132,15 @@ devices = {{ backend = "cpu", memory_mib = 64 }}
     ))
 }
 
-/// A free local UDP port.
-fn free_gossip_address() -> Result<SocketAddr, SampleError> {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|socket| socket.local_addr())
-        .map_err(SampleError::Port)
+/// Two distinct free local UDP ports: both sockets are held until both
+/// are known, so the system cannot hand out one port twice.
+fn free_gossip_addresses() -> Result<(SocketAddr, SocketAddr), SampleError> {
+    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").map_err(SampleError::Port);
+    let (a, b) = (bind()?, bind()?);
+    Ok((
+        a.local_addr().map_err(SampleError::Port)?,
+        b.local_addr().map_err(SampleError::Port)?,
+    ))
 }
 
 /// Adds `by` to counter `key` through `node`, retrying while the cluster
@@ -158,7 +162,7 @@ async fn add(node: &ClusterNode, key: &str, by: u64) -> Result<u64, SampleError>
 /// Two nodes in this process, from node files; each adds to every
 /// counter, and the counters' totals and homes are printed.
 async fn two_nodes() -> Result<(), SampleError> {
-    let (gossip_a, gossip_b) = (free_gossip_address()?, free_gossip_address()?);
+    let (gossip_a, gossip_b) = free_gossip_addresses()?;
     let a = node_file::start_node(&node_file(gossip_a, gossip_a)?, &counters).await?;
     let b = node_file::start_node(&node_file(gossip_b, gossip_a)?, &counters).await?;
     println!("nodes: {} and {}", a.id(), b.id());

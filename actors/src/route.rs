@@ -407,6 +407,38 @@ impl Outbound for Named {
     }
 }
 
+/// A message given by name and in its wire form, as an [`Outbound`] a
+/// router routes itself (a cluster node's own calls by name): delivered
+/// here, it is dispatched to the local activation by name and its outcome
+/// comes back on the returned receiver; elsewhere, the router sends its
+/// bytes.
+#[allow(clippy::type_complexity)]
+pub fn named_outbound(
+    home: &HomeSide,
+    grain: GrainId,
+    message: &str,
+    payload: &[u8],
+    kind: Kind,
+    chain: u64,
+    deadline: Instant,
+) -> (
+    Box<dyn Outbound>,
+    tokio::sync::oneshot::Receiver<Result<Vec<u8>, DispatchError>>,
+) {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let named = Named {
+        silo: home.silo.clone(),
+        grain,
+        message: message.to_string(),
+        payload: payload.to_vec(),
+        kind,
+        chain,
+        deadline,
+        reply,
+    };
+    (Box::new(named), answer)
+}
+
 /// Sends a message given by name through `router` and answers its reply
 /// in the wire form.
 #[allow(clippy::too_many_arguments)]

@@ -125,90 +125,25 @@ impl ClusterNode {
                 .await
                 .map_err(not_registered);
         }
-        let (reply, mut answer) = tokio::sync::oneshot::channel();
-        let named = NamedCall {
-            home: self.inner.home_side.clone(),
-            grain: GrainId {
+        let (named, mut answer) = granary_actors::route::named_outbound(
+            &self.inner.home_side,
+            GrainId {
                 type_name: grain_type.to_string(),
                 key,
             },
-            message: message.to_string(),
-            payload: payload.to_vec(),
-            chain: granary_actors::route::current_chain(),
-            deadline: tokio::time::Instant::now() + self.inner.config.connection.call_timeout,
-            reply,
-        };
-        match self.inner.route_raw(Box::new(named)).await? {
+            message,
+            payload,
+            Kind::Call,
+            granary_actors::route::current_chain(),
+            tokio::time::Instant::now() + self.inner.config.connection.call_timeout,
+        );
+        match self.inner.route_raw(named).await? {
             Delivered::Here => match answer.try_recv() {
                 Ok(reply) => reply.map_err(not_registered),
                 Err(_) => Err(ClusterCallError::Local(CallError::ShutDown)),
             },
             Delivered::Elsewhere(bytes) => Ok(bytes),
         }
-    }
-}
-
-/// A call given by name and in its wire form (`ClusterNode::call_named`),
-/// on its way through the router: here it is dispatched to the local
-/// activation by name.
-struct NamedCall {
-    home: granary_actors::route::HomeSide,
-    grain: GrainId,
-    message: String,
-    payload: Vec<u8>,
-    chain: u64,
-    deadline: tokio::time::Instant,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, DispatchError>>,
-}
-
-impl Outbound for NamedCall {
-    fn grain(&self) -> &GrainId {
-        &self.grain
-    }
-
-    fn kind(&self) -> Kind {
-        Kind::Call
-    }
-
-    fn chain(&self) -> u64 {
-        self.chain
-    }
-
-    fn deadline(&self) -> tokio::time::Instant {
-        self.deadline
-    }
-
-    fn message_name(&self) -> Option<&str> {
-        Some(&self.message)
-    }
-
-    fn encode(&self) -> Result<Vec<u8>, CallError> {
-        Ok(self.payload.clone())
-    }
-
-    fn deliver_here(
-        self: Box<Self>,
-        _lease: Option<Arc<granary_actors::route::HomeLease>>,
-    ) -> futures_util::future::BoxFuture<'static, Result<(), CallError>> {
-        Box::pin(async move {
-            let time_left = self
-                .deadline
-                .saturating_duration_since(tokio::time::Instant::now());
-            let outcome = self
-                .home
-                .dispatch(granary_actors::route::InboundRequest {
-                    grain_type: &self.grain.type_name,
-                    key: self.grain.key.clone(),
-                    message: &self.message,
-                    payload: &self.payload,
-                    kind: Kind::Call,
-                    chain: self.chain,
-                    time_left,
-                })
-                .await;
-            let _ = self.reply.send(outcome);
-            Ok(())
-        })
     }
 }
 

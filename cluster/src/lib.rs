@@ -4,7 +4,7 @@
 //! - [`transport`]: byte streams between silos, over TCP or an in-process
 //!   network that still serialises every frame and can cut links;
 //! - [`wire`]: the frames (length-delimited, a postcard header, raw
-//!   payload bytes);
+//!   payload bytes) and the protocol version the handshake announces;
 //! - [`auth`]: the cluster secret and the handshake that proves it;
 //! - [`connection`]: one authenticated, multiplexed, pipelined connection
 //!   per pair of silos, whose calls fail fast when it closes;
@@ -15,10 +15,13 @@
 //!   GPU-aware placement over the membership view;
 //! - [`directory`]: rendezvous ownership of directory entries, the
 //!   first-registration-wins partition, and the callers' location cache;
-//! - [`node`]: [`ClusterNode`], a silo joined to the cluster: the
-//!   directory service between silos and its hand-over on view changes,
-//!   homes and their device-memory promises, calls routed to the grain's
-//!   home wherever it is, failover when a silo dies;
+//! - [`node`]: [`ClusterNode`], a silo joined to the cluster: the silo's
+//!   router (one `GrainRef` everywhere: calls, tells and reads routed to
+//!   the grain's home wherever it is), the directory service between silos
+//!   and its hand-over on view changes, homes and their device-memory
+//!   promises, failover when a silo dies, fencing after a stall,
+//!   cluster-owned reminders, and notifications to observers on other
+//!   silos;
 //! - `etcd` (feature `etcd`): membership by leases and the grain directory
 //!   in etcd, with fencing when a silo loses its lease.
 //!

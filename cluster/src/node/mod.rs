@@ -57,11 +57,14 @@
 //! 7. **Fencing after a stall.** A silo whose runtime stood still for 60%
 //!    of the soonest its peers could declare it dead fences itself from a
 //!    watchdog thread, before anyone can place its grains elsewhere: it
-//!    refuses to become home to anything (`Retry`), ends its home leases,
-//!    and, once it runs again, deactivates every activation it held and
-//!    waits for them to end before it serves again (`fence.rs`). So once
-//!    its fence lifts, it holds no activation of a grain that moved (see
-//!    `fence.rs` for what still runs while they drain).
+//!    refuses to become home to anything (`Retry`), answers no directory
+//!    request, ends its home leases and gives every home up (what was
+//!    queued is dropped unrun); once it runs again, it waits for every
+//!    activation it held to end, then drops the directory entries it owns
+//!    and has its peers re-register their homes with it before it answers
+//!    for grains it has no entry for (`fence.rs`). So once its fence
+//!    lifts, it holds no activation of a grain that moved, and no entry
+//!    that went stale while it was taken for dead.
 //! 8. **Reminders** are fired by one silo per grain: the rendezvous choice
 //!    among the silos of the view that host the grain's type; each silo
 //!    rescans the shared reminder table after every view change, and a

@@ -252,7 +252,7 @@ pub fn decode(mut body: Bytes) -> Result<(Header, Bytes), FrameError> {
 /// for a body that is not a handshake header.
 pub fn protocol_of(body: &[u8]) -> Option<u32> {
     let header_len = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-    let header = body.get(4..4 + header_len)?;
+    let header = body.get(4..header_len.checked_add(4)?)?;
     // The variant's index, then the first field: both varints.
     let ((variant, protocol), _) = postcard::take_from_bytes::<(u32, u32)>(header).ok()?;
     (variant <= 1).then_some(protocol)

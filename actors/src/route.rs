@@ -6,8 +6,9 @@
 //!
 //! 1. **Alone, no router.** A silo built on its own has no [`Router`]: a
 //!    [`GrainRef`](crate::GrainRef) delivers to the local activation on the
-//!    typed path, and the only cost of this seam is one atomic load per
-//!    message.
+//!    typed path, and the seam costs it one atomic load per message (plus
+//!    one for the count of homes given up, rule 13 of `silo/mod.rs`, per
+//!    call and per turn).
 //! 2. **One router at a time.** A cluster node installs its router with
 //!    [`Silo::route_through`] before it serves (refused while another is
 //!    installed; a node that fails to start takes its router back with

@@ -28,8 +28,10 @@
 //!    ([`Observed`]). A full queue skips the notification for that
 //!    subscriber, counted in [`Observers::skipped`].
 //! 5. **Gone at once.** A subscriber its silo no longer knows (the
-//!    subscription was dropped, or the silo restarted since) or whose type
-//!    differs is dropped at the next notification.
+//!    subscription was dropped) or whose type differs is dropped at the
+//!    next notification. (In a cluster, a silo that restarted is a new
+//!    incarnation under another place: a subscriber of its previous life
+//!    is unreachable, rule 6.)
 //! 6. **Dropped after a bounded time.** A subscriber whose silo cannot be
 //!    reached is dropped once it has been unreachable for the `expiry`
 //!    given to [`Observers::with_expiry`] (10 s by default), and counted in

@@ -145,7 +145,7 @@ pub(crate) struct SiloInner {
     /// (rule 12; `route.rs`).
     router: arc_swap::ArcSwapOption<crate::route::Installed>,
     /// Whether `router` holds one: read on every message, so a lone silo
-    /// pays one relaxed load for the seam.
+    /// pays one load for the seam.
     routed: AtomicBool,
     /// Told of every activation that ends (a cluster node's), with the
     /// number of the guard that set it.

@@ -3,7 +3,8 @@
 //! takes calls again (rule 7 of the protocol in `node/mod.rs`).
 //!
 //! 1. A task on the node's runtime stamps the time every quarter of a
-//!    gossip interval. A watchdog on an OS thread of its own, which a
+//!    gossip interval (or every eighth of the fence bound, if that is
+//!    sooner; at least every millisecond). A watchdog on an OS thread of its own, which a
 //!    blocked runtime does not stop, reads the stamp.
 //! 2. When the stamp is older than the fence bound, the watchdog fences the
 //!    silo at once, from its own thread: it sets the fenced flag (every

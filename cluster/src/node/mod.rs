@@ -29,8 +29,8 @@
 //!    owners drop its entries, the next call places the grain elsewhere,
 //!    and the grain starts from its persisted state there. Connections to
 //!    it are closed, so calls in flight fail at once with
-//!    `SiloUnavailable`; a call to a silo that no longer answers fails the
-//!    same way, never hangs.
+//!    `SiloUnavailable`; a call to a silo that no longer answers fails with
+//!    `Timeout` at the call timeout, never hangs.
 //! 5. **Load.** Every `load_interval` the node publishes its activation
 //!    count and, if it has a GPU bridge, each device's free memory, queue
 //!    depth and capabilities, for placement elsewhere. Published load may

@@ -426,9 +426,27 @@ pub fn named_outbound(
     Box<dyn Outbound>,
     tokio::sync::oneshot::Receiver<Result<Vec<u8>, DispatchError>>,
 ) {
+    named(&home.silo, grain, message, payload, kind, chain, deadline)
+}
+
+/// The [`Named`] outbound of a message on `silo`, and where its local
+/// outcome comes back.
+#[allow(clippy::type_complexity)]
+fn named(
+    silo: &Silo,
+    grain: GrainId,
+    message: &str,
+    payload: &[u8],
+    kind: Kind,
+    chain: u64,
+    deadline: Instant,
+) -> (
+    Box<dyn Outbound>,
+    tokio::sync::oneshot::Receiver<Result<Vec<u8>, DispatchError>>,
+) {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let named = Named {
-        silo: home.silo.clone(),
+        silo: silo.clone(),
         grain,
         message: message.to_string(),
         payload: payload.to_vec(),
@@ -453,18 +471,9 @@ pub(crate) async fn send_named(
     chain: u64,
     deadline: Instant,
 ) -> Result<Vec<u8>, DispatchError> {
-    let (reply, mut answer) = tokio::sync::oneshot::channel();
-    let named = Named {
-        silo: silo.clone(),
-        grain: grain.clone(),
-        message: message.to_string(),
-        payload: payload.to_vec(),
-        kind,
-        chain,
-        deadline,
-        reply,
-    };
-    let delivered = tokio::time::timeout_at(deadline, router.dispatch(Box::new(named)))
+    let (outbound, mut answer) =
+        named(silo, grain.clone(), message, payload, kind, chain, deadline);
+    let delivered = tokio::time::timeout_at(deadline, router.dispatch(outbound))
         .await
         .map_err(|_| CallError::Timeout {
             grain: grain.clone(),

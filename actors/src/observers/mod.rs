@@ -92,6 +92,22 @@ enum Subscriber<T> {
     },
 }
 
+impl<T> Subscriber<T> {
+    /// Whether the subscriber has gone (rules 5 and 6): its channel or its
+    /// delivery task's queue closed, or its task ended.
+    fn is_gone(&self) -> bool {
+        match self {
+            Subscriber::Local { sender, .. } => sender.is_closed(),
+            Subscriber::Remote { queue, state } => state.is_gone() || queue.is_closed(),
+        }
+    }
+
+    /// Whether it went because its silo stayed unreachable (rule 6).
+    fn has_expired(&self) -> bool {
+        matches!(self, Subscriber::Remote { state, .. } if state.has_expired())
+    }
+}
+
 /// A grain's subscribers.
 pub struct Observers<T> {
     /// Each subscriber, with its place and endpoint if it was added by
@@ -282,13 +298,10 @@ impl<T: Clone + Send + 'static> Observers<T> {
     /// notifying anyone.
     pub fn prune(&mut self) {
         let mut expired = 0;
-        self.subscribers.retain(|(_, subscriber)| match subscriber {
-            Subscriber::Local { sender, .. } => !sender.is_closed(),
-            Subscriber::Remote { queue, state } => {
-                let gone = state.is_gone() || queue.is_closed();
-                expired += u64::from(gone && state.has_expired());
-                !gone
-            }
+        self.subscribers.retain(|(_, subscriber)| {
+            let gone = subscriber.is_gone();
+            expired += u64::from(gone && subscriber.has_expired());
+            !gone
         });
         self.expired += expired;
     }
@@ -297,10 +310,7 @@ impl<T: Clone + Send + 'static> Observers<T> {
     pub fn len(&self) -> usize {
         self.subscribers
             .iter()
-            .filter(|(_, subscriber)| match subscriber {
-                Subscriber::Local { sender, .. } => !sender.is_closed(),
-                Subscriber::Remote { queue, state } => !state.is_gone() && !queue.is_closed(),
-            })
+            .filter(|(_, subscriber)| !subscriber.is_gone())
             .count()
     }
 
@@ -316,10 +326,7 @@ impl<T: Clone + Send + 'static> Observers<T> {
             + self
                 .subscribers
                 .iter()
-                .filter(|(_, subscriber)| match subscriber {
-                    Subscriber::Remote { state, .. } => state.is_gone() && state.has_expired(),
-                    Subscriber::Local { .. } => false,
-                })
+                .filter(|(_, subscriber)| subscriber.is_gone() && subscriber.has_expired())
                 .count() as u64
     }
 

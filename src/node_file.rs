@@ -390,7 +390,7 @@ pub async fn start_node(
     }
     let node = match &file.etcd {
         None => builder
-            .start(&granary_cluster::gossip::UdpTransport)
+            .start(granary_cluster::gossip::UdpTransport)
             .await
             .map_err(|err| NodeRunError(err.to_string()))?,
         Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await?,

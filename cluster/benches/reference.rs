@@ -83,7 +83,7 @@ fn local_call(c: &mut Criterion) {
         config.gossip_interval = Duration::from_millis(50);
         let node = ClusterNode::builder(silo(), config)
             .transport(Arc::new(network.transport("silo-1:7000")))
-            .start(&gossip)
+            .start(gossip.clone())
             .await
             .expect("a node");
         while node.members().len() != 1 {

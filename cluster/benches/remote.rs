@@ -150,7 +150,7 @@ async fn node_pair(grains: u64) -> (ClusterNode, ClusterNode) {
         nodes.push(
             ClusterNode::builder(silo, config)
                 .placement(Arc::new(PreferLocal))
-                .start(&gossip)
+                .start(gossip.clone())
                 .await
                 .expect("a node"),
         );

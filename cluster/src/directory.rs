@@ -125,8 +125,8 @@ impl Partition {
         before - self.entries.len()
     }
 
-    /// Removes every entry (a silo that fenced itself rebuilds its part
-    /// of the directory from the homes); returns how many.
+    /// Removes every entry (a silo that fenced itself comes back as a new
+    /// incarnation owning none); returns how many.
     pub fn clear(&self) -> usize {
         let before = self.entries.len();
         self.entries.clear();

@@ -64,7 +64,7 @@ pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
     PlacementStrategy, PreferLocal, RandomPlacement,
 };
-pub use provider::MembershipProvider;
+pub use provider::{GossipProvider, MembershipProvider, RejoinError};
 pub use transport::{InProcessNetwork, InProcessTransport, Listener, TcpTransport, Transport};
 pub use wire::RemoteError;
 

@@ -4,7 +4,8 @@
 //!
 //! 1. **Identity.** A silo gossips as chitchat node `address` with
 //!    generation `incarnation` (its [`SiloId`]); a silo that restarts comes
-//!    back with a greater incarnation, and the view keeps only the newest
+//!    back with a greater incarnation ([`Membership::rejoin`] does so
+//!    without restarting the process), and the view keeps only the newest
 //!    incarnation of an address.
 //! 2. **Joining** needs only seed addresses: chitchat gossips every
 //!    `gossip_interval` with a few peers and the seeds.
@@ -202,6 +203,8 @@ pub struct Membership {
     gossip_interval: Duration,
     /// Turns chitchat's live set into the view.
     follower: tokio::task::JoinHandle<()>,
+    /// What it joined with, for [`Membership::rejoin`].
+    config: GossipConfig,
 }
 
 impl std::fmt::Debug for Membership {
@@ -222,6 +225,7 @@ impl Membership {
         transport: &dyn GossipTransport,
     ) -> Result<Membership, MembershipError> {
         let gossip_interval = config.gossip_interval.max(Duration::from_millis(1));
+        let joined = config.clone();
         let chitchat_config = ChitchatConfig {
             chitchat_id: ChitchatId::new(
                 config.silo.address.clone(),
@@ -284,7 +288,32 @@ impl Membership {
             view,
             gossip_interval,
             follower,
+            config: joined,
         })
+    }
+
+    /// Stops gossiping as this incarnation and joins again as a new one of
+    /// the same address (rule 1): the clock in milliseconds, or one more
+    /// than the current incarnation if that is greater. It gossips over
+    /// `transport` with the load last published, and peers see the old
+    /// incarnation replaced by the new one ([`Membership::silo`] names
+    /// it). The old gossip is stopped even if the new one cannot start.
+    pub async fn rejoin(
+        self,
+        transport: &dyn GossipTransport,
+    ) -> Result<Membership, MembershipError> {
+        let mut config = self.config.clone();
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        let incarnation = clock.max(config.silo.incarnation.saturating_add(1));
+        config.silo = SiloId::new(config.silo.address.clone(), incarnation);
+        config.load = self.state.lock().await.load.clone();
+        let secret = self.secret.clone();
+        self.stop().await?;
+        Membership::join(config, secret, transport).await
     }
 
     /// Publishes `change` of this silo's state, signed (rule 6).

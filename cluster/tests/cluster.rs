@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
+use chitchat::transport::{ChannelTransport, UdpTransport};
 use common::{Add, Counter, free_udp_ports};
 use granary_actors::storage::{MemoryStorage, StorageProvider};
 use granary_actors::{CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
@@ -134,7 +134,7 @@ impl InProcess {
         let listen = format!("silo-{n}:7000");
         let builder = ClusterNode::builder(silo, config(&listen, base + n, base + 1))
             .transport(Arc::new(self.network.transport(&listen)));
-        extra(builder).start(&self.gossip).await.unwrap()
+        extra(builder).start(self.gossip.clone()).await.unwrap()
     }
 }
 
@@ -332,7 +332,7 @@ async fn three_silos_over_tcp_and_udp() {
         config.gossip_address = gossip(port);
         let node = ClusterNode::builder(silo(storage.clone()), config)
             .transport(Arc::new(TcpTransport) as Arc<dyn Transport>)
-            .start(&UdpTransport as &dyn GossipTransport)
+            .start(UdpTransport)
             .await
             .unwrap();
         nodes.push(node);
@@ -733,7 +733,7 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     let tracker = Arc::new(Tracker::default());
     let nodes = two_slab_silos(&cluster, &tracker, 38_000).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let mut keys = slab_keys_owned_by(b.id(), &a.members());
+    let mut keys = slab_keys_owned_by(&b.id(), &a.members());
     let (k1, k2) = (keys.next().unwrap(), keys.next().unwrap());
     assert_eq!(a.grain::<Slab>(k1).call(Add(1)).await, Ok(1));
     assert_eq!(a.grain::<Slab>(k2).call(Add(1)).await, Ok(1));
@@ -745,7 +745,7 @@ async fn a_killed_node_serves_nothing_even_when_its_grains_deactivate_later() {
     // loaded machine that may come first).
     let refused_or_moved = |outcome: &Result<u64, CallError>| match outcome {
         Err(CallError::Unavailable { .. }) => true,
-        Ok(_) => !b.members().iter().any(|member| &member.silo == a.id()),
+        Ok(_) => !b.members().iter().any(|member| member.silo == a.id()),
         Err(_) => false,
     };
     let before = b.grain::<Slab>(k2).call(Add(1)).await;
@@ -773,7 +773,7 @@ async fn a_stale_entry_naming_a_full_silo_does_not_strand_its_grain() {
     // a: room for 3 slabs, b: 2, c routes and owns the entry.
     let (nodes, bridges) = slab_cluster(&cluster, &tracker, (24, 16), 39_000).await;
     let (a, c) = (&nodes[0], &nodes[2]);
-    let key = slab_keys_owned_by(c.id(), &c.members()).next().unwrap();
+    let key = slab_keys_owned_by(&c.id(), &c.members()).next().unwrap();
     assert_eq!(c.grain::<Slab>(key).call(Add(1)).await, Ok(1));
     assert_eq!(a.homes(), 1, "placed where memory is freest");
     // The unregister is cut off: the entry at c keeps naming a.

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{ChannelTransport, Transport as GossipTransport, UdpTransport};
+use chitchat::transport::{ChannelTransport, UdpTransport};
 use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
 use granary_actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
@@ -104,7 +104,7 @@ async fn start(
     let wire = Arc::new(network.transport(&config.listen));
     ClusterNode::builder(silo(), config)
         .transport(wire)
-        .start(transport)
+        .start(transport.clone())
         .await
         .unwrap()
 }
@@ -171,7 +171,7 @@ async fn with_the_default_settings_a_three_second_stall_is_not_a_death() {
     // runs again: it saw them silent for as long).
     converged(&[&one, &two, &three], 3).await;
     let ids: Vec<_> = three.members().into_iter().map(|m| m.silo).collect();
-    assert!(ids.contains(one.id()) && ids.contains(two.id()));
+    assert!(ids.contains(&one.id()) && ids.contains(&two.id()));
 
     let _ = stop.send(());
     thread.join().unwrap();
@@ -198,7 +198,7 @@ async fn failure_detector_settings_out_of_range_are_refused() {
         let silo = silo();
         let started = ClusterNode::builder(silo.clone(), bad)
             .transport(wire)
-            .start(&transport)
+            .start(transport.clone())
             .await;
         assert!(
             matches!(started, Err(NodeError::InvalidConfig(_))),
@@ -209,7 +209,7 @@ async fn failure_detector_settings_out_of_range_are_refused() {
         let wire = Arc::new(network.transport(&valid.listen));
         let node = ClusterNode::builder(silo, valid)
             .transport(wire)
-            .start(&transport)
+            .start(transport.clone())
             .await
             .unwrap();
         node.kill().await.unwrap();
@@ -573,8 +573,8 @@ async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
             .transport(transport)
             .placement(Arc::new(ByKey));
         let node = match net {
-            Net::InProcess(_, gossip) => builder.start(gossip as &dyn GossipTransport).await,
-            Net::Tcp => builder.start(&UdpTransport).await,
+            Net::InProcess(_, gossip) => builder.start(gossip.clone()).await,
+            Net::Tcp => builder.start(UdpTransport).await,
         }
         .unwrap();
         started.push(node);
@@ -583,7 +583,7 @@ async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
     converged(&refs, 3).await;
     // Number the silos by their place in the view, as ByKey does.
     let view: Vec<SiloId> = started[0].members().into_iter().map(|m| m.silo).collect();
-    started.sort_by_key(|node| view.iter().position(|id| id == node.id()));
+    started.sort_by_key(|node| view.iter().position(|id| *id == node.id()));
     Three {
         nodes: started,
         census,
@@ -972,7 +972,7 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
             ClusterNode::builder(silo, config.clone())
                 .transport(Arc::new(network.transport(&config.listen)))
                 .placement(Arc::new(ByKey))
-                .start(&gossip_net)
+                .start(gossip_net.clone())
                 .await
                 .unwrap()
         }
@@ -1064,6 +1064,7 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
         staller.call(Stall(Duration::from_millis(2500))).await
     });
     let (hold, tells, queued_call) = queued_now.await.unwrap();
+    let before = two.id();
     converged_within(&[&zero, &one], 2, Duration::from_secs(10)).await;
     // Its grains are placed afresh on the survivors, from their state.
     touch_all(&zero).await;
@@ -1080,6 +1081,28 @@ async fn after_a_false_death_no_grain_is_live_on_two_silos_and_no_write_is_lost(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     converged(&[&zero, &one, &two], 3).await;
+    // It came back as a new incarnation of its address: every view names
+    // the new one, none the old.
+    let after = two.id();
+    assert_eq!(after.address, before.address);
+    assert!(
+        after.incarnation > before.incarnation,
+        "{before} became {after}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in [&zero, &one, &two] {
+        loop {
+            let view: Vec<_> = node.members().into_iter().map(|m| m.silo).collect();
+            if view.contains(&after) && !view.contains(&before) && view.len() == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{before} became {after}; {view:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     // Nothing queued before the stall ran after it: the tells had been
     // admitted (and are counted as dropped), the call was told to send
     // again.
@@ -1152,7 +1175,7 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
             .placement(Arc::new(ByKey));
         // Silo 2 is a web front end: it calls grains, hosts none.
         let builder = if n == 2 { builder.client() } else { builder };
-        nodes.push(builder.start(&gossip_net).await.unwrap());
+        nodes.push(builder.start(gossip_net.clone()).await.unwrap());
     }
     let refs: Vec<&ClusterNode> = nodes.iter().collect();
     converged(&refs, 3).await;
@@ -1190,7 +1213,7 @@ async fn an_external_client_gets_the_same_reference_and_hosts_nothing() {
         };
         assert_ne!(
             granary_cluster::directory::owner(&grain, &view),
-            Some(client.id()),
+            Some(&client.id()),
             "the client owns grain {key}'s entry"
         );
     }
@@ -1290,7 +1313,7 @@ async fn reminders_fire_once_per_due_time_across_the_cluster_and_survive_a_kill(
         nodes.push(
             ClusterNode::builder(silo, config.clone())
                 .transport(Arc::new(network.transport(&config.listen)))
-                .start(&gossip_net)
+                .start(gossip_net.clone())
                 .await
                 .unwrap(),
         );

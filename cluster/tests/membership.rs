@@ -172,6 +172,52 @@ async fn a_silo_that_restarts_comes_back_with_a_new_incarnation_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_that_rejoins_replaces_its_old_incarnation_and_keeps_its_load() {
+    rejoin_over(&ChannelTransport::default(), 22_101).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_rejoins_on_the_same_udp_port() {
+    rejoin_over(&UdpTransport, 22_111).await;
+}
+
+/// A seed on `base` and a silo on `base + 1`, which rejoins.
+async fn rejoin_over(transport: &dyn chitchat::transport::Transport, base: u16) {
+    let seed = Membership::join(config(base, 1, base), secret(), transport)
+        .await
+        .unwrap();
+    let first = Membership::join(config(base + 1, 7, base), secret(), transport)
+        .await
+        .unwrap();
+    let load = SiloLoad {
+        activations: 42,
+        ..SiloLoad::default()
+    };
+    first.publish_load(&load).await;
+    until(&seed, Duration::from_secs(10), |m| {
+        m.iter().any(|member| member.load.activations == 42)
+    })
+    .await;
+    // In the same process, on the same address: a greater incarnation,
+    // gossiping again over the same transport.
+    let second = first.rejoin(transport).await.unwrap();
+    let again = second.silo();
+    assert_eq!(again.address, format!("silo-{}", base + 1));
+    assert!(again.incarnation > 7, "{again}");
+    until(&seed, Duration::from_secs(20), |m| {
+        let mine: Vec<_> = m
+            .iter()
+            .filter(|member| member.silo.address == again.address)
+            .collect();
+        mine.len() == 1 && mine[0].silo == again && mine[0].load.activations == 42
+    })
+    .await;
+    until(&second, Duration::from_secs(10), |m| m.len() == 2).await;
+    second.stop().await.unwrap();
+    seed.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_isolates_a_silo_until_it_is_healed() {
     let transport = ChannelTransport::default();
     let mut silos = Vec::new();

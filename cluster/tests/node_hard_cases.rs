@@ -98,7 +98,7 @@ impl Cluster {
     ) -> ClusterNode {
         let transport = Arc::new(self.network.transport(&config.listen));
         let builder = ClusterNode::builder(silo(self.storage.clone()), config).transport(transport);
-        extra(builder).start(&self.gossip).await.unwrap()
+        extra(builder).start(self.gossip.clone()).await.unwrap()
     }
 }
 
@@ -271,7 +271,7 @@ async fn an_unreachable_peer_delays_only_its_own_calls() {
     let a = ClusterNode::builder(silo(cluster.storage.clone()), ca)
         .transport(transport)
         .placement(Arc::new(PreferLocal))
-        .start(&cluster.gossip)
+        .start(cluster.gossip.clone())
         .await
         .unwrap();
     let b = cluster.start(config(2, 42_000), local).await;
@@ -279,7 +279,7 @@ async fn an_unreachable_peer_delays_only_its_own_calls() {
     converged(&[&a, &b, &c], 3).await;
     // A grain homed on b, one on c.
     let key_b = key_owned_by(
-        b.id(),
+        &b.id(),
         &[vec![a.id().clone(), b.id().clone(), c.id().clone()]],
     );
     assert_eq!(add(&b, key_b, 1).await.unwrap(), 1);
@@ -341,13 +341,13 @@ async fn bounded_inbound_work_answers_overloaded_instead_of_deadlocking() {
     let ids = vec![a.id().clone(), b.id().clone()];
     // Warm up: b connects to a for a grain whose entry a owns, so the only
     // connection between them is the one b opened.
-    let warm = key_owned_by(a.id(), std::slice::from_ref(&ids));
+    let warm = key_owned_by(&a.id(), std::slice::from_ref(&ids));
     assert_eq!(add(&b, warm, 1).await.unwrap(), 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let owned_by_b: Vec<u64> = (0..10_000u64)
         .filter(|&key| {
             let members: Vec<Member> = ids.iter().map(member).collect();
-            granary_cluster::directory::owner(&grain(key), &members) == Some(b.id())
+            granary_cluster::directory::owner(&grain(key), &members) == Some(&b.id())
         })
         .take(2)
         .collect();
@@ -460,7 +460,7 @@ async fn the_reserved_directory_type_cannot_be_called_by_name() {
                 type_name: "$directory".into(),
                 key: GrainKey::U64(k),
             };
-            granary_cluster::directory::owner(&pseudo, &members) == Some(a.id())
+            granary_cluster::directory::owner(&pseudo, &members) == Some(&a.id())
         })
         .unwrap();
     let forged = ForgedRequest::Register {

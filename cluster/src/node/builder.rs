@@ -15,6 +15,7 @@ use crate::SiloId;
 use crate::membership::SiloLoad;
 use crate::membership::{GossipConfig, Membership};
 use crate::placement::{GpuNeeds, PlacementStrategy};
+use crate::provider::GossipProvider;
 use crate::transport::Transport;
 
 /// Builds a [`ClusterNode`].
@@ -59,11 +60,14 @@ impl NodeBuilder {
     }
 
     /// Listens, joins the gossip over `gossip` (chitchat's UDP transport,
-    /// or its channel transport in tests), and starts serving.
+    /// or its channel transport in tests), and starts serving. The node
+    /// keeps the transport: after a stall that may have been taken for a
+    /// death it gossips again over it as a new incarnation (rule 7).
     pub async fn start(
         self,
-        gossip: &dyn chitchat::transport::Transport,
+        gossip: impl chitchat::transport::Transport,
     ) -> Result<ClusterNode, NodeError> {
+        let gossip: Arc<dyn chitchat::transport::Transport> = Arc::new(gossip);
         let (parts, listener, id) = self.bind().await?;
         let config = &parts.builder.config;
         let mut gossip_config = GossipConfig::new(
@@ -77,14 +81,14 @@ impl NodeBuilder {
         gossip_config.death_grace = config.death_grace;
         gossip_config.load = parts.builder.first_load();
         let death = super::fence::gossip_death(config);
-        let membership = Membership::join(gossip_config, config.secret.clone(), gossip)
+        let membership = Membership::join(gossip_config, config.secret.clone(), gossip.as_ref())
             .await
             .map_err(NodeError::Membership)?;
         parts
             .serve(
                 listener,
                 id,
-                Box::new(membership),
+                Box::new(GossipProvider::new(membership, gossip)),
                 DirectoryBackend::Partitioned,
                 None,
                 death,

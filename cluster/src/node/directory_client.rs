@@ -98,7 +98,7 @@ impl ClusterNode {
                 crate::placement::PlacementError::NoSilos,
             ));
         };
-        if owner == self.inner.id {
+        if self.inner.is_me(&owner) {
             return Ok(self.inner.answer_directory(request));
         }
         let payload = encode(&request).map_err(|err| ClusterCallError::Payload(err.to_string()))?;

@@ -22,15 +22,14 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
-            < self.handoff
-            || self.rebuilding.load(std::sync::atomic::Ordering::Acquire);
+            < self.handoff;
         let view = self.view();
         let grain = match &request {
             DirectoryRequest::Register { grain, .. }
             | DirectoryRequest::Lookup(grain)
             | DirectoryRequest::Unregister { grain, .. } => grain,
         };
-        if directory::owner(grain, &view) != Some(&self.id) {
+        if !directory::owner(grain, &view).is_some_and(|owner| self.is_me(owner)) {
             return DirectoryReply::Retry;
         }
         match request {

@@ -35,19 +35,17 @@
 //!    The fence stays until every activation has ended, however long
 //!    that takes (a turn that never ends keeps the silo fenced, with a
 //!    warning every call timeout).
-//! 5. Then it rebuilds the directory entries it owns, as a new
-//!    incarnation would find them: it drops every one, lifts the fence,
-//!    and asks every peer of its view to re-register the homes whose
-//!    entries it owns ([`REHOME`]), again until each has answered that it
-//!    did or has left the view, for at most the call timeout or eight
-//!    hand-over windows, whichever is longer (then it warns and goes on
-//!    with the entries it has). Until then a grain with no entry is
-//!    answered `Retry` (as in the hand-over window of rule 3 of
-//!    `node/mod.rs`), never placed afresh. So a stall leaves no activation
-//!    of a grain that moved and keeps no entry that went stale while the
-//!    silo was taken for dead. The silo keeps its identity: its peers see
-//!    it return under the same incarnation, with nothing of its past life
-//!    served.
+//! 5. Then, under gossip, it comes back as a new incarnation of its
+//!    address (`incarnation.rs`): peers see the old incarnation replaced by
+//!    the new one, drop whatever named the old, and re-register with the
+//!    new one the homes whose entries it now owns, as for any silo that
+//!    joins; the entries it owned as the old incarnation are dropped. The
+//!    fence lifts once it has the new identity. So a stall leaves no
+//!    activation of a grain that moved and keeps no entry that went stale
+//!    while the silo was taken for dead. A silo that cannot rejoin stops
+//!    serving. Under etcd the directory is not the silo's to rebuild: the
+//!    fence lifts as soon as every activation has ended, and a silo that
+//!    lost its lease has stopped already.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -174,7 +172,7 @@ fn watch(node: Weak<Inner>, runtime: tokio::runtime::Handle, every: Duration, li
         inner.end_leases();
         inner.home_side.give_up_homes();
         tracing::warn!(
-            silo = %inner.id,
+            silo = %inner.id(),
             silence = ?inner.fence.silence(),
             "the silo's runtime stood still long enough to be taken for dead: fencing"
         );
@@ -186,13 +184,8 @@ fn watch(node: Weak<Inner>, runtime: tokio::runtime::Handle, every: Duration, li
     }
 }
 
-/// The message, to the directory's reserved grain type, by which a silo
-/// that fenced itself asks a peer to re-register the homes whose entries
-/// it owns (rule 5).
-pub(super) const REHOME: &str = "rehome";
-
-/// Rules 4 and 5: the homes go, the directory entries this silo owns are
-/// rebuilt, then the fence lifts.
+/// Rules 4 and 5: the homes go, the silo comes back as a new incarnation
+/// (under gossip), then the fence lifts.
 async fn recover(node: ClusterNode) {
     // Rule 4: the fence stays until every activation has ended, however
     // long that takes: one still running could run beside the grain's new
@@ -203,87 +196,16 @@ async fn recover(node: ClusterNode) {
     for member in inner.view().iter() {
         inner.cache.forget_silo(&member.silo);
     }
-    if !matches!(inner.directory, super::DirectoryBackend::Partitioned) {
-        inner.fence.fenced.store(false, Ordering::Release);
-        tracing::info!(silo = %inner.id, "fence lifted: every home here was given up");
+    if matches!(inner.directory, super::DirectoryBackend::Partitioned) {
+        match super::incarnation::rejoin(&node).await {
+            super::incarnation::Rejoined::As(silo) => {
+                inner.fence.fenced.store(false, Ordering::Release);
+                tracing::info!(%silo, "fence lifted: every home here was given up, and the silo is a new incarnation");
+            }
+            super::incarnation::Rejoined::Stopped => {}
+        }
         return;
     }
-    // Rule 5: every entry here may be stale. Start empty and answer `Retry`
-    // for a grain with no entry (not `Unknown`, which would place it
-    // afresh) until every peer has re-registered its homes.
-    // A stall during this rebuild starts another: only the latest clears
-    // the flag.
-    let rebuild = inner.rebuilds.fetch_add(1, Ordering::AcqRel) + 1;
-    inner.rebuilding.store(true, Ordering::Release);
-    let dropped = inner.partition.clear();
     inner.fence.fenced.store(false, Ordering::Release);
-    let peers: Vec<_> = inner
-        .view()
-        .iter()
-        .map(|member| member.silo.clone())
-        .filter(|silo| silo != &inner.id)
-        .collect();
-    let asked = futures_util::future::join_all(peers.iter().map(|peer| rehome(&node, peer)));
-    if tokio::time::timeout(rebuild_limit(inner), asked)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            silo = %inner.id,
-            limit = ?rebuild_limit(inner),
-            "not every peer re-registered its homes in time; serving the directory entries owned here as they are"
-        );
-    }
-    if inner.rebuilds.load(Ordering::Acquire) == rebuild {
-        inner.rebuilding.store(false, Ordering::Release);
-    }
-    tracing::info!(
-        silo = %inner.id,
-        dropped,
-        "fence lifted: every home here was given up and the directory entries owned here are rebuilt"
-    );
-}
-
-/// The longest a rebuild waits for its peers (rule 5): a peer that never
-/// answers but stays in the view (cut off one way, or too old to know the
-/// request) must not keep the entries owned here unanswerable for good.
-fn rebuild_limit(inner: &Inner) -> Duration {
-    inner
-        .config
-        .connection
-        .call_timeout
-        .max(inner.handoff.saturating_mul(8))
-}
-
-/// Asks `peer` to re-register the homes whose entries this silo owns, until
-/// it has answered that it did, it has left the view, or this node stops
-/// (rule 5).
-async fn rehome(node: &ClusterNode, peer: &crate::SiloId) {
-    let inner = &node.inner;
-    let pause = (inner.handoff / 4).max(Duration::from_millis(10));
-    loop {
-        if inner.stopped.load(Ordering::Acquire) || !inner.is_live(peer) {
-            return;
-        }
-        let answer = match node.connection(peer).await {
-            Ok(connection) => connection
-                .call(
-                    super::directory_client::DIRECTORY,
-                    &granary_actors::GrainKey::U64(0),
-                    REHOME,
-                    &[],
-                )
-                .await
-                .map(|_| ())
-                .map_err(|err| err.to_string()),
-            Err(err) => Err(err.to_string()),
-        };
-        match answer {
-            Ok(()) => return,
-            Err(err) => {
-                tracing::debug!(%peer, error = %err, "a peer has not re-registered its homes yet; asking again");
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
+    tracing::info!(silo = %inner.id(), "fence lifted: every home here was given up");
 }

@@ -126,7 +126,7 @@ impl ClusterNode {
     }
 }
 
-/// Homes re-registered at once after a view change or a rehome (rule 3).
+/// Homes re-registered at once after a view change (rule 3).
 const REREGISTER_AT_ONCE: usize = 32;
 
 impl Inner {
@@ -208,7 +208,7 @@ impl Inner {
                 inner: self.clone(),
             };
             let proposed = ActivationAddress {
-                silo: self.id.clone(),
+                silo: self.id(),
                 activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
             };
             match node
@@ -219,7 +219,7 @@ impl Inner {
                 })
                 .await
             {
-                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                Ok(DirectoryReply::Home(home)) if self.is_me(&home.silo) => {
                     match self.homes.get_mut(grain) {
                         Some(mut entry) if entry.generation == pin.generation => {
                             entry.owner = owner;
@@ -414,7 +414,7 @@ impl Inner {
             while !inner.stopped.load(Ordering::Acquire) {
                 let request = DirectoryRequest::Unregister {
                     grain: grain.clone(),
-                    home: inner.id.clone(),
+                    home: inner.id(),
                     activation,
                 };
                 match node.directory(request).await {
@@ -521,14 +521,6 @@ impl Inner {
             .await;
     }
 
-    /// Rule 7: `owner`, which fenced itself, dropped every entry it owned
-    /// and asks for them again: re-registers with it every confirmed home
-    /// here whose entry it owns, as after a view change.
-    pub(super) async fn rehome_with(self: &Arc<Self>, owner: &SiloId) {
-        let view = self.view();
-        self.reregister_homes(&view, |_, new| new == owner).await;
-    }
-
     /// Re-registers, with its entry's owner in `view`, every confirmed
     /// home here that is not leaving and for which `wanted(current owner,
     /// owner in view)` holds (rule 3).
@@ -572,7 +564,7 @@ impl Inner {
             return;
         };
         let proposed = ActivationAddress {
-            silo: self.id.clone(),
+            silo: self.id(),
             activation,
         };
         // A few tries inside the hand-over window; a home that cannot
@@ -589,7 +581,7 @@ impl Inner {
                 })
                 .await;
             match reply {
-                Ok(DirectoryReply::Home(home)) if home.silo == self.id => {
+                Ok(DirectoryReply::Home(home)) if self.is_me(&home.silo) => {
                     if let Some(mut entry) = self.homes.get_mut(&grain) {
                         entry.owner = Some(new);
                         entry.activation = home.activation;

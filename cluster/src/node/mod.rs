@@ -60,11 +60,12 @@
 //!    refuses to become home to anything (`Retry`), answers no directory
 //!    request, ends its home leases and gives every home up (what was
 //!    queued is dropped unrun); once it runs again, it waits for every
-//!    activation it held to end, then drops the directory entries it owns
-//!    and has its peers re-register their homes with it before it answers
-//!    for grains it has no entry for (`fence.rs`). So once its fence
-//!    lifts, it holds no activation of a grain that moved, and no entry
-//!    that went stale while it was taken for dead.
+//!    activation it held to end, then comes back as a new incarnation of
+//!    its address, with none of the directory entries it owned: peers
+//!    re-register their homes with it as with any silo that joins
+//!    (`fence.rs`, `incarnation.rs`). So once its fence lifts, it holds no
+//!    activation of a grain that moved, and no entry that went stale while
+//!    it was taken for dead.
 //! 8. **Reminders** are fired by one silo per grain: the rendezvous choice
 //!    among the silos of the view that host the grain's type; each silo
 //!    rescans the shared reminder table after every view change, and a
@@ -88,8 +89,9 @@
 //! provider and the load it publishes (rule 5); `router` is the calling
 //! side (rule 2); `directory_client` sends directory requests and
 //! `directory_service` answers those for entries this silo owns (rules 1
-//! to 3); `home` is the serving side of rules 2, 3, 5 and 6; `fence`,
-//! `reminders` and `observers` keep rules 7, 8 and 9.
+//! to 3); `home` is the serving side of rules 2, 3, 5 and 6; `fence` and
+//! `incarnation` keep rule 7 (`incarnation` also feeds the node the view
+//! it follows), `reminders` and `observers` rules 8 and 9.
 
 mod builder;
 mod config;
@@ -97,6 +99,7 @@ mod directory_client;
 mod directory_service;
 mod fence;
 mod home;
+mod incarnation;
 mod observers;
 mod peers;
 mod reminders;
@@ -129,7 +132,9 @@ use peers::Provider;
 use serve::Claim;
 
 struct Inner {
-    id: SiloId,
+    /// This silo's identity; replaced when it comes back as a new
+    /// incarnation after a fence (rule 7, `incarnation.rs`).
+    me: arc_swap::ArcSwap<SiloId>,
     config: NodeConfig,
     silo: Silo,
     bridge: Option<Arc<GpuBridge>>,
@@ -138,18 +143,15 @@ struct Inner {
     membership: tokio::sync::Mutex<Option<Provider>>,
     /// Where directory entries live.
     directory: DirectoryBackend,
-    /// The membership's view, as it changes.
+    /// The view the node follows, as it changes: the membership's, fed by
+    /// `feeding` (held across a rejoin: `incarnation.rs`).
     members: tokio::sync::watch::Receiver<Vec<Member>>,
+    view_feed: tokio::sync::watch::Sender<Vec<Member>>,
+    feeding: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The view, as last seen by the view task.
     view: arc_swap::ArcSwap<Vec<Member>>,
     /// When the view last changed (rule 3).
     view_changed: Mutex<Instant>,
-    /// Set while a silo that fenced itself rebuilds the directory entries
-    /// it owns (rule 7): an entry it lacks is answered `Retry`, as in the
-    /// hand-over window.
-    rebuilding: std::sync::atomic::AtomicBool,
-    /// Numbers the rebuilds, so that only the latest clears `rebuilding`.
-    rebuilds: AtomicU64,
     handoff: Duration,
     /// Directory entries this silo owns.
     partition: Partition,
@@ -242,7 +244,7 @@ struct Inner {
 ///     let config = NodeConfig::new("docs", secret.clone(), listen.clone(), address, vec![seed]);
 ///     let node = ClusterNode::builder(silo, config)
 ///         .transport(Arc::new(network.transport(&listen)))
-///         .start(&gossip)
+///         .start(gossip.clone())
 ///         .await?;
 ///     nodes.push(node);
 /// }
@@ -267,7 +269,7 @@ pub struct ClusterNode {
 impl std::fmt::Debug for ClusterNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterNode")
-            .field("id", &self.inner.id)
+            .field("id", &self.inner.id())
             .field("homes", &self.homes())
             .finish_non_exhaustive()
     }
@@ -294,9 +296,11 @@ impl ClusterNode {
         }
     }
 
-    /// This silo's identity.
-    pub fn id(&self) -> &SiloId {
-        &self.inner.id
+    /// This silo's identity. It changes when the silo comes back as a new
+    /// incarnation after a stall that may have been taken for a death
+    /// (rule 7).
+    pub fn id(&self) -> SiloId {
+        self.inner.id()
     }
 
     /// The local silo.
@@ -357,6 +361,16 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    /// This silo's identity now.
+    fn id(&self) -> SiloId {
+        SiloId::clone(&self.me.load())
+    }
+
+    /// Whether `silo` is this silo, as it is now.
+    fn is_me(&self, silo: &SiloId) -> bool {
+        **self.me.load() == *silo
+    }
+
     fn view(&self) -> Arc<Vec<Member>> {
         self.view.load_full()
     }
@@ -383,6 +397,14 @@ impl Inner {
     }
 
     fn stop_tasks(&self) {
+        if let Some(feeding) = self
+            .feeding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            feeding.abort();
+        }
         for task in self
             .tasks
             .lock()

@@ -45,7 +45,7 @@ impl Inner {
             reason,
         };
         let silo = SiloId::from_str(place).map_err(|err| unreachable(err.to_string()))?;
-        if silo == self.id {
+        if self.is_me(&silo) {
             return Ok(self.home_side.observe(endpoint, type_name, &payload));
         }
         if !self.is_live(&silo) {

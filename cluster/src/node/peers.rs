@@ -54,7 +54,7 @@ impl ClusterNode {
                 .map_err(|err| unavailable(err.to_string()))?;
             connection::connect(
                 io,
-                inner.id.clone(),
+                inner.id(),
                 &inner.config.cluster,
                 &inner.config.secret,
                 Arc::new(NodeInbound(Arc::downgrade(inner))),

@@ -55,7 +55,7 @@ impl ReminderPlacement for NodeReminders {
             return false;
         }
         let view = inner.view.load();
-        owner(grain, &view) == Some(&inner.id)
+        owner(grain, &view).is_some_and(|owner| inner.is_me(owner))
     }
 
     fn notify_owner(&self, grain: &GrainId) -> BoxFuture<'static, ()> {
@@ -66,7 +66,7 @@ impl ReminderPlacement for NodeReminders {
             let Some(owner) = owner(&grain, &inner.view()).cloned() else {
                 return;
             };
-            if owner == inner.id {
+            if inner.is_me(&owner) {
                 if let Err(err) = inner.silo.reminders_changed(&grain).await {
                     tracing::debug!(%grain, error = %err, "re-reading a grain's reminders failed");
                 }

@@ -197,7 +197,7 @@ impl Inner {
                 }
                 Err(err) => return Err(err),
             };
-            let outcome = if target == self.id {
+            let outcome = if self.is_me(&target) {
                 match self.admit(&grain).await {
                     Ok(admitted) => {
                         let Some(message) = message.take() else {
@@ -420,7 +420,7 @@ impl ClusterNode {
         }
         let request = PlacementRequest {
             grain,
-            caller: &inner.id,
+            caller: &inner.id(),
             needs: inner.needs.get(&grain.type_name),
         };
         inner

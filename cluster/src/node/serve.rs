@@ -61,14 +61,20 @@ impl ClusterNode {
         }
     }
 
-    async fn stop_serving(&self) {
+    pub(super) async fn stop_serving(&self) {
         self.inner.stopped.store(true, Ordering::Release);
         // References stop skipping the router, which refuses from now on.
         self.inner.end_leases();
         self.inner.stop_tasks();
-        self.inner.open.clear();
+        self.inner.close_connections().await;
+    }
+}
+
+impl Inner {
+    /// Closes every connection, opened or accepted.
+    pub(super) async fn close_connections(&self) {
+        self.open.clear();
         let slots: Vec<_> = self
-            .inner
             .connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -80,7 +86,7 @@ impl ClusterNode {
                 connection.close();
             }
         }
-        for connection in self.inner.accepted.lock().await.drain(..) {
+        for connection in self.accepted.lock().await.drain(..) {
             connection.close();
         }
     }
@@ -92,23 +98,15 @@ pub(super) struct NodeInbound(pub(super) Weak<Inner>);
 impl Inbound for NodeInbound {
     fn request(
         &self,
-        from: &SiloId,
+        _from: &SiloId,
         request: InboundRequest,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let inner = self.0.upgrade();
-        let from = from.clone();
         Box::pin(async move {
             let Some(inner) = inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) else {
                 return Err(RemoteError::ShutDown);
             };
             if request.grain_type == DIRECTORY {
-                // Rule 7: a silo that fenced itself rebuilds the entries
-                // it owns from the homes; answered once they are
-                // re-registered.
-                if request.message == super::fence::REHOME {
-                    inner.rehome_with(&from).await;
-                    return Ok(Vec::new());
-                }
                 let asked: DirectoryRequest = decode(&request.payload)
                     .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
                 return encode(&inner.answer_directory(asked))
@@ -203,7 +201,7 @@ impl Router for NodeRouter {
 
     fn place(&self) -> Option<String> {
         let inner = self.node.get().and_then(Weak::upgrade)?;
-        Some(inner.id.to_string())
+        Some(inner.id().to_string())
     }
 
     fn observe<'a>(
@@ -275,16 +273,19 @@ impl NodeParts {
         let handoff = config
             .handoff
             .unwrap_or(config.gossip_interval.saturating_mul(5));
+        let first_view = membership.members();
+        let membership_view = membership.watch();
+        let (view_feed, members) = tokio::sync::watch::channel(first_view.clone());
         let inner = Arc::new(Inner {
-            id,
+            me: arc_swap::ArcSwap::from_pointee(id.clone()),
             silo,
             bridge,
             transport,
-            view: arc_swap::ArcSwap::from_pointee(membership.members()),
+            view: arc_swap::ArcSwap::from_pointee(first_view),
             view_changed: Mutex::new(Instant::now()),
-            rebuilding: std::sync::atomic::AtomicBool::new(false),
-            rebuilds: AtomicU64::new(0),
-            members: membership.watch(),
+            members,
+            view_feed,
+            feeding: Mutex::new(None),
             membership: tokio::sync::Mutex::new(Some(membership)),
             directory,
             handoff,
@@ -326,7 +327,7 @@ impl NodeParts {
                     tokio::spawn(async move {
                         let accepted = connection::accept(
                             io,
-                            inner.id.clone(),
+                            inner.id(),
                             &inner.config.cluster,
                             &inner.config.secret,
                             Arc::new(NodeInbound(weak)),
@@ -362,6 +363,7 @@ impl NodeParts {
                 }
             }
         });
+        super::incarnation::feed(&inner, membership_view, id, None);
         let mut views = inner.members.clone();
         let watching = tokio::spawn({
             let weak = weak.clone();
@@ -412,7 +414,7 @@ impl NodeParts {
                         return;
                     }
                     if !inner.holds_lease() {
-                        tracing::error!(silo = %inner.id, "lost the etcd lease: this node stops serving");
+                        tracing::error!(silo = %inner.id(), "lost the etcd lease: this node stops serving");
                         let node = ClusterNode { inner };
                         node.inner.stopped.store(true, Ordering::Release);
                         node.deactivate_homes().await;

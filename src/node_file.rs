@@ -451,7 +451,9 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         }
         () = stopped => {
             return Err(NodeRunError(
-                "the node stopped serving: it lost its etcd lease; restart it to rejoin".into(),
+                "the node stopped serving: it lost its etcd lease, or could not gossip again \
+                 as a new incarnation after a stall (see the log); restart it to rejoin"
+                    .into(),
             ));
         }
     }

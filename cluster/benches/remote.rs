@@ -11,13 +11,18 @@
 //!   the reply back. The message is 32 bytes and the reply is the same
 //!   bytes.
 //! - Granary through `ClusterNode`s (`*/granary_node`): silo B calls the
-//!   grain through `ClusterRef::call`, as an application does; on top of
+//!   grain through its reference (`node.grain::<G>(key).call`), as an
+//!   application does; on top of
 //!   the connection it pays the location cache, the message's encoding and
 //!   A's home check (rule 6's pin). A hosts every grain (prefer-local
 //!   placement; A calls each first).
 //! - tonic: a unary gRPC call over HTTP/2 to a service that returns the
 //!   request's 32 bytes (a raw-bytes codec, so no protobuf work on either
 //!   side). The service does less than the silo: no grain, no mailbox.
+//! - The floor (`remote_sequential/tcp_echo`): a bare tokio TCP echo of a
+//!   length-prefixed 32-byte frame on the same runtime, one write and one
+//!   read at each end and nothing else: the least any request and reply
+//!   over loopback costs on this machine.
 //!
 //! Groups:
 //! - `remote_sequential/*`: one call at a time (criterion's time is the
@@ -305,6 +310,41 @@ async fn tonic_call(client: &mut GrpcClient, payload: &Bytes) -> usize {
     reply.into_inner().len()
 }
 
+/// A client connected to a bare echo server on loopback: the floor.
+async fn tcp_echo_pair() -> tokio::sync::Mutex<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let address = listener.local_addr().expect("an address");
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("a client");
+        stream.set_nodelay(true).expect("nodelay");
+        let mut frame = [0u8; 4 + PAYLOAD];
+        while stream.read_exact(&mut frame).await.is_ok() {
+            if stream.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connected");
+    stream.set_nodelay(true).expect("nodelay");
+    tokio::sync::Mutex::new(stream)
+}
+
+/// One frame there and back.
+async fn tcp_echo(stream: &tokio::sync::Mutex<tokio::net::TcpStream>) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = stream.lock().await;
+    let mut frame = [7u8; 4 + PAYLOAD];
+    frame[..4].copy_from_slice(&(PAYLOAD as u32).to_le_bytes());
+    stream.write_all(&frame).await.expect("written");
+    stream.read_exact(&mut frame).await.expect("echoed");
+    frame.len()
+}
+
 fn sequential(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("remote_sequential");
@@ -319,6 +359,11 @@ fn sequential(c: &mut Criterion) {
     group.bench_function("granary_node", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(node_call(&caller, 0).await) })
+    });
+    let echo = rt.block_on(tcp_echo_pair());
+    group.bench_function("tcp_echo", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(tcp_echo(&echo).await) })
     });
     let client = rt.block_on(tonic_pair());
     let bytes = Bytes::from(vec![7u8; PAYLOAD]);

@@ -66,7 +66,11 @@ pub struct NodeConfig {
     /// cost of more false deaths.
     pub death_grace: Duration,
     /// Which start of this silo (greater than any earlier one on the same
-    /// address; default: the clock in milliseconds).
+    /// address; default: the clock in milliseconds). A silo that comes
+    /// back after a stall (rule 7) takes the clock in milliseconds, or one
+    /// more than its incarnation if that is greater: a scheme of your own
+    /// must stay above both, or a restart is hidden behind the newer
+    /// incarnation until peers declare that one dead.
     pub incarnation: u64,
     /// Connection settings.
     pub connection: ConnectionConfig,

@@ -13,16 +13,20 @@ impl Inner {
     /// and 3).
     pub(super) fn answer_directory(&self, request: DirectoryRequest) -> DirectoryReply {
         // Rule 7: a fenced silo's entries may be stale (it may have been
-        // taken for dead); it answers nothing until it has rebuilt them.
+        // taken for dead); it answers nothing until it has come back as a
+        // new incarnation, owning none.
         if self.fence.is_fenced() {
             return DirectoryReply::Retry;
         }
+        // Rule 3, and a new incarnation whose peers may not know it yet
+        // (`incarnation.rs` rule 3).
         let settling = self
             .view_changed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
-            < self.handoff;
+            < self.handoff
+            || self.holding.load(std::sync::atomic::Ordering::Acquire);
         let view = self.view();
         let grain = match &request {
             DirectoryRequest::Register { grain, .. }

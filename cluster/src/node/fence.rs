@@ -39,13 +39,14 @@
 //!    address (`incarnation.rs`): peers see the old incarnation replaced by
 //!    the new one, drop whatever named the old, and re-register with the
 //!    new one the homes whose entries it now owns, as for any silo that
-//!    joins; the entries it owned as the old incarnation are dropped. The
-//!    fence lifts once it has the new identity. So a stall leaves no
-//!    activation of a grain that moved and keeps no entry that went stale
-//!    while the silo was taken for dead. A silo that cannot rejoin stops
-//!    serving. Under etcd the directory is not the silo's to rebuild: the
-//!    fence lifts as soon as every activation has ended, and a silo that
-//!    lost its lease has stopped already.
+//!    joins; the entries it owned as the old incarnation are dropped, and
+//!    until its peers know the new one it answers `Retry` for an entry it
+//!    lacks. The fence lifts once the silo has its new identity. So a stall
+//!    leaves no activation of a grain that moved and keeps no entry that
+//!    went stale while the silo was taken for dead. A silo that cannot
+//!    rejoin stops serving. Under etcd the directory is not the silo's to
+//!    rebuild: the fence lifts as soon as every activation has ended, and
+//!    a silo that lost its lease has stopped already.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};

@@ -299,6 +299,15 @@ impl Inner {
     }
 
     /// Removes `grain`'s home, ending its lease; whether there was one.
+    /// Removes `grain`'s home if `this_home` picks it, and releases the
+    /// grain's activation here.
+    fn remove_this_home(&self, grain: &GrainId, this_home: impl Fn(&Home) -> bool) {
+        if let Some((_, home)) = self.homes.remove_if(grain, |_, home| this_home(home)) {
+            home.end_lease();
+            self.release(grain);
+        }
+    }
+
     pub(super) fn remove_home(&self, grain: &GrainId) -> bool {
         match self.homes.remove(grain) {
             Some((_, home)) => {
@@ -386,9 +395,9 @@ impl Inner {
                 home.leaving = true;
                 home.end_lease();
             }
-            unregister
+            unregister.map(|activation| (activation, home.generation))
         };
-        let Some(activation) = unregister else {
+        let Some((activation, generation)) = unregister else {
             if let Some((_, home)) = self.homes.remove_if(grain, |_, home| {
                 home.owner.is_none() && home.in_flight == 0 && !home.leaving
             }) {
@@ -404,6 +413,11 @@ impl Inner {
             self.remove_home(&grain);
             return;
         };
+        // The entry names this silo as it is now; once it comes back as a
+        // new incarnation (rule 7), peers drop whatever names the old one,
+        // and an unregister under the new name could remove the new one's
+        // entry.
+        let me = self.id();
         runtime.spawn(async move {
             let inner = &node.inner;
             // The owner may change on the way: ask whoever owns the entry
@@ -411,10 +425,10 @@ impl Inner {
             // only this silo acts on it: it becomes home again, or, full,
             // removes it (rule 5).
             let settle_by = deadline_after(inner.handoff.saturating_mul(4));
-            while !inner.stopped.load(Ordering::Acquire) {
+            while !inner.stopped.load(Ordering::Acquire) && inner.is_me(&me) {
                 let request = DirectoryRequest::Unregister {
                     grain: grain.clone(),
-                    home: inner.id(),
+                    home: me.clone(),
                     activation,
                 };
                 match node.directory(request).await {
@@ -427,7 +441,9 @@ impl Inner {
             }
             if inner
                 .homes
-                .remove_if(&grain, |_, home| home.leaving)
+                .remove_if(&grain, |_, home| {
+                    home.leaving && home.generation == generation
+                })
                 .is_some()
             {
                 inner.given_up.fetch_add(1, Ordering::Relaxed);
@@ -557,9 +573,9 @@ impl Inner {
         };
         // Up to date, leaving (its entry is being removed), or not
         // registered yet (its first call registers it).
-        let Some(activation) = self.homes.get(&grain).and_then(|home| {
+        let Some((activation, generation)) = self.homes.get(&grain).and_then(|home| {
             let current = home.owner.as_ref()?;
-            (wanted(current, &new) && !home.leaving).then_some(home.activation)
+            (wanted(current, &new) && !home.leaving).then_some((home.activation, home.generation))
         }) else {
             return;
         };
@@ -567,6 +583,9 @@ impl Inner {
             silo: self.id(),
             activation,
         };
+        // Only this home is updated or let go: not a later one for the
+        // same grain (after a rejoin, rule 7, the home here may be new).
+        let this_home = |home: &Home| home.generation == generation;
         // A few tries inside the hand-over window; a home that cannot
         // re-register in it is given up (its activation let go), since
         // after it another silo may claim the grain.
@@ -581,26 +600,27 @@ impl Inner {
                 })
                 .await;
             match reply {
-                Ok(DirectoryReply::Home(home)) if self.is_me(&home.silo) => {
+                Ok(DirectoryReply::Home(home)) if home.silo == proposed.silo => {
                     if let Some(mut entry) = self.homes.get_mut(&grain) {
-                        entry.owner = Some(new);
-                        entry.activation = home.activation;
+                        if this_home(&entry) {
+                            entry.owner = Some(new);
+                            entry.activation = home.activation;
+                        }
                     }
                     return;
                 }
                 Ok(DirectoryReply::Home(_)) => {
-                    if self.remove_home(&grain) {
-                        self.release(&grain);
-                    }
+                    self.remove_this_home(&grain, this_home);
                     return;
                 }
-                _ if tries < 4 && !self.stopped.load(Ordering::Acquire) => {
+                _ if tries < 4
+                    && !self.stopped.load(Ordering::Acquire)
+                    && self.is_me(&proposed.silo) =>
+                {
                     tokio::time::sleep(self.handoff / 8).await;
                 }
                 _ => {
-                    if self.remove_home(&grain) {
-                        self.release(&grain);
-                    }
+                    self.remove_this_home(&grain, this_home);
                     return;
                 }
             }

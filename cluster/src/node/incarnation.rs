@@ -19,10 +19,13 @@
 //! 3. **Holding the view.** The new gossip knows no peer until it has
 //!    heard from one; a view of this silo alone would make it owner of
 //!    every entry and every reminder. So until the new membership lists
-//!    another silo, or for as long as peers take to declare a silent silo
-//!    dead (by then a peer it has not heard from would be gone from any
-//!    view), the node follows the view it had, with its old incarnation
-//!    replaced by the new one.
+//!    every peer of the view it had (by address), or for as long as peers
+//!    take to declare a silent silo dead (by then a peer it has not heard
+//!    from would be gone from any view), the node follows the view it had,
+//!    with its old incarnation replaced by the new one. Meanwhile its peers
+//!    may not know the new incarnation yet, so it answers `Retry` for an
+//!    entry it lacks, and the hand-over window starts again when the hold
+//!    ends.
 //! 4. **When it cannot.** A provider that cannot rejoin, or a new
 //!    incarnation that cannot start, leaves the silo with no safe way back:
 //!    it stops serving for good, as a silo that lost its etcd lease does
@@ -47,41 +50,59 @@ pub(super) enum Rejoined {
     Stopped,
 }
 
+/// A view held while a new incarnation's gossip has not heard its peers
+/// yet (rule 3): the view to follow meanwhile, until when at the latest,
+/// and what to run when it is let go.
+pub(super) struct Held {
+    pub(super) view: Vec<Member>,
+    pub(super) until: Instant,
+    pub(super) released: Box<dyn FnOnce() + Send>,
+}
+
 /// Starts feeding the node's view from `from` (rule 1), holding `held`
-/// until `until` unless `from` lists a silo other than `me` sooner
 /// (rule 3). Replaces the task feeding it before, if any.
 pub(super) fn feed(
     inner: &Inner,
     from: watch::Receiver<Vec<Member>>,
     me: SiloId,
-    held: Option<(Vec<Member>, Instant)>,
+    held: Option<Held>,
 ) {
-    let to = inner.view_feed.clone();
-    let task = tokio::spawn(feeding(from, to, me, held));
-    let before = inner
-        .feeding
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .replace(task);
-    if let Some(before) = before {
+    let mut feeding = inner.feeding.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(before) = feeding.take() {
         before.abort();
     }
+    *feeding = Some(tokio::spawn(run_feed(
+        from,
+        inner.view_feed.clone(),
+        me,
+        held,
+    )));
 }
 
-async fn feeding(
+async fn run_feed(
     mut from: watch::Receiver<Vec<Member>>,
     to: watch::Sender<Vec<Member>>,
     me: SiloId,
-    held: Option<(Vec<Member>, Instant)>,
+    held: Option<Held>,
 ) {
-    if let Some((held, until)) = held {
-        pass_on(&to, held);
+    if let Some(held) = held {
+        pass_on(&to, held.view.clone());
+        // Every peer of the held view, by address (a peer may itself have
+        // come back as a new incarnation meanwhile).
+        let peers: Vec<&str> = held
+            .view
+            .iter()
+            .map(|member| member.silo.address.as_str())
+            .filter(|address| *address != me.address)
+            .collect();
         loop {
-            if from
-                .borrow_and_update()
-                .iter()
-                .any(|member| member.silo != me)
-            {
+            let heard_all = {
+                let view = from.borrow_and_update();
+                peers
+                    .iter()
+                    .all(|peer| view.iter().any(|member| member.silo.address == *peer))
+            };
+            if heard_all {
                 break;
             }
             tokio::select! {
@@ -90,9 +111,11 @@ async fn feeding(
                         return;
                     }
                 }
-                _ = tokio::time::sleep_until(until.into()) => break,
+                _ = tokio::time::sleep_until(held.until.into()) => break,
             }
         }
+        pass_on(&to, from.borrow_and_update().clone());
+        (held.released)();
     }
     loop {
         let view = from.borrow_and_update().clone();
@@ -178,17 +201,23 @@ pub(super) async fn rejoin(node: &ClusterNode) -> Rejoined {
     inner.me.store(Arc::new(new.clone()));
     inner.close_connections().await;
     let hold = super::fence::gossip_death(&inner.config).max(Duration::from_millis(1));
-    let held = renamed(&inner.view(), &old, &new);
-    feed(
-        inner,
-        provider.watch(),
-        new.clone(),
-        Some((held, Instant::now() + hold)),
-    );
-    *inner
-        .view_changed
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    let now = Instant::now();
+    inner.holding.store(true, Ordering::Release);
+    let weak = Arc::downgrade(inner);
+    let held = Held {
+        view: renamed(&inner.view(), &old, &new),
+        until: now
+            .checked_add(hold)
+            .unwrap_or(now + Duration::from_secs(3600)),
+        released: Box::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.restart_handoff();
+                inner.holding.store(false, Ordering::Release);
+            }
+        }),
+    };
+    feed(inner, provider.watch(), new.clone(), Some(held));
+    inner.restart_handoff();
     *membership = Some(provider);
     tracing::info!(silo = %new, before = %old, dropped, "came back as a new incarnation");
     Rejoined::As(new)
@@ -220,34 +249,48 @@ mod tests {
         let held = vec![member("a:1", 5), member("b:1", 9)];
         let (provider, from) = watch::channel(vec![member("b:1", 9)]);
         let (to, mut view) = watch::channel(Vec::new());
-        let task = tokio::spawn(feeding(
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(run_feed(
             from.clone(),
             to.clone(),
             me.clone(),
-            Some((held.clone(), Instant::now() + Duration::from_secs(5))),
+            Some(hold(&held, &released)),
         ));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(*view.borrow_and_update(), held, "held while alone");
-        // A peer heard: the provider's view from then on.
+        // Not every peer heard yet: still held.
+        provider.send_replace(vec![member("b:1", 9), member("c:1", 2)]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*view.borrow_and_update(), held, "held until a:1 is heard");
+        assert!(!released.load(Ordering::SeqCst));
+        // Every peer heard: the provider's view from then on.
         let heard = vec![member("a:1", 5), member("b:1", 9), member("c:1", 2)];
         provider.send_replace(heard.clone());
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(*view.borrow_and_update(), heard);
+        assert!(released.load(Ordering::SeqCst), "the hold was let go");
         task.abort();
 
         // Alone past the hold: the provider's view, even if alone.
         let (to, mut view) = watch::channel(Vec::new());
         let (_provider, from) = watch::channel(vec![member("b:1", 9)]);
-        let task = tokio::spawn(feeding(
-            from,
-            to,
-            me,
-            Some((held.clone(), Instant::now() + Duration::from_secs(5))),
-        ));
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(run_feed(from, to, me, Some(hold(&held, &released))));
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(*view.borrow_and_update(), held);
+        assert!(!released.load(Ordering::SeqCst));
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(*view.borrow_and_update(), vec![member("b:1", 9)]);
+        assert!(released.load(Ordering::SeqCst), "the hold ended");
         task.abort();
+    }
+
+    fn hold(view: &[Member], released: &Arc<std::sync::atomic::AtomicBool>) -> Held {
+        let released = released.clone();
+        Held {
+            view: view.to_vec(),
+            until: Instant::now() + Duration::from_secs(5),
+            released: Box::new(move || released.store(true, Ordering::SeqCst)),
+        }
     }
 }

@@ -52,8 +52,9 @@
 //!    if the grain fits (rule 5). An unconfirmed home whose entry may name
 //!    this silo anyway (a registration whose answer was lost, or a full
 //!    device answering `NoRoom` to a grain the entry sends here) removes
-//!    any entry naming this silo when it goes. A node that has left or
-//!    was killed serves nothing and connects to no one.
+//!    any entry naming this silo when it goes. A node that has left, was
+//!    killed, lost its etcd lease or could not come back after a fence
+//!    (rule 7) serves nothing and connects to no one.
 //! 7. **Fencing after a stall.** A silo whose runtime stood still for 60%
 //!    of the soonest its peers could declare it dead fences itself from a
 //!    watchdog thread, before anyone can place its grains elsewhere: it
@@ -148,6 +149,10 @@ struct Inner {
     members: tokio::sync::watch::Receiver<Vec<Member>>,
     view_feed: tokio::sync::watch::Sender<Vec<Member>>,
     feeding: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set while a new incarnation follows the view it had, its peers not
+    /// all heard yet: an entry it lacks is answered `Retry`
+    /// (`incarnation.rs` rule 3).
+    holding: std::sync::atomic::AtomicBool,
     /// The view, as last seen by the view task.
     view: arc_swap::ArcSwap<Vec<Member>>,
     /// When the view last changed (rule 3).
@@ -330,7 +335,8 @@ impl ClusterNode {
 
     /// Whether the silo is fenced now: after its runtime stood still long
     /// enough to be taken for dead, it serves no home until every
-    /// activation it held has ended (rule 7).
+    /// activation it held has ended and it has come back as a new
+    /// incarnation (rule 7).
     pub fn is_fenced(&self) -> bool {
         self.inner.fence.is_fenced()
     }
@@ -357,6 +363,14 @@ impl Drop for Inner {
         for home in self.homes.iter() {
             home.end_lease();
         }
+        if let Some(feeding) = self
+            .feeding
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            feeding.abort();
+        }
     }
 }
 
@@ -369,6 +383,14 @@ impl Inner {
     /// Whether `silo` is this silo, as it is now.
     fn is_me(&self, silo: &SiloId) -> bool {
         **self.me.load() == *silo
+    }
+
+    /// Starts the hand-over window (rule 3) now.
+    fn restart_handoff(&self) {
+        *self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
     }
 
     fn view(&self) -> Arc<Vec<Member>> {

@@ -42,9 +42,10 @@ impl ClusterNode {
         left
     }
 
-    /// Whether this node has stopped serving: it left, was killed, or
-    /// (under etcd) lost its lease. A stopped node never serves again; a
-    /// silo process rejoins as a new node (a new incarnation).
+    /// Whether this node has stopped serving: it left, was killed, (under
+    /// etcd) lost its lease, or could not come back as a new incarnation
+    /// after a fence (rule 7). A stopped node never serves again; a silo
+    /// process rejoins as a new node (a new incarnation).
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire) || !self.inner.holds_lease()
     }
@@ -286,6 +287,7 @@ impl NodeParts {
             members,
             view_feed,
             feeding: Mutex::new(None),
+            holding: std::sync::atomic::AtomicBool::new(false),
             membership: tokio::sync::Mutex::new(Some(membership)),
             directory,
             handoff,
@@ -325,9 +327,13 @@ impl NodeParts {
                     let Some(inner) = weak.upgrade() else { return };
                     let weak = weak.clone();
                     tokio::spawn(async move {
+                        // The identity the handshake presents: a connection
+                        // that finished under an incarnation since left
+                        // behind (rule 7) is closed, not kept.
+                        let me = inner.id();
                         let accepted = connection::accept(
                             io,
-                            inner.id(),
+                            me.clone(),
                             &inner.config.cluster,
                             &inner.config.secret,
                             Arc::new(NodeInbound(weak)),
@@ -335,6 +341,11 @@ impl NodeParts {
                         )
                         .await;
                         match accepted {
+                            Ok(connection)
+                                if !inner.is_me(&me) || inner.stopped.load(Ordering::Acquire) =>
+                            {
+                                connection.close();
+                            }
                             Ok(connection) => {
                                 let peer = connection.peer().clone();
                                 // An open connection of our own stays the

@@ -363,14 +363,7 @@ impl Drop for Inner {
         for home in self.homes.iter() {
             home.end_lease();
         }
-        if let Some(feeding) = self
-            .feeding
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            feeding.abort();
-        }
+        self.stop_feeding();
     }
 }
 
@@ -418,15 +411,20 @@ impl Inner {
         self.view.load().iter().any(|member| &member.silo == silo)
     }
 
-    fn stop_tasks(&self) {
-        if let Some(feeding) = self
+    /// Stops the task feeding the node its view.
+    fn stop_feeding(&self) {
+        let feeding = self
             .feeding
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+            .take();
+        if let Some(feeding) = feeding {
             feeding.abort();
         }
+    }
+
+    fn stop_tasks(&self) {
+        self.stop_feeding();
         for task in self
             .tasks
             .lock()

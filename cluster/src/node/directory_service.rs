@@ -26,7 +26,7 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .elapsed()
             < self.handoff
-            || self.holding.load(std::sync::atomic::Ordering::Acquire);
+            || self.holding.load(std::sync::atomic::Ordering::Acquire) != 0;
         let view = self.view();
         let grain = match &request {
             DirectoryRequest::Register { grain, .. }

@@ -298,9 +298,8 @@ impl Inner {
         }
     }
 
-    /// Removes `grain`'s home, ending its lease; whether there was one.
-    /// Removes `grain`'s home if `this_home` picks it, and releases the
-    /// grain's activation here.
+    /// Removes `grain`'s home if `this_home` picks it, ending its lease,
+    /// and releases the grain's activation here.
     fn remove_this_home(&self, grain: &GrainId, this_home: impl Fn(&Home) -> bool) {
         if let Some((_, home)) = self.homes.remove_if(grain, |_, home| this_home(home)) {
             home.end_lease();
@@ -308,6 +307,7 @@ impl Inner {
         }
     }
 
+    /// Removes `grain`'s home, ending its lease; whether there was one.
     pub(super) fn remove_home(&self, grain: &GrainId) -> bool {
         match self.homes.remove(grain) {
             Some((_, home)) => {

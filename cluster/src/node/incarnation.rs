@@ -21,7 +21,10 @@
 //!    every entry and every reminder. So until the new membership lists
 //!    every peer of the view it had (by address), or for as long as peers
 //!    take to declare a silent silo dead (by then a peer it has not heard
-//!    from would be gone from any view), the node follows the view it had,
+//!    from would be gone from any view), or for a hand-over window after
+//!    the first peer is heard (gossip with one live peer carries the whole
+//!    membership, so a peer still missing then died while this silo stood
+//!    still), the node follows the view it had,
 //!    with its old incarnation replaced by the new one. Meanwhile its peers
 //!    may not know the new incarnation yet, so it answers `Retry` for an
 //!    entry it lacks, and the hand-over window starts again when the hold
@@ -33,7 +36,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
@@ -52,10 +57,12 @@ pub(super) enum Rejoined {
 
 /// A view held while a new incarnation's gossip has not heard its peers
 /// yet (rule 3): the view to follow meanwhile, until when at the latest,
-/// and what to run when it is let go.
+/// how long to wait for the rest once one peer is heard, and what to run
+/// when it is let go.
 pub(super) struct Held {
     pub(super) view: Vec<Member>,
     pub(super) until: Instant,
+    pub(super) rest_within: Duration,
     pub(super) released: Box<dyn FnOnce() + Send>,
 }
 
@@ -95,15 +102,21 @@ async fn run_feed(
             .map(|member| member.silo.address.as_str())
             .filter(|address| *address != me.address)
             .collect();
+        // Gossip with one live peer carries the whole membership: a peer
+        // still unheard `rest_within` after the first was heard is taken
+        // for one that died while this silo stood still.
+        let mut until = held.until;
         loop {
-            let heard_all = {
+            let (heard_all, heard_any) = {
                 let view = from.borrow_and_update();
-                peers
-                    .iter()
-                    .all(|peer| view.iter().any(|member| member.silo.address == *peer))
+                let heard = |peer: &&str| view.iter().any(|member| member.silo.address == *peer);
+                (peers.iter().all(heard), peers.iter().any(heard))
             };
             if heard_all {
                 break;
+            }
+            if heard_any {
+                until = until.min(Instant::now() + held.rest_within);
             }
             tokio::select! {
                 changed = from.changed() => {
@@ -111,7 +124,7 @@ async fn run_feed(
                         return;
                     }
                 }
-                _ = tokio::time::sleep_until(held.until.into()) => break,
+                _ = tokio::time::sleep_until(until) => break,
             }
         }
         pass_on(&to, from.borrow_and_update().clone());
@@ -202,17 +215,24 @@ pub(super) async fn rejoin(node: &ClusterNode) -> Rejoined {
     inner.close_connections().await;
     let hold = super::fence::gossip_death(&inner.config).max(Duration::from_millis(1));
     let now = Instant::now();
-    inner.holding.store(true, Ordering::Release);
+    // The hold is named by the incarnation it is for (never 0): a hold
+    // let go late, after a later rejoin started its own, clears nothing.
+    let hold_id = new.incarnation.max(1);
+    inner.holding.store(hold_id, Ordering::Release);
     let weak = Arc::downgrade(inner);
     let held = Held {
         view: renamed(&inner.view(), &old, &new),
         until: now
             .checked_add(hold)
             .unwrap_or(now + Duration::from_secs(3600)),
+        rest_within: inner.handoff,
         released: Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 inner.restart_handoff();
-                inner.holding.store(false, Ordering::Release);
+                let _ =
+                    inner
+                        .holding
+                        .compare_exchange(hold_id, 0, Ordering::AcqRel, Ordering::Acquire);
             }
         }),
     };
@@ -244,7 +264,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_held_view_stays_until_a_peer_is_heard_or_the_hold_ends() {
+    async fn the_held_view_stays_until_every_peer_is_heard_or_the_hold_ends() {
         let me = SiloId::new("b:1", 9);
         let held = vec![member("a:1", 5), member("b:1", 9)];
         let (provider, from) = watch::channel(vec![member("b:1", 9)]);
@@ -271,6 +291,28 @@ mod tests {
         assert!(released.load(Ordering::SeqCst), "the hold was let go");
         task.abort();
 
+        // One peer of two heard: the other is waited for `rest_within`
+        // (1 s here), not the whole hold.
+        let held3 = vec![member("a:1", 5), member("b:1", 9), member("d:1", 4)];
+        let (provider, from) = watch::channel(vec![member("b:1", 9)]);
+        let (to, mut view) = watch::channel(Vec::new());
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(run_feed(
+            from,
+            to,
+            me.clone(),
+            Some(hold(&held3, &released)),
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let partial = vec![member("a:1", 5), member("b:1", 9)];
+        provider.send_replace(partial.clone());
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(*view.borrow_and_update(), held3, "still waiting for d:1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*view.borrow_and_update(), partial, "d:1 taken for dead");
+        assert!(released.load(Ordering::SeqCst));
+        task.abort();
+
         // Alone past the hold: the provider's view, even if alone.
         let (to, mut view) = watch::channel(Vec::new());
         let (_provider, from) = watch::channel(vec![member("b:1", 9)]);
@@ -290,6 +332,7 @@ mod tests {
         Held {
             view: view.to_vec(),
             until: Instant::now() + Duration::from_secs(5),
+            rest_within: Duration::from_secs(1),
             released: Box::new(move || released.store(true, Ordering::SeqCst)),
         }
     }

@@ -85,7 +85,8 @@
 //! The parts: `config` holds the node's settings and why a start fails;
 //! `builder` binds, joins through gossip or etcd and hands over to
 //! `serve`, which runs the tasks that accept connections, follow the view
-//! and publish load, and stops them when the node leaves or is killed;
+//! and publish load, and stops them when the node leaves, is killed,
+//! loses its etcd lease or cannot come back after a fence;
 //! `peers` keeps the connection to each peer (rule 4), the membership
 //! provider and the load it publishes (rule 5); `router` is the calling
 //! side (rule 2); `directory_client` sends directory requests and
@@ -149,10 +150,10 @@ struct Inner {
     members: tokio::sync::watch::Receiver<Vec<Member>>,
     view_feed: tokio::sync::watch::Sender<Vec<Member>>,
     feeding: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Set while a new incarnation follows the view it had, its peers not
-    /// all heard yet: an entry it lacks is answered `Retry`
-    /// (`incarnation.rs` rule 3).
-    holding: std::sync::atomic::AtomicBool,
+    /// While a new incarnation follows the view it had, its peers not all
+    /// heard yet, the hold's number (else 0): an entry it lacks is
+    /// answered `Retry` (`incarnation.rs` rule 3).
+    holding: AtomicU64,
     /// The view, as last seen by the view task.
     view: arc_swap::ArcSwap<Vec<Member>>,
     /// When the view last changed (rule 3).
@@ -169,8 +170,9 @@ struct Inner {
     promised: Mutex<HashMap<usize, u64>>,
     /// Homes given up under rule 6.
     given_up: AtomicU64,
-    /// Set when the node leaves or is killed: it serves nothing and
-    /// connects to no one after that.
+    /// Set when the node leaves, is killed, loses its etcd lease or cannot
+    /// come back after a fence (rule 7): it serves nothing and connects to
+    /// no one after that.
     stopped: std::sync::atomic::AtomicBool,
     /// Fencing after a stall (rule 7, `fence.rs`).
     fence: fence::Fence,

@@ -2,7 +2,8 @@
 //! rule 6 of the protocol in `node/mod.rs`), the tasks that accept
 //! connections, follow the view (rules 3 and 4) and publish load
 //! (rule 5), requests arriving over connections, and leaving, being
-//! killed, or losing the etcd lease, after which it serves nothing.
+//! killed, losing the etcd lease or failing to come back after a fence
+//! (`incarnation.rs`), after which it serves nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -287,7 +288,7 @@ impl NodeParts {
             members,
             view_feed,
             feeding: Mutex::new(None),
-            holding: std::sync::atomic::AtomicBool::new(false),
+            holding: AtomicU64::new(0),
             membership: tokio::sync::Mutex::new(Some(membership)),
             directory,
             handoff,
@@ -366,7 +367,16 @@ impl NodeParts {
                                 }
                                 let mut accepted = inner.accepted.lock().await;
                                 accepted.retain(|kept| !kept.is_closed());
-                                accepted.push(connection);
+                                // A rejoin or stop that came between the
+                                // check above and now either drains this
+                                // list after us or is seen here (it changes
+                                // the identity or sets `stopped` before it
+                                // takes the list's lock).
+                                if !inner.is_me(&me) || inner.stopped.load(Ordering::Acquire) {
+                                    connection.close();
+                                } else {
+                                    accepted.push(connection);
+                                }
                             }
                             Err(err) => tracing::debug!(error = %err, "a connection was refused"),
                         }

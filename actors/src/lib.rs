@@ -84,8 +84,8 @@ pub use reminders::{
     LoneSilo, REMINDER_FIRED, REMINDERS, ReminderError, ReminderFired, ReminderPlacement,
 };
 pub use silo::{
-    ActivationEnd, EndedListener, EndedListenerGuard, GrainRef, Registration, Silo, SiloBuilder,
-    SiloConfig, Timer,
+    ActivationEnd, EndedListener, EndedListenerGuard, FailureReason, GrainRef, GrainTypeStats,
+    Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer, TurnHistogram,
 };
 pub use storage::{
     DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,

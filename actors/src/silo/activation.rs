@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::envelope::{Envelope, InChain, MAX_READ_BATCH, ReadTurn, Turn};
 use super::registry::{Entry, GrainType};
+use super::stats::{ActivationCounts, FailureReason, TypeStats};
 use super::{ActivationEnd, Silo};
 use crate::grain::{Grain, GrainContext};
 use crate::key::{GrainId, GrainKey};
@@ -137,8 +138,11 @@ pub(super) async fn run_activation<G: Grain>(
     let mut grain = if silo.inner.stopped.load(Ordering::Acquire) || abandoned(&silo) {
         None
     } else {
-        activate::<G>(&key, &mut ctx).await
+        activate::<G>(&key, &mut ctx, &grain_type.stats).await
     };
+    // Messages run, added to the type's count now and then; one turn in so
+    // many timed (`stats.rs` rules 2 and 3).
+    let mut counts = ActivationCounts::new();
     // Idle collection counts messages that keep the grain alive (rule 8).
     // One timer checks for idleness a few times per idle period, rather
     // than a timeout armed for every message.
@@ -177,6 +181,9 @@ pub(super) async fn run_activation<G: Grain>(
                 tokio::task::consume_budget().await;
                 Some(Some(envelope))
             } else {
+                // About to wait: what this activation ran is counted now
+                // (`stats.rs` rule 2).
+                counts.flush(&grain_type.stats);
                 loop {
                     enum Idle<E> {
                         Next(Option<E>),
@@ -234,7 +241,13 @@ pub(super) async fn run_activation<G: Grain>(
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
-                    grain = turn(grain, envelope, &key, &mut ctx).await;
+                    let timed = counts.sample_next().then(std::time::Instant::now);
+                    let ran;
+                    (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                    if let Some(started) = timed {
+                        grain_type.stats.record_turn(started.elapsed());
+                    }
+                    counts.ran(ran, &grain_type.stats);
                     drop(busy);
                     if grain.is_none() {
                         break;
@@ -281,12 +294,17 @@ pub(super) async fn run_activation<G: Grain>(
                 silo.inner
                     .dropped_with_homes
                     .fetch_add(1, Ordering::Relaxed);
+                grain_type.stats.failed(FailureReason::DroppedWithHome);
             }
             drop(envelope);
             continue;
         }
         match grain {
-            Some(_) => grain = turn(grain, envelope, &key, &mut ctx).await,
+            Some(_) => {
+                let ran;
+                (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                counts.ran(ran, &grain_type.stats);
+            }
             // Failed activation: dropping the envelope fails its call.
             None => drop(envelope),
         }
@@ -307,6 +325,8 @@ pub(super) async fn run_activation<G: Grain>(
     }
     // Timers registered by the last turns or by on_deactivate end too.
     ctx.cancel_timers();
+    counts.flush(&grain_type.stats);
+    grain_type.stats.activation_ended();
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;
@@ -333,10 +353,16 @@ pub(super) async fn run_activation<G: Grain>(
     }
 }
 
-/// A new object for `key`, activated; `None` if `on_activate` failed.
-async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
+/// A new object for `key`, activated; `None` if `on_activate` failed
+/// (counted in `stats`).
+async fn activate<G: Grain>(
+    key: &GrainKey,
+    ctx: &mut GrainContext,
+    stats: &TypeStats,
+) -> Option<G> {
     let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) else {
         tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
+        stats.failed(FailureReason::ActivationFailed);
         return None;
     };
     match AssertUnwindSafe(grain.on_activate(ctx))
@@ -346,37 +372,45 @@ async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G>
         Ok(Ok(())) => Some(grain),
         Ok(Err(err)) => {
             tracing::warn!(grain = %ctx.id(), error = %err, "activation failed");
+            stats.failed(FailureReason::ActivationFailed);
             None
         }
         Err(_) => {
             tracing::warn!(grain = %ctx.id(), "on_activate panicked");
+            stats.failed(FailureReason::ActivationFailed);
             None
         }
     }
 }
 
-/// One turn (rule 3); a panic resets the activation (rule 6).
+/// One turn (rule 3); a panic resets the activation (rule 6). Returns the
+/// grain and how many messages ran (a read batch runs several), counting
+/// failures in `stats`.
 async fn turn<G: Grain>(
     grain: Option<G>,
     envelope: Envelope<G>,
     key: &GrainKey,
     ctx: &mut GrainContext,
-) -> Option<G> {
-    let mut grain = grain?;
+    stats: &TypeStats,
+) -> (Option<G>, u64) {
+    let Some(mut grain) = grain else {
+        return (None, 0);
+    };
     // Rule 11: the sender gave up before the turn started; dropping the
     // envelope drops its reply.
     if envelope.expired() {
-        return Some(grain);
+        stats.failed(FailureReason::Expired);
+        return (Some(grain), 0);
     }
     let chain = envelope.chain;
     let write = match envelope.turn {
         Turn::Write(write) => write,
         Turn::Read(read) => {
-            read_batch(&grain, (chain, read), ctx).await;
-            return Some(grain);
+            let ran = read_batch(&grain, (chain, read), ctx, stats).await;
+            return (Some(grain), ran);
         }
         // Already deactivating (rule 5).
-        Turn::Deactivate => return Some(grain),
+        Turn::Deactivate => return (Some(grain), 0),
     };
     ctx.set_chain(chain);
     let outcome = InChain {
@@ -385,14 +419,15 @@ async fn turn<G: Grain>(
     }
     .await;
     match outcome {
-        Ok(()) => Some(grain),
+        Ok(()) => (Some(grain), 1),
         Err(_) => {
             tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+            stats.failed(FailureReason::Panicked);
             drop(grain);
             // The old object's timers go with it; the new one registers its
             // own in `on_activate`.
             ctx.cancel_timers();
-            activate::<G>(key, ctx).await
+            (activate::<G>(key, ctx, stats).await, 1)
         }
     }
 }
@@ -401,14 +436,19 @@ async fn turn<G: Grain>(
 /// a shared borrow of the grain. The first write in the queue stops the
 /// batch and runs after it. A panicking read fails only its own call: it
 /// could not change the grain.
-async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut GrainContext) {
+async fn read_batch<G: Grain>(
+    grain: &G,
+    first: (u64, ReadTurn<G>),
+    ctx: &mut GrainContext,
+    stats: &TypeStats,
+) -> u64 {
     let mut reads = vec![first];
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         let open = exclusive(&mut mailbox);
         while reads.len() < MAX_READ_BATCH {
             match open.try_next() {
                 // Rule 11: a read whose sender gave up is dropped.
-                Some(envelope) if envelope.expired() => {}
+                Some(envelope) if envelope.expired() => stats.failed(FailureReason::Expired),
                 Some(Envelope {
                     chain,
                     turn: Turn::Read(read),
@@ -424,6 +464,7 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
         ctx.put_mailbox(mailbox);
     }
     let ctx: &GrainContext = ctx;
+    let ran = reads.len() as u64;
     let running = reads.into_iter().map(|(chain, read)| InChain {
         chain,
         future: AssertUnwindSafe(read(grain, ctx)).catch_unwind(),
@@ -435,5 +476,9 @@ async fn read_batch<G: Grain>(grain: &G, first: (u64, ReadTurn<G>), ctx: &mut Gr
         .count();
     if panicked > 0 {
         tracing::warn!(grain = %ctx.id(), panicked, "read-only handlers panicked");
+        for _ in 0..panicked {
+            stats.failed(FailureReason::Panicked);
+        }
     }
+    ran
 }

@@ -119,6 +119,8 @@ pub struct SiloBuilder {
     config: SiloConfig,
     /// Per registered type, wakes its activations (for `shutdown`).
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Per grain type, its statistics now (`stats.rs`).
+    type_stats: Vec<Box<dyn Fn() -> super::stats::GrainTypeStats + Send + Sync>>,
     /// Grain types and messages by name, for dispatch from the network.
     registry: crate::dispatch::Registry,
     /// A message name registered twice for one grain type, reported by
@@ -154,6 +156,7 @@ impl SiloBuilder {
             storage: Arc::new(MemoryStorage::new()),
             config: SiloConfig::default(),
             wake_activations: Vec::new(),
+            type_stats: Vec::new(),
             registry: crate::dispatch::Registry::default(),
             duplicate_message: None,
         }
@@ -273,6 +276,7 @@ impl SiloBuilder {
             workers,
             stateless,
             leased: DashMap::new(),
+            stats: super::stats::TypeStats::default(),
         });
         if stateless {
             self.registry.stateless.insert(name.to_string());
@@ -287,6 +291,8 @@ impl SiloBuilder {
         self.registry
             .activity
             .insert(name.to_string(), crate::dispatch::activity::<G>());
+        let counted = registered.clone();
+        self.type_stats.push(Box::new(move || counted.stats_now()));
         let directory = registered.clone();
         self.wake_activations.push(Box::new(move || {
             for slots in directory.directory.iter() {
@@ -499,6 +505,7 @@ impl SiloBuilder {
                 shutting_down: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
                 wake_activations: self.wake_activations,
+                type_stats: self.type_stats,
                 registry: self.registry,
                 activations: AtomicU64::new(0),
                 live: AtomicU64::new(0),

@@ -125,6 +125,14 @@ impl GrainContext {
         }
         let mut answer = std::pin::pin!(answer);
         let capacity = self.silo().inner.config.mailbox_capacity;
+        // The lent grain's type, for its statistics (`stats.rs`): messages
+        // run and failures here count as they do in a turn of their own.
+        let counted = self.silo().grain_type::<G>().ok();
+        let count = |record: &dyn Fn(&super::stats::TypeStats)| {
+            if let Some(grain_type) = &counted {
+                record(&grain_type.stats);
+            }
+        };
         loop {
             // Outside an activation of `G` there is nothing to lend. The
             // guard puts the mailbox back even if this future is dropped
@@ -186,7 +194,9 @@ impl GrainContext {
                 }
                 // Rule 11: a sender from another silo gave up before this
                 // reentrant turn could start.
-                Event::Message(Some(envelope)) if envelope.expired() => {}
+                Event::Message(Some(envelope)) if envelope.expired() => {
+                    count(&|stats| stats.failed(super::stats::FailureReason::Expired));
+                }
                 // Rule 13: every home was given up while this turn waited;
                 // a message of its chain is dropped unrun, as the queued
                 // ones are.
@@ -195,15 +205,25 @@ impl GrainContext {
                         .inner
                         .dropped_with_homes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    count(&|stats| stats.failed(super::stats::FailureReason::DroppedWithHome));
                     drop(envelope);
                 }
                 // A reentrant turn on the lent grain.
                 Event::Message(Some(envelope)) => {
                     match envelope.turn {
-                        Turn::Write(write) => write(this, self).await,
+                        Turn::Write(write) => {
+                            write(this, self).await;
+                            count(&|stats| stats.add_messages(1));
+                        }
                         // A panicking read fails only its own call (rule 10).
                         Turn::Read(read) => {
-                            let _ = AssertUnwindSafe(read(this, self)).catch_unwind().await;
+                            let read = AssertUnwindSafe(read(this, self)).catch_unwind().await;
+                            count(&|stats| {
+                                stats.add_messages(1);
+                                if read.is_err() {
+                                    stats.failed(super::stats::FailureReason::Panicked);
+                                }
+                            });
                         }
                         // Set aside above: it waits for the turn.
                         Turn::Deactivate => {}

@@ -100,6 +100,7 @@ mod context;
 mod envelope;
 mod reference;
 mod registry;
+pub(crate) mod stats;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -114,6 +115,7 @@ pub use builder::{Registration, SiloBuilder, SiloConfig};
 pub use context::Timer;
 pub(crate) use envelope::{current_chain, deadline_after, fresh_chain, random_start as random_u64};
 pub use reference::GrainRef;
+pub use stats::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS, TurnHistogram};
 
 use crate::grain::{Grain, Service, service_key};
 use crate::key::GrainId;
@@ -134,6 +136,8 @@ pub(crate) struct SiloInner {
     stopped: AtomicBool,
     /// Per grain type, wakes every activation (to see `shutting_down`).
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
+    /// Per grain type, its statistics now (`stats.rs`).
+    type_stats: Vec<Box<dyn Fn() -> stats::GrainTypeStats + Send + Sync>>,
     /// Grain types and messages by name.
     registry: crate::dispatch::Registry,
     activations: AtomicU64,
@@ -351,6 +355,13 @@ impl Silo {
     /// Activations started since the silo was built.
     pub fn activations_started(&self) -> u64 {
         self.inner.activations.load(Ordering::Relaxed)
+    }
+
+    /// Each registered grain type's statistics now, in registration order:
+    /// messages run, failures by reason, activations started, ended and
+    /// alive, messages queued, and sampled turn times (`stats.rs`).
+    pub fn grain_type_stats(&self) -> Vec<GrainTypeStats> {
+        self.inner.type_stats.iter().map(|stats| stats()).collect()
     }
 
     /// Activations alive now.

@@ -228,10 +228,15 @@ impl<G: Grain> GrainRef<G> {
         match tokio::time::timeout_at(deadline.get(), answer).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(self.dropped(grain_type, given_up)),
-            Err(_) => Err(CallError::Timeout {
-                grain: self.id(grain_type),
-                after: deadline.timeout(),
-            }),
+            Err(_) => {
+                grain_type
+                    .stats
+                    .failed(super::stats::FailureReason::Timeout);
+                Err(CallError::Timeout {
+                    grain: self.id(grain_type),
+                    after: deadline.timeout(),
+                })
+            }
         }
     }
 

@@ -45,6 +45,27 @@ pub(super) struct GrainType<G> {
     /// since a reference delivers on it only while the lease holds and the
     /// mailbox is open).
     pub(super) leased: DashMap<GrainKey, Arc<super::reference::RefCache<G>>>,
+    /// What operators' metrics read (`stats.rs`).
+    pub(super) stats: super::stats::TypeStats,
+}
+
+impl<G> GrainType<G> {
+    /// The type's statistics now (`stats.rs` rules 1 and 5): its counters,
+    /// and what its directory holds.
+    pub(super) fn stats_now(&self) -> super::stats::GrainTypeStats {
+        let mut live = 0u64;
+        let mut queued = 0u64;
+        for slots in self.directory.iter() {
+            for slot in slots.iter() {
+                if let Some(Entry::Active(sender)) = slot {
+                    live += 1;
+                    queued += sender.max_capacity().saturating_sub(sender.capacity()) as u64;
+                }
+            }
+        }
+        self.stats
+            .snapshot(&self.name, self.stateless, live, queued)
+    }
 }
 
 /// What a message for a key should do (rules 2 and 9).
@@ -212,6 +233,7 @@ impl Silo {
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         self.inner.live.fetch_add(1, Ordering::Relaxed);
+        grain_type.stats.activation_started();
         // Rule 13: read when the activation is made (under the directory's
         // lock, before any message is queued for it), not when its task
         // first runs: a give-up in between stops it.

@@ -14,6 +14,7 @@ pub use granary_gpu as gpu;
 pub use granary_kernels as kernels;
 pub use granary_ring as ring;
 
+pub mod admin;
 pub mod cluster_demo;
 pub mod demo;
 pub mod node_file;

@@ -98,6 +98,41 @@ pub struct NodeFile {
     /// `etcd` build feature); `gossip` and `seeds` are then not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdFile>,
+    /// The admin endpoint: Prometheus metrics and health probes over HTTP
+    /// (`crate::admin`); none unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminFile>,
+}
+
+/// Where a node serves its admin endpoint (`crate::admin`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// The address (`127.0.0.1:9100`); one that is not loopback needs a
+    /// token.
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminFile")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl AdminFile {
+    /// The endpoint's configuration.
+    pub fn config(&self) -> crate::admin::AdminConfig {
+        crate::admin::AdminConfig {
+            listen: self.listen,
+            token: self.token.clone(),
+        }
+    }
 }
 
 /// Where a node keeps grain state.
@@ -433,6 +468,12 @@ async fn start_with_etcd(
 /// serving by itself: that ends the run with an error (a restart rejoins
 /// as a new incarnation).
 pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), NodeRunError> {
+    // Installed before the node starts, so that what the bridge records
+    // from its first request on reaches `/metrics`.
+    let recorder = file
+        .admin
+        .as_ref()
+        .and_then(|_| crate::admin::install_recorder());
     let node = start_node(&file, grains).await?;
     println!(
         "granary node: {} in cluster {:?}, gossip on {}",
@@ -440,6 +481,23 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         file.cluster,
         file.gossip
     );
+    let admin = match &file.admin {
+        Some(admin) => {
+            let sources = crate::admin::AdminSources::of_node(&node).with_recorder(recorder);
+            let started = crate::admin::Admin::start(&admin.config(), sources).await;
+            match started {
+                Ok(admin) => {
+                    println!("granary node: admin endpoint on http://{}", admin.address());
+                    Some(admin)
+                }
+                Err(err) => {
+                    let _ = node.leave().await;
+                    return Err(NodeRunError(format!("admin: {err}")));
+                }
+            }
+        }
+        None => None,
+    };
     let stopped = async {
         while !node.is_stopped() {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -457,7 +515,12 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
             ));
         }
     }
-    node.leave()
+    let left = node
+        .leave()
         .await
-        .map_err(|err| NodeRunError(err.to_string()))
+        .map_err(|err| NodeRunError(err.to_string()));
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
+    left
 }

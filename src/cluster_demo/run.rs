@@ -128,6 +128,7 @@ pub async fn run_cluster_demo(
                 none: false,
             },
             etcd: etcd.clone(),
+            admin: None,
         };
         let path = dir.join(format!("node-{n}.toml"));
         let text = file.to_toml()?;
@@ -162,6 +163,7 @@ pub async fn run_cluster_demo(
             ..DevicesFile::default()
         },
         etcd: etcd.clone(),
+        admin: None,
     };
     let node = start_node(&me, &DemoGrains::default()).await?;
     // Wait for every silo, with its devices.

@@ -118,7 +118,7 @@ pub use reference::GrainRef;
 pub use stats::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS, TurnHistogram};
 
 use crate::grain::{Grain, Service, service_key};
-use crate::key::GrainId;
+use crate::key::{GrainId, GrainKey};
 use crate::mailbox;
 use crate::storage::StorageProvider;
 
@@ -362,6 +362,16 @@ impl Silo {
     /// alive, messages queued, and sampled turn times (`stats.rs`).
     pub fn grain_type_stats(&self) -> Vec<GrainTypeStats> {
         self.inner.type_stats.iter().map(|stats| stats()).collect()
+    }
+
+    /// Whether the silo's storage answers: one read of a reserved grain
+    /// (`$health`/0, never written), as a readiness probe uses it.
+    pub async fn storage_reachable(&self) -> Result<(), crate::storage::StorageError> {
+        let probe = GrainId {
+            type_name: "$health".to_string(),
+            key: GrainKey::U64(0),
+        };
+        self.inner.storage.read(&probe).await.map(|_| ())
     }
 
     /// Activations alive now.

@@ -329,6 +329,12 @@ impl ClusterNode {
             .count()
     }
 
+    /// Directory entries this silo owns now (rule 1; none under etcd,
+    /// which keeps them all).
+    pub fn directory_entries(&self) -> usize {
+        self.inner.partition.len()
+    }
+
     /// Homes this silo has given up since it started because their
     /// activations ended (rule 6).
     pub fn homes_given_up(&self) -> u64 {

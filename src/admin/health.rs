@@ -1,0 +1,168 @@
+//! The health probes (admin rule 4): each runs its checks, answers 200 if
+//! every one passed and 503 otherwise, with a JSON body naming each check,
+//! whether it passed, and why not.
+//!
+//! 1. **live**: the process's runtime answers (the handler ran). A node
+//!    that stopped serving for good (it left, was killed, lost its etcd
+//!    lease or could not come back after a stall) is not live either: it
+//!    must be restarted.
+//! 2. **startup**: the node has joined its cluster (it is in its own view)
+//!    or, with no cluster, the silo is built.
+//! 3. **ready**: started, not fenced after a stall, and its storage
+//!    answers a read within the probe timeout.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::{AdminSources, PROBE_TIMEOUT, Shared};
+
+/// Which probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Probe {
+    /// `/health/live` (rule 1).
+    Live,
+    /// `/health/startup` (rule 2).
+    Startup,
+    /// `/health/ready` (rule 3).
+    Ready,
+}
+
+/// One check of a probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// A probe's answer: its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeReport {
+    /// Which probe.
+    pub probe: Probe,
+    /// `"pass"` or `"fail"`.
+    pub status: &'static str,
+    /// Every check, in order.
+    pub checks: Vec<Check>,
+}
+
+impl ProbeReport {
+    fn of(probe: Probe, checks: Vec<Check>) -> ProbeReport {
+        let passed = checks.iter().all(|check| check.ok);
+        ProbeReport {
+            probe,
+            status: if passed { "pass" } else { "fail" },
+            checks,
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.status == "pass"
+    }
+}
+
+impl IntoResponse for ProbeReport {
+    fn into_response(self) -> Response {
+        let status = if self.passed() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, Json(self)).into_response()
+    }
+}
+
+/// Rule 1.
+fn serving(sources: &AdminSources) -> Check {
+    match &sources.node {
+        Some(node) if node.is_stopped() => Check {
+            name: "serving",
+            ok: false,
+            detail: "the node stopped serving for good (it left, was killed, lost its etcd \
+                     lease or could not come back after a stall): restart it"
+                .into(),
+        },
+        _ => Check {
+            name: "serving",
+            ok: true,
+            detail: "the runtime answers".into(),
+        },
+    }
+}
+
+/// Rule 2.
+fn joined(sources: &AdminSources) -> Check {
+    match &sources.node {
+        Some(node) => {
+            let me = node.id();
+            let members = node.members();
+            let ok = members.iter().any(|member| member.silo == me);
+            Check {
+                name: "joined",
+                ok,
+                detail: if ok {
+                    format!("{me} is in its view of {} silo(s)", members.len())
+                } else {
+                    format!("{me} is not in its own view yet")
+                },
+            }
+        }
+        None => Check {
+            name: "joined",
+            ok: true,
+            detail: "a lone silo: nothing to join".into(),
+        },
+    }
+}
+
+pub(super) async fn live(State(shared): State<Shared>) -> ProbeReport {
+    ProbeReport::of(Probe::Live, vec![serving(&shared.sources)])
+}
+
+pub(super) async fn startup(State(shared): State<Shared>) -> ProbeReport {
+    ProbeReport::of(Probe::Startup, vec![joined(&shared.sources)])
+}
+
+pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
+    let sources = &shared.sources;
+    let mut checks = vec![serving(sources), joined(sources)];
+    if let Some(node) = &sources.node {
+        let fenced = node.is_fenced();
+        checks.push(Check {
+            name: "not_fenced",
+            ok: !fenced,
+            detail: if fenced {
+                "fenced after a stall: giving every home up and coming back as a new incarnation"
+                    .into()
+            } else {
+                "serving its homes".into()
+            },
+        });
+    }
+    let storage = tokio::time::timeout(PROBE_TIMEOUT, sources.silo.storage_reachable()).await;
+    checks.push(match storage {
+        Ok(Ok(())) => Check {
+            name: "storage",
+            ok: true,
+            detail: "answered a read".into(),
+        },
+        Ok(Err(err)) => Check {
+            name: "storage",
+            ok: false,
+            detail: err.to_string(),
+        },
+        Err(_) => Check {
+            name: "storage",
+            ok: false,
+            detail: format!("no answer within {PROBE_TIMEOUT:?}"),
+        },
+    });
+    ProbeReport::of(Probe::Ready, checks)
+}

@@ -1,0 +1,387 @@
+//! `/metrics` (admin rule 3): the Prometheus text exposition of a node.
+//!
+//! 1. **Families.** Each family is written once, with `# HELP` and
+//!    `# TYPE`, then its samples: per grain type (from
+//!    `Silo::grain_type_stats`), the silo, per device (from the bridge's
+//!    broker), the cluster (from the node), then the `metrics` recorder's
+//!    own output as it renders it.
+//! 2. **Labels** are escaped as the format asks (backslash, quote,
+//!    newline); a grain type's name or a device's is a label value, a
+//!    grain key never is.
+//! 3. **Histograms** are cumulative: each `le` bucket counts every sample
+//!    at or below its bound, `+Inf` counts them all and equals `_count`.
+
+use std::fmt::Write;
+
+use granary_actors::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS};
+
+use super::AdminSources;
+
+/// The exposition of `sources` (rule 1).
+pub(super) fn render(sources: &AdminSources) -> String {
+    let mut out = Exposition::default();
+    grain_types(&mut out, &sources.silo.grain_type_stats());
+    out.family(
+        "granary_silo_activations",
+        "gauge",
+        "Activations alive on this silo.",
+    );
+    out.sample(
+        "granary_silo_activations",
+        &[],
+        sources.silo.live_activations() as f64,
+    );
+    out.family(
+        "granary_silo_dropped_with_homes_total",
+        "counter",
+        "Messages dropped unrun when the silo gave its homes up after a stall.",
+    );
+    out.sample(
+        "granary_silo_dropped_with_homes_total",
+        &[],
+        sources.silo.dropped_with_homes() as f64,
+    );
+    if let Some(bridge) = &sources.bridge {
+        devices(&mut out, bridge);
+    }
+    if let Some(node) = &sources.node {
+        cluster(&mut out, node);
+    }
+    let mut text = out.text;
+    if let Some(recorder) = &sources.recorder {
+        text.push_str(&recorder.render());
+    }
+    text
+}
+
+/// Per grain type families (rule 1).
+fn grain_types(out: &mut Exposition, stats: &[GrainTypeStats]) {
+    let per_type = |out: &mut Exposition,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    value: &dyn Fn(&GrainTypeStats) -> u64| {
+        out.family(name, kind, help);
+        for stats in stats {
+            out.sample(
+                name,
+                &[("grain_type", &stats.grain_type)],
+                value(stats) as f64,
+            );
+        }
+    };
+    per_type(
+        out,
+        "granary_grain_messages_total",
+        "counter",
+        "Messages run by activations of the grain type (calls, tells, reads, timer and reminder ticks).",
+        &|stats| stats.messages,
+    );
+    out.family(
+        "granary_grain_failures_total",
+        "counter",
+        "Messages of the grain type that failed, by reason.",
+    );
+    for stats in stats {
+        for (reason, count) in &stats.failures {
+            out.sample(
+                "granary_grain_failures_total",
+                &[
+                    ("grain_type", &stats.grain_type),
+                    ("reason", reason_label(*reason)),
+                ],
+                *count as f64,
+            );
+        }
+    }
+    per_type(
+        out,
+        "granary_grain_activations",
+        "gauge",
+        "Activations of the grain type alive now.",
+        &|stats| stats.live_activations,
+    );
+    per_type(
+        out,
+        "granary_grain_activations_started_total",
+        "counter",
+        "Activations of the grain type started.",
+        &|stats| stats.activations_started,
+    );
+    per_type(
+        out,
+        "granary_grain_activations_ended_total",
+        "counter",
+        "Activations of the grain type ended.",
+        &|stats| stats.activations_ended,
+    );
+    per_type(
+        out,
+        "granary_grain_mailbox_depth",
+        "gauge",
+        "Messages queued in the grain type's mailboxes now.",
+        &|stats| stats.mailbox_depth,
+    );
+    let name = "granary_grain_turn_seconds";
+    out.family(
+        name,
+        "histogram",
+        "Time of a grain type's turns, sampled (one turn in 16 per activation).",
+    );
+    for stats in stats {
+        let histogram = &stats.turn_seconds;
+        let mut cumulative = 0u64;
+        for (bound, count) in TURN_SECONDS_BOUNDS.iter().zip(&histogram.buckets) {
+            cumulative += count;
+            out.sample(
+                &format!("{name}_bucket"),
+                &[
+                    ("grain_type", &stats.grain_type),
+                    ("le", &format!("{bound}")),
+                ],
+                cumulative as f64,
+            );
+        }
+        out.sample(
+            &format!("{name}_bucket"),
+            &[("grain_type", &stats.grain_type), ("le", "+Inf")],
+            histogram.count as f64,
+        );
+        out.sample(
+            &format!("{name}_sum"),
+            &[("grain_type", &stats.grain_type)],
+            histogram.sum_seconds,
+        );
+        out.sample(
+            &format!("{name}_count"),
+            &[("grain_type", &stats.grain_type)],
+            histogram.count as f64,
+        );
+    }
+}
+
+fn reason_label(reason: FailureReason) -> &'static str {
+    reason.as_str()
+}
+
+/// Per device families (rule 1).
+fn devices(out: &mut Exposition, bridge: &granary_gpu::GpuBridge) {
+    let devices = bridge.devices();
+    let labels = |id: &granary_gpu::DeviceId, info: &granary_kernels::DeviceInfo| {
+        [
+            ("device", id.0.to_string()),
+            ("backend", format!("{:?}", info.backend)),
+            ("name", info.name.clone()),
+        ]
+    };
+    type Value = fn(&granary_kernels::DeviceInfo, &granary_gpu::DeviceStats) -> f64;
+    let families: [(&str, &str, &str, Value); 7] = [
+        (
+            "granary_device_memory_total_bytes",
+            "gauge",
+            "The device's memory in all.",
+            |info, _| info.total_memory as f64,
+        ),
+        (
+            "granary_device_memory_reserved_bytes",
+            "gauge",
+            "Device memory reserved for grains and requests now.",
+            |_, stats| stats.reserved as f64,
+        ),
+        (
+            "granary_device_memory_free_bytes",
+            "gauge",
+            "Device memory that can still be reserved.",
+            |_, stats| stats.available as f64,
+        ),
+        (
+            "granary_device_queue_depth",
+            "gauge",
+            "Requests started on the device and not finished.",
+            |_, stats| stats.queue_depth as f64,
+        ),
+        (
+            "granary_device_requests_total",
+            "counter",
+            "Requests the device finished successfully.",
+            |_, stats| stats.processed as f64,
+        ),
+        (
+            "granary_device_request_failures_total",
+            "counter",
+            "Requests that failed on the device or were dropped unfinished.",
+            |_, stats| stats.failed as f64,
+        ),
+        (
+            "granary_device_compute_units",
+            "gauge",
+            "The device's compute units (SMs, OpenCL compute units, cores).",
+            |info, _| f64::from(info.compute_units),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        for (id, info, stats) in &devices {
+            let labels = labels(id, info);
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(key, value)| (*key, value.as_str()))
+                .collect();
+            out.sample(name, &labels, value(info, stats));
+        }
+    }
+}
+
+/// Cluster families (rule 1).
+fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
+    let gauges: [(&str, &str, &str, f64); 6] = [
+        (
+            "granary_cluster_members",
+            "gauge",
+            "Silos in this node's view of the cluster, itself included.",
+            node.members().len() as f64,
+        ),
+        (
+            "granary_cluster_homes",
+            "gauge",
+            "Grains this silo is home to now.",
+            node.homes() as f64,
+        ),
+        (
+            "granary_cluster_directory_entries",
+            "gauge",
+            "Directory entries this silo owns now.",
+            node.directory_entries() as f64,
+        ),
+        (
+            "granary_cluster_homes_given_up_total",
+            "counter",
+            "Homes this silo gave up because their activations ended.",
+            node.homes_given_up() as f64,
+        ),
+        (
+            "granary_cluster_fences_total",
+            "counter",
+            "Times this silo fenced itself after a stall.",
+            node.fences() as f64,
+        ),
+        (
+            "granary_cluster_fenced",
+            "gauge",
+            "1 while the silo is fenced after a stall.",
+            if node.is_fenced() { 1.0 } else { 0.0 },
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        out.family(name, kind, help);
+        out.sample(name, &[], value);
+    }
+}
+
+/// The text being written (rules 1 and 2).
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (n, (key, value)) in labels.iter().enumerate() {
+                if n > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{key}=\"");
+                escape(&mut self.text, value);
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+}
+
+/// Rule 2: a label value as the text format writes it.
+fn escape(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = Exposition::default();
+        out.sample("x_total", &[("grain_type", "a\"b\\c\nd")], 3.0);
+        assert_eq!(out.text, "x_total{grain_type=\"a\\\"b\\\\c\\nd\"} 3\n");
+    }
+
+    #[test]
+    fn turn_histograms_are_cumulative() {
+        let stats = GrainTypeStats {
+            grain_type: "t".into(),
+            stateless: false,
+            messages: 5,
+            failures: vec![],
+            activations_started: 1,
+            activations_ended: 0,
+            live_activations: 1,
+            mailbox_depth: 0,
+            turn_seconds: granary_actors::TurnHistogram {
+                buckets: {
+                    let mut buckets = vec![0; TURN_SECONDS_BOUNDS.len() + 1];
+                    buckets[0] = 2;
+                    buckets[3] = 1;
+                    buckets[TURN_SECONDS_BOUNDS.len()] = 1;
+                    buckets
+                },
+                count: 4,
+                sum_seconds: 2.5,
+            },
+        };
+        let mut out = Exposition::default();
+        grain_types(&mut out, &[stats]);
+        let text = out.text;
+        assert!(
+            text.contains(
+                "granary_grain_turn_seconds_bucket{grain_type=\"t\",le=\"0.000001\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_grain_turn_seconds_bucket{grain_type=\"t\",le=\"0.00005\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_grain_turn_seconds_bucket{grain_type=\"t\",le=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_grain_turn_seconds_bucket{grain_type=\"t\",le=\"+Inf\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_grain_turn_seconds_count{grain_type=\"t\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("granary_grain_messages_total{grain_type=\"t\"} 5\n"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! A node's admin endpoint: Prometheus metrics and health probes over HTTP
+//! (`granary node` serves it when its file has `[admin]`).
+//!
+//! # Rules
+//!
+//! 1. **Binding.** The endpoint listens on loopback unless configured
+//!    otherwise; an address that is not loopback needs a bearer token in
+//!    the configuration, or the endpoint does not start
+//!    ([`AdminError::TokenRequired`]).
+//! 2. **Tokens.** With a token set, every request must carry
+//!    `Authorization: Bearer <token>`; any other request is answered 401
+//!    with an empty body and `WWW-Authenticate: Bearer`, whatever its path,
+//!    so it learns nothing (not even which paths exist). The token is
+//!    compared in constant time.
+//! 3. **`GET /metrics`** is the Prometheus text exposition
+//!    (`metrics.rs`): per grain type, per device, the cluster, then
+//!    whatever the process recorded through the `metrics` facade (the GPU
+//!    bridge's own series) when the Prometheus recorder is installed
+//!    ([`install_recorder`]). Names take the `granary_` prefix, base units
+//!    and `_total` on counters; no label carries a grain key.
+//! 4. **Probes** (`health.rs`) answer 200 when they pass and 503 when they
+//!    do not, each with a JSON body listing every check and why it failed:
+//!    `/health/live` (the process's runtime answers), `/health/startup`
+//!    (the node has joined) and `/health/ready` (joined, serving, storage
+//!    answering within [`PROBE_TIMEOUT`]).
+//! 5. **Scope.** Every answer is built from what the node knows now; a
+//!    scrape or probe never blocks a grain's turn, and a probe that
+//!    waits on storage gives up after [`PROBE_TIMEOUT`].
+
+mod health;
+mod metrics;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use granary_actors::Silo;
+use granary_cluster::ClusterNode;
+use granary_gpu::GpuBridge;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use health::{Check, Probe, ProbeReport};
+
+/// The longest a probe waits for a dependency (rule 5).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the admin endpoint listens, and the token it asks for (rules 1
+/// and 2).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The address to listen on (loopback unless a token is set).
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry, if any.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Why the admin endpoint did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// An address that is not loopback, with no token (rule 1).
+    TokenRequired {
+        /// The address asked for.
+        listen: SocketAddr,
+    },
+    /// A token that is empty, or holds characters a header cannot carry.
+    BadToken,
+    /// The address could not be bound.
+    Bind {
+        /// The address asked for.
+        listen: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl fmt::Display for AdminError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminError::TokenRequired { listen } => write!(
+                f,
+                "the admin endpoint on {listen} is not on loopback: set a bearer token \
+                 (`token` under `[admin]`) or listen on 127.0.0.1"
+            ),
+            AdminError::BadToken => f.write_str(
+                "the admin token must be non-empty visible ASCII (it travels in a header)",
+            ),
+            AdminError::Bind { listen, reason } => {
+                write!(f, "the admin endpoint cannot listen on {listen}: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+/// What the endpoint reports on: the silo, and the node, bridge and
+/// metrics recorder where there are any.
+#[derive(Clone)]
+pub struct AdminSources {
+    /// The node's silo (grain types, storage).
+    pub silo: Silo,
+    /// The cluster node, if the silo is in one.
+    pub node: Option<ClusterNode>,
+    /// The silo's GPU bridge, if it serves one.
+    pub bridge: Option<Arc<GpuBridge>>,
+    /// The Prometheus recorder's handle, if installed ([`install_recorder`]).
+    pub recorder: Option<PrometheusHandle>,
+}
+
+impl AdminSources {
+    /// The sources of `node`: its silo, the silo's bridge, and the node.
+    pub fn of_node(node: &ClusterNode) -> AdminSources {
+        let silo = node.silo().clone();
+        AdminSources {
+            bridge: silo.service::<GpuBridge>(),
+            silo,
+            node: Some(node.clone()),
+            recorder: None,
+        }
+    }
+
+    /// With the recorder's handle (rule 3).
+    pub fn with_recorder(mut self, recorder: Option<PrometheusHandle>) -> AdminSources {
+        self.recorder = recorder;
+        self
+    }
+}
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder,
+/// so that what the GPU bridge records reaches `/metrics` (rule 3); `None`
+/// (with a warning) if another recorder is installed already.
+pub fn install_recorder() -> Option<PrometheusHandle> {
+    match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(err) => {
+            tracing::warn!(error = %err, "the Prometheus recorder is not installed; /metrics shows Granary's own series only");
+            None
+        }
+    }
+}
+
+/// State shared by the endpoint's handlers.
+#[derive(Clone)]
+struct Shared {
+    sources: AdminSources,
+    /// `Bearer <token>`, if a token is set (rule 2).
+    expected: Option<Arc<[u8]>>,
+}
+
+/// A running admin endpoint; stopped when dropped or [`Admin::stop`]ped.
+pub struct Admin {
+    address: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// Starts the endpoint on `config.listen` for `sources` (rules 1 to 4).
+    pub async fn start(config: &AdminConfig, sources: AdminSources) -> Result<Admin, AdminError> {
+        let expected = match &config.token {
+            Some(token) => {
+                if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+                    return Err(AdminError::BadToken);
+                }
+                Some(Arc::from(format!("Bearer {token}").into_bytes()))
+            }
+            None if !config.listen.ip().is_loopback() => {
+                return Err(AdminError::TokenRequired {
+                    listen: config.listen,
+                });
+            }
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|err| AdminError::Bind {
+                listen: config.listen,
+                reason: err.to_string(),
+            })?;
+        let address = listener.local_addr().map_err(|err| AdminError::Bind {
+            listen: config.listen,
+            reason: err.to_string(),
+        })?;
+        let shared = Shared { sources, expected };
+        let app = Router::new()
+            .route("/metrics", get(serve_metrics))
+            .route("/health/live", get(health::live))
+            .route("/health/startup", get(health::startup))
+            .route("/health/ready", get(health::ready))
+            .layer(middleware::from_fn_with_state(shared.clone(), authorize))
+            .with_state(shared);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "the admin endpoint stopped");
+            }
+        });
+        Ok(Admin {
+            address,
+            stop: Some(stop),
+            serving,
+        })
+    }
+
+    /// Where it listens (the port the system chose, for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Stops serving: requests in progress finish, new ones are refused.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let serving = std::mem::replace(&mut self.serving, tokio::spawn(async {}));
+        let _ = serving.await;
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Rule 2: no token, or the right one; anything else is 401 and nothing
+/// more.
+async fn authorize(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &shared.expected {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        if !constant_time_eq(given, expected) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their
+/// lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
+/// Rule 3.
+async fn serve_metrics(State(shared): State<Shared>) -> Response {
+    let text = metrics::render(&shared.sources);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer abd", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer ab", b"Bearer abc"));
+        assert!(!constant_time_eq(b"", b"Bearer abc"));
+    }
+}

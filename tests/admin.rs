@@ -1,0 +1,239 @@
+//! `granary::admin`: a node's metrics and health probes over HTTP, and the
+//! bearer token (admin rules 1 to 4), against a node started from a file
+//! on loopback, with the CPU backend's devices.
+
+use std::time::{Duration, Instant};
+
+use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, SiloBuilder};
+use granary::admin::{Admin, AdminConfig, AdminError, AdminSources};
+use granary::node_file::{NodeDevices, NodeFile, start_node};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Hosted as "tally".
+#[derive(GrainType)]
+#[grain(crate = granary::actors, name = "tally", messages(Bump))]
+struct Tally(u64);
+impl Grain for Tally {
+    fn new(_: &GrainKey) -> Tally {
+        Tally(0)
+    }
+}
+
+#[derive(Message, Serialize, Deserialize)]
+#[message(crate = granary::actors, name = "bump", reply = u64)]
+struct Bump;
+impl Handler<Bump> for Tally {
+    async fn handle(&mut self, _: Bump, _: &mut GrainContext) -> u64 {
+        self.0 += 1;
+        self.0
+    }
+}
+
+fn tallies(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
+    silo.host::<Tally>()
+}
+
+fn node_file() -> NodeFile {
+    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .expect("a free port");
+    NodeFile::from_toml(&format!(
+        "cluster = \"admin-test\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\n\
+         gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n\
+         devices = {{ memory_mib = 16 }}\n\
+         admin = {{ listen = \"127.0.0.1:0\", token = \"s3cret-token\" }}\n"
+    ))
+    .expect("a valid file")
+}
+
+/// One HTTP/1.1 GET: the status code, the headers, the body.
+async fn get(
+    address: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connected");
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("written");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("an answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status");
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of the sample `line` starts with, in `metrics`.
+fn sample(metrics: &str, line: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|found| found.strip_prefix(line)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_probes_are_served_to_the_token_only() {
+    let file = node_file();
+    let node = start_node(&file, &tallies).await.expect("the node starts");
+    let admin_file = file.admin.as_ref().expect("an admin section");
+    let admin = Admin::start(&admin_file.config(), AdminSources::of_node(&node))
+        .await
+        .expect("the endpoint starts");
+    let address = admin.address();
+    let token = Some("s3cret-token");
+
+    // Rule 2: without the token, or with another, 401 and nothing else,
+    // whatever the path.
+    for (path, token) in [
+        ("/metrics", None),
+        ("/health/ready", Some("wrong")),
+        ("/no/such/path", None),
+    ] {
+        let (status, head, body) = get(address, path, token).await;
+        assert_eq!(status, 401, "{path}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{head}"
+        );
+        assert!(body.is_empty(), "{path}: {body:?}");
+    }
+
+    // Calls, then the scrape shows them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for key in 0..4u64 {
+        loop {
+            match node.grain::<Tally>(key).call(Bump).await {
+                Ok(_) => break,
+                Err(err) if Instant::now() > deadline => panic!("the call failed: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        for _ in 0..9 {
+            node.grain::<Tally>(key).call(Bump).await.expect("a call");
+        }
+    }
+    let (status, head, metrics) = get(address, "/metrics", token).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "granary_grain_messages_total{grain_type=\"tally\"}"
+        ),
+        Some(40.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "granary_grain_activations{grain_type=\"tally\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "granary_grain_turn_seconds_bucket{grain_type=\"tally\",le=\"+Inf\"}"
+        ),
+        Some(4.0),
+        "the first turn of each activation is timed"
+    );
+    assert_eq!(sample(&metrics, "granary_cluster_members"), Some(1.0));
+    assert_eq!(sample(&metrics, "granary_cluster_homes"), Some(4.0));
+    assert_eq!(sample(&metrics, "granary_cluster_fenced"), Some(0.0));
+    let total = metrics
+        .lines()
+        .find(|line| line.starts_with("granary_device_memory_total_bytes{"))
+        .expect("a device");
+    assert!(total.contains("backend=\"Cpu\""), "{total}");
+    for family in [
+        "granary_grain_failures_total",
+        "granary_grain_mailbox_depth",
+        "granary_grain_activations_started_total",
+        "granary_device_memory_free_bytes",
+        "granary_device_memory_reserved_bytes",
+        "granary_device_queue_depth",
+        "granary_cluster_directory_entries",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+    }
+    // No grain key is a label.
+    assert!(!metrics.contains("key="), "{metrics}");
+
+    // Rule 4: every probe passes, with a JSON body naming its checks.
+    for probe in ["live", "startup", "ready"] {
+        let (status, _, body) = get(address, &format!("/health/{probe}"), token).await;
+        assert_eq!(status, 200, "{probe}: {body}");
+        let report: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(report["probe"], probe);
+        assert_eq!(report["status"], "pass");
+        assert!(
+            report["checks"]
+                .as_array()
+                .is_some_and(|checks| !checks.is_empty())
+        );
+    }
+    let (_, _, ready) = get(address, "/health/ready", token).await;
+    assert!(ready.contains("\"storage\""), "{ready}");
+
+    // A node that stopped for good is neither live nor ready.
+    node.kill().await.expect("killed");
+    for probe in ["live", "ready"] {
+        let (status, _, body) = get(address, &format!("/health/{probe}"), token).await;
+        assert_eq!(status, 503, "{probe}: {body}");
+        assert!(body.contains("\"fail\""), "{body}");
+    }
+    admin.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "stopped: nothing listens"
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_off_loopback_needs_a_token() {
+    let silo = granary::actors::Silo::builder().build().expect("a silo");
+    let sources = AdminSources {
+        silo,
+        node: None,
+        bridge: None,
+        recorder: None,
+    };
+    let open = AdminConfig {
+        listen: "0.0.0.0:0".parse().expect("an address"),
+        token: None,
+    };
+    assert!(matches!(
+        Admin::start(&open, sources.clone()).await,
+        Err(AdminError::TokenRequired { .. })
+    ));
+    let blank = AdminConfig {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        token: Some("has space".into()),
+    };
+    assert!(matches!(
+        Admin::start(&blank, sources.clone()).await,
+        Err(AdminError::BadToken)
+    ));
+    // On loopback with no token: served, and a lone silo is ready.
+    let local = AdminConfig {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        token: None,
+    };
+    let admin = Admin::start(&local, sources).await.expect("starts");
+    let (status, _, body) = get(admin.address(), "/health/ready", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = get(admin.address(), "/nothing", None).await;
+    assert_eq!(status, 404);
+    admin.stop().await;
+}

@@ -102,6 +102,10 @@ pub struct NodeFile {
     /// (`crate::admin`); none unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminFile>,
+    /// How long a node asked to stop (SIGTERM, SIGINT) may take to drain,
+    /// in seconds (default 30): past it, the run ends with an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_grace_secs: Option<u64>,
 }
 
 /// Where a node serves its admin endpoint (`crate::admin`).
@@ -463,11 +467,16 @@ async fn start_with_etcd(
     ))
 }
 
-/// Runs the node `file` describes, hosting `grains`, until Ctrl-C, then
-/// leaves gracefully. Under etcd, a node that loses its lease stops
-/// serving by itself: that ends the run with an error (a restart rejoins
-/// as a new incarnation).
+/// How long a node drains by default before it gives up (seconds).
+pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 30;
+
+/// Runs the node `file` describes, hosting `grains`, until SIGTERM or
+/// SIGINT (Ctrl-C), then drains ([`drain`]) within the file's
+/// `drain_grace_secs`; a second signal ends the run at once, with an error.
+/// Under etcd, a node that loses its lease stops serving by itself: that
+/// ends the run with an error (a restart rejoins as a new incarnation).
 pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), NodeRunError> {
+    let mut signals = Signals::new()?;
     // Installed before the node starts, so that what the bridge records
     // from its first request on reaches `/metrics`.
     let recorder = file
@@ -475,19 +484,24 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         .as_ref()
         .and_then(|_| crate::admin::install_recorder());
     let node = start_node(&file, grains).await?;
-    println!(
+    say(format_args!(
         "granary node: {} in cluster {:?}, gossip on {}",
         node.id(),
         file.cluster,
         file.gossip
-    );
+    ));
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = match &file.admin {
         Some(admin) => {
-            let sources = crate::admin::AdminSources::of_node(&node).with_recorder(recorder);
+            let mut sources = crate::admin::AdminSources::of_node(&node).with_recorder(recorder);
+            sources.draining = draining.clone();
             let started = crate::admin::Admin::start(&admin.config(), sources).await;
             match started {
                 Ok(admin) => {
-                    println!("granary node: admin endpoint on http://{}", admin.address());
+                    say(format_args!(
+                        "granary node: admin endpoint on http://{}",
+                        admin.address()
+                    ));
                     Some(admin)
                 }
                 Err(err) => {
@@ -504,8 +518,8 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         }
     };
     tokio::select! {
-        interrupted = tokio::signal::ctrl_c() => {
-            interrupted.map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))?;
+        signal = signals.next() => {
+            signal?;
         }
         () = stopped => {
             return Err(NodeRunError(
@@ -515,12 +529,86 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
             ));
         }
     }
-    let left = node
-        .leave()
-        .await
-        .map_err(|err| NodeRunError(err.to_string()));
+    let grace = Duration::from_secs(file.drain_grace_secs.unwrap_or(DEFAULT_DRAIN_GRACE_SECS));
+    say(format_args!(
+        "granary node: draining, at most {grace:?} (a second signal ends it now)"
+    ));
+    draining.store(true, std::sync::atomic::Ordering::Release);
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(grace, drain(&node)) => match drained {
+            Ok(drained) => drained,
+            Err(_) => Err(NodeRunError(format!("the drain did not finish within {grace:?}"))),
+        },
+        _ = signals.next() => Err(NodeRunError("a second signal: stopped without draining".into())),
+    };
     if let Some(admin) = admin {
         admin.stop().await;
     }
-    left
+    if drained.is_ok() {
+        say(format_args!("granary node: drained"));
+    }
+    drained
+}
+
+/// Drains `node`, in order: it leaves the cluster (peers stop sending it
+/// calls at once, and calls that reach it are refused with a typed error
+/// the caller retries elsewhere), lets every activation finish the
+/// messages it had taken and write its state as it deactivates, shuts the
+/// silo down, then drains the GPU bridge's kernels (every request they
+/// took is answered).
+pub async fn drain(node: &ClusterNode) -> Result<(), NodeRunError> {
+    let left = node.leave().await;
+    node.silo().shutdown().await;
+    if let Some(bridge) = node.silo().service::<GpuBridge>() {
+        bridge.shutdown(granary_kernels::StopMode::Drain).await;
+    }
+    left.map_err(|err| NodeRunError(format!("leaving the cluster: {err}")))
+}
+
+/// A line on standard output; a closed or full output (a supervisor that
+/// stopped reading) is not a reason to stop serving.
+fn say(line: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// SIGTERM and SIGINT, as one stream.
+struct Signals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, NodeRunError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind| {
+                signal(kind).map_err(|err| NodeRunError(format!("listening for signals: {err}")))
+            };
+            Ok(Signals {
+                terminate: listen(SignalKind::terminate())?,
+                interrupt: listen(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) -> Result<(), NodeRunError> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => Ok(()),
+                _ = self.interrupt.recv() => Ok(()),
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|err| NodeRunError(format!("waiting for Ctrl-C: {err}")))
+    }
 }

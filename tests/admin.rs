@@ -8,7 +8,6 @@ use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message
 use granary::admin::{Admin, AdminConfig, AdminError, AdminSources};
 use granary::node_file::{NodeDevices, NodeFile, start_node};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Hosted as "tally".
 #[derive(GrainType)]
@@ -47,30 +46,17 @@ fn node_file() -> NodeFile {
     .expect("a valid file")
 }
 
-/// One HTTP/1.1 GET: the status code, the headers, the body.
+mod support;
+
+/// One GET that must be answered.
 async fn get(
     address: std::net::SocketAddr,
     path: &str,
     token: Option<&str>,
 ) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
+    support::get(address, path, token)
         .await
-        .expect("connected");
-    let authorization = token
-        .map(|token| format!("Authorization: Bearer {token}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("written");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.expect("an answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status");
-    (status, head.to_string(), body.to_string())
+        .unwrap_or_else(|| panic!("no answer from {address}{path}"))
 }
 
 /// The value of the sample `line` starts with, in `metrics`.
@@ -203,12 +189,7 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
 #[tokio::test]
 async fn an_endpoint_off_loopback_needs_a_token() {
     let silo = granary::actors::Silo::builder().build().expect("a silo");
-    let sources = AdminSources {
-        silo,
-        node: None,
-        bridge: None,
-        recorder: None,
-    };
+    let sources = AdminSources::of_silo(&silo);
     let open = AdminConfig {
         listen: "0.0.0.0:0".parse().expect("an address"),
         token: None,
@@ -230,10 +211,18 @@ async fn an_endpoint_off_loopback_needs_a_token() {
         listen: "127.0.0.1:0".parse().expect("an address"),
         token: None,
     };
+    let sources_draining = sources.draining.clone();
     let admin = Admin::start(&local, sources).await.expect("starts");
     let (status, _, body) = get(admin.address(), "/health/ready", None).await;
     assert_eq!(status, 200, "{body}");
     let (status, _, _) = get(admin.address(), "/nothing", None).await;
     assert_eq!(status, 404);
+    // Draining: not ready from the first moment, still live.
+    sources_draining.store(true, std::sync::atomic::Ordering::Release);
+    let (status, _, body) = get(admin.address(), "/health/ready", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not_draining"), "{body}");
+    let (status, _, _) = get(admin.address(), "/health/live", None).await;
+    assert_eq!(status, 200);
     admin.stop().await;
 }

@@ -8,8 +8,9 @@
 //!    must be restarted.
 //! 2. **startup**: the node has joined its cluster (it is in its own view)
 //!    or, with no cluster, the silo is built.
-//! 3. **ready**: started, not fenced after a stall, and its storage
-//!    answers a read within the probe timeout.
+//! 3. **ready**: started, not draining (a node asked to stop is unready
+//!    from the first moment, before it leaves), not fenced after a stall,
+//!    and its storage answers a read within the probe timeout.
 
 use axum::Json;
 use axum::extract::State;
@@ -132,7 +133,20 @@ pub(super) async fn startup(State(shared): State<Shared>) -> ProbeReport {
 
 pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
     let sources = &shared.sources;
-    let mut checks = vec![serving(sources), joined(sources)];
+    let draining = sources.draining.load(std::sync::atomic::Ordering::Acquire);
+    let mut checks = vec![
+        serving(sources),
+        joined(sources),
+        Check {
+            name: "not_draining",
+            ok: !draining,
+            detail: if draining {
+                "draining: leaving the cluster, finishing calls and writing state".into()
+            } else {
+                "taking traffic".into()
+            },
+        },
+    ];
     if let Some(node) = &sources.node {
         let fenced = node.is_fenced();
         checks.push(Check {

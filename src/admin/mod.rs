@@ -122,17 +122,28 @@ pub struct AdminSources {
     pub bridge: Option<Arc<GpuBridge>>,
     /// The Prometheus recorder's handle, if installed ([`install_recorder`]).
     pub recorder: Option<PrometheusHandle>,
+    /// Set when the node begins to drain: from then on it is not ready
+    /// (health rule 3), so that traffic moves away before it leaves.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminSources {
     /// The sources of `node`: its silo, the silo's bridge, and the node.
     pub fn of_node(node: &ClusterNode) -> AdminSources {
-        let silo = node.silo().clone();
+        AdminSources {
+            node: Some(node.clone()),
+            ..AdminSources::of_silo(node.silo())
+        }
+    }
+
+    /// The sources of a lone `silo` (no cluster): the silo and its bridge.
+    pub fn of_silo(silo: &Silo) -> AdminSources {
         AdminSources {
             bridge: silo.service::<GpuBridge>(),
-            silo,
-            node: Some(node.clone()),
+            silo: silo.clone(),
+            node: None,
             recorder: None,
+            draining: Arc::default(),
         }
     }
 

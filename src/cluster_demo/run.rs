@@ -129,6 +129,7 @@ pub async fn run_cluster_demo(
             },
             etcd: etcd.clone(),
             admin: None,
+            drain_grace_secs: None,
         };
         let path = dir.join(format!("node-{n}.toml"));
         let text = file.to_toml()?;
@@ -164,6 +165,7 @@ pub async fn run_cluster_demo(
         },
         etcd: etcd.clone(),
         admin: None,
+        drain_grace_secs: None,
     };
     let node = start_node(&me, &DemoGrains::default()).await?;
     // Wait for every silo, with its devices.

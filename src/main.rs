@@ -74,6 +74,17 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// Print the cluster as a node's admin endpoint sees it: every silo,
+    /// its activations, grain types and devices.
+    Status {
+        /// The node's admin endpoint (`http://127.0.0.1:9100`).
+        #[arg(long)]
+        admin: String,
+        /// The endpoint's bearer token, if it asks for one (default: the
+        /// `GRANARY_ADMIN_TOKEN` environment variable).
+        #[arg(long, env = "GRANARY_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Drive the request ring alone under load and print throughput and
     /// latency.
     RingDemo {
@@ -137,6 +148,21 @@ fn main() -> ExitCode {
                 println!("  {device}");
             }
             ExitCode::SUCCESS
+        }
+        Command::Status { admin, token } => {
+            let Some(runtime) = runtime("granary status") else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(granary::admin::fetch_cluster(&admin, token.as_deref())) {
+                Ok(view) => {
+                    print!("{}", granary::admin::table(&view));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("granary status: {err}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Node { config } => {
             let file = match NodeFile::load(&config) {

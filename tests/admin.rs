@@ -172,6 +172,46 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
     let (_, _, ready) = get(address, "/health/ready", token).await;
     assert!(ready.contains("\"storage\""), "{ready}");
 
+    // The cluster view, as JSON and as `granary status` prints it.
+    let url = format!("http://{address}");
+    let view = granary::admin::fetch_cluster(&url, token)
+        .await
+        .expect("the view");
+    assert_eq!(view.silos.len(), 1);
+    assert!(view.silos[0].this);
+    assert_eq!(view.silo, Some(node.id().to_string()));
+    assert_eq!(view.silos[0].grain_types, ["tally"]);
+    assert_eq!(
+        granary::admin::fetch_cluster(&url, Some("wrong")).await,
+        Err(granary::admin::StatusError::Unauthorized)
+    );
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["status", "--admin", &url])
+        .env("GRANARY_ADMIN_TOKEN", "s3cret-token")
+        .output()
+        .await
+        .expect("granary status runs");
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{printed}");
+    assert!(printed.starts_with("SILO"), "{printed}");
+    assert!(
+        printed.contains(&format!("{} (this)", node.id().address)),
+        "{printed}"
+    );
+    assert!(printed.contains("1 silo(s), seen from"), "{printed}");
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["status", "--admin", &url])
+        .env_remove("GRANARY_ADMIN_TOKEN")
+        .output()
+        .await
+        .expect("granary status runs");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--token"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
     // A node that stopped for good is neither live nor ready.
     node.kill().await.expect("killed");
     for probe in ["live", "ready"] {

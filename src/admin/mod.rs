@@ -26,7 +26,11 @@
 //! 5. **Scope.** Every answer is built from what the node knows now; a
 //!    scrape or probe never blocks a grain's turn, and a probe that
 //!    waits on storage gives up after [`PROBE_TIMEOUT`].
+//! 6. **`GET /cluster`** (`cluster.rs`) is the whole cluster as this node
+//!    sees it, as JSON ([`ClusterView`]): what `granary status` prints.
 
+mod client;
+mod cluster;
 mod health;
 mod metrics;
 
@@ -46,6 +50,8 @@ use granary_cluster::ClusterNode;
 use granary_gpu::GpuBridge;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+pub use client::{StatusError, fetch_cluster, table};
+pub use cluster::{ClusterView, SiloView};
 pub use health::{Check, Probe, ProbeReport};
 
 /// The longest a probe waits for a dependency (rule 5).
@@ -223,6 +229,7 @@ impl Admin {
             .route("/health/live", get(health::live))
             .route("/health/startup", get(health::startup))
             .route("/health/ready", get(health::ready))
+            .route("/cluster", get(serve_cluster))
             .layer(middleware::from_fn_with_state(shared.clone(), authorize))
             .with_state(shared);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -293,6 +300,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
+/// Rule 6.
+async fn serve_cluster(State(shared): State<Shared>) -> axum::Json<ClusterView> {
+    axum::Json(cluster::view(&shared.sources))
 }
 
 /// Rule 3.

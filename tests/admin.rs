@@ -93,6 +93,15 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
         );
         assert!(body.is_empty(), "{path}: {body:?}");
     }
+    // Nor does another method tell which methods a path takes.
+    for path in ["/metrics", "/nope"] {
+        let (status, head, body) = support::request(address, "POST", path, None)
+            .await
+            .expect("an answer");
+        assert_eq!(status, 401, "POST {path}");
+        assert!(!head.to_ascii_lowercase().contains("allow:"), "{head}");
+        assert!(body.is_empty());
+    }
 
     // Calls, then the scrape shows them.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -50,14 +50,38 @@ impl Handler<Boom> for Tally {
     }
 }
 
-/// Holds the turn until notified.
-struct Hold(Arc<Notify>);
+/// Says its turn started, then holds it until released.
+struct Hold {
+    started: Arc<Notify>,
+    release: Arc<Notify>,
+}
 impl Message for Hold {
     type Reply = ();
 }
 impl Handler<Hold> for Tally {
-    async fn handle(&mut self, Hold(release): Hold, _: &mut GrainContext) {
-        release.notified().await;
+    async fn handle(&mut self, hold: Hold, _: &mut GrainContext) {
+        hold.started.notify_one();
+        hold.release.notified().await;
+    }
+}
+
+/// A grain that cannot be activated.
+struct Broken;
+impl Grain for Broken {
+    fn new(_: &GrainKey) -> Broken {
+        Broken
+    }
+
+    async fn on_activate(
+        &mut self,
+        _: &mut GrainContext,
+    ) -> Result<(), granary_actors::ActivationError> {
+        Err(granary_actors::ActivationError("no".into()))
+    }
+}
+impl Handler<Add> for Broken {
+    async fn handle(&mut self, _: Add, _: &mut GrainContext) -> u64 {
+        0
     }
 }
 
@@ -78,6 +102,7 @@ fn silo(call_timeout: Duration) -> Silo {
     Silo::builder()
         .register::<Tally>("tally")
         .register::<Other>("other")
+        .register::<Broken>("broken")
         .config(SiloConfig {
             call_timeout,
             ..SiloConfig::default()
@@ -119,7 +144,7 @@ async fn until(silo: &Silo, name: &str, ok: impl Fn(&GrainTypeStats) -> bool) ->
 async fn messages_activations_and_turn_times_are_counted_per_type() {
     let silo = silo(Duration::from_secs(30));
     let before = silo.grain_type_stats();
-    assert_eq!(before.len(), 2);
+    assert_eq!(before.len(), 3);
     assert_eq!(of(&before, "tally").messages, 0);
     for key in 0..3u64 {
         for _ in 0..100 {
@@ -165,13 +190,34 @@ async fn failures_are_counted_by_reason_and_queued_messages_are_seen() {
     })
     .await;
 
-    // A turn held while tells queue behind it, and a call that times out.
-    let release = Arc::new(Notify::new());
+    // A grain that cannot be activated: each message it drops is counted.
+    for _ in 0..2 {
+        let refused = silo.grain::<Broken>(1u64).call(Add).await;
+        assert!(
+            matches!(refused, Err(CallError::TurnFailed { .. })),
+            "{refused:?}"
+        );
+    }
+    until(&silo, "broken", |stats| {
+        failures(stats, FailureReason::ActivationFailed) == 2
+    })
+    .await;
+
+    // A turn held while tells queue behind it (sent once it holds, so
+    // they wait in the mailbox, not taken), and a call that times out.
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let held = silo.grain::<Tally>(2u64);
-    held.tell(Hold(release.clone())).await.unwrap();
+    held.tell(Hold {
+        started: started.clone(),
+        release: release.clone(),
+    })
+    .await
+    .unwrap();
+    started.notified().await;
     for _ in 0..5 {
         held.tell(Add).await.unwrap();
     }
+    assert_eq!(of(&silo.grain_type_stats(), "tally").mailbox_depth, 5);
     let queued = until(&silo, "tally", |stats| stats.mailbox_depth >= 5).await;
     assert!(queued.mailbox_depth >= 5, "{queued:?}");
     let late = held.call(Add).await;

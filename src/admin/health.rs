@@ -160,7 +160,7 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
             },
         });
     }
-    let storage = tokio::time::timeout(PROBE_TIMEOUT, sources.silo.storage_reachable()).await;
+    let storage = tokio::time::timeout(PROBE_TIMEOUT, storage(&shared)).await;
     checks.push(match storage {
         Ok(Ok(())) => Check {
             name: "storage",
@@ -170,7 +170,7 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
         Ok(Err(err)) => Check {
             name: "storage",
             ok: false,
-            detail: err.to_string(),
+            detail: err,
         },
         Err(_) => Check {
             name: "storage",
@@ -179,4 +179,30 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
         },
     });
     ProbeReport::of(Probe::Ready, checks)
+}
+
+/// Whether the storage answers (admin rule 5): one read at a time, its
+/// answer kept for `PROBE_CACHE`. A probe that gives up waiting leaves the
+/// read running; the next probe waits for it rather than starting another.
+async fn storage(shared: &Shared) -> Result<(), String> {
+    let mut last = shared.storage_probe.clone().lock_owned().await;
+    if let Some((at, answer)) = last.as_ref() {
+        if at.elapsed() < super::PROBE_CACHE {
+            return answer.clone();
+        }
+    }
+    let silo = shared.sources.silo.clone();
+    // The read runs in a task of its own, holding the lock: a probe that
+    // stops waiting does not cancel it, and the next probe waits for it.
+    let reading = tokio::spawn(async move {
+        let answer = silo
+            .storage_reachable()
+            .await
+            .map_err(|err| err.to_string());
+        *last = Some((std::time::Instant::now(), answer.clone()));
+        answer
+    });
+    reading
+        .await
+        .unwrap_or_else(|err| Err(format!("the storage probe failed: {err}")))
 }

@@ -24,7 +24,7 @@ pub(super) fn render(sources: &AdminSources) -> String {
     out.family(
         "granary_silo_activations",
         "gauge",
-        "Activations alive on this silo.",
+        "Activation tasks alive on this silo: starting, taking messages or deactivating.",
     );
     out.sample(
         "granary_silo_activations",
@@ -98,7 +98,7 @@ fn grain_types(out: &mut Exposition, stats: &[GrainTypeStats]) {
         out,
         "granary_grain_activations",
         "gauge",
-        "Activations of the grain type alive now.",
+        "Activations of the grain type taking messages now (not those deactivating).",
         &|stats| stats.live_activations,
     );
     per_type(
@@ -119,14 +119,14 @@ fn grain_types(out: &mut Exposition, stats: &[GrainTypeStats]) {
         out,
         "granary_grain_mailbox_depth",
         "gauge",
-        "Messages queued in the grain type's mailboxes now.",
+        "Messages waiting in the grain type's mailboxes, not yet taken by their activation.",
         &|stats| stats.mailbox_depth,
     );
     let name = "granary_grain_turn_seconds";
     out.family(
         name,
         "histogram",
-        "Time of a grain type's turns, sampled (one turn in 16 per activation).",
+        "Time of a grain type's turns, sampled (one turn in 16 per activation; a batch of reads is one turn).",
     );
     for stats in stats {
         let histogram = &stats.turn_seconds;
@@ -167,9 +167,10 @@ fn reason_label(reason: FailureReason) -> &'static str {
 /// Per device families (rule 1).
 fn devices(out: &mut Exposition, bridge: &granary_gpu::GpuBridge) {
     let devices = bridge.devices();
-    let labels = |id: &granary_gpu::DeviceId, info: &granary_kernels::DeviceInfo| {
+    let labels = |info: &granary_kernels::DeviceInfo| {
         [
-            ("device", id.0.to_string()),
+            // The backend's own index, as the bridge's series label it.
+            ("device", info.index.to_string()),
             ("backend", format!("{:?}", info.backend)),
             ("name", info.name.clone()),
         ]
@@ -221,8 +222,8 @@ fn devices(out: &mut Exposition, bridge: &granary_gpu::GpuBridge) {
     ];
     for (name, kind, help, value) in families {
         out.family(name, kind, help);
-        for (id, info, stats) in &devices {
-            let labels = labels(id, info);
+        for (_, info, stats) in &devices {
+            let labels = labels(info);
             let labels: Vec<(&str, &str)> = labels
                 .iter()
                 .map(|(key, value)| (*key, value.as_str()))

@@ -23,9 +23,14 @@
 //!    `/health/live` (the process's runtime answers), `/health/startup`
 //!    (the node has joined) and `/health/ready` (joined, serving, storage
 //!    answering within [`PROBE_TIMEOUT`]).
-//! 5. **Scope.** Every answer is built from what the node knows now; a
-//!    scrape or probe never blocks a grain's turn, and a probe that
-//!    waits on storage gives up after [`PROBE_TIMEOUT`].
+//! 5. **Scope.** Every answer is built from what the node knows now: a
+//!    scrape reads counters and walks the directory maps (holding each
+//!    shard's read lock briefly, never waiting on a grain's turn). One
+//!    storage read at a time serves the ready probes, its answer kept for
+//!    [`PROBE_CACHE`], and a probe stops waiting for it after
+//!    [`PROBE_TIMEOUT`]. Ready depends on the storage: a shared database
+//!    that stops answering makes every node unready at once, as it makes
+//!    every node unable to activate grains.
 //! 6. **`GET /cluster`** (`cluster.rs`) is the whole cluster as this node
 //!    sees it, as JSON ([`ClusterView`]): what `granary status` prints.
 
@@ -56,6 +61,13 @@ pub use health::{Check, Probe, ProbeReport};
 
 /// The longest a probe waits for a dependency (rule 5).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a storage probe's answer serves later probes (rule 5).
+pub const PROBE_CACHE: Duration = Duration::from_secs(1);
+
+/// How often the Prometheus recorder's histograms are folded (its crate
+/// asks for it, else samples pile up between scrapes).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Where the admin endpoint listens, and the token it asks for (rules 1
 /// and 2).
@@ -164,7 +176,22 @@ impl AdminSources {
 /// so that what the GPU bridge records reaches `/metrics` (rule 3); `None`
 /// (with a warning) if another recorder is installed already.
 pub fn install_recorder() -> Option<PrometheusHandle> {
-    match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+    // Histograms as histograms (not summaries), so they add up across
+    // nodes: the bridge's request latency, in seconds.
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Full("granary_gpu_request_seconds".into()),
+        &[
+            1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 1.0,
+        ],
+    );
+    let builder = match builder {
+        Ok(builder) => builder,
+        Err(err) => {
+            tracing::warn!(error = %err, "the Prometheus recorder is not installed");
+            return None;
+        }
+    };
+    match builder.install_recorder() {
         Ok(handle) => Some(handle),
         Err(err) => {
             tracing::warn!(error = %err, "the Prometheus recorder is not installed; /metrics shows Granary's own series only");
@@ -179,13 +206,21 @@ struct Shared {
     sources: AdminSources,
     /// `Bearer <token>`, if a token is set (rule 2).
     expected: Option<Arc<[u8]>>,
+    /// The last storage probe's answer, and when (rule 5); held while a
+    /// probe reads, so one read runs at a time.
+    storage_probe: Arc<tokio::sync::Mutex<Option<StorageProbe>>>,
 }
+
+/// A storage probe's answer, and when it was read (rule 5).
+type StorageProbe = (std::time::Instant, Result<(), String>);
 
 /// A running admin endpoint; stopped when dropped or [`Admin::stop`]ped.
 pub struct Admin {
     address: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    serving: tokio::task::JoinHandle<()>,
+    serving: Option<tokio::task::JoinHandle<()>>,
+    /// Folds the recorder's histograms (`UPKEEP_EVERY`), if there is one.
+    upkeep: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl fmt::Debug for Admin {
@@ -223,15 +258,32 @@ impl Admin {
             listen: config.listen,
             reason: err.to_string(),
         })?;
-        let shared = Shared { sources, expected };
-        let app = Router::new()
+        let upkeep = sources.recorder.clone().map(|recorder| {
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(UPKEEP_EVERY);
+                loop {
+                    ticks.tick().await;
+                    recorder.run_upkeep();
+                }
+            })
+        });
+        let shared = Shared {
+            sources,
+            expected,
+            storage_probe: Arc::default(),
+        };
+        let routes = Router::new()
             .route("/metrics", get(serve_metrics))
             .route("/health/live", get(health::live))
             .route("/health/startup", get(health::startup))
             .route("/health/ready", get(health::ready))
             .route("/cluster", get(serve_cluster))
-            .layer(middleware::from_fn_with_state(shared.clone(), authorize))
-            .with_state(shared);
+            .with_state(shared.clone());
+        // Rule 2: the token is checked before routing, so a refused
+        // request learns nothing of the routes (not even their methods).
+        let app = Router::new()
+            .fallback_service(routes)
+            .layer(middleware::from_fn_with_state(shared, authorize));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(async move {
             let served = axum::serve(listener, app)
@@ -246,7 +298,8 @@ impl Admin {
         Ok(Admin {
             address,
             stop: Some(stop),
-            serving,
+            serving: Some(serving),
+            upkeep,
         })
     }
 
@@ -260,8 +313,9 @@ impl Admin {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let serving = std::mem::replace(&mut self.serving, tokio::spawn(async {}));
-        let _ = serving.await;
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.await;
+        }
     }
 }
 
@@ -269,6 +323,9 @@ impl Drop for Admin {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(upkeep) = self.upkeep.take() {
+            upkeep.abort();
         }
     }
 }

@@ -10,12 +10,23 @@ pub async fn get(
     path: &str,
     token: Option<&str>,
 ) -> Option<(u16, String, String)> {
+    request(address, "GET", path, token).await
+}
+
+/// One HTTP/1.1 request with `method` and no body, as [`get`].
+pub async fn request(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     let authorization = token
         .map(|token| format!("Authorization: Bearer {token}\r\n"))
         .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Connection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.ok()?;

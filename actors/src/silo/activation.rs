@@ -138,7 +138,7 @@ pub(super) async fn run_activation<G: Grain>(
     let mut grain = if silo.inner.stopped.load(Ordering::Acquire) || abandoned(&silo) {
         None
     } else {
-        activate::<G>(&key, &mut ctx, &grain_type.stats).await
+        activate::<G>(&key, &mut ctx).await
     };
     // Messages run, added to the type's count now and then; one turn in so
     // many timed (`stats.rs` rules 2 and 3).
@@ -244,7 +244,9 @@ pub(super) async fn run_activation<G: Grain>(
                     let timed = counts.sample_next().then(std::time::Instant::now);
                     let ran;
                     (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
-                    if let Some(started) = timed {
+                    // A turn that ran nothing (an expired message) is no
+                    // sample.
+                    if let Some(started) = timed.filter(|_| ran > 0) {
                         grain_type.stats.record_turn(started.elapsed());
                     }
                     counts.ran(ran, &grain_type.stats);
@@ -305,10 +307,19 @@ pub(super) async fn run_activation<G: Grain>(
                 (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
                 counts.ran(ran, &grain_type.stats);
             }
-            // Failed activation: dropping the envelope fails its call.
-            None => drop(envelope),
+            // Failed activation: dropping the envelope fails its call,
+            // counted per message.
+            None => {
+                if !matches!(envelope.turn, Turn::Deactivate) {
+                    grain_type.stats.failed(FailureReason::ActivationFailed);
+                }
+                drop(envelope);
+            }
         }
     }
+    // What the drain ran is counted before `on_deactivate` (which may
+    // take long).
+    counts.flush(&grain_type.stats);
     let end = if grain.is_some() {
         ActivationEnd::Deactivated
     } else {
@@ -353,16 +364,11 @@ pub(super) async fn run_activation<G: Grain>(
     }
 }
 
-/// A new object for `key`, activated; `None` if `on_activate` failed
-/// (counted in `stats`).
-async fn activate<G: Grain>(
-    key: &GrainKey,
-    ctx: &mut GrainContext,
-    stats: &TypeStats,
-) -> Option<G> {
+/// A new object for `key`, activated; `None` if `on_activate` failed (the
+/// messages it then drops are counted, one by one).
+async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
     let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) else {
         tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
-        stats.failed(FailureReason::ActivationFailed);
         return None;
     };
     match AssertUnwindSafe(grain.on_activate(ctx))
@@ -372,12 +378,10 @@ async fn activate<G: Grain>(
         Ok(Ok(())) => Some(grain),
         Ok(Err(err)) => {
             tracing::warn!(grain = %ctx.id(), error = %err, "activation failed");
-            stats.failed(FailureReason::ActivationFailed);
             None
         }
         Err(_) => {
             tracing::warn!(grain = %ctx.id(), "on_activate panicked");
-            stats.failed(FailureReason::ActivationFailed);
             None
         }
     }
@@ -427,7 +431,7 @@ async fn turn<G: Grain>(
             // The old object's timers go with it; the new one registers its
             // own in `on_activate`.
             ctx.cancel_timers();
-            (activate::<G>(key, ctx, stats).await, 1)
+            (activate::<G>(key, ctx).await, 1)
         }
     }
 }

@@ -75,9 +75,10 @@ impl GrainContext {
                 let delivered = router.dispatch(Box::new(outbound)).await?;
                 routed_reply(delivered, reply, codec, Kind::Call, &answer_grain)
             };
-            return self
+            let answered = self
                 .lend_until(this, chain, answer, deadline, grain, timeout)
                 .await;
+            return counted_timeout(grain_type, answered);
         }
         let deadline = deadline_after(timeout);
         let (reply, answer) = oneshot::channel();
@@ -100,8 +101,10 @@ impl GrainContext {
                 .await
                 .map_err(|_| CallError::TurnFailed { grain: failed })
         };
-        self.lend_until(this, chain, answer, deadline, grain, timeout)
-            .await
+        let answered = self
+            .lend_until(this, chain, answer, deadline, grain, timeout)
+            .await;
+        counted_timeout(grain_type, answered)
     }
 
     /// Waits for `answer` until `deadline`, lending `this` to the messages
@@ -127,9 +130,10 @@ impl GrainContext {
         let capacity = self.silo().inner.config.mailbox_capacity;
         // The lent grain's type, for its statistics (`stats.rs`): messages
         // run and failures here count as they do in a turn of their own.
-        let counted = self.silo().grain_type::<G>().ok();
+        // Looked up only when something is counted.
+        let silo = self.silo().clone();
         let count = |record: &dyn Fn(&super::stats::TypeStats)| {
-            if let Some(grain_type) = &counted {
+            if let Ok(grain_type) = silo.grain_type::<G>() {
                 record(&grain_type.stats);
             }
         };
@@ -234,6 +238,20 @@ impl GrainContext {
             }
         }
     }
+}
+
+/// `answered`, with a timeout counted against the callee's type
+/// (`stats.rs` rule 4).
+fn counted_timeout<T, R>(
+    grain_type: &super::registry::GrainType<T>,
+    answered: Result<R, CallError>,
+) -> Result<R, CallError> {
+    if matches!(answered, Err(CallError::Timeout { .. })) {
+        grain_type
+            .stats
+            .failed(super::stats::FailureReason::Timeout);
+    }
+    answered
 }
 
 /// A timer registered with [`GrainContext::register_timer`]; it stops when

@@ -159,7 +159,7 @@ impl<G: Grain> GrainRef<G> {
             self.deliver(grain_type, envelope, &mut deadline).await?;
             answer
         };
-        self.reply(grain_type, answer, &mut deadline, given_up)
+        self.reply(grain_type, answer, &mut deadline, given_up, true)
             .await
     }
 
@@ -200,8 +200,14 @@ impl<G: Grain> GrainRef<G> {
         };
         let given_up = self.silo.homes_given_up();
         self.deliver(grain_type, envelope, &mut deadline).await?;
-        self.reply(grain_type, answer, &mut deadline, given_up)
-            .await
+        self.reply(
+            grain_type,
+            answer,
+            &mut deadline,
+            given_up,
+            expires.is_none(),
+        )
+        .await
     }
 
     /// Waits for the answer to a delivered call, until `deadline`.
@@ -214,6 +220,7 @@ impl<G: Grain> GrainRef<G> {
         mut answer: oneshot::Receiver<R>,
         deadline: &mut Deadline,
         given_up: u64,
+        counted: bool,
     ) -> Result<R, CallError> {
         // Fast path: give the activation a chance to run first, and take the
         // answer without arming a timer if it is already there.
@@ -228,15 +235,14 @@ impl<G: Grain> GrainRef<G> {
         match tokio::time::timeout_at(deadline.get(), answer).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(self.dropped(grain_type, given_up)),
-            Err(_) => {
-                grain_type
-                    .stats
-                    .failed(super::stats::FailureReason::Timeout);
-                Err(CallError::Timeout {
-                    grain: self.id(grain_type),
-                    after: deadline.timeout(),
-                })
-            }
+            // A message whose deadline travels with it (a remote sender's,
+            // rule 11) is counted as expired by the activation instead,
+            // once: not here too.
+            Err(_) if counted => Err(grain_type.timed_out(&self.key, deadline.timeout())),
+            Err(_) => Err(CallError::Timeout {
+                grain: self.id(grain_type),
+                after: deadline.timeout(),
+            }),
         }
     }
 
@@ -405,7 +411,7 @@ impl<G: Grain> GrainRef<G> {
         given_up: u64,
     ) -> Result<R, CallError> {
         let grain_type = self.registered()?;
-        self.reply(grain_type, answer, &mut deadline, given_up)
+        self.reply(grain_type, answer, &mut deadline, given_up, true)
             .await
     }
 
@@ -465,9 +471,12 @@ impl<G: Grain> GrainRef<G> {
         let timeout = self.silo.inner.config.call_timeout;
         let delivered = tokio::time::timeout_at(deadline, router.dispatch(Box::new(outbound)))
             .await
-            .map_err(|_| CallError::Timeout {
-                grain: grain.clone(),
-                after: timeout,
+            .map_err(|_| match self.registered() {
+                Ok(grain_type) => grain_type.timed_out(&self.key, timeout),
+                Err(_) => CallError::Timeout {
+                    grain: grain.clone(),
+                    after: timeout,
+                },
             })??;
         routed_reply(delivered, reply, codec, kind, &grain)
     }
@@ -621,10 +630,8 @@ impl<G: Grain> GrainRef<G> {
                             // The activation is deactivating or died: give
                             // it a moment, and respect the deadline.
                             if Instant::now() >= deadline.get() {
-                                return Err(CallError::Timeout {
-                                    grain: self.id(grain_type),
-                                    after: self.silo.inner.config.call_timeout,
-                                });
+                                return Err(grain_type
+                                    .timed_out(&self.key, self.silo.inner.config.call_timeout));
                             }
                             tokio::task::yield_now().await;
                             envelope = returned;
@@ -643,10 +650,9 @@ impl<G: Grain> GrainRef<G> {
                 // loop finds the next activation (rule 5).
                 Err(SendError::Closed(returned)) => envelope = returned,
                 Err(SendError::Timeout) => {
-                    return Err(CallError::Timeout {
-                        grain: self.id(grain_type),
-                        after: self.silo.inner.config.call_timeout,
-                    });
+                    return Err(
+                        grain_type.timed_out(&self.key, self.silo.inner.config.call_timeout)
+                    );
                 }
             }
         }

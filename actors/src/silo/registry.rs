@@ -50,6 +50,19 @@ pub(super) struct GrainType<G> {
 }
 
 impl<G> GrainType<G> {
+    /// A call to `key` that waited `after` in vain: counted (`stats.rs`
+    /// rule 4) and returned as the caller's error.
+    pub(super) fn timed_out(&self, key: &GrainKey, after: std::time::Duration) -> CallError {
+        self.stats.failed(super::stats::FailureReason::Timeout);
+        CallError::Timeout {
+            grain: GrainId {
+                type_name: self.name.clone(),
+                key: key.clone(),
+            },
+            after,
+        }
+    }
+
     /// The type's statistics now (`stats.rs` rules 1 and 5): its counters,
     /// and what its directory holds.
     pub(super) fn stats_now(&self) -> super::stats::GrainTypeStats {
@@ -180,13 +193,7 @@ impl Silo {
                 _ = self.inner.shutdown.cancelled() => return Err(CallError::ShutDown),
             };
             let Ok(waited) = waited else {
-                return Err(CallError::Timeout {
-                    grain: GrainId {
-                        type_name: grain_type.name.clone(),
-                        key: key.clone(),
-                    },
-                    after: self.inner.config.call_timeout,
-                });
+                return Err(grain_type.timed_out(key, self.inner.config.call_timeout));
             };
             if waited.is_err() {
                 if let Some(mut slots) = grain_type.directory.get_mut(key) {

@@ -10,20 +10,29 @@
 //!    for the next message, and when it ends. So a snapshot counts every
 //!    message of an idle activation, and lags a busy one by fewer than
 //!    `FLUSH_EVERY`.
-//! 3. **Turn time.** One message in [`SAMPLE_EVERY`] per activation is
-//!    timed (two clock reads), from the start of its turn to its end, into
-//!    a histogram with fixed bounds ([`TURN_SECONDS_BOUNDS`]). A sampled
-//!    histogram estimates the distribution; its count is the number of
-//!    samples, not of messages.
-//! 4. **Failures** are counted where they happen, by [`FailureReason`]: at
-//!    the activation (a handler that panicked, a message whose sender's
-//!    deadline passed before its turn, a message dropped with the silo's
-//!    homes, an activation that failed to start) and at the caller (a
-//!    call that timed out). Failures are off the fast path: counting them
-//!    costs nothing when nothing fails.
+//! 3. **Turn time.** One turn in [`SAMPLE_EVERY`] per activation is timed
+//!    (two clock reads), from its start to its end, into a histogram with
+//!    fixed bounds ([`TURN_SECONDS_BOUNDS`]); a turn that ran nothing (an
+//!    expired message) is no sample, and a batch of reads is one turn.
+//!    Turns run while an activation deactivates are not sampled. A
+//!    sampled histogram estimates the distribution; its count is the
+//!    number of samples, not of messages.
+//! 4. **Failures** are counted once per message, where they happen, by
+//!    [`FailureReason`]: at the activation (a handler that panicked, a
+//!    message whose remote sender's deadline passed before its turn, a
+//!    message dropped with the silo's homes, a message dropped because its
+//!    activation failed to start) and at the caller on this silo (a call,
+//!    grain-to-grain call included, that timed out waiting for room,
+//!    delivery or the reply; a remote sender's timeout is its own silo's,
+//!    and the home counts the message as expired). Failures are off the
+//!    fast path: counting them costs nothing when nothing fails.
 //! 5. **Activations** started and ended are counted as they happen; the
-//!    live count and the messages queued in the type's mailboxes are read
-//!    from its directory when the snapshot is taken.
+//!    activations taking messages now, and the messages waiting in their
+//!    mailboxes, are read from the type's directory when the snapshot is
+//!    taken. A mailbox's count is what waits in its channel: an activation
+//!    takes its queue in batches, so messages it has taken but not run yet
+//!    (behind a long turn) are not in it, nor are senders waiting for
+//!    room in a full mailbox (they wait at most their timeout).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -50,10 +59,11 @@ pub enum FailureReason {
     Expired,
     /// Dropped unrun when the silo gave its homes up after a stall.
     DroppedWithHome,
-    /// The activation it was for failed to start (`Grain::new` panicked or
-    /// `on_activate` failed).
+    /// Dropped because the activation it was for failed to start
+    /// (`Grain::new` panicked or `on_activate` failed).
     ActivationFailed,
-    /// The caller waited its whole timeout for the reply.
+    /// A caller on this silo waited its whole timeout (for room, delivery
+    /// or the reply).
     Timeout,
 }
 
@@ -195,9 +205,10 @@ pub struct GrainTypeStats {
     pub activations_started: u64,
     /// Activations ended since the silo was built.
     pub activations_ended: u64,
-    /// Activations alive now.
+    /// Activations taking messages now (not those deactivating).
     pub live_activations: u64,
-    /// Messages queued in its activations' mailboxes now.
+    /// Messages waiting in its activations' mailboxes now, not yet taken
+    /// (rule 5).
     pub mailbox_depth: u64,
     /// Sampled turn times (rule 3).
     pub turn_seconds: TurnHistogram,

@@ -180,6 +180,29 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
     }
     let (_, _, ready) = get(address, "/health/ready", token).await;
     assert!(ready.contains("\"storage\""), "{ready}");
+    // The ready probes read the storage: counted, with their latency.
+    let (_, _, metrics) = get(address, "/metrics", token).await;
+    let reads = sample(
+        &metrics,
+        "granary_storage_operations_total{op=\"read\",outcome=\"done\"}",
+    );
+    assert!(reads.is_some_and(|reads| reads >= 1.0), "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "granary_storage_operation_seconds_count{op=\"read\"}"
+        ),
+        reads
+    );
+    assert_eq!(sample(&metrics, "granary_reminders_owned"), Some(0.0));
+    assert_eq!(
+        sample(
+            &metrics,
+            "granary_cluster_redirects_total{answer=\"moved\"}"
+        ),
+        Some(0.0)
+    );
+    assert!(metrics.contains("# TYPE granary_cluster_remote_call_seconds histogram"));
 
     // The cluster view, as JSON and as `granary status` prints it.
     let url = format!("http://{address}");

@@ -82,6 +82,7 @@ pub use key::{GrainId, GrainKey};
 pub use observers::{AddObserverError, ObserverRef, Observers, Subscription};
 pub use reminders::{
     LoneSilo, REMINDER_FIRED, REMINDERS, ReminderError, ReminderFired, ReminderPlacement,
+    ReminderStats,
 };
 pub use silo::{
     ActivationEnd, EndedListener, EndedListenerGuard, FailureReason, GrainRef, GrainTypeStats,
@@ -89,7 +90,8 @@ pub use silo::{
 };
 pub use storage::{
     DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,
-    ReminderRow, ReminderTable, SqliteStorage, StorageError, StorageProvider,
+    ReminderRow, ReminderTable, STORAGE_SECONDS_BOUNDS, SqliteStorage, StorageError, StorageOp,
+    StorageOpStats, StorageProvider, StorageStats,
 };
 
 /// What the derives' generated code calls; not part of the API.

@@ -242,6 +242,25 @@ pub(crate) struct Reminders {
     /// A placement was installed: the scheduler rescans.
     rescan_requested: AtomicBool,
     rescan_every: Duration,
+    /// Reminders that came due here, were delivered, or could not be
+    /// (`ReminderStats`).
+    due: std::sync::atomic::AtomicU64,
+    delivered: std::sync::atomic::AtomicU64,
+    undelivered: std::sync::atomic::AtomicU64,
+}
+
+/// A silo's reminders, counted ([`crate::Silo::reminder_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReminderStats {
+    /// Reminders this silo owns and schedules now.
+    pub owned: u64,
+    /// Due times that came here to fire.
+    pub due: u64,
+    /// Of those, delivered to their grain.
+    pub fired: u64,
+    /// Of those, not delivered (the grain failed to take it, or this silo
+    /// was shutting down: the row keeps its due time then).
+    pub failed: u64,
 }
 
 impl Reminders {
@@ -259,6 +278,23 @@ impl Reminders {
             changed: tokio::sync::Notify::new(),
             rescan_requested: AtomicBool::new(false),
             rescan_every,
+            due: Default::default(),
+            delivered: Default::default(),
+            undelivered: Default::default(),
+        }
+    }
+
+    /// The counts (`ReminderStats`).
+    pub(crate) fn stats(&self) -> ReminderStats {
+        ReminderStats {
+            owned: self
+                .schedule
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len() as u64,
+            due: self.due.load(Ordering::Relaxed),
+            fired: self.delivered.load(Ordering::Relaxed),
+            failed: self.undelivered.load(Ordering::Relaxed),
         }
     }
 
@@ -539,8 +575,13 @@ impl Reminders {
                 }
             }
         });
+        self.due.fetch_add(firings.len() as u64, Ordering::Relaxed);
         let delivered = join_all(sends).await;
         drop(silo);
+        let succeeded = delivered.iter().filter(|sent| sent.is_ok()).count() as u64;
+        self.delivered.fetch_add(succeeded, Ordering::Relaxed);
+        self.undelivered
+            .fetch_add(delivered.len() as u64 - succeeded, Ordering::Relaxed);
         let mut fired = Vec::with_capacity(firings.len());
         let mut not_fired = Vec::new();
         for (firing, delivered) in firings.into_iter().zip(delivered) {

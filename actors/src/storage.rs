@@ -21,11 +21,14 @@ use serde::de::DeserializeOwned;
 
 use crate::key::GrainId;
 
+mod counted;
 mod postgres;
 mod redb;
 mod reminders;
 mod sqlite;
 
+pub(crate) use self::counted::CountedStorage;
+pub use self::counted::{STORAGE_SECONDS_BOUNDS, StorageOp, StorageOpStats, StorageStats};
 pub use self::postgres::PostgresStorage;
 pub use self::redb::RedbStorage;
 pub use self::reminders::{BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable};

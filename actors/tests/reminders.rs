@@ -187,6 +187,19 @@ async fn a_reminder_fires_while_its_grain_is_deactivated() {
         "unregistered, yet fired {} times more",
         pulse.beats("a") - stopped
     );
+    // Counted: every due time that came here was delivered (one may be
+    // delivered and not yet run, or run and not yet counted); the
+    // sentinel's reminder is still owned, the removed one is not.
+    let stats = silo.reminder_stats();
+    let beats = u64::from(pulse.beats("a") + pulse.beats("sentinel"));
+    assert!(stats.fired.abs_diff(beats) <= 1, "{stats:?}, {beats} beats");
+    assert_eq!(stats.due, stats.fired + stats.failed, "{stats:?}");
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert_eq!(stats.owned, 1, "{stats:?}");
+    // The reminder's rows and the grain's state went through the counted
+    // storage.
+    let storage = silo.storage_stats();
+    assert!(storage.ops.iter().any(|op| op.done > 0), "{storage:?}");
     silo.shutdown().await;
 }
 

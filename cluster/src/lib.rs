@@ -59,7 +59,10 @@ pub use connection::{
 };
 pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
-pub use node::{ClusterCallError, ClusterNode, NodeBuilder, NodeConfig, NodeError};
+pub use node::{
+    ClusterCallError, ClusterNode, ClusterStats, NodeBuilder, NodeConfig, NodeError,
+    REMOTE_SECONDS_BOUNDS, Redirect,
+};
 pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,
     PlacementStrategy, PreferLocal, RandomPlacement,

@@ -41,6 +41,8 @@ pub(super) fn render(sources: &AdminSources) -> String {
         &[],
         sources.silo.dropped_with_homes() as f64,
     );
+    storage(&mut out, &sources.silo.storage_stats());
+    reminders(&mut out, &sources.silo.reminder_stats());
     if let Some(bridge) = &sources.bridge {
         devices(&mut out, bridge);
     }
@@ -130,33 +132,80 @@ fn grain_types(out: &mut Exposition, stats: &[GrainTypeStats]) {
     );
     for stats in stats {
         let histogram = &stats.turn_seconds;
-        let mut cumulative = 0u64;
-        for (bound, count) in TURN_SECONDS_BOUNDS.iter().zip(&histogram.buckets) {
-            cumulative += count;
-            out.sample(
-                &format!("{name}_bucket"),
-                &[
-                    ("grain_type", &stats.grain_type),
-                    ("le", &format!("{bound}")),
-                ],
-                cumulative as f64,
-            );
-        }
-        out.sample(
-            &format!("{name}_bucket"),
-            &[("grain_type", &stats.grain_type), ("le", "+Inf")],
-            histogram.count as f64,
-        );
-        out.sample(
-            &format!("{name}_sum"),
+        out.histogram(
+            name,
             &[("grain_type", &stats.grain_type)],
+            &TURN_SECONDS_BOUNDS,
+            &histogram.buckets,
             histogram.sum_seconds,
         );
-        out.sample(
-            &format!("{name}_count"),
-            &[("grain_type", &stats.grain_type)],
-            histogram.count as f64,
+    }
+}
+
+/// Storage families (rule 1).
+fn storage(out: &mut Exposition, stats: &granary_actors::StorageStats) {
+    let name = "granary_storage_operations_total";
+    out.family(
+        name,
+        "counter",
+        "Grain state operations, by operation and outcome (conflict: a stale ETag refused).",
+    );
+    for op in &stats.ops {
+        for (outcome, count) in [
+            ("done", op.done),
+            ("conflict", op.conflicts),
+            ("failed", op.failed),
+        ] {
+            out.sample(
+                name,
+                &[("op", op.op.as_str()), ("outcome", outcome)],
+                count as f64,
+            );
+        }
+    }
+    let name = "granary_storage_operation_seconds";
+    out.family(name, "histogram", "Grain state operations' latency.");
+    for op in &stats.ops {
+        out.histogram(
+            name,
+            &[("op", op.op.as_str())],
+            &granary_actors::STORAGE_SECONDS_BOUNDS,
+            &op.buckets,
+            op.sum_seconds,
         );
+    }
+}
+
+/// Reminder families (rule 1).
+fn reminders(out: &mut Exposition, stats: &granary_actors::ReminderStats) {
+    for (name, kind, help, value) in [
+        (
+            "granary_reminders_owned",
+            "gauge",
+            "Reminders this silo owns and schedules now.",
+            stats.owned,
+        ),
+        (
+            "granary_reminders_due_total",
+            "counter",
+            "Reminder due times that came to this silo to fire.",
+            stats.due,
+        ),
+        (
+            "granary_reminders_fired_total",
+            "counter",
+            "Reminder due times delivered to their grain.",
+            stats.fired,
+        ),
+        (
+            "granary_reminders_failed_total",
+            "counter",
+            "Reminder due times not delivered (the grain failed to take it, or the silo was shutting down).",
+            stats.failed,
+        ),
+    ] {
+        out.family(name, kind, help);
+        out.sample(name, &[], value as f64);
     }
 }
 
@@ -277,6 +326,29 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
         out.family(name, kind, help);
         out.sample(name, &[], value);
     }
+    let stats = node.stats();
+    let name = "granary_cluster_redirects_total";
+    out.family(
+        name,
+        "counter",
+        "Answers that sent this silo's calls elsewhere or later, by kind (moved, retry, no_room, overloaded, shut_down).",
+    );
+    for (redirect, count) in &stats.redirects {
+        out.sample(name, &[("answer", redirect.as_str())], *count as f64);
+    }
+    let name = "granary_cluster_remote_call_seconds";
+    out.family(
+        name,
+        "histogram",
+        "Latency of this silo's requests to other silos, from sending to the answer.",
+    );
+    out.histogram(
+        name,
+        &[],
+        &granary_cluster::REMOTE_SECONDS_BOUNDS,
+        &stats.remote_buckets,
+        stats.remote_seconds,
+    );
 }
 
 /// The text being written (rules 1 and 2).
@@ -289,6 +361,33 @@ impl Exposition {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.text, "# HELP {name} {help}");
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    /// A histogram's samples (rule 3): `buckets` per bound of `bounds`
+    /// then the overflow, not cumulative, written cumulative.
+    fn histogram(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        bounds: &[f64],
+        buckets: &[u64],
+        sum_seconds: f64,
+    ) {
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0u64;
+        for (bound, count) in bounds.iter().zip(buckets) {
+            cumulative += count;
+            let le = format!("{bound}");
+            let mut with = labels.to_vec();
+            with.push(("le", &le));
+            self.sample(&bucket, &with, cumulative as f64);
+        }
+        let count: u64 = buckets.iter().sum();
+        let mut with = labels.to_vec();
+        with.push(("le", "+Inf"));
+        self.sample(&bucket, &with, count as f64);
+        self.sample(&format!("{name}_sum"), labels, sum_seconds);
+        self.sample(&format!("{name}_count"), labels, count as f64);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {

@@ -98,7 +98,6 @@ impl Schedule {
     }
 
     /// Owned reminders scheduled.
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.entries.len()
     }

@@ -473,12 +473,14 @@ impl SiloBuilder {
             return Err(SiloError::InvalidConfig("reminder_rescan is 0".into()));
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
+        // Every state operation counted (`storage/counted.rs`).
+        let storage = Arc::new(crate::storage::CountedStorage::new(self.storage));
         let reminders = Arc::new(crate::reminders::Reminders::new(
             self.remindable,
-            self.storage.clone(),
+            storage.clone(),
             self.reminder_rescan,
         ));
-        if !reminders.is_empty() && self.storage.reminder_table().is_none() {
+        if !reminders.is_empty() && storage.reminder_table().is_none() {
             return Err(SiloError::InvalidConfig(format!(
                 "grain types {:?} are remindable, but the storage provider keeps no reminder table \
                  (StorageProvider::reminder_table)",
@@ -498,7 +500,7 @@ impl SiloBuilder {
             inner: Arc::new(SiloInner {
                 types: self.types,
                 services: self.services,
-                storage: self.storage,
+                storage,
                 config: self.config,
                 tasks: TaskTracker::new(),
                 shutdown,

@@ -125,7 +125,7 @@ use crate::storage::StorageProvider;
 pub(crate) struct SiloInner {
     types: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
     services: HashMap<TypeId, Service>,
-    storage: Arc<dyn StorageProvider>,
+    storage: Arc<crate::storage::CountedStorage>,
     config: SiloConfig,
     tasks: TaskTracker,
     /// Cancelled when the silo shuts down.
@@ -362,6 +362,17 @@ impl Silo {
     /// alive, messages queued, and sampled turn times (`stats.rs`).
     pub fn grain_type_stats(&self) -> Vec<GrainTypeStats> {
         self.inner.type_stats.iter().map(|stats| stats()).collect()
+    }
+
+    /// The silo's reminders, counted: owned now, due, fired and failed.
+    pub fn reminder_stats(&self) -> crate::reminders::ReminderStats {
+        self.inner.reminders.stats()
+    }
+
+    /// The silo's storage operations, counted: done, conflicts (stale
+    /// ETags) and failures, and latency, per operation.
+    pub fn storage_stats(&self) -> crate::storage::StorageStats {
+        self.inner.storage.stats()
     }
 
     /// Whether the silo's storage answers: one read of a reserved grain

@@ -107,6 +107,7 @@ mod peers;
 mod reminders;
 mod router;
 mod serve;
+mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,6 +128,7 @@ use crate::transport::Transport;
 pub use builder::NodeBuilder;
 pub use config::{NodeConfig, NodeError};
 pub use router::ClusterCallError;
+pub use stats::{ClusterStats, REMOTE_SECONDS_BOUNDS, Redirect};
 
 use directory_client::DirectoryBackend;
 use home::Home;
@@ -207,6 +209,8 @@ struct Inner {
     hosts: Vec<String>,
     next_activation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its calls to other silos, counted (`stats.rs`).
+    stats: stats::NodeStats,
 }
 
 /// A silo in a cluster. Cheap to clone.
@@ -327,6 +331,13 @@ impl ClusterNode {
             .iter()
             .filter(|home| home.owner.is_some() && !home.leaving)
             .count()
+    }
+
+    /// This node's calls to other silos, counted: their latency, and the
+    /// answers that sent them elsewhere or later (`Moved`, `Retry`,
+    /// `NoRoom`, ...).
+    pub fn stats(&self) -> ClusterStats {
+        self.inner.stats.snapshot()
     }
 
     /// Directory entries this silo owns now (rule 1; none under etcd,

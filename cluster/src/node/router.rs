@@ -246,7 +246,8 @@ impl Inner {
                 match node.connection(&target).await {
                     Ok(connection) => {
                         sent = true;
-                        connection
+                        let started = std::time::Instant::now();
+                        let answered = connection
                             .send(Outgoing {
                                 grain_type: &grain.type_name,
                                 key: &grain.key,
@@ -259,11 +260,26 @@ impl Inner {
                             })
                             .await
                             .map(|reply| reply.to_vec())
-                            .map_err(from_failure)
+                            .map_err(from_failure);
+                        self.stats.remote_call(started.elapsed());
+                        answered
                     }
                     Err(err) => Err(err),
                 }
             };
+            if let Err(ClusterCallError::Remote(answer)) = &outcome {
+                let redirect = match answer {
+                    RemoteError::Moved(_) => Some(super::stats::Redirect::Moved),
+                    RemoteError::Retry => Some(super::stats::Redirect::Retry),
+                    RemoteError::NoRoom => Some(super::stats::Redirect::NoRoom),
+                    RemoteError::Overloaded => Some(super::stats::Redirect::Overloaded),
+                    RemoteError::ShutDown => Some(super::stats::Redirect::ShutDown),
+                    _ => None,
+                };
+                if let Some(redirect) = redirect {
+                    self.stats.redirected(redirect);
+                }
+            }
             match outcome {
                 Ok(reply) => {
                     if !cached {

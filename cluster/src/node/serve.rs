@@ -311,6 +311,7 @@ impl NodeParts {
             hosts,
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
+            stats: super::stats::NodeStats::default(),
             config,
         });
         let weak = Arc::downgrade(&inner);

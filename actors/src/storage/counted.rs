@@ -1,0 +1,227 @@
+//! A storage provider counted: what [`Silo::storage_stats`] reports
+//! (`crate::Silo::storage_stats`). Every silo wraps its provider in one.
+//!
+//! 1. Each operation on grain state (read, write, clear) is timed, two
+//!    clock reads around the provider's own future (storage is slower
+//!    than a clock read by orders of magnitude), into a histogram with
+//!    fixed bounds ([`STORAGE_SECONDS_BOUNDS`]), and counted by outcome:
+//!    done, refused for a stale ETag (a conflict), or failed.
+//! 2. The reminder table is the provider's own, handed out unchanged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+
+use super::{ETag, ReminderTable, StorageError, StorageProvider, StoredState};
+use crate::key::GrainId;
+
+/// Upper bounds of the storage latency histogram's buckets, in seconds; a
+/// last bucket holds everything slower.
+pub const STORAGE_SECONDS_BOUNDS: [f64; 10] =
+    [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 1.0];
+
+/// A storage operation (rule 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StorageOp {
+    /// A state read.
+    Read,
+    /// A state write.
+    Write,
+    /// A state removal.
+    Clear,
+}
+
+impl StorageOp {
+    /// Every operation, in the order of [`StorageStats::ops`].
+    pub const ALL: [StorageOp; 3] = [StorageOp::Read, StorageOp::Write, StorageOp::Clear];
+
+    /// The operation as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageOp::Read => "read",
+            StorageOp::Write => "write",
+            StorageOp::Clear => "clear",
+        }
+    }
+}
+
+/// One operation's counters (rule 1).
+#[derive(Default)]
+struct OpCounters {
+    done: AtomicU64,
+    conflicts: AtomicU64,
+    failed: AtomicU64,
+    buckets: [AtomicU64; STORAGE_SECONDS_BOUNDS.len() + 1],
+    nanos: AtomicU64,
+}
+
+impl OpCounters {
+    fn record<T>(&self, started: Instant, outcome: &Result<T, StorageError>) {
+        let took = started.elapsed();
+        let seconds = took.as_secs_f64();
+        let bucket = STORAGE_SECONDS_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(STORAGE_SECONDS_BOUNDS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let counter = match outcome {
+            Ok(_) => &self.done,
+            Err(StorageError::Conflict { .. }) => &self.conflicts,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, op: StorageOp) -> StorageOpStats {
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|bucket| bucket.load(Ordering::Relaxed))
+            .collect();
+        StorageOpStats {
+            op,
+            done: self.done.load(Ordering::Relaxed),
+            conflicts: self.conflicts.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            count: buckets.iter().sum(),
+            buckets,
+            sum_seconds: self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// One storage operation's statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageOpStats {
+    /// Which operation.
+    pub op: StorageOp,
+    /// Done.
+    pub done: u64,
+    /// Refused: the stored ETag was not the one expected.
+    pub conflicts: u64,
+    /// Failed otherwise (the backend, or encoding).
+    pub failed: u64,
+    /// Latencies per bucket (not cumulative): one per bound of
+    /// [`STORAGE_SECONDS_BOUNDS`], then one for slower operations.
+    pub buckets: Vec<u64>,
+    /// Operations timed in all.
+    pub count: u64,
+    /// Their time in all, in seconds.
+    pub sum_seconds: f64,
+}
+
+/// A silo's storage statistics, one entry per operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageStats {
+    /// Per operation, in the order of [`StorageOp::ALL`].
+    pub ops: Vec<StorageOpStats>,
+}
+
+/// The provider a silo uses: its own, counted (rules 1 and 2).
+pub(crate) struct CountedStorage {
+    inner: Arc<dyn StorageProvider>,
+    counters: [OpCounters; 3],
+}
+
+impl CountedStorage {
+    pub(crate) fn new(inner: Arc<dyn StorageProvider>) -> CountedStorage {
+        CountedStorage {
+            inner,
+            counters: Default::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> StorageStats {
+        StorageStats {
+            ops: StorageOp::ALL
+                .iter()
+                .zip(&self.counters)
+                .map(|(op, counters)| counters.snapshot(*op))
+                .collect(),
+        }
+    }
+}
+
+impl StorageProvider for CountedStorage {
+    fn read<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let outcome = self.inner.read(grain).await;
+            self.counters[0].record(started, &outcome);
+            outcome
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        data: &'a [u8],
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let outcome = self.inner.write(grain, data, expected).await;
+            self.counters[1].record(started, &outcome);
+            outcome
+        })
+    }
+
+    fn clear<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let outcome = self.inner.clear(grain, expected).await;
+            self.counters[2].record(started, &outcome);
+            outcome
+        })
+    }
+
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        self.inner.reminder_table()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::GrainKey;
+    use crate::storage::MemoryStorage;
+
+    #[tokio::test]
+    async fn operations_are_counted_by_outcome() {
+        let counted = CountedStorage::new(Arc::new(MemoryStorage::new()));
+        let grain = GrainId {
+            type_name: "t".into(),
+            key: GrainKey::U64(1),
+        };
+        assert_eq!(counted.read(&grain).await, Ok(None));
+        let etag = counted.write(&grain, b"one", None).await.unwrap();
+        // A stale writer: refused, and counted as a conflict.
+        assert!(matches!(
+            counted.write(&grain, b"two", None).await,
+            Err(StorageError::Conflict { .. })
+        ));
+        counted.clear(&grain, Some(etag)).await.unwrap();
+        let stats = counted.stats();
+        let [read, write, clear] = &stats.ops[..] else {
+            panic!("three operations");
+        };
+        assert_eq!((read.done, read.conflicts, read.count), (1, 0, 1));
+        assert_eq!((write.done, write.conflicts, write.count), (1, 1, 2));
+        assert_eq!((clear.done, clear.failed), (1, 0));
+        assert!(write.sum_seconds >= 0.0);
+    }
+}

@@ -1,0 +1,122 @@
+//! What the node counts of its calls to other silos
+//! ([`ClusterNode::stats`](super::ClusterNode::stats)).
+//!
+//! 1. Each request sent to another silo is timed, from handing it to the
+//!    connection to its answer (two clock reads against a network round
+//!    trip), into a histogram with fixed bounds
+//!    ([`REMOTE_SECONDS_BOUNDS`]).
+//! 2. Each answer that sends the call elsewhere or later is counted by
+//!    kind: `Moved` (the home is another silo), `Retry` (the home is in
+//!    flux), `NoRoom` (the silo's devices cannot take the grain),
+//!    `Overloaded` and `ShutDown`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the remote call histogram's buckets, in seconds; a last
+/// bucket holds everything slower.
+pub const REMOTE_SECONDS_BOUNDS: [f64; 10] = [
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 0.01, 0.05, 0.25, 1.0,
+];
+
+/// An answer that sent a call elsewhere or later (rule 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Redirect {
+    /// The grain's home is another silo.
+    Moved,
+    /// The grain's home is in flux: ask the directory again.
+    Retry,
+    /// The silo's devices cannot take the grain: placed elsewhere.
+    NoRoom,
+    /// The silo is overloaded.
+    Overloaded,
+    /// The silo is shutting down.
+    ShutDown,
+}
+
+impl Redirect {
+    /// Every kind, in the order of [`ClusterStats::redirects`].
+    pub const ALL: [Redirect; 5] = [
+        Redirect::Moved,
+        Redirect::Retry,
+        Redirect::NoRoom,
+        Redirect::Overloaded,
+        Redirect::ShutDown,
+    ];
+
+    /// The kind as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Redirect::Moved => "moved",
+            Redirect::Retry => "retry",
+            Redirect::NoRoom => "no_room",
+            Redirect::Overloaded => "overloaded",
+            Redirect::ShutDown => "shut_down",
+        }
+    }
+}
+
+/// The node's counters (rules 1 and 2).
+#[derive(Default)]
+pub(super) struct NodeStats {
+    redirects: [AtomicU64; Redirect::ALL.len()],
+    buckets: [AtomicU64; REMOTE_SECONDS_BOUNDS.len() + 1],
+    nanos: AtomicU64,
+}
+
+impl NodeStats {
+    pub(super) fn redirected(&self, redirect: Redirect) {
+        self.redirects[redirect as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn remote_call(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = REMOTE_SECONDS_BOUNDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(REMOTE_SECONDS_BOUNDS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.nanos.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub(super) fn snapshot(&self) -> ClusterStats {
+        let buckets: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|bucket| bucket.load(Ordering::Relaxed))
+            .collect();
+        ClusterStats {
+            redirects: Redirect::ALL
+                .iter()
+                .map(|kind| {
+                    (
+                        *kind,
+                        self.redirects[*kind as usize].load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            remote_calls: buckets.iter().sum(),
+            remote_buckets: buckets,
+            remote_seconds: self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// The node's calls to other silos, counted (rules 1 and 2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterStats {
+    /// Answers that sent a call elsewhere or later, by kind, in the order
+    /// of [`Redirect::ALL`].
+    pub redirects: Vec<(Redirect, u64)>,
+    /// Requests sent to other silos and answered (or failed) in all.
+    pub remote_calls: u64,
+    /// Their latency per bucket (not cumulative): one per bound of
+    /// [`REMOTE_SECONDS_BOUNDS`], then one for slower ones.
+    pub remote_buckets: Vec<u64>,
+    /// Their time in all, in seconds.
+    pub remote_seconds: f64,
+}

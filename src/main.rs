@@ -155,11 +155,15 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(granary::admin::fetch_cluster(&admin, token.as_deref())) {
                 Ok(view) => {
-                    print!("{}", granary::admin::table(&view));
+                    // A closed output (`granary status | head -1`) is not
+                    // an error worth a panic.
+                    use std::io::Write;
+                    let _ = write!(std::io::stdout(), "{}", granary::admin::table(&view));
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("granary status: {err}");
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "granary status: {err}");
                     ExitCode::FAILURE
                 }
             }
@@ -175,12 +179,27 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime("granary node") else {
                 return ExitCode::FAILURE;
             };
+            // The node's warnings and errors (a fence, a lost lease, a
+            // drain that outlived an activation) on standard error;
+            // `RUST_LOG` sets the level (default `info`).
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .try_init();
             // A node hosts the multi-node demo's grains: `granary demo
             // --nodes N` runs its silos this way.
-            match runtime.block_on(node_file::run_node(file, &DemoGrains::default())) {
+            let ran = runtime.block_on(node_file::run_node(file, &DemoGrains::default()));
+            // What is still running (a second signal, a spent grace) is
+            // not waited for long.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("granary node: {err}");
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "granary node: {err}");
                     ExitCode::FAILURE
                 }
             }

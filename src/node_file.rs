@@ -483,7 +483,15 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         .admin
         .as_ref()
         .and_then(|_| crate::admin::install_recorder());
-    let node = start_node(&file, grains).await?;
+    // A signal while the node starts (its storage or etcd may take long
+    // to answer) ends the run rather than waiting for the start.
+    let node = tokio::select! {
+        started = start_node(&file, grains) => started?,
+        signal = signals.next() => {
+            signal?;
+            return Err(NodeRunError("a signal came while the node was starting".into()));
+        }
+    };
     say(format_args!(
         "granary node: {} in cluster {:?}, gossip on {}",
         node.id(),
@@ -541,8 +549,12 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
         },
         _ = signals.next() => Err(NodeRunError("a second signal: stopped without draining".into())),
     };
+    // Drained: the endpoint finishes what it serves. Otherwise (a second
+    // signal, the grace spent) it is dropped, not waited for.
     if let Some(admin) = admin {
-        admin.stop().await;
+        if drained.is_ok() {
+            admin.stop().await;
+        }
     }
     if drained.is_ok() {
         say(format_args!("granary node: drained"));
@@ -550,11 +562,13 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
     drained
 }
 
-/// Drains `node`, in order: it leaves the cluster (peers stop sending it
-/// calls at once, and calls that reach it are refused with a typed error
-/// the caller retries elsewhere), lets every activation finish the
-/// messages it had taken and write its state as it deactivates, shuts the
-/// silo down, then drains the GPU bridge's kernels (every request they
+/// Drains `node`, in order ([`ClusterNode::leave`], then the silo and the
+/// bridge): the node refuses new calls at once (a caller is told it is
+/// shutting down, and asks the directory again), every activation finishes
+/// the messages it had taken and writes its state as it deactivates, and
+/// only then does the node leave the membership, so that no peer places
+/// one of its grains elsewhere while it is still active here; then the
+/// silo shuts down and the GPU bridge's kernels drain (every request they
 /// took is answered).
 pub async fn drain(node: &ClusterNode) -> Result<(), NodeRunError> {
     let left = node.leave().await;

@@ -193,11 +193,12 @@ async fn a_reminder_fires_while_its_grain_is_deactivated() {
     let stats = silo.reminder_stats();
     let beats = u64::from(pulse.beats("a") + pulse.beats("sentinel"));
     assert!(stats.fired.abs_diff(beats) <= 1, "{stats:?}, {beats} beats");
-    assert_eq!(stats.due, stats.fired + stats.failed, "{stats:?}");
+    // Due is counted before delivery, fired and failed after it.
+    assert!(stats.due >= stats.fired + stats.failed, "{stats:?}");
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert_eq!(stats.owned, 1, "{stats:?}");
-    // The reminder's rows and the grain's state went through the counted
-    // storage.
+    // The grain's state went through the counted storage (reminder rows
+    // are the table's own, not counted there).
     let storage = silo.storage_stats();
     assert!(storage.ops.iter().any(|op| op.done > 0), "{storage:?}");
     silo.shutdown().await;

@@ -23,6 +23,9 @@ pub enum StatusError {
     Unreachable(String),
     /// The endpoint refused the token (401).
     Unauthorized,
+    /// The token cannot travel in a header (it holds control characters
+    /// or spaces).
+    BadToken,
     /// The endpoint answered something else than a cluster view.
     BadAnswer(String),
 }
@@ -34,6 +37,9 @@ impl fmt::Display for StatusError {
             StatusError::Unreachable(why) => write!(f, "the admin endpoint did not answer: {why}"),
             StatusError::Unauthorized => {
                 f.write_str("the admin endpoint refused the request: pass its --token")
+            }
+            StatusError::BadToken => {
+                f.write_str("the token must be visible ASCII: it travels in a header")
             }
             StatusError::BadAnswer(why) => write!(f, "unexpected answer: {why}"),
         }
@@ -56,8 +62,28 @@ pub async fn fetch_cluster(admin: &str, token: Option<&str>) -> Result<ClusterVi
         .authority()
         .ok_or_else(|| StatusError::BadUrl(format!("{admin}: no host")))?
         .clone();
-    let host = authority.host().to_string();
+    if authority.as_str().contains('@') {
+        return Err(StatusError::BadUrl(format!(
+            "{admin}: no user or password in the URL (the endpoint takes a bearer token)"
+        )));
+    }
+    // `[::1]` is written with brackets; the socket wants the address.
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = authority.port_u16().unwrap_or(80);
+    // The request line takes the path (origin form), not the whole URL.
+    let path = uri
+        .path_and_query()
+        .map_or("/cluster", |path| path.as_str())
+        .to_string();
+    if let Some(token) = token {
+        if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(StatusError::BadToken);
+        }
+    }
     let fetch = async {
         let stream = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
@@ -70,7 +96,7 @@ pub async fn fetch_cluster(admin: &str, token: Option<&str>) -> Result<ClusterVi
             let _ = connection.await;
         });
         let mut request =
-            hyper::Request::get(uri.clone()).header(hyper::header::HOST, authority.as_str());
+            hyper::Request::get(path.as_str()).header(hyper::header::HOST, authority.as_str());
         if let Some(token) = token {
             request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }

@@ -80,9 +80,16 @@ impl IntoResponse for ProbeReport {
     }
 }
 
-/// Rule 1.
+/// Rule 1: a node that drains has stopped serving on purpose, and stays
+/// live until it exits.
 fn serving(sources: &AdminSources) -> Check {
+    let draining = sources.draining.load(std::sync::atomic::Ordering::Acquire);
     match &sources.node {
+        Some(_) if draining => Check {
+            name: "serving",
+            ok: true,
+            detail: "draining: it exits once drained".into(),
+        },
         Some(node) if node.is_stopped() => Check {
             name: "serving",
             ok: false,

@@ -2,9 +2,11 @@
 //!
 //! 1. **Families.** Each family is written once, with `# HELP` and
 //!    `# TYPE`, then its samples: per grain type (from
-//!    `Silo::grain_type_stats`), the silo, per device (from the bridge's
-//!    broker), the cluster (from the node), then the `metrics` recorder's
-//!    own output as it renders it.
+//!    `Silo::grain_type_stats`), the silo, its storage
+//!    (`Silo::storage_stats`) and reminders (`Silo::reminder_stats`), per
+//!    device (from the bridge's broker), the cluster (from the node and
+//!    `ClusterNode::stats`), then the `metrics` recorder's own output as
+//!    it renders it.
 //! 2. **Labels** are escaped as the format asks (backslash, quote,
 //!    newline); a grain type's name or a device's is a label value, a
 //!    grain key never is.

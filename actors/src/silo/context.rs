@@ -75,10 +75,19 @@ impl GrainContext {
                 let delivered = router.dispatch(Box::new(outbound)).await?;
                 routed_reply(delivered, reply, codec, Kind::Call, &answer_grain)
             };
-            let answered = self
-                .lend_until(this, chain, answer, deadline, grain, timeout)
+            return self
+                .lend_until(
+                    this,
+                    chain,
+                    answer,
+                    deadline,
+                    Callee {
+                        grain,
+                        timeout,
+                        stats: &grain_type.stats,
+                    },
+                )
                 .await;
-            return counted_timeout(grain_type, answered);
         }
         let deadline = deadline_after(timeout);
         let (reply, answer) = oneshot::channel();
@@ -101,10 +110,18 @@ impl GrainContext {
                 .await
                 .map_err(|_| CallError::TurnFailed { grain: failed })
         };
-        let answered = self
-            .lend_until(this, chain, answer, deadline, grain, timeout)
-            .await;
-        counted_timeout(grain_type, answered)
+        self.lend_until(
+            this,
+            chain,
+            answer,
+            deadline,
+            Callee {
+                grain,
+                timeout,
+                stats: &grain_type.stats,
+            },
+        )
+        .await
     }
 
     /// Waits for `answer` until `deadline`, lending `this` to the messages
@@ -115,8 +132,7 @@ impl GrainContext {
         chain: u64,
         answer: impl std::future::Future<Output = Result<R, CallError>>,
         deadline: tokio::time::Instant,
-        grain: crate::key::GrainId,
-        timeout: std::time::Duration,
+        callee: Callee<'_>,
     ) -> Result<R, CallError>
     where
         G: Grain,
@@ -190,10 +206,13 @@ impl GrainContext {
             drop(lent);
             match event {
                 Event::Answer(answer) => return answer,
+                // Counted here, once (`stats.rs` rule 4): a timeout the
+                // answer itself carries was counted where it happened.
                 Event::Timeout => {
+                    callee.stats.failed(super::stats::FailureReason::Timeout);
                     return Err(CallError::Timeout {
-                        grain,
-                        after: timeout,
+                        grain: callee.grain,
+                        after: callee.timeout,
                     });
                 }
                 // Rule 11: a sender from another silo gave up before this
@@ -240,18 +259,12 @@ impl GrainContext {
     }
 }
 
-/// `answered`, with a timeout counted against the callee's type
-/// (`stats.rs` rule 4).
-fn counted_timeout<T, R>(
-    grain_type: &super::registry::GrainType<T>,
-    answered: Result<R, CallError>,
-) -> Result<R, CallError> {
-    if matches!(answered, Err(CallError::Timeout { .. })) {
-        grain_type
-            .stats
-            .failed(super::stats::FailureReason::Timeout);
-    }
-    answered
+/// The grain a reentrant call waits for: its name, how long the call
+/// waits, and its type's statistics (a timeout is counted there).
+struct Callee<'a> {
+    grain: crate::key::GrainId,
+    timeout: std::time::Duration,
+    stats: &'a super::stats::TypeStats,
 }
 
 /// A timer registered with [`GrainContext::register_timer`]; it stops when

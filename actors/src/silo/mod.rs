@@ -382,7 +382,12 @@ impl Silo {
             type_name: "$health".to_string(),
             key: GrainKey::U64(0),
         };
-        self.inner.storage.read(&probe).await.map(|_| ())
+        self.inner
+            .storage
+            .uncounted()
+            .read(&probe)
+            .await
+            .map(|_| ())
     }
 
     /// Activations alive now.

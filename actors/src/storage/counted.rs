@@ -138,6 +138,12 @@ impl CountedStorage {
         }
     }
 
+    /// The provider itself, uncounted (a health probe's reads are not
+    /// grain state operations).
+    pub(crate) fn uncounted(&self) -> &dyn StorageProvider {
+        self.inner.as_ref()
+    }
+
     pub(crate) fn stats(&self) -> StorageStats {
         StorageStats {
             ops: StorageOp::ALL

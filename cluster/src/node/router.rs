@@ -188,9 +188,17 @@ impl Inner {
             let mut sent = false;
             let (target, cached) = match node.home_of(&grain, &full).await {
                 Ok(found) => found,
-                Err(err @ ClusterCallError::Remote(RemoteError::Retry))
+                // The entry's owner is settling, or leaving (it drains:
+                // its entries move to their next owner when it is gone).
+                Err(err @ ClusterCallError::Remote(RemoteError::Retry | RemoteError::ShutDown))
                     if Instant::now() < settle_by =>
                 {
+                    self.stats.redirected(match err {
+                        ClusterCallError::Remote(RemoteError::ShutDown) => {
+                            super::stats::Redirect::ShutDown
+                        }
+                        _ => super::stats::Redirect::Retry,
+                    });
                     last = Some(err);
                     tokio::time::sleep(self.handoff / 8).await;
                     continue;
@@ -261,7 +269,11 @@ impl Inner {
                             .await
                             .map(|reply| reply.to_vec())
                             .map_err(from_failure);
-                        self.stats.remote_call(started.elapsed());
+                        // Timed when the other silo answered (a reply or
+                        // a refusal), not when the connection failed.
+                        if matches!(answered, Ok(_) | Err(ClusterCallError::Remote(_))) {
+                            self.stats.remote_call(started.elapsed());
+                        }
                         answered
                     }
                     Err(err) => Err(err),

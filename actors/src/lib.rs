@@ -62,6 +62,7 @@ extern crate self as granary_actors;
 pub mod dispatch;
 mod error;
 mod grain;
+pub mod histogram;
 mod key;
 mod mailbox;
 pub mod observers;
@@ -86,7 +87,7 @@ pub use reminders::{
 };
 pub use silo::{
     ActivationEnd, EndedListener, EndedListenerGuard, FailureReason, GrainRef, GrainTypeStats,
-    Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer, TurnHistogram,
+    Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer,
 };
 pub use storage::{
     DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,

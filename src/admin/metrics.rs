@@ -15,7 +15,8 @@
 
 use std::fmt::Write;
 
-use granary_actors::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS};
+use granary_actors::histogram::HistogramSnapshot;
+use granary_actors::{FailureReason, GrainTypeStats};
 
 use super::AdminSources;
 
@@ -133,13 +134,10 @@ fn grain_types(out: &mut Exposition, stats: &[GrainTypeStats]) {
         "Time of a grain type's turns, sampled (one turn in 16 per activation; a batch of reads is one turn).",
     );
     for stats in stats {
-        let histogram = &stats.turn_seconds;
         out.histogram(
             name,
             &[("grain_type", &stats.grain_type)],
-            &TURN_SECONDS_BOUNDS,
-            &histogram.buckets,
-            histogram.sum_seconds,
+            &stats.turn_seconds,
         );
     }
 }
@@ -168,13 +166,7 @@ fn storage(out: &mut Exposition, stats: &granary_actors::StorageStats) {
     let name = "granary_storage_operation_seconds";
     out.family(name, "histogram", "Grain state operations' latency.");
     for op in &stats.ops {
-        out.histogram(
-            name,
-            &[("op", op.op.as_str())],
-            &granary_actors::STORAGE_SECONDS_BOUNDS,
-            &op.buckets,
-            op.sum_seconds,
-        );
+        out.histogram(name, &[("op", op.op.as_str())], &op.latency);
     }
 }
 
@@ -344,13 +336,7 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
         "histogram",
         "Latency of this silo's requests to other silos, from sending to the answer.",
     );
-    out.histogram(
-        name,
-        &[],
-        &granary_cluster::REMOTE_SECONDS_BOUNDS,
-        &stats.remote_buckets,
-        stats.remote_seconds,
-    );
+    out.histogram(name, &[], &stats.remote_calls);
 }
 
 /// The text being written (rules 1 and 2).
@@ -365,31 +351,23 @@ impl Exposition {
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
-    /// A histogram's samples (rule 3): `buckets` per bound of `bounds`
-    /// then the overflow, not cumulative, written cumulative.
-    fn histogram(
-        &mut self,
-        name: &str,
-        labels: &[(&str, &str)],
-        bounds: &[f64],
-        buckets: &[u64],
-        sum_seconds: f64,
-    ) {
+    /// A histogram's samples (rule 3): its buckets, not cumulative,
+    /// written cumulative.
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], histogram: &HistogramSnapshot) {
         let bucket = format!("{name}_bucket");
         let mut cumulative = 0u64;
-        for (bound, count) in bounds.iter().zip(buckets) {
+        for (bound, count) in histogram.bounds.iter().zip(&histogram.buckets) {
             cumulative += count;
             let le = format!("{bound}");
             let mut with = labels.to_vec();
             with.push(("le", &le));
             self.sample(&bucket, &with, cumulative as f64);
         }
-        let count: u64 = buckets.iter().sum();
         let mut with = labels.to_vec();
         with.push(("le", "+Inf"));
-        self.sample(&bucket, &with, count as f64);
-        self.sample(&format!("{name}_sum"), labels, sum_seconds);
-        self.sample(&format!("{name}_count"), labels, count as f64);
+        self.sample(&bucket, &with, histogram.count as f64);
+        self.sample(&format!("{name}_sum"), labels, histogram.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, histogram.count as f64);
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
@@ -444,12 +422,14 @@ mod tests {
             activations_ended: 0,
             live_activations: 1,
             mailbox_depth: 0,
-            turn_seconds: granary_actors::TurnHistogram {
+            turn_seconds: HistogramSnapshot {
+                bounds: &granary_actors::TURN_SECONDS_BOUNDS,
                 buckets: {
-                    let mut buckets = vec![0; TURN_SECONDS_BOUNDS.len() + 1];
+                    let bounds = granary_actors::TURN_SECONDS_BOUNDS.len();
+                    let mut buckets = vec![0; bounds + 1];
                     buckets[0] = 2;
                     buckets[3] = 1;
-                    buckets[TURN_SECONDS_BOUNDS.len()] = 1;
+                    buckets[bounds] = 1;
                     buckets
                 },
                 count: 4,

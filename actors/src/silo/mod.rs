@@ -115,7 +115,7 @@ pub use builder::{Registration, SiloBuilder, SiloConfig};
 pub use context::Timer;
 pub(crate) use envelope::{current_chain, deadline_after, fresh_chain, random_start as random_u64};
 pub use reference::GrainRef;
-pub use stats::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS, TurnHistogram};
+pub use stats::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS};
 
 use crate::grain::{Grain, Service, service_key};
 use crate::key::{GrainId, GrainKey};

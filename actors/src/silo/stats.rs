@@ -36,6 +36,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::histogram::{Histogram, HistogramSnapshot};
+
 /// Messages an activation runs between two additions to its type's count
 /// (rule 2).
 pub(super) const FLUSH_EVERY: u64 = 64;
@@ -94,15 +96,24 @@ impl FailureReason {
 }
 
 /// A grain type's counters (rules 1 to 5).
-#[derive(Default)]
 pub(super) struct TypeStats {
     messages: AtomicU64,
-    /// Per bucket of `TURN_SECONDS_BOUNDS`, then the overflow bucket.
-    turn_buckets: [AtomicU64; TURN_SECONDS_BOUNDS.len() + 1],
-    turn_nanos: AtomicU64,
+    turns: Histogram,
     failures: [AtomicU64; FailureReason::ALL.len()],
     started: AtomicU64,
     ended: AtomicU64,
+}
+
+impl Default for TypeStats {
+    fn default() -> TypeStats {
+        TypeStats {
+            messages: AtomicU64::new(0),
+            turns: Histogram::new(&TURN_SECONDS_BOUNDS),
+            failures: Default::default(),
+            started: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+        }
+    }
 }
 
 impl TypeStats {
@@ -115,14 +126,7 @@ impl TypeStats {
 
     /// Records one sampled turn's time (rule 3).
     pub(super) fn record_turn(&self, took: std::time::Duration) {
-        let seconds = took.as_secs_f64();
-        let bucket = TURN_SECONDS_BOUNDS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(TURN_SECONDS_BOUNDS.len());
-        self.turn_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.turn_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.turns.record(took);
     }
 
     /// Counts one failure (rule 4).
@@ -147,11 +151,6 @@ impl TypeStats {
         live_activations: u64,
         mailbox_depth: u64,
     ) -> GrainTypeStats {
-        let buckets: Vec<u64> = self
-            .turn_buckets
-            .iter()
-            .map(|bucket| bucket.load(Ordering::Relaxed))
-            .collect();
         GrainTypeStats {
             grain_type: grain_type.to_string(),
             stateless,
@@ -169,25 +168,9 @@ impl TypeStats {
             activations_ended: self.ended.load(Ordering::Relaxed),
             live_activations,
             mailbox_depth,
-            turn_seconds: TurnHistogram {
-                count: buckets.iter().sum(),
-                buckets,
-                sum_seconds: self.turn_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            },
+            turn_seconds: self.turns.snapshot(),
         }
     }
-}
-
-/// The sampled turn times of a grain type (rule 3).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TurnHistogram {
-    /// Samples per bucket (not cumulative): one per bound of
-    /// [`TURN_SECONDS_BOUNDS`], then one for slower turns.
-    pub buckets: Vec<u64>,
-    /// Samples in all.
-    pub count: u64,
-    /// The sampled turns' time in all, in seconds.
-    pub sum_seconds: f64,
 }
 
 /// A grain type's statistics at one moment (rules 1 to 5).
@@ -210,8 +193,8 @@ pub struct GrainTypeStats {
     /// Messages waiting in its activations' mailboxes now, not yet taken
     /// (rule 5).
     pub mailbox_depth: u64,
-    /// Sampled turn times (rule 3).
-    pub turn_seconds: TurnHistogram,
+    /// Sampled turn times (rule 3), bounded by [`TURN_SECONDS_BOUNDS`].
+    pub turn_seconds: HistogramSnapshot,
 }
 
 /// An activation's side of rules 2 and 3: its local count, and whether the

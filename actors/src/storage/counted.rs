@@ -15,6 +15,7 @@ use std::time::Instant;
 use futures_util::future::BoxFuture;
 
 use super::{ETag, ReminderTable, StorageError, StorageProvider, StoredState};
+use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::key::GrainId;
 
 /// Upper bounds of the storage latency histogram's buckets, in seconds; a
@@ -49,28 +50,27 @@ impl StorageOp {
 }
 
 /// One operation's counters (rule 1).
-#[derive(Default)]
 struct OpCounters {
     done: AtomicU64,
     conflicts: AtomicU64,
     failed: AtomicU64,
-    buckets: [AtomicU64; STORAGE_SECONDS_BOUNDS.len() + 1],
-    nanos: AtomicU64,
+    latency: Histogram,
+}
+
+impl Default for OpCounters {
+    fn default() -> OpCounters {
+        OpCounters {
+            done: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            latency: Histogram::new(&STORAGE_SECONDS_BOUNDS),
+        }
+    }
 }
 
 impl OpCounters {
     fn record<T>(&self, started: Instant, outcome: &Result<T, StorageError>) {
-        let took = started.elapsed();
-        let seconds = took.as_secs_f64();
-        let bucket = STORAGE_SECONDS_BOUNDS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(STORAGE_SECONDS_BOUNDS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.nanos.fetch_add(
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.latency.record(started.elapsed());
         let counter = match outcome {
             Ok(_) => &self.done,
             Err(StorageError::Conflict { .. }) => &self.conflicts,
@@ -80,19 +80,12 @@ impl OpCounters {
     }
 
     fn snapshot(&self, op: StorageOp) -> StorageOpStats {
-        let buckets: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|bucket| bucket.load(Ordering::Relaxed))
-            .collect();
         StorageOpStats {
             op,
             done: self.done.load(Ordering::Relaxed),
             conflicts: self.conflicts.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
-            count: buckets.iter().sum(),
-            buckets,
-            sum_seconds: self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            latency: self.latency.snapshot(),
         }
     }
 }
@@ -108,13 +101,8 @@ pub struct StorageOpStats {
     pub conflicts: u64,
     /// Failed otherwise (the backend, or encoding).
     pub failed: u64,
-    /// Latencies per bucket (not cumulative): one per bound of
-    /// [`STORAGE_SECONDS_BOUNDS`], then one for slower operations.
-    pub buckets: Vec<u64>,
-    /// Operations timed in all.
-    pub count: u64,
-    /// Their time in all, in seconds.
-    pub sum_seconds: f64,
+    /// Their latency, bounded by [`STORAGE_SECONDS_BOUNDS`].
+    pub latency: HistogramSnapshot,
 }
 
 /// A silo's storage statistics, one entry per operation.
@@ -225,9 +213,12 @@ mod tests {
         let [read, write, clear] = &stats.ops[..] else {
             panic!("three operations");
         };
-        assert_eq!((read.done, read.conflicts, read.count), (1, 0, 1));
-        assert_eq!((write.done, write.conflicts, write.count), (1, 1, 2));
+        assert_eq!((read.done, read.conflicts, read.latency.count), (1, 0, 1));
+        assert_eq!(
+            (write.done, write.conflicts, write.latency.count),
+            (1, 1, 2)
+        );
         assert_eq!((clear.done, clear.failed), (1, 0));
-        assert!(write.sum_seconds >= 0.0);
+        assert!(write.latency.sum_seconds >= 0.0);
     }
 }

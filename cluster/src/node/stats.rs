@@ -13,6 +13,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use granary_actors::histogram::{Histogram, HistogramSnapshot};
+
 /// Upper bounds of the remote call histogram's buckets, in seconds; a last
 /// bucket holds everything slower.
 pub const REMOTE_SECONDS_BOUNDS: [f64; 10] = [
@@ -58,11 +60,18 @@ impl Redirect {
 }
 
 /// The node's counters (rules 1 and 2).
-#[derive(Default)]
 pub(super) struct NodeStats {
     redirects: [AtomicU64; Redirect::ALL.len()],
-    buckets: [AtomicU64; REMOTE_SECONDS_BOUNDS.len() + 1],
-    nanos: AtomicU64,
+    remote: Histogram,
+}
+
+impl Default for NodeStats {
+    fn default() -> NodeStats {
+        NodeStats {
+            redirects: Default::default(),
+            remote: Histogram::new(&REMOTE_SECONDS_BOUNDS),
+        }
+    }
 }
 
 impl NodeStats {
@@ -71,24 +80,10 @@ impl NodeStats {
     }
 
     pub(super) fn remote_call(&self, took: Duration) {
-        let seconds = took.as_secs_f64();
-        let bucket = REMOTE_SECONDS_BOUNDS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(REMOTE_SECONDS_BOUNDS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.nanos.fetch_add(
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.remote.record(took);
     }
 
     pub(super) fn snapshot(&self) -> ClusterStats {
-        let buckets: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|bucket| bucket.load(Ordering::Relaxed))
-            .collect();
         ClusterStats {
             redirects: Redirect::ALL
                 .iter()
@@ -99,9 +94,7 @@ impl NodeStats {
                     )
                 })
                 .collect(),
-            remote_calls: buckets.iter().sum(),
-            remote_buckets: buckets,
-            remote_seconds: self.nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            remote_calls: self.remote.snapshot(),
         }
     }
 }
@@ -112,11 +105,7 @@ pub struct ClusterStats {
     /// Answers that sent a call elsewhere or later, by kind, in the order
     /// of [`Redirect::ALL`].
     pub redirects: Vec<(Redirect, u64)>,
-    /// Requests sent to other silos and answered (or failed) in all.
-    pub remote_calls: u64,
-    /// Their latency per bucket (not cumulative): one per bound of
-    /// [`REMOTE_SECONDS_BOUNDS`], then one for slower ones.
-    pub remote_buckets: Vec<u64>,
-    /// Their time in all, in seconds.
-    pub remote_seconds: f64,
+    /// The latency of requests to other silos that were answered, bounded
+    /// by [`REMOTE_SECONDS_BOUNDS`].
+    pub remote_calls: HistogramSnapshot,
 }

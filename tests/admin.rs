@@ -119,7 +119,21 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
             node.grain::<Tally>(key).call(Bump).await.expect("a call");
         }
     }
-    let (status, head, metrics) = get(address, "/metrics", token).await;
+    // An activation adds what it ran to its type's count once it waits
+    // for its next message (stats rule 2): right after the last reply it
+    // may not have yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, head, metrics) = loop {
+        let (status, head, metrics) = get(address, "/metrics", token).await;
+        let counted = sample(
+            &metrics,
+            "granary_grain_messages_total{grain_type=\"tally\"}",
+        );
+        if counted == Some(40.0) || Instant::now() > deadline {
+            break (status, head, metrics);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(status, 200);
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert_eq!(

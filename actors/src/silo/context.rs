@@ -55,8 +55,13 @@ impl GrainContext {
     {
         let chain = self.chain();
         let grain_type = target.registered()?;
-        let grain = target.id(grain_type);
         let timeout = target.silo.inner.config.call_timeout;
+        // What the wait below names and counts if it times out.
+        let callee = Callee {
+            grain: target.id(grain_type),
+            timeout,
+            stats: &grain_type.stats,
+        };
         // On a routed silo the call goes to the grain's home, wherever it
         // is (rule 12); it carries this turn's chain, so a call back from
         // another silo runs on the lent grain too.
@@ -70,24 +75,12 @@ impl GrainContext {
                 },
             )?;
             let deadline = outbound.deadline;
-            let answer_grain = grain.clone();
+            let answer_grain = callee.grain.clone();
             let answer = async move {
                 let delivered = router.dispatch(Box::new(outbound)).await?;
                 routed_reply(delivered, reply, codec, Kind::Call, &answer_grain)
             };
-            return self
-                .lend_until(
-                    this,
-                    chain,
-                    answer,
-                    deadline,
-                    Callee {
-                        grain,
-                        timeout,
-                        stats: &grain_type.stats,
-                    },
-                )
-                .await;
+            return self.lend_until(this, chain, answer, deadline, callee).await;
         }
         let deadline = deadline_after(timeout);
         let (reply, answer) = oneshot::channel();
@@ -104,24 +97,13 @@ impl GrainContext {
         target
             .deliver(grain_type, envelope, &mut Deadline::at(deadline, timeout))
             .await?;
-        let failed = grain.clone();
+        let failed = callee.grain.clone();
         let answer = async move {
             answer
                 .await
                 .map_err(|_| CallError::TurnFailed { grain: failed })
         };
-        self.lend_until(
-            this,
-            chain,
-            answer,
-            deadline,
-            Callee {
-                grain,
-                timeout,
-                stats: &grain_type.stats,
-            },
-        )
-        .await
+        self.lend_until(this, chain, answer, deadline, callee).await
     }
 
     /// Waits for `answer` until `deadline`, lending `this` to the messages

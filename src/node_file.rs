@@ -346,6 +346,11 @@ fn open_bridge(devices: &DevicesFile) -> Result<Option<Arc<GpuBridge>>, NodeRunE
         return Ok(None);
     }
     let mut builder = GpuBridge::builder().kernels(shipped::ALL);
+    if let Some(hang) = test_kernel_hang()? {
+        let cpu = granary_kernels::CpuBackend::new();
+        cpu.hooks().hang_after(hang.0, hang.1);
+        builder = builder.cpu_backend(cpu);
+    }
     builder = match devices.backend {
         DeviceBackend::Cpu => builder,
         DeviceBackend::OpenCl => builder.backend(Arc::new(
@@ -368,6 +373,34 @@ fn open_bridge(devices: &DevicesFile) -> Result<Option<Arc<GpuBridge>>, NodeRunE
             .build()
             .map_err(|err| NodeRunError(format!("bridge: {err}")))?,
     )))
+}
+
+/// The environment variable that arms a hang in the CPU backend's kernels
+/// (`granary_kernels::hooks`): `AFTER:MILLIS` lets `AFTER` requests pass,
+/// then holds the next one for `MILLIS` milliseconds without a heartbeat.
+/// For tests of the probes and the bridge's recovery with real processes.
+pub const TEST_KERNEL_HANG: &str = "GRANARY_TEST_KERNEL_HANG";
+
+/// The hang [`TEST_KERNEL_HANG`] asks for, if it is set.
+fn test_kernel_hang() -> Result<Option<(u64, Duration)>, NodeRunError> {
+    let Some(value) = std::env::var_os(TEST_KERNEL_HANG) else {
+        return Ok(None);
+    };
+    let bad = || {
+        NodeRunError(format!(
+            "{TEST_KERNEL_HANG}={value:?}: expected AFTER:MILLIS, two whole numbers"
+        ))
+    };
+    let text = value.to_str().ok_or_else(bad)?;
+    let (after, millis) = text.split_once(':').ok_or_else(bad)?;
+    let after = after.trim().parse().map_err(|_| bad())?;
+    let millis = millis.trim().parse().map_err(|_| bad())?;
+    tracing::warn!(
+        after,
+        millis,
+        "{TEST_KERNEL_HANG} arms a kernel hang (a test hook)"
+    );
+    Ok(Some((after, Duration::from_millis(millis))))
 }
 
 /// The node's settings from the file: addresses, seeds and the failure

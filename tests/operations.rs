@@ -1,6 +1,23 @@
-//! Operating a cluster of real `granary node` processes on loopback: a
-//! node drained by SIGTERM under load.
+//! Operating a cluster of real `granary node` processes on loopback, as
+//! `cargo test --test operations` runs it:
+//!
+//! - a node drained by SIGTERM under load loses no acknowledged write, and
+//!   one whose drain outlasts its grace exits with an error;
+//! - the metrics scrape serves every family an operator needs, the admin
+//!   token guards every path, and the Grafana dashboard in
+//!   `samples/deploy/` queries only names a node serves;
+//! - a persistent kernel that hangs (the CPU backend's test hook, armed
+//!   through `GRANARY_TEST_KERNEL_HANG`) makes its node unready until the
+//!   bridge has relaunched it;
+//! - the dashboard, rendered by a headless Chromium, shows the cluster and
+//!   follows it when a node dies. Where no Chromium and chromedriver are
+//!   installed, that test reports as ignored and says why.
+//!
+//! The tests run under `libtest-mimic` (`harness = false`), which decides
+//! at run time whether the browser is there.
 
+#[path = "operations/browser.rs"]
+mod browser;
 mod support;
 
 use std::collections::HashMap;
@@ -11,11 +28,69 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use granary::cluster_demo::{Apply, DemoGrains, Ledger, Read};
-use granary::node_file::{AdminFile, DevicesFile, NodeFile, StorageFile, start_node};
+use granary::cluster::ClusterNode;
+use granary::cluster_demo::{Apply, DemoGrains, Inspect, Inspector, Ledger, Read};
+use granary::node_file::{
+    AdminFile, DevicesFile, NodeFile, StorageFile, TEST_KERNEL_HANG, start_node,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
 
 const SECRET: &str = "operations test cluster secret";
 const LEDGERS: u64 = 24;
+const TOKEN: &str = "operations-admin-token";
+
+fn main() {
+    let args = Arguments::from_args();
+    let browser = browser::available();
+    if let Err(why) = &browser {
+        eprintln!("browser: SKIPPED: the dashboard test is reported as ignored: {why}");
+    }
+    let trials = vec![
+        trial(
+            "sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost",
+            || on_tokio(sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost()),
+        ),
+        trial(
+            "a_drain_past_its_grace_ends_the_run_with_an_error",
+            a_drain_past_its_grace_ends_the_run_with_an_error,
+        ),
+        trial(
+            "the_scrape_serves_every_family_and_the_token_guards_every_path",
+            || on_tokio(the_scrape_serves_every_family_and_the_token_guards_every_path()),
+        ),
+        trial(
+            "a_hung_kernel_makes_its_node_unready_until_it_is_relaunched",
+            || on_tokio(a_hung_kernel_makes_its_node_unready_until_it_is_relaunched()),
+        ),
+        trial("the_dashboard_shows_the_cluster_in_a_browser", move || {
+            if let Ok((chromium, driver)) = browser::available() {
+                on_tokio(the_dashboard_shows_the_cluster_in_a_browser(
+                    chromium, driver,
+                ));
+            }
+        })
+        .with_ignored_flag(browser.is_err()),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// A test whose body panics to fail (libtest-mimic reports the panic).
+fn trial(name: &'static str, body: impl FnOnce() + Send + 'static) -> Trial {
+    Trial::test(name, move || {
+        body();
+        Ok::<(), Failed>(())
+    })
+}
+
+/// Runs an async test body on a two-worker tokio runtime.
+fn on_tokio(body: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the test")
+        .block_on(body);
+}
 
 /// Kills the processes left when dropped, whatever happens.
 struct Nodes(Vec<Child>);
@@ -65,6 +140,115 @@ fn node_file(cluster: &str, storage: &Path, seed: SocketAddr, gossip: SocketAddr
     }
 }
 
+/// `count` `granary node` processes with admin endpoints on loopback, one
+/// SQLite file between them, and this process joined as a client that
+/// hosts nothing.
+struct Cluster {
+    /// Declared first: the processes are killed before the directory goes.
+    nodes: Nodes,
+    client: ClusterNode,
+    admins: Vec<SocketAddr>,
+    /// Each node's silo address (`listen`).
+    silos: Vec<String>,
+    token: Option<&'static str>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the nodes (node `n` with the environment `env` names for it)
+    /// and waits until every one has joined and is ready.
+    async fn start(
+        name: &str,
+        count: usize,
+        token: Option<&'static str>,
+        env: &[(usize, &str, &str)],
+    ) -> Cluster {
+        let dir = tempfile::tempdir().expect("a directory");
+        let storage = dir.path().join("grains.sqlite");
+        let cluster = format!("{name}-{}", std::process::id());
+        let seed = free_udp();
+        let mut nodes = Nodes(Vec::new());
+        let mut admins = Vec::new();
+        let mut silos = Vec::new();
+        for n in 0..count {
+            let gossip = if n == 0 { seed } else { free_udp() };
+            let mut file = node_file(&cluster, &storage, seed, gossip);
+            let admin: SocketAddr = ([127, 0, 0, 1], free_tcp()).into();
+            file.admin = Some(AdminFile {
+                listen: admin,
+                token: token.map(str::to_string),
+            });
+            let path = dir.path().join(format!("node-{n}.toml"));
+            std::fs::write(&path, file.to_toml().expect("TOML")).expect("written");
+            let log =
+                std::fs::File::create(dir.path().join(format!("node-{n}.log"))).expect("a log");
+            let mut command = Command::new(env!("CARGO_BIN_EXE_granary"));
+            command
+                .arg("node")
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(log);
+            for (_, key, value) in env.iter().filter(|(node, _, _)| *node == n) {
+                command.env(key, value);
+            }
+            nodes.0.push(command.spawn().expect("the node starts"));
+            admins.push(admin);
+            silos.push(file.listen.clone());
+        }
+        let mut me = node_file(&cluster, &storage, seed, free_udp());
+        me.listen = "127.0.0.1:0".into();
+        me.devices = DevicesFile {
+            none: true,
+            ..DevicesFile::default()
+        };
+        let client = start_node(&me, &DemoGrains::default())
+            .await
+            .expect("the client joins");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.members().len() < count + 1
+            || client
+                .members()
+                .iter()
+                .filter(|member| !member.load.grain_types.is_empty())
+                .count()
+                < count
+        {
+            assert!(Instant::now() < deadline, "the cluster never formed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cluster = Cluster {
+            nodes,
+            client,
+            admins,
+            silos,
+            token,
+            dir,
+        };
+        for admin in &cluster.admins {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while cluster.get(*admin, "/health/ready").await.0 != 200 {
+                assert!(Instant::now() < deadline, "{admin} never ready");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        cluster
+    }
+
+    /// A GET of the admin endpoint `admin`, with the cluster's token;
+    /// status 0 if nothing answers.
+    async fn get(&self, admin: SocketAddr, path: &str) -> (u16, String, String) {
+        support::get(admin, path, self.token)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// A node's log so far, for failure messages.
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{n}.log"))).unwrap_or_default()
+    }
+}
+
 /// Sends SIGTERM to `child`.
 fn terminate(child: &Child) {
     let status = Command::new("kill")
@@ -90,72 +274,468 @@ fn exit_within(child: &mut Child, within: Duration) -> std::process::ExitStatus 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost() {
-    let temp = tempfile::tempdir().expect("a directory");
-    let dir = temp.path();
-    let storage = dir.join("grains.sqlite");
-    let cluster = format!("operations-{}", std::process::id());
-    let seed = free_udp();
-    let mut nodes = Nodes(Vec::new());
-    let mut admins = Vec::new();
-    for n in 0..3 {
-        let gossip = if n == 0 { seed } else { free_udp() };
-        let mut file = node_file(&cluster, &storage, seed, gossip);
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp())
-            .parse()
-            .expect("an address");
-        file.admin = Some(AdminFile {
-            listen: admin,
-            token: None,
-        });
-        let path = dir.join(format!("node-{n}.toml"));
-        std::fs::write(&path, file.to_toml().expect("TOML")).expect("written");
-        let log = std::fs::File::create(dir.join(format!("node-{n}.log"))).expect("a log");
-        let child = Command::new(env!("CARGO_BIN_EXE_granary"))
-            .arg("node")
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("the node starts");
-        nodes.0.push(child);
-        admins.push(admin);
-    }
-    // This process joins as a client: it routes, hosts nothing.
-    let mut me = node_file(&cluster, &storage, seed, free_udp());
-    me.listen = "127.0.0.1:0".into();
-    me.devices = DevicesFile {
-        none: true,
-        ..DevicesFile::default()
-    };
-    let client = start_node(&me, &DemoGrains::default())
-        .await
-        .expect("the client joins");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.members().len() < 4
-        || client
-            .members()
-            .iter()
-            .filter(|member| !member.load.grain_types.is_empty())
-            .count()
-            < 3
-    {
-        assert!(Instant::now() < deadline, "the cluster never formed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for admin in &admins {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while support::get(*admin, "/health/ready", None)
-            .await
-            .map(|answer| answer.0)
-            != Some(200)
-        {
-            assert!(Instant::now() < deadline, "{admin} never ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Drives load on every node: each ledger of `keys` applies a few steps
+/// (device memory, storage, grain-to-grain calls) and each node's
+/// inspector sends a request through its bridge's ring path.
+async fn drive(cluster: &Cluster, keys: std::ops::Range<u64>, steps: u64) {
+    for key in keys {
+        for seq in 1..=steps {
+            let applied = cluster
+                .client
+                .grain::<Ledger>(key)
+                .call(Apply { seq, amount: 1 })
+                .await;
+            assert!(
+                matches!(applied, Ok(Ok(_))),
+                "ledger {key} step {seq}: {applied:?}"
+            );
         }
     }
+    for silo in &cluster.silos {
+        inspect(cluster, silo)
+            .await
+            .unwrap_or_else(|err| panic!("inspecting {silo}: {err}"));
+    }
+}
+
+/// One ring-path round trip on `silo`, through its inspector.
+async fn inspect(cluster: &Cluster, silo: &str) -> Result<u64, String> {
+    let activity = cluster
+        .client
+        .grain::<Inspector>(silo)
+        .call(Inspect {
+            ledgers: 0,
+            auditors: 0,
+        })
+        .await
+        .map_err(|err| err.to_string())??;
+    activity
+        .ring_round_trip_us
+        .ok_or_else(|| format!("{silo} has no bridge"))
+}
+
+/// The families an exposition declares (`# TYPE` lines), and each sample's
+/// value by its full series name (`name{labels}`).
+fn parse(text: &str) -> (Vec<String>, HashMap<String, f64>) {
+    let mut families = Vec::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = declared.split(' ').next() {
+                families.push(name.to_string());
+            }
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line: series value");
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("a sample value: {line}"));
+            samples.insert(series.to_string(), value);
+        }
+    }
+    (families, samples)
+}
+
+/// The value of the first sample whose series starts with `prefix` and
+/// contains every one of `labels`.
+fn value(samples: &HashMap<String, f64>, prefix: &str, labels: &[&str]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(series, _)| {
+            series.starts_with(prefix) && labels.iter().all(|label| series.contains(label))
+        })
+        .map(|(_, value)| *value)
+}
+
+async fn the_scrape_serves_every_family_and_the_token_guards_every_path() {
+    let cluster = Cluster::start("scrape", 2, Some(TOKEN), &[]).await;
+    drive(&cluster, 0..6, 3).await;
+    let admin = cluster.admins[0];
+
+    // The token guards every path, and a refusal reveals nothing.
+    for path in [
+        "/metrics",
+        "/health/ready",
+        "/cluster",
+        "/",
+        "/no-such-path",
+    ] {
+        for token in [None, Some("wrong-token")] {
+            let (status, head, body) = support::get(admin, path, token).await.expect("an answer");
+            assert_eq!(status, 401, "{path} with {token:?}: {head}");
+            assert!(body.is_empty(), "{path}: a refusal has no body: {body}");
+            let head = head.to_ascii_lowercase();
+            assert!(
+                head.contains("www-authenticate: bearer")
+                    && head.contains("www-authenticate: basic"),
+                "{head}"
+            );
+        }
+    }
+    // A browser's Basic credentials carry the token as their password.
+    use base64::Engine;
+    let basic = |password: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("operator:{password}"))
+        )
+    };
+    for (credentials, expected) in [(basic(TOKEN), 200), (basic("wrong-token"), 401)] {
+        let answer = support::exchange(
+            admin,
+            "GET",
+            "/health/live",
+            &[("Authorization", &credentials)],
+            "",
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(answer.0, expected, "{credentials}: {}", answer.1);
+    }
+
+    let (status, _, text) = cluster.get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let (families, samples) = parse(&text);
+    let required = [
+        // Per grain type.
+        "granary_grain_messages_total",
+        "granary_grain_failures_total",
+        "granary_grain_turn_seconds",
+        "granary_grain_activations",
+        "granary_grain_activations_started_total",
+        "granary_grain_activations_ended_total",
+        "granary_grain_mailbox_depth",
+        // Per device and persistent kernel.
+        "granary_device_memory_total_bytes",
+        "granary_device_memory_reserved_bytes",
+        "granary_device_memory_free_bytes",
+        "granary_device_queue_depth",
+        "granary_device_requests_total",
+        "granary_device_request_failures_total",
+        "granary_device_fallbacks_total",
+        "granary_kernel_heartbeat_age_seconds",
+        "granary_kernel_ring_occupancy_ratio",
+        "granary_kernel_hangs_total",
+        "granary_kernel_relaunches_total",
+        "granary_kernel_failed",
+        "granary_gpu_request_seconds",
+        // The cluster.
+        "granary_cluster_members",
+        "granary_cluster_directory_entries",
+        "granary_cluster_homes",
+        "granary_cluster_redirects_total",
+        "granary_cluster_remote_call_seconds",
+        // Storage and reminders.
+        "granary_storage_operations_total",
+        "granary_storage_operation_seconds",
+        "granary_reminders_due_total",
+        "granary_reminders_fired_total",
+    ];
+    let missing: Vec<&str> = required
+        .iter()
+        .copied()
+        .filter(|name| !families.iter().any(|family| family == name))
+        .collect();
+    assert!(missing.is_empty(), "families missing: {missing:?}\n{text}");
+    // Every family once; every sample belongs to a declared family.
+    let mut unique = families.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), families.len(), "a family declared twice");
+    for series in samples.keys() {
+        let name = series.split('{').next().unwrap_or_default();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| families.iter().any(|family| family == base))
+            .unwrap_or(name);
+        assert!(
+            families.iter().any(|family| family == base),
+            "{series} has no # TYPE"
+        );
+        assert!(
+            base.starts_with("granary_"),
+            "{series}: not a granary_ name"
+        );
+        assert!(
+            !series.contains("key=") && !series.contains("grain_key="),
+            "{series}: a grain key as a label"
+        );
+    }
+    // What the load did shows.
+    let ledger = [r#"grain_type="ledger""#];
+    assert!(value(&samples, "granary_grain_messages_total", &ledger) >= Some(1.0));
+    assert!(value(&samples, "granary_grain_turn_seconds_count", &ledger) >= Some(1.0));
+    let double = [r#"kernel="double""#];
+    let age = value(&samples, "granary_kernel_heartbeat_age_seconds", &double)
+        .expect("the double kernel's heartbeat");
+    assert!(age < 1.0, "a running kernel's heartbeat is {age} s old");
+    assert_eq!(
+        value(&samples, "granary_kernel_hangs_total", &double),
+        Some(0.0)
+    );
+    assert!(value(&samples, "granary_gpu_request_seconds_count", &double) >= Some(1.0));
+    assert_eq!(value(&samples, "granary_cluster_members", &[]), Some(3.0));
+    // Some node wrote state (placement decides which).
+    let mut writes = 0.0;
+    for admin in &cluster.admins {
+        let (_, _, text) = cluster.get(*admin, "/metrics").await;
+        writes += value(
+            &parse(&text).1,
+            "granary_storage_operations_total",
+            &[r#"op="write""#, r#"outcome="done""#],
+        )
+        .unwrap_or_default();
+    }
+    assert!(writes >= 1.0, "no state was written");
+
+    // The Grafana dashboard queries only families a node serves.
+    let grafana = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/samples/deploy/grafana/granary.json"
+    ))
+    .expect("the Grafana dashboard");
+    let grafana: serde_json::Value = serde_json::from_str(&grafana).expect("JSON");
+    let queried = metric_names(&exprs(&grafana).join("\n"));
+    assert!(queried.len() > 10, "{queried:?}");
+    let unserved: Vec<&String> = queried
+        .iter()
+        .filter(|name| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            !families
+                .iter()
+                .any(|family| family == base || family == *name)
+        })
+        .collect();
+    assert!(
+        unserved.is_empty(),
+        "the Grafana dashboard queries names no node serves: {unserved:?}"
+    );
+    cluster.client.leave().await.expect("the client leaves");
+}
+
+/// Every query (`expr`) in a Grafana dashboard.
+fn exprs(value: &serde_json::Value) -> Vec<String> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .flat_map(|(key, value)| match (key.as_str(), value) {
+                ("expr", serde_json::Value::String(expr)) => vec![expr.clone()],
+                _ => exprs(value),
+            })
+            .collect(),
+        serde_json::Value::Array(values) => values.iter().flat_map(exprs).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Every `granary_...` name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("granary_"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+async fn a_hung_kernel_makes_its_node_unready_until_it_is_relaunched() {
+    // Node 0's CPU kernels let 3 requests pass (inspections or probes),
+    // then hold the next one without a heartbeat for longer than the
+    // bridge waits (its hang timeout, 2 s).
+    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "3:60000")]).await;
+    let (admin, silo) = (cluster.admins[0], cluster.silos[0].clone());
+    inspect(&cluster, &silo)
+        .await
+        .expect("the ring path answers");
+    // Keep the ring path busy, so the hang comes whether a probe or an
+    // inspection takes it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (client, silo, stop) = (cluster.client.clone(), silo.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let _ = client
+                    .grain::<Inspector>(silo.as_str())
+                    .call(Inspect {
+                        ledgers: 0,
+                        auditors: 0,
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // Ready, then unready because the kernel does not answer its probe,
+    // then ready again once the bridge relaunched it.
+    let mut seen = Vec::new();
+    let mut unready_detail = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _, body) = cluster.get(admin, "/health/ready").await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let kernels = report["checks"]
+            .as_array()
+            .and_then(|checks| checks.iter().find(|check| check["name"] == "kernels"))
+            .cloned()
+            .unwrap_or_default();
+        let ok = status == 200;
+        if seen.last() != Some(&ok) {
+            seen.push(ok);
+            if !ok {
+                assert_eq!(kernels["ok"], false, "unready for another reason: {body}");
+                unready_detail = kernels["detail"].as_str().unwrap_or_default().to_string();
+            }
+        }
+        if seen == [true, false, true] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness went {seen:?}, not ready → unready → ready\n{}",
+            cluster.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        unready_detail.contains("double"),
+        "the check names the kernel: {unready_detail}"
+    );
+    stop.store(true, Ordering::Release);
+    traffic.await.expect("the traffic task");
+    // The metrics tell the same story.
+    let (_, _, text) = cluster.get(admin, "/metrics").await;
+    let (_, samples) = parse(&text);
+    let double = [r#"kernel="double""#];
+    assert_eq!(
+        value(&samples, "granary_kernel_hangs_total", &double),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&samples, "granary_kernel_relaunches_total", &double),
+        Some(1.0)
+    );
+    assert_eq!(value(&samples, "granary_kernel_failed", &double), Some(0.0));
+    inspect(&cluster, &silo)
+        .await
+        .expect("the relaunched kernel answers");
+    cluster.client.leave().await.expect("the client leaves");
+}
+
+async fn the_dashboard_shows_the_cluster_in_a_browser(
+    chromium: std::path::PathBuf,
+    driver: std::path::PathBuf,
+) {
+    let mut cluster = Cluster::start("dashboard", 3, None, &[]).await;
+    drive(&cluster, 0..9, 2).await;
+    let profile = cluster.dir.path().join("chromium-profile");
+    let browser = browser::Browser::start(&chromium, &driver, &profile).await;
+    browser
+        .open(&format!("http://{}/", cluster.admins[0]))
+        .await;
+    // Read from the rendered page: what an operator sees.
+    let shown = r##"
+        const text = id => document.getElementById(id).textContent;
+        const reserved = [...document.querySelectorAll(".device .bar .seg.reserved")]
+            .filter(seg => Number(seg.dataset.bytes) > 0 && parseFloat(seg.style.width) > 0);
+        return {
+            silos: text("silo-count"),
+            rows: document.querySelectorAll("#silos tr.silo").length,
+            activations: Number(text("activation-count")),
+            ledgers: Number(document.querySelector('#grain-types tr[data-grain-type="ledger"] .activations')?.textContent ?? 0),
+            bars: document.querySelectorAll(".device .bar").length,
+            reserved: reserved.length,
+            lines: document.querySelectorAll("#throughput polyline.series").length,
+            left: [...document.querySelectorAll("#events li.event-left")].map(li => li.dataset.silo),
+            refreshes: Number(document.body.dataset.refreshes || 0),
+            error: text("error"),
+        };
+    "##;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let page = browser.run(shown).await;
+        if page["silos"] == "3"
+            && page["rows"] == 3
+            && page["activations"].as_f64() > Some(0.0)
+            && page["ledgers"].as_f64() > Some(0.0)
+            && page["bars"].as_u64() >= Some(3)
+            && page["reserved"].as_u64() >= Some(1)
+            && page["lines"].as_u64() >= Some(1)
+        {
+            break page;
+        }
+        if Instant::now() >= deadline {
+            let view = cluster.get(cluster.admins[0], "/cluster").await.2;
+            panic!("the page shows {page}; the view is {view}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    browser
+        .screenshot(&shots.join("dashboard-3-silos.png"))
+        .await;
+
+    // Kill node 2: the same page, refreshing itself, shows 2 silos once
+    // the failure detector has declared it dead.
+    let killed = cluster.silos[2].clone();
+    cluster.nodes.0[2].kill().expect("the node is killed");
+    let _ = cluster.nodes.0[2].wait();
+    let killed_at = Instant::now();
+    let detection = Duration::from_secs(20);
+    let after = loop {
+        let page = browser.run(shown).await;
+        if page["silos"] == "2" && page["rows"] == 2 {
+            break page;
+        }
+        assert!(
+            killed_at.elapsed() < detection,
+            "still shows {page} {:?} after the kill",
+            killed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "dashboard: 3 silos shown ({before}); 2 shown {:?} after the kill",
+        killed_at.elapsed()
+    );
+    assert!(
+        after["refreshes"].as_u64() > before["refreshes"].as_u64(),
+        "the page refreshed itself"
+    );
+    // The event list says which one left (the sampler notes it within
+    // one more sample).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = browser.run(shown).await;
+        let left = page["left"].as_array().cloned().unwrap_or_default();
+        if left
+            .iter()
+            .any(|silo| silo.as_str().is_some_and(|silo| silo.starts_with(&killed)))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event says {killed} left: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    browser
+        .screenshot(&shots.join("dashboard-2-silos.png"))
+        .await;
+    drop(browser);
+    cluster.client.leave().await.expect("the client leaves");
+}
+
+async fn sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost() {
+    let mut cluster = Cluster::start("drain", 3, None, &[]).await;
+    let (client, admins) = (&cluster.client, &cluster.admins);
+    let nodes = &mut cluster.nodes;
 
     // Load: each ledger applies steps in order, retrying a step until it is
     // acknowledged. Every failure must come back fast and typed.
@@ -279,10 +859,8 @@ async fn sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost() {
         "a failed call took {slowest:?}: failures must come back fast"
     );
     client.leave().await.expect("the client leaves");
-    drop(nodes);
 }
 
-#[test]
 fn a_drain_past_its_grace_ends_the_run_with_an_error() {
     let temp = tempfile::tempdir().expect("a directory");
     let dir = temp.path();

@@ -38,8 +38,10 @@ fn view(silos: usize) -> Vec<Member> {
                         free_memory: (((i * 7 + d * 13) % 80) as u64) << 30,
                         queue_depth: ((i + d) % 5) as u64,
                         compute_units: 132,
+                        ..DeviceLoad::default()
                     })
                     .collect(),
+                ..SiloLoad::default()
             },
         })
         .collect()

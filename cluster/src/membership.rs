@@ -79,8 +79,10 @@ const BEAT_EVERY: u32 = 2;
 /// Beats a silo may miss before it leaves the view (rule 6).
 const BEATS_MISSED: u32 = 10;
 
-/// One device of a silo, as the cluster sees it (rule 4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One device of a silo, as the cluster sees it (rule 4). Fields added
+/// after the first release default when a silo of an older release leaves
+/// them out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceLoad {
     /// The backend (`Cpu`, `OpenCl`, `Cuda`).
     pub backend: String,
@@ -94,6 +96,21 @@ pub struct DeviceLoad {
     pub queue_depth: u64,
     /// Its compute units (SMs, OpenCL compute units, cores).
     pub compute_units: u32,
+    /// Device memory reserved for grains and requests now, in bytes (the
+    /// rest of `total_memory - free_memory` is not lent to Granary).
+    #[serde(default)]
+    pub reserved_memory: u64,
+    /// Requests it finished successfully since the silo started.
+    #[serde(default)]
+    pub processed: u64,
+    /// Requests that failed on it since the silo started.
+    #[serde(default)]
+    pub failed: u64,
+    /// The latencies of its successful requests added up, in
+    /// nanoseconds: with `processed`, the mean round trip between two
+    /// loads.
+    #[serde(default)]
+    pub latency_sum_ns: u64,
 }
 
 /// A silo's load (rule 4).
@@ -107,6 +124,21 @@ pub struct SiloLoad {
     /// grain's type; an external client hosts none).
     #[serde(default)]
     pub grain_types: Vec<String>,
+    /// Live activations by grain type (those with none left out).
+    #[serde(default)]
+    pub activations_by_type: std::collections::BTreeMap<String, u64>,
+    /// When the silo started, in milliseconds since the Unix epoch (0 if
+    /// unknown).
+    #[serde(default)]
+    pub started_ms: u64,
+    /// Whether it is leaving: it refuses new calls and lets its activations
+    /// go before it leaves the view.
+    #[serde(default)]
+    pub leaving: bool,
+    /// Whether it is fenced after a stall (it gives its homes up and comes
+    /// back as a new incarnation).
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 /// A live silo in the view (rule 7).

@@ -84,7 +84,7 @@ async fn silos_join_publish_load_leave_crash_and_rejoin() {
     b.publish_load(SiloLoad {
         grain_types: Vec::new(),
         activations: 42,
-        devices: Vec::new(),
+        ..SiloLoad::default()
     })
     .await
     .unwrap();

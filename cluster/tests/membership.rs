@@ -83,7 +83,15 @@ async fn five_silos_join_through_a_seed_and_see_each_others_load() {
             free_memory: 60 << 30,
             queue_depth: 3,
             compute_units: 132,
+            reserved_memory: 20 << 30,
+            processed: 7,
+            failed: 1,
+            latency_sum_ns: 7_000,
         }],
+        activations_by_type: [("tensor".to_string(), 42)].into(),
+        started_ms: 1_800_000_000_000,
+        leaving: false,
+        fenced: true,
     };
     silos[2].publish_load(&load).await;
     for silo in &silos {

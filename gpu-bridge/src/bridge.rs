@@ -32,12 +32,18 @@
 //!    reserved in the broker for as long as it lives; batches may take
 //!    their request from it and write their response into it, so only the
 //!    host parts cross the bus (`bridge/resident.rs`).
+//! 8. **Health.** [`GpuBridge::kernel_health`] snapshots every launched
+//!    persistent kernel (heartbeat age, ring occupancy, hangs, relaunches,
+//!    whether its relaunch failed); [`GpuBridge::probe`] sends each one a
+//!    probe request and says which answered within a bound
+//!    (`bridge/instance.rs` rule 6). Kernels not launched yet (no request
+//!    has needed them) are neither listed nor probed.
 //!
 //! Every request runs in a `granary_gpu.execute` tracing span at debug
 //! level. Metrics: `granary_gpu_requests_total`,
 //! `granary_gpu_failures_total` (by reason), `granary_gpu_request_seconds`,
 //! `granary_gpu_queue_depth`, `granary_gpu_fallbacks_total`,
-//! `granary_gpu_hangs_total`, `granary_gpu_device_memory_used_bytes` /
+//! `granary_gpu_device_memory_used_bytes` /
 //! `_free_bytes`, and the batch path's staging pool:
 //! `granary_gpu_pool_hits_total`, `_misses_total`, `_cached_bytes`. Install a `metrics` recorder before building the bridge:
 //! instances register their handles when they launch.
@@ -63,11 +69,21 @@ use tracing::Instrument;
 
 pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
+pub use instance::InstanceHealth;
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
 pub use resident::{Output, Part, ResidentBuffer, ResidentError};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
+
+/// One kernel's answer to [`GpuBridge::probe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelProbe {
+    /// The kernel's health after the probe.
+    pub health: InstanceHealth,
+    /// The probe's round trip, or why the kernel did not answer in time.
+    pub answered: Result<std::time::Duration, String>,
+}
 
 /// A device and the backend that drives it.
 struct DeviceSlot {
@@ -94,6 +110,8 @@ struct Shared {
     instances: Box<[InstanceCell]>,
     config: BridgeConfig,
     shut_down: AtomicBool,
+    /// Requests that fell back to the CPU backend (rule 4).
+    fallbacks: std::sync::atomic::AtomicU64,
     /// Host staging buffers for the batch path.
     staging: MemoryPool<HostAllocator>,
 }
@@ -257,6 +275,7 @@ impl BridgeBuilder {
                 instances,
                 config: self.config,
                 shut_down: AtomicBool::new(false),
+                fallbacks: std::sync::atomic::AtomicU64::new(0),
                 staging: MemoryPool::new(HostAllocator, PoolConfig::default())
                     .map_err(|err| BuildError::InvalidConfig(err.to_string()))?,
             }),
@@ -264,6 +283,8 @@ impl BridgeBuilder {
         for id in 0..bridge.shared.devices.len() {
             bridge.report_memory(DeviceId(id));
         }
+        // The pool's series exist (at zero) before the first batch.
+        bridge.report_pool();
         Ok(bridge)
     }
 }
@@ -323,6 +344,39 @@ impl GpuBridge {
                 Some((id, slot.info.clone(), stats))
             })
             .collect()
+    }
+
+    /// Requests that fell back to the CPU backend because no device could
+    /// run them (rule 4), since the bridge was built.
+    pub fn fallbacks(&self) -> u64 {
+        self.shared.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Every launched persistent kernel's health, in kernel then device
+    /// order (rule 8).
+    pub fn kernel_health(&self) -> Vec<InstanceHealth> {
+        self.launched().map(|instance| instance.health()).collect()
+    }
+
+    /// Sends every launched persistent kernel a probe request at once and
+    /// waits at most `timeout` for each (rule 8): each kernel's health, with
+    /// the probe's round trip or why it did not answer.
+    pub async fn probe(&self, timeout: std::time::Duration) -> Vec<KernelProbe> {
+        let probes = self.launched().map(|instance| async move {
+            let answered = instance.probe(timeout).await;
+            KernelProbe {
+                health: instance.health(),
+                answered,
+            }
+        });
+        futures_util::future::join_all(probes).await
+    }
+
+    fn launched(&self) -> impl Iterator<Item = &Arc<KernelInstance>> {
+        self.shared
+            .instances
+            .iter()
+            .filter_map(|cell| cell.get()?.as_ref().ok())
     }
 
     /// Runs kernel `kernel_id` on `input` and returns its response.
@@ -598,6 +652,7 @@ impl GpuBridge {
     fn count_fallback(&self, spec: &KernelSpec, from: Option<BackendKind>, reason: &'static str) {
         let from = from.map_or_else(|| "none".to_string(), |kind| format!("{kind:?}"));
         tracing::debug!(kernel = spec.id, from = %from, reason, "request falls back to the CPU backend");
+        self.shared.fallbacks.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(
             "granary_gpu_fallbacks_total",
             "kernel" => spec.id,

@@ -91,6 +91,9 @@ pub struct DeviceStats {
     pub latency_p50: Option<Duration>,
     /// 99th-percentile latency of successful requests, if any.
     pub latency_p99: Option<Duration>,
+    /// The latencies of every successful request added up: with
+    /// `processed`, the mean latency between two snapshots.
+    pub latency_total: Duration,
     /// Bytes reserved now.
     pub reserved: u64,
     /// Bytes that can still be reserved.
@@ -108,6 +111,8 @@ struct DeviceEntry {
     failed: AtomicU64,
     /// Latencies of successful requests in nanoseconds, 1 ns to 1 h.
     latency_ns: Mutex<Histogram<u64>>,
+    /// Every success's latency added up, in nanoseconds.
+    latency_sum_ns: AtomicU64,
 }
 
 impl DeviceEntry {
@@ -123,6 +128,7 @@ impl DeviceEntry {
             Some(latency) => {
                 self.processed.fetch_add(1, Ordering::AcqRel);
                 let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+                self.latency_sum_ns.fetch_add(nanos, Ordering::Relaxed);
                 self.latency_ns
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -177,6 +183,7 @@ impl DeviceBroker {
                         "constant bounds: low >= 1, high >= 2 * low, 3 significant figures",
                     ),
                 ),
+                latency_sum_ns: AtomicU64::new(0),
             })
             .collect();
         DeviceBroker { devices }
@@ -306,6 +313,7 @@ impl DeviceBroker {
             failed: entry.failed.load(Ordering::Acquire),
             latency_p50: quantile(0.5),
             latency_p99: quantile(0.99),
+            latency_total: Duration::from_nanos(entry.latency_sum_ns.load(Ordering::Relaxed)),
             reserved,
             available: entry.capacity.saturating_sub(reserved),
         })

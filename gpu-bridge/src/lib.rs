@@ -22,8 +22,8 @@ pub mod broker;
 pub mod pool;
 
 pub use bridge::{
-    BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge, Output, Part,
-    ResidentBuffer, ResidentError,
+    BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
+    InstanceHealth, KernelProbe, Output, Part, ResidentBuffer, ResidentError,
 };
 pub use granary_kernels::StopMode;
 

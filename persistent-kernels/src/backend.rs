@@ -24,6 +24,7 @@ use std::time::Duration;
 use crate::cpu::{Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode};
 use crate::cpu::{StopReport, Submitter};
 use crate::device::{BackendKind, DeviceInfo, host_device};
+use crate::hooks::CpuHooks;
 use crate::resident::{self, BatchOutput, BatchPart, CpuBuffer, DeviceBuffer};
 use crate::spec::{KernelSpec, ShapeError, Status};
 
@@ -260,6 +261,7 @@ pub fn batch_output_len(spec: &KernelSpec, request: &[u8]) -> Result<usize, Back
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     device: DeviceInfo,
+    hooks: CpuHooks,
 }
 
 impl CpuBackend {
@@ -267,13 +269,23 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend {
             device: host_device(),
+            hooks: CpuHooks::new(),
         }
     }
 
     /// A CPU backend that reports `device` (for example with a memory limit
     /// configured for placement tests).
     pub fn with_device(device: DeviceInfo) -> CpuBackend {
-        CpuBackend { device }
+        CpuBackend {
+            device,
+            hooks: CpuHooks::new(),
+        }
+    }
+
+    /// The backend's test hooks ([`CpuHooks`]): faults armed on them reach
+    /// every kernel this backend (or a clone of it) launches.
+    pub fn hooks(&self) -> &CpuHooks {
+        &self.hooks
     }
 
     fn check_device(&self, device: usize) -> Result<(), BackendError> {
@@ -318,7 +330,11 @@ impl Backend for CpuBackend {
         config: &KernelConfig,
     ) -> Result<Box<dyn PersistentKernel>, BackendError> {
         self.check_device(device)?;
-        Ok(Box::new(CpuPersistentKernel::launch(spec, *config)?))
+        Ok(Box::new(CpuPersistentKernel::launch_hooked(
+            spec,
+            *config,
+            self.hooks.clone(),
+        )?))
     }
 
     fn run_batch(

@@ -25,6 +25,7 @@ use granary_ring::{
     TryPopError, TryPushError, WaitPolicy,
 };
 
+use crate::hooks::CpuHooks;
 use crate::spec::{KernelSpec, ShapeError, Status};
 
 /// How a CPU persistent kernel is set up.
@@ -402,6 +403,15 @@ impl CpuPersistentKernel {
         spec: KernelSpec,
         config: KernelConfig,
     ) -> Result<CpuPersistentKernel, LaunchError> {
+        CpuPersistentKernel::launch_hooked(spec, config, CpuHooks::new())
+    }
+
+    /// [`CpuPersistentKernel::launch`] with test hooks ([`CpuHooks`]).
+    pub(crate) fn launch_hooked(
+        spec: KernelSpec,
+        config: KernelConfig,
+        hooks: CpuHooks,
+    ) -> Result<CpuPersistentKernel, LaunchError> {
         let Some(cpu) = spec.cpu else {
             return Err(LaunchError::NoCpuImplementation { kernel: spec.id });
         };
@@ -432,6 +442,7 @@ impl CpuPersistentKernel {
             processed: processed.clone(),
             config,
             wait: IdleWait::new(config.policy),
+            hooks,
         };
         let worker = thread::Builder::new()
             .name(format!("granary-kernel-{}", spec.id))
@@ -594,6 +605,7 @@ struct KernelLoop {
     processed: Arc<AtomicU64>,
     config: KernelConfig,
     wait: IdleWait,
+    hooks: CpuHooks,
 }
 
 impl KernelLoop {
@@ -618,6 +630,17 @@ impl KernelLoop {
                 }
             };
             self.wait.record(true);
+            // A hang a test armed (`hooks` rule 2): hold the request with
+            // no heartbeat; an abandoning stop ends it unanswered (rule 3).
+            if let Some(hang) = self.hooks.on_request() {
+                let until = std::time::Instant::now() + hang;
+                while std::time::Instant::now() < until {
+                    if self.abort.load(Ordering::Acquire) {
+                        break 'serve;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
             let request_id = message.request_id();
             // 3 (first half). A response slot, waiting while the host is
             // behind on collecting.

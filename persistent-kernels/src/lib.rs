@@ -29,6 +29,7 @@ pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod hooks;
 mod host_ends;
 pub mod opencl;
 pub mod resident;
@@ -44,6 +45,7 @@ pub use cpu::{
 };
 pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
+pub use hooks::CpuHooks;
 pub use resident::{BatchOutput, BatchPart, DeviceBuffer};
 pub use spec::{Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status};
 

@@ -131,7 +131,7 @@ pub async fn fetch_cluster(admin: &str, token: Option<&str>) -> Result<ClusterVi
 /// The view as a table: one row per silo.
 pub fn table(view: &ClusterView) -> String {
     let mib = |bytes: u64| bytes / (1 << 20);
-    let rows: Vec<[String; 5]> = view
+    let rows: Vec<[String; 7]> = view
         .silos
         .iter()
         .map(|silo| {
@@ -142,10 +142,11 @@ pub fn table(view: &ClusterView) -> String {
                     .iter()
                     .map(|device| {
                         format!(
-                            "{} {}/{} MiB free, queue {}",
+                            "{} {}/{} MiB free ({} reserved), queue {}",
                             device.backend,
                             mib(device.free_memory),
                             mib(device.total_memory),
+                            mib(device.reserved_memory),
                             device.queue_depth
                         )
                     })
@@ -155,11 +156,25 @@ pub fn table(view: &ClusterView) -> String {
             [
                 format!("{}{}", silo.address, if silo.this { " (this)" } else { "" }),
                 silo.incarnation.to_string(),
+                silo.state.clone(),
+                silo.age_seconds
+                    .map_or_else(|| "-".to_string(), |age| format!("{age}s")),
                 silo.activations.to_string(),
                 if silo.grain_types.is_empty() {
                     "client".to_string()
                 } else {
-                    silo.grain_types.join(",")
+                    silo.grain_types
+                        .iter()
+                        .map(|grain_type| {
+                            let live = silo
+                                .activations_by_type
+                                .get(grain_type)
+                                .copied()
+                                .unwrap_or_default();
+                            format!("{grain_type}={live}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
                 },
                 devices,
             ]
@@ -168,8 +183,10 @@ pub fn table(view: &ClusterView) -> String {
     let header = [
         "SILO",
         "INCARNATION",
+        "STATE",
+        "AGE",
         "ACTIVATIONS",
-        "GRAIN TYPES",
+        "BY GRAIN TYPE",
         "DEVICES",
     ];
     let mut widths = header.map(str::len);

@@ -31,8 +31,17 @@ pub struct SiloView {
     pub incarnation: u64,
     /// Whether it is the node answering.
     pub this: bool,
+    /// `"active"`, `"leaving"` (it refuses new calls and lets its
+    /// activations go before it leaves the view) or `"fenced"` (after a
+    /// stall), as it last published.
+    pub state: String,
+    /// Seconds since it started, if it published when.
+    pub age_seconds: Option<u64>,
     /// Activations alive on it, as it last published.
     pub activations: u64,
+    /// Its live activations by grain type.
+    #[serde(default)]
+    pub activations_by_type: std::collections::BTreeMap<String, u64>,
     /// The grain types it hosts (none for an external client).
     pub grain_types: Vec<String>,
     /// Its devices, as it last published.
@@ -54,9 +63,12 @@ pub(super) fn view(sources: &AdminSources) -> ClusterView {
                     .into_iter()
                     .map(|member| SiloView {
                         this: member.silo == me,
+                        state: state(&member.load).into(),
+                        age_seconds: age(member.load.started_ms),
                         address: member.silo.address,
                         incarnation: member.silo.incarnation,
                         activations: member.load.activations,
+                        activations_by_type: member.load.activations_by_type,
                         grain_types: member.load.grain_types,
                         devices: member.load.devices,
                     })
@@ -67,19 +79,67 @@ pub(super) fn view(sources: &AdminSources) -> ClusterView {
             silo: None,
             fenced: false,
             draining,
-            silos: vec![SiloView {
-                address: "this silo".into(),
-                incarnation: 0,
-                this: true,
-                activations: sources.silo.live_activations(),
-                grain_types: sources
-                    .silo
-                    .grain_type_stats()
-                    .into_iter()
-                    .map(|stats| stats.grain_type)
-                    .collect(),
-                devices: Vec::new(),
-            }],
+            silos: vec![lone(sources, draining)],
         },
     }
+}
+
+/// A lone silo's view of itself: its own counters, as a node would
+/// publish them.
+fn lone(sources: &AdminSources, draining: bool) -> SiloView {
+    let stats = sources.silo.grain_type_stats();
+    SiloView {
+        address: "this silo".into(),
+        incarnation: 0,
+        this: true,
+        state: if draining { "leaving" } else { "active" }.into(),
+        age_seconds: None,
+        activations: sources.silo.live_activations(),
+        activations_by_type: stats
+            .iter()
+            .filter(|stats| stats.live_activations > 0)
+            .map(|stats| (stats.grain_type.clone(), stats.live_activations))
+            .collect(),
+        grain_types: stats.into_iter().map(|stats| stats.grain_type).collect(),
+        devices: sources
+            .bridge
+            .iter()
+            .flat_map(|bridge| bridge.devices())
+            .map(|(_, info, stats)| granary_cluster::DeviceLoad {
+                backend: format!("{:?}", info.backend),
+                name: info.name,
+                total_memory: info.total_memory,
+                free_memory: stats.available,
+                queue_depth: stats.queue_depth,
+                compute_units: info.compute_units,
+                reserved_memory: stats.reserved,
+                processed: stats.processed,
+                failed: stats.failed,
+                latency_sum_ns: u64::try_from(stats.latency_total.as_nanos()).unwrap_or(u64::MAX),
+            })
+            .collect(),
+    }
+}
+
+/// A silo's state, as its load says.
+fn state(load: &granary_cluster::SiloLoad) -> &'static str {
+    if load.fenced {
+        "fenced"
+    } else if load.leaving {
+        "leaving"
+    } else {
+        "active"
+    }
+}
+
+/// Seconds since `started_ms` (Unix milliseconds), if known.
+fn age(started_ms: u64) -> Option<u64> {
+    if started_ms == 0 {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis();
+    Some(u64::try_from(now.saturating_sub(u128::from(started_ms)) / 1000).unwrap_or(u64::MAX))
 }

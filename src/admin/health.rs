@@ -10,7 +10,11 @@
 //!    or, with no cluster, the silo is built.
 //! 3. **ready**: started, not draining (a node asked to stop is unready
 //!    from the first moment, before it leaves), not fenced after a stall,
-//!    and its storage answers a read within the probe timeout.
+//!    its storage answers a read within the probe timeout, and every
+//!    persistent kernel its GPU bridge has launched answers a probe request
+//!    within `KERNEL_PROBE_TIMEOUT` (`GpuBridge::probe`): a kernel that
+//!    hangs makes the node unready until the bridge relaunches it. A node
+//!    with no bridge has no `kernels` check.
 
 use axum::Json;
 use axum::extract::State;
@@ -18,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::{AdminSources, PROBE_TIMEOUT, Shared};
+use super::{AdminSources, Cached, KERNEL_PROBE_TIMEOUT, PROBE_TIMEOUT, Shared};
 
 /// Which probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -167,49 +171,99 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
             },
         });
     }
-    let storage = tokio::time::timeout(PROBE_TIMEOUT, storage(&shared)).await;
-    checks.push(match storage {
-        Ok(Ok(())) => Check {
-            name: "storage",
-            ok: true,
-            detail: "answered a read".into(),
-        },
-        Ok(Err(err)) => Check {
-            name: "storage",
-            ok: false,
-            detail: err,
-        },
-        Err(_) => Check {
-            name: "storage",
-            ok: false,
-            detail: format!("no answer within {PROBE_TIMEOUT:?}"),
-        },
+    let silo = sources.silo.clone();
+    let storage = cached(&shared.storage_probe, async move {
+        silo.storage_reachable()
+            .await
+            .map(|()| "answered a read".to_string())
+            .map_err(|err| err.to_string())
     });
+    let kernels = sources.bridge.clone().map(|bridge| {
+        cached(&shared.kernel_probe, async move {
+            let probes = bridge.probe(KERNEL_PROBE_TIMEOUT).await;
+            let silent: Vec<String> = probes
+                .iter()
+                .filter_map(|probe| {
+                    let why = probe.answered.as_ref().err()?;
+                    let health = &probe.health;
+                    Some(format!(
+                        "{} on {:?} device {}: {why} (heartbeat {:.1} s ago)",
+                        health.kernel,
+                        health.backend,
+                        health.device_index,
+                        health.since_heartbeat.as_secs_f64()
+                    ))
+                })
+                .collect();
+            if silent.is_empty() {
+                Ok(format!(
+                    "{} persistent kernel(s) answered a probe",
+                    probes.len()
+                ))
+            } else {
+                Err(silent.join("; "))
+            }
+        })
+    });
+    let (storage, kernels) = tokio::join!(tokio::time::timeout(PROBE_TIMEOUT, storage), async {
+        match kernels {
+            Some(kernels) => Some(tokio::time::timeout(PROBE_TIMEOUT, kernels).await),
+            None => None,
+        }
+    });
+    checks.push(dependency("storage", storage));
+    if let Some(kernels) = kernels {
+        checks.push(dependency("kernels", kernels));
+    }
     ProbeReport::of(Probe::Ready, checks)
 }
 
-/// Whether the storage answers (admin rule 5): one read at a time, its
-/// answer kept for `PROBE_CACHE`. A probe that gives up waiting leaves the
-/// read running; the next probe waits for it rather than starting another.
-async fn storage(shared: &Shared) -> Result<(), String> {
-    let mut last = shared.storage_probe.clone().lock_owned().await;
+/// The check a dependency probe's answer makes.
+fn dependency(
+    name: &'static str,
+    answer: Result<Result<String, String>, tokio::time::error::Elapsed>,
+) -> Check {
+    match answer {
+        Ok(Ok(detail)) => Check {
+            name,
+            ok: true,
+            detail,
+        },
+        Ok(Err(detail)) => Check {
+            name,
+            ok: false,
+            detail,
+        },
+        Err(_) => Check {
+            name,
+            ok: false,
+            detail: format!("no answer within {PROBE_TIMEOUT:?}"),
+        },
+    }
+}
+
+/// A dependency probe (admin rule 5): one at a time, its answer kept for
+/// `PROBE_CACHE`. A probe that gives up waiting leaves the probing running;
+/// the next probe waits for it rather than starting another.
+async fn cached(
+    slot: &std::sync::Arc<tokio::sync::Mutex<Option<Cached>>>,
+    probe: impl std::future::Future<Output = Result<String, String>> + Send + 'static,
+) -> Result<String, String> {
+    let mut last = slot.clone().lock_owned().await;
     if let Some((at, answer)) = last.as_ref() {
         if at.elapsed() < super::PROBE_CACHE {
             return answer.clone();
         }
     }
-    let silo = shared.sources.silo.clone();
-    // The read runs in a task of its own, holding the lock: a probe that
-    // stops waiting does not cancel it, and the next probe waits for it.
-    let reading = tokio::spawn(async move {
-        let answer = silo
-            .storage_reachable()
-            .await
-            .map_err(|err| err.to_string());
+    // The probing runs in a task of its own, holding the lock: a probe
+    // that stops waiting does not cancel it, and the next probe waits for
+    // it.
+    let probing = tokio::spawn(async move {
+        let answer = probe.await;
         *last = Some((std::time::Instant::now(), answer.clone()));
         answer
     });
-    reading
+    probing
         .await
-        .unwrap_or_else(|err| Err(format!("the storage probe failed: {err}")))
+        .unwrap_or_else(|err| Err(format!("the probe failed: {err}")))
 }

@@ -48,6 +48,17 @@ pub(super) fn render(sources: &AdminSources) -> String {
     reminders(&mut out, &sources.silo.reminder_stats());
     if let Some(bridge) = &sources.bridge {
         devices(&mut out, bridge);
+        kernels(&mut out, &bridge.kernel_health());
+        out.family(
+            "granary_device_fallbacks_total",
+            "counter",
+            "Requests run on the CPU fallback because no device could run them (by kernel and reason: granary_gpu_fallbacks_total, once there is one).",
+        );
+        out.sample(
+            "granary_device_fallbacks_total",
+            &[],
+            bridge.fallbacks() as f64,
+        );
     }
     if let Some(node) = &sources.node {
         cluster(&mut out, node);
@@ -272,6 +283,60 @@ fn devices(out: &mut Exposition, bridge: &granary_gpu::GpuBridge) {
                 .map(|(key, value)| (*key, value.as_str()))
                 .collect();
             out.sample(name, &labels, value(info, stats));
+        }
+    }
+}
+
+/// Per persistent kernel families (rule 1): one series per kernel and
+/// device it was launched on.
+fn kernels(out: &mut Exposition, health: &[granary_gpu::InstanceHealth]) {
+    type Value = fn(&granary_gpu::InstanceHealth) -> f64;
+    let families: [(&str, &str, &str, Value); 5] = [
+        (
+            "granary_kernel_heartbeat_age_seconds",
+            "gauge",
+            "Seconds since the persistent kernel's heartbeat last moved; it beats busy or idle, so a value above a few milliseconds means it is stuck.",
+            |health| health.since_heartbeat.as_secs_f64(),
+        ),
+        (
+            "granary_kernel_ring_occupancy_ratio",
+            "gauge",
+            "Share of the kernel's ring slots holding requests now (0 to 1).",
+            |health| health.ring_occupancy(),
+        ),
+        (
+            "granary_kernel_hangs_total",
+            "counter",
+            "Times the kernel's heartbeat stood still with requests pending, failing them.",
+            |health| health.hangs as f64,
+        ),
+        (
+            "granary_kernel_relaunches_total",
+            "counter",
+            "Times the kernel was launched again after a hang.",
+            |health| health.relaunches as f64,
+        ),
+        (
+            "granary_kernel_failed",
+            "gauge",
+            "1 while the kernel's relaunch has failed (the bridge routes around it and retries).",
+            |health| if health.failed { 1.0 } else { 0.0 },
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        for health in health {
+            let device = health.device_index.to_string();
+            let backend = format!("{:?}", health.backend);
+            out.sample(
+                name,
+                &[
+                    ("kernel", health.kernel),
+                    ("backend", &backend),
+                    ("device", &device),
+                ],
+                value(health),
+            );
         }
     }
 }

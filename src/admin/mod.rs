@@ -8,10 +8,13 @@
 //!    the configuration, or the endpoint does not start
 //!    ([`AdminError::TokenRequired`]).
 //! 2. **Tokens.** With a token set, every request must carry
-//!    `Authorization: Bearer <token>`; any other request is answered 401
-//!    with an empty body and `WWW-Authenticate: Bearer`, whatever its path,
-//!    so it learns nothing (not even which paths exist). The token is
-//!    compared in constant time.
+//!    `Authorization: Bearer <token>`, or HTTP Basic credentials whose
+//!    password is the token (any user name): a browser opening the
+//!    dashboard asks for them and sends them with the page's own requests.
+//!    Any other request is answered 401 with an empty body and the
+//!    `Bearer` and `Basic` challenges, whatever its path, so it learns
+//!    nothing (not even which paths exist). The token is compared in
+//!    constant time.
 //! 3. **`GET /metrics`** is the Prometheus text exposition
 //!    (`metrics.rs`): per grain type, per device, the cluster, then
 //!    whatever the process recorded through the `metrics` facade (the GPU
@@ -22,20 +25,27 @@
 //!    do not, each with a JSON body listing every check and why it failed:
 //!    `/health/live` (the process's runtime answers), `/health/startup`
 //!    (the node has joined) and `/health/ready` (joined, serving, storage
-//!    answering within [`PROBE_TIMEOUT`]).
+//!    answering within [`PROBE_TIMEOUT`], every launched persistent kernel
+//!    answering a probe request within [`KERNEL_PROBE_TIMEOUT`]).
 //! 5. **Scope.** Every answer is built from what the node knows now: a
 //!    scrape reads counters and walks the directory maps (holding each
 //!    shard's read lock briefly, never waiting on a grain's turn). One
-//!    storage read at a time serves the ready probes, its answer kept for
-//!    [`PROBE_CACHE`], and a probe stops waiting for it after
-//!    [`PROBE_TIMEOUT`]. Ready depends on the storage: a shared database
+//!    storage read at a time serves the ready probes, and one round of
+//!    kernel probes, each answer kept for [`PROBE_CACHE`]; a probe stops
+//!    waiting for them after [`PROBE_TIMEOUT`]. A kernel that hangs makes
+//!    the node unready until the bridge has relaunched it. Ready depends on the storage: a shared database
 //!    that stops answering makes every node unready at once, as it makes
 //!    every node unable to activate grains.
 //! 6. **`GET /cluster`** (`cluster.rs`) is the whole cluster as this node
 //!    sees it, as JSON ([`ClusterView`]): what `granary status` prints.
+//! 7. **`GET /`** (`dashboard.rs`) is the live dashboard, a page that
+//!    draws `GET /dashboard.json`: the cluster view, the kernel traffic of
+//!    the last minutes and recent membership events, sampled by the
+//!    endpoint while it runs.
 
 mod client;
 mod cluster;
+mod dashboard;
 mod health;
 mod metrics;
 
@@ -57,10 +67,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use client::{StatusError, fetch_cluster, table};
 pub use cluster::{ClusterView, SiloView};
+pub use dashboard::{Dashboard, Event, Sample, SiloTraffic};
 pub use health::{Check, Probe, ProbeReport};
 
 /// The longest a probe waits for a dependency (rule 5).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a persistent kernel may take to answer a probe request before
+/// the node is unready (rule 4). Shorter than [`PROBE_TIMEOUT`], so that
+/// the probe reports which kernel did not answer rather than timing out.
+pub const KERNEL_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a storage probe's answer serves later probes (rule 5).
 pub const PROBE_CACHE: Duration = Duration::from_secs(1);
@@ -205,14 +221,19 @@ pub fn install_recorder() -> Option<PrometheusHandle> {
 struct Shared {
     sources: AdminSources,
     /// `Bearer <token>`, if a token is set (rule 2).
-    expected: Option<Arc<[u8]>>,
+    token: Option<Arc<[u8]>>,
     /// The last storage probe's answer, and when (rule 5); held while a
     /// probe reads, so one read runs at a time.
-    storage_probe: Arc<tokio::sync::Mutex<Option<StorageProbe>>>,
+    storage_probe: Arc<tokio::sync::Mutex<Option<Cached>>>,
+    /// The same for the kernel probes.
+    kernel_probe: Arc<tokio::sync::Mutex<Option<Cached>>>,
+    /// What the dashboard's sampler keeps (rule 7).
+    history: Arc<std::sync::Mutex<dashboard::History>>,
 }
 
-/// A storage probe's answer, and when it was read (rule 5).
-type StorageProbe = (std::time::Instant, Result<(), String>);
+/// A dependency probe's answer (what was found, or why it failed), and
+/// when it was taken (rule 5).
+type Cached = (std::time::Instant, Result<String, String>);
 
 /// A running admin endpoint; stopped when dropped or [`Admin::stop`]ped.
 pub struct Admin {
@@ -221,6 +242,8 @@ pub struct Admin {
     serving: Option<tokio::task::JoinHandle<()>>,
     /// Folds the recorder's histograms (`UPKEEP_EVERY`), if there is one.
     upkeep: Option<tokio::task::JoinHandle<()>>,
+    /// The dashboard's sampler (rule 7).
+    sampler: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl fmt::Debug for Admin {
@@ -239,7 +262,7 @@ impl Admin {
                 if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
                     return Err(AdminError::BadToken);
                 }
-                Some(Arc::from(format!("Bearer {token}").into_bytes()))
+                Some(Arc::from(token.as_bytes()))
             }
             None if !config.listen.ip().is_loopback() => {
                 return Err(AdminError::TokenRequired {
@@ -269,10 +292,15 @@ impl Admin {
         });
         let shared = Shared {
             sources,
-            expected,
+            token: expected,
             storage_probe: Arc::default(),
+            kernel_probe: Arc::default(),
+            history: Arc::default(),
         };
+        let sampler = dashboard::start_sampler(shared.sources.clone(), shared.history.clone());
         let routes = Router::new()
+            .route("/", get(dashboard::page))
+            .route("/dashboard.json", get(dashboard::data))
             .route("/metrics", get(serve_metrics))
             .route("/health/live", get(health::live))
             .route("/health/startup", get(health::startup))
@@ -300,6 +328,7 @@ impl Admin {
             stop: Some(stop),
             serving: Some(serving),
             upkeep,
+            sampler: Some(sampler),
         })
     }
 
@@ -327,27 +356,56 @@ impl Drop for Admin {
         if let Some(upkeep) = self.upkeep.take() {
             upkeep.abort();
         }
+        if let Some(sampler) = self.sampler.take() {
+            sampler.abort();
+        }
     }
 }
 
 /// Rule 2: no token, or the right one; anything else is 401 and nothing
 /// more.
 async fn authorize(State(shared): State<Shared>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &shared.expected {
+    if let Some(token) = &shared.token {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes)
             .unwrap_or_default();
-        if !constant_time_eq(given, expected) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-            )
-                .into_response();
+        if !authorized(given, token) {
+            let mut refused = StatusCode::UNAUTHORIZED.into_response();
+            let headers = refused.headers_mut();
+            headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"granary admin\", charset=\"UTF-8\""),
+            );
+            return refused;
         }
     }
     next.run(request).await
+}
+
+/// Whether an `Authorization` header's value carries `token` (rule 2):
+/// as a bearer token, or as the password of Basic credentials.
+fn authorized(given: &[u8], token: &[u8]) -> bool {
+    let Some(space) = given.iter().position(|&byte| byte == b' ') else {
+        return false;
+    };
+    let (scheme, credentials) = (&given[..space], given[space + 1..].trim_ascii());
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        return constant_time_eq(credentials, token);
+    }
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        use base64::Engine;
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(credentials) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|&byte| byte == b':') else {
+            return false;
+        };
+        return constant_time_eq(&decoded[colon + 1..], token);
+    }
+    false
 }
 
 /// Whether `a` and `b` are equal, in time that depends only on their

@@ -303,7 +303,8 @@ impl Handler<Audit> for Auditor {
     }
 }
 
-/// A grain that answers for the silo it runs on:
+/// A grain that answers for the silo it runs on (its activations, and the
+/// round trip of one small request through its GPU bridge's ring path):
 /// [`DemoPlacement`](super::DemoPlacement) puts the inspector keyed by a
 /// silo's address on that silo. Hosted as `"inspector"` ([`INSPECTOR`]),
 /// taking [`Inspect`] from other silos.
@@ -339,6 +340,11 @@ pub struct SiloActivity {
     pub ledgers: Vec<u64>,
     /// The auditors active there.
     pub auditors: Vec<u64>,
+    /// The round trip, in microseconds, of one `double` request through
+    /// the silo's GPU bridge (a persistent kernel's ring); `None` on a silo
+    /// with no bridge.
+    #[serde(default)]
+    pub ring_round_trip_us: Option<u64>,
 }
 
 impl Handler<Inspect> for Inspector {
@@ -353,11 +359,26 @@ impl Handler<Inspect> for Inspector {
                 .filter(|key| silo.is_active_named(grain_type, &GrainKey::U64(*key)))
                 .collect()
         };
+        let ring_round_trip_us = match ctx.service::<GpuBridge>() {
+            Some(bridge) => {
+                let started = std::time::Instant::now();
+                let doubled = bridge
+                    .execute("double", &f32_bytes(&[1.5]))
+                    .await
+                    .map_err(|err| format!("the ring path: {err}"))?;
+                if granary_kernels::shipped::bytes_f32(&doubled) != [3.0] {
+                    return Err("the ring path answered wrongly".into());
+                }
+                Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))
+            }
+            None => None,
+        };
         Ok(SiloActivity {
             silo: here(ctx)?,
             live: silo.live_activations(),
             ledgers: active(LEDGER, inspect.ledgers),
             auditors: active(AUDITOR, inspect.auditors),
+            ring_round_trip_us,
         })
     }
 }

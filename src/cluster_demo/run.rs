@@ -375,6 +375,7 @@ async fn census(
         auditors: (0..auditors)
             .filter(|key| node.silo().is_active_named(AUDITOR, &GrainKey::U64(*key)))
             .collect(),
+        ring_round_trip_us: None,
     });
     for (grain_type, keys, of) in [
         (

@@ -211,6 +211,9 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Its calls to other silos, counted (`stats.rs`).
     stats: stats::NodeStats,
+    /// When the node started, in milliseconds since the Unix epoch
+    /// (published with its load).
+    started_ms: u64,
 }
 
 /// A silo in a cluster. Cheap to clone.

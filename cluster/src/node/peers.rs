@@ -84,6 +84,16 @@ impl Inner {
         SiloLoad {
             grain_types: self.hosts.clone(),
             activations: self.silo.live_activations(),
+            activations_by_type: self
+                .silo
+                .grain_type_stats()
+                .into_iter()
+                .filter(|stats| stats.live_activations > 0)
+                .map(|stats| (stats.grain_type, stats.live_activations))
+                .collect(),
+            started_ms: self.started_ms,
+            leaving: self.stopped.load(std::sync::atomic::Ordering::Acquire),
+            fenced: self.fence.is_fenced(),
             devices: self
                 .bridge
                 .iter()
@@ -95,6 +105,11 @@ impl Inner {
                     free_memory: stats.available,
                     queue_depth: stats.queue_depth,
                     compute_units: info.compute_units,
+                    reserved_memory: stats.reserved,
+                    processed: stats.processed,
+                    failed: stats.failed,
+                    latency_sum_ns: u64::try_from(stats.latency_total.as_nanos())
+                        .unwrap_or(u64::MAX),
                 })
                 .collect(),
         }

@@ -312,6 +312,10 @@ impl NodeParts {
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
             stats: super::stats::NodeStats::default(),
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             config,
         });
         let weak = Arc::downgrade(&inner);

@@ -15,6 +15,7 @@ fn device(backend: &str, free_mib: u64, queue: u64, units: u32) -> DeviceLoad {
         free_memory: free_mib << 20,
         queue_depth: queue,
         compute_units: units,
+        ..DeviceLoad::default()
     }
 }
 
@@ -26,6 +27,7 @@ fn member(address: &str, activations: u64, devices: Vec<DeviceLoad>) -> Member {
             grain_types: Vec::new(),
             activations,
             devices,
+            ..SiloLoad::default()
         },
     }
 }

@@ -43,7 +43,15 @@
 //!    device whose compute units the hung kernel still holds may free up).
 //!    A request answered while it sat staged is dropped by the flusher,
 //!    never submitted without its slot.
-//! 6. **Stop.** A stop request is carried out by the completion thread:
+//! 6. **Health.** The completion thread notes when the heartbeat last
+//!    moved, and counts hangs and relaunches, for
+//!    [`GpuBridge::kernel_health`](crate::GpuBridge::kernel_health). A
+//!    probe is a request like any other (a slot, the ring, the kernel's
+//!    loop) holding the smallest zeroed payload the kernel's shape allows;
+//!    any answer the kernel gives, even a rejection, shows it answers. A
+//!    probe is not counted as a request: not in the broker's counters, not
+//!    in the request metrics.
+//! 7. **Stop.** A stop request is carried out by the completion thread:
 //!    drain (flush what is staged, let the kernel answer everything) or
 //!    abandon (stop at once); whatever is still pending afterwards fails
 //!    with `ShutDown`. Then the thread exits.
@@ -77,6 +85,8 @@ struct Pending {
     request_id: u64,
     reply: oneshot::Sender<Reply>,
     started: Instant,
+    /// A health probe (rule 6): not counted.
+    probe: bool,
 }
 
 /// A request staged for the flusher.
@@ -135,6 +145,12 @@ pub(crate) struct KernelInstance {
     failed: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
     metrics: InstanceMetrics,
+    /// Rule 6: when the instance started, and how long after that the
+    /// heartbeat last moved (nanoseconds).
+    born: Instant,
+    last_beat: AtomicU64,
+    hangs: AtomicU64,
+    relaunches: AtomicU64,
     /// The device memory its rings take, held for its life.
     _rings: Option<Reservation>,
 }
@@ -194,6 +210,10 @@ impl KernelInstance {
                 latency: metrics::histogram!("granary_gpu_request_seconds", &labels),
                 queue_depth: metrics::gauge!("granary_gpu_queue_depth", &labels),
             },
+            born: Instant::now(),
+            last_beat: AtomicU64::new(0),
+            hangs: AtomicU64::new(0),
+            relaunches: AtomicU64::new(0),
             _rings: rings,
         });
         let worker = instance.clone();
@@ -237,7 +257,7 @@ impl KernelInstance {
         payload: Vec<u8>,
     ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
         let permit = self.acquire().await?;
-        Ok(self.stage_with(permit, payload))
+        Ok(self.stage_with(permit, payload, false))
     }
 
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, ExecuteError> {
@@ -262,6 +282,7 @@ impl KernelInstance {
     fn register(
         &self,
         permit: OwnedSemaphorePermit,
+        probe: bool,
     ) -> Result<(u64, oneshot::Receiver<Reply>), oneshot::Receiver<Reply>> {
         let (reply, receiver) = oneshot::channel();
         // The permit guarantees a free index (rule 1).
@@ -269,9 +290,15 @@ impl KernelInstance {
             let _ = reply.send(Err(self.unavailable()));
             return Err(receiver);
         };
-        // Counted in the broker until `answer` finishes it. The broker
-        // knows every device an instance runs on, so this cannot fail.
-        if let Err(err) = self.broker.enter(self.device) {
+        // Counted in the broker until `answer` finishes it (a probe is not:
+        // rule 6). The broker knows every device an instance runs on, so
+        // this cannot fail.
+        let entered = if probe {
+            Ok(())
+        } else {
+            self.broker.enter(self.device)
+        };
+        if let Err(err) = entered {
             let _ = self.free.push(index);
             let _ = reply.send(Err(ExecuteError::DeviceFailed {
                 kernel: self.spec.id,
@@ -286,11 +313,14 @@ impl KernelInstance {
             request_id,
             reply,
             started: Instant::now(),
+            probe,
         };
         *lock(&self.slots[index as usize]) = Some(pending);
         // From here the slot owns the permit: given back on dispatch.
         permit.forget();
-        self.metrics.queue_depth.increment(1.0);
+        if !probe {
+            self.metrics.queue_depth.increment(1.0);
+        }
         Ok((request_id, receiver))
     }
 
@@ -298,8 +328,9 @@ impl KernelInstance {
         &self,
         permit: OwnedSemaphorePermit,
         payload: Vec<u8>,
+        probe: bool,
     ) -> oneshot::Receiver<Reply> {
-        let (request_id, receiver) = match self.register(permit) {
+        let (request_id, receiver) = match self.register(permit, probe) {
             Ok(registered) => registered,
             Err(failed) => return failed,
         };
@@ -324,16 +355,26 @@ impl KernelInstance {
         input: &[u8],
     ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
         let permit = self.acquire().await?;
+        Ok(self.send_with(permit, input, false))
+    }
+
+    /// [`KernelInstance::send`] once the permit is held.
+    fn send_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+        input: &[u8],
+        probe: bool,
+    ) -> oneshot::Receiver<Reply> {
         let mut flusher = match self.flusher.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                let receiver = self.stage_with(permit, input.to_vec());
+                let receiver = self.stage_with(permit, input.to_vec(), probe);
                 self.flush();
-                return Ok(receiver);
+                return receiver;
             }
         };
-        let (receiver, failure) = match self.register(permit) {
+        let (receiver, failure) = match self.register(permit, probe) {
             Err(failed) => (failed, None),
             Ok((request_id, receiver)) => {
                 self.flush_locked(&mut flusher);
@@ -375,7 +416,63 @@ impl KernelInstance {
         if !self.staging.is_empty() {
             self.flush();
         }
-        Ok(receiver)
+        receiver
+    }
+
+    /// Rule 6: sends a probe and waits at most `timeout` for the kernel to
+    /// answer it. `Ok` with the round trip if it answered (even with a
+    /// rejection), `Err` saying why not otherwise.
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+        if self.is_failed() {
+            return Err("its relaunch failed; the bridge retries it".into());
+        }
+        let started = Instant::now();
+        let permit = match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return Err("stopped".into()),
+            Err(_elapsed) => {
+                return Err(format!(
+                    "every one of its {} slots stayed taken for {timeout:?}",
+                    self.config.kernel.capacity
+                ));
+            }
+        };
+        let payload = vec![0u8; probe_len(&self.spec.request)];
+        let receiver = self.send_with(permit, &payload, true);
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, receiver).await {
+            Ok(Ok(Ok(_)))
+            | Ok(Ok(Err(ExecuteError::Rejected { .. } | ExecuteError::KernelFault { .. }))) => {
+                Ok(started.elapsed())
+            }
+            Ok(Ok(Err(err))) => Err(err.to_string()),
+            Ok(Err(_dropped)) => Err("the probe was dropped unanswered".into()),
+            Err(_elapsed) => Err(format!("no answer within {timeout:?}")),
+        }
+    }
+
+    /// Rule 6: a snapshot of the instance's health.
+    pub(crate) fn health(&self) -> InstanceHealth {
+        let beat = Duration::from_nanos(self.last_beat.load(Ordering::Acquire));
+        InstanceHealth {
+            kernel: self.spec.id,
+            device: self.device,
+            backend: self.backend,
+            device_index: self.device_index,
+            since_heartbeat: self.born.elapsed().saturating_sub(beat),
+            in_flight: self.in_flight(),
+            capacity: self.config.kernel.capacity as usize,
+            hangs: self.hangs.load(Ordering::Relaxed),
+            relaunches: self.relaunches.load(Ordering::Relaxed),
+            failed: self.is_failed(),
+        }
+    }
+
+    /// Rule 6: the heartbeat moved now.
+    fn beat(&self) {
+        let nanos = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_beat.store(nanos, Ordering::Release);
     }
 
     /// Rule 3: moves staged requests into the ring. Stops early when the
@@ -521,6 +618,8 @@ impl KernelInstance {
         };
         let latency = pending.started.elapsed();
         match &reply {
+            // Rule 6: a probe is not counted.
+            _ if pending.probe => {}
             Ok(_) => {
                 self.broker.finish(self.device, Some(latency));
                 self.metrics.requests.increment(1);
@@ -534,7 +633,9 @@ impl KernelInstance {
         // The caller may have given up (its future dropped): nothing to do.
         let _ = pending.reply.send(reply);
         let _ = self.free.push(index as u32);
-        self.metrics.queue_depth.decrement(1.0);
+        if !pending.probe {
+            self.metrics.queue_depth.decrement(1.0);
+        }
         true
     }
 
@@ -596,7 +697,7 @@ impl KernelInstance {
         self.config.kernel.capacity as usize - self.permits.available_permits()
     }
 
-    /// Asks the completion thread to stop (rule 6); `join` waits for it.
+    /// Asks the completion thread to stop (rule 7); `join` waits for it.
     pub(crate) fn request_stop(&self, mode: StopMode) {
         let code = match mode {
             StopMode::Drain => STOP_DRAIN,
@@ -615,7 +716,7 @@ impl KernelInstance {
         }
     }
 
-    /// The completion thread (rules 4–6).
+    /// The completion thread (rules 4–7).
     fn run(self: Arc<KernelInstance>, mut kernel: Box<dyn PersistentKernel>, launcher: Launcher) {
         let poll = (self.config.hang_timeout / 4).min(Duration::from_millis(1));
         let mut heartbeat = kernel.heartbeat();
@@ -636,6 +737,7 @@ impl KernelInstance {
                     if self.relaunch(&mut flusher, &mut kernel, &launcher, stopped_exited) {
                         heartbeat = kernel.heartbeat();
                         progress = Instant::now();
+                        self.beat();
                     } else {
                         retry_at = Instant::now() + RELAUNCH_RETRY;
                     }
@@ -664,6 +766,7 @@ impl KernelInstance {
             if beat != heartbeat {
                 heartbeat = beat;
                 progress = Instant::now();
+                self.beat();
             } else if self.in_flight() > 0 && progress.elapsed() >= self.config.hang_timeout {
                 stopped_exited = self.recover(&mut kernel, &launcher);
                 retry_at = Instant::now() + RELAUNCH_RETRY;
@@ -682,12 +785,7 @@ impl KernelInstance {
             in_flight = self.in_flight(),
             "kernel heartbeat stopped with requests pending; relaunching"
         );
-        metrics::counter!(
-            "granary_gpu_hangs_total",
-            "kernel" => self.spec.id,
-            "backend" => format!("{:?}", self.backend)
-        )
-        .increment(1);
+        self.hangs.fetch_add(1, Ordering::Relaxed);
         let mut flusher = lock(&self.flusher);
         flusher.submitter = None;
         // Only requests registered before the lock was taken can have been
@@ -739,6 +837,8 @@ impl KernelInstance {
                 let stopped = std::mem::replace(kernel, fresh);
                 reap(stopped, stopped_exited);
                 self.failed.store(false, Ordering::Release);
+                self.relaunches.fetch_add(1, Ordering::Relaxed);
+                self.beat();
                 true
             }
             Err(err) => {
@@ -754,7 +854,7 @@ impl KernelInstance {
         }
     }
 
-    /// Rule 6.
+    /// Rule 7.
     fn shut_down(&self, mut kernel: Box<dyn PersistentKernel>, mode: StopMode) {
         let mut flusher = lock(&self.flusher);
         if mode == StopMode::Drain {
@@ -778,6 +878,59 @@ impl KernelInstance {
         }
         reap(kernel, report.exited);
     }
+}
+
+/// One kernel instance's health (rule 6), as
+/// [`GpuBridge::kernel_health`](crate::GpuBridge::kernel_health) gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceHealth {
+    /// The kernel's id.
+    pub kernel: &'static str,
+    /// The device it runs on.
+    pub device: DeviceId,
+    /// The device's backend.
+    pub backend: BackendKind,
+    /// The device's index within its backend.
+    pub device_index: u32,
+    /// How long ago its heartbeat last moved, as the completion thread saw
+    /// it (it looks at least every millisecond). A running kernel beats
+    /// busy or idle, so this stays near zero unless it hangs.
+    pub since_heartbeat: Duration,
+    /// Requests in its slots now (probes included).
+    pub in_flight: usize,
+    /// Its slots: the size of its rings.
+    pub capacity: usize,
+    /// Times its heartbeat stood still with requests pending (rule 5).
+    pub hangs: u64,
+    /// Times it was launched again after a hang (rule 5).
+    pub relaunches: u64,
+    /// Whether its last relaunch failed (the bridge routes around it and
+    /// retries).
+    pub failed: bool,
+}
+
+impl InstanceHealth {
+    /// The share of its ring slots in use, `0.0..=1.0`.
+    pub fn ring_occupancy(&self) -> f64 {
+        if self.capacity == 0 {
+            0.0
+        } else {
+            self.in_flight as f64 / self.capacity as f64
+        }
+    }
+}
+
+/// The smallest request `shape` allows, in bytes (rule 6): the fewest
+/// elements that are a multiple of its step.
+fn probe_len(shape: &granary_kernels::Shape) -> usize {
+    let count = match shape.count {
+        granary_kernels::Count::Exactly(n) => n,
+        granary_kernels::Count::Between { min, multiple, .. } => {
+            let step = multiple.max(1);
+            min.div_ceil(step).saturating_mul(step)
+        }
+    };
+    count as usize * shape.element.size()
 }
 
 /// Drops a stopped kernel. One that had not exited is dropped on a thread

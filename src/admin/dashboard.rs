@@ -1,0 +1,303 @@
+//! The live dashboard (admin rule 7): `GET /` serves one self-contained
+//! page, and `GET /dashboard.json` what it draws.
+//!
+//! 1. **Whole cluster.** The page shows every silo of this node's view,
+//!    built from the loads the silos gossip ([`ClusterView`]): state, age,
+//!    activations by grain type, devices with their memory. Nothing asks
+//!    another silo's admin endpoint.
+//! 2. **History.** While the endpoint runs, a sampler takes the view every
+//!    [`SAMPLE_EVERY`] and keeps the last [`HISTORY`] of samples: for each
+//!    silo, its kernel requests per second and their mean round trip over
+//!    the interval (from the counters and latency sums its devices
+//!    publish), so a page opened now still shows the last minutes.
+//! 3. **Events.** The sampler compares each view with the one before and
+//!    notes which silos joined and which left (the most recent
+//!    [`EVENTS`]). A silo that leaves and comes back as a new incarnation
+//!    is one event of each.
+//! 4. **Self-contained.** The page is one HTML file compiled into the
+//!    binary, its script and styles inline; the charts are SVG polylines
+//!    drawn by that script (no charting library: two line charts do not
+//!    need one), so the page fetches nothing but `/dashboard.json` from the
+//!    node that served it, every [`SAMPLE_EVERY`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::cluster::{self, ClusterView, SiloView};
+use super::{AdminSources, Shared};
+
+/// How often the sampler takes the view, and the page refreshes (rule 2).
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// How much history the sampler keeps (rule 2).
+pub const HISTORY: Duration = Duration::from_secs(600);
+
+/// How many membership events the sampler keeps (rule 3).
+pub const EVENTS: usize = 50;
+
+/// The page (rule 4).
+const PAGE: &str = include_str!("dashboard.html");
+
+/// What the page draws: the view now, the history and the events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dashboard {
+    /// The cluster now.
+    pub view: ClusterView,
+    /// The samples, oldest first (rule 2).
+    pub history: Vec<Sample>,
+    /// Membership events, oldest first (rule 3).
+    pub events: Vec<Event>,
+}
+
+/// One sample of the kernel traffic (rule 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Each silo's traffic over the interval before.
+    pub silos: Vec<SiloTraffic>,
+}
+
+/// A silo's kernel traffic over one sampling interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiloTraffic {
+    /// `address#incarnation`.
+    pub silo: String,
+    /// Kernel requests finished per second, over all its devices.
+    pub requests_per_second: f64,
+    /// Their mean round trip, in milliseconds (`None` with no request).
+    pub mean_round_trip_ms: Option<f64>,
+}
+
+/// A silo joining or leaving the view (rule 3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When the sampler noticed, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `address#incarnation`.
+    pub silo: String,
+    /// `"joined"`, `"left"`, or `"present"` for the silos in the first
+    /// view the sampler took.
+    pub kind: String,
+}
+
+/// The sampler's state (rules 2 and 3).
+#[derive(Default)]
+pub(super) struct History {
+    samples: VecDeque<Sample>,
+    events: VecDeque<Event>,
+    /// Each silo's totals at the last sample: requests, latency sum (ns).
+    last: Option<(u64, Totals)>,
+}
+
+/// Each silo's kernel requests and their latency sum (ns), by name.
+type Totals = HashMap<String, (u64, u64)>;
+
+/// The name a silo goes by on the page.
+fn name(silo: &SiloView) -> String {
+    format!("{}#{}", silo.address, silo.incarnation)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl History {
+    /// Takes one sample of `view` at `at_ms` (rules 2 and 3).
+    pub(super) fn sample(&mut self, view: &ClusterView, at_ms: u64) {
+        let totals: Totals = view
+            .silos
+            .iter()
+            .map(|silo| {
+                let (requests, latency) = silo.devices.iter().fold((0u64, 0u64), |sum, device| {
+                    (
+                        sum.0.saturating_add(device.processed),
+                        sum.1.saturating_add(device.latency_sum_ns),
+                    )
+                });
+                (name(silo), (requests, latency))
+            })
+            .collect();
+        let lending: std::collections::HashSet<String> = view
+            .silos
+            .iter()
+            .filter(|silo| !silo.devices.is_empty())
+            .map(name)
+            .collect();
+        match &self.last {
+            None => {
+                let mut present: Vec<String> = totals.keys().cloned().collect();
+                present.sort();
+                for silo in &present {
+                    self.event(at_ms, silo, "present");
+                }
+            }
+            Some((last_ms, last)) => {
+                let seconds = at_ms.saturating_sub(*last_ms) as f64 / 1000.0;
+                let mut joined: Vec<&String> =
+                    totals.keys().filter(|s| !last.contains_key(*s)).collect();
+                let mut left: Vec<&String> =
+                    last.keys().filter(|s| !totals.contains_key(*s)).collect();
+                joined.sort();
+                left.sort();
+                let (joined, left): (Vec<String>, Vec<String>) = (
+                    joined.into_iter().cloned().collect(),
+                    left.into_iter().cloned().collect(),
+                );
+                let mut silos: Vec<SiloTraffic> = totals
+                    .iter()
+                    // A member that lends no device (a client) has no
+                    // kernel traffic to plot.
+                    .filter(|(silo, _)| lending.contains(*silo))
+                    .filter_map(|(silo, (requests, latency))| {
+                        // A silo new since the last sample has no interval.
+                        let (was_requests, was_latency) = last.get(silo)?;
+                        let done = requests.saturating_sub(*was_requests);
+                        let took = latency.saturating_sub(*was_latency);
+                        Some(SiloTraffic {
+                            silo: silo.clone(),
+                            requests_per_second: if seconds > 0.0 {
+                                done as f64 / seconds
+                            } else {
+                                0.0
+                            },
+                            mean_round_trip_ms: (done > 0).then(|| took as f64 / done as f64 / 1e6),
+                        })
+                    })
+                    .collect();
+                silos.sort_by(|a, b| a.silo.cmp(&b.silo));
+                for silo in &left {
+                    self.event(at_ms, silo, "left");
+                }
+                for silo in &joined {
+                    self.event(at_ms, silo, "joined");
+                }
+                self.samples.push_back(Sample { at_ms, silos });
+                let keep = (HISTORY.as_millis() / SAMPLE_EVERY.as_millis()) as usize;
+                while self.samples.len() > keep {
+                    self.samples.pop_front();
+                }
+            }
+        }
+        self.last = Some((at_ms, totals));
+    }
+
+    fn event(&mut self, at_ms: u64, silo: &str, kind: &str) {
+        self.events.push_back(Event {
+            at_ms,
+            silo: silo.to_string(),
+            kind: kind.to_string(),
+        });
+        while self.events.len() > EVENTS {
+            self.events.pop_front();
+        }
+    }
+}
+
+/// Starts the sampler (rule 2); it ends when the returned task is aborted.
+pub(super) fn start_sampler(
+    sources: AdminSources,
+    history: Arc<Mutex<History>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let view = cluster::view(&sources);
+            history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sample(&view, now_ms());
+        }
+    })
+}
+
+/// `GET /` (rule 4).
+pub(super) async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(PAGE)
+}
+
+/// `GET /dashboard.json`.
+pub(super) async fn data(
+    axum::extract::State(shared): axum::extract::State<Shared>,
+) -> axum::Json<Dashboard> {
+    let view = cluster::view(&shared.sources);
+    let history = shared
+        .history
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    axum::Json(Dashboard {
+        view,
+        history: history.samples.iter().cloned().collect(),
+        events: history.events.iter().cloned().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn silo(address: &str, processed: u64, latency_sum_ns: u64) -> SiloView {
+        SiloView {
+            address: address.into(),
+            incarnation: 1,
+            this: false,
+            state: "active".into(),
+            age_seconds: Some(5),
+            activations: 0,
+            activations_by_type: Default::default(),
+            grain_types: Vec::new(),
+            devices: vec![granary_cluster::DeviceLoad {
+                processed,
+                latency_sum_ns,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn view(silos: Vec<SiloView>) -> ClusterView {
+        ClusterView {
+            silo: None,
+            fenced: false,
+            draining: false,
+            silos,
+        }
+    }
+
+    #[test]
+    fn samples_give_rates_and_mean_round_trips_and_note_membership() {
+        let mut history = History::default();
+        history.sample(&view(vec![silo("a", 100, 0), silo("b", 0, 0)]), 10_000);
+        assert!(history.samples.is_empty(), "the first view has no interval");
+        history.sample(
+            &view(vec![silo("a", 300, 400_000_000), silo("c", 50, 0)]),
+            12_000,
+        );
+        let sample = &history.samples[0];
+        assert_eq!(sample.silos.len(), 1, "c has no interval yet: {sample:?}");
+        assert_eq!(sample.silos[0].silo, "a#1");
+        assert_eq!(sample.silos[0].requests_per_second, 100.0);
+        assert_eq!(sample.silos[0].mean_round_trip_ms, Some(2.0));
+        let events: Vec<(&str, &str)> = history
+            .events
+            .iter()
+            .map(|event| (event.silo.as_str(), event.kind.as_str()))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ("a#1", "present"),
+                ("b#1", "present"),
+                ("b#1", "left"),
+                ("c#1", "joined")
+            ]
+        );
+    }
+}

@@ -20,6 +20,15 @@ struct Cli {
     command: Command,
 }
 
+/// How `granary node` writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the devices this node's backends find, with their memory.
@@ -73,6 +82,11 @@ enum Command {
         /// The configuration file.
         #[arg(long)]
         config: std::path::PathBuf,
+        /// How log lines are written on standard error: `text` for people,
+        /// `json` (one object per line, with the fields of every span it
+        /// falls in, `trace` included) for a log pipeline.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Print the cluster as a node's admin endpoint sees it: every silo,
     /// its activations, grain types and devices.
@@ -168,7 +182,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Node { config } => {
+        Command::Node { config, log_format } => {
             let file = match NodeFile::load(&config) {
                 Ok(file) => file,
                 Err(err) => {
@@ -182,13 +196,19 @@ fn main() -> ExitCode {
             // The node's warnings and errors (a fence, a lost lease, a
             // drain that outlived an activation) on standard error;
             // `RUST_LOG` sets the level (default `info`).
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .try_init();
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let logs = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
+            let _ = match log_format {
+                LogFormat::Text => logs.try_init(),
+                LogFormat::Json => logs
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .try_init(),
+            };
             // A node hosts the multi-node demo's grains: `granary demo
             // --nodes N` runs its silos this way.
             let ran = runtime.block_on(node_file::run_node(file, &DemoGrains::default()));

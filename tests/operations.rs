@@ -8,7 +8,8 @@
 //!   `samples/deploy/` queries only names a node serves;
 //! - a persistent kernel that hangs (the CPU backend's test hook, armed
 //!   through `GRANARY_TEST_KERNEL_HANG`) makes its node unready until the
-//!   bridge has relaunched it;
+//!   bridge has relaunched it, and its JSON log (`--log-format json`)
+//!   reports the hang with its fields;
 //! - the dashboard, rendered by a headless Chromium, shows the cluster and
 //!   follows it when a node dies. Where no Chromium and chromedriver are
 //!   installed, that test reports as ignored and says why.
@@ -187,6 +188,8 @@ impl Cluster {
                 .arg("node")
                 .arg("--config")
                 .arg(&path)
+                .arg("--log-format")
+                .arg("json")
                 .stdout(Stdio::null())
                 .stderr(log);
             for (_, key, value) in env.iter().filter(|(node, _, _)| *node == n) {
@@ -624,6 +627,26 @@ async fn a_hung_kernel_makes_its_node_unready_until_it_is_relaunched() {
     inspect(&cluster, &silo)
         .await
         .expect("the relaunched kernel answers");
+    // The node logs in JSON (`--log-format json`): every line an object,
+    // the hang among them with its fields.
+    let log = cluster.log(0);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+        })
+        .collect();
+    assert!(
+        lines.iter().any(|line| {
+            line["level"] == "WARN"
+                && line["fields"]["kernel"] == "double"
+                && line["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|message| message.contains("heartbeat stopped"))
+        }),
+        "no JSON line reports the hang:\n{log}"
+    );
     cluster.client.leave().await.expect("the client leaves");
 }
 

@@ -70,6 +70,7 @@ mod reminders;
 pub mod route;
 mod silo;
 pub mod storage;
+pub mod trace;
 
 pub use dispatch::DispatchError;
 pub use error::{ActivationError, CallError, SiloError};
@@ -94,6 +95,7 @@ pub use storage::{
     ReminderRow, ReminderTable, STORAGE_SECONDS_BOUNDS, SqliteStorage, StorageError, StorageOp,
     StorageOpStats, StorageProvider, StorageStats,
 };
+pub use trace::TraceId;
 
 /// What the derives' generated code calls; not part of the API.
 #[doc(hidden)]

@@ -35,11 +35,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
-use granary_actors::GrainKey;
+use granary_actors::{GrainKey, TraceId};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::SiloId;
 use crate::auth::{self, ClusterSecret, Role};
@@ -445,13 +446,23 @@ impl Connection {
             }
         }
         let _forget = Forget(shared, id);
+        // The request's span carries its trace (`granary_actors::trace`
+        // rule 2): the same `trace` the handling silo's spans show.
+        let span = tracing::debug_span!(
+            "granary.remote_call",
+            trace = %TraceId(request.chain),
+            grain_type = request.grain_type,
+            message = request.message,
+            to = %shared.peer,
+        );
         // The timeout covers waiting for room in the queue too (rule 5).
         let sent_and_answered = async {
             if shared.outgoing.send(frame).await.is_err() {
                 return Err(shared.unavailable());
             }
             answer.await.unwrap_or_else(|_| Err(shared.unavailable()))
-        };
+        }
+        .instrument(span);
         match tokio::time::timeout(wait, sent_and_answered).await {
             Ok(result) => result,
             Err(_) => Err(CallFailure::Timeout {
@@ -736,6 +747,13 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                     });
                     continue;
                 };
+                let span = tracing::debug_span!(
+                    "granary.remote_request",
+                    trace = %TraceId(chain),
+                    grain_type = %grain_type,
+                    message = %message,
+                    from = %shared.peer,
+                );
                 let request = InboundRequest {
                     grain_type,
                     key,
@@ -746,7 +764,7 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                     time_left: Duration::from_micros(time_left_us),
                     received: std::time::Instant::now(),
                 };
-                let handled = inbound.request(&shared.peer, request);
+                let handled = inbound.request(&shared.peer, request).instrument(span);
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let result = handled.await;

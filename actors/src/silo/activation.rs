@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::envelope::{Envelope, InChain, MAX_READ_BATCH, ReadTurn, Turn};
 use super::registry::{Entry, GrainType};
@@ -417,10 +418,12 @@ async fn turn<G: Grain>(
         Turn::Deactivate => return (Some(grain), 0),
     };
     ctx.set_chain(chain);
+    let span = turn_span(ctx, chain);
     let outcome = InChain {
         chain,
         future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
     }
+    .instrument(span)
     .await;
     match outcome {
         Ok(()) => (Some(grain), 1),
@@ -434,6 +437,16 @@ async fn turn<G: Grain>(
             (activate::<G>(key, ctx).await, 1)
         }
     }
+}
+
+/// A turn's span (`trace` rule 2): disabled, and free, unless a subscriber
+/// wants debug spans from this crate.
+fn turn_span(ctx: &GrainContext, chain: u64) -> tracing::Span {
+    tracing::debug_span!(
+        "granary.turn",
+        grain = %ctx.id(),
+        trace = %crate::trace::TraceId(chain)
+    )
 }
 
 /// Rule 10: `first` and the reads queued right behind it run together on
@@ -469,9 +482,12 @@ async fn read_batch<G: Grain>(
     }
     let ctx: &GrainContext = ctx;
     let ran = reads.len() as u64;
-    let running = reads.into_iter().map(|(chain, read)| InChain {
-        chain,
-        future: AssertUnwindSafe(read(grain, ctx)).catch_unwind(),
+    let running = reads.into_iter().map(|(chain, read)| {
+        InChain {
+            chain,
+            future: AssertUnwindSafe(read(grain, ctx)).catch_unwind(),
+        }
+        .instrument(turn_span(ctx, chain))
     });
     let panicked = futures_util::future::join_all(running)
         .await

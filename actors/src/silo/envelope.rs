@@ -60,6 +60,14 @@ pub(crate) fn current_chain() -> u64 {
     }
 }
 
+/// The chain of the turn being polled on this thread, if any.
+pub(crate) fn running_chain() -> Option<u64> {
+    match CHAIN.with(std::cell::Cell::get) {
+        0 => None,
+        chain => Some(chain),
+    }
+}
+
 /// A turn's future, polled with its chain as the thread's current chain
 /// (rule 7). A thread-local set around each poll, rather than a tokio
 /// task-local: the same scoping for a fraction of the cost, which matters

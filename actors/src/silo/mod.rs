@@ -113,7 +113,9 @@ use tokio_util::task::TaskTracker;
 pub(crate) use activation::Mailbox;
 pub use builder::{Registration, SiloBuilder, SiloConfig};
 pub use context::Timer;
-pub(crate) use envelope::{current_chain, deadline_after, fresh_chain, random_start as random_u64};
+pub(crate) use envelope::{
+    current_chain, deadline_after, fresh_chain, random_start as random_u64, running_chain,
+};
 pub use reference::GrainRef;
 pub use stats::{FailureReason, GrainTypeStats, TURN_SECONDS_BOUNDS};
 

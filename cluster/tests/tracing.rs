@@ -241,8 +241,15 @@ async fn one_request_carries_one_trace_across_three_silos() {
     }
     assert_ne!(traces[0], traces[1], "two requests, two traces");
 
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-    for trace in &traces {
+    check(&seen.lock().unwrap_or_else(|e| e.into_inner()), &traces);
+    for node in [a, b, c] {
+        node.leave().await.expect("leaves");
+    }
+}
+
+/// Every span and event of each trace, on every silo (module docs).
+fn check(seen: &Seen, traces: &[String]) {
+    for trace in traces {
         let spans = |name: &str, grain_type: &str| -> usize {
             seen.spans
                 .iter()
@@ -273,9 +280,5 @@ async fn one_request_carries_one_trace_across_three_silos() {
                 "no {message:?} event under trace {trace}"
             );
         }
-    }
-    drop(seen);
-    for node in [a, b, c] {
-        node.leave().await.expect("leaves");
     }
 }

@@ -16,7 +16,12 @@ use crate::support;
 pub fn available() -> Result<(PathBuf, PathBuf), String> {
     let find = |variable: &str, names: &[&str]| -> Result<PathBuf, String> {
         if let Some(path) = std::env::var_os(variable) {
-            return Ok(PathBuf::from(path));
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!("{variable}={} is not a file", path.display()))
+            };
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)

@@ -58,7 +58,9 @@ pub use connection::{
     accept, connect,
 };
 pub use directory::{ActivationAddress, LocationCache, Partition};
-pub use membership::{DeviceLoad, GossipConfig, Member, Membership, MembershipError, SiloLoad};
+pub use membership::{
+    DeviceLoad, GossipConfig, MAX_LOAD_GRAIN_TYPES, Member, Membership, MembershipError, SiloLoad,
+};
 pub use node::{
     ClusterCallError, ClusterNode, ClusterStats, NodeBuilder, NodeConfig, NodeError,
     REMOTE_SECONDS_BOUNDS, Redirect,

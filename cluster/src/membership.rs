@@ -124,7 +124,8 @@ pub struct SiloLoad {
     /// grain's type; an external client hosts none).
     #[serde(default)]
     pub grain_types: Vec<String>,
-    /// Live activations by grain type (those with none left out).
+    /// Live activations by grain type (those with none left out; at most
+    /// [`MAX_LOAD_GRAIN_TYPES`], the largest).
     #[serde(default)]
     pub activations_by_type: std::collections::BTreeMap<String, u64>,
     /// When the silo started, in milliseconds since the Unix epoch (0 if
@@ -139,7 +140,17 @@ pub struct SiloLoad {
     /// back as a new incarnation).
     #[serde(default)]
     pub fenced: bool,
+    /// When the silo took this load, in milliseconds since the Unix epoch
+    /// by its clock (0 if unknown): rates from two loads divide by the
+    /// time between them.
+    #[serde(default)]
+    pub published_ms: u64,
 }
+
+/// The most grain types a load lists in `activations_by_type` (those with
+/// the most activations), so that a silo hosting many types keeps its
+/// gossiped state small.
+pub const MAX_LOAD_GRAIN_TYPES: usize = 64;
 
 /// A live silo in the view (rule 7).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -92,6 +92,7 @@ async fn five_silos_join_through_a_seed_and_see_each_others_load() {
         started_ms: 1_800_000_000_000,
         leaving: false,
         fenced: true,
+        published_ms: 1_800_000_001_000,
     };
     silos[2].publish_load(&load).await;
     for silo in &silos {

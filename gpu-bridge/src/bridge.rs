@@ -34,10 +34,12 @@
 //!    host parts cross the bus (`bridge/resident.rs`).
 //! 8. **Health.** [`GpuBridge::kernel_health`] snapshots every launched
 //!    persistent kernel (heartbeat age, ring occupancy, hangs, relaunches,
-//!    whether its relaunch failed); [`GpuBridge::probe`] sends each one a
-//!    probe request and says which answered within a bound
-//!    (`bridge/instance.rs` rule 6). Kernels not launched yet (no request
-//!    has needed them) are neither listed nor probed.
+//!    whether its relaunch failed); [`GpuBridge::probe`] sends each idle
+//!    one a probe request, checks each busy one's heartbeat, and says which
+//!    answered within a bound (`bridge/instance.rs` rule 6). Kernels not
+//!    launched yet (no request has needed them), and those whose first
+//!    launch failed (their requests take the CPU fallback, counted), are
+//!    neither listed nor probed.
 //!
 //! Every request runs in a `granary_gpu.execute` tracing span at debug
 //! level. Metrics: `granary_gpu_requests_total`,
@@ -69,7 +71,7 @@ use tracing::Instrument;
 
 pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
-pub use instance::InstanceHealth;
+pub use instance::{InstanceHealth, ProbeAnswer};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
 pub use resident::{Output, Part, ResidentBuffer, ResidentError};
 
@@ -81,8 +83,8 @@ use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
 pub struct KernelProbe {
     /// The kernel's health after the probe.
     pub health: InstanceHealth,
-    /// The probe's round trip, or why the kernel did not answer in time.
-    pub answered: Result<std::time::Duration, String>,
+    /// How the kernel showed it answers, or why it did not in time.
+    pub answered: Result<ProbeAnswer, String>,
 }
 
 /// A device and the backend that drives it.

@@ -23,7 +23,7 @@ pub mod pool;
 
 pub use bridge::{
     BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
-    InstanceHealth, KernelProbe, Output, Part, ResidentBuffer, ResidentError,
+    InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, ResidentBuffer, ResidentError,
 };
 pub use granary_kernels::StopMode;
 

@@ -19,8 +19,10 @@
 //!    at its stop flag every millisecond while it holds the request and, if
 //!    stopped, exits without answering it (as a device kernel stuck in a
 //!    loop never would), so a test's threads end promptly.
-//! 4. **Free when unarmed.** An unarmed hook costs the kernel one relaxed
-//!    atomic load per request.
+//! 4. **Free when unarmed.** An unarmed hook costs the kernel one acquire
+//!    load per request (a plain load on x86). Arming it again while a
+//!    kernel thread is between counting down and taking the hang may hand
+//!    the new hang to that thread: arm it once per test.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,7 +68,7 @@ impl CpuHooks {
     /// Called by a kernel thread for each request it takes: how long to
     /// hold it (rule 2), if this is the one.
     pub(crate) fn on_request(&self) -> Option<Duration> {
-        if !self.state.armed.load(Ordering::Relaxed) {
+        if !self.state.armed.load(Ordering::Acquire) {
             return None;
         }
         // Count this request down; the one that finds zero hangs. A

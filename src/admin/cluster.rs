@@ -46,6 +46,10 @@ pub struct SiloView {
     pub grain_types: Vec<String>,
     /// Its devices, as it last published.
     pub devices: Vec<granary_cluster::DeviceLoad>,
+    /// When it took the load shown, in milliseconds since the Unix epoch
+    /// by its clock (0 if unknown).
+    #[serde(default)]
+    pub published_ms: u64,
 }
 
 /// The view of `sources` (a lone silo lists itself alone).
@@ -71,6 +75,7 @@ pub(super) fn view(sources: &AdminSources) -> ClusterView {
                         activations_by_type: member.load.activations_by_type,
                         grain_types: member.load.grain_types,
                         devices: member.load.devices,
+                        published_ms: member.load.published_ms,
                     })
                     .collect(),
             }
@@ -118,6 +123,10 @@ fn lone(sources: &AdminSources, draining: bool) -> SiloView {
                 latency_sum_ns: u64::try_from(stats.latency_total.as_nanos()).unwrap_or(u64::MAX),
             })
             .collect(),
+        published_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
     }
 }
 

@@ -89,12 +89,20 @@ pub struct Event {
 pub(super) struct History {
     samples: VecDeque<Sample>,
     events: VecDeque<Event>,
-    /// Each silo's totals at the last sample: requests, latency sum (ns).
-    last: Option<(u64, Totals)>,
+    /// Each silo's totals at the last sample (rule 2).
+    last: Option<Totals>,
 }
 
-/// Each silo's kernel requests and their latency sum (ns), by name.
-type Totals = HashMap<String, (u64, u64)>;
+/// A silo's kernel traffic so far, as its load said, and when it took it.
+#[derive(Debug, Clone, Copy)]
+struct Traffic {
+    requests: u64,
+    latency_ns: u64,
+    published_ms: u64,
+}
+
+/// Each silo's traffic by name; `None` for one with nothing to plot.
+type Totals = HashMap<String, Option<Traffic>>;
 
 /// The name a silo goes by on the page.
 fn name(silo: &SiloView) -> String {
@@ -111,81 +119,90 @@ fn now_ms() -> u64 {
 impl History {
     /// Takes one sample of `view` at `at_ms` (rules 2 and 3).
     pub(super) fn sample(&mut self, view: &ClusterView, at_ms: u64) {
-        let totals: Totals = view
+        let mut totals: Totals = view
             .silos
             .iter()
             .map(|silo| {
-                let (requests, latency) = silo.devices.iter().fold((0u64, 0u64), |sum, device| {
-                    (
-                        sum.0.saturating_add(device.processed),
-                        sum.1.saturating_add(device.latency_sum_ns),
+                // A member that lends no device (a client), or whose load
+                // does not say when it was taken, has no traffic to plot.
+                let traffic = (!silo.devices.is_empty() && silo.published_ms > 0).then(|| {
+                    silo.devices.iter().fold(
+                        Traffic {
+                            requests: 0,
+                            latency_ns: 0,
+                            published_ms: silo.published_ms,
+                        },
+                        |sum, device| Traffic {
+                            requests: sum.requests.saturating_add(device.processed),
+                            latency_ns: sum.latency_ns.saturating_add(device.latency_sum_ns),
+                            ..sum
+                        },
                     )
                 });
-                (name(silo), (requests, latency))
+                (name(silo), traffic)
             })
             .collect();
-        let lending: std::collections::HashSet<String> = view
-            .silos
-            .iter()
-            .filter(|silo| !silo.devices.is_empty())
-            .map(name)
+        let Some(last) = &self.last else {
+            let mut present: Vec<String> = totals.keys().cloned().collect();
+            present.sort();
+            for silo in &present {
+                self.event(at_ms, silo, "present");
+            }
+            self.last = Some(totals);
+            return;
+        };
+        let mut joined: Vec<String> = totals
+            .keys()
+            .filter(|silo| !last.contains_key(*silo))
+            .cloned()
             .collect();
-        match &self.last {
-            None => {
-                let mut present: Vec<String> = totals.keys().cloned().collect();
-                present.sort();
-                for silo in &present {
-                    self.event(at_ms, silo, "present");
-                }
-            }
-            Some((last_ms, last)) => {
-                let seconds = at_ms.saturating_sub(*last_ms) as f64 / 1000.0;
-                let mut joined: Vec<&String> =
-                    totals.keys().filter(|s| !last.contains_key(*s)).collect();
-                let mut left: Vec<&String> =
-                    last.keys().filter(|s| !totals.contains_key(*s)).collect();
-                joined.sort();
-                left.sort();
-                let (joined, left): (Vec<String>, Vec<String>) = (
-                    joined.into_iter().cloned().collect(),
-                    left.into_iter().cloned().collect(),
-                );
-                let mut silos: Vec<SiloTraffic> = totals
-                    .iter()
-                    // A member that lends no device (a client) has no
-                    // kernel traffic to plot.
-                    .filter(|(silo, _)| lending.contains(*silo))
-                    .filter_map(|(silo, (requests, latency))| {
-                        // A silo new since the last sample has no interval.
-                        let (was_requests, was_latency) = last.get(silo)?;
-                        let done = requests.saturating_sub(*was_requests);
-                        let took = latency.saturating_sub(*was_latency);
-                        Some(SiloTraffic {
-                            silo: silo.clone(),
-                            requests_per_second: if seconds > 0.0 {
-                                done as f64 / seconds
-                            } else {
-                                0.0
-                            },
-                            mean_round_trip_ms: (done > 0).then(|| took as f64 / done as f64 / 1e6),
-                        })
-                    })
-                    .collect();
-                silos.sort_by(|a, b| a.silo.cmp(&b.silo));
-                for silo in &left {
-                    self.event(at_ms, silo, "left");
-                }
-                for silo in &joined {
-                    self.event(at_ms, silo, "joined");
-                }
-                self.samples.push_back(Sample { at_ms, silos });
-                let keep = (HISTORY.as_millis() / SAMPLE_EVERY.as_millis()) as usize;
-                while self.samples.len() > keep {
-                    self.samples.pop_front();
-                }
-            }
+        let mut left: Vec<String> = last
+            .keys()
+            .filter(|silo| !totals.contains_key(*silo))
+            .cloned()
+            .collect();
+        joined.sort();
+        left.sort();
+        let mut silos = Vec::new();
+        for (silo, now) in totals.iter_mut() {
+            // A silo new since the last sample, or one that lends devices
+            // only from now on, has no interval yet.
+            let (Some(was), Some(current)) = (last.get(silo).copied().flatten(), *now) else {
+                continue;
+            };
+            // Rates divide by the time between the two loads as the silo
+            // took them, not by the sampler's step: no load may have
+            // arrived since the last sample, or two. With none, the older
+            // load stays the start of the next interval.
+            let Some(elapsed_ms) = current
+                .published_ms
+                .checked_sub(was.published_ms)
+                .filter(|ms| *ms > 0)
+            else {
+                *now = Some(was);
+                continue;
+            };
+            let done = current.requests.saturating_sub(was.requests);
+            let took = current.latency_ns.saturating_sub(was.latency_ns);
+            silos.push(SiloTraffic {
+                silo: silo.clone(),
+                requests_per_second: done as f64 * 1000.0 / elapsed_ms as f64,
+                mean_round_trip_ms: (done > 0).then(|| took as f64 / done as f64 / 1e6),
+            });
         }
-        self.last = Some((at_ms, totals));
+        silos.sort_by(|a, b| a.silo.cmp(&b.silo));
+        for silo in &left {
+            self.event(at_ms, silo, "left");
+        }
+        for silo in &joined {
+            self.event(at_ms, silo, "joined");
+        }
+        self.samples.push_back(Sample { at_ms, silos });
+        let keep = (HISTORY.as_millis() / SAMPLE_EVERY.as_millis()) as usize;
+        while self.samples.len() > keep {
+            self.samples.pop_front();
+        }
+        self.last = Some(totals);
     }
 
     fn event(&mut self, at_ms: u64, silo: &str, kind: &str) {
@@ -244,7 +261,7 @@ pub(super) async fn data(
 mod tests {
     use super::*;
 
-    fn silo(address: &str, processed: u64, latency_sum_ns: u64) -> SiloView {
+    fn silo(address: &str, processed: u64, latency_sum_ns: u64, published_ms: u64) -> SiloView {
         SiloView {
             address: address.into(),
             incarnation: 1,
@@ -259,6 +276,7 @@ mod tests {
                 latency_sum_ns,
                 ..Default::default()
             }],
+            published_ms,
         }
     }
 
@@ -274,10 +292,17 @@ mod tests {
     #[test]
     fn samples_give_rates_and_mean_round_trips_and_note_membership() {
         let mut history = History::default();
-        history.sample(&view(vec![silo("a", 100, 0), silo("b", 0, 0)]), 10_000);
-        assert!(history.samples.is_empty(), "the first view has no interval");
         history.sample(
-            &view(vec![silo("a", 300, 400_000_000), silo("c", 50, 0)]),
+            &view(vec![silo("a", 100, 0, 9_500), silo("b", 0, 0, 9_600)]),
+            10_000,
+        );
+        assert!(history.samples.is_empty(), "the first view has no interval");
+        // a's load was taken 2 s after the one before: 200 requests, 400 ms.
+        history.sample(
+            &view(vec![
+                silo("a", 300, 400_000_000, 11_500),
+                silo("c", 50, 0, 11_000),
+            ]),
             12_000,
         );
         let sample = &history.samples[0];
@@ -299,5 +324,29 @@ mod tests {
                 ("c#1", "joined")
             ]
         );
+        // No new load from a since: no point, and its interval runs on
+        // from the load before.
+        history.sample(
+            &view(vec![
+                silo("a", 300, 400_000_000, 11_500),
+                silo("c", 50, 0, 11_000),
+            ]),
+            14_000,
+        );
+        assert!(history.samples[1].silos.iter().all(|t| t.silo != "a#1"));
+        history.sample(
+            &view(vec![
+                silo("a", 400, 500_000_000, 14_500),
+                silo("c", 90, 0, 13_000),
+            ]),
+            16_000,
+        );
+        let last = &history.samples[2].silos;
+        assert_eq!(last[0].silo, "a#1");
+        assert!((last[0].requests_per_second - 100.0 / 3.0).abs() < 1e-9);
+        assert_eq!(last[0].mean_round_trip_ms, Some(1.0));
+        assert_eq!(last[1].silo, "c#1");
+        assert_eq!(last[1].requests_per_second, 20.0);
+        assert_eq!(last[1].mean_round_trip_ms, Some(0.0));
     }
 }

@@ -11,16 +11,20 @@
 //! 3. **ready**: started, not draining (a node asked to stop is unready
 //!    from the first moment, before it leaves), not fenced after a stall,
 //!    its storage answers a read within the probe timeout, and every
-//!    persistent kernel its GPU bridge has launched answers a probe request
-//!    within `KERNEL_PROBE_TIMEOUT` (`GpuBridge::probe`): a kernel that
-//!    hangs makes the node unready until the bridge relaunches it. A node
-//!    with no bridge has no `kernels` check.
+//!    persistent kernel its GPU bridge has launched answers within
+//!    `KERNEL_PROBE_TIMEOUT` (`GpuBridge::probe`: an idle kernel answers a
+//!    probe request, a busy one's heartbeat moves): a kernel that hangs
+//!    makes the node unready, within about a second, until the bridge has
+//!    relaunched it (and a cached answer has expired). A node with no
+//!    bridge has no `kernels` check.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use granary_gpu::ProbeAnswer;
 
 use super::{AdminSources, Cached, KERNEL_PROBE_TIMEOUT, PROBE_TIMEOUT, Shared};
 
@@ -196,9 +200,13 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
                 })
                 .collect();
             if silent.is_empty() {
+                let busy = probes
+                    .iter()
+                    .filter(|probe| matches!(probe.answered, Ok(ProbeAnswer::Busy { .. })))
+                    .count();
                 Ok(format!(
-                    "{} persistent kernel(s) answered a probe",
-                    probes.len()
+                    "{} idle persistent kernel(s) answered a probe; {busy} busy one(s) beat",
+                    probes.len() - busy
                 ))
             } else {
                 Err(silent.join("; "))

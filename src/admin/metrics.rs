@@ -295,7 +295,7 @@ fn kernels(out: &mut Exposition, health: &[granary_gpu::InstanceHealth]) {
         (
             "granary_kernel_heartbeat_age_seconds",
             "gauge",
-            "Seconds since the persistent kernel's heartbeat last moved; it beats busy or idle, so a value above a few milliseconds means it is stuck.",
+            "Seconds since the persistent kernel's heartbeat last moved. It beats idle and for every request it takes (not during one), so a value nearing the bridge's hang timeout (2 s by default) means it is stuck.",
             |health| health.since_heartbeat.as_secs_f64(),
         ),
         (

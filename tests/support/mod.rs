@@ -38,6 +38,24 @@ pub async fn exchange(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Option<(u16, String, String)> {
+    // Bounded: a server that stops answering fails the test, not CI's
+    // time limit.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        exchange_unbounded(address, method, path, headers, body),
+    )
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn exchange_unbounded(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\n");
     for (name, value) in headers {

@@ -84,13 +84,22 @@ impl Inner {
         SiloLoad {
             grain_types: self.hosts.clone(),
             activations: self.silo.live_activations(),
-            activations_by_type: self
-                .silo
-                .grain_type_stats()
-                .into_iter()
-                .filter(|stats| stats.live_activations > 0)
-                .map(|stats| (stats.grain_type, stats.live_activations))
-                .collect(),
+            activations_by_type: {
+                let mut live: Vec<(String, u64)> = self
+                    .silo
+                    .grain_type_stats()
+                    .into_iter()
+                    .filter(|stats| stats.live_activations > 0)
+                    .map(|stats| (stats.grain_type, stats.live_activations))
+                    .collect();
+                live.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+                live.truncate(crate::membership::MAX_LOAD_GRAIN_TYPES);
+                live.into_iter().collect()
+            },
+            published_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             started_ms: self.started_ms,
             leaving: self.stopped.load(std::sync::atomic::Ordering::Acquire),
             fenced: self.fence.is_fenced(),

@@ -45,12 +45,15 @@
 //!    never submitted without its slot.
 //! 6. **Health.** The completion thread notes when the heartbeat last
 //!    moved, and counts hangs and relaunches, for
-//!    [`GpuBridge::kernel_health`](crate::GpuBridge::kernel_health). A
-//!    probe is a request like any other (a slot, the ring, the kernel's
-//!    loop) holding the smallest zeroed payload the kernel's shape allows;
-//!    any answer the kernel gives, even a rejection, shows it answers. A
-//!    probe is not counted as a request: not in the broker's counters, not
-//!    in the request metrics.
+//!    [`GpuBridge::kernel_health`](crate::GpuBridge::kernel_health). An
+//!    idle kernel is probed: a request like any other (a slot, the ring,
+//!    the kernel's loop) holding the smallest zeroed payload the kernel's
+//!    shape allows; any answer the kernel gives, even a rejection, shows
+//!    it answers. A probe is not counted as a request: not in the broker's
+//!    counters, not in the request metrics. A busy kernel (requests in
+//!    flight, or no payload its shape allows) is not sent one, which would
+//!    only queue behind the work: it answers if its heartbeat moved within
+//!    the probe's bound (it beats for every request it takes).
 //! 7. **Stop.** A stop request is carried out by the completion thread:
 //!    drain (flush what is staged, let the kernel answer everything) or
 //!    abandon (stop at once); whatever is still pending afterwards fails
@@ -422,29 +425,41 @@ impl KernelInstance {
     /// Rule 6: sends a probe and waits at most `timeout` for the kernel to
     /// answer it. `Ok` with the round trip if it answered (even with a
     /// rejection), `Err` saying why not otherwise.
-    pub(crate) async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<ProbeAnswer, String> {
         if self.is_failed() {
             return Err("its relaunch failed; the bridge retries it".into());
         }
-        let started = Instant::now();
-        let permit = match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await
-        {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_closed)) => return Err("stopped".into()),
-            Err(_elapsed) => {
-                return Err(format!(
-                    "every one of its {} slots stayed taken for {timeout:?}",
-                    self.config.kernel.capacity
-                ));
-            }
+        if self.stop.load(Ordering::Acquire) != RUNNING {
+            return Err("stopped".into());
+        }
+        // Busy: its answers show whether it works, and a probe would only
+        // queue behind them (a saturated kernel is not a hung one).
+        let idle = match probe_len(&self.spec.request) {
+            Some(len) if self.in_flight() == 0 => self
+                .permits
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| (permit, len)),
+            _ => None,
         };
-        let payload = vec![0u8; probe_len(&self.spec.request)];
-        let receiver = self.send_with(permit, &payload, true);
-        let left = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, receiver).await {
+        let Some((permit, len)) = idle else {
+            let since_heartbeat = self.health().since_heartbeat;
+            return if since_heartbeat < timeout {
+                Ok(ProbeAnswer::Busy { since_heartbeat })
+            } else {
+                Err(format!(
+                    "its heartbeat stood still for {since_heartbeat:?} with {} request(s) in flight",
+                    self.in_flight()
+                ))
+            };
+        };
+        let started = Instant::now();
+        let receiver = self.send_with(permit, &vec![0u8; len], true);
+        match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(Ok(_)))
             | Ok(Ok(Err(ExecuteError::Rejected { .. } | ExecuteError::KernelFault { .. }))) => {
-                Ok(started.elapsed())
+                Ok(ProbeAnswer::Answered(started.elapsed()))
             }
             Ok(Ok(Err(err))) => Err(err.to_string()),
             Ok(Err(_dropped)) => Err("the probe was dropped unanswered".into()),
@@ -737,7 +752,6 @@ impl KernelInstance {
                     if self.relaunch(&mut flusher, &mut kernel, &launcher, stopped_exited) {
                         heartbeat = kernel.heartbeat();
                         progress = Instant::now();
-                        self.beat();
                     } else {
                         retry_at = Instant::now() + RELAUNCH_RETRY;
                     }
@@ -786,6 +800,12 @@ impl KernelInstance {
             "kernel heartbeat stopped with requests pending; relaunching"
         );
         self.hangs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(
+            "granary_gpu_hangs_total",
+            "kernel" => self.spec.id,
+            "backend" => format!("{:?}", self.backend)
+        )
+        .increment(1);
         let mut flusher = lock(&self.flusher);
         flusher.submitter = None;
         // Only requests registered before the lock was taken can have been
@@ -920,17 +940,30 @@ impl InstanceHealth {
     }
 }
 
+/// How a kernel showed it answers (rule 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// It was idle and answered a probe request in this round trip.
+    Answered(Duration),
+    /// It was busy, and its heartbeat moved this long ago.
+    Busy {
+        /// How long ago its heartbeat moved.
+        since_heartbeat: Duration,
+    },
+}
+
 /// The smallest request `shape` allows, in bytes (rule 6): the fewest
-/// elements that are a multiple of its step.
-fn probe_len(shape: &granary_kernels::Shape) -> usize {
+/// elements that are a multiple of its step; `None` if no count is.
+fn probe_len(shape: &granary_kernels::Shape) -> Option<usize> {
     let count = match shape.count {
         granary_kernels::Count::Exactly(n) => n,
-        granary_kernels::Count::Between { min, multiple, .. } => {
+        granary_kernels::Count::Between { min, max, multiple } => {
             let step = multiple.max(1);
-            min.div_ceil(step).saturating_mul(step)
+            let count = min.checked_next_multiple_of(step)?;
+            (count <= max).then_some(count)?
         }
     };
-    count as usize * shape.element.size()
+    Some(count as usize * shape.element.size())
 }
 
 /// Drops a stopped kernel. One that had not exited is dropped on a thread

@@ -1,8 +1,9 @@
 #!/bin/sh
 # granary-entrypoint: the image's entry point.
 #
-#   granary-entrypoint node      renders the node file template, then runs
-#                                `granary node --config <rendered file>`
+#   granary-entrypoint node [FLAGS]  renders the node file template, then
+#                                runs `granary node --config <rendered file>
+#                                [FLAGS]` (say `--log-format json`)
 #   granary-entrypoint ARGS...   runs `granary ARGS...` (status, devices, ...)
 #
 # Why a renderer: `granary node` reads its TOML file as it is, and the file
@@ -87,12 +88,15 @@ render() {
     mv "$rendered.tmp" "$rendered"
 }
 
-if [ "${1:-node}" = node ] && [ "$#" -le 1 ]; then
+if [ "${1:-node}" = node ]; then
+    # `node` and its own flags (say `--log-format json`): the rendered file
+    # is passed as its --config.
+    [ "$#" -gt 0 ] && shift
     render
     # The secrets are in the rendered file now; the node does not need them
     # in its environment. (The probes run with the container's own
     # environment, which keeps GRANARY_ADMIN_TOKEN.)
     unset GRANARY_CLUSTER_SECRET GRANARY_POSTGRES_PASSWORD
-    exec granary node --config "$rendered"
+    exec granary node --config "$rendered" "$@"
 fi
 exec granary "$@"

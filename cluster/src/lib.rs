@@ -60,6 +60,7 @@ pub use connection::{
 pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{
     DeviceLoad, GossipConfig, MAX_LOAD_GRAIN_TYPES, Member, Membership, MembershipError, SiloLoad,
+    unix_ms,
 };
 pub use node::{
     ClusterCallError, ClusterNode, ClusterStats, NodeBuilder, NodeConfig, NodeError,

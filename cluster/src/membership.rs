@@ -147,6 +147,38 @@ pub struct SiloLoad {
     pub published_ms: u64,
 }
 
+impl DeviceLoad {
+    /// Every device of `bridge`, as a silo publishes them.
+    pub fn of_bridge(bridge: &granary_gpu::GpuBridge) -> Vec<DeviceLoad> {
+        bridge
+            .devices()
+            .into_iter()
+            .map(|(_, info, stats)| DeviceLoad {
+                backend: format!("{:?}", info.backend),
+                name: info.name,
+                total_memory: info.total_memory,
+                free_memory: stats.available,
+                queue_depth: stats.queue_depth,
+                compute_units: info.compute_units,
+                reserved_memory: stats.reserved,
+                processed: stats.processed,
+                failed: stats.failed,
+                latency_sum_ns: u64::try_from(stats.latency_total.as_nanos()).unwrap_or(u64::MAX),
+            })
+            .collect()
+    }
+}
+
+/// Milliseconds since the Unix epoch by this host's clock (0 before it):
+/// the time a load is stamped with.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 /// The most grain types a load lists in `activations_by_type` (those with
 /// the most activations), so that a silo hosting many types keeps its
 /// gossiped state small.
@@ -346,11 +378,7 @@ impl Membership {
         transport: &dyn GossipTransport,
     ) -> Result<Membership, MembershipError> {
         let mut config = self.config.clone();
-        let clock = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
+        let clock = unix_ms();
         let incarnation = clock.max(config.silo.incarnation.saturating_add(1));
         config.silo = SiloId::new(config.silo.address.clone(), incarnation);
         config.load = self.state.lock().await.load.clone();

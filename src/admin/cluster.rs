@@ -109,24 +109,9 @@ fn lone(sources: &AdminSources, draining: bool) -> SiloView {
         devices: sources
             .bridge
             .iter()
-            .flat_map(|bridge| bridge.devices())
-            .map(|(_, info, stats)| granary_cluster::DeviceLoad {
-                backend: format!("{:?}", info.backend),
-                name: info.name,
-                total_memory: info.total_memory,
-                free_memory: stats.available,
-                queue_depth: stats.queue_depth,
-                compute_units: info.compute_units,
-                reserved_memory: stats.reserved,
-                processed: stats.processed,
-                failed: stats.failed,
-                latency_sum_ns: u64::try_from(stats.latency_total.as_nanos()).unwrap_or(u64::MAX),
-            })
+            .flat_map(|bridge| granary_cluster::DeviceLoad::of_bridge(bridge))
             .collect(),
-        published_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
+        published_ms: granary_cluster::unix_ms(),
     }
 }
 
@@ -146,9 +131,5 @@ fn age(started_ms: u64) -> Option<u64> {
     if started_ms == 0 {
         return None;
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_millis();
-    Some(u64::try_from(now.saturating_sub(u128::from(started_ms)) / 1000).unwrap_or(u64::MAX))
+    Some(granary_cluster::unix_ms().saturating_sub(started_ms) / 1000)
 }

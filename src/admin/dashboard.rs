@@ -109,13 +109,6 @@ fn name(silo: &SiloView) -> String {
     format!("{}#{}", silo.address, silo.incarnation)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl History {
     /// Takes one sample of `view` at `at_ms` (rules 2 and 3).
     pub(super) fn sample(&mut self, view: &ClusterView, at_ms: u64) {
@@ -231,7 +224,7 @@ pub(super) fn start_sampler(
             history
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .sample(&view, now_ms());
+                .sample(&view, granary_cluster::unix_ms());
         }
     })
 }

@@ -419,12 +419,16 @@ async fn turn<G: Grain>(
     };
     ctx.set_chain(chain);
     let span = turn_span(ctx, chain);
-    let outcome = InChain {
+    let turn = InChain {
         chain,
         future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
-    }
-    .instrument(span)
-    .await;
+    };
+    // A disabled span is not entered on every poll (`trace` rule 3).
+    let outcome = if span.is_disabled() {
+        turn.await
+    } else {
+        turn.instrument(span).await
+    };
     match outcome {
         Ok(()) => (Some(grain), 1),
         Err(_) => {
@@ -483,11 +487,16 @@ async fn read_batch<G: Grain>(
     let ctx: &GrainContext = ctx;
     let ran = reads.len() as u64;
     let running = reads.into_iter().map(|(chain, read)| {
-        InChain {
+        let turn = InChain {
             chain,
             future: AssertUnwindSafe(read(grain, ctx)).catch_unwind(),
+        };
+        let span = turn_span(ctx, chain);
+        if span.is_disabled() {
+            futures_util::future::Either::Left(turn)
+        } else {
+            futures_util::future::Either::Right(turn.instrument(span))
         }
-        .instrument(turn_span(ctx, chain))
     });
     let panicked = futures_util::future::join_all(running)
         .await

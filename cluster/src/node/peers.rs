@@ -96,30 +96,14 @@ impl Inner {
                 live.truncate(crate::membership::MAX_LOAD_GRAIN_TYPES);
                 live.into_iter().collect()
             },
-            published_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
             started_ms: self.started_ms,
             leaving: self.stopped.load(std::sync::atomic::Ordering::Acquire),
             fenced: self.fence.is_fenced(),
+            published_ms: crate::membership::unix_ms(),
             devices: self
                 .bridge
                 .iter()
-                .flat_map(|bridge| bridge.devices())
-                .map(|(_, info, stats)| DeviceLoad {
-                    backend: format!("{:?}", info.backend),
-                    name: info.name,
-                    total_memory: info.total_memory,
-                    free_memory: stats.available,
-                    queue_depth: stats.queue_depth,
-                    compute_units: info.compute_units,
-                    reserved_memory: stats.reserved,
-                    processed: stats.processed,
-                    failed: stats.failed,
-                    latency_sum_ns: u64::try_from(stats.latency_total.as_nanos())
-                        .unwrap_or(u64::MAX),
-                })
+                .flat_map(|bridge| DeviceLoad::of_bridge(bridge))
                 .collect(),
         }
     }

@@ -312,10 +312,7 @@ impl NodeParts {
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
             stats: super::stats::NodeStats::default(),
-            started_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
+            started_ms: crate::membership::unix_ms(),
             config,
         });
         let weak = Arc::downgrade(&inner);

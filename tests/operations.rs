@@ -554,10 +554,10 @@ fn metric_names(text: &str) -> Vec<String> {
 }
 
 async fn a_hung_kernel_makes_its_node_unready_until_it_is_relaunched() {
-    // Node 0's CPU kernels let 3 requests pass (inspections or probes),
+    // Node 0's CPU kernels let 8 requests pass (inspections or probes),
     // then hold the next one without a heartbeat for longer than the
     // bridge waits (its hang timeout, 2 s).
-    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "3:60000")]).await;
+    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "8:60000")]).await;
     let (admin, silo) = (cluster.admins[0], cluster.silos[0].clone());
     inspect(&cluster, &silo)
         .await

@@ -360,9 +360,10 @@ impl GpuBridge {
         self.launched().map(|instance| instance.health()).collect()
     }
 
-    /// Sends every launched persistent kernel a probe request at once and
-    /// waits at most `timeout` for each (rule 8): each kernel's health, with
-    /// the probe's round trip or why it did not answer.
+    /// Checks every launched persistent kernel at once, waiting at most
+    /// `timeout` for each (rule 8): an idle one is sent a probe request, a
+    /// busy one answers by its heartbeat. Each kernel's health, with how it
+    /// answered or why it did not.
     pub async fn probe(&self, timeout: std::time::Duration) -> Vec<KernelProbe> {
         let probes = self.launched().map(|instance| async move {
             let answered = instance.probe(timeout).await;

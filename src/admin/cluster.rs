@@ -89,8 +89,8 @@ pub(super) fn view(sources: &AdminSources) -> ClusterView {
     }
 }
 
-/// A lone silo's view of itself: its own counters, as a node would
-/// publish them.
+/// A lone silo's view of itself, from its own counters (every grain type
+/// with live activations: no gossip to keep small).
 fn lone(sources: &AdminSources, draining: bool) -> SiloView {
     let stats = sources.silo.grain_type_stats();
     SiloView {

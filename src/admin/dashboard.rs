@@ -7,9 +7,13 @@
 //!    another silo's admin endpoint.
 //! 2. **History.** While the endpoint runs, a sampler takes the view every
 //!    [`SAMPLE_EVERY`] and keeps the last [`HISTORY`] of samples: for each
-//!    silo, its kernel requests per second and their mean round trip over
-//!    the interval (from the counters and latency sums its devices
-//!    publish), so a page opened now still shows the last minutes.
+//!    silo, its kernel requests per second and their mean round trip
+//!    between the last two loads it published (from the counters and
+//!    latency sums of its devices, over the time between the loads' own
+//!    stamps, not the sampler's step: a sample may see no new load from a
+//!    silo, or several). A silo with no new load gets no point, and its
+//!    interval runs on; one whose stamp went back starts a new interval.
+//!    So a page opened now still shows the last minutes.
 //! 3. **Events.** The sampler compares each view with the one before and
 //!    notes which silos joined and which left (the most recent
 //!    [`EVENTS`]). A silo that leaves and comes back as a new incarnation
@@ -167,13 +171,15 @@ impl History {
             // took them, not by the sampler's step: no load may have
             // arrived since the last sample, or two. With none, the older
             // load stays the start of the next interval.
-            let Some(elapsed_ms) = current
-                .published_ms
-                .checked_sub(was.published_ms)
-                .filter(|ms| *ms > 0)
-            else {
-                *now = Some(was);
-                continue;
+            // A stamp that went back (the silo's clock stepped) starts a new
+            // interval from this load.
+            let elapsed_ms = match current.published_ms.checked_sub(was.published_ms) {
+                Some(0) => {
+                    *now = Some(was);
+                    continue;
+                }
+                Some(elapsed_ms) => elapsed_ms,
+                None => continue,
             };
             let done = current.requests.saturating_sub(was.requests);
             let took = current.latency_ns.saturating_sub(was.latency_ns);
@@ -341,5 +347,11 @@ mod tests {
         assert_eq!(last[1].silo, "c#1");
         assert_eq!(last[1].requests_per_second, 20.0);
         assert_eq!(last[1].mean_round_trip_ms, Some(0.0));
+        // a's clock steps back: no point, and its next interval starts at
+        // the load with the earlier stamp.
+        history.sample(&view(vec![silo("a", 500, 600_000_000, 12_000)]), 18_000);
+        assert!(history.samples[3].silos.is_empty());
+        history.sample(&view(vec![silo("a", 600, 700_000_000, 13_000)]), 20_000);
+        assert_eq!(history.samples[4].silos[0].requests_per_second, 100.0);
     }
 }

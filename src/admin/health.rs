@@ -205,7 +205,7 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
                     .filter(|probe| matches!(probe.answered, Ok(ProbeAnswer::Busy { .. })))
                     .count();
                 Ok(format!(
-                    "{} idle persistent kernel(s) answered a probe; {busy} busy one(s) beat",
+                    "{} idle persistent kernel(s) answered a probe; {busy} busy one(s) answered by their heartbeat",
                     probes.len() - busy
                 ))
             } else {

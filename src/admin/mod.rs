@@ -26,7 +26,8 @@
 //!    `/health/live` (the process's runtime answers), `/health/startup`
 //!    (the node has joined) and `/health/ready` (joined, serving, storage
 //!    answering within [`PROBE_TIMEOUT`], every launched persistent kernel
-//!    answering a probe request within [`KERNEL_PROBE_TIMEOUT`]).
+//!    answering within [`KERNEL_PROBE_TIMEOUT`]: an idle one a probe
+//!    request, a busy one by its heartbeat).
 //! 5. **Scope.** Every answer is built from what the node knows now: a
 //!    scrape reads counters and walks the directory maps (holding each
 //!    shard's read lock briefly, never waiting on a grain's turn). One
@@ -73,9 +74,11 @@ pub use health::{Check, Probe, ProbeReport};
 /// The longest a probe waits for a dependency (rule 5).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long a persistent kernel may take to answer a probe request before
-/// the node is unready (rule 4). Shorter than [`PROBE_TIMEOUT`], so that
-/// the probe reports which kernel did not answer rather than timing out.
+/// How long a persistent kernel may take to answer a probe request, or
+/// (busy) go without a heartbeat, before the node is unready (rule 4): a
+/// hang, or one ring request running this long. Shorter than
+/// [`PROBE_TIMEOUT`], so that the probe reports which kernel did not answer
+/// rather than timing out.
 pub const KERNEL_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a storage probe's answer serves later probes (rule 5).

@@ -33,7 +33,11 @@
 //!    `Timeout` at the call timeout, never hangs.
 //! 5. **Load.** Every `load_interval` the node publishes its activation
 //!    count and, if it has a GPU bridge, each device's free memory, queue
-//!    depth and capabilities, for placement elsewhere. Published load may
+//!    depth and capabilities, for placement elsewhere (and what operators
+//!    see: activations by type, request counters, state, stamped with the
+//!    time it was taken). A load that differs from the last one published
+//!    only in its time stamp is published again only after
+//!    `LOAD_REFRESH`, so an idle cluster stays quiet. Published load may
 //!    be stale, so a silo never becomes home to a grain whose declared
 //!    device needs do not fit it now: it answers `NoRoom`, and the caller
 //!    places the grain elsewhere. Memory is promised to a grain from that

@@ -23,7 +23,11 @@ use super::{ClusterNode, Inner, NodeBuilder, NodeError};
 use crate::SiloId;
 use crate::connection::{self, Connection, Inbound, InboundRequest};
 use crate::directory::{LocationCache, Partition};
-use crate::membership::{Member, MembershipError};
+use crate::membership::{Member, MembershipError, SiloLoad};
+
+/// How often a load that only restamps its time is published anyway
+/// (node rule 5), so that readers can tell an idle silo from a silent one.
+const LOAD_REFRESH: Duration = Duration::from_secs(10);
 use crate::wire::RemoteError;
 
 impl ClusterNode {
@@ -409,13 +413,29 @@ impl NodeParts {
             let every = inner.config.load_interval.max(Duration::from_millis(10));
             async move {
                 let mut ticks = tokio::time::interval(every);
+                // The last load published, stamped out, and when: a load
+                // that only restamps its time is published again only
+                // every `LOAD_REFRESH` (an idle cluster stays quiet in
+                // etcd and in gossip).
+                let mut last: Option<(SiloLoad, std::time::Instant)> = None;
                 loop {
                     ticks.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
                     let load = inner.load();
+                    let unstamped = SiloLoad {
+                        published_ms: 0,
+                        ..load.clone()
+                    };
+                    if last
+                        .as_ref()
+                        .is_some_and(|(was, at)| *was == unstamped && at.elapsed() < LOAD_REFRESH)
+                    {
+                        continue;
+                    }
                     if let Some(membership) = inner.membership.lock().await.as_mut() {
                         membership.publish_load(&load).await;
                     }
+                    last = Some((unstamped, std::time::Instant::now()));
                 }
             }
         });

@@ -53,7 +53,10 @@
 //!    counters, not in the request metrics. A busy kernel (requests in
 //!    flight, or no payload its shape allows) is not sent one, which would
 //!    only queue behind the work: it answers if its heartbeat moved within
-//!    the probe's bound (it beats for every request it takes).
+//!    the probe's bound (it beats for every request it takes, not while
+//!    one runs). A probe left unanswered past the bound fails every later
+//!    check until it is answered or failed: its own slot must not pass for
+//!    work.
 //! 7. **Stop.** A stop request is carried out by the completion thread:
 //!    drain (flush what is staged, let the kernel answer everything) or
 //!    abandon (stop at once); whatever is still pending afterwards fails
@@ -154,6 +157,8 @@ pub(crate) struct KernelInstance {
     last_beat: AtomicU64,
     hangs: AtomicU64,
     relaunches: AtomicU64,
+    /// The last probe's request id, and when it was sent (rule 6).
+    last_probe: Mutex<Option<(u64, Instant)>>,
     /// The device memory its rings take, held for its life.
     _rings: Option<Reservation>,
 }
@@ -217,6 +222,7 @@ impl KernelInstance {
             last_beat: AtomicU64::new(0),
             hangs: AtomicU64::new(0),
             relaunches: AtomicU64::new(0),
+            last_probe: Mutex::new(None),
             _rings: rings,
         });
         let worker = instance.clone();
@@ -294,8 +300,8 @@ impl KernelInstance {
             return Err(receiver);
         };
         // Counted in the broker until `answer` finishes it (a probe is not:
-        // rule 6). The broker knows every device an instance runs on, so
-        // this cannot fail.
+        // rule 6, which remembers it instead). The broker knows every
+        // device an instance runs on, so this cannot fail.
         let entered = if probe {
             Ok(())
         } else {
@@ -319,6 +325,9 @@ impl KernelInstance {
             probe,
         };
         *lock(&self.slots[index as usize]) = Some(pending);
+        if probe {
+            *lock(&self.last_probe) = Some((request_id, Instant::now()));
+        }
         // From here the slot owns the permit: given back on dispatch.
         permit.forget();
         if !probe {
@@ -422,15 +431,27 @@ impl KernelInstance {
         receiver
     }
 
-    /// Rule 6: sends a probe and waits at most `timeout` for the kernel to
-    /// answer it. `Ok` with the round trip if it answered (even with a
-    /// rejection), `Err` saying why not otherwise.
+    /// Rule 6: whether the kernel answers within `timeout`: an idle one
+    /// is sent a probe (`Answered` with its round trip, even if rejected),
+    /// a busy one answers by its heartbeat (`Busy`); `Err` says why not.
     pub(crate) async fn probe(&self, timeout: Duration) -> Result<ProbeAnswer, String> {
         if self.is_failed() {
             return Err("its relaunch failed; the bridge retries it".into());
         }
         if self.stop.load(Ordering::Acquire) != RUNNING {
             return Err("stopped".into());
+        }
+        // An earlier probe still unanswered past the bound: the kernel is
+        // not answering, whatever its heartbeat (the probe's own slot would
+        // otherwise make it look busy).
+        let last = *lock(&self.last_probe);
+        if let Some((request_id, sent)) = last {
+            if self.is_pending(request_id) && sent.elapsed() >= timeout {
+                return Err(format!(
+                    "its last probe has waited {:?} unanswered",
+                    sent.elapsed()
+                ));
+            }
         }
         // Busy: its answers show whether it works, and a probe would only
         // queue behind them (a saturated kernel is not a hung one).

@@ -88,6 +88,12 @@ render() {
     mv "$rendered.tmp" "$rendered"
 }
 
+# `node` given its own file, or asked for help: nothing to render.
+for arg in "$@"; do
+    case "$arg" in
+    --config | --config=* | -h | --help) exec granary "$@" ;;
+    esac
+done
 if [ "${1:-node}" = node ]; then
     # `node` and its own flags (say `--log-format json`): the rendered file
     # is passed as its --config.

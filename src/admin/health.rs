@@ -176,14 +176,14 @@ pub(super) async fn ready(State(shared): State<Shared>) -> ProbeReport {
         });
     }
     let silo = sources.silo.clone();
-    let storage = cached(&shared.storage_probe, async move {
+    let storage = cached(&shared.storage_probe, super::PROBE_CACHE, async move {
         silo.storage_reachable()
             .await
             .map(|()| "answered a read".to_string())
             .map_err(|err| err.to_string())
     });
     let kernels = sources.bridge.clone().map(|bridge| {
-        cached(&shared.kernel_probe, async move {
+        cached(&shared.kernel_probe, super::KERNEL_PROBE_CACHE, async move {
             let probes = bridge.probe(KERNEL_PROBE_TIMEOUT).await;
             let silent: Vec<String> = probes
                 .iter()
@@ -251,15 +251,16 @@ fn dependency(
 }
 
 /// A dependency probe (admin rule 5): one at a time, its answer kept for
-/// `PROBE_CACHE`. A probe that gives up waiting leaves the probing running;
-/// the next probe waits for it rather than starting another.
+/// `keep`. A probe that gives up waiting leaves the probing running; the
+/// next probe waits for it rather than starting another.
 async fn cached(
     slot: &std::sync::Arc<tokio::sync::Mutex<Option<Cached>>>,
+    keep: std::time::Duration,
     probe: impl std::future::Future<Output = Result<String, String>> + Send + 'static,
 ) -> Result<String, String> {
     let mut last = slot.clone().lock_owned().await;
     if let Some((at, answer)) = last.as_ref() {
-        if at.elapsed() < super::PROBE_CACHE {
+        if at.elapsed() < keep {
             return answer.clone();
         }
     }

@@ -31,10 +31,13 @@
 //! 5. **Scope.** Every answer is built from what the node knows now: a
 //!    scrape reads counters and walks the directory maps (holding each
 //!    shard's read lock briefly, never waiting on a grain's turn). One
-//!    storage read at a time serves the ready probes, and one round of
-//!    kernel probes, each answer kept for [`PROBE_CACHE`]; a probe stops
-//!    waiting for them after [`PROBE_TIMEOUT`]. A kernel that hangs makes
-//!    the node unready until the bridge has relaunched it. Ready depends on the storage: a shared database
+//!    storage read at a time serves the ready probes, its answer kept for
+//!    [`PROBE_CACHE`], and one round of kernel checks, kept only for
+//!    [`KERNEL_PROBE_CACHE`] (so that a cached answer cannot hide a hang
+//!    for long); a probe stops waiting for them after [`PROBE_TIMEOUT`]. A
+//!    kernel that hangs makes the node unready within about a second,
+//!    until the bridge has relaunched it. Ready depends on the storage: a
+//!    shared database
 //!    that stops answering makes every node unready at once, as it makes
 //!    every node unable to activate grains.
 //! 6. **`GET /cluster`** (`cluster.rs`) is the whole cluster as this node
@@ -83,6 +86,11 @@ pub const KERNEL_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a storage probe's answer serves later probes (rule 5).
 pub const PROBE_CACHE: Duration = Duration::from_secs(1);
+
+/// How long a round of kernel checks serves later probes (rule 5): long
+/// enough for probes that waited on it, far shorter than the time between
+/// a hang and the bridge's relaunch.
+pub const KERNEL_PROBE_CACHE: Duration = Duration::from_millis(100);
 
 /// How often the Prometheus recorder's histograms are folded (its crate
 /// asks for it, else samples pile up between scrapes).

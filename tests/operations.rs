@@ -10,6 +10,8 @@
 //!   through `GRANARY_TEST_KERNEL_HANG`) makes its node unready until the
 //!   bridge has relaunched it, and its JSON log (`--log-format json`)
 //!   reports the hang with its fields;
+//! - a node out of file descriptors under a flood of silent connections
+//!   accepts again once it is over;
 //! - the dashboard, rendered by a headless Chromium, shows the cluster and
 //!   follows it when a node dies. Where no Chromium and chromedriver are
 //!   installed, that test reports as ignored and says why.
@@ -63,6 +65,10 @@ fn main() {
         trial(
             "the_scrape_serves_every_family_and_the_token_guards_every_path",
             || on_tokio(the_scrape_serves_every_family_and_the_token_guards_every_path()),
+        ),
+        trial(
+            "a_flood_of_silent_connections_does_not_stop_a_silo_accepting",
+            || on_tokio(a_flood_of_silent_connections_does_not_stop_a_silo_accepting()),
         ),
         trial(
             "a_hung_kernel_makes_its_node_unready_until_it_is_relaunched",
@@ -163,13 +169,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the nodes (node `n` with the environment `env` names for it)
-    /// and waits until every one has joined and is ready.
+    /// Starts the nodes (node `n` with the environment `env` names for it,
+    /// each with at most `nofile` open files if given) and waits until
+    /// every one has joined and is ready.
     async fn start(
         name: &str,
         count: usize,
         token: Option<&'static str>,
         env: &[(usize, &str, &str)],
+        nofile: Option<u64>,
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("a directory");
         let storage = dir.path().join("grains.sqlite");
@@ -190,7 +198,16 @@ impl Cluster {
             std::fs::write(&path, file.to_toml().expect("TOML")).expect("written");
             let log =
                 std::fs::File::create(dir.path().join(format!("node-{n}.log"))).expect("a log");
-            let mut command = Command::new(env!("CARGO_BIN_EXE_granary"));
+            let mut command = match nofile {
+                Some(limit) => {
+                    let mut command = Command::new("prlimit");
+                    command
+                        .arg(format!("--nofile={limit}:{limit}"))
+                        .arg(env!("CARGO_BIN_EXE_granary"));
+                    command
+                }
+                None => Command::new(env!("CARGO_BIN_EXE_granary")),
+            };
             command
                 .arg("node")
                 .arg("--config")
@@ -357,7 +374,7 @@ fn value(samples: &HashMap<String, f64>, prefix: &str, labels: &[&str]) -> Optio
 }
 
 async fn the_scrape_serves_every_family_and_the_token_guards_every_path() {
-    let cluster = Cluster::start("scrape", 2, Some(TOKEN), &[]).await;
+    let cluster = Cluster::start("scrape", 2, Some(TOKEN), &[], None).await;
     drive(&cluster, 0..6, 3).await;
     let admin = cluster.admins[0];
 
@@ -553,11 +570,86 @@ fn metric_names(text: &str) -> Vec<String> {
     names
 }
 
+/// Issue 15, finding 4: a node whose accept failed (out of file
+/// descriptors) stopped accepting for good. Here a node limited to 200
+/// open files takes 2,000 silent connections; once they are gone, a silo
+/// that never connected to it before reaches it (cluster node rule 10).
+async fn a_flood_of_silent_connections_does_not_stop_a_silo_accepting() {
+    const SILENT: usize = 2000;
+    // This process holds the silent connections: its own limit must allow
+    // them (root, as in CI, may raise it; so may most users' hard limits).
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    let hard: u64 = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(4))
+        .and_then(|hard| hard.parse().ok())
+        .unwrap_or(u64::MAX);
+    let soft = hard.min(16_384);
+    assert!(
+        soft > SILENT as u64 + 500,
+        "this test needs {} open files, the hard limit is {hard}",
+        SILENT + 500
+    );
+    let raised = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("prlimit runs");
+    assert!(
+        raised.success(),
+        "prlimit could not raise the open-file limit"
+    );
+
+    let cluster = Cluster::start("flood", 1, None, &[], Some(200)).await;
+    let silo = cluster.silos[0].clone();
+    // All at once, each given 3 s (once the node's backlog is full, the
+    // rest wait for it).
+    let connecting = (0..SILENT).map(|_| {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(silo.as_str()),
+        )
+    });
+    let silent: Vec<tokio::net::TcpStream> = futures_util::future::join_all(connecting)
+        .await
+        .into_iter()
+        .filter_map(|connected| connected.ok()?.ok())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let opened = silent.len();
+    drop(silent);
+    // The node ran out of descriptors (so the flood reached what it was
+    // meant to) and kept serving.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match inspect(&cluster, &silo).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no silo reaches the node after {opened} silent connections: {err}\n{}",
+                    cluster.log(0)
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!("flood: {opened} of {SILENT} silent connections established; the node accepts again");
+    assert!(
+        cluster.log(0).contains("accepting a connection failed"),
+        "the node never ran out of descriptors ({opened} connections opened):\n{}",
+        cluster.log(0)
+    );
+    cluster.client.leave().await.expect("the client leaves");
+}
+
 async fn a_hung_kernel_makes_its_node_unready_until_it_is_relaunched() {
     // Node 0's CPU kernels let 8 requests pass (inspections or probes),
     // then hold the next one without a heartbeat for longer than the
     // bridge waits (its hang timeout, 2 s).
-    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "8:60000")]).await;
+    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "8:60000")], None).await;
     let (admin, silo) = (cluster.admins[0], cluster.silos[0].clone());
     inspect(&cluster, &silo)
         .await
@@ -671,7 +763,7 @@ async fn the_dashboard_shows_the_cluster_in_a_browser(
     chromium: std::path::PathBuf,
     driver: std::path::PathBuf,
 ) {
-    let mut cluster = Cluster::start("dashboard", 3, None, &[]).await;
+    let mut cluster = Cluster::start("dashboard", 3, None, &[], None).await;
     drive(&cluster, 0..9, 2).await;
     let profile = cluster.dir.path().join("chromium-profile");
     let browser = browser::Browser::start(&chromium, &driver, &profile).await;
@@ -775,7 +867,7 @@ async fn the_dashboard_shows_the_cluster_in_a_browser(
 }
 
 async fn sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost() {
-    let mut cluster = Cluster::start("drain", 3, None, &[]).await;
+    let mut cluster = Cluster::start("drain", 3, None, &[], None).await;
     let (client, admins) = (&cluster.client, &cluster.admins);
     let nodes = &mut cluster.nodes;
 

@@ -82,6 +82,13 @@
 //!    request to a reserved grain type; a reference to a silo that is not
 //!    in the view reaches no one, and the grain drops that subscriber once
 //!    its expiry has passed (`observers.rs`).
+//! 10. **Accepting** never ends while the node serves: an accept that
+//!     fails (out of file descriptors, a connection reset before it was
+//!     taken) is retried after a wait that doubles while it keeps failing
+//!     (10 ms to 1 s). At most 256 handshakes run at once; a connection
+//!     beyond them closes at once, so silent connections hold at most that
+//!     many sockets for `handshake_timeout`. Only a listener that is gone
+//!     (the in-process network's, closed) ends the loop.
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.

@@ -25,6 +25,15 @@ use crate::connection::{self, Connection, Inbound, InboundRequest};
 use crate::directory::{LocationCache, Partition};
 use crate::membership::{Member, MembershipError, SiloLoad};
 
+/// Handshakes under way at most (node rule 10): a connection beyond them
+/// closes at once.
+const MAX_HANDSHAKES: usize = 256;
+
+/// How long the accept loop waits after a failed accept, at first and at
+/// most (node rule 10).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// How often a load that only restamps its time is published anyway
 /// (node rule 5), so that readers can tell an idle silo from a silent one.
 const LOAD_REFRESH: Duration = Duration::from_secs(10);
@@ -329,11 +338,49 @@ impl NodeParts {
         *inner.claim.lock().unwrap_or_else(PoisonError::into_inner) = Some(ended);
         let accepting = tokio::spawn({
             let weak = weak.clone();
+            // Handshakes not finished yet, bounded: a flood of silent
+            // connections takes at most this many sockets for
+            // `handshake_timeout`; beyond it a connection closes at once.
+            let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
             async move {
-                while let Ok((io, _)) = listener.accept().await {
+                let mut backoff = ACCEPT_BACKOFF_MIN;
+                loop {
+                    let accepted = listener.accept().await;
                     let Some(inner) = weak.upgrade() else { return };
+                    if inner.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    // An accept that failed (out of file descriptors, a
+                    // connection reset before it was taken) ends nothing:
+                    // the node waits a little, longer while it keeps
+                    // failing, and accepts again.
+                    let io = match accepted {
+                        Ok((io, _)) => {
+                            backoff = ACCEPT_BACKOFF_MIN;
+                            io
+                        }
+                        // The listener itself is gone (the in-process
+                        // network's, closed): nothing more will come.
+                        Err(err) if err.kind() == std::io::ErrorKind::NotConnected => {
+                            tracing::debug!(error = %err, "the listener closed");
+                            return;
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, retry_in = ?backoff, "accepting a connection failed");
+                            drop(inner);
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = handshaking.clone().try_acquire_owned() else {
+                        tracing::debug!("too many handshakes under way; a connection is closed");
+                        drop(io);
+                        continue;
+                    };
                     let weak = weak.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         // The identity the handshake presents: a connection
                         // that finished under an incarnation since left
                         // behind (rule 7) is closed, not kept.

@@ -937,7 +937,9 @@ pub struct InstanceHealth {
     /// it (it looks at least every millisecond). A running kernel beats
     /// busy or idle, so this stays near zero unless it hangs.
     pub since_heartbeat: Duration,
-    /// Requests in its slots now (probes included).
+    /// Requests in its slots now (probes included; a request answered a
+    /// moment ago counts until the completion thread gives back the
+    /// permits of the batch it drained).
     pub in_flight: usize,
     /// Its slots: the size of its rings.
     pub capacity: usize,

@@ -157,7 +157,7 @@ impl PlacementStrategy for ByType {
 }
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the in-process cluster's secret").unwrap()
+    ClusterSecret::new(*b"the in-process cluster's secret").expect("a 31-byte secret")
 }
 
 async fn start(
@@ -183,7 +183,10 @@ async fn start(
     if client {
         builder = builder.client();
     }
-    builder.start(transport.clone()).await.unwrap()
+    builder
+        .start(transport.clone())
+        .await
+        .expect("the node starts on the in-process network")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +213,7 @@ async fn one_request_carries_one_trace_across_three_silos() {
             .host::<Leaf>()
             .storage(Arc::new(MemoryStorage::new()))
             .build()
-            .unwrap()
+            .expect("a silo hosting both grain types")
     };
     let a = start(0, &ports, silo(), true, &network, &transport).await;
     let b = start(1, &ports, silo(), false, &network, &transport).await;

@@ -27,7 +27,12 @@ async fn a_hung_kernel_fails_its_probe_until_it_is_relaunched() {
     assert!(bridge.kernel_health().is_empty());
     assert!(bridge.probe(Duration::from_secs(1)).await.is_empty());
     assert_eq!(
-        from_f32s(&bridge.execute("double", &f32s(&[1.5])).await.unwrap()),
+        from_f32s(
+            &bridge
+                .execute("double", &f32s(&[1.5]))
+                .await
+                .expect("the first request launches the kernel and is answered")
+        ),
         [3.0]
     );
 
@@ -101,7 +106,12 @@ async fn a_hung_kernel_fails_its_probe_until_it_is_relaunched() {
     assert!(after[0].answered.is_ok(), "{after:?}");
     assert!(after[0].health.since_heartbeat < Duration::from_secs(1));
     assert_eq!(
-        from_f32s(&bridge.execute("double", &f32s(&[4.0])).await.unwrap()),
+        from_f32s(
+            &bridge
+                .execute("double", &f32s(&[4.0]))
+                .await
+                .expect("the relaunched kernel answers")
+        ),
         [8.0]
     );
     bridge.shutdown(StopMode::Abandon).await;

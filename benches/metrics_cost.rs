@@ -120,7 +120,9 @@ fn metrics_cost(c: &mut Criterion) {
         on: AtomicBool::new(false),
         exporter: recorder,
     });
-    metrics::set_global_recorder(ArcRecorder(switch.clone())).expect("the only recorder");
+    // `metrics` implements `Recorder` for `Arc<R>`: the bench keeps a
+    // handle on the switch.
+    metrics::set_global_recorder(switch.clone()).expect("the only recorder");
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(Duration::from_secs(5));
@@ -166,31 +168,6 @@ fn metrics_cost(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// `set_global_recorder` takes the recorder by value; the bench keeps a
-/// handle on the switch.
-struct ArcRecorder(Arc<Switch>);
-
-impl Recorder for ArcRecorder {
-    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        self.0.describe_counter(key, unit, description);
-    }
-    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        self.0.describe_gauge(key, unit, description);
-    }
-    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        self.0.describe_histogram(key, unit, description);
-    }
-    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
-        self.0.register_counter(key, metadata)
-    }
-    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
-        self.0.register_gauge(key, metadata)
-    }
-    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
-        self.0.register_histogram(key, metadata)
-    }
 }
 
 criterion_group!(benches, metrics_cost);

@@ -36,6 +36,16 @@ async fn a_hung_kernel_fails_its_probe_until_it_is_relaunched() {
         [3.0]
     );
 
+    // Idle: the first request's slot is back (its permit returns with the
+    // drained batch, just after its answer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bridge.kernel_health()[0].in_flight != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first request's slot stayed taken"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // A healthy kernel: beating, answering probes, which are not counted.
     let probes = bridge.probe(Duration::from_secs(5)).await;
     assert_eq!(probes.len(), 1);

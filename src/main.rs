@@ -99,6 +99,9 @@ enum Command {
         #[arg(long, env = "GRANARY_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Print a fresh cluster secret: 32 random bytes as 64 hexadecimal
+    /// digits, for the `secret` of every node file of one cluster.
+    Secret,
     /// Drive the request ring alone under load and print throughput and
     /// latency.
     RingDemo {
@@ -163,6 +166,16 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Secret => match granary::cluster::ClusterSecret::generate_hex() {
+            Ok(secret) => {
+                println!("{secret}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("granary secret: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { admin, token } => {
             let Some(runtime) = runtime("granary status") else {
                 return ExitCode::FAILURE;

@@ -61,13 +61,15 @@ use granary_kernels::BackendKind;
 use granary_kernels::shipped;
 use serde::{Deserialize, Serialize};
 
-/// A node's TOML configuration (`granary node --config FILE`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A node's TOML configuration (`granary node --config FILE`). Its `Debug`
+/// hides the cluster secret, the admin token and the database URL.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
     /// The cluster's name.
     pub cluster: String,
-    /// The cluster's secret (at least 16 bytes).
+    /// The cluster's secret: 32 random bytes as 64 hexadecimal digits
+    /// (`granary secret` prints one).
     pub secret: String,
     /// Where to listen for other silos.
     pub listen: String,
@@ -108,6 +110,26 @@ pub struct NodeFile {
     pub drain_grace_secs: Option<u64>,
 }
 
+impl fmt::Debug for NodeFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeFile")
+            .field("cluster", &self.cluster)
+            .field("secret", &"<hidden>")
+            .field("listen", &self.listen)
+            .field("gossip", &self.gossip)
+            .field("seeds", &self.seeds)
+            .field("gossip_interval_ms", &self.gossip_interval_ms)
+            .field("phi_threshold", &self.phi_threshold)
+            .field("death_grace_ms", &self.death_grace_ms)
+            .field("storage", &self.storage)
+            .field("devices", &self.devices)
+            .field("etcd", &self.etcd)
+            .field("admin", &self.admin)
+            .field("drain_grace_secs", &self.drain_grace_secs)
+            .finish()
+    }
+}
+
 /// Where a node serves its admin endpoint (`crate::admin`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,7 +162,7 @@ impl AdminFile {
 }
 
 /// Where a node keeps grain state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StorageFile {
     /// In memory: lost with the process.
@@ -160,6 +182,21 @@ pub enum StorageFile {
         /// Its connection string.
         url: String,
     },
+}
+
+/// A PostgreSQL URL holds its password: `Debug` shows none of it.
+impl fmt::Debug for StorageFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageFile::Memory => f.write_str("Memory"),
+            StorageFile::Redb { path } => f.debug_struct("Redb").field("path", path).finish(),
+            StorageFile::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
+            StorageFile::Postgres { .. } => f
+                .debug_struct("Postgres")
+                .field("url", &"<hidden>")
+                .finish(),
+        }
+    }
 }
 
 /// Where a node finds etcd.
@@ -232,11 +269,38 @@ impl fmt::Display for NodeRunError {
 impl std::error::Error for NodeRunError {}
 
 impl NodeFile {
-    /// Reads and checks the TOML file at `path`.
+    /// Reads and checks the TOML file at `path`. The file holds the
+    /// cluster's secret: one that others than its owner may read or write
+    /// (any group or other permission bit) is refused, as ssh refuses such
+    /// a private key.
     pub fn load(path: &Path) -> Result<NodeFile, NodeRunError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(NodeRunError(format!(
+                    "{}: holds the cluster secret but others may read or write it \
+                     (mode {:04o}); run `chmod 600 {}`",
+                    path.display(),
+                    mode & 0o7777,
+                    path.display()
+                )));
+            }
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?;
         NodeFile::from_toml(&text).map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
+    }
+
+    /// Writes the file as TOML to `path`, readable and writable by its
+    /// owner only (what [`NodeFile::load`] asks of it).
+    pub fn save(&self, path: &Path) -> Result<(), NodeRunError> {
+        write_private(path, &self.to_toml()?)
+            .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
     }
 
     /// Reads and checks a node's configuration from TOML text.
@@ -403,11 +467,49 @@ fn test_kernel_hang() -> Result<Option<(u64, Duration)>, NodeRunError> {
     Ok(Some((after, Duration::from_millis(millis))))
 }
 
+/// Writes `text` to `path` with mode 0600 (on Unix): a node file holds the
+/// cluster's secret. A file already there is truncated and its mode set.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(text.as_bytes())
+}
+
 /// The node's settings from the file: addresses, seeds and the failure
 /// detector (load is published as often as the node gossips).
 fn node_config(file: &NodeFile) -> Result<NodeConfig, NodeRunError> {
-    let secret = ClusterSecret::new(file.secret.as_bytes().to_vec())
-        .map_err(|err| NodeRunError(err.to_string()))?;
+    let secret =
+        ClusterSecret::from_hex(&file.secret).map_err(|err| NodeRunError(err.to_string()))?;
+    // A silo is known to its peers by the addresses it binds: 0.0.0.0
+    // (or ::) would be told to them as is, and reach no one.
+    let unspecified = |what: &str, address: &str| {
+        NodeRunError(format!(
+            "{what} = {address:?}: a silo is known to its peers by the address it binds, \
+             so it must be this host's own address, not an unspecified one"
+        ))
+    };
+    if file
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|address| address.ip().is_unspecified())
+    {
+        return Err(unspecified("listen", &file.listen));
+    }
+    if file.gossip.ip().is_unspecified() && file.etcd.is_none() {
+        return Err(unspecified("gossip", &file.gossip.to_string()));
+    }
     let mut config = NodeConfig::new(
         file.cluster.clone(),
         secret,
@@ -440,6 +542,11 @@ pub async fn start_node(
     grains: &dyn NodeGrains,
 ) -> Result<ClusterNode, NodeRunError> {
     let config = node_config(file)?;
+    // Gossip sealed with the cluster's secret (`granary_cluster::gossip`).
+    let gossip = granary_cluster::gossip::SealedUdpTransport::new(
+        config.secret.clone(),
+        file.cluster.clone(),
+    );
     let storage = open_storage(&file.storage).await?;
     let bridge = open_bridge(&file.devices)?;
     let devices = NodeDevices {
@@ -462,7 +569,7 @@ pub async fn start_node(
     }
     let node = match &file.etcd {
         None => builder
-            .start(granary_cluster::gossip::UdpTransport)
+            .start(gossip)
             .await
             .map_err(|err| NodeRunError(err.to_string()))?,
         Some(etcd) => start_with_etcd(builder, &file.cluster, etcd).await?,

@@ -38,7 +38,7 @@ fn node_file() -> NodeFile {
         .and_then(|socket| socket.local_addr())
         .expect("a free port");
     NodeFile::from_toml(&format!(
-        "cluster = \"admin-test\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\n\
+        "cluster = \"admin-test\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42\"\nlisten = \"127.0.0.1:0\"\n\
          gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n\
          devices = {{ memory_mib = 16 }}\n\
          admin = {{ listen = \"127.0.0.1:0\", token = \"s3cret-token\" }}\n"

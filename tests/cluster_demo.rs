@@ -119,14 +119,14 @@ fn three_silo_processes_on_etcd_lose_a_silo_and_no_state() {
 }
 
 /// A node file's fields before its `extra` lines.
-const NODE_FILE: &str = "cluster = \"c\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\n";
+const NODE_FILE: &str = "cluster = \"c\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42\"\nlisten = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\n";
 
 /// Runs `granary node` on the file `name` in `dir` (written from `text`
 /// unless `None`), expects it to fail, and returns what it printed.
 fn refused_node(dir: &std::path::Path, name: &str, text: Option<&str>) -> String {
     let path = dir.join(name);
     if let Some(text) = text {
-        std::fs::write(&path, text).unwrap();
+        granary::node_file::write_private(&path, text).unwrap();
     }
     let output = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args(["node", "--config"])
@@ -150,9 +150,26 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
             "colour",
         ),
         (
-            "weak-secret.toml",
-            Some(NODE_FILE.replace("0123456789abcdef", "short")),
-            "at least 16",
+            "short-secret.toml",
+            Some(NODE_FILE.replace(
+                "5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42",
+                "0123456789abcdef",
+            )),
+            "a cluster secret of 8 bytes",
+        ),
+        (
+            "passphrase-secret.toml",
+            Some(NODE_FILE.replace(
+                "5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42",
+                // A passphrase written in hex is still a passphrase.
+                "612070617373706872617365206f66207468697274792d74776f206279746573",
+            )),
+            "passphrase",
+        ),
+        (
+            "unspecified-listen.toml",
+            Some(NODE_FILE.replace("listen = \"127.0.0.1:0\"", "listen = \"0.0.0.0:7000\"")),
+            "not an unspecified one",
         ),
         (
             "unknown-backend.toml",
@@ -168,6 +185,15 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
     for (name, text, expected) in cases {
         let stderr = refused_node(&dir, name, text.as_deref());
         assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+    // A file others may read is refused before it is read.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("readable.toml");
+        std::fs::write(&path, NODE_FILE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let stderr = refused_node(&dir, "readable.toml", None);
+        assert!(stderr.contains("chmod 600"), "{stderr}");
     }
     // Without the etcd feature, an [etcd] section says how to get it.
     #[cfg(not(feature = "etcd"))]

@@ -10,10 +10,11 @@ use granary::node_file::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The README's example file.
+/// The README's example file, with a secret from `granary secret` in place of
+/// its placeholder.
 const README_FILE: &str = r#"
 cluster = "prod"
-secret = "at least sixteen bytes, the same on every silo"
+secret = "5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42"
 listen = "10.0.0.5:7000"          # other silos connect here (TCP)
 gossip = "10.0.0.5:7100"          # membership (UDP)
 seeds = ["10.0.0.4:7100"]
@@ -70,7 +71,7 @@ fn lone_node(devices: &str) -> NodeFile {
         .and_then(|socket| socket.local_addr())
         .expect("a free port");
     NodeFile::from_toml(&format!(
-        "cluster = \"node-file-test\"\nsecret = \"0123456789abcdef\"\nlisten = \"127.0.0.1:0\"\n\
+        "cluster = \"node-file-test\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42\"\nlisten = \"127.0.0.1:0\"\n\
          gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n{devices}"
     ))
     .expect("a valid file")

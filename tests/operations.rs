@@ -38,7 +38,7 @@ use granary::node_file::{
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 
-const SECRET: &str = "operations test cluster secret";
+const SECRET: &str = "c3d07e19a84b62f5e1093dd7a6452b8c0f9e31d4b7a8265c90e1f3ab46d7c128";
 const LEDGERS: u64 = 24;
 const TOKEN: &str = "operations-admin-token";
 
@@ -195,7 +195,7 @@ impl Cluster {
                 token: token.map(str::to_string),
             });
             let path = dir.path().join(format!("node-{n}.toml"));
-            std::fs::write(&path, file.to_toml().expect("TOML")).expect("written");
+            file.save(&path).expect("written");
             let log =
                 std::fs::File::create(dir.path().join(format!("node-{n}.log"))).expect("a log");
             let mut command = match nofile {
@@ -1002,7 +1002,7 @@ fn a_drain_past_its_grace_ends_the_run_with_an_error() {
     let mut file = node_file("grace", &dir.join("grains.sqlite"), seed, seed);
     file.drain_grace_secs = Some(0);
     let path = dir.join("node.toml");
-    std::fs::write(&path, file.to_toml().expect("TOML")).expect("written");
+    file.save(&path).expect("written");
     let child = Command::new(env!("CARGO_BIN_EXE_granary"))
         .arg("node")
         .arg("--config")

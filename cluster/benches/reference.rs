@@ -75,7 +75,7 @@ fn local_call(c: &mut Criterion) {
         let gossip = chitchat::transport::ChannelTransport::default();
         let mut config = NodeConfig::new(
             "bench",
-            ClusterSecret::new(*b"the benchmark cluster's secret").expect("a secret"),
+            ClusterSecret::new([0x85; 32]).expect("a secret"),
             "silo-1:7000",
             std::net::SocketAddr::from(([127, 0, 0, 1], 41_001)),
             vec![],

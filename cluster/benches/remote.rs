@@ -44,8 +44,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use granary_actors::dispatch::{decode, encode};
 use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_cluster::{
-    ClusterNode, ClusterSecret, Connection, ConnectionConfig, Listener, NodeConfig, PreferLocal,
-    SiloId, TcpTransport, Transport, accept, connect,
+    AnyPeer, ClusterNode, ClusterSecret, Connection, ConnectionConfig, Listener, NodeConfig,
+    PreferLocal, SiloId, TcpTransport, Transport, accept, connect,
 };
 use serde::{Deserialize, Serialize};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -81,7 +81,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Silo A serving on loopback, and B's connection to it.
 async fn granary_pair() -> (Connection, Silo, Silo) {
-    let secret = ClusterSecret::new(*b"the benchmark cluster's secret").expect("a secret");
+    let secret = ClusterSecret::new([0x85; 32]).expect("a secret");
     let a = Silo::builder()
         .register::<EchoGrain>("echo")
         .message::<EchoGrain, Echo>("echo")
@@ -106,6 +106,7 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
                 a_id.clone(),
                 "bench",
                 &secret_a,
+                &AnyPeer,
                 Arc::new(serving.clone()),
                 ConnectionConfig::default(),
             )
@@ -115,10 +116,14 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
             }
         }
     });
-    let io = TcpTransport.connect(address).await.expect("connected");
+    let io = TcpTransport
+        .connect(address.clone())
+        .await
+        .expect("connected");
     let connection = connect(
         io,
         SiloId::new("b", 1),
+        &SiloId::new(address, 1),
         "bench",
         &secret,
         Arc::new(b.clone()),
@@ -132,7 +137,7 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
 /// Two nodes on loopback TCP (gossip in-process); A hosts grains
 /// `0..grains`. Returns B, which calls them, and A.
 async fn node_pair(grains: u64) -> (ClusterNode, ClusterNode) {
-    let secret = ClusterSecret::new(*b"the benchmark cluster's secret").expect("a secret");
+    let secret = ClusterSecret::new([0x85; 32]).expect("a secret");
     let gossip = chitchat::transport::ChannelTransport::default();
     let mut nodes = Vec::new();
     for port in [1u16, 2] {

@@ -5,7 +5,10 @@
 //! 1. **Handshake first** (`auth.rs`): `Hello`, `Challenge`, `Proof`, all
 //!    within `handshake_timeout`. A peer of another cluster, with a wrong
 //!    proof, or that sends anything else first is refused: the connection
-//!    closes and nothing it sent is handled.
+//!    closes and nothing it sent is handled. Before it proves anything,
+//!    the acceptor refuses a peer claiming the acceptor's own id or one
+//!    its [`Admission`] does not let in (a silo outside its view), and the
+//!    connector refuses an acceptor that is not the silo it dialled.
 //! 2. **Both ways.** Either silo may send requests; each side numbers its
 //!    own, and a response carries its request's number. Any number of
 //!    requests may be in flight (pipelining); responses come back in any
@@ -16,8 +19,13 @@
 //!    writes every frame that is waiting, then flushes once, so a burst of
 //!    small requests costs one system call, not one each.
 //! 4. **Bounded work.** At most `max_inbound` requests from the peer run at
-//!    once; past that the reader stops reading, and TCP's own flow control
-//!    pushes back on the peer.
+//!    once. Past that, a request is answered `Overloaded` at once, its
+//!    answer queued without a task of its own, so responses to this
+//!    silo's own calls still get through. When the outgoing queue is full
+//!    too (the peer does not read its answers), the reader stops reading
+//!    until a running request ends, and TCP's own flow control pushes back
+//!    on the peer: however many requests it sends, the tasks and memory
+//!    spent on them stay bounded.
 //! 5. **Failure is fast.** A frame longer than `max_frame`, a frame that
 //!    does not decode, a handshake frame after the handshake, an I/O error
 //!    or the peer closing: the connection closes, every call waiting on it
@@ -84,6 +92,25 @@ pub trait Inbound: Send + Sync + 'static {
         from: &SiloId,
         request: InboundRequest,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>>;
+}
+
+/// Who an acceptor lets in (rule 1), asked with the id a connecting peer
+/// claims before the acceptor proves anything to it.
+pub trait Admission: Send + Sync + 'static {
+    /// Whether `peer` may connect. It may wait (for the view to catch up
+    /// with a silo that just joined), within the handshake's timeout.
+    fn admit(&self, peer: &SiloId) -> BoxFuture<'static, bool>;
+}
+
+/// Admits every peer but the acceptor itself: for connections outside a
+/// cluster node (tests, benches), where there is no view to check.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnyPeer;
+
+impl Admission for AnyPeer {
+    fn admit(&self, _peer: &SiloId) -> BoxFuture<'static, bool> {
+        Box::pin(async { true })
+    }
 }
 
 /// A request as it arrived.
@@ -179,6 +206,21 @@ pub enum ConnectError {
     /// A proof did not verify: the peer does not hold the cluster's secret
     /// (or refused ours).
     Unauthenticated,
+    /// The silo that answered is not the one dialled (rule 1): nothing was
+    /// proved to it.
+    UnexpectedPeer {
+        /// The silo dialled.
+        expected: SiloId,
+        /// The silo that answered.
+        found: SiloId,
+    },
+    /// The connecting peer claimed the acceptor's own id (rule 1).
+    OwnId,
+    /// The acceptor's view does not admit the connecting peer (rule 1).
+    NotAdmitted {
+        /// The id it claimed.
+        peer: SiloId,
+    },
     /// The peer broke the handshake's protocol.
     Protocol(String),
     /// The peer speaks another version of the wire protocol (`wire.rs`,
@@ -201,6 +243,13 @@ impl std::fmt::Display for ConnectError {
             }
             ConnectError::Unauthenticated => {
                 write!(f, "the peer could not prove it holds the cluster secret")
+            }
+            ConnectError::UnexpectedPeer { expected, found } => {
+                write!(f, "dialled {expected}, but {found} answered")
+            }
+            ConnectError::OwnId => write!(f, "the peer claimed this silo's own id"),
+            ConnectError::NotAdmitted { peer } => {
+                write!(f, "{peer} is not in this silo's view")
             }
             ConnectError::Protocol(why) => write!(f, "handshake protocol error: {why}"),
             ConnectError::Version { ours, theirs } => write!(
@@ -552,11 +601,13 @@ async fn send_header(writer: &mut Writer, header: &Header) -> Result<(), Connect
     Ok(())
 }
 
-/// Opens a connection over `io` to the silo that accepted it, proving both
-/// sides hold `secret` (rule 1).
+/// Opens a connection over `io` to `expected`, proving both sides hold
+/// `secret` (rule 1); a silo other than `expected` that answers is sent no
+/// proof.
 pub async fn connect(
     io: BoxIo,
     local: SiloId,
+    expected: &SiloId,
     cluster: &str,
     secret: &ClusterSecret,
     inbound: Arc<dyn Inbound>,
@@ -585,10 +636,23 @@ pub async fn connect(
         else {
             return Err(ConnectError::Protocol("expected a challenge".into()));
         };
-        if !secret.verify(Role::Acceptor, [&ours, &theirs], [&local, &peer], &proof) {
+        // Handshake rule 3: the silo dialled, or no proof at all.
+        if &peer != expected {
+            return Err(ConnectError::UnexpectedPeer {
+                expected: expected.clone(),
+                found: peer,
+            });
+        }
+        if !secret.verify(
+            Role::Acceptor,
+            cluster,
+            [&ours, &theirs],
+            [&local, &peer],
+            &proof,
+        ) {
             return Err(ConnectError::Unauthenticated);
         }
-        let proof = secret.proof(Role::Connector, [&theirs, &ours], [&local, &peer]);
+        let proof = secret.proof(Role::Connector, cluster, [&theirs, &ours], [&local, &peer]);
         send_header(&mut writer, &Header::Proof { proof }).await?;
         Ok(peer)
     };
@@ -599,12 +663,13 @@ pub async fn connect(
 }
 
 /// Accepts a connection over `io` from a silo that connected, proving both
-/// sides hold `secret` (rule 1).
+/// sides hold `secret` (rule 1) once `admission` lets the peer in.
 pub async fn accept(
     io: BoxIo,
     local: SiloId,
     cluster: &str,
     secret: &ClusterSecret,
+    admission: &dyn Admission,
     inbound: Arc<dyn Inbound>,
     config: ConnectionConfig,
 ) -> Result<Connection, ConnectError> {
@@ -625,8 +690,15 @@ pub async fn accept(
                 theirs: theirs_cluster,
             });
         }
+        // Handshake rule 2: refused before anything is proved.
+        if peer.address == local.address {
+            return Err(ConnectError::OwnId);
+        }
+        if !admission.admit(&peer).await {
+            return Err(ConnectError::NotAdmitted { peer });
+        }
         let ours = auth::nonce()?;
-        let proof = secret.proof(Role::Acceptor, [&theirs, &ours], [&peer, &local]);
+        let proof = secret.proof(Role::Acceptor, cluster, [&theirs, &ours], [&peer, &local]);
         send_header(
             &mut writer,
             &Header::Challenge {
@@ -640,7 +712,13 @@ pub async fn accept(
         let Header::Proof { proof } = next_header(&mut reader).await? else {
             return Err(ConnectError::Protocol("expected a proof".into()));
         };
-        if !secret.verify(Role::Connector, [&ours, &theirs], [&peer, &local], &proof) {
+        if !secret.verify(
+            Role::Connector,
+            cluster,
+            [&ours, &theirs],
+            [&peer, &local],
+            &proof,
+        ) {
             return Err(ConnectError::Unauthenticated);
         }
         Ok(peer)
@@ -739,13 +817,35 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                 payload,
             )) => {
                 // Rule 4: past the bound, refuse the request but keep
-                // reading: responses to our own calls must get through.
-                let Ok(permit) = running.clone().try_acquire_owned() else {
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        respond(&shared, id, Outcome::Failed(RemoteError::Overloaded), &[]).await;
-                    });
-                    continue;
+                // reading (responses to our own calls must get through),
+                // unless the refusal itself finds no room.
+                let permit = match running.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        let refusal = response_frame(
+                            &shared,
+                            id,
+                            Outcome::Failed(RemoteError::Overloaded),
+                            &[],
+                        );
+                        let Some(refusal) = refusal else { continue };
+                        match shared.outgoing.try_send(refusal) {
+                            Ok(()) => continue,
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                break "the connection's writer stopped".to_string();
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                let freed = tokio::select! {
+                                    _ = shared.stop.cancelled() => return,
+                                    freed = running.clone().acquire_owned() => freed,
+                                };
+                                match freed {
+                                    Ok(permit) => permit,
+                                    Err(_) => break "the request bound closed".to_string(),
+                                }
+                            }
+                        }
+                    }
                 };
                 let span = tracing::debug_span!(
                     "granary.remote_request",
@@ -799,6 +899,14 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
 /// Sends the response to request `id`; one too long for a frame is sent
 /// as a failure instead.
 async fn respond(shared: &Shared, id: u64, outcome: Outcome, payload: &[u8]) {
+    if let Some(frame) = response_frame(shared, id, outcome, payload) {
+        let _ = shared.outgoing.send(frame).await;
+    }
+}
+
+/// The frame answering request `id` (a failure in place of a reply too long
+/// for a frame); `None` if not even that encodes.
+fn response_frame(shared: &Shared, id: u64, outcome: Outcome, payload: &[u8]) -> Option<Bytes> {
     let header = Header::Response { id, outcome };
     let frame = match wire::encode(&header, payload) {
         Ok(frame) if frame.len() <= shared.config.max_frame => frame,
@@ -811,12 +919,9 @@ async fn respond(shared: &Shared, id: u64, outcome: Outcome, payload: &[u8]) {
                     shared.config.max_frame
                 ))),
             };
-            match wire::encode(&failed, &[]) {
-                Ok(frame) => frame,
-                Err(_) => return,
-            }
+            wire::encode(&failed, &[]).ok()?
         }
-        Err(_) => return,
+        Err(_) => return None,
     };
-    let _ = shared.outgoing.send(frame).await;
+    Some(frame)
 }

@@ -40,22 +40,30 @@ pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod provider;
+mod sealed;
 pub mod transport;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};
 
-/// Gossip transports for [`NodeBuilder::start`]: UDP for real clusters,
-/// chitchat's in-process channels for tests, so that starting a node needs
-/// no dependency on chitchat of its own.
+/// Gossip transports for [`NodeBuilder::start`]: sealed UDP for real
+/// clusters ([`SealedUdpTransport`](gossip::SealedUdpTransport), `sealed`'s
+/// rules), chitchat's in-process channels for tests, so that starting a
+/// node needs no dependency on chitchat of its own. chitchat's plain
+/// `UdpTransport` authenticates nothing: any host that can reach the port
+/// can alter the view.
 pub mod gossip {
+    pub use crate::sealed::{
+        FRESH, GossipCounts, GossipStats, MAX_JUMP, MAX_NAME, MAX_NODES, MAX_VERSION,
+        SealedUdpTransport, TRACK_FOR,
+    };
     pub use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
 }
 
-pub use auth::{ClusterSecret, WeakSecret};
+pub use auth::{BadSecret, ClusterSecret, Purpose, SECRET_LEN};
 pub use connection::{
-    CallFailure, ConnectError, Connection, ConnectionConfig, Inbound, InboundRequest, Outgoing,
-    accept, connect,
+    Admission, AnyPeer, CallFailure, ConnectError, Connection, ConnectionConfig, Inbound,
+    InboundRequest, Outgoing, accept, connect,
 };
 pub use directory::{ActivationAddress, LocationCache, Partition};
 pub use membership::{

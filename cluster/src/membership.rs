@@ -28,17 +28,21 @@
 //!    a few intervals before stopping: peers drop it at once, without
 //!    waiting for the failure detector.
 //! 6. **Signed state.** A silo's status and load travel as one value
-//!    tagged with the cluster secret over its id and incarnation
-//!    (HMAC-SHA-256). A node whose value is missing or does not verify is
-//!    not in the view: a host without the secret may gossip, but no silo
-//!    counts it, places grains on it, or (connections need the secret too)
-//!    talks to it. chitchat 0.9 keeps its message decoding private, so the
-//!    datagrams themselves cannot be signed from outside it; chitchat's
-//!    heartbeats can therefore be forged. So the signed state also carries
-//!    a beat that the silo advances every few of its own gossip rounds
-//!    (and how often it does), and a silo whose signed beat has not
-//!    advanced for `BEATS_MISSED` of its beats leaves the view whatever
-//!    chitchat's detector says.
+//!    tagged with the cluster secret's member-state key over the cluster's
+//!    name, its id and incarnation (HMAC-SHA-256). A node whose value is
+//!    missing or does not verify is not in the view: no silo counts it,
+//!    places grains on it, or (connections need the secret too) talks to
+//!    it. Over [`crate::gossip::SealedUdpTransport`] every datagram is
+//!    sealed too, so a host without the secret is not heard at all
+//!    (`sealed/mod.rs`); the signed state is what holds against a silo that
+//!    has the secret, and over transports that seal nothing. chitchat's
+//!    heartbeats say nothing signed, so the signed state also carries a
+//!    beat that the silo advances every few of its own gossip rounds (and
+//!    how often it does): a silo whose signed beat has not advanced for
+//!    `BEATS_MISSED` of its beats leaves the view whatever chitchat's
+//!    detector says, and a silo that left keeps its last beat on record
+//!    for `dead_grace_period`, so heartbeats forged on and off do not bring
+//!    it back.
 //! 7. **The view** ([`Membership::members`], [`Membership::watch`]) lists
 //!    live silos, this one included, sorted by id, each with its last load.
 //!    It changes when a silo joins, leaves, dies or publishes new load.
@@ -54,12 +58,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::SiloId;
-use crate::auth::ClusterSecret;
+use crate::auth::{ClusterSecret, Purpose};
 
 /// The node-state key of a silo's signed state: `<hex tag>:<json State>`.
 const STATE: &str = "granary.state";
-/// What the tag covers, besides the node and the value.
-const LABEL: &[u8] = b"granary member";
+
+/// The member-state key of the cluster's secret and the cluster's name:
+/// what signs and checks a silo's state (rule 6).
+#[derive(Clone)]
+struct Signer {
+    secret: ClusterSecret,
+    cluster: String,
+}
 
 /// What a silo says about itself (rules 4 to 6).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,7 +340,11 @@ impl Membership {
             load: config.load.clone(),
             ..State::default()
         };
-        let value = signed(&secret, &chitchat_config.chitchat_id, &state)
+        let signer = Signer {
+            secret: secret.clone(),
+            cluster: config.cluster.clone(),
+        };
+        let value = signed(&signer, &chitchat_config.chitchat_id, &state)
             .ok_or_else(|| MembershipError::Start("the state did not serialise".into()))?;
         let handle =
             chitchat::spawn_chitchat(chitchat_config, vec![(STATE.to_string(), value)], transport)
@@ -343,16 +357,17 @@ impl Membership {
         let follower = tokio::spawn(follow(
             live,
             publish,
-            secret.clone(),
+            signer.clone(),
             beat,
             config.death_grace,
+            config.dead_grace_period,
         ));
         let state = Arc::new(tokio::sync::Mutex::new(state));
         let beater = tokio::spawn(advance_beat(
             handle.chitchat(),
             handle.chitchat_id().clone(),
             state.clone(),
-            secret.clone(),
+            signer,
             beat,
         ));
         Ok(Membership {
@@ -391,7 +406,11 @@ impl Membership {
     async fn publish(&self, change: impl FnOnce(&mut State)) {
         let mut state = self.state.lock().await;
         change(&mut state);
-        let Some(value) = signed(&self.secret, self.handle.chitchat_id(), &state) else {
+        let signer = Signer {
+            secret: self.secret.clone(),
+            cluster: self.config.cluster.clone(),
+        };
+        let Some(value) = signed(&signer, self.handle.chitchat_id(), &state) else {
             return;
         };
         self.handle
@@ -444,9 +463,10 @@ impl Membership {
 async fn follow(
     mut live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     publish: watch::Sender<Vec<Member>>,
-    secret: ClusterSecret,
+    signer: Signer,
     own_beat: Duration,
     death_grace: Duration,
+    remember: Duration,
 ) {
     // Each node's last signed beat and when it was first seen (rule 6).
     let mut beats: std::collections::HashMap<ChitchatId, (u64, Instant)> =
@@ -460,8 +480,13 @@ async fn follow(
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now = Instant::now();
-        let signed = signed_states(&live.borrow_and_update(), &secret);
-        beats.retain(|id, _| signed.iter().any(|(known, _)| known == id));
+        let signed = signed_states(&live.borrow_and_update(), &signer);
+        // A node that falls out of chitchat's live set keeps its last beat
+        // for `remember`: if forged heartbeats bring it back with the same
+        // signed beat, it is still stale (rule 6), not new.
+        beats.retain(|id, (_, since)| {
+            signed.iter().any(|(known, _)| known == id) || now.duration_since(*since) < remember
+        });
         let fresh: Vec<(ChitchatId, State)> = signed
             .into_iter()
             .filter(|(id, state)| {
@@ -537,7 +562,7 @@ async fn advance_beat(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     id: ChitchatId,
     state: Arc<tokio::sync::Mutex<State>>,
-    secret: ClusterSecret,
+    signer: Signer,
     every: Duration,
 ) {
     let mut ticks = tokio::time::interval(every);
@@ -545,7 +570,7 @@ async fn advance_beat(
         ticks.tick().await;
         let mut state = state.lock().await;
         state.beat += 1;
-        if let Some(value) = signed(&secret, &id, &state) {
+        if let Some(value) = signed(&signer, &id, &state) {
             chitchat.lock().await.self_node_state().set(STATE, &value);
         }
     }
@@ -553,9 +578,13 @@ async fn advance_beat(
 
 /// The value of [`STATE`] for `state` of node `id`: the tag in hex, a
 /// colon, the JSON.
-fn signed(secret: &ClusterSecret, id: &ChitchatId, state: &State) -> Option<String> {
+fn signed(signer: &Signer, id: &ChitchatId, state: &State) -> Option<String> {
     let json = serde_json::to_string(state).ok()?;
-    let tag = secret.tag(LABEL, &covered(id, &json));
+    let tag = signer.secret.tag(
+        Purpose::MemberState,
+        &signer.cluster,
+        &[&covered(id, &json)],
+    );
     let hex: String = tag.iter().map(|byte| format!("{byte:02x}")).collect();
     Some(format!("{hex}:{json}"))
 }
@@ -577,7 +606,7 @@ fn covered(id: &ChitchatId, json: &str) -> Vec<u8> {
 }
 
 /// The state node `id` published, if its tag verifies (rule 6).
-fn verified(secret: &ClusterSecret, id: &ChitchatId, value: &str) -> Option<State> {
+fn verified(signer: &Signer, id: &ChitchatId, value: &str) -> Option<State> {
     let (hex, json) = value.split_once(':')?;
     if hex.len() != 64 {
         return None;
@@ -585,7 +614,12 @@ fn verified(secret: &ClusterSecret, id: &ChitchatId, value: &str) -> Option<Stat
     let tag = (0..32)
         .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
         .collect::<Option<Vec<u8>>>()?;
-    if !secret.verify_tag(LABEL, &covered(id, json), &tag) {
+    if !signer.secret.verify_tag(
+        Purpose::MemberState,
+        &signer.cluster,
+        &[&covered(id, json)],
+        &tag,
+    ) {
         return None;
     }
     serde_json::from_str(json).ok()
@@ -594,13 +628,13 @@ fn verified(secret: &ClusterSecret, id: &ChitchatId, value: &str) -> Option<Stat
 /// The live nodes whose state verifies (rule 6).
 fn signed_states(
     live: &BTreeMap<ChitchatId, NodeState>,
-    secret: &ClusterSecret,
+    signer: &Signer,
 ) -> Vec<(ChitchatId, State)> {
     live.iter()
         .filter_map(|(id, node)| {
             let state = node
                 .get(STATE)
-                .and_then(|value| verified(secret, id, value))?;
+                .and_then(|value| verified(signer, id, value))?;
             Some((id.clone(), state))
         })
         .collect()

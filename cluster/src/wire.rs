@@ -28,8 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::SiloId;
 
-/// The version of the wire protocol this build speaks (rule 4).
-pub const PROTOCOL: u32 = 1;
+/// The version of the wire protocol this build speaks (rule 4). Version 2:
+/// the handshake's proofs cover the cluster's name under a derived key,
+/// and [`RemoteError::Forbidden`].
+pub const PROTOCOL: u32 = 2;
 
 /// The default bound on a frame's body.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -142,6 +144,9 @@ pub enum RemoteError {
     /// The remote silo has `max_inbound` requests from this one running;
     /// retry shortly.
     Overloaded,
+    /// The remote silo refused the request from this sender: a directory
+    /// operation naming another silo, or names past their bounds.
+    Forbidden(String),
 }
 
 impl std::fmt::Display for RemoteError {
@@ -161,6 +166,7 @@ impl std::fmt::Display for RemoteError {
             RemoteError::NoRoom => write!(f, "no device on the silo has room for the grain"),
             RemoteError::Other(why) => write!(f, "{why}"),
             RemoteError::Overloaded => write!(f, "the silo is overloaded; retry"),
+            RemoteError::Forbidden(why) => write!(f, "refused: {why}"),
         }
     }
 }

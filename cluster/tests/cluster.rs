@@ -14,10 +14,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{ChannelTransport, UdpTransport};
+use chitchat::transport::ChannelTransport;
 use common::{Add, Counter, free_udp_ports};
 use granary_actors::storage::{MemoryStorage, StorageProvider};
 use granary_actors::{CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_cluster::gossip::SealedUdpTransport;
 use granary_cluster::{
     ClusterNode, ClusterSecret, GpuNeeds, InProcessNetwork, NodeConfig, PreferLocal, TcpTransport,
     Transport,
@@ -72,7 +73,7 @@ impl Handler<Add> for Counter2 {
 }
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the in-process cluster's secret").unwrap()
+    ClusterSecret::new([0x92; 32]).unwrap()
 }
 
 fn gossip(port: u16) -> SocketAddr {
@@ -342,7 +343,7 @@ async fn three_silos_over_tcp_and_udp() {
         config.gossip_address = gossip(port);
         let node = ClusterNode::builder(silo(storage.clone()), config)
             .transport(Arc::new(TcpTransport) as Arc<dyn Transport>)
-            .start(UdpTransport)
+            .start(SealedUdpTransport::new(secret(), "test"))
             .await
             .unwrap();
         nodes.push(node);

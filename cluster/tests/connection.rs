@@ -13,8 +13,9 @@ use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
 use granary_cluster::auth::{self, Role};
 use granary_cluster::wire::{self, Header};
 use granary_cluster::{
-    CallFailure, ClusterSecret, ConnectError, Connection, ConnectionConfig, InProcessNetwork,
-    Inbound, Listener, RemoteError, SiloId, TcpTransport, Transport, accept, connect,
+    AnyPeer, CallFailure, ClusterSecret, ConnectError, Connection, ConnectionConfig,
+    InProcessNetwork, Inbound, Listener, RemoteError, SiloId, TcpTransport, Transport, accept,
+    connect,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -57,7 +58,7 @@ fn silo() -> Silo {
 }
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"a cluster secret for the tests").unwrap()
+    ClusterSecret::new([0x11; 32]).unwrap()
 }
 
 const CLUSTER: &str = "test";
@@ -80,7 +81,8 @@ fn serve(
                 accepted.clone(),
             );
             tokio::spawn(async move {
-                let _ = accepted.send(accept(io, local, CLUSTER, &secret, inbound, config).await);
+                let _ = accepted
+                    .send(accept(io, local, CLUSTER, &secret, &AnyPeer, inbound, config).await);
             });
         }
     });
@@ -110,11 +112,18 @@ async fn pair_with(
     let listener = transport_a.bind(bind.into()).await.unwrap();
     let address = listener.local_address();
     let a_id = SiloId::new(address.clone(), 1);
-    let mut accepted = serve(listener, a_id, secret(), Arc::new(a.clone()), config);
+    let mut accepted = serve(
+        listener,
+        a_id.clone(),
+        secret(),
+        Arc::new(a.clone()),
+        config,
+    );
     let io = transport_b.connect(address.clone()).await.unwrap();
     let b_to_a = connect(
         io,
         SiloId::new("b", 1),
+        &a_id,
         CLUSTER,
         &secret(),
         Arc::new(b.clone()),
@@ -225,11 +234,12 @@ async fn a_silo_without_the_secret_or_of_another_cluster_is_refused() {
         Arc::new(a.clone()),
         ConnectionConfig::default(),
     );
-    let stranger = ClusterSecret::new(*b"not the cluster's secret").unwrap();
+    let stranger = ClusterSecret::new([0xc5; 32]).unwrap();
     let io = network.transport("m").connect("a:1".into()).await.unwrap();
     let refused = connect(
         io,
         SiloId::new("m", 1),
+        &SiloId::new("a:1", 1),
         CLUSTER,
         &stranger,
         Arc::new(silo()),
@@ -245,6 +255,7 @@ async fn a_silo_without_the_secret_or_of_another_cluster_is_refused() {
     let other_cluster = connect(
         io,
         SiloId::new("m", 1),
+        &SiloId::new("a:1", 1),
         "another",
         &secret(),
         Arc::new(silo()),
@@ -319,6 +330,7 @@ async fn a_silo_without_the_secret_or_of_another_cluster_is_refused() {
     let member = connect(
         io,
         SiloId::new("b", 1),
+        &SiloId::new("a:1", 1),
         CLUSTER,
         &secret(),
         Arc::new(silo()),
@@ -355,8 +367,14 @@ async fn raw_member(
     else {
         panic!("expected a challenge");
     };
-    assert!(secret().verify(Role::Acceptor, [&ours, &theirs], [&me, &peer], &proof));
-    let proof = secret().proof(Role::Connector, [&theirs, &ours], [&me, &peer]);
+    assert!(secret().verify(
+        Role::Acceptor,
+        CLUSTER,
+        [&ours, &theirs],
+        [&me, &peer],
+        &proof
+    ));
+    let proof = secret().proof(Role::Connector, CLUSTER, [&theirs, &ours], [&me, &peer]);
     raw.send(wire::encode(&Header::Proof { proof }, &[]).unwrap())
         .await
         .unwrap();

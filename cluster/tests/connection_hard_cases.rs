@@ -1,6 +1,6 @@
 //! Connections' hard cases, each found in review: a call waiting for room
-//! in the outgoing queue, and a stranger announcing huge frames before the
-//! handshake.
+//! in the outgoing queue, a stranger announcing huge frames before the
+//! handshake, and a peer flooding requests while it reads nothing.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use granary_actors::GrainKey;
 use granary_cluster::{
-    ClusterSecret, ConnectionConfig, Inbound, InboundRequest, RemoteError, SiloId, accept, connect,
+    AnyPeer, ClusterSecret, ConnectionConfig, Inbound, InboundRequest, RemoteError, SiloId, accept,
+    connect,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -40,7 +41,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"a cluster secret for the tests").unwrap()
+    ClusterSecret::new([0x11; 32]).unwrap()
 }
 
 /// Never answers.
@@ -69,13 +70,26 @@ async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
     };
     let (near, far) = tokio::io::duplex(4096);
     let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
+    let expected = b.clone();
     let accepted = tokio::spawn({
         let b = b.clone();
-        async move { accept(Box::new(far), b, "test", &secret(), Arc::new(Never), config).await }
+        async move {
+            accept(
+                Box::new(far),
+                b,
+                "test",
+                &secret(),
+                &AnyPeer,
+                Arc::new(Never),
+                config,
+            )
+            .await
+        }
     });
     let connection = connect(
         Box::new(near),
         a,
+        &expected,
         "test",
         &secret(),
         Arc::new(Never),
@@ -125,6 +139,7 @@ async fn a_stranger_cannot_make_the_acceptor_reserve_memory_before_the_handshake
                 SiloId::new("b:1", n),
                 "test",
                 &secret(),
+                &AnyPeer,
                 Arc::new(Never),
                 config,
             )
@@ -142,4 +157,96 @@ async fn a_stranger_cannot_make_the_acceptor_reserve_memory_before_the_handshake
         "8 unauthenticated 4-byte writes hold {} MiB on the acceptor",
         grown >> 20
     );
+}
+
+/// A peer that completed the handshake sends 100 000 requests and never
+/// reads an answer. The acceptor runs `max_inbound` of them, refuses more
+/// while its answers fit the outgoing queue, then stops reading: the tasks
+/// alive stay bounded and the peer's writes block. (Finding 8 of the
+/// security review: each refusal had a task of its own, waiting forever
+/// to be written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_cannot_grow_the_acceptors_tasks() {
+    use futures_util::{SinkExt, StreamExt};
+    use granary_cluster::auth::{self, Role};
+    use granary_cluster::wire::{self, Header, Kind};
+    use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+    let config = ConnectionConfig {
+        max_inbound: 16,
+        outgoing_frames: 8,
+        ..ConnectionConfig::default()
+    };
+    let (near, far) = tokio::io::duplex(64 << 10);
+    let (me, acceptor) = (SiloId::new("m:1", 1), SiloId::new("a:1", 1));
+    let accepted = tokio::spawn({
+        let acceptor = acceptor.clone();
+        async move {
+            accept(
+                Box::new(far),
+                acceptor,
+                "test",
+                &secret(),
+                &AnyPeer,
+                Arc::new(Never),
+                config,
+            )
+            .await
+        }
+    });
+    let mut raw = Framed::new(near, LengthDelimitedCodec::new());
+    let ours = auth::nonce().unwrap();
+    let hello = Header::Hello {
+        protocol: wire::PROTOCOL,
+        cluster: "test".into(),
+        silo: me.clone(),
+        nonce: ours,
+    };
+    raw.send(wire::encode(&hello, &[]).unwrap()).await.unwrap();
+    let frame = raw.next().await.unwrap().unwrap();
+    let Header::Challenge { nonce: theirs, .. } = wire::decode(frame.freeze()).unwrap().0 else {
+        panic!("expected a challenge");
+    };
+    let proof = secret().proof(Role::Connector, "test", [&theirs, &ours], [&me, &acceptor]);
+    raw.send(wire::encode(&Header::Proof { proof }, &[]).unwrap())
+        .await
+        .unwrap();
+    let _connection = accepted.await.unwrap().expect("the handshake completes");
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let flood = tokio::spawn(async move {
+        for id in 0..100_000u64 {
+            let request = Header::Request {
+                id,
+                grain_type: "g".into(),
+                key: GrainKey::U64(id),
+                message: "m".into(),
+                kind: Kind::Call,
+                chain: 0,
+                time_left_us: 30_000_000,
+            };
+            if raw
+                .send(wire::encode(&request, &[]).unwrap())
+                .await
+                .is_err()
+            {
+                return id;
+            }
+        }
+        100_000
+    });
+    let mut most = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) && !flood.is_finished() {
+        most = most.max(metrics.num_alive_tasks().saturating_sub(before));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !flood.is_finished(),
+        "the acceptor kept reading: all 100 000 requests were taken"
+    );
+    // The 16 running requests, the flood itself, and a few of the
+    // connection's own.
+    assert!(most <= 16 + 8, "{most} more tasks alive during the flood");
+    flood.abort();
 }

@@ -308,7 +308,7 @@ async fn start_on_etcd(
 ) -> Result<ClusterNode, granary_cluster::NodeError> {
     let config = NodeConfig::new(
         "etcd-test",
-        ClusterSecret::new(*b"the etcd cluster's shared secret").unwrap(),
+        ClusterSecret::new([0xd6; 32]).unwrap(),
         listen,
         "127.0.0.1:1".parse().unwrap(),
         Vec::new(),

@@ -1,18 +1,28 @@
-//! A host without the secret gossips forged chitchat heartbeats for a dead
-//! silo (chitchat trusts digests from anyone); the dead silo still leaves
-//! every view, because its signed beat stops advancing. Found in review.
+//! Forged gossip against silos on sealed UDP (`sealed/mod.rs`): an
+//! attacker on the gossip port who knows the cluster's name crafts Ack and
+//! SynAck datagrams that set a live silo's own state at versions 2^63 and
+//! `u64::MAX`, a digest entry with a 60 KB id, and heartbeats for a dead
+//! silo sent on and off. Once without the secret (every datagram fails its
+//! MAC), once as an insider holding it (every datagram passes its MAC and
+//! meets rule 3's bounds). For 10 s the live silos stay in every view, no
+//! task panics, the dead silo never comes back, and no silo sends a
+//! datagram past the UDP limit.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chitchat::transport::UdpTransport;
-use chitchat::{ChitchatId, ChitchatMessage, Serializable};
-use granary_cluster::{ClusterSecret, GossipConfig, Membership, SiloId};
+use chitchat::{ChitchatId, Serializable};
+use granary_cluster::gossip::{GossipStats, SealedUdpTransport};
+use granary_cluster::{ClusterSecret, GossipConfig, Membership, Purpose, SiloId};
+
+const CLUSTER: &str = "forged";
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the gossiping cluster's secret").unwrap()
+    ClusterSecret::new([0xa3; 32]).expect("32 non-text bytes are a secret")
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -21,7 +31,7 @@ fn addr(port: u16) -> SocketAddr {
 
 fn config(port: u16, seed: u16) -> GossipConfig {
     let mut config = GossipConfig::new(
-        "test",
+        CLUSTER,
         SiloId::new(format!("silo-{port}"), 1),
         addr(port),
         vec![addr(seed).to_string()],
@@ -32,67 +42,244 @@ fn config(port: u16, seed: u16) -> GossipConfig {
     config
 }
 
-/// A SYN whose digest says `node` is at `heartbeat`.
-fn forged_syn(node: &ChitchatId, heartbeat: u64) -> Vec<u8> {
-    let mut buf = ChitchatMessage::BadCluster.serialize_to_vec();
-    buf.truncate(3); // magic number and protocol version
-    buf.push(0); // SYN
-    1u16.serialize(&mut buf);
-    node.serialize(&mut buf);
-    heartbeat.serialize(&mut buf);
-    0u64.serialize(&mut buf); // last gc version
-    0u64.serialize(&mut buf); // max version
-    "test".serialize(&mut buf);
+/// chitchat's message header: magic number, protocol version, type.
+fn header(kind: u8) -> Vec<u8> {
+    let mut buf = 45_139u16.to_le_bytes().to_vec();
+    buf.push(0);
+    buf.push(kind);
     buf
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_heartbeats_do_not_keep_a_dead_silo_in_the_view() {
+/// A digest naming `node` at `heartbeat` and `max_version`.
+fn digest(buf: &mut Vec<u8>, node: &ChitchatId, heartbeat: u64, max_version: u64) {
+    1u16.serialize(buf);
+    node.serialize(buf);
+    heartbeat.serialize(buf);
+    0u64.serialize(buf); // last gc version
+    max_version.serialize(buf);
+}
+
+/// A delta that sets `node`'s state to junk at `version`, in one plain
+/// block.
+fn delta(buf: &mut Vec<u8>, node: &ChitchatId, version: u64) {
+    let mut ops = vec![0u8];
+    node.serialize(&mut ops);
+    0u64.serialize(&mut ops); // last gc version
+    0u64.serialize(&mut ops); // from version
+    ops.push(1);
+    "granary.state".serialize(&mut ops);
+    "00:{\"junk\":true}".serialize(&mut ops);
+    version.serialize(&mut ops);
+    ops.push(0); // set, not deleted
+    ops.push(2);
+    version.serialize(&mut ops);
+    buf.push(2); // a plain block
+    (ops.len() as u16).serialize(buf);
+    buf.extend_from_slice(&ops);
+    buf.push(0); // no more blocks
+}
+
+/// The attacker's datagrams, unsealed: for `victim`'s own state, a 60 KB
+/// id, and (when `beat` is some) a heartbeat for `dead`.
+fn forgeries(victim: &ChitchatId, dead: &ChitchatId, beat: Option<u64>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for version in [1u64 << 63, u64::MAX] {
+        let mut ack = header(2);
+        delta(&mut ack, victim, version);
+        out.push(ack);
+        let mut syn_ack = header(1);
+        digest(&mut syn_ack, victim, version, version);
+        delta(&mut syn_ack, victim, version);
+        out.push(syn_ack);
+    }
+    let long = ChitchatId::new("x".repeat(60_000), 1, addr(9));
+    let mut syn = header(0);
+    digest(&mut syn, &long, 1, 1);
+    CLUSTER.serialize(&mut syn);
+    out.push(syn);
+    if let Some(beat) = beat {
+        let mut syn = header(0);
+        digest(&mut syn, dead, beat, 5);
+        CLUSTER.serialize(&mut syn);
+        out.push(syn);
+    }
+    out
+}
+
+/// `payload` sealed as a silo holding the secret would seal it.
+fn seal(payload: &[u8], session: u64, counter: u64) -> Vec<u8> {
+    let mut sealed = b"GRG1".to_vec();
+    sealed.extend_from_slice(&session.to_le_bytes());
+    sealed.extend_from_slice(&counter.to_le_bytes());
+    sealed.extend_from_slice(&granary_cluster::membership::unix_ms().to_le_bytes());
+    let tag = secret().tag(Purpose::Gossip, CLUSTER, &[&sealed, payload]);
+    sealed.extend_from_slice(payload);
+    sealed.extend_from_slice(&tag);
+    sealed
+}
+
+/// Panics anywhere in this test binary (tasks included) since it started.
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+async fn forged_gossip_leaves_every_view_as_it_was(insider: bool) {
     let ports = common::free_udp_ports(3);
     let mut silos = Vec::new();
+    let mut stats: Vec<Arc<GossipStats>> = Vec::new();
     for &port in &ports {
+        let transport = SealedUdpTransport::new(secret(), CLUSTER);
+        stats.push(transport.stats());
         silos.push(
-            Membership::join(config(port, ports[0]), secret(), &UdpTransport)
+            Membership::join(config(port, ports[0]), secret(), &transport)
                 .await
-                .unwrap(),
+                .expect("a silo joins"),
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while silos.iter().any(|s| s.members().len() != 3) {
-        assert!(Instant::now() < deadline);
+        assert!(Instant::now() < deadline, "the cluster did not form");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let dead = silos.pop().unwrap();
+    let dead = silos.pop().expect("three silos");
     let dead_port = ports[2];
-    dead.stop().await.unwrap();
-    let node = ChitchatId::new(format!("silo-{dead_port}"), 1, addr(dead_port));
-    // The stranger holds no secret; it only knows the cluster's name.
-    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    dead.stop().await.expect("the silo stops");
+    let dead_id = ChitchatId::new(format!("silo-{dead_port}"), 1, addr(dead_port));
+    let victim = ChitchatId::new(format!("silo-{}", ports[0]), 1, addr(ports[0]));
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("a socket");
     let targets = [addr(ports[0]), addr(ports[1])];
     let forging = tokio::spawn(async move {
-        for beat in 1_000_000u64.. {
-            for target in targets {
-                let _ = stranger.send_to(&forged_syn(&node, beat), target).await;
+        let started = Instant::now();
+        let mut counter = 0u64;
+        for round in 0u64.. {
+            // The dead silo's heartbeat: on for a second, off for one.
+            let on = started.elapsed().as_secs() % 2 == 0;
+            let beat = on.then_some(1_000_000 + round);
+            for payload in forgeries(&victim, &dead_id, beat) {
+                let datagram = if insider {
+                    counter += 1;
+                    seal(&payload, 7, counter)
+                } else {
+                    payload
+                };
+                for target in targets {
+                    let _ = attacker.send_to(&datagram, target).await;
+                }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     });
-    let died = Instant::now();
-    let mut dropped = false;
-    while died.elapsed() < Duration::from_secs(10) {
-        if silos.iter().all(|s| {
-            s.members()
-                .iter()
-                .all(|m| m.silo.address != format!("silo-{dead_port}"))
-        }) {
-            dropped = true;
-            break;
+    let live: Vec<String> = ports[..2]
+        .iter()
+        .map(|port| format!("silo-{port}"))
+        .collect();
+    let dead_name = format!("silo-{dead_port}");
+    let started = Instant::now();
+    let mut dropped_at = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        for silo in &silos {
+            let view: Vec<String> = silo.members().into_iter().map(|m| m.silo.address).collect();
+            for name in &live {
+                assert!(view.contains(name), "{name} left a view: {view:?}");
+            }
+            let has_dead = view.contains(&dead_name);
+            match dropped_at {
+                Some(at) => assert!(
+                    !has_dead,
+                    "the dead silo came back {:?} after it left",
+                    started.elapsed() - at
+                ),
+                None if silos
+                    .iter()
+                    .all(|s| s.members().iter().all(|m| m.silo.address != dead_name)) =>
+                {
+                    dropped_at = Some(started.elapsed());
+                }
+                None => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     forging.abort();
+    let dropped_at = dropped_at.expect("the dead silo left every view within 10 s");
     assert!(
-        dropped,
-        "the dead silo is still in the view 10 s after it died"
+        dropped_at < Duration::from_secs(5),
+        "it took {dropped_at:?}"
     );
+    assert_eq!(PANICS.load(Ordering::Relaxed), 0, "a task panicked");
+    for (silo, stats) in silos.iter().zip(&stats) {
+        let counts = stats.counts();
+        assert!(counts.sent > 0 && counts.accepted > 0, "{counts:?}");
+        assert_eq!(
+            counts.too_long, 0,
+            "a datagram past the UDP limit: {counts:?}"
+        );
+        assert_eq!(counts.malformed + counts.undecoded, 0, "{counts:?}");
+        if insider {
+            // Sealed right, refused by rule 3.
+            assert!(counts.refused > 0, "{counts:?}");
+        } else {
+            assert!(counts.unsealed > 0, "{counts:?}");
+            assert_eq!(counts.refused, 0, "{counts:?}");
+        }
+        assert_eq!(silo.members().len(), 2);
+    }
+    for silo in silos {
+        silo.stop().await.expect("the silo stops");
+    }
+}
+
+/// Both attackers in turn, in one test: the panic count is the binary's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gossip_changes_no_view_with_or_without_the_secret() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::Relaxed);
+        previous(info);
+    }));
+    forged_gossip_leaves_every_view_as_it_was(false).await;
+    forged_gossip_leaves_every_view_as_it_was(true).await;
+}
+
+/// A forged datagram sealed with the secret but under another cluster's
+/// name, and one replayed, are dropped before chitchat sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_sealed_for_another_cluster_or_replayed_is_dropped() {
+    let port = common::free_udp_ports(1)[0];
+    let transport = SealedUdpTransport::new(secret(), CLUSTER);
+    let stats = transport.stats();
+    let silo = Membership::join(config(port, port), secret(), &transport)
+        .await
+        .expect("a silo joins");
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("a socket");
+    let stranger = ChitchatId::new("stranger".to_string(), 1, addr(9));
+    let mut syn = header(0);
+    digest(&mut syn, &stranger, 1, 1);
+    CLUSTER.serialize(&mut syn);
+    // Sealed right once, then sent again.
+    let datagram = seal(&syn, 11, 1);
+    for _ in 0..2 {
+        attacker.send_to(&datagram, addr(port)).await.expect("sent");
+    }
+    // Another cluster's name under the same secret.
+    let mut other = b"GRG1".to_vec();
+    other.extend_from_slice(&12u64.to_le_bytes());
+    other.extend_from_slice(&1u64.to_le_bytes());
+    other.extend_from_slice(&granary_cluster::membership::unix_ms().to_le_bytes());
+    let tag = secret().tag(Purpose::Gossip, "another", &[&other, &syn]);
+    other.extend_from_slice(&syn);
+    other.extend_from_slice(&tag);
+    attacker.send_to(&other, addr(port)).await.expect("sent");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = stats.counts();
+        if counts.replayed == 1 && counts.forged == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    silo.stop().await.expect("the silo stops");
 }

@@ -31,12 +31,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{ChannelTransport, UdpTransport};
+use chitchat::transport::ChannelTransport;
 use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
 use granary_actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
     ObserverRef, Observers, Silo, SiloConfig,
 };
+use granary_cluster::gossip::SealedUdpTransport;
 use granary_cluster::{
     ClusterCallError, ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError,
     PlacementError, PlacementRequest, PlacementStrategy, SiloId, TcpTransport, Transport,
@@ -69,7 +70,7 @@ impl Handler<Stall> for Staller {
 }
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the in-process cluster's secret").unwrap()
+    ClusterSecret::new([0x92; 32]).unwrap()
 }
 
 fn gossip(port: u16) -> SocketAddr {
@@ -574,7 +575,11 @@ async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
             .placement(Arc::new(ByKey));
         let node = match net {
             Net::InProcess(_, gossip) => builder.start(gossip.clone()).await,
-            Net::Tcp => builder.start(UdpTransport).await,
+            Net::Tcp => {
+                builder
+                    .start(SealedUdpTransport::new(secret(), "three"))
+                    .await
+            }
         }
         .unwrap();
         started.push(node);

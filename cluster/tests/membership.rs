@@ -9,13 +9,14 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use chitchat::transport::{ChannelTransport, UdpTransport};
+use chitchat::transport::ChannelTransport;
+use granary_cluster::gossip::SealedUdpTransport;
 use granary_cluster::{
     ClusterSecret, DeviceLoad, GossipConfig, Member, Membership, SiloId, SiloLoad,
 };
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the gossiping cluster's secret").unwrap()
+    ClusterSecret::new([0xa3; 32]).unwrap()
 }
 
 fn gossip_address(port: u16) -> SocketAddr {
@@ -187,7 +188,7 @@ async fn a_silo_that_rejoins_replaces_its_old_incarnation_and_keeps_its_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silo_rejoins_on_the_same_udp_port() {
-    rejoin_over(&UdpTransport, 22_111).await;
+    rejoin_over(&SealedUdpTransport::new(secret(), "test"), 22_111).await;
 }
 
 /// A seed on `base` and a silo on `base + 1`, which rejoins.
@@ -269,9 +270,13 @@ async fn three_silos_gossip_over_udp_on_loopback() {
     let mut silos = Vec::new();
     for &port in &ports {
         silos.push(
-            Membership::join(config(port, 1, ports[0]), secret(), &UdpTransport)
-                .await
-                .unwrap(),
+            Membership::join(
+                config(port, 1, ports[0]),
+                secret(),
+                &SealedUdpTransport::new(secret(), "test"),
+            )
+            .await
+            .unwrap(),
         );
     }
     for silo in &silos {
@@ -291,7 +296,7 @@ async fn a_node_without_the_secret_gossips_but_is_never_a_member() {
     let b = Membership::join(config(24_002, 1, 24_001), secret(), &transport)
         .await
         .unwrap();
-    let stranger_secret = ClusterSecret::new(*b"a secret of some other cluster").unwrap();
+    let stranger_secret = ClusterSecret::new([0xb4; 32]).unwrap();
     let stranger = Membership::join(config(24_003, 1, 24_001), stranger_secret, &transport)
         .await
         .unwrap();
@@ -318,7 +323,7 @@ async fn a_silo_that_dies_is_dropped_over_udp_too() {
         // Fail over fast: a short grace before a silent silo is declared dead.
         config.death_grace = Duration::from_millis(200);
         silos.push(
-            Membership::join(config, secret(), &UdpTransport)
+            Membership::join(config, secret(), &SealedUdpTransport::new(secret(), "test"))
                 .await
                 .unwrap(),
         );

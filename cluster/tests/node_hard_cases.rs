@@ -50,7 +50,7 @@ fn silo(storage: Arc<dyn StorageProvider>) -> Silo {
 }
 
 fn secret() -> ClusterSecret {
-    ClusterSecret::new(*b"the in-process cluster's secret").unwrap()
+    ClusterSecret::new([0x92; 32]).unwrap()
 }
 
 fn gossip(port: u16) -> SocketAddr {
@@ -440,6 +440,110 @@ enum ForgedRequest {
     },
     #[allow(dead_code)]
     Lookup(GrainId),
+    Unregister {
+        grain: GrainId,
+        home: SiloId,
+        activation: Option<u64>,
+    },
+}
+
+/// A silo holding the secret asks the owner of a grain's entry to register
+/// a home on another silo, to remove another silo's entry, or to register
+/// a grain type of a megabyte: each is refused as forbidden, and the real
+/// entry stands (one activation). Its own registration goes through.
+/// (Finding 7 of the security review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_operations_naming_another_silo_are_refused() {
+    let cluster = Cluster::new();
+    let a = cluster.start(config(1, 46_000), local).await;
+    let b = cluster.start(config(2, 46_000), local).await;
+    let c = cluster.start(config(3, 46_000), local).await;
+    converged(&[&a, &b, &c], 3).await;
+    let ids = [a.id().clone(), b.id().clone(), c.id().clone()];
+    let members: Vec<Member> = ids.iter().map(member).collect();
+    // A grain whose entry a owns, activated on b.
+    let key = (0..10_000u64)
+        .find(|&k| granary_cluster::directory::owner(&grain(k), &members) == Some(&a.id()))
+        .expect("a key a owns");
+    assert_eq!(b.grain::<Counter>(key).call(Add(1)).await.unwrap(), 1);
+    // The attacker holds the secret and speaks as c.
+    let io = cluster
+        .network
+        .transport("attacker")
+        .connect(listen(1))
+        .await
+        .expect("a link to a");
+    let link = granary_cluster::connect(
+        io,
+        c.id().clone(),
+        &a.id(),
+        "test",
+        &secret(),
+        Arc::new(silo(cluster.storage.clone())),
+        granary_cluster::ConnectionConfig::default(),
+    )
+    .await
+    .expect("c's identity is in a's view");
+    let ask = |request: ForgedRequest| {
+        let link = link.clone();
+        async move {
+            let payload = granary_actors::dispatch::encode(&request).expect("encodes");
+            link.call("$directory", &GrainKey::U64(0), "directory", &payload)
+                .await
+        }
+    };
+    let forbidden = |outcome: Result<bytes::Bytes, granary_cluster::CallFailure>| {
+        matches!(
+            outcome,
+            Err(granary_cluster::CallFailure::Remote(
+                granary_cluster::RemoteError::Forbidden(_)
+            ))
+        )
+    };
+    let on_a = granary_cluster::ActivationAddress {
+        silo: a.id().clone(),
+        activation: 1,
+    };
+    let outcome = ask(ForgedRequest::Register {
+        grain: grain(key),
+        home: on_a,
+        existing: true,
+    })
+    .await;
+    assert!(forbidden(outcome.clone()), "{outcome:?}");
+    let outcome = ask(ForgedRequest::Unregister {
+        grain: grain(key),
+        home: b.id().clone(),
+        activation: None,
+    })
+    .await;
+    assert!(forbidden(outcome.clone()), "{outcome:?}");
+    let huge = GrainId {
+        type_name: "t".repeat(1 << 20),
+        key: GrainKey::U64(1),
+    };
+    let outcome = ask(ForgedRequest::Register {
+        grain: huge,
+        home: granary_cluster::ActivationAddress {
+            silo: c.id().clone(),
+            activation: 1,
+        },
+        existing: false,
+    })
+    .await;
+    assert!(forbidden(outcome.clone()), "{outcome:?}");
+    // c's own, within bounds: answered, not refused.
+    let outcome = ask(ForgedRequest::Unregister {
+        grain: grain(key),
+        home: c.id().clone(),
+        activation: None,
+    })
+    .await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // b's entry stands: the grain is still the one activation on b.
+    assert_eq!(a.grain::<Counter>(key).call(Add(1)).await.unwrap(), 2);
+    assert_eq!(c.grain::<Counter>(key).call(Add(1)).await.unwrap(), 3);
+    assert_eq!(activations(&[&a, &b, &c]), 1);
 }
 
 /// The reserved `$directory` grain type cannot be called by name: a
@@ -479,4 +583,51 @@ async fn the_reserved_directory_type_cannot_be_called_by_name() {
         outcome.is_err(),
         "the reserved type answered as the directory: {outcome:?}"
     );
+}
+
+/// A peer that opens connection after connection keeps at most four open
+/// on the silo it connects to: each beyond them closes the oldest.
+/// (Finding 8 of the security review: connections per peer were
+/// unbounded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_one_peer_are_bounded() {
+    let cluster = Cluster::new();
+    let a = cluster.start(config(1, 47_000), local).await;
+    let c = cluster.start(config(3, 47_000), local).await;
+    converged(&[&a, &c], 2).await;
+    let mut links = Vec::new();
+    for _ in 0..10 {
+        let io = cluster
+            .network
+            .transport("attacker")
+            .connect(listen(1))
+            .await
+            .expect("a link to a");
+        links.push(
+            granary_cluster::connect(
+                io,
+                c.id().clone(),
+                &a.id(),
+                "test",
+                &secret(),
+                Arc::new(silo(cluster.storage.clone())),
+                granary_cluster::ConnectionConfig::default(),
+            )
+            .await
+            .expect("c's identity is in a's view"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = links.iter().filter(|link| !link.is_closed()).count();
+        if open <= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} of 10 links still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The newest is among those kept, and still serves.
+    let newest = links.last().expect("ten links");
+    assert!(!newest.is_closed());
+    assert!(links[0].is_closed(), "the oldest was kept");
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use granary_actors::GrainKey;
-use granary_cluster::ClusterNode;
+use granary_cluster::{ClusterNode, ClusterSecret};
 
 use super::DemoGrains;
 use super::grains::{
@@ -84,12 +84,18 @@ pub async fn run_cluster_demo(
             "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
         ));
     }
-    let dir = std::env::temp_dir().join(format!("granary-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|err| NodeRunError(err.to_string()))?;
+    // A fresh folder only this user may enter (its node files hold the
+    // run's secret); kept, with the silos' logs, if the run fails.
+    let dir = tempfile::Builder::new()
+        .prefix("granary-demo-")
+        .tempdir()
+        .map_err(|err| NodeRunError(format!("the demo's folder: {err}")))?
+        .keep();
     let storage = StorageFile::Sqlite {
         path: dir.join("grains.sqlite"),
     };
-    let secret = "granary demo cluster secret".to_string();
+    // A secret of this run's own.
+    let secret = ClusterSecret::generate_hex().map_err(|err| NodeRunError(err.to_string()))?;
     // Under etcd, a cluster name of this run's own: keys of an earlier run
     // (its leases expiring) are not this cluster's.
     let cluster = match &config.etcd {
@@ -132,8 +138,7 @@ pub async fn run_cluster_demo(
             drain_grace_secs: None,
         };
         let path = dir.join(format!("node-{n}.toml"));
-        let text = file.to_toml()?;
-        std::fs::write(&path, text).map_err(|err| NodeRunError(err.to_string()))?;
+        file.save(&path)?;
         let log = std::fs::File::create(dir.join(format!("node-{n}.log")))
             .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
         let child = std::process::Command::new(&exe)

@@ -4,9 +4,49 @@
 
 use std::sync::PoisonError;
 
+use granary_actors::GrainKey;
+
 use super::Inner;
 use super::directory_client::{DirectoryReply, DirectoryRequest};
+use crate::SiloId;
 use crate::directory::{self, ActivationAddress};
+
+/// The longest grain type name a directory entry takes, in bytes.
+pub(super) const MAX_DIRECTORY_TYPE: usize = 256;
+/// The longest string in a grain key a directory entry takes, in bytes.
+pub(super) const MAX_DIRECTORY_KEY: usize = 4096;
+
+/// Whether silo `from` may ask `request` (rule 1): a silo registers and
+/// unregisters only homes of its own, and a grain's names stay within
+/// [`MAX_DIRECTORY_TYPE`] and [`MAX_DIRECTORY_KEY`]. Refused, the reason.
+pub(super) fn authorize(from: &SiloId, request: &DirectoryRequest) -> Result<(), String> {
+    let (grain, home) = match request {
+        DirectoryRequest::Register { grain, home, .. } => (grain, Some(&home.silo)),
+        DirectoryRequest::Unregister { grain, home, .. } => (grain, Some(home)),
+        DirectoryRequest::Lookup(grain) => (grain, None),
+    };
+    if let Some(home) = home.filter(|home| *home != from) {
+        return Err(format!(
+            "{from} may not change the entry of a home on {home}"
+        ));
+    }
+    if grain.type_name.len() > MAX_DIRECTORY_TYPE {
+        return Err(format!(
+            "a grain type name of {} bytes; at most {MAX_DIRECTORY_TYPE}",
+            grain.type_name.len()
+        ));
+    }
+    let key = match &grain.key {
+        GrainKey::Str(text) | GrainKey::Compound(_, text) => text.len(),
+        GrainKey::U64(_) | GrainKey::Uuid(_) => 0,
+    };
+    if key > MAX_DIRECTORY_KEY {
+        return Err(format!(
+            "a grain key of {key} bytes; at most {MAX_DIRECTORY_KEY}"
+        ));
+    }
+    Ok(())
+}
 
 impl Inner {
     /// Answers a directory request for an entry this silo owns (rules 2

@@ -88,7 +88,14 @@
 //!     (10 ms to 1 s). At most 256 handshakes run at once; a connection
 //!     beyond them closes at once, so silent connections hold at most that
 //!     many sockets for `handshake_timeout`. Only a listener that is gone
-//!     (the in-process network's, closed) ends the loop.
+//!     (the in-process network's, closed) ends the loop. A peer is let in
+//!     only if the view holds it at the incarnation it claims (one not
+//!     seen yet is waited for, up to half the handshake's timeout), before
+//!     this silo proves anything to it (`admission.rs`). At most 4
+//!     connections accepted from one peer stay open; a fifth closes the
+//!     oldest. Directory requests are authorised against the peer that
+//!     sent them: a silo registers and unregisters only homes of its own,
+//!     and names past their bounds are refused (`directory_service.rs`).
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -104,8 +111,10 @@
 //! `directory_service` answers those for entries this silo owns (rules 1
 //! to 3); `home` is the serving side of rules 2, 3, 5 and 6; `fence` and
 //! `incarnation` keep rule 7 (`incarnation` also feeds the node the view
-//! it follows), `reminders` and `observers` rules 8 and 9.
+//! it follows), `reminders` and `observers` rules 8 and 9, `admission`
+//! lets only silos of the view connect (rule 10).
 
+mod admission;
 mod builder;
 mod config;
 mod directory_client;
@@ -256,10 +265,10 @@ struct Inner {
 ///
 /// # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
 /// // Two silos in this process, over an in-process network (TCP and UDP
-/// // gossip in production: `TcpTransport`, `gossip::UdpTransport`).
+/// // gossip in production: `TcpTransport`, `gossip::SealedUdpTransport`).
 /// let network = InProcessNetwork::new();
 /// let gossip = ChannelTransport::default();
-/// let secret = ClusterSecret::new(*b"sixteen or more bytes, shared")?;
+/// let secret = ClusterSecret::from_hex(&ClusterSecret::generate_hex()?)?;
 /// let mut nodes = Vec::new();
 /// for n in 1..=2u16 {
 ///     let silo = Silo::builder().host::<Counter>().build()?;

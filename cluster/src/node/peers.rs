@@ -55,6 +55,7 @@ impl ClusterNode {
             connection::connect(
                 io,
                 inner.id(),
+                peer,
                 &inner.config.cluster,
                 &inner.config.secret,
                 Arc::new(NodeInbound(Arc::downgrade(inner))),
@@ -67,12 +68,6 @@ impl ClusterNode {
             tokio::time::timeout(inner.config.connection.handshake_timeout, connecting)
                 .await
                 .map_err(|_| unavailable("connecting timed out".into()))??;
-        if connection.peer() != peer {
-            return Err(unavailable(format!(
-                "{} answered in its place",
-                connection.peer()
-            )));
-        }
         *slot = Some(connection.clone());
         inner.open.insert(peer.clone(), connection.clone());
         Ok(connection)

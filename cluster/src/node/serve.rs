@@ -28,6 +28,9 @@ use crate::membership::{Member, MembershipError, SiloLoad};
 /// Handshakes under way at most (node rule 10): a connection beyond them
 /// closes at once.
 const MAX_HANDSHAKES: usize = 256;
+/// Connections accepted from one peer kept open at once (rule 10): a peer
+/// opens one, and another while a rejoin or a race replaces it.
+const MAX_CONNECTIONS_PER_PEER: usize = 4;
 
 /// How long the accept loop waits after a failed accept, at first and at
 /// most (node rule 10).
@@ -113,10 +116,11 @@ pub(super) struct NodeInbound(pub(super) Weak<Inner>);
 impl Inbound for NodeInbound {
     fn request(
         &self,
-        _from: &SiloId,
+        from: &SiloId,
         request: InboundRequest,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         let inner = self.0.upgrade();
+        let from = from.clone();
         Box::pin(async move {
             let Some(inner) = inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) else {
                 return Err(RemoteError::ShutDown);
@@ -124,6 +128,8 @@ impl Inbound for NodeInbound {
             if request.grain_type == DIRECTORY {
                 let asked: DirectoryRequest = decode(&request.payload)
                     .map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+                super::directory_service::authorize(&from, &asked)
+                    .map_err(RemoteError::Forbidden)?;
                 return encode(&inner.answer_directory(asked))
                     .map_err(|err| RemoteError::Other(err.to_string()));
             }
@@ -385,11 +391,16 @@ impl NodeParts {
                         // that finished under an incarnation since left
                         // behind (rule 7) is closed, not kept.
                         let me = inner.id();
+                        let admission = super::admission::ViewAdmission {
+                            members: inner.members.clone(),
+                            wait: inner.config.connection.handshake_timeout / 2,
+                        };
                         let accepted = connection::accept(
                             io,
                             me.clone(),
                             &inner.config.cluster,
                             &inner.config.secret,
+                            &admission,
                             Arc::new(NodeInbound(weak)),
                             inner.config.connection,
                         )
@@ -415,7 +426,7 @@ impl NodeParts {
                                 if let Ok(mut slot) = slot.try_lock() {
                                     if slot.as_ref().is_none_or(Connection::is_closed) {
                                         *slot = Some(connection.clone());
-                                        inner.open.insert(peer, connection.clone());
+                                        inner.open.insert(peer.clone(), connection.clone());
                                     }
                                 }
                                 let mut accepted = inner.accepted.lock().await;
@@ -429,6 +440,20 @@ impl NodeParts {
                                     connection.close();
                                 } else {
                                     accepted.push(connection);
+                                    // At most a few from one peer: the
+                                    // oldest beyond them close.
+                                    let mut from_peer =
+                                        accepted.iter().filter(|kept| kept.peer() == &peer).count();
+                                    for kept in accepted.iter() {
+                                        if from_peer <= MAX_CONNECTIONS_PER_PEER {
+                                            break;
+                                        }
+                                        if kept.peer() == &peer {
+                                            kept.close();
+                                            from_peer -= 1;
+                                        }
+                                    }
+                                    accepted.retain(|kept| !kept.is_closed());
                                 }
                             }
                             Err(err) => tracing::debug!(error = %err, "a connection was refused"),

@@ -27,7 +27,7 @@ use granary::actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
     PersistentState, SiloBuilder,
 };
-use granary::cluster::{ClusterNode, MembershipError};
+use granary::cluster::{ClusterNode, ClusterSecret, MembershipError};
 use granary::node_file::{self, NodeDevices, NodeFile, NodeRunError};
 use serde::{Deserialize, Serialize};
 
@@ -117,11 +117,11 @@ impl From<NodeRunError> for SampleError {
 
 /// A node file for a node on loopback that gossips on `gossip` and joins
 /// through `seed`: the text a real deployment keeps in a file.
-fn node_file(gossip: SocketAddr, seed: SocketAddr) -> Result<NodeFile, NodeRunError> {
+fn node_file(gossip: SocketAddr, seed: SocketAddr, secret: &str) -> Result<NodeFile, NodeRunError> {
     NodeFile::from_toml(&format!(
         r#"
 cluster = "sample"
-secret = "the sample cluster's secret"
+secret = "{secret}"
 listen = "127.0.0.1:0"
 gossip = "{gossip}"
 seeds = ["{seed}"]
@@ -163,8 +163,11 @@ async fn add(node: &ClusterNode, key: &str, by: u64) -> Result<u64, SampleError>
 /// counter, and the counters' totals and homes are printed.
 async fn two_nodes() -> Result<(), SampleError> {
     let (gossip_a, gossip_b) = free_gossip_addresses()?;
-    let a = node_file::start_node(&node_file(gossip_a, gossip_a)?, &counters).await?;
-    let b = node_file::start_node(&node_file(gossip_b, gossip_a)?, &counters).await?;
+    // The two silos' secret, of this run only (`granary secret` prints one
+    // for a real cluster's files).
+    let secret = ClusterSecret::generate_hex().map_err(|err| NodeRunError(err.to_string()))?;
+    let a = node_file::start_node(&node_file(gossip_a, gossip_a, &secret)?, &counters).await?;
+    let b = node_file::start_node(&node_file(gossip_b, gossip_a, &secret)?, &counters).await?;
     println!("nodes: {} and {}", a.id(), b.id());
     let deadline = Instant::now() + Duration::from_secs(30);
     while a.members().len() < 2 || b.members().len() < 2 {

@@ -561,7 +561,9 @@ pub async fn start_node(
         .build()
         .map_err(|err| NodeRunError(format!("silo: {err}")))?;
     let mut builder = grains.configure(
-        ClusterNode::builder(silo, config).transport(Arc::new(TcpTransport)),
+        ClusterNode::builder(silo, config)
+            .transport(Arc::new(TcpTransport))
+            .gossip_stats(gossip.stats()),
         &devices,
     );
     if file.devices.none {

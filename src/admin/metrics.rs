@@ -385,6 +385,30 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
         out.family(name, kind, help);
         out.sample(name, &[], value);
     }
+    if let Some(counts) = node.gossip_counts() {
+        let name = "granary_gossip_datagrams_total";
+        out.family(
+            name,
+            "counter",
+            "Gossip datagrams, by outcome: sent, accepted, or dropped on receipt (unsealed, forged, stale, replayed, sessions_full, malformed, refused); trimmed and too_long are sent ones cut to the UDP limit or not sent.",
+        );
+        for (outcome, count) in [
+            ("sent", counts.sent),
+            ("accepted", counts.accepted),
+            ("unsealed", counts.unsealed),
+            ("forged", counts.forged),
+            ("stale", counts.stale),
+            ("replayed", counts.replayed),
+            ("sessions_full", counts.sessions_full),
+            ("malformed", counts.malformed),
+            ("refused", counts.refused),
+            ("undecoded", counts.undecoded),
+            ("trimmed", counts.trimmed),
+            ("too_long", counts.too_long),
+        ] {
+            out.sample(name, &[("outcome", outcome)], count as f64);
+        }
+    }
     let stats = node.stats();
     let name = "granary_cluster_redirects_total";
     out.family(

@@ -28,6 +28,8 @@ pub struct NodeBuilder {
     pub(super) needs: HashMap<String, GpuNeeds>,
     /// An external client: hosts no grain (rule 2).
     pub(super) client: bool,
+    /// What its sealed gossip counts, if it gossips sealed.
+    pub(super) gossip_stats: Option<Arc<crate::sealed::GossipStats>>,
 }
 
 impl NodeBuilder {
@@ -37,6 +39,15 @@ impl NodeBuilder {
     /// silo registers (it registers them for their message names).
     pub fn client(mut self) -> NodeBuilder {
         self.client = true;
+        self
+    }
+
+    /// Reports what `stats` counts as the node's gossip
+    /// ([`ClusterNode::gossip_counts`]): pass the stats of the
+    /// [`SealedUdpTransport`](crate::gossip::SealedUdpTransport) the node
+    /// starts with.
+    pub fn gossip_stats(mut self, stats: Arc<crate::sealed::GossipStats>) -> NodeBuilder {
+        self.gossip_stats = Some(stats);
         self
     }
 

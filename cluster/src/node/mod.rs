@@ -234,6 +234,8 @@ struct Inner {
     /// When the node started, in milliseconds since the Unix epoch
     /// (published with its load).
     started_ms: u64,
+    /// What its sealed gossip counts, if the builder was told.
+    gossip_stats: Option<Arc<crate::sealed::GossipStats>>,
 }
 
 /// A silo in a cluster. Cheap to clone.
@@ -327,6 +329,7 @@ impl ClusterNode {
             ))),
             needs: HashMap::new(),
             client: false,
+            gossip_stats: None,
         }
     }
 
@@ -340,6 +343,12 @@ impl ClusterNode {
     /// The local silo.
     pub fn silo(&self) -> &Silo {
         &self.inner.silo
+    }
+
+    /// What the node's sealed gossip counted, if its builder was given
+    /// the stats ([`NodeBuilder::gossip_stats`]).
+    pub fn gossip_counts(&self) -> Option<crate::gossip::GossipCounts> {
+        self.inner.gossip_stats.as_ref().map(|stats| stats.counts())
     }
 
     /// The live members, as this silo sees them.

@@ -289,6 +289,7 @@ impl NodeParts {
                     placement,
                     needs,
                     client: _,
+                    gossip_stats,
                 },
         } = self;
         let handoff = config
@@ -332,6 +333,7 @@ impl NodeParts {
             tasks: Mutex::new(Vec::new()),
             stats: super::stats::NodeStats::default(),
             started_ms: crate::membership::unix_ms(),
+            gossip_stats,
             config,
         });
         let weak = Arc::downgrade(&inner);

@@ -468,23 +468,21 @@ fn test_kernel_hang() -> Result<Option<(u64, Duration)>, NodeRunError> {
 }
 
 /// Writes `text` to `path` with mode 0600 (on Unix): a node file holds the
-/// cluster's secret. A file already there is truncated and its mode set.
+/// cluster's secret. The text goes to a new file of that mode in the same
+/// folder, which then takes `path`'s name: no reader of an earlier file
+/// there, and no link planted at `path`, sees the new text.
 pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(text.as_bytes())
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    // tempfile creates it exclusively, mode 0600.
+    let mut file = tempfile::NamedTempFile::new_in(folder)?;
+    file.write_all(text.as_bytes())?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|err| err.error)?;
+    Ok(())
 }
 
 /// The node's settings from the file: addresses, seeds and the failure

@@ -161,7 +161,10 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
     assert_eq!(sample(&metrics, "granary_cluster_fenced"), Some(0.0));
     // A lone node gossips sealed, with its seed (itself): nothing dropped.
     assert!(
-        sample(&metrics, "granary_gossip_datagrams_total{outcome=\"forged\"}") == Some(0.0),
+        sample(
+            &metrics,
+            "granary_gossip_datagrams_total{outcome=\"forged\"}"
+        ) == Some(0.0),
         "{metrics}"
     );
     let total = metrics

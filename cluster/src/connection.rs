@@ -18,13 +18,14 @@
 //! 3. **One writer.** Frames to send queue in a bounded channel; one task
 //!    writes every frame that is waiting, then flushes once, so a burst of
 //!    small requests costs one system call, not one each.
-//! 4. **Bounded work.** At most `max_inbound` requests from the peer run at
-//!    once. Past that, a request is answered `Overloaded` at once, its
-//!    answer queued without a task of its own, so responses to this
-//!    silo's own calls still get through. When the outgoing queue is full
-//!    too (the peer does not read its answers), the reader stops reading
-//!    until a running request ends, and TCP's own flow control pushes back
-//!    on the peer: however many requests it sends, the tasks and memory
+//! 4. **Bounded work.** At most `max_inbound` requests from the peer are
+//!    under way at once, each until its answer is queued. Past that, a
+//!    request is answered `Overloaded` at once, the answer queued without
+//!    a task of its own; when the outgoing queue has no room for it (the
+//!    peer does not read its answers), the refusal is dropped and the
+//!    caller's own deadline ends its wait. The reader never stops: the
+//!    answers to this silo's own calls on the connection still get
+//!    through. However many requests a peer sends, the tasks and memory
 //!    spent on them stay bounded.
 //! 5. **Failure is fast.** A frame longer than `max_frame`, a frame that
 //!    does not decode, a handshake frame after the handshake, an I/O error
@@ -816,36 +817,21 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                 },
                 payload,
             )) => {
-                // Rule 4: past the bound, refuse the request but keep
-                // reading (responses to our own calls must get through),
-                // unless the refusal itself finds no room.
-                let permit = match running.clone().try_acquire_owned() {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        let refusal = response_frame(
-                            &shared,
-                            id,
-                            Outcome::Failed(RemoteError::Overloaded),
-                            &[],
-                        );
-                        let Some(refusal) = refusal else { continue };
+                // Rule 4: past the bound, refuse the request without a
+                // task and keep reading: responses to our own calls must
+                // get through. A refusal that finds no room is dropped.
+                let Ok(permit) = running.clone().try_acquire_owned() else {
+                    let refusal =
+                        response_frame(&shared, id, Outcome::Failed(RemoteError::Overloaded), &[]);
+                    if let Some(refusal) = refusal {
                         match shared.outgoing.try_send(refusal) {
-                            Ok(()) => continue,
+                            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
                             Err(mpsc::error::TrySendError::Closed(_)) => {
                                 break "the connection's writer stopped".to_string();
                             }
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                let freed = tokio::select! {
-                                    _ = shared.stop.cancelled() => return,
-                                    freed = running.clone().acquire_owned() => freed,
-                                };
-                                match freed {
-                                    Ok(permit) => permit,
-                                    Err(_) => break "the request bound closed".to_string(),
-                                }
-                            }
                         }
                     }
+                    continue;
                 };
                 let span = tracing::debug_span!(
                     "granary.remote_request",
@@ -868,12 +854,14 @@ async fn read_frames(shared: Arc<Shared>, mut reader: Reader, inbound: Arc<dyn I
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let result = handled.await;
-                    drop(permit);
                     let (outcome, payload) = match result {
                         Ok(reply) => (Outcome::Ok, reply),
                         Err(err) => (Outcome::Failed(err), Vec::new()),
                     };
+                    // Rule 4: the request counts until its answer is
+                    // queued, so answers waiting for room are bounded too.
                     respond(&shared, id, outcome, &payload).await;
+                    drop(permit);
                 });
             }
             Ok((Header::Response { id, outcome }, payload)) => {

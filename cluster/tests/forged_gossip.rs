@@ -106,12 +106,24 @@ fn forgeries(victim: &ChitchatId, dead: &ChitchatId, beat: Option<u64>) -> Vec<V
     out
 }
 
-/// `payload` sealed as a silo holding the secret would seal it.
-fn seal(payload: &[u8], session: u64, counter: u64) -> Vec<u8> {
-    let mut sealed = b"GRG1".to_vec();
-    sealed.extend_from_slice(&session.to_le_bytes());
-    sealed.extend_from_slice(&counter.to_le_bytes());
-    sealed.extend_from_slice(&granary_cluster::membership::unix_ms().to_le_bytes());
+/// The header of a sealed datagram for `to`, as a silo would write it.
+fn header_for(session: u64, counter: u64, to: SocketAddr) -> Vec<u8> {
+    let mut header = b"GRG1".to_vec();
+    header.extend_from_slice(&session.to_le_bytes());
+    header.extend_from_slice(&counter.to_le_bytes());
+    header.extend_from_slice(&granary_cluster::membership::unix_ms().to_le_bytes());
+    let ip = match to.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+        std::net::IpAddr::V6(ip) => ip,
+    };
+    header.extend_from_slice(&ip.octets());
+    header.extend_from_slice(&to.port().to_le_bytes());
+    header
+}
+
+/// `payload` sealed for `to` as a silo holding the secret would seal it.
+fn seal(payload: &[u8], session: u64, counter: u64, to: SocketAddr) -> Vec<u8> {
+    let mut sealed = header_for(session, counter, to);
     let tag = secret().tag(Purpose::Gossip, CLUSTER, &[&sealed, payload]);
     sealed.extend_from_slice(payload);
     sealed.extend_from_slice(&tag);
@@ -156,13 +168,13 @@ async fn forged_gossip_leaves_every_view_as_it_was(insider: bool) {
             let on = started.elapsed().as_secs() % 2 == 0;
             let beat = on.then_some(1_000_000 + round);
             for payload in forgeries(&victim, &dead_id, beat) {
-                let datagram = if insider {
-                    counter += 1;
-                    seal(&payload, 7, counter)
-                } else {
-                    payload
-                };
                 for target in targets {
+                    let datagram = if insider {
+                        counter += 1;
+                        seal(&payload, 7, counter, target)
+                    } else {
+                        payload.clone()
+                    };
                     let _ = attacker.send_to(&datagram, target).await;
                 }
             }
@@ -241,8 +253,9 @@ async fn forged_gossip_changes_no_view_with_or_without_the_secret() {
     forged_gossip_leaves_every_view_as_it_was(true).await;
 }
 
-/// A forged datagram sealed with the secret but under another cluster's
-/// name, and one replayed, are dropped before chitchat sees them.
+/// A datagram sealed with the secret but under another cluster's name, one
+/// replayed, and one sealed for another silo are dropped before chitchat
+/// sees them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datagram_sealed_for_another_cluster_or_replayed_is_dropped() {
     let port = common::free_udp_ports(1)[0];
@@ -259,15 +272,18 @@ async fn a_datagram_sealed_for_another_cluster_or_replayed_is_dropped() {
     digest(&mut syn, &stranger, 1, 1);
     CLUSTER.serialize(&mut syn);
     // Sealed right once, then sent again.
-    let datagram = seal(&syn, 11, 1);
+    let datagram = seal(&syn, 11, 1, addr(port));
     for _ in 0..2 {
         attacker.send_to(&datagram, addr(port)).await.expect("sent");
     }
+    // Sealed right, but for another silo.
+    let elsewhere = seal(&syn, 11, 2, addr(port.wrapping_add(1)));
+    attacker
+        .send_to(&elsewhere, addr(port))
+        .await
+        .expect("sent");
     // Another cluster's name under the same secret.
-    let mut other = b"GRG1".to_vec();
-    other.extend_from_slice(&12u64.to_le_bytes());
-    other.extend_from_slice(&1u64.to_le_bytes());
-    other.extend_from_slice(&granary_cluster::membership::unix_ms().to_le_bytes());
+    let mut other = header_for(12, 1, addr(port));
     let tag = secret().tag(Purpose::Gossip, "another", &[&other, &syn]);
     other.extend_from_slice(&syn);
     other.extend_from_slice(&tag);
@@ -275,7 +291,7 @@ async fn a_datagram_sealed_for_another_cluster_or_replayed_is_dropped() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let counts = stats.counts();
-        if counts.replayed == 1 && counts.forged == 1 {
+        if counts.replayed == 1 && counts.forged == 1 && counts.misdirected == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "{counts:?}");

@@ -25,18 +25,21 @@ pub(super) struct ViewAdmission {
 }
 
 /// Rules 1 and 2: `Some` when the view decides, `None` while it does not
-/// know the peer yet.
+/// know the peer yet. A view may hold two incarnations of one address for
+/// a while (etcd's, until the old one's lease ends): the peer's own
+/// incarnation among them admits it.
 fn decided(view: &[Member], peer: &SiloId) -> Option<bool> {
-    let known = view
+    let mut newer = false;
+    for member in view
         .iter()
-        .find(|member| member.silo.address == peer.address)?;
-    if known.silo.incarnation == peer.incarnation {
-        Some(true)
-    } else if known.silo.incarnation > peer.incarnation {
-        Some(false)
-    } else {
-        None
+        .filter(|member| member.silo.address == peer.address)
+    {
+        if member.silo.incarnation == peer.incarnation {
+            return Some(true);
+        }
+        newer |= member.silo.incarnation > peer.incarnation;
     }
+    newer.then_some(false)
 }
 
 impl Admission for ViewAdmission {
@@ -83,6 +86,14 @@ mod tests {
         assert!(admission.admit(&SiloId::new("a", 5)).await);
         // An incarnation left behind.
         assert!(!admission.admit(&SiloId::new("a", 4)).await);
+        // Two incarnations of one address in the view (etcd's, for a
+        // while): each is admitted, the older one first in the list.
+        publish.send_modify(|view| view.insert(0, member("a", 3)));
+        assert!(admission.admit(&SiloId::new("a", 5)).await);
+        assert!(admission.admit(&SiloId::new("a", 3)).await);
+        publish.send_modify(|view| {
+            view.remove(0);
+        });
         // Never appears.
         let started = std::time::Instant::now();
         assert!(!admission.admit(&SiloId::new("b", 1)).await);

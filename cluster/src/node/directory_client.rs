@@ -62,6 +62,8 @@ impl ClusterNode {
         &self,
         request: DirectoryRequest,
     ) -> Result<DirectoryReply, ClusterCallError> {
+        super::directory_service::within_bounds(&request)
+            .map_err(|why| ClusterCallError::Remote(crate::wire::RemoteError::Forbidden(why)))?;
         #[cfg(feature = "etcd")]
         if let DirectoryBackend::Etcd(etcd) = &self.inner.directory {
             let failed = |err: crate::etcd::EtcdError| {

@@ -18,18 +18,31 @@ pub(super) const MAX_DIRECTORY_KEY: usize = 4096;
 
 /// Whether silo `from` may ask `request` (rule 1): a silo registers and
 /// unregisters only homes of its own, and a grain's names stay within
-/// [`MAX_DIRECTORY_TYPE`] and [`MAX_DIRECTORY_KEY`]. Refused, the reason.
+/// bounds ([`within_bounds`]). Refused, the reason.
 pub(super) fn authorize(from: &SiloId, request: &DirectoryRequest) -> Result<(), String> {
-    let (grain, home) = match request {
-        DirectoryRequest::Register { grain, home, .. } => (grain, Some(&home.silo)),
-        DirectoryRequest::Unregister { grain, home, .. } => (grain, Some(home)),
-        DirectoryRequest::Lookup(grain) => (grain, None),
+    let home = match request {
+        DirectoryRequest::Register { home, .. } => Some(&home.silo),
+        DirectoryRequest::Unregister { home, .. } => Some(home),
+        DirectoryRequest::Lookup(_) => None,
     };
     if let Some(home) = home.filter(|home| *home != from) {
         return Err(format!(
             "{from} may not change the entry of a home on {home}"
         ));
     }
+    within_bounds(request)
+}
+
+/// Whether `request`'s grain names are within [`MAX_DIRECTORY_TYPE`] and
+/// [`MAX_DIRECTORY_KEY`]: checked for every request, the owner local or
+/// not, so a grain whose key is too long fails the same way wherever its
+/// entry lives.
+pub(super) fn within_bounds(request: &DirectoryRequest) -> Result<(), String> {
+    let grain = match request {
+        DirectoryRequest::Register { grain, .. }
+        | DirectoryRequest::Unregister { grain, .. }
+        | DirectoryRequest::Lookup(grain) => grain,
+    };
     if grain.type_name.len() > MAX_DIRECTORY_TYPE {
         return Err(format!(
             "a grain type name of {} bytes; at most {MAX_DIRECTORY_TYPE}",

@@ -2,16 +2,20 @@
 //! and a replay window (`sealed/mod.rs`, rules 1 and 2). No I/O: the
 //! clock is an argument.
 //!
-//! A datagram is `"GRG1" | session | counter | sent_ms | payload | tag`,
-//! the integers u64 little-endian, the tag HMAC-SHA-256 under the gossip
-//! key over the cluster's name, the header and the payload.
+//! A datagram is `"GRG1" | session | counter | sent_ms | to | payload |
+//! tag`, the integers u64 little-endian, `to` the address it was sent to
+//! (16 bytes of IPv6, an IPv4 address mapped, and a u16 port), the tag
+//! HMAC-SHA-256 under the gossip key over the cluster's name, the header
+//! and the payload. A datagram captured on its way to one silo is
+//! therefore refused by every other.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::auth::{ClusterSecret, Purpose};
 
 const MAGIC: [u8; 4] = *b"GRG1";
-const HEADER: usize = 4 + 8 + 8 + 8;
+const HEADER: usize = 4 + 8 + 8 + 8 + 18;
 const TAG: usize = 32;
 /// Bytes the envelope adds to a payload.
 pub(crate) const OVERHEAD: usize = HEADER + TAG;
@@ -37,13 +41,14 @@ impl Sealer {
         }
     }
 
-    /// `payload` sealed, stamped `now_ms`.
-    pub(crate) fn seal(&mut self, payload: &[u8], now_ms: u64) -> Vec<u8> {
+    /// `payload` sealed for `to`, stamped `now_ms`.
+    pub(crate) fn seal(&mut self, payload: &[u8], now_ms: u64, to: SocketAddr) -> Vec<u8> {
         let mut out = Vec::with_capacity(payload.len() + OVERHEAD);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.session.to_le_bytes());
         out.extend_from_slice(&self.counter.to_le_bytes());
         out.extend_from_slice(&now_ms.to_le_bytes());
+        out.extend_from_slice(&address_bytes(to));
         self.counter = self.counter.wrapping_add(1);
         let tag = self
             .secret
@@ -52,6 +57,18 @@ impl Sealer {
         out.extend_from_slice(&tag);
         out
     }
+}
+
+/// `address` as 18 bytes: IPv6 (IPv4 mapped), then the port.
+fn address_bytes(address: SocketAddr) -> [u8; 18] {
+    let ip = match address.ip() {
+        IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+        IpAddr::V6(ip) => ip,
+    };
+    let mut out = [0u8; 18];
+    out[..16].copy_from_slice(&ip.octets());
+    out[16..].copy_from_slice(&address.port().to_le_bytes());
+    out
 }
 
 /// Why a datagram was dropped before chitchat saw it.
@@ -65,6 +82,8 @@ pub(crate) enum Rejected {
     Stale,
     /// Its counter was seen already, or is below the window.
     Replayed,
+    /// It was sealed for another address than this socket's.
+    Misdirected,
     /// Too many live sessions to track another.
     TooManySessions,
 }
@@ -107,11 +126,14 @@ impl Opener {
     }
 
     /// The payload of `datagram`, if it is sealed under this cluster's
-    /// key, fresh at `now_ms`, and not seen before.
+    /// key for `me`, fresh at `now_ms`, and not seen before. A socket bound
+    /// to an unspecified address takes datagrams sealed for any address of
+    /// its port.
     pub(crate) fn open<'a>(
         &mut self,
         datagram: &'a [u8],
         now_ms: u64,
+        me: SocketAddr,
     ) -> Result<&'a [u8], Rejected> {
         if datagram.len() < OVERHEAD || datagram[..4] != MAGIC {
             return Err(Rejected::Unsealed);
@@ -130,6 +152,15 @@ impl Opener {
             u64::from_le_bytes(raw)
         };
         let (session, counter, sent_ms) = (field(4), field(12), field(20));
+        let to = &header[28..HEADER];
+        let mine = if me.ip().is_unspecified() {
+            to[16..] == me.port().to_le_bytes()
+        } else {
+            *to == address_bytes(me)
+        };
+        if !mine {
+            return Err(Rejected::Misdirected);
+        }
         if sent_ms.abs_diff(now_ms) > self.fresh_ms {
             return Err(Rejected::Stale);
         }
@@ -195,6 +226,8 @@ mod tests {
         ClusterSecret::new([byte; 32]).unwrap()
     }
 
+    const ME: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)), 7100);
+
     fn opener() -> Opener {
         Opener::new(secret(0x81), "c".into(), 30_000, 3)
     }
@@ -204,31 +237,43 @@ mod tests {
         let mut sealer = Sealer::new(secret(0x81), "c".into(), 1);
         let mut opener = opener();
         let now = 1_000_000;
-        let first = sealer.seal(b"hello", now);
-        assert_eq!(opener.open(&first, now), Ok(&b"hello"[..]));
-        assert_eq!(opener.open(&first, now), Err(Rejected::Replayed));
+        let first = sealer.seal(b"hello", now, ME);
+        assert_eq!(opener.open(&first, now, ME), Ok(&b"hello"[..]));
+        assert_eq!(opener.open(&first, now, ME), Err(Rejected::Replayed));
         // Another secret, another cluster's name, a changed byte.
         let mut stranger = Sealer::new(secret(0x82), "c".into(), 2);
         assert_eq!(
-            opener.open(&stranger.seal(b"x", now), now),
+            opener.open(&stranger.seal(b"x", now, ME), now, ME),
             Err(Rejected::Forged)
         );
         let mut other = Sealer::new(secret(0x81), "d".into(), 3);
         assert_eq!(
-            opener.open(&other.seal(b"x", now), now),
+            opener.open(&other.seal(b"x", now, ME), now, ME),
             Err(Rejected::Forged)
         );
-        let mut altered = sealer.seal(b"hello", now);
+        let mut altered = sealer.seal(b"hello", now, ME);
         altered[HEADER] ^= 1;
-        assert_eq!(opener.open(&altered, now), Err(Rejected::Forged));
-        assert_eq!(opener.open(b"plain chitchat", now), Err(Rejected::Unsealed));
+        assert_eq!(opener.open(&altered, now, ME), Err(Rejected::Forged));
+        assert_eq!(
+            opener.open(b"plain chitchat", now, ME),
+            Err(Rejected::Unsealed)
+        );
+        // Sealed for another silo: refused here, whatever its counter.
+        let elsewhere: SocketAddr = "10.0.0.2:7100".parse().unwrap();
+        assert_eq!(
+            opener.open(&sealer.seal(b"x", now, elsewhere), now, ME),
+            Err(Rejected::Misdirected)
+        );
+        // Bound to 0.0.0.0: any address of its port.
+        let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+        assert!(opener.open(&sealer.seal(b"y", now, ME), now, any).is_ok());
         // Too old or too far ahead.
         assert_eq!(
-            opener.open(&sealer.seal(b"x", now - 30_001), now),
+            opener.open(&sealer.seal(b"x", now - 30_001, ME), now, ME),
             Err(Rejected::Stale)
         );
         assert_eq!(
-            opener.open(&sealer.seal(b"x", now + 30_001), now),
+            opener.open(&sealer.seal(b"x", now + 30_001, ME), now, ME),
             Err(Rejected::Stale)
         );
     }
@@ -238,20 +283,20 @@ mod tests {
         let mut sealer = Sealer::new(secret(0x81), "c".into(), 9);
         let mut opener = opener();
         let now = 5_000_000;
-        let sent: Vec<Vec<u8>> = (0..100).map(|_| sealer.seal(b"m", now)).collect();
+        let sent: Vec<Vec<u8>> = (0..100).map(|_| sealer.seal(b"m", now, ME)).collect();
         // Newest first, then the rest out of order.
-        assert!(opener.open(&sent[70], now).is_ok());
+        assert!(opener.open(&sent[70], now, ME).is_ok());
         for i in [69, 10, 7, 60, 8] {
             let expected = if 70 - i >= WINDOW as usize {
                 Err(Rejected::Replayed)
             } else {
                 Ok(&b"m"[..])
             };
-            assert_eq!(opener.open(&sent[i], now), expected, "counter {i}");
+            assert_eq!(opener.open(&sent[i], now, ME), expected, "counter {i}");
         }
-        assert_eq!(opener.open(&sent[60], now), Err(Rejected::Replayed));
-        assert!(opener.open(&sent[99], now).is_ok());
-        assert_eq!(opener.open(&sent[69], now), Err(Rejected::Replayed));
+        assert_eq!(opener.open(&sent[60], now, ME), Err(Rejected::Replayed));
+        assert!(opener.open(&sent[99], now, ME).is_ok());
+        assert_eq!(opener.open(&sent[69], now, ME), Err(Rejected::Replayed));
     }
 
     #[test]
@@ -260,16 +305,20 @@ mod tests {
         let now = 9_000_000;
         for session in 0..3 {
             let mut sealer = Sealer::new(secret(0x81), "c".into(), session);
-            assert!(opener.open(&sealer.seal(b"m", now), now).is_ok());
+            assert!(opener.open(&sealer.seal(b"m", now, ME), now, ME).is_ok());
         }
         let mut fourth = Sealer::new(secret(0x81), "c".into(), 3);
         assert_eq!(
-            opener.open(&fourth.seal(b"m", now), now),
+            opener.open(&fourth.seal(b"m", now, ME), now, ME),
             Err(Rejected::TooManySessions)
         );
         // Once the three are past freshness, they are forgotten.
         let later = now + 30_001;
-        assert!(opener.open(&fourth.seal(b"m", later), later).is_ok());
+        assert!(
+            opener
+                .open(&fourth.seal(b"m", later, ME), later, ME)
+                .is_ok()
+        );
         assert_eq!(opener.sessions(), 1);
     }
 }

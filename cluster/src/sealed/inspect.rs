@@ -366,8 +366,26 @@ fn operations(nodes: &[NodeDelta]) -> Vec<u8> {
 /// compressed blocks. A delta may leave nodes out (the receiver asks
 /// again next round), so this is still a message chitchat handles.
 pub(crate) fn with_fewer_nodes(original: &[u8], message: &Message, keep: usize) -> Vec<u8> {
+    with_nodes(original, message, |index| index < keep)
+}
+
+/// `original` (whose parse is `message`) with only the node deltas whose
+/// index `keep` accepts, the delta written again as [`with_fewer_nodes`]
+/// writes it.
+pub(crate) fn with_nodes(
+    original: &[u8],
+    message: &Message,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<u8> {
     let mut out = original[..message.before_delta].to_vec();
-    let plain = operations(&message.delta[..keep.min(message.delta.len())]);
+    let kept: Vec<NodeDelta> = message
+        .delta
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| keep(*index))
+        .map(|(_, node)| node.clone())
+        .collect();
+    let plain = operations(&kept);
     for chunk in plain.chunks(BLOCK_WRITE) {
         match zstd::bulk::compress(chunk, 0) {
             Ok(packed) if packed.len() < chunk.len() => {

@@ -15,30 +15,40 @@
 //!    MAC does not verify is dropped and counted: a host without the
 //!    secret, or of another cluster, can neither add, alter, evict nor
 //!    revive a silo, at any version.
-//! 2. **Fresh and once.** The header holds a random session per socket, a
-//!    counter and the send time. A datagram sent more than
-//!    [`FRESH`] from the receiver's clock, or whose counter its session's
-//!    64-wide window has seen, is dropped: a recorded datagram cannot be
-//!    replayed, here or, once that long has passed, anywhere. (Silo clocks
+//! 2. **Fresh, once, and for this silo.** The header holds a random
+//!    session per socket, a counter, the send time and the address the
+//!    datagram was sent to. A datagram sent more than [`FRESH`] from the
+//!    receiver's clock, whose counter its session's 64-wide window has
+//!    seen, or sealed for another address is dropped: a recorded datagram
+//!    cannot be replayed to its silo, nor sent on to another. (Silo clocks
 //!    must agree within that bound.)
-//! 3. **Checked.** An opened datagram is read (`inspect.rs`) and dropped
-//!    unless: a Syn names this cluster; it names at most [`MAX_NODES`]
-//!    nodes in its digest and in its delta; names and keys are at most
-//!    [`MAX_NAME`] bytes; every version and heartbeat is below
-//!    [`MAX_VERSION`]; no delta is about this silo itself (its own state is
-//!    its own to write); and no delta moves a node's versions more than
-//!    [`MAX_JUMP`] past the highest this socket accepted for it in the
-//!    last [`TRACK_FOR`]. These bound what even a silo holding the secret
-//!    can do to another's view.
+//! 3. **Checked.** An opened datagram is read (`inspect.rs`). The whole
+//!    of it is dropped if a Syn names another cluster, or if its digest
+//!    names more than [`MAX_NODES`] nodes, a name over [`MAX_NAME`] bytes,
+//!    or a version or heartbeat at or above [`MAX_VERSION`]. One node's
+//!    part of its delta is left out (the rest goes on) if it is about this
+//!    silo itself (its own state is its own to write), names over
+//!    [`MAX_NAME`] bytes, reaches [`MAX_VERSION`], or moves the node's
+//!    versions more than [`MAX_JUMP`] past the highest this socket
+//!    accepted for it in the last [`TRACK_FOR`]. This silo's own node is
+//!    the one its first datagram sent names at its gossip address, fixed
+//!    for the socket's life. These checks keep chitchat from overflowing
+//!    and a silo's datagrams under the UDP limit whoever sends them; they
+//!    do not make the view safe from a silo that holds the secret, which
+//!    can still write any node's state within them (`docs/security.md`).
 //! 4. **Handed over whole.** chitchat keeps its decoder private, so a
 //!    checked payload reaches it through chitchat's own UDP socket, bound
-//!    to a loopback port: this socket forwards the payload from its own
-//!    loopback socket and returns what chitchat's socket decodes from that
-//!    source, with the sender's real address. One payload is in flight at
-//!    a time, and it is queued before the wait begins, so each decoded
+//!    to a loopback port: this socket forwards the payload from a loopback
+//!    socket of its own and returns what chitchat's socket decodes from
+//!    that source, with the sender's real address. One payload is in
+//!    flight at a time, queued before the wait begins, so each decoded
 //!    message is matched to its sender; a datagram from any other source
-//!    there is ignored. A wait cancelled by chitchat resumes on its next
-//!    receive.
+//!    there is ignored and does not lengthen the wait. A payload not
+//!    decoded within [`DECODE_WAIT`] is counted and given up, and the
+//!    forwarding socket is replaced, so that it cannot be matched to a
+//!    later sender if it comes after all. A wait cancelled by chitchat
+//!    resumes on its next receive. A local failure on loopback is counted,
+//!    never returned: chitchat stops gossiping for good on an error.
 //! 5. **Under the UDP limit.** chitchat fills a datagram up to 65 507
 //!    bytes; with the envelope, one that would pass the limit has its
 //!    delta's last nodes left out (a delta may leave nodes out: the peer
@@ -87,7 +97,7 @@ const MAX_TRACKED: usize = 4 * MAX_NODES;
 const MAX_DELTA_BYTES: usize = 4 << 20;
 /// How long chitchat's loopback socket may take to hand back a payload
 /// already queued to it (rule 4).
-const DECODE_WAIT: Duration = Duration::from_secs(1);
+pub const DECODE_WAIT: Duration = Duration::from_secs(1);
 
 /// What a sealed gossip socket did, counted since its transport was made.
 #[derive(Debug, Default)]
@@ -101,9 +111,13 @@ pub struct GossipStats {
     sessions_full: AtomicU64,
     malformed: AtomicU64,
     refused: AtomicU64,
+    misdirected: AtomicU64,
+    nodes_left_out: AtomicU64,
     trimmed: AtomicU64,
     too_long: AtomicU64,
     undecoded: AtomicU64,
+    strays: AtomicU64,
+    loopback_errors: AtomicU64,
 }
 
 /// A snapshot of [`GossipStats`].
@@ -125,14 +139,22 @@ pub struct GossipCounts {
     pub sessions_full: u64,
     /// Dropped: sealed, but not a chitchat message.
     pub malformed: u64,
-    /// Dropped: sealed, but past a bound of rule 3.
+    /// Dropped whole: sealed, but past a bound of rule 3.
     pub refused: u64,
+    /// Dropped: sealed for another address (rule 2).
+    pub misdirected: u64,
+    /// Node deltas left out of datagrams that went on (rule 3).
+    pub nodes_left_out: u64,
     /// Sent with nodes left out, to stay under the UDP limit (rule 5).
     pub trimmed: u64,
     /// Not sent: too long even with every node left out (rule 5).
     pub too_long: u64,
     /// Checked but not decoded by chitchat in time (rule 4).
     pub undecoded: u64,
+    /// Datagrams on the loopback decoder from anyone else (rule 4).
+    pub strays: u64,
+    /// Local failures handing a payload over on loopback (rule 4).
+    pub loopback_errors: u64,
 }
 
 impl GossipCounts {
@@ -145,6 +167,7 @@ impl GossipCounts {
             + self.sessions_full
             + self.malformed
             + self.refused
+            + self.misdirected
     }
 }
 
@@ -162,9 +185,13 @@ impl GossipStats {
             sessions_full: load(&self.sessions_full),
             malformed: load(&self.malformed),
             refused: load(&self.refused),
+            misdirected: load(&self.misdirected),
+            nodes_left_out: load(&self.nodes_left_out),
             trimmed: load(&self.trimmed),
             too_long: load(&self.too_long),
             undecoded: load(&self.undecoded),
+            strays: load(&self.strays),
+            loopback_errors: load(&self.loopback_errors),
         }
     }
 
@@ -270,31 +297,39 @@ async fn open_decoder() -> anyhow::Result<(chitchat::transport::UdpSocket, Socke
 struct Guard {
     cluster: String,
     listen: SocketAddr,
-    /// This silo as chitchat names it, once its own digest has said.
+    /// This silo as chitchat names it: learned from its first datagram
+    /// sent, then fixed.
     local: Option<NodeId>,
     /// Each node's highest version accepted, and when.
     tracked: HashMap<NodeId, (u64, Instant)>,
 }
 
+/// What rule 3 makes of a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// It goes on as it is.
+    Whole,
+    /// It goes on with only these node deltas (by index).
+    Without(Vec<bool>),
+    /// It is dropped.
+    Refused,
+}
+
 impl Guard {
-    /// Learns this silo's own node from a message it sends: the digest
-    /// entry with its gossip address, of the newest generation.
+    /// Learns this silo's own node from the first message it sends that
+    /// names its gossip address: before this silo has sent anything, no
+    /// peer has a delta to send it, so nothing but its own state is in
+    /// that digest. Never changed afterwards (rule 3).
     fn learn(&mut self, sent: &Message) {
-        if let Some(own) = sent
+        if self.local.is_some() {
+            return;
+        }
+        self.local = sent
             .digest
             .iter()
             .filter(|entry| entry.node.gossip == self.listen)
-            .map(|entry| &entry.node)
-            .max_by_key(|node| node.generation)
-        {
-            if self
-                .local
-                .as_ref()
-                .is_none_or(|local| local.generation <= own.generation)
-            {
-                self.local = Some(own.clone());
-            }
-        }
+            .map(|entry| entry.node.clone())
+            .max_by_key(|node| node.generation);
     }
 
     /// Whether `node` is this silo (before it is known: any node with this
@@ -306,18 +341,18 @@ impl Guard {
         }
     }
 
-    /// Rule 3: whether `message` may reach chitchat; if so, remembers its
-    /// nodes' versions.
-    fn check(&mut self, message: &Message) -> bool {
+    /// Rule 3: what may reach chitchat of `message`; remembers the
+    /// versions of the node deltas that go on.
+    fn check(&mut self, message: &Message) -> Verdict {
         if message
             .cluster
             .as_ref()
             .is_some_and(|cluster| *cluster != self.cluster)
         {
-            return false;
+            return Verdict::Refused;
         }
         if message.digest.len() > MAX_NODES || message.delta.len() > MAX_NODES {
-            return false;
+            return Verdict::Refused;
         }
         let digest_ok = message.digest.iter().all(|entry| {
             entry.node.name.len() <= MAX_NAME
@@ -326,26 +361,28 @@ impl Guard {
                 && entry.last_gc < MAX_VERSION
         });
         if !digest_ok {
-            return false;
+            return Verdict::Refused;
         }
         let now = Instant::now();
-        for node in &message.delta {
-            if node.node.name.len() > MAX_NAME
-                || self.is_local(&node.node)
-                || node.highest_version() >= MAX_VERSION
-                || node.values.iter().any(|value| value.key.len() > MAX_NAME)
-            {
-                return false;
-            }
-            if let Some((known, since)) = self.tracked.get(&node.node) {
-                if now.duration_since(*since) < TRACK_FOR
-                    && node.highest_version() > known.saturating_add(MAX_JUMP)
-                {
-                    return false;
-                }
-            }
-        }
-        for node in &message.delta {
+        let keep: Vec<bool> = message
+            .delta
+            .iter()
+            .map(|node| {
+                let known = self
+                    .tracked
+                    .get(&node.node)
+                    .filter(|(_, since)| now.duration_since(*since) < TRACK_FOR)
+                    .map(|(known, _)| *known);
+                node.node.name.len() <= MAX_NAME
+                    && !self.is_local(&node.node)
+                    && node.highest_version() < MAX_VERSION
+                    && node.values.iter().all(|value| value.key.len() <= MAX_NAME)
+                    && known.is_none_or(|known| {
+                        node.highest_version() <= known.saturating_add(MAX_JUMP)
+                    })
+            })
+            .collect();
+        for (node, _) in message.delta.iter().zip(&keep).filter(|(_, kept)| **kept) {
             let highest = node.highest_version();
             let entry = self.tracked.entry(node.node.clone()).or_insert((0, now));
             if now.duration_since(entry.1) >= TRACK_FOR {
@@ -365,7 +402,11 @@ impl Guard {
                 self.tracked.retain(|_, (_, since)| *since > cut);
             }
         }
-        true
+        if keep.iter().all(|kept| *kept) {
+            Verdict::Whole
+        } else {
+            Verdict::Without(keep)
+        }
     }
 }
 
@@ -374,14 +415,15 @@ struct SealedSocket {
     outer: tokio::net::UdpSocket,
     decoder: chitchat::transport::UdpSocket,
     decoder_address: SocketAddr,
+    /// Replaced after a payload it sent was given up (rule 4).
     feeder: tokio::net::UdpSocket,
     feeder_address: SocketAddr,
     sealer: Sealer,
     opener: Opener,
     guard: Guard,
     /// The sender of the payload handed to the decoder and not yet
-    /// decoded (rule 4).
-    pending: Option<SocketAddr>,
+    /// decoded, and until when it is waited for (rule 4).
+    pending: Option<(SocketAddr, tokio::time::Instant)>,
     buffer: Box<[u8]>,
     stats: Arc<GossipStats>,
 }
@@ -415,7 +457,7 @@ impl Socket for SealedSocket {
                 }
             }
         }
-        let sealed = self.sealer.seal(&payload, now_ms());
+        let sealed = self.sealer.seal(&payload, now_ms(), to);
         self.outer.send_to(&sealed, to).await?;
         GossipStats::count(&self.stats.sent);
         Ok(())
@@ -424,27 +466,35 @@ impl Socket for SealedSocket {
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         loop {
             // Rule 4: a payload handed over is decoded before the next.
-            if let Some(from) = self.pending {
-                match tokio::time::timeout(DECODE_WAIT, self.decoder.recv()).await {
+            if let Some((from, until)) = self.pending {
+                match tokio::time::timeout_at(until, self.decoder.recv()).await {
                     Ok(Ok((source, message))) if source == self.feeder_address => {
                         self.pending = None;
                         GossipStats::count(&self.stats.accepted);
                         return Ok((from, message));
                     }
                     // Someone else on this machine wrote to the loopback
-                    // port: not ours, ignored.
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(err)) => return Err(err),
+                    // port: not ours, ignored; the wait keeps its end.
+                    Ok(Ok(_)) => {
+                        GossipStats::count(&self.stats.strays);
+                        continue;
+                    }
+                    Ok(Err(err)) => {
+                        GossipStats::count(&self.stats.loopback_errors);
+                        tracing::warn!(error = %err, "gossip decoding on loopback failed");
+                        self.give_up().await;
+                        continue;
+                    }
                     Err(_) => {
-                        self.pending = None;
                         GossipStats::count(&self.stats.undecoded);
+                        self.give_up().await;
                         continue;
                     }
                 }
             }
             let (len, from) = self.outer.recv_from(&mut self.buffer).await?;
             let datagram = &self.buffer[..len];
-            let payload = match self.opener.open(datagram, now_ms()) {
+            let payload = match self.opener.open(datagram, now_ms(), self.guard.listen) {
                 Ok(payload) => payload,
                 Err(rejected) => {
                     let counter = match rejected {
@@ -452,6 +502,7 @@ impl Socket for SealedSocket {
                         Rejected::Forged => &self.stats.forged,
                         Rejected::Stale => &self.stats.stale,
                         Rejected::Replayed => &self.stats.replayed,
+                        Rejected::Misdirected => &self.stats.misdirected,
                         Rejected::TooManySessions => &self.stats.sessions_full,
                     };
                     GossipStats::count(counter);
@@ -463,13 +514,60 @@ impl Socket for SealedSocket {
                 GossipStats::count(&self.stats.malformed);
                 continue;
             };
-            if !self.guard.check(&message) {
-                GossipStats::count(&self.stats.refused);
-                tracing::warn!(%from, "a sealed gossip datagram past its bounds was dropped");
-                continue;
+            let rewritten;
+            let payload = match self.guard.check(&message) {
+                Verdict::Whole => payload,
+                Verdict::Without(keep) => {
+                    let left_out = keep.iter().filter(|kept| !**kept).count();
+                    self.stats
+                        .nodes_left_out
+                        .fetch_add(left_out as u64, Ordering::Relaxed);
+                    tracing::warn!(%from, left_out, "node deltas past their bounds were left out of a sealed gossip datagram");
+                    rewritten = inspect::with_nodes(payload, &message, |index| {
+                        keep.get(index).copied().unwrap_or(false)
+                    });
+                    &rewritten[..]
+                }
+                Verdict::Refused => {
+                    GossipStats::count(&self.stats.refused);
+                    tracing::warn!(%from, "a sealed gossip datagram past its bounds was dropped");
+                    continue;
+                }
+            };
+            match self.feeder.send_to(payload, self.decoder_address).await {
+                Ok(_) => {
+                    self.pending = Some((from, tokio::time::Instant::now() + DECODE_WAIT));
+                }
+                Err(err) => {
+                    GossipStats::count(&self.stats.loopback_errors);
+                    tracing::warn!(error = %err, "handing a gossip datagram over on loopback failed");
+                }
             }
-            self.feeder.send_to(payload, self.decoder_address).await?;
-            self.pending = Some(from);
+        }
+    }
+}
+
+impl SealedSocket {
+    /// Gives the pending payload up and replaces the forwarding socket, so
+    /// that the payload, if it is decoded after all, comes from a source
+    /// no longer matched (rule 4).
+    async fn give_up(&mut self) {
+        self.pending = None;
+        match tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await {
+            Ok(feeder) => match feeder.local_addr() {
+                Ok(address) => {
+                    self.feeder = feeder;
+                    self.feeder_address = address;
+                }
+                Err(err) => {
+                    GossipStats::count(&self.stats.loopback_errors);
+                    tracing::warn!(error = %err, "a new loopback socket for gossip has no address");
+                }
+            },
+            Err(err) => {
+                GossipStats::count(&self.stats.loopback_errors);
+                tracing::warn!(error = %err, "no new loopback socket for gossip");
+            }
         }
     }
 }

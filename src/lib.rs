@@ -15,6 +15,7 @@ pub use granary_kernels as kernels;
 pub use granary_ring as ring;
 
 pub mod admin;
+pub mod certs;
 pub mod cluster_demo;
 pub mod demo;
 pub mod node_file;

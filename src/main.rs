@@ -102,6 +102,18 @@ enum Command {
     /// Print a fresh cluster secret: 32 random bytes as 64 hexadecimal
     /// digits, for the `secret` of every node file of one cluster.
     Secret,
+    /// Make a development CA (or use the one in the folder) and a
+    /// certificate for each node, for the `tls` section of its file.
+    Cert {
+        /// The folder for `ca.pem`, `ca-key.pem` and each node's
+        /// `NAME.pem` and `NAME-key.pem`.
+        #[arg(long, default_value = "certs")]
+        dir: std::path::PathBuf,
+        /// Each node's address or host name, as its peers dial it
+        /// (`10.0.0.5`, `silo-1.granary`).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// Drive the request ring alone under load and print throughput and
     /// latency.
     RingDemo {
@@ -166,6 +178,31 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Cert { dir, names } => match granary::certs::write_certs(&dir, &names) {
+            Ok(files) => {
+                if files.new_ca {
+                    println!(
+                        "a new CA: {} (its key beside it: keep it off the nodes)",
+                        files.ca.display()
+                    );
+                } else {
+                    println!("the CA in {}", files.ca.display());
+                }
+                for (name, tls) in &files.nodes {
+                    println!(
+                        "{name}: tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}",
+                        tls.ca.display().to_string(),
+                        tls.cert.display().to_string(),
+                        tls.key.display().to_string()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("granary cert: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Secret => match granary::cluster::ClusterSecret::generate_hex() {
             Ok(secret) => {
                 println!("{secret}");
@@ -260,8 +297,8 @@ fn main() -> ExitCode {
             let total = u64::from(grains).saturating_mul(u64::from(calls));
             let bar = progress_bar(total, no_progress, "calls");
             println!(
-                "granary demo --nodes {nodes}: {nodes} silo processes on loopback (membership on {}), \
-                 {grains} GPU grains ({} MiB resident each on the {backend:?} backend, placed by free \
+                "granary demo --nodes {nodes}: {nodes} silo processes on loopback (membership on {}, \
+                 silo links over mutual TLS with a CA made for the run), {grains} GPU grains ({} MiB resident each on the {backend:?} backend, placed by free \
                  device memory), {calls} calls each, each call notifying an auditor grain on another silo; \
                  the busiest silo is killed halfway",
                 if config.etcd.is_some() {

@@ -53,6 +53,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use granary_actors::{Silo, SiloBuilder, StorageProvider};
+use granary_cluster::tls::{TlsFiles, TlsIdentity, TlsTransport};
 use granary_cluster::{
     ClusterNode, ClusterSecret, GpuNeeds, NodeBuilder, NodeConfig, TcpTransport,
 };
@@ -108,6 +109,22 @@ pub struct NodeFile {
     /// in seconds (default 30): past it, the run ends with an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace_secs: Option<u64>,
+    /// Mutual TLS between silos (`granary_cluster::tls`); plaintext
+    /// connections (authenticated, not encrypted) without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFile>,
+}
+
+/// A node's TLS files, PEM (`granary cert` makes them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The cluster CA's certificate: the only one trusted.
+    pub ca: PathBuf,
+    /// This node's certificate, naming the host of its `listen` address.
+    pub cert: PathBuf,
+    /// This node's private key (mode 0600).
+    pub key: PathBuf,
 }
 
 impl fmt::Debug for NodeFile {
@@ -126,6 +143,7 @@ impl fmt::Debug for NodeFile {
             .field("etcd", &self.etcd)
             .field("admin", &self.admin)
             .field("drain_grace_secs", &self.drain_grace_secs)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -558,9 +576,25 @@ pub async fn start_node(
     let silo = silo
         .build()
         .map_err(|err| NodeRunError(format!("silo: {err}")))?;
+    let transport: Arc<dyn granary_cluster::Transport> = match &file.tls {
+        None => Arc::new(TcpTransport),
+        Some(tls) => {
+            let identity = TlsIdentity::load(&TlsFiles {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            })
+            .map_err(|err| NodeRunError(format!("tls: {err}")))?;
+            Arc::new(TlsTransport::new(
+                Arc::new(TcpTransport),
+                identity,
+                config.connection.handshake_timeout,
+            ))
+        }
+    };
     let mut builder = grains.configure(
         ClusterNode::builder(silo, config)
-            .transport(Arc::new(TcpTransport))
+            .transport(transport)
             .gossip_stats(gossip.stats()),
         &devices,
     );

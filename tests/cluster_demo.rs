@@ -104,6 +104,7 @@ fn cluster_wide(stdout: &str) -> (u64, u64) {
 fn three_silo_processes_lose_a_silo_and_no_state() {
     let stdout = three_silo_demo(&[]);
     assert!(stdout.contains("membership on gossip"), "{stdout}");
+    assert!(stdout.contains("over mutual TLS"), "{stdout}");
 }
 
 #[cfg(feature = "etcd")]

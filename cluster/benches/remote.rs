@@ -19,6 +19,10 @@
 //! - tonic: a unary gRPC call over HTTP/2 to a service that returns the
 //!   request's 32 bytes (a raw-bytes codec, so no protobuf work on either
 //!   side). The service does less than the silo: no grain, no mailbox.
+//! - Granary over mutual TLS 1.3 (`*/granary_tls`): the same call on a
+//!   connection through `TlsTransport` (rustls, ring), both ends with a
+//!   certificate of a CA made for the run; the peer to compare it with is
+//!   `*/granary`, in the same run.
 //! - The floor (`remote_sequential/tcp_echo`): a bare tokio TCP echo of a
 //!   length-prefixed 32-byte frame on the same runtime, one write and one
 //!   read at each end and nothing else: the least any request and reply
@@ -43,6 +47,8 @@ use bytes::{Buf, BufMut, Bytes};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use granary_actors::dispatch::{decode, encode};
 use granary_actors::{Grain, GrainContext, GrainKey, Handler, Message, Silo};
+use granary_cluster::tls::certs::CertAuthority;
+use granary_cluster::tls::{TlsIdentity, TlsTransport};
 use granary_cluster::{
     AnyPeer, ClusterNode, ClusterSecret, Connection, ConnectionConfig, Listener, NodeConfig,
     PreferLocal, SiloId, TcpTransport, Transport, accept, connect,
@@ -79,8 +85,31 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
-/// Silo A serving on loopback, and B's connection to it.
+/// Mutual TLS over TCP for both ends, with a CA made for the run and a
+/// certificate for 127.0.0.1.
+fn tls_transport() -> Arc<dyn Transport> {
+    let ca = CertAuthority::generate().expect("a CA");
+    let node = ca.issue(&["127.0.0.1".into()]).expect("a certificate");
+    let identity = TlsIdentity::from_pem(
+        ca.cert_pem().as_bytes(),
+        node.cert_pem.as_bytes(),
+        node.key_pem.as_bytes(),
+    )
+    .expect("an identity");
+    Arc::new(TlsTransport::new(
+        Arc::new(TcpTransport),
+        identity,
+        Duration::from_secs(5),
+    ))
+}
+
+/// Silo A serving on loopback, and B's connection to it, over plain TCP.
 async fn granary_pair() -> (Connection, Silo, Silo) {
+    granary_pair_over(Arc::new(TcpTransport)).await
+}
+
+/// Silo A serving on loopback over `transport`, and B's connection to it.
+async fn granary_pair_over(transport: Arc<dyn Transport>) -> (Connection, Silo, Silo) {
     let secret = ClusterSecret::new([0x85; 32]).expect("a secret");
     let a = Silo::builder()
         .register::<EchoGrain>("echo")
@@ -91,7 +120,7 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
         .register::<EchoGrain>("echo")
         .build()
         .expect("silo b");
-    let mut listener: Box<dyn Listener> = TcpTransport
+    let mut listener: Box<dyn Listener> = transport
         .bind("127.0.0.1:0".into())
         .await
         .expect("a listener");
@@ -116,10 +145,7 @@ async fn granary_pair() -> (Connection, Silo, Silo) {
             }
         }
     });
-    let io = TcpTransport
-        .connect(address.clone())
-        .await
-        .expect("connected");
+    let io = transport.connect(address.clone()).await.expect("connected");
     let connection = connect(
         io,
         SiloId::new("b", 1),
@@ -360,6 +386,11 @@ fn sequential(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { black_box(granary_call(&connection, &key, &payload).await) })
     });
+    let (over_tls, _a_tls, _b_tls) = rt.block_on(granary_pair_over(tls_transport()));
+    group.bench_function("granary_tls", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(granary_call(&over_tls, &key, &payload).await) })
+    });
     let (caller, _host) = rt.block_on(node_pair(1));
     group.bench_function("granary_node", |b| {
         b.to_async(&rt)
@@ -412,6 +443,20 @@ fn pipelined(c: &mut Criterion) {
         b.iter_custom(|iterations| {
             pipelined_rounds(&rt, iterations, |n| {
                 let (connection, payload) = (connection.clone(), payload.clone());
+                async move {
+                    let key = GrainKey::U64(n as u64);
+                    for _ in 0..CALLS_PER_TASK {
+                        black_box(granary_call(&connection, &key, &payload).await);
+                    }
+                }
+            })
+        })
+    });
+    let (over_tls, _a_tls, _b_tls) = rt.block_on(granary_pair_over(tls_transport()));
+    group.bench_function("granary_tls", |b| {
+        b.iter_custom(|iterations| {
+            pipelined_rounds(&rt, iterations, |n| {
+                let (connection, payload) = (over_tls.clone(), payload.clone());
                 async move {
                     let key = GrainKey::U64(n as u64);
                     for _ in 0..CALLS_PER_TASK {

@@ -94,8 +94,15 @@ pub async fn run_cluster_demo(
     let storage = StorageFile::Sqlite {
         path: dir.join("grains.sqlite"),
     };
-    // A secret of this run's own.
+    // A secret of this run's own, and a CA: every silo talks to every other
+    // over mutual TLS, each with a certificate for 127.0.0.1.
     let secret = ClusterSecret::generate_hex().map_err(|err| NodeRunError(err.to_string()))?;
+    let certs = crate::certs::write_certs(&dir.join("certs"), &["127.0.0.1".to_string()])?;
+    let tls = certs
+        .nodes
+        .first()
+        .map(|(_, tls)| tls.clone())
+        .ok_or_else(|| NodeRunError("no certificate was made".into()))?;
     // Under etcd, a cluster name of this run's own: keys of an earlier run
     // (its leases expiring) are not this cluster's.
     let cluster = match &config.etcd {
@@ -136,6 +143,7 @@ pub async fn run_cluster_demo(
             etcd: etcd.clone(),
             admin: None,
             drain_grace_secs: None,
+            tls: Some(tls.clone()),
         };
         let path = dir.join(format!("node-{n}.toml"));
         file.save(&path)?;
@@ -171,6 +179,7 @@ pub async fn run_cluster_demo(
         etcd: etcd.clone(),
         admin: None,
         drain_grace_secs: None,
+        tls: Some(tls.clone()),
     };
     let node = start_node(&me, &DemoGrains::default()).await?;
     // Wait for every silo, with its devices.

@@ -1,0 +1,138 @@
+//! `granary cert`: a development CA and node certificates, written as the
+//! PEM files a node's `tls` section names (`granary_cluster::tls`).
+//!
+//! 1. `ca.pem` and `ca-key.pem` in the folder are the CA. If both are
+//!    there they are used (to add nodes to a cluster); otherwise a new CA
+//!    is made. One without the other is an error, not a new CA.
+//! 2. Each name (an IP address or a host name: what peers dial) gets
+//!    `NAME.pem` and `NAME-key.pem`, written anew.
+//! 3. Every key file is written mode 0600, through `write_private`; the
+//!    folder is made mode 0700 if it is new.
+
+use std::path::{Path, PathBuf};
+
+use granary_cluster::tls::certs::CertAuthority;
+
+use crate::node_file::{NodeRunError, TlsFile, write_private};
+
+/// What `write_certs` wrote: the CA's certificate, and each node's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// Whether the CA was made now (rule 1).
+    pub new_ca: bool,
+    /// The CA's certificate.
+    pub ca: PathBuf,
+    /// Each name's files, as a node's `tls` section names them.
+    pub nodes: Vec<(String, TlsFile)>,
+}
+
+/// A name as a file name: letters, digits, `.` and `-` kept, the rest `_`.
+fn file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> NodeRunError + '_ {
+    move |err| NodeRunError(format!("{}: {err}", path.display()))
+}
+
+/// Writes the CA (rule 1) and a certificate for each of `names` (rule 2)
+/// into `dir`.
+pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertFiles, NodeRunError> {
+    if names.is_empty() {
+        return Err(NodeRunError(
+            "name at least one node: the address or host name its peers dial".into(),
+        ));
+    }
+    if !dir.exists() {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(dir).map_err(io_error(dir))?;
+    }
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let (ca, new_ca) = match (ca_cert.exists(), ca_key.exists()) {
+        (true, true) => {
+            let cert = std::fs::read_to_string(&ca_cert).map_err(io_error(&ca_cert))?;
+            let key = std::fs::read_to_string(&ca_key).map_err(io_error(&ca_key))?;
+            let ca = CertAuthority::from_pem(&cert, &key)
+                .map_err(|err| NodeRunError(format!("{}: {err}", ca_cert.display())))?;
+            (ca, false)
+        }
+        (false, false) => {
+            let ca = CertAuthority::generate().map_err(|err| NodeRunError(err.to_string()))?;
+            write_private(&ca_key, &ca.key_pem()).map_err(io_error(&ca_key))?;
+            std::fs::write(&ca_cert, ca.cert_pem()).map_err(io_error(&ca_cert))?;
+            (ca, true)
+        }
+        _ => {
+            return Err(NodeRunError(format!(
+                "{}: ca.pem and ca-key.pem go together; found only one of them",
+                dir.display()
+            )));
+        }
+    };
+    let mut nodes = Vec::new();
+    for name in names {
+        let issued = ca
+            .issue(std::slice::from_ref(name))
+            .map_err(|err| NodeRunError(format!("{name}: {err}")))?;
+        let stem = file_stem(name);
+        let files = TlsFile {
+            ca: ca_cert.clone(),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}-key.pem")),
+        };
+        write_private(&files.key, &issued.key_pem).map_err(io_error(&files.key))?;
+        std::fs::write(&files.cert, &issued.cert_pem).map_err(io_error(&files.cert))?;
+        nodes.push((name.clone(), files));
+    }
+    Ok(CertFiles {
+        new_ca,
+        ca: ca_cert,
+        nodes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_is_made_once_and_signs_every_later_node() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let first = write_certs(&certs, &["127.0.0.1".into(), "::1".into()]).unwrap();
+        assert!(first.new_ca);
+        assert_eq!(first.nodes[1].1.cert, certs.join("__1.pem"));
+        let later = write_certs(&certs, &["node-3.example".into()]).unwrap();
+        assert!(!later.new_ca);
+        for (_, files) in first.nodes.iter().chain(&later.nodes) {
+            let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            granary_cluster::tls::TlsIdentity::load(&granary_cluster::tls::TlsFiles {
+                ca: files.ca.clone(),
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            })
+            .unwrap();
+        }
+        let mode = std::fs::metadata(&certs).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_file(certs.join("ca-key.pem")).unwrap();
+        assert!(write_certs(&certs, &["x".into()]).is_err());
+        assert!(write_certs(&certs, &[]).is_err());
+    }
+}

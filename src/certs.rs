@@ -4,8 +4,12 @@
 //! 1. `ca.pem` and `ca-key.pem` in the folder are the CA. If both are
 //!    there they are used (to add nodes to a cluster); otherwise a new CA
 //!    is made. One without the other is an error, not a new CA.
-//! 2. Each name (an IP address or a host name: what peers dial) gets
-//!    `NAME.pem` and `NAME-key.pem`, written anew.
+//! 2. Each name gets `NAME.pem` and `NAME-key.pem`, written anew. A name
+//!    is the IP address the node listens on (a silo is known to its peers
+//!    by the address it bound), or a host name for tools that dial by
+//!    name; one that TLS cannot check (`10.0.0.5:7000`, `[::1]`, a name
+//!    with spaces) or whose files would be the CA's is refused before
+//!    anything is written.
 //! 3. Every key file is written mode 0600, through `write_private`; the
 //!    folder is made mode 0700 if it is new.
 
@@ -24,6 +28,11 @@ pub struct CertFiles {
     pub ca: PathBuf,
     /// Each name's files, as a node's `tls` section names them.
     pub nodes: Vec<(String, TlsFile)>,
+}
+
+/// Whether TLS can check `name` (rule 2).
+fn rustls_name(name: &str) -> Option<()> {
+    granary_cluster::tls::check_name(name).ok()
 }
 
 /// A name as a file name: letters, digits, `.` and `-` kept, the rest `_`.
@@ -48,8 +57,21 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> NodeRunError + '_ {
 pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertFiles, NodeRunError> {
     if names.is_empty() {
         return Err(NodeRunError(
-            "name at least one node: the address or host name its peers dial".into(),
+            "name at least one node: the IP address it listens on".into(),
         ));
+    }
+    for name in names {
+        if rustls_name(name).is_none() {
+            return Err(NodeRunError(format!(
+                "{name:?}: not an IP address or host name TLS can check (no port, no brackets)"
+            )));
+        }
+        let stem = file_stem(name).to_ascii_lowercase();
+        if stem == "ca" || stem == "ca-key" {
+            return Err(NodeRunError(format!(
+                "{name:?}: its files would be the CA's (ca.pem, ca-key.pem)"
+            )));
+        }
     }
     if !dir.exists() {
         let mut builder = std::fs::DirBuilder::new();
@@ -131,6 +153,11 @@ mod tests {
         }
         let mode = std::fs::metadata(&certs).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        for bad in ["10.0.0.5:7000", "[::1]", "bad name", "", "CA", "ca-key"] {
+            assert!(write_certs(&certs, &[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        // Nothing of the CA was touched by the refusals.
+        assert!(!write_certs(&certs, &["127.0.0.2".into()]).unwrap().new_ca);
         std::fs::remove_file(certs.join("ca-key.pem")).unwrap();
         assert!(write_certs(&certs, &["x".into()]).is_err());
         assert!(write_certs(&certs, &[]).is_err());

@@ -109,8 +109,8 @@ enum Command {
         /// `NAME.pem` and `NAME-key.pem`.
         #[arg(long, default_value = "certs")]
         dir: std::path::PathBuf,
-        /// Each node's address or host name, as its peers dial it
-        /// (`10.0.0.5`, `silo-1.granary`).
+        /// Each node's IP address, as in its `listen` (`10.0.0.5`): peers
+        /// dial the address a silo binds.
         #[arg(required = true)]
         names: Vec<String>,
     },

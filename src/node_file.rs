@@ -121,7 +121,8 @@ pub struct NodeFile {
 pub struct TlsFile {
     /// The cluster CA's certificate: the only one trusted.
     pub ca: PathBuf,
-    /// This node's certificate, naming the host of its `listen` address.
+    /// This node's certificate, naming the IP address of its `listen`
+    /// (peers dial the address it binds).
     pub cert: PathBuf,
     /// This node's private key (mode 0600).
     pub key: PathBuf,
@@ -585,6 +586,24 @@ pub async fn start_node(
                 key: tls.key.clone(),
             })
             .map_err(|err| NodeRunError(format!("tls: {err}")))?;
+            // Peers dial the address this node binds and check that its
+            // certificate names it: a certificate they would refuse is
+            // found here.
+            if let Ok(listen) = file.listen.parse::<SocketAddr>() {
+                let read = |path: &Path| {
+                    std::fs::read(path)
+                        .map_err(|err| NodeRunError(format!("tls: {}: {err}", path.display())))
+                };
+                let host = listen.ip().to_string();
+                granary_cluster::tls::certificate_names(&read(&tls.ca)?, &read(&tls.cert)?, &host)
+                    .map_err(|why| {
+                        NodeRunError(format!(
+                            "tls: {} is not valid for {host}, the address peers dial this node \
+                             at ({why}); make one with `granary cert {host}`",
+                            tls.cert.display()
+                        ))
+                    })?;
+            }
             Arc::new(TlsTransport::new(
                 Arc::new(TcpTransport),
                 identity,

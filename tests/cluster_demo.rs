@@ -187,6 +187,25 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
         let stderr = refused_node(&dir, name, text.as_deref());
         assert!(stderr.contains(expected), "{name}: {stderr}");
     }
+    // A certificate for another address than the one the node listens on
+    // would be refused by every peer: the node says so when it starts.
+    {
+        let certs = granary::certs::write_certs(&dir.join("certs"), &["10.9.9.9".into()])
+            .expect("certificates");
+        let tls = &certs.nodes[0].1;
+        let text = with(&format!(
+            "tls = {{ ca = {:?}, cert = {:?}, key = {:?} }}\n",
+            tls.ca.display().to_string(),
+            tls.cert.display().to_string(),
+            tls.key.display().to_string()
+        ));
+        let stderr = refused_node(&dir, "tls-elsewhere.toml", Some(&text));
+        assert!(
+            stderr.contains("is not valid for 127.0.0.1")
+                && stderr.contains("granary cert 127.0.0.1"),
+            "{stderr}"
+        );
+    }
     // A file others may read is refused before it is read.
     {
         use std::os::unix::fs::PermissionsExt;

@@ -606,12 +606,17 @@ async fn a_flood_of_silent_connections_does_not_stop_a_silo_accepting() {
     let cluster = Cluster::start("flood", 1, None, &[], Some(200)).await;
     let silo = cluster.silos[0].clone();
     // All at once, each given 3 s (once the node's backlog is full, the
-    // rest wait for it).
-    let connecting = (0..SILENT).map(|_| {
-        tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio::net::TcpStream::connect(silo.as_str()),
-        )
+    // rest wait for it), from 128 loopback addresses: the node takes at
+    // most 16 handshakes from one host, so from one address the flood
+    // would be closed as it came and never reach the node's file limit.
+    let target: std::net::SocketAddr = silo.parse().expect("a socket address");
+    let connecting = (0..SILENT).map(|n| {
+        let source = std::net::SocketAddr::from(([127, 0, 0, 2 + (n % 128) as u8], 0));
+        tokio::time::timeout(Duration::from_secs(3), async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(source)?;
+            socket.connect(target).await
+        })
     });
     let silent: Vec<tokio::net::TcpStream> = futures_util::future::join_all(connecting)
         .await

@@ -41,6 +41,7 @@ pub mod node;
 pub mod placement;
 pub mod provider;
 mod sealed;
+mod slots;
 pub mod tls;
 pub mod transport;
 pub mod wire;

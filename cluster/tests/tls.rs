@@ -258,3 +258,44 @@ fn identities_load_from_files_and_refuse_a_readable_key() {
     let err = TlsIdentity::load(&files).expect_err("no certificate");
     assert!(err.to_string().contains("node.pem"), "{err}");
 }
+
+/// Silent TCP connections from one host take at most 16 handshake slots;
+/// beyond them each is closed at once (counted busy), and once they are
+/// gone a member connects as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_one_host_take_a_bounded_share() {
+    let ca = CertAuthority::generate().expect("a CA");
+    let server = ca.issue(&["127.0.0.1".into()]).expect("a certificate");
+    let served = serve(tls(identity(&ca, &server))).await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(
+            tokio::net::TcpStream::connect(&served.address)
+                .await
+                .expect("a TCP connection"),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while served.stats.busy() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} closed as busy, 4 expected",
+            served.stats.busy()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served.stats.busy(), 4);
+    drop(silent);
+    let member = ca.issue(&["127.0.0.1".into()]).expect("a certificate");
+    let member = tls(identity(&ca, &member));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match call(&member, &served.address).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert!(tokio::time::Instant::now() < deadline, "{err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

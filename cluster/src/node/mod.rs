@@ -85,9 +85,10 @@
 //! 10. **Accepting** never ends while the node serves: an accept that
 //!     fails (out of file descriptors, a connection reset before it was
 //!     taken) is retried after a wait that doubles while it keeps failing
-//!     (10 ms to 1 s). At most 256 handshakes run at once; a connection
-//!     beyond them closes at once, so silent connections hold at most that
-//!     many sockets for `handshake_timeout`. Only a listener that is gone
+//!     (10 ms to 1 s). At most 256 handshakes run at once, at most 16 from
+//!     one host; a connection beyond them closes at once, so silent
+//!     connections hold at most that many sockets for `handshake_timeout`
+//!     and one host's cannot take every slot. Only a listener that is gone
 //!     (the in-process network's, closed) ends the loop. A peer is let in
 //!     only if the view holds it at the incarnation it claims (one not
 //!     seen yet is waited for, up to half the handshake's timeout), before

@@ -28,6 +28,9 @@ use crate::membership::{Member, MembershipError, SiloLoad};
 /// Handshakes under way at most (node rule 10): a connection beyond them
 /// closes at once.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes not finished yet from one host (rule 10), so that one host's
+/// silent connections cannot take every slot.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Connections accepted from one peer kept open at once (rule 10): a peer
 /// opens one, and another while a rejoin or a race replaces it.
 const MAX_CONNECTIONS_PER_PEER: usize = 4;
@@ -350,6 +353,7 @@ impl NodeParts {
             // connections takes at most this many sockets for
             // `handshake_timeout`; beyond it a connection closes at once.
             let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            let per_source = Arc::new(crate::slots::Sources::new(MAX_HANDSHAKES_PER_SOURCE));
             async move {
                 let mut backoff = ACCEPT_BACKOFF_MIN;
                 loop {
@@ -362,10 +366,10 @@ impl NodeParts {
                     // connection reset before it was taken) ends nothing:
                     // the node waits a little, longer while it keeps
                     // failing, and accepts again.
-                    let io = match accepted {
-                        Ok((io, _)) => {
+                    let (io, from) = match accepted {
+                        Ok((io, from)) => {
                             backoff = ACCEPT_BACKOFF_MIN;
-                            io
+                            (io, from)
                         }
                         // The listener itself is gone (the in-process
                         // network's, closed): nothing more will come.
@@ -386,9 +390,14 @@ impl NodeParts {
                         drop(io);
                         continue;
                     };
+                    let Some(from_source) = crate::slots::Sources::enter(&per_source, &from) else {
+                        tracing::debug!(%from, "too many handshakes under way from one host; a connection is closed");
+                        drop(io);
+                        continue;
+                    };
                     let weak = weak.clone();
                     tokio::spawn(async move {
-                        let _permit = permit;
+                        let _permits = (permit, from_source);
                         // The identity the handshake presents: a connection
                         // that finished under an incarnation since left
                         // behind (rule 7) is closed, not kept.

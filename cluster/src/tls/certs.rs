@@ -107,7 +107,8 @@ impl CertAuthority {
         )
         .map_err(|why| {
             TlsError::Generate(format!(
-                "the CA key does not sign for the CA certificate: {why}"
+                "this key and certificate are not a CA `granary cert` made, or not \
+                 each other's ({why}); sign with the tools that made the CA"
             ))
         })?;
         Ok(ca)

@@ -7,15 +7,21 @@
 //!    signed by the cluster's CA, and each verifies the other's against
 //!    that CA alone: no system roots, no anonymous client. A peer with a
 //!    certificate of another CA, an expired one, none at all, or that
-//!    speaks plaintext fails the TLS handshake and is closed.
+//!    speaks plaintext fails the TLS handshake and is closed. No session
+//!    is resumed: every connection checks its peer's certificate.
 //! 2. **The name dialled.** The connecting silo checks that the acceptor's
-//!    certificate names the host of the address it dialled (an IP address
-//!    or a DNS name among its subject alternative names), so one node's
-//!    certificate does not serve for another's address.
+//!    certificate names the host of the address it dialled, so one node's
+//!    certificate does not serve for another's address. A silo is known
+//!    by the address its listener bound, an IP address, so a node's
+//!    certificate names that IP. (The acceptor takes any certificate of
+//!    the CA from the connecting side: which silo it is, the cluster's own
+//!    handshake says.)
 //! 3. **Nothing before the handshake.** On the accepting side each TLS
 //!    handshake runs in a task of its own, within `handshake_timeout`, at
 //!    most [`MAX_TLS_HANDSHAKES`] at once (beyond them a connection closes
-//!    at once); only streams whose handshake completed come out of the
+//!    at once), at most [`MAX_TLS_HANDSHAKES_PER_SOURCE`] from one source
+//!    address, so that one host's silent connections cannot take every
+//!    slot; only streams whose handshake completed come out of the
 //!    listener. A peer refused at TLS reaches nothing of the node: not the
 //!    cluster-secret handshake, not a request. Refusals are counted
 //!    ([`TlsStats`]).
@@ -50,6 +56,9 @@ use crate::transport::{BoxIo, Listener, Transport};
 
 /// TLS handshakes a listener runs at once (rule 3).
 pub const MAX_TLS_HANDSHAKES: usize = 256;
+/// TLS handshakes a listener runs at once from one source address
+/// (rule 3).
+pub const MAX_TLS_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Completed connections a listener holds for the node to take.
 const READY: usize = 64;
 /// Bytes read from the socket at once under TLS (rule 6): rustls reads
@@ -240,18 +249,24 @@ impl TlsIdentity {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|err| TlsError::Config(err.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|err| TlsError::Config(err.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|err| TlsError::Config(format!("this node's certificate and key: {err}")))?;
-        let client = ClientConfig::builder_with_provider(provider)
+        // Rule 1: every connection checks its peer's certificate afresh; a
+        // resumed session would skip the check (a certificate since
+        // expired would still get in).
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|err| TlsError::Config(err.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|err| TlsError::Config(format!("this node's certificate and key: {err}")))?;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(TlsIdentity {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -289,6 +304,22 @@ pub(crate) fn verify_issued(ca: &[u8], cert: &[u8], name: &str) -> Result<(), St
         .map_err(|err| err.to_string())
 }
 
+/// Whether `name` (an IP address or a DNS name, no port) is one a
+/// certificate can name and TLS can check; the error says why not.
+pub fn check_name(name: &str) -> Result<(), String> {
+    ServerName::try_from(name.to_string())
+        .map(|_| ())
+        .map_err(|err| format!("{name:?}: {err}"))
+}
+
+/// Whether the certificate `cert` (PEM) of a node, checked against `ca`
+/// (PEM), names `host` (rule 2): what a node checks of its own
+/// certificate when it starts, so that a certificate peers would refuse is
+/// found there, not by them.
+pub fn certificate_names(ca: &[u8], cert: &[u8], host: &str) -> Result<(), String> {
+    verify_issued(ca, cert, host)
+}
+
 /// The host part of `address` (`host:port`, `[v6]:port`) as a TLS server
 /// name (rule 2).
 fn server_name(address: &str) -> io::Result<ServerName<'static>> {
@@ -297,6 +328,9 @@ fn server_name(address: &str) -> io::Result<ServerName<'static>> {
         .map(|(host, _)| host)
         .unwrap_or(address);
     let host = host.trim_start_matches('[').trim_end_matches(']');
+    // An IPv6 link-local address carries its zone (`fe80::1%2`); a
+    // certificate names the address alone.
+    let host = host.split('%').next().unwrap_or(host);
     ServerName::try_from(host.to_string()).map_err(|err| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -422,6 +456,7 @@ async fn accept_loop(
     ready: mpsc::Sender<io::Result<(BoxIo, String)>>,
 ) {
     let handshaking = Arc::new(Semaphore::new(MAX_TLS_HANDSHAKES));
+    let per_source = Arc::new(crate::slots::Sources::new(MAX_TLS_HANDSHAKES_PER_SOURCE));
     let mut backoff = Duration::from_millis(10);
     loop {
         let (io, from) = match listener.accept().await {
@@ -444,9 +479,14 @@ async fn accept_loop(
             drop(io);
             continue;
         };
+        let Some(from_source) = crate::slots::Sources::enter(&per_source, &from) else {
+            stats.busy.fetch_add(1, Ordering::Relaxed);
+            drop(io);
+            continue;
+        };
         let (acceptor, stats, ready) = (acceptor.clone(), stats.clone(), ready.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, from_source);
             let io = tokio::io::BufReader::with_capacity(READ_BUFFER, io);
             match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => {
@@ -485,5 +525,9 @@ mod tests {
             ServerName::try_from("silo-1.granary").unwrap()
         );
         assert!(server_name("bad name:7000").is_err());
+        assert_eq!(
+            server_name("[fe80::1%2]:7000").unwrap(),
+            ServerName::try_from("fe80::1").unwrap()
+        );
     }
 }

@@ -62,6 +62,14 @@ pub mod gossip {
     pub use chitchat::transport::{ChannelTransport, Transport, UdpTransport};
 }
 
+/// Entry points of the cargo-fuzz targets (`tests/fuzz`) into what is
+/// private here; built only under `--cfg fuzzing`, which cargo-fuzz sets.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::sealed::fuzz::{envelope, gossip};
+}
+
 pub use auth::{BadSecret, ClusterSecret, Purpose, SECRET_LEN};
 pub use connection::{
     Admission, AnyPeer, CallFailure, ConnectError, Connection, ConnectionConfig, Inbound,

@@ -55,6 +55,8 @@
 //!    asks again next round) and is counted.
 
 mod envelope;
+#[cfg(fuzzing)]
+pub(crate) mod fuzz;
 pub(crate) mod inspect;
 
 use std::collections::HashMap;

@@ -218,14 +218,46 @@ impl fmt::Debug for StorageFile {
     }
 }
 
-/// Where a node finds etcd.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a node finds etcd, and how it proves itself to it. Its `Debug`
+/// hides the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdFile {
-    /// etcd's client endpoints (`http://10.0.0.9:2379`).
+    /// etcd's client endpoints (`http://10.0.0.9:2379`; `https://` with
+    /// `ca`).
     pub endpoints: Vec<String>,
     /// Seconds a silo that stops answering stays in the view (default 6).
     pub ttl_secs: Option<u64>,
+    /// The CA that signed etcd's certificate: TLS to etcd (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate and key for etcd's client-certificate
+    /// authentication (PEM; the key mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// See `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// A user of etcd's authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// That user's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for EtcdFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdFile")
+            .field("endpoints", &self.endpoints)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 /// The devices a node offers grains.
@@ -293,23 +325,8 @@ impl NodeFile {
     /// (any group or other permission bit) is refused, as ssh refuses such
     /// a private key.
     pub fn load(path: &Path) -> Result<NodeFile, NodeRunError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(NodeRunError(format!(
-                    "{}: holds the cluster secret but others may read or write it \
-                     (mode {:04o}); run `chmod 600 {}`",
-                    path.display(),
-                    mode & 0o7777,
-                    path.display()
-                )));
-            }
-        }
+        check_private(path)
+            .map_err(|why| NodeRunError(format!("{why} (it holds the cluster secret)")))?;
         let text = std::fs::read_to_string(path)
             .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))?;
         NodeFile::from_toml(&text).map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
@@ -486,6 +503,28 @@ fn test_kernel_hang() -> Result<Option<(u64, Duration)>, NodeRunError> {
     Ok(Some((after, Duration::from_millis(millis))))
 }
 
+/// Refuses a file holding a secret (a key) that others than its owner may
+/// read or write, as ssh refuses such a private key.
+pub(crate) fn check_private(path: &Path) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|err| format!("{}: {err}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{}: a secret others may read or write (mode {:04o}); run `chmod 600 {}`",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `text` to `path` with mode 0600 (on Unix): a node file holds the
 /// cluster's secret. The text goes to a new file of that mode in the same
 /// folder, which then takes `path`'s name: no reader of an earlier file
@@ -641,6 +680,43 @@ async fn start_with_etcd(
     if let Some(secs) = etcd.ttl_secs {
         config.ttl = Duration::from_secs(secs);
     }
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|err| NodeRunError(format!("etcd: {}: {err}", path.display())))
+    };
+    config.tls = match (&etcd.ca, &etcd.cert, &etcd.key) {
+        (None, None, None) => None,
+        (Some(ca), None, None) => Some(granary_cluster::etcd::EtcdTls {
+            ca_pem: read(ca)?,
+            identity: None,
+            domain: None,
+        }),
+        (Some(ca), Some(cert), Some(key)) => {
+            check_private(key).map_err(|why| NodeRunError(format!("etcd: {why}")))?;
+            Some(granary_cluster::etcd::EtcdTls {
+                ca_pem: read(ca)?,
+                identity: Some((read(cert)?, read(key)?)),
+                domain: None,
+            })
+        }
+        _ => {
+            return Err(NodeRunError(
+                "etcd: `cert` and `key` go together, and with `ca`".into(),
+            ));
+        }
+    };
+    config.user = match (&etcd.user, &etcd.password) {
+        (None, None) => None,
+        (Some(name), Some(password)) => Some(granary_cluster::etcd::EtcdUser {
+            name: name.clone(),
+            password: password.clone(),
+        }),
+        _ => {
+            return Err(NodeRunError(
+                "etcd: `user` and `password` go together".into(),
+            ));
+        }
+    };
     builder
         .start_with_etcd(config)
         .await

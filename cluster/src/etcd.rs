@@ -31,6 +31,20 @@
 //! 5. **Unregistering** is one transaction: delete the entry if it is still
 //!    attached to this silo's lease and, when the caller names one, holds
 //!    that activation (a late unregister never removes a newer entry).
+//! 8. **TLS and users.** With [`EtcdConfig::tls`], a silo speaks TLS to
+//!    etcd, trusting only the CA given, and presents its certificate when
+//!    etcd asks for one (`--client-cert-auth`); with [`EtcdConfig::user`],
+//!    it authenticates as that user. Endpoints are `https://` with TLS and
+//!    `http://` without; a mix is a configuration error.
+//! 7. **Signed records.** Every value a silo writes (its record, a
+//!    directory entry) is `<hex tag>:<json>`, the tag HMAC-SHA-256 under
+//!    the cluster secret's etcd key (`auth.rs` rule 2) over the cluster's
+//!    name, the key and the JSON: a record cannot be forged, altered, or
+//!    moved to another key by anyone without the secret. A silo record
+//!    whose tag does not verify is not in the view; a directory entry
+//!    whose tag does not verify is deleted (if it has not changed since
+//!    it was read) and taken as absent, so a forged entry, lease-less or
+//!    not, neither stands nor blocks the grain.
 //! 6. **Fencing.** A silo holds its lease until `ttl` (less a margin)
 //!    after its last confirmed renewal was sent: etcd, counting from when
 //!    it received that renewal, cannot have expired it sooner. A lost
@@ -54,6 +68,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::SiloId;
+use crate::auth::{ClusterSecret, Purpose};
 use crate::directory::ActivationAddress;
 use crate::membership::{Member, SiloLoad};
 
@@ -71,6 +86,44 @@ pub struct EtcdConfig {
     pub ttl: Duration,
     /// How long connecting and each request may take. Default 5 s.
     pub timeout: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA that signed etcd's
+    /// certificate and, for etcd's `--client-cert-auth`, this silo's
+    /// certificate and key. None: plain HTTP.
+    pub tls: Option<EtcdTls>,
+    /// A user and password for etcd's authentication. None: no user (or,
+    /// with a client certificate and etcd's `--client-cert-auth`, the
+    /// certificate's common name).
+    pub user: Option<EtcdUser>,
+}
+
+/// TLS to etcd, as PEM text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed etcd's server certificate.
+    pub ca_pem: String,
+    /// This silo's certificate and key, for etcd's client-certificate
+    /// authentication.
+    pub identity: Option<(String, String)>,
+    /// The name etcd's certificate must carry, if not the endpoint's host.
+    pub domain: Option<String>,
+}
+
+/// A user of etcd's authentication. Its `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdUser {
+    /// The user's name.
+    pub name: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &"<hidden>")
+            .finish()
+    }
 }
 
 impl EtcdConfig {
@@ -83,6 +136,8 @@ impl EtcdConfig {
             cluster: cluster.into(),
             ttl: Duration::from_secs(6),
             timeout: Duration::from_secs(5),
+            tls: None,
+            user: None,
         }
     }
 
@@ -104,6 +159,19 @@ impl EtcdConfig {
         }
         if self.timeout.is_zero() {
             return Err(EtcdError::InvalidConfig("a zero timeout".into()));
+        }
+        // TLS goes with https:// endpoints, plain HTTP with http://.
+        let tls = self.tls.is_some();
+        if let Some(endpoint) = self
+            .endpoints
+            .iter()
+            .find(|endpoint| endpoint.starts_with("https://") != tls)
+        {
+            return Err(EtcdError::InvalidConfig(if tls {
+                format!("{endpoint}: TLS is set, so every endpoint is https://")
+            } else {
+                format!("{endpoint}: an https:// endpoint needs TLS settings (its CA)")
+            }));
         }
         Ok(())
     }
@@ -148,6 +216,59 @@ fn request(err: etcd_client::Error) -> EtcdError {
     EtcdError::Request(err.to_string())
 }
 
+/// Seals and opens the values of one cluster's keys (rule 7).
+#[derive(Clone)]
+struct Records {
+    secret: ClusterSecret,
+    cluster: String,
+}
+
+impl Records {
+    /// `json` sealed for `key`.
+    fn seal(&self, key: &[u8], json: &[u8]) -> Vec<u8> {
+        let tag = self
+            .secret
+            .tag(Purpose::EtcdRecord, &self.cluster, &[key, json]);
+        let mut out: Vec<u8> = tag
+            .iter()
+            .flat_map(|byte| format!("{byte:02x}").into_bytes())
+            .collect();
+        out.push(b':');
+        out.extend_from_slice(json);
+        out
+    }
+
+    /// The JSON of `value` at `key`, if its tag verifies.
+    fn open<'a>(&self, key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
+        let split = value.iter().position(|byte| *byte == b':')?;
+        let (hex, json) = (&value[..split], &value[split + 1..]);
+        if hex.len() != 64 {
+            return None;
+        }
+        let tag = hex
+            .chunks_exact(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        self.secret
+            .verify_tag(Purpose::EtcdRecord, &self.cluster, &[key, json], &tag)
+            .then_some(json)
+    }
+
+    /// The silo record at `key`, if it verifies and reads.
+    fn silo(&self, key: &[u8], value: &[u8]) -> Option<SiloRecord> {
+        let Some(json) = self.open(key, value) else {
+            tracing::warn!(
+                key = %String::from_utf8_lossy(key),
+                "a silo record whose tag does not verify is ignored"
+            );
+            return None;
+        };
+        serde_json::from_slice(json)
+            .inspect_err(|err| tracing::warn!(error = %err, "an unreadable silo record is ignored"))
+            .ok()
+    }
+}
+
 /// A silo's record (rule 2).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SiloRecord {
@@ -159,6 +280,7 @@ struct SiloRecord {
 pub struct EtcdMembership {
     client: Client,
     config: EtcdConfig,
+    records: Records,
     silo: SiloId,
     key: String,
     lease: i64,
@@ -280,20 +402,40 @@ impl std::fmt::Debug for EtcdMembership {
 
 impl EtcdMembership {
     /// Connects, registers `silo` with `load` under a fresh lease, keeps
-    /// the lease alive, and starts watching the view.
+    /// the lease alive, and starts watching the view; every record is
+    /// signed with `secret` and checked with it (rule 7).
     pub async fn join(
         config: EtcdConfig,
+        secret: ClusterSecret,
         silo: SiloId,
         load: SiloLoad,
     ) -> Result<EtcdMembership, EtcdError> {
         config.validate()?;
+        let records = Records {
+            secret,
+            cluster: config.cluster.clone(),
+        };
         // HTTP/2 pings find a connection that went silent (a partition)
         // instead of waiting on it for ever.
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
             .with_timeout(config.timeout)
             .with_keep_alive(config.ttl / 3, config.ttl / 3)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = &config.tls {
+            let mut settings = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                settings = settings.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                settings = settings.domain_name(domain.clone());
+            }
+            options = options.with_tls(settings);
+        }
+        if let Some(user) = &config.user {
+            options = options.with_user(user.name.clone(), user.password.clone());
+        }
         let mut client = tokio::time::timeout(
             config.timeout,
             Client::connect(config.endpoints.clone(), Some(options)),
@@ -314,9 +456,9 @@ impl EtcdMembership {
             silo: silo.clone(),
             load,
         };
-        put_record(&mut client, &key, &record, lease).await?;
+        put_record(&mut client, &records, &key, &record, lease).await?;
         let (publish, view) = watch::channel(Vec::new());
-        let first = read_view(&mut client, &config).await?;
+        let first = read_view(&mut client, &config, &records).await?;
         publish.send_replace(members(&first.1));
         // Nothing is awaited from here on: a join cancelled earlier leaves
         // no task keeping its lease alive (the lease expires after ttl).
@@ -327,10 +469,17 @@ impl EtcdMembership {
             lease_ttl,
             lease_ends.clone(),
         ));
-        let watching = tokio::spawn(watch_view(client.clone(), config.clone(), first, publish));
+        let watching = tokio::spawn(watch_view(
+            client.clone(),
+            config.clone(),
+            records.clone(),
+            first,
+            publish,
+        ));
         Ok(EtcdMembership {
             client,
             config,
+            records,
             silo,
             key,
             lease,
@@ -376,7 +525,14 @@ impl EtcdMembership {
             silo: self.silo.clone(),
             load,
         };
-        put_record(&mut self.client.clone(), &self.key, &record, self.lease).await
+        put_record(
+            &mut self.client.clone(),
+            &self.records,
+            &self.key,
+            &record,
+            self.lease,
+        )
+        .await
     }
 
     /// The directory, with entries attached to this silo's lease.
@@ -384,6 +540,7 @@ impl EtcdMembership {
         EtcdDirectory {
             client: self.client.clone(),
             config: self.config.clone(),
+            records: self.records.clone(),
             silo: self.silo.clone(),
             lease: self.lease,
         }
@@ -421,11 +578,13 @@ impl Drop for EtcdMembership {
 
 async fn put_record(
     client: &mut Client,
+    records: &Records,
     key: &str,
     record: &SiloRecord,
     lease: i64,
 ) -> Result<(), EtcdError> {
-    let value = serde_json::to_vec(record).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+    let json = serde_json::to_vec(record).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+    let value = records.seal(key.as_bytes(), &json);
     client
         .put(key, value, Some(PutOptions::new().with_lease(lease)))
         .await
@@ -437,22 +596,20 @@ async fn put_record(
 async fn read_view(
     client: &mut Client,
     config: &EtcdConfig,
+    records: &Records,
 ) -> Result<(i64, BTreeMap<Vec<u8>, SiloRecord>), EtcdError> {
     let answer = client
         .get(config.silos(), Some(GetOptions::new().with_prefix()))
         .await
         .map_err(request)?;
     let revision = answer.header().map_or(0, |header| header.revision());
-    let mut records = BTreeMap::new();
+    let mut read = BTreeMap::new();
     for kv in answer.kvs() {
-        match serde_json::from_slice::<SiloRecord>(kv.value()) {
-            Ok(record) => {
-                records.insert(kv.key().to_vec(), record);
-            }
-            Err(err) => tracing::warn!(error = %err, "an unreadable silo record is ignored"),
+        if let Some(record) = records.silo(kv.key(), kv.value()) {
+            read.insert(kv.key().to_vec(), record);
         }
     }
-    Ok((revision, records))
+    Ok((revision, read))
 }
 
 fn members(records: &BTreeMap<Vec<u8>, SiloRecord>) -> Vec<Member> {
@@ -473,6 +630,7 @@ fn members(records: &BTreeMap<Vec<u8>, SiloRecord>) -> Vec<Member> {
 async fn watch_view(
     mut client: Client,
     config: EtcdConfig,
+    signed: Records,
     first: (i64, BTreeMap<Vec<u8>, SiloRecord>),
     publish: watch::Sender<Vec<Member>>,
 ) {
@@ -494,14 +652,14 @@ async fn watch_view(
                     let Some(kv) = event.kv() else { continue };
                     revision = revision.max(kv.mod_revision());
                     match event.event_type() {
-                        EventType::Put => match serde_json::from_slice::<SiloRecord>(kv.value()) {
-                            Ok(record) => {
+                        // A forged value over a real record's key: the last
+                        // record that verified stands (its silo writes it
+                        // again with its next load).
+                        EventType::Put => {
+                            if let Some(record) = signed.silo(kv.key(), kv.value()) {
                                 records.insert(kv.key().to_vec(), record);
                             }
-                            Err(err) => {
-                                tracing::warn!(error = %err, "an unreadable silo record is ignored");
-                            }
-                        },
+                        }
                         EventType::Delete => {
                             records.remove(kv.key());
                         }
@@ -523,7 +681,7 @@ async fn watch_view(
         }
         // The watch ended (etcd restarted, compaction): read it afresh.
         tokio::time::sleep(config.ttl / 6).await;
-        match read_view(&mut client, &config).await {
+        match read_view(&mut client, &config, &signed).await {
             Ok((at, fresh)) => {
                 revision = at;
                 records = fresh;
@@ -539,6 +697,7 @@ async fn watch_view(
 pub struct EtcdDirectory {
     client: Client,
     config: EtcdConfig,
+    records: Records,
     silo: SiloId,
     lease: i64,
 }
@@ -574,49 +733,87 @@ impl EtcdDirectory {
             silo: self.silo.clone(),
             activation,
         };
-        let value =
+        let json =
             serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(self.lease)),
-            )])
-            .or_else([TxnOp::get(key, None)]);
-        let answer = self.client.clone().txn(txn).await.map_err(request)?;
-        if answer.succeeded() {
-            return Ok(ours);
-        }
-        for response in answer.op_responses() {
-            if let TxnOpResponse::Get(got) = response {
-                if let Some(kv) = got.kvs().first() {
-                    return serde_json::from_slice(kv.value())
-                        .map_err(|err| EtcdError::BadRecord(err.to_string()));
-                }
+        let value = self.records.seal(&key, &json);
+        // Rule 7: an entry that does not verify is deleted and the
+        // registration tried again; a few rounds, in case it is written
+        // again meanwhile.
+        for _ in 0..3 {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(self.lease)),
+                )])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let answer = self.client.clone().txn(txn).await.map_err(request)?;
+            if answer.succeeded() {
+                return Ok(ours);
+            }
+            let standing = answer
+                .op_responses()
+                .into_iter()
+                .find_map(|response| match response {
+                    TxnOpResponse::Get(got) => got.kvs().first().cloned(),
+                    _ => None,
+                });
+            let Some(kv) = standing else {
+                // Deleted between the compare and the get: try again.
+                continue;
+            };
+            match self.entry(&key, &kv).await? {
+                Some(home) => return Ok(home),
+                None => continue,
             }
         }
-        Err(EtcdError::Request(
-            "the entry vanished inside its own transaction".into(),
+        Err(EtcdError::BadRecord(
+            "the entry kept being replaced by values that do not verify".into(),
         ))
+    }
+
+    /// The home in `kv`, the entry at `key`; one that does not verify is
+    /// deleted if unchanged since it was read, and taken as absent
+    /// (rule 7).
+    async fn entry(
+        &self,
+        key: &[u8],
+        kv: &etcd_client::KeyValue,
+    ) -> Result<Option<ActivationAddress>, EtcdError> {
+        if let Some(json) = self.records.open(key, kv.value()) {
+            return serde_json::from_slice(json)
+                .map(Some)
+                .map_err(|err| EtcdError::BadRecord(err.to_string()));
+        }
+        tracing::warn!(
+            key = %String::from_utf8_lossy(key),
+            "a directory entry whose tag does not verify is deleted"
+        );
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.to_vec(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::delete(key.to_vec(), None)]);
+        self.client.clone().txn(txn).await.map_err(request)?;
+        Ok(None)
     }
 
     /// The home registered for `grain`, if any.
     pub async fn lookup(&self, grain: &GrainId) -> Result<Option<ActivationAddress>, EtcdError> {
+        let key = self.key(grain)?;
         let answer = self
             .client
             .clone()
-            .get(self.key(grain)?, None)
+            .get(key.clone(), None)
             .await
             .map_err(request)?;
-        answer
-            .kvs()
-            .first()
-            .map(|kv| {
-                serde_json::from_slice(kv.value())
-                    .map_err(|err| EtcdError::BadRecord(err.to_string()))
-            })
-            .transpose()
+        match answer.kvs().first() {
+            Some(kv) => self.entry(&key, kv).await,
+            None => Ok(None),
+        }
     }
 
     /// Removes `grain`'s entry if this silo registered it, and if given,
@@ -633,8 +830,11 @@ impl EtcdDirectory {
                 silo: self.silo.clone(),
                 activation,
             };
-            let value =
+            let json =
                 serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+            // Sealing is deterministic: the value written is the value
+            // compared.
+            let value = self.records.seal(&key, &json);
             when.push(Compare::value(key.clone(), CompareOp::Equal, value));
         }
         let txn = Txn::new().when(when).and_then([TxnOp::delete(key, None)]);

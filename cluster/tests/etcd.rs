@@ -40,6 +40,11 @@ fn config(test: &str) -> EtcdConfig {
     config
 }
 
+/// The secret every record of these tests is signed with.
+fn secret() -> ClusterSecret {
+    ClusterSecret::new([0xd6; 32]).expect("32 non-text bytes are a secret")
+}
+
 fn silo(n: u64) -> SiloId {
     SiloId::new(format!("10.0.0.{n}:7000"), 100 + n)
 }
@@ -67,13 +72,13 @@ async fn view_becomes(membership: &EtcdMembership, want: &[SiloId]) -> Vec<Membe
 )]
 async fn silos_join_publish_load_leave_crash_and_rejoin() {
     let config = config("membership");
-    let a = EtcdMembership::join(config.clone(), silo(1), SiloLoad::default())
+    let a = EtcdMembership::join(config.clone(), secret(), silo(1), SiloLoad::default())
         .await
         .unwrap();
-    let b = EtcdMembership::join(config.clone(), silo(2), SiloLoad::default())
+    let b = EtcdMembership::join(config.clone(), secret(), silo(2), SiloLoad::default())
         .await
         .unwrap();
-    let c = EtcdMembership::join(config.clone(), silo(3), SiloLoad::default())
+    let c = EtcdMembership::join(config.clone(), secret(), silo(3), SiloLoad::default())
         .await
         .unwrap();
     let all = [silo(1), silo(2), silo(3)];
@@ -111,7 +116,7 @@ async fn silos_join_publish_load_leave_crash_and_rejoin() {
     assert!(noticed >= config.ttl / 2, "noticed after {noticed:?}");
     // A rejoin is a new incarnation, seen beside nothing of the old one.
     let again = SiloId::new(silo(2).address, silo(2).incarnation + 1);
-    let b2 = EtcdMembership::join(config.clone(), again.clone(), SiloLoad::default())
+    let b2 = EtcdMembership::join(config.clone(), secret(), again.clone(), SiloLoad::default())
         .await
         .unwrap();
     view_becomes(&a, &[silo(1), again.clone()]).await;
@@ -130,7 +135,7 @@ async fn the_first_registration_wins_and_entries_go_with_their_silo() {
     let mut silos = Vec::new();
     for n in 1..=3 {
         silos.push(
-            EtcdMembership::join(config.clone(), silo(n), SiloLoad::default())
+            EtcdMembership::join(config.clone(), secret(), silo(n), SiloLoad::default())
                 .await
                 .unwrap(),
         );
@@ -253,26 +258,26 @@ async fn the_first_registration_wins_and_entries_go_with_their_silo() {
 async fn bad_configurations_and_an_unreachable_etcd_are_typed_errors() {
     let mut config = EtcdConfig::new("c", Vec::new());
     assert!(matches!(
-        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        EtcdMembership::join(config.clone(), secret(), silo(1), SiloLoad::default()).await,
         Err(EtcdError::InvalidConfig(_))
     ));
     config.endpoints = vec!["http://127.0.0.1:1".into()];
     config.ttl = Duration::from_millis(500);
     assert!(matches!(
-        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        EtcdMembership::join(config.clone(), secret(), silo(1), SiloLoad::default()).await,
         Err(EtcdError::InvalidConfig(_))
     ));
     config.ttl = Duration::from_secs(2);
     config.cluster = "a/b".into();
     assert!(matches!(
-        EtcdMembership::join(config.clone(), silo(1), SiloLoad::default()).await,
+        EtcdMembership::join(config.clone(), secret(), silo(1), SiloLoad::default()).await,
         Err(EtcdError::InvalidConfig(_))
     ));
     // Nothing listens on port 1: refused, within the timeout.
     config.cluster = "c".into();
     config.timeout = Duration::from_secs(2);
     let started = Instant::now();
-    let refused = EtcdMembership::join(config, silo(1), SiloLoad::default()).await;
+    let refused = EtcdMembership::join(config, secret(), silo(1), SiloLoad::default()).await;
     assert!(
         matches!(refused, Err(EtcdError::Connect(_) | EtcdError::Request(_))),
         "{refused:?}"
@@ -492,12 +497,13 @@ async fn a_reset_connection_to_etcd_does_not_end_membership() {
     let proxy = Proxy::start().await;
     let a = EtcdMembership::join(
         through(&proxy, config.clone()),
+        secret(),
         silo(1),
         SiloLoad::default(),
     )
     .await
     .unwrap();
-    let b = EtcdMembership::join(config.clone(), silo(2), SiloLoad::default())
+    let b = EtcdMembership::join(config.clone(), secret(), silo(2), SiloLoad::default())
         .await
         .unwrap();
     view_becomes(&b, &[silo(1), silo(2)]).await;
@@ -567,13 +573,13 @@ async fn a_silo_cut_off_from_etcd_stops_serving_before_its_grains_move() {
 )]
 async fn a_cancelled_join_leaves_no_member_behind_and_a_failed_start_frees_the_silo() {
     let etcd = config("cancelled");
-    let observer = EtcdMembership::join(etcd.clone(), silo(200), SiloLoad::default())
+    let observer = EtcdMembership::join(etcd.clone(), secret(), silo(200), SiloLoad::default())
         .await
         .unwrap();
     let mut cancelled = Vec::new();
     for step in 0..60u64 {
         let id = SiloId::new(format!("10.0.1.{step}:7000"), 1);
-        let join = EtcdMembership::join(etcd.clone(), id.clone(), SiloLoad::default());
+        let join = EtcdMembership::join(etcd.clone(), secret(), id.clone(), SiloLoad::default());
         match tokio::time::timeout(Duration::from_micros(step * 300), join).await {
             Ok(joined) => joined.unwrap().leave().await.unwrap(),
             Err(_) => cancelled.push(id),
@@ -693,4 +699,68 @@ async fn a_leave_waits_for_its_activations_to_end_before_others_may_start_them()
         "one activation alive"
     );
     b.leave().await.unwrap();
+}
+
+/// Records written by a client of etcd without the cluster's secret (etcd
+/// rule 7): a fake silo record, plain or signed with another secret, is in
+/// no view; a silo's own record overwritten with junk leaves it in the
+/// view; a forged directory entry, lease-less, is taken as absent and
+/// replaced by the real registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn records_without_the_secret_are_neither_members_nor_homes() {
+    let config = config("forged");
+    let a = EtcdMembership::join(config.clone(), secret(), silo(1), SiloLoad::default())
+        .await
+        .unwrap();
+    view_becomes(&a, &[silo(1)]).await;
+    let mut raw = etcd_client::Client::connect(config.endpoints.clone(), None)
+        .await
+        .expect("a plain etcd client");
+    let silos = format!("{}/{}/silos/", config.prefix, config.cluster);
+    // A fake silo, lease-less, in plain JSON as records were once kept.
+    raw.put(
+        format!("{silos}10.0.0.9:7000#1"),
+        r#"{"silo":{"address":"10.0.0.9:7000","incarnation":1},"load":{"activations":0,"devices":[]}}"#,
+        None,
+    )
+    .await
+    .expect("written");
+    // A silo with another secret.
+    let stranger = ClusterSecret::new([0xe9; 32]).unwrap();
+    let other = EtcdMembership::join(config.clone(), stranger, silo(2), SiloLoad::default())
+        .await
+        .unwrap();
+    // a's own record overwritten with junk.
+    raw.put(format!("{silos}{}", silo(1)), "junk", None)
+        .await
+        .expect("written");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    view_becomes(&a, &[silo(1)]).await;
+    // The stranger cannot read a's record either.
+    view_becomes(&other, &[silo(2)]).await;
+
+    // A forged directory entry, lease-less, naming a silo that is not
+    // there: taken as absent, deleted, and the real registration wins.
+    let directory = a.directory();
+    let grain = GrainId {
+        type_name: "counter".into(),
+        key: GrainKey::U64(7),
+    };
+    let mut key = format!("{}/{}/grains/", config.prefix, config.cluster).into_bytes();
+    for byte in postcard::to_allocvec(&grain).unwrap() {
+        key.extend_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    let forged = r#"{"silo":{"address":"10.0.0.9:7000","incarnation":1},"activation":1}"#;
+    raw.put(key.clone(), forged, None).await.expect("written");
+    assert_eq!(directory.lookup(&grain).await.unwrap(), None);
+    raw.put(key.clone(), forged, None).await.expect("written");
+    let home = directory.register(&grain, 5).await.unwrap();
+    assert_eq!(home.silo, silo(1));
+    assert_eq!(directory.lookup(&grain).await.unwrap(), Some(home));
+    a.leave().await.unwrap();
+    other.leave().await.unwrap();
 }

@@ -112,6 +112,11 @@ pub async fn run_cluster_demo(
     let etcd = config.etcd.as_ref().map(|endpoints| EtcdFile {
         endpoints: endpoints.clone(),
         ttl_secs: Some(2),
+        ca: None,
+        cert: None,
+        key: None,
+        user: None,
+        password: None,
     });
     let exe = std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?;
     let mut gossip_seed = None;

@@ -118,9 +118,14 @@ impl NodeBuilder {
         let (parts, listener, id) = self.bind().await?;
         let ttl = etcd.ttl;
         let first_load = parts.builder.first_load();
-        let membership = crate::etcd::EtcdMembership::join(etcd, id.clone(), first_load)
-            .await
-            .map_err(NodeError::Etcd)?;
+        let membership = crate::etcd::EtcdMembership::join(
+            etcd,
+            parts.builder.config.secret.clone(),
+            id.clone(),
+            first_load,
+        )
+        .await
+        .map_err(NodeError::Etcd)?;
         let directory = DirectoryBackend::Etcd(Box::new(membership.directory()));
         let holds_lease: Box<dyn Fn() -> bool + Send + Sync> = Box::new(membership.lease_check());
         parts

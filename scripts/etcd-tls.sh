@@ -5,6 +5,8 @@
 # allowed to read and write under /granary/. The CA and the certificate for
 # 127.0.0.1 (etcd's and the clients') come from `granary cert` in
 # target/etcd-tls/certs. Prints the two variables the tests are built with.
+# Run again, it keeps an etcd that already answers as it should, and
+# otherwise stops whatever it started before and starts afresh.
 #
 # Usage: scripts/etcd-tls.sh   (from the repository root; CI runs it)
 set -euo pipefail
@@ -17,13 +19,19 @@ ctl() {
     ETCDCTL_API=3 etcdctl --endpoints "$endpoint" --cacert "$certs/ca.pem" \
         --cert "$certs/127.0.0.1.pem" --key "$certs/127.0.0.1-key.pem" "$@"
 }
-if ! ctl --user granary:granary-pass get /granary/ --prefix --keys-only >/dev/null 2>&1; then
+if ! ctl --user granary:granary-pass put /granary/ping ok >/dev/null 2>&1; then
+    # One this script started (half set up, or with other certificates).
+    pkill -f "etcd --name granary-tls-test" || true
+    for _ in $(seq 1 20); do
+        pgrep -f "etcd --name granary-tls-test" >/dev/null || break
+        sleep 0.5
+    done
     rm -rf "$dir/data"
-    setsid etcd --name tls --data-dir "$dir/data" \
+    setsid etcd --name granary-tls-test --data-dir "$dir/data" \
         --listen-client-urls "$endpoint" --advertise-client-urls "$endpoint" \
         --listen-peer-urls http://127.0.0.1:2390 \
         --initial-advertise-peer-urls http://127.0.0.1:2390 \
-        --initial-cluster tls=http://127.0.0.1:2390 \
+        --initial-cluster granary-tls-test=http://127.0.0.1:2390 \
         --cert-file "$certs/127.0.0.1.pem" --key-file "$certs/127.0.0.1-key.pem" \
         --trusted-ca-file "$certs/ca.pem" --client-cert-auth \
         >"$dir/log" 2>&1 </dev/null &
@@ -39,7 +47,7 @@ if ! ctl --user granary:granary-pass get /granary/ --prefix --keys-only >/dev/nu
     ctl user add granary --new-user-password=granary-pass >/dev/null
     ctl user grant-role granary granary >/dev/null
     ctl auth enable >/dev/null
+    ctl --user granary:granary-pass put /granary/ping ok >/dev/null
 fi
-ctl --user granary:granary-pass put /granary/ping ok >/dev/null
 echo "GRANARY_ETCD_TLS_ENDPOINTS=$endpoint"
 echo "GRANARY_ETCD_TLS_DIR=$certs"

@@ -341,7 +341,17 @@ impl NodeFile {
 
     /// Reads and checks a node's configuration from TOML text.
     pub fn from_toml(text: &str) -> Result<NodeFile, NodeRunError> {
-        toml::from_str(text).map_err(|err| NodeRunError(err.to_string()))
+        let file: NodeFile = toml::from_str(text).map_err(|err| NodeRunError(err.to_string()))?;
+        // A threshold that is not a positive number would suspect every
+        // silo or none (a fuzz target found NaN read as a threshold).
+        if let Some(phi) = file.phi_threshold {
+            if !(phi.is_finite() && phi > 0.0) {
+                return Err(NodeRunError(format!(
+                    "phi_threshold = {phi}: a positive number (8.0 by default)"
+                )));
+            }
+        }
+        Ok(file)
     }
 
     /// The file as TOML text (what [`NodeFile::from_toml`] reads back).

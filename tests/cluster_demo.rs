@@ -173,6 +173,11 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
             "not an unspecified one",
         ),
         (
+            "nan-phi.toml",
+            Some(with("phi_threshold = nan\n")),
+            "phi_threshold = NaN",
+        ),
+        (
             "unknown-backend.toml",
             Some(with("devices = { backend = \"tpu\" }\n")),
             "tpu",

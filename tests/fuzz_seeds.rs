@@ -73,6 +73,10 @@ fn frames() -> Seeds {
             "connect-challenge",
             with_selector(2, &framed(&challenge, &[])),
         ),
+        (
+            "member-request",
+            with_selector(3, &framed(&request, b"payload")),
+        ),
     ]
 }
 

@@ -39,12 +39,18 @@
 //! 7. **Signed records.** Every value a silo writes (its record, a
 //!    directory entry) is `<hex tag>:<json>`, the tag HMAC-SHA-256 under
 //!    the cluster secret's etcd key (`auth.rs` rule 2) over the cluster's
-//!    name, the key and the JSON: a record cannot be forged, altered, or
-//!    moved to another key by anyone without the secret. A silo record
-//!    whose tag does not verify is not in the view; a directory entry
-//!    whose tag does not verify is deleted (if it has not changed since
-//!    it was read) and taken as absent, so a forged entry, lease-less or
-//!    not, neither stands nor blocks the grain.
+//!    name, the key, the lease it is attached to and the JSON: a record
+//!    cannot be forged, altered, moved to another key, or copied off its
+//!    lease (where it would outlive its silo) by anyone without the
+//!    secret. A silo record that does not verify is not in the view (a
+//!    forged write over a real record leaves the last verified one, and
+//!    the view is read afresh every `5 × ttl`, so nothing outlives its
+//!    lease for long). A directory entry without a lease that does not
+//!    verify is deleted (if unchanged since it was read) and taken as
+//!    absent; one attached to a lease that does not verify is refused
+//!    with an error, never deleted, since this silo's secret may be the
+//!    wrong one and deleting a live silo's entry would let two homes
+//!    stand.
 //! 6. **Fencing.** A silo holds its lease until `ttl` (less a margin)
 //!    after its last confirmed renewal was sent: etcd, counting from when
 //!    it received that renewal, cannot have expired it sooner. A lost
@@ -224,11 +230,13 @@ struct Records {
 }
 
 impl Records {
-    /// `json` sealed for `key`.
-    fn seal(&self, key: &[u8], json: &[u8]) -> Vec<u8> {
-        let tag = self
-            .secret
-            .tag(Purpose::EtcdRecord, &self.cluster, &[key, json]);
+    /// `json` sealed for `key` under `lease`.
+    fn seal(&self, key: &[u8], lease: i64, json: &[u8]) -> Vec<u8> {
+        let tag = self.secret.tag(
+            Purpose::EtcdRecord,
+            &self.cluster,
+            &[key, &lease.to_le_bytes(), json],
+        );
         let mut out: Vec<u8> = tag
             .iter()
             .flat_map(|byte| format!("{byte:02x}").into_bytes())
@@ -238,8 +246,13 @@ impl Records {
         out
     }
 
-    /// The JSON of `value` at `key`, if its tag verifies.
-    fn open<'a>(&self, key: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
+    /// The JSON of `value` at `key`, attached to `lease`, if its tag
+    /// verifies for that lease: a value copied to a key without a lease,
+    /// or to another lease, does not.
+    fn open<'a>(&self, key: &[u8], lease: i64, value: &'a [u8]) -> Option<&'a [u8]> {
+        if lease == 0 {
+            return None;
+        }
         let split = value.iter().position(|byte| *byte == b':')?;
         let (hex, json) = (&value[..split], &value[split + 1..]);
         if hex.len() != 64 {
@@ -250,13 +263,19 @@ impl Records {
             .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
             .collect::<Option<Vec<u8>>>()?;
         self.secret
-            .verify_tag(Purpose::EtcdRecord, &self.cluster, &[key, json], &tag)
+            .verify_tag(
+                Purpose::EtcdRecord,
+                &self.cluster,
+                &[key, &lease.to_le_bytes(), json],
+                &tag,
+            )
             .then_some(json)
     }
 
-    /// The silo record at `key`, if it verifies and reads.
-    fn silo(&self, key: &[u8], value: &[u8]) -> Option<SiloRecord> {
-        let Some(json) = self.open(key, value) else {
+    /// The silo record of `kv`, if it verifies and reads.
+    fn silo(&self, kv: &etcd_client::KeyValue) -> Option<SiloRecord> {
+        let (key, value) = (kv.key(), kv.value());
+        let Some(json) = self.open(key, kv.lease(), value) else {
             tracing::warn!(
                 key = %String::from_utf8_lossy(key),
                 "a silo record whose tag does not verify is ignored"
@@ -584,7 +603,7 @@ async fn put_record(
     lease: i64,
 ) -> Result<(), EtcdError> {
     let json = serde_json::to_vec(record).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
-    let value = records.seal(key.as_bytes(), &json);
+    let value = records.seal(key.as_bytes(), lease, &json);
     client
         .put(key, value, Some(PutOptions::new().with_lease(lease)))
         .await
@@ -605,7 +624,7 @@ async fn read_view(
     let revision = answer.header().map_or(0, |header| header.revision());
     let mut read = BTreeMap::new();
     for kv in answer.kvs() {
-        if let Some(record) = records.silo(kv.key(), kv.value()) {
+        if let Some(record) = records.silo(kv) {
             read.insert(kv.key().to_vec(), record);
         }
     }
@@ -641,10 +660,16 @@ async fn watch_view(
             .with_start_revision(revision + 1);
         if let Ok(mut stream) = client.watch(config.silos(), Some(options)).await {
             // A stream quiet for a whole ttl is read afresh: a partition
-            // can leave it open and silent.
+            // can leave it open and silent. So is any stream every 5 ttl
+            // (rule 7): a record a forged write detached from its lease
+            // leaves the view then, if its silo is gone.
+            let fresh_until = tokio::time::Instant::now() + config.ttl * 5;
             while let Ok(Ok(Some(answer))) =
                 tokio::time::timeout(config.ttl, stream.message()).await
             {
+                if tokio::time::Instant::now() > fresh_until {
+                    break;
+                }
                 if answer.canceled() {
                     break;
                 }
@@ -656,7 +681,7 @@ async fn watch_view(
                         // record that verified stands (its silo writes it
                         // again with its next load).
                         EventType::Put => {
-                            if let Some(record) = signed.silo(kv.key(), kv.value()) {
+                            if let Some(record) = signed.silo(kv) {
                                 records.insert(kv.key().to_vec(), record);
                             }
                         }
@@ -735,10 +760,10 @@ impl EtcdDirectory {
         };
         let json =
             serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
-        let value = self.records.seal(&key, &json);
-        // Rule 7: an entry that does not verify is deleted and the
-        // registration tried again; a few rounds, in case it is written
-        // again meanwhile.
+        let value = self.records.seal(&key, self.lease, &json);
+        // Rule 7: an entry without a lease that does not verify is deleted
+        // and the registration tried again; a few rounds, in case it is
+        // written again meanwhile.
         for _ in 0..3 {
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -773,22 +798,33 @@ impl EtcdDirectory {
         ))
     }
 
-    /// The home in `kv`, the entry at `key`; one that does not verify is
-    /// deleted if unchanged since it was read, and taken as absent
-    /// (rule 7).
+    /// The home in `kv`, the entry at `key` (rule 7). One without a lease
+    /// that does not verify (no silo writes one: a forgery, or a value
+    /// copied off its lease) is deleted if unchanged since it was read,
+    /// and taken as absent. One attached to a lease that does not verify
+    /// is refused, never deleted: it may be a live silo's, and this silo's
+    /// secret the wrong one; deleting it would let two homes stand.
     async fn entry(
         &self,
         key: &[u8],
         kv: &etcd_client::KeyValue,
     ) -> Result<Option<ActivationAddress>, EtcdError> {
-        if let Some(json) = self.records.open(key, kv.value()) {
+        if let Some(json) = self.records.open(key, kv.lease(), kv.value()) {
             return serde_json::from_slice(json)
                 .map(Some)
                 .map_err(|err| EtcdError::BadRecord(err.to_string()));
         }
+        if kv.lease() != 0 {
+            return Err(EtcdError::BadRecord(format!(
+                "the directory entry {} is held by lease {:x} but its tag does not verify: \
+                 is this silo's cluster secret the cluster's?",
+                String::from_utf8_lossy(key),
+                kv.lease()
+            )));
+        }
         tracing::warn!(
             key = %String::from_utf8_lossy(key),
-            "a directory entry whose tag does not verify is deleted"
+            "a directory entry without a lease whose tag does not verify is deleted"
         );
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -834,7 +870,7 @@ impl EtcdDirectory {
                 serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
             // Sealing is deterministic: the value written is the value
             // compared.
-            let value = self.records.seal(&key, &json);
+            let value = self.records.seal(&key, self.lease, &json);
             when.push(Compare::value(key.clone(), CompareOp::Equal, value));
         }
         let txn = Txn::new().when(when).and_then([TxnOp::delete(key, None)]);

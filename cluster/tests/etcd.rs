@@ -760,7 +760,33 @@ async fn records_without_the_secret_are_neither_members_nor_homes() {
     raw.put(key.clone(), forged, None).await.expect("written");
     let home = directory.register(&grain, 5).await.unwrap();
     assert_eq!(home.silo, silo(1));
-    assert_eq!(directory.lookup(&grain).await.unwrap(), Some(home));
+    assert_eq!(directory.lookup(&grain).await.unwrap(), Some(home.clone()));
+    // The real entry copied off its lease (to outlive its silo): it no
+    // longer verifies, and goes.
+    let real = raw.get(key.clone(), None).await.expect("read");
+    let sealed = real.kvs()[0].value().to_vec();
+    raw.put(key.clone(), sealed, None).await.expect("written");
+    assert_eq!(directory.lookup(&grain).await.unwrap(), None);
+    // A forged entry attached to a lease (the forger's own): refused with
+    // an error and left alone, since a silo whose secret were the wrong
+    // one must not delete a live silo's entry.
+    let lease = raw.lease_grant(30, None).await.expect("a lease").id();
+    raw.put(
+        key.clone(),
+        forged,
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("written");
+    assert!(matches!(
+        directory.register(&grain, 6).await,
+        Err(EtcdError::BadRecord(_))
+    ));
+    assert_eq!(
+        raw.get(key.clone(), None).await.expect("read").kvs().len(),
+        1
+    );
+    raw.lease_revoke(lease).await.expect("revoked");
     a.leave().await.unwrap();
     other.leave().await.unwrap();
 }

@@ -1,18 +1,24 @@
 //! Frames and the handshake (`cluster/src/wire.rs`,
 //! `cluster/src/connection.rs`): arbitrary bytes decoded as one frame's
-//! body, and fed as a peer's whole stream to an accepting silo and to a
-//! connecting one. Every input ends in a decoded frame, a typed error, or
-//! a refused handshake: no panic, and no connection for a peer without
-//! the proofs. The first byte picks which.
+//! body; fed as a peer's whole stream to an accepting silo and to a
+//! connecting one; and sent by a peer that completed the handshake with
+//! the secret, to reach the reader of an open connection and the requests
+//! it hands the silo. Every input ends in a decoded frame, a typed error,
+//! a refused handshake, or a connection that closes: no panic, and no
+//! connection for a peer without the proofs. The first byte picks which.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use granary_actors::Silo;
+use granary_cluster::auth::{self, Role};
+use granary_cluster::wire::Header;
 use granary_cluster::{AnyPeer, ClusterSecret, ConnectionConfig, SiloId, accept, connect, wire};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -69,6 +75,67 @@ fn handshake(stream: &[u8], accepting: bool) {
     });
 }
 
+/// Completes the handshake as a member, then sends `stream` as the rest of
+/// the connection and ends it: the acceptor's connection reads it, hands
+/// what decodes to the silo, and closes.
+fn after_handshake(stream: &[u8]) {
+    let stream = stream.to_vec();
+    runtime().block_on(async move {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let silo = Arc::new(Silo::builder().build().expect("an empty silo"));
+        let config = ConnectionConfig {
+            handshake_timeout: Duration::from_millis(200),
+            call_timeout: Duration::from_millis(200),
+            ..ConnectionConfig::default()
+        };
+        let (me, acceptor) = (SiloId::new("m:1", 1), SiloId::new("a:1", 1));
+        let key = secret();
+        let peer = async {
+            let mut framed = Framed::new(far, LengthDelimitedCodec::new());
+            let ours = auth::nonce().expect("a nonce");
+            let hello = Header::Hello {
+                protocol: wire::PROTOCOL,
+                cluster: "fuzz".into(),
+                silo: me.clone(),
+                nonce: ours,
+            };
+            framed
+                .send(wire::encode(&hello, &[]).expect("encodes"))
+                .await
+                .expect("sent");
+            let frame = framed.next().await.expect("a challenge").expect("read");
+            let Ok((Header::Challenge { nonce: theirs, .. }, _)) = wire::decode(frame.freeze())
+            else {
+                panic!("expected a challenge");
+            };
+            let proof = key.proof(Role::Connector, "fuzz", [&theirs, &ours], [&me, &acceptor]);
+            framed
+                .send(wire::encode(&Header::Proof { proof }, &[]).expect("encodes"))
+                .await
+                .expect("sent");
+            let mut far = framed.into_inner();
+            let _ = far.write_all(&stream).await;
+            let _ = far.shutdown().await;
+            far
+        };
+        let accepting = accept(
+            Box::new(near),
+            acceptor.clone(),
+            "fuzz",
+            &key,
+            &AnyPeer,
+            silo,
+            config,
+        );
+        let (accepted, _far) = tokio::join!(accepting, peer);
+        let connection = accepted.expect("a member's handshake succeeds");
+        // The stream ended (or went bad): the connection closes, in time.
+        tokio::time::timeout(Duration::from_secs(60), connection.closed())
+            .await
+            .expect("the connection closes once the stream ends");
+    });
+}
+
 fuzz_target!(|data: &[u8]| {
     match data.split_first() {
         Some((0, body)) => {
@@ -81,7 +148,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Some((1, stream)) => handshake(stream, true),
-        Some((_, stream)) => handshake(stream, false),
+        Some((2, stream)) => handshake(stream, false),
+        Some((_, stream)) => after_handshake(stream),
         None => {}
     }
 });

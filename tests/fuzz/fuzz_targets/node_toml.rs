@@ -1,6 +1,6 @@
 //! A node's TOML file (`granary::node_file`): arbitrary text is read and
-//! checked, and a file that reads is written and read back the same; its
-//! secret, as a node reads it.
+//! checked, and a file that reads is written, and what is written reads
+//! back and writes the same text; its secret, as a node reads it.
 #![no_main]
 
 use granary::node_file::NodeFile;
@@ -16,5 +16,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = granary::cluster::ClusterSecret::from_hex(&file.secret);
     let written = file.to_toml().expect("a file that reads writes");
     let again = NodeFile::from_toml(&written).expect("a file written reads back");
-    assert_eq!(again, file);
+    // Compared as text: a float field reads back as the number it wrote.
+    assert_eq!(again.to_toml().expect("it writes again"), written);
 });

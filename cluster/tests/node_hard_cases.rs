@@ -500,38 +500,43 @@ async fn directory_operations_naming_another_silo_are_refused() {
             ))
         )
     };
-    let on_a = granary_cluster::ActivationAddress {
-        silo: a.id().clone(),
+    let home_on = |silo: &SiloId| granary_cluster::ActivationAddress {
+        silo: silo.clone(),
         activation: 1,
     };
-    let outcome = ask(ForgedRequest::Register {
-        grain: grain(key),
-        home: on_a,
-        existing: true,
-    })
-    .await;
-    assert!(forbidden(outcome.clone()), "{outcome:?}");
-    let outcome = ask(ForgedRequest::Unregister {
-        grain: grain(key),
-        home: b.id().clone(),
-        activation: None,
-    })
-    .await;
-    assert!(forbidden(outcome.clone()), "{outcome:?}");
     let huge = GrainId {
         type_name: "t".repeat(1 << 20),
         key: GrainKey::U64(1),
     };
-    let outcome = ask(ForgedRequest::Register {
-        grain: huge,
-        home: granary_cluster::ActivationAddress {
-            silo: c.id().clone(),
-            activation: 1,
-        },
-        existing: false,
-    })
-    .await;
-    assert!(forbidden(outcome.clone()), "{outcome:?}");
+    for (what, forged) in [
+        (
+            "a home on a",
+            ForgedRequest::Register {
+                grain: grain(key),
+                home: home_on(&a.id()),
+                existing: true,
+            },
+        ),
+        (
+            "b's entry removed",
+            ForgedRequest::Unregister {
+                grain: grain(key),
+                home: b.id().clone(),
+                activation: None,
+            },
+        ),
+        (
+            "a megabyte type name",
+            ForgedRequest::Register {
+                grain: huge,
+                home: home_on(&c.id()),
+                existing: false,
+            },
+        ),
+    ] {
+        let outcome = ask(forged).await;
+        assert!(forbidden(outcome.clone()), "{what}: {outcome:?}");
+    }
     // c's own, within bounds: answered, not refused.
     let outcome = ask(ForgedRequest::Unregister {
         grain: grain(key),

@@ -5,8 +5,24 @@
 //! address sanitizer) an access out of bounds.
 #![no_main]
 
-use granary_ring::{HeapRegion, Region, Ring};
+use granary_ring::{Consumer, HeapRegion, Mode, Region, Ring};
 use libfuzzer_sys::fuzz_target;
+
+/// Four pushes through `push`, then pops until the ring is empty or 64
+/// have come out.
+fn exercise(mut push: impl FnMut([u8; 24]), consumer: &mut Consumer) {
+    for round in 0..4u8 {
+        push([round; 24]);
+    }
+    for _ in 0..64 {
+        match consumer.try_pop() {
+            Ok(message) => {
+                let _ = message.payload().len();
+            }
+            Err(_) => break,
+        }
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let region = HeapRegion::zeroed(data.len());
@@ -26,32 +42,21 @@ fuzz_target!(|data: &[u8]| {
     let Ok(ring) = (unsafe { Ring::attach(region) }) else {
         return;
     };
-    let mpsc = ring.layout().mode == granary_ring::Mode::Mpsc;
-    if mpsc {
+    if ring.layout().mode == Mode::Mpsc {
         if let Ok((producer, mut consumer)) = ring.split_mpsc() {
-            for round in 0..4u8 {
-                let _ = producer.try_push([round; 24]);
-            }
-            for _ in 0..64 {
-                match consumer.try_pop() {
-                    Ok(message) => {
-                        let _ = message.payload().len();
-                    }
-                    Err(_) => break,
-                }
-            }
+            exercise(
+                |payload| {
+                    let _ = producer.try_push(payload);
+                },
+                &mut consumer,
+            );
         }
     } else if let Ok((mut producer, mut consumer)) = ring.split_spsc() {
-        for round in 0..4u8 {
-            let _ = producer.try_push([round; 24]);
-        }
-        for _ in 0..64 {
-            match consumer.try_pop() {
-                Ok(message) => {
-                    let _ = message.payload().len();
-                }
-                Err(_) => break,
-            }
-        }
+        exercise(
+            |payload| {
+                let _ = producer.try_push(payload);
+            },
+            &mut consumer,
+        );
     }
 });

@@ -587,6 +587,12 @@ fn node_config(file: &NodeFile) -> Result<NodeConfig, NodeRunError> {
         config.gossip_interval = Duration::from_millis(ms.max(1));
     }
     if let Some(phi) = file.phi_threshold {
+        // `from_toml` refuses it too; a file built in code comes here.
+        if !(phi.is_finite() && phi > 0.0) {
+            return Err(NodeRunError(format!(
+                "phi_threshold = {phi}: a positive number (8.0 by default)"
+            )));
+        }
         config.phi_threshold = phi;
     }
     if let Some(ms) = file.death_grace_ms {

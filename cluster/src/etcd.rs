@@ -42,10 +42,13 @@
 //!    name, the key, the lease it is attached to and the JSON: a record
 //!    cannot be forged, altered, moved to another key, or copied off its
 //!    lease (where it would outlive its silo) by anyone without the
-//!    secret. A silo record that does not verify is not in the view (a
-//!    forged write over a real record leaves the last verified one, and
-//!    the view is read afresh every `5 × ttl`, so nothing outlives its
-//!    lease for long). A directory entry without a lease that does not
+//!    secret. A silo record that does not verify is not in the view: a
+//!    forged write over a real record leaves the last verified one until
+//!    the view is next read afresh (every `5 × ttl` at most), and then the
+//!    silo is out of the view until it writes its record again with its
+//!    next load (so nothing forged outlives its lease for long, and
+//!    someone with write access to etcd can take a silo out of the view
+//!    for a few seconds, as they could by deleting its key). A directory entry without a lease that does not
 //!    verify is deleted (if unchanged since it was read) and taken as
 //!    absent; one attached to a lease that does not verify is refused
 //!    with an error, never deleted, since this silo's secret may be the

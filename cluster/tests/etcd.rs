@@ -704,8 +704,9 @@ async fn a_leave_waits_for_its_activations_to_end_before_others_may_start_them()
 /// Records written by a client of etcd without the cluster's secret (etcd
 /// rule 7): a fake silo record, plain or signed with another secret, is in
 /// no view; a silo's own record overwritten with junk leaves it in the
-/// view; a forged directory entry, lease-less, is taken as absent and
-/// replaced by the real registration.
+/// watched view (until the view is next read afresh); a forged directory
+/// entry, lease-less, is taken as absent and replaced by the real
+/// registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(granary_etcd),

@@ -100,6 +100,33 @@ impl Cluster {
         let builder = ClusterNode::builder(silo(self.storage.clone()), config).transport(transport);
         extra(builder).start(self.gossip.clone()).await.unwrap()
     }
+
+    /// A connection to `to` (listening at `address`) from an attacker that
+    /// holds the secret and speaks as `claimed`, a silo of the view.
+    async fn link_as(
+        &self,
+        claimed: &SiloId,
+        to: &SiloId,
+        address: &str,
+    ) -> granary_cluster::Connection {
+        let io = self
+            .network
+            .transport("attacker")
+            .connect(address.to_string())
+            .await
+            .expect("a link");
+        granary_cluster::connect(
+            io,
+            claimed.clone(),
+            to,
+            "test",
+            &secret(),
+            Arc::new(silo(self.storage.clone())),
+            granary_cluster::ConnectionConfig::default(),
+        )
+        .await
+        .expect("the claimed identity is in the view")
+    }
 }
 
 fn local(builder: NodeBuilder) -> NodeBuilder {
@@ -467,23 +494,7 @@ async fn directory_operations_naming_another_silo_are_refused() {
         .expect("a key a owns");
     assert_eq!(b.grain::<Counter>(key).call(Add(1)).await.unwrap(), 1);
     // The attacker holds the secret and speaks as c.
-    let io = cluster
-        .network
-        .transport("attacker")
-        .connect(listen(1))
-        .await
-        .expect("a link to a");
-    let link = granary_cluster::connect(
-        io,
-        c.id().clone(),
-        &a.id(),
-        "test",
-        &secret(),
-        Arc::new(silo(cluster.storage.clone())),
-        granary_cluster::ConnectionConfig::default(),
-    )
-    .await
-    .expect("c's identity is in a's view");
+    let link = cluster.link_as(&c.id(), &a.id(), &listen(1)).await;
     let ask = |request: ForgedRequest| {
         let link = link.clone();
         async move {
@@ -602,25 +613,7 @@ async fn connections_from_one_peer_are_bounded() {
     converged(&[&a, &c], 2).await;
     let mut links = Vec::new();
     for _ in 0..10 {
-        let io = cluster
-            .network
-            .transport("attacker")
-            .connect(listen(1))
-            .await
-            .expect("a link to a");
-        links.push(
-            granary_cluster::connect(
-                io,
-                c.id().clone(),
-                &a.id(),
-                "test",
-                &secret(),
-                Arc::new(silo(cluster.storage.clone())),
-                granary_cluster::ConnectionConfig::default(),
-            )
-            .await
-            .expect("c's identity is in a's view"),
-        );
+        links.push(cluster.link_as(&c.id(), &a.id(), &listen(1)).await);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -30,14 +30,7 @@ const ENDPOINTS: &str = "";
 
 /// A cluster of its own for one test.
 fn config(test: &str) -> EtcdConfig {
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).expect("randomness");
-    let mut config = EtcdConfig::new(
-        format!("{test}-{}", u64::from_le_bytes(nonce)),
-        ENDPOINTS.split(',').map(str::to_string).collect(),
-    );
-    config.ttl = Duration::from_secs(2);
-    config
+    common::etcd_config(test, ENDPOINTS)
 }
 
 /// The secret every record of these tests is signed with.

@@ -6,6 +6,8 @@
 
 #![cfg(feature = "etcd")]
 
+mod common;
+
 use std::time::Duration;
 
 use granary_actors::{GrainId, GrainKey};
@@ -33,13 +35,7 @@ fn secret() -> ClusterSecret {
 /// A cluster of its own, over TLS with this CA's client certificate and
 /// the user the script made.
 fn tls_config(test: &str) -> EtcdConfig {
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).expect("randomness");
-    let mut config = EtcdConfig::new(
-        format!("{test}-{}", u64::from_le_bytes(nonce)),
-        ENDPOINTS.split(',').map(str::to_string).collect(),
-    );
-    config.ttl = Duration::from_secs(2);
+    let mut config = common::etcd_config(test, ENDPOINTS);
     config.timeout = Duration::from_secs(3);
     config.tls = Some(EtcdTls {
         ca_pem: read("ca.pem"),

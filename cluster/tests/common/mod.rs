@@ -48,6 +48,21 @@ impl Handler<Add> for Counter {
 
 /// `count` UDP ports on loopback the OS had free, so parallel runs do not
 /// collide.
+/// `test`'s own etcd configuration at `endpoints` (comma-separated): a
+/// cluster name no other run uses, so runs never see each other's keys,
+/// and a 2 s ttl.
+#[cfg(feature = "etcd")]
+pub fn etcd_config(test: &str, endpoints: &str) -> granary_cluster::etcd::EtcdConfig {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).expect("randomness");
+    let mut config = granary_cluster::etcd::EtcdConfig::new(
+        format!("{test}-{}", u64::from_le_bytes(nonce)),
+        endpoints.split(',').map(str::to_string).collect(),
+    );
+    config.ttl = std::time::Duration::from_secs(2);
+    config
+}
+
 pub fn free_udp_ports(count: usize) -> Vec<u16> {
     (0..count)
         .map(|_| {

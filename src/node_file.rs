@@ -514,25 +514,17 @@ fn test_kernel_hang() -> Result<Option<(u64, Duration)>, NodeRunError> {
 }
 
 /// Refuses a file holding a secret (a key) that others than its owner may
-/// read or write, as ssh refuses such a private key.
+/// read or write (`granary_cluster::tls::others_may_access`).
 pub(crate) fn check_private(path: &Path) -> Result<(), String> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|err| format!("{}: {err}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{}: a secret others may read or write (mode {:04o}); run `chmod 600 {}`",
-                path.display(),
-                mode & 0o7777,
-                path.display()
-            ));
-        }
+    match granary_cluster::tls::others_may_access(path) {
+        Ok(None) => Ok(()),
+        Ok(Some(mode)) => Err(format!(
+            "{}: a secret others may read or write (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )),
+        Err(err) => Err(format!("{}: {err}", path.display())),
     }
-    Ok(())
 }
 
 /// Writes `text` to `path` with mode 0600 (on Unix): a node file holds the
@@ -650,7 +642,7 @@ pub async fn start_node(
                         .map_err(|err| NodeRunError(format!("tls: {}: {err}", path.display())))
                 };
                 let host = listen.ip().to_string();
-                granary_cluster::tls::certificate_names(&read(&tls.ca)?, &read(&tls.cert)?, &host)
+                granary_cluster::tls::verify_issued(&read(&tls.ca)?, &read(&tls.cert)?, &host)
                     .map_err(|why| {
                         NodeRunError(format!(
                             "tls: {} is not valid for {host}, the address peers dial this node \

@@ -81,6 +81,16 @@ impl Purpose {
     }
 }
 
+// A purpose's key is `ClusterSecret::keys[purpose as usize]`: `ALL` lists
+// the purposes in their order of declaration (checked when this compiles).
+const _: () = {
+    let mut i = 0;
+    while i < Purpose::ALL.len() {
+        assert!(Purpose::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// HKDF's salt: fixed, so every silo derives the same keys from the
 /// secret.
 const SALT: &[u8] = b"granary cluster secret";
@@ -206,11 +216,8 @@ impl ClusterSecret {
     }
 
     fn mac(&self, purpose: Purpose, cluster: &str) -> Hmac<Sha256> {
-        let index = Purpose::ALL
-            .iter()
-            .position(|candidate| *candidate == purpose)
-            .unwrap_or(0);
-        let mut mac = self.keys[index].clone();
+        // `keys` is in `Purpose::ALL`'s order, the order of declaration.
+        let mut mac = self.keys[purpose as usize].clone();
         // Rule 3.
         mac.update(&(cluster.len() as u64).to_le_bytes());
         mac.update(cluster.as_bytes());

@@ -185,22 +185,15 @@ impl TlsIdentity {
     /// Loads `files` (PEM). The key file must be its owner's alone (mode
     /// 0600 or stricter), as the node file must.
     pub fn load(files: &TlsFiles) -> Result<TlsIdentity, TlsError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&files.key)
-                .map_err(|err| TlsError::Read {
-                    path: files.key.clone(),
-                    why: err.to_string(),
-                })?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(TlsError::KeyReadable {
-                    path: files.key.clone(),
-                    mode: mode & 0o7777,
-                });
-            }
+        let readable = others_may_access(&files.key).map_err(|err| TlsError::Read {
+            path: files.key.clone(),
+            why: err.to_string(),
+        })?;
+        if let Some(mode) = readable {
+            return Err(TlsError::KeyReadable {
+                path: files.key.clone(),
+                mode,
+            });
         }
         let (ca, cert, key) = (read(&files.ca)?, read(&files.cert)?, read(&files.key)?);
         TlsIdentity::build(&ca, &cert, &key, [&files.ca, &files.cert, &files.key])
@@ -283,8 +276,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Whether `cert` (PEM), presented for `name`, chains to `ca` (PEM) now.
-pub(crate) fn verify_issued(ca: &[u8], cert: &[u8], name: &str) -> Result<(), String> {
+/// Whether `cert` (PEM), presented for `name`, chains to `ca` (PEM) now
+/// (rule 2): what a node checks of its own certificate when it starts, so
+/// that a certificate peers would refuse is found there, not by them.
+pub fn verify_issued(ca: &[u8], cert: &[u8], name: &str) -> Result<(), String> {
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca) {
         roots
@@ -312,12 +307,22 @@ pub fn check_name(name: &str) -> Result<(), String> {
         .map_err(|err| format!("{name:?}: {err}"))
 }
 
-/// Whether the certificate `cert` (PEM) of a node, checked against `ca`
-/// (PEM), names `host` (rule 2): what a node checks of its own
-/// certificate when it starts, so that a certificate peers would refuse is
-/// found there, not by them.
-pub fn certificate_names(ca: &[u8], cert: &[u8], host: &str) -> Result<(), String> {
-    verify_issued(ca, cert, host)
+/// The permission bits of the file at `path` if anyone but its owner may
+/// read or write it (any group or other bit, on Unix), `None` if only its
+/// owner may: a file holding a secret (a key, a node file) is refused in
+/// the first case, as ssh refuses such a private key.
+pub fn others_may_access(path: &Path) -> io::Result<Option<u32>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Ok(Some(mode & 0o7777));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(None)
 }
 
 /// The host part of `address` (`host:port`, `[v6]:port`) as a TLS server

@@ -134,31 +134,43 @@ mod tests {
     #[test]
     fn a_ca_is_made_once_and_signs_every_later_node() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a folder");
         let certs = dir.path().join("certs");
-        let first = write_certs(&certs, &["127.0.0.1".into(), "::1".into()]).unwrap();
+        let first = write_certs(&certs, &["127.0.0.1".into(), "::1".into()])
+            .expect("certificates are written");
         assert!(first.new_ca);
         assert_eq!(first.nodes[1].1.cert, certs.join("__1.pem"));
-        let later = write_certs(&certs, &["node-3.example".into()]).unwrap();
+        let later =
+            write_certs(&certs, &["node-3.example".into()]).expect("certificates are written");
         assert!(!later.new_ca);
         for (_, files) in first.nodes.iter().chain(&later.nodes) {
-            let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
+            let mode = std::fs::metadata(&files.key)
+                .expect("written")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
             granary_cluster::tls::TlsIdentity::load(&granary_cluster::tls::TlsFiles {
                 ca: files.ca.clone(),
                 cert: files.cert.clone(),
                 key: files.key.clone(),
             })
-            .unwrap();
+            .expect("the written files load as an identity");
         }
-        let mode = std::fs::metadata(&certs).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&certs)
+            .expect("written")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         for bad in ["10.0.0.5:7000", "[::1]", "bad name", "", "CA", "ca-key"] {
             assert!(write_certs(&certs, &[bad.to_string()]).is_err(), "{bad:?}");
         }
         // Nothing of the CA was touched by the refusals.
-        assert!(!write_certs(&certs, &["127.0.0.2".into()]).unwrap().new_ca);
-        std::fs::remove_file(certs.join("ca-key.pem")).unwrap();
+        assert!(
+            !write_certs(&certs, &["127.0.0.2".into()])
+                .expect("certificates are written")
+                .new_ca
+        );
+        std::fs::remove_file(certs.join("ca-key.pem")).expect("removed");
         assert!(write_certs(&certs, &["x".into()]).is_err());
         assert!(write_certs(&certs, &[]).is_err());
     }

@@ -344,7 +344,7 @@ mod tests {
         for (i, byte) in bytes.iter_mut().enumerate() {
             *byte = seed.wrapping_mul(31).wrapping_add(i as u8 * 8);
         }
-        ClusterSecret::new(bytes).unwrap()
+        ClusterSecret::new(bytes).expect("bytes that are not all text are a secret")
     }
 
     #[test]
@@ -393,15 +393,20 @@ mod tests {
             ClusterSecret::from_hex("00ff").unwrap_err(),
             BadSecret::Length { len: 2 }
         );
-        let text = ClusterSecret::generate_hex().unwrap();
+        let text = ClusterSecret::generate_hex().expect("the system has randomness");
         assert_eq!(text.len(), 64);
-        let secret = ClusterSecret::from_hex(&format!("  {text}\n")).unwrap();
+        let secret = ClusterSecret::from_hex(&format!("  {text}\n"))
+            .expect("a generated secret reads back, blanks around it ignored");
         assert_eq!(format!("{secret:?}"), "ClusterSecret(32 bytes)");
-        assert_ne!(text, ClusterSecret::generate_hex().unwrap());
+        assert_ne!(
+            text,
+            ClusterSecret::generate_hex().expect("the system has randomness")
+        );
         // The same digits, upper case, are the same secret.
-        let upper = ClusterSecret::from_hex(&text.to_uppercase()).unwrap();
+        let upper = ClusterSecret::from_hex(&text.to_uppercase()).expect("upper-case digits read");
         let tag = secret.tag(Purpose::Gossip, "c", &[b"x"]);
         assert!(upper.verify_tag(Purpose::Gossip, "c", &[b"x"], &tag));
-        assert_ne!(nonce().unwrap(), nonce().unwrap());
+        let draw = || nonce().expect("the system has randomness");
+        assert_ne!(draw(), draw());
     }
 }

@@ -73,10 +73,10 @@ mod tests {
     #[test]
     fn each_host_has_its_share_and_gets_it_back() {
         let sources = Arc::new(Sources::new(2));
-        let a1 = Sources::enter(&sources, "10.0.0.1:5000").unwrap();
-        let _a2 = Sources::enter(&sources, "10.0.0.1:5001").unwrap();
+        let a1 = Sources::enter(&sources, "10.0.0.1:5000").expect("a first slot");
+        let _a2 = Sources::enter(&sources, "10.0.0.1:5001").expect("a second slot");
         assert!(Sources::enter(&sources, "10.0.0.1:5002").is_none());
-        let _b = Sources::enter(&sources, "[::1]:5000").unwrap();
+        let _b = Sources::enter(&sources, "[::1]:5000").expect("another host's own share");
         drop(a1);
         assert!(Sources::enter(&sources, "10.0.0.1:5003").is_some());
     }

@@ -223,7 +223,7 @@ mod tests {
     use super::*;
 
     fn secret(byte: u8) -> ClusterSecret {
-        ClusterSecret::new([byte; 32]).unwrap()
+        ClusterSecret::new([byte; 32]).expect("32 non-text bytes are a secret")
     }
 
     const ME: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)), 7100);
@@ -259,13 +259,13 @@ mod tests {
             Err(Rejected::Unsealed)
         );
         // Sealed for another silo: refused here, whatever its counter.
-        let elsewhere: SocketAddr = "10.0.0.2:7100".parse().unwrap();
+        let elsewhere = SocketAddr::from(([10, 0, 0, 2], 7100));
         assert_eq!(
             opener.open(&sealer.seal(b"x", now, elsewhere), now, ME),
             Err(Rejected::Misdirected)
         );
         // Bound to 0.0.0.0: any address of its port.
-        let any: SocketAddr = "0.0.0.0:7100".parse().unwrap();
+        let any = SocketAddr::from(([0, 0, 0, 0], 7100));
         assert!(opener.open(&sealer.seal(b"y", now, ME), now, any).is_ok());
         // Too old or too far ahead.
         assert_eq!(

@@ -437,7 +437,7 @@ mod tests {
             syn.extend_from_slice(&field.to_le_bytes());
         }
         put_text(&mut syn, "prod");
-        let message = parse(&syn, 1 << 20).unwrap();
+        let message = parse(&syn, 1 << 20).expect("a seed message reads");
         assert_eq!(message.kind, Kind::Syn);
         assert_eq!(message.cluster.as_deref(), Some("prod"));
         assert_eq!(message.digest[0].node, node("a", 3, 7000));
@@ -453,10 +453,10 @@ mod tests {
         assert_eq!(parse(&header(9), 1 << 20), Err(Malformed::MessageType));
         // Written again with fewer nodes, a Syn is itself: it has no delta.
         // (A fuzz target found a delta appended to it.)
-        let message = parse(&syn, 1 << 20).unwrap();
+        let message = parse(&syn, 1 << 20).expect("a seed message reads");
         assert_eq!(with_nodes(&syn, &message, |_| false), syn);
         let bad_cluster = header(3);
-        let message = parse(&bad_cluster, 1 << 20).unwrap();
+        let message = parse(&bad_cluster, 1 << 20).expect("a seed message reads");
         assert_eq!(with_fewer_nodes(&bad_cluster, &message, 0), bad_cluster);
     }
 
@@ -496,12 +496,17 @@ mod tests {
         }
         ack.pop();
         ack.push(0);
-        let read = parse(&ack, 1 << 20).unwrap();
+        let read = parse(&ack, 1 << 20).expect("a seed message reads");
         assert_eq!(read.delta, nodes);
         assert_eq!(read.before_delta, before_delta);
         let shorter = with_fewer_nodes(&ack, &read, 2);
         assert!(shorter.len() < 1_000, "compressed: {}", shorter.len());
-        assert_eq!(parse(&shorter, 1 << 20).unwrap().delta, nodes[..2]);
+        assert_eq!(
+            parse(&shorter, 1 << 20)
+                .expect("a seed message reads")
+                .delta,
+            nodes[..2]
+        );
         // A delta that decompresses past the bound is refused.
         assert_eq!(parse(&ack, 10_000), Err(Malformed::Decompression));
         // Values out of order, or before any node.

@@ -172,25 +172,29 @@ mod tests {
 
     #[test]
     fn a_ca_signs_nodes_and_reloads_from_its_pem() {
-        let ca = CertAuthority::generate().unwrap();
-        let node = ca.issue(&["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let ca = CertAuthority::generate().expect("a CA");
+        let node = ca
+            .issue(&["127.0.0.1".into(), "localhost".into()])
+            .expect("a node certificate");
         TlsIdentity::from_pem(
             ca.cert_pem().as_bytes(),
             node.cert_pem.as_bytes(),
             node.key_pem.as_bytes(),
         )
-        .unwrap();
-        let again = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
-        let other = again.issue(&["10.0.0.5".into()]).unwrap();
+        .expect("the CA's certificate, the node's chain and key make an identity");
+        let again = CertAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).expect("the CA reloads");
+        let other = again
+            .issue(&["10.0.0.5".into()])
+            .expect("a node certificate");
         TlsIdentity::from_pem(
             ca.cert_pem().as_bytes(),
             other.cert_pem.as_bytes(),
             other.key_pem.as_bytes(),
         )
-        .unwrap();
+        .expect("the CA's certificate, the node's chain and key make an identity");
         assert!(ca.issue(&[]).is_err());
         // Another CA's key with this CA's certificate is refused.
-        let stranger = CertAuthority::generate().unwrap();
+        let stranger = CertAuthority::generate().expect("a CA");
         assert!(CertAuthority::from_pem(ca.cert_pem(), &stranger.key_pem()).is_err());
         assert!(!format!("{node:?}").contains("PRIVATE"));
         // A key that is not the certificate's is refused.

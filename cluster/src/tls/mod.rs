@@ -518,21 +518,21 @@ mod tests {
     #[test]
     fn the_name_dialled_is_the_host_of_the_address() {
         assert_eq!(
-            server_name("10.0.0.5:7000").unwrap(),
-            ServerName::try_from("10.0.0.5").unwrap()
+            server_name("10.0.0.5:7000").expect("a checkable host"),
+            ServerName::try_from("10.0.0.5").expect("a valid name")
         );
         assert_eq!(
-            server_name("[::1]:7000").unwrap(),
-            ServerName::try_from("::1").unwrap()
+            server_name("[::1]:7000").expect("a checkable host"),
+            ServerName::try_from("::1").expect("a valid name")
         );
         assert_eq!(
-            server_name("silo-1.granary:7000").unwrap(),
-            ServerName::try_from("silo-1.granary").unwrap()
+            server_name("silo-1.granary:7000").expect("a checkable host"),
+            ServerName::try_from("silo-1.granary").expect("a valid name")
         );
         assert!(server_name("bad name:7000").is_err());
         assert_eq!(
-            server_name("[fe80::1%2]:7000").unwrap(),
-            ServerName::try_from("fe80::1").unwrap()
+            server_name("[fe80::1%2]:7000").expect("a checkable host"),
+            ServerName::try_from("fe80::1").expect("a valid name")
         );
     }
 }

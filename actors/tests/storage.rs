@@ -551,3 +551,140 @@ async fn an_unreachable_postgres_server_is_a_typed_error() {
         granary_actors::PostgresStorage::connect("postgres://nobody@127.0.0.1:1/none").await;
     assert!(matches!(refused, Err(StorageError::Backend(_))));
 }
+
+/// A TCP relay to the PostgreSQL server that can cut every connection it
+/// carries and refuse new ones, as a server restart does to its clients.
+#[cfg(granary_postgres)]
+struct Relay {
+    address: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+#[cfg(granary_postgres)]
+impl Relay {
+    async fn to(server: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port on loopback for the relay");
+        let address = listener.local_addr().expect("the relay's address");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (accepting, cuts) = (open.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(server).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { address, open, cut }
+    }
+
+    /// Cuts every connection, and refuses new ones until `reopen`.
+    fn cut_and_close(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn postgres_storage_serves_again_once_its_server_is_back() {
+    #[cfg(granary_postgres)]
+    {
+        let config: tokio_postgres::Config = POSTGRES.parse().expect("GRANARY_POSTGRES_URL parses");
+        let (Some(tokio_postgres::config::Host::Tcp(host)), Some(port)) =
+            (config.get_hosts().first(), config.get_ports().first())
+        else {
+            panic!("GRANARY_POSTGRES_URL must name a TCP host and port for this test");
+        };
+        let server = tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .expect("the PostgreSQL host resolves")
+            .next()
+            .expect("the PostgreSQL host has an address");
+        let relay = Relay::to(server).await;
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://{}:{}@{}/{}?connect_timeout=2",
+            config.get_user().unwrap_or("postgres"),
+            password,
+            relay.address,
+            config.get_dbname().unwrap_or("postgres"),
+        );
+        let storage = granary_actors::PostgresStorage::connect(&url)
+            .await
+            .expect("connect through the relay");
+        let grain = id_in(&format!("restart-{}", uuid::Uuid::new_v4()), "one");
+        let first = storage
+            .write(&grain, b"before", None)
+            .await
+            .expect("a write before the cut");
+
+        // The server goes away: operations fail with a typed error, promptly.
+        relay.cut_and_close();
+        let down = std::time::Instant::now();
+        for _ in 0..3 {
+            let answer =
+                tokio::time::timeout(std::time::Duration::from_secs(10), storage.read(&grain))
+                    .await
+                    .expect("an operation on a lost server answers within its connect timeout");
+            assert!(
+                matches!(answer, Err(StorageError::Backend(_))),
+                "a read with the server gone: {answer:?}"
+            );
+        }
+        assert!(down.elapsed() < std::time::Duration::from_secs(10));
+
+        // It is back: the next operations open a new connection and see
+        // what was written before.
+        relay.reopen();
+        let back = std::time::Instant::now();
+        let stored = loop {
+            match storage.read(&grain).await {
+                Ok(stored) => break stored,
+                Err(err) => {
+                    assert!(
+                        back.elapsed() < std::time::Duration::from_secs(10),
+                        "the store did not serve again once the server was back: {err}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        assert_eq!(
+            stored.map(|s| (s.data, s.etag)),
+            Some((b"before".to_vec(), first))
+        );
+        let second = storage
+            .write(&grain, b"after", Some(first))
+            .await
+            .expect("a write on the new connection");
+        storage
+            .clear(&grain, Some(second))
+            .await
+            .expect("clearing the test's row");
+    }
+}

@@ -7,6 +7,14 @@
 //! so the check and the store are atomic without a transaction. The client
 //! pipelines statements over one connection.
 //!
+//! A server that restarts (or a connection cut by the network) ends that
+//! connection. The operation that was on it fails with a `Backend` error,
+//! which for a write means its outcome is unknown: it may have committed.
+//! The next operation finds the connection closed and opens a new one
+//! (one caller at a time does; the others wait for it and share it), so the
+//! store serves again as soon as the server does. Opening gives up after
+//! `CONNECT_TIMEOUT` unless the URL sets `connect_timeout` itself.
+//!
 //! Reminders are rows of a second table, `granary_reminders (grain_type,
 //! grain_key, name, period_ms, next_due_ms, etag)`, keyed by type name,
 //! encoded key and name. Their ETags come from the same sequence, taken
@@ -14,8 +22,11 @@
 //! is held), so a row's ETag only grows. A batch is its statements
 //! pipelined, each with its own outcome.
 
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
 use futures_util::future::{BoxFuture, join_all};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Config, NoTls};
 
 use super::reminders::{
     BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, decode_grain,
@@ -26,7 +37,25 @@ use crate::key::GrainId;
 
 /// Grain state in a PostgreSQL database.
 pub struct PostgresStorage {
-    client: Client,
+    config: Config,
+    /// The open connection's client; replaced when it has closed.
+    current: RwLock<Arc<Client>>,
+    /// Held by the one caller opening a new connection.
+    reopening: tokio::sync::Mutex<()>,
+}
+
+/// How long opening a connection may take, unless the URL says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a connection and drives it on a task of its own.
+async fn open(config: &Config) -> Result<Client, StorageError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(backend)?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, "the PostgreSQL connection ended; the next operation opens another");
+        }
+    });
+    Ok(client)
 }
 
 impl std::fmt::Debug for PostgresStorage {
@@ -58,12 +87,11 @@ impl PostgresStorage {
     /// `postgres://granary:granary@127.0.0.1/granary`, without TLS: use it
     /// on a trusted network) and creates the tables and sequence if needed.
     pub async fn connect(url: &str) -> Result<PostgresStorage, StorageError> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(backend)?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::error!(error = %err, "the PostgreSQL connection failed");
-            }
-        });
+        let mut config: Config = url.parse().map_err(backend)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let client = open(&config).await?;
         client
             .batch_execute(
                 "CREATE SEQUENCE IF NOT EXISTS granary_etag_seq;
@@ -86,12 +114,46 @@ impl PostgresStorage {
             )
             .await
             .map_err(backend)?;
-        Ok(PostgresStorage { client })
+        Ok(PostgresStorage {
+            config,
+            current: RwLock::new(Arc::new(client)),
+            reopening: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The client of the current connection, or of a new one where it has
+    /// closed (see the module docs).
+    async fn client(&self) -> Result<Arc<Client>, StorageError> {
+        let current = self.current();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let _reopening = self.reopening.lock().await;
+        // Someone else may have reopened it while this caller waited.
+        let current = self.current();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let fresh = Arc::new(open(&self.config).await?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = fresh.clone();
+        tracing::info!("reconnected to PostgreSQL");
+        Ok(fresh)
+    }
+
+    fn current(&self) -> Arc<Client> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     async fn stored_etag(&self, grain: &GrainId, key: &[u8]) -> Result<Option<ETag>, StorageError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT etag FROM granary_grain_state WHERE grain_type = $1 AND grain_key = $2",
                 &[&grain.type_name, &key],
@@ -117,7 +179,8 @@ impl StorageProvider for PostgresStorage {
         Box::pin(async move {
             let key = encode_key(grain)?;
             let row = self
-                .client
+                .client()
+                .await?
                 .query_opt(
                     "SELECT etag, data FROM granary_grain_state
                      WHERE grain_type = $1 AND grain_key = $2",
@@ -142,7 +205,8 @@ impl StorageProvider for PostgresStorage {
             let key = encode_key(grain)?;
             let row = match expected {
                 None => self
-                    .client
+                    .client()
+                    .await?
                     .query_opt(
                         "INSERT INTO granary_grain_state (grain_type, grain_key, etag, data)
                          VALUES ($1, $2, nextval('granary_etag_seq'), $3)
@@ -152,7 +216,8 @@ impl StorageProvider for PostgresStorage {
                     .await
                     .map_err(backend)?,
                 Some(expected) => self
-                    .client
+                    .client()
+                    .await?
                     .query_opt(
                         "UPDATE granary_grain_state
                          SET etag = nextval('granary_etag_seq'), data = $3
@@ -183,7 +248,8 @@ impl StorageProvider for PostgresStorage {
                 return StorageError::unless_current(grain, None, actual);
             };
             let deleted = self
-                .client
+                .client()
+                .await?
                 .execute(
                     "DELETE FROM granary_grain_state
                      WHERE grain_type = $1 AND grain_key = $2 AND etag = $3",
@@ -227,7 +293,8 @@ impl PostgresStorage {
         name: &str,
     ) -> Result<Option<ETag>, StorageError> {
         let row = self
-            .client
+            .client()
+            .await?
             .query_opt(
                 "SELECT etag FROM granary_reminders
                  WHERE grain_type = $1 AND grain_key = $2 AND name = $3",
@@ -253,7 +320,8 @@ impl ReminderTable for PostgresStorage {
             let (period_ms, next_due_ms) = (ms_to_sql(period_ms)?, ms_to_sql(next_due_ms)?);
             // The update's ETag is taken once the conflicting row is locked.
             let row = self
-                .client
+                .client()
+                .await?
                 .query_one(
                     "INSERT INTO granary_reminders
                          (grain_type, grain_key, name, period_ms, next_due_ms, etag)
@@ -282,7 +350,8 @@ impl ReminderTable for PostgresStorage {
             let key = encode_grain_key(grain)?;
             let next_due_ms = ms_to_sql(next_due_ms)?;
             let row = self
-                .client
+                .client()
+                .await?
                 .query_opt(
                     "UPDATE granary_reminders
                      SET next_due_ms = $4, etag = nextval('granary_etag_seq')
@@ -317,7 +386,8 @@ impl ReminderTable for PostgresStorage {
         Box::pin(async move {
             let key = encode_grain_key(grain)?;
             let row = self
-                .client
+                .client()
+                .await?
                 .query_opt(
                     "DELETE FROM granary_reminders
                      WHERE grain_type = $1 AND grain_key = $2 AND name = $3
@@ -338,7 +408,8 @@ impl ReminderTable for PostgresStorage {
         Box::pin(async move {
             let key = encode_grain_key(grain)?;
             let rows = self
-                .client
+                .client()
+                .await?
                 .query(
                     &format!(
                         "SELECT {ROW_COLUMNS} FROM granary_reminders
@@ -355,7 +426,8 @@ impl ReminderTable for PostgresStorage {
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
         Box::pin(async move {
             let rows = self
-                .client
+                .client()
+                .await?
                 .query(&format!("SELECT {ROW_COLUMNS} FROM granary_reminders"), &[])
                 .await
                 .map_err(backend)?;

@@ -125,12 +125,18 @@ impl Handler<Apply> for Ledger {
                 .execute_resident("saxpy", &parts, Output::Into(buffer))
                 .await
                 .map_err(|err: ExecuteError| err.to_string())?;
-            let next = LedgerState {
+            let before = *state.get();
+            *state.get_mut() = LedgerState {
                 applied: apply.seq,
-                total: state.get().total + apply.amount,
+                total: before.total + apply.amount,
             };
-            *state.get_mut() = next;
-            state.write().await.map_err(|err| err.to_string())?;
+            if let Err(err) = state.write().await {
+                // Not stored (or not known to be): the step stays
+                // unapplied here, so a retry writes it again rather than
+                // answering from a state that storage may never have seen.
+                *state.get_mut() = before;
+                return Err(err.to_string());
+            }
         }
         let state = *state.get();
         if state.applied != apply.seq {

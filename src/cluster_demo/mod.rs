@@ -5,7 +5,8 @@
 //! silo, one silo killed while load runs, and every grain's persisted state
 //! checked afterwards).
 //!
-//! Its parts: the grains (`grains.rs`), their placement
+//! Its parts: the grains (`grains.rs`, and the counter the chaos suite
+//! drives, `counter.rs`), their placement
 //! (`placement.rs`), the run (`run.rs`) and what it reports
 //! (`report.rs`). Starting a node from its TOML file is not the demo's:
 //! that is [`crate::node_file`], which any program uses with grains of its
@@ -54,6 +55,7 @@
 //! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
 //! cluster every second and every failed call it retries.
 
+mod counter;
 mod grains;
 mod placement;
 mod report;
@@ -66,6 +68,7 @@ use granary_cluster::{ClusterNode, NodeBuilder};
 
 use crate::node_file::{NodeDevices, NodeGrains};
 
+pub use counter::{Add, Added, Count, Counter, CounterState, Get};
 pub use grains::{
     AUDITOR, AUDITORS, Applied, Apply, Audit, AuditEntry, AuditState, Auditor, Here, INSPECTOR,
     Inspect, Inspector, LEDGER, LEDGER_DEVICE_BYTES, Ledger, LedgerDevices, LedgerState, Note,
@@ -76,8 +79,8 @@ pub use report::ClusterDemoReport;
 pub use run::{ClusterDemoConfig, run_cluster_demo};
 
 /// What a demo node hosts (what `granary node` passes to
-/// [`run_node`](crate::node_file::run_node)): the ledger, the auditor and
-/// the inspector, each hosted as its `#[derive(GrainType)]` declares it
+/// [`run_node`](crate::node_file::run_node)): the ledger, the auditor, the
+/// inspector and the chaos suite's [`Counter`], each hosted as its `#[derive(GrainType)]` declares it
 /// (its name, and its messages by name); ledgers on the node's
 /// backend ([`LedgerDevices`]), needing [`LEDGER_DEVICE_BYTES`] of its
 /// devices; [`DemoPlacement`]; and the silo's address ([`Here`]) for the
@@ -93,6 +96,7 @@ impl NodeGrains for DemoGrains {
     fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder {
         silo.host::<Ledger>()
             .host::<Auditor>()
+            .host::<Counter>()
             .host::<Inspector>()
             .service(Arc::new(LedgerDevices(devices.requirements())))
             .service(self.here.clone())

@@ -26,6 +26,9 @@ use granary_actors::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The name [`Counter`] is hosted under.
+pub const COUNTER: &str = "counter";
+
 /// A counter's persisted state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterState {

@@ -68,7 +68,7 @@ use granary_cluster::{ClusterNode, NodeBuilder};
 
 use crate::node_file::{NodeDevices, NodeGrains};
 
-pub use counter::{Add, Added, Count, Counter, CounterState, Get};
+pub use counter::{Add, Added, COUNTER, Count, Counter, CounterState, Get};
 pub use grains::{
     AUDITOR, AUDITORS, Applied, Apply, Audit, AuditEntry, AuditState, Auditor, Here, INSPECTOR,
     Inspect, Inspector, LEDGER, LEDGER_DEVICE_BYTES, Ledger, LedgerDevices, LedgerState, Note,

@@ -5,13 +5,14 @@ use granary_cluster::{
     GpuAware, HashPlacement, Member, PlacementError, PlacementRequest, PlacementStrategy, SiloId,
 };
 
+use super::counter::COUNTER;
 use super::grains::{AUDITOR, INSPECTOR};
 
 /// The demo's placement: ledgers by free device memory
 /// ([`GpuAware::strict`]); an auditor on a silo other than the caller's
 /// (the silo whose ledger first calls it), by rendezvous hash among the
 /// others, so that notifications usually cross silos; the inspector keyed
-/// by a silo's address on that silo.
+/// by a silo's address on that silo; a counter by rendezvous hash.
 #[derive(Debug)]
 pub struct DemoPlacement {
     ledgers: GpuAware,
@@ -52,6 +53,7 @@ impl PlacementStrategy for DemoPlacement {
                     .ok_or(PlacementError::NoSilos),
                 _ => Err(PlacementError::NoSilos),
             },
+            COUNTER => HashPlacement.place(request, members),
             _ => self.ledgers.place(request, members),
         }
     }

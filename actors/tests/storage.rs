@@ -688,3 +688,33 @@ async fn postgres_storage_serves_again_once_its_server_is_back() {
             .expect("clearing the test's row");
     }
 }
+
+#[tokio::test]
+async fn a_postgres_server_that_accepts_and_never_answers_fails_the_connect_in_time() {
+    // Accepts, holds the socket, says nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port on loopback");
+    let address = listener.local_addr().expect("its address");
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let began = std::time::Instant::now();
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        granary_actors::PostgresStorage::connect(&format!(
+            "postgres://nobody@{address}/none?connect_timeout=1"
+        )),
+    )
+    .await
+    .expect("the connect gives up by itself, within its connect timeout");
+    assert!(
+        matches!(&refused, Err(StorageError::Backend(why)) if why.contains("no connection within")),
+        "{refused:?}"
+    );
+    assert!(began.elapsed() < std::time::Duration::from_secs(5));
+    held.abort();
+}

@@ -7,13 +7,23 @@
 //! so the check and the store are atomic without a transaction. The client
 //! pipelines statements over one connection.
 //!
-//! A server that restarts (or a connection cut by the network) ends that
-//! connection. The operation that was on it fails with a `Backend` error,
-//! which for a write means its outcome is unknown: it may have committed.
-//! The next operation finds the connection closed and opens a new one
-//! (one caller at a time does; the others wait for it and share it), so the
-//! store serves again as soon as the server does. Opening gives up after
-//! `CONNECT_TIMEOUT` unless the URL sets `connect_timeout` itself.
+//! # Reconnecting
+//!
+//! 1. A server that restarts ends the connection; so does the kernel, once
+//!    data sent on a connection the network has cut stays unacknowledged
+//!    for `TCP_USER_TIMEOUT` (unless the URL sets `tcp_user_timeout`). The
+//!    operation that was on it fails with a `Backend` error, which for a
+//!    write means its outcome is unknown: it may have committed. (The
+//!    silo bounds every operation by its own `storage_timeout` as well.)
+//! 2. The next operation finds the connection closed and opens a new one.
+//!    One caller at a time opens; the callers that waited for it share
+//!    its connection, or its failure, rather than each trying in turn.
+//! 3. Opening (the TCP connect, startup and authentication) gives up after
+//!    `CONNECT_TIMEOUT`, or the URL's `connect_timeout`: a server that
+//!    accepts connections and never answers fails operations, it does not
+//!    hold them.
+//!
+//! So the store serves again as soon as the server does.
 //!
 //! Reminders are rows of a second table, `granary_reminders (grain_type,
 //! grain_key, name, period_ms, next_due_ms, etag)`, keyed by type name,
@@ -23,7 +33,7 @@
 //! pipelined, each with its own outcome.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, join_all};
 use tokio_postgres::{Client, Config, NoTls};
@@ -40,16 +50,29 @@ pub struct PostgresStorage {
     config: Config,
     /// The open connection's client; replaced when it has closed.
     current: RwLock<Arc<Client>>,
-    /// Held by the one caller opening a new connection.
-    reopening: tokio::sync::Mutex<()>,
+    /// Held by the one caller opening a new connection, with the last
+    /// attempt's failure, if it failed, and when (rule 2).
+    reopening: tokio::sync::Mutex<Option<(Instant, StorageError)>>,
 }
 
-/// How long opening a connection may take, unless the URL says.
+/// How long opening a connection may take, unless the URL says (rule 3).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens a connection and drives it on a task of its own.
+/// How long sent data may stay unacknowledged before the kernel ends the
+/// connection, unless the URL says (rule 1).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection, all of it within the connect timeout (rule 3), and
+/// drives it on a task of its own.
 async fn open(config: &Config) -> Result<Client, StorageError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(backend)?;
+    let limit = config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT);
+    let (client, connection) = tokio::time::timeout(limit, config.connect(NoTls))
+        .await
+        .map_err(|_| backend(format!("no connection within {limit:?}")))?
+        .map_err(backend)?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::warn!(error = %err, "the PostgreSQL connection ended; the next operation opens another");
@@ -91,6 +114,9 @@ impl PostgresStorage {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let client = open(&config).await?;
         client
             .batch_execute(
@@ -117,24 +143,38 @@ impl PostgresStorage {
         Ok(PostgresStorage {
             config,
             current: RwLock::new(Arc::new(client)),
-            reopening: tokio::sync::Mutex::new(()),
+            reopening: tokio::sync::Mutex::new(None),
         })
     }
 
     /// The client of the current connection, or of a new one where it has
-    /// closed (see the module docs).
+    /// closed (rules 2 and 3).
     async fn client(&self) -> Result<Arc<Client>, StorageError> {
         let current = self.current();
         if !current.is_closed() {
             return Ok(current);
         }
-        let _reopening = self.reopening.lock().await;
-        // Someone else may have reopened it while this caller waited.
+        let asked = Instant::now();
+        let mut last_failure = self.reopening.lock().await;
+        // Someone else may have reopened it while this caller waited, or
+        // failed to: share either.
         let current = self.current();
         if !current.is_closed() {
             return Ok(current);
         }
-        let fresh = Arc::new(open(&self.config).await?);
+        if let Some((when, failure)) = last_failure.as_ref()
+            && *when >= asked
+        {
+            return Err(failure.clone());
+        }
+        let fresh = match open(&self.config).await {
+            Ok(client) => Arc::new(client),
+            Err(failure) => {
+                *last_failure = Some((Instant::now(), failure.clone()));
+                return Err(failure);
+            }
+        };
+        *last_failure = None;
         *self
             .current
             .write()

@@ -91,9 +91,9 @@ pub use silo::{
     Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer,
 };
 pub use storage::{
-    DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage, RedbStorage,
-    ReminderRow, ReminderTable, STORAGE_SECONDS_BOUNDS, SqliteStorage, StorageError, StorageOp,
-    StorageOpStats, StorageProvider, StorageStats,
+    BatchOutcome, DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage,
+    RedbStorage, ReminderRow, ReminderTable, STORAGE_SECONDS_BOUNDS, SqliteStorage, StorageError,
+    StorageOp, StorageOpStats, StorageProvider, StorageStats, StoredState,
 };
 pub use trace::TraceId;
 

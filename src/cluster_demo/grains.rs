@@ -33,6 +33,10 @@ pub struct Ledger {
     state: Option<PersistentState<LedgerState>>,
     bridge: Option<Arc<GpuBridge>>,
     buffer: Option<ResidentBuffer>,
+    /// Set once a write failed: this activation's ETag may be stale (the
+    /// write may have committed), so it takes no more steps and is
+    /// deactivating; the next activation reads the stored state afresh.
+    fenced: bool,
 }
 
 impl Grain for Ledger {
@@ -45,6 +49,7 @@ impl Grain for Ledger {
             state: None,
             bridge: None,
             buffer: None,
+            fenced: false,
         }
     }
 
@@ -113,6 +118,9 @@ impl Handler<Apply> for Ledger {
         else {
             return Err("the ledger is not active (or not keyed by number)".into());
         };
+        if self.fenced {
+            return Err("this ledger activation's last write failed; it is deactivating".into());
+        }
         if apply.seq == state.get().applied + 1 {
             // The GPU work: y = a·y + y over the resident buffer, in place.
             let scalar = f32_bytes(&[0.5]);
@@ -131,10 +139,19 @@ impl Handler<Apply> for Ledger {
                 total: before.total + apply.amount,
             };
             if let Err(err) = state.write().await {
-                // Not stored (or not known to be): the step stays
-                // unapplied here, so a retry writes it again rather than
-                // answering from a state that storage may never have seen.
+                // Not stored, or not known to be: the step stays unapplied
+                // here rather than answered from a state storage may never
+                // have seen, and the activation is fenced, since a write
+                // that did commit left its ETag stale. The retry reaches a
+                // new activation, which reads what storage holds.
                 *state.get_mut() = before;
+                self.fenced = true;
+                let this = ctx.silo().grain::<Ledger>(key);
+                tokio::spawn(async move {
+                    if let Err(err) = this.deactivate().await {
+                        tracing::debug!(error = %err, "a fenced ledger could not ask to be deactivated");
+                    }
+                });
                 return Err(err.to_string());
             }
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use tokio::task::block_in_place;
 
 use crate::history::{Op, Outcome, Summary};
 use crate::net::Net;
@@ -89,20 +90,22 @@ impl Fault {
         postgres_cluster: &(String, String),
     ) -> Result<(), String> {
         match self {
+            // nft and the signals are quick commands run to completion:
+            // off the runtime's workers, which the load shares.
             Fault::Isolate(i) => {
-                net.isolate(*i)?;
+                block_in_place(|| net.isolate(*i))?;
                 tokio::time::sleep(WINDOW).await;
-                net.heal()
+                block_in_place(|| net.heal())
             }
             Fault::Split(group) => {
-                net.partition(group)?;
+                block_in_place(|| net.partition(group))?;
                 tokio::time::sleep(WINDOW).await;
-                net.heal()
+                block_in_place(|| net.heal())
             }
             Fault::Loss => {
-                net.loss(LOSS_PERCENT)?;
+                block_in_place(|| net.loss(LOSS_PERCENT))?;
                 tokio::time::sleep(WINDOW).await;
-                net.heal()
+                block_in_place(|| net.heal())
             }
             Fault::Delay => {
                 postgres.set_delay(DELAY);
@@ -117,25 +120,24 @@ impl Fault {
                 Ok(())
             }
             Fault::Kill(i) => {
-                silos[*i].kill()?;
+                let silo = &mut silos[*i];
+                block_in_place(|| silo.kill())?;
                 tokio::time::sleep(DOWN).await;
-                silos[*i].start()
+                silo.start()
             }
             Fault::Pause(i) => {
-                silos[*i].pause()?;
+                block_in_place(|| silos[*i].pause())?;
                 tokio::time::sleep(PAUSE).await;
-                silos[*i].resume()
+                block_in_place(|| silos[*i].resume())
             }
             Fault::Restart(i) => {
                 let silo = &mut silos[*i];
-                tokio::task::block_in_place(|| silo.stop(Duration::from_secs(30)))?;
+                block_in_place(|| silo.stop(Duration::from_secs(30)))?;
                 silo.start()
             }
             Fault::RestartPostgres => {
                 let (version, cluster) = postgres_cluster;
-                tokio::task::block_in_place(|| {
-                    crate::net::run("pg_ctlcluster", &[version, cluster, "restart"])
-                })
+                block_in_place(|| crate::net::run("pg_ctlcluster", &[version, cluster, "restart"]))
             }
         }
     }

@@ -344,11 +344,54 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
     println!("chaos ({membership}): seed {seed} (GRANARY_CHAOS_SEED={seed} replays it)");
     println!("chaos ({membership}): schedule {schedule}");
 
-    let net = net::Net::create(SILOS)?;
     let dir = tempfile::Builder::new()
         .prefix("granary-chaos-")
         .tempdir()
         .map_err(|err| format!("a folder: {err}"))?;
+    // The silos' logs and files are kept when the run fails, however.
+    run(machine, etcd, seed, &schedule, membership, dir.path())
+        .await
+        .map_err(|failure| {
+            format!(
+                "{failure} (seed {seed}); the silos' logs are in {}",
+                dir.keep().display()
+            )
+        })
+}
+
+/// A silo that stopped serving on purpose (its lease lost, or declared
+/// dead while it was paused or cut off) exits; the harness restarts it, as
+/// its supervisor would. Any other exit is a crash.
+fn supervise(
+    silos: &mut [silos::Silo],
+    after: &str,
+    rejoined: &mut Vec<String>,
+    crashes: &mut Vec<String>,
+) -> Result<(), String> {
+    for (i, silo) in silos.iter_mut().enumerate() {
+        if let Some(status) = silo.exited() {
+            if silo.stopped_serving() {
+                rejoined.push(format!("silo {i} after {after}"));
+            } else {
+                crashes.push(format!(
+                    "silo {i} exited on its own ({status}) after {after}"
+                ));
+            }
+            silo.start()?;
+        }
+    }
+    Ok(())
+}
+
+async fn run(
+    machine: Machine,
+    etcd: Option<SocketAddr>,
+    seed: u64,
+    schedule: &Schedule,
+    membership: &str,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    let net = tokio::task::block_in_place(|| net::Net::create(SILOS))?;
     let host = net.host();
     let (url, server) = &machine.postgres;
     let postgres = relay::Relay::start(SocketAddr::new(host.into(), 0), *server)
@@ -393,11 +436,12 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
         }),
         admin: None,
         drain_grace_secs: Some(20),
+        limits: None,
         tls: None,
     };
     let mut silos = Vec::new();
     for i in 0..SILOS {
-        let path = dir.path().join(format!("silo-{i}.toml"));
+        let path = dir.join(format!("silo-{i}.toml"));
         file(
             SocketAddr::new(net.silo(i).into(), LISTEN_PORT).to_string(),
             SocketAddr::new(net.silo(i).into(), GOSSIP_PORT),
@@ -405,7 +449,7 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
         )
         .save(&path)
         .map_err(|err| err.to_string())?;
-        let mut silo = silos::Silo::new(&net, i, path, dir.path());
+        let mut silo = silos::Silo::new(&net, i, path, dir);
         silo.start()?;
         silos.push(silo);
     }
@@ -427,10 +471,9 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
     while node.members().len() < SILOS + 1 {
         if formed.elapsed() > Duration::from_secs(60) {
             return Err(format!(
-                "the cluster did not form: {} of {} members; logs in {}",
+                "the cluster did not form: {} of {} members",
                 node.members().len(),
                 SILOS + 1,
-                dir.keep().display()
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -458,8 +501,13 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
     let mut recoveries: Vec<Injected> = Vec::new();
     let mut crashes = Vec::new();
     let mut rejoined = Vec::new();
+    let mut previous = "the start".to_string();
     for drawn in schedule.faults() {
+        // A silo that left after the last fault healed is back first, so
+        // that this one strikes a running silo.
+        supervise(&mut silos, &previous, &mut rejoined, &mut crashes)?;
         let fault = &drawn.aim(busiest(&node, &net, base));
+        previous = fault.to_string();
         println!(
             "chaos ({membership}): {:>6.1} s: {fault}",
             load.started.elapsed().as_secs_f64()
@@ -489,26 +537,21 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
             healed_us,
             recovered,
         });
-        // A silo that stopped serving on purpose (its lease lost, or
-        // declared dead while it was paused) exits; the harness restarts
-        // it, as its supervisor would. Any other exit is a crash.
-        for (i, silo) in silos.iter_mut().enumerate() {
-            if let Some(status) = silo.exited() {
-                if silo.stopped_serving() {
-                    rejoined.push(format!("silo {i} after {fault}"));
-                } else {
-                    crashes.push(format!(
-                        "silo {i} exited on its own ({status}) after {fault}"
-                    ));
-                }
-                silo.start()?;
-            }
-        }
+        supervise(&mut silos, &previous, &mut rejoined, &mut crashes)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     load.stop.store(true, Ordering::Relaxed);
     for client in clients {
         let _ = client.await;
+    }
+    // A silo that stops serving a moment after the last fault (a paused
+    // silo notices when resumed) is restarted too; then every member must
+    // be back in the view.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    supervise(&mut silos, &previous, &mut rejoined, &mut crashes)?;
+    let back = Instant::now();
+    while node.members().len() < SILOS + 1 && back.elapsed() < RECOVERY_BOUND {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Every counter's count, read from storage through the cluster.
@@ -561,14 +604,12 @@ async fn chaos(machine: Machine, etcd: Option<SocketAddr>) -> Result<(), String>
         || !crashes.is_empty()
         || members != SILOS + 1
     {
-        let kept = dir.keep();
         return Err(format!(
             "{} anomalies, {unrecovered} faults not recovered from within {RECOVERY_BOUND:?}, {} crashes, \
-             {members} of {} members at the end (seed {seed}); the silos' logs are in {}",
+             {members} of {} members at the end",
             summary.anomalies.len(),
             crashes.len(),
             SILOS + 1,
-            kept.display()
         ));
     }
     Ok(())

@@ -230,8 +230,16 @@ fn sweep() {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        let pid = std::process::id();
         for i in 0..self.silos {
             remove_namespace(&self.namespace(i));
+            // The far end of the veth goes with its namespace, once the
+            // kernel has finished with it; this end, now, so that a next
+            // run in this process can take the name again.
+            let _ = run(
+                "ip",
+                &["link", "del", &format!("grchv{}n{i}", pid % 100_000)],
+            );
         }
         let _ = run("ip", &["link", "del", &self.bridge]);
     }

@@ -109,10 +109,49 @@ pub struct NodeFile {
     /// in seconds (default 30): past it, the run ends with an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace_secs: Option<u64>,
+    /// Bounds on what the silo holds ([`LimitsFile`]); the runtime's
+    /// defaults without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsFile>,
     /// Mutual TLS between silos (`granary_cluster::tls`); plaintext
     /// connections (authenticated, not encrypted) without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFile>,
+}
+
+/// Bounds on a node's silo (`limits = { … }`): what
+/// [`SiloConfig`](granary_actors::SiloConfig) sets, each with the runtime's
+/// default when absent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// While more activations than this are alive, idle ones are
+    /// deactivated early (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_activations: Option<u64>,
+    /// The most activations alive at once: a call that would start one
+    /// more is refused with `Overloaded` (default: no limit). Set it above
+    /// `max_activations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_limit: Option<u64>,
+    /// How long a grain state operation may wait for storage, in
+    /// milliseconds (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_timeout_ms: Option<u64>,
+}
+
+impl LimitsFile {
+    fn silo_config(&self) -> granary_actors::SiloConfig {
+        let defaults = granary_actors::SiloConfig::default();
+        granary_actors::SiloConfig {
+            max_activations: self.max_activations,
+            activation_limit: self.activation_limit,
+            storage_timeout: self
+                .storage_timeout_ms
+                .map_or(defaults.storage_timeout, Duration::from_millis),
+            ..defaults
+        }
+    }
 }
 
 /// A node's TLS files, PEM (`granary cert` makes them).
@@ -144,6 +183,7 @@ impl fmt::Debug for NodeFile {
             .field("etcd", &self.etcd)
             .field("admin", &self.admin)
             .field("drain_grace_secs", &self.drain_grace_secs)
+            .field("limits", &self.limits)
             .field("tls", &self.tls)
             .finish()
     }
@@ -618,6 +658,9 @@ pub async fn start_node(
         offered: !file.devices.none,
     };
     let mut silo = grains.register(Silo::builder(), &devices).storage(storage);
+    if let Some(limits) = &file.limits {
+        silo = silo.config(limits.silo_config());
+    }
     if let Some(bridge) = bridge {
         silo = silo.service(bridge);
     }

@@ -151,6 +151,7 @@ fn node_file(cluster: &str, storage: &Path, seed: SocketAddr, gossip: SocketAddr
         etcd: None,
         admin: None,
         drain_grace_secs: Some(20),
+        limits: None,
         tls: None,
     }
 }

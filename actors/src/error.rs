@@ -49,6 +49,23 @@ pub enum CallError {
         /// What went wrong.
         reason: String,
     },
+    /// The grain had no activation, and the silo holding its home already
+    /// holds its `activation_limit` of them: none was started, and the
+    /// message was not handled. Retry later.
+    Overloaded {
+        /// The grain.
+        grain: GrainId,
+    },
+    /// The message, encoded for another silo, is longer than a frame may
+    /// be: it was not sent.
+    TooLarge {
+        /// The grain.
+        grain: GrainId,
+        /// The encoded request's length in bytes.
+        len: usize,
+        /// The most a frame may hold.
+        max: usize,
+    },
 }
 
 impl fmt::Display for CallError {
@@ -72,6 +89,14 @@ impl fmt::Display for CallError {
             CallError::Unavailable { grain, reason } => {
                 write!(f, "{grain} could not be reached: {reason}")
             }
+            CallError::TooLarge { grain, len, max } => write!(
+                f,
+                "a message to {grain} of {len} bytes exceeds the {max}-byte frame limit; not sent"
+            ),
+            CallError::Overloaded { grain } => write!(
+                f,
+                "{grain} was not activated: its silo holds its limit of activations; retry later"
+            ),
         }
     }
 }

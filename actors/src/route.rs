@@ -109,9 +109,10 @@ pub trait Outbound: Send {
     fn deadline(&self) -> Instant;
     /// The message's registered name, if it has one (rule 4).
     fn message_name(&self) -> Option<&str>;
-    /// The message in its wire form (rule 4); `NotRoutable` if it has no
-    /// registered name.
-    fn encode(&self) -> Result<Vec<u8>, CallError>;
+    /// The message in its wire form (rule 4), shared rather than copied
+    /// where it is already bytes (a message sent by name); `NotRoutable`
+    /// if it has no registered name.
+    fn encode(&self) -> Result<Arc<Vec<u8>>, CallError>;
     /// Delivers to the local activation on the typed path (rule 3) and
     /// completes when the local call has answered (a tell: when its
     /// admission has). `lease`, if the router gives one, lets the sending
@@ -352,7 +353,7 @@ struct Named {
     silo: Silo,
     grain: GrainId,
     message: String,
-    payload: Vec<u8>,
+    payload: Arc<Vec<u8>>,
     kind: Kind,
     chain: u64,
     deadline: Instant,
@@ -380,7 +381,7 @@ impl Outbound for Named {
         Some(&self.message)
     }
 
-    fn encode(&self) -> Result<Vec<u8>, CallError> {
+    fn encode(&self) -> Result<Arc<Vec<u8>>, CallError> {
         Ok(self.payload.clone())
     }
 
@@ -449,7 +450,8 @@ fn named(
         silo: silo.clone(),
         grain,
         message: message.to_string(),
-        payload: payload.to_vec(),
+        // The one copy: the router owns what it routes.
+        payload: Arc::new(payload.to_vec()),
         kind,
         chain,
         deadline,

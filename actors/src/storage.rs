@@ -63,6 +63,9 @@ pub enum StorageError {
     Serialization(String),
     /// The storage backend failed.
     Backend(String),
+    /// The storage backend did not answer within the silo's
+    /// `storage_timeout`; a write's outcome is unknown.
+    Timeout(std::time::Duration),
 }
 
 impl fmt::Display for StorageError {
@@ -78,6 +81,9 @@ impl fmt::Display for StorageError {
             ),
             StorageError::Serialization(why) => write!(f, "state encoding: {why}"),
             StorageError::Backend(why) => write!(f, "storage backend: {why}"),
+            StorageError::Timeout(after) => {
+                write!(f, "storage backend: no answer within {after:?}")
+            }
         }
     }
 }

@@ -151,6 +151,7 @@ async fn churn_keeps_order_and_loses_nothing() {
                 call_timeout: Duration::from_millis(2000),
                 idle_timeout: Duration::from_millis(1),
                 max_activations: Some(0),
+                ..SiloConfig::default()
             },
             log.clone(),
         );

@@ -480,6 +480,53 @@ async fn idle_activations_are_shed_under_memory_pressure() {
     silo.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_activation_limit_new_grains_are_refused_and_held_ones_serve() {
+    let config = SiloConfig {
+        activation_limit: Some(3),
+        ..SiloConfig::default()
+    };
+    let (silo, _) = silo(config, Arc::new(MemoryStorage::new()));
+    for key in 0..3u64 {
+        silo.grain::<Counter>(key)
+            .call(Add(1))
+            .await
+            .expect("under the limit");
+    }
+    // A fourth grain is refused, typed, and nothing of it is left behind.
+    let refused = silo.grain::<Counter>(3u64).call(Add(1)).await;
+    assert!(
+        matches!(&refused, Err(CallError::Overloaded { grain }) if grain.key == GrainKey::U64(3)),
+        "{refused:?}"
+    );
+    assert!(!silo.grain::<Counter>(3u64).is_active());
+    assert_eq!(silo.live_activations(), 3);
+    // The grains it holds serve on.
+    assert_eq!(
+        silo.grain::<Counter>(1u64).call(Get).await.expect("held"),
+        1
+    );
+    // Once one leaves, a new one starts.
+    silo.grain::<Counter>(0u64)
+        .deactivate()
+        .await
+        .expect("deactivating one");
+    eventually("one activation gone", || silo.live_activations() == 2).await;
+    silo.grain::<Counter>(3u64)
+        .call(Add(1))
+        .await
+        .expect("room again");
+    assert_eq!(silo.live_activations(), 3);
+    let stats = silo.grain_type_stats();
+    let overloaded = stats
+        .iter()
+        .flat_map(|t| t.failures.iter())
+        .find(|(reason, _)| *reason == granary_actors::FailureReason::Overloaded)
+        .map(|(_, count)| *count);
+    assert_eq!(overloaded, Some(1));
+    silo.shutdown().await;
+}
+
 #[test]
 fn one_type_under_two_names_is_refused() {
     assert!(matches!(

@@ -539,18 +539,20 @@ fn request_frame(
         time_left_us: u64::try_from(wait.as_micros()).unwrap_or(u64::MAX),
     };
     let payload = request.payload;
-    let frame = wire::encode(&header, payload).map_err(|err| {
+    let header = wire::EncodedHeader::new(&header).map_err(|err| {
         CallFailure::Remote(RemoteError::Other(format!(
             "the request did not encode: {err}"
         )))
     })?;
-    if frame.len() > shared.config.max_frame {
+    // Refused before the payload is copied into a frame.
+    let len = header.frame_len(payload);
+    if len > shared.config.max_frame {
         return Err(CallFailure::TooLarge {
-            len: frame.len(),
+            len,
             max: shared.config.max_frame,
         });
     }
-    Ok(frame)
+    Ok(header.frame(payload))
 }
 
 type Reader = FramedRead<ReadHalf<BoxIo>, LengthDelimitedCodec>;

@@ -141,8 +141,9 @@ pub enum RemoteError {
     NoRoom,
     /// Anything else, described.
     Other(String),
-    /// The remote silo has `max_inbound` requests from this one running;
-    /// retry shortly.
+    /// The remote silo has `max_inbound` requests from this one running,
+    /// or holds its `activation_limit` and would have had to start an
+    /// activation: not handled; retry shortly.
     Overloaded,
     /// The remote silo refused the request from this sender: a directory
     /// operation naming another silo, or names past their bounds.
@@ -193,6 +194,7 @@ impl From<granary_actors::DispatchError> for RemoteError {
             DispatchError::Call(err @ CallError::TurnFailed { .. }) => {
                 RemoteError::TurnFailed(err.to_string())
             }
+            DispatchError::Call(CallError::Overloaded { .. }) => RemoteError::Overloaded,
             other => RemoteError::Other(other.to_string()),
         }
     }
@@ -225,15 +227,41 @@ impl std::error::Error for FrameError {}
 
 /// A frame's body: `header` and then `payload` (rule 2).
 pub fn encode(header: &Header, payload: &[u8]) -> Result<Bytes, FrameError> {
-    let header =
-        postcard::to_allocvec(header).map_err(|err| FrameError::BadHeader(err.to_string()))?;
-    let header_len = u32::try_from(header.len())
-        .map_err(|_| FrameError::BadHeader(format!("a header of {} bytes", header.len())))?;
-    let mut body = BytesMut::with_capacity(4 + header.len() + payload.len());
-    body.put_u32_le(header_len);
-    body.put_slice(&header);
-    body.put_slice(payload);
-    Ok(body.freeze())
+    Ok(EncodedHeader::new(header)?.frame(payload))
+}
+
+/// A header encoded, before its frame is built: what the frame's length
+/// will be is known without copying the payload.
+pub struct EncodedHeader(Vec<u8>);
+
+impl EncodedHeader {
+    /// Encodes `header`.
+    pub fn new(header: &Header) -> Result<EncodedHeader, FrameError> {
+        let header =
+            postcard::to_allocvec(header).map_err(|err| FrameError::BadHeader(err.to_string()))?;
+        if u32::try_from(header.len()).is_err() {
+            return Err(FrameError::BadHeader(format!(
+                "a header of {} bytes",
+                header.len()
+            )));
+        }
+        Ok(EncodedHeader(header))
+    }
+
+    /// The length of the frame with `payload`.
+    pub fn frame_len(&self, payload: &[u8]) -> usize {
+        4 + self.0.len() + payload.len()
+    }
+
+    /// The frame's body: this header and then `payload` (rule 2).
+    pub fn frame(&self, payload: &[u8]) -> Bytes {
+        let mut body = BytesMut::with_capacity(self.frame_len(payload));
+        // Checked to fit in `new`.
+        body.put_u32_le(self.0.len() as u32);
+        body.put_slice(&self.0);
+        body.put_slice(payload);
+        body.freeze()
+    }
 }
 
 /// A frame's header and payload, the payload sharing `body`'s memory.

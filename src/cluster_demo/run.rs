@@ -148,6 +148,7 @@ pub async fn run_cluster_demo(
             etcd: etcd.clone(),
             admin: None,
             drain_grace_secs: None,
+            limits: None,
             tls: Some(tls.clone()),
         };
         let path = dir.join(format!("node-{n}.toml"));
@@ -184,6 +185,7 @@ pub async fn run_cluster_demo(
         etcd: etcd.clone(),
         admin: None,
         drain_grace_secs: None,
+        limits: None,
         tls: Some(tls.clone()),
     };
     let node = start_node(&me, &DemoGrains::default()).await?;

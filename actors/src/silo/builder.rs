@@ -35,6 +35,19 @@ pub struct SiloConfig {
     /// activations idle for at least one idle check (at most a second) are
     /// deactivated early (default: no limit).
     pub max_activations: Option<u64>,
+    /// The most activations the silo holds at once (default: no limit): a
+    /// call that would start one more is refused with
+    /// [`CallError::Overloaded`](crate::CallError::Overloaded), its message
+    /// not handled, while the activations already there serve on. Set it
+    /// above `max_activations`, so that idle activations are shed before
+    /// calls are refused.
+    pub activation_limit: Option<u64>,
+    /// How long a grain state operation (read, write, clear) may wait for
+    /// the storage provider before it fails with
+    /// [`StorageError::Timeout`](crate::StorageError::Timeout) (default
+    /// 10 s): a storage server that stops answering fails calls rather than
+    /// holding their activations forever.
+    pub storage_timeout: Duration,
 }
 
 impl Default for SiloConfig {
@@ -44,6 +57,8 @@ impl Default for SiloConfig {
             call_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
             max_activations: None,
+            activation_limit: None,
+            storage_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -472,9 +487,15 @@ impl SiloBuilder {
         if self.reminder_rescan.is_zero() {
             return Err(SiloError::InvalidConfig("reminder_rescan is 0".into()));
         }
+        if self.config.storage_timeout.is_zero() {
+            return Err(SiloError::InvalidConfig("storage_timeout is 0".into()));
+        }
         let shutdown = tokio_util::sync::CancellationToken::new();
         // Every state operation counted (`storage/counted.rs`).
-        let storage = Arc::new(crate::storage::CountedStorage::new(self.storage));
+        let storage = Arc::new(crate::storage::CountedStorage::new(
+            self.storage,
+            self.config.storage_timeout,
+        ));
         let reminders = Arc::new(crate::reminders::Reminders::new(
             self.remindable,
             storage.clone(),

@@ -86,9 +86,19 @@
 //!     message was delivered before a give-up and whose answer never came
 //!     gets `Unavailable` rather than `TurnFailed` (the turn that was
 //!     running then may have failed instead: the caller cannot tell).
+//! 14. **A hard limit on activations.** With `SiloConfig::activation_limit`
+//!     set, a live activation is counted (reserved) before it is made,
+//!     under the directory's lock for its key, and only while fewer than
+//!     the limit are live; otherwise the call that would have made it
+//!     fails with `CallError::Overloaded`, its message unhandled, and no
+//!     entry is left behind. The count falls when an activation's task
+//!     ends, so the silo never holds more than the limit, however many
+//!     distinct grains are called at once. Messages to grains already
+//!     active are not affected. (`max_activations`, rule 5, sheds idle
+//!     activations below the limit; this rule bounds them.)
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
-//! `registry` (the per-type directory: rules 1, 2 and 9), `activation`
+//! `registry` (the per-type directory: rules 1, 2, 9 and 14), `activation`
 //! (the activation task, its turns and mailbox: rules 3, 5 to 8 and 10),
 //! `reference` (`GrainRef`: delivery, rules 4 and 5), `context`
 //! (`GrainContext::call`, timers, reminders) and `builder` (`SiloBuilder`,

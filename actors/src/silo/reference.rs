@@ -736,15 +736,17 @@ where
         self.codec.as_ref().map(|codec| &*codec.name)
     }
 
-    fn encode(&self) -> Result<Vec<u8>, CallError> {
+    fn encode(&self) -> Result<Arc<Vec<u8>>, CallError> {
         let codec = self.codec.as_ref().ok_or_else(|| CallError::NotRoutable {
             grain: self.grain.clone(),
             message: std::any::type_name::<M>(),
         })?;
-        (codec.encode)(&self.message).map_err(|err: DispatchError| CallError::Unavailable {
-            grain: self.grain.clone(),
-            reason: format!("the message has no wire form: {err}"),
-        })
+        (codec.encode)(&self.message)
+            .map(Arc::new)
+            .map_err(|err: DispatchError| CallError::Unavailable {
+                grain: self.grain.clone(),
+                reason: format!("the message has no wire form: {err}"),
+            })
     }
 
     fn deliver_here(

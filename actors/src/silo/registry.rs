@@ -168,6 +168,7 @@ impl Silo {
                         Choice::Use(sender) => return Ok(sender),
                         Choice::Wait(gone) => gone,
                         Choice::Activate(worker) => {
+                            self.reserve_activation(grain_type, key)?;
                             let sender = self.activate_slot(grain_type, key, worker);
                             if let Some(slot) = entry.get_mut().get_mut(worker) {
                                 *slot = Some(Entry::Active(sender.clone()));
@@ -177,6 +178,7 @@ impl Silo {
                     }
                 }
                 dashmap::Entry::Vacant(vacant) => {
+                    self.reserve_activation(grain_type, key)?;
                     let sender = self.activate_slot(grain_type, key, 0);
                     let mut slots: Vec<Option<Entry<G>>> =
                         (0..grain_type.workers.max(1)).map(|_| None).collect();
@@ -208,8 +210,35 @@ impl Silo {
         }
     }
 
+    /// Counts one more live activation, unless the silo holds its
+    /// `activation_limit` already (rule 14): then the call is refused.
+    fn reserve_activation<G: Grain>(
+        &self,
+        grain_type: &GrainType<G>,
+        key: &GrainKey,
+    ) -> Result<(), CallError> {
+        let limit = self.inner.config.activation_limit.unwrap_or(u64::MAX);
+        self.inner
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
+                (live < limit).then_some(live + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| {
+                grain_type
+                    .stats
+                    .failed(super::stats::FailureReason::Overloaded);
+                CallError::Overloaded {
+                    grain: GrainId {
+                        type_name: grain_type.name.clone(),
+                        key: key.clone(),
+                    },
+                }
+            })
+    }
+
     /// Starts activation `worker` of `key` (under the directory's lock for
-    /// `key`) and returns its mailbox.
+    /// `key`, its live count reserved) and returns its mailbox.
     fn activate_slot<G: Grain>(
         &self,
         grain_type: &Arc<GrainType<G>>,
@@ -239,7 +268,6 @@ impl Silo {
         sender: mailbox::Sender<Envelope<G>>,
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
-        self.inner.live.fetch_add(1, Ordering::Relaxed);
         grain_type.stats.activation_started();
         // Rule 13: read when the activation is made (under the directory's
         // lock, before any message is queued for it), not when its task

@@ -67,16 +67,20 @@ pub enum FailureReason {
     /// A caller on this silo waited its whole timeout (for room, delivery
     /// or the reply).
     Timeout,
+    /// Refused: the grain had no activation and the silo held its
+    /// `activation_limit`.
+    Overloaded,
 }
 
 impl FailureReason {
     /// Every reason, in the order of [`GrainTypeStats::failures`].
-    pub const ALL: [FailureReason; 5] = [
+    pub const ALL: [FailureReason; 6] = [
         FailureReason::Panicked,
         FailureReason::Expired,
         FailureReason::DroppedWithHome,
         FailureReason::ActivationFailed,
         FailureReason::Timeout,
+        FailureReason::Overloaded,
     ];
 
     /// The reason as a metric label value.
@@ -87,6 +91,7 @@ impl FailureReason {
             FailureReason::DroppedWithHome => "dropped_with_home",
             FailureReason::ActivationFailed => "activation_failed",
             FailureReason::Timeout => "timeout",
+            FailureReason::Overloaded => "overloaded",
         }
     }
 

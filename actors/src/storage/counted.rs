@@ -7,10 +7,15 @@
 //!    fixed bounds ([`STORAGE_SECONDS_BOUNDS`]), and counted by outcome:
 //!    done, refused for a stale ETag (a conflict), or failed.
 //! 2. The reminder table is the provider's own, handed out unchanged.
+//! 3. Each operation on grain state waits at most the silo's
+//!    `storage_timeout` for the provider: past it, the provider's future is
+//!    dropped and the operation fails with [`StorageError::Timeout`]
+//!    (counted as failed). A write that timed out may still have happened:
+//!    its outcome is unknown, as for any `Backend` error.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
@@ -116,14 +121,31 @@ pub struct StorageStats {
 pub(crate) struct CountedStorage {
     inner: Arc<dyn StorageProvider>,
     counters: [OpCounters; 3],
+    timeout: Duration,
 }
 
 impl CountedStorage {
-    pub(crate) fn new(inner: Arc<dyn StorageProvider>) -> CountedStorage {
+    pub(crate) fn new(inner: Arc<dyn StorageProvider>, timeout: Duration) -> CountedStorage {
         CountedStorage {
             inner,
             counters: Default::default(),
+            timeout,
         }
+    }
+
+    /// Rules 1 and 3: `operation`, bounded by the timeout, timed and
+    /// counted in `counters`.
+    async fn bounded<T>(
+        &self,
+        counters: &OpCounters,
+        operation: BoxFuture<'_, Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, operation)
+            .await
+            .unwrap_or(Err(StorageError::Timeout(self.timeout)));
+        counters.record(started, &outcome);
+        outcome
     }
 
     /// The provider itself, uncounted (a health probe's reads are not
@@ -148,12 +170,7 @@ impl StorageProvider for CountedStorage {
         &'a self,
         grain: &'a GrainId,
     ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let outcome = self.inner.read(grain).await;
-            self.counters[0].record(started, &outcome);
-            outcome
-        })
+        Box::pin(self.bounded(&self.counters[0], self.inner.read(grain)))
     }
 
     fn write<'a>(
@@ -162,12 +179,7 @@ impl StorageProvider for CountedStorage {
         data: &'a [u8],
         expected: Option<ETag>,
     ) -> BoxFuture<'a, Result<ETag, StorageError>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let outcome = self.inner.write(grain, data, expected).await;
-            self.counters[1].record(started, &outcome);
-            outcome
-        })
+        Box::pin(self.bounded(&self.counters[1], self.inner.write(grain, data, expected)))
     }
 
     fn clear<'a>(
@@ -175,12 +187,7 @@ impl StorageProvider for CountedStorage {
         grain: &'a GrainId,
         expected: Option<ETag>,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let outcome = self.inner.clear(grain, expected).await;
-            self.counters[2].record(started, &outcome);
-            outcome
-        })
+        Box::pin(self.bounded(&self.counters[2], self.inner.clear(grain, expected)))
     }
 
     fn reminder_table(&self) -> Option<&dyn ReminderTable> {
@@ -196,7 +203,7 @@ mod tests {
 
     #[tokio::test]
     async fn operations_are_counted_by_outcome() {
-        let counted = CountedStorage::new(Arc::new(MemoryStorage::new()));
+        let counted = CountedStorage::new(Arc::new(MemoryStorage::new()), Duration::from_secs(10));
         let grain = GrainId {
             type_name: "t".into(),
             key: GrainKey::U64(1),
@@ -220,5 +227,60 @@ mod tests {
         );
         assert_eq!((clear.done, clear.failed), (1, 0));
         assert!(write.latency.sum_seconds >= 0.0);
+    }
+
+    /// A provider that never answers.
+    struct Silent;
+
+    impl StorageProvider for Silent {
+        fn read<'a>(
+            &'a self,
+            _: &'a GrainId,
+        ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn write<'a>(
+            &'a self,
+            _: &'a GrainId,
+            _: &'a [u8],
+            _: Option<ETag>,
+        ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn clear<'a>(
+            &'a self,
+            _: &'a GrainId,
+            _: Option<ETag>,
+        ) -> BoxFuture<'a, Result<(), StorageError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operation_past_the_timeout_fails_and_is_counted_failed() {
+        let timeout = Duration::from_millis(100);
+        let counted = CountedStorage::new(Arc::new(Silent), timeout);
+        let grain = GrainId {
+            type_name: "t".into(),
+            key: GrainKey::U64(1),
+        };
+        let began = Instant::now();
+        assert_eq!(
+            counted.read(&grain).await,
+            Err(StorageError::Timeout(timeout))
+        );
+        assert!(began.elapsed() >= timeout && began.elapsed() < timeout * 20);
+        assert_eq!(
+            counted.write(&grain, b"x", None).await,
+            Err(StorageError::Timeout(timeout))
+        );
+        assert_eq!(
+            counted.clear(&grain, Some(1)).await,
+            Err(StorageError::Timeout(timeout))
+        );
+        let failed: Vec<u64> = counted.stats().ops.iter().map(|op| op.failed).collect();
+        assert_eq!(failed, [1, 1, 1]);
     }
 }

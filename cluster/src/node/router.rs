@@ -44,6 +44,14 @@ pub enum ClusterCallError {
     Timeout(String),
     /// The message or its reply did not encode or decode.
     Payload(String),
+    /// The request, encoded, is longer than a frame may be (the
+    /// connection's `max_frame`): not sent.
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The message failed on this silo, as a local call does (it timed
     /// out waiting for room or for its turn, its turn failed, or the silo
     /// is shutting down).
@@ -61,6 +69,12 @@ impl std::fmt::Display for ClusterCallError {
             ClusterCallError::Remote(err) => write!(f, "{err}"),
             ClusterCallError::Timeout(why) => write!(f, "timed out: {why}"),
             ClusterCallError::Payload(why) => write!(f, "{why}"),
+            ClusterCallError::TooLarge { len, max } => {
+                write!(
+                    f,
+                    "a request of {len} bytes exceeds the {max}-byte frame limit"
+                )
+            }
             ClusterCallError::Local(err) => write!(f, "{err}"),
         }
     }
@@ -77,9 +91,7 @@ pub(super) fn from_failure(failure: CallFailure) -> ClusterCallError {
         CallFailure::Timeout { silo, after } => {
             ClusterCallError::Timeout(format!("no answer from {silo} within {after:?}"))
         }
-        CallFailure::TooLarge { len, max } => {
-            ClusterCallError::Payload(format!("a request of {len} bytes exceeds {max}"))
-        }
+        CallFailure::TooLarge { len, max } => ClusterCallError::TooLarge { len, max },
     }
 }
 
@@ -173,7 +185,7 @@ impl Inner {
         };
         let mut message = Some(message);
         // The wire form, made once, the first time it is needed.
-        let mut encoded: Option<Vec<u8>> = None;
+        let mut encoded: Option<std::sync::Arc<Vec<u8>>> = None;
         // Moves and silos found gone count as hops; waits for a directory
         // that is settling (rule 3) are bounded by time instead.
         let mut hops = 0;
@@ -250,7 +262,7 @@ impl Inner {
                         outbound.deadline(),
                     )
                 };
-                let payload = encoded.as_deref().unwrap_or_default();
+                let payload = encoded.as_deref().map_or(&[][..], Vec::as_slice);
                 match node.connection(&target).await {
                     Ok(connection) => {
                         sent = true;
@@ -390,6 +402,16 @@ fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallE
         // The home's silo is shutting down and the grain had not moved on
         // in time: the caller may try again (reminders do).
         ClusterCallError::Remote(RemoteError::ShutDown) => CallError::ShutDown,
+        // Still refused when the call stopped retrying: at its inbound
+        // limit, or at its activation limit (rule 14 of the silo).
+        ClusterCallError::Remote(RemoteError::Overloaded) => CallError::Overloaded {
+            grain: grain.clone(),
+        },
+        ClusterCallError::TooLarge { len, max } => CallError::TooLarge {
+            grain: grain.clone(),
+            len,
+            max,
+        },
         ClusterCallError::Remote(RemoteError::Timeout(_)) | ClusterCallError::Timeout(_) => {
             CallError::Timeout {
                 grain: grain.clone(),

@@ -119,9 +119,11 @@ pub struct NodeFile {
     pub tls: Option<TlsFile>,
 }
 
-/// Bounds on a node's silo (`limits = { … }`): what
-/// [`SiloConfig`](granary_actors::SiloConfig) sets, each with the runtime's
-/// default when absent.
+/// Bounds on a node's silo (`limits = { … }`): the
+/// [`SiloConfig`](granary_actors::SiloConfig) settings of those names; one
+/// absent keeps what the node's grains registered (the runtime's default,
+/// unless they set it). Refused at start: a zero `storage_timeout_ms` or
+/// `activation_limit`, and an `activation_limit` below `max_activations`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
@@ -141,15 +143,17 @@ pub struct LimitsFile {
 }
 
 impl LimitsFile {
-    fn silo_config(&self) -> granary_actors::SiloConfig {
-        let defaults = granary_actors::SiloConfig::default();
-        granary_actors::SiloConfig {
-            max_activations: self.max_activations,
-            activation_limit: self.activation_limit,
-            storage_timeout: self
-                .storage_timeout_ms
-                .map_or(defaults.storage_timeout, Duration::from_millis),
-            ..defaults
+    /// Sets what the file gives, leaving every other setting as the
+    /// node's grains registered it.
+    fn apply(&self, config: &mut granary_actors::SiloConfig) {
+        if let Some(most) = self.max_activations {
+            config.max_activations = Some(most);
+        }
+        if let Some(limit) = self.activation_limit {
+            config.activation_limit = Some(limit);
+        }
+        if let Some(ms) = self.storage_timeout_ms {
+            config.storage_timeout = Duration::from_millis(ms);
         }
     }
 }
@@ -659,7 +663,7 @@ pub async fn start_node(
     };
     let mut silo = grains.register(Silo::builder(), &devices).storage(storage);
     if let Some(limits) = &file.limits {
-        silo = silo.config(limits.silo_config());
+        silo = silo.configure(|config| limits.apply(config));
     }
     if let Some(bridge) = bridge {
         silo = silo.service(bridge);

@@ -157,6 +157,7 @@ fn node_files() -> Seeds {
         storage = { kind = \"postgres\", url = \"postgres://granary@db/granary\" }\n\
         devices = { backend = \"cuda\", memory_mib = 40960 }\n\
         admin = { listen = \"127.0.0.1:9100\", token = \"t\" }\ndrain_grace_secs = 30\n\
+        limits = { max_activations = 10, activation_limit = 20, storage_timeout_ms = 500 }\n\
         tls = { ca = \"certs/ca.pem\", cert = \"certs/10.0.0.5.pem\", key = \"certs/10.0.0.5-key.pem\" }\n";
     let small = "cluster = \"c\"\nsecret = \"00\"\nlisten = \"127.0.0.1:0\"\n\
         gossip = \"127.0.0.1:0\"\nstorage = { kind = \"memory\" }\n";

@@ -49,9 +49,11 @@ pub enum CallError {
         /// What went wrong.
         reason: String,
     },
-    /// The grain had no activation, and the silo holding its home already
-    /// holds its `activation_limit` of them: none was started, and the
-    /// message was not handled. Retry later.
+    /// No room for the call, which was not handled: the grain had no
+    /// activation and its silo holds its `activation_limit` of them (in a
+    /// cluster: every silo that hosts the type was full, of activations or
+    /// of device memory), or the silo had as many requests from this one
+    /// running as it takes. Retry later.
     Overloaded {
         /// The grain.
         grain: GrainId,
@@ -95,7 +97,7 @@ impl fmt::Display for CallError {
             ),
             CallError::Overloaded { grain } => write!(
                 f,
-                "{grain} was not activated: its silo holds its limit of activations; retry later"
+                "{grain}: no room for the call (activation limit, device memory or inbound limit); not handled, retry later"
             ),
         }
     }

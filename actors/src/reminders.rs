@@ -587,8 +587,9 @@ impl Reminders {
         for (firing, delivered) in firings.into_iter().zip(delivered) {
             match delivered {
                 Ok(()) => fired.push(firing),
-                // Not fired: the row keeps its due time for the next owner.
-                Err(CallError::ShutDown) => not_fired.push(firing),
+                // Not fired: the row keeps its due time for the next owner,
+                // or for the next scan once the silo has room again.
+                Err(CallError::ShutDown | CallError::Overloaded { .. }) => not_fired.push(firing),
                 Err(err) => {
                     let (grain, name) = &firing.key;
                     tracing::warn!(grain = %grain, reminder = name, error = %err, "a reminder could not be delivered");

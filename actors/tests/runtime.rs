@@ -528,6 +528,29 @@ async fn past_the_activation_limit_new_grains_are_refused_and_held_ones_serve() 
 }
 
 #[test]
+fn an_activation_limit_of_zero_or_below_the_shedding_threshold_is_refused() {
+    for (limit, shed) in [(Some(0), None), (Some(5), Some(10))] {
+        let built = Silo::builder()
+            .register::<Counter>("counter")
+            .config(SiloConfig {
+                activation_limit: limit,
+                max_activations: shed,
+                ..SiloConfig::default()
+            })
+            .build();
+        assert!(
+            matches!(built, Err(SiloError::InvalidConfig(_))),
+            "{limit:?} with {shed:?}"
+        );
+    }
+    let zero_timeout = Silo::builder()
+        .register::<Counter>("counter")
+        .configure(|config| config.storage_timeout = Duration::ZERO)
+        .build();
+    assert!(matches!(zero_timeout, Err(SiloError::InvalidConfig(_))));
+}
+
+#[test]
 fn one_type_under_two_names_is_refused() {
     assert!(matches!(
         Silo::builder()

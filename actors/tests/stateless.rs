@@ -155,3 +155,48 @@ async fn a_busy_worker_is_not_chosen_while_a_slot_is_free() {
     assert_eq!(silo.activations_started(), 2);
     silo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_activation_limit_busy_workers_still_take_the_key_s_messages() {
+    // Room for two activations; the key could have four workers.
+    let silo = Silo::builder()
+        .register_stateless::<Hasher>("hasher", 4)
+        .configure(|config| config.activation_limit = Some(2))
+        .build()
+        .expect("the silo builds");
+    let worker = silo.grain::<Hasher>("busy");
+    let (gate, open) = gate();
+    let held: Vec<_> = (0..2u64)
+        .map(|n| {
+            let (worker, gate) = (worker.clone(), gate.clone());
+            tokio::spawn(async move { worker.call(Hold(gate, n)).await })
+        })
+        .collect();
+    holding(&gate, 2).await;
+    assert_eq!(silo.live_activations(), 2);
+    // Both workers busy, a slot free, no room for a third: the message
+    // waits in a busy worker's mailbox instead of being refused.
+    let queued = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.call(Work(21)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open.send(true).expect("the gate opens");
+    for call in held {
+        call.await.expect("a held call").expect("answered");
+    }
+    assert_eq!(
+        queued
+            .await
+            .expect("the queued call")
+            .expect("answered, not refused"),
+        42
+    );
+    // Another key has no activation and no room: refused.
+    let other = silo.grain::<Hasher>("other").call(Work(1)).await;
+    assert!(
+        matches!(other, Err(granary_actors::CallError::Overloaded { .. })),
+        "{other:?}"
+    );
+    silo.shutdown().await;
+}

@@ -136,8 +136,9 @@ pub enum RemoteError {
     /// The directory cannot decide yet (its owner took over the entry a
     /// moment ago); retry shortly.
     Retry,
-    /// The silo has no device where the grain fits (its published load
-    /// was stale): place the grain elsewhere.
+    /// The silo has no room for the grain (its published load was
+    /// stale): no device where it fits, or it holds its activation limit.
+    /// Place the grain elsewhere.
     NoRoom,
     /// Anything else, described.
     Other(String),
@@ -164,7 +165,7 @@ impl std::fmt::Display for RemoteError {
             RemoteError::ShutDown => write!(f, "the silo is shutting down"),
             RemoteError::Moved(silo) => write!(f, "the grain's activation is on {silo}"),
             RemoteError::Retry => write!(f, "the directory is taking over the entry; retry"),
-            RemoteError::NoRoom => write!(f, "no device on the silo has room for the grain"),
+            RemoteError::NoRoom => write!(f, "the silo has no room for the grain"),
             RemoteError::Other(why) => write!(f, "{why}"),
             RemoteError::Overloaded => write!(f, "the silo is overloaded; retry"),
             RemoteError::Forbidden(why) => write!(f, "refused: {why}"),

@@ -101,14 +101,15 @@ impl<G: Grain> Mailbox<G> {
 
 /// A grain's activation: rules 3, 5, 6 and 7.
 pub(super) async fn run_activation<G: Grain>(
-    silo: Silo,
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
     worker: usize,
     receiver: mailbox::Receiver<Envelope<G>>,
     sender: mailbox::Sender<Envelope<G>>,
     given_up: u64,
+    live: super::registry::LiveActivation,
 ) {
+    let silo = live.silo().clone();
     let id = GrainId {
         type_name: grain_type.name.clone(),
         key: key.clone(),
@@ -339,6 +340,9 @@ pub(super) async fn run_activation<G: Grain>(
     ctx.cancel_timers();
     counts.flush(&grain_type.stats);
     grain_type.stats.activation_ended();
+    // Its place in the live count first (rule 14): a caller woken by the
+    // freed slot finds room for the next activation.
+    drop(live);
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;

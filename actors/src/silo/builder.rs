@@ -461,6 +461,13 @@ impl SiloBuilder {
         self
     }
 
+    /// Changes the silo's settings in place, keeping those not touched
+    /// (what [`config`](Self::config) replaces whole).
+    pub fn configure(mut self, change: impl FnOnce(&mut SiloConfig)) -> SiloBuilder {
+        change(&mut self.config);
+        self
+    }
+
     /// Sets the configuration.
     pub fn config(mut self, config: SiloConfig) -> SiloBuilder {
         self.config = config;
@@ -489,6 +496,18 @@ impl SiloBuilder {
         }
         if self.config.storage_timeout.is_zero() {
             return Err(SiloError::InvalidConfig("storage_timeout is 0".into()));
+        }
+        match (self.config.activation_limit, self.config.max_activations) {
+            (Some(0), _) => {
+                return Err(SiloError::InvalidConfig("activation_limit is 0".into()));
+            }
+            (Some(limit), Some(shed)) if limit < shed => {
+                return Err(SiloError::InvalidConfig(format!(
+                    "activation_limit {limit} is below max_activations {shed}: idle \
+                     activations would never be shed before calls are refused"
+                )));
+            }
+            _ => {}
         }
         let shutdown = tokio_util::sync::CancellationToken::new();
         // Every state operation counted (`storage/counted.rs`).

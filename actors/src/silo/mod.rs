@@ -407,6 +407,16 @@ impl Silo {
         self.inner.live.load(Ordering::Relaxed)
     }
 
+    /// Whether the silo holds its `activation_limit` of activations now,
+    /// so that a new one would be refused (rule 14). A router asks before
+    /// making this silo a grain's home, to place the grain elsewhere.
+    pub fn at_activation_limit(&self) -> bool {
+        self.inner
+            .config
+            .activation_limit
+            .is_some_and(|limit| self.live_activations() >= limit)
+    }
+
     /// Calls `listener` each time an activation ends, after its entry is
     /// gone (a message sent from inside the listener starts a new one).
     /// It runs on the activation's task and must not block. One listener

@@ -19,6 +19,49 @@ use crate::grain::Grain;
 use crate::key::{GrainId, GrainKey};
 use crate::mailbox;
 
+/// An activation's place in the silo's live count, taken before it is made
+/// (rule 14) and given back when dropped: by the activation before it frees
+/// its slot, or with its task however that ends.
+pub(super) struct LiveActivation(Silo);
+
+impl LiveActivation {
+    /// The silo whose count it is.
+    pub(super) fn silo(&self) -> &Silo {
+        &self.0
+    }
+}
+
+impl Drop for LiveActivation {
+    fn drop(&mut self) {
+        self.0.inner.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The call refused at the activation limit (rule 14), counted.
+fn overloaded<G>(grain_type: &GrainType<G>, key: &GrainKey) -> CallError {
+    grain_type
+        .stats
+        .failed(super::stats::FailureReason::Overloaded);
+    CallError::Overloaded {
+        grain: GrainId {
+            type_name: grain_type.name.clone(),
+            key: key.clone(),
+        },
+    }
+}
+
+/// The open activation with the most room among `slots`, if any.
+fn roomiest<G>(slots: &[Option<Entry<G>>]) -> Option<mailbox::Sender<Envelope<G>>> {
+    slots
+        .iter()
+        .filter_map(|slot| match slot {
+            Some(Entry::Active(sender)) if !sender.is_closed() => Some(sender),
+            _ => None,
+        })
+        .max_by_key(|sender| sender.capacity())
+        .cloned()
+}
+
 /// A directory entry (rule 1).
 pub(super) enum Entry<G> {
     Active(mailbox::Sender<Envelope<G>>),
@@ -168,8 +211,20 @@ impl Silo {
                         Choice::Use(sender) => return Ok(sender),
                         Choice::Wait(gone) => gone,
                         Choice::Activate(worker) => {
-                            self.reserve_activation(grain_type, key)?;
-                            let sender = self.activate_slot(grain_type, key, worker);
+                            let Some(live) = self.reserve_activation() else {
+                                // At the limit (rule 14): a stateless
+                                // worker's busy activations still take
+                                // the message; otherwise it is refused,
+                                // and an entry left with no slot goes.
+                                if let Some(sender) = roomiest(entry.get()) {
+                                    return Ok(sender);
+                                }
+                                if entry.get().iter().all(Option::is_none) {
+                                    entry.remove();
+                                }
+                                return Err(overloaded(grain_type, key));
+                            };
+                            let sender = self.activate_slot(grain_type, key, worker, live);
                             if let Some(slot) = entry.get_mut().get_mut(worker) {
                                 *slot = Some(Entry::Active(sender.clone()));
                             }
@@ -178,8 +233,10 @@ impl Silo {
                     }
                 }
                 dashmap::Entry::Vacant(vacant) => {
-                    self.reserve_activation(grain_type, key)?;
-                    let sender = self.activate_slot(grain_type, key, 0);
+                    let Some(live) = self.reserve_activation() else {
+                        return Err(overloaded(grain_type, key));
+                    };
+                    let sender = self.activate_slot(grain_type, key, 0, live);
                     let mut slots: Vec<Option<Entry<G>>> =
                         (0..grain_type.workers.max(1)).map(|_| None).collect();
                     slots[0] = Some(Entry::Active(sender.clone()));
@@ -211,39 +268,26 @@ impl Silo {
     }
 
     /// Counts one more live activation, unless the silo holds its
-    /// `activation_limit` already (rule 14): then the call is refused.
-    fn reserve_activation<G: Grain>(
-        &self,
-        grain_type: &GrainType<G>,
-        key: &GrainKey,
-    ) -> Result<(), CallError> {
+    /// `activation_limit` already (rule 14).
+    fn reserve_activation(&self) -> Option<LiveActivation> {
         let limit = self.inner.config.activation_limit.unwrap_or(u64::MAX);
         self.inner
             .live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |live| {
                 (live < limit).then_some(live + 1)
             })
-            .map(|_| ())
-            .map_err(|_| {
-                grain_type
-                    .stats
-                    .failed(super::stats::FailureReason::Overloaded);
-                CallError::Overloaded {
-                    grain: GrainId {
-                        type_name: grain_type.name.clone(),
-                        key: key.clone(),
-                    },
-                }
-            })
+            .ok()
+            .map(|_| LiveActivation(self.clone()))
     }
 
     /// Starts activation `worker` of `key` (under the directory's lock for
-    /// `key`, its live count reserved) and returns its mailbox.
+    /// `key`, with its place in the live count) and returns its mailbox.
     fn activate_slot<G: Grain>(
         &self,
         grain_type: &Arc<GrainType<G>>,
         key: &GrainKey,
         worker: usize,
+        live: LiveActivation,
     ) -> mailbox::Sender<Envelope<G>> {
         let (sender, mailbox) = mailbox::channel(
             self.inner.config.mailbox_capacity,
@@ -255,6 +299,7 @@ impl Silo {
             worker,
             mailbox,
             sender.clone(),
+            live,
         );
         sender
     }
@@ -266,6 +311,7 @@ impl Silo {
         worker: usize,
         mailbox: mailbox::Receiver<Envelope<G>>,
         sender: mailbox::Sender<Envelope<G>>,
+        live: LiveActivation,
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         grain_type.stats.activation_started();
@@ -273,19 +319,10 @@ impl Silo {
         // lock, before any message is queued for it), not when its task
         // first runs: a give-up in between stops it.
         let given_up = self.homes_given_up();
-        let silo = self.clone();
-        self.inner.tasks.spawn(async move {
-            run_activation(
-                silo.clone(),
-                grain_type,
-                key,
-                worker,
-                mailbox,
-                sender,
-                given_up,
-            )
-            .await;
-            silo.inner.live.fetch_sub(1, Ordering::Relaxed);
-        });
+        // `live` (which holds the silo) goes with the task however it
+        // ends: returning, panicking, or dropped unpolled with its runtime.
+        self.inner.tasks.spawn(run_activation(
+            grain_type, key, worker, mailbox, sender, given_up, live,
+        ));
     }
 }

@@ -192,6 +192,12 @@ impl Inner {
         // fit here now (placement decided on load that may be stale); the
         // memory is promised until the call that activates it returns.
         let promise = match registered_with {
+            // The silo's activation limit (rule 14 of the silo) is room
+            // too: a new home here would be refused its activation.
+            None if self.silo.at_activation_limit() => {
+                pin.suspect_entry();
+                return Err(RemoteError::NoRoom);
+            }
             None => match self.promise(&grain.type_name) {
                 Ok(promise) => Some(promise),
                 Err(no_room) => {

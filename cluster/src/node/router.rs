@@ -402,11 +402,15 @@ fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallE
         // The home's silo is shutting down and the grain had not moved on
         // in time: the caller may try again (reminders do).
         ClusterCallError::Remote(RemoteError::ShutDown) => CallError::ShutDown,
-        // Still refused when the call stopped retrying: at its inbound
-        // limit, or at its activation limit (rule 14 of the silo).
-        ClusterCallError::Remote(RemoteError::Overloaded) => CallError::Overloaded {
-            grain: grain.clone(),
-        },
+        // Still refused when the call stopped retrying (a silo at its
+        // inbound limit, or one that reached its activation limit between
+        // admitting the call and activating), or no silo that hosts the
+        // type had room for the grain.
+        ClusterCallError::Remote(RemoteError::Overloaded | RemoteError::NoRoom) => {
+            CallError::Overloaded {
+                grain: grain.clone(),
+            }
+        }
         ClusterCallError::TooLarge { len, max } => CallError::TooLarge {
             grain: grain.clone(),
             len,
@@ -463,6 +467,14 @@ impl ClusterNode {
             })
             .cloned()
             .collect();
+        // Every silo that hosts the type had no room (rule 5): the call is
+        // refused, rather than retried against silos that are full.
+        let mut hosts = all
+            .iter()
+            .filter(|member| member.load.grain_types.contains(&grain.type_name));
+        if view.is_empty() && !full.is_empty() && hosts.all(|member| full.contains(&member.silo)) {
+            return Err(ClusterCallError::Remote(RemoteError::NoRoom));
+        }
         if view.is_empty() && all.iter().any(|member| !full.contains(&member.silo)) {
             // Silos are there, but none says it hosts the type yet (a load
             // on its way) or at all: ask again while the cluster settles.

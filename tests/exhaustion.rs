@@ -129,28 +129,54 @@ impl Handler<Nap> for Cell {
     }
 }
 
-/// Calls `steady` every 20 ms until `stop`, failing on any error or any
-/// answer slower than `slowest`; returns the slowest answer.
-fn probe(
-    silo: &Silo,
+/// What every attack is measured by: the memory the process held when it
+/// began, and a grain the silo already held, called every 20 ms throughout
+/// (it must answer each time, within `SLOWEST`).
+struct Watch {
+    before: u64,
     stop: Arc<AtomicBool>,
-    slowest: Duration,
-) -> tokio::task::JoinHandle<Duration> {
-    let steady = silo.grain::<Cell>("steady");
-    tokio::spawn(async move {
-        let mut worst = Duration::ZERO;
-        while !stop.load(Ordering::Relaxed) {
-            let began = Instant::now();
-            steady
-                .call(Ping)
-                .await
-                .expect("the grain the silo already held answers throughout");
-            worst = worst.max(began.elapsed());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    probe: tokio::task::JoinHandle<Duration>,
+}
+
+/// The slowest the held grain may answer while an attack runs.
+const SLOWEST: Duration = Duration::from_secs(5);
+
+impl Watch {
+    /// Activates the held grain, resets the peak RSS and starts calling.
+    async fn start(silo: &Silo) -> Watch {
+        let steady = silo.grain::<Cell>("steady");
+        steady.call(Ping).await.expect("the first call");
+        let before = reset_peak();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let probe = tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !stopped.load(Ordering::Relaxed) {
+                let began = Instant::now();
+                steady
+                    .call(Ping)
+                    .await
+                    .expect("the grain the silo already held answers throughout");
+                worst = worst.max(began.elapsed());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            worst
+        });
+        Watch {
+            before,
+            stop,
+            probe,
         }
-        assert!(worst < slowest, "the held grain answered once in {worst:?}");
-        worst
-    })
+    }
+
+    /// The peak RSS since `start`, and the held grain's slowest answer.
+    async fn finish(self) -> (u64, Duration) {
+        let peak = peak();
+        self.stop.store(true, Ordering::Relaxed);
+        let worst = self.probe.await.expect("the probe");
+        assert!(worst < SLOWEST, "the held grain answered once in {worst:?}");
+        (peak, worst)
+    }
 }
 
 async fn a_million_first_calls_stay_under_the_activation_limit() {
@@ -166,13 +192,9 @@ async fn a_million_first_calls_stay_under_the_activation_limit() {
         })
         .build()
         .expect("the silo builds");
-    silo.grain::<Cell>("steady")
-        .call(Ping)
-        .await
-        .expect("the first call");
-    let before = reset_peak();
+    let watch = Watch::start(&silo).await;
+    let before = watch.before;
     let stop = Arc::new(AtomicBool::new(false));
-    let steady = probe(&silo, stop.clone(), Duration::from_secs(5));
     // The most activations seen alive, sampled every millisecond.
     let most = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -213,10 +235,10 @@ async fn a_million_first_calls_stay_under_the_activation_limit() {
     }
     let took = began.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let worst = steady.await.expect("the probe");
+    let (peak, worst) = watch.finish().await;
     sampler.await.expect("the sampler");
     let (ok, refused) = (ok.load(Ordering::Relaxed), refused.load(Ordering::Relaxed));
-    let (most, peak) = (most.load(Ordering::Relaxed), peak());
+    let most = most.load(Ordering::Relaxed);
     println!(
         "exhaustion: {GRAINS} first calls in {took:.1?}: {ok} activated, {refused} refused \
          (Overloaded); at most {most} activations alive (limit {LIMIT}); RSS {:.0} MiB before, \
@@ -302,13 +324,8 @@ async fn a_mailbox_flood_times_out_callers_and_the_silo_serves_on() {
         })
         .build()
         .expect("the silo builds");
-    silo.grain::<Cell>("steady")
-        .call(Ping)
-        .await
-        .expect("the first call");
-    let before = reset_peak();
-    let stop = Arc::new(AtomicBool::new(false));
-    let steady = probe(&silo, stop.clone(), Duration::from_secs(5));
+    let watch = Watch::start(&silo).await;
+    let before = watch.before;
     let began = Instant::now();
     let victim = silo.grain::<Cell>("victim");
     let calls: Vec<_> = (0..CALLERS)
@@ -329,9 +346,7 @@ async fn a_mailbox_flood_times_out_callers_and_the_silo_serves_on() {
         }
     }
     let took = began.elapsed();
-    let peak = peak();
-    stop.store(true, Ordering::Relaxed);
-    let worst = steady.await.expect("the probe");
+    let (peak, worst) = watch.finish().await;
     println!(
         "exhaustion: {CALLERS} callers at one grain (mailbox 64, turns of 5 ms, timeout \
          {timeout:?}): {ok} answered, {timed_out} timed out, all in {took:.1?}; RSS {:.0} MiB \
@@ -376,10 +391,11 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
     use granary::kernels::shipped;
     use granary::node_file::{DevicesFile, LimitsFile, NodeFile, StorageFile, start_node};
 
-    /// The silo node's activation limit.
-    const LIMIT: u64 = 8;
+    /// Each silo node's activation limit.
+    const LIMIT: u64 = 4;
 
-    // Two nodes in this process: a client and a silo that hosts counters.
+    // Three nodes in this process: a client and two silos that host
+    // counters, each with room for `LIMIT` activations.
     let free = |kind: &str| {
         let port = match kind {
             "tcp" => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()),
@@ -408,20 +424,21 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
         limits,
         tls: None,
     };
-    let silo = start_node(
-        &file(
-            free("tcp").to_string(),
-            seed,
-            false,
-            Some(LimitsFile {
-                activation_limit: Some(LIMIT),
-                ..LimitsFile::default()
-            }),
-        ),
-        &DemoGrains::default(),
-    )
-    .await
-    .expect("the silo node starts");
+    let mut silos = Vec::new();
+    for gossip in [seed, free("udp")] {
+        let limits = LimitsFile {
+            activation_limit: Some(LIMIT),
+            ..LimitsFile::default()
+        };
+        silos.push(
+            start_node(
+                &file(free("tcp").to_string(), gossip, false, Some(limits)),
+                &DemoGrains::default(),
+            )
+            .await
+            .expect("a silo node starts"),
+        );
+    }
     let client = start_node(
         &file("127.0.0.1:0".into(), free("udp"), true, None),
         &DemoGrains::default(),
@@ -429,7 +446,7 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
     .await
     .expect("the client node starts");
     let joined = Instant::now();
-    while client.members().len() < 2 || silo.members().len() < 2 {
+    while client.members().len() < 3 || silos.iter().any(|silo| silo.members().len() < 3) {
         assert!(
             joined.elapsed() < Duration::from_secs(20),
             "the nodes did not join"
@@ -505,23 +522,36 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
         .expect("the bridge still serves");
     assert_eq!(ok.len(), 8);
 
-    // The silo node's own limit, `limits` in its node file: a first call
-    // past it is refused, and the refusal reaches the caller on the other
-    // node typed.
+    // Each silo's own limit, `limits` in its node file: a first call that
+    // finds one silo full is placed on the other, and one that finds both
+    // full is refused, typed, on the calling node.
     let mut key = 2u64;
     let refused = loop {
         match client.grain::<Counter>(key).call(Get).await {
             Ok(_) => {
                 assert!(
-                    key <= LIMIT,
-                    "{key} counters activated past the limit {LIMIT}"
+                    key <= 2 * LIMIT,
+                    "{key} counters activated past the silos' limits of {LIMIT} each"
                 );
                 key += 1;
             }
             Err(err) => break err,
         }
     };
-    println!("exhaustion: counter {key} on a node at its activation limit of {LIMIT}: {refused}");
+    let held: Vec<u64> = silos
+        .iter()
+        .map(|silo| silo.silo().live_activations())
+        .collect();
+    println!(
+        "exhaustion: counters held by two silos with an activation limit of {LIMIT} each: \
+         {held:?}; counter {key}: {refused}"
+    );
+    assert_eq!(
+        key,
+        2 * LIMIT + 1,
+        "a counter was refused while a silo had room"
+    );
+    assert_eq!(held, [LIMIT, LIMIT]);
     assert!(
         matches!(&refused, CallError::Overloaded { grain } if grain.key == GrainKey::U64(key)),
         "{refused:?}"
@@ -532,7 +562,9 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
         .expect("a held counter still serves")
         .expect("its count");
     let _ = client.leave().await;
-    let _ = silo.leave().await;
+    for silo in &silos {
+        let _ = silo.leave().await;
+    }
 }
 
 /// Storage whose every operation waits forever, counting those started.
@@ -604,13 +636,8 @@ async fn storage_that_stops_answering_fails_calls_within_its_timeout() {
         })
         .build()
         .expect("the silo builds");
-    silo.grain::<Cell>("steady")
-        .call(Ping)
-        .await
-        .expect("the first call");
-    let before = reset_peak();
-    let stop = Arc::new(AtomicBool::new(false));
-    let steady = probe(&silo, stop.clone(), Duration::from_secs(5));
+    let watch = Watch::start(&silo).await;
+    let before = watch.before;
     let began = Instant::now();
     let calls: Vec<_> = (0..GRAINS)
         .map(|n| {
@@ -626,9 +653,7 @@ async fn storage_that_stops_answering_fails_calls_within_its_timeout() {
         }
     }
     let took = began.elapsed();
-    let peak = peak();
-    stop.store(true, Ordering::Relaxed);
-    let worst = steady.await.expect("the probe");
+    let (peak, worst) = watch.finish().await;
     let settle = Instant::now();
     while silo.live_activations() > 1 {
         assert!(

@@ -35,8 +35,9 @@
 //!    round's writes go as one batch). So a silo that was down fires a
 //!    missed reminder once, not once per missed period. A row is not fired
 //!    again while its write is under way. A firing refused because the silo
-//!    (or the grain's home) is shutting down is not written: the next owner
-//!    fires it, or this silo tries again a second later. A firing that
+//!    (or the grain's home) is shutting down, or had no room for the grain
+//!    (`CallError::Overloaded`: its activation limit), is not written: the
+//!    next owner fires it, or this silo tries again a second later. A firing that
 //!    could not be delivered otherwise (the grain's mailbox stayed full past
 //!    the call timeout, its home on another silo could not be reached) is
 //!    logged and counts as fired. On a silo that routes its
@@ -108,7 +109,8 @@ const MAX_MS: u64 = u64::MAX >> 1;
 /// (`SiloBuilder::reminder_rescan`).
 pub(crate) const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
 
-/// How soon a firing refused for a shutdown is tried again here (rule 4).
+/// How soon a firing refused for a shutdown or for want of room is tried
+/// again here (rule 4).
 const NOT_FIRED_RETRY_MS: u64 = 1_000;
 
 /// How soon a failed rescan is tried again.

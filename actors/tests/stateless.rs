@@ -166,13 +166,15 @@ async fn at_the_activation_limit_busy_workers_still_take_the_key_s_messages() {
         .expect("the silo builds");
     let worker = silo.grain::<Hasher>("busy");
     let (gate, open) = gate();
-    let held: Vec<_> = (0..2u64)
-        .map(|n| {
-            let (worker, gate) = (worker.clone(), gate.clone());
-            tokio::spawn(async move { worker.call(Hold(gate, n)).await })
-        })
-        .collect();
-    holding(&gate, 2).await;
+    // One at a time: each holds its worker before the next is sent.
+    let mut held = Vec::new();
+    for n in 0..2u64 {
+        let (worker, held_gate) = (worker.clone(), gate.clone());
+        held.push(tokio::spawn(async move {
+            worker.call(Hold(held_gate, n)).await
+        }));
+        holding(&gate, n as usize + 1).await;
+    }
     assert_eq!(silo.live_activations(), 2);
     // Both workers busy, a slot free, no room for a third: the message
     // waits in a busy worker's mailbox instead of being refused.
@@ -180,7 +182,21 @@ async fn at_the_activation_limit_busy_workers_still_take_the_key_s_messages() {
         let worker = worker.clone();
         tokio::spawn(async move { worker.call(Work(21)).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Queued, not refused: it waits in a worker's mailbox.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while silo
+        .grain_type_stats()
+        .iter()
+        .map(|stats| stats.mailbox_depth)
+        .sum::<u64>()
+        == 0
+    {
+        if queued.is_finished() {
+            panic!("the third call ended before it queued: {:?}", queued.await);
+        }
+        assert!(Instant::now() < deadline, "the third call never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     open.send(true).expect("the gate opens");
     for call in held {
         call.await.expect("a held call").expect("answered");

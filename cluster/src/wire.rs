@@ -195,7 +195,9 @@ impl From<granary_actors::DispatchError> for RemoteError {
             DispatchError::Call(err @ CallError::TurnFailed { .. }) => {
                 RemoteError::TurnFailed(err.to_string())
             }
-            DispatchError::Call(CallError::Overloaded { .. }) => RemoteError::Overloaded,
+            // A first call past this silo's activation limit: the caller
+            // places the grain on another silo, as for a full device.
+            DispatchError::Call(CallError::Overloaded { .. }) => RemoteError::NoRoom,
             other => RemoteError::Other(other.to_string()),
         }
     }

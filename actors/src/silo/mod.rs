@@ -94,7 +94,9 @@
 //!     entry is left behind. The count falls when an activation's task
 //!     ends, so the silo never holds more than the limit, however many
 //!     distinct grains are called at once. Messages to grains already
-//!     active are not affected. (`max_activations`, rule 5, sheds idle
+//!     active are not affected, nor those to a stateless worker key with a
+//!     busy activation: they queue on its roomiest worker instead of
+//!     starting another. (`max_activations`, rule 5, sheds idle
 //!     activations below the limit; this rule bounds them.)
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),

@@ -39,8 +39,11 @@
 //!    only in its time stamp is published again only after
 //!    `LOAD_REFRESH`, so an idle cluster stays quiet. Published load may
 //!    be stale, so a silo never becomes home to a grain whose declared
-//!    device needs do not fit it now: it answers `NoRoom`, and the caller
-//!    places the grain elsewhere. Memory is promised to a grain from that
+//!    device needs do not fit it now, nor to any new grain while it holds
+//!    its activation limit (rule 14 of the silo; a first call that reaches
+//!    the limit after it was admitted is answered the same way): it answers
+//!    `NoRoom`, and the caller places the grain elsewhere. A call every
+//!    silo hosting the type refused is `CallError::Overloaded`. Memory is promised to a grain from that
 //!    check until the call that activates it returns, so that first calls
 //!    arriving together do not all count the same free bytes.
 //! 6. **Giving a home up.** A call arriving here pins the grain's home

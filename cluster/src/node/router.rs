@@ -469,10 +469,14 @@ impl ClusterNode {
             .collect();
         // Every silo that hosts the type had no room (rule 5): the call is
         // refused, rather than retried against silos that are full.
-        let mut hosts = all
+        let hosts: Vec<&Member> = all
             .iter()
-            .filter(|member| member.load.grain_types.contains(&grain.type_name));
-        if view.is_empty() && !full.is_empty() && hosts.all(|member| full.contains(&member.silo)) {
+            .filter(|member| member.load.grain_types.contains(&grain.type_name))
+            .collect();
+        if view.is_empty()
+            && !hosts.is_empty()
+            && hosts.iter().all(|member| full.contains(&member.silo))
+        {
             return Err(ClusterCallError::Remote(RemoteError::NoRoom));
         }
         if view.is_empty() && all.iter().any(|member| !full.contains(&member.silo)) {

@@ -262,6 +262,9 @@ pub(crate) struct Registry {
     pub(crate) stateless: std::collections::HashSet<String>,
     /// Whether a grain is active here, by type name.
     pub(crate) activity: HashMap<String, IsActive>,
+    /// Migratable types, by name: how an activation leaves and arrives
+    /// (`migration.rs` rules 2 and 4).
+    pub(crate) migrants: HashMap<String, (crate::migration::Depart, crate::migration::Arrive)>,
 }
 
 impl Silo {

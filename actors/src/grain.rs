@@ -315,6 +315,28 @@ impl GrainContext {
         PersistentState::load(self.silo.storage(), self.id.clone()).await
     }
 
+    /// Moves this grain to `target` with its in-memory state once the
+    /// running turn has ended (`migration.rs` rule 5), as
+    /// `GrainRef::migrate` does; the turn goes on meanwhile, and the move's
+    /// outcome is logged, not returned. Only on a silo in a cluster, for a
+    /// type registered as migratable.
+    pub fn migrate(&self, target: crate::migration::MigrationTarget) {
+        let (silo, grain) = (self.silo.clone(), self.id.clone());
+        let Some(router) = silo.router() else {
+            tracing::warn!(%grain, "a grain asked to migrate on a silo outside a cluster");
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            match router.migrate(&grain, target).await {
+                Ok(moved) => tracing::debug!(%grain, to = %moved.to, "the grain moved"),
+                Err(err) => tracing::warn!(%grain, error = %err, "the grain did not move"),
+            }
+        });
+    }
+
     /// The silo service of type `S` (for example the GPU bridge), if one
     /// was registered when the silo was built.
     pub fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {

@@ -48,8 +48,10 @@
 //! interleaving, bounded mailboxes, call timeouts, idle deactivation, panic
 //! reset, graceful shutdown, timers, reminders, observers, stateless
 //! workers, shedding under memory pressure, silo services, and persistence
-//! with ETag concurrency (in memory, redb and PostgreSQL), and dispatch of
-//! messages addressed by name (`dispatch`), which the cluster uses.
+//! with ETag concurrency (in memory, redb and PostgreSQL), dispatch of
+//! messages addressed by name (`dispatch`), which the cluster uses, and
+//! the actors side of migration (`migration`: a grain that moves to
+//! another silo with its in-memory state).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -65,6 +67,7 @@ mod grain;
 pub mod histogram;
 mod key;
 mod mailbox;
+pub mod migration;
 pub mod observers;
 mod reminders;
 pub mod route;

@@ -31,7 +31,9 @@
 //!    [`SendError::Closed`] hand the message back) and wakes every parked
 //!    sender, which takes its message back. Queued messages stay for the
 //!    receiver to drain. Dropping the receiver closes the mailbox and drops
-//!    what is queued.
+//!    what is queued. The receiver may open it again
+//!    ([`Receiver::reopen`]: a migration that did not happen); the senders
+//!    refused meanwhile had their messages back, and send them again.
 //! 7. **Cancellation.** A send future dropped while parked takes its
 //!    message out, unless it was admitted first: then it is delivered.
 //!
@@ -146,6 +148,14 @@ impl<T> Shared<T> {
         woken.extend(state.receiver.take());
         self.mirror(&state);
         woken
+    }
+
+    /// Rule 6: takes messages again.
+    fn reopen(&self) {
+        let mut state = self.lock();
+        state.closed = false;
+        self.closed.store(false, Ordering::Release);
+        self.mirror(&state);
     }
 }
 
@@ -630,6 +640,11 @@ impl<T> Receiver<T> {
     /// Whether the mailbox is closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Takes messages again after [`Receiver::close`] (rule 6).
+    pub(crate) fn reopen(&mut self) {
+        self.shared.reopen();
     }
 
     /// Whether nothing is queued.

@@ -52,6 +52,11 @@
 //!    the silo a reference names ([`Router::observe`]), where they arrive
 //!    at [`HomeSide::observe`], and says whether that silo is still a
 //!    member ([`Router::is_present`]); see `observers/mod.rs`.
+//! 8. **Migration.** `GrainRef::migrate` and `GrainContext::migrate` ask
+//!    the router ([`Router::migrate`]) to move a grain; the router moves
+//!    the activation where it lives with [`HomeSide::depart`] and makes
+//!    it on the target with [`HomeSide::arrive`] (`migration.rs`). A silo
+//!    alone has nowhere to move a grain: `MigrationError::Unsupported`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -64,6 +69,7 @@ use tokio::time::Instant;
 use crate::dispatch::DispatchError;
 use crate::error::CallError;
 use crate::key::{GrainId, GrainKey};
+use crate::migration::{Arrival, Dehydrated, Departure, Migrated, MigrationError, MigrationTarget};
 use crate::observers::{Observed, ObserverUnreachable};
 use crate::silo::Silo;
 
@@ -199,6 +205,22 @@ pub trait Router: Send + Sync + 'static {
         let _ = place;
         false
     }
+
+    /// Moves `grain`'s activation, wherever it is, to `target` with its
+    /// in-memory state (rule 8, `migration.rs`). The default moves
+    /// nothing.
+    fn migrate<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        target: MigrationTarget,
+    ) -> BoxFuture<'a, Result<Migrated, MigrationError>> {
+        let _ = (grain, target);
+        Box::pin(async {
+            Err(MigrationError::Unsupported {
+                reason: "this silo's router moves no grains".into(),
+            })
+        })
+    }
 }
 
 /// A request from another silo, for a grain this silo is home to (rule 5).
@@ -259,6 +281,45 @@ impl HomeSide {
     /// call from any thread, also while the silo's runtime is stalled.
     pub fn give_up_homes(&self) {
         self.silo.give_up_homes();
+    }
+
+    /// Whether grain type `grain_type` is registered here as migratable
+    /// (rule 8).
+    pub fn is_migratable(&self, grain_type: &str) -> bool {
+        self.silo.registry().migrants.contains_key(grain_type)
+    }
+
+    /// Asks `grain`'s activation here to leave (rule 8, `migration.rs` rule
+    /// 2): it dehydrates between turns, and waits for the verdict given
+    /// through the [`Departure`].
+    pub async fn depart(&self, grain: &GrainId) -> Result<Departure, MigrationError> {
+        let depart = self.migrant(&grain.type_name)?.0;
+        depart(&self.silo, grain.key.clone()).await
+    }
+
+    /// Makes `grain`'s activation here from `state` (rule 8, `migration.rs`
+    /// rule 4); it takes messages once the [`Arrival`] is confirmed.
+    pub async fn arrive(
+        &self,
+        grain: &GrainId,
+        state: Dehydrated,
+    ) -> Result<Arrival, MigrationError> {
+        let arrive = self.migrant(&grain.type_name)?.1;
+        arrive(&self.silo, grain.key.clone(), state).await
+    }
+
+    fn migrant(
+        &self,
+        grain_type: &str,
+    ) -> Result<(crate::migration::Depart, crate::migration::Arrive), MigrationError> {
+        self.silo
+            .registry()
+            .migrants
+            .get(grain_type)
+            .cloned()
+            .ok_or_else(|| MigrationError::NotMigratable {
+                type_name: grain_type.to_string(),
+            })
     }
 
     /// Uninstalls this side's router, if it is still the silo's: for a

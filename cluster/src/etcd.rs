@@ -801,6 +801,62 @@ impl EtcdDirectory {
         ))
     }
 
+    /// Moves `grain`'s entry from `from` to this silo's `activation` (a
+    /// migration's switch, or this silo renumbering its own entry): done
+    /// if the entry is `from` (compared by its revision once verified),
+    /// already this activation, or (with `claim_vacant`) absent. The entry
+    /// then goes with this silo's lease. Returns the entry afterwards.
+    pub async fn switch(
+        &self,
+        grain: &GrainId,
+        from: &ActivationAddress,
+        activation: u64,
+        claim_vacant: bool,
+    ) -> Result<Option<ActivationAddress>, EtcdError> {
+        let key = self.key(grain)?;
+        let ours = ActivationAddress {
+            silo: self.silo.clone(),
+            activation,
+        };
+        let json =
+            serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+        let value = self.records.seal(&key, self.lease, &json);
+        let put = TxnOp::put(
+            key.clone(),
+            value,
+            Some(PutOptions::new().with_lease(self.lease)),
+        );
+        let answer = self
+            .client
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .map_err(request)?;
+        let when = match answer.kvs().first() {
+            Some(kv) => match self.entry(&key, kv).await? {
+                Some(home) if home == *from => {
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
+                }
+                standing => return Ok(standing),
+            },
+            None if claim_vacant => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            None => return Ok(None),
+        };
+        let txn = Txn::new().when([when]).and_then([put]);
+        if self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(request)?
+            .succeeded()
+        {
+            return Ok(Some(ours));
+        }
+        // Changed since it was read: whatever stands now.
+        self.lookup(grain).await
+    }
+
     /// The home in `kv`, the entry at `key` (rule 7). One without a lease
     /// that does not verify (no silo writes one: a forgery, or a value
     /// copied off its lease) is deleted if unchanged since it was read,

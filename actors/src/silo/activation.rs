@@ -20,6 +20,7 @@ use super::{ActivationEnd, Silo};
 use crate::grain::{Grain, GrainContext};
 use crate::key::{GrainId, GrainKey};
 use crate::mailbox;
+use crate::migration::{Arriving, Dehydrated, Departing, MigrationError, Verdict};
 
 /// An activation's mailbox, kept in its `GrainContext` so that a turn
 /// waiting in `GrainContext::call` can take reentrant messages from it.
@@ -99,7 +100,17 @@ impl<G: Grain> Mailbox<G> {
     }
 }
 
-/// A grain's activation: rules 3, 5, 6 and 7.
+/// What an activation arriving from another silo starts from
+/// (`migration.rs` rule 4): the dehydrated state, and where it answers
+/// once its hooks ran.
+pub(super) struct Seed {
+    pub(super) state: Dehydrated,
+    pub(super) ready: tokio::sync::oneshot::Sender<Arriving>,
+}
+
+/// A grain's activation: rules 3, 5, 6 and 7; an arrival and a departure
+/// (`migration.rs` rules 2 to 4).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_activation<G: Grain>(
     grain_type: Arc<GrainType<G>>,
     key: GrainKey,
@@ -108,6 +119,7 @@ pub(super) async fn run_activation<G: Grain>(
     sender: mailbox::Sender<Envelope<G>>,
     given_up: u64,
     live: super::registry::LiveActivation,
+    seed: Option<Seed>,
 ) {
     let silo = live.silo().clone();
     let id = GrainId {
@@ -142,6 +154,18 @@ pub(super) async fn run_activation<G: Grain>(
     } else {
         activate::<G>(&key, &mut ctx).await
     };
+    // `migration.rs` rule 4: an arrival rehydrates, then runs nothing
+    // until its switch is confirmed; one that fails or is not confirmed
+    // ends without `on_deactivate` (its grain is dropped here).
+    if let Some(seed) = seed {
+        if !arrive(&grain_type, &mut grain, &mut ctx, seed).await {
+            grain = None;
+        }
+    }
+    // Set once the grain left for another silo (`migration.rs` rule 3),
+    // and the signal of the entry a departure left deactivating.
+    let mut migrated = false;
+    let mut leaving = None;
     // Messages run, added to the type's count now and then; one turn in so
     // many timed (`stats.rs` rules 2 and 3).
     let mut counts = ActivationCounts::new();
@@ -234,6 +258,19 @@ pub(super) async fn run_activation<G: Grain>(
             ctx.put_mailbox(mailbox);
             match next {
                 Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
+                // `migration.rs` rule 2: between turns, never in one.
+                Some(Some(Envelope {
+                    turn: Turn::Migrate(reply),
+                    ..
+                })) if !abandoned(&silo) => {
+                    if let Departed::Ends { moved, gone } =
+                        depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply).await
+                    {
+                        migrated = moved;
+                        leaving = Some(gone);
+                        break;
+                    }
+                }
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.
                 Some(Some(envelope)) if abandoned(&silo) => {
@@ -269,12 +306,11 @@ pub(super) async fn run_activation<G: Grain>(
     // Rule 5: no new messages; run the ones already queued. Timers end
     // with the activation.
     ctx.cancel_timers();
-    let (gone, gone_signal) = watch::channel(false);
-    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
-        if let Some(slot) = slots.get_mut(worker) {
-            *slot = Some(Entry::Deactivating(gone_signal));
-        }
-    }
+    let gone = leaving.unwrap_or_else(|| {
+        let (gone, gone_signal) = watch::channel(false);
+        set_slot(&grain_type, &key, worker, Entry::Deactivating(gone_signal));
+        gone
+    });
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         exclusive(&mut mailbox).receiver.close();
         ctx.put_mailbox(mailbox);
@@ -309,8 +345,9 @@ pub(super) async fn run_activation<G: Grain>(
                 (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
                 counts.ran(ran, &grain_type.stats);
             }
-            // Failed activation: dropping the envelope fails its call,
-            // counted per message.
+            // Failed activation (or one that left, `migration.rs` rule 3:
+            // its mailbox was closed and drained before): dropping the
+            // envelope fails its call, counted per message.
             None => {
                 if !matches!(envelope.turn, Turn::Deactivate) {
                     grain_type.stats.failed(FailureReason::ActivationFailed);
@@ -322,7 +359,9 @@ pub(super) async fn run_activation<G: Grain>(
     // What the drain ran is counted before `on_deactivate` (which may
     // take long).
     counts.flush(&grain_type.stats);
-    let end = if grain.is_some() {
+    let end = if migrated {
+        ActivationEnd::Migrated
+    } else if grain.is_some() {
         ActivationEnd::Deactivated
     } else {
         ActivationEnd::ActivationFailed
@@ -366,6 +405,195 @@ pub(super) async fn run_activation<G: Grain>(
         .map(|(_, listener)| listener.clone());
     if let Some(listener) = listener {
         listener(&id, end);
+    }
+}
+
+/// `migration.rs` rule 4: rehydrates a new activation's `grain` from
+/// `seed`, answers, and waits for the switch's confirmation. Whether the
+/// activation goes on; if not, the caller drops the grain unwritten.
+async fn arrive<G: Grain>(
+    grain_type: &GrainType<G>,
+    grain: &mut Option<G>,
+    ctx: &mut GrainContext,
+    seed: Seed,
+) -> bool {
+    let id = ctx.id().clone();
+    let failed = |reason: String| MigrationError::Hook {
+        grain: id.clone(),
+        reason,
+    };
+    let rehydrated = match (grain.as_mut(), grain_type.migration.get()) {
+        (None, _) => Err(failed(
+            "the arriving activation's on_activate failed".into(),
+        )),
+        (Some(_), None) => Err(MigrationError::NotMigratable {
+            type_name: grain_type.name.clone(),
+        }),
+        (Some(object), Some(hooks)) => {
+            match AssertUnwindSafe((hooks.rehydrate)(object, ctx, seed.state))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(failed(format!("rehydrate failed: {err}"))),
+                Err(_) => Err(failed("rehydrate panicked".into())),
+            }
+        }
+    };
+    if let Err(err) = rehydrated {
+        tracing::warn!(grain = %ctx.id(), error = %err, "an arriving activation failed");
+        let _ = seed.ready.send(Err(err));
+        return false;
+    }
+    let (confirm, confirmed) = tokio::sync::oneshot::channel();
+    if seed.ready.send(Ok(confirm)).is_err() {
+        return false;
+    }
+    confirmed.await.unwrap_or(false)
+}
+
+/// How a departure ended (`migration.rs` rule 3).
+enum Departed {
+    /// The grain stays: its mailbox is open again, and the activation goes
+    /// on.
+    Stayed,
+    /// The activation ends: its grain left (`moved`), or failed for good
+    /// on the way. Its entry is still marked deactivating with `gone`'s
+    /// signal, and its mailbox closed.
+    Ends {
+        moved: bool,
+        gone: watch::Sender<bool>,
+    },
+}
+
+/// `migration.rs` rules 2 and 3: the activation leaves for another silo.
+/// Its entry is marked deactivating and its mailbox closed, what was
+/// queued runs, the grain dehydrates and its state goes out through
+/// `reply`; then the verdict.
+async fn depart<G: Grain>(
+    grain_type: &GrainType<G>,
+    key: &GrainKey,
+    worker: usize,
+    grain: &mut Option<G>,
+    ctx: &mut GrainContext,
+    reply: tokio::sync::oneshot::Sender<Departing>,
+) -> Departed {
+    let Some(hooks) = grain_type.migration.get() else {
+        let _ = reply.send(Err(MigrationError::NotMigratable {
+            type_name: grain_type.name.clone(),
+        }));
+        return Departed::Stayed;
+    };
+    // New messages wait for the verdict, as for a deactivation (rule 5).
+    let (gone, gone_signal) = watch::channel(false);
+    set_slot(grain_type, key, worker, Entry::Deactivating(gone_signal));
+    if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
+        exclusive(&mut mailbox).receiver.close();
+        ctx.put_mailbox(mailbox);
+    }
+    // What was queued before the close runs here, first.
+    loop {
+        let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+            break;
+        };
+        let next = exclusive(&mut mailbox).next().await;
+        ctx.put_mailbox(mailbox);
+        let Some(envelope) = next else { break };
+        match envelope.turn {
+            // The migration decides whether the activation ends.
+            Turn::Deactivate => {}
+            Turn::Migrate(other) => {
+                let _ = other.send(Err(MigrationError::Busy {
+                    grain: ctx.id().clone(),
+                }));
+            }
+            turn => {
+                let envelope = Envelope { turn, ..envelope };
+                (*grain, _) = self::turn(grain.take(), envelope, key, ctx, &grain_type.stats).await;
+            }
+        }
+        if grain.is_none() {
+            break;
+        }
+    }
+    let departing = match grain.as_mut() {
+        None => Err(MigrationError::Hook {
+            grain: ctx.id().clone(),
+            reason: "the grain failed before it could leave".into(),
+        }),
+        Some(object) => {
+            let mut state = Dehydrated::new();
+            match AssertUnwindSafe((hooks.dehydrate)(object, ctx, &mut state))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => Ok(state),
+                Ok(Err(err)) => Err(MigrationError::Hook {
+                    grain: ctx.id().clone(),
+                    reason: format!("dehydrate failed: {err}"),
+                }),
+                Err(_) => {
+                    // As a panicking handler (rule 6): the object may be
+                    // half-changed, so the activation is reset.
+                    tracing::warn!(grain = %ctx.id(), "dehydrate panicked; resetting the activation");
+                    grain_type.stats.failed(FailureReason::Panicked);
+                    *grain = None;
+                    ctx.cancel_timers();
+                    *grain = activate::<G>(key, ctx).await;
+                    Err(MigrationError::Hook {
+                        grain: ctx.id().clone(),
+                        reason: "dehydrate panicked".into(),
+                    })
+                }
+            }
+        }
+    };
+    let verdict = match departing {
+        Ok(state) => {
+            let (verdict, decided) = tokio::sync::oneshot::channel();
+            match reply.send(Ok((state, verdict))) {
+                Ok(()) => decided.await.unwrap_or(Verdict::Abort),
+                Err(_) => Verdict::Abort,
+            }
+        }
+        Err(err) => {
+            let _ = reply.send(Err(err));
+            Verdict::Abort
+        }
+    };
+    match verdict {
+        Verdict::Commit(dropped) => {
+            // Rule 3: no `on_deactivate`; what the grain held goes now.
+            *grain = None;
+            ctx.cancel_timers();
+            let _ = dropped.send(());
+            Departed::Ends { moved: true, gone }
+        }
+        Verdict::Abort => {
+            let reopened = grain.is_some()
+                && ctx.take_mailbox::<G>().is_some_and(|mut mailbox| {
+                    let open = exclusive(&mut mailbox);
+                    open.receiver.reopen();
+                    set_slot(grain_type, key, worker, Entry::Active(open.sender.clone()));
+                    ctx.put_mailbox(mailbox);
+                    true
+                });
+            if !reopened {
+                return Departed::Ends { moved: false, gone };
+            }
+            // Waiting senders find the open mailbox.
+            let _ = gone.send(true);
+            Departed::Stayed
+        }
+    }
+}
+
+/// Sets `key`'s slot `worker` in the directory, if the key is there.
+fn set_slot<G>(grain_type: &GrainType<G>, key: &GrainKey, worker: usize, entry: Entry<G>) {
+    if let Some(mut slots) = grain_type.directory.get_mut(key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = Some(entry);
+        }
     }
 }
 
@@ -420,6 +648,13 @@ async fn turn<G: Grain>(
         }
         // Already deactivating (rule 5).
         Turn::Deactivate => return (Some(grain), 0),
+        // Deactivating, or leaving already: nothing to move.
+        Turn::Migrate(reply) => {
+            let _ = reply.send(Err(MigrationError::NotActive {
+                grain: ctx.id().clone(),
+            }));
+            return (Some(grain), 0);
+        }
     };
     ctx.set_chain(chain);
     let span = turn_span(ctx, chain);

@@ -292,6 +292,7 @@ impl SiloBuilder {
             stateless,
             leased: DashMap::new(),
             stats: super::stats::TypeStats::default(),
+            migration: std::sync::OnceLock::new(),
         });
         if stateless {
             self.registry.stateless.insert(name.to_string());
@@ -319,6 +320,49 @@ impl SiloBuilder {
             }
         }));
         self.types.insert(TypeId::of::<G>(), registered);
+        self
+    }
+
+    /// Lets grain type `G`, already registered, move to another silo with
+    /// its in-memory state (`migration.rs`): `GrainRef::migrate`,
+    /// `GrainContext::migrate`, and a cluster's rebalancing and drain. A
+    /// stateless worker never moves (it is local to each silo), and is
+    /// refused by [`SiloBuilder::build`].
+    pub fn migratable<G: crate::migration::Migratable>(mut self) -> SiloBuilder {
+        let registered = self
+            .types
+            .get(&TypeId::of::<G>())
+            .and_then(|registered| registered.clone().downcast::<GrainType<G>>().ok());
+        let Some(registered) = registered else {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "{} is made migratable before it is registered",
+                    std::any::type_name::<G>()
+                )
+            });
+            return self;
+        };
+        if registered.stateless {
+            self.invalid.get_or_insert_with(|| {
+                format!(
+                    "{}: a stateless worker cannot be migratable",
+                    registered.name
+                )
+            });
+            return self;
+        }
+        let _ = registered.migration.set(crate::migration::Hooks::of());
+        let depart: crate::migration::Depart = Arc::new(|silo: &Silo, key| {
+            let silo = silo.clone();
+            Box::pin(async move { silo.depart::<G>(key).await })
+        });
+        let arrive: crate::migration::Arrive = Arc::new(|silo: &Silo, key, state| {
+            let silo = silo.clone();
+            Box::pin(async move { silo.arrive::<G>(key, state).await })
+        });
+        self.registry
+            .migrants
+            .insert(registered.name.clone(), (depart, arrive));
         self
     }
 
@@ -627,6 +671,16 @@ impl<G: Grain> Registration<G> {
         M::Reply: serde::Serialize + serde::de::DeserializeOwned,
     {
         self.builder = self.builder.read_message::<G, M>(M::NAME);
+        self
+    }
+
+    /// `G` moves between silos with its state, as
+    /// [`SiloBuilder::migratable`] makes it.
+    pub fn migratable(mut self) -> Registration<G>
+    where
+        G: crate::migration::Migratable,
+    {
+        self.builder = self.builder.migratable::<G>();
         self
     }
 

@@ -176,7 +176,8 @@ impl GrainContext {
             // A message of another chain waits for the current turn.
             let event = match event {
                 Event::Message(Some(envelope))
-                    if envelope.chain != chain || matches!(envelope.turn, Turn::Deactivate) =>
+                    if envelope.chain != chain
+                        || matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) =>
                 {
                     if let Some(mailbox) = lent.mailbox.as_mut() {
                         exclusive(mailbox).deferred.push_back(envelope);
@@ -230,8 +231,8 @@ impl GrainContext {
                                 }
                             });
                         }
-                        // Set aside above: it waits for the turn.
-                        Turn::Deactivate => {}
+                        // Set aside above: they wait for the turn.
+                        Turn::Deactivate | Turn::Migrate(_) => {}
                     }
                     self.set_chain(chain);
                 }

@@ -20,6 +20,9 @@ pub(super) enum Turn<G> {
     /// Deactivate now (rule 5), after the turns already taken from the
     /// mailbox; sent by `GrainRef::deactivate`.
     Deactivate,
+    /// Leave for another silo (`migration.rs` rule 2): the activation
+    /// dehydrates between turns and answers with its state.
+    Migrate(tokio::sync::oneshot::Sender<crate::migration::Departing>),
 }
 
 /// Most reads one interleaved batch takes (rule 10).

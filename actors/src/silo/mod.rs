@@ -219,8 +219,13 @@ pub enum ActivationEnd {
     /// shutdown) after `on_deactivate`.
     Deactivated,
     /// Its `on_activate` failed (or the silo had stopped): it handled
-    /// nothing, and the messages that waited for it failed.
+    /// nothing, and the messages that waited for it failed. An arrival
+    /// from another silo whose hooks failed or whose switch did not happen
+    /// ends so too (`migration.rs` rule 4).
     ActivationFailed,
+    /// It left for another silo with its state (`migration.rs` rule 3),
+    /// without `on_deactivate`.
+    Migrated,
 }
 
 /// A node of the runtime. Cheap to clone; every clone is the same silo.

@@ -525,6 +525,38 @@ impl<G: Grain> GrainRef<G> {
         ))
     }
 
+    /// Moves the grain's activation, wherever it lives, to `target` with
+    /// its in-memory state (`migration.rs`): between two of its turns,
+    /// without `on_deactivate`, and without losing a call (calls that
+    /// arrive meanwhile wait, then go to its new home). Returns once the
+    /// grain lives there. The type must be registered as migratable, and
+    /// the silo be part of a cluster; a grain with no activation has
+    /// nothing to move ([`MigrationError::NotActive`]).
+    ///
+    /// [`MigrationError::NotActive`]: crate::migration::MigrationError::NotActive
+    pub async fn migrate(
+        &self,
+        target: crate::migration::MigrationTarget,
+    ) -> Result<crate::migration::Migrated, crate::migration::MigrationError> {
+        use crate::migration::MigrationError;
+        let grain_type = self
+            .registered()
+            .map_err(|_| MigrationError::NotMigratable {
+                type_name: std::any::type_name::<G>().to_string(),
+            })?;
+        if grain_type.migration.get().is_none() {
+            return Err(MigrationError::NotMigratable {
+                type_name: grain_type.name.clone(),
+            });
+        }
+        match self.router() {
+            Some(router) => router.migrate(&self.id(grain_type), target).await,
+            None => Err(MigrationError::Unsupported {
+                reason: "a silo outside a cluster has nowhere to move a grain".into(),
+            }),
+        }
+    }
+
     /// Deactivates the grain's activation, if it has one: it runs what its
     /// mailbox already holds, then `on_deactivate` (rule 5); the next
     /// message activates it again. Returns once the request is queued.

@@ -90,6 +90,9 @@ pub(super) struct GrainType<G> {
     pub(super) leased: DashMap<GrainKey, Arc<super::reference::RefCache<G>>>,
     /// What operators' metrics read (`stats.rs`).
     pub(super) stats: super::stats::TypeStats,
+    /// The type's migration hooks, once registered as migratable
+    /// (`migration.rs` rule 1).
+    pub(super) migration: std::sync::OnceLock<crate::migration::Hooks<G>>,
 }
 
 impl<G> GrainType<G> {
@@ -297,9 +300,9 @@ impl Silo {
             grain_type.clone(),
             key.clone(),
             worker,
-            mailbox,
-            sender.clone(),
+            (mailbox, sender.clone()),
             live,
+            None,
         );
         sender
     }
@@ -309,9 +312,9 @@ impl Silo {
         grain_type: Arc<GrainType<G>>,
         key: GrainKey,
         worker: usize,
-        mailbox: mailbox::Receiver<Envelope<G>>,
-        sender: mailbox::Sender<Envelope<G>>,
+        (mailbox, sender): (mailbox::Receiver<Envelope<G>>, mailbox::Sender<Envelope<G>>),
         live: LiveActivation,
+        seed: Option<super::activation::Seed>,
     ) {
         self.inner.activations.fetch_add(1, Ordering::Relaxed);
         grain_type.stats.activation_started();
@@ -322,7 +325,118 @@ impl Silo {
         // `live` (which holds the silo) goes with the task however it
         // ends: returning, panicking, or dropped unpolled with its runtime.
         self.inner.tasks.spawn(run_activation(
-            grain_type, key, worker, mailbox, sender, given_up, live,
+            grain_type, key, worker, mailbox, sender, given_up, live, seed,
         ));
+    }
+
+    /// `migration.rs` rule 4: an activation of `key` made from `state`,
+    /// once its hooks ran; refused if the key has an activation here, or
+    /// at the activation limit (rule 14).
+    pub(super) async fn arrive<G: Grain>(
+        &self,
+        key: GrainKey,
+        state: crate::migration::Dehydrated,
+    ) -> Result<crate::migration::Arrival, crate::migration::MigrationError> {
+        use crate::migration::MigrationError;
+        let grain_type = self
+            .grain_type::<G>()
+            .map_err(|_| MigrationError::NotMigratable {
+                type_name: std::any::type_name::<G>().to_string(),
+            })?;
+        let id = GrainId {
+            type_name: grain_type.name.clone(),
+            key: key.clone(),
+        };
+        if grain_type.migration.get().is_none() {
+            return Err(MigrationError::NotMigratable {
+                type_name: grain_type.name.clone(),
+            });
+        }
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(MigrationError::ShutDown);
+        }
+        let (ready, answer) = tokio::sync::oneshot::channel();
+        match grain_type.directory.entry(key.clone()) {
+            dashmap::Entry::Occupied(_) => return Err(MigrationError::Busy { grain: id }),
+            dashmap::Entry::Vacant(vacant) => {
+                let Some(live) = self.reserve_activation() else {
+                    return Err(MigrationError::NoTarget {
+                        grain: id,
+                        reason: "the silo holds its activation limit".into(),
+                    });
+                };
+                let (sender, mailbox) = mailbox::channel(
+                    self.inner.config.mailbox_capacity,
+                    self.inner.sweeper.clone(),
+                );
+                let mut slots: Vec<Option<Entry<G>>> =
+                    (0..grain_type.workers.max(1)).map(|_| None).collect();
+                slots[0] = Some(Entry::Active(sender.clone()));
+                vacant.insert(slots);
+                self.spawn_activation(
+                    grain_type.clone(),
+                    key,
+                    0,
+                    (mailbox, sender),
+                    live,
+                    Some(super::activation::Seed { state, ready }),
+                );
+            }
+        }
+        match answer.await {
+            Ok(Ok(confirm)) => Ok(crate::migration::Arrival::new(confirm)),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(MigrationError::ShutDown),
+        }
+    }
+
+    /// `migration.rs` rule 2: asks `key`'s activation here to leave, and
+    /// waits for its dehydrated state. Never activates the grain.
+    pub(super) async fn depart<G: Grain>(
+        &self,
+        key: GrainKey,
+    ) -> Result<crate::migration::Departure, crate::migration::MigrationError> {
+        use crate::migration::MigrationError;
+        let grain_type = self
+            .grain_type::<G>()
+            .map_err(|_| MigrationError::NotMigratable {
+                type_name: std::any::type_name::<G>().to_string(),
+            })?;
+        let id = GrainId {
+            type_name: grain_type.name.clone(),
+            key: key.clone(),
+        };
+        if grain_type.migration.get().is_none() {
+            return Err(MigrationError::NotMigratable {
+                type_name: grain_type.name.clone(),
+            });
+        }
+        let sender = grain_type
+            .directory
+            .get(&key)
+            .and_then(|slots| match slots.first() {
+                Some(Some(Entry::Active(sender))) if !sender.is_closed() => Some(sender.clone()),
+                _ => None,
+            });
+        let Some(sender) = sender else {
+            return Err(MigrationError::NotActive { grain: id });
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let envelope = Envelope {
+            chain: super::fresh_chain(),
+            keeps_alive: false,
+            expires: None,
+            turn: super::envelope::Turn::Migrate(reply),
+        };
+        let deadline = super::deadline_after(self.inner.config.call_timeout);
+        if sender.send(envelope, deadline).await.is_err() {
+            return Err(MigrationError::Busy { grain: id });
+        }
+        match answer.await {
+            Ok(Ok((state, verdict))) => Ok(crate::migration::Departure::new(state, verdict)),
+            Ok(Err(err)) => Err(err),
+            // Dropped unanswered: the activation ended first.
+            Err(_) => Err(MigrationError::NotActive { grain: id }),
+        }
     }
 }

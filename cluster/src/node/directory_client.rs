@@ -34,6 +34,28 @@ pub(super) enum DirectoryRequest {
         home: SiloId,
         activation: Option<u64>,
     },
+    /// Moves the grain's entry from `from` to `to` if it names `from`
+    /// (or, with `claim_vacant`, if there is none): a migration's switch
+    /// (`migration.rs` rule 4), or a home renumbering its entry to settle
+    /// one. Answers the entry afterwards.
+    Switch {
+        grain: GrainId,
+        from: ActivationAddress,
+        to: ActivationAddress,
+        claim_vacant: bool,
+    },
+}
+
+impl DirectoryRequest {
+    /// The grain the request is about.
+    pub(super) fn grain(&self) -> &GrainId {
+        match self {
+            DirectoryRequest::Register { grain, .. }
+            | DirectoryRequest::Lookup(grain)
+            | DirectoryRequest::Unregister { grain, .. }
+            | DirectoryRequest::Switch { grain, .. } => grain,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,13 +109,22 @@ impl ClusterNode {
                     .await
                     .map(|_| DirectoryReply::Unknown)
                     .map_err(failed),
+                DirectoryRequest::Switch {
+                    grain,
+                    from,
+                    to,
+                    claim_vacant,
+                } => match etcd
+                    .switch(&grain, &from, to.activation, claim_vacant)
+                    .await
+                {
+                    Ok(Some(home)) => Ok(DirectoryReply::Home(home)),
+                    Ok(None) => Ok(DirectoryReply::Unknown),
+                    Err(err) => Err(failed(err)),
+                },
             };
         }
-        let grain = match &request {
-            DirectoryRequest::Register { grain, .. }
-            | DirectoryRequest::Lookup(grain)
-            | DirectoryRequest::Unregister { grain, .. } => grain,
-        };
+        let grain = request.grain();
         let view = self.inner.view();
         let Some(owner) = directory::owner(grain, &view).cloned() else {
             return Err(ClusterCallError::Placement(

@@ -23,6 +23,8 @@ pub(super) fn authorize(from: &SiloId, request: &DirectoryRequest) -> Result<(),
     let home = match request {
         DirectoryRequest::Register { home, .. } => Some(&home.silo),
         DirectoryRequest::Unregister { home, .. } => Some(home),
+        // The silo an entry moves to asks for the move.
+        DirectoryRequest::Switch { to, .. } => Some(&to.silo),
         DirectoryRequest::Lookup(_) => None,
     };
     if let Some(home) = home.filter(|home| *home != from) {
@@ -38,11 +40,7 @@ pub(super) fn authorize(from: &SiloId, request: &DirectoryRequest) -> Result<(),
 /// not, so a grain whose key is too long fails the same way wherever its
 /// entry lives.
 pub(super) fn within_bounds(request: &DirectoryRequest) -> Result<(), String> {
-    let grain = match request {
-        DirectoryRequest::Register { grain, .. }
-        | DirectoryRequest::Unregister { grain, .. }
-        | DirectoryRequest::Lookup(grain) => grain,
-    };
+    let grain = request.grain();
     if grain.type_name.len() > MAX_DIRECTORY_TYPE {
         return Err(format!(
             "a grain type name of {} bytes; at most {MAX_DIRECTORY_TYPE}",
@@ -81,11 +79,7 @@ impl Inner {
             < self.handoff
             || self.holding.load(std::sync::atomic::Ordering::Acquire) != 0;
         let view = self.view();
-        let grain = match &request {
-            DirectoryRequest::Register { grain, .. }
-            | DirectoryRequest::Lookup(grain)
-            | DirectoryRequest::Unregister { grain, .. } => grain,
-        };
+        let grain = request.grain();
         if !directory::owner(grain, &view).is_some_and(|owner| self.is_me(owner)) {
             return DirectoryReply::Retry;
         }
@@ -113,6 +107,24 @@ impl Inner {
                 DirectoryReply::Home(self.partition.register(&grain, home, |silo| {
                     view.iter().any(|member| &member.silo == silo)
                 }))
+            }
+            DirectoryRequest::Switch {
+                grain,
+                from,
+                to,
+                claim_vacant,
+            } => {
+                // As a home from before the view changed re-registering
+                // (the switch continues the activation it names), it is
+                // taken while the owner settles; the silo it moves to must
+                // be one this owner sees.
+                if !view.iter().any(|member| member.silo == to.silo) {
+                    return DirectoryReply::Retry;
+                }
+                match self.partition.switch(&grain, &from, to, claim_vacant) {
+                    Some(home) => DirectoryReply::Home(home),
+                    None => DirectoryReply::Unknown,
+                }
             }
             DirectoryRequest::Unregister {
                 grain,

@@ -31,11 +31,11 @@ pub(super) struct Home {
     /// no registration has been confirmed (rule 6).
     pub(super) owner: Option<SiloId>,
     /// The activation number the entry holds (unregistering names it).
-    activation: u64,
+    pub(super) activation: u64,
     /// Calls pinning the home: from before their registration until the
     /// local silo has answered them. While any is, the activation may be
     /// starting, so the home is kept (rule 6).
-    in_flight: u32,
+    pub(super) in_flight: u32,
     /// The entry may name this silo although no registration was
     /// confirmed (a registration whose answer was lost, or an entry found
     /// when the device was full): removed when the home is (rule 6).
@@ -46,15 +46,36 @@ pub(super) struct Home {
     /// Tells this home from a later one for the same grain, so that a pin
     /// taken on a home that was since removed never counts against its
     /// successor.
-    generation: u64,
+    pub(super) generation: u64,
     /// Handed to the grain references that reached the home here once it
     /// is confirmed: while valid they deliver into its open mailbox without
     /// the router. Invalidated whenever the home stops being confirmed
     /// with its entry's current owner: removed, leaving, or a view change.
     lease: Arc<HomeLease>,
+    /// While the grain moves away or arrives (`migration.rs`): calls
+    /// wait for the move's outcome, then go where the grain lives.
+    pub(super) moving: Option<tokio::sync::watch::Receiver<super::migration::MoveState>>,
 }
 
 impl Home {
+    /// The home of a grain arriving from another silo (`migration.rs` rule
+    /// 3): unconfirmed, and calls wait on `moving` until its switch.
+    pub(super) fn arriving(
+        generation: u64,
+        moving: tokio::sync::watch::Receiver<super::migration::MoveState>,
+    ) -> Home {
+        Home {
+            owner: None,
+            activation: 0,
+            in_flight: 0,
+            maybe_registered: false,
+            leaving: false,
+            generation,
+            lease: HomeLease::ended(),
+            moving: Some(moving),
+        }
+    }
+
     /// Ends the lease handed out for this home.
     pub(super) fn end_lease(&self) {
         self.lease.invalidate();
@@ -186,8 +207,25 @@ impl Inner {
         let owner = self.entry_owner(grain, &self.view());
         // Rule 6: the home is pinned from before its registration until
         // the local silo has answered, so it is never given up while this
-        // call may be registering it or starting its activation.
-        let (registered_with, pin) = self.pin(grain)?;
+        // call may be registering it or starting its activation. A grain
+        // that is moving is waited for (`migration.rs` rule 2).
+        let (registered_with, pin) = loop {
+            // Bound first: the map's guard must not live across the wait.
+            let moving = self.homes.get(grain).and_then(|home| home.moving.clone());
+            if let Some(moving) = moving {
+                if let Some(moved) = self.wait_for_move(moving).await? {
+                    return Err(RemoteError::Moved(moved));
+                }
+            }
+            match self.pin(grain) {
+                Err(RemoteError::Retry)
+                    if self
+                        .homes
+                        .get(grain)
+                        .is_some_and(|home| home.moving.is_some()) => {}
+                pinned => break pinned?,
+            }
+        };
         // Rule 5: never become home to a grain whose device needs do not
         // fit here now (placement decided on load that may be stale); the
         // memory is promised until the call that activates it returns.
@@ -330,7 +368,7 @@ impl Inner {
     fn pin(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, InFlight), RemoteError> {
         // The common case, a home already here: no key to clone.
         let found = self.homes.get_mut(grain).map(|mut home| {
-            if home.leaving {
+            if home.leaving || home.moving.is_some() {
                 return Err(RemoteError::Retry);
             }
             home.in_flight += 1;
@@ -354,7 +392,11 @@ impl Inner {
     /// unless another call made one meanwhile.
     fn pin_new(self: &Arc<Self>, grain: &GrainId) -> Result<(Option<SiloId>, u64), RemoteError> {
         match self.homes.entry(grain.clone()) {
-            dashmap::Entry::Occupied(entry) if entry.get().leaving => Err(RemoteError::Retry),
+            dashmap::Entry::Occupied(entry)
+                if entry.get().leaving || entry.get().moving.is_some() =>
+            {
+                Err(RemoteError::Retry)
+            }
             dashmap::Entry::Occupied(mut entry) => {
                 let home = entry.get_mut();
                 home.in_flight += 1;
@@ -370,6 +412,7 @@ impl Inner {
                     leaving: false,
                     generation,
                     lease: HomeLease::ended(),
+                    moving: None,
                 });
                 Ok((None, generation))
             }
@@ -385,8 +428,10 @@ impl Inner {
             let Some(mut home) = self.homes.get_mut(grain) else {
                 return;
             };
+            // A home that is moving is the migration's to settle.
             if home.leaving
                 || home.in_flight > 0
+                || home.moving.is_some()
                 || self.silo.is_active_named(&grain.type_name, &grain.key)
             {
                 return;
@@ -405,7 +450,10 @@ impl Inner {
         };
         let Some((activation, generation)) = unregister else {
             if let Some((_, home)) = self.homes.remove_if(grain, |_, home| {
-                home.owner.is_none() && home.in_flight == 0 && !home.leaving
+                home.owner.is_none()
+                    && home.in_flight == 0
+                    && !home.leaving
+                    && home.moving.is_none()
             }) {
                 home.end_lease();
             }
@@ -460,7 +508,7 @@ impl Inner {
     /// Promises the device memory a new grain of `grain_type` declares on
     /// the device here with the most left beyond what is promised already,
     /// if one fits it (rule 5); a type that declares none always fits.
-    fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
+    pub(super) fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
         let Some(needs) = self.needs.get(grain_type) else {
             return Ok(Promise {
                 inner: self.clone(),
@@ -638,6 +686,7 @@ impl Inner {
     /// its state, and frees its resources (a resident buffer's device
     /// memory, say).
     fn release(&self, grain: &GrainId) {
+        tracing::debug!(%grain, "a home lost to another silo lets its activation go");
         let silo = self.silo.clone();
         let (grain_type, key) = (grain.type_name.clone(), grain.key.clone());
         tokio::spawn(async move {
@@ -695,7 +744,7 @@ impl Drop for InFlight {
 }
 
 /// Device memory promised to a grain becoming home here (rule 5).
-struct Promise {
+pub(super) struct Promise {
     inner: Arc<Inner>,
     /// The device's position in this silo's load.
     device: usize,

@@ -126,6 +126,7 @@ mod directory_service;
 mod fence;
 mod home;
 mod incarnation;
+mod migration;
 mod observers;
 mod peers;
 mod reminders;
@@ -194,6 +195,9 @@ struct Inner {
     /// Device memory promised to grains becoming home here whose
     /// activations have not reserved theirs yet (rule 5), in bytes.
     promised: Mutex<HashMap<usize, u64>>,
+    /// Room held here for grains moving in, by the silo moving each and
+    /// its ticket (`migration.rs` rule 1).
+    reservations: DashMap<(SiloId, u64), migration::Reservation>,
     /// Homes given up under rule 6.
     given_up: AtomicU64,
     /// Set when the node leaves, is killed, loses its etcd lease or cannot

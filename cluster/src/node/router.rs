@@ -376,7 +376,7 @@ impl Inner {
     }
 
     /// Remembers that `grain` lives on `silo`.
-    fn remember(&self, grain: &GrainId, silo: SiloId) {
+    pub(super) fn remember(&self, grain: &GrainId, silo: SiloId) {
         self.cache.insert(
             grain.clone(),
             ActivationAddress {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use granary_actors::dispatch::{decode, encode};
+use granary_actors::migration::{Migrated, MigrationError, MigrationTarget};
 use granary_actors::observers::{Observed, ObserverUnreachable};
 use granary_actors::route::{Delivered, HomeSide, Outbound, Router};
 use granary_actors::{CallError, GrainId, Silo};
@@ -136,6 +137,10 @@ impl Inbound for NodeInbound {
                 return encode(&inner.answer_directory(asked))
                     .map_err(|err| RemoteError::Other(err.to_string()));
             }
+            // A grain moving in or out (`migration.rs`).
+            if request.grain_type == super::migration::MIGRATION {
+                return inner.answer_migration(&from, &request).await;
+            }
             // Rule 9: a notification for a subscriber here.
             if request.grain_type == super::observers::OBSERVERS {
                 return inner.observed(&request);
@@ -251,6 +256,20 @@ impl Router for NodeRouter {
         })
     }
 
+    fn migrate<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        target: MigrationTarget,
+    ) -> BoxFuture<'a, Result<Migrated, MigrationError>> {
+        let inner = self.node.get().and_then(Weak::upgrade);
+        Box::pin(async move {
+            match inner.filter(|inner| !inner.stopped.load(Ordering::Acquire)) {
+                Some(inner) => inner.migrate(grain, target).await,
+                None => Err(MigrationError::ShutDown),
+            }
+        })
+    }
+
     fn is_present(&self, place: &str) -> bool {
         let Some(inner) = self.node.get().and_then(Weak::upgrade) else {
             return false;
@@ -319,6 +338,7 @@ impl NodeParts {
             cache: LocationCache::new(),
             homes: DashMap::new(),
             promised: Mutex::new(HashMap::new()),
+            reservations: DashMap::new(),
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             fence: super::fence::Fence::new(),

@@ -9,6 +9,9 @@
 //!    kind: `Moved` (the home is another silo), `Retry` (the home is in
 //!    flux), `NoRoom` (the silo's devices cannot take the grain),
 //!    `Overloaded` and `ShutDown`.
+//! 3. Each grain that moves away from this silo (`migration.rs`) is timed,
+//!    from the target's reservation to the switch, and its state's bytes
+//!    added up; a move that did not happen is counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -59,10 +62,16 @@ impl Redirect {
     }
 }
 
-/// The node's counters (rules 1 and 2).
+/// Upper bounds of the migration histogram's buckets, in seconds.
+pub const MIGRATION_SECONDS_BOUNDS: [f64; 8] = [1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// The node's counters (rules 1 to 3).
 pub(super) struct NodeStats {
     redirects: [AtomicU64; Redirect::ALL.len()],
     remote: Histogram,
+    migrations: Histogram,
+    migrations_failed: AtomicU64,
+    migrated_bytes: AtomicU64,
 }
 
 impl Default for NodeStats {
@@ -70,6 +79,9 @@ impl Default for NodeStats {
         NodeStats {
             redirects: Default::default(),
             remote: Histogram::new(&REMOTE_SECONDS_BOUNDS),
+            migrations: Histogram::new(&MIGRATION_SECONDS_BOUNDS),
+            migrations_failed: AtomicU64::new(0),
+            migrated_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -81,6 +93,18 @@ impl NodeStats {
 
     pub(super) fn remote_call(&self, took: Duration) {
         self.remote.record(took);
+    }
+
+    /// A grain moved away from here (rule 3).
+    pub(super) fn migrated(&self, took: Duration, bytes: u64) {
+        self.migrations.record(took);
+        self.migrated_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A move away from here did not happen, or its outcome is unknown
+    /// (rule 3).
+    pub(super) fn migration_failed(&self) {
+        self.migrations_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn snapshot(&self) -> ClusterStats {
@@ -95,6 +119,9 @@ impl NodeStats {
                 })
                 .collect(),
             remote_calls: self.remote.snapshot(),
+            migrations: self.migrations.snapshot(),
+            migrations_failed: self.migrations_failed.load(Ordering::Relaxed),
+            migrated_bytes: self.migrated_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -108,4 +135,12 @@ pub struct ClusterStats {
     /// The latency of requests to other silos that were answered, bounded
     /// by [`REMOTE_SECONDS_BOUNDS`].
     pub remote_calls: HistogramSnapshot,
+    /// Grains that moved away from this silo, by how long each move took
+    /// (from the target's reservation to the switch), bounded by
+    /// [`MIGRATION_SECONDS_BOUNDS`].
+    pub migrations: HistogramSnapshot,
+    /// Moves away from this silo that did not happen.
+    pub migrations_failed: u64,
+    /// The bytes of the dehydrated states that moved away.
+    pub migrated_bytes: u64,
 }

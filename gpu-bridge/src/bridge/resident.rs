@@ -204,6 +204,30 @@ impl ResidentBuffer {
             .await
     }
 
+    /// Every byte of the buffer, copied to the host: what a grain that
+    /// migrates carries to its next device (`ResidentBuffer::import` puts
+    /// it back there).
+    pub async fn export(&self) -> Result<Vec<u8>, ResidentError> {
+        self.read(0, self.len()).await
+    }
+
+    /// Fills the whole buffer with `bytes`, which must be exactly its
+    /// length: the other end of [`ResidentBuffer::export`], on the device
+    /// a migrated grain's new activation allocated. Takes the bytes
+    /// without copying them again.
+    pub async fn import(&self, bytes: Vec<u8>) -> Result<(), ResidentError> {
+        if bytes.len() != self.len() {
+            return Err(ResidentError::OutOfRange {
+                offset: 0,
+                len: bytes.len(),
+                buffer: self.len(),
+            });
+        }
+        let inner = self.inner.clone();
+        self.blocking(move || inner.backend.write_resident(inner.buffer(), 0, &bytes))
+            .await
+    }
+
     /// Runs `job` on the blocking pool (rule 4), with errors typed.
     async fn blocking<T: Send + 'static>(
         &self,

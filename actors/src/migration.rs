@@ -12,10 +12,12 @@
 //!    (`SiloBuilder::migratable`, or `migratable` in `#[derive(GrainType)]`).
 //!    Its `dehydrate` writes what the next activation needs into a
 //!    [`Dehydrated`] (in-memory state by name; a GPU grain exports its
-//!    resident buffers' bytes there); its `rehydrate` reads it back after
-//!    `on_activate`. Persisted state is the grain's to write in
-//!    `dehydrate` (with its ETag, as any write): the next activation's
-//!    `on_activate` then reads it afresh.
+//!    resident buffers' bytes there); its `rehydrate` takes it back on a
+//!    new object, before `on_activate` (as Orleans orders them), so that
+//!    `on_activate` can skip what arrived. Persisted state travels with
+//!    its ETag through [`Dehydrated::put_state`], which writes it first:
+//!    the next activation carries on from what storage holds without
+//!    reading it again.
 //! 2. **Departure, between turns.** [`HomeSide::depart`] queues a request
 //!    in the activation's mailbox; the activation takes it between two
 //!    turns, never in the middle of one. It marks its directory entry
@@ -33,7 +35,7 @@
 //!    delivered to it in their order. A dehydrate that fails or panics is
 //!    an abort before anything left.
 //! 4. **Arrival.** [`HomeSide::arrive`] makes an activation from a
-//!    dehydrated state: `Grain::new`, `on_activate`, then `rehydrate`. It is
+//!    dehydrated state: `Grain::new`, `rehydrate`, then `on_activate`. It is
 //!    refused if the grain is active here already, or at the silo's
 //!    activation limit; a hook that fails ends the new activation without
 //!    `on_deactivate`. Until [`Arrival::confirm`] the new activation runs
@@ -55,6 +57,7 @@ use tokio::sync::oneshot;
 
 use crate::grain::{Grain, GrainContext};
 use crate::key::GrainId;
+use crate::storage::PersistentState;
 
 /// A grain type whose activations can move to another silo with their
 /// in-memory state (rule 1).
@@ -95,9 +98,10 @@ pub trait Migratable: Grain {
         into: &mut Dehydrated,
     ) -> impl Future<Output = Result<(), HookError>> + Send;
 
-    /// On the silo it reaches, after `on_activate`: takes the state back
-    /// from `from`. An error ends the new activation, and the grain stays
-    /// where it was (rule 4).
+    /// On the silo it reaches, on a new object before `on_activate`:
+    /// takes the state back from `from` (`on_activate` then sees what
+    /// arrived, and need not load it). An error ends the new activation,
+    /// and the grain stays where it was (rule 4).
     fn rehydrate(
         &mut self,
         ctx: &mut GrainContext,
@@ -183,6 +187,36 @@ impl Dehydrated {
             .remove(name)
             .map(serde_bytes::ByteBuf::into_vec)
             .ok_or_else(|| HookError(format!("the dehydrated state has no part {name:?}")))
+    }
+
+    /// Writes `state` (with its ETag, as [`PersistentState::write`] does)
+    /// and keeps it as part `name`, value and ETag: the next activation
+    /// takes it back with [`Dehydrated::get_state`] and writes on from
+    /// that ETag without reading storage (rule 1).
+    pub async fn put_state<T: Serialize + DeserializeOwned + Default>(
+        &mut self,
+        name: &str,
+        state: &mut PersistentState<T>,
+    ) -> Result<(), HookError> {
+        state.write().await?;
+        self.put(name, &(state.etag(), state.get()))
+    }
+
+    /// The persisted state kept as part `name` by
+    /// [`Dehydrated::put_state`], bound to this grain and its silo's
+    /// storage, at the ETag it was written with.
+    pub fn get_state<T: Serialize + DeserializeOwned + Default>(
+        &self,
+        name: &str,
+        ctx: &GrainContext,
+    ) -> Result<PersistentState<T>, HookError> {
+        let (etag, value): (Option<crate::ETag>, T) = self.get(name)?;
+        Ok(PersistentState::resumed(
+            value,
+            etag,
+            ctx.id().clone(),
+            ctx.silo().storage(),
+        ))
     }
 
     /// The parts' names, in order.

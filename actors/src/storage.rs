@@ -287,6 +287,22 @@ impl<T: Serialize + DeserializeOwned + Default> PersistentState<T> {
         })
     }
 
+    /// A state as another activation held it, value and ETag (a grain
+    /// that migrated, `migration.rs` rule 1).
+    pub(crate) fn resumed(
+        value: T,
+        etag: Option<ETag>,
+        grain: GrainId,
+        storage: Arc<dyn StorageProvider>,
+    ) -> PersistentState<T> {
+        PersistentState {
+            value,
+            etag,
+            grain,
+            storage,
+        }
+    }
+
     /// The state.
     pub fn get(&self) -> &T {
         &self.value

@@ -27,7 +27,7 @@ use chitchat::transport::ChannelTransport;
 use granary_actors::migration::{
     Dehydrated, HookError, Migratable, MigrationError, MigrationTarget,
 };
-use granary_actors::storage::MemoryStorage;
+use granary_actors::storage::{MemoryStorage, PersistentState};
 use granary_actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo,
 };
@@ -88,6 +88,9 @@ struct SiloNumber(u16);
 struct Tensor {
     key: u64,
     buffer: Option<ResidentBuffer>,
+    /// The step count as last persisted: written when the grain leaves,
+    /// and carried with its ETag.
+    state: Option<PersistentState<u64>>,
     steps: u64,
     last: BTreeMap<u64, u64>,
     census: Option<Arc<Census>>,
@@ -103,6 +106,7 @@ impl Grain for Tensor {
                 _ => u64::MAX,
             },
             buffer: None,
+            state: None,
             steps: 0,
             last: BTreeMap::new(),
             census: None,
@@ -111,18 +115,18 @@ impl Grain for Tensor {
     }
 
     async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
-        let bridge = ctx
-            .service::<GpuBridge>()
-            .ok_or_else(|| ActivationError("no bridge".into()))?;
-        let buffer = bridge
-            .allocate_resident(BUFFER, &granary_gpu::Requirements::default())
-            .await
-            .map_err(|err| ActivationError(err.to_string()))?;
-        buffer
-            .import(initial(self.key))
-            .await
-            .map_err(|err| ActivationError(err.to_string()))?;
-        self.buffer = Some(buffer);
+        // A grain that arrived has its buffer and state already.
+        if self.buffer.is_none() {
+            let buffer = allocate(ctx).await.map_err(ActivationError)?;
+            buffer
+                .import(initial(self.key))
+                .await
+                .map_err(|err| ActivationError(err.to_string()))?;
+            self.buffer = Some(buffer);
+        }
+        if self.state.is_none() {
+            self.state = Some(ctx.load_state::<u64>().await?);
+        }
         let census = ctx.service::<Census>().expect("a census");
         self.activation = census.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.census = Some(census);
@@ -134,12 +138,24 @@ impl Grain for Tensor {
     }
 }
 
+/// A resident buffer for a tensor on the silo's device.
+async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
+    let bridge = ctx.service::<GpuBridge>().ok_or("no bridge")?;
+    bridge
+        .allocate_resident(BUFFER, &granary_gpu::Requirements::default())
+        .await
+        .map_err(|err| err.to_string())
+}
+
 impl Migratable for Tensor {
     async fn dehydrate(
         &mut self,
         _: &mut GrainContext,
         into: &mut Dehydrated,
     ) -> Result<(), HookError> {
+        let state = self.state.as_mut().ok_or("no state")?;
+        *state.get_mut() = self.steps;
+        into.put_state("state", state).await?;
         into.put("steps", &self.steps)?;
         into.put("last", &self.last)?;
         let buffer = self.buffer.as_ref().ok_or("no buffer")?;
@@ -163,11 +179,13 @@ impl Migratable for Tensor {
         }
         self.steps = from.get("steps")?;
         self.last = from.get("last")?;
-        let buffer = self.buffer.as_ref().ok_or("no buffer")?;
+        self.state = Some(from.get_state("state", ctx)?);
+        let buffer = allocate(ctx).await?;
         buffer
             .import(from.take_bytes("buffer")?)
             .await
             .map_err(|err| err.to_string())?;
+        self.buffer = Some(buffer);
         Ok(())
     }
 }
@@ -227,7 +245,9 @@ impl Handler<Step> for Tensor {
     }
 }
 
-/// The grain's step count, its buffer, and its silo's number.
+/// The grain's step count, its buffer, and its silo's number; the step
+/// count is persisted on the way, from the ETag the state carried (a
+/// stale one would fail the write).
 #[derive(Serialize, Deserialize)]
 struct Inspect;
 impl Message for Inspect {
@@ -239,6 +259,10 @@ impl Handler<Inspect> for Tensor {
             Some(buffer) => buffer.export().await.unwrap_or_default(),
             None => Vec::new(),
         };
+        if let Some(state) = &mut self.state {
+            *state.get_mut() = self.steps;
+            state.write().await.expect("the state's ETag is current");
+        }
         let here = ctx.service::<SiloNumber>().map_or(0, |n| n.0);
         (self.steps, bytes, here)
     }

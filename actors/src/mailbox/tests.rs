@@ -112,6 +112,25 @@ async fn closing_hands_parked_messages_back_and_keeps_queued_ones() {
 }
 
 #[tokio::test]
+async fn a_reopened_mailbox_takes_messages_again_after_those_it_kept() {
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    sender.try_send(1).unwrap();
+    receiver.close();
+    assert!(matches!(sender.try_send(2), Err(TrySendError::Closed(2))));
+    // Rule 6: the receiver opens it again; the refused sender sends again.
+    receiver.reopen();
+    assert!(!sender.is_closed());
+    sender.try_send(2).unwrap();
+    assert_eq!(receiver.recv().await, Some(1));
+    assert_eq!(receiver.recv().await, Some(2));
+    let mut next = pin!(receiver.recv());
+    assert!(
+        poll!(next.as_mut()).is_pending(),
+        "open and empty: it waits"
+    );
+}
+
+#[tokio::test]
 async fn a_dropped_parked_send_takes_its_message_with_it() {
     let drops = Arc::new(AtomicUsize::new(0));
     let (sender, mut receiver) = channel::<Tracked>(1, sweeper());

@@ -152,16 +152,14 @@ pub(super) async fn run_activation<G: Grain>(
     let mut grain = if silo.inner.stopped.load(Ordering::Acquire) || abandoned(&silo) {
         None
     } else {
-        activate::<G>(&key, &mut ctx).await
-    };
-    // `migration.rs` rule 4: an arrival rehydrates, then runs nothing
-    // until its switch is confirmed; one that fails or is not confirmed
-    // ends without `on_deactivate` (its grain is dropped here).
-    if let Some(seed) = seed {
-        if !arrive(&grain_type, &mut grain, &mut ctx, seed).await {
-            grain = None;
+        match seed {
+            // `migration.rs` rule 4: an arrival rehydrates, activates,
+            // then runs nothing until its switch is confirmed; one that
+            // fails or is not confirmed ends without `on_deactivate`.
+            Some(seed) => arrive(&grain_type, &key, &mut ctx, seed).await,
+            None => activate::<G>(&key, &mut ctx).await,
         }
-    }
+    };
     // Set once the grain left for another silo (`migration.rs` rule 3),
     // and the signal of the entry a departure left deactivating.
     let mut migrated = false;
@@ -408,48 +406,59 @@ pub(super) async fn run_activation<G: Grain>(
     }
 }
 
-/// `migration.rs` rule 4: rehydrates a new activation's `grain` from
-/// `seed`, answers, and waits for the switch's confirmation. Whether the
-/// activation goes on; if not, the caller drops the grain unwritten.
+/// `migration.rs` rule 4: a new object for `key` made from `seed`:
+/// `Grain::new`, `rehydrate`, then `on_activate`; answers, and waits for
+/// the switch's confirmation. `None` if a hook failed or the switch did
+/// not happen: the object is dropped unwritten.
 async fn arrive<G: Grain>(
     grain_type: &GrainType<G>,
-    grain: &mut Option<G>,
+    key: &GrainKey,
     ctx: &mut GrainContext,
     seed: Seed,
-) -> bool {
+) -> Option<G> {
     let id = ctx.id().clone();
     let failed = |reason: String| MigrationError::Hook {
         grain: id.clone(),
         reason,
     };
-    let rehydrated = match (grain.as_mut(), grain_type.migration.get()) {
-        (None, _) => Err(failed(
-            "the arriving activation's on_activate failed".into(),
-        )),
-        (Some(_), None) => Err(MigrationError::NotMigratable {
+    let made = match grain_type.migration.get() {
+        None => Err(MigrationError::NotMigratable {
             type_name: grain_type.name.clone(),
         }),
-        (Some(object), Some(hooks)) => {
-            match AssertUnwindSafe((hooks.rehydrate)(object, ctx, seed.state))
-                .catch_unwind()
-                .await
-            {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => Err(failed(format!("rehydrate failed: {err}"))),
-                Err(_) => Err(failed("rehydrate panicked".into())),
+        Some(hooks) => match std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) {
+            Err(_) => Err(failed("Grain::new panicked".into())),
+            Ok(mut grain) => {
+                match AssertUnwindSafe((hooks.rehydrate)(&mut grain, ctx, seed.state))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(Ok(())) => match AssertUnwindSafe(grain.on_activate(ctx))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(Ok(())) => Ok(grain),
+                        Ok(Err(err)) => Err(failed(format!("on_activate failed: {err}"))),
+                        Err(_) => Err(failed("on_activate panicked".into())),
+                    },
+                    Ok(Err(err)) => Err(failed(format!("rehydrate failed: {err}"))),
+                    Err(_) => Err(failed("rehydrate panicked".into())),
+                }
             }
+        },
+    };
+    let grain = match made {
+        Ok(grain) => grain,
+        Err(err) => {
+            tracing::warn!(grain = %ctx.id(), error = %err, "an arriving activation failed");
+            let _ = seed.ready.send(Err(err));
+            return None;
         }
     };
-    if let Err(err) = rehydrated {
-        tracing::warn!(grain = %ctx.id(), error = %err, "an arriving activation failed");
-        let _ = seed.ready.send(Err(err));
-        return false;
-    }
     let (confirm, confirmed) = tokio::sync::oneshot::channel();
     if seed.ready.send(Ok(confirm)).is_err() {
-        return false;
+        return None;
     }
-    confirmed.await.unwrap_or(false)
+    confirmed.await.unwrap_or(false).then_some(grain)
 }
 
 /// How a departure ended (`migration.rs` rule 3).

@@ -88,7 +88,7 @@ pub trait NamedMessage: Message {
 /// one line.
 ///
 /// Derive it: `#[derive(GrainType)]` with `#[grain(name = "ledger",
-/// messages(Apply), reads(Balance), remindable)]` (or
+/// messages(Apply), reads(Balance), remindable, migratable)]` (or
 /// `stateless(max_workers = 8)` for a stateless worker). What the derive
 /// lists is checked when the crate compiles: each message must be handled
 /// (`Handler`, or `ReadHandler` for reads), be a [`NamedMessage`] and

@@ -14,7 +14,8 @@ use granary_actors::migration::{
 };
 use granary_actors::route::{Delivered, HomeSide, Outbound, Router};
 use granary_actors::{
-    ActivationEnd, CallError, Grain, GrainContext, GrainId, GrainKey, Handler, Message, Silo,
+    ActivationEnd, CallError, Grain, GrainContext, GrainId, GrainKey, GrainType, Handler, Message,
+    Silo,
 };
 
 /// Delivers every message here.
@@ -30,6 +31,8 @@ impl Router for Here {
 #[derive(Default)]
 struct Deactivations(AtomicU64);
 
+#[derive(GrainType)]
+#[grain(name = "notebook", migratable)]
 struct Notebook {
     lines: Vec<String>,
     deactivations: Option<Arc<Deactivations>>,
@@ -113,9 +116,9 @@ struct Silos {
 }
 
 fn silo(deactivations: &Arc<Deactivations>) -> Silos {
+    // The derive's `migratable` registers it as such.
     let silo = Silo::builder()
-        .register::<Notebook>("notebook")
-        .migratable::<Notebook>()
+        .host::<Notebook>()
         .register::<Plain>("plain")
         .service(deactivations.clone())
         .build()

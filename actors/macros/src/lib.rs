@@ -95,6 +95,8 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 /// - `reads(C)`: read-only messages (`ReadHandler`), which travel between
 ///   silos as reads.
 /// - `remindable`: the grain holds reminders (it handles `ReminderFired`).
+/// - `migratable`: the grain moves between silos with its in-memory state
+///   (it implements `migration::Migratable`); never with `stateless`.
 /// - `stateless(max_workers = 8)`: a stateless worker, up to that many
 ///   activations per key (rule 9 of the silo's protocol).
 /// - `crate = path`: where `granary_actors` is, if not at
@@ -342,6 +344,7 @@ mod grain {
         messages: Vec<Type>,
         reads: Vec<Type>,
         remindable: Option<Span>,
+        migratable: Option<Span>,
         stateless: Option<Expr>,
         krate: Option<Path>,
     }
@@ -414,6 +417,12 @@ mod grain {
                         return Err(meta.error("`remindable` takes no value"));
                     }
                     settings.remindable = Some(meta.path.span());
+                } else if meta.path.is_ident("migratable") {
+                    once(&settings.migratable, &meta, "migratable")?;
+                    if !meta.input.is_empty() && !meta.input.peek(Token![,]) {
+                        return Err(meta.error("`migratable` takes no value"));
+                    }
+                    settings.migratable = Some(meta.path.span());
                 } else if meta.path.is_ident("stateless") {
                     once(&settings.stateless, &meta, "stateless")?;
                     settings.stateless = Some(stateless(&meta)?);
@@ -423,8 +432,8 @@ mod grain {
                 } else {
                     return Err(meta.error(
                         "unknown `grain` setting: expected `name = \"...\"`, `messages(...)`, \
-                         `reads(...)`, `remindable`, `stateless(max_workers = N)` \
-                         or `crate = path`",
+                         `reads(...)`, `remindable`, `migratable`, \
+                         `stateless(max_workers = N)` or `crate = path`",
                     ));
                 }
                 Ok(())
@@ -509,6 +518,12 @@ mod grain {
         let name = settings
             .name
             .unwrap_or_else(|| LitStr::new(&ident.unraw().to_string(), ident.span()));
+        if let (Some(span), Some(_)) = (settings.migratable, &settings.stateless) {
+            return Err(syn::Error::new(
+                span,
+                "a stateless worker is local to each silo and cannot be `migratable`",
+            ));
+        }
         let stateless = settings.stateless.map(|max_workers| {
             quote_spanned! {max_workers.span()=>
                 const STATELESS: ::core::option::Option<::core::primitive::usize> =
@@ -526,6 +541,9 @@ mod grain {
         let remindable = settings
             .remindable
             .map(|span| quote_spanned!(span=> .remindable()));
+        let migratable = settings
+            .migratable
+            .map(|span| quote_spanned!(span=> .migratable()));
         let mut checks = distinct_names(
             ident,
             &runtime,
@@ -541,7 +559,7 @@ mod grain {
                 fn accepts(
                     registration: #runtime::Registration<Self>,
                 ) -> #runtime::Registration<Self> {
-                    registration #(#messages)* #(#reads)* #remindable
+                    registration #(#messages)* #(#reads)* #remindable #migratable
                 }
             }
             #checks
@@ -685,7 +703,7 @@ mod tests {
     fn a_grain_registers_its_messages_reads_and_reminders_in_order() {
         let out = grain(parse_quote!(
             #[grain(name = "ledger", messages(Apply, Notify<u8>), reads(Look))]
-            #[grain(remindable)]
+            #[grain(remindable, migratable)]
             struct Ledger;
         ))
         .unwrap();
@@ -696,7 +714,7 @@ mod tests {
         assert!(
             out.contains(
                 "registration . message :: < Apply > () . message :: < Notify < u8 > > () \
-                 . read :: < Look > () . remindable ()"
+                 . read :: < Look > () . remindable () . migratable ()"
             ),
             "{out}"
         );
@@ -745,7 +763,7 @@ mod tests {
 
     #[test]
     fn grain_mistakes_are_errors_with_reasons() {
-        let cases: [(DeriveInput, &str); 11] = [
+        let cases: [(DeriveInput, &str); 13] = [
             (
                 parse_quote!(
                     struct Cache<T>(T);
@@ -816,6 +834,20 @@ mod tests {
                     struct A;
                 ),
                 "`remindable` takes no value",
+            ),
+            (
+                parse_quote!(
+                    #[grain(migratable = true)]
+                    struct A;
+                ),
+                "`migratable` takes no value",
+            ),
+            (
+                parse_quote!(
+                    #[grain(migratable, stateless(max_workers = 2))]
+                    struct A;
+                ),
+                "cannot be `migratable`",
             ),
             (
                 parse_quote!(

@@ -224,6 +224,26 @@ impl Dehydrated {
         self.parts.keys().map(String::as_str)
     }
 
+    /// Each part's name and bytes, in name order: what a router sends,
+    /// part by part, without encoding the whole state again.
+    pub fn parts(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.parts
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+    }
+
+    /// A state made of `parts` (as [`Dehydrated::parts`] gave them), taking
+    /// the bytes without copying them; a later part replaces an earlier
+    /// one of the same name.
+    pub fn from_parts(parts: impl IntoIterator<Item = (String, Vec<u8>)>) -> Dehydrated {
+        Dehydrated {
+            parts: parts
+                .into_iter()
+                .map(|(name, bytes)| (name, serde_bytes::ByteBuf::from(bytes)))
+                .collect(),
+        }
+    }
+
     /// The bytes of every part, together.
     pub fn len_bytes(&self) -> u64 {
         self.parts.values().map(|part| part.len() as u64).sum()

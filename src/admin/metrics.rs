@@ -426,6 +426,27 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
         "Latency of this silo's requests to other silos, from sending to the answer.",
     );
     out.histogram(name, &[], &stats.remote_calls);
+    let name = "granary_migration_seconds";
+    out.family(
+        name,
+        "histogram",
+        "Grains that moved away from this silo, by how long each move took (from the target's reservation to the switch).",
+    );
+    out.histogram(name, &[], &stats.migrations);
+    let name = "granary_migrations_failed_total";
+    out.family(
+        name,
+        "counter",
+        "Moves away from this silo that did not happen (the grain stayed), or whose outcome was unknown.",
+    );
+    out.sample(name, &[], stats.migrations_failed as f64);
+    let name = "granary_migrated_bytes_total";
+    out.family(
+        name,
+        "counter",
+        "Bytes of the dehydrated states that moved away from this silo.",
+    );
+    out.sample(name, &[], stats.migrated_bytes as f64);
 }
 
 /// The text being written (rules 1 and 2).

@@ -98,10 +98,17 @@
 //!     busy activation: they queue on its roomiest worker instead of
 //!     starting another. (`max_activations`, rule 5, sheds idle
 //!     activations below the limit; this rule bounds them.)
+//! 15. **Migration.** An activation of a migratable type leaves for
+//!     another silo only between turns, as rule 5 deactivates (its entry
+//!     marked deactivating, its mailbox closed, what was queued run), but
+//!     it dehydrates instead of running `on_deactivate`, and goes on with
+//!     the same object if the move does not happen; an arrival is made
+//!     from the dehydrated state and runs nothing until its router
+//!     confirms it. The rules are `migration.rs`'s.
 //!
 //! Submodules: `envelope` (turns, envelopes, call chains, deadlines),
 //! `registry` (the per-type directory: rules 1, 2, 9 and 14), `activation`
-//! (the activation task, its turns and mailbox: rules 3, 5 to 8 and 10),
+//! (the activation task, its turns and mailbox: rules 3, 5 to 8, 10 and 15),
 //! `reference` (`GrainRef`: delivery, rules 4 and 5), `context`
 //! (`GrainContext::call`, timers, reminders) and `builder` (`SiloBuilder`,
 //! `SiloConfig`).

@@ -101,6 +101,13 @@
 //!     sent them: a silo registers and unregisters only homes of its own,
 //!     and names past their bounds are refused (`directory_service.rs`).
 //!
+//! 11. **Migration.** A home moves to another silo only as
+//!     `migration.rs` says: the target reserves room as rule 5 would for a
+//!     first call, calls to the moving home wait and then follow it, and
+//!     the directory entry switches with a compare on the source's
+//!     activation number, so that rule 2's "at most one silo" holds
+//!     through the move and through a crash on either side.
+//!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
 //!
@@ -116,7 +123,8 @@
 //! to 3); `home` is the serving side of rules 2, 3, 5 and 6; `fence` and
 //! `incarnation` keep rule 7 (`incarnation` also feeds the node the view
 //! it follows), `reminders` and `observers` rules 8 and 9, `admission`
-//! lets only silos of the view connect (rule 10).
+//! lets only silos of the view connect (rule 10), `migration` moves homes
+//! (rule 11).
 
 mod admission;
 mod builder;

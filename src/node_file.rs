@@ -887,7 +887,8 @@ pub async fn run_node(file: NodeFile, grains: &dyn NodeGrains) -> Result<(), Nod
 }
 
 /// Drains `node`, in order ([`ClusterNode::leave`], then the silo and the
-/// bridge): the node refuses new calls at once (a caller is told it is
+/// bridge): its migratable GPU grains move to other silos with their
+/// state, then the node refuses new calls (a caller is told it is
 /// shutting down, and asks the directory again), every activation finishes
 /// the messages it had taken and writes its state as it deactivates, and
 /// only then does the node leave the membership, so that no peer places

@@ -677,3 +677,47 @@ async fn a_source_killed_after_the_copy_leaves_the_grain_at_its_target() {
     assert_eq!(grain.call(Step { sender: 1, seq: 4 }).await.unwrap(), Ok(4));
     cluster.census.check_one_at_a_time();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_silo_moves_its_gpu_grains_away_with_their_state() {
+    let cluster = Cluster::new(47_500);
+    let nodes = [
+        cluster.node(1, 64).await,
+        cluster.node(2, 64).await,
+        cluster.node(3, 64).await,
+    ];
+    let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
+    converged(&all, 3).await;
+    // Ten tensors on silo 1, each with a few steps of in-memory state.
+    for key in 0..10u64 {
+        let grain = nodes[0].node.grain::<Tensor>(key);
+        for seq in 1..=key + 1 {
+            grain.call(Step { sender: 1, seq }).await.unwrap().unwrap();
+        }
+        let (_, _, on) = grain.call(Inspect).await.unwrap();
+        if on != 1 {
+            grain
+                .migrate(MigrationTarget::Silo("silo-1:7000".into()))
+                .await
+                .unwrap();
+        }
+    }
+    let before = nodes[0].node.stats().migrations.count;
+    nodes[0].node.leave().await.unwrap();
+    assert_eq!(
+        nodes[0].node.stats().migrations.count - before,
+        10,
+        "every GPU grain moved off the leaving silo"
+    );
+    for key in 0..10u64 {
+        let grain = nodes[2].node.grain::<Tensor>(key);
+        let (steps, bytes, on) = reach(&grain).await;
+        assert_eq!(steps, key + 1, "grain {key} kept its in-memory state");
+        assert!(on == 2 || on == 3, "grain {key} is on silo {on}");
+        assert!(
+            bytes == expected(key, steps),
+            "grain {key}'s buffer differs"
+        );
+    }
+    cluster.census.check_one_at_a_time();
+}

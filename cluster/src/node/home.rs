@@ -231,8 +231,10 @@ impl Inner {
         // memory is promised until the call that activates it returns.
         let promise = match registered_with {
             // The silo's activation limit (rule 14 of the silo) is room
-            // too: a new home here would be refused its activation.
-            None if self.silo.at_activation_limit() => {
+            // too: a new home here would be refused its activation. A
+            // draining silo has room for nothing new (`migration.rs` rule
+            // 6): the caller places the grain elsewhere.
+            None if self.silo.at_activation_limit() || self.draining.load(Ordering::Acquire) => {
                 pin.suspect_entry();
                 return Err(RemoteError::NoRoom);
             }

@@ -43,6 +43,14 @@
 //! 5. **Asking from anywhere.** `GrainRef::migrate` on any silo reaches
 //!    the grain's home (this silo's, or the one the directory names), and
 //!    the home runs the move. A grain with no activation is not moved.
+//! 6. **A graceful leave moves GPU grains first.** `ClusterNode::leave`
+//!    first marks the node draining: it becomes home to no new grain
+//!    (`NoRoom`, so callers place elsewhere) and reserves room for no
+//!    grain moving in. Then every home here whose type is migratable and
+//!    declares device memory moves to wherever placement picks, a few at
+//!    a time, for at most the call timeout; only then does the node stop
+//!    serving, and the rest deactivate as before (writing their state).
+//!    A GPU grain that could not move deactivates too.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
 //! 5), `reserve` and `release` (rule 1), `layout`, `stage/...` and
@@ -80,6 +88,9 @@ pub(super) const MAX_STATE: u64 = 4 << 30;
 
 /// Chunks of the state in flight at once (rule 3).
 const STAGE_AT_ONCE: usize = 4;
+
+/// Grains moving off a leaving silo at once (rule 6).
+const DRAIN_AT_ONCE: usize = 8;
 
 fn no_reservation() -> MigrationError {
     MigrationError::Unsupported {
@@ -751,6 +762,9 @@ impl Inner {
         {
             return Err(no_target("it does not host the type as migratable"));
         }
+        if self.draining.load(Ordering::Acquire) {
+            return Err(no_target("it is leaving the cluster"));
+        }
         if self.homes.contains_key(&grain) {
             return Err(MigrationError::Busy { grain });
         }
@@ -957,6 +971,51 @@ impl Inner {
         let _ = arrived.send(MoveState::Here);
         tracing::debug!(%grain, home = %to.silo, "a grain arrived");
         Ok(to)
+    }
+
+    /// Rule 6: moves every home here whose type is migratable and declares
+    /// device memory to another silo, a few at a time, for at most the
+    /// call timeout; what could not move is logged (it deactivates with
+    /// the rest).
+    pub(super) async fn migrate_gpu_homes(self: &Arc<Self>) {
+        let gpu_grains: Vec<GrainId> = self
+            .homes
+            .iter()
+            .filter(|home| {
+                let grain = home.key();
+                home.owner.is_some()
+                    && self.home_side.is_migratable(&grain.type_name)
+                    && self
+                        .needs
+                        .get(&grain.type_name)
+                        .is_some_and(|needs| needs.device_memory > 0)
+            })
+            .map(|home| home.key().clone())
+            .collect();
+        if gpu_grains.is_empty() {
+            return;
+        }
+        let count = gpu_grains.len();
+        let moving = futures_util::stream::iter(gpu_grains)
+            .map(|grain| async move {
+                let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
+                if let Err(err) = &moved {
+                    tracing::warn!(%grain, error = %err, "a GPU grain did not move off a leaving silo");
+                }
+                moved.is_ok()
+            })
+            .buffer_unordered(DRAIN_AT_ONCE)
+            .collect::<Vec<bool>>();
+        match tokio::time::timeout(self.config.connection.call_timeout, moving).await {
+            Ok(moved) => {
+                let moved = moved.into_iter().filter(|moved| *moved).count();
+                tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
+            }
+            Err(_) => tracing::warn!(
+                of = count,
+                "moving GPU grains off the leaving silo outlasted the call timeout"
+            ),
+        }
     }
 
     /// Rule 2: waits until a moving grain's outcome is known, at most the

@@ -212,6 +212,10 @@ struct Inner {
     /// come back after a fence (rule 7): it serves nothing and connects to
     /// no one after that.
     stopped: std::sync::atomic::AtomicBool,
+    /// Set when a graceful leave begins (`migration.rs` rule 6): the node
+    /// becomes home to no new grain, and takes none moving in, while its
+    /// GPU grains move away.
+    draining: std::sync::atomic::AtomicBool,
     /// Fencing after a stall (rule 7, `fence.rs`).
     fence: fence::Fence,
     /// Advanced each time every home lease is ended (a view change, a

@@ -47,9 +47,14 @@ const LOAD_REFRESH: Duration = Duration::from_secs(10);
 use crate::wire::RemoteError;
 
 impl ClusterNode {
-    /// Leaves the cluster gracefully: gossip says so at once, then the
-    /// node stops serving and its connections close.
+    /// Leaves the cluster gracefully: the grains here that keep device
+    /// memory and can migrate move to other silos with their state
+    /// (`migration.rs` rule 6), then the node stops serving, the other
+    /// activations deactivate (writing their state), gossip says so, and
+    /// its connections close.
     pub async fn leave(&self) -> Result<(), MembershipError> {
+        self.inner.draining.store(true, Ordering::Release);
+        self.inner.migrate_gpu_homes().await;
         // Serve nothing more, and let every activation here go (writing its
         // state) before the others may place its grains elsewhere.
         self.inner.stopped.store(true, Ordering::Release);
@@ -341,6 +346,7 @@ impl NodeParts {
             reservations: DashMap::new(),
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             fence: super::fence::Fence::new(),
             lease_epoch: AtomicU64::new(0),
             holds_lease,

@@ -231,6 +231,15 @@ impl std::fmt::Debug for GrainContext {
     }
 }
 
+/// Timers end with their activation however it ends (its task returning,
+/// or dropped unpolled with its runtime): a timer waiting on a closed
+/// mailbox for a departure's verdict stops then.
+impl Drop for GrainContext {
+    fn drop(&mut self) {
+        self.timers.cancel();
+    }
+}
+
 impl GrainContext {
     pub(crate) fn new(id: GrainId, silo: Silo) -> GrainContext {
         GrainContext {
@@ -319,7 +328,8 @@ impl GrainContext {
     /// running turn has ended (`migration.rs` rule 5), as
     /// `GrainRef::migrate` does; the turn goes on meanwhile, and the move's
     /// outcome is logged, not returned. Only on a silo in a cluster, for a
-    /// type registered as migratable.
+    /// type registered as migratable (elsewhere, or outside a tokio
+    /// runtime, nothing moves, and that is logged).
     pub fn migrate(&self, target: crate::migration::MigrationTarget) {
         let (silo, grain) = (self.silo.clone(), self.id.clone());
         let Some(router) = silo.router() else {
@@ -327,6 +337,7 @@ impl GrainContext {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(%grain, "a grain asked to migrate outside a tokio runtime");
             return;
         };
         runtime.spawn(async move {

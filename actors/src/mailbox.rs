@@ -150,12 +150,19 @@ impl<T> Shared<T> {
         woken
     }
 
-    /// Rule 6: takes messages again.
-    fn reopen(&self) {
+    /// Rule 6: takes messages again. A sender the close woke that has not
+    /// run since is still parked: it is admitted now, as a freed slot
+    /// would admit it (rule 3), and woken (it finds its message taken).
+    fn reopen(&self) -> Vec<Waker> {
         let mut state = self.lock();
         state.closed = false;
         self.closed.store(false, Ordering::Release);
+        let mut admitted = Vec::new();
+        while let Some(sender) = self.admit(&mut state) {
+            admitted.push(sender);
+        }
         self.mirror(&state);
+        admitted
     }
 }
 
@@ -644,7 +651,7 @@ impl<T> Receiver<T> {
 
     /// Takes messages again after [`Receiver::close`] (rule 6).
     pub(crate) fn reopen(&mut self) {
-        self.shared.reopen();
+        wake_all(self.shared.reopen());
     }
 
     /// Whether nothing is queued.

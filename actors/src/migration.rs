@@ -30,10 +30,21 @@
 //!    `on_deactivate`, its timers end, and it ends as
 //!    [`ActivationEnd::Migrated`](crate::ActivationEnd::Migrated);
 //!    `commit` returns once the grain is dropped. [`Departure::abort`]
-//!    (or dropping the departure): the activation reopens its mailbox and
-//!    goes on with the same object, and the messages that waited are
-//!    delivered to it in their order. A dehydrate that fails or panics is
-//!    an abort before anything left.
+//!    (or dropping the departure, or the silo shutting down): the
+//!    activation reopens its mailbox and goes on with the same object (and
+//!    its timers: a tick that fell in the departure waits for it), and the
+//!    messages that waited are delivered to it, each sender's in the order
+//!    it sent them. A dehydrate that fails or panics is an abort before
+//!    anything left. A deactivation asked during the departure, or a
+//!    give-up of every home (rule 13 of `silo/mod.rs`), ends an aborted
+//!    activation as those rules say instead.
+//!
+//!    The actors side only holds calls while the verdict is pending. Once
+//!    a departure commits, the entry is gone, and a local sender that was
+//!    waiting would start a new activation here: a router that moves
+//!    grains keeps calls from reaching the grain here from the departure
+//!    on, and sends them where it lives (the cluster's node does:
+//!    `node/migration.rs` rule 2).
 //! 4. **Arrival.** [`HomeSide::arrive`] makes an activation from a
 //!    dehydrated state: `Grain::new`, `rehydrate`, then `on_activate`. It is
 //!    refused if the grain is active here already, or at the silo's
@@ -312,8 +323,8 @@ pub enum MigrationError {
         /// The grain.
         grain: GrainId,
     },
-    /// Calls to the grain did not settle in time, or it is moving
-    /// already.
+    /// The grain is moving already, has an activation on the target
+    /// already, or calls to it did not settle in time.
     Busy {
         /// The grain.
         grain: GrainId,

@@ -291,7 +291,9 @@ impl HomeSide {
 
     /// Asks `grain`'s activation here to leave (rule 8, `migration.rs` rule
     /// 2): it dehydrates between turns, and waits for the verdict given
-    /// through the [`Departure`].
+    /// through the [`Departure`]. Before committing, the router must keep
+    /// calls from reaching the grain here (`migration.rs` rule 3): once the
+    /// activation is gone, a local delivery would start a new one.
     pub async fn depart(&self, grain: &GrainId) -> Result<Departure, MigrationError> {
         let depart = self.migrant(&grain.type_name)?.0;
         depart(&self.silo, grain.key.clone()).await

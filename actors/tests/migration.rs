@@ -36,6 +36,8 @@ struct Deactivations(AtomicU64);
 struct Notebook {
     lines: Vec<String>,
     deactivations: Option<Arc<Deactivations>>,
+    ticks: u64,
+    timer: Option<granary_actors::Timer>,
 }
 
 impl Grain for Notebook {
@@ -43,6 +45,8 @@ impl Grain for Notebook {
         Notebook {
             lines: Vec::new(),
             deactivations: None,
+            ticks: 0,
+            timer: None,
         }
     }
 
@@ -90,6 +94,52 @@ impl Handler<Append> for Notebook {
     }
 }
 
+/// Keeps the grain busy for a while.
+struct Nap(u64);
+impl Message for Nap {
+    type Reply = ();
+}
+impl Handler<Nap> for Notebook {
+    async fn handle(&mut self, Nap(ms): Nap, _: &mut GrainContext) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+/// Starts a timer ticking every 5 ms.
+struct StartTicking;
+impl Message for StartTicking {
+    type Reply = ();
+}
+impl Handler<StartTicking> for Notebook {
+    async fn handle(&mut self, _: StartTicking, ctx: &mut GrainContext) {
+        self.timer = ctx
+            .register_timer::<Notebook, Tick>(
+                Duration::from_millis(5),
+                Some(Duration::from_millis(5)),
+                || Tick,
+            )
+            .ok();
+    }
+}
+struct Tick;
+impl Message for Tick {
+    type Reply = ();
+}
+impl Handler<Tick> for Notebook {
+    async fn handle(&mut self, _: Tick, _: &mut GrainContext) {
+        self.ticks += 1;
+    }
+}
+struct Ticks;
+impl Message for Ticks {
+    type Reply = u64;
+}
+impl Handler<Ticks> for Notebook {
+    async fn handle(&mut self, _: Ticks, _: &mut GrainContext) -> u64 {
+        self.ticks
+    }
+}
+
 struct Read;
 impl Message for Read {
     type Reply = Vec<String>;
@@ -116,8 +166,13 @@ struct Silos {
 }
 
 fn silo(deactivations: &Arc<Deactivations>) -> Silos {
+    silo_with(deactivations, granary_actors::SiloConfig::default())
+}
+
+fn silo_with(deactivations: &Arc<Deactivations>, config: granary_actors::SiloConfig) -> Silos {
     // The derive's `migratable` registers it as such.
     let silo = Silo::builder()
+        .config(config)
         .host::<Notebook>()
         .register::<Plain>("plain")
         .service(deactivations.clone())
@@ -300,4 +355,93 @@ async fn a_committed_departure_leaves_without_on_deactivate_and_arrives_elsewher
         ActivationEnd::ActivationFailed
     );
     assert!(!fourth.silo.grain::<Notebook>("a").is_active());
+}
+
+#[tokio::test]
+async fn senders_parked_on_a_full_mailbox_get_in_after_an_aborted_departure() {
+    let deactivations = Arc::new(Deactivations::default());
+    let config = granary_actors::SiloConfig {
+        mailbox_capacity: 1,
+        ..granary_actors::SiloConfig::default()
+    };
+    let silos = Arc::new(silo_with(&deactivations, config));
+    let book = silos.silo.grain::<Notebook>("a");
+    // A grain that refuses to leave, kept busy while a departure and ten
+    // calls queue up behind it (nine of them parked on the full mailbox).
+    book.call(Append("stay")).await.unwrap();
+    let busy = tokio::spawn({
+        let book = book.clone();
+        async move { book.call(Nap(50)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let departing = tokio::spawn({
+        let silos = silos.clone();
+        async move { silos.home.depart(&notebook("a")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let book = book.clone();
+            tokio::spawn(async move { book.call(Append("x")).await })
+        })
+        .collect();
+    busy.await.unwrap().unwrap();
+    assert!(matches!(
+        departing.await.unwrap(),
+        Err(MigrationError::Hook { .. })
+    ));
+    for call in calls {
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("a parked call got in after the abort")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(book.call(Read).await.unwrap().len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_keeps_ticking_after_an_aborted_departure() {
+    let deactivations = Arc::new(Deactivations::default());
+    let silos = silo(&deactivations);
+    let book = silos.silo.grain::<Notebook>("a");
+    book.call(StartTicking).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let departure = silos.home.depart(&notebook("a")).await.unwrap();
+    // Ticks that fall in the departure wait for its verdict.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    departure.abort();
+    let after_abort = book.call(Ticks).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        book.call(Ticks).await.unwrap() > after_abort + 2,
+        "the timer stopped with the aborted departure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivation_queued_before_an_aborted_departure_still_happens() {
+    let deactivations = Arc::new(Deactivations::default());
+    let silos = Arc::new(silo(&deactivations));
+    let book = silos.silo.grain::<Notebook>("a");
+    book.call(Append("1")).await.unwrap();
+    let busy = tokio::spawn({
+        let book = book.clone();
+        async move { book.call(Nap(50)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let departing = tokio::spawn({
+        let silos = silos.clone();
+        async move { silos.home.depart(&notebook("a")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Queued behind the departure's request: run by the departure's drain.
+    book.deactivate().await.unwrap();
+    busy.await.unwrap().unwrap();
+    departing.await.unwrap().unwrap().abort();
+    assert_eq!(
+        ended_with(&silos, &notebook("a")).await,
+        ActivationEnd::Deactivated
+    );
+    assert_eq!(deactivations.0.load(Ordering::SeqCst), 1);
 }

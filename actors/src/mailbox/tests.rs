@@ -131,6 +131,27 @@ async fn a_reopened_mailbox_takes_messages_again_after_those_it_kept() {
 }
 
 #[tokio::test]
+async fn senders_parked_across_a_close_and_reopen_are_admitted() {
+    let (sender, mut receiver) = channel::<u32>(1, sweeper());
+    sender.try_send(1).unwrap();
+    // Two senders park; the close wakes them, but they do not run before
+    // the mailbox reopens (the receiver drains and reopens at once).
+    let mut two = pin!(sender.send(2, far()));
+    let mut three = pin!(sender.send(3, far()));
+    assert!(poll!(two.as_mut()).is_pending());
+    assert!(poll!(three.as_mut()).is_pending());
+    receiver.close();
+    assert_eq!(receiver.recv().await, Some(1));
+    receiver.reopen();
+    // Rule 3 after the reopen: the oldest parked one was admitted.
+    assert!(matches!(poll!(two.as_mut()), Poll::Ready(Ok(()))));
+    assert!(poll!(three.as_mut()).is_pending());
+    assert_eq!(receiver.recv().await, Some(2));
+    assert!(matches!(poll!(three.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.recv().await, Some(3));
+}
+
+#[tokio::test]
 async fn a_dropped_parked_send_takes_its_message_with_it() {
     let drops = Arc::new(AtomicUsize::new(0));
     let (sender, mut receiver) = channel::<Tracked>(1, sweeper());

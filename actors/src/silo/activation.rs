@@ -261,12 +261,14 @@ pub(super) async fn run_activation<G: Grain>(
                     turn: Turn::Migrate(reply),
                     ..
                 })) if !abandoned(&silo) => {
-                    if let Departed::Ends { moved, gone } =
-                        depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply).await
-                    {
-                        migrated = moved;
-                        leaving = Some(gone);
-                        break;
+                    match depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply).await {
+                        Departed::Ends { moved, gone } => {
+                            migrated = moved;
+                            leaving = Some(gone);
+                            break;
+                        }
+                        // The move kept the grain busy: not idle now.
+                        Departed::Stayed => activity += 1,
                     }
                 }
                 // Rule 13: taken after a give-up (an idle activation woken
@@ -328,7 +330,7 @@ pub(super) async fn run_activation<G: Grain>(
         let Some(envelope) = next else { break };
         if abandoned(&silo) {
             // Rule 13: not run; dropping it fails its call.
-            if !matches!(envelope.turn, Turn::Deactivate) {
+            if !matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) {
                 silo.inner
                     .dropped_with_homes
                     .fetch_add(1, Ordering::Relaxed);
@@ -347,7 +349,7 @@ pub(super) async fn run_activation<G: Grain>(
             // its mailbox was closed and drained before): dropping the
             // envelope fails its call, counted per message.
             None => {
-                if !matches!(envelope.turn, Turn::Deactivate) {
+                if !matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) {
                     grain_type.stats.failed(FailureReason::ActivationFailed);
                 }
                 drop(envelope);
@@ -458,7 +460,11 @@ async fn arrive<G: Grain>(
     if seed.ready.send(Ok(confirm)).is_err() {
         return None;
     }
-    confirmed.await.unwrap_or(false).then_some(grain)
+    let confirmed = tokio::select! {
+        confirmed = confirmed => confirmed.unwrap_or(false),
+        _ = ctx.silo().inner.shutdown.cancelled() => false,
+    };
+    confirmed.then_some(grain)
 }
 
 /// How a departure ended (`migration.rs` rule 3).
@@ -500,8 +506,15 @@ async fn depart<G: Grain>(
         exclusive(&mut mailbox).receiver.close();
         ctx.put_mailbox(mailbox);
     }
-    // What was queued before the close runs here, first.
+    // What was queued before the close runs here, first; a deactivation
+    // asked meanwhile is kept for a move that does not happen. After a
+    // give-up (rule 13) nothing more runs: the activation ends as that
+    // rule says.
+    let mut deactivate = false;
     loop {
+        if ctx.abandoned() {
+            break;
+        }
         let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
             break;
         };
@@ -509,8 +522,7 @@ async fn depart<G: Grain>(
         ctx.put_mailbox(mailbox);
         let Some(envelope) = next else { break };
         match envelope.turn {
-            // The migration decides whether the activation ends.
-            Turn::Deactivate => {}
+            Turn::Deactivate => deactivate = true,
             Turn::Migrate(other) => {
                 let _ = other.send(Err(MigrationError::Busy {
                     grain: ctx.id().clone(),
@@ -518,7 +530,10 @@ async fn depart<G: Grain>(
             }
             turn => {
                 let envelope = Envelope { turn, ..envelope };
-                (*grain, _) = self::turn(grain.take(), envelope, key, ctx, &grain_type.stats).await;
+                let ran;
+                (*grain, ran) =
+                    self::turn(grain.take(), envelope, key, ctx, &grain_type.stats).await;
+                grain_type.stats.add_messages(ran);
             }
         }
         if grain.is_none() {
@@ -526,6 +541,7 @@ async fn depart<G: Grain>(
         }
     }
     let departing = match grain.as_mut() {
+        _ if ctx.abandoned() => Err(MigrationError::ShutDown),
         None => Err(MigrationError::Hook {
             grain: ctx.id().clone(),
             reason: "the grain failed before it could leave".into(),
@@ -561,7 +577,12 @@ async fn depart<G: Grain>(
         Ok(state) => {
             let (verdict, decided) = tokio::sync::oneshot::channel();
             match reply.send(Ok((state, verdict))) {
-                Ok(()) => decided.await.unwrap_or(Verdict::Abort),
+                // A silo shutting down does not wait for a router that
+                // never decides: the grain stays (and shuts down with it).
+                Ok(()) => tokio::select! {
+                    decided = decided => decided.unwrap_or(Verdict::Abort),
+                    _ = ctx.silo().inner.shutdown.cancelled() => Verdict::Abort,
+                },
                 Err(_) => Verdict::Abort,
             }
         }
@@ -578,6 +599,9 @@ async fn depart<G: Grain>(
             let _ = dropped.send(());
             Departed::Ends { moved: true, gone }
         }
+        // A grain asked to deactivate meanwhile, or abandoned, ends here as
+        // rule 5 or 13 says, with its mailbox still closed.
+        Verdict::Abort if deactivate || ctx.abandoned() => Departed::Ends { moved: false, gone },
         Verdict::Abort => {
             let reopened = grain.is_some()
                 && ctx.take_mailbox::<G>().is_some_and(|mut mailbox| {

@@ -14,6 +14,7 @@ use super::envelope::{Deadline, Envelope, Turn, current_chain, deadline_after};
 use super::reference::routed_reply;
 use crate::error::CallError;
 use crate::grain::{Grain, GrainContext, Handler, Message};
+use crate::mailbox::SendError;
 use crate::route::Kind;
 
 /// A mailbox taken out of its context for a reentrant wait; put back when
@@ -308,10 +309,27 @@ impl GrainContext {
                         })
                     })),
                 };
-                // A closed mailbox: the activation is ending.
-                let sent = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    sent = sender.send(envelope, deadline_after(Duration::MAX)) => sent,
+                // A closed mailbox: the activation is ending (its timers are
+                // cancelled first), or leaving for another silo: the tick
+                // waits for the verdict, and goes in if the grain stays
+                // (`migration.rs` rule 3); the timer ends with a grain that
+                // leaves.
+                let mut envelope = envelope;
+                let sent = loop {
+                    let sent = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        sent = sender.send(envelope, deadline_after(Duration::MAX)) => sent,
+                    };
+                    match sent {
+                        Err(SendError::Closed(returned)) if !cancel.is_cancelled() => {
+                            envelope = returned;
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                            }
+                        }
+                        sent => break sent,
+                    }
                 };
                 match (sent, period) {
                     (Ok(()), Some(period)) => wait = period,

@@ -5,7 +5,8 @@
 //!
 //! 1. **Directory.** Each registered grain type has a directory from key to
 //!    entry: `Active` (the activation's mailbox sender) or `Deactivating`
-//!    (a signal that fires when the old activation is gone).
+//!    (a signal that fires when the old activation is gone, or when a
+//!    departure, rule 15, did not happen and the mailbox is open again).
 //! 2. **Activation on demand.** A message for a key with no entry inserts
 //!    an `Active` entry and spawns the activation, under the directory's
 //!    per-key lock; so concurrent first messages create exactly one
@@ -221,6 +222,7 @@ pub type EndedListener = Arc<dyn Fn(&GrainId, ActivationEnd) + Send + Sync>;
 
 /// How an activation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ActivationEnd {
     /// It deactivated (idle, on request, under memory pressure, or at
     /// shutdown) after `on_deactivate`.

@@ -527,11 +527,12 @@ impl<G: Grain> GrainRef<G> {
 
     /// Moves the grain's activation, wherever it lives, to `target` with
     /// its in-memory state (`migration.rs`): between two of its turns,
-    /// without `on_deactivate`, and without losing a call (calls that
-    /// arrive meanwhile wait, then go to its new home). Returns once the
-    /// grain lives there. The type must be registered as migratable, and
-    /// the silo be part of a cluster; a grain with no activation has
-    /// nothing to move ([`MigrationError::NotActive`]).
+    /// without `on_deactivate`, and, through a cluster node's router,
+    /// without losing a call (calls that arrive meanwhile wait, then go to
+    /// its new home). Returns once the grain lives there. The type must be
+    /// registered as migratable, and the silo be part of a cluster; a grain
+    /// with no activation has nothing to move
+    /// ([`MigrationError::NotActive`]).
     ///
     /// [`MigrationError::NotActive`]: crate::migration::MigrationError::NotActive
     pub async fn migrate(

@@ -62,7 +62,10 @@ fn roomiest<G>(slots: &[Option<Entry<G>>]) -> Option<mailbox::Sender<Envelope<G>
         .cloned()
 }
 
-/// A directory entry (rule 1).
+/// A directory entry (rule 1). A `Deactivating` entry's signal fires when
+/// the activation is gone, or (`migration.rs` rule 3) when a departure did
+/// not happen and its mailbox is open again: either way a waiting sender
+/// looks at the entry afresh.
 pub(super) enum Entry<G> {
     Active(mailbox::Sender<Envelope<G>>),
     Deactivating(watch::Receiver<bool>),
@@ -386,7 +389,17 @@ impl Silo {
         match answer.await {
             Ok(Ok(confirm)) => Ok(crate::migration::Arrival::new(confirm)),
             Ok(Err(err)) => Err(err),
-            Err(_) => Err(MigrationError::ShutDown),
+            // Ended without answering: the silo stopped, or gave its homes
+            // up (rule 13), before the activation started.
+            Err(_) if self.inner.shutting_down.load(Ordering::Acquire) => {
+                Err(MigrationError::ShutDown)
+            }
+            Err(_) => Err(MigrationError::Hook {
+                grain: id,
+                reason: "the arriving activation ended before its hooks ran \
+                         (the silo gave its homes up)"
+                    .into(),
+            }),
         }
     }
 
@@ -429,8 +442,15 @@ impl Silo {
             turn: super::envelope::Turn::Migrate(reply),
         };
         let deadline = super::deadline_after(self.inner.config.call_timeout);
-        if sender.send(envelope, deadline).await.is_err() {
-            return Err(MigrationError::Busy { grain: id });
+        match sender.send(envelope, deadline).await {
+            Ok(()) => {}
+            // Deactivating meanwhile (or leaving already).
+            Err(crate::mailbox::SendError::Closed(_)) => {
+                return Err(MigrationError::NotActive { grain: id });
+            }
+            Err(crate::mailbox::SendError::Timeout) => {
+                return Err(MigrationError::Busy { grain: id });
+            }
         }
         match answer.await {
             Ok(Ok((state, verdict))) => Ok(crate::migration::Departure::new(state, verdict)),

@@ -23,7 +23,7 @@
 //!    until the one before it was answered, here or at the new home.
 //! 3. **The state travels, then the switch.** The dehydrated state goes to
 //!    the target in chunks below the frame limit. The target makes the
-//!    activation (`on_activate`, then `rehydrate`), then moves the
+//!    activation (`rehydrate`, then `on_activate`), then moves the
 //!    directory entry with a compare: from the source's activation to its
 //!    own (`DirectoryRequest::Switch`, refused if the entry names anyone
 //!    else). Only once the entry names it does the target's activation

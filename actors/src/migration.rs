@@ -290,7 +290,7 @@ pub struct Migrated {
     pub to: String,
     /// The bytes of its dehydrated state.
     pub bytes: u64,
-    /// From the target's reservation to the switch.
+    /// From the request at the grain's home to the home letting go.
     pub took: Duration,
 }
 

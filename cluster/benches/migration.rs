@@ -24,10 +24,11 @@
 //!   `MemoryStorage` (no disk: the cheapest storage there is) and in
 //!   `RedbStorage` on disk (the embedded default).
 //!
-//! Then, outside criterion, the calls' side: 8 tasks on the other silo
+//! Then, outside criterion, the calls' side: 8 tasks, four on each silo,
 //! call the grain back to back for 3 s, once with no migration and once
-//! while the grain moves back and forth; the p50 and p99 of their
-//! latencies are printed beside the moves' median.
+//! while the grain moves back and forth between the two; the p50, p99,
+//! p99.9 and max of their latencies are printed beside the moves'
+//! median.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

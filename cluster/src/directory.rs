@@ -96,30 +96,20 @@ impl Partition {
         }
     }
 
-    /// Moves `grain`'s entry from `from` to `to` (a migration's switch, or
-    /// a home renumbering its own entry): done if the entry is `from`,
-    /// already `to`, or (with `claim_vacant`) absent; returns the entry
+    /// Moves `grain`'s entry from `from` to `to` (a migration's switch):
+    /// done if the entry is `from`, or already `to`; returns the entry
     /// afterwards, if any.
     pub fn switch(
         &self,
         grain: &GrainId,
         from: &ActivationAddress,
         to: ActivationAddress,
-        claim_vacant: bool,
     ) -> Option<ActivationAddress> {
-        match self.entries.entry(grain.clone()) {
-            dashmap::Entry::Occupied(mut entry) => {
-                if entry.get() == from {
-                    entry.insert(to.clone());
-                }
-                Some(entry.get().clone())
-            }
-            dashmap::Entry::Vacant(vacant) if claim_vacant => {
-                vacant.insert(to.clone());
-                Some(to)
-            }
-            dashmap::Entry::Vacant(_) => None,
+        let mut entry = self.entries.get_mut(grain)?;
+        if *entry == *from {
+            *entry = to;
         }
+        Some(entry.clone())
     }
 
     /// The activation registered for `grain`.

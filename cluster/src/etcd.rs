@@ -801,60 +801,59 @@ impl EtcdDirectory {
         ))
     }
 
-    /// Moves `grain`'s entry from `from` to this silo's `activation` (a
-    /// migration's switch, or this silo renumbering its own entry): done
-    /// if the entry is `from` (compared by its revision once verified),
-    /// already this activation, or (with `claim_vacant`) absent. The entry
-    /// then goes with this silo's lease. Returns the entry afterwards.
+    /// Moves `grain`'s entry from `from` (this silo's activation: only the
+    /// silo an entry names gives it away) to `to`, attached to `to`'s lease
+    /// `to_lease` and sealed as its silo would seal it: done if the entry is
+    /// `from` (compared by its revision once verified), or already `to`.
+    /// Returns the entry afterwards.
     pub async fn switch(
         &self,
         grain: &GrainId,
         from: &ActivationAddress,
-        activation: u64,
-        claim_vacant: bool,
+        to: &ActivationAddress,
+        to_lease: i64,
     ) -> Result<Option<ActivationAddress>, EtcdError> {
+        if from.silo != self.silo {
+            return Err(EtcdError::BadRecord(format!(
+                "{} may not move an entry of {}",
+                self.silo, from.silo
+            )));
+        }
         let key = self.key(grain)?;
-        let ours = ActivationAddress {
-            silo: self.silo.clone(),
-            activation,
-        };
-        let json =
-            serde_json::to_vec(&ours).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
-        let value = self.records.seal(&key, self.lease, &json);
-        let put = TxnOp::put(
-            key.clone(),
-            value,
-            Some(PutOptions::new().with_lease(self.lease)),
-        );
+        let json = serde_json::to_vec(to).map_err(|err| EtcdError::BadRecord(err.to_string()))?;
+        let value = self.records.seal(&key, to_lease, &json);
         let answer = self
             .client
             .clone()
             .get(key.clone(), None)
             .await
             .map_err(request)?;
-        let when = match answer.kvs().first() {
-            Some(kv) => match self.entry(&key, kv).await? {
-                Some(home) if home == *from => {
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision())
-                }
-                standing => return Ok(standing),
-            },
-            None if claim_vacant => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-            None => return Ok(None),
+        let Some(kv) = answer.kvs().first() else {
+            return Ok(None);
         };
-        let txn = Txn::new().when([when]).and_then([put]);
-        if self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(request)?
-            .succeeded()
-        {
-            return Ok(Some(ours));
+        match self.entry(&key, kv).await? {
+            Some(home) if home == *from => {}
+            standing => return Ok(standing),
         }
-        // Changed since it was read: whatever stands now.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(to_lease)),
+            )]);
+        self.client.clone().txn(txn).await.map_err(request)?;
+        // Switched, or changed since it was read: whatever stands now.
         self.lookup(grain).await
+    }
+
+    /// This silo's lease: what an entry moved to this silo goes with.
+    pub fn lease(&self) -> i64 {
+        self.lease
     }
 
     /// The home in `kv`, the entry at `key` (rule 7). One without a lease

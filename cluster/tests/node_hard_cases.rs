@@ -472,13 +472,20 @@ enum ForgedRequest {
         home: SiloId,
         activation: Option<u64>,
     },
+    Switch {
+        grain: GrainId,
+        from: granary_cluster::ActivationAddress,
+        to: granary_cluster::ActivationAddress,
+        to_lease: i64,
+    },
 }
 
 /// A silo holding the secret asks the owner of a grain's entry to register
-/// a home on another silo, to remove another silo's entry, or to register
-/// a grain type of a megabyte: each is refused as forbidden, and the real
-/// entry stands (one activation). Its own registration goes through.
-/// (Finding 7 of the security review.)
+/// a home on another silo, to remove another silo's entry, to take another
+/// silo's entry for itself (a migration's switch), or to register a grain
+/// type of a megabyte: each is refused as forbidden, and the real entry
+/// stands (one activation). Its own registration goes through. (Finding 7
+/// of the security review; the switch, issue 16's review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_operations_naming_another_silo_are_refused() {
     let cluster = Cluster::new();
@@ -534,6 +541,15 @@ async fn directory_operations_naming_another_silo_are_refused() {
                 grain: grain(key),
                 home: b.id().clone(),
                 activation: None,
+            },
+        ),
+        (
+            "b's entry switched to c",
+            ForgedRequest::Switch {
+                grain: grain(key),
+                from: home_on(&b.id()),
+                to: home_on(&c.id()),
+                to_lease: 0,
             },
         ),
         (

@@ -430,7 +430,7 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
     out.family(
         name,
         "histogram",
-        "Grains that moved away from this silo, by how long each move took (from the target's reservation to the switch).",
+        "Grains that moved away from this silo, by how long each move took (from the request to the source letting go).",
     );
     out.histogram(name, &[], &stats.migrations);
     let name = "granary_migrations_failed_total";

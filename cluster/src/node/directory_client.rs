@@ -34,15 +34,15 @@ pub(super) enum DirectoryRequest {
         home: SiloId,
         activation: Option<u64>,
     },
-    /// Moves the grain's entry from `from` to `to` if it names `from`
-    /// (or, with `claim_vacant`, if there is none): a migration's switch
-    /// (`migration.rs` rule 4), or a home renumbering its entry to settle
-    /// one. Answers the entry afterwards.
+    /// Moves the grain's entry from `from` to `to` if it names `from`: a
+    /// migration's switch, asked by the silo the entry names
+    /// (`migration.rs` rule 4). `to_lease` is the target's etcd lease (0
+    /// under gossip): the entry goes with it. Answers the entry afterwards.
     Switch {
         grain: GrainId,
         from: ActivationAddress,
         to: ActivationAddress,
-        claim_vacant: bool,
+        to_lease: i64,
     },
 }
 
@@ -113,11 +113,8 @@ impl ClusterNode {
                     grain,
                     from,
                     to,
-                    claim_vacant,
-                } => match etcd
-                    .switch(&grain, &from, to.activation, claim_vacant)
-                    .await
-                {
+                    to_lease,
+                } => match etcd.switch(&grain, &from, &to, to_lease).await {
                     Ok(Some(home)) => Ok(DirectoryReply::Home(home)),
                     Ok(None) => Ok(DirectoryReply::Unknown),
                     Err(err) => Err(failed(err)),

@@ -23,8 +23,8 @@ pub(super) fn authorize(from: &SiloId, request: &DirectoryRequest) -> Result<(),
     let home = match request {
         DirectoryRequest::Register { home, .. } => Some(&home.silo),
         DirectoryRequest::Unregister { home, .. } => Some(home),
-        // The silo an entry moves to asks for the move.
-        DirectoryRequest::Switch { to, .. } => Some(&to.silo),
+        // Only the silo an entry names gives it away.
+        DirectoryRequest::Switch { from, .. } => Some(&from.silo),
         DirectoryRequest::Lookup(_) => None,
     };
     if let Some(home) = home.filter(|home| *home != from) {
@@ -109,19 +109,13 @@ impl Inner {
                 }))
             }
             DirectoryRequest::Switch {
-                grain,
-                from,
-                to,
-                claim_vacant,
+                grain, from, to, ..
             } => {
-                // As a home from before the view changed re-registering
-                // (the switch continues the activation it names), it is
-                // taken while the owner settles; the silo it moves to must
-                // be one this owner sees.
+                // The silo it moves to must be one this owner sees.
                 if !view.iter().any(|member| member.silo == to.silo) {
                     return DirectoryReply::Retry;
                 }
-                match self.partition.switch(&grain, &from, to, claim_vacant) {
+                match self.partition.switch(&grain, &from, to) {
                     Some(home) => DirectoryReply::Home(home),
                     None => DirectoryReply::Unknown,
                 }

@@ -687,7 +687,7 @@ impl Inner {
     /// longer home to: the activation runs what it already holds, writes
     /// its state, and frees its resources (a resident buffer's device
     /// memory, say).
-    fn release(&self, grain: &GrainId) {
+    pub(super) fn release(&self, grain: &GrainId) {
         tracing::debug!(%grain, "a home lost to another silo lets its activation go");
         let silo = self.silo.clone();
         let (grain_type, key) = (grain.type_name.clone(), grain.key.clone());

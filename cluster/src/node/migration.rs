@@ -9,10 +9,11 @@
 //!
 //! 1. **Room first.** The source asks the target to reserve room before
 //!    anything stops: the target must host the type, be below its
-//!    activation limit, and promise the device memory the type declares
-//!    (rule 5 of `node/mod.rs`, the same promise a first call takes). The
-//!    reservation holds until the state arrives, is released, or expires
-//!    after twice the call timeout.
+//!    activation limit, not be leaving, and promise the device memory the
+//!    type declares (rule 5 of `node/mod.rs`, the same promise a first
+//!    call takes). One reservation per grain, at most 64 from one peer;
+//!    it holds until the state arrives, is released, or expires after
+//!    twice the call timeout.
 //! 2. **Calls wait, then follow.** The source marks the home moving: calls
 //!    that reach it now (from references here, whose lease is ended, and
 //!    from other silos) wait for the outcome and then go where the grain
@@ -21,25 +22,29 @@
 //!    then the activation departs between two turns, running what its
 //!    mailbox held. Each sender's calls keep their order: a call waits
 //!    until the one before it was answered, here or at the new home.
-//! 3. **The state travels, then the switch.** The dehydrated state goes to
-//!    the target in chunks below the frame limit. The target makes the
-//!    activation (`rehydrate`, then `on_activate`), then moves the
-//!    directory entry with a compare: from the source's activation to its
-//!    own (`DirectoryRequest::Switch`, refused if the entry names anyone
-//!    else). Only once the entry names it does the target's activation
-//!    take messages; otherwise it ends without `on_deactivate`.
-//! 4. **Exactly one activation.** The source lets its grain go only once
-//!    the target answered that the entry names it. A target that refuses
-//!    (no switch: it holds nothing) leaves the grain running at the
-//!    source. When the answer is lost (the target died, or the network
-//!    failed), the source settles it through the directory: it renumbers
-//!    its own entry with a compare from its activation, so a switch still
-//!    on its way is refused; if the entry names the target instead, the
-//!    grain moved; if it names neither (or the directory cannot be
-//!    reached within the call timeout), the source ends its activation
-//!    without `on_deactivate` and the grain has at most one, the target's
-//!    or none until its next call. Persisted state was written by the
-//!    grain's `dehydrate`, before the switch, with its ETag.
+//! 3. **The state travels; the target makes the activation.** The
+//!    dehydrated state goes to the target part by part, in chunks below
+//!    the frame limit (each chunk taken once, and the state only whole).
+//!    The target makes the activation (`rehydrate`, then `on_activate`),
+//!    registers nothing, answers its activation's address, and holds the
+//!    activation, running nothing, until the verdict (rule 4).
+//! 4. **The source gives its entry away.** Only the silo a directory entry
+//!    names may move it (`DirectoryRequest::Switch`, a compare from its
+//!    own activation to the target's, asked again until its answer
+//!    arrives: it changes nothing the second time). Once the entry names
+//!    the target, the source tells it to take messages and lets its own
+//!    grain go; if the entry still names the source, it tells the target
+//!    to discard its activation and goes on; if it names a third silo, the
+//!    grain's home is not here any more and the source deactivates. A
+//!    target that hears nothing (the source died, or its word was lost)
+//!    asks the directory once the source has left the view, or after twice
+//!    the call timeout: it takes messages only if the entry names it, and
+//!    otherwise ends its activation without `on_deactivate`. So the entry
+//!    decides, and only one silo acts on it: never two activations, and
+//!    never none except when the source died before the switch (the grain
+//!    then starts afresh on its next call, from what `dehydrate`
+//!    persisted) or the directory could not be reached for a whole call
+//!    timeout (the source ends its activation: `MigrationError::Unknown`).
 //! 5. **Asking from anywhere.** `GrainRef::migrate` on any silo reaches
 //!    the grain's home (this silo's, or the one the directory names), and
 //!    the home runs the move. A grain with no activation is not moved.
@@ -48,15 +53,16 @@
 //!    (`NoRoom`, so callers place elsewhere) and reserves room for no
 //!    grain moving in. Then every home here whose type is migratable and
 //!    declares device memory moves to wherever placement picks, a few at
-//!    a time, for at most the call timeout; only then does the node stop
-//!    serving, and the rest deactivate as before (writing their state).
-//!    A GPU grain that could not move deactivates too.
+//!    a time, each to its verdict (every move is bounded by the call
+//!    timeout); only then does the node stop serving, and the rest
+//!    deactivate as before (writing their state). A GPU grain that could
+//!    not move deactivates too.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
 //! 5), `reserve` and `release` (rule 1), `layout`, `stage/...` and
-//! `arrive` (rule 3), each answered with a `Result<_, MigrationError>`;
-//! all but `move` and `reserve` are taken only from the silo that
-//! reserved.
+//! `arrive` (rule 3), `verdict` (rule 4), each answered with a
+//! `Result<_, MigrationError>`; all but `move` and `reserve` are taken
+//! only from the silo that reserved.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -88,6 +94,9 @@ pub(super) const MAX_STATE: u64 = 4 << 30;
 
 /// Chunks of the state in flight at once (rule 3).
 const STAGE_AT_ONCE: usize = 4;
+
+/// Reservations one peer may hold here at once (rule 1).
+const MAX_RESERVATIONS_PER_PEER: usize = 64;
 
 /// Grains moving off a leaving silo at once (rule 6).
 const DRAIN_AT_ONCE: usize = 8;
@@ -143,22 +152,50 @@ struct Arrive {
     from: ActivationAddress,
 }
 
+/// The target's activation, made and waiting for the switch (rule 3),
+/// and the lease its entry goes with (etcd; 0 under gossip).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Arrived {
+    address: ActivationAddress,
+    lease: i64,
+}
+
+/// The source's word on an arrival (rule 4): confirm it (the entry names
+/// it) or discard it.
+#[derive(Debug, Serialize, Deserialize)]
+struct VerdictRequest {
+    ticket: u64,
+    confirm: bool,
+}
+
 /// Room a target holds for a grain on its way (rule 1).
 pub(super) struct Reservation {
     grain: GrainId,
     _promise: Promise,
     /// The state's parts as they arrive, once their layout is known.
     parts: Option<Vec<(String, Vec<u8>)>>,
+    /// The chunks staged, by part and offset (a chunk staged twice is
+    /// refused), and their bytes.
+    staged: std::collections::HashSet<(u64, u64)>,
     received: u64,
     total: u64,
 }
 
-/// What the source learnt of the target's answer (rule 4).
+impl Reservation {
+    /// Whether every byte of the layout has arrived.
+    fn whole(&self) -> bool {
+        self.parts.is_some() && self.received == self.total
+    }
+}
+
+/// What the source's switch came to (rule 4).
 enum Outcome {
     /// The entry names the target.
-    Moved(SiloId),
-    /// The grain stays here, running.
+    Moved,
+    /// The entry still names this silo: the grain stays here, running.
     Stayed(MigrationError),
+    /// The entry names another silo: the grain's home is not here.
+    Lost,
     /// Neither could be learnt: the activation here ends.
     Unknown(String),
 }
@@ -267,7 +304,9 @@ impl Inner {
             return Err(not_active());
         }
         // Rule 1: room at the target first.
-        let (to, ticket) = self.reserve_at(grain, target).await?;
+        let (to, ticket) = self.reserve_at(grain, target).await.inspect_err(|_| {
+            self.stats.migration_failed();
+        })?;
         // Rule 2: calls wait from now on; those admitted finish first.
         let (moving, moving_signal) = watch::channel(MoveState::Moving);
         let activation = match self.homes.get_mut(grain) {
@@ -294,6 +333,7 @@ impl Inner {
             }
             let _ = moving.send(MoveState::Here);
             self.release_at(&to, ticket);
+            self.stats.migration_failed();
             err
         };
         let settle_by = deadline_after(self.config.connection.call_timeout);
@@ -327,34 +367,49 @@ impl Inner {
             silo: self.id(),
             activation,
         };
-        // Rule 3, then rule 4.
-        let outcome = match self.send_state(&to, ticket, grain, &from, state).await {
-            Ok(Ok(home)) if home.silo == to => Outcome::Moved(to.clone()),
-            // Refused before any switch: the target holds nothing.
-            Ok(Err(
-                err @ (MigrationError::Conflict { .. }
-                | MigrationError::Hook { .. }
-                | MigrationError::Busy { .. }
-                | MigrationError::NoTarget { .. }
-                | MigrationError::NotMigratable { .. }
-                | MigrationError::ShutDown),
-            )) => Outcome::Stayed(err),
-            Ok(Ok(_)) => {
-                self.settle(grain, &from, &to, "the target named another home")
-                    .await
+        // Rule 3: the state travels, and the target makes the activation.
+        let arrived = match self.send_state(&to, ticket, grain, &from, state).await {
+            Ok(Ok(arrived)) if arrived.address.silo == to => arrived,
+            // Refused: the target holds nothing.
+            Ok(Err(err)) => {
+                departure.abort();
+                return Err(stay(err));
             }
-            Ok(Err(err)) => self.settle(grain, &from, &to, &err.to_string()).await,
-            Err(reason) => self.settle(grain, &from, &to, &reason).await,
+            // Unreachable (or answering for another silo): it discards
+            // what it may have made, told so or once its wait ends.
+            Ok(Ok(_)) | Err(_) => {
+                self.send_verdict(&to, ticket, false);
+                departure.abort();
+                return Err(stay(MigrationError::Unavailable {
+                    grain: grain.clone(),
+                    reason: format!("the target {to} did not take the state"),
+                }));
+            }
         };
+        // Rule 4: this silo gives its entry to the target's activation.
+        let outcome = self.switch(grain, &from, &arrived).await;
         match &outcome {
-            Outcome::Moved(to) => tracing::trace!(%grain, %to, "the target holds the grain"),
+            Outcome::Moved => tracing::trace!(%grain, %to, "the entry names the target"),
             Outcome::Stayed(err) => tracing::debug!(%grain, error = %err, "the grain stays"),
+            Outcome::Lost => tracing::warn!(%grain, "the entry named another silo during a move"),
             Outcome::Unknown(why) => {
                 tracing::warn!(%grain, %why, "whether the grain moved is unknown; its activation here ends")
             }
         }
         match outcome {
-            Outcome::Moved(to) => {
+            Outcome::Moved => {
+                // The target takes messages once told; told or not, it
+                // finds the entry naming it when its wait ends.
+                let _ = self
+                    .migration_call::<_, ()>(
+                        &to,
+                        "verdict",
+                        &VerdictRequest {
+                            ticket,
+                            confirm: true,
+                        },
+                    )
+                    .await;
                 self.remove_home_of(grain, generation);
                 self.remember(grain, to.clone());
                 let _ = moving.send(MoveState::Moved(to.clone()));
@@ -370,26 +425,38 @@ impl Inner {
                 })
             }
             Outcome::Stayed(err) => {
+                self.send_verdict(&to, ticket, false);
                 departure.abort();
-                self.stats.migration_failed();
-                Err(stay(err))
+                let err = stay(err);
+                // A home lost meanwhile (a view change gave the grain to
+                // another silo) lets its activation go.
+                if self
+                    .homes
+                    .get(grain)
+                    .is_none_or(|home| home.generation != generation)
+                {
+                    self.release(grain);
+                }
+                Err(err)
+            }
+            Outcome::Lost => {
+                self.send_verdict(&to, ticket, false);
+                departure.abort();
+                let err = stay(MigrationError::Conflict {
+                    grain: grain.clone(),
+                });
+                // Not its home any more: the activation deactivates.
+                self.remove_home_of(grain, generation);
+                self.release(grain);
+                Err(err)
             }
             Outcome::Unknown(reason) => {
+                // The target decides by the entry once its wait ends; this
+                // silo ends its activation, so at most one can serve.
                 self.remove_home_of(grain, generation);
                 let _ = moving.send(MoveState::Here);
                 departure.commit().await;
                 self.stats.migration_failed();
-                let node = ClusterNode {
-                    inner: self.clone(),
-                };
-                // Best effort: the next call places the grain afresh.
-                let _ = node
-                    .directory(DirectoryRequest::Unregister {
-                        grain: grain.clone(),
-                        home: from.silo.clone(),
-                        activation: Some(from.activation),
-                    })
-                    .await;
                 Err(MigrationError::Unknown {
                     grain: grain.clone(),
                     reason,
@@ -504,7 +571,7 @@ impl Inner {
         grain: &GrainId,
         from: &ActivationAddress,
         state: Dehydrated,
-    ) -> Result<Result<ActivationAddress, MigrationError>, String> {
+    ) -> Result<Result<Arrived, MigrationError>, String> {
         let parts: Vec<(&str, &[u8])> = state.parts().collect();
         let layout = Layout {
             ticket,
@@ -564,67 +631,65 @@ impl Inner {
         self.migration_call(to, "arrive", &arrive).await
     }
 
-    /// Rule 4: the target's answer was lost; the directory decides.
-    async fn settle(
+    /// Rule 4: moves this silo's entry for `grain` from `from` to the
+    /// target's activation, with a compare; the switch is asked again (it
+    /// changes nothing the second time) until its answer arrives or the
+    /// call timeout passes.
+    async fn switch(
         self: &Arc<Self>,
         grain: &GrainId,
         from: &ActivationAddress,
-        to: &SiloId,
-        why: &str,
+        arrived: &Arrived,
     ) -> Outcome {
         let node = ClusterNode {
             inner: self.clone(),
         };
-        let renumbered = ActivationAddress {
-            silo: self.id(),
-            activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
-        };
         let give_up = deadline_after(self.config.connection.call_timeout);
+        let mut last = String::new();
         loop {
-            // A node that stopped (killed, left, fenced for good) decides
-            // nothing more: its activation ends with it.
+            // A node that stopped decides nothing more: its activation
+            // ends with it.
             if self.stopped.load(Ordering::Acquire) {
-                return Outcome::Unknown(format!("{why}; this silo stopped"));
+                return Outcome::Unknown(format!("this silo stopped; {last}"));
             }
             let request = DirectoryRequest::Switch {
                 grain: grain.clone(),
                 from: from.clone(),
-                to: renumbered.clone(),
-                claim_vacant: false,
+                to: arrived.address.clone(),
+                to_lease: arrived.lease,
             };
             match node.directory(request).await {
-                Ok(DirectoryReply::Home(home)) if home == renumbered => {
-                    if let Some(mut entry) = self.homes.get_mut(grain) {
-                        entry.activation = renumbered.activation;
-                    }
-                    return Outcome::Stayed(MigrationError::Unavailable {
-                        grain: grain.clone(),
-                        reason: why.to_string(),
-                    });
+                Ok(DirectoryReply::Home(home)) if home == arrived.address => return Outcome::Moved,
+                Ok(DirectoryReply::Home(home)) if home == *from => {
+                    // Not moved (the target is not in the owner's view
+                    // yet): asked again.
+                    last = "the directory's owner does not see the target".into();
                 }
-                Ok(DirectoryReply::Home(home)) if home.silo == *to => {
-                    return Outcome::Moved(home.silo);
-                }
-                Ok(DirectoryReply::Home(_)) => {
-                    return Outcome::Unknown(format!(
-                        "{why}; the directory entry then named neither silo"
-                    ));
-                }
+                Ok(DirectoryReply::Home(_)) => return Outcome::Lost,
                 // No entry: its owner changed (the old one died) and this
                 // home has not re-registered with the new one yet (rule 3
-                // of `node/mod.rs`), or it is gone for good; asked again
-                // until the call timeout.
-                Ok(DirectoryReply::Retry | DirectoryReply::Unknown) | Err(_)
-                    if Instant::now() < give_up =>
-                {
-                    tokio::time::sleep(self.handoff / 8).await;
-                }
-                Ok(DirectoryReply::Retry | DirectoryReply::Unknown) | Err(_) => {
-                    return Outcome::Unknown(format!(
-                        "{why}; the directory did not settle the grain's entry"
-                    ));
-                }
+                // of `node/mod.rs`), or the owner is settling.
+                Ok(DirectoryReply::Unknown) => last = "the entry was not found".into(),
+                Ok(DirectoryReply::Retry) => last = "the directory was settling".into(),
+                Err(err) => last = err.to_string(),
             }
+            if Instant::now() >= give_up {
+                // Whatever the last attempt did, the entry decides.
+                return match node
+                    .directory(DirectoryRequest::Lookup(grain.clone()))
+                    .await
+                {
+                    Ok(DirectoryReply::Home(home)) if home == arrived.address => Outcome::Moved,
+                    Ok(DirectoryReply::Home(home)) if home == *from => {
+                        Outcome::Stayed(MigrationError::Unavailable {
+                            grain: grain.clone(),
+                            reason: last,
+                        })
+                    }
+                    _ => Outcome::Unknown(last),
+                };
+            }
+            tokio::time::sleep(self.handoff / 8).await;
         }
     }
 
@@ -720,6 +785,13 @@ impl Inner {
                 let (ticket, part, offset) = (field()?, field()?, field()?);
                 answer(&self.stage(from, ticket, part, offset, &request.payload))
             }
+            "verdict" => {
+                let asked: VerdictRequest = read(&request.payload)?;
+                if let Some((_, tell)) = self.arrivals.remove(&(from.clone(), asked.ticket)) {
+                    let _ = tell.send(asked.confirm);
+                }
+                answer(&Ok(()))
+            }
             "release" => {
                 let asked: Release = read(&request.payload)?;
                 self.reservations.remove(&(from.clone(), asked.ticket));
@@ -765,8 +837,25 @@ impl Inner {
         if self.draining.load(Ordering::Acquire) {
             return Err(no_target("it is leaving the cluster"));
         }
-        if self.homes.contains_key(&grain) {
+        // One reservation per grain, and a bounded number per peer: a
+        // peer cannot hold every device promise here.
+        if self.homes.contains_key(&grain)
+            || self
+                .reservations
+                .iter()
+                .any(|held| held.value().grain == grain)
+        {
             return Err(MigrationError::Busy { grain });
+        }
+        let from_peer = self
+            .reservations
+            .iter()
+            .filter(|held| held.key().0 == *from)
+            .count();
+        if from_peer >= MAX_RESERVATIONS_PER_PEER {
+            return Err(no_target(
+                "it holds as many reservations from this silo as it takes",
+            ));
         }
         if self.silo.at_activation_limit() {
             return Err(no_target("it holds its activation limit"));
@@ -781,6 +870,7 @@ impl Inner {
                 grain,
                 _promise: promise,
                 parts: None,
+                staged: std::collections::HashSet::new(),
                 received: 0,
                 total: 0,
             },
@@ -846,38 +936,43 @@ impl Inner {
             let end = start.checked_add(bytes.len())?;
             target.get_mut(start..end)
         });
-        let Some(place) = place else {
+        let fresh = !reservation.staged.contains(&(part, offset));
+        let Some(place) = place.filter(|_| fresh) else {
             return Err(MigrationError::Hook {
                 grain: reservation.grain.clone(),
-                reason: "a chunk outside its state's layout".into(),
+                reason: "a chunk outside its state's layout, or staged twice".into(),
             });
         };
         place.copy_from_slice(bytes);
+        reservation.staged.insert((part, offset));
         reservation.received += bytes.len() as u64;
         Ok(())
     }
 
-    /// Rule 3 at the target: makes the activation and switches the entry.
+    /// Rule 3 at the target: makes the activation, which waits for the
+    /// source's verdict (rule 4) on a task of its own.
     async fn arrive(
         self: &Arc<Self>,
         from: &SiloId,
         asked: Arrive,
-    ) -> Result<ActivationAddress, MigrationError> {
+    ) -> Result<Arrived, MigrationError> {
         let grain = asked.grain;
+        if self.stopped.load(Ordering::Acquire)
+            || self.fence.is_fenced()
+            || self.draining.load(Ordering::Acquire)
+        {
+            return Err(MigrationError::ShutDown);
+        }
         let Some((_, mut reservation)) = self
             .reservations
             .remove_if(&(from.clone(), asked.ticket), |_, reservation| {
                 reservation.grain == grain
             })
         else {
-            return Err(MigrationError::Unsupported {
-                reason: "no reservation for this grain (it expired?)".into(),
-            });
+            return Err(no_reservation());
         };
-        let (Some(parts), true) = (
-            reservation.parts.take(),
-            reservation.received == reservation.total,
-        ) else {
+        let whole = reservation.whole();
+        let (Some(parts), true) = (reservation.parts.take(), whole) else {
             return Err(MigrationError::Hook {
                 grain,
                 reason: "the dehydrated state did not arrive whole".into(),
@@ -893,90 +988,149 @@ impl Inner {
                 vacant.insert(super::home::Home::arriving(generation, arrived_signal));
             }
         }
-        let fail = |err: MigrationError| {
-            self.remove_home_of(&grain, generation);
-            let _ = arrived.send(MoveState::Here);
-            err
-        };
         let arrival = match self.home_side.arrive(&grain, state).await {
             Ok(arrival) => arrival,
             Err(err) => {
                 tracing::debug!(%grain, error = %err, "an arriving grain did not start");
-                return Err(fail(err));
+                self.remove_home_of(&grain, generation);
+                let _ = arrived.send(MoveState::Here);
+                return Err(err);
             }
         };
         // The activation holds its own device memory now.
         drop(reservation);
-        let to = ActivationAddress {
+        let address = ActivationAddress {
             silo: self.id(),
             activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
         };
+        let (tell, told) = tokio::sync::oneshot::channel();
+        self.arrivals.insert((from.clone(), asked.ticket), tell);
+        let (inner, source, ticket) = (self.clone(), from.clone(), asked.ticket);
+        let waiting = address.clone();
+        tokio::spawn(async move {
+            let confirmed = inner.await_verdict(&grain, &source, &waiting, told).await;
+            inner.arrivals.remove(&(source, ticket));
+            inner.settle_arrival(grain, generation, waiting, arrival, arrived, confirmed);
+        });
+        Ok(Arrived {
+            address,
+            lease: self.lease_id(),
+        })
+    }
+
+    /// Rule 4 at the target: the source's verdict, or, if none comes
+    /// (the source died, or its word was lost), the directory's: whether
+    /// the entry names `address` once the source has left the view or
+    /// twice the call timeout has passed.
+    async fn await_verdict(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        source: &SiloId,
+        address: &ActivationAddress,
+        mut told: tokio::sync::oneshot::Receiver<bool>,
+    ) -> bool {
+        let give_up = deadline_after(self.config.connection.call_timeout.saturating_mul(2));
+        let mut every = tokio::time::interval(self.handoff / 8);
+        loop {
+            tokio::select! {
+                verdict = &mut told => match verdict {
+                    Ok(confirm) => return confirm,
+                    Err(_) => break,
+                },
+                _ = every.tick() => {
+                    if !self.is_live(source)
+                        || Instant::now() >= give_up
+                        || self.stopped.load(Ordering::Acquire)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        if self.stopped.load(Ordering::Acquire) {
+            return false;
+        }
         let node = ClusterNode {
             inner: self.clone(),
         };
-        // Patient while the directory settles (a source that died leaves
-        // its entries to their next owner), but answering the source
-        // before it gives up on this request.
-        let settle_by = deadline_after(self.config.connection.call_timeout / 2);
-        let switched = loop {
-            if self.stopped.load(Ordering::Acquire) {
-                break Err(MigrationError::ShutDown);
+        // The directory may be settling after the source's death: asked
+        // for a while.
+        let settle_by = deadline_after(self.handoff.saturating_mul(4));
+        loop {
+            match node
+                .directory(DirectoryRequest::Lookup(grain.clone()))
+                .await
+            {
+                Ok(DirectoryReply::Home(home)) => return home == *address,
+                Ok(DirectoryReply::Unknown) => return false,
+                _ if Instant::now() < settle_by => tokio::time::sleep(self.handoff / 8).await,
+                _ => return false,
             }
-            let request = DirectoryRequest::Switch {
-                grain: grain.clone(),
-                from: asked.from.clone(),
-                to: to.clone(),
-                claim_vacant: true,
+        }
+    }
+
+    /// Rule 4 at the target: a confirmed arrival takes messages as the
+    /// grain's home here; otherwise (or if the node stopped, fenced, or
+    /// lost the home meanwhile) it ends without `on_deactivate`.
+    fn settle_arrival(
+        &self,
+        grain: GrainId,
+        generation: u64,
+        address: ActivationAddress,
+        arrival: granary_actors::migration::Arrival,
+        arrived: watch::Sender<MoveState>,
+        confirmed: bool,
+    ) {
+        let serving =
+            confirmed && !self.stopped.load(Ordering::Acquire) && !self.fence.is_fenced() && {
+                let owner = self.entry_owner(&grain, &self.view());
+                match self.homes.get_mut(&grain) {
+                    Some(mut home) if home.generation == generation => {
+                        home.owner = owner;
+                        home.activation = address.activation;
+                        home.moving = None;
+                        true
+                    }
+                    _ => false,
+                }
             };
-            match node.directory(request).await {
-                Ok(DirectoryReply::Home(home)) if home == to => break Ok(()),
-                Ok(DirectoryReply::Home(_) | DirectoryReply::Unknown) => {
-                    break Err(MigrationError::Conflict {
-                        grain: grain.clone(),
-                    });
-                }
-                Ok(DirectoryReply::Retry) | Err(_) if Instant::now() < settle_by => {
-                    tokio::time::sleep(self.handoff / 8).await;
-                }
-                Ok(DirectoryReply::Retry) => {
-                    break Err(MigrationError::Unavailable {
-                        grain: grain.clone(),
-                        reason: "the directory did not settle".into(),
-                    });
-                }
-                Err(err) => {
-                    break Err(MigrationError::Unavailable {
-                        grain: grain.clone(),
-                        reason: err.to_string(),
-                    });
-                }
-            }
-        };
-        if let Err(err) = switched {
-            tracing::debug!(%grain, error = %err, "an arriving grain's switch failed");
+        if serving {
+            // Calls made here go here now, whatever the cache said before.
+            self.remember(&grain, address.silo.clone());
+            arrival.confirm();
+            tracing::debug!(%grain, "a grain arrived");
+        } else {
             drop(arrival);
-            return Err(fail(err));
+            self.remove_home_of(&grain, generation);
+            tracing::debug!(%grain, confirmed, "an arriving grain was discarded");
         }
-        let owner = self.entry_owner(&grain, &self.view());
-        if let Some(mut home) = self.homes.get_mut(&grain) {
-            if home.generation == generation {
-                home.owner = owner;
-                home.activation = to.activation;
-                home.moving = None;
-            }
-        }
-        // Calls made here go here now, whatever the cache said before.
-        self.remember(&grain, to.silo.clone());
-        arrival.confirm();
         let _ = arrived.send(MoveState::Here);
-        tracing::debug!(%grain, home = %to.silo, "a grain arrived");
-        Ok(to)
+    }
+
+    /// This silo's etcd lease, what an entry moved here goes with (0 under
+    /// gossip).
+    fn lease_id(&self) -> i64 {
+        match &self.directory {
+            super::directory_client::DirectoryBackend::Partitioned => 0,
+            #[cfg(feature = "etcd")]
+            super::directory_client::DirectoryBackend::Etcd(etcd) => etcd.lease(),
+        }
+    }
+
+    /// Tells the target `to` the verdict on the arrival of `ticket`, in
+    /// the background.
+    fn send_verdict(self: &Arc<Self>, to: &SiloId, ticket: u64, confirm: bool) {
+        let (inner, to) = (self.clone(), to.clone());
+        tokio::spawn(async move {
+            let _ = inner
+                .migration_call::<_, ()>(&to, "verdict", &VerdictRequest { ticket, confirm })
+                .await;
+        });
     }
 
     /// Rule 6: moves every home here whose type is migratable and declares
-    /// device memory to another silo, a few at a time, for at most the
-    /// call timeout; what could not move is logged (it deactivates with
-    /// the rest).
+    /// device memory to another silo, a few at a time; what could not move
+    /// is logged (it deactivates with the rest).
     pub(super) async fn migrate_gpu_homes(self: &Arc<Self>) {
         let gpu_grains: Vec<GrainId> = self
             .homes
@@ -996,7 +1150,10 @@ impl Inner {
             return;
         }
         let count = gpu_grains.len();
-        let moving = futures_util::stream::iter(gpu_grains)
+        // Each move is bounded (its reservation, its calls settling and its
+        // switch by the call timeout): every one runs to its verdict before
+        // the node stops serving.
+        let moved = futures_util::stream::iter(gpu_grains)
             .map(|grain| async move {
                 let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
                 if let Err(err) = &moved {
@@ -1005,17 +1162,10 @@ impl Inner {
                 moved.is_ok()
             })
             .buffer_unordered(DRAIN_AT_ONCE)
-            .collect::<Vec<bool>>();
-        match tokio::time::timeout(self.config.connection.call_timeout, moving).await {
-            Ok(moved) => {
-                let moved = moved.into_iter().filter(|moved| *moved).count();
-                tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
-            }
-            Err(_) => tracing::warn!(
-                of = count,
-                "moving GPU grains off the leaving silo outlasted the call timeout"
-            ),
-        }
+            .filter(|moved| std::future::ready(*moved))
+            .count()
+            .await;
+        tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
     }
 
     /// Rule 2: waits until a moving grain's outcome is known, at most the
@@ -1031,8 +1181,9 @@ impl Inner {
                 MoveState::Moved(to) => Some(to.clone()),
                 _ => None,
             }),
-            // The move's sender went without a verdict: ask again.
-            Ok(Err(_)) => Ok(None),
+            // The move's sender went without a verdict (its task ended
+            // abnormally): the caller asks again.
+            Ok(Err(_)) => Err(RemoteError::Retry),
             Err(_) => Err(RemoteError::Retry),
         }
     }

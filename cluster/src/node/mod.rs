@@ -99,14 +99,16 @@
 //!     connections accepted from one peer stay open; a fifth closes the
 //!     oldest. Directory requests are authorised against the peer that
 //!     sent them: a silo registers and unregisters only homes of its own,
-//!     and names past their bounds are refused (`directory_service.rs`).
+//!     and gives away (a migration's switch) only entries naming it, and
+//!     names past their bounds are refused (`directory_service.rs`).
 //!
 //! 11. **Migration.** A home moves to another silo only as
 //!     `migration.rs` says: the target reserves room as rule 5 would for a
 //!     first call, calls to the moving home wait and then follow it, and
-//!     the directory entry switches with a compare on the source's
-//!     activation number, so that rule 2's "at most one silo" holds
-//!     through the move and through a crash on either side.
+//!     the source gives its directory entry to the target's activation
+//!     with a compare on its own activation number (only the silo an
+//!     entry names may move it), so that rule 2's "at most one silo"
+//!     holds through the move and through a crash on either side.
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -206,6 +208,9 @@ struct Inner {
     /// Room held here for grains moving in, by the silo moving each and
     /// its ticket (`migration.rs` rule 1).
     reservations: DashMap<(SiloId, u64), migration::Reservation>,
+    /// Grains arrived here and waiting for their source's verdict, by
+    /// source and ticket (`migration.rs` rule 4).
+    arrivals: DashMap<(SiloId, u64), tokio::sync::oneshot::Sender<bool>>,
     /// Homes given up under rule 6.
     given_up: AtomicU64,
     /// Set when the node leaves, is killed, loses its etcd lease or cannot

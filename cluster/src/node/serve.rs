@@ -344,6 +344,7 @@ impl NodeParts {
             homes: DashMap::new(),
             promised: Mutex::new(HashMap::new()),
             reservations: DashMap::new(),
+            arrivals: DashMap::new(),
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),

@@ -10,7 +10,7 @@
 //!    flux), `NoRoom` (the silo's devices cannot take the grain),
 //!    `Overloaded` and `ShutDown`.
 //! 3. Each grain that moves away from this silo (`migration.rs`) is timed,
-//!    from the target's reservation to the switch, and its state's bytes
+//!    from the request to the source letting go, and its state's bytes
 //!    added up; a move that did not happen is counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,7 +136,7 @@ pub struct ClusterStats {
     /// by [`REMOTE_SECONDS_BOUNDS`].
     pub remote_calls: HistogramSnapshot,
     /// Grains that moved away from this silo, by how long each move took
-    /// (from the target's reservation to the switch), bounded by
+    /// (from the request to the source letting go), bounded by
     /// [`MIGRATION_SECONDS_BOUNDS`].
     pub migrations: HistogramSnapshot,
     /// Moves away from this silo that did not happen.

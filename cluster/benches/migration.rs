@@ -17,7 +17,9 @@
 //!   without migration: deactivate (its `on_deactivate` exports the buffer
 //!   and writes it as the grain's persisted state), then the next call
 //!   activates it again, and its `on_activate` reads the state and imports
-//!   it. Timed from the deactivation to that call's reply. The call comes
+//!   it. Timed from the deactivation to that call's reply (the wait for
+//!   the old home to be given up included, which the call would otherwise
+//!   spend retrying). The call comes
 //!   from the same silo, so the grain comes back there (prefer-local):
 //!   the storage round trip is the cost wherever it lands, and the
 //!   migration's network hop is left out of the peer, in its favour. In
@@ -225,8 +227,9 @@ async fn through_storage(node: &ClusterNode, key: u64) -> Duration {
     let grain = node.grain::<Model>(key);
     grain.deactivate().await.expect("deactivated");
     // Until its activation is gone (`on_deactivate` has written the
-    // buffer).
-    while grain.is_active() {
+    // buffer) and its home given up (so the next call places it afresh,
+    // rather than waiting out the home's removal).
+    while grain.is_active() || node.homes() > 0 {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     let len = grain.call(Touch).await.expect("activated again");

@@ -332,6 +332,31 @@ impl Silo {
         ));
     }
 
+    /// `G`'s registration and `key`'s identity, if `G` is registered as
+    /// migratable (`migration.rs` rule 1).
+    fn migratable<G: Grain>(
+        &self,
+        key: &GrainKey,
+    ) -> Result<(Arc<GrainType<G>>, GrainId), crate::migration::MigrationError> {
+        let grain_type = self
+            .grain_type::<G>()
+            .ok()
+            .filter(|grain_type| grain_type.migration.get().is_some());
+        let Some(grain_type) = grain_type else {
+            return Err(crate::migration::MigrationError::NotMigratable {
+                type_name: self.grain_type::<G>().map_or_else(
+                    |_| std::any::type_name::<G>().to_string(),
+                    |t| t.name.clone(),
+                ),
+            });
+        };
+        let id = GrainId {
+            type_name: grain_type.name.clone(),
+            key: key.clone(),
+        };
+        Ok((grain_type, id))
+    }
+
     /// `migration.rs` rule 4: an activation of `key` made from `state`,
     /// once its hooks ran; refused if the key has an activation here, or
     /// at the activation limit (rule 14).
@@ -341,20 +366,7 @@ impl Silo {
         state: crate::migration::Dehydrated,
     ) -> Result<crate::migration::Arrival, crate::migration::MigrationError> {
         use crate::migration::MigrationError;
-        let grain_type = self
-            .grain_type::<G>()
-            .map_err(|_| MigrationError::NotMigratable {
-                type_name: std::any::type_name::<G>().to_string(),
-            })?;
-        let id = GrainId {
-            type_name: grain_type.name.clone(),
-            key: key.clone(),
-        };
-        if grain_type.migration.get().is_none() {
-            return Err(MigrationError::NotMigratable {
-                type_name: grain_type.name.clone(),
-            });
-        }
+        let (grain_type, id) = self.migratable::<G>(&key)?;
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(MigrationError::ShutDown);
         }
@@ -410,20 +422,7 @@ impl Silo {
         key: GrainKey,
     ) -> Result<crate::migration::Departure, crate::migration::MigrationError> {
         use crate::migration::MigrationError;
-        let grain_type = self
-            .grain_type::<G>()
-            .map_err(|_| MigrationError::NotMigratable {
-                type_name: std::any::type_name::<G>().to_string(),
-            })?;
-        let id = GrainId {
-            type_name: grain_type.name.clone(),
-            key: key.clone(),
-        };
-        if grain_type.migration.get().is_none() {
-            return Err(MigrationError::NotMigratable {
-                type_name: grain_type.name.clone(),
-            });
-        }
+        let (grain_type, id) = self.migratable::<G>(&key)?;
         let sender = grain_type
             .directory
             .get(&key)

@@ -73,3 +73,4 @@ pub fn free_udp_ports(count: usize) -> Vec<u16> {
         })
         .collect()
 }
+pub mod tensor;

@@ -40,11 +40,12 @@
 //!    asks the directory once the source has left the view, or after twice
 //!    the call timeout: it takes messages only if the entry names it, and
 //!    otherwise ends its activation without `on_deactivate`. So the entry
-//!    decides, and only one silo acts on it: never two activations, and
-//!    never none except when the source died before the switch (the grain
-//!    then starts afresh on its next call, from what `dehydrate`
-//!    persisted) or the directory could not be reached for a whole call
-//!    timeout (the source ends its activation: `MigrationError::Unknown`).
+//!    decides, and only one silo acts on it: never two activations. The
+//!    grain is left with none (and starts afresh on its next call, from
+//!    what `dehydrate` persisted) only when the source dies before its
+//!    switch, when the target dies between answering and taking messages,
+//!    or when the directory cannot be reached for a whole call timeout
+//!    (the source ends its activation: `MigrationError::Unknown`).
 //! 5. **Asking from anywhere.** `GrainRef::migrate` on any silo reaches
 //!    the grain's home (this silo's, or the one the directory names), and
 //!    the home runs the move. A grain with no activation is not moved.
@@ -997,6 +998,13 @@ impl Inner {
                 return Err(err);
             }
         };
+        // Stopped or fenced while the hooks ran: this silo takes nothing in.
+        if self.stopped.load(Ordering::Acquire) || self.fence.is_fenced() {
+            drop(arrival);
+            self.remove_home_of(&grain, generation);
+            let _ = arrived.send(MoveState::Here);
+            return Err(MigrationError::ShutDown);
+        }
         // The activation holds its own device memory now.
         drop(reservation);
         let address = ActivationAddress {

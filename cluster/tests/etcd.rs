@@ -784,3 +784,71 @@ async fn records_without_the_secret_are_neither_members_nor_homes() {
     a.leave().await.unwrap();
     other.leave().await.unwrap();
 }
+
+/// A grain moves between silos whose directory is etcd: the source gives
+/// its entry to the target with a revision compare, sealed on the
+/// target's lease; the grain carries its state and buffer; and the entry
+/// then goes with the target's lease (killed, the grain starts afresh on
+/// a live silo from what it persisted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(granary_etcd),
+    ignore = "GRANARY_ETCD_ENDPOINTS was not set when this test was built (CI starts an etcd)"
+)]
+async fn a_grain_moves_on_etcd_and_its_entry_goes_with_the_target_lease() {
+    use common::tensor::{Cluster, Inspect, Step, Tensor, cpu_bridge, expected};
+    use granary_actors::migration::MigrationTarget;
+    let etcd = config("migration");
+    let network = InProcessNetwork::new();
+    let cluster = Cluster::new(0);
+    let mut nodes = Vec::new();
+    for n in 1..=3u16 {
+        let silo = cluster.silo(n, cpu_bridge(64));
+        nodes.push(
+            start_on_etcd(&network, silo, &format!("etcd-silo-{n}:7000"), etcd.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    nodes_see(&nodes.iter().collect::<Vec<_>>(), 3).await;
+    let grain = nodes[0].grain::<Tensor>(7);
+    for seq in 1..=3 {
+        grain.call(Step { sender: 1, seq }).await.unwrap().unwrap();
+    }
+    let (_, _, on) = grain.call(Inspect).await.unwrap();
+    let to = usize::from(on) % 3;
+    let moved = grain
+        .migrate(MigrationTarget::Silo(nodes[to].id().address.clone()))
+        .await
+        .unwrap();
+    assert_eq!(moved.to, nodes[to].id().to_string());
+    let (steps, bytes, now_on) = nodes[(to + 1) % 3]
+        .grain::<Tensor>(7)
+        .call(Inspect)
+        .await
+        .unwrap();
+    assert_eq!((steps, usize::from(now_on)), (3, to + 1));
+    assert!(bytes == expected(7, 3));
+    assert_eq!(grain.call(Step { sender: 1, seq: 4 }).await.unwrap(), Ok(4));
+    // The entry is the target's: its lease takes it when the target dies.
+    network.isolate(&nodes[to].id().address);
+    nodes[to].kill().await.unwrap();
+    let survivors: Vec<&ClusterNode> = (0..3).filter(|i| *i != to).map(|i| &nodes[i]).collect();
+    nodes_see(&survivors, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (steps, _, after) = loop {
+        match survivors[0].grain::<Tensor>(7).call(Inspect).await {
+            Ok(found) => break found,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(err) => panic!("the grain did not start again: {err}"),
+        }
+    };
+    assert!(steps >= 3, "from what it persisted: {steps}");
+    assert_ne!(usize::from(after), to + 1, "on a live silo");
+    cluster.census.check_one_at_a_time();
+    for node in survivors {
+        node.leave().await.unwrap();
+    }
+}

@@ -627,11 +627,14 @@ impl Inner {
         let Some(new) = self.entry_owner(&grain, view) else {
             return;
         };
-        // Up to date, leaving (its entry is being removed), or not
-        // registered yet (its first call registers it).
+        // Up to date, leaving (its entry is being removed), not registered
+        // yet (its first call registers it), or moving (its migration
+        // registers it if the switch finds the owner changed, and its next
+        // call if it stays: `migration.rs` rule 4).
         let Some((activation, generation)) = self.homes.get(&grain).and_then(|home| {
             let current = home.owner.as_ref()?;
-            (wanted(current, &new) && !home.leaving).then_some((home.activation, home.generation))
+            (wanted(current, &new) && !home.leaving && home.moving.is_none())
+                .then_some((home.activation, home.generation))
         }) else {
             return;
         };

@@ -13,7 +13,7 @@
 //!    type declares (rule 5 of `node/mod.rs`, the same promise a first
 //!    call takes). One reservation per grain, at most 64 from one peer;
 //!    it holds until the state arrives, is released, or expires after
-//!    twice the call timeout.
+//!    four call timeouts.
 //! 2. **Calls wait, then follow.** The source marks the home moving: calls
 //!    that reach it now (from references here, whose lease is ended, and
 //!    from other silos) wait for the outcome and then go where the grain
@@ -31,21 +31,30 @@
 //! 4. **The source gives its entry away.** Only the silo a directory entry
 //!    names may move it (`DirectoryRequest::Switch`, a compare from its
 //!    own activation to the target's, asked again until its answer
-//!    arrives: it changes nothing the second time). Once the entry names
-//!    the target, the source tells it to take messages and lets its own
-//!    grain go; if the entry still names the source, it tells the target
-//!    to discard its activation and goes on; if it names a third silo, the
-//!    grain's home is not here any more and the source deactivates. A
-//!    target that hears nothing (the source died, or its word was lost)
-//!    asks the directory once the source has left the view, or after twice
-//!    the call timeout: it takes messages only if the entry names it, and
-//!    otherwise ends its activation without `on_deactivate`. So the entry
-//!    decides, and only one silo acts on it: never two activations. The
-//!    grain is left with none (and starts afresh on its next call, from
-//!    what `dehydrate` persisted) only when the source dies before its
-//!    switch, when the target dies between answering and taking messages,
-//!    or when the directory cannot be reached for a whole call timeout
-//!    (the source ends its activation: `MigrationError::Unknown`).
+//!    arrives: it changes nothing the second time). A moving home is not
+//!    re-registered after a view change (`home.rs`); a switch that finds
+//!    no entry (the owner changed) registers the home with the new owner
+//!    first. Once the entry names the target, the source tells it to take
+//!    messages and lets its own grain go; if the entry still names the
+//!    source, it tells the target to discard its activation and goes on;
+//!    if it names a third silo, the grain's home is not here any more and
+//!    the source deactivates. If no answer comes within the call timeout,
+//!    the source renumbers its entry with a compare from the activation
+//!    it switched from, so that a switch still on its way is refused, and
+//!    what then stands decides. A target told to take messages first
+//!    registers its activation with the entry's owner as it is now (the
+//!    owner may have changed since the switch). A target that hears
+//!    nothing (the source died, or its word was lost) asks the directory
+//!    once the source has left the view, or after four call timeouts
+//!    (longer than the source's switch and renumbering): it takes messages
+//!    only if the entry names it, and otherwise ends its activation
+//!    without `on_deactivate`. So the entry decides, and only one silo
+//!    acts on it: never two activations. The grain is left with none (and
+//!    starts afresh on its next call, from what `dehydrate` persisted)
+//!    only when the source dies before its switch, when the target dies
+//!    between answering and taking messages, or when the directory cannot
+//!    be reached for whole call timeouts (the source ends its activation:
+//!    `MigrationError::Unknown`).
 //! 5. **Asking from anywhere.** `GrainRef::migrate` on any silo reaches
 //!    the grain's home (this silo's, or the one the directory names), and
 //!    the home runs the move. A grain with no activation is not moved.
@@ -54,10 +63,11 @@
 //!    (`NoRoom`, so callers place elsewhere) and reserves room for no
 //!    grain moving in. Then every home here whose type is migratable and
 //!    declares device memory moves to wherever placement picks, a few at
-//!    a time, each to its verdict (every move is bounded by the call
-//!    timeout); only then does the node stop serving, and the rest
-//!    deactivate as before (writing their state). A GPU grain that could
-//!    not move deactivates too.
+//!    a time, each to its verdict (every step of a move is bounded by the
+//!    call timeout), and moves already under way, out or in, reach theirs
+//!    (for at most four call timeouts); only then does the node stop
+//!    serving, and the rest deactivate as before (writing their state). A
+//!    GPU grain that could not move deactivates too.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
 //! 5), `reserve` and `release` (rule 1), `layout`, `stage/...` and
@@ -175,9 +185,9 @@ pub(super) struct Reservation {
     _promise: Promise,
     /// The state's parts as they arrive, once their layout is known.
     parts: Option<Vec<(String, Vec<u8>)>>,
-    /// The chunks staged, by part and offset (a chunk staged twice is
-    /// refused), and their bytes.
-    staged: std::collections::HashSet<(u64, u64)>,
+    /// The chunks staged, by part: their offsets and ends (a chunk over
+    /// one staged before is refused).
+    staged: std::collections::HashMap<u64, std::collections::BTreeMap<u64, u64>>,
     received: u64,
     total: u64,
 }
@@ -388,7 +398,7 @@ impl Inner {
             }
         };
         // Rule 4: this silo gives its entry to the target's activation.
-        let outcome = self.switch(grain, &from, &arrived).await;
+        let outcome = self.switch(grain, generation, &from, &arrived).await;
         match &outcome {
             Outcome::Moved => tracing::trace!(%grain, %to, "the entry names the target"),
             Outcome::Stayed(err) => tracing::debug!(%grain, error = %err, "the grain stays"),
@@ -635,10 +645,12 @@ impl Inner {
     /// Rule 4: moves this silo's entry for `grain` from `from` to the
     /// target's activation, with a compare; the switch is asked again (it
     /// changes nothing the second time) until its answer arrives or the
-    /// call timeout passes.
+    /// call timeout passes, and then the entry is renumbered (rule 4) so
+    /// that a switch still on its way is refused.
     async fn switch(
         self: &Arc<Self>,
         grain: &GrainId,
+        generation: u64,
         from: &ActivationAddress,
         arrived: &Arrived,
     ) -> Outcome {
@@ -647,12 +659,17 @@ impl Inner {
         };
         let give_up = deadline_after(self.config.connection.call_timeout);
         let mut last = String::new();
+        let mut sent = false;
         loop {
-            // A node that stopped decides nothing more: its activation
-            // ends with it.
+            // A node that stopped decides nothing more. If no switch went
+            // out, the grain stays (and deactivates with the node).
             if self.stopped.load(Ordering::Acquire) {
-                return Outcome::Unknown(format!("this silo stopped; {last}"));
+                return match sent {
+                    false => Outcome::Stayed(MigrationError::ShutDown),
+                    true => Outcome::Unknown(format!("this silo stopped; {last}")),
+                };
             }
+            sent = true;
             let request = DirectoryRequest::Switch {
                 grain: grain.clone(),
                 from: from.clone(),
@@ -661,37 +678,83 @@ impl Inner {
             };
             match node.directory(request).await {
                 Ok(DirectoryReply::Home(home)) if home == arrived.address => return Outcome::Moved,
+                // Under etcd: the compare lost a race with a write that
+                // left the entry as it was; asked again.
                 Ok(DirectoryReply::Home(home)) if home == *from => {
-                    // Not moved (the target is not in the owner's view
-                    // yet): asked again.
-                    last = "the directory's owner does not see the target".into();
+                    last = "the switch lost a race".into();
                 }
                 Ok(DirectoryReply::Home(_)) => return Outcome::Lost,
                 // No entry: its owner changed (the old one died) and this
-                // home has not re-registered with the new one yet (rule 3
-                // of `node/mod.rs`), or the owner is settling.
-                Ok(DirectoryReply::Unknown) => last = "the entry was not found".into(),
+                // home, not re-registered while it moves, is not there
+                // yet. It registers with the new owner, then switches.
+                Ok(DirectoryReply::Unknown) => {
+                    last = "the entry was not found".into();
+                    let register = DirectoryRequest::Register {
+                        grain: grain.clone(),
+                        home: from.clone(),
+                        existing: true,
+                    };
+                    match node.directory(register).await {
+                        Ok(DirectoryReply::Home(home)) if home == *from => continue,
+                        Ok(DirectoryReply::Home(_)) => return Outcome::Lost,
+                        _ => {}
+                    }
+                }
                 Ok(DirectoryReply::Retry) => last = "the directory was settling".into(),
                 Err(err) => last = err.to_string(),
             }
             if Instant::now() >= give_up {
-                // Whatever the last attempt did, the entry decides.
-                return match node
-                    .directory(DirectoryRequest::Lookup(grain.clone()))
-                    .await
-                {
-                    Ok(DirectoryReply::Home(home)) if home == arrived.address => Outcome::Moved,
-                    Ok(DirectoryReply::Home(home)) if home == *from => {
-                        Outcome::Stayed(MigrationError::Unavailable {
-                            grain: grain.clone(),
-                            reason: last,
-                        })
-                    }
-                    _ => Outcome::Unknown(last),
-                };
+                return self.renumber(grain, generation, from, arrived, last).await;
             }
             tokio::time::sleep(self.handoff / 8).await;
         }
+    }
+
+    /// Rule 4: the switch's answer did not come. The entry is renumbered
+    /// with a compare from `from`, so a switch still on its way is refused
+    /// once this succeeds; whatever then stands decides.
+    async fn renumber(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        generation: u64,
+        from: &ActivationAddress,
+        arrived: &Arrived,
+        why: String,
+    ) -> Outcome {
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let renumbered = ActivationAddress {
+            silo: self.id(),
+            activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
+        };
+        let give_up = deadline_after(self.config.connection.call_timeout);
+        while !self.stopped.load(Ordering::Acquire) {
+            let request = DirectoryRequest::Switch {
+                grain: grain.clone(),
+                from: from.clone(),
+                to: renumbered.clone(),
+                to_lease: self.lease_id(),
+            };
+            match node.directory(request).await {
+                Ok(DirectoryReply::Home(home)) if home == renumbered => {
+                    if let Some(mut entry) = self.homes.get_mut(grain) {
+                        if entry.generation == generation {
+                            entry.activation = renumbered.activation;
+                        }
+                    }
+                    return Outcome::Stayed(MigrationError::Unavailable {
+                        grain: grain.clone(),
+                        reason: why,
+                    });
+                }
+                Ok(DirectoryReply::Home(home)) if home == arrived.address => return Outcome::Moved,
+                Ok(DirectoryReply::Home(home)) if home != *from => return Outcome::Lost,
+                _ if Instant::now() < give_up => tokio::time::sleep(self.handoff / 8).await,
+                _ => break,
+            }
+        }
+        Outcome::Unknown(format!("{why}; the entry could not be settled"))
     }
 
     /// Forgets this silo's home of `grain` if it is still `generation`.
@@ -871,13 +934,13 @@ impl Inner {
                 grain,
                 _promise: promise,
                 parts: None,
-                staged: std::collections::HashSet::new(),
+                staged: std::collections::HashMap::new(),
                 received: 0,
                 total: 0,
             },
         );
         let inner = Arc::downgrade(self);
-        let expires = self.config.connection.call_timeout.saturating_mul(2);
+        let expires = self.config.connection.call_timeout.saturating_mul(4);
         tokio::spawn(async move {
             tokio::time::sleep(expires).await;
             if let Some(inner) = inner.upgrade() {
@@ -937,15 +1000,22 @@ impl Inner {
             let end = start.checked_add(bytes.len())?;
             target.get_mut(start..end)
         });
-        let fresh = !reservation.staged.contains(&(part, offset));
-        let Some(place) = place.filter(|_| fresh) else {
+        // A chunk may not overlap one already staged: the bytes received
+        // then count each byte of the layout once.
+        let end = offset.saturating_add(bytes.len() as u64);
+        let staged = reservation.staged.entry(part).or_default();
+        let overlaps = staged
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, staged_end)| *staged_end > offset);
+        let Some(place) = place.filter(|_| !overlaps) else {
             return Err(MigrationError::Hook {
                 grain: reservation.grain.clone(),
-                reason: "a chunk outside its state's layout, or staged twice".into(),
+                reason: "a chunk outside its state's layout, or over one staged before".into(),
             });
         };
         place.copy_from_slice(bytes);
-        reservation.staged.insert((part, offset));
+        staged.insert(offset, end);
         reservation.received += bytes.len() as u64;
         Ok(())
     }
@@ -1018,7 +1088,9 @@ impl Inner {
         tokio::spawn(async move {
             let confirmed = inner.await_verdict(&grain, &source, &waiting, told).await;
             inner.arrivals.remove(&(source, ticket));
-            inner.settle_arrival(grain, generation, waiting, arrival, arrived, confirmed);
+            inner
+                .settle_arrival(grain, generation, waiting, arrival, arrived, confirmed)
+                .await;
         });
         Ok(Arrived {
             address,
@@ -1029,7 +1101,7 @@ impl Inner {
     /// Rule 4 at the target: the source's verdict, or, if none comes
     /// (the source died, or its word was lost), the directory's: whether
     /// the entry names `address` once the source has left the view or
-    /// twice the call timeout has passed.
+    /// four call timeouts have passed (longer than the source's switch).
     async fn await_verdict(
         self: &Arc<Self>,
         grain: &GrainId,
@@ -1037,8 +1109,10 @@ impl Inner {
         address: &ActivationAddress,
         mut told: tokio::sync::oneshot::Receiver<bool>,
     ) -> bool {
-        let give_up = deadline_after(self.config.connection.call_timeout.saturating_mul(2));
-        let mut every = tokio::time::interval(self.handoff / 8);
+        // Longer than the source's switch can take (its attempts, then its
+        // renumbering, each bounded by the call timeout).
+        let give_up = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
+        let mut every = tokio::time::interval((self.handoff / 8).max(Duration::from_millis(1)));
         loop {
             tokio::select! {
                 verdict = &mut told => match verdict {
@@ -1077,11 +1151,14 @@ impl Inner {
         }
     }
 
-    /// Rule 4 at the target: a confirmed arrival takes messages as the
-    /// grain's home here; otherwise (or if the node stopped, fenced, or
-    /// lost the home meanwhile) it ends without `on_deactivate`.
-    fn settle_arrival(
-        &self,
+    /// Rule 4 at the target: a confirmed arrival registers with the
+    /// entry's owner now (the owner may have changed since the switch,
+    /// and a home that was arriving re-registered nowhere) and takes
+    /// messages as the grain's home here if the entry names it; otherwise
+    /// (or if the node stopped, fenced, or lost the home meanwhile) it ends
+    /// without `on_deactivate`.
+    async fn settle_arrival(
+        self: &Arc<Self>,
         grain: GrainId,
         generation: u64,
         address: ActivationAddress,
@@ -1089,19 +1166,36 @@ impl Inner {
         arrived: watch::Sender<MoveState>,
         confirmed: bool,
     ) {
-        let serving =
-            confirmed && !self.stopped.load(Ordering::Acquire) && !self.fence.is_fenced() && {
-                let owner = self.entry_owner(&grain, &self.view());
-                match self.homes.get_mut(&grain) {
-                    Some(mut home) if home.generation == generation => {
-                        home.owner = owner;
-                        home.activation = address.activation;
-                        home.moving = None;
-                        true
-                    }
-                    _ => false,
-                }
+        let usable =
+            |inner: &Inner| !inner.stopped.load(Ordering::Acquire) && !inner.fence.is_fenced();
+        let registered = if confirmed && usable(self) {
+            let node = ClusterNode {
+                inner: self.clone(),
             };
+            let owner = self.entry_owner(&grain, &self.view());
+            let register = DirectoryRequest::Register {
+                grain: grain.clone(),
+                home: address.clone(),
+                existing: true,
+            };
+            match node.directory(register).await {
+                Ok(DirectoryReply::Home(home)) if home == address => Some(owner),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let serving = registered.filter(|_| usable(self)).is_some_and(|owner| {
+            match self.homes.get_mut(&grain) {
+                Some(mut home) if home.generation == generation => {
+                    home.owner = owner;
+                    home.activation = address.activation;
+                    home.moving = None;
+                    true
+                }
+                _ => false,
+            }
+        });
         if serving {
             // Calls made here go here now, whatever the cache said before.
             self.remember(&grain, address.silo.clone());
@@ -1158,9 +1252,8 @@ impl Inner {
             return;
         }
         let count = gpu_grains.len();
-        // Each move is bounded (its reservation, its calls settling and its
-        // switch by the call timeout): every one runs to its verdict before
-        // the node stops serving.
+        // Every step of a move is bounded by the call timeout: each one runs
+        // to its verdict before the node stops serving.
         let moved = futures_util::stream::iter(gpu_grains)
             .map(|grain| async move {
                 let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
@@ -1174,6 +1267,12 @@ impl Inner {
             .count()
             .await;
         tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
+        // Moves begun otherwise (a grain's own, or one arriving here) reach
+        // their verdicts too before the node stops, for a while.
+        let until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
+        while self.homes.iter().any(|home| home.moving.is_some()) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Rule 2: waits until a moving grain's outcome is known, at most the

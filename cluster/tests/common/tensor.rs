@@ -25,6 +25,20 @@ use tokio::sync::Notify;
 /// Each tensor's resident buffer.
 pub const BUFFER: usize = 1 << 20;
 
+/// A bridge whose one device is the CPU backend's, lending `mib` MiB.
+pub fn cpu_bridge(mib: u64) -> Arc<GpuBridge> {
+    Arc::new(
+        GpuBridge::builder()
+            .cpu_backend(CpuBackend::with_device(DeviceInfo {
+                total_memory: mib << 20,
+                free_memory: mib << 20,
+                ..host_device()
+            }))
+            .build()
+            .unwrap(),
+    )
+}
+
 /// Which activations handled each grain's steps, in order: an
 /// activation that another followed must never handle one again.
 #[derive(Default)]
@@ -311,35 +325,31 @@ impl Cluster {
 
     /// Silo `n`, with a CPU device of `mib` MiB.
     pub async fn node(&self, n: u16, mib: u64) -> Node {
-        let bridge = Arc::new(
-            GpuBridge::builder()
-                .cpu_backend(CpuBackend::with_device(DeviceInfo {
-                    total_memory: mib << 20,
-                    free_memory: mib << 20,
-                    ..host_device()
-                }))
-                .build()
-                .unwrap(),
-        );
-        self.node_on(n, bridge).await
+        self.node_on(n, cpu_bridge(mib)).await
     }
 
-    /// Silo `n`, serving `bridge` to its grains.
-    pub async fn node_on(&self, n: u16, bridge: Arc<GpuBridge>) -> Node {
-        let silo = Silo::builder()
+    /// The silo of node `n`, hosting tensors, serving `bridge`, the
+    /// census and the gate to them.
+    pub fn silo(&self, n: u16, bridge: Arc<GpuBridge>) -> Silo {
+        Silo::builder()
             .register::<Tensor>("tensor")
             .message::<Tensor, Step>("step")
             .message::<Tensor, Inspect>("inspect")
             .migratable::<Tensor>()
             .register::<Plain>("plain")
             .message::<Plain, Ping>("ping")
-            .service(bridge.clone())
+            .service(bridge)
             .service(self.census.clone())
             .service(self.gate.clone())
             .service(Arc::new(SiloNumber(n)))
             .storage(self.storage.clone())
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Silo `n`, serving `bridge` to its grains.
+    pub async fn node_on(&self, n: u16, bridge: Arc<GpuBridge>) -> Node {
+        let silo = self.silo(n, bridge.clone());
         let listen = format!("silo-{n}:7000");
         let mut config = NodeConfig::new(
             "migration",

@@ -201,14 +201,34 @@ fn notebook(key: &str) -> GrainId {
     }
 }
 
+/// Waits for the grain's activation to end (for as long as a loaded
+/// machine takes; the event ends the wait).
 async fn ended_with(silos: &Silos, grain: &GrainId) -> ActivationEnd {
-    for _ in 0..500 {
+    for _ in 0..15_000 {
         if let Some((_, end)) = silos.ended.lock().unwrap().iter().find(|(g, _)| g == grain) {
             return *end;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     panic!("{grain} did not end");
+}
+
+/// Waits until `count` messages are queued in the notebook's mailbox:
+/// what a test orders its senders by, rather than by sleeping.
+async fn queued(silos: &Silos, count: u64) {
+    loop {
+        let depth: u64 = silos
+            .silo
+            .grain_type_stats()
+            .iter()
+            .filter(|stats| stats.grain_type == "notebook")
+            .map(|stats| stats.mailbox_depth)
+            .sum();
+        if depth >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[tokio::test]
@@ -411,12 +431,16 @@ async fn a_timer_keeps_ticking_after_an_aborted_departure() {
     // Ticks that fall in the departure wait for its verdict.
     tokio::time::sleep(Duration::from_millis(30)).await;
     departure.abort();
+    // The timer ticks on: three more ticks arrive (the wait ends with the
+    // event; a stopped timer would leave the count where it was).
     let after_abort = book.call(Ticks).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        book.call(Ticks).await.unwrap() > after_abort + 2,
-        "the timer stopped with the aborted departure"
-    );
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while book.call(Ticks).await.unwrap() < after_abort + 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the timer stopped with the aborted departure");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,7 +458,8 @@ async fn a_deactivation_queued_before_an_aborted_departure_still_happens() {
         let silos = silos.clone();
         async move { silos.home.depart(&notebook("a")).await }
     });
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // The departure's request is queued behind the nap.
+    queued(&silos, 1).await;
     // Queued behind the departure's request: run by the departure's drain.
     book.deactivate().await.unwrap();
     busy.await.unwrap().unwrap();

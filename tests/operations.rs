@@ -455,6 +455,7 @@ async fn the_scrape_serves_every_family_and_the_token_guards_every_path() {
         "granary_cluster_remote_call_seconds",
         "granary_migration_seconds",
         "granary_migrations_failed_total",
+        "granary_rebalance_decisions_total",
         "granary_migrated_bytes_total",
         // Storage and reminders.
         "granary_storage_operations_total",

@@ -40,6 +40,7 @@ pub mod membership;
 pub mod node;
 pub mod placement;
 pub mod provider;
+pub mod rebalance;
 mod sealed;
 mod slots;
 pub mod tls;
@@ -81,8 +82,8 @@ pub use membership::{
     unix_ms,
 };
 pub use node::{
-    ClusterCallError, ClusterNode, ClusterStats, NodeBuilder, NodeConfig, NodeError,
-    REMOTE_SECONDS_BOUNDS, Redirect,
+    ClusterCallError, ClusterNode, ClusterStats, DeviceQuotas, NodeBuilder, NodeConfig, NodeError,
+    REMOTE_SECONDS_BOUNDS, RebalanceCount, Redirect,
 };
 pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,

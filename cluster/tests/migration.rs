@@ -15,15 +15,27 @@
 //!   the copy and before its switch (the target discards its activation
 //!   once the source has left the view, and the grain starts afresh from
 //!   what `dehydrate` persisted); never two activations;
-//! - a graceful leave moves the silo's GPU grains away with their state.
+//! - a graceful leave moves the silo's GPU grains away with their state;
+//! - the rebalancer: two silos at 95% of their device memory and a third
+//!   that joins empty end within 20 points of each other while every
+//!   grain is called, and no grain moves twice;
+//! - pressure: past high water, new GPU grains go to a silo below it, a
+//!   grain asking for more than it declared gets the quota's typed error
+//!   and nothing is evicted for it, and with nowhere to move, the grains
+//!   idle longest are deactivated.
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use common::tensor::*;
 use granary_actors::migration::{MigrationError, MigrationTarget};
-use granary_cluster::ClusterNode;
+use granary_actors::{CallError, GrainId, GrainKey};
+use granary_cluster::rebalance::{Reason, RebalanceConfig};
+use granary_cluster::{ClusterNode, DeviceQuotas};
+use granary_gpu::{Requirements, ResidentBuffer, ResidentError};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_grains_move_under_ten_thousand_calls_and_lose_nothing() {
     let cluster = Cluster::new(47_100);
@@ -236,4 +248,341 @@ async fn a_leaving_silo_moves_its_gpu_grains_away_with_their_state() {
         );
     }
     cluster.census.check_one_at_a_time();
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A rebalancer deciding every 200 ms, with the default marks (90% high
+/// water, 10 points of hysteresis, 15 of margin, 60 s cool-down) and
+/// `shed_idle` as given.
+fn rebalancing(shed_idle: Duration) -> RebalanceConfig {
+    RebalanceConfig {
+        interval: Duration::from_millis(200),
+        shed_idle,
+        ..RebalanceConfig::default()
+    }
+}
+
+/// Device memory `node` uses now and has in all, in bytes.
+fn fill(node: &Node) -> (u64, u64) {
+    node.bridge
+        .devices()
+        .into_iter()
+        .fold((0, 0), |(used, total), (_, info, stats)| {
+            (
+                used + info.total_memory - stats.available,
+                total + info.total_memory,
+            )
+        })
+}
+
+/// Memory kept on `node`'s device by something other than a grain, so that
+/// it holds `mib` MiB in all.
+async fn ballast_to(node: &Node, mib: u64, kept: &mut Vec<ResidentBuffer>) {
+    let (used, _) = fill(node);
+    if used < mib * MIB {
+        let buffer = node
+            .bridge
+            .allocate_resident((mib * MIB - used) as usize, &Requirements::default())
+            .await
+            .unwrap();
+        kept.push(buffer);
+    }
+}
+
+/// Every silo's used fraction of its device memory, in points.
+fn points(nodes: &[&Node]) -> Vec<f64> {
+    nodes
+        .iter()
+        .map(|node| {
+            let (used, total) = fill(node);
+            100.0 * used as f64 / total as f64
+        })
+        .collect()
+}
+
+fn spread(points: &[f64]) -> f64 {
+    points.iter().cloned().fold(f64::MIN, f64::max)
+        - points.iter().cloned().fold(f64::MAX, f64::min)
+}
+
+/// One sender per grain, stepping it in order until told to stop: every
+/// call must be answered `Ok`. Returns the calls made.
+fn keep_calling(
+    node: &ClusterNode,
+    keys: std::ops::Range<u64>,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    keys.map(|key| {
+        let grain = node.grain::<Tensor>(key);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while !stop.load(Ordering::Acquire) {
+                seq += 1;
+                match grain
+                    .call(Step {
+                        sender: 1_000 + key,
+                        seq,
+                    })
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    other => panic!("grain {key}'s step {seq} failed: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seq
+        })
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silo_that_joins_takes_grains_from_two_full_ones_and_nothing_moves_twice() {
+    let mut cluster = Cluster::new(47_600);
+    cluster.rebalance = Some(rebalancing(Duration::from_secs(3_600)));
+    let first = [cluster.node(1, 20).await, cluster.node(2, 20).await];
+    converged(&[&first[0].node, &first[1].node], 2).await;
+    // 32 tensors of 1 MiB over two silos of 20 MiB (activated one at a
+    // time: first calls made together are promised memory conservatively,
+    // rule 5 of `node/mod.rs`), then every one called throughout.
+    for key in 0..32u64 {
+        first[0]
+            .node
+            .grain::<Tensor>(key)
+            .call(Inspect)
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders = keep_calling(&first[0].node, 0..32, &stop);
+    // Something other than grains fills both to 95% (19 of 20 MiB): past
+    // high water, with nowhere to go.
+    let mut ballast = Vec::new();
+    for _ in 0..10 {
+        for node in &first {
+            ballast_to(node, 19, &mut ballast).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(points(&[&first[0], &first[1]]), vec![95.0, 95.0]);
+    let moved_before: u64 = first
+        .iter()
+        .map(|node| node.node.stats().migrations.count)
+        .sum();
+
+    // A third silo joins with 20 MiB free.
+    let third = cluster.node(3, 20).await;
+    let all = [&first[0], &first[1], &third];
+    converged(&[&first[0].node, &first[1].node, &third.node], 3).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spread(&points(&all)) >= 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the spread stayed at {:?}",
+            points(&all)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("spread closed: {:?}", points(&all));
+    // Settled: a second of rounds (five each) moves nothing more.
+    let moves = || -> u64 {
+        all.iter()
+            .map(|node| node.node.stats().migrations.count)
+            .sum()
+    };
+    let settled = moves();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(moves(), settled, "grains kept moving: {:?}", points(&all));
+    assert!(settled > moved_before, "the third silo took grains");
+    let reasons: Vec<_> = all
+        .iter()
+        .flat_map(|node| node.node.stats().rebalance)
+        .filter(|count| count.done > 0)
+        .map(|count| count.reason)
+        .collect();
+    assert!(reasons.contains(&Reason::HighWater), "{reasons:?}");
+    assert!(
+        first.iter().all(|node| fill(node).0 <= 18 * MIB),
+        "{:?}",
+        points(&all)
+    );
+
+    stop.store(true, Ordering::Release);
+    let mut calls = 0;
+    for sender in senders {
+        calls += sender.await.unwrap();
+    }
+    assert!(calls > 32, "calls went on throughout: {calls}");
+    // No grain moved twice within the cool-down (the whole test is shorter).
+    for (key, arrivals) in cluster.census.arrivals.lock().unwrap().iter() {
+        assert!(
+            arrivals.len() <= 1,
+            "grain {key} moved {} times",
+            arrivals.len()
+        );
+    }
+    cluster.census.check_one_at_a_time();
+    // Every buffer is what its steps made it.
+    for key in 0..32 {
+        let (steps, bytes, _) = reach(&third.node.grain::<Tensor>(key)).await;
+        assert!(
+            bytes == expected(key, steps),
+            "grain {key}'s buffer differs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_high_water_new_gpu_grains_go_elsewhere_and_a_grain_gets_no_more_than_it_declared() {
+    let mut cluster = Cluster::new(47_700);
+    cluster.rebalance = Some(rebalancing(Duration::from_secs(3_600)));
+    let nodes = [cluster.node(1, 100).await, cluster.node(2, 4).await];
+    // Silo 1 holds 91 MiB for something else: past high water, yet with
+    // more free (9 MiB) than silo 2 (4 MiB), so placement picks it first.
+    let mut ballast = Vec::new();
+    ballast_to(&nodes[0], 91, &mut ballast).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nodes[1].node.members().iter().all(|member| {
+        member.silo != nodes[0].node.id()
+            || member.load.devices.iter().all(|d| d.free_memory > 9 * MIB)
+    }) || nodes[0].node.members().len() < 2
+    {
+        assert!(Instant::now() < deadline, "silo 1's load was not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New GPU grains go to silo 2 while it has room below its own mark...
+    for key in 0..3u64 {
+        let (_, _, on) = nodes[0]
+            .node
+            .grain::<Tensor>(key)
+            .call(Inspect)
+            .await
+            .unwrap();
+        assert_eq!(on, 2, "tensor {key} went to the silo past high water");
+    }
+    // ...and nowhere once none has.
+    let refused = nodes[0].node.grain::<Tensor>(3).call(Inspect).await;
+    assert!(
+        matches!(refused, Err(CallError::Overloaded { .. })),
+        "{refused:?}"
+    );
+
+    // A tensor asking for more than the 1 MiB it declared is refused with
+    // the quota's error, though silo 2 has 1 MiB free.
+    let used_before = fill(&nodes[1]).0;
+    let reserved_before = reserved(&[&nodes[1]]);
+    let grown = nodes[0]
+        .node
+        .grain::<Tensor>(0)
+        .call(Grow(4096))
+        .await
+        .unwrap();
+    let refusal = grown.unwrap_err();
+    assert!(refusal.contains("past its quota"), "{refusal}");
+    let quotas = nodes[1].node.silo().service::<DeviceQuotas>().unwrap();
+    let id = GrainId {
+        type_name: "tensor".into(),
+        key: GrainKey::U64(1),
+    };
+    assert_eq!(
+        quotas
+            .allocate(&id, 1, &Requirements::default())
+            .await
+            .unwrap_err(),
+        ResidentError::OverQuota {
+            asked: 1,
+            held: BUFFER as u64,
+            limit: BUFFER as u64,
+        }
+    );
+    // Nothing was evicted to make room: every tensor is where it was, with
+    // its buffer, and the device holds what it held.
+    assert_eq!(fill(&nodes[1]).0, used_before);
+    assert_eq!(reserved(&[&nodes[1]]), reserved_before);
+    assert_eq!(nodes[1].node.silo().live_activations(), 3);
+    for key in 0..3u64 {
+        let (steps, bytes, on) = nodes[0]
+            .node
+            .grain::<Tensor>(key)
+            .call(Inspect)
+            .await
+            .unwrap();
+        assert_eq!(on, 2);
+        assert!(
+            bytes == expected(key, steps),
+            "tensor {key}'s buffer changed"
+        );
+    }
+    assert!(
+        nodes.iter().all(|node| node
+            .node
+            .stats()
+            .rebalance
+            .iter()
+            .all(|count| count.done == 0)),
+        "the rebalancer did something"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nowhere_to_move_pressure_deactivates_the_grains_idle_longest() {
+    let mut cluster = Cluster::new(47_800);
+    cluster.rebalance = Some(rebalancing(Duration::from_millis(500)));
+    let node = cluster.node(1, 20).await;
+    converged(&[&node.node], 1).await;
+    for key in 0..16u64 {
+        node.node.grain::<Tensor>(key).call(Inspect).await.unwrap();
+    }
+    // Tensors 8 to 15 stay busy; 0 to 7 go idle.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders = keep_calling(&node.node, 8..16, &stop);
+    let mut ballast = Vec::new();
+    ballast_to(&node, 19, &mut ballast).await;
+    // 95% down to 80%: three tensors go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fill(&node).0 > 16 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was shed: {:?}",
+            points(&[&node])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Release);
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let active = |key: u64| {
+        node.node
+            .silo()
+            .is_active_named("tensor", &GrainKey::U64(key))
+    };
+    let shed: Vec<u64> = (0..16).filter(|key| !active(*key)).collect();
+    assert_eq!(shed.len(), 3, "{shed:?}");
+    assert!(
+        shed.iter().all(|key| *key < 8),
+        "a busy tensor was shed: {shed:?}"
+    );
+    let pressure = node
+        .node
+        .stats()
+        .rebalance
+        .into_iter()
+        .find(|count| count.reason == Reason::Pressure)
+        .unwrap();
+    assert_eq!(pressure.done, 3);
+    // A shed tensor comes back on its next call.
+    let (_, bytes, _) = node
+        .node
+        .grain::<Tensor>(shed[0])
+        .call(Inspect)
+        .await
+        .unwrap();
+    assert!(
+        bytes == initial(shed[0]),
+        "tensor {} came back afresh",
+        shed[0]
+    );
 }

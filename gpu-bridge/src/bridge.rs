@@ -53,6 +53,7 @@
 mod config;
 mod error;
 mod instance;
+mod quota;
 mod resident;
 
 use std::collections::HashMap;
@@ -73,6 +74,7 @@ pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
 pub use instance::{InstanceHealth, ProbeAnswer};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
+pub use quota::ResidentQuota;
 pub use resident::{Output, Part, ResidentBuffer, ResidentError};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};

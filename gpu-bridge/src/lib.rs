@@ -24,6 +24,7 @@ pub mod pool;
 pub use bridge::{
     BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
     InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, ResidentBuffer, ResidentError,
+    ResidentQuota,
 };
 pub use granary_kernels::StopMode;
 

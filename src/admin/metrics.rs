@@ -447,6 +447,21 @@ fn cluster(out: &mut Exposition, node: &granary_cluster::ClusterNode) {
         "Bytes of the dehydrated states that moved away from this silo.",
     );
     out.sample(name, &[], stats.migrated_bytes as f64);
+    let name = "granary_rebalance_decisions_total";
+    out.family(
+        name,
+        "counter",
+        "The rebalancer's decisions on this silo, by reason (high_water, spread, queue: moves; pressure: deactivations) and outcome (done, failed).",
+    );
+    for count in &stats.rebalance {
+        for (outcome, value) in [("done", count.done), ("failed", count.failed)] {
+            out.sample(
+                name,
+                &[("reason", count.reason.as_str()), ("outcome", outcome)],
+                value as f64,
+            );
+        }
+    }
 }
 
 /// The text being written (rules 1 and 2).

@@ -4,7 +4,7 @@
 //! (`silo/mod.rs`).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -181,6 +181,19 @@ pub(super) async fn run_activation<G: Grain>(
         .max(Duration::from_micros(100));
     let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What `Silo::idle_for` reads: the idle time as of the last check. A
+    // stateless worker is one of several, so none is published for it.
+    let idle_clock = (grain.is_some() && !grain_type.stateless).then(|| {
+        let clock = Arc::new(AtomicU64::new(0));
+        silo.inner.idle.insert(id.clone(), clock.clone());
+        clock
+    });
+    let publish_idle = |idle_for: Duration| {
+        if let Some(clock) = &idle_clock {
+            let ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+            clock.store(ms, Ordering::Relaxed);
+        }
+    };
     // A message taken but not run when a give-up stopped the loop.
     let mut unrun = None;
     if grain.is_some() {
@@ -237,6 +250,7 @@ pub(super) async fn run_activation<G: Grain>(
                         Idle::Check => {
                             if activity == seen_activity {
                                 idle_for += check_every;
+                                publish_idle(idle_for);
                                 let crowded = silo
                                     .inner
                                     .config
@@ -248,6 +262,7 @@ pub(super) async fn run_activation<G: Grain>(
                             } else {
                                 seen_activity = activity;
                                 idle_for = Duration::ZERO;
+                                publish_idle(idle_for);
                             }
                         }
                     }
@@ -304,8 +319,14 @@ pub(super) async fn run_activation<G: Grain>(
         }
     }
     // Rule 5: no new messages; run the ones already queued. Timers end
-    // with the activation.
+    // with the activation, and so does its idle clock (a successor starts
+    // only once this one's entry is gone, so the clock removed is this one).
     ctx.cancel_timers();
+    if let Some(clock) = &idle_clock {
+        silo.inner
+            .idle
+            .remove_if(&id, |_, published| Arc::ptr_eq(published, clock));
+    }
     let gone = leaving.unwrap_or_else(|| {
         let (gone, gone_signal) = watch::channel(false);
         set_slot(&grain_type, &key, worker, Entry::Deactivating(gone_signal));

@@ -606,6 +606,8 @@ impl SiloBuilder {
                 observers: crate::observers::Endpoints::new(),
                 homes_given_up: AtomicU64::new(0),
                 dropped_with_homes: AtomicU64::new(0),
+                provided: std::sync::RwLock::new(HashMap::new()),
+                idle: dashmap::DashMap::new(),
             }),
         };
         if let Some(runtime) = runtime {

@@ -185,6 +185,13 @@ pub(crate) struct SiloInner {
     homes_given_up: AtomicU64,
     /// Messages dropped unrun with a home given up (rule 13).
     dropped_with_homes: AtomicU64,
+    /// Services a layer above provided after the silo was built
+    /// ([`Silo::provide`]), looked up after `services`.
+    provided: std::sync::RwLock<HashMap<TypeId, Service>>,
+    /// Per live activation of a grain that is not a stateless worker, how
+    /// long it has been idle as of its last idle check (rule 5), in
+    /// milliseconds: what [`Silo::idle_for`] answers.
+    idle: dashmap::DashMap<GrainId, Arc<AtomicU64>>,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the
@@ -470,13 +477,49 @@ impl Silo {
     }
 
     /// The service of type `S` registered with [`SiloBuilder::service`]
-    /// (the GPU bridge, for example), if there is one: what grains reach
-    /// with `GrainContext::service::<S>()`.
+    /// (the GPU bridge, for example) or provided later with
+    /// [`Silo::provide`], if there is one: what grains reach with
+    /// `GrainContext::service::<S>()`.
     pub fn service<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+        let key = service_key::<S>();
+        let service = match self.inner.services.get(&key) {
+            Some(service) => service.clone(),
+            None => self
+                .inner
+                .provided
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)?
+                .clone(),
+        };
+        service.downcast::<S>().ok()
+    }
+
+    /// Makes `service` reachable from grains with
+    /// `GrainContext::service::<S>()` after the silo was built: how a layer
+    /// above the silo (a cluster node's device quotas) hands grains what
+    /// only it knows. A service of the same type registered with
+    /// [`SiloBuilder::service`] comes first; one provided earlier is
+    /// replaced. Activations that looked the service up before keep what
+    /// they found.
+    pub fn provide<S: Send + Sync + 'static>(&self, service: Arc<S>) {
         self.inner
-            .services
-            .get(&service_key::<S>())
-            .and_then(|service| service.clone().downcast::<S>().ok())
+            .provided
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(service_key::<S>(), service);
+    }
+
+    /// How long `grain`'s activation here has been idle (no message that
+    /// keeps it alive, rule 8), as of its last idle check: a quarter of
+    /// `idle_timeout` at most a second apart, so up to that stale. `None`
+    /// when it has no activation here, or is a stateless worker. What a
+    /// cluster reads to move or shed the grains idle longest first.
+    pub fn idle_for(&self, grain: &GrainId) -> Option<std::time::Duration> {
+        self.inner
+            .idle
+            .get(grain)
+            .map(|idle| std::time::Duration::from_millis(idle.load(Ordering::Relaxed)))
     }
 
     /// Deactivates every activation gracefully (each finishes the messages

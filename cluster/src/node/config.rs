@@ -79,6 +79,10 @@ pub struct NodeConfig {
     pub handoff: Option<Duration>,
     /// How often load is published (rule 5; default 1 s).
     pub load_interval: Duration,
+    /// The rebalancer and device-memory pressure (`rebalance.rs`, rule 12),
+    /// or `None` (the default): no grain moves unless asked, and a silo
+    /// takes GPU grains while they fit.
+    pub rebalance: Option<crate::rebalance::RebalanceConfig>,
 }
 
 impl NodeConfig {
@@ -107,6 +111,7 @@ impl NodeConfig {
             connection: ConnectionConfig::default(),
             handoff: None,
             load_interval: Duration::from_secs(1),
+            rebalance: None,
         }
     }
 }
@@ -124,6 +129,9 @@ impl NodeConfig {
             return Err(NodeError::InvalidConfig(
                 "gossip_interval must be more than zero".into(),
             ));
+        }
+        if let Some(rebalance) = &self.rebalance {
+            rebalance.validate().map_err(NodeError::InvalidConfig)?;
         }
         Ok(())
     }

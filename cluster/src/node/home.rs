@@ -509,7 +509,9 @@ impl Inner {
 
     /// Promises the device memory a new grain of `grain_type` declares on
     /// the device here with the most left beyond what is promised already,
-    /// if one fits it (rule 5); a type that declares none always fits.
+    /// if one fits it (rule 5), and with a rebalancer, if it stays below
+    /// the high water mark (`rebalance.rs` rule 7); a type that declares
+    /// none always fits.
     pub(super) fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
         let Some(needs) = self.needs.get(grain_type) else {
             return Ok(Promise {
@@ -528,7 +530,15 @@ impl Inner {
             .filter_map(|(index, mut device)| {
                 let already = promised.get(&index).copied().unwrap_or(0);
                 device.free_memory = device.free_memory.saturating_sub(already);
-                needs.fits(&device).then_some((index, device.free_memory))
+                // `rebalance.rs` rule 7: past high water, a GPU grain goes
+                // elsewhere.
+                let used_after = (device.total_memory.saturating_sub(device.free_memory))
+                    .saturating_add(needs.device_memory);
+                let under_pressure = needs.device_memory > 0
+                    && self.config.rebalance.as_ref().is_some_and(|rebalance| {
+                        rebalance.past_high_water(used_after, device.total_memory)
+                    });
+                (needs.fits(&device) && !under_pressure).then_some((index, device.free_memory))
             })
             .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
         let Some((device, _)) = chosen else {

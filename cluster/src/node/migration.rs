@@ -278,7 +278,7 @@ impl Inner {
     /// [`Inner::migrate_here`] on a task of its own: a move that has begun
     /// runs to its verdict even if the caller stops waiting (a departure
     /// dropped after the switch would leave two activations).
-    async fn migrate_here_detached(
+    pub(super) async fn migrate_here_detached(
         self: &Arc<Self>,
         grain: &GrainId,
         target: &MigrationTarget,
@@ -427,6 +427,7 @@ impl Inner {
                 departure.commit().await;
                 let took = started.elapsed();
                 self.stats.migrated(took, bytes);
+                self.moved_at.insert(grain.clone(), Instant::now());
                 tracing::debug!(%grain, %to, bytes, ?took, "migrated");
                 Ok(Migrated {
                     from: self.id().to_string(),
@@ -1199,6 +1200,7 @@ impl Inner {
         if serving {
             // Calls made here go here now, whatever the cache said before.
             self.remember(&grain, address.silo.clone());
+            self.moved_at.insert(grain.clone(), Instant::now());
             arrival.confirm();
             tracing::debug!(%grain, "a grain arrived");
         } else {

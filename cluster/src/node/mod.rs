@@ -139,6 +139,8 @@ mod incarnation;
 mod migration;
 mod observers;
 mod peers;
+mod quotas;
+mod rebalance;
 mod reminders;
 mod router;
 mod serve;
@@ -162,8 +164,9 @@ use crate::transport::Transport;
 
 pub use builder::NodeBuilder;
 pub use config::{NodeConfig, NodeError};
+pub use quotas::DeviceQuotas;
 pub use router::ClusterCallError;
-pub use stats::{ClusterStats, REMOTE_SECONDS_BOUNDS, Redirect};
+pub use stats::{ClusterStats, REMOTE_SECONDS_BOUNDS, RebalanceCount, Redirect};
 
 use directory_client::DirectoryBackend;
 use home::Home;
@@ -221,6 +224,9 @@ struct Inner {
     /// becomes home to no new grain, and takes none moving in, while its
     /// GPU grains move away.
     draining: std::sync::atomic::AtomicBool,
+    /// When each grain last moved, away or here (`rebalance.rs` rule 6):
+    /// the rebalancer leaves it be for the cool-down.
+    moved_at: DashMap<GrainId, Instant>,
     /// Fencing after a stall (rule 7, `fence.rs`).
     fence: fence::Fence,
     /// Advanced each time every home lease is ended (a view change, a
@@ -249,6 +255,9 @@ struct Inner {
     placement: Arc<dyn PlacementStrategy>,
     /// Device needs by grain type name.
     needs: HashMap<String, GpuNeeds>,
+    /// Each grain's device-memory quota, on a silo with a GPU bridge
+    /// (`quotas.rs`).
+    quotas: Option<Arc<quotas::DeviceQuotas>>,
     /// The grain types this silo hosts, published with its load (none for
     /// an external client).
     hosts: Vec<String>,

@@ -200,6 +200,9 @@ pub(super) fn claim(silo: &Silo) -> Result<Claim, NodeError> {
     let listener = silo
         .on_activation_ended(Arc::new(move |grain, _| {
             if let Some(inner) = reaches.get().and_then(Weak::upgrade) {
+                if let Some(quotas) = &inner.quotas {
+                    quotas.forget(grain);
+                }
                 inner.maybe_leave(grain);
             }
         }))
@@ -325,8 +328,15 @@ impl NodeParts {
         let first_view = membership.members();
         let membership_view = membership.watch();
         let (view_feed, members) = tokio::sync::watch::channel(first_view.clone());
+        let quotas = bridge
+            .as_ref()
+            .map(|bridge| Arc::new(super::quotas::DeviceQuotas::new(bridge.clone(), &needs)));
+        if let Some(quotas) = &quotas {
+            silo.provide(quotas.clone());
+        }
         let inner = Arc::new(Inner {
             me: arc_swap::ArcSwap::from_pointee(id.clone()),
+            quotas,
             silo,
             bridge,
             transport,
@@ -348,6 +358,7 @@ impl NodeParts {
             given_up: AtomicU64::new(0),
             stopped: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
+            moved_at: DashMap::new(),
             fence: super::fence::Fence::new(),
             lease_epoch: AtomicU64::new(0),
             holds_lease,
@@ -555,6 +566,13 @@ impl NodeParts {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend([accepting, watching, publishing, stamping]);
+        if let Some(rebalancing) = super::rebalance::start(&inner) {
+            inner
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(rebalancing);
+        }
         if inner.holds_lease.is_some() {
             // Etcd rule 6: a silo that lost its lease stops serving and
             // lets its activations go.

@@ -12,11 +12,15 @@
 //! 3. Each grain that moves away from this silo (`migration.rs`) is timed,
 //!    from the request to the source letting go, and its state's bytes
 //!    added up; a move that did not happen is counted.
+//! 4. Each rebalancer decision (`rebalance.rs`) is counted by its reason,
+//!    once it is carried out or has failed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use granary_actors::histogram::{Histogram, HistogramSnapshot};
+
+use crate::rebalance::Reason;
 
 /// Upper bounds of the remote call histogram's buckets, in seconds; a last
 /// bucket holds everything slower.
@@ -65,9 +69,11 @@ impl Redirect {
 /// Upper bounds of the migration histogram's buckets, in seconds.
 pub const MIGRATION_SECONDS_BOUNDS: [f64; 8] = [1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
-/// The node's counters (rules 1 to 3).
+/// The node's counters (rules 1 to 4).
 pub(super) struct NodeStats {
     redirects: [AtomicU64; Redirect::ALL.len()],
+    /// Per reason, decisions carried out and failed.
+    rebalance: [[AtomicU64; 2]; Reason::ALL.len()],
     remote: Histogram,
     migrations: Histogram,
     migrations_failed: AtomicU64,
@@ -78,6 +84,7 @@ impl Default for NodeStats {
     fn default() -> NodeStats {
         NodeStats {
             redirects: Default::default(),
+            rebalance: Default::default(),
             remote: Histogram::new(&REMOTE_SECONDS_BOUNDS),
             migrations: Histogram::new(&MIGRATION_SECONDS_BOUNDS),
             migrations_failed: AtomicU64::new(0),
@@ -107,8 +114,25 @@ impl NodeStats {
         self.migrations_failed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A rebalancer decision for `reason` was carried out, or failed
+    /// (rule 4).
+    pub(super) fn rebalanced(&self, reason: Reason, done: bool) {
+        self.rebalance[reason as usize][usize::from(!done)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn snapshot(&self) -> ClusterStats {
         ClusterStats {
+            rebalance: Reason::ALL
+                .iter()
+                .map(|reason| {
+                    let [done, failed] = &self.rebalance[*reason as usize];
+                    RebalanceCount {
+                        reason: *reason,
+                        done: done.load(Ordering::Relaxed),
+                        failed: failed.load(Ordering::Relaxed),
+                    }
+                })
+                .collect(),
             redirects: Redirect::ALL
                 .iter()
                 .map(|kind| {
@@ -143,4 +167,19 @@ pub struct ClusterStats {
     pub migrations_failed: u64,
     /// The bytes of the dehydrated states that moved away.
     pub migrated_bytes: u64,
+    /// The rebalancer's decisions, by reason, in the order of
+    /// [`Reason::ALL`].
+    pub rebalance: Vec<RebalanceCount>,
+}
+
+/// The rebalancer's decisions for one reason (rule 4): moves, or for
+/// [`Reason::Pressure`] deactivations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebalanceCount {
+    /// Why.
+    pub reason: Reason,
+    /// Carried out.
+    pub done: u64,
+    /// Tried, and failed (the grain stayed where it was).
+    pub failed: u64,
 }

@@ -16,8 +16,11 @@ use granary_actors::storage::{MemoryStorage, PersistentState};
 use granary_actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, Handler, Message, Silo,
 };
-use granary_cluster::{ClusterNode, ClusterSecret, GpuNeeds, InProcessNetwork, NodeConfig};
-use granary_gpu::{GpuBridge, ResidentBuffer};
+use granary_cluster::rebalance::RebalanceConfig;
+use granary_cluster::{
+    ClusterNode, ClusterSecret, DeviceQuotas, GpuNeeds, InProcessNetwork, NodeConfig,
+};
+use granary_gpu::{GpuBridge, ResidentBuffer, ResidentError};
 use granary_kernels::{CpuBackend, DeviceInfo, host_device};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -45,6 +48,8 @@ pub fn cpu_bridge(mib: u64) -> Arc<GpuBridge> {
 pub struct Census {
     pub next: AtomicU64,
     pub handlers: Mutex<HashMap<u64, Vec<u64>>>,
+    /// When each grain arrived from another silo.
+    pub arrivals: Mutex<HashMap<u64, Vec<Instant>>>,
 }
 
 impl Census {
@@ -95,6 +100,8 @@ pub struct Tensor {
     pub census: Option<Arc<Census>>,
     /// This activation's number.
     activation: u64,
+    /// Buffers it grew (`Grow`).
+    extra: Vec<ResidentBuffer>,
 }
 
 impl Grain for Tensor {
@@ -110,6 +117,7 @@ impl Grain for Tensor {
             last: BTreeMap::new(),
             census: None,
             activation: 0,
+            extra: Vec::new(),
         }
     }
 
@@ -139,11 +147,23 @@ impl Grain for Tensor {
     }
 }
 
-/// A resident buffer for a tensor on the silo's device.
+/// A resident buffer of `bytes` for a tensor on the silo's device,
+/// charged to its quota (what its type declares).
+pub async fn allocate_bytes(
+    ctx: &GrainContext,
+    bytes: usize,
+) -> Result<ResidentBuffer, ResidentError> {
+    let quotas = ctx
+        .service::<DeviceQuotas>()
+        .expect("a node with a bridge provides device quotas");
+    quotas
+        .allocate(ctx.id(), bytes, &granary_gpu::Requirements::default())
+        .await
+}
+
+/// A tensor's resident buffer.
 pub async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
-    let bridge = ctx.service::<GpuBridge>().ok_or("no bridge")?;
-    bridge
-        .allocate_resident(BUFFER, &granary_gpu::Requirements::default())
+    allocate_bytes(ctx, BUFFER)
         .await
         .map_err(|err| err.to_string())
 }
@@ -177,6 +197,10 @@ impl Migratable for Tensor {
                 gate.reached.notify_one();
                 gate.open.notified().await;
             }
+        }
+        if let Some(census) = ctx.service::<Census>() {
+            let mut arrivals = census.arrivals.lock().unwrap();
+            arrivals.entry(self.key).or_default().push(Instant::now());
         }
         self.steps = from.get("steps")?;
         self.last = from.get("last")?;
@@ -269,6 +293,23 @@ impl Handler<Inspect> for Tensor {
     }
 }
 
+/// Asks a tensor to keep another resident buffer of this many bytes:
+/// answered with the quota's refusal, if it is one.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Grow(pub usize);
+impl Message for Grow {
+    type Reply = Result<(), String>;
+}
+impl Handler<Grow> for Tensor {
+    async fn handle(&mut self, Grow(bytes): Grow, ctx: &mut GrainContext) -> Result<(), String> {
+        let extra = allocate_bytes(ctx, bytes)
+            .await
+            .map_err(|err| err.to_string())?;
+        self.extra.push(extra);
+        Ok(())
+    }
+}
+
 /// Not migratable.
 pub struct Plain;
 impl Grain for Plain {
@@ -298,6 +339,8 @@ pub fn gossip(port: u16) -> SocketAddr {
 }
 
 pub struct Cluster {
+    /// The rebalancer of the nodes made from now on.
+    pub rebalance: Option<RebalanceConfig>,
     pub network: InProcessNetwork,
     pub gossip: ChannelTransport,
     pub storage: Arc<MemoryStorage>,
@@ -314,6 +357,7 @@ pub struct Node {
 impl Cluster {
     pub fn new(base: u16) -> Cluster {
         Cluster {
+            rebalance: None,
             network: InProcessNetwork::new(),
             gossip: ChannelTransport::default(),
             storage: Arc::new(MemoryStorage::new()),
@@ -335,6 +379,7 @@ impl Cluster {
             .register::<Tensor>("tensor")
             .message::<Tensor, Step>("step")
             .message::<Tensor, Inspect>("inspect")
+            .message::<Tensor, Grow>("grow")
             .migratable::<Tensor>()
             .register::<Plain>("plain")
             .message::<Plain, Ping>("ping")
@@ -363,6 +408,7 @@ impl Cluster {
         // short is not taken for a death (nor fenced against).
         config.death_grace = Duration::from_secs(1);
         config.load_interval = Duration::from_millis(50);
+        config.rebalance = self.rebalance.clone();
         let needs = GpuNeeds {
             device_memory: BUFFER as u64,
             ..GpuNeeds::default()

@@ -54,6 +54,17 @@ pub enum ResidentError {
         /// What failed.
         reason: String,
     },
+    /// The buffer would take its holder past its quota (the device memory
+    /// it declared): refused before any device is touched
+    /// (`bridge/quota.rs`).
+    OverQuota {
+        /// The bytes asked for.
+        asked: u64,
+        /// The bytes the holder's buffers hold already.
+        held: u64,
+        /// Its quota.
+        limit: u64,
+    },
     /// The bridge has shut down.
     ShutDown,
 }
@@ -75,6 +86,11 @@ impl std::fmt::Display for ResidentError {
             ResidentError::Device { backend, reason } => {
                 write!(f, "resident buffer on {backend:?}: {reason}")
             }
+            ResidentError::OverQuota { asked, held, limit } => write!(
+                f,
+                "a resident buffer of {asked} bytes would take its holder past its quota: \
+                 {held} of {limit} bytes held already"
+            ),
             ResidentError::ShutDown => write!(f, "the GPU bridge has shut down"),
         }
     }
@@ -83,10 +99,12 @@ impl std::fmt::Display for ResidentError {
 impl std::error::Error for ResidentError {}
 
 /// What a handle owns. Fields drop in declaration order: the memory, then
-/// its reservation (rule 2), then the gauges are brought up to date.
+/// its reservation (rule 2), then its holder's quota charge, then the
+/// gauges are brought up to date.
 struct Inner {
     buffer: Box<dyn DeviceBuffer>,
     _reservation: Reservation,
+    _charge: Option<super::quota::Charge>,
     _report: ReportMemory,
     backend: Arc<dyn Backend>,
     device: DeviceId,
@@ -262,6 +280,17 @@ impl GpuBridge {
         bytes: usize,
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
+        self.allocate_resident_charged(bytes, need, None).await
+    }
+
+    /// [`GpuBridge::allocate_resident`], holding `charge` (a quota's) for
+    /// as long as the buffer lives.
+    pub(super) async fn allocate_resident_charged(
+        &self,
+        bytes: usize,
+        need: &Requirements,
+        charge: Option<super::quota::Charge>,
+    ) -> Result<ResidentBuffer, ResidentError> {
         if self
             .shared
             .shut_down
@@ -318,6 +347,7 @@ impl GpuBridge {
             inner: Arc::new(Inner {
                 buffer,
                 _reservation: reservation,
+                _charge: charge,
                 _report: ReportMemory {
                     bridge: Arc::downgrade(&self.shared),
                     device: chosen,

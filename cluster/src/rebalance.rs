@@ -1,0 +1,431 @@
+//! The rebalancer's decisions: which GPU grains a silo moves away, where,
+//! and why, from the cluster's gossiped load. A pure function of what it is
+//! given ([`plan`]): the node feeds it each round and carries the moves out
+//! (`node/rebalance.rs`); tests build views by hand.
+//!
+//! # Rules
+//!
+//! 1. **Each silo decides for its own grains.** A silo moves only grains
+//!    whose home it is, to silos that host their type and are neither
+//!    leaving nor fenced. Its own devices are read fresh; other silos'
+//!    from their last published load, plus what this silo sent them since
+//!    that load could have counted it.
+//! 2. **Used memory** of a device is `total - free`; of a silo, the sum
+//!    over its devices; a grain weighs the device memory its type
+//!    declares. Fractions are of the device's or silo's total.
+//! 3. **High water.** When one of this silo's devices holds more than
+//!    `high_water` of its memory, the silo moves grains away until what
+//!    they weigh covers the excess down to `high_water - hysteresis`.
+//! 4. **Spread.** Otherwise, when this silo is above the cluster's mean
+//!    fraction and more than `margin` above the emptiest silo (a silo that
+//!    just joined with free memory), it moves its excess over the mean to
+//!    the silos below the mean, each taking a share in proportion to its
+//!    deficit. Every silo above the mean does the same from the same view,
+//!    so together they fill each deficit and no more; once all are within
+//!    `margin`, nothing moves (the hysteresis that stops oscillation).
+//! 5. **Queue.** Otherwise, when one of this silo's devices has had at
+//!    least `queue_depth` requests waiting for `queue_rounds` rounds in a
+//!    row while a device of another silo with the same backend and at
+//!    least as many compute units has none, the silo moves its busiest
+//!    grain (idle shortest) there, one per round.
+//! 6. **Never oversubscribe, never twice.** A move never takes a target
+//!    past `high_water - hysteresis` of its memory, nor past its free
+//!    memory (the target's reservation checks again, rule 1 of
+//!    `node/migration.rs`); no grain that moved within `cool_down` moves
+//!    again; at most `moves_per_round` moves a round; grains idle longest
+//!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
+//!    a departure happens between turns (`granary_actors::migration`).
+//! 7. **Pressure.** When rule 3's excess cannot all move (no target has
+//!    room), grains idle at least `shed_idle` are deactivated, oldest idle
+//!    first, until the rest is covered: they write their state and free
+//!    their memory, and their next call activates them wherever they fit.
+//!    Past `high_water` a silo also becomes home to no new GPU grain
+//!    (rule 5 of `node/mod.rs`): those go elsewhere.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use granary_actors::GrainId;
+
+use crate::SiloId;
+use crate::membership::{DeviceLoad, Member};
+
+/// The rebalancer's settings (`NodeConfig::rebalance`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RebalanceConfig {
+    /// How often a silo decides (default 5 s).
+    pub interval: Duration,
+    /// The fraction of a device's memory past which its silo sheds grains
+    /// and takes no new GPU grain (rule 3 and 7; default 0.9).
+    pub high_water: f64,
+    /// How far below `high_water` a shedding silo goes, and how far below
+    /// it a move may fill a target (rules 3 and 6; default 0.1).
+    pub hysteresis: f64,
+    /// How far above the emptiest silo a silo may be before it spreads its
+    /// grains (rule 4; default 0.15).
+    pub margin: f64,
+    /// Requests waiting on a device that count as a long queue (rule 5;
+    /// default 32).
+    pub queue_depth: u64,
+    /// Rounds in a row a queue must stay long (rule 5; default 3).
+    pub queue_rounds: u32,
+    /// The most moves a silo starts in one round (rule 6; default 4).
+    pub moves_per_round: usize,
+    /// How long a grain that moved stays put (rule 6; default 60 s).
+    pub cool_down: Duration,
+    /// How long a grain must have been idle before pressure deactivates it
+    /// (rule 7; default 30 s).
+    pub shed_idle: Duration,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> RebalanceConfig {
+        RebalanceConfig {
+            interval: Duration::from_secs(5),
+            high_water: 0.9,
+            hysteresis: 0.1,
+            margin: 0.15,
+            queue_depth: 32,
+            queue_rounds: 3,
+            moves_per_round: 4,
+            cool_down: Duration::from_secs(60),
+            shed_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RebalanceConfig {
+    /// Refuses settings the rules cannot work with.
+    pub fn validate(&self) -> Result<(), String> {
+        let fraction = |name: &str, value: f64| {
+            if value.is_finite() && (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "rebalance {name} must be between 0 and 1, not {value}"
+                ))
+            }
+        };
+        fraction("high_water", self.high_water)?;
+        fraction("hysteresis", self.hysteresis)?;
+        fraction("margin", self.margin)?;
+        if self.hysteresis > self.high_water {
+            return Err(format!(
+                "rebalance hysteresis ({}) must not exceed high_water ({})",
+                self.hysteresis, self.high_water
+            ));
+        }
+        if self.interval.is_zero() {
+            return Err("rebalance interval must be more than zero".into());
+        }
+        if self.moves_per_round == 0 {
+            return Err("rebalance moves_per_round must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a device with `used` of `total` bytes is past the high
+    /// water mark (rule 3).
+    pub fn past_high_water(&self, used: u64, total: u64) -> bool {
+        total > 0 && used as f64 > self.high_water * total as f64
+    }
+
+    /// The most a target may hold after a move (rule 6), in bytes.
+    fn fill_limit(&self, total: u64) -> f64 {
+        (self.high_water - self.hysteresis) * total as f64
+    }
+}
+
+/// Why a grain moves (rules 3 to 5), or is deactivated (rule 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// A device here is past the high water mark.
+    HighWater,
+    /// This silo is fuller than the cluster's mean by more than the margin.
+    Spread,
+    /// A device's queue stays long while a like device elsewhere is idle.
+    Queue,
+    /// Past the high water mark with nowhere to move: deactivated.
+    Pressure,
+}
+
+impl Reason {
+    /// Every reason, in the order of `ClusterStats::rebalance`.
+    pub const ALL: [Reason; 4] = [
+        Reason::HighWater,
+        Reason::Spread,
+        Reason::Queue,
+        Reason::Pressure,
+    ];
+
+    /// The reason as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::HighWater => "high_water",
+            Reason::Spread => "spread",
+            Reason::Queue => "queue",
+            Reason::Pressure => "pressure",
+        }
+    }
+}
+
+/// A grain this silo could move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The grain.
+    pub grain: GrainId,
+    /// The device memory its type declares.
+    pub bytes: u64,
+    /// How long its activation has been idle.
+    pub idle_for: Duration,
+    /// Whether it moved within the cool-down (rule 6).
+    pub cooling: bool,
+}
+
+/// What a round decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    /// This silo.
+    pub me: &'a SiloId,
+    /// The live view, this silo's own devices read fresh (rule 1).
+    pub view: &'a [Member],
+    /// This silo's GPU grains that may move.
+    pub grains: &'a [Candidate],
+    /// Bytes this silo sent each silo that its published load may not
+    /// count yet (rule 1).
+    pub sent: &'a HashMap<SiloId, u64>,
+    /// Rounds in a row one of this silo's devices has had a long queue
+    /// (rule 5), counted by the caller with [`long_queue`].
+    pub long_queue_rounds: u32,
+}
+
+/// One move decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// The grain.
+    pub grain: GrainId,
+    /// Where it goes.
+    pub to: SiloId,
+    /// What it weighs.
+    pub bytes: u64,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// What a round decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Grains to move.
+    pub moves: Vec<Move>,
+    /// Grains to deactivate (rule 7).
+    pub shed: Vec<GrainId>,
+}
+
+/// Whether one of `devices` has a long queue (rule 5).
+pub fn long_queue(config: &RebalanceConfig, devices: &[DeviceLoad]) -> bool {
+    devices
+        .iter()
+        .any(|device| device.queue_depth >= config.queue_depth)
+}
+
+fn used(device: &DeviceLoad) -> u64 {
+    device.total_memory.saturating_sub(device.free_memory)
+}
+
+/// A silo that may take grains, as this round sees it (rules 1 and 2).
+struct Target<'a> {
+    member: &'a Member,
+    total: u64,
+    used: u64,
+    /// Rule 4: its share of this silo's excess still to fill.
+    share: f64,
+}
+
+impl Target<'_> {
+    fn fraction(&self) -> f64 {
+        self.used as f64 / self.total as f64
+    }
+
+    /// Rule 6: whether `bytes` more keeps it below the fill limit and
+    /// within its memory.
+    fn takes(&self, config: &RebalanceConfig, grain: &GrainId, bytes: u64) -> bool {
+        self.member.load.grain_types.contains(&grain.type_name)
+            && (self.used + bytes) as f64 <= config.fill_limit(self.total)
+            && self.used + bytes <= self.total
+    }
+}
+
+/// Decides this round's moves and deactivations (rules 1 to 7).
+pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
+    let mut plan = Plan::default();
+    let Some(me) = snapshot
+        .view
+        .iter()
+        .find(|member| member.silo == *snapshot.me)
+    else {
+        return plan;
+    };
+    let mine = &me.load.devices;
+    let my_total: u64 = mine.iter().map(|device| device.total_memory).sum();
+    if my_total == 0 {
+        return plan;
+    }
+    let my_used: u64 = mine.iter().map(used).sum();
+    // Rule 1: the silos that may take grains.
+    let mut targets: Vec<Target<'_>> = snapshot
+        .view
+        .iter()
+        .filter(|member| member.silo != *snapshot.me && !member.load.leaving && !member.load.fenced)
+        .filter_map(|member| {
+            let total: u64 = member.load.devices.iter().map(|d| d.total_memory).sum();
+            let sent = snapshot.sent.get(&member.silo).copied().unwrap_or(0);
+            let used = member.load.devices.iter().map(used).sum::<u64>() + sent;
+            (total > 0).then_some(Target {
+                member,
+                total,
+                used: used.min(total),
+                share: 0.0,
+            })
+        })
+        .collect();
+    // Grains idle longest first (rule 6), cooling ones left out.
+    let mut movable: Vec<&Candidate> = snapshot
+        .grains
+        .iter()
+        .filter(|candidate| !candidate.cooling)
+        .collect();
+    movable.sort_by(|a, b| b.idle_for.cmp(&a.idle_for));
+
+    // Rule 3: the excess of each device past high water.
+    let excess: f64 = mine
+        .iter()
+        .filter(|device| config.past_high_water(used(device), device.total_memory))
+        .map(|device| used(device) as f64 - config.fill_limit(device.total_memory))
+        .sum();
+    if excess > 0.0 {
+        let mut left = excess;
+        let mut unplaced = Vec::new();
+        for candidate in &movable {
+            if left <= 0.0 || plan.moves.len() >= config.moves_per_round {
+                break;
+            }
+            // The emptiest target that takes it.
+            let best = targets
+                .iter_mut()
+                .filter(|target| target.takes(config, &candidate.grain, candidate.bytes))
+                .min_by(|a, b| a.fraction().total_cmp(&b.fraction()));
+            match best {
+                Some(target) => {
+                    target.used += candidate.bytes;
+                    left -= candidate.bytes as f64;
+                    plan.moves.push(Move {
+                        grain: candidate.grain.clone(),
+                        to: target.member.silo.clone(),
+                        bytes: candidate.bytes,
+                        reason: Reason::HighWater,
+                    });
+                }
+                None => unplaced.push(*candidate),
+            }
+        }
+        // Rule 7: what could not move, idle long enough, is deactivated.
+        for candidate in unplaced {
+            if left <= 0.0 || plan.shed.len() >= config.moves_per_round {
+                break;
+            }
+            if candidate.idle_for >= config.shed_idle {
+                left -= candidate.bytes as f64;
+                plan.shed.push(candidate.grain.clone());
+            }
+        }
+        return plan;
+    }
+
+    // Rule 4: spread over the cluster's mean.
+    let all_used = my_used + targets.iter().map(|target| target.used).sum::<u64>();
+    let all_total = my_total + targets.iter().map(|target| target.total).sum::<u64>();
+    let mean = all_used as f64 / all_total as f64;
+    let my_fraction = my_used as f64 / my_total as f64;
+    let emptiest = targets
+        .iter()
+        .map(Target::fraction)
+        .min_by(f64::total_cmp)
+        .unwrap_or(my_fraction);
+    if my_fraction > mean && my_fraction - emptiest > config.margin {
+        let my_excess = my_used as f64 - mean * my_total as f64;
+        let deficit =
+            |target: &Target<'_>| (mean * target.total as f64 - target.used as f64).max(0.0);
+        let deficits: f64 = targets.iter().map(deficit).sum();
+        if deficits > 0.0 {
+            for target in &mut targets {
+                target.share = my_excess * deficit(target) / deficits;
+            }
+            let mut left = my_excess;
+            for candidate in &movable {
+                if plan.moves.len() >= config.moves_per_round {
+                    break;
+                }
+                let half = candidate.bytes as f64 / 2.0;
+                // A whole grain moves when at least half of it is due.
+                if left < half {
+                    break;
+                }
+                let best = targets
+                    .iter_mut()
+                    .filter(|target| {
+                        target.share >= half
+                            && target.takes(config, &candidate.grain, candidate.bytes)
+                    })
+                    .max_by(|a, b| a.share.total_cmp(&b.share));
+                if let Some(target) = best {
+                    target.used += candidate.bytes;
+                    target.share -= candidate.bytes as f64;
+                    left -= candidate.bytes as f64;
+                    plan.moves.push(Move {
+                        grain: candidate.grain.clone(),
+                        to: target.member.silo.clone(),
+                        bytes: candidate.bytes,
+                        reason: Reason::Spread,
+                    });
+                }
+            }
+        }
+        if !plan.moves.is_empty() {
+            return plan;
+        }
+    }
+
+    // Rule 5: a long queue here, an idle like device there.
+    if snapshot.long_queue_rounds >= config.queue_rounds {
+        let busy: Vec<&DeviceLoad> = mine
+            .iter()
+            .filter(|device| device.queue_depth >= config.queue_depth)
+            .collect();
+        let like_and_idle = |target: &Target<'_>| {
+            target.member.load.devices.iter().any(|theirs| {
+                theirs.queue_depth == 0
+                    && busy.iter().any(|ours| {
+                        theirs.backend == ours.backend && theirs.compute_units >= ours.compute_units
+                    })
+            })
+        };
+        // The busiest grain: idle shortest.
+        if let Some(candidate) = movable.iter().min_by_key(|candidate| candidate.idle_for) {
+            if let Some(target) = targets.iter().find(|target| {
+                like_and_idle(target) && target.takes(config, &candidate.grain, candidate.bytes)
+            }) {
+                plan.moves.push(Move {
+                    grain: candidate.grain.clone(),
+                    to: target.member.silo.clone(),
+                    bytes: candidate.bytes,
+                    reason: Reason::Queue,
+                });
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests;

@@ -72,6 +72,12 @@ enum Command {
         /// etcd`).
         #[arg(long, value_delimiter = ',', requires = "nodes")]
         etcd: Option<Vec<String>>,
+        /// Run the rebalancer's demo with `--nodes`: every silo but the
+        /// last filled to the high water mark with ledgers, then the last
+        /// one joins empty and takes ledgers, with their state, until used
+        /// device memory is within 20 points across silos.
+        #[arg(long, requires = "nodes")]
+        rebalance: bool,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -270,6 +276,49 @@ fn main() -> ExitCode {
                 Err(err) => {
                     use std::io::Write;
                     let _ = writeln!(std::io::stderr(), "granary node: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            nodes: Some(nodes),
+            rebalance: true,
+            backend,
+            etcd,
+            ..
+        } => {
+            let Some(runtime) = runtime("granary demo") else {
+                return ExitCode::FAILURE;
+            };
+            println!(
+                "granary demo --nodes {nodes} --rebalance: {} silo processes on loopback with \
+                 {} MiB of {backend:?} device memory each, filled with ledgers ({} MiB resident \
+                 each) to the high water mark (90%, less a step's working memory) and kept busy; then silo {nodes} joins empty \
+                 and the rebalancer moves ledgers to it, with their state. Device memory settled \
+                 on each silo (ledgers' buffers), as gossip shows it:",
+                nodes.saturating_sub(1),
+                24 * (cluster_demo::LEDGER_DEVICE_BYTES >> 20),
+                cluster_demo::LEDGER_DEVICE_BYTES >> 20,
+            );
+            let config = cluster_demo::RebalanceDemoConfig {
+                nodes,
+                backend,
+                etcd,
+            };
+            let result = runtime.block_on(cluster_demo::run_rebalance_demo(config, |line| {
+                println!("{line}")
+            }));
+            match result {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(err) => {
+                    eprintln!("granary demo: {err}");
                     ExitCode::FAILURE
                 }
             }

@@ -117,6 +117,88 @@ pub struct NodeFile {
     /// connections (authenticated, not encrypted) without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFile>,
+    /// The rebalancer and device-memory pressure
+    /// (`granary_cluster::rebalance`); no grain moves unless asked without
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceFile>,
+}
+
+/// The rebalancer's settings (`rebalance = { … }`): the
+/// [`RebalanceConfig`](granary_cluster::rebalance::RebalanceConfig)
+/// settings of those names, each absent one its default. Refused at start:
+/// fractions outside 0 to 1, a hysteresis above the high water mark, a
+/// zero interval or `moves_per_round`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceFile {
+    /// How often the silo decides, in milliseconds (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// The fraction of a device's memory past which the silo moves or
+    /// sheds GPU grains and takes no new one (default 0.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_water: Option<f64>,
+    /// How far below `high_water` a shedding silo goes, and a move may
+    /// fill a target (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hysteresis: Option<f64>,
+    /// How far above the emptiest silo a silo may be before it spreads its
+    /// grains (default 0.15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+    /// Requests waiting on a device that count as a long queue (default
+    /// 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<u64>,
+    /// Rounds in a row a queue must stay long (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_rounds: Option<u32>,
+    /// The most moves a silo starts in one round (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moves_per_round: Option<usize>,
+    /// How long a grain that moved stays put, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cool_down_secs: Option<u64>,
+    /// How long a grain must have been idle before pressure deactivates
+    /// it, in seconds (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shed_idle_secs: Option<u64>,
+}
+
+impl RebalanceFile {
+    /// The settings the file gives, the defaults for the rest.
+    pub fn config(&self) -> granary_cluster::rebalance::RebalanceConfig {
+        let mut config = granary_cluster::rebalance::RebalanceConfig::default();
+        if let Some(ms) = self.interval_ms {
+            config.interval = Duration::from_millis(ms);
+        }
+        if let Some(high_water) = self.high_water {
+            config.high_water = high_water;
+        }
+        if let Some(hysteresis) = self.hysteresis {
+            config.hysteresis = hysteresis;
+        }
+        if let Some(margin) = self.margin {
+            config.margin = margin;
+        }
+        if let Some(depth) = self.queue_depth {
+            config.queue_depth = depth;
+        }
+        if let Some(rounds) = self.queue_rounds {
+            config.queue_rounds = rounds;
+        }
+        if let Some(moves) = self.moves_per_round {
+            config.moves_per_round = moves;
+        }
+        if let Some(secs) = self.cool_down_secs {
+            config.cool_down = Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.shed_idle_secs {
+            config.shed_idle = Duration::from_secs(secs);
+        }
+        config
+    }
 }
 
 /// Bounds on a node's silo (`limits = { … }`): the
@@ -189,6 +271,7 @@ impl fmt::Debug for NodeFile {
             .field("drain_grace_secs", &self.drain_grace_secs)
             .field("limits", &self.limits)
             .field("tls", &self.tls)
+            .field("rebalance", &self.rebalance)
             .finish()
     }
 }
@@ -635,6 +718,13 @@ fn node_config(file: &NodeFile) -> Result<NodeConfig, NodeRunError> {
         config.death_grace = Duration::from_millis(ms);
     }
     config.load_interval = config.gossip_interval;
+    if let Some(rebalance) = &file.rebalance {
+        let rebalance = rebalance.config();
+        rebalance
+            .validate()
+            .map_err(|why| NodeRunError(format!("rebalance: {why}")))?;
+        config.rebalance = Some(rebalance);
+    }
     Ok(config)
 }
 

@@ -4,8 +4,10 @@
 //! halfway, every grain's persisted state intact and no grain active on two
 //! silos;
 //! the same on etcd (a build with the `etcd` feature and an etcd in
-//! `GRANARY_ETCD_ENDPOINTS`); and a node configuration that is wrong,
-//! refused with a clear message.
+//! `GRANARY_ETCD_ENDPOINTS`); `granary demo --nodes 3 --rebalance`, whose
+//! third silo joins empty and takes ledgers until used device memory is
+//! within 20 points, none moving twice and nothing lost; and a node
+//! configuration that is wrong, refused with a clear message.
 
 use std::process::Command;
 
@@ -107,6 +109,46 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
     assert!(stdout.contains("over mutual TLS"), "{stdout}");
 }
 
+#[test]
+fn the_rebalance_demo_spreads_ledgers_to_a_silo_that_joins_and_loses_nothing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args(["demo", "--nodes", "3", "--rebalance"])
+        .output()
+        .expect("the demo ran");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // The table: silo 3 absent until it joins, then holding ledgers.
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<&str>>())
+        .filter(|row| row.len() == 6 && row[1] == "s")
+        .collect();
+    assert!(rows.iter().any(|row| row[4] == "-"), "{stdout}");
+    let last = rows.last().unwrap_or_else(|| panic!("no table: {stdout}"));
+    let points: Vec<f64> = last[2..5]
+        .iter()
+        .map(|cell| cell.trim_end_matches('%').parse().unwrap())
+        .collect();
+    assert!(points[2] > 0.0, "silo 3 took nothing: {stdout}");
+    let spread = points.iter().cloned().fold(f64::MIN, f64::max)
+        - points.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread < 20.0, "{stdout}");
+    assert!(stdout.contains("none twice: true"), "{stdout}");
+    assert!(
+        stdout.contains("every acknowledged step is in its ledger's persisted total"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("census: no grain active on two silos"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("PASS"), "{stdout}");
+}
+
 #[cfg(feature = "etcd")]
 #[test]
 #[cfg_attr(
@@ -181,6 +223,16 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
             "unknown-backend.toml",
             Some(with("devices = { backend = \"tpu\" }\n")),
             "tpu",
+        ),
+        (
+            "rebalance-high-water.toml",
+            Some(with("rebalance = { high_water = 1.5 }\n")),
+            "rebalance: rebalance high_water must be between 0 and 1, not 1.5",
+        ),
+        (
+            "rebalance-unknown.toml",
+            Some(with("rebalance = { highwater = 0.8 }\n")),
+            "highwater",
         ),
         (
             "oversized-share.toml",

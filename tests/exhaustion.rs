@@ -423,6 +423,7 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
         drain_grace_secs: None,
         limits,
         tls: None,
+        rebalance: None,
     };
     let mut silos = Vec::new();
     for gossip in [seed, free("udp")] {

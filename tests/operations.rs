@@ -153,6 +153,7 @@ fn node_file(cluster: &str, storage: &Path, seed: SocketAddr, gossip: SocketAddr
         drain_grace_secs: Some(20),
         limits: None,
         tls: None,
+        rebalance: None,
     }
 }
 

@@ -110,6 +110,10 @@ pub struct DeviceLoad {
     /// rest of `total_memory - free_memory` is not lent to Granary).
     #[serde(default)]
     pub reserved_memory: u64,
+    /// Of `reserved_memory`, the bytes kept across requests (grains'
+    /// resident buffers); the rest is requests' working memory.
+    #[serde(default)]
+    pub kept_memory: u64,
     /// Requests it finished successfully since the silo started.
     #[serde(default)]
     pub processed: u64,
@@ -158,6 +162,16 @@ pub struct SiloLoad {
 }
 
 impl DeviceLoad {
+    /// Device memory in use but for requests' working memory: what grains
+    /// keep and what is not lent to Granary. What the rebalancer weighs
+    /// (working memory comes and goes with each request).
+    pub fn settled_memory(&self) -> u64 {
+        let working = self.reserved_memory.saturating_sub(self.kept_memory);
+        self.total_memory
+            .saturating_sub(self.free_memory)
+            .saturating_sub(working)
+    }
+
     /// Every device of `bridge`, as a silo publishes them.
     pub fn of_bridge(bridge: &granary_gpu::GpuBridge) -> Vec<DeviceLoad> {
         bridge
@@ -171,6 +185,7 @@ impl DeviceLoad {
                 queue_depth: stats.queue_depth,
                 compute_units: info.compute_units,
                 reserved_memory: stats.reserved,
+                kept_memory: stats.kept,
                 processed: stats.processed,
                 failed: stats.failed,
                 latency_sum_ns: u64::try_from(stats.latency_total.as_nanos()).unwrap_or(u64::MAX),

@@ -10,9 +10,12 @@
 //!    leaving nor fenced. Its own devices are read fresh; other silos'
 //!    from their last published load, plus what this silo sent them since
 //!    that load could have counted it.
-//! 2. **Used memory** of a device is `total - free`; of a silo, the sum
-//!    over its devices; a grain weighs the device memory its type
-//!    declares. Fractions are of the device's or silo's total.
+//! 2. **Used memory** of a device is what is settled on it
+//!    ([`DeviceLoad::settled_memory`]: `total - free`, less requests'
+//!    working memory, which comes and goes with each request and would
+//!    make decisions chase noise); of a silo, the sum over its devices; a
+//!    grain weighs the device memory its type declares. Fractions are of
+//!    the device's or silo's total.
 //! 3. **High water.** When one of this silo's devices holds more than
 //!    `high_water` of its memory, the silo moves grains away until what
 //!    they weigh covers the excess down to `high_water - hysteresis`.
@@ -230,7 +233,7 @@ pub fn long_queue(config: &RebalanceConfig, devices: &[DeviceLoad]) -> bool {
 }
 
 fn used(device: &DeviceLoad) -> u64 {
-    device.total_memory.saturating_sub(device.free_memory)
+    device.settled_memory()
 }
 
 /// A silo that may take grains, as this round sees it (rules 1 and 2).
@@ -295,7 +298,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
         .iter()
         .filter(|candidate| !candidate.cooling)
         .collect();
-    movable.sort_by(|a, b| b.idle_for.cmp(&a.idle_for));
+    movable.sort_by_key(|candidate| std::cmp::Reverse(candidate.idle_for));
 
     // Rule 3: the excess of each device past high water.
     let excess: f64 = mine

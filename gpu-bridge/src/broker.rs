@@ -96,6 +96,10 @@ pub struct DeviceStats {
     pub latency_total: Duration,
     /// Bytes reserved now.
     pub reserved: u64,
+    /// Of `reserved`, the bytes kept across requests (resident buffers,
+    /// [`DeviceBroker::reserve_kept`]); the rest is requests' working
+    /// memory, which comes and goes with them.
+    pub kept: u64,
     /// Bytes that can still be reserved.
     pub available: u64,
 }
@@ -106,6 +110,8 @@ struct DeviceEntry {
     capacity: u64,
     /// `0..=capacity` (invariant 1).
     reserved: AtomicU64,
+    /// Of `reserved`, what reservations made with `reserve_kept` hold.
+    kept: AtomicU64,
     queue_depth: AtomicU64,
     processed: AtomicU64,
     failed: AtomicU64,
@@ -175,6 +181,7 @@ impl DeviceBroker {
                 capacity: info.free_memory,
                 info,
                 reserved: AtomicU64::new(0),
+                kept: AtomicU64::new(0),
                 queue_depth: AtomicU64::new(0),
                 processed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
@@ -227,11 +234,24 @@ impl DeviceBroker {
                         broker: self.clone(),
                         device,
                         bytes,
+                        kept: false,
                     });
                 }
                 Err(current) => reserved = current,
             }
         }
+    }
+
+    /// [`DeviceBroker::reserve`], for memory kept across requests (a
+    /// resident buffer): counted in [`DeviceStats::kept`] too, so that
+    /// what is settled on a device can be told from working memory.
+    pub fn reserve_kept(&self, device: DeviceId, bytes: u64) -> Result<Reservation, BrokerError> {
+        let mut reservation = self.reserve(device, bytes)?;
+        if let Some(entry) = self.devices.get(device.0) {
+            entry.kept.fetch_add(bytes, Ordering::AcqRel);
+            reservation.kept = true;
+        }
+        Ok(reservation)
     }
 
     /// Bytes of `device` that can still be reserved.
@@ -315,6 +335,7 @@ impl DeviceBroker {
             latency_p99: quantile(0.99),
             latency_total: Duration::from_nanos(entry.latency_sum_ns.load(Ordering::Relaxed)),
             reserved,
+            kept: entry.kept.load(Ordering::Acquire),
             available: entry.capacity.saturating_sub(reserved),
         })
     }
@@ -327,6 +348,8 @@ pub struct Reservation {
     device: DeviceId,
     /// Added to the device's `reserved` when made; subtracted once on drop.
     bytes: u64,
+    /// Also counted in the device's `kept` ([`DeviceBroker::reserve_kept`]).
+    kept: bool,
 }
 
 impl Reservation {
@@ -344,6 +367,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(entry) = self.broker.devices.get(self.device.0) {
+            if self.kept {
+                entry.kept.fetch_sub(self.bytes, Ordering::AcqRel);
+            }
             entry.reserved.fetch_sub(self.bytes, Ordering::AcqRel);
         }
     }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::{f32s, from_f32s};
 use granary_gpu::{
-    BridgeConfig, ExecuteError, GpuBridge, Output, Part, Requirements, ResidentError, StopMode,
+    BridgeConfig, ExecuteError, GpuBridge, Output, Part, Requirements, ResidentError,
+    ResidentQuota, StopMode,
 };
 use granary_kernels::shipped;
 use granary_kernels::{Backend, BackendKind, CpuBackend, DeviceInfo, host_device};
@@ -39,6 +40,12 @@ fn cpu_bridge(free: u64) -> GpuBridge {
 fn reserved(bridge: &GpuBridge) -> u64 {
     let (id, _, _) = bridge.devices()[0];
     bridge.broker().stats(id).unwrap().reserved
+}
+
+/// Of what is reserved, what resident buffers keep.
+fn kept(bridge: &GpuBridge) -> u64 {
+    let (id, _, _) = bridge.devices()[0];
+    bridge.broker().stats(id).unwrap().kept
 }
 
 /// Waits until every job the bridge started has ended (the broker's queue
@@ -106,12 +113,101 @@ async fn a_resident_buffer_is_reserved_while_it_lives_and_released_after() {
     assert_eq!(buffer.len(), 4000);
     assert_eq!(buffer.backend(), BackendKind::Cpu);
     assert_eq!(reserved(&bridge), 4000);
+    assert_eq!(kept(&bridge), 4000, "kept across requests");
+    // A request's working memory is reserved, not kept.
+    let (id, _, _) = bridge.devices()[0];
+    let working = bridge.broker().reserve(id, 1000).unwrap();
+    assert_eq!((reserved(&bridge), kept(&bridge)), (5000, 4000));
+    drop(working);
     assert_eq!(buffer.read(0, 8).await.unwrap(), vec![0; 8], "zeroed");
     let copy = buffer.clone();
     drop(buffer);
     assert_eq!(reserved(&bridge), 4000, "a clone keeps it");
     drop(copy);
     settles_at(&bridge, 0).await;
+    assert_eq!(kept(&bridge), 0);
+}
+
+async fn a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory() {
+    let bridge = Arc::new(cpu_bridge(1 << 20));
+    let (id, _, _) = bridge.devices()[0];
+    // Working memory holds the whole device: the buffer waits for it.
+    let working = bridge.broker().reserve(id, 1 << 20).unwrap();
+    let waiting = tokio::spawn({
+        let bridge = bridge.clone();
+        async move {
+            bridge
+                .allocate_resident(4000, &Requirements::default())
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
+    drop(working);
+    let buffer = waiting
+        .await
+        .unwrap()
+        .expect("room once the request's memory drained");
+    assert_eq!(kept(&bridge), 4000);
+    // Kept memory holds the rest: nothing will drain, so it is refused.
+    let rest = bridge
+        .allocate_resident((1 << 20) - 4000, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bridge
+            .allocate_resident(1, &Requirements::default())
+            .await
+            .unwrap_err(),
+        ResidentError::NoDevice { bytes: 1 }
+    );
+    drop((buffer, rest));
+    settles_at(&bridge, 0).await;
+}
+
+async fn a_quota_refuses_a_buffer_past_it_before_the_device_is_touched() {
+    let bridge = cpu_bridge(1 << 20);
+    let quota = ResidentQuota::new(6000);
+    let first = bridge
+        .allocate_resident_within(&quota, 4000, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!((quota.held(), reserved(&bridge)), (4000, 4000));
+    // The device has room; the quota has not.
+    assert_eq!(
+        bridge
+            .allocate_resident_within(&quota, 4000, &Requirements::default())
+            .await
+            .unwrap_err(),
+        ResidentError::OverQuota {
+            asked: 4000,
+            held: 4000,
+            limit: 6000
+        }
+    );
+    assert_eq!(reserved(&bridge), 4000, "nothing reserved for the refusal");
+    // A buffer the device cannot hold gives its charge back.
+    let too_big = bridge
+        .allocate_resident_within(
+            &ResidentQuota::new(u64::MAX),
+            2 << 20,
+            &Requirements::default(),
+        )
+        .await;
+    assert!(
+        matches!(too_big, Err(ResidentError::NoDevice { .. })),
+        "{too_big:?}"
+    );
+    let second = bridge
+        .allocate_resident_within(&quota, 2000, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(quota.held(), 6000);
+    drop(first);
+    settles_at(&bridge, 2000).await;
+    assert_eq!(quota.held(), 2000, "the charge goes with the buffer");
+    drop(second);
+    settles_at(&bridge, 0).await;
+    assert_eq!(quota.held(), 0);
 }
 
 async fn batches_over_resident_parts_match_the_cpu() {
@@ -404,6 +500,14 @@ fn main() {
         gate::test(
             "a_resident_buffer_is_reserved_while_it_lives_and_released_after",
             || common::on_tokio(a_resident_buffer_is_reserved_while_it_lives_and_released_after),
+        ),
+        gate::test(
+            "a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory",
+            || common::on_tokio(a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory),
+        ),
+        gate::test(
+            "a_quota_refuses_a_buffer_past_it_before_the_device_is_touched",
+            || common::on_tokio(a_quota_refuses_a_buffer_past_it_before_the_device_is_touched),
         ),
         gate::test("batches_over_resident_parts_match_the_cpu", || {
             common::on_tokio(batches_over_resident_parts_match_the_cpu)

@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
+use granary_actors::migration::{Dehydrated, HookError, Migratable};
 use granary_actors::{
     ActivationError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, PersistentState,
 };
+use granary_cluster::DeviceQuotas;
 use granary_gpu::{ExecuteError, GpuBridge, Output, Part, Requirements, ResidentBuffer};
 use granary_kernels::shipped::f32_bytes;
 use serde::{Deserialize, Serialize};
@@ -25,8 +27,13 @@ pub struct LedgerState {
 
 /// The sample GPU grain (see the module docs), hosted as `"ledger"`
 /// ([`LEDGER`]), taking [`Apply`] and [`Read`] from other silos.
+///
+/// It is migratable: its persisted state (written on the way, with its
+/// ETag) and its resident buffer's bytes go with it to another silo, where
+/// the buffer is allocated afresh and filled (`granary demo --nodes 3
+/// --rebalance` moves ledgers this way).
 #[derive(GrainType)]
-#[grain(name = "ledger", messages(Apply, Read))]
+#[grain(name = "ledger", messages(Apply, Read), migratable)]
 pub struct Ledger {
     /// Its number (ledgers are keyed by number).
     key: Option<u64>,
@@ -57,21 +64,74 @@ impl Grain for Ledger {
         let bridge = ctx
             .service::<GpuBridge>()
             .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
-        let devices = ctx
-            .service::<LedgerDevices>()
-            .map_or_else(Requirements::default, |devices| devices.0);
-        let buffer = bridge
-            .allocate_resident(LEDGER_DEVICE_BYTES as usize, &devices)
-            .await
-            .map_err(|err| ActivationError(err.to_string()))?;
-        self.state = Some(ctx.load_state::<LedgerState>().await?);
-        self.buffer = Some(buffer);
+        // A ledger that arrived from another silo has both already.
+        if self.buffer.is_none() {
+            self.buffer = Some(allocate(ctx).await.map_err(ActivationError)?);
+        }
+        if self.state.is_none() {
+            self.state = Some(ctx.load_state::<LedgerState>().await?);
+        }
         self.bridge = Some(bridge);
         Ok(())
     }
 
     async fn on_deactivate(&mut self, _: &mut GrainContext) {
         self.buffer = None;
+    }
+}
+
+/// A ledger's resident buffer on its silo's device, charged to the quota
+/// its type declares ([`LEDGER_DEVICE_BYTES`]) where the silo is a cluster
+/// node with devices.
+async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
+    let devices = ctx
+        .service::<LedgerDevices>()
+        .map_or_else(Requirements::default, |devices| devices.0);
+    let bytes = LEDGER_DEVICE_BYTES as usize;
+    let allocated = match ctx.service::<DeviceQuotas>() {
+        Some(quotas) => quotas.allocate(ctx.id(), bytes, &devices).await,
+        None => {
+            let bridge = ctx
+                .service::<GpuBridge>()
+                .ok_or("no GPU bridge on this silo")?;
+            bridge.allocate_resident(bytes, &devices).await
+        }
+    };
+    allocated.map_err(|err| err.to_string())
+}
+
+impl Migratable for Ledger {
+    async fn dehydrate(
+        &mut self,
+        _: &mut GrainContext,
+        into: &mut Dehydrated,
+    ) -> Result<(), HookError> {
+        if self.fenced {
+            return Err(
+                "this ledger activation's last write failed; it stays to deactivate".into(),
+            );
+        }
+        let state = self.state.as_mut().ok_or("the ledger is not active")?;
+        into.put_state("state", state).await?;
+        let buffer = self.buffer.as_ref().ok_or("the ledger has no buffer")?;
+        let bytes = buffer.export().await.map_err(|err| err.to_string())?;
+        into.put_bytes("buffer", bytes);
+        Ok(())
+    }
+
+    async fn rehydrate(
+        &mut self,
+        ctx: &mut GrainContext,
+        mut from: Dehydrated,
+    ) -> Result<(), HookError> {
+        self.state = Some(from.get_state("state", ctx)?);
+        let buffer = allocate(ctx).await?;
+        buffer
+            .import(from.take_bytes("buffer")?)
+            .await
+            .map_err(|err| err.to_string())?;
+        self.buffer = Some(buffer);
+        Ok(())
     }
 }
 

@@ -52,12 +52,17 @@
 //!    its `live_activations()` and which ledgers and auditors are active
 //!    there), so that a grain active on two silos is caught.
 //!
+//! `granary demo --nodes N --rebalance` runs the rebalancer's demo instead
+//! (`rebalance.rs`): full silos, one that joins empty, ledgers moving to it
+//! with their state, and the same checks.
+//!
 //! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
 //! cluster every second and every failed call it retries.
 
 mod counter;
 mod grains;
 mod placement;
+mod rebalance;
 mod report;
 mod run;
 
@@ -75,6 +80,9 @@ pub use grains::{
     Notified, Read, Receipt, SiloActivity, auditor_of,
 };
 pub use placement::DemoPlacement;
+pub use rebalance::{
+    RebalanceDemoConfig, RebalanceDemoReport, SPREAD_GOAL, Sample, header, run_rebalance_demo,
+};
 pub use report::ClusterDemoReport;
 pub use run::{ClusterDemoConfig, run_cluster_demo};
 

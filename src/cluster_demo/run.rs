@@ -15,7 +15,8 @@ use super::grains::{
 };
 use super::report::ClusterDemoReport;
 use crate::node_file::{
-    DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, StorageFile, start_node,
+    DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, RebalanceFile, StorageFile,
+    TlsFile, start_node,
 };
 
 /// How a multi-node demo runs.
@@ -73,6 +74,200 @@ impl Drop for Children {
     }
 }
 
+/// A demo cluster on loopback: its folder (node files, the SQLite file
+/// of grain state, the CA, the silos' logs), its secret, and the silo
+/// processes it started, killed when it is dropped.
+pub(super) struct DemoCluster {
+    dir: std::path::PathBuf,
+    cluster: String,
+    secret: String,
+    tls: TlsFile,
+    storage: StorageFile,
+    etcd: Option<EtcdFile>,
+    exe: std::path::PathBuf,
+    seed: Option<SocketAddr>,
+    children: Children,
+    /// Each silo's address and device memory in MiB, in start order.
+    pub(super) silos: Vec<(String, u64)>,
+}
+
+impl DemoCluster {
+    /// A fresh folder only this user may enter (its node files hold the
+    /// run's secret; kept, with the silos' logs, if the run fails), a
+    /// secret and a CA of this run's own: every silo talks to every other
+    /// over mutual TLS, each with a certificate for 127.0.0.1.
+    pub(super) fn new(etcd: Option<&Vec<String>>) -> Result<DemoCluster, NodeRunError> {
+        let dir = tempfile::Builder::new()
+            .prefix("granary-demo-")
+            .tempdir()
+            .map_err(|err| NodeRunError(format!("the demo's folder: {err}")))?
+            .keep();
+        let storage = StorageFile::Sqlite {
+            path: dir.join("grains.sqlite"),
+        };
+        let secret = ClusterSecret::generate_hex().map_err(|err| NodeRunError(err.to_string()))?;
+        let certs = crate::certs::write_certs(&dir.join("certs"), &["127.0.0.1".to_string()])?;
+        let tls = certs
+            .nodes
+            .first()
+            .map(|(_, tls)| tls.clone())
+            .ok_or_else(|| NodeRunError("no certificate was made".into()))?;
+        // Under etcd, a cluster name of this run's own: keys of an earlier
+        // run (its leases expiring) are not this cluster's.
+        let cluster = match etcd {
+            Some(_) => format!("demo-{}", std::process::id()),
+            None => "demo".to_string(),
+        };
+        let etcd = etcd.map(|endpoints| EtcdFile {
+            endpoints: endpoints.clone(),
+            ttl_secs: Some(2),
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password: None,
+        });
+        Ok(DemoCluster {
+            dir,
+            cluster,
+            secret,
+            tls,
+            storage,
+            etcd,
+            exe: std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?,
+            seed: None,
+            children: Children(Vec::new()),
+            silos: Vec::new(),
+        })
+    }
+
+    /// The folder, for messages that point at the silos' logs.
+    pub(super) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// A node file of this cluster on fresh loopback ports, hosting
+    /// `devices`; the first one made is every later one's seed.
+    fn file(
+        &mut self,
+        devices: DevicesFile,
+        listen: Option<String>,
+    ) -> Result<NodeFile, NodeRunError> {
+        let (tcp, udp) = free_ports()?;
+        let gossip = SocketAddr::from(([127, 0, 0, 1], udp));
+        let seed = *self.seed.get_or_insert(gossip);
+        Ok(NodeFile {
+            cluster: self.cluster.clone(),
+            secret: self.secret.clone(),
+            listen: listen.unwrap_or_else(|| format!("127.0.0.1:{tcp}")),
+            gossip,
+            seeds: vec![seed.to_string()],
+            gossip_interval_ms: Some(100),
+            phi_threshold: None,
+            // The demo kills a silo on purpose: fail over within a second
+            // or two rather than the default grace's six.
+            death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
+            storage: self.storage.clone(),
+            devices,
+            etcd: self.etcd.clone(),
+            admin: None,
+            drain_grace_secs: None,
+            limits: None,
+            tls: Some(self.tls.clone()),
+            rebalance: None,
+        })
+    }
+
+    /// Starts `granary node` for a silo lending `memory` MiB of `backend`,
+    /// with `rebalance` if given; returns its address.
+    pub(super) fn start_silo(
+        &mut self,
+        backend: DeviceBackend,
+        memory: u64,
+        rebalance: Option<RebalanceFile>,
+    ) -> Result<String, NodeRunError> {
+        let n = self.silos.len();
+        let mut file = self.file(
+            DevicesFile {
+                backend,
+                memory_mib: Some(memory),
+                none: false,
+            },
+            None,
+        )?;
+        file.rebalance = rebalance;
+        let path = self.dir.join(format!("node-{n}.toml"));
+        file.save(&path)?;
+        let log = std::fs::File::create(self.dir.join(format!("node-{n}.log")))
+            .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
+        let child = std::process::Command::new(&self.exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
+        self.children.0.push((child, file.listen.clone()));
+        self.silos.push((file.listen.clone(), memory));
+        Ok(file.listen)
+    }
+
+    /// Joins this process to the cluster, with no devices: it routes and
+    /// hosts no ledger.
+    pub(super) async fn join(&mut self) -> Result<ClusterNode, NodeRunError> {
+        let devices = DevicesFile {
+            none: true,
+            ..DevicesFile::default()
+        };
+        let me = self.file(devices, Some("127.0.0.1:0".into()))?;
+        start_node(&me, &DemoGrains::default()).await
+    }
+
+    /// Waits until `node` sees every silo started so far, each with its
+    /// devices, and itself.
+    pub(super) async fn formed(&self, node: &ClusterNode) -> Result<(), NodeRunError> {
+        let silos = self.silos.len();
+        let expected = silos + 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let members = node.members();
+            let with_devices = members
+                .iter()
+                .filter(|m| !m.load.devices.is_empty())
+                .count();
+            if members.len() == expected && with_devices == silos {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(NodeRunError(format!(
+                    "the cluster did not form: {} of {expected} silos seen, {with_devices} of \
+                     {silos} with devices; the silos' logs are in {}",
+                    members.len(),
+                    self.dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills (SIGKILL) the silo at `listen`.
+    pub(super) fn kill(&mut self, listen: &str) {
+        if let Some((child, _)) = self.children.0.iter_mut().find(|(_, at)| at == listen) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops every silo and removes the folder: the run passed or failed
+    /// in a way its report shows.
+    pub(super) fn finish(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// Runs the multi-node demo (see the module docs); `progress` gets the
 /// number of calls acknowledged so far.
 pub async fn run_cluster_demo(
@@ -84,134 +279,15 @@ pub async fn run_cluster_demo(
             "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
         ));
     }
-    // A fresh folder only this user may enter (its node files hold the
-    // run's secret); kept, with the silos' logs, if the run fails.
-    let dir = tempfile::Builder::new()
-        .prefix("granary-demo-")
-        .tempdir()
-        .map_err(|err| NodeRunError(format!("the demo's folder: {err}")))?
-        .keep();
-    let storage = StorageFile::Sqlite {
-        path: dir.join("grains.sqlite"),
-    };
-    // A secret of this run's own, and a CA: every silo talks to every other
-    // over mutual TLS, each with a certificate for 127.0.0.1.
-    let secret = ClusterSecret::generate_hex().map_err(|err| NodeRunError(err.to_string()))?;
-    let certs = crate::certs::write_certs(&dir.join("certs"), &["127.0.0.1".to_string()])?;
-    let tls = certs
-        .nodes
-        .first()
-        .map(|(_, tls)| tls.clone())
-        .ok_or_else(|| NodeRunError("no certificate was made".into()))?;
-    // Under etcd, a cluster name of this run's own: keys of an earlier run
-    // (its leases expiring) are not this cluster's.
-    let cluster = match &config.etcd {
-        Some(_) => format!("demo-{}", std::process::id()),
-        None => "demo".to_string(),
-    };
-    let etcd = config.etcd.as_ref().map(|endpoints| EtcdFile {
-        endpoints: endpoints.clone(),
-        ttl_secs: Some(2),
-        ca: None,
-        cert: None,
-        key: None,
-        user: None,
-        password: None,
-    });
-    let exe = std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?;
-    let mut gossip_seed = None;
-    let mut children = Children(Vec::new());
-    let mut silos = Vec::new();
+    let mut cluster = DemoCluster::new(config.etcd.as_ref())?;
     for n in 0..config.nodes {
-        let (tcp, udp) = free_ports()?;
-        let gossip: SocketAddr = SocketAddr::from(([127, 0, 0, 1], udp));
-        let seed = *gossip_seed.get_or_insert(gossip);
         // Different memory per silo, so placement has a choice to make.
         let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);
-        let file = NodeFile {
-            cluster: cluster.clone(),
-            secret: secret.clone(),
-            listen: format!("127.0.0.1:{tcp}"),
-            gossip,
-            seeds: vec![seed.to_string()],
-            gossip_interval_ms: Some(100),
-            phi_threshold: None,
-            // The demo kills a silo on purpose: fail over within a second
-            // or two rather than the default grace's six.
-            death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
-            storage: storage.clone(),
-            devices: DevicesFile {
-                backend: config.backend,
-                memory_mib: Some(memory),
-                none: false,
-            },
-            etcd: etcd.clone(),
-            admin: None,
-            drain_grace_secs: None,
-            limits: None,
-            tls: Some(tls.clone()),
-        };
-        let path = dir.join(format!("node-{n}.toml"));
-        file.save(&path)?;
-        let log = std::fs::File::create(dir.join(format!("node-{n}.log")))
-            .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
-        let child = std::process::Command::new(&exe)
-            .arg("node")
-            .arg("--config")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
-        children.0.push((child, file.listen.clone()));
-        silos.push((file.listen.clone(), memory));
+        cluster.start_silo(config.backend, memory, None)?;
     }
-    // This process joins too, with no devices: it routes, hosts no ledger.
-    let (_, udp) = free_ports()?;
-    let me = NodeFile {
-        cluster: cluster.clone(),
-        secret,
-        listen: "127.0.0.1:0".into(),
-        gossip: SocketAddr::from(([127, 0, 0, 1], udp)),
-        seeds: vec![gossip_seed.map(|seed| seed.to_string()).unwrap_or_default()],
-        gossip_interval_ms: Some(100),
-        phi_threshold: None,
-        death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
-        storage: storage.clone(),
-        devices: DevicesFile {
-            none: true,
-            ..DevicesFile::default()
-        },
-        etcd: etcd.clone(),
-        admin: None,
-        drain_grace_secs: None,
-        limits: None,
-        tls: Some(tls.clone()),
-    };
-    let node = start_node(&me, &DemoGrains::default()).await?;
-    // Wait for every silo, with its devices.
-    let expected = config.nodes as usize + 1;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let members = node.members();
-        let with_devices = members
-            .iter()
-            .filter(|m| !m.load.devices.is_empty())
-            .count();
-        if members.len() == expected && with_devices == config.nodes as usize {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(NodeRunError(format!(
-                "the cluster did not form: {} of {expected} silos seen, {with_devices} of {} \
-                 with devices; the silos' logs are in {}",
-                members.len(),
-                config.nodes,
-                dir.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let node = cluster.join().await?;
+    cluster.formed(&node).await?;
+    let silos = cluster.silos.clone();
 
     if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
         let watched = node.clone();
@@ -290,10 +366,7 @@ pub async fn run_cluster_demo(
         .max_by_key(|(_, count)| *count)
         .map(|(silo, _)| silo.clone())
         .unwrap_or_default();
-    if let Some((child, _)) = children.0.iter_mut().find(|(_, listen)| *listen == killed) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    cluster.kill(&killed);
     let mut latencies = Vec::new();
     for driver in drivers {
         latencies.extend(
@@ -359,15 +432,14 @@ pub async fn run_cluster_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    drop(children);
-    let _ = std::fs::remove_dir_all(&dir);
+    cluster.finish();
     Ok(report)
 }
 
 /// Each live silo's activations, asked of the inspector placed on it, and
 /// this process's own; with the ledgers and auditors active on more than
 /// one silo (and silos that did not answer).
-async fn census(
+pub(super) async fn census(
     node: &ClusterNode,
     silos: &[(String, u64)],
     killed: &str,

@@ -438,6 +438,7 @@ async fn run(
         drain_grace_secs: Some(20),
         limits: None,
         tls: None,
+        rebalance: None,
     };
     let mut silos = Vec::new();
     for i in 0..SILOS {

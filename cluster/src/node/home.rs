@@ -529,11 +529,14 @@ impl Inner {
             .enumerate()
             .filter_map(|(index, mut device)| {
                 let already = promised.get(&index).copied().unwrap_or(0);
-                device.free_memory = device.free_memory.saturating_sub(already);
-                // `rebalance.rs` rule 7: past high water, a GPU grain goes
-                // elsewhere.
-                let used_after = (device.total_memory.saturating_sub(device.free_memory))
+                // `rebalance.rs` rule 7: past high water (what is settled
+                // on the device, what is promised, and this grain), a GPU
+                // grain goes elsewhere.
+                let used_after = device
+                    .settled_memory()
+                    .saturating_add(already)
                     .saturating_add(needs.device_memory);
+                device.free_memory = device.free_memory.saturating_sub(already);
                 let under_pressure = needs.device_memory > 0
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)

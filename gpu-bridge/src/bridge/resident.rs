@@ -4,9 +4,13 @@
 //!
 //! 1. **Reserved first.** [`GpuBridge::allocate_resident`] picks a primary
 //!    device that meets the requirements and has room (the broker's choice:
-//!    most free memory per queued request), reserves the bytes, then
-//!    allocates. With no such device it falls back to the CPU device under
-//!    `FallbackPolicy::Cpu`, else fails with [`ResidentError::NoDevice`].
+//!    most free memory per queued request), reserves the bytes as kept
+//!    memory (`DeviceStats::kept`), then allocates. With no such device it
+//!    falls back to the CPU device under `FallbackPolicy::Cpu`. When none
+//!    has room now but one would once requests' working memory drains (the
+//!    bytes fit beside what is kept), it waits for that, up to
+//!    `overload_timeout`; otherwise, or after that, it fails with
+//!    [`ResidentError::NoDevice`].
 //! 2. **Released last.** Dropping the last handle frees the device memory,
 //!    then releases the reservation (broker invariant 2). A job still
 //!    running on the buffer holds a handle, so a caller that gives up
@@ -305,20 +309,43 @@ impl GpuBridge {
         };
         let broker = &self.shared.broker;
         let cpu = self.shared.cpu;
-        let chosen = broker
-            .select_where(&need, |id| self.shared.devices[id.0].primary)
-            .or_else(|| {
-                // The CPU device, when it is the fallback and fits.
-                let fallback = self.shared.config.fallback == FallbackPolicy::Cpu
-                    && !self.shared.devices[cpu.0].primary;
-                fallback
-                    .then(|| broker.select_where(&need, |id| id == cpu))
-                    .flatten()
+        // The primary devices that meet `need`, else the CPU device when it
+        // is the fallback.
+        let select = |need: &Requirements, room: &dyn Fn(DeviceId) -> bool| {
+            broker
+                .select_where(need, |id| self.shared.devices[id.0].primary && room(id))
+                .or_else(|| {
+                    let fallback = self.shared.config.fallback == FallbackPolicy::Cpu
+                        && !self.shared.devices[cpu.0].primary;
+                    fallback
+                        .then(|| broker.select_where(need, |id| id == cpu && room(id)))
+                        .flatten()
+                })
+        };
+        // Rule 1: a device that would have room once requests' working
+        // memory drains is waited for, up to `overload_timeout`.
+        let settled_room = |id: DeviceId| {
+            broker.stats(id).is_ok_and(|stats| {
+                (stats.reserved + stats.available).saturating_sub(stats.kept) >= wanted
             })
-            .ok_or(ResidentError::NoDevice { bytes: wanted })?;
-        let reservation = broker
-            .reserve(chosen, wanted)
-            .map_err(|_| ResidentError::NoDevice { bytes: wanted })?;
+        };
+        let anywhere = Requirements {
+            min_free_memory: 0,
+            ..need
+        };
+        let started = std::time::Instant::now();
+        let (chosen, reservation) = loop {
+            if let Some(chosen) = select(&need, &|_| true) {
+                if let Ok(reservation) = broker.reserve_kept(chosen, wanted) {
+                    break (chosen, reservation);
+                }
+            }
+            let drains = select(&anywhere, &settled_room).is_some();
+            if !drains || started.elapsed() >= self.shared.config.overload_timeout {
+                return Err(ResidentError::NoDevice { bytes: wanted });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        };
         let slot = &self.shared.devices[chosen.0];
         let backend = slot.backend.clone();
         let index = slot.index;

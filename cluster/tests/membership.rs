@@ -85,6 +85,7 @@ async fn five_silos_join_through_a_seed_and_see_each_others_load() {
             queue_depth: 3,
             compute_units: 132,
             reserved_memory: 20 << 30,
+            kept_memory: 16 << 30,
             processed: 7,
             failed: 1,
             latency_sum_ns: 7_000,

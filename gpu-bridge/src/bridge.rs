@@ -31,7 +31,8 @@
 //! 7. **Resident buffers.** Device memory a caller keeps across calls,
 //!    reserved in the broker for as long as it lives; batches may take
 //!    their request from it and write their response into it, so only the
-//!    host parts cross the bus (`bridge/resident.rs`).
+//!    host parts cross the bus (`bridge/resident.rs`). A holder may be
+//!    held to a quota of such memory (`bridge/quota.rs`).
 //! 8. **Health.** [`GpuBridge::kernel_health`] snapshots every launched
 //!    persistent kernel (heartbeat age, ring occupancy, hangs, relaunches,
 //!    whether its relaunch failed); [`GpuBridge::probe`] sends each idle

@@ -2,7 +2,8 @@
 //! resident buffers (`node/migration.rs`, `granary_actors::migration`),
 //! over the in-process network, on the CPU backend with a device memory
 //! limit per silo:
-//! - under load: 100 grains, each with a 1 MiB resident buffer, each moved
+//! - under load: 100 grains, each with a 1 MiB resident buffer, on silos of
+//!   two CPU devices each with its own memory limit, each moved
 //!   once while 10 000 calls are in flight from 20 senders: every call is
 //!   answered once and in order per sender, every buffer and counter
 //!   arrives intact, and the device memory reserved across the cluster
@@ -39,12 +40,14 @@ use granary_gpu::{Requirements, ResidentBuffer, ResidentError};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_grains_move_under_ten_thousand_calls_and_lose_nothing() {
     let cluster = Cluster::new(47_100);
+    // Two CPU devices per silo, each with its own memory limit.
     let nodes = [
-        cluster.node(1, 256).await,
-        cluster.node(2, 256).await,
-        cluster.node(3, 256).await,
+        cluster.node_on(1, cpu_bridge_devices(128, 2)).await,
+        cluster.node_on(2, cpu_bridge_devices(128, 2)).await,
+        cluster.node_on(3, cpu_bridge_devices(128, 2)).await,
     ];
-    moves_under_load(&cluster, &nodes, 100, 20, 10_000).await;
+    // Every device of every silo holds buffers before the moves.
+    moves_under_load(&cluster, &nodes, 100, 20, 10_000, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

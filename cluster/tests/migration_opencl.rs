@@ -45,7 +45,7 @@ fn grains_move_between_opencl_devices_under_load() {
             cluster.node_on(2, opencl_bridge(128)).await,
             cluster.node_on(3, opencl_bridge(128)).await,
         ];
-        moves_under_load(&cluster, &nodes, 30, 10, 3_000).await;
+        moves_under_load(&cluster, &nodes, 30, 10, 3_000, false).await;
         // The buffers lived on the OpenCL device, not the CPU fallback.
         for node in &nodes {
             let on_opencl: u64 = node

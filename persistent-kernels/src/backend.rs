@@ -257,27 +257,46 @@ pub fn batch_output_len(spec: &KernelSpec, request: &[u8]) -> Result<usize, Back
     (spec.output_len)(request).map_err(BackendError::Rejected)
 }
 
-/// The CPU backend: one device, this host; persistent kernels are threads.
+/// The CPU backend: this host, as one device or several (each with the
+/// memory it reports, for placement and migration between devices);
+/// persistent kernels are threads.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
-    device: DeviceInfo,
+    devices: Vec<DeviceInfo>,
     hooks: CpuHooks,
 }
 
 impl CpuBackend {
     /// The host as the backend's one device.
     pub fn new() -> CpuBackend {
-        CpuBackend {
-            device: host_device(),
-            hooks: CpuHooks::new(),
-        }
+        CpuBackend::with_device(host_device())
     }
 
     /// A CPU backend that reports `device` (for example with a memory limit
     /// configured for placement tests).
     pub fn with_device(device: DeviceInfo) -> CpuBackend {
         CpuBackend {
-            device,
+            devices: vec![device],
+            hooks: CpuHooks::new(),
+        }
+    }
+
+    /// A CPU backend of several devices, each reporting its own memory
+    /// (the host's memory split in shares, as a node with several GPUs
+    /// has them); none makes it [`CpuBackend::new`]'s one.
+    pub fn with_devices(devices: Vec<DeviceInfo>) -> CpuBackend {
+        if devices.is_empty() {
+            return CpuBackend::new();
+        }
+        CpuBackend {
+            devices: devices
+                .into_iter()
+                .enumerate()
+                .map(|(index, info)| DeviceInfo {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    ..info
+                })
+                .collect(),
             hooks: CpuHooks::new(),
         }
     }
@@ -289,7 +308,7 @@ impl CpuBackend {
     }
 
     fn check_device(&self, device: usize) -> Result<(), BackendError> {
-        if device == 0 {
+        if device < self.devices.len() {
             Ok(())
         } else {
             Err(BackendError::UnknownDevice(device))
@@ -309,7 +328,7 @@ impl Backend for CpuBackend {
     }
 
     fn devices(&self) -> Vec<DeviceInfo> {
-        vec![self.device.clone()]
+        self.devices.clone()
     }
 
     fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
@@ -366,7 +385,7 @@ impl Backend for CpuBackend {
         len: usize,
     ) -> Result<Box<dyn DeviceBuffer>, BackendError> {
         self.check_device(device)?;
-        Ok(Box::new(CpuBuffer::new(len)))
+        Ok(Box::new(CpuBuffer::on(device, len)))
     }
 
     fn write_resident(
@@ -375,7 +394,7 @@ impl Backend for CpuBackend {
         offset: usize,
         data: &[u8],
     ) -> Result<(), BackendError> {
-        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, 0)?;
+        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, buffer.device())?;
         resident::check_range(offset, data.len(), buffer.len())?;
         buffer.with(|bytes| bytes[offset..offset + data.len()].copy_from_slice(data));
         Ok(())
@@ -387,7 +406,7 @@ impl Backend for CpuBackend {
         offset: usize,
         len: usize,
     ) -> Result<Vec<u8>, BackendError> {
-        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, 0)?;
+        let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, buffer.device())?;
         resident::check_range(offset, len, buffer.len())?;
         Ok(buffer.with(|bytes| bytes[offset..offset + len].to_vec()))
     }
@@ -407,7 +426,8 @@ impl Backend for CpuBackend {
             match part {
                 BatchPart::Host(bytes) => request.extend_from_slice(bytes),
                 BatchPart::Resident(buffer) => {
-                    let buffer = resident::own_buffer::<CpuBuffer>(*buffer, BackendKind::Cpu, 0)?;
+                    let buffer =
+                        resident::own_buffer::<CpuBuffer>(*buffer, BackendKind::Cpu, device)?;
                     buffer.with(|bytes| request.extend_from_slice(bytes));
                 }
             }
@@ -417,7 +437,7 @@ impl Backend for CpuBackend {
             BatchOutput::Into(buffer) => Some(resident::own_buffer::<CpuBuffer>(
                 buffer,
                 BackendKind::Cpu,
-                0,
+                device,
             )?),
         };
         if let Some(into) = into {

@@ -154,14 +154,22 @@ pub fn check_output(buffer: &dyn DeviceBuffer, output_len: usize) -> Result<(), 
 pub struct CpuBuffer {
     bytes: Mutex<Vec<u8>>,
     len: usize,
+    /// Which of the CPU backend's devices it belongs to.
+    device: usize,
 }
 
 impl CpuBuffer {
-    /// `len` zeroed bytes.
+    /// `len` zeroed bytes on the CPU backend's first device.
     pub fn new(len: usize) -> CpuBuffer {
+        CpuBuffer::on(0, len)
+    }
+
+    /// `len` zeroed bytes on the CPU backend's device `device`.
+    pub fn on(device: usize, len: usize) -> CpuBuffer {
         CpuBuffer {
             bytes: Mutex::new(vec![0; len]),
             len,
+            device,
         }
     }
 
@@ -182,7 +190,7 @@ impl DeviceBuffer for CpuBuffer {
     }
 
     fn device(&self) -> usize {
-        0
+        self.device
     }
 
     fn as_any(&self) -> &dyn Any {

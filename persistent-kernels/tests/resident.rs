@@ -16,6 +16,51 @@ fn the_cpu_backend_keeps_the_resident_contract() {
     }
 }
 
+fn a_cpu_backend_of_two_devices_keeps_the_contract_on_each_and_their_buffers_apart() {
+    use granary_kernels::resident::{BatchOutput, BatchPart};
+    use granary_kernels::{Backend, BackendError, DeviceInfo, host_device, shipped};
+    let share = DeviceInfo {
+        total_memory: 1 << 20,
+        free_memory: 1 << 20,
+        ..host_device()
+    };
+    let backend = CpuBackend::with_devices(vec![share.clone(), share]);
+    let devices = backend.devices();
+    assert_eq!(
+        devices.iter().map(|d| d.index).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    for (name, check) in ALL {
+        check(&backend).unwrap_or_else(|why| panic!("{name}: {why}"));
+    }
+    let on_second = backend.alloc_resident(1, 16).unwrap();
+    assert_eq!(on_second.device(), 1);
+    backend.write_resident(&*on_second, 0, &[7; 16]).unwrap();
+    assert_eq!(
+        backend.read_resident(&*on_second, 0, 16).unwrap(),
+        vec![7; 16]
+    );
+    // A batch on the first device refuses the second's buffer.
+    let scale = shipped::ALL
+        .iter()
+        .find(|spec| spec.id == "saxpy")
+        .expect("saxpy is shipped");
+    let refused = backend.run_batch_parts(
+        0,
+        scale,
+        &[BatchPart::Resident(&*on_second)],
+        BatchOutput::Host,
+    );
+    assert!(
+        matches!(refused, Err(BackendError::BadBuffer(_))),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        backend.alloc_resident(2, 16),
+        Err(BackendError::UnknownDevice(2))
+    ));
+}
+
 fn the_opencl_backend_keeps_the_resident_contract() {
     let backend = granary_kernels::opencl::OpenClBackend::discover()
         .expect("an OpenCL runtime was found at build time");
@@ -29,6 +74,10 @@ fn main() {
         gate::test(
             "the_cpu_backend_keeps_the_resident_contract",
             the_cpu_backend_keeps_the_resident_contract,
+        ),
+        gate::test(
+            "a_cpu_backend_of_two_devices_keeps_the_contract_on_each_and_their_buffers_apart",
+            a_cpu_backend_of_two_devices_keeps_the_contract_on_each_and_their_buffers_apart,
         ),
         gate::opencl(
             "the_opencl_backend_keeps_the_resident_contract",

@@ -42,6 +42,22 @@ pub fn cpu_bridge(mib: u64) -> Arc<GpuBridge> {
     )
 }
 
+/// A bridge whose CPU backend has `count` devices, each lending `mib`
+/// MiB: a node with several GPUs, each with its own memory.
+pub fn cpu_bridge_devices(mib: u64, count: usize) -> Arc<GpuBridge> {
+    let device = DeviceInfo {
+        total_memory: mib << 20,
+        free_memory: mib << 20,
+        ..host_device()
+    };
+    Arc::new(
+        GpuBridge::builder()
+            .cpu_backend(CpuBackend::with_devices(vec![device; count]))
+            .build()
+            .unwrap(),
+    )
+}
+
 /// Which activations handled each grain's steps, in order: an
 /// activation that another followed must never handle one again.
 #[derive(Default)]
@@ -473,6 +489,7 @@ pub async fn moves_under_load(
     grains: u64,
     sender_count: u64,
     calls: u64,
+    every_device: bool,
 ) {
     let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
     converged(&all, 3).await;
@@ -484,6 +501,21 @@ pub async fn moves_under_load(
     }
     let before = reserved(&nodes.iter().collect::<Vec<_>>());
     assert_eq!(before, grains * BUFFER as u64, "one buffer per grain");
+    if every_device {
+        // Placement picks silos; a silo's allocations spread over its
+        // devices.
+        for node in nodes {
+            let devices = node.bridge.devices();
+            let holding = devices
+                .iter()
+                .filter(|(_, _, stats)| stats.kept > 0)
+                .count();
+            assert!(
+                holding == 0 || holding == devices.len(),
+                "a device holds no buffer: {devices:?}"
+            );
+        }
+    }
     // The senders, each sending its calls to the grains in turn, one at a
     // time, from silos in turn; meanwhile every grain moves once.
     let per_sender = calls / sender_count;

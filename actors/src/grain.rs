@@ -221,6 +221,9 @@ pub struct GrainContext {
     /// The silo's count of homes given up when this activation was made;
     /// `None` for a stateless worker, never a home (rule 13).
     given_up: Option<u64>,
+    /// Values kept for this activation's life ([`GrainContext::activation_local`]).
+    locals:
+        std::sync::Mutex<std::collections::HashMap<std::any::TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -249,7 +252,29 @@ impl GrainContext {
             mailbox: None,
             timers: tokio_util::sync::CancellationToken::new(),
             given_up: None,
+            locals: std::sync::Mutex::default(),
         }
+    }
+
+    /// The value of type `T` kept for this activation, made with `init` on
+    /// first use: what a service keeps per activation rather than per
+    /// grain (a cluster node's device quota), dropped when the activation
+    /// ends, however it ends. A reset after a panic keeps it.
+    pub fn activation_local<T: Send + Sync + 'static>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut locals = self
+            .locals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = std::any::TypeId::of::<T>();
+        if let Some(local) = locals
+            .get(&key)
+            .and_then(|local| local.clone().downcast::<T>().ok())
+        {
+            return local;
+        }
+        let local = Arc::new(init());
+        locals.insert(key, local.clone());
+        local
     }
 
     /// Records the count of homes given up when the activation was made

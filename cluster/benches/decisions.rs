@@ -11,7 +11,11 @@
 //! - `placement/hash/{8,64}_silos`: rendezvous hashing over the same view;
 //! - `placement/least_activations/64_silos`;
 //! - `directory/cached_lookup`: a hit in a location cache of 100 000
-//!   grains; `directory/owner/64_silos`: which silo owns a grain's entry.
+//!   grains; `directory/owner/64_silos`: which silo owns a grain's entry;
+//! - `rebalance/round/64_silos_1000_grains`: one rebalancer round for a
+//!   silo past high water with 1 000 GPU grains, against
+//!   `rebalance/place_each/64_silos_1000_grains`: placing those grains one
+//!   by one over the same view.
 
 use std::hint::black_box;
 
@@ -107,5 +111,63 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, placement, lookups);
+/// A rebalancer round (`rebalance::plan`) for a silo of 1 000 GPU grains
+/// in a view of 64 silos, against placing those 1 000 grains one by one
+/// with `GpuAware` over the same view.
+fn rebalance(c: &mut Criterion) {
+    use granary_cluster::rebalance::{Candidate, RebalanceConfig, Snapshot, plan};
+    let mut group = c.benchmark_group("rebalance");
+    let mut view = view(64);
+    let types = vec!["tensor".to_string()];
+    for member in &mut view {
+        member.load.grain_types = types.clone();
+    }
+    // This silo: its first device past high water, so the round looks for
+    // a target for grain after grain.
+    view[0].load.devices[0].free_memory = 2 << 30;
+    let grains: Vec<Candidate> = (0..1_000)
+        .map(|key| Candidate {
+            grain: grain(key),
+            bytes: 64 << 20,
+            idle_for: std::time::Duration::from_millis(key * 37 % 10_000),
+            cooling: key % 10 == 0,
+        })
+        .collect();
+    let me = view[0].silo.clone();
+    let sent = std::collections::HashMap::new();
+    let config = RebalanceConfig {
+        moves_per_round: 1_000,
+        ..RebalanceConfig::default()
+    };
+    let snapshot = Snapshot {
+        me: &me,
+        view: &view,
+        grains: &grains,
+        sent: &sent,
+        long_queue_rounds: 0,
+    };
+    group.bench_function("round/64_silos_1000_grains", |b| {
+        b.iter(|| black_box(plan(&config, black_box(&snapshot))))
+    });
+    let needs = GpuNeeds {
+        device_memory: 64 << 20,
+        ..GpuNeeds::default()
+    };
+    let gpu = GpuAware::with_cpu_fallback();
+    group.bench_function("place_each/64_silos_1000_grains", |b| {
+        b.iter(|| {
+            for candidate in &grains {
+                let request = PlacementRequest {
+                    grain: &candidate.grain,
+                    caller: &me,
+                    needs: Some(&needs),
+                };
+                black_box(gpu.place(black_box(&request), &view).ok());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, placement, lookups, rebalance);
 criterion_main!(benches);

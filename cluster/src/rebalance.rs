@@ -13,37 +13,48 @@
 //! 2. **Used memory** of a device is what is settled on it
 //!    ([`DeviceLoad::settled_memory`]: `total - free`, less requests'
 //!    working memory, which comes and goes with each request and would
-//!    make decisions chase noise); of a silo, the sum over its devices; a
-//!    grain weighs the device memory its type declares. Fractions are of
+//!    make decisions chase noise); of a silo, the sum over its devices but
+//!    a CPU fallback device beside others (GPU grains live on the others).
+//!    A grain weighs the device memory its type declares. Fractions are of
 //!    the device's or silo's total.
 //! 3. **High water.** When one of this silo's devices holds more than
-//!    `high_water` of its memory, the silo moves grains away until what
-//!    they weigh covers the excess down to `high_water - hysteresis`.
+//!    `high_water` of its memory, the silo moves grains on that device
+//!    away until what they weigh covers its excess down to `high_water -
+//!    hysteresis`. A grain counts against the device its buffers are on;
+//!    one whose device is not known, only on a silo of one device.
 //! 4. **Spread.** Otherwise, when this silo is above the cluster's mean
-//!    fraction and more than `margin` above the emptiest silo (a silo that
-//!    just joined with free memory), it moves its excess over the mean to
-//!    the silos below the mean, each taking a share in proportion to its
-//!    deficit. Every silo above the mean does the same from the same view,
-//!    so together they fill each deficit and no more; once all are within
-//!    `margin`, nothing moves (the hysteresis that stops oscillation).
+//!    fraction (over the silos that host its grains' types) and more than
+//!    `margin` above the emptiest of them (a silo that just joined with
+//!    free memory), it moves its excess over the mean to the silos below
+//!    the mean, each taking a share in proportion to its deficit. Every
+//!    silo above the mean does the same from the same view, so together
+//!    they fill each deficit and no more. A grain moves only when more
+//!    than half of it is due from here and to there, so two silos a grain
+//!    apart trade nothing; once all are within `margin`, nothing moves
+//!    (the hysteresis that stops oscillation).
 //! 5. **Queue.** Otherwise, when one of this silo's devices has had at
 //!    least `queue_depth` requests waiting for `queue_rounds` rounds in a
 //!    row while a device of another silo with the same backend and at
 //!    least as many compute units has none, the silo moves its busiest
 //!    grain (idle shortest) there, one per round.
-//! 6. **Never oversubscribe, never twice.** A move never takes a target
-//!    past `high_water - hysteresis` of its memory, nor past its free
-//!    memory (the target's reservation checks again, rule 1 of
-//!    `node/migration.rs`); no grain that moved within `cool_down` moves
+//! 6. **Never oversubscribe, never twice.** A silo never plans a move that
+//!    takes a target past `high_water - hysteresis` of its memory, nor
+//!    past its free memory; the target's reservation then checks its free
+//!    memory and its high water mark again (rule 1 of `node/migration.rs`),
+//!    so silos deciding at once may together fill a target up to high
+//!    water, never past it. No grain that moved within `cool_down` moves
 //!    again; at most `moves_per_round` moves a round; grains idle longest
 //!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
 //!    a departure happens between turns (`granary_actors::migration`).
 //! 7. **Pressure.** When rule 3's excess cannot all move (no target has
-//!    room), grains idle at least `shed_idle` are deactivated, oldest idle
-//!    first, until the rest is covered: they write their state and free
-//!    their memory, and their next call activates them wherever they fit.
-//!    Past `high_water` a silo also becomes home to no new GPU grain
-//!    (rule 5 of `node/mod.rs`): those go elsewhere.
+//!    room, or the grain's type is not migratable), grains on that device
+//!    idle at least `shed_idle` are deactivated, oldest idle first, at
+//!    most `moves_per_round` a round, until the rest is covered: they
+//!    write their state and free their memory, and their next call
+//!    activates them wherever they fit. Grains cooling down after a move
+//!    are not shed. A new GPU grain that would take a device past
+//!    `high_water` is not made home there (rule 5 of `node/mod.rs`): it
+//!    goes elsewhere.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -64,8 +75,8 @@ pub struct RebalanceConfig {
     /// How far below `high_water` a shedding silo goes, and how far below
     /// it a move may fill a target (rules 3 and 6; default 0.1).
     pub hysteresis: f64,
-    /// How far above the emptiest silo a silo may be before it spreads its
-    /// grains (rule 4; default 0.15).
+    /// How far above the emptiest silo a silo above the mean may be before
+    /// it spreads its grains (rule 4; default 0.15).
     pub margin: f64,
     /// Requests waiting on a device that count as a long queue (rule 5;
     /// default 32).
@@ -112,17 +123,24 @@ impl RebalanceConfig {
         fraction("high_water", self.high_water)?;
         fraction("hysteresis", self.hysteresis)?;
         fraction("margin", self.margin)?;
-        if self.hysteresis > self.high_water {
+        if self.high_water == 0.0 {
+            return Err("high_water must be more than 0: at 0 no silo takes a GPU grain".into());
+        }
+        if self.hysteresis >= self.high_water {
             return Err(format!(
-                "rebalance hysteresis ({}) must not exceed high_water ({})",
+                "hysteresis ({}) must be below high_water ({}): a move may fill a target up to \
+                 their difference",
                 self.hysteresis, self.high_water
             ));
         }
         if self.interval.is_zero() {
-            return Err("rebalance interval must be more than zero".into());
+            return Err("interval must be more than zero".into());
         }
         if self.moves_per_round == 0 {
-            return Err("rebalance moves_per_round must be at least 1".into());
+            return Err("moves_per_round must be at least 1".into());
+        }
+        if self.queue_depth == 0 || self.queue_rounds == 0 {
+            return Err("queue_depth and queue_rounds must be at least 1".into());
         }
         Ok(())
     }
@@ -145,7 +163,8 @@ impl RebalanceConfig {
 pub enum Reason {
     /// A device here is past the high water mark.
     HighWater,
-    /// This silo is fuller than the cluster's mean by more than the margin.
+    /// This silo is above the cluster's mean and more than the margin
+    /// above the emptiest silo.
     Spread,
     /// A device's queue stays long while a like device elsewhere is idle.
     Queue,
@@ -184,6 +203,11 @@ pub struct Candidate {
     pub idle_for: Duration,
     /// Whether it moved within the cool-down (rule 6).
     pub cooling: bool,
+    /// The index of the device its buffers are on, if known (rule 3).
+    pub device: Option<usize>,
+    /// Whether its type may migrate; one that may not is only ever
+    /// deactivated (rule 7).
+    pub movable: bool,
 }
 
 /// What a round decides from.
@@ -259,6 +283,23 @@ impl Target<'_> {
     }
 }
 
+/// The devices of `devices` that are weighed (rule 2): all but a CPU
+/// fallback device beside other devices (GPU grains live on the others).
+fn weighed(devices: &[DeviceLoad]) -> impl Iterator<Item = (usize, &DeviceLoad)> {
+    let only_cpu = devices.iter().all(|device| device.backend == "Cpu");
+    devices
+        .iter()
+        .enumerate()
+        .filter(move |(_, device)| only_cpu || device.backend != "Cpu")
+}
+
+/// Used and total bytes of `devices` (rule 2).
+fn fill(devices: &[DeviceLoad]) -> (u64, u64) {
+    weighed(devices).fold((0, 0), |(used, total), (_, device)| {
+        (used + device.settled_memory(), total + device.total_memory)
+    })
+}
+
 /// Decides this round's moves and deactivations (rules 1 to 7).
 pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
     let mut plan = Plan::default();
@@ -270,48 +311,82 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
         return plan;
     };
     let mine = &me.load.devices;
-    let my_total: u64 = mine.iter().map(|device| device.total_memory).sum();
+    let (my_used, my_total) = fill(mine);
     if my_total == 0 {
         return plan;
     }
-    let my_used: u64 = mine.iter().map(used).sum();
-    // Rule 1: the silos that may take grains.
-    let mut targets: Vec<Target<'_>> = snapshot
-        .view
-        .iter()
-        .filter(|member| member.silo != *snapshot.me && !member.load.leaving && !member.load.fenced)
-        .filter_map(|member| {
-            let total: u64 = member.load.devices.iter().map(|d| d.total_memory).sum();
-            let sent = snapshot.sent.get(&member.silo).copied().unwrap_or(0);
-            let used = member.load.devices.iter().map(used).sum::<u64>() + sent;
-            (total > 0).then_some(Target {
-                member,
-                total,
-                used: used.min(total),
-                share: 0.0,
-            })
-        })
-        .collect();
-    // Grains idle longest first (rule 6), cooling ones left out.
-    let mut movable: Vec<&Candidate> = snapshot
+    // Grains idle longest first (rule 6), cooling ones left out; those
+    // that cannot move may only be deactivated (rule 7).
+    let mut eligible: Vec<&Candidate> = snapshot
         .grains
         .iter()
         .filter(|candidate| !candidate.cooling)
         .collect();
-    movable.sort_by_key(|candidate| std::cmp::Reverse(candidate.idle_for));
-
-    // Rule 3: the excess of each device past high water.
-    let excess: f64 = mine
+    eligible.sort_by_key(|candidate| std::cmp::Reverse(candidate.idle_for));
+    let movable: Vec<&Candidate> = eligible
         .iter()
-        .filter(|device| config.past_high_water(used(device), device.total_memory))
-        .map(|device| used(device) as f64 - config.fill_limit(device.total_memory))
-        .sum();
-    if excess > 0.0 {
-        let mut left = excess;
+        .copied()
+        .filter(|candidate| candidate.movable)
+        .collect();
+    // Rule 1: the silos that may take grains: hosting a type of this
+    // silo's movable grains, neither leaving nor fenced.
+    let hosted = |member: &Member| {
+        movable
+            .iter()
+            .any(|candidate| member.load.grain_types.contains(&candidate.grain.type_name))
+    };
+    let mut targets: Vec<Target<'_>> = snapshot
+        .view
+        .iter()
+        .filter(|member| {
+            member.silo != *snapshot.me
+                && !member.load.leaving
+                && !member.load.fenced
+                && hosted(member)
+        })
+        .filter_map(|member| {
+            let (used, total) = fill(&member.load.devices);
+            let sent = snapshot.sent.get(&member.silo).copied().unwrap_or(0);
+            (total > 0).then_some(Target {
+                member,
+                total,
+                used: (used + sent).min(total),
+                share: 0.0,
+            })
+        })
+        .collect();
+
+    // Rule 3: each device past high water, and its excess. A grain counts
+    // against the device its buffers are on; one whose device is not known
+    // only on a silo of one weighed device.
+    let mut excess: HashMap<usize, f64> = weighed(mine)
+        .filter(|(_, device)| config.past_high_water(used(device), device.total_memory))
+        .map(|(index, device)| {
+            (
+                index,
+                used(device) as f64 - config.fill_limit(device.total_memory),
+            )
+        })
+        .collect();
+    if !excess.is_empty() {
+        let single = {
+            let mut weighed = weighed(mine);
+            match (weighed.next(), weighed.next()) {
+                (Some((index, _)), None) => Some(index),
+                _ => None,
+            }
+        };
         let mut unplaced = Vec::new();
-        for candidate in &movable {
-            if left <= 0.0 || plan.moves.len() >= config.moves_per_round {
-                break;
+        for candidate in &eligible {
+            let Some(device) = candidate.device.or(single) else {
+                continue;
+            };
+            let Some(left) = excess.get_mut(&device).filter(|left| **left > 0.0) else {
+                continue;
+            };
+            if !candidate.movable || plan.moves.len() >= config.moves_per_round {
+                unplaced.push((*candidate, device));
+                continue;
             }
             // The emptiest target that takes it.
             let best = targets
@@ -321,7 +396,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             match best {
                 Some(target) => {
                     target.used += candidate.bytes;
-                    left -= candidate.bytes as f64;
+                    *left -= candidate.bytes as f64;
                     plan.moves.push(Move {
                         grain: candidate.grain.clone(),
                         to: target.member.silo.clone(),
@@ -329,16 +404,19 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                         reason: Reason::HighWater,
                     });
                 }
-                None => unplaced.push(*candidate),
+                None => unplaced.push((*candidate, device)),
             }
         }
         // Rule 7: what could not move, idle long enough, is deactivated.
-        for candidate in unplaced {
-            if left <= 0.0 || plan.shed.len() >= config.moves_per_round {
+        for (candidate, device) in unplaced {
+            if plan.shed.len() >= config.moves_per_round {
                 break;
             }
+            let Some(left) = excess.get_mut(&device).filter(|left| **left > 0.0) else {
+                continue;
+            };
             if candidate.idle_for >= config.shed_idle {
-                left -= candidate.bytes as f64;
+                *left -= candidate.bytes as f64;
                 plan.shed.push(candidate.grain.clone());
             }
         }
@@ -370,14 +448,16 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     break;
                 }
                 let half = candidate.bytes as f64 / 2.0;
-                // A whole grain moves when at least half of it is due.
-                if left < half {
-                    break;
+                // A whole grain moves when more than half of it is due
+                // here and there: strictly, so that two silos a grain
+                // apart do not trade one back and forth.
+                if left <= half {
+                    continue;
                 }
                 let best = targets
                     .iter_mut()
                     .filter(|target| {
-                        target.share >= half
+                        target.share > half
                             && target.takes(config, &candidate.grain, candidate.bytes)
                     })
                     .max_by(|a, b| a.share.total_cmp(&b.share));

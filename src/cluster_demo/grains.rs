@@ -89,7 +89,7 @@ async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
         .map_or_else(Requirements::default, |devices| devices.0);
     let bytes = LEDGER_DEVICE_BYTES as usize;
     let allocated = match ctx.service::<DeviceQuotas>() {
-        Some(quotas) => quotas.allocate(ctx.id(), bytes, &devices).await,
+        Some(quotas) => quotas.allocate(ctx, bytes, &devices).await,
         None => {
             let bridge = ctx
                 .service::<GpuBridge>()

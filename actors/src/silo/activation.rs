@@ -310,6 +310,13 @@ pub(super) async fn run_activation<G: Grain>(
                     }
                     if keeps_alive {
                         activity += 1;
+                        // A busy grain is not idle, whenever the check
+                        // next runs: one store, no clock read.
+                        if let Some(clock) = &idle_clock {
+                            if clock.load(Ordering::Relaxed) != 0 {
+                                clock.store(0, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
                 // Idle, shutting down, or (never: the directory holds a

@@ -513,8 +513,9 @@ impl Silo {
     }
 
     /// How long `grain`'s activation here has been idle (no message that
-    /// keeps it alive, rule 8), as of its last idle check: a quarter of
-    /// `idle_timeout` at most a second apart, so up to that stale. `None`
+    /// keeps it alive, rule 8), as of its last idle check (a quarter of
+    /// `idle_timeout`, at most a second apart, so up to that short), and
+    /// zero from the turn that ended its idleness on. `None`
     /// when it has no activation here, or is a stateless worker. What a
     /// cluster reads to move or shed the grains idle longest first.
     pub fn idle_for(&self, grain: &GrainId) -> Option<std::time::Duration> {

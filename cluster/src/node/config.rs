@@ -79,7 +79,8 @@ pub struct NodeConfig {
     pub handoff: Option<Duration>,
     /// How often load is published (rule 5; default 1 s).
     pub load_interval: Duration,
-    /// The rebalancer and device-memory pressure (`rebalance.rs`, rule 12),
+    /// The rebalancer and device-memory pressure (`crate::rebalance`,
+    /// rule 12 of `node/mod.rs`),
     /// or `None` (the default): no grain moves unless asked, and a silo
     /// takes GPU grains while they fit.
     pub rebalance: Option<crate::rebalance::RebalanceConfig>,

@@ -427,7 +427,7 @@ impl Inner {
                 departure.commit().await;
                 let took = started.elapsed();
                 self.stats.migrated(took, bytes);
-                self.moved_at.insert(grain.clone(), Instant::now());
+                self.note_moved(&grain);
                 tracing::debug!(%grain, %to, bytes, ?took, "migrated");
                 Ok(Migrated {
                     from: self.id().to_string(),
@@ -1200,7 +1200,7 @@ impl Inner {
         if serving {
             // Calls made here go here now, whatever the cache said before.
             self.remember(&grain, address.silo.clone());
-            self.moved_at.insert(grain.clone(), Instant::now());
+            self.note_moved(&grain);
             arrival.confirm();
             tracing::debug!(%grain, "a grain arrived");
         } else {
@@ -1243,10 +1243,7 @@ impl Inner {
                 let grain = home.key();
                 home.owner.is_some()
                     && self.home_side.is_migratable(&grain.type_name)
-                    && self
-                        .needs
-                        .get(&grain.type_name)
-                        .is_some_and(|needs| needs.device_memory > 0)
+                    && self.gpu_bytes(&grain.type_name).is_some()
             })
             .map(|home| home.key().clone())
             .collect();

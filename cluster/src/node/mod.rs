@@ -39,7 +39,9 @@
 //!    only in its time stamp is published again only after
 //!    `LOAD_REFRESH`, so an idle cluster stays quiet. Published load may
 //!    be stale, so a silo never becomes home to a grain whose declared
-//!    device needs do not fit it now, nor to any new grain while it holds
+//!    device needs do not fit it now (nor, with a rebalancer, that would
+//!    take a device past its high water mark: rule 12), nor to any new
+//!    grain while it holds
 //!    its activation limit (rule 14 of the silo; a first call that reaches
 //!    the limit after it was admitted is answered the same way): it answers
 //!    `NoRoom`, and the caller places the grain elsewhere. A call every
@@ -109,6 +111,13 @@
 //!     with a compare on its own activation number (only the silo an
 //!     entry names may move it), so that rule 2's "at most one silo"
 //!     holds through the move and through a crash on either side.
+//! 12. **Rebalancing.** A node with a rebalancer (`NodeConfig::rebalance`)
+//!     moves its GPU grains by rule 11 as `crate::rebalance` decides from
+//!     the gossiped load, and under device-memory pressure deactivates
+//!     idle ones (`rebalance.rs`); with one, rule 5 also refuses a new GPU
+//!     grain that would take a device past the high water mark. Each
+//!     grain's resident buffers allocated through `DeviceQuotas` are held
+//!     to what its type declares (`quotas.rs`).
 //!
 //! Directory operations travel as ordinary requests to the reserved grain
 //! type `$directory` on the same connections as grain calls.
@@ -126,7 +135,8 @@
 //! `incarnation` keep rule 7 (`incarnation` also feeds the node the view
 //! it follows), `reminders` and `observers` rules 8 and 9, `admission`
 //! lets only silos of the view connect (rule 10), `migration` moves homes
-//! (rule 11).
+//! (rule 11), `rebalance` runs the rebalancer's rounds and `quotas` holds
+//! grains to their declared memory (rule 12).
 
 mod admission;
 mod builder;

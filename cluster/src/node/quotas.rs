@@ -2,10 +2,14 @@
 //! ([`NodeBuilder::needs`](super::NodeBuilder::needs)), enforced on the
 //! resident buffers it allocates through [`DeviceQuotas`].
 //!
-//! 1. **One quota per activation.** The first allocation of a grain's
-//!    activation makes its quota, with the limit its type declares; every
-//!    later one, from any clone, is charged to the same quota, and the
-//!    quota is forgotten when the activation ends (its buffers go with it).
+//! 1. **One quota per activation.** The first allocation of an activation
+//!    makes its quota, with the limit its type declares, and keeps it with
+//!    the activation (`GrainContext::activation_local`): every later
+//!    allocation of that activation is charged to it, and it goes with
+//!    the activation (its buffers keep their charges until they go). A
+//!    later activation of the grain has its own, and its predecessor's
+//!    buffers are gone by then (rule 5 of the silo: activations never
+//!    overlap).
 //! 2. **Refused, never taken.** A buffer that would take the grain past
 //!    what it declared is [`ResidentError::OverQuota`] before any device
 //!    is touched (`granary_gpu`'s quota rule 1): placement promised each
@@ -13,6 +17,9 @@
 //!    that asks for more never gets memory counted for another, and
 //!    nothing is evicted to make room for it. A type that declares no
 //!    device memory has a quota of none.
+//! 3. **Where it lives.** The device of each grain's last buffer is noted
+//!    for the rebalancer (`rebalance.rs` rule 3 weighs grains against the
+//!    device they are on), and forgotten when its activation ends.
 //!
 //! Grains reach it as a service: `ctx.service::<DeviceQuotas>()`, provided
 //! by the node to its silo when it starts, on silos with a GPU bridge.
@@ -21,26 +28,29 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use granary_actors::GrainId;
+use granary_actors::{GrainContext, GrainId};
 use granary_gpu::{GpuBridge, Requirements, ResidentBuffer, ResidentError, ResidentQuota};
 
 use crate::placement::GpuNeeds;
 
-/// The node's grains' device-memory quotas (rules 1 and 2).
+/// The node's grains' device-memory quotas (rules 1 to 3).
 pub struct DeviceQuotas {
     bridge: Arc<GpuBridge>,
     declared: HashMap<String, u64>,
-    live: DashMap<GrainId, ResidentQuota>,
+    /// Rule 3: the device index of each grain's last buffer.
+    devices: DashMap<GrainId, usize>,
 }
 
 impl std::fmt::Debug for DeviceQuotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceQuotas")
             .field("declared", &self.declared)
-            .field("live", &self.live.len())
             .finish_non_exhaustive()
     }
 }
+
+/// The quota an activation keeps (rule 1).
+struct ActivationQuota(ResidentQuota);
 
 impl DeviceQuotas {
     pub(super) fn new(bridge: Arc<GpuBridge>, needs: &HashMap<String, GpuNeeds>) -> DeviceQuotas {
@@ -50,7 +60,7 @@ impl DeviceQuotas {
                 .iter()
                 .map(|(grain_type, needs)| (grain_type.clone(), needs.device_memory))
                 .collect(),
-            live: DashMap::new(),
+            devices: DashMap::new(),
         }
     }
 
@@ -59,32 +69,41 @@ impl DeviceQuotas {
         self.declared.get(grain_type).copied().unwrap_or(0)
     }
 
-    /// `grain`'s quota (rule 1): the one its activation holds, or a new one
-    /// of what its type declares.
-    pub fn quota(&self, grain: &GrainId) -> ResidentQuota {
-        self.live
-            .entry(grain.clone())
-            .or_insert_with(|| ResidentQuota::new(self.declared(&grain.type_name)))
+    /// The quota of `ctx`'s activation (rule 1): made with what its type
+    /// declares on first use.
+    pub fn quota(&self, ctx: &GrainContext) -> ResidentQuota {
+        let declared = self.declared(&ctx.id().type_name);
+        ctx.activation_local(|| ActivationQuota(ResidentQuota::new(declared)))
+            .0
             .clone()
     }
 
-    /// A resident buffer of `bytes` for `grain`, charged to its quota
-    /// (rule 2): [`ResidentError::OverQuota`] if it would take the grain
-    /// past what its type declares.
+    /// A resident buffer of `bytes` for `ctx`'s grain, charged to its
+    /// activation's quota (rule 2): [`ResidentError::OverQuota`] if it
+    /// would take the grain past what its type declares.
     pub async fn allocate(
         &self,
-        grain: &GrainId,
+        ctx: &GrainContext,
         bytes: usize,
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
-        let quota = self.quota(grain);
-        self.bridge
+        let quota = self.quota(ctx);
+        let buffer = self
+            .bridge
             .allocate_resident_within(&quota, bytes, need)
-            .await
+            .await?;
+        self.devices.insert(ctx.id().clone(), buffer.device().0);
+        Ok(buffer)
     }
 
-    /// Rule 1: `grain`'s activation ended.
+    /// Rule 3: the device `grain`'s last buffer went to, while it is
+    /// active.
+    pub(super) fn device_of(&self, grain: &GrainId) -> Option<usize> {
+        self.devices.get(grain).map(|device| *device)
+    }
+
+    /// Rule 3: `grain`'s activation ended.
     pub(super) fn forget(&self, grain: &GrainId) {
-        self.live.remove(grain);
+        self.devices.remove(grain);
     }
 }

@@ -1,18 +1,25 @@
-//! The rebalancer's rounds (rule 12): every `interval`, a node with a
-//! [`RebalanceConfig`] reads the view and its own devices, asks
-//! [`crate::rebalance::plan`] what to do, and does it: moves through
+//! The rebalancer's rounds (rule 12 of `node/mod.rs`): every `interval`, a
+//! node with a [`RebalanceConfig`] reads the view and its own devices,
+//! asks [`crate::rebalance::plan`] what to do, and does it: moves through
 //! `migration.rs`, deactivations through the silo.
 //!
-//! 1. A round runs only while the node serves: not stopped, draining or
-//!    fenced. Rounds never overlap: the next starts an `interval` after the
-//!    last one's moves reached their verdicts.
+//! 1. A round, and each move and deactivation in it, runs only while the
+//!    node serves: not stopped, draining or fenced. Rounds never overlap:
+//!    the next starts an `interval` after the last one's moves reached
+//!    their verdicts.
 //! 2. The candidates are the grains whose confirmed home is here, that are
-//!    not moving, whose type is migratable and declares device memory, and
-//!    that have an activation here (its idle time read from the silo).
-//! 3. What the node sent a silo counts against it for three load
-//!    intervals after the move, by which time the target's published load
-//!    shows it (`rebalance.rs` rule 1).
-//! 4. Each decision is counted by reason when carried out or failed
+//!    not moving, whose type declares device memory, and that have an
+//!    activation here (its idle time read from the silo, the device of its
+//!    buffers from its quota); those whose type is not migratable may only
+//!    be deactivated.
+//! 3. What the node sent a silo counts against it until the target's
+//!    published load was taken after the move ended (by its clock), or for
+//!    at most ten load intervals or two rounds, whichever is longer
+//!    (`rebalance.rs` rule 1).
+//! 4. A grain asked to deactivate is no candidate until its activation has
+//!    ended, and the memory it holds counts as gone meanwhile, so that a
+//!    round does not shed for an excess already being shed.
+//! 5. Each decision is counted by reason when carried out or failed
 //!    (`stats.rs` rule 4) and logged at debug level with its reason.
 
 use std::collections::HashMap;
@@ -21,18 +28,31 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use futures_util::StreamExt;
+use granary_actors::GrainId;
 use granary_actors::migration::MigrationTarget;
 
 use super::Inner;
 use crate::SiloId;
-use crate::membership::DeviceLoad;
+use crate::membership::{DeviceLoad, unix_ms};
 use crate::rebalance::{Candidate, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan};
+
+/// Bytes sent to a silo (rule 3).
+struct Sent {
+    to: SiloId,
+    bytes: u64,
+    /// When the move ended, in milliseconds since the Unix epoch.
+    at_ms: u64,
+    /// When it stops counting whatever the target publishes.
+    until: Instant,
+}
 
 /// What a node's rounds carry from one to the next.
 #[derive(Default)]
 struct Rounds {
-    /// Rule 3: bytes sent, by target, and until when they count.
-    sent: Vec<(SiloId, u64, Instant)>,
+    sent: Vec<Sent>,
+    /// Rule 4: grains asked to deactivate, with the device and bytes they
+    /// hold.
+    shedding: HashMap<GrainId, (Option<usize>, u64)>,
     /// Rounds in a row with a long queue here (`rebalance.rs` rule 5).
     long_queue: u32,
 }
@@ -50,38 +70,65 @@ pub(super) fn start(inner: &Arc<Inner>) -> Option<tokio::task::JoinHandle<()>> {
             if inner.stopped.load(Ordering::Acquire) {
                 return;
             }
-            if inner.draining.load(Ordering::Acquire) || inner.fence.is_fenced() {
-                continue;
+            if inner.serving() {
+                inner.rebalance_round(&config, &mut rounds).await;
             }
-            inner.rebalance_round(&config, &mut rounds).await;
         }
     }))
 }
 
 impl Inner {
-    /// One round (rules 1 to 4).
+    /// Rule 1: whether the node may move or shed grains now.
+    fn serving(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && !self.fence.is_fenced()
+    }
+
+    /// One round (rules 1 to 5).
     async fn rebalance_round(self: &Arc<Self>, config: &RebalanceConfig, rounds: &mut Rounds) {
         let now = Instant::now();
         self.moved_at
             .retain(|_, at| now.duration_since(*at) < config.cool_down);
-        rounds.sent.retain(|(_, _, until)| *until > now);
         let Some(bridge) = &self.bridge else { return };
-        let mine = DeviceLoad::of_bridge(bridge);
+        let me = self.id();
+        let mut view: Vec<_> = self.view().as_ref().clone();
+        // Rule 3: what a target's load shows, or what outlived its bound,
+        // no longer counts.
+        rounds.sent.retain(|sent| {
+            let published = view
+                .iter()
+                .find(|member| member.silo == sent.to)
+                .map_or(0, |member| member.load.published_ms);
+            published < sent.at_ms && sent.until > now
+        });
+        // Rule 4: a shed grain is gone once its activation has ended.
+        rounds
+            .shedding
+            .retain(|grain, _| self.silo.idle_for(grain).is_some());
+        let mut mine = DeviceLoad::of_bridge(bridge);
         rounds.long_queue = if long_queue(config, &mine) {
             rounds.long_queue.saturating_add(1)
         } else {
             0
         };
-        let me = self.id();
-        let mut view: Vec<_> = self.view().as_ref().clone();
+        for (device, bytes) in rounds.shedding.values() {
+            if let Some(device) = device.and_then(|index| mine.get_mut(index)) {
+                device.free_memory = device.free_memory.saturating_add(*bytes);
+            }
+        }
         match view.iter_mut().find(|member| member.silo == me) {
             Some(member) => member.load.devices = mine,
             None => return,
         }
-        let grains = self.rebalance_candidates();
+        let grains: Vec<Candidate> = self
+            .rebalance_candidates(config)
+            .into_iter()
+            .filter(|candidate| !rounds.shedding.contains_key(&candidate.grain))
+            .collect();
         let mut sent: HashMap<SiloId, u64> = HashMap::new();
-        for (to, bytes, _) in &rounds.sent {
-            *sent.entry(to.clone()).or_default() += bytes;
+        for counted in &rounds.sent {
+            *sent.entry(counted.to.clone()).or_default() += counted.bytes;
         }
         let Plan { moves, shed } = plan(
             config,
@@ -93,9 +140,16 @@ impl Inner {
                 long_queue_rounds: rounds.long_queue,
             },
         );
-        let counts_until = now + self.config.load_interval.saturating_mul(3);
+        let counts_for = self
+            .config
+            .load_interval
+            .saturating_mul(10)
+            .max(config.interval.saturating_mul(2));
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
+                if !self.serving() {
+                    return None;
+                }
                 let target = MigrationTarget::Silo(decided.to.to_string());
                 let moved = self.migrate_here_detached(&decided.grain, &target).await;
                 match &moved {
@@ -115,60 +169,88 @@ impl Inner {
                     ),
                 }
                 self.stats.rebalanced(decided.reason, moved.is_ok());
-                moved.is_ok().then_some((decided.to, decided.bytes))
+                moved.is_ok().then(|| Sent {
+                    to: decided.to,
+                    bytes: decided.bytes,
+                    at_ms: unix_ms(),
+                    until: Instant::now() + counts_for,
+                })
             })
             .buffer_unordered(config.moves_per_round)
             .collect()
             .await;
-        rounds.sent.extend(
-            done.into_iter()
-                .flatten()
-                .map(|(to, bytes)| (to, bytes, counts_until)),
-        );
+        rounds.sent.extend(done.into_iter().flatten());
+        let weights: HashMap<&GrainId, (Option<usize>, u64)> = grains
+            .iter()
+            .map(|candidate| (&candidate.grain, (candidate.device, candidate.bytes)))
+            .collect();
         for grain in shed {
+            if !self.serving() {
+                break;
+            }
             let shed = self
                 .silo
                 .deactivate_named(&grain.type_name, grain.key.clone())
                 .await;
-            if let Err(err) = &shed {
-                tracing::debug!(%grain, error = %err, "deactivating a grain under device-memory pressure failed");
-            } else {
-                tracing::debug!(%grain, "deactivated a grain under device-memory pressure");
+            match &shed {
+                Ok(()) => {
+                    tracing::debug!(%grain, "deactivating a grain under device-memory pressure");
+                    if let Some(weight) = weights.get(&grain) {
+                        rounds.shedding.insert(grain.clone(), *weight);
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(%grain, error = %err, "deactivating a grain under device-memory pressure failed");
+                }
             }
             self.stats.rebalanced(Reason::Pressure, shed.is_ok());
         }
     }
 
-    /// Rule 2: this node's grains the rebalancer may move.
-    fn rebalance_candidates(&self) -> Vec<Candidate> {
+    /// Rule 2: this node's grains the rebalancer may move or shed.
+    fn rebalance_candidates(&self, config: &RebalanceConfig) -> Vec<Candidate> {
         let now = Instant::now();
-        let cool_down = self
-            .config
-            .rebalance
-            .as_ref()
-            .map(|config| config.cool_down)
-            .unwrap_or_default();
         self.homes
             .iter()
             .filter(|home| home.owner.is_some() && home.moving.is_none() && !home.leaving)
             .filter_map(|home| {
                 let grain = home.key();
-                let bytes = self.needs.get(&grain.type_name)?.device_memory;
-                if bytes == 0 || !self.home_side.is_migratable(&grain.type_name) {
-                    return None;
-                }
+                let bytes = self.gpu_bytes(&grain.type_name)?;
                 let idle_for = self.silo.idle_for(grain)?;
                 let cooling = self
                     .moved_at
                     .get(grain)
-                    .is_some_and(|at| now.duration_since(*at) < cool_down);
+                    .is_some_and(|at| now.duration_since(*at) < config.cool_down);
                 Some(Candidate {
                     grain: grain.clone(),
                     bytes,
                     idle_for,
                     cooling,
+                    device: self
+                        .quotas
+                        .as_ref()
+                        .and_then(|quotas| quotas.device_of(grain)),
+                    movable: self.home_side.is_migratable(&grain.type_name),
                 })
             })
             .collect()
+    }
+
+    /// The device memory `grain_type` declares, if any: what makes its
+    /// grains GPU grains, which a leave moves first (`migration.rs` rule 6)
+    /// and the rebalancer weighs.
+    pub(super) fn gpu_bytes(&self, grain_type: &str) -> Option<u64> {
+        self.needs
+            .get(grain_type)
+            .map(|needs| needs.device_memory)
+            .filter(|bytes| *bytes > 0)
+    }
+
+    /// Notes that `grain` moved now, away or here, when a rebalancer will
+    /// read it (`rebalance.rs` rule 6).
+    pub(super) fn note_moved(&self, grain: &GrainId) {
+        if self.config.rebalance.is_some() {
+            self.moved_at.insert(grain.clone(), Instant::now());
+        }
     }
 }

@@ -45,6 +45,8 @@ fn candidates(keys: impl IntoIterator<Item = u64>) -> Vec<Candidate> {
             // Lower keys idle longer.
             idle_for: Duration::from_secs(1_000 - key),
             cooling: false,
+            device: Some(0),
+            movable: true,
         })
         .collect()
 }
@@ -302,7 +304,16 @@ fn settings_out_of_range_are_refused() {
             ..RebalanceConfig::default()
         },
         RebalanceConfig {
-            hysteresis: 0.95,
+            hysteresis: 0.9,
+            ..RebalanceConfig::default()
+        },
+        RebalanceConfig {
+            high_water: 0.0,
+            hysteresis: 0.0,
+            ..RebalanceConfig::default()
+        },
+        RebalanceConfig {
+            queue_depth: 0,
             ..RebalanceConfig::default()
         },
         RebalanceConfig {
@@ -316,4 +327,80 @@ fn settings_out_of_range_are_refused() {
     ] {
         assert!(bad.validate().is_err(), "{bad:?}");
     }
+}
+
+#[test]
+fn on_a_silo_of_two_devices_only_grains_on_the_one_past_high_water_go() {
+    let config = RebalanceConfig {
+        moves_per_round: 100,
+        ..config()
+    };
+    // Device 0 at 95%, device 1 at 10%.
+    let view = vec![
+        member("a", vec![device(20, 19), device(20, 2)]),
+        member("c", vec![device(40, 0)]),
+    ];
+    let mut grains = candidates(0..21);
+    for candidate in &mut grains {
+        // The two idle longest are on device 1.
+        candidate.device = Some(
+            if candidate.grain.key == GrainKey::U64(0) || candidate.grain.key == GrainKey::U64(1) {
+                1
+            } else {
+                0
+            },
+        );
+    }
+    let plan = plan_for(&config, "a", &view, &grains);
+    // 19 MiB down to 16 on device 0: three of its grains, none of device 1.
+    let moved: Vec<_> = plan.moves.iter().map(|mv| mv.grain.clone()).collect();
+    assert_eq!(moved, vec![grain(2), grain(3), grain(4)], "{plan:?}");
+    // A grain whose device is not known counts on no device of two.
+    for candidate in &mut grains {
+        candidate.device = None;
+    }
+    assert_eq!(plan_for(&config, "a", &view, &grains), Plan::default());
+}
+
+#[test]
+fn two_silos_a_grain_apart_trade_nothing() {
+    // 4 MiB grains on 20 MiB silos: 3 against 2, a difference bigger than
+    // the margin, whose excess over the mean is exactly half a grain.
+    let grains_of = |keys: std::ops::Range<u64>| -> Vec<Candidate> {
+        candidates(keys)
+            .into_iter()
+            .map(|candidate| Candidate {
+                bytes: 4 * MIB,
+                ..candidate
+            })
+            .collect()
+    };
+    let view = vec![
+        member("a", vec![device(20, 12)]),
+        member("b", vec![device(20, 8)]),
+    ];
+    assert_eq!(
+        plan_for(&config(), "a", &view, &grains_of(0..3)),
+        Plan::default()
+    );
+    assert_eq!(
+        plan_for(&config(), "b", &view, &grains_of(10..12)),
+        Plan::default()
+    );
+}
+
+#[test]
+fn grains_that_cannot_move_are_only_ever_shed() {
+    let view = vec![
+        member("a", vec![device(10, 10)]),
+        member("c", vec![device(10, 0)]),
+    ];
+    let mut grains = candidates(0..10);
+    for candidate in &mut grains {
+        candidate.movable = false;
+        candidate.idle_for = Duration::from_secs(500);
+    }
+    let plan = plan_for(&config(), "a", &view, &grains);
+    assert!(plan.moves.is_empty(), "{plan:?}");
+    assert_eq!(plan.shed.len(), 2, "{plan:?}");
 }

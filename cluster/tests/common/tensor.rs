@@ -173,7 +173,7 @@ pub async fn allocate_bytes(
         .service::<DeviceQuotas>()
         .expect("a node with a bridge provides device quotas");
     quotas
-        .allocate(ctx.id(), bytes, &granary_gpu::Requirements::default())
+        .allocate(ctx, bytes, &granary_gpu::Requirements::default())
         .await
 }
 
@@ -309,20 +309,36 @@ impl Handler<Inspect> for Tensor {
     }
 }
 
-/// Asks a tensor to keep another resident buffer of this many bytes:
-/// answered with the quota's refusal, if it is one.
+/// Asks a tensor to keep another resident buffer of this many bytes.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Grow(pub usize);
+
+/// Why a [`Grow`] was refused: the quota's figures, or another reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GrowRefused {
+    OverQuota { asked: u64, held: u64, limit: u64 },
+    Other(String),
+}
+
 impl Message for Grow {
-    type Reply = Result<(), String>;
+    type Reply = Result<(), GrowRefused>;
 }
 impl Handler<Grow> for Tensor {
-    async fn handle(&mut self, Grow(bytes): Grow, ctx: &mut GrainContext) -> Result<(), String> {
-        let extra = allocate_bytes(ctx, bytes)
-            .await
-            .map_err(|err| err.to_string())?;
-        self.extra.push(extra);
-        Ok(())
+    async fn handle(
+        &mut self,
+        Grow(bytes): Grow,
+        ctx: &mut GrainContext,
+    ) -> Result<(), GrowRefused> {
+        match allocate_bytes(ctx, bytes).await {
+            Ok(extra) => {
+                self.extra.push(extra);
+                Ok(())
+            }
+            Err(ResidentError::OverQuota { asked, held, limit }) => {
+                Err(GrowRefused::OverQuota { asked, held, limit })
+            }
+            Err(other) => Err(GrowRefused::Other(other.to_string())),
+        }
     }
 }
 

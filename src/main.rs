@@ -76,7 +76,7 @@ enum Command {
         /// last filled to the high water mark with ledgers, then the last
         /// one joins empty and takes ledgers, with their state, until used
         /// device memory is within 20 points across silos.
-        #[arg(long, requires = "nodes")]
+        #[arg(long, requires = "nodes", conflicts_with_all = ["grains", "calls"])]
         rebalance: bool,
         /// Hide the progress bar.
         #[arg(long)]
@@ -297,7 +297,7 @@ fn main() -> ExitCode {
                  and the rebalancer moves ledgers to it, with their state. Device memory settled \
                  on each silo (ledgers' buffers), as gossip shows it:",
                 nodes.saturating_sub(1),
-                24 * (cluster_demo::LEDGER_DEVICE_BYTES >> 20),
+                cluster_demo::REBALANCE_SILO_MIB,
                 cluster_demo::LEDGER_DEVICE_BYTES >> 20,
             );
             let config = cluster_demo::RebalanceDemoConfig {

@@ -118,8 +118,8 @@ pub struct NodeFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFile>,
     /// The rebalancer and device-memory pressure
-    /// (`granary_cluster::rebalance`); no grain moves unless asked without
-    /// it.
+    /// (`granary_cluster::rebalance`). Without it, grains move only when
+    /// asked to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebalance: Option<RebalanceFile>,
 }

@@ -227,7 +227,7 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
         (
             "rebalance-high-water.toml",
             Some(with("rebalance = { high_water = 1.5 }\n")),
-            "rebalance: rebalance high_water must be between 0 and 1, not 1.5",
+            "rebalance: high_water must be between 0 and 1, not 1.5",
         ),
         (
             "rebalance-unknown.toml",

@@ -115,9 +115,7 @@ impl RebalanceConfig {
             if value.is_finite() && (0.0..=1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(format!(
-                    "rebalance {name} must be between 0 and 1, not {value}"
-                ))
+                Err(format!("{name} must be between 0 and 1, not {value}"))
             }
         };
         fraction("high_water", self.high_water)?;
@@ -293,8 +291,9 @@ fn weighed(devices: &[DeviceLoad]) -> impl Iterator<Item = (usize, &DeviceLoad)>
         .filter(move |(_, device)| only_cpu || device.backend != "Cpu")
 }
 
-/// Used and total bytes of `devices` (rule 2).
-fn fill(devices: &[DeviceLoad]) -> (u64, u64) {
+/// Used and total bytes of a silo's `devices`, as the rebalancer weighs
+/// them (rule 2).
+pub fn silo_fill(devices: &[DeviceLoad]) -> (u64, u64) {
     weighed(devices).fold((0, 0), |(used, total), (_, device)| {
         (used + device.settled_memory(), total + device.total_memory)
     })
@@ -311,7 +310,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
         return plan;
     };
     let mine = &me.load.devices;
-    let (my_used, my_total) = fill(mine);
+    let (my_used, my_total) = silo_fill(mine);
     if my_total == 0 {
         return plan;
     }
@@ -345,7 +344,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 && hosted(member)
         })
         .filter_map(|member| {
-            let (used, total) = fill(&member.load.devices);
+            let (used, total) = silo_fill(&member.load.devices);
             let sent = snapshot.sent.get(&member.silo).copied().unwrap_or(0);
             (total > 0).then_some(Target {
                 member,

@@ -736,7 +736,8 @@ impl GpuBridge {
                         }
                     }
                     let rings = ring_bytes(&spec, config.kernel.capacity);
-                    let reservation = broker.reserve(device, rings).map_err(|err| {
+                    // Kept for the kernel's life: never working memory.
+                    let reservation = broker.reserve_kept(device, rings).map_err(|err| {
                         BackendError::Device(format!("no memory for the kernel's rings: {err}"))
                     })?;
                     KernelInstance::start(spec, device, launcher, broker, config, Some(reservation))

@@ -96,9 +96,9 @@ pub struct DeviceStats {
     pub latency_total: Duration,
     /// Bytes reserved now.
     pub reserved: u64,
-    /// Of `reserved`, the bytes kept across requests (resident buffers,
-    /// [`DeviceBroker::reserve_kept`]); the rest is requests' working
-    /// memory, which comes and goes with them.
+    /// Of `reserved`, the bytes kept across requests (resident buffers and
+    /// persistent kernels' rings, [`DeviceBroker::reserve_kept`]); the rest
+    /// is requests' working memory, which comes and goes with them.
     pub kept: u64,
     /// Bytes that can still be reserved.
     pub available: u64,
@@ -252,6 +252,15 @@ impl DeviceBroker {
             reservation.kept = true;
         }
         Ok(reservation)
+    }
+
+    /// Bytes of `device` not kept ([`DeviceBroker::reserve_kept`]): what
+    /// could be reserved once requests' working memory has drained.
+    pub fn unkept(&self, device: DeviceId) -> Result<u64, BrokerError> {
+        let entry = self.entry(device)?;
+        Ok(entry
+            .capacity
+            .saturating_sub(entry.kept.load(Ordering::Acquire)))
     }
 
     /// Bytes of `device` that can still be reserved.

@@ -129,7 +129,23 @@ async fn a_resident_buffer_is_reserved_while_it_lives_and_released_after() {
 }
 
 async fn a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory() {
-    let bridge = Arc::new(cpu_bridge(1 << 20));
+    // A long overload timeout: the wait below ends by the drain, and the
+    // refusal at the end must come without it.
+    let device = DeviceInfo {
+        total_memory: 1 << 20,
+        free_memory: 1 << 20,
+        ..host_device()
+    };
+    let bridge = Arc::new(
+        GpuBridge::builder()
+            .cpu_backend(CpuBackend::with_device(device))
+            .config(BridgeConfig {
+                overload_timeout: Duration::from_secs(60),
+                ..BridgeConfig::default()
+            })
+            .build()
+            .unwrap(),
+    );
     let (id, _, _) = bridge.devices()[0];
     // Working memory holds the whole device: the buffer waits for it.
     let working = bridge.broker().reserve(id, 1 << 20).unwrap();
@@ -141,18 +157,24 @@ async fn a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory() {
                 .await
         }
     });
-    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !waiting.is_finished(),
+        "it waits while working memory holds the room"
+    );
     drop(working);
     let buffer = waiting
         .await
         .unwrap()
         .expect("room once the request's memory drained");
     assert_eq!(kept(&bridge), 4000);
-    // Kept memory holds the rest: nothing will drain, so it is refused.
+    // Kept memory holds the rest: nothing will drain, so it is refused at
+    // once, not after the minute.
     let rest = bridge
         .allocate_resident((1 << 20) - 4000, &Requirements::default())
         .await
         .unwrap();
+    let asked = std::time::Instant::now();
     assert_eq!(
         bridge
             .allocate_resident(1, &Requirements::default())
@@ -160,6 +182,7 @@ async fn a_buffer_waits_for_working_memory_to_drain_but_not_for_kept_memory() {
             .unwrap_err(),
         ResidentError::NoDevice { bytes: 1 }
     );
+    assert!(asked.elapsed() < Duration::from_secs(30));
     drop((buffer, rest));
     settles_at(&bridge, 0).await;
 }
@@ -186,17 +209,15 @@ async fn a_quota_refuses_a_buffer_past_it_before_the_device_is_touched() {
     );
     assert_eq!(reserved(&bridge), 4000, "nothing reserved for the refusal");
     // A buffer the device cannot hold gives its charge back.
+    let roomy = ResidentQuota::new(u64::MAX);
     let too_big = bridge
-        .allocate_resident_within(
-            &ResidentQuota::new(u64::MAX),
-            2 << 20,
-            &Requirements::default(),
-        )
+        .allocate_resident_within(&roomy, 2 << 20, &Requirements::default())
         .await;
     assert!(
         matches!(too_big, Err(ResidentError::NoDevice { .. })),
         "{too_big:?}"
     );
+    assert_eq!(roomy.held(), 0);
     let second = bridge
         .allocate_resident_within(&quota, 2000, &Requirements::default())
         .await

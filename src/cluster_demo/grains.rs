@@ -103,7 +103,7 @@ async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
 impl Migratable for Ledger {
     async fn dehydrate(
         &mut self,
-        _: &mut GrainContext,
+        ctx: &mut GrainContext,
         into: &mut Dehydrated,
     ) -> Result<(), HookError> {
         if self.fenced {
@@ -112,7 +112,21 @@ impl Migratable for Ledger {
             );
         }
         let state = self.state.as_mut().ok_or("the ledger is not active")?;
-        into.put_state("state", state).await?;
+        if let Err(err) = into.put_state("state", state).await {
+            // The write may have committed: this activation's ETag may be
+            // stale, so it fences itself as `Apply` does, and stays to
+            // deactivate.
+            self.fenced = true;
+            if let GrainKey::U64(key) = &ctx.id().key {
+                let this = ctx.silo().grain::<Ledger>(*key);
+                tokio::spawn(async move {
+                    if let Err(err) = this.deactivate().await {
+                        tracing::debug!(error = %err, "a fenced ledger could not ask to be deactivated");
+                    }
+                });
+            }
+            return Err(err);
+        }
         let buffer = self.buffer.as_ref().ok_or("the ledger has no buffer")?;
         let bytes = buffer.export().await.map_err(|err| err.to_string())?;
         into.put_bytes("buffer", bytes);

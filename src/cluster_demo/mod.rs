@@ -81,7 +81,8 @@ pub use grains::{
 };
 pub use placement::DemoPlacement;
 pub use rebalance::{
-    RebalanceDemoConfig, RebalanceDemoReport, SPREAD_GOAL, Sample, header, run_rebalance_demo,
+    RebalanceDemoConfig, RebalanceDemoReport, SILO_MIB as REBALANCE_SILO_MIB, SPREAD_GOAL, Sample,
+    header, run_rebalance_demo,
 };
 pub use report::ClusterDemoReport;
 pub use run::{ClusterDemoConfig, run_cluster_demo};

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use granary_cluster::ClusterNode;
+use granary_cluster::rebalance::silo_fill;
 
 use super::grains::{
     AUDITORS, Apply, Audit, Auditor, LEDGER_DEVICE_BYTES, Ledger, Read, auditor_of,
@@ -34,13 +35,16 @@ use crate::node_file::{DeviceBackend, NodeRunError, RebalanceFile};
 /// Device memory each silo lends, in MiB: 24 ledgers' worth, so that the
 /// tenth left free above the high water mark holds a step's working
 /// memory.
-const SILO_MIB: u64 = 24 * (LEDGER_DEVICE_BYTES >> 20);
+pub const SILO_MIB: u64 = 24 * (LEDGER_DEVICE_BYTES >> 20);
 
 /// Ledgers per silo at the start: what fits below the high water mark
 /// (90%) with a ledger to spare, and room left for a step's working
 /// memory (a SAXPY over a ledger's buffer reserves its request, two
 /// buffers' worth and its scalar, while it runs).
 const LEDGERS_PER_SILO: u32 = 20;
+
+/// How long a step may go unacknowledged before the demo reports it lost.
+const STEP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How far apart the silos may end, in points of used memory.
 pub const SPREAD_GOAL: f64 = 20.0;
@@ -69,8 +73,12 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// The spread between the fullest and emptiest silo in the cluster.
+    /// The spread between the fullest and emptiest silo, infinite while a
+    /// silo is not in the cluster.
     pub fn spread(&self) -> f64 {
+        if self.used.is_empty() || self.used.iter().any(Option::is_none) {
+            return f64::INFINITY;
+        }
         let used: Vec<f64> = self.used.iter().flatten().copied().collect();
         used.iter().cloned().fold(f64::MIN, f64::max)
             - used.iter().cloned().fold(f64::MAX, f64::min)
@@ -97,11 +105,10 @@ pub struct RebalanceDemoReport {
     pub silos: Vec<String>,
     /// The table: every sample taken.
     pub samples: Vec<Sample>,
-    /// The sample taken when the last silo joined.
-    pub joined_at: Duration,
-    /// Ledgers that moved, and how many times each.
+    /// Ledgers seen to move (an answer named another silo than the one
+    /// before), and how many times each.
     pub moved: HashMap<u64, u64>,
-    /// Calls acknowledged, and retried after a failure.
+    /// Steps acknowledged, each ledger's first (placing it) included.
     pub calls: u64,
     /// Calls retried.
     pub retried: u64,
@@ -118,11 +125,18 @@ impl RebalanceDemoReport {
         self.samples.last().map_or(f64::MAX, Sample::spread)
     }
 
-    /// Whether it did what it shows: ledgers moved, the spread closed
+    /// Whether it did what it shows: ledgers moved, every silo ended in the
+    /// cluster and the one that joined holds ledgers, the spread closed
     /// below [`SPREAD_GOAL`], none moved twice, nothing was lost, and no
     /// grain was active on two silos.
     pub fn passed(&self) -> bool {
+        let joined_holds = self
+            .samples
+            .last()
+            .and_then(|last| last.used.last().copied().flatten())
+            .is_some_and(|points| points > 0.0);
         !self.moved.is_empty()
+            && joined_holds
             && self.final_spread() < SPREAD_GOAL
             && self.moved.values().all(|times| *times == 1)
             && self.lost.is_empty()
@@ -172,16 +186,16 @@ pub fn header(silos: u32) -> String {
     line
 }
 
-/// Each silo's used device memory in points, as `node`'s view shows it:
-/// what is settled there (ledgers' buffers), not steps' working memory.
+/// Each silo's used device memory in points, as `node`'s view shows it and
+/// the rebalancer weighs it: what is settled there (ledgers' buffers), not
+/// steps' working memory, on the ledgers' devices (not a CPU fallback).
 fn used(node: &ClusterNode, silos: &[(String, u64)], count: usize) -> Vec<Option<f64>> {
     let members = node.members();
     (0..count)
         .map(|n| {
             let (address, _) = silos.get(n)?;
             let member = members.iter().find(|m| m.silo.address == *address)?;
-            let total: u64 = member.load.devices.iter().map(|d| d.total_memory).sum();
-            let settled: u64 = member.load.devices.iter().map(|d| d.settled_memory()).sum();
+            let (settled, total) = silo_fill(&member.load.devices);
             (total > 0).then(|| 100.0 * settled as f64 / total as f64)
         })
         .collect()
@@ -204,7 +218,9 @@ pub async fn run_rebalance_demo(
         shed_idle_secs: Some(3_600),
         ..RebalanceFile::default()
     };
-    let mut cluster = DemoCluster::new(config.etcd.as_ref())?;
+    // Nothing is killed here: the default grace before a silent silo is
+    // declared dead, so that a loaded machine takes none for dead.
+    let mut cluster = DemoCluster::new(config.etcd.as_ref(), None)?;
     for _ in 1..config.nodes {
         cluster.start_silo(config.backend, SILO_MIB, Some(rebalance.clone()))?;
     }
@@ -255,6 +271,8 @@ pub async fn run_rebalance_demo(
                 while !stop.load(Ordering::Acquire) {
                     let seq = acked + 1;
                     let apply = Apply { seq, amount: seq };
+                    // A step unanswered for this long is lost, and said so.
+                    let deadline = Instant::now() + STEP_DEADLINE;
                     loop {
                         match ledger.call(apply).await {
                             Ok(Ok(applied)) if applied.state.applied >= seq => {
@@ -272,6 +290,13 @@ pub async fn run_rebalance_demo(
                                 }
                                 break;
                             }
+                            other if Instant::now() > deadline => {
+                                let lost = format!(
+                                    "ledger {key}: step {seq} not acknowledged in \
+                                     {STEP_DEADLINE:?}: {other:?}"
+                                );
+                                return (acked, Some(lost));
+                            }
                             other => {
                                 if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
                                     eprintln!("ledger {key} seq {seq}: {other:?}");
@@ -284,7 +309,7 @@ pub async fn run_rebalance_demo(
                     acked = seq;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                acked
+                (acked, None)
             })
         })
         .collect();
@@ -306,7 +331,6 @@ pub async fn run_rebalance_demo(
     }
     // 3. The last silo joins, empty.
     cluster.start_silo(config.backend, SILO_MIB, Some(rebalance))?;
-    let joined_at = started.elapsed();
     cluster.formed(&node).await?;
     // Until the spread has closed and three samples in a row saw no move,
     // for at most 40 s.
@@ -328,14 +352,14 @@ pub async fn run_rebalance_demo(
     // 4. Stop, then check what was acknowledged.
     stop.store(true, Ordering::Release);
     let mut acked = Vec::new();
-    for driver in drivers {
-        acked.push(
-            driver
-                .await
-                .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?,
-        );
-    }
     let mut lost = Vec::new();
+    for driver in drivers {
+        let (steps, unanswered) = driver
+            .await
+            .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?;
+        acked.push(steps);
+        lost.extend(unanswered);
+    }
     for (key, acked) in acked.iter().enumerate() {
         let want = acked * (acked + 1) / 2;
         match node.grain::<Ledger>(key as u64).call(Read).await {
@@ -368,7 +392,6 @@ pub async fn run_rebalance_demo(
     let report = RebalanceDemoReport {
         silos: cluster.silos.iter().map(|(silo, _)| silo.clone()).collect(),
         samples,
-        joined_at,
         moved: moved.lock().map(|moved| moved.clone()).unwrap_or_default(),
         calls: acked.iter().sum(),
         retried: retried.load(Ordering::Relaxed),

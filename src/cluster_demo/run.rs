@@ -86,6 +86,9 @@ pub(super) struct DemoCluster {
     etcd: Option<EtcdFile>,
     exe: std::path::PathBuf,
     seed: Option<SocketAddr>,
+    /// Every node's grace before a silent silo is declared dead (`None`:
+    /// the default).
+    death_grace_ms: Option<u64>,
     children: Children,
     /// Each silo's address and device memory in MiB, in start order.
     pub(super) silos: Vec<(String, u64)>,
@@ -96,7 +99,10 @@ impl DemoCluster {
     /// run's secret; kept, with the silos' logs, if the run fails), a
     /// secret and a CA of this run's own: every silo talks to every other
     /// over mutual TLS, each with a certificate for 127.0.0.1.
-    pub(super) fn new(etcd: Option<&Vec<String>>) -> Result<DemoCluster, NodeRunError> {
+    pub(super) fn new(
+        etcd: Option<&Vec<String>>,
+        death_grace_ms: Option<u64>,
+    ) -> Result<DemoCluster, NodeRunError> {
         let dir = tempfile::Builder::new()
             .prefix("granary-demo-")
             .tempdir()
@@ -136,6 +142,7 @@ impl DemoCluster {
             etcd,
             exe: std::env::current_exe().map_err(|err| NodeRunError(err.to_string()))?,
             seed: None,
+            death_grace_ms,
             children: Children(Vec::new()),
             silos: Vec::new(),
         })
@@ -164,9 +171,7 @@ impl DemoCluster {
             seeds: vec![seed.to_string()],
             gossip_interval_ms: Some(100),
             phi_threshold: None,
-            // The demo kills a silo on purpose: fail over within a second
-            // or two rather than the default grace's six.
-            death_grace_ms: Some(DEMO_DEATH_GRACE_MS),
+            death_grace_ms: self.death_grace_ms,
             storage: self.storage.clone(),
             devices,
             etcd: self.etcd.clone(),
@@ -279,7 +284,9 @@ pub async fn run_cluster_demo(
             "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
         ));
     }
-    let mut cluster = DemoCluster::new(config.etcd.as_ref())?;
+    // The demo kills a silo on purpose: fail over within a second or two
+    // rather than the default grace's six.
+    let mut cluster = DemoCluster::new(config.etcd.as_ref(), Some(DEMO_DEATH_GRACE_MS))?;
     for n in 0..config.nodes {
         // Different memory per silo, so placement has a choice to make.
         let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);

@@ -427,7 +427,7 @@ impl Inner {
                 departure.commit().await;
                 let took = started.elapsed();
                 self.stats.migrated(took, bytes);
-                self.note_moved(&grain);
+                self.note_moved(grain);
                 tracing::debug!(%grain, %to, bytes, ?took, "migrated");
                 Ok(Migrated {
                     from: self.id().to_string(),

@@ -6,11 +6,12 @@
 //!    device that meets the requirements and has room (the broker's choice:
 //!    most free memory per queued request), reserves the bytes as kept
 //!    memory (`DeviceStats::kept`), then allocates. With no such device it
-//!    falls back to the CPU device under `FallbackPolicy::Cpu`. When none
-//!    has room now but one would once requests' working memory drains (the
-//!    bytes fit beside what is kept), it waits for that, up to
-//!    `overload_timeout`; otherwise, or after that, it fails with
-//!    [`ResidentError::NoDevice`].
+//!    falls back to the CPU device under `FallbackPolicy::Cpu` (before any
+//!    wait). When none has room now but one would once requests' working
+//!    memory drains (the bytes fit beside what is kept: resident buffers
+//!    and kernels' rings), it waits for that, up to `overload_timeout`,
+//!    unless the bridge shuts down; otherwise, or after that, it fails
+//!    with [`ResidentError::NoDevice`].
 //! 2. **Released last.** Dropping the last handle frees the device memory,
 //!    then releases the reservation (broker invariant 2). A job still
 //!    running on the buffer holds a handle, so a caller that gives up
@@ -324,10 +325,10 @@ impl GpuBridge {
         };
         // Rule 1: a device that would have room once requests' working
         // memory drains is waited for, up to `overload_timeout`.
-        let settled_room = |id: DeviceId| {
-            broker.stats(id).is_ok_and(|stats| {
-                (stats.reserved + stats.available).saturating_sub(stats.kept) >= wanted
-            })
+        let room_once_drained = |id: DeviceId| {
+            broker
+                .unkept(id)
+                .is_ok_and(|room| room >= need.min_free_memory)
         };
         let anywhere = Requirements {
             min_free_memory: 0,
@@ -335,12 +336,19 @@ impl GpuBridge {
         };
         let started = std::time::Instant::now();
         let (chosen, reservation) = loop {
+            if self
+                .shared
+                .shut_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return Err(ResidentError::ShutDown);
+            }
             if let Some(chosen) = select(&need, &|_| true) {
                 if let Ok(reservation) = broker.reserve_kept(chosen, wanted) {
                     break (chosen, reservation);
                 }
             }
-            let drains = select(&anywhere, &settled_room).is_some();
+            let drains = select(&anywhere, &room_once_drained).is_some();
             if !drains || started.elapsed() >= self.shared.config.overload_timeout {
                 return Err(ResidentError::NoDevice { bytes: wanted });
             }

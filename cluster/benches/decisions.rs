@@ -131,6 +131,8 @@ fn rebalance(c: &mut Criterion) {
             bytes: 64 << 20,
             idle_for: std::time::Duration::from_millis(key * 37 % 10_000),
             cooling: key % 10 == 0,
+            device: Some(0),
+            movable: true,
         })
         .collect();
     let me = view[0].silo.clone();

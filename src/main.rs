@@ -164,6 +164,28 @@ fn progress_bar(total: u64, hidden: bool, unit: &str) -> ProgressBar {
     bar
 }
 
+/// Prints a multi-node demo's report, or why it could not run; success
+/// only if it ran and `passed` says its checks held.
+fn reported<R: std::fmt::Display>(
+    result: Result<R, granary::node_file::NodeRunError>,
+    passed: impl Fn(&R) -> bool,
+) -> ExitCode {
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            if passed(&report) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("granary demo: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Devices => {
@@ -308,20 +330,7 @@ fn main() -> ExitCode {
             let result = runtime.block_on(cluster_demo::run_rebalance_demo(config, |line| {
                 println!("{line}")
             }));
-            match result {
-                Ok(report) => {
-                    print!("{report}");
-                    if report.passed() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(err) => {
-                    eprintln!("granary demo: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+            reported(result, cluster_demo::RebalanceDemoReport::passed)
         }
         Command::Demo {
             nodes: Some(nodes),
@@ -362,20 +371,7 @@ fn main() -> ExitCode {
                 shown.set_position(done)
             }));
             bar.finish_and_clear();
-            match result {
-                Ok(report) => {
-                    print!("{report}");
-                    if report.passed() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(err) => {
-                    eprintln!("granary demo: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+            reported(result, cluster_demo::ClusterDemoReport::passed)
         }
         Command::Demo {
             callers,

@@ -259,22 +259,31 @@ impl GrainContext {
     /// The value of type `T` kept for this activation, made with `init` on
     /// first use: what a service keeps per activation rather than per
     /// grain (a cluster node's device quota), dropped when the activation
-    /// ends, however it ends. A reset after a panic keeps it.
+    /// ends, however it ends. A reset after a panic keeps it. `init` runs
+    /// outside the map's lock (it may ask for other values); the first
+    /// value stored wins.
     pub fn activation_local<T: Send + Sync + 'static>(&self, init: impl FnOnce() -> T) -> Arc<T> {
-        let mut locals = self
-            .locals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = std::any::TypeId::of::<T>();
-        if let Some(local) = locals
-            .get(&key)
-            .and_then(|local| local.clone().downcast::<T>().ok())
-        {
+        let locals = || {
+            self.locals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let found = |locals: &std::collections::HashMap<TypeId, Arc<dyn Any + Send + Sync>>| {
+            locals
+                .get(&key)
+                .and_then(|local| local.clone().downcast::<T>().ok())
+        };
+        if let Some(local) = found(&locals()) {
             return local;
         }
-        let local = Arc::new(init());
-        locals.insert(key, local.clone());
-        local
+        let made = Arc::new(init());
+        let mut locals = locals();
+        if let Some(local) = found(&locals) {
+            return local;
+        }
+        locals.insert(key, made.clone());
+        made
     }
 
     /// Records the count of homes given up when the activation was made

@@ -27,8 +27,11 @@
 //!    `margin` above the emptiest of them (a silo that just joined with
 //!    free memory), it moves its excess over the mean to the silos below
 //!    the mean, each taking a share in proportion to its deficit. Every
-//!    silo above the mean does the same from the same view, so together
-//!    they fill each deficit and no more. A grain moves only when more
+//!    silo above the mean does the same from its view of the cluster, so
+//!    where their views agree (the same hosted types, nothing sent but
+//!    not yet shown) they fill each deficit and no more, and otherwise
+//!    rule 6's fill limit bounds what a target takes. A grain moves only
+//!    when more
 //!    than half of it is due from here and to there, so two silos a grain
 //!    apart trade nothing; once all are within `margin`, nothing moves
 //!    (the hysteresis that stops oscillation).
@@ -47,7 +50,9 @@
 //!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
 //!    a departure happens between turns (`granary_actors::migration`).
 //! 7. **Pressure.** When rule 3's excess cannot all move (no target has
-//!    room, or the grain's type is not migratable), grains on that device
+//!    room, or the grain's type is not migratable; a grain that may move
+//!    but is past the round's `moves_per_round` waits for the next round
+//!    instead), grains on that device
 //!    idle at least `shed_idle` are deactivated, oldest idle first, at
 //!    most `moves_per_round` a round, until the rest is covered: they
 //!    write their state and free their memory, and their next call
@@ -276,8 +281,8 @@ impl Target<'_> {
     /// within its memory.
     fn takes(&self, config: &RebalanceConfig, grain: &GrainId, bytes: u64) -> bool {
         self.member.load.grain_types.contains(&grain.type_name)
-            && (self.used + bytes) as f64 <= config.fill_limit(self.total)
-            && self.used + bytes <= self.total
+            && self.used.saturating_add(bytes) as f64 <= config.fill_limit(self.total)
+            && self.used.saturating_add(bytes) <= self.total
     }
 }
 
@@ -294,9 +299,22 @@ fn weighed(devices: &[DeviceLoad]) -> impl Iterator<Item = (usize, &DeviceLoad)>
 /// Used and total bytes of a silo's `devices`, as the rebalancer weighs
 /// them (rule 2).
 pub fn silo_fill(devices: &[DeviceLoad]) -> (u64, u64) {
-    weighed(devices).fold((0, 0), |(used, total), (_, device)| {
-        (used + device.settled_memory(), total + device.total_memory)
+    weighed(devices).fold((0u64, 0u64), |(used, total), (_, device)| {
+        (
+            used.saturating_add(device.settled_memory()),
+            total.saturating_add(device.total_memory),
+        )
     })
+}
+
+/// The index of a silo's one weighed device, if it has one (rule 3: where
+/// a grain whose device is not known counts).
+pub(crate) fn single_weighed(devices: &[DeviceLoad]) -> Option<usize> {
+    let mut weighed = weighed(devices);
+    match (weighed.next(), weighed.next()) {
+        (Some((index, _)), None) => Some(index),
+        _ => None,
+    }
 }
 
 /// Decides this round's moves and deactivations (rules 1 to 7).
@@ -349,7 +367,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             (total > 0).then_some(Target {
                 member,
                 total,
-                used: (used + sent).min(total),
+                used: used.saturating_add(sent).min(total),
                 share: 0.0,
             })
         })
@@ -368,13 +386,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
         })
         .collect();
     if !excess.is_empty() {
-        let single = {
-            let mut weighed = weighed(mine);
-            match (weighed.next(), weighed.next()) {
-                (Some((index, _)), None) => Some(index),
-                _ => None,
-            }
-        };
+        let single = single_weighed(mine);
         let mut unplaced = Vec::new();
         for candidate in &eligible {
             let Some(device) = candidate.device.or(single) else {
@@ -383,8 +395,13 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             let Some(left) = excess.get_mut(&device).filter(|left| **left > 0.0) else {
                 continue;
             };
-            if !candidate.movable || plan.moves.len() >= config.moves_per_round {
+            if !candidate.movable {
                 unplaced.push((*candidate, device));
+                continue;
+            }
+            // Past the round's moves, a grain that may move waits for the
+            // next round rather than being shed.
+            if plan.moves.len() >= config.moves_per_round {
                 continue;
             }
             // The emptiest target that takes it.
@@ -423,8 +440,12 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
     }
 
     // Rule 4: spread over the cluster's mean.
-    let all_used = my_used + targets.iter().map(|target| target.used).sum::<u64>();
-    let all_total = my_total + targets.iter().map(|target| target.total).sum::<u64>();
+    let all_used = targets
+        .iter()
+        .fold(my_used, |sum, target| sum.saturating_add(target.used));
+    let all_total = targets
+        .iter()
+        .fold(my_total, |sum, target| sum.saturating_add(target.total));
     let mean = all_used as f64 / all_total as f64;
     let my_fraction = my_used as f64 / my_total as f64;
     let emptiest = targets

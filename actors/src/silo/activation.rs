@@ -294,6 +294,15 @@ pub(super) async fn run_activation<G: Grain>(
                 }
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
+                    // A busy grain is not idle, from the turn's start: one
+                    // store, no clock read.
+                    if keeps_alive {
+                        if let Some(clock) = &idle_clock {
+                            if clock.load(Ordering::Relaxed) != 0 {
+                                clock.store(0, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
                     let timed = counts.sample_next().then(std::time::Instant::now);
                     let ran;
@@ -310,13 +319,6 @@ pub(super) async fn run_activation<G: Grain>(
                     }
                     if keeps_alive {
                         activity += 1;
-                        // A busy grain is not idle, whenever the check
-                        // next runs: one store, no clock read.
-                        if let Some(clock) = &idle_clock {
-                            if clock.load(Ordering::Relaxed) != 0 {
-                                clock.store(0, Ordering::Relaxed);
-                            }
-                        }
                     }
                 }
                 // Idle, shutting down, or (never: the directory holds a

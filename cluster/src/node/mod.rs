@@ -237,6 +237,10 @@ struct Inner {
     /// When each grain last moved, away or here (`rebalance.rs` rule 6):
     /// the rebalancer leaves it be for the cool-down.
     moved_at: DashMap<GrainId, Instant>,
+    /// Grains the rebalancer asked to deactivate, with the device and bytes
+    /// they hold and until when they count as leaving: removed when their
+    /// activation ends (`rebalance.rs` rule 4).
+    shedding: DashMap<GrainId, rebalance::Shedding>,
     /// Fencing after a stall (rule 7, `fence.rs`).
     fence: fence::Fence,
     /// Advanced each time every home lease is ended (a view change, a

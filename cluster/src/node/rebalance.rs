@@ -12,13 +12,16 @@
 //!    activation here (its idle time read from the silo, the device of its
 //!    buffers from its quota); those whose type is not migratable may only
 //!    be deactivated.
-//! 3. What the node sent a silo counts against it until the target's
-//!    published load was taken after the move ended (by its clock), or for
-//!    at most ten load intervals or two rounds, whichever is longer
-//!    (`rebalance.rs` rule 1).
+//! 3. What the node sent a silo counts against it until the target
+//!    publishes a load taken after the move ended, or for at most ten load
+//!    intervals or two rounds, whichever is longer (`rebalance.rs` rule
+//!    1). "After" is judged on the target's clock alone: the time stamp of
+//!    the load this node decided from, plus the time the move took here,
+//!    plus two load intervals for that load's staleness.
 //! 4. A grain asked to deactivate is no candidate until its activation has
-//!    ended, and the memory it holds counts as gone meanwhile, so that a
-//!    round does not shed for an excess already being shed.
+//!    ended (the silo's end listener forgets it; at most four call
+//!    timeouts), and the memory it holds counts as gone meanwhile, so that
+//!    a round does not shed again for an excess already being shed.
 //! 5. Each decision is counted by reason when carried out or failed
 //!    (`stats.rs` rule 4) and logged at debug level with its reason.
 
@@ -33,16 +36,27 @@ use granary_actors::migration::MigrationTarget;
 
 use super::Inner;
 use crate::SiloId;
-use crate::membership::{DeviceLoad, unix_ms};
+use crate::membership::DeviceLoad;
 use crate::rebalance::{Candidate, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan};
 
 /// Bytes sent to a silo (rule 3).
 struct Sent {
     to: SiloId,
     bytes: u64,
-    /// When the move ended, in milliseconds since the Unix epoch.
-    at_ms: u64,
+    /// The first load time stamp of the target's, by its clock, that
+    /// counts the move.
+    shown_from_ms: u64,
     /// When it stops counting whatever the target publishes.
+    until: Instant,
+}
+
+/// A grain asked to deactivate (rule 4).
+pub(super) struct Shedding {
+    /// The device its buffers are on, if known.
+    device: Option<usize>,
+    /// What it weighs.
+    bytes: u64,
+    /// When it stops counting as leaving, whatever happens.
     until: Instant,
 }
 
@@ -50,9 +64,6 @@ struct Sent {
 #[derive(Default)]
 struct Rounds {
     sent: Vec<Sent>,
-    /// Rule 4: grains asked to deactivate, with the device and bytes they
-    /// hold.
-    shedding: HashMap<GrainId, (Option<usize>, u64)>,
     /// Rounds in a row with a long queue here (`rebalance.rs` rule 5).
     long_queue: u32,
 }
@@ -95,26 +106,27 @@ impl Inner {
         let mut view: Vec<_> = self.view().as_ref().clone();
         // Rule 3: what a target's load shows, or what outlived its bound,
         // no longer counts.
-        rounds.sent.retain(|sent| {
-            let published = view
-                .iter()
-                .find(|member| member.silo == sent.to)
-                .map_or(0, |member| member.load.published_ms);
-            published < sent.at_ms && sent.until > now
-        });
-        // Rule 4: a shed grain is gone once its activation has ended.
+        let published = |view: &[crate::membership::Member], silo: &SiloId| {
+            view.iter()
+                .find(|member| member.silo == *silo)
+                .map_or(0, |member| member.load.published_ms)
+        };
         rounds
-            .shedding
-            .retain(|grain, _| self.silo.idle_for(grain).is_some());
+            .sent
+            .retain(|sent| published(&view, &sent.to) < sent.shown_from_ms && sent.until > now);
+        // Rule 4: past its bound, a shed grain counts as here again.
+        self.shedding.retain(|_, shedding| shedding.until > now);
         let mut mine = DeviceLoad::of_bridge(bridge);
+        let single = crate::rebalance::single_weighed(&mine);
         rounds.long_queue = if long_queue(config, &mine) {
             rounds.long_queue.saturating_add(1)
         } else {
             0
         };
-        for (device, bytes) in rounds.shedding.values() {
+        for shedding in self.shedding.iter() {
+            let device = shedding.device.or(single);
             if let Some(device) = device.and_then(|index| mine.get_mut(index)) {
-                device.free_memory = device.free_memory.saturating_add(*bytes);
+                device.free_memory = device.free_memory.saturating_add(shedding.bytes);
             }
         }
         match view.iter_mut().find(|member| member.silo == me) {
@@ -124,7 +136,7 @@ impl Inner {
         let grains: Vec<Candidate> = self
             .rebalance_candidates(config)
             .into_iter()
-            .filter(|candidate| !rounds.shedding.contains_key(&candidate.grain))
+            .filter(|candidate| !self.shedding.contains_key(&candidate.grain))
             .collect();
         let mut sent: HashMap<SiloId, u64> = HashMap::new();
         for counted in &rounds.sent {
@@ -145,6 +157,14 @@ impl Inner {
             .load_interval
             .saturating_mul(10)
             .max(config.interval.saturating_mul(2));
+        let staleness_ms = u64::try_from(self.config.load_interval.saturating_mul(2).as_millis())
+            .unwrap_or(u64::MAX);
+        let decided_at = Instant::now();
+        let baselines: HashMap<SiloId, u64> = moves
+            .iter()
+            .map(|decided| (decided.to.clone(), published(&view, &decided.to)))
+            .collect();
+        let baselines = &baselines;
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
                 if !self.serving() {
@@ -169,10 +189,14 @@ impl Inner {
                     ),
                 }
                 self.stats.rebalanced(decided.reason, moved.is_ok());
+                let took_ms = u64::try_from(decided_at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let baseline = baselines.get(&decided.to).copied().unwrap_or(0);
                 moved.is_ok().then(|| Sent {
+                    shown_from_ms: baseline
+                        .saturating_add(took_ms)
+                        .saturating_add(staleness_ms),
                     to: decided.to,
                     bytes: decided.bytes,
-                    at_ms: unix_ms(),
                     until: Instant::now() + counts_for,
                 })
             })
@@ -184,6 +208,7 @@ impl Inner {
             .iter()
             .map(|candidate| (&candidate.grain, (candidate.device, candidate.bytes)))
             .collect();
+        let shed_bound = self.config.connection.call_timeout.saturating_mul(4);
         for grain in shed {
             if !self.serving() {
                 break;
@@ -195,8 +220,15 @@ impl Inner {
             match &shed {
                 Ok(()) => {
                     tracing::debug!(%grain, "deactivating a grain under device-memory pressure");
-                    if let Some(weight) = weights.get(&grain) {
-                        rounds.shedding.insert(grain.clone(), *weight);
+                    if let Some((device, bytes)) = weights.get(&grain) {
+                        self.shedding.insert(
+                            grain.clone(),
+                            Shedding {
+                                device: *device,
+                                bytes: *bytes,
+                                until: Instant::now() + shed_bound,
+                            },
+                        );
                     }
                 }
                 Err(err) => {
@@ -249,7 +281,7 @@ impl Inner {
     /// Notes that `grain` moved now, away or here, when a rebalancer will
     /// read it (`rebalance.rs` rule 6).
     pub(super) fn note_moved(&self, grain: &GrainId) {
-        if self.config.rebalance.is_some() {
+        if self.config.rebalance.is_some() && self.bridge.is_some() {
             self.moved_at.insert(grain.clone(), Instant::now());
         }
     }

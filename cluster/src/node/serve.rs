@@ -200,9 +200,13 @@ pub(super) fn claim(silo: &Silo) -> Result<Claim, NodeError> {
     let listener = silo
         .on_activation_ended(Arc::new(move |grain, _| {
             if let Some(inner) = reaches.get().and_then(Weak::upgrade) {
-                if let Some(quotas) = &inner.quotas {
-                    quotas.forget(grain);
+                // A successor that is active already keeps what it noted.
+                if !inner.silo.is_active_named(&grain.type_name, &grain.key) {
+                    if let Some(quotas) = &inner.quotas {
+                        quotas.forget(grain);
+                    }
                 }
+                inner.shedding.remove(grain);
                 inner.maybe_leave(grain);
             }
         }))
@@ -359,6 +363,7 @@ impl NodeParts {
             stopped: std::sync::atomic::AtomicBool::new(false),
             draining: std::sync::atomic::AtomicBool::new(false),
             moved_at: DashMap::new(),
+            shedding: DashMap::new(),
             fence: super::fence::Fence::new(),
             lease_epoch: AtomicU64::new(0),
             holds_lease,

@@ -379,6 +379,8 @@ fn two_silos_a_grain_apart_trade_nothing() {
         member("a", vec![device(20, 12)]),
         member("b", vec![device(20, 8)]),
     ];
+    // `a`, half a grain above the mean, keeps its grains (a move would put
+    // `b` half a grain above it); `b` is below the mean anyway.
     assert_eq!(
         plan_for(&config(), "a", &view, &grains_of(0..3)),
         Plan::default()
@@ -395,12 +397,37 @@ fn grains_that_cannot_move_are_only_ever_shed() {
         member("a", vec![device(10, 10)]),
         member("c", vec![device(10, 0)]),
     ];
+    // Nine grains of a type that may not move, idle long; one that may,
+    // idle a little, so `c` is a target.
     let mut grains = candidates(0..10);
-    for candidate in &mut grains {
+    for candidate in &mut grains[..9] {
         candidate.movable = false;
         candidate.idle_for = Duration::from_secs(500);
     }
+    grains[9].idle_for = Duration::from_secs(1);
     let plan = plan_for(&config(), "a", &view, &grains);
-    assert!(plan.moves.is_empty(), "{plan:?}");
-    assert_eq!(plan.shed.len(), 2, "{plan:?}");
+    assert_eq!(plan.moves.len(), 1, "{plan:?}");
+    assert_eq!(plan.moves[0].grain, grain(9));
+    // 10 MiB down to 8: the move covers one, a shed the other.
+    assert_eq!(plan.shed, vec![grain(0)], "{plan:?}");
+}
+
+#[test]
+fn grains_past_the_rounds_moves_wait_for_the_next_round_rather_than_being_shed() {
+    let config = RebalanceConfig {
+        moves_per_round: 2,
+        ..config()
+    };
+    // 25 MiB at 100%: 5 MiB over the fill limit, room at `c` for all.
+    let view = vec![
+        member("a", vec![device(25, 25)]),
+        member("c", vec![device(25, 0)]),
+    ];
+    let mut grains = candidates(0..25);
+    for candidate in &mut grains {
+        candidate.idle_for = Duration::from_secs(500);
+    }
+    let plan = plan_for(&config, "a", &view, &grains);
+    assert_eq!(plan.moves.len(), 2, "{plan:?}");
+    assert!(plan.shed.is_empty(), "{plan:?}");
 }

@@ -518,8 +518,8 @@ pub async fn moves_under_load(
     let before = reserved(&nodes.iter().collect::<Vec<_>>());
     assert_eq!(before, grains * BUFFER as u64, "one buffer per grain");
     if every_device {
-        // Placement picks silos; a silo's allocations spread over its
-        // devices.
+        // Placement picks the silos (some may hold none); a silo that
+        // holds buffers holds them on every one of its devices.
         for node in nodes {
             let devices = node.bridge.devices();
             let holding = devices

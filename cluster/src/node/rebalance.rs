@@ -213,6 +213,18 @@ impl Inner {
             if !self.serving() {
                 break;
             }
+            // Noted before it is asked, so that the end listener, which
+            // may run before the request returns, finds it to forget.
+            if let Some((device, bytes)) = weights.get(&grain) {
+                self.shedding.insert(
+                    grain.clone(),
+                    Shedding {
+                        device: *device,
+                        bytes: *bytes,
+                        until: Instant::now() + shed_bound,
+                    },
+                );
+            }
             let shed = self
                 .silo
                 .deactivate_named(&grain.type_name, grain.key.clone())
@@ -220,18 +232,9 @@ impl Inner {
             match &shed {
                 Ok(()) => {
                     tracing::debug!(%grain, "deactivating a grain under device-memory pressure");
-                    if let Some((device, bytes)) = weights.get(&grain) {
-                        self.shedding.insert(
-                            grain.clone(),
-                            Shedding {
-                                device: *device,
-                                bytes: *bytes,
-                                until: Instant::now() + shed_bound,
-                            },
-                        );
-                    }
                 }
                 Err(err) => {
+                    self.shedding.remove(&grain);
                     tracing::debug!(%grain, error = %err, "deactivating a grain under device-memory pressure failed");
                 }
             }

@@ -511,6 +511,43 @@ async fn postgres_storage_keeps_the_contract() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn silos_that_connect_at_once_to_a_fresh_database_all_start() {
+    #[cfg(granary_postgres)]
+    {
+        // A schema of this test's own, empty, where the tables do not
+        // exist yet: every store's connection looks there first.
+        let schema = format!("granary_race_{}", uuid::Uuid::new_v4().simple());
+        let (admin, connection) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+            .await
+            .expect("the server answers");
+        tokio::spawn(connection);
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let separator = if POSTGRES.contains('?') { '&' } else { '?' };
+        let url = format!("{POSTGRES}{separator}options=-c%20search_path%3D{schema}");
+        let stores = futures_util::future::join_all(
+            (0..8).map(|_| granary_actors::PostgresStorage::connect(&url)),
+        )
+        .await;
+        let failed: Vec<String> = stores
+            .iter()
+            .filter_map(|store| store.as_ref().err().map(ToString::to_string))
+            .collect();
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+        assert!(failed.is_empty(), "some silos did not start: {failed:?}");
+    }
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(granary_postgres),

@@ -91,6 +91,15 @@ fn backend(err: impl std::fmt::Display) -> StorageError {
     StorageError::Backend(format!("postgres: {err}"))
 }
 
+/// A statement's failure, with the server's own message where there is one
+/// (tokio-postgres' `Display` says only "db error").
+fn db_error(err: tokio_postgres::Error) -> StorageError {
+    match err.as_db_error() {
+        Some(db) => backend(format!("{}: {}", db.code().code(), db.message())),
+        None => backend(err),
+    }
+}
+
 fn encode_key(grain: &GrainId) -> Result<Vec<u8>, StorageError> {
     postcard::to_allocvec(&grain.key).map_err(|err| StorageError::Serialization(err.to_string()))
 }
@@ -118,9 +127,16 @@ impl PostgresStorage {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         let client = open(&config).await?;
+        // `IF NOT EXISTS` does not make concurrent creation safe in
+        // PostgreSQL (two sessions can both pass the check and one fails on
+        // the catalog's unique index): silos that start together take a
+        // transaction-scoped advisory lock first, so one creates and the
+        // others find what it made.
         client
             .batch_execute(
-                "CREATE SEQUENCE IF NOT EXISTS granary_etag_seq;
+                "BEGIN;
+                 SELECT pg_advisory_xact_lock(7021946110542817);
+                 CREATE SEQUENCE IF NOT EXISTS granary_etag_seq;
                  CREATE TABLE IF NOT EXISTS granary_grain_state (
                      grain_type text NOT NULL,
                      grain_key bytea NOT NULL,
@@ -136,10 +152,11 @@ impl PostgresStorage {
                      next_due_ms bigint NOT NULL,
                      etag bigint NOT NULL,
                      PRIMARY KEY (grain_type, grain_key, name)
-                 );",
+                 );
+                 COMMIT;",
             )
             .await
-            .map_err(backend)?;
+            .map_err(db_error)?;
         Ok(PostgresStorage {
             config,
             current: RwLock::new(Arc::new(client)),

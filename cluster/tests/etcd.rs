@@ -311,8 +311,15 @@ async fn start_on_etcd(
         "127.0.0.1:1".parse().unwrap(),
         Vec::new(),
     );
+    // The tensor of the migration test declares its resident buffer, as
+    // every GPU grain type must for its quota (`node/quotas.rs`).
+    let tensor = granary_cluster::GpuNeeds {
+        device_memory: common::tensor::BUFFER as u64,
+        ..granary_cluster::GpuNeeds::default()
+    };
     ClusterNode::builder(silo, config)
         .transport(Arc::new(network.transport(listen)))
+        .needs("tensor", tensor)
         .start_with_etcd(etcd)
         .await
 }

@@ -76,7 +76,9 @@ pub use error::{BuildError, ExecuteError};
 pub use instance::{InstanceHealth, ProbeAnswer};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
 pub use quota::ResidentQuota;
-pub use resident::{Output, Part, ResidentBuffer, ResidentError};
+pub use resident::{
+    Output, Part, RelocateError, Relocated, ResidentBuffer, ResidentError, WeakResidentBuffer,
+};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};

@@ -23,8 +23,8 @@ pub mod pool;
 
 pub use bridge::{
     BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
-    InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, ResidentBuffer, ResidentError,
-    ResidentQuota,
+    InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, RelocateError, Relocated,
+    ResidentBuffer, ResidentError, ResidentQuota, WeakResidentBuffer,
 };
 pub use granary_kernels::StopMode;
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::{f32s, from_f32s};
 use granary_gpu::{
-    BridgeConfig, ExecuteError, GpuBridge, Output, Part, Requirements, ResidentError,
-    ResidentQuota, StopMode,
+    BridgeConfig, DeviceId, ExecuteError, GpuBridge, Output, Part, RelocateError, Requirements,
+    ResidentError, ResidentQuota, StopMode,
 };
 use granary_kernels::shipped;
 use granary_kernels::{Backend, BackendKind, CpuBackend, DeviceInfo, host_device};
@@ -516,6 +516,217 @@ async fn a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number(
     assert_eq!(returned.len(), 16);
 }
 
+/// A CPU backend with two devices of `free` bytes each: a node with two
+/// GPUs, each with its own memory.
+fn two_device_bridge(free: u64) -> GpuBridge {
+    let device = DeviceInfo {
+        total_memory: free,
+        free_memory: free,
+        ..host_device()
+    };
+    GpuBridge::builder()
+        .kernels(shipped::ALL)
+        .cpu_backend(CpuBackend::with_devices(vec![device; 2]))
+        .build()
+        .unwrap()
+}
+
+fn kept_on(bridge: &GpuBridge, device: DeviceId) -> u64 {
+    bridge.broker().stats(device).unwrap().kept
+}
+
+async fn a_buffer_moves_between_two_devices_with_its_bytes_charge_and_clones() {
+    let bridge = two_device_bridge(1 << 20);
+    let (zero, one) = (DeviceId(0), DeviceId(1));
+    let quota = ResidentQuota::new(64 << 10);
+    let buffer = bridge
+        .allocate_resident_within_on(&quota, zero, 64 << 10, &Requirements::default())
+        .await
+        .unwrap();
+    let bytes: Vec<u8> = (0..64 << 10).map(|i| (i * 7 + 3) as u8).collect();
+    buffer.import(bytes.clone()).await.unwrap();
+    let clone = buffer.clone();
+    let weak = buffer.downgrade();
+    let moved = bridge.relocate(&buffer, one).await.unwrap();
+    assert_eq!(moved.bytes, 64 << 10);
+    assert!(moved.direct, "the CPU backend copies between its devices");
+    // Every handle follows; the old device's memory is free, the new
+    // device keeps it, and the holder is charged once throughout.
+    assert_eq!(clone.device(), one);
+    assert!(weak.upgrade().unwrap().same_buffer(&buffer));
+    assert_eq!(clone.export().await.unwrap(), bytes);
+    assert_eq!(
+        (kept_on(&bridge, zero), kept_on(&bridge, one)),
+        (0, 64 << 10)
+    );
+    assert_eq!(quota.held(), 64 << 10);
+    // It works where it is now, and moves back.
+    let scalar = f32s(&[1.0]);
+    let doubled = bridge
+        .execute_resident(
+            "saxpy",
+            &[
+                Part::Host(&scalar),
+                Part::Resident(&buffer),
+                Part::Resident(&clone),
+            ],
+            Output::Host,
+        )
+        .await
+        .unwrap();
+    assert_eq!(doubled.len(), 64 << 10);
+    bridge.relocate(&clone, zero).await.unwrap();
+    assert_eq!(buffer.export().await.unwrap(), bytes);
+    assert_eq!(
+        (kept_on(&bridge, zero), kept_on(&bridge, one)),
+        (64 << 10, 0)
+    );
+    drop((buffer, clone));
+    assert!(weak.upgrade().is_none());
+    assert_eq!((kept_on(&bridge, zero), kept_on(&bridge, one)), (0, 0));
+    assert_eq!(quota.held(), 0);
+}
+
+async fn a_refused_move_is_typed_and_leaves_the_buffer_where_it_was() {
+    let bridge = two_device_bridge(1 << 20);
+    let (zero, one) = (DeviceId(0), DeviceId(1));
+    let buffer = bridge
+        .allocate_resident(512 << 10, &Requirements::default())
+        .await
+        .unwrap();
+    let here = buffer.device();
+    let there = if here == zero { one } else { zero };
+    buffer.write(0, &[9; 16]).await.unwrap();
+    assert_eq!(
+        bridge.relocate(&buffer, here).await,
+        Err(RelocateError::AlreadyThere { device: here })
+    );
+    assert_eq!(
+        bridge.relocate(&buffer, DeviceId(2)).await,
+        Err(RelocateError::NoSuchDevice {
+            device: DeviceId(2)
+        })
+    );
+    // The other device has no room for it.
+    let ballast = bridge
+        .allocate_resident_within_on(
+            &ResidentQuota::new(u64::MAX),
+            there,
+            768 << 10,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bridge.relocate(&buffer, there).await,
+        Err(RelocateError::Resident(ResidentError::NoDevice {
+            bytes: 512 << 10
+        }))
+    );
+    // Another bridge's buffer is not this bridge's to move.
+    let other = two_device_bridge(1 << 20);
+    let foreign = other
+        .allocate_resident(16, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bridge.relocate(&foreign, there).await,
+        Err(RelocateError::Foreign)
+    );
+    assert_eq!(buffer.device(), here);
+    assert_eq!(buffer.read(0, 16).await.unwrap(), vec![9; 16]);
+    assert_eq!(kept_on(&bridge, here), 512 << 10);
+    assert_eq!(kept_on(&bridge, there), 768 << 10);
+    drop(ballast);
+    bridge.relocate(&buffer, there).await.unwrap();
+    assert_eq!(buffer.read(0, 16).await.unwrap(), vec![9; 16]);
+}
+
+/// Writes from many tasks race moves back and forth: a move waits for
+/// every write under way and every write after it reaches the new
+/// memory, so none is lost.
+async fn no_write_is_lost_to_a_move_under_way() {
+    let bridge = Arc::new(two_device_bridge(1 << 20));
+    let buffer = bridge
+        .allocate_resident(64 << 10, &Requirements::default())
+        .await
+        .unwrap();
+    let writers: Vec<_> = (0..8u8)
+        .map(|writer| {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                for n in 0..200usize {
+                    let at = (writer as usize * 200 + n) * 4;
+                    buffer.write(at, &[writer + 1; 4]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mover = {
+        let (bridge, buffer) = (bridge.clone(), buffer.clone());
+        tokio::spawn(async move {
+            let mut moves = 0;
+            for _ in 0..50 {
+                let to = DeviceId(1 - buffer.device().0);
+                bridge.relocate(&buffer, to).await.unwrap();
+                moves += 1;
+                tokio::task::yield_now().await;
+            }
+            moves
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(mover.await.unwrap(), 50);
+    let bytes = buffer.export().await.unwrap();
+    for writer in 0..8u8 {
+        for n in 0..200usize {
+            let at = (writer as usize * 200 + n) * 4;
+            assert_eq!(
+                bytes[at..at + 4],
+                [writer + 1; 4],
+                "writer {writer}, write {n}"
+            );
+        }
+    }
+    assert_eq!(
+        kept_on(&bridge, DeviceId(0)) + kept_on(&bridge, DeviceId(1)),
+        64 << 10
+    );
+}
+
+async fn on_opencl_a_buffer_moves_to_the_cpu_device_through_the_host() {
+    let opencl = granary_kernels::opencl::OpenClBackend::discover()
+        .expect("an OpenCL runtime was found at build time");
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(opencl))
+        .kernels(shipped::ALL)
+        .build()
+        .unwrap();
+    let buffer = bridge
+        .allocate_resident(256 << 10, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(buffer.backend(), BackendKind::OpenCl);
+    let on_opencl = buffer.device();
+    let bytes: Vec<u8> = (0..256 << 10).map(|i| (i % 251) as u8).collect();
+    buffer.import(bytes.clone()).await.unwrap();
+    let cpu = bridge
+        .devices()
+        .into_iter()
+        .find(|(_, info, _)| info.backend == BackendKind::Cpu)
+        .map(|(id, _, _)| id)
+        .expect("the CPU fallback device");
+    let moved = bridge.relocate(&buffer, cpu).await.unwrap();
+    assert!(!moved.direct, "two backends: through the host");
+    assert_eq!(buffer.backend(), BackendKind::Cpu);
+    assert_eq!(buffer.export().await.unwrap(), bytes);
+    bridge.relocate(&buffer, on_opencl).await.unwrap();
+    assert_eq!(buffer.backend(), BackendKind::OpenCl);
+    assert_eq!(buffer.export().await.unwrap(), bytes);
+}
+
 fn main() {
     gate::run(vec![
         gate::test(
@@ -553,6 +764,25 @@ fn main() {
                     a_buffer_from_another_bridge_is_refused_even_on_the_same_device_number,
                 )
             },
+        ),
+        gate::test(
+            "a_buffer_moves_between_two_devices_with_its_bytes_charge_and_clones",
+            || {
+                common::on_tokio(
+                    a_buffer_moves_between_two_devices_with_its_bytes_charge_and_clones,
+                )
+            },
+        ),
+        gate::test(
+            "a_refused_move_is_typed_and_leaves_the_buffer_where_it_was",
+            || common::on_tokio(a_refused_move_is_typed_and_leaves_the_buffer_where_it_was),
+        ),
+        gate::test("no_write_is_lost_to_a_move_under_way", || {
+            common::on_tokio(no_write_is_lost_to_a_move_under_way)
+        }),
+        gate::opencl(
+            "on_opencl_a_buffer_moves_to_the_cpu_device_through_the_host",
+            || common::on_tokio(on_opencl_a_buffer_moves_to_the_cpu_device_through_the_host),
         ),
     ]);
 }

@@ -220,6 +220,21 @@ pub trait Backend: Send + Sync {
         Err(foreign(self.kind(), buffer))
     }
 
+    /// Copies every byte of `from` into `to`, two of this backend's
+    /// buffers of one length on two of its devices, without the bytes
+    /// crossing the host: a grain that moves between the devices of one
+    /// node. `None` where the backend offers no such copy between these
+    /// devices (the caller then stages the bytes through the host with
+    /// [`Backend::read_resident`] and [`Backend::write_resident`]).
+    fn copy_resident(
+        &self,
+        from: &dyn DeviceBuffer,
+        to: &dyn DeviceBuffer,
+    ) -> Option<Result<(), BackendError>> {
+        let _ = (from, to);
+        None
+    }
+
     /// Runs `spec` once on `device` over the request made of `parts`, and
     /// puts the response where `output` says (the contract is in
     /// `resident.rs`). With [`BatchOutput::Into`] the returned bytes are
@@ -409,6 +424,21 @@ impl Backend for CpuBackend {
         let buffer = resident::own_buffer::<CpuBuffer>(buffer, BackendKind::Cpu, buffer.device())?;
         resident::check_range(offset, len, buffer.len())?;
         Ok(buffer.with(|bytes| bytes[offset..offset + len].to_vec()))
+    }
+
+    /// The devices' memory is the host's: one copy between the two
+    /// buffers' bytes.
+    fn copy_resident(
+        &self,
+        from: &dyn DeviceBuffer,
+        to: &dyn DeviceBuffer,
+    ) -> Option<Result<(), BackendError>> {
+        let copied = resident::own_buffer::<CpuBuffer>(from, BackendKind::Cpu, from.device())
+            .and_then(|from| {
+                let to = resident::own_buffer::<CpuBuffer>(to, BackendKind::Cpu, to.device())?;
+                from.copy_into(to)
+            });
+        Some(copied)
     }
 
     fn run_batch_parts(

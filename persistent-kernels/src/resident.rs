@@ -178,6 +178,34 @@ impl CpuBuffer {
     pub fn with<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
         f(&mut self.bytes.lock().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// Copies every byte into `to`, of the same length. The two locks are
+    /// taken in address order, so that two copies between the same
+    /// buffers in opposite directions never wait on each other; a copy
+    /// into itself changes nothing.
+    pub fn copy_into(&self, to: &CpuBuffer) -> Result<(), BackendError> {
+        if self.len != to.len {
+            return Err(BackendError::BadBuffer(format!(
+                "a copy of {} bytes into a buffer of {}",
+                self.len, to.len
+            )));
+        }
+        if std::ptr::eq(self, to) {
+            return Ok(());
+        }
+        fn lock(buffer: &CpuBuffer) -> std::sync::MutexGuard<'_, Vec<u8>> {
+            buffer.bytes.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        let (from, mut into) = if (self as *const CpuBuffer) < (to as *const CpuBuffer) {
+            let from = lock(self);
+            (from, lock(to))
+        } else {
+            let into = lock(to);
+            (lock(self), into)
+        };
+        into.copy_from_slice(&from);
+        Ok(())
+    }
 }
 
 impl DeviceBuffer for CpuBuffer {

@@ -59,6 +59,22 @@ fn a_cpu_backend_of_two_devices_keeps_the_contract_on_each_and_their_buffers_apa
         backend.alloc_resident(2, 16),
         Err(BackendError::UnknownDevice(2))
     ));
+    // Device to device: the second's bytes copied into a buffer on the
+    // first, directly; a copy between buffers of two lengths is refused.
+    let on_first = backend.alloc_resident(0, 16).unwrap();
+    backend
+        .copy_resident(&*on_second, &*on_first)
+        .expect("the CPU backend copies between its devices")
+        .unwrap();
+    assert_eq!(
+        backend.read_resident(&*on_first, 0, 16).unwrap(),
+        vec![7; 16]
+    );
+    let shorter = backend.alloc_resident(0, 8).unwrap();
+    assert!(matches!(
+        backend.copy_resident(&*on_second, &*shorter),
+        Some(Err(BackendError::BadBuffer(_)))
+    ));
 }
 
 fn the_opencl_backend_keeps_the_resident_contract() {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::GpuBridge;
 use super::resident::{ResidentBuffer, ResidentError};
-use crate::broker::Requirements;
+use crate::broker::{DeviceId, Requirements};
 
 /// A limit on the bytes of resident buffers one holder keeps (rule 3:
 /// clones share it).
@@ -109,7 +109,24 @@ impl GpuBridge {
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
         let charge = quota.charge(bytes as u64)?;
-        self.allocate_resident_charged(bytes, need, Some(charge))
+        self.allocate_resident_charged(bytes, need, Some(charge), None)
+            .await
+    }
+
+    /// [`GpuBridge::allocate_resident_within`] on device `device` only: a
+    /// holder whose other buffers are there keeps them all on one device
+    /// (a batch runs over buffers of one device). `NoDevice` if that
+    /// device does not meet `need` or has no room (once working memory
+    /// drains, as rule 1 of `resident.rs` waits for).
+    pub async fn allocate_resident_within_on(
+        &self,
+        quota: &ResidentQuota,
+        device: DeviceId,
+        bytes: usize,
+        need: &Requirements,
+    ) -> Result<ResidentBuffer, ResidentError> {
+        let charge = quota.charge(bytes as u64)?;
+        self.allocate_resident_charged(bytes, need, Some(charge), Some(device))
             .await
     }
 }

@@ -24,6 +24,20 @@
 //!    buffers are reserved like any batch's. The rules of the parts are
 //!    `granary_kernels::resident`'s.
 //! 4. Backend work runs on tokio's blocking pool, as the batch path's does.
+//! 5. **Moved whole, between uses.** [`GpuBridge::relocate`] moves a buffer
+//!    to another device of the bridge, and every clone of the handle
+//!    follows it. It waits until no use of the buffer is running (every
+//!    read, write and batch holds the buffer's use lock shared, until its
+//!    blocking job is done; a relocation holds it alone), reserves and
+//!    allocates the bytes on the target device (rule 1: the target holds
+//!    room first; no wait for working memory to drain, `NoDevice` at
+//!    once), copies them (device to device with
+//!    [`Backend::copy_resident`] where both devices are one backend's and
+//!    it offers that copy, else staged through the host), and only then
+//!    points the handle at the new memory and frees the old (rule 2). The
+//!    quota charge goes with the bytes: the buffer counts once against its
+//!    holder's quota throughout. A failure at any step leaves the buffer
+//!    where it was, with its bytes.
 
 use std::sync::{Arc, Weak};
 
@@ -103,13 +117,64 @@ impl std::fmt::Display for ResidentError {
 
 impl std::error::Error for ResidentError {}
 
-/// What a handle owns. Fields drop in declaration order: the memory, then
-/// its reservation (rule 2), then its holder's quota charge, then the
-/// gauges are brought up to date.
+/// Why a resident buffer did not move to another device (rule 5). In
+/// every case it is where it was, with its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelocateError {
+    /// The bridge has no such device.
+    NoSuchDevice {
+        /// The device asked for.
+        device: DeviceId,
+    },
+    /// The buffer is on that device already.
+    AlreadyThere {
+        /// The device.
+        device: DeviceId,
+    },
+    /// The buffer was allocated by another bridge.
+    Foreign,
+    /// The target device has no room for it, failed, or the bridge has
+    /// shut down.
+    Resident(ResidentError),
+}
+
+impl std::fmt::Display for RelocateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelocateError::NoSuchDevice { device } => {
+                write!(f, "the bridge has no device {}", device.0)
+            }
+            RelocateError::AlreadyThere { device } => {
+                write!(f, "the buffer is on device {} already", device.0)
+            }
+            RelocateError::Foreign => f.write_str("the buffer was allocated by another bridge"),
+            RelocateError::Resident(err) => write!(f, "the buffer cannot move: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for RelocateError {}
+
+/// A relocation done (rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relocated {
+    /// The bytes moved.
+    pub bytes: u64,
+    /// Whether they went device to device ([`Backend::copy_resident`])
+    /// rather than through the host.
+    pub direct: bool,
+}
+
+/// The memory a handle points at. Fields drop in declaration order: the
+/// memory, then its reservation (rule 2), then its share of the holder's
+/// quota charge, then the gauges are brought up to date.
 struct Inner {
     buffer: Box<dyn DeviceBuffer>,
     _reservation: Reservation,
-    _charge: Option<super::quota::Charge>,
+    /// Shared by the memory a relocation leaves and the memory it makes
+    /// (rule 5), so the holder is charged once.
+    charge: Option<Arc<super::quota::Charge>>,
     _report: ReportMemory,
     backend: Arc<dyn Backend>,
     device: DeviceId,
@@ -141,19 +206,54 @@ impl Drop for ReportMemory {
     }
 }
 
-/// A buffer kept on one device across calls; cheap to clone, every clone
+/// What every clone of one handle shares (rule 5).
+struct Slot {
+    /// The memory the buffer's bytes are in now; replaced only by a
+    /// relocation, which holds `uses` alone.
+    place: std::sync::RwLock<Arc<Inner>>,
+    /// Held shared by each use until its job is done, alone by a
+    /// relocation.
+    uses: Arc<tokio::sync::RwLock<()>>,
+    len: usize,
+}
+
+/// A buffer kept on a device across calls; cheap to clone, every clone
 /// is the same buffer. Its memory is reserved in the bridge's broker until
-/// the last clone (and the last job using it) is gone.
+/// the last clone (and the last job using it) is gone. It stays on its
+/// device unless [`GpuBridge::relocate`] moves it (rule 5).
 #[derive(Clone)]
 pub struct ResidentBuffer {
-    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+}
+
+/// A handle that does not keep its buffer alive
+/// ([`ResidentBuffer::downgrade`]): what a registry of a holder's buffers
+/// keeps.
+#[derive(Clone, Debug, Default)]
+pub struct WeakResidentBuffer {
+    slot: Weak<Slot>,
+}
+
+impl WeakResidentBuffer {
+    /// The buffer, if a handle to it still lives.
+    pub fn upgrade(&self) -> Option<ResidentBuffer> {
+        self.slot.upgrade().map(|slot| ResidentBuffer { slot })
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for ResidentBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResidentBuffer")
             .field("len", &self.len())
-            .field("device", &self.inner.device)
+            .field("device", &self.device())
             .field("backend", &self.backend())
             .finish()
     }
@@ -179,9 +279,47 @@ pub enum Output<'a> {
 }
 
 impl ResidentBuffer {
+    fn new(inner: Inner) -> ResidentBuffer {
+        ResidentBuffer {
+            slot: Arc::new(Slot {
+                len: inner.buffer().len(),
+                place: std::sync::RwLock::new(Arc::new(inner)),
+                uses: Arc::new(tokio::sync::RwLock::new(())),
+            }),
+        }
+    }
+
+    /// The memory the bytes are in now (rule 5).
+    fn place(&self) -> Arc<Inner> {
+        self.slot
+            .place
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A use of the buffer (rule 5): no relocation runs until the guard
+    /// goes, and the memory is the buffer's for that long.
+    async fn in_use(&self) -> (tokio::sync::OwnedRwLockReadGuard<()>, Arc<Inner>) {
+        let guard = self.slot.uses.clone().read_owned().await;
+        (guard, self.place())
+    }
+
+    /// Whether `self` and `other` are clones of one buffer.
+    pub fn same_buffer(&self, other: &ResidentBuffer) -> bool {
+        Arc::ptr_eq(&self.slot, &other.slot)
+    }
+
+    /// A handle that does not keep the buffer alive.
+    pub fn downgrade(&self) -> WeakResidentBuffer {
+        WeakResidentBuffer {
+            slot: Arc::downgrade(&self.slot),
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.inner.buffer().len()
+        self.slot.len
     }
 
     /// Whether it holds no bytes.
@@ -189,14 +327,14 @@ impl ResidentBuffer {
         self.len() == 0
     }
 
-    /// The device it lives on.
+    /// The device it lives on (another one after a relocation: rule 5).
     pub fn device(&self) -> DeviceId {
-        self.inner.device
+        self.place().device
     }
 
     /// The backend of its device.
     pub fn backend(&self) -> BackendKind {
-        self.inner.backend.kind()
+        self.place().backend.kind()
     }
 
     fn check_range(&self, offset: usize, len: usize) -> Result<(), ResidentError> {
@@ -213,18 +351,22 @@ impl ResidentBuffer {
     /// Copies `data` into the buffer at `offset`.
     pub async fn write(&self, offset: usize, data: &[u8]) -> Result<(), ResidentError> {
         self.check_range(offset, data.len())?;
-        let inner = self.inner.clone();
         let data = data.to_vec();
-        self.blocking(move || inner.backend.write_resident(inner.buffer(), offset, &data))
-            .await
+        let (using, inner) = self.in_use().await;
+        self.blocking(using, inner, move |inner| {
+            inner.backend.write_resident(inner.buffer(), offset, &data)
+        })
+        .await
     }
 
     /// Copies `len` bytes from `offset` to the host.
     pub async fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>, ResidentError> {
         self.check_range(offset, len)?;
-        let inner = self.inner.clone();
-        self.blocking(move || inner.backend.read_resident(inner.buffer(), offset, len))
-            .await
+        let (using, inner) = self.in_use().await;
+        self.blocking(using, inner, move |inner| {
+            inner.backend.read_resident(inner.buffer(), offset, len)
+        })
+        .await
     }
 
     /// Every byte of the buffer, copied to the host: what a grain that
@@ -246,17 +388,29 @@ impl ResidentBuffer {
                 buffer: self.len(),
             });
         }
-        let inner = self.inner.clone();
-        self.blocking(move || inner.backend.write_resident(inner.buffer(), 0, &bytes))
-            .await
+        let (using, inner) = self.in_use().await;
+        self.blocking(using, inner, move |inner| {
+            inner.backend.write_resident(inner.buffer(), 0, &bytes)
+        })
+        .await
     }
 
-    /// Runs `job` on the blocking pool (rule 4), with errors typed.
+    /// Runs `job` on `inner` on the blocking pool (rule 4), with errors
+    /// typed. The use guard goes only once the job is done and has let
+    /// go of the memory (rule 5), even if the caller stops waiting.
     async fn blocking<T: Send + 'static>(
         &self,
-        job: impl FnOnce() -> Result<T, granary_kernels::BackendError> + Send + 'static,
+        using: tokio::sync::OwnedRwLockReadGuard<()>,
+        inner: Arc<Inner>,
+        job: impl FnOnce(&Inner) -> Result<T, granary_kernels::BackendError> + Send + 'static,
     ) -> Result<T, ResidentError> {
-        let backend = self.backend();
+        let backend = inner.backend.kind();
+        let job = move || {
+            let done = job(&inner);
+            drop(inner);
+            drop(using);
+            done
+        };
         match tokio::task::spawn_blocking(job).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(ResidentError::Device {
@@ -277,6 +431,15 @@ enum OwnedPart {
     Resident(Arc<Inner>),
 }
 
+impl OwnedPart {
+    fn part(&self) -> BatchPart<'_> {
+        match self {
+            OwnedPart::Host(bytes) => BatchPart::Host(bytes),
+            OwnedPart::Resident(inner) => BatchPart::Resident(inner.buffer()),
+        }
+    }
+}
+
 impl GpuBridge {
     /// A resident buffer of `bytes` zeroed bytes on a device that meets
     /// `need` and has room (rule 1).
@@ -285,7 +448,8 @@ impl GpuBridge {
         bytes: usize,
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
-        self.allocate_resident_charged(bytes, need, None).await
+        self.allocate_resident_charged(bytes, need, None, None)
+            .await
     }
 
     /// [`GpuBridge::allocate_resident`], holding `charge` (a quota's) for
@@ -295,6 +459,7 @@ impl GpuBridge {
         bytes: usize,
         need: &Requirements,
         charge: Option<super::quota::Charge>,
+        only: Option<DeviceId>,
     ) -> Result<ResidentBuffer, ResidentError> {
         if self
             .shared
@@ -311,8 +476,11 @@ impl GpuBridge {
         let broker = &self.shared.broker;
         let cpu = self.shared.cpu;
         // The primary devices that meet `need`, else the CPU device when it
-        // is the fallback.
+        // is the fallback; or only the device asked for.
         let select = |need: &Requirements, room: &dyn Fn(DeviceId) -> bool| {
+            if let Some(only) = only {
+                return broker.select_where(need, |id| id == only && room(id));
+            }
             broker
                 .select_where(need, |id| self.shared.devices[id.0].primary && room(id))
                 .or_else(|| {
@@ -378,18 +546,119 @@ impl GpuBridge {
             }
         };
         self.report_memory(chosen);
-        Ok(ResidentBuffer {
-            inner: Arc::new(Inner {
-                buffer,
-                _reservation: reservation,
-                _charge: charge,
-                _report: ReportMemory {
-                    bridge: Arc::downgrade(&self.shared),
-                    device: chosen,
-                },
-                backend,
+        Ok(ResidentBuffer::new(Inner {
+            buffer,
+            _reservation: reservation,
+            charge: charge.map(Arc::new),
+            _report: ReportMemory {
+                bridge: Arc::downgrade(&self.shared),
                 device: chosen,
-            }),
+            },
+            backend,
+            device: chosen,
+        }))
+    }
+
+    /// Moves `buffer` to device `to` of this bridge (rule 5); every clone
+    /// of the handle follows it. On an error the buffer is where it was,
+    /// with its bytes.
+    pub async fn relocate(
+        &self,
+        buffer: &ResidentBuffer,
+        to: DeviceId,
+    ) -> Result<Relocated, RelocateError> {
+        if self
+            .shared
+            .shut_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(RelocateError::Resident(ResidentError::ShutDown));
+        }
+        let Some(target) = self.shared.devices.get(to.0) else {
+            return Err(RelocateError::NoSuchDevice { device: to });
+        };
+        // No use runs from here to the switch.
+        let moving = buffer.slot.uses.clone().write_owned().await;
+        let from = buffer.place();
+        if !from.belongs_to(&self.shared) {
+            return Err(RelocateError::Foreign);
+        }
+        if from.device == to {
+            return Err(RelocateError::AlreadyThere { device: to });
+        }
+        let len = buffer.len();
+        // Rule 1: the target's room first.
+        let reservation = self
+            .shared
+            .broker
+            .reserve_kept(to, len as u64)
+            .map_err(|_| RelocateError::Resident(ResidentError::NoDevice { bytes: len as u64 }))?;
+        let backend = target.backend.clone();
+        let kind = backend.kind();
+        let device_failed = |reason: String| {
+            RelocateError::Resident(ResidentError::Device {
+                backend: kind,
+                reason,
+            })
+        };
+        let index = target.index;
+        let made = {
+            let backend = backend.clone();
+            tokio::task::spawn_blocking(move || backend.alloc_resident(index, len)).await
+        };
+        let memory = match made {
+            Ok(Ok(memory)) => memory,
+            Ok(Err(err)) => return Err(device_failed(err.to_string())),
+            Err(err) => return Err(device_failed(format!("the allocation failed: {err}"))),
+        };
+        let next = Arc::new(Inner {
+            buffer: memory,
+            _reservation: reservation,
+            charge: from.charge.clone(),
+            _report: ReportMemory {
+                bridge: Arc::downgrade(&self.shared),
+                device: to,
+            },
+            backend,
+            device: to,
+        });
+        self.report_memory(to);
+        let copied = {
+            let (from, next) = (from.clone(), next.clone());
+            tokio::task::spawn_blocking(move || {
+                // Device to device where one backend offers it, else
+                // through the host.
+                let direct = Arc::ptr_eq(&from.backend, &next.backend)
+                    .then(|| next.backend.copy_resident(from.buffer(), next.buffer()))
+                    .flatten();
+                match direct {
+                    Some(done) => done.map(|()| true),
+                    None => {
+                        let bytes = from.backend.read_resident(from.buffer(), 0, len)?;
+                        next.backend.write_resident(next.buffer(), 0, &bytes)?;
+                        Ok(false)
+                    }
+                }
+            })
+            .await
+        };
+        let direct = match copied {
+            Ok(Ok(direct)) => direct,
+            Ok(Err(err)) => return Err(device_failed(format!("the copy failed: {err}"))),
+            Err(err) => return Err(device_failed(format!("the copy failed: {err}"))),
+        };
+        // The switch: every handle now reaches the new memory; the old goes
+        // with the last reference to it (this one: no use runs).
+        *buffer
+            .slot
+            .place
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        drop(from);
+        drop(moving);
+        Ok(Relocated {
+            bytes: len as u64,
+            direct,
         })
     }
 
@@ -425,11 +694,19 @@ impl GpuBridge {
                 "no resident buffer among the parts or the output: use execute".into(),
             ));
         };
+        // Rule 5: each buffer (once, however often it appears) is held in
+        // use until the job is done, so none moves under it.
+        let mut using = Vec::with_capacity(buffers.len());
+        for (at, buffer) in buffers.iter().enumerate() {
+            if !buffers[..at].iter().any(|seen| seen.same_buffer(buffer)) {
+                using.push(buffer.slot.uses.clone().read_owned().await);
+            }
+        }
         let device = first.device();
         // Device ids are per bridge: another bridge's device 0 is not ours.
         if buffers
             .iter()
-            .any(|buffer| !buffer.inner.belongs_to(&self.shared))
+            .any(|buffer| !buffer.place().belongs_to(&self.shared))
         {
             return Err(wrong("a buffer allocated by another bridge".into()));
         }
@@ -448,13 +725,14 @@ impl GpuBridge {
         // The request's temporary buffers, reserved like any batch's: the
         // request, and the response unless it goes into a buffer. Shape and
         // kernel checks come first, typed, before any device work.
-        let probe_parts: Vec<BatchPart<'_>> = parts
+        let owned: Vec<OwnedPart> = parts
             .iter()
             .map(|part| match part {
-                Part::Host(bytes) => BatchPart::Host(bytes),
-                Part::Resident(buffer) => BatchPart::Resident(buffer.inner.buffer()),
+                Part::Host(bytes) => OwnedPart::Host(bytes.to_vec()),
+                Part::Resident(buffer) => OwnedPart::Resident(buffer.place()),
             })
             .collect();
+        let probe_parts: Vec<BatchPart<'_>> = owned.iter().map(OwnedPart::part).collect();
         let checked = granary_kernels::resident::request_probe(&probe_parts).and_then(|probe| {
             Ok((
                 probe.len(),
@@ -487,15 +765,9 @@ impl GpuBridge {
                     backend: kind,
                     reason: err.to_string(),
                 })?;
-        let owned: Vec<OwnedPart> = parts
-            .iter()
-            .map(|part| match part {
-                Part::Host(bytes) => OwnedPart::Host(bytes.to_vec()),
-                Part::Resident(buffer) => OwnedPart::Resident(buffer.inner.clone()),
-            })
-            .collect();
+        drop(probe_parts);
         let into = match output {
-            Output::Into(buffer) => Some(buffer.inner.clone()),
+            Output::Into(buffer) => Some(buffer.place()),
             Output::Host => None,
         };
         let backend = slot.backend.clone();
@@ -503,13 +775,7 @@ impl GpuBridge {
         let bridge = self.clone();
         let started = std::time::Instant::now();
         let job = tokio::task::spawn_blocking(move || {
-            let parts: Vec<BatchPart<'_>> = owned
-                .iter()
-                .map(|part| match part {
-                    OwnedPart::Host(bytes) => BatchPart::Host(bytes),
-                    OwnedPart::Resident(inner) => BatchPart::Resident(inner.buffer()),
-                })
-                .collect();
+            let parts: Vec<BatchPart<'_>> = owned.iter().map(OwnedPart::part).collect();
             let output = match &into {
                 Some(inner) => BatchOutput::Into(inner.buffer()),
                 None => BatchOutput::Host,
@@ -521,6 +787,7 @@ impl GpuBridge {
             drop(parts);
             drop(owned);
             drop(into);
+            drop(using);
             drop(reservation);
             bridge.report_memory(device);
             let labels = [

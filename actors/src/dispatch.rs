@@ -264,7 +264,7 @@ pub(crate) struct Registry {
     pub(crate) activity: HashMap<String, IsActive>,
     /// Migratable types, by name: how an activation leaves and arrives
     /// (`migration.rs` rules 2 and 4).
-    pub(crate) migrants: HashMap<String, (crate::migration::Depart, crate::migration::Arrive)>,
+    pub(crate) migrants: HashMap<String, crate::migration::Migrant>,
 }
 
 impl Silo {

@@ -55,6 +55,18 @@
 //! 5. **From a turn.** [`GrainContext::migrate`](crate::GrainContext::migrate)
 //!    asks the router to move the grain once the running turn has ended;
 //!    the turn goes on, and the move happens after it (rule 2).
+//! 6. **Pause, between turns.** [`HomeSide::pause`] queues a request in
+//!    the activation's mailbox, as a departure does; the activation takes
+//!    it between two turns and answers with a [`Paused`], then runs
+//!    nothing (no message, no timer tick) until that is dropped or the
+//!    silo shuts down. Messages that arrive meanwhile wait in its mailbox,
+//!    each sender's in order, and run after it. The grain object and its
+//!    entry stay as they are: this is for a router that moves what the
+//!    grain holds outside its object, its resident buffers between the
+//!    devices of one node (the cluster's `node/migration.rs` rule 7). A
+//!    pause asked of an activation that is leaving or deactivating is
+//!    refused (`NotActive`), as is one whose mailbox stays full for a
+//!    call timeout (`Busy`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -525,6 +537,35 @@ impl Drop for Arrival {
             let _ = confirm.send(false);
         }
     }
+}
+
+/// An activation paused between two turns (rule 6): it runs nothing
+/// until this is dropped.
+#[derive(Debug)]
+pub struct Paused {
+    _resume: oneshot::Sender<()>,
+}
+
+impl Paused {
+    pub(crate) fn new(resume: oneshot::Sender<()>) -> Paused {
+        Paused { _resume: resume }
+    }
+}
+
+/// Pauses a grain by type name (rule 6), for `HomeSide::pause`.
+pub(crate) type Pause = std::sync::Arc<
+    dyn Fn(&crate::Silo, crate::GrainKey) -> BoxFuture<'static, Result<Paused, MigrationError>>
+        + Send
+        + Sync,
+>;
+
+/// What the silo keeps for each migratable type: its grains' departure,
+/// arrival and pause, by type name.
+#[derive(Clone)]
+pub(crate) struct Migrant {
+    pub(crate) depart: Depart,
+    pub(crate) arrive: Arrive,
+    pub(crate) pause: Pause,
 }
 
 /// Departs a grain by type name (rule 2), for `HomeSide::depart`.

@@ -69,7 +69,9 @@ use tokio::time::Instant;
 use crate::dispatch::DispatchError;
 use crate::error::CallError;
 use crate::key::{GrainId, GrainKey};
-use crate::migration::{Arrival, Dehydrated, Departure, Migrated, MigrationError, MigrationTarget};
+use crate::migration::{
+    Arrival, Dehydrated, Departure, Migrated, MigrationError, MigrationTarget, Paused,
+};
 use crate::observers::{Observed, ObserverUnreachable};
 use crate::silo::Silo;
 
@@ -295,7 +297,7 @@ impl HomeSide {
     /// calls from reaching the grain here (`migration.rs` rule 3): once the
     /// activation is gone, a local delivery would start a new one.
     pub async fn depart(&self, grain: &GrainId) -> Result<Departure, MigrationError> {
-        let depart = self.migrant(&grain.type_name)?.0;
+        let depart = self.migrant(&grain.type_name)?.depart;
         depart(&self.silo, grain.key.clone()).await
     }
 
@@ -306,14 +308,20 @@ impl HomeSide {
         grain: &GrainId,
         state: Dehydrated,
     ) -> Result<Arrival, MigrationError> {
-        let arrive = self.migrant(&grain.type_name)?.1;
+        let arrive = self.migrant(&grain.type_name)?.arrive;
         arrive(&self.silo, grain.key.clone(), state).await
     }
 
-    fn migrant(
-        &self,
-        grain_type: &str,
-    ) -> Result<(crate::migration::Depart, crate::migration::Arrive), MigrationError> {
+    /// Pauses `grain`'s activation here between two turns (rule 8,
+    /// `migration.rs` rule 6): it runs nothing until the [`Paused`] is
+    /// dropped, and messages wait in its mailbox meanwhile. Never
+    /// activates the grain.
+    pub async fn pause(&self, grain: &GrainId) -> Result<Paused, MigrationError> {
+        let pause = self.migrant(&grain.type_name)?.pause;
+        pause(&self.silo, grain.key.clone()).await
+    }
+
+    fn migrant(&self, grain_type: &str) -> Result<crate::migration::Migrant, MigrationError> {
         self.silo
             .registry()
             .migrants

@@ -470,3 +470,60 @@ async fn a_deactivation_queued_before_an_aborted_departure_still_happens() {
     );
     assert_eq!(deactivations.0.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_activation_runs_nothing_and_then_the_calls_that_waited_in_order() {
+    let deactivations = Arc::new(Deactivations::default());
+    let silos = silo(&deactivations);
+    let book = silos.silo.grain::<Notebook>("a");
+    book.call(Append("1")).await.unwrap();
+    book.call(StartTicking).await.unwrap();
+    let paused = silos.home.pause(&notebook("a")).await.unwrap();
+    let ticks = silos.silo.grain::<Notebook>("a");
+    // Calls sent while paused wait in the mailbox, in order.
+    let sender = book.clone();
+    let waiting = tokio::spawn(async move {
+        let two = sender.call(Append("2")).await.unwrap();
+        let three = sender.call(Append("3")).await.unwrap();
+        (two, three)
+    });
+    queued(&silos, 1).await;
+    let before = tokio::spawn(async move { ticks.call(Ticks).await.unwrap() });
+    queued(&silos, 2).await;
+    assert!(!waiting.is_finished(), "a call ran during a pause");
+    drop(paused);
+    assert_eq!(waiting.await.unwrap(), (2, 3));
+    before.await.unwrap();
+    assert_eq!(book.call(Read).await.unwrap(), ["1", "2", "3"]);
+    // The same object went on: nothing was deactivated or reloaded.
+    assert_eq!(deactivations.0.load(Ordering::SeqCst), 0);
+    // What is refused: no activation, a type that is not migratable, and
+    // an activation that is leaving.
+    assert!(matches!(
+        silos.home.pause(&notebook("none")).await,
+        Err(MigrationError::NotActive { .. })
+    ));
+    let plain = GrainId {
+        type_name: "plain".into(),
+        key: GrainKey::Str("p".into()),
+    };
+    assert!(matches!(
+        silos.home.pause(&plain).await,
+        Err(MigrationError::NotMigratable { .. })
+    ));
+    assert!(
+        !silos.silo.grain::<Notebook>("none").is_active(),
+        "a pause never activates a grain"
+    );
+    let departure = silos.home.depart(&notebook("a")).await.unwrap();
+    let refused = {
+        let home = &silos.home;
+        tokio::time::timeout(Duration::from_secs(60), home.pause(&notebook("a"))).await
+    };
+    assert!(
+        matches!(refused, Ok(Err(MigrationError::NotActive { .. }))),
+        "{refused:?}"
+    );
+    departure.abort();
+    assert_eq!(book.call(Append("4")).await.unwrap(), 4);
+}

@@ -286,6 +286,21 @@ pub(super) async fn run_activation<G: Grain>(
                         Departed::Stayed => activity += 1,
                     }
                 }
+                // `migration.rs` rule 6: between turns, nothing runs until
+                // the pause is dropped.
+                Some(Some(Envelope {
+                    turn: Turn::Pause(reply),
+                    ..
+                })) if !abandoned(&silo) => {
+                    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+                    if reply.send(crate::migration::Paused::new(resume)).is_ok() {
+                        tokio::select! {
+                            _ = resumed => {}
+                            _ = silo.inner.shutdown.cancelled() => {}
+                        }
+                    }
+                    activity += 1;
+                }
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.
                 Some(Some(envelope)) if abandoned(&silo) => {
@@ -360,7 +375,10 @@ pub(super) async fn run_activation<G: Grain>(
         let Some(envelope) = next else { break };
         if abandoned(&silo) {
             // Rule 13: not run; dropping it fails its call.
-            if !matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) {
+            if !matches!(
+                envelope.turn,
+                Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+            ) {
                 silo.inner
                     .dropped_with_homes
                     .fetch_add(1, Ordering::Relaxed);
@@ -379,7 +397,10 @@ pub(super) async fn run_activation<G: Grain>(
             // its mailbox was closed and drained before): dropping the
             // envelope fails its call, counted per message.
             None => {
-                if !matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) {
+                if !matches!(
+                    envelope.turn,
+                    Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+                ) {
                     grain_type.stats.failed(FailureReason::ActivationFailed);
                 }
                 drop(envelope);
@@ -558,6 +579,8 @@ async fn depart<G: Grain>(
                     grain: ctx.id().clone(),
                 }));
             }
+            // Leaving: dropped unanswered, the pause is refused as busy.
+            Turn::Pause(other) => drop(other),
             turn => {
                 let envelope = Envelope { turn, ..envelope };
                 let ran;
@@ -716,6 +739,11 @@ async fn turn<G: Grain>(
             let _ = reply.send(Err(MigrationError::NotActive {
                 grain: ctx.id().clone(),
             }));
+            return (Some(grain), 0);
+        }
+        // Deactivating: dropped unanswered, nothing is paused.
+        Turn::Pause(reply) => {
+            drop(reply);
             return (Some(grain), 0);
         }
     };

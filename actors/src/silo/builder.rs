@@ -360,9 +360,18 @@ impl SiloBuilder {
             let silo = silo.clone();
             Box::pin(async move { silo.arrive::<G>(key, state).await })
         });
-        self.registry
-            .migrants
-            .insert(registered.name.clone(), (depart, arrive));
+        let pause: crate::migration::Pause = Arc::new(|silo: &Silo, key| {
+            let silo = silo.clone();
+            Box::pin(async move { silo.pause::<G>(key).await })
+        });
+        self.registry.migrants.insert(
+            registered.name.clone(),
+            crate::migration::Migrant {
+                depart,
+                arrive,
+                pause,
+            },
+        );
         self
     }
 

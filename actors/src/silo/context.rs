@@ -178,7 +178,10 @@ impl GrainContext {
             let event = match event {
                 Event::Message(Some(envelope))
                     if envelope.chain != chain
-                        || matches!(envelope.turn, Turn::Deactivate | Turn::Migrate(_)) =>
+                        || matches!(
+                            envelope.turn,
+                            Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+                        ) =>
                 {
                     if let Some(mailbox) = lent.mailbox.as_mut() {
                         exclusive(mailbox).deferred.push_back(envelope);
@@ -233,7 +236,7 @@ impl GrainContext {
                             });
                         }
                         // Set aside above: they wait for the turn.
-                        Turn::Deactivate | Turn::Migrate(_) => {}
+                        Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_) => {}
                     }
                     self.set_chain(chain);
                 }

@@ -23,6 +23,9 @@ pub(super) enum Turn<G> {
     /// Leave for another silo (`migration.rs` rule 2): the activation
     /// dehydrates between turns and answers with its state.
     Migrate(tokio::sync::oneshot::Sender<crate::migration::Departing>),
+    /// Run nothing until the pause answered is dropped (`migration.rs`
+    /// rule 6): taken between turns.
+    Pause(tokio::sync::oneshot::Sender<crate::migration::Paused>),
 }
 
 /// Most reads one interleaved batch takes (rule 10).

@@ -422,10 +422,47 @@ impl Silo {
         key: GrainKey,
     ) -> Result<crate::migration::Departure, crate::migration::MigrationError> {
         use crate::migration::MigrationError;
-        let (grain_type, id) = self.migratable::<G>(&key)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let id = self
+            .between_turns::<G>(&key, super::envelope::Turn::Migrate(reply))
+            .await?;
+        match answer.await {
+            Ok(Ok((state, verdict))) => Ok(crate::migration::Departure::new(state, verdict)),
+            Ok(Err(err)) => Err(err),
+            // Dropped unanswered: the activation ended first.
+            Err(_) => Err(MigrationError::NotActive { grain: id }),
+        }
+    }
+
+    /// `migration.rs` rule 6: pauses `key`'s activation here between two
+    /// turns. Never activates the grain.
+    pub(super) async fn pause<G: Grain>(
+        &self,
+        key: GrainKey,
+    ) -> Result<crate::migration::Paused, crate::migration::MigrationError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let id = self
+            .between_turns::<G>(&key, super::envelope::Turn::Pause(reply))
+            .await?;
+        // Dropped unanswered: the activation was leaving, deactivating,
+        // or ended first.
+        answer
+            .await
+            .map_err(|_| crate::migration::MigrationError::Busy { grain: id })
+    }
+
+    /// Queues `turn` for `key`'s activation here, a migratable `G`'s, to
+    /// be taken between two turns; the grain's id once queued.
+    async fn between_turns<G: Grain>(
+        &self,
+        key: &GrainKey,
+        turn: super::envelope::Turn<G>,
+    ) -> Result<GrainId, crate::migration::MigrationError> {
+        use crate::migration::MigrationError;
+        let (grain_type, id) = self.migratable::<G>(key)?;
         let sender = grain_type
             .directory
-            .get(&key)
+            .get(key)
             .and_then(|slots| match slots.first() {
                 Some(Some(Entry::Active(sender))) if !sender.is_closed() => Some(sender.clone()),
                 _ => None,
@@ -433,29 +470,20 @@ impl Silo {
         let Some(sender) = sender else {
             return Err(MigrationError::NotActive { grain: id });
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
         let envelope = Envelope {
             chain: super::fresh_chain(),
             keeps_alive: false,
             expires: None,
-            turn: super::envelope::Turn::Migrate(reply),
+            turn,
         };
         let deadline = super::deadline_after(self.inner.config.call_timeout);
         match sender.send(envelope, deadline).await {
-            Ok(()) => {}
+            Ok(()) => Ok(id),
             // Deactivating meanwhile (or leaving already).
             Err(crate::mailbox::SendError::Closed(_)) => {
-                return Err(MigrationError::NotActive { grain: id });
+                Err(MigrationError::NotActive { grain: id })
             }
-            Err(crate::mailbox::SendError::Timeout) => {
-                return Err(MigrationError::Busy { grain: id });
-            }
-        }
-        match answer.await {
-            Ok(Ok((state, verdict))) => Ok(crate::migration::Departure::new(state, verdict)),
-            Ok(Err(err)) => Err(err),
-            // Dropped unanswered: the activation ended first.
-            Err(_) => Err(MigrationError::NotActive { grain: id }),
+            Err(crate::mailbox::SendError::Timeout) => Err(MigrationError::Busy { grain: id }),
         }
     }
 }

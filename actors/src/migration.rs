@@ -282,6 +282,18 @@ pub enum MigrationTarget {
     /// The silo of this name (a cluster silo's address, as
     /// `Router::place` gives it).
     Silo(String),
+    /// Device `device` (its index among the bridge's devices, as
+    /// `GpuBridge::devices` lists them) of the silo named, or of the silo
+    /// the grain is on when `silo` is `None`. On the silo it is on, the
+    /// activation stays and its resident buffers move between the node's
+    /// devices (the cluster's `node/migration.rs` rule 7); on another, it
+    /// moves there and its buffers are made on that device.
+    Device {
+        /// The silo, or `None` for the one the grain is on.
+        silo: Option<String>,
+        /// The device's index.
+        device: u32,
+    },
 }
 
 impl fmt::Display for MigrationTarget {
@@ -289,6 +301,13 @@ impl fmt::Display for MigrationTarget {
         match self {
             MigrationTarget::Any => f.write_str("any silo"),
             MigrationTarget::Silo(silo) => write!(f, "silo {silo}"),
+            MigrationTarget::Device {
+                silo: Some(silo),
+                device,
+            } => write!(f, "device {device} of silo {silo}"),
+            MigrationTarget::Device { silo: None, device } => {
+                write!(f, "device {device} of the silo it is on")
+            }
         }
     }
 }
@@ -298,9 +317,11 @@ impl fmt::Display for MigrationTarget {
 pub struct Migrated {
     /// The silo it left.
     pub from: String,
-    /// The silo it lives on now.
+    /// The silo it lives on now (the same silo after a move between its
+    /// devices).
     pub to: String,
-    /// The bytes of its dehydrated state.
+    /// The bytes of its dehydrated state, or of the resident buffers that
+    /// moved between the devices of its silo.
     pub bytes: u64,
     /// From the request at the grain's home to the home letting go.
     pub took: Duration,
@@ -323,14 +344,15 @@ pub enum MigrationError {
     },
     /// No silo could take it: none other hosts the type, the one named
     /// is not a member or does not host it, or it has no room (device
-    /// memory or activations).
+    /// memory or activations); or the device named is not there, has no
+    /// room, or the grain holds no device memory to move to it.
     NoTarget {
         /// The grain.
         grain: GrainId,
         /// Why.
         reason: String,
     },
-    /// The grain is already on the silo named.
+    /// The grain is already on the silo (or device) named.
     AlreadyThere {
         /// The grain.
         grain: GrainId,

@@ -7,7 +7,13 @@
 //!   once while 10 000 calls are in flight from 20 senders: every call is
 //!   answered once and in order per sender, every buffer and counter
 //!   arrives intact, and the device memory reserved across the cluster
-//!   returns to 100 MiB;
+//!   returns to 100 MiB; and the same with every grain moved to the other
+//!   device of its silo (`node/migration.rs` rule 7), where the same
+//!   activations go on with their buffers moved;
+//! - to a named device: every buffer a grain holds moves to the other
+//!   device of its silo, all or none; to a device of another silo, its
+//!   arrival's buffers are made there; a device that is not there or has
+//!   no room is refused, typed, and the grain stays;
 //! - what is refused, with a typed error: a type not registered as
 //!   migratable, a grain with no activation, a silo that is not a member,
 //!   the silo it is on already, a target with no room;
@@ -47,7 +53,27 @@ async fn a_hundred_grains_move_under_ten_thousand_calls_and_lose_nothing() {
         cluster.node_on(3, cpu_bridge_devices(128, 2)).await,
     ];
     // Every device of every silo holds buffers before the moves.
-    moves_under_load(&cluster, &nodes, 100, 20, 10_000, true).await;
+    moves_under_load(&cluster, &nodes, 100, 20, 10_000, true, Moves::AcrossSilos).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_grains_move_between_the_devices_of_their_nodes_under_ten_thousand_calls() {
+    let cluster = Cluster::new(47_150);
+    let nodes = [
+        cluster.node_on(1, cpu_bridge_devices(128, 2)).await,
+        cluster.node_on(2, cpu_bridge_devices(128, 2)).await,
+        cluster.node_on(3, cpu_bridge_devices(128, 2)).await,
+    ];
+    moves_under_load(
+        &cluster,
+        &nodes,
+        100,
+        20,
+        10_000,
+        true,
+        Moves::BetweenDevices,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +140,132 @@ async fn refusals_are_typed_and_leave_the_grain_serving() {
         other => panic!("a full target: {other:?}"),
     }
     assert_eq!(other.call(Step { sender: 1, seq: 2 }).await.unwrap(), Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grain_moves_to_a_named_device_with_every_buffer_it_holds() {
+    let mut cluster = Cluster::new(47_250);
+    // Room for a tensor and a second buffer of 1 MiB.
+    cluster.declared = 2 * BUFFER as u64;
+    // Two devices per silo: silo 1's of 8 MiB each, silo 2's of 2 MiB.
+    let one = cluster.node_on(1, cpu_bridge_devices(8, 2)).await;
+    let two = cluster.node_on(2, cpu_bridge_devices(2, 2)).await;
+    converged(&[&one.node, &two.node], 2).await;
+    let here = |node: &ClusterNode| node.id().to_string();
+    let kept = |node: &Node, device: usize| node.bridge.devices()[device].2.kept;
+    let grain = one.node.grain::<Tensor>(1);
+    assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    assert_eq!(grain.call(Grow(BUFFER)).await.unwrap(), Ok(()));
+    let (device, activation) = grain.call(Where).await.unwrap();
+    let from = device.expect("a buffer");
+    let to = 1 - from;
+    assert_eq!(
+        kept(&one, from),
+        2 * BUFFER as u64,
+        "both buffers on one device"
+    );
+    // Refused, typed, with the grain where it was: the device it is on, a
+    // device the silo does not have, and a device with no room (ballast
+    // fills it).
+    let device_of = |device: u32| MigrationTarget::Device { silo: None, device };
+    assert!(matches!(
+        grain.migrate(device_of(from as u32)).await,
+        Err(MigrationError::AlreadyThere { .. })
+    ));
+    match grain.migrate(device_of(2)).await {
+        Err(MigrationError::NoTarget { reason, .. }) => {
+            assert!(reason.contains("no device 2"), "{reason}")
+        }
+        other => panic!("a device the silo does not have: {other:?}"),
+    }
+    let ballast = one
+        .bridge
+        .allocate_resident_within_on(
+            &granary_gpu::ResidentQuota::new(u64::MAX),
+            granary_gpu::DeviceId(to),
+            7 * BUFFER,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap();
+    match grain.migrate(device_of(to as u32)).await {
+        Err(MigrationError::NoTarget { reason, .. }) => {
+            assert!(reason.contains("room"), "{reason}")
+        }
+        other => panic!("a device with no room: {other:?}"),
+    }
+    assert_eq!(grain.call(Where).await.unwrap(), (Some(from), activation));
+    assert_eq!(kept(&one, from), 2 * BUFFER as u64, "nothing moved");
+    drop(ballast);
+    // Asked from the other silo, naming the grain's: both buffers move to
+    // the other device, bit for bit, and the activation stays.
+    let moved = two
+        .node
+        .grain::<Tensor>(1)
+        .migrate(MigrationTarget::Device {
+            silo: Some(here(&one.node)),
+            device: to as u32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (moved.from.as_str(), moved.to.as_str()),
+        (here(&one.node).as_str(), here(&one.node).as_str())
+    );
+    assert_eq!(moved.bytes, 2 * BUFFER as u64);
+    assert_eq!(grain.call(Where).await.unwrap(), (Some(to), activation));
+    assert_eq!((kept(&one, from), kept(&one, to)), (0, 2 * BUFFER as u64));
+    assert_eq!(grain.call(Step { sender: 1, seq: 2 }).await.unwrap(), Ok(2));
+    let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
+    assert_eq!((steps, on), (2, 1));
+    assert!(bytes == expected(1, 2));
+    // To a named device of another silo: the grain moves there, and its
+    // buffers are made on that device. Its Grow buffer stays behind (the
+    // tensor carries only its own), so it fits a 2 MiB device.
+    let moved = grain
+        .migrate(MigrationTarget::Device {
+            silo: Some(here(&two.node)),
+            device: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(moved.to, here(&two.node));
+    let (device, arrived) = grain.call(Where).await.unwrap();
+    assert_eq!(device, Some(1));
+    assert_ne!(arrived, activation);
+    assert_eq!((kept(&two, 0), kept(&two, 1)), (0, BUFFER as u64));
+    let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
+    assert_eq!((steps, on), (2, 2));
+    assert!(bytes == expected(1, 2));
+    // A named device elsewhere with no room: refused, and the grain stays.
+    let other = one.node.grain::<Tensor>(2);
+    assert_eq!(other.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    assert!(other.call(Where).await.unwrap().0.is_some(), "a buffer");
+    let full = two
+        .bridge
+        .allocate_resident_within_on(
+            &granary_gpu::ResidentQuota::new(u64::MAX),
+            granary_gpu::DeviceId(0),
+            2 * BUFFER,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap();
+    match other
+        .migrate(MigrationTarget::Device {
+            silo: Some(here(&two.node)),
+            device: 0,
+        })
+        .await
+    {
+        Err(MigrationError::NoTarget { reason, .. }) => {
+            assert!(reason.contains("device 0"), "{reason}")
+        }
+        other => panic!("a named device with no room: {other:?}"),
+    }
+    drop(full);
+    assert_eq!(other.call(Step { sender: 1, seq: 2 }).await.unwrap(), Ok(2));
+    cluster.census.check_one_at_a_time();
 }
 
 /// Moves grain `key` from silo 1 to silo 2 with the gate armed, and kills

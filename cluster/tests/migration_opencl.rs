@@ -16,7 +16,7 @@ mod gate;
 
 use std::sync::Arc;
 
-use common::tensor::{Cluster, moves_under_load};
+use common::tensor::{Cluster, Moves, moves_under_load};
 use granary_gpu::GpuBridge;
 use granary_kernels::BackendKind;
 
@@ -45,7 +45,7 @@ fn grains_move_between_opencl_devices_under_load() {
             cluster.node_on(2, opencl_bridge(128)).await,
             cluster.node_on(3, opencl_bridge(128)).await,
         ];
-        moves_under_load(&cluster, &nodes, 30, 10, 3_000, false).await;
+        moves_under_load(&cluster, &nodes, 30, 10, 3_000, false, Moves::AcrossSilos).await;
         // The buffers lived on the OpenCL device, not the CPU fallback.
         for node in &nodes {
             let on_opencl: u64 = node

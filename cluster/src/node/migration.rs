@@ -13,7 +13,10 @@
 //!    type declares (rule 5 of `node/mod.rs`, the same promise a first
 //!    call takes). One reservation per grain, at most 64 from one peer;
 //!    it holds until the state arrives, is released, or expires after
-//!    four call timeouts.
+//!    four call timeouts. A move to a named device of the target
+//!    (`MigrationTarget::Device`) also needs that device to exist and keep
+//!    room for the declared memory, and the arrival's buffers are made
+//!    there (`quotas.rs`: the grain is pinned to it while its hooks run).
 //! 2. **Calls wait, then follow.** The source marks the home moving: calls
 //!    that reach it now (from references here, whose lease is ended, and
 //!    from other silos) wait for the outcome and then go where the grain
@@ -68,6 +71,16 @@
 //!    (for at most four call timeouts); only then does the node stop
 //!    serving, and the rest deactivate as before (writing their state). A
 //!    GPU grain that could not move deactivates too.
+//! 7. **Between the devices of this node.** A move to a device of the
+//!    silo the grain is on (`MigrationTarget::Device` naming it, or no
+//!    silo) is no routing change: the activation stays, and its resident
+//!    buffers move. The home must be here and not moving; the activation
+//!    pauses between two turns (`granary_actors::migration` rule 6: calls
+//!    that arrive meanwhile wait in its mailbox, in order), every buffer
+//!    it holds moves to the device (`quotas.rs` rule 4: the device's room
+//!    first, device to device where the backend offers it, and all or
+//!    none), and the activation goes on with the same object. Nothing is
+//!    dehydrated, and the directory is not touched.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
 //! 5), `reserve` and `release` (rule 1), `layout`, `stage/...` and
@@ -89,6 +102,7 @@ use tokio::sync::watch;
 
 use super::directory_client::{DirectoryReply, DirectoryRequest};
 use super::home::Promise;
+use super::quotas::DeviceMoveError;
 use super::router::deadline_after;
 use super::{ClusterNode, Inner};
 use crate::SiloId;
@@ -96,6 +110,7 @@ use crate::connection::InboundRequest;
 use crate::directory::ActivationAddress;
 use crate::placement::PlacementRequest;
 use crate::wire::RemoteError;
+use granary_gpu::{RelocateError, ResidentError};
 
 /// The reserved grain type of migration requests.
 pub(super) const MIGRATION: &str = "$migration";
@@ -111,6 +126,11 @@ const MAX_RESERVATIONS_PER_PEER: usize = 64;
 
 /// Grains moving off a leaving silo at once (rule 6).
 const DRAIN_AT_ONCE: usize = 8;
+
+/// Whether `name` names `silo`: its id as written, or its address.
+fn names(silo: &SiloId, name: &str) -> bool {
+    silo.to_string() == name || silo.address == name
+}
 
 fn no_reservation() -> MigrationError {
     MigrationError::Unsupported {
@@ -139,6 +159,8 @@ struct MoveRequest {
 struct Reserve {
     grain: GrainId,
     ticket: u64,
+    /// The device named, if any (rule 1).
+    device: Option<u32>,
 }
 
 /// The parts of a state on its way, by name and length (rule 3); their
@@ -183,6 +205,8 @@ struct VerdictRequest {
 pub(super) struct Reservation {
     grain: GrainId,
     _promise: Promise,
+    /// The device the arrival's buffers are made on, if one was named.
+    device: Option<usize>,
     /// The state's parts as they arrive, once their layout is known.
     parts: Option<Vec<(String, Vec<u8>)>>,
     /// The chunks staged, by part: their offsets and ends (a chunk over
@@ -313,6 +337,11 @@ impl Inner {
         };
         if !self.silo.is_active_named(&grain.type_name, &grain.key) {
             return Err(not_active());
+        }
+        if let MigrationTarget::Device { silo, device } = target {
+            if silo.as_deref().is_none_or(|name| names(&self.id(), name)) {
+                return self.move_between_devices(grain, *device, started).await;
+            }
         }
         // Rule 1: room at the target first.
         let (to, ticket) = self.reserve_at(grain, target).await.inspect_err(|_| {
@@ -477,6 +506,83 @@ impl Inner {
         }
     }
 
+    /// Rule 7: moves the resident buffers of `grain`, whose home is here,
+    /// to this node's device `device`; the activation stays.
+    async fn move_between_devices(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        device: u32,
+        started: Instant,
+    ) -> Result<Migrated, MigrationError> {
+        let no_target = |reason: String| MigrationError::NoTarget {
+            grain: grain.clone(),
+            reason,
+        };
+        let Some(quotas) = self.quotas.clone() else {
+            return Err(no_target(format!("{} has no GPU bridge", self.id())));
+        };
+        if quotas.device_of(grain) == Some(device as usize) {
+            return Err(MigrationError::AlreadyThere {
+                grain: grain.clone(),
+            });
+        }
+        let paused = self
+            .home_side
+            .pause(grain)
+            .await
+            .inspect_err(|_| self.stats.migration_failed())?;
+        // Checked again with the grain paused: a move away may have begun
+        // meanwhile (its departure then waits behind the pause).
+        let moving = self
+            .homes
+            .get(grain)
+            .is_none_or(|home| home.moving.is_some() || home.leaving);
+        let moved = if moving {
+            Err(None)
+        } else {
+            quotas.relocate(grain, device as usize).await.map_err(Some)
+        };
+        drop(paused);
+        let moved = moved.map_err(|err| {
+            self.stats.migration_failed();
+            match err {
+                None => MigrationError::Busy {
+                    grain: grain.clone(),
+                },
+                Some(DeviceMoveError::NothingHeld) => no_target(format!(
+                    "it holds no device memory on {} to move",
+                    self.id()
+                )),
+                Some(DeviceMoveError::Relocate(RelocateError::AlreadyThere { .. })) => {
+                    MigrationError::AlreadyThere {
+                        grain: grain.clone(),
+                    }
+                }
+                Some(DeviceMoveError::Relocate(RelocateError::NoSuchDevice { .. })) => {
+                    no_target(format!("{} has no device {device}", self.id()))
+                }
+                Some(DeviceMoveError::Relocate(RelocateError::Resident(
+                    ResidentError::NoDevice { bytes },
+                ))) => no_target(format!("device {device} has no room for its {bytes} bytes")),
+                Some(DeviceMoveError::Relocate(err)) => MigrationError::Unavailable {
+                    grain: grain.clone(),
+                    reason: err.to_string(),
+                },
+            }
+        })?;
+        let took = started.elapsed();
+        self.stats.migrated(took, moved.bytes);
+        self.note_moved(grain);
+        tracing::debug!(%grain, device, bytes = moved.bytes, direct = moved.direct, ?took, "moved between devices");
+        let here = self.id().to_string();
+        Ok(Migrated {
+            from: here.clone(),
+            to: here,
+            bytes: moved.bytes,
+            took,
+        })
+    }
+
     /// Rule 1: reserves room for `grain` at the silo `target` names, or at
     /// the first of the placement's picks that has it.
     async fn reserve_at(
@@ -490,6 +596,10 @@ impl Inner {
             let request = Reserve {
                 grain: grain.clone(),
                 ticket,
+                device: match target {
+                    MigrationTarget::Device { device, .. } => Some(*device),
+                    _ => None,
+                },
             };
             match self
                 .migration_call::<_, ()>(&candidate, "reserve", &request)
@@ -505,7 +615,10 @@ impl Inner {
                 }
             }
             // A named silo is the only candidate.
-            if matches!(target, MigrationTarget::Silo(_)) {
+            if matches!(
+                target,
+                MigrationTarget::Silo(_) | MigrationTarget::Device { .. }
+            ) {
                 break;
             }
         }
@@ -531,9 +644,14 @@ impl Inner {
             })
             .cloned()
             .collect();
-        match target {
-            MigrationTarget::Silo(name) => {
-                let named = |silo: &SiloId| silo.to_string() == *name || silo.address == *name;
+        let named = match target {
+            MigrationTarget::Silo(name) => Some(name),
+            MigrationTarget::Device { silo, .. } => silo.as_ref(),
+            _ => None,
+        };
+        match named {
+            Some(name) => {
+                let named = |silo: &SiloId| names(silo, name);
                 if named(&self.id()) {
                     return Err(MigrationError::AlreadyThere {
                         grain: grain.clone(),
@@ -925,6 +1043,28 @@ impl Inner {
         if self.silo.at_activation_limit() {
             return Err(no_target("it holds its activation limit"));
         }
+        let device = match asked.device {
+            Some(device) => {
+                let declared = self
+                    .quotas
+                    .as_ref()
+                    .map_or(0, |quotas| quotas.declared(&grain.type_name));
+                match self
+                    .quotas
+                    .as_ref()
+                    .and_then(|q| q.room_on(device as usize))
+                {
+                    None => return Err(no_target(&format!("it has no device {device}"))),
+                    Some(room) if room < declared => {
+                        return Err(no_target(&format!(
+                            "device {device} keeps {room} bytes free, not the {declared} its type declares"
+                        )));
+                    }
+                    Some(_) => Some(device as usize),
+                }
+            }
+            None => None,
+        };
         let promise = self
             .promise(&grain.type_name)
             .map_err(|_| no_target("no device has room for the type's declared memory"))?;
@@ -934,6 +1074,7 @@ impl Inner {
             Reservation {
                 grain,
                 _promise: promise,
+                device,
                 parts: None,
                 staged: std::collections::HashMap::new(),
                 received: 0,
@@ -1060,7 +1201,14 @@ impl Inner {
                 vacant.insert(super::home::Home::arriving(generation, arrived_signal));
             }
         }
-        let arrival = match self.home_side.arrive(&grain, state).await {
+        // Rule 1: the buffers of a move to a named device are made there.
+        let pinned = reservation
+            .device
+            .zip(self.quotas.as_ref())
+            .map(|(device, quotas)| quotas.pin(&grain, device));
+        let arrived_here = self.home_side.arrive(&grain, state).await;
+        drop(pinned);
+        let arrival = match arrived_here {
             Ok(arrival) => arrival,
             Err(err) => {
                 tracing::debug!(%grain, error = %err, "an arriving grain did not start");

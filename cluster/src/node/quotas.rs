@@ -17,28 +17,44 @@
 //!    that asks for more never gets memory counted for another, and
 //!    nothing is evicted to make room for it. A type that declares no
 //!    device memory has a quota of none.
-//! 3. **Where it lives.** The device of each grain's last buffer is noted
-//!    for the rebalancer (`rebalance.rs` rule 3 weighs grains against the
-//!    device they are on), and forgotten when its activation ends.
+//! 3. **Where it lives.** Each activation's buffers are noted (weakly: a
+//!    note keeps no memory alive). A grain's buffers stay on one device
+//!    (a batch runs over buffers of one device): once it holds one, the
+//!    next go to that device or fail with `NoDevice`. The device they are
+//!    on is what the rebalancer weighs the grain against (`rebalance.rs`
+//!    rule 3); the note is dropped when the activation ends (a later
+//!    activation's first allocation notes it again).
+//! 4. **Moved together.** [`DeviceQuotas::relocate`] moves every buffer a
+//!    paused activation holds to another device of the node
+//!    (`granary_gpu`'s `resident.rs` rule 5: the target's room first, the
+//!    copy device to device where the backend offers it); if one cannot
+//!    move, those already moved go back, so the grain's buffers stay on
+//!    one device.
 //!
 //! Grains reach it as a service: `ctx.service::<DeviceQuotas>()`, provided
 //! by the node to its silo when it starts, on silos with a GPU bridge.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use dashmap::DashMap;
 use granary_actors::{GrainContext, GrainId};
-use granary_gpu::{GpuBridge, Requirements, ResidentBuffer, ResidentError, ResidentQuota};
+use granary_gpu::{
+    DeviceId, GpuBridge, RelocateError, Requirements, ResidentBuffer, ResidentError, ResidentQuota,
+    WeakResidentBuffer,
+};
 
 use crate::placement::GpuNeeds;
 
-/// The node's grains' device-memory quotas (rules 1 to 3).
+/// The node's grains' device-memory quotas (rules 1 to 4).
 pub struct DeviceQuotas {
     bridge: Arc<GpuBridge>,
     declared: HashMap<String, u64>,
-    /// Rule 3: the device index of each grain's last buffer.
-    devices: DashMap<GrainId, usize>,
+    /// Rule 3: each active grain's buffers, as its activation keeps them.
+    held: DashMap<GrainId, Weak<Held>>,
+    /// Rule 3: grains whose first buffer goes to a given device (an
+    /// arrival moved to a named device), while a pin lives.
+    pins: DashMap<GrainId, usize>,
 }
 
 impl std::fmt::Debug for DeviceQuotas {
@@ -49,8 +65,63 @@ impl std::fmt::Debug for DeviceQuotas {
     }
 }
 
-/// The quota an activation keeps (rule 1).
-struct ActivationQuota(ResidentQuota);
+/// What an activation keeps (rules 1 and 3): its quota and its buffers.
+struct Held {
+    quota: ResidentQuota,
+    buffers: Mutex<Vec<WeakResidentBuffer>>,
+}
+
+impl Held {
+    /// The buffers still alive, forgetting the others.
+    fn live(&self) -> Vec<ResidentBuffer> {
+        let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        let live: Vec<ResidentBuffer> = buffers.iter().filter_map(|b| b.upgrade()).collect();
+        buffers.retain(|buffer| buffer.upgrade().is_some());
+        live
+    }
+}
+
+/// A grain pinned to a device (rule 3), until dropped.
+pub(super) struct Pin {
+    quotas: Arc<DeviceQuotas>,
+    grain: GrainId,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.quotas.pins.remove(&self.grain);
+    }
+}
+
+/// A move between devices that did not happen (rule 4): the grain's
+/// buffers are where they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum DeviceMoveError {
+    /// The grain holds no resident buffer here: nothing to move.
+    NothingHeld,
+    /// A buffer could not move; those moved went back.
+    Relocate(RelocateError),
+}
+
+impl std::fmt::Display for DeviceMoveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceMoveError::NothingHeld => f.write_str("the grain holds no device memory here"),
+            DeviceMoveError::Relocate(err) => err.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for DeviceMoveError {}
+
+/// A move between devices done (rule 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DeviceMove {
+    /// The bytes of every buffer moved.
+    pub bytes: u64,
+    /// Whether they all went device to device, none through the host.
+    pub direct: bool,
+}
 
 impl DeviceQuotas {
     pub(super) fn new(bridge: Arc<GpuBridge>, needs: &HashMap<String, GpuNeeds>) -> DeviceQuotas {
@@ -60,7 +131,8 @@ impl DeviceQuotas {
                 .iter()
                 .map(|(grain_type, needs)| (grain_type.clone(), needs.device_memory))
                 .collect(),
-            devices: DashMap::new(),
+            held: DashMap::new(),
+            pins: DashMap::new(),
         }
     }
 
@@ -72,38 +144,124 @@ impl DeviceQuotas {
     /// The quota of `ctx`'s activation (rule 1): made with what its type
     /// declares on first use.
     pub fn quota(&self, ctx: &GrainContext) -> ResidentQuota {
+        self.held(ctx).quota.clone()
+    }
+
+    /// What `ctx`'s activation keeps (rules 1 and 3), noted for the node.
+    fn held(&self, ctx: &GrainContext) -> Arc<Held> {
         let declared = self.declared(&ctx.id().type_name);
-        ctx.activation_local(|| ActivationQuota(ResidentQuota::new(declared)))
-            .0
-            .clone()
+        let held = ctx.activation_local(|| Held {
+            quota: ResidentQuota::new(declared),
+            buffers: Mutex::new(Vec::new()),
+        });
+        self.held.insert(ctx.id().clone(), Arc::downgrade(&held));
+        held
     }
 
     /// A resident buffer of `bytes` for `ctx`'s grain, charged to its
     /// activation's quota (rule 2): [`ResidentError::OverQuota`] if it
-    /// would take the grain past what its type declares.
+    /// would take the grain past what its type declares. It goes to the
+    /// device of the grain's other buffers, if it holds any (rule 3).
     pub async fn allocate(
         &self,
         ctx: &GrainContext,
         bytes: usize,
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
-        let quota = self.quota(ctx);
-        let buffer = self
-            .bridge
-            .allocate_resident_within(&quota, bytes, need)
-            .await?;
-        self.devices.insert(ctx.id().clone(), buffer.device().0);
+        let held = self.held(ctx);
+        let device = match held.live().first() {
+            Some(other) => Some(other.device()),
+            None => self.pins.get(ctx.id()).map(|pin| DeviceId(*pin)),
+        };
+        let buffer = match device {
+            Some(device) => {
+                self.bridge
+                    .allocate_resident_within_on(&held.quota, device, bytes, need)
+                    .await?
+            }
+            None => {
+                self.bridge
+                    .allocate_resident_within(&held.quota, bytes, need)
+                    .await?
+            }
+        };
+        held.buffers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buffer.downgrade());
         Ok(buffer)
     }
 
-    /// Rule 3: the device `grain`'s last buffer went to, while it is
-    /// active.
+    /// Rule 3: the device `grain`'s buffers are on, while it is active
+    /// and holds any.
     pub(super) fn device_of(&self, grain: &GrainId) -> Option<usize> {
-        self.devices.get(grain).map(|device| *device)
+        let held = self.held.get(grain)?.upgrade()?;
+        held.live().first().map(|buffer| buffer.device().0)
+    }
+
+    /// Rule 3: `grain`'s first buffers go to device `device` until the
+    /// pin is dropped.
+    pub(super) fn pin(self: &Arc<Self>, grain: &GrainId, device: usize) -> Pin {
+        self.pins.insert(grain.clone(), device);
+        Pin {
+            quotas: self.clone(),
+            grain: grain.clone(),
+        }
+    }
+
+    /// The device memory device `device` keeps free for resident buffers
+    /// (what is not kept already), or `None` if the node has no such
+    /// device.
+    pub(super) fn room_on(&self, device: usize) -> Option<u64> {
+        self.bridge.broker().unkept(DeviceId(device)).ok()
     }
 
     /// Rule 3: `grain`'s activation ended.
     pub(super) fn forget(&self, grain: &GrainId) {
-        self.devices.remove(grain);
+        self.held.remove(grain);
+    }
+
+    /// Rule 4: moves every buffer `grain`'s activation holds to device
+    /// `to`, with the activation paused (`granary_actors::migration` rule
+    /// 6) so that none is used or made meanwhile.
+    pub(super) async fn relocate(
+        &self,
+        grain: &GrainId,
+        to: usize,
+    ) -> Result<DeviceMove, DeviceMoveError> {
+        let held = self
+            .held
+            .get(grain)
+            .and_then(|held| held.upgrade())
+            .ok_or(DeviceMoveError::NothingHeld)?;
+        let buffers = held.live();
+        let Some(first) = buffers.first() else {
+            return Err(DeviceMoveError::NothingHeld);
+        };
+        let from = first.device();
+        let mut moved = DeviceMove {
+            bytes: 0,
+            direct: true,
+        };
+        for (at, buffer) in buffers.iter().enumerate() {
+            match self.bridge.relocate(buffer, DeviceId(to)).await {
+                Ok(done) => {
+                    moved.bytes += done.bytes;
+                    moved.direct &= done.direct;
+                }
+                Err(err) => {
+                    // Back where they were: what they left is free again,
+                    // unless someone took it meanwhile, which leaves the
+                    // grain's buffers on two devices (logged).
+                    for back in &buffers[..at] {
+                        if let Err(back_err) = self.bridge.relocate(back, from).await {
+                            tracing::warn!(%grain, error = %back_err, "a buffer could not go back to its device");
+                        }
+                    }
+                    return Err(DeviceMoveError::Relocate(err));
+                }
+            }
+        }
+        Ok(moved)
     }
 }

@@ -309,6 +309,29 @@ impl Handler<Inspect> for Tensor {
     }
 }
 
+/// The device index of a tensor's buffers, and this activation's number.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Where;
+impl Message for Where {
+    type Reply = (Option<usize>, u64);
+}
+impl Handler<Where> for Tensor {
+    async fn handle(&mut self, _: Where, _: &mut GrainContext) -> (Option<usize>, u64) {
+        let devices: Vec<usize> = self
+            .buffer
+            .iter()
+            .chain(&self.extra)
+            .map(|buffer| buffer.device().0)
+            .collect();
+        let device = devices.first().copied();
+        assert!(
+            devices.iter().all(|d| Some(*d) == device),
+            "a grain's buffers on two devices: {devices:?}"
+        );
+        (device, self.activation)
+    }
+}
+
 /// Asks a tensor to keep another resident buffer of this many bytes.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Grow(pub usize);
@@ -373,6 +396,8 @@ pub fn gossip(port: u16) -> SocketAddr {
 pub struct Cluster {
     /// The rebalancer of the nodes made from now on.
     pub rebalance: Option<RebalanceConfig>,
+    /// The device memory a tensor declares, on the nodes made from now on.
+    pub declared: u64,
     pub network: InProcessNetwork,
     pub gossip: ChannelTransport,
     pub storage: Arc<MemoryStorage>,
@@ -390,6 +415,7 @@ impl Cluster {
     pub fn new(base: u16) -> Cluster {
         Cluster {
             rebalance: None,
+            declared: BUFFER as u64,
             network: InProcessNetwork::new(),
             gossip: ChannelTransport::default(),
             storage: Arc::new(MemoryStorage::new()),
@@ -412,6 +438,7 @@ impl Cluster {
             .message::<Tensor, Step>("step")
             .message::<Tensor, Inspect>("inspect")
             .message::<Tensor, Grow>("grow")
+            .message::<Tensor, Where>("where")
             .migratable::<Tensor>()
             .register::<Plain>("plain")
             .message::<Plain, Ping>("ping")
@@ -442,7 +469,7 @@ impl Cluster {
         config.load_interval = Duration::from_millis(50);
         config.rebalance = self.rebalance.clone();
         let needs = GpuNeeds {
-            device_memory: BUFFER as u64,
+            device_memory: self.declared,
             ..GpuNeeds::default()
         };
         let node = ClusterNode::builder(silo, config)
@@ -499,6 +526,16 @@ pub async fn reach(grain: &granary_actors::GrainRef<Tensor>) -> (u64, Vec<u8>, u
 /// call is answered once and in order per sender, every buffer and step
 /// count arrives intact, one activation serves each grain at a time, and
 /// the device memory reserved returns to one buffer per grain.
+/// Where [`moves_under_load`] moves each grain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moves {
+    /// To another silo, wherever placement picks.
+    AcrossSilos,
+    /// To the other device of its silo (every silo has two): the
+    /// activation stays.
+    BetweenDevices,
+}
+
 pub async fn moves_under_load(
     cluster: &Cluster,
     nodes: &[Node; 3],
@@ -506,6 +543,7 @@ pub async fn moves_under_load(
     sender_count: u64,
     calls: u64,
     every_device: bool,
+    how: Moves,
 ) {
     let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
     converged(&all, 3).await;
@@ -531,6 +569,19 @@ pub async fn moves_under_load(
                 "a device holds no buffer: {devices:?}"
             );
         }
+    }
+    // Where each grain is before the moves: its device, and its
+    // activation.
+    let mut placed = Vec::new();
+    for key in 0..grains {
+        placed.push(
+            nodes[0]
+                .node
+                .grain::<Tensor>(key)
+                .call(Where)
+                .await
+                .unwrap(),
+        );
     }
     // The senders, each sending its calls to the grains in turn, one at a
     // time, from silos in turn; meanwhile every grain moves once.
@@ -560,10 +611,15 @@ pub async fn moves_under_load(
     let mut moves = Vec::new();
     for key in 0..grains {
         let node = nodes[(key as usize + 1) % 3].node.clone();
+        let target = match how {
+            Moves::AcrossSilos => MigrationTarget::Any,
+            Moves::BetweenDevices => MigrationTarget::Device {
+                silo: None,
+                device: 1 - placed[key as usize].0.expect("a buffer") as u32,
+            },
+        };
         moves.push(tokio::spawn(async move {
-            node.grain::<Tensor>(key)
-                .migrate(MigrationTarget::Any)
-                .await
+            node.grain::<Tensor>(key).migrate(target).await
         }));
         if key % 10 == 9 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -573,8 +629,16 @@ pub async fn moves_under_load(
     for (key, moved) in moves.into_iter().enumerate() {
         let moved = moved.await.unwrap();
         let moved = moved.unwrap_or_else(|err| panic!("grain {key} did not move: {err}"));
-        assert_ne!(moved.from, moved.to);
-        assert!(moved.bytes >= BUFFER as u64);
+        match how {
+            Moves::AcrossSilos => {
+                assert_ne!(moved.from, moved.to);
+                assert!(moved.bytes >= BUFFER as u64);
+            }
+            Moves::BetweenDevices => {
+                assert_eq!(moved.from, moved.to);
+                assert_eq!(moved.bytes, BUFFER as u64, "the buffer, and nothing else");
+            }
+        }
         took.push(moved.took);
     }
     for sender in senders {
@@ -603,6 +667,20 @@ pub async fn moves_under_load(
         );
     }
     cluster.census.check_one_at_a_time();
+    if how == Moves::BetweenDevices {
+        // The same activations, on the other device.
+        for key in 0..grains {
+            let (device, activation) = nodes[0]
+                .node
+                .grain::<Tensor>(key)
+                .call(Where)
+                .await
+                .unwrap();
+            let (was, first) = placed[key as usize];
+            assert_eq!(activation, first, "grain {key} was activated again");
+            assert_eq!(device, was.map(|d| 1 - d), "grain {key}'s device");
+        }
+    }
     // Accounting: the moved buffers were freed at their sources.
     let deadline = Instant::now() + Duration::from_secs(5);
     while reserved(&nodes.iter().collect::<Vec<_>>()) != before {

@@ -19,9 +19,13 @@
 //!    the device's or silo's total.
 //! 3. **High water.** When one of this silo's devices holds more than
 //!    `high_water` of its memory, the silo moves grains on that device
-//!    away until what they weigh covers its excess down to `high_water -
-//!    hysteresis`. A grain counts against the device its buffers are on;
-//!    one whose device is not known, only on a silo of one device.
+//!    until what they weigh covers its excess down to `high_water -
+//!    hysteresis`: to another of its own devices that stays within rule
+//!    6's fill limit first (the cheapest move: no network, and the
+//!    activation stays, `node/migration.rs` rule 7), the emptiest such;
+//!    else away. A grain counts against the device its buffers are on;
+//!    one whose device is not known, only on a silo of one device (and it
+//!    only moves away).
 //! 4. **Spread.** Otherwise, when this silo is above the cluster's mean
 //!    fraction (over the silos that host its grains' types) and more than
 //!    `margin` above the emptiest of them (a silo that just joined with
@@ -37,9 +41,11 @@
 //!    (the hysteresis that stops oscillation).
 //! 5. **Queue.** Otherwise, when one of this silo's devices has had at
 //!    least `queue_depth` requests waiting for `queue_rounds` rounds in a
-//!    row while a device of another silo with the same backend and at
-//!    least as many compute units has none, the silo moves its busiest
-//!    grain (idle shortest) there, one per round.
+//!    row while another device with the same backend and at least as many
+//!    compute units has none, the silo moves its busiest grain (idle
+//!    shortest) there, one per round: the busiest grain on a busy device
+//!    to such a device of its own first, else its busiest grain to such
+//!    a device of another silo.
 //! 6. **Never oversubscribe, never twice.** A silo never plans a move that
 //!    takes a target past `high_water - hysteresis` of its memory, nor
 //!    past its free memory; the target's reservation then checks its free
@@ -237,6 +243,9 @@ pub struct Move {
     pub grain: GrainId,
     /// Where it goes.
     pub to: SiloId,
+    /// The device of this silo it goes to, for a move between this
+    /// silo's devices (rules 3 and 5); `None` for a move away.
+    pub device: Option<usize>,
     /// What it weighs.
     pub bytes: u64,
     /// Why.
@@ -284,6 +293,38 @@ impl Target<'_> {
             && self.used.saturating_add(bytes) as f64 <= config.fill_limit(self.total)
             && self.used.saturating_add(bytes) <= self.total
     }
+}
+
+/// One of this silo's devices, as a target of a move between them (rules
+/// 3 and 5).
+struct LocalDevice {
+    index: usize,
+    used: u64,
+    total: u64,
+}
+
+impl LocalDevice {
+    /// Rule 6: whether `bytes` more keeps it below the fill limit and
+    /// within its memory.
+    fn takes(&self, config: &RebalanceConfig, bytes: u64) -> bool {
+        self.used.saturating_add(bytes) as f64 <= config.fill_limit(self.total)
+            && self.used.saturating_add(bytes) <= self.total
+    }
+}
+
+/// The emptiest of `local` but device `from` that takes `bytes` (rule 3).
+fn emptiest_but<'a>(
+    config: &RebalanceConfig,
+    local: &'a mut [LocalDevice],
+    from: usize,
+    bytes: u64,
+) -> Option<&'a mut LocalDevice> {
+    local
+        .iter_mut()
+        .filter(|device| device.index != from && device.takes(config, bytes))
+        .min_by(|a, b| {
+            (a.used as f64 / a.total as f64).total_cmp(&(b.used as f64 / b.total as f64))
+        })
 }
 
 /// The devices of `devices` that are weighed (rule 2): all but a CPU
@@ -385,6 +426,14 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             )
         })
         .collect();
+    // This silo's own devices, as targets of moves between them.
+    let mut local: Vec<LocalDevice> = weighed(mine)
+        .map(|(index, device)| LocalDevice {
+            index,
+            used: used(device),
+            total: device.total_memory,
+        })
+        .collect();
     if !excess.is_empty() {
         let single = single_weighed(mine);
         let mut unplaced = Vec::new();
@@ -404,6 +453,22 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             if plan.moves.len() >= config.moves_per_round {
                 continue;
             }
+            // The emptiest other device here that takes it, first.
+            let here = candidate
+                .device
+                .and_then(|from| emptiest_but(config, &mut local, from, candidate.bytes));
+            if let Some(to) = here {
+                to.used += candidate.bytes;
+                *left -= candidate.bytes as f64;
+                plan.moves.push(Move {
+                    grain: candidate.grain.clone(),
+                    to: me.silo.clone(),
+                    device: Some(to.index),
+                    bytes: candidate.bytes,
+                    reason: Reason::HighWater,
+                });
+                continue;
+            }
             // The emptiest target that takes it.
             let best = targets
                 .iter_mut()
@@ -416,6 +481,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     plan.moves.push(Move {
                         grain: candidate.grain.clone(),
                         to: target.member.silo.clone(),
+                        device: None,
                         bytes: candidate.bytes,
                         reason: Reason::HighWater,
                     });
@@ -488,6 +554,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     plan.moves.push(Move {
                         grain: candidate.grain.clone(),
                         to: target.member.silo.clone(),
+                        device: None,
                         bytes: candidate.bytes,
                         reason: Reason::Spread,
                     });
@@ -505,6 +572,44 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             .iter()
             .filter(|device| device.queue_depth >= config.queue_depth)
             .collect();
+        // Between this silo's devices first: the busiest grain on a busy
+        // device, to an idle like device here with room.
+        let mut on_busy: Vec<&Candidate> = movable
+            .iter()
+            .copied()
+            .filter(|candidate| {
+                candidate
+                    .device
+                    .and_then(|device| mine.get(device))
+                    .is_some_and(|device| device.queue_depth >= config.queue_depth)
+            })
+            .collect();
+        on_busy.sort_by_key(|candidate| candidate.idle_for);
+        for candidate in on_busy {
+            let Some(from) = candidate.device.and_then(|device| mine.get(device)) else {
+                continue;
+            };
+            let idle_like = |index: usize| {
+                mine.get(index).is_some_and(|theirs| {
+                    theirs.queue_depth == 0
+                        && theirs.backend == from.backend
+                        && theirs.compute_units >= from.compute_units
+                })
+            };
+            let to = local
+                .iter()
+                .find(|to| idle_like(to.index) && to.takes(config, candidate.bytes));
+            if let Some(to) = to {
+                plan.moves.push(Move {
+                    grain: candidate.grain.clone(),
+                    to: me.silo.clone(),
+                    device: Some(to.index),
+                    bytes: candidate.bytes,
+                    reason: Reason::Queue,
+                });
+                return plan;
+            }
+        }
         let like_and_idle = |target: &Target<'_>| {
             target.member.load.devices.iter().any(|theirs| {
                 theirs.queue_depth == 0
@@ -521,6 +626,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 plan.moves.push(Move {
                     grain: candidate.grain.clone(),
                     to: target.member.silo.clone(),
+                    device: None,
                     bytes: candidate.bytes,
                     reason: Reason::Queue,
                 });

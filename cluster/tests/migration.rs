@@ -26,6 +26,8 @@
 //! - the rebalancer: two silos at 95% of their device memory and a third
 //!   that joins empty end within 20 points of each other while every
 //!   grain is called, and no grain moves twice;
+//! - past high water on one device of a silo, the rebalancer moves grains
+//!   to its other device, the same activations going on;
 //! - pressure: past high water, new GPU grains go to a silo below it, a
 //!   grain asking for more than it declared gets the quota's typed error
 //!   and nothing is evicted for it, and with nowhere to move, the grains
@@ -755,5 +757,79 @@ async fn with_nowhere_to_move_pressure_deactivates_the_grains_idle_longest() {
         bytes == initial(shed[0]),
         "tensor {} came back afresh",
         shed[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_high_water_the_rebalancer_moves_grains_to_another_device_of_the_silo() {
+    let mut cluster = Cluster::new(47_900);
+    cluster.rebalance = Some(rebalancing(Duration::from_secs(3_600)));
+    // One silo of two 20 MiB devices.
+    let node = cluster.node_on(1, cpu_bridge_devices(20, 2)).await;
+    converged(&[&node.node], 1).await;
+    let kept = |device: usize| node.bridge.devices()[device].2.kept;
+    // Device 1 full of something else while 18 tensors are made: they all
+    // go to device 0 (90%, as far as a new GPU grain may fill it); a MiB
+    // of something else there takes it to 95%; then device 1 is emptied.
+    let ballast = node
+        .bridge
+        .allocate_resident_within_on(
+            &granary_gpu::ResidentQuota::new(u64::MAX),
+            granary_gpu::DeviceId(1),
+            (20 * MIB) as usize,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap();
+    for key in 0..18u64 {
+        node.node.grain::<Tensor>(key).call(Inspect).await.unwrap();
+    }
+    let _unmovable = node
+        .bridge
+        .allocate_resident_within_on(
+            &granary_gpu::ResidentQuota::new(u64::MAX),
+            granary_gpu::DeviceId(0),
+            MIB as usize,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept(0), 19 * MIB);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders = keep_calling(&node.node, 0..18, &stop);
+    drop(ballast);
+    // Device 0 comes down to the fill limit (16 MiB) by moves to device 1.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kept(0) > 16 * MIB {
+        assert!(
+            Instant::now() < deadline,
+            "device 0 still keeps {} MiB",
+            kept(0) / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Release);
+    for sender in senders {
+        assert!(sender.await.unwrap() > 0);
+    }
+    assert_eq!(kept(0) + kept(1), 19 * MIB, "nothing shed, nothing lost");
+    let moved = node.node.stats().migrations.count;
+    assert_eq!(moved, kept(1) / MIB, "one move per grain now on device 1");
+    let decided = node.node.stats().rebalance;
+    assert!(
+        decided
+            .iter()
+            .any(|d| d.reason == Reason::HighWater && d.done == moved),
+        "{decided:?}"
+    );
+    // The same activations serve, each on one device, with its state.
+    cluster.census.check_one_at_a_time();
+    for key in 0..18u64 {
+        let (steps, bytes, _) = node.node.grain::<Tensor>(key).call(Inspect).await.unwrap();
+        assert!(bytes == expected(key, steps), "grain {key}'s buffer");
+    }
+    assert!(
+        cluster.census.arrivals.lock().unwrap().is_empty(),
+        "no grain left its silo"
     );
 }

@@ -12,7 +12,10 @@
 //!    activation here (its idle time read from the silo, the device of its
 //!    buffers from its quota); those whose type is not migratable may only
 //!    be deactivated.
-//! 3. What the node sent a silo counts against it until the target
+//! 3. A move between this node's devices is a `MigrationTarget::Device`
+//!    of this silo (`migration.rs` rule 7), and counts against no other
+//!    silo: the node's own devices are read fresh each round. What the
+//!    node sent a silo counts against it until the target
 //!    publishes a load taken after the move ended, or for at most ten load
 //!    intervals or two rounds, whichever is longer (`rebalance.rs` rule
 //!    1). "After" is judged on the target's clock alone: the time stamp of
@@ -170,7 +173,13 @@ impl Inner {
                 if !self.serving() {
                     return None;
                 }
-                let target = MigrationTarget::Silo(decided.to.to_string());
+                let target = match decided.device {
+                    Some(device) => MigrationTarget::Device {
+                        silo: None,
+                        device: u32::try_from(device).unwrap_or(u32::MAX),
+                    },
+                    None => MigrationTarget::Silo(decided.to.to_string()),
+                };
                 let moved = self.migrate_here_detached(&decided.grain, &target).await;
                 match &moved {
                     Ok(migrated) => tracing::debug!(
@@ -191,7 +200,9 @@ impl Inner {
                 self.stats.rebalanced(decided.reason, moved.is_ok());
                 let took_ms = u64::try_from(decided_at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let baseline = baselines.get(&decided.to).copied().unwrap_or(0);
-                moved.is_ok().then(|| Sent {
+                // A move between this silo's devices shows in its own
+                // devices, read fresh each round: nothing to count.
+                (moved.is_ok() && decided.device.is_none()).then(|| Sent {
                     shown_from_ms: baseline
                         .saturating_add(took_ms)
                         .saturating_add(staleness_ms),

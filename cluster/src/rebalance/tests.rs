@@ -285,6 +285,7 @@ fn a_queue_long_for_rounds_moves_the_busiest_grain_to_an_idle_like_device() {
         vec![Move {
             grain: grain(9),
             to: SiloId::new("b", 1),
+            device: None,
             bytes: MIB,
             reason: Reason::Queue,
         }]
@@ -335,9 +336,10 @@ fn on_a_silo_of_two_devices_only_grains_on_the_one_past_high_water_go() {
         moves_per_round: 100,
         ..config()
     };
-    // Device 0 at 95%, device 1 at 10%.
+    // Device 0 at 95%, device 1 at 85%: past the fill limit itself, so
+    // the grains go to another silo.
     let view = vec![
-        member("a", vec![device(20, 19), device(20, 2)]),
+        member("a", vec![device(20, 19), device(20, 17)]),
         member("c", vec![device(40, 0)]),
     ];
     let mut grains = candidates(0..21);
@@ -355,6 +357,11 @@ fn on_a_silo_of_two_devices_only_grains_on_the_one_past_high_water_go() {
     // 19 MiB down to 16 on device 0: three of its grains, none of device 1.
     let moved: Vec<_> = plan.moves.iter().map(|mv| mv.grain.clone()).collect();
     assert_eq!(moved, vec![grain(2), grain(3), grain(4)], "{plan:?}");
+    assert!(
+        plan.moves
+            .iter()
+            .all(|mv| mv.to == SiloId::new("c", 1) && mv.device.is_none())
+    );
     // A grain whose device is not known counts on no device of two.
     for candidate in &mut grains {
         candidate.device = None;
@@ -430,4 +437,102 @@ fn grains_past_the_rounds_moves_wait_for_the_next_round_rather_than_being_shed()
     let plan = plan_for(&config, "a", &view, &grains);
     assert_eq!(plan.moves.len(), 2, "{plan:?}");
     assert!(plan.shed.is_empty(), "{plan:?}");
+}
+
+#[test]
+fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
+    let config = RebalanceConfig {
+        moves_per_round: 100,
+        ..config()
+    };
+    // Device 0 at 95%, device 1 at 50%, device 2 at 40%; silo c empty.
+    let view = vec![
+        member("a", vec![device(20, 19), device(20, 10), device(20, 8)]),
+        member("c", vec![device(40, 0)]),
+    ];
+    let grains = candidates(0..19);
+    let plan = plan_for(&config, "a", &view, &grains);
+    // 19 MiB down to 16 on device 0: three grains idle longest, to the
+    // emptiest device here each time (2, then 1 and 2 level), none away.
+    let moved: Vec<_> = plan
+        .moves
+        .iter()
+        .map(|mv| (mv.grain.clone(), mv.to.clone(), mv.device, mv.reason))
+        .collect();
+    let a = SiloId::new("a", 1);
+    assert_eq!(
+        moved,
+        vec![
+            (grain(0), a.clone(), Some(2), Reason::HighWater),
+            (grain(1), a.clone(), Some(2), Reason::HighWater),
+            (grain(2), a.clone(), Some(1), Reason::HighWater),
+        ],
+        "{plan:?}"
+    );
+    // Only up to the fill limit (16 MiB) of a device here: with both at
+    // 15 MiB, one grain fits on each, and the third goes away.
+    let view = vec![
+        member("a", vec![device(20, 19), device(20, 15), device(20, 15)]),
+        member("c", vec![device(40, 0)]),
+    ];
+    let plan = plan_for(&config, "a", &view, &grains);
+    let went: Vec<_> = plan.moves.iter().map(|mv| mv.device).collect();
+    assert_eq!(went, vec![Some(1), Some(2), None], "{plan:?}");
+    assert_eq!(plan.moves[2].to, SiloId::new("c", 1));
+}
+
+#[test]
+fn a_long_queue_moves_the_busiest_grain_on_it_to_an_idle_like_device_of_the_same_silo_first() {
+    let config = config();
+    let mut busy = device(100, 50);
+    busy.queue_depth = 64;
+    let idle_here = device(100, 50);
+    let mut weaker_here = device(100, 10);
+    weaker_here.compute_units = 4;
+    let view = vec![
+        member(
+            "a",
+            vec![busy.clone(), weaker_here.clone(), idle_here.clone()],
+        ),
+        member("b", vec![device(100, 50)]),
+    ];
+    let mut grains = candidates(0..10);
+    // The busiest grain (9, idle shortest) is on device 2; the busiest on
+    // the busy device 0 is 8.
+    grains[9].device = Some(2);
+    // Silo b is as full as a: no spread.
+    let me = SiloId::new("a", 1);
+    let sent = HashMap::new();
+    let snapshot = Snapshot {
+        me: &me,
+        view: &view,
+        grains: &grains,
+        sent: &sent,
+        long_queue_rounds: 3,
+    };
+    assert_eq!(
+        plan(&config, &snapshot).moves,
+        vec![Move {
+            grain: grain(8),
+            to: me.clone(),
+            device: Some(2),
+            bytes: MIB,
+            reason: Reason::Queue,
+        }]
+    );
+    // With no like device idle here, the busiest grain goes away.
+    let view = vec![
+        member("a", vec![busy, weaker_here]),
+        member("b", vec![device(100, 50)]),
+    ];
+    let snapshot = Snapshot {
+        view: &view,
+        ..snapshot
+    };
+    let moves = plan(&config, &snapshot).moves;
+    assert_eq!(moves.len(), 1);
+    assert_eq!(
+        (moves[0].to.clone(), moves[0].device),
+        (SiloId::new("b", 1), None)
+    );
 }

@@ -26,6 +26,17 @@
 //!   `MemoryStorage` (no disk: the cheapest storage there is) and in
 //!   `RedbStorage` on disk (the embedded default).
 //!
+//! - `move_64mib/between_devices`: the same grain on a third node, alone,
+//!   whose CPU backend has two devices of 1 GiB each: `GrainRef::migrate`
+//!   to the other device of its silo (`MigrationTarget::Device`). The
+//!   activation pauses between turns, the buffer is copied device to
+//!   device (on the CPU backend one memcpy between the two devices'
+//!   memory) and the old one freed; nothing is dehydrated or routed.
+//!   Reported beside the others: there is no peer that does this.
+//!
+//! Every node declares the type's 64 MiB (`NodeBuilder::needs`), and the
+//! grain allocates through the node's `DeviceQuotas`, as a GPU grain does.
+//!
 //! Then, outside criterion, the calls' side: 8 tasks, four on each silo,
 //! call the grain back to back for 3 s, once with no migration and once
 //! while the grain moves back and forth between the two; the p50, p99,
@@ -39,7 +50,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use granary_actors::migration::{Dehydrated, HookError, Migratable, MigrationTarget};
 use granary_actors::storage::{MemoryStorage, PersistentState, RedbStorage, StorageProvider};
 use granary_actors::{ActivationError, Grain, GrainContext, GrainKey, Handler, Message, Silo};
-use granary_cluster::{ClusterNode, ClusterSecret, NodeConfig, PreferLocal};
+use granary_cluster::{
+    ClusterNode, ClusterSecret, DeviceQuotas, GpuNeeds, NodeConfig, PreferLocal,
+};
 use granary_gpu::{GpuBridge, ResidentBuffer};
 use granary_kernels::{CpuBackend, DeviceInfo, host_device};
 use serde::{Deserialize, Serialize};
@@ -97,9 +110,9 @@ impl Grain for Model {
 }
 
 async fn allocate(ctx: &GrainContext) -> Result<ResidentBuffer, String> {
-    let bridge = ctx.service::<GpuBridge>().ok_or("no bridge")?;
-    bridge
-        .allocate_resident(BUFFER, &granary_gpu::Requirements::default())
+    let quotas = ctx.service::<DeviceQuotas>().ok_or("no device quotas")?;
+    quotas
+        .allocate(ctx, BUFFER, &granary_gpu::Requirements::default())
         .await
         .map_err(|err| err.to_string())
 }
@@ -143,6 +156,20 @@ impl Handler<Touch> for Model {
     }
 }
 
+/// The device index of the grain's buffer.
+#[derive(Serialize, Deserialize)]
+struct Device;
+impl Message for Device {
+    type Reply = u32;
+}
+impl Handler<Device> for Model {
+    async fn handle(&mut self, _: Device, _: &mut GrainContext) -> u32 {
+        self.buffer
+            .as_ref()
+            .map_or(0, |buffer| buffer.device().0 as u32)
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -160,45 +187,12 @@ fn secret() -> ClusterSecret {
 }
 
 /// Two nodes over TCP on loopback sharing `storage`, gossip ports from
-/// `base`.
+/// `base`, each with a CPU device of 1 GiB.
 async fn pair(storage: Arc<dyn StorageProvider>, base: u16) -> [ClusterNode; 2] {
     let gossip = chitchat::transport::ChannelTransport::default();
     let mut nodes = Vec::new();
     for n in [1u16, 2] {
-        let bridge = Arc::new(
-            GpuBridge::builder()
-                .cpu_backend(CpuBackend::with_device(DeviceInfo {
-                    total_memory: 1 << 30,
-                    free_memory: 1 << 30,
-                    ..host_device()
-                }))
-                .build()
-                .expect("a bridge"),
-        );
-        let silo = Silo::builder()
-            .register::<Model>("model")
-            .message::<Model, Touch>("touch")
-            .migratable::<Model>()
-            .service(bridge)
-            .storage(storage.clone())
-            .build()
-            .expect("a silo");
-        let address = std::net::SocketAddr::from(([127, 0, 0, 1], base + n));
-        let mut config = NodeConfig::new(
-            "bench",
-            secret(),
-            "127.0.0.1:0",
-            address,
-            vec![format!("127.0.0.1:{}", base + 1)],
-        );
-        config.gossip_interval = Duration::from_millis(50);
-        nodes.push(
-            ClusterNode::builder(silo, config)
-                .placement(Arc::new(PreferLocal))
-                .start(gossip.clone())
-                .await
-                .expect("a node"),
-        );
+        nodes.push(node(storage.clone(), base, n, 1, &gossip).await);
     }
     while nodes.iter().any(|node| node.members().len() != 2) {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -206,6 +200,72 @@ async fn pair(storage: Arc<dyn StorageProvider>, base: u16) -> [ClusterNode; 2] 
     let second = nodes.pop().expect("two nodes");
     let first = nodes.pop().expect("two nodes");
     [first, second]
+}
+
+/// Node `n` over TCP on loopback, gossip ports from `base`, its CPU
+/// backend with `devices` devices of 1 GiB each.
+async fn node(
+    storage: Arc<dyn StorageProvider>,
+    base: u16,
+    n: u16,
+    devices: usize,
+    gossip: &chitchat::transport::ChannelTransport,
+) -> ClusterNode {
+    let device = DeviceInfo {
+        total_memory: 1 << 30,
+        free_memory: 1 << 30,
+        ..host_device()
+    };
+    let bridge = Arc::new(
+        GpuBridge::builder()
+            .cpu_backend(CpuBackend::with_devices(vec![device; devices]))
+            .build()
+            .expect("a bridge"),
+    );
+    let silo = Silo::builder()
+        .register::<Model>("model")
+        .message::<Model, Touch>("touch")
+        .message::<Model, Device>("device")
+        .migratable::<Model>()
+        .service(bridge)
+        .storage(storage.clone())
+        .build()
+        .expect("a silo");
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], base + n));
+    let mut config = NodeConfig::new(
+        "bench",
+        secret(),
+        "127.0.0.1:0",
+        address,
+        vec![format!("127.0.0.1:{}", base + 1)],
+    );
+    config.gossip_interval = Duration::from_millis(50);
+    let needs = GpuNeeds {
+        device_memory: BUFFER as u64,
+        ..GpuNeeds::default()
+    };
+    ClusterNode::builder(silo, config)
+        .placement(Arc::new(PreferLocal))
+        .needs("model", needs)
+        .start(gossip.clone())
+        .await
+        .expect("a node")
+}
+
+/// Moves grain `key`, active on `node`, to the other of its silo's two
+/// devices.
+async fn between_devices(node: &ClusterNode, key: u64) -> Duration {
+    let grain = node.grain::<Model>(key);
+    let device = grain.call(Device).await.expect("a device");
+    let started = Instant::now();
+    grain
+        .migrate(MigrationTarget::Device {
+            silo: None,
+            device: 1 - device,
+        })
+        .await
+        .expect("the grain moves between devices");
+    started.elapsed()
 }
 
 /// Moves grain `key` from `nodes[from]` to the other by migration.
@@ -244,16 +304,15 @@ fn moves(c: &mut Criterion) {
     let redb: Arc<dyn StorageProvider> =
         Arc::new(RedbStorage::open(dir.path().join("bench.redb")).expect("redb"));
     let memory: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
-    let clusters = runtime.block_on(async {
-        let on_memory = pair(memory, 44_100).await;
+    let (clusters, two_devices) = runtime.block_on(async {
+        let on_memory = pair(memory.clone(), 44_100).await;
         let on_redb = pair(redb, 44_200).await;
-        for nodes in [&on_memory, &on_redb] {
-            assert_eq!(
-                nodes[0].grain::<Model>(1).call(Touch).await.unwrap(),
-                BUFFER
-            );
+        let gossip = chitchat::transport::ChannelTransport::default();
+        let two_devices = node(memory, 44_300, 1, 2, &gossip).await;
+        for node in [&on_memory[0], &on_redb[0], &two_devices] {
+            assert_eq!(node.grain::<Model>(1).call(Touch).await.unwrap(), BUFFER);
         }
-        [on_memory, on_redb]
+        ([on_memory, on_redb], two_devices)
     });
     let mut group = c.benchmark_group("move_64mib");
     group.sample_size(20);
@@ -291,6 +350,18 @@ fn moves(c: &mut Criterion) {
             })
         });
     }
+    group.bench_function("between_devices", |b| {
+        b.to_async(&runtime).iter_custom(|iterations| {
+            let node = &two_devices;
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    total += between_devices(node, 1).await;
+                }
+                total
+            }
+        })
+    });
     group.finish();
     runtime.block_on(calls_during_moves(&clusters[0]));
 }

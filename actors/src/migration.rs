@@ -60,13 +60,16 @@
 //!    it between two turns and answers with a [`Paused`], then runs
 //!    nothing (no message, no timer tick) until that is dropped or the
 //!    silo shuts down. Messages that arrive meanwhile wait in its mailbox,
-//!    each sender's in order, and run after it. The grain object and its
-//!    entry stay as they are: this is for a router that moves what the
-//!    grain holds outside its object, its resident buffers between the
-//!    devices of one node (the cluster's `node/migration.rs` rule 7). A
-//!    pause asked of an activation that is leaving or deactivating is
-//!    refused (`NotActive`), as is one whose mailbox stays full for a
-//!    call timeout (`Busy`).
+//!    each sender's in order, and run after it (the mailbox stays open:
+//!    timer ticks queue up like messages, and senders wait once it is
+//!    full). A pause is not activity: the grain is as idle after it as
+//!    before. The grain object and its entry stay as they are: this is
+//!    for a router that moves what the grain holds outside its object,
+//!    its resident buffers between the devices of one node (the
+//!    cluster's `node/migration.rs` rule 7), and that drops the pause
+//!    within a bounded time. A pause is refused with `NotActive` if the
+//!    activation is deactivating or gone, and with `Busy` if it is leaving
+//!    for another silo or its mailbox stays full for a call timeout.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -564,6 +567,7 @@ impl Drop for Arrival {
 /// An activation paused between two turns (rule 6): it runs nothing
 /// until this is dropped.
 #[derive(Debug)]
+#[must_use = "the activation resumes as soon as its pause is dropped"]
 pub struct Paused {
     _resume: oneshot::Sender<()>,
 }

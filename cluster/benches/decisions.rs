@@ -138,6 +138,7 @@ fn rebalance(c: &mut Criterion) {
         .collect();
     let me = view[0].silo.clone();
     let sent = std::collections::HashMap::new();
+    let type_needs = std::collections::HashMap::new();
     let config = RebalanceConfig {
         moves_per_round: 1_000,
         ..RebalanceConfig::default()
@@ -148,6 +149,7 @@ fn rebalance(c: &mut Criterion) {
         grains: &grains,
         sent: &sent,
         long_queue_rounds: 0,
+        needs: &type_needs,
     };
     group.bench_function("round/64_silos_1000_grains", |b| {
         b.iter(|| black_box(plan(&config, black_box(&snapshot))))

@@ -35,7 +35,9 @@
 //!   Reported beside the others: there is no peer that does this.
 //!
 //! Every node declares the type's 64 MiB (`NodeBuilder::needs`), and the
-//! grain allocates through the node's `DeviceQuotas`, as a GPU grain does.
+//! grain allocates through the node's `DeviceQuotas`, as a GPU grain does
+//! (since issue 16's second session: earlier runs allocated through the
+//! bridge directly, with nothing declared).
 //!
 //! Then, outside criterion, the calls' side: 8 tasks, four on each silo,
 //! call the grain back to back for 3 s, once with no migration and once
@@ -305,10 +307,10 @@ fn moves(c: &mut Criterion) {
         Arc::new(RedbStorage::open(dir.path().join("bench.redb")).expect("redb"));
     let memory: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
     let (clusters, two_devices) = runtime.block_on(async {
-        let on_memory = pair(memory.clone(), 44_100).await;
+        let on_memory = pair(memory, 44_100).await;
         let on_redb = pair(redb, 44_200).await;
         let gossip = chitchat::transport::ChannelTransport::default();
-        let two_devices = node(memory, 44_300, 1, 2, &gossip).await;
+        let two_devices = node(Arc::new(MemoryStorage::new()), 44_300, 1, 2, &gossip).await;
         for node in [&on_memory[0], &on_redb[0], &two_devices] {
             assert_eq!(node.grain::<Model>(1).call(Touch).await.unwrap(), BUFFER);
         }

@@ -41,10 +41,16 @@ pub struct GpuNeeds {
 }
 
 impl GpuNeeds {
-    /// Whether the grain fits `device`.
+    /// Whether the grain fits `device`: it [`suits`](GpuNeeds::suits) it
+    /// and has room there.
     pub fn fits(&self, device: &DeviceLoad) -> bool {
-        device.free_memory >= self.device_memory
-            && device.compute_units >= self.min_compute_units
+        device.free_memory >= self.device_memory && self.suits(device)
+    }
+
+    /// Whether `device` is of the backend and has the compute units the
+    /// grain needs, whatever its free memory.
+    pub fn suits(&self, device: &DeviceLoad) -> bool {
+        device.compute_units >= self.min_compute_units
             && self
                 .backend
                 .as_deref()

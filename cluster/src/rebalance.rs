@@ -1,5 +1,6 @@
-//! The rebalancer's decisions: which GPU grains a silo moves away, where,
-//! and why, from the cluster's gossiped load. A pure function of what it is
+//! The rebalancer's decisions: which GPU grains a silo moves (away, or
+//! between its own devices), where, and why, from the cluster's gossiped
+//! load. A pure function of what it is
 //! given ([`plan`]): the node feeds it each round and carries the moves out
 //! (`node/rebalance.rs`); tests build views by hand.
 //!
@@ -47,11 +48,13 @@
 //!    to such a device of its own first, else its busiest grain to such
 //!    a device of another silo.
 //! 6. **Never oversubscribe, never twice.** A silo never plans a move that
-//!    takes a target past `high_water - hysteresis` of its memory, nor
-//!    past its free memory; the target's reservation then checks its free
-//!    memory and its high water mark again (rule 1 of `node/migration.rs`),
-//!    so silos deciding at once may together fill a target up to high
-//!    water, never past it. No grain that moved within `cool_down` moves
+//!    takes a target (a silo, or a device of its own) past `high_water -
+//!    hysteresis` of its memory, nor past its free memory. A target silo's
+//!    reservation then checks its free memory and its high water mark
+//!    again (rule 1 of `node/migration.rs`), so silos deciding at once may
+//!    together fill a target up to high water, never past it; a move
+//!    between a silo's own devices reserves the bytes on the device
+//!    before copying (rule 7 there), and only this silo decides for them. No grain that moved within `cool_down` moves
 //!    again; at most `moves_per_round` moves a round; grains idle longest
 //!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
 //!    a departure happens between turns (`granary_actors::migration`).
@@ -74,6 +77,7 @@ use granary_actors::GrainId;
 
 use crate::SiloId;
 use crate::membership::{DeviceLoad, Member};
+use crate::placement::GpuNeeds;
 
 /// The rebalancer's settings (`NodeConfig::rebalance`).
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +238,9 @@ pub struct Snapshot<'a> {
     /// Rounds in a row one of this silo's devices has had a long queue
     /// (rule 5), counted by the caller with [`long_queue`].
     pub long_queue_rounds: u32,
+    /// What each grain type needs of a device, for moves between this
+    /// silo's devices (rules 3 and 5); a type not here needs nothing.
+    pub needs: &'a HashMap<String, GpuNeeds>,
 }
 
 /// One move decided.
@@ -312,19 +319,30 @@ impl LocalDevice {
     }
 }
 
-/// The emptiest of `local` but device `from` that takes `bytes` (rule 3).
+/// The emptiest of `local` but device `from` that takes `bytes` and
+/// `suits` (rule 3).
 fn emptiest_but<'a>(
     config: &RebalanceConfig,
     local: &'a mut [LocalDevice],
     from: usize,
     bytes: u64,
+    suits: impl Fn(usize) -> bool,
 ) -> Option<&'a mut LocalDevice> {
     local
         .iter_mut()
-        .filter(|device| device.index != from && device.takes(config, bytes))
+        .filter(|device| device.index != from && device.takes(config, bytes) && suits(device.index))
         .min_by(|a, b| {
             (a.used as f64 / a.total as f64).total_cmp(&(b.used as f64 / b.total as f64))
         })
+}
+
+/// Whether `device`, of this silo, is of the backend and has the compute
+/// units `candidate`'s type needs (rules 3 and 5).
+fn suits(snapshot: &Snapshot<'_>, candidate: &Candidate, device: &DeviceLoad) -> bool {
+    snapshot
+        .needs
+        .get(&candidate.grain.type_name)
+        .is_none_or(|needs| needs.suits(device))
 }
 
 /// The devices of `devices` that are weighed (rule 2): all but a CPU
@@ -454,9 +472,11 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 continue;
             }
             // The emptiest other device here that takes it, first.
-            let here = candidate
-                .device
-                .and_then(|from| emptiest_but(config, &mut local, from, candidate.bytes));
+            let here = candidate.device.and_then(|from| {
+                emptiest_but(config, &mut local, from, candidate.bytes, |index| {
+                    suits(snapshot, candidate, &mine[index])
+                })
+            });
             if let Some(to) = here {
                 to.used += candidate.bytes;
                 *left -= candidate.bytes as f64;
@@ -596,9 +616,11 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                         && theirs.compute_units >= from.compute_units
                 })
             };
-            let to = local
-                .iter()
-                .find(|to| idle_like(to.index) && to.takes(config, candidate.bytes));
+            let to = local.iter().find(|to| {
+                idle_like(to.index)
+                    && to.takes(config, candidate.bytes)
+                    && suits(snapshot, candidate, &mine[to.index])
+            });
             if let Some(to) = to {
                 plan.moves.push(Move {
                     grain: candidate.grain.clone(),

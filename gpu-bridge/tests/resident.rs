@@ -642,6 +642,83 @@ async fn a_refused_move_is_typed_and_leaves_the_buffer_where_it_was() {
     assert_eq!(buffer.read(0, 16).await.unwrap(), vec![9; 16]);
 }
 
+/// Several buffers move together or not at all: with room for one of two
+/// on the target, neither moves and nothing is freed; a device that does
+/// not meet what a buffer was made for is refused.
+async fn buffers_moved_together_move_all_or_none() {
+    let bridge = two_device_bridge(1 << 20);
+    let (zero, one) = (DeviceId(0), DeviceId(1));
+    let quota = ResidentQuota::new(u64::MAX);
+    let mut held = Vec::new();
+    for fill in [1u8, 2] {
+        let buffer = bridge
+            .allocate_resident_within_on(&quota, zero, 384 << 10, &Requirements::default())
+            .await
+            .unwrap();
+        buffer.write(0, &[fill; 8]).await.unwrap();
+        held.push(buffer);
+    }
+    let ballast = bridge
+        .allocate_resident_within_on(&quota, one, 512 << 10, &Requirements::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bridge.relocate_all(&held, one).await,
+        Err(RelocateError::Resident(ResidentError::NoDevice {
+            bytes: 768 << 10
+        }))
+    );
+    for (buffer, fill) in held.iter().zip([1u8, 2]) {
+        assert_eq!(buffer.device(), zero);
+        assert_eq!(buffer.read(0, 8).await.unwrap(), vec![fill; 8]);
+    }
+    assert_eq!(
+        (kept_on(&bridge, zero), kept_on(&bridge, one)),
+        (768 << 10, 512 << 10)
+    );
+    drop(ballast);
+    // The same buffer twice is one buffer.
+    let twice = [held[0].clone(), held[1].clone(), held[0].clone()];
+    let moved = bridge.relocate_all(&twice, one).await.unwrap();
+    assert_eq!(moved.bytes, 768 << 10);
+    assert!(held.iter().all(|buffer| buffer.device() == one));
+    // A buffer made to need 4 compute units does not move to a device of
+    // 2; one made to need nothing does.
+    let unlike = GpuBridge::builder()
+        .cpu_backend(CpuBackend::with_devices(vec![
+            DeviceInfo {
+                total_memory: 1 << 20,
+                free_memory: 1 << 20,
+                compute_units: 8,
+                ..host_device()
+            },
+            DeviceInfo {
+                total_memory: 1 << 20,
+                free_memory: 1 << 20,
+                compute_units: 2,
+                ..host_device()
+            },
+        ]))
+        .build()
+        .unwrap();
+    let wide = Requirements {
+        min_compute_units: 4,
+        ..Requirements::default()
+    };
+    let needs_four = unlike.allocate_resident(16, &wide).await.unwrap();
+    assert_eq!(needs_four.device(), zero);
+    assert_eq!(
+        unlike.relocate(&needs_four, one).await,
+        Err(RelocateError::Unlike { device: one })
+    );
+    let any = unlike
+        .allocate_resident_within_on(&quota, zero, 16, &Requirements::default())
+        .await
+        .unwrap();
+    unlike.relocate(&any, one).await.unwrap();
+    assert_eq!(any.device(), one);
+}
+
 /// Writes from many tasks race moves back and forth: a move waits for
 /// every write under way and every write after it reaches the new
 /// memory, so none is lost.
@@ -777,6 +854,9 @@ fn main() {
             "a_refused_move_is_typed_and_leaves_the_buffer_where_it_was",
             || common::on_tokio(a_refused_move_is_typed_and_leaves_the_buffer_where_it_was),
         ),
+        gate::test("buffers_moved_together_move_all_or_none", || {
+            common::on_tokio(buffers_moved_together_move_all_or_none)
+        }),
         gate::test("no_write_is_lost_to_a_move_under_way", || {
             common::on_tokio(no_write_is_lost_to_a_move_under_way)
         }),

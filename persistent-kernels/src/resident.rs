@@ -181,8 +181,8 @@ impl CpuBuffer {
 
     /// Copies every byte into `to`, of the same length. The two locks are
     /// taken in address order, so that two copies between the same
-    /// buffers in opposite directions never wait on each other; a copy
-    /// into itself changes nothing.
+    /// buffers in opposite directions run one after the other and never
+    /// deadlock; a copy into itself changes nothing.
     pub fn copy_into(&self, to: &CpuBuffer) -> Result<(), BackendError> {
         if self.len != to.len {
             return Err(BackendError::BadBuffer(format!(

@@ -293,13 +293,17 @@ pub(super) async fn run_activation<G: Grain>(
                     ..
                 })) if !abandoned(&silo) => {
                     let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
-                    if reply.send(crate::migration::Paused::new(resume)).is_ok() {
+                    if reply
+                        .send(Ok(crate::migration::Paused::new(resume)))
+                        .is_ok()
+                    {
                         tokio::select! {
                             _ = resumed => {}
                             _ = silo.inner.shutdown.cancelled() => {}
                         }
                     }
-                    activity += 1;
+                    // A pause is not activity: the grain stays as idle as
+                    // it was.
                 }
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.
@@ -579,8 +583,12 @@ async fn depart<G: Grain>(
                     grain: ctx.id().clone(),
                 }));
             }
-            // Leaving: dropped unanswered, the pause is refused as busy.
-            Turn::Pause(other) => drop(other),
+            // Leaving: refused, as a second move is.
+            Turn::Pause(other) => {
+                let _ = other.send(Err(MigrationError::Busy {
+                    grain: ctx.id().clone(),
+                }));
+            }
             turn => {
                 let envelope = Envelope { turn, ..envelope };
                 let ran;
@@ -741,9 +749,11 @@ async fn turn<G: Grain>(
             }));
             return (Some(grain), 0);
         }
-        // Deactivating: dropped unanswered, nothing is paused.
+        // Deactivating: nothing to pause.
         Turn::Pause(reply) => {
-            drop(reply);
+            let _ = reply.send(Err(MigrationError::NotActive {
+                grain: ctx.id().clone(),
+            }));
             return (Some(grain), 0);
         }
     };

@@ -25,7 +25,11 @@ pub(super) enum Turn<G> {
     Migrate(tokio::sync::oneshot::Sender<crate::migration::Departing>),
     /// Run nothing until the pause answered is dropped (`migration.rs`
     /// rule 6): taken between turns.
-    Pause(tokio::sync::oneshot::Sender<crate::migration::Paused>),
+    Pause(
+        tokio::sync::oneshot::Sender<
+            Result<crate::migration::Paused, crate::migration::MigrationError>,
+        >,
+    ),
 }
 
 /// Most reads one interleaved batch takes (rule 10).

@@ -444,11 +444,11 @@ impl Silo {
         let id = self
             .between_turns::<G>(&key, super::envelope::Turn::Pause(reply))
             .await?;
-        // Dropped unanswered: the activation was leaving, deactivating,
-        // or ended first.
-        answer
-            .await
-            .map_err(|_| crate::migration::MigrationError::Busy { grain: id })
+        match answer.await {
+            Ok(answered) => answered,
+            // Dropped unanswered: the activation ended first.
+            Err(_) => Err(crate::migration::MigrationError::NotActive { grain: id }),
+        }
     }
 
     /// Queues `turn` for `key`'s activation here, a migratable `G`'s, to

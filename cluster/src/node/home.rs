@@ -513,7 +513,21 @@ impl Inner {
     /// the high water mark (`rebalance.rs` rule 7); a type that declares
     /// none always fits.
     pub(super) fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
+        self.promise_on(grain_type, None)
+    }
+
+    /// [`Inner::promise`] on device `only` alone, if given (a migration to
+    /// a named device: `migration.rs` rule 1): the same checks, and the
+    /// memory promised there. `NoRoom` if the node has no such device.
+    pub(super) fn promise_on(
+        self: &Arc<Self>,
+        grain_type: &str,
+        only: Option<usize>,
+    ) -> Result<Promise, RemoteError> {
         let Some(needs) = self.needs.get(grain_type) else {
+            if only.is_some_and(|device| device >= self.load().devices.len()) {
+                return Err(RemoteError::NoRoom);
+            }
             return Ok(Promise {
                 inner: self.clone(),
                 device: 0,
@@ -527,6 +541,7 @@ impl Inner {
         let chosen = devices
             .into_iter()
             .enumerate()
+            .filter(|(index, _)| only.is_none_or(|only| only == *index))
             .filter_map(|(index, mut device)| {
                 let already = promised.get(&index).copied().unwrap_or(0);
                 // `rebalance.rs` rule 7: past high water (what is settled

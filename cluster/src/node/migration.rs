@@ -14,9 +14,12 @@
 //!    call takes). One reservation per grain, at most 64 from one peer;
 //!    it holds until the state arrives, is released, or expires after
 //!    four call timeouts. A move to a named device of the target
-//!    (`MigrationTarget::Device`) also needs that device to exist and keep
-//!    room for the declared memory, and the arrival's buffers are made
-//!    there (`quotas.rs`: the grain is pinned to it while its hooks run).
+//!    (`MigrationTarget::Device`) takes the promise on that device alone
+//!    (the same checks: the type's needs, its free memory less what is
+//!    promised there, its high water mark), and the buffers the arrival
+//!    makes through `DeviceQuotas` while its hooks run (`rehydrate`,
+//!    `on_activate`) are made there (`quotas.rs` rule 3: the grain is
+//!    pinned to it meanwhile).
 //! 2. **Calls wait, then follow.** The source marks the home moving: calls
 //!    that reach it now (from references here, whose lease is ended, and
 //!    from other silos) wait for the outcome and then go where the grain
@@ -74,13 +77,17 @@
 //! 7. **Between the devices of this node.** A move to a device of the
 //!    silo the grain is on (`MigrationTarget::Device` naming it, or no
 //!    silo) is no routing change: the activation stays, and its resident
-//!    buffers move. The home must be here and not moving; the activation
-//!    pauses between two turns (`granary_actors::migration` rule 6: calls
-//!    that arrive meanwhile wait in its mailbox, in order), every buffer
-//!    it holds moves to the device (`quotas.rs` rule 4: the device's room
-//!    first, device to device where the backend offers it, and all or
-//!    none), and the activation goes on with the same object. Nothing is
-//!    dehydrated, and the directory is not touched.
+//!    buffers move. The home must be here and not moving, the device must
+//!    exist and suit the type's needs, and the grain must hold buffers on
+//!    another device: refused before anything stops otherwise. Then the
+//!    activation pauses between two turns (`granary_actors::migration`
+//!    rule 6: calls that arrive meanwhile wait in its mailbox, in order),
+//!    every buffer it made through `DeviceQuotas` moves to the device
+//!    (`quotas.rs` rule 4: the device's room first, device to device
+//!    where the backend offers it, all or none), and the activation goes
+//!    on with the same object. A move that has not switched within a call
+//!    timeout is dropped (`Busy`; the buffers stay where they were).
+//!    Nothing is dehydrated, and the directory is not touched.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
 //! 5), `reserve` and `release` (rule 1), `layout`, `stage/...` and
@@ -340,7 +347,9 @@ impl Inner {
         }
         if let MigrationTarget::Device { silo, device } = target {
             if silo.as_deref().is_none_or(|name| names(&self.id(), name)) {
-                return self.move_between_devices(grain, *device, started).await;
+                return self
+                    .move_between_devices(grain, generation, *device, started)
+                    .await;
             }
         }
         // Rule 1: room at the target first.
@@ -511,65 +520,12 @@ impl Inner {
     async fn move_between_devices(
         self: &Arc<Self>,
         grain: &GrainId,
+        generation: u64,
         device: u32,
         started: Instant,
     ) -> Result<Migrated, MigrationError> {
-        let no_target = |reason: String| MigrationError::NoTarget {
-            grain: grain.clone(),
-            reason,
-        };
-        let Some(quotas) = self.quotas.clone() else {
-            return Err(no_target(format!("{} has no GPU bridge", self.id())));
-        };
-        if quotas.device_of(grain) == Some(device as usize) {
-            return Err(MigrationError::AlreadyThere {
-                grain: grain.clone(),
-            });
-        }
-        let paused = self
-            .home_side
-            .pause(grain)
-            .await
-            .inspect_err(|_| self.stats.migration_failed())?;
-        // Checked again with the grain paused: a move away may have begun
-        // meanwhile (its departure then waits behind the pause).
-        let moving = self
-            .homes
-            .get(grain)
-            .is_none_or(|home| home.moving.is_some() || home.leaving);
-        let moved = if moving {
-            Err(None)
-        } else {
-            quotas.relocate(grain, device as usize).await.map_err(Some)
-        };
-        drop(paused);
-        let moved = moved.map_err(|err| {
-            self.stats.migration_failed();
-            match err {
-                None => MigrationError::Busy {
-                    grain: grain.clone(),
-                },
-                Some(DeviceMoveError::NothingHeld) => no_target(format!(
-                    "it holds no device memory on {} to move",
-                    self.id()
-                )),
-                Some(DeviceMoveError::Relocate(RelocateError::AlreadyThere { .. })) => {
-                    MigrationError::AlreadyThere {
-                        grain: grain.clone(),
-                    }
-                }
-                Some(DeviceMoveError::Relocate(RelocateError::NoSuchDevice { .. })) => {
-                    no_target(format!("{} has no device {device}", self.id()))
-                }
-                Some(DeviceMoveError::Relocate(RelocateError::Resident(
-                    ResidentError::NoDevice { bytes },
-                ))) => no_target(format!("device {device} has no room for its {bytes} bytes")),
-                Some(DeviceMoveError::Relocate(err)) => MigrationError::Unavailable {
-                    grain: grain.clone(),
-                    reason: err.to_string(),
-                },
-            }
-        })?;
+        let moved = self.relocate_here(grain, generation, device as usize).await;
+        let moved = moved.inspect_err(|_| self.stats.migration_failed())?;
         let took = started.elapsed();
         self.stats.migrated(took, moved.bytes);
         self.note_moved(grain);
@@ -581,6 +537,106 @@ impl Inner {
             bytes: moved.bytes,
             took,
         })
+    }
+
+    /// Rule 7's steps: checks, the pause, and the buffers' move, bounded
+    /// by the call timeout.
+    async fn relocate_here(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        generation: u64,
+        device: usize,
+    ) -> Result<granary_gpu::Relocated, MigrationError> {
+        let no_target = |reason: String| MigrationError::NoTarget {
+            grain: grain.clone(),
+            reason,
+        };
+        let Some(quotas) = self.quotas.clone() else {
+            return Err(no_target(format!("{} has no GPU bridge", self.id())));
+        };
+        // What can be refused without pausing the grain.
+        let devices = self.load().devices;
+        let Some(target) = devices.get(device) else {
+            return Err(no_target(format!("{} has no device {device}", self.id())));
+        };
+        if self
+            .needs
+            .get(&grain.type_name)
+            .is_some_and(|needs| !needs.suits(target))
+        {
+            return Err(no_target(format!(
+                "device {device} is not of the backend, or has not the compute units, its type needs"
+            )));
+        }
+        match quotas.device_of(grain) {
+            None => {
+                return Err(no_target(format!(
+                    "it holds no device memory on {} to move",
+                    self.id()
+                )));
+            }
+            Some(on) if on == device => {
+                return Err(MigrationError::AlreadyThere {
+                    grain: grain.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+        let paused = self.home_side.pause(grain).await?;
+        // Checked again with the grain paused: a move away may have begun
+        // meanwhile (its departure then waits behind the pause), or the
+        // home gone.
+        match self.homes.get(grain) {
+            Some(home)
+                if home.generation == generation && home.moving.is_none() && !home.leaving => {}
+            Some(home) if home.generation == generation => {
+                return Err(MigrationError::Busy {
+                    grain: grain.clone(),
+                });
+            }
+            _ => {
+                return Err(MigrationError::NotActive {
+                    grain: grain.clone(),
+                });
+            }
+        }
+        // A relocation dropped before its switch leaves every buffer where
+        // it was (`granary_gpu`'s `resident.rs` rule 5).
+        let moved = tokio::time::timeout(
+            self.config.connection.call_timeout,
+            quotas.relocate(grain, device),
+        )
+        .await;
+        drop(paused);
+        match moved {
+            Ok(Ok(moved)) => Ok(moved),
+            Err(_) => Err(MigrationError::Busy {
+                grain: grain.clone(),
+            }),
+            Ok(Err(DeviceMoveError::NothingHeld)) => Err(no_target(format!(
+                "it holds no device memory on {} to move",
+                self.id()
+            ))),
+            Ok(Err(DeviceMoveError::Relocate(err))) => Err(match err {
+                RelocateError::AlreadyThere { .. } => MigrationError::AlreadyThere {
+                    grain: grain.clone(),
+                },
+                RelocateError::NoSuchDevice { .. } => {
+                    no_target(format!("{} has no device {device}", self.id()))
+                }
+                RelocateError::Unlike { .. } => no_target(format!(
+                    "device {device} does not meet what its buffers were made for, or keeps none"
+                )),
+                RelocateError::Resident(ResidentError::NoDevice { bytes }) => {
+                    no_target(format!("device {device} has no room for its {bytes} bytes"))
+                }
+                RelocateError::Resident(ResidentError::ShutDown) => MigrationError::ShutDown,
+                err => MigrationError::Unavailable {
+                    grain: grain.clone(),
+                    reason: err.to_string(),
+                },
+            }),
+        }
     }
 
     /// Rule 1: reserves room for `grain` at the silo `target` names, or at
@@ -1043,31 +1099,21 @@ impl Inner {
         if self.silo.at_activation_limit() {
             return Err(no_target("it holds its activation limit"));
         }
-        let device = match asked.device {
-            Some(device) => {
-                let declared = self
-                    .quotas
-                    .as_ref()
-                    .map_or(0, |quotas| quotas.declared(&grain.type_name));
-                match self
-                    .quotas
-                    .as_ref()
-                    .and_then(|q| q.room_on(device as usize))
-                {
-                    None => return Err(no_target(&format!("it has no device {device}"))),
-                    Some(room) if room < declared => {
-                        return Err(no_target(&format!(
-                            "device {device} keeps {room} bytes free, not the {declared} its type declares"
-                        )));
-                    }
-                    Some(_) => Some(device as usize),
-                }
+        let device = asked.device.map(|device| device as usize);
+        if let Some(named) = device {
+            if self.quotas.is_none() || named >= self.load().devices.len() {
+                return Err(no_target(&format!("it has no device {named}")));
             }
-            None => None,
-        };
-        let promise = self
-            .promise(&grain.type_name)
-            .map_err(|_| no_target("no device has room for the type's declared memory"))?;
+        }
+        let promise = self.promise_on(&grain.type_name, device).map_err(|_| {
+            no_target(&match device {
+                Some(named) => format!(
+                    "device {named} has no room for the type's declared memory, or does not \
+                     meet its needs"
+                ),
+                None => "no device has room for the type's declared memory".into(),
+            })
+        })?;
         let key = (from.clone(), asked.ticket);
         self.reservations.insert(
             key.clone(),

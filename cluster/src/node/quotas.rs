@@ -25,11 +25,17 @@
 //!    rule 3); the note is dropped when the activation ends (a later
 //!    activation's first allocation notes it again).
 //! 4. **Moved together.** [`DeviceQuotas::relocate`] moves every buffer a
-//!    paused activation holds to another device of the node
-//!    (`granary_gpu`'s `resident.rs` rule 5: the target's room first, the
-//!    copy device to device where the backend offers it); if one cannot
-//!    move, those already moved go back, so the grain's buffers stay on
-//!    one device.
+//!    paused activation holds to another device of the node, all or none
+//!    (`granary_gpu`'s `resident.rs` rule 5: the target's room first for
+//!    all of them, the copies device to device where the backend offers
+//!    them, the switch only once every copy is made), so the grain's
+//!    buffers stay on one device. Allocations of the activation wait for
+//!    the move, and a move for an allocation under way.
+//!
+//! Buffers a grain makes other than through [`DeviceQuotas::allocate`]
+//! (with the bridge and [`DeviceQuotas::quota`], say) are charged to its
+//! quota but not noted: they are not kept on its device, and do not move
+//! with it.
 //!
 //! Grains reach it as a service: `ctx.service::<DeviceQuotas>()`, provided
 //! by the node to its silo when it starts, on silos with a GPU bridge.
@@ -40,8 +46,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use dashmap::DashMap;
 use granary_actors::{GrainContext, GrainId};
 use granary_gpu::{
-    DeviceId, GpuBridge, RelocateError, Requirements, ResidentBuffer, ResidentError, ResidentQuota,
-    WeakResidentBuffer,
+    DeviceId, GpuBridge, RelocateError, Relocated, Requirements, ResidentBuffer, ResidentError,
+    ResidentQuota, WeakResidentBuffer,
 };
 
 use crate::placement::GpuNeeds;
@@ -69,14 +75,25 @@ impl std::fmt::Debug for DeviceQuotas {
 struct Held {
     quota: ResidentQuota,
     buffers: Mutex<Vec<WeakResidentBuffer>>,
+    /// Held by an allocation from its choice of device until its buffer
+    /// is noted, and by a move for its whole length: two allocations of
+    /// one activation (interleaved reads, or futures joined in a turn)
+    /// pick one device, and none is made during a move (rules 3 and 4).
+    placing: tokio::sync::Mutex<()>,
 }
 
 impl Held {
     /// The buffers still alive, forgetting the others.
     fn live(&self) -> Vec<ResidentBuffer> {
         let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
-        let live: Vec<ResidentBuffer> = buffers.iter().filter_map(|b| b.upgrade()).collect();
-        buffers.retain(|buffer| buffer.upgrade().is_some());
+        let mut live = Vec::with_capacity(buffers.len());
+        buffers.retain(|buffer| match buffer.upgrade() {
+            Some(buffer) => {
+                live.push(buffer);
+                true
+            }
+            None => false,
+        });
         live
     }
 }
@@ -99,7 +116,7 @@ impl Drop for Pin {
 pub(super) enum DeviceMoveError {
     /// The grain holds no resident buffer here: nothing to move.
     NothingHeld,
-    /// A buffer could not move; those moved went back.
+    /// Its buffers could not move (none did).
     Relocate(RelocateError),
 }
 
@@ -113,15 +130,6 @@ impl std::fmt::Display for DeviceMoveError {
 }
 
 impl std::error::Error for DeviceMoveError {}
-
-/// A move between devices done (rule 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DeviceMove {
-    /// The bytes of every buffer moved.
-    pub bytes: u64,
-    /// Whether they all went device to device, none through the host.
-    pub direct: bool,
-}
 
 impl DeviceQuotas {
     pub(super) fn new(bridge: Arc<GpuBridge>, needs: &HashMap<String, GpuNeeds>) -> DeviceQuotas {
@@ -153,6 +161,7 @@ impl DeviceQuotas {
         let held = ctx.activation_local(|| Held {
             quota: ResidentQuota::new(declared),
             buffers: Mutex::new(Vec::new()),
+            placing: tokio::sync::Mutex::new(()),
         });
         self.held.insert(ctx.id().clone(), Arc::downgrade(&held));
         held
@@ -169,6 +178,7 @@ impl DeviceQuotas {
         need: &Requirements,
     ) -> Result<ResidentBuffer, ResidentError> {
         let held = self.held(ctx);
+        let _placing = held.placing.lock().await;
         let device = match held.live().first() {
             Some(other) => Some(other.device()),
             None => self.pins.get(ctx.id()).map(|pin| DeviceId(*pin)),
@@ -209,59 +219,35 @@ impl DeviceQuotas {
         }
     }
 
-    /// The device memory device `device` keeps free for resident buffers
-    /// (what is not kept already), or `None` if the node has no such
-    /// device.
-    pub(super) fn room_on(&self, device: usize) -> Option<u64> {
-        self.bridge.broker().unkept(DeviceId(device)).ok()
-    }
-
-    /// Rule 3: `grain`'s activation ended.
+    /// Rule 3: `grain`'s activation ended (a successor's note, once it
+    /// has made one, stays).
     pub(super) fn forget(&self, grain: &GrainId) {
-        self.held.remove(grain);
+        self.held
+            .remove_if(grain, |_, held| held.strong_count() == 0);
     }
 
     /// Rule 4: moves every buffer `grain`'s activation holds to device
-    /// `to`, with the activation paused (`granary_actors::migration` rule
-    /// 6) so that none is used or made meanwhile.
+    /// `to`, all or none (`granary_gpu`'s `resident.rs` rule 5), with the
+    /// activation paused (`granary_actors::migration` rule 6) and its
+    /// allocations held off, so that none is used or made meanwhile.
     pub(super) async fn relocate(
         &self,
         grain: &GrainId,
         to: usize,
-    ) -> Result<DeviceMove, DeviceMoveError> {
+    ) -> Result<Relocated, DeviceMoveError> {
         let held = self
             .held
             .get(grain)
             .and_then(|held| held.upgrade())
             .ok_or(DeviceMoveError::NothingHeld)?;
+        let _placing = held.placing.lock().await;
         let buffers = held.live();
-        let Some(first) = buffers.first() else {
+        if buffers.is_empty() {
             return Err(DeviceMoveError::NothingHeld);
-        };
-        let from = first.device();
-        let mut moved = DeviceMove {
-            bytes: 0,
-            direct: true,
-        };
-        for (at, buffer) in buffers.iter().enumerate() {
-            match self.bridge.relocate(buffer, DeviceId(to)).await {
-                Ok(done) => {
-                    moved.bytes += done.bytes;
-                    moved.direct &= done.direct;
-                }
-                Err(err) => {
-                    // Back where they were: what they left is free again,
-                    // unless someone took it meanwhile, which leaves the
-                    // grain's buffers on two devices (logged).
-                    for back in &buffers[..at] {
-                        if let Err(back_err) = self.bridge.relocate(back, from).await {
-                            tracing::warn!(%grain, error = %back_err, "a buffer could not go back to its device");
-                        }
-                    }
-                    return Err(DeviceMoveError::Relocate(err));
-                }
-            }
         }
-        Ok(moved)
+        self.bridge
+            .relocate_all(&buffers, DeviceId(to))
+            .await
+            .map_err(DeviceMoveError::Relocate)
     }
 }

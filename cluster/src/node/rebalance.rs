@@ -153,6 +153,7 @@ impl Inner {
                 grains: &grains,
                 sent: &sent,
                 long_queue_rounds: rounds.long_queue,
+                needs: &self.needs,
             },
         );
         let counts_for = self

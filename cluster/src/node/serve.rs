@@ -200,11 +200,10 @@ pub(super) fn claim(silo: &Silo) -> Result<Claim, NodeError> {
     let listener = silo
         .on_activation_ended(Arc::new(move |grain, _| {
             if let Some(inner) = reaches.get().and_then(Weak::upgrade) {
-                // A successor that is active already keeps what it noted.
-                if !inner.silo.is_active_named(&grain.type_name, &grain.key) {
-                    if let Some(quotas) = &inner.quotas {
-                        quotas.forget(grain);
-                    }
+                // A successor that is active already keeps what it noted
+                // (`quotas.rs` rule 3).
+                if let Some(quotas) = &inner.quotas {
+                    quotas.forget(grain);
                 }
                 inner.shedding.remove(grain);
                 inner.maybe_leave(grain);

@@ -67,6 +67,7 @@ fn plan_for(config: &RebalanceConfig, me: &str, view: &[Member], grains: &[Candi
             grains,
             sent: &HashMap::new(),
             long_queue_rounds: 0,
+            needs: &HashMap::new(),
         },
     )
 }
@@ -248,6 +249,7 @@ fn what_this_silo_sent_counts_against_its_target_until_its_load_shows_it() {
             grains: &grains,
             sent: &sent,
             long_queue_rounds: 0,
+            needs: &HashMap::new(),
         },
     );
     assert!(plan.moves.is_empty(), "{plan:?}");
@@ -270,12 +272,14 @@ fn a_queue_long_for_rounds_moves_the_busiest_grain_to_an_idle_like_device() {
     let grains = candidates(0..10);
     let me = SiloId::new("a", 1);
     let sent = HashMap::new();
+    let needs = HashMap::new();
     let snapshot = |rounds| Snapshot {
         me: &me,
         view: &view,
         grains: &grains,
         sent: &sent,
         long_queue_rounds: rounds,
+        needs: &needs,
     };
     assert!(long_queue(&config, std::slice::from_ref(&busy)));
     assert!(plan(&config, &snapshot(2)).moves.is_empty());
@@ -479,6 +483,30 @@ fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
     let went: Vec<_> = plan.moves.iter().map(|mv| mv.device).collect();
     assert_eq!(went, vec![Some(1), Some(2), None], "{plan:?}");
     assert_eq!(plan.moves[2].to, SiloId::new("c", 1));
+    // A type that needs more compute units than the devices here have
+    // moves none of its grains between them.
+    let needs = HashMap::from([(
+        "Tensor".to_string(),
+        GpuNeeds {
+            min_compute_units: 16,
+            ..GpuNeeds::default()
+        },
+    )]);
+    let plan = super::plan(
+        &config,
+        &Snapshot {
+            me: &a,
+            view: &view,
+            grains: &grains,
+            sent: &HashMap::new(),
+            long_queue_rounds: 0,
+            needs: &needs,
+        },
+    );
+    assert!(
+        !plan.moves.is_empty() && plan.moves.iter().all(|mv| mv.device.is_none()),
+        "{plan:?}"
+    );
 }
 
 #[test]
@@ -503,12 +531,14 @@ fn a_long_queue_moves_the_busiest_grain_on_it_to_an_idle_like_device_of_the_same
     // Silo b is as full as a: no spread.
     let me = SiloId::new("a", 1);
     let sent = HashMap::new();
+    let needs = HashMap::new();
     let snapshot = Snapshot {
         me: &me,
         view: &view,
         grains: &grains,
         sent: &sent,
         long_queue_rounds: 3,
+        needs: &needs,
     };
     assert_eq!(
         plan(&config, &snapshot).moves,

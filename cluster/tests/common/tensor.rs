@@ -521,11 +521,6 @@ pub async fn reach(grain: &granary_actors::GrainRef<Tensor>) -> (u64, Vec<u8>, u
     }
 }
 
-/// `grains` tensors spread over `nodes`, each moved once to another silo
-/// while `senders` send `calls` steps in all, one at a time each: every
-/// call is answered once and in order per sender, every buffer and step
-/// count arrives intact, one activation serves each grain at a time, and
-/// the device memory reserved returns to one buffer per grain.
 /// Where [`moves_under_load`] moves each grain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moves {
@@ -536,6 +531,12 @@ pub enum Moves {
     BetweenDevices,
 }
 
+/// `grains` tensors spread over `nodes`, each moved once (`how`: to
+/// another silo, or to the other device of its own) while `senders` send
+/// `calls` steps in all, one at a time each: every call is answered once
+/// and in order per sender, every buffer and step count arrives intact,
+/// one activation serves each grain at a time, and the device memory
+/// reserved returns to one buffer per grain.
 pub async fn moves_under_load(
     cluster: &Cluster,
     nodes: &[Node; 3],

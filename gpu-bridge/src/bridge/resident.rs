@@ -11,11 +11,16 @@
 //!    memory drains (the bytes fit beside what is kept: resident buffers
 //!    and kernels' rings), it waits for that, up to `overload_timeout`,
 //!    unless the bridge shuts down; otherwise, or after that, it fails
-//!    with [`ResidentError::NoDevice`].
+//!    with [`ResidentError::NoDevice`]. The reservation goes into the
+//!    blocking job with the allocation, so a caller that stops waiting
+//!    never leaves memory unreserved. An allocation on one named device
+//!    (`allocate_resident_within_on`) takes a primary device, or the CPU
+//!    device only when it is the fallback.
 //! 2. **Released last.** Dropping the last handle frees the device memory,
 //!    then releases the reservation (broker invariant 2). A job still
-//!    running on the buffer holds a handle, so a caller that gives up
-//!    early never frees memory under the device.
+//!    running on the buffer holds its memory (and its use lock, rule 5),
+//!    so a caller that gives up early never frees memory under the
+//!    device.
 //! 3. **Batches over resident parts.** [`GpuBridge::execute_resident`] runs
 //!    a kernel's batch path over a request made of host bytes and resident
 //!    buffers, with the response returned or written into a resident
@@ -24,20 +29,25 @@
 //!    buffers are reserved like any batch's. The rules of the parts are
 //!    `granary_kernels::resident`'s.
 //! 4. Backend work runs on tokio's blocking pool, as the batch path's does.
-//! 5. **Moved whole, between uses.** [`GpuBridge::relocate`] moves a buffer
-//!    to another device of the bridge, and every clone of the handle
-//!    follows it. It waits until no use of the buffer is running (every
-//!    read, write and batch holds the buffer's use lock shared, until its
-//!    blocking job is done; a relocation holds it alone), reserves and
-//!    allocates the bytes on the target device (rule 1: the target holds
-//!    room first; no wait for working memory to drain, `NoDevice` at
-//!    once), copies them (device to device with
-//!    [`Backend::copy_resident`] where both devices are one backend's and
-//!    it offers that copy, else staged through the host), and only then
-//!    points the handle at the new memory and frees the old (rule 2). The
-//!    quota charge goes with the bytes: the buffer counts once against its
-//!    holder's quota throughout. A failure at any step leaves the buffer
-//!    where it was, with its bytes.
+//! 5. **Moved whole, between uses.** [`GpuBridge::relocate_all`] moves a
+//!    set of buffers (a holder's: [`GpuBridge::relocate`] for one) to
+//!    another device of the bridge, and every clone of each handle follows
+//!    it. It waits until no use of them is running (every read, write and
+//!    batch holds each buffer's use lock shared until its blocking job is
+//!    done; a relocation holds them alone; both take them in address
+//!    order, so neither waits on the other in a cycle). The target must
+//!    meet what each buffer was made for (kind, backend, compute units)
+//!    and keep resident buffers (rule 1's devices). It then reserves and
+//!    allocates every buffer's bytes there (rule 1: the target's room
+//!    first; no wait for working memory to drain, `NoDevice` at once),
+//!    copies them (device to device with [`Backend::copy_resident`] where
+//!    both devices are one backend's and it offers that copy, else staged
+//!    through the host), and only then points every handle at its new
+//!    memory and frees the old (rule 2). All or none: a failure at any
+//!    step leaves every buffer where it was, with its bytes, and nothing
+//!    was freed that would have to be allocated again. The quota charge
+//!    goes with the bytes: a buffer counts once against its holder's quota
+//!    throughout.
 
 use std::sync::{Arc, Weak};
 
@@ -134,6 +144,13 @@ pub enum RelocateError {
     },
     /// The buffer was allocated by another bridge.
     Foreign,
+    /// The device does not meet what the buffer's was made to meet (its
+    /// kind, backend or compute units), or keeps no resident buffers (the
+    /// CPU device when it is not the fallback).
+    Unlike {
+        /// The device asked for.
+        device: DeviceId,
+    },
     /// The target device has no room for it, failed, or the bridge has
     /// shut down.
     Resident(ResidentError),
@@ -149,6 +166,11 @@ impl std::fmt::Display for RelocateError {
                 write!(f, "the buffer is on device {} already", device.0)
             }
             RelocateError::Foreign => f.write_str("the buffer was allocated by another bridge"),
+            RelocateError::Unlike { device } => write!(
+                f,
+                "device {} does not meet what the buffer was made for, or keeps no resident buffers",
+                device.0
+            ),
             RelocateError::Resident(err) => write!(f, "the buffer cannot move: {err}"),
         }
     }
@@ -215,6 +237,36 @@ struct Slot {
     /// relocation.
     uses: Arc<tokio::sync::RwLock<()>>,
     len: usize,
+    /// What its device had to meet when it was made: a relocation's
+    /// target must meet it too.
+    need: Requirements,
+}
+
+impl Slot {
+    /// The memory the bytes are in now (rule 5).
+    fn place(&self) -> Arc<Inner> {
+        self.place
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Copies `from`'s bytes into `next` (rule 5): device to device where one
+/// backend holds both and offers it (`true`), else through the host.
+fn copy_between(from: &Inner, next: &Inner) -> Result<bool, granary_kernels::BackendError> {
+    let direct = Arc::ptr_eq(&from.backend, &next.backend)
+        .then(|| next.backend.copy_resident(from.buffer(), next.buffer()))
+        .flatten();
+    match direct {
+        Some(done) => done.map(|()| true),
+        None => {
+            let len = from.buffer().len();
+            let bytes = from.backend.read_resident(from.buffer(), 0, len)?;
+            next.backend.write_resident(next.buffer(), 0, &bytes)?;
+            Ok(false)
+        }
+    }
 }
 
 /// A buffer kept on a device across calls; cheap to clone, every clone
@@ -279,23 +331,20 @@ pub enum Output<'a> {
 }
 
 impl ResidentBuffer {
-    fn new(inner: Inner) -> ResidentBuffer {
+    fn new(inner: Inner, need: Requirements) -> ResidentBuffer {
         ResidentBuffer {
             slot: Arc::new(Slot {
                 len: inner.buffer().len(),
                 place: std::sync::RwLock::new(Arc::new(inner)),
                 uses: Arc::new(tokio::sync::RwLock::new(())),
+                need,
             }),
         }
     }
 
     /// The memory the bytes are in now (rule 5).
     fn place(&self) -> Arc<Inner> {
-        self.slot
-            .place
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.slot.place()
     }
 
     /// A use of the buffer (rule 5): no relocation runs until the guard
@@ -425,6 +474,21 @@ impl ResidentBuffer {
     }
 }
 
+/// A part as the request holds it before it runs: host bytes borrowed.
+enum HeldPart<'a> {
+    Host(&'a [u8]),
+    Resident(Arc<Inner>),
+}
+
+impl HeldPart<'_> {
+    fn part(&self) -> BatchPart<'_> {
+        match self {
+            HeldPart::Host(bytes) => BatchPart::Host(bytes),
+            HeldPart::Resident(inner) => BatchPart::Resident(inner.buffer()),
+        }
+    }
+}
+
 /// A part that the blocking job owns.
 enum OwnedPart {
     Host(Vec<u8>),
@@ -452,8 +516,28 @@ impl GpuBridge {
             .await
     }
 
+    fn shut_down(&self) -> bool {
+        self.shared
+            .shut_down
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether resident buffers may live on device `id`: a primary device,
+    /// or the CPU device when it is the fallback (rule 1).
+    fn may_keep(&self, id: DeviceId) -> bool {
+        let Some(slot) = self.shared.devices.get(id.0) else {
+            return false;
+        };
+        let cpu = self.shared.cpu;
+        slot.primary
+            || (id == cpu
+                && self.shared.config.fallback == FallbackPolicy::Cpu
+                && !self.shared.devices[cpu.0].primary)
+    }
+
     /// [`GpuBridge::allocate_resident`], holding `charge` (a quota's) for
-    /// as long as the buffer lives.
+    /// as long as the buffer lives; on device `only` alone, if given (it
+    /// must be one [`GpuBridge::may_keep`] allows).
     pub(super) async fn allocate_resident_charged(
         &self,
         bytes: usize,
@@ -461,14 +545,14 @@ impl GpuBridge {
         charge: Option<super::quota::Charge>,
         only: Option<DeviceId>,
     ) -> Result<ResidentBuffer, ResidentError> {
-        if self
-            .shared
-            .shut_down
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if self.shut_down() {
             return Err(ResidentError::ShutDown);
         }
         let wanted = bytes as u64;
+        let made_for = Requirements {
+            min_free_memory: 0,
+            ..*need
+        };
         let need = Requirements {
             min_free_memory: need.min_free_memory.max(wanted),
             ..*need
@@ -479,7 +563,7 @@ impl GpuBridge {
         // is the fallback; or only the device asked for.
         let select = |need: &Requirements, room: &dyn Fn(DeviceId) -> bool| {
             if let Some(only) = only {
-                return broker.select_where(need, |id| id == only && room(id));
+                return broker.select_where(need, |id| id == only && self.may_keep(id) && room(id));
             }
             broker
                 .select_where(need, |id| self.shared.devices[id.0].primary && room(id))
@@ -504,11 +588,7 @@ impl GpuBridge {
         };
         let started = std::time::Instant::now();
         let (chosen, reservation) = loop {
-            if self
-                .shared
-                .shut_down
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if self.shut_down() {
                 return Err(ResidentError::ShutDown);
             }
             if let Some(chosen) = select(&need, &|_| true) {
@@ -522,16 +602,37 @@ impl GpuBridge {
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         };
-        let slot = &self.shared.devices[chosen.0];
+        let inner = self
+            .make_inner(chosen, bytes, reservation, charge.map(Arc::new))
+            .await?;
+        Ok(ResidentBuffer::new(inner, made_for))
+    }
+
+    /// Allocates `bytes` on `device` under `reservation` (rules 1 and 2:
+    /// the reservation goes into the blocking job with the allocation, so
+    /// a caller that stops waiting never leaves memory without one).
+    async fn make_inner(
+        &self,
+        device: DeviceId,
+        bytes: usize,
+        reservation: Reservation,
+        charge: Option<Arc<super::quota::Charge>>,
+    ) -> Result<Inner, ResidentError> {
+        let slot = &self.shared.devices[device.0];
         let backend = slot.backend.clone();
         let index = slot.index;
         let kind = backend.kind();
         let made = {
             let backend = backend.clone();
-            tokio::task::spawn_blocking(move || backend.alloc_resident(index, bytes)).await
+            tokio::task::spawn_blocking(move || {
+                backend
+                    .alloc_resident(index, bytes)
+                    .map(|memory| (memory, reservation))
+            })
+            .await
         };
-        let buffer = match made {
-            Ok(Ok(buffer)) => buffer,
+        let (buffer, reservation) = match made {
+            Ok(Ok(made)) => made,
             Ok(Err(err)) => {
                 return Err(ResidentError::Device {
                     backend: kind,
@@ -545,18 +646,18 @@ impl GpuBridge {
                 });
             }
         };
-        self.report_memory(chosen);
-        Ok(ResidentBuffer::new(Inner {
+        self.report_memory(device);
+        Ok(Inner {
             buffer,
             _reservation: reservation,
-            charge: charge.map(Arc::new),
+            charge,
             _report: ReportMemory {
                 bridge: Arc::downgrade(&self.shared),
-                device: chosen,
+                device,
             },
             backend,
-            device: chosen,
-        }))
+            device,
+        })
     }
 
     /// Moves `buffer` to device `to` of this bridge (rule 5); every clone
@@ -567,99 +668,117 @@ impl GpuBridge {
         buffer: &ResidentBuffer,
         to: DeviceId,
     ) -> Result<Relocated, RelocateError> {
-        if self
-            .shared
-            .shut_down
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        self.relocate_all(std::slice::from_ref(buffer), to).await
+    }
+
+    /// Moves every one of `buffers` to device `to` of this bridge,
+    /// together (rule 5): all of them, or, on an error, none (each is
+    /// where it was, with its bytes). Those on `to` already stay;
+    /// `AlreadyThere` if all are.
+    pub async fn relocate_all(
+        &self,
+        buffers: &[ResidentBuffer],
+        to: DeviceId,
+    ) -> Result<Relocated, RelocateError> {
+        if self.shut_down() {
             return Err(RelocateError::Resident(ResidentError::ShutDown));
         }
-        let Some(target) = self.shared.devices.get(to.0) else {
+        if to.0 >= self.shared.devices.len() {
             return Err(RelocateError::NoSuchDevice { device: to });
-        };
-        // No use runs from here to the switch.
-        let moving = buffer.slot.uses.clone().write_owned().await;
-        let from = buffer.place();
-        if !from.belongs_to(&self.shared) {
+        }
+        // Which bridge made a buffer never changes: checked before waiting.
+        if buffers
+            .iter()
+            .any(|buffer| !buffer.place().belongs_to(&self.shared))
+        {
             return Err(RelocateError::Foreign);
         }
-        if from.device == to {
+        // Each buffer once, its use lock taken alone in address order (as
+        // every batch takes them shared: no two wait on each other).
+        let mut slots: Vec<&Arc<Slot>> = buffers.iter().map(|buffer| &buffer.slot).collect();
+        slots.sort_by_key(|slot| Arc::as_ptr(slot));
+        slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let mut moving = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            moving.push(slot.uses.clone().write_owned().await);
+        }
+        let broker = &self.shared.broker;
+        let mut leaving = Vec::new();
+        for slot in &slots {
+            let from = slot.place();
+            if from.device == to {
+                continue;
+            }
+            let fits = broker.select_where(&slot.need, |id| id == to).is_some();
+            if !fits || !self.may_keep(to) {
+                return Err(RelocateError::Unlike { device: to });
+            }
+            leaving.push((*slot, from));
+        }
+        if leaving.is_empty() {
             return Err(RelocateError::AlreadyThere { device: to });
         }
-        let len = buffer.len();
-        // Rule 1: the target's room first.
-        let reservation = self
-            .shared
-            .broker
-            .reserve_kept(to, len as u64)
-            .map_err(|_| RelocateError::Resident(ResidentError::NoDevice { bytes: len as u64 }))?;
-        let backend = target.backend.clone();
-        let kind = backend.kind();
-        let device_failed = |reason: String| {
-            RelocateError::Resident(ResidentError::Device {
-                backend: kind,
-                reason,
-            })
-        };
-        let index = target.index;
-        let made = {
-            let backend = backend.clone();
-            tokio::task::spawn_blocking(move || backend.alloc_resident(index, len)).await
-        };
-        let memory = match made {
-            Ok(Ok(memory)) => memory,
-            Ok(Err(err)) => return Err(device_failed(err.to_string())),
-            Err(err) => return Err(device_failed(format!("the allocation failed: {err}"))),
-        };
-        let next = Arc::new(Inner {
-            buffer: memory,
-            _reservation: reservation,
-            charge: from.charge.clone(),
-            _report: ReportMemory {
-                bridge: Arc::downgrade(&self.shared),
-                device: to,
-            },
-            backend,
-            device: to,
-        });
-        self.report_memory(to);
-        let copied = {
-            let (from, next) = (from.clone(), next.clone());
-            tokio::task::spawn_blocking(move || {
-                // Device to device where one backend offers it, else
-                // through the host.
-                let direct = Arc::ptr_eq(&from.backend, &next.backend)
-                    .then(|| next.backend.copy_resident(from.buffer(), next.buffer()))
-                    .flatten();
-                match direct {
-                    Some(done) => done.map(|()| true),
-                    None => {
-                        let bytes = from.backend.read_resident(from.buffer(), 0, len)?;
-                        next.backend.write_resident(next.buffer(), 0, &bytes)?;
-                        Ok(false)
-                    }
+        // Rule 1: the target's room first, for every buffer.
+        let bytes: u64 = leaving.iter().map(|(slot, _)| slot.len as u64).sum();
+        let mut reservations = Vec::with_capacity(leaving.len());
+        for (slot, _) in &leaving {
+            match broker.reserve_kept(to, slot.len as u64) {
+                Ok(reservation) => reservations.push(reservation),
+                Err(_) => {
+                    return Err(RelocateError::Resident(ResidentError::NoDevice { bytes }));
                 }
+            }
+        }
+        let mut arriving = Vec::with_capacity(leaving.len());
+        for ((slot, from), reservation) in leaving.iter().zip(reservations) {
+            let next = self
+                .make_inner(to, slot.len, reservation, from.charge.clone())
+                .await
+                .map_err(RelocateError::Resident)?;
+            arriving.push(Arc::new(next));
+        }
+        let kind = self.shared.devices[to.0].backend.kind();
+        let copied = {
+            let pairs: Vec<(Arc<Inner>, Arc<Inner>)> = leaving
+                .iter()
+                .map(|(_, from)| from.clone())
+                .zip(arriving.iter().cloned())
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                let mut direct = true;
+                for (from, next) in &pairs {
+                    direct &= copy_between(from, next)?;
+                }
+                Ok::<bool, granary_kernels::BackendError>(direct)
             })
             .await
         };
         let direct = match copied {
             Ok(Ok(direct)) => direct,
-            Ok(Err(err)) => return Err(device_failed(format!("the copy failed: {err}"))),
-            Err(err) => return Err(device_failed(format!("the copy failed: {err}"))),
+            Ok(Err(err)) => {
+                return Err(RelocateError::Resident(ResidentError::Device {
+                    backend: kind,
+                    reason: format!("the copy failed: {err}"),
+                }));
+            }
+            Err(err) => {
+                return Err(RelocateError::Resident(ResidentError::Device {
+                    backend: kind,
+                    reason: format!("the copy failed: {err}"),
+                }));
+            }
         };
         // The switch: every handle now reaches the new memory; the old goes
-        // with the last reference to it (this one: no use runs).
-        *buffer
-            .slot
-            .place
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
-        drop(from);
+        // with the last reference to it (these: no use runs).
+        for ((slot, from), next) in leaving.into_iter().zip(arriving) {
+            *slot
+                .place
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+            drop(from);
+        }
         drop(moving);
-        Ok(Relocated {
-            bytes: len as u64,
-            direct,
-        })
+        Ok(Relocated { bytes, direct })
     }
 
     /// Runs kernel `kernel_id`'s batch path over the request made of
@@ -695,26 +814,44 @@ impl GpuBridge {
             ));
         };
         // Rule 5: each buffer (once, however often it appears) is held in
-        // use until the job is done, so none moves under it.
-        let mut using = Vec::with_capacity(buffers.len());
-        for (at, buffer) in buffers.iter().enumerate() {
-            if !buffers[..at].iter().any(|seen| seen.same_buffer(buffer)) {
-                using.push(buffer.slot.uses.clone().read_owned().await);
-            }
+        // use until the job is done, so none moves under it; the locks are
+        // taken in address order, as a relocation takes them.
+        let mut slots: Vec<&Arc<Slot>> = buffers.iter().map(|buffer| &buffer.slot).collect();
+        slots.sort_by_key(|slot| Arc::as_ptr(slot));
+        slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let mut using = Vec::with_capacity(slots.len());
+        for slot in slots {
+            using.push(slot.uses.clone().read_owned().await);
         }
-        let device = first.device();
-        // Device ids are per bridge: another bridge's device 0 is not ours.
-        if buffers
+        // Where each part's bytes are, fixed while the locks are held.
+        let held: Vec<HeldPart<'_>> = parts
             .iter()
-            .any(|buffer| !buffer.place().belongs_to(&self.shared))
-        {
+            .map(|part| match part {
+                Part::Host(bytes) => HeldPart::Host(bytes),
+                Part::Resident(buffer) => HeldPart::Resident(buffer.place()),
+            })
+            .collect();
+        let into = match output {
+            Output::Into(buffer) => Some(buffer.place()),
+            Output::Host => None,
+        };
+        let places: Vec<&Arc<Inner>> = held
+            .iter()
+            .filter_map(|part| match part {
+                HeldPart::Resident(inner) => Some(inner),
+                HeldPart::Host(_) => None,
+            })
+            .chain(&into)
+            .collect();
+        let device = places.first().map_or(first.device(), |inner| inner.device);
+        // Device ids are per bridge: another bridge's device 0 is not ours.
+        if places.iter().any(|inner| !inner.belongs_to(&self.shared)) {
             return Err(wrong("a buffer allocated by another bridge".into()));
         }
-        if let Some(other) = buffers.iter().find(|buffer| buffer.device() != device) {
+        if let Some(other) = places.iter().find(|inner| inner.device != device) {
             return Err(wrong(format!(
                 "buffers on two devices ({:?} and {:?})",
-                device,
-                other.device()
+                device, other.device
             )));
         }
         let slot = &self.shared.devices[device.0];
@@ -725,14 +862,7 @@ impl GpuBridge {
         // The request's temporary buffers, reserved like any batch's: the
         // request, and the response unless it goes into a buffer. Shape and
         // kernel checks come first, typed, before any device work.
-        let owned: Vec<OwnedPart> = parts
-            .iter()
-            .map(|part| match part {
-                Part::Host(bytes) => OwnedPart::Host(bytes.to_vec()),
-                Part::Resident(buffer) => OwnedPart::Resident(buffer.place()),
-            })
-            .collect();
-        let probe_parts: Vec<BatchPart<'_>> = owned.iter().map(OwnedPart::part).collect();
+        let probe_parts: Vec<BatchPart<'_>> = held.iter().map(HeldPart::part).collect();
         let checked = granary_kernels::resident::request_probe(&probe_parts).and_then(|probe| {
             Ok((
                 probe.len(),
@@ -766,10 +896,14 @@ impl GpuBridge {
                     reason: err.to_string(),
                 })?;
         drop(probe_parts);
-        let into = match output {
-            Output::Into(buffer) => Some(buffer.place()),
-            Output::Host => None,
-        };
+        // Host bytes are copied only now, once the request may run.
+        let owned: Vec<OwnedPart> = held
+            .into_iter()
+            .map(|part| match part {
+                HeldPart::Host(bytes) => OwnedPart::Host(bytes.to_vec()),
+                HeldPart::Resident(inner) => OwnedPart::Resident(inner),
+            })
+            .collect();
         let backend = slot.backend.clone();
         let index = slot.index;
         let bridge = self.clone();

@@ -126,8 +126,7 @@ impl Migratable for Model {
         into: &mut Dehydrated,
     ) -> Result<(), HookError> {
         let buffer = self.buffer.as_ref().ok_or("no buffer")?;
-        into.put_bytes("buffer", buffer.export().await.map_err(|e| e.to_string())?);
-        Ok(())
+        DeviceQuotas::put_resident(into, "buffer", buffer).await
     }
 
     async fn rehydrate(
@@ -135,12 +134,13 @@ impl Migratable for Model {
         ctx: &mut GrainContext,
         mut from: Dehydrated,
     ) -> Result<(), HookError> {
-        let buffer = allocate(ctx).await?;
-        buffer
-            .import(from.take_bytes("buffer")?)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.buffer = Some(buffer);
+        let quotas = ctx.service::<DeviceQuotas>().ok_or("no device quotas")?;
+        let need = granary_gpu::Requirements::default();
+        self.buffer = Some(
+            quotas
+                .take_resident(ctx, &mut from, "buffer", &need)
+                .await?,
+        );
         self.state = Some(ctx.load_state::<Blob>().await?);
         Ok(())
     }

@@ -128,9 +128,7 @@ impl Migratable for Ledger {
             return Err(err);
         }
         let buffer = self.buffer.as_ref().ok_or("the ledger has no buffer")?;
-        let bytes = buffer.export().await.map_err(|err| err.to_string())?;
-        into.put_bytes("buffer", bytes);
-        Ok(())
+        DeviceQuotas::put_resident(into, "buffer", buffer).await
     }
 
     async fn rehydrate(
@@ -139,12 +137,18 @@ impl Migratable for Ledger {
         mut from: Dehydrated,
     ) -> Result<(), HookError> {
         self.state = Some(from.get_state("state", ctx)?);
-        let buffer = allocate(ctx).await?;
-        buffer
-            .import(from.take_bytes("buffer")?)
-            .await
-            .map_err(|err| err.to_string())?;
-        self.buffer = Some(buffer);
+        // A ledger moves only between cluster nodes, which have quotas.
+        let quotas = ctx
+            .service::<DeviceQuotas>()
+            .ok_or("no device quotas on this silo")?;
+        let devices = ctx
+            .service::<LedgerDevices>()
+            .map_or_else(Requirements::default, |devices| devices.0);
+        self.buffer = Some(
+            quotas
+                .take_resident(ctx, &mut from, "buffer", &devices)
+                .await?,
+        );
         Ok(())
     }
 }

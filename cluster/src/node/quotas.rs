@@ -44,6 +44,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use dashmap::DashMap;
+use granary_actors::migration::{Dehydrated, HookError};
 use granary_actors::{GrainContext, GrainId};
 use granary_gpu::{
     DeviceId, GpuBridge, RelocateError, Relocated, Requirements, ResidentBuffer, ResidentError,
@@ -199,6 +200,47 @@ impl DeviceQuotas {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(buffer.downgrade());
+        Ok(buffer)
+    }
+
+    /// `buffer`'s bytes as part `name` of `into` (device to host): what a
+    /// GPU grain's `dehydrate` does with each resident buffer it carries
+    /// to another silo; [`DeviceQuotas::take_resident`] is the other half.
+    pub async fn put_resident(
+        into: &mut Dehydrated,
+        name: &str,
+        buffer: &ResidentBuffer,
+    ) -> Result<(), HookError> {
+        let bytes = buffer
+            .export()
+            .await
+            .map_err(|err| HookError(format!("exporting resident buffer {name:?}: {err}")))?;
+        into.put_bytes(name, bytes);
+        Ok(())
+    }
+
+    /// A resident buffer made from part `name` of `from` (host to device),
+    /// allocated as [`DeviceQuotas::allocate`] does (charged to the grain's
+    /// quota, on the device a move named: rule 3) and filled with the
+    /// part's bytes, which are taken out of `from`: what a GPU grain's
+    /// `rehydrate` does with each buffer [`DeviceQuotas::put_resident`]
+    /// carried.
+    pub async fn take_resident(
+        &self,
+        ctx: &GrainContext,
+        from: &mut Dehydrated,
+        name: &str,
+        need: &Requirements,
+    ) -> Result<ResidentBuffer, HookError> {
+        let bytes = from.take_bytes(name)?;
+        let buffer = self
+            .allocate(ctx, bytes.len(), need)
+            .await
+            .map_err(|err| HookError(format!("allocating resident buffer {name:?}: {err}")))?;
+        buffer
+            .import(bytes)
+            .await
+            .map_err(|err| HookError(format!("importing resident buffer {name:?}: {err}")))?;
         Ok(buffer)
     }
 

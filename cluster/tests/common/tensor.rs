@@ -196,11 +196,7 @@ impl Migratable for Tensor {
         into.put("steps", &self.steps)?;
         into.put("last", &self.last)?;
         let buffer = self.buffer.as_ref().ok_or("no buffer")?;
-        into.put_bytes(
-            "buffer",
-            buffer.export().await.map_err(|err| err.to_string())?,
-        );
-        Ok(())
+        DeviceQuotas::put_resident(into, "buffer", buffer).await
     }
 
     async fn rehydrate(
@@ -221,12 +217,13 @@ impl Migratable for Tensor {
         self.steps = from.get("steps")?;
         self.last = from.get("last")?;
         self.state = Some(from.get_state("state", ctx)?);
-        let buffer = allocate(ctx).await?;
-        buffer
-            .import(from.take_bytes("buffer")?)
-            .await
-            .map_err(|err| err.to_string())?;
-        self.buffer = Some(buffer);
+        let quotas = ctx.service::<DeviceQuotas>().ok_or("no device quotas")?;
+        let need = granary_gpu::Requirements::default();
+        self.buffer = Some(
+            quotas
+                .take_resident(ctx, &mut from, "buffer", &need)
+                .await?,
+        );
         Ok(())
     }
 }

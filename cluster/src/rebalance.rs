@@ -168,6 +168,13 @@ impl RebalanceConfig {
     fn fill_limit(&self, total: u64) -> f64 {
         (self.high_water - self.hysteresis) * total as f64
     }
+
+    /// Rule 6: whether `bytes` more on a target holding `used` of `total`
+    /// keeps it within the fill limit and its memory.
+    fn room_for(&self, used: u64, total: u64, bytes: u64) -> bool {
+        let after = used.saturating_add(bytes);
+        after as f64 <= self.fill_limit(total) && after <= total
+    }
 }
 
 /// Why a grain moves (rules 3 to 5), or is deactivated (rule 7).
@@ -243,16 +250,41 @@ pub struct Snapshot<'a> {
     pub needs: &'a HashMap<String, GpuNeeds>,
 }
 
+/// Where a move goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Away, to this silo.
+    Silo(SiloId),
+    /// To this device of the deciding silo (rules 3 and 5).
+    Device(usize),
+}
+
+impl Destination {
+    /// The silo of a move away.
+    pub fn silo(&self) -> Option<&SiloId> {
+        match self {
+            Destination::Silo(silo) => Some(silo),
+            Destination::Device(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Silo(silo) => write!(f, "silo {silo}"),
+            Destination::Device(device) => write!(f, "device {device} here"),
+        }
+    }
+}
+
 /// One move decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
     /// The grain.
     pub grain: GrainId,
     /// Where it goes.
-    pub to: SiloId,
-    /// The device of this silo it goes to, for a move between this
-    /// silo's devices (rules 3 and 5); `None` for a move away.
-    pub device: Option<usize>,
+    pub to: Destination,
     /// What it weighs.
     pub bytes: u64,
     /// Why.
@@ -297,8 +329,7 @@ impl Target<'_> {
     /// within its memory.
     fn takes(&self, config: &RebalanceConfig, grain: &GrainId, bytes: u64) -> bool {
         self.member.load.grain_types.contains(&grain.type_name)
-            && self.used.saturating_add(bytes) as f64 <= config.fill_limit(self.total)
-            && self.used.saturating_add(bytes) <= self.total
+            && config.room_for(self.used, self.total, bytes)
     }
 }
 
@@ -314,8 +345,7 @@ impl LocalDevice {
     /// Rule 6: whether `bytes` more keeps it below the fill limit and
     /// within its memory.
     fn takes(&self, config: &RebalanceConfig, bytes: u64) -> bool {
-        self.used.saturating_add(bytes) as f64 <= config.fill_limit(self.total)
-            && self.used.saturating_add(bytes) <= self.total
+        config.room_for(self.used, self.total, bytes)
     }
 }
 
@@ -482,8 +512,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 *left -= candidate.bytes as f64;
                 plan.moves.push(Move {
                     grain: candidate.grain.clone(),
-                    to: me.silo.clone(),
-                    device: Some(to.index),
+                    to: Destination::Device(to.index),
                     bytes: candidate.bytes,
                     reason: Reason::HighWater,
                 });
@@ -500,8 +529,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     *left -= candidate.bytes as f64;
                     plan.moves.push(Move {
                         grain: candidate.grain.clone(),
-                        to: target.member.silo.clone(),
-                        device: None,
+                        to: Destination::Silo(target.member.silo.clone()),
                         bytes: candidate.bytes,
                         reason: Reason::HighWater,
                     });
@@ -573,8 +601,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     left -= candidate.bytes as f64;
                     plan.moves.push(Move {
                         grain: candidate.grain.clone(),
-                        to: target.member.silo.clone(),
-                        device: None,
+                        to: Destination::Silo(target.member.silo.clone()),
                         bytes: candidate.bytes,
                         reason: Reason::Spread,
                     });
@@ -624,8 +651,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             if let Some(to) = to {
                 plan.moves.push(Move {
                     grain: candidate.grain.clone(),
-                    to: me.silo.clone(),
-                    device: Some(to.index),
+                    to: Destination::Device(to.index),
                     bytes: candidate.bytes,
                     reason: Reason::Queue,
                 });
@@ -647,8 +673,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             }) {
                 plan.moves.push(Move {
                     grain: candidate.grain.clone(),
-                    to: target.member.silo.clone(),
-                    device: None,
+                    to: Destination::Silo(target.member.silo.clone()),
                     bytes: candidate.bytes,
                     reason: Reason::Queue,
                 });

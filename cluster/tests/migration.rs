@@ -180,16 +180,7 @@ async fn a_grain_moves_to_a_named_device_with_every_buffer_it_holds() {
         }
         other => panic!("a device the silo does not have: {other:?}"),
     }
-    let ballast = one
-        .bridge
-        .allocate_resident_within_on(
-            &granary_gpu::ResidentQuota::new(u64::MAX),
-            granary_gpu::DeviceId(to),
-            7 * BUFFER,
-            &Requirements::default(),
-        )
-        .await
-        .unwrap();
+    let ballast = ballast_on(&one, to, 7 * BUFFER).await;
     match grain.migrate(device_of(to as u32)).await {
         Err(MigrationError::NoTarget { reason, .. }) => {
             assert!(reason.contains("room"), "{reason}")
@@ -243,16 +234,7 @@ async fn a_grain_moves_to_a_named_device_with_every_buffer_it_holds() {
     let other = one.node.grain::<Tensor>(2);
     assert_eq!(other.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
     assert!(other.call(Where).await.unwrap().0.is_some(), "a buffer");
-    let full = two
-        .bridge
-        .allocate_resident_within_on(
-            &granary_gpu::ResidentQuota::new(u64::MAX),
-            granary_gpu::DeviceId(0),
-            2 * BUFFER,
-            &Requirements::default(),
-        )
-        .await
-        .unwrap();
+    let full = ballast_on(&two, 0, 2 * BUFFER).await;
     match other
         .migrate(MigrationTarget::Device {
             silo: Some(here(&two.node)),
@@ -445,6 +427,20 @@ async fn ballast_to(node: &Node, mib: u64, kept: &mut Vec<ResidentBuffer>) {
             .unwrap();
         kept.push(buffer);
     }
+}
+
+/// Memory kept on `node`'s device `device` by something other than a
+/// grain (no quota, no grain to move), `bytes` of it.
+async fn ballast_on(node: &Node, device: usize, bytes: usize) -> ResidentBuffer {
+    node.bridge
+        .allocate_resident_within_on(
+            &granary_gpu::ResidentQuota::new(u64::MAX),
+            granary_gpu::DeviceId(device),
+            bytes,
+            &Requirements::default(),
+        )
+        .await
+        .unwrap()
 }
 
 /// Every silo's used fraction of its device memory, in points.
@@ -771,31 +767,13 @@ async fn past_high_water_the_rebalancer_moves_grains_to_another_device_of_the_si
     // Device 1 full of something else while 18 tensors are made: they all
     // go to device 0 (90%, as far as a new GPU grain may fill it); a MiB
     // of something else there takes it to 95%; then device 1 is emptied.
-    let ballast = node
-        .bridge
-        .allocate_resident_within_on(
-            &granary_gpu::ResidentQuota::new(u64::MAX),
-            granary_gpu::DeviceId(1),
-            (20 * MIB) as usize,
-            &Requirements::default(),
-        )
-        .await
-        .unwrap();
+    let ballast = ballast_on(&node, 1, (20 * MIB) as usize).await;
     let mut activations = Vec::new();
     for key in 0..18u64 {
         node.node.grain::<Tensor>(key).call(Inspect).await.unwrap();
         activations.push(node.node.grain::<Tensor>(key).call(Where).await.unwrap().1);
     }
-    let _unmovable = node
-        .bridge
-        .allocate_resident_within_on(
-            &granary_gpu::ResidentQuota::new(u64::MAX),
-            granary_gpu::DeviceId(0),
-            MIB as usize,
-            &Requirements::default(),
-        )
-        .await
-        .unwrap();
+    let _unmovable = ballast_on(&node, 0, MIB as usize).await;
     assert_eq!(kept(0), 19 * MIB);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = keep_calling(&node.node, 0..18, &stop);

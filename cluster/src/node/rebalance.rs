@@ -40,7 +40,9 @@ use granary_actors::migration::MigrationTarget;
 use super::Inner;
 use crate::SiloId;
 use crate::membership::DeviceLoad;
-use crate::rebalance::{Candidate, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan};
+use crate::rebalance::{
+    Candidate, Destination, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan,
+};
 
 /// Bytes sent to a silo (rule 3).
 struct Sent {
@@ -166,7 +168,8 @@ impl Inner {
         let decided_at = Instant::now();
         let baselines: HashMap<SiloId, u64> = moves
             .iter()
-            .map(|decided| (decided.to.clone(), published(&view, &decided.to)))
+            .filter_map(|decided| decided.to.silo())
+            .map(|to| (to.clone(), published(&view, to)))
             .collect();
         let baselines = &baselines;
         let done: Vec<_> = futures_util::stream::iter(moves)
@@ -174,12 +177,12 @@ impl Inner {
                 if !self.serving() {
                     return None;
                 }
-                let target = match decided.device {
-                    Some(device) => MigrationTarget::Device {
+                let target = match &decided.to {
+                    Destination::Device(device) => MigrationTarget::Device {
                         silo: None,
-                        device: u32::try_from(device).unwrap_or(u32::MAX),
+                        device: u32::try_from(*device).unwrap_or(u32::MAX),
                     },
-                    None => MigrationTarget::Silo(decided.to.to_string()),
+                    Destination::Silo(to) => MigrationTarget::Silo(to.to_string()),
                 };
                 let moved = self.migrate_here_detached(&decided.grain, &target).await;
                 match &moved {
@@ -200,14 +203,17 @@ impl Inner {
                 }
                 self.stats.rebalanced(decided.reason, moved.is_ok());
                 let took_ms = u64::try_from(decided_at.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let baseline = baselines.get(&decided.to).copied().unwrap_or(0);
                 // A move between this silo's devices shows in its own
                 // devices, read fresh each round: nothing to count.
-                (moved.is_ok() && decided.device.is_none()).then(|| Sent {
+                let Destination::Silo(to) = decided.to else {
+                    return None;
+                };
+                let baseline = baselines.get(&to).copied().unwrap_or(0);
+                moved.is_ok().then(|| Sent {
                     shown_from_ms: baseline
                         .saturating_add(took_ms)
                         .saturating_add(staleness_ms),
-                    to: decided.to,
+                    to,
                     bytes: decided.bytes,
                     until: Instant::now() + counts_for,
                 })

@@ -111,7 +111,7 @@ fn a_silo_that_joins_empty_takes_the_full_silos_excess_and_the_spread_closes() {
                 // 95% is past high water: those moves come first.
                 assert!(matches!(mv.reason, Reason::HighWater | Reason::Spread));
                 assert!(moved.insert(mv.grain.clone()), "{} moved twice", mv.grain);
-                let to = mv.to.address.as_str();
+                let to = mv.to.silo().expect("a move away").address.as_str();
                 let index = |view: &[Member], name: &str| {
                     view.iter().position(|m| m.silo.address == name).unwrap()
                 };
@@ -169,7 +169,11 @@ fn a_device_past_high_water_sheds_down_to_the_hysteresis_and_never_fills_a_targe
     // so, never taking a target past 80%.
     assert_eq!(plan.moves.len(), 15);
     assert!(plan.moves.iter().all(|mv| mv.reason == Reason::HighWater));
-    let to_b = plan.moves.iter().filter(|mv| mv.to.address == "b").count();
+    let to_b = plan
+        .moves
+        .iter()
+        .filter(|mv| mv.to.silo().is_some_and(|to| to.address == "b"))
+        .count();
     assert!(to_b <= 4, "b would pass 80%: {to_b}");
     // Oldest idle first.
     let keys: Vec<_> = plan.moves.iter().map(|mv| mv.grain.clone()).collect();
@@ -288,8 +292,7 @@ fn a_queue_long_for_rounds_moves_the_busiest_grain_to_an_idle_like_device() {
         plan.moves,
         vec![Move {
             grain: grain(9),
-            to: SiloId::new("b", 1),
-            device: None,
+            to: Destination::Silo(SiloId::new("b", 1)),
             bytes: MIB,
             reason: Reason::Queue,
         }]
@@ -364,7 +367,7 @@ fn on_a_silo_of_two_devices_only_grains_on_the_one_past_high_water_go() {
     assert!(
         plan.moves
             .iter()
-            .all(|mv| mv.to == SiloId::new("c", 1) && mv.device.is_none())
+            .all(|mv| mv.to == Destination::Silo(SiloId::new("c", 1)))
     );
     // A grain whose device is not known counts on no device of two.
     for candidate in &mut grains {
@@ -461,15 +464,15 @@ fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
     let moved: Vec<_> = plan
         .moves
         .iter()
-        .map(|mv| (mv.grain.clone(), mv.to.clone(), mv.device, mv.reason))
+        .map(|mv| (mv.grain.clone(), mv.to.clone(), mv.reason))
         .collect();
     let a = SiloId::new("a", 1);
     assert_eq!(
         moved,
         vec![
-            (grain(0), a.clone(), Some(2), Reason::HighWater),
-            (grain(1), a.clone(), Some(2), Reason::HighWater),
-            (grain(2), a.clone(), Some(1), Reason::HighWater),
+            (grain(0), Destination::Device(2), Reason::HighWater),
+            (grain(1), Destination::Device(2), Reason::HighWater),
+            (grain(2), Destination::Device(1), Reason::HighWater),
         ],
         "{plan:?}"
     );
@@ -480,9 +483,13 @@ fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
         member("c", vec![device(40, 0)]),
     ];
     let plan = plan_for(&config, "a", &view, &grains);
-    let went: Vec<_> = plan.moves.iter().map(|mv| mv.device).collect();
-    assert_eq!(went, vec![Some(1), Some(2), None], "{plan:?}");
-    assert_eq!(plan.moves[2].to, SiloId::new("c", 1));
+    let went: Vec<_> = plan.moves.iter().map(|mv| mv.to.clone()).collect();
+    let c = Destination::Silo(SiloId::new("c", 1));
+    assert_eq!(
+        went,
+        vec![Destination::Device(1), Destination::Device(2), c],
+        "{plan:?}"
+    );
     // A type that needs more compute units than the devices here have
     // moves none of its grains between them.
     let needs = HashMap::from([(
@@ -504,7 +511,7 @@ fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
         },
     );
     assert!(
-        !plan.moves.is_empty() && plan.moves.iter().all(|mv| mv.device.is_none()),
+        !plan.moves.is_empty() && plan.moves.iter().all(|mv| mv.to.silo().is_some()),
         "{plan:?}"
     );
 }
@@ -544,8 +551,7 @@ fn a_long_queue_moves_the_busiest_grain_on_it_to_an_idle_like_device_of_the_same
         plan(&config, &snapshot).moves,
         vec![Move {
             grain: grain(8),
-            to: me.clone(),
-            device: Some(2),
+            to: Destination::Device(2),
             bytes: MIB,
             reason: Reason::Queue,
         }]
@@ -561,8 +567,5 @@ fn a_long_queue_moves_the_busiest_grain_on_it_to_an_idle_like_device_of_the_same
     };
     let moves = plan(&config, &snapshot).moves;
     assert_eq!(moves.len(), 1);
-    assert_eq!(
-        (moves[0].to.clone(), moves[0].device),
-        (SiloId::new("b", 1), None)
-    );
+    assert_eq!(moves[0].to, Destination::Silo(SiloId::new("b", 1)));
 }

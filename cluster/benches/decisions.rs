@@ -15,7 +15,9 @@
 //! - `rebalance/round/64_silos_1000_grains`: one rebalancer round for a
 //!   silo past high water with 1 000 GPU grains, against
 //!   `rebalance/place_each/64_silos_1000_grains`: placing those grains one
-//!   by one over the same view.
+//!   by one over the same view; `rebalance/round_local/...`: the same round
+//!   when the silo's other devices have room, so grains move between its
+//!   own devices.
 
 use std::hint::black_box;
 
@@ -113,7 +115,8 @@ fn lookups(c: &mut Criterion) {
 
 /// A rebalancer round (`rebalance::plan`) for a silo of 1 000 GPU grains
 /// in a view of 64 silos, against placing those 1 000 grains one by one
-/// with `GpuAware` over the same view.
+/// with `GpuAware` over the same view; and the same round when the silo's
+/// other devices have room (`round_local`: the grains go to them).
 fn rebalance(c: &mut Criterion) {
     use granary_cluster::rebalance::{Candidate, RebalanceConfig, Snapshot, plan};
     let mut group = c.benchmark_group("rebalance");
@@ -123,9 +126,14 @@ fn rebalance(c: &mut Criterion) {
         member.load.grain_types = types.clone();
     }
     // This silo: its first device past high water by 14 GiB, more than its
-    // 900 grains that are not cooling weigh, so the round looks for a
-    // target for every one of them.
+    // 900 grains that are not cooling weigh, and its other three devices
+    // at 90% (above the fill limit, not past high water), so the round
+    // looks for a target for every grain among its own devices first and
+    // then among the other 63 silos.
     view[0].load.devices[0].free_memory = 2 << 30;
+    for device in &mut view[0].load.devices[1..] {
+        device.free_memory = 8 << 30;
+    }
     let grains: Vec<Candidate> = (0..1_000)
         .map(|key| Candidate {
             grain: grain(key),
@@ -134,6 +142,7 @@ fn rebalance(c: &mut Criterion) {
             cooling: key % 10 == 0,
             device: Some(0),
             movable: true,
+            local: true,
         })
         .collect();
     let me = view[0].silo.clone();
@@ -153,6 +162,17 @@ fn rebalance(c: &mut Criterion) {
     };
     group.bench_function("round/64_silos_1000_grains", |b| {
         b.iter(|| black_box(plan(&config, black_box(&snapshot))))
+    });
+    let mut roomy = view.clone();
+    for device in &mut roomy[0].load.devices[1..] {
+        device.free_memory = 70 << 30;
+    }
+    let local = Snapshot {
+        view: &roomy,
+        ..snapshot
+    };
+    group.bench_function("round_local/64_silos_1000_grains", |b| {
+        b.iter(|| black_box(plan(&config, black_box(&local))))
     });
     let needs = GpuNeeds {
         device_memory: 14 << 20,

@@ -54,8 +54,10 @@
 //!    again (rule 1 of `node/migration.rs`), so silos deciding at once may
 //!    together fill a target up to high water, never past it; a move
 //!    between a silo's own devices reserves the bytes on the device
-//!    before copying (rule 7 there), and only this silo decides for them. No grain that moved within `cool_down` moves
-//!    again; at most `moves_per_round` moves a round; grains idle longest
+//!    before copying (rule 7 there), and only this silo decides for them.
+//!    No grain that moved within `cool_down` moves again, and one whose
+//!    move between this silo's devices failed moves only away for that
+//!    long; at most `moves_per_round` moves a round; grains idle longest
 //!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
 //!    a departure happens between turns (`granary_actors::migration`).
 //! 7. **Pressure.** When rule 3's excess cannot all move (no target has
@@ -228,6 +230,10 @@ pub struct Candidate {
     /// Whether its type may migrate; one that may not is only ever
     /// deactivated (rule 7).
     pub movable: bool,
+    /// Whether it may move between this silo's devices: not while a
+    /// failed move of it there is within the cool-down (rule 6), so that
+    /// it moves away instead.
+    pub local: bool,
 }
 
 /// What a round decides from.
@@ -502,11 +508,14 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 continue;
             }
             // The emptiest other device here that takes it, first.
-            let here = candidate.device.and_then(|from| {
-                emptiest_but(config, &mut local, from, candidate.bytes, |index| {
-                    suits(snapshot, candidate, &mine[index])
-                })
-            });
+            let here = candidate
+                .device
+                .filter(|_| candidate.local)
+                .and_then(|from| {
+                    emptiest_but(config, &mut local, from, candidate.bytes, |index| {
+                        suits(snapshot, candidate, &mine[index])
+                    })
+                });
             if let Some(to) = here {
                 to.used += candidate.bytes;
                 *left -= candidate.bytes as f64;
@@ -625,10 +634,11 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
             .iter()
             .copied()
             .filter(|candidate| {
-                candidate
-                    .device
-                    .and_then(|device| mine.get(device))
-                    .is_some_and(|device| device.queue_depth >= config.queue_depth)
+                candidate.local
+                    && candidate
+                        .device
+                        .and_then(|device| mine.get(device))
+                        .is_some_and(|device| device.queue_depth >= config.queue_depth)
             })
             .collect();
         on_busy.sort_by_key(|candidate| candidate.idle_for);

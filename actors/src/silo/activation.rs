@@ -451,6 +451,9 @@ pub(super) async fn run_activation<G: Grain>(
     }
     let _ = gone.send(true);
     tracing::debug!(grain = %id, "deactivated");
+    // What the activation kept (its context's activation-local values)
+    // goes before the listener hears of its end.
+    drop(ctx);
     let listener = silo
         .inner
         .ended

@@ -443,7 +443,8 @@ impl Silo {
     }
 
     /// Calls `listener` each time an activation ends, after its entry is
-    /// gone (a message sent from inside the listener starts a new one).
+    /// gone (a message sent from inside the listener starts a new one)
+    /// and what it kept (`GrainContext::activation_local`) is dropped.
     /// It runs on the activation's task and must not block. One listener
     /// at a time per silo (a cluster node sets it to release the directory
     /// entries of grains that are no longer active here): while the

@@ -78,15 +78,18 @@
 //!    silo the grain is on (`MigrationTarget::Device` naming it, or no
 //!    silo) is no routing change: the activation stays, and its resident
 //!    buffers move. The home must be here and not moving, the device must
-//!    exist and suit the type's needs, and the grain must hold buffers on
-//!    another device: refused before anything stops otherwise. Then the
+//!    exist, keep resident buffers and suit the type's needs, and the
+//!    grain must hold buffers on another device: refused before anything
+//!    stops otherwise. Then the
 //!    activation pauses between two turns (`granary_actors::migration`
 //!    rule 6: calls that arrive meanwhile wait in its mailbox, in order),
 //!    every buffer it made through `DeviceQuotas` moves to the device
 //!    (`quotas.rs` rule 4: the device's room first, device to device
 //!    where the backend offers it, all or none), and the activation goes
-//!    on with the same object. A move that has not switched within a call
-//!    timeout is dropped (`Busy`; the buffers stay where they were).
+//!    on with the same object. The pause and the move together are
+//!    bounded by the call timeout: past it the move is dropped (`Busy`; a
+//!    pause not yet taken never is, and the buffers stay where they
+//!    were).
 //!    Nothing is dehydrated, and the directory is not touched.
 //!
 //! Requests travel as the reserved grain type [`MIGRATION`]: `move` (rule
@@ -556,8 +559,14 @@ impl Inner {
         };
         // What can be refused without pausing the grain.
         let devices = self.load().devices;
-        let Some(target) = devices.get(device) else {
-            return Err(no_target(format!("{} has no device {device}", self.id())));
+        let Some(target) = devices
+            .get(device)
+            .filter(|_| quotas.keeps_resident(device))
+        else {
+            return Err(no_target(format!(
+                "{} has no device {device} that keeps resident buffers",
+                self.id()
+            )));
         };
         if self
             .needs
@@ -582,42 +591,45 @@ impl Inner {
             }
             Some(_) => {}
         }
-        let paused = self.home_side.pause(grain).await?;
-        // Checked again with the grain paused: a move away may have begun
-        // meanwhile (its departure then waits behind the pause), or the
-        // home gone.
-        match self.homes.get(grain) {
-            Some(home)
-                if home.generation == generation && home.moving.is_none() && !home.leaving => {}
-            Some(home) if home.generation == generation => {
-                return Err(MigrationError::Busy {
-                    grain: grain.clone(),
-                });
+        // The pause and the move, bounded together: a pause still queued
+        // when the bound passes is never taken (its answer finds no one),
+        // and a relocation dropped before its switch leaves every buffer
+        // where it was (`granary_gpu`'s `resident.rs` rule 5).
+        let moved = tokio::time::timeout(self.config.connection.call_timeout, async {
+            let paused = self.home_side.pause(grain).await?;
+            // Checked again with the grain paused: a move away may have
+            // begun meanwhile (its departure then waits behind the pause),
+            // or the home gone.
+            match self.homes.get(grain) {
+                Some(home)
+                    if home.generation == generation && home.moving.is_none() && !home.leaving => {}
+                Some(home) if home.generation == generation => {
+                    return Err(MigrationError::Busy {
+                        grain: grain.clone(),
+                    });
+                }
+                _ => {
+                    return Err(MigrationError::NotActive {
+                        grain: grain.clone(),
+                    });
+                }
             }
-            _ => {
-                return Err(MigrationError::NotActive {
-                    grain: grain.clone(),
-                });
-            }
-        }
-        // A relocation dropped before its switch leaves every buffer where
-        // it was (`granary_gpu`'s `resident.rs` rule 5).
-        let moved = tokio::time::timeout(
-            self.config.connection.call_timeout,
-            quotas.relocate(grain, device),
-        )
+            let moved = quotas.relocate(grain, device).await;
+            drop(paused);
+            Ok(moved)
+        })
         .await;
-        drop(paused);
         match moved {
-            Ok(Ok(moved)) => Ok(moved),
+            Ok(Ok(Ok(moved))) => Ok(moved),
+            Ok(Err(err)) => Err(err),
             Err(_) => Err(MigrationError::Busy {
                 grain: grain.clone(),
             }),
-            Ok(Err(DeviceMoveError::NothingHeld)) => Err(no_target(format!(
+            Ok(Ok(Err(DeviceMoveError::NothingHeld))) => Err(no_target(format!(
                 "it holds no device memory on {} to move",
                 self.id()
             ))),
-            Ok(Err(DeviceMoveError::Relocate(err))) => Err(match err {
+            Ok(Ok(Err(DeviceMoveError::Relocate(err)))) => Err(match err {
                 RelocateError::AlreadyThere { .. } => MigrationError::AlreadyThere {
                     grain: grain.clone(),
                 },
@@ -1101,8 +1113,14 @@ impl Inner {
         }
         let device = asked.device.map(|device| device as usize);
         if let Some(named) = device {
-            if self.quotas.is_none() || named >= self.load().devices.len() {
-                return Err(no_target(&format!("it has no device {named}")));
+            if !self
+                .quotas
+                .as_ref()
+                .is_some_and(|quotas| quotas.keeps_resident(named))
+            {
+                return Err(no_target(&format!(
+                    "it has no device {named} that keeps resident buffers"
+                )));
             }
         }
         let promise = self.promise_on(&grain.type_name, device).map_err(|_| {

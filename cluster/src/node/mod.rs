@@ -237,6 +237,10 @@ struct Inner {
     /// When each grain last moved, away or here (`rebalance.rs` rule 6):
     /// the rebalancer leaves it be for the cool-down.
     moved_at: DashMap<GrainId, Instant>,
+    /// When a move of each grain between this silo's devices last failed
+    /// (`rebalance.rs` rule 6): for the cool-down, the rebalancer moves it
+    /// only away.
+    local_refused: DashMap<GrainId, Instant>,
     /// Grains the rebalancer asked to deactivate, with the device and bytes
     /// they hold and until when they count as leaving: removed when their
     /// activation ends (`rebalance.rs` rule 4).

@@ -261,6 +261,13 @@ impl DeviceQuotas {
         }
     }
 
+    /// Whether resident buffers may live on device `device` of the node
+    /// (`GpuBridge::keeps_resident`: a primary device, or the CPU device
+    /// when it is the fallback).
+    pub(super) fn keeps_resident(&self, device: usize) -> bool {
+        self.bridge.keeps_resident(DeviceId(device))
+    }
+
     /// Rule 3: `grain`'s activation ended (a successor's note, once it
     /// has made one, stays).
     pub(super) fn forget(&self, grain: &GrainId) {

@@ -106,6 +106,8 @@ impl Inner {
         let now = Instant::now();
         self.moved_at
             .retain(|_, at| now.duration_since(*at) < config.cool_down);
+        self.local_refused
+            .retain(|_, at| now.duration_since(*at) < config.cool_down);
         let Some(bridge) = &self.bridge else { return };
         let me = self.id();
         let mut view: Vec<_> = self.view().as_ref().clone();
@@ -202,6 +204,10 @@ impl Inner {
                     ),
                 }
                 self.stats.rebalanced(decided.reason, moved.is_ok());
+                if moved.is_err() && matches!(decided.to, Destination::Device(_)) {
+                    self.local_refused
+                        .insert(decided.grain.clone(), Instant::now());
+                }
                 let took_ms = u64::try_from(decided_at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // A move between this silo's devices shows in its own
                 // devices, read fresh each round: nothing to count.
@@ -284,6 +290,7 @@ impl Inner {
                         .as_ref()
                         .and_then(|quotas| quotas.device_of(grain)),
                     movable: self.home_side.is_migratable(&grain.type_name),
+                    local: !self.local_refused.contains_key(grain),
                 })
             })
             .collect()

@@ -47,6 +47,7 @@ fn candidates(keys: impl IntoIterator<Item = u64>) -> Vec<Candidate> {
             cooling: false,
             device: Some(0),
             movable: true,
+            local: true,
         })
         .collect()
 }
@@ -474,6 +475,21 @@ fn past_high_water_grains_go_to_another_device_of_their_silo_first() {
             (grain(1), Destination::Device(2), Reason::HighWater),
             (grain(2), Destination::Device(1), Reason::HighWater),
         ],
+        "{plan:?}"
+    );
+    // Grains whose move between this silo's devices failed within the
+    // cool-down go away instead.
+    let refused: Vec<Candidate> = grains
+        .iter()
+        .map(|candidate| Candidate {
+            local: false,
+            ..candidate.clone()
+        })
+        .collect();
+    let plan = plan_for(&config, "a", &view, &refused);
+    assert_eq!(plan.moves.len(), 3, "{plan:?}");
+    assert!(
+        plan.moves.iter().all(|mv| mv.to.silo().is_some()),
         "{plan:?}"
     );
     // Only up to the fill limit (16 MiB) of a device here: with both at

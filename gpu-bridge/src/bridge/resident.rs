@@ -42,10 +42,14 @@
 //!    first; no wait for working memory to drain, `NoDevice` at once),
 //!    copies them (device to device with [`Backend::copy_resident`] where
 //!    both devices are one backend's and it offers that copy, else staged
-//!    through the host), and only then points every handle at its new
-//!    memory and frees the old (rule 2). All or none: a failure at any
-//!    step leaves every buffer where it was, with its bytes, and nothing
-//!    was freed that would have to be allocated again. The quota charge
+//!    through the host; the copy job holds the use locks until it ends,
+//!    even if the caller stops waiting), and only then points every handle
+//!    at its new memory and frees the old (rule 2) on the blocking pool.
+//!    All or none: a failure at any step, or a caller that stops waiting
+//!    before the switch, leaves every buffer where it was, with its bytes,
+//!    and nothing was freed that would have to be allocated again. The
+//!    checks that do not depend on where a buffer is now (the target's
+//!    kind and whether it keeps resident buffers) come before any wait. The quota charge
 //!    goes with the bytes: a buffer counts once against its holder's quota
 //!    throughout.
 
@@ -524,7 +528,7 @@ impl GpuBridge {
 
     /// Whether resident buffers may live on device `id`: a primary device,
     /// or the CPU device when it is the fallback (rule 1).
-    fn may_keep(&self, id: DeviceId) -> bool {
+    pub fn keeps_resident(&self, id: DeviceId) -> bool {
         let Some(slot) = self.shared.devices.get(id.0) else {
             return false;
         };
@@ -537,7 +541,7 @@ impl GpuBridge {
 
     /// [`GpuBridge::allocate_resident`], holding `charge` (a quota's) for
     /// as long as the buffer lives; on device `only` alone, if given (it
-    /// must be one [`GpuBridge::may_keep`] allows).
+    /// must be one [`GpuBridge::keeps_resident`] allows).
     pub(super) async fn allocate_resident_charged(
         &self,
         bytes: usize,
@@ -563,7 +567,8 @@ impl GpuBridge {
         // is the fallback; or only the device asked for.
         let select = |need: &Requirements, room: &dyn Fn(DeviceId) -> bool| {
             if let Some(only) = only {
-                return broker.select_where(need, |id| id == only && self.may_keep(id) && room(id));
+                return broker
+                    .select_where(need, |id| id == only && self.keeps_resident(id) && room(id));
             }
             broker
                 .select_where(need, |id| self.shared.devices[id.0].primary && room(id))
@@ -698,23 +703,21 @@ impl GpuBridge {
         let mut slots: Vec<&Arc<Slot>> = buffers.iter().map(|buffer| &buffer.slot).collect();
         slots.sort_by_key(|slot| Arc::as_ptr(slot));
         slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        // What each buffer was made for never changes either.
+        let broker = &self.shared.broker;
+        let unlike = |slot: &Arc<Slot>| broker.select_where(&slot.need, |id| id == to).is_none();
+        if !self.keeps_resident(to) || slots.iter().any(|slot| unlike(slot)) {
+            return Err(RelocateError::Unlike { device: to });
+        }
         let mut moving = Vec::with_capacity(slots.len());
         for slot in &slots {
             moving.push(slot.uses.clone().write_owned().await);
         }
-        let broker = &self.shared.broker;
-        let mut leaving = Vec::new();
-        for slot in &slots {
-            let from = slot.place();
-            if from.device == to {
-                continue;
-            }
-            let fits = broker.select_where(&slot.need, |id| id == to).is_some();
-            if !fits || !self.may_keep(to) {
-                return Err(RelocateError::Unlike { device: to });
-            }
-            leaving.push((*slot, from));
-        }
+        let leaving: Vec<(&Arc<Slot>, Arc<Inner>)> = slots
+            .iter()
+            .map(|slot| (*slot, slot.place()))
+            .filter(|(_, from)| from.device != to)
+            .collect();
         if leaving.is_empty() {
             return Err(RelocateError::AlreadyThere { device: to });
         }
@@ -738,6 +741,8 @@ impl GpuBridge {
             arriving.push(Arc::new(next));
         }
         let kind = self.shared.devices[to.0].backend.kind();
+        // The copy job holds the use locks until it ends, even if this
+        // future is dropped meanwhile (rule 2): then nothing switches.
         let copied = {
             let pairs: Vec<(Arc<Inner>, Arc<Inner>)> = leaving
                 .iter()
@@ -747,37 +752,41 @@ impl GpuBridge {
             tokio::task::spawn_blocking(move || {
                 let mut direct = true;
                 for (from, next) in &pairs {
-                    direct &= copy_between(from, next)?;
+                    match copy_between(from, next) {
+                        Ok(copied) => direct &= copied,
+                        Err(err) => return (Err(err), moving),
+                    }
                 }
-                Ok::<bool, granary_kernels::BackendError>(direct)
+                (Ok(direct), moving)
             })
             .await
         };
-        let direct = match copied {
-            Ok(Ok(direct)) => direct,
-            Ok(Err(err)) => {
-                return Err(RelocateError::Resident(ResidentError::Device {
-                    backend: kind,
-                    reason: format!("the copy failed: {err}"),
-                }));
-            }
-            Err(err) => {
-                return Err(RelocateError::Resident(ResidentError::Device {
-                    backend: kind,
-                    reason: format!("the copy failed: {err}"),
-                }));
-            }
+        let copy_failed = |reason: String| {
+            RelocateError::Resident(ResidentError::Device {
+                backend: kind,
+                reason: format!("the copy failed: {reason}"),
+            })
         };
-        // The switch: every handle now reaches the new memory; the old goes
-        // with the last reference to it (these: no use runs).
+        let (direct, moving) = match copied {
+            Ok((Ok(direct), moving)) => (direct, moving),
+            Ok((Err(err), _)) => return Err(copy_failed(err.to_string())),
+            Err(err) => return Err(copy_failed(err.to_string())),
+        };
+        // The switch, with no await in it: every handle now reaches the
+        // new memory.
+        let mut left = Vec::with_capacity(leaving.len());
         for ((slot, from), next) in leaving.into_iter().zip(arriving) {
             *slot
                 .place
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
-            drop(from);
+            left.push(from);
         }
         drop(moving);
+        // The old memory goes with these last references to it, freed on
+        // the blocking pool (rule 4); awaited, so that the device's figures
+        // are up to date when this returns.
+        let _ = tokio::task::spawn_blocking(move || drop(left)).await;
         Ok(Relocated { bytes, direct })
     }
 

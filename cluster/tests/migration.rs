@@ -54,7 +54,7 @@ async fn a_hundred_grains_move_under_ten_thousand_calls_and_lose_nothing() {
         cluster.node_on(2, cpu_bridge_devices(128, 2)).await,
         cluster.node_on(3, cpu_bridge_devices(128, 2)).await,
     ];
-    // Every device of every silo holds buffers before the moves.
+    // A silo holding two buffers or more holds them on both its devices.
     moves_under_load(&cluster, &nodes, 100, 20, 10_000, true, Moves::AcrossSilos).await;
 }
 

@@ -256,6 +256,15 @@ impl Slot {
     }
 }
 
+/// The slots of `buffers`, each once, in the order their use locks are
+/// taken (rule 5: address order, by batches and relocations alike).
+fn in_lock_order<'a>(buffers: impl IntoIterator<Item = &'a ResidentBuffer>) -> Vec<&'a Arc<Slot>> {
+    let mut slots: Vec<&Arc<Slot>> = buffers.into_iter().map(|buffer| &buffer.slot).collect();
+    slots.sort_by_key(|slot| Arc::as_ptr(slot));
+    slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    slots
+}
+
 /// Copies `from`'s bytes into `next` (rule 5): device to device where one
 /// backend holds both and offers it (`true`), else through the host.
 fn copy_between(from: &Inner, next: &Inner) -> Result<bool, granary_kernels::BackendError> {
@@ -700,9 +709,7 @@ impl GpuBridge {
         }
         // Each buffer once, its use lock taken alone in address order (as
         // every batch takes them shared: no two wait on each other).
-        let mut slots: Vec<&Arc<Slot>> = buffers.iter().map(|buffer| &buffer.slot).collect();
-        slots.sort_by_key(|slot| Arc::as_ptr(slot));
-        slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let slots = in_lock_order(buffers);
         // What each buffer was made for never changes either.
         let broker = &self.shared.broker;
         let unlike = |slot: &Arc<Slot>| broker.select_where(&slot.need, |id| id == to).is_none();
@@ -817,17 +824,10 @@ impl GpuBridge {
                 Output::Host => None,
             })
             .collect();
-        let Some(first) = buffers.first() else {
-            return Err(wrong(
-                "no resident buffer among the parts or the output: use execute".into(),
-            ));
-        };
         // Rule 5: each buffer (once, however often it appears) is held in
         // use until the job is done, so none moves under it; the locks are
         // taken in address order, as a relocation takes them.
-        let mut slots: Vec<&Arc<Slot>> = buffers.iter().map(|buffer| &buffer.slot).collect();
-        slots.sort_by_key(|slot| Arc::as_ptr(slot));
-        slots.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let slots = in_lock_order(buffers.iter().copied());
         let mut using = Vec::with_capacity(slots.len());
         for slot in slots {
             using.push(slot.uses.clone().read_owned().await);
@@ -852,7 +852,11 @@ impl GpuBridge {
             })
             .chain(&into)
             .collect();
-        let device = places.first().map_or(first.device(), |inner| inner.device);
+        let Some(device) = places.first().map(|inner| inner.device) else {
+            return Err(wrong(
+                "no resident buffer among the parts or the output: use execute".into(),
+            ));
+        };
         // Device ids are per bridge: another bridge's device 0 is not ours.
         if places.iter().any(|inner| !inner.belongs_to(&self.shared)) {
             return Err(wrong("a buffer allocated by another bridge".into()));

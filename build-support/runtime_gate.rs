@@ -11,6 +11,10 @@
 //    `--include-ignored` to see them fail for that reason.
 // 3. Tests that need nothing always run. A panic is a failure (libtest-mimic
 //    catches it), so test bodies keep their plain `assert!`s.
+// 4. A test that needs wgpu runs only where `WgpuBackend::discover` opens
+//    at least one device, and is reported as ignored elsewhere, like
+//    OpenCL's. With `GRANARY_REQUIRE_WGPU=1` (CI, which installs lavapipe)
+//    it always runs, so a missing adapter fails it instead.
 //
 // Included by `tests/common/mod.rs` of the crates with OpenCL tests, whose
 // OpenCL test targets set `harness = false`. A build-time probe decided
@@ -26,6 +30,8 @@ pub enum Needs {
     Nothing,
     /// An OpenCL platform with a device (rule 1).
     OpenCl,
+    /// A wgpu adapter (Vulkan, Metal or DX12) that opens a device (rule 4).
+    Wgpu,
 }
 
 /// One test of a gated binary.
@@ -53,6 +59,25 @@ pub fn opencl(name: &'static str, body: impl FnOnce() + Send + 'static) -> Case 
     }
 }
 
+/// A test that runs only where a wgpu device opens (rule 4).
+pub fn wgpu(name: &'static str, body: impl FnOnce() + Send + 'static) -> Case {
+    Case {
+        name,
+        needs: Needs::Wgpu,
+        body: Box::new(body),
+    }
+}
+
+/// Whether a wgpu device opens here, and why not (rule 4).
+pub fn wgpu_available() -> Result<(), String> {
+    if std::env::var_os("GRANARY_REQUIRE_WGPU").is_some_and(|value| value == "1") {
+        return Ok(());
+    }
+    granary_kernels::wgpu::WgpuBackend::discover()
+        .map(drop)
+        .map_err(|err| err.to_string())
+}
+
 /// Whether OpenCL is usable here, and why not (rule 1).
 pub fn opencl_available() -> Result<(), String> {
     granary_kernels::opencl::OpenClBackend::discover()
@@ -75,10 +100,26 @@ pub fn run(cases: Vec<Case>) -> ! {
     if let Err(why) = &opencl {
         eprintln!("opencl: SKIPPED: {needs_opencl} OpenCL test(s) reported as ignored: {why}");
     }
+    let needs_wgpu = cases
+        .iter()
+        .filter(|case| case.needs == Needs::Wgpu)
+        .count();
+    let wgpu = if needs_wgpu > 0 {
+        wgpu_available()
+    } else {
+        Ok(())
+    };
+    if let Err(why) = &wgpu {
+        eprintln!("wgpu: SKIPPED: {needs_wgpu} wgpu test(s) reported as ignored: {why}");
+    }
     let trials = cases
         .into_iter()
         .map(|case| {
-            let unavailable = case.needs == Needs::OpenCl && opencl.is_err();
+            let unavailable = match case.needs {
+                Needs::Nothing => false,
+                Needs::OpenCl => opencl.is_err(),
+                Needs::Wgpu => wgpu.is_err(),
+            };
             let body = case.body;
             Trial::test(case.name, move || {
                 body();

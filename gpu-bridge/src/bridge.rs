@@ -1043,6 +1043,7 @@ fn supports(kind: BackendKind, spec: &KernelSpec) -> bool {
         BackendKind::Cpu => spec.cpu.is_some(),
         BackendKind::OpenCl => spec.opencl_c.is_some(),
         BackendKind::Cuda => spec.cuda_c.is_some(),
+        BackendKind::Wgpu => spec.wgsl.is_some(),
     }
 }
 

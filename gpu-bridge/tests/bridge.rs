@@ -38,6 +38,7 @@ const GATED: KernelSpec = KernelSpec {
     output_len: |_| Ok(8),
     opencl_c: None,
     cuda_c: None,
+    wgsl: None,
     cpu: Some(gated),
 };
 

@@ -360,6 +360,7 @@ extern "C" __global__ void granary_batch(const unsigned char* request, unsigned 
 }
 "#,
     ),
+    wgsl: None,
     cpu: Some(echo),
 };
 

@@ -32,6 +32,7 @@ const SLOW_BATCH: KernelSpec = KernelSpec {
     batch_request: Shape::between(ElementType::F32, 2, 1 << 20, 1),
     opencl_c: None,
     cuda_c: None,
+    wgsl: None,
     cpu: Some(slow_double),
     ..shipped::DOUBLE
 };

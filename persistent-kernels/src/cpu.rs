@@ -12,6 +12,10 @@
 //!   answered) or abandons (the loop exits at once and the unprocessed
 //!   requests' ids come back in the [`StopReport`]). The thread is always
 //!   joined; nothing hangs and nothing leaks.
+//! - The same thread and rings serve a device that cannot run a persistent
+//!   kernel (wgpu): the loop then takes every request queued, up to a
+//!   micro-batch, and hands them to the device as one dispatch
+//!   ([`MicroBatch`]), answering each in the order taken.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -377,6 +381,69 @@ impl fmt::Debug for Submitter {
     }
 }
 
+/// What answers the requests a kernel thread takes from its ring.
+pub(crate) enum Engine {
+    /// The spec's CPU implementation, one request at a time, writing into
+    /// the response slot.
+    Cpu(crate::spec::CpuFn),
+    /// A device that answers a micro-batch of requests per call.
+    MicroBatch(Box<dyn MicroBatch>),
+}
+
+/// Requests taken from the ring for one micro-batch: ids and payloads,
+/// copied out so that their slots are free before the device runs.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    /// Request ids, in the order taken.
+    pub(crate) ids: Vec<u64>,
+    /// Payloads, one after the other.
+    pub(crate) bytes: Vec<u8>,
+    /// Each payload's range in `bytes`.
+    pub(crate) spans: Vec<std::ops::Range<usize>>,
+}
+
+impl Taken {
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.bytes.clear();
+        self.spans.clear();
+    }
+
+    fn push(&mut self, request_id: u64, payload: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(payload);
+        self.ids.push(request_id);
+        self.spans.push(start..self.bytes.len());
+    }
+
+    /// The requests taken.
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Payload `i`.
+    pub(crate) fn payload(&self, i: usize) -> &[u8] {
+        &self.bytes[self.spans[i].clone()]
+    }
+}
+
+/// A device that answers several ring requests with one dispatch.
+pub(crate) trait MicroBatch: Send {
+    /// The most requests one call takes.
+    fn max_requests(&self) -> usize;
+
+    /// Answers every request in `taken`, in order: `answers[i]` is the
+    /// status of request `i` and its response's range in `out`. Every
+    /// request has passed the spec's request shape. A device failure
+    /// answers each request with [`Status::Fault`]; the loop goes on.
+    fn run(
+        &mut self,
+        taken: &Taken,
+        out: &mut Vec<u8>,
+        answers: &mut Vec<(Status, std::ops::Range<usize>)>,
+    );
+}
+
 /// A persistent kernel on a CPU thread.
 pub struct CpuPersistentKernel {
     submitter: Submitter,
@@ -415,6 +482,16 @@ impl CpuPersistentKernel {
         let Some(cpu) = spec.cpu else {
             return Err(LaunchError::NoCpuImplementation { kernel: spec.id });
         };
+        CpuPersistentKernel::launch_engine(spec, config, hooks, Engine::Cpu(cpu))
+    }
+
+    /// The kernel thread and its rings, answering through `engine`.
+    pub(crate) fn launch_engine(
+        spec: KernelSpec,
+        config: KernelConfig,
+        hooks: CpuHooks,
+        engine: Engine,
+    ) -> Result<CpuPersistentKernel, LaunchError> {
         let request_ring = Ring::new(RingConfig::mpsc(
             config.capacity,
             spec.request.max_bytes() as u32,
@@ -435,7 +512,6 @@ impl CpuPersistentKernel {
         let processed = Arc::new(AtomicU64::new(0));
         let kernel_loop = KernelLoop {
             spec,
-            cpu,
             requests: request_consumer,
             responses: response_producer,
             abort: abort.clone(),
@@ -446,7 +522,10 @@ impl CpuPersistentKernel {
         };
         let worker = thread::Builder::new()
             .name(format!("granary-kernel-{}", spec.id))
-            .spawn(move || kernel_loop.run())
+            .spawn(move || match engine {
+                Engine::Cpu(cpu) => kernel_loop.run(cpu),
+                Engine::MicroBatch(device) => kernel_loop.run_batched(device),
+            })
             .map_err(|err| LaunchError::Thread(err.to_string()))?;
         Ok(CpuPersistentKernel {
             submitter: Submitter { spec, requests },
@@ -598,7 +677,6 @@ pub(crate) fn completion(message: &granary_ring::Message<'_>) -> Completion {
 /// The state the kernel thread owns.
 struct KernelLoop {
     spec: KernelSpec,
-    cpu: crate::spec::CpuFn,
     requests: Consumer,
     responses: SpscProducer,
     abort: Arc<AtomicBool>,
@@ -611,7 +689,7 @@ struct KernelLoop {
 impl KernelLoop {
     /// The persistent-kernel loop (steps 1–5 in the crate docs). Returns the
     /// request consumer so that `stop` can list what was left.
-    fn run(mut self) -> Consumer {
+    fn run(mut self, cpu: crate::spec::CpuFn) -> Consumer {
         let response_max = self.spec.response.max_bytes();
         'serve: while !self.abort.load(Ordering::Acquire) {
             // 4. Heartbeat, busy or idle.
@@ -644,22 +722,8 @@ impl KernelLoop {
             let request_id = message.request_id();
             // 3 (first half). A response slot, waiting while the host is
             // behind on collecting.
-            loop {
-                // Probe for room; an SPSC reservation dropped uncommitted
-                // has no effect. (Keeping the first reservation would need
-                // a borrow that outlives the loop, which the borrow checker
-                // does not yet accept.)
-                let room = self.responses.try_reserve(1).map(drop);
-                match room {
-                    Ok(()) => break,
-                    Err(ReserveError::Full { .. }) if !self.abort.load(Ordering::Acquire) => {
-                        // The request ring is borrowed by `message`: beat
-                        // on the response ring's heartbeat instead.
-                        self.responses.beat();
-                        thread::sleep(Duration::from_micros(50));
-                    }
-                    Err(_) => break 'serve,
-                }
+            if !wait_for_room(&mut self.responses, &self.abort) {
+                break;
             }
             let Ok(mut chunk) = self.responses.try_reserve(1) else {
                 break;
@@ -670,7 +734,7 @@ impl KernelLoop {
             let output = &mut slot.payload_mut()[..response_max];
             let outcome = match self.spec.request.check(request.len()) {
                 Err(_) => Err(Status::BadLength),
-                Ok(_) => catch_unwind(AssertUnwindSafe(|| (self.cpu)(request, output)))
+                Ok(_) => catch_unwind(AssertUnwindSafe(|| cpu(request, output)))
                     .unwrap_or(Err(Status::Fault)),
             };
             let (len, status) = match outcome {
@@ -692,5 +756,119 @@ impl KernelLoop {
         // is a clean end of stream (rule S5).
         self.responses.close();
         self.requests
+    }
+
+    /// Publishes one response: false if the loop must end.
+    fn publish(&mut self, request_id: u64, status: Status, payload: &[u8]) -> bool {
+        if !wait_for_room(&mut self.responses, &self.abort) {
+            return false;
+        }
+        let Ok(mut chunk) = self.responses.try_reserve(1) else {
+            return false;
+        };
+        let Some(mut slot) = chunk.slot(0) else {
+            return false;
+        };
+        let len = payload.len().min(slot.payload_mut().len());
+        slot.payload_mut()[..len].copy_from_slice(&payload[..len]);
+        // `len` is at most the slot's payload, so this cannot fail.
+        let _ = slot.set_len(len);
+        slot.set_status(status.code());
+        slot.set_request_id(request_id);
+        chunk.commit();
+        self.processed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The loop for a device that answers micro-batches: steps 1–5 of the
+    /// crate docs, with step 2 taking every request queued (up to the
+    /// device's micro-batch) and running them as one dispatch. The
+    /// requests' slots are released when taken (rule K1 holds: the
+    /// responses are published after). An abandoning stop ends the loop
+    /// between micro-batches; the one in hand is answered.
+    fn run_batched(mut self, mut device: Box<dyn MicroBatch>) -> Consumer {
+        let response_max = self.spec.response.max_bytes();
+        let most = device.max_requests().max(1);
+        let mut taken = Taken::default();
+        let mut valid = Taken::default();
+        let mut out = Vec::new();
+        let mut answers = Vec::new();
+        'serve: while !self.abort.load(Ordering::Acquire) {
+            self.requests.beat();
+            taken.clear();
+            match self
+                .requests
+                .pop(self.wait.policy(), Some(self.config.idle_poll))
+            {
+                Ok(message) => taken.push(message.request_id(), message.payload()),
+                Err(PopError::Closed) => break,
+                Err(_) => {
+                    self.wait.record(false);
+                    continue;
+                }
+            }
+            self.wait.record(true);
+            while taken.len() < most {
+                match self.requests.try_pop() {
+                    Ok(message) => taken.push(message.request_id(), message.payload()),
+                    Err(TryPopError::Corrupt { .. }) => {}
+                    Err(_) => break,
+                }
+            }
+            // Requests that fail the shape are answered without the device.
+            valid.clear();
+            for i in 0..taken.len() {
+                let payload = taken.payload(i);
+                if self.spec.request.check(payload.len()).is_ok() {
+                    valid.push(taken.ids[i], payload);
+                } else if !self.publish(taken.ids[i], Status::BadLength, &[]) {
+                    break 'serve;
+                }
+            }
+            if valid.len() == 0 {
+                continue;
+            }
+            out.clear();
+            answers.clear();
+            device.run(&valid, &mut out, &mut answers);
+            for i in 0..valid.len() {
+                let (status, payload) = match answers.get(i) {
+                    Some((Status::Ok, span)) if span.len() <= response_max => {
+                        match out.get(span.clone()) {
+                            Some(payload) => (Status::Ok, payload),
+                            None => (Status::Fault, &[][..]),
+                        }
+                    }
+                    Some((Status::Ok, _)) | None => (Status::Fault, &[][..]),
+                    Some((status, _)) => (*status, &[][..]),
+                };
+                if !self.publish(valid.ids[i], status, payload) {
+                    break 'serve;
+                }
+            }
+        }
+        self.responses.close();
+        self.requests
+    }
+}
+
+/// Waits until the response ring has a free slot: false once the
+/// kernel is stopped with `Abandon` or the ring is closed.
+fn wait_for_room(responses: &mut SpscProducer, abort: &AtomicBool) -> bool {
+    loop {
+        // Probe for room; an SPSC reservation dropped uncommitted has
+        // no effect. (Keeping the first reservation would need a borrow
+        // that outlives the loop, which the borrow checker does not yet
+        // accept.)
+        match responses.try_reserve(1).map(drop) {
+            Ok(()) => return true,
+            Err(ReserveError::Full { .. }) if !abort.load(Ordering::Acquire) => {
+                // A request may be borrowed from the request ring: beat
+                // on the response ring's heartbeat instead.
+                responses.beat();
+                thread::sleep(Duration::from_micros(50));
+            }
+            Err(_) => return false,
+        }
     }
 }

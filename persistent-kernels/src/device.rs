@@ -11,6 +11,22 @@ pub enum BackendKind {
     OpenCl,
     /// CUDA, through cudarc.
     Cuda,
+    /// Vulkan, Metal or DX12, through wgpu.
+    Wgpu,
+}
+
+impl BackendKind {
+    /// Whether the backend runs persistent kernels: a kernel that stays on
+    /// the device and drains the request ring itself. The wgpu backend
+    /// does not (WGSL gives a spinning shader no forward-progress guarantee
+    /// and the host no coherent memory it could poll): a host thread drains
+    /// the ring into one dispatch per micro-batch.
+    pub const fn runs_persistent_kernels(self) -> bool {
+        match self {
+            BackendKind::Cpu | BackendKind::OpenCl | BackendKind::Cuda => true,
+            BackendKind::Wgpu => false,
+        }
+    }
 }
 
 /// What kind of processor a device is.

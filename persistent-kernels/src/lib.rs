@@ -35,6 +35,7 @@ pub mod opencl;
 pub mod resident;
 pub mod shipped;
 mod spec;
+pub mod wgpu;
 
 pub use backend::{
     Backend, BackendError, CpuBackend, PersistentKernel, StagedInput, batch_output_len,
@@ -47,7 +48,10 @@ pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
 pub use hooks::CpuHooks;
 pub use resident::{BatchOutput, BatchPart, DeviceBuffer};
-pub use spec::{Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status};
+pub use spec::{
+    Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status, WGSL_CHUNK,
+    Wgsl, one_pass,
+};
 
 /// The status codes device sources return (`device/prelude.h`), placed
 /// before every kernel's device source.

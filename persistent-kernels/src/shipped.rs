@@ -2,15 +2,15 @@
 //! kernel), vector add, SAXPY, a dot-product reduction and matrix multiply.
 //!
 //! All values are little-endian `f32`. Each kernel has a CPU implementation
-//! here and OpenCL C and CUDA C sources in `kernels/`, with both device
-//! entry points (see [`KernelSpec`]). A ring request carries at most
+//! here and OpenCL C, CUDA C and WGSL sources in `kernels/`, with both
+//! device entry points (see [`KernelSpec`]). A ring request carries at most
 //! [`MAX_ELEMENTS`] elements per operand; the batch path takes up to
 //! [`MAX_BATCH_ELEMENTS`] elements in all (a vector add of 1M elements, a
 //! 1024² matrix multiply). The CPU implementations sum in element order,
 //! as the device sources do, so results agree to the bit where the device
 //! does not fuse multiply-adds.
 
-use crate::spec::{ElementType, KernelSpec, Shape, Status};
+use crate::spec::{ElementType, KernelSpec, Shape, Status, WGSL_CHUNK, Wgsl, one_pass};
 
 /// Elements per operand a ring request may carry.
 pub const MAX_ELEMENTS: u32 = 1024;
@@ -28,6 +28,10 @@ pub const DOUBLE: KernelSpec = KernelSpec {
     output_len: same_len,
     opencl_c: Some(include_str!("../kernels/double.cl")),
     cuda_c: Some(include_str!("../kernels/double.cu")),
+    wgsl: Some(Wgsl {
+        source: include_str!("../kernels/double.wgsl"),
+        passes: one_pass,
+    }),
     cpu: Some(double),
 };
 
@@ -41,6 +45,10 @@ pub const VECTOR_ADD: KernelSpec = KernelSpec {
     output_len: half_len,
     opencl_c: Some(include_str!("../kernels/vector_add.cl")),
     cuda_c: Some(include_str!("../kernels/vector_add.cu")),
+    wgsl: Some(Wgsl {
+        source: include_str!("../kernels/vector_add.wgsl"),
+        passes: one_pass,
+    }),
     cpu: Some(vector_add),
 };
 
@@ -55,6 +63,10 @@ pub const SAXPY: KernelSpec = KernelSpec {
     output_len: saxpy_len,
     opencl_c: Some(include_str!("../kernels/saxpy.cl")),
     cuda_c: Some(include_str!("../kernels/saxpy.cu")),
+    wgsl: Some(Wgsl {
+        source: include_str!("../kernels/saxpy.wgsl"),
+        passes: one_pass,
+    }),
     cpu: Some(saxpy),
 };
 
@@ -68,6 +80,10 @@ pub const DOT: KernelSpec = KernelSpec {
     output_len: one_f32,
     opencl_c: Some(include_str!("../kernels/dot.cl")),
     cuda_c: Some(include_str!("../kernels/dot.cu")),
+    wgsl: Some(Wgsl {
+        source: include_str!("../kernels/dot.wgsl"),
+        passes: dot_passes,
+    }),
     cpu: Some(dot),
 };
 
@@ -83,6 +99,10 @@ pub const MATMUL: KernelSpec = KernelSpec {
     output_len: matmul_len,
     opencl_c: Some(include_str!("../kernels/matmul.cl")),
     cuda_c: Some(include_str!("../kernels/matmul.cu")),
+    wgsl: Some(Wgsl {
+        source: include_str!("../kernels/matmul.wgsl"),
+        passes: matmul_passes,
+    }),
     cpu: Some(matmul),
 };
 
@@ -179,6 +199,22 @@ fn matmul_dims(request: &[u8]) -> Result<(usize, usize, usize), Status> {
         return Err(Status::BadLength);
     }
     Ok((n, k, m))
+}
+
+/// One WGSL pass per chunk of the sum's terms.
+fn dot_passes(request: &[u8]) -> u32 {
+    chunks(request.len() / 8)
+}
+
+/// One WGSL pass per chunk of the inner dimension.
+fn matmul_passes(request: &[u8]) -> u32 {
+    matmul_dims(request).map_or(1, |(_, k, _)| chunks(k))
+}
+
+fn chunks(terms: usize) -> u32 {
+    u32::try_from(terms.div_ceil(WGSL_CHUNK as usize))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 fn matmul_len(request: &[u8]) -> Result<usize, Status> {

@@ -179,6 +179,30 @@ pub type CpuFn = fn(request: &[u8], response: &mut [u8]) -> Result<usize, Status
 /// with it and the bridge routes on it.
 pub type OutputLenFn = fn(request: &[u8]) -> Result<usize, Status>;
 
+/// A kernel's WGSL, for the wgpu backend: `granary_process` (one ring
+/// request of a micro-batch) and `granary_element` (one output word of the
+/// batch path); the contract is in `device/prelude.wgsl`.
+#[derive(Debug, Clone, Copy)]
+pub struct Wgsl {
+    /// The source.
+    pub source: &'static str,
+    /// How many times the batch path dispatches `granary_batch` over a
+    /// valid request, at least 1. A kernel whose invocations loop longer
+    /// than [`WGSL_CHUNK`] iterations (a long sum) takes one pass per chunk
+    /// and carries its partial results in the response between passes:
+    /// lavapipe ends an invocation's loops after 65535 iterations in all.
+    pub passes: fn(request: &[u8]) -> u32,
+}
+
+/// The most loop iterations one invocation of a WGSL batch pass runs
+/// (`GRANARY_CHUNK` in `device/prelude.wgsl`).
+pub const WGSL_CHUNK: u32 = 32768;
+
+/// One pass, for kernels whose invocations never loop long.
+pub fn one_pass(_: &[u8]) -> u32 {
+    1
+}
+
 /// One kernel.
 ///
 /// Device sources define two entry points:
@@ -190,7 +214,9 @@ pub type OutputLenFn = fn(request: &[u8]) -> Result<usize, Status>;
 ///   launch-per-batch path.
 ///
 /// Both see the status codes of `device/prelude.h`
-/// ([`DEVICE_PRELUDE`](crate::DEVICE_PRELUDE)).
+/// ([`DEVICE_PRELUDE`](crate::DEVICE_PRELUDE)). WGSL sources define the
+/// same two operations as functions the wgpu backend's entry points call
+/// (`device/prelude.wgsl`).
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSpec {
     /// Stable id, used to register and call the kernel.
@@ -209,6 +235,8 @@ pub struct KernelSpec {
     pub opencl_c: Option<&'static str>,
     /// CUDA C source with the same two entry points.
     pub cuda_c: Option<&'static str>,
+    /// WGSL for the wgpu backend.
+    pub wgsl: Option<Wgsl>,
     /// The CPU implementation.
     pub cpu: Option<CpuFn>,
 }

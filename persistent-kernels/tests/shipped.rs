@@ -2,7 +2,7 @@
 //! implementation: through a persistent kernel's rings and through the
 //! launch-per-batch path. The OpenCL half runs on POCL in CI and is
 //! reported as ignored, with the reason, where no OpenCL device is found
-//! when the tests run.
+//! when the tests run; the wgpu half runs on lavapipe in CI, and likewise.
 
 mod common;
 
@@ -222,8 +222,35 @@ fn opencl_bad_input_and_stops() {
     stopping_with_requests_in_flight(backends[1].as_ref());
 }
 
+fn wgpu() -> granary_kernels::wgpu::WgpuBackend {
+    granary_kernels::wgpu::WgpuBackend::discover().expect("a wgpu adapter (lavapipe in CI)")
+}
+
+fn wgpu_ring_path_matches_the_cpu_implementations() {
+    ring_path_matches_the_cpu(&wgpu());
+}
+
+fn wgpu_batch_path_matches_the_cpu_implementations() {
+    batch_path_matches_the_cpu(&wgpu());
+}
+
+fn wgpu_bad_input_and_stops() {
+    let backend = wgpu();
+    bad_input_comes_back_as_a_status(&backend);
+    stopping_with_requests_in_flight(&backend);
+}
+
 fn main() {
     gate::run(vec![
+        gate::wgpu(
+            "wgpu_ring_path_matches_the_cpu_implementations",
+            wgpu_ring_path_matches_the_cpu_implementations,
+        ),
+        gate::wgpu(
+            "wgpu_batch_path_matches_the_cpu_implementations",
+            wgpu_batch_path_matches_the_cpu_implementations,
+        ),
+        gate::wgpu("wgpu_bad_input_and_stops", wgpu_bad_input_and_stops),
         gate::test(
             "cpu_ring_path_matches_the_cpu_implementations",
             cpu_ring_path_matches_the_cpu_implementations,

@@ -60,6 +60,7 @@ pub const STALL: KernelSpec = KernelSpec {
     output_len: |_| Ok(4),
     opencl_c: None,
     cuda_c: None,
+    wgsl: None,
     cpu: Some(stall),
 };
 

@@ -1,0 +1,125 @@
+//! WGSL builds (module rule 3): the prelude, the kernel's source and the
+//! entry points, checked with naga, then built into two compute pipelines
+//! on the backend's one bind-group layout, cached per device and source.
+
+use std::sync::{Arc, PoisonError};
+
+use super::{Gpu, WgpuError};
+use crate::spec::KernelSpec;
+
+/// The WGSL placed before every kernel's source: status codes, bindings and
+/// word accessors (`device/prelude.wgsl`).
+pub const PRELUDE_WGSL: &str = include_str!("../../device/prelude.wgsl");
+
+/// The WGSL placed after every kernel's source: the `granary_batch` and
+/// `granary_ring` entry points (`device/dispatch.wgsl`).
+pub const DISPATCH_WGSL: &str = include_str!("../../device/dispatch.wgsl");
+
+/// Invocations per work-group in both entry points (`GRANARY_GROUP`).
+pub(crate) const GROUP: u32 = 64;
+
+/// One kernel's two pipelines on one device.
+#[derive(Debug)]
+pub(crate) struct Pipelines {
+    pub(crate) batch: wgpu::ComputePipeline,
+    pub(crate) ring: wgpu::ComputePipeline,
+}
+
+/// The bindings of `prelude.wgsl`: request (read), response (read-write),
+/// parameters (uniform, at a dynamic offset: one block per batch pass),
+/// jobs (read-write).
+pub(crate) fn bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout {
+    let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("granary"),
+        entries: &[
+            storage(0, true),
+            storage(1, false),
+            wgpu::BindGroupLayoutEntry {
+                binding: 2,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: None,
+                },
+                count: None,
+            },
+            storage(3, false),
+        ],
+    })
+}
+
+/// The whole WGSL of `spec`, or [`WgpuError::NoSource`].
+pub(crate) fn source(spec: &KernelSpec) -> Result<String, WgpuError> {
+    let kernel = spec.wgsl.ok_or(WgpuError::NoSource)?.source;
+    Ok(format!("{PRELUDE_WGSL}\n{kernel}\n{DISPATCH_WGSL}"))
+}
+
+/// Checks `source` with naga: its parse or validation error, rendered
+/// against the source, is the build log.
+pub(crate) fn check(source: &str) -> Result<(), WgpuError> {
+    use wgpu::naga;
+    let module = naga::front::wgsl::parse_str(source).map_err(|err| WgpuError::Build {
+        log: err.emit_to_string(source),
+    })?;
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::default(),
+    )
+    .validate(&module)
+    .map_err(|err| WgpuError::Build {
+        log: err.emit_to_string(source),
+    })?;
+    Ok(())
+}
+
+/// `spec`'s pipelines on `gpu`, built once (module rule 3).
+pub(crate) fn pipelines(gpu: &Gpu, spec: &KernelSpec) -> Result<Arc<Pipelines>, WgpuError> {
+    let source = source(spec)?;
+    let mut builds = gpu.builds.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(built) = builds.get(&source) {
+        return Ok(built.clone());
+    }
+    check(&source)?;
+    let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let internal = gpu.device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let module = gpu
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(spec.id),
+            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+        });
+    let pipeline = |entry_point| {
+        gpu.device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(spec.id),
+                layout: Some(&gpu.pipeline_layout),
+                module: &module,
+                entry_point: Some(entry_point),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            })
+    };
+    let batch = pipeline("granary_batch");
+    let ring = pipeline("granary_ring");
+    let internal = pollster::block_on(internal.pop());
+    let validation = pollster::block_on(validation.pop());
+    if let Some(err) = internal.or(validation) {
+        return Err(WgpuError::Build {
+            log: err.to_string(),
+        });
+    }
+    let built = Arc::new(Pipelines { batch, ring });
+    builds.insert(source, built.clone());
+    Ok(built)
+}

@@ -1,0 +1,391 @@
+//! Buffers and submissions (module rule 5).
+//!
+//! 1. **Pool.** Device buffers come from a per-device pool, keyed by usage
+//!    and a power-of-two size class (at least 256 bytes), and go back when
+//!    the call ends; at most [`KEEP`] per class are kept.
+//! 2. **In.** Host bytes go in through the queue's mapped staging memory
+//!    ([`wgpu::Queue::write_buffer_with`]); a part whose length is not a
+//!    whole number of words is padded with zeros.
+//! 3. **Out.** Results come back through a pooled read-back buffer, mapped
+//!    after the call's own submission completes: the call waits on its
+//!    submission index ([`wgpu::PollType::Wait`]), bounded by
+//!    [`DEVICE_TIMEOUT`], never on the whole queue.
+//! 4. **Scopes.** Each call's device work runs inside validation,
+//!    out-of-memory and internal error scopes ([`scoped`]); the first error
+//!    caught is the call's [`WgpuError::Device`].
+
+use std::collections::HashMap;
+use std::num::NonZeroU64;
+use std::ops::Deref;
+use std::sync::{Mutex, PoisonError, mpsc};
+use std::time::Duration;
+
+use super::build::{GROUP, Pipelines};
+use super::resident::WgpuBuffer;
+use super::{Gpu, WgpuError};
+use crate::resident::{BatchPart, DeviceBuffer};
+
+/// Buffers kept per pool class (rule 1).
+pub(crate) const KEEP: usize = 4;
+
+/// The longest a call waits for its submission (rule 3).
+pub(crate) const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `len` rounded up to whole 4-byte words.
+pub(crate) fn words(len: usize) -> u64 {
+    (len as u64).div_ceil(4) * 4
+}
+
+/// A device's idle buffers (rule 1).
+pub(crate) struct Pool {
+    free: Mutex<HashMap<(u64, u32), Vec<wgpu::Buffer>>>,
+}
+
+impl Pool {
+    pub(crate) fn new() -> Pool {
+        Pool {
+            free: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A buffer of at least `size` bytes with `usage`.
+    pub(crate) fn take<'p>(
+        &'p self,
+        gpu: &Gpu,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Pooled<'p> {
+        let class = size.max(256).next_power_of_two();
+        // A class beyond what one buffer may hold is allocated exactly.
+        let class = if class > gpu.device.limits().max_buffer_size {
+            size.max(4)
+        } else {
+            class
+        };
+        let key = (class, usage.bits());
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&key)
+            .and_then(Vec::pop);
+        let buffer = reused.unwrap_or_else(|| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("granary pool"),
+                size: class,
+                usage,
+                mapped_at_creation: false,
+            })
+        });
+        Pooled {
+            buffer: Some(buffer),
+            key,
+            pool: self,
+        }
+    }
+}
+
+/// A pooled buffer, back in its pool when dropped (rule 1).
+pub(crate) struct Pooled<'p> {
+    buffer: Option<wgpu::Buffer>,
+    key: (u64, u32),
+    pool: &'p Pool,
+}
+
+impl Deref for Pooled<'_> {
+    type Target = wgpu::Buffer;
+
+    fn deref(&self) -> &wgpu::Buffer {
+        // `buffer` is `Some` until drop.
+        self.buffer.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(buffer) = self.buffer.take() else {
+            return;
+        };
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let class = free.entry(self.key).or_default();
+        if class.len() < KEEP {
+            class.push(buffer);
+        }
+    }
+}
+
+/// Runs `work` inside validation, out-of-memory and internal error scopes
+/// (rule 4): the work's own error first, else the first error a scope
+/// caught. Scopes are per thread: they are pushed and popped on the
+/// calling thread, around work that runs there.
+pub(crate) fn scoped<T>(
+    gpu: &Gpu,
+    work: impl FnOnce() -> Result<T, WgpuError>,
+) -> Result<T, WgpuError> {
+    let scopes: Vec<wgpu::ErrorScopeGuard> = [
+        wgpu::ErrorFilter::Validation,
+        wgpu::ErrorFilter::OutOfMemory,
+        wgpu::ErrorFilter::Internal,
+    ]
+    .into_iter()
+    .map(|filter| gpu.device.push_error_scope(filter))
+    .collect();
+    let result = work();
+    let mut caught = None;
+    for scope in scopes.into_iter().rev() {
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            caught.get_or_insert(err.to_string());
+        }
+    }
+    let value = result?;
+    match caught {
+        Some(why) => Err(WgpuError::Device(why)),
+        None => Ok(value),
+    }
+}
+
+/// Writes `bytes` into `buffer` at `offset` through mapped staging memory
+/// (rule 2). `offset` is a whole number of words.
+pub(crate) fn stage(gpu: &Gpu, buffer: &wgpu::Buffer, offset: u64, bytes: &[u8]) {
+    let Some(size) = NonZeroU64::new(words(bytes.len())) else {
+        return;
+    };
+    let Some(mut view) = gpu.queue.write_buffer_with(buffer, offset, size) else {
+        // A failed validation, which the call's scopes report.
+        return;
+    };
+    if bytes.len() % 4 == 0 {
+        view.copy_from_slice(bytes);
+    } else {
+        let mut padded = bytes.to_vec();
+        padded.resize(size.get() as usize, 0);
+        view.copy_from_slice(&padded);
+    }
+}
+
+/// The dispatch grid for `invocations`: work-groups along x and y, and the
+/// invocations in one row (what `granary_params.row` holds).
+pub(crate) fn grid(gpu: &Gpu, invocations: u64) -> Result<(u32, u32, u32), WgpuError> {
+    let groups = invocations.div_ceil(u64::from(GROUP)).max(1);
+    let widest = u64::from(gpu.adapter.max_workgroups_per_dimension.max(1));
+    let x = groups.min(widest);
+    let y = groups.div_ceil(x);
+    if y > widest {
+        return Err(WgpuError::BadInput(format!(
+            "{invocations} invocations exceed the device's dispatch grid"
+        )));
+    }
+    let row = x * u64::from(GROUP);
+    let fits = |value: u64| u32::try_from(value).map_err(|_| WgpuError::BadInput("grid".into()));
+    Ok((fits(x)?, fits(y)?, fits(row)?))
+}
+
+/// Submits `encoder` and waits for that submission alone (rule 3); then
+/// maps `len` bytes of `readback` (if any) and copies them out.
+pub(crate) fn finish(
+    gpu: &Gpu,
+    encoder: wgpu::CommandEncoder,
+    readback: Option<(&wgpu::Buffer, usize)>,
+) -> Result<Vec<u8>, WgpuError> {
+    let index = gpu.queue.submit([encoder.finish()]);
+    let mapped = readback.filter(|(_, len)| *len > 0).map(|(buffer, len)| {
+        let (tx, rx) = mpsc::channel();
+        buffer
+            .slice(..words(len))
+            .map_async(wgpu::MapMode::Read, move |result| {
+                let _ = tx.send(result);
+            });
+        (buffer, len, rx)
+    });
+    gpu.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: Some(DEVICE_TIMEOUT),
+        })
+        .map_err(|err| match err {
+            wgpu::PollError::Timeout => WgpuError::Device(format!(
+                "the device did not finish within {DEVICE_TIMEOUT:?}"
+            )),
+            other => WgpuError::Device(other.to_string()),
+        })?;
+    gpu.check_alive()?;
+    let Some((buffer, len, rx)) = mapped else {
+        return Ok(Vec::new());
+    };
+    match rx.try_recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(WgpuError::Device(format!("map: {err}"))),
+        Err(_) => return Err(WgpuError::Device("the read-back was never mapped".into())),
+    }
+    let out = {
+        let view = buffer
+            .slice(..words(len))
+            .get_mapped_range()
+            .map_err(|err| WgpuError::Device(format!("map: {err}")))?;
+        view[..len].to_vec()
+    };
+    buffer.unmap();
+    Ok(out)
+}
+
+/// A bind group over the four bindings of `prelude.wgsl`, each bound to
+/// `bytes` of its buffer (whole words, at least one); the parameters'
+/// offset is dynamic ([`params`]).
+pub(crate) fn bind(gpu: &Gpu, buffers: [(&wgpu::Buffer, u64); 4]) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+        .iter()
+        .enumerate()
+        .map(|(binding, (buffer, bytes))| wgpu::BindGroupEntry {
+            binding: binding as u32,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset: 0,
+                size: NonZeroU64::new((*bytes).max(4)),
+            }),
+        })
+        .collect();
+    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("granary"),
+        layout: &gpu.layout,
+        entries: &entries,
+    })
+}
+
+/// The distance between two blocks of parameters in the uniform buffer:
+/// the device's dynamic-offset alignment.
+pub(crate) fn params_stride(gpu: &Gpu) -> u64 {
+    u64::from(gpu.device.limits().min_uniform_buffer_offset_alignment).max(16)
+}
+
+/// `GranaryParams` for each pass, one block per [`params_stride`]: the
+/// fourth word is the pass.
+pub(crate) fn params(gpu: &Gpu, values: [u32; 3], passes: u32) -> Vec<u8> {
+    let stride = params_stride(gpu) as usize;
+    let mut bytes = vec![0u8; stride * passes.max(1) as usize];
+    for (pass, block) in bytes.chunks_exact_mut(stride).enumerate() {
+        let words = [values[0], values[1], values[2], pass as u32];
+        for (chunk, value) in block.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// Runs `granary_batch` over the request made of `parts` (host bytes or
+/// resident buffers of `gpu`), `passes` times in one submission, with
+/// `output_len` bytes of response, returned to the host or copied into
+/// `into` (the contract of `resident.rs`; module rules 5 and 7).
+pub(crate) fn run_batch(
+    gpu: &Gpu,
+    pipelines: &Pipelines,
+    parts: &[BatchPart<'_>],
+    output_len: usize,
+    passes: u32,
+    into: Option<&WgpuBuffer>,
+) -> Result<Vec<u8>, WgpuError> {
+    let request_len: usize = parts.iter().map(BatchPart::len).sum();
+    // Parts are placed in whole words: only the last may end mid-word.
+    if let Some(part) = parts.iter().rev().skip(1).find(|part| part.len() % 4 != 0) {
+        return Err(WgpuError::BadInput(format!(
+            "a request part of {} bytes: wgpu assembles requests in 4-byte words, so every \
+             part but the last is a whole number of words",
+            part.len()
+        )));
+    }
+    let request_bytes = words(request_len).max(4);
+    let response_bytes = words(output_len).max(4);
+    gpu.check_binding(request_bytes)?;
+    gpu.check_binding(response_bytes)?;
+    let too_long = |len: usize| {
+        u32::try_from(len).map_err(|_| WgpuError::TooLarge {
+            bytes: len as u64,
+            limit: u64::from(u32::MAX),
+        })
+    };
+    let (request_u32, response_u32) = (too_long(request_len)?, too_long(output_len)?);
+    let (x, y, row) = grid(gpu, response_bytes / 4)?;
+    scoped(gpu, || {
+        use wgpu::BufferUsages as U;
+        let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);
+        let output = gpu.pool.take(gpu, response_bytes, U::STORAGE | U::COPY_SRC);
+        let blocks = params(gpu, [request_u32, response_u32, row], passes);
+        let uniform = gpu
+            .pool
+            .take(gpu, blocks.len() as u64, U::UNIFORM | U::COPY_DST);
+        let jobs = gpu.pool.take(gpu, 24, U::STORAGE);
+        stage(gpu, &uniform, 0, &blocks);
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("granary batch"),
+            });
+        let mut offset = 0u64;
+        for part in parts {
+            match part {
+                BatchPart::Host(bytes) => stage(gpu, &input, offset, bytes),
+                BatchPart::Resident(buffer) => {
+                    let buffer = buffer
+                        .as_any()
+                        .downcast_ref::<WgpuBuffer>()
+                        .ok_or_else(|| WgpuError::BadInput("a foreign buffer".into()))?;
+                    if !buffer.is_empty() {
+                        encoder.copy_buffer_to_buffer(
+                            buffer.raw(),
+                            0,
+                            &input,
+                            offset,
+                            words(buffer.len()),
+                        );
+                    }
+                }
+            }
+            offset += part.len() as u64;
+        }
+        let group = bind(
+            gpu,
+            [
+                (&input, request_bytes),
+                (&output, response_bytes),
+                (&uniform, 16),
+                (&jobs, 24),
+            ],
+        );
+        if output_len > 0 {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("granary batch"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipelines.batch);
+            // Each dispatch is its own synchronisation scope: a pass sees
+            // the response the one before it wrote.
+            let stride = params_stride(gpu);
+            for block in 0..u64::from(passes.max(1)) {
+                let offset = u32::try_from(block * stride)
+                    .map_err(|_| WgpuError::BadInput(format!("{passes} passes")))?;
+                pass.set_bind_group(0, &group, &[offset]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        match into {
+            Some(into) => {
+                if output_len > 0 {
+                    encoder.copy_buffer_to_buffer(&output, 0, into.raw(), 0, words(output_len));
+                }
+                finish(gpu, encoder, None)
+            }
+            None => {
+                let readback = gpu
+                    .pool
+                    .take(gpu, response_bytes, U::MAP_READ | U::COPY_DST);
+                if output_len > 0 {
+                    encoder.copy_buffer_to_buffer(&output, 0, &readback, 0, words(output_len));
+                }
+                finish(gpu, encoder, Some((&readback, output_len)))
+            }
+        }
+    })
+}

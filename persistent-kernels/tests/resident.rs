@@ -1,5 +1,6 @@
-//! Resident buffers on the CPU backend and, where an OpenCL device is found
-//! when the tests run (POCL in CI), on OpenCL; the CUDA half is in
+//! Resident buffers on the CPU backend and, where an OpenCL device or a
+//! wgpu adapter is found when the tests run (POCL and lavapipe in CI), on
+//! OpenCL and wgpu; the CUDA half is in
 //! `cuda.rs`, run on a GPU machine.
 
 mod common;
@@ -85,8 +86,20 @@ fn the_opencl_backend_keeps_the_resident_contract() {
     }
 }
 
+fn the_wgpu_backend_keeps_the_resident_contract() {
+    let backend =
+        granary_kernels::wgpu::WgpuBackend::discover().expect("a wgpu adapter (lavapipe in CI)");
+    for (name, check) in ALL {
+        check(&backend).unwrap_or_else(|why| panic!("{name}: {why}"));
+    }
+}
+
 fn main() {
     gate::run(vec![
+        gate::wgpu(
+            "the_wgpu_backend_keeps_the_resident_contract",
+            the_wgpu_backend_keeps_the_resident_contract,
+        ),
         gate::test(
             "the_cpu_backend_keeps_the_resident_contract",
             the_cpu_backend_keeps_the_resident_contract,

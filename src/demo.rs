@@ -217,8 +217,9 @@ impl DemoConfig {
 pub type Skipped = Vec<(BackendKind, String)>;
 
 /// The backends present on this machine: the CPU always, OpenCL where a
-/// runtime is installed, CUDA where a driver, NVRTC and a GPU are
-/// (otherwise skipped, with the reason).
+/// runtime is installed, CUDA where a driver, NVRTC and a GPU are, wgpu
+/// where a Vulkan, Metal or DX12 adapter opens (otherwise skipped, with the
+/// reason).
 pub fn backends() -> (Vec<Arc<dyn Backend>>, Skipped) {
     let mut present: Vec<Arc<dyn Backend>> = vec![Arc::new(granary_kernels::CpuBackend::new())];
     let mut skipped = Vec::new();
@@ -229,6 +230,10 @@ pub fn backends() -> (Vec<Arc<dyn Backend>>, Skipped) {
     match granary_kernels::cuda::CudaBackend::discover() {
         Ok(cuda) => present.push(Arc::new(cuda)),
         Err(err) => skipped.push((BackendKind::Cuda, err.to_string())),
+    }
+    match granary_kernels::wgpu::WgpuBackend::discover() {
+        Ok(wgpu) => present.push(Arc::new(wgpu)),
+        Err(err) => skipped.push((BackendKind::Wgpu, err.to_string())),
     }
     (present, skipped)
 }

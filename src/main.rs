@@ -190,19 +190,61 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Devices => {
             // The CPU backend is always present; OpenCL where a runtime is
-            // installed; CUDA where a driver, NVRTC and a GPU are.
-            let mut devices = vec![granary::kernels::host_device()];
+            // installed; CUDA where a driver, NVRTC and a GPU are; wgpu
+            // where a Vulkan, Metal or DX12 adapter opens.
+            let mut devices = vec![(granary::kernels::host_device(), None)];
             match granary::kernels::opencl::OpenClBackend::discover() {
-                Ok(backend) => devices.extend(backend.devices()),
+                Ok(backend) => devices.extend(backend.devices().into_iter().map(|d| (d, None))),
                 Err(err) => println!("{err}"),
             }
             match granary::kernels::cuda::CudaBackend::discover() {
-                Ok(backend) => devices.extend(backend.devices()),
+                Ok(backend) => devices.extend(backend.devices().into_iter().map(|d| (d, None))),
+                Err(err) => println!("{err}"),
+            }
+            match granary::kernels::wgpu::WgpuBackend::discover() {
+                Ok(backend) => {
+                    for skipped in backend.skipped() {
+                        println!("wgpu: an adapter was skipped: {skipped}");
+                    }
+                    devices.extend(
+                        backend
+                            .adapters()
+                            .into_iter()
+                            .map(|adapter| (adapter.info.clone(), Some(adapter))),
+                    );
+                }
                 Err(err) => println!("{err}"),
             }
             println!("{} device(s):", devices.len());
-            for device in &devices {
+            for (device, adapter) in &devices {
                 println!("  {device}");
+                if let Some(adapter) = adapter {
+                    println!(
+                        "    {} {} (driver {}), storage bindings up to {} MiB, memory {}",
+                        adapter.api,
+                        adapter.device_type,
+                        adapter.driver,
+                        adapter.max_storage_binding >> 20,
+                        match adapter.memory {
+                            granary::kernels::wgpu::MemorySource::Reported => {
+                                "as the driver reports it"
+                            }
+                            granary::kernels::wgpu::MemorySource::HostShare => {
+                                "a configured share of the host's (the driver reports none)"
+                            }
+                        }
+                    );
+                }
+                if device.backend.runs_persistent_kernels() {
+                    println!(
+                        "    runs persistent kernels: a kernel loop that stays running drains the ring"
+                    );
+                } else {
+                    println!(
+                        "    runs no persistent kernel: a host thread drains the ring into one \
+                         dispatch per micro-batch"
+                    );
+                }
             }
             ExitCode::SUCCESS
         }

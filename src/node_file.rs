@@ -391,8 +391,10 @@ impl fmt::Debug for EtcdFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevicesFile {
-    /// Which backend's devices: `cpu` (the default), `opencl` or `cuda`.
-    /// With `opencl` or `cuda` the CPU stays as the fallback for requests;
+    /// Which backend's devices: `cpu` (the default), `opencl`, `cuda` or
+    /// `wgpu` (Vulkan, Metal or DX12; no persistent kernels, one dispatch
+    /// per micro-batch of ring requests). With a device backend the CPU
+    /// stays as the fallback for requests;
     /// grains whose device needs name the node's backend
     /// ([`NodeDevices::needs`]) are placed on that backend's devices only.
     #[serde(default)]
@@ -420,6 +422,10 @@ pub enum DeviceBackend {
     OpenCl,
     /// CUDA GPUs (a driver, NVRTC and a GPU must be present).
     Cuda,
+    /// Vulkan, Metal or DX12 adapters through wgpu (a Vulkan driver such as
+    /// Mesa's lavapipe on Linux). They run no persistent kernel: ring
+    /// requests go out one dispatch per micro-batch.
+    Wgpu,
 }
 
 impl DeviceBackend {
@@ -429,6 +435,7 @@ impl DeviceBackend {
             DeviceBackend::Cpu => BackendKind::Cpu,
             DeviceBackend::OpenCl => BackendKind::OpenCl,
             DeviceBackend::Cuda => BackendKind::Cuda,
+            DeviceBackend::Wgpu => BackendKind::Wgpu,
         }
     }
 }
@@ -597,6 +604,10 @@ fn open_bridge(devices: &DevicesFile) -> Result<Option<Arc<GpuBridge>>, NodeRunE
         DeviceBackend::Cuda => builder.backend(Arc::new(
             granary_kernels::cuda::CudaBackend::discover()
                 .map_err(|err| NodeRunError(format!("devices: CUDA: {err}")))?,
+        )),
+        DeviceBackend::Wgpu => builder.backend(Arc::new(
+            granary_kernels::wgpu::WgpuBackend::discover()
+                .map_err(|err| NodeRunError(format!("devices: wgpu: {err}")))?,
         )),
     };
     if let Some(mib) = devices.memory_mib {

@@ -123,4 +123,16 @@ fn the_binary_lists_devices() {
         Ok(_) => assert!(stdout.contains("Cuda#0"), "{stdout}"),
         Err(err) => assert!(stdout.contains(&err.to_string()), "{err}: {stdout}"),
     }
+    // A wgpu adapter is listed with its API and the plain statement that it
+    // runs no persistent kernel; or the backend says why there is none.
+    match granary::kernels::wgpu::WgpuBackend::discover() {
+        Ok(backend) => {
+            let api = &backend.adapters()[0].api;
+            assert!(stdout.contains("Wgpu#0"), "{stdout}");
+            assert!(stdout.contains(&format!("    {api} ")), "{stdout}");
+            assert!(stdout.contains("runs no persistent kernel"), "{stdout}");
+        }
+        Err(err) => assert!(stdout.contains(&err.to_string()), "{err}: {stdout}"),
+    }
+    assert!(stdout.contains("runs persistent kernels"), "{stdout}");
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA test binaries and benches in release mode and copies them,
+# Builds the CUDA and wgpu test binaries and benches in release mode and
+# copies them,
 # under stable names, into target/gpu/ (or $1): the GPU machine has no Rust
 # toolchain, so they are built here and carried there. scripts/gpu-check.sh
 # runs them.
@@ -23,10 +24,10 @@ for line in sys.stdin:
 ' "$out"
 }
 cargo test --release --no-run --message-format=json -q \
-    -p granary-kernels --test cuda --test cuda_nvrtc \
-    -p granary-gpu --test bridge_cuda | copy
+    -p granary-kernels --test cuda --test cuda_nvrtc --test wgpu --test shipped \
+    -p granary-gpu --test bridge_cuda --test bridge_wgpu | copy
 cargo bench --no-run --message-format=json -q \
-    -p granary-kernels --bench cuda \
+    -p granary-kernels --bench cuda --bench wgpu \
     -p granary-gpu --bench bridge_cuda --bench resident | copy
 # The CLI, for `granary devices` and the demo on the GPU machine.
 cargo build --release -q --bin granary

@@ -4,13 +4,18 @@
 # writes a report: the devices and the demo, every shipped kernel against
 # the CPU, 100 sequential doubles with their p50, 8 concurrent callers x
 # 100k requests, shutdown with requests in flight, a hung kernel, and the
-# criterion figures beside their peers.
+# criterion figures beside their peers; then the wgpu tests and bench on the
+# NVIDIA driver's Vulkan adapter.
+#
+# The GPU machine may lack the Vulkan loader: scripts/fetch-gl-loaders.sh,
+# run once on the build machine, downloads it into .gl/, and this script
+# unpacks it (carry .gl to the GPU machine).
 #
 #   scripts/gpu-check.sh [binaries-dir] [report-file]
 #
 # Defaults: target/gpu and target/gpu-report.md. GRANARY_GPU_CHECK_BENCH=0
 # skips the benches; GRANARY_GPU_CHECK_BENCHES names which to run (default
-# all three). Exits non-zero if a test failed; where no GPU is present the
+# all four). Exits non-zero if a test failed; where no GPU is present the
 # tests report "ignored" with the reason, and the report says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +26,16 @@ mkdir -p "$(dirname "$report")"
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
+# The Vulkan loader, where it was carried (scripts/fetch-gl-loaders.sh),
+# and the NVIDIA driver's Vulkan manifest where the loader finds none.
+if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan; then
+    for deb in .gl/*.deb; do dpkg -x "$deb" /; done
+    ldconfig
+fi
+nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$nvidia_icd" ]; then
+    export VK_DRIVER_FILES="$nvidia_icd"
+fi
 status=0
 {
     echo "# Granary GPU check"
@@ -93,8 +108,13 @@ echo >>"$report"
 run_test cuda_nvrtc
 run_test cuda
 run_test bridge_cuda
+# wgpu on the NVIDIA driver's Vulkan adapter: a missing adapter fails here.
+export GRANARY_REQUIRE_WGPU=1
+run_test wgpu
+run_test shipped
+run_test bridge_wgpu
 if [ "${GRANARY_GPU_CHECK_BENCH:-1}" = 1 ]; then
-    for bench in ${GRANARY_GPU_CHECK_BENCHES:-cuda bridge_cuda resident}; do
+    for bench in ${GRANARY_GPU_CHECK_BENCHES:-cuda bridge_cuda resident wgpu}; do
         run_bench "$bench"
     done
 fi

@@ -19,17 +19,20 @@
 //       request with the kernel's output_len. It runs once per pass
 //       (GRANARY_CHUNK below).
 //
-// WGSL has no fused multiply-add unless a source calls fma(), so results
-// match the CPU implementations to the bit where the driver does not fuse.
+// naga marks no multiply-add as NoContraction, so a driver may fuse a*b+c
+// into one rounding (lavapipe does not; NVIDIA's compiler may): results
+// match the CPU implementations to the bit, or the CPU's sums computed with
+// fused multiply-adds.
 
 // llvmpipe, under lavapipe, ends an invocation's loops after 65535
 // iterations in all (a guard against shaders that never end). The batch
 // path therefore runs a kernel's `granary_element` in passes
 // (`Wgsl::passes` on the host says how many; `granary_params.step` which
-// one): an invocation loops at most this many times per pass and carries
-// its partial result in the response to the next. Ring requests are small
-// enough for one.
-const GRANARY_CHUNK: u32 = 32768u;
+// one): an invocation loops at most GRANARY_CHUNK times per pass and
+// carries its partial result in the response to the next. Ring requests
+// are small enough for one. GRANARY_CHUNK (granary_kernels::WGSL_CHUNK)
+// and GRANARY_GROUP are defined by the host, from its own constants,
+// before this prelude.
 
 const GRANARY_STATUS_OK: u32 = 0u;
 const GRANARY_STATUS_BAD_LENGTH: u32 = 1u;

@@ -15,7 +15,8 @@
 //! - The same thread and rings serve a device that cannot run a persistent
 //!   kernel (wgpu): the loop then takes every request queued, up to a
 //!   micro-batch, and hands them to the device as one dispatch
-//!   ([`MicroBatch`]), answering each in the order taken.
+//!   ([`MicroBatch`]); it answers a request of the wrong length at once and
+//!   the rest in the order taken.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -53,7 +54,10 @@ pub struct KernelConfig {
     /// Compute units a device backend must leave free when it launches
     /// this kernel, counting every persistent kernel already running on the
     /// device (default 0). The bridge keeps one free, so that batch
-    /// kernels can still run. Ignored by the CPU backend.
+    /// kernels can still run. Ignored by the CPU backend, and by wgpu,
+    /// which runs no persistent kernel (its host thread holds no compute
+    /// unit; `work_groups` and `threads_per_group` do not apply there
+    /// either).
     pub keep_free_compute_units: u32,
 }
 
@@ -409,6 +413,21 @@ impl Taken {
         self.spans.clear();
     }
 
+    /// Takes `message` if its length fits `shape`, else records its id in
+    /// `rejected`.
+    fn sort(
+        &mut self,
+        shape: &crate::spec::Shape,
+        message: &granary_ring::Message<'_>,
+        rejected: &mut Vec<u64>,
+    ) {
+        if shape.check(message.payload().len()).is_ok() {
+            self.push(message.request_id(), message.payload());
+        } else {
+            rejected.push(message.request_id());
+        }
+    }
+
     fn push(&mut self, request_id: u64, payload: &[u8]) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(payload);
@@ -436,11 +455,14 @@ pub(crate) trait MicroBatch: Send {
     /// status of request `i` and its response's range in `out`. Every
     /// request has passed the spec's request shape. A device failure
     /// answers each request with [`Status::Fault`]; the loop goes on.
+    /// `beat` beats the loop's heartbeat: a call that waits on the device
+    /// calls it while it waits, so a long wait is not taken for a hang.
     fn run(
         &mut self,
         taken: &Taken,
         out: &mut Vec<u8>,
         answers: &mut Vec<(Status, std::ops::Range<usize>)>,
+        beat: &dyn Fn(),
     );
 }
 
@@ -451,7 +473,9 @@ pub struct CpuPersistentKernel {
     abort: Arc<AtomicBool>,
     processed: Arc<AtomicU64>,
     /// `Some` until `stop`; yields the request ring's consumer back.
-    worker: Option<JoinHandle<Consumer>>,
+    /// Also yields the ids of requests the loop took but could not answer
+    /// (a micro-batch in hand when an abandoning stop came).
+    worker: Option<JoinHandle<(Consumer, Vec<u64>)>>,
     wait: IdleWait,
 }
 
@@ -523,7 +547,7 @@ impl CpuPersistentKernel {
         let worker = thread::Builder::new()
             .name(format!("granary-kernel-{}", spec.id))
             .spawn(move || match engine {
-                Engine::Cpu(cpu) => kernel_loop.run(cpu),
+                Engine::Cpu(cpu) => (kernel_loop.run(cpu), Vec::new()),
                 Engine::MicroBatch(device) => kernel_loop.run_batched(device),
             })
             .map_err(|err| LaunchError::Thread(err.to_string()))?;
@@ -631,13 +655,16 @@ impl CpuPersistentKernel {
         if finished {
             report.exited = true;
             match worker.join() {
-                Ok(mut requests) => loop {
-                    match requests.try_pop() {
-                        Ok(message) => report.abandoned.push(message.request_id()),
-                        Err(TryPopError::Corrupt { .. }) => {}
-                        Err(_) => break,
+                Ok((mut requests, unanswered)) => {
+                    report.abandoned.extend_from_slice(&unanswered);
+                    loop {
+                        match requests.try_pop() {
+                            Ok(message) => report.abandoned.push(message.request_id()),
+                            Err(TryPopError::Corrupt { .. }) => {}
+                            Err(_) => break,
+                        }
                     }
-                },
+                }
                 Err(_) => report.thread_panicked = true,
             }
         }
@@ -783,24 +810,30 @@ impl KernelLoop {
     /// The loop for a device that answers micro-batches: steps 1–5 of the
     /// crate docs, with step 2 taking every request queued (up to the
     /// device's micro-batch) and running them as one dispatch. The
-    /// requests' slots are released when taken (rule K1 holds: the
-    /// responses are published after). An abandoning stop ends the loop
-    /// between micro-batches; the one in hand is answered.
-    fn run_batched(mut self, mut device: Box<dyn MicroBatch>) -> Consumer {
+    /// requests' slots are released when taken, and the responses are
+    /// published after (rule K1). A request that fails the shape is
+    /// answered at once, without the device; the others are answered in
+    /// the order taken. An abandoning stop ends the loop between
+    /// micro-batches; requests of the one in hand that could not be
+    /// answered go back as unanswered, for the stop report.
+    fn run_batched(mut self, mut device: Box<dyn MicroBatch>) -> (Consumer, Vec<u64>) {
         let response_max = self.spec.response.max_bytes();
         let most = device.max_requests().max(1);
         let mut taken = Taken::default();
-        let mut valid = Taken::default();
+        let mut rejected = Vec::new();
         let mut out = Vec::new();
         let mut answers = Vec::new();
+        let mut unanswered = Vec::new();
         'serve: while !self.abort.load(Ordering::Acquire) {
             self.requests.beat();
             taken.clear();
+            rejected.clear();
+            let shape = self.spec.request;
             match self
                 .requests
                 .pop(self.wait.policy(), Some(self.config.idle_poll))
             {
-                Ok(message) => taken.push(message.request_id(), message.payload()),
+                Ok(message) => taken.sort(&shape, &message, &mut rejected),
                 Err(PopError::Closed) => break,
                 Err(_) => {
                     self.wait.record(false);
@@ -808,30 +841,28 @@ impl KernelLoop {
                 }
             }
             self.wait.record(true);
-            while taken.len() < most {
+            while taken.len() + rejected.len() < most {
                 match self.requests.try_pop() {
-                    Ok(message) => taken.push(message.request_id(), message.payload()),
+                    Ok(message) => taken.sort(&shape, &message, &mut rejected),
                     Err(TryPopError::Corrupt { .. }) => {}
                     Err(_) => break,
                 }
             }
-            // Requests that fail the shape are answered without the device.
-            valid.clear();
-            for i in 0..taken.len() {
-                let payload = taken.payload(i);
-                if self.spec.request.check(payload.len()).is_ok() {
-                    valid.push(taken.ids[i], payload);
-                } else if !self.publish(taken.ids[i], Status::BadLength, &[]) {
+            for (at, &request_id) in rejected.iter().enumerate() {
+                if !self.publish(request_id, Status::BadLength, &[]) {
+                    unanswered.extend_from_slice(&rejected[at..]);
+                    unanswered.extend_from_slice(&taken.ids);
                     break 'serve;
                 }
             }
-            if valid.len() == 0 {
+            if taken.len() == 0 {
                 continue;
             }
             out.clear();
             answers.clear();
-            device.run(&valid, &mut out, &mut answers);
-            for i in 0..valid.len() {
+            let requests = &self.requests;
+            device.run(&taken, &mut out, &mut answers, &|| requests.beat());
+            for i in 0..taken.len() {
                 let (status, payload) = match answers.get(i) {
                     Some((Status::Ok, span)) if span.len() <= response_max => {
                         match out.get(span.clone()) {
@@ -842,13 +873,14 @@ impl KernelLoop {
                     Some((Status::Ok, _)) | None => (Status::Fault, &[][..]),
                     Some((status, _)) => (*status, &[][..]),
                 };
-                if !self.publish(valid.ids[i], status, payload) {
+                if !self.publish(taken.ids[i], status, payload) {
+                    unanswered.extend_from_slice(&taken.ids[i..]);
                     break 'serve;
                 }
             }
         }
         self.responses.close();
-        self.requests
+        (self.requests, unanswered)
     }
 }
 

@@ -10,7 +10,9 @@
 //! 2. A batch may take its request in parts ([`BatchPart`]): host bytes,
 //!    or a whole resident buffer. The kernel sees one request, the parts
 //!    concatenated. Resident parts are copied on the device, never through
-//!    the host.
+//!    the host. The wgpu backend assembles the request in 4-byte words:
+//!    there every part but the last must be a whole number of words, and
+//!    another is refused with [`BackendError::BadBuffer`].
 //! 3. The response goes back to the host, or into a resident buffer of
 //!    exactly the response's length ([`BatchOutput::Into`]). The request is
 //!    assembled before the kernel runs, so a buffer may be both a part and

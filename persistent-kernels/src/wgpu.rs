@@ -7,7 +7,9 @@
 //! 1. **Discovery.** [`WgpuBackend::discover`] takes every adapter of the
 //!    primary APIs (Vulkan, Metal, DX12) and opens one device and queue on
 //!    each, with the adapter's own limits. An adapter whose device cannot
-//!    be opened is skipped and said why ([`WgpuBackend::skipped`]). No
+//!    be opened is skipped and said why ([`WgpuBackend::skipped`]), and so
+//!    is a device already opened through another API (Windows lists one
+//!    GPU under Vulkan and DX12; the first API listed is kept). No
 //!    adapter at all is [`WgpuError::Unavailable`], and everything else
 //!    keeps working.
 //! 2. **Memory.** A Vulkan adapter reports its device-local heaps, and
@@ -25,22 +27,29 @@
 //!    host thread on the same rings that drains every queued request, up
 //!    to a micro-batch, into one dispatch of `granary_ring`
 //!    ([`WgpuRingKernel`]); [`BackendKind::runs_persistent_kernels`] says
-//!    so to `granary devices` and the bridge.
+//!    so, and `granary devices` prints it. The kernel configuration's
+//!    work-groups, threads per group and compute units to keep free are
+//!    for persistent kernels, and ignored here.
 //! 5. **Batches.** Storage buffers come from a per-device pool; the host's
 //!    bytes go in through the queue's mapped staging memory and come back
 //!    through a mapped read-back buffer; a call waits on its own
 //!    submission index, never on the whole queue (`memory.rs`).
-//! 6. **Errors never panic.** Every device call runs inside error scopes,
-//!    and wgpu's uncaptured-error handler (which panics by default) is
-//!    replaced by one that records the message: a failure is a typed
-//!    [`WgpuError`], and a lost device fails every later call with the
-//!    driver's reason.
-//! 7. **Words.** WGSL reads storage in 32-bit words: a request's parts and
-//!    a resident buffer's writes at unaligned offsets are assembled whole
-//!    words at a time (`resident.rs` says how).
+//! 6. **Errors never panic.** Every device call after discovery runs
+//!    inside error scopes, so a failure is a typed [`WgpuError`]; wgpu's
+//!    uncaptured-error handler (which panics by default) is replaced by
+//!    one that logs what no scope caught. A lost device is recorded by the
+//!    device-lost callback and fails every later call with the driver's
+//!    reason.
+//! 7. **Words.** WGSL reads storage in 32-bit words. A resident buffer's
+//!    reads and writes at offsets inside words cover the words around
+//!    them (`wgpu/resident.rs` rule 2). A request is assembled on the
+//!    device word by word, so every part but the last must be a whole
+//!    number of words; another part is refused with
+//!    [`BackendError::BadBuffer`] (the crate's contract, rule 2).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::backend::{Backend, BackendError, PersistentKernel, batch_output_len};
@@ -187,8 +196,10 @@ pub(crate) struct Gpu {
     /// Built pipelines keyed by the whole WGSL source, so a hit is exact.
     pub(crate) builds: Mutex<HashMap<String, Arc<build::Pipelines>>>,
     pub(crate) pool: memory::Pool,
-    /// Why the device was lost, or an error no scope caught (rule 6).
+    /// Why the device was lost (rule 6).
     pub(crate) fault: Arc<Mutex<Option<String>>>,
+    /// Kernels compiled (cache misses that built).
+    pub(crate) compiled: AtomicU64,
 }
 
 impl Gpu {
@@ -250,9 +261,27 @@ impl WgpuBackend {
         });
         let adapters = pollster::block_on(instance.enumerate_adapters(backends));
         let found = adapters.len();
-        let mut gpus = Vec::new();
+        let mut gpus: Vec<Arc<Gpu>> = Vec::new();
         let mut skipped = Vec::new();
+        let mut seen = Vec::new();
         for adapter in adapters {
+            let info = adapter.get_info();
+            // One physical device listed under two APIs (rule 1): vendor
+            // and device ids where the platform gives them, else the name.
+            let identity = (
+                info.vendor,
+                info.device,
+                info.device_type,
+                info.name.clone(),
+            );
+            if seen.contains(&identity) {
+                skipped.push(format!(
+                    "{} via {:?}: the same device as one already opened",
+                    info.name, info.backend
+                ));
+                continue;
+            }
+            seen.push(identity);
             let index = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
             match open(&adapter, index, options.memory_share) {
                 Ok(gpu) => gpus.push(Arc::new(gpu)),
@@ -307,14 +336,25 @@ impl WgpuBackend {
         build::pipelines(self.gpu(index)?, spec).map(drop)
     }
 
-    /// Kernels built so far on device `index`.
-    pub fn cached_builds(&self, index: usize) -> Result<usize, WgpuError> {
-        Ok(self
-            .gpu(index)?
-            .builds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len())
+    /// Kernels compiled on device `index` so far: a build the cache
+    /// answers compiles nothing, and a failed one counts for nothing.
+    pub fn compiled(&self, index: usize) -> Result<u64, WgpuError> {
+        Ok(self.gpu(index)?.compiled.load(Ordering::Relaxed))
+    }
+
+    /// Starts `spec`'s ring kernel on device `index` (rule 4): a host
+    /// thread that drains the ring into one dispatch per micro-batch.
+    /// [`Backend::launch`] returns the same, boxed.
+    pub fn launch_ring(
+        &self,
+        index: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<WgpuRingKernel, BackendError> {
+        let gpu = self.gpu(index).map_err(|err| backend_error(err, &spec))?;
+        let pipelines = build::pipelines(gpu, &spec).map_err(|err| backend_error(err, &spec))?;
+        let most = self.options.micro_batch.min(config.capacity as usize);
+        WgpuRingKernel::launch(gpu.clone(), pipelines, spec, config, most)
     }
 
     /// Runs `spec`'s `granary_batch` over `request` on device `index`, one
@@ -364,16 +404,11 @@ fn open(adapter: &wgpu::Adapter, index: u32, share: f64) -> Result<Gpu, String> 
     device.on_uncaptured_error(Arc::new(|error: wgpu::Error| {
         tracing::warn!(%error, "a wgpu error outside any error scope");
     }));
-    let (total, source) = match vulkan_device_memory(adapter) {
-        Some(bytes) if bytes > 0 => (bytes, MemorySource::Reported),
-        _ => {
-            let host = host_device();
-            (
-                (host.total_memory as f64 * share) as u64,
-                MemorySource::HostShare,
-            )
-        }
-    };
+    let (total, source) = device_memory(
+        vulkan_device_memory(adapter),
+        host_device().total_memory,
+        share,
+    );
     let kind = match info.device_type {
         wgpu::DeviceType::Cpu => DeviceKind::Cpu,
         wgpu::DeviceType::DiscreteGpu
@@ -426,11 +461,29 @@ fn open(adapter: &wgpu::Adapter, index: u32, share: f64) -> Result<Gpu, String> 
         builds: Mutex::new(HashMap::new()),
         pool,
         fault,
+        compiled: AtomicU64::new(0),
     })
+}
+
+/// A device's memory and where the figure came from (rule 2): what the
+/// driver reported, else `share` of the host's `host_total`.
+fn device_memory(reported: Option<u64>, host_total: u64, share: f64) -> (u64, MemorySource) {
+    match reported {
+        Some(bytes) if bytes > 0 => (bytes, MemorySource::Reported),
+        _ => ((host_total as f64 * share) as u64, MemorySource::HostShare),
+    }
+}
+
+/// The sum of a Vulkan adapter's device-local heaps; `None` on other APIs
+/// (rule 2), and on Apple platforms, where wgpu has no Vulkan.
+#[cfg(any(target_vendor = "apple", target_arch = "wasm32"))]
+fn vulkan_device_memory(_: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 /// The sum of a Vulkan adapter's device-local heaps; `None` on other APIs
 /// (rule 2).
+#[cfg(not(any(target_vendor = "apple", target_arch = "wasm32")))]
 fn vulkan_device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
     if adapter.get_info().backend != wgpu::Backend::Vulkan {
         return None;
@@ -477,10 +530,7 @@ impl Backend for WgpuBackend {
         spec: KernelSpec,
         config: &KernelConfig,
     ) -> Result<Box<dyn PersistentKernel>, BackendError> {
-        let gpu = self.gpu(device).map_err(|err| backend_error(err, &spec))?;
-        let pipelines = build::pipelines(gpu, &spec).map_err(|err| backend_error(err, &spec))?;
-        let most = self.options.micro_batch.min(config.capacity as usize);
-        WgpuRingKernel::launch(gpu.clone(), pipelines, spec, config, most)
+        self.launch_ring(device, spec, config)
             .map(|kernel| Box::new(kernel) as Box<dyn PersistentKernel>)
     }
 
@@ -557,5 +607,24 @@ pub(crate) fn device_error(err: WgpuError) -> BackendError {
         WgpuError::UnknownDevice(index) => BackendError::UnknownDevice(index),
         WgpuError::BadInput(why) => BackendError::BadBuffer(why),
         other => BackendError::Device(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MemorySource, device_memory};
+
+    #[test]
+    fn a_reported_figure_wins_and_none_takes_the_configured_share() {
+        assert_eq!(
+            device_memory(Some(8 << 30), 64 << 30, 0.5),
+            (8 << 30, MemorySource::Reported)
+        );
+        for unreported in [None, Some(0)] {
+            assert_eq!(
+                device_memory(unreported, 64 << 30, 0.25),
+                (16 << 30, MemorySource::HostShare)
+            );
+        }
     }
 }

@@ -4,8 +4,9 @@
 
 use std::sync::{Arc, PoisonError};
 
+use super::memory::scoped;
 use super::{Gpu, WgpuError};
-use crate::spec::KernelSpec;
+use crate::spec::{KernelSpec, WGSL_CHUNK};
 
 /// The WGSL placed before every kernel's source: status codes, bindings and
 /// word accessors (`device/prelude.wgsl`).
@@ -60,9 +61,18 @@ pub(crate) fn bind_group_layout(device: &wgpu::Device) -> wgpu::BindGroupLayout 
 }
 
 /// The whole WGSL of `spec`, or [`WgpuError::NoSource`].
+/// The host's constants, placed first, so that the WGSL and the host agree
+/// on them by construction.
+pub(crate) fn constants() -> String {
+    format!("const GRANARY_GROUP: u32 = {GROUP}u;\nconst GRANARY_CHUNK: u32 = {WGSL_CHUNK}u;\n")
+}
+
 pub(crate) fn source(spec: &KernelSpec) -> Result<String, WgpuError> {
     let kernel = spec.wgsl.ok_or(WgpuError::NoSource)?.source;
-    Ok(format!("{PRELUDE_WGSL}\n{kernel}\n{DISPATCH_WGSL}"))
+    Ok(format!(
+        "{}{PRELUDE_WGSL}\n{kernel}\n{DISPATCH_WGSL}",
+        constants()
+    ))
 }
 
 /// Checks `source` with naga: its parse or validation error, rendered
@@ -91,35 +101,36 @@ pub(crate) fn pipelines(gpu: &Gpu, spec: &KernelSpec) -> Result<Arc<Pipelines>, 
         return Ok(built.clone());
     }
     check(&source)?;
-    let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let internal = gpu.device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let module = gpu
-        .device
-        .create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(spec.id),
-            source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
-        });
-    let pipeline = |entry_point| {
-        gpu.device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+    let built = scoped(gpu, || {
+        let module = gpu
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(spec.id),
-                layout: Some(&gpu.pipeline_layout),
-                module: &module,
-                entry_point: Some(entry_point),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            })
-    };
-    let batch = pipeline("granary_batch");
-    let ring = pipeline("granary_ring");
-    let internal = pollster::block_on(internal.pop());
-    let validation = pollster::block_on(validation.pop());
-    if let Some(err) = internal.or(validation) {
-        return Err(WgpuError::Build {
-            log: err.to_string(),
-        });
-    }
-    let built = Arc::new(Pipelines { batch, ring });
+                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+            });
+        let pipeline = |entry_point| {
+            gpu.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(spec.id),
+                    layout: Some(&gpu.pipeline_layout),
+                    module: &module,
+                    entry_point: Some(entry_point),
+                    compilation_options: wgpu::PipelineCompilationOptions::default(),
+                    cache: None,
+                })
+        };
+        Ok(Pipelines {
+            batch: pipeline("granary_batch"),
+            ring: pipeline("granary_ring"),
+        })
+    })
+    .map_err(|err| match err {
+        WgpuError::Device(log) => WgpuError::Build { log },
+        other => other,
+    })?;
+    let built = Arc::new(built);
     builds.insert(source, built.clone());
+    gpu.compiled
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(built)
 }

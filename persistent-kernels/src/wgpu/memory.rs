@@ -2,23 +2,32 @@
 //!
 //! 1. **Pool.** Device buffers come from a per-device pool, keyed by usage
 //!    and a power-of-two size class (at least 256 bytes), and go back when
-//!    the call ends; at most [`KEEP`] per class are kept.
+//!    the call ends; at most [`KEEP`] per class are kept, and none larger
+//!    than [`POOLED_MAX`] (a 128 MiB batch allocates its own). A read-back
+//!    buffer goes back only once it is unmapped again: one whose map is
+//!    pending, failed or in place when the call ends is destroyed, so no
+//!    later call finds it mapped.
 //! 2. **In.** Host bytes go in through the queue's mapped staging memory
 //!    ([`wgpu::Queue::write_buffer_with`]); a part whose length is not a
 //!    whole number of words is padded with zeros.
 //! 3. **Out.** Results come back through a pooled read-back buffer, mapped
 //!    after the call's own submission completes: the call waits on its
-//!    submission index ([`wgpu::PollType::Wait`]), bounded by
-//!    [`DEVICE_TIMEOUT`], never on the whole queue.
+//!    submission index ([`wgpu::PollType::Wait`]), never on the whole
+//!    queue, in steps of [`BEAT`], calling its `beat` between them (the
+//!    ring thread's heartbeat goes on while the device works), for at most
+//!    [`DEVICE_TIMEOUT`]. The map's callback may run on another thread's
+//!    poll after this one's returned: the call waits for the callback
+//!    itself, not for its own poll.
 //! 4. **Scopes.** Each call's device work runs inside validation,
 //!    out-of-memory and internal error scopes ([`scoped`]); the first error
 //!    caught is the call's [`WgpuError::Device`].
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::ops::Deref;
 use std::sync::{Mutex, PoisonError, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::build::{GROUP, Pipelines};
 use super::resident::WgpuBuffer;
@@ -28,8 +37,14 @@ use crate::resident::{BatchPart, DeviceBuffer};
 /// Buffers kept per pool class (rule 1).
 pub(crate) const KEEP: usize = 4;
 
+/// The largest size class the pool keeps (rule 1).
+pub(crate) const POOLED_MAX: u64 = 32 << 20;
+
 /// The longest a call waits for its submission (rule 3).
 pub(crate) const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often a waiting call beats (rule 3).
+pub(crate) const BEAT: Duration = Duration::from_millis(50);
 
 /// `len` rounded up to whole 4-byte words.
 pub(crate) fn words(len: usize) -> u64 {
@@ -81,15 +96,19 @@ impl Pool {
             buffer: Some(buffer),
             key,
             pool: self,
+            reusable: Cell::new(true),
         }
     }
 }
 
-/// A pooled buffer, back in its pool when dropped (rule 1).
+/// A pooled buffer, back in its pool when dropped if it may be reused
+/// (rule 1).
 pub(crate) struct Pooled<'p> {
     buffer: Option<wgpu::Buffer>,
     key: (u64, u32),
     pool: &'p Pool,
+    /// False from a map request until the buffer is unmapped again.
+    reusable: Cell<bool>,
 }
 
 impl Deref for Pooled<'_> {
@@ -106,6 +125,9 @@ impl Drop for Pooled<'_> {
         let Some(buffer) = self.buffer.take() else {
             return;
         };
+        if !self.reusable.get() || self.key.0 > POOLED_MAX {
+            return;
+        }
         let mut free = self
             .pool
             .free
@@ -184,52 +206,100 @@ pub(crate) fn grid(gpu: &Gpu, invocations: u64) -> Result<(u32, u32, u32), WgpuE
     Ok((fits(x)?, fits(y)?, fits(row)?))
 }
 
-/// Submits `encoder` and waits for that submission alone (rule 3); then
-/// maps `len` bytes of `readback` (if any) and copies them out.
+/// Submits `encoder` and waits for that submission alone (rule 3), calling
+/// `beat` every [`BEAT`]; then maps `len` bytes of `readback` (if any) and
+/// copies them out, leaving it unmapped and reusable only if all went well
+/// (rule 1).
 pub(crate) fn finish(
     gpu: &Gpu,
     encoder: wgpu::CommandEncoder,
-    readback: Option<(&wgpu::Buffer, usize)>,
+    readback: Option<(&Pooled<'_>, usize)>,
+    beat: &dyn Fn(),
 ) -> Result<Vec<u8>, WgpuError> {
+    let deadline = Instant::now() + DEVICE_TIMEOUT;
+    let late = || {
+        WgpuError::Device(format!(
+            "the device did not finish within {DEVICE_TIMEOUT:?}"
+        ))
+    };
     let index = gpu.queue.submit([encoder.finish()]);
+    let (tx, rx) = mpsc::channel();
     let mapped = readback.filter(|(_, len)| *len > 0).map(|(buffer, len)| {
-        let (tx, rx) = mpsc::channel();
+        buffer.reusable.set(false);
         buffer
             .slice(..words(len))
             .map_async(wgpu::MapMode::Read, move |result| {
                 let _ = tx.send(result);
             });
-        (buffer, len, rx)
+        (buffer, len)
     });
-    gpu.device
-        .poll(wgpu::PollType::Wait {
-            submission_index: Some(index),
-            timeout: Some(DEVICE_TIMEOUT),
-        })
-        .map_err(|err| match err {
-            wgpu::PollError::Timeout => WgpuError::Device(format!(
-                "the device did not finish within {DEVICE_TIMEOUT:?}"
-            )),
-            other => WgpuError::Device(other.to_string()),
-        })?;
+    loop {
+        match gpu.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(index.clone()),
+            timeout: Some(BEAT),
+        }) {
+            Ok(_) => break,
+            Err(wgpu::PollError::Timeout) if Instant::now() < deadline => beat(),
+            Err(wgpu::PollError::Timeout) => return Err(late()),
+            Err(other) => return Err(WgpuError::Device(other.to_string())),
+        }
+    }
     gpu.check_alive()?;
-    let Some((buffer, len, rx)) = mapped else {
+    let Some((buffer, len)) = mapped else {
         return Ok(Vec::new());
     };
-    match rx.try_recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(WgpuError::Device(format!("map: {err}"))),
-        Err(_) => return Err(WgpuError::Device("the read-back was never mapped".into())),
-    }
-    let out = {
-        let view = buffer
-            .slice(..words(len))
-            .get_mapped_range()
-            .map_err(|err| WgpuError::Device(format!("map: {err}")))?;
-        view[..len].to_vec()
+    let result = loop {
+        match rx.recv_timeout(BEAT) {
+            Ok(result) => break result,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                // Another thread's poll may hold the callback: poll too.
+                let _ = gpu.device.poll(wgpu::PollType::Poll);
+                beat();
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => return Err(late()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(WgpuError::Device("the read-back was never mapped".into()));
+            }
+        }
     };
+    result.map_err(|err| WgpuError::Device(format!("map: {err}")))?;
+    let out = buffer
+        .slice(..words(len))
+        .get_mapped_range()
+        .map(|view| view[..len].to_vec())
+        .map_err(|err| WgpuError::Device(format!("map: {err}")));
     buffer.unmap();
-    Ok(out)
+    if out.is_ok() {
+        buffer.reusable.set(true);
+    }
+    out
+}
+
+/// Records `passes` dispatches of `pipeline` over the grid `(x, y)`, each
+/// with the parameters block of its pass (its dynamic offset). Each
+/// dispatch is its own synchronisation scope: a pass sees what the one
+/// before it wrote.
+pub(crate) fn dispatch(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    group: &wgpu::BindGroup,
+    (x, y): (u32, u32),
+    passes: u32,
+) -> Result<(), WgpuError> {
+    let stride = params_stride(gpu);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("granary"),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(pipeline);
+    for block in 0..u64::from(passes.max(1)) {
+        let offset = u32::try_from(block * stride)
+            .map_err(|_| WgpuError::BadInput(format!("{passes} passes")))?;
+        pass.set_bind_group(0, group, &[offset]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+    Ok(())
 }
 
 /// A bind group over the four bindings of `prelude.wgsl`, each bound to
@@ -262,9 +332,16 @@ pub(crate) fn params_stride(gpu: &Gpu) -> u64 {
 }
 
 /// `GranaryParams` for each pass, one block per [`params_stride`]: the
-/// fourth word is the pass.
-pub(crate) fn params(gpu: &Gpu, values: [u32; 3], passes: u32) -> Vec<u8> {
-    let stride = params_stride(gpu) as usize;
+/// fourth word is the pass. Refused before anything is allocated if the
+/// blocks would not fit one buffer or a dynamic offset.
+pub(crate) fn params(gpu: &Gpu, values: [u32; 3], passes: u32) -> Result<Vec<u8>, WgpuError> {
+    let stride = params_stride(gpu);
+    let bytes = stride * u64::from(passes.max(1));
+    let limit = gpu.device.limits().max_buffer_size.min(u64::from(u32::MAX));
+    if bytes > limit {
+        return Err(WgpuError::TooLarge { bytes, limit });
+    }
+    let stride = stride as usize;
     let mut bytes = vec![0u8; stride * passes.max(1) as usize];
     for (pass, block) in bytes.chunks_exact_mut(stride).enumerate() {
         let words = [values[0], values[1], values[2], pass as u32];
@@ -272,7 +349,7 @@ pub(crate) fn params(gpu: &Gpu, values: [u32; 3], passes: u32) -> Vec<u8> {
             chunk.copy_from_slice(&value.to_le_bytes());
         }
     }
-    bytes
+    Ok(bytes)
 }
 
 /// Runs `granary_batch` over the request made of `parts` (host bytes or
@@ -288,7 +365,8 @@ pub(crate) fn run_batch(
     into: Option<&WgpuBuffer>,
 ) -> Result<Vec<u8>, WgpuError> {
     let request_len: usize = parts.iter().map(BatchPart::len).sum();
-    // Parts are placed in whole words: only the last may end mid-word.
+    // Parts are placed in whole words: only the last may end mid-word
+    // (module rule 7).
     if let Some(part) = parts.iter().rev().skip(1).find(|part| part.len() % 4 != 0) {
         return Err(WgpuError::BadInput(format!(
             "a request part of {} bytes: wgpu assembles requests in 4-byte words, so every \
@@ -312,7 +390,7 @@ pub(crate) fn run_batch(
         use wgpu::BufferUsages as U;
         let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);
         let output = gpu.pool.take(gpu, response_bytes, U::STORAGE | U::COPY_SRC);
-        let blocks = params(gpu, [request_u32, response_u32, row], passes);
+        let blocks = params(gpu, [request_u32, response_u32, row], passes)?;
         let uniform = gpu
             .pool
             .take(gpu, blocks.len() as u64, U::UNIFORM | U::COPY_DST);
@@ -355,27 +433,14 @@ pub(crate) fn run_batch(
             ],
         );
         if output_len > 0 {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("granary batch"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&pipelines.batch);
-            // Each dispatch is its own synchronisation scope: a pass sees
-            // the response the one before it wrote.
-            let stride = params_stride(gpu);
-            for block in 0..u64::from(passes.max(1)) {
-                let offset = u32::try_from(block * stride)
-                    .map_err(|_| WgpuError::BadInput(format!("{passes} passes")))?;
-                pass.set_bind_group(0, &group, &[offset]);
-                pass.dispatch_workgroups(x, y, 1);
-            }
+            dispatch(gpu, &mut encoder, &pipelines.batch, &group, (x, y), passes)?;
         }
         match into {
             Some(into) => {
                 if output_len > 0 {
                     encoder.copy_buffer_to_buffer(&output, 0, into.raw(), 0, words(output_len));
                 }
-                finish(gpu, encoder, None)
+                finish(gpu, encoder, None, &|| {})
             }
             None => {
                 let readback = gpu
@@ -384,7 +449,7 @@ pub(crate) fn run_batch(
                 if output_len > 0 {
                     encoder.copy_buffer_to_buffer(&output, 0, &readback, 0, words(output_len));
                 }
-                finish(gpu, encoder, Some((&readback, output_len)))
+                finish(gpu, encoder, Some((&readback, output_len)), &|| {})
             }
         }
     })

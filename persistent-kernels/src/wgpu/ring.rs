@@ -15,6 +15,7 @@
 //!    the thread goes on with the next.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::build::Pipelines;
@@ -35,6 +36,7 @@ const JOB_BYTES: usize = 24;
 /// dispatch per micro-batch. It is not a persistent kernel (module rule 4).
 pub struct WgpuRingKernel {
     inner: CpuPersistentKernel,
+    dispatches: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for WgpuRingKernel {
@@ -54,11 +56,13 @@ impl WgpuRingKernel {
         config: &KernelConfig,
         most: usize,
     ) -> Result<WgpuRingKernel, BackendError> {
+        let dispatches = Arc::new(AtomicU64::new(0));
         let device = Dispatcher {
             gpu,
             pipelines,
             response_max: spec.response.max_bytes(),
             most: most.max(1),
+            dispatches: dispatches.clone(),
         };
         let inner = CpuPersistentKernel::launch_engine(
             spec,
@@ -66,12 +70,17 @@ impl WgpuRingKernel {
             CpuHooks::new(),
             Engine::MicroBatch(Box::new(device)),
         )?;
-        Ok(WgpuRingKernel { inner })
+        Ok(WgpuRingKernel { inner, dispatches })
     }
 
     /// Requests answered so far.
     pub fn processed(&self) -> u64 {
         self.inner.processed()
+    }
+
+    /// Micro-batches dispatched so far: one per dispatch of `granary_ring`.
+    pub fn dispatches(&self) -> u64 {
+        self.dispatches.load(Ordering::Relaxed)
     }
 }
 
@@ -107,6 +116,7 @@ struct Dispatcher {
     pipelines: Arc<Pipelines>,
     response_max: usize,
     most: usize,
+    dispatches: Arc<AtomicU64>,
 }
 
 impl MicroBatch for Dispatcher {
@@ -119,8 +129,10 @@ impl MicroBatch for Dispatcher {
         taken: &Taken,
         out: &mut Vec<u8>,
         answers: &mut Vec<(Status, std::ops::Range<usize>)>,
+        beat: &dyn Fn(),
     ) {
-        match self.dispatch(taken) {
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
+        match self.dispatch(taken, beat) {
             Ok(read) => {
                 // Rule 4: the table, then the responses.
                 let table = taken.len() * JOB_BYTES;
@@ -133,9 +145,15 @@ impl MicroBatch for Dispatcher {
                             u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
                         })
                     };
-                    let status = Status::from_code(word(4)).unwrap_or(Status::Fault);
-                    let len = (word(5) as usize).min(self.response_max);
-                    answers.push((status, j * slot..j * slot + len));
+                    // A status the kernel cannot give, or a response
+                    // longer than its maximum, is a fault (as on the CPU).
+                    let len = word(5) as usize;
+                    let status = match Status::from_code(word(4)) {
+                        Some(_) if len > self.response_max => Status::Fault,
+                        Some(status) => status,
+                        None => Status::Fault,
+                    };
+                    answers.push((status, j * slot..j * slot + len.min(self.response_max)));
                 }
             }
             Err(err) => {
@@ -149,7 +167,7 @@ impl MicroBatch for Dispatcher {
 impl Dispatcher {
     /// One submission for the micro-batch (rules 2 and 3): the job table
     /// followed by the responses, as read back.
-    fn dispatch(&self, taken: &Taken) -> Result<Vec<u8>, WgpuError> {
+    fn dispatch(&self, taken: &Taken, beat: &dyn Fn()) -> Result<Vec<u8>, WgpuError> {
         let gpu = &*self.gpu;
         gpu.check_alive()?;
         let count = taken.len();
@@ -187,7 +205,7 @@ impl Dispatcher {
             use wgpu::BufferUsages as U;
             let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);
             let output = gpu.pool.take(gpu, response_bytes, U::STORAGE | U::COPY_SRC);
-            let blocks = memory::params(gpu, [jobs_count, 0, row], 1);
+            let blocks = memory::params(gpu, [jobs_count, 0, row], 1)?;
             let uniform = gpu
                 .pool
                 .take(gpu, blocks.len() as u64, U::UNIFORM | U::COPY_DST);
@@ -214,21 +232,14 @@ impl Dispatcher {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("granary ring"),
                 });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("granary ring"),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(&self.pipelines.ring);
-                pass.set_bind_group(0, &group, &[0]);
-                pass.dispatch_workgroups(x, y, 1);
-            }
+            memory::dispatch(gpu, &mut encoder, &self.pipelines.ring, &group, (x, y), 1)?;
             encoder.copy_buffer_to_buffer(&table, 0, &readback, 0, table_bytes);
             encoder.copy_buffer_to_buffer(&output, 0, &readback, table_bytes, response_bytes);
             memory::finish(
                 gpu,
                 encoder,
                 Some((&readback, (table_bytes + response_bytes) as usize)),
+                beat,
             )
         })
     }

@@ -38,3 +38,59 @@ pub mod resident;
 #[allow(dead_code)]
 #[path = "../../../build-support/runtime_gate.rs"]
 pub mod gate;
+
+/// The CPU's answer for a shipped kernel computed with fused multiply-adds
+/// (`a * b + c` in one rounding), summed in the same order: what a device
+/// returns whose compiler contracts the kernel's multiply-adds. WGSL cannot
+/// forbid it (naga marks none NoContraction), so the wgpu tests accept this
+/// answer or the plain one, to the bit. `None` for kernels with no
+/// multiply-add (double, vector_add).
+#[allow(dead_code)]
+pub fn fused_answer(kernel: &str, request: &[u8]) -> Option<Vec<u8>> {
+    let values = from_f32s(request);
+    let fused_dot = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .fold(0.0f32, |sum, (x, y)| x.mul_add(*y, sum))
+    };
+    let out: Vec<f32> = match kernel {
+        "saxpy" => {
+            let (a, rest) = values.split_first()?;
+            let (x, y) = rest.split_at(rest.len() / 2);
+            x.iter().zip(y).map(|(x, y)| a.mul_add(*x, *y)).collect()
+        }
+        "dot" => {
+            let (x, y) = values.split_at(values.len() / 2);
+            vec![fused_dot(x, y)]
+        }
+        "matmul" => {
+            let (n, k, m) = (values[0] as usize, values[1] as usize, values[2] as usize);
+            let (a, b) = values[3..].split_at(n * k);
+            let mut c = Vec::with_capacity(n * m);
+            for row in 0..n {
+                for col in 0..m {
+                    let column: Vec<f32> = (0..k).map(|i| b[i * m + col]).collect();
+                    c.push(fused_dot(&a[row * k..(row + 1) * k], &column));
+                }
+            }
+            c
+        }
+        _ => return None,
+    };
+    Some(f32s(&out))
+}
+
+/// Whether `got` is the CPU's answer `plain`, or, on a backend that may
+/// contract multiply-adds (wgpu), the fused answer.
+#[allow(dead_code)]
+pub fn matches_cpu(
+    kind: granary_kernels::BackendKind,
+    kernel: &str,
+    request: &[u8],
+    got: &[u8],
+    plain: &[u8],
+) -> bool {
+    got == plain
+        || (kind == granary_kernels::BackendKind::Wgpu
+            && fused_answer(kernel, request).is_some_and(|fused| fused == got))
+}

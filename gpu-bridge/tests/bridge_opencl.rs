@@ -5,16 +5,15 @@
 
 mod common;
 
-use common::gate;
+use common::{device, gate};
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{f32s, from_f32s};
-use granary_gpu::{BridgeConfig, ExecuteError, GpuBridge, StopMode};
+use common::f32s;
+use granary_gpu::{BridgeConfig, GpuBridge, StopMode};
+use granary_kernels::BackendKind;
 use granary_kernels::opencl::OpenClBackend;
 use granary_kernels::shipped;
-use granary_kernels::{BackendKind, KernelConfig};
 
 /// Serialises these tests: a persistent kernel holds a compute unit (on
 /// POCL, a host thread) while it runs, and the bridge leaves one free for
@@ -31,32 +30,19 @@ fn bridge(config: BridgeConfig) -> GpuBridge {
         .unwrap()
 }
 
-/// Requests the OpenCL device answered (the bridge's first device).
+/// Requests the OpenCL device answered.
 fn opencl_processed(bridge: &GpuBridge) -> u64 {
-    let (_, info, stats) = bridge.devices().remove(0);
-    assert_eq!(info.backend, BackendKind::OpenCl);
-    stats.processed
+    device::processed_on(bridge, BackendKind::OpenCl)
 }
 
 fn cpu_processed(bridge: &GpuBridge) -> u64 {
-    let (_, info, stats) = bridge.devices().pop().unwrap();
-    assert_eq!(info.backend, BackendKind::Cpu);
-    stats.processed
+    device::processed_on(bridge, BackendKind::Cpu)
 }
 
 async fn one_hundred_sequential_double_requests_on_opencl() {
     let _device = DEVICE.lock().await;
-    let bridge = bridge(BridgeConfig::default());
-    for i in 0..100 {
-        let input = [i as f32, 3.25, -7.0];
-        let output = bridge.execute("double", &f32s(&input)).await.unwrap();
-        assert_eq!(from_f32s(&output), input.map(|x| 2.0 * x), "request {i}");
-    }
-    assert_eq!(
-        (opencl_processed(&bridge), cpu_processed(&bridge)),
-        (100, 0)
-    );
-    bridge.shutdown(StopMode::Drain).await;
+    device::one_hundred_sequential_doubles(bridge(BridgeConfig::default()), BackendKind::OpenCl)
+        .await;
 }
 
 async fn eight_concurrent_callers_times_ten_thousand_on_opencl() {
@@ -69,48 +55,11 @@ async fn eight_concurrent_callers_times_ten_thousand_on_opencl() {
 
 async fn every_shipped_kernel_through_the_bridge_matches_the_cpu() {
     let _device = DEVICE.lock().await;
-    let cpu_only = GpuBridge::builder().kernels(shipped::ALL).build().unwrap();
-    let inputs: Vec<(&str, Vec<u8>)> = vec![
-        ("double", f32s(&[1.0, -2.5, 1e-7])),
-        ("vector_add", f32s(&[1.0, 2.0, 3.0, 4.0])),
-        ("saxpy", f32s(&[0.5, 1.0, 2.0, 10.0, 20.0])),
-        ("dot", f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
-        (
-            "matmul",
-            shipped::matmul_request(
-                2,
-                3,
-                2,
-                &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-                &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
-            )
-            .unwrap(),
-        ),
-        // The batch path: a 1M-element vector add and a 256² product.
-        (
-            "vector_add",
-            f32s(&(0..2 << 20).map(|i| (i % 977) as f32).collect::<Vec<_>>()),
-        ),
-        (
-            "matmul",
-            shipped::matmul_request(256, 256, 256, &vec![0.5; 256 * 256], &vec![0.25; 256 * 256])
-                .unwrap(),
-        ),
-    ];
-    for (kernel, input) in &inputs {
-        // A bridge per request: one persistent kernel at a time fits.
-        let bridge = bridge(BridgeConfig::default());
-        let on_device = bridge.execute(kernel, input).await.unwrap();
-        let on_cpu = cpu_only.execute(kernel, input).await.unwrap();
-        assert_eq!(on_device, on_cpu, "{kernel} on {} bytes", input.len());
-        assert_eq!(cpu_processed(&bridge), 0, "{kernel} did not fall back");
-        assert_eq!(opencl_processed(&bridge), 1);
-        if *kernel == "matmul" && input.len() < 100 {
-            assert_eq!(from_f32s(&on_device), [58.0, 64.0, 139.0, 154.0]);
-        }
-        bridge.shutdown(StopMode::Drain).await;
-    }
-    cpu_only.shutdown(StopMode::Drain).await;
+    device::every_shipped_kernel_matches_the_cpu(
+        || bridge(BridgeConfig::default()),
+        BackendKind::OpenCl,
+    )
+    .await;
 }
 
 async fn a_busy_device_sends_further_kernels_to_the_cpu() {
@@ -141,60 +90,7 @@ async fn a_busy_device_sends_further_kernels_to_the_cpu() {
 
 async fn bad_input_and_shutdown_on_opencl() {
     let _device = DEVICE.lock().await;
-    let bridge = bridge(BridgeConfig {
-        kernel: KernelConfig {
-            capacity: 256,
-            ..KernelConfig::default()
-        },
-        hang_timeout: Duration::from_secs(30),
-        ..BridgeConfig::default()
-    });
-    // A device-side rejection comes back typed; the kernel keeps serving.
-    let bad_dims = f32s(&[1.5, 1.0, 1.0, 2.0, 3.0]);
-    assert!(matches!(
-        bridge.execute("matmul", &bad_dims).await,
-        Err(ExecuteError::Rejected {
-            kernel: "matmul",
-            ..
-        })
-    ));
-    let good = shipped::matmul_request(1, 1, 1, &[3.0], &[4.0]).unwrap();
-    assert_eq!(
-        from_f32s(&bridge.execute("matmul", &good).await.unwrap()),
-        [12.0]
-    );
-    bridge.shutdown(StopMode::Drain).await;
-    // Shutdown with requests in flight drains them; the kernel is warmed up
-    // first, so the requests reach it before the shutdown begins.
-    let bridge = self::bridge(BridgeConfig {
-        hang_timeout: Duration::from_secs(30),
-        ..BridgeConfig::default()
-    });
-    bridge.execute("double", &f32s(&[0.0])).await.unwrap();
-    let calls: Vec<_> = (0..200)
-        .map(|i| {
-            let bridge = bridge.clone();
-            tokio::spawn(async move { bridge.execute("double", &f32s(&[i as f32; 256])).await })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    bridge.shutdown(StopMode::Drain).await;
-    let mut answered = 0;
-    for call in calls {
-        match call.await.unwrap() {
-            Ok(output) => {
-                assert_eq!(output.len(), 1024);
-                answered += 1;
-            }
-            Err(ExecuteError::ShutDown) => {}
-            Err(other) => panic!("unexpected {other:?}"),
-        }
-    }
-    assert!(answered > 0);
-    assert_eq!(
-        bridge.execute("double", &f32s(&[1.0])).await,
-        Err(ExecuteError::ShutDown)
-    );
+    device::bad_input_and_shutdown(bridge).await;
 }
 
 fn main() {

@@ -10,9 +10,11 @@ use granary_kernels::{ElementType, KernelSpec, Shape, Status};
 /// Requests and responses of the shipped kernels are little-endian `f32`s.
 pub use granary_kernels::shipped::{bytes_f32 as from_f32s, f32_bytes as f32s};
 
-/// Test binaries that decide at run time whether OpenCL is there.
+/// Test binaries that decide at run time whether OpenCL or wgpu is there.
 #[path = "../../../build-support/runtime_gate.rs"]
 pub mod gate;
+
+pub mod device;
 
 /// Runs an async test body on a two-worker tokio runtime, as
 /// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` would.

@@ -13,9 +13,9 @@
 //! 3. **Out.** Results come back through a pooled read-back buffer, mapped
 //!    after the call's own submission completes: the call waits on its
 //!    submission index ([`wgpu::PollType::Wait`]), never on the whole
-//!    queue, in steps of [`BEAT`], calling its `beat` between them (the
-//!    ring thread's heartbeat goes on while the device works), for at most
-//!    [`DEVICE_TIMEOUT`]. The map's callback may run on another thread's
+//!    queue, in steps of [`BEAT`], for at most [`DEVICE_TIMEOUT`]. (The
+//!    ring path makes these calls on a device thread of its own, so that
+//!    its kernel thread beats while they block: `ring.rs` rule 3.) The map's callback may run on another thread's
 //!    poll after this one's returned: the call waits for the callback
 //!    itself, not for its own poll.
 //! 4. **Scopes.** Each call's device work runs inside validation,
@@ -43,7 +43,8 @@ pub(crate) const POOLED_MAX: u64 = 32 << 20;
 /// The longest a call waits for its submission (rule 3).
 pub(crate) const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// How often a waiting call beats (rule 3).
+/// The step a waiting call waits in (rule 3), and how often the ring's
+/// kernel thread beats while it waits for its device thread.
 pub(crate) const BEAT: Duration = Duration::from_millis(50);
 
 /// `len` rounded up to whole 4-byte words.
@@ -206,15 +207,13 @@ pub(crate) fn grid(gpu: &Gpu, invocations: u64) -> Result<(u32, u32, u32), WgpuE
     Ok((fits(x)?, fits(y)?, fits(row)?))
 }
 
-/// Submits `encoder` and waits for that submission alone (rule 3), calling
-/// `beat` every [`BEAT`]; then maps `len` bytes of `readback` (if any) and
-/// copies them out, leaving it unmapped and reusable only if all went well
-/// (rule 1).
+/// Submits `encoder` and waits for that submission alone (rule 3); then
+/// maps `len` bytes of `readback` (if any) and copies them out, leaving it
+/// unmapped and reusable only if all went well (rule 1).
 pub(crate) fn finish(
     gpu: &Gpu,
     encoder: wgpu::CommandEncoder,
     readback: Option<(&Pooled<'_>, usize)>,
-    beat: &dyn Fn(),
 ) -> Result<Vec<u8>, WgpuError> {
     let deadline = Instant::now() + DEVICE_TIMEOUT;
     let late = || {
@@ -239,7 +238,7 @@ pub(crate) fn finish(
             timeout: Some(BEAT),
         }) {
             Ok(_) => break,
-            Err(wgpu::PollError::Timeout) if Instant::now() < deadline => beat(),
+            Err(wgpu::PollError::Timeout) if Instant::now() < deadline => {}
             Err(wgpu::PollError::Timeout) => return Err(late()),
             Err(other) => return Err(WgpuError::Device(other.to_string())),
         }
@@ -254,7 +253,6 @@ pub(crate) fn finish(
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
                 // Another thread's poll may hold the callback: poll too.
                 let _ = gpu.device.poll(wgpu::PollType::Poll);
-                beat();
             }
             Err(mpsc::RecvTimeoutError::Timeout) => return Err(late()),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -440,7 +438,7 @@ pub(crate) fn run_batch(
                 if output_len > 0 {
                     encoder.copy_buffer_to_buffer(&output, 0, into.raw(), 0, words(output_len));
                 }
-                finish(gpu, encoder, None, &|| {})
+                finish(gpu, encoder, None)
             }
             None => {
                 let readback = gpu
@@ -449,7 +447,7 @@ pub(crate) fn run_batch(
                 if output_len > 0 {
                     encoder.copy_buffer_to_buffer(&output, 0, &readback, 0, words(output_len));
                 }
-                finish(gpu, encoder, Some((&readback, output_len)), &|| {})
+                finish(gpu, encoder, Some((&readback, output_len)))
             }
         }
     })

@@ -134,7 +134,7 @@ fn read_words(
                 label: Some("granary read"),
             });
         encoder.copy_buffer_to_buffer(buffer.raw(), start, &readback, 0, span as u64);
-        memory::finish(gpu, encoder, Some((&readback, span)), &|| {})
+        memory::finish(gpu, encoder, Some((&readback, span)))
     })?;
     let skip = offset - start as usize;
     Ok(words[skip..skip + len].to_vec())
@@ -170,7 +170,7 @@ pub(super) fn write(
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("granary write"),
             });
-        memory::finish(gpu, encoder, None, &|| {})
+        memory::finish(gpu, encoder, None)
     })
     .map_err(device_error)?;
     Ok(())

@@ -2,29 +2,43 @@
 //! the same rings and kernel thread as the CPU backend, answering each
 //! micro-batch with one dispatch of `granary_ring`.
 //!
-//! 1. The thread takes every request queued, up to the micro-batch, and
-//!    frees their slots (the CPU loop's rules hold: `cpu.rs`).
+//! 1. The kernel thread takes every request queued, up to the
+//!    micro-batch, and frees their slots (the CPU loop's rules hold:
+//!    `cpu.rs`).
 //! 2. The requests go into one storage buffer, each starting on a word; a
 //!    job table says where each starts, how long it is, and where its
-//!    response goes (each response gets the spec's response maximum).
-//! 3. One submission uploads, dispatches one invocation per job, and copies
-//!    the job table and the responses into one read-back buffer; the
-//!    thread waits on that submission alone.
-//! 4. Each job's status and length come back from the table; a device
-//!    failure answers every request of the micro-batch with `Fault`, and
-//!    the thread goes on with the next.
+//!    response goes (each response gets the spec's response maximum). The
+//!    kernel thread lays both out in host memory.
+//! 3. The kernel thread never calls wgpu: a call may block in the driver
+//!    for as long as the work queued before it (lavapipe's queue submit
+//!    does, behind a long batch), and a thread blocked there cannot beat
+//!    its heartbeat. Each kernel has a device thread that makes every
+//!    wgpu call: one submission uploads, dispatches one invocation per
+//!    job, and copies the job table and the responses into one read-back
+//!    buffer, and the device thread waits on that submission alone. The
+//!    kernel thread waits for the answer, beating, for at most
+//!    [`DEVICE_TIMEOUT`](super::memory::DEVICE_TIMEOUT).
+//! 4. Micro-batches carry sequence numbers: an answer that comes after its
+//!    micro-batch was given up on is dropped, never taken for the next's.
+//! 5. Each job's status and length come back from the table; a device
+//!    failure, or a wait past the timeout, answers every request of the
+//!    micro-batch with `Fault`, and the thread goes on with the next. The
+//!    device thread ends when its kernel does (once the call in hand
+//!    returns).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use super::build::Pipelines;
-use super::memory::{self, words};
+use super::memory::{self, BEAT, DEVICE_TIMEOUT, words};
 use super::{Gpu, WgpuError};
 use crate::backend::{BackendError, PersistentKernel};
 use crate::cpu::{
-    Completion, CpuPersistentKernel, Engine, KernelConfig, MicroBatch, StopMode, StopReport,
-    Submitter, Taken,
+    Completion, CpuPersistentKernel, Engine, KernelConfig, LaunchError, MicroBatch, StopMode,
+    StopReport, Submitter, Taken,
 };
 use crate::hooks::CpuHooks;
 use crate::spec::{KernelSpec, Status};
@@ -57,12 +71,28 @@ impl WgpuRingKernel {
         most: usize,
     ) -> Result<WgpuRingKernel, BackendError> {
         let dispatches = Arc::new(AtomicU64::new(0));
+        let response_max = spec.response.max_bytes();
+        let (work, inbox) = mpsc::channel::<Work>();
+        let (outbox, done) = mpsc::channel();
+        thread::Builder::new()
+            .name(format!("granary-wgpu-{}", spec.id))
+            .spawn(move || {
+                // Rule 3: every wgpu call of the ring path is made here.
+                for work in inbox {
+                    let answer = submit(&gpu, &pipelines, response_max, &work);
+                    if outbox.send((work.sequence, answer)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|err| LaunchError::Thread(err.to_string()))?;
         let device = Dispatcher {
-            gpu,
-            pipelines,
-            response_max: spec.response.max_bytes(),
+            response_max,
             most: most.max(1),
             dispatches: dispatches.clone(),
+            work,
+            done,
+            sequence: 0,
         };
         let inner = CpuPersistentKernel::launch_engine(
             spec,
@@ -110,13 +140,23 @@ impl PersistentKernel for WgpuRingKernel {
     }
 }
 
-/// Answers micro-batches on one device.
+/// Answers micro-batches through its kernel's device thread.
 struct Dispatcher {
-    gpu: Arc<Gpu>,
-    pipelines: Arc<Pipelines>,
     response_max: usize,
     most: usize,
     dispatches: Arc<AtomicU64>,
+    /// To the device thread; dropping it ends that thread (rule 5).
+    work: mpsc::Sender<Work>,
+    done: mpsc::Receiver<(u64, Result<Vec<u8>, WgpuError>)>,
+    sequence: u64,
+}
+
+/// One micro-batch laid out in host memory (rule 2).
+struct Work {
+    sequence: u64,
+    count: usize,
+    requests: Vec<u8>,
+    jobs: Vec<u8>,
 }
 
 impl MicroBatch for Dispatcher {
@@ -134,7 +174,7 @@ impl MicroBatch for Dispatcher {
         self.dispatches.fetch_add(1, Ordering::Relaxed);
         match self.dispatch(taken, beat) {
             Ok(read) => {
-                // Rule 4: the table, then the responses.
+                // Rule 5: the table, then the responses.
                 let table = taken.len() * JOB_BYTES;
                 let slot = words(self.response_max) as usize;
                 out.extend_from_slice(&read[table.min(read.len())..]);
@@ -165,11 +205,10 @@ impl MicroBatch for Dispatcher {
 }
 
 impl Dispatcher {
-    /// One submission for the micro-batch (rules 2 and 3): the job table
+    /// Lays the micro-batch out (rule 2), hands it to the device thread and
+    /// waits for its answer, beating (rules 3 and 4): the job table
     /// followed by the responses, as read back.
-    fn dispatch(&self, taken: &Taken, beat: &dyn Fn()) -> Result<Vec<u8>, WgpuError> {
-        let gpu = &*self.gpu;
-        gpu.check_alive()?;
+    fn dispatch(&mut self, taken: &Taken, beat: &dyn Fn()) -> Result<Vec<u8>, WgpuError> {
         let count = taken.len();
         let slot = words(self.response_max);
         let mut requests = Vec::with_capacity(taken.bytes.len() + 4 * count);
@@ -193,54 +232,91 @@ impl Dispatcher {
                 jobs.extend_from_slice(&value.to_le_bytes());
             }
         }
-        let request_bytes = words(requests.len()).max(4);
-        let table_bytes = (count * JOB_BYTES) as u64;
-        let response_bytes = (slot * count as u64).max(4);
-        gpu.check_binding(request_bytes)?;
-        gpu.check_binding(response_bytes)?;
-        let (x, y, row) = memory::grid(gpu, count as u64)?;
-        let jobs_count = u32::try_from(count)
-            .map_err(|_| WgpuError::BadInput("a micro-batch too large".into()))?;
-        memory::scoped(gpu, || {
-            use wgpu::BufferUsages as U;
-            let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);
-            let output = gpu.pool.take(gpu, response_bytes, U::STORAGE | U::COPY_SRC);
-            let blocks = memory::params(gpu, [jobs_count, 0, row], 1)?;
-            let uniform = gpu
-                .pool
-                .take(gpu, blocks.len() as u64, U::UNIFORM | U::COPY_DST);
-            let table = gpu
-                .pool
-                .take(gpu, table_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
-            let readback =
-                gpu.pool
-                    .take(gpu, table_bytes + response_bytes, U::MAP_READ | U::COPY_DST);
-            memory::stage(gpu, &input, 0, &requests);
-            memory::stage(gpu, &table, 0, &jobs);
-            memory::stage(gpu, &uniform, 0, &blocks);
-            let group = memory::bind(
-                gpu,
-                [
-                    (&input, request_bytes),
-                    (&output, response_bytes),
-                    (&uniform, 16),
-                    (&table, table_bytes),
-                ],
-            );
-            let mut encoder = gpu
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("granary ring"),
-                });
-            memory::dispatch(gpu, &mut encoder, &self.pipelines.ring, &group, (x, y), 1)?;
-            encoder.copy_buffer_to_buffer(&table, 0, &readback, 0, table_bytes);
-            encoder.copy_buffer_to_buffer(&output, 0, &readback, table_bytes, response_bytes);
-            memory::finish(
-                gpu,
-                encoder,
-                Some((&readback, (table_bytes + response_bytes) as usize)),
-                beat,
-            )
-        })
+        self.sequence += 1;
+        let sequence = self.sequence;
+        self.work
+            .send(Work {
+                sequence,
+                count,
+                requests,
+                jobs,
+            })
+            .map_err(|_| WgpuError::Device("the device thread has ended".into()))?;
+        let deadline = Instant::now() + DEVICE_TIMEOUT;
+        loop {
+            match self.done.recv_timeout(BEAT) {
+                Ok((answered, answer)) if answered == sequence => return answer,
+                // A micro-batch given up on earlier (rule 4).
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => beat(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(WgpuError::Device(format!(
+                        "the device did not answer within {DEVICE_TIMEOUT:?}"
+                    )));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(WgpuError::Device("the device thread has ended".into()));
+                }
+            }
+        }
     }
+}
+
+/// One submission for a micro-batch, on the device thread (rule 3).
+fn submit(
+    gpu: &Gpu,
+    pipelines: &Pipelines,
+    response_max: usize,
+    work: &Work,
+) -> Result<Vec<u8>, WgpuError> {
+    gpu.check_alive()?;
+    let slot = words(response_max);
+    let request_bytes = words(work.requests.len()).max(4);
+    let table_bytes = work.jobs.len() as u64;
+    let response_bytes = (slot * work.count as u64).max(4);
+    gpu.check_binding(request_bytes)?;
+    gpu.check_binding(response_bytes)?;
+    let (x, y, row) = memory::grid(gpu, work.count as u64)?;
+    let jobs_count = u32::try_from(work.count)
+        .map_err(|_| WgpuError::BadInput("a micro-batch too large".into()))?;
+    memory::scoped(gpu, || {
+        use wgpu::BufferUsages as U;
+        let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);
+        let output = gpu.pool.take(gpu, response_bytes, U::STORAGE | U::COPY_SRC);
+        let blocks = memory::params(gpu, [jobs_count, 0, row], 1)?;
+        let uniform = gpu
+            .pool
+            .take(gpu, blocks.len() as u64, U::UNIFORM | U::COPY_DST);
+        let table = gpu
+            .pool
+            .take(gpu, table_bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC);
+        let readback = gpu
+            .pool
+            .take(gpu, table_bytes + response_bytes, U::MAP_READ | U::COPY_DST);
+        memory::stage(gpu, &input, 0, &work.requests);
+        memory::stage(gpu, &table, 0, &work.jobs);
+        memory::stage(gpu, &uniform, 0, &blocks);
+        let group = memory::bind(
+            gpu,
+            [
+                (&input, request_bytes),
+                (&output, response_bytes),
+                (&uniform, 16),
+                (&table, table_bytes),
+            ],
+        );
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("granary ring"),
+            });
+        memory::dispatch(gpu, &mut encoder, &pipelines.ring, &group, (x, y), 1)?;
+        encoder.copy_buffer_to_buffer(&table, 0, &readback, 0, table_bytes);
+        encoder.copy_buffer_to_buffer(&output, 0, &readback, table_bytes, response_bytes);
+        memory::finish(
+            gpu,
+            encoder,
+            Some((&readback, (table_bytes + response_bytes) as usize)),
+        )
+    })
 }

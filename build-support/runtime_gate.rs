@@ -16,8 +16,8 @@
 //    OpenCL's. With `GRANARY_REQUIRE_WGPU=1` (CI, which installs lavapipe)
 //    it always runs, so a missing adapter fails it instead.
 //
-// Included by `tests/common/mod.rs` of the crates with OpenCL tests, whose
-// OpenCL test targets set `harness = false`. A build-time probe decided
+// Included by the test targets of the crates with OpenCL or wgpu tests,
+// which set `harness = false`. A build-time probe decided
 // this before and was wrong wherever the ICD loader was installed without a
 // platform behind it.
 

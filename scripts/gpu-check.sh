@@ -26,15 +26,19 @@ mkdir -p "$(dirname "$report")"
 for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$dir" ] && export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-# The Vulkan loader, where it was carried (scripts/fetch-gl-loaders.sh),
-# and the NVIDIA driver's Vulkan manifest where the loader finds none.
-if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan; then
-    for deb in .gl/*.deb; do dpkg -x "$deb" /; done
-    ldconfig
+# The Vulkan loader, where it was carried (scripts/fetch-gl-loaders.sh)
+# and none is installed: unpacked into .gl/root (no root needed) and put on
+# the library path. Then the NVIDIA driver's Vulkan manifest, for loaders
+# that find none (both variables: older loaders read the second).
+if [ -d .gl ] && ! grep -q 'libvulkan\.so\.1' < <(ldconfig -p 2>/dev/null); then
+    mkdir -p .gl/root
+    for deb in .gl/*.deb; do dpkg-deb -x "$deb" .gl/root; done
+    export LD_LIBRARY_PATH="$PWD/.gl/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+[ -d /usr/local/nvidia/lib64 ] && export LD_LIBRARY_PATH="/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$nvidia_icd" ]; then
-    export VK_DRIVER_FILES="$nvidia_icd"
+    export VK_DRIVER_FILES="$nvidia_icd" VK_ICD_FILENAMES="$nvidia_icd"
 fi
 status=0
 {
@@ -108,8 +112,18 @@ echo >>"$report"
 run_test cuda_nvrtc
 run_test cuda
 run_test bridge_cuda
-# wgpu on the NVIDIA driver's Vulkan adapter: a missing adapter fails here.
+# wgpu on the NVIDIA driver's Vulkan adapter: a missing adapter fails here,
+# and so does a first wgpu adapter that is not NVIDIA's (the tests and the
+# bench use device 0).
 export GRANARY_REQUIRE_WGPU=1
+echo "## the wgpu adapter" >>"$report"
+if grep -A1 "Wgpu#0" "$report" | grep -i nvidia >/dev/null; then
+    grep -A2 "Wgpu#0" "$report" | sed 's/^/    /' >>"$report"
+else
+    echo "FAILED: wgpu's first adapter is not NVIDIA's (see granary devices above)" >>"$report"
+    status=1
+fi
+echo >>"$report"
 run_test wgpu
 run_test shipped
 run_test bridge_wgpu

@@ -5,7 +5,8 @@
 //! fallback, so each row measures the backend it names) and registered as
 //! the service of a silo. Concurrent callers ask many `Compute` grains
 //! (`grains` keys, activated on demand) to run small `double` requests on
-//! the backend's persistent kernel; every `batch_every`-th request is
+//! the backend's ring path (its persistent kernel, or on wgpu, which has
+//! none, one dispatch per micro-batch); every `batch_every`-th request is
 //! instead a large `vector_add` that takes the launch-per-batch path. The
 //! grains send the work through the bridge. Every answer is checked. The
 //! report has one row per backend and path: requests, p50, p99 and
@@ -85,7 +86,8 @@ impl std::error::Error for DemoError {}
 pub struct PathReport {
     /// The backend.
     pub backend: BackendKind,
-    /// `"ring"` (persistent kernel) or `"batch"` (launch per batch).
+    /// `"ring"` (a persistent kernel, or wgpu's micro-batch dispatches) or
+    /// `"batch"` (launch per batch).
     pub path: &'static str,
     /// Requests answered and checked.
     pub requests: u64,

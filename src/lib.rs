@@ -1,7 +1,7 @@
 //! Granary: Orleans-style virtual actors whose compute goes to GPUs.
 //!
 //! This facade re-exports the workspace crates: the ring buffer, the
-//! persistent kernels with their CPU, OpenCL and CUDA backends, the GPU
+//! kernels with their CPU, OpenCL, CUDA and wgpu backends, the GPU
 //! bridge, the actor runtime and the cluster (see `ARCHITECTURE.md`). It
 //! also holds what the `granary` CLI runs: a cluster node from its TOML
 //! file ([`node_file`], `granary node`, hosting grains its caller passes),

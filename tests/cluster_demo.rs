@@ -167,6 +167,16 @@ const NODE_FILE: &str = "cluster = \"c\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be
 /// Runs `granary node` on the file `name` in `dir` (written from `text`
 /// unless `None`), expects it to fail, and returns what it printed.
 fn refused_node(dir: &std::path::Path, name: &str, text: Option<&str>) -> String {
+    refused_node_with(dir, name, text, &[])
+}
+
+/// [`refused_node`] with extra environment for the node's process.
+fn refused_node_with(
+    dir: &std::path::Path,
+    name: &str,
+    text: Option<&str>,
+    env: &[(&str, &str)],
+) -> String {
     let path = dir.join(name);
     if let Some(text) = text {
         granary::node_file::write_private(&path, text).unwrap();
@@ -174,6 +184,7 @@ fn refused_node(dir: &std::path::Path, name: &str, text: Option<&str>) -> String
     let output = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args(["node", "--config"])
         .arg(&path)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(!output.status.success(), "{name} was accepted");
@@ -288,6 +299,20 @@ fn a_node_with_a_bad_configuration_says_what_is_wrong() {
             stderr.contains("devices: CUDA:"),
             "no CUDA here ({why}): {stderr}"
         );
+    }
+    // wgpu with the Vulkan driver hidden (on Linux wgpu has no other API):
+    // the node refuses to start and names wgpu, on every machine.
+    #[cfg(target_os = "linux")]
+    {
+        let text = with("devices = { backend = \"wgpu\" }\n");
+        let hidden = "/nonexistent/granary-no-vulkan.json";
+        let stderr = refused_node_with(
+            &dir,
+            "wgpu.toml",
+            Some(&text),
+            &[("VK_DRIVER_FILES", hidden), ("VK_ICD_FILENAMES", hidden)],
+        );
+        assert!(stderr.contains("devices: wgpu:"), "{stderr}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -94,7 +94,7 @@ const BEATS_MISSED: u32 = 10;
 /// them out.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceLoad {
-    /// The backend (`Cpu`, `OpenCl`, `Cuda`).
+    /// The backend (`Cpu`, `OpenCl`, `Cuda`, `Wgpu`).
     pub backend: String,
     /// The device's name.
     pub name: String,

@@ -34,7 +34,7 @@ use crate::membership::{DeviceLoad, Member};
 pub struct GpuNeeds {
     /// Free device memory, in bytes.
     pub device_memory: u64,
-    /// Only this backend (`Cpu`, `OpenCl`, `Cuda`), if set.
+    /// Only this backend (`Cpu`, `OpenCl`, `Cuda`, `Wgpu`), if set.
     pub backend: Option<String>,
     /// At least this many compute units.
     pub min_compute_units: u32,

@@ -31,11 +31,15 @@ fn backends() -> Vec<(&'static str, Box<dyn Backend>)> {
         vec![("cpu", Box::new(CpuBackend::new()))];
     match granary_kernels::opencl::OpenClBackend::discover() {
         Ok(opencl) => present.push(("opencl", Box::new(opencl))),
-        Err(err) => println!("opencl: skipped, {err}"),
+        Err(err) => println!("opencl bench: SKIPPED: {err}"),
     }
     match granary_kernels::wgpu::WgpuBackend::discover() {
         Ok(wgpu) => present.push(("wgpu", Box::new(wgpu))),
-        Err(err) => println!("wgpu: skipped, {err}"),
+        // scripts/gpu-check.sh sets it: there a missing adapter is a failure.
+        Err(err) if std::env::var_os("GRANARY_REQUIRE_WGPU").is_some_and(|v| v == "1") => {
+            panic!("wgpu bench: no adapter, and GRANARY_REQUIRE_WGPU=1: {err}")
+        }
+        Err(err) => println!("wgpu bench: SKIPPED: {err}"),
     }
     present
 }

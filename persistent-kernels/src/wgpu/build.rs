@@ -134,3 +134,39 @@ pub(crate) fn pipelines(gpu: &Gpu, spec: &KernelSpec) -> Result<Arc<Pipelines>, 
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(built)
 }
+
+#[cfg(test)]
+mod tests {
+    use wgpu::naga;
+
+    use super::{constants, source};
+    use crate::shipped::ALL;
+
+    /// The sizes the host lays out (`ring.rs`, `memory.rs`) are the sizes
+    /// naga gives the WGSL structs.
+    #[test]
+    fn the_host_and_the_wgsl_agree_on_the_structs() {
+        let module = naga::front::wgsl::parse_str(&format!("{}{}", constants(), super::PRELUDE_WGSL))
+            .expect("the prelude parses");
+        let size = |name: &str| {
+            module
+                .types
+                .iter()
+                .find(|(_, ty)| ty.name.as_deref() == Some(name))
+                .map(|(_, ty)| ty.inner.size(module.to_ctx()) as usize)
+                .unwrap_or_else(|| panic!("no struct {name}"))
+        };
+        assert_eq!(size("GranaryJob"), crate::wgpu::ring::JOB_BYTES);
+        assert_eq!(size("GranaryParams"), 16);
+    }
+
+    /// Every shipped kernel's whole source passes naga's checks (what a
+    /// build runs before the driver sees it), with no device needed.
+    #[test]
+    fn every_shipped_kernel_passes_nagas_checks() {
+        for spec in ALL {
+            let text = source(&spec).expect("a WGSL source");
+            super::check(&text).unwrap_or_else(|err| panic!("{}: {err}", spec.id));
+        }
+    }
+}

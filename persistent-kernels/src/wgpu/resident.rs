@@ -219,8 +219,6 @@ pub(super) fn run_batch_parts(
     // The pass count reads the request as `output_len` does (rule 4 of the
     // crate's contract: what sizes the work is in host parts).
     let passes = spec.wgsl.map_or(1, |wgsl| (wgsl.passes)(&probe));
-    memory::run_batch(gpu, &pipelines, parts, output_len, passes, into).map_err(|err| match err {
-        WgpuError::BadInput(why) => BackendError::BadBuffer(why),
-        other => backend_error(other, spec),
-    })
+    memory::run_batch(gpu, &pipelines, parts, output_len, passes, into)
+        .map_err(|err| backend_error(err, spec))
 }

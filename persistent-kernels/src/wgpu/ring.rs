@@ -44,7 +44,7 @@ use crate::hooks::CpuHooks;
 use crate::spec::{KernelSpec, Status};
 
 /// Bytes of one `GranaryJob`: six words.
-const JOB_BYTES: usize = 24;
+pub(crate) const JOB_BYTES: usize = 24;
 
 /// A kernel on a wgpu device: a host thread that drains the ring into one
 /// dispatch per micro-batch. It is not a persistent kernel (module rule 4).

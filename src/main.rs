@@ -442,7 +442,7 @@ fn main() -> ExitCode {
             let bar = progress_bar(total, no_progress, "requests");
             println!(
                 "granary demo: {callers} callers × {requests} requests per backend, through {grains} grains \
-                 to the GPU bridge ({small_elements}-element doubles on persistent kernels; every \
+                 to the GPU bridge ({small_elements}-element doubles on the ring path; every \
                  {batch_every}th a {batch_elements}-element vector add on the batch path), on {}",
                 backends
                     .iter()

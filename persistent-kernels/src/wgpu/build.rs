@@ -146,8 +146,9 @@ mod tests {
     /// naga gives the WGSL structs.
     #[test]
     fn the_host_and_the_wgsl_agree_on_the_structs() {
-        let module = naga::front::wgsl::parse_str(&format!("{}{}", constants(), super::PRELUDE_WGSL))
-            .expect("the prelude parses");
+        let module =
+            naga::front::wgsl::parse_str(&format!("{}{}", constants(), super::PRELUDE_WGSL))
+                .expect("the prelude parses");
         let size = |name: &str| {
             module
                 .types

@@ -138,43 +138,7 @@ fn every_kernel_matches_the_cpu(backend: &Arc<CudaBackend>) -> Outcome {
             .kernels(shipped::ALL)
             .build()
             .map_err(fail)?;
-        let big: Vec<f32> = (0..2 << 20).map(|i| (i % 977) as f32 * 0.5).collect();
-        let inputs: Vec<(&str, Vec<u8>)> = vec![
-            ("double", f32s(&[1.0, -2.5, 1e-7])),
-            ("vector_add", f32s(&[1.0, 2.0, 3.0, 4.0])),
-            ("saxpy", f32s(&[0.5, 1.0, 2.0, 10.0, 20.0])),
-            ("dot", f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
-            (
-                "matmul",
-                shipped::matmul_request(
-                    2,
-                    3,
-                    2,
-                    &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-                    &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
-                )
-                .ok_or_else(|| fail("a matmul request"))?,
-            ),
-            // The batch path.
-            ("double", f32s(&big)),
-            ("vector_add", f32s(&big)),
-            (
-                "saxpy",
-                f32s(&[[2.0].as_slice(), &big[..1 << 20], &big[1 << 20..]].concat()),
-            ),
-            ("dot", f32s(&big)),
-            (
-                "matmul",
-                shipped::matmul_request(
-                    256,
-                    256,
-                    256,
-                    &vec![0.5; 256 * 256],
-                    &vec![0.25; 256 * 256],
-                )
-                .ok_or_else(|| fail("a matmul request"))?,
-            ),
-        ];
+        let inputs = common::device::shipped_inputs();
         for (count, (kernel, input)) in inputs.iter().enumerate() {
             let on_gpu = execute(&gpu, kernel, input).await?;
             let on_cpu = cpu.execute(kernel, input).await.map_err(fail)?;

@@ -36,50 +36,49 @@ pub async fn one_hundred_sequential_doubles(bridge: GpuBridge, kind: BackendKind
     bridge.shutdown(StopMode::Drain).await;
 }
 
-/// Every shipped kernel through the bridge on the device, on the ring path
-/// and on the batch path (a 1M-element vector add, a 256² product, a dot
-/// product of 100k pairs), against the CPU-only bridge; a bridge per
-/// request, since one persistent kernel at a time fits on POCL's two
-/// cores.
+/// A request for every shipped kernel on the ring path, then on the batch
+/// path (each kernel over 1M-element operands, a 256² product). Every
+/// product of two operands is exact in `f32` (halves and quarters of small
+/// whole numbers), so a device that fuses multiply-adds answers exactly as
+/// one that does not: the answers can be compared with the CPU's to the
+/// bit on every backend. Shared with `bridge_cuda.rs`.
+pub fn shipped_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let big: Vec<f32> = (0..2 << 20).map(|i| (i % 977) as f32 * 0.5).collect();
+    let small_product = shipped::matmul_request(
+        2,
+        3,
+        2,
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
+    );
+    let big_product =
+        shipped::matmul_request(256, 256, 256, &vec![0.5; 256 * 256], &vec![0.25; 256 * 256]);
+    vec![
+        ("double", f32s(&[1.0, -2.5, 1e-7])),
+        ("vector_add", f32s(&[1.0, 2.0, 3.0, 4.0])),
+        ("saxpy", f32s(&[0.5, 1.0, 2.0, 10.0, 20.0])),
+        ("dot", f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+        ("matmul", small_product.expect("a valid 2x3 by 3x2 product")),
+        ("double", f32s(&big)),
+        ("vector_add", f32s(&big)),
+        (
+            "saxpy",
+            f32s(&[[2.0].as_slice(), &big[..1 << 20], &big[1 << 20..]].concat()),
+        ),
+        ("dot", f32s(&big)),
+        ("matmul", big_product.expect("a valid 256² product")),
+    ]
+}
+
+/// Every shipped kernel through the bridge on the device
+/// ([`shipped_inputs`]) against the CPU-only bridge; a bridge per request,
+/// since one persistent kernel at a time fits on POCL's two cores.
 pub async fn every_shipped_kernel_matches_the_cpu(
     bridge: impl Fn() -> GpuBridge,
     kind: BackendKind,
 ) {
     let cpu_only = GpuBridge::builder().kernels(shipped::ALL).build().unwrap();
-    let inputs: Vec<(&str, Vec<u8>)> = vec![
-        ("double", f32s(&[1.0, -2.5, 1e-7])),
-        ("vector_add", f32s(&[1.0, 2.0, 3.0, 4.0])),
-        ("saxpy", f32s(&[0.5, 1.0, 2.0, 10.0, 20.0])),
-        ("dot", f32s(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
-        (
-            "matmul",
-            shipped::matmul_request(
-                2,
-                3,
-                2,
-                &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-                &[7.0, 8.0, 9.0, 10.0, 11.0, 12.0],
-            )
-            .unwrap(),
-        ),
-        (
-            "vector_add",
-            f32s(&(0..2 << 20).map(|i| (i % 977) as f32).collect::<Vec<_>>()),
-        ),
-        (
-            "matmul",
-            shipped::matmul_request(256, 256, 256, &vec![0.5; 256 * 256], &vec![0.25; 256 * 256])
-                .unwrap(),
-        ),
-        (
-            "dot",
-            f32s(
-                &(0..200_000)
-                    .map(|i| (i % 13) as f32 * 0.5)
-                    .collect::<Vec<_>>(),
-            ),
-        ),
-    ];
+    let inputs = shipped_inputs();
     for (kernel, input) in &inputs {
         let bridge = bridge();
         let on_device = bridge.execute(kernel, input).await.unwrap();

@@ -455,15 +455,26 @@ pub(crate) trait MicroBatch: Send {
     /// status of request `i` and its response's range in `out`. Every
     /// request has passed the spec's request shape. A device failure
     /// answers each request with [`Status::Fault`]; the loop goes on.
-    /// `beat` beats the loop's heartbeat: a call that waits on the device
-    /// calls it while it waits, so a long wait is not taken for a hang.
+    /// `beat` beats the loop's heartbeat and says whether to go on: a
+    /// call that waits on the device calls it while it waits, so a long
+    /// wait is not taken for a hang, and gives up when it returns false
+    /// (an abandoning stop), returning [`Given::Up`].
     fn run(
         &mut self,
         taken: &Taken,
         out: &mut Vec<u8>,
         answers: &mut Vec<(Status, std::ops::Range<usize>)>,
-        beat: &dyn Fn(),
-    );
+        beat: &dyn Fn() -> bool,
+    ) -> Given;
+}
+
+/// Whether a [`MicroBatch`] answered its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Given {
+    /// `answers` holds one answer per request.
+    Answered,
+    /// The stop came while the device worked: nothing is answered.
+    Up,
 }
 
 /// A persistent kernel on a CPU thread.
@@ -639,19 +650,24 @@ impl CpuPersistentKernel {
         // No new requests; in Drain mode the loop answers the rest and then
         // sees the ring closed and drained.
         self.submitter.requests.close();
-        let finished = match timeout {
-            None => true,
-            Some(timeout) => {
-                // A timeout too long to represent waits without a deadline.
-                let deadline = std::time::Instant::now().checked_add(timeout);
-                while !worker.is_finished()
-                    && deadline.is_none_or(|deadline| std::time::Instant::now() < deadline)
-                {
-                    thread::sleep(Duration::from_micros(100));
-                }
-                worker.is_finished()
+        // Completions are taken while the thread finishes: a draining
+        // loop with more answers than the response ring holds waits for
+        // room, which only taking them gives it. No timeout, or one too
+        // long to represent, waits without a deadline.
+        let deadline = timeout.and_then(|timeout| std::time::Instant::now().checked_add(timeout));
+        while !worker.is_finished()
+            && deadline.is_none_or(|deadline| std::time::Instant::now() < deadline)
+        {
+            let mut took = false;
+            while let Some(completion) = self.try_complete() {
+                report.completions.push(completion);
+                took = true;
             }
-        };
+            if !took {
+                thread::sleep(Duration::from_micros(100));
+            }
+        }
+        let finished = worker.is_finished();
         if finished {
             report.exited = true;
             match worker.join() {
@@ -688,6 +704,10 @@ impl Drop for CpuPersistentKernel {
     /// detached rather than waited on forever).
     fn drop(&mut self) {
         self.shut_down(StopMode::Abandon, Some(DROP_TIMEOUT));
+        // A thread detached by an earlier `stop_within(Drain, ..)` that
+        // timed out is told to stop too, so that it does not wait for
+        // response room that nobody will make.
+        self.abort.store(true, Ordering::Release);
     }
 }
 
@@ -814,7 +834,8 @@ impl KernelLoop {
     /// published after (rule K1). A request that fails the shape is
     /// answered at once, without the device; the others are answered in
     /// the order taken. An abandoning stop ends the loop between
-    /// micro-batches; requests of the one in hand that could not be
+    /// micro-batches, or while the device works on one (the device's
+    /// `beat` returns false); requests of the one in hand that were not
     /// answered go back as unanswered, for the stop report.
     fn run_batched(mut self, mut device: Box<dyn MicroBatch>) -> (Consumer, Vec<u64>) {
         let response_max = self.spec.response.max_bytes();
@@ -861,7 +882,24 @@ impl KernelLoop {
             out.clear();
             answers.clear();
             let requests = &self.requests;
-            device.run(&taken, &mut out, &mut answers, &|| requests.beat());
+            let abort = &self.abort;
+            let beat = || {
+                requests.beat();
+                !abort.load(Ordering::Acquire)
+            };
+            // A panicking device answers Fault, as a panicking CPU
+            // implementation does.
+            let given = catch_unwind(AssertUnwindSafe(|| {
+                device.run(&taken, &mut out, &mut answers, &beat)
+            }))
+            .unwrap_or_else(|_| {
+                answers.clear();
+                Given::Answered
+            });
+            if given == Given::Up {
+                unanswered.extend_from_slice(&taken.ids);
+                break 'serve;
+            }
             for i in 0..taken.len() {
                 let (status, payload) = match answers.get(i) {
                     Some((Status::Ok, span)) if span.len() <= response_max => {

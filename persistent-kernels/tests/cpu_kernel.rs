@@ -109,6 +109,39 @@ fn drain_answers_every_request_in_flight() {
     assert_eq!(report.processed, 500);
 }
 
+/// More answers outstanding than the response ring holds: the draining
+/// stop takes completions while the loop finishes, so the loop finds room
+/// and every request is answered (it waited for room for good before).
+#[test]
+fn drain_answers_more_requests_than_the_response_ring_holds() {
+    let mut kernel = CpuPersistentKernel::launch(
+        DOUBLE,
+        KernelConfig {
+            capacity: 2,
+            ..KernelConfig::default()
+        },
+    )
+    .unwrap();
+    for id in 0..2u64 {
+        kernel.submit(id, f32s(&[id as f32])).unwrap();
+    }
+    // Both answered, not collected: the response ring is full.
+    let deadline = Instant::now() + WAIT;
+    while kernel.processed() < 2 {
+        assert!(Instant::now() < deadline, "the first two are answered");
+        thread::yield_now();
+    }
+    for id in 2..4u64 {
+        kernel.submit(id, f32s(&[id as f32])).unwrap();
+    }
+    let report = kernel.stop_within(StopMode::Drain, WAIT);
+    assert!(report.exited, "the draining stop ends");
+    let mut answered: Vec<u64> = report.completions.iter().map(|c| c.request_id).collect();
+    answered.sort_unstable();
+    assert_eq!(answered, [0, 1, 2, 3]);
+    assert!(report.abandoned.is_empty());
+}
+
 #[test]
 fn abandon_reports_every_unprocessed_request_exactly_once() {
     // A kernel whose first call holds until the test lets it go, so that

@@ -256,6 +256,55 @@ fn the_ring_drains_into_micro_batches_and_answers_each_request() {
     }
 }
 
+/// An abandoning stop while the device works on a micro-batch (queued
+/// behind a product that takes about a second on lavapipe) ends the kernel
+/// within a beat, and reports the micro-batch's request abandoned.
+fn an_abandoning_stop_does_not_wait_for_the_device() {
+    let backend = std::sync::Arc::new(backend());
+    let mut kernel = backend
+        .launch_ring(0, DOUBLE, &KernelConfig::default())
+        .unwrap();
+    let submitter = kernel.submitter().unwrap();
+    submitter.submit(0, f32s(&[1.0])).unwrap();
+    kernel.complete(WAIT).expect("the kernel is warm");
+    let side = 1024;
+    let a: Vec<f32> = (0..side * side).map(|i| (i % 31) as f32 * 0.25).collect();
+    let product = shipped::matmul_request(side, side, side, &a, &a).unwrap();
+    let long = {
+        let backend = backend.clone();
+        std::thread::spawn(move || backend.run_batch(0, &MATMUL, &product).map(|c| c.len()))
+    };
+    // Submitted once the product is on the device: wait until the ring's
+    // micro-batch has gone to the device, behind it.
+    std::thread::sleep(Duration::from_millis(100));
+    submitter.submit(1, f32s(&[2.0])).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while kernel.dispatches() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the micro-batch goes out"
+        );
+        std::thread::yield_now();
+    }
+    let started = std::time::Instant::now();
+    let report = kernel.stop(StopMode::Abandon, Duration::from_secs(2));
+    let waited = started.elapsed();
+    let finished_first = long.is_finished();
+    assert!(
+        report.exited,
+        "the stop ended the thread (after {waited:?})"
+    );
+    // Either the device answered first (the product was quicker than
+    // expected), or the stop gave the request up; never both, never neither.
+    let answered = report.completions.iter().any(|c| c.request_id == 1);
+    let abandoned = report.abandoned.contains(&1);
+    assert!(answered != abandoned, "{report:?}");
+    if !finished_first {
+        assert!(abandoned, "the device was still busy: {report:?}");
+    }
+    assert_eq!(long.join().unwrap().unwrap(), side * side * 4);
+}
+
 /// Writes and reads at offsets inside words touch only their own bytes
 /// (rule 2 of `wgpu/resident.rs`); request parts must be whole words but
 /// the last; another wgpu backend's buffer is refused.
@@ -321,6 +370,10 @@ fn main() {
         gate::wgpu(
             "the_ring_drains_into_micro_batches_and_answers_each_request",
             the_ring_drains_into_micro_batches_and_answers_each_request,
+        ),
+        gate::wgpu(
+            "an_abandoning_stop_does_not_wait_for_the_device",
+            an_abandoning_stop_does_not_wait_for_the_device,
         ),
         gate::wgpu(
             "unaligned_writes_keep_their_neighbours_and_foreign_buffers_are_refused",

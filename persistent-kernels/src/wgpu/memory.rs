@@ -13,11 +13,15 @@
 //! 3. **Out.** Results come back through a pooled read-back buffer, mapped
 //!    after the call's own submission completes: the call waits on its
 //!    submission index ([`wgpu::PollType::Wait`]), never on the whole
-//!    queue, in steps of [`BEAT`], for at most [`DEVICE_TIMEOUT`]. (The
-//!    ring path makes these calls on a device thread of its own, so that
-//!    its kernel thread beats while they block: `ring.rs` rule 3.) The map's callback may run on another thread's
-//!    poll after this one's returned: the call waits for the callback
-//!    itself, not for its own poll.
+//!    queue, and with no timeout: wgpu-core 30 panics on an internal
+//!    assertion when a timed wait ends while another thread's submission
+//!    is still being made, which lavapipe's blocking queue submit makes
+//!    happen. A device that never finishes therefore holds the call; the
+//!    ring path makes these calls on a device thread of its own and its
+//!    kernel thread gives up after [`DEVICE_TIMEOUT`] (`ring.rs` rule 3).
+//!    The map's callback may run on another thread's poll after this one's
+//!    returned: the call waits for the callback itself, polling without
+//!    waiting, for at most [`DEVICE_TIMEOUT`].
 //! 4. **Scopes.** Each call's device work runs inside validation,
 //!    out-of-memory and internal error scopes ([`scoped`]); the first error
 //!    caught is the call's [`WgpuError::Device`].
@@ -40,11 +44,12 @@ pub(crate) const KEEP: usize = 4;
 /// The largest size class the pool keeps (rule 1).
 pub(crate) const POOLED_MAX: u64 = 32 << 20;
 
-/// The longest a call waits for its submission (rule 3).
+/// The longest a call waits for its map callback, and the ring's kernel
+/// thread for its device thread (rule 3).
 pub(crate) const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The step a waiting call waits in (rule 3), and how often the ring's
-/// kernel thread beats while it waits for its device thread.
+/// The step a call waits for its map callback in (rule 3), and how often
+/// the ring's kernel thread beats while it waits for its device thread.
 pub(crate) const BEAT: Duration = Duration::from_millis(50);
 
 /// `len` rounded up to whole 4-byte words.
@@ -232,17 +237,16 @@ pub(crate) fn finish(
             });
         (buffer, len)
     });
-    loop {
-        match gpu.device.poll(wgpu::PollType::Wait {
-            submission_index: Some(index.clone()),
-            timeout: Some(BEAT),
-        }) {
-            Ok(_) => break,
-            Err(wgpu::PollError::Timeout) if Instant::now() < deadline => {}
-            Err(wgpu::PollError::Timeout) => return Err(late()),
-            Err(other) => return Err(WgpuError::Device(other.to_string())),
-        }
-    }
+    // No timeout on this wait (rule 3): wgpu-core 30 panics on an
+    // internal assertion when a timed wait ends while another thread's
+    // submission is still being made (seen on lavapipe, whose queue submit
+    // blocks behind earlier work).
+    gpu.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+        .map_err(|err| WgpuError::Device(err.to_string()))?;
     gpu.check_alive()?;
     let Some((buffer, len)) = mapped else {
         return Ok(Vec::new());

@@ -22,9 +22,11 @@
 //!    micro-batch was given up on is dropped, never taken for the next's.
 //! 5. Each job's status and length come back from the table; a device
 //!    failure, or a wait past the timeout, answers every request of the
-//!    micro-batch with `Fault`, and the thread goes on with the next. The
-//!    device thread ends when its kernel does (once the call in hand
-//!    returns).
+//!    micro-batch with `Fault`, and the thread goes on with the next. An
+//!    abandoning stop ends the wait within a beat: the micro-batch's
+//!    requests are reported abandoned. The device thread ends when its
+//!    kernel does (once the call in hand returns), and skips work queued
+//!    behind a newer micro-batch (it was given up on).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +39,8 @@ use super::memory::{self, BEAT, DEVICE_TIMEOUT, words};
 use super::{Gpu, WgpuError};
 use crate::backend::{BackendError, PersistentKernel};
 use crate::cpu::{
-    Completion, CpuPersistentKernel, Engine, KernelConfig, LaunchError, MicroBatch, StopMode,
-    StopReport, Submitter, Taken,
+    Completion, CpuPersistentKernel, Engine, Given, KernelConfig, LaunchError, MicroBatch,
+    StopMode, StopReport, Submitter, Taken,
 };
 use crate::hooks::CpuHooks;
 use crate::spec::{KernelSpec, Status};
@@ -78,7 +80,12 @@ impl WgpuRingKernel {
             .name(format!("granary-wgpu-{}", spec.id))
             .spawn(move || {
                 // Rule 3: every wgpu call of the ring path is made here.
-                for work in inbox {
+                while let Ok(mut work) = inbox.recv() {
+                    // Work queued behind a later micro-batch was given up
+                    // on (rule 4): only the newest is waited for.
+                    while let Ok(newer) = inbox.try_recv() {
+                        work = newer;
+                    }
                     let answer = submit(&gpu, &pipelines, response_max, &work);
                     if outbox.send((work.sequence, answer)).is_err() {
                         break;
@@ -151,6 +158,14 @@ struct Dispatcher {
     sequence: u64,
 }
 
+/// How a wait for the device thread ended without an answer.
+enum Wait {
+    /// The device failed, or did not answer in time.
+    Failed(WgpuError),
+    /// An abandoning stop came (rule 5).
+    GaveUp,
+}
+
 /// One micro-batch laid out in host memory (rule 2).
 struct Work {
     sequence: u64,
@@ -169,10 +184,11 @@ impl MicroBatch for Dispatcher {
         taken: &Taken,
         out: &mut Vec<u8>,
         answers: &mut Vec<(Status, std::ops::Range<usize>)>,
-        beat: &dyn Fn(),
-    ) {
+        beat: &dyn Fn() -> bool,
+    ) -> Given {
         self.dispatches.fetch_add(1, Ordering::Relaxed);
         match self.dispatch(taken, beat) {
+            Err(Wait::GaveUp) => return Given::Up,
             Ok(read) => {
                 // Rule 5: the table, then the responses.
                 let table = taken.len() * JOB_BYTES;
@@ -196,11 +212,12 @@ impl MicroBatch for Dispatcher {
                     answers.push((status, j * slot..j * slot + len.min(self.response_max)));
                 }
             }
-            Err(err) => {
+            Err(Wait::Failed(err)) => {
                 tracing::warn!(%err, requests = taken.len(), "a wgpu micro-batch failed");
                 answers.extend((0..taken.len()).map(|_| (Status::Fault, 0..0)));
             }
         }
+        Given::Answered
     }
 }
 
@@ -208,7 +225,7 @@ impl Dispatcher {
     /// Lays the micro-batch out (rule 2), hands it to the device thread and
     /// waits for its answer, beating (rules 3 and 4): the job table
     /// followed by the responses, as read back.
-    fn dispatch(&mut self, taken: &Taken, beat: &dyn Fn()) -> Result<Vec<u8>, WgpuError> {
+    fn dispatch(&mut self, taken: &Taken, beat: &dyn Fn() -> bool) -> Result<Vec<u8>, Wait> {
         let count = taken.len();
         let slot = words(self.response_max);
         let mut requests = Vec::with_capacity(taken.bytes.len() + 4 * count);
@@ -227,8 +244,9 @@ impl Dispatcher {
                 u64::from(Status::Fault.code()),
                 0,
             ] {
-                let value = u32::try_from(value)
-                    .map_err(|_| WgpuError::BadInput("a micro-batch too large".into()))?;
+                let value = u32::try_from(value).map_err(|_| {
+                    Wait::Failed(WgpuError::BadInput("a micro-batch too large".into()))
+                })?;
                 jobs.extend_from_slice(&value.to_le_bytes());
             }
         }
@@ -241,21 +259,32 @@ impl Dispatcher {
                 requests,
                 jobs,
             })
-            .map_err(|_| WgpuError::Device("the device thread has ended".into()))?;
-        let deadline = Instant::now() + DEVICE_TIMEOUT;
+            .map_err(|_| Wait::Failed(WgpuError::Device("the device thread has ended".into())))?;
+        // The device thread's own wait is bounded by DEVICE_TIMEOUT from
+        // when it starts; this one starts first, so it allows a few beats
+        // more, and a late answer still carries the device's own error.
+        let deadline = Instant::now() + DEVICE_TIMEOUT + 4 * BEAT;
         loop {
             match self.done.recv_timeout(BEAT) {
-                Ok((answered, answer)) if answered == sequence => return answer,
+                Ok((answered, answer)) if answered == sequence => {
+                    return answer.map_err(Wait::Failed);
+                }
                 // A micro-batch given up on earlier (rule 4).
                 Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => beat(),
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    if !beat() {
+                        return Err(Wait::GaveUp);
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(WgpuError::Device(format!(
+                    return Err(Wait::Failed(WgpuError::Device(format!(
                         "the device did not answer within {DEVICE_TIMEOUT:?}"
-                    )));
+                    ))));
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(WgpuError::Device("the device thread has ended".into()));
+                    return Err(Wait::Failed(WgpuError::Device(
+                        "the device thread has ended".into(),
+                    )));
                 }
             }
         }

@@ -200,6 +200,12 @@ pub(crate) struct Gpu {
     pub(crate) fault: Arc<Mutex<Option<String>>>,
     /// Kernels compiled (cache misses that built).
     pub(crate) compiled: AtomicU64,
+    /// The device's largest buffer, read once at open (asking wgpu copies
+    /// every limit, and the pool asks per buffer).
+    pub(crate) max_buffer: u64,
+    /// Bytes between two parameter blocks: the uniform dynamic-offset
+    /// alignment, read once at open.
+    pub(crate) params_stride: u64,
 }
 
 impl Gpu {
@@ -462,6 +468,8 @@ fn open(adapter: &wgpu::Adapter, index: u32, share: f64) -> Result<Gpu, String> 
         pool,
         fault,
         compiled: AtomicU64::new(0),
+        max_buffer: limits.max_buffer_size,
+        params_stride: u64::from(limits.min_uniform_buffer_offset_alignment).max(16),
     })
 }
 

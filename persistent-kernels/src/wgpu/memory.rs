@@ -78,7 +78,7 @@ impl Pool {
     ) -> Pooled<'p> {
         let class = size.max(256).next_power_of_two();
         // A class beyond what one buffer may hold is allocated exactly.
-        let class = if class > gpu.device.limits().max_buffer_size {
+        let class = if class > gpu.max_buffer {
             size.max(4)
         } else {
             class
@@ -330,7 +330,7 @@ pub(crate) fn bind(gpu: &Gpu, buffers: [(&wgpu::Buffer, u64); 4]) -> wgpu::BindG
 /// The distance between two blocks of parameters in the uniform buffer:
 /// the device's dynamic-offset alignment.
 pub(crate) fn params_stride(gpu: &Gpu) -> u64 {
-    u64::from(gpu.device.limits().min_uniform_buffer_offset_alignment).max(16)
+    gpu.params_stride
 }
 
 /// `GranaryParams` for each pass, one block per [`params_stride`]: the
@@ -339,7 +339,7 @@ pub(crate) fn params_stride(gpu: &Gpu) -> u64 {
 pub(crate) fn params(gpu: &Gpu, values: [u32; 3], passes: u32) -> Result<Vec<u8>, WgpuError> {
     let stride = params_stride(gpu);
     let bytes = stride * u64::from(passes.max(1));
-    let limit = gpu.device.limits().max_buffer_size.min(u64::from(u32::MAX));
+    let limit = gpu.max_buffer.min(u64::from(u32::MAX));
     if bytes > limit {
         return Err(WgpuError::TooLarge { bytes, limit });
     }

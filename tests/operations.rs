@@ -118,17 +118,17 @@ impl Drop for Nodes {
     }
 }
 
+#[path = "../build-support/test_ports.rs"]
+mod test_ports;
+
+/// A loopback port for a child node's listener (`build-support/test_ports.rs`).
 fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free TCP port")
+    test_ports::free_port()
 }
 
+/// A loopback address for a child node's gossip.
 fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|socket| socket.local_addr())
-        .expect("a free UDP port")
+    SocketAddr::from(([127, 0, 0, 1], test_ports::free_port()))
 }
 
 fn node_file(cluster: &str, storage: &Path, seed: SocketAddr, gossip: SocketAddr) -> NodeFile {

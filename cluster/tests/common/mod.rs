@@ -63,14 +63,12 @@ pub fn etcd_config(test: &str, endpoints: &str) -> granary_cluster::etcd::EtcdCo
     config
 }
 
+#[path = "../../../build-support/test_ports.rs"]
+mod test_ports;
+
+/// `count` distinct loopback ports, free for UDP and TCP
+/// (`build-support/test_ports.rs`).
 pub fn free_udp_ports(count: usize) -> Vec<u16> {
-    (0..count)
-        .map(|_| {
-            std::net::UdpSocket::bind("127.0.0.1:0")
-                .and_then(|socket| socket.local_addr())
-                .map(|address| address.port())
-                .expect("a free UDP port")
-        })
-        .collect()
+    test_ports::free_ports(count)
 }
 pub mod tensor;

@@ -21,10 +21,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::cpu::{Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode};
-use crate::cpu::{StopReport, Submitter};
+use crate::cpu::{CpuPersistentKernel, KernelConfig, LaunchError};
 use crate::device::{BackendKind, DeviceInfo, host_device};
 use crate::hooks::CpuHooks;
+use crate::kernel::{Completion, CompletionRef, PersistentKernel, StopMode, StopReport, Submitter};
 use crate::resident::{self, BatchOutput, BatchPart, CpuBuffer, DeviceBuffer};
 use crate::spec::{KernelSpec, ShapeError, Status};
 
@@ -100,31 +100,6 @@ impl From<LaunchError> for BackendError {
             other => BackendError::Device(other.to_string()),
         }
     }
-}
-
-/// A running persistent kernel, whatever its backend.
-pub trait PersistentKernel: Send {
-    /// The kernel's spec.
-    fn spec(&self) -> &KernelSpec;
-
-    /// A handle that submits requests from any thread; `None` once stopped.
-    fn submitter(&self) -> Option<Submitter>;
-
-    /// Takes one completion if one is ready.
-    fn try_complete(&mut self) -> Option<Completion>;
-
-    /// Waits up to `timeout` for one completion.
-    fn complete(&mut self, timeout: Duration) -> Option<Completion>;
-
-    /// The kernel loop's heartbeat: it advances while the loop runs, busy or
-    /// idle (rule H1), and stands still while the kernel is stuck.
-    fn heartbeat(&self) -> u64;
-
-    /// Stops the kernel: no new requests, then either every queued request
-    /// is answered ([`StopMode::Drain`]) or the loop exits after the request
-    /// in hand ([`StopMode::Abandon`]). Waits at most `timeout` for the
-    /// kernel to exit; the report says whether it did.
-    fn stop(&mut self, mode: StopMode, timeout: Duration) -> StopReport;
 }
 
 /// A batch input copied into host memory a backend reads fastest from
@@ -502,6 +477,19 @@ impl PersistentKernel for CpuPersistentKernel {
 
     fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         CpuPersistentKernel::complete(self, timeout)
+    }
+
+    fn try_complete_each(&mut self, max: usize, take: &mut dyn FnMut(CompletionRef<'_>)) -> usize {
+        CpuPersistentKernel::try_complete_each(self, max, take)
+    }
+
+    fn complete_each(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        CpuPersistentKernel::complete_each(self, timeout, max, take)
     }
 
     fn heartbeat(&self) -> u64 {

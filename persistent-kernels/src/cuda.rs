@@ -36,9 +36,10 @@ use cudarc::driver::{CudaContext, result};
 use granary_ring::device::CUDA_HEADER;
 
 use crate::DEVICE_PRELUDE;
-use crate::backend::{Backend, BackendError, PersistentKernel, StagedInput, batch_output_len};
+use crate::backend::{Backend, BackendError, StagedInput, batch_output_len};
 use crate::cpu::KernelConfig;
 use crate::device::{BackendKind, DeviceInfo, DeviceKind};
+use crate::kernel::PersistentKernel;
 use crate::spec::KernelSpec;
 
 mod memory;

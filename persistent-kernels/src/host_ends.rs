@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use granary_ring::{Consumer, Producer, WaitPolicy};
 
-use crate::cpu::{Completion, IdleWait, SubmitError, Submitter, completion};
+use crate::cpu::IdleWait;
+use crate::kernel::{Completion, CompletionRef, SubmitError, Submitter, completion, lend};
 use crate::spec::KernelSpec;
 
 /// The request ring's producer side and the response ring's consumer.
@@ -63,6 +64,52 @@ impl HostEnds {
             .map(|message| completion(&message));
         self.wait.record(done.is_some());
         done
+    }
+
+    /// Lends up to `max` ready completions to `take` (rule 3 of
+    /// `kernel.rs`); returns how many.
+    pub(crate) fn try_complete_each(
+        &mut self,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        let Some(responses) = self.responses.as_mut() else {
+            return 0;
+        };
+        let mut lent = 0;
+        while lent < max {
+            let Ok(message) = responses.try_pop() else {
+                break;
+            };
+            take(lend(&message));
+            lent += 1;
+        }
+        lent
+    }
+
+    /// Waits up to `timeout` for a completion, then lends it and up to
+    /// `max - 1` more that are ready; returns how many.
+    pub(crate) fn complete_each(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        if max == 0 {
+            return 0;
+        }
+        {
+            let Some(responses) = self.responses.as_mut() else {
+                return 0;
+            };
+            let first = responses.pop(self.wait.policy(), Some(timeout));
+            self.wait.record(first.is_ok());
+            match first {
+                Ok(message) => take(lend(&message)),
+                Err(_) => return 0,
+            }
+        }
+        1 + self.try_complete_each(max - 1, take)
     }
 
     /// Takes one completion if one is ready.

@@ -31,22 +31,22 @@ pub mod cuda;
 pub mod device;
 pub mod hooks;
 mod host_ends;
+mod kernel;
 pub mod opencl;
 pub mod resident;
 pub mod shipped;
 mod spec;
 pub mod wgpu;
 
-pub use backend::{
-    Backend, BackendError, CpuBackend, PersistentKernel, StagedInput, batch_output_len,
-};
-pub use cpu::{
-    BatchSubmitError, Completion, CpuPersistentKernel, KernelConfig, LaunchError, StopMode,
-    StopReport, SubmitError, Submitter,
-};
+pub use backend::{Backend, BackendError, CpuBackend, StagedInput, batch_output_len};
+pub use cpu::{CpuPersistentKernel, KernelConfig, LaunchError};
 pub use device::{BackendKind, DeviceInfo, DeviceKind, host_device};
 pub use granary_ring::WaitPolicy;
 pub use hooks::CpuHooks;
+pub use kernel::{
+    BatchSubmitError, Completion, CompletionRef, PersistentKernel, StopMode, StopReport,
+    SubmitError, Submitter,
+};
 pub use resident::{BatchOutput, BatchPart, DeviceBuffer};
 pub use spec::{
     Count, CpuFn, ElementType, KernelSpec, OutputLenFn, Shape, ShapeError, Status, WGSL_CHUNK,

@@ -26,9 +26,10 @@ use opencl3::types::{CL_BLOCKING, cl_uint};
 use granary_ring::device::OPENCL_HEADER;
 
 use crate::DEVICE_PRELUDE;
-use crate::backend::{Backend, BackendError, PersistentKernel, batch_output_len};
+use crate::backend::{Backend, BackendError, batch_output_len};
 use crate::cpu::KernelConfig;
 use crate::device::{BackendKind, DeviceInfo, DeviceKind};
+use crate::kernel::PersistentKernel;
 use crate::spec::KernelSpec;
 
 mod persistent;

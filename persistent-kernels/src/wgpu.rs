@@ -52,9 +52,10 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::backend::{Backend, BackendError, PersistentKernel, batch_output_len};
+use crate::backend::{Backend, BackendError, batch_output_len};
 use crate::cpu::KernelConfig;
 use crate::device::{BackendKind, DeviceInfo, DeviceKind, host_device};
+use crate::kernel::PersistentKernel;
 use crate::resident::{BatchOutput, BatchPart, DeviceBuffer};
 use crate::spec::KernelSpec;
 

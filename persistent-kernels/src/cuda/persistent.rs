@@ -11,9 +11,10 @@ use granary_ring::{Ring, RingConfig, WaitPolicy};
 
 use super::memory::{DeviceBytes, MappedRegion, Stream};
 use super::{CudaBackend, CudaError, Module, driver};
-use crate::backend::PersistentKernel;
-use crate::cpu::{Completion, KernelConfig, StopMode, StopReport, SubmitError, Submitter};
+use crate::cpu::KernelConfig;
 use crate::host_ends::HostEnds;
+use crate::kernel::PersistentKernel;
+use crate::kernel::{Completion, CompletionRef, StopMode, StopReport, SubmitError, Submitter};
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (CUDA C), appended after the ring layout
@@ -324,6 +325,19 @@ impl PersistentKernel for CudaPersistentKernel {
 
     fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         CudaPersistentKernel::complete(self, timeout)
+    }
+
+    fn try_complete_each(&mut self, max: usize, take: &mut dyn FnMut(CompletionRef<'_>)) -> usize {
+        self.ends.try_complete_each(max, take)
+    }
+
+    fn complete_each(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        self.ends.complete_each(timeout, max, take)
     }
 
     fn heartbeat(&self) -> u64 {

@@ -14,10 +14,10 @@ use opencl3::kernel::{ExecuteKernel, Kernel};
 use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRAIN_BUFFER};
 
 use super::{OpenClBackend, OpenClError, api};
-use crate::backend::PersistentKernel;
-use crate::cpu::{Completion, StopMode, StopReport, SubmitError, Submitter};
 use crate::device::DeviceInfo;
 use crate::host_ends::HostEnds;
+use crate::kernel::PersistentKernel;
+use crate::kernel::{Completion, CompletionRef, StopMode, StopReport, SubmitError, Submitter};
 use crate::spec::KernelSpec;
 
 /// The persistent-kernel template (OpenCL C 2.0), appended after the ring
@@ -352,6 +352,19 @@ impl PersistentKernel for OpenClPersistentKernel {
 
     fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         OpenClPersistentKernel::complete(self, timeout)
+    }
+
+    fn try_complete_each(&mut self, max: usize, take: &mut dyn FnMut(CompletionRef<'_>)) -> usize {
+        self.ends.try_complete_each(max, take)
+    }
+
+    fn complete_each(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        self.ends.complete_each(timeout, max, take)
     }
 
     fn heartbeat(&self) -> u64 {

@@ -37,12 +37,13 @@ use std::time::{Duration, Instant};
 use super::build::Pipelines;
 use super::memory::{self, BEAT, DEVICE_TIMEOUT, words};
 use super::{Gpu, WgpuError};
-use crate::backend::{BackendError, PersistentKernel};
+use crate::backend::BackendError;
 use crate::cpu::{
-    Completion, CpuPersistentKernel, Engine, Given, KernelConfig, LaunchError, MicroBatch,
-    StopMode, StopReport, Submitter, Taken,
+    CpuPersistentKernel, Engine, Given, KernelConfig, LaunchError, MicroBatch, Taken,
 };
 use crate::hooks::CpuHooks;
+use crate::kernel::PersistentKernel;
+use crate::kernel::{Completion, CompletionRef, StopMode, StopReport, Submitter};
 use crate::spec::{KernelSpec, Status};
 
 /// Bytes of one `GranaryJob`: six words.
@@ -136,6 +137,19 @@ impl PersistentKernel for WgpuRingKernel {
 
     fn complete(&mut self, timeout: Duration) -> Option<Completion> {
         self.inner.complete(timeout)
+    }
+
+    fn try_complete_each(&mut self, max: usize, take: &mut dyn FnMut(CompletionRef<'_>)) -> usize {
+        self.inner.try_complete_each(max, take)
+    }
+
+    fn complete_each(
+        &mut self,
+        timeout: Duration,
+        max: usize,
+        take: &mut dyn FnMut(CompletionRef<'_>),
+    ) -> usize {
+        self.inner.complete_each(timeout, max, take)
     }
 
     fn heartbeat(&self) -> u64 {

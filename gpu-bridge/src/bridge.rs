@@ -56,6 +56,7 @@ mod error;
 mod instance;
 mod quota;
 mod resident;
+mod slots;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -79,6 +80,7 @@ pub use quota::ResidentQuota;
 pub use resident::{
     Output, Part, RelocateError, Relocated, ResidentBuffer, ResidentError, WeakResidentBuffer,
 };
+use slots::Owner;
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
@@ -410,36 +412,40 @@ impl GpuBridge {
                     .instance_for(kernel, &spec)
                     .await
                     .map_err(|err| refused(spec.id, err))?;
-                let reply = instance
+                let answer = instance
                     .send(input)
                     .await
                     .map_err(|err| refused(spec.id, err))?;
                 // Failures from here on are counted where they happen.
-                reply.await.unwrap_or(Err(ExecuteError::ShutDown))
+                answer.answer().await
             }
             Route::Batch { output_len } => self.run_batch(&spec, input, output_len).await,
         }
     }
 
     /// Runs kernel `kernel_id` on every input; the answers come back in
-    /// order. Ring-sized inputs are staged together, so they enter the ring
-    /// in as few claims as `micro_batch` allows.
-    pub async fn execute_batch<I: AsRef<[u8]>>(
+    /// input order, each its own `Result`. Ring-sized inputs go to one
+    /// persistent kernel as a group (`bridge/instance.rs` rule 9): their
+    /// slots taken together, one ring claim, written straight from the
+    /// slices, and one wake-up when the last is answered. Larger inputs
+    /// take the batch path, one after another. Dropping the future gives
+    /// every slot back (answers still owed free theirs as they land).
+    pub async fn execute_many<I: AsRef<[u8]>>(
         &self,
         kernel_id: &str,
         inputs: &[I],
     ) -> Vec<Result<Vec<u8>, ExecuteError>> {
         let span = tracing::debug_span!(
-            "granary_gpu.execute_batch",
+            "granary_gpu.execute_many",
             kernel = kernel_id,
             requests = inputs.len()
         );
-        self.execute_batch_inner(kernel_id, inputs)
+        self.execute_many_inner(kernel_id, inputs)
             .instrument(span)
             .await
     }
 
-    async fn execute_batch_inner<I: AsRef<[u8]>>(
+    async fn execute_many_inner<I: AsRef<[u8]>>(
         &self,
         kernel_id: &str,
         inputs: &[I],
@@ -453,47 +459,94 @@ impl GpuBridge {
                     .collect();
             }
         };
-        enum Waiting {
-            Reply(tokio::sync::oneshot::Receiver<Result<Vec<u8>, ExecuteError>>),
-            Done(Result<Vec<u8>, ExecuteError>),
+        self.run_many(kernel, &spec, inputs, |answer| answer.map(<[u8]>::to_vec))
+            .await
+    }
+
+    /// Rule 5 for a group: routes every input, sends the ring-sized ones
+    /// as one group, runs the rest on the batch path, and gives each
+    /// answer to `take` in input order.
+    pub(crate) async fn run_many<I: AsRef<[u8]>, T>(
+        &self,
+        kernel: usize,
+        spec: &KernelSpec,
+        inputs: &[I],
+        mut take: impl FnMut(Result<&[u8], ExecuteError>) -> Result<T, ExecuteError>,
+    ) -> Vec<Result<T, ExecuteError>> {
+        enum Entry {
+            Ring,
+            Done(ExecuteError),
             Batch(usize),
         }
-        let mut waiting = Vec::with_capacity(inputs.len());
-        let mut staged_on = Vec::new();
-        for input in inputs {
-            let input = input.as_ref();
-            let entry = match self.route(&spec, input) {
-                Err(err) => Waiting::Done(Err(refused(spec.id, err))),
-                Ok(Route::Batch { output_len }) => Waiting::Batch(output_len),
-                Ok(Route::Ring) => match self.instance_for(kernel, &spec).await {
-                    Err(err) => Waiting::Done(Err(refused(spec.id, err))),
-                    Ok(instance) => {
-                        // Flush before waiting for a slot, or a batch larger
-                        // than the ring would wait on its own requests.
-                        instance.flush();
-                        let staged = instance.stage(input.to_vec()).await;
-                        if !staged_on.iter().any(|i| Arc::ptr_eq(i, &instance)) {
-                            staged_on.push(instance);
-                        }
-                        match staged {
-                            Ok(reply) => Waiting::Reply(reply),
-                            Err(err) => Waiting::Done(Err(refused(spec.id, err))),
-                        }
+        let entries: Vec<Entry> = inputs
+            .iter()
+            .map(|input| match self.route(spec, input.as_ref()) {
+                Ok(Route::Ring) => Entry::Ring,
+                Ok(Route::Batch { output_len }) => Entry::Batch(output_len),
+                Err(err) => Entry::Done(refused(spec.id, err)),
+            })
+            .collect();
+        let ring: Vec<&[u8]> = inputs
+            .iter()
+            .zip(&entries)
+            .filter(|(_, entry)| matches!(entry, Entry::Ring))
+            .map(|(input, _)| input.as_ref())
+            .collect();
+        let instance = if ring.is_empty() {
+            Ok(None)
+        } else {
+            self.instance_for(kernel, spec)
+                .await
+                .map(Some)
+                .map_err(|err| refused(spec.id, err))
+        };
+        let mut answers = Vec::with_capacity(ring.len());
+        match &instance {
+            // A group at most as large as the ring: its slots are free
+            // again only once its answers are taken.
+            Ok(Some(instance)) => {
+                let mut tickets = Vec::with_capacity(ring.len().min(instance.capacity()));
+                for chunk in ring.chunks(instance.capacity()) {
+                    let group = Arc::new(slots::Group::default());
+                    instance.send_many(chunk, &group, &mut tickets).await;
+                    let spin = instance.spin_budget_for(chunk.len());
+                    if !spin.is_zero() {
+                        instance.spin_wait(spin, &|| group.is_done());
                     }
-                },
-            };
-            waiting.push(entry);
+                    let mut parked = slots::Parked::new(&**instance);
+                    std::future::poll_fn(|cx| {
+                        let done = group.poll_done(cx);
+                        if done.is_pending() {
+                            parked.park();
+                        }
+                        done
+                    })
+                    .await;
+                    parked.done();
+                    answers.extend(tickets.drain(..).map(|ticket| {
+                        match ticket {
+                            Ok(mut ticket) => ticket
+                                .take_now(&mut take)
+                                .unwrap_or(Err(ExecuteError::ShutDown)),
+                            Err(err) => Err(err),
+                        }
+                    }));
+                }
+            }
+            Ok(None) => {}
+            Err(err) => answers.extend(ring.iter().map(|_| Err(err.clone()))),
         }
-        for instance in &staged_on {
-            instance.flush();
-        }
+        let mut answers = answers.into_iter();
         let mut results = Vec::with_capacity(inputs.len());
-        for (entry, input) in waiting.into_iter().zip(inputs) {
+        for (entry, input) in entries.into_iter().zip(inputs) {
             results.push(match entry {
-                Waiting::Done(result) => result,
-                Waiting::Reply(reply) => reply.await.unwrap_or(Err(ExecuteError::ShutDown)),
-                Waiting::Batch(output_len) => {
-                    self.run_batch(&spec, input.as_ref(), output_len).await
+                Entry::Done(err) => Err(err),
+                Entry::Ring => answers.next().unwrap_or(Err(ExecuteError::ShutDown)),
+                Entry::Batch(output_len) => {
+                    match self.run_batch(spec, input.as_ref(), output_len).await {
+                        Ok(bytes) => take(Ok(&bytes)),
+                        Err(err) => Err(err),
+                    }
                 }
             });
         }

@@ -122,7 +122,7 @@ async fn the_batch_form_answers_in_order() {
     let mut inputs: Vec<Vec<u8>> = (0..3000).map(|i| f32s(&[i as f32])).collect();
     inputs.push(vec![1, 2, 3]);
     inputs.push(f32s(&vec![1.0; 5000]));
-    let results = bridge.execute_batch("double", &inputs).await;
+    let results = bridge.execute_many("double", &inputs).await;
     assert_eq!(results.len(), inputs.len());
     for (i, result) in results.iter().take(3000).enumerate() {
         assert_eq!(from_f32s(result.as_ref().unwrap()), [2.0 * i as f32]);
@@ -132,7 +132,7 @@ async fn the_batch_form_answers_in_order() {
         Err(ExecuteError::WrongShape { .. })
     ));
     assert_eq!(from_f32s(results[3001].as_ref().unwrap()), vec![2.0; 5000]);
-    let unknown = bridge.execute_batch("nope", &inputs[..2]).await;
+    let unknown = bridge.execute_many("nope", &inputs[..2]).await;
     assert!(
         unknown
             .iter()

@@ -38,6 +38,11 @@ pub struct BridgeConfig {
     pub stop_timeout: Duration,
     /// What to do when a device cannot run a kernel.
     pub fallback: FallbackPolicy,
+    /// The longest a call spins for its ring answer before its task parks
+    /// (default 50 µs; zero never spins). A call spins only while few
+    /// requests are in flight on its kernel, and only for a few times the
+    /// kernel's average round trip (`bridge/instance.rs` rule 8).
+    pub spin: Duration,
 }
 
 impl Default for BridgeConfig {
@@ -64,6 +69,7 @@ impl Default for BridgeConfig {
             hang_timeout: Duration::from_secs(2),
             stop_timeout: Duration::from_secs(5),
             fallback: FallbackPolicy::Cpu,
+            spin: Duration::from_micros(50),
         }
     }
 }

@@ -6,8 +6,9 @@
 //!    A call takes a permit from a semaphore of `capacity` permits before
 //!    anything else, waiting at most `overload_timeout` (then
 //!    `Overloaded`). The permit names a free slot index; the slot holds the
-//!    call's reply channel until its completion is dispatched, and only
-//!    then are the index and the permit given back. So at most `capacity`
+//!    call's answer until the call takes it (or, for a call dropped
+//!    unanswered, until the answer lands), and only then are the index and
+//!    the permit given back. So at most `capacity`
 //!    requests are in flight, the request ring can never be full when the
 //!    bridge submits (kernels release a request's slot before publishing
 //!    its response, rule K1 of `docs/ring-protocol.md`), and memory is
@@ -61,39 +62,45 @@
 //!    drain (flush what is staged, let the kernel answer everything) or
 //!    abandon (stop at once); whatever is still pending afterwards fails
 //!    with `ShutDown`. Then the thread exits.
+//! 8. **Waiting for an answer.** A call waits on its slot (`slots.rs`): the
+//!    completion thread copies the answer in, lent from the response ring,
+//!    and wakes the call's task. While at most `SPIN_MAX_IN_FLIGHT`
+//!    requests are in flight, a call first spins for up to four times the
+//!    kernel's average round trip (capped by `BridgeConfig::spin`; not at
+//!    all where the average is over half the cap): a lone caller then
+//!    takes its answer without its worker parking and being woken, which
+//!    costs more than a small request's whole round trip.
+//! 9. **Groups.** `execute_many` takes its permits together, writes its
+//!    requests into the ring in one claim per `capacity` straight from the
+//!    caller's slices (after anything staged), and is woken once, by its
+//!    last answer. A request the ring refuses fails alone; the rest go in.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use granary_kernels::{
-    Backend, BackendKind, BatchSubmitError, Completion, KernelSpec, PersistentKernel, Status,
+    Backend, BackendKind, BatchSubmitError, CompletionRef, KernelSpec, PersistentKernel, Status,
     StopMode, SubmitError, Submitter,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
+use super::slots::{Answered, Group, INDEX_BITS, Owner, Slots, Ticket};
 use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
-/// Bits of a request id that hold the slot index (rule 2).
-const INDEX_BITS: u32 = 20;
-const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+/// A claim on one request's answer.
+pub(crate) type Answer<'a> = Ticket<'a, KernelInstance>;
 
-/// The answer a call waits for.
-pub(crate) type Reply = Result<Vec<u8>, ExecuteError>;
-
-/// A request waiting for its answer.
-struct Pending {
-    request_id: u64,
-    reply: oneshot::Sender<Reply>,
-    started: Instant,
-    /// A health probe (rule 6): not counted.
-    probe: bool,
-}
+/// A ticket spins before it parks only while at most this many requests
+/// are in flight on its kernel (rule 8): a lone caller waits for latency,
+/// a crowd is better served by the worker running other tasks.
+const SPIN_MAX_IN_FLIGHT: usize = 2;
 
 /// A request staged for the flusher.
 struct Staged {
@@ -139,12 +146,27 @@ pub(crate) struct KernelInstance {
     broker: DeviceBroker,
     /// Rule 1.
     permits: Arc<Semaphore>,
-    free: ArrayQueue<u32>,
-    slots: Box<[Mutex<Option<Pending>>]>,
+    slots: Slots,
     next_sequence: AtomicU64,
+    /// Rule 8: a moving average of answered requests' round trips, in
+    /// nanoseconds (0 before the first).
+    round_trip_ns: AtomicU64,
     /// Rule 3.
     staging: ArrayQueue<Staged>,
     flusher: Mutex<Flusher>,
+    /// The running kernel; `None` once stopped (rule 7). The completion
+    /// thread holds it while it waits for answers; a spinning caller takes
+    /// it only with `try_lock` (rule 10).
+    kernel: Mutex<Option<Box<dyn PersistentKernel>>>,
+    /// Rule 10: set by a spinning caller that found the kernel held; the
+    /// completion thread then steps aside while no waiter is parked.
+    delegate: AtomicBool,
+    /// Rule 10: the completion thread has stepped aside.
+    aside: AtomicBool,
+    /// Rule 10: callers parked until their answers land.
+    parked: AtomicUsize,
+    /// The completion thread, to wake it when it stepped aside.
+    completions: OnceLock<thread::Thread>,
     /// `RUNNING`, `STOP_DRAIN` or `STOP_ABANDON`.
     stop: AtomicU8,
     /// Set when a relaunch failed (rule 5); the bridge routes around it.
@@ -182,11 +204,6 @@ impl KernelInstance {
             ));
         };
         let capacity = config.kernel.capacity as usize;
-        let free = ArrayQueue::new(capacity);
-        for index in 0..capacity as u32 {
-            // Cannot fail: the queue holds `capacity` entries.
-            let _ = free.push(index);
-        }
         let backend = launcher.backend.kind();
         let device_index = launcher.device_index as u32;
         let labels = [
@@ -202,14 +219,19 @@ impl KernelInstance {
             config,
             broker,
             permits: Arc::new(Semaphore::new(capacity)),
-            free,
-            slots: (0..capacity).map(|_| Mutex::new(None)).collect(),
+            slots: Slots::new(capacity, spec.response.max_bytes()),
             next_sequence: AtomicU64::new(0),
+            round_trip_ns: AtomicU64::new(0),
             staging: ArrayQueue::new(capacity),
             flusher: Mutex::new(Flusher {
                 submitter: Some(submitter),
                 batch: Vec::with_capacity(config.micro_batch),
             }),
+            kernel: Mutex::new(Some(kernel)),
+            delegate: AtomicBool::new(false),
+            aside: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+            completions: OnceLock::new(),
             stop: AtomicU8::new(RUNNING),
             failed: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -230,7 +252,7 @@ impl KernelInstance {
             .name(format!("granary-bridge-{}", spec.id))
             .spawn(move || {
                 let serving = worker.clone();
-                let outcome = catch_unwind(AssertUnwindSafe(move || serving.run(kernel, launcher)));
+                let outcome = catch_unwind(AssertUnwindSafe(move || serving.run(launcher)));
                 if outcome.is_err() {
                     // A bug, but no caller may wait forever for it: fail
                     // everything pending and refuse new requests.
@@ -246,6 +268,7 @@ impl KernelInstance {
                 }
             })
             .map_err(|err| granary_kernels::BackendError::Device(err.to_string()))?;
+        let _ = instance.completions.set(handle.thread().clone());
         *lock(&instance.thread) = Some(handle);
         Ok(instance)
     }
@@ -257,16 +280,6 @@ impl KernelInstance {
     /// Whether the instance can take requests (rule 5).
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
-    }
-
-    /// Stages one request and returns the channel its answer comes on
-    /// (rules 1–3). The caller flushes.
-    pub(crate) async fn stage(
-        &self,
-        payload: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
-        let permit = self.acquire().await?;
-        Ok(self.stage_with(permit, payload, false))
     }
 
     async fn acquire(&self) -> Result<OwnedSemaphorePermit, ExecuteError> {
@@ -285,55 +298,43 @@ impl KernelInstance {
         }
     }
 
-    /// Takes a slot for a request (rule 1) and returns its id and the
-    /// channel its answer comes on; `Err` carries a channel that already
-    /// holds the error.
+    /// Takes a slot for a request (rule 1) and returns its id. The permit
+    /// then belongs to the slot, given back when the slot is free again
+    /// (rule 2 of `slots.rs`).
     fn register(
         &self,
         permit: OwnedSemaphorePermit,
         probe: bool,
-    ) -> Result<(u64, oneshot::Receiver<Reply>), oneshot::Receiver<Reply>> {
-        let (reply, receiver) = oneshot::channel();
-        // The permit guarantees a free index (rule 1).
-        let Some(index) = self.free.pop() else {
-            let _ = reply.send(Err(self.unavailable()));
-            return Err(receiver);
-        };
+        group: Option<&Arc<Group>>,
+    ) -> Result<u64, ExecuteError> {
         // Counted in the broker until `answer` finishes it (a probe is not:
         // rule 6, which remembers it instead). The broker knows every
         // device an instance runs on, so this cannot fail.
-        let entered = if probe {
-            Ok(())
-        } else {
-            self.broker.enter(self.device)
-        };
-        if let Err(err) = entered {
-            let _ = self.free.push(index);
-            let _ = reply.send(Err(ExecuteError::DeviceFailed {
-                kernel: self.spec.id,
-                backend: self.backend,
-                reason: err.to_string(),
-            }));
-            return Err(receiver);
+        if !probe {
+            self.broker
+                .enter(self.device)
+                .map_err(|err| ExecuteError::DeviceFailed {
+                    kernel: self.spec.id,
+                    backend: self.backend,
+                    reason: err.to_string(),
+                })?;
         }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-        let request_id = (sequence << INDEX_BITS) | u64::from(index);
-        let pending = Pending {
-            request_id,
-            reply,
-            started: Instant::now(),
-            probe,
+        // The permit guarantees a free slot (rule 1).
+        let Some(request_id) = self.slots.claim(sequence, probe, group) else {
+            if !probe {
+                self.broker.finish(self.device, None);
+            }
+            return Err(self.unavailable());
         };
-        *lock(&self.slots[index as usize]) = Some(pending);
         if probe {
             *lock(&self.last_probe) = Some((request_id, Instant::now()));
         }
-        // From here the slot owns the permit: given back on dispatch.
         permit.forget();
         if !probe {
             self.metrics.queue_depth.increment(1.0);
         }
-        Ok((request_id, receiver))
+        Ok(request_id)
     }
 
     fn stage_with(
@@ -341,11 +342,9 @@ impl KernelInstance {
         permit: OwnedSemaphorePermit,
         payload: Vec<u8>,
         probe: bool,
-    ) -> oneshot::Receiver<Reply> {
-        let (request_id, receiver) = match self.register(permit, probe) {
-            Ok(registered) => registered,
-            Err(failed) => return failed,
-        };
+        group: Option<&Arc<Group>>,
+    ) -> Result<Answer<'_>, ExecuteError> {
+        let request_id = self.register(permit, probe, group)?;
         if let Err(staged) = self.staging.push(Staged {
             request_id,
             payload,
@@ -354,20 +353,17 @@ impl KernelInstance {
             // has one entry per permit.
             self.finish(staged.request_id, Err(self.unavailable()));
         }
-        receiver
+        Ok(Ticket::new(self, request_id))
     }
 
-    /// Sends one request and returns the channel its answer comes on. When
+    /// Sends one request and returns the ticket its answer comes on. When
     /// no flush is under way, the caller takes the flusher lock and writes
     /// its request straight into the ring (after anything staged), with no
     /// copy of its own; otherwise it stages a copy for the flusher, which
     /// is where requests that arrive together are batched (rule 3).
-    pub(crate) async fn send(
-        &self,
-        input: &[u8],
-    ) -> Result<oneshot::Receiver<Reply>, ExecuteError> {
+    pub(crate) async fn send(&self, input: &[u8]) -> Result<Answer<'_>, ExecuteError> {
         let permit = self.acquire().await?;
-        Ok(self.send_with(permit, input, false))
+        self.send_with(permit, input, false)
     }
 
     /// [`KernelInstance::send`] once the permit is held.
@@ -376,51 +372,43 @@ impl KernelInstance {
         permit: OwnedSemaphorePermit,
         input: &[u8],
         probe: bool,
-    ) -> oneshot::Receiver<Reply> {
+    ) -> Result<Answer<'_>, ExecuteError> {
         let mut flusher = match self.flusher.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                let receiver = self.stage_with(permit, input.to_vec(), probe);
+                let ticket = self.stage_with(permit, input.to_vec(), probe, None)?;
                 self.flush();
-                return receiver;
+                return Ok(ticket);
             }
         };
-        let (receiver, failure) = match self.register(permit, probe) {
-            Err(failed) => (failed, None),
-            Ok((request_id, receiver)) => {
-                self.flush_locked(&mut flusher);
-                let outcome = match &flusher.submitter {
-                    Some(submitter) => submitter.submit(request_id, input),
-                    None => Err(SubmitError::Stopped(input)),
-                };
-                let failure = match outcome {
-                    Ok(()) => None,
-                    // Rule 1: only out-of-order releases (several
-                    // work-groups) leave the ring full; the request waits
-                    // staged until the completion thread sees a slot free.
-                    Err(SubmitError::Full(_)) => self
-                        .staging
-                        .push(Staged {
-                            request_id,
-                            payload: input.to_vec(),
-                        })
-                        .err()
-                        .map(|_| (request_id, self.unavailable())),
-                    Err(SubmitError::WrongShape(error, _)) => Some((
-                        request_id,
-                        ExecuteError::WrongShape {
-                            kernel: self.spec.id,
-                            error,
-                        },
-                    )),
-                    Err(SubmitError::Stopped(_)) => Some((request_id, self.unavailable())),
-                };
-                (receiver, failure)
-            }
+        let request_id = self.register(permit, probe, None)?;
+        self.flush_locked(&mut flusher);
+        let outcome = match &flusher.submitter {
+            Some(submitter) => submitter.submit(request_id, input),
+            None => Err(SubmitError::Stopped(input)),
+        };
+        let failure = match outcome {
+            Ok(()) => None,
+            // Rule 1: only out-of-order releases (several work-groups)
+            // leave the ring full; the request waits staged until the
+            // completion thread sees a slot free.
+            Err(SubmitError::Full(_)) => self
+                .staging
+                .push(Staged {
+                    request_id,
+                    payload: input.to_vec(),
+                })
+                .err()
+                .map(|_| self.unavailable()),
+            Err(SubmitError::WrongShape(error, _)) => Some(ExecuteError::WrongShape {
+                kernel: self.spec.id,
+                error,
+            }),
+            Err(SubmitError::Stopped(_)) => Some(self.unavailable()),
         };
         drop(flusher);
-        if let Some((request_id, error)) = failure {
+        if let Some(error) = failure {
             self.finish(request_id, Err(error));
         }
         // Requests staged while the lock was held.
@@ -428,7 +416,171 @@ impl KernelInstance {
         if !self.staging.is_empty() {
             self.flush();
         }
-        receiver
+        Ok(Ticket::new(self, request_id))
+    }
+
+    /// Sends every input (at most `capacity`) as one group (rule 9): the
+    /// permits taken together, one ring claim written straight from the
+    /// caller's slices, and one wake when the last answer lands.
+    /// One entry per input is pushed to `tickets`, in input order: the
+    /// ticket its answer comes on, or why it never reached the ring.
+    pub(crate) async fn send_many<'a, I: AsRef<[u8]>>(
+        &'a self,
+        inputs: &[I],
+        group: &Arc<Group>,
+        tickets: &mut Vec<Result<Answer<'a>, ExecuteError>>,
+    ) {
+        let (inputs, beyond) = inputs.split_at(inputs.len().min(self.capacity()));
+        // Flush before waiting for slots, or requests staged by others could
+        // wait on this call's permits.
+        self.flush();
+        let mut permits = match self.acquire_many(inputs.len()).await {
+            Ok(permits) => permits,
+            Err(err) => {
+                tickets.extend(inputs.iter().map(|_| Err(err.clone())));
+                return;
+            }
+        };
+        let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            // `permits` holds one per input left (the last split leaves it
+            // empty).
+            let registered = match permits.split(1) {
+                Some(one) => self.register(one, false, Some(group)),
+                None => Err(self.unavailable()),
+            };
+            match registered {
+                Ok(request_id) => {
+                    tickets.push(Ok(Ticket::new(self, request_id)));
+                    batch.push((request_id, input.as_ref()));
+                }
+                Err(err) => tickets.push(Err(err)),
+            }
+        }
+        if !batch.is_empty() {
+            self.submit_group(&batch);
+        }
+        // More than the ring holds could never be in flight at once.
+        tickets.extend(beyond.iter().map(|_| {
+            Err(ExecuteError::DeviceFailed {
+                kernel: self.spec.id,
+                backend: self.backend,
+                reason: format!("a group larger than the ring's {} slots", self.capacity()),
+            })
+        }));
+    }
+
+    /// The instance's slots: the most requests in flight at once.
+    pub(crate) fn capacity(&self) -> usize {
+        self.config.kernel.capacity as usize
+    }
+
+    /// [`KernelInstance::acquire`] for `count` permits at once (at most
+    /// `capacity`).
+    async fn acquire_many(&self, count: usize) -> Result<OwnedSemaphorePermit, ExecuteError> {
+        let count = u32::try_from(count).map_err(|_| self.unavailable())?;
+        if let Ok(permits) = self.permits.clone().try_acquire_many_owned(count) {
+            return Ok(permits);
+        }
+        let started = Instant::now();
+        let wait = self.permits.clone().acquire_many_owned(count);
+        match tokio::time::timeout(self.config.overload_timeout, wait).await {
+            Ok(Ok(permits)) => Ok(permits),
+            Ok(Err(_closed)) => Err(ExecuteError::ShutDown),
+            Err(_elapsed) => Err(ExecuteError::Overloaded {
+                kernel: self.spec.id,
+                waited: started.elapsed(),
+            }),
+        }
+    }
+
+    /// Writes a group's requests into the ring in one claim (rule 9),
+    /// after anything staged; what the ring cannot take now is staged.
+    fn submit_group(&self, batch: &[(u64, &[u8])]) {
+        let mut flusher = lock(&self.flusher);
+        self.flush_locked(&mut flusher);
+        let outcome = match &flusher.submitter {
+            Some(submitter) => submitter.submit_batch(batch),
+            None => Err(BatchSubmitError::Stopped),
+        };
+        let mut failures = Vec::new();
+        match outcome {
+            Ok(()) => {}
+            Err(BatchSubmitError::WrongShape { .. }) => {
+                // Each request on its own: only the ones that do not fit
+                // fail, the rest go in.
+                for &(request_id, input) in batch {
+                    let submitted = match &flusher.submitter {
+                        Some(submitter) => submitter.submit(request_id, input),
+                        None => Err(SubmitError::Stopped(input)),
+                    };
+                    match submitted {
+                        Ok(()) => {}
+                        Err(SubmitError::WrongShape(error, _)) => failures.push((
+                            request_id,
+                            ExecuteError::WrongShape {
+                                kernel: self.spec.id,
+                                error,
+                            },
+                        )),
+                        Err(SubmitError::Full(input)) => {
+                            if self
+                                .staging
+                                .push(Staged {
+                                    request_id,
+                                    payload: input.to_vec(),
+                                })
+                                .is_err()
+                            {
+                                failures.push((request_id, self.unavailable()));
+                            }
+                        }
+                        Err(SubmitError::Stopped(_)) => {
+                            failures.push((request_id, self.unavailable()));
+                        }
+                    }
+                }
+            }
+            Err(BatchSubmitError::Interrupted { enqueued, .. }) => {
+                let error = ExecuteError::DeviceFailed {
+                    kernel: self.spec.id,
+                    backend: self.backend,
+                    reason: "the request ring refused part of a batch".into(),
+                };
+                for &(request_id, _) in &batch[enqueued..] {
+                    failures.push((request_id, error.clone()));
+                }
+            }
+            Err(BatchSubmitError::Stopped) => {
+                for &(request_id, _) in batch {
+                    failures.push((request_id, self.unavailable()));
+                }
+            }
+            // Full (out-of-order releases only, rule 1) or a count the ring
+            // does not take in one claim: staged, the flusher feeds them in.
+            Err(_) => {
+                for &(request_id, input) in batch {
+                    if self
+                        .staging
+                        .push(Staged {
+                            request_id,
+                            payload: input.to_vec(),
+                        })
+                        .is_err()
+                    {
+                        failures.push((request_id, self.unavailable()));
+                    }
+                }
+            }
+        }
+        drop(flusher);
+        for (request_id, error) in failures {
+            self.finish(request_id, Err(error));
+        }
+        fence(Ordering::SeqCst);
+        if !self.staging.is_empty() {
+            self.flush();
+        }
     }
 
     /// Rule 6: whether the kernel answers within `timeout`: an idle one
@@ -476,14 +628,14 @@ impl KernelInstance {
             };
         };
         let started = Instant::now();
-        let receiver = self.send_with(permit, &vec![0u8; len], true);
-        match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(Ok(_)))
-            | Ok(Ok(Err(ExecuteError::Rejected { .. } | ExecuteError::KernelFault { .. }))) => {
+        let ticket = self
+            .send_with(permit, &vec![0u8; len], true)
+            .map_err(|err| err.to_string())?;
+        match tokio::time::timeout(timeout, ticket.answer()).await {
+            Ok(Ok(_) | Err(ExecuteError::Rejected { .. } | ExecuteError::KernelFault { .. })) => {
                 Ok(ProbeAnswer::Answered(started.elapsed()))
             }
-            Ok(Ok(Err(err))) => Err(err.to_string()),
-            Ok(Err(_dropped)) => Err("the probe was dropped unanswered".into()),
+            Ok(Err(err)) => Err(err.to_string()),
             Err(_elapsed) => Err(format!("no answer within {timeout:?}")),
         }
     }
@@ -604,12 +756,7 @@ impl KernelInstance {
 
     /// Whether `request_id` still waits for its answer.
     fn is_pending(&self, request_id: u64) -> bool {
-        let index = (request_id & INDEX_MASK) as usize;
-        self.slots.get(index).is_some_and(|slot| {
-            lock(slot)
-                .as_ref()
-                .is_some_and(|p| p.request_id == request_id)
-        })
+        self.slots.is_pending(request_id)
     }
 
     /// The error for requests that reach an instance that cannot serve.
@@ -625,10 +772,10 @@ impl KernelInstance {
         }
     }
 
-    /// Answers the request `request_id` and frees its slot (rule 1). A
-    /// stale id (rule 2) is ignored.
-    fn finish(&self, request_id: u64, reply: Reply) {
-        if self.answer(request_id, reply) {
+    /// Answers the request `request_id` (rule 1), giving its permit back
+    /// if that freed its slot. A stale id (rule 2) is ignored.
+    fn finish(&self, request_id: u64, outcome: Result<&[u8], ExecuteError>) {
+        if self.answer(request_id, outcome) {
             self.permits.add_permits(1);
         }
     }
@@ -637,45 +784,46 @@ impl KernelInstance {
     /// whether a slot was freed, so that the completion thread can give
     /// back a whole drained batch's permits at once (each `add_permits`
     /// takes the semaphore's waiter lock).
-    fn answer(&self, request_id: u64, reply: Reply) -> bool {
-        let index = (request_id & INDEX_MASK) as usize;
-        let Some(slot) = self.slots.get(index) else {
-            return false;
-        };
-        let pending = {
-            let mut slot = lock(slot);
-            match &*slot {
-                Some(pending) if pending.request_id == request_id => slot.take(),
-                _ => None,
-            }
-        };
-        let Some(pending) = pending else {
-            return false;
-        };
-        let latency = pending.started.elapsed();
-        match &reply {
-            // Rule 6: a probe is not counted.
-            _ if pending.probe => {}
-            Ok(_) => {
-                self.broker.finish(self.device, Some(latency));
-                self.metrics.requests.increment(1);
-                self.metrics.latency.record(latency.as_secs_f64());
-            }
-            Err(err) => {
-                self.broker.finish(self.device, None);
-                record_failure(self.spec.id, self.backend, err);
-            }
-        }
-        // The caller may have given up (its future dropped): nothing to do.
-        let _ = pending.reply.send(reply);
-        let _ = self.free.push(index as u32);
-        if !pending.probe {
-            self.metrics.queue_depth.decrement(1.0);
-        }
-        true
+    fn answer(&self, request_id: u64, outcome: Result<&[u8], ExecuteError>) -> bool {
+        let answered = self
+            .slots
+            .answer(request_id, outcome, |answering, outcome| {
+                // Rule 6: a probe is not counted.
+                if answering.probe {
+                    return;
+                }
+                let latency = answering.started.elapsed();
+                match outcome {
+                    Ok(()) => {
+                        self.broker.finish(self.device, Some(latency));
+                        self.metrics.requests.increment(1);
+                        self.metrics.latency.record(latency.as_secs_f64());
+                        self.note_round_trip(latency);
+                    }
+                    Err(err) => {
+                        self.broker.finish(self.device, None);
+                        record_failure(self.spec.id, self.backend, err);
+                    }
+                }
+                self.metrics.queue_depth.decrement(1.0);
+            });
+        answered == Answered::Freed
     }
 
-    fn dispatch(&self, completion: Completion) {
+    /// Rule 8: folds one round trip into the moving average (weight 1/8).
+    fn note_round_trip(&self, latency: Duration) {
+        let sample = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        let average = self.round_trip_ns.load(Ordering::Relaxed);
+        let next = if average == 0 {
+            sample
+        } else {
+            average - average / 8 + sample / 8
+        };
+        self.round_trip_ns.store(next, Ordering::Relaxed);
+    }
+
+    /// Answers a completion, giving its permit back if that freed a slot.
+    fn dispatch(&self, completion: CompletionRef<'_>) {
         if self.dispatch_quietly(completion) {
             self.permits.add_permits(1);
         }
@@ -683,26 +831,23 @@ impl KernelInstance {
 
     /// [`KernelInstance::dispatch`] leaving the permit to the caller, as
     /// [`KernelInstance::answer`] does.
-    fn dispatch_quietly(&self, completion: Completion) -> bool {
+    fn dispatch_quietly(&self, completion: CompletionRef<'_>) -> bool {
         let kernel = self.spec.id;
-        let reply = match completion.status {
+        let outcome = match completion.status {
             Status::Ok => Ok(completion.payload),
             status @ (Status::BadLength | Status::BadInput) => {
                 Err(ExecuteError::Rejected { kernel, status })
             }
             status => Err(ExecuteError::KernelFault { kernel, status }),
         };
-        self.answer(completion.request_id, reply)
+        self.answer(completion.request_id, outcome)
     }
 
     /// Fails every pending request (staged or submitted) with `error`.
     fn fail_all(&self, error: &ExecuteError) {
         while self.staging.pop().is_some() {}
-        for slot in self.slots.iter() {
-            let request_id = lock(slot).as_ref().map(|pending| pending.request_id);
-            if let Some(request_id) = request_id {
-                self.finish(request_id, Err(error.clone()));
-            }
+        for request_id in self.slots.pending() {
+            self.finish(request_id, Err(error.clone()));
         }
     }
 
@@ -721,11 +866,8 @@ impl KernelInstance {
                 self.finish(staged.request_id, Err(self.unavailable()));
             }
         }
-        for slot in self.slots.iter() {
-            let request_id = lock(slot).as_ref().map(|pending| pending.request_id);
-            if let Some(request_id) = request_id.filter(|&id| before(id)) {
-                self.finish(request_id, Err(error.clone()));
-            }
+        for request_id in self.slots.pending().into_iter().filter(|&id| before(id)) {
+            self.finish(request_id, Err(error.clone()));
         }
     }
 
@@ -752,10 +894,10 @@ impl KernelInstance {
         }
     }
 
-    /// The completion thread (rules 4–7).
-    fn run(self: Arc<KernelInstance>, mut kernel: Box<dyn PersistentKernel>, launcher: Launcher) {
+    /// The completion thread (rules 4–7 and 10).
+    fn run(self: Arc<KernelInstance>, launcher: Launcher) {
         let poll = (self.config.hang_timeout / 4).min(Duration::from_millis(1));
-        let mut heartbeat = kernel.heartbeat();
+        let mut heartbeat = lock(&self.kernel).as_ref().map_or(0, |k| k.heartbeat());
         let mut progress = Instant::now();
         // While failed: when to try the relaunch again, and whether the
         // stopped kernel had exited (rule 5).
@@ -764,14 +906,18 @@ impl KernelInstance {
         loop {
             match self.stop.load(Ordering::Acquire) {
                 RUNNING => {}
-                STOP_DRAIN => return self.shut_down(kernel, StopMode::Drain),
-                _ => return self.shut_down(kernel, StopMode::Abandon),
+                STOP_DRAIN => return self.shut_down(StopMode::Drain),
+                _ => return self.shut_down(StopMode::Abandon),
             }
             if self.is_failed() {
                 if Instant::now() >= retry_at {
+                    let mut kernel = lock(&self.kernel);
                     let mut flusher = lock(&self.flusher);
-                    if self.relaunch(&mut flusher, &mut kernel, &launcher, stopped_exited) {
-                        heartbeat = kernel.heartbeat();
+                    let relaunched = kernel.as_mut().is_some_and(|kernel| {
+                        self.relaunch(&mut flusher, kernel, &launcher, stopped_exited)
+                    });
+                    if relaunched {
+                        heartbeat = kernel.as_ref().map_or(0, |k| k.heartbeat());
                         progress = Instant::now();
                     } else {
                         retry_at = Instant::now() + RELAUNCH_RETRY;
@@ -784,18 +930,30 @@ impl KernelInstance {
                 thread::sleep(poll);
                 continue;
             }
-            if let Some(completion) = kernel.complete(poll) {
-                let mut freed = usize::from(self.dispatch_quietly(completion));
-                while let Some(completion) = kernel.try_complete() {
-                    freed += usize::from(self.dispatch_quietly(completion));
-                }
+            // Rule 10: stepped aside, take only what is ready (answers of
+            // callers that gave up, or that a spinning caller has not taken
+            // yet) and park between looks.
+            let delegated = self.step_aside();
+            let mut freed = 0;
+            let mut guard = lock(&self.kernel);
+            let Some(kernel) = guard.as_mut() else {
+                // Cannot happen: only a stop takes the kernel, and the stop
+                // returns from this loop.
+                return;
+            };
+            let mut dispatch = |completion: CompletionRef<'_>| {
+                freed += usize::from(self.dispatch_quietly(completion));
+            };
+            let taken = if delegated {
+                kernel.try_complete_each(usize::MAX, &mut dispatch)
+            } else {
+                kernel.complete_each(poll, usize::MAX, &mut dispatch)
+            };
+            if freed > 0 {
                 self.permits.add_permits(freed);
-                progress = Instant::now();
             }
-            // Rules 1 and 3: requests left staged (a full ring, a caller
-            // that gave up mid-flush) go in now.
-            if !self.staging.is_empty() {
-                self.flush();
+            if taken > 0 {
+                progress = Instant::now();
             }
             let beat = kernel.heartbeat();
             if beat != heartbeat {
@@ -803,12 +961,70 @@ impl KernelInstance {
                 progress = Instant::now();
                 self.beat();
             } else if self.in_flight() > 0 && progress.elapsed() >= self.config.hang_timeout {
-                stopped_exited = self.recover(&mut kernel, &launcher);
+                stopped_exited = self.recover(kernel, &launcher);
                 retry_at = Instant::now() + RELAUNCH_RETRY;
                 heartbeat = kernel.heartbeat();
                 progress = Instant::now();
             }
+            drop(guard);
+            // Rules 1 and 3: requests left staged (a full ring, a caller
+            // that gave up mid-flush) go in now.
+            if !self.staging.is_empty() {
+                self.flush();
+            }
+            if delegated && taken == 0 {
+                thread::park_timeout(poll);
+            }
+            self.aside.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Rule 10: takes every answer ready in the response ring, unless the
+    /// kernel is held (by the completion thread waiting for answers, or by
+    /// another spinning caller); a caller that finds it held asks the
+    /// completion thread to step aside.
+    /// Returns whether it could look.
+    fn poll_ring(&self) -> bool {
+        let mut guard = match self.kernel.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                if !self.delegate.load(Ordering::Relaxed) {
+                    self.delegate.store(true, Ordering::SeqCst);
+                }
+                return false;
+            }
+        };
+        let Some(kernel) = guard.as_mut() else {
+            return true;
+        };
+        let mut freed = 0;
+        kernel.try_complete_each(usize::MAX, &mut |completion| {
+            freed += usize::from(self.dispatch_quietly(completion));
+        });
+        drop(guard);
+        if freed > 0 {
+            self.permits.add_permits(freed);
+        }
+        true
+    }
+
+    /// Rule 10: whether the completion thread steps aside this turn: a
+    /// caller asked it to, and no waiter is parked. `aside` is set before
+    /// `parked` is read, and a parking waiter counts itself before it reads
+    /// `aside` (both sequentially consistent), so either the thread sees
+    /// the waiter or the waiter sees the thread aside and wakes it.
+    fn step_aside(&self) -> bool {
+        if !self.delegate.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.aside.store(true, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        self.aside.store(false, Ordering::SeqCst);
+        self.delegate.store(false, Ordering::SeqCst);
+        false
     }
 
     /// Rule 5. Returns whether the hung kernel exited when stopped.
@@ -834,8 +1050,8 @@ impl KernelInstance {
         // until the relaunch. Later ones stay staged for the fresh kernel.
         let cutoff = self.next_sequence.load(Ordering::Relaxed);
         let report = kernel.stop(StopMode::Abandon, Duration::from_millis(100));
-        for completion in report.completions {
-            self.dispatch(completion);
+        for completion in &report.completions {
+            self.dispatch(completion.as_ref());
         }
         self.fail_registered_before(
             cutoff,
@@ -896,7 +1112,10 @@ impl KernelInstance {
     }
 
     /// Rule 7.
-    fn shut_down(&self, mut kernel: Box<dyn PersistentKernel>, mode: StopMode) {
+    fn shut_down(&self, mode: StopMode) {
+        let Some(mut kernel) = lock(&self.kernel).take() else {
+            return;
+        };
         let mut flusher = lock(&self.flusher);
         if mode == StopMode::Drain {
             self.flush_locked(&mut flusher);
@@ -904,8 +1123,8 @@ impl KernelInstance {
         flusher.submitter = None;
         drop(flusher);
         let report = kernel.stop(mode, self.config.stop_timeout);
-        for completion in report.completions {
-            self.dispatch(completion);
+        for completion in &report.completions {
+            self.dispatch(completion.as_ref());
         }
         // Whatever is left was abandoned, or the kernel did not exit.
         self.fail_all(&ExecuteError::ShutDown);
@@ -918,6 +1137,80 @@ impl KernelInstance {
             );
         }
         reap(kernel, report.exited);
+    }
+}
+
+impl Owner for KernelInstance {
+    fn slots(&self) -> &Slots {
+        &self.slots
+    }
+
+    fn slot_freed(&self) {
+        self.permits.add_permits(1);
+    }
+
+    fn spin_budget(&self) -> Duration {
+        self.spin_budget_for(1)
+    }
+
+    /// Rules 8 and 10.
+    fn spin_wait(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool {
+        if done() {
+            return true;
+        }
+        let started = Instant::now();
+        let mut round = 0u32;
+        loop {
+            let looked = self.poll_ring();
+            if done() {
+                return true;
+            }
+            round = round.wrapping_add(1);
+            // The clock costs more than a look at the ring.
+            if round % 16 == 0 && started.elapsed() >= budget {
+                return false;
+            }
+            if looked {
+                std::hint::spin_loop();
+            } else {
+                // The completion thread holds the ring and will answer:
+                // give it the core.
+                thread::yield_now();
+            }
+        }
+    }
+
+    fn park_begin(&self) {
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        if self.aside.load(Ordering::SeqCst) {
+            if let Some(thread) = self.completions.get() {
+                thread.unpark();
+            }
+        }
+    }
+
+    fn park_end(&self) {
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl KernelInstance {
+    /// Rule 8: how long a call with `own` requests in flight may spin.
+    pub(crate) fn spin_budget_for(&self, own: usize) -> Duration {
+        let most = self.config.spin;
+        if most.is_zero() || self.in_flight() > own + SPIN_MAX_IN_FLIGHT - 1 {
+            return Duration::ZERO;
+        }
+        let typical = Duration::from_nanos(self.round_trip_ns.load(Ordering::Relaxed));
+        if typical.is_zero() {
+            // No answer yet to judge by.
+            return most;
+        }
+        if typical * 2 > most {
+            // Answers usually take longer than a spin may: park at once.
+            return Duration::ZERO;
+        }
+        (typical * 4).min(most)
     }
 }
 

@@ -1,0 +1,509 @@
+//! Where a ring request waits for its answer: one slot per ring entry, a
+//! reusable answer buffer in each, and the waiting task's waker, so an
+//! answer goes from the response ring to the caller with no channel and,
+//! once warm, no allocation.
+//!
+//! # Rules
+//!
+//! 1. **Phases.** A slot is `Free`, `Waiting`, `Done` or `Abandoned`, and
+//!    changes only under its lock:
+//!    - [`Slots::claim`] takes a free index from the free queue and makes
+//!      its slot `Waiting` with a fresh request id;
+//!    - [`Slots::answer`] makes a `Waiting` slot `Done` (the answer is
+//!      kept for its ticket), or an `Abandoned` one `Free`;
+//!    - a [`Ticket`] makes its `Done` slot `Free` once it has taken the
+//!      answer, or its `Waiting` slot `Abandoned` when it is dropped first
+//!      (the answer is still on its way: the slot cannot be reused before
+//!      it lands).
+//!
+//!    Every transition checks the request id, so a late or repeated answer
+//!    for an id the slot no longer holds changes nothing.
+//! 2. **Free means returned.** Whoever makes a slot `Free` pushes its
+//!    index back to the free queue and reports it, so that the instance
+//!    gives its permit back (rule 1 of `instance.rs`): a slot is
+//!    reclaimed exactly once, by the ticket or by the answer, never both.
+//! 3. **Answers are copied once.** The answer's bytes are copied from the
+//!    response ring into the slot's buffer, which keeps its capacity from
+//!    request to request; the ticket copies them out to the caller (into a
+//!    fresh `Vec`, or into the caller's own buffer). Errors are stored as
+//!    they are.
+//! 4. **One wake.** After a slot becomes `Done` and its lock is released,
+//!    its waiter is woken once: the ticket's own waker, or, for a request
+//!    of a [`Group`], the group's, when the group's last answer lands.
+//!    `answered` is stored (release) before the lock is released, so a
+//!    ticket spinning on it sees the answer without the lock.
+//! 5. **Spinning is bounded.** A ticket may spin on `answered` for a
+//!    budget before it registers its waker (`instance.rs` rule 8); it
+//!    always checks again after registering, so an answer that lands in
+//!    between is never missed.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use futures_util::task::AtomicWaker;
+
+use super::error::ExecuteError;
+
+/// Bits of a request id that hold the slot index (`instance.rs` rule 2).
+pub(crate) const INDEX_BITS: u32 = 20;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
+/// The slot index a request id names.
+pub(crate) fn index_of(request_id: u64) -> usize {
+    (request_id & INDEX_MASK) as usize
+}
+
+/// A slot's phase (rule 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Free,
+    Waiting,
+    Done,
+    Abandoned,
+}
+
+/// Requests of one [`execute_many`](crate::GpuBridge::execute_many) call:
+/// one wake when the last is answered (rule 4).
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    /// Claimed and not yet answered.
+    remaining: AtomicUsize,
+    waker: AtomicWaker,
+}
+
+impl Group {
+    /// Whether every request claimed so far has its answer.
+    pub(crate) fn is_done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits for the group's last answer.
+    pub(crate) fn poll_done(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_done() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.is_done() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn arrive(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.waker.wake();
+        }
+    }
+}
+
+/// Who waits for a slot's answer.
+enum Waiter {
+    Task(Option<Waker>),
+    Group(Arc<Group>),
+}
+
+struct Slot {
+    request_id: u64,
+    phase: Phase,
+    started: Instant,
+    probe: bool,
+    waiter: Waiter,
+    /// The answer's bytes (rule 3).
+    bytes: Vec<u8>,
+    /// The answer, when it is an error.
+    error: Option<ExecuteError>,
+}
+
+struct Cell {
+    slot: Mutex<Slot>,
+    /// The id of the last request answered in this slot (rule 4).
+    answered: AtomicU64,
+}
+
+/// What [`Slots::answer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answered {
+    /// The answer is kept for its ticket.
+    Kept,
+    /// Its ticket had been dropped: the slot is free again (rule 2).
+    Freed,
+    /// No slot holds this request id (any more).
+    Stale,
+}
+
+/// The request an answer is for, as [`Slots::answer`] shows it to its
+/// accounting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answering {
+    /// When its slot was claimed.
+    pub(crate) started: Instant,
+    /// Whether it is a health probe.
+    pub(crate) probe: bool,
+}
+
+/// The slot table.
+pub(crate) struct Slots {
+    cells: Box<[Cell]>,
+    free: ArrayQueue<u32>,
+}
+
+impl Slots {
+    /// `capacity` free slots, each buffer ready for `answer_bytes`.
+    pub(crate) fn new(capacity: usize, answer_bytes: usize) -> Slots {
+        let free = ArrayQueue::new(capacity);
+        for index in 0..capacity as u32 {
+            // Cannot fail: the queue holds `capacity` entries.
+            let _ = free.push(index);
+        }
+        let now = Instant::now();
+        Slots {
+            cells: (0..capacity)
+                .map(|_| Cell {
+                    slot: Mutex::new(Slot {
+                        request_id: u64::MAX,
+                        phase: Phase::Free,
+                        started: now,
+                        probe: false,
+                        waiter: Waiter::Task(None),
+                        bytes: Vec::with_capacity(answer_bytes),
+                        error: None,
+                    }),
+                    answered: AtomicU64::new(u64::MAX),
+                })
+                .collect(),
+            free,
+        }
+    }
+
+    /// Rule 1: takes a free slot for request `sequence`; `None` if no slot
+    /// is free (a permit guarantees one). Returns the request id.
+    pub(crate) fn claim(
+        &self,
+        sequence: u64,
+        probe: bool,
+        group: Option<&Arc<Group>>,
+    ) -> Option<u64> {
+        let index = self.free.pop()?;
+        let request_id = (sequence << INDEX_BITS) | u64::from(index);
+        if let Some(group) = group {
+            group.remaining.fetch_add(1, Ordering::AcqRel);
+        }
+        let mut slot = lock(&self.cells[index as usize].slot);
+        slot.request_id = request_id;
+        slot.phase = Phase::Waiting;
+        slot.started = Instant::now();
+        slot.probe = probe;
+        slot.waiter = match group {
+            Some(group) => Waiter::Group(group.clone()),
+            None => Waiter::Task(None),
+        };
+        slot.error = None;
+        Some(request_id)
+    }
+
+    /// Rules 1–4: the answer to `request_id` lands: `Ok` with the kernel's
+    /// bytes, or an error. `account` runs first, under the slot's lock, so
+    /// whatever it counts is counted before any waiter can see the answer.
+    pub(crate) fn answer(
+        &self,
+        request_id: u64,
+        outcome: Result<&[u8], ExecuteError>,
+        account: impl FnOnce(Answering, Result<(), &ExecuteError>),
+    ) -> Answered {
+        let Some(cell) = self.cells.get(index_of(request_id)) else {
+            return Answered::Stale;
+        };
+        let mut slot = lock(&cell.slot);
+        if slot.request_id != request_id {
+            return Answered::Stale;
+        }
+        let answering = Answering {
+            started: slot.started,
+            probe: slot.probe,
+        };
+        match slot.phase {
+            Phase::Waiting => {}
+            Phase::Abandoned => {
+                account(answering, outcome.as_ref().map(|_| ()));
+                slot.phase = Phase::Free;
+                slot.waiter = Waiter::Task(None);
+                drop(slot);
+                // Cannot fail: the index was taken from this queue.
+                let _ = self.free.push(index_of(request_id) as u32);
+                return Answered::Freed;
+            }
+            Phase::Free | Phase::Done => return Answered::Stale,
+        }
+        account(answering, outcome.as_ref().map(|_| ()));
+        slot.bytes.clear();
+        match outcome {
+            Ok(bytes) => slot.bytes.extend_from_slice(bytes),
+            Err(error) => slot.error = Some(error),
+        }
+        slot.phase = Phase::Done;
+        cell.answered.store(request_id, Ordering::Release);
+        let waiter = match &mut slot.waiter {
+            Waiter::Task(waker) => Waiter::Task(waker.take()),
+            Waiter::Group(group) => Waiter::Group(group.clone()),
+        };
+        drop(slot);
+        match waiter {
+            Waiter::Task(Some(waker)) => waker.wake(),
+            Waiter::Task(None) => {}
+            Waiter::Group(group) => group.arrive(),
+        }
+        Answered::Kept
+    }
+
+    /// Whether `request_id` still waits for its answer (`Waiting`, or
+    /// `Abandoned` by its ticket but still owed by the kernel).
+    pub(crate) fn is_pending(&self, request_id: u64) -> bool {
+        self.cells.get(index_of(request_id)).is_some_and(|cell| {
+            let slot = lock(&cell.slot);
+            slot.request_id == request_id && matches!(slot.phase, Phase::Waiting | Phase::Abandoned)
+        })
+    }
+
+    /// The ids of every request still owed an answer, oldest slot first.
+    pub(crate) fn pending(&self) -> Vec<u64> {
+        self.cells
+            .iter()
+            .filter_map(|cell| {
+                let slot = lock(&cell.slot);
+                matches!(slot.phase, Phase::Waiting | Phase::Abandoned).then_some(slot.request_id)
+            })
+            .collect()
+    }
+
+    /// Rule 4: whether `request_id`'s answer is in, without the lock.
+    fn is_answered(&self, request_id: u64) -> bool {
+        self.cells
+            .get(index_of(request_id))
+            .is_some_and(|cell| cell.answered.load(Ordering::Acquire) == request_id)
+    }
+
+    /// Rules 1 and 3: `Ready` with `take`'s result once the answer is in;
+    /// the slot is then free and the caller gives its permit back.
+    fn poll_take<T>(
+        &self,
+        request_id: u64,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> Poll<T> {
+        let Some(cell) = self.cells.get(index_of(request_id)) else {
+            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+        };
+        let mut slot = lock(&cell.slot);
+        if slot.request_id != request_id {
+            // Cannot happen: a ticket's slot is reclaimed only by the
+            // ticket once it is `Done` (rule 2).
+            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+        }
+        match slot.phase {
+            Phase::Done => {}
+            Phase::Waiting => {
+                match &mut slot.waiter {
+                    Waiter::Task(waker) => match waker {
+                        Some(waker) if waker.will_wake(cx.waker()) => {}
+                        _ => *waker = Some(cx.waker().clone()),
+                    },
+                    // A group's request is taken only once the group is
+                    // done; until then nothing is registered here.
+                    Waiter::Group(_) => {}
+                }
+                return Poll::Pending;
+            }
+            Phase::Free | Phase::Abandoned => {
+                return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+            }
+        }
+        let outcome = match slot.error.take() {
+            Some(error) => Err(error),
+            None => Ok(slot.bytes.as_slice()),
+        };
+        let answer = take(outcome);
+        slot.phase = Phase::Free;
+        slot.waiter = Waiter::Task(None);
+        drop(slot);
+        // Cannot fail: the index was taken from this queue.
+        let _ = self.free.push(index_of(request_id) as u32);
+        Poll::Ready(answer)
+    }
+
+    /// A ticket dropped before it took its answer (rule 1). Returns whether
+    /// the slot became free.
+    fn release(&self, request_id: u64) -> bool {
+        let Some(cell) = self.cells.get(index_of(request_id)) else {
+            return false;
+        };
+        let mut slot = lock(&cell.slot);
+        if slot.request_id != request_id {
+            return false;
+        }
+        match slot.phase {
+            Phase::Waiting => {
+                slot.phase = Phase::Abandoned;
+                if let Waiter::Group(_) = slot.waiter {
+                    // The group's waiter is gone with the ticket.
+                    slot.waiter = Waiter::Task(None);
+                }
+                false
+            }
+            Phase::Done => {
+                slot.phase = Phase::Free;
+                slot.waiter = Waiter::Task(None);
+                slot.error = None;
+                drop(slot);
+                let _ = self.free.push(index_of(request_id) as u32);
+                true
+            }
+            Phase::Free | Phase::Abandoned => false,
+        }
+    }
+}
+
+/// What frees a slot's permit and serves its answers: the instance that
+/// owns the slots.
+pub(crate) trait Owner {
+    /// The slot table.
+    fn slots(&self) -> &Slots;
+    /// A slot became free: give its permit back.
+    fn slot_freed(&self);
+    /// How long a single request's ticket may spin before it parks
+    /// (rule 5).
+    fn spin_budget(&self) -> Duration;
+    /// Spins up to `budget` until `done`, serving the response ring
+    /// meanwhile; returns whether `done` (rule 5).
+    fn spin_wait(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool;
+    /// A waiter parks: someone must serve the ring until it is done.
+    fn park_begin(&self);
+    /// A parked waiter is done (answered or dropped).
+    fn park_end(&self);
+}
+
+/// Whether a waiter is parked, told to its owner once each way (rule 5).
+pub(crate) struct Parked<'a, O: Owner + ?Sized> {
+    owner: &'a O,
+    parked: bool,
+}
+
+impl<'a, O: Owner + ?Sized> Parked<'a, O> {
+    pub(crate) fn new(owner: &'a O) -> Parked<'a, O> {
+        Parked {
+            owner,
+            parked: false,
+        }
+    }
+
+    /// The waiter returns `Pending`.
+    pub(crate) fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            self.owner.park_begin();
+        }
+    }
+
+    /// The waiter is done.
+    pub(crate) fn done(&mut self) {
+        if self.parked {
+            self.parked = false;
+            self.owner.park_end();
+        }
+    }
+}
+
+impl<O: Owner + ?Sized> Drop for Parked<'_, O> {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// A claim on one slot's answer. Dropped before the answer is taken, it
+/// abandons the slot (rule 1), which the answer then frees.
+pub(crate) struct Ticket<'a, O: Owner + ?Sized> {
+    owner: &'a O,
+    request_id: u64,
+    taken: bool,
+    spin: Option<Duration>,
+    parked: Parked<'a, O>,
+}
+
+impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
+    pub(crate) fn new(owner: &'a O, request_id: u64) -> Ticket<'a, O> {
+        Ticket {
+            owner,
+            request_id,
+            taken: false,
+            spin: None,
+            parked: Parked::new(owner),
+        }
+    }
+
+    /// `Ready` with `take`'s result once the answer is in. The first poll
+    /// may spin (rule 5); later ones do not.
+    pub(crate) fn poll_take<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> Poll<T> {
+        if self.taken {
+            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+        }
+        if self.spin.is_none() {
+            let spin = self.owner.spin_budget();
+            self.spin = Some(spin);
+            if !spin.is_zero() {
+                let slots = self.owner.slots();
+                let request_id = self.request_id;
+                self.owner
+                    .spin_wait(spin, &|| slots.is_answered(request_id));
+            }
+        }
+        let polled = self.owner.slots().poll_take(self.request_id, cx, take);
+        if polled.is_ready() {
+            self.taken = true;
+            self.parked.done();
+            self.owner.slot_freed();
+        } else {
+            self.parked.park();
+        }
+        polled
+    }
+
+    /// Takes the answer of a ticket whose group is done: `None` if it is
+    /// somehow not in yet.
+    pub(crate) fn take_now<T>(
+        &mut self,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> Option<T> {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.spin = Some(Duration::ZERO);
+        match self.poll_take(&mut cx, take) {
+            Poll::Ready(answer) => Some(answer),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Waits for the answer and copies it into a fresh `Vec`.
+    pub(crate) async fn answer(mut self) -> Result<Vec<u8>, ExecuteError> {
+        std::future::poll_fn(|cx| self.poll_take(cx, |outcome| outcome.map(<[u8]>::to_vec))).await
+    }
+}
+
+impl<O: Owner + ?Sized> Drop for Ticket<'_, O> {
+    fn drop(&mut self) {
+        if !self.taken && self.owner.slots().release(self.request_id) {
+            self.owner.slot_freed();
+        }
+    }
+}
+
+/// Locks a slot, ignoring poison: every critical section leaves the slot
+/// consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -117,5 +117,58 @@ fn throughput(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, round_trip, throughput);
+/// `execute_many` of 64 small requests from one task, against the raw
+/// kernel fed the same 64 as one batch by its submitter (as the
+/// `round_trip` bench of `granary-kernels` feeds it) and drained by
+/// spinning on its response ring.
+fn many(c: &mut Criterion) {
+    const BATCH: usize = 64;
+    const ROUNDS: usize = 64;
+    let rt = runtime();
+    let mut group = c.benchmark_group("bridge_many_64");
+    group.throughput(Throughput::Elements((BATCH * ROUNDS) as u64));
+    let inputs: Vec<Vec<u8>> = (0..BATCH).map(|_| request()).collect();
+
+    let bridge = cpu_bridge(BridgeConfig::default().micro_batch);
+    rt.block_on(bridge.execute("double", &request())).unwrap();
+    group.bench_function("cpu/bridge_execute_many", |b| {
+        b.to_async(&rt).iter(|| async {
+            for _ in 0..ROUNDS {
+                let answers = bridge.execute_many("double", &inputs).await;
+                black_box(answers);
+            }
+        })
+    });
+    rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
+
+    let mut kernel =
+        granary_kernels::CpuPersistentKernel::launch(DOUBLE, BridgeConfig::default().kernel)
+            .expect("a kernel");
+    let submitter = kernel.submitter();
+    let mut next = 0u64;
+    group.bench_function("cpu/raw_kernel_batch", |b| {
+        b.iter(|| {
+            for _ in 0..ROUNDS {
+                let batch: Vec<(u64, &[u8])> = inputs
+                    .iter()
+                    .map(|input| {
+                        next += 1;
+                        (next, input.as_slice())
+                    })
+                    .collect();
+                submitter.submit_batch(&batch).expect("room for the batch");
+                let mut answered = 0;
+                while answered < BATCH {
+                    answered += kernel.try_complete_each(BATCH - answered, &mut |completion| {
+                        black_box(completion.payload);
+                    });
+                    std::hint::spin_loop();
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, round_trip, throughput, many);
 criterion_main!(benches);

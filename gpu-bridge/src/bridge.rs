@@ -523,14 +523,16 @@ impl GpuBridge {
                     })
                     .await;
                     parked.done();
+                    let mut freed = 0;
                     answers.extend(tickets.drain(..).map(|ticket| {
                         match ticket {
                             Ok(mut ticket) => ticket
-                                .take_now(&mut take)
+                                .take_now(&mut freed, &mut take)
                                 .unwrap_or(Err(ExecuteError::ShutDown)),
                             Err(err) => Err(err),
                         }
                     }));
+                    instance.slots_freed(freed);
                 }
             }
             Ok(None) => {}

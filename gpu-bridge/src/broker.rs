@@ -147,6 +147,31 @@ impl DeviceEntry {
         self.queue_depth.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// [`DeviceEntry::record`] for many requests at once.
+    fn record_many(&self, answered: &[u64], failed: usize) {
+        if !answered.is_empty() {
+            let mut sum = 0u64;
+            let mut histogram = self
+                .latency_ns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for &nanos in answered {
+                let nanos = nanos.max(1);
+                sum = sum.saturating_add(nanos);
+                histogram.saturating_record(nanos);
+            }
+            drop(histogram);
+            self.latency_sum_ns.fetch_add(sum, Ordering::Relaxed);
+            self.processed
+                .fetch_add(answered.len() as u64, Ordering::AcqRel);
+        }
+        if failed > 0 {
+            self.failed.fetch_add(failed as u64, Ordering::AcqRel);
+        }
+        self.queue_depth
+            .fetch_sub((answered.len() + failed) as u64, Ordering::AcqRel);
+    }
+
     fn meets(&self, need: &Requirements) -> bool {
         self.available() >= need.min_free_memory
             && need.kind.is_none_or(|kind| kind == self.info.kind)
@@ -322,6 +347,15 @@ impl DeviceBroker {
     pub(crate) fn finish(&self, device: DeviceId, latency: Option<Duration>) {
         if let Some(entry) = self.devices.get(device.0) {
             entry.record(latency);
+        }
+    }
+
+    /// Ends many requests at once: `answered` holds the round trips of the
+    /// successes in nanoseconds, `failed` counts the failures. One pass
+    /// over the counters and one histogram lock for the lot.
+    pub(crate) fn finish_many(&self, device: DeviceId, answered: &[u64], failed: usize) {
+        if let Some(entry) = self.devices.get(device.0) {
+            entry.record_many(answered, failed);
         }
     }
 

@@ -91,7 +91,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
-use super::slots::{Answered, Group, INDEX_BITS, Owner, Slots, Ticket};
+use super::slots::{Group, INDEX_BITS, Landed, Landing, Owner, Slots, Ticket};
 use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// A claim on one request's answer.
@@ -106,6 +106,27 @@ const SPIN_MAX_IN_FLIGHT: usize = 2;
 struct Staged {
     request_id: u64,
     payload: Vec<u8>,
+}
+
+/// What the serving lock guards (rule 10).
+struct Serving {
+    kernel: Option<Box<dyn PersistentKernel>>,
+    /// Kept between drains, so a drain allocates nothing once warm.
+    drain: Drain,
+}
+
+/// One drain's landed answers and their count (rule 4 of `slots.rs`).
+#[derive(Default)]
+struct Drain {
+    landing: Landing,
+    /// Round trips of the answers landed, in nanoseconds.
+    answered: Vec<u64>,
+    /// Failures landed.
+    failed: usize,
+    /// Slots freed (answers whose callers had gone).
+    freed: usize,
+    /// When the drain's first answer landed: one clock read per drain.
+    now: Option<Instant>,
 }
 
 /// What the flusher lock guards.
@@ -154,10 +175,10 @@ pub(crate) struct KernelInstance {
     /// Rule 3.
     staging: ArrayQueue<Staged>,
     flusher: Mutex<Flusher>,
-    /// The running kernel; `None` once stopped (rule 7). The completion
-    /// thread holds it while it waits for answers; a spinning caller takes
-    /// it only with `try_lock` (rule 10).
-    kernel: Mutex<Option<Box<dyn PersistentKernel>>>,
+    /// The running kernel and the drain scratch; the kernel is `None` once
+    /// stopped (rule 7). The completion thread holds it while it waits for
+    /// answers; a spinning caller takes it only with `try_lock` (rule 10).
+    serving: Mutex<Serving>,
     /// Rule 10: set by a spinning caller that found the kernel held; the
     /// completion thread then steps aside while no waiter is parked.
     delegate: AtomicBool,
@@ -227,7 +248,10 @@ impl KernelInstance {
                 submitter: Some(submitter),
                 batch: Vec::with_capacity(config.micro_batch),
             }),
-            kernel: Mutex::new(Some(kernel)),
+            serving: Mutex::new(Serving {
+                kernel: Some(kernel),
+                drain: Drain::default(),
+            }),
             delegate: AtomicBool::new(false),
             aside: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
@@ -304,6 +328,7 @@ impl KernelInstance {
     fn register(
         &self,
         permit: OwnedSemaphorePermit,
+        started: Instant,
         probe: bool,
         group: Option<&Arc<Group>>,
     ) -> Result<u64, ExecuteError> {
@@ -321,7 +346,7 @@ impl KernelInstance {
         }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
         // The permit guarantees a free slot (rule 1).
-        let Some(request_id) = self.slots.claim(sequence, probe, group) else {
+        let Some(request_id) = self.slots.claim(sequence, started, probe, group) else {
             if !probe {
                 self.broker.finish(self.device, None);
             }
@@ -344,7 +369,7 @@ impl KernelInstance {
         probe: bool,
         group: Option<&Arc<Group>>,
     ) -> Result<Answer<'_>, ExecuteError> {
-        let request_id = self.register(permit, probe, group)?;
+        let request_id = self.register(permit, Instant::now(), probe, group)?;
         if let Err(staged) = self.staging.push(Staged {
             request_id,
             payload,
@@ -382,7 +407,7 @@ impl KernelInstance {
                 return Ok(ticket);
             }
         };
-        let request_id = self.register(permit, probe, None)?;
+        let request_id = self.register(permit, Instant::now(), probe, None)?;
         self.flush_locked(&mut flusher);
         let outcome = match &flusher.submitter {
             Some(submitter) => submitter.submit(request_id, input),
@@ -442,11 +467,13 @@ impl KernelInstance {
             }
         };
         let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(inputs.len());
+        // One clock read for the group: its requests start together.
+        let started = Instant::now();
         for input in inputs {
             // `permits` holds one per input left (the last split leaves it
             // empty).
             let registered = match permits.split(1) {
-                Some(one) => self.register(one, false, Some(group)),
+                Some(one) => self.register(one, started, false, Some(group)),
                 None => Err(self.unavailable()),
             };
             match registered {
@@ -458,6 +485,7 @@ impl KernelInstance {
             }
         }
         if !batch.is_empty() {
+            group.expect(batch.len());
             self.submit_group(&batch);
         }
         // More than the ring holds could never be in flight at once.
@@ -468,6 +496,13 @@ impl KernelInstance {
                 reason: format!("a group larger than the ring's {} slots", self.capacity()),
             })
         }));
+    }
+
+    /// Gives back the permits of `count` slots a group's caller freed.
+    pub(crate) fn slots_freed(&self, count: usize) {
+        if count > 0 {
+            self.permits.add_permits(count);
+        }
     }
 
     /// The instance's slots: the most requests in flight at once.
@@ -772,47 +807,92 @@ impl KernelInstance {
         }
     }
 
-    /// Answers the request `request_id` (rule 1), giving its permit back
-    /// if that freed its slot. A stale id (rule 2) is ignored.
+    /// Answers the request `request_id` (rule 1) on its own, outside a
+    /// drain. A stale id (rule 2) is ignored.
     fn finish(&self, request_id: u64, outcome: Result<&[u8], ExecuteError>) {
-        if self.answer(request_id, outcome) {
-            self.permits.add_permits(1);
-        }
+        let mut drain = Drain::default();
+        self.land(&mut drain, request_id, outcome);
+        self.settle(&mut drain);
     }
 
-    /// [`KernelInstance::finish`] without giving the permit back: returns
-    /// whether a slot was freed, so that the completion thread can give
-    /// back a whole drained batch's permits at once (each `add_permits`
-    /// takes the semaphore's waiter lock).
-    fn answer(&self, request_id: u64, outcome: Result<&[u8], ExecuteError>) -> bool {
-        let answered = self
+    /// Lands one answer in its slot and counts it in `drain` (rule 4 of
+    /// `slots.rs`); [`KernelInstance::settle`] makes it visible.
+    fn land(&self, drain: &mut Drain, request_id: u64, outcome: Result<&[u8], ExecuteError>) {
+        let Drain {
+            landing,
+            answered,
+            failed,
+            freed,
+            now,
+        } = drain;
+        let landed = self
             .slots
-            .answer(request_id, outcome, |answering, outcome| {
+            .land(request_id, outcome, landing, |answering, outcome| {
                 // Rule 6: a probe is not counted.
                 if answering.probe {
                     return;
                 }
-                let latency = answering.started.elapsed();
                 match outcome {
                     Ok(()) => {
-                        self.broker.finish(self.device, Some(latency));
-                        self.metrics.requests.increment(1);
-                        self.metrics.latency.record(latency.as_secs_f64());
-                        self.note_round_trip(latency);
+                        let now = *now.get_or_insert_with(Instant::now);
+                        let latency = now.saturating_duration_since(answering.started);
+                        answered.push(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
                     }
                     Err(err) => {
-                        self.broker.finish(self.device, None);
+                        *failed += 1;
                         record_failure(self.spec.id, self.backend, err);
                     }
                 }
-                self.metrics.queue_depth.decrement(1.0);
             });
-        answered == Answered::Freed
+        if landed == Landed::Freed {
+            *freed += 1;
+        }
     }
 
-    /// Rule 8: folds one round trip into the moving average (weight 1/8).
-    fn note_round_trip(&self, latency: Duration) {
-        let sample = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+    /// Lands a completion lent by the kernel.
+    fn land_completion(&self, drain: &mut Drain, completion: CompletionRef<'_>) {
+        let kernel = self.spec.id;
+        let outcome = match completion.status {
+            Status::Ok => Ok(completion.payload),
+            status @ (Status::BadLength | Status::BadInput) => {
+                Err(ExecuteError::Rejected { kernel, status })
+            }
+            status => Err(ExecuteError::KernelFault { kernel, status }),
+        };
+        self.land(drain, completion.request_id, outcome);
+    }
+
+    /// Rule 4 of `slots.rs`: counts what `drain` landed (the broker, the
+    /// metrics, the round-trip average), then publishes it and gives back
+    /// the permits of the slots it freed, all at once.
+    fn settle(&self, drain: &mut Drain) {
+        let total = drain.answered.len() + drain.failed;
+        if total > 0 {
+            self.broker
+                .finish_many(self.device, &drain.answered, drain.failed);
+            self.metrics.requests.increment(drain.answered.len() as u64);
+            for &nanos in &drain.answered {
+                self.metrics.latency.record(nanos as f64 / 1e9);
+            }
+            self.metrics.queue_depth.decrement(total as f64);
+            if !drain.answered.is_empty() {
+                let sum: u128 = drain.answered.iter().map(|&n| u128::from(n)).sum();
+                let mean = sum / drain.answered.len() as u128;
+                self.note_round_trip(u64::try_from(mean).unwrap_or(u64::MAX));
+            }
+        }
+        drain.answered.clear();
+        drain.failed = 0;
+        drain.now = None;
+        let freed = std::mem::take(&mut drain.freed) + self.slots.publish(&mut drain.landing);
+        if freed > 0 {
+            self.permits.add_permits(freed);
+        }
+    }
+
+    /// Rule 8: folds a drain's mean round trip into the moving average
+    /// (weight 1/8).
+    fn note_round_trip(&self, sample: u64) {
         let average = self.round_trip_ns.load(Ordering::Relaxed);
         let next = if average == 0 {
             sample
@@ -822,25 +902,13 @@ impl KernelInstance {
         self.round_trip_ns.store(next, Ordering::Relaxed);
     }
 
-    /// Answers a completion, giving its permit back if that freed a slot.
-    fn dispatch(&self, completion: CompletionRef<'_>) {
-        if self.dispatch_quietly(completion) {
-            self.permits.add_permits(1);
+    /// Lands and settles completions a stop handed back.
+    fn settle_all(&self, completions: &[granary_kernels::Completion]) {
+        let mut drain = Drain::default();
+        for completion in completions {
+            self.land_completion(&mut drain, completion.as_ref());
         }
-    }
-
-    /// [`KernelInstance::dispatch`] leaving the permit to the caller, as
-    /// [`KernelInstance::answer`] does.
-    fn dispatch_quietly(&self, completion: CompletionRef<'_>) -> bool {
-        let kernel = self.spec.id;
-        let outcome = match completion.status {
-            Status::Ok => Ok(completion.payload),
-            status @ (Status::BadLength | Status::BadInput) => {
-                Err(ExecuteError::Rejected { kernel, status })
-            }
-            status => Err(ExecuteError::KernelFault { kernel, status }),
-        };
-        self.answer(completion.request_id, outcome)
+        self.settle(&mut drain);
     }
 
     /// Fails every pending request (staged or submitted) with `error`.
@@ -897,7 +965,10 @@ impl KernelInstance {
     /// The completion thread (rules 4–7 and 10).
     fn run(self: Arc<KernelInstance>, launcher: Launcher) {
         let poll = (self.config.hang_timeout / 4).min(Duration::from_millis(1));
-        let mut heartbeat = lock(&self.kernel).as_ref().map_or(0, |k| k.heartbeat());
+        let mut heartbeat = lock(&self.serving)
+            .kernel
+            .as_ref()
+            .map_or(0, |k| k.heartbeat());
         let mut progress = Instant::now();
         // While failed: when to try the relaunch again, and whether the
         // stopped kernel had exited (rule 5).
@@ -911,13 +982,13 @@ impl KernelInstance {
             }
             if self.is_failed() {
                 if Instant::now() >= retry_at {
-                    let mut kernel = lock(&self.kernel);
+                    let mut serving = lock(&self.serving);
                     let mut flusher = lock(&self.flusher);
-                    let relaunched = kernel.as_mut().is_some_and(|kernel| {
+                    let relaunched = serving.kernel.as_mut().is_some_and(|kernel| {
                         self.relaunch(&mut flusher, kernel, &launcher, stopped_exited)
                     });
                     if relaunched {
-                        heartbeat = kernel.as_ref().map_or(0, |k| k.heartbeat());
+                        heartbeat = serving.kernel.as_ref().map_or(0, |k| k.heartbeat());
                         progress = Instant::now();
                     } else {
                         retry_at = Instant::now() + RELAUNCH_RETRY;
@@ -934,24 +1005,20 @@ impl KernelInstance {
             // callers that gave up, or that a spinning caller has not taken
             // yet) and park between looks.
             let delegated = self.step_aside();
-            let mut freed = 0;
-            let mut guard = lock(&self.kernel);
-            let Some(kernel) = guard.as_mut() else {
+            let mut guard = lock(&self.serving);
+            let Serving { kernel, drain } = &mut *guard;
+            let Some(kernel) = kernel.as_mut() else {
                 // Cannot happen: only a stop takes the kernel, and the stop
                 // returns from this loop.
                 return;
             };
-            let mut dispatch = |completion: CompletionRef<'_>| {
-                freed += usize::from(self.dispatch_quietly(completion));
-            };
+            let mut land = |completion: CompletionRef<'_>| self.land_completion(drain, completion);
             let taken = if delegated {
-                kernel.try_complete_each(usize::MAX, &mut dispatch)
+                kernel.try_complete_each(usize::MAX, &mut land)
             } else {
-                kernel.complete_each(poll, usize::MAX, &mut dispatch)
+                kernel.complete_each(poll, usize::MAX, &mut land)
             };
-            if freed > 0 {
-                self.permits.add_permits(freed);
-            }
+            self.settle(drain);
             if taken > 0 {
                 progress = Instant::now();
             }
@@ -985,7 +1052,7 @@ impl KernelInstance {
     /// completion thread to step aside.
     /// Returns whether it could look.
     fn poll_ring(&self) -> bool {
-        let mut guard = match self.kernel.try_lock() {
+        let mut guard = match self.serving.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
@@ -995,17 +1062,14 @@ impl KernelInstance {
                 return false;
             }
         };
-        let Some(kernel) = guard.as_mut() else {
+        let Serving { kernel, drain } = &mut *guard;
+        let Some(kernel) = kernel.as_mut() else {
             return true;
         };
-        let mut freed = 0;
         kernel.try_complete_each(usize::MAX, &mut |completion| {
-            freed += usize::from(self.dispatch_quietly(completion));
+            self.land_completion(drain, completion)
         });
-        drop(guard);
-        if freed > 0 {
-            self.permits.add_permits(freed);
-        }
+        self.settle(drain);
         true
     }
 
@@ -1050,9 +1114,7 @@ impl KernelInstance {
         // until the relaunch. Later ones stay staged for the fresh kernel.
         let cutoff = self.next_sequence.load(Ordering::Relaxed);
         let report = kernel.stop(StopMode::Abandon, Duration::from_millis(100));
-        for completion in &report.completions {
-            self.dispatch(completion.as_ref());
-        }
+        self.settle_all(&report.completions);
         self.fail_registered_before(
             cutoff,
             &ExecuteError::DeviceHung {
@@ -1113,7 +1175,7 @@ impl KernelInstance {
 
     /// Rule 7.
     fn shut_down(&self, mode: StopMode) {
-        let Some(mut kernel) = lock(&self.kernel).take() else {
+        let Some(mut kernel) = lock(&self.serving).kernel.take() else {
             return;
         };
         let mut flusher = lock(&self.flusher);
@@ -1123,9 +1185,7 @@ impl KernelInstance {
         flusher.submitter = None;
         drop(flusher);
         let report = kernel.stop(mode, self.config.stop_timeout);
-        for completion in &report.completions {
-            self.dispatch(completion.as_ref());
-        }
+        self.settle_all(&report.completions);
         // Whatever is left was abandoned, or the kernel did not exit.
         self.fail_all(&ExecuteError::ShutDown);
         self.permits.close();

@@ -5,36 +5,41 @@
 //!
 //! # Rules
 //!
-//! 1. **Phases.** A slot is `Free`, `Waiting`, `Done` or `Abandoned`, and
-//!    changes only under its lock:
+//! 1. **Phases.** A slot is `Free`, `Waiting`, `Landed`, `Done` or
+//!    `Abandoned`, and changes only under its lock:
 //!    - [`Slots::claim`] takes a free index from the free queue and makes
 //!      its slot `Waiting` with a fresh request id;
-//!    - [`Slots::answer`] makes a `Waiting` slot `Done` (the answer is
-//!      kept for its ticket), or an `Abandoned` one `Free`;
+//!    - [`Slots::land`] copies an answer into a `Waiting` slot and makes it
+//!      `Landed`, or frees an `Abandoned` one;
+//!    - [`Slots::publish`] makes a `Landed` slot `Done` and wakes its
+//!      waiter, or frees it if its ticket was dropped meanwhile;
 //!    - a [`Ticket`] makes its `Done` slot `Free` once it has taken the
-//!      answer, or its `Waiting` slot `Abandoned` when it is dropped first
-//!      (the answer is still on its way: the slot cannot be reused before
-//!      it lands).
+//!      answer, or its `Waiting` or `Landed` slot `Abandoned` when it is
+//!      dropped first (the answer is still on its way: the slot cannot be
+//!      reused before it lands and is published).
 //!
 //!    Every transition checks the request id, so a late or repeated answer
 //!    for an id the slot no longer holds changes nothing.
 //! 2. **Free means returned.** Whoever makes a slot `Free` pushes its
 //!    index back to the free queue and reports it, so that the instance
 //!    gives its permit back (rule 1 of `instance.rs`): a slot is
-//!    reclaimed exactly once, by the ticket or by the answer, never both.
+//!    reclaimed exactly once, by the ticket, by `land` or by `publish`.
 //! 3. **Answers are copied once.** The answer's bytes are copied from the
 //!    response ring into the slot's buffer, which keeps its capacity from
 //!    request to request; the ticket copies them out to the caller (into a
 //!    fresh `Vec`, or into the caller's own buffer). Errors are stored as
 //!    they are.
-//! 4. **One wake.** After a slot becomes `Done` and its lock is released,
-//!    its waiter is woken once: the ticket's own waker, or, for a request
-//!    of a [`Group`], the group's, when the group's last answer lands.
-//!    `answered` is stored (release) before the lock is released, so a
-//!    ticket spinning on it sees the answer without the lock.
+//! 4. **Counted, then seen.** Answers are landed a drain at a time; the
+//!    drainer counts the drain (the broker, the metrics) and only then
+//!    publishes it, so no caller sees an answer its counters do not show
+//!    yet. Publishing stores `answered` (release, under the lock) and wakes
+//!    the waiter once after the lock is released: the ticket's own waker,
+//!    or, for a request of a [`Group`], the group's, when the group's last
+//!    answer is published.
 //! 5. **Spinning is bounded.** A ticket may spin on `answered` for a
-//!    budget before it registers its waker (`instance.rs` rule 8); it
-//!    always checks again after registering, so an answer that lands in
+//!    budget before it registers its waker, serving the response ring
+//!    itself meanwhile (`instance.rs` rules 8 and 10); it always checks
+//!    again after registering, under the lock, so an answer published in
 //!    between is never missed.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +66,7 @@ pub(crate) fn index_of(request_id: u64) -> usize {
 enum Phase {
     Free,
     Waiting,
+    Landed,
     Done,
     Abandoned,
 }
@@ -75,6 +81,12 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    /// `count` more requests will be claimed for the group: counted before
+    /// any of them is sent, so no answer can find the count short.
+    pub(crate) fn expect(&self, count: usize) {
+        self.remaining.fetch_add(count, Ordering::AcqRel);
+    }
+
     /// Whether every request claimed so far has its answer.
     pub(crate) fn is_done(&self) -> bool {
         self.remaining.load(Ordering::Acquire) == 0
@@ -93,8 +105,8 @@ impl Group {
         }
     }
 
-    fn arrive(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+    fn arrive(&self, count: usize) {
+        if self.remaining.fetch_sub(count, Ordering::AcqRel) == count {
             self.waker.wake();
         }
     }
@@ -124,10 +136,10 @@ struct Cell {
     answered: AtomicU64,
 }
 
-/// What [`Slots::answer`] did.
+/// What [`Slots::land`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Answered {
-    /// The answer is kept for its ticket.
+pub(crate) enum Landed {
+    /// The answer waits in its slot for [`Slots::publish`].
     Kept,
     /// Its ticket had been dropped: the slot is free again (rule 2).
     Freed,
@@ -135,7 +147,14 @@ pub(crate) enum Answered {
     Stale,
 }
 
-/// The request an answer is for, as [`Slots::answer`] shows it to its
+/// Answers landed and not yet published (rule 4), kept between drains so
+/// that a drain allocates nothing once warm.
+#[derive(Default)]
+pub(crate) struct Landing {
+    ids: Vec<u64>,
+}
+
+/// The request an answer is for, as [`Slots::land`] shows it to its
 /// accounting.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Answering {
@@ -179,23 +198,23 @@ impl Slots {
         }
     }
 
-    /// Rule 1: takes a free slot for request `sequence`; `None` if no slot
-    /// is free (a permit guarantees one). Returns the request id.
+    /// Rule 1: takes a free slot for request `sequence`, started at
+    /// `started`; `None` if no slot is free (a permit guarantees one).
+    /// Returns the request id. A group's requests are counted by
+    /// [`Group::expect`], not here.
     pub(crate) fn claim(
         &self,
         sequence: u64,
+        started: Instant,
         probe: bool,
         group: Option<&Arc<Group>>,
     ) -> Option<u64> {
         let index = self.free.pop()?;
         let request_id = (sequence << INDEX_BITS) | u64::from(index);
-        if let Some(group) = group {
-            group.remaining.fetch_add(1, Ordering::AcqRel);
-        }
         let mut slot = lock(&self.cells[index as usize].slot);
         slot.request_id = request_id;
         slot.phase = Phase::Waiting;
-        slot.started = Instant::now();
+        slot.started = started;
         slot.probe = probe;
         slot.waiter = match group {
             Some(group) => Waiter::Group(group.clone()),
@@ -206,20 +225,21 @@ impl Slots {
     }
 
     /// Rules 1–4: the answer to `request_id` lands: `Ok` with the kernel's
-    /// bytes, or an error. `account` runs first, under the slot's lock, so
-    /// whatever it counts is counted before any waiter can see the answer.
-    pub(crate) fn answer(
+    /// bytes, or an error. `account` sees it first, under the slot's lock;
+    /// a kept answer is remembered in `landing` for [`Slots::publish`].
+    pub(crate) fn land(
         &self,
         request_id: u64,
         outcome: Result<&[u8], ExecuteError>,
+        landing: &mut Landing,
         account: impl FnOnce(Answering, Result<(), &ExecuteError>),
-    ) -> Answered {
+    ) -> Landed {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
-            return Answered::Stale;
+            return Landed::Stale;
         };
         let mut slot = lock(&cell.slot);
         if slot.request_id != request_id {
-            return Answered::Stale;
+            return Landed::Stale;
         }
         let answering = Answering {
             started: slot.started,
@@ -234,9 +254,9 @@ impl Slots {
                 drop(slot);
                 // Cannot fail: the index was taken from this queue.
                 let _ = self.free.push(index_of(request_id) as u32);
-                return Answered::Freed;
+                return Landed::Freed;
             }
-            Phase::Free | Phase::Done => return Answered::Stale,
+            Phase::Free | Phase::Landed | Phase::Done => return Landed::Stale,
         }
         account(answering, outcome.as_ref().map(|_| ()));
         slot.bytes.clear();
@@ -244,19 +264,65 @@ impl Slots {
             Ok(bytes) => slot.bytes.extend_from_slice(bytes),
             Err(error) => slot.error = Some(error),
         }
-        slot.phase = Phase::Done;
-        cell.answered.store(request_id, Ordering::Release);
-        let waiter = match &mut slot.waiter {
-            Waiter::Task(waker) => Waiter::Task(waker.take()),
-            Waiter::Group(group) => Waiter::Group(group.clone()),
-        };
-        drop(slot);
-        match waiter {
-            Waiter::Task(Some(waker)) => waker.wake(),
-            Waiter::Task(None) => {}
-            Waiter::Group(group) => group.arrive(),
+        slot.phase = Phase::Landed;
+        landing.ids.push(request_id);
+        Landed::Kept
+    }
+
+    /// Rule 4: makes every landed answer visible and wakes its waiter.
+    /// Returns how many slots became free (answers whose tickets were
+    /// dropped after they landed).
+    pub(crate) fn publish(&self, landing: &mut Landing) -> usize {
+        let mut freed = 0;
+        // Arrivals of one group, told at once.
+        let mut group: Option<(Arc<Group>, usize)> = None;
+        for request_id in landing.ids.drain(..) {
+            let Some(cell) = self.cells.get(index_of(request_id)) else {
+                continue;
+            };
+            let mut slot = lock(&cell.slot);
+            if slot.request_id != request_id {
+                continue;
+            }
+            match slot.phase {
+                Phase::Landed => {}
+                Phase::Abandoned => {
+                    slot.phase = Phase::Free;
+                    slot.waiter = Waiter::Task(None);
+                    slot.error = None;
+                    drop(slot);
+                    let _ = self.free.push(index_of(request_id) as u32);
+                    freed += 1;
+                    continue;
+                }
+                Phase::Free | Phase::Waiting | Phase::Done => continue,
+            }
+            slot.phase = Phase::Done;
+            cell.answered.store(request_id, Ordering::Release);
+            match &mut slot.waiter {
+                Waiter::Task(waker) => {
+                    let waker = waker.take();
+                    drop(slot);
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }
+                Waiter::Group(arrived) => match &mut group {
+                    Some((current, count)) if Arc::ptr_eq(current, arrived) => *count += 1,
+                    _ => {
+                        let next = (arrived.clone(), 1);
+                        drop(slot);
+                        if let Some((previous, count)) = group.replace(next) {
+                            previous.arrive(count);
+                        }
+                    }
+                },
+            }
         }
-        Answered::Kept
+        if let Some((group, count)) = group {
+            group.arrive(count);
+        }
+        freed
     }
 
     /// Whether `request_id` still waits for its answer (`Waiting`, or
@@ -305,7 +371,7 @@ impl Slots {
         }
         match slot.phase {
             Phase::Done => {}
-            Phase::Waiting => {
+            Phase::Waiting | Phase::Landed => {
                 match &mut slot.waiter {
                     Waiter::Task(waker) => match waker {
                         Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -345,7 +411,7 @@ impl Slots {
             return false;
         }
         match slot.phase {
-            Phase::Waiting => {
+            Phase::Waiting | Phase::Landed => {
                 slot.phase = Phase::Abandoned;
                 if let Waiter::Group(_) = slot.waiter {
                     // The group's waiter is gone with the ticket.
@@ -474,16 +540,24 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         polled
     }
 
-    /// Takes the answer of a ticket whose group is done: `None` if it is
-    /// somehow not in yet.
+    /// Takes the answer of a ticket whose group is done, leaving its
+    /// permit to the caller: `freed` counts the slots given back, for one
+    /// `add_permits` per group. `None` if it is somehow not in yet.
     pub(crate) fn take_now<T>(
         &mut self,
+        freed: &mut usize,
         take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
     ) -> Option<T> {
+        if self.taken {
+            return Some(take(Err(ExecuteError::ShutDown)));
+        }
         let mut cx = Context::from_waker(Waker::noop());
-        self.spin = Some(Duration::ZERO);
-        match self.poll_take(&mut cx, take) {
-            Poll::Ready(answer) => Some(answer),
+        match self.owner.slots().poll_take(self.request_id, &mut cx, take) {
+            Poll::Ready(answer) => {
+                self.taken = true;
+                *freed += 1;
+                Some(answer)
+            }
             Poll::Pending => None,
         }
     }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use granary_gpu::shipped::Double;
 use granary_gpu::{BridgeConfig, GpuBridge};
 use granary_kernels::shipped::DOUBLE;
 use granary_kernels::{Backend, CpuBackend};
@@ -137,6 +138,23 @@ fn many(c: &mut Criterion) {
                 let answers = bridge.execute_many("double", &inputs).await;
                 black_box(answers);
             }
+        })
+    });
+    let double = bridge.kernel::<Double>().expect("double is registered");
+    let typed: Vec<[f32; 4]> = (0..BATCH).map(|_| [1.0, 2.0, 3.0, 4.0]).collect();
+    let mut output = vec![0.0f32; 4 * BATCH];
+    group.bench_function("cpu/typed_call_many_into", |b| {
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = std::time::Instant::now();
+                for _ in 0..iterations {
+                    for _ in 0..ROUNDS {
+                        let placed = double.call_many_into(&typed, &mut output).await;
+                        black_box(placed);
+                    }
+                }
+                started.elapsed()
+            })
         })
     });
     rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));

@@ -57,6 +57,8 @@ mod instance;
 mod quota;
 mod resident;
 mod slots;
+#[cfg(target_endian = "little")]
+mod typed;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -81,6 +83,8 @@ pub use resident::{
     Output, Part, RelocateError, Relocated, ResidentBuffer, ResidentError, WeakResidentBuffer,
 };
 use slots::Owner;
+#[cfg(target_endian = "little")]
+pub use typed::{Element, Kernel, TypedKernel, shipped};
 
 use crate::broker::{BrokerError, DeviceBroker, DeviceId, DeviceStats, Requirements, Reservation};
 use crate::pool::{HostAllocator, MemoryPool, PoolConfig, PoolStats, Rented};
@@ -403,13 +407,26 @@ impl GpuBridge {
         let (kernel, spec) = self
             .lookup(kernel_id)
             .map_err(|err| refused("unknown", err))?;
+        self.run_one(kernel, &spec, input, |answer| answer.map(<[u8]>::to_vec))
+            .await
+    }
+
+    /// Rules 2–6 for one request: routes it, runs it, and gives its answer
+    /// to `take` (straight from its slot, on the ring path).
+    pub(crate) async fn run_one<T>(
+        &self,
+        kernel: usize,
+        spec: &KernelSpec,
+        input: &[u8],
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> Result<T, ExecuteError>,
+    ) -> Result<T, ExecuteError> {
         let route = self
-            .route(&spec, input)
+            .route(spec, input)
             .map_err(|err| refused(spec.id, err))?;
         match route {
             Route::Ring => {
                 let instance = self
-                    .instance_for(kernel, &spec)
+                    .instance_for(kernel, spec)
                     .await
                     .map_err(|err| refused(spec.id, err))?;
                 let answer = instance
@@ -417,9 +434,12 @@ impl GpuBridge {
                     .await
                     .map_err(|err| refused(spec.id, err))?;
                 // Failures from here on are counted where they happen.
-                answer.answer().await
+                answer.take(take).await
             }
-            Route::Batch { output_len } => self.run_batch(&spec, input, output_len).await,
+            Route::Batch { output_len } => {
+                let bytes = self.run_batch(spec, input, output_len).await?;
+                take(Ok(&bytes))
+            }
         }
     }
 
@@ -505,10 +525,9 @@ impl GpuBridge {
             // A group at most as large as the ring: its slots are free
             // again only once its answers are taken.
             Ok(Some(instance)) => {
-                let mut tickets = Vec::with_capacity(ring.len().min(instance.capacity()));
                 for chunk in ring.chunks(instance.capacity()) {
-                    let group = Arc::new(slots::Group::default());
-                    instance.send_many(chunk, &group, &mut tickets).await;
+                    let group = Arc::new(slots::Group::new(chunk.len()));
+                    instance.send_many(chunk, &group).await;
                     let spin = instance.spin_budget_for(chunk.len());
                     if !spin.is_zero() {
                         instance.spin_wait(spin, &|| group.is_done());
@@ -523,16 +542,7 @@ impl GpuBridge {
                     })
                     .await;
                     parked.done();
-                    let mut freed = 0;
-                    answers.extend(tickets.drain(..).map(|ticket| {
-                        match ticket {
-                            Ok(mut ticket) => ticket
-                                .take_now(&mut freed, &mut take)
-                                .unwrap_or(Err(ExecuteError::ShutDown)),
-                            Err(err) => Err(err),
-                        }
-                    }));
-                    instance.slots_freed(freed);
+                    group.take_all(&mut answers, &mut take);
                 }
             }
             Ok(None) => {}
@@ -588,6 +598,11 @@ impl GpuBridge {
             Some(&kernel) => Ok((kernel, self.shared.kernels[kernel])),
             None => Err(ExecuteError::UnknownKernel(kernel_id.to_string())),
         }
+    }
+
+    /// Whether calls are refused because the bridge was shut down.
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shared.shut_down.load(Ordering::Acquire)
     }
 
     /// Rule 2 of the module docs.

@@ -26,6 +26,8 @@ pub use bridge::{
     InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, RelocateError, Relocated,
     ResidentBuffer, ResidentError, ResidentQuota, WeakResidentBuffer,
 };
+#[cfg(target_endian = "little")]
+pub use bridge::{Element, Kernel, TypedKernel, shipped};
 pub use granary_kernels::StopMode;
 
 pub use broker::{

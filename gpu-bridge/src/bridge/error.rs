@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use granary_kernels::{BackendKind, ShapeError, Status};
+use granary_kernels::{BackendKind, ElementType, ShapeError, Status};
 
 /// Why a request through the bridge failed. The bridge keeps serving after
 /// every one of these.
@@ -95,6 +95,28 @@ pub enum ExecuteError {
         /// What is wrong.
         reason: String,
     },
+    /// A typed handle's element type is not the kernel's
+    /// (`GpuBridge::kernel_named`).
+    WrongElement {
+        /// The kernel.
+        kernel: &'static str,
+        /// Which of its shapes: `request`, `batch request` or `response`.
+        side: &'static str,
+        /// The element type the kernel's shape names.
+        expected: ElementType,
+        /// The element type asked for.
+        given: ElementType,
+    },
+    /// A caller's buffer is too small for the kernel's answer (typed
+    /// `call_into`): the answer is dropped.
+    OutputTooSmall {
+        /// The kernel.
+        kernel: &'static str,
+        /// Elements in the answer.
+        needed: usize,
+        /// Elements the buffer had room for.
+        capacity: usize,
+    },
     /// The bridge is shutting down or has shut down.
     ShutDown,
 }
@@ -150,6 +172,23 @@ impl fmt::Display for ExecuteError {
                     "kernel {kernel:?} cannot use that resident buffer: {reason}"
                 )
             }
+            ExecuteError::WrongElement {
+                kernel,
+                side,
+                expected,
+                given,
+            } => write!(
+                f,
+                "kernel {kernel:?}'s {side} holds {expected:?}, not {given:?}"
+            ),
+            ExecuteError::OutputTooSmall {
+                kernel,
+                needed,
+                capacity,
+            } => write!(
+                f,
+                "kernel {kernel:?} answered {needed} elements, the buffer holds {capacity}"
+            ),
             ExecuteError::ShutDown => write!(f, "the GPU bridge has shut down"),
         }
     }
@@ -172,6 +211,8 @@ impl ExecuteError {
             ExecuteError::DeviceHung { .. } => "device_hung",
             ExecuteError::DeviceFailed { .. } => "device_failed",
             ExecuteError::WrongBuffer { .. } => "wrong_buffer",
+            ExecuteError::WrongElement { .. } => "wrong_element",
+            ExecuteError::OutputTooSmall { .. } => "output_too_small",
             ExecuteError::ShutDown => "shut_down",
         }
     }

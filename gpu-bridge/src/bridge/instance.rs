@@ -330,7 +330,7 @@ impl KernelInstance {
         permit: OwnedSemaphorePermit,
         started: Instant,
         probe: bool,
-        group: Option<&Arc<Group>>,
+        group: Option<(&Arc<Group>, usize)>,
     ) -> Result<u64, ExecuteError> {
         // Counted in the broker until `answer` finishes it (a probe is not:
         // rule 6, which remembers it instead). The broker knows every
@@ -367,9 +367,8 @@ impl KernelInstance {
         permit: OwnedSemaphorePermit,
         payload: Vec<u8>,
         probe: bool,
-        group: Option<&Arc<Group>>,
     ) -> Result<Answer<'_>, ExecuteError> {
-        let request_id = self.register(permit, Instant::now(), probe, group)?;
+        let request_id = self.register(permit, Instant::now(), probe, None)?;
         if let Err(staged) = self.staging.push(Staged {
             request_id,
             payload,
@@ -402,7 +401,7 @@ impl KernelInstance {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                let ticket = self.stage_with(permit, input.to_vec(), probe, None)?;
+                let ticket = self.stage_with(permit, input.to_vec(), probe)?;
                 self.flush();
                 return Ok(ticket);
             }
@@ -444,64 +443,54 @@ impl KernelInstance {
         Ok(Ticket::new(self, request_id))
     }
 
-    /// Sends every input (at most `capacity`) as one group (rule 9): the
-    /// permits taken together, one ring claim written straight from the
-    /// caller's slices, and one wake when the last answer lands.
-    /// One entry per input is pushed to `tickets`, in input order: the
-    /// ticket its answer comes on, or why it never reached the ring.
-    pub(crate) async fn send_many<'a, I: AsRef<[u8]>>(
-        &'a self,
-        inputs: &[I],
-        group: &Arc<Group>,
-        tickets: &mut Vec<Result<Answer<'a>, ExecuteError>>,
-    ) {
+    /// Sends every input (at most `capacity`) as `group`'s members, in
+    /// input order (rule 9): the permits taken together, one ring claim
+    /// written straight from the caller's slices, the answers landing in
+    /// the group, and one wake when the last is published. A member that
+    /// never reaches the ring has its error put in the group.
+    pub(crate) async fn send_many<I: AsRef<[u8]>>(&self, inputs: &[I], group: &Arc<Group>) {
         let (inputs, beyond) = inputs.split_at(inputs.len().min(self.capacity()));
+        // More than the ring holds could never be in flight at once.
+        for member in inputs.len()..inputs.len() + beyond.len() {
+            group.put(
+                member,
+                Err(ExecuteError::DeviceFailed {
+                    kernel: self.spec.id,
+                    backend: self.backend,
+                    reason: format!("a group larger than the ring's {} slots", self.capacity()),
+                }),
+            );
+        }
         // Flush before waiting for slots, or requests staged by others could
         // wait on this call's permits.
         self.flush();
         let mut permits = match self.acquire_many(inputs.len()).await {
             Ok(permits) => permits,
             Err(err) => {
-                tickets.extend(inputs.iter().map(|_| Err(err.clone())));
+                for member in 0..inputs.len() {
+                    group.put(member, Err(err.clone()));
+                }
                 return;
             }
         };
         let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(inputs.len());
         // One clock read for the group: its requests start together.
         let started = Instant::now();
-        for input in inputs {
+        for (member, input) in inputs.iter().enumerate() {
             // `permits` holds one per input left (the last split leaves it
             // empty).
             let registered = match permits.split(1) {
-                Some(one) => self.register(one, started, false, Some(group)),
+                Some(one) => self.register(one, started, false, Some((group, member))),
                 None => Err(self.unavailable()),
             };
             match registered {
-                Ok(request_id) => {
-                    tickets.push(Ok(Ticket::new(self, request_id)));
-                    batch.push((request_id, input.as_ref()));
-                }
-                Err(err) => tickets.push(Err(err)),
+                Ok(request_id) => batch.push((request_id, input.as_ref())),
+                Err(err) => group.put(member, Err(err)),
             }
         }
         if !batch.is_empty() {
             group.expect(batch.len());
             self.submit_group(&batch);
-        }
-        // More than the ring holds could never be in flight at once.
-        tickets.extend(beyond.iter().map(|_| {
-            Err(ExecuteError::DeviceFailed {
-                kernel: self.spec.id,
-                backend: self.backend,
-                reason: format!("a group larger than the ring's {} slots", self.capacity()),
-            })
-        }));
-    }
-
-    /// Gives back the permits of `count` slots a group's caller freed.
-    pub(crate) fn slots_freed(&self, count: usize) {
-        if count > 0 {
-            self.permits.add_permits(count);
         }
     }
 

@@ -41,6 +41,11 @@
 //!    itself meanwhile (`instance.rs` rules 8 and 10); it always checks
 //!    again after registering, under the lock, so an answer published in
 //!    between is never missed.
+//! 6. **Groups.** A request of a [`Group`] has no ticket: its answer
+//!    lands straight in the group (by member number) and its slot is
+//!    freed at once; the group is told at publication. A group dropped
+//!    before its answers land loses nothing: they land in it and free
+//!    their slots all the same.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -71,16 +76,74 @@ enum Phase {
     Abandoned,
 }
 
-/// Requests of one [`execute_many`](crate::GpuBridge::execute_many) call:
-/// one wake when the last is answered (rule 4).
-#[derive(Debug, Default)]
+/// Requests of one [`execute_many`](crate::GpuBridge::execute_many) call
+/// (rule 6): their answers land straight in the group, which is woken once,
+/// when the last is published.
+#[derive(Debug)]
 pub(crate) struct Group {
     /// Claimed and not yet answered.
     remaining: AtomicUsize,
     waker: AtomicWaker,
+    answers: Mutex<Answers>,
+}
+
+/// A group's answers, by member.
+#[derive(Debug, Default)]
+struct Answers {
+    /// Every answer's bytes, in the order they landed.
+    bytes: Vec<u8>,
+    /// Each member's answer: where its bytes are, or its error; `None`
+    /// until it lands.
+    members: Vec<Option<Result<(usize, usize), ExecuteError>>>,
 }
 
 impl Group {
+    /// A group of `members` requests, numbered from 0.
+    pub(crate) fn new(members: usize) -> Group {
+        Group {
+            remaining: AtomicUsize::new(0),
+            waker: AtomicWaker::new(),
+            answers: Mutex::new(Answers {
+                bytes: Vec::new(),
+                members: vec![None; members],
+            }),
+        }
+    }
+
+    /// Records member `member`'s answer (or why it never reached the ring).
+    pub(crate) fn put(&self, member: usize, outcome: Result<&[u8], ExecuteError>) {
+        let mut answers = lock(&self.answers);
+        let entry = match outcome {
+            Ok(bytes) => {
+                let start = answers.bytes.len();
+                answers.bytes.extend_from_slice(bytes);
+                Ok((start, bytes.len()))
+            }
+            Err(err) => Err(err),
+        };
+        if let Some(slot) = answers.members.get_mut(member) {
+            *slot = Some(entry);
+        }
+    }
+
+    /// Once the group is done: each member's answer, in member order, given
+    /// to `take`.
+    pub(crate) fn take_all<T>(
+        &self,
+        out: &mut Vec<T>,
+        mut take: impl FnMut(Result<&[u8], ExecuteError>) -> T,
+    ) {
+        let mut answers = lock(&self.answers);
+        let Answers { bytes, members } = &mut *answers;
+        out.extend(members.iter_mut().map(|member| match member.take() {
+            Some(Ok((start, len))) => take(Ok(&bytes[start..start + len])),
+            Some(Err(err)) => take(Err(err)),
+            // Cannot happen once the group is done: every member claimed
+            // was expected, and every other was put as refused.
+            None => take(Err(ExecuteError::ShutDown)),
+        }));
+    }
+
     /// `count` more requests will be claimed for the group: counted before
     /// any of them is sent, so no answer can find the count short.
     pub(crate) fn expect(&self, count: usize) {
@@ -115,7 +178,8 @@ impl Group {
 /// Who waits for a slot's answer.
 enum Waiter {
     Task(Option<Waker>),
-    Group(Arc<Group>),
+    /// A group, and the request's member number in it.
+    Group(Arc<Group>, usize),
 }
 
 struct Slot {
@@ -151,7 +215,11 @@ pub(crate) enum Landed {
 /// that a drain allocates nothing once warm.
 #[derive(Default)]
 pub(crate) struct Landing {
+    /// Requests whose tickets wait.
     ids: Vec<u64>,
+    /// Groups with answers landed, and how many (runs of one group
+    /// merged).
+    groups: Vec<(Arc<Group>, usize)>,
 }
 
 /// The request an answer is for, as [`Slots::land`] shows it to its
@@ -207,7 +275,7 @@ impl Slots {
         sequence: u64,
         started: Instant,
         probe: bool,
-        group: Option<&Arc<Group>>,
+        group: Option<(&Arc<Group>, usize)>,
     ) -> Option<u64> {
         let index = self.free.pop()?;
         let request_id = (sequence << INDEX_BITS) | u64::from(index);
@@ -217,7 +285,7 @@ impl Slots {
         slot.started = started;
         slot.probe = probe;
         slot.waiter = match group {
-            Some(group) => Waiter::Group(group.clone()),
+            Some((group, member)) => Waiter::Group(group.clone(), member),
             None => Waiter::Task(None),
         };
         slot.error = None;
@@ -259,6 +327,19 @@ impl Slots {
             Phase::Free | Phase::Landed | Phase::Done => return Landed::Stale,
         }
         account(answering, outcome.as_ref().map(|_| ()));
+        if let Waiter::Group(group, member) = &slot.waiter {
+            // Rule 6: straight into the group; the slot is done with.
+            group.put(*member, outcome);
+            match landing.groups.last_mut() {
+                Some((last, count)) if Arc::ptr_eq(last, group) => *count += 1,
+                _ => landing.groups.push((group.clone(), 1)),
+            }
+            slot.phase = Phase::Free;
+            slot.waiter = Waiter::Task(None);
+            drop(slot);
+            let _ = self.free.push(index_of(request_id) as u32);
+            return Landed::Freed;
+        }
         slot.bytes.clear();
         match outcome {
             Ok(bytes) => slot.bytes.extend_from_slice(bytes),
@@ -274,8 +355,6 @@ impl Slots {
     /// dropped after they landed).
     pub(crate) fn publish(&self, landing: &mut Landing) -> usize {
         let mut freed = 0;
-        // Arrivals of one group, told at once.
-        let mut group: Option<(Arc<Group>, usize)> = None;
         for request_id in landing.ids.drain(..) {
             let Some(cell) = self.cells.get(index_of(request_id)) else {
                 continue;
@@ -299,27 +378,16 @@ impl Slots {
             }
             slot.phase = Phase::Done;
             cell.answered.store(request_id, Ordering::Release);
-            match &mut slot.waiter {
-                Waiter::Task(waker) => {
-                    let waker = waker.take();
-                    drop(slot);
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                }
-                Waiter::Group(arrived) => match &mut group {
-                    Some((current, count)) if Arc::ptr_eq(current, arrived) => *count += 1,
-                    _ => {
-                        let next = (arrived.clone(), 1);
-                        drop(slot);
-                        if let Some((previous, count)) = group.replace(next) {
-                            previous.arrive(count);
-                        }
-                    }
-                },
+            let waker = match &mut slot.waiter {
+                Waiter::Task(waker) => waker.take(),
+                Waiter::Group(..) => None,
+            };
+            drop(slot);
+            if let Some(waker) = waker {
+                waker.wake();
             }
         }
-        if let Some((group, count)) = group {
+        for (group, count) in landing.groups.drain(..) {
             group.arrive(count);
         }
         freed
@@ -352,22 +420,25 @@ impl Slots {
             .is_some_and(|cell| cell.answered.load(Ordering::Acquire) == request_id)
     }
 
-    /// Rules 1 and 3: `Ready` with `take`'s result once the answer is in;
-    /// the slot is then free and the caller gives its permit back.
-    fn poll_take<T>(
+    /// Rules 1 and 3: `Ready` once the answer is in and handed to `take`
+    /// (exactly once); the slot is then free and the caller gives its
+    /// permit back.
+    fn poll_take(
         &self,
         request_id: u64,
         cx: &mut Context<'_>,
-        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
-    ) -> Poll<T> {
+        take: &mut dyn FnMut(Result<&[u8], ExecuteError>),
+    ) -> Poll<()> {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
-            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+            take(Err(ExecuteError::ShutDown));
+            return Poll::Ready(());
         };
         let mut slot = lock(&cell.slot);
         if slot.request_id != request_id {
             // Cannot happen: a ticket's slot is reclaimed only by the
             // ticket once it is `Done` (rule 2).
-            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+            take(Err(ExecuteError::ShutDown));
+            return Poll::Ready(());
         }
         match slot.phase {
             Phase::Done => {}
@@ -377,27 +448,27 @@ impl Slots {
                         Some(waker) if waker.will_wake(cx.waker()) => {}
                         _ => *waker = Some(cx.waker().clone()),
                     },
-                    // A group's request is taken only once the group is
-                    // done; until then nothing is registered here.
-                    Waiter::Group(_) => {}
+                    // A group's requests have no tickets (rule 6).
+                    Waiter::Group(..) => {}
                 }
                 return Poll::Pending;
             }
             Phase::Free | Phase::Abandoned => {
-                return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+                take(Err(ExecuteError::ShutDown));
+                return Poll::Ready(());
             }
         }
         let outcome = match slot.error.take() {
             Some(error) => Err(error),
             None => Ok(slot.bytes.as_slice()),
         };
-        let answer = take(outcome);
+        take(outcome);
         slot.phase = Phase::Free;
         slot.waiter = Waiter::Task(None);
         drop(slot);
         // Cannot fail: the index was taken from this queue.
         let _ = self.free.push(index_of(request_id) as u32);
-        Poll::Ready(answer)
+        Poll::Ready(())
     }
 
     /// A ticket dropped before it took its answer (rule 1). Returns whether
@@ -413,10 +484,6 @@ impl Slots {
         match slot.phase {
             Phase::Waiting | Phase::Landed => {
                 slot.phase = Phase::Abandoned;
-                if let Waiter::Group(_) = slot.waiter {
-                    // The group's waiter is gone with the ticket.
-                    slot.waiter = Waiter::Task(None);
-                }
                 false
             }
             Phase::Done => {
@@ -509,15 +576,16 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         }
     }
 
-    /// `Ready` with `take`'s result once the answer is in. The first poll
+    /// `Ready` once the answer is in and handed to `take`. The first poll
     /// may spin (rule 5); later ones do not.
-    pub(crate) fn poll_take<T>(
+    fn poll_take(
         &mut self,
         cx: &mut Context<'_>,
-        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
-    ) -> Poll<T> {
+        take: &mut dyn FnMut(Result<&[u8], ExecuteError>),
+    ) -> Poll<()> {
         if self.taken {
-            return Poll::Ready(take(Err(ExecuteError::ShutDown)));
+            take(Err(ExecuteError::ShutDown));
+            return Poll::Ready(());
         }
         if self.spin.is_none() {
             let spin = self.owner.spin_budget();
@@ -540,31 +608,32 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         polled
     }
 
-    /// Takes the answer of a ticket whose group is done, leaving its
-    /// permit to the caller: `freed` counts the slots given back, for one
-    /// `add_permits` per group. `None` if it is somehow not in yet.
-    pub(crate) fn take_now<T>(
-        &mut self,
-        freed: &mut usize,
-        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
-    ) -> Option<T> {
-        if self.taken {
-            return Some(take(Err(ExecuteError::ShutDown)));
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.owner.slots().poll_take(self.request_id, &mut cx, take) {
-            Poll::Ready(answer) => {
-                self.taken = true;
-                *freed += 1;
-                Some(answer)
-            }
-            Poll::Pending => None,
-        }
+    /// Waits for the answer and copies it into a fresh `Vec`.
+    pub(crate) async fn answer(self) -> Result<Vec<u8>, ExecuteError> {
+        self.take(|outcome| outcome.map(<[u8]>::to_vec)).await
     }
 
-    /// Waits for the answer and copies it into a fresh `Vec`.
-    pub(crate) async fn answer(mut self) -> Result<Vec<u8>, ExecuteError> {
-        std::future::poll_fn(|cx| self.poll_take(cx, |outcome| outcome.map(<[u8]>::to_vec))).await
+    /// Waits for the answer and gives it to `take`, straight from the slot.
+    pub(crate) async fn take<T>(
+        mut self,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> T {
+        let mut take = Some(take);
+        let mut answer = None;
+        std::future::poll_fn(|cx| {
+            let polled = self.poll_take(cx, &mut |outcome| {
+                if let Some(take) = take.take() {
+                    answer = Some(take(outcome));
+                }
+            });
+            match (polled, answer.take()) {
+                (Poll::Ready(()), Some(answer)) => Poll::Ready(answer),
+                // Cannot be `Ready` without an answer: `take` is handed the
+                // outcome exactly once, when the poll is ready.
+                _ => Poll::Pending,
+            }
+        })
+        .await
     }
 }
 

@@ -71,7 +71,8 @@ pub fn shipped_inputs() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Every shipped kernel through the bridge on the device
-/// ([`shipped_inputs`]) against the CPU-only bridge; a bridge per request,
+/// ([`shipped_inputs`]), byte and typed calls, against the CPU-only bridge;
+/// a bridge per kernel and input,
 /// since one persistent kernel at a time fits on POCL's two cores.
 pub async fn every_shipped_kernel_matches_the_cpu(
     bridge: impl Fn() -> GpuBridge,
@@ -90,6 +91,16 @@ pub async fn every_shipped_kernel_matches_the_cpu(
             "{kernel} did not fall back"
         );
         assert_eq!(processed_on(&bridge, kind), 1);
+        // The typed handle on the same device, its answer straight into
+        // the caller's buffer.
+        let typed = bridge.kernel_named::<f32, f32>(kernel).unwrap();
+        let mut output = vec![0.0f32; on_cpu.len() / 4];
+        let written = typed
+            .call_into(&from_f32s(input), &mut output)
+            .await
+            .unwrap();
+        assert_eq!(f32s(&output[..written]), on_cpu, "typed {kernel}");
+        assert_eq!(processed_on(&bridge, kind), 2);
         if *kernel == "matmul" && input.len() < 100 {
             assert_eq!(from_f32s(&on_device), [58.0, 64.0, 139.0, 154.0]);
         }

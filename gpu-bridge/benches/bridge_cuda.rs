@@ -11,7 +11,8 @@
 //!   tokio's blocking pool.
 //! - `bridge_cuda_throughput/*`: 256 tasks each sending 256 requests, all
 //!   in flight at once; criterion's throughput is requests per second, with
-//!   the default micro-batch (16) and with 64.
+//!   the default micro-batch (16) and with 64, and as typed groups of 64
+//!   (`call_many_into`, one ring claim and one wake per group).
 //!
 //! Without a GPU it prints why and measures nothing.
 
@@ -26,7 +27,7 @@ use granary_kernels::shipped::DOUBLE;
 use granary_kernels::{Backend, KernelConfig, StopMode, WaitPolicy};
 
 mod common;
-use common::{fan_out, request, runtime};
+use common::{fan_out, fan_out_groups, request, runtime};
 
 fn cuda_bridge(backend: &Arc<CudaBackend>, micro_batch: usize) -> GpuBridge {
     GpuBridge::builder()
@@ -100,6 +101,19 @@ fn benches(c: &mut Criterion) {
         });
         rt.block_on(bridge.shutdown(StopMode::Drain));
     }
+    // The same requests as typed groups of 64 (`call_many_into`).
+    let bridge = cuda_bridge(&backend, BridgeConfig::default().micro_batch);
+    rt.block_on(bridge.execute("double", &request())).unwrap();
+    group.bench_function("typed_groups_of_64", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += rt.block_on(fan_out_groups(&bridge, tasks, per_task, 64));
+            }
+            total
+        })
+    });
+    rt.block_on(bridge.shutdown(StopMode::Drain));
     group.finish();
 }
 

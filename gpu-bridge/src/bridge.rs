@@ -21,7 +21,11 @@
 //!    (`granary_gpu_fallbacks_total`) and logged at debug level; the device
 //!    failure that caused it is logged once, as a warning.
 //! 5. **Ring path.** See `bridge/instance.rs` for slots, request ids,
-//!    micro-batching, completions, hang detection and stopping.
+//!    micro-batching, groups, completions, spinning callers, hang
+//!    detection and stopping, and `bridge/slots.rs` for how an answer
+//!    reaches its caller. [`GpuBridge::execute_many`] sends its ring-sized
+//!    requests as groups of at most the ring's capacity; typed handles
+//!    (`bridge/typed.rs`) take the same routes.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller
 //!    waits up to `overload_timeout` for memory, then `Overloaded`), the

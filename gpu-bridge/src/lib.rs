@@ -4,7 +4,11 @@
 //!   on the best device (a persistent kernel for small requests, the
 //!   launch-per-batch path for large ones), with micro-batching into the
 //!   rings, bounded waits (`Overloaded`), hang detection and relaunch, CPU
-//!   fallback, tracing spans and metrics.
+//!   fallback, tracing spans and metrics. [`GpuBridge::execute_many`]
+//!   sends many requests as one group (one ring claim, one wake-up), and
+//!   [`GpuBridge::kernel`] resolves a typed [`Kernel`] once, whose calls
+//!   write elements straight into ring slots and answers straight into the
+//!   caller's buffer.
 //! - The [device broker](broker): the node's device inventory with memory
 //!   reservations that never overcommit, device selection, and per-device
 //!   statistics.

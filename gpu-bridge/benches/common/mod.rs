@@ -59,3 +59,33 @@ pub async fn fan_out(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Durat
     }
     started.elapsed()
 }
+
+/// `tasks` tasks send `per_task` requests each as typed groups of `group`
+/// (`call_many_into`), all at once; returns the wall time.
+pub async fn fan_out_groups(
+    bridge: &GpuBridge,
+    tasks: usize,
+    per_task: usize,
+    group: usize,
+) -> Duration {
+    let double = bridge
+        .kernel::<granary_gpu::shipped::Double>()
+        .expect("double is registered");
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let double = double.clone();
+            tokio::spawn(async move {
+                let inputs: Vec<[f32; 4]> = (0..group).map(|_| [1.0, 2.0, 3.0, 4.0]).collect();
+                let mut output = vec![0.0f32; 4 * group];
+                for _ in 0..per_task / group {
+                    black_box(double.call_many_into(&inputs, &mut output).await);
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    started.elapsed()
+}

@@ -66,6 +66,9 @@ pub(crate) fn index_of(request_id: u64) -> usize {
     (request_id & INDEX_MASK) as usize
 }
 
+/// What a waiter does with its answer, lent from the slot.
+type Take<'a> = dyn FnMut(Result<&[u8], ExecuteError>) + 'a;
+
 /// A slot's phase (rule 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -423,12 +426,7 @@ impl Slots {
     /// Rules 1 and 3: `Ready` once the answer is in and handed to `take`
     /// (exactly once); the slot is then free and the caller gives its
     /// permit back.
-    fn poll_take(
-        &self,
-        request_id: u64,
-        cx: &mut Context<'_>,
-        take: &mut dyn FnMut(Result<&[u8], ExecuteError>),
-    ) -> Poll<()> {
+    fn poll_take(&self, request_id: u64, cx: &mut Context<'_>, take: &mut Take<'_>) -> Poll<()> {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
             take(Err(ExecuteError::ShutDown));
             return Poll::Ready(());
@@ -578,11 +576,7 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
 
     /// `Ready` once the answer is in and handed to `take`. The first poll
     /// may spin (rule 5); later ones do not.
-    fn poll_take(
-        &mut self,
-        cx: &mut Context<'_>,
-        take: &mut dyn FnMut(Result<&[u8], ExecuteError>),
-    ) -> Poll<()> {
+    fn poll_take(&mut self, cx: &mut Context<'_>, take: &mut Take<'_>) -> Poll<()> {
         if self.taken {
             take(Err(ExecuteError::ShutDown));
             return Poll::Ready(());

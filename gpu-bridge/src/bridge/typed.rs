@@ -67,8 +67,12 @@ pub struct Kernel<I, O> {
     bridge: GpuBridge,
     index: usize,
     spec: KernelSpec,
-    types: PhantomData<fn(&[I]) -> Vec<O>>,
+    types: PhantomData<Types<I, O>>,
 }
+
+/// The handle's element types, without owning any (`fn` keeps it `Send`
+/// and `Sync` whatever `I` and `O` are).
+type Types<I, O> = fn(&[I]) -> Vec<O>;
 
 impl<I, O> Clone for Kernel<I, O> {
     fn clone(&self) -> Kernel<I, O> {

@@ -3,7 +3,11 @@
 //! `bridge.execute(kernel_id, input).await` picks a route and a device:
 //!
 //! 1. **Catalog.** The kernel must be registered (specs are registered once,
-//!    when the bridge is built).
+//!    when the bridge is built). One id may be registered in several
+//!    versions side by side, each with its own persistent kernels; a call
+//!    names a version ([`GpuBridge::execute_version`], a typed handle of
+//!    that version) or takes the latest. The same id and version twice is
+//!    a build error.
 //! 2. **Route.** A request that fits a ring slot, and whose answer fits one,
 //!    goes to a persistent kernel. A larger one takes the launch-per-batch
 //!    path. Anything beyond the kernel's batch shape is `TooLarge`, and a
@@ -118,7 +122,8 @@ type InstanceCell = OnceCell<Result<Arc<KernelInstance>, BackendError>>;
 
 struct Shared {
     kernels: Vec<KernelSpec>,
-    by_id: HashMap<&'static str, usize>,
+    /// Each id's kernels, oldest version first (rule 1).
+    by_id: HashMap<&'static str, Vec<usize>>,
     devices: Vec<DeviceSlot>,
     /// The CPU backend's device: the fallback.
     cpu: DeviceId,
@@ -243,11 +248,22 @@ impl BridgeBuilder {
     /// Builds the bridge. Nothing is compiled or launched yet.
     pub fn build(self) -> Result<GpuBridge, BuildError> {
         self.config.validate().map_err(BuildError::InvalidConfig)?;
-        let mut by_id = HashMap::new();
+        let mut by_id: HashMap<&'static str, Vec<usize>> = HashMap::new();
         for (position, spec) in self.kernels.iter().enumerate() {
-            if by_id.insert(spec.id, position).is_some() {
-                return Err(BuildError::DuplicateKernel(spec.id));
+            let versions = by_id.entry(spec.id).or_default();
+            if versions
+                .iter()
+                .any(|&other| self.kernels[other].version == spec.version)
+            {
+                return Err(BuildError::DuplicateKernel {
+                    id: spec.id,
+                    version: spec.version,
+                });
             }
+            versions.push(position);
+        }
+        for versions in by_id.values_mut() {
+            versions.sort_by_key(|&position| self.kernels[position].version);
         }
         let cpu_primary = self.backends.is_empty();
         let limit = |mut info: DeviceInfo| {
@@ -397,7 +413,33 @@ impl GpuBridge {
             .filter_map(|cell| cell.get()?.as_ref().ok())
     }
 
-    /// Runs kernel `kernel_id` on `input` and returns its response.
+    /// Runs kernel `kernel_id`, in exactly `version`, on `input` and returns
+    /// its response (`UnknownVersion` if that version is not registered).
+    pub async fn execute_version(
+        &self,
+        kernel_id: &str,
+        version: u32,
+        input: &[u8],
+    ) -> Result<Vec<u8>, ExecuteError> {
+        let span = tracing::debug_span!(
+            "granary_gpu.execute",
+            kernel = kernel_id,
+            version,
+            bytes = input.len()
+        );
+        async {
+            let (kernel, spec) = self
+                .lookup_version(kernel_id, version)
+                .map_err(|err| refused("unknown", err))?;
+            self.run_one(kernel, &spec, input, |answer| answer.map(<[u8]>::to_vec))
+                .await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs kernel `kernel_id` (its latest version) on `input` and returns
+    /// its response.
     pub async fn execute(&self, kernel_id: &str, input: &[u8]) -> Result<Vec<u8>, ExecuteError> {
         let span = tracing::debug_span!(
             "granary_gpu.execute",
@@ -447,8 +489,8 @@ impl GpuBridge {
         }
     }
 
-    /// Runs kernel `kernel_id` on every input; the answers come back in
-    /// input order, each its own `Result`. Ring-sized inputs go to one
+    /// Runs kernel `kernel_id` (its latest version) on every input; the
+    /// answers come back in input order, each its own `Result`. Ring-sized inputs go to one
     /// persistent kernel as a group (`bridge/instance.rs` rule 9): their
     /// slots taken together, one ring claim, written straight from the
     /// slices, and one wake-up when the last is answered. Larger inputs
@@ -598,10 +640,56 @@ impl GpuBridge {
         if self.shared.shut_down.load(Ordering::Acquire) {
             return Err(ExecuteError::ShutDown);
         }
-        match self.shared.by_id.get(kernel_id) {
+        match self
+            .shared
+            .by_id
+            .get(kernel_id)
+            .and_then(|versions| versions.last())
+        {
             Some(&kernel) => Ok((kernel, self.shared.kernels[kernel])),
             None => Err(ExecuteError::UnknownKernel(kernel_id.to_string())),
         }
+    }
+
+    /// Rule 1: kernel `kernel_id` in exactly `version`.
+    pub(crate) fn lookup_version(
+        &self,
+        kernel_id: &str,
+        version: u32,
+    ) -> Result<(usize, KernelSpec), ExecuteError> {
+        if self.shared.shut_down.load(Ordering::Acquire) {
+            return Err(ExecuteError::ShutDown);
+        }
+        let Some(versions) = self.shared.by_id.get(kernel_id) else {
+            return Err(ExecuteError::UnknownKernel(kernel_id.to_string()));
+        };
+        versions
+            .iter()
+            .map(|&kernel| (kernel, self.shared.kernels[kernel]))
+            .find(|(_, spec)| spec.version == version)
+            .ok_or_else(|| ExecuteError::UnknownVersion {
+                kernel: self.shared.kernels[versions[0]].id,
+                version,
+                registered: versions
+                    .iter()
+                    .map(|&kernel| self.shared.kernels[kernel].version)
+                    .collect(),
+            })
+    }
+
+    /// The versions registered under `kernel_id`, oldest first (empty if
+    /// none is).
+    pub fn versions(&self, kernel_id: &str) -> Vec<u32> {
+        self.shared
+            .by_id
+            .get(kernel_id)
+            .map(|versions| {
+                versions
+                    .iter()
+                    .map(|&kernel| self.shared.kernels[kernel].version)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether calls are refused because the bridge was shut down.

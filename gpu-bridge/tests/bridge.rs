@@ -205,7 +205,10 @@ fn invalid_configurations_and_duplicate_kernels_are_refused() {
             .kernel(DOUBLE)
             .build()
             .unwrap_err(),
-        BuildError::DuplicateKernel("double")
+        BuildError::DuplicateKernel {
+            id: "double",
+            version: 1
+        }
     );
     for config in [
         BridgeConfig {

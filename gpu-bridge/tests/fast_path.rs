@@ -343,3 +343,91 @@ async fn eight_tasks_times_100k_requests_lose_nothing() {
     );
     bridge.shutdown(StopMode::Drain).await;
 }
+
+/// `double`'s version 2, which triples: registered beside version 1.
+const DOUBLE_V2: KernelSpec = KernelSpec {
+    version: 2,
+    opencl_c: None,
+    cuda_c: None,
+    wgsl: None,
+    cpu: Some(triple),
+    ..shipped::DOUBLE
+};
+
+fn triple(request: &[u8], response: &mut [u8]) -> Result<usize, Status> {
+    let tripled: Vec<f32> = from_f32s(request).iter().map(|x| 3.0 * x).collect();
+    response[..request.len()].copy_from_slice(&f32s(&tripled));
+    Ok(request.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_versions_of_a_kernel_serve_side_by_side() {
+    // Registered newest first: "latest" is by version, not by order.
+    let bridge = GpuBridge::builder()
+        .kernel(DOUBLE_V2)
+        .kernel(shipped::DOUBLE)
+        .build()
+        .unwrap();
+    assert_eq!(bridge.versions("double"), [1, 2]);
+    assert!(bridge.versions("nope").is_empty());
+    let input = f32s(&[1.0, 2.0]);
+    assert_eq!(
+        from_f32s(&bridge.execute("double", &input).await.unwrap()),
+        [3.0, 6.0]
+    );
+    assert_eq!(
+        from_f32s(&bridge.execute_version("double", 1, &input).await.unwrap()),
+        [2.0, 4.0]
+    );
+    assert_eq!(
+        from_f32s(&bridge.execute_version("double", 2, &input).await.unwrap()),
+        [3.0, 6.0]
+    );
+    match bridge.execute_version("double", 3, &input).await {
+        Err(ExecuteError::UnknownVersion {
+            kernel: "double",
+            version: 3,
+            registered,
+        }) => assert_eq!(registered, [1, 2]),
+        other => panic!("expected UnknownVersion, got {other:?}"),
+    }
+    assert!(matches!(
+        bridge.execute_version("nope", 1, &input).await,
+        Err(ExecuteError::UnknownKernel(_))
+    ));
+    // A marker type names its own version; a name takes the latest.
+    let v1 = bridge.kernel::<Double>().unwrap();
+    assert_eq!(v1.spec().version, 1);
+    assert_eq!(v1.call(&[1.0]).await.unwrap(), [2.0]);
+    let latest = bridge.kernel_named::<f32, f32>("double").unwrap();
+    assert_eq!(latest.call(&[1.0]).await.unwrap(), [3.0]);
+    let v2 = bridge.kernel_version::<f32, f32>("double", 2).unwrap();
+    assert_eq!(
+        v2.call_many(&[[1.0f32], [2.0]]).await[1]
+            .as_deref()
+            .unwrap(),
+        [6.0]
+    );
+    // Groups take the latest too, and each version has its own kernel.
+    let answers = bridge.execute_many("double", &[input.clone()]).await;
+    assert_eq!(from_f32s(answers[0].as_ref().unwrap()), [3.0, 6.0]);
+    assert_eq!(
+        bridge.kernel_health().len(),
+        2,
+        "one persistent kernel per version"
+    );
+    // The same id and version twice is refused.
+    assert_eq!(
+        GpuBridge::builder()
+            .kernel(shipped::DOUBLE)
+            .kernel(DOUBLE_V2)
+            .kernel(shipped::DOUBLE)
+            .build()
+            .unwrap_err(),
+        granary_gpu::BuildError::DuplicateKernel {
+            id: "double",
+            version: 1
+        }
+    );
+    bridge.shutdown(StopMode::Drain).await;
+}

@@ -12,6 +12,15 @@ use granary_kernels::{BackendKind, ElementType, ShapeError, Status};
 pub enum ExecuteError {
     /// No kernel with this id is registered.
     UnknownKernel(String),
+    /// The kernel is registered, but not in the version asked for.
+    UnknownVersion {
+        /// The kernel.
+        kernel: &'static str,
+        /// The version asked for.
+        version: u32,
+        /// The versions registered, oldest first.
+        registered: Vec<u32>,
+    },
     /// The input's length does not fit the kernel's request shape (wrong
     /// element size, or a count the kernel does not take).
     WrongShape {
@@ -125,6 +134,14 @@ impl fmt::Display for ExecuteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExecuteError::UnknownKernel(id) => write!(f, "no kernel {id:?} is registered"),
+            ExecuteError::UnknownVersion {
+                kernel,
+                version,
+                registered,
+            } => write!(
+                f,
+                "kernel {kernel:?} is registered in versions {registered:?}, not {version}"
+            ),
             ExecuteError::WrongShape { kernel, error } => {
                 write!(f, "input does not fit kernel {kernel:?}: {error}")
             }
@@ -201,6 +218,7 @@ impl ExecuteError {
     pub fn reason(&self) -> &'static str {
         match self {
             ExecuteError::UnknownKernel(_) => "unknown_kernel",
+            ExecuteError::UnknownVersion { .. } => "unknown_version",
             ExecuteError::WrongShape { .. } => "wrong_shape",
             ExecuteError::TooLarge { .. } => "too_large",
             ExecuteError::Rejected { .. } => "rejected",
@@ -222,8 +240,13 @@ impl ExecuteError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// Two kernels were registered under one id.
-    DuplicateKernel(&'static str),
+    /// A kernel was registered twice under one id and version.
+    DuplicateKernel {
+        /// The kernel's id.
+        id: &'static str,
+        /// The version registered twice.
+        version: u32,
+    },
     /// A configuration value is out of range.
     InvalidConfig(String),
 }
@@ -231,7 +254,9 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BuildError::DuplicateKernel(id) => write!(f, "kernel {id:?} is registered twice"),
+            BuildError::DuplicateKernel { id, version } => {
+                write!(f, "kernel {id:?} version {version} is registered twice")
+            }
             BuildError::InvalidConfig(why) => write!(f, "invalid bridge configuration: {why}"),
         }
     }

@@ -1,8 +1,9 @@
 //! Typed kernels: a handle resolved once, calls in element types.
 //!
-//! `bridge.kernel::<Double>()?` (or `bridge.kernel_named::<f32, f32>("double")?`)
-//! looks the kernel up and checks its element types once; after that a
-//! call does no string lookup and no type check.
+//! `bridge.kernel::<Double>()?` (or `bridge.kernel_named::<f32, f32>("double")?`
+//! for the latest version, `kernel_version` for a given one) looks the
+//! kernel up and checks its element types once; after that a call does no
+//! string lookup and no type check.
 //!
 //! 1. **No intermediate buffers.** A call's input is the caller's slice,
 //!    seen as bytes (`bytemuck`, no copy), written straight into a ring
@@ -96,21 +97,42 @@ impl<I, O> std::fmt::Debug for Kernel<I, O> {
 }
 
 impl GpuBridge {
-    /// The registered kernel `K`, resolved once: `UnknownKernel` if it is
-    /// not registered, `WrongElement` if its registered spec's element
-    /// types are not `K`'s.
+    /// The registered kernel `K`, in `K`'s own version, resolved once:
+    /// `UnknownKernel` or `UnknownVersion` if it is not registered,
+    /// `WrongElement` if its registered spec's element types are not `K`'s.
     pub fn kernel<K: TypedKernel>(&self) -> Result<Kernel<K::Input, K::Output>, ExecuteError> {
-        self.kernel_named(K::SPEC.id)
+        self.kernel_version(K::SPEC.id, K::SPEC.version)
     }
 
-    /// The registered kernel `id`, called with input elements `I` and
-    /// output elements `O`, resolved once: `UnknownKernel` if no kernel has
-    /// that id, `WrongElement` if its shapes name other element types.
+    /// The registered kernel `id` (its latest version), called with input
+    /// elements `I` and output elements `O`, resolved once: `UnknownKernel`
+    /// if no kernel has that id, `WrongElement` if its shapes name other
+    /// element types.
     pub fn kernel_named<I: Element, O: Element>(
         &self,
         id: &str,
     ) -> Result<Kernel<I, O>, ExecuteError> {
-        let (index, spec) = self.lookup(id)?;
+        Kernel::resolve(self, self.lookup(id)?)
+    }
+
+    /// [`GpuBridge::kernel_named`] for exactly `version`
+    /// (`UnknownVersion` if it is not registered).
+    pub fn kernel_version<I: Element, O: Element>(
+        &self,
+        id: &str,
+        version: u32,
+    ) -> Result<Kernel<I, O>, ExecuteError> {
+        Kernel::resolve(self, self.lookup_version(id, version)?)
+    }
+}
+
+impl<I: Element, O: Element> Kernel<I, O> {
+    /// A handle on the kernel at `index`, if its element types are `I`
+    /// and `O`.
+    fn resolve(
+        bridge: &GpuBridge,
+        (index, spec): (usize, KernelSpec),
+    ) -> Result<Kernel<I, O>, ExecuteError> {
         for (side, expected, given) in [
             ("request", spec.request.element, I::TYPE),
             ("batch request", spec.batch_request.element, I::TYPE),
@@ -126,15 +148,13 @@ impl GpuBridge {
             }
         }
         Ok(Kernel {
-            bridge: self.clone(),
+            bridge: bridge.clone(),
             index,
             spec,
             types: PhantomData,
         })
     }
-}
 
-impl<I: Element, O: Element> Kernel<I, O> {
     /// The kernel's spec.
     pub fn spec(&self) -> &KernelSpec {
         &self.spec

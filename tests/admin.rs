@@ -2,6 +2,8 @@
 //! bearer token (admin rules 1 to 4), against a node started from a file
 //! on loopback, with the CPU backend's devices.
 
+#[path = "../build-support/test_ports.rs"]
+mod test_ports;
 use std::time::{Duration, Instant};
 
 use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, SiloBuilder};
@@ -34,9 +36,8 @@ fn tallies(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
 }
 
 fn node_file() -> NodeFile {
-    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|socket| socket.local_addr())
-        .expect("a free port");
+    // A port no `bind(0)` can take before the node binds it.
+    let gossip = std::net::SocketAddr::from(([127, 0, 0, 1], test_ports::free_port()));
     NodeFile::from_toml(&format!(
         "cluster = \"admin-test\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42\"\nlisten = \"127.0.0.1:0\"\n\
          gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n\

@@ -16,6 +16,8 @@
 //! otherwise), since each measures the RSS of the whole process; each
 //! prints its figures.
 
+#[path = "../build-support/test_ports.rs"]
+mod test_ports;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -396,13 +398,9 @@ async fn oversized_messages_and_kernel_inputs_and_a_full_remote_node_are_refused
 
     // Three nodes in this process: a client and two silos that host
     // counters, each with room for `LIMIT` activations.
-    let free = |kind: &str| {
-        let port = match kind {
-            "tcp" => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()),
-            _ => std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()),
-        };
-        port.expect("a free port on loopback")
-    };
+    // Ports no `bind(0)` can take before the nodes bind them
+    // (`build-support/test_ports.rs`); free for TCP and UDP alike.
+    let free = |_kind: &str| std::net::SocketAddr::from(([127, 0, 0, 1], test_ports::free_port()));
     let seed = free("udp");
     let file = |listen: String, gossip, none, limits| NodeFile {
         cluster: "exhaustion".into(),

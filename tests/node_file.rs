@@ -2,6 +2,8 @@
 //! started from one hosting the grains its caller passes (not the
 //! cluster demo's).
 
+#[path = "../build-support/test_ports.rs"]
+mod test_ports;
 use std::time::{Duration, Instant};
 
 use granary::actors::{Grain, GrainContext, GrainKey, GrainType, Handler, Message, SiloBuilder};
@@ -67,9 +69,8 @@ fn echoes(silo: SiloBuilder, _: &NodeDevices) -> SiloBuilder {
 }
 
 fn lone_node(devices: &str) -> NodeFile {
-    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|socket| socket.local_addr())
-        .expect("a free port");
+    // A port no `bind(0)` can take before the node binds it.
+    let gossip = std::net::SocketAddr::from(([127, 0, 0, 1], test_ports::free_port()));
     NodeFile::from_toml(&format!(
         "cluster = \"node-file-test\"\nsecret = \"5f2a9c41e07bd3386a11f04c9be2d57003e8a6b1c94f2d0e7ab36c5d18f09e42\"\nlisten = \"127.0.0.1:0\"\n\
          gossip = \"{gossip}\"\ngossip_interval_ms = 50\nstorage = {{ kind = \"memory\" }}\n{devices}"

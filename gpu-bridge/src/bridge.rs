@@ -530,8 +530,8 @@ impl GpuBridge {
     }
 
     /// Rule 5 for a group: routes every input, sends the ring-sized ones
-    /// as one group, runs the rest on the batch path, and gives each
-    /// answer to `take` in input order.
+    /// as groups of at most the ring's capacity, runs the rest on the batch
+    /// path, and gives each answer to `take` in input order.
     pub(crate) async fn run_many<I: AsRef<[u8]>, T>(
         &self,
         kernel: usize,
@@ -561,15 +561,13 @@ impl GpuBridge {
         let instance = if ring.is_empty() {
             Ok(None)
         } else {
-            self.instance_for(kernel, spec)
-                .await
-                .map(Some)
-                .map_err(|err| refused(spec.id, err))
+            self.instance_for(kernel, spec).await.map(Some)
         };
-        let mut answers = Vec::with_capacity(ring.len());
+        // Every chunk's group, kept until its answers are taken in input
+        // order below (a group's slots are free as soon as its answers
+        // land).
+        let mut groups = Vec::new();
         match &instance {
-            // A group at most as large as the ring: its slots are free
-            // again only once its answers are taken.
             Ok(Some(instance)) => {
                 for chunk in ring.chunks(instance.capacity()) {
                     let group = Arc::new(slots::Group::new(chunk.len()));
@@ -588,18 +586,24 @@ impl GpuBridge {
                     })
                     .await;
                     parked.done();
-                    group.take_all(&mut answers, &mut take);
+                    groups.push((group, chunk.len()));
                 }
             }
-            Ok(None) => {}
-            Err(err) => answers.extend(ring.iter().map(|_| Err(err.clone()))),
+            Ok(None) | Err(_) => {}
         }
-        let mut answers = answers.into_iter();
+        // The ring answers, group by group and member by member.
+        let mut members = groups
+            .iter()
+            .flat_map(|(group, len)| (0..*len).map(move |member| (group, member)));
         let mut results = Vec::with_capacity(inputs.len());
         for (entry, input) in entries.into_iter().zip(inputs) {
             results.push(match entry {
                 Entry::Done(err) => Err(err),
-                Entry::Ring => answers.next().unwrap_or(Err(ExecuteError::ShutDown)),
+                Entry::Ring => match (&instance, members.next()) {
+                    (Err(err), _) => Err(refused(spec.id, err.clone())),
+                    (Ok(_), Some((group, member))) => group.take(member, &mut take),
+                    (Ok(_), None) => Err(ExecuteError::ShutDown),
+                },
                 Entry::Batch(output_len) => {
                     match self.run_batch(spec, input.as_ref(), output_len).await {
                         Ok(bytes) => take(Ok(&bytes)),

@@ -160,6 +160,30 @@ async fn a_typed_handle_is_checked_once_and_bad_calls_fail_typed() {
     ));
     assert!(matches!(placed[2], Err(ExecuteError::WrongShape { .. })));
     assert_eq!(four[..3], [2.0, 4.0, 6.0]);
+    // Answers go back to back in input order whatever their route: a
+    // batch-path input first, then ring ones, one of which does not fit
+    // (it takes no room; the next one does).
+    let big: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+    let mut output = vec![0.0f32; 100_000 + 2];
+    let placed = double
+        .call_many_into(
+            &[big.clone(), vec![1.0], vec![5.0, 6.0], vec![7.0]],
+            &mut output,
+        )
+        .await;
+    assert_eq!(placed[0].clone().unwrap(), 0..100_000);
+    assert_eq!(placed[1].clone().unwrap(), 100_000..100_001);
+    assert!(matches!(
+        placed[2],
+        Err(ExecuteError::OutputTooSmall {
+            needed: 2,
+            capacity: 1,
+            ..
+        })
+    ));
+    assert_eq!(placed[3].clone().unwrap(), 100_001..100_002);
+    assert_eq!(output[..3], [0.0, 2.0, 4.0]);
+    assert_eq!(output[100_000..], [2.0, 14.0]);
     // Nothing leaked and the bridge serves on.
     until_no_slot_is_held(&bridge).await;
     assert_eq!(double.call(&[8.0]).await.unwrap(), [16.0]);
@@ -229,20 +253,33 @@ async fn a_dropped_group_gives_every_slot_back() {
         })
         .build()
         .unwrap();
-    // Forty requests of 10 ms each: the group is dropped with most of
-    // them still queued in the kernel.
+    // The kernel is launched first, so the group below goes straight in.
+    assert!(bridge.execute("slow", &f32s(&[0.0])).await.is_ok());
+    // Forty requests of 10 ms each: the group is dropped once all forty
+    // hold slots, with most of them still queued in the kernel.
     let inputs: Vec<Vec<u8>> = (0..40).map(|_| f32s(&[10.0])).collect();
-    let dropped = tokio::time::timeout(
-        Duration::from_millis(50),
-        bridge.execute_many("slow", &inputs),
-    )
-    .await;
-    assert!(dropped.is_err(), "the group finished before it was dropped");
-    assert!(bridge.kernel_health()[0].in_flight > 0);
+    {
+        let group = bridge.execute_many("slow", &inputs);
+        tokio::pin!(group);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::select! {
+                _ = &mut group => panic!("the group finished before it was dropped"),
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+            }
+            if bridge.kernel_health()[0].in_flight == 40 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the group never sent its requests"
+            );
+        }
+    }
     // Their answers land in the dropped group and free its slots.
     until_no_slot_is_held(&bridge).await;
     let device = bridge.devices().pop().unwrap().2;
-    assert_eq!((device.processed, device.queue_depth), (40, 0));
+    assert_eq!((device.processed, device.queue_depth), (41, 0));
     // Every slot is free again: a group as large as the ring goes through.
     let full: Vec<Vec<u8>> = (0..capacity).map(|_| f32s(&[0.0])).collect();
     let results = bridge.execute_many("slow", &full).await;

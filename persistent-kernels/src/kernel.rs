@@ -369,6 +369,9 @@ pub trait PersistentKernel: Send {
         max: usize,
         take: &mut dyn FnMut(CompletionRef<'_>),
     ) -> usize {
+        if max == 0 {
+            return 0;
+        }
         let Some(first) = self.complete(timeout) else {
             return 0;
         };

@@ -71,10 +71,8 @@ impl Browser {
     /// Starts chromedriver on a free loopback port and opens a headless
     /// session with a fresh profile under `profile`.
     pub async fn start(chromium: &Path, driver: &Path, profile: &Path) -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|address| address.port())
-            .expect("a free port");
+        // A port no `bind(0)` can take before chromedriver binds it.
+        let port = crate::test_ports::free_port();
         let address: SocketAddr = ([127, 0, 0, 1], port).into();
         let driver = Command::new(driver)
             .arg(format!("--port={port}"))

@@ -68,6 +68,7 @@ pub async fn fan_out_groups(
     per_task: usize,
     group: usize,
 ) -> Duration {
+    assert_eq!(per_task % group, 0, "whole groups only");
     let double = bridge
         .kernel::<granary_gpu::shipped::Double>()
         .expect("double is registered");
@@ -79,7 +80,9 @@ pub async fn fan_out_groups(
                 let inputs: Vec<[f32; 4]> = (0..group).map(|_| [1.0, 2.0, 3.0, 4.0]).collect();
                 let mut output = vec![0.0f32; 4 * group];
                 for _ in 0..per_task / group {
-                    black_box(double.call_many_into(&inputs, &mut output).await);
+                    for placed in double.call_many_into(&inputs, &mut output).await {
+                        black_box(placed.expect("a group's request answered"));
+                    }
                 }
             })
         })

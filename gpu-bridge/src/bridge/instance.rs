@@ -3,13 +3,13 @@
 //! # Protocol
 //!
 //! 1. **Slots.** An instance has `capacity` slots, the size of its rings.
-//!    A call takes a permit from a semaphore of `capacity` permits before
-//!    anything else, waiting at most `overload_timeout` (then
-//!    `Overloaded`). The permit names a free slot index; the slot holds the
-//!    call's answer until the call takes it (or, for a call dropped
-//!    unanswered, until the answer lands), and only then are the index and
-//!    the permit given back. So at most `capacity`
-//!    requests are in flight, the request ring can never be full when the
+//!    A call takes a free slot before anything else, waiting at most
+//!    `overload_timeout` for one (then `Overloaded`; a group takes all its
+//!    slots at once). The slot holds the call's answer until the call
+//!    takes it (or, for a call dropped unanswered, until the answer lands),
+//!    and only then is it free again (`slots.rs` rules 1 and 2). So at
+//!    most `capacity` requests are in flight, the request ring can never
+//!    be full when the
 //!    bridge submits (kernels release a request's slot before publishing
 //!    its response, rule K1 of `docs/ring-protocol.md`), and memory is
 //!    bounded by the slots. Several work-groups release slots out of
@@ -70,10 +70,26 @@
 //!    all where the average is over half the cap): a lone caller then
 //!    takes its answer without its worker parking and being woken, which
 //!    costs more than a small request's whole round trip.
-//! 9. **Groups.** `execute_many` takes its permits together, writes its
+//! 9. **Groups.** `execute_many` takes its slots together, writes its
 //!    requests into the ring in one claim per `capacity` straight from the
 //!    caller's slices (after anything staged), and is woken once, by its
 //!    last answer. A request the ring refuses fails alone; the rest go in.
+//!    A hang recovery between a group's claims and its submission may have
+//!    failed some of its members: the group then sends only those still
+//!    owed an answer (`recoveries`), since a failed member's slot may
+//!    already hold another request.
+//! 10. **Serving the ring.** The response ring has one consumer at a
+//!    time, behind the `serving` lock. The completion thread holds it
+//!    while it waits for answers. A spinning caller (rule 8) takes it only
+//!    with `try_lock`, lands and settles whatever is ready, and flushes
+//!    staged requests; finding it held, it sets `delegate` and yields its
+//!    core. Seeing `delegate`, the completion thread steps aside (parks,
+//!    looking at the ring and the heartbeat at least every millisecond)
+//!    as long as no waiter is parked: a waiter that parks counts itself in
+//!    `parked` and then reads `aside`, the thread sets `aside` and then
+//!    reads `parked` (both sequentially consistent), so either the thread
+//!    stays or the waiter wakes it. A lone caller thus takes its answer
+//!    from the ring itself, with no thread hop and no wake-up.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicUsize;
@@ -87,11 +103,10 @@ use granary_kernels::{
     Backend, BackendKind, BatchSubmitError, CompletionRef, KernelSpec, PersistentKernel, Status,
     StopMode, SubmitError, Submitter,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
-use super::slots::{Group, INDEX_BITS, Landed, Landing, Owner, Slots, Ticket};
+use super::slots::{Group, INDEX_BITS, Landed, Landing, NoSlot, Owner, Slots, Ticket};
 use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// A claim on one request's answer.
@@ -165,9 +180,12 @@ pub(crate) struct KernelInstance {
     device_index: u32,
     config: BridgeConfig,
     broker: DeviceBroker,
-    /// Rule 1.
-    permits: Arc<Semaphore>,
+    /// Rules 1 and 2: the requests' slots, which are also the instance's
+    /// admission control.
     slots: Slots,
+    /// Hang recoveries so far (rule 5), for groups claiming slots across
+    /// one.
+    recoveries: AtomicU64,
     next_sequence: AtomicU64,
     /// Rule 8: a moving average of answered requests' round trips, in
     /// nanoseconds (0 before the first).
@@ -239,8 +257,8 @@ impl KernelInstance {
             device_index,
             config,
             broker,
-            permits: Arc::new(Semaphore::new(capacity)),
             slots: Slots::new(capacity, spec.response.max_bytes()),
+            recoveries: AtomicU64::new(0),
             next_sequence: AtomicU64::new(0),
             round_trip_ns: AtomicU64::new(0),
             staging: ArrayQueue::new(capacity),
@@ -283,12 +301,23 @@ impl KernelInstance {
                     tracing::error!(kernel = worker.spec.id, "the completion thread panicked");
                     worker.failed.store(true, Ordering::Release);
                     lock(&worker.flusher).submitter = None;
+                    // Answers landed before the panic are published, and
+                    // the kernel is stopped as its thread's unwinding
+                    // would have done before it was shared.
+                    let (kernel, mut drain) = {
+                        let mut serving = lock(&worker.serving);
+                        (serving.kernel.take(), std::mem::take(&mut serving.drain))
+                    };
+                    worker.settle(&mut drain);
                     worker.fail_all(&ExecuteError::DeviceFailed {
                         kernel: worker.spec.id,
                         backend: worker.backend,
                         reason: "the bridge's completion thread panicked".into(),
                     });
-                    worker.permits.close();
+                    worker.slots.close();
+                    if let Some(kernel) = kernel {
+                        reap(kernel, false);
+                    }
                 }
             })
             .map_err(|err| granary_kernels::BackendError::Device(err.to_string()))?;
@@ -306,28 +335,40 @@ impl KernelInstance {
         self.failed.load(Ordering::Acquire)
     }
 
-    async fn acquire(&self) -> Result<OwnedSemaphorePermit, ExecuteError> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
+    /// Rule 1: `count` free slots (one for a single call), waiting at most
+    /// `overload_timeout` for them.
+    async fn acquire(&self, count: usize, into: &mut Vec<u32>) -> Result<(), ExecuteError> {
         let started = Instant::now();
-        let wait = self.permits.clone().acquire_owned();
-        match tokio::time::timeout(self.config.overload_timeout, wait).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_closed)) => Err(ExecuteError::ShutDown),
-            Err(_elapsed) => Err(ExecuteError::Overloaded {
+        match self
+            .slots
+            .take(count, started + self.config.overload_timeout, into)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(NoSlot::Closed) => Err(ExecuteError::ShutDown),
+            Err(NoSlot::TimedOut) => Err(ExecuteError::Overloaded {
                 kernel: self.spec.id,
                 waited: started.elapsed(),
             }),
         }
     }
 
-    /// Takes a slot for a request (rule 1) and returns its id. The permit
-    /// then belongs to the slot, given back when the slot is free again
-    /// (rule 2 of `slots.rs`).
+    /// One free slot for a single call (rule 1).
+    async fn acquire_one(&self) -> Result<u32, ExecuteError> {
+        if let Some(index) = self.slots.try_take() {
+            return Ok(index);
+        }
+        let mut one = Vec::with_capacity(1);
+        self.acquire(1, &mut one).await?;
+        one.pop().ok_or_else(|| self.unavailable())
+    }
+
+    /// Makes slot `index` hold a request (rule 1) and returns its id; on
+    /// failure the slot is given back.
     fn register(
         &self,
-        permit: OwnedSemaphorePermit,
+        index: u32,
+        sequence: u64,
         started: Instant,
         probe: bool,
         group: Option<(&Arc<Group>, usize)>,
@@ -336,27 +377,19 @@ impl KernelInstance {
         // rule 6, which remembers it instead). The broker knows every
         // device an instance runs on, so this cannot fail.
         if !probe {
-            self.broker
-                .enter(self.device)
-                .map_err(|err| ExecuteError::DeviceFailed {
+            if let Err(err) = self.broker.enter(self.device) {
+                self.slots.give_back(index);
+                return Err(ExecuteError::DeviceFailed {
                     kernel: self.spec.id,
                     backend: self.backend,
                     reason: err.to_string(),
-                })?;
-        }
-        let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-        // The permit guarantees a free slot (rule 1).
-        let Some(request_id) = self.slots.claim(sequence, started, probe, group) else {
-            if !probe {
-                self.broker.finish(self.device, None);
+                });
             }
-            return Err(self.unavailable());
-        };
+        }
+        let request_id = self.slots.claim(index, sequence, started, probe, group);
         if probe {
             *lock(&self.last_probe) = Some((request_id, Instant::now()));
-        }
-        permit.forget();
-        if !probe {
+        } else {
             self.metrics.queue_depth.increment(1.0);
         }
         Ok(request_id)
@@ -364,17 +397,18 @@ impl KernelInstance {
 
     fn stage_with(
         &self,
-        permit: OwnedSemaphorePermit,
+        index: u32,
         payload: Vec<u8>,
         probe: bool,
     ) -> Result<Answer<'_>, ExecuteError> {
-        let request_id = self.register(permit, Instant::now(), probe, None)?;
+        let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let request_id = self.register(index, sequence, Instant::now(), probe, None)?;
         if let Err(staged) = self.staging.push(Staged {
             request_id,
             payload,
         }) {
-            // Cannot happen: staged requests hold permits, and the queue
-            // has one entry per permit.
+            // Cannot happen: staged requests hold slots, and the queue has
+            // one entry per slot.
             self.finish(staged.request_id, Err(self.unavailable()));
         }
         Ok(Ticket::new(self, request_id))
@@ -386,27 +420,23 @@ impl KernelInstance {
     /// copy of its own; otherwise it stages a copy for the flusher, which
     /// is where requests that arrive together are batched (rule 3).
     pub(crate) async fn send(&self, input: &[u8]) -> Result<Answer<'_>, ExecuteError> {
-        let permit = self.acquire().await?;
-        self.send_with(permit, input, false)
+        let index = self.acquire_one().await?;
+        self.send_with(index, input, false)
     }
 
-    /// [`KernelInstance::send`] once the permit is held.
-    fn send_with(
-        &self,
-        permit: OwnedSemaphorePermit,
-        input: &[u8],
-        probe: bool,
-    ) -> Result<Answer<'_>, ExecuteError> {
+    /// [`KernelInstance::send`] once slot `index` is held.
+    fn send_with(&self, index: u32, input: &[u8], probe: bool) -> Result<Answer<'_>, ExecuteError> {
         let mut flusher = match self.flusher.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                let ticket = self.stage_with(permit, input.to_vec(), probe)?;
+                let ticket = self.stage_with(index, input.to_vec(), probe)?;
                 self.flush();
                 return Ok(ticket);
             }
         };
-        let request_id = self.register(permit, Instant::now(), probe, None)?;
+        let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let request_id = self.register(index, sequence, Instant::now(), probe, None)?;
         self.flush_locked(&mut flusher);
         let outcome = match &flusher.submitter {
             Some(submitter) => submitter.submit(request_id, input),
@@ -444,53 +474,55 @@ impl KernelInstance {
     }
 
     /// Sends every input (at most `capacity`) as `group`'s members, in
-    /// input order (rule 9): the permits taken together, one ring claim
+    /// input order (rule 9): the slots taken together, one ring claim
     /// written straight from the caller's slices, the answers landing in
     /// the group, and one wake when the last is published. A member that
-    /// never reaches the ring has its error put in the group.
+    /// never reaches the ring is refused in the group, and counted as a
+    /// failure.
     pub(crate) async fn send_many<I: AsRef<[u8]>>(&self, inputs: &[I], group: &Arc<Group>) {
+        let refuse = |member: usize, error: ExecuteError| {
+            record_failure(self.spec.id, self.backend, &error);
+            group.refuse(member, error);
+        };
         let (inputs, beyond) = inputs.split_at(inputs.len().min(self.capacity()));
         // More than the ring holds could never be in flight at once.
         for member in inputs.len()..inputs.len() + beyond.len() {
-            group.put(
+            refuse(
                 member,
-                Err(ExecuteError::DeviceFailed {
+                ExecuteError::DeviceFailed {
                     kernel: self.spec.id,
                     backend: self.backend,
                     reason: format!("a group larger than the ring's {} slots", self.capacity()),
-                }),
+                },
             );
         }
         // Flush before waiting for slots, or requests staged by others could
-        // wait on this call's permits.
+        // wait on this call's slots.
         self.flush();
-        let mut permits = match self.acquire_many(inputs.len()).await {
-            Ok(permits) => permits,
-            Err(err) => {
-                for member in 0..inputs.len() {
-                    group.put(member, Err(err.clone()));
-                }
-                return;
+        let mut indices = Vec::with_capacity(inputs.len());
+        if let Err(err) = self.acquire(inputs.len(), &mut indices).await {
+            for member in 0..inputs.len() {
+                refuse(member, err.clone());
             }
-        };
+            return;
+        }
         let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(inputs.len());
-        // One clock read for the group: its requests start together.
+        let recoveries = self.recoveries.load(Ordering::Acquire);
+        // One clock read and one sequence range for the group: its
+        // requests start together.
         let started = Instant::now();
-        for (member, input) in inputs.iter().enumerate() {
-            // `permits` holds one per input left (the last split leaves it
-            // empty).
-            let registered = match permits.split(1) {
-                Some(one) => self.register(one, started, false, Some((group, member))),
-                None => Err(self.unavailable()),
-            };
-            match registered {
+        let first = self
+            .next_sequence
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        for ((member, input), index) in inputs.iter().enumerate().zip(indices) {
+            let sequence = first + member as u64;
+            match self.register(index, sequence, started, false, Some((group, member))) {
                 Ok(request_id) => batch.push((request_id, input.as_ref())),
-                Err(err) => group.put(member, Err(err)),
+                Err(err) => refuse(member, err),
             }
         }
         if !batch.is_empty() {
-            group.expect(batch.len());
-            self.submit_group(&batch);
+            self.submit_group(&mut batch, recoveries);
         }
     }
 
@@ -499,29 +531,16 @@ impl KernelInstance {
         self.config.kernel.capacity as usize
     }
 
-    /// [`KernelInstance::acquire`] for `count` permits at once (at most
-    /// `capacity`).
-    async fn acquire_many(&self, count: usize) -> Result<OwnedSemaphorePermit, ExecuteError> {
-        let count = u32::try_from(count).map_err(|_| self.unavailable())?;
-        if let Ok(permits) = self.permits.clone().try_acquire_many_owned(count) {
-            return Ok(permits);
-        }
-        let started = Instant::now();
-        let wait = self.permits.clone().acquire_many_owned(count);
-        match tokio::time::timeout(self.config.overload_timeout, wait).await {
-            Ok(Ok(permits)) => Ok(permits),
-            Ok(Err(_closed)) => Err(ExecuteError::ShutDown),
-            Err(_elapsed) => Err(ExecuteError::Overloaded {
-                kernel: self.spec.id,
-                waited: started.elapsed(),
-            }),
-        }
-    }
-
     /// Writes a group's requests into the ring in one claim (rule 9),
     /// after anything staged; what the ring cannot take now is staged.
-    fn submit_group(&self, batch: &[(u64, &[u8])]) {
+    /// `recoveries` is the count of hang recoveries when the group's slots
+    /// were claimed: a recovery since then may have failed members, which
+    /// are not sent (their slots may already hold other requests).
+    fn submit_group(&self, batch: &mut Vec<(u64, &[u8])>, recoveries: u64) {
         let mut flusher = lock(&self.flusher);
+        if self.recoveries.load(Ordering::Acquire) != recoveries {
+            batch.retain(|&(request_id, _)| self.is_pending(request_id));
+        }
         self.flush_locked(&mut flusher);
         let outcome = match &flusher.submitter {
             Some(submitter) => submitter.submit_batch(batch),
@@ -533,7 +552,7 @@ impl KernelInstance {
             Err(BatchSubmitError::WrongShape { .. }) => {
                 // Each request on its own: only the ones that do not fit
                 // fail, the rest go in.
-                for &(request_id, input) in batch {
+                for &(request_id, input) in batch.iter() {
                     let submitted = match &flusher.submitter {
                         Some(submitter) => submitter.submit(request_id, input),
                         None => Err(SubmitError::Stopped(input)),
@@ -576,14 +595,14 @@ impl KernelInstance {
                 }
             }
             Err(BatchSubmitError::Stopped) => {
-                for &(request_id, _) in batch {
+                for &(request_id, _) in batch.iter() {
                     failures.push((request_id, self.unavailable()));
                 }
             }
             // Full (out-of-order releases only, rule 1) or a count the ring
             // does not take in one claim: staged, the flusher feeds them in.
             Err(_) => {
-                for &(request_id, input) in batch {
+                for &(request_id, input) in batch.iter() {
                     if self
                         .staging
                         .push(Staged {
@@ -632,15 +651,10 @@ impl KernelInstance {
         // Busy: its answers show whether it works, and a probe would only
         // queue behind them (a saturated kernel is not a hung one).
         let idle = match probe_len(&self.spec.request) {
-            Some(len) if self.in_flight() == 0 => self
-                .permits
-                .clone()
-                .try_acquire_owned()
-                .ok()
-                .map(|permit| (permit, len)),
+            Some(len) if self.in_flight() == 0 => self.slots.try_take().map(|index| (index, len)),
             _ => None,
         };
-        let Some((permit, len)) = idle else {
+        let Some((index, len)) = idle else {
             let since_heartbeat = self.health().since_heartbeat;
             return if since_heartbeat < timeout {
                 Ok(ProbeAnswer::Busy { since_heartbeat })
@@ -653,7 +667,7 @@ impl KernelInstance {
         };
         let started = Instant::now();
         let ticket = self
-            .send_with(permit, &vec![0u8; len], true)
+            .send_with(index, &vec![0u8; len], true)
             .map_err(|err| err.to_string())?;
         match tokio::time::timeout(timeout, ticket.answer()).await {
             Ok(Ok(_) | Err(ExecuteError::Rejected { .. } | ExecuteError::KernelFault { .. })) => {
@@ -873,10 +887,7 @@ impl KernelInstance {
         drain.answered.clear();
         drain.failed = 0;
         drain.now = None;
-        let freed = std::mem::take(&mut drain.freed) + self.slots.publish(&mut drain.landing);
-        if freed > 0 {
-            self.permits.add_permits(freed);
-        }
+        self.slots.publish(&mut drain.landing);
     }
 
     /// Rule 8: folds a drain's mean round trip into the moving average
@@ -929,7 +940,7 @@ impl KernelInstance {
     }
 
     fn in_flight(&self) -> usize {
-        self.config.kernel.capacity as usize - self.permits.available_permits()
+        self.slots.in_use()
     }
 
     /// Asks the completion thread to stop (rule 7); `join` waits for it.
@@ -1098,6 +1109,9 @@ impl KernelInstance {
         .increment(1);
         let mut flusher = lock(&self.flusher);
         flusher.submitter = None;
+        // Groups that claimed slots before this check what is still owed
+        // before they send (`submit_group`).
+        self.recoveries.fetch_add(1, Ordering::AcqRel);
         // Only requests registered before the lock was taken can have been
         // sent to the hung kernel: sending takes the lock, held from here
         // until the relaunch. Later ones stay staged for the fresh kernel.
@@ -1177,7 +1191,7 @@ impl KernelInstance {
         self.settle_all(&report.completions);
         // Whatever is left was abandoned, or the kernel did not exit.
         self.fail_all(&ExecuteError::ShutDown);
-        self.permits.close();
+        self.slots.close();
         if !report.exited {
             tracing::error!(
                 kernel = self.spec.id,
@@ -1192,10 +1206,6 @@ impl KernelInstance {
 impl Owner for KernelInstance {
     fn slots(&self) -> &Slots {
         &self.slots
-    }
-
-    fn slot_freed(&self) {
-        self.permits.add_permits(1);
     }
 
     fn spin_budget(&self) -> Duration {
@@ -1213,6 +1223,11 @@ impl Owner for KernelInstance {
             let looked = self.poll_ring();
             if done() {
                 return true;
+            }
+            // Rule 3: staged requests go in while the completion thread
+            // is aside.
+            if !self.staging.is_empty() {
+                self.flush();
             }
             round = round.wrapping_add(1);
             // The clock costs more than a look at the ring.

@@ -1,34 +1,40 @@
 //! Where a ring request waits for its answer: one slot per ring entry, a
 //! reusable answer buffer in each, and the waiting task's waker, so an
 //! answer goes from the response ring to the caller with no channel and,
-//! once warm, no allocation.
+//! once warm, no allocation. The free slots are also the instance's
+//! admission control: a call that finds none waits for one.
 //!
 //! # Rules
 //!
-//! 1. **Phases.** A slot is `Free`, `Waiting`, `Landed`, `Done` or
-//!    `Abandoned`, and changes only under its lock:
-//!    - [`Slots::claim`] takes a free index from the free queue and makes
-//!      its slot `Waiting` with a fresh request id;
+//! 1. **Phases.** A slot is `Free`, `Waiting`, `Landed`, `Done`,
+//!    `Abandoned` or `Orphaned`, and changes only under its lock:
+//!    - [`Slots::claim`] makes a slot taken from the free queue `Waiting`
+//!      with a fresh request id;
 //!    - [`Slots::land`] copies an answer into a `Waiting` slot and makes it
 //!      `Landed`, or frees an `Abandoned` one;
 //!    - [`Slots::publish`] makes a `Landed` slot `Done` and wakes its
-//!      waiter, or frees it if its ticket was dropped meanwhile;
-//!    - a [`Ticket`] makes its `Done` slot `Free` once it has taken the
-//!      answer, or its `Waiting` or `Landed` slot `Abandoned` when it is
-//!      dropped first (the answer is still on its way: the slot cannot be
-//!      reused before it lands and is published).
+//!      waiter, or frees an `Orphaned` one;
+//!    - a [`Ticket`] frees its `Done` slot once it has taken the answer;
+//!      dropped first, it makes its `Waiting` slot `Abandoned` (the answer
+//!      is still owed: the slot cannot be reused before it lands) and its
+//!      `Landed` slot `Orphaned` (the answer is in and counted, only its
+//!      publication is owed).
 //!
 //!    Every transition checks the request id, so a late or repeated answer
-//!    for an id the slot no longer holds changes nothing.
-//! 2. **Free means returned.** Whoever makes a slot `Free` pushes its
-//!    index back to the free queue and reports it, so that the instance
-//!    gives its permit back (rule 1 of `instance.rs`): a slot is
-//!    reclaimed exactly once, by the ticket, by `land` or by `publish`.
-//! 3. **Answers are copied once.** The answer's bytes are copied from the
-//!    response ring into the slot's buffer, which keeps its capacity from
-//!    request to request; the ticket copies them out to the caller (into a
-//!    fresh `Vec`, or into the caller's own buffer). Errors are stored as
-//!    they are.
+//!    for an id the slot no longer holds changes nothing. Only `Waiting`
+//!    and `Abandoned` slots are owed an answer ([`Slots::pending`]), so an
+//!    answer is landed, and counted, once.
+//! 2. **Free means returned.** Whoever frees a slot pushes its index back
+//!    to the free queue and, if a call waits for a slot, wakes one
+//!    ([`Slots::take`]): a slot is reclaimed exactly once, by the ticket,
+//!    by `land` or by `publish`. The slots in use are the requests in
+//!    flight; no more than the ring holds can be, so the request ring
+//!    cannot be full when the bridge submits (rule 1 of `instance.rs`).
+//! 3. **Answers are copied once into the slot.** The answer's bytes are
+//!    copied from the response ring into the slot's buffer, which keeps
+//!    its capacity from request to request; the ticket hands them to the
+//!    caller (who copies them into a fresh `Vec`, or its own buffer).
+//!    Errors are stored as they are.
 //! 4. **Counted, then seen.** Answers are landed a drain at a time; the
 //!    drainer counts the drain (the broker, the metrics) and only then
 //!    publishes it, so no caller sees an answer its counters do not show
@@ -41,19 +47,22 @@
 //!    itself meanwhile (`instance.rs` rules 8 and 10); it always checks
 //!    again after registering, under the lock, so an answer published in
 //!    between is never missed.
-//! 6. **Groups.** A request of a [`Group`] has no ticket: its answer
-//!    lands straight in the group (by member number) and its slot is
-//!    freed at once; the group is told at publication. A group dropped
-//!    before its answers land loses nothing: they land in it and free
-//!    their slots all the same.
+//! 6. **Groups.** A request of a [`Group`] has no ticket: its answer lands
+//!    in the group's buffer (by member number) and its slot is freed at
+//!    once; the group is told at publication. A group counts its members
+//!    before any is claimed, and a member that never reaches the ring is
+//!    put and told at once, so the group is done exactly when every member
+//!    has its answer. A group dropped before its answers land loses
+//!    nothing: they land in it and free their slots all the same.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 
 use super::error::ExecuteError;
 
@@ -77,6 +86,7 @@ enum Phase {
     Landed,
     Done,
     Abandoned,
+    Orphaned,
 }
 
 /// Requests of one [`execute_many`](crate::GpuBridge::execute_many) call
@@ -84,7 +94,7 @@ enum Phase {
 /// when the last is published.
 #[derive(Debug)]
 pub(crate) struct Group {
-    /// Claimed and not yet answered.
+    /// Members not yet answered.
     remaining: AtomicUsize,
     waker: AtomicWaker,
     answers: Mutex<Answers>,
@@ -101,10 +111,11 @@ struct Answers {
 }
 
 impl Group {
-    /// A group of `members` requests, numbered from 0.
+    /// A group of `members` requests, numbered from 0, all counted as
+    /// unanswered (rule 6).
     pub(crate) fn new(members: usize) -> Group {
         Group {
-            remaining: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(members),
             waker: AtomicWaker::new(),
             answers: Mutex::new(Answers {
                 bytes: Vec::new(),
@@ -113,8 +124,8 @@ impl Group {
         }
     }
 
-    /// Records member `member`'s answer (or why it never reached the ring).
-    pub(crate) fn put(&self, member: usize, outcome: Result<&[u8], ExecuteError>) {
+    /// Records member `member`'s answer; the group is told at publication.
+    fn put(&self, member: usize, outcome: Result<&[u8], ExecuteError>) {
         let mut answers = lock(&self.answers);
         let entry = match outcome {
             Ok(bytes) => {
@@ -129,31 +140,31 @@ impl Group {
         }
     }
 
-    /// Once the group is done: each member's answer, in member order, given
-    /// to `take`.
-    pub(crate) fn take_all<T>(
+    /// Member `member` never reached the ring: its error is put and told
+    /// at once (rule 6).
+    pub(crate) fn refuse(&self, member: usize, error: ExecuteError) {
+        self.put(member, Err(error));
+        self.arrive(1);
+    }
+
+    /// Once the group is done: member `member`'s answer, given to `take`.
+    pub(crate) fn take<T>(
         &self,
-        out: &mut Vec<T>,
-        mut take: impl FnMut(Result<&[u8], ExecuteError>) -> T,
-    ) {
+        member: usize,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> T {
         let mut answers = lock(&self.answers);
         let Answers { bytes, members } = &mut *answers;
-        out.extend(members.iter_mut().map(|member| match member.take() {
+        match members.get_mut(member).and_then(Option::take) {
             Some(Ok((start, len))) => take(Ok(&bytes[start..start + len])),
             Some(Err(err)) => take(Err(err)),
-            // Cannot happen once the group is done: every member claimed
-            // was expected, and every other was put as refused.
+            // Cannot happen once the group is done: every member is either
+            // answered or refused before the count reaches zero.
             None => take(Err(ExecuteError::ShutDown)),
-        }));
+        }
     }
 
-    /// `count` more requests will be claimed for the group: counted before
-    /// any of them is sent, so no answer can find the count short.
-    pub(crate) fn expect(&self, count: usize) {
-        self.remaining.fetch_add(count, Ordering::AcqRel);
-    }
-
-    /// Whether every request claimed so far has its answer.
+    /// Whether every member has its answer.
     pub(crate) fn is_done(&self) -> bool {
         self.remaining.load(Ordering::Acquire) == 0
     }
@@ -206,11 +217,12 @@ struct Cell {
 /// What [`Slots::land`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Landed {
-    /// The answer waits in its slot for [`Slots::publish`].
+    /// The answer waits for [`Slots::publish`].
     Kept,
-    /// Its ticket had been dropped: the slot is free again (rule 2).
+    /// The slot is free again: its ticket had been dropped, or it belongs
+    /// to a group (rules 2 and 6).
     Freed,
-    /// No slot holds this request id (any more).
+    /// No slot is owed an answer for this request id (any more).
     Stale,
 }
 
@@ -235,10 +247,27 @@ pub(crate) struct Answering {
     pub(crate) probe: bool,
 }
 
+/// Why [`Slots::take`] gave no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoSlot {
+    /// None came free before the deadline.
+    TimedOut,
+    /// The slots were closed: the instance stopped.
+    Closed,
+}
+
+/// How often a call waiting for slots looks again even unwoken: a group
+/// waits for several, and a wake-up goes to one waiter.
+const RECHECK: Duration = Duration::from_millis(1);
+
 /// The slot table.
 pub(crate) struct Slots {
     cells: Box<[Cell]>,
     free: ArrayQueue<u32>,
+    /// Calls waiting for a free slot (rule 2).
+    waiting: AtomicUsize,
+    room: Notify,
+    closed: AtomicBool,
 }
 
 impl Slots {
@@ -266,21 +295,109 @@ impl Slots {
                 })
                 .collect(),
             free,
+            waiting: AtomicUsize::new(0),
+            room: Notify::new(),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// Rule 1: takes a free slot for request `sequence`, started at
-    /// `started`; `None` if no slot is free (a permit guarantees one).
-    /// Returns the request id. A group's requests are counted by
-    /// [`Group::expect`], not here.
+    /// Slots in use: requests in flight, answers not yet taken.
+    pub(crate) fn in_use(&self) -> usize {
+        self.cells.len() - self.free.len()
+    }
+
+    /// A free slot's index, if one is free now.
+    pub(crate) fn try_take(&self) -> Option<u32> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.free.pop()
+    }
+
+    /// `count` free slots' indices into `into`, all or none.
+    fn try_take_many(&self, count: usize, into: &mut Vec<u32>) -> bool {
+        if self.closed.load(Ordering::Acquire) || self.free.len() < count {
+            return false;
+        }
+        let start = into.len();
+        for _ in 0..count {
+            match self.free.pop() {
+                Some(index) => into.push(index),
+                None => {
+                    // Another call took some meanwhile: give these back.
+                    for index in into.drain(start..) {
+                        self.give_back(index);
+                    }
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Rule 2: `count` free slots (one for a single call), waiting until
+    /// `deadline` for them. A group's slots are taken all at once.
+    pub(crate) async fn take(
+        &self,
+        count: usize,
+        deadline: Instant,
+        into: &mut Vec<u32>,
+    ) -> Result<(), NoSlot> {
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(NoSlot::Closed);
+            }
+            if self.try_take_many(count, into) {
+                return Ok(());
+            }
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Counted before the second look, which a release's wake-up
+            // then cannot miss (it counts waiters after its push).
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let taken = self.try_take_many(count, into);
+            if !taken && !self.closed.load(Ordering::Acquire) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
+                }
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if taken {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(NoSlot::TimedOut);
+            }
+        }
+    }
+
+    /// Rule 2: a slot is free again.
+    pub(crate) fn give_back(&self, index: u32) {
+        // Cannot fail: the index was taken from this queue.
+        let _ = self.free.push(index);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_one();
+        }
+    }
+
+    /// No more slots are given out; waiting calls fail with `Closed`.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.room.notify_waiters();
+    }
+
+    /// Rule 1: makes slot `index` (taken from the free queue) hold request
+    /// `sequence`, started at `started`. Returns the request id.
     pub(crate) fn claim(
         &self,
+        index: u32,
         sequence: u64,
         started: Instant,
         probe: bool,
         group: Option<(&Arc<Group>, usize)>,
-    ) -> Option<u64> {
-        let index = self.free.pop()?;
+    ) -> u64 {
         let request_id = (sequence << INDEX_BITS) | u64::from(index);
         let mut slot = lock(&self.cells[index as usize].slot);
         slot.request_id = request_id;
@@ -292,12 +409,13 @@ impl Slots {
             None => Waiter::Task(None),
         };
         slot.error = None;
-        Some(request_id)
+        request_id
     }
 
-    /// Rules 1–4: the answer to `request_id` lands: `Ok` with the kernel's
-    /// bytes, or an error. `account` sees it first, under the slot's lock;
-    /// a kept answer is remembered in `landing` for [`Slots::publish`].
+    /// Rules 1–4 and 6: the answer to `request_id` lands: `Ok` with the
+    /// kernel's bytes, or an error. `account` sees it first, under the
+    /// slot's lock; a kept answer is remembered in `landing` for
+    /// [`Slots::publish`].
     pub(crate) fn land(
         &self,
         request_id: u64,
@@ -323,11 +441,10 @@ impl Slots {
                 slot.phase = Phase::Free;
                 slot.waiter = Waiter::Task(None);
                 drop(slot);
-                // Cannot fail: the index was taken from this queue.
-                let _ = self.free.push(index_of(request_id) as u32);
+                self.give_back(index_of(request_id) as u32);
                 return Landed::Freed;
             }
-            Phase::Free | Phase::Landed | Phase::Done => return Landed::Stale,
+            Phase::Free | Phase::Landed | Phase::Done | Phase::Orphaned => return Landed::Stale,
         }
         account(answering, outcome.as_ref().map(|_| ()));
         if let Waiter::Group(group, member) = &slot.waiter {
@@ -340,7 +457,7 @@ impl Slots {
             slot.phase = Phase::Free;
             slot.waiter = Waiter::Task(None);
             drop(slot);
-            let _ = self.free.push(index_of(request_id) as u32);
+            self.give_back(index_of(request_id) as u32);
             return Landed::Freed;
         }
         slot.bytes.clear();
@@ -353,11 +470,10 @@ impl Slots {
         Landed::Kept
     }
 
-    /// Rule 4: makes every landed answer visible and wakes its waiter.
-    /// Returns how many slots became free (answers whose tickets were
-    /// dropped after they landed).
-    pub(crate) fn publish(&self, landing: &mut Landing) -> usize {
-        let mut freed = 0;
+    /// Rule 4: makes every landed answer visible and wakes its waiter
+    /// (tells each group once for all its answers); frees the slots of
+    /// answers whose tickets were dropped after they landed.
+    pub(crate) fn publish(&self, landing: &mut Landing) {
         for request_id in landing.ids.drain(..) {
             let Some(cell) = self.cells.get(index_of(request_id)) else {
                 continue;
@@ -368,16 +484,15 @@ impl Slots {
             }
             match slot.phase {
                 Phase::Landed => {}
-                Phase::Abandoned => {
+                Phase::Orphaned => {
                     slot.phase = Phase::Free;
                     slot.waiter = Waiter::Task(None);
                     slot.error = None;
                     drop(slot);
-                    let _ = self.free.push(index_of(request_id) as u32);
-                    freed += 1;
+                    self.give_back(index_of(request_id) as u32);
                     continue;
                 }
-                Phase::Free | Phase::Waiting | Phase::Done => continue,
+                Phase::Free | Phase::Waiting | Phase::Done | Phase::Abandoned => continue,
             }
             slot.phase = Phase::Done;
             cell.answered.store(request_id, Ordering::Release);
@@ -393,11 +508,9 @@ impl Slots {
         for (group, count) in landing.groups.drain(..) {
             group.arrive(count);
         }
-        freed
     }
 
-    /// Whether `request_id` still waits for its answer (`Waiting`, or
-    /// `Abandoned` by its ticket but still owed by the kernel).
+    /// Whether `request_id` is still owed its answer (rule 1).
     pub(crate) fn is_pending(&self, request_id: u64) -> bool {
         self.cells.get(index_of(request_id)).is_some_and(|cell| {
             let slot = lock(&cell.slot);
@@ -405,7 +518,7 @@ impl Slots {
         })
     }
 
-    /// The ids of every request still owed an answer, oldest slot first.
+    /// The ids of every request still owed an answer (rule 1).
     pub(crate) fn pending(&self) -> Vec<u64> {
         self.cells
             .iter()
@@ -416,16 +529,16 @@ impl Slots {
             .collect()
     }
 
-    /// Rule 4: whether `request_id`'s answer is in, without the lock.
+    /// Rule 4: whether `request_id`'s answer is published, without the
+    /// lock.
     fn is_answered(&self, request_id: u64) -> bool {
         self.cells
             .get(index_of(request_id))
             .is_some_and(|cell| cell.answered.load(Ordering::Acquire) == request_id)
     }
 
-    /// Rules 1 and 3: `Ready` once the answer is in and handed to `take`
-    /// (exactly once); the slot is then free and the caller gives its
-    /// permit back.
+    /// Rules 1 and 3: `Ready` once the answer is published and handed to
+    /// `take` (exactly once); the slot is then free.
     fn poll_take(&self, request_id: u64, cx: &mut Context<'_>, take: &mut Take<'_>) -> Poll<()> {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
             take(Err(ExecuteError::ShutDown));
@@ -434,24 +547,23 @@ impl Slots {
         let mut slot = lock(&cell.slot);
         if slot.request_id != request_id {
             // Cannot happen: a ticket's slot is reclaimed only by the
-            // ticket once it is `Done` (rule 2).
+            // ticket once it is `Done` (rule 1).
             take(Err(ExecuteError::ShutDown));
             return Poll::Ready(());
         }
         match slot.phase {
             Phase::Done => {}
             Phase::Waiting | Phase::Landed => {
-                match &mut slot.waiter {
-                    Waiter::Task(waker) => match waker {
+                if let Waiter::Task(waker) = &mut slot.waiter {
+                    match waker {
                         Some(waker) if waker.will_wake(cx.waker()) => {}
                         _ => *waker = Some(cx.waker().clone()),
-                    },
-                    // A group's requests have no tickets (rule 6).
-                    Waiter::Group(..) => {}
+                    }
                 }
                 return Poll::Pending;
             }
-            Phase::Free | Phase::Abandoned => {
+            // Cannot happen: only the ticket itself abandons its slot.
+            Phase::Free | Phase::Abandoned | Phase::Orphaned => {
                 take(Err(ExecuteError::ShutDown));
                 return Poll::Ready(());
             }
@@ -464,46 +576,38 @@ impl Slots {
         slot.phase = Phase::Free;
         slot.waiter = Waiter::Task(None);
         drop(slot);
-        // Cannot fail: the index was taken from this queue.
-        let _ = self.free.push(index_of(request_id) as u32);
+        self.give_back(index_of(request_id) as u32);
         Poll::Ready(())
     }
 
-    /// A ticket dropped before it took its answer (rule 1). Returns whether
-    /// the slot became free.
-    fn release(&self, request_id: u64) -> bool {
+    /// A ticket dropped before it took its answer (rule 1).
+    fn release(&self, request_id: u64) {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
-            return false;
+            return;
         };
         let mut slot = lock(&cell.slot);
         if slot.request_id != request_id {
-            return false;
+            return;
         }
         match slot.phase {
-            Phase::Waiting | Phase::Landed => {
-                slot.phase = Phase::Abandoned;
-                false
-            }
+            Phase::Waiting => slot.phase = Phase::Abandoned,
+            Phase::Landed => slot.phase = Phase::Orphaned,
             Phase::Done => {
                 slot.phase = Phase::Free;
                 slot.waiter = Waiter::Task(None);
                 slot.error = None;
                 drop(slot);
-                let _ = self.free.push(index_of(request_id) as u32);
-                true
+                self.give_back(index_of(request_id) as u32);
             }
-            Phase::Free | Phase::Abandoned => false,
+            Phase::Free | Phase::Abandoned | Phase::Orphaned => {}
         }
     }
 }
 
-/// What frees a slot's permit and serves its answers: the instance that
-/// owns the slots.
+/// What serves a slot's answers: the instance that owns the slots.
 pub(crate) trait Owner {
     /// The slot table.
     fn slots(&self) -> &Slots;
-    /// A slot became free: give its permit back.
-    fn slot_freed(&self);
     /// How long a single request's ticket may spin before it parks
     /// (rule 5).
     fn spin_budget(&self) -> Duration;
@@ -595,7 +699,6 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         if polled.is_ready() {
             self.taken = true;
             self.parked.done();
-            self.owner.slot_freed();
         } else {
             self.parked.park();
         }
@@ -633,8 +736,8 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
 
 impl<O: Owner + ?Sized> Drop for Ticket<'_, O> {
     fn drop(&mut self) {
-        if !self.taken && self.owner.slots().release(self.request_id) {
-            self.owner.slot_freed();
+        if !self.taken {
+            self.owner.slots().release(self.request_id);
         }
     }
 }

@@ -5,11 +5,15 @@
 //! kernel up and checks its element types once; after that a call does no
 //! string lookup and no type check.
 //!
-//! 1. **No intermediate buffers.** A call's input is the caller's slice,
-//!    seen as bytes (`bytemuck`, no copy), written straight into a ring
-//!    slot. Its answer is copied from its slot straight into the caller's
-//!    buffer (`call_into`, `call_many_into`: no allocation per call beyond
-//!    the result list) or into one fresh `Vec<O>` (`call`, `call_many`).
+//! 1. **No intermediate buffers per request.** A call's input is the
+//!    caller's slice, seen as bytes (`bytemuck`, no copy), written
+//!    straight into a ring slot. A single call's answer is copied from its
+//!    slot straight into the caller's buffer (`call_into`: no allocation)
+//!    or into one fresh `Vec<O>` (`call`). A group's answers land in the
+//!    group's buffer first (`slots.rs` rule 6) and are copied from there
+//!    (`call_many_into`: a few allocations per call, none per request;
+//!    `call_many`: one `Vec` per answer). Batch-path answers come back in
+//!    a buffer of their own and are copied from it.
 //! 2. **Same routes as bytes.** Typed calls take the ring path or the batch
 //!    path exactly as [`GpuBridge::execute`] does, with the same errors,
 //!    plus [`ExecuteError::OutputTooSmall`] when a caller's buffer cannot
@@ -28,10 +32,20 @@ use tracing::Instrument;
 
 use super::{ExecuteError, GpuBridge, refused};
 
-/// An element type a kernel's shape can name, as plain old data.
-pub trait Element: Pod + Send + Sync {
+/// An element type a kernel's shape can name, as plain old data. Sealed:
+/// implemented for exactly the types [`ElementType`] names.
+pub trait Element: Pod + Send + Sync + sealed::Sealed {
     /// The shape's name for it.
     const TYPE: ElementType;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for u32 {}
+    impl Sealed for i32 {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
 }
 
 impl Element for u8 {
@@ -164,9 +178,11 @@ impl<I: Element, O: Element> Kernel<I, O> {
     pub async fn call(&self, input: &[I]) -> Result<Vec<O>, ExecuteError> {
         let span = tracing::debug_span!("granary_gpu.call", kernel = self.spec.id);
         let kernel = self.spec.id;
-        self.one(input, |answer| to_vec(kernel, answer?))
-            .instrument(span)
-            .await
+        self.one(input, |answer| {
+            to_vec(kernel, answer?).map_err(|err| refused(kernel, err))
+        })
+        .instrument(span)
+        .await
     }
 
     /// Runs the kernel on `input` and writes its answer into the start of
@@ -174,9 +190,11 @@ impl<I: Element, O: Element> Kernel<I, O> {
     pub async fn call_into(&self, input: &[I], output: &mut [O]) -> Result<usize, ExecuteError> {
         let span = tracing::debug_span!("granary_gpu.call", kernel = self.spec.id);
         let kernel = self.spec.id;
-        self.one(input, |answer| copy_into(kernel, answer?, output))
-            .instrument(span)
-            .await
+        self.one(input, |answer| {
+            copy_into(kernel, answer?, output).map_err(|err| refused(kernel, err))
+        })
+        .instrument(span)
+        .await
     }
 
     /// Runs the kernel on every input; the answers come back in input
@@ -192,9 +210,11 @@ impl<I: Element, O: Element> Kernel<I, O> {
             requests = inputs.len()
         );
         let kernel = self.spec.id;
-        self.many(inputs, |answer| to_vec(kernel, answer?))
-            .instrument(span)
-            .await
+        self.many(inputs, |answer| {
+            to_vec(kernel, answer?).map_err(|err| refused(kernel, err))
+        })
+        .instrument(span)
+        .await
     }
 
     /// Runs the kernel on every input and writes the answers back to back
@@ -214,7 +234,8 @@ impl<I: Element, O: Element> Kernel<I, O> {
         let kernel = self.spec.id;
         let mut at = 0;
         self.many(inputs, |answer| {
-            let written = copy_into(kernel, answer?, &mut output[at..])?;
+            let written = copy_into(kernel, answer?, &mut output[at..])
+                .map_err(|err| refused(kernel, err))?;
             let range = at..at + written;
             at += written;
             Ok(range)
@@ -257,7 +278,9 @@ impl<I: Element, O: Element> Kernel<I, O> {
     }
 }
 
-/// An answer's elements, or a fault if its length is not whole elements.
+/// An answer's elements, or a fault if its length is not whole elements
+/// (the kernel was counted as answering; the caller's failure is counted
+/// by the call, with backend `none`).
 fn elements<O: Element>(kernel: &'static str, bytes: &[u8]) -> Result<usize, ExecuteError> {
     let size = std::mem::size_of::<O>();
     if bytes.len() % size == 0 {

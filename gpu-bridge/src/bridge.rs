@@ -567,29 +567,26 @@ impl GpuBridge {
         // order below (a group's slots are free as soon as its answers
         // land).
         let mut groups = Vec::new();
-        match &instance {
-            Ok(Some(instance)) => {
-                for chunk in ring.chunks(instance.capacity()) {
-                    let group = Arc::new(slots::Group::new(chunk.len()));
-                    instance.send_many(chunk, &group).await;
-                    let spin = instance.spin_budget_for(chunk.len());
-                    if !spin.is_zero() {
-                        instance.spin_wait(spin, &|| group.is_done());
-                    }
-                    let mut parked = slots::Parked::new(&**instance);
-                    std::future::poll_fn(|cx| {
-                        let done = group.poll_done(cx);
-                        if done.is_pending() {
-                            parked.park();
-                        }
-                        done
-                    })
-                    .await;
-                    parked.done();
-                    groups.push((group, chunk.len()));
+        if let Ok(Some(instance)) = &instance {
+            for chunk in ring.chunks(instance.capacity()) {
+                let group = Arc::new(slots::Group::new(chunk.len()));
+                instance.send_many(chunk, &group).await;
+                let spin = instance.spin_budget_for(chunk.len());
+                if !spin.is_zero() {
+                    instance.spin_wait(spin, &|| group.is_done());
                 }
+                let mut parked = slots::Parked::new(&**instance);
+                std::future::poll_fn(|cx| {
+                    let done = group.poll_done(cx);
+                    if done.is_pending() {
+                        parked.park();
+                    }
+                    done
+                })
+                .await;
+                parked.done();
+                groups.push((group, chunk.len()));
             }
-            Ok(None) | Err(_) => {}
         }
         // The ring answers, group by group and member by member.
         let mut members = groups

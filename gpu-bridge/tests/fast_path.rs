@@ -446,7 +446,9 @@ async fn two_versions_of_a_kernel_serve_side_by_side() {
         [6.0]
     );
     // Groups take the latest too, and each version has its own kernel.
-    let answers = bridge.execute_many("double", &[input.clone()]).await;
+    let answers = bridge
+        .execute_many("double", std::slice::from_ref(&input))
+        .await;
     assert_eq!(from_f32s(answers[0].as_ref().unwrap()), [3.0, 6.0]);
     assert_eq!(
         bridge.kernel_health().len(),

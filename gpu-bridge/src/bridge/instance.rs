@@ -79,17 +79,17 @@
 //!    owed an answer (`recoveries`), since a failed member's slot may
 //!    already hold another request.
 //! 10. **Serving the ring.** The response ring has one consumer at a
-//!    time, behind the `serving` lock. The completion thread holds it
-//!    while it waits for answers. A spinning caller (rule 8) takes it only
-//!    with `try_lock`, lands and settles whatever is ready, and flushes
-//!    staged requests; finding it held, it sets `delegate` and yields its
-//!    core. Seeing `delegate`, the completion thread steps aside (parks,
-//!    looking at the ring and the heartbeat at least every millisecond)
-//!    as long as no waiter is parked: a waiter that parks counts itself in
-//!    `parked` and then reads `aside`, the thread sets `aside` and then
-//!    reads `parked` (both sequentially consistent), so either the thread
-//!    stays or the waiter wakes it. A lone caller thus takes its answer
-//!    from the ring itself, with no thread hop and no wake-up.
+//!     time, behind the `serving` lock. The completion thread holds it
+//!     while it waits for answers. A spinning caller (rule 8) takes it only
+//!     with `try_lock`, lands and settles whatever is ready, and flushes
+//!     staged requests; finding it held, it sets `delegate` and yields its
+//!     core. Seeing `delegate`, the completion thread steps aside (parks,
+//!     looking at the ring and the heartbeat at least every millisecond)
+//!     as long as no waiter is parked: a waiter that parks counts itself in
+//!     `parked` and then reads `aside`, the thread sets `aside` and then
+//!     reads `parked` (both sequentially consistent), so either the thread
+//!     stays or the waiter wakes it. A lone caller thus takes its answer
+//!     from the ring itself, with no thread hop and no wake-up.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicUsize;

@@ -106,7 +106,7 @@ use granary_kernels::{
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
-use super::slots::{Group, INDEX_BITS, Landed, Landing, NoSlot, Owner, Slots, Ticket};
+use super::slots::{Group, INDEX_BITS, Landing, NoSlot, Owner, Slots, Ticket};
 use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// A claim on one request's answer.
@@ -138,8 +138,6 @@ struct Drain {
     answered: Vec<u64>,
     /// Failures landed.
     failed: usize,
-    /// Slots freed (answers whose callers had gone).
-    freed: usize,
     /// When the drain's first answer landed: one clock read per drain.
     now: Option<Instant>,
 }
@@ -825,11 +823,9 @@ impl KernelInstance {
             landing,
             answered,
             failed,
-            freed,
             now,
         } = drain;
-        let landed = self
-            .slots
+        self.slots
             .land(request_id, outcome, landing, |answering, outcome| {
                 // Rule 6: a probe is not counted.
                 if answering.probe {
@@ -847,9 +843,6 @@ impl KernelInstance {
                     }
                 }
             });
-        if landed == Landed::Freed {
-            *freed += 1;
-        }
     }
 
     /// Lands a completion lent by the kernel.
@@ -866,8 +859,7 @@ impl KernelInstance {
     }
 
     /// Rule 4 of `slots.rs`: counts what `drain` landed (the broker, the
-    /// metrics, the round-trip average), then publishes it and gives back
-    /// the permits of the slots it freed, all at once.
+    /// metrics, the round-trip average) all at once, then publishes it.
     fn settle(&self, drain: &mut Drain) {
         let total = drain.answered.len() + drain.failed;
         if total > 0 {
@@ -1295,8 +1287,7 @@ pub struct InstanceHealth {
     /// busy or idle, so this stays near zero unless it hangs.
     pub since_heartbeat: Duration,
     /// Requests in its slots now (probes included; a request answered a
-    /// moment ago counts until the completion thread gives back the
-    /// permits of the batch it drained).
+    /// moment ago counts until its caller takes the answer).
     pub in_flight: usize,
     /// Its slots: the size of its rings.
     pub capacity: usize,

@@ -214,18 +214,6 @@ struct Cell {
     answered: AtomicU64,
 }
 
-/// What [`Slots::land`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Landed {
-    /// The answer waits for [`Slots::publish`].
-    Kept,
-    /// The slot is free again: its ticket had been dropped, or it belongs
-    /// to a group (rules 2 and 6).
-    Freed,
-    /// No slot is owed an answer for this request id (any more).
-    Stale,
-}
-
 /// Answers landed and not yet published (rule 4), kept between drains so
 /// that a drain allocates nothing once warm.
 #[derive(Default)]
@@ -422,13 +410,13 @@ impl Slots {
         outcome: Result<&[u8], ExecuteError>,
         landing: &mut Landing,
         account: impl FnOnce(Answering, Result<(), &ExecuteError>),
-    ) -> Landed {
+    ) {
         let Some(cell) = self.cells.get(index_of(request_id)) else {
-            return Landed::Stale;
+            return;
         };
         let mut slot = lock(&cell.slot);
         if slot.request_id != request_id {
-            return Landed::Stale;
+            return;
         }
         let answering = Answering {
             started: slot.started,
@@ -442,9 +430,9 @@ impl Slots {
                 slot.waiter = Waiter::Task(None);
                 drop(slot);
                 self.give_back(index_of(request_id) as u32);
-                return Landed::Freed;
+                return;
             }
-            Phase::Free | Phase::Landed | Phase::Done | Phase::Orphaned => return Landed::Stale,
+            Phase::Free | Phase::Landed | Phase::Done | Phase::Orphaned => return,
         }
         account(answering, outcome.as_ref().map(|_| ()));
         if let Waiter::Group(group, member) = &slot.waiter {
@@ -458,7 +446,7 @@ impl Slots {
             slot.waiter = Waiter::Task(None);
             drop(slot);
             self.give_back(index_of(request_id) as u32);
-            return Landed::Freed;
+            return;
         }
         slot.bytes.clear();
         match outcome {
@@ -467,7 +455,6 @@ impl Slots {
         }
         slot.phase = Phase::Landed;
         landing.ids.push(request_id);
-        Landed::Kept
     }
 
     /// Rule 4: makes every landed answer visible and wakes its waiter

@@ -575,16 +575,14 @@ impl GpuBridge {
                 if !spin.is_zero() {
                     instance.spin_wait(spin, &|| group.is_done());
                 }
-                let mut parked = slots::Parked::new(&**instance);
                 std::future::poll_fn(|cx| {
                     let done = group.poll_done(cx);
                     if done.is_pending() {
-                        parked.park();
+                        instance.parking();
                     }
                     done
                 })
                 .await;
-                parked.done();
                 groups.push((group, chunk.len()));
             }
         }

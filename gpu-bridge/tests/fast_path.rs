@@ -470,3 +470,58 @@ async fn two_versions_of_a_kernel_serve_side_by_side() {
     );
     bridge.shutdown(StopMode::Drain).await;
 }
+
+/// A group as large as the ring gets its slots while single calls keep
+/// some of them busy at every moment: it gathers them as they come free
+/// instead of waiting for the whole table to be free at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_as_large_as_the_ring_is_not_starved_by_single_calls() {
+    let capacity = 16;
+    let bridge = GpuBridge::builder()
+        .kernel(shipped::DOUBLE)
+        .config(BridgeConfig {
+            kernel: KernelConfig {
+                capacity,
+                ..BridgeConfig::default().kernel
+            },
+            overload_timeout: Duration::from_secs(10),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let singles: Vec<_> = (0..4)
+        .map(|_| {
+            let (bridge, stop) = (bridge.clone(), stop.clone());
+            tokio::spawn(async move {
+                let double = bridge.kernel::<Double>().unwrap();
+                let mut calls = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(double.call(&[1.0]).await.unwrap(), [2.0]);
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    // The singles are under way before the groups go.
+    while bridge
+        .kernel_health()
+        .first()
+        .is_none_or(|h| h.in_flight == 0)
+    {
+        tokio::task::yield_now().await;
+    }
+    let inputs: Vec<Vec<u8>> = (0..capacity).map(|i| f32s(&[i as f32])).collect();
+    for _ in 0..20 {
+        let answers = bridge.execute_many("double", &inputs).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            assert_eq!(from_f32s(&answer.unwrap()), [2.0 * i as f32]);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for single in singles {
+        assert!(single.await.unwrap() > 0);
+    }
+    bridge.shutdown(StopMode::Drain).await;
+}

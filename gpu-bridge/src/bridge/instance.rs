@@ -73,7 +73,8 @@
 //! 9. **Groups.** `execute_many` takes its slots together, writes its
 //!    requests into the ring in one claim per `capacity` straight from the
 //!    caller's slices (after anything staged), and is woken once, by its
-//!    last answer. A request the ring refuses fails alone; the rest go in.
+//!    last answer. A request whose shape the ring refuses fails alone and
+//!    the rest go in; a ring that stops mid-batch fails the rest.
 //!    A hang recovery between a group's claims and its submission may have
 //!    failed some of its members: the group then sends only those still
 //!    owed an answer (`recoveries`), since a failed member's slot may
@@ -85,11 +86,15 @@
 //!     staged requests; finding it held, it sets `delegate` and yields its
 //!     core. Seeing `delegate`, the completion thread steps aside (parks,
 //!     looking at the ring and the heartbeat at least every millisecond)
-//!     as long as no waiter is parked: a waiter that parks counts itself in
-//!     `parked` and then reads `aside`, the thread sets `aside` and then
-//!     reads `parked` (both sequentially consistent), so either the thread
-//!     stays or the waiter wakes it. A lone caller thus takes its answer
-//!     from the ring itself, with no thread hop and no wake-up.
+//!     as long as every slot in use belongs to a spinning caller
+//!     (`pollers`, counted while they spin). A call takes its slot before
+//!     it can park, and a waiter that parks reads `aside` after it
+//!     registered its waker; the thread sets `aside` and then counts the
+//!     slots in use (all sequentially consistent), so either the thread
+//!     sees the waiter's slot and stays, or the waiter sees `aside` and
+//!     wakes it. A lone caller thus takes its answer from the ring itself,
+//!     with no thread hop and no wake-up, and a crowd of parked callers
+//!     costs no shared counter per request.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicUsize;
@@ -200,8 +205,8 @@ pub(crate) struct KernelInstance {
     delegate: AtomicBool,
     /// Rule 10: the completion thread has stepped aside.
     aside: AtomicBool,
-    /// Rule 10: callers parked until their answers land.
-    parked: AtomicUsize,
+    /// Rule 10: callers spinning for their answers now.
+    pollers: AtomicUsize,
     /// The completion thread, to wake it when it stepped aside.
     completions: OnceLock<thread::Thread>,
     /// `RUNNING`, `STOP_DRAIN` or `STOP_ABANDON`.
@@ -270,7 +275,7 @@ impl KernelInstance {
             }),
             delegate: AtomicBool::new(false),
             aside: AtomicBool::new(false),
-            parked: AtomicUsize::new(0),
+            pollers: AtomicUsize::new(0),
             completions: OnceLock::new(),
             stop: AtomicU8::new(RUNNING),
             failed: AtomicBool::new(false),
@@ -337,11 +342,12 @@ impl KernelInstance {
     /// `overload_timeout` for them.
     async fn acquire(&self, count: usize, into: &mut Vec<u32>) -> Result<(), ExecuteError> {
         let started = Instant::now();
-        match self
-            .slots
-            .take(count, started + self.config.overload_timeout, into)
-            .await
-        {
+        // A timeout too long to represent waits for good (a century).
+        let deadline = started
+            .checked_add(self.config.overload_timeout)
+            .or_else(|| started.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+            .unwrap_or(started);
+        match self.slots.take(count, deadline, into).await {
             Ok(()) => Ok(()),
             Err(NoSlot::Closed) => Err(ExecuteError::ShutDown),
             Err(NoSlot::TimedOut) => Err(ExecuteError::Overloaded {
@@ -505,13 +511,14 @@ impl KernelInstance {
             return;
         }
         let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(inputs.len());
-        let recoveries = self.recoveries.load(Ordering::Acquire);
+        // Rule 9: read before the sequence range is taken.
+        let recoveries = self.recoveries.load(Ordering::SeqCst);
         // One clock read and one sequence range for the group: its
         // requests start together.
         let started = Instant::now();
         let first = self
             .next_sequence
-            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+            .fetch_add(inputs.len() as u64, Ordering::SeqCst);
         for ((member, input), index) in inputs.iter().enumerate().zip(indices) {
             let sequence = first + member as u64;
             match self.register(index, sequence, started, false, Some((group, member))) {
@@ -536,7 +543,7 @@ impl KernelInstance {
     /// are not sent (their slots may already hold other requests).
     fn submit_group(&self, batch: &mut Vec<(u64, &[u8])>, recoveries: u64) {
         let mut flusher = lock(&self.flusher);
-        if self.recoveries.load(Ordering::Acquire) != recoveries {
+        if self.recoveries.load(Ordering::SeqCst) != recoveries {
             batch.retain(|&(request_id, _)| self.is_pending(request_id));
         }
         self.flush_locked(&mut flusher);
@@ -1031,10 +1038,12 @@ impl KernelInstance {
             if !self.staging.is_empty() {
                 self.flush();
             }
-            if delegated && taken == 0 {
-                thread::park_timeout(poll);
+            if delegated {
+                if taken == 0 {
+                    thread::park_timeout(poll);
+                }
+                self.aside.store(false, Ordering::SeqCst);
             }
-            self.aside.store(false, Ordering::SeqCst);
         }
     }
 
@@ -1075,7 +1084,7 @@ impl KernelInstance {
             return false;
         }
         self.aside.store(true, Ordering::SeqCst);
-        if self.parked.load(Ordering::SeqCst) == 0 {
+        if self.slots.in_use() <= self.pollers.load(Ordering::SeqCst) {
             return true;
         }
         self.aside.store(false, Ordering::SeqCst);
@@ -1101,13 +1110,15 @@ impl KernelInstance {
         .increment(1);
         let mut flusher = lock(&self.flusher);
         flusher.submitter = None;
-        // Groups that claimed slots before this check what is still owed
-        // before they send (`submit_group`).
-        self.recoveries.fetch_add(1, Ordering::AcqRel);
         // Only requests registered before the lock was taken can have been
         // sent to the hung kernel: sending takes the lock, held from here
         // until the relaunch. Later ones stay staged for the fresh kernel.
-        let cutoff = self.next_sequence.load(Ordering::Relaxed);
+        let cutoff = self.next_sequence.load(Ordering::SeqCst);
+        // Rule 9: a group that took its sequence range below `cutoff` read
+        // `recoveries` before that, so before this increment (all four
+        // sequentially consistent): it checks what is still owed before it
+        // sends.
+        self.recoveries.fetch_add(1, Ordering::SeqCst);
         let report = kernel.stop(StopMode::Abandon, Duration::from_millis(100));
         self.settle_all(&report.completions);
         self.fail_registered_before(
@@ -1209,6 +1220,28 @@ impl Owner for KernelInstance {
         if done() {
             return true;
         }
+        // Rule 10: counted while it spins, so the completion thread knows
+        // whom it leaves the ring to.
+        self.pollers.fetch_add(1, Ordering::SeqCst);
+        let answered = self.spin_serving(budget, done);
+        self.pollers.fetch_sub(1, Ordering::SeqCst);
+        answered
+    }
+
+    /// Rule 10: a waiter parks; if the completion thread has stepped
+    /// aside, it comes back to serve the ring.
+    fn parking(&self) {
+        if self.aside.load(Ordering::SeqCst) {
+            if let Some(thread) = self.completions.get() {
+                thread.unpark();
+            }
+        }
+    }
+}
+
+impl KernelInstance {
+    /// Rule 10: [`Owner::spin_wait`]'s loop.
+    fn spin_serving(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool {
         let started = Instant::now();
         let mut round = 0u32;
         loop {
@@ -1236,35 +1269,21 @@ impl Owner for KernelInstance {
         }
     }
 
-    fn park_begin(&self) {
-        self.parked.fetch_add(1, Ordering::SeqCst);
-        if self.aside.load(Ordering::SeqCst) {
-            if let Some(thread) = self.completions.get() {
-                thread.unpark();
-            }
-        }
-    }
-
-    fn park_end(&self) {
-        self.parked.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl KernelInstance {
     /// Rule 8: how long a call with `own` requests in flight may spin.
     pub(crate) fn spin_budget_for(&self, own: usize) -> Duration {
         let most = self.config.spin;
-        if most.is_zero() || self.in_flight() > own + SPIN_MAX_IN_FLIGHT - 1 {
+        let typical = Duration::from_nanos(self.round_trip_ns.load(Ordering::Relaxed));
+        // Answers usually take longer than a spin may: park at once (read
+        // first: it is cheaper than counting the slots in use).
+        if most.is_zero() || typical * 2 > most {
             return Duration::ZERO;
         }
-        let typical = Duration::from_nanos(self.round_trip_ns.load(Ordering::Relaxed));
+        if self.in_flight() > own + SPIN_MAX_IN_FLIGHT - 1 {
+            return Duration::ZERO;
+        }
         if typical.is_zero() {
             // No answer yet to judge by.
             return most;
-        }
-        if typical * 2 > most {
-            // Answers usually take longer than a spin may: park at once.
-            return Duration::ZERO;
         }
         (typical * 4).min(most)
     }

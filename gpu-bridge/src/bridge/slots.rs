@@ -256,6 +256,24 @@ pub(crate) struct Slots {
     waiting: AtomicUsize,
     room: Notify,
     closed: AtomicBool,
+    /// Held by the one group gathering slots one by one ([`Slots::take`]).
+    gathering: tokio::sync::Mutex<()>,
+}
+
+/// A call counted in `waiting` while it waits for a slot.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Slots {
@@ -286,6 +304,7 @@ impl Slots {
             waiting: AtomicUsize::new(0),
             room: Notify::new(),
             closed: AtomicBool::new(false),
+            gathering: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -324,40 +343,98 @@ impl Slots {
     }
 
     /// Rule 2: `count` free slots (one for a single call), waiting until
-    /// `deadline` for them. A group's slots are taken all at once.
+    /// `deadline` for them. A group that cannot have all its slots at once
+    /// gathers them as they come free, keeping what it has; one group
+    /// gathers at a time (`gathering`), so two cannot each hold part of the
+    /// table waiting for the rest, and single calls, which take any free
+    /// slot, cannot starve it. Out of time, it gives back what it gathered.
     pub(crate) async fn take(
         &self,
         count: usize,
         deadline: Instant,
         into: &mut Vec<u32>,
     ) -> Result<(), NoSlot> {
-        loop {
-            if self.closed.load(Ordering::Acquire) {
-                return Err(NoSlot::Closed);
+        if self.try_take_many(count, into) {
+            return Ok(());
+        }
+        let start = into.len();
+        let gate = if count > 1 {
+            match tokio::time::timeout_at(deadline.into(), self.gathering.lock()).await {
+                Ok(gate) => Some(gate),
+                Err(_) => return Err(self.no_slot()),
             }
-            if self.try_take_many(count, into) {
+        } else {
+            None
+        };
+        let taken = self
+            .gather(count, deadline, into, start, gate.is_some())
+            .await;
+        if taken.is_err() {
+            for index in into.drain(start..) {
+                self.give_back(index);
+            }
+        }
+        taken
+    }
+
+    /// [`Slots::take`]'s wait: looks, then sleeps until a slot is given
+    /// back (or [`RECHECK`] passes), until `into` holds `count` new slots.
+    /// `gathering`: keep slots one by one (a group holding the gate);
+    /// otherwise take all at once.
+    async fn gather(
+        &self,
+        count: usize,
+        deadline: Instant,
+        into: &mut Vec<u32>,
+        start: usize,
+        gathering: bool,
+    ) -> Result<(), NoSlot> {
+        let look = |into: &mut Vec<u32>| {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            if gathering {
+                while into.len() - start < count {
+                    match self.free.pop() {
+                        Some(index) => into.push(index),
+                        None => return false,
+                    }
+                }
+                true
+            } else {
+                self.try_take_many(count, into)
+            }
+        };
+        loop {
+            if look(into) {
                 return Ok(());
+            }
+            if self.closed.load(Ordering::Acquire) || Instant::now() >= deadline {
+                return Err(self.no_slot());
             }
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Counted before the second look, which a release's wake-up
-            // then cannot miss (it counts waiters after its push).
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            let taken = self.try_take_many(count, into);
-            if !taken && !self.closed.load(Ordering::Acquire) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if !left.is_zero() {
-                    let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
-                }
-            }
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            if taken {
+            // then cannot miss (it reads the count after its push); the
+            // guard uncounts it however the wait ends, a dropped call too.
+            let waiting = Waiting::enter(&self.waiting);
+            if look(into) {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
-                return Err(NoSlot::TimedOut);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !left.is_zero() && !self.closed.load(Ordering::Acquire) {
+                let _ = tokio::time::timeout(left.min(RECHECK), notified).await;
             }
+            drop(waiting);
+        }
+    }
+
+    fn no_slot(&self) -> NoSlot {
+        if self.closed.load(Ordering::Acquire) {
+            NoSlot::Closed
+        } else {
+            NoSlot::TimedOut
         }
     }
 
@@ -601,47 +678,8 @@ pub(crate) trait Owner {
     /// Spins up to `budget` until `done`, serving the response ring
     /// meanwhile; returns whether `done` (rule 5).
     fn spin_wait(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool;
-    /// A waiter parks: someone must serve the ring until it is done.
-    fn park_begin(&self);
-    /// A parked waiter is done (answered or dropped).
-    fn park_end(&self);
-}
-
-/// Whether a waiter is parked, told to its owner once each way (rule 5).
-pub(crate) struct Parked<'a, O: Owner + ?Sized> {
-    owner: &'a O,
-    parked: bool,
-}
-
-impl<'a, O: Owner + ?Sized> Parked<'a, O> {
-    pub(crate) fn new(owner: &'a O) -> Parked<'a, O> {
-        Parked {
-            owner,
-            parked: false,
-        }
-    }
-
-    /// The waiter returns `Pending`.
-    pub(crate) fn park(&mut self) {
-        if !self.parked {
-            self.parked = true;
-            self.owner.park_begin();
-        }
-    }
-
-    /// The waiter is done.
-    pub(crate) fn done(&mut self) {
-        if self.parked {
-            self.parked = false;
-            self.owner.park_end();
-        }
-    }
-}
-
-impl<O: Owner + ?Sized> Drop for Parked<'_, O> {
-    fn drop(&mut self) {
-        self.done();
-    }
+    /// A waiter parks (returns `Pending`): someone must serve the ring.
+    fn parking(&self);
 }
 
 /// A claim on one slot's answer. Dropped before the answer is taken, it
@@ -651,7 +689,6 @@ pub(crate) struct Ticket<'a, O: Owner + ?Sized> {
     request_id: u64,
     taken: bool,
     spin: Option<Duration>,
-    parked: Parked<'a, O>,
 }
 
 impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
@@ -661,7 +698,6 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
             request_id,
             taken: false,
             spin: None,
-            parked: Parked::new(owner),
         }
     }
 
@@ -685,9 +721,8 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         let polled = self.owner.slots().poll_take(self.request_id, cx, take);
         if polled.is_ready() {
             self.taken = true;
-            self.parked.done();
         } else {
-            self.parked.park();
+            self.owner.parking();
         }
         polled
     }

@@ -117,6 +117,11 @@ use crate::broker::{DeviceBroker, DeviceId, Reservation};
 /// A claim on one request's answer.
 pub(crate) type Answer<'a> = Ticket<'a, KernelInstance>;
 
+/// The most answers landed before they are counted and published (rule 4
+/// of `slots.rs`): a drain's first answer is not seen until its last is
+/// landed, so a long drain would hold early answers back.
+const DRAIN: usize = 16;
+
 /// A ticket spins before it parks only while at most this many requests
 /// are in flight on its kernel (rule 8): a lone caller waits for latency,
 /// a crowd is better served by the worker running other tasks.
@@ -1013,9 +1018,9 @@ impl KernelInstance {
             };
             let mut land = |completion: CompletionRef<'_>| self.land_completion(drain, completion);
             let taken = if delegated {
-                kernel.try_complete_each(usize::MAX, &mut land)
+                kernel.try_complete_each(DRAIN, &mut land)
             } else {
-                kernel.complete_each(poll, usize::MAX, &mut land)
+                kernel.complete_each(poll, DRAIN, &mut land)
             };
             self.settle(drain);
             if taken > 0 {
@@ -1067,7 +1072,7 @@ impl KernelInstance {
         let Some(kernel) = kernel.as_mut() else {
             return true;
         };
-        kernel.try_complete_each(usize::MAX, &mut |completion| {
+        kernel.try_complete_each(DRAIN, &mut |completion| {
             self.land_completion(drain, completion)
         });
         self.settle(drain);

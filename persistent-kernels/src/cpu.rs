@@ -32,7 +32,8 @@ use granary_ring::{
 
 use crate::hooks::CpuHooks;
 use crate::kernel::{
-    Completion, CompletionRef, StopMode, StopReport, SubmitError, Submitter, completion, lend,
+    Completion, CompletionRef, StopMode, StopReport, SubmitError, Submitter, completion,
+    lend_ready, lend_waiting,
 };
 use crate::spec::{KernelSpec, Status};
 
@@ -370,15 +371,7 @@ impl CpuPersistentKernel {
         max: usize,
         take: &mut dyn FnMut(CompletionRef<'_>),
     ) -> usize {
-        let mut lent = 0;
-        while lent < max {
-            let Ok(message) = self.responses.try_pop() else {
-                break;
-            };
-            take(lend(&message));
-            lent += 1;
-        }
-        lent
+        lend_ready(&mut self.responses, max, take)
     }
 
     /// Waits up to `timeout` for a completion, then lends it and up to
@@ -389,18 +382,7 @@ impl CpuPersistentKernel {
         max: usize,
         take: &mut dyn FnMut(CompletionRef<'_>),
     ) -> usize {
-        if max == 0 {
-            return 0;
-        }
-        {
-            let first = self.responses.pop(self.wait.policy(), Some(timeout));
-            self.wait.record(first.is_ok());
-            match first {
-                Ok(message) => take(lend(&message)),
-                Err(_) => return 0,
-            }
-        }
-        1 + self.try_complete_each(max - 1, take)
+        lend_waiting(&mut self.responses, &mut self.wait, timeout, max, take)
     }
 
     /// Waits up to `timeout` for one completion; `None` if none arrived.

@@ -7,7 +7,9 @@ use std::time::Duration;
 use granary_ring::{Consumer, Producer, WaitPolicy};
 
 use crate::cpu::IdleWait;
-use crate::kernel::{Completion, CompletionRef, SubmitError, Submitter, completion, lend};
+use crate::kernel::{
+    Completion, CompletionRef, SubmitError, Submitter, completion, lend_ready, lend_waiting,
+};
 use crate::spec::KernelSpec;
 
 /// The request ring's producer side and the response ring's consumer.
@@ -73,18 +75,10 @@ impl HostEnds {
         max: usize,
         take: &mut dyn FnMut(CompletionRef<'_>),
     ) -> usize {
-        let Some(responses) = self.responses.as_mut() else {
-            return 0;
-        };
-        let mut lent = 0;
-        while lent < max {
-            let Ok(message) = responses.try_pop() else {
-                break;
-            };
-            take(lend(&message));
-            lent += 1;
+        match self.responses.as_mut() {
+            Some(responses) => lend_ready(responses, max, take),
+            None => 0,
         }
-        lent
     }
 
     /// Waits up to `timeout` for a completion, then lends it and up to
@@ -95,21 +89,10 @@ impl HostEnds {
         max: usize,
         take: &mut dyn FnMut(CompletionRef<'_>),
     ) -> usize {
-        if max == 0 {
-            return 0;
+        match self.responses.as_mut() {
+            Some(responses) => lend_waiting(responses, &mut self.wait, timeout, max, take),
+            None => 0,
         }
-        {
-            let Some(responses) = self.responses.as_mut() else {
-                return 0;
-            };
-            let first = responses.pop(self.wait.policy(), Some(timeout));
-            self.wait.record(first.is_ok());
-            match first {
-                Ok(message) => take(lend(&message)),
-                Err(_) => return 0,
-            }
-        }
-        1 + self.try_complete_each(max - 1, take)
     }
 
     /// Takes one completion if one is ready.

@@ -313,6 +313,49 @@ impl Completion {
     }
 }
 
+/// Lends up to `max` ready messages of `responses` to `take`, in ring order
+/// (rule 3); returns how many. Shared by the kernels that own their
+/// response ring's consumer (the CPU kernel, `HostEnds`).
+pub(crate) fn lend_ready(
+    responses: &mut granary_ring::Consumer,
+    max: usize,
+    take: &mut dyn FnMut(CompletionRef<'_>),
+) -> usize {
+    let mut lent = 0;
+    while lent < max {
+        let Ok(message) = responses.try_pop() else {
+            break;
+        };
+        take(lend(&message));
+        lent += 1;
+    }
+    lent
+}
+
+/// Waits per `wait` up to `timeout` for a message of `responses`, then
+/// lends it and up to `max - 1` more that are ready (rule 3); returns how
+/// many.
+pub(crate) fn lend_waiting(
+    responses: &mut granary_ring::Consumer,
+    wait: &mut crate::cpu::IdleWait,
+    timeout: Duration,
+    max: usize,
+    take: &mut dyn FnMut(CompletionRef<'_>),
+) -> usize {
+    if max == 0 {
+        return 0;
+    }
+    {
+        let first = responses.pop(wait.policy(), Some(timeout));
+        wait.record(first.is_ok());
+        match first {
+            Ok(message) => take(lend(&message)),
+            Err(_) => return 0,
+        }
+    }
+    1 + lend_ready(responses, max - 1, take)
+}
+
 /// A response ring message, lent as a [`CompletionRef`].
 pub(crate) fn lend<'a>(message: &'a granary_ring::Message<'_>) -> CompletionRef<'a> {
     CompletionRef {

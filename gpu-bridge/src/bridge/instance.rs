@@ -456,14 +456,7 @@ impl KernelInstance {
             // Rule 1: only out-of-order releases (several work-groups)
             // leave the ring full; the request waits staged until the
             // completion thread sees a slot free.
-            Err(SubmitError::Full(_)) => self
-                .staging
-                .push(Staged {
-                    request_id,
-                    payload: input.to_vec(),
-                })
-                .err()
-                .map(|_| self.unavailable()),
+            Err(SubmitError::Full(_)) => self.stage_copy(request_id, input).err(),
             Err(SubmitError::WrongShape(error, _)) => Some(ExecuteError::WrongShape {
                 kernel: self.spec.id,
                 error,
@@ -541,6 +534,18 @@ impl KernelInstance {
         self.config.kernel.capacity as usize
     }
 
+    /// Rules 1 and 3: stages a copy of a request the ring cannot take now,
+    /// for the flusher to send as slots come free. The queue holds one
+    /// entry per slot, so it cannot be full while the request holds one.
+    fn stage_copy(&self, request_id: u64, input: &[u8]) -> Result<(), ExecuteError> {
+        self.staging
+            .push(Staged {
+                request_id,
+                payload: input.to_vec(),
+            })
+            .map_err(|_| self.unavailable())
+    }
+
     /// Writes a group's requests into the ring in one claim (rule 9),
     /// after anything staged; what the ring cannot take now is staged.
     /// `recoveries` is the count of hang recoveries when the group's slots
@@ -577,15 +582,8 @@ impl KernelInstance {
                             },
                         )),
                         Err(SubmitError::Full(input)) => {
-                            if self
-                                .staging
-                                .push(Staged {
-                                    request_id,
-                                    payload: input.to_vec(),
-                                })
-                                .is_err()
-                            {
-                                failures.push((request_id, self.unavailable()));
+                            if let Err(error) = self.stage_copy(request_id, input) {
+                                failures.push((request_id, error));
                             }
                         }
                         Err(SubmitError::Stopped(_)) => {
@@ -613,15 +611,8 @@ impl KernelInstance {
             // does not take in one claim: staged, the flusher feeds them in.
             Err(_) => {
                 for &(request_id, input) in batch.iter() {
-                    if self
-                        .staging
-                        .push(Staged {
-                            request_id,
-                            payload: input.to_vec(),
-                        })
-                        .is_err()
-                    {
-                        failures.push((request_id, self.unavailable()));
+                    if let Err(error) = self.stage_copy(request_id, input) {
+                        failures.push((request_id, error));
                     }
                 }
             }

@@ -573,7 +573,8 @@ impl GpuBridge {
                 instance.send_many(chunk, &group).await;
                 let spin = instance.spin_budget_for(chunk.len());
                 if !spin.is_zero() {
-                    instance.spin_wait(spin, &|| group.is_done());
+                    // A group's slots are free once its answers land.
+                    instance.spin_wait(spin, 0, &|| group.is_done());
                 }
                 std::future::poll_fn(|cx| {
                     let done = group.poll_done(cx);

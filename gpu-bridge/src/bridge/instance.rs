@@ -92,7 +92,9 @@
 //!     registered its waker; the thread sets `aside` and then counts the
 //!     slots in use (all sequentially consistent), so either the thread
 //!     sees the waiter's slot and stays, or the waiter sees `aside` and
-//!     wakes it. A lone caller thus takes its answer from the ring itself,
+//!     wakes it. A spinner counted for a slot that is not its own (a
+//!     group's, freed as its answers land) reads `aside` when it leaves
+//!     and wakes the thread if slots other than its own are still in use. A lone caller thus takes its answer from the ring itself,
 //!     with no thread hop and no wake-up, and a crowd of parked callers
 //!     costs no shared counter per request.
 
@@ -116,11 +118,6 @@ use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// A claim on one request's answer.
 pub(crate) type Answer<'a> = Ticket<'a, KernelInstance>;
-
-/// The most answers landed before they are counted and published (rule 4
-/// of `slots.rs`): a drain's first answer is not seen until its last is
-/// landed, so a long drain would hold early answers back.
-const DRAIN: usize = 16;
 
 /// A ticket spins before it parks only while at most this many requests
 /// are in flight on its kernel (rule 8): a lone caller waits for latency,
@@ -1009,9 +1006,9 @@ impl KernelInstance {
             };
             let mut land = |completion: CompletionRef<'_>| self.land_completion(drain, completion);
             let taken = if delegated {
-                kernel.try_complete_each(DRAIN, &mut land)
+                kernel.try_complete_each(usize::MAX, &mut land)
             } else {
-                kernel.complete_each(poll, DRAIN, &mut land)
+                kernel.complete_each(poll, usize::MAX, &mut land)
             };
             self.settle(drain);
             if taken > 0 {
@@ -1063,7 +1060,7 @@ impl KernelInstance {
         let Some(kernel) = kernel.as_mut() else {
             return true;
         };
-        kernel.try_complete_each(DRAIN, &mut |completion| {
+        kernel.try_complete_each(usize::MAX, &mut |completion| {
             self.land_completion(drain, completion)
         });
         self.settle(drain);
@@ -1071,10 +1068,11 @@ impl KernelInstance {
     }
 
     /// Rule 10: whether the completion thread steps aside this turn: a
-    /// caller asked it to, and no waiter is parked. `aside` is set before
-    /// `parked` is read, and a parking waiter counts itself before it reads
-    /// `aside` (both sequentially consistent), so either the thread sees
-    /// the waiter or the waiter sees the thread aside and wakes it.
+    /// caller asked it to, and every slot in use belongs to a spinning
+    /// caller. `aside` is set before the slots are counted; a caller takes
+    /// its slot before it can park and reads `aside` when it parks; a
+    /// spinner that leaves reads it too, and wakes the thread if slots not
+    /// its own are in use (all sequentially consistent).
     fn step_aside(&self) -> bool {
         if !self.delegate.load(Ordering::SeqCst) {
             return false;
@@ -1212,7 +1210,7 @@ impl Owner for KernelInstance {
     }
 
     /// Rules 8 and 10.
-    fn spin_wait(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool {
+    fn spin_wait(&self, budget: Duration, own: usize, done: &dyn Fn() -> bool) -> bool {
         if done() {
             return true;
         }
@@ -1221,6 +1219,18 @@ impl Owner for KernelInstance {
         self.pollers.fetch_add(1, Ordering::SeqCst);
         let answered = self.spin_serving(budget, done);
         self.pollers.fetch_sub(1, Ordering::SeqCst);
+        // The thread may have stepped aside counting this spinner for a
+        // slot that is someone else's (a group's slots are free once its
+        // answers land; another spinner may have come and gone): if slots
+        // other than this caller's are in use and not all spinners', it
+        // comes back.
+        if self.aside.load(Ordering::SeqCst)
+            && self.slots.in_use() > self.pollers.load(Ordering::SeqCst) + own
+        {
+            if let Some(thread) = self.completions.get() {
+                thread.unpark();
+            }
+        }
         answered
     }
 

@@ -260,6 +260,21 @@ pub(crate) struct Slots {
     gathering: tokio::sync::Mutex<()>,
 }
 
+/// Slots a waiting call has gathered: given back unless they are handed
+/// over (a failed or dropped wait).
+struct Gathered<'a> {
+    slots: &'a Slots,
+    indices: Vec<u32>,
+}
+
+impl Drop for Gathered<'_> {
+    fn drop(&mut self) {
+        for index in self.indices.drain(..) {
+            self.slots.give_back(index);
+        }
+    }
+}
+
 /// A call counted in `waiting` while it waits for a slot.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -357,7 +372,6 @@ impl Slots {
         if self.try_take_many(count, into) {
             return Ok(());
         }
-        let start = into.len();
         let gate = if count > 1 {
             match tokio::time::timeout_at(deadline.into(), self.gathering.lock()).await {
                 Ok(gate) => Some(gate),
@@ -366,15 +380,16 @@ impl Slots {
         } else {
             None
         };
-        let taken = self
-            .gather(count, deadline, into, start, gate.is_some())
-            .await;
-        if taken.is_err() {
-            for index in into.drain(start..) {
-                self.give_back(index);
-            }
-        }
-        taken
+        // Slots gathered so far go back if the wait fails or the call is
+        // dropped while it waits.
+        let mut gathered = Gathered {
+            slots: self,
+            indices: Vec::with_capacity(count),
+        };
+        self.gather(count, deadline, &mut gathered.indices, gate.is_some())
+            .await?;
+        into.append(&mut gathered.indices);
+        Ok(())
     }
 
     /// [`Slots::take`]'s wait: looks, then sleeps until a slot is given
@@ -386,7 +401,6 @@ impl Slots {
         count: usize,
         deadline: Instant,
         into: &mut Vec<u32>,
-        start: usize,
         gathering: bool,
     ) -> Result<(), NoSlot> {
         let look = |into: &mut Vec<u32>| {
@@ -394,7 +408,7 @@ impl Slots {
                 return false;
             }
             if gathering {
-                while into.len() - start < count {
+                while into.len() < count {
                     match self.free.pop() {
                         Some(index) => into.push(index),
                         None => return false,
@@ -676,8 +690,9 @@ pub(crate) trait Owner {
     /// (rule 5).
     fn spin_budget(&self) -> Duration;
     /// Spins up to `budget` until `done`, serving the response ring
-    /// meanwhile; returns whether `done` (rule 5).
-    fn spin_wait(&self, budget: Duration, done: &dyn Fn() -> bool) -> bool;
+    /// meanwhile, for a call holding `own` slots; returns whether `done`
+    /// (rule 5).
+    fn spin_wait(&self, budget: Duration, own: usize, done: &dyn Fn() -> bool) -> bool;
     /// A waiter parks (returns `Pending`): someone must serve the ring.
     fn parking(&self);
 }
@@ -715,7 +730,7 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
                 let slots = self.owner.slots();
                 let request_id = self.request_id;
                 self.owner
-                    .spin_wait(spin, &|| slots.is_answered(request_id));
+                    .spin_wait(spin, 1, &|| slots.is_answered(request_id));
             }
         }
         let polled = self.owner.slots().poll_take(self.request_id, cx, take);

@@ -20,6 +20,14 @@
 //!   confirms all 100 000 arrived; throughput is messages per second.
 //! - `activate/granary`: one call to each of 1000 new grains (activation
 //!   plus first turn); throughput is activations per second.
+//! - `live_grains/granary/{100000,1000000}`: 64 callers fill a new silo
+//!   (mailbox capacity 16, no idle deactivation) with that many live tiny
+//!   grains, one call each; throughput is the activation rate of the last
+//!   tenth, with nine tenths already live. The resident memory and heap
+//!   each live activation costs are printed beside it: the growth over the
+//!   fill divided by the grains, right after the fill and once every
+//!   activation has sat through an idle check (2.5 s later); the
+//!   allocator's free memory is given back to the system before each fill.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -44,6 +52,20 @@ mod granary_side {
             self.0 += n;
             self.0
         }
+    }
+
+    /// For the live-grains fill: small mailboxes, no idle deactivation
+    /// while it runs.
+    pub fn live_silo() -> Silo {
+        Silo::builder()
+            .register::<Counter>("counter")
+            .config(SiloConfig {
+                mailbox_capacity: 16,
+                idle_timeout: std::time::Duration::from_secs(3600),
+                ..SiloConfig::default()
+            })
+            .build()
+            .expect("a silo")
     }
 
     pub fn silo() -> Silo {
@@ -406,5 +428,150 @@ fn activate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ask, ask_concurrent, fan_in, activate);
+/// The process's resident set, in bytes (Linux: `/proc/self/statm`).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Bytes the allocator has handed out and not had back (glibc).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_in_use() -> Option<u64> {
+    // SAFETY: `mallinfo2` only reads the allocator's counters.
+    let info = unsafe { libc::mallinfo2() };
+    Some((info.uordblks + info.hblkhd) as u64)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<u64> {
+    None
+}
+
+/// Gives the allocator's free memory back to the system, so that the next
+/// fill's resident growth is its own (glibc; elsewhere a no-op).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` releases free pages only; nothing points there.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What one fill measured.
+struct Fill {
+    /// The time the last tenth of the grains took to activate, with nine
+    /// tenths already live.
+    last_tenth: Duration,
+    /// The growth of the resident set over the fill, right after it.
+    rss: Option<u64>,
+    /// The same once every activation has sat through an idle check.
+    rss_idle: Option<u64>,
+    /// The growth of the heap in use, once idle.
+    heap_idle: Option<u64>,
+}
+
+/// Fills a new silo with `live` tiny grains from 64 callers, lets them
+/// sit idle through an idle check, and shuts the silo down.
+fn fill(rt: &tokio::runtime::Runtime, live: u64) -> Fill {
+    const CALLERS: u64 = 64;
+    rt.block_on(async {
+        trim_heap();
+        let rss_before = resident_bytes();
+        let heap_before = heap_in_use();
+        let silo = granary_side::live_silo();
+        let activate = |from: u64, to: u64| {
+            let callers: Vec<_> = (0..CALLERS)
+                .map(|caller| {
+                    let silo = silo.clone();
+                    tokio::spawn(async move {
+                        let mut key = from + caller;
+                        while key < to {
+                            let grain = silo.grain::<granary_side::Counter>(key);
+                            black_box(grain.call(granary_side::Add(1)).await.unwrap());
+                            key += CALLERS;
+                        }
+                    })
+                })
+                .collect();
+            async move {
+                for caller in callers {
+                    caller.await.unwrap();
+                }
+            }
+        };
+        let tenth = live / 10;
+        activate(0, live - tenth).await;
+        let started = Instant::now();
+        activate(live - tenth, live).await;
+        let last_tenth = started.elapsed();
+        let grown = |now: Option<u64>, before: Option<u64>| {
+            now.zip(before)
+                .map(|(now, before)| now.saturating_sub(before))
+        };
+        let rss = grown(resident_bytes(), rss_before);
+        // Every activation checks for idleness at most a second apart.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let rss_idle = grown(resident_bytes(), rss_before);
+        let heap_idle = grown(heap_in_use(), heap_before);
+        silo.shutdown().await;
+        drop(silo);
+        Fill {
+            last_tenth,
+            rss,
+            rss_idle,
+            heap_idle,
+        }
+    })
+}
+
+/// The activation rate with 100k and with 1M tiny grains live (mailbox
+/// capacity 16, 64 callers): the rate of the last tenth of a fill. The
+/// resident memory and heap each live activation costs are printed beside
+/// it.
+fn live_grains(c: &mut Criterion) {
+    let mut group = c.benchmark_group("live_grains");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(1));
+    let rt = tokio_runtime();
+    for live in [100_000u64, 1_000_000] {
+        group.throughput(Throughput::Elements(live / 10));
+        group.measurement_time(Duration::from_secs(1));
+        let mut rss = Vec::new();
+        let mut rss_idle = Vec::new();
+        let mut heap_idle = Vec::new();
+        group.bench_function(format!("granary/{live}"), |b| {
+            b.iter_custom(|iterations| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iterations {
+                    let fill = fill(&rt, live);
+                    total += fill.last_tenth;
+                    rss.extend(fill.rss);
+                    rss_idle.extend(fill.rss_idle);
+                    heap_idle.extend(fill.heap_idle);
+                }
+                total
+            })
+        });
+        let per_activation = |values: &mut Vec<u64>| {
+            values.sort_unstable();
+            values
+                .get(values.len() / 2)
+                .map_or("unknown".to_string(), |v| {
+                    format!("{:.0}", *v as f64 / live as f64)
+                })
+        };
+        println!(
+            "live_grains/granary/{live}: bytes per activation (medians of {} fills): \
+             resident {} after the fill, {} once idle; heap {} once idle",
+            rss.len(),
+            per_activation(&mut rss),
+            per_activation(&mut rss_idle),
+            per_activation(&mut heap_idle),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, ask, ask_concurrent, fan_in, activate, live_grains);
 criterion_main!(benches);

@@ -36,6 +36,11 @@
 //!    refused meanwhile had their messages back, and send them again.
 //! 7. **Cancellation.** A send future dropped while parked takes its
 //!    message out, unless it was admitted first: then it is delivered.
+//! 8. **An activity stamp rides along.** One word per mailbox, written by
+//!    its owner ([`Sender::set_activity`]) and read by anyone
+//!    ([`Sender::activity`]), never by the mailbox itself: where the silo's
+//!    idle collector finds when the activation behind it last worked
+//!    (`silo/collector.rs`), with no allocation of its own.
 //!
 //! Everything is under one mutex, held for a few pointer moves; wakers are
 //! woken after it is released. Rules 2 to 4 are the hand-off of Go's
@@ -89,6 +94,8 @@ struct Shared<T> {
     free: AtomicUsize,
     /// Mirrors `state.closed`.
     closed: AtomicBool,
+    /// Rule 8.
+    activity: AtomicU64,
     sweeper: Arc<Sweeper>,
 }
 
@@ -187,6 +194,7 @@ pub(crate) fn channel<T: Send + 'static>(
         admitted: AtomicU64::new(0),
         free: AtomicUsize::new(capacity),
         closed: AtomicBool::new(false),
+        activity: AtomicU64::new(0),
         sweeper,
     });
     (
@@ -257,6 +265,16 @@ impl<T> Sender<T> {
         if let Some(receiver) = receiver {
             receiver.wake();
         }
+    }
+
+    /// The activity stamp (rule 8).
+    pub(crate) fn activity(&self) -> u64 {
+        self.shared.activity.load(Ordering::Relaxed)
+    }
+
+    /// Sets the activity stamp (rule 8).
+    pub(crate) fn set_activity(&self, stamp: u64) {
+        self.shared.activity.store(stamp, Ordering::Relaxed);
     }
 
     /// Free slots now (0 while senders are parked).

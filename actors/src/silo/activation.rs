@@ -4,13 +4,11 @@
 //! (`silo/mod.rs`).
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::envelope::{Envelope, InChain, MAX_READ_BATCH, ReadTurn, Turn};
@@ -122,15 +120,20 @@ pub(super) async fn run_activation<G: Grain>(
     seed: Option<Seed>,
 ) {
     let silo = live.silo().clone();
-    let id = GrainId {
-        type_name: grain_type.name.clone(),
-        key: key.clone(),
-    };
-    let mut ctx = GrainContext::new(id.clone(), silo.clone());
+    let mut ctx = GrainContext::new(
+        GrainId {
+            type_name: grain_type.name.clone(),
+            key: key.clone(),
+        },
+        silo.clone(),
+    );
     ctx.set_given_up((!grain_type.stateless).then_some(given_up));
     // A stateless worker holds one mailbox slot while it runs a turn, so
     // that `choose` sees it busy (rule 9).
     let busy_marker = (grain_type.workers > 1).then(|| sender.clone());
+    // Where the idle collector reads this activation's activity
+    // (`collector.rs` rule 2).
+    let own = sender.clone();
     ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
         receiver,
         sender,
@@ -138,7 +141,6 @@ pub(super) async fn run_activation<G: Grain>(
         batches: grain_type.workers <= 1,
         deferred: std::collections::VecDeque::new(),
     })));
-    let idle = silo.inner.config.idle_timeout;
     // An activation whose messages were accepted before the silo began to
     // shut down starts, and rule 5 runs them; one that starts after
     // `shutdown` returned does not: its messages fail, and no grain code
@@ -167,33 +169,8 @@ pub(super) async fn run_activation<G: Grain>(
     // Messages run, added to the type's count now and then; one turn in so
     // many timed (`stats.rs` rules 2 and 3).
     let mut counts = ActivationCounts::new();
-    // Idle collection counts messages that keep the grain alive (rule 8).
-    // One timer checks for idleness a few times per idle period, rather
-    // than a timeout armed for every message.
-    // Turns that kept the grain alive, and how long none has: both only
-    // looked at when the idle check ticks, so a turn reads no clock.
-    let mut activity: u64 = 0;
-    let mut seen_activity: u64 = 0;
-    let mut idle_for = Duration::ZERO;
-    // At most a second apart, so that shedding reacts to memory pressure.
-    let check_every = (idle / 4)
-        .min(Duration::from_secs(1))
-        .max(Duration::from_micros(100));
-    let mut idle_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
-    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // What `Silo::idle_for` reads: the idle time as of the last check. A
-    // stateless worker is one of several, so none is published for it.
-    let idle_clock = (grain.is_some() && !grain_type.stateless).then(|| {
-        let clock = Arc::new(AtomicU64::new(0));
-        silo.inner.idle.insert(id.clone(), clock.clone());
-        clock
-    });
-    let publish_idle = |idle_for: Duration| {
-        if let Some(clock) = &idle_clock {
-            let ms = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
-            clock.store(ms, Ordering::Relaxed);
-        }
-    };
+    // Idleness is the collector's to find (`collector.rs`): an idle
+    // activation waits on its mailbox alone, and keeps no timer.
     // A message taken but not run when a give-up stopped the loop.
     let mut unrun = None;
     if grain.is_some() {
@@ -221,56 +198,34 @@ pub(super) async fn run_activation<G: Grain>(
                 // About to wait: what this activation ran is counted now
                 // (`stats.rs` rule 2).
                 counts.flush(&grain_type.stats);
-                loop {
-                    enum Idle<E> {
-                        Next(Option<E>),
-                        Stop,
-                        Check,
+                std::future::poll_fn(|cx| {
+                    use std::task::Poll;
+                    if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
+                        return Poll::Ready(Some(next));
                     }
-                    let event = std::future::poll_fn(|cx| {
-                        use std::task::Poll;
-                        if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
-                            return Poll::Ready(Idle::Next(next));
-                        }
-                        // Registered to be woken: a shutdown that starts now
-                        // wakes this task, and one that started earlier is
-                        // seen here.
-                        if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
-                            return Poll::Ready(Idle::Stop);
-                        }
-                        if idle_check.poll_tick(cx).is_ready() {
-                            return Poll::Ready(Idle::Check);
-                        }
-                        Poll::Pending
-                    })
-                    .await;
-                    match event {
-                        Idle::Next(next) => break Some(next),
-                        Idle::Stop => break None,
-                        Idle::Check => {
-                            if activity == seen_activity {
-                                idle_for += check_every;
-                                publish_idle(idle_for);
-                                let crowded = silo
-                                    .inner
-                                    .config
-                                    .max_activations
-                                    .is_some_and(|most| silo.live_activations() > most);
-                                if idle_for >= idle || crowded {
-                                    break None;
-                                }
-                            } else {
-                                seen_activity = activity;
-                                idle_for = Duration::ZERO;
-                                publish_idle(idle_for);
-                            }
-                        }
+                    // Registered to be woken: a shutdown that starts now
+                    // wakes this task, and one that started earlier is
+                    // seen here.
+                    if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
+                        return Poll::Ready(None);
                     }
-                }
+                    Poll::Pending
+                })
+                .await
             };
             ctx.put_mailbox(mailbox);
             match next {
                 Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
+                // `collector.rs` rule 3: collected if still idle since the
+                // sweep that chose it, else kept.
+                Some(Some(Envelope {
+                    turn: Turn::Collect(sweep),
+                    ..
+                })) => {
+                    if own.activity() < sweep {
+                        break;
+                    }
+                }
                 // `migration.rs` rule 2: between turns, never in one.
                 Some(Some(Envelope {
                     turn: Turn::Migrate(reply),
@@ -283,7 +238,7 @@ pub(super) async fn run_activation<G: Grain>(
                             break;
                         }
                         // The move kept the grain busy: not idle now.
-                        Departed::Stayed => activity += 1,
+                        Departed::Stayed => own.set_activity(silo.sweep_number()),
                     }
                 }
                 // `migration.rs` rule 6: between turns, nothing runs until
@@ -313,15 +268,9 @@ pub(super) async fn run_activation<G: Grain>(
                 }
                 Some(Some(envelope)) => {
                     let keeps_alive = envelope.keeps_alive;
-                    // A busy grain is not idle, from the turn's start: one
-                    // store, no clock read.
-                    if keeps_alive {
-                        if let Some(clock) = &idle_clock {
-                            if clock.load(Ordering::Relaxed) != 0 {
-                                clock.store(0, Ordering::Relaxed);
-                            }
-                        }
-                    }
+                    // `collector.rs` rule 2: busy from the turn's start.
+                    let stamp = own.activity();
+                    own.set_activity(super::collector::BUSY);
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
                     let timed = counts.sample_next().then(std::time::Instant::now);
                     let ran;
@@ -333,11 +282,13 @@ pub(super) async fn run_activation<G: Grain>(
                     }
                     counts.ran(ran, &grain_type.stats);
                     drop(busy);
+                    own.set_activity(if keeps_alive {
+                        silo.sweep_number()
+                    } else {
+                        stamp
+                    });
                     if grain.is_none() {
                         break;
-                    }
-                    if keeps_alive {
-                        activity += 1;
                     }
                 }
                 // Idle, shutting down, or (never: the directory holds a
@@ -347,14 +298,8 @@ pub(super) async fn run_activation<G: Grain>(
         }
     }
     // Rule 5: no new messages; run the ones already queued. Timers end
-    // with the activation, and so does its idle clock (a successor starts
-    // only once this one's entry is gone, so the clock removed is this one).
+    // with the activation.
     ctx.cancel_timers();
-    if let Some(clock) = &idle_clock {
-        silo.inner
-            .idle
-            .remove_if(&id, |_, published| Arc::ptr_eq(published, clock));
-    }
     let gone = leaving.unwrap_or_else(|| {
         let (gone, gone_signal) = watch::channel(false);
         set_slot(&grain_type, &key, worker, Entry::Deactivating(gone_signal));
@@ -381,7 +326,7 @@ pub(super) async fn run_activation<G: Grain>(
             // Rule 13: not run; dropping it fails its call.
             if !matches!(
                 envelope.turn,
-                Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+                Turn::Deactivate | Turn::Collect(_) | Turn::Migrate(_) | Turn::Pause(_)
             ) {
                 silo.inner
                     .dropped_with_homes
@@ -403,7 +348,7 @@ pub(super) async fn run_activation<G: Grain>(
             None => {
                 if !matches!(
                     envelope.turn,
-                    Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+                    Turn::Deactivate | Turn::Collect(_) | Turn::Migrate(_) | Turn::Pause(_)
                 ) {
                     grain_type.stats.failed(FailureReason::ActivationFailed);
                 }
@@ -427,7 +372,7 @@ pub(super) async fn run_activation<G: Grain>(
             .await
             .is_err()
         {
-            tracing::warn!(grain = %id, "on_deactivate panicked");
+            tracing::warn!(grain = %ctx.id(), "on_deactivate panicked");
         }
     }
     // Timers registered by the last turns or by on_deactivate end too.
@@ -450,9 +395,10 @@ pub(super) async fn run_activation<G: Grain>(
         grain_type.leased.remove(&key);
     }
     let _ = gone.send(true);
-    tracing::debug!(grain = %id, "deactivated");
+    tracing::debug!(grain = %ctx.id(), "deactivated");
     // What the activation kept (its context's activation-local values)
     // goes before the listener hears of its end.
+    let id = ctx.id().clone();
     drop(ctx);
     let listener = silo
         .inner
@@ -581,6 +527,8 @@ async fn depart<G: Grain>(
         let Some(envelope) = next else { break };
         match envelope.turn {
             Turn::Deactivate => deactivate = true,
+            // Leaving anyway.
+            Turn::Collect(_) => {}
             Turn::Migrate(other) => {
                 let _ = other.send(Err(MigrationError::Busy {
                     grain: ctx.id().clone(),
@@ -743,8 +691,9 @@ async fn turn<G: Grain>(
             let ran = read_batch(&grain, (chain, read), ctx, stats).await;
             return (Some(grain), ran);
         }
-        // Already deactivating (rule 5).
-        Turn::Deactivate => return (Some(grain), 0),
+        // Already deactivating (rule 5), or kept by a turn since the
+        // collector's sweep (`collector.rs` rule 3).
+        Turn::Deactivate | Turn::Collect(_) => return (Some(grain), 0),
         // Deactivating, or leaving already: nothing to move.
         Turn::Migrate(reply) => {
             let _ = reply.send(Err(MigrationError::NotActive {

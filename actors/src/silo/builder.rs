@@ -136,6 +136,8 @@ pub struct SiloBuilder {
     wake_activations: Vec<Box<dyn Fn() + Send + Sync>>,
     /// Per grain type, its statistics now (`stats.rs`).
     type_stats: Vec<Box<dyn Fn() -> super::stats::GrainTypeStats + Send + Sync>>,
+    /// Per grain type, what the idle collector sweeps (`collector.rs`).
+    collected: Vec<Arc<dyn super::collector::Collect>>,
     /// Grain types and messages by name, for dispatch from the network.
     registry: crate::dispatch::Registry,
     /// A message name registered twice for one grain type, reported by
@@ -172,6 +174,7 @@ impl SiloBuilder {
             config: SiloConfig::default(),
             wake_activations: Vec::new(),
             type_stats: Vec::new(),
+            collected: Vec::new(),
             registry: crate::dispatch::Registry::default(),
             duplicate_message: None,
         }
@@ -307,6 +310,7 @@ impl SiloBuilder {
         self.registry
             .activity
             .insert(name.to_string(), crate::dispatch::activity::<G>());
+        self.collected.push(registered.clone());
         let counted = registered.clone();
         self.type_stats.push(Box::new(move || counted.stats_now()));
         let directory = registered.clone();
@@ -616,7 +620,9 @@ impl SiloBuilder {
                 homes_given_up: AtomicU64::new(0),
                 dropped_with_homes: AtomicU64::new(0),
                 provided: std::sync::RwLock::new(HashMap::new()),
-                idle: dashmap::DashMap::new(),
+                collected: self.collected,
+                sweep: AtomicU64::new(0),
+                collecting: AtomicBool::new(false),
             }),
         };
         if let Some(runtime) = runtime {

@@ -180,7 +180,7 @@ impl GrainContext {
                     if envelope.chain != chain
                         || matches!(
                             envelope.turn,
-                            Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_)
+                            Turn::Deactivate | Turn::Collect(_) | Turn::Migrate(_) | Turn::Pause(_)
                         ) =>
                 {
                     if let Some(mailbox) = lent.mailbox.as_mut() {
@@ -236,7 +236,8 @@ impl GrainContext {
                             });
                         }
                         // Set aside above: they wait for the turn.
-                        Turn::Deactivate | Turn::Migrate(_) | Turn::Pause(_) => {}
+                        Turn::Deactivate | Turn::Collect(_) | Turn::Migrate(_) | Turn::Pause(_) => {
+                        }
                     }
                     self.set_chain(chain);
                 }

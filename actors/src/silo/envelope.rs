@@ -20,6 +20,10 @@ pub(super) enum Turn<G> {
     /// Deactivate now (rule 5), after the turns already taken from the
     /// mailbox; sent by `GrainRef::deactivate`.
     Deactivate,
+    /// Deactivate unless a turn that keeps the grain alive ran since the
+    /// idle collector's sweep number `.0` (`collector.rs` rule 3); sent by
+    /// the collector.
+    Collect(u64),
     /// Leave for another silo (`migration.rs` rule 2): the activation
     /// dehydrates between turns and answers with its state.
     Migrate(tokio::sync::oneshot::Sender<crate::migration::Departing>),

@@ -118,6 +118,7 @@
 
 mod activation;
 mod builder;
+mod collector;
 mod context;
 mod envelope;
 mod reference;
@@ -190,10 +191,12 @@ pub(crate) struct SiloInner {
     /// Services a layer above provided after the silo was built
     /// ([`Silo::provide`]), looked up after `services`.
     provided: std::sync::RwLock<HashMap<TypeId, Service>>,
-    /// Per live activation of a grain that is not a stateless worker, how
-    /// long it has been idle as of its last idle check (rule 5), in
-    /// milliseconds: what [`Silo::idle_for`] answers.
-    idle: dashmap::DashMap<GrainId, Arc<AtomicU64>>,
+    /// Per grain type, what the idle collector sweeps (`collector.rs`).
+    collected: Vec<Arc<dyn collector::Collect>>,
+    /// The idle collector's sweep number (`collector.rs` rule 1).
+    sweep: AtomicU64,
+    /// Whether the idle collector's task runs (`collector.rs` rule 1).
+    collecting: AtomicBool,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the
@@ -511,19 +514,6 @@ impl Silo {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(service_key::<S>(), service);
-    }
-
-    /// How long `grain`'s activation here has been idle (no message that
-    /// keeps it alive, rule 8), as of its last idle check (a quarter of
-    /// `idle_timeout`, at most a second apart, so up to that short), and
-    /// zero from the turn that ended its idleness on. `None`
-    /// when it has no activation here, or is a stateless worker. What a
-    /// cluster reads to move or shed the grains idle longest first.
-    pub fn idle_for(&self, grain: &GrainId) -> Option<std::time::Duration> {
-        self.inner
-            .idle
-            .get(grain)
-            .map(|idle| std::time::Duration::from_millis(idle.load(Ordering::Relaxed)))
     }
 
     /// Deactivates every activation gracefully (each finishes the messages

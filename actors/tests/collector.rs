@@ -1,0 +1,166 @@
+//! The idle collector (`actors/src/silo/collector.rs`): idleness counted
+//! in whole sweeps, busy activations never collected in a turn, the
+//! collector outliving the runtime it started on.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use granary_actors::{Grain, GrainContext, GrainId, GrainKey, Handler, Message, Silo, SiloConfig};
+
+/// Counts its activations and deactivations (a silo service).
+#[derive(Default)]
+struct Lives {
+    activated: AtomicU64,
+    deactivated: AtomicU64,
+}
+
+/// Adds, and sleeps as long as asked.
+struct Sleeper(u64);
+
+impl Grain for Sleeper {
+    fn new(_: &GrainKey) -> Sleeper {
+        Sleeper(0)
+    }
+
+    async fn on_activate(
+        &mut self,
+        ctx: &mut GrainContext,
+    ) -> Result<(), granary_actors::ActivationError> {
+        if let Some(lives) = ctx.service::<Lives>() {
+            lives.activated.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &mut GrainContext) {
+        if let Some(lives) = ctx.service::<Lives>() {
+            lives.deactivated.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Adds one after sleeping `.0`; answers the count.
+struct Nap(Duration);
+impl Message for Nap {
+    type Reply = u64;
+}
+impl Handler<Nap> for Sleeper {
+    async fn handle(&mut self, Nap(nap): Nap, _: &mut GrainContext) -> u64 {
+        tokio::time::sleep(nap).await;
+        self.0 += 1;
+        self.0
+    }
+}
+
+fn silo(idle_timeout: Duration) -> (Silo, Arc<Lives>) {
+    let lives = Arc::new(Lives::default());
+    let silo = Silo::builder()
+        .register::<Sleeper>("sleeper")
+        .service(lives.clone())
+        .config(SiloConfig {
+            idle_timeout,
+            ..SiloConfig::default()
+        })
+        .build()
+        .expect("a silo");
+    (silo, lives)
+}
+
+fn id(key: u64) -> GrainId {
+    GrainId {
+        type_name: "sleeper".to_string(),
+        key: GrainKey::U64(key),
+    }
+}
+
+/// Waits until `done` holds, failing after 10 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_for_counts_whole_periods_and_a_call_sets_it_back_to_zero() {
+    // Sweeps every 200 ms (a quarter of the idle timeout).
+    let (silo, lives) = silo(Duration::from_millis(800));
+    let grain = silo.grain::<Sleeper>(1u64);
+    assert_eq!(silo.idle_for(&id(1)), None, "no activation yet");
+    assert_eq!(grain.call(Nap(Duration::ZERO)).await.unwrap(), 1);
+    assert_eq!(silo.idle_for(&id(1)), Some(Duration::ZERO), "just worked");
+    eventually("idle through one period", || {
+        silo.idle_for(&id(1)) == Some(Duration::from_millis(200))
+    })
+    .await;
+    assert_eq!(grain.call(Nap(Duration::ZERO)).await.unwrap(), 2);
+    assert_eq!(
+        silo.idle_for(&id(1)),
+        Some(Duration::ZERO),
+        "a call ends the idleness"
+    );
+    eventually("collected", || !grain.is_active()).await;
+    assert_eq!(lives.deactivated.load(Ordering::SeqCst), 1);
+    assert_eq!(silo.idle_for(&id(1)), None, "no activation any more");
+    assert_eq!(silo.idle_for(&id(2)), None, "never activated");
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_longer_than_the_idle_timeout_is_not_collected_in_its_middle() {
+    // Sweeps every 5 ms; the turn takes 15 idle timeouts.
+    let (silo, lives) = silo(Duration::from_millis(20));
+    let grain = silo.grain::<Sleeper>(7u64);
+    let long = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.call(Nap(Duration::from_millis(300))).await }
+    });
+    eventually("activated", || lives.activated.load(Ordering::SeqCst) == 1).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(250) {
+        assert_eq!(
+            silo.idle_for(&id(7)),
+            Some(Duration::ZERO),
+            "busy in a turn is not idle"
+        );
+        assert_eq!(lives.deactivated.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(long.await.unwrap().unwrap(), 1);
+    // The turn's end counts as activity: a call right after it finds the
+    // same activation.
+    assert_eq!(grain.call(Nap(Duration::ZERO)).await.unwrap(), 2);
+    assert_eq!(lives.activated.load(Ordering::SeqCst), 1);
+    eventually("collected once idle", || !grain.is_active()).await;
+    assert_eq!(lives.deactivated.load(Ordering::SeqCst), 1);
+    silo.shutdown().await;
+}
+
+#[test]
+fn the_collector_starts_again_on_a_new_runtime() {
+    let (silo, lives) = silo(Duration::from_millis(20));
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    // The first runtime starts the collector and goes away with it; the
+    // activation it made goes too (its task is dropped unpolled).
+    runtime().block_on(async {
+        silo.grain::<Sleeper>(1u64)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    });
+    // A grain activated on the next runtime is still collected.
+    runtime().block_on(async {
+        let grain = silo.grain::<Sleeper>(2u64);
+        grain.call(Nap(Duration::ZERO)).await.unwrap();
+        eventually("collected", || !grain.is_active()).await;
+        assert!(lives.deactivated.load(Ordering::SeqCst) >= 1);
+        silo.shutdown().await;
+    });
+}

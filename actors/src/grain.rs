@@ -216,14 +216,17 @@ pub struct GrainContext {
     /// `Sync`, as a context shared across an `.await` must be; it is only
     /// ever reached through `&mut`, so it is never locked.
     mailbox: Option<Box<dyn Any + Send + Sync>>,
-    /// Cancels this activation's timers (rule 8 of `silo/mod.rs`).
-    timers: tokio_util::sync::CancellationToken,
+    /// Cancels this activation's timers (rule 8 of `silo/mod.rs`); made
+    /// with the first timer, so that an activation without timers pays
+    /// for no token.
+    timers: Option<tokio_util::sync::CancellationToken>,
     /// The silo's count of homes given up when this activation was made;
     /// `None` for a stateless worker, never a home (rule 13).
     given_up: Option<u64>,
     /// Values kept for this activation's life ([`GrainContext::activation_local`]).
-    locals:
-        std::sync::Mutex<std::collections::HashMap<std::any::TypeId, Arc<dyn Any + Send + Sync>>>,
+    /// A list, not a map: an activation keeps a few at most, and an empty
+    /// list is half an empty map's size.
+    locals: std::sync::Mutex<Vec<(TypeId, Arc<dyn Any + Send + Sync>)>>,
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -239,7 +242,9 @@ impl std::fmt::Debug for GrainContext {
 /// mailbox for a departure's verdict stops then.
 impl Drop for GrainContext {
     fn drop(&mut self) {
-        self.timers.cancel();
+        if let Some(timers) = self.timers.take() {
+            timers.cancel();
+        }
     }
 }
 
@@ -250,7 +255,7 @@ impl GrainContext {
             silo,
             chain: 0,
             mailbox: None,
-            timers: tokio_util::sync::CancellationToken::new(),
+            timers: None,
             given_up: None,
             locals: std::sync::Mutex::default(),
         }
@@ -269,10 +274,11 @@ impl GrainContext {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        let found = |locals: &std::collections::HashMap<TypeId, Arc<dyn Any + Send + Sync>>| {
+        let found = |locals: &[(TypeId, Arc<dyn Any + Send + Sync>)]| {
             locals
-                .get(&key)
-                .and_then(|local| local.clone().downcast::<T>().ok())
+                .iter()
+                .find(|(id, _)| *id == key)
+                .and_then(|(_, local)| local.clone().downcast::<T>().ok())
         };
         if let Some(local) = found(&locals()) {
             return local;
@@ -282,7 +288,7 @@ impl GrainContext {
         if let Some(local) = found(&locals) {
             return local;
         }
-        locals.insert(key, made.clone());
+        locals.push((key, made.clone()));
         made
     }
 
@@ -299,14 +305,16 @@ impl GrainContext {
             .is_some_and(|given_up| self.silo.homes_given_up() != given_up)
     }
 
-    pub(crate) fn timers(&self) -> &tokio_util::sync::CancellationToken {
-        &self.timers
+    pub(crate) fn timers(&mut self) -> &tokio_util::sync::CancellationToken {
+        self.timers
+            .get_or_insert_with(tokio_util::sync::CancellationToken::new)
     }
 
     /// Stops every timer of the activation; later ones start afresh.
     pub(crate) fn cancel_timers(&mut self) {
-        self.timers.cancel();
-        self.timers = tokio_util::sync::CancellationToken::new();
+        if let Some(timers) = self.timers.take() {
+            timers.cancel();
+        }
     }
 
     pub(crate) fn chain(&self) -> u64 {

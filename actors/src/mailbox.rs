@@ -335,6 +335,11 @@ fn try_send<T>(shared: &Shared<T>, message: T) -> Result<(), TrySendError<T>> {
 /// Queues `message` (the caller checked for room), releases the lock, and
 /// wakes the receiver if it waits.
 fn queue_and_wake<T>(shared: &Shared<T>, mut state: MutexGuard<'_, State<T>>, message: T) {
+    // A first message takes room for one, not the four a `VecDeque` would:
+    // most mailboxes (an idle grain's) never hold more, and keep it.
+    if state.queue.capacity() == 0 {
+        state.queue.reserve_exact(1);
+    }
     state.queue.push_back(message);
     shared.mirror(&state);
     let receiver = state.receiver.take();

@@ -64,6 +64,11 @@ impl<G: Grain> Mailbox<G> {
         }
     }
 
+    /// Whether a message was already taken from the mailbox.
+    fn has_taken(&self) -> bool {
+        !self.batch.is_empty() || !self.deferred.is_empty()
+    }
+
     /// The next message already taken from the mailbox, if any.
     fn taken(&mut self) -> Option<Envelope<G>> {
         self.batch.pop_front().or_else(|| self.deferred.pop_front())
@@ -106,19 +111,40 @@ pub(super) struct Seed {
     pub(super) ready: tokio::sync::oneshot::Sender<Arriving>,
 }
 
+/// What an activation starts from, boxed: an async function keeps its
+/// arguments beside the locals made from them for as long as it runs, so
+/// one pointer in, not the arguments, is what the task carries.
+pub(super) struct Start<G> {
+    pub(super) grain_type: Arc<GrainType<G>>,
+    pub(super) key: GrainKey,
+    pub(super) worker: usize,
+    pub(super) receiver: mailbox::Receiver<Envelope<G>>,
+    pub(super) sender: mailbox::Sender<Envelope<G>>,
+    pub(super) given_up: u64,
+    pub(super) live: super::registry::LiveActivation,
+    pub(super) seed: Option<Box<Seed>>,
+}
+
+/// The value out of its box, the box freed now (moving fields out of a
+/// `Box` in place would keep it until the function ends).
+#[allow(clippy::boxed_local)] // the box is the point: see `Start`
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
 /// A grain's activation: rules 3, 5, 6 and 7; an arrival and a departure
 /// (`migration.rs` rules 2 to 4).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn run_activation<G: Grain>(
-    grain_type: Arc<GrainType<G>>,
-    key: GrainKey,
-    worker: usize,
-    receiver: mailbox::Receiver<Envelope<G>>,
-    sender: mailbox::Sender<Envelope<G>>,
-    given_up: u64,
-    live: super::registry::LiveActivation,
-    seed: Option<Seed>,
-) {
+pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
+    let Start {
+        grain_type,
+        key,
+        worker,
+        receiver,
+        sender,
+        given_up,
+        live,
+        seed,
+    } = unbox(start);
     let silo = live.silo().clone();
     let mut ctx = GrainContext::new(
         GrainId {
@@ -158,7 +184,10 @@ pub(super) async fn run_activation<G: Grain>(
             // `migration.rs` rule 4: an arrival rehydrates, activates,
             // then runs nothing until its switch is confirmed; one that
             // fails or is not confirmed ends without `on_deactivate`.
-            Some(seed) => arrive(&grain_type, &key, &mut ctx, seed).await,
+            // Boxed, here and for departures and read batches below: an
+            // activation's task is as large as the largest thing it awaits,
+            // for as long as it lives, and these are the large ones.
+            Some(seed) => Box::pin(arrive(&grain_type, &key, &mut ctx, *seed)).await,
             None => activate::<G>(&key, &mut ctx).await,
         }
     };
@@ -186,14 +215,15 @@ pub(super) async fn run_activation<G: Grain>(
             // the mailbox (a busy grain's common case) runs without
             // building the select below: the shutdown flag was checked
             // above, and a busy grain is not idle.
-            let queued = exclusive(&mut mailbox).taken();
-            let next = if let Some(envelope) = queued {
+            let next = if exclusive(&mut mailbox).has_taken() {
                 // Taking a batch spends none of tokio's cooperative budget,
                 // and a mailbox refilled from other threads could keep this
                 // task from ever yielding: spend one unit per turn, as
                 // `recv` would.
+                // Taken after the wait, not before: a message held across
+                // it would take its room in the task for good.
                 tokio::task::consume_budget().await;
-                Some(Some(envelope))
+                Some(exclusive(&mut mailbox).taken())
             } else {
                 // About to wait: what this activation ran is counted now
                 // (`stats.rs` rule 2).
@@ -231,7 +261,8 @@ pub(super) async fn run_activation<G: Grain>(
                     turn: Turn::Migrate(reply),
                     ..
                 })) if !abandoned(&silo) => {
-                    match depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply).await {
+                    let departing = depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply);
+                    match Box::pin(departing).await {
                         Departed::Ends { moved, gone } => {
                             migrated = moved;
                             leaving = Some(gone);
@@ -688,7 +719,7 @@ async fn turn<G: Grain>(
     let write = match envelope.turn {
         Turn::Write(write) => write,
         Turn::Read(read) => {
-            let ran = read_batch(&grain, (chain, read), ctx, stats).await;
+            let ran = Box::pin(read_batch(&grain, (chain, read), ctx, stats)).await;
             return (Some(grain), ran);
         }
         // Already deactivating (rule 5), or kept by a turn since the

@@ -330,9 +330,18 @@ impl Silo {
         super::collector::ensure_running(self);
         // `live` (which holds the silo) goes with the task however it
         // ends: returning, panicking, or dropped unpolled with its runtime.
-        self.inner.tasks.spawn(run_activation(
-            grain_type, key, worker, mailbox, sender, given_up, live, seed,
-        ));
+        self.inner
+            .tasks
+            .spawn(run_activation(Box::new(super::activation::Start {
+                grain_type,
+                key,
+                worker,
+                receiver: mailbox,
+                sender,
+                given_up,
+                live,
+                seed: seed.map(Box::new),
+            })));
     }
 
     /// `G`'s registration and `key`'s identity, if `G` is registered as

@@ -7,10 +7,13 @@
 //! (`grains` keys, activated on demand) to run small `double` requests on
 //! the backend's ring path (its persistent kernel, or on wgpu, which has
 //! none, one dispatch per micro-batch); every `batch_every`-th request is
-//! instead a large `vector_add` that takes the launch-per-batch path. The
-//! grains send the work through the bridge. Every answer is checked. The
-//! report has one row per backend and path: requests, p50, p99 and
-//! throughput, measured at the caller (grain call plus compute).
+//! instead a large `vector_add` that takes the launch-per-batch path, and
+//! every `fan_out_every`-th a batch of `fan_out` small inferences that the
+//! grain fans out as one group on the ring (`Kernel::call_many`: one claim,
+//! one wake, one await for the lot). The grains send the work through the
+//! bridge. Every answer is checked. The report has one row per backend and
+//! path: requests, p50, p99 and throughput, measured at the caller (grain
+//! call plus compute; a fan-out call's latency is the whole group's).
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,7 +23,8 @@ use std::time::{Duration, Instant};
 use granary_actors::{
     ActivationError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo,
 };
-use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
+use granary_gpu::shipped::Double;
+use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, Kernel, StopMode};
 use granary_kernels::shipped::{DOUBLE, VECTOR_ADD, bytes_f32, f32_bytes};
 use granary_kernels::{Backend, BackendKind};
 use hdrhistogram::Histogram;
@@ -42,6 +46,11 @@ pub struct DemoConfig {
     pub batch_elements: u32,
     /// Grains the requests are spread over, at least 1.
     pub grains: u32,
+    /// Every this many requests (per caller) one is a fan-out call instead
+    /// (a batch request wins where both fall); 0 for none.
+    pub fan_out_every: u64,
+    /// Small requests one fan-out call carries, `2..=4096`.
+    pub fan_out: u32,
 }
 
 impl Default for DemoConfig {
@@ -53,6 +62,8 @@ impl Default for DemoConfig {
             batch_every: 2_000,
             batch_elements: 1 << 18,
             grains: 1000,
+            fan_out_every: 100,
+            fan_out: 64,
         }
     }
 }
@@ -86,14 +97,15 @@ impl std::error::Error for DemoError {}
 pub struct PathReport {
     /// The backend.
     pub backend: BackendKind,
-    /// `"ring"` (a persistent kernel, or wgpu's micro-batch dispatches) or
-    /// `"batch"` (launch per batch).
+    /// `"ring"` (a persistent kernel, or wgpu's micro-batch dispatches),
+    /// `"fan-out"` (groups of small requests on the ring, one await each)
+    /// or `"batch"` (launch per batch).
     pub path: &'static str,
-    /// Requests answered and checked.
+    /// Requests answered and checked (a fan-out call's each count).
     pub requests: u64,
     /// Wall time of the backend's whole run.
     pub elapsed: Duration,
-    /// Per-request latency in nanoseconds.
+    /// Per-call latency in nanoseconds (a fan-out call's is its group's).
     pub latency_ns: Histogram<u64>,
 }
 
@@ -205,6 +217,12 @@ impl DemoConfig {
                 self.small_elements
             ));
         }
+        if self.fan_out_every > 0 && !(2..=4096).contains(&self.fan_out) {
+            return bad(format!(
+                "fan-out calls of {} requests (2..=4096)",
+                self.fan_out
+            ));
+        }
         if self.batch_every > 0 && !(1025..=1 << 24).contains(&self.batch_elements) {
             return bad(format!(
                 "batch requests of {} elements (1025..=2^24)",
@@ -287,15 +305,20 @@ pub async fn run(
         activations += silo.activations_started();
         silo.shutdown().await;
         bridge.shutdown(StopMode::Drain).await;
-        let (ring, batch, elapsed) = outcome?;
-        for (path, latency_ns) in [("ring", ring), ("batch", batch)] {
+        let (latencies, elapsed) = outcome?;
+        let fan_out = u64::from(config.fan_out);
+        for (path, latency_ns, per_call) in [
+            ("ring", latencies.ring, 1),
+            ("fan-out", latencies.fan_out, fan_out),
+            ("batch", latencies.batch, 1),
+        ] {
             if latency_ns.is_empty() {
                 continue;
             }
             paths.push(PathReport {
                 backend: kind,
                 path,
-                requests: latency_ns.len(),
+                requests: latency_ns.len() * per_call,
                 elapsed,
                 latency_ns,
             });
@@ -310,7 +333,34 @@ pub async fn run(
     })
 }
 
-type Latencies = (Histogram<u64>, Histogram<u64>, Duration);
+/// What one caller, or all of a backend's callers, measured per path.
+struct Latencies {
+    ring: Histogram<u64>,
+    fan_out: Histogram<u64>,
+    batch: Histogram<u64>,
+}
+
+impl Latencies {
+    fn new() -> Latencies {
+        Latencies {
+            ring: histogram(),
+            fan_out: histogram(),
+            batch: histogram(),
+        }
+    }
+
+    fn add(&mut self, other: &Latencies) -> Result<(), DemoError> {
+        for (into, from) in [
+            (&mut self.ring, &other.ring),
+            (&mut self.fan_out, &other.fan_out),
+            (&mut self.batch, &other.batch),
+        ] {
+            into.add(from)
+                .map_err(|err| DemoError::Request(err.to_string()))?;
+        }
+        Ok(())
+    }
+}
 
 /// One request down each path the run will use, straight to the bridge.
 async fn warm_up(bridge: &GpuBridge, config: DemoConfig) -> Result<(), DemoError> {
@@ -319,6 +369,12 @@ async fn warm_up(bridge: &GpuBridge, config: DemoConfig) -> Result<(), DemoError
         .execute("double", &small)
         .await
         .map_err(|err| DemoError::Request(format!("warm-up double: {err}")))?;
+    if config.fan_out_every > 0 {
+        let group = vec![small.clone(); config.fan_out as usize];
+        for answer in bridge.execute_many("double", &group).await {
+            answer.map_err(|err| DemoError::Request(format!("warm-up fan-out: {err}")))?;
+        }
+    }
     if config.batch_every > 0 {
         let large = f32_bytes(&vec![1.0; 2 * config.batch_elements as usize]);
         bridge
@@ -334,7 +390,7 @@ async fn run_backend(
     config: DemoConfig,
     answered: &Arc<AtomicU64>,
     progress: &Arc<impl Fn(u64) + Send + Sync + 'static>,
-) -> Result<Latencies, DemoError> {
+) -> Result<(Latencies, Duration), DemoError> {
     let started = Instant::now();
     let callers: Vec<_> = (0..config.callers)
         .map(|caller| {
@@ -346,19 +402,14 @@ async fn run_backend(
             })
         })
         .collect();
-    let mut ring = histogram();
-    let mut batch = histogram();
+    let mut latencies = Latencies::new();
     for caller in callers {
-        let (caller_ring, caller_batch) = caller
+        let measured = caller
             .await
             .map_err(|err| DemoError::Request(format!("a caller task failed: {err}")))??;
-        ring.add(&caller_ring)
-            .map_err(|err| DemoError::Request(err.to_string()))?;
-        batch
-            .add(&caller_batch)
-            .map_err(|err| DemoError::Request(err.to_string()))?;
+        latencies.add(&measured)?;
     }
-    Ok((ring, batch, started.elapsed()))
+    Ok((latencies, started.elapsed()))
 }
 
 /// 1 ns to 1 min, 3 significant digits.
@@ -373,19 +424,49 @@ fn histogram() -> Histogram<u64> {
 #[grain(name = "compute")]
 struct Compute {
     bridge: Option<Arc<GpuBridge>>,
+    /// The `double` kernel, resolved once per activation: its calls look
+    /// nothing up by name.
+    double: Option<Kernel<f32, f32>>,
 }
 
 impl Grain for Compute {
     fn new(_: &GrainKey) -> Compute {
-        Compute { bridge: None }
+        Compute {
+            bridge: None,
+            double: None,
+        }
     }
 
     async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
-        self.bridge = Some(
-            ctx.service::<GpuBridge>()
-                .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?,
+        let bridge = ctx
+            .service::<GpuBridge>()
+            .ok_or_else(|| ActivationError("no GPU bridge on this silo".into()))?;
+        self.double = Some(
+            bridge
+                .kernel::<Double>()
+                .map_err(|err| ActivationError(format!("the double kernel: {err}")))?,
         );
+        self.bridge = Some(bridge);
         Ok(())
+    }
+}
+
+/// Doubles every input: a batch of small inferences, fanned out as one
+/// group on the ring.
+#[derive(Message)]
+#[message(reply = Result<Vec<Vec<f32>>, ExecuteError>)]
+struct DoubleMany {
+    inputs: Vec<Vec<f32>>,
+}
+
+impl Handler<DoubleMany> for Compute {
+    async fn handle(
+        &mut self,
+        many: DoubleMany,
+        _: &mut GrainContext,
+    ) -> Result<Vec<Vec<f32>>, ExecuteError> {
+        let double = self.double.as_ref().ok_or(ExecuteError::ShutDown)?;
+        double.call_many(&many.inputs).await.into_iter().collect()
     }
 }
 
@@ -425,9 +506,8 @@ async fn call_many(
     count: u64,
     answered: &AtomicU64,
     progress: &(impl Fn(u64) + Send + Sync),
-) -> Result<(Histogram<u64>, Histogram<u64>), DemoError> {
-    let mut ring = histogram();
-    let mut batch = histogram();
+) -> Result<Latencies, DemoError> {
+    let mut latencies = Latencies::new();
     let batch_elements = config.batch_elements as usize;
     let batch_input = f32_bytes(
         &(0..2 * batch_elements)
@@ -449,7 +529,37 @@ async fn call_many(
             if !checked {
                 return Err(DemoError::Request("a vector add came back wrong".into()));
             }
-            batch.saturating_record(elapsed_ns(started));
+            latencies.batch.saturating_record(elapsed_ns(started));
+        } else if config.fan_out_every > 0 && i % config.fan_out_every == config.fan_out_every / 2 {
+            // A batch of inferences unique to this caller and turn.
+            let base = (caller as f32) * 1e4 + (i % 10_000) as f32;
+            let inputs: Vec<Vec<f32>> = (0..config.fan_out)
+                .map(|member| {
+                    (0..config.small_elements)
+                        .map(|j| base + (member * config.small_elements + j) as f32 * 0.5)
+                        .collect()
+                })
+                .collect();
+            let key = grain_key(caller, i, config.grains);
+            let outputs = silo
+                .grain::<Compute>(key)
+                .call(DoubleMany {
+                    inputs: inputs.clone(),
+                })
+                .await
+                .map_err(|err| DemoError::Request(err.to_string()))?
+                .map_err(|err| DemoError::Request(err.to_string()))?;
+            let checked = outputs.len() == inputs.len()
+                && outputs.iter().zip(&inputs).all(|(output, input)| {
+                    output.len() == input.len()
+                        && output.iter().zip(input).all(|(out, x)| *out == 2.0 * x)
+                });
+            if !checked {
+                return Err(DemoError::Request(format!(
+                    "caller {caller} fan-out {i} came back wrong"
+                )));
+            }
+            latencies.fan_out.saturating_record(elapsed_ns(started));
         } else {
             // A request unique to this caller and turn.
             let base = (caller as f32) * 1e4 + (i % 10_000) as f32;
@@ -466,14 +576,14 @@ async fn call_many(
                     "caller {caller} request {i} came back wrong"
                 )));
             }
-            ring.saturating_record(elapsed_ns(started));
+            latencies.ring.saturating_record(elapsed_ns(started));
         }
         let done = answered.fetch_add(1, Ordering::Relaxed) + 1;
         if done % 1024 == 0 {
             progress(done);
         }
     }
-    Ok((ring, batch))
+    Ok(latencies)
 }
 
 /// Spreads callers' requests over the grains.

@@ -51,6 +51,13 @@ enum Command {
         /// Elements per operand of each batch vector add.
         #[arg(long, default_value_t = DemoConfig::default().batch_elements)]
         batch_elements: u32,
+        /// One fan-out call (a batch of small inferences, one group on the
+        /// ring) every this many requests per caller (0: none).
+        #[arg(long, default_value_t = DemoConfig::default().fan_out_every)]
+        fan_out_every: u64,
+        /// Small requests per fan-out call (2..=4096).
+        #[arg(long, default_value_t = DemoConfig::default().fan_out)]
+        fan_out: u32,
         /// Grains the requests are spread over (default 1000; with
         /// `--nodes`, 48).
         #[arg(long)]
@@ -422,6 +429,8 @@ fn main() -> ExitCode {
             batch_every,
             batch_elements,
             grains,
+            fan_out_every,
+            fan_out,
             no_progress,
             ..
         } => {
@@ -433,6 +442,8 @@ fn main() -> ExitCode {
                 batch_every,
                 batch_elements,
                 grains,
+                fan_out_every,
+                fan_out,
             };
             let Some(runtime) = runtime("granary demo") else {
                 return ExitCode::FAILURE;
@@ -443,7 +454,8 @@ fn main() -> ExitCode {
             println!(
                 "granary demo: {callers} callers × {requests} requests per backend, through {grains} grains \
                  to the GPU bridge ({small_elements}-element doubles on the ring path; every \
-                 {batch_every}th a {batch_elements}-element vector add on the batch path), on {}",
+                 {batch_every}th a {batch_elements}-element vector add on the batch path, every \
+                 {fan_out_every}th a fan-out of {fan_out} doubles as one group on the ring), on {}",
                 backends
                     .iter()
                     .map(|b| format!("{:?}", b.kind()))

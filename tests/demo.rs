@@ -16,6 +16,9 @@ async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
         batch_every: 250,
         batch_elements: 4096,
         grains: 50,
+        // At 98, 198, ... per caller: never where a batch request falls.
+        fan_out_every: 100,
+        fan_out: 8,
     };
     let (backends, skipped) = demo::backends();
     let present = backends.len();
@@ -26,22 +29,30 @@ async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
     })
     .await
     .unwrap();
-    // A ring row and a batch row per backend.
-    assert_eq!(report.paths.len(), 2 * present);
-    for pair in report.paths.chunks(2) {
-        let (ring, batch) = (&pair[0], &pair[1]);
-        assert_eq!((ring.path, batch.path), ("ring", "batch"));
-        assert_eq!(ring.requests + batch.requests, 4_000);
-        assert_eq!(batch.requests, 8 * (500 / 250));
+    // A ring, a fan-out and a batch row per backend.
+    assert_eq!(report.paths.len(), 3 * present);
+    for rows in report.paths.chunks(3) {
+        let (ring, fan_out, batch) = (&rows[0], &rows[1], &rows[2]);
+        assert_eq!(
+            (ring.path, fan_out.path, batch.path),
+            ("ring", "fan-out", "batch")
+        );
+        // 8 callers × 500 calls: 2 batch and 5 fan-out calls each, of 8
+        // requests per fan-out.
+        assert_eq!(batch.requests, 8 * 2);
+        assert_eq!(fan_out.requests, 8 * 5 * 8);
+        assert_eq!(fan_out.latency_ns.len(), 8 * 5);
+        assert_eq!(ring.requests, 4_000 - 8 * 2 - 8 * 5);
         assert!(ring.latency_us(0.5) <= ring.latency_us(0.99));
         assert!(ring.throughput() > 0.0);
+        assert!(fan_out.throughput() > 0.0);
     }
     assert!(last.load(Ordering::Relaxed) > 0);
     // Every grain was activated once per backend.
     assert_eq!(report.activations, 50 * present as u64);
     let table = report.to_string();
     assert!(
-        table.starts_with("| backend |  path | requests |"),
+        table.starts_with("| backend |    path | requests |"),
         "{table}"
     );
     let widths: Vec<usize> = table
@@ -74,6 +85,10 @@ async fn bad_parameters_are_typed_errors() {
             grains: 0,
             ..DemoConfig::default()
         },
+        DemoConfig {
+            fan_out: 1,
+            ..DemoConfig::default()
+        },
     ] {
         assert!(matches!(
             demo::run(config, Vec::new(), Vec::new(), |_| {}).await,
@@ -103,8 +118,9 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.contains("|     Cpu |  ring |"), "{stdout}");
-    assert!(stdout.contains("|     Cpu | batch |"), "{stdout}");
+    assert!(stdout.contains("|     Cpu |    ring |"), "{stdout}");
+    assert!(stdout.contains("|     Cpu | fan-out |"), "{stdout}");
+    assert!(stdout.contains("|     Cpu |   batch |"), "{stdout}");
     assert!(stdout.contains("req/s"), "{stdout}");
     assert!(
         stdout.contains("grain activations over 1000 grains"),

@@ -24,10 +24,10 @@
 //!   (mailbox capacity 16, no idle deactivation) with that many live tiny
 //!   grains, one call each; throughput is the activation rate of the last
 //!   tenth, with nine tenths already live. The resident memory and heap
-//!   each live activation costs are printed beside it: the growth over the
-//!   fill divided by the grains, right after the fill and once every
-//!   activation has sat through an idle check (2.5 s later); the
-//!   allocator's free memory is given back to the system before each fill.
+//!   each live (idle) activation costs are printed beside it: their growth
+//!   over the fill divided by the grains (the allocator's free memory is
+//!   given back to the system before each fill, so that the growth is the
+//!   fill's own).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -463,16 +463,14 @@ struct Fill {
     /// The time the last tenth of the grains took to activate, with nine
     /// tenths already live.
     last_tenth: Duration,
-    /// The growth of the resident set over the fill, right after it.
+    /// The growth of the resident set over the fill.
     rss: Option<u64>,
-    /// The same once every activation has sat through an idle check.
-    rss_idle: Option<u64>,
-    /// The growth of the heap in use, once idle.
-    heap_idle: Option<u64>,
+    /// The growth of the heap in use over the fill.
+    heap: Option<u64>,
 }
 
-/// Fills a new silo with `live` tiny grains from 64 callers, lets them
-/// sit idle through an idle check, and shuts the silo down.
+/// Fills a new silo with `live` tiny grains from 64 callers, and shuts it
+/// down.
 fn fill(rt: &tokio::runtime::Runtime, live: u64) -> Fill {
     const CALLERS: u64 = 64;
     rt.block_on(async {
@@ -510,17 +508,13 @@ fn fill(rt: &tokio::runtime::Runtime, live: u64) -> Fill {
                 .map(|(now, before)| now.saturating_sub(before))
         };
         let rss = grown(resident_bytes(), rss_before);
-        // Every activation checks for idleness at most a second apart.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let rss_idle = grown(resident_bytes(), rss_before);
-        let heap_idle = grown(heap_in_use(), heap_before);
+        let heap = grown(heap_in_use(), heap_before);
         silo.shutdown().await;
         drop(silo);
         Fill {
             last_tenth,
             rss,
-            rss_idle,
-            heap_idle,
+            heap,
         }
     })
 }
@@ -538,8 +532,7 @@ fn live_grains(c: &mut Criterion) {
         group.throughput(Throughput::Elements(live / 10));
         group.measurement_time(Duration::from_secs(1));
         let mut rss = Vec::new();
-        let mut rss_idle = Vec::new();
-        let mut heap_idle = Vec::new();
+        let mut heap = Vec::new();
         group.bench_function(format!("granary/{live}"), |b| {
             b.iter_custom(|iterations| {
                 let mut total = Duration::ZERO;
@@ -547,8 +540,7 @@ fn live_grains(c: &mut Criterion) {
                     let fill = fill(&rt, live);
                     total += fill.last_tenth;
                     rss.extend(fill.rss);
-                    rss_idle.extend(fill.rss_idle);
-                    heap_idle.extend(fill.heap_idle);
+                    heap.extend(fill.heap);
                 }
                 total
             })
@@ -562,12 +554,11 @@ fn live_grains(c: &mut Criterion) {
                 })
         };
         println!(
-            "live_grains/granary/{live}: bytes per activation (medians of {} fills): \
-             resident {} after the fill, {} once idle; heap {} once idle",
+            "live_grains/granary/{live}: bytes per live activation (medians of {} fills): \
+             resident {}, heap {}",
             rss.len(),
             per_activation(&mut rss),
-            per_activation(&mut rss_idle),
-            per_activation(&mut heap_idle),
+            per_activation(&mut heap),
         );
     }
     group.finish();

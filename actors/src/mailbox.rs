@@ -36,11 +36,12 @@
 //!    refused meanwhile had their messages back, and send them again.
 //! 7. **Cancellation.** A send future dropped while parked takes its
 //!    message out, unless it was admitted first: then it is delivered.
-//! 8. **An activity stamp rides along.** One word per mailbox, written by
-//!    its owner ([`Sender::set_activity`]) and read by anyone
-//!    ([`Sender::activity`]), never by the mailbox itself: where the silo's
-//!    idle collector finds when the activation behind it last worked
-//!    (`silo/collector.rs`), with no allocation of its own.
+//! 8. **An activity stamp rides along.** One word per mailbox, written
+//!    ([`Sender::set_activity`]) and read ([`Sender::activity`]) by the
+//!    silo, sequentially consistent, never looked at by the mailbox
+//!    itself: where the silo's idle collector finds when the activation
+//!    behind it last worked (`silo/collector.rs` rules 2 and 6), with no
+//!    allocation of its own.
 //!
 //! Everything is under one mutex, held for a few pointer moves; wakers are
 //! woken after it is released. Rules 2 to 4 are the hand-off of Go's
@@ -269,12 +270,12 @@ impl<T> Sender<T> {
 
     /// The activity stamp (rule 8).
     pub(crate) fn activity(&self) -> u64 {
-        self.shared.activity.load(Ordering::Relaxed)
+        self.shared.activity.load(Ordering::SeqCst)
     }
 
     /// Sets the activity stamp (rule 8).
     pub(crate) fn set_activity(&self, stamp: u64) {
-        self.shared.activity.store(stamp, Ordering::Relaxed);
+        self.shared.activity.store(stamp, Ordering::SeqCst);
     }
 
     /// Free slots now (0 while senders are parked).

@@ -1,6 +1,7 @@
 //! The idle collector (`actors/src/silo/collector.rs`): idleness counted
-//! in whole sweeps, busy activations never collected in a turn, the
-//! collector outliving the runtime it started on.
+//! in whole sweeps, a turn counted busy however long it runs, shedding
+//! the longest idle and no more than the excess, and a collector that
+//! belongs to no runtime.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,14 +55,18 @@ impl Handler<Nap> for Sleeper {
 }
 
 fn silo(idle_timeout: Duration) -> (Silo, Arc<Lives>) {
+    silo_with(SiloConfig {
+        idle_timeout,
+        ..SiloConfig::default()
+    })
+}
+
+fn silo_with(config: SiloConfig) -> (Silo, Arc<Lives>) {
     let lives = Arc::new(Lives::default());
     let silo = Silo::builder()
         .register::<Sleeper>("sleeper")
         .service(lives.clone())
-        .config(SiloConfig {
-            idle_timeout,
-            ..SiloConfig::default()
-        })
+        .config(config)
         .build()
         .expect("a silo");
     (silo, lives)
@@ -109,17 +114,18 @@ async fn idle_for_counts_whole_periods_and_a_call_sets_it_back_to_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_turn_longer_than_the_idle_timeout_is_not_collected_in_its_middle() {
-    // Sweeps every 5 ms; the turn takes 15 idle timeouts.
-    let (silo, lives) = silo(Duration::from_millis(20));
+async fn a_turn_longer_than_the_idle_timeout_counts_as_busy_throughout() {
+    // Sweeps every 50 ms; the turn takes eight idle timeouts, and is
+    // watched for all but the last one.
+    let (silo, lives) = silo(Duration::from_millis(200));
     let grain = silo.grain::<Sleeper>(7u64);
     let long = tokio::spawn({
         let grain = grain.clone();
-        async move { grain.call(Nap(Duration::from_millis(300))).await }
+        async move { grain.call(Nap(Duration::from_millis(1600))).await }
     });
     eventually("activated", || lives.activated.load(Ordering::SeqCst) == 1).await;
     let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(250) {
+    while started.elapsed() < Duration::from_millis(1400) {
         assert_eq!(
             silo.idle_for(&id(7)),
             Some(Duration::ZERO),
@@ -129,8 +135,8 @@ async fn a_turn_longer_than_the_idle_timeout_is_not_collected_in_its_middle() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(long.await.unwrap().unwrap(), 1);
-    // The turn's end counts as activity: a call right after it finds the
-    // same activation.
+    // The turn's end counts as activity: a call right after it (well
+    // within the idle timeout) finds the same activation.
     assert_eq!(grain.call(Nap(Duration::ZERO)).await.unwrap(), 2);
     assert_eq!(lives.activated.load(Ordering::SeqCst), 1);
     eventually("collected once idle", || !grain.is_active()).await;
@@ -139,7 +145,7 @@ async fn a_turn_longer_than_the_idle_timeout_is_not_collected_in_its_middle() {
 }
 
 #[test]
-fn the_collector_starts_again_on_a_new_runtime() {
+fn the_collector_belongs_to_no_runtime() {
     let (silo, lives) = silo(Duration::from_millis(20));
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
@@ -147,15 +153,16 @@ fn the_collector_starts_again_on_a_new_runtime() {
             .build()
             .expect("a runtime")
     };
-    // The first runtime starts the collector and goes away with it; the
-    // activation it made goes too (its task is dropped unpolled).
+    // The first runtime's activation starts the collector; the runtime
+    // goes away with the idle activation's task.
     runtime().block_on(async {
         silo.grain::<Sleeper>(1u64)
             .call(Nap(Duration::ZERO))
             .await
             .unwrap();
     });
-    // A grain activated on the next runtime is still collected.
+    // A grain activated on the next runtime is collected by the same
+    // collector, which no runtime owns.
     runtime().block_on(async {
         let grain = silo.grain::<Sleeper>(2u64);
         grain.call(Nap(Duration::ZERO)).await.unwrap();
@@ -163,4 +170,51 @@ fn the_collector_starts_again_on_a_new_runtime() {
         assert!(lives.deactivated.load(Ordering::SeqCst) >= 1);
         silo.shutdown().await;
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shedding_takes_the_longest_idle_and_stops_at_the_limit() {
+    // Sweeps every 500 ms; the idle timeout (four sweeps) is not reached
+    // by the grains that stay before the test ends.
+    let (silo, lives) = silo_with(SiloConfig {
+        idle_timeout: Duration::from_secs(2),
+        max_activations: Some(50),
+        ..SiloConfig::default()
+    });
+    // Ten grains go idle first; two sweeps later fifty more come: ten too
+    // many, and the first ten have idled longest.
+    for key in 0..10u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for key in 10..60u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    eventually("shed to the limit", || {
+        lives.deactivated.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    // Another sweep: nothing more is shed at the limit.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(lives.deactivated.load(Ordering::SeqCst), 10);
+    assert_eq!(silo.live_activations(), 50);
+    for key in 0..10u64 {
+        assert!(
+            !silo.grain::<Sleeper>(key).is_active(),
+            "{key} idled longest"
+        );
+    }
+    for key in 10..60u64 {
+        assert!(
+            silo.grain::<Sleeper>(key).is_active(),
+            "{key} is within the limit"
+        );
+    }
+    silo.shutdown().await;
 }

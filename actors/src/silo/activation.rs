@@ -191,6 +191,8 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
             None => activate::<G>(&key, &mut ctx).await,
         }
     };
+    // `collector.rs` rule 2: busy from its making until now.
+    own.set_activity(silo.sweep_number());
     // Set once the grain left for another silo (`migration.rs` rule 3),
     // and the signal of the entry a departure left deactivating.
     let mut migrated = false;
@@ -252,7 +254,14 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     turn: Turn::Collect(sweep),
                     ..
                 })) => {
-                    if own.activity() < sweep {
+                    // A message waiting behind the collect is work to do.
+                    let waiting = ctx.take_mailbox::<G>().map(|mut mailbox| {
+                        let inbox = exclusive(&mut mailbox);
+                        let waiting = inbox.has_taken() || !inbox.receiver.is_empty();
+                        ctx.put_mailbox(mailbox);
+                        waiting
+                    });
+                    if own.activity() < sweep && waiting == Some(false) {
                         break;
                     }
                 }
@@ -278,18 +287,26 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     turn: Turn::Pause(reply),
                     ..
                 })) if !abandoned(&silo) => {
+                    // A pause is not activity: the grain stays as idle as
+                    // it was, but is not collected while paused
+                    // (`collector.rs` rule 2).
+                    let stamp = own.activity();
+                    own.set_activity(super::collector::BUSY);
                     let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
                     if reply
                         .send(Ok(crate::migration::Paused::new(resume)))
                         .is_ok()
                     {
-                        tokio::select! {
-                            _ = resumed => {}
-                            _ = silo.inner.shutdown.cancelled() => {}
-                        }
+                        // Boxed: see `arrive` above.
+                        Box::pin(async {
+                            tokio::select! {
+                                _ = resumed => {}
+                                _ = silo.inner.shutdown.cancelled() => {}
+                            }
+                        })
+                        .await;
                     }
-                    // A pause is not activity: the grain stays as idle as
-                    // it was.
+                    own.set_activity(stamp);
                 }
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.

@@ -32,7 +32,8 @@ pub struct SiloConfig {
     /// (default 15 minutes).
     pub idle_timeout: Duration,
     /// Memory pressure, as a number of activations: while more are alive,
-    /// activations idle for at least one idle check (at most a second) are
+    /// activations idle through at least one of the idle collector's
+    /// periods (a quarter of `idle_timeout`, at most a second) are
     /// deactivated early (default: no limit).
     pub max_activations: Option<u64>,
     /// The most activations the silo holds at once (default: no limit): a

@@ -1,47 +1,61 @@
-//! The idle collector: one task per silo that finds the activations idle
-//! long enough and tells them to deactivate (rule 5 of `silo/mod.rs`), and
-//! the stamps `Silo::idle_for` reads. Orleans' activation collector does
-//! the same job. Before it, every activation armed an interval of its own:
-//! a silo holding a million grains woke a million tasks a second to find
-//! them idle, and each paid a boxed timer for it (`BENCHMARKS.md`, issue
-//! 18).
+//! The idle collector: one thread per silo that finds the activations
+//! idle long enough and tells them to deactivate (rule 5 of
+//! `silo/mod.rs`), and the stamps `Silo::idle_for` reads. Orleans'
+//! activation collector does the same job. Before it, every activation
+//! armed an interval of its own: a silo holding a million grains woke a
+//! million tasks a second to find them idle, and each paid a boxed timer
+//! for it (`BENCHMARKS.md`, "Live grains").
 //!
 //! # Rules
 //!
-//! 1. **Sweeps are numbered.** The collector sweeps every
-//!    [`period`] (a quarter of `idle_timeout`, from 100 µs to 1 s, so that
-//!    shedding reacts to memory pressure within a second); each sweep first
-//!    advances the silo's sweep number. The task starts with the silo's
-//!    first activation, on that activation's runtime, and ends when the
-//!    silo shuts down or is dropped; if its runtime goes away first, the
-//!    next activation starts another ([`ensure_running`]).
-//! 2. **Activations stamp their mailbox** (`mailbox.rs` rule 8): with the
-//!    sweep number current when the activation is made, and when a turn
-//!    that keeps it alive (rule 8 of `silo/mod.rs`) ends; with [`BUSY`]
-//!    while any turn runs, so that a turn longer than the idle timeout is
-//!    not collected in its middle. A turn that does not keep the grain
-//!    alive (a timer's tick) puts back the stamp it found.
+//! 1. **Sweeps are numbered.** The collector sweeps every [`period`] (a
+//!    quarter of `idle_timeout`, from 100 µs to 1 s, so that shedding
+//!    reacts to memory pressure within a second); each sweep first
+//!    advances the silo's sweep number. It runs on a thread of its own,
+//!    started with the silo's first activation: it belongs to no runtime
+//!    (a silo may serve from several, one after another), and its walk
+//!    over the directory never holds up a runtime's worker. It holds the
+//!    silo weakly between sweeps, and ends at the first sweep after the
+//!    silo shut down or was dropped.
+//! 2. **Activations stamp their mailbox** (`mailbox.rs` rule 8): [`BUSY`]
+//!    from the moment the activation is made until its grain is activated
+//!    (or has arrived), and while any turn or pause runs, so that neither
+//!    is collected in its middle; otherwise the sweep number current when
+//!    the grain was activated, or when a turn that keeps it alive (rule 8
+//!    of `silo/mod.rs`) ended last. A turn that does not keep it alive (a
+//!    timer's tick), and a pause, put back the stamp they found.
 //! 3. **Idle is counted in whole periods.** At sweep `n`, an activation
 //!    stamped `s` was last active in period `s` (which ended when sweep
 //!    `s + 1` began), so it has been idle through `n - 1 - s` periods. It
-//!    is collected when those periods reach `idle_timeout`, or reach one
-//!    while the silo holds more than `max_activations`: the collector
-//!    queues `Turn::Collect(n)` in its mailbox without waiting (a full
-//!    mailbox is a busy grain, looked at again next sweep). The activation
-//!    deactivates on it only if its stamp is still below `n` then: a
-//!    message that came in meanwhile keeps it alive, and no decision taken
-//!    on a stale stamp ends it.
-//! 4. **Nothing is held while sending.** The senders to collect are listed
+//!    is a candidate when those periods reach `idle_timeout` and its
+//!    mailbox is empty (a message waiting is work to do, and one waiting
+//!    `Turn::Collect` is enough): the collector queues `Turn::Collect(n)`
+//!    without waiting. The activation deactivates on it only if its stamp
+//!    is still below `n` and nothing else waits in its mailbox then: a
+//!    message that came in meanwhile, before or after the collect, keeps
+//!    it alive, and no decision taken on a stale stamp ends it.
+//! 4. **Shedding takes the oldest, and no more than it must.** While the
+//!    silo holds more than `max_activations`, a candidate needs one idle
+//!    period only, and a sweep collects at most the excess, the longest
+//!    idle first (the smallest stamps).
+//! 5. **Nothing is held while sending.** The senders to collect are listed
 //!    under the directory's read locks, one shard at a time, and told
 //!    after: the collector never holds a directory lock while it takes a
 //!    mailbox's.
-//! 5. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from the
-//!    stamp of the grain's directory entry: `n - 1 - s` periods after sweep
-//!    `n`, zero while a turn runs or when it worked since.
+//! 6. **The stamp and the sweep number are sequentially consistent.** An
+//!    activation stores `BUSY`, later reads the sweep number and stores
+//!    it; the collector advances the sweep number, then reads the stamp.
+//!    In one total order, a collector that missed the `BUSY` advanced the
+//!    sweep number before the turn's end read it, so the turn's new stamp
+//!    is at least `n` and keeps the grain.
+//! 7. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from
+//!    the stamp of the grain's directory entry: `n - 1 - s` periods after
+//!    sweep `n`, zero while it activates or runs a turn, and `None` once
+//!    its mailbox closed.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::envelope::{Envelope, Turn, fresh_chain};
 use super::registry::{Entry, GrainType};
@@ -70,42 +84,79 @@ pub(super) fn idle_periods(sweep: u64, stamp: u64) -> u64 {
     }
 }
 
+/// Which candidates a sweep collects (rules 3 and 4).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Choose {
+    /// The sweep's number.
+    sweep: u64,
+    /// Idle periods a candidate needs.
+    periods: u64,
+    /// The newest stamp collected (rule 4); `u64::MAX` for any.
+    newest: u64,
+}
+
 /// One grain type as the collector sees it.
 pub(super) trait Collect: Send + Sync {
     /// The type's registered name.
     fn name(&self) -> &str;
-    /// Tells the activations idle for at least `periods` periods after
-    /// sweep `sweep` to deactivate (rules 3 and 4).
-    fn collect(&self, sweep: u64, periods: u64);
-    /// The stamp of `key`'s activation, if it has one and is not a
-    /// stateless worker (rule 5).
+    /// Adds the stamps of the type's candidates to `stamps` (rule 4).
+    fn stamps(&self, choose: Choose, stamps: &mut Vec<u64>);
+    /// Tells at most `budget` candidates to deactivate, taking what it
+    /// told from `budget` (rules 3 to 5).
+    fn collect(&self, choose: Choose, budget: &mut u64);
+    /// The stamp of `key`'s activation, if it has one, its mailbox is open
+    /// and it is not a stateless worker (rule 7).
     fn stamp(&self, key: &GrainKey) -> Option<u64>;
 }
+
+impl<G: Grain> GrainType<G> {
+    /// Calls `found` with each candidate's sender and stamp (rule 3).
+    fn candidates(&self, choose: Choose, mut found: impl FnMut(&SenderOf<G>, u64)) {
+        for slots in self.directory.iter() {
+            for slot in slots.iter() {
+                let Some(Entry::Active(sender)) = slot else {
+                    continue;
+                };
+                let stamp = sender.activity();
+                if !sender.is_closed()
+                    && sender.capacity() == sender.max_capacity()
+                    && stamp <= choose.newest
+                    && idle_periods(choose.sweep, stamp) >= choose.periods
+                {
+                    found(sender, stamp);
+                }
+            }
+        }
+    }
+}
+
+type SenderOf<G> = crate::mailbox::Sender<Envelope<G>>;
 
 impl<G: Grain> Collect for GrainType<G> {
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn collect(&self, sweep: u64, periods: u64) {
+    fn stamps(&self, choose: Choose, stamps: &mut Vec<u64>) {
+        self.candidates(choose, |_, stamp| stamps.push(stamp));
+    }
+
+    fn collect(&self, choose: Choose, budget: &mut u64) {
         let mut idle = Vec::new();
-        for slots in self.directory.iter() {
-            for slot in slots.iter() {
-                if let Some(Entry::Active(sender)) = slot {
-                    if !sender.is_closed() && idle_periods(sweep, sender.activity()) >= periods {
-                        idle.push(sender.clone());
-                    }
-                }
+        self.candidates(choose, |sender, _| {
+            if *budget > 0 {
+                *budget -= 1;
+                idle.push(sender.clone());
             }
-        }
+        });
         for sender in idle {
-            // Rule 3: full (busy) or closed (already deactivating): looked
-            // at again next sweep, if still there.
+            // Rule 3: filled or closed since: looked at again next sweep,
+            // if still there.
             let _ = sender.try_send(Envelope {
                 chain: fresh_chain(),
                 keeps_alive: false,
                 expires: None,
-                turn: Turn::Collect(sweep),
+                turn: Turn::Collect(choose.sweep),
             });
         }
     }
@@ -116,14 +167,26 @@ impl<G: Grain> Collect for GrainType<G> {
         }
         let slots = self.directory.get(key)?;
         slots.iter().find_map(|slot| match slot {
-            Some(Entry::Active(sender)) => Some(sender.activity()),
+            Some(Entry::Active(sender)) if !sender.is_closed() => Some(sender.activity()),
             _ => None,
         })
     }
 }
 
+/// The newest stamp among the `excess` oldest of `stamps` (rule 4):
+/// collecting every candidate stamped at most that, `excess` at most,
+/// takes the longest idle first. `u64::MAX` when there are no more
+/// candidates than that.
+pub(super) fn newest_of_oldest(stamps: &mut [u64], excess: u64) -> u64 {
+    let excess = usize::try_from(excess).unwrap_or(usize::MAX);
+    if excess == 0 || stamps.len() <= excess {
+        return u64::MAX;
+    }
+    *stamps.select_nth_unstable(excess - 1).1
+}
+
 /// Starts the silo's collector unless it runs (rule 1). Called as an
-/// activation is made, inside its runtime.
+/// activation is made.
 pub(super) fn ensure_running(silo: &Silo) {
     let inner = &silo.inner;
     if inner.collecting.load(Ordering::Acquire)
@@ -132,45 +195,83 @@ pub(super) fn ensure_running(silo: &Silo) {
     {
         return;
     }
-    let running = Running(Arc::downgrade(&silo.inner));
-    let shutdown = inner.shutdown.clone();
+    let weak = Arc::downgrade(&silo.inner);
     let every = period(inner.config.idle_timeout);
-    inner.tasks.spawn(async move {
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
+    let spawned = std::thread::Builder::new()
+        .name("granary-collector".into())
+        .spawn(move || {
+            let _running = Running(weak.clone());
+            let mut next = Instant::now() + every;
+            loop {
+                let now = Instant::now();
+                if now < next {
+                    std::thread::sleep(next - now);
+                    continue;
+                }
+                next += every;
+                // Late (a stalled machine): the next sweep a period from
+                // now, not a burst to catch up.
+                next = next.max(now);
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                if inner.shutting_down.load(Ordering::Acquire) {
+                    return;
+                }
+                sweep(&inner, every);
             }
-            let Some(inner) = running.0.upgrade() else {
-                return;
-            };
-            sweep(&inner, every);
-        }
-    });
-}
-
-/// One sweep (rules 1 and 3).
-fn sweep(inner: &SiloInner, every: Duration) {
-    let sweep = inner.sweep.fetch_add(1, Ordering::AcqRel) + 1;
-    let idle = inner.config.idle_timeout;
-    // Whole periods that make `idle_timeout`, at least one.
-    let periods = (idle.as_nanos().div_ceil(every.as_nanos().max(1))).max(1);
-    let periods = u64::try_from(periods).unwrap_or(u64::MAX);
-    let crowded = inner
-        .config
-        .max_activations
-        .is_some_and(|most| inner.live.load(Ordering::Relaxed) > most);
-    let periods = if crowded { 1 } else { periods };
-    for grain_type in &inner.collected {
-        grain_type.collect(sweep, periods);
+        });
+    if let Err(err) = spawned {
+        // The next activation tries again.
+        tracing::warn!(error = %err, "the idle collector's thread did not start");
+        inner.collecting.store(false, Ordering::Release);
     }
 }
 
-/// Marks the collector stopped however its task ends (returning, or
-/// dropped with its runtime), so that the next activation starts another.
+/// One sweep (rules 1, 3 and 4).
+fn sweep(inner: &SiloInner, every: Duration) {
+    let sweep = inner.sweep.fetch_add(1, Ordering::SeqCst) + 1;
+    let idle = inner.config.idle_timeout;
+    // Whole periods that make `idle_timeout`, at least one.
+    let periods = idle.as_nanos().div_ceil(every.as_nanos().max(1)).max(1);
+    let periods = u64::try_from(periods).unwrap_or(u64::MAX);
+    let live = inner.live.load(Ordering::Relaxed);
+    let excess = inner
+        .config
+        .max_activations
+        .filter(|most| live > *most)
+        .map(|most| live - most);
+    let (choose, mut budget) = match excess {
+        None => (
+            Choose {
+                sweep,
+                periods,
+                newest: u64::MAX,
+            },
+            u64::MAX,
+        ),
+        Some(excess) => {
+            let crowded = Choose {
+                sweep,
+                periods: 1,
+                newest: u64::MAX,
+            };
+            let mut stamps = Vec::new();
+            for grain_type in &inner.collected {
+                grain_type.stamps(crowded, &mut stamps);
+            }
+            let newest = newest_of_oldest(&mut stamps, excess);
+            (Choose { newest, ..crowded }, excess)
+        }
+    };
+    for grain_type in &inner.collected {
+        grain_type.collect(choose, &mut budget);
+    }
+}
+
+/// Marks the collector stopped however its thread ends, so that a silo
+/// still in use (the thread panicked) starts another with its next
+/// activation.
 struct Running(Weak<SiloInner>);
 
 impl Drop for Running {
@@ -182,18 +283,18 @@ impl Drop for Running {
 }
 
 impl Silo {
-    /// The sweep number now (`collector.rs` rule 1).
+    /// The sweep number now (`collector.rs` rules 1 and 6).
     pub(super) fn sweep_number(&self) -> u64 {
-        self.inner.sweep.load(Ordering::Acquire)
+        self.inner.sweep.load(Ordering::SeqCst)
     }
 
     /// How long `grain`'s activation here has been idle (no message that
     /// keeps it alive, rule 8), in whole periods of the idle collector (a
-    /// quarter of `idle_timeout`, at most a second; `collector.rs` rule 5),
-    /// and zero while a turn runs and from the turn that ended its
-    /// idleness on. `None` when it has no activation here, or is a
-    /// stateless worker. What a cluster reads to move or shed the grains
-    /// idle longest first.
+    /// quarter of `idle_timeout`, at most a second; `collector.rs` rule 7),
+    /// and zero while it activates or runs a turn and from the turn that
+    /// ended its idleness on. `None` when it has no open activation here,
+    /// or is a stateless worker. What a cluster reads to move or shed the
+    /// grains idle longest first.
     pub fn idle_for(&self, grain: &crate::GrainId) -> Option<Duration> {
         let grain_type = self
             .inner
@@ -204,5 +305,46 @@ impl Silo {
         let periods = idle_periods(self.sweep_number(), stamp);
         let every = period(self.inner.config.idle_timeout);
         Some(every.saturating_mul(u32::try_from(periods).unwrap_or(u32::MAX)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_periods_count_whole_periods_since_the_stamp() {
+        // Stamped in period 3: idle through none until sweep 5 began.
+        assert_eq!(idle_periods(4, 3), 0);
+        assert_eq!(idle_periods(5, 3), 1);
+        assert_eq!(idle_periods(9, 3), 5);
+        // Worked after the last sweep: not idle.
+        assert_eq!(idle_periods(4, 4), 0);
+        assert_eq!(idle_periods(0, 0), 0);
+        assert_eq!(idle_periods(u64::MAX - 1, BUSY), 0);
+    }
+
+    #[test]
+    fn shedding_takes_the_oldest_stamps_and_no_more() {
+        let mut stamps = vec![7, 3, 9, 3, 5, 1];
+        // The three oldest are 1, 3, 3: everything stamped 3 or before.
+        assert_eq!(newest_of_oldest(&mut stamps, 3), 3);
+        let mut stamps = vec![7, 3, 9, 3, 5, 1];
+        assert_eq!(newest_of_oldest(&mut stamps, 1), 1);
+        // No more candidates than the excess: all of them.
+        let mut stamps = vec![4, 2];
+        assert_eq!(newest_of_oldest(&mut stamps, 2), u64::MAX);
+        assert_eq!(newest_of_oldest(&mut [], 5), u64::MAX);
+        assert_eq!(newest_of_oldest(&mut [1, 2], 0), u64::MAX);
+    }
+
+    #[test]
+    fn the_period_is_a_quarter_of_the_idle_timeout_within_bounds() {
+        assert_eq!(
+            period(Duration::from_millis(400)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(period(Duration::from_secs(900)), Duration::from_secs(1));
+        assert_eq!(period(Duration::ZERO), Duration::from_micros(100));
     }
 }

@@ -24,10 +24,10 @@
 //!    works through and a full mailbox), three times while a turn lends
 //!    the grain (plus the set-aside messages of rule 7); the rules are in
 //!    `mailbox.rs`.
-//! 5. **Deactivation** (idle for `idle_timeout`, idle for one check while
-//!    the silo holds more than `max_activations`, or silo shutdown; each
-//!    activation publishes its idle time as of its last check, which
-//!    `Silo::idle_for` reads): the
+//! 5. **Deactivation** (idle for `idle_timeout`, idle for one sweep period
+//!    while the silo holds more than `max_activations`, both found by the
+//!    silo's idle collector, `collector.rs`, whose stamps `Silo::idle_for`
+//!    reads; `GrainRef::deactivate`; or silo shutdown): the
 //!    activation marks its entry `Deactivating`, closes its mailbox, runs
 //!    the messages already in it, runs `on_deactivate`, removes the entry
 //!    and fires the signal. A sender whose message is refused by the closed

@@ -325,8 +325,9 @@ impl Silo {
         // lock, before any message is queued for it), not when its task
         // first runs: a give-up in between stops it.
         let given_up = self.homes_given_up();
-        // `collector.rs` rules 1 and 2: stamped as made, and swept from now.
-        sender.set_activity(self.sweep_number());
+        // `collector.rs` rules 1 and 2: busy until activated, and swept
+        // from now.
+        sender.set_activity(super::collector::BUSY);
         super::collector::ensure_running(self);
         // `live` (which holds the silo) goes with the task however it
         // ends: returning, panicking, or dropped unpolled with its runtime.

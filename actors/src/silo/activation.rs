@@ -202,8 +202,9 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     let mut counts = ActivationCounts::new();
     // Idleness is the collector's to find (`collector.rs`): an idle
     // activation waits on its mailbox alone, and keeps no timer.
-    // A message taken but not run when a give-up stopped the loop.
-    let mut unrun = None;
+    // A message taken but not run when a give-up stopped the loop (boxed:
+    // rare, and the task would carry its room for good).
+    let mut unrun: Option<Box<Envelope<G>>> = None;
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
@@ -311,7 +312,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.
                 Some(Some(envelope)) if abandoned(&silo) => {
-                    unrun = Some(envelope);
+                    unrun = Some(Box::new(envelope));
                     break;
                 }
                 Some(Some(envelope)) => {
@@ -359,7 +360,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     }
     loop {
         let next = match unrun.take() {
-            Some(envelope) => Some(envelope),
+            Some(envelope) => Some(*envelope),
             None => {
                 let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
                     break;
@@ -713,72 +714,89 @@ async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G>
     }
 }
 
-/// One turn (rule 3); a panic resets the activation (rule 6). Returns the
-/// grain and how many messages ran (a read batch runs several), counting
-/// failures in `stats`.
-async fn turn<G: Grain>(
+/// One turn (rule 3): what `envelope` asks of the grain, run to its end;
+/// a panic resets the activation (rule 6). Returns the grain (`None` if
+/// the reset failed) and how many messages ran (a read batch runs
+/// several), counting failures in `stats`. A plain function that answers the cheap cases at once and
+/// returns a future only for the turns that run: the task that awaits it
+/// carries that future for its whole life, so what the future holds is
+/// only what a running turn needs.
+fn turn<'a, G: Grain>(
     grain: Option<G>,
     envelope: Envelope<G>,
-    key: &GrainKey,
-    ctx: &mut GrainContext,
-    stats: &TypeStats,
-) -> (Option<G>, u64) {
-    let Some(mut grain) = grain else {
-        return (None, 0);
-    };
-    // Rule 11: the sender gave up before the turn started; dropping the
-    // envelope drops its reply.
-    if envelope.expired() {
-        stats.failed(FailureReason::Expired);
-        return (Some(grain), 0);
+    key: &'a GrainKey,
+    ctx: &'a mut GrainContext,
+    stats: &'a TypeStats,
+) -> impl std::future::Future<Output = (Option<G>, u64)> + 'a {
+    enum Run<G: Grain> {
+        Done(Option<G>, u64),
+        Write(G, super::envelope::WriteTurn<G>, u64),
+        Read(G, u64, ReadTurn<G>),
     }
-    let chain = envelope.chain;
-    let write = match envelope.turn {
-        Turn::Write(write) => write,
-        Turn::Read(read) => {
-            let ran = Box::pin(read_batch(&grain, (chain, read), ctx, stats)).await;
-            return (Some(grain), ran);
+    let run = match grain {
+        None => Run::Done(None, 0),
+        // Rule 11: the sender gave up before the turn started; dropping the
+        // envelope drops its reply.
+        Some(grain) if envelope.expired() => {
+            stats.failed(FailureReason::Expired);
+            Run::Done(Some(grain), 0)
         }
-        // Already deactivating (rule 5), or kept by a turn since the
-        // collector's sweep (`collector.rs` rule 3).
-        Turn::Deactivate | Turn::Collect(_) => return (Some(grain), 0),
-        // Deactivating, or leaving already: nothing to move.
-        Turn::Migrate(reply) => {
-            let _ = reply.send(Err(MigrationError::NotActive {
-                grain: ctx.id().clone(),
-            }));
-            return (Some(grain), 0);
-        }
-        // Deactivating: nothing to pause.
-        Turn::Pause(reply) => {
-            let _ = reply.send(Err(MigrationError::NotActive {
-                grain: ctx.id().clone(),
-            }));
-            return (Some(grain), 0);
-        }
+        Some(grain) => match envelope.turn {
+            Turn::Write(write) => Run::Write(grain, write, envelope.chain),
+            Turn::Read(read) => Run::Read(grain, envelope.chain, read),
+            // Already deactivating (rule 5), or kept by a turn since the
+            // collector's sweep (`collector.rs` rule 3).
+            Turn::Deactivate | Turn::Collect(_) => Run::Done(Some(grain), 0),
+            // Deactivating, or leaving already: nothing to move, nothing to
+            // pause.
+            Turn::Migrate(reply) => {
+                let _ = reply.send(Err(MigrationError::NotActive {
+                    grain: ctx.id().clone(),
+                }));
+                Run::Done(Some(grain), 0)
+            }
+            Turn::Pause(reply) => {
+                let _ = reply.send(Err(MigrationError::NotActive {
+                    grain: ctx.id().clone(),
+                }));
+                Run::Done(Some(grain), 0)
+            }
+        },
     };
-    ctx.set_chain(chain);
-    let span = turn_span(ctx, chain);
-    let turn = InChain {
-        chain,
-        future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
-    };
-    // A disabled span is not entered on every poll (`trace` rule 3).
-    let outcome = if span.is_disabled() {
-        turn.await
-    } else {
-        turn.instrument(span).await
-    };
-    match outcome {
-        Ok(()) => (Some(grain), 1),
-        Err(_) => {
-            tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
-            stats.failed(FailureReason::Panicked);
-            drop(grain);
-            // The old object's timers go with it; the new one registers its
-            // own in `on_activate`.
-            ctx.cancel_timers();
-            (activate::<G>(key, ctx).await, 1)
+    async move {
+        match run {
+            Run::Done(grain, ran) => (grain, ran),
+            Run::Read(grain, chain, read) => {
+                let ran = Box::pin(read_batch(&grain, (chain, read), ctx, stats)).await;
+                (Some(grain), ran)
+            }
+            Run::Write(mut grain, write, chain) => {
+                ctx.set_chain(chain);
+                let span = turn_span(ctx, chain);
+                let turn = InChain {
+                    chain,
+                    future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
+                };
+                // A disabled span is not entered on every poll (`trace`
+                // rule 3).
+                let outcome = if span.is_disabled() {
+                    turn.await
+                } else {
+                    turn.instrument(span).await
+                };
+                match outcome {
+                    Ok(()) => (Some(grain), 1),
+                    Err(_) => {
+                        tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+                        stats.failed(FailureReason::Panicked);
+                        drop(grain);
+                        // The old object's timers go with it; the new one
+                        // registers its own in `on_activate`.
+                        ctx.cancel_timers();
+                        (Box::pin(activate::<G>(key, ctx)).await, 1)
+                    }
+                }
+            }
         }
     }
 }

@@ -178,7 +178,7 @@ impl Deadline {
 }
 
 /// A turn with `&mut` access to the grain.
-type WriteTurn<G> =
+pub(super) type WriteTurn<G> =
     Box<dyn for<'a> FnOnce(&'a mut G, &'a mut GrainContext) -> BoxFuture<'a, ()> + Send>;
 
 /// A read-only turn.

@@ -9,8 +9,9 @@
 //! none, one dispatch per micro-batch); every `batch_every`-th request is
 //! instead a large `vector_add` that takes the launch-per-batch path, and
 //! every `fan_out_every`-th a batch of `fan_out` small inferences that the
-//! grain fans out as one group on the ring (`Kernel::call_many`: one claim,
-//! one wake, one await for the lot). The grains send the work through the
+//! grain fans out as one group on the ring (`Kernel::call_many`: one await
+//! for the lot, its requests written in one claim per ring's capacity, one
+//! wake when the last answer lands). The grains send the work through the
 //! bridge. Every answer is checked. The report has one row per backend and
 //! path: requests, p50, p99 and throughput, measured at the caller (grain
 //! call plus compute; a fan-out call's latency is the whole group's).
@@ -49,7 +50,7 @@ pub struct DemoConfig {
     /// Every this many requests (per caller) one is a fan-out call instead
     /// (a batch request wins where both fall); 0 for none.
     pub fan_out_every: u64,
-    /// Small requests one fan-out call carries, `2..=4096`.
+    /// Small requests one fan-out call carries, `2..=1024`.
     pub fan_out: u32,
 }
 
@@ -217,9 +218,9 @@ impl DemoConfig {
                 self.small_elements
             ));
         }
-        if self.fan_out_every > 0 && !(2..=4096).contains(&self.fan_out) {
+        if self.fan_out_every > 0 && !(2..=1024).contains(&self.fan_out) {
             return bad(format!(
-                "fan-out calls of {} requests (2..=4096)",
+                "fan-out calls of {} requests (2..=1024)",
                 self.fan_out
             ));
         }

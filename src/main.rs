@@ -33,8 +33,9 @@ enum LogFormat {
 enum Command {
     /// List the devices this node's backends find, with their memory.
     Devices,
-    /// Send small and batch requests from many grains through the GPU
-    /// bridge on every backend present, and print latency and throughput.
+    /// Send small requests, fan-outs of small requests and batch requests
+    /// from many grains through the GPU bridge on every backend present,
+    /// and print latency and throughput.
     Demo {
         /// Concurrent callers.
         #[arg(long, default_value_t = DemoConfig::default().callers)]
@@ -55,7 +56,7 @@ enum Command {
         /// ring) every this many requests per caller (0: none).
         #[arg(long, default_value_t = DemoConfig::default().fan_out_every)]
         fan_out_every: u64,
-        /// Small requests per fan-out call (2..=4096).
+        /// Small requests per fan-out call (2..=1024).
         #[arg(long, default_value_t = DemoConfig::default().fan_out)]
         fan_out: u32,
         /// Grains the requests are spread over (default 1000; with

@@ -16,7 +16,7 @@ async fn the_demo_checks_every_answer_and_reports_each_backend_and_path() {
         batch_every: 250,
         batch_elements: 4096,
         grains: 50,
-        // At 98, 198, ... per caller: never where a batch request falls.
+        // At 50, 150, ... per caller: never where a batch request falls.
         fan_out_every: 100,
         fan_out: 8,
     };

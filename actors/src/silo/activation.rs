@@ -205,6 +205,8 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     // A message taken but not run when a give-up stopped the loop (boxed:
     // rare, and the task would carry its room for good).
     let mut unrun: Option<Box<Envelope<G>>> = None;
+    // The shedding collect that ended this activation, if one did.
+    let mut shed = None;
     if grain.is_some() {
         loop {
             // The flag, not the token: checking a token takes a lock.
@@ -252,7 +254,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                 // `collector.rs` rule 3: collected if still idle since the
                 // sweep that chose it, else kept.
                 Some(Some(Envelope {
-                    turn: Turn::Collect(sweep),
+                    turn: Turn::Collect(collecting),
                     ..
                 })) => {
                     // A message waiting behind the collect is work to do.
@@ -262,7 +264,10 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                         ctx.put_mailbox(mailbox);
                         waiting
                     });
-                    if own.activity() < sweep && waiting == Some(false) {
+                    if own.activity() < collecting.sweep && waiting == Some(false) {
+                        // Counted as being shed until this activation is
+                        // gone (`collector.rs` rule 4).
+                        shed = collecting.shed;
                         break;
                     }
                 }
@@ -288,10 +293,11 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     turn: Turn::Pause(reply),
                     ..
                 })) if !abandoned(&silo) => {
-                    // A pause is not activity: the grain stays as idle as
-                    // it was, but is not collected while paused
-                    // (`collector.rs` rule 2).
+                    // A pause is not activity, nor idleness: the grain is
+                    // not collected while paused, and stays as idle as it
+                    // was (`collector.rs` rule 2).
                     let stamp = own.activity();
+                    let paused_at = silo.sweep_number();
                     own.set_activity(super::collector::BUSY);
                     let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
                     if reply
@@ -307,7 +313,9 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                         })
                         .await;
                     }
-                    own.set_activity(stamp);
+                    // The sweeps the pause lasted are not idleness.
+                    let now = silo.sweep_number();
+                    own.set_activity(stamp.saturating_add(now.saturating_sub(paused_at)).min(now));
                 }
                 // Rule 13: taken after a give-up (an idle activation woken
                 // by a message that waited through a stall): not run.
@@ -429,8 +437,10 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     counts.flush(&grain_type.stats);
     grain_type.stats.activation_ended();
     // Its place in the live count first (rule 14): a caller woken by the
-    // freed slot finds room for the next activation.
+    // freed slot finds room for the next activation; then its place among
+    // those being shed.
     drop(live);
+    drop(shed);
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;

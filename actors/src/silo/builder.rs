@@ -624,6 +624,7 @@ impl SiloBuilder {
                 collected: self.collected,
                 sweep: AtomicU64::new(0),
                 collecting: AtomicBool::new(false),
+                shedding: Arc::new(AtomicU64::new(0)),
             }),
         };
         if let Some(runtime) = runtime {

@@ -4,26 +4,32 @@
 //! activation collector does the same job. Before it, every activation
 //! armed an interval of its own: a silo holding a million grains woke a
 //! million tasks a second to find them idle, and each paid a boxed timer
-//! for it (`BENCHMARKS.md`, "Live grains").
+//! for it (`BENCHMARKS.md`, "Live grains and the actor ask").
 //!
 //! # Rules
 //!
 //! 1. **Sweeps are numbered.** The collector sweeps every [`period`] (a
 //!    quarter of `idle_timeout`, from 100 µs to 1 s, so that shedding
 //!    reacts to memory pressure within a second); each sweep first
-//!    advances the silo's sweep number. It runs on a thread of its own,
-//!    started with the silo's first activation: it belongs to no runtime
-//!    (a silo may serve from several, one after another), and its walk
-//!    over the directory never holds up a runtime's worker. It holds the
-//!    silo weakly between sweeps, and ends at the first sweep after the
-//!    silo shut down or was dropped.
+//!    advances the silo's sweep number; sweeps start at least a period
+//!    apart (a late one does not bring the next forward). The collector
+//!    runs on a thread of its own, started with the silo's first
+//!    activation: it belongs to no runtime (a silo may serve from several,
+//!    one after another), and its walk over the directory runs on no
+//!    runtime's worker (it holds each directory shard's read lock while it
+//!    reads that shard, as any reader does). It holds the silo weakly
+//!    between sweeps, and ends at the first sweep after the silo shut down
+//!    or was dropped.
 //! 2. **Activations stamp their mailbox** (`mailbox.rs` rule 8): [`BUSY`]
 //!    from the moment the activation is made until its grain is activated
 //!    (or has arrived), and while any turn or pause runs, so that neither
 //!    is collected in its middle; otherwise the sweep number current when
 //!    the grain was activated, or when a turn that keeps it alive (rule 8
 //!    of `silo/mod.rs`) ended last. A turn that does not keep it alive (a
-//!    timer's tick), and a pause, put back the stamp they found.
+//!    timer's tick) puts back the stamp it found; a pause puts it back
+//!    moved on by the sweeps the pause lasted (neither activity nor
+//!    idleness). The stamp is `BUSY` before the activation's entry is in
+//!    the directory.
 //! 3. **Idle is counted in whole periods.** At sweep `n`, an activation
 //!    stamped `s` was last active in period `s` (which ended when sweep
 //!    `s + 1` began), so it has been idle through `n - 1 - s` periods. It
@@ -37,7 +43,12 @@
 //! 4. **Shedding takes the oldest, and no more than it must.** While the
 //!    silo holds more than `max_activations`, a candidate needs one idle
 //!    period only, and a sweep collects at most the excess, the longest
-//!    idle first (the smallest stamps).
+//!    idle first: every candidate stamped before the excess-th oldest
+//!    stamp, then from those stamped with it. A collect sent to shed
+//!    carries a [`Shed`] token, counted in the silo's `shedding` until the
+//!    activation it ended is gone (or it kept the grain, or was dropped),
+//!    and the excess is counted net of those: activations still
+//!    deactivating are not shed twice over.
 //! 5. **Nothing is held while sending.** The senders to collect are listed
 //!    under the directory's read locks, one shard at a time, and told
 //!    after: the collector never holds a directory lock while it takes a
@@ -53,7 +64,7 @@
 //!    sweep `n`, zero while it activates or runs a turn, and `None` once
 //!    its mailbox closed.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -84,6 +95,30 @@ pub(super) fn idle_periods(sweep: u64, stamp: u64) -> u64 {
     }
 }
 
+/// A shedding collect's place in the silo's count of activations being
+/// shed (rule 4), given back when dropped.
+pub(crate) struct Shed(Arc<AtomicU64>);
+
+impl Shed {
+    fn new(shedding: &Arc<AtomicU64>) -> Shed {
+        shedding.fetch_add(1, Ordering::AcqRel);
+        Shed(shedding.clone())
+    }
+}
+
+impl Drop for Shed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `Turn::Collect` carries: the sweep that chose the activation, and
+/// whether it sheds (rules 3 and 4).
+pub(crate) struct Collecting {
+    pub(super) sweep: u64,
+    pub(super) shed: Option<Shed>,
+}
+
 /// Which candidates a sweep collects (rules 3 and 4).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Choose {
@@ -102,8 +137,9 @@ pub(super) trait Collect: Send + Sync {
     /// Adds the stamps of the type's candidates to `stamps` (rule 4).
     fn stamps(&self, choose: Choose, stamps: &mut Vec<u64>);
     /// Tells at most `budget` candidates to deactivate, taking what it
-    /// told from `budget` (rules 3 to 5).
-    fn collect(&self, choose: Choose, budget: &mut u64);
+    /// told from `budget`, each with a [`Shed`] counted in `shedding` if
+    /// given (rules 3 to 5).
+    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>);
     /// The stamp of `key`'s activation, if it has one, its mailbox is open
     /// and it is not a stateless worker (rule 7).
     fn stamp(&self, key: &GrainKey) -> Option<u64>;
@@ -141,7 +177,7 @@ impl<G: Grain> Collect for GrainType<G> {
         self.candidates(choose, |_, stamp| stamps.push(stamp));
     }
 
-    fn collect(&self, choose: Choose, budget: &mut u64) {
+    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>) {
         let mut idle = Vec::new();
         self.candidates(choose, |sender, _| {
             if *budget > 0 {
@@ -156,7 +192,10 @@ impl<G: Grain> Collect for GrainType<G> {
                 chain: fresh_chain(),
                 keeps_alive: false,
                 expires: None,
-                turn: Turn::Collect(choose.sweep),
+                turn: Turn::Collect(Collecting {
+                    sweep: choose.sweep,
+                    shed: shedding.map(Shed::new),
+                }),
             });
         }
     }
@@ -208,10 +247,9 @@ pub(super) fn ensure_running(silo: &Silo) {
                     std::thread::sleep(next - now);
                     continue;
                 }
-                next += every;
-                // Late (a stalled machine): the next sweep a period from
-                // now, not a burst to catch up.
-                next = next.max(now);
+                // Rule 1: a period after this one began, however late it
+                // is (a stalled machine), never a burst to catch up.
+                next = now + every;
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
@@ -236,36 +274,45 @@ fn sweep(inner: &SiloInner, every: Duration) {
     let periods = idle.as_nanos().div_ceil(every.as_nanos().max(1)).max(1);
     let periods = u64::try_from(periods).unwrap_or(u64::MAX);
     let live = inner.live.load(Ordering::Relaxed);
-    let excess = inner
-        .config
-        .max_activations
-        .filter(|most| live > *most)
-        .map(|most| live - most);
-    let (choose, mut budget) = match excess {
-        None => (
-            Choose {
-                sweep,
-                periods,
-                newest: u64::MAX,
-            },
-            u64::MAX,
-        ),
-        Some(excess) => {
-            let crowded = Choose {
-                sweep,
-                periods: 1,
-                newest: u64::MAX,
-            };
-            let mut stamps = Vec::new();
-            for grain_type in &inner.collected {
-                grain_type.stamps(crowded, &mut stamps);
-            }
-            let newest = newest_of_oldest(&mut stamps, excess);
-            (Choose { newest, ..crowded }, excess)
+    // Rule 4: net of the activations a shedding collect already ends.
+    let excess = inner.config.max_activations.map_or(0, |most| {
+        live.saturating_sub(most)
+            .saturating_sub(inner.shedding.load(Ordering::Acquire))
+    });
+    if excess == 0 {
+        let choose = Choose {
+            sweep,
+            periods,
+            newest: u64::MAX,
+        };
+        let mut budget = u64::MAX;
+        for grain_type in &inner.collected {
+            grain_type.collect(choose, &mut budget, None);
         }
+        return;
+    }
+    let crowded = Choose {
+        sweep,
+        periods: 1,
+        newest: u64::MAX,
     };
+    let mut stamps = Vec::new();
     for grain_type in &inner.collected {
-        grain_type.collect(choose, &mut budget);
+        grain_type.stamps(crowded, &mut stamps);
+    }
+    let newest = newest_of_oldest(&mut stamps, excess);
+    let mut budget = excess;
+    // Those stamped before the cut first, then those stamped with it: a
+    // candidate told once holds a collect, and is no candidate the second
+    // time round.
+    for newest in [newest.saturating_sub(1), newest] {
+        for grain_type in &inner.collected {
+            grain_type.collect(
+                Choose { newest, ..crowded },
+                &mut budget,
+                Some(&inner.shedding),
+            );
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub(super) enum Turn<G> {
     /// Deactivate unless a turn that keeps the grain alive ran since the
     /// idle collector's sweep number `.0` (`collector.rs` rule 3); sent by
     /// the collector.
-    Collect(u64),
+    Collect(super::collector::Collecting),
     /// Leave for another silo (`migration.rs` rule 2): the activation
     /// dehydrates between turns and answers with its state.
     Migrate(tokio::sync::oneshot::Sender<crate::migration::Departing>),

@@ -195,8 +195,10 @@ pub(crate) struct SiloInner {
     collected: Vec<Arc<dyn collector::Collect>>,
     /// The idle collector's sweep number (`collector.rs` rule 1).
     sweep: AtomicU64,
-    /// Whether the idle collector's task runs (`collector.rs` rule 1).
+    /// Whether the idle collector's thread runs (`collector.rs` rule 1).
     collecting: AtomicBool,
+    /// Activations a shedding collect is ending (`collector.rs` rule 4).
+    shedding: Arc<AtomicU64>,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the

@@ -299,6 +299,8 @@ impl Silo {
             self.inner.config.mailbox_capacity,
             self.inner.sweeper.clone(),
         );
+        // `collector.rs` rule 2: busy until its grain is activated.
+        sender.set_activity(super::collector::BUSY);
         self.spawn_activation(
             grain_type.clone(),
             key.clone(),
@@ -325,9 +327,7 @@ impl Silo {
         // lock, before any message is queued for it), not when its task
         // first runs: a give-up in between stops it.
         let given_up = self.homes_given_up();
-        // `collector.rs` rules 1 and 2: busy until activated, and swept
-        // from now.
-        sender.set_activity(super::collector::BUSY);
+        // `collector.rs` rule 1: swept from now.
         super::collector::ensure_running(self);
         // `live` (which holds the silo) goes with the task however it
         // ends: returning, panicking, or dropped unpolled with its runtime.
@@ -397,6 +397,8 @@ impl Silo {
                     self.inner.config.mailbox_capacity,
                     self.inner.sweeper.clone(),
                 );
+                // `collector.rs` rule 2: busy until its grain is activated.
+                sender.set_activity(super::collector::BUSY);
                 let mut slots: Vec<Option<Entry<G>>> =
                     (0..grain_type.workers.max(1)).map(|_| None).collect();
                 slots[0] = Some(Entry::Active(sender.clone()));

@@ -225,3 +225,41 @@ async fn shedding_takes_the_longest_idle_and_stops_at_the_limit() {
     }
     silo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grain_activated_between_the_collectors_walks_is_collected_in_time() {
+    // Sweeps every 100 ms; the collector reads the directory only when
+    // its oldest stamp can be due, so the second grain, younger than
+    // what the last walk saw, must not be forgotten until a later walk.
+    let (silo, lives) = silo(Duration::from_millis(400));
+    let first = silo.grain::<Sleeper>(1u64);
+    let second = silo.grain::<Sleeper>(2u64);
+    first.call(Nap(Duration::ZERO)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    second.call(Nap(Duration::ZERO)).await.unwrap();
+    let started = Instant::now();
+    eventually("the first collected", || !first.is_active()).await;
+    assert!(second.is_active(), "the second is younger");
+    eventually("the second collected", || !second.is_active()).await;
+    // Idle 400 ms plus at most two periods of lateness, with room for a
+    // slow machine; a forgotten grain would wait for the next walk of an
+    // unrelated grain, or for ever.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(lives.deactivated.load(Ordering::SeqCst), 2);
+    // The directory is empty now; a grain activated after that walk is
+    // collected too.
+    let third = silo.grain::<Sleeper>(3u64);
+    third.call(Nap(Duration::ZERO)).await.unwrap();
+    let started = Instant::now();
+    eventually("the third collected", || !third.is_active()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    silo.shutdown().await;
+}

@@ -298,7 +298,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     // was (`collector.rs` rule 2).
                     let stamp = own.activity();
                     let paused_at = silo.sweep_number();
-                    own.set_activity(super::collector::BUSY);
+                    own.set_activity(stamp | super::collector::BUSY);
                     let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
                     if reply
                         .send(Ok(crate::migration::Paused::new(resume)))
@@ -327,7 +327,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     let keeps_alive = envelope.keeps_alive;
                     // `collector.rs` rule 2: busy from the turn's start.
                     let stamp = own.activity();
-                    own.set_activity(super::collector::BUSY);
+                    own.set_activity(stamp | super::collector::BUSY);
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
                     let timed = counts.sample_next().then(std::time::Instant::now);
                     let ran;

@@ -20,10 +20,11 @@
 //!    reads that shard, as any reader does). It holds the silo weakly
 //!    between sweeps, and ends at the first sweep after the silo shut down
 //!    or was dropped.
-//! 2. **Activations stamp their mailbox** (`mailbox.rs` rule 8): [`BUSY`]
-//!    from the moment the activation is made until its grain is activated
-//!    (or has arrived), and while any turn or pause runs, so that neither
-//!    is collected in its middle; otherwise the sweep number current when
+//! 2. **Activations stamp their mailbox** (`mailbox.rs` rule 8): busy
+//!    (the [`BUSY`] bit set) from the moment the activation is made until
+//!    its grain is activated (or has arrived), and while any turn or pause
+//!    runs, so that neither is collected in its middle; otherwise the
+//!    sweep number current when
 //!    the grain was activated, or when a turn that keeps it alive (rule 8
 //!    of `silo/mod.rs`) ended last. A turn that does not keep it alive (a
 //!    timer's tick) puts back the stamp it found; a pause puts it back
@@ -49,17 +50,27 @@
 //!    activation it ended is gone (or it kept the grain, or was dropped),
 //!    and the excess is counted net of those: activations still
 //!    deactivating are not shed twice over.
-//! 5. **Nothing is held while sending.** The senders to collect are listed
+//! 5. **A sweep reads the directory only when something can be due.**
+//!    A stamp only moves forward over an activation's life (a turn or a
+//!    pause puts back at least what it found), and a new activation's is
+//!    at least the sweep number when it is made; so after a walk at sweep
+//!    `n` that found `o` the oldest stamp, nothing can be a candidate
+//!    before sweep `o + 1 + periods`, and the
+//!    sweeps before it only advance the sweep number. A busy stamp keeps
+//!    the stamp it had below [`BUSY`], which is what it is put back to
+//!    at the latest (or a newer sweep number), so it counts as that. A
+//!    silo above `max_activations` walks at every sweep.
+//! 6. **Nothing is held while sending.** The senders to collect are listed
 //!    under the directory's read locks, one shard at a time, and told
 //!    after: the collector never holds a directory lock while it takes a
 //!    mailbox's.
-//! 6. **The stamp and the sweep number are sequentially consistent.** An
+//! 7. **The stamp and the sweep number are sequentially consistent.** An
 //!    activation stores `BUSY`, later reads the sweep number and stores
 //!    it; the collector advances the sweep number, then reads the stamp.
 //!    In one total order, a collector that missed the `BUSY` advanced the
 //!    sweep number before the turn's end read it, so the turn's new stamp
 //!    is at least `n` and keeps the grain.
-//! 7. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from
+//! 8. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from
 //!    the stamp of the grain's directory entry: `n - 1 - s` periods after
 //!    sweep `n`, zero while it activates or runs a turn, and `None` once
 //!    its mailbox closed.
@@ -74,8 +85,10 @@ use super::{Silo, SiloInner};
 use crate::grain::Grain;
 use crate::key::GrainKey;
 
-/// The stamp of an activation running a turn (rule 2).
-pub(super) const BUSY: u64 = u64::MAX;
+/// The bit set in the stamp of an activation that activates or runs a
+/// turn or a pause (rule 2); the bits below it keep the stamp it had
+/// (rule 5).
+pub(super) const BUSY: u64 = 1 << 63;
 
 /// How often the collector sweeps, for a silo whose activations are
 /// collected after `idle` (rule 1).
@@ -88,7 +101,7 @@ pub(super) fn period(idle: Duration) -> Duration {
 /// Whole periods an activation stamped `stamp` has been idle after sweep
 /// `sweep` (rule 3); zero while it is busy.
 pub(super) fn idle_periods(sweep: u64, stamp: u64) -> u64 {
-    if stamp == BUSY {
+    if stamp & BUSY != 0 {
         0
     } else {
         sweep.saturating_sub(1).saturating_sub(stamp)
@@ -138,22 +151,27 @@ pub(super) trait Collect: Send + Sync {
     fn stamps(&self, choose: Choose, stamps: &mut Vec<u64>);
     /// Tells at most `budget` candidates to deactivate, taking what it
     /// told from `budget`, each with a [`Shed`] counted in `shedding` if
-    /// given (rules 3 to 5).
-    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>);
+    /// given (rules 3, 4 and 6). Returns the oldest stamp it saw, a busy
+    /// activation's as the stamp under its busy bit (rule 5); `u64::MAX`
+    /// for none.
+    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>) -> u64;
     /// The stamp of `key`'s activation, if it has one, its mailbox is open
     /// and it is not a stateless worker (rule 7).
     fn stamp(&self, key: &GrainKey) -> Option<u64>;
 }
 
 impl<G: Grain> GrainType<G> {
-    /// Calls `found` with each candidate's sender and stamp (rule 3).
-    fn candidates(&self, choose: Choose, mut found: impl FnMut(&SenderOf<G>, u64)) {
+    /// Calls `found` with each candidate's sender and stamp (rule 3);
+    /// returns the oldest stamp seen (rule 5).
+    fn candidates(&self, choose: Choose, mut found: impl FnMut(&SenderOf<G>, u64)) -> u64 {
+        let mut oldest = u64::MAX;
         for slots in self.directory.iter() {
             for slot in slots.iter() {
                 let Some(Entry::Active(sender)) = slot else {
                     continue;
                 };
                 let stamp = sender.activity();
+                oldest = oldest.min(stamp & !BUSY);
                 if !sender.is_closed()
                     && sender.capacity() == sender.max_capacity()
                     && stamp <= choose.newest
@@ -163,6 +181,7 @@ impl<G: Grain> GrainType<G> {
                 }
             }
         }
+        oldest
     }
 }
 
@@ -174,12 +193,12 @@ impl<G: Grain> Collect for GrainType<G> {
     }
 
     fn stamps(&self, choose: Choose, stamps: &mut Vec<u64>) {
-        self.candidates(choose, |_, stamp| stamps.push(stamp));
+        let _ = self.candidates(choose, |_, stamp| stamps.push(stamp));
     }
 
-    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>) {
+    fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>) -> u64 {
         let mut idle = Vec::new();
-        self.candidates(choose, |sender, _| {
+        let oldest = self.candidates(choose, |sender, _| {
             if *budget > 0 {
                 *budget -= 1;
                 idle.push(sender.clone());
@@ -198,6 +217,7 @@ impl<G: Grain> Collect for GrainType<G> {
                 }),
             });
         }
+        oldest
     }
 
     fn stamp(&self, key: &GrainKey) -> Option<u64> {
@@ -241,6 +261,8 @@ pub(super) fn ensure_running(silo: &Silo) {
         .spawn(move || {
             let _running = Running(weak.clone());
             let mut next = Instant::now() + every;
+            // Rule 5: the first sweep at which something can be due.
+            let mut due = 0;
             loop {
                 let now = Instant::now();
                 if now < next {
@@ -256,7 +278,7 @@ pub(super) fn ensure_running(silo: &Silo) {
                 if inner.shutting_down.load(Ordering::Acquire) {
                     return;
                 }
-                sweep(&inner, every);
+                sweep(&inner, every, &mut due);
             }
         });
     if let Err(err) = spawned {
@@ -266,8 +288,9 @@ pub(super) fn ensure_running(silo: &Silo) {
     }
 }
 
-/// One sweep (rules 1, 3 and 4).
-fn sweep(inner: &SiloInner, every: Duration) {
+/// One sweep (rules 1, 3 to 5); `due` is the first sweep that needs to
+/// read the directory, moved on by each one that does.
+fn sweep(inner: &SiloInner, every: Duration, due: &mut u64) {
     let sweep = inner.sweep.fetch_add(1, Ordering::SeqCst) + 1;
     let idle = inner.config.idle_timeout;
     // Whole periods that make `idle_timeout`, at least one.
@@ -280,17 +303,26 @@ fn sweep(inner: &SiloInner, every: Duration) {
             .saturating_sub(inner.shedding.load(Ordering::Acquire))
     });
     if excess == 0 {
+        if sweep < *due {
+            return;
+        }
         let choose = Choose {
             sweep,
             periods,
             newest: u64::MAX,
         };
         let mut budget = u64::MAX;
+        let mut oldest = u64::MAX;
         for grain_type in &inner.collected {
-            grain_type.collect(choose, &mut budget, None);
+            oldest = oldest.min(grain_type.collect(choose, &mut budget, None));
         }
+        // Rule 5 (an activation told now counts too: it may stay; and one
+        // made after this walk is stamped at least `sweep`).
+        *due = oldest.min(sweep).saturating_add(1).saturating_add(periods);
         return;
     }
+    // Rule 5: crowded, every sweep reads; so does the first after.
+    *due = 0;
     let crowded = Choose {
         sweep,
         periods: 1,

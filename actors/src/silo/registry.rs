@@ -300,7 +300,7 @@ impl Silo {
             self.inner.sweeper.clone(),
         );
         // `collector.rs` rule 2: busy until its grain is activated.
-        sender.set_activity(super::collector::BUSY);
+        sender.set_activity(self.sweep_number() | super::collector::BUSY);
         self.spawn_activation(
             grain_type.clone(),
             key.clone(),
@@ -398,7 +398,7 @@ impl Silo {
                     self.inner.sweeper.clone(),
                 );
                 // `collector.rs` rule 2: busy until its grain is activated.
-                sender.set_activity(super::collector::BUSY);
+                sender.set_activity(self.sweep_number() | super::collector::BUSY);
                 let mut slots: Vec<Option<Entry<G>>> =
                     (0..grain_type.workers.max(1)).map(|_| None).collect();
                 slots[0] = Some(Entry::Active(sender.clone()));

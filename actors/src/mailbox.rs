@@ -40,7 +40,7 @@
 //!    ([`Sender::set_activity`]) and read ([`Sender::activity`]) by the
 //!    silo, sequentially consistent, never looked at by the mailbox
 //!    itself: where the silo's idle collector finds when the activation
-//!    behind it last worked (`silo/collector.rs` rules 2 and 6), with no
+//!    behind it last worked (`silo/collector.rs` rules 2 and 7), with no
 //!    allocation of its own.
 //!
 //! Everything is under one mutex, held for a few pointer moves; wakers are

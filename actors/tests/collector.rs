@@ -13,8 +13,14 @@ use granary_actors::{Grain, GrainContext, GrainId, GrainKey, Handler, Message, S
 #[derive(Default)]
 struct Lives {
     activated: AtomicU64,
+    /// `on_deactivate` started.
+    deactivating: AtomicU64,
+    /// `on_deactivate` ended.
     deactivated: AtomicU64,
 }
+
+/// How long `on_deactivate` takes (a silo service; none by default).
+struct SlowExit(Duration);
 
 /// Adds, and sleeps as long as asked.
 struct Sleeper(u64);
@@ -35,6 +41,12 @@ impl Grain for Sleeper {
     }
 
     async fn on_deactivate(&mut self, ctx: &mut GrainContext) {
+        if let Some(lives) = ctx.service::<Lives>() {
+            lives.deactivating.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(SlowExit(slow)) = ctx.service::<SlowExit>().as_deref() {
+            tokio::time::sleep(*slow).await;
+        }
         if let Some(lives) = ctx.service::<Lives>() {
             lives.deactivated.fetch_add(1, Ordering::SeqCst);
         }
@@ -62,10 +74,15 @@ fn silo(idle_timeout: Duration) -> (Silo, Arc<Lives>) {
 }
 
 fn silo_with(config: SiloConfig) -> (Silo, Arc<Lives>) {
+    silo_exiting(config, Duration::ZERO)
+}
+
+fn silo_exiting(config: SiloConfig, exit: Duration) -> (Silo, Arc<Lives>) {
     let lives = Arc::new(Lives::default());
     let silo = Silo::builder()
         .register::<Sleeper>("sleeper")
         .service(lives.clone())
+        .service(Arc::new(SlowExit(exit)))
         .config(config)
         .build()
         .expect("a silo");
@@ -261,5 +278,50 @@ async fn a_grain_activated_between_the_collectors_walks_is_collected_in_time() {
         "{:?}",
         started.elapsed()
     );
+    silo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_deactivation_is_not_shed_twice_over() {
+    // Sweeps every second; each deactivation takes 2.5 s, so the ten shed
+    // are still live (ending) through the next two sweeps.
+    let (silo, lives) = silo_exiting(
+        SiloConfig {
+            idle_timeout: Duration::from_secs(4),
+            max_activations: Some(50),
+            ..SiloConfig::default()
+        },
+        Duration::from_millis(2500),
+    );
+    for key in 0..10u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for key in 10..60u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    eventually("ten shed", || {
+        lives.deactivating.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    assert_eq!(silo.live_activations(), 60, "still ending");
+    // Two more sweeps while they end: the excess is already on its way
+    // out, so nothing more is shed.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(lives.deactivating.load(Ordering::SeqCst), 10);
+    for key in 0..10u64 {
+        assert!(
+            silo.grain::<Sleeper>(key).is_active(),
+            "{key} is still ending"
+        );
+    }
+    eventually("ended", || lives.deactivated.load(Ordering::SeqCst) == 10).await;
+    assert_eq!(silo.live_activations(), 50);
     silo.shutdown().await;
 }

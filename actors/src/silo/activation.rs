@@ -265,8 +265,8 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                         waiting
                     });
                     if own.activity() < collecting.sweep && waiting == Some(false) {
-                        // Counted as being shed until this activation is
-                        // gone (`collector.rs` rule 4).
+                        // Counted as being shed until it counts as ending
+                        // (`collector.rs` rule 4).
                         shed = collecting.shed;
                         break;
                     }
@@ -276,6 +276,8 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     turn: Turn::Migrate(reply),
                     ..
                 })) if !abandoned(&silo) => {
+                    // Busy while it departs (`collector.rs` rules 2 and 7).
+                    own.set_activity(own.activity() | super::collector::BUSY);
                     let departing = depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply);
                     match Box::pin(departing).await {
                         Departed::Ends { moved, gone } => {
@@ -354,6 +356,10 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
             }
         }
     }
+    // Counted as ending until it is gone (`collector.rs` rule 4), before
+    // the shedding collect that ended it, if one did, stops counting.
+    let ending = super::collector::Ending::new(&silo);
+    drop(shed);
     // Rule 5: no new messages; run the ones already queued. Timers end
     // with the activation.
     ctx.cancel_timers();
@@ -438,9 +444,9 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     grain_type.stats.activation_ended();
     // Its place in the live count first (rule 14): a caller woken by the
     // freed slot finds room for the next activation; then its place among
-    // those being shed.
+    // those ending.
     drop(live);
-    drop(shed);
+    drop(ending);
     if let Some(mut slots) = grain_type.directory.get_mut(&key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;

@@ -625,6 +625,7 @@ impl SiloBuilder {
                 sweep: AtomicU64::new(0),
                 collecting: AtomicBool::new(false),
                 shedding: Arc::new(AtomicU64::new(0)),
+                ending: AtomicU64::new(0),
             }),
         };
         if let Some(runtime) = runtime {

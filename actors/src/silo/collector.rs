@@ -45,18 +45,23 @@
 //!    silo holds more than `max_activations`, a candidate needs one idle
 //!    period only, and a sweep collects at most the excess, the longest
 //!    idle first: every candidate stamped before the excess-th oldest
-//!    stamp, then from those stamped with it. A collect sent to shed
-//!    carries a [`Shed`] token, counted in the silo's `shedding` until the
-//!    activation it ended is gone (or it kept the grain, or was dropped),
-//!    and the excess is counted net of those: activations still
-//!    deactivating are not shed twice over.
+//!    stamp, then from those stamped with it. The excess is counted net
+//!    of the activations already on their way out: those that left their
+//!    loop to deactivate, however told, counted in `ending` ([`Ending`])
+//!    until they are gone, and the shedding collects not yet taken, each
+//!    carrying a [`Shed`] token counted in `shedding` until its activation
+//!    counts as ending (or kept the grain, or the collect was dropped). So
+//!    a slow deactivation is not shed twice over.
 //! 5. **A sweep reads the directory only when something can be due.**
 //!    A stamp only moves forward over an activation's life (a turn or a
 //!    pause puts back at least what it found), and a new activation's is
 //!    at least the sweep number when it is made; so after a walk at sweep
 //!    `n` that found `o` the oldest stamp, nothing can be a candidate
-//!    before sweep `o + 1 + periods`, and the
-//!    sweeps before it only advance the sweep number. A busy stamp keeps
+//!    before sweep `o + 1 + periods`, and the sweeps before it only
+//!    advance the sweep number. (An entry whose mailbox closed is dead,
+//!    its activation gone or going, and does not count; one activation in
+//!    a long turn or pause holds the walks at every sweep while it lasts,
+//!    rightly.) A busy stamp keeps
 //!    the stamp it had below [`BUSY`], which is what it is put back to
 //!    at the latest (or a newer sweep number), so it counts as that. A
 //!    silo above `max_activations` walks at every sweep.
@@ -72,7 +77,7 @@
 //!    is at least `n` and keeps the grain.
 //! 8. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from
 //!    the stamp of the grain's directory entry: `n - 1 - s` periods after
-//!    sweep `n`, zero while it activates or runs a turn, and `None` once
+//!    sweep `n`, zero while it activates, departs, is paused or runs a turn, and `None` once
 //!    its mailbox closed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +130,23 @@ impl Drop for Shed {
     }
 }
 
+/// An activation's place among those ending (rule 4), from leaving its
+/// loop until it is gone.
+pub(super) struct Ending(Silo);
+
+impl Ending {
+    pub(super) fn new(silo: &Silo) -> Ending {
+        silo.inner.ending.fetch_add(1, Ordering::AcqRel);
+        Ending(silo.clone())
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.inner.ending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What `Turn::Collect` carries: the sweep that chose the activation, and
 /// whether it sheds (rules 3 and 4).
 pub(crate) struct Collecting {
@@ -156,7 +178,7 @@ pub(super) trait Collect: Send + Sync {
     /// for none.
     fn collect(&self, choose: Choose, budget: &mut u64, shedding: Option<&Arc<AtomicU64>>) -> u64;
     /// The stamp of `key`'s activation, if it has one, its mailbox is open
-    /// and it is not a stateless worker (rule 7).
+    /// and it is not a stateless worker (rule 8).
     fn stamp(&self, key: &GrainKey) -> Option<u64>;
 }
 
@@ -170,10 +192,13 @@ impl<G: Grain> GrainType<G> {
                 let Some(Entry::Active(sender)) = slot else {
                     continue;
                 };
+                if sender.is_closed() {
+                    // Rule 5: dead.
+                    continue;
+                }
                 let stamp = sender.activity();
                 oldest = oldest.min(stamp & !BUSY);
-                if !sender.is_closed()
-                    && sender.capacity() == sender.max_capacity()
+                if sender.capacity() == sender.max_capacity()
                     && stamp <= choose.newest
                     && idle_periods(choose.sweep, stamp) >= choose.periods
                 {
@@ -297,9 +322,10 @@ fn sweep(inner: &SiloInner, every: Duration, due: &mut u64) {
     let periods = idle.as_nanos().div_ceil(every.as_nanos().max(1)).max(1);
     let periods = u64::try_from(periods).unwrap_or(u64::MAX);
     let live = inner.live.load(Ordering::Relaxed);
-    // Rule 4: net of the activations a shedding collect already ends.
+    // Rule 4: net of the activations already on their way out.
     let excess = inner.config.max_activations.map_or(0, |most| {
         live.saturating_sub(most)
+            .saturating_sub(inner.ending.load(Ordering::Acquire))
             .saturating_sub(inner.shedding.load(Ordering::Acquire))
     });
     if excess == 0 {
@@ -362,15 +388,15 @@ impl Drop for Running {
 }
 
 impl Silo {
-    /// The sweep number now (`collector.rs` rules 1 and 6).
+    /// The sweep number now (`collector.rs` rules 1 and 7).
     pub(super) fn sweep_number(&self) -> u64 {
         self.inner.sweep.load(Ordering::SeqCst)
     }
 
     /// How long `grain`'s activation here has been idle (no message that
     /// keeps it alive, rule 8), in whole periods of the idle collector (a
-    /// quarter of `idle_timeout`, at most a second; `collector.rs` rule 7),
-    /// and zero while it activates or runs a turn and from the turn that
+    /// quarter of `idle_timeout`, at most a second; `collector.rs` rule 8),
+    /// and zero while it activates, departs, is paused or runs a turn and from the turn that
     /// ended its idleness on. `None` when it has no open activation here,
     /// or is a stateless worker. What a cluster reads to move or shed the
     /// grains idle longest first.

@@ -21,8 +21,8 @@ pub(super) enum Turn<G> {
     /// mailbox; sent by `GrainRef::deactivate`.
     Deactivate,
     /// Deactivate unless a turn that keeps the grain alive ran since the
-    /// idle collector's sweep number `.0` (`collector.rs` rule 3); sent by
-    /// the collector.
+    /// idle collector's sweep that chose it, or a message waits
+    /// (`collector.rs` rules 3 and 4); sent by the collector.
     Collect(super::collector::Collecting),
     /// Leave for another silo (`migration.rs` rule 2): the activation
     /// dehydrates between turns and answers with its state.

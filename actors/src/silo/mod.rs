@@ -197,8 +197,11 @@ pub(crate) struct SiloInner {
     sweep: AtomicU64,
     /// Whether the idle collector's thread runs (`collector.rs` rule 1).
     collecting: AtomicBool,
-    /// Activations a shedding collect is ending (`collector.rs` rule 4).
+    /// Shedding collects not yet taken (`collector.rs` rule 4).
     shedding: Arc<AtomicU64>,
+    /// Activations between leaving their loop and gone (`collector.rs`
+    /// rule 4).
+    ending: AtomicU64,
 }
 
 /// Keeps a silo's activation-end listener set; dropping it clears the

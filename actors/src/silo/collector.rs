@@ -77,8 +77,9 @@
 //!    is at least `n` and keeps the grain.
 //! 8. **`idle_for` is read, not kept.** [`Silo::idle_for`] answers from
 //!    the stamp of the grain's directory entry: `n - 1 - s` periods after
-//!    sweep `n`, zero while it activates, departs, is paused or runs a turn, and `None` once
-//!    its mailbox closed.
+//!    sweep `n`, zero while it activates, is paused or runs a turn, and
+//!    `None` while it departs or deactivates (its entry is then
+//!    `Deactivating`) and once its mailbox closed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -396,9 +397,10 @@ impl Silo {
     /// How long `grain`'s activation here has been idle (no message that
     /// keeps it alive, rule 8), in whole periods of the idle collector (a
     /// quarter of `idle_timeout`, at most a second; `collector.rs` rule 8),
-    /// and zero while it activates, departs, is paused or runs a turn and from the turn that
-    /// ended its idleness on. `None` when it has no open activation here,
-    /// or is a stateless worker. What a cluster reads to move or shed the
+    /// and zero while it activates, is paused or runs a turn and from the
+    /// turn that ended its idleness on. `None` when it has no open
+    /// activation here (none, or one departing or deactivating), or is a
+    /// stateless worker. What a cluster reads to move or shed the
     /// grains idle longest first.
     pub fn idle_for(&self, grain: &crate::GrainId) -> Option<Duration> {
         let grain_type = self

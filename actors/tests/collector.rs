@@ -96,6 +96,24 @@ fn id(key: u64) -> GrainId {
     }
 }
 
+/// Activates grains 0..10, waits `gap`, then activates grains 10..60:
+/// sixty live, the first ten idle longest.
+async fn ten_then_fifty(silo: &Silo, gap: Duration) {
+    for key in 0..10u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(gap).await;
+    for key in 10..60u64 {
+        silo.grain::<Sleeper>(key)
+            .call(Nap(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+}
+
 /// Waits until `done` holds, failing after 10 s.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -207,19 +225,7 @@ async fn shedding_takes_the_longest_idle_and_stops_at_the_limit() {
     });
     // Ten grains go idle first; two sweeps later fifty more come: ten too
     // many, and the first ten have idled longest.
-    for key in 0..10u64 {
-        silo.grain::<Sleeper>(key)
-            .call(Nap(Duration::ZERO))
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    for key in 10..60u64 {
-        silo.grain::<Sleeper>(key)
-            .call(Nap(Duration::ZERO))
-            .await
-            .unwrap();
-    }
+    ten_then_fifty(&silo, Duration::from_millis(1100)).await;
     eventually("shed to the limit", || {
         lives.deactivated.load(Ordering::SeqCst) == 10
     })
@@ -293,19 +299,7 @@ async fn a_slow_deactivation_is_not_shed_twice_over() {
         },
         Duration::from_millis(2500),
     );
-    for key in 0..10u64 {
-        silo.grain::<Sleeper>(key)
-            .call(Nap(Duration::ZERO))
-            .await
-            .unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    for key in 10..60u64 {
-        silo.grain::<Sleeper>(key)
-            .call(Nap(Duration::ZERO))
-            .await
-            .unwrap();
-    }
+    ten_then_fifty(&silo, Duration::from_millis(2200)).await;
     eventually("ten shed", || {
         lives.deactivating.load(Ordering::SeqCst) == 10
     })

@@ -242,9 +242,7 @@ impl std::fmt::Debug for GrainContext {
 /// mailbox for a departure's verdict stops then.
 impl Drop for GrainContext {
     fn drop(&mut self) {
-        if let Some(timers) = self.timers.take() {
-            timers.cancel();
-        }
+        self.cancel_timers();
     }
 }
 

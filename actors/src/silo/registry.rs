@@ -295,12 +295,7 @@ impl Silo {
         worker: usize,
         live: LiveActivation,
     ) -> mailbox::Sender<Envelope<G>> {
-        let (sender, mailbox) = mailbox::channel(
-            self.inner.config.mailbox_capacity,
-            self.inner.sweeper.clone(),
-        );
-        // `collector.rs` rule 2: busy until its grain is activated.
-        sender.set_activity(self.sweep_number() | super::collector::BUSY);
+        let (sender, mailbox) = self.new_mailbox();
         self.spawn_activation(
             grain_type.clone(),
             key.clone(),
@@ -310,6 +305,19 @@ impl Silo {
             None,
         );
         sender
+    }
+
+    /// A new activation's mailbox, stamped busy until its grain is
+    /// activated (`collector.rs` rule 2) before anyone can see it.
+    fn new_mailbox<G: Grain>(
+        &self,
+    ) -> (mailbox::Sender<Envelope<G>>, mailbox::Receiver<Envelope<G>>) {
+        let (sender, receiver) = mailbox::channel(
+            self.inner.config.mailbox_capacity,
+            self.inner.sweeper.clone(),
+        );
+        sender.set_activity(self.sweep_number() | super::collector::BUSY);
+        (sender, receiver)
     }
 
     fn spawn_activation<G: Grain>(
@@ -393,12 +401,7 @@ impl Silo {
                         reason: "the silo holds its activation limit".into(),
                     });
                 };
-                let (sender, mailbox) = mailbox::channel(
-                    self.inner.config.mailbox_capacity,
-                    self.inner.sweeper.clone(),
-                );
-                // `collector.rs` rule 2: busy until its grain is activated.
-                sender.set_activity(self.sweep_number() | super::collector::BUSY);
+                let (sender, mailbox) = self.new_mailbox();
                 let mut slots: Vec<Option<Entry<G>>> =
                     (0..grain_type.workers.max(1)).map(|_| None).collect();
                 slots[0] = Some(Entry::Active(sender.clone()));

@@ -57,9 +57,12 @@
 //!    before copying (rule 7 there), and only this silo decides for them.
 //!    No grain that moved within `cool_down` moves again, and one whose
 //!    move between this silo's devices failed moves only away for that
-//!    long; at most `moves_per_round` moves a round; grains idle longest
-//!    go first for memory (rules 3 and 4). A grain never moves mid-turn:
-//!    a departure happens between turns (`granary_actors::migration`).
+//!    long (the node offers none whose move to another silo failed in its
+//!    last few rounds, `node/rebalance.rs` rule 6); at most
+//!    `moves_per_round` moves a round; grains idle longest go first for
+//!    memory (rules 3 and 4), those idle alike in the order given. A grain
+//!    never moves mid-turn: a departure happens between turns
+//!    (`granary_actors::migration`).
 //! 7. **Pressure.** When rule 3's excess cannot all move (no target has
 //!    room, or the grain's type is not migratable; a grain that may move
 //!    but is past the round's `moves_per_round` waits for the next round

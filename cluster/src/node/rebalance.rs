@@ -5,13 +5,15 @@
 //!
 //! 1. A round, and each move and deactivation in it, runs only while the
 //!    node serves: not stopped, draining or fenced. Rounds never overlap:
-//!    the next starts an `interval` after the last one's moves reached
-//!    their verdicts.
+//!    the next starts an `interval` after the last one ended, once each of
+//!    its moves reached its verdict or was waited for as long as rule 7
+//!    allows.
 //! 2. The candidates are the grains whose confirmed home is here, that are
-//!    not moving, whose type declares device memory, and that have an
+//!    not moving, whose type declares device memory, that have an
 //!    activation here (its idle time read from the silo, the device of its
-//!    buffers from its quota); those whose type is not migratable may only
-//!    be deactivated.
+//!    buffers from its quota), and whose move to another silo did not fail
+//!    within the last few rounds (rule 6); those whose type is not
+//!    migratable may only be deactivated.
 //! 3. A move between this node's devices is a `MigrationTarget::Device`
 //!    of this silo (`migration.rs` rule 7), and counts against no other
 //!    silo: the node's own devices are read fresh each round. What the
@@ -27,22 +29,45 @@
 //!    a round does not shed again for an excess already being shed.
 //! 5. Each decision is counted by reason when carried out or failed
 //!    (`stats.rs` rule 4) and logged at debug level with its reason.
+//! 6. A grain whose move to another silo failed (the target refused it,
+//!    was busy with it, or could not be reached) is no candidate for four
+//!    `interval`s, and then is again. Grains that tie (busy ones all idle
+//!    0) are planned in the same order each round: without this, the same
+//!    few would be planned however often they fail, and the others never
+//!    tried.
+//! 7. Each move is carried out on a task of its own, which counts and logs
+//!    what it came to (rule 5) and remembers a failure (rule 6; rule 6 of
+//!    `crate::rebalance` for a move between this node's devices). The round
+//!    waits for it at most four call timeouts: a move's steps are each
+//!    bounded by the call timeout, except the departure's wait for the
+//!    grain's turns and `dehydrate` and its commit's wait for the grain's
+//!    drop. Past that the round goes on without it, and the move is not
+//!    cancelled: it runs to its verdict (a departure dropped after the
+//!    switch would leave two activations, `migration.rs` rules 2 to 4),
+//!    its grain is no candidate meanwhile (it is moving, rule 2), and it
+//!    counts against its target as a move that ended then (rule 3).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use futures_util::StreamExt;
 use granary_actors::GrainId;
 use granary_actors::migration::MigrationTarget;
+use tokio::task::JoinHandle;
 
 use super::Inner;
 use crate::SiloId;
 use crate::membership::DeviceLoad;
 use crate::rebalance::{
-    Candidate, Destination, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan,
+    Candidate, Destination, Move, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan,
 };
+
+/// How many `interval`s a grain whose move to another silo failed is no
+/// candidate (rule 6).
+const AWAY_REFUSED_ROUNDS: u32 = 4;
 
 /// Bytes sent to a silo (rule 3).
 struct Sent {
@@ -140,11 +165,16 @@ impl Inner {
             Some(member) => member.load.devices = mine,
             None => return,
         }
-        let grains: Vec<Candidate> = self
-            .rebalance_candidates(config)
-            .into_iter()
-            .filter(|candidate| !self.shedding.contains_key(&candidate.grain))
-            .collect();
+        // Rule 6: grains whose move away failed lately wait.
+        let grains: Vec<Candidate> = without_refused(
+            self.rebalance_candidates(config),
+            &self.away_refused,
+            now,
+            config.interval.saturating_mul(AWAY_REFUSED_ROUNDS),
+        )
+        .into_iter()
+        .filter(|candidate| !self.shedding.contains_key(&candidate.grain))
+        .collect();
         let mut sent: HashMap<SiloId, u64> = HashMap::new();
         for counted in &rounds.sent {
             *sent.entry(counted.to.clone()).or_default() += counted.bytes;
@@ -174,53 +204,44 @@ impl Inner {
             .map(|to| (to.clone(), published(&view, to)))
             .collect();
         let baselines = &baselines;
+        // Rule 7: how long the round waits for one move.
+        let move_bound = self.config.connection.call_timeout.saturating_mul(4);
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
                 if !self.serving() {
                     return None;
                 }
-                let target = match &decided.to {
-                    Destination::Device(device) => MigrationTarget::Device {
-                        silo: None,
-                        device: u32::try_from(*device).unwrap_or(u32::MAX),
-                    },
-                    Destination::Silo(to) => MigrationTarget::Silo(to.to_string()),
+                let (grain, to, bytes) = (decided.grain.clone(), decided.to.clone(), decided.bytes);
+                let carrying = tokio::spawn({
+                    let inner = self.clone();
+                    async move { inner.carry_out(decided).await }
+                });
+                let counts = match waited_within(move_bound, carrying).await {
+                    Some(moved) => moved,
+                    // Rule 7: still going; it counts as if it had moved.
+                    None => {
+                        tracing::debug!(
+                            %grain,
+                            %to,
+                            waited = ?move_bound,
+                            "a rebalancer move goes on to its verdict without the round"
+                        );
+                        true
+                    }
                 };
-                let moved = self.migrate_here_detached(&decided.grain, &target).await;
-                match &moved {
-                    Ok(migrated) => tracing::debug!(
-                        grain = %decided.grain,
-                        to = %decided.to,
-                        reason = decided.reason.as_str(),
-                        took = ?migrated.took,
-                        "the rebalancer moved a grain"
-                    ),
-                    Err(err) => tracing::debug!(
-                        grain = %decided.grain,
-                        to = %decided.to,
-                        reason = decided.reason.as_str(),
-                        error = %err,
-                        "a rebalancer move did not happen"
-                    ),
-                }
-                self.stats.rebalanced(decided.reason, moved.is_ok());
-                if moved.is_err() && matches!(decided.to, Destination::Device(_)) {
-                    self.local_refused
-                        .insert(decided.grain.clone(), Instant::now());
-                }
                 let took_ms = u64::try_from(decided_at.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // A move between this silo's devices shows in its own
                 // devices, read fresh each round: nothing to count.
-                let Destination::Silo(to) = decided.to else {
+                let Destination::Silo(to) = to else {
                     return None;
                 };
                 let baseline = baselines.get(&to).copied().unwrap_or(0);
-                moved.is_ok().then(|| Sent {
+                counts.then(|| Sent {
                     shown_from_ms: baseline
                         .saturating_add(took_ms)
                         .saturating_add(staleness_ms),
                     to,
-                    bytes: decided.bytes,
+                    bytes,
                     until: Instant::now() + counts_for,
                 })
             })
@@ -264,6 +285,47 @@ impl Inner {
             }
             self.stats.rebalanced(Reason::Pressure, shed.is_ok());
         }
+    }
+
+    /// Carries out the move `decided`, on a task of its own (rule 7): counts
+    /// and logs what it came to (rule 5), and remembers a failure (rule 6;
+    /// rule 6 of `crate::rebalance` for a move between this node's devices).
+    /// Whether the grain moved.
+    async fn carry_out(self: &Arc<Self>, decided: Move) -> bool {
+        let target = match &decided.to {
+            Destination::Device(device) => MigrationTarget::Device {
+                silo: None,
+                device: u32::try_from(*device).unwrap_or(u32::MAX),
+            },
+            Destination::Silo(to) => MigrationTarget::Silo(to.to_string()),
+        };
+        let moved = self.migrate_here_detached(&decided.grain, &target).await;
+        match &moved {
+            Ok(migrated) => tracing::debug!(
+                grain = %decided.grain,
+                to = %decided.to,
+                reason = decided.reason.as_str(),
+                took = ?migrated.took,
+                "the rebalancer moved a grain"
+            ),
+            Err(err) => tracing::debug!(
+                grain = %decided.grain,
+                to = %decided.to,
+                reason = decided.reason.as_str(),
+                error = %err,
+                "a rebalancer move did not happen"
+            ),
+        }
+        self.stats.rebalanced(decided.reason, moved.is_ok());
+        if moved.is_err() {
+            let refused = match decided.to {
+                Destination::Device(_) => &self.local_refused,
+                // Rule 6.
+                Destination::Silo(_) => &self.away_refused,
+            };
+            refused.insert(decided.grain, Instant::now());
+        }
+        moved.is_ok()
     }
 
     /// Rule 2: this node's grains the rebalancer may move or shed.
@@ -312,5 +374,127 @@ impl Inner {
         if self.config.rebalance.is_some() && self.bridge.is_some() {
             self.moved_at.insert(grain.clone(), Instant::now());
         }
+    }
+}
+
+/// Rule 6: `grains` but those whose move to another silo failed less than
+/// `bound` before `now`; older failures are forgotten.
+fn without_refused(
+    grains: Vec<Candidate>,
+    refused: &DashMap<GrainId, Instant>,
+    now: Instant,
+    bound: Duration,
+) -> Vec<Candidate> {
+    refused.retain(|_, at| now.saturating_duration_since(*at) < bound);
+    grains
+        .into_iter()
+        .filter(|candidate| !refused.contains_key(&candidate.grain))
+        .collect()
+}
+
+/// Rule 7: whether the move `carrying` carries out moved, if it came to a
+/// verdict within `bound`; `None` if it is still going. Its task is not
+/// cancelled either way (a `JoinHandle` dropped leaves its task running): a
+/// move that has begun runs to its verdict. A task that ended abnormally
+/// moved nothing the round can count.
+async fn waited_within(bound: Duration, carrying: JoinHandle<bool>) -> Option<bool> {
+    tokio::time::timeout(bound, carrying)
+        .await
+        .ok()
+        .map(|ended| ended.unwrap_or(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use granary_actors::GrainKey;
+
+    use super::*;
+
+    fn candidate(key: u64) -> Candidate {
+        Candidate {
+            grain: GrainId {
+                type_name: "Ledger".into(),
+                key: GrainKey::U64(key),
+            },
+            bytes: 4 << 20,
+            // Called all the time: every one idle 0, a tie.
+            idle_for: Duration::ZERO,
+            cooling: false,
+            device: Some(0),
+            movable: true,
+            local: true,
+        }
+    }
+
+    fn keys(grains: &[Candidate]) -> Vec<GrainKey> {
+        grains
+            .iter()
+            .map(|candidate| candidate.grain.key.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_grain_whose_move_away_failed_is_no_candidate_for_its_rounds_then_is_again() {
+        let interval = Duration::from_millis(500);
+        let bound = interval.saturating_mul(AWAY_REFUSED_ROUNDS);
+        let all = || vec![candidate(0), candidate(1), candidate(2)];
+        let refused = DashMap::new();
+        let failed_at = Instant::now();
+        refused.insert(candidate(0).grain, failed_at);
+        // The next round, and the last within the bound, try the others.
+        for after in [interval, bound - Duration::from_millis(1)] {
+            let grains = without_refused(all(), &refused, failed_at + after, bound);
+            assert_eq!(keys(&grains), [GrainKey::U64(1), GrainKey::U64(2)]);
+        }
+        // A failure noted after the round began (by a move the round
+        // stopped waiting for) counts too.
+        refused.insert(candidate(2).grain, failed_at + interval);
+        let grains = without_refused(all(), &refused, failed_at, bound);
+        assert_eq!(keys(&grains), [GrainKey::U64(1)]);
+        // Once the bound has passed, the grain is a candidate again, and
+        // its failure forgotten; the later one still waits.
+        let grains = without_refused(all(), &refused, failed_at + bound, bound);
+        assert_eq!(keys(&grains), [GrainKey::U64(0), GrainKey::U64(1)]);
+        assert!(!refused.contains_key(&candidate(0).grain));
+        let grains = without_refused(all(), &refused, failed_at + bound + interval, bound);
+        assert_eq!(keys(&grains), keys(&all()));
+        assert!(refused.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_stops_waiting_for_a_move_past_its_bound_and_the_move_goes_on() {
+        let bound = Duration::from_secs(120);
+        // A move that reaches its verdict in time.
+        assert_eq!(
+            waited_within(bound, tokio::spawn(async { true })).await,
+            Some(true)
+        );
+        assert_eq!(
+            waited_within(bound, tokio::spawn(async { false })).await,
+            Some(false)
+        );
+        // One that hangs (a departure waiting on its grain) until told.
+        let (verdict, reached) = tokio::sync::oneshot::channel::<()>();
+        let moved = Arc::new(AtomicBool::new(false));
+        let carrying = tokio::spawn({
+            let moved = moved.clone();
+            async move {
+                let _ = reached.await;
+                moved.store(true, Ordering::SeqCst);
+                true
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(waited_within(bound, carrying).await, None);
+        assert!(started.elapsed() >= bound);
+        // Not cancelled: it still reaches its verdict.
+        assert!(verdict.send(()).is_ok(), "the move was cancelled");
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while !moved.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(moved.load(Ordering::SeqCst), "the move did not go on");
     }
 }

@@ -363,6 +363,7 @@ impl NodeParts {
             draining: std::sync::atomic::AtomicBool::new(false),
             moved_at: DashMap::new(),
             local_refused: DashMap::new(),
+            away_refused: DashMap::new(),
             shedding: DashMap::new(),
             fence: super::fence::Fence::new(),
             lease_epoch: AtomicU64::new(0),

@@ -217,6 +217,28 @@ fn grains_that_moved_recently_never_move_again_within_the_cool_down() {
 }
 
 #[test]
+fn grains_idle_alike_are_planned_in_the_order_given_and_those_left_out_make_way() {
+    let view = vec![
+        member("a", vec![device(100, 70)]),
+        member("c", vec![device(100, 10)]),
+    ];
+    // Busy grains all idle 0: a tie.
+    let mut grains = candidates(0..70);
+    for candidate in &mut grains {
+        candidate.idle_for = Duration::ZERO;
+    }
+    let planned = |grains: &[Candidate]| -> Vec<GrainId> {
+        let plan = plan_for(&config(), "a", &view, grains);
+        plan.moves.into_iter().map(|mv| mv.grain).collect()
+    };
+    // The same first grains each round...
+    assert_eq!(planned(&grains), (0..4).map(grain).collect::<Vec<_>>());
+    // ...unless those whose moves failed are left out (`node/rebalance.rs`
+    // rule 6): then the next ones are tried.
+    assert_eq!(planned(&grains[4..]), (4..8).map(grain).collect::<Vec<_>>());
+}
+
+#[test]
 fn targets_that_leave_are_fenced_or_host_another_type_take_nothing() {
     let mut leaving = member("l", vec![device(20, 0)]);
     leaving.load.leaving = true;

@@ -10,11 +10,16 @@
 //! of the runtimes' own costs, not of scheduling across cores.
 //!
 //! - `ask/*`: one request-response at a time to a counter that adds and
-//!   answers: granary `GrainRef::call`, actix `Addr::send`, ractor `call!`.
+//!   answers: granary `GrainRef::call`, actix `Addr::send`, ractor `call!`,
+//!   and `tokio_channels`, the floor under any actor on tokio: a task that
+//!   owns the counter, fed by an unbounded `mpsc` channel, answering on a
+//!   `oneshot` (no supervision, no timeout, no identity: only the two
+//!   channels and the two task wakes every ask needs).
 //! - `ask_concurrent/*`: 100 callers, each with an actor of its own, make
 //!   100 calls each, one at a time, all at once on the one thread: the
 //!   throughput of request-response when callers are tasks (the runtime
-//!   always has another caller to run, as in a busy service).
+//!   always has another caller to run, as in a busy service); the same
+//!   four systems.
 //! - `fan_in/*`: 1000 senders each send 100 one-way messages to one
 //!   counter (granary `tell`, actix `do_send`, ractor `cast`), then one ask
 //!   confirms all 100 000 arrived; throughput is messages per second.
@@ -77,6 +82,33 @@ mod granary_side {
             })
             .build()
             .expect("a silo")
+    }
+}
+
+/// The floor: a counter task on two tokio channels.
+mod tokio_side {
+    use tokio::sync::{mpsc, oneshot};
+
+    pub type Counter = mpsc::UnboundedSender<(u64, oneshot::Sender<u64>)>;
+
+    /// Spawns the counter's task on the current runtime.
+    pub fn spawn() -> Counter {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<(u64, oneshot::Sender<u64>)>();
+        tokio::spawn(async move {
+            let mut total = 0u64;
+            while let Some((n, reply)) = receiver.recv().await {
+                total += n;
+                let _ = reply.send(total);
+            }
+        });
+        sender
+    }
+
+    /// One ask.
+    pub async fn add(counter: &Counter, n: u64) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        counter.send((n, reply)).expect("the counter runs");
+        answer.await.expect("an answer")
     }
 }
 
@@ -162,6 +194,13 @@ fn ask(c: &mut Criterion) {
     });
     actor.stop(None);
     let _ = rt.block_on(handle);
+
+    let counter = rt.block_on(async { tokio_side::spawn() });
+    group.bench_function("tokio_channels", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(tokio_side::add(&counter, 1).await) })
+    });
+    drop(counter);
 
     group.bench_function("actix", |b| {
         b.iter_custom(|iterations| {
@@ -254,6 +293,33 @@ fn ask_concurrent(c: &mut Criterion) {
             actor.stop(None);
             let _ = rt.block_on(handle);
         }
+    });
+
+    group.bench_function("tokio_channels", |b| {
+        let counters: Vec<_> =
+            rt.block_on(async { (0..CALLERS).map(|_| tokio_side::spawn()).collect() });
+        b.iter_custom(|iterations| {
+            rt.block_on(async {
+                let started = Instant::now();
+                for _ in 0..iterations {
+                    let callers: Vec<_> = counters
+                        .iter()
+                        .map(|counter| {
+                            let counter = counter.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..CALLS {
+                                    black_box(tokio_side::add(&counter, 1).await);
+                                }
+                            })
+                        })
+                        .collect();
+                    for caller in callers {
+                        caller.await.unwrap();
+                    }
+                }
+                started.elapsed()
+            })
+        });
     });
 
     group.bench_function("actix", |b| {

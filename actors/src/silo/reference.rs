@@ -224,7 +224,7 @@ impl<G: Grain> GrainRef<G> {
     ) -> Result<R, CallError> {
         // Fast path: give the activation a chance to run first, and take the
         // answer without arming a timer if it is already there.
-        yield_to_queued().await;
+        tokio::task::yield_now().await;
         let answer = match answer.try_recv() {
             Ok(reply) => return Ok(reply),
             Err(oneshot::error::TryRecvError::Closed) => {
@@ -886,24 +886,4 @@ fn tell_turn<G: Handler<M>, M: Message>(message: M, _: oneshot::Sender<()>) -> T
             let _ = grain.handle(message, ctx).await;
         })
     }))
-}
-
-/// Lets the tasks already queued on this worker run before the caller goes
-/// on: the caller wakes itself and returns `Pending` once, so it goes to
-/// the back of its worker's run queue, behind the activation its message
-/// just woke. Unlike `tokio::task::yield_now`, which defers the caller
-/// until the runtime has polled its I/O and timer drivers (a system call
-/// per call on an otherwise idle worker, measured at a third of a lone
-/// ask's cost), this costs one wake. A caller yields once per call and
-/// then awaits its answer, so it cannot keep the drivers from running.
-fn yield_to_queued() -> impl Future<Output = ()> {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
 }

@@ -143,6 +143,7 @@ fn rebalance(c: &mut Criterion) {
             device: Some(0),
             movable: true,
             local: true,
+            away: true,
         })
         .collect();
     let me = view[0].silo.clone();

@@ -57,8 +57,9 @@
 //!    before copying (rule 7 there), and only this silo decides for them.
 //!    No grain that moved within `cool_down` moves again, and one whose
 //!    move between this silo's devices failed moves only away for that
-//!    long (the node offers none whose move to another silo failed in its
-//!    last few rounds, `node/rebalance.rs` rule 6); at most
+//!    long, and one whose move to another silo failed lately (`away`
+//!    false, `node/rebalance.rs` rule 6) moves only between this silo's
+//!    devices for a few rounds, or waits; at most
 //!    `moves_per_round` moves a round; grains idle longest go first for
 //!    memory (rules 3 and 4), those idle alike in the order given. A grain
 //!    never moves mid-turn: a departure happens between turns
@@ -237,6 +238,10 @@ pub struct Candidate {
     /// failed move of it there is within the cool-down (rule 6), so that
     /// it moves away instead.
     pub local: bool,
+    /// Whether it may move to another silo: not for a few rounds after a
+    /// failed move of it there (rule 6), so that others are tried; it is
+    /// then neither moved away nor shed for the excess, and waits.
+    pub away: bool,
 }
 
 /// What a round decides from.
@@ -530,6 +535,10 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 });
                 continue;
             }
+            // One whose move away failed lately waits (rule 6).
+            if !candidate.away {
+                continue;
+            }
             // The emptiest target that takes it.
             let best = targets
                 .iter_mut()
@@ -589,7 +598,7 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 target.share = my_excess * deficit(target) / deficits;
             }
             let mut left = my_excess;
-            for candidate in &movable {
+            for candidate in movable.iter().filter(|candidate| candidate.away) {
                 if plan.moves.len() >= config.moves_per_round {
                     break;
                 }
@@ -679,8 +688,12 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                     })
             })
         };
-        // The busiest grain: idle shortest.
-        if let Some(candidate) = movable.iter().min_by_key(|candidate| candidate.idle_for) {
+        // The busiest grain that may move away: idle shortest.
+        if let Some(candidate) = movable
+            .iter()
+            .filter(|candidate| candidate.away)
+            .min_by_key(|candidate| candidate.idle_for)
+        {
             if let Some(target) = targets.iter().find(|target| {
                 like_and_idle(target) && target.takes(config, &candidate.grain, candidate.bytes)
             }) {

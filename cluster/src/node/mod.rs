@@ -241,10 +241,10 @@ struct Inner {
     /// (`rebalance.rs` rule 6): for the cool-down, the rebalancer moves it
     /// only away.
     local_refused: DashMap<GrainId, Instant>,
-    /// When a move of each grain to another silo last failed
-    /// (`node/rebalance.rs` rule 6): for a few rounds, the rebalancer
-    /// leaves it be and tries its other grains.
-    away_refused: DashMap<GrainId, Instant>,
+    /// The rebalancer round in which a move of each grain to another silo
+    /// last failed (`node/rebalance.rs` rule 6): for a few rounds, it does
+    /// not move that grain away and tries its other grains.
+    away_refused: DashMap<GrainId, u64>,
     /// Grains the rebalancer asked to deactivate, with the device and bytes
     /// they hold and until when they count as leaving: removed when their
     /// activation ends (`rebalance.rs` rule 4).

@@ -3,17 +3,19 @@
 //! asks [`crate::rebalance::plan`] what to do, and does it: moves through
 //! `migration.rs`, deactivations through the silo.
 //!
-//! 1. A round, and each move and deactivation in it, runs only while the
-//!    node serves: not stopped, draining or fenced. Rounds never overlap:
+//! 1. A round, and each move and deactivation in it, starts only while
+//!    the node serves: not stopped, draining or fenced (a move the round
+//!    stopped waiting for, rule 7, runs on to its verdict, as a move
+//!    under way does when the node starts to drain). Rounds never overlap:
 //!    the next starts an `interval` after the last one ended, once each of
 //!    its moves reached its verdict or was waited for as long as rule 7
 //!    allows.
 //! 2. The candidates are the grains whose confirmed home is here, that are
-//!    not moving, whose type declares device memory, that have an
+//!    not moving, whose type declares device memory, and that have an
 //!    activation here (its idle time read from the silo, the device of its
-//!    buffers from its quota), and whose move to another silo did not fail
-//!    within the last few rounds (rule 6); those whose type is not
-//!    migratable may only be deactivated.
+//!    buffers from its quota); those whose type is not migratable may only
+//!    be deactivated, and those whose move to another silo failed lately
+//!    may not move to another silo (rule 6).
 //! 3. A move between this node's devices is a `MigrationTarget::Device`
 //!    of this silo (`migration.rs` rule 7), and counts against no other
 //!    silo: the node's own devices are read fresh each round. What the
@@ -26,26 +28,33 @@
 //! 4. A grain asked to deactivate is no candidate until its activation has
 //!    ended (the silo's end listener forgets it; at most four call
 //!    timeouts), and the memory it holds counts as gone meanwhile, so that
-//!    a round does not shed again for an excess already being shed.
+//!    a round does not shed again for an excess already being shed. A move
+//!    the round stopped waiting for (rule 7) counts as leaving the same
+//!    way, until it reaches its verdict.
 //! 5. Each decision is counted by reason when carried out or failed
 //!    (`stats.rs` rule 4) and logged at debug level with its reason.
-//! 6. A grain whose move to another silo failed (the target refused it,
-//!    was busy with it, or could not be reached) is no candidate for four
-//!    `interval`s, and then is again. Grains that tie (busy ones all idle
-//!    0) are planned in the same order each round: without this, the same
-//!    few would be planned however often they fail, and the others never
-//!    tried.
+//! 6. A grain whose move to another silo failed for a reason that may
+//!    hold again (no target had room, it or its target was busy, a hook
+//!    failed, its entry changed, or the target could not be reached; not
+//!    for `NotActive`, `AlreadyThere`, `Unknown` or a shutdown) may not
+//!    move to another silo in the next four rounds, counted by round, not
+//!    by time, so that a long round does not let it lapse; it may still
+//!    move between this node's devices or be deactivated. Grains that tie
+//!    (busy ones all idle 0) are planned in the same order each round:
+//!    without this, the same few would be planned however often they
+//!    fail, and the others never tried.
 //! 7. Each move is carried out on a task of its own, which counts and logs
 //!    what it came to (rule 5) and remembers a failure (rule 6; rule 6 of
 //!    `crate::rebalance` for a move between this node's devices). The round
 //!    waits for it at most four call timeouts: a move's steps are each
 //!    bounded by the call timeout, except the departure's wait for the
 //!    grain's turns and `dehydrate` and its commit's wait for the grain's
-//!    drop. Past that the round goes on without it, and the move is not
-//!    cancelled: it runs to its verdict (a departure dropped after the
-//!    switch would leave two activations, `migration.rs` rules 2 to 4),
-//!    its grain is no candidate meanwhile (it is moving, rule 2), and it
-//!    counts against its target as a move that ended then (rule 3).
+//!    drop. Past that the round goes on without it; the move itself runs
+//!    to its verdict (`Inner::migrate_here_detached`: a departure dropped
+//!    after the switch would leave two activations), its grain is no
+//!    candidate meanwhile (it is moving, rule 2), it counts against its
+//!    target as a move that ended then (rule 3) and as leaving here
+//!    (rule 4), and its verdict is still counted and remembered.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -55,7 +64,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use granary_actors::GrainId;
-use granary_actors::migration::MigrationTarget;
+use granary_actors::migration::{MigrationError, MigrationTarget};
 use tokio::task::JoinHandle;
 
 use super::Inner;
@@ -65,9 +74,9 @@ use crate::rebalance::{
     Candidate, Destination, Move, Plan, Reason, RebalanceConfig, Snapshot, long_queue, plan,
 };
 
-/// How many `interval`s a grain whose move to another silo failed is no
-/// candidate (rule 6).
-const AWAY_REFUSED_ROUNDS: u32 = 4;
+/// How many rounds a grain whose move to another silo failed may not move
+/// to another silo (rule 6).
+const AWAY_REFUSED_ROUNDS: u64 = 4;
 
 /// Bytes sent to a silo (rule 3).
 struct Sent {
@@ -93,6 +102,8 @@ pub(super) struct Shedding {
 /// What a node's rounds carry from one to the next.
 #[derive(Default)]
 struct Rounds {
+    /// This round's number, counted from 1 (rule 6).
+    number: u64,
     sent: Vec<Sent>,
     /// Rounds in a row with a long queue here (`rebalance.rs` rule 5).
     long_queue: u32,
@@ -129,6 +140,10 @@ impl Inner {
     /// One round (rules 1 to 5).
     async fn rebalance_round(self: &Arc<Self>, config: &RebalanceConfig, rounds: &mut Rounds) {
         let now = Instant::now();
+        rounds.number += 1;
+        let round = rounds.number;
+        // Rule 6: failures older than four rounds are forgotten.
+        forget_refused(&self.away_refused, round);
         self.moved_at
             .retain(|_, at| now.duration_since(*at) < config.cool_down);
         self.local_refused
@@ -165,16 +180,11 @@ impl Inner {
             Some(member) => member.load.devices = mine,
             None => return,
         }
-        // Rule 6: grains whose move away failed lately wait.
-        let grains: Vec<Candidate> = without_refused(
-            self.rebalance_candidates(config),
-            &self.away_refused,
-            now,
-            config.interval.saturating_mul(AWAY_REFUSED_ROUNDS),
-        )
-        .into_iter()
-        .filter(|candidate| !self.shedding.contains_key(&candidate.grain))
-        .collect();
+        let grains: Vec<Candidate> = self
+            .rebalance_candidates(config)
+            .into_iter()
+            .filter(|candidate| !self.shedding.contains_key(&candidate.grain))
+            .collect();
         let mut sent: HashMap<SiloId, u64> = HashMap::new();
         for counted in &rounds.sent {
             *sent.entry(counted.to.clone()).or_default() += counted.bytes;
@@ -206,6 +216,11 @@ impl Inner {
         let baselines = &baselines;
         // Rule 7: how long the round waits for one move.
         let move_bound = self.config.connection.call_timeout.saturating_mul(4);
+        let devices: HashMap<&GrainId, Option<usize>> = grains
+            .iter()
+            .map(|candidate| (&candidate.grain, candidate.device))
+            .collect();
+        let devices = &devices;
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
                 if !self.serving() {
@@ -214,17 +229,27 @@ impl Inner {
                 let (grain, to, bytes) = (decided.grain.clone(), decided.to.clone(), decided.bytes);
                 let carrying = tokio::spawn({
                     let inner = self.clone();
-                    async move { inner.carry_out(decided).await }
+                    async move { inner.carry_out(decided, round).await }
                 });
                 let counts = match waited_within(move_bound, carrying).await {
                     Some(moved) => moved,
-                    // Rule 7: still going; it counts as if it had moved.
+                    // Rule 7: still going; it counts as if it had moved,
+                    // there and as leaving here (rule 4) until its verdict,
+                    // which `carry_out` takes back.
                     None => {
                         tracing::debug!(
                             %grain,
                             %to,
                             waited = ?move_bound,
                             "a rebalancer move goes on to its verdict without the round"
+                        );
+                        self.shedding.insert(
+                            grain.clone(),
+                            Shedding {
+                                device: devices.get(&grain).copied().flatten(),
+                                bytes,
+                                until: Instant::now() + move_bound,
+                            },
                         );
                         true
                     }
@@ -287,11 +312,12 @@ impl Inner {
         }
     }
 
-    /// Carries out the move `decided`, on a task of its own (rule 7): counts
-    /// and logs what it came to (rule 5), and remembers a failure (rule 6;
-    /// rule 6 of `crate::rebalance` for a move between this node's devices).
+    /// Carries out the move `decided` of round `round`, on a task of its
+    /// own (rule 7): counts and logs what it came to (rule 5), remembers a
+    /// failure (rule 6; rule 6 of `crate::rebalance` for a move between
+    /// this node's devices), and ends its counting as leaving (rule 4).
     /// Whether the grain moved.
-    async fn carry_out(self: &Arc<Self>, decided: Move) -> bool {
+    async fn carry_out(self: &Arc<Self>, decided: Move, round: u64) -> bool {
         let target = match &decided.to {
             Destination::Device(device) => MigrationTarget::Device {
                 silo: None,
@@ -317,13 +343,17 @@ impl Inner {
             ),
         }
         self.stats.rebalanced(decided.reason, moved.is_ok());
-        if moved.is_err() {
-            let refused = match decided.to {
-                Destination::Device(_) => &self.local_refused,
-                // Rule 6.
-                Destination::Silo(_) => &self.away_refused,
-            };
-            refused.insert(decided.grain, Instant::now());
+        // Rule 7: if the round stopped waiting, the grain counted as
+        // leaving until now (the end listener may have forgotten it first).
+        self.shedding.remove(&decided.grain);
+        match (&moved, &decided.to) {
+            (Err(_), Destination::Device(_)) => {
+                self.local_refused.insert(decided.grain, Instant::now());
+            }
+            (Err(err), Destination::Silo(_)) if may_hold_again(err) => {
+                self.away_refused.insert(decided.grain, round);
+            }
+            _ => {}
         }
         moved.is_ok()
     }
@@ -353,6 +383,7 @@ impl Inner {
                         .and_then(|quotas| quotas.device_of(grain)),
                     movable: self.home_side.is_migratable(&grain.type_name),
                     local: !self.local_refused.contains_key(grain),
+                    away: !self.away_refused.contains_key(grain),
                 })
             })
             .collect()
@@ -377,19 +408,23 @@ impl Inner {
     }
 }
 
-/// Rule 6: `grains` but those whose move to another silo failed less than
-/// `bound` before `now`; older failures are forgotten.
-fn without_refused(
-    grains: Vec<Candidate>,
-    refused: &DashMap<GrainId, Instant>,
-    now: Instant,
-    bound: Duration,
-) -> Vec<Candidate> {
-    refused.retain(|_, at| now.saturating_duration_since(*at) < bound);
-    grains
-        .into_iter()
-        .filter(|candidate| !refused.contains_key(&candidate.grain))
-        .collect()
+/// Rule 6: forgets the failed moves away of rounds more than four before
+/// `round`.
+fn forget_refused(refused: &DashMap<GrainId, u64>, round: u64) {
+    refused.retain(|_, failed_in| round.saturating_sub(*failed_in) <= AWAY_REFUSED_ROUNDS);
+}
+
+/// Rule 6: whether a move away that failed with `err` may fail the same way
+/// next round.
+fn may_hold_again(err: &MigrationError) -> bool {
+    matches!(
+        err,
+        MigrationError::NoTarget { .. }
+            | MigrationError::Busy { .. }
+            | MigrationError::Hook { .. }
+            | MigrationError::Conflict { .. }
+            | MigrationError::Unavailable { .. }
+    )
 }
 
 /// Rule 7: whether the move `carrying` carries out moved, if it came to a
@@ -425,42 +460,62 @@ mod tests {
             device: Some(0),
             movable: true,
             local: true,
+            away: true,
         }
     }
 
-    fn keys(grains: &[Candidate]) -> Vec<GrainKey> {
-        grains
+    fn keys_of(refused: &DashMap<GrainId, u64>) -> Vec<GrainKey> {
+        refused
             .iter()
-            .map(|candidate| candidate.grain.key.clone())
+            .map(|entry| entry.key().key.clone())
             .collect()
     }
 
     #[test]
-    fn a_grain_whose_move_away_failed_is_no_candidate_for_its_rounds_then_is_again() {
-        let interval = Duration::from_millis(500);
-        let bound = interval.saturating_mul(AWAY_REFUSED_ROUNDS);
-        let all = || vec![candidate(0), candidate(1), candidate(2)];
+    fn a_failed_move_away_is_remembered_for_four_rounds_then_forgotten() {
         let refused = DashMap::new();
-        let failed_at = Instant::now();
-        refused.insert(candidate(0).grain, failed_at);
-        // The next round, and the last within the bound, try the others.
-        for after in [interval, bound - Duration::from_millis(1)] {
-            let grains = without_refused(all(), &refused, failed_at + after, bound);
-            assert_eq!(keys(&grains), [GrainKey::U64(1), GrainKey::U64(2)]);
+        refused.insert(candidate(0).grain, 3);
+        refused.insert(candidate(1).grain, 5);
+        // The four rounds after round 3's failure remember it.
+        for round in 4..=7 {
+            forget_refused(&refused, round);
+            assert!(refused.contains_key(&candidate(0).grain), "round {round}");
         }
-        // A failure noted after the round began (by a move the round
-        // stopped waiting for) counts too.
-        refused.insert(candidate(2).grain, failed_at + interval);
-        let grains = without_refused(all(), &refused, failed_at, bound);
-        assert_eq!(keys(&grains), [GrainKey::U64(1)]);
-        // Once the bound has passed, the grain is a candidate again, and
-        // its failure forgotten; the later one still waits.
-        let grains = without_refused(all(), &refused, failed_at + bound, bound);
-        assert_eq!(keys(&grains), [GrainKey::U64(0), GrainKey::U64(1)]);
-        assert!(!refused.contains_key(&candidate(0).grain));
-        let grains = without_refused(all(), &refused, failed_at + bound + interval, bound);
-        assert_eq!(keys(&grains), keys(&all()));
+        forget_refused(&refused, 8);
+        assert_eq!(keys_of(&refused), [GrainKey::U64(1)]);
+        forget_refused(&refused, 10);
         assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn only_failures_that_may_hold_again_are_remembered() {
+        let grain = candidate(0).grain;
+        for err in [
+            MigrationError::NoTarget {
+                grain: grain.clone(),
+                reason: "full".into(),
+            },
+            MigrationError::Busy {
+                grain: grain.clone(),
+            },
+            MigrationError::Unavailable {
+                grain: grain.clone(),
+                reason: "unreachable".into(),
+            },
+        ] {
+            assert!(may_hold_again(&err), "{err}");
+        }
+        for err in [
+            MigrationError::NotActive {
+                grain: grain.clone(),
+            },
+            MigrationError::AlreadyThere {
+                grain: grain.clone(),
+            },
+            MigrationError::ShutDown,
+        ] {
+            assert!(!may_hold_again(&err), "{err}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -48,6 +48,7 @@ fn candidates(keys: impl IntoIterator<Item = u64>) -> Vec<Candidate> {
             device: Some(0),
             movable: true,
             local: true,
+            away: true,
         })
         .collect()
 }
@@ -233,9 +234,15 @@ fn grains_idle_alike_are_planned_in_the_order_given_and_those_left_out_make_way(
     };
     // The same first grains each round...
     assert_eq!(planned(&grains), (0..4).map(grain).collect::<Vec<_>>());
-    // ...unless those whose moves failed are left out (`node/rebalance.rs`
-    // rule 6): then the next ones are tried.
-    assert_eq!(planned(&grains[4..]), (4..8).map(grain).collect::<Vec<_>>());
+    // ...unless those whose moves away failed lately may not move away
+    // (`node/rebalance.rs` rule 6): then the next ones are tried, and they
+    // are not shed in their place.
+    for candidate in &mut grains[..4] {
+        candidate.away = false;
+    }
+    assert_eq!(planned(&grains), (4..8).map(grain).collect::<Vec<_>>());
+    let plan = plan_for(&config(), "a", &view, &grains[..4]);
+    assert!(plan.moves.is_empty() && plan.shed.is_empty(), "{plan:?}");
 }
 
 #[test]

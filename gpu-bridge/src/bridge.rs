@@ -578,8 +578,10 @@ impl GpuBridge {
                 }
                 std::future::poll_fn(|cx| {
                     let done = group.poll_done(cx);
-                    if done.is_pending() {
-                        instance.parking();
+                    // Its last answer may be among those it lands while it
+                    // parks: then it looks once more.
+                    if done.is_pending() && instance.parking() {
+                        return group.poll_done(cx);
                     }
                     done
                 })

@@ -94,9 +94,26 @@
 //!     sees the waiter's slot and stays, or the waiter sees `aside` and
 //!     wakes it. A spinner counted for a slot that is not its own (a
 //!     group's, freed as its answers land) reads `aside` when it leaves
-//!     and wakes the thread if slots other than its own are still in use. A lone caller thus takes its answer from the ring itself,
-//!     with no thread hop and no wake-up, and a crowd of parked callers
-//!     costs no shared counter per request.
+//!     and wakes the thread if slots other than its own are still in use.
+//!     A lone caller thus takes its answer from the ring itself, with no
+//!     thread hop and no wake-up, and a crowd of parked callers costs no
+//!     shared counter per request.
+//! 11. **Serving under load.** The completion thread waits holding the
+//!     ring only when it found nothing ready: while answers flow it takes
+//!     what is ready, lets go of the ring and yields its core before it
+//!     looks again. A call about to park (its waker registered) takes the
+//!     ring if it is free (`try_lock`, never asking the thread to step
+//!     aside) and lands what is ready, at most `capacity` answers, so the
+//!     tasks it wakes go to its own worker's queue rather than being woken
+//!     from outside the runtime; if it landed any, it looks at its own slot
+//!     again before parking, so an answer it landed for itself is taken at
+//!     once. It only ever adds a consumer behind the same lock: the thread
+//!     never steps aside for it (rule 10 is unchanged), so an answer nobody
+//!     else takes is still the thread's to land. Answers landed by callers
+//!     are counted (`landed`), and the thread counts a change of that count
+//!     as progress (rule 5), as it does its own. While a caller lands, the
+//!     thread waits for the ring's lock behind it (the caller's landing,
+//!     broker count and metrics: bounded by `capacity` answers).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::AtomicUsize;
@@ -207,6 +224,8 @@ pub(crate) struct KernelInstance {
     delegate: AtomicBool,
     /// Rule 10: the completion thread has stepped aside.
     aside: AtomicBool,
+    /// Rule 11: answers landed by callers, for the thread's progress.
+    landed: AtomicU64,
     /// Rule 10: callers spinning for their answers now.
     pollers: AtomicUsize,
     /// The completion thread, to wake it when it stepped aside.
@@ -277,6 +296,7 @@ impl KernelInstance {
             }),
             delegate: AtomicBool::new(false),
             aside: AtomicBool::new(false),
+            landed: AtomicU64::new(0),
             pollers: AtomicUsize::new(0),
             completions: OnceLock::new(),
             stop: AtomicU8::new(RUNNING),
@@ -962,6 +982,8 @@ impl KernelInstance {
             .as_ref()
             .map_or(0, |k| k.heartbeat());
         let mut progress = Instant::now();
+        // Rule 11: answers callers landed, as last seen.
+        let mut landed = self.landed.load(Ordering::Relaxed);
         // While failed: when to try the relaunch again, and whether the
         // stopped kernel had exited (rule 5).
         let mut retry_at = Instant::now();
@@ -1005,13 +1027,18 @@ impl KernelInstance {
                 return;
             };
             let mut land = |completion: CompletionRef<'_>| self.land_completion(drain, completion);
-            let taken = if delegated {
-                kernel.try_complete_each(usize::MAX, &mut land)
+            // Rule 11: what is ready first; a wait holding the ring only
+            // when nothing was.
+            let ready = kernel.try_complete_each(usize::MAX, &mut land);
+            let taken = if delegated || ready > 0 {
+                ready
             } else {
                 kernel.complete_each(poll, usize::MAX, &mut land)
             };
             self.settle(drain);
-            if taken > 0 {
+            let by_callers = self.landed.load(Ordering::Relaxed);
+            if taken > 0 || by_callers != landed {
+                landed = by_callers;
                 progress = Instant::now();
             }
             let beat = kernel.heartbeat();
@@ -1036,6 +1063,10 @@ impl KernelInstance {
                     thread::park_timeout(poll);
                 }
                 self.aside.store(false, Ordering::SeqCst);
+            } else if ready > 0 {
+                // Rule 11: answers flow; the callers' workers may land the
+                // next ones themselves.
+                thread::yield_now();
             }
         }
     }
@@ -1046,25 +1077,37 @@ impl KernelInstance {
     /// completion thread to step aside.
     /// Returns whether it could look.
     fn poll_ring(&self) -> bool {
+        self.take_ready(true).is_some()
+    }
+
+    /// Rules 10 and 11: takes the answers ready in the response ring, at
+    /// most `capacity`, if the ring is free; finding it held, asks the
+    /// completion thread to step aside if `delegate`. Returns how many it
+    /// landed, or `None` if it could not look.
+    fn take_ready(&self, delegate: bool) -> Option<usize> {
         let mut guard = match self.serving.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
-                if !self.delegate.load(Ordering::Relaxed) {
+                if delegate && !self.delegate.load(Ordering::Relaxed) {
                     self.delegate.store(true, Ordering::SeqCst);
                 }
-                return false;
+                return None;
             }
         };
         let Serving { kernel, drain } = &mut *guard;
         let Some(kernel) = kernel.as_mut() else {
-            return true;
+            return Some(0);
         };
-        kernel.try_complete_each(usize::MAX, &mut |completion| {
+        let landed = kernel.try_complete_each(self.capacity(), &mut |completion| {
             self.land_completion(drain, completion)
         });
         self.settle(drain);
-        true
+        if landed > 0 {
+            // Rule 11: progress the completion thread did not see.
+            self.landed.fetch_add(landed as u64, Ordering::Relaxed);
+        }
+        Some(landed)
     }
 
     /// Rule 10: whether the completion thread steps aside this turn: a
@@ -1235,13 +1278,16 @@ impl Owner for KernelInstance {
     }
 
     /// Rule 10: a waiter parks; if the completion thread has stepped
-    /// aside, it comes back to serve the ring.
-    fn parking(&self) {
+    /// aside, it comes back to serve the ring. Rule 11: the waiter first
+    /// lands what is ready, if the ring is free, and says whether it
+    /// landed any.
+    fn parking(&self) -> bool {
         if self.aside.load(Ordering::SeqCst) {
             if let Some(thread) = self.completions.get() {
                 thread.unpark();
             }
         }
+        self.take_ready(false).is_some_and(|landed| landed > 0)
     }
 }
 

@@ -693,8 +693,10 @@ pub(crate) trait Owner {
     /// meanwhile, for a call holding `own` slots; returns whether `done`
     /// (rule 5).
     fn spin_wait(&self, budget: Duration, own: usize, done: &dyn Fn() -> bool) -> bool;
-    /// A waiter parks (returns `Pending`): someone must serve the ring.
-    fn parking(&self);
+    /// A waiter parks (returns `Pending`, its waker registered): someone
+    /// must serve the ring, and the waiter may land what is ready first.
+    /// Returns whether it landed any answers (its own may be among them).
+    fn parking(&self) -> bool;
 }
 
 /// A claim on one slot's answer. Dropped before the answer is taken, it
@@ -733,11 +735,14 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
                     .spin_wait(spin, 1, &|| slots.is_answered(request_id));
             }
         }
-        let polled = self.owner.slots().poll_take(self.request_id, cx, take);
+        let mut polled = self.owner.slots().poll_take(self.request_id, cx, take);
+        // The waiter may land its own answer while it parks: it looks once
+        // more rather than waking itself.
+        if polled.is_pending() && self.owner.parking() {
+            polled = self.owner.slots().poll_take(self.request_id, cx, take);
+        }
         if polled.is_ready() {
             self.taken = true;
-        } else {
-            self.owner.parking();
         }
         polled
     }

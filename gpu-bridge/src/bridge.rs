@@ -589,17 +589,25 @@ impl GpuBridge {
                 groups.push((group, chunk.len()));
             }
         }
-        // The ring answers, group by group and member by member.
+        // The ring answers, group by group and member by member, each
+        // group's taken out of it at once.
+        let mut answers: Vec<slots::GroupAnswers> =
+            groups.iter().map(|(group, _)| group.answers()).collect();
         let mut members = groups
             .iter()
-            .flat_map(|(group, len)| (0..*len).map(move |member| (group, member)));
+            .enumerate()
+            .flat_map(|(index, (_, len))| (0..*len).map(move |member| (index, member)));
         let mut results = Vec::with_capacity(inputs.len());
         for (entry, input) in entries.into_iter().zip(inputs) {
             results.push(match entry {
                 Entry::Done(err) => Err(err),
                 Entry::Ring => match (&instance, members.next()) {
                     (Err(err), _) => Err(refused(spec.id, err.clone())),
-                    (Ok(_), Some((group, member))) => group.take(member, &mut take),
+                    (Ok(_), Some((index, member))) => match answers.get_mut(index) {
+                        Some(group) => group.take(member, &mut take),
+                        // Cannot happen: one set of answers per group.
+                        None => Err(ExecuteError::ShutDown),
+                    },
                     (Ok(_), None) => Err(ExecuteError::ShutDown),
                 },
                 Entry::Batch(output_len) => {

@@ -147,21 +147,11 @@ impl Group {
         self.arrive(1);
     }
 
-    /// Once the group is done: member `member`'s answer, given to `take`.
-    pub(crate) fn take<T>(
-        &self,
-        member: usize,
-        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
-    ) -> T {
+    /// Once the group is done: every member's answer, taken out of the
+    /// group under one lock (not one per member).
+    pub(crate) fn answers(&self) -> GroupAnswers {
         let mut answers = lock(&self.answers);
-        let Answers { bytes, members } = &mut *answers;
-        match members.get_mut(member).and_then(Option::take) {
-            Some(Ok((start, len))) => take(Ok(&bytes[start..start + len])),
-            Some(Err(err)) => take(Err(err)),
-            // Cannot happen once the group is done: every member is either
-            // answered or refused before the count reaches zero.
-            None => take(Err(ExecuteError::ShutDown)),
-        }
+        GroupAnswers(std::mem::take(&mut *answers))
     }
 
     /// Whether every member has its answer.
@@ -185,6 +175,32 @@ impl Group {
     fn arrive(&self, count: usize) {
         if self.remaining.fetch_sub(count, Ordering::AcqRel) == count {
             self.waker.wake();
+        }
+    }
+}
+
+/// A done group's answers, out of its lock ([`Group::answers`]).
+#[derive(Debug)]
+pub(crate) struct GroupAnswers(Answers);
+
+impl GroupAnswers {
+    /// Member `member`'s answer, given to `take`; taken once.
+    pub(crate) fn take<T>(
+        &mut self,
+        member: usize,
+        take: impl FnOnce(Result<&[u8], ExecuteError>) -> T,
+    ) -> T {
+        let Answers { bytes, members } = &mut self.0;
+        match members.get_mut(member).and_then(Option::take) {
+            Some(Ok((start, len))) => match bytes.get(start..start + len) {
+                Some(answer) => take(Ok(answer)),
+                // Cannot happen: `put` records the range it appended.
+                None => take(Err(ExecuteError::ShutDown)),
+            },
+            Some(Err(err)) => take(Err(err)),
+            // Cannot happen once the group is done: every member is either
+            // answered or refused before the count reaches zero.
+            None => take(Err(ExecuteError::ShutDown)),
         }
     }
 }

@@ -59,13 +59,15 @@
 //!    move between this silo's devices failed moves only away for that
 //!    long, and one whose move to another silo failed lately (`away`
 //!    false, `node/rebalance.rs` rule 6) moves only between this silo's
-//!    devices for a few rounds, or waits; at most
+//!    devices for a few rounds (past high water, it counts as a grain that
+//!    cannot move, rule 7); at most
 //!    `moves_per_round` moves a round; grains idle longest go first for
 //!    memory (rules 3 and 4), those idle alike in the order given. A grain
 //!    never moves mid-turn: a departure happens between turns
 //!    (`granary_actors::migration`).
 //! 7. **Pressure.** When rule 3's excess cannot all move (no target has
-//!    room, or the grain's type is not migratable; a grain that may move
+//!    room, the grain's type is not migratable, or its move to another
+//!    silo failed lately and no device here takes it; a grain that may move
 //!    but is past the round's `moves_per_round` waits for the next round
 //!    instead), grains on that device
 //!    idle at least `shed_idle` are deactivated, oldest idle first, at
@@ -239,8 +241,8 @@ pub struct Candidate {
     /// it moves away instead.
     pub local: bool,
     /// Whether it may move to another silo: not for a few rounds after a
-    /// failed move of it there (rule 6), so that others are tried; it is
-    /// then neither moved away nor shed for the excess, and waits.
+    /// failed move of it there (rule 6), so that others are tried; past
+    /// high water it then counts as a grain that cannot move (rule 7).
     pub away: bool,
 }
 
@@ -535,8 +537,10 @@ pub fn plan(config: &RebalanceConfig, snapshot: &Snapshot<'_>) -> Plan {
                 });
                 continue;
             }
-            // One whose move away failed lately waits (rule 6).
+            // One whose move away failed lately cannot move: rule 7 sheds
+            // it if it is idle long enough (rule 6).
             if !candidate.away {
+                unplaced.push((*candidate, device));
                 continue;
             }
             // The emptiest target that takes it.

@@ -245,6 +245,9 @@ struct Inner {
     /// last failed (`node/rebalance.rs` rule 6): for a few rounds, it does
     /// not move that grain away and tries its other grains.
     away_refused: DashMap<GrainId, u64>,
+    /// The number of the rebalancer's round under way (or last run),
+    /// counted from 1 (`node/rebalance.rs` rule 6).
+    rebalance_round: AtomicU64,
     /// Grains the rebalancer asked to deactivate, with the device and bytes
     /// they hold and until when they count as leaving: removed when their
     /// activation ends (`rebalance.rs` rule 4).

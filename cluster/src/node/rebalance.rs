@@ -29,17 +29,20 @@
 //!    ended (the silo's end listener forgets it; at most four call
 //!    timeouts), and the memory it holds counts as gone meanwhile, so that
 //!    a round does not shed again for an excess already being shed. A move
-//!    the round stopped waiting for (rule 7) counts as leaving the same
-//!    way, until it reaches its verdict.
+//!    to another silo counts as leaving the same way from its start until
+//!    its verdict (or its activation's end), which matters once the round
+//!    stopped waiting for it (rule 7).
 //! 5. Each decision is counted by reason when carried out or failed
 //!    (`stats.rs` rule 4) and logged at debug level with its reason.
 //! 6. A grain whose move to another silo failed for a reason that may
 //!    hold again (no target had room, it or its target was busy, a hook
 //!    failed, its entry changed, or the target could not be reached; not
 //!    for `NotActive`, `AlreadyThere`, `Unknown` or a shutdown) may not
-//!    move to another silo in the next four rounds, counted by round, not
-//!    by time, so that a long round does not let it lapse; it may still
-//!    move between this node's devices or be deactivated. Grains that tie
+//!    move to another silo in the four rounds after the one in which the
+//!    failure was learnt, counted by round, not by time, so that a long
+//!    round does not let it lapse; it may still move between this node's
+//!    devices or, past high water, be deactivated (`crate::rebalance` rule
+//!    7). Grains that tie
 //!    (busy ones all idle 0) are planned in the same order each round:
 //!    without this, the same few would be planned however often they
 //!    fail, and the others never tried.
@@ -102,8 +105,6 @@ pub(super) struct Shedding {
 /// What a node's rounds carry from one to the next.
 #[derive(Default)]
 struct Rounds {
-    /// This round's number, counted from 1 (rule 6).
-    number: u64,
     sent: Vec<Sent>,
     /// Rounds in a row with a long queue here (`rebalance.rs` rule 5).
     long_queue: u32,
@@ -140,8 +141,8 @@ impl Inner {
     /// One round (rules 1 to 5).
     async fn rebalance_round(self: &Arc<Self>, config: &RebalanceConfig, rounds: &mut Rounds) {
         let now = Instant::now();
-        rounds.number += 1;
-        let round = rounds.number;
+        // Rule 6: rounds are numbered from 1.
+        let round = self.rebalance_round.fetch_add(1, Ordering::Relaxed) + 1;
         // Rule 6: failures older than four rounds are forgotten.
         forget_refused(&self.away_refused, round);
         self.moved_at
@@ -227,29 +228,32 @@ impl Inner {
                     return None;
                 }
                 let (grain, to, bytes) = (decided.grain.clone(), decided.to.clone(), decided.bytes);
+                if to.silo().is_some() {
+                    // Rules 4 and 7: leaving here until its verdict, which
+                    // `carry_out` (or, if it moved, the end listener)
+                    // takes back; noted before the move can end.
+                    self.shedding.insert(
+                        grain.clone(),
+                        Shedding {
+                            device: devices.get(&grain).copied().flatten(),
+                            bytes,
+                            until: Instant::now() + move_bound.saturating_mul(2),
+                        },
+                    );
+                }
                 let carrying = tokio::spawn({
                     let inner = self.clone();
-                    async move { inner.carry_out(decided, round).await }
+                    async move { inner.carry_out(decided).await }
                 });
                 let counts = match waited_within(move_bound, carrying).await {
                     Some(moved) => moved,
-                    // Rule 7: still going; it counts as if it had moved,
-                    // there and as leaving here (rule 4) until its verdict,
-                    // which `carry_out` takes back.
+                    // Rule 7: still going; it counts as if it had moved.
                     None => {
                         tracing::debug!(
                             %grain,
                             %to,
                             waited = ?move_bound,
                             "a rebalancer move goes on to its verdict without the round"
-                        );
-                        self.shedding.insert(
-                            grain.clone(),
-                            Shedding {
-                                device: devices.get(&grain).copied().flatten(),
-                                bytes,
-                                until: Instant::now() + move_bound,
-                            },
                         );
                         true
                     }
@@ -312,12 +316,12 @@ impl Inner {
         }
     }
 
-    /// Carries out the move `decided` of round `round`, on a task of its
-    /// own (rule 7): counts and logs what it came to (rule 5), remembers a
-    /// failure (rule 6; rule 6 of `crate::rebalance` for a move between
-    /// this node's devices), and ends its counting as leaving (rule 4).
-    /// Whether the grain moved.
-    async fn carry_out(self: &Arc<Self>, decided: Move, round: u64) -> bool {
+    /// Carries out the move `decided`, on a task of its own (rule 7):
+    /// counts and logs what it came to (rule 5), remembers a failure in
+    /// the round it is learnt in (rule 6; rule 6 of `crate::rebalance` for
+    /// a move between this node's devices), and ends its counting as
+    /// leaving (rule 4). Whether the grain moved.
+    async fn carry_out(self: &Arc<Self>, decided: Move) -> bool {
         let target = match &decided.to {
             Destination::Device(device) => MigrationTarget::Device {
                 silo: None,
@@ -343,15 +347,18 @@ impl Inner {
             ),
         }
         self.stats.rebalanced(decided.reason, moved.is_ok());
-        // Rule 7: if the round stopped waiting, the grain counted as
-        // leaving until now (the end listener may have forgotten it first).
-        self.shedding.remove(&decided.grain);
         match (&moved, &decided.to) {
             (Err(_), Destination::Device(_)) => {
                 self.local_refused.insert(decided.grain, Instant::now());
             }
-            (Err(err), Destination::Silo(_)) if may_hold_again(err) => {
-                self.away_refused.insert(decided.grain, round);
+            (_, Destination::Silo(_)) => {
+                // Rules 4 and 7: no longer leaving (if it moved, the end
+                // listener may have forgotten it first).
+                self.shedding.remove(&decided.grain);
+                if moved.as_ref().is_err_and(may_hold_again) {
+                    let round = self.rebalance_round.load(Ordering::Relaxed);
+                    self.away_refused.insert(decided.grain, round);
+                }
             }
             _ => {}
         }

@@ -364,6 +364,7 @@ impl NodeParts {
             moved_at: DashMap::new(),
             local_refused: DashMap::new(),
             away_refused: DashMap::new(),
+            rebalance_round: AtomicU64::new(0),
             shedding: DashMap::new(),
             fence: super::fence::Fence::new(),
             lease_epoch: AtomicU64::new(0),

@@ -246,6 +246,37 @@ fn grains_idle_alike_are_planned_in_the_order_given_and_those_left_out_make_way(
 }
 
 #[test]
+fn past_high_water_a_grain_barred_from_moving_away_is_shed_like_one_that_cannot_move() {
+    // Both silos past high water: nowhere to move, so the idlest are shed.
+    let view = vec![
+        member("a", vec![device(100, 95)]),
+        member("b", vec![device(100, 95)]),
+    ];
+    let config = RebalanceConfig {
+        shed_idle: Duration::from_secs(1),
+        ..config()
+    };
+    let mut grains = candidates(0..95);
+    let plan = plan_for(&config, "a", &view, &grains);
+    assert!(plan.moves.is_empty(), "{plan:?}");
+    let idlest = plan.shed.clone();
+    assert_eq!(idlest.first(), Some(&grain(0)), "{plan:?}");
+    // Grain 0 barred from moving away (`node/rebalance.rs` rule 6) is
+    // still shed first, not passed over for busier ones.
+    grains[0].away = false;
+    let plan = plan_for(&config, "a", &view, &grains);
+    assert_eq!(plan.shed, idlest, "{plan:?}");
+    // And with room elsewhere, it is shed while the others move.
+    let view = vec![
+        member("a", vec![device(100, 95)]),
+        member("c", vec![device(100, 10)]),
+    ];
+    let plan = plan_for(&config, "a", &view, &grains);
+    assert!(plan.moves.iter().all(|mv| mv.grain != grain(0)), "{plan:?}");
+    assert_eq!(plan.shed, [grain(0)], "{plan:?}");
+}
+
+#[test]
 fn targets_that_leave_are_fenced_or_host_another_type_take_nothing() {
     let mut leaving = member("l", vec![device(20, 0)]);
     leaving.load.leaving = true;

@@ -579,7 +579,8 @@ impl GpuBridge {
                 std::future::poll_fn(|cx| {
                     let done = group.poll_done(cx);
                     // Its last answer may be among those it lands while it
-                    // parks: then it looks once more.
+                    // parks: then it looks once more (the landing woke the
+                    // task too, for one idle poll later).
                     if done.is_pending() && instance.parking() {
                         return group.poll_done(cx);
                     }

@@ -105,9 +105,10 @@
 //!     ring if it is free (`try_lock`, never asking the thread to step
 //!     aside) and lands what is ready, at most `capacity` answers, so the
 //!     tasks it wakes go to its own worker's queue rather than being woken
-//!     from outside the runtime; if it landed any, it looks at its own slot
-//!     again before parking, so an answer it landed for itself is taken at
-//!     once. It only ever adds a consumer behind the same lock: the thread
+//!     from outside the runtime, and flushes what is staged; if it landed
+//!     any, it looks at its own slot again before parking, so an answer it
+//!     landed for itself is taken in this poll (the landing has woken its
+//!     task, which is then polled once more for nothing). It only ever adds a consumer behind the same lock: the thread
 //!     never steps aside for it (rule 10 is unchanged), so an answer nobody
 //!     else takes is still the thread's to land. Answers landed by callers
 //!     are counted (`landed`), and the thread counts a change of that count
@@ -1287,7 +1288,13 @@ impl Owner for KernelInstance {
                 thread.unpark();
             }
         }
-        self.take_ready(false).is_some_and(|landed| landed > 0)
+        let landed = self.take_ready(false).is_some_and(|landed| landed > 0);
+        // Rules 1 and 3: answers free slots; requests staged for want of
+        // ring room go in now, not when the thread next looks.
+        if landed && !self.staging.is_empty() {
+            self.flush();
+        }
+        landed
     }
 }
 

@@ -753,7 +753,8 @@ impl<'a, O: Owner + ?Sized> Ticket<'a, O> {
         }
         let mut polled = self.owner.slots().poll_take(self.request_id, cx, take);
         // The waiter may land its own answer while it parks: it looks once
-        // more rather than waking itself.
+        // more and takes it now (the landing woke the task too; that later
+        // poll finds nothing to do).
         if polled.is_pending() && self.owner.parking() {
             polled = self.owner.slots().poll_take(self.request_id, cx, take);
         }

@@ -221,6 +221,34 @@ fn ask(c: &mut Criterion) {
 const CALLERS: u64 = 100;
 const CALLS: u64 = 100;
 
+/// `iterations` times, one tokio task per counter running `calls` on it
+/// (its `CALLS` asks), all at once on `rt`; returns the wall time.
+fn callers_on_tokio<C, F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    counters: &[C],
+    iterations: u64,
+    calls: F,
+) -> Duration
+where
+    C: Clone + Send + 'static,
+    F: Fn(C) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    rt.block_on(async {
+        let started = Instant::now();
+        for _ in 0..iterations {
+            let callers: Vec<_> = counters
+                .iter()
+                .map(|counter| tokio::spawn(calls(counter.clone())))
+                .collect();
+            for caller in callers {
+                caller.await.unwrap();
+            }
+        }
+        started.elapsed()
+    })
+}
+
 fn ask_concurrent(c: &mut Criterion) {
     let mut group = c.benchmark_group("ask_concurrent");
     group.throughput(Throughput::Elements(CALLERS * CALLS));
@@ -233,63 +261,32 @@ fn ask_concurrent(c: &mut Criterion) {
             .map(|key| silo.grain::<granary_side::Counter>(key))
             .collect();
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let callers: Vec<_> = counters
-                        .iter()
-                        .map(|counter| {
-                            let counter = counter.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS {
-                                    black_box(counter.call(granary_side::Add(1)).await.unwrap());
-                                }
-                            })
-                        })
-                        .collect();
-                    for caller in callers {
-                        caller.await.unwrap();
-                    }
+            callers_on_tokio(&rt, &counters, iterations, |counter| async move {
+                for _ in 0..CALLS {
+                    black_box(counter.call(granary_side::Add(1)).await.unwrap());
                 }
-                started.elapsed()
             })
         });
         rt.block_on(silo.shutdown());
     });
 
     group.bench_function("ractor", |b| {
-        let actors: Vec<_> = (0..CALLERS)
+        let (actors, handles): (Vec<_>, Vec<_>) = (0..CALLERS)
             .map(|_| {
                 rt.block_on(ractor::Actor::spawn(None, ractor_side::Counter, ()))
                     .expect("a ractor actor")
             })
-            .collect();
+            .unzip();
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let callers: Vec<_> = actors
-                        .iter()
-                        .map(|(actor, _)| {
-                            let actor = actor.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS {
-                                    black_box(
-                                        ractor::call!(actor, ractor_side::Msg::AddAndRead, 1)
-                                            .expect("an answer"),
-                                    );
-                                }
-                            })
-                        })
-                        .collect();
-                    for caller in callers {
-                        caller.await.unwrap();
-                    }
+            callers_on_tokio(&rt, &actors, iterations, |actor| async move {
+                for _ in 0..CALLS {
+                    black_box(
+                        ractor::call!(actor, ractor_side::Msg::AddAndRead, 1).expect("an answer"),
+                    );
                 }
-                started.elapsed()
             })
         });
-        for (actor, handle) in actors {
+        for (actor, handle) in actors.into_iter().zip(handles) {
             actor.stop(None);
             let _ = rt.block_on(handle);
         }
@@ -299,25 +296,10 @@ fn ask_concurrent(c: &mut Criterion) {
         let counters: Vec<_> =
             rt.block_on(async { (0..CALLERS).map(|_| tokio_side::spawn()).collect() });
         b.iter_custom(|iterations| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iterations {
-                    let callers: Vec<_> = counters
-                        .iter()
-                        .map(|counter| {
-                            let counter = counter.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..CALLS {
-                                    black_box(tokio_side::add(&counter, 1).await);
-                                }
-                            })
-                        })
-                        .collect();
-                    for caller in callers {
-                        caller.await.unwrap();
-                    }
+            callers_on_tokio(&rt, &counters, iterations, |counter| async move {
+                for _ in 0..CALLS {
+                    black_box(tokio_side::add(&counter, 1).await);
                 }
-                started.elapsed()
             })
         });
     });

@@ -323,8 +323,10 @@ impl Inner {
             .unwrap_or(Err(MigrationError::ShutDown))
     }
 
-    /// Moves `grain`, whose home is here, to `target` (rules 1 to 4).
-    async fn migrate_here(
+    /// Moves `grain`, whose home is here, to `target` (rules 1 to 4). A
+    /// caller that may stop waiting calls it on a task of its own
+    /// ([`Inner::migrate_here_detached`]).
+    pub(super) async fn migrate_here(
         self: &Arc<Self>,
         grain: &GrainId,
         target: &MigrationTarget,

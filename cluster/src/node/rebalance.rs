@@ -53,8 +53,8 @@
 //!    bounded by the call timeout, except the departure's wait for the
 //!    grain's turns and `dehydrate` and its commit's wait for the grain's
 //!    drop. Past that the round goes on without it; the move itself runs
-//!    to its verdict (`Inner::migrate_here_detached`: a departure dropped
-//!    after the switch would leave two activations), its grain is no
+//!    to its verdict on its task (a departure dropped after the switch
+//!    would leave two activations), its grain is no
 //!    candidate meanwhile (it is moving, rule 2), it counts against its
 //!    target as a move that ended then (rule 3) and as leaving here
 //!    (rule 4), and its verdict is still counted and remembered.
@@ -217,11 +217,13 @@ impl Inner {
         let baselines = &baselines;
         // Rule 7: how long the round waits for one move.
         let move_bound = self.config.connection.call_timeout.saturating_mul(4);
-        let devices: HashMap<&GrainId, Option<usize>> = grains
+        // Each candidate's device and weight: for a move counted as
+        // leaving (rule 4) and for the sheds below.
+        let weights: HashMap<&GrainId, (Option<usize>, u64)> = grains
             .iter()
-            .map(|candidate| (&candidate.grain, candidate.device))
+            .map(|candidate| (&candidate.grain, (candidate.device, candidate.bytes)))
             .collect();
-        let devices = &devices;
+        let weights_ref = &weights;
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
                 if !self.serving() {
@@ -235,7 +237,7 @@ impl Inner {
                     self.shedding.insert(
                         grain.clone(),
                         Shedding {
-                            device: devices.get(&grain).copied().flatten(),
+                            device: weights_ref.get(&grain).and_then(|(device, _)| *device),
                             bytes,
                             until: Instant::now() + move_bound.saturating_mul(2),
                         },
@@ -278,10 +280,6 @@ impl Inner {
             .collect()
             .await;
         rounds.sent.extend(done.into_iter().flatten());
-        let weights: HashMap<&GrainId, (Option<usize>, u64)> = grains
-            .iter()
-            .map(|candidate| (&candidate.grain, (candidate.device, candidate.bytes)))
-            .collect();
         let shed_bound = self.config.connection.call_timeout.saturating_mul(4);
         for grain in shed {
             if !self.serving() {
@@ -329,7 +327,8 @@ impl Inner {
             },
             Destination::Silo(to) => MigrationTarget::Silo(to.to_string()),
         };
-        let moved = self.migrate_here_detached(&decided.grain, &target).await;
+        // Already on a task of its own: the move runs to its verdict.
+        let moved = self.migrate_here(&decided.grain, &target).await;
         match &moved {
             Ok(migrated) => tracing::debug!(
                 grain = %decided.grain,

@@ -372,7 +372,7 @@ async fn warm_up(bridge: &GpuBridge, config: DemoConfig) -> Result<(), DemoError
         .map_err(|err| DemoError::Request(format!("warm-up double: {err}")))?;
     if config.fan_out_every > 0 {
         let group = vec![small.clone(); config.fan_out as usize];
-        for answer in bridge.execute_many("double", &group).await {
+        for answer in &bridge.execute_many("double", &group).await {
             answer.map_err(|err| DemoError::Request(format!("warm-up fan-out: {err}")))?;
         }
     }

@@ -18,7 +18,7 @@
 //!   second. `micro_batch_16` is the default configuration; `no_batching`
 //!   sets `micro_batch` to 1, so every request takes its own ring claim.
 //! - `bridge_many_64/*`: one task sends 64 groups of 64 small requests:
-//!   `bridge_execute_many` (bytes in, a `Vec` per answer out),
+//!   `bridge_execute_many` (bytes in, every answer in one buffer out),
 //!   `typed_call_many_into` (`f32`s in, answers straight into one caller
 //!   buffer), against `raw_kernel_batch`, the CPU kernel fed the same 64
 //!   as one batch by its submitter and drained by spinning, with no bridge.

@@ -62,6 +62,7 @@
 mod config;
 mod error;
 mod instance;
+mod many;
 mod quota;
 mod resident;
 mod slots;
@@ -86,6 +87,7 @@ pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
 pub use instance::{InstanceHealth, ProbeAnswer};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
+pub use many::{Iter as ManyAnswersIter, ManyAnswers};
 pub use quota::ResidentQuota;
 pub use resident::{
     Output, Part, RelocateError, Relocated, ResidentBuffer, ResidentError, WeakResidentBuffer,
@@ -490,17 +492,14 @@ impl GpuBridge {
     }
 
     /// Runs kernel `kernel_id` (its latest version) on every input; the
-    /// answers come back in input order, each its own `Result`. Ring-sized inputs go to one
+    /// answers come back in input order, each its own `Result`, their bytes
+    /// in one buffer ([`ManyAnswers`]). Ring-sized inputs go to one
     /// persistent kernel as a group (`bridge/instance.rs` rule 9): their
     /// slots taken together, one ring claim, written straight from the
     /// slices, and one wake-up when the last is answered. Larger inputs
     /// take the batch path, one after another. Dropping the future gives
     /// every slot back (answers still owed free theirs as they land).
-    pub async fn execute_many<I: AsRef<[u8]>>(
-        &self,
-        kernel_id: &str,
-        inputs: &[I],
-    ) -> Vec<Result<Vec<u8>, ExecuteError>> {
+    pub async fn execute_many<I: AsRef<[u8]>>(&self, kernel_id: &str, inputs: &[I]) -> ManyAnswers {
         let span = tracing::debug_span!(
             "granary_gpu.execute_many",
             kernel = kernel_id,
@@ -515,30 +514,36 @@ impl GpuBridge {
         &self,
         kernel_id: &str,
         inputs: &[I],
-    ) -> Vec<Result<Vec<u8>, ExecuteError>> {
-        let (kernel, spec) = match self.lookup(kernel_id) {
-            Ok(found) => found,
-            Err(err) => {
-                return inputs
-                    .iter()
-                    .map(|_| Err(refused("unknown", err.clone())))
-                    .collect();
+    ) -> ManyAnswers {
+        // Room for answers as long as their inputs: exact for element-wise
+        // kernels, a first guess for the rest (the buffer grows).
+        let input_bytes = inputs.iter().map(|input| input.as_ref().len()).sum();
+        let mut answers = ManyAnswers::with_capacity(inputs.len(), input_bytes);
+        match self.lookup(kernel_id) {
+            Ok((kernel, spec)) => {
+                self.run_many(kernel, &spec, inputs, |answer| answers.push(answer))
+                    .await;
             }
-        };
-        self.run_many(kernel, &spec, inputs, |answer| answer.map(<[u8]>::to_vec))
-            .await
+            Err(err) => {
+                for _ in inputs {
+                    answers.push(Err(refused("unknown", err.clone())));
+                }
+            }
+        }
+        answers
     }
 
     /// Rule 5 for a group: routes every input, sends the ring-sized ones
     /// as groups of at most the ring's capacity, runs the rest on the batch
-    /// path, and gives each answer to `take` in input order.
-    pub(crate) async fn run_many<I: AsRef<[u8]>, T>(
+    /// path, and gives each request's outcome (its answer, or its error)
+    /// to `take`, once per input and in input order.
+    pub(crate) async fn run_many<I: AsRef<[u8]>>(
         &self,
         kernel: usize,
         spec: &KernelSpec,
         inputs: &[I],
-        mut take: impl FnMut(Result<&[u8], ExecuteError>) -> Result<T, ExecuteError>,
-    ) -> Vec<Result<T, ExecuteError>> {
+        mut take: impl FnMut(Result<&[u8], ExecuteError>),
+    ) {
         enum Entry {
             Ring,
             Done(ExecuteError),
@@ -569,7 +574,8 @@ impl GpuBridge {
         let mut groups = Vec::new();
         if let Ok(Some(instance)) = &instance {
             for chunk in ring.chunks(instance.capacity()) {
-                let group = Arc::new(slots::Group::new(chunk.len()));
+                let answer_bytes = chunk.iter().map(|input| input.len()).sum();
+                let group = Arc::new(slots::Group::new(chunk.len(), answer_bytes));
                 instance.send_many(chunk, &group).await;
                 let spin = instance.spin_budget_for(chunk.len());
                 if !spin.is_zero() {
@@ -598,28 +604,26 @@ impl GpuBridge {
             .iter()
             .enumerate()
             .flat_map(|(index, (_, len))| (0..*len).map(move |member| (index, member)));
-        let mut results = Vec::with_capacity(inputs.len());
         for (entry, input) in entries.into_iter().zip(inputs) {
-            results.push(match entry {
-                Entry::Done(err) => Err(err),
+            match entry {
+                Entry::Done(err) => take(Err(err)),
                 Entry::Ring => match (&instance, members.next()) {
-                    (Err(err), _) => Err(refused(spec.id, err.clone())),
+                    (Err(err), _) => take(Err(refused(spec.id, err.clone()))),
                     (Ok(_), Some((index, member))) => match answers.get_mut(index) {
                         Some(group) => group.take(member, &mut take),
                         // Cannot happen: one set of answers per group.
-                        None => Err(ExecuteError::ShutDown),
+                        None => take(Err(ExecuteError::ShutDown)),
                     },
-                    (Ok(_), None) => Err(ExecuteError::ShutDown),
+                    (Ok(_), None) => take(Err(ExecuteError::ShutDown)),
                 },
                 Entry::Batch(output_len) => {
                     match self.run_batch(spec, input.as_ref(), output_len).await {
                         Ok(bytes) => take(Ok(&bytes)),
-                        Err(err) => Err(err),
+                        Err(err) => take(Err(err)),
                     }
                 }
-            });
+            }
         }
-        results
     }
 
     /// Stops every kernel: `Drain` answers every request already accepted,

@@ -5,7 +5,8 @@
 //!   launch-per-batch path for large ones), with micro-batching into the
 //!   rings, bounded waits (`Overloaded`), hang detection and relaunch, CPU
 //!   fallback, tracing spans and metrics. [`GpuBridge::execute_many`]
-//!   sends many requests as one group (one ring claim, one wake-up), and
+//!   sends many requests as one group (one ring claim, one wake-up, every
+//!   answer in one buffer: [`ManyAnswers`]), and
 //!   [`GpuBridge::kernel`] resolves a typed [`Kernel`] once, whose calls
 //!   write elements straight into ring slots and answers straight into the
 //!   caller's buffer.
@@ -27,8 +28,8 @@ pub mod pool;
 
 pub use bridge::{
     BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
-    InstanceHealth, KernelProbe, Output, Part, ProbeAnswer, RelocateError, Relocated,
-    ResidentBuffer, ResidentError, ResidentQuota, WeakResidentBuffer,
+    InstanceHealth, KernelProbe, ManyAnswers, ManyAnswersIter, Output, Part, ProbeAnswer,
+    RelocateError, Relocated, ResidentBuffer, ResidentError, ResidentQuota, WeakResidentBuffer,
 };
 #[cfg(target_endian = "little")]
 pub use bridge::{Element, Kernel, TypedKernel, shipped};

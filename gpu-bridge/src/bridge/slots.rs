@@ -112,13 +112,14 @@ struct Answers {
 
 impl Group {
     /// A group of `members` requests, numbered from 0, all counted as
-    /// unanswered (rule 6).
-    pub(crate) fn new(members: usize) -> Group {
+    /// unanswered (rule 6), with room for `answer_bytes` bytes of answers
+    /// (a first guess: more fit).
+    pub(crate) fn new(members: usize, answer_bytes: usize) -> Group {
         Group {
             remaining: AtomicUsize::new(members),
             waker: AtomicWaker::new(),
             answers: Mutex::new(Answers {
-                bytes: Vec::new(),
+                bytes: Vec::with_capacity(answer_bytes),
                 members: vec![None; members],
             }),
         }

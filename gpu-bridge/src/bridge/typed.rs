@@ -260,7 +260,7 @@ impl<I: Element, O: Element> Kernel<I, O> {
     async fn many<R: AsRef<[I]>, T>(
         &self,
         inputs: &[R],
-        take: impl FnMut(Result<&[u8], ExecuteError>) -> Result<T, ExecuteError>,
+        mut take: impl FnMut(Result<&[u8], ExecuteError>) -> Result<T, ExecuteError>,
     ) -> Vec<Result<T, ExecuteError>> {
         if self.bridge.is_shut_down() {
             return inputs
@@ -272,9 +272,13 @@ impl<I: Element, O: Element> Kernel<I, O> {
             .iter()
             .map(|input| bytemuck::cast_slice(input.as_ref()))
             .collect();
+        let mut results = Vec::with_capacity(inputs.len());
         self.bridge
-            .run_many(self.index, &self.spec, &bytes, take)
-            .await
+            .run_many(self.index, &self.spec, &bytes, |answer| {
+                results.push(take(answer))
+            })
+            .await;
+        results
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -332,8 +333,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     own.set_activity(stamp | super::collector::BUSY);
                     let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
                     let timed = counts.sample_next().then(std::time::Instant::now);
-                    let ran;
-                    (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                    let ran = turn(&mut grain, envelope, &key, &mut ctx, &grain_type.stats).await;
                     // A turn that ran nothing (an expired message) is no
                     // sample.
                     if let Some(started) = timed.filter(|_| ran > 0) {
@@ -401,8 +401,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         }
         match grain {
             Some(_) => {
-                let ran;
-                (grain, ran) = turn(grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                let ran = turn(&mut grain, envelope, &key, &mut ctx, &grain_type.stats).await;
                 counts.ran(ran, &grain_type.stats);
             }
             // Failed activation (or one that left, `migration.rs` rule 3:
@@ -607,9 +606,7 @@ async fn depart<G: Grain>(
             }
             turn => {
                 let envelope = Envelope { turn, ..envelope };
-                let ran;
-                (*grain, ran) =
-                    self::turn(grain.take(), envelope, key, ctx, &grain_type.stats).await;
+                let ran = self::turn(grain, envelope, key, ctx, &grain_type.stats).await;
                 grain_type.stats.add_messages(ran);
             }
         }
@@ -640,6 +637,8 @@ async fn depart<G: Grain>(
                     tracing::warn!(grain = %ctx.id(), "dehydrate panicked; resetting the activation");
                     grain_type.stats.failed(FailureReason::Panicked);
                     *grain = None;
+                    // The old object's timers go with it; the new one
+                    // registers its own in `on_activate`.
                     ctx.cancel_timers();
                     *grain = activate::<G>(key, ctx).await;
                     Err(MigrationError::Hook {
@@ -731,87 +730,93 @@ async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G>
 }
 
 /// One turn (rule 3): what `envelope` asks of the grain, run to its end;
-/// a panic resets the activation (rule 6). Returns the grain (`None` if
-/// the reset failed) and how many messages ran (a read batch runs
-/// several), counting failures in `stats`. A plain function that answers the cheap cases at once and
-/// returns a future only for the turns that run: the task that awaits it
-/// carries that future for its whole life, so what the future holds is
-/// only what a running turn needs.
+/// a panic resets the activation (rule 6), leaving `grain` `None` if the
+/// reset failed. Returns how many messages ran (a read batch runs
+/// several), counting failures in `stats`. A plain function that answers
+/// the cheap cases at once and returns a future only for the turns that
+/// run: the task that awaits it carries that future for its whole life, so
+/// what the future holds is only what a running turn needs, and the grain
+/// itself stays where the activation keeps it (the future borrows it).
 fn turn<'a, G: Grain>(
-    grain: Option<G>,
+    grain: &'a mut Option<G>,
     envelope: Envelope<G>,
     key: &'a GrainKey,
     ctx: &'a mut GrainContext,
     stats: &'a TypeStats,
-) -> impl std::future::Future<Output = (Option<G>, u64)> + 'a {
+) -> impl std::future::Future<Output = u64> + 'a {
     enum Run<G: Grain> {
-        Done(Option<G>, u64),
-        Write(G, super::envelope::WriteTurn<G>, u64),
-        Read(G, u64, ReadTurn<G>),
+        Done,
+        Write(super::envelope::WriteTurn<G>, u64),
+        Read(u64, ReadTurn<G>),
     }
     let run = match grain {
-        None => Run::Done(None, 0),
+        None => Run::Done,
         // Rule 11: the sender gave up before the turn started; dropping the
         // envelope drops its reply.
-        Some(grain) if envelope.expired() => {
+        Some(_) if envelope.expired() => {
             stats.failed(FailureReason::Expired);
-            Run::Done(Some(grain), 0)
+            Run::Done
         }
-        Some(grain) => match envelope.turn {
-            Turn::Write(write) => Run::Write(grain, write, envelope.chain),
-            Turn::Read(read) => Run::Read(grain, envelope.chain, read),
+        Some(_) => match envelope.turn {
+            Turn::Write(write) => Run::Write(write, envelope.chain),
+            Turn::Read(read) => Run::Read(envelope.chain, read),
             // Already deactivating (rule 5), or kept by a turn since the
             // collector's sweep (`collector.rs` rule 3).
-            Turn::Deactivate | Turn::Collect(_) => Run::Done(Some(grain), 0),
+            Turn::Deactivate | Turn::Collect(_) => Run::Done,
             // Deactivating, or leaving already: nothing to move, nothing to
             // pause.
             Turn::Migrate(reply) => {
                 let _ = reply.send(Err(MigrationError::NotActive {
                     grain: ctx.id().clone(),
                 }));
-                Run::Done(Some(grain), 0)
+                Run::Done
             }
             Turn::Pause(reply) => {
                 let _ = reply.send(Err(MigrationError::NotActive {
                     grain: ctx.id().clone(),
                 }));
-                Run::Done(Some(grain), 0)
+                Run::Done
             }
         },
     };
     async move {
         match run {
-            Run::Done(grain, ran) => (grain, ran),
-            Run::Read(grain, chain, read) => {
-                let ran = Box::pin(read_batch(&grain, (chain, read), ctx, stats)).await;
-                (Some(grain), ran)
-            }
-            Run::Write(mut grain, write, chain) => {
+            Run::Done => 0,
+            Run::Read(chain, read) => match grain {
+                Some(object) => Box::pin(read_batch(object, (chain, read), ctx, stats)).await,
+                None => 0,
+            },
+            Run::Write(write, chain) => {
+                let Some(object) = grain.as_mut() else {
+                    return 0;
+                };
                 ctx.set_chain(chain);
-                let span = turn_span(ctx, chain);
-                let turn = InChain {
-                    chain,
-                    future: AssertUnwindSafe(write(&mut grain, ctx)).catch_unwind(),
-                };
                 // A disabled span is not entered on every poll (`trace`
-                // rule 3).
-                let outcome = if span.is_disabled() {
-                    turn.await
-                } else {
-                    turn.instrument(span).await
-                };
-                match outcome {
-                    Ok(()) => (Some(grain), 1),
-                    Err(_) => {
-                        tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
-                        stats.failed(FailureReason::Panicked);
-                        drop(grain);
-                        // The old object's timers go with it; the new one
-                        // registers its own in `on_activate`.
-                        ctx.cancel_timers();
-                        (Box::pin(activate::<G>(key, ctx)).await, 1)
+                // rule 3). The span goes into the future it instruments,
+                // inside this block, so the turn holds it once (a local
+                // span would keep its room across the await).
+                let turn = {
+                    let span = turn_span(ctx, chain);
+                    let turn = InChain {
+                        chain,
+                        future: AssertUnwindSafe(write(object, ctx)).catch_unwind(),
+                    };
+                    if span.is_disabled() {
+                        Either::Left(turn)
+                    } else {
+                        Either::Right(turn.instrument(span))
                     }
+                };
+                if turn.await.is_err() {
+                    tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+                    stats.failed(FailureReason::Panicked);
+                    *grain = None;
+                    // The old object's timers go with it; the new one
+                    // registers its own in `on_activate`.
+                    ctx.cancel_timers();
+                    *grain = Box::pin(activate::<G>(key, ctx)).await;
                 }
+                1
             }
         }
     }

@@ -87,7 +87,7 @@ pub use config::{BridgeConfig, FallbackPolicy};
 pub use error::{BuildError, ExecuteError};
 pub use instance::{InstanceHealth, ProbeAnswer};
 use instance::{KernelInstance, Launcher, record_failure, record_failure_labelled};
-pub use many::{Iter as ManyAnswersIter, ManyAnswers};
+pub use many::{ManyAnswers, ManyAnswersIntoIter, ManyAnswersIter};
 pub use quota::ResidentQuota;
 pub use resident::{
     Output, Part, RelocateError, Relocated, ResidentBuffer, ResidentError, WeakResidentBuffer,
@@ -515,22 +515,30 @@ impl GpuBridge {
         kernel_id: &str,
         inputs: &[I],
     ) -> ManyAnswers {
-        // Room for answers as long as their inputs: exact for element-wise
-        // kernels, a first guess for the rest (the buffer grows).
-        let input_bytes = inputs.iter().map(|input| input.as_ref().len()).sum();
-        let mut answers = ManyAnswers::with_capacity(inputs.len(), input_bytes);
         match self.lookup(kernel_id) {
             Ok((kernel, spec)) => {
+                // Room for the ring answers as long as their inputs: exact
+                // for element-wise kernels, a first guess for the rest (the
+                // buffer grows). Only ring-sized inputs count, so a refused
+                // or batch-sized one reserves nothing here.
+                let ring_bytes = inputs
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .filter(|input| spec.fits_ring(input))
+                    .fold(0usize, |sum, input| sum.saturating_add(input.len()));
+                let mut answers = ManyAnswers::with_capacity(inputs.len(), ring_bytes);
                 self.run_many(kernel, &spec, inputs, |answer| answers.push(answer))
                     .await;
+                answers
             }
             Err(err) => {
+                let mut answers = ManyAnswers::with_capacity(inputs.len(), 0);
                 for _ in inputs {
                     answers.push(Err(refused("unknown", err.clone())));
                 }
+                answers
             }
         }
-        answers
     }
 
     /// Rule 5 for a group: routes every input, sends the ring-sized ones

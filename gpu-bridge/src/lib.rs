@@ -28,8 +28,9 @@ pub mod pool;
 
 pub use bridge::{
     BridgeBuilder, BridgeConfig, BuildError, ExecuteError, FallbackPolicy, GpuBridge,
-    InstanceHealth, KernelProbe, ManyAnswers, ManyAnswersIter, Output, Part, ProbeAnswer,
-    RelocateError, Relocated, ResidentBuffer, ResidentError, ResidentQuota, WeakResidentBuffer,
+    InstanceHealth, KernelProbe, ManyAnswers, ManyAnswersIntoIter, ManyAnswersIter, Output, Part,
+    ProbeAnswer, RelocateError, Relocated, ResidentBuffer, ResidentError, ResidentQuota,
+    WeakResidentBuffer,
 };
 #[cfg(target_endian = "little")]
 pub use bridge::{Element, Kernel, TypedKernel, shipped};

@@ -784,9 +784,12 @@ fn turn<'a, G: Grain>(
             Run::Done => 0,
             Run::Read(chain, read) => match grain {
                 Some(object) => Box::pin(read_batch(object, (chain, read), ctx, stats)).await,
+                // Cannot happen: a read or write run is made only for a
+                // grain that is there, and nothing else holds it meanwhile.
                 None => 0,
             },
             Run::Write(write, chain) => {
+                // Cannot happen, as above.
                 let Some(object) = grain.as_mut() else {
                     return 0;
                 };

@@ -5,10 +5,12 @@
 //! # Rules
 //!
 //! 1. **One buffer.** The answers' bytes are appended to one `Vec<u8>` as
-//!    they are taken from the call's groups, so a call of N requests makes
-//!    two allocations for its answers (the buffer and the outcomes), not N
-//!    more. A caller that wants a `Vec` per answer asks for them
-//!    ([`ManyAnswers::into_vecs`]) and pays for them then.
+//!    they are taken from the call's groups: no allocation per ring answer
+//!    (the buffer is sized for the ring answers up front, and grows only
+//!    for answers longer than their inputs or from the batch path, which
+//!    makes its own). A caller that wants a `Vec` per answer asks for them
+//!    ([`ManyAnswers::into_vecs`], or iterating by value) and pays for
+//!    them then.
 //! 2. **Input order.** Outcome `i` is request `i`'s: its answer's range in
 //!    the buffer, or its own error. Ranges are handed out by
 //!    [`ManyAnswers::push`] only, each the bytes it appended, so every range
@@ -24,15 +26,22 @@ use super::error::ExecuteError;
 /// one buffer (rule 1).
 ///
 /// ```
-/// # async fn example(bridge: &granary_gpu::GpuBridge) {
+/// # async fn example(bridge: &granary_gpu::GpuBridge) -> Result<(), granary_gpu::ExecuteError> {
 /// let inputs = [[1.0f32, 2.0].map(f32::to_le_bytes).concat()];
 /// let answers = bridge.execute_many("double", &inputs).await;
+/// // Borrowed: each answer's bytes in place, or its error.
 /// for answer in &answers {
 ///     match answer {
 ///         Ok(bytes) => println!("{} bytes", bytes.len()),
 ///         Err(err) => eprintln!("refused: {err}"),
 ///     }
 /// }
+/// // Owned: a `Vec` per answer, and errors by value (so `?` works).
+/// for answer in answers {
+///     let bytes: Vec<u8> = answer?;
+///     assert_eq!(bytes.len(), 8);
+/// }
+/// # Ok(())
 /// # }
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,8 +89,8 @@ impl ManyAnswers {
     }
 
     /// Every request's answer or error, in input order.
-    pub fn iter(&self) -> Iter<'_> {
-        Iter {
+    pub fn iter(&self) -> ManyAnswersIter<'_> {
+        ManyAnswersIter {
             bytes: &self.bytes,
             outcomes: self.outcomes.iter(),
         }
@@ -109,11 +118,7 @@ impl ManyAnswers {
 
     /// A `Vec` per answer (one allocation each), in input order.
     pub fn into_vecs(self) -> Vec<Result<Vec<u8>, ExecuteError>> {
-        let ManyAnswers { bytes, outcomes } = self;
-        outcomes
-            .into_iter()
-            .map(|outcome| outcome.map(|range| slice(&bytes, range).to_vec()))
-            .collect()
+        self.into_iter().collect()
     }
 }
 
@@ -131,17 +136,19 @@ fn resolve<'a>(
 /// A range of the buffer; every range `push` hands out lies inside it
 /// (rule 2), so the empty fallback is never taken.
 fn slice(bytes: &[u8], range: Range<usize>) -> &[u8] {
+    debug_assert!(range.end <= bytes.len(), "rule 2: ranges lie in the buffer");
     bytes.get(range).unwrap_or_default()
 }
 
-/// The answers of a [`ManyAnswers`], in input order ([`ManyAnswers::iter`]).
+/// The answers of a [`ManyAnswers`], borrowed, in input order
+/// ([`ManyAnswers::iter`]).
 #[derive(Debug, Clone)]
-pub struct Iter<'a> {
+pub struct ManyAnswersIter<'a> {
     bytes: &'a [u8],
     outcomes: std::slice::Iter<'a, Result<Range<usize>, ExecuteError>>,
 }
 
-impl<'a> Iterator for Iter<'a> {
+impl<'a> Iterator for ManyAnswersIter<'a> {
     type Item = Result<&'a [u8], &'a ExecuteError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -154,7 +161,7 @@ impl<'a> Iterator for Iter<'a> {
     }
 }
 
-impl DoubleEndedIterator for Iter<'_> {
+impl DoubleEndedIterator for ManyAnswersIter<'_> {
     fn next_back(&mut self) -> Option<Self::Item> {
         let bytes = self.bytes;
         self.outcomes
@@ -163,16 +170,64 @@ impl DoubleEndedIterator for Iter<'_> {
     }
 }
 
-impl ExactSizeIterator for Iter<'_> {}
+impl ExactSizeIterator for ManyAnswersIter<'_> {}
 
-impl FusedIterator for Iter<'_> {}
+impl FusedIterator for ManyAnswersIter<'_> {}
 
 impl<'a> IntoIterator for &'a ManyAnswers {
     type Item = Result<&'a [u8], &'a ExecuteError>;
-    type IntoIter = Iter<'a>;
+    type IntoIter = ManyAnswersIter<'a>;
 
-    fn into_iter(self) -> Iter<'a> {
+    fn into_iter(self) -> ManyAnswersIter<'a> {
         self.iter()
+    }
+}
+
+/// The answers of a [`ManyAnswers`], owned, in input order: a `Vec` per
+/// answer (one allocation each) and errors by value.
+#[derive(Debug, Clone)]
+pub struct ManyAnswersIntoIter {
+    bytes: Vec<u8>,
+    outcomes: std::vec::IntoIter<Result<Range<usize>, ExecuteError>>,
+}
+
+impl Iterator for ManyAnswersIntoIter {
+    type Item = Result<Vec<u8>, ExecuteError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = &self.bytes;
+        self.outcomes
+            .next()
+            .map(|outcome| outcome.map(|range| slice(bytes, range).to_vec()))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.outcomes.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for ManyAnswersIntoIter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let bytes = &self.bytes;
+        self.outcomes
+            .next_back()
+            .map(|outcome| outcome.map(|range| slice(bytes, range).to_vec()))
+    }
+}
+
+impl ExactSizeIterator for ManyAnswersIntoIter {}
+
+impl FusedIterator for ManyAnswersIntoIter {}
+
+impl IntoIterator for ManyAnswers {
+    type Item = Result<Vec<u8>, ExecuteError>;
+    type IntoIter = ManyAnswersIntoIter;
+
+    fn into_iter(self) -> ManyAnswersIntoIter {
+        ManyAnswersIntoIter {
+            bytes: self.bytes,
+            outcomes: self.outcomes.into_iter(),
+        }
     }
 }
 
@@ -214,6 +269,10 @@ mod tests {
             vecs,
             vec![Ok(vec![1, 2, 3]), Err(ExecuteError::ShutDown), Ok(vec![])]
         );
+        let owned: Vec<_> = answers.clone().into_iter().rev().collect();
+        assert_eq!(owned.len(), 3);
+        assert_eq!(owned[0], Ok(vec![]));
+        assert_eq!(owned[2], Ok(vec![1, 2, 3]));
         let (bytes, outcomes) = answers.into_parts();
         assert_eq!(bytes, vec![1, 2, 3]);
         assert_eq!(

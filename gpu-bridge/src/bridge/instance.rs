@@ -108,11 +108,12 @@
 //!     from outside the runtime, and flushes what is staged; if it landed
 //!     any, it looks at its own slot again before parking, so an answer it
 //!     landed for itself is taken in this poll (the landing has woken its
-//!     task, which is then polled once more for nothing). It only ever adds a consumer behind the same lock: the thread
-//!     never steps aside for it (rule 10 is unchanged), so an answer nobody
-//!     else takes is still the thread's to land. Answers landed by callers
-//!     are counted (`landed`), and the thread counts a change of that count
-//!     as progress (rule 5), as it does its own. While a caller lands, the
+//!     task, which is then polled once more for nothing). It only ever
+//!     adds a consumer behind the same lock: the thread never steps aside
+//!     for it (rule 10 is unchanged), so an answer nobody else takes is
+//!     still the thread's to land. Answers landed by callers are counted
+//!     (`landed`), and the thread counts a change of that count as
+//!     progress (rule 5), as it does its own. While a caller lands, the
 //!     thread waits for the ring's lock behind it (the caller's landing,
 //!     broker count and metrics: bounded by `capacity` answers).
 

@@ -488,9 +488,7 @@ impl KernelInstance {
         }
         // Requests staged while the lock was held.
         fence(Ordering::SeqCst);
-        if !self.staging.is_empty() {
-            self.flush();
-        }
+        self.flush_staged();
         Ok(Ticket::new(self, request_id))
     }
 
@@ -641,9 +639,7 @@ impl KernelInstance {
             self.finish(request_id, Err(error));
         }
         fence(Ordering::SeqCst);
-        if !self.staging.is_empty() {
-            self.flush();
-        }
+        self.flush_staged();
     }
 
     /// Rule 6: whether the kernel answers within `timeout`: an idle one
@@ -738,6 +734,13 @@ impl KernelInstance {
             if ring_full || self.staging.is_empty() {
                 return;
             }
+        }
+    }
+
+    /// Rule 3: [`flush`](Self::flush), if anything is staged.
+    fn flush_staged(&self) {
+        if !self.staging.is_empty() {
+            self.flush();
         }
     }
 
@@ -1011,9 +1014,7 @@ impl KernelInstance {
                     }
                 }
                 // Requests that slipped in meanwhile fail, typed.
-                if !self.staging.is_empty() {
-                    self.flush();
-                }
+                self.flush_staged();
                 thread::sleep(poll);
                 continue;
             }
@@ -1057,9 +1058,7 @@ impl KernelInstance {
             drop(guard);
             // Rules 1 and 3: requests left staged (a full ring, a caller
             // that gave up mid-flush) go in now.
-            if !self.staging.is_empty() {
-                self.flush();
-            }
+            self.flush_staged();
             if delegated {
                 if taken == 0 {
                     thread::park_timeout(poll);
@@ -1292,8 +1291,8 @@ impl Owner for KernelInstance {
         let landed = self.take_ready(false).is_some_and(|landed| landed > 0);
         // Rules 1 and 3: answers free slots; requests staged for want of
         // ring room go in now, not when the thread next looks.
-        if landed && !self.staging.is_empty() {
-            self.flush();
+        if landed {
+            self.flush_staged();
         }
         landed
     }
@@ -1311,9 +1310,7 @@ impl KernelInstance {
             }
             // Rule 3: staged requests go in while the completion thread
             // is aside.
-            if !self.staging.is_empty() {
-                self.flush();
-            }
+            self.flush_staged();
             round = round.wrapping_add(1);
             // The clock costs more than a look at the ring.
             if round % 16 == 0 && started.elapsed() >= budget {

@@ -223,7 +223,7 @@ impl Inner {
             .iter()
             .map(|candidate| (&candidate.grain, (candidate.device, candidate.bytes)))
             .collect();
-        let weights_ref = &weights;
+        let weights = &weights;
         let done: Vec<_> = futures_util::stream::iter(moves)
             .map(|decided| async move {
                 if !self.serving() {
@@ -237,7 +237,7 @@ impl Inner {
                     self.shedding.insert(
                         grain.clone(),
                         Shedding {
-                            device: weights_ref.get(&grain).and_then(|(device, _)| *device),
+                            device: weights.get(&grain).and_then(|(device, _)| *device),
                             bytes,
                             until: Instant::now() + move_bound.saturating_mul(2),
                         },

@@ -140,6 +140,14 @@ fn slice(bytes: &[u8], range: Range<usize>) -> &[u8] {
     bytes.get(range).unwrap_or_default()
 }
 
+/// An outcome's bytes in a `Vec` of their own, or its error.
+fn owned(
+    bytes: &[u8],
+    outcome: Result<Range<usize>, ExecuteError>,
+) -> Result<Vec<u8>, ExecuteError> {
+    outcome.map(|range| slice(bytes, range).to_vec())
+}
+
 /// The answers of a [`ManyAnswers`], borrowed, in input order
 /// ([`ManyAnswers::iter`]).
 #[derive(Debug, Clone)]
@@ -196,9 +204,7 @@ impl Iterator for ManyAnswersIntoIter {
 
     fn next(&mut self) -> Option<Self::Item> {
         let bytes = &self.bytes;
-        self.outcomes
-            .next()
-            .map(|outcome| outcome.map(|range| slice(bytes, range).to_vec()))
+        self.outcomes.next().map(|outcome| owned(bytes, outcome))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -211,7 +217,7 @@ impl DoubleEndedIterator for ManyAnswersIntoIter {
         let bytes = &self.bytes;
         self.outcomes
             .next_back()
-            .map(|outcome| outcome.map(|range| slice(bytes, range).to_vec()))
+            .map(|outcome| owned(bytes, outcome))
     }
 }
 

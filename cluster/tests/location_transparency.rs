@@ -541,8 +541,16 @@ struct Three {
 }
 
 /// Three silos (numbered 0, 1, 2 in the order of their ids, so `ByKey`
-/// puts grain `k` on silo `k % 3`), sharing one storage.
+/// puts grain `k` on silo `k % 3`), sharing one storage, with a 200 ms
+/// death grace.
 async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
+    three_with_grace(net, base, timeout, Duration::from_millis(200)).await
+}
+
+/// [`three`], with its death grace: a silo is declared dead after eight
+/// gossip intervals (400 ms) of silence plus `death_grace`, and fences
+/// itself after a stall of 60% of that.
+async fn three_with_grace(net: &Net, base: u16, timeout: Duration, death_grace: Duration) -> Three {
     let storage: Arc<dyn StorageProvider> = Arc::new(MemoryStorage::new());
     let census = Arc::new(Census::default());
     let ports = match net {
@@ -567,7 +575,7 @@ async fn three(net: &Net, base: u16, timeout: Duration) -> Three {
             vec![gossip(ports[0]).to_string()],
         );
         config.gossip_interval = Duration::from_millis(50);
-        config.death_grace = Duration::from_millis(200);
+        config.death_grace = death_grace;
         config.load_interval = Duration::from_millis(50);
         let silo = peer_silo(storage.clone(), n as u64, census.clone(), timeout);
         let builder = ClusterNode::builder(silo, config)
@@ -1420,7 +1428,17 @@ async fn reminders_fire_once_per_due_time_across_the_cluster_and_survive_a_kill(
 }
 
 async fn observers_across_silos(net: Net, base: u16) {
-    let three = three(&net, base, Duration::from_secs(5)).await;
+    // The board's activation must outlive silo 2's death: a stall of the
+    // shared test runtime past the fence bound (360 ms with a 200 ms grace,
+    // seen under a loaded CI) fences silo 1, which ends the board and its
+    // subscribers unexpired. A 1.5 s grace puts the bound at 1.14 s.
+    let three = three_with_grace(
+        &net,
+        base,
+        Duration::from_secs(5),
+        Duration::from_millis(1_500),
+    )
+    .await;
     // Board 601 lives on silo 1; its subscriber on silo 2.
     let (observer, mut subscription) = three.nodes[2].silo().observe::<String>(64);
     assert_eq!(observer.place(), three.nodes[2].id().to_string());
@@ -1460,7 +1478,12 @@ async fn observers_across_silos(net: Net, base: u16) {
     loop {
         let (live, expired) = board.call(Subscribers).await.unwrap();
         if live == 0 {
-            assert_eq!(expired, 1);
+            let fences: Vec<u64> = survivors.iter().map(|node| node.fences()).collect();
+            assert_eq!(
+                (expired, fences),
+                (1, vec![0, 0]),
+                "(subscribers dropped as expired, fences of silos 0 and 1)"
+            );
             break;
         }
         assert!(

@@ -3,6 +3,7 @@
 
 use std::any::{Any, TypeId};
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -220,13 +221,24 @@ pub struct GrainContext {
     /// with the first timer, so that an activation without timers pays
     /// for no token.
     timers: Option<tokio_util::sync::CancellationToken>,
-    /// The silo's count of homes given up when this activation was made;
-    /// `None` for a stateless worker, never a home (rule 13).
-    given_up: Option<u64>,
+    /// The silo's count of homes given up when this activation was made,
+    /// plus one (so that `None` takes no room of its own); `None` for a
+    /// stateless worker, never a home (rule 13).
+    given_up: Option<NonZeroU64>,
     /// Values kept for this activation's life ([`GrainContext::activation_local`]).
-    /// A list, not a map: an activation keeps a few at most, and an empty
-    /// list is half an empty map's size.
-    locals: std::sync::Mutex<Vec<(TypeId, Arc<dyn Any + Send + Sync>)>>,
+    /// A list, not a map: an activation keeps a few at most. Boxed, and
+    /// made with the first value: most activations keep none, and every
+    /// activation's task carries its context for its whole life.
+    locals: std::sync::Mutex<Option<Box<Locals>>>,
+}
+
+/// An activation's kept values, by type.
+type Locals = Vec<(TypeId, Arc<dyn Any + Send + Sync>)>;
+
+/// `n + 1`, as the context keeps a count of homes given up (saturating: a
+/// silo never gives its homes up `u64::MAX` times).
+fn plus_one(n: u64) -> NonZeroU64 {
+    NonZeroU64::MIN.saturating_add(n)
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -272,8 +284,9 @@ impl GrainContext {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        let found = |locals: &[(TypeId, Arc<dyn Any + Send + Sync>)]| {
+        let found = |locals: &Option<Box<Locals>>| {
             locals
+                .as_deref()?
                 .iter()
                 .find(|(id, _)| *id == key)
                 .and_then(|(_, local)| local.clone().downcast::<T>().ok())
@@ -286,21 +299,23 @@ impl GrainContext {
         if let Some(local) = found(&locals) {
             return local;
         }
-        locals.push((key, made.clone()));
+        locals
+            .get_or_insert_with(Box::default)
+            .push((key, made.clone()));
         made
     }
 
     /// Records the count of homes given up when the activation was made
     /// (rule 13 of `silo/mod.rs`); a stateless worker records none.
     pub(crate) fn set_given_up(&mut self, given_up: Option<u64>) {
-        self.given_up = given_up;
+        self.given_up = given_up.map(plus_one);
     }
 
     /// Whether the silo gave every home up since this activation was made
     /// (rule 13 of `silo/mod.rs`): it runs nothing more.
     pub(crate) fn abandoned(&self) -> bool {
         self.given_up
-            .is_some_and(|given_up| self.silo.homes_given_up() != given_up)
+            .is_some_and(|given_up| plus_one(self.silo.homes_given_up()) != given_up)
     }
 
     pub(crate) fn timers(&mut self) -> &tokio_util::sync::CancellationToken {

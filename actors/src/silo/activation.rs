@@ -19,7 +19,7 @@ use super::{ActivationEnd, Silo};
 use crate::grain::{Grain, GrainContext};
 use crate::key::{GrainId, GrainKey};
 use crate::mailbox;
-use crate::migration::{Arriving, Dehydrated, Departing, MigrationError, Verdict};
+use crate::migration::{Arriving, Dehydrated, MigrationError, Verdict};
 
 /// An activation's mailbox, kept in its `GrainContext` so that a turn
 /// waiting in `GrainContext::call` can take reentrant messages from it.
@@ -133,9 +133,26 @@ fn unbox<T>(boxed: Box<T>) -> T {
     *boxed
 }
 
-/// A grain's activation: rules 3, 5, 6 and 7; an arrival and a departure
-/// (`migration.rs` rules 2 to 4).
-pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
+/// What an activation keeps, made from what it starts from: its type, its
+/// place among the type's workers, its place in the live count, the end
+/// of its mailbox where it stamps its activity (`collector.rs` rule 2;
+/// a stateless worker also holds one of its slots while it runs a turn, so
+/// that `choose` sees it busy, rule 9), an arrival's seed, and its
+/// context, which holds the key, the silo, the mailbox and the count of
+/// homes given up when it was made (rule 13: those given up before are
+/// none of its business, a later give-up stops it; stateless workers are
+/// never homes).
+#[allow(clippy::type_complexity)]
+fn prepare<G: Grain>(
+    start: Start<G>,
+) -> (
+    Arc<GrainType<G>>,
+    usize,
+    super::registry::LiveActivation,
+    mailbox::Sender<Envelope<G>>,
+    Option<Box<Seed>>,
+    GrainContext,
+) {
     let Start {
         grain_type,
         key,
@@ -145,21 +162,15 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         given_up,
         live,
         seed,
-    } = unbox(start);
-    let silo = live.silo().clone();
+    } = start;
     let mut ctx = GrainContext::new(
         GrainId {
             type_name: grain_type.name.clone(),
-            key: key.clone(),
+            key,
         },
-        silo.clone(),
+        live.silo().clone(),
     );
     ctx.set_given_up((!grain_type.stateless).then_some(given_up));
-    // A stateless worker holds one mailbox slot while it runs a turn, so
-    // that `choose` sees it busy (rule 9).
-    let busy_marker = (grain_type.workers > 1).then(|| sender.clone());
-    // Where the idle collector reads this activation's activity
-    // (`collector.rs` rule 2).
     let own = sender.clone();
     ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
         receiver,
@@ -168,96 +179,123 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         batches: grain_type.workers <= 1,
         deferred: std::collections::VecDeque::new(),
     })));
-    // An activation whose messages were accepted before the silo began to
-    // shut down starts, and rule 5 runs them; one that starts after
-    // `shutdown` returned does not: its messages fail, and no grain code
-    // runs after `shutdown` returned.
-    // Rule 13: the homes given up before this activation was made are none
-    // of its business; a later give-up stops it. Stateless workers are
-    // never homes.
-    let abandoned = |silo: &Silo| !grain_type.stateless && silo.homes_given_up() != given_up;
-    // An activation made before a give-up whose task first runs after it
-    // does not even start: its messages are dropped below.
-    let mut grain = if silo.inner.stopped.load(Ordering::Acquire) || abandoned(&silo) {
-        None
-    } else {
-        match seed {
-            // `migration.rs` rule 4: an arrival rehydrates, activates,
-            // then runs nothing until its switch is confirmed; one that
-            // fails or is not confirmed ends without `on_deactivate`.
-            // Boxed, here and for departures and read batches below: an
-            // activation's task is as large as the largest thing it awaits,
-            // for as long as it lives, and these are the large ones.
-            Some(seed) => Box::pin(arrive(&grain_type, &key, &mut ctx, *seed)).await,
-            None => activate::<G>(&key, &mut ctx).await,
-        }
-    };
+    (grain_type, worker, live, own, seed, ctx)
+}
+
+/// The activation's grain: activated, arrived from another silo, or `None`
+/// (its messages are then dropped). An activation whose messages were
+/// accepted before the silo began to shut down starts, and rule 5 runs
+/// them; one that starts after `shutdown` returned does not: its messages
+/// fail, and no grain code runs after `shutdown` returned. An activation
+/// made before a give-up whose task first runs after it does not even
+/// start.
+async fn begin<G: Grain>(
+    grain_type: &GrainType<G>,
+    ctx: &mut GrainContext,
+    seed: Option<Box<Seed>>,
+) -> Option<G> {
+    if ctx.silo().inner.stopped.load(Ordering::Acquire) || ctx.abandoned() {
+        return None;
+    }
+    match seed {
+        // `migration.rs` rule 4: an arrival rehydrates, activates, then
+        // runs nothing until its switch is confirmed; one that fails or is
+        // not confirmed ends without `on_deactivate`. Boxed, here and for
+        // departures, pauses and read batches: an activation's task is as
+        // large as the largest thing it awaits, for as long as it lives,
+        // and these are the large ones.
+        Some(seed) => Box::pin(arrive(grain_type, ctx, *seed)).await,
+        None => activate::<G>(ctx).await,
+    }
+}
+
+/// A grain's activation: rules 3, 5, 6 and 7; an arrival and a departure
+/// (`migration.rs` rules 2 to 4).
+pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
+    // An async function's state keeps a room for every local that lives
+    // across two of its waits, each its own, for as long as the function
+    // runs. So the activation's state is made by a plain function, the
+    // grain by a function of its own (what only the start needs goes
+    // with them), and the loops below take care that a message is never
+    // borrowed where it waits, and that each wait's locals live across
+    // that wait alone.
+    let (grain_type, worker, live, own, seed, mut ctx) = prepare(unbox(start));
+    let mut grain = begin(&grain_type, &mut ctx, seed).await;
     // `collector.rs` rule 2: busy from its making until now.
-    own.set_activity(silo.sweep_number());
-    // Set once the grain left for another silo (`migration.rs` rule 3),
-    // and the signal of the entry a departure left deactivating.
-    let mut migrated = false;
-    let mut leaving = None;
+    own.set_activity(live.silo().sweep_number());
     // Messages run, added to the type's count now and then; one turn in so
     // many timed (`stats.rs` rules 2 and 3).
     let mut counts = ActivationCounts::new();
     // Idleness is the collector's to find (`collector.rs`): an idle
-    // activation waits on its mailbox alone, and keeps no timer.
-    // A message taken but not run when a give-up stopped the loop (boxed:
-    // rare, and the task would carry its room for good).
-    let mut unrun: Option<Box<Envelope<G>>> = None;
-    // The shedding collect that ended this activation, if one did.
-    let mut shed = None;
-    if grain.is_some() {
+    // activation waits on its mailbox alone, and keeps no timer. What
+    // ended the loop is its value, so that it takes no room while the loop
+    // waits.
+    let exit = if grain.is_none() {
+        Exit::Ended
+    } else {
         loop {
             // The flag, not the token: checking a token takes a lock.
-            if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
-                break;
+            if live.silo().inner.shutting_down.load(Ordering::Acquire) || ctx.abandoned() {
+                break Exit::Ended;
             }
-            let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
-                break;
+            // The mailbox and what came out of it in a block of their own:
+            // neither keeps room in the task while a turn runs (the
+            // envelope is moved whole, never borrowed, into whatever waits
+            // with it).
+            let envelope = {
+                let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
+                    break Exit::Ended;
+                };
+                // `None`: idle or shutting down. A message already taken
+                // from the mailbox (a busy grain's common case) runs
+                // without building the select below: the shutdown flag was
+                // checked above, and a busy grain is not idle.
+                let next = if exclusive(&mut mailbox).has_taken() {
+                    // Taking a batch spends none of tokio's cooperative
+                    // budget, and a mailbox refilled from other threads
+                    // could keep this task from ever yielding: spend one
+                    // unit per turn, as `recv` would.
+                    // Taken after the wait, not before: a message held
+                    // across it would take its room in the task for good.
+                    tokio::task::consume_budget().await;
+                    exclusive(&mut mailbox).taken()
+                } else {
+                    // About to wait: what this activation ran is counted
+                    // now (`stats.rs` rule 2).
+                    counts.flush(&grain_type.stats);
+                    let ctx = &ctx;
+                    std::future::poll_fn(|cx| {
+                        use std::task::Poll;
+                        if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
+                            return Poll::Ready(next);
+                        }
+                        // Registered to be woken: a shutdown that starts
+                        // now wakes this task, and one that started earlier
+                        // is seen here.
+                        if ctx.silo().inner.shutting_down.load(Ordering::Acquire) || ctx.abandoned()
+                        {
+                            return Poll::Ready(None);
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                };
+                ctx.put_mailbox(mailbox);
+                match next {
+                    Some(envelope) => envelope,
+                    // Idle, shutting down, or (never: the directory holds
+                    // a sender) closed.
+                    None => break Exit::Ended,
+                }
             };
-            // `None`: idle or shutting down. A message already taken from
-            // the mailbox (a busy grain's common case) runs without
-            // building the select below: the shutdown flag was checked
-            // above, and a busy grain is not idle.
-            let next = if exclusive(&mut mailbox).has_taken() {
-                // Taking a batch spends none of tokio's cooperative budget,
-                // and a mailbox refilled from other threads could keep this
-                // task from ever yielding: spend one unit per turn, as
-                // `recv` would.
-                // Taken after the wait, not before: a message held across
-                // it would take its room in the task for good.
-                tokio::task::consume_budget().await;
-                Some(exclusive(&mut mailbox).taken())
-            } else {
-                // About to wait: what this activation ran is counted now
-                // (`stats.rs` rule 2).
-                counts.flush(&grain_type.stats);
-                std::future::poll_fn(|cx| {
-                    use std::task::Poll;
-                    if let Poll::Ready(next) = exclusive(&mut mailbox).poll_next(cx) {
-                        return Poll::Ready(Some(next));
-                    }
-                    // Registered to be woken: a shutdown that starts now
-                    // wakes this task, and one that started earlier is
-                    // seen here.
-                    if silo.inner.shutting_down.load(Ordering::Acquire) || abandoned(&silo) {
-                        return Poll::Ready(None);
-                    }
-                    Poll::Pending
-                })
-                .await
-            };
-            ctx.put_mailbox(mailbox);
-            match next {
-                Some(Some(envelope)) if matches!(envelope.turn, Turn::Deactivate) => break,
+            // Matched on its turn without binding anything before a guard
+            // or across a wait, so that the envelope is never borrowed nor
+            // left half moved where something waits.
+            match envelope.turn {
+                Turn::Deactivate => break Exit::Ended,
                 // `collector.rs` rule 3: collected if still idle since the
                 // sweep that chose it, else kept.
-                Some(Some(Envelope {
-                    turn: Turn::Collect(collecting),
-                    ..
-                })) => {
+                Turn::Collect(collecting) => {
                     // A message waiting behind the collect is work to do.
                     let waiting = ctx.take_mailbox::<G>().map(|mut mailbox| {
                         let inbox = exclusive(&mut mailbox);
@@ -266,74 +304,38 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                         waiting
                     });
                     if own.activity() < collecting.sweep && waiting == Some(false) {
-                        // Counted as being shed until it counts as ending
-                        // (`collector.rs` rule 4).
-                        shed = collecting.shed;
-                        break;
+                        break Exit::Shed(collecting.shed);
                     }
                 }
+                // Rule 13: taken after a give-up (an idle activation woken
+                // by a message that waited through a stall): not run, nor
+                // moved, nor paused.
+                _ if ctx.abandoned() => break Exit::Unrun(Box::new(envelope)),
                 // `migration.rs` rule 2: between turns, never in one.
-                Some(Some(Envelope {
-                    turn: Turn::Migrate(reply),
-                    ..
-                })) if !abandoned(&silo) => {
+                Turn::Migrate(_) => {
                     // Busy while it departs (`collector.rs` rules 2 and 7).
                     own.set_activity(own.activity() | super::collector::BUSY);
-                    let departing = depart(&grain_type, &key, worker, &mut grain, &mut ctx, reply);
+                    let departing = depart(&grain_type, worker, &mut grain, &mut ctx, envelope);
                     match Box::pin(departing).await {
-                        Departed::Ends { moved, gone } => {
-                            migrated = moved;
-                            leaving = Some(gone);
-                            break;
-                        }
+                        Departed::Ends { moved, gone } => break Exit::Departed { moved, gone },
                         // The move kept the grain busy: not idle now.
-                        Departed::Stayed => own.set_activity(silo.sweep_number()),
+                        Departed::Stayed => own.set_activity(live.silo().sweep_number()),
                     }
                 }
                 // `migration.rs` rule 6: between turns, nothing runs until
-                // the pause is dropped.
-                Some(Some(Envelope {
-                    turn: Turn::Pause(reply),
-                    ..
-                })) if !abandoned(&silo) => {
-                    // A pause is not activity, nor idleness: the grain is
-                    // not collected while paused, and stays as idle as it
-                    // was (`collector.rs` rule 2).
-                    let stamp = own.activity();
-                    let paused_at = silo.sweep_number();
-                    own.set_activity(stamp | super::collector::BUSY);
-                    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
-                    if reply
-                        .send(Ok(crate::migration::Paused::new(resume)))
-                        .is_ok()
-                    {
-                        // Boxed: see `arrive` above.
-                        Box::pin(async {
-                            tokio::select! {
-                                _ = resumed => {}
-                                _ = silo.inner.shutdown.cancelled() => {}
-                            }
-                        })
-                        .await;
-                    }
-                    // The sweeps the pause lasted are not idleness.
-                    let now = silo.sweep_number();
-                    own.set_activity(stamp.saturating_add(now.saturating_sub(paused_at)).min(now));
-                }
-                // Rule 13: taken after a give-up (an idle activation woken
-                // by a message that waited through a stall): not run.
-                Some(Some(envelope)) if abandoned(&silo) => {
-                    unrun = Some(Box::new(envelope));
-                    break;
-                }
-                Some(Some(envelope)) => {
+                // the pause is dropped. Boxed: see `begin`.
+                Turn::Pause(_) => Box::pin(pause(envelope, &own, live.silo())).await,
+                _ => {
                     let keeps_alive = envelope.keeps_alive;
                     // `collector.rs` rule 2: busy from the turn's start.
                     let stamp = own.activity();
                     own.set_activity(stamp | super::collector::BUSY);
-                    let busy = busy_marker.as_ref().and_then(|own| own.try_reserve());
+                    // Rule 9: a stateless worker running a turn holds a slot.
+                    let busy = (grain_type.workers > 1)
+                        .then(|| own.try_reserve())
+                        .flatten();
                     let timed = counts.sample_next().then(std::time::Instant::now);
-                    let ran = turn(&mut grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                    let ran = turn(&mut grain, envelope, &mut ctx, &grain_type.stats).await;
                     // A turn that ran nothing (an expired message) is no
                     // sample.
                     if let Some(started) = timed.filter(|_| ran > 0) {
@@ -342,56 +344,148 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                     counts.ran(ran, &grain_type.stats);
                     drop(busy);
                     own.set_activity(if keeps_alive {
-                        silo.sweep_number()
+                        live.silo().sweep_number()
                     } else {
                         stamp
                     });
                     if grain.is_none() {
-                        break;
+                        break Exit::Ended;
                     }
                 }
-                // Idle, shutting down, or (never: the directory holds a
-                // sender) closed.
-                Some(None) | None => break,
             }
         }
-    }
+    };
     // Counted as ending until it is gone (`collector.rs` rule 4), before
     // the shedding collect that ended it, if one did, stops counting.
-    let ending = super::collector::Ending::new(&silo);
-    drop(shed);
+    let ending = super::collector::Ending::new(live.silo());
+    let (migrated, leaving, unrun) = match exit {
+        Exit::Ended => (false, None, None),
+        Exit::Shed(shed) => {
+            drop(shed);
+            (false, None, None)
+        }
+        Exit::Departed { moved, gone } => (moved, Some(gone), None),
+        Exit::Unrun(envelope) => (false, None, Some(envelope)),
+    };
     // Rule 5: no new messages; run the ones already queued. Timers end
     // with the activation.
     ctx.cancel_timers();
     let gone = leaving.unwrap_or_else(|| {
         let (gone, gone_signal) = watch::channel(false);
-        set_slot(&grain_type, &key, worker, Entry::Deactivating(gone_signal));
+        set_slot(
+            &grain_type,
+            &ctx.id().key,
+            worker,
+            Entry::Deactivating(gone_signal),
+        );
         gone
     });
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         exclusive(&mut mailbox).receiver.close();
         ctx.put_mailbox(mailbox);
     }
+    // Boxed: the drain's turn and `on_deactivate` wait once each, and
+    // would otherwise take their room in the task for its whole life.
+    let end = Box::pin(finish(
+        &grain_type,
+        grain,
+        &mut ctx,
+        counts,
+        unrun,
+        migrated,
+    ))
+    .await;
+    // Its place in the live count first (rule 14): a caller woken by the
+    // freed slot finds room for the next activation; then its place among
+    // those ending.
+    let silo = live.silo().clone();
+    drop(live);
+    drop(ending);
+    let key = &ctx.id().key;
+    if let Some(mut slots) = grain_type.directory.get_mut(key) {
+        if let Some(slot) = slots.get_mut(worker) {
+            *slot = None;
+        }
+    }
+    grain_type
+        .directory
+        .remove_if(key, |_, slots| slots.iter().all(Option::is_none));
+    // The next activation's references are leased afresh (rule 12).
+    if silo.is_routed_now() {
+        grain_type.leased.remove(key);
+    }
+    let _ = gone.send(true);
+    tracing::debug!(grain = %ctx.id(), "deactivated");
+    // What the activation kept (its context's activation-local values)
+    // goes before the listener hears of its end.
+    let id = ctx.id().clone();
+    drop(ctx);
+    let listener = silo
+        .inner
+        .ended
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|(_, listener)| listener.clone());
+    if let Some(listener) = listener {
+        listener(&id, end);
+    }
+}
+
+/// Why an activation's loop ended, and what its ending needs from it.
+enum Exit<G> {
+    /// Idle and collected, told to deactivate, shutting down, given up, a
+    /// failed grain, or a closed mailbox.
+    Ended,
+    /// A shedding collect ended it: counted as being shed until it counts
+    /// as ending (`collector.rs` rule 4).
+    Shed(Option<super::collector::Shed>),
+    /// A departure ended it (`migration.rs` rule 3): the grain left
+    /// (`moved`) or failed for good on the way; its entry is marked
+    /// deactivating with `gone`'s signal.
+    Departed {
+        moved: bool,
+        gone: watch::Sender<bool>,
+    },
+    /// A message taken after a give-up, not run (rule 13; boxed: rare).
+    Unrun(Box<Envelope<G>>),
+}
+
+/// The end of an activation whose mailbox is closed (rule 5): the messages
+/// already queued (and `unrun`, first) run or fail, then `on_deactivate`
+/// (not for a grain that `migrated`), and the timers end. Returns how the
+/// activation ended.
+async fn finish<G: Grain>(
+    grain_type: &GrainType<G>,
+    mut grain: Option<G>,
+    ctx: &mut GrainContext,
+    mut counts: ActivationCounts,
+    mut unrun: Option<Box<Envelope<G>>>,
+    migrated: bool,
+) -> ActivationEnd {
     loop {
-        let next = match unrun.take() {
-            Some(envelope) => Some(*envelope),
+        // As in the loop above: what comes out of the mailbox is never
+        // borrowed, and only the turn holds it while it runs.
+        let envelope = match unrun.take() {
+            Some(envelope) => *envelope,
             None => {
                 let Some(mut mailbox) = ctx.take_mailbox::<G>() else {
                     break;
                 };
                 let next = exclusive(&mut mailbox).next().await;
                 ctx.put_mailbox(mailbox);
-                next
+                let Some(envelope) = next else { break };
+                envelope
             }
         };
-        let Some(envelope) = next else { break };
-        if abandoned(&silo) {
+        if ctx.abandoned() {
             // Rule 13: not run; dropping it fails its call.
             if !matches!(
                 envelope.turn,
                 Turn::Deactivate | Turn::Collect(_) | Turn::Migrate(_) | Turn::Pause(_)
             ) {
-                silo.inner
+                ctx.silo()
+                    .inner
                     .dropped_with_homes
                     .fetch_add(1, Ordering::Relaxed);
                 grain_type.stats.failed(FailureReason::DroppedWithHome);
@@ -401,7 +495,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         }
         match grain {
             Some(_) => {
-                let ran = turn(&mut grain, envelope, &key, &mut ctx, &grain_type.stats).await;
+                let ran = turn(&mut grain, envelope, ctx, &grain_type.stats).await;
                 counts.ran(ran, &grain_type.stats);
             }
             // Failed activation (or one that left, `migration.rs` rule 3:
@@ -429,7 +523,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         ActivationEnd::ActivationFailed
     };
     if let Some(mut grain) = grain {
-        if AssertUnwindSafe(grain.on_deactivate(&mut ctx))
+        if AssertUnwindSafe(grain.on_deactivate(ctx))
             .catch_unwind()
             .await
             .is_err()
@@ -441,39 +535,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     ctx.cancel_timers();
     counts.flush(&grain_type.stats);
     grain_type.stats.activation_ended();
-    // Its place in the live count first (rule 14): a caller woken by the
-    // freed slot finds room for the next activation; then its place among
-    // those ending.
-    drop(live);
-    drop(ending);
-    if let Some(mut slots) = grain_type.directory.get_mut(&key) {
-        if let Some(slot) = slots.get_mut(worker) {
-            *slot = None;
-        }
-    }
-    grain_type
-        .directory
-        .remove_if(&key, |_, slots| slots.iter().all(Option::is_none));
-    // The next activation's references are leased afresh (rule 12).
-    if silo.is_routed_now() {
-        grain_type.leased.remove(&key);
-    }
-    let _ = gone.send(true);
-    tracing::debug!(grain = %ctx.id(), "deactivated");
-    // What the activation kept (its context's activation-local values)
-    // goes before the listener hears of its end.
-    let id = ctx.id().clone();
-    drop(ctx);
-    let listener = silo
-        .inner
-        .ended
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|(_, listener)| listener.clone());
-    if let Some(listener) = listener {
-        listener(&id, end);
-    }
+    end
 }
 
 /// `migration.rs` rule 4: a new object for `key` made from `seed`:
@@ -482,7 +544,6 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
 /// not happen: the object is dropped unwritten.
 async fn arrive<G: Grain>(
     grain_type: &GrainType<G>,
-    key: &GrainKey,
     ctx: &mut GrainContext,
     seed: Seed,
 ) -> Option<G> {
@@ -495,7 +556,7 @@ async fn arrive<G: Grain>(
         None => Err(MigrationError::NotMigratable {
             type_name: grain_type.name.clone(),
         }),
-        Some(hooks) => match std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) {
+        Some(hooks) => match std::panic::catch_unwind(AssertUnwindSafe(|| G::new(&id.key))) {
             Err(_) => Err(failed("Grain::new panicked".into())),
             Ok(mut grain) => {
                 match AssertUnwindSafe((hooks.rehydrate)(&mut grain, ctx, seed.state))
@@ -535,6 +596,32 @@ async fn arrive<G: Grain>(
     confirmed.then_some(grain)
 }
 
+/// `migration.rs` rule 6: answers the pause `envelope` asks for, and runs
+/// nothing until it is dropped (or the silo shuts down). A pause is not
+/// activity, nor idleness: the grain is not collected while paused, and
+/// stays as idle as it was (`collector.rs` rule 2).
+async fn pause<G>(envelope: Envelope<G>, own: &mailbox::Sender<Envelope<G>>, silo: &Silo) {
+    let Turn::Pause(reply) = envelope.turn else {
+        return;
+    };
+    let stamp = own.activity();
+    let paused_at = silo.sweep_number();
+    own.set_activity(stamp | super::collector::BUSY);
+    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+    if reply
+        .send(Ok(crate::migration::Paused::new(resume)))
+        .is_ok()
+    {
+        tokio::select! {
+            _ = resumed => {}
+            _ = silo.inner.shutdown.cancelled() => {}
+        }
+    }
+    // The sweeps the pause lasted are not idleness.
+    let now = silo.sweep_number();
+    own.set_activity(stamp.saturating_add(now.saturating_sub(paused_at)).min(now));
+}
+
 /// How a departure ended (`migration.rs` rule 3).
 enum Departed {
     /// The grain stays: its mailbox is open again, and the activation goes
@@ -549,18 +636,21 @@ enum Departed {
     },
 }
 
-/// `migration.rs` rules 2 and 3: the activation leaves for another silo.
-/// Its entry is marked deactivating and its mailbox closed, what was
-/// queued runs, the grain dehydrates and its state goes out through
-/// `reply`; then the verdict.
+/// `migration.rs` rules 2 and 3: the activation leaves for another silo,
+/// as `envelope` asks. Its entry is marked deactivating and its mailbox
+/// closed, what was queued runs, the grain dehydrates and its state goes
+/// out through the envelope's reply; then the verdict.
 async fn depart<G: Grain>(
     grain_type: &GrainType<G>,
-    key: &GrainKey,
     worker: usize,
     grain: &mut Option<G>,
     ctx: &mut GrainContext,
-    reply: tokio::sync::oneshot::Sender<Departing>,
+    envelope: Envelope<G>,
 ) -> Departed {
+    // Only a move's envelope comes here; anything else keeps the grain.
+    let Turn::Migrate(reply) = envelope.turn else {
+        return Departed::Stayed;
+    };
     let Some(hooks) = grain_type.migration.get() else {
         let _ = reply.send(Err(MigrationError::NotMigratable {
             type_name: grain_type.name.clone(),
@@ -569,7 +659,12 @@ async fn depart<G: Grain>(
     };
     // New messages wait for the verdict, as for a deactivation (rule 5).
     let (gone, gone_signal) = watch::channel(false);
-    set_slot(grain_type, key, worker, Entry::Deactivating(gone_signal));
+    set_slot(
+        grain_type,
+        &ctx.id().key,
+        worker,
+        Entry::Deactivating(gone_signal),
+    );
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         exclusive(&mut mailbox).receiver.close();
         ctx.put_mailbox(mailbox);
@@ -606,7 +701,7 @@ async fn depart<G: Grain>(
             }
             turn => {
                 let envelope = Envelope { turn, ..envelope };
-                let ran = self::turn(grain, envelope, key, ctx, &grain_type.stats).await;
+                let ran = self::turn(grain, envelope, ctx, &grain_type.stats).await;
                 grain_type.stats.add_messages(ran);
             }
         }
@@ -640,7 +735,7 @@ async fn depart<G: Grain>(
                     // The old object's timers go with it; the new one
                     // registers its own in `on_activate`.
                     ctx.cancel_timers();
-                    *grain = activate::<G>(key, ctx).await;
+                    *grain = activate::<G>(ctx).await;
                     Err(MigrationError::Hook {
                         grain: ctx.id().clone(),
                         reason: "dehydrate panicked".into(),
@@ -683,7 +778,8 @@ async fn depart<G: Grain>(
                 && ctx.take_mailbox::<G>().is_some_and(|mut mailbox| {
                     let open = exclusive(&mut mailbox);
                     open.receiver.reopen();
-                    set_slot(grain_type, key, worker, Entry::Active(open.sender.clone()));
+                    let sender = open.sender.clone();
+                    set_slot(grain_type, &ctx.id().key, worker, Entry::Active(sender));
                     ctx.put_mailbox(mailbox);
                     true
                 });
@@ -706,10 +802,11 @@ fn set_slot<G>(grain_type: &GrainType<G>, key: &GrainKey, worker: usize, entry: 
     }
 }
 
-/// A new object for `key`, activated; `None` if `on_activate` failed (the
-/// messages it then drops are counted, one by one).
-async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G> {
-    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(key))) else {
+/// A new object for the context's grain, activated; `None` if
+/// `on_activate` failed (the messages it then drops are counted, one by
+/// one).
+async fn activate<G: Grain>(ctx: &mut GrainContext) -> Option<G> {
+    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(&ctx.id().key))) else {
         tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
         return None;
     };
@@ -740,7 +837,6 @@ async fn activate<G: Grain>(key: &GrainKey, ctx: &mut GrainContext) -> Option<G>
 fn turn<'a, G: Grain>(
     grain: &'a mut Option<G>,
     envelope: Envelope<G>,
-    key: &'a GrainKey,
     ctx: &'a mut GrainContext,
     stats: &'a TypeStats,
 ) -> impl std::future::Future<Output = u64> + 'a {
@@ -817,7 +913,7 @@ fn turn<'a, G: Grain>(
                     // The old object's timers go with it; the new one
                     // registers its own in `on_activate`.
                     ctx.cancel_timers();
-                    *grain = Box::pin(activate::<G>(key, ctx)).await;
+                    *grain = Box::pin(activate::<G>(ctx)).await;
                 }
                 1
             }

@@ -32,7 +32,8 @@
 //!   each live (idle) activation costs are printed beside it: their growth
 //!   over the fill divided by the grains (the allocator's free memory is
 //!   given back to the system before each fill, so that the growth is the
-//!   fill's own).
+//!   fill's own), and the resident growth once the allocator's free memory
+//!   is given back after the fill too.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -513,6 +514,10 @@ struct Fill {
     last_tenth: Duration,
     /// The growth of the resident set over the fill.
     rss: Option<u64>,
+    /// The same once the allocator has given back what free memory it can
+    /// (`malloc_trim`): whether the resident set beyond the heap is memory
+    /// the allocator could return.
+    rss_trimmed: Option<u64>,
     /// The growth of the heap in use over the fill.
     heap: Option<u64>,
 }
@@ -557,11 +562,14 @@ fn fill(rt: &tokio::runtime::Runtime, live: u64) -> Fill {
         };
         let rss = grown(resident_bytes(), rss_before);
         let heap = grown(heap_in_use(), heap_before);
+        trim_heap();
+        let rss_trimmed = grown(resident_bytes(), rss_before);
         silo.shutdown().await;
         drop(silo);
         Fill {
             last_tenth,
             rss,
+            rss_trimmed,
             heap,
         }
     })
@@ -580,6 +588,7 @@ fn live_grains(c: &mut Criterion) {
         group.throughput(Throughput::Elements(live / 10));
         group.measurement_time(Duration::from_secs(1));
         let mut rss = Vec::new();
+        let mut rss_trimmed = Vec::new();
         let mut heap = Vec::new();
         group.bench_function(format!("granary/{live}"), |b| {
             b.iter_custom(|iterations| {
@@ -588,6 +597,7 @@ fn live_grains(c: &mut Criterion) {
                     let fill = fill(&rt, live);
                     total += fill.last_tenth;
                     rss.extend(fill.rss);
+                    rss_trimmed.extend(fill.rss_trimmed);
                     heap.extend(fill.heap);
                 }
                 total
@@ -603,9 +613,10 @@ fn live_grains(c: &mut Criterion) {
         };
         println!(
             "live_grains/granary/{live}: bytes per live activation (medians of {} fills): \
-             resident {}, heap {}",
+             resident {} ({} once the allocator's free memory is given back), heap {}",
             rss.len(),
             per_activation(&mut rss),
+            per_activation(&mut rss_trimmed),
             per_activation(&mut heap),
         );
     }

@@ -72,7 +72,7 @@ struct State<T> {
     /// At most `capacity - reserved` messages.
     queue: VecDeque<T>,
     /// Oldest first; tickets increase from front to back.
-    parked: VecDeque<Parked<T>>,
+    parked: ParkedList<T>,
     /// The ticket the next parked sender gets.
     next_ticket: u64,
     /// Slots held by permits, `0..=capacity`.
@@ -82,6 +82,45 @@ struct State<T> {
     receiver: Option<Waker>,
     /// Whether the sweeper holds this mailbox (so it is listed once).
     swept: bool,
+}
+
+/// The parked senders (rule 2), boxed and made when the first one parks:
+/// most mailboxes never see a sender wait, and every live activation keeps
+/// its mailbox's shared state for as long as it lives.
+struct ParkedList<T>(Option<Box<VecDeque<Parked<T>>>>);
+
+impl<T> ParkedList<T> {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|parked| parked.is_empty())
+    }
+
+    fn push_back(&mut self, parked: Parked<T>) {
+        self.0.get_or_insert_with(Box::default).push_back(parked);
+    }
+
+    fn pop_front(&mut self) -> Option<Parked<T>> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Parked<T>> {
+        self.0.iter().flat_map(|parked| parked.iter())
+    }
+
+    /// Where the sender with `ticket` is, if it is parked.
+    fn find(&self, ticket: u64) -> Option<usize> {
+        self.0
+            .as_ref()?
+            .binary_search_by_key(&ticket, |parked| parked.ticket)
+            .ok()
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Parked<T>> {
+        self.0.as_mut()?.remove(index)
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut Parked<T>> {
+        self.0.as_mut()?.get_mut(index)
+    }
 }
 
 struct Shared<T> {
@@ -184,7 +223,7 @@ pub(crate) fn channel<T: Send + 'static>(
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
-            parked: VecDeque::new(),
+            parked: ParkedList(None),
             next_ticket: 0,
             reserved: 0,
             closed: false,
@@ -204,7 +243,7 @@ pub(crate) fn channel<T: Send + 'static>(
         },
         Receiver {
             shared,
-            admitted: Vec::new(),
+            admitted: None,
         },
     )
 }
@@ -505,7 +544,7 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 if shared.admitted.load(Ordering::Acquire) > ticket {
                     return Poll::Ready(Ok(()));
                 }
-                let Ok(index) = state.parked.binary_search_by_key(&ticket, |p| p.ticket) else {
+                let Some(index) = state.parked.find(ticket) else {
                     // Not admitted and not parked: cannot happen, as only
                     // this future removes its entry; report it delivered
                     // rather than wait for nothing.
@@ -544,10 +583,10 @@ impl<T> Drop for SendFuture<'_, T> {
                 return;
             }
             let mut state = shared.lock();
-            let removed = match state.parked.binary_search_by_key(&ticket, |p| p.ticket) {
-                Ok(index) => state.parked.remove(index),
-                Err(_) => None,
-            };
+            let removed = state
+                .parked
+                .find(ticket)
+                .and_then(|index| state.parked.remove(index));
             shared.mirror(&state);
             drop(state);
             drop(removed);
@@ -557,12 +596,13 @@ impl<T> Drop for SendFuture<'_, T> {
 
 /// Moves `shared`'s queue to the back of `batch` and refills it from parked
 /// senders (rule 3), then releases the lock and wakes them (through
-/// `admitted`, kept to reuse its allocation).
+/// `admitted`, made with the first admission and kept to reuse its
+/// allocation).
 fn take_all<T>(
     shared: &Shared<T>,
     mut state: MutexGuard<'_, State<T>>,
     batch: &mut VecDeque<T>,
-    admitted: &mut Vec<Waker>,
+    admitted: &mut Option<Box<Vec<Waker>>>,
 ) {
     if batch.is_empty() {
         // Swapped, so both deques keep their allocations.
@@ -571,18 +611,21 @@ fn take_all<T>(
         batch.append(&mut state.queue);
     }
     while let Some(sender) = shared.admit(&mut state) {
-        admitted.push(sender);
+        admitted.get_or_insert_with(Box::default).push(sender);
     }
     drop(state);
-    admitted.drain(..).for_each(Waker::wake);
+    if let Some(admitted) = admitted {
+        admitted.drain(..).for_each(Waker::wake);
+    }
 }
 
 /// The receiving end, held by the activation.
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// Senders admitted by [`Receiver::try_recv_all`], woken after the
-    /// lock is released; kept to reuse its allocation.
-    admitted: Vec<Waker>,
+    /// lock is released; made when a sender is first admitted (most
+    /// mailboxes never see one wait) and kept to reuse its allocation.
+    admitted: Option<Box<Vec<Waker>>>,
 }
 
 impl<T> Receiver<T> {

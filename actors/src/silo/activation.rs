@@ -36,8 +36,10 @@ pub(crate) struct Mailbox<G> {
     batches: bool,
     /// Messages of other chains that arrived during a reentrant wait, in
     /// arrival order; they run after `batch` (which arrived before them)
-    /// and before anything newer.
-    pub(super) deferred: std::collections::VecDeque<Envelope<G>>,
+    /// and before anything newer. Made with the first one: most
+    /// activations never wait reentrantly, and each keeps its mailbox for
+    /// as long as it lives.
+    deferred: Option<Box<std::collections::VecDeque<Envelope<G>>>>,
 }
 
 /// The mailbox behind a `&mut`: its mutex is never contended (see
@@ -51,10 +53,7 @@ pub(super) fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &
 impl<G: Grain> Mailbox<G> {
     /// The next message for a new turn, if one is already queued.
     fn try_next(&mut self) -> Option<Envelope<G>> {
-        if let Some(envelope) = self.batch.pop_front() {
-            return Some(envelope);
-        }
-        if let Some(envelope) = self.deferred.pop_front() {
+        if let Some(envelope) = self.taken() {
             return Some(envelope);
         }
         if self.batches {
@@ -67,12 +66,27 @@ impl<G: Grain> Mailbox<G> {
 
     /// Whether a message was already taken from the mailbox.
     fn has_taken(&self) -> bool {
-        !self.batch.is_empty() || !self.deferred.is_empty()
+        !self.batch.is_empty() || self.deferred_len() > 0
     }
 
     /// The next message already taken from the mailbox, if any.
     fn taken(&mut self) -> Option<Envelope<G>> {
-        self.batch.pop_front().or_else(|| self.deferred.pop_front())
+        self.batch
+            .pop_front()
+            .or_else(|| self.deferred.as_mut()?.pop_front())
+    }
+
+    /// How many messages a reentrant wait set aside.
+    pub(super) fn deferred_len(&self) -> usize {
+        self.deferred.as_ref().map_or(0, |deferred| deferred.len())
+    }
+
+    /// Sets `envelope` aside during a reentrant wait, to run after the
+    /// current turn.
+    pub(super) fn defer(&mut self, envelope: Envelope<G>) {
+        self.deferred
+            .get_or_insert_with(Box::default)
+            .push_back(envelope);
     }
 
     /// The next message for a new turn, or registers to be woken for one,
@@ -177,7 +191,7 @@ fn prepare<G: Grain>(
         sender,
         batch: std::collections::VecDeque::new(),
         batches: grain_type.workers <= 1,
-        deferred: std::collections::VecDeque::new(),
+        deferred: None,
     })));
     (grain_type, worker, live, own, seed, ctx)
 }

@@ -149,7 +149,7 @@ impl GrainContext {
             // it, the wait stops receiving, and senders wait (rule 4).
             let receiving = lent.mailbox.as_mut().map(exclusive).is_some_and(|mailbox| {
                 (!mailbox.receiver.is_closed() || !mailbox.receiver.is_empty())
-                    && mailbox.deferred.len() < capacity
+                    && mailbox.deferred_len() < capacity
             });
             // A message of this chain already taken from the mailbox into
             // the batch runs now, as it would had it stayed in the mailbox.
@@ -184,7 +184,7 @@ impl GrainContext {
                         ) =>
                 {
                     if let Some(mailbox) = lent.mailbox.as_mut() {
-                        exclusive(mailbox).deferred.push_back(envelope);
+                        exclusive(mailbox).defer(envelope);
                     }
                     Event::Message(None)
                 }

@@ -71,13 +71,56 @@ pub(super) enum Entry<G> {
     Deactivating(watch::Receiver<bool>),
 }
 
+/// A key's slots in the directory, one per worker, seen as a slice: a
+/// single slot (every type but stateless workers) is kept in place, so a
+/// grain costs the directory no allocation of its own, and in the room a
+/// `Vec` would take.
+pub(super) enum Slots<G> {
+    One(Option<Entry<G>>),
+    Many(Box<[Option<Entry<G>>]>),
+}
+
+impl<G> Slots<G> {
+    /// `workers` empty slots (at least one), the first one holding `first`.
+    pub(super) fn new(workers: usize, first: Entry<G>) -> Slots<G> {
+        if workers <= 1 {
+            return Slots::One(Some(first));
+        }
+        Slots::Many(
+            std::iter::once(Some(first))
+                .chain((1..workers).map(|_| None))
+                .collect(),
+        )
+    }
+}
+
+impl<G> std::ops::Deref for Slots<G> {
+    type Target = [Option<Entry<G>>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Slots::One(slot) => std::slice::from_ref(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+}
+
+impl<G> std::ops::DerefMut for Slots<G> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Slots::One(slot) => std::slice::from_mut(slot),
+            Slots::Many(slots) => slots,
+        }
+    }
+}
+
 /// One registered grain type.
 pub(super) struct GrainType<G> {
     pub(super) name: String,
     /// Per key, one slot per worker: `workers` slots for a stateless
     /// worker type (rule 9), one otherwise. A key with every slot empty is
     /// removed.
-    pub(super) directory: DashMap<GrainKey, Vec<Option<Entry<G>>>>,
+    pub(super) directory: DashMap<GrainKey, Slots<G>>,
     /// Activations one key may have at once, at least 1.
     pub(super) workers: usize,
     /// Registered as a stateless worker: local to each silo, never routed
@@ -243,10 +286,10 @@ impl Silo {
                         return Err(overloaded(grain_type, key));
                     };
                     let sender = self.activate_slot(grain_type, key, 0, live);
-                    let mut slots: Vec<Option<Entry<G>>> =
-                        (0..grain_type.workers.max(1)).map(|_| None).collect();
-                    slots[0] = Some(Entry::Active(sender.clone()));
-                    vacant.insert(slots);
+                    vacant.insert(Slots::new(
+                        grain_type.workers,
+                        Entry::Active(sender.clone()),
+                    ));
                     return Ok(sender);
                 }
             };
@@ -402,10 +445,10 @@ impl Silo {
                     });
                 };
                 let (sender, mailbox) = self.new_mailbox();
-                let mut slots: Vec<Option<Entry<G>>> =
-                    (0..grain_type.workers.max(1)).map(|_| None).collect();
-                slots[0] = Some(Entry::Active(sender.clone()));
-                vacant.insert(slots);
+                vacant.insert(Slots::new(
+                    grain_type.workers,
+                    Entry::Active(sender.clone()),
+                ));
                 self.spawn_activation(
                     grain_type.clone(),
                     key,

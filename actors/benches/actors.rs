@@ -497,8 +497,10 @@ fn heap_in_use() -> Option<u64> {
     None
 }
 
-/// Gives the allocator's free memory back to the system, so that the next
-/// fill's resident growth is its own (glibc; elsewhere a no-op).
+/// Gives the allocator's free memory back to the system: before a fill, so
+/// that its resident growth is its own, and after it, for the resident
+/// figure without what the allocator could give back (glibc; elsewhere a
+/// no-op, and that figure repeats the resident one).
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` releases free pages only; nothing points there.

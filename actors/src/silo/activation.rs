@@ -39,6 +39,10 @@ pub(crate) struct Mailbox<G> {
     /// and before anything newer. Made with the first one: most
     /// activations never wait reentrantly, and each keeps its mailbox for
     /// as long as it lives.
+    #[expect(
+        clippy::box_collection,
+        reason = "one pointer in place instead of an empty collection's three words: the point is the room kept per live activation"
+    )]
     deferred: Option<Box<std::collections::VecDeque<Envelope<G>>>>,
 }
 
@@ -147,26 +151,28 @@ fn unbox<T>(boxed: Box<T>) -> T {
     *boxed
 }
 
-/// What an activation keeps, made from what it starts from: its type, its
-/// place among the type's workers, its place in the live count, the end
-/// of its mailbox where it stamps its activity (`collector.rs` rule 2;
-/// a stateless worker also holds one of its slots while it runs a turn, so
-/// that `choose` sees it busy, rule 9), an arrival's seed, and its
-/// context, which holds the key, the silo, the mailbox and the count of
-/// homes given up when it was made (rule 13: those given up before are
-/// none of its business, a later give-up stops it; stateless workers are
-/// never homes).
-#[allow(clippy::type_complexity)]
-fn prepare<G: Grain>(
-    start: Start<G>,
-) -> (
-    Arc<GrainType<G>>,
-    usize,
-    super::registry::LiveActivation,
-    mailbox::Sender<Envelope<G>>,
-    Option<Box<Seed>>,
-    GrainContext,
-) {
+/// What an activation keeps, made from what it starts from.
+struct Prepared<G> {
+    grain_type: Arc<GrainType<G>>,
+    /// Its place among the type's workers.
+    worker: usize,
+    /// Its place in the live count (rule 14).
+    live: super::registry::LiveActivation,
+    /// The end of its mailbox where it stamps its activity (`collector.rs`
+    /// rule 2); a stateless worker also holds one of its slots while it
+    /// runs a turn, so that `choose` sees it busy (rule 9).
+    own: mailbox::Sender<Envelope<G>>,
+    /// An arrival's seed (`migration.rs` rule 4).
+    seed: Option<Box<Seed>>,
+    /// Its context, which holds the key, the silo, the mailbox and the
+    /// count of homes given up when it was made (rule 13: those given up
+    /// before are none of its business, a later give-up stops it;
+    /// stateless workers are never homes).
+    ctx: GrainContext,
+}
+
+/// [`Prepared`] from `start`.
+fn prepare<G: Grain>(start: Start<G>) -> Prepared<G> {
     let Start {
         grain_type,
         key,
@@ -193,7 +199,14 @@ fn prepare<G: Grain>(
         batches: grain_type.workers <= 1,
         deferred: None,
     })));
-    (grain_type, worker, live, own, seed, ctx)
+    Prepared {
+        grain_type,
+        worker,
+        live,
+        own,
+        seed,
+        ctx,
+    }
 }
 
 /// The activation's grain: activated, arrived from another silo, or `None`
@@ -233,7 +246,14 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     // with them), and the loops below take care that a message is never
     // borrowed where it waits, and that each wait's locals live across
     // that wait alone.
-    let (grain_type, worker, live, own, seed, mut ctx) = prepare(unbox(start));
+    let Prepared {
+        grain_type,
+        worker,
+        live,
+        own,
+        seed,
+        mut ctx,
+    } = prepare(unbox(start));
     let mut grain = begin(&grain_type, &mut ctx, seed).await;
     // `collector.rs` rule 2: busy from its making until now.
     own.set_activity(live.silo().sweep_number());
@@ -318,7 +338,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
                         waiting
                     });
                     if own.activity() < collecting.sweep && waiting == Some(false) {
-                        break Exit::Shed(collecting.shed);
+                        break Exit::Collected(collecting.shed);
                     }
                 }
                 // Rule 13: taken after a give-up (an idle activation woken
@@ -374,7 +394,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     let ending = super::collector::Ending::new(live.silo());
     let (migrated, leaving, unrun) = match exit {
         Exit::Ended => (false, None, None),
-        Exit::Shed(shed) => {
+        Exit::Collected(shed) => {
             drop(shed);
             (false, None, None)
         }
@@ -448,12 +468,13 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
 
 /// Why an activation's loop ended, and what its ending needs from it.
 enum Exit<G> {
-    /// Idle and collected, told to deactivate, shutting down, given up, a
-    /// failed grain, or a closed mailbox.
+    /// Told to deactivate, shutting down, given up, a failed grain, or a
+    /// closed mailbox.
     Ended,
-    /// A shedding collect ended it: counted as being shed until it counts
-    /// as ending (`collector.rs` rule 4).
-    Shed(Option<super::collector::Shed>),
+    /// The idle collector's collect ended it (`collector.rs` rule 3); a
+    /// shedding one carries its token, counted as being shed until the
+    /// activation counts as ending (rule 4).
+    Collected(Option<super::collector::Shed>),
     /// A departure ended it (`migration.rs` rule 3): the grain left
     /// (`moved`) or failed for good on the way; its entry is marked
     /// deactivating with `gone`'s signal.
@@ -467,8 +488,8 @@ enum Exit<G> {
 
 /// The end of an activation whose mailbox is closed (rule 5): the messages
 /// already queued (and `unrun`, first) run or fail, then `on_deactivate`
-/// (not for a grain that `migrated`), and the timers end. Returns how the
-/// activation ended.
+/// if there is a grain (none if it failed, or left: `migrated`), and the
+/// timers end. Returns how the activation ended.
 async fn finish<G: Grain>(
     grain_type: &GrainType<G>,
     mut grain: Option<G>,
@@ -552,7 +573,8 @@ async fn finish<G: Grain>(
     end
 }
 
-/// `migration.rs` rule 4: a new object for `key` made from `seed`:
+/// `migration.rs` rule 4: a new object for the context's grain made from
+/// `seed`:
 /// `Grain::new`, `rehydrate`, then `on_activate`; answers, and waits for
 /// the switch's confirmation. `None` if a hook failed or the switch did
 /// not happen: the object is dropped unwritten.
@@ -615,6 +637,9 @@ async fn arrive<G: Grain>(
 /// activity, nor idleness: the grain is not collected while paused, and
 /// stays as idle as it was (`collector.rs` rule 2).
 async fn pause<G>(envelope: Envelope<G>, own: &mailbox::Sender<Envelope<G>>, silo: &Silo) {
+    // The loop hands over only a pause's envelope, whole: taking the reply
+    // out there would leave the loop a half-moved message across this
+    // wait, with a room of its own in the task. Anything else is no pause.
     let Turn::Pause(reply) = envelope.turn else {
         return;
     };
@@ -661,7 +686,8 @@ async fn depart<G: Grain>(
     ctx: &mut GrainContext,
     envelope: Envelope<G>,
 ) -> Departed {
-    // Only a move's envelope comes here; anything else keeps the grain.
+    // The loop hands over only a move's envelope, whole (see `pause`);
+    // anything else is no move, and keeps the grain.
     let Turn::Migrate(reply) = envelope.turn else {
         return Departed::Stayed;
     };
@@ -1002,4 +1028,45 @@ async fn read_batch<G: Grain>(
         }
     }
     ran
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn size_of_return<A, R>(_f: impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Eight bytes of state, as the bench's counter.
+    struct Tiny(#[allow(dead_code)] u64);
+
+    impl Grain for Tiny {
+        fn new(_: &GrainKey) -> Tiny {
+            Tiny(0)
+        }
+    }
+
+    /// Every live activation keeps its task, its context and its directory
+    /// slot for as long as it lives (`BENCHMARKS.md`, issue 18): a change
+    /// that grows them should be seen. tokio's task cell adds 112 bytes to
+    /// the activation's state (header, scheduler, id, stage, the tracker's
+    /// token, trailer) and is aligned to 128, so a state of at most 400
+    /// bytes is a 512-byte cell.
+    #[test]
+    fn an_activation_keeps_a_small_state() {
+        let state = size_of_return(run_activation::<Tiny>);
+        assert!(
+            state <= 400,
+            "run_activation's state is {state} bytes, more than 400: tokio's cell grows from 512 to 640"
+        );
+        let ctx = std::mem::size_of::<GrainContext>();
+        assert!(ctx <= 120, "GrainContext is {ctx} bytes, more than 120");
+        assert_eq!(
+            std::mem::size_of::<super::super::registry::Slots<Tiny>>(),
+            std::mem::size_of::<Vec<Option<Entry<Tiny>>>>(),
+            "a key's slots take more room than a Vec of them"
+        );
+    }
 }

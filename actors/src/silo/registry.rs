@@ -72,9 +72,9 @@ pub(super) enum Entry<G> {
 }
 
 /// A key's slots in the directory, one per worker, seen as a slice: a
-/// single slot (every type but stateless workers) is kept in place, so a
-/// grain costs the directory no allocation of its own, and in the room a
-/// `Vec` would take.
+/// single slot (a type with one worker: every type but stateless workers
+/// with more) is kept in place, in the room a `Vec` would take, so such a
+/// grain costs the directory no allocation of its own.
 pub(super) enum Slots<G> {
     One(Option<Entry<G>>),
     Many(Box<[Option<Entry<G>>]>),

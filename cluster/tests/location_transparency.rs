@@ -34,9 +34,10 @@ use std::time::{Duration, Instant};
 use chitchat::transport::ChannelTransport;
 use granary_actors::storage::{MemoryStorage, PersistentState, StorageProvider};
 use granary_actors::{
-    ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message,
-    ObserverRef, Observers, Silo, SiloConfig,
+    ActivationError, CallError, Grain, GrainContext, GrainId, GrainKey, GrainType, Handler,
+    Message, ObserverRef, Observers, Silo, SiloConfig,
 };
+use granary_cluster::directory;
 use granary_cluster::gossip::SealedUdpTransport;
 use granary_cluster::{
     ClusterCallError, ClusterNode, ClusterSecret, InProcessNetwork, Member, NodeConfig, NodeError,
@@ -375,18 +376,25 @@ impl granary_actors::ReadHandler<Read> for Peer {
 struct Board {
     posts: Observers<String>,
     silo: u64,
+    /// Which activation of a board this is, in this process.
+    activation: u64,
 }
+
+/// Board activations made in this process, so far.
+static BOARD_ACTIVATIONS: AtomicU64 = AtomicU64::new(0);
 
 impl Grain for Board {
     fn new(_: &GrainKey) -> Board {
         Board {
             posts: Observers::with_expiry(64, Duration::from_millis(500)),
             silo: u64::MAX,
+            activation: 0,
         }
     }
 
     async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
         self.silo = ctx.service::<SiloNumber>().map_or(u64::MAX, |n| n.0);
+        self.activation = BOARD_ACTIVATIONS.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(())
     }
 }
@@ -418,13 +426,14 @@ impl Handler<Post> for Board {
     }
 }
 
-/// The subscribers that have not gone, and those dropped as unreachable.
+/// The subscribers that have not gone, those dropped as unreachable, and
+/// which activation of a board answers.
 #[derive(Message, Serialize, Deserialize)]
-#[message(name = "subscribers", reply = (usize, u64))]
+#[message(name = "subscribers", reply = (usize, u64, u64))]
 struct Subscribers;
 impl Handler<Subscribers> for Board {
-    async fn handle(&mut self, _: Subscribers, _: &mut GrainContext) -> (usize, u64) {
-        (self.posts.len(), self.posts.expired())
+    async fn handle(&mut self, _: Subscribers, _: &mut GrainContext) -> (usize, u64, u64) {
+        (self.posts.len(), self.posts.expired(), self.activation)
     }
 }
 
@@ -1440,18 +1449,47 @@ async fn observers_across_silos(net: Net, base: u16) {
         Duration::from_millis(1_500),
     )
     .await;
-    // Board 601 lives on silo 1; its subscriber on silo 2.
+    // The board lives on silo 1, and so does its directory entry: silo 2's
+    // death moves nothing of the board's (moving entries is rule 3's, and
+    // other tests'). Its subscriber is on silo 2.
+    // Every silo's published load names the types it hosts, as the
+    // directory's owner is chosen among hosts.
+    let started = Instant::now();
+    let members = loop {
+        let members = three.nodes[0].members();
+        if members
+            .iter()
+            .all(|member| !member.load.grain_types.is_empty())
+        {
+            break members;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the silos' loads never named their types"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let key = (601u64..)
+        .step_by(3)
+        .find(|key| {
+            let board = GrainId {
+                type_name: "board".into(),
+                key: GrainKey::U64(*key),
+            };
+            directory::owner(&board, &members) == Some(&three.nodes[1].id())
+        })
+        .expect("some key's entry is silo 1's");
     let (observer, mut subscription) = three.nodes[2].silo().observe::<String>(64);
     assert_eq!(observer.place(), three.nodes[2].id().to_string());
     let board_silo = three.nodes[2]
-        .grain::<Board>(601u64)
+        .grain::<Board>(key)
         .call(Watch(observer))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(board_silo, three.number(1));
     // Posted from silo 0, run on silo 1, seen on silo 2, in order.
-    let board = three.nodes[0].grain::<Board>(601u64);
+    let board = three.nodes[0].grain::<Board>(key);
     for n in 0..20 {
         assert_eq!(board.call(Post(format!("post {n}"))).await.unwrap(), 1);
     }
@@ -1468,7 +1506,8 @@ async fn observers_across_silos(net: Net, base: u16) {
         (0..20).map(|n| format!("post {n}")).collect::<Vec<_>>()
     );
     assert_eq!(subscription.missed(), 0);
-    assert_eq!(board.call(Subscribers).await.unwrap(), (1, 0));
+    let (live, expired, activation) = board.call(Subscribers).await.unwrap();
+    assert_eq!((live, expired), (1, 0));
     // Silo 2 dies. The others declare it dead, and the board drops its
     // subscriber once it has been unreachable for 500 ms, without any more
     // notifications, and counts it.
@@ -1477,18 +1516,18 @@ async fn observers_across_silos(net: Net, base: u16) {
     let killed = Instant::now();
     converged(&survivors, 2).await;
     loop {
-        let (live, expired) = board.call(Subscribers).await.unwrap();
+        let (live, expired, now) = board.call(Subscribers).await.unwrap();
         let fences: Vec<u64> = survivors.iter().map(|node| node.fences()).collect();
+        let seen = format!(
+            "fences of silos 0 and 1: {fences:?}; board activation {activation}, now {now}"
+        );
         if live == 0 {
-            assert_eq!(
-                expired, 1,
-                "the subscriber was dropped unexpired (fences of silos 0 and 1: {fences:?})"
-            );
+            assert_eq!(expired, 1, "the subscriber was dropped unexpired ({seen})");
             break;
         }
         assert!(
             killed.elapsed() < Duration::from_secs(15),
-            "the dead silo's subscriber was never dropped (fences of silos 0 and 1: {fences:?})"
+            "the dead silo's subscriber was never dropped ({seen})"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

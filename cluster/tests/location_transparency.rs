@@ -1452,8 +1452,9 @@ async fn observers_across_silos(net: Net, base: u16) {
     // The board lives on silo 1, and so does its directory entry: silo 2's
     // death moves nothing of the board's (moving entries is rule 3's, and
     // other tests'). Its subscriber is on silo 2.
-    // Every silo's published load names the types it hosts, as the
-    // directory's owner is chosen among hosts.
+    // The directory's owner is chosen among the silos whose published load
+    // names types they host: wait until every silo's does (a safeguard: a
+    // node's first load names them already).
     let started = Instant::now();
     let members = loop {
         let members = three.nodes[0].members();
@@ -1471,9 +1472,10 @@ async fn observers_across_silos(net: Net, base: u16) {
     };
     let key = (601u64..)
         .step_by(3)
+        .take(300)
         .find(|key| {
             let board = GrainId {
-                type_name: "board".into(),
+                type_name: <Board as GrainType>::NAME.into(),
                 key: GrainKey::U64(*key),
             };
             directory::owner(&board, &members) == Some(&three.nodes[1].id())
@@ -1516,18 +1518,22 @@ async fn observers_across_silos(net: Net, base: u16) {
     let killed = Instant::now();
     converged(&survivors, 2).await;
     loop {
-        let (live, expired, now) = board.call(Subscribers).await.unwrap();
+        let (live, expired, current) = board.call(Subscribers).await.unwrap();
         let fences: Vec<u64> = survivors.iter().map(|node| node.fences()).collect();
-        let seen = format!(
-            "fences of silos 0 and 1: {fences:?}; board activation {activation}, now {now}"
+        let context = format!(
+            "fences of silos 0 and 1: {fences:?}; board activation {activation}, \
+             now {current}"
         );
         if live == 0 {
-            assert_eq!(expired, 1, "the subscriber was dropped unexpired ({seen})");
+            assert_eq!(
+                expired, 1,
+                "the subscriber was dropped unexpired ({context})"
+            );
             break;
         }
         assert!(
             killed.elapsed() < Duration::from_secs(15),
-            "the dead silo's subscriber was never dropped ({seen})"
+            "the dead silo's subscriber was never dropped ({context})"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

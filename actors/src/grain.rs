@@ -4,14 +4,14 @@
 use std::any::{Any, TypeId};
 use std::future::Future;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::ActivationError;
 use crate::key::{GrainId, GrainKey};
-use crate::silo::{Mailbox, Silo};
+use crate::silo::{HeldMailbox, Silo};
 use crate::storage::{PersistentState, StorageError};
 
 /// A virtual actor: it always exists, and the silo activates it on its
@@ -208,14 +208,21 @@ pub trait ReadHandler<M: Message>: Grain {
 /// What a turn can reach: its grain's identity, the silo (to call other
 /// grains), persistent state, and the silo's services.
 pub struct GrainContext {
-    id: GrainId,
+    /// The key: with `type_name`, the grain's identity, kept apart so that
+    /// an activation makes no `GrainId` (and no copy of its type's name)
+    /// unless something asks for one ([`GrainContext::id`]).
+    key: GrainKey,
+    /// The name the type is registered under, shared with its
+    /// registration.
+    type_name: Arc<str>,
     silo: Silo,
     /// The call chain of the turn running now.
     chain: u64,
     /// The activation's `Mailbox<G>`, type-erased; taken out while the
-    /// activation or a reentrant wait receives from it. The mutex makes it
-    /// `Sync`, as a context shared across an `.await` must be; it is only
-    /// ever reached through `&mut`, so it is never locked.
+    /// activation or a reentrant wait receives from it. Kept in a
+    /// `SyncWrapper` (`HeldMailbox`), which makes it `Sync`, as a context
+    /// shared across an `.await` must be, with no lock: it is only ever
+    /// reached through `&mut`.
     mailbox: Option<Box<dyn Any + Send + Sync>>,
     /// Cancels this activation's timers (rule 8 of `silo/mod.rs`); made
     /// with the first timer, so that an activation without timers pays
@@ -225,11 +232,20 @@ pub struct GrainContext {
     /// plus one (so that `None` takes no room of its own); `None` for a
     /// stateless worker, never a home (rule 13).
     given_up: Option<NonZeroU64>,
-    /// Values kept for this activation's life ([`GrainContext::activation_local`]).
-    /// A list, not a map: an activation keeps a few at most. Boxed, and
-    /// made with the first value: most activations keep none, and every
-    /// activation's task carries its context for its whole life.
-    locals: std::sync::Mutex<Option<Box<Locals>>>,
+    /// What most activations never ask for, boxed and made on first use:
+    /// every activation's task carries its context for its whole life.
+    extras: OnceLock<Box<Extras>>,
+}
+
+/// The part of a context made on first use.
+#[derive(Default)]
+struct Extras {
+    /// The identity as a `GrainId`, made the first time it is asked for.
+    id: OnceLock<GrainId>,
+    /// Values kept for this activation's life
+    /// ([`GrainContext::activation_local`]). A list, not a map: an
+    /// activation keeps a few at most.
+    locals: std::sync::Mutex<Locals>,
 }
 
 /// An activation's kept values, by type.
@@ -244,7 +260,8 @@ fn plus_one(n: u64) -> NonZeroU64 {
 impl std::fmt::Debug for GrainContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrainContext")
-            .field("id", &self.id)
+            .field("type_name", &self.type_name)
+            .field("key", &self.key)
             .finish_non_exhaustive()
     }
 }
@@ -259,16 +276,21 @@ impl Drop for GrainContext {
 }
 
 impl GrainContext {
-    pub(crate) fn new(id: GrainId, silo: Silo) -> GrainContext {
+    pub(crate) fn new(type_name: Arc<str>, key: GrainKey, silo: Silo) -> GrainContext {
         GrainContext {
-            id,
+            key,
+            type_name,
             silo,
             chain: 0,
             mailbox: None,
             timers: None,
             given_up: None,
-            locals: std::sync::Mutex::default(),
+            extras: OnceLock::new(),
         }
+    }
+
+    fn extras(&self) -> &Extras {
+        self.extras.get_or_init(Box::default)
     }
 
     /// The value of type `T` kept for this activation, made with `init` on
@@ -280,13 +302,13 @@ impl GrainContext {
     pub fn activation_local<T: Send + Sync + 'static>(&self, init: impl FnOnce() -> T) -> Arc<T> {
         let key = std::any::TypeId::of::<T>();
         let locals = || {
-            self.locals
+            self.extras()
+                .locals
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        let found = |locals: &Option<Box<Locals>>| {
+        let found = |locals: &Locals| {
             locals
-                .as_deref()?
                 .iter()
                 .find(|(id, _)| *id == key)
                 .and_then(|(_, local)| local.clone().downcast::<T>().ok())
@@ -299,9 +321,7 @@ impl GrainContext {
         if let Some(local) = found(&locals) {
             return local;
         }
-        locals
-            .get_or_insert_with(Box::default)
-            .push((key, made.clone()));
+        locals.push((key, made.clone()));
         made
     }
 
@@ -340,8 +360,8 @@ impl GrainContext {
 
     /// Takes the activation's mailbox out, if it is a `Mailbox<G>` and in
     /// place; a mailbox of another type stays where it is.
-    pub(crate) fn take_mailbox<G: Grain>(&mut self) -> Option<Box<Mutex<Mailbox<G>>>> {
-        match self.mailbox.take()?.downcast::<Mutex<Mailbox<G>>>() {
+    pub(crate) fn take_mailbox<G: Grain>(&mut self) -> Option<Box<HeldMailbox<G>>> {
+        match self.mailbox.take()?.downcast::<HeldMailbox<G>>() {
             Ok(mailbox) => Some(mailbox),
             Err(other) => {
                 self.mailbox = Some(other);
@@ -350,13 +370,44 @@ impl GrainContext {
         }
     }
 
-    pub(crate) fn put_mailbox<G: Grain>(&mut self, mailbox: Box<Mutex<Mailbox<G>>>) {
+    pub(crate) fn put_mailbox<G: Grain>(&mut self, mailbox: Box<HeldMailbox<G>>) {
         self.mailbox = Some(mailbox);
     }
 
-    /// This grain's identity.
+    /// This grain's identity, made the first time it is asked for (an
+    /// activation keeps its key and its type's shared name, not a copy of
+    /// the name): [`GrainContext::key`] and [`GrainContext::type_name`]
+    /// read the same without making it.
     pub fn id(&self) -> &GrainId {
-        &self.id
+        self.extras().id.get_or_init(|| self.new_id())
+    }
+
+    /// A new `GrainId` of this grain, for a caller that keeps its own.
+    pub(crate) fn new_id(&self) -> GrainId {
+        self.extras
+            .get()
+            .and_then(|extras| extras.id.get())
+            .cloned()
+            .unwrap_or_else(|| GrainId {
+                type_name: String::from(&*self.type_name),
+                key: self.key.clone(),
+            })
+    }
+
+    /// This grain's key.
+    pub fn key(&self) -> &GrainKey {
+        &self.key
+    }
+
+    /// The name this grain's type is registered under.
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// This grain's identity as [`GrainId`] shows it (`type/key`), for a
+    /// log line, without making a `GrainId`.
+    pub(crate) fn identity(&self) -> impl std::fmt::Display + '_ {
+        crate::key::IdentityDisplay(&self.type_name, &self.key)
     }
 
     /// The silo this activation runs on.
@@ -376,7 +427,7 @@ impl GrainContext {
     pub async fn load_state<T: Serialize + DeserializeOwned + Default>(
         &self,
     ) -> Result<PersistentState<T>, StorageError> {
-        PersistentState::load(self.silo.storage(), self.id.clone()).await
+        PersistentState::load(self.silo.storage(), self.new_id()).await
     }
 
     /// Moves this grain to `target` with its in-memory state once the
@@ -386,7 +437,7 @@ impl GrainContext {
     /// type registered as migratable (elsewhere, or outside a tokio
     /// runtime, nothing moves, and that is logged).
     pub fn migrate(&self, target: crate::migration::MigrationTarget) {
-        let (silo, grain) = (self.silo.clone(), self.id.clone());
+        let (silo, grain) = (self.silo.clone(), self.new_id());
         let Some(router) = silo.router() else {
             tracing::warn!(%grain, "a grain asked to migrate on a silo outside a cluster");
             return;

@@ -70,6 +70,15 @@ pub struct GrainId {
 
 impl fmt::Display for GrainId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.type_name, self.key)
+        IdentityDisplay(&self.type_name, &self.key).fmt(f)
+    }
+}
+
+/// A type name and key shown as their [`GrainId`] would be.
+pub(crate) struct IdentityDisplay<'a>(pub(crate) &'a str, pub(crate) &'a GrainKey);
+
+impl fmt::Display for IdentityDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
     }
 }

@@ -42,8 +42,22 @@
 //!    itself: where the silo's idle collector finds when the activation
 //!    behind it last worked (`silo/collector.rs` rules 2 and 7), with no
 //!    allocation of its own.
+//! 9. **An idle mailbox keeps one buffer.** When the receiver finds
+//!    nothing queued and registers to be woken, the room of its (empty)
+//!    batch moves to the queue if the queue has none, and an empty
+//!    parked-senders list and the wakers kept for admitted senders are
+//!    freed (outside the lock). So a message and its reply allocate
+//!    nothing (the buffer passes from the queue to the batch as the
+//!    receiver takes the message, `take_all`'s swap, and back as it
+//!    waits), and an activation that only ever takes one message at a
+//!    time holds one buffer, not one in the queue and one in its batch.
+//!    Room a burst made is kept: freeing it at every wait cost the ask
+//!    with 100 callers 5-8% (`BENCHMARKS.md`, issue 18's sixth session),
+//!    as each burst grew it again. A message queued with no room makes
+//!    room for one slot, not the four a `VecDeque` would.
 //!
-//! Everything is under one mutex, held for a few pointer moves; wakers are
+//! Everything is under one mutex, held for a few pointer moves (and at
+//! most one allocation, room for a message queued with none); wakers are
 //! woken after it is released. Rules 2 to 4 are the hand-off of Go's
 //! channels (a parked sender's message is taken by the one who frees the
 //! slot); the sweep replaces tokio's per-waiter timers, which in the
@@ -75,8 +89,9 @@ struct State<T> {
     parked: ParkedList<T>,
     /// The ticket the next parked sender gets.
     next_ticket: u64,
-    /// Slots held by permits, `0..=capacity`.
-    reserved: usize,
+    /// Slots held by permits, `0..=capacity` (a `u32`, as `capacity` is:
+    /// with the flags beside it, one word).
+    reserved: u32,
     closed: bool,
     /// The receiver, waiting for a message.
     receiver: Option<Waker>,
@@ -106,6 +121,16 @@ impl<T> ParkedList<T> {
         self.0.as_mut()?.pop_front()
     }
 
+    /// The list's room, moved out to be freed, if no sender is parked
+    /// (rule 9).
+    fn release_if_empty(&mut self) -> ParkedList<T> {
+        if self.is_empty() {
+            std::mem::replace(self, ParkedList(None))
+        } else {
+            ParkedList(None)
+        }
+    }
+
     fn iter(&self) -> impl Iterator<Item = &Parked<T>> {
         self.0.iter().flat_map(|parked| parked.iter())
     }
@@ -129,8 +154,11 @@ impl<T> ParkedList<T> {
 
 struct Shared<T> {
     state: Mutex<State<T>>,
-    /// Slots, at least 1.
-    capacity: usize,
+    /// Slots, at least 1; a `u32` (a larger capacity is cut to
+    /// `u32::MAX`), so that it and `closed` share a word: every live
+    /// activation keeps this block, and 136 bytes are a 144-byte chunk
+    /// where 152 were a 160-byte one.
+    capacity: u32,
     /// Every parked ticket below this was admitted (rule 4).
     admitted: AtomicU64,
     /// Free slots, `0..=capacity`, mirrored from `state` for lock-free
@@ -143,7 +171,19 @@ struct Shared<T> {
     sweeper: Arc<Sweeper>,
 }
 
+impl<T> State<T> {
+    /// Slots taken: queued messages and permits.
+    fn held(&self) -> usize {
+        self.queue.len() + self.reserved as usize
+    }
+}
+
 impl<T> Shared<T> {
+    /// The mailbox's slots.
+    fn slots(&self) -> usize {
+        self.capacity as usize
+    }
+
     /// The state; a panic while it was locked (only in a waker or a drop,
     /// never between two updates) leaves it consistent.
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -155,7 +195,7 @@ impl<T> Shared<T> {
     /// sender is parked the queue is full, and each caller frees one slot.
     fn admit(&self, state: &mut State<T>) -> Option<Waker> {
         let mut woken = None;
-        if !state.closed && state.queue.len() + state.reserved < self.capacity {
+        if !state.closed && state.held() < self.slots() {
             if let Some(parked) = state.parked.pop_front() {
                 state.queue.push_back(parked.message);
                 self.admitted.store(parked.ticket + 1, Ordering::Release);
@@ -169,13 +209,12 @@ impl<T> Shared<T> {
     /// Whether a new message may be queued now: a slot is free and no
     /// sender is parked (rules 1 and 3).
     fn has_room(&self, state: &State<T>) -> bool {
-        state.parked.is_empty() && state.queue.len() + state.reserved < self.capacity
+        state.parked.is_empty() && state.held() < self.slots()
     }
 
     fn mirror(&self, state: &State<T>) {
         let free = if state.parked.is_empty() {
-            self.capacity
-                .saturating_sub(state.queue.len() + state.reserved)
+            self.slots().saturating_sub(state.held())
         } else {
             0
         };
@@ -223,7 +262,7 @@ pub(crate) fn channel<T: Send + 'static>(
     capacity: usize,
     sweeper: Arc<Sweeper>,
 ) -> (Sender<T>, Receiver<T>) {
-    let capacity = capacity.max(1);
+    let capacity = u32::try_from(capacity.max(1)).unwrap_or(u32::MAX);
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
@@ -236,7 +275,7 @@ pub(crate) fn channel<T: Send + 'static>(
         }),
         capacity,
         admitted: AtomicU64::new(0),
-        free: AtomicUsize::new(capacity),
+        free: AtomicUsize::new(capacity as usize),
         closed: AtomicBool::new(false),
         activity: AtomicU64::new(0),
         sweeper,
@@ -328,7 +367,7 @@ impl<T> Sender<T> {
 
     /// Slots in all.
     pub(crate) fn max_capacity(&self) -> usize {
-        self.shared.capacity
+        self.shared.slots()
     }
 
     /// Holds one free slot until the permit is dropped, if one is free.
@@ -379,8 +418,9 @@ fn try_send<T>(shared: &Shared<T>, message: T) -> Result<(), TrySendError<T>> {
 /// Queues `message` (the caller checked for room), releases the lock, and
 /// wakes the receiver if it waits.
 fn queue_and_wake<T>(shared: &Shared<T>, mut state: MutexGuard<'_, State<T>>, message: T) {
-    // A first message takes room for one, not the four a `VecDeque` would:
-    // most mailboxes (an idle grain's) never hold more, and keep it.
+    // A message with no room takes room for one, not the four a
+    // `VecDeque` would: most mailboxes (an idle grain's) never hold more
+    // (rule 9).
     if state.queue.capacity() == 0 {
         state.queue.reserve_exact(1);
     }
@@ -601,7 +641,7 @@ impl<T> Drop for SendFuture<'_, T> {
 /// Moves `shared`'s queue to the back of `batch` and refills it from parked
 /// senders (rule 3), then releases the lock and wakes them (through
 /// `admitted`, made with the first admission and kept to reuse its
-/// allocation).
+/// allocation until the receiver waits: rule 9).
 #[expect(
     clippy::box_collection,
     reason = "one pointer in place instead of an empty collection's three words: the point is the room kept per live activation"
@@ -627,12 +667,26 @@ fn take_all<T>(
     }
 }
 
+/// Rule 9, with the queue empty: the room of the receiver's `batch`, if
+/// that is empty, moves to the queue if the queue has none (a receiver
+/// taking one message at a time passes no batch); an empty parked list is
+/// returned, to be freed once the lock is released.
+fn release_idle<T>(state: &mut State<T>, batch: Option<&mut VecDeque<T>>) -> ParkedList<T> {
+    if let Some(batch) = batch.filter(|batch| batch.is_empty()) {
+        if state.queue.capacity() == 0 {
+            std::mem::swap(&mut state.queue, batch);
+        }
+    }
+    state.parked.release_if_empty()
+}
+
 /// The receiving end, held by the activation.
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// Senders admitted by [`Receiver::try_recv_all`], woken after the
     /// lock is released; made when a sender is first admitted (most
-    /// mailboxes never see one wait) and kept to reuse its allocation.
+    /// mailboxes never see one wait) and kept to reuse its allocation
+    /// until the receiver waits (rule 9).
     #[expect(
         clippy::box_collection,
         reason = "one pointer in place instead of an empty collection's three words: the point is the room kept per live activation"
@@ -685,6 +739,10 @@ impl<T> Receiver<T> {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
                 receiver => *receiver = Some(cx.waker().clone()),
             }
+            let spare = release_idle(&mut state, Some(batch));
+            drop(state);
+            drop(spare);
+            self.admitted = None;
             return Poll::Pending;
         }
         take_all(&self.shared, state, batch, &mut self.admitted);
@@ -710,6 +768,10 @@ impl<T> Receiver<T> {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             receiver => *receiver = Some(cx.waker().clone()),
         }
+        let spare = release_idle(&mut state, None);
+        drop(state);
+        drop(spare);
+        self.admitted = None;
         Poll::Pending
     }
 

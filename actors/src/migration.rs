@@ -240,7 +240,7 @@ impl Dehydrated {
         Ok(PersistentState::resumed(
             value,
             etag,
-            ctx.id().clone(),
+            ctx.new_id(),
             ctx.silo().storage(),
         ))
     }

@@ -117,7 +117,7 @@ impl Migratable for Ledger {
             // stale, so it fences itself as `Apply` does, and stays to
             // deactivate.
             self.fenced = true;
-            if let GrainKey::U64(key) = &ctx.id().key {
+            if let GrainKey::U64(key) = ctx.key() {
                 let this = ctx.silo().grain::<Ledger>(*key);
                 tokio::spawn(async move {
                     if let Err(err) = this.deactivate().await {

@@ -342,3 +342,98 @@ async fn review_closing_twice_wakes_every_parked_sender_twice() {
         "each close wakes every parked sender again"
     );
 }
+
+/// Rule 9: a receiver that finds nothing and waits frees the parked
+/// list once empty and the wakers it kept for admitted senders, keeps the
+/// room a burst made, and keeps a parked sender's list; a message and its
+/// reply pass one buffer between the queue and the batch, and allocate
+/// nothing.
+#[tokio::test]
+async fn an_idle_mailbox_keeps_one_buffer() {
+    let room = |sender: &super::Sender<u32>| {
+        let state = sender.shared.lock();
+        (state.queue.capacity(), state.parked.0.is_some())
+    };
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    sender.try_send(1).unwrap();
+    sender.try_send(2).unwrap();
+    let mut third = pin!(sender.send(3, far()));
+    assert!(poll!(third.as_mut()).is_pending());
+    let mut batch = std::collections::VecDeque::new();
+    assert!(receiver.try_recv_all(&mut batch));
+    assert_eq!(batch, [1, 2]);
+    assert!(receiver.admitted.is_some());
+    assert!(matches!(poll!(third.as_mut()), Poll::Ready(Ok(()))));
+    // Not idle: a message (the admitted one) is queued.
+    let (queue, parked) = room(&sender);
+    assert!(queue > 0 && parked);
+    batch.clear();
+    {
+        let mut next = pin!(std::future::poll_fn(
+            |cx| receiver.poll_recv_all(cx, &mut batch)
+        ));
+        assert!(matches!(poll!(next.as_mut()), Poll::Ready(true)));
+        assert!(poll!(next.as_mut()).is_pending());
+    }
+    assert_eq!(batch, [3]);
+    let (queue, parked) = room(&sender);
+    assert!(queue > 1, "the burst's room is kept");
+    assert!(!parked, "the empty parked list is freed");
+    assert!(receiver.admitted.is_none());
+
+    // One message at a time: the buffer the first one made passes from the
+    // queue to the batch and back.
+    let (sender, mut receiver) = channel::<u32>(2, sweeper());
+    let mut batch = std::collections::VecDeque::new();
+    for message in 4..7 {
+        sender.try_send(message).unwrap();
+        assert_eq!(room(&sender), (1, false));
+        {
+            let mut next = pin!(std::future::poll_fn(|cx| {
+                let taken = receiver.poll_recv_all(cx, &mut batch);
+                if taken.is_ready() {
+                    assert_eq!(batch.pop_front(), Some(message));
+                }
+                taken
+            }));
+            assert!(matches!(poll!(next.as_mut()), Poll::Ready(true)));
+            assert!(poll!(next.as_mut()).is_pending());
+        }
+        assert_eq!(room(&sender), (1, false));
+        assert_eq!(batch.capacity(), 0);
+    }
+
+    // A parked sender keeps its list through an idle poll of `poll_recv`:
+    // with every slot held by a permit, a sender parks while nothing is
+    // queued.
+    let permits: Vec<_> = (0..2).map(|_| sender.try_reserve().unwrap()).collect();
+    let mut seventh = pin!(sender.send(7, far()));
+    assert!(poll!(seventh.as_mut()).is_pending());
+    {
+        let mut idle = pin!(receiver.recv());
+        assert!(poll!(idle.as_mut()).is_pending());
+    }
+    assert_eq!(room(&sender), (1, true));
+    drop(permits);
+    assert!(matches!(poll!(seventh.as_mut()), Poll::Ready(Ok(()))));
+    assert_eq!(receiver.recv().await, Some(7));
+    {
+        let mut idle = pin!(receiver.recv());
+        assert!(poll!(idle.as_mut()).is_pending());
+    }
+    assert_eq!(room(&sender), (1, false));
+    sender.try_send(8).unwrap();
+    assert_eq!(receiver.try_recv(), Some(8));
+}
+
+/// Every live activation keeps its mailbox's shared block: with the
+/// reference counts, at most 136 bytes (glibc's 144-byte chunk; 152 would
+/// take 160).
+#[test]
+fn the_shared_block_stays_small() {
+    let shared = std::mem::size_of::<super::Shared<[u64; 7]>>();
+    assert!(
+        shared <= 120,
+        "the mailbox's shared block is {shared} bytes, more than 120"
+    );
+}

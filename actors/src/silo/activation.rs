@@ -17,7 +17,7 @@ use super::registry::{Entry, GrainType};
 use super::stats::{ActivationCounts, FailureReason, TypeStats};
 use super::{ActivationEnd, Silo};
 use crate::grain::{Grain, GrainContext};
-use crate::key::{GrainId, GrainKey};
+use crate::key::GrainKey;
 use crate::mailbox;
 use crate::migration::{Arriving, Dehydrated, MigrationError, Verdict};
 
@@ -46,12 +46,14 @@ pub(crate) struct Mailbox<G> {
     deferred: Option<Box<std::collections::VecDeque<Envelope<G>>>>,
 }
 
-/// The mailbox behind a `&mut`: its mutex is never contended (see
-/// `GrainContext::mailbox`), and a poisoned one is still consistent.
-pub(super) fn exclusive<G>(mailbox: &mut Box<std::sync::Mutex<Mailbox<G>>>) -> &mut Mailbox<G> {
-    mailbox
-        .get_mut()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The activation's end of its mailbox as its context keeps it: `Sync`, as
+/// a context shared across an `.await` must be, with no lock, since it is
+/// only ever reached through `&mut` (`GrainContext::mailbox`).
+pub(crate) type HeldMailbox<G> = sync_wrapper::SyncWrapper<Mailbox<G>>;
+
+/// The mailbox behind a `&mut`.
+pub(super) fn exclusive<G>(mailbox: &mut Box<HeldMailbox<G>>) -> &mut Mailbox<G> {
+    mailbox.get_mut()
 }
 
 impl<G: Grain> Mailbox<G> {
@@ -102,13 +104,19 @@ impl<G: Grain> Mailbox<G> {
         if let Some(envelope) = self.taken() {
             return std::task::Poll::Ready(Some(envelope));
         }
-        if self.batches {
+        let next = if self.batches {
             self.receiver
                 .poll_recv_all(cx, &mut self.batch)
                 .map(|_| self.batch.pop_front())
         } else {
             self.receiver.poll_recv(cx)
+        };
+        if next.is_pending() && self.deferred_len() == 0 {
+            // Idle: the set-aside list goes, as the batch's room went back
+            // to the queue (`mailbox.rs` rule 9).
+            self.deferred = None;
         }
+        next
     }
 
     /// The next message for a new turn.
@@ -183,16 +191,10 @@ fn prepare<G: Grain>(start: Start<G>) -> Prepared<G> {
         live,
         seed,
     } = start;
-    let mut ctx = GrainContext::new(
-        GrainId {
-            type_name: grain_type.name.clone(),
-            key,
-        },
-        live.silo().clone(),
-    );
+    let mut ctx = GrainContext::new(grain_type.name.clone(), key, live.silo().clone());
     ctx.set_given_up((!grain_type.stateless).then_some(given_up));
     let own = sender.clone();
-    ctx.put_mailbox(Box::new(std::sync::Mutex::new(Mailbox {
+    ctx.put_mailbox(Box::new(sync_wrapper::SyncWrapper::new(Mailbox {
         receiver,
         sender,
         batch: std::collections::VecDeque::new(),
@@ -408,9 +410,9 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         let (gone, gone_signal) = watch::channel(false);
         set_slot(
             &grain_type,
-            &ctx.id().key,
+            ctx.key(),
             worker,
-            Entry::Deactivating(gone_signal),
+            Entry::Deactivating(Box::new(gone_signal)),
         );
         gone
     });
@@ -435,7 +437,7 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     let silo = live.silo().clone();
     drop(live);
     drop(ending);
-    let key = &ctx.id().key;
+    let key = ctx.key();
     if let Some(mut slots) = grain_type.directory.get_mut(key) {
         if let Some(slot) = slots.get_mut(worker) {
             *slot = None;
@@ -449,19 +451,21 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
         grain_type.leased.remove(key);
     }
     let _ = gone.send(true);
-    tracing::debug!(grain = %ctx.id(), "deactivated");
+    tracing::debug!(grain = %ctx.identity(), "deactivated");
     // What the activation kept (its context's activation-local values)
-    // goes before the listener hears of its end.
-    let id = ctx.id().clone();
+    // goes before the listener hears of its end; its identity is made
+    // only if one listens.
+    let listened = |silo: &Silo| {
+        silo.inner
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(_, listener)| listener.clone())
+    };
+    let id = listened(&silo).map(|_| ctx.new_id());
     drop(ctx);
-    let listener = silo
-        .inner
-        .ended
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|(_, listener)| listener.clone());
-    if let Some(listener) = listener {
+    if let (Some(listener), Some(id)) = (listened(&silo), id) {
         listener(&id, end);
     }
 }
@@ -563,7 +567,7 @@ async fn finish<G: Grain>(
             .await
             .is_err()
         {
-            tracing::warn!(grain = %ctx.id(), "on_deactivate panicked");
+            tracing::warn!(grain = %ctx.identity(), "on_deactivate panicked");
         }
     }
     // Timers registered by the last turns or by on_deactivate end too.
@@ -583,14 +587,14 @@ async fn arrive<G: Grain>(
     ctx: &mut GrainContext,
     seed: Seed,
 ) -> Option<G> {
-    let id = ctx.id().clone();
+    let id = ctx.new_id();
     let failed = |reason: String| MigrationError::Hook {
         grain: id.clone(),
         reason,
     };
     let made = match grain_type.migration.get() {
         None => Err(MigrationError::NotMigratable {
-            type_name: grain_type.name.clone(),
+            type_name: grain_type.name.to_string(),
         }),
         Some(hooks) => match std::panic::catch_unwind(AssertUnwindSafe(|| G::new(&id.key))) {
             Err(_) => Err(failed("Grain::new panicked".into())),
@@ -616,7 +620,7 @@ async fn arrive<G: Grain>(
     let grain = match made {
         Ok(grain) => grain,
         Err(err) => {
-            tracing::warn!(grain = %ctx.id(), error = %err, "an arriving activation failed");
+            tracing::warn!(grain = %ctx.identity(), error = %err, "an arriving activation failed");
             let _ = seed.ready.send(Err(err));
             return None;
         }
@@ -693,7 +697,7 @@ async fn depart<G: Grain>(
     };
     let Some(hooks) = grain_type.migration.get() else {
         let _ = reply.send(Err(MigrationError::NotMigratable {
-            type_name: grain_type.name.clone(),
+            type_name: grain_type.name.to_string(),
         }));
         return Departed::Stayed;
     };
@@ -701,9 +705,9 @@ async fn depart<G: Grain>(
     let (gone, gone_signal) = watch::channel(false);
     set_slot(
         grain_type,
-        &ctx.id().key,
+        ctx.key(),
         worker,
-        Entry::Deactivating(gone_signal),
+        Entry::Deactivating(Box::new(gone_signal)),
     );
     if let Some(mut mailbox) = ctx.take_mailbox::<G>() {
         exclusive(&mut mailbox).receiver.close();
@@ -730,13 +734,13 @@ async fn depart<G: Grain>(
             Turn::Collect(_) => {}
             Turn::Migrate(other) => {
                 let _ = other.send(Err(MigrationError::Busy {
-                    grain: ctx.id().clone(),
+                    grain: ctx.new_id(),
                 }));
             }
             // Leaving: refused, as a second move is.
             Turn::Pause(other) => {
                 let _ = other.send(Err(MigrationError::Busy {
-                    grain: ctx.id().clone(),
+                    grain: ctx.new_id(),
                 }));
             }
             turn => {
@@ -752,7 +756,7 @@ async fn depart<G: Grain>(
     let departing = match grain.as_mut() {
         _ if ctx.abandoned() => Err(MigrationError::ShutDown),
         None => Err(MigrationError::Hook {
-            grain: ctx.id().clone(),
+            grain: ctx.new_id(),
             reason: "the grain failed before it could leave".into(),
         }),
         Some(object) => {
@@ -763,13 +767,13 @@ async fn depart<G: Grain>(
             {
                 Ok(Ok(())) => Ok(state),
                 Ok(Err(err)) => Err(MigrationError::Hook {
-                    grain: ctx.id().clone(),
+                    grain: ctx.new_id(),
                     reason: format!("dehydrate failed: {err}"),
                 }),
                 Err(_) => {
                     // As a panicking handler (rule 6): the object may be
                     // half-changed, so the activation is reset.
-                    tracing::warn!(grain = %ctx.id(), "dehydrate panicked; resetting the activation");
+                    tracing::warn!(grain = %ctx.identity(), "dehydrate panicked; resetting the activation");
                     grain_type.stats.failed(FailureReason::Panicked);
                     *grain = None;
                     // The old object's timers go with it; the new one
@@ -777,7 +781,7 @@ async fn depart<G: Grain>(
                     ctx.cancel_timers();
                     *grain = activate::<G>(ctx).await;
                     Err(MigrationError::Hook {
-                        grain: ctx.id().clone(),
+                        grain: ctx.new_id(),
                         reason: "dehydrate panicked".into(),
                     })
                 }
@@ -819,7 +823,7 @@ async fn depart<G: Grain>(
                     let open = exclusive(&mut mailbox);
                     open.receiver.reopen();
                     let sender = open.sender.clone();
-                    set_slot(grain_type, &ctx.id().key, worker, Entry::Active(sender));
+                    set_slot(grain_type, ctx.key(), worker, Entry::Active(sender));
                     ctx.put_mailbox(mailbox);
                     true
                 });
@@ -846,8 +850,8 @@ fn set_slot<G>(grain_type: &GrainType<G>, key: &GrainKey, worker: usize, entry: 
 /// `on_activate` failed (the messages it then drops are counted, one by
 /// one).
 async fn activate<G: Grain>(ctx: &mut GrainContext) -> Option<G> {
-    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(&ctx.id().key))) else {
-        tracing::warn!(grain = %ctx.id(), "Grain::new panicked");
+    let Ok(mut grain) = std::panic::catch_unwind(AssertUnwindSafe(|| G::new(ctx.key()))) else {
+        tracing::warn!(grain = %ctx.identity(), "Grain::new panicked");
         return None;
     };
     match AssertUnwindSafe(grain.on_activate(ctx))
@@ -856,11 +860,11 @@ async fn activate<G: Grain>(ctx: &mut GrainContext) -> Option<G> {
     {
         Ok(Ok(())) => Some(grain),
         Ok(Err(err)) => {
-            tracing::warn!(grain = %ctx.id(), error = %err, "activation failed");
+            tracing::warn!(grain = %ctx.identity(), error = %err, "activation failed");
             None
         }
         Err(_) => {
-            tracing::warn!(grain = %ctx.id(), "on_activate panicked");
+            tracing::warn!(grain = %ctx.identity(), "on_activate panicked");
             None
         }
     }
@@ -903,13 +907,13 @@ fn turn<'a, G: Grain>(
             // pause.
             Turn::Migrate(reply) => {
                 let _ = reply.send(Err(MigrationError::NotActive {
-                    grain: ctx.id().clone(),
+                    grain: ctx.new_id(),
                 }));
                 Run::Done
             }
             Turn::Pause(reply) => {
                 let _ = reply.send(Err(MigrationError::NotActive {
-                    grain: ctx.id().clone(),
+                    grain: ctx.new_id(),
                 }));
                 Run::Done
             }
@@ -947,7 +951,7 @@ fn turn<'a, G: Grain>(
                     }
                 };
                 if turn.await.is_err() {
-                    tracing::warn!(grain = %ctx.id(), "a handler panicked; resetting the activation");
+                    tracing::warn!(grain = %ctx.identity(), "a handler panicked; resetting the activation");
                     stats.failed(FailureReason::Panicked);
                     *grain = None;
                     // The old object's timers go with it; the new one
@@ -966,7 +970,7 @@ fn turn<'a, G: Grain>(
 fn turn_span(ctx: &GrainContext, chain: u64) -> tracing::Span {
     tracing::debug_span!(
         "granary.turn",
-        grain = %ctx.id(),
+        grain = %ctx.identity(),
         trace = %crate::trace::TraceId(chain)
     )
 }
@@ -1022,7 +1026,7 @@ async fn read_batch<G: Grain>(
         .filter(|outcome| outcome.is_err())
         .count();
     if panicked > 0 {
-        tracing::warn!(grain = %ctx.id(), panicked, "read-only handlers panicked");
+        tracing::warn!(grain = %ctx.identity(), panicked, "read-only handlers panicked");
         for _ in 0..panicked {
             stats.failed(FailureReason::Panicked);
         }
@@ -1048,6 +1052,54 @@ mod tests {
         }
     }
 
+    /// `mailbox.rs` rule 9 on the activation's end: once it waits for a
+    /// message, its batch's room has gone back to the queue and the
+    /// set-aside list is gone, and messages come through as before.
+    #[test]
+    fn an_idle_activation_end_keeps_one_buffer() {
+        let (sender, receiver) = mailbox::channel::<Envelope<Tiny>>(
+            4,
+            mailbox::Sweeper::new(std::time::Duration::from_millis(5)),
+        );
+        let envelope = |chain| Envelope {
+            chain,
+            keeps_alive: false,
+            expires: None,
+            turn: Turn::Deactivate,
+        };
+        let mut mailbox = Mailbox {
+            receiver,
+            sender: sender.clone(),
+            batch: std::collections::VecDeque::new(),
+            batches: true,
+            deferred: None,
+        };
+        for chain in 1..=3 {
+            assert!(sender.try_send(envelope(chain)).is_ok());
+        }
+        assert_eq!(mailbox.try_next().map(|next| next.chain), Some(1));
+        mailbox.defer(envelope(4));
+        assert!(mailbox.batch.capacity() > 1 && mailbox.deferred.is_some());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut order = Vec::new();
+        while let std::task::Poll::Ready(Some(next)) = mailbox.poll_next(&mut cx) {
+            order.push(next.chain);
+        }
+        assert_eq!(order, [2, 3, 4]);
+        assert_eq!(mailbox.batch.capacity(), 0);
+        assert!(mailbox.deferred.is_none());
+        for chain in 5..7 {
+            assert!(sender.try_send(envelope(chain)).is_ok());
+            assert!(matches!(
+                mailbox.poll_next(&mut cx),
+                std::task::Poll::Ready(Some(Envelope { chain: taken, .. })) if taken == chain
+            ));
+            assert!(mailbox.poll_next(&mut cx).is_pending());
+            // The buffer went back to the queue.
+            assert_eq!(mailbox.batch.capacity(), 0);
+        }
+    }
+
     /// Every live activation keeps its task, its context and its directory
     /// slot for as long as it lives (`BENCHMARKS.md`, issue 18): a change
     /// that grows them should be seen. tokio's task cell adds 112 bytes to
@@ -1062,11 +1114,16 @@ mod tests {
             "run_activation's state is {state} bytes, more than 400: tokio's cell grows from 512 to 640"
         );
         let ctx = std::mem::size_of::<GrainContext>();
-        assert!(ctx <= 120, "GrainContext is {ctx} bytes, more than 120");
+        assert!(ctx <= 112, "GrainContext is {ctx} bytes, more than 112");
         assert_eq!(
             std::mem::size_of::<super::super::registry::Slots<Tiny>>(),
-            std::mem::size_of::<Vec<Option<Entry<Tiny>>>>(),
-            "a key's slots take more room than a Vec of them"
+            std::mem::size_of::<Option<Entry<Tiny>>>(),
+            "a key's slots take more room than one slot"
+        );
+        assert_eq!(
+            std::mem::size_of::<Option<Entry<Tiny>>>(),
+            2 * std::mem::size_of::<usize>(),
+            "a slot takes more than a pointer and its tag"
         );
     }
 }

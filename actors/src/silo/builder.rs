@@ -24,7 +24,8 @@ use crate::storage::{MemoryStorage, StorageProvider};
 /// How a silo is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiloConfig {
-    /// Messages an activation's mailbox holds, at least 1 (default 1024).
+    /// Messages an activation's mailbox holds, at least 1 (default 1024;
+    /// more than `u32::MAX` counts as `u32::MAX`).
     pub mailbox_capacity: usize,
     /// How long a call waits for its answer (default 30 s).
     pub call_timeout: Duration,
@@ -290,7 +291,7 @@ impl SiloBuilder {
             self.duplicate.get_or_insert_with(|| name.to_string());
         }
         let registered: Arc<GrainType<G>> = Arc::new(GrainType {
-            name: name.to_string(),
+            name: name.into(),
             directory: DashMap::new(),
             workers,
             stateless,
@@ -370,7 +371,7 @@ impl SiloBuilder {
             Box::pin(async move { silo.pause::<G>(key).await })
         });
         self.registry.migrants.insert(
-            registered.name.clone(),
+            registered.name.to_string(),
             crate::migration::Migrant {
                 depart,
                 arrive,

@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use super::GrainRef;
-use super::activation::{Mailbox, exclusive};
+use super::activation::{HeldMailbox, exclusive};
 use super::envelope::{Deadline, Envelope, Turn, current_chain, deadline_after};
 use super::reference::routed_reply;
 use crate::error::CallError;
@@ -21,7 +21,7 @@ use crate::route::Kind;
 /// dropped.
 struct LentMailbox<'c, G: Grain> {
     ctx: &'c mut GrainContext,
-    mailbox: Option<Box<std::sync::Mutex<Mailbox<G>>>>,
+    mailbox: Option<Box<HeldMailbox<G>>>,
 }
 
 impl<G: Grain> Drop for LentMailbox<'_, G> {
@@ -357,7 +357,7 @@ impl GrainContext {
         period: Duration,
     ) -> Result<(), crate::reminders::ReminderError> {
         let reminders = self.silo().inner.reminders.clone();
-        reminders.register(self.id(), name, due, period).await
+        reminders.register(&self.new_id(), name, due, period).await
     }
 
     /// Removes this grain's reminder `name`; returns whether it existed.
@@ -366,6 +366,6 @@ impl GrainContext {
         name: &str,
     ) -> Result<bool, crate::reminders::ReminderError> {
         let reminders = self.silo().inner.reminders.clone();
-        reminders.unregister(self.id(), name).await
+        reminders.unregister(&self.new_id(), name).await
     }
 }

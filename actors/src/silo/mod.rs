@@ -133,7 +133,7 @@ use std::sync::{Arc, PoisonError};
 
 use tokio_util::task::TaskTracker;
 
-pub(crate) use activation::Mailbox;
+pub(crate) use activation::HeldMailbox;
 pub use builder::{Registration, SiloBuilder, SiloConfig};
 pub use context::Timer;
 pub(crate) use envelope::{

@@ -547,7 +547,7 @@ impl<G: Grain> GrainRef<G> {
             })?;
         if grain_type.migration.get().is_none() {
             return Err(MigrationError::NotMigratable {
-                type_name: grain_type.name.clone(),
+                type_name: grain_type.name.to_string(),
             });
         }
         match self.router() {
@@ -598,7 +598,7 @@ impl<G: Grain> GrainRef<G> {
 
     pub(super) fn id(&self, grain_type: &GrainType<G>) -> GrainId {
         GrainId {
-            type_name: grain_type.name.clone(),
+            type_name: grain_type.name.to_string(),
             key: self.key.clone(),
         }
     }

@@ -44,7 +44,7 @@ fn overloaded<G>(grain_type: &GrainType<G>, key: &GrainKey) -> CallError {
         .failed(super::stats::FailureReason::Overloaded);
     CallError::Overloaded {
         grain: GrainId {
-            type_name: grain_type.name.clone(),
+            type_name: grain_type.name.to_string(),
             key: key.clone(),
         },
     }
@@ -66,18 +66,29 @@ fn roomiest<G>(slots: &[Option<Entry<G>>]) -> Option<mailbox::Sender<Envelope<G>
 /// the activation is gone, or (`migration.rs` rule 3) when a departure did
 /// not happen and its mailbox is open again: either way a waiting sender
 /// looks at the entry afresh.
+///
+/// Boxed while deactivating (a moment in an activation's life), so that
+/// an entry is one pointer and its tag, and a key's slots two words.
 pub(super) enum Entry<G> {
     Active(mailbox::Sender<Envelope<G>>),
-    Deactivating(watch::Receiver<bool>),
+    Deactivating(Box<watch::Receiver<bool>>),
 }
 
 /// A key's slots in the directory, one per worker, seen as a slice: a
 /// single slot (a type with one worker: every type but stateless workers
-/// with more) is kept in place, in the room a `Vec` would take, so such a
-/// grain costs the directory no allocation of its own.
+/// with more) is kept in place, so such a grain costs the directory no
+/// allocation of its own. Two words, a slot's room: the directory's table
+/// holds one per key, and more than one bucket per live key (hashbrown's
+/// load factor), so each word saved here saves two per activation.
 pub(super) enum Slots<G> {
     One(Option<Entry<G>>),
-    Many(Box<[Option<Entry<G>>]>),
+    /// A stateless worker type's slots, behind one pointer so that they
+    /// fit beside the single slot's tag.
+    #[expect(
+        clippy::box_collection,
+        reason = "one pointer in place of a boxed slice's two words: the directory keeps one `Slots` per live key"
+    )]
+    Many(Box<Vec<Option<Entry<G>>>>),
 }
 
 impl<G> Slots<G> {
@@ -86,11 +97,11 @@ impl<G> Slots<G> {
         if workers <= 1 {
             return Slots::One(Some(first));
         }
-        Slots::Many(
+        Slots::Many(Box::new(
             std::iter::once(Some(first))
                 .chain((1..workers).map(|_| None))
                 .collect(),
-        )
+        ))
     }
 }
 
@@ -116,7 +127,7 @@ impl<G> std::ops::DerefMut for Slots<G> {
 
 /// One registered grain type.
 pub(super) struct GrainType<G> {
-    pub(super) name: String,
+    pub(super) name: Arc<str>,
     /// Per key, one slot per worker: `workers` slots for a stateless
     /// worker type (rule 9), one otherwise. A key with every slot empty is
     /// removed.
@@ -148,7 +159,7 @@ impl<G> GrainType<G> {
         self.stats.failed(super::stats::FailureReason::Timeout);
         CallError::Timeout {
             grain: GrainId {
-                type_name: self.name.clone(),
+                type_name: self.name.to_string(),
                 key: key.clone(),
             },
             after,
@@ -208,7 +219,7 @@ fn choose<G>(slots: &[Option<Entry<G>>]) -> Choice<G> {
     match (free, roomiest, leaving) {
         (Some(index), _, _) => Choice::Activate(index),
         (None, Some(sender), _) => Choice::Use(sender.clone()),
-        (None, None, Some(gone)) => Choice::Wait(gone.clone()),
+        (None, None, Some(gone)) => Choice::Wait(watch::Receiver::clone(gone)),
         // No slots at all (a worker count of 0 is refused at build).
         (None, None, None) => Choice::Activate(0),
     }
@@ -410,12 +421,12 @@ impl Silo {
             return Err(crate::migration::MigrationError::NotMigratable {
                 type_name: self.grain_type::<G>().map_or_else(
                     |_| std::any::type_name::<G>().to_string(),
-                    |t| t.name.clone(),
+                    |t| t.name.to_string(),
                 ),
             });
         };
         let id = GrainId {
-            type_name: grain_type.name.clone(),
+            type_name: grain_type.name.to_string(),
             key: key.clone(),
         };
         Ok((grain_type, id))

@@ -158,7 +158,7 @@ impl DeviceQuotas {
 
     /// What `ctx`'s activation keeps (rules 1 and 3), noted for the node.
     fn held(&self, ctx: &GrainContext) -> Arc<Held> {
-        let declared = self.declared(&ctx.id().type_name);
+        let declared = self.declared(ctx.type_name());
         let held = ctx.activation_local(|| Held {
             quota: ResidentQuota::new(declared),
             buffers: Mutex::new(Vec::new()),

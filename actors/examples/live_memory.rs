@@ -85,10 +85,13 @@ impl Handler<Add> for Counter {
 }
 
 fn resident_bytes() -> i64 {
+    // SAFETY: `sysconf` only reads a system value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64;
+    let page = if page > 0 { page } else { 4096 };
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<i64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * page)
 }
 
 /// glibc's counters: in use, free in the arena, in blocks of their own.
@@ -165,10 +168,13 @@ async fn fill(live: u64) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let live = match std::env::args().nth(1) {
+    let live: u64 = match std::env::args().nth(1) {
         Some(live) => live.parse()?,
         None => 100_000,
     };
+    if live == 0 {
+        return Err("the number of live activations must be at least 1".into());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

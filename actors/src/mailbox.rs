@@ -42,22 +42,24 @@
 //!    itself: where the silo's idle collector finds when the activation
 //!    behind it last worked (`silo/collector.rs` rules 2 and 7), with no
 //!    allocation of its own.
-//! 9. **An idle mailbox keeps one buffer.** When the receiver finds
-//!    nothing queued and registers to be woken, the room of its (empty)
-//!    batch moves to the queue if the queue has none, and an empty
-//!    parked-senders list and the wakers kept for admitted senders are
-//!    freed (outside the lock). So a message and its reply allocate
-//!    nothing (the buffer passes from the queue to the batch as the
-//!    receiver takes the message, `take_all`'s swap, and back as it
-//!    waits), and an activation that only ever takes one message at a
-//!    time holds one buffer, not one in the queue and one in its batch.
-//!    Room a burst made is kept: freeing it at every wait cost the ask
-//!    with 100 callers 5-8% (`BENCHMARKS.md`, issue 18's sixth session),
-//!    as each burst grew it again. A message queued with no room makes
+//! 9. **An idle receiver hands its batch's room back.** When the
+//!    receiver finds nothing queued and registers to be woken, the room
+//!    of its (empty) batch moves to the queue if the queue has none, and
+//!    an empty parked-senders list and the wakers kept for admitted
+//!    senders are freed (outside the lock). So the mailbox allocates
+//!    nothing for messages that come one at a time (the buffer passes
+//!    from the queue to the batch as the receiver takes a message,
+//!    `take_all`'s swap, and back as it waits), and an activation none of
+//!    whose messages arrived while it ran a turn holds one buffer, not one
+//!    in the queue and one in its batch (a message that arrives during a
+//!    turn makes the queue a second one, and both are kept). Room a burst
+//!    made is kept too: freeing buffers at every wait cost the ask with
+//!    100 callers 5-9% (`BENCHMARKS.md`, issue 18's sixth session), as
+//!    each burst made them again. A message queued with no room makes
 //!    room for one slot, not the four a `VecDeque` would.
 //!
-//! Everything is under one mutex, held for a few pointer moves (and at
-//! most one allocation, room for a message queued with none); wakers are
+//! Everything is under one mutex, held for a few pointer moves and the
+//! growth of a queue or list that is full or not yet made; wakers are
 //! woken after it is released. Rules 2 to 4 are the hand-off of Go's
 //! channels (a parked sender's message is taken by the one who frees the
 //! slot); the sweep replaces tokio's per-waiter timers, which in the
@@ -798,6 +800,12 @@ impl<T> Receiver<T> {
     /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
         self.shared.lock().queue.is_empty()
+    }
+
+    /// The queue's room, for tests of rule 9.
+    #[cfg(test)]
+    pub(crate) fn queue_capacity(&self) -> usize {
+        self.shared.lock().queue.capacity()
     }
 }
 

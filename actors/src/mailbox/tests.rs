@@ -345,9 +345,9 @@ async fn review_closing_twice_wakes_every_parked_sender_twice() {
 
 /// Rule 9: a receiver that finds nothing and waits frees the parked
 /// list once empty and the wakers it kept for admitted senders, keeps the
-/// room a burst made, and keeps a parked sender's list; a message and its
-/// reply pass one buffer between the queue and the batch, and allocate
-/// nothing.
+/// room a burst made, and keeps a parked sender's list; messages that
+/// come one at a time pass one buffer between the queue and the batch,
+/// and the queue makes no other.
 #[tokio::test]
 async fn an_idle_mailbox_keeps_one_buffer() {
     let room = |sender: &super::Sender<u32>| {

@@ -1086,7 +1086,9 @@ mod tests {
             order.push(next.chain);
         }
         assert_eq!(order, [2, 3, 4]);
+        // The burst's room went back to the queue.
         assert_eq!(mailbox.batch.capacity(), 0);
+        assert!(mailbox.receiver.queue_capacity() >= 3);
         assert!(mailbox.deferred.is_none());
         for chain in 5..7 {
             assert!(sender.try_send(envelope(chain)).is_ok());
@@ -1097,6 +1099,7 @@ mod tests {
             assert!(mailbox.poll_next(&mut cx).is_pending());
             // The buffer went back to the queue.
             assert_eq!(mailbox.batch.capacity(), 0);
+            assert!(mailbox.receiver.queue_capacity() >= 3);
         }
     }
 
@@ -1112,6 +1115,11 @@ mod tests {
         assert!(
             state <= 400,
             "run_activation's state is {state} bytes, more than 400: tokio's cell grows from 512 to 640"
+        );
+        let held = std::mem::size_of::<HeldMailbox<Tiny>>();
+        assert!(
+            held <= 72,
+            "the activation's end of its mailbox is {held} bytes, more than 72"
         );
         let ctx = std::mem::size_of::<GrainContext>();
         assert!(ctx <= 112, "GrainContext is {ctx} bytes, more than 112");

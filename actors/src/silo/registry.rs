@@ -79,7 +79,8 @@ pub(super) enum Entry<G> {
 /// with more) is kept in place, so such a grain costs the directory no
 /// allocation of its own. Two words, a slot's room: the directory's table
 /// holds one per key, and more than one bucket per live key (hashbrown's
-/// load factor), so each word saved here saves two per activation.
+/// load factor: 1.3 buckets a key at 100k live keys, 2.1 at 1M), so each
+/// word saved here saves one to two per activation.
 pub(super) enum Slots<G> {
     One(Option<Entry<G>>),
     /// A stateless worker type's slots, behind one pointer so that they

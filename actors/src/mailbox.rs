@@ -669,17 +669,34 @@ fn take_all<T>(
     }
 }
 
-/// Rule 9, with the queue empty: the room of the receiver's `batch`, if
-/// that is empty, moves to the queue if the queue has none (a receiver
-/// taking one message at a time passes no batch); an empty parked list is
-/// returned, to be freed once the lock is released.
-fn release_idle<T>(state: &mut State<T>, batch: Option<&mut VecDeque<T>>) -> ParkedList<T> {
+/// The receiver, having found the queue empty, waits: registers to be
+/// woken, then rule 9: the room of its `batch`, if that is empty, moves to
+/// the queue if the queue has none (a receiver taking one message at a
+/// time passes no batch), and an empty parked list and the `admitted`
+/// wakers are freed once the lock is released.
+#[expect(
+    clippy::box_collection,
+    reason = "the receiver's own boxed room (`Receiver::admitted`), freed here"
+)]
+fn wait<T>(
+    mut state: MutexGuard<'_, State<T>>,
+    cx: &Context<'_>,
+    batch: Option<&mut VecDeque<T>>,
+    admitted: &mut Option<Box<Vec<Waker>>>,
+) {
+    match &mut state.receiver {
+        Some(waker) if waker.will_wake(cx.waker()) => {}
+        receiver => *receiver = Some(cx.waker().clone()),
+    }
     if let Some(batch) = batch.filter(|batch| batch.is_empty()) {
         if state.queue.capacity() == 0 {
             std::mem::swap(&mut state.queue, batch);
         }
     }
-    state.parked.release_if_empty()
+    let parked = state.parked.release_if_empty();
+    drop(state);
+    drop(parked);
+    *admitted = None;
 }
 
 /// The receiving end, held by the activation.
@@ -732,19 +749,12 @@ impl<T> Receiver<T> {
         cx: &mut Context<'_>,
         batch: &mut VecDeque<T>,
     ) -> Poll<bool> {
-        let mut state = self.shared.lock();
+        let state = self.shared.lock();
         if state.queue.is_empty() {
             if state.closed {
                 return Poll::Ready(false);
             }
-            match &mut state.receiver {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                receiver => *receiver = Some(cx.waker().clone()),
-            }
-            let spare = release_idle(&mut state, Some(batch));
-            drop(state);
-            drop(spare);
-            self.admitted = None;
+            wait(state, cx, Some(batch), &mut self.admitted);
             return Poll::Pending;
         }
         take_all(&self.shared, state, batch, &mut self.admitted);
@@ -766,14 +776,7 @@ impl<T> Receiver<T> {
         if state.closed {
             return Poll::Ready(None);
         }
-        match &mut state.receiver {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            receiver => *receiver = Some(cx.waker().clone()),
-        }
-        let spare = release_idle(&mut state, None);
-        drop(state);
-        drop(spare);
-        self.admitted = None;
+        wait(state, cx, None, &mut self.admitted);
         Poll::Pending
     }
 

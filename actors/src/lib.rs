@@ -66,6 +66,7 @@ mod error;
 mod grain;
 pub mod histogram;
 mod key;
+mod loom;
 mod mailbox;
 pub mod migration;
 pub mod observers;

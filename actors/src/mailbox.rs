@@ -60,7 +60,10 @@
 //!
 //! Everything is under one mutex, held for a few pointer moves and the
 //! growth of a queue or list that is full or not yet made; wakers are
-//! woken after it is released. Rules 2 to 4 are the hand-off of Go's
+//! woken after it is released. The words read without it (the watermark
+//! of rule 4, the free slots and the closed flag) and the mutex come from
+//! `crate::loom`, and the models in `mailbox/loom.rs` explore the
+//! hand-over, cancellation, closing and waiting over every interleaving. Rules 2 to 4 are the hand-off of Go's
 //! channels (a parked sender's message is taken by the one who frees the
 //! slot); the sweep replaces tokio's per-waiter timers, which in the
 //! fan-in benchmark cost a fifth of the time (`BENCHMARKS.md`).
@@ -68,12 +71,14 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::loom::{AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard};
 
 /// A sender whose message waits for room (rule 2).
 struct Parked<T> {
@@ -951,5 +956,7 @@ impl Sweeper {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, loom))]
+mod loom;
+#[cfg(all(test, not(loom)))]
 mod tests;

@@ -1,0 +1,280 @@
+//! Loom models of the mailbox: the hand-over of a parked sender's message
+//! (rules 2 to 4), cancellation (rule 7), closing and reopening (rule 6),
+//! permits (rule 1) and the receiver's wait (rule 9), explored over every
+//! interleaving of their locks and lock-free words (`crate::loom`).
+//!
+//! A lost wake-up shows as a deadlock (`block_on` parks a model thread
+//! until its waker is woken, and loom fails an execution in which every
+//! thread waits); a message lost, kept or delivered twice fails a count.
+//!
+//! Run with `scripts/loom-actors.sh` (the cfg is given to this crate
+//! alone; see `crate::loom`). Without it these models are not compiled.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::loom::future::block_on;
+use ::loom::sync::atomic::AtomicUsize;
+use ::loom::thread;
+use futures_util::task::noop_waker_ref;
+use tokio::time::Instant;
+
+use super::{Receiver, SendError, Sender, Sweeper, channel};
+
+/// Explores every interleaving with at most `bound` preemptions.
+fn model(bound: usize, f: impl Fn() + Sync + Send + 'static) {
+    let mut builder = ::loom::model::Builder::new();
+    builder.preemption_bound = Some(bound);
+    builder.check(f);
+}
+
+/// A deadline the models never reach: only a wake-up ends a wait. The
+/// sweeper is never started (no tokio runtime in a model thread).
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
+fn mailbox<T: Send + 'static>(capacity: usize) -> (Sender<T>, Receiver<T>) {
+    channel(capacity, Sweeper::new(Duration::from_secs(3600)))
+}
+
+/// Counts drops, to see that a message is neither lost nor dropped twice.
+struct Tracked(u32, ::loom::sync::Arc<AtomicUsize>);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Free slots as the lock sees them, against the lock-free mirror the
+/// senders read (`Shared::mirror`).
+fn assert_mirror<T>(sender: &Sender<T>) {
+    let state = sender.shared.lock();
+    let free = if state.parked.is_empty() {
+        sender.shared.slots() - state.held()
+    } else {
+        0
+    };
+    drop(state);
+    assert_eq!(sender.capacity(), free);
+}
+
+/// Two senders and a receiver that waits between batches (rule 9 moves
+/// its batch's room to the queue as it waits): both messages arrive, and
+/// each sender's once.
+#[test]
+fn messages_sent_while_the_receiver_waits_all_arrive() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(2);
+        let senders: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|message| {
+                let sender = sender.clone();
+                thread::spawn(move || assert!(sender.try_send(message).is_ok()))
+            })
+            .collect();
+        let mut batch = VecDeque::new();
+        let mut arrived = Vec::new();
+        while arrived.len() < 2 {
+            let open = block_on(poll_fn(|cx| receiver.poll_recv_all(cx, &mut batch)));
+            assert!(open);
+            arrived.extend(batch.drain(..));
+        }
+        arrived.sort_unstable();
+        assert_eq!(arrived, [1, 2]);
+        for sender in senders {
+            sender.join().expect("a sender thread");
+        }
+        assert_mirror(&sender);
+    });
+}
+
+/// A full mailbox and two senders that park (rules 2 to 4): each is
+/// admitted as the receiver frees a slot, is woken, and finds itself done
+/// with one load or under the lock; every message arrives once, the one
+/// queued first, first.
+#[test]
+fn parked_senders_are_admitted_and_woken() {
+    model(2, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let senders: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|message| {
+                let sender = sender.clone();
+                thread::spawn(move || {
+                    assert!(block_on(sender.send(message, far())).is_ok());
+                })
+            })
+            .collect();
+        let mut arrived = Vec::new();
+        while arrived.len() < 3 {
+            arrived.push(block_on(receiver.recv()).expect("the mailbox is open"));
+        }
+        assert_eq!(arrived[0], 0);
+        arrived.sort_unstable();
+        assert_eq!(arrived, [0, 1, 2]);
+        for sender in senders {
+            sender.join().expect("a sender thread");
+        }
+        assert_mirror(&sender);
+    });
+}
+
+/// A send dropped after its first poll, racing the receiver freeing the
+/// slot it waits for (rule 7): its message is either delivered (admitted
+/// before the drop) or dropped with the future, never both and never
+/// kept in the parked list.
+#[test]
+fn a_cancelled_send_delivers_or_drops_its_message_once() {
+    model(3, || {
+        let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
+        let (sender, mut receiver) = mailbox::<Tracked>(1);
+        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let cancelling = {
+            let sender = sender.clone();
+            let drops = drops.clone();
+            thread::spawn(move || {
+                let mut send = pin!(sender.send(Tracked(1, drops), far()));
+                let mut cx = Context::from_waker(noop_waker_ref());
+                // Pending (parked) or Ready (the slot was free already):
+                // either way the future is then dropped.
+                let first = send.as_mut().poll(&mut cx);
+                assert!(matches!(first, Poll::Pending | Poll::Ready(Ok(()))));
+            })
+        };
+        let receiving = thread::spawn(move || {
+            let first = receiver.try_recv().expect("message 0 is queued");
+            (receiver, first)
+        });
+        cancelling.join().expect("the cancelling thread");
+        // Dropped, the future took its message out unless it was admitted
+        // first: nothing of it stays parked.
+        assert!(sender.shared.lock().parked.is_empty());
+        let (mut receiver, first) = receiving.join().expect("the receiving thread");
+        assert_eq!(first.0, 0);
+        let delivered = receiver.try_recv();
+        assert!(receiver.try_recv().is_none());
+        assert!(sender.shared.lock().parked.is_empty());
+        assert_mirror(&sender);
+        // Dropped so far: only message 1, if it was not delivered.
+        let cancelled = usize::from(delivered.is_none());
+        assert_eq!(drops.load(Ordering::SeqCst), cancelled);
+        if let Some(message) = &delivered {
+            assert_eq!(message.0, 1);
+        }
+        drop((first, delivered));
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    });
+}
+
+/// A parked sender racing the receiver taking a message and closing (rule
+/// 6): it is admitted (its message stays queued for the receiver) or
+/// handed its message back, never both, never neither.
+#[test]
+fn closing_hands_a_parked_message_back_or_keeps_it_queued() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || block_on(sender.send(5, far())))
+        };
+        assert_eq!(receiver.try_recv(), Some(0));
+        receiver.close();
+        let sent = sending.join().expect("the sending thread");
+        match sent {
+            Ok(()) => assert_eq!(receiver.try_recv(), Some(5)),
+            Err(SendError::Closed(message)) => {
+                assert_eq!(message, 5);
+                assert_eq!(receiver.try_recv(), None);
+            }
+            Err(SendError::Timeout) => panic!("no deadline passes in the model"),
+        }
+        assert!(sender.shared.lock().parked.is_empty());
+    });
+}
+
+/// Closing, taking the queued message while closed (which admits no one)
+/// and reopening, while a sender waits (rule 6): the sender either ran
+/// while the mailbox was closed and has its message back, or is admitted
+/// (by the reopening, as the slot freed while closed admitted no one, or
+/// it finds the room), and its message arrives after the one queued
+/// before it.
+#[test]
+fn reopening_admits_a_sender_the_close_did_not_reach() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || block_on(sender.send(5, far())))
+        };
+        receiver.close();
+        assert_eq!(receiver.try_recv(), Some(0));
+        receiver.reopen();
+        let sent = sending.join().expect("the sending thread");
+        match sent {
+            Ok(()) => assert_eq!(receiver.try_recv(), Some(5)),
+            Err(SendError::Closed(message)) => {
+                assert_eq!(message, 5);
+                assert_eq!(receiver.try_recv(), None);
+            }
+            Err(SendError::Timeout) => panic!("no deadline passes in the model"),
+        }
+        assert!(sender.shared.lock().parked.is_empty());
+        assert_mirror(&sender);
+    });
+}
+
+/// A permit holding the only slot, a sender parked behind it and a
+/// receiver waiting (rule 1): dropping the permit admits the sender's
+/// message and wakes the receiver too.
+#[test]
+fn dropping_a_permit_admits_a_parked_sender_and_wakes_the_receiver() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        let permit = sender.try_reserve().expect("the slot is free");
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || assert!(block_on(sender.send(7, far())).is_ok()))
+        };
+        let releasing = thread::spawn(move || drop(permit));
+        assert_eq!(block_on(receiver.recv()), Some(7));
+        sending.join().expect("the sending thread");
+        releasing.join().expect("the releasing thread");
+        assert_mirror(&sender);
+    });
+}
+
+/// The receiver dropped while a sender waits for room (rule 6): the sender
+/// is woken and has its message back.
+#[test]
+fn a_dropped_receiver_hands_a_parked_message_back() {
+    model(3, || {
+        let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
+        let (sender, receiver) = mailbox::<Tracked>(1);
+        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            let drops = drops.clone();
+            thread::spawn(move || block_on(sender.send(Tracked(5, drops), far())))
+        };
+        drop(receiver);
+        match sending.join().expect("the sending thread") {
+            Err(SendError::Closed(message)) => {
+                assert_eq!(message.0, 5);
+                // Message 0 went with the receiver; 5 is still here.
+                assert_eq!(drops.load(Ordering::SeqCst), 1);
+            }
+            Ok(()) => panic!("nothing freed a slot"),
+            Err(SendError::Timeout) => panic!("no deadline passes in the model"),
+        }
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    });
+}

@@ -140,6 +140,28 @@ impl NodeBuilder {
             .await
     }
 
+    /// Listens and serves with the membership `provider` makes from this
+    /// silo's identity: a view a test changes at will, one silo at a time.
+    #[cfg(test)]
+    pub(super) async fn start_with_provider(
+        self,
+        provider: impl FnOnce(SiloId) -> super::peers::Provider,
+    ) -> Result<ClusterNode, NodeError> {
+        let (parts, listener, id) = self.bind().await?;
+        let death = super::fence::gossip_death(&parts.builder.config);
+        let membership = provider(id.clone());
+        parts
+            .serve(
+                listener,
+                id,
+                membership,
+                DirectoryBackend::Partitioned,
+                None,
+                death,
+            )
+            .await
+    }
+
     /// The grain types this node hosts (none for a client): what placement
     /// on other silos looks at (rule 2).
     pub(super) fn hosts(&self) -> Vec<String> {

@@ -673,12 +673,15 @@ impl Inner {
         // Only this home is updated or let go: not a later one for the
         // same grain (after a rejoin, rule 7, the home here may be new).
         let this_home = |home: &Home| home.generation == generation;
-        // A few tries inside the hand-over window; a home that cannot
-        // re-register in it is given up (its activation let go), since
-        // after it another silo may claim the grain.
-        let mut tries = 0;
+        // Tries until twice the hand-over window has passed (rule 3): the
+        // new owner may learn of the change up to `handoff` after this
+        // silo (until then it answers `Retry`, owning nothing), and then
+        // refuses every other claim for `handoff`, so a re-registration
+        // tried until then is never beaten by a new claim. A home that
+        // cannot re-register by then is given up (its activation let go),
+        // since after it another silo may claim the grain.
+        let give_up_at = deadline_after(self.handoff.saturating_mul(2));
         loop {
-            tries += 1;
             let reply = node
                 .directory(DirectoryRequest::Register {
                     grain: grain.clone(),
@@ -700,7 +703,7 @@ impl Inner {
                     self.remove_this_home(&grain, this_home);
                     return;
                 }
-                _ if tries < 4
+                _ if Instant::now() < give_up_at
                     && !self.stopped.load(Ordering::Acquire)
                     && self.is_me(&proposed.silo) =>
                 {
@@ -798,3 +801,6 @@ impl Drop for Promise {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -24,7 +24,12 @@
 //!    no entry for during `handoff` after a view change, so that homes are
 //!    re-registered before anyone else can claim them. This holds as long
 //!    as every silo learns of a view change within `handoff` (several
-//!    gossip rounds by default).
+//!    gossip rounds by default). A new owner that has not learnt of the
+//!    change yet answers `Retry` too (the grain is not its own in the view
+//!    it has), so a home tries again, `handoff / 8` apart, until twice
+//!    `handoff` has passed since it began: by then its owner has known of
+//!    the change for `handoff` and may have let another silo claim the
+//!    grain, and a home that has not re-registered is given up.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the
 //!    owners drop its entries, the next call places the grain elsewhere,
 //!    and the grain starts from its persisted state there. Connections to

@@ -161,8 +161,9 @@ impl<T> ParkedList<T> {
 
 struct Shared<T> {
     state: Mutex<State<T>>,
-    /// Slots, at least 1; a `u32` (a larger capacity is cut to
-    /// `u32::MAX`), so that it and `closed` share a word: every live
+    /// Slots, at least 1; a `u32` (`SiloConfig` refuses a larger
+    /// capacity, and `channel` cuts one to `u32::MAX`), so that it and
+    /// `closed` share a word: every live
     /// activation keeps this block, and 136 bytes are a 144-byte chunk
     /// where 152 were a 160-byte one.
     capacity: u32,

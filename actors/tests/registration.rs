@@ -462,3 +462,25 @@ async fn a_reference_on_a_routed_silo_sends_the_derived_names() {
     sender.shutdown().await;
     home.shutdown().await;
 }
+
+/// A mailbox capacity outside 1..=u32::MAX (the mailbox counts its slots in
+/// a `u32`) is refused at build, with the bound.
+#[test]
+fn a_mailbox_capacity_outside_its_bounds_is_refused_at_build() {
+    for capacity in [0, u32::MAX as usize + 1, usize::MAX] {
+        let config = granary_actors::SiloConfig {
+            mailbox_capacity: capacity,
+            ..granary_actors::SiloConfig::default()
+        };
+        let built = Silo::builder().config(config).build();
+        assert!(
+            matches!(&built, Err(SiloError::InvalidConfig(why)) if why.contains("mailbox_capacity is")),
+            "{capacity}: {built:?}"
+        );
+    }
+    let config = granary_actors::SiloConfig {
+        mailbox_capacity: u32::MAX as usize,
+        ..granary_actors::SiloConfig::default()
+    };
+    assert!(Silo::builder().config(config).build().is_ok());
+}

@@ -24,8 +24,8 @@ use crate::storage::{MemoryStorage, StorageProvider};
 /// How a silo is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiloConfig {
-    /// Messages an activation's mailbox holds, at least 1 (default 1024;
-    /// more than `u32::MAX` counts as `u32::MAX`).
+    /// Messages an activation's mailbox holds, from 1 to `u32::MAX`
+    /// (default 1024): the mailbox counts its slots in a `u32`.
     pub mailbox_capacity: usize,
     /// How long a call waits for its answer (default 30 s).
     pub call_timeout: Duration,
@@ -549,6 +549,13 @@ impl SiloBuilder {
         }
         if self.config.mailbox_capacity == 0 {
             return Err(SiloError::InvalidConfig("mailbox_capacity is 0".into()));
+        }
+        if u32::try_from(self.config.mailbox_capacity).is_err() {
+            return Err(SiloError::InvalidConfig(format!(
+                "mailbox_capacity is {}; at most {}",
+                self.config.mailbox_capacity,
+                u32::MAX
+            )));
         }
         if self.reminder_rescan.is_zero() {
             return Err(SiloError::InvalidConfig("reminder_rescan is 0".into()));

@@ -69,6 +69,10 @@ impl Inner {
         if self.fence.is_fenced() {
             return DirectoryReply::Retry;
         }
+        // The view before the window: a view change starts the window
+        // before it swaps the view in (`serve.rs`), so a new view is never
+        // read with the window before it.
+        let view = self.view();
         // Rule 3, and a new incarnation whose peers may not know it yet
         // (`incarnation.rs` rule 3).
         let settling = self
@@ -78,7 +82,6 @@ impl Inner {
             .elapsed()
             < self.handoff
             || self.holding.load(std::sync::atomic::Ordering::Acquire) != 0;
-        let view = self.view();
         let grain = request.grain();
         if !directory::owner(grain, &view).is_some_and(|owner| self.is_me(owner)) {
             return DirectoryReply::Retry;

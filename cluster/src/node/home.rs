@@ -570,8 +570,14 @@ impl Inner {
         })
     }
 
-    /// Rule 3 and 4: the view changed from `before` to `after`.
-    pub(super) async fn on_view_change(self: &Arc<Self>, before: &[Member], after: &[Member]) {
+    /// Rule 3 and 4: the view changed from `before` to `after`; its
+    /// hand-over window started at `changed_at`.
+    pub(super) async fn on_view_change(
+        self: &Arc<Self>,
+        before: &[Member],
+        after: &[Member],
+        changed_at: Instant,
+    ) {
         // Every home must be confirmed again with its entry's owner in the
         // new view before a reference may skip the router for it.
         self.end_leases();
@@ -582,10 +588,6 @@ impl Inner {
                 tracing::warn!(error = %err, "rescanning reminders after a view change failed");
             }
         });
-        *self
-            .view_changed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         let live: HashSet<&SiloId> = after.iter().map(|member| &member.silo).collect();
         let gone: Vec<SiloId> = before
             .iter()
@@ -616,17 +618,50 @@ impl Inner {
                 }
             });
         }
-        // Re-register homes whose entry changed owner.
-        self.reregister_homes(after, |current, new| current != new)
-            .await;
+        // Re-register homes whose entry changed owner, beside the view
+        // task (rule 3): a later view is taken at once, and its pass
+        // replaces this one.
+        let give_up_at = changed_at
+            .checked_add(self.handoff.saturating_mul(2))
+            .unwrap_or_else(|| deadline_after(self.handoff.saturating_mul(2)));
+        let pass = tokio::spawn({
+            let inner = self.clone();
+            let view = after.to_vec();
+            async move {
+                inner
+                    .reregister_homes(&view, give_up_at, |current, new| current != new)
+                    .await;
+            }
+        });
+        let replaced = self
+            .reregistering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(pass);
+        if let Some(replaced) = replaced {
+            replaced.abort();
+        }
+        // Stopped meanwhile: `stop_tasks` may have looked before the pass
+        // was stored.
+        if self.stopped.load(Ordering::Acquire) {
+            if let Some(pass) = self
+                .reregistering
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                pass.abort();
+            }
+        }
     }
 
     /// Re-registers, with its entry's owner in `view`, every confirmed
     /// home here that is not leaving and for which `wanted(current owner,
-    /// owner in view)` holds (rule 3).
+    /// owner in view)` holds (rule 3), trying until `give_up_at`.
     async fn reregister_homes(
         self: &Arc<Self>,
         view: &[Member],
+        give_up_at: Instant,
         wanted: impl Fn(&SiloId, &SiloId) -> bool,
     ) {
         let node = ClusterNode {
@@ -639,7 +674,8 @@ impl Inner {
         let node = &node;
         futures_util::stream::iter(homes)
             .for_each_concurrent(REREGISTER_AT_ONCE, |grain| async move {
-                self.reregister_home(node, view, wanted, grain).await;
+                self.reregister_home(node, view, give_up_at, wanted, grain)
+                    .await;
             })
             .await;
     }
@@ -649,6 +685,7 @@ impl Inner {
         self: &Arc<Self>,
         node: &ClusterNode,
         view: &[Member],
+        give_up_at: Instant,
         wanted: &impl Fn(&SiloId, &SiloId) -> bool,
         grain: GrainId,
     ) {
@@ -673,22 +710,38 @@ impl Inner {
         // Only this home is updated or let go: not a later one for the
         // same grain (after a rejoin, rule 7, the home here may be new).
         let this_home = |home: &Home| home.generation == generation;
-        // Tries until twice the hand-over window has passed (rule 3): the
-        // new owner may learn of the change up to `handoff` after this
-        // silo (until then it answers `Retry`, owning nothing), and then
-        // refuses every other claim for `handoff`, so a re-registration
-        // tried until then is never beaten by a new claim. A home that
-        // cannot re-register by then is given up (its activation let go),
-        // since after it another silo may claim the grain.
-        let give_up_at = deadline_after(self.handoff.saturating_mul(2));
+        // Tries until `give_up_at`, twice the hand-over window after this
+        // silo learnt of the change (rule 3): the new owner may learn of it
+        // up to `handoff` later (until then it answers `Retry`, owning
+        // nothing), and then refuses other claims for `handoff`. A home
+        // that cannot re-register by then is given up (its activation let
+        // go), since after it another silo may claim the grain. Each try
+        // is cut off there too (a silent owner would hold it for the
+        // connection's timeout); a home whose turn comes after it gets one
+        // short try, whose answer is right whatever it is.
         loop {
-            let reply = node
-                .directory(DirectoryRequest::Register {
+            // Fenced (the fence gave every home up), or this home was
+            // given up, is leaving or moving meanwhile: nothing of it to
+            // register.
+            let live = self
+                .homes
+                .get(&grain)
+                .is_some_and(|home| this_home(&home) && !home.leaving && home.moving.is_none());
+            if !live || self.fence.is_fenced() {
+                return;
+            }
+            let reply = tokio::time::timeout(
+                give_up_at
+                    .saturating_duration_since(Instant::now())
+                    .max(self.handoff / 8),
+                node.directory(DirectoryRequest::Register {
                     grain: grain.clone(),
                     home: proposed.clone(),
                     existing: true,
-                })
-                .await;
+                }),
+            )
+            .await
+            .unwrap_or(Ok(DirectoryReply::Retry));
             match reply {
                 Ok(DirectoryReply::Home(home)) if home.silo == proposed.silo => {
                     if let Some(mut entry) = self.homes.get_mut(&grain) {

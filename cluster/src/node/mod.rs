@@ -26,10 +26,15 @@
 //!    as every silo learns of a view change within `handoff` (several
 //!    gossip rounds by default). A new owner that has not learnt of the
 //!    change yet answers `Retry` too (the grain is not its own in the view
-//!    it has), so a home tries again, `handoff / 8` apart, until twice
-//!    `handoff` has passed since it began: by then its owner has known of
-//!    the change for `handoff` and may have let another silo claim the
-//!    grain, and a home that has not re-registered is given up.
+//!    it has), so a home tries again, `handoff / 8` apart, until about
+//!    twice `handoff` after this silo learnt of the change (each try is cut
+//!    off there; a home whose turn comes later gets one try): by then its
+//!    owner has known of the change for `handoff` and may have let another
+//!    silo claim the grain, and a home that has not re-registered is given
+//!    up. The homes re-register beside the task that follows the view, so
+//!    a later change is taken at once (the window starts before the new
+//!    view is seen, so an owner never answers in the new view unsettled),
+//!    and its re-registration replaces the earlier one's.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the
 //!    owners drop its entries, the next call places the grain elsewhere,
 //!    and the grain starts from its persisted state there. Connections to
@@ -293,6 +298,10 @@ struct Inner {
     hosts: Vec<String>,
     next_activation: AtomicU64,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The homes' re-registration after the last view change (rule 3):
+    /// run beside the view task, not in it, so that a later view is
+    /// followed at once; aborted when the next one starts.
+    reregistering: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Its calls to other silos, counted (`stats.rs`).
     stats: stats::NodeStats,
     /// When the node started, in milliseconds since the Unix epoch
@@ -493,12 +502,14 @@ impl Inner {
         **self.me.load() == *silo
     }
 
-    /// Starts the hand-over window (rule 3) now.
-    fn restart_handoff(&self) {
+    /// Starts the hand-over window (rule 3) now; returns when.
+    fn restart_handoff(&self) -> Instant {
+        let now = Instant::now();
         *self
             .view_changed
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+            .unwrap_or_else(PoisonError::into_inner) = now;
+        now
     }
 
     fn view(&self) -> Arc<Vec<Member>> {
@@ -540,6 +551,14 @@ impl Inner {
 
     fn stop_tasks(&self) {
         self.stop_feeding();
+        if let Some(pass) = self
+            .reregistering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            pass.abort();
+        }
         for task in self
             .tasks
             .lock()

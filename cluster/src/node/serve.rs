@@ -379,6 +379,7 @@ impl NodeParts {
             hosts,
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
+            reregistering: Mutex::new(None),
             stats: super::stats::NodeStats::default(),
             started_ms: crate::membership::unix_ms(),
             gossip_stats,
@@ -526,12 +527,17 @@ impl NodeParts {
                 while views.changed().await.is_ok() {
                     let after = Arc::new(views.borrow_and_update().clone());
                     let Some(inner) = weak.upgrade() else { return };
-                    let before = inner.view.swap(after.clone());
                     let silos = |view: &[Member]| -> Vec<SiloId> {
                         view.iter().map(|member| member.silo.clone()).collect()
                     };
-                    if silos(&before) != silos(&after) {
-                        inner.on_view_change(&before, &after).await;
+                    // Rule 3: the hand-over window starts before anyone
+                    // can see the new view here (`answer_directory` reads
+                    // the view first), so no owner answers in it unsettled.
+                    let changed =
+                        (silos(&inner.view()) != silos(&after)).then(|| inner.restart_handoff());
+                    let before = inner.view.swap(after.clone());
+                    if let Some(changed_at) = changed {
+                        inner.on_view_change(&before, &after, changed_at).await;
                     }
                 }
             }

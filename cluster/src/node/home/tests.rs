@@ -190,7 +190,7 @@ async fn a_home_outlasts_a_new_owner_that_learns_of_a_death_late() {
     }
     let entry = nc.inner.partition.lookup(&grain(key));
     assert_eq!(entry.map(|home| home.silo), Some(a.clone()));
-    assert_eq!(na.homes_given_up(), 0);
+    assert_eq!(na.homes(), 1);
     assert_eq!(reference.call(Bump).await.expect("a call from a"), 2);
     let from_c = nc.grain::<Tally>(key).call(Bump).await;
     assert_eq!(from_c.expect("a call from c"), 3);
@@ -258,4 +258,87 @@ async fn a_home_gives_up_when_its_new_owner_learns_too_late() {
             }
         }
     }
+}
+
+/// Forty homes move to a new owner that does not know of the change yet,
+/// more than re-registration runs at once; then that owner dies too. The
+/// second view is taken at once, not after the first pass gives up (which
+/// ran in the view task before, and would have let every activation go):
+/// every home registers with its silo, now the owner of everything, and
+/// keeps its activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_view_replaces_a_reregistration_still_retrying() {
+    let network = InProcessNetwork::new();
+    let [a, b, c] =
+        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
+    let everyone = view(&[&a, &b, &c]);
+    let survivors = view(&[&a, &c]);
+    let alone = view(&[&a]);
+    let keys: Vec<u64> = (0..100_000u64)
+        .filter(|&key| {
+            directory::owner(&grain(key), &everyone) == Some(&b)
+                && directory::owner(&grain(key), &survivors) == Some(&c)
+        })
+        .take(40)
+        .collect();
+    assert_eq!(keys.len(), 40);
+    let views = [(); 3].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
+    let na = start(&network, &a.address, &views[0]).await;
+    let nb = start(&network, &b.address, &views[1]).await;
+    let nc = start(&network, &c.address, &views[2]).await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    for &key in &keys {
+        assert_eq!(
+            na.grain::<Tally>(key)
+                .call(Bump)
+                .await
+                .expect("a first call"),
+            1
+        );
+    }
+    assert_eq!(na.homes(), 40);
+
+    // b dies; c, which would own the homes now, does not know it.
+    nb.kill().await.expect("b stops");
+    views[0].send_replace(survivors);
+    tokio::time::sleep(HANDOFF / 4).await;
+    // Then c dies too, and a is alone: it owns every entry.
+    nc.kill().await.expect("c stops");
+    let alone_at = Instant::now();
+    views[0].send_replace(alone);
+    let registered = || {
+        keys.iter()
+            .filter(|&&key| {
+                na.inner.partition.lookup(&grain(key)).map(|home| home.silo) == Some(a.clone())
+                    && na
+                        .inner
+                        .homes
+                        .get(&grain(key))
+                        .and_then(|home| home.owner.clone())
+                        == Some(a.clone())
+            })
+            .count()
+    };
+    while registered() != keys.len() {
+        assert!(
+            alone_at.elapsed() < HANDOFF,
+            "{} of 40 homes registered with a {:?} after it was alone",
+            registered(),
+            alone_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Past the first pass's deadline: nothing let go.
+    tokio::time::sleep(HANDOFF * 2).await;
+    assert_eq!(na.homes(), 40);
+    for &key in &keys {
+        assert_eq!(
+            na.grain::<Tally>(key)
+                .call(Bump)
+                .await
+                .expect("a second call"),
+            2
+        );
+    }
+    assert_eq!(na.silo().activations_started(), 40);
 }

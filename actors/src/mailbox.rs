@@ -63,8 +63,9 @@
 //! woken after it is released. The words read without it (the watermark
 //! of rule 4, the free slots and the closed flag) and the mutex come from
 //! `crate::loom`, and the models in `mailbox/loom.rs` explore the
-//! hand-over, cancellation, closing and waiting over every interleaving. Rules 2 to 4 are the hand-off of Go's
-//! channels (a parked sender's message is taken by the one who frees the
+//! hand-over, cancellation, timeouts, closing and waiting over their
+//! interleavings (with two or three preemptions). Rules 2 to 4 are the
+//! hand-off of Go's channels (a parked sender's message is taken by the one who frees the
 //! slot); the sweep replaces tokio's per-waiter timers, which in the
 //! fan-in benchmark cost a fifth of the time (`BENCHMARKS.md`).
 

@@ -1,7 +1,9 @@
 //! Loom models of the mailbox: the hand-over of a parked sender's message
-//! (rules 2 to 4), cancellation (rule 7), closing and reopening (rule 6),
-//! permits (rule 1) and the receiver's wait (rule 9), explored over every
-//! interleaving of their locks and lock-free words (`crate::loom`).
+//! (rules 2 to 4) to both receive paths, in order, cancellation (rule 7),
+//! timeouts (rule 5), closing and reopening (rule 6), permits (rule 1),
+//! the receiver's wait (rule 9) and a reference's cached send, explored
+//! over the interleavings of their locks and lock-free words
+//! (`crate::loom`) with two or three preemptions.
 //!
 //! A lost wake-up shows as a deadlock (`block_on` parks a model thread
 //! until its waker is woken, and loom fails an execution in which every
@@ -23,7 +25,7 @@ use ::loom::thread;
 use futures_util::task::noop_waker_ref;
 use tokio::time::Instant;
 
-use super::{Receiver, SendError, Sender, Sweeper, channel};
+use super::{Receiver, SendError, Sender, SenderCache, Sweep, Sweeper, channel};
 
 /// Explores every interleaving with at most `bound` preemptions.
 fn model(bound: usize, f: impl Fn() + Sync + Send + 'static) {
@@ -52,7 +54,8 @@ impl Drop for Tracked {
 }
 
 /// Free slots as the lock sees them, against the lock-free mirror the
-/// senders read (`Shared::mirror`).
+/// senders read (`Shared::mirror`), and rule 3: while a sender is parked
+/// in an open mailbox, every slot is taken (a freed slot admits one).
 fn assert_mirror<T>(sender: &Sender<T>) {
     let state = sender.shared.lock();
     let free = if state.parked.is_empty() {
@@ -60,8 +63,13 @@ fn assert_mirror<T>(sender: &Sender<T>) {
     } else {
         0
     };
+    let admitted_all =
+        state.closed || state.parked.is_empty() || state.held() == sender.shared.slots();
+    // Read under the lock, which every change of the mirror holds.
+    let mirrored = sender.capacity();
     drop(state);
-    assert_eq!(sender.capacity(), free);
+    assert_eq!(mirrored, free);
+    assert!(admitted_all, "a sender parked beside a free slot");
 }
 
 /// Two senders and a receiver that waits between batches (rule 9 moves
@@ -96,8 +104,7 @@ fn messages_sent_while_the_receiver_waits_all_arrive() {
 
 /// A full mailbox and two senders that park (rules 2 to 4): each is
 /// admitted as the receiver frees a slot, is woken, and finds itself done
-/// with one load or under the lock; every message arrives once, the one
-/// queued first, first.
+/// with one load or under the lock; every message arrives once.
 #[test]
 fn parked_senders_are_admitted_and_woken() {
     model(2, || {
@@ -116,7 +123,6 @@ fn parked_senders_are_admitted_and_woken() {
         while arrived.len() < 3 {
             arrived.push(block_on(receiver.recv()).expect("the mailbox is open"));
         }
-        assert_eq!(arrived[0], 0);
         arrived.sort_unstable();
         assert_eq!(arrived, [0, 1, 2]);
         for sender in senders {
@@ -173,11 +179,12 @@ fn a_cancelled_send_delivers_or_drops_its_message_once() {
     });
 }
 
-/// A parked sender racing the receiver taking a message and closing (rule
-/// 6): it is admitted (its message stays queued for the receiver) or
-/// handed its message back, never both, never neither.
+/// A sender racing the receiver taking a message and then closing (rules
+/// 3 and 6): admitted or queued before the close (its message stays
+/// queued for the receiver), or refused after it with its message back,
+/// never both, never neither.
 #[test]
-fn closing_hands_a_parked_message_back_or_keeps_it_queued() {
+fn a_send_racing_a_take_and_a_close_is_delivered_or_refused() {
     model(3, || {
         let (sender, mut receiver) = mailbox::<u32>(1);
         assert!(sender.try_send(0).is_ok());
@@ -275,6 +282,225 @@ fn a_dropped_receiver_hands_a_parked_message_back() {
             Ok(()) => panic!("nothing freed a slot"),
             Err(SendError::Timeout) => panic!("no deadline passes in the model"),
         }
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    });
+}
+
+/// Two sends from one task, the first polled first (rule 3): whether each
+/// queues or parks, their messages arrive in that order, after the one
+/// queued before them.
+#[test]
+fn parked_messages_arrive_in_the_order_their_senders_came() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || {
+                let (first, second) = block_on(futures_util::future::join(
+                    sender.send(1, far()),
+                    sender.send(2, far()),
+                ));
+                assert!(first.is_ok() && second.is_ok());
+            })
+        };
+        let mut arrived = Vec::new();
+        while arrived.len() < 3 {
+            arrived.push(block_on(receiver.recv()).expect("the mailbox is open"));
+        }
+        assert_eq!(arrived, [0, 1, 2]);
+        sending.join().expect("the sending thread");
+        assert_mirror(&sender);
+    });
+}
+
+/// The activation's receive path, a batch at a time, with senders parked
+/// behind a full mailbox (rules 3 and 9): taking the batch admits them and
+/// wakes them after the lock is released, and every message arrives once,
+/// the queued ones first.
+#[test]
+fn a_batch_taken_admits_the_parked_senders() {
+    model(2, || {
+        let (sender, mut receiver) = mailbox::<u32>(2);
+        assert!(sender.try_send(0).is_ok());
+        assert!(sender.try_send(1).is_ok());
+        let senders: Vec<_> = [2, 3]
+            .into_iter()
+            .map(|message| {
+                let sender = sender.clone();
+                thread::spawn(move || {
+                    assert!(block_on(sender.send(message, far())).is_ok());
+                })
+            })
+            .collect();
+        let mut batch = VecDeque::new();
+        let mut arrived = Vec::new();
+        while arrived.len() < 4 {
+            let open = block_on(poll_fn(|cx| receiver.poll_recv_all(cx, &mut batch)));
+            assert!(open);
+            arrived.extend(batch.drain(..));
+            assert_mirror(&sender);
+        }
+        assert_eq!(arrived[..2], [0, 1]);
+        arrived.sort_unstable();
+        assert_eq!(arrived, [0, 1, 2, 3]);
+        for sender in senders {
+            sender.join().expect("a sender thread");
+        }
+        assert_mirror(&sender);
+    });
+}
+
+/// A parked sender and a close (rule 6): whether the sender parked before
+/// the close or came after it, it has its message back, and what was
+/// queued stays for the receiver.
+#[test]
+fn closing_hands_a_parked_message_back() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || block_on(sender.send(5, far())))
+        };
+        receiver.close();
+        assert_eq!(receiver.try_recv(), Some(0));
+        match sending.join().expect("the sending thread") {
+            Err(SendError::Closed(message)) => assert_eq!(message, 5),
+            Ok(()) => panic!("a closed mailbox admitted a message"),
+            Err(SendError::Timeout) => panic!("no deadline passes in the model"),
+        }
+        assert_eq!(receiver.try_recv(), None);
+        assert!(sender.shared.lock().parked.is_empty());
+    });
+}
+
+/// A sender whose deadline has passed, the sweep (rule 5) and the receiver
+/// freeing a slot: the sender is admitted (its message delivered) or times
+/// out (its message dropped, once), and is never left waiting.
+#[test]
+fn a_swept_sender_times_out_or_is_admitted() {
+    model(3, || {
+        let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
+        let (sender, mut receiver) = mailbox::<Tracked>(1);
+        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            let drops = drops.clone();
+            thread::spawn(move || block_on(sender.send(Tracked(1, drops), Instant::now())))
+        };
+        let sweeping = {
+            let sender = sender.clone();
+            thread::spawn(move || {
+                sender.shared.sweep(Instant::now());
+            })
+        };
+        let first = receiver.try_recv().expect("message 0 is queued");
+        let sent = sending.join().expect("the sending thread");
+        sweeping.join().expect("the sweeping thread");
+        let delivered = receiver.try_recv();
+        match sent {
+            Ok(()) => {
+                assert_eq!(delivered.as_ref().map(|message| message.0), Some(1));
+                assert_eq!(drops.load(Ordering::SeqCst), 0);
+            }
+            Err(SendError::Timeout) => {
+                assert!(delivered.is_none());
+                assert_eq!(drops.load(Ordering::SeqCst), 1);
+            }
+            Err(SendError::Closed(_)) => panic!("nothing closed the mailbox"),
+        }
+        assert!(sender.shared.lock().parked.is_empty());
+        assert_mirror(&sender);
+        drop((first, delivered));
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
+    });
+}
+
+/// A reference's cached send (`SenderCache::try_send_with`, the ask's fast
+/// path) racing the receiver freeing the only slot and closing: the
+/// message is made exactly when it is queued, and a queued one is there
+/// for the receiver.
+#[test]
+fn a_cached_send_makes_its_message_only_when_it_is_queued() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let cache = SenderCache::new();
+        cache.set(&sender);
+        let made = ::loom::sync::Arc::new(AtomicUsize::new(0));
+        let sending = {
+            let made = made.clone();
+            thread::spawn(move || {
+                cache.try_send_with(|| {
+                    made.fetch_add(1, Ordering::SeqCst);
+                    Some(7)
+                })
+            })
+        };
+        assert_eq!(receiver.try_recv(), Some(0));
+        receiver.close();
+        let queued = sending.join().expect("the sending thread");
+        assert_eq!(made.load(Ordering::SeqCst), usize::from(queued));
+        assert_eq!(receiver.try_recv(), queued.then_some(7));
+        assert_eq!(receiver.try_recv(), None);
+    });
+}
+
+/// A send polled once with one waker and then waited on with another (a
+/// future moved between tasks, or polled by `select!` first): the parked
+/// entry takes the new waker, so the admission wakes the task that waits.
+#[test]
+fn a_parked_sender_polled_with_a_new_waker_is_woken_through_it() {
+    model(3, || {
+        let (sender, mut receiver) = mailbox::<u32>(1);
+        assert!(sender.try_send(0).is_ok());
+        let sending = {
+            let sender = sender.clone();
+            thread::spawn(move || {
+                let mut send = pin!(sender.send(1, far()));
+                let mut cx = Context::from_waker(noop_waker_ref());
+                if send.as_mut().poll(&mut cx).is_pending() {
+                    assert!(block_on(send.as_mut()).is_ok());
+                }
+            })
+        };
+        assert_eq!(receiver.try_recv(), Some(0));
+        sending.join().expect("the sending thread");
+        assert_eq!(receiver.try_recv(), Some(1));
+        assert_mirror(&sender);
+    });
+}
+
+/// A sender parked past its deadline, with nothing but the sweep (rule 5)
+/// to wake it, however the sweep's ticks fall around its parking: it times
+/// out, and its message is dropped once.
+#[test]
+fn a_parked_sender_past_its_deadline_is_swept_out() {
+    model(2, || {
+        let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
+        let (sender, receiver) = mailbox::<Tracked>(1);
+        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let finished = ::loom::sync::Arc::new(::loom::sync::atomic::AtomicBool::new(false));
+        let sweeping = {
+            let sender = sender.clone();
+            let finished = finished.clone();
+            thread::spawn(move || {
+                // The sweeper's ticks, until the sender is done.
+                while !finished.load(Ordering::SeqCst) {
+                    sender.shared.sweep(Instant::now());
+                    thread::yield_now();
+                }
+            })
+        };
+        let sent = block_on(sender.send(Tracked(1, drops.clone()), Instant::now()));
+        finished.store(true, Ordering::SeqCst);
+        sweeping.join().expect("the sweeping thread");
+        assert!(matches!(sent, Err(SendError::Timeout)));
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+        assert!(sender.shared.lock().parked.is_empty());
+        assert_mirror(&sender);
+        drop(receiver);
         assert_eq!(drops.load(Ordering::SeqCst), 2);
     });
 }

@@ -455,16 +455,17 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     // What the activation kept (its context's activation-local values)
     // goes before the listener hears of its end; its identity is made
     // only if one listens.
-    let listener = silo
-        .inner
-        .ended
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .map(|(_, listener)| listener.clone());
-    let heard = listener.map(|listener| (listener, ctx.new_id()));
+    let listened = |silo: &Silo| {
+        silo.inner
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(_, listener)| listener.clone())
+    };
+    let id = listened(&silo).map(|_| ctx.new_id());
     drop(ctx);
-    if let Some((listener, id)) = heard {
+    if let (Some(listener), Some(id)) = (listened(&silo), id) {
         listener(&id, end);
     }
 }

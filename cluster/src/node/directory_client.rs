@@ -84,6 +84,17 @@ impl ClusterNode {
         &self,
         request: DirectoryRequest,
     ) -> Result<DirectoryReply, ClusterCallError> {
+        self.directory_at(None, request).await
+    }
+
+    /// Sends a directory request to `owner`, the entry's owner in a view
+    /// the caller holds (a re-registration records whom it registered
+    /// with: `home.rs`), or else to the owner in the current view.
+    pub(super) async fn directory_at(
+        &self,
+        owner: Option<&SiloId>,
+        request: DirectoryRequest,
+    ) -> Result<DirectoryReply, ClusterCallError> {
         super::directory_service::within_bounds(&request)
             .map_err(|why| ClusterCallError::Remote(crate::wire::RemoteError::Forbidden(why)))?;
         #[cfg(feature = "etcd")]
@@ -121,12 +132,17 @@ impl ClusterNode {
                 },
             };
         }
-        let grain = request.grain();
-        let view = self.inner.view();
-        let Some(owner) = directory::owner(grain, &view).cloned() else {
-            return Err(ClusterCallError::Placement(
-                crate::placement::PlacementError::NoSilos,
-            ));
+        let owner = match owner {
+            Some(owner) => owner.clone(),
+            None => {
+                let view = self.inner.view();
+                let Some(owner) = directory::owner(request.grain(), &view).cloned() else {
+                    return Err(ClusterCallError::Placement(
+                        crate::placement::PlacementError::NoSilos,
+                    ));
+                };
+                owner
+            }
         };
         if self.inner.is_me(&owner) {
             return Ok(self.inner.answer_directory(request));

@@ -5,7 +5,7 @@
 //! and a home whose activation ended is given up (rule 6): the rules
 //! of the protocol in `node/mod.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
@@ -147,8 +147,18 @@ impl ClusterNode {
     }
 }
 
-/// Homes re-registered at once after a view change (rule 3).
+/// Homes re-registered at once with one owner after a view change (rule
+/// 3).
 const REREGISTER_AT_ONCE: usize = 32;
+
+/// A home to re-register after a view change (rule 3).
+struct Reregistering {
+    grain: GrainId,
+    /// This silo and the activation number the entry holds.
+    proposed: ActivationAddress,
+    /// The home's generation: a later home for the grain is not this one.
+    generation: u64,
+}
 
 impl Inner {
     /// Handles a request for `grain` that arrived from another silo (rule
@@ -581,6 +591,8 @@ impl Inner {
         // Every home must be confirmed again with its entry's owner in the
         // new view before a reference may skip the router for it.
         self.end_leases();
+        // Before anything here can wait: the last view's pass stops now.
+        self.start_reregistering(after, changed_at);
         // Rule 8: reminder ownership moves with the view.
         let silo = self.silo.clone();
         tokio::spawn(async move {
@@ -618,155 +630,187 @@ impl Inner {
                 }
             });
         }
-        // Re-register homes whose entry changed owner, beside the view
-        // task (rule 3): a later view is taken at once, and its pass
-        // replaces this one.
+    }
+
+    /// Re-registers the homes whose entry changed owner in `after`, whose
+    /// hand-over window started at `changed_at` (rule 3), beside the view
+    /// task, in place of the last view's pass, which is stopped. A stopped
+    /// node starts none (`stop_tasks` takes the pass under the same lock,
+    /// after `stopped` is set).
+    fn start_reregistering(self: &Arc<Self>, after: &[Member], changed_at: Instant) {
+        let epoch = self.view_epoch.load(Ordering::SeqCst);
         let give_up_at = changed_at
             .checked_add(self.handoff.saturating_mul(2))
             .unwrap_or_else(|| deadline_after(self.handoff.saturating_mul(2)));
-        let pass = tokio::spawn({
-            let inner = self.clone();
-            let view = after.to_vec();
-            async move {
-                inner
-                    .reregister_homes(&view, give_up_at, |current, new| current != new)
-                    .await;
-            }
-        });
-        let replaced = self
+        let mut reregistering = self
             .reregistering
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(pass);
-        if let Some(replaced) = replaced {
-            replaced.abort();
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(previous) = reregistering.take() {
+            previous.abort();
         }
-        // Stopped meanwhile: `stop_tasks` may have looked before the pass
-        // was stored.
         if self.stopped.load(Ordering::Acquire) {
-            if let Some(pass) = self
-                .reregistering
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                pass.abort();
-            }
+            return;
         }
+        let inner = self.clone();
+        let view = after.to_vec();
+        *reregistering = Some(tokio::spawn(async move {
+            inner.reregister_homes(&view, epoch, give_up_at).await;
+        }));
+    }
+
+    /// Whether the view of `epoch` is still the one followed: a pass for
+    /// an earlier view changes no home (its abort may come a poll late).
+    fn still_current(&self, epoch: u64) -> bool {
+        self.view_epoch.load(Ordering::SeqCst) == epoch
     }
 
     /// Re-registers, with its entry's owner in `view`, every confirmed
-    /// home here that is not leaving and for which `wanted(current owner,
-    /// owner in view)` holds (rule 3), trying until `give_up_at`.
-    async fn reregister_homes(
-        self: &Arc<Self>,
-        view: &[Member],
-        give_up_at: Instant,
-        wanted: impl Fn(&SiloId, &SiloId) -> bool,
-    ) {
+    /// home here that is not leaving or moving and whose entry changed
+    /// owner (rule 3), until `give_up_at`. Each owner's homes are tried
+    /// on their own (a silent owner holds up no other's), a few at a time.
+    async fn reregister_homes(self: &Arc<Self>, view: &[Member], epoch: u64, give_up_at: Instant) {
+        let me = self.id();
+        let mut by_owner: HashMap<SiloId, Vec<Reregistering>> = HashMap::new();
+        for entry in self.homes.iter() {
+            let home = entry.value();
+            // Not registered yet (its first call registers it), leaving
+            // (its entry is being removed), or moving (its migration
+            // registers it if the switch finds the owner changed, and its
+            // next call if it stays: `migration.rs` rule 4).
+            let Some(current) = home.owner.as_ref() else {
+                continue;
+            };
+            if home.leaving || home.moving.is_some() {
+                continue;
+            }
+            let Some(new) = self.entry_owner(entry.key(), view) else {
+                continue;
+            };
+            if *current == new {
+                continue;
+            }
+            by_owner.entry(new).or_default().push(Reregistering {
+                grain: entry.key().clone(),
+                proposed: ActivationAddress {
+                    silo: me.clone(),
+                    activation: home.activation,
+                },
+                generation: home.generation,
+            });
+        }
         let node = ClusterNode {
             inner: self.clone(),
         };
-        let homes: Vec<GrainId> = self.homes.iter().map(|entry| entry.key().clone()).collect();
-        // Every home needs a round trip to its owner: a few at a time, so
-        // that many homes re-register within the hand-over window.
-        let wanted = &wanted;
         let node = &node;
-        futures_util::stream::iter(homes)
-            .for_each_concurrent(REREGISTER_AT_ONCE, |grain| async move {
-                self.reregister_home(node, view, give_up_at, wanted, grain)
-                    .await;
-            })
-            .await;
+        futures_util::future::join_all(
+            by_owner
+                .into_iter()
+                .map(|(owner, homes)| self.reregister_with(node, owner, homes, epoch, give_up_at)),
+        )
+        .await;
     }
 
-    /// Re-registers one home, if `wanted` (see `reregister_homes`).
-    async fn reregister_home(
+    /// Rule 3 for the homes whose entry `owner` holds in the new view:
+    /// rounds `handoff / 8` apart, each trying every home still owed once
+    /// (a few at a time, each try cut off at a quarter of the window),
+    /// until `give_up_at`, twice the window after this silo learnt of the
+    /// change. The owner may learn of it up to `handoff` later (until then
+    /// it answers `Retry`, owning nothing), and then refuses other claims
+    /// for `handoff`; a home not re-registered by then is given up (its
+    /// activation let go), since another silo may claim the grain.
+    async fn reregister_with(
         self: &Arc<Self>,
         node: &ClusterNode,
-        view: &[Member],
+        owner: SiloId,
+        mut pending: Vec<Reregistering>,
+        epoch: u64,
         give_up_at: Instant,
-        wanted: &impl Fn(&SiloId, &SiloId) -> bool,
-        grain: GrainId,
     ) {
-        let Some(new) = self.entry_owner(&grain, view) else {
-            return;
-        };
-        // Up to date, leaving (its entry is being removed), not registered
-        // yet (its first call registers it), or moving (its migration
-        // registers it if the switch finds the owner changed, and its next
-        // call if it stays: `migration.rs` rule 4).
-        let Some((activation, generation)) = self.homes.get(&grain).and_then(|home| {
-            let current = home.owner.as_ref()?;
-            (wanted(current, &new) && !home.leaving && home.moving.is_none())
-                .then_some((home.activation, home.generation))
-        }) else {
-            return;
-        };
-        let proposed = ActivationAddress {
-            silo: self.id(),
-            activation,
-        };
-        // Only this home is updated or let go: not a later one for the
-        // same grain (after a rejoin, rule 7, the home here may be new).
-        let this_home = |home: &Home| home.generation == generation;
-        // Tries until `give_up_at`, twice the hand-over window after this
-        // silo learnt of the change (rule 3): the new owner may learn of it
-        // up to `handoff` later (until then it answers `Retry`, owning
-        // nothing), and then refuses other claims for `handoff`. A home
-        // that cannot re-register by then is given up (its activation let
-        // go), since after it another silo may claim the grain. Each try
-        // is cut off there too (a silent owner would hold it for the
-        // connection's timeout); a home whose turn comes after it gets one
-        // short try, whose answer is right whatever it is.
+        let try_for = (self.handoff / 4).max(Duration::from_millis(1));
+        let owner = &owner;
         loop {
-            // Fenced (the fence gave every home up), or this home was
-            // given up, is leaving or moving meanwhile: nothing of it to
-            // register.
-            let live = self
-                .homes
-                .get(&grain)
-                .is_some_and(|home| this_home(&home) && !home.leaving && home.moving.is_none());
-            if !live || self.fence.is_fenced() {
+            pending = futures_util::stream::iter(pending)
+                .map(|home| self.try_reregister(node, owner, home, epoch, try_for))
+                .buffer_unordered(REREGISTER_AT_ONCE)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
+            if pending.is_empty() || !self.still_current(epoch) || self.fence.is_fenced() {
                 return;
             }
-            let reply = tokio::time::timeout(
-                give_up_at
-                    .saturating_duration_since(Instant::now())
-                    .max(self.handoff / 8),
-                node.directory(DirectoryRequest::Register {
-                    grain: grain.clone(),
-                    home: proposed.clone(),
-                    existing: true,
-                }),
-            )
-            .await
-            .unwrap_or(Ok(DirectoryReply::Retry));
-            match reply {
-                Ok(DirectoryReply::Home(home)) if home.silo == proposed.silo => {
-                    if let Some(mut entry) = self.homes.get_mut(&grain) {
-                        if this_home(&entry) {
-                            entry.owner = Some(new);
-                            entry.activation = home.activation;
-                        }
-                    }
-                    return;
+            let now = Instant::now();
+            if now >= give_up_at
+                || self.stopped.load(Ordering::Acquire)
+                || !pending
+                    .first()
+                    .is_some_and(|home| self.is_me(&home.proposed.silo))
+            {
+                for home in &pending {
+                    self.remove_this_home(&home.grain, |current| {
+                        current.generation == home.generation && self.still_current(epoch)
+                    });
                 }
-                Ok(DirectoryReply::Home(_)) => {
-                    self.remove_this_home(&grain, this_home);
-                    return;
-                }
-                _ if Instant::now() < give_up_at
-                    && !self.stopped.load(Ordering::Acquire)
-                    && self.is_me(&proposed.silo) =>
-                {
-                    tokio::time::sleep(self.handoff / 8).await;
-                }
-                _ => {
-                    self.remove_this_home(&grain, this_home);
-                    return;
-                }
+                return;
             }
+            tokio::time::sleep((self.handoff / 8).min(give_up_at - now)).await;
+        }
+    }
+
+    /// One try of `home`'s re-registration with `owner`; the home back if
+    /// it is to be tried again (the owner answered `Retry`, or nothing
+    /// within `try_for`).
+    async fn try_reregister(
+        self: &Arc<Self>,
+        node: &ClusterNode,
+        owner: &SiloId,
+        home: Reregistering,
+        epoch: u64,
+        try_for: Duration,
+    ) -> Option<Reregistering> {
+        // Only this home is updated or let go: not a later one for the
+        // same grain (after a rejoin, rule 7, the home here may be new),
+        // and not one given up, leaving or moving meanwhile (a fence gives
+        // every home up).
+        let this_home = |current: &Home| current.generation == home.generation;
+        let live = self.homes.get(&home.grain).is_some_and(|current| {
+            this_home(&current) && !current.leaving && current.moving.is_none()
+        });
+        if !live || !self.still_current(epoch) || self.fence.is_fenced() {
+            return None;
+        }
+        let reply = tokio::time::timeout(
+            try_for,
+            node.directory_at(
+                Some(owner),
+                DirectoryRequest::Register {
+                    grain: home.grain.clone(),
+                    home: home.proposed.clone(),
+                    existing: true,
+                },
+            ),
+        )
+        .await
+        .unwrap_or(Ok(DirectoryReply::Retry));
+        match reply {
+            Ok(DirectoryReply::Home(address)) if address.silo == home.proposed.silo => {
+                if let Some(mut current) = self.homes.get_mut(&home.grain) {
+                    // Checked under the entry's lock: a pass whose view was
+                    // replaced records no owner.
+                    if this_home(&current) && self.still_current(epoch) {
+                        current.owner = Some(owner.clone());
+                        current.activation = address.activation;
+                    }
+                }
+                None
+            }
+            Ok(DirectoryReply::Home(_)) => {
+                self.remove_this_home(&home.grain, |current| {
+                    this_home(current) && self.still_current(epoch)
+                });
+                None
+            }
+            _ => Some(home),
         }
     }
 

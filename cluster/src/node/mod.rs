@@ -26,15 +26,19 @@
 //!    as every silo learns of a view change within `handoff` (several
 //!    gossip rounds by default). A new owner that has not learnt of the
 //!    change yet answers `Retry` too (the grain is not its own in the view
-//!    it has), so a home tries again, `handoff / 8` apart, until about
-//!    twice `handoff` after this silo learnt of the change (each try is cut
-//!    off there; a home whose turn comes later gets one try): by then its
+//!    it has), so a home tries again, in rounds `handoff / 8` apart, until
+//!    twice `handoff` after this silo learnt of the change: by then its
 //!    owner has known of the change for `handoff` and may have let another
 //!    silo claim the grain, and a home that has not re-registered is given
-//!    up. The homes re-register beside the task that follows the view, so
-//!    a later change is taken at once (the window starts before the new
-//!    view is seen, so an owner never answers in the new view unsettled),
-//!    and its re-registration replaces the earlier one's.
+//!    up. Each owner's homes are tried on their own, a few at a time, each
+//!    try cut off at a quarter of the window, so a late or silent owner
+//!    holds up no other owner's homes; each home registers with the owner
+//!    of the view it re-registers for, and records that owner. The homes
+//!    re-register beside the task that follows the view, and a later
+//!    change's re-registration replaces the earlier one's as soon as the
+//!    change is seen (one replaced changes no home). The window starts
+//!    before the new view is swapped in, so an owner never answers in a
+//!    new view unsettled.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the
 //!    owners drop its entries, the next call places the grain elsewhere,
 //!    and the grain starts from its persisted state there. Connections to
@@ -302,6 +306,9 @@ struct Inner {
     /// run beside the view task, not in it, so that a later view is
     /// followed at once; aborted when the next one starts.
     reregistering: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Counts the view changes (rule 3): a re-registration for a view
+    /// since replaced changes no home.
+    view_epoch: AtomicU64,
     /// Its calls to other silos, counted (`stats.rs`).
     stats: stats::NodeStats,
     /// When the node started, in milliseconds since the Unix epoch

@@ -380,6 +380,7 @@ impl NodeParts {
             next_activation: AtomicU64::new(1),
             tasks: Mutex::new(Vec::new()),
             reregistering: Mutex::new(None),
+            view_epoch: AtomicU64::new(0),
             stats: super::stats::NodeStats::default(),
             started_ms: crate::membership::unix_ms(),
             gossip_stats,
@@ -532,9 +533,13 @@ impl NodeParts {
                     };
                     // Rule 3: the hand-over window starts before anyone
                     // can see the new view here (`answer_directory` reads
-                    // the view first), so no owner answers in it unsettled.
-                    let changed =
-                        (silos(&inner.view()) != silos(&after)).then(|| inner.restart_handoff());
+                    // the view first), so no owner answers in it unsettled;
+                    // the epoch moves on, so the last view's re-registration
+                    // changes no home from now on.
+                    let changed = (silos(&inner.view()) != silos(&after)).then(|| {
+                        inner.view_epoch.fetch_add(1, Ordering::SeqCst);
+                        inner.restart_handoff()
+                    });
                     let before = inner.view.swap(after.clone());
                     if let Some(changed_at) = changed {
                         inner.on_view_change(&before, &after, changed_at).await;

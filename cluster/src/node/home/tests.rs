@@ -342,3 +342,86 @@ async fn a_later_view_replaces_a_reregistration_still_retrying() {
     }
     assert_eq!(na.silo().activations_started(), 40);
 }
+
+/// Forty homes move to an owner that never learns of the change, four to
+/// one that learns at once. The prompt owner's homes register within the
+/// window (a late owner holds up no other owner's homes); the late
+/// owner's are given up at twice the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_owner_holds_up_no_other_owners_homes() {
+    let network = InProcessNetwork::new();
+    let [a, b, c, d] = ["silo-a:7000", "silo-b:7000", "silo-c:7000", "silo-d:7000"]
+        .map(|address| SiloId::new(address, 1));
+    let everyone = view(&[&a, &b, &c, &d]);
+    let survivors = view(&[&a, &c, &d]);
+    let moving_to = |owner: &SiloId, count: usize| -> Vec<u64> {
+        (0..100_000u64)
+            .filter(|&key| {
+                directory::owner(&grain(key), &everyone) == Some(&b)
+                    && directory::owner(&grain(key), &survivors) == Some(owner)
+            })
+            .take(count)
+            .collect()
+    };
+    let (late, prompt) = (moving_to(&c, 40), moving_to(&d, 4));
+    assert_eq!((late.len(), prompt.len()), (40, 4));
+    let views = [(); 4].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
+    let na = start(&network, &a.address, &views[0]).await;
+    let nb = start(&network, &b.address, &views[1]).await;
+    let _nc = start(&network, &c.address, &views[2]).await;
+    let nd = start(&network, &d.address, &views[3]).await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    for &key in late.iter().chain(&prompt) {
+        assert_eq!(
+            na.grain::<Tally>(key)
+                .call(Bump)
+                .await
+                .expect("a first call"),
+            1
+        );
+    }
+
+    nb.kill().await.expect("b stops");
+    let died = Instant::now();
+    views[0].send_replace(survivors.clone());
+    views[3].send_replace(survivors);
+    let registered_with_d = || {
+        prompt
+            .iter()
+            .filter(|&&key| {
+                nd.inner.partition.lookup(&grain(key)).map(|home| home.silo) == Some(a.clone())
+                    && na
+                        .inner
+                        .homes
+                        .get(&grain(key))
+                        .and_then(|home| home.owner.clone())
+                        == Some(d.clone())
+            })
+            .count()
+    };
+    while registered_with_d() != prompt.len() {
+        assert!(
+            died.elapsed() < HANDOFF,
+            "{} of {} homes registered with d after {:?}",
+            registered_with_d(),
+            prompt.len(),
+            died.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // c never learns: its homes go at twice the window, d's stay.
+    while na.homes() != prompt.len() {
+        assert!(died.elapsed() < HANDOFF * 4, "{} homes left", na.homes());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(died.elapsed() >= HANDOFF * 2);
+    for &key in &prompt {
+        assert_eq!(
+            na.grain::<Tally>(key)
+                .call(Bump)
+                .await
+                .expect("a second call"),
+            2
+        );
+    }
+}

@@ -17,6 +17,9 @@
 //!   with up to 256 in flight; criterion's throughput is requests per
 //!   second. `micro_batch_16` is the default configuration; `no_batching`
 //!   sets `micro_batch` to 1, so every request takes its own ring claim.
+//!   Both send through `GpuBridge::execute` (a name looked up, bytes in, a
+//!   `Vec` out); `typed_call_into` sends the same requests through a
+//!   resolved typed kernel, `call_into` a buffer of each task's own.
 //! - `bridge_many_64/*`: one task sends 64 groups of 64 small requests:
 //!   `bridge_execute_many` (bytes in, every answer in one buffer out),
 //!   `typed_call_many_into` (`f32`s in, answers straight into one caller
@@ -37,7 +40,7 @@ use granary_kernels::shipped::DOUBLE;
 use granary_kernels::{Backend, CpuBackend};
 
 mod common;
-use common::{cpu_bridge, fan_out, request, runtime};
+use common::{cpu_bridge, fan_out, fan_out_typed, request, runtime};
 
 fn round_trip(c: &mut Criterion) {
     let rt = runtime();
@@ -120,6 +123,18 @@ fn throughput(c: &mut Criterion) {
         });
         rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
     }
+    let bridge = cpu_bridge(BridgeConfig::default().micro_batch);
+    rt.block_on(bridge.execute("double", &request())).unwrap();
+    group.bench_function("cpu/typed_call_into", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                total += rt.block_on(fan_out_typed(&bridge, tasks, per_task));
+            }
+            total
+        })
+    });
+    rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
     group.finish();
 }
 

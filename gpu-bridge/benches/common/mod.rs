@@ -60,6 +60,32 @@ pub async fn fan_out(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Durat
     started.elapsed()
 }
 
+/// `tasks` tasks send `per_task` single typed requests each (a resolved
+/// `Kernel`, `call_into` a buffer of the task's own: no name looked up, no
+/// `Vec` per answer), all at once; returns the wall time.
+pub async fn fan_out_typed(bridge: &GpuBridge, tasks: usize, per_task: usize) -> Duration {
+    let double = bridge
+        .kernel::<granary_gpu::shipped::Double>()
+        .expect("double is registered");
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let double = double.clone();
+            tokio::spawn(async move {
+                let input = [1.0f32, 2.0, 3.0, 4.0];
+                let mut output = [0.0f32; 4];
+                for _ in 0..per_task {
+                    black_box(double.call_into(&input, &mut output).await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    started.elapsed()
+}
+
 /// `tasks` tasks send `per_task` requests each as typed groups of `group`
 /// (`call_many_into`), all at once; returns the wall time.
 pub async fn fan_out_groups(

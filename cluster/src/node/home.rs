@@ -160,6 +160,14 @@ struct Reregistering {
     generation: u64,
 }
 
+impl Reregistering {
+    /// Whether `current` is this home still, not leaving (its entry is
+    /// being removed: rule 6) and not moving (its migration registers it).
+    fn is_this(&self, current: &Home) -> bool {
+        current.generation == self.generation && !current.leaving && current.moving.is_none()
+    }
+}
+
 impl Inner {
     /// Handles a request for `grain` that arrived from another silo (rule
     /// 2): makes this silo its home, then dispatches it to the local
@@ -668,35 +676,44 @@ impl Inner {
     /// Re-registers, with its entry's owner in `view`, every confirmed
     /// home here that is not leaving or moving and whose entry changed
     /// owner (rule 3), until `give_up_at`. Each owner's homes are tried
-    /// on their own (a silent owner holds up no other's), a few at a time.
+    /// on their own (a silent owner holds up no other's), a few at a time
+    /// each (so up to `REREGISTER_AT_ONCE` requests per owner at once).
     async fn reregister_homes(self: &Arc<Self>, view: &[Member], epoch: u64, give_up_at: Instant) {
         let me = self.id();
+        // Not registered yet (its first call registers it), leaving (its
+        // entry is being removed), or moving (its migration registers it
+        // if the switch finds the owner changed, and its next call if it
+        // stays: `migration.rs` rule 4): not re-registered. Taken out
+        // first, so that no owner is hashed under the map's locks.
+        let confirmed: Vec<(GrainId, SiloId, u64, u64)> = self
+            .homes
+            .iter()
+            .filter(|entry| !entry.leaving && entry.moving.is_none())
+            .filter_map(|entry| {
+                let owner = entry.owner.clone()?;
+                Some((
+                    entry.key().clone(),
+                    owner,
+                    entry.activation,
+                    entry.generation,
+                ))
+            })
+            .collect();
         let mut by_owner: HashMap<SiloId, Vec<Reregistering>> = HashMap::new();
-        for entry in self.homes.iter() {
-            let home = entry.value();
-            // Not registered yet (its first call registers it), leaving
-            // (its entry is being removed), or moving (its migration
-            // registers it if the switch finds the owner changed, and its
-            // next call if it stays: `migration.rs` rule 4).
-            let Some(current) = home.owner.as_ref() else {
+        for (grain, current, activation, generation) in confirmed {
+            let Some(new) = self.entry_owner(&grain, view) else {
                 continue;
             };
-            if home.leaving || home.moving.is_some() {
-                continue;
-            }
-            let Some(new) = self.entry_owner(entry.key(), view) else {
-                continue;
-            };
-            if *current == new {
+            if current == new {
                 continue;
             }
             by_owner.entry(new).or_default().push(Reregistering {
-                grain: entry.key().clone(),
+                grain,
                 proposed: ActivationAddress {
                     silo: me.clone(),
-                    activation: home.activation,
+                    activation,
                 },
-                generation: home.generation,
+                generation,
             });
         }
         let node = ClusterNode {
@@ -712,13 +729,17 @@ impl Inner {
     }
 
     /// Rule 3 for the homes whose entry `owner` holds in the new view:
-    /// rounds `handoff / 8` apart, each trying every home still owed once
-    /// (a few at a time, each try cut off at a quarter of the window),
-    /// until `give_up_at`, twice the window after this silo learnt of the
-    /// change. The owner may learn of it up to `handoff` later (until then
-    /// it answers `Retry`, owning nothing), and then refuses other claims
-    /// for `handoff`; a home not re-registered by then is given up (its
-    /// activation let go), since another silo may claim the grain.
+    /// rounds, each trying every home still owed once (a few at a time,
+    /// each try cut off at a quarter of the window and at `give_up_at`),
+    /// with a pause of `handoff / 8` after each, until `give_up_at`, twice
+    /// the window after this silo learnt of the change. The owner may learn
+    /// of it up to `handoff` later (until then it answers `Retry`, owning
+    /// nothing), and then refuses other claims for `handoff`; a home not
+    /// re-registered by then is given up (its activation let go), since
+    /// another silo may claim the grain. A home whose turn comes after
+    /// `give_up_at` is given up untried. The connection to the owner is
+    /// opened before each round, bounded by `give_up_at` alone, so that
+    /// the tries' cut-off never cuts off a handshake.
     async fn reregister_with(
         self: &Arc<Self>,
         node: &ClusterNode,
@@ -727,11 +748,19 @@ impl Inner {
         epoch: u64,
         give_up_at: Instant,
     ) {
-        let try_for = (self.handoff / 4).max(Duration::from_millis(1));
         let owner = &owner;
         loop {
+            if !self.is_me(owner) {
+                // A failed connect is tried again by the round's requests
+                // (each bounded) and by the next round.
+                let _ = tokio::time::timeout(
+                    give_up_at.saturating_duration_since(Instant::now()),
+                    node.connection(owner),
+                )
+                .await;
+            }
             pending = futures_util::stream::iter(pending)
-                .map(|home| self.try_reregister(node, owner, home, epoch, try_for))
+                .map(|home| self.try_reregister(node, owner, home, epoch, give_up_at))
                 .buffer_unordered(REREGISTER_AT_ONCE)
                 .filter_map(std::future::ready)
                 .collect()
@@ -747,9 +776,7 @@ impl Inner {
                     .is_some_and(|home| self.is_me(&home.proposed.silo))
             {
                 for home in &pending {
-                    self.remove_this_home(&home.grain, |current| {
-                        current.generation == home.generation && self.still_current(epoch)
-                    });
+                    self.give_up_reregistering(home, epoch);
                 }
                 return;
             }
@@ -757,27 +784,41 @@ impl Inner {
         }
     }
 
+    /// Gives `home` up (its activation let go) if it is still the home it
+    /// was, not leaving or moving, and its view is still followed (checked
+    /// under the home's lock).
+    fn give_up_reregistering(&self, home: &Reregistering, epoch: u64) {
+        self.remove_this_home(&home.grain, |current| {
+            home.is_this(current) && self.still_current(epoch)
+        });
+    }
+
     /// One try of `home`'s re-registration with `owner`; the home back if
-    /// it is to be tried again (the owner answered `Retry`, or nothing
-    /// within `try_for`).
+    /// it is to be tried again (the owner answered `Retry`, or nothing in
+    /// a quarter of the window or before `give_up_at`, or `give_up_at` has
+    /// passed and it was not tried).
     async fn try_reregister(
         self: &Arc<Self>,
         node: &ClusterNode,
         owner: &SiloId,
         home: Reregistering,
         epoch: u64,
-        try_for: Duration,
+        give_up_at: Instant,
     ) -> Option<Reregistering> {
         // Only this home is updated or let go: not a later one for the
         // same grain (after a rejoin, rule 7, the home here may be new),
         // and not one given up, leaving or moving meanwhile (a fence gives
         // every home up).
-        let this_home = |current: &Home| current.generation == home.generation;
-        let live = self.homes.get(&home.grain).is_some_and(|current| {
-            this_home(&current) && !current.leaving && current.moving.is_none()
-        });
+        let live = self
+            .homes
+            .get(&home.grain)
+            .is_some_and(|current| home.is_this(&current));
         if !live || !self.still_current(epoch) || self.fence.is_fenced() {
             return None;
+        }
+        let try_for = (self.handoff / 4).min(give_up_at.saturating_duration_since(Instant::now()));
+        if try_for.is_zero() {
+            return Some(home);
         }
         let reply = tokio::time::timeout(
             try_for,
@@ -797,7 +838,7 @@ impl Inner {
                 if let Some(mut current) = self.homes.get_mut(&home.grain) {
                     // Checked under the entry's lock: a pass whose view was
                     // replaced records no owner.
-                    if this_home(&current) && self.still_current(epoch) {
+                    if home.is_this(&current) && self.still_current(epoch) {
                         current.owner = Some(owner.clone());
                         current.activation = address.activation;
                     }
@@ -805,9 +846,7 @@ impl Inner {
                 None
             }
             Ok(DirectoryReply::Home(_)) => {
-                self.remove_this_home(&home.grain, |current| {
-                    this_home(current) && self.still_current(epoch)
-                });
+                self.give_up_reregistering(&home, epoch);
                 None
             }
             _ => Some(home),

@@ -26,8 +26,9 @@
 //!    as every silo learns of a view change within `handoff` (several
 //!    gossip rounds by default). A new owner that has not learnt of the
 //!    change yet answers `Retry` too (the grain is not its own in the view
-//!    it has), so a home tries again, in rounds `handoff / 8` apart, until
-//!    twice `handoff` after this silo learnt of the change: by then its
+//!    it has), so a home tries again, in rounds with a pause of
+//!    `handoff / 8` after each, until twice `handoff` after this silo
+//!    learnt of the change (no try outlasts it): by then its
 //!    owner has known of the change for `handoff` and may have let another
 //!    silo claim the grain, and a home that has not re-registered is given
 //!    up. Each owner's homes are tried on their own, a few at a time, each

@@ -425,3 +425,70 @@ async fn a_late_owner_holds_up_no_other_owners_homes() {
         );
     }
 }
+
+/// Six hundred homes move to an owner that takes connections and never
+/// answers (a silo whose runtime stands still): no try outlasts the give-up
+/// time, so every home is given up at twice the window, not after rounds
+/// of cut-off tries, 32 at a time, that outlast it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homes_whose_owner_never_answers_go_at_twice_the_window() {
+    use crate::transport::Transport;
+
+    let network = InProcessNetwork::new();
+    let [a, b, c] =
+        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
+    let everyone = view(&[&a, &b, &c]);
+    let survivors = view(&[&a, &c]);
+    let keys: Vec<u64> = (0..100_000u64)
+        .filter(|&key| {
+            directory::owner(&grain(key), &everyone) == Some(&b)
+                && directory::owner(&grain(key), &survivors) == Some(&c)
+        })
+        .take(600)
+        .collect();
+    assert_eq!(keys.len(), 600);
+    // c: a listener that accepts and then says nothing.
+    let mut silent = network
+        .transport(&c.address)
+        .bind(c.address.clone())
+        .await
+        .expect("c's address");
+    let held = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            streams.push(stream);
+        }
+    });
+    let views = [(); 2].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
+    let na = start(&network, &a.address, &views[0]).await;
+    let nb = start(&network, &b.address, &views[1]).await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    for &key in &keys {
+        assert_eq!(
+            na.grain::<Tally>(key)
+                .call(Bump)
+                .await
+                .expect("a first call"),
+            1
+        );
+    }
+
+    nb.kill().await.expect("b stops");
+    let died = Instant::now();
+    views[0].send_replace(survivors);
+    while na.homes() != 0 {
+        assert!(
+            died.elapsed() < HANDOFF * 11 / 4,
+            "{} homes left after {:?}",
+            na.homes(),
+            died.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        died.elapsed() >= HANDOFF * 2,
+        "given up after {:?}",
+        died.elapsed()
+    );
+    held.abort();
+}

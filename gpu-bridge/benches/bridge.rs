@@ -108,7 +108,12 @@ fn throughput(c: &mut Criterion) {
     let mut group = c.benchmark_group("bridge_throughput");
     group.throughput(Throughput::Elements((tasks * per_task) as u64));
     group.sample_size(30);
-    for (name, micro_batch) in [("cpu/micro_batch_16", 16), ("cpu/no_batching", 1)] {
+    let default = BridgeConfig::default().micro_batch;
+    for (name, micro_batch, typed) in [
+        ("cpu/micro_batch_16", 16, false),
+        ("cpu/no_batching", 1, false),
+        ("cpu/typed_call_into", default, true),
+    ] {
         let bridge = cpu_bridge(micro_batch);
         // Launch the kernel before measuring.
         rt.block_on(bridge.execute("double", &request())).unwrap();
@@ -116,25 +121,17 @@ fn throughput(c: &mut Criterion) {
             b.iter_custom(|iterations| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iterations {
-                    total += rt.block_on(fan_out(&bridge, tasks, per_task));
+                    total += if typed {
+                        rt.block_on(fan_out_typed(&bridge, tasks, per_task))
+                    } else {
+                        rt.block_on(fan_out(&bridge, tasks, per_task))
+                    };
                 }
                 total
             })
         });
         rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
     }
-    let bridge = cpu_bridge(BridgeConfig::default().micro_batch);
-    rt.block_on(bridge.execute("double", &request())).unwrap();
-    group.bench_function("cpu/typed_call_into", |b| {
-        b.iter_custom(|iterations| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iterations {
-                total += rt.block_on(fan_out_typed(&bridge, tasks, per_task));
-            }
-            total
-        })
-    });
-    rt.block_on(bridge.shutdown(granary_kernels::StopMode::Drain));
     group.finish();
 }
 

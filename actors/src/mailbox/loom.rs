@@ -44,6 +44,52 @@ fn mailbox<T: Send + 'static>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     channel(capacity, Sweeper::new(Duration::from_secs(3600)))
 }
 
+/// A mailbox of `capacity` slots holding `queued`.
+fn holding<T: Send + 'static>(
+    capacity: usize,
+    queued: impl IntoIterator<Item = T>,
+) -> (Sender<T>, Receiver<T>) {
+    let (sender, receiver) = mailbox(capacity);
+    for message in queued {
+        assert!(sender.try_send(message).is_ok(), "room to queue");
+    }
+    (sender, receiver)
+}
+
+/// A thread for each of `messages` that sends it, waiting for room, and
+/// must deliver it.
+fn delivering(sender: &Sender<u32>, messages: [u32; 2]) -> [thread::JoinHandle<()>; 2] {
+    messages.map(|message| {
+        let sender = sender.clone();
+        thread::spawn(move || assert!(block_on(sender.send(message, far())).is_ok()))
+    })
+}
+
+/// Receives a batch at a time (`poll_recv_all`, the activation's path)
+/// until `count` messages arrived, checking `sender`'s mirror after each.
+fn receive_batches(receiver: &mut Receiver<u32>, sender: &Sender<u32>, count: usize) -> Vec<u32> {
+    let mut batch = VecDeque::new();
+    let mut arrived = Vec::new();
+    while arrived.len() < count {
+        let open = block_on(poll_fn(|cx| receiver.poll_recv_all(cx, &mut batch)));
+        assert!(open);
+        arrived.extend(batch.drain(..));
+        assert_mirror(sender);
+    }
+    arrived
+}
+
+/// A thread that sends `message` until `deadline`, waiting for room, and
+/// ends with how it went.
+fn sending<T: Send + 'static>(
+    sender: &Sender<T>,
+    message: T,
+    deadline: Instant,
+) -> thread::JoinHandle<Result<(), SendError<T>>> {
+    let sender = sender.clone();
+    thread::spawn(move || block_on(sender.send(message, deadline)))
+}
+
 /// Counts drops, to see that a message is neither lost nor dropped twice.
 struct Tracked(u32, ::loom::sync::Arc<AtomicUsize>);
 
@@ -86,13 +132,7 @@ fn messages_sent_while_the_receiver_waits_all_arrive() {
                 thread::spawn(move || assert!(sender.try_send(message).is_ok()))
             })
             .collect();
-        let mut batch = VecDeque::new();
-        let mut arrived = Vec::new();
-        while arrived.len() < 2 {
-            let open = block_on(poll_fn(|cx| receiver.poll_recv_all(cx, &mut batch)));
-            assert!(open);
-            arrived.extend(batch.drain(..));
-        }
+        let mut arrived = receive_batches(&mut receiver, &sender, 2);
         arrived.sort_unstable();
         assert_eq!(arrived, [1, 2]);
         for sender in senders {
@@ -108,17 +148,8 @@ fn messages_sent_while_the_receiver_waits_all_arrive() {
 #[test]
 fn parked_senders_are_admitted_and_woken() {
     model(2, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
-        let senders: Vec<_> = [1, 2]
-            .into_iter()
-            .map(|message| {
-                let sender = sender.clone();
-                thread::spawn(move || {
-                    assert!(block_on(sender.send(message, far())).is_ok());
-                })
-            })
-            .collect();
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
+        let senders = delivering(&sender, [1, 2]);
         let mut arrived = Vec::new();
         while arrived.len() < 3 {
             arrived.push(block_on(receiver.recv()).expect("the mailbox is open"));
@@ -140,8 +171,7 @@ fn parked_senders_are_admitted_and_woken() {
 fn a_cancelled_send_delivers_or_drops_its_message_once() {
     model(3, || {
         let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
-        let (sender, mut receiver) = mailbox::<Tracked>(1);
-        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let (sender, mut receiver) = holding::<Tracked>(1, [Tracked(0, drops.clone())]);
         let cancelling = {
             let sender = sender.clone();
             let drops = drops.clone();
@@ -186,12 +216,8 @@ fn a_cancelled_send_delivers_or_drops_its_message_once() {
 #[test]
 fn a_send_racing_a_take_and_a_close_is_delivered_or_refused() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
-        let sending = {
-            let sender = sender.clone();
-            thread::spawn(move || block_on(sender.send(5, far())))
-        };
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
+        let sending = sending(&sender, 5, far());
         assert_eq!(receiver.try_recv(), Some(0));
         receiver.close();
         let sent = sending.join().expect("the sending thread");
@@ -216,12 +242,8 @@ fn a_send_racing_a_take_and_a_close_is_delivered_or_refused() {
 #[test]
 fn reopening_admits_a_sender_the_close_did_not_reach() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
-        let sending = {
-            let sender = sender.clone();
-            thread::spawn(move || block_on(sender.send(5, far())))
-        };
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
+        let sending = sending(&sender, 5, far());
         receiver.close();
         assert_eq!(receiver.try_recv(), Some(0));
         receiver.reopen();
@@ -265,13 +287,8 @@ fn dropping_a_permit_admits_a_parked_sender_and_wakes_the_receiver() {
 fn a_dropped_receiver_hands_a_parked_message_back() {
     model(3, || {
         let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
-        let (sender, receiver) = mailbox::<Tracked>(1);
-        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
-        let sending = {
-            let sender = sender.clone();
-            let drops = drops.clone();
-            thread::spawn(move || block_on(sender.send(Tracked(5, drops), far())))
-        };
+        let (sender, receiver) = holding::<Tracked>(1, [Tracked(0, drops.clone())]);
+        let sending = sending(&sender, Tracked(5, drops.clone()), far());
         drop(receiver);
         match sending.join().expect("the sending thread") {
             Err(SendError::Closed(message)) => {
@@ -292,8 +309,7 @@ fn a_dropped_receiver_hands_a_parked_message_back() {
 #[test]
 fn parked_messages_arrive_in_the_order_their_senders_came() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
         let sending = {
             let sender = sender.clone();
             thread::spawn(move || {
@@ -321,26 +337,9 @@ fn parked_messages_arrive_in_the_order_their_senders_came() {
 #[test]
 fn a_batch_taken_admits_the_parked_senders() {
     model(2, || {
-        let (sender, mut receiver) = mailbox::<u32>(2);
-        assert!(sender.try_send(0).is_ok());
-        assert!(sender.try_send(1).is_ok());
-        let senders: Vec<_> = [2, 3]
-            .into_iter()
-            .map(|message| {
-                let sender = sender.clone();
-                thread::spawn(move || {
-                    assert!(block_on(sender.send(message, far())).is_ok());
-                })
-            })
-            .collect();
-        let mut batch = VecDeque::new();
-        let mut arrived = Vec::new();
-        while arrived.len() < 4 {
-            let open = block_on(poll_fn(|cx| receiver.poll_recv_all(cx, &mut batch)));
-            assert!(open);
-            arrived.extend(batch.drain(..));
-            assert_mirror(&sender);
-        }
+        let (sender, mut receiver) = holding::<u32>(2, [0, 1]);
+        let senders = delivering(&sender, [2, 3]);
+        let mut arrived = receive_batches(&mut receiver, &sender, 4);
         assert_eq!(arrived[..2], [0, 1]);
         arrived.sort_unstable();
         assert_eq!(arrived, [0, 1, 2, 3]);
@@ -357,12 +356,8 @@ fn a_batch_taken_admits_the_parked_senders() {
 #[test]
 fn closing_hands_a_parked_message_back() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
-        let sending = {
-            let sender = sender.clone();
-            thread::spawn(move || block_on(sender.send(5, far())))
-        };
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
+        let sending = sending(&sender, 5, far());
         receiver.close();
         assert_eq!(receiver.try_recv(), Some(0));
         match sending.join().expect("the sending thread") {
@@ -382,13 +377,8 @@ fn closing_hands_a_parked_message_back() {
 fn a_swept_sender_times_out_or_is_admitted() {
     model(3, || {
         let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
-        let (sender, mut receiver) = mailbox::<Tracked>(1);
-        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
-        let sending = {
-            let sender = sender.clone();
-            let drops = drops.clone();
-            thread::spawn(move || block_on(sender.send(Tracked(1, drops), Instant::now())))
-        };
+        let (sender, mut receiver) = holding::<Tracked>(1, [Tracked(0, drops.clone())]);
+        let sending = sending(&sender, Tracked(1, drops.clone()), Instant::now());
         let sweeping = {
             let sender = sender.clone();
             thread::spawn(move || {
@@ -424,8 +414,7 @@ fn a_swept_sender_times_out_or_is_admitted() {
 #[test]
 fn a_cached_send_makes_its_message_only_when_it_is_queued() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
         let cache = SenderCache::new();
         cache.set(&sender);
         let made = ::loom::sync::Arc::new(AtomicUsize::new(0));
@@ -453,8 +442,7 @@ fn a_cached_send_makes_its_message_only_when_it_is_queued() {
 #[test]
 fn a_parked_sender_polled_with_a_new_waker_is_woken_through_it() {
     model(3, || {
-        let (sender, mut receiver) = mailbox::<u32>(1);
-        assert!(sender.try_send(0).is_ok());
+        let (sender, mut receiver) = holding::<u32>(1, [0]);
         let sending = {
             let sender = sender.clone();
             thread::spawn(move || {
@@ -479,8 +467,7 @@ fn a_parked_sender_polled_with_a_new_waker_is_woken_through_it() {
 fn a_parked_sender_past_its_deadline_is_swept_out() {
     model(2, || {
         let drops = ::loom::sync::Arc::new(AtomicUsize::new(0));
-        let (sender, receiver) = mailbox::<Tracked>(1);
-        assert!(sender.try_send(Tracked(0, drops.clone())).is_ok());
+        let (sender, receiver) = holding::<Tracked>(1, [Tracked(0, drops.clone())]);
         let finished = ::loom::sync::Arc::new(::loom::sync::atomic::AtomicBool::new(false));
         let sweeping = {
             let sender = sender.clone();

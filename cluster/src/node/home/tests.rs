@@ -134,6 +134,83 @@ async fn start(
         .expect("the node starts")
 }
 
+/// The silos at `names` (addresses `silo-<name>:7000`), first incarnation.
+fn silos<const N: usize>(names: [&str; N]) -> [SiloId; N] {
+    names.map(|name| SiloId::new(format!("silo-{name}:7000"), 1))
+}
+
+/// `count` grain keys whose entry `before` owns in `from` and `after` in
+/// `to`.
+fn moving(
+    from: &[Member],
+    before: &SiloId,
+    to: &[Member],
+    after: &SiloId,
+    count: usize,
+) -> Vec<u64> {
+    let keys: Vec<u64> = (0..100_000u64)
+        .filter(|&key| {
+            directory::owner(&grain(key), from) == Some(before)
+                && directory::owner(&grain(key), to) == Some(after)
+        })
+        .take(count)
+        .collect();
+    assert_eq!(keys.len(), count, "keys moving from {before} to {after}");
+    keys
+}
+
+/// Starts a node for each of `silos`, each following a view of its own,
+/// `view` at first; returns them once the window they opened with is over.
+async fn start_all(
+    network: &InProcessNetwork,
+    silos: &[&SiloId],
+    view: &[Member],
+) -> (Vec<ClusterNode>, Vec<Arc<watch::Sender<Vec<Member>>>>) {
+    let mut nodes = Vec::new();
+    let mut views = Vec::new();
+    for silo in silos {
+        let followed = Arc::new(watch::Sender::new(view.to_vec()));
+        nodes.push(start(network, &silo.address, &followed).await);
+        views.push(followed);
+    }
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    (nodes, views)
+}
+
+/// Calls each of `keys` from `node`, each answering `expected`.
+async fn bump_each(node: &ClusterNode, keys: &[u64], expected: u64) {
+    for &key in keys {
+        let count = node.grain::<Tally>(key).call(Bump).await;
+        assert_eq!(count.expect("a call"), expected, "key {key}");
+    }
+}
+
+/// How many of `keys` `home`'s silo is home to, registered with `owner`
+/// as both see it: the home's recorded owner, and the owner's entry.
+fn registered(home: &ClusterNode, owner: &ClusterNode, keys: &[u64]) -> usize {
+    let (home_id, owner_id) = (home.id(), owner.id());
+    keys.iter()
+        .filter(|&&key| {
+            let entry = owner.inner.partition.lookup(&grain(key));
+            let recorded = home
+                .inner
+                .homes
+                .get(&grain(key))
+                .and_then(|home| home.owner.clone());
+            entry.map(|entry| entry.silo) == Some(home_id.clone())
+                && recorded == Some(owner_id.clone())
+        })
+        .count()
+}
+
+/// Waits until `done` holds, failing with `what` once `deadline` passes.
+async fn until(deadline: Instant, what: impl Fn() -> String, done: impl Fn() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A home's new owner learns that the old owner died after the home's silo
 /// does: later than the four tries, an eighth of the hand-over window
 /// apart, that re-registration used to make, but within the window rule 3
@@ -143,57 +220,35 @@ async fn start(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_outlasts_a_new_owner_that_learns_of_a_death_late() {
     let network = InProcessNetwork::new();
-    let [a, b, c] =
-        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
-    let everyone = view(&[&a, &b, &c]);
-    let survivors = view(&[&a, &c]);
+    let [a, b, c] = silos(["a", "b", "c"]);
+    let (everyone, survivors) = (view(&[&a, &b, &c]), view(&[&a, &c]));
     // A grain owned by b while it lives and by c once it is gone.
-    let key = (0..10_000u64)
-        .find(|&key| {
-            directory::owner(&grain(key), &everyone) == Some(&b)
-                && directory::owner(&grain(key), &survivors) == Some(&c)
-        })
-        .expect("a key");
-    let views = [(); 3].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
-    let na = start(&network, &a.address, &views[0]).await;
-    let nb = start(&network, &b.address, &views[1]).await;
-    let nc = start(&network, &c.address, &views[2]).await;
-    // Past the hand-over window every node opened with.
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
-
+    let keys = moving(&everyone, &b, &survivors, &c, 1);
+    let (nodes, views) = start_all(&network, &[&a, &b, &c], &everyone).await;
+    let [na, nb, nc] = &nodes[..] else {
+        unreachable!("three nodes")
+    };
     // a becomes the grain's home, registered with b.
-    let reference = na.grain::<Tally>(key);
-    assert_eq!(reference.call(Bump).await.expect("the first call"), 1);
+    bump_each(na, &keys, 1).await;
     assert_eq!(na.homes(), 1);
 
     // b dies; a learns of it at once, c three quarters of a window later.
     nb.kill().await.expect("b stops");
     views[0].send_replace(survivors.clone());
     tokio::time::sleep(HANDOFF * 3 / 4).await;
-    views[2].send_replace(survivors.clone());
+    views[2].send_replace(survivors);
 
     // a's home registered with c and kept its activation.
-    let owner = || {
-        na.inner
-            .homes
-            .get(&grain(key))
-            .and_then(|home| home.owner.clone())
-    };
     let deadline = Instant::now() + HANDOFF * 4;
-    while owner() != Some(c.clone()) {
-        assert!(
-            Instant::now() < deadline,
-            "a never re-registered with c: home {:?}",
-            owner()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let entry = nc.inner.partition.lookup(&grain(key));
-    assert_eq!(entry.map(|home| home.silo), Some(a.clone()));
+    until(
+        deadline,
+        || "a never re-registered with c".into(),
+        || registered(na, nc, &keys) == 1,
+    )
+    .await;
     assert_eq!(na.homes(), 1);
-    assert_eq!(reference.call(Bump).await.expect("a call from a"), 2);
-    let from_c = nc.grain::<Tally>(key).call(Bump).await;
-    assert_eq!(from_c.expect("a call from c"), 3);
+    bump_each(na, &keys, 2).await;
+    bump_each(nc, &keys, 3).await;
     assert_eq!(
         na.silo().activations_started() + nc.silo().activations_started(),
         1,
@@ -208,43 +263,33 @@ async fn a_home_outlasts_a_new_owner_that_learns_of_a_death_late() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_gives_up_when_its_new_owner_learns_too_late() {
     let network = InProcessNetwork::new();
-    let [a, b, c] =
-        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
-    let everyone = view(&[&a, &b, &c]);
-    let survivors = view(&[&a, &c]);
-    let key = (0..10_000u64)
-        .find(|&key| {
-            directory::owner(&grain(key), &everyone) == Some(&b)
-                && directory::owner(&grain(key), &survivors) == Some(&c)
-        })
-        .expect("a key");
-    let views = [(); 3].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
-    let na = start(&network, &a.address, &views[0]).await;
-    let nb = start(&network, &b.address, &views[1]).await;
-    let _nc = start(&network, &c.address, &views[2]).await;
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
-    let reference = na.grain::<Tally>(key);
-    assert_eq!(reference.call(Bump).await.expect("the first call"), 1);
+    let [a, b, c] = silos(["a", "b", "c"]);
+    let (everyone, survivors) = (view(&[&a, &b, &c]), view(&[&a, &c]));
+    let keys = moving(&everyone, &b, &survivors, &c, 1);
+    let (nodes, views) = start_all(&network, &[&a, &b, &c], &everyone).await;
+    let [na, nb, _nc] = &nodes[..] else {
+        unreachable!("three nodes")
+    };
+    bump_each(na, &keys, 1).await;
 
     nb.kill().await.expect("b stops");
     let died = Instant::now();
     views[0].send_replace(survivors.clone());
     // The home is given up at twice the window (and not before).
-    let deadline = died + HANDOFF * 4;
-    while na.homes() != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "a kept a home it could not re-register"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        died + HANDOFF * 4,
+        || "a kept a home it could not re-register".into(),
+        || na.homes() == 0,
+    )
+    .await;
     let given_up_after = died.elapsed();
     assert!(
         given_up_after >= HANDOFF * 2,
         "given up after {given_up_after:?}"
     );
-    views[2].send_replace(survivors.clone());
+    views[2].send_replace(survivors);
     // The next call starts a new activation: the old one was let go.
+    let reference = na.grain::<Tally>(keys[0]);
     let deadline = Instant::now() + HANDOFF * 8;
     loop {
         match reference.call(Bump).await {
@@ -269,33 +314,14 @@ async fn a_home_gives_up_when_its_new_owner_learns_too_late() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_view_replaces_a_reregistration_still_retrying() {
     let network = InProcessNetwork::new();
-    let [a, b, c] =
-        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
-    let everyone = view(&[&a, &b, &c]);
-    let survivors = view(&[&a, &c]);
-    let alone = view(&[&a]);
-    let keys: Vec<u64> = (0..100_000u64)
-        .filter(|&key| {
-            directory::owner(&grain(key), &everyone) == Some(&b)
-                && directory::owner(&grain(key), &survivors) == Some(&c)
-        })
-        .take(40)
-        .collect();
-    assert_eq!(keys.len(), 40);
-    let views = [(); 3].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
-    let na = start(&network, &a.address, &views[0]).await;
-    let nb = start(&network, &b.address, &views[1]).await;
-    let nc = start(&network, &c.address, &views[2]).await;
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
-    for &key in &keys {
-        assert_eq!(
-            na.grain::<Tally>(key)
-                .call(Bump)
-                .await
-                .expect("a first call"),
-            1
-        );
-    }
+    let [a, b, c] = silos(["a", "b", "c"]);
+    let (everyone, survivors) = (view(&[&a, &b, &c]), view(&[&a, &c]));
+    let keys = moving(&everyone, &b, &survivors, &c, 40);
+    let (nodes, views) = start_all(&network, &[&a, &b, &c], &everyone).await;
+    let [na, nb, nc] = &nodes[..] else {
+        unreachable!("three nodes")
+    };
+    bump_each(na, &keys, 1).await;
     assert_eq!(na.homes(), 40);
 
     // b dies; c, which would own the homes now, does not know it.
@@ -305,41 +331,22 @@ async fn a_later_view_replaces_a_reregistration_still_retrying() {
     // Then c dies too, and a is alone: it owns every entry.
     nc.kill().await.expect("c stops");
     let alone_at = Instant::now();
-    views[0].send_replace(alone);
-    let registered = || {
-        keys.iter()
-            .filter(|&&key| {
-                na.inner.partition.lookup(&grain(key)).map(|home| home.silo) == Some(a.clone())
-                    && na
-                        .inner
-                        .homes
-                        .get(&grain(key))
-                        .and_then(|home| home.owner.clone())
-                        == Some(a.clone())
-            })
-            .count()
-    };
-    while registered() != keys.len() {
-        assert!(
-            alone_at.elapsed() < HANDOFF,
+    views[0].send_replace(view(&[&a]));
+    let what = || {
+        format!(
             "{} of 40 homes registered with a {:?} after it was alone",
-            registered(),
+            registered(na, na, &keys),
             alone_at.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        )
+    };
+    until(alone_at + HANDOFF, what, || {
+        registered(na, na, &keys) == keys.len()
+    })
+    .await;
     // Past the first pass's deadline: nothing let go.
     tokio::time::sleep(HANDOFF * 2).await;
     assert_eq!(na.homes(), 40);
-    for &key in &keys {
-        assert_eq!(
-            na.grain::<Tally>(key)
-                .call(Bump)
-                .await
-                .expect("a second call"),
-            2
-        );
-    }
+    bump_each(na, &keys, 2).await;
     assert_eq!(na.silo().activations_started(), 40);
 }
 
@@ -350,80 +357,41 @@ async fn a_later_view_replaces_a_reregistration_still_retrying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_owner_holds_up_no_other_owners_homes() {
     let network = InProcessNetwork::new();
-    let [a, b, c, d] = ["silo-a:7000", "silo-b:7000", "silo-c:7000", "silo-d:7000"]
-        .map(|address| SiloId::new(address, 1));
-    let everyone = view(&[&a, &b, &c, &d]);
-    let survivors = view(&[&a, &c, &d]);
-    let moving_to = |owner: &SiloId, count: usize| -> Vec<u64> {
-        (0..100_000u64)
-            .filter(|&key| {
-                directory::owner(&grain(key), &everyone) == Some(&b)
-                    && directory::owner(&grain(key), &survivors) == Some(owner)
-            })
-            .take(count)
-            .collect()
+    let [a, b, c, d] = silos(["a", "b", "c", "d"]);
+    let (everyone, survivors) = (view(&[&a, &b, &c, &d]), view(&[&a, &c, &d]));
+    let late = moving(&everyone, &b, &survivors, &c, 40);
+    let prompt = moving(&everyone, &b, &survivors, &d, 4);
+    let (nodes, views) = start_all(&network, &[&a, &b, &c, &d], &everyone).await;
+    let [na, nb, _nc, nd] = &nodes[..] else {
+        unreachable!("four nodes")
     };
-    let (late, prompt) = (moving_to(&c, 40), moving_to(&d, 4));
-    assert_eq!((late.len(), prompt.len()), (40, 4));
-    let views = [(); 4].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
-    let na = start(&network, &a.address, &views[0]).await;
-    let nb = start(&network, &b.address, &views[1]).await;
-    let _nc = start(&network, &c.address, &views[2]).await;
-    let nd = start(&network, &d.address, &views[3]).await;
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
-    for &key in late.iter().chain(&prompt) {
-        assert_eq!(
-            na.grain::<Tally>(key)
-                .call(Bump)
-                .await
-                .expect("a first call"),
-            1
-        );
-    }
+    bump_each(na, &late, 1).await;
+    bump_each(na, &prompt, 1).await;
 
     nb.kill().await.expect("b stops");
     let died = Instant::now();
     views[0].send_replace(survivors.clone());
     views[3].send_replace(survivors);
-    let registered_with_d = || {
-        prompt
-            .iter()
-            .filter(|&&key| {
-                nd.inner.partition.lookup(&grain(key)).map(|home| home.silo) == Some(a.clone())
-                    && na
-                        .inner
-                        .homes
-                        .get(&grain(key))
-                        .and_then(|home| home.owner.clone())
-                        == Some(d.clone())
-            })
-            .count()
-    };
-    while registered_with_d() != prompt.len() {
-        assert!(
-            died.elapsed() < HANDOFF,
-            "{} of {} homes registered with d after {:?}",
-            registered_with_d(),
-            prompt.len(),
+    let what = || {
+        format!(
+            "{} of 4 homes registered with d after {:?}",
+            registered(na, nd, &prompt),
             died.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        )
+    };
+    until(died + HANDOFF, what, || {
+        registered(na, nd, &prompt) == prompt.len()
+    })
+    .await;
     // c never learns: its homes go at twice the window, d's stay.
-    while na.homes() != prompt.len() {
-        assert!(died.elapsed() < HANDOFF * 4, "{} homes left", na.homes());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        died + HANDOFF * 4,
+        || format!("{} homes left", na.homes()),
+        || na.homes() == prompt.len(),
+    )
+    .await;
     assert!(died.elapsed() >= HANDOFF * 2);
-    for &key in &prompt {
-        assert_eq!(
-            na.grain::<Tally>(key)
-                .call(Bump)
-                .await
-                .expect("a second call"),
-            2
-        );
-    }
+    bump_each(na, &prompt, 2).await;
 }
 
 /// Six hundred homes move to an owner that takes connections and never
@@ -435,18 +403,9 @@ async fn homes_whose_owner_never_answers_go_at_twice_the_window() {
     use crate::transport::Transport;
 
     let network = InProcessNetwork::new();
-    let [a, b, c] =
-        ["silo-a:7000", "silo-b:7000", "silo-c:7000"].map(|address| SiloId::new(address, 1));
-    let everyone = view(&[&a, &b, &c]);
-    let survivors = view(&[&a, &c]);
-    let keys: Vec<u64> = (0..100_000u64)
-        .filter(|&key| {
-            directory::owner(&grain(key), &everyone) == Some(&b)
-                && directory::owner(&grain(key), &survivors) == Some(&c)
-        })
-        .take(600)
-        .collect();
-    assert_eq!(keys.len(), 600);
+    let [a, b, c] = silos(["a", "b", "c"]);
+    let (everyone, survivors) = (view(&[&a, &b, &c]), view(&[&a, &c]));
+    let keys = moving(&everyone, &b, &survivors, &c, 600);
     // c: a listener that accepts and then says nothing.
     let mut silent = network
         .transport(&c.address)
@@ -459,32 +418,17 @@ async fn homes_whose_owner_never_answers_go_at_twice_the_window() {
             streams.push(stream);
         }
     });
-    let views = [(); 2].map(|()| Arc::new(watch::Sender::new(everyone.clone())));
-    let na = start(&network, &a.address, &views[0]).await;
-    let nb = start(&network, &b.address, &views[1]).await;
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
-    for &key in &keys {
-        assert_eq!(
-            na.grain::<Tally>(key)
-                .call(Bump)
-                .await
-                .expect("a first call"),
-            1
-        );
-    }
+    let (nodes, views) = start_all(&network, &[&a, &b], &everyone).await;
+    let [na, nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    bump_each(na, &keys, 1).await;
 
     nb.kill().await.expect("b stops");
     let died = Instant::now();
     views[0].send_replace(survivors);
-    while na.homes() != 0 {
-        assert!(
-            died.elapsed() < HANDOFF * 11 / 4,
-            "{} homes left after {:?}",
-            na.homes(),
-            died.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = || format!("{} homes left after {:?}", na.homes(), died.elapsed());
+    until(died + HANDOFF * 11 / 4, what, || na.homes() == 0).await;
     assert!(
         died.elapsed() >= HANDOFF * 2,
         "given up after {:?}",

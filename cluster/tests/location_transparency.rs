@@ -182,20 +182,23 @@ async fn with_the_default_settings_a_three_second_stall_is_not_a_death() {
 }
 
 #[tokio::test]
-async fn failure_detector_settings_out_of_range_are_refused() {
+async fn node_settings_out_of_range_are_refused() {
     let network = InProcessNetwork::new();
     let transport = ChannelTransport::default();
     let cases = [
-        (f64::NAN, Duration::from_millis(200)),
-        (0.0, Duration::from_millis(200)),
-        (-1.0, Duration::from_millis(200)),
-        (f64::INFINITY, Duration::from_millis(200)),
-        (8.0, Duration::ZERO),
+        (f64::NAN, Duration::from_millis(200), None),
+        (0.0, Duration::from_millis(200), None),
+        (-1.0, Duration::from_millis(200), None),
+        (f64::INFINITY, Duration::from_millis(200), None),
+        (8.0, Duration::ZERO, None),
+        // A zero hand-over window (node rule 3).
+        (8.0, Duration::from_millis(200), Some(Duration::ZERO)),
     ];
-    for (n, (phi, interval)) in (10..).zip(cases) {
+    for (n, (phi, interval, handoff)) in (10..).zip(cases) {
         let mut bad = config(1, 42_100);
         bad.phi_threshold = phi;
         bad.gossip_interval = interval;
+        bad.handoff = handoff;
         let wire = Arc::new(network.transport(&bad.listen));
         let silo = silo();
         let started = ClusterNode::builder(silo.clone(), bad)
@@ -204,7 +207,7 @@ async fn failure_detector_settings_out_of_range_are_refused() {
             .await;
         assert!(
             matches!(started, Err(NodeError::InvalidConfig(_))),
-            "phi {phi}, interval {interval:?}: {started:?}"
+            "phi {phi}, interval {interval:?}, handoff {handoff:?}: {started:?}"
         );
         // The silo was not claimed: a valid start on it still works.
         let valid = config(n, 42_100);

@@ -118,7 +118,8 @@ impl NodeConfig {
 }
 
 impl NodeConfig {
-    /// Refuses settings the failure detector cannot work with.
+    /// Refuses settings the failure detector cannot work with, and a zero
+    /// hand-over window.
     pub(super) fn validate(&self) -> Result<(), NodeError> {
         if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
             return Err(NodeError::InvalidConfig(format!(
@@ -129,6 +130,11 @@ impl NodeConfig {
         if self.gossip_interval.is_zero() {
             return Err(NodeError::InvalidConfig(
                 "gossip_interval must be more than zero".into(),
+            ));
+        }
+        if self.handoff.is_some_and(|handoff| handoff.is_zero()) {
+            return Err(NodeError::InvalidConfig(
+                "handoff must be more than zero (rule 3's hand-over window)".into(),
             ));
         }
         if let Some(rebalance) = &self.rebalance {

@@ -151,6 +151,11 @@ impl ClusterNode {
 /// 3).
 const REREGISTER_AT_ONCE: usize = 32;
 
+/// The least a re-registration's try is given (rule 3), whatever the
+/// window: a round trip's worth. Pauses between rounds are at least a
+/// quarter of it, and the whole re-registration eight times it.
+const REREGISTER_FLOOR: Duration = Duration::from_millis(20);
+
 /// A home to re-register after a view change (rule 3).
 struct Reregistering {
     grain: GrainId,
@@ -648,8 +653,8 @@ impl Inner {
     fn start_reregistering(self: &Arc<Self>, after: &[Member], changed_at: Instant) {
         let epoch = self.view_epoch.load(Ordering::SeqCst);
         let give_up_at = changed_at
-            .checked_add(self.handoff.saturating_mul(2))
-            .unwrap_or_else(|| deadline_after(self.handoff.saturating_mul(2)));
+            .checked_add(self.reregister_for())
+            .unwrap_or_else(|| deadline_after(self.reregister_for()));
         let mut reregistering = self
             .reregistering
             .lock()
@@ -665,6 +670,15 @@ impl Inner {
         *reregistering = Some(tokio::spawn(async move {
             inner.reregister_homes(&view, epoch, give_up_at).await;
         }));
+    }
+
+    /// How long after a view change its homes may re-register: twice the
+    /// window (rule 3), and at least eight tries' floor, so that a window
+    /// too short for a round trip still gives each home its tries.
+    fn reregister_for(&self) -> Duration {
+        self.handoff
+            .saturating_mul(2)
+            .max(REREGISTER_FLOOR.saturating_mul(8))
     }
 
     /// Whether the view of `epoch` is still the one followed: a pass for
@@ -780,7 +794,8 @@ impl Inner {
                 }
                 return;
             }
-            tokio::time::sleep((self.handoff / 8).min(give_up_at - now)).await;
+            let pause = (self.handoff / 8).max(REREGISTER_FLOOR / 4);
+            tokio::time::sleep(pause.min(give_up_at - now)).await;
         }
     }
 
@@ -794,8 +809,9 @@ impl Inner {
     }
 
     /// One try of `home`'s re-registration with `owner`; the home back if
-    /// it is to be tried again (the owner answered `Retry`, or nothing in
-    /// a quarter of the window or before `give_up_at`, or `give_up_at` has
+    /// it is to be tried again (the owner answered `Retry`, the request
+    /// failed, nothing came in a quarter of the window (at least
+    /// `REREGISTER_FLOOR`) or before `give_up_at`, or `give_up_at` had
     /// passed and it was not tried).
     async fn try_reregister(
         self: &Arc<Self>,
@@ -816,7 +832,9 @@ impl Inner {
         if !live || !self.still_current(epoch) || self.fence.is_fenced() {
             return None;
         }
-        let try_for = (self.handoff / 4).min(give_up_at.saturating_duration_since(Instant::now()));
+        let try_for = (self.handoff / 4)
+            .max(REREGISTER_FLOOR)
+            .min(give_up_at.saturating_duration_since(Instant::now()));
         if try_for.is_zero() {
             return Some(home);
         }

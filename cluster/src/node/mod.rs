@@ -32,8 +32,9 @@
 //!    owner has known of the change for `handoff` and may have let another
 //!    silo claim the grain, and a home that has not re-registered is given
 //!    up. Each owner's homes are tried on their own, a few at a time, each
-//!    try cut off at a quarter of the window, so a late or silent owner
-//!    holds up no other owner's homes; each home registers with the owner
+//!    try cut off at a quarter of the window (at least 20 ms; a window too
+//!    short for that is stretched to eight such tries), so a late or
+//!    silent owner holds up no other owner's homes; each home registers with the owner
 //!    of the view it re-registers for, and records that owner. The homes
 //!    re-register beside the task that follows the view, and a later
 //!    change's re-registration replaces the earlier one's as soon as the

@@ -151,9 +151,10 @@ impl ClusterNode {
 /// 3).
 const REREGISTER_AT_ONCE: usize = 32;
 
-/// The least a re-registration's try is given (rule 3), whatever the
-/// window: a round trip's worth. Pauses between rounds are at least a
-/// quarter of it, and the whole re-registration eight times it.
+/// The least window a re-registration's try waits past `give_up_at`
+/// (rule 3), whatever the window: a round trip's worth. Pauses between
+/// rounds are at least a quarter of it, and the whole re-registration
+/// eight times it.
 const REREGISTER_FLOOR: Duration = Duration::from_millis(20);
 
 /// A home to re-register after a view change (rule 3).
@@ -744,7 +745,8 @@ impl Inner {
 
     /// Rule 3 for the homes whose entry `owner` holds in the new view:
     /// rounds, each trying every home still owed once (a few at a time,
-    /// each try cut off at a quarter of the window and at `give_up_at`),
+    /// none started after `give_up_at`, each waiting for its answer until
+    /// a window past it),
     /// with a pause of `handoff / 8` after each, until `give_up_at`, twice
     /// the window after this silo learnt of the change. The owner may learn
     /// of it up to `handoff` later (until then it answers `Retry`, owning
@@ -810,9 +812,8 @@ impl Inner {
 
     /// One try of `home`'s re-registration with `owner`; the home back if
     /// it is to be tried again (the owner answered `Retry`, the request
-    /// failed, nothing came in a quarter of the window (at least
-    /// `REREGISTER_FLOOR`) or before `give_up_at`, or `give_up_at` had
-    /// passed and it was not tried).
+    /// failed, nothing came by a window past `give_up_at`, or `give_up_at`
+    /// had passed and it was not tried).
     async fn try_reregister(
         self: &Arc<Self>,
         node: &ClusterNode,
@@ -832,12 +833,15 @@ impl Inner {
         if !live || !self.still_current(epoch) || self.fence.is_fenced() {
             return None;
         }
-        let try_for = (self.handoff / 4)
-            .max(REREGISTER_FLOOR)
-            .min(give_up_at.saturating_duration_since(Instant::now()));
-        if try_for.is_zero() {
+        // No try starts after `give_up_at`. One started before it may wait
+        // a window past it for its answer, which stands whatever it is
+        // (the owner decides): a slow owner under load is not taken for a
+        // silent one.
+        let now = Instant::now();
+        if now >= give_up_at {
             return Some(home);
         }
+        let try_for = (give_up_at - now).saturating_add(self.handoff.max(REREGISTER_FLOOR));
         let reply = tokio::time::timeout(
             try_for,
             node.directory_at(

@@ -28,14 +28,16 @@
 //!    change yet answers `Retry` too (the grain is not its own in the view
 //!    it has), so a home tries again, in rounds with a pause of
 //!    `handoff / 8` after each, until twice `handoff` after this silo
-//!    learnt of the change (no try outlasts it): by then its
-//!    owner has known of the change for `handoff` and may have let another
-//!    silo claim the grain, and a home that has not re-registered is given
-//!    up. Each owner's homes are tried on their own, a few at a time, each
-//!    try cut off at a quarter of the window (at least 20 ms; a window too
-//!    short for that is stretched to eight such tries), so a late or
-//!    silent owner holds up no other owner's homes; each home registers with the owner
-//!    of the view it re-registers for, and records that owner. The homes
+//!    learnt of the change (at least 160 ms): by then its owner has known
+//!    of the change for `handoff` and may have let another silo claim the
+//!    grain, so no try starts after it, and a home that has not
+//!    re-registered is given up. A try already sent waits for its answer
+//!    until a window later (at least 20 ms): the owner's answer stands
+//!    whatever it is, and a slow owner is not taken for a silent one.
+//!    Each owner's homes are tried on their own, a few at a time, so a
+//!    late or silent owner holds up no other owner's homes; each home
+//!    registers with the owner of the view it re-registers for, and
+//!    records that owner. The homes
 //!    re-register beside the task that follows the view, and a later
 //!    change's re-registration replaces the earlier one's as soon as the
 //!    change is seen (one replaced changes no home). The window starts

@@ -153,8 +153,8 @@ const REREGISTER_AT_ONCE: usize = 32;
 
 /// The least window a re-registration's try waits past `give_up_at`
 /// (rule 3), whatever the window: a round trip's worth. Pauses between
-/// rounds are at least a quarter of it, and the whole re-registration
-/// eight times it.
+/// rounds are at least a quarter of it, and the time in which tries may
+/// start at least eight times it.
 const REREGISTER_FLOOR: Duration = Duration::from_millis(20);
 
 /// A home to re-register after a view change (rule 3).
@@ -746,16 +746,18 @@ impl Inner {
     /// Rule 3 for the homes whose entry `owner` holds in the new view:
     /// rounds, each trying every home still owed once (a few at a time,
     /// none started after `give_up_at`, each waiting for its answer until
-    /// a window past it),
-    /// with a pause of `handoff / 8` after each, until `give_up_at`, twice
-    /// the window after this silo learnt of the change. The owner may learn
-    /// of it up to `handoff` later (until then it answers `Retry`, owning
-    /// nothing), and then refuses other claims for `handoff`; a home not
-    /// re-registered by then is given up (its activation let go), since
-    /// another silo may claim the grain. A home whose turn comes after
-    /// `give_up_at` is given up untried. The connection to the owner is
-    /// opened before each round, bounded by `give_up_at` alone, so that
-    /// the tries' cut-off never cuts off a handshake.
+    /// a window past it), with a pause of `handoff / 8` after each, until
+    /// `give_up_at`, twice the window after this silo learnt of the change.
+    /// The owner may learn of it up to `handoff` later (until then it
+    /// answers `Retry`, owning nothing), and then refuses other claims for
+    /// `handoff`; a home not re-registered by then is given up (its
+    /// activation let go) when its round ends, since another silo may
+    /// claim the grain: at `give_up_at`, or up to a window after it while
+    /// a try still waits for its answer (one slow answer holds the round's
+    /// other homes that long). A home whose turn comes after `give_up_at`
+    /// is given up untried. The connection to the owner is opened before
+    /// each round, bounded by `give_up_at`, so that the round's tries do
+    /// not each wait for the same handshake.
     async fn reregister_with(
         self: &Arc<Self>,
         node: &ClusterNode,
@@ -811,9 +813,9 @@ impl Inner {
     }
 
     /// One try of `home`'s re-registration with `owner`; the home back if
-    /// it is to be tried again (the owner answered `Retry`, the request
-    /// failed, nothing came by a window past `give_up_at`, or `give_up_at`
-    /// had passed and it was not tried).
+    /// it is to be tried again (the owner answered anything but a home,
+    /// `Retry` in practice, the request failed, nothing came by a window
+    /// past `give_up_at`, or `give_up_at` had passed and it was not tried).
     async fn try_reregister(
         self: &Arc<Self>,
         node: &ClusterNode,

@@ -33,7 +33,9 @@
 //!    grain, so no try starts after it, and a home that has not
 //!    re-registered is given up. A try already sent waits for its answer
 //!    until a window later (at least 20 ms): the owner's answer stands
-//!    whatever it is, and a slow owner is not taken for a silent one.
+//!    whatever it is, and a slow owner is not taken for a silent one; the
+//!    homes of that owner still owed are given up when its tries end, so
+//!    at most three windows after the change.
 //!    Each owner's homes are tried on their own, a few at a time, so a
 //!    late or silent owner holds up no other owner's homes; each home
 //!    registers with the owner of the view it re-registers for, and

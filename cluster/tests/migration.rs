@@ -22,7 +22,8 @@
 //!   the copy and before its switch (the target discards its activation
 //!   once the source has left the view, and the grain starts afresh from
 //!   what `dehydrate` persisted); never two activations;
-//! - a graceful leave moves the silo's GPU grains away with their state;
+//! - a graceful leave moves the silo's GPU grains away with their state,
+//!   one that arrives as the silo starts to leave included;
 //! - the rebalancer: two silos at 95% of their device memory and a third
 //!   that joins empty end within 20 points of each other while every
 //!   grain is called, and no grain moves twice;
@@ -387,6 +388,77 @@ async fn a_leaving_silo_moves_its_gpu_grains_away_with_their_state() {
             "grain {key}'s buffer differs"
         );
     }
+    cluster.census.check_one_at_a_time();
+}
+
+/// A grain arriving at a silo as it starts to leave: the arrival, past
+/// the draining check already, is confirmed while the silo drains, and
+/// the leave moves the grain on with its state. (The leave used to list
+/// its GPU grains once, before the arrival had an owner, and let the
+/// grain go with the rest: its buffer was lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grain_arriving_at_a_leaving_silo_moves_on_with_its_state() {
+    let cluster = Cluster::new(47_550);
+    let nodes = [
+        cluster.node(1, 64).await,
+        cluster.node(2, 64).await,
+        cluster.node(3, 64).await,
+    ];
+    let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
+    converged(&all, 3).await;
+    let key = 7;
+    let grain = nodes[1].node.grain::<Tensor>(key);
+    for seq in 1..=3 {
+        grain.call(Step { sender: 1, seq }).await.unwrap().unwrap();
+    }
+    let (_, _, on) = grain.call(Inspect).await.unwrap();
+    if on != 2 {
+        grain
+            .migrate(MigrationTarget::Silo("silo-2:7000".into()))
+            .await
+            .unwrap();
+    }
+    // The grain moves to silo 1 and is held in its `rehydrate` there.
+    *cluster.gate.armed.lock().unwrap() = true;
+    let asker = nodes[1].node.clone();
+    let moving = tokio::spawn(async move {
+        asker
+            .grain::<Tensor>(key)
+            .migrate(MigrationTarget::Silo("silo-1:7000".into()))
+            .await
+            .map(|moved| moved.to)
+    });
+    tokio::time::timeout(Duration::from_secs(10), cluster.gate.reached.notified())
+        .await
+        .expect("the state reached silo 1");
+    // Silo 1 starts to leave, finding no GPU grain of its own to move.
+    let before = nodes[0].node.stats().migrations.count;
+    let leaving = nodes[0].node.clone();
+    let leave = tokio::spawn(async move { leaving.leave().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!leave.is_finished(), "the leave waits for the arrival");
+    *cluster.gate.armed.lock().unwrap() = false;
+    cluster.gate.open.notify_one();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .unwrap();
+    let to = outcome.expect("the move to silo 1");
+    assert!(to.starts_with("silo-1:7000#"), "moved to {to}");
+    tokio::time::timeout(Duration::from_secs(60), leave)
+        .await
+        .expect("the leave ended")
+        .unwrap()
+        .expect("silo 1 left");
+    assert_eq!(
+        nodes[0].node.stats().migrations.count - before,
+        1,
+        "the arrival moved on"
+    );
+    let (steps, bytes, on) = reach(&nodes[2].node.grain::<Tensor>(key)).await;
+    assert_eq!(steps, 3, "the grain kept its in-memory state");
+    assert!(on == 2 || on == 3, "the grain is on silo {on}");
+    assert!(bytes == expected(key, 3), "the grain's buffer differs");
     cluster.census.check_one_at_a_time();
 }
 

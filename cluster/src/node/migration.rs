@@ -44,7 +44,11 @@
 //!    messages and lets its own grain go; if the entry still names the
 //!    source, it tells the target to discard its activation and goes on;
 //!    if it names a third silo, the grain's home is not here any more and
-//!    the source deactivates. If no answer comes within the call timeout,
+//!    the source deactivates. The target answers the word to take
+//!    messages once it has settled (registered, below, and serving, or
+//!    discarded), within the source's wait, so a move that returns leaves
+//!    a grain that serves at the target and may move again at once. If no
+//!    answer to the switch comes within the call timeout,
 //!    the source renumbers its entry with a compare from the activation
 //!    it switched from, so that a switch still on its way is refused, and
 //!    what then stands decides. A target told to take messages first
@@ -71,9 +75,11 @@
 //!    declares device memory moves to wherever placement picks, a few at
 //!    a time, each to its verdict (every step of a move is bounded by the
 //!    call timeout), and moves already under way, out or in, reach theirs
-//!    (for at most four call timeouts); only then does the node stop
-//!    serving, and the rest deactivate as before (writing their state). A
-//!    GPU grain that could not move deactivates too.
+//!    (for at most four call timeouts); a grain whose arrival here is
+//!    confirmed meanwhile moves on in turn, as does one whose own move
+//!    out failed. Only then does the node stop serving, and the rest
+//!    deactivate as before (writing their state). A GPU grain that could
+//!    not move (each is tried once) deactivates too.
 //! 7. **Between the devices of this node.** A move to a device of the
 //!    silo the grain is on (`MigrationTarget::Device` naming it, or no
 //!    silo) is no routing change: the activation stays, and its resident
@@ -98,6 +104,7 @@
 //! `Result<_, MigrationError>`; all but `move` and `reserve` are taken
 //! only from the silo that reserved.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -146,6 +153,13 @@ fn no_reservation() -> MigrationError {
     MigrationError::Unsupported {
         reason: "no reservation for this state (it expired, or was released)".into(),
     }
+}
+
+/// An arrival waiting for its source's verdict (rule 4): where to tell
+/// it, and where it says it has settled (taking messages, or discarded).
+pub(super) struct AwaitingVerdict {
+    tell: tokio::sync::oneshot::Sender<bool>,
+    settled: watch::Receiver<MoveState>,
 }
 
 /// Where a moving grain is, for the calls that wait on it (rule 2).
@@ -1040,8 +1054,18 @@ impl Inner {
             }
             "verdict" => {
                 let asked: VerdictRequest = read(&request.payload)?;
-                if let Some((_, tell)) = self.arrivals.remove(&(from.clone(), asked.ticket)) {
-                    let _ = tell.send(asked.confirm);
+                if let Some((_, awaiting)) = self.arrivals.remove(&(from.clone(), asked.ticket)) {
+                    let mut settled = awaiting.settled;
+                    let _ = awaiting.tell.send(asked.confirm);
+                    // Answered once the arrival has settled (registered
+                    // and taking messages, or discarded), within the
+                    // source's wait: a move that returns has a grain that
+                    // serves, and may be moved again at once.
+                    let _ = tokio::time::timeout(
+                        request.time_left_now(),
+                        settled.wait_for(|state| *state != MoveState::Moving),
+                    )
+                    .await;
                 }
                 answer(&Ok(()))
             }
@@ -1297,7 +1321,11 @@ impl Inner {
             activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
         };
         let (tell, told) = tokio::sync::oneshot::channel();
-        self.arrivals.insert((from.clone(), asked.ticket), tell);
+        let settled = arrived.subscribe();
+        self.arrivals.insert(
+            (from.clone(), asked.ticket),
+            AwaitingVerdict { tell, settled },
+        );
         let (inner, source, ticket) = (self.clone(), from.clone(), asked.ticket);
         let waiting = address.clone();
         tokio::spawn(async move {
@@ -1448,43 +1476,62 @@ impl Inner {
 
     /// Rule 6: moves every home here whose type is migratable and declares
     /// device memory to another silo, a few at a time; what could not move
-    /// is logged (it deactivates with the rest).
+    /// is logged (it deactivates with the rest). Moves under way, out or
+    /// in, reach their verdicts first where they can (for at most four call
+    /// timeouts after the last batch): a grain whose arrival here is
+    /// confirmed meanwhile, or whose own move out failed, is moved on by
+    /// the next batch. Each grain is tried once.
     pub(super) async fn migrate_gpu_homes(self: &Arc<Self>) {
-        let gpu_grains: Vec<GrainId> = self
-            .homes
-            .iter()
-            .filter(|home| {
-                let grain = home.key();
-                home.owner.is_some()
-                    && self.home_side.is_migratable(&grain.type_name)
-                    && self.gpu_bytes(&grain.type_name).is_some()
-            })
-            .map(|home| home.key().clone())
-            .collect();
-        if gpu_grains.is_empty() {
-            return;
-        }
-        let count = gpu_grains.len();
-        // Every step of a move is bounded by the call timeout: each one runs
-        // to its verdict before the node stops serving.
-        let moved = futures_util::stream::iter(gpu_grains)
-            .map(|grain| async move {
-                let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
-                if let Err(err) = &moved {
-                    tracing::warn!(%grain, error = %err, "a GPU grain did not move off a leaving silo");
+        let mut tried: HashSet<GrainId> = HashSet::new();
+        let (mut moved, mut count) = (0usize, 0usize);
+        let mut wait_until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
+        loop {
+            // Confirmed and not moving: an arriving home has no owner yet,
+            // and a moving one is another move's.
+            let batch: Vec<GrainId> = self
+                .homes
+                .iter()
+                .filter(|home| {
+                    let grain = home.key();
+                    home.owner.is_some()
+                        && home.moving.is_none()
+                        && !tried.contains(grain)
+                        && self.home_side.is_migratable(&grain.type_name)
+                        && self.gpu_bytes(&grain.type_name).is_some()
+                })
+                .map(|home| home.key().clone())
+                .collect();
+            if batch.is_empty() {
+                // Moves begun otherwise (a grain's own, or one arriving
+                // here) reach their verdicts before the node stops, for a
+                // while.
+                let under_way = self.homes.iter().any(|home| home.moving.is_some());
+                if !under_way || Instant::now() >= wait_until {
+                    break;
                 }
-                moved.is_ok()
-            })
-            .buffer_unordered(DRAIN_AT_ONCE)
-            .filter(|moved| std::future::ready(*moved))
-            .count()
-            .await;
-        tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
-        // Moves begun otherwise (a grain's own, or one arriving here) reach
-        // their verdicts too before the node stops, for a while.
-        let until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
-        while self.homes.iter().any(|home| home.moving.is_some()) && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            count += batch.len();
+            tried.extend(batch.iter().cloned());
+            // Every step of a move is bounded by the call timeout: each one
+            // runs to its verdict before the node stops serving.
+            moved += futures_util::stream::iter(batch)
+                .map(|grain| async move {
+                    let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
+                    if let Err(err) = &moved {
+                        tracing::warn!(%grain, error = %err, "a GPU grain did not move off a leaving silo");
+                    }
+                    moved.is_ok()
+                })
+                .buffer_unordered(DRAIN_AT_ONCE)
+                .filter(|moved| std::future::ready(*moved))
+                .count()
+                .await;
+            wait_until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
+        }
+        if count > 0 {
+            tracing::info!(moved, of = count, "GPU grains moved off the leaving silo");
         }
     }
 

@@ -243,7 +243,7 @@ struct Inner {
     reservations: DashMap<(SiloId, u64), migration::Reservation>,
     /// Grains arrived here and waiting for their source's verdict, by
     /// source and ticket (`migration.rs` rule 4).
-    arrivals: DashMap<(SiloId, u64), tokio::sync::oneshot::Sender<bool>>,
+    arrivals: DashMap<(SiloId, u64), migration::AwaitingVerdict>,
     /// Homes given up under rule 6.
     given_up: AtomicU64,
     /// Set when the node leaves, is killed, loses its etcd lease or cannot

@@ -630,10 +630,14 @@ impl Inner {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(silo);
             if let Some(slot) = slot {
-                // Waits at most handshake_timeout for a connect in progress.
-                if let Some(connection) = slot.lock().await.take() {
-                    connection.close();
-                }
+                // A connect in progress holds the slot for up to the
+                // handshake timeout: closed once it ends, beside the view
+                // task, which goes on to the next view meanwhile.
+                tokio::spawn(async move {
+                    if let Some(connection) = slot.lock().await.take() {
+                        connection.close();
+                    }
+                });
             }
             self.accepted.lock().await.retain(|connection| {
                 if connection.peer() == silo {
@@ -690,7 +694,8 @@ impl Inner {
 
     /// Re-registers, with its entry's owner in `view`, every confirmed
     /// home here that is not leaving or moving and whose entry changed
-    /// owner (rule 3), until `give_up_at`. Each owner's homes are tried
+    /// owner (rule 3): tries start until `give_up_at`, and a try sent by
+    /// then waits for its answer until a window past it. Each owner's homes are tried
     /// on their own (a silent owner holds up no other's), a few at a time
     /// each (so up to `REREGISTER_AT_ONCE` requests per owner at once).
     async fn reregister_homes(self: &Arc<Self>, view: &[Member], epoch: u64, give_up_at: Instant) {

@@ -47,7 +47,8 @@
 //!    the source deactivates. The target answers the word to take
 //!    messages once it has settled (registered, below, and serving, or
 //!    discarded), within the source's wait, so a move that returns leaves
-//!    a grain that serves at the target and may move again at once. If no
+//!    a grain that serves at the target and may move again at once
+//!    (unless the target stopped, or could not register, meanwhile). If no
 //!    answer to the switch comes within the call timeout,
 //!    the source renumbers its entry with a compare from the activation
 //!    it switched from, so that a switch still on its way is refused, and
@@ -75,11 +76,12 @@
 //!    declares device memory moves to wherever placement picks, a few at
 //!    a time, each to its verdict (every step of a move is bounded by the
 //!    call timeout), and moves already under way, out or in, reach theirs
-//!    (for at most four call timeouts); a grain whose arrival here is
-//!    confirmed meanwhile moves on in turn, as does one whose own move
-//!    out failed. Only then does the node stop serving, and the rest
-//!    deactivate as before (writing their state). A GPU grain that could
-//!    not move (each is tried once) deactivates too.
+//!    (for at most four call timeouts after its last batch of moves); a
+//!    grain whose arrival here is confirmed meanwhile moves on in turn,
+//!    as does one whose own move out failed. Only then does the node stop
+//!    serving, and the rest deactivate as before (writing their state). A
+//!    GPU grain that could not move deactivates too (each is tried up to
+//!    three times, again only after `Busy` or `NotActive`).
 //! 7. **Between the devices of this node.** A move to a device of the
 //!    silo the grain is on (`MigrationTarget::Device` naming it, or no
 //!    silo) is no routing change: the activation stays, and its resident
@@ -104,7 +106,7 @@
 //! `Result<_, MigrationError>`; all but `move` and `reserve` are taken
 //! only from the silo that reserved.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -143,6 +145,10 @@ const MAX_RESERVATIONS_PER_PEER: usize = 64;
 
 /// Grains moving off a leaving silo at once (rule 6).
 const DRAIN_AT_ONCE: usize = 8;
+
+/// How many times a leave tries to move one GPU grain (rule 6): again
+/// only after a refusal that may pass (`Busy`, `NotActive`).
+const DRAIN_TRIES: u32 = 3;
 
 /// Whether `name` names `silo`: its id as written, or its address.
 fn names(silo: &SiloId, name: &str) -> bool {
@@ -1480,12 +1486,15 @@ impl Inner {
     /// in, reach their verdicts first where they can (for at most four call
     /// timeouts after the last batch): a grain whose arrival here is
     /// confirmed meanwhile, or whose own move out failed, is moved on by
-    /// the next batch. Each grain is tried once.
+    /// the next batch. A grain is tried at most `DRAIN_TRIES` times, again
+    /// only after `Busy` or `NotActive` (another move held it, or its
+    /// departure had not ended) while its home stays here; it stops once
+    /// the node is stopped or fenced.
     pub(super) async fn migrate_gpu_homes(self: &Arc<Self>) {
-        let mut tried: HashSet<GrainId> = HashSet::new();
+        let mut tries: HashMap<GrainId, u32> = HashMap::new();
         let (mut moved, mut count) = (0usize, 0usize);
         let mut wait_until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
-        loop {
+        while !self.stopped.load(Ordering::Acquire) && !self.fence.is_fenced() {
             // Confirmed and not moving: an arriving home has no owner yet,
             // and a moving one is another move's.
             let batch: Vec<GrainId> = self
@@ -1495,7 +1504,7 @@ impl Inner {
                     let grain = home.key();
                     home.owner.is_some()
                         && home.moving.is_none()
-                        && !tried.contains(grain)
+                        && tries.get(grain).is_none_or(|&tried| tried < DRAIN_TRIES)
                         && self.home_side.is_migratable(&grain.type_name)
                         && self.gpu_bytes(&grain.type_name).is_some()
                 })
@@ -1509,25 +1518,48 @@ impl Inner {
                 if !under_way || Instant::now() >= wait_until {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            count += batch.len();
-            tried.extend(batch.iter().cloned());
-            // Every step of a move is bounded by the call timeout: each one
-            // runs to its verdict before the node stops serving.
-            moved += futures_util::stream::iter(batch)
-                .map(|grain| async move {
-                    let moved = self.migrate_here_detached(&grain, &MigrationTarget::Any).await;
-                    if let Err(err) = &moved {
+            let first = batch
+                .iter()
+                .filter(|grain| !tries.contains_key(*grain))
+                .count();
+            count += first;
+            let outcomes: Vec<(GrainId, Result<Migrated, MigrationError>)> =
+                futures_util::stream::iter(batch)
+                    .map(|grain| async move {
+                        let outcome = self
+                            .migrate_here_detached(&grain, &MigrationTarget::Any)
+                            .await;
+                        (grain, outcome)
+                    })
+                    .buffer_unordered(DRAIN_AT_ONCE)
+                    .collect()
+                    .await;
+            let mut again = false;
+            for (grain, outcome) in outcomes {
+                let tried = tries.entry(grain.clone()).or_default();
+                match outcome {
+                    Ok(_) => {
+                        moved += 1;
+                        *tried = DRAIN_TRIES;
+                    }
+                    Err(MigrationError::Busy { .. } | MigrationError::NotActive { .. })
+                        if *tried + 1 < DRAIN_TRIES =>
+                    {
+                        *tried += 1;
+                        again = true;
+                    }
+                    Err(err) => {
+                        *tried = DRAIN_TRIES;
                         tracing::warn!(%grain, error = %err, "a GPU grain did not move off a leaving silo");
                     }
-                    moved.is_ok()
-                })
-                .buffer_unordered(DRAIN_AT_ONCE)
-                .filter(|moved| std::future::ready(*moved))
-                .count()
-                .await;
+                }
+            }
+            if again {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             wait_until = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
         }
         if count > 0 {

@@ -27,15 +27,15 @@
 //!    gossip rounds by default). A new owner that has not learnt of the
 //!    change yet answers `Retry` too (the grain is not its own in the view
 //!    it has), so a home tries again, in rounds with a pause of
-//!    `handoff / 8` after each, until twice `handoff` after this silo
+//!    `handoff / 8` (at least 5 ms) after each, until twice `handoff` after this silo
 //!    learnt of the change (at least 160 ms): by then its owner has known
 //!    of the change for `handoff` and may have let another silo claim the
 //!    grain, so no try starts after it, and a home that has not
 //!    re-registered is given up. A try already sent waits for its answer
 //!    until a window later (at least 20 ms): the owner's answer stands
 //!    whatever it is, and a slow owner is not taken for a silent one; the
-//!    homes of that owner still owed are given up when its tries end, so
-//!    at most three windows after the change.
+//!    homes of that owner still owed are given up when its tries end, up
+//!    to a window (at least 20 ms) after the deadline.
 //!    Each owner's homes are tried on their own, a few at a time, so a
 //!    late or silent owner holds up no other owner's homes; each home
 //!    registers with the owner of the view it re-registers for, and

@@ -147,6 +147,10 @@ impl ClusterNode {
     }
 }
 
+/// How many times a call's admission registers its home when the view
+/// keeps changing under it (rule 3), before the caller is told to retry.
+const ADMIT_REGISTRATIONS: u32 = 3;
+
 /// Homes re-registered at once with one owner after a view change (rule
 /// 3).
 const REREGISTER_AT_ONCE: usize = 32;
@@ -273,26 +277,42 @@ impl Inner {
             },
             Some(_) => None,
         };
-        if registered_with.is_none() || registered_with != owner {
+        // Registered with `owner` (the entry's owner in the view read
+        // before), and recorded. A view change's re-registration (rule 3)
+        // passes over a home not confirmed yet, so a home whose entry's
+        // owner changed while it registered registers again here, with
+        // the owner of the view it reads after recording the last one (a
+        // pass that starts later sees that record), a few times at most.
+        let mut owner = owner;
+        let mut registering = (registered_with.is_none() || registered_with != owner)
+            .then_some(registered_with.is_some());
+        let mut registered: Option<u64> = None;
+        let mut tries = 0;
+        while let Some(existing) = registering {
+            tries += 1;
             let node = ClusterNode {
                 inner: self.clone(),
             };
             let proposed = ActivationAddress {
                 silo: self.id(),
-                activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
+                activation: registered
+                    .unwrap_or_else(|| self.next_activation.fetch_add(1, Ordering::Relaxed)),
             };
             match node
-                .directory(DirectoryRequest::Register {
-                    grain: grain.clone(),
-                    home: proposed,
-                    existing: registered_with.is_some(),
-                })
+                .directory_at(
+                    owner.as_ref(),
+                    DirectoryRequest::Register {
+                        grain: grain.clone(),
+                        home: proposed,
+                        existing,
+                    },
+                )
                 .await
             {
                 Ok(DirectoryReply::Home(home)) if self.is_me(&home.silo) => {
                     match self.homes.get_mut(grain) {
                         Some(mut entry) if entry.generation == pin.generation => {
-                            entry.owner = owner;
+                            entry.owner = owner.clone();
                             entry.activation = home.activation;
                             entry.maybe_registered = false;
                         }
@@ -300,11 +320,21 @@ impl Inner {
                         // again rather than serve without it.
                         _ => return Err(RemoteError::Retry),
                     }
+                    let now = self.entry_owner(grain, &self.view());
+                    registering = None;
+                    if now != owner {
+                        if tries >= ADMIT_REGISTRATIONS {
+                            return Err(RemoteError::Retry);
+                        }
+                        (owner, registered, registering) = (now, Some(home.activation), Some(true));
+                    }
                 }
                 Ok(DirectoryReply::Home(home)) => {
                     // Lost: stop serving it, and let its activation here
                     // (if it was home before) go.
-                    if registered_with.is_some() && self.remove_home(grain) {
+                    if (registered_with.is_some() || registered.is_some())
+                        && self.remove_home(grain)
+                    {
                         self.release(grain);
                     }
                     return Err(RemoteError::Moved(home.silo));

@@ -17,6 +17,9 @@ use crate::transport::InProcessNetwork;
 use crate::{ClusterNode, ClusterSecret, NodeConfig, SiloId, directory};
 
 use super::REREGISTER_AT_ONCE;
+use crate::connection::{Inbound, InboundRequest};
+use crate::node::directory_client::{DirectoryReply, DirectoryRequest};
+use crate::wire::RemoteError;
 
 /// A count kept in memory only: a new activation starts again from 0, so
 /// a reply shows whether the activation that answered is the first.
@@ -413,20 +416,56 @@ struct Heard {
     requests: AtomicUsize,
 }
 
-/// A stand-in for a silo at `silo` that takes connections and never
-/// answers: with `handshakes`, it completes each connection's handshake
-/// and then holds every request it is sent (a silo whose runtime stands
-/// still past its acceptor); without, it says nothing at all. Counts the
-/// connections and requests; runs until aborted.
+/// A stand-in for a silo at `silo` that takes connections: with
+/// `inbound`, it completes each connection's handshake and hands it the
+/// requests; without, it says nothing at all. Counts the connections in
+/// `heard`; runs until aborted.
+async fn fake_silo(
+    network: &InProcessNetwork,
+    silo: &SiloId,
+    inbound: Option<Arc<dyn Inbound>>,
+    heard: Arc<Heard>,
+) -> tokio::task::JoinHandle<()> {
+    use crate::connection::{self, AnyPeer, ConnectionConfig};
+    use crate::transport::Transport;
+
+    let mut listener = network
+        .transport(&silo.address)
+        .bind(silo.address.clone())
+        .await
+        .expect("the fake silo's address");
+    let silo = silo.clone();
+    tokio::spawn(async move {
+        let (mut streams, mut connections) = (Vec::new(), Vec::new());
+        while let Ok((io, _)) = listener.accept().await {
+            heard.connections.fetch_add(1, Ordering::SeqCst);
+            let Some(inbound) = &inbound else {
+                streams.push(io);
+                continue;
+            };
+            let accepted = connection::accept(
+                io,
+                silo.clone(),
+                CLUSTER,
+                &secret(),
+                &AnyPeer,
+                inbound.clone(),
+                ConnectionConfig::default(),
+            )
+            .await;
+            connections.extend(accepted.ok());
+        }
+    })
+}
+
+/// A silo whose runtime stands still past its acceptor (see `fake_silo`):
+/// with `handshakes`, it completes each handshake and then holds every
+/// request it is sent, counting them; without, it says nothing at all.
 async fn silent_owner(
     network: &InProcessNetwork,
     silo: &SiloId,
     handshakes: bool,
 ) -> (tokio::task::JoinHandle<()>, Arc<Heard>) {
-    use crate::connection::{self, AnyPeer, ConnectionConfig, Inbound, InboundRequest};
-    use crate::transport::Transport;
-    use crate::wire::RemoteError;
-
     struct Holds(Arc<Heard>);
 
     impl Inbound for Holds {
@@ -440,35 +479,9 @@ async fn silent_owner(
         }
     }
 
-    let mut listener = network
-        .transport(&silo.address)
-        .bind(silo.address.clone())
-        .await
-        .expect("the silent silo's address");
     let heard = Arc::new(Heard::default());
-    let inbound: Arc<dyn Inbound> = Arc::new(Holds(heard.clone()));
-    let (silo, counts) = (silo.clone(), heard.clone());
-    let held = tokio::spawn(async move {
-        let (mut streams, mut connections) = (Vec::new(), Vec::new());
-        while let Ok((io, _)) = listener.accept().await {
-            counts.connections.fetch_add(1, Ordering::SeqCst);
-            if !handshakes {
-                streams.push(io);
-                continue;
-            }
-            let accepted = connection::accept(
-                io,
-                silo.clone(),
-                CLUSTER,
-                &secret(),
-                &AnyPeer,
-                inbound.clone(),
-                ConnectionConfig::default(),
-            )
-            .await;
-            connections.extend(accepted.ok());
-        }
-    });
+    let inbound = handshakes.then(|| Arc::new(Holds(heard.clone())) as Arc<dyn Inbound>);
+    let held = fake_silo(network, silo, inbound, heard.clone()).await;
     (held, heard)
 }
 
@@ -534,4 +547,93 @@ async fn homes_given_up_by_a_silent_owner(
     let given_up_after = died.elapsed();
     held.abort();
     (given_up_after, heard)
+}
+
+/// The owner of a grain's entry in the view its home silo has: answers
+/// lookups (no entry) at once, and holds each registration until the test
+/// lets it through, then takes it.
+struct HoldsRegistrations {
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Inbound for Arc<HoldsRegistrations> {
+    fn request(
+        &self,
+        _: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        use granary_actors::dispatch::{decode, encode};
+
+        let gate = self.clone();
+        Box::pin(async move {
+            let asked: DirectoryRequest =
+                decode(&request.payload).map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+            let reply = match asked {
+                DirectoryRequest::Lookup(_) => DirectoryReply::Unknown,
+                DirectoryRequest::Register { home, .. } => {
+                    gate.reached.notify_one();
+                    gate.release.notified().await;
+                    DirectoryReply::Home(home)
+                }
+                _ => DirectoryReply::Retry,
+            };
+            encode(&reply).map_err(|err| RemoteError::Other(err.to_string()))
+        })
+    }
+}
+
+/// A grain's first call registers its home with the entry's owner, x;
+/// while x holds the registration, y joins the view of the home's silo and
+/// owns the entry from then on. The view's re-registration passes over
+/// the home (not confirmed yet), so the call registers it again with y
+/// before it returns. (It used to record x and stop: y, which had no
+/// entry, would have let another silo claim the grain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() {
+    let network = InProcessNetwork::new();
+    let [a, x, y] = silos(["a", "x", "y"]);
+    let (before, after) = (view(&[&a, &x]), view(&[&a, &x, &y]));
+    let keys = moving(&before, &x, &after, &y, 1);
+    let gate = Arc::new(HoldsRegistrations {
+        reached: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
+    let held = fake_silo(&network, &x, Some(inbound), Arc::default()).await;
+    let followed = Arc::new(watch::Sender::new(before));
+    let na = start(&network, &a.address, &followed).await;
+    let ny = start(
+        &network,
+        &y.address,
+        &Arc::new(watch::Sender::new(after.clone())),
+    )
+    .await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+
+    let calling = {
+        let (na, key) = (na.clone(), keys[0]);
+        tokio::spawn(async move { na.grain::<Tally>(key).call(Bump).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
+        .await
+        .expect("the registration reached x");
+    followed.send_replace(after);
+    until(
+        Instant::now() + Duration::from_secs(5),
+        || "a never saw y join".into(),
+        || na.inner.view().len() == 3,
+    )
+    .await;
+    gate.release.notify_one();
+    let count = calling.await.expect("the call's task").expect("the call");
+    assert_eq!(count, 1);
+    assert_eq!(registered(&na, &ny, &keys), 1, "registered with y");
+    bump_each(&ny, &keys, 2).await;
+    assert_eq!(
+        na.silo().activations_started() + ny.silo().activations_started(),
+        1,
+        "one activation in all"
+    );
+    held.abort();
 }

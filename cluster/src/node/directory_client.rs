@@ -88,8 +88,9 @@ impl ClusterNode {
     }
 
     /// Sends a directory request to `owner`, the entry's owner in a view
-    /// the caller holds (a re-registration records whom it registered
-    /// with: `home.rs`), or else to the owner in the current view.
+    /// the caller holds (a registration, a call's or a view's
+    /// re-registration, records whom it registered with: `home.rs`), or
+    /// else to the owner in the current view.
     pub(super) async fn directory_at(
         &self,
         owner: Option<&SiloId>,

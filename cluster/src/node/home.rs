@@ -232,7 +232,6 @@ impl Inner {
         if !self.hosts.contains(&grain.type_name) {
             return Err(RemoteError::NoRoom);
         }
-        let owner = self.entry_owner(grain, &self.view());
         // Rule 6: the home is pinned from before its registration until
         // the local silo has answered, so it is never given up while this
         // call may be registering it or starting its activation. A grain
@@ -283,7 +282,12 @@ impl Inner {
         // owner changed while it registered registers again here, with
         // the owner of the view it reads after recording the last one (a
         // pass that starts later sees that record), a few times at most.
-        let mut owner = owner;
+        // Read after the wait for a move above, which may be long. A
+        // home already confirmed is in every later view's pass (it was
+        // confirmed when the pass took its homes), and a fresh one has no
+        // activation yet: one whose later registration is refused is
+        // registered again by the caller's next try (`Retry`).
+        let mut owner = self.entry_owner(grain, &self.view());
         let mut registering = (registered_with.is_none() || registered_with != owner)
             .then_some(registered_with.is_some());
         let mut registered: Option<u64> = None;

@@ -253,13 +253,8 @@ async fn a_grain_moves_to_a_named_device_with_every_buffer_it_holds() {
     cluster.census.check_one_at_a_time();
 }
 
-/// Moves grain `key` from silo 1 to silo 2 with the gate armed, and kills
-/// `victim` (1: the source; 2: the target) once the state has reached
-/// the target and before its switch.
-async fn crash_during_a_move(
-    victim: u16,
-    base: u16,
-) -> (Cluster, Vec<Node>, Result<String, MigrationError>) {
+/// Three silos of 64 MiB each, once their views agree.
+async fn three_silos(base: u16) -> (Cluster, Vec<Node>) {
     let cluster = Cluster::new(base);
     let nodes = vec![
         cluster.node(1, 64).await,
@@ -268,17 +263,29 @@ async fn crash_during_a_move(
     ];
     let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
     converged(&all, 3).await;
-    let key = 5;
-    // Active on silo 1, with three steps, all taken by the activation
-    // there (the census then lists one activation until the crash).
-    let grain = nodes[0].node.grain::<Tensor>(key);
-    let (_, _, on) = grain.call(Inspect).await.unwrap();
-    if on != 1 {
-        // Placement picked another silo: move it to silo 1 first.
-        nodes[0]
-            .node
-            .grain::<Tensor>(key)
-            .migrate(MigrationTarget::Silo("silo-1:7000".into()))
+    (cluster, nodes)
+}
+
+/// Makes grain `key` active on silo `on`, with three steps all taken by
+/// the activation there, then moves it to silo `to`, asked from silo
+/// `asker`, with the gate armed: returns once the state has reached `to`,
+/// whose `rehydrate` holds it until the gate opens, with the move's
+/// outcome (the silo it went to) to come.
+async fn hold_a_move(
+    cluster: &Cluster,
+    nodes: &[Node],
+    key: u64,
+    on: u16,
+    to: u16,
+    asker: u16,
+) -> tokio::task::JoinHandle<Result<String, MigrationError>> {
+    let silo = |n: u16| &nodes[usize::from(n) - 1].node;
+    let grain = silo(on).grain::<Tensor>(key);
+    let (_, _, found_on) = grain.call(Inspect).await.unwrap();
+    if found_on != on {
+        // Placement picked another silo: move it first.
+        grain
+            .migrate(MigrationTarget::Silo(format!("silo-{on}:7000")))
             .await
             .unwrap();
     }
@@ -286,17 +293,30 @@ async fn crash_during_a_move(
         grain.call(Step { sender: 1, seq }).await.unwrap().unwrap();
     }
     *cluster.gate.armed.lock().unwrap() = true;
-    let asker = nodes[2].node.clone();
+    let asker = silo(asker).clone();
     let moving = tokio::spawn(async move {
         asker
             .grain::<Tensor>(key)
-            .migrate(MigrationTarget::Silo("silo-2:7000".into()))
+            .migrate(MigrationTarget::Silo(format!("silo-{to}:7000")))
             .await
             .map(|moved| moved.to)
     });
     tokio::time::timeout(Duration::from_secs(10), cluster.gate.reached.notified())
         .await
         .expect("the state reached the target");
+    moving
+}
+
+/// Moves grain 5 from silo 1 to silo 2 with the gate armed, and kills
+/// `victim` (1: the source; 2: the target) once the state has reached
+/// the target and before its switch. The census lists one activation of
+/// the grain until the crash.
+async fn crash_during_a_move(
+    victim: u16,
+    base: u16,
+) -> (Cluster, Vec<Node>, Result<String, MigrationError>) {
+    let (cluster, nodes) = three_silos(base).await;
+    let moving = hold_a_move(&cluster, &nodes, 5, 1, 2, 3).await;
     nodes[usize::from(victim) - 1].node.kill().await.unwrap();
     *cluster.gate.armed.lock().unwrap() = false;
     cluster.gate.open.notify_one();
@@ -349,14 +369,7 @@ async fn a_source_killed_before_the_switch_leaves_one_activation_from_the_persis
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_silo_moves_its_gpu_grains_away_with_their_state() {
-    let cluster = Cluster::new(47_500);
-    let nodes = [
-        cluster.node(1, 64).await,
-        cluster.node(2, 64).await,
-        cluster.node(3, 64).await,
-    ];
-    let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
-    converged(&all, 3).await;
+    let (cluster, nodes) = three_silos(47_500).await;
     // Ten tensors on silo 1, each with a few steps of in-memory state.
     for key in 0..10u64 {
         let grain = nodes[0].node.grain::<Tensor>(key);
@@ -398,39 +411,11 @@ async fn a_leaving_silo_moves_its_gpu_grains_away_with_their_state() {
 /// grain go with the rest: its buffer was lost.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grain_arriving_at_a_leaving_silo_moves_on_with_its_state() {
-    let cluster = Cluster::new(47_550);
-    let nodes = [
-        cluster.node(1, 64).await,
-        cluster.node(2, 64).await,
-        cluster.node(3, 64).await,
-    ];
-    let all: Vec<&ClusterNode> = nodes.iter().map(|n| &n.node).collect();
-    converged(&all, 3).await;
+    let (cluster, nodes) = three_silos(47_550).await;
     let key = 7;
-    let grain = nodes[1].node.grain::<Tensor>(key);
-    for seq in 1..=3 {
-        grain.call(Step { sender: 1, seq }).await.unwrap().unwrap();
-    }
-    let (_, _, on) = grain.call(Inspect).await.unwrap();
-    if on != 2 {
-        grain
-            .migrate(MigrationTarget::Silo("silo-2:7000".into()))
-            .await
-            .unwrap();
-    }
-    // The grain moves to silo 1 and is held in its `rehydrate` there.
-    *cluster.gate.armed.lock().unwrap() = true;
-    let asker = nodes[1].node.clone();
-    let moving = tokio::spawn(async move {
-        asker
-            .grain::<Tensor>(key)
-            .migrate(MigrationTarget::Silo("silo-1:7000".into()))
-            .await
-            .map(|moved| moved.to)
-    });
-    tokio::time::timeout(Duration::from_secs(10), cluster.gate.reached.notified())
-        .await
-        .expect("the state reached silo 1");
+    // The grain moves from silo 2 to silo 1 and is held in its
+    // `rehydrate` there.
+    let moving = hold_a_move(&cluster, &nodes, key, 2, 1, 2).await;
     // Silo 1 starts to leave, finding no GPU grain of its own to move.
     let before = nodes[0].node.stats().migrations.count;
     let leaving = nodes[0].node.clone();

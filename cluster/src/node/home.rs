@@ -147,9 +147,9 @@ impl ClusterNode {
     }
 }
 
-/// How many times a call's admission registers its home when the view
-/// keeps changing under it (rule 3), before the caller is told to retry.
-const ADMIT_REGISTRATIONS: u32 = 3;
+/// How many times a home just registered registers again when the view
+/// keeps changing under it (rule 3: `follow_owner`), before giving up.
+const FOLLOW_REGISTRATIONS: u32 = 2;
 
 /// Homes re-registered at once with one owner after a view change (rule
 /// 3).
@@ -276,31 +276,16 @@ impl Inner {
             },
             Some(_) => None,
         };
-        // Registered with `owner` (the entry's owner in the view read
-        // before), and recorded. A view change's re-registration (rule 3)
-        // passes over a home not confirmed yet, so a home whose entry's
-        // owner changed while it registered registers again here, with
-        // the owner of the view it reads after recording the last one (a
-        // pass that starts later sees that record), a few times at most.
-        // Read after the wait for a move above, which may be long. A
-        // home already confirmed is in every later view's pass (it was
-        // confirmed when the pass took its homes), and a fresh one has no
-        // activation yet: one whose later registration is refused is
-        // registered again by the caller's next try (`Retry`).
-        let mut owner = self.entry_owner(grain, &self.view());
-        let mut registering = (registered_with.is_none() || registered_with != owner)
-            .then_some(registered_with.is_some());
-        let mut registered: Option<u64> = None;
-        let mut tries = 0;
-        while let Some(existing) = registering {
-            tries += 1;
+        // Read after the wait for a move above, which may be long; the
+        // registration goes to the owner recorded.
+        let owner = self.entry_owner(grain, &self.view());
+        if registered_with.is_none() || registered_with != owner {
             let node = ClusterNode {
                 inner: self.clone(),
             };
             let proposed = ActivationAddress {
                 silo: self.id(),
-                activation: registered
-                    .unwrap_or_else(|| self.next_activation.fetch_add(1, Ordering::Relaxed)),
+                activation: self.next_activation.fetch_add(1, Ordering::Relaxed),
             };
             match node
                 .directory_at(
@@ -308,7 +293,7 @@ impl Inner {
                     DirectoryRequest::Register {
                         grain: grain.clone(),
                         home: proposed,
-                        existing,
+                        existing: registered_with.is_some(),
                     },
                 )
                 .await
@@ -324,21 +309,27 @@ impl Inner {
                         // again rather than serve without it.
                         _ => return Err(RemoteError::Retry),
                     }
-                    let now = self.entry_owner(grain, &self.view());
-                    registering = None;
-                    if now != owner {
-                        if tries >= ADMIT_REGISTRATIONS {
-                            return Err(RemoteError::Retry);
+                    // A refusal leaves the home recorded with the owner it
+                    // registered with: the caller's next try registers it
+                    // again (that owner is not the view's), and a fresh
+                    // home no call pins any more is let go with its pin.
+                    match self
+                        .follow_owner(grain, pin.generation, home.activation, owner)
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(RemoteError::Moved(to)) => {
+                            // Lost to another silo meanwhile.
+                            self.remove_this_home(grain, |home| home.generation == pin.generation);
+                            return Err(RemoteError::Moved(to));
                         }
-                        (owner, registered, registering) = (now, Some(home.activation), Some(true));
+                        Err(err) => return Err(err),
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
                     // Lost: stop serving it, and let its activation here
                     // (if it was home before) go.
-                    if (registered_with.is_some() || registered.is_some())
-                        && self.remove_home(grain)
-                    {
+                    if registered_with.is_some() && self.remove_home(grain) {
                         self.release(grain);
                     }
                     return Err(RemoteError::Moved(home.silo));
@@ -400,6 +391,68 @@ impl Inner {
         for home in self.homes.iter() {
             home.end_lease();
         }
+    }
+
+    /// Rule 3 for a home just registered with `owner` and recorded (by a
+    /// call, or by an arrival: `migration.rs` rule 4). A view's
+    /// re-registration passes over a home not confirmed yet or moving, so
+    /// if the entry's owner changed while it registered, it registers
+    /// again here (existing) with the owner of the view it reads after
+    /// each record, until the two agree, at most `FOLLOW_REGISTRATIONS`
+    /// times (then `Retry`). A pass that starts after a record sees it
+    /// (both take the home's shard lock), and one that began before was
+    /// started by the swap this read sees. `Moved`: the new owner names
+    /// another silo (nothing here is removed; the caller lets go).
+    pub(super) async fn follow_owner(
+        self: &Arc<Self>,
+        grain: &GrainId,
+        generation: u64,
+        activation: u64,
+        mut owner: Option<SiloId>,
+    ) -> Result<(), RemoteError> {
+        for tries in 0..=FOLLOW_REGISTRATIONS {
+            let now = self.entry_owner(grain, &self.view());
+            if now == owner {
+                return Ok(());
+            }
+            if tries == FOLLOW_REGISTRATIONS {
+                return Err(RemoteError::Retry);
+            }
+            let node = ClusterNode {
+                inner: self.clone(),
+            };
+            let reply = node
+                .directory_at(
+                    now.as_ref(),
+                    DirectoryRequest::Register {
+                        grain: grain.clone(),
+                        home: ActivationAddress {
+                            silo: self.id(),
+                            activation,
+                        },
+                        existing: true,
+                    },
+                )
+                .await;
+            match reply {
+                Ok(DirectoryReply::Home(home)) if self.is_me(&home.silo) => {
+                    match self.homes.get_mut(grain) {
+                        Some(mut entry) if entry.generation == generation => {
+                            entry.owner = now.clone();
+                            entry.activation = home.activation;
+                        }
+                        _ => return Err(RemoteError::Retry),
+                    }
+                    owner = now;
+                }
+                Ok(DirectoryReply::Home(home)) => return Err(RemoteError::Moved(home.silo)),
+                Ok(DirectoryReply::Retry | DirectoryReply::Unknown) => {
+                    return Err(RemoteError::Retry);
+                }
+                Err(err) => return Err(RemoteError::Other(err.to_string())),
+            }
+        }
+        Err(RemoteError::Retry)
     }
 
     /// Removes `grain`'s home if `this_home` picks it, ending its lease,

@@ -54,7 +54,9 @@
 //!    it switched from, so that a switch still on its way is refused, and
 //!    what then stands decides. A target told to take messages first
 //!    registers its activation with the entry's owner as it is now (the
-//!    owner may have changed since the switch). A target that hears
+//!    owner may have changed since the switch), and again with a newer
+//!    owner if the view changes while it registers (node rule 3,
+//!    `Inner::follow_owner`). A target that hears
 //!    nothing (the source died, or its word was lost) asks the directory
 //!    once the source has left the view, or after four call timeouts
 //!    (longer than the source's switch and renumbering): it takes messages
@@ -1427,24 +1429,44 @@ impl Inner {
                 home: address.clone(),
                 existing: true,
             };
-            match node.directory(register).await {
+            // To the owner recorded below.
+            match node.directory_at(owner.as_ref(), register).await {
                 Ok(DirectoryReply::Home(home)) if home == address => Some(owner),
                 _ => None,
             }
         } else {
             None
         };
-        let serving = registered.filter(|_| usable(self)).is_some_and(|owner| {
-            match self.homes.get_mut(&grain) {
-                Some(mut home) if home.generation == generation => {
-                    home.owner = owner;
-                    home.activation = address.activation;
-                    home.moving = None;
-                    true
-                }
-                _ => false,
+        let serving = match registered.filter(|_| usable(self)) {
+            Some(owner) => {
+                let recorded = match self.homes.get_mut(&grain) {
+                    Some(mut home) if home.generation == generation => {
+                        home.owner = owner.clone();
+                        home.activation = address.activation;
+                        home.moving = None;
+                        true
+                    }
+                    _ => false,
+                };
+                // Node rule 3 (`home.rs`, `follow_owner`): a view's pass
+                // passed over this home while it was moving. A refusal
+                // leaves it recorded with the owner it registered with;
+                // its next call registers it again.
+                recorded
+                    && match self
+                        .follow_owner(&grain, generation, address.activation, owner)
+                        .await
+                    {
+                        Err(RemoteError::Moved(_)) => false,
+                        Err(err) => {
+                            tracing::debug!(%grain, error = %err, "an arrival did not follow its entry's new owner");
+                            true
+                        }
+                        Ok(()) => true,
+                    }
             }
-        });
+            None => false,
+        };
         if serving {
             // Calls made here go here now, whatever the cache said before.
             self.remember(&grain, address.silo.clone());

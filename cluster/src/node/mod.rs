@@ -44,11 +44,14 @@
 //!    change's re-registration replaces the earlier one's as soon as the
 //!    change is seen (one replaced changes no home). The window starts
 //!    before the new view is swapped in, so an owner never answers in a
-//!    new view unsettled. A home still registering for a call is not
-//!    confirmed, so no view's pass re-registers it: the call registers
-//!    with the owner of the view it read, records it, reads the view again
-//!    and, if the owner changed meanwhile, registers with the new one
-//!    (existing) before the call runs (up to three times, then `Retry`); a
+//!    new view unsettled. A home still registering, for a call or as a
+//!    migration's arrival (`migration.rs` rule 4), is not confirmed or is
+//!    moving, so no view's pass re-registers it: it registers with the
+//!    owner of the view it read, records it, reads the view again and, if
+//!    the owner changed meanwhile, registers with the new one (existing)
+//!    before the call runs or the arrival takes messages, up to two more
+//!    times (a call is then told `Retry`; a home left recorded with the
+//!    owner it registered with is registered again by its next call); a
 //!    pass that starts after the record sees it. Connections to silos gone
 //!    from the view are closed beside the view task, which does not wait
 //!    for a connect in progress to them.

@@ -116,11 +116,22 @@ fn grain(key: u64) -> GrainId {
     }
 }
 
-/// Starts the silo listening at `address`, whose view `view` holds.
+/// Starts the silo listening at `address`, whose view `view` holds, with
+/// a hand-over window of `HANDOFF`.
 async fn start(
     network: &InProcessNetwork,
     address: &str,
     view: &Arc<watch::Sender<Vec<Member>>>,
+) -> ClusterNode {
+    start_with(network, address, view, HANDOFF).await
+}
+
+/// `start`, with a hand-over window of `handoff`.
+async fn start_with(
+    network: &InProcessNetwork,
+    address: &str,
+    view: &Arc<watch::Sender<Vec<Member>>>,
+    handoff: Duration,
 ) -> ClusterNode {
     let silo = Silo::builder()
         .register::<Tally>(TYPE)
@@ -135,7 +146,7 @@ async fn start(
         Vec::new(),
     );
     config.incarnation = 1;
-    config.handoff = Some(HANDOFF);
+    config.handoff = Some(handoff);
     let view = view.clone();
     ClusterNode::builder(silo, config)
         .transport(Arc::new(network.transport(address)))
@@ -177,14 +188,24 @@ async fn start_all(
     silos: &[&SiloId],
     view: &[Member],
 ) -> (Vec<ClusterNode>, Vec<Arc<watch::Sender<Vec<Member>>>>) {
+    start_all_with(network, silos, view, HANDOFF).await
+}
+
+/// `start_all`, with a hand-over window of `handoff`.
+async fn start_all_with(
+    network: &InProcessNetwork,
+    silos: &[&SiloId],
+    view: &[Member],
+    handoff: Duration,
+) -> (Vec<ClusterNode>, Vec<Arc<watch::Sender<Vec<Member>>>>) {
     let mut nodes = Vec::new();
     let mut views = Vec::new();
     for silo in silos {
         let followed = Arc::new(watch::Sender::new(view.to_vec()));
-        nodes.push(start(network, &silo.address, &followed).await);
+        nodes.push(start_with(network, &silo.address, &followed, handoff).await);
         views.push(followed);
     }
-    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    tokio::time::sleep(handoff + Duration::from_millis(50)).await;
     (nodes, views)
 }
 
@@ -488,12 +509,14 @@ async fn silent_owner(
 /// Six hundred homes move to an owner that never completes a handshake:
 /// the connection opened before a round is cut off at twice the window,
 /// when no try may start any more, so every home is given up then (and
-/// not at three windows, as tries waiting on that handshake would be).
+/// not at three windows, as tries waiting on that handshake would be). A
+/// window of a second leaves a busy machine a second between the two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn homes_whose_owner_never_completes_a_handshake_go_at_twice_the_window() {
-    let (given_up_after, heard) = homes_given_up_by_a_silent_owner(false, HANDOFF * 3).await;
+    let window = Duration::from_secs(1);
+    let (given_up_after, heard) = homes_given_up_by_a_silent_owner(false, window, window * 3).await;
     assert!(
-        given_up_after >= HANDOFF * 2,
+        given_up_after >= window * 2,
         "given up after {given_up_after:?}"
     );
     assert!(
@@ -509,7 +532,8 @@ async fn homes_whose_owner_never_completes_a_handshake_go_at_twice_the_window() 
 /// windows, not after rounds of tries, 32 at a time, that outlast them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn homes_whose_owner_never_answers_go_at_about_three_windows() {
-    let (given_up_after, heard) = homes_given_up_by_a_silent_owner(true, HANDOFF * 5).await;
+    let (given_up_after, heard) =
+        homes_given_up_by_a_silent_owner(true, HANDOFF, HANDOFF * 5).await;
     assert!(
         given_up_after >= HANDOFF * 3,
         "given up after {given_up_after:?}"
@@ -522,10 +546,12 @@ async fn homes_whose_owner_never_answers_go_at_about_three_windows() {
 }
 
 /// Moves six hundred homes from a silo that dies to a silent owner (see
-/// `silent_owner`), failing unless they are all given up `within` the
-/// death; how long that took, and what the owner heard.
+/// `silent_owner`), with a hand-over window of `handoff`, failing unless
+/// they are all given up `within` the death; how long that took, and what
+/// the owner heard.
 async fn homes_given_up_by_a_silent_owner(
     handshakes: bool,
+    handoff: Duration,
     within: Duration,
 ) -> (Duration, Arc<Heard>) {
     let network = InProcessNetwork::new();
@@ -533,7 +559,7 @@ async fn homes_given_up_by_a_silent_owner(
     let (everyone, survivors) = (view(&[&a, &b, &c]), view(&[&a, &c]));
     let keys = moving(&everyone, &b, &survivors, &c, 600);
     let (held, heard) = silent_owner(&network, &c, handshakes).await;
-    let (nodes, views) = start_all(&network, &[&a, &b], &everyone).await;
+    let (nodes, views) = start_all_with(&network, &[&a, &b], &everyone, handoff).await;
     let [na, nb] = &nodes[..] else {
         unreachable!("two nodes")
     };

@@ -1404,10 +1404,12 @@ impl Inner {
 
     /// Rule 4 at the target: a confirmed arrival registers with the
     /// entry's owner now (the owner may have changed since the switch,
-    /// and a home that was arriving re-registered nowhere) and takes
-    /// messages as the grain's home here if the entry names it; otherwise
-    /// (or if the node stopped, fenced, or lost the home meanwhile) it ends
-    /// without `on_deactivate`.
+    /// and a home that was arriving re-registered nowhere), follows a
+    /// newer owner (node rule 3), and takes messages as the grain's home
+    /// here if the entry names it (a newer owner that refused it leaves
+    /// it recorded with the one it registered with); otherwise (an owner
+    /// naming another silo, or the node stopped, fenced, or lost the home
+    /// meanwhile) it ends without `on_deactivate`.
     async fn settle_arrival(
         self: &Arc<Self>,
         grain: GrainId,
@@ -1439,20 +1441,20 @@ impl Inner {
         };
         let serving = match registered.filter(|_| usable(self)) {
             Some(owner) => {
+                // Still moving (calls wait) until it takes messages below.
                 let recorded = match self.homes.get_mut(&grain) {
                     Some(mut home) if home.generation == generation => {
                         home.owner = owner.clone();
                         home.activation = address.activation;
-                        home.moving = None;
                         true
                     }
                     _ => false,
                 };
                 // Node rule 3 (`home.rs`, `follow_owner`): a view's pass
-                // passed over this home while it was moving. A refusal
-                // leaves it recorded with the owner it registered with;
-                // its next call registers it again.
-                recorded
+                // passes over this home while it moves. A refusal leaves
+                // it recorded with the owner it registered with; its next
+                // call registers it again.
+                let followed = recorded
                     && match self
                         .follow_owner(&grain, generation, address.activation, owner)
                         .await
@@ -1463,6 +1465,18 @@ impl Inner {
                             true
                         }
                         Ok(()) => true,
+                    };
+                // Takes messages from here if it is still this home (it may
+                // have been given up or replaced while it followed) and
+                // the node still serves.
+                followed
+                    && usable(self)
+                    && match self.homes.get_mut(&grain) {
+                        Some(mut home) if home.generation == generation => {
+                            home.moving = None;
+                            true
+                        }
+                        _ => false,
                     }
             }
             None => false,

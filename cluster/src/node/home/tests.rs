@@ -38,6 +38,25 @@ impl Message for Bump {
     type Reply = u64;
 }
 
+impl granary_actors::migration::Migratable for Tally {
+    async fn dehydrate(
+        &mut self,
+        _: &mut GrainContext,
+        into: &mut granary_actors::migration::Dehydrated,
+    ) -> Result<(), granary_actors::migration::HookError> {
+        into.put("count", &self.0)
+    }
+
+    async fn rehydrate(
+        &mut self,
+        _: &mut GrainContext,
+        from: granary_actors::migration::Dehydrated,
+    ) -> Result<(), granary_actors::migration::HookError> {
+        self.0 = from.get("count")?;
+        Ok(())
+    }
+}
+
 impl Handler<Bump> for Tally {
     async fn handle(&mut self, _: Bump, _: &mut GrainContext) -> u64 {
         self.0 += 1;
@@ -136,6 +155,7 @@ async fn start_with(
     let silo = Silo::builder()
         .register::<Tally>(TYPE)
         .message::<Tally, Bump>("bump")
+        .migratable::<Tally>()
         .build()
         .expect("a silo");
     let mut config = NodeConfig::new(
@@ -576,11 +596,23 @@ async fn homes_given_up_by_a_silent_owner(
 }
 
 /// The owner of a grain's entry in the view its home silo has: answers
-/// lookups (no entry) at once, and holds each registration until the test
-/// lets it through, then takes it.
+/// lookups (no entry) at once, takes a switch, holds each registration
+/// proposed by `held` until the test lets it through, then takes it, and
+/// takes other registrations at once.
 struct HoldsRegistrations {
+    held: SiloId,
     reached: tokio::sync::Notify,
     release: tokio::sync::Notify,
+}
+
+impl HoldsRegistrations {
+    fn of(held: &SiloId) -> Arc<HoldsRegistrations> {
+        Arc::new(HoldsRegistrations {
+            held: held.clone(),
+            reached: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        })
+    }
 }
 
 impl Inbound for Arc<HoldsRegistrations> {
@@ -598,10 +630,13 @@ impl Inbound for Arc<HoldsRegistrations> {
             let reply = match asked {
                 DirectoryRequest::Lookup(_) => DirectoryReply::Unknown,
                 DirectoryRequest::Register { home, .. } => {
-                    gate.reached.notify_one();
-                    gate.release.notified().await;
+                    if home.silo == gate.held {
+                        gate.reached.notify_one();
+                        gate.release.notified().await;
+                    }
                     DirectoryReply::Home(home)
                 }
+                DirectoryRequest::Switch { to, .. } => DirectoryReply::Home(to),
                 _ => DirectoryReply::Retry,
             };
             encode(&reply).map_err(|err| RemoteError::Other(err.to_string()))
@@ -621,10 +656,7 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
     let [a, x, y] = silos(["a", "x", "y"]);
     let (before, after) = (view(&[&a, &x]), view(&[&a, &x, &y]));
     let keys = moving(&before, &x, &after, &y, 1);
-    let gate = Arc::new(HoldsRegistrations {
-        reached: tokio::sync::Notify::new(),
-        release: tokio::sync::Notify::new(),
-    });
+    let gate = HoldsRegistrations::of(&a);
     let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
     let held = fake_silo(&network, &x, Some(inbound), Arc::default()).await;
     let followed = Arc::new(watch::Sender::new(before));
@@ -646,21 +678,7 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
         .expect("the registration reached x");
     // a takes the new view in, and its re-registration pass (which finds
     // no confirmed home) has ended before x answers.
-    let pass = |na: &ClusterNode| {
-        let pass = na.inner.reregistering.lock().expect("the pass's lock");
-        pass.as_ref().map(|pass| (pass.id(), pass.is_finished()))
-    };
-    let before_join = pass(&na).map(|(id, _)| id);
-    followed.send_replace(after);
-    until(
-        Instant::now() + Duration::from_secs(5),
-        || "a never took y's join in".into(),
-        || {
-            na.inner.view().len() == 3
-                && pass(&na).is_some_and(|(id, done)| Some(id) != before_join && done)
-        },
-    )
-    .await;
+    take_in(&na, &followed, after).await;
     gate.release.notify_one();
     let count = calling.await.expect("the call's task").expect("the call");
     assert_eq!(count, 1);
@@ -671,5 +689,79 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
         1,
         "one activation in all"
     );
+    held.abort();
+}
+
+/// Sends `view` to `node`'s membership, and waits until the node has
+/// taken it in and its re-registration pass for it has ended.
+async fn take_in(node: &ClusterNode, followed: &watch::Sender<Vec<Member>>, view: Vec<Member>) {
+    let pass = || {
+        let pass = node.inner.reregistering.lock().expect("the pass's lock");
+        pass.as_ref().map(|pass| (pass.id(), pass.is_finished()))
+    };
+    let before = pass().map(|(id, _)| id);
+    let silos = view.len();
+    followed.send_replace(view);
+    until(
+        Instant::now() + Duration::from_secs(5),
+        || format!("{} never took the view in", node.id()),
+        || {
+            node.inner.view().len() == silos
+                && pass().is_some_and(|(id, done)| Some(id) != before && done)
+        },
+    )
+    .await;
+}
+
+/// A grain moves from a to b; b registers its arrival with the entry's
+/// owner, x, and while x holds the registration, y joins b's view and
+/// owns the entry from then on. The arrival, moving (so no view's pass
+/// re-registers it), follows the owner before it takes messages, and the
+/// move returns once it has: y's entry names b, and a call from y reaches
+/// the activation that arrived, its count intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_registering_across_a_view_change_registers_with_the_new_owner() {
+    use granary_actors::migration::MigrationTarget;
+
+    let network = InProcessNetwork::new();
+    let [a, b, x, y] = silos(["a", "b", "x", "y"]);
+    let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
+    let keys = moving(&before, &x, &after, &y, 1);
+    let gate = HoldsRegistrations::of(&b);
+    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
+    let held = fake_silo(&network, &x, Some(inbound), Arc::default()).await;
+    let (nodes, views) = start_all(&network, &[&a, &b], &before).await;
+    let [na, nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let ny = start(
+        &network,
+        &y.address,
+        &Arc::new(watch::Sender::new(after.clone())),
+    )
+    .await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    bump_each(na, &keys, 1).await;
+
+    let moving = {
+        let (na, key, to) = (na.clone(), keys[0], b.address.clone());
+        tokio::spawn(async move {
+            na.grain::<Tally>(key)
+                .migrate(MigrationTarget::Silo(to))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
+        .await
+        .expect("the arrival's registration reached x");
+    take_in(nb, &views[1], after).await;
+    gate.release.notify_one();
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .expect("the move's task");
+    moved.expect("the move");
+    assert_eq!(registered(nb, &ny, &keys), 1, "registered with y");
+    bump_each(&ny, &keys, 2).await;
     held.abort();
 }

@@ -399,9 +399,11 @@ impl Inner {
     /// if the entry's owner changed while it registered, it registers
     /// again here (existing) with the owner of the view it reads after
     /// each record, until the two agree, at most `FOLLOW_REGISTRATIONS`
-    /// times (then `Retry`). A pass that starts after a record sees it
-    /// (both take the home's shard lock), and one that began before was
-    /// started by the swap this read sees. `Moved`: the new owner names
+    /// times (then `Retry`). For a call's home, a pass that starts after a
+    /// record sees it (both take the home's shard lock), and one that
+    /// began before was started by the swap this read sees; an arrival,
+    /// which passes skip while it moves, checks the view again when it
+    /// stops moving (`settle_arrival`). `Moved`: the new owner names
     /// another silo (nothing here is removed; the caller lets go).
     pub(super) async fn follow_owner(
         self: &Arc<Self>,

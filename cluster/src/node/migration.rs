@@ -148,6 +148,10 @@ const MAX_RESERVATIONS_PER_PEER: usize = 64;
 /// Grains moving off a leaving silo at once (rule 6).
 const DRAIN_AT_ONCE: usize = 8;
 
+/// How many times an arrival follows its entry's owner before it takes
+/// messages (rule 4, node rule 3), when the view keeps changing.
+const SETTLE_FOLLOWS: u32 = 3;
+
 /// How many times a leave tries to move one GPU grain (rule 6): again
 /// only after a refusal that may pass (`Busy`, `NotActive`).
 const DRAIN_TRIES: u32 = 3;
@@ -1451,33 +1455,53 @@ impl Inner {
                     _ => false,
                 };
                 // Node rule 3 (`home.rs`, `follow_owner`): a view's pass
-                // passes over this home while it moves. A refusal leaves
-                // it recorded with the owner it registered with; its next
+                // passes over this home while it moves, so it follows its
+                // owner itself, and stops moving (takes messages) under
+                // the home's lock only if the view read there agrees with
+                // the owner recorded: a pass that starts after that sees a
+                // home no longer moving, and one that started before it
+                // swapped in the view read there (then it follows again).
+                // A refusal, or a view that keeps changing, leaves it
+                // recorded with the owner it registered with; its next
                 // call registers it again.
-                let followed = recorded
-                    && match self
+                let mut owner = owner;
+                let mut serving = false;
+                for round in 1..=SETTLE_FOLLOWS {
+                    if !recorded {
+                        break;
+                    }
+                    let refused = match self
                         .follow_owner(&grain, generation, address.activation, owner)
                         .await
                     {
-                        Err(RemoteError::Moved(_)) => false,
+                        Err(RemoteError::Moved(_)) => break,
                         Err(err) => {
                             tracing::debug!(%grain, error = %err, "an arrival did not follow its entry's new owner");
                             true
                         }
-                        Ok(()) => true,
+                        Ok(()) => false,
                     };
-                // Takes messages from here if it is still this home (it may
-                // have been given up or replaced while it followed) and
-                // the node still serves.
-                followed
-                    && usable(self)
-                    && match self.homes.get_mut(&grain) {
-                        Some(mut home) if home.generation == generation => {
-                            home.moving = None;
-                            true
-                        }
-                        _ => false,
+                    if !usable(self) {
+                        break;
                     }
+                    // Still this home (it may have been given up or
+                    // replaced while it followed).
+                    let Some(mut home) = self
+                        .homes
+                        .get_mut(&grain)
+                        .filter(|home| home.generation == generation)
+                    else {
+                        break;
+                    };
+                    let agreed = self.entry_owner(&grain, &self.view()) == home.owner;
+                    if agreed || refused || round == SETTLE_FOLLOWS {
+                        home.moving = None;
+                        serving = true;
+                        break;
+                    }
+                    owner = home.owner.clone();
+                }
+                serving
             }
             None => false,
         };

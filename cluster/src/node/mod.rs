@@ -52,7 +52,11 @@
 //!    before the call runs or the arrival takes messages, up to two more
 //!    times (a call is then told `Retry`; a home left recorded with the
 //!    owner it registered with is registered again by its next call); a
-//!    pass that starts after the record sees it. Connections to silos gone
+//!    pass that starts after the record sees it. An arrival stops moving
+//!    (and takes messages) under its home's lock only if the view read
+//!    there agrees with its recorded owner, and follows again otherwise
+//!    (three rounds at most), so a pass either sees it settled or ran
+//!    on a view it has read. Connections to silos gone
 //!    from the view are closed beside the view task, which does not wait
 //!    for a connect in progress to them.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the

@@ -1409,9 +1409,11 @@ impl Inner {
     /// Rule 4 at the target: a confirmed arrival registers with the
     /// entry's owner now (the owner may have changed since the switch,
     /// and a home that was arriving re-registered nowhere), follows a
-    /// newer owner (node rule 3), and takes messages as the grain's home
-    /// here if the entry names it (a newer owner that refused it leaves
-    /// it recorded with the one it registered with); otherwise (an owner
+    /// newer owner (node rule 3, up to `SETTLE_FOLLOWS` rounds), and takes
+    /// messages as the grain's home here if the entry names it (a newer
+    /// owner that refused it, or a view still changing after the last
+    /// round, leaves it recorded with the owner it registered with, which
+    /// its next call corrects); otherwise (an owner
     /// naming another silo, or the node stopped, fenced, or lost the home
     /// meanwhile) it ends without `on_deactivate`.
     async fn settle_arrival(

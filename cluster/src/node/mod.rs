@@ -54,9 +54,10 @@
 //!    owner it registered with is registered again by its next call); a
 //!    pass that starts after the record sees it. An arrival stops moving
 //!    (and takes messages) under its home's lock only if the view read
-//!    there agrees with its recorded owner, and follows again otherwise
-//!    (three rounds at most), so a pass either sees it settled or ran
-//!    on a view it has read. Connections to silos gone
+//!    there agrees with its recorded owner, and follows again otherwise,
+//!    so a pass either sees it settled or ran on a view it has read; after
+//!    a refusal, or three rounds, it takes messages recorded with the
+//!    owner it registered with, and its next call registers it again. Connections to silos gone
 //!    from the view are closed beside the view task, which does not wait
 //!    for a connect in progress to them.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the

@@ -162,6 +162,7 @@ const REREGISTER_AT_ONCE: usize = 32;
 const REREGISTER_FLOOR: Duration = Duration::from_millis(20);
 
 /// A home to re-register after a view change (rule 3).
+#[derive(Clone)]
 struct Reregistering {
     grain: GrainId,
     /// This silo and the activation number the entry holds.
@@ -310,7 +311,8 @@ impl Inner {
                         _ => return Err(RemoteError::Retry),
                     }
                     // A refusal leaves the home recorded with the owner it
-                    // registered with: the caller's next try registers it
+                    // registered with: it re-registers on its own
+                    // (`follow_later`), the caller's next try registers it
                     // again (that owner is not the view's), and a fresh
                     // home no call pins any more is let go with its pin.
                     match self
@@ -323,7 +325,12 @@ impl Inner {
                             self.remove_this_home(grain, |home| home.generation == pin.generation);
                             return Err(RemoteError::Moved(to));
                         }
-                        Err(err) => return Err(err),
+                        Err(err) => {
+                            // A home this call leaves behind (one that was
+                            // home before) re-registers on its own.
+                            self.follow_later(grain, pin.generation);
+                            return Err(err);
+                        }
                     }
                 }
                 Ok(DirectoryReply::Home(home)) => {
@@ -904,6 +911,111 @@ impl Inner {
         self.remove_this_home(&home.grain, |current| {
             home.is_this(current) && self.still_current(epoch)
         });
+    }
+
+    /// Rule 3 for a home of generation `generation` that a registration
+    /// left recorded with an owner the view may no longer name: its follow
+    /// was refused (that owner had not learnt of the view yet), or the view
+    /// kept changing through the follow's rounds (`follow_owner`). No
+    /// view's pass re-registers it (the pass began while it was not
+    /// confirmed or was moving), so it re-registers beside its caller as a
+    /// pass would, with the owner of the view it reads each time, until
+    /// the deadline of the view it was recorded in; not registered with
+    /// that owner by then, it is given up. It stops once the view changes
+    /// again (that view's pass, started after the record, re-registers it)
+    /// or the home is no longer this one, or is leaving or moving.
+    pub(super) fn follow_later(self: &Arc<Self>, grain: &GrainId, generation: u64) {
+        // The epoch first: the view task starts a view's window before it
+        // moves the epoch on (`serve.rs`), so the window read after it is
+        // this view's, or a later one's (whose epoch stops the task).
+        let epoch = self.view_epoch.load(Ordering::SeqCst);
+        let changed_at = *self
+            .view_changed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let give_up_at = changed_at
+            .checked_add(self.reregister_for())
+            .unwrap_or_else(|| deadline_after(self.reregister_for()));
+        let Some(activation) = self
+            .homes
+            .get(grain)
+            .filter(|home| home.generation == generation && home.owner.is_some())
+            .map(|home| home.activation)
+        else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let home = Reregistering {
+            grain: grain.clone(),
+            proposed: ActivationAddress {
+                silo: self.id(),
+                activation,
+            },
+            generation,
+        };
+        let inner = self.clone();
+        runtime.spawn(async move { inner.follow_until(home, epoch, give_up_at).await });
+    }
+
+    /// The task of [`Inner::follow_later`]: after each pause of a view's
+    /// rounds, tries `home` once with the owner its entry has in the view
+    /// read then (`try_reregister`), until the home is recorded with it.
+    async fn follow_until(
+        self: Arc<Self>,
+        mut home: Reregistering,
+        epoch: u64,
+        give_up_at: Instant,
+    ) {
+        let node = ClusterNode {
+            inner: self.clone(),
+        };
+        let pause = (self.handoff / 8).max(REREGISTER_FLOOR / 4);
+        loop {
+            tokio::time::sleep(pause.min(give_up_at.saturating_duration_since(Instant::now())))
+                .await;
+            if !self.still_current(epoch)
+                || self.fence.is_fenced()
+                || self.stopped.load(Ordering::Acquire)
+                || !self.is_me(&home.proposed.silo)
+            {
+                return;
+            }
+            let Some(recorded) = self
+                .homes
+                .get(&home.grain)
+                .filter(|current| home.is_this(current))
+                .map(|current| current.owner.clone())
+            else {
+                return;
+            };
+            // Hashed outside the map's locks.
+            let wanted = self.entry_owner(&home.grain, &self.view());
+            if recorded == wanted {
+                return;
+            }
+            let Some(owner) = wanted.clone() else {
+                return;
+            };
+            if Instant::now() >= give_up_at {
+                // Checked again under the home's lock: a call or a pass
+                // that registered it with the view's owner meanwhile keeps
+                // it.
+                self.remove_this_home(&home.grain, |current| {
+                    home.is_this(current) && self.still_current(epoch) && current.owner != wanted
+                });
+                return;
+            }
+            // `None`: recorded with `owner`, no longer this home, or given
+            // up; the next round's checks tell which.
+            if let Some(again) = self
+                .try_reregister(&node, &owner, home.clone(), epoch, give_up_at)
+                .await
+            {
+                home = again;
+            }
+        }
     }
 
     /// One try of `home`'s re-registration with `owner`; the home back if

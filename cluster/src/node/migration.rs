@@ -1412,8 +1412,8 @@ impl Inner {
     /// newer owner (node rule 3, up to `SETTLE_FOLLOWS` rounds), and takes
     /// messages as the grain's home here if the entry names it (a newer
     /// owner that refused it, or a view still changing after the last
-    /// round, leaves it recorded with the owner it registered with, which
-    /// its next call corrects); otherwise (an owner
+    /// round, leaves it recorded with the owner it registered with, and
+    /// it re-registers on its own: `Inner::follow_later`); otherwise (an owner
     /// naming another silo, or the node stopped, fenced, or lost the home
     /// meanwhile) it ends without `on_deactivate`.
     async fn settle_arrival(
@@ -1464,10 +1464,12 @@ impl Inner {
                 // home no longer moving, and one that started before it
                 // swapped in the view read there (then it follows again).
                 // A refusal, or a view that keeps changing, leaves it
-                // recorded with the owner it registered with; its next
-                // call registers it again.
+                // recorded with the owner it registered with; it then
+                // re-registers on its own (`follow_later`).
                 let mut owner = owner;
                 let mut serving = false;
+                // Serving recorded with an owner the view may not name.
+                let mut stale = false;
                 for round in 1..=SETTLE_FOLLOWS {
                     if !recorded {
                         break;
@@ -1499,9 +1501,15 @@ impl Inner {
                     if agreed || refused || round == SETTLE_FOLLOWS {
                         home.moving = None;
                         serving = true;
+                        stale = !agreed;
                         break;
                     }
                     owner = home.owner.clone();
+                }
+                if stale {
+                    // No view's pass saw it moving: it re-registers on its
+                    // own (`follow_later`).
+                    self.follow_later(&grain, generation);
                 }
                 serving
             }

@@ -50,14 +50,17 @@
 //!    owner of the view it read, records it, reads the view again and, if
 //!    the owner changed meanwhile, registers with the new one (existing)
 //!    before the call runs or the arrival takes messages, up to two more
-//!    times (a call is then told `Retry`; a home left recorded with the
-//!    owner it registered with is registered again by its next call); a
-//!    pass that starts after the record sees it. An arrival stops moving
-//!    (and takes messages) under its home's lock only if the view read
-//!    there agrees with its recorded owner, and follows again otherwise,
-//!    so a pass either sees it settled or ran on a view it has read; after
-//!    a refusal, or three rounds, it takes messages recorded with the
-//!    owner it registered with, and its next call registers it again. Connections to silos gone
+//!    times (a call is then told `Retry`); a pass that starts after the
+//!    record sees it. An arrival stops moving (and takes messages) under
+//!    its home's lock only if the view read there agrees with its
+//!    recorded owner, and follows again otherwise, so a pass either sees
+//!    it settled or ran on a view it has read; after a refusal, or three
+//!    rounds, it takes messages recorded with the owner it registered
+//!    with. A home left recorded so (by a call or an arrival) re-registers
+//!    beside them as a pass would (`follow_later`): after each pause, with
+//!    the owner of the view it reads then, until the deadline of the view
+//!    it was recorded in, and is given up if not registered by then; a
+//!    later view change leaves it to that view's pass. Connections to silos gone
 //!    from the view are closed beside the view task, which does not wait
 //!    for a connect in progress to them.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the

@@ -537,8 +537,12 @@ impl NodeParts {
                     // the epoch moves on, so the last view's re-registration
                     // changes no home from now on.
                     let changed = (silos(&inner.view()) != silos(&after)).then(|| {
+                        // The window before the epoch: a home that reads
+                        // the epoch and then the window reads this view's
+                        // window or a later one's (`follow_later`).
+                        let changed_at = inner.restart_handoff();
                         inner.view_epoch.fetch_add(1, Ordering::SeqCst);
-                        inner.restart_handoff()
+                        changed_at
                     });
                     let before = inner.view.swap(after.clone());
                     if let Some(changed_at) = changed {

@@ -765,3 +765,141 @@ async fn an_arrival_registering_across_a_view_change_registers_with_the_new_owne
     bump_each(&ny, &keys, 2).await;
     held.abort();
 }
+
+/// What `an_arrival_refused_by_y` leaves: the nodes, the grain's key, y's
+/// view (without y), and when b took in the view in which y owns the
+/// grain's entry.
+struct Refused {
+    nb: ClusterNode,
+    ny: ClusterNode,
+    key: u64,
+    y_follows: Arc<watch::Sender<Vec<Member>>>,
+    after: Vec<Member>,
+    changed: Instant,
+    _held: Aborting,
+}
+
+/// Aborts a task when dropped.
+struct Aborting(tokio::task::JoinHandle<()>);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A grain moves from a to b; b registers its arrival with the entry's
+/// owner, x, and while x holds the registration, y joins b's view and owns
+/// the entry from then on. y itself has not learnt of the view (it owns
+/// nothing in the one it has), so it refuses the arrival's follow, and the
+/// arrival serves recorded with x. Returns once the move has returned.
+async fn an_arrival_refused_by_y(network: &InProcessNetwork) -> Refused {
+    use granary_actors::migration::MigrationTarget;
+
+    let [a, b, x, y] = silos(["a", "b", "x", "y"]);
+    let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
+    let keys = moving(&before, &x, &after, &y, 1);
+    let gate = HoldsRegistrations::of(&b);
+    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
+    let held = Aborting(fake_silo(network, &x, Some(inbound), Arc::default()).await);
+    let (nodes, views) = start_all(network, &[&a, &b], &before).await;
+    let [na, nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    let y_follows = Arc::new(watch::Sender::new(before));
+    let ny = start(network, &y.address, &y_follows).await;
+    bump_each(na, &keys, 1).await;
+
+    let moving = {
+        let (na, key, to) = (na.clone(), keys[0], b.address.clone());
+        tokio::spawn(async move {
+            na.grain::<Tally>(key)
+                .migrate(MigrationTarget::Silo(to))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
+        .await
+        .expect("the arrival's registration reached x");
+    let changed = Instant::now();
+    take_in(nb, &views[1], after.clone()).await;
+    gate.release.notify_one();
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .expect("the move's task");
+    moved.expect("the move");
+    // Serving, recorded with x; y, which refuses, has no entry.
+    let recorded = nb
+        .inner
+        .homes
+        .get(&grain(keys[0]))
+        .and_then(|home| home.owner.clone());
+    assert_eq!(recorded, Some(x), "the arrival's recorded owner");
+    assert!(ny.inner.partition.lookup(&grain(keys[0])).is_none());
+    Refused {
+        nb: nb.clone(),
+        ny,
+        key: keys[0],
+        y_follows,
+        after,
+        changed,
+        _held: held,
+    }
+}
+
+/// The arrival whose new owner refused it (`an_arrival_refused_by_y`)
+/// re-registers on its own once that owner learns of the view, with no
+/// call to prompt it: y's entry names b, and a call from y reaches the
+/// activation that arrived, its count intact. (The arrival used to stay
+/// recorded with x until its next call: y, with no entry, would have let
+/// another silo claim the grain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_refused_by_its_new_owner_registers_once_the_owner_learns() {
+    let network = InProcessNetwork::new();
+    let refused = an_arrival_refused_by_y(&network).await;
+    let keys = [refused.key];
+    assert_eq!(registered(&refused.nb, &refused.ny, &keys), 0);
+    refused.y_follows.send_replace(refused.after.clone());
+    // Before b would give the home up (twice the window after its view
+    // changed), with room for a busy machine.
+    let (nb, ny) = (&refused.nb, &refused.ny);
+    until(
+        refused.changed + HANDOFF * 2,
+        || "the arrival never registered with y".into(),
+        || registered(nb, ny, &keys) == 1,
+    )
+    .await;
+    bump_each(ny, &keys, 2).await;
+    assert_eq!(nb.homes(), 1);
+}
+
+/// The arrival whose new owner refused it (`an_arrival_refused_by_y`),
+/// an owner that never learns of the view: it is given up at twice the
+/// window after b's view changed, as a view's pass gives up a home it
+/// could not re-register (y may by then let another silo claim it), and
+/// its activation is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_whose_new_owner_never_learns_is_given_up_at_twice_the_window() {
+    let network = InProcessNetwork::new();
+    let refused = an_arrival_refused_by_y(&network).await;
+    let nb = &refused.nb;
+    until(
+        refused.changed + HANDOFF * 4,
+        || format!("{} homes left at b", nb.homes()),
+        || nb.homes() == 0,
+    )
+    .await;
+    let given_up_after = refused.changed.elapsed();
+    assert!(
+        given_up_after >= HANDOFF * 2,
+        "given up after {given_up_after:?}"
+    );
+    let key = GrainKey::U64(refused.key);
+    until(
+        Instant::now() + HANDOFF * 2,
+        || "the arrived activation lived on".into(),
+        || !nb.silo().is_active_named(TYPE, &key),
+    )
+    .await;
+}

@@ -331,7 +331,8 @@ pub struct Migrated {
 }
 
 /// Why a migration did not happen. In every case but
-/// [`MigrationError::Unknown`] the grain is where it was, running.
+/// [`MigrationError::Unknown`] and [`MigrationError::Discarded`] the grain
+/// is where it was, running.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum MigrationError {
@@ -407,6 +408,19 @@ pub enum MigrationError {
     },
     /// The silo is shutting down.
     ShutDown,
+    /// The directory's entry names the target, but the target could not
+    /// take the grain in: it stopped or was fenced, or the entry's owner
+    /// did not take its registration in time. The old activation ended
+    /// without `on_deactivate` and the new one was discarded, so the grain
+    /// has no activation until its next call, which starts it from its
+    /// persisted state (what `dehydrate` carried, resident buffers
+    /// included, is lost).
+    Discarded {
+        /// The grain.
+        grain: GrainId,
+        /// Why the target discarded it.
+        reason: String,
+    },
 }
 
 impl fmt::Display for MigrationError {
@@ -441,6 +455,11 @@ impl fmt::Display for MigrationError {
                  activation ended"
             ),
             MigrationError::ShutDown => write!(f, "the silo is shutting down"),
+            MigrationError::Discarded { grain, reason } => write!(
+                f,
+                "{grain} moved but its target discarded it ({reason}); it has no activation \
+                 until its next call"
+            ),
         }
     }
 }

@@ -326,8 +326,9 @@ impl Inner {
                             return Err(RemoteError::Moved(to));
                         }
                         Err(err) => {
-                            // A home this call leaves behind (one that was
-                            // home before) re-registers on its own.
+                            // A home this call leaves behind (kept by its
+                            // activation or another call) re-registers on
+                            // its own.
                             self.follow_later(grain, pin.generation);
                             return Err(err);
                         }
@@ -763,6 +764,11 @@ impl Inner {
         if let Some(previous) = reregistering.take() {
             previous.abort();
         }
+        // What `follow_later` follows until, from now on.
+        *self
+            .pass_deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (epoch, give_up_at);
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
@@ -776,10 +782,16 @@ impl Inner {
     /// How long after a view change its homes may re-register: twice the
     /// window (rule 3), and at least eight tries' floor, so that a window
     /// too short for a round trip still gives each home its tries.
-    fn reregister_for(&self) -> Duration {
+    pub(super) fn reregister_for(&self) -> Duration {
         self.handoff
             .saturating_mul(2)
             .max(REREGISTER_FLOOR.saturating_mul(8))
+    }
+
+    /// The pause after each round of re-registration's tries (rule 3):
+    /// an eighth of the window, and at least a quarter of the floor.
+    pub(super) fn reregister_pause(&self) -> Duration {
+        (self.handoff / 8).max(REREGISTER_FLOOR / 4)
     }
 
     /// Whether the view of `epoch` is still the one followed: a pass for
@@ -798,7 +810,7 @@ impl Inner {
         let me = self.id();
         // Not registered yet (its first call registers it), leaving (its
         // entry is being removed), or moving (its migration registers it
-        // if the switch finds the owner changed, and its next call if it
+        // if the switch finds the owner changed, and `follow_later` if it
         // stays: `migration.rs` rule 4): not re-registered. Taken out
         // first, so that no owner is hashed under the map's locks.
         let confirmed: Vec<(GrainId, SiloId, u64, u64)> = self
@@ -895,11 +907,17 @@ impl Inner {
                     .is_some_and(|home| self.is_me(&home.proposed.silo))
             {
                 for home in &pending {
-                    self.give_up_reregistering(home, epoch);
+                    // Not one registered with `owner` meanwhile (by a call,
+                    // or beside the pass: `follow_later`).
+                    self.remove_this_home(&home.grain, |current| {
+                        home.is_this(current)
+                            && self.still_current(epoch)
+                            && current.owner.as_ref() != Some(owner)
+                    });
                 }
                 return;
             }
-            let pause = (self.handoff / 8).max(REREGISTER_FLOOR / 4);
+            let pause = self.reregister_pause();
             tokio::time::sleep(pause.min(give_up_at - now)).await;
         }
     }
@@ -913,29 +931,29 @@ impl Inner {
         });
     }
 
-    /// Rule 3 for a home of generation `generation` that a registration
-    /// left recorded with an owner the view may no longer name: its follow
-    /// was refused (that owner had not learnt of the view yet), or the view
-    /// kept changing through the follow's rounds (`follow_owner`). No
-    /// view's pass re-registers it (the pass began while it was not
-    /// confirmed or was moving), so it re-registers beside its caller as a
-    /// pass would, with the owner of the view it reads each time, until
-    /// the deadline of the view it was recorded in; not registered with
-    /// that owner by then, it is given up. It stops once the view changes
-    /// again (that view's pass, started after the record, re-registers it)
-    /// or the home is no longer this one, or is leaving or moving.
+    /// Rule 3 for a home of generation `generation` recorded with an owner
+    /// the view may no longer name, that no pass of the current view may
+    /// re-register: its follow was refused (that owner had not learnt of
+    /// the view yet), or the view kept changing through the follow's
+    /// rounds (`follow_owner`), or it stopped moving (a move that stayed,
+    /// or an arrival: passes skip a moving home). It re-registers beside
+    /// its caller as a pass would, with the owner of the view it reads
+    /// each time, until the deadline of the current view's pass; not
+    /// registered with that owner by then, it is given up. It stops once
+    /// the view changes again (that view's pass, started after the home was
+    /// recorded, re-registers it), or the home is no longer this one or is
+    /// leaving; while it moves it waits. A view whose pass has not started
+    /// yet needs none of this: that pass will see the home. One task per
+    /// home and view.
     pub(super) fn follow_later(self: &Arc<Self>, grain: &GrainId, generation: u64) {
-        // The epoch first: the view task starts a view's window before it
-        // moves the epoch on (`serve.rs`), so the window read after it is
-        // this view's, or a later one's (whose epoch stops the task).
         let epoch = self.view_epoch.load(Ordering::SeqCst);
-        let changed_at = *self
-            .view_changed
+        let (pass_epoch, give_up_at) = *self
+            .pass_deadline
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let give_up_at = changed_at
-            .checked_add(self.reregister_for())
-            .unwrap_or_else(|| deadline_after(self.reregister_for()));
+        if pass_epoch != epoch {
+            return;
+        }
         let Some(activation) = self
             .homes
             .get(grain)
@@ -947,6 +965,16 @@ impl Inner {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let task = (generation, epoch);
+        match self.following.entry(grain.clone()) {
+            dashmap::Entry::Occupied(entry) if *entry.get() == task => return,
+            dashmap::Entry::Occupied(mut entry) => {
+                entry.insert(task);
+            }
+            dashmap::Entry::Vacant(entry) => {
+                entry.insert(task);
+            }
+        }
         let home = Reregistering {
             grain: grain.clone(),
             proposed: ActivationAddress {
@@ -956,14 +984,19 @@ impl Inner {
             generation,
         };
         let inner = self.clone();
-        runtime.spawn(async move { inner.follow_until(home, epoch, give_up_at).await });
+        runtime.spawn(async move {
+            inner.follow_until(home.clone(), epoch, give_up_at).await;
+            inner
+                .following
+                .remove_if(&home.grain, |_, current| *current == task);
+        });
     }
 
-    /// The task of [`Inner::follow_later`]: after each pause of a view's
+    /// The task of [`Inner::follow_later`]: after each pause of a pass's
     /// rounds, tries `home` once with the owner its entry has in the view
     /// read then (`try_reregister`), until the home is recorded with it.
     async fn follow_until(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         mut home: Reregistering,
         epoch: u64,
         give_up_at: Instant,
@@ -971,7 +1004,7 @@ impl Inner {
         let node = ClusterNode {
             inner: self.clone(),
         };
-        let pause = (self.handoff / 8).max(REREGISTER_FLOOR / 4);
+        let pause = self.reregister_pause();
         loop {
             tokio::time::sleep(pause.min(give_up_at.saturating_duration_since(Instant::now())))
                 .await;
@@ -982,13 +1015,18 @@ impl Inner {
             {
                 return;
             }
-            let Some(recorded) = self
+            let found = self
                 .homes
                 .get(&home.grain)
-                .filter(|current| home.is_this(current))
-                .map(|current| current.owner.clone())
-            else {
-                return;
+                .filter(|current| current.generation == home.generation && !current.leaving)
+                .map(|current| (current.owner.clone(), current.moving.is_some()));
+            let recorded = match found {
+                None => return,
+                // A move out is under way: it ends with the home gone, or
+                // back here (then followed on), or past the deadline.
+                Some((_, true)) if Instant::now() >= give_up_at => return,
+                Some((_, true)) => continue,
+                Some((recorded, false)) => recorded,
             };
             // Hashed outside the map's locks.
             let wanted = self.entry_owner(&home.grain, &self.view());

@@ -46,17 +46,23 @@
 //!    if it names a third silo, the grain's home is not here any more and
 //!    the source deactivates. The target answers the word to take
 //!    messages once it has settled (registered, below, and serving, or
-//!    discarded), within the source's wait, so a move that returns leaves
-//!    a grain that serves at the target and may move again at once
-//!    (unless the target stopped, or could not register, meanwhile). If no
+//!    discarded, below), within the source's wait, and says which: a move
+//!    that returns `Ok` leaves a grain that serves at the target and may
+//!    move again at once. If no
 //!    answer to the switch comes within the call timeout,
 //!    the source renumbers its entry with a compare from the activation
 //!    it switched from, so that a switch still on its way is refused, and
 //!    what then stands decides. A target told to take messages first
 //!    registers its activation with the entry's owner as it is now (the
-//!    owner may have changed since the switch), and again with a newer
-//!    owner if the view changes while it registers (node rule 3,
-//!    `Inner::follow_owner`). A target that hears
+//!    owner may have changed since the switch), asked again after each
+//!    pause of node rule 3's rounds while it answers `Retry`, for as long
+//!    as a view's homes may re-register (calls wait meanwhile), and again
+//!    with a newer owner if the view changes while it registers (node
+//!    rule 3, `Inner::follow_owner`). An arrival the entry names that the
+//!    target could not take in (it stopped or was fenced, or the owner
+//!    never took its registration) is discarded, and the source's move
+//!    returns `MigrationError::Discarded`: the grain lives nowhere until
+//!    its next call. A target that hears
 //!    nothing (the source died, or its word was lost) asks the directory
 //!    once the source has left the view, or after four call timeouts
 //!    (longer than the source's switch and renumbering): it takes messages
@@ -65,8 +71,9 @@
 //!    acts on it: never two activations. The grain is left with none (and
 //!    starts afresh on its next call, from what `dehydrate` persisted)
 //!    only when the source dies before its switch, when the target dies
-//!    between answering and taking messages, or when the directory cannot
-//!    be reached for whole call timeouts (the source ends its activation:
+//!    between answering and taking messages or discards the arrival
+//!    (`MigrationError::Discarded`), or when the directory cannot be
+//!    reached for whole call timeouts (the source ends its activation:
 //!    `MigrationError::Unknown`).
 //! 5. **Asking from anywhere.** `GrainRef::migrate` on any silo reaches
 //!    the grain's home (this silo's, or the one the directory names), and
@@ -170,6 +177,7 @@ fn no_reservation() -> MigrationError {
 /// An arrival waiting for its source's verdict (rule 4): where to tell
 /// it, and where it says it has settled (taking messages, or discarded).
 pub(super) struct AwaitingVerdict {
+    grain: GrainId,
     tell: tokio::sync::oneshot::Sender<bool>,
     settled: watch::Receiver<MoveState>,
 }
@@ -183,6 +191,9 @@ pub(super) enum MoveState {
     Moved(SiloId),
     /// It lives here (it stayed, or it arrived).
     Here,
+    /// It arrived and was discarded, for the reason given: it lives
+    /// nowhere until its next call (rule 4).
+    Discarded(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -406,10 +417,17 @@ impl Inner {
             }
         };
         let stay = |err: MigrationError| {
-            if let Some(mut home) = self.homes.get_mut(grain) {
-                if home.generation == generation {
+            let stale = match self.homes.get_mut(grain) {
+                Some(mut home) if home.generation == generation => {
                     home.moving = None;
+                    // Node rule 3: a view's pass that began while it moved
+                    // passed over it.
+                    self.entry_owner(grain, &self.view()) != home.owner
                 }
+                _ => false,
+            };
+            if stale {
+                self.follow_later(grain, generation);
             }
             let _ = moving.send(MoveState::Here);
             self.release_at(&to, ticket);
@@ -479,8 +497,10 @@ impl Inner {
         match outcome {
             Outcome::Moved => {
                 // The target takes messages once told; told or not, it
-                // finds the entry naming it when its wait ends.
-                let _ = self
+                // finds the entry naming it when its wait ends. Its answer
+                // comes once it has settled, and says if it discarded the
+                // grain.
+                let verdict = self
                     .migration_call::<_, ()>(
                         &to,
                         "verdict",
@@ -494,6 +514,11 @@ impl Inner {
                 self.remember(grain, to.clone());
                 let _ = moving.send(MoveState::Moved(to.clone()));
                 departure.commit().await;
+                if let Ok(Err(err @ MigrationError::Discarded { .. })) = verdict {
+                    self.stats.migration_failed();
+                    tracing::warn!(%grain, %to, error = %err, "the target discarded a grain that moved to it");
+                    return Err(err);
+                }
                 let took = started.elapsed();
                 self.stats.migrated(took, bytes);
                 self.note_moved(grain);
@@ -1066,20 +1091,38 @@ impl Inner {
             }
             "verdict" => {
                 let asked: VerdictRequest = read(&request.payload)?;
-                if let Some((_, awaiting)) = self.arrivals.remove(&(from.clone(), asked.ticket)) {
-                    let mut settled = awaiting.settled;
-                    let _ = awaiting.tell.send(asked.confirm);
-                    // Answered once the arrival has settled (registered
-                    // and taking messages, or discarded), within the
-                    // source's wait: a move that returns has a grain that
-                    // serves, and may be moved again at once.
-                    let _ = tokio::time::timeout(
-                        request.time_left_now(),
-                        settled.wait_for(|state| *state != MoveState::Moving),
-                    )
-                    .await;
+                let Some((_, awaiting)) = self.arrivals.remove(&(from.clone(), asked.ticket))
+                else {
+                    return answer(&Ok(()));
+                };
+                let mut settled = awaiting.settled;
+                let _ = awaiting.tell.send(asked.confirm);
+                // Answered once the arrival has settled (registered and
+                // taking messages, or discarded), within the source's
+                // wait: a move that returns has a grain that serves, and
+                // may be moved again at once, or the source learns that
+                // the grain it gave away was discarded.
+                let discarded = match tokio::time::timeout(
+                    request.time_left_now(),
+                    settled.wait_for(|state| *state != MoveState::Moving),
+                )
+                .await
+                {
+                    Ok(Ok(state)) => match &*state {
+                        MoveState::Discarded(reason) => Some(reason.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match discarded {
+                    Some(reason) if asked.confirm => {
+                        answer::<()>(&Err(MigrationError::Discarded {
+                            grain: awaiting.grain,
+                            reason,
+                        }))
+                    }
+                    _ => answer(&Ok(())),
                 }
-                answer(&Ok(()))
             }
             "release" => {
                 let asked: Release = read(&request.payload)?;
@@ -1336,7 +1379,11 @@ impl Inner {
         let settled = arrived.subscribe();
         self.arrivals.insert(
             (from.clone(), asked.ticket),
-            AwaitingVerdict { tell, settled },
+            AwaitingVerdict {
+                grain: grain.clone(),
+                tell,
+                settled,
+            },
         );
         let (inner, source, ticket) = (self.clone(), from.clone(), asked.ticket);
         let waiting = address.clone();
@@ -1427,25 +1474,47 @@ impl Inner {
     ) {
         let usable =
             |inner: &Inner| !inner.stopped.load(Ordering::Acquire) && !inner.fence.is_fenced();
+        // Why it is discarded, if it is.
+        let mut why = if confirmed {
+            "the node stopped or was fenced"
+        } else {
+            "the source kept it"
+        };
         let registered = if confirmed && usable(self) {
             let node = ClusterNode {
                 inner: self.clone(),
             };
-            let owner = self.entry_owner(&grain, &self.view());
             let register = DirectoryRequest::Register {
                 grain: grain.clone(),
                 home: address.clone(),
                 existing: true,
             };
-            // To the owner recorded below.
-            match node.directory_at(owner.as_ref(), register).await {
-                Ok(DirectoryReply::Home(home)) if home == address => Some(owner),
-                _ => None,
+            // An owner that has not learnt of a view change yet, or does
+            // not see this silo yet, answers `Retry`: asked again after
+            // each pause of node rule 3's rounds, for as long as a view's
+            // homes may re-register (calls wait meanwhile: it is moving).
+            let register_by = deadline_after(self.reregister_for());
+            loop {
+                // To the owner recorded below.
+                let owner = self.entry_owner(&grain, &self.view());
+                match node.directory_at(owner.as_ref(), register.clone()).await {
+                    Ok(DirectoryReply::Home(home)) if home == address => break Some(owner),
+                    Ok(DirectoryReply::Home(_)) => {
+                        why = "the entry's owner names another activation";
+                        break None;
+                    }
+                    _ if Instant::now() >= register_by => {
+                        why = "the entry's owner did not take its registration in time";
+                        break None;
+                    }
+                    _ if !usable(self) => break None,
+                    _ => tokio::time::sleep(self.reregister_pause()).await,
+                }
             }
         } else {
             None
         };
-        let serving = match registered.filter(|_| usable(self)) {
+        let (serving, stale) = match registered.filter(|_| usable(self)) {
             Some(owner) => {
                 // Still moving (calls wait) until it takes messages below.
                 let recorded = match self.homes.get_mut(&grain) {
@@ -1470,15 +1539,20 @@ impl Inner {
                 let mut serving = false;
                 // Serving recorded with an owner the view may not name.
                 let mut stale = false;
+                let given_up = "its home here was given up meanwhile";
                 for round in 1..=SETTLE_FOLLOWS {
                     if !recorded {
+                        why = given_up;
                         break;
                     }
                     let refused = match self
                         .follow_owner(&grain, generation, address.activation, owner)
                         .await
                     {
-                        Err(RemoteError::Moved(_)) => break,
+                        Err(RemoteError::Moved(_)) => {
+                            why = "the entry's new owner names another silo";
+                            break;
+                        }
                         Err(err) => {
                             tracing::debug!(%grain, error = %err, "an arrival did not follow its entry's new owner");
                             true
@@ -1495,6 +1569,7 @@ impl Inner {
                         .get_mut(&grain)
                         .filter(|home| home.generation == generation)
                     else {
+                        why = given_up;
                         break;
                     };
                     let agreed = self.entry_owner(&grain, &self.view()) == home.owner;
@@ -1506,27 +1581,32 @@ impl Inner {
                     }
                     owner = home.owner.clone();
                 }
-                if stale {
-                    // No view's pass saw it moving: it re-registers on its
-                    // own (`follow_later`).
-                    self.follow_later(&grain, generation);
-                }
-                serving
+                (serving, stale)
             }
-            None => false,
+            None => (false, false),
         };
-        if serving {
+        let settled = if serving {
             // Calls made here go here now, whatever the cache said before.
             self.remember(&grain, address.silo.clone());
             self.note_moved(&grain);
             arrival.confirm();
+            if stale {
+                // No view's pass saw it moving: it re-registers on its own.
+                self.follow_later(&grain, generation);
+            }
             tracing::debug!(%grain, "a grain arrived");
+            MoveState::Here
         } else {
             drop(arrival);
             self.remove_home_of(&grain, generation);
-            tracing::debug!(%grain, confirmed, "an arriving grain was discarded");
-        }
-        let _ = arrived.send(MoveState::Here);
+            if confirmed {
+                tracing::warn!(%grain, why, "an arriving grain the entry names was discarded");
+            } else {
+                tracing::debug!(%grain, "an arriving grain was discarded");
+            }
+            MoveState::Discarded(why.to_string())
+        };
+        let _ = arrived.send(settled);
     }
 
     /// This silo's etcd lease, what an entry moved here goes with (0 under

@@ -56,11 +56,14 @@
 //!    recorded owner, and follows again otherwise, so a pass either sees
 //!    it settled or ran on a view it has read; after a refusal, or three
 //!    rounds, it takes messages recorded with the owner it registered
-//!    with. A home left recorded so (by a call or an arrival) re-registers
-//!    beside them as a pass would (`follow_later`): after each pause, with
-//!    the owner of the view it reads then, until the deadline of the view
-//!    it was recorded in, and is given up if not registered by then; a
-//!    later view change leaves it to that view's pass. Connections to silos gone
+//!    with. A home left recorded so (by a call or an arrival), and one whose
+//!    move out stayed after the view changed, re-registers beside them as
+//!    a pass would (`follow_later`, one task per home): after each pause,
+//!    with the owner of the view it reads then, until the deadline of the
+//!    current view's pass, and is given up if not registered by then
+//!    (a pass likewise keeps a home registered beside it); a later view
+//!    change, or one whose pass has not started, leaves it to that view's
+//!    pass. Connections to silos gone
 //!    from the view are closed beside the view task, which does not wait
 //!    for a connect in progress to them.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the
@@ -333,6 +336,13 @@ struct Inner {
     /// Counts the view changes (rule 3): a re-registration for a view
     /// since replaced changes no home.
     view_epoch: AtomicU64,
+    /// The view whose re-registration started last, and its deadline
+    /// (rule 3): what a home that no pass re-registers follows until
+    /// (`follow_later`).
+    pass_deadline: Mutex<(u64, Instant)>,
+    /// The homes following their owner beside the pass, each with its
+    /// generation and view (`follow_later`): one task each.
+    following: DashMap<GrainId, (u64, u64)>,
     /// Its calls to other silos, counted (`stats.rs`).
     stats: stats::NodeStats,
     /// When the node started, in milliseconds since the Unix epoch

@@ -381,6 +381,8 @@ impl NodeParts {
             tasks: Mutex::new(Vec::new()),
             reregistering: Mutex::new(None),
             view_epoch: AtomicU64::new(0),
+            pass_deadline: Mutex::new((0, Instant::now())),
+            following: DashMap::new(),
             stats: super::stats::NodeStats::default(),
             started_ms: crate::membership::unix_ms(),
             gossip_stats,
@@ -537,12 +539,8 @@ impl NodeParts {
                     // the epoch moves on, so the last view's re-registration
                     // changes no home from now on.
                     let changed = (silos(&inner.view()) != silos(&after)).then(|| {
-                        // The window before the epoch: a home that reads
-                        // the epoch and then the window reads this view's
-                        // window or a later one's (`follow_later`).
-                        let changed_at = inner.restart_handoff();
                         inner.view_epoch.fetch_add(1, Ordering::SeqCst);
-                        changed_at
+                        inner.restart_handoff()
                     });
                     let before = inner.view.swap(after.clone());
                     if let Some(changed_at) = changed {

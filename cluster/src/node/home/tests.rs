@@ -861,8 +861,9 @@ async fn an_arrival_refused_by_its_new_owner_registers_once_the_owner_learns() {
     let keys = [refused.key];
     assert_eq!(registered(&refused.nb, &refused.ny, &keys), 0);
     refused.y_follows.send_replace(refused.after.clone());
-    // Before b would give the home up (twice the window after its view
-    // changed), with room for a busy machine.
+    // Before b would give the home up: twice the window after its view
+    // changed, which was after `changed`. A home not registered by then is
+    // one b gave up, not a slow test.
     let (nb, ny) = (&refused.nb, &refused.ny);
     until(
         refused.changed + HANDOFF * 2,
@@ -902,4 +903,237 @@ async fn an_arrival_whose_new_owner_never_learns_is_given_up_at_twice_the_window
         || !nb.silo().is_active_named(TYPE, &key),
     )
     .await;
+}
+
+/// The owner of a grain's entry: answers lookups (no entry) at once, takes
+/// a switch, refuses (`Retry`) the first `refusals` registrations proposed
+/// by `of` and takes every other registration.
+struct RefusesRegistrations {
+    of: SiloId,
+    refusals: AtomicUsize,
+}
+
+impl Inbound for Arc<RefusesRegistrations> {
+    fn request(
+        &self,
+        _: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        use granary_actors::dispatch::{decode, encode};
+
+        let owner = self.clone();
+        Box::pin(async move {
+            let asked: DirectoryRequest =
+                decode(&request.payload).map_err(|err| RemoteError::BadPayload(err.to_string()))?;
+            let reply = match asked {
+                DirectoryRequest::Lookup(_) => DirectoryReply::Unknown,
+                DirectoryRequest::Register { home, .. } => {
+                    let refused = home.silo == owner.of
+                        && owner
+                            .refusals
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                                left.checked_sub(1)
+                            })
+                            .is_ok();
+                    if refused {
+                        DirectoryReply::Retry
+                    } else {
+                        DirectoryReply::Home(home)
+                    }
+                }
+                DirectoryRequest::Switch { to, .. } => DirectoryReply::Home(to),
+                _ => DirectoryReply::Retry,
+            };
+            encode(&reply).map_err(|err| RemoteError::Other(err.to_string()))
+        })
+    }
+}
+
+/// Moves a grain whose entry x owns from a to b, x refusing `refusals` of
+/// b's registrations; what the move returned, how long it took, and the
+/// nodes a and b.
+async fn move_refused_by_x(
+    network: &InProcessNetwork,
+    refusals: usize,
+) -> (
+    Result<granary_actors::migration::Migrated, granary_actors::migration::MigrationError>,
+    Duration,
+    [ClusterNode; 2],
+    u64,
+    Arc<RefusesRegistrations>,
+    Aborting,
+) {
+    use granary_actors::migration::MigrationTarget;
+
+    let [a, b, x] = silos(["a", "b", "x"]);
+    let everyone = view(&[&a, &b, &x]);
+    let key = moving(&everyone, &x, &everyone, &x, 1)[0];
+    let owner = Arc::new(RefusesRegistrations {
+        of: b.clone(),
+        refusals: AtomicUsize::new(refusals),
+    });
+    let inbound: Arc<dyn Inbound> = Arc::new(owner.clone());
+    let held = Aborting(fake_silo(network, &x, Some(inbound), Arc::default()).await);
+    let (nodes, _views) = start_all(network, &[&a, &b], &everyone).await;
+    let [na, nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    bump_each(na, &[key], 1).await;
+    let started = Instant::now();
+    let moved = tokio::time::timeout(
+        Duration::from_secs(30),
+        na.grain::<Tally>(key)
+            .migrate(MigrationTarget::Silo(b.address.clone())),
+    )
+    .await
+    .expect("the move ended");
+    let took = started.elapsed();
+    (moved, took, [na.clone(), nb.clone()], key, owner, held)
+}
+
+/// An arrival whose entry's owner refuses its registration three times (it
+/// does not see the target yet, say) registers when asked again after a
+/// pause, as a view's homes do, and serves with its state. (A single
+/// refusal used to discard it while the move reported success: its state
+/// was lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_its_owner_refuses_at_first_registers_when_asked_again() {
+    let network = InProcessNetwork::new();
+    let (moved, _, [_, nb], key, owner, _held) = move_refused_by_x(&network, 3).await;
+    moved.expect("the move");
+    assert_eq!(owner.refusals.load(Ordering::SeqCst), 0, "three refusals");
+    bump_each(&nb, &[key], 2).await;
+}
+
+/// An arrival whose entry's owner never takes its registration is
+/// discarded once a view's homes would have stopped trying (twice the
+/// window), and the move says so: the grain lives nowhere, and its moved
+/// state is lost. (The move used to report success.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_arrival_its_owner_never_takes_says_it_was_discarded() {
+    use granary_actors::migration::MigrationError;
+
+    let network = InProcessNetwork::new();
+    let (moved, took, [na, nb], key, _owner, _held) = move_refused_by_x(&network, usize::MAX).await;
+    match moved {
+        Err(MigrationError::Discarded { grain, reason }) => {
+            assert_eq!(grain, self::grain(key));
+            assert!(reason.contains("did not take"), "{reason}");
+        }
+        other => panic!("the move returned {other:?}"),
+    }
+    assert!(took >= HANDOFF * 2, "discarded after {took:?}");
+    let key = GrainKey::U64(key);
+    until(
+        Instant::now() + HANDOFF * 2,
+        || "an activation lived on".into(),
+        || !na.silo().is_active_named(TYPE, &key) && !nb.silo().is_active_named(TYPE, &key),
+    )
+    .await;
+    assert_eq!(nb.homes(), 0);
+}
+
+/// A stand-in for a move's target: takes every migration request at once
+/// but `arrive`, which it holds until the test lets it through and then
+/// refuses (the grain's `rehydrate` failed, as it says).
+struct HoldsArrivals {
+    grain: GrainId,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Inbound for Arc<HoldsArrivals> {
+    fn request(
+        &self,
+        _: &SiloId,
+        request: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        use granary_actors::dispatch::encode;
+        use granary_actors::migration::MigrationError;
+
+        let target = self.clone();
+        Box::pin(async move {
+            let answer: Result<(), MigrationError> = if request.message == "arrive" {
+                target.reached.notify_one();
+                target.release.notified().await;
+                Err(MigrationError::Hook {
+                    grain: target.grain.clone(),
+                    reason: "rehydrate failed".into(),
+                })
+            } else {
+                Ok(())
+            };
+            encode(&answer).map_err(|err| RemoteError::Other(err.to_string()))
+        })
+    }
+}
+
+/// A grain on a, registered with x, moves to b; while b holds its arrival,
+/// y joins a's view and owns the entry from then on. a's re-registration
+/// pass passes over the moving home; then b refuses the arrival and the
+/// grain stays on a. The home, recorded with x, registers with y on its
+/// own, with no call to prompt it. (It used to stay recorded with x until
+/// its next call: y, with no entry, would have let another silo claim the
+/// grain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner() {
+    use granary_actors::migration::{MigrationError, MigrationTarget};
+
+    let network = InProcessNetwork::new();
+    let [a, b, x, y] = silos(["a", "b", "x", "y"]);
+    let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
+    let key = moving(&before, &x, &after, &y, 1)[0];
+    let owner: Arc<dyn Inbound> = Arc::new(HoldsRegistrations::of(&b));
+    let _x = Aborting(fake_silo(&network, &x, Some(owner), Arc::default()).await);
+    let target = Arc::new(HoldsArrivals {
+        grain: grain(key),
+        reached: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let inbound: Arc<dyn Inbound> = Arc::new(target.clone());
+    let _b = Aborting(fake_silo(&network, &b, Some(inbound), Arc::default()).await);
+    let followed = Arc::new(watch::Sender::new(before));
+    let na = start(&network, &a.address, &followed).await;
+    let ny = start(
+        &network,
+        &y.address,
+        &Arc::new(watch::Sender::new(after.clone())),
+    )
+    .await;
+    tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
+    bump_each(&na, &[key], 1).await;
+
+    let moving = {
+        let (na, to) = (na.clone(), b.address.clone());
+        tokio::spawn(async move {
+            na.grain::<Tally>(key)
+                .migrate(MigrationTarget::Silo(to))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), target.reached.notified())
+        .await
+        .expect("the state reached b");
+    take_in(&na, &followed, after).await;
+    target.release.notify_one();
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .expect("the move's task");
+    assert!(
+        matches!(moved, Err(MigrationError::Hook { .. })),
+        "the move returned {moved:?}"
+    );
+    until(
+        Instant::now() + HANDOFF,
+        || "the home never registered with y".into(),
+        || registered(&na, &ny, &[key]) == 1,
+    )
+    .await;
+    bump_each(&ny, &[key], 2).await;
+    assert_eq!(
+        ny.silo().activations_started(),
+        0,
+        "served by a's activation"
+    );
 }

@@ -410,11 +410,12 @@ pub enum MigrationError {
     ShutDown,
     /// The directory's entry names the target, but the target could not
     /// take the grain in: it stopped or was fenced, or the entry's owner
-    /// did not take its registration in time. The old activation ended
-    /// without `on_deactivate` and the new one was discarded, so the grain
-    /// has no activation until its next call, which starts it from its
-    /// persisted state (what `dehydrate` carried, resident buffers
-    /// included, is lost).
+    /// did not take its registration in time, or named another. The old
+    /// activation ended without `on_deactivate` and the new one was
+    /// discarded, so the grain has no activation at the source or the
+    /// target: its next call starts it from its persisted state (what
+    /// `dehydrate` carried, resident buffers included, is lost), unless
+    /// the entry named an activation elsewhere.
     Discarded {
         /// The grain.
         grain: GrainId,

@@ -768,7 +768,7 @@ impl Inner {
         *self
             .pass_deadline
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (epoch, give_up_at);
+            .unwrap_or_else(PoisonError::into_inner) = Some((epoch, give_up_at));
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
@@ -946,14 +946,9 @@ impl Inner {
     /// yet needs none of this: that pass will see the home. One task per
     /// home and view.
     pub(super) fn follow_later(self: &Arc<Self>, grain: &GrainId, generation: u64) {
-        let epoch = self.view_epoch.load(Ordering::SeqCst);
-        let (pass_epoch, give_up_at) = *self
-            .pass_deadline
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if pass_epoch != epoch {
+        let Some((epoch, give_up_at)) = self.current_pass_deadline() else {
             return;
-        }
+        };
         let Some(activation) = self
             .homes
             .get(grain)
@@ -992,6 +987,25 @@ impl Inner {
         });
     }
 
+    /// The current view's epoch and its pass's deadline, once that pass
+    /// has started (rule 3).
+    fn current_pass_deadline(&self) -> Option<(u64, Instant)> {
+        let epoch = self.view_epoch.load(Ordering::SeqCst);
+        let started = *self
+            .pass_deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        started.filter(|(pass_epoch, _)| *pass_epoch == epoch)
+    }
+
+    /// Whether the current view's pass has started and its deadline has
+    /// passed: a home that registers with that view's owner only now may
+    /// have been claimed elsewhere meanwhile (rule 3).
+    pub(super) fn past_pass_deadline(&self) -> bool {
+        self.current_pass_deadline()
+            .is_some_and(|(_, give_up_at)| Instant::now() >= give_up_at)
+    }
+
     /// The task of [`Inner::follow_later`]: after each pause of a pass's
     /// rounds, tries `home` once with the owner its entry has in the view
     /// read then (`try_reregister`), until the home is recorded with it.
@@ -1005,6 +1019,8 @@ impl Inner {
             inner: self.clone(),
         };
         let pause = self.reregister_pause();
+        // Waits for a move out that outlasts the deadline.
+        let mut waits_left = 4u32;
         loop {
             tokio::time::sleep(pause.min(give_up_at.saturating_duration_since(Instant::now())))
                 .await;
@@ -1019,14 +1035,28 @@ impl Inner {
                 .homes
                 .get(&home.grain)
                 .filter(|current| current.generation == home.generation && !current.leaving)
-                .map(|current| (current.owner.clone(), current.moving.is_some()));
+                .map(|current| (current.owner.clone(), current.moving.clone()));
             let recorded = match found {
                 None => return,
                 // A move out is under way: it ends with the home gone, or
-                // back here (then followed on), or past the deadline.
-                Some((_, true)) if Instant::now() >= give_up_at => return,
-                Some((_, true)) => continue,
-                Some((recorded, false)) => recorded,
+                // back here (then followed on, or given up past the
+                // deadline). Past it, waited for (each wait bounded, as is
+                // every step of a move).
+                Some((_, Some(mut moving))) => {
+                    if Instant::now() >= give_up_at {
+                        if waits_left == 0 {
+                            return;
+                        }
+                        waits_left -= 1;
+                        let _ = tokio::time::timeout(
+                            self.config.connection.call_timeout,
+                            moving.wait_for(|state| *state != super::migration::MoveState::Moving),
+                        )
+                        .await;
+                    }
+                    continue;
+                }
+                Some((recorded, None)) => recorded,
             };
             // Hashed outside the map's locks.
             let wanted = self.entry_owner(&home.grain, &self.view());

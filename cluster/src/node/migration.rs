@@ -58,11 +58,16 @@
 //!    pause of node rule 3's rounds while it answers `Retry`, for as long
 //!    as a view's homes may re-register (calls wait meanwhile), and again
 //!    with a newer owner if the view changes while it registers (node
-//!    rule 3, `Inner::follow_owner`). An arrival the entry names that the
-//!    target could not take in (it stopped or was fenced, or the owner
-//!    never took its registration) is discarded, and the source's move
-//!    returns `MigrationError::Discarded`: the grain lives nowhere until
-//!    its next call. A target that hears
+//!    rule 3, `Inner::follow_owner`); the tries end a window before the
+//!    source's wait for the verdict's answer ends, and each waits for its
+//!    answer until a window past that. An arrival the entry names that
+//!    the target could not take in (it stopped or was fenced, the owner
+//!    never took its registration, or the view's deadline passed while it
+//!    followed a new owner) is discarded, and if it settled within the
+//!    source's wait, the source's move returns `MigrationError::Discarded`
+//!    (the grain lives nowhere until its next call); a target that settles
+//!    later, or had no verdict, reports nothing, and the move returns as
+//!    moved. A target that hears
 //!    nothing (the source died, or its word was lost) asks the directory
 //!    once the source has left the view, or after four call timeouts
 //!    (longer than the source's switch and renumbering): it takes messages
@@ -178,8 +183,23 @@ fn no_reservation() -> MigrationError {
 /// it, and where it says it has settled (taking messages, or discarded).
 pub(super) struct AwaitingVerdict {
     grain: GrainId,
-    tell: tokio::sync::oneshot::Sender<bool>,
+    /// The verdict, and when its answer goes back to the source at the
+    /// latest.
+    tell: tokio::sync::oneshot::Sender<(bool, Instant)>,
     settled: watch::Receiver<MoveState>,
+}
+
+/// An arrival the verdict (or the directory) decided on (rule 4).
+struct Settling {
+    grain: GrainId,
+    generation: u64,
+    /// Its activation here.
+    address: ActivationAddress,
+    /// Whether the entry names it.
+    confirmed: bool,
+    /// When the answer to the source's verdict goes back at the latest, if
+    /// a verdict came.
+    answer_by: Option<Instant>,
 }
 
 /// Where a moving grain is, for the calls that wait on it (rule 2).
@@ -1096,7 +1116,8 @@ impl Inner {
                     return answer(&Ok(()));
                 };
                 let mut settled = awaiting.settled;
-                let _ = awaiting.tell.send(asked.confirm);
+                let answer_by = deadline_after(request.time_left_now());
+                let _ = awaiting.tell.send((asked.confirm, answer_by));
                 // Answered once the arrival has settled (registered and
                 // taking messages, or discarded), within the source's
                 // wait: a move that returns has a grain that serves, and
@@ -1388,11 +1409,16 @@ impl Inner {
         let (inner, source, ticket) = (self.clone(), from.clone(), asked.ticket);
         let waiting = address.clone();
         tokio::spawn(async move {
-            let confirmed = inner.await_verdict(&grain, &source, &waiting, told).await;
+            let (confirmed, answer_by) = inner.await_verdict(&grain, &source, &waiting, told).await;
             inner.arrivals.remove(&(source, ticket));
-            inner
-                .settle_arrival(grain, generation, waiting, arrival, arrived, confirmed)
-                .await;
+            let settling = Settling {
+                grain,
+                generation,
+                address: waiting,
+                confirmed,
+                answer_by,
+            };
+            inner.settle_arrival(settling, arrival, arrived).await;
         });
         Ok(Arrived {
             address,
@@ -1404,13 +1430,14 @@ impl Inner {
     /// (the source died, or its word was lost), the directory's: whether
     /// the entry names `address` once the source has left the view or
     /// four call timeouts have passed (longer than the source's switch).
+    /// With the source's verdict, when its answer goes back at the latest.
     async fn await_verdict(
         self: &Arc<Self>,
         grain: &GrainId,
         source: &SiloId,
         address: &ActivationAddress,
-        mut told: tokio::sync::oneshot::Receiver<bool>,
-    ) -> bool {
+        mut told: tokio::sync::oneshot::Receiver<(bool, Instant)>,
+    ) -> (bool, Option<Instant>) {
         // Longer than the source's switch can take (its attempts, then its
         // renumbering, each bounded by the call timeout).
         let give_up = deadline_after(self.config.connection.call_timeout.saturating_mul(4));
@@ -1418,7 +1445,7 @@ impl Inner {
         loop {
             tokio::select! {
                 verdict = &mut told => match verdict {
-                    Ok(confirm) => return confirm,
+                    Ok((confirm, answer_by)) => return (confirm, Some(answer_by)),
                     Err(_) => break,
                 },
                 _ = every.tick() => {
@@ -1432,7 +1459,7 @@ impl Inner {
             }
         }
         if self.stopped.load(Ordering::Acquire) {
-            return false;
+            return (false, None);
         }
         let node = ClusterNode {
             inner: self.clone(),
@@ -1445,10 +1472,10 @@ impl Inner {
                 .directory(DirectoryRequest::Lookup(grain.clone()))
                 .await
             {
-                Ok(DirectoryReply::Home(home)) => return home == *address,
-                Ok(DirectoryReply::Unknown) => return false,
+                Ok(DirectoryReply::Home(home)) => return (home == *address, None),
+                Ok(DirectoryReply::Unknown) => return (false, None),
                 _ if Instant::now() < settle_by => tokio::time::sleep(self.handoff / 8).await,
-                _ => return false,
+                _ => return (false, None),
             }
         }
     }
@@ -1465,13 +1492,17 @@ impl Inner {
     /// meanwhile) it ends without `on_deactivate`.
     async fn settle_arrival(
         self: &Arc<Self>,
-        grain: GrainId,
-        generation: u64,
-        address: ActivationAddress,
+        settling: Settling,
         arrival: granary_actors::migration::Arrival,
         arrived: watch::Sender<MoveState>,
-        confirmed: bool,
     ) {
+        let Settling {
+            grain,
+            generation,
+            address,
+            confirmed,
+            answer_by,
+        } = settling;
         let usable =
             |inner: &Inner| !inner.stopped.load(Ordering::Acquire) && !inner.fence.is_fenced();
         // Why it is discarded, if it is.
@@ -1493,11 +1524,29 @@ impl Inner {
             // not see this silo yet, answers `Retry`: asked again after
             // each pause of node rule 3's rounds, for as long as a view's
             // homes may re-register (calls wait meanwhile: it is moving).
-            let register_by = deadline_after(self.reregister_for());
+            // Within the source's wait for the verdict's answer too (a
+            // window before it), so that a discard is reported; each try
+            // waits for its answer until a window past that, and the first
+            // at least a window.
+            let window = self.handoff.max(Duration::from_millis(20));
+            let register_by = answer_by
+                .map(|by| by.checked_sub(window).unwrap_or(by))
+                .map_or(deadline_after(self.reregister_for()), |by| {
+                    by.min(deadline_after(self.reregister_for()))
+                });
             loop {
                 // To the owner recorded below.
                 let owner = self.entry_owner(&grain, &self.view());
-                match node.directory_at(owner.as_ref(), register.clone()).await {
+                let try_for = register_by
+                    .saturating_duration_since(Instant::now())
+                    .saturating_add(window);
+                let reply = tokio::time::timeout(
+                    try_for,
+                    node.directory_at(owner.as_ref(), register.clone()),
+                )
+                .await
+                .unwrap_or(Ok(DirectoryReply::Retry));
+                match reply {
                     Ok(DirectoryReply::Home(home)) if home == address => break Some(owner),
                     Ok(DirectoryReply::Home(_)) => {
                         why = "the entry's owner names another activation";
@@ -1574,6 +1623,15 @@ impl Inner {
                     };
                     let agreed = self.entry_owner(&grain, &self.view()) == home.owner;
                     if agreed || refused || round == SETTLE_FOLLOWS {
+                        // Past the view's deadline, another silo may have
+                        // claimed the grain from the owner it could not
+                        // register with: `follow_later` would give it up
+                        // at once, after the source heard it serves.
+                        if !agreed && self.past_pass_deadline() {
+                            why = "the entry's new owner did not take its registration before \
+                                   the view's deadline";
+                            break;
+                        }
                         home.moving = None;
                         serving = true;
                         stale = !agreed;

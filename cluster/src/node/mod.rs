@@ -339,7 +339,7 @@ struct Inner {
     /// The view whose re-registration started last, and its deadline
     /// (rule 3): what a home that no pass re-registers follows until
     /// (`follow_later`).
-    pass_deadline: Mutex<(u64, Instant)>,
+    pass_deadline: Mutex<Option<(u64, Instant)>>,
     /// The homes following their owner beside the pass, each with its
     /// generation and view (`follow_later`): one task each.
     following: DashMap<GrainId, (u64, u64)>,

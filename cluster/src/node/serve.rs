@@ -381,7 +381,7 @@ impl NodeParts {
             tasks: Mutex::new(Vec::new()),
             reregistering: Mutex::new(None),
             view_epoch: AtomicU64::new(0),
-            pass_deadline: Mutex::new((0, Instant::now())),
+            pass_deadline: Mutex::new(None),
             following: DashMap::new(),
             stats: super::stats::NodeStats::default(),
             started_ms: crate::membership::unix_ms(),

@@ -597,10 +597,11 @@ async fn homes_given_up_by_a_silent_owner(
 
 /// The owner of a grain's entry in the view its home silo has: answers
 /// lookups (no entry) at once, takes a switch, holds each registration
-/// proposed by `held` until the test lets it through, then takes it, and
-/// takes other registrations at once.
+/// proposed by `held` until the test lets it through, then takes it (or,
+/// `refusing`, answers `Retry`), and takes other registrations at once.
 struct HoldsRegistrations {
     held: SiloId,
+    refusing: bool,
     reached: tokio::sync::Notify,
     release: tokio::sync::Notify,
 }
@@ -609,8 +610,17 @@ impl HoldsRegistrations {
     fn of(held: &SiloId) -> Arc<HoldsRegistrations> {
         Arc::new(HoldsRegistrations {
             held: held.clone(),
+            refusing: false,
             reached: tokio::sync::Notify::new(),
             release: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Holds `held`'s registrations, then refuses them.
+    fn refusing(held: &SiloId) -> Arc<HoldsRegistrations> {
+        Arc::new(HoldsRegistrations {
+            refusing: true,
+            ..Arc::into_inner(HoldsRegistrations::of(held)).expect("one owner")
         })
     }
 }
@@ -633,6 +643,10 @@ impl Inbound for Arc<HoldsRegistrations> {
                     if home.silo == gate.held {
                         gate.reached.notify_one();
                         gate.release.notified().await;
+                        if gate.refusing {
+                            return encode(&DirectoryReply::Retry)
+                                .map_err(|err| RemoteError::Other(err.to_string()));
+                        }
                     }
                     DirectoryReply::Home(home)
                 }
@@ -1135,5 +1149,104 @@ async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner()
         ny.silo().activations_started(),
         0,
         "served by a's activation"
+    );
+}
+
+/// A grain moves from a to b. b registers its arrival with x, which holds
+/// it while y joins b's view and owns the entry from then on; then b's
+/// follow to y is held past b's deadline for that view (twice the window)
+/// and refused. Another silo may have claimed the grain from y by then, so
+/// b discards the arrival instead of serving it, and the move says so.
+/// (b used to serve it, tell the source it had, and give it up at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_still_following_at_the_views_deadline_is_discarded() {
+    use granary_actors::migration::{MigrationError, MigrationTarget};
+
+    let network = InProcessNetwork::new();
+    let [a, b, x, y] = silos(["a", "b", "x", "y"]);
+    let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
+    let key = moving(&before, &x, &after, &y, 1)[0];
+    let first = HoldsRegistrations::of(&b);
+    let inbound: Arc<dyn Inbound> = Arc::new(first.clone());
+    let _x = Aborting(fake_silo(&network, &x, Some(inbound), Arc::default()).await);
+    let follow = HoldsRegistrations::refusing(&b);
+    let inbound: Arc<dyn Inbound> = Arc::new(follow.clone());
+    let _y = Aborting(fake_silo(&network, &y, Some(inbound), Arc::default()).await);
+    let (nodes, views) = start_all(&network, &[&a, &b], &before).await;
+    let [na, nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    bump_each(na, &[key], 1).await;
+
+    let moving = {
+        let (na, to) = (na.clone(), b.address.clone());
+        tokio::spawn(async move {
+            na.grain::<Tally>(key)
+                .migrate(MigrationTarget::Silo(to))
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), first.reached.notified())
+        .await
+        .expect("the arrival's registration reached x");
+    let changed = Instant::now();
+    take_in(nb, &views[1], after).await;
+    first.release.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), follow.reached.notified())
+        .await
+        .expect("the arrival's follow reached y");
+    tokio::time::sleep(
+        (changed + HANDOFF * 2 + HANDOFF / 4).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    follow.release.notify_one();
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .expect("the move's task");
+    match moved {
+        Err(MigrationError::Discarded { reason, .. }) => {
+            assert!(reason.contains("deadline"), "{reason}");
+        }
+        other => panic!("the move returned {other:?}"),
+    }
+    assert_eq!(nb.homes(), 0);
+}
+
+/// A grain moves from a to b; x, the entry's owner, never answers b's
+/// registration. b's try waits until a window past twice the window, not
+/// for the whole call timeout (thirty seconds), so b discards the arrival
+/// within the source's wait for its answer, and the move says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_whose_owner_never_answers_is_discarded_within_the_sources_wait() {
+    use granary_actors::migration::{MigrationError, MigrationTarget};
+
+    let network = InProcessNetwork::new();
+    let [a, b, x] = silos(["a", "b", "x"]);
+    let everyone = view(&[&a, &b, &x]);
+    let key = moving(&everyone, &x, &everyone, &x, 1)[0];
+    let owner: Arc<dyn Inbound> = Arc::new(HoldsRegistrations::of(&b));
+    let _x = Aborting(fake_silo(&network, &x, Some(owner), Arc::default()).await);
+    let (nodes, _views) = start_all(&network, &[&a, &b], &everyone).await;
+    let [na, _nb] = &nodes[..] else {
+        unreachable!("two nodes")
+    };
+    bump_each(na, &[key], 1).await;
+    let started = Instant::now();
+    let moved = tokio::time::timeout(
+        Duration::from_secs(20),
+        na.grain::<Tally>(key)
+            .migrate(MigrationTarget::Silo(b.address.clone())),
+    )
+    .await
+    .expect("the move ended before the call timeout");
+    assert!(
+        matches!(moved, Err(MigrationError::Discarded { .. })),
+        "the move returned {moved:?}"
+    );
+    assert!(
+        started.elapsed() >= HANDOFF * 3,
+        "after {:?}",
+        started.elapsed()
     );
 }

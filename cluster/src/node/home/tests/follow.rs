@@ -4,39 +4,57 @@
 //! move that stays after the view changed, and an arrival its owner does
 //! not take (migration rule 4: discarded, and the move says so).
 
+use granary_actors::migration::{Migrated, MigrationError, MigrationTarget};
+
 use super::*;
 
-/// The owner of a grain's entry in the view its home silo has: answers
-/// lookups (no entry) at once, takes a switch, holds each registration
-/// proposed by `held` until the test lets it through, then takes it (or,
-/// `refusing`, answers `Retry`), and takes other registrations at once.
-struct HoldsRegistrations {
-    held: SiloId,
-    refusing: bool,
+/// The owner of a grain's entry in the view its home silo has, as a test
+/// scripts it: answers lookups (no entry) at once and takes a switch; of
+/// the registrations `of` proposes, holds each until the test lets it
+/// through (if `holds`), then refuses it (`Retry`) while `refusals` last,
+/// and takes it after; takes every other registration at once.
+struct FakeOwner {
+    of: SiloId,
+    holds: bool,
+    refusals: AtomicUsize,
     reached: tokio::sync::Notify,
     release: tokio::sync::Notify,
 }
 
-impl HoldsRegistrations {
-    fn of(held: &SiloId) -> Arc<HoldsRegistrations> {
-        Arc::new(HoldsRegistrations {
-            held: held.clone(),
-            refusing: false,
+impl FakeOwner {
+    fn new(of: &SiloId, holds: bool, refusals: usize) -> Arc<FakeOwner> {
+        Arc::new(FakeOwner {
+            of: of.clone(),
+            holds,
+            refusals: AtomicUsize::new(refusals),
             reached: tokio::sync::Notify::new(),
             release: tokio::sync::Notify::new(),
         })
     }
 
-    /// Holds `held`'s registrations, then refuses them.
-    fn refusing(held: &SiloId) -> Arc<HoldsRegistrations> {
-        Arc::new(HoldsRegistrations {
-            refusing: true,
-            ..Arc::into_inner(HoldsRegistrations::of(held)).expect("one owner")
-        })
+    /// Holds `of`'s registrations, then takes them.
+    fn holding(of: &SiloId) -> Arc<FakeOwner> {
+        FakeOwner::new(of, true, 0)
+    }
+
+    /// Holds `of`'s registrations, then refuses them.
+    fn holding_then_refusing(of: &SiloId) -> Arc<FakeOwner> {
+        FakeOwner::new(of, true, usize::MAX)
+    }
+
+    /// Refuses the first `refusals` of `of`'s registrations at once.
+    fn refusing(of: &SiloId, refusals: usize) -> Arc<FakeOwner> {
+        FakeOwner::new(of, false, refusals)
+    }
+
+    /// Stands in for the silo at `at` on `network` until dropped.
+    async fn serve(self: &Arc<FakeOwner>, network: &InProcessNetwork, at: &SiloId) -> Aborting {
+        let inbound: Arc<dyn Inbound> = Arc::new(self.clone());
+        Aborting(fake_silo(network, at, Some(inbound), Arc::default()).await)
     }
 }
 
-impl Inbound for Arc<HoldsRegistrations> {
+impl Inbound for Arc<FakeOwner> {
     fn request(
         &self,
         _: &SiloId,
@@ -44,29 +62,79 @@ impl Inbound for Arc<HoldsRegistrations> {
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         use granary_actors::dispatch::{decode, encode};
 
-        let gate = self.clone();
+        let owner = self.clone();
         Box::pin(async move {
             let asked: DirectoryRequest =
                 decode(&request.payload).map_err(|err| RemoteError::BadPayload(err.to_string()))?;
             let reply = match asked {
                 DirectoryRequest::Lookup(_) => DirectoryReply::Unknown,
-                DirectoryRequest::Register { home, .. } => {
-                    if home.silo == gate.held {
-                        gate.reached.notify_one();
-                        gate.release.notified().await;
-                        if gate.refusing {
-                            return encode(&DirectoryReply::Retry)
-                                .map_err(|err| RemoteError::Other(err.to_string()));
-                        }
+                DirectoryRequest::Register { home, .. } if home.silo == owner.of => {
+                    if owner.holds {
+                        owner.reached.notify_one();
+                        owner.release.notified().await;
                     }
-                    DirectoryReply::Home(home)
+                    let refused = owner
+                        .refusals
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                            left.checked_sub(1)
+                        })
+                        .is_ok();
+                    if refused {
+                        DirectoryReply::Retry
+                    } else {
+                        DirectoryReply::Home(home)
+                    }
                 }
+                DirectoryRequest::Register { home, .. } => DirectoryReply::Home(home),
                 DirectoryRequest::Switch { to, .. } => DirectoryReply::Home(to),
                 _ => DirectoryReply::Retry,
             };
             encode(&reply).map_err(|err| RemoteError::Other(err.to_string()))
         })
     }
+}
+
+/// Aborts a task when dropped.
+struct Aborting(tokio::task::JoinHandle<()>);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits until a fake silo has reached what `notify` says, at most ten
+/// seconds, failing with `what` otherwise.
+async fn reached(notify: &tokio::sync::Notify, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), notify.notified())
+        .await
+        .unwrap_or_else(|_| panic!("{what} never came"));
+}
+
+/// Starts moving grain `key` from `from` to silo `to` (asked at `from`),
+/// on a task of its own.
+fn start_move(
+    from: &ClusterNode,
+    key: u64,
+    to: &SiloId,
+) -> tokio::task::JoinHandle<Result<Migrated, MigrationError>> {
+    let (from, to) = (from.clone(), to.address.clone());
+    tokio::spawn(async move {
+        from.grain::<Tally>(key)
+            .migrate(MigrationTarget::Silo(to))
+            .await
+    })
+}
+
+/// What the move started by `start_move` returned, waiting at most thirty
+/// seconds.
+async fn outcome_of(
+    moving: tokio::task::JoinHandle<Result<Migrated, MigrationError>>,
+) -> Result<Migrated, MigrationError> {
+    tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .expect("the move's task")
 }
 
 /// A grain's first call registers its home with the entry's owner, x;
@@ -81,9 +149,8 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
     let [a, x, y] = silos(["a", "x", "y"]);
     let (before, after) = (view(&[&a, &x]), view(&[&a, &x, &y]));
     let keys = moving(&before, &x, &after, &y, 1);
-    let gate = HoldsRegistrations::of(&a);
-    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
-    let held = fake_silo(&network, &x, Some(inbound), Arc::default()).await;
+    let gate = FakeOwner::holding(&a);
+    let _x = gate.serve(&network, &x).await;
     let followed = Arc::new(watch::Sender::new(before));
     let na = start(&network, &a.address, &followed).await;
     let ny = start(
@@ -98,9 +165,7 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
         let (na, key) = (na.clone(), keys[0]);
         tokio::spawn(async move { na.grain::<Tally>(key).call(Bump).await })
     };
-    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
-        .await
-        .expect("the registration reached x");
+    reached(&gate.reached, "the registration reached x").await;
     // a takes the new view in, and its re-registration pass (which finds
     // no confirmed home) has ended before x answers.
     take_in(&na, &followed, after).await;
@@ -114,7 +179,6 @@ async fn a_home_registering_across_a_view_change_registers_with_the_new_owner() 
         1,
         "one activation in all"
     );
-    held.abort();
 }
 
 /// Sends `view` to `node`'s membership, and waits until the node has
@@ -146,15 +210,12 @@ async fn take_in(node: &ClusterNode, followed: &watch::Sender<Vec<Member>>, view
 /// the activation that arrived, its count intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_registering_across_a_view_change_registers_with_the_new_owner() {
-    use granary_actors::migration::MigrationTarget;
-
     let network = InProcessNetwork::new();
     let [a, b, x, y] = silos(["a", "b", "x", "y"]);
     let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
     let keys = moving(&before, &x, &after, &y, 1);
-    let gate = HoldsRegistrations::of(&b);
-    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
-    let held = fake_silo(&network, &x, Some(inbound), Arc::default()).await;
+    let gate = FakeOwner::holding(&b);
+    let _x = gate.serve(&network, &x).await;
     let (nodes, views) = start_all(&network, &[&a, &b], &before).await;
     let [na, nb] = &nodes[..] else {
         unreachable!("two nodes")
@@ -168,27 +229,14 @@ async fn an_arrival_registering_across_a_view_change_registers_with_the_new_owne
     tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
     bump_each(na, &keys, 1).await;
 
-    let moving = {
-        let (na, key, to) = (na.clone(), keys[0], b.address.clone());
-        tokio::spawn(async move {
-            na.grain::<Tally>(key)
-                .migrate(MigrationTarget::Silo(to))
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
-        .await
-        .expect("the arrival's registration reached x");
+    let moving = start_move(na, keys[0], &b);
+    reached(&gate.reached, "the arrival's registration reached x").await;
     take_in(nb, &views[1], after).await;
     gate.release.notify_one();
-    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
-        .await
-        .expect("the move ended")
-        .expect("the move's task");
+    let moved = outcome_of(moving).await;
     moved.expect("the move");
     assert_eq!(registered(nb, &ny, &keys), 1, "registered with y");
     bump_each(&ny, &keys, 2).await;
-    held.abort();
 }
 
 /// What `an_arrival_refused_by_y` leaves: the nodes, the grain's key, y's
@@ -204,29 +252,17 @@ struct Refused {
     _held: Aborting,
 }
 
-/// Aborts a task when dropped.
-struct Aborting(tokio::task::JoinHandle<()>);
-
-impl Drop for Aborting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A grain moves from a to b; b registers its arrival with the entry's
 /// owner, x, and while x holds the registration, y joins b's view and owns
 /// the entry from then on. y itself has not learnt of the view (it owns
 /// nothing in the one it has), so it refuses the arrival's follow, and the
 /// arrival serves recorded with x. Returns once the move has returned.
 async fn an_arrival_refused_by_y(network: &InProcessNetwork) -> Refused {
-    use granary_actors::migration::MigrationTarget;
-
     let [a, b, x, y] = silos(["a", "b", "x", "y"]);
     let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
     let keys = moving(&before, &x, &after, &y, 1);
-    let gate = HoldsRegistrations::of(&b);
-    let inbound: Arc<dyn Inbound> = Arc::new(gate.clone());
-    let held = Aborting(fake_silo(network, &x, Some(inbound), Arc::default()).await);
+    let gate = FakeOwner::holding(&b);
+    let held = gate.serve(network, &x).await;
     let (nodes, views) = start_all(network, &[&a, &b], &before).await;
     let [na, nb] = &nodes[..] else {
         unreachable!("two nodes")
@@ -235,24 +271,12 @@ async fn an_arrival_refused_by_y(network: &InProcessNetwork) -> Refused {
     let ny = start(network, &y.address, &y_follows).await;
     bump_each(na, &keys, 1).await;
 
-    let moving = {
-        let (na, key, to) = (na.clone(), keys[0], b.address.clone());
-        tokio::spawn(async move {
-            na.grain::<Tally>(key)
-                .migrate(MigrationTarget::Silo(to))
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), gate.reached.notified())
-        .await
-        .expect("the arrival's registration reached x");
+    let moving = start_move(na, keys[0], &b);
+    reached(&gate.reached, "the arrival's registration reached x").await;
     let changed = Instant::now();
     take_in(nb, &views[1], after.clone()).await;
     gate.release.notify_one();
-    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
-        .await
-        .expect("the move ended")
-        .expect("the move's task");
+    let moved = outcome_of(moving).await;
     moved.expect("the move");
     // Serving, recorded with x; y, which refuses, has no entry.
     let recorded = nb
@@ -330,90 +354,34 @@ async fn an_arrival_whose_new_owner_never_learns_is_given_up_at_twice_the_window
     .await;
 }
 
-/// The owner of a grain's entry: answers lookups (no entry) at once, takes
-/// a switch, refuses (`Retry`) the first `refusals` registrations proposed
-/// by `of` and takes every other registration.
-struct RefusesRegistrations {
-    of: SiloId,
-    refusals: AtomicUsize,
-}
-
-impl Inbound for Arc<RefusesRegistrations> {
-    fn request(
-        &self,
-        _: &SiloId,
-        request: InboundRequest,
-    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
-        use granary_actors::dispatch::{decode, encode};
-
-        let owner = self.clone();
-        Box::pin(async move {
-            let asked: DirectoryRequest =
-                decode(&request.payload).map_err(|err| RemoteError::BadPayload(err.to_string()))?;
-            let reply = match asked {
-                DirectoryRequest::Lookup(_) => DirectoryReply::Unknown,
-                DirectoryRequest::Register { home, .. } => {
-                    let refused = home.silo == owner.of
-                        && owner
-                            .refusals
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                                left.checked_sub(1)
-                            })
-                            .is_ok();
-                    if refused {
-                        DirectoryReply::Retry
-                    } else {
-                        DirectoryReply::Home(home)
-                    }
-                }
-                DirectoryRequest::Switch { to, .. } => DirectoryReply::Home(to),
-                _ => DirectoryReply::Retry,
-            };
-            encode(&reply).map_err(|err| RemoteError::Other(err.to_string()))
-        })
-    }
-}
-
-/// Moves a grain whose entry x owns from a to b, x refusing `refusals` of
-/// b's registrations; what the move returned, how long it took, and the
-/// nodes a and b.
-async fn move_refused_by_x(
+/// Moves a grain whose entry x owns from a to b, with `owner` standing in
+/// for x, failing unless the move ends `within`; what the move returned,
+/// how long it took, the nodes a and b, and the grain's key.
+async fn move_owned_by(
     network: &InProcessNetwork,
-    refusals: usize,
+    owner: &Arc<FakeOwner>,
+    within: Duration,
 ) -> (
-    Result<granary_actors::migration::Migrated, granary_actors::migration::MigrationError>,
+    Result<Migrated, MigrationError>,
     Duration,
     [ClusterNode; 2],
     u64,
-    Arc<RefusesRegistrations>,
-    Aborting,
 ) {
-    use granary_actors::migration::MigrationTarget;
-
     let [a, b, x] = silos(["a", "b", "x"]);
     let everyone = view(&[&a, &b, &x]);
     let key = moving(&everyone, &x, &everyone, &x, 1)[0];
-    let owner = Arc::new(RefusesRegistrations {
-        of: b.clone(),
-        refusals: AtomicUsize::new(refusals),
-    });
-    let inbound: Arc<dyn Inbound> = Arc::new(owner.clone());
-    let held = Aborting(fake_silo(network, &x, Some(inbound), Arc::default()).await);
+    let _x = owner.serve(network, &x).await;
     let (nodes, _views) = start_all(network, &[&a, &b], &everyone).await;
     let [na, nb] = &nodes[..] else {
         unreachable!("two nodes")
     };
     bump_each(na, &[key], 1).await;
     let started = Instant::now();
-    let moved = tokio::time::timeout(
-        Duration::from_secs(30),
-        na.grain::<Tally>(key)
-            .migrate(MigrationTarget::Silo(b.address.clone())),
-    )
-    .await
-    .expect("the move ended");
-    let took = started.elapsed();
-    (moved, took, [na.clone(), nb.clone()], key, owner, held)
+    let moved = tokio::time::timeout(within, start_move(na, key, &b))
+        .await
+        .expect("the move ended in time")
+        .expect("the move's task");
+    (moved, started.elapsed(), [na.clone(), nb.clone()], key)
 }
 
 /// An arrival whose entry's owner refuses its registration three times (it
@@ -424,7 +392,8 @@ async fn move_refused_by_x(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_its_owner_refuses_at_first_registers_when_asked_again() {
     let network = InProcessNetwork::new();
-    let (moved, _, [_, nb], key, owner, _held) = move_refused_by_x(&network, 3).await;
+    let owner = FakeOwner::refusing(&silos(["b"])[0], 3);
+    let (moved, _, [_, nb], key) = move_owned_by(&network, &owner, Duration::from_secs(30)).await;
     moved.expect("the move");
     assert_eq!(owner.refusals.load(Ordering::SeqCst), 0, "three refusals");
     bump_each(&nb, &[key], 2).await;
@@ -436,10 +405,10 @@ async fn an_arrival_its_owner_refuses_at_first_registers_when_asked_again() {
 /// state is lost. (The move used to report success.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_whose_arrival_its_owner_never_takes_says_it_was_discarded() {
-    use granary_actors::migration::MigrationError;
-
     let network = InProcessNetwork::new();
-    let (moved, took, [na, nb], key, _owner, _held) = move_refused_by_x(&network, usize::MAX).await;
+    let owner = FakeOwner::refusing(&silos(["b"])[0], usize::MAX);
+    let (moved, took, [na, nb], key) =
+        move_owned_by(&network, &owner, Duration::from_secs(30)).await;
     match moved {
         Err(MigrationError::Discarded { grain, reason }) => {
             assert_eq!(grain, self::grain(key));
@@ -474,8 +443,6 @@ impl Inbound for Arc<HoldsArrivals> {
         request: InboundRequest,
     ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
         use granary_actors::dispatch::encode;
-        use granary_actors::migration::MigrationError;
-
         let target = self.clone();
         Box::pin(async move {
             let answer: Result<(), MigrationError> = if request.message == "arrive" {
@@ -502,14 +469,11 @@ impl Inbound for Arc<HoldsArrivals> {
 /// grain.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner() {
-    use granary_actors::migration::{MigrationError, MigrationTarget};
-
     let network = InProcessNetwork::new();
     let [a, b, x, y] = silos(["a", "b", "x", "y"]);
     let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
     let key = moving(&before, &x, &after, &y, 1)[0];
-    let owner: Arc<dyn Inbound> = Arc::new(HoldsRegistrations::of(&b));
-    let _x = Aborting(fake_silo(&network, &x, Some(owner), Arc::default()).await);
+    let _x = FakeOwner::holding(&b).serve(&network, &x).await;
     let target = Arc::new(HoldsArrivals {
         grain: grain(key),
         reached: tokio::sync::Notify::new(),
@@ -528,23 +492,11 @@ async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner()
     tokio::time::sleep(HANDOFF + Duration::from_millis(50)).await;
     bump_each(&na, &[key], 1).await;
 
-    let moving = {
-        let (na, to) = (na.clone(), b.address.clone());
-        tokio::spawn(async move {
-            na.grain::<Tally>(key)
-                .migrate(MigrationTarget::Silo(to))
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), target.reached.notified())
-        .await
-        .expect("the state reached b");
+    let moving = start_move(&na, key, &b);
+    reached(&target.reached, "the state reached b").await;
     take_in(&na, &followed, after).await;
     target.release.notify_one();
-    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
-        .await
-        .expect("the move ended")
-        .expect("the move's task");
+    let moved = outcome_of(moving).await;
     assert!(
         matches!(moved, Err(MigrationError::Hook { .. })),
         "the move returned {moved:?}"
@@ -571,50 +523,32 @@ async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner()
 /// (b used to serve it, tell the source it had, and give it up at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_still_following_at_the_views_deadline_is_discarded() {
-    use granary_actors::migration::{MigrationError, MigrationTarget};
-
     let network = InProcessNetwork::new();
     let [a, b, x, y] = silos(["a", "b", "x", "y"]);
     let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
     let key = moving(&before, &x, &after, &y, 1)[0];
-    let first = HoldsRegistrations::of(&b);
-    let inbound: Arc<dyn Inbound> = Arc::new(first.clone());
-    let _x = Aborting(fake_silo(&network, &x, Some(inbound), Arc::default()).await);
-    let follow = HoldsRegistrations::refusing(&b);
-    let inbound: Arc<dyn Inbound> = Arc::new(follow.clone());
-    let _y = Aborting(fake_silo(&network, &y, Some(inbound), Arc::default()).await);
+    let first = FakeOwner::holding(&b);
+    let _x = first.serve(&network, &x).await;
+    let follow = FakeOwner::holding_then_refusing(&b);
+    let _y = follow.serve(&network, &y).await;
     let (nodes, views) = start_all(&network, &[&a, &b], &before).await;
     let [na, nb] = &nodes[..] else {
         unreachable!("two nodes")
     };
     bump_each(na, &[key], 1).await;
 
-    let moving = {
-        let (na, to) = (na.clone(), b.address.clone());
-        tokio::spawn(async move {
-            na.grain::<Tally>(key)
-                .migrate(MigrationTarget::Silo(to))
-                .await
-        })
-    };
-    tokio::time::timeout(Duration::from_secs(10), first.reached.notified())
-        .await
-        .expect("the arrival's registration reached x");
+    let moving = start_move(na, key, &b);
+    reached(&first.reached, "the arrival's registration reached x").await;
     let changed = Instant::now();
     take_in(nb, &views[1], after).await;
     first.release.notify_one();
-    tokio::time::timeout(Duration::from_secs(10), follow.reached.notified())
-        .await
-        .expect("the arrival's follow reached y");
+    reached(&follow.reached, "the arrival's follow reached y").await;
     tokio::time::sleep(
         (changed + HANDOFF * 2 + HANDOFF / 4).saturating_duration_since(Instant::now()),
     )
     .await;
     follow.release.notify_one();
-    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
-        .await
-        .expect("the move ended")
-        .expect("the move's task");
+    let moved = outcome_of(moving).await;
     match moved {
         Err(MigrationError::Discarded { reason, .. }) => {
             assert!(reason.contains("deadline"), "{reason}");
@@ -630,34 +564,12 @@ async fn an_arrival_still_following_at_the_views_deadline_is_discarded() {
 /// within the source's wait for its answer, and the move says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_whose_owner_never_answers_is_discarded_within_the_sources_wait() {
-    use granary_actors::migration::{MigrationError, MigrationTarget};
-
     let network = InProcessNetwork::new();
-    let [a, b, x] = silos(["a", "b", "x"]);
-    let everyone = view(&[&a, &b, &x]);
-    let key = moving(&everyone, &x, &everyone, &x, 1)[0];
-    let owner: Arc<dyn Inbound> = Arc::new(HoldsRegistrations::of(&b));
-    let _x = Aborting(fake_silo(&network, &x, Some(owner), Arc::default()).await);
-    let (nodes, _views) = start_all(&network, &[&a, &b], &everyone).await;
-    let [na, _nb] = &nodes[..] else {
-        unreachable!("two nodes")
-    };
-    bump_each(na, &[key], 1).await;
-    let started = Instant::now();
-    let moved = tokio::time::timeout(
-        Duration::from_secs(20),
-        na.grain::<Tally>(key)
-            .migrate(MigrationTarget::Silo(b.address.clone())),
-    )
-    .await
-    .expect("the move ended before the call timeout");
+    let owner = FakeOwner::holding(&silos(["b"])[0]);
+    let (moved, took, _, _) = move_owned_by(&network, &owner, Duration::from_secs(20)).await;
     assert!(
         matches!(moved, Err(MigrationError::Discarded { .. })),
         "the move returned {moved:?}"
     );
-    assert!(
-        started.elapsed() >= HANDOFF * 3,
-        "after {:?}",
-        started.elapsed()
-    );
+    assert!(took >= HANDOFF * 3, "after {took:?}");
 }

@@ -58,15 +58,19 @@
 //!    pause of node rule 3's rounds while it answers `Retry`, for as long
 //!    as a view's homes may re-register (calls wait meanwhile), and again
 //!    with a newer owner if the view changes while it registers (node
-//!    rule 3, `Inner::follow_owner`); the tries end a window before the
-//!    source's wait for the verdict's answer ends, and each waits for its
-//!    answer until a window past that. An arrival the entry names that
-//!    the target could not take in (it stopped or was fenced, the owner
-//!    never took its registration, or the view's deadline passed while it
-//!    followed a new owner) is discarded, and if it settled within the
-//!    source's wait, the source's move returns `MigrationError::Discarded`
-//!    (the grain lives nowhere until its next call); a target that settles
-//!    later, or had no verdict, reports nothing, and the move returns as
+//!    rule 3, `Inner::follow_owner`). Each try waits for its answer until a
+//!    window past the last start, the follow's rounds until a window past
+//!    that, and none past a pause before the verdict's answer goes back
+//!    (the target answers a tenth of the request's time, at least 50 ms,
+//!    before the source stops waiting), so a call timeout shorter than
+//!    rule 3's re-registration cuts the tries short. An arrival the entry
+//!    names that the target could not take in (it stopped or was fenced,
+//!    the owner never took its registration or named another activation,
+//!    or the view's pass deadline passed while it followed a new owner)
+//!    is discarded, and if it settled in time, the source's move returns
+//!    `MigrationError::Discarded` (the grain lives nowhere until its next
+//!    call); a target that settles later (the first try always waits a
+//!    window), or had no verdict, reports nothing, and the move returns as
 //!    moved. A target that hears
 //!    nothing (the source died, or its word was lost) asks the directory
 //!    once the source has left the view, or after four call timeouts
@@ -1116,7 +1120,16 @@ impl Inner {
                     return answer(&Ok(()));
                 };
                 let mut settled = awaiting.settled;
-                let answer_by = deadline_after(request.time_left_now());
+                // The request's time left counts from the source's send:
+                // a tenth of it (at least 50 ms) is kept for the answer's
+                // way back.
+                let time_left = request.time_left_now();
+                let answer_in = time_left.saturating_sub(
+                    (time_left / 10)
+                        .max(Duration::from_millis(50))
+                        .min(time_left / 2),
+                );
+                let answer_by = deadline_after(answer_in);
                 let _ = awaiting.tell.send((asked.confirm, answer_by));
                 // Answered once the arrival has settled (registered and
                 // taking messages, or discarded), within the source's
@@ -1124,7 +1137,7 @@ impl Inner {
                 // may be moved again at once, or the source learns that
                 // the grain it gave away was discarded.
                 let discarded = match tokio::time::timeout(
-                    request.time_left_now(),
+                    answer_in,
                     settled.wait_for(|state| *state != MoveState::Moving),
                 )
                 .await
@@ -1487,9 +1500,11 @@ impl Inner {
     /// messages as the grain's home here if the entry names it (a newer
     /// owner that refused it, or a view still changing after the last
     /// round, leaves it recorded with the owner it registered with, and
-    /// it re-registers on its own: `Inner::follow_later`); otherwise (an owner
-    /// naming another silo, or the node stopped, fenced, or lost the home
-    /// meanwhile) it ends without `on_deactivate`.
+    /// it re-registers on its own: `Inner::follow_later`, unless the
+    /// view's pass deadline has passed); otherwise (an owner that never
+    /// took it or names another silo, a deadline passed, or the node
+    /// stopped, fenced, or lost the home meanwhile) it ends without
+    /// `on_deactivate`, and the verdict's answer says so.
     async fn settle_arrival(
         self: &Arc<Self>,
         settling: Settling,
@@ -1511,6 +1526,22 @@ impl Inner {
         } else {
             "the source kept it"
         };
+        // The source learns of a discard only if the arrival settles by
+        // `settle_by`: its wait for the verdict's answer (`answer_by`),
+        // less a pause. The registration's tries start until
+        // `register_by`: then, or as long as a view's homes may
+        // re-register, whichever comes first. Each try waits for its answer
+        // until a window past that (as a pass's does), the follow's rounds
+        // until a window past it, and neither past `settle_by`.
+        let window = self.handoff.max(Duration::from_millis(20));
+        let settle_by = answer_by.map(|by| by.checked_sub(self.reregister_pause()).unwrap_or(by));
+        let register_by = settle_by.map_or(deadline_after(self.reregister_for()), |by| {
+            by.min(deadline_after(self.reregister_for()))
+        });
+        let follow_by = settle_by.map_or(
+            register_by.checked_add(window).unwrap_or(register_by),
+            |by| by.min(register_by.checked_add(window).unwrap_or(register_by)),
+        );
         let registered = if confirmed && usable(self) {
             let node = ClusterNode {
                 inner: self.clone(),
@@ -1524,22 +1555,23 @@ impl Inner {
             // not see this silo yet, answers `Retry`: asked again after
             // each pause of node rule 3's rounds, for as long as a view's
             // homes may re-register (calls wait meanwhile: it is moving).
-            // Within the source's wait for the verdict's answer too (a
-            // window before it), so that a discard is reported; each try
-            // waits for its answer until a window past that, and the first
-            // at least a window.
-            let window = self.handoff.max(Duration::from_millis(20));
-            let register_by = answer_by
-                .map(|by| by.checked_sub(window).unwrap_or(by))
-                .map_or(deadline_after(self.reregister_for()), |by| {
-                    by.min(deadline_after(self.reregister_for()))
-                });
+            let mut first = true;
             loop {
                 // To the owner recorded below.
                 let owner = self.entry_owner(&grain, &self.view());
-                let try_for = register_by
-                    .saturating_duration_since(Instant::now())
+                let now = Instant::now();
+                // As a pass's try: its answer is waited for until a window
+                // past `register_by`; but not past `settle_by` (the first
+                // try at least a window).
+                let mut try_for = register_by
+                    .saturating_duration_since(now)
                     .saturating_add(window);
+                if let Some(by) = settle_by {
+                    try_for = try_for.min(by.saturating_duration_since(now));
+                }
+                if std::mem::take(&mut first) {
+                    try_for = try_for.max(window);
+                }
                 let reply = tokio::time::timeout(
                     try_for,
                     node.directory_at(owner.as_ref(), register.clone()),
@@ -1552,12 +1584,17 @@ impl Inner {
                         why = "the entry's owner names another activation";
                         break None;
                     }
-                    _ if Instant::now() >= register_by => {
-                        why = "the entry's owner did not take its registration in time";
-                        break None;
-                    }
                     _ if !usable(self) => break None,
-                    _ => tokio::time::sleep(self.reregister_pause()).await,
+                    _ => {}
+                }
+                // No try starts after `register_by`.
+                let now = Instant::now();
+                if now < register_by {
+                    tokio::time::sleep(self.reregister_pause().min(register_by - now)).await;
+                }
+                if Instant::now() >= register_by {
+                    why = "the entry's owner did not take its registration in time";
+                    break None;
                 }
             }
         } else {
@@ -1583,7 +1620,8 @@ impl Inner {
                 // swapped in the view read there (then it follows again).
                 // A refusal, or a view that keeps changing, leaves it
                 // recorded with the owner it registered with; it then
-                // re-registers on its own (`follow_later`).
+                // re-registers on its own (`follow_later`), or, past the
+                // view's pass deadline, is discarded.
                 let mut owner = owner;
                 let mut serving = false;
                 // Serving recorded with an owner the view may not name.
@@ -1594,10 +1632,15 @@ impl Inner {
                         why = given_up;
                         break;
                     }
-                    let refused = match self
-                        .follow_owner(&grain, generation, address.activation, owner)
-                        .await
-                    {
+                    let follow = self.follow_owner(&grain, generation, address.activation, owner);
+                    // Out of time: taken for a refusal.
+                    let followed = tokio::time::timeout(
+                        follow_by.saturating_duration_since(Instant::now()),
+                        follow,
+                    )
+                    .await
+                    .unwrap_or(Err(RemoteError::Retry));
+                    let refused = match followed {
                         Err(RemoteError::Moved(_)) => {
                             why = "the entry's new owner names another silo";
                             break;

@@ -56,7 +56,8 @@
 //!    recorded owner, and follows again otherwise, so a pass either sees
 //!    it settled or ran on a view it has read; after a refusal, or three
 //!    rounds, it takes messages recorded with the owner it registered
-//!    with. A home left recorded so (by a call or an arrival), and one whose
+//!    with, unless the current view's pass deadline has passed (then it
+//!    is discarded: `migration.rs` rule 4). A home left recorded so (by a call or an arrival), and one whose
 //!    move out stayed after the view changed, re-registers beside them as
 //!    a pass would (`follow_later`, one task per home): after each pause,
 //!    with the owner of the view it reads then, until the deadline of the

@@ -523,6 +523,20 @@ async fn a_move_that_stays_after_the_view_changed_registers_with_the_new_owner()
 /// (b used to serve it, tell the source it had, and give it up at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_still_following_at_the_views_deadline_is_discarded() {
+    follow_held_past_the_deadline(true).await;
+}
+
+/// As above, with y never answering the follow: its rounds end a window
+/// after b's tries would (not after the call timeout, thirty seconds), so
+/// b discards the arrival within the source's wait, and the move says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_whose_follow_is_never_answered_is_discarded_within_the_sources_wait() {
+    follow_held_past_the_deadline(false).await;
+}
+
+/// The two tests above: y refuses the follow past b's deadline (`refuses`)
+/// or never answers it.
+async fn follow_held_past_the_deadline(refuses: bool) {
     let network = InProcessNetwork::new();
     let [a, b, x, y] = silos(["a", "b", "x", "y"]);
     let (before, after) = (view(&[&a, &b, &x]), view(&[&a, &b, &x, &y]));
@@ -539,16 +553,23 @@ async fn an_arrival_still_following_at_the_views_deadline_is_discarded() {
 
     let moving = start_move(na, key, &b);
     reached(&first.reached, "the arrival's registration reached x").await;
-    let changed = Instant::now();
     take_in(nb, &views[1], after).await;
+    let (_, deadline) = nb
+        .inner
+        .current_pass_deadline()
+        .expect("b's pass for the view started");
     first.release.notify_one();
     reached(&follow.reached, "the arrival's follow reached y").await;
-    tokio::time::sleep(
-        (changed + HANDOFF * 2 + HANDOFF / 4).saturating_duration_since(Instant::now()),
-    )
-    .await;
-    follow.release.notify_one();
-    let moved = outcome_of(moving).await;
+    if refuses {
+        // Past b's deadline for the view.
+        tokio::time::sleep((deadline + HANDOFF / 4).saturating_duration_since(Instant::now()))
+            .await;
+        follow.release.notify_one();
+    }
+    let moved = tokio::time::timeout(Duration::from_secs(10), moving)
+        .await
+        .expect("the move ended within ten seconds")
+        .expect("the move's task");
     match moved {
         Err(MigrationError::Discarded { reason, .. }) => {
             assert!(reason.contains("deadline"), "{reason}");
@@ -572,4 +593,40 @@ async fn an_arrival_whose_owner_never_answers_is_discarded_within_the_sources_wa
         "the move returned {moved:?}"
     );
     assert!(took >= HANDOFF * 3, "after {took:?}");
+}
+
+/// As above, with a call timeout of two seconds, shorter than the four
+/// windows (of 800 ms) that a view's homes may take to re-register and
+/// wait for a last answer: b's tries end before the source stops waiting
+/// for its answer to the verdict, so the discard is still reported. (They
+/// ran until the source's wait ended, and the move reported success.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_is_discarded_within_a_short_call_timeout() {
+    let network = InProcessNetwork::new();
+    let [a, b, x] = silos(["a", "b", "x"]);
+    let everyone = view(&[&a, &b, &x]);
+    let key = moving(&everyone, &x, &everyone, &x, 1)[0];
+    let _x = FakeOwner::holding(&b).serve(&network, &x).await;
+    let handoff = Duration::from_millis(800);
+    let mut nodes = Vec::new();
+    for silo in [&a, &b] {
+        let followed = Arc::new(watch::Sender::new(everyone.clone()));
+        let node = start_configured(&network, &silo.address, &followed, |config| {
+            config.handoff = Some(handoff);
+            config.connection.call_timeout = Duration::from_secs(2);
+        })
+        .await;
+        nodes.push((node, followed));
+    }
+    tokio::time::sleep(handoff + Duration::from_millis(50)).await;
+    let na = &nodes[0].0;
+    bump_each(na, &[key], 1).await;
+    let moved = tokio::time::timeout(Duration::from_secs(20), start_move(na, key, &b))
+        .await
+        .expect("the move ended")
+        .expect("the move's task");
+    assert!(
+        matches!(moved, Err(MigrationError::Discarded { .. })),
+        "the move returned {moved:?}"
+    );
 }

@@ -155,6 +155,20 @@ async fn start_with(
     view: &Arc<watch::Sender<Vec<Member>>>,
     handoff: Duration,
 ) -> ClusterNode {
+    start_configured(network, address, view, |config| {
+        config.handoff = Some(handoff)
+    })
+    .await
+}
+
+/// `start`, with its configuration changed by `configure` (a hand-over
+/// window of `HANDOFF` unless it says otherwise).
+async fn start_configured(
+    network: &InProcessNetwork,
+    address: &str,
+    view: &Arc<watch::Sender<Vec<Member>>>,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> ClusterNode {
     let silo = Silo::builder()
         .register::<Tally>(TYPE)
         .message::<Tally, Bump>("bump")
@@ -169,7 +183,8 @@ async fn start_with(
         Vec::new(),
     );
     config.incarnation = 1;
-    config.handoff = Some(handoff);
+    config.handoff = Some(HANDOFF);
+    configure(&mut config);
     let view = view.clone();
     ClusterNode::builder(silo, config)
         .transport(Arc::new(network.transport(address)))

@@ -989,7 +989,7 @@ impl Inner {
 
     /// The current view's epoch and its pass's deadline, once that pass
     /// has started (rule 3).
-    fn current_pass_deadline(&self) -> Option<(u64, Instant)> {
+    pub(super) fn current_pass_deadline(&self) -> Option<(u64, Instant)> {
         let epoch = self.view_epoch.load(Ordering::SeqCst);
         let started = *self
             .pass_deadline

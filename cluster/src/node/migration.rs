@@ -59,11 +59,13 @@
 //!    as a view's homes may re-register (calls wait meanwhile), and again
 //!    with a newer owner if the view changes while it registers (node
 //!    rule 3, `Inner::follow_owner`). Each try waits for its answer until a
-//!    window past the last start, the follow's rounds until a window past
-//!    that, and none past a pause before the verdict's answer goes back
-//!    (the target answers a tenth of the request's time, at least 50 ms,
-//!    before the source stops waiting), so a call timeout shorter than
-//!    rule 3's re-registration cuts the tries short. An arrival the entry
+//!    window past the last start, a follow round until a window past the
+//!    last start or the followed view's pass deadline, whichever is later,
+//!    and neither past a pause (at least 50 ms) before the verdict's answer
+//!    goes back (the target answers a tenth of the request's time, at least
+//!    50 ms and at most half, before the source stops waiting), so a call
+//!    timeout shorter than rule 3's re-registration cuts the tries short; a
+//!    follow round out of time counts as a refusal. An arrival the entry
 //!    names that the target could not take in (it stopped or was fenced,
 //!    the owner never took its registration or named another activation,
 //!    or the view's pass deadline passed while it followed a new owner)
@@ -1528,20 +1530,25 @@ impl Inner {
         };
         // The source learns of a discard only if the arrival settles by
         // `settle_by`: its wait for the verdict's answer (`answer_by`),
-        // less a pause. The registration's tries start until
-        // `register_by`: then, or as long as a view's homes may
-        // re-register, whichever comes first. Each try waits for its answer
-        // until a window past that (as a pass's does), the follow's rounds
-        // until a window past it, and neither past `settle_by`.
+        // less a pause (at least 50 ms). The registration's tries start
+        // until `register_by`: then, or as long as a view's homes may
+        // re-register, whichever comes first. Each try waits for its
+        // answer until a window past `register_by` (as a pass's does), a
+        // follow round until a window past it or past the followed view's
+        // pass deadline, whichever is later, and neither past `settle_by`.
         let window = self.handoff.max(Duration::from_millis(20));
-        let settle_by = answer_by.map(|by| by.checked_sub(self.reregister_pause()).unwrap_or(by));
+        let margin = self.reregister_pause().max(Duration::from_millis(50));
+        let settle_by = answer_by.map(|by| by.checked_sub(margin).unwrap_or(by));
         let register_by = settle_by.map_or(deadline_after(self.reregister_for()), |by| {
             by.min(deadline_after(self.reregister_for()))
         });
-        let follow_by = settle_by.map_or(
-            register_by.checked_add(window).unwrap_or(register_by),
-            |by| by.min(register_by.checked_add(window).unwrap_or(register_by)),
-        );
+        let follow_by = || {
+            let after = self
+                .current_pass_deadline()
+                .map_or(register_by, |(_, deadline)| deadline.max(register_by));
+            let by = after.checked_add(window).unwrap_or(after);
+            settle_by.map_or(by, |settle_by| settle_by.min(by))
+        };
         let registered = if confirmed && usable(self) {
             let node = ClusterNode {
                 inner: self.clone(),
@@ -1635,7 +1642,7 @@ impl Inner {
                     let follow = self.follow_owner(&grain, generation, address.activation, owner);
                     // Out of time: taken for a refusal.
                     let followed = tokio::time::timeout(
-                        follow_by.saturating_duration_since(Instant::now()),
+                        follow_by().saturating_duration_since(Instant::now()),
                         follow,
                     )
                     .await

@@ -54,19 +54,19 @@
 //!    record sees it. An arrival stops moving (and takes messages) under
 //!    its home's lock only if the view read there agrees with its
 //!    recorded owner, and follows again otherwise, so a pass either sees
-//!    it settled or ran on a view it has read; after a refusal, or three
-//!    rounds, it takes messages recorded with the owner it registered
-//!    with, unless the current view's pass deadline has passed (then it
-//!    is discarded: `migration.rs` rule 4). A home left recorded so (by a call or an arrival), and one whose
+//!    it settled or ran on a view it has read; after a refusal (a round
+//!    out of time is one), or three rounds, it takes messages recorded
+//!    with the owner it registered with, unless the current view's pass
+//!    deadline has passed (then it is discarded: `migration.rs` rule 4).
+//!    A home left recorded so (by a call or an arrival), and one whose
 //!    move out stayed after the view changed, re-registers beside them as
 //!    a pass would (`follow_later`, one task per home): after each pause,
 //!    with the owner of the view it reads then, until the deadline of the
-//!    current view's pass, and is given up if not registered by then
-//!    (a pass likewise keeps a home registered beside it); a later view
+//!    current view's pass, and is given up if not registered by then (a
+//!    pass likewise keeps a home registered beside it); a later view
 //!    change, or one whose pass has not started, leaves it to that view's
-//!    pass. Connections to silos gone
-//!    from the view are closed beside the view task, which does not wait
-//!    for a connect in progress to them.
+//!    pass. Connections to silos gone from the view are closed beside the
+//!    view task, which does not wait for a connect in progress to them.
 //! 4. **Failure.** A silo that leaves the view loses its homes: the
 //!    owners drop its entries, the next call places the grain elsewhere,
 //!    and the grain starts from its persisted state there. Connections to

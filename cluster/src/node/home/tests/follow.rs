@@ -595,7 +595,7 @@ async fn an_arrival_whose_owner_never_answers_is_discarded_within_the_sources_wa
     assert!(took >= HANDOFF * 3, "after {took:?}");
 }
 
-/// As above, with a call timeout of two seconds, shorter than the four
+/// As above, with a call timeout of two seconds, shorter than the three
 /// windows (of 800 ms) that a view's homes may take to re-register and
 /// wait for a last answer: b's tries end before the source stops waiting
 /// for its answer to the verdict, so the discard is still reported. (They

@@ -909,11 +909,7 @@ impl Inner {
                 for home in &pending {
                     // Not one registered with `owner` meanwhile (by a call,
                     // or beside the pass: `follow_later`).
-                    self.remove_this_home(&home.grain, |current| {
-                        home.is_this(current)
-                            && self.still_current(epoch)
-                            && current.owner.as_ref() != Some(owner)
-                    });
+                    self.give_up_unless_with(home, epoch, owner);
                 }
                 return;
             }
@@ -928,6 +924,17 @@ impl Inner {
     fn give_up_reregistering(&self, home: &Reregistering, epoch: u64) {
         self.remove_this_home(&home.grain, |current| {
             home.is_this(current) && self.still_current(epoch)
+        });
+    }
+
+    /// [`Inner::give_up_reregistering`] unless the home is registered with
+    /// `owner` by now (checked under the home's lock): a call, a pass or a
+    /// follow may have registered it with that owner meanwhile.
+    fn give_up_unless_with(&self, home: &Reregistering, epoch: u64, owner: &SiloId) {
+        self.remove_this_home(&home.grain, |current| {
+            home.is_this(current)
+                && self.still_current(epoch)
+                && current.owner.as_ref() != Some(owner)
         });
     }
 
@@ -1067,12 +1074,9 @@ impl Inner {
                 return;
             };
             if Instant::now() >= give_up_at {
-                // Checked again under the home's lock: a call or a pass
-                // that registered it with the view's owner meanwhile keeps
-                // it.
-                self.remove_this_home(&home.grain, |current| {
-                    home.is_this(current) && self.still_current(epoch) && current.owner != wanted
-                });
+                // A call or a pass that registered it with the view's
+                // owner meanwhile keeps it.
+                self.give_up_unless_with(&home, epoch, &owner);
                 return;
             }
             // `None`: recorded with `owner`, no longer this home, or given

@@ -255,8 +255,10 @@ pub struct LayoutInfo {
     pub capacity: u32,
     /// Bytes per slot, header included.
     pub slot_size: u32,
-    /// Largest payload: `slot_size - 32`. May exceed the requested maximum
-    /// because slots are rounded up to 16 bytes.
+    /// Largest payload: `slot_size - 32`. May exceed the requested maximum:
+    /// a ring this crate makes rounds its slots up to a cache line (64
+    /// bytes); an attached layout's slots need only be a multiple of
+    /// [`SLOT_ALIGN`] (16).
     pub max_payload: u32,
     /// Bytes the whole ring occupies.
     pub total_bytes: usize,

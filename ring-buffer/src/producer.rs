@@ -67,14 +67,14 @@ fn push_blocking<P: AsRef<[u8]>>(
     }
 }
 
-fn too_large<P: AsRef<[u8]>>(view: &View, payload: P) -> Result<P, TryPushError<P>> {
-    let len = payload.as_ref().len();
+/// The most a slot holds, if `bytes` is longer. A push takes its payload's
+/// bytes once (`AsRef::as_ref`), checks them here, and copies those same
+/// bytes: a second `as_ref` could answer a longer slice than the one
+/// checked (a safe impl may), and would run caller code while a claimed
+/// slot waits to be published.
+fn too_large(view: &View, bytes: &[u8]) -> Option<usize> {
     let max = view.max_payload();
-    if len > max {
-        Err(TryPushError::PayloadTooLarge { len, max, payload })
-    } else {
-        Ok(payload)
-    }
+    (bytes.len() > max).then_some(max)
 }
 
 enum ClaimError {
@@ -108,15 +108,19 @@ impl Producer {
         payload: P,
     ) -> Result<(), TryPushError<P>> {
         let view = &self.shared.view;
-        let payload = too_large(view, payload)?;
+        let bytes = payload.as_ref();
+        if let Some(max) = too_large(view, bytes) {
+            let len = bytes.len();
+            return Err(TryPushError::PayloadTooLarge { len, max, payload });
+        }
         let position = match self.claim(1) {
             Ok(position) => position,
             Err(ClaimError::Full) => return Err(TryPushError::Full(payload)),
             Err(ClaimError::Closed) => return Err(TryPushError::Closed(payload)),
         };
-        // SAFETY: `claim` gave us the slot for `position`; the length was
-        // checked by `too_large`.
-        unsafe { write_message(view, position, request_id, payload.as_ref()) };
+        // SAFETY: `claim` gave us the slot for `position`; `too_large`
+        // checked the length of these very bytes.
+        unsafe { write_message(view, position, request_id, bytes) };
         // Rule M3: publish. Pairs with the consumer's acquire load.
         view.sequence(position)
             .store(position + 1, Ordering::Release);
@@ -316,7 +320,11 @@ impl SpscProducer {
         request_id: u64,
         payload: P,
     ) -> Result<(), TryPushError<P>> {
-        let payload = too_large(&self.shared.view, payload)?;
+        let bytes = payload.as_ref();
+        if let Some(max) = too_large(&self.shared.view, bytes) {
+            let len = bytes.len();
+            return Err(TryPushError::PayloadTooLarge { len, max, payload });
+        }
         if self.shared.view.closed().load(Ordering::Relaxed) != 0 {
             return Err(TryPushError::Closed(payload));
         }
@@ -325,8 +333,9 @@ impl SpscProducer {
         }
         let position = self.tail;
         // SAFETY: `has_room` proved the slot for `position` was released by
-        // the consumer, and only this producer writes SPSC slots.
-        unsafe { write_message(&self.shared.view, position, request_id, payload.as_ref()) };
+        // the consumer, and only this producer writes SPSC slots;
+        // `too_large` checked the length of these very bytes.
+        unsafe { write_message(&self.shared.view, position, request_id, bytes) };
         // Rule S2: advance `tail` (for observers; it may run ahead of the
         // publications, never behind, so `head <= tail` always holds), then
         // publish through the slot's sequence, which pairs with the

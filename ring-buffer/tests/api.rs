@@ -117,6 +117,59 @@ fn payload_too_large_reports_len_and_max_and_returns_payload() {
     }
 }
 
+/// A payload whose bytes grow after the first look: a safe `AsRef` may
+/// answer differently each call.
+#[derive(Debug)]
+struct Growing {
+    looks: std::cell::Cell<u32>,
+    bytes: Vec<u8>,
+}
+
+impl Growing {
+    fn new(first: u8, len: usize) -> Growing {
+        let mut bytes = vec![0xEE; len];
+        bytes[0] = first;
+        Growing {
+            looks: std::cell::Cell::new(0),
+            bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Growing {
+    fn as_ref(&self) -> &[u8] {
+        let looks = self.looks.get();
+        self.looks.set(looks + 1);
+        if looks == 0 {
+            &self.bytes[..1]
+        } else {
+            &self.bytes
+        }
+    }
+}
+
+#[test]
+fn a_payload_that_grows_after_its_check_writes_only_the_bytes_checked() {
+    // A push reads its payload's bytes once: it checks and copies the
+    // one-byte slice the first look gave, never the 200 bytes a later look
+    // would (past the 32-byte slot, into the next slot's header).
+    let (producer, mut consumer) = mpsc(4, 32);
+    producer.try_push_with(1, Growing::new(7, 200)).unwrap();
+    producer.try_push_with(2, vec![9u8; 32]).unwrap();
+    let (mut spsc_producer, mut spsc_consumer) = spsc(4, 32);
+    spsc_producer
+        .try_push_with(1, Growing::new(7, 200))
+        .unwrap();
+    spsc_producer.try_push_with(2, vec![9u8; 32]).unwrap();
+    for consumer in [&mut consumer, &mut spsc_consumer] {
+        let first = consumer.try_pop().unwrap();
+        assert_eq!((first.request_id(), first.payload()), (1, &[7u8][..]));
+        drop(first);
+        let second = consumer.try_pop().unwrap();
+        assert_eq!((second.request_id(), second.payload()), (2, &[9u8; 32][..]));
+    }
+}
+
 #[test]
 fn bad_configs_are_typed_errors() {
     assert_eq!(

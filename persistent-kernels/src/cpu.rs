@@ -10,8 +10,10 @@
 //!   answers both with a status instead of dying.
 //! - [`CpuPersistentKernel::stop`] either drains (every submitted request is
 //!   answered) or abandons (the loop exits at once and the unprocessed
-//!   requests' ids come back in the [`StopReport`]). The thread is always
-//!   joined; nothing hangs and nothing leaks.
+//!   requests' ids come back in the [`StopReport`], the one in hand
+//!   included). `stop` joins the thread; `stop_within` joins it if it
+//!   exits in time, and otherwise detaches it (the report says
+//!   `exited: false`), to exit once the call in hand returns.
 //! - The same thread and rings serve a device that cannot run a persistent
 //!   kernel (wgpu): the loop then takes every request queued, up to a
 //!   micro-batch, and hands them to the device as one dispatch
@@ -294,12 +296,12 @@ impl CpuPersistentKernel {
     ) -> Result<CpuPersistentKernel, LaunchError> {
         let request_ring = Ring::new(RingConfig::mpsc(
             config.capacity,
-            spec.request.max_bytes() as u32,
+            spec.request.ring_payload(),
         ))
         .map_err(LaunchError::Ring)?;
         let response_ring = Ring::new(RingConfig::spsc(
             config.capacity,
-            spec.response.max_bytes() as u32,
+            spec.response.ring_payload(),
         ))
         .map_err(LaunchError::Ring)?;
         let (requests, request_consumer) = request_ring
@@ -323,7 +325,7 @@ impl CpuPersistentKernel {
         let worker = thread::Builder::new()
             .name(format!("granary-kernel-{}", spec.id))
             .spawn(move || match engine {
-                Engine::Cpu(cpu) => (kernel_loop.run(cpu), Vec::new()),
+                Engine::Cpu(cpu) => kernel_loop.run(cpu),
                 Engine::MicroBatch(device) => kernel_loop.run_batched(device),
             })
             .map_err(|err| LaunchError::Thread(err.to_string()))?;
@@ -356,12 +358,17 @@ impl CpuPersistentKernel {
         self.submitter.submit(request_id, payload)
     }
 
-    /// Takes one completion if one is ready.
+    /// Takes one completion if one is ready. A corrupt response (never
+    /// written by this crate's loop) is skipped, so that the ones behind it
+    /// are still taken.
     pub fn try_complete(&mut self) -> Option<Completion> {
-        self.responses
-            .try_pop()
-            .ok()
-            .map(|message| completion(&message))
+        loop {
+            match self.responses.try_pop() {
+                Ok(message) => return Some(completion(&message)),
+                Err(TryPopError::Corrupt { .. }) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Lends up to `max` ready completions to `take` without copying their
@@ -459,10 +466,23 @@ impl CpuPersistentKernel {
             match worker.join() {
                 Ok((mut requests, unanswered)) => {
                     report.abandoned.extend_from_slice(&unanswered);
+                    // The ring is closed: `Empty` means a submitter claimed
+                    // a slot before the close and has not published it
+                    // yet; it will, and its `submit` answers `Ok`, so the
+                    // request is waited for and listed (rule C3: `Closed`
+                    // comes once every claimed slot is published), until
+                    // the stop's deadline.
                     loop {
                         match requests.try_pop() {
                             Ok(message) => report.abandoned.push(message.request_id()),
                             Err(TryPopError::Corrupt { .. }) => {}
+                            Err(TryPopError::Empty)
+                                if deadline.is_none_or(|deadline| {
+                                    std::time::Instant::now() < deadline
+                                }) =>
+                            {
+                                thread::yield_now();
+                            }
                             Err(_) => break,
                         }
                     }
@@ -511,9 +531,13 @@ struct KernelLoop {
 
 impl KernelLoop {
     /// The persistent-kernel loop (steps 1–5 in the crate docs). Returns the
-    /// request consumer so that `stop` can list what was left.
-    fn run(mut self, cpu: crate::spec::CpuFn) -> Consumer {
+    /// request consumer so that `stop` can list what was left, and the id
+    /// of the request in hand when a stop ended the loop unanswered (rule
+    /// 4 of `kernel.rs`: its slot is released, so the ring lists it no
+    /// more).
+    fn run(mut self, cpu: crate::spec::CpuFn) -> (Consumer, Vec<u64>) {
         let response_max = self.spec.response.max_bytes();
+        let mut unanswered = Vec::new();
         'serve: while !self.abort.load(Ordering::Acquire) {
             // 4. Heartbeat, busy or idle.
             self.requests.beat();
@@ -531,27 +555,33 @@ impl KernelLoop {
                 }
             };
             self.wait.record(true);
+            let request_id = message.request_id();
             // A hang a test armed (`hooks` rule 2): hold the request with
             // no heartbeat; an abandoning stop ends it unanswered (rule 3).
             if let Some(hang) = self.hooks.on_request() {
                 let until = std::time::Instant::now() + hang;
                 while std::time::Instant::now() < until {
                     if self.abort.load(Ordering::Acquire) {
+                        unanswered.push(request_id);
                         break 'serve;
                     }
                     thread::sleep(Duration::from_millis(1));
                 }
             }
-            let request_id = message.request_id();
             // 3 (first half). A response slot, waiting while the host is
             // behind on collecting.
             if !wait_for_room(&mut self.responses, &self.abort) {
+                unanswered.push(request_id);
                 break;
             }
             let Ok(mut chunk) = self.responses.try_reserve(1) else {
+                unanswered.push(request_id);
                 break;
             };
-            let Some(mut slot) = chunk.slot(0) else { break };
+            let Some(mut slot) = chunk.slot(0) else {
+                unanswered.push(request_id);
+                break;
+            };
             // 2. Process: shape check, then the implementation, caught.
             let request = message.payload();
             let output = &mut slot.payload_mut()[..response_max];
@@ -578,7 +608,7 @@ impl KernelLoop {
         // The kernel is the response ring's only producer: closing it here
         // is a clean end of stream (rule S5).
         self.responses.close();
-        self.requests
+        (self.requests, unanswered)
     }
 
     /// Publishes one response: false if the loop must end.

@@ -95,10 +95,19 @@ impl HostEnds {
         }
     }
 
-    /// Takes one completion if one is ready.
+    /// Takes one completion if one is ready. A corrupt response (a bad
+    /// header from the device: the ring has released it and moved past) is
+    /// skipped, so that the ones behind it are still taken, by a stop's
+    /// drain too.
     pub(crate) fn try_complete(&mut self) -> Option<Completion> {
-        let message = self.responses.as_mut()?.try_pop().ok()?;
-        Some(completion(&message))
+        let responses = self.responses.as_mut()?;
+        loop {
+            match responses.try_pop() {
+                Ok(message) => return Some(completion(&message)),
+                Err(granary_ring::TryPopError::Corrupt { .. }) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Takes every completion that is ready.

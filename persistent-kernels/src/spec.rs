@@ -111,6 +111,13 @@ impl Shape {
         count as usize * self.element.size()
     }
 
+    /// [`Shape::max_bytes`] as a ring's payload limit: a shape too large
+    /// for a `u32` asks for `u32::MAX` bytes, which a ring refuses with a
+    /// typed error, where truncating would make a small ring for it.
+    pub(crate) fn ring_payload(&self) -> u32 {
+        u32::try_from(self.max_bytes()).unwrap_or(u32::MAX)
+    }
+
     /// The element count of `len` bytes, if the shape allows it.
     pub fn check(&self, len: usize) -> Result<usize, ShapeError> {
         let error = ShapeError { len, shape: *self };

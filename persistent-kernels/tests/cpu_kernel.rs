@@ -368,3 +368,98 @@ proptest! {
         prop_assert_eq!(run(DOT, f32s(&xy), &mut out), Ok(vec![dot]));
     }
 }
+
+#[test]
+fn abandon_reports_the_request_a_hang_held() {
+    // The kernel takes request 7 and holds it (a hang armed through the
+    // backend's hooks): an abandoning stop ends the hang and must list 7,
+    // whose slot the kernel had already taken from the request ring.
+    let backend = granary_kernels::CpuBackend::new();
+    backend.hooks().hang_after(0, Duration::from_secs(60));
+    let mut kernel =
+        granary_kernels::Backend::launch(&backend, 0, DOUBLE, &KernelConfig::default()).unwrap();
+    kernel.submitter().unwrap().submit(7, f32s(&[1.0])).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while backend.hooks().is_armed() {
+        assert!(
+            Instant::now() < deadline,
+            "the kernel never took the request"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let report = kernel.stop(StopMode::Abandon, WAIT);
+    assert!(report.exited);
+    assert!(report.completions.is_empty());
+    assert_eq!(report.abandoned, [7]);
+}
+
+#[test]
+fn abandon_lists_a_request_published_after_the_stop_began() {
+    // A batch whose second look at a payload (after its slots are claimed)
+    // waits for the test: the stop closes the ring and the kernel exits
+    // while that claim is unpublished. The batch then lands (`Ok`), so
+    // the stop must wait for it and list it as abandoned.
+    static HELD: AtomicBool = AtomicBool::new(false);
+    static RELEASED: AtomicBool = AtomicBool::new(false);
+    struct Slow {
+        looks: std::cell::Cell<u32>,
+        bytes: Vec<u8>,
+    }
+    impl AsRef<[u8]> for Slow {
+        fn as_ref(&self) -> &[u8] {
+            let looks = self.looks.get();
+            self.looks.set(looks + 1);
+            if looks == 1 {
+                HELD.store(true, Ordering::SeqCst);
+                while !RELEASED.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            &self.bytes
+        }
+    }
+    let backend = granary_kernels::CpuBackend::new();
+    let mut kernel =
+        granary_kernels::Backend::launch(&backend, 0, DOUBLE, &KernelConfig::default()).unwrap();
+    let submitter = kernel.submitter().unwrap();
+    let submitting = thread::spawn(move || {
+        let slow = Slow {
+            looks: std::cell::Cell::new(0),
+            bytes: f32s(&[1.0]),
+        };
+        submitter.submit_batch(&[(9, slow)]).is_ok()
+    });
+    let deadline = Instant::now() + WAIT;
+    while !HELD.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the batch never claimed its slot"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let stopping = thread::spawn(move || kernel.stop(StopMode::Abandon, WAIT));
+    // Long enough for the kernel to see the stop and exit (it polls every
+    // millisecond) and for the stop to look at what is left.
+    thread::sleep(Duration::from_millis(300));
+    RELEASED.store(true, Ordering::SeqCst);
+    assert!(submitting.join().unwrap(), "the batch was enqueued");
+    let report = stopping.join().unwrap();
+    let mut ids: Vec<u64> = report.completions.iter().map(|c| c.request_id).collect();
+    ids.extend(&report.abandoned);
+    assert_eq!(ids, [9], "answered or listed as abandoned, once");
+}
+
+#[test]
+fn a_shape_too_large_for_a_ring_is_refused_at_launch() {
+    // 2^30 floats is 4 GiB: more than a ring's slot holds. Truncated to 32
+    // bits it once made a ring with no room, and the first request
+    // panicked the kernel thread.
+    let spec = KernelSpec {
+        response: Shape::between(ElementType::F32, 1, 1 << 30, 1),
+        ..DOUBLE
+    };
+    match CpuPersistentKernel::launch(spec, KernelConfig::default()) {
+        Err(LaunchError::Ring(_)) => {}
+        other => panic!("expected a ring error, got {other:?}"),
+    }
+}

@@ -148,8 +148,8 @@ impl CudaPersistentKernel {
                 .map_err(|err| CudaError::BadInput(err.to_string()))?;
             Ok((ring, device_pointer))
         };
-        let request_max = spec.request.max_bytes() as u32;
-        let response_max = spec.response.max_bytes() as u32;
+        let request_max = spec.request.ring_payload();
+        let response_max = spec.response.ring_payload();
         // Requests: many host producers, the block as the one consumer.
         // Responses: the block as the one producer (SPSC, see the template).
         let (request_ring, request_pointer) = ring(RingConfig::mpsc(config.capacity, request_max))?;

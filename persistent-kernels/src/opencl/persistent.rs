@@ -222,8 +222,8 @@ impl OpenClPersistentKernel {
             unsafe { Ring::init_in(region, config) }
                 .map_err(|err| OpenClError::BadInput(err.to_string()))
         };
-        let request_ring = ring(RingConfig::mpsc(capacity, spec.request.max_bytes() as u32))?;
-        let response_ring = ring(RingConfig::mpsc(capacity, spec.response.max_bytes() as u32))?;
+        let request_ring = ring(RingConfig::mpsc(capacity, spec.request.ring_payload()))?;
+        let response_ring = ring(RingConfig::mpsc(capacity, spec.response.ring_payload()))?;
         let request_base = request_ring.region().base().as_ptr();
         let response_base = response_ring.region().base().as_ptr();
         // The device holds the request ring's consumer role and is a

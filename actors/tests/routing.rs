@@ -251,6 +251,16 @@ struct Cluster {
 }
 
 fn cluster(count: usize, call_timeout: Duration) -> Cluster {
+    cluster_with(
+        count,
+        SiloConfig {
+            call_timeout,
+            ..SiloConfig::default()
+        },
+    )
+}
+
+fn cluster_with(count: usize, config: SiloConfig) -> Cluster {
     let sides = Arc::new(OnceLock::new());
     let mut silos = Vec::new();
     let mut routers = Vec::new();
@@ -260,10 +270,7 @@ fn cluster(count: usize, call_timeout: Duration) -> Cluster {
             .host::<Node>()
             .host::<Worker>()
             .service(Arc::new(SiloNumber(n as u64)))
-            .config(SiloConfig {
-                call_timeout,
-                ..SiloConfig::default()
-            })
+            .config(config)
             .build()
             .unwrap();
         let router = Arc::new(KeyRouter {
@@ -583,6 +590,61 @@ async fn giving_every_home_up_drops_what_is_queued_unrun_and_tells_the_callers()
         vec!["after".to_string()]
     );
     assert_eq!(silo.grain::<Worker>(1u64).call(Where).await.unwrap(), 0);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
+    // Capacity 1: a turn holds the grain, one call is queued, and one
+    // waits for room. The give-up drops the queued one; the waiting one is
+    // handed back by the closing mailbox and must not start a new
+    // activation on this silo (another may be the grain's home by now).
+    let cluster = cluster_with(
+        1,
+        SiloConfig {
+            call_timeout: Duration::from_secs(10),
+            mailbox_capacity: 1,
+            ..SiloConfig::default()
+        },
+    );
+    let silo = &cluster.silos[0];
+    let home = cluster.routers[0].sides.get().unwrap()[0].clone();
+    let grain = silo.grain::<Node>(902u64);
+    grain.call(Mark("before".into())).await.unwrap();
+    let started = HOLDS_STARTED.load(Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.call(Hold(300)).await }
+    });
+    while HOLDS_STARTED.load(Ordering::SeqCst) == started {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let queued = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.call(Mark("queued".into())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let waiting = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.call(Mark("waiting".into())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let activations = silo.activations_started();
+    home.give_up_homes();
+    slow.await.unwrap().unwrap();
+    for call in [queued, waiting] {
+        let refused = call.await.unwrap();
+        assert!(
+            matches!(refused, Err(CallError::Unavailable { .. })),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(silo.activations_started(), activations);
+    // A call made after the give-up activates the grain afresh.
+    assert_eq!(
+        grain.call(Mark("after".into())).await.unwrap(),
+        vec!["after".to_string()]
+    );
     cluster.shutdown().await;
 }
 

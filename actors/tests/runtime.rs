@@ -672,3 +672,86 @@ async fn every_activation_that_ends_is_reported_once_with_how_it_ended() {
     silo.shutdown().await;
     assert!(reports.try_recv().is_err(), "nothing else ended");
 }
+
+/// Registers with the `Registry` grain when it activates, through
+/// `GrainContext::call` (which lends this grain while it waits).
+struct Joiner;
+impl Grain for Joiner {
+    fn new(_: &GrainKey) -> Joiner {
+        Joiner
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        let registry = ctx.grain::<Registry>(0u64);
+        ctx.call(self, &registry, Join)
+            .await
+            .map_err(|err| ActivationError(err.to_string()))
+    }
+}
+
+struct Ping;
+impl Message for Ping {
+    type Reply = ();
+}
+impl Handler<Ping> for Joiner {
+    async fn handle(&mut self, _: Ping, _: &mut GrainContext) {}
+}
+
+/// Logs the start and end of each `Join`, which waits on a slow grain
+/// through `GrainContext::call` (lending the registry meanwhile).
+struct Registry;
+static JOIN_LOG: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+impl Grain for Registry {
+    fn new(_: &GrainKey) -> Registry {
+        Registry
+    }
+}
+
+struct Join;
+impl Message for Join {
+    type Reply = ();
+}
+impl Handler<Join> for Registry {
+    async fn handle(&mut self, _: Join, ctx: &mut GrainContext) {
+        JOIN_LOG.lock().unwrap().push("in");
+        let slow = ctx.grain::<Slow>(0u64);
+        let _ = ctx.call(self, &slow, Nap).await;
+        JOIN_LOG.lock().unwrap().push("out");
+    }
+}
+
+struct Slow;
+impl Grain for Slow {
+    fn new(_: &GrainKey) -> Slow {
+        Slow
+    }
+}
+struct Nap;
+impl Message for Nap {
+    type Reply = ();
+}
+impl Handler<Nap> for Slow {
+    async fn handle(&mut self, _: Nap, _: &mut GrainContext) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_two_activations_hooks_do_not_share_a_chain() {
+    // Two grains activate at once, and each one's `on_activate` calls the
+    // registry, whose turn lends it while it waits on a slow grain. The
+    // two hooks' calls belong to different chains: the second `Join` must
+    // wait for the first turn, never run inside it.
+    let silo = Silo::builder()
+        .register::<Joiner>("joiner")
+        .register::<Registry>("registry")
+        .register::<Slow>("slow")
+        .build()
+        .unwrap();
+    let (one, two) = (silo.grain::<Joiner>(1u64), silo.grain::<Joiner>(2u64));
+    let (first, second) = tokio::join!(one.call(Ping), two.call(Ping));
+    first.unwrap();
+    second.unwrap();
+    assert_eq!(*JOIN_LOG.lock().unwrap(), ["in", "out", "in", "out"]);
+    silo.shutdown().await;
+}

@@ -562,10 +562,13 @@ async fn finish<G: Grain>(
         ActivationEnd::ActivationFailed
     };
     if let Some(mut grain) = grain {
-        if AssertUnwindSafe(grain.on_deactivate(ctx))
-            .catch_unwind()
-            .await
-            .is_err()
+        let chain = hook_chain(ctx);
+        if in_chain(
+            chain,
+            AssertUnwindSafe(grain.on_deactivate(ctx)).catch_unwind(),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!(grain = %ctx.identity(), "on_deactivate panicked");
         }
@@ -599,13 +602,14 @@ async fn arrive<G: Grain>(
         Some(hooks) => match std::panic::catch_unwind(AssertUnwindSafe(|| G::new(&id.key))) {
             Err(_) => Err(failed("Grain::new panicked".into())),
             Ok(mut grain) => {
-                match AssertUnwindSafe((hooks.rehydrate)(&mut grain, ctx, seed.state))
-                    .catch_unwind()
+                let chain = hook_chain(ctx);
+                let rehydrated = AssertUnwindSafe((hooks.rehydrate)(&mut grain, ctx, seed.state));
+                match in_chain(chain, rehydrated.catch_unwind()).await {
+                    Ok(Ok(())) => match in_chain(
+                        hook_chain(ctx),
+                        AssertUnwindSafe(grain.on_activate(ctx)).catch_unwind(),
+                    )
                     .await
-                {
-                    Ok(Ok(())) => match AssertUnwindSafe(grain.on_activate(ctx))
-                        .catch_unwind()
-                        .await
                     {
                         Ok(Ok(())) => Ok(grain),
                         Ok(Err(err)) => Err(failed(format!("on_activate failed: {err}"))),
@@ -761,9 +765,12 @@ async fn depart<G: Grain>(
         }),
         Some(object) => {
             let mut state = Dehydrated::new();
-            match AssertUnwindSafe((hooks.dehydrate)(object, ctx, &mut state))
-                .catch_unwind()
-                .await
+            let chain = hook_chain(ctx);
+            match in_chain(
+                chain,
+                AssertUnwindSafe((hooks.dehydrate)(object, ctx, &mut state)).catch_unwind(),
+            )
+            .await
             {
                 Ok(Ok(())) => Ok(state),
                 Ok(Err(err)) => Err(MigrationError::Hook {
@@ -846,6 +853,26 @@ fn set_slot<G>(grain_type: &GrainType<G>, key: &GrainKey, worker: usize, entry: 
     }
 }
 
+/// Rule 7 for a lifecycle hook (`on_activate`, `on_deactivate`,
+/// `rehydrate`, `dehydrate`): it runs in a fresh call chain of its own,
+/// set on the context here, so that a call it makes lends the grain under
+/// that chain, and only messages of that call's chain run on it meanwhile.
+/// Without it, a hook ran in chain 0 (before the first turn), which every
+/// hook of every grain shared, or in the chain of the activation's last
+/// turn, which a late message of that call still carries.
+fn hook_chain(ctx: &mut GrainContext) -> u64 {
+    let chain = super::envelope::fresh_chain();
+    ctx.set_chain(chain);
+    chain
+}
+
+/// Runs `future` with `chain` as the running chain (`InChain`), as a turn
+/// runs: a plain `GrainRef::call` it makes joins the chain too.
+async fn in_chain<F: std::future::Future>(chain: u64, future: F) -> F::Output {
+    let future = std::pin::pin!(future);
+    InChain { chain, future }.await
+}
+
 /// A new object for the context's grain, activated; `None` if
 /// `on_activate` failed (the messages it then drops are counted, one by
 /// one).
@@ -854,9 +881,12 @@ async fn activate<G: Grain>(ctx: &mut GrainContext) -> Option<G> {
         tracing::warn!(grain = %ctx.identity(), "Grain::new panicked");
         return None;
     };
-    match AssertUnwindSafe(grain.on_activate(ctx))
-        .catch_unwind()
-        .await
+    let chain = hook_chain(ctx);
+    match in_chain(
+        chain,
+        AssertUnwindSafe(grain.on_activate(ctx)).catch_unwind(),
+    )
+    .await
     {
         Ok(Ok(())) => Some(grain),
         Ok(Err(err)) => {

@@ -46,7 +46,9 @@
 //!    the lent grain (A → B → A completes); messages of other chains are
 //!    set aside and run after the turn, in arrival order. A panic in a
 //!    reentrant turn unwinds the turn that lent the grain, and rule 6
-//!    resets the activation.
+//!    resets the activation. A lifecycle hook (`on_activate`,
+//!    `on_deactivate`, `rehydrate`, `dehydrate`) runs in a fresh chain of
+//!    its own, as a turn would (`activation.rs`, `hook_chain`).
 //! 8. **Timers** belong to an activation: a tick is a message the
 //!    activation sends itself, run as a turn like any other. Ticks do not
 //!    count as activity for idle collection, and a timer ends when its
@@ -85,7 +87,11 @@
 //!     message is counted in `Silo::dropped_with_homes`), runs
 //!     `on_deactivate` (a state write of a grain that has moved on is
 //!     refused by its ETag) and ends. Unlike rule 5, nothing queued runs:
-//!     another silo may already be the grain's home. A caller whose
+//!     another silo may already be the grain's home. Nor does a message
+//!     still being delivered then start a new activation: a sender that
+//!     waited for room, or was handed its message back by the closing
+//!     mailbox, gets `CallError::Unavailable` (`GrainRef::deliver`). A
+//!     caller whose
 //!     message was delivered before a give-up and whose answer never came
 //!     gets `Unavailable` rather than `TurnFailed` (the turn that was
 //!     running then may have failed instead: the caller cannot tell).

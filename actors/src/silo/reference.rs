@@ -605,13 +605,29 @@ impl<G: Grain> GrainRef<G> {
 
     /// Puts `envelope` in the grain's mailbox, activating it if needed; a
     /// mailbox closed by deactivation hands the envelope back, and it goes
-    /// to the next activation (rule 5).
+    /// to the next activation (rule 5), unless the silo gave every home up
+    /// since this delivery began (rule 13): then the caller is told
+    /// `Unavailable`, and no activation starts here for it.
     pub(super) async fn deliver(
         &self,
         grain_type: &Arc<GrainType<G>>,
         mut envelope: Envelope<G>,
         deadline: &mut Deadline,
     ) -> Result<(), CallError> {
+        let given_up = self.silo.homes_given_up();
+        // Rule 13: a home given up since this delivery began (a sender
+        // handed back by the mailbox its closing activation dropped the
+        // queue of) is no longer this silo's to make again.
+        let gone_since = |grain_type: &GrainType<G>| {
+            (!grain_type.stateless && self.silo.homes_given_up() != given_up).then(|| {
+                CallError::Unavailable {
+                    grain: self.id(grain_type),
+                    reason: "the silo gave the grain's home up (it fenced itself) while the \
+                             message waited to be delivered; it did not run"
+                        .to_string(),
+                }
+            })
+        };
         // Fast paths, for a single activation with room in its mailbox: the
         // mailbox this reference delivered to last, if still open (no
         // lookup); else the directory, where the send happens under the
@@ -660,6 +676,9 @@ impl<G: Grain> GrainRef<G> {
                     envelope = match mailbox.try_send(envelope) {
                         Ok(()) => return Ok(()),
                         Err(TrySendError::Closed(returned)) => {
+                            if let Some(gone) = gone_since(grain_type) {
+                                return Err(gone);
+                            }
                             // The activation is deactivating or died: give
                             // it a moment, and respect the deadline.
                             if Instant::now() >= deadline.get() {
@@ -681,7 +700,12 @@ impl<G: Grain> GrainRef<G> {
                 Ok(()) => return Ok(()),
                 // Closed while waiting (deactivated): the next turn of the
                 // loop finds the next activation (rule 5).
-                Err(SendError::Closed(returned)) => envelope = returned,
+                Err(SendError::Closed(returned)) => {
+                    if let Some(gone) = gone_since(grain_type) {
+                        return Err(gone);
+                    }
+                    envelope = returned;
+                }
                 Err(SendError::Timeout) => {
                     return Err(
                         grain_type.timed_out(&self.key, self.silo.inner.config.call_timeout)

@@ -755,3 +755,52 @@ async fn calls_from_two_activations_hooks_do_not_share_a_chain() {
     assert_eq!(*JOIN_LOG.lock().unwrap(), ["in", "out", "in", "out"]);
     silo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivate_never_starts_an_activation() {
+    // Deactivations race the activation they end: one may find the
+    // mailbox open and reach it only once it has closed. Then it must do
+    // nothing, not activate the grain only to deactivate it. Each round
+    // activates the grain once (the call) and deactivates it from two
+    // tasks at once.
+    let silo = Silo::builder()
+        .register::<Ponger>("ponger")
+        .build()
+        .unwrap();
+    let grain = silo.grain::<Ponger>(7u64);
+    let rounds = 2000;
+    let started = silo.activations_started();
+    for _ in 0..rounds {
+        grain.call(Pong).await.unwrap();
+        let racing: Vec<_> = (0..2)
+            .map(|_| {
+                let grain = grain.clone();
+                tokio::spawn(async move { grain.deactivate().await })
+            })
+            .collect();
+        for deactivation in racing {
+            deactivation.await.unwrap().unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while grain.is_active() {
+            assert!(std::time::Instant::now() < deadline, "never deactivated");
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(silo.activations_started(), started + rounds);
+    silo.shutdown().await;
+}
+
+struct Ponger;
+impl Grain for Ponger {
+    fn new(_: &GrainKey) -> Ponger {
+        Ponger
+    }
+}
+struct Pong;
+impl Message for Pong {
+    type Reply = ();
+}
+impl Handler<Pong> for Ponger {
+    async fn handle(&mut self, _: Pong, _: &mut GrainContext) {}
+}

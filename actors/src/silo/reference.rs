@@ -558,27 +558,45 @@ impl<G: Grain> GrainRef<G> {
         }
     }
 
-    /// Deactivates the grain's activation, if it has one: it runs what its
-    /// mailbox already holds, then `on_deactivate` (rule 5); the next
-    /// message activates it again. Returns once the request is queued.
+    /// Deactivates the grain's activation (each of a stateless worker's),
+    /// if it has one: it runs what its mailbox already holds, then
+    /// `on_deactivate` (rule 5); the next message activates it again.
+    /// Returns once the request is queued. Never starts an activation: the
+    /// request goes to the mailboxes found open, and one closed meanwhile
+    /// (its activation already ending) needs none.
     pub async fn deactivate(&self) -> Result<(), CallError> {
         let grain_type = self.registered()?;
-        let active = grain_type.directory.get(&self.key).is_some_and(|slots| {
-            slots
-                .iter()
-                .any(|slot| matches!(slot, Some(Entry::Active(sender)) if !sender.is_closed()))
-        });
-        if !active {
-            return Ok(());
+        let active: Vec<_> = grain_type
+            .directory
+            .get(&self.key)
+            .map(|slots| {
+                slots
+                    .iter()
+                    .filter_map(|slot| match slot {
+                        Some(Entry::Active(sender)) if !sender.is_closed() => Some(sender.clone()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let deadline = deadline_after(self.silo.inner.config.call_timeout);
+        for mailbox in active {
+            let envelope = Envelope::<G> {
+                chain: fresh_chain(),
+                keeps_alive: false,
+                expires: None,
+                turn: Turn::Deactivate,
+            };
+            match mailbox.send(envelope, deadline).await {
+                Ok(()) | Err(SendError::Closed(_)) => {}
+                Err(SendError::Timeout) => {
+                    return Err(
+                        grain_type.timed_out(&self.key, self.silo.inner.config.call_timeout)
+                    );
+                }
+            }
         }
-        let envelope = Envelope::<G> {
-            chain: fresh_chain(),
-            keeps_alive: false,
-            expires: None,
-            turn: Turn::Deactivate,
-        };
-        let mut deadline = Deadline::after(self.silo.inner.config.call_timeout);
-        self.deliver(grain_type, envelope, &mut deadline).await
+        Ok(())
     }
 
     /// Whether this silo holds an activation of the grain now (starting,

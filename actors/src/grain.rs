@@ -293,10 +293,24 @@ impl GrainContext {
         self.extras.get_or_init(Box::default)
     }
 
+    /// Drops the activation-local values this context keeps: before the
+    /// activation's slot is freed, so that the next activation of the
+    /// grain never overlaps them (rule 5 of `silo/mod.rs`).
+    pub(crate) fn drop_locals(&mut self) {
+        if let Some(extras) = self.extras.get_mut() {
+            let locals = extras
+                .locals
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            drop(std::mem::take(locals));
+        }
+    }
+
     /// The value of type `T` kept for this activation, made with `init` on
     /// first use: what a service keeps per activation rather than per
     /// grain (a cluster node's device quota), dropped when the activation
-    /// ends, however it ends. A reset after a panic keeps it. `init` runs
+    /// ends, however it ends, before the next activation of the grain can
+    /// start (unless a clone of the `Arc` is kept elsewhere). A reset after a panic keeps it. `init` runs
     /// outside the map's lock (it may ask for other values); the first
     /// value stored wins.
     pub fn activation_local<T: Send + Sync + 'static>(&self, init: impl FnOnce() -> T) -> Arc<T> {

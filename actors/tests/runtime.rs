@@ -804,3 +804,60 @@ impl Message for Pong {
 impl Handler<Pong> for Ponger {
     async fn handle(&mut self, _: Pong, _: &mut GrainContext) {}
 }
+
+/// Whether a `Tracked` value is alive, and how many activations started
+/// while one still was.
+static TRACKED_ALIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static OVERLAPS: AtomicU64 = AtomicU64::new(0);
+
+/// An activation-local value whose drop takes a while.
+struct Tracked;
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        TRACKED_ALIVE.store(false, Ordering::SeqCst);
+    }
+}
+
+struct Keeper;
+impl Grain for Keeper {
+    fn new(_: &GrainKey) -> Keeper {
+        Keeper
+    }
+
+    async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
+        if TRACKED_ALIVE.swap(true, Ordering::SeqCst) {
+            OVERLAPS.fetch_add(1, Ordering::SeqCst);
+        }
+        ctx.activation_local(|| Tracked);
+        Ok(())
+    }
+}
+impl Handler<Pong> for Keeper {
+    async fn handle(&mut self, _: Pong, _: &mut GrainContext) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activations_locals_are_gone_before_the_next_activation_starts() {
+    // A call waiting for the grain's deactivation starts the next
+    // activation once the old one is gone: its locals included (rule 5),
+    // though dropping them takes 50 ms.
+    let silo = Silo::builder()
+        .register::<Keeper>("keeper")
+        .build()
+        .unwrap();
+    let grain = silo.grain::<Keeper>(1u64);
+    for _ in 0..3 {
+        grain.call(Pong).await.unwrap();
+        grain.deactivate().await.unwrap();
+        grain.call(Pong).await.unwrap();
+        grain.deactivate().await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while grain.is_active() {
+        assert!(std::time::Instant::now() < deadline, "never deactivated");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(OVERLAPS.load(Ordering::SeqCst), 0);
+    silo.shutdown().await;
+}

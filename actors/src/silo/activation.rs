@@ -434,6 +434,9 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     // Its place in the live count first (rule 14): a caller woken by the
     // freed slot finds room for the next activation; then its place among
     // those ending.
+    // Rule 5: the activation-local values go before the slot is freed,
+    // so that the next activation's `on_activate` never overlaps them.
+    ctx.drop_locals();
     let silo = live.silo().clone();
     drop(live);
     drop(ending);
@@ -452,9 +455,8 @@ pub(super) async fn run_activation<G: Grain>(start: Box<Start<G>>) {
     }
     let _ = gone.send(true);
     tracing::debug!(grain = %ctx.identity(), "deactivated");
-    // What the activation kept (its context's activation-local values)
-    // goes before the listener hears of its end; its identity is made
-    // only if one listens.
+    // What else the context holds goes before the listener hears of the
+    // activation's end; its identity is made only if one listens.
     let listened = |silo: &Silo| {
         silo.inner
             .ended

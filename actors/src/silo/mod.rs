@@ -29,8 +29,8 @@
 //!    silo's idle collector, `collector.rs`, whose stamps `Silo::idle_for`
 //!    reads; `GrainRef::deactivate`; or silo shutdown): the
 //!    activation marks its entry `Deactivating`, closes its mailbox, runs
-//!    the messages already in it, runs `on_deactivate`, removes the entry
-//!    and fires the signal. A sender whose message is refused by the closed
+//!    the messages already in it, runs `on_deactivate`, drops its
+//!    activation-local values, removes the entry and fires the signal. A sender whose message is refused by the closed
 //!    mailbox gets the message back, waits for the signal, and delivers to
 //!    a new activation. Nothing is lost, and the old and new activations
 //!    never overlap.

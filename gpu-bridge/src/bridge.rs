@@ -32,7 +32,9 @@
 //!    (`bridge/typed.rs`) take the same routes.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller
-//!    waits up to `overload_timeout` for memory, then `Overloaded`), the
+//!    waits up to `overload_timeout` for memory, then `Overloaded`; only a
+//!    request larger than every device that runs the kernel falls back or
+//!    is refused with `NoDevice`), the
 //!    input is copied into a staging buffer rented from the bridge's
 //!    [memory pool](crate::pool), and the backend runs the kernel on a
 //!    blocking thread.
@@ -977,18 +979,30 @@ impl GpuBridge {
             ..Requirements::default()
         };
         let broker = &self.shared.broker;
-        let chosen = broker.select_where(&need, |id| {
+        let runs_it = |id: DeviceId| {
             let slot = &self.shared.devices[id.0];
             slot.primary && supports(slot.backend.kind(), spec)
+        };
+        // A device with the memory free now; else one busy now that could
+        // hold the request once others give memory back, which `batch_on`
+        // waits for, bounded (rule 6: `Overloaded`, not a fallback or
+        // `NoDevice` for memory that is only lent out for the moment).
+        let chosen = broker.select_where(&need, runs_it).or_else(|| {
+            broker.select_where(&Requirements::default(), |id| {
+                runs_it(id)
+                    && broker
+                        .stats(id)
+                        .is_ok_and(|stats| stats.reserved.saturating_add(stats.available) >= bytes)
+            })
         });
         let cpu = self.shared.cpu;
         let device = match chosen {
             Some(device) => device,
-            // The only device is busy: `batch_on` waits, bounded, for
-            // memory.
+            // The CPU is the only device: `batch_on` waits, bounded, for
+            // memory, or says the request is larger than it.
             None if self.shared.devices[cpu.0].primary => cpu,
             None if self.may_fall_back(spec) => {
-                self.count_fallback(spec, None, "no device with the memory");
+                self.count_fallback(spec, None, "no device with that much memory");
                 cpu
             }
             None => return Err(refused(spec.id, ExecuteError::NoDevice { kernel: spec.id })),

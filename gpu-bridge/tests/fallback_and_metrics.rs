@@ -242,3 +242,100 @@ async fn fallback_failure_and_metrics() {
     bridge.shutdown(StopMode::Drain).await;
     strict.shutdown(StopMode::Drain).await;
 }
+
+/// A "GPU" of 1 MiB that runs everything on the CPU backend.
+struct SmallGpu(granary_kernels::CpuBackend);
+
+const SMALL_GPU_BYTES: u64 = 1 << 20;
+
+impl Backend for SmallGpu {
+    fn kind(&self) -> BackendKind {
+        BackendKind::OpenCl
+    }
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            backend: BackendKind::OpenCl,
+            index: 0,
+            name: "small".into(),
+            kind: DeviceKind::Gpu,
+            compute_units: 8,
+            total_memory: SMALL_GPU_BYTES,
+            free_memory: SMALL_GPU_BYTES,
+        }]
+    }
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.0.prepare(device, spec)
+    }
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        self.0.launch(device, spec, config)
+    }
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        input: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        self.0.run_batch(device, spec, input)
+    }
+}
+
+fn small_gpu_bridge(fallback: FallbackPolicy) -> GpuBridge {
+    GpuBridge::builder()
+        .backend(Arc::new(SmallGpu(granary_kernels::CpuBackend::new())))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback,
+            overload_timeout: std::time::Duration::from_secs(10),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_a_busy_device_and_only_a_too_large_one_falls_back() {
+    for fallback in [FallbackPolicy::Fail, FallbackPolicy::Cpu] {
+        let bridge = small_gpu_bridge(fallback);
+        let (gpu, ..) = bridge
+            .devices()
+            .into_iter()
+            .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
+            .unwrap();
+        // Nearly all of the device lent out for 50 ms: a batch of 32 KiB
+        // (in and out) waits for it, on the device, not elsewhere.
+        let held = bridge
+            .broker()
+            .reserve(gpu, SMALL_GPU_BYTES - 1024)
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            drop(held);
+        });
+        let input = vec![1.5f32; 4096];
+        let answer = bridge.execute("double", &f32s(&input)).await;
+        assert_eq!(
+            from_f32s(&answer.unwrap()),
+            vec![3.0f32; 4096],
+            "{fallback:?}"
+        );
+        assert_eq!(bridge.fallbacks(), 0, "{fallback:?}");
+        release.await.unwrap();
+        // 2 MiB in and out can never fit the device: refused or run on
+        // the CPU (counted), as the policy says.
+        let large = f32s(&vec![1.0f32; 1 << 18]);
+        match (fallback, bridge.execute("double", &large).await) {
+            (FallbackPolicy::Fail, Err(ExecuteError::NoDevice { .. })) => {}
+            (FallbackPolicy::Cpu, Ok(answer)) => {
+                assert_eq!(answer.len(), large.len());
+                assert_eq!(bridge.fallbacks(), 1);
+            }
+            (fallback, other) => panic!("{fallback:?}: {other:?}"),
+        }
+        bridge.shutdown(StopMode::Abandon).await;
+    }
+}

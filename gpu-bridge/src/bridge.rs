@@ -136,6 +136,9 @@ struct Shared {
     instances: Box<[InstanceCell]>,
     config: BridgeConfig,
     shut_down: AtomicBool,
+    /// First launches under way (`launch_once`): a shutdown waits for
+    /// them, so that it finds and stops what they launch.
+    launching: std::sync::atomic::AtomicUsize,
     /// Requests that fell back to the CPU backend (rule 4).
     fallbacks: std::sync::atomic::AtomicU64,
     /// Host staging buffers for the batch path.
@@ -312,6 +315,7 @@ impl BridgeBuilder {
                 instances,
                 config: self.config,
                 shut_down: AtomicBool::new(false),
+                launching: std::sync::atomic::AtomicUsize::new(0),
                 fallbacks: std::sync::atomic::AtomicU64::new(0),
                 staging: MemoryPool::new(HostAllocator, PoolConfig::default())
                     .map_err(|err| BuildError::InvalidConfig(err.to_string()))?,
@@ -638,10 +642,18 @@ impl GpuBridge {
 
     /// Stops every kernel: `Drain` answers every request already accepted,
     /// `Abandon` fails the ones not yet answered with `ShutDown`. Requests
-    /// made afterwards fail with `ShutDown`. Returns once every kernel's
-    /// thread has exited (or been given up on after `stop_timeout`).
+    /// made afterwards fail with `ShutDown`. A kernel's first launch still
+    /// under way (its caller may have gone) is waited for and stopped too;
+    /// none starts afterwards. Returns once every kernel's thread has
+    /// exited (or been given up on after `stop_timeout`).
     pub async fn shutdown(&self, mode: StopMode) {
-        self.shared.shut_down.store(true, Ordering::Release);
+        // SeqCst, with `launch_once`'s count and check: a launch either
+        // sees the flag and launches nothing, or is counted here and
+        // waited for (a launch runs on its own task, caller or not).
+        self.shared.shut_down.store(true, Ordering::SeqCst);
+        while self.shared.launching.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let instances: Vec<Arc<KernelInstance>> = self
             .shared
             .instances
@@ -903,6 +915,20 @@ impl GpuBridge {
         spec: KernelSpec,
         device: DeviceId,
     ) -> Result<Result<Arc<KernelInstance>, BackendError>, BackendError> {
+        /// Counts a launch under way until it ends, however it ends.
+        struct Launching<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Launching<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.shared.launching.fetch_add(1, Ordering::SeqCst);
+        let _launching = Launching(&self.shared.launching);
+        // A shutdown that began may have collected the instances already
+        // (see `shutdown`): launch nothing it would not stop.
+        if self.shared.shut_down.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable("the bridge has shut down".into()));
+        }
         let cell = self.cell(kernel, device);
         let result = cell
             .get_or_try_init(|| async {

@@ -339,3 +339,140 @@ async fn a_batch_waits_for_a_busy_device_and_only_a_too_large_one_falls_back() {
         bridge.shutdown(StopMode::Abandon).await;
     }
 }
+
+/// A "GPU" whose kernel launches wait for a gate, and whose kernels say
+/// when they are stopped.
+struct GatedLaunch {
+    cpu: granary_kernels::CpuBackend,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A kernel that records its stop.
+struct Watched {
+    inner: Box<dyn PersistentKernel>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PersistentKernel for Watched {
+    fn spec(&self) -> &KernelSpec {
+        self.inner.spec()
+    }
+    fn submitter(&self) -> Option<granary_kernels::Submitter> {
+        self.inner.submitter()
+    }
+    fn try_complete(&mut self) -> Option<granary_kernels::Completion> {
+        self.inner.try_complete()
+    }
+    fn complete(&mut self, timeout: std::time::Duration) -> Option<granary_kernels::Completion> {
+        self.inner.complete(timeout)
+    }
+    fn heartbeat(&self) -> u64 {
+        self.inner.heartbeat()
+    }
+    fn stop(
+        &mut self,
+        mode: granary_kernels::StopMode,
+        timeout: std::time::Duration,
+    ) -> granary_kernels::StopReport {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.stop(mode, timeout)
+    }
+}
+
+impl Backend for GatedLaunch {
+    fn kind(&self) -> BackendKind {
+        BackendKind::OpenCl
+    }
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            backend: BackendKind::OpenCl,
+            index: 0,
+            name: "gated".into(),
+            kind: DeviceKind::Gpu,
+            compute_units: 8,
+            total_memory: 1 << 30,
+            free_memory: 1 << 30,
+        }]
+    }
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.cpu.prepare(device, spec)
+    }
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        use std::sync::atomic::Ordering;
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.gate.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(Box::new(Watched {
+            inner: self.cpu.launch(device, spec, config)?,
+            stopped: self.stopped.clone(),
+        }))
+    }
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        input: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        self.cpu.run_batch(device, spec, input)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The only caller gives up while the kernel's first launch runs; the
+    // launch goes on, on its own task. A shutdown then must wait for it and
+    // stop what it launched, not leave it running.
+    let (entered, gate, stopped) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    // No fallback: the call must wait for this device's launch.
+    let bridge = GpuBridge::builder()
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Fail,
+            ..BridgeConfig::default()
+        })
+        .backend(Arc::new(GatedLaunch {
+            cpu: granary_kernels::CpuBackend::new(),
+            entered: entered.clone(),
+            gate: gate.clone(),
+            stopped: stopped.clone(),
+        }))
+        .kernels(shipped::ALL)
+        .build()
+        .unwrap();
+    let caller = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.execute("double", &f32s(&[1.0])).await }
+    });
+    while !entered.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    caller.abort();
+    let shutting = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.shutdown(StopMode::Abandon).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    gate.store(true, Ordering::SeqCst);
+    shutting.await.unwrap();
+    assert!(
+        stopped.load(Ordering::SeqCst),
+        "the launched kernel runs on"
+    );
+    assert!(matches!(
+        bridge.execute("double", &f32s(&[1.0])).await,
+        Err(ExecuteError::ShutDown { .. })
+    ));
+}

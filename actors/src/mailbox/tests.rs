@@ -315,7 +315,7 @@ async fn taking_all_at_once_keeps_order_and_refills_from_parked_senders() {
 }
 
 #[tokio::test]
-async fn review_closing_twice_wakes_every_parked_sender_twice() {
+async fn closing_again_wakes_no_parked_sender_twice() {
     use std::task::{Context, Wake, Waker};
     struct Count(AtomicUsize);
     impl Wake for Count {
@@ -332,14 +332,15 @@ async fn review_closing_twice_wakes_every_parked_sender_twice() {
     for send in &mut sends {
         assert!(send.as_mut().poll(&mut cx).is_pending());
     }
-    // The silo's drain loop closes once per drained message.
+    // Closing again (an activation's end may close a closed mailbox)
+    // wakes no sender a second time: each parked sender is woken once.
     receiver.close();
     receiver.close();
     receiver.close();
     assert_eq!(
         count.0.load(Ordering::SeqCst),
         1000,
-        "each close wakes every parked sender again"
+        "one wake per parked sender, however many closes"
     );
 }
 

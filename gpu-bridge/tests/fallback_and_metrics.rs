@@ -456,7 +456,12 @@ async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
         let bridge = bridge.clone();
         async move { bridge.execute("double", &f32s(&[1.0])).await }
     });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !entered.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device was never asked"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     caller.abort();
@@ -475,4 +480,117 @@ async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
         bridge.execute("double", &f32s(&[1.0])).await,
         Err(ExecuteError::ShutDown)
     ));
+}
+
+/// A "GPU" whose resident allocations wait for a gate.
+struct GatedAlloc {
+    cpu: granary_kernels::CpuBackend,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Backend for GatedAlloc {
+    fn kind(&self) -> BackendKind {
+        BackendKind::OpenCl
+    }
+    fn devices(&self) -> Vec<DeviceInfo> {
+        SmallGpu(self.cpu.clone()).devices()
+    }
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.cpu.prepare(device, spec)
+    }
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        self.cpu.launch(device, spec, config)
+    }
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        input: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        self.cpu.run_batch(device, spec, input)
+    }
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn granary_kernels::DeviceBuffer>, BackendError> {
+        use std::sync::atomic::Ordering;
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.gate.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.cpu.alloc_resident(device, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The caller stops waiting while the device allocates; the allocation
+    // goes on, and the holder's charge must stay until it has ended and
+    // its memory is freed, or the holder could have twice its quota live.
+    let (entered, gate) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    // Opened however the test ends: a failed assertion must not leave the
+    // blocking allocation (and the runtime's shutdown) waiting forever.
+    struct Opens(Arc<AtomicBool>);
+    impl Drop for Opens {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _opens = Opens(gate.clone());
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(GatedAlloc {
+            cpu: granary_kernels::CpuBackend::new(),
+            entered: entered.clone(),
+            gate: gate.clone(),
+        }))
+        .kernels(shipped::ALL)
+        .build()
+        .unwrap();
+    let quota = granary_gpu::ResidentQuota::new(64 << 10);
+    let need = granary_gpu::Requirements {
+        backend: Some(BackendKind::OpenCl),
+        ..granary_gpu::Requirements::default()
+    };
+    let allocating = tokio::spawn({
+        let (bridge, quota) = (bridge.clone(), quota.clone());
+        async move {
+            bridge
+                .allocate_resident_within(&quota, 64 << 10, &need)
+                .await
+                .map(drop)
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !entered.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device was never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    allocating.abort();
+    let _ = allocating.await;
+    assert_eq!(quota.held(), 64 << 10, "given back while still allocating");
+    assert!(matches!(
+        bridge.allocate_resident_within(&quota, 1, &need).await,
+        Err(granary_gpu::ResidentError::OverQuota { .. })
+    ));
+    gate.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while quota.held() != 0 {
+        assert!(std::time::Instant::now() < deadline, "never given back");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    bridge.shutdown(StopMode::Abandon).await;
 }

@@ -624,7 +624,10 @@ impl GpuBridge {
 
     /// Allocates `bytes` on `device` under `reservation` (rules 1 and 2:
     /// the reservation goes into the blocking job with the allocation, so
-    /// a caller that stops waiting never leaves memory without one).
+    /// a caller that stops waiting never leaves memory without one; so
+    /// does the quota's charge, given back only once the job ends, so that
+    /// its holder never has more allocated than its quota, `quota.rs` rule
+    /// 2).
     async fn make_inner(
         &self,
         device: DeviceId,
@@ -641,11 +644,11 @@ impl GpuBridge {
             tokio::task::spawn_blocking(move || {
                 backend
                     .alloc_resident(index, bytes)
-                    .map(|memory| (memory, reservation))
+                    .map(|memory| (memory, reservation, charge))
             })
             .await
         };
-        let (buffer, reservation) = match made {
+        let (buffer, reservation, charge) = match made {
             Ok(Ok(made)) => made,
             Ok(Err(err)) => {
                 return Err(ResidentError::Device {

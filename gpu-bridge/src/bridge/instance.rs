@@ -16,10 +16,12 @@
 //!    order, so there the ring can still be full for a moment: requests
 //!    then stay staged, and the completion thread flushes them as answers
 //!    come back.
-//! 2. **Request ids** are `sequence << 20 | slot index`: unique over the
-//!    instance's life (the sequence has 44 bits), and a completion finds
-//!    its slot without a map. A completion whose id does not match its
-//!    slot's is stale and dropped.
+//! 2. **Request ids** are `sequence << 20 | slot index`, the sequence's
+//!    low 44 bits: unique among all requests that can be in flight
+//!    together (ids repeat only after 2^44 requests, about 20 days at 10 M
+//!    a second, and are ordered across that wrap by `sequence_before`),
+//!    and a completion finds its slot without a map. A completion whose id
+//!    does not match its slot's is stale and dropped.
 //! 3. **Micro-batching** (flat combining): a call that finds the flusher
 //!    lock free takes it, moves anything staged into the ring, then writes
 //!    its own request straight from its slice. A call that finds the lock
@@ -132,7 +134,7 @@ use granary_kernels::{
 
 use super::config::BridgeConfig;
 use super::error::ExecuteError;
-use super::slots::{Group, INDEX_BITS, Landing, NoSlot, Owner, Slots, Ticket};
+use super::slots::{Group, Landing, NoSlot, Owner, Slots, Ticket, sequence_before};
 use crate::broker::{DeviceBroker, DeviceId, Reservation};
 
 /// A claim on one request's answer.
@@ -942,7 +944,7 @@ impl KernelInstance {
     /// never saw: one sent the moment an earlier caller got its
     /// `DeviceHung`.)
     fn fail_registered_before(&self, cutoff: u64, error: &ExecuteError) {
-        let before = |request_id: u64| request_id >> INDEX_BITS < cutoff;
+        let before = |request_id: u64| sequence_before(request_id, cutoff);
         let kept: Vec<Staged> = std::iter::from_fn(|| self.staging.pop())
             .filter(|staged| !before(staged.request_id))
             .collect();

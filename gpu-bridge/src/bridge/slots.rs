@@ -70,6 +70,17 @@ use super::error::ExecuteError;
 pub(crate) const INDEX_BITS: u32 = 20;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
+/// Whether `request_id`'s sequence came before `cutoff`, a sequence
+/// counter that runs on past 2^44 while the ids keep its low 44 bits: the
+/// ids in flight at once span far less than half of that range, so the
+/// distance back from `cutoff`, taken modulo 2^44, orders them across the
+/// wrap (`instance.rs` rule 2).
+pub(crate) fn sequence_before(request_id: u64, cutoff: u64) -> bool {
+    const SEQUENCE_MASK: u64 = u64::MAX >> INDEX_BITS;
+    let behind = cutoff.wrapping_sub(request_id >> INDEX_BITS) & SEQUENCE_MASK;
+    behind != 0 && behind <= SEQUENCE_MASK / 2
+}
+
 /// The slot index a request id names.
 pub(crate) fn index_of(request_id: u64) -> usize {
     (request_id & INDEX_MASK) as usize
@@ -806,4 +817,27 @@ impl<O: Owner + ?Sized> Drop for Ticket<'_, O> {
 /// consistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_are_ordered_across_the_44_bit_wrap() {
+        let id = |sequence: u64, index: u64| (sequence << INDEX_BITS) | index;
+        let wrap = 1u64 << 44;
+        // Plainly before and after.
+        assert!(sequence_before(id(5, 3), 9));
+        assert!(!sequence_before(id(9, 3), 9));
+        assert!(!sequence_before(id(10, 3), 9));
+        // The counter has passed 2^44: an id sent just before the wrap is
+        // before the cutoff, one sent just after it (its field reads 2) is
+        // not, though 2 < the cutoff's raw value.
+        let cutoff = wrap + 5;
+        assert!(sequence_before(id(wrap - 1, 7), cutoff));
+        assert!(sequence_before(id(wrap + 4, 7), cutoff));
+        assert!(!sequence_before(id(wrap + 5, 7), cutoff));
+        assert!(!sequence_before(id(wrap + 6, 7), cutoff));
+    }
 }

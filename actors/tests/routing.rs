@@ -614,7 +614,7 @@ async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
     let started = HOLDS_STARTED.load(Ordering::SeqCst);
     let slow = tokio::spawn({
         let grain = grain.clone();
-        async move { grain.call(Hold(300)).await }
+        async move { grain.call(Hold(1000)).await }
     });
     while HOLDS_STARTED.load(Ordering::SeqCst) == started {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -623,12 +623,14 @@ async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
         let grain = grain.clone();
         async move { grain.call(Mark("queued".into())).await }
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let waiting = tokio::spawn({
         let grain = grain.clone();
         async move { grain.call(Mark("waiting".into())).await }
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both calls began their delivery well before the give-up (a turn of
+    // a second holds the grain meanwhile).
     let activations = silo.activations_started();
     home.give_up_homes();
     slow.await.unwrap().unwrap();

@@ -643,15 +643,22 @@ impl GpuBridge {
     /// Stops every kernel: `Drain` answers every request already accepted,
     /// `Abandon` fails the ones not yet answered with `ShutDown`. Requests
     /// made afterwards fail with `ShutDown`. A kernel's first launch still
-    /// under way (its caller may have gone) is waited for and stopped too;
-    /// none starts afterwards. Returns once every kernel's thread has
-    /// exited (or been given up on after `stop_timeout`).
+    /// under way (its caller may have gone) is waited for, up to
+    /// `stop_timeout`, and stopped too (one that ends later stops its
+    /// kernel itself); none starts afterwards. Returns once every kernel's
+    /// thread has exited (or been given up on after `stop_timeout`).
     pub async fn shutdown(&self, mode: StopMode) {
         // SeqCst, with `launch_once`'s count and check: a launch either
         // sees the flag and launches nothing, or is counted here and
         // waited for (a launch runs on its own task, caller or not).
+        // The wait is bounded as the joins are (a driver that hangs in a
+        // launch must not hang the shutdown); a launch that ends later
+        // stops what it launched itself (`launch_once`).
         self.shared.shut_down.store(true, Ordering::SeqCst);
-        while self.shared.launching.load(Ordering::SeqCst) > 0 {
+        let waited = Instant::now();
+        while self.shared.launching.load(Ordering::SeqCst) > 0
+            && waited.elapsed() < self.shared.config.stop_timeout
+        {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let instances: Vec<Arc<KernelInstance>> = self
@@ -989,6 +996,13 @@ impl GpuBridge {
                 }
             })
             .await?;
+        // A shutdown that gave up waiting for this launch (past its
+        // `stop_timeout`) has not seen it: it stops itself.
+        if let Ok(instance) = result {
+            if self.shared.shut_down.load(Ordering::SeqCst) {
+                instance.request_stop(StopMode::Abandon);
+            }
+        }
         Ok(result.clone())
     }
 
@@ -1010,15 +1024,14 @@ impl GpuBridge {
             slot.primary && supports(slot.backend.kind(), spec)
         };
         // A device with the memory free now; else one busy now that could
-        // hold the request once others give memory back, which `batch_on`
-        // waits for, bounded (rule 6: `Overloaded`, not a fallback or
-        // `NoDevice` for memory that is only lent out for the moment).
+        // hold the request once other requests' working memory drains
+        // (memory kept by resident buffers and rings does not come back
+        // with it), which `batch_on` waits for, bounded (rule 6:
+        // `Overloaded`, not a fallback or `NoDevice` for memory that is
+        // only lent out for the moment).
         let chosen = broker.select_where(&need, runs_it).or_else(|| {
             broker.select_where(&Requirements::default(), |id| {
-                runs_it(id)
-                    && broker
-                        .stats(id)
-                        .is_ok_and(|stats| stats.reserved.saturating_add(stats.available) >= bytes)
+                runs_it(id) && broker.unkept(id).is_ok_and(|room| room >= bytes)
             })
         });
         let cpu = self.shared.cpu;
@@ -1059,14 +1072,17 @@ impl GpuBridge {
     ) -> Result<Reservation, ExecuteError> {
         let broker = &self.shared.broker;
         let backend = self.shared.devices[device.0].backend.kind();
-        let capacity = broker
-            .stats(device)
-            .map_or(0, |stats| stats.reserved + stats.available);
-        if bytes > capacity {
+        // What working memory can ever have here: the device's memory less
+        // what resident buffers and rings keep.
+        let room = broker.unkept(device).unwrap_or(0);
+        if bytes > room {
             return Err(ExecuteError::DeviceFailed {
                 kernel: spec.id,
                 backend,
-                reason: format!("{bytes} bytes exceed the device's {capacity} bytes"),
+                reason: format!(
+                    "{bytes} bytes exceed the {room} bytes of the device not kept by \
+                     resident buffers and rings"
+                ),
             });
         }
         let started = Instant::now();
@@ -1275,7 +1291,7 @@ fn supports(kind: BackendKind, spec: &KernelSpec) -> bool {
 /// Device memory a kernel's two rings take.
 fn ring_bytes(spec: &KernelSpec, capacity: u32) -> u64 {
     let ring = |max: usize| {
-        RingConfig::mpsc(capacity, max as u32)
+        RingConfig::mpsc(capacity, u32::try_from(max).unwrap_or(u32::MAX))
             .layout()
             .map_or(0, |layout| layout.total_bytes as u64)
     };

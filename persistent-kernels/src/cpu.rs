@@ -471,18 +471,17 @@ impl CpuPersistentKernel {
                     // yet; it will, and its `submit` answers `Ok`, so the
                     // request is waited for and listed (rule C3: `Closed`
                     // comes once every claimed slot is published), until
-                    // the stop's deadline.
+                    // the stop's deadline. The wait parks (a closed ring
+                    // with a claim unpublished is no news to a consumer,
+                    // and its parks are bounded) rather than spin.
+                    let policy = WaitPolicy::default();
                     loop {
-                        match requests.try_pop() {
+                        let left = deadline.map(|deadline| {
+                            deadline.saturating_duration_since(std::time::Instant::now())
+                        });
+                        match requests.pop(&policy, left) {
                             Ok(message) => report.abandoned.push(message.request_id()),
-                            Err(TryPopError::Corrupt { .. }) => {}
-                            Err(TryPopError::Empty)
-                                if deadline.is_none_or(|deadline| {
-                                    std::time::Instant::now() < deadline
-                                }) =>
-                            {
-                                thread::yield_now();
-                            }
+                            Err(PopError::Corrupt { .. }) => {}
                             Err(_) => break,
                         }
                     }

@@ -88,9 +88,11 @@
 //!     `on_deactivate` (a state write of a grain that has moved on is
 //!     refused by its ETag) and ends. Unlike rule 5, nothing queued runs:
 //!     another silo may already be the grain's home. Nor does a message
-//!     still being delivered then start a new activation: a sender that
-//!     waited for room, or was handed its message back by the closing
-//!     mailbox, gets `CallError::Unavailable` (`GrainRef::deliver`). A
+//!     whose delivery began before the give-up start a new activation: a
+//!     sender that waited for room, or was handed its message back by the
+//!     closing mailbox, gets `CallError::Unavailable` (`GrainRef::deliver`;
+//!     one whose delivery began after it was routed here since, and may
+//!     start the next activation). A
 //!     caller whose
 //!     message was delivered before a give-up and whose answer never came
 //!     gets `Unavailable` rather than `TurnFailed` (the turn that was

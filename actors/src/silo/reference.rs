@@ -566,6 +566,11 @@ impl<G: Grain> GrainRef<G> {
     /// (its activation already ending) needs none.
     pub async fn deactivate(&self) -> Result<(), CallError> {
         let grain_type = self.registered()?;
+        // As every delivery: a silo shutting down deactivates everything
+        // itself.
+        if self.silo.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(CallError::ShutDown);
+        }
         let active: Vec<_> = grain_type
             .directory
             .get(&self.key)
@@ -625,7 +630,9 @@ impl<G: Grain> GrainRef<G> {
     /// mailbox closed by deactivation hands the envelope back, and it goes
     /// to the next activation (rule 5), unless the silo gave every home up
     /// since this delivery began (rule 13): then the caller is told
-    /// `Unavailable`, and no activation starts here for it.
+    /// `Unavailable`, and no activation starts here for it. (A delivery
+    /// that began after the give-up was routed here after it: it may start
+    /// the next activation.)
     pub(super) async fn deliver(
         &self,
         grain_type: &Arc<GrainType<G>>,

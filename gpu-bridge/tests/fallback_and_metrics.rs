@@ -243,12 +243,81 @@ async fn fallback_failure_and_metrics() {
     strict.shutdown(StopMode::Drain).await;
 }
 
-/// A "GPU" of 1 MiB that runs everything on the CPU backend.
-struct SmallGpu(granary_kernels::CpuBackend);
+/// A "GPU" of `memory` bytes that runs everything on the CPU backend. It
+/// can hold its kernel launches or its resident allocations at a gate
+/// (`entered` says one waits there), and records its kernels' stops.
+struct FakeGpu {
+    cpu: granary_kernels::CpuBackend,
+    memory: u64,
+    gate_launches: bool,
+    gate_allocations: bool,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
 
 const SMALL_GPU_BYTES: u64 = 1 << 20;
 
-impl Backend for SmallGpu {
+impl FakeGpu {
+    fn new(memory: u64) -> FakeGpu {
+        FakeGpu {
+            cpu: granary_kernels::CpuBackend::new(),
+            memory,
+            gate_launches: false,
+            gate_allocations: false,
+            entered: Arc::default(),
+            gate: Arc::default(),
+            stopped: Arc::default(),
+        }
+    }
+
+    /// Waits at the gate, if `gated`.
+    fn pass(&self, gated: bool) {
+        use std::sync::atomic::Ordering;
+        if !gated {
+            return;
+        }
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.gate.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// A kernel that records its stop.
+struct Watched {
+    inner: Box<dyn PersistentKernel>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PersistentKernel for Watched {
+    fn spec(&self) -> &KernelSpec {
+        self.inner.spec()
+    }
+    fn submitter(&self) -> Option<granary_kernels::Submitter> {
+        self.inner.submitter()
+    }
+    fn try_complete(&mut self) -> Option<granary_kernels::Completion> {
+        self.inner.try_complete()
+    }
+    fn complete(&mut self, timeout: std::time::Duration) -> Option<granary_kernels::Completion> {
+        self.inner.complete(timeout)
+    }
+    fn heartbeat(&self) -> u64 {
+        self.inner.heartbeat()
+    }
+    fn stop(
+        &mut self,
+        mode: granary_kernels::StopMode,
+        timeout: std::time::Duration,
+    ) -> granary_kernels::StopReport {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.stop(mode, timeout)
+    }
+}
+
+impl Backend for FakeGpu {
     fn kind(&self) -> BackendKind {
         BackendKind::OpenCl
     }
@@ -256,15 +325,15 @@ impl Backend for SmallGpu {
         vec![DeviceInfo {
             backend: BackendKind::OpenCl,
             index: 0,
-            name: "small".into(),
+            name: "fake".into(),
             kind: DeviceKind::Gpu,
             compute_units: 8,
-            total_memory: SMALL_GPU_BYTES,
-            free_memory: SMALL_GPU_BYTES,
+            total_memory: self.memory,
+            free_memory: self.memory,
         }]
     }
     fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
-        self.0.prepare(device, spec)
+        self.cpu.prepare(device, spec)
     }
     fn launch(
         &self,
@@ -272,7 +341,11 @@ impl Backend for SmallGpu {
         spec: KernelSpec,
         config: &KernelConfig,
     ) -> Result<Box<dyn PersistentKernel>, BackendError> {
-        self.0.launch(device, spec, config)
+        self.pass(self.gate_launches);
+        Ok(Box::new(Watched {
+            inner: self.cpu.launch(device, spec, config)?,
+            stopped: self.stopped.clone(),
+        }))
     }
     fn run_batch(
         &self,
@@ -280,13 +353,21 @@ impl Backend for SmallGpu {
         spec: &KernelSpec,
         input: &[u8],
     ) -> Result<Vec<u8>, BackendError> {
-        self.0.run_batch(device, spec, input)
+        self.cpu.run_batch(device, spec, input)
+    }
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn granary_kernels::DeviceBuffer>, BackendError> {
+        self.pass(self.gate_allocations);
+        self.cpu.alloc_resident(device, len)
     }
 }
 
 fn small_gpu_bridge(fallback: FallbackPolicy) -> GpuBridge {
     GpuBridge::builder()
-        .backend(Arc::new(SmallGpu(granary_kernels::CpuBackend::new())))
+        .backend(Arc::new(FakeGpu::new(SMALL_GPU_BYTES)))
         .kernels(shipped::ALL)
         .config(BridgeConfig {
             fallback,
@@ -359,102 +440,20 @@ async fn a_batch_waits_for_a_busy_device_and_only_a_too_large_one_falls_back() {
     }
 }
 
-/// A "GPU" whose kernel launches wait for a gate, and whose kernels say
-/// when they are stopped.
-struct GatedLaunch {
-    cpu: granary_kernels::CpuBackend,
-    entered: Arc<std::sync::atomic::AtomicBool>,
-    gate: Arc<std::sync::atomic::AtomicBool>,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// A kernel that records its stop.
-struct Watched {
-    inner: Box<dyn PersistentKernel>,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl PersistentKernel for Watched {
-    fn spec(&self) -> &KernelSpec {
-        self.inner.spec()
-    }
-    fn submitter(&self) -> Option<granary_kernels::Submitter> {
-        self.inner.submitter()
-    }
-    fn try_complete(&mut self) -> Option<granary_kernels::Completion> {
-        self.inner.try_complete()
-    }
-    fn complete(&mut self, timeout: std::time::Duration) -> Option<granary_kernels::Completion> {
-        self.inner.complete(timeout)
-    }
-    fn heartbeat(&self) -> u64 {
-        self.inner.heartbeat()
-    }
-    fn stop(
-        &mut self,
-        mode: granary_kernels::StopMode,
-        timeout: std::time::Duration,
-    ) -> granary_kernels::StopReport {
-        self.stopped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.inner.stop(mode, timeout)
-    }
-}
-
-impl Backend for GatedLaunch {
-    fn kind(&self) -> BackendKind {
-        BackendKind::OpenCl
-    }
-    fn devices(&self) -> Vec<DeviceInfo> {
-        vec![DeviceInfo {
-            backend: BackendKind::OpenCl,
-            index: 0,
-            name: "gated".into(),
-            kind: DeviceKind::Gpu,
-            compute_units: 8,
-            total_memory: 1 << 30,
-            free_memory: 1 << 30,
-        }]
-    }
-    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
-        self.cpu.prepare(device, spec)
-    }
-    fn launch(
-        &self,
-        device: usize,
-        spec: KernelSpec,
-        config: &KernelConfig,
-    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
-        use std::sync::atomic::Ordering;
-        self.entered.store(true, Ordering::SeqCst);
-        while !self.gate.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Ok(Box::new(Watched {
-            inner: self.cpu.launch(device, spec, config)?,
-            stopped: self.stopped.clone(),
-        }))
-    }
-    fn run_batch(
-        &self,
-        device: usize,
-        spec: &KernelSpec,
-        input: &[u8],
-    ) -> Result<Vec<u8>, BackendError> {
-        self.cpu.run_batch(device, spec, input)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     // The only caller gives up while the kernel's first launch runs; the
     // launch goes on, on its own task. A shutdown then must wait for it and
     // stop what it launched, not leave it running.
+    let fake = FakeGpu {
+        gate_launches: true,
+        ..FakeGpu::new(1 << 30)
+    };
     let (entered, gate, stopped) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
+        fake.entered.clone(),
+        fake.gate.clone(),
+        fake.stopped.clone(),
     );
     // No fallback: the call must wait for this device's launch.
     let bridge = GpuBridge::builder()
@@ -462,12 +461,7 @@ async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
             fallback: FallbackPolicy::Fail,
             ..BridgeConfig::default()
         })
-        .backend(Arc::new(GatedLaunch {
-            cpu: granary_kernels::CpuBackend::new(),
-            entered: entered.clone(),
-            gate: gate.clone(),
-            stopped: stopped.clone(),
-        }))
+        .backend(Arc::new(fake))
         .kernels(shipped::ALL)
         .build()
         .unwrap();
@@ -501,63 +495,17 @@ async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
     ));
 }
 
-/// A "GPU" whose resident allocations wait for a gate.
-struct GatedAlloc {
-    cpu: granary_kernels::CpuBackend,
-    entered: Arc<std::sync::atomic::AtomicBool>,
-    gate: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Backend for GatedAlloc {
-    fn kind(&self) -> BackendKind {
-        BackendKind::OpenCl
-    }
-    fn devices(&self) -> Vec<DeviceInfo> {
-        SmallGpu(self.cpu.clone()).devices()
-    }
-    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
-        self.cpu.prepare(device, spec)
-    }
-    fn launch(
-        &self,
-        device: usize,
-        spec: KernelSpec,
-        config: &KernelConfig,
-    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
-        self.cpu.launch(device, spec, config)
-    }
-    fn run_batch(
-        &self,
-        device: usize,
-        spec: &KernelSpec,
-        input: &[u8],
-    ) -> Result<Vec<u8>, BackendError> {
-        self.cpu.run_batch(device, spec, input)
-    }
-    fn alloc_resident(
-        &self,
-        device: usize,
-        len: usize,
-    ) -> Result<Box<dyn granary_kernels::DeviceBuffer>, BackendError> {
-        use std::sync::atomic::Ordering;
-        self.entered.store(true, Ordering::SeqCst);
-        while !self.gate.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        self.cpu.alloc_resident(device, len)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
     use std::sync::atomic::{AtomicBool, Ordering};
     // The caller stops waiting while the device allocates; the allocation
     // goes on, and the holder's charge must stay until it has ended and
     // its memory is freed, or the holder could have twice its quota live.
-    let (entered, gate) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let fake = FakeGpu {
+        gate_allocations: true,
+        ..FakeGpu::new(SMALL_GPU_BYTES)
+    };
+    let (entered, gate) = (fake.entered.clone(), fake.gate.clone());
     // Opened however the test ends: a failed assertion must not leave the
     // blocking allocation (and the runtime's shutdown) waiting forever.
     struct Opens(Arc<AtomicBool>);
@@ -568,11 +516,7 @@ async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
     }
     let _opens = Opens(gate.clone());
     let bridge = GpuBridge::builder()
-        .backend(Arc::new(GatedAlloc {
-            cpu: granary_kernels::CpuBackend::new(),
-            entered: entered.clone(),
-            gate: gate.clone(),
-        }))
+        .backend(Arc::new(fake))
         .kernels(shipped::ALL)
         .build()
         .unwrap();

@@ -789,6 +789,8 @@ async fn deactivate_never_starts_an_activation() {
     }
     assert_eq!(silo.activations_started(), started + rounds);
     silo.shutdown().await;
+    // A silo shut down has nothing to deactivate, and says so.
+    assert!(matches!(grain.deactivate().await, Err(CallError::ShutDown)));
 }
 
 struct Ponger;

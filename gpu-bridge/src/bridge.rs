@@ -33,8 +33,9 @@
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller
 //!    waits up to `overload_timeout` for memory, then `Overloaded`; only a
-//!    request larger than every device that runs the kernel falls back or
-//!    is refused with `NoDevice`), the
+//!    request larger than what resident buffers and rings leave on every
+//!    device that runs the kernel falls back or is refused with
+//!    `NoDevice`), the
 //!    input is copied into a staging buffer rented from the bridge's
 //!    [memory pool](crate::pool), and the backend runs the kernel on a
 //!    blocking thread.
@@ -139,6 +140,11 @@ struct Shared {
     /// First launches under way (`launch_once`): a shutdown waits for
     /// them, so that it finds and stops what they launch.
     launching: std::sync::atomic::AtomicUsize,
+    /// The shutdown's mode, stored before `shut_down` is set: a kernel
+    /// stopped by someone other than the shutdown (`checked`, a late
+    /// launch) is stopped the same way, so a `Drain` still answers what
+    /// was accepted. `true` for `Abandon`.
+    abandon: AtomicBool,
     /// Requests that fell back to the CPU backend (rule 4).
     fallbacks: std::sync::atomic::AtomicU64,
     /// Host staging buffers for the batch path.
@@ -316,6 +322,7 @@ impl BridgeBuilder {
                 config: self.config,
                 shut_down: AtomicBool::new(false),
                 launching: std::sync::atomic::AtomicUsize::new(0),
+                abandon: AtomicBool::new(false),
                 fallbacks: std::sync::atomic::AtomicU64::new(0),
                 staging: MemoryPool::new(HostAllocator, PoolConfig::default())
                     .map_err(|err| BuildError::InvalidConfig(err.to_string()))?,
@@ -644,9 +651,10 @@ impl GpuBridge {
     /// `Abandon` fails the ones not yet answered with `ShutDown`. Requests
     /// made afterwards fail with `ShutDown`. A kernel's first launch still
     /// under way (its caller may have gone) is waited for, up to
-    /// `stop_timeout`, and stopped too (one that ends later stops its
-    /// kernel itself); none starts afterwards. Returns once every kernel's
-    /// thread has exited (or been given up on after `stop_timeout`).
+    /// `stop_timeout`, and stopped too, in the same mode (one that ends
+    /// later stops its kernel itself); none starts afterwards. Returns once
+    /// every kernel's thread has exited (or been given up on after
+    /// `stop_timeout`): at most twice `stop_timeout` in all.
     pub async fn shutdown(&self, mode: StopMode) {
         // SeqCst, with `launch_once`'s count and check: a launch either
         // sees the flag and launches nothing, or is counted here and
@@ -654,6 +662,9 @@ impl GpuBridge {
         // The wait is bounded as the joins are (a driver that hangs in a
         // launch must not hang the shutdown); a launch that ends later
         // stops what it launched itself (`launch_once`).
+        self.shared
+            .abandon
+            .store(mode == StopMode::Abandon, Ordering::SeqCst);
         self.shared.shut_down.store(true, Ordering::SeqCst);
         let waited = Instant::now();
         while self.shared.launching.load(Ordering::SeqCst) > 0
@@ -905,12 +916,22 @@ impl GpuBridge {
         result: Result<Arc<KernelInstance>, BackendError>,
     ) -> Result<Arc<KernelInstance>, BackendError> {
         let instance = result?;
-        if self.shared.shut_down.load(Ordering::Acquire) {
-            // Launched while a shutdown began: stop it too.
-            instance.request_stop(StopMode::Abandon);
+        if self.shared.shut_down.load(Ordering::SeqCst) {
+            // Launched while a shutdown began: stop it too, as the
+            // shutdown does.
+            instance.request_stop(self.shutdown_mode());
             return Err(BackendError::Unavailable("the bridge has shut down".into()));
         }
         Ok(instance)
+    }
+
+    /// The mode of the shutdown that began (stored before its flag).
+    fn shutdown_mode(&self) -> StopMode {
+        if self.shared.abandon.load(Ordering::SeqCst) {
+            StopMode::Abandon
+        } else {
+            StopMode::Drain
+        }
     }
 
     /// Fills the cell of `spec` on `device` once. The outer error is
@@ -939,6 +960,12 @@ impl GpuBridge {
         let cell = self.cell(kernel, device);
         let result = cell
             .get_or_try_init(|| async {
+                // A launch that waited for another one, which failed
+                // (not cached), checks again: none starts once a
+                // shutdown began.
+                if self.shared.shut_down.load(Ordering::SeqCst) {
+                    return Err(BackendError::Unavailable("the bridge has shut down".into()));
+                }
                 let slot = &self.shared.devices[device.0];
                 let launcher = Launcher {
                     backend: slot.backend.clone(),
@@ -1000,7 +1027,7 @@ impl GpuBridge {
         // `stop_timeout`) has not seen it: it stops itself.
         if let Ok(instance) = result {
             if self.shared.shut_down.load(Ordering::SeqCst) {
-                instance.request_stop(StopMode::Abandon);
+                instance.request_stop(self.shutdown_mode());
             }
         }
         Ok(result.clone())
@@ -1038,10 +1065,11 @@ impl GpuBridge {
         let device = match chosen {
             Some(device) => device,
             // The CPU is the only device: `batch_on` waits, bounded, for
-            // memory, or says the request is larger than it.
+            // memory, or says the request is larger than what resident
+            // buffers leave of it.
             None if self.shared.devices[cpu.0].primary => cpu,
             None if self.may_fall_back(spec) => {
-                self.count_fallback(spec, None, "no device with that much memory");
+                self.count_fallback(spec, None, "no device with that much memory not kept");
                 cpu
             }
             None => return Err(refused(spec.id, ExecuteError::NoDevice { kernel: spec.id })),
@@ -1063,7 +1091,8 @@ impl GpuBridge {
 
     /// Reserves `bytes` on `device`, waiting up to `overload_timeout` for
     /// other requests to release memory (then `Overloaded`). A request
-    /// larger than the device could ever hold fails at once.
+    /// larger than what resident buffers and rings leave of the device
+    /// (memory that no request gives back) fails at once.
     async fn reserve_within(
         &self,
         spec: &KernelSpec,

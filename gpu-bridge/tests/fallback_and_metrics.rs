@@ -284,6 +284,16 @@ impl FakeGpu {
     }
 }
 
+/// Opens a gate however a test ends: a failed assertion must not leave a
+/// gated blocking call (and the runtime's shutdown) waiting forever.
+struct Opens(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Opens {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A kernel that records its stop.
 struct Watched {
     inner: Box<dyn PersistentKernel>,
@@ -443,61 +453,85 @@ async fn a_batch_waits_for_a_busy_device_and_only_a_too_large_one_falls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
     // The only caller gives up while the kernel's first launch runs; the
     // launch goes on, on its own task. A shutdown then must wait for it and
-    // stop what it launched, not leave it running.
-    let fake = FakeGpu {
-        gate_launches: true,
-        ..FakeGpu::new(1 << 30)
-    };
-    let (entered, gate, stopped) = (
-        fake.entered.clone(),
-        fake.gate.clone(),
-        fake.stopped.clone(),
-    );
-    // No fallback: the call must wait for this device's launch.
-    let bridge = GpuBridge::builder()
-        .config(BridgeConfig {
-            fallback: FallbackPolicy::Fail,
-            ..BridgeConfig::default()
-        })
-        .backend(Arc::new(fake))
-        .kernels(shipped::ALL)
-        .build()
-        .unwrap();
-    let caller = tokio::spawn({
-        let bridge = bridge.clone();
-        async move { bridge.execute("double", &f32s(&[1.0])).await }
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !entered.load(Ordering::SeqCst) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the device was never asked"
+    // stop what it launched, not leave it running; one that gives up
+    // waiting (past `stop_timeout`) leaves the launch to stop its kernel
+    // itself once it ends.
+    for gives_up in [false, true] {
+        let fake = FakeGpu {
+            gate_launches: true,
+            ..FakeGpu::new(1 << 30)
+        };
+        let (entered, gate, stopped) = (
+            fake.entered.clone(),
+            fake.gate.clone(),
+            fake.stopped.clone(),
         );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let _opens = Opens(gate.clone());
+        // No fallback: the call must wait for this device's launch.
+        let bridge = GpuBridge::builder()
+            .config(BridgeConfig {
+                fallback: FallbackPolicy::Fail,
+                stop_timeout: if gives_up {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_secs(10)
+                },
+                ..BridgeConfig::default()
+            })
+            .backend(Arc::new(fake))
+            .kernels(shipped::ALL)
+            .build()
+            .unwrap();
+        let caller = tokio::spawn({
+            let bridge = bridge.clone();
+            async move { bridge.execute("double", &f32s(&[1.0])).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !entered.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the device was never asked"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        caller.abort();
+        let shutting = tokio::spawn({
+            let bridge = bridge.clone();
+            async move { bridge.shutdown(StopMode::Abandon).await }
+        });
+        if gives_up {
+            shutting.await.unwrap();
+            gate.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !stopped.load(Ordering::SeqCst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the launched kernel runs on"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate.store(true, Ordering::SeqCst);
+            shutting.await.unwrap();
+            assert!(
+                stopped.load(Ordering::SeqCst),
+                "the launched kernel runs on"
+            );
+        }
+        assert!(matches!(
+            bridge.execute("double", &f32s(&[1.0])).await,
+            Err(ExecuteError::ShutDown)
+        ));
     }
-    caller.abort();
-    let shutting = tokio::spawn({
-        let bridge = bridge.clone();
-        async move { bridge.shutdown(StopMode::Abandon).await }
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    gate.store(true, Ordering::SeqCst);
-    shutting.await.unwrap();
-    assert!(
-        stopped.load(Ordering::SeqCst),
-        "the launched kernel runs on"
-    );
-    assert!(matches!(
-        bridge.execute("double", &f32s(&[1.0])).await,
-        Err(ExecuteError::ShutDown)
-    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     // The caller stops waiting while the device allocates; the allocation
     // goes on, and the holder's charge must stay until it has ended and
     // its memory is freed, or the holder could have twice its quota live.
@@ -506,14 +540,6 @@ async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
         ..FakeGpu::new(SMALL_GPU_BYTES)
     };
     let (entered, gate) = (fake.entered.clone(), fake.gate.clone());
-    // Opened however the test ends: a failed assertion must not leave the
-    // blocking allocation (and the runtime's shutdown) waiting forever.
-    struct Opens(Arc<AtomicBool>);
-    impl Drop for Opens {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
     let _opens = Opens(gate.clone());
     let bridge = GpuBridge::builder()
         .backend(Arc::new(fake))

@@ -563,7 +563,8 @@ impl<G: Grain> GrainRef<G> {
     /// `on_deactivate` (rule 5); the next message activates it again.
     /// Returns once the request is queued. Never starts an activation: the
     /// request goes to the mailboxes found open, and one closed meanwhile
-    /// (its activation already ending) needs none.
+    /// (its activation already ending) needs none. On a silo shutting
+    /// down, `CallError::ShutDown` (the shutdown deactivates everything).
     pub async fn deactivate(&self) -> Result<(), CallError> {
         let grain_type = self.registered()?;
         // As every delivery: a silo shutting down deactivates everything

@@ -140,11 +140,12 @@ struct Shared {
     /// First launches under way (`launch_once`): a shutdown waits for
     /// them, so that it finds and stops what they launch.
     launching: std::sync::atomic::AtomicUsize,
-    /// The shutdown's mode, stored before `shut_down` is set: a kernel
-    /// stopped by someone other than the shutdown (`checked`, a late
-    /// launch) is stopped the same way, so a `Drain` still answers what
-    /// was accepted. `true` for `Abandon`.
-    abandon: AtomicBool,
+    /// The first shutdown's mode (`MODE_DRAIN` or `MODE_ABANDON`; `0`
+    /// before any), set once before `shut_down`: every kernel is stopped
+    /// that way, by a later shutdown, a caller that sees the flag
+    /// (`checked`) or a late launch alike, so a `Drain` still answers what
+    /// was accepted.
+    stop_mode: std::sync::atomic::AtomicU8,
     /// Requests that fell back to the CPU backend (rule 4).
     fallbacks: std::sync::atomic::AtomicU64,
     /// Host staging buffers for the batch path.
@@ -322,7 +323,7 @@ impl BridgeBuilder {
                 config: self.config,
                 shut_down: AtomicBool::new(false),
                 launching: std::sync::atomic::AtomicUsize::new(0),
-                abandon: AtomicBool::new(false),
+                stop_mode: std::sync::atomic::AtomicU8::new(0),
                 fallbacks: std::sync::atomic::AtomicU64::new(0),
                 staging: MemoryPool::new(HostAllocator, PoolConfig::default())
                     .map_err(|err| BuildError::InvalidConfig(err.to_string()))?,
@@ -652,9 +653,12 @@ impl GpuBridge {
     /// made afterwards fail with `ShutDown`. A kernel's first launch still
     /// under way (its caller may have gone) is waited for, up to
     /// `stop_timeout`, and stopped too, in the same mode (one that ends
-    /// later stops its kernel itself); none starts afterwards. Returns once
-    /// every kernel's thread has exited (or been given up on after
-    /// `stop_timeout`): at most twice `stop_timeout` in all.
+    /// later stops its kernel itself); none starts afterwards. The first
+    /// shutdown's mode holds for every kernel: a later call waits as this
+    /// one does, but does not change it. Returns once every kernel's
+    /// thread has exited (or been given up on after `stop_timeout`): about
+    /// twice `stop_timeout`, plus a hung kernel's relaunch if one is under
+    /// way then (the completion thread sees the stop after it).
     pub async fn shutdown(&self, mode: StopMode) {
         // SeqCst, with `launch_once`'s count and check: a launch either
         // sees the flag and launches nothing, or is counted here and
@@ -662,10 +666,16 @@ impl GpuBridge {
         // The wait is bounded as the joins are (a driver that hangs in a
         // launch must not hang the shutdown); a launch that ends later
         // stops what it launched itself (`launch_once`).
-        self.shared
-            .abandon
-            .store(mode == StopMode::Abandon, Ordering::SeqCst);
+        let code = match mode {
+            StopMode::Drain => MODE_DRAIN,
+            StopMode::Abandon => MODE_ABANDON,
+        };
+        let _ = self
+            .shared
+            .stop_mode
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
         self.shared.shut_down.store(true, Ordering::SeqCst);
+        let mode = self.shutdown_mode();
         let waited = Instant::now();
         while self.shared.launching.load(Ordering::SeqCst) > 0
             && waited.elapsed() < self.shared.config.stop_timeout
@@ -927,7 +937,7 @@ impl GpuBridge {
 
     /// The mode of the shutdown that began (stored before its flag).
     fn shutdown_mode(&self) -> StopMode {
-        if self.shared.abandon.load(Ordering::SeqCst) {
+        if self.shared.stop_mode.load(Ordering::SeqCst) == MODE_ABANDON {
             StopMode::Abandon
         } else {
             StopMode::Drain
@@ -1326,6 +1336,10 @@ fn ring_bytes(spec: &KernelSpec, capacity: u32) -> u64 {
     };
     ring(spec.request.max_bytes()) + ring(spec.response.max_bytes())
 }
+
+/// `Shared::stop_mode`'s values.
+const MODE_DRAIN: u8 = 1;
+const MODE_ABANDON: u8 = 2;
 
 /// A backend error as a caller sees it.
 fn execute_error(spec: &KernelSpec, backend: BackendKind, err: BackendError) -> ExecuteError {

@@ -1,0 +1,358 @@
+//! Bridge behaviour against a fake GPU (the CPU backend behind a device
+//! of a chosen size, with gates): a batch that waits for a busy device, a
+//! shutdown that meets a launch under way, a quota charge held while an
+//! abandoned allocation runs. Apart from `fallback_and_metrics`, whose one
+//! test must be alone with the process-wide metrics recorder.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{f32s, from_f32s};
+use granary_gpu::{BridgeConfig, ExecuteError, FallbackPolicy, GpuBridge, StopMode};
+use granary_kernels::shipped;
+use granary_kernels::{
+    Backend, BackendError, BackendKind, DeviceInfo, DeviceKind, KernelConfig, KernelSpec,
+    PersistentKernel,
+};
+
+/// A "GPU" of `memory` bytes that runs everything on the CPU backend. It
+/// can hold its kernel launches or its resident allocations at a gate
+/// (`entered` says one waits there), and records its kernels' stops.
+struct FakeGpu {
+    cpu: granary_kernels::CpuBackend,
+    memory: u64,
+    gate_launches: bool,
+    gate_allocations: bool,
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<std::sync::Mutex<Option<StopMode>>>,
+}
+
+const SMALL_GPU_BYTES: u64 = 1 << 20;
+
+impl FakeGpu {
+    fn new(memory: u64) -> FakeGpu {
+        FakeGpu {
+            cpu: granary_kernels::CpuBackend::new(),
+            memory,
+            gate_launches: false,
+            gate_allocations: false,
+            entered: Arc::default(),
+            gate: Arc::default(),
+            stopped: Arc::default(),
+        }
+    }
+
+    /// Waits at the gate, if `gated`.
+    fn pass(&self, gated: bool) {
+        use std::sync::atomic::Ordering;
+        if !gated {
+            return;
+        }
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.gate.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// Opens a gate however a test ends: a failed assertion must not leave a
+/// gated blocking call (and the runtime's shutdown) waiting forever.
+struct Opens(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Opens {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A kernel that records how it was stopped.
+struct Watched {
+    inner: Box<dyn PersistentKernel>,
+    stopped: Arc<std::sync::Mutex<Option<StopMode>>>,
+}
+
+impl PersistentKernel for Watched {
+    fn spec(&self) -> &KernelSpec {
+        self.inner.spec()
+    }
+    fn submitter(&self) -> Option<granary_kernels::Submitter> {
+        self.inner.submitter()
+    }
+    fn try_complete(&mut self) -> Option<granary_kernels::Completion> {
+        self.inner.try_complete()
+    }
+    fn complete(&mut self, timeout: std::time::Duration) -> Option<granary_kernels::Completion> {
+        self.inner.complete(timeout)
+    }
+    fn heartbeat(&self) -> u64 {
+        self.inner.heartbeat()
+    }
+    fn stop(
+        &mut self,
+        mode: granary_kernels::StopMode,
+        timeout: std::time::Duration,
+    ) -> granary_kernels::StopReport {
+        *self.stopped.lock().unwrap() = Some(mode);
+        self.inner.stop(mode, timeout)
+    }
+}
+
+impl Backend for FakeGpu {
+    fn kind(&self) -> BackendKind {
+        BackendKind::OpenCl
+    }
+    fn devices(&self) -> Vec<DeviceInfo> {
+        vec![DeviceInfo {
+            backend: BackendKind::OpenCl,
+            index: 0,
+            name: "fake".into(),
+            kind: DeviceKind::Gpu,
+            compute_units: 8,
+            total_memory: self.memory,
+            free_memory: self.memory,
+        }]
+    }
+    fn prepare(&self, device: usize, spec: &KernelSpec) -> Result<(), BackendError> {
+        self.cpu.prepare(device, spec)
+    }
+    fn launch(
+        &self,
+        device: usize,
+        spec: KernelSpec,
+        config: &KernelConfig,
+    ) -> Result<Box<dyn PersistentKernel>, BackendError> {
+        self.pass(self.gate_launches);
+        Ok(Box::new(Watched {
+            inner: self.cpu.launch(device, spec, config)?,
+            stopped: self.stopped.clone(),
+        }))
+    }
+    fn run_batch(
+        &self,
+        device: usize,
+        spec: &KernelSpec,
+        input: &[u8],
+    ) -> Result<Vec<u8>, BackendError> {
+        self.cpu.run_batch(device, spec, input)
+    }
+    fn alloc_resident(
+        &self,
+        device: usize,
+        len: usize,
+    ) -> Result<Box<dyn granary_kernels::DeviceBuffer>, BackendError> {
+        self.pass(self.gate_allocations);
+        self.cpu.alloc_resident(device, len)
+    }
+}
+
+fn small_gpu_bridge(fallback: FallbackPolicy) -> GpuBridge {
+    GpuBridge::builder()
+        .backend(Arc::new(FakeGpu::new(SMALL_GPU_BYTES)))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback,
+            overload_timeout: std::time::Duration::from_secs(10),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_for_a_busy_device_and_only_a_too_large_one_falls_back() {
+    for fallback in [FallbackPolicy::Fail, FallbackPolicy::Cpu] {
+        let bridge = small_gpu_bridge(fallback);
+        let (gpu, ..) = bridge
+            .devices()
+            .into_iter()
+            .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
+            .unwrap();
+        // Nearly all of the device lent out for 50 ms: a batch of 32 KiB
+        // (in and out) waits for it, on the device, not elsewhere.
+        let held = bridge
+            .broker()
+            .reserve(gpu, SMALL_GPU_BYTES - 1024)
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            drop(held);
+        });
+        let input = vec![1.5f32; 4096];
+        let answer = bridge.execute("double", &f32s(&input)).await;
+        assert_eq!(
+            from_f32s(&answer.unwrap()),
+            vec![3.0f32; 4096],
+            "{fallback:?}"
+        );
+        assert_eq!(bridge.fallbacks(), 0, "{fallback:?}");
+        release.await.unwrap();
+        // Memory kept (resident buffers, rings) does not come back when
+        // batches end: with all but 16 KiB of the device kept, a batch of
+        // 32 KiB is refused or falls back at once, not after the 10 s
+        // overload timeout.
+        let kept = bridge
+            .broker()
+            .reserve_kept(gpu, SMALL_GPU_BYTES - (16 << 10))
+            .unwrap();
+        let started = std::time::Instant::now();
+        match (fallback, bridge.execute("double", &f32s(&input)).await) {
+            (FallbackPolicy::Fail, Err(ExecuteError::NoDevice { .. })) => {}
+            (FallbackPolicy::Cpu, Ok(answer)) => {
+                assert_eq!(from_f32s(&answer), vec![3.0f32; 4096]);
+                assert_eq!(bridge.fallbacks(), 1);
+            }
+            (fallback, other) => panic!("{fallback:?}: {other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        drop(kept);
+        // 2 MiB in and out can never fit the device: refused or run on
+        // the CPU (counted), as the policy says.
+        let large = f32s(&vec![1.0f32; 1 << 18]);
+        match (fallback, bridge.execute("double", &large).await) {
+            (FallbackPolicy::Fail, Err(ExecuteError::NoDevice { .. })) => {}
+            (FallbackPolicy::Cpu, Ok(answer)) => {
+                assert_eq!(answer.len(), large.len());
+                assert_eq!(bridge.fallbacks(), 2);
+            }
+            (fallback, other) => panic!("{fallback:?}: {other:?}"),
+        }
+        bridge.shutdown(StopMode::Abandon).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_kernel_whose_first_launch_was_under_way() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    // The only caller gives up while the kernel's first launch runs; the
+    // launch goes on, on its own task. A shutdown then must wait for it and
+    // stop what it launched, not leave it running; one that gives up
+    // waiting (past `stop_timeout`) leaves the launch to stop its kernel
+    // itself once it ends, in the shutdown's mode.
+    for (gives_up, mode) in [(false, StopMode::Abandon), (true, StopMode::Drain)] {
+        let fake = FakeGpu {
+            gate_launches: true,
+            ..FakeGpu::new(1 << 30)
+        };
+        let (entered, gate, stopped) = (
+            fake.entered.clone(),
+            fake.gate.clone(),
+            fake.stopped.clone(),
+        );
+        let _opens = Opens(gate.clone());
+        // No fallback: the call must wait for this device's launch.
+        let bridge = GpuBridge::builder()
+            .config(BridgeConfig {
+                fallback: FallbackPolicy::Fail,
+                stop_timeout: if gives_up {
+                    Duration::from_millis(50)
+                } else {
+                    Duration::from_secs(10)
+                },
+                ..BridgeConfig::default()
+            })
+            .backend(Arc::new(fake))
+            .kernels(shipped::ALL)
+            .build()
+            .unwrap();
+        let caller = tokio::spawn({
+            let bridge = bridge.clone();
+            async move { bridge.execute("double", &f32s(&[1.0])).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !entered.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the device was never asked"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        caller.abort();
+        let shutting = tokio::spawn({
+            let bridge = bridge.clone();
+            async move { bridge.shutdown(mode).await }
+        });
+        if gives_up {
+            shutting.await.unwrap();
+            gate.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while stopped.lock().unwrap().is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the launched kernel runs on"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate.store(true, Ordering::SeqCst);
+            shutting.await.unwrap();
+        }
+        assert_eq!(
+            *stopped.lock().unwrap(),
+            Some(mode),
+            "stopped in the shutdown's mode"
+        );
+        assert!(matches!(
+            bridge.execute("double", &f32s(&[1.0])).await,
+            Err(ExecuteError::ShutDown)
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
+    use std::sync::atomic::Ordering;
+    // The caller stops waiting while the device allocates; the allocation
+    // goes on, and the holder's charge must stay until it has ended and
+    // its memory is freed, or the holder could have twice its quota live.
+    let fake = FakeGpu {
+        gate_allocations: true,
+        ..FakeGpu::new(SMALL_GPU_BYTES)
+    };
+    let (entered, gate) = (fake.entered.clone(), fake.gate.clone());
+    let _opens = Opens(gate.clone());
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(fake))
+        .kernels(shipped::ALL)
+        .build()
+        .unwrap();
+    let quota = granary_gpu::ResidentQuota::new(64 << 10);
+    let need = granary_gpu::Requirements {
+        backend: Some(BackendKind::OpenCl),
+        ..granary_gpu::Requirements::default()
+    };
+    let allocating = tokio::spawn({
+        let (bridge, quota) = (bridge.clone(), quota.clone());
+        async move {
+            bridge
+                .allocate_resident_within(&quota, 64 << 10, &need)
+                .await
+                .map(drop)
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !entered.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device was never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    allocating.abort();
+    let _ = allocating.await;
+    assert_eq!(quota.held(), 64 << 10, "given back while still allocating");
+    assert!(matches!(
+        bridge.allocate_resident_within(&quota, 1, &need).await,
+        Err(granary_gpu::ResidentError::OverQuota { .. })
+    ));
+    gate.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while quota.held() != 0 {
+        assert!(std::time::Instant::now() < deadline, "never given back");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    bridge.shutdown(StopMode::Abandon).await;
+}

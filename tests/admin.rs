@@ -157,6 +157,8 @@ async fn metrics_and_probes_are_served_to_the_token_only() {
         Some(4.0),
         "the first turn of each activation is timed"
     );
+    // No caller waits for mailbox room once the calls above returned.
+    assert_eq!(sample(&metrics, "granary_silo_senders_waiting"), Some(0.0));
     assert_eq!(sample(&metrics, "granary_cluster_members"), Some(1.0));
     assert_eq!(sample(&metrics, "granary_cluster_homes"), Some(4.0));
     assert_eq!(sample(&metrics, "granary_cluster_fenced"), Some(0.0));

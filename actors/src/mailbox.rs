@@ -57,6 +57,12 @@
 //!    100 callers 5-9% (`BENCHMARKS.md`, issue 18's sixth session), as
 //!    each burst made them again. A message queued with no room makes
 //!    room for one slot, not the four a `VecDeque` would.
+//! 10. **Waiting senders are counted** silo-wide (the [`Sweeper`] every
+//!     mailbox of a silo shares): one up when a sender parks, one down when
+//!     it leaves the parked list however it leaves (admitted, timed out,
+//!     closed, cancelled), both under the mailbox's lock, so it never
+//!     goes below zero. It is the silo's backpressure gauge
+//!     (`Silo::senders_waiting`).
 //!
 //! Everything is under one mutex, held for a few pointer moves and the
 //! growth of a queue or list that is full or not yet made; wakers are
@@ -206,6 +212,7 @@ impl<T> Shared<T> {
         let mut woken = None;
         if !state.closed && state.held() < self.slots() {
             if let Some(parked) = state.parked.pop_front() {
+                self.sweeper.unparked_one();
                 state.queue.push_back(parked.message);
                 self.admitted.store(parked.ticket + 1, Ordering::Release);
                 woken = Some(parked.waker);
@@ -575,6 +582,7 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                     waker: cx.waker().clone(),
                     deadline: self.deadline,
                 });
+                shared.sweeper.parked_one();
                 shared.mirror(&state);
                 let sweep = !std::mem::replace(&mut state.swept, true);
                 drop(state);
@@ -607,6 +615,9 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 let expired = !closed && Instant::now() >= self.deadline;
                 if closed || expired {
                     let parked = state.parked.remove(index);
+                    if parked.is_some() {
+                        shared.sweeper.unparked_one();
+                    }
                     shared.mirror(&state);
                     drop(state);
                     return Poll::Ready(match parked {
@@ -640,6 +651,9 @@ impl<T> Drop for SendFuture<'_, T> {
                 .parked
                 .find(ticket)
                 .and_then(|index| state.parked.remove(index));
+            if removed.is_some() {
+                shared.sweeper.unparked_one();
+            }
             shared.mirror(&state);
             drop(state);
             drop(removed);
@@ -882,6 +896,9 @@ pub(crate) struct Sweeper {
     watched: Mutex<Watched>,
     /// Mirrors `watched.running`, for a lock-free check.
     running: AtomicBool,
+    /// Senders parked now in this silo's mailboxes (rule 10), counted
+    /// under each mailbox's lock as its parked list grows and shrinks.
+    waiting: AtomicUsize,
 }
 
 struct Watched {
@@ -900,7 +917,26 @@ impl Sweeper {
                 running: false,
             }),
             running: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Senders parked now, waiting for room in this silo's mailboxes
+    /// (rule 10).
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// A sender parked; called under its mailbox's lock.
+    fn parked_one(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A sender left the parked list (admitted, timed out, handed its
+    /// message back or cancelled); called under its mailbox's lock, after
+    /// the `parked_one` of the same sender.
+    fn unparked_one(&self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The tick for a silo whose calls time out after `timeout`: a

@@ -623,14 +623,17 @@ async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
         let grain = grain.clone();
         async move { grain.call(Mark("queued".into())).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let waiting = tokio::spawn({
         let grain = grain.clone();
         async move { grain.call(Mark("waiting".into())).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Both calls began their delivery well before the give-up (a turn of
-    // a second holds the grain meanwhile).
+    // One call fills the only slot and the other waits for room: both
+    // began their delivery before the give-up (a turn of a second holds
+    // the grain meanwhile).
+    while silo.senders_waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(silo.senders_waiting(), 1);
     let activations = silo.activations_started();
     home.give_up_homes();
     slow.await.unwrap().unwrap();
@@ -642,6 +645,7 @@ async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
         );
     }
     assert_eq!(silo.activations_started(), activations);
+    assert_eq!(silo.senders_waiting(), 0);
     // A call made after the give-up activates the grain afresh.
     assert_eq!(
         grain.call(Mark("after".into())).await.unwrap(),

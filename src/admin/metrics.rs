@@ -35,6 +35,16 @@ pub(super) fn render(sources: &AdminSources) -> String {
         sources.silo.live_activations() as f64,
     );
     out.family(
+        "granary_silo_senders_waiting",
+        "gauge",
+        "Callers waiting now for room in a full activation mailbox on this silo.",
+    );
+    out.sample(
+        "granary_silo_senders_waiting",
+        &[],
+        sources.silo.senders_waiting() as f64,
+    );
+    out.family(
         "granary_silo_dropped_with_homes_total",
         "counter",
         "Messages dropped unrun when the silo gave its homes up after a stall.",

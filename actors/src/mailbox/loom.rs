@@ -100,7 +100,8 @@ impl Drop for Tracked {
 }
 
 /// Free slots as the lock sees them, against the lock-free mirror the
-/// senders read (`Shared::mirror`), and rule 3: while a sender is parked
+/// senders read (`Shared::mirror`), the parked senders against the
+/// sweeper's count (rule 10), and rule 3: while a sender is parked
 /// in an open mailbox, every slot is taken (a freed slot admits one).
 fn assert_mirror<T>(sender: &Sender<T>) {
     let state = sender.shared.lock();
@@ -111,10 +112,14 @@ fn assert_mirror<T>(sender: &Sender<T>) {
     };
     let admitted_all =
         state.closed || state.parked.is_empty() || state.held() == sender.shared.slots();
-    // Read under the lock, which every change of the mirror holds.
+    // Read under the lock, which every change of the mirror and of the
+    // waiting count holds (this mailbox has a sweeper of its own).
     let mirrored = sender.capacity();
+    let parked = state.parked.iter().count();
+    let waiting = sender.shared.sweeper.waiting();
     drop(state);
     assert_eq!(mirrored, free);
+    assert_eq!(waiting, parked, "rule 10: the waiting count");
     assert!(admitted_all, "a sender parked beside a free slot");
 }
 

@@ -151,6 +151,45 @@ async fn senders_parked_across_a_close_and_reopen_are_admitted() {
     assert_eq!(receiver.recv().await, Some(3));
 }
 
+/// Rule 10: the count the mailboxes of one silo share goes up as a sender
+/// parks and down however it leaves: admitted, cancelled, timed out, or
+/// handed its message back by a close.
+#[tokio::test]
+async fn waiting_senders_are_counted_until_they_leave_however_they_leave() {
+    let sweeper = sweeper();
+    let (one, mut one_receiver) = channel::<u32>(1, sweeper.clone());
+    let (two, mut two_receiver) = channel::<u32>(1, sweeper.clone());
+    one.try_send(0).unwrap();
+    two.try_send(0).unwrap();
+    let mut admitted = pin!(one.send(1, far()));
+    let mut timing_out = pin!(one.send(2, Instant::now() + Duration::from_millis(20)));
+    let mut closed = pin!(two.send(3, far()));
+    assert_eq!(sweeper.waiting(), 0);
+    assert!(poll!(admitted.as_mut()).is_pending());
+    assert!(poll!(timing_out.as_mut()).is_pending());
+    assert!(poll!(closed.as_mut()).is_pending());
+    {
+        let mut cancelled = pin!(two.send(4, far()));
+        assert!(poll!(cancelled.as_mut()).is_pending());
+        assert_eq!(sweeper.waiting(), 4);
+    }
+    assert_eq!(sweeper.waiting(), 3);
+    // A slot frees: the oldest parked sender is admitted.
+    assert_eq!(one_receiver.try_recv(), Some(0));
+    assert_eq!(sweeper.waiting(), 2);
+    assert!(matches!(poll!(admitted.as_mut()), Poll::Ready(Ok(()))));
+    assert!(matches!(timing_out.await, Err(SendError::Timeout)));
+    assert_eq!(sweeper.waiting(), 1);
+    // A close wakes the sender, which leaves as it takes its message back.
+    two_receiver.close();
+    assert!(matches!(
+        poll!(closed.as_mut()),
+        Poll::Ready(Err(SendError::Closed(3)))
+    ));
+    assert_eq!(sweeper.waiting(), 0);
+    assert_eq!(one_receiver.try_recv(), Some(1));
+}
+
 #[tokio::test]
 async fn a_dropped_parked_send_takes_its_message_with_it() {
     let drops = Arc::new(AtomicUsize::new(0));
@@ -284,6 +323,8 @@ async fn senders_timing_out_while_others_are_admitted_lose_nothing_else() {
     // Every message was received or dropped by its timed-out sender, once.
     assert_eq!(received, delivered.load(Ordering::SeqCst));
     assert_eq!(drops.load(Ordering::SeqCst), 64);
+    // Every sender left the parked list, admitted or timed out (rule 10).
+    assert_eq!(sender.shared.sweeper.waiting(), 0);
     assert!(received < 64, "some senders should have timed out");
 }
 

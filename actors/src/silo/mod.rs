@@ -448,6 +448,14 @@ impl Silo {
         self.inner.live.load(Ordering::Relaxed)
     }
 
+    /// Callers waiting now for room in a full mailbox of this silo's
+    /// activations (their `SiloConfig::mailbox_capacity` reached): the
+    /// silo's backpressure. Each leaves the count as its message is queued,
+    /// as its call times out or is dropped, or as the activation closes.
+    pub fn senders_waiting(&self) -> u64 {
+        self.inner.sweeper.waiting() as u64
+    }
+
     /// Whether the silo holds its `activation_limit` of activations now,
     /// so that a new one would be refused (rule 14). A router asks before
     /// making this silo a grain's home, to place the grain elsewhere.

@@ -17,9 +17,16 @@
 //!    and are healthy, the broker picks the one with the most free memory
 //!    per request in flight. The kernel is built and launched there on its
 //!    first request (lazily, once per kernel and device; a failed build is
-//!    remembered, not retried on every call).
+//!    remembered, not retried on every call). The launch reserves the
+//!    kernel's rings in the broker, kept for its life; memory that
+//!    requests hold is waited for, up to `overload_timeout` from the
+//!    caller's start, as a batch waits (rule 6). A device still busy then,
+//!    or whose memory resident buffers and rings keep, is not remembered
+//!    as failed: this call goes elsewhere (rule 4), and a later one
+//!    launches again. Only rings larger than the device are for good.
 //! 4. **Fallback.** When no device can run the kernel (it failed to build,
-//!    its device failed, or it has no source for any device), the request
+//!    its device failed or was busy at its launch, or it has no source for
+//!    any device), the request
 //!    runs on the CPU backend if the kernel has a CPU implementation and
 //!    the policy is [`FallbackPolicy::Cpu`]. Each fallback is counted
 //!    (`granary_gpu_fallbacks_total`) and logged at debug level; the device
@@ -967,6 +974,10 @@ impl GpuBridge {
         if self.shared.shut_down.load(Ordering::SeqCst) {
             return Err(BackendError::Unavailable("the bridge has shut down".into()));
         }
+        // A caller's wait for ring memory counts from here: one that waited
+        // for another caller's launch, which ran out of time, does not wait
+        // as long again.
+        let since = Instant::now();
         let cell = self.cell(kernel, device);
         let result = cell
             .get_or_try_init(|| async {
@@ -985,6 +996,29 @@ impl GpuBridge {
                 let config = self.shared.config;
                 let catalog = self.shared.kernels.clone();
                 let started = Instant::now();
+                // Kept for the kernel's life: never working memory.
+                let rings = ring_bytes(&spec, config.kernel.capacity);
+                let reservation = match self.reserve_rings(device, rings, since).await {
+                    Ok(Ok(reservation)) => reservation,
+                    Ok(Err(never)) => {
+                        tracing::warn!(
+                            kernel = spec.id,
+                            device = slot.index,
+                            error = %never,
+                            "kernel could not be launched; requests go elsewhere"
+                        );
+                        return Ok(Err(never));
+                    }
+                    Err(busy) => {
+                        tracing::debug!(
+                            kernel = spec.id,
+                            device = slot.index,
+                            error = %busy,
+                            "device busy; requests go elsewhere for now"
+                        );
+                        return Err(busy);
+                    }
+                };
                 let launched = tokio::task::spawn_blocking(move || {
                     if launcher.backend.build_before_launch() {
                         // Every kernel of the catalog, before any of them
@@ -994,11 +1028,6 @@ impl GpuBridge {
                             let _ = launcher.backend.prepare(launcher.device_index, other);
                         }
                     }
-                    let rings = ring_bytes(&spec, config.kernel.capacity);
-                    // Kept for the kernel's life: never working memory.
-                    let reservation = broker.reserve_kept(device, rings).map_err(|err| {
-                        BackendError::Device(format!("no memory for the kernel's rings: {err}"))
-                    })?;
                     KernelInstance::start(spec, device, launcher, broker, config, Some(reservation))
                 })
                 .await
@@ -1041,6 +1070,63 @@ impl GpuBridge {
             }
         }
         Ok(result.clone())
+    }
+
+    /// Reserves `bytes` of `device` for a first launch's rings, kept for
+    /// the kernel's life (rule 3). Memory that requests hold now is waited
+    /// for, up to `overload_timeout` after `since` (when the caller's
+    /// launch began), as a batch waits (rule 6). Like
+    /// `launch_once`, the outer error is transient and not remembered:
+    /// working memory still lent out when the wait ends, or rings larger
+    /// than what resident buffers and other rings leave (they may be freed
+    /// later). The inner one is for good: rings larger than the device.
+    async fn reserve_rings(
+        &self,
+        device: DeviceId,
+        bytes: u64,
+        since: Instant,
+    ) -> Result<Result<Reservation, BackendError>, BackendError> {
+        let broker = &self.shared.broker;
+        let device_error = |err: BrokerError| BackendError::Device(err.to_string());
+        let capacity = broker.capacity(device).map_err(device_error)?;
+        if bytes > capacity {
+            return Ok(Err(BackendError::Device(format!(
+                "the kernel's rings take {bytes} bytes, more than the {capacity} bytes the device \
+                 lends"
+            ))));
+        }
+        let room = broker.unkept(device).map_err(device_error)?;
+        if bytes > room {
+            return Err(BackendError::NoCapacity(format!(
+                "the kernel's rings take {bytes} bytes, and resident buffers and other kernels' \
+                 rings leave {room} of the device"
+            )));
+        }
+        loop {
+            match broker.reserve_kept(device, bytes) {
+                Ok(reservation) => return Ok(Ok(reservation)),
+                // A shutdown waits for launches under way: this one stops
+                // waiting for memory.
+                Err(BrokerError::InsufficientMemory { .. })
+                    if self.shared.shut_down.load(Ordering::SeqCst) =>
+                {
+                    return Err(BackendError::Unavailable("the bridge has shut down".into()));
+                }
+                Err(BrokerError::InsufficientMemory { available, .. })
+                    if since.elapsed() >= self.shared.config.overload_timeout =>
+                {
+                    return Err(BackendError::NoCapacity(format!(
+                        "no memory for the kernel's rings: they take {bytes} bytes, and requests \
+                         left {available} unreserved for {:?}",
+                        since.elapsed()
+                    )));
+                }
+                Err(BrokerError::InsufficientMemory { .. }) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(err) => return Err(device_error(err)),
+            }
+        }
     }
 
     /// Rule 6 of the module docs.

@@ -288,6 +288,12 @@ impl DeviceBroker {
             .saturating_sub(entry.kept.load(Ordering::Acquire)))
     }
 
+    /// The most that may ever be reserved on `device`: its free memory
+    /// when the broker was made, or the configured cap.
+    pub fn capacity(&self, device: DeviceId) -> Result<u64, BrokerError> {
+        Ok(self.entry(device)?.capacity)
+    }
+
     /// Bytes of `device` that can still be reserved.
     pub fn available(&self, device: DeviceId) -> Result<u64, BrokerError> {
         Ok(self.entry(device)?.available())

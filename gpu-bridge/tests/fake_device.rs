@@ -356,3 +356,89 @@ async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
     }
     bridge.shutdown(StopMode::Abandon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_remembered() {
+    use std::time::Duration;
+    // Room for a kernel's rings (about 8 MiB at the default capacity).
+    const RINGS_GPU_BYTES: u64 = 64 << 20;
+    // No fallback: a small request must run on the device's persistent
+    // kernel, whose first launch reserves its rings there.
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Fail,
+            overload_timeout: Duration::from_millis(300),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let (gpu, ..) = bridge
+        .devices()
+        .into_iter()
+        .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
+        .unwrap();
+    // Working memory lent out for longer than the overload timeout: the
+    // launch waits for it, then these calls fail, as busy, not for good.
+    // Each waits about the timeout from its own start, not once more for
+    // every caller whose launch ran out of time before it (eight in a row
+    // would take 2.4 s).
+    let held = bridge
+        .broker()
+        .reserve(gpu, RINGS_GPU_BYTES - 1024)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let bridge = bridge.clone();
+            tokio::spawn(async move { bridge.execute("double", &f32s(&[1.0])).await })
+        })
+        .collect();
+    for caller in callers {
+        match caller.await.unwrap() {
+            Err(ExecuteError::DeviceFailed { reason, .. }) => {
+                assert!(reason.contains("busy"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    // The memory comes back: the next request launches the kernel.
+    drop(held);
+    assert_eq!(
+        from_f32s(&bridge.execute("double", &f32s(&[1.0])).await.unwrap()),
+        vec![2.0f32]
+    );
+    bridge.shutdown(StopMode::Abandon).await;
+
+    // Memory that comes back within the overload timeout is waited for:
+    // the first request is answered by the device's kernel.
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Fail,
+            overload_timeout: Duration::from_secs(10),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let held = bridge
+        .broker()
+        .reserve(gpu, RINGS_GPU_BYTES - 1024)
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+    });
+    assert_eq!(
+        from_f32s(&bridge.execute("double", &f32s(&[4.0])).await.unwrap()),
+        vec![8.0f32]
+    );
+    release.await.unwrap();
+    assert_eq!(bridge.fallbacks(), 0);
+    bridge.shutdown(StopMode::Abandon).await;
+}

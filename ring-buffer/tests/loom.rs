@@ -1,4 +1,5 @@
-//! Loom model tests of push, pop, batch and close.
+//! Loom model tests of push, pop, batches (contending claims, published
+//! prefixes, chunked reads) and close.
 //!
 //! Run with:
 //! `RUSTFLAGS="--cfg loom" cargo test -p granary-ring --release --test loom`
@@ -134,6 +135,107 @@ mod models {
             let x1 = got.iter().position(|p| p == b"x1").unwrap();
             assert_eq!(got[x1 + 1], b"x2", "a batch is contiguous: {got:?}");
             assert!(got.contains(&b"y".to_vec()));
+            assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+        });
+    }
+
+    /// Reads chunks (`try_read`) until `count` messages arrived, yielding
+    /// on Empty; a chunk's skipped slots carry no message.
+    fn read_chunks(consumer: &mut Consumer, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            match consumer.try_read(4) {
+                Ok(chunk) => got.extend(chunk.iter().map(|m| m.payload.to_vec())),
+                Err(TryPopError::Empty) => thread::yield_now(),
+                Err(err) => panic!("unexpected {err}"),
+            }
+        }
+        got
+    }
+
+    /// `try_read` on an MPSC ring while two producers publish out of
+    /// order (rule M3: a later claim may publish first) and one claim is
+    /// dropped unwritten: each message arrives once, no chunk runs past an
+    /// unpublished slot, and the skipped slot delivers nothing.
+    #[test]
+    fn mpsc_try_read_takes_each_published_message_once() {
+        model(|| {
+            let (producer, mut consumer) = Ring::new(RingConfig::mpsc(4, 16))
+                .unwrap()
+                .split_mpsc()
+                .unwrap();
+            let other = producer.clone();
+            let a = thread::spawn(move || {
+                drop(other.try_reserve(1).unwrap());
+                other.try_push(*b"a").unwrap();
+            });
+            producer.try_push(*b"b").unwrap();
+            let mut got = read_chunks(&mut consumer, 2);
+            a.join().unwrap();
+            got.sort();
+            assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
+            assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+        });
+    }
+
+    /// `publish_prefix` hands the first slots of a chunk to the consumer
+    /// while the rest are still written: the consumer reads them, in
+    /// order, racing the writes of the others (loom checks every payload
+    /// read is ordered after its write). A chunk dropped after a prefix
+    /// skips only what it did not publish.
+    #[test]
+    fn a_published_prefix_is_read_while_the_rest_is_written() {
+        model(|| {
+            let (producer, mut consumer) = Ring::new(RingConfig::mpsc(4, 16))
+                .unwrap()
+                .split_mpsc()
+                .unwrap();
+            let writer = thread::spawn(move || {
+                let mut chunk = producer.try_reserve(3).unwrap();
+                chunk.slot(0).unwrap().write(b"p0").unwrap();
+                chunk.publish_prefix(1);
+                assert!(
+                    chunk.slot(0).is_none(),
+                    "a published slot is the consumer's"
+                );
+                chunk.slot(1).unwrap().write(b"p1").unwrap();
+                chunk.publish_prefix(2);
+                // Slot 2 is never written: dropped, it is skipped.
+                drop(chunk);
+                producer.try_push(*b"z").unwrap();
+            });
+            let got = drain(&mut consumer, 3);
+            writer.join().unwrap();
+            assert_eq!(got, vec![b"p0".to_vec(), b"p1".to_vec(), b"z".to_vec()]);
+            assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
+        });
+    }
+
+    /// Two producers claim batches of two at once (rules M1-M2: one
+    /// compare-and-swap each): the claims never overlap, each batch is
+    /// contiguous, and all four messages arrive once.
+    #[test]
+    fn contending_batch_claims_never_overlap() {
+        model(|| {
+            let (producer, mut consumer) = Ring::new(RingConfig::mpsc(4, 16))
+                .unwrap()
+                .split_mpsc()
+                .unwrap();
+            let other = producer.clone();
+            let batch = |producer: &granary_ring::Producer, tag: u8| {
+                let mut chunk = producer.try_reserve(2).unwrap();
+                chunk.slot(0).unwrap().write(&[tag, 1]).unwrap();
+                chunk.slot(1).unwrap().write(&[tag, 2]).unwrap();
+                chunk.commit();
+            };
+            let a = thread::spawn(move || batch(&other, b'a'));
+            batch(&producer, b'b');
+            let got = read_chunks(&mut consumer, 4);
+            a.join().unwrap();
+            for tag in [b'a', b'b'] {
+                let first = got.iter().position(|p| p == &[tag, 1]).unwrap();
+                assert_eq!(got[first + 1], [tag, 2], "a batch is contiguous: {got:?}");
+            }
             assert_eq!(consumer.try_pop().unwrap_err(), TryPopError::Empty);
         });
     }

@@ -817,6 +817,19 @@ impl GpuBridge {
         kernel: usize,
         spec: &KernelSpec,
     ) -> Result<Arc<KernelInstance>, ExecuteError> {
+        // A first launch waits for ring memory up to `overload_timeout`
+        // from here, over every device it tries (rule 3).
+        let since = Instant::now();
+        // A device busy at its launch (`NoCapacity`: no ring memory after
+        // the wait, or no room the backend gives persistent kernels) is
+        // an overload, worth a later try; anything else failed.
+        let failed = |backend: BackendKind, err: BackendError| match err {
+            BackendError::NoCapacity(_) => ExecuteError::Overloaded {
+                kernel: spec.id,
+                waited: since.elapsed(),
+            },
+            err => execute_error(spec, backend, err),
+        };
         let mut cause = None;
         let need = Requirements::default();
         // Each device is tried at most once per call.
@@ -825,7 +838,7 @@ impl GpuBridge {
             !tried.contains(&id) && self.usable(kernel, spec, id)
         }) {
             tried.push(device);
-            match self.instance(kernel, spec, device).await {
+            match self.instance(kernel, spec, device, since).await {
                 Ok(instance) => return Ok(instance),
                 Err(_) if self.shared.shut_down.load(Ordering::Acquire) => {
                     return Err(ExecuteError::ShutDown);
@@ -839,7 +852,7 @@ impl GpuBridge {
         let cpu = self.shared.cpu;
         if self.shared.devices[cpu.0].primary {
             return match cause {
-                Some((_, err)) => Err(execute_error(spec, BackendKind::Cpu, err)),
+                Some((_, err)) => Err(failed(BackendKind::Cpu, err)),
                 None => Err(ExecuteError::NoDevice { kernel: spec.id }),
             };
         }
@@ -848,18 +861,20 @@ impl GpuBridge {
             .map(|(device, _)| self.shared.devices[device.0].backend.kind());
         if !self.may_fall_back(spec) {
             return match cause {
-                Some((device, err)) => Err(execute_error(
-                    spec,
-                    self.shared.devices[device.0].backend.kind(),
-                    err,
-                )),
+                Some((device, err)) => {
+                    Err(failed(self.shared.devices[device.0].backend.kind(), err))
+                }
                 None => Err(ExecuteError::NoDevice { kernel: spec.id }),
             };
         }
-        self.count_fallback(spec, from, "no usable device");
-        self.instance(kernel, spec, cpu)
+        let reason = match cause {
+            Some((_, BackendError::NoCapacity(_))) => "device busy",
+            _ => "no usable device",
+        };
+        self.count_fallback(spec, from, reason);
+        self.instance(kernel, spec, cpu, since)
             .await
-            .map_err(|err| execute_error(spec, BackendKind::Cpu, err))
+            .map_err(|err| failed(BackendKind::Cpu, err))
     }
 
     /// Why no device can run `spec`'s persistent kernel: a launch that
@@ -904,7 +919,9 @@ impl GpuBridge {
         .increment(1);
     }
 
-    /// The instance of `spec` on `device`, launched on first use.
+    /// The instance of `spec` on `device`, launched on first use; a
+    /// launch waits for ring memory up to `overload_timeout` after `since`
+    /// (when the caller began).
     ///
     /// The launch runs in a task of its own: a caller that gives up (its
     /// future dropped by a timeout) does not abandon a half-made instance,
@@ -914,13 +931,15 @@ impl GpuBridge {
         kernel: usize,
         spec: &KernelSpec,
         device: DeviceId,
+        since: Instant,
     ) -> Result<Arc<KernelInstance>, BackendError> {
         if let Some(result) = self.cell(kernel, device).get() {
             return self.checked(result.clone());
         }
         let bridge = self.clone();
         let spec = *spec;
-        let launch = tokio::spawn(async move { bridge.launch_once(kernel, spec, device).await });
+        let launch =
+            tokio::spawn(async move { bridge.launch_once(kernel, spec, device, since).await });
         let result = launch
             .await
             .unwrap_or_else(|err| Err(BackendError::Device(err.to_string())))?;
@@ -959,6 +978,7 @@ impl GpuBridge {
         kernel: usize,
         spec: KernelSpec,
         device: DeviceId,
+        since: Instant,
     ) -> Result<Result<Arc<KernelInstance>, BackendError>, BackendError> {
         /// Counts a launch under way until it ends, however it ends.
         struct Launching<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -974,10 +994,9 @@ impl GpuBridge {
         if self.shared.shut_down.load(Ordering::SeqCst) {
             return Err(BackendError::Unavailable("the bridge has shut down".into()));
         }
-        // A caller's wait for ring memory counts from here: one that waited
-        // for another caller's launch, which ran out of time, does not wait
-        // as long again.
-        let since = Instant::now();
+        // A caller's wait for ring memory counts from its start (`since`):
+        // one that waited for another caller's launch, which ran out of
+        // time, does not wait as long again.
         let cell = self.cell(kernel, device);
         let result = cell
             .get_or_try_init(|| async {
@@ -994,8 +1013,25 @@ impl GpuBridge {
                 };
                 let broker = self.shared.broker.clone();
                 let config = self.shared.config;
-                let catalog = self.shared.kernels.clone();
                 let started = Instant::now();
+                if launcher.backend.build_before_launch() {
+                    // Every kernel of the catalog, before any of them runs
+                    // for good (cached after the first time), and before
+                    // the rings are reserved: a build may take seconds,
+                    // and requests keep that memory meanwhile. A failed
+                    // build is reported when that kernel is used.
+                    let (backend, index) = (launcher.backend.clone(), launcher.device_index);
+                    let catalog = self.shared.kernels.clone();
+                    let built = tokio::task::spawn_blocking(move || {
+                        for other in &catalog {
+                            let _ = backend.prepare(index, other);
+                        }
+                    })
+                    .await;
+                    if let Err(err) = built {
+                        return Ok(Err(BackendError::Device(err.to_string())));
+                    }
+                }
                 // Kept for the kernel's life: never working memory.
                 let rings = ring_bytes(&spec, config.kernel.capacity);
                 let reservation = match self.reserve_rings(device, rings, since).await {
@@ -1020,14 +1056,6 @@ impl GpuBridge {
                     }
                 };
                 let launched = tokio::task::spawn_blocking(move || {
-                    if launcher.backend.build_before_launch() {
-                        // Every kernel of the catalog, before any of them
-                        // runs for good (cached after the first time). A
-                        // failed build is reported when that kernel is used.
-                        for other in &catalog {
-                            let _ = launcher.backend.prepare(launcher.device_index, other);
-                        }
-                    }
                     KernelInstance::start(spec, device, launcher, broker, config, Some(reservation))
                 })
                 .await

@@ -380,7 +380,8 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
         .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
         .unwrap();
     // Working memory lent out for longer than the overload timeout: the
-    // launch waits for it, then these calls fail, as busy, not for good.
+    // launch waits for it, then these calls fail `Overloaded` (as a batch
+    // would), and the device is not remembered as failed.
     // Each waits about the timeout from its own start, not once more for
     // every caller whose launch ran out of time before it (eight in a row
     // would take 2.4 s).
@@ -397,8 +398,9 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
         .collect();
     for caller in callers {
         match caller.await.unwrap() {
-            Err(ExecuteError::DeviceFailed { reason, .. }) => {
-                assert!(reason.contains("busy"), "{reason}")
+            Err(ExecuteError::Overloaded { kernel, waited }) => {
+                assert_eq!(kernel, "double");
+                assert!(waited >= Duration::from_millis(300), "{waited:?}");
             }
             other => panic!("{other:?}"),
         }
@@ -441,4 +443,74 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
     release.await.unwrap();
     assert_eq!(bridge.fallbacks(), 0);
     bridge.shutdown(StopMode::Abandon).await;
+
+    // With a CPU fallback, a device still busy after the wait sends the
+    // call to the CPU (counted), within the one wait.
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Cpu,
+            overload_timeout: Duration::from_millis(300),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let held = bridge
+        .broker()
+        .reserve(gpu, RINGS_GPU_BYTES - 1024)
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        from_f32s(&bridge.execute("double", &f32s(&[5.0])).await.unwrap()),
+        vec![10.0f32]
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    assert_eq!(bridge.fallbacks(), 1);
+    drop(held);
+    bridge.shutdown(StopMode::Abandon).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_a_first_launch_that_waits_for_memory() {
+    use std::time::Duration;
+    const RINGS_GPU_BYTES: u64 = 64 << 20;
+    // The launch would wait 10 s for memory; a shutdown does not wait for
+    // it that long, and its caller is told the bridge shut down.
+    let bridge = GpuBridge::builder()
+        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            fallback: FallbackPolicy::Fail,
+            overload_timeout: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(10),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let (gpu, ..) = bridge
+        .devices()
+        .into_iter()
+        .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
+        .unwrap();
+    let held = bridge
+        .broker()
+        .reserve(gpu, RINGS_GPU_BYTES - 1024)
+        .unwrap();
+    let caller = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.execute("double", &f32s(&[1.0])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    bridge.shutdown(StopMode::Abandon).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(caller.await.unwrap(), Err(ExecuteError::ShutDown)));
+    drop(held);
 }

@@ -68,11 +68,14 @@ pub enum ExecuteError {
         /// The kernel.
         kernel: &'static str,
     },
-    /// Every slot for the kernel stayed busy for the whole wait.
+    /// What the request waited for stayed taken for the whole wait
+    /// (`BridgeConfig::overload_timeout`): the kernel's ring slots, or
+    /// device memory that other requests held (a batch's input and output,
+    /// or a first launch's rings). Worth trying again later.
     Overloaded {
         /// The kernel.
         kernel: &'static str,
-        /// How long the call waited for a slot.
+        /// How long the call waited.
         waited: Duration,
     },
     /// The kernel's heartbeat stopped while this request was pending. The
@@ -168,7 +171,7 @@ impl fmt::Display for ExecuteError {
             }
             ExecuteError::Overloaded { kernel, waited } => write!(
                 f,
-                "kernel {kernel:?} is overloaded: no slot freed up in {waited:?}"
+                "kernel {kernel:?} is overloaded: nothing it needs freed up in {waited:?}"
             ),
             ExecuteError::DeviceHung {
                 kernel,

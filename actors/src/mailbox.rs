@@ -25,8 +25,10 @@
 //!    past its deadline takes its message out of the mailbox, drops it and
 //!    fails with [`SendError::Timeout`]. A sender times out at most one
 //!    tick late while the sweeping task runs; it runs on the runtime of the
-//!    first sender that parked, and if that runtime goes away the next
-//!    parked sender starts another.
+//!    first sender that parked. If that runtime goes away, the task wakes
+//!    the senders still parked as it is dropped, and the first of them
+//!    polled on a runtime still alive starts another there (as does the
+//!    next sender that parks).
 //! 6. **Closing** refuses new messages ([`TrySendError::Closed`] and
 //!    [`SendError::Closed`] hand the message back) and wakes every parked
 //!    sender, which takes its message back. Queued messages stay for the
@@ -62,7 +64,9 @@
 //!     it leaves the parked list however it leaves (admitted, timed out,
 //!     closed, cancelled), both under the mailbox's lock, so it never
 //!     goes below zero. It is the silo's backpressure gauge
-//!     (`Silo::senders_waiting`).
+//!     (`Silo::senders_waiting`). A send future leaked while parked
+//!     (`mem::forget`) never leaves, and stays counted, as its message
+//!     stays parked.
 //!
 //! Everything is under one mutex, held for a few pointer moves and the
 //! growth of a queue or list that is full or not yet made; wakers are
@@ -631,6 +635,12 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                     }
                 }
                 drop(state);
+                if !shared.sweeper.running.load(Ordering::Acquire) {
+                    // The sweeping task's runtime shut down (it woke us):
+                    // start another on this one. The mailbox is still
+                    // listed.
+                    shared.sweeper.watch::<T>(None);
+                }
                 self.stage = Stage::Parked { ticket };
                 Poll::Pending
             }
@@ -849,6 +859,10 @@ trait Sweep: Send + Sync {
     /// whether any sender is still parked (if not, the sweeper lets the
     /// mailbox go, and its next parked sender lists it again).
     fn sweep(&self, now: Instant) -> bool;
+
+    /// Wakes every parked sender, to look at the sweeper again (its task
+    /// is gone).
+    fn wake_parked(&self);
 }
 
 impl<T: Send> Sweep for Shared<T> {
@@ -866,12 +880,25 @@ impl<T: Send> Sweep for Shared<T> {
         wake_all(woken);
         keep
     }
+
+    fn wake_parked(&self) {
+        let woken: Vec<Waker> = self
+            .lock()
+            .parked
+            .iter()
+            .map(|parked| parked.waker.clone())
+            .collect();
+        wake_all(woken);
+    }
 }
 
 /// Marks the sweeper stopped when its task ends, also when the task is
 /// dropped (its runtime shut down) or panics, so that the next parked
 /// sender starts another. The list is taken only between two awaits, so it
-/// is whole whenever the task can be dropped.
+/// is whole whenever the task can be dropped. A task that did not end on
+/// its own wakes the senders still parked: each one polled on a runtime
+/// that is still alive starts another sweeper there (rule 5), so senders
+/// served by other runtimes still time out.
 struct Ended(Option<Arc<Sweeper>>);
 
 impl Drop for Ended {
@@ -883,6 +910,11 @@ impl Drop for Ended {
                 .unwrap_or_else(PoisonError::into_inner);
             watched.running = false;
             sweeper.running.store(false, Ordering::Release);
+            let listed = watched.mailboxes.clone();
+            drop(watched);
+            for mailbox in listed.iter().filter_map(Weak::upgrade) {
+                mailbox.wake_parked();
+            }
         }
     }
 }

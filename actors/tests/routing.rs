@@ -630,7 +630,12 @@ async fn a_sender_waiting_for_room_at_a_give_up_starts_no_activation() {
     // One call fills the only slot and the other waits for room: both
     // began their delivery before the give-up (a turn of a second holds
     // the grain meanwhile).
+    let bound = std::time::Instant::now() + Duration::from_secs(10);
     while silo.senders_waiting() == 0 {
+        assert!(
+            std::time::Instant::now() < bound,
+            "no sender came to wait for room"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(silo.senders_waiting(), 1);

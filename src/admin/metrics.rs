@@ -37,7 +37,7 @@ pub(super) fn render(sources: &AdminSources) -> String {
     out.family(
         "granary_silo_senders_waiting",
         "gauge",
-        "Callers waiting now for room in a full activation mailbox on this silo.",
+        "Senders (calls, tells, timer ticks) waiting now for room in a full activation mailbox on this silo.",
     );
     out.sample(
         "granary_silo_senders_waiting",

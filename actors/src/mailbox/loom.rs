@@ -305,6 +305,8 @@ fn a_dropped_receiver_hands_a_parked_message_back() {
             Err(SendError::Timeout) => panic!("no deadline passes in the model"),
         }
         assert_eq!(drops.load(Ordering::SeqCst), 2);
+        // Rule 10: the sender left the parked list as it took its message.
+        assert_eq!(sender.shared.sweeper.waiting(), 0);
     });
 }
 
@@ -372,6 +374,7 @@ fn closing_hands_a_parked_message_back() {
         }
         assert_eq!(receiver.try_recv(), None);
         assert!(sender.shared.lock().parked.is_empty());
+        assert_eq!(sender.shared.sweeper.waiting(), 0, "rule 10");
     });
 }
 

@@ -479,3 +479,50 @@ fn the_shared_block_stays_small() {
         "the mailbox's shared block is {shared} bytes, more than 120"
     );
 }
+
+/// Rule 5: the sweeper runs on the runtime of the first sender that
+/// parked. When that runtime shuts down, a sender parked from another
+/// runtime must still time out (the sweeper's task wakes it as it is
+/// dropped, and it starts another sweeper on its own runtime).
+#[test]
+fn a_sender_on_another_runtime_times_out_after_the_sweepers_runtime_shut_down() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let waited_for = |sweeper: &Sweeper, count: usize| {
+        let bound = std::time::Instant::now() + Duration::from_secs(10);
+        while sweeper.waiting() != count {
+            assert!(std::time::Instant::now() < bound, "never parked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let sweeper = sweeper();
+    let (first, _first_receiver) = channel::<u32>(1, sweeper.clone());
+    let (second, _second_receiver) = channel::<u32>(1, sweeper.clone());
+    first.try_send(0).unwrap();
+    second.try_send(0).unwrap();
+    // The first sender parks on runtime `a`, which starts the sweeper.
+    let a = runtime();
+    a.spawn(async move { first.send(1, far()).await.is_ok() });
+    waited_for(&sweeper, 1);
+    // The second parks on runtime `b`, with a deadline that passes only
+    // after `a` is gone.
+    let b = runtime();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let timing_out = b.spawn(async move { second.send(2, deadline).await });
+    waited_for(&sweeper, 2);
+    drop(a);
+    let sent =
+        b.block_on(async { tokio::time::timeout(Duration::from_secs(10), timing_out).await });
+    assert!(
+        matches!(sent, Ok(Ok(Err(SendError::Timeout)))),
+        "{:?}",
+        sent.map(|joined| joined.map(|sent| sent.is_ok()))
+    );
+    // Both senders left: one timed out, one dropped with its runtime.
+    assert_eq!(sweeper.waiting(), 0);
+}

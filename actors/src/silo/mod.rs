@@ -448,10 +448,11 @@ impl Silo {
         self.inner.live.load(Ordering::Relaxed)
     }
 
-    /// Callers waiting now for room in a full mailbox of this silo's
-    /// activations (their `SiloConfig::mailbox_capacity` reached): the
-    /// silo's backpressure. Each leaves the count as its message is queued,
-    /// as its call times out or is dropped, or as the activation closes.
+    /// Senders waiting now for room in a full mailbox of this silo's
+    /// activations (their `SiloConfig::mailbox_capacity` reached): calls,
+    /// tells and reads, and timer ticks. The silo's backpressure. Each
+    /// leaves the count as its message is queued, as it times out or is
+    /// dropped, or as the activation closes.
     pub fn senders_waiting(&self) -> u64 {
         self.inner.sweeper.waiting() as u64
     }

@@ -65,14 +65,17 @@ pub(super) enum Written {
     Unsaved,
 }
 
-/// The first due time after `fired_ms` on the grid `due_ms + k * period`.
+/// The first due time after `fired_ms` on the grid `due_ms + k * period`,
+/// capped at `MAX_MS` (rule 9: the SQL stores keep integers below 2^63).
 fn after(due_ms: u64, period_ms: u64, fired_ms: u64) -> u64 {
     let period = period_ms.max(1);
     if due_ms > fired_ms {
-        return due_ms;
+        return due_ms.min(super::MAX_MS);
     }
     let behind = (fired_ms - due_ms) / period + 1;
-    due_ms.saturating_add(behind.saturating_mul(period))
+    due_ms
+        .saturating_add(behind.saturating_mul(period))
+        .min(super::MAX_MS)
 }
 
 /// A silo's owned reminders.
@@ -433,6 +436,19 @@ mod tests {
         let fresh = schedule.begin_read();
         schedule.merge(fresh, vec![], Scope::All, &all);
         assert_eq!(schedule.len(), 0);
+    }
+
+    /// Rule 9: a period near the longest allowed (a one-shot reminder's
+    /// idiom) moves the due time to the cap, not past 2^63, which the SQL
+    /// stores refuse (and SQLite's batch write then failed every firing of
+    /// its round).
+    #[test]
+    fn a_due_time_after_the_longest_period_stays_below_two_to_the_sixty_three() {
+        let now = 1_800_000_000_000;
+        assert_eq!(after(now, super::super::MAX_MS, now), super::super::MAX_MS);
+        assert_eq!(after(u64::MAX, 10, 0), super::super::MAX_MS);
+        assert!(after(now, super::super::MAX_MS, now) <= i64::MAX as u64);
+        assert_eq!(after(100, 10, 105), 110);
     }
 
     #[test]

@@ -755,3 +755,144 @@ async fn a_postgres_server_that_accepts_and_never_answers_fails_the_connect_in_t
     assert!(began.elapsed() < std::time::Duration::from_secs(5));
     held.abort();
 }
+
+/// Contract rule 5: rows that cannot be decoded (a garbled grain key, a
+/// truncated value) are skipped by reads, the others load, and `delete`
+/// removes a bad row all the same. Before, one bad row failed every read
+/// (no stored reminder loaded on any silo) and could not be deleted.
+#[tokio::test]
+async fn redb_skips_a_reminder_row_it_cannot_read_and_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reminders.redb");
+    let truncated = GrainId {
+        type_name: "alarm".into(),
+        key: GrainKey::from("truncated"),
+    };
+    {
+        // Written as other tooling (or damage) might leave them.
+        let table = redb::TableDefinition::<&[u8], &[u8]>::new("granary_reminders");
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut rows = txn.open_table(table).unwrap();
+            let key =
+                postcard::to_extend("bad", postcard::to_allocvec(&truncated).unwrap()).unwrap();
+            rows.insert(key.as_slice(), [1u8, 2, 3].as_slice()).unwrap();
+            rows.insert([0xffu8; 3].as_slice(), [0u8; 24].as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let storage = RedbStorage::open(&path).unwrap();
+    let table = storage.reminder_table().unwrap();
+    let good = id_in("alarm", "good");
+    let etag = table.upsert(&good, "wake", 10, 20).await.unwrap();
+    let expected = vec![ReminderRow {
+        grain: good.clone(),
+        name: "wake".into(),
+        period_ms: 10,
+        next_due_ms: 20,
+        etag,
+    }];
+    assert_eq!(table.read_all().await.unwrap(), expected);
+    assert_eq!(table.read_grain(&truncated).await.unwrap(), vec![]);
+    assert_eq!(table.delete(&truncated, "bad").await.unwrap(), Some(0));
+    assert_eq!(table.delete(&truncated, "bad").await.unwrap(), None);
+    assert_eq!(table.read_all().await.unwrap(), expected);
+}
+
+/// Contract rule 5 on SQLite: a garbled grain key and a negative period
+/// (written by SQL tooling) are skipped; the other rows load.
+#[tokio::test]
+async fn sqlite_skips_a_reminder_row_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reminders.sqlite");
+    let storage = SqliteStorage::open(&path).unwrap();
+    let table = storage.reminder_table().unwrap();
+    let (good, negative) = (id_in("alarm", "good"), id_in("alarm", "negative"));
+    let etag = table.upsert(&good, "wake", 10, 20).await.unwrap();
+    table.upsert(&negative, "bad", 10, 20).await.unwrap();
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE granary_reminders SET period_ms = -5 WHERE name = 'bad'",
+        [],
+    )
+    .unwrap();
+    raw.execute(
+        "INSERT INTO granary_reminders VALUES ('alarm', X'FFFF', 'garbled', 10, 20, 1)",
+        [],
+    )
+    .unwrap();
+    let expected = vec![ReminderRow {
+        grain: good.clone(),
+        name: "wake".into(),
+        period_ms: 10,
+        next_due_ms: 20,
+        etag,
+    }];
+    assert_eq!(table.read_all().await.unwrap(), expected);
+    assert_eq!(table.read_grain(&negative).await.unwrap(), vec![]);
+    assert!(table.delete(&negative, "bad").await.unwrap().is_some());
+}
+
+/// Contract rule 5 on PostgreSQL.
+#[tokio::test]
+#[cfg_attr(
+    not(granary_postgres),
+    ignore = "set GRANARY_POSTGRES_URL to a PostgreSQL server (CI starts one)"
+)]
+async fn postgres_skips_a_reminder_row_it_cannot_read() {
+    #[cfg(granary_postgres)]
+    {
+        let storage = granary_actors::PostgresStorage::connect(POSTGRES)
+            .await
+            .unwrap();
+        let table = storage.reminder_table().unwrap();
+        let namespace = format!("alarm-{}", uuid::Uuid::new_v4());
+        let (good, negative) = (id_in(&namespace, "good"), id_in(&namespace, "negative"));
+        let etag = table.upsert(&good, "wake", 10, 20).await.unwrap();
+        table.upsert(&negative, "bad", 10, 20).await.unwrap();
+        let (raw, connection) = tokio_postgres::connect(POSTGRES, tokio_postgres::NoTls)
+            .await
+            .expect("the server answers");
+        tokio::spawn(connection);
+        raw.execute(
+            "UPDATE granary_reminders SET period_ms = -5 WHERE grain_type = $1 AND name = 'bad'",
+            &[&namespace],
+        )
+        .await
+        .unwrap();
+        raw.execute(
+            "INSERT INTO granary_reminders (grain_type, grain_key, name, period_ms, next_due_ms, etag)
+             VALUES ($1, '\\xffff'::bytea, 'garbled', 10, 20, 1)",
+            &[&namespace],
+        )
+        .await
+        .unwrap();
+        let mine: Vec<ReminderRow> = table
+            .read_all()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|row| row.grain.type_name == namespace)
+            .collect();
+        assert_eq!(
+            mine,
+            vec![ReminderRow {
+                grain: good.clone(),
+                name: "wake".into(),
+                period_ms: 10,
+                next_due_ms: 20,
+                etag,
+            }]
+        );
+        assert!(table.delete(&negative, "bad").await.unwrap().is_some());
+        table.delete(&good, "wake").await.unwrap();
+        raw.execute(
+            "DELETE FROM granary_reminders WHERE grain_type = $1",
+            &[&namespace],
+        )
+        .await
+        .unwrap();
+    }
+}

@@ -40,7 +40,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::reminders::{
     BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, decode_grain,
-    encode_grain_key, ms_to_sql, sql_to_u64,
+    encode_grain_key, ms_to_sql, readable, sql_to_u64,
 };
 use super::{ETag, StorageError, StorageProvider, StoredState};
 use crate::key::GrainId;
@@ -476,7 +476,10 @@ impl ReminderTable for PostgresStorage {
                 )
                 .await
                 .map_err(backend)?;
-            rows.iter().map(reminder_row).collect()
+            Ok(rows
+                .iter()
+                .filter_map(|row| readable(reminder_row(row), "postgres"))
+                .collect())
         })
     }
 
@@ -488,7 +491,10 @@ impl ReminderTable for PostgresStorage {
                 .query(&format!("SELECT {ROW_COLUMNS} FROM granary_reminders"), &[])
                 .await
                 .map_err(backend)?;
-            rows.iter().map(reminder_row).collect()
+            Ok(rows
+                .iter()
+                .filter_map(|row| readable(reminder_row(row), "postgres"))
+                .collect())
         })
     }
 

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::reminders::{BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable};
+use super::reminders::{
+    BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, readable,
+};
 use super::{ETag, StorageError, StorageProvider, StoredState};
 use crate::key::GrainId;
 
@@ -322,10 +324,10 @@ impl ReminderTable for RedbStorage {
             let removed = {
                 let mut table = txn.open_table(REMINDERS).map_err(backend)?;
                 let removed = table.remove(key.as_slice()).map_err(backend)?;
-                match removed {
-                    Some(value) => Some(decode_reminder_value(value.value())?.0),
-                    None => None,
-                }
+                // A row that cannot be read goes all the same (contract
+                // rule 5); no read returns it, so an ETag of 0 (never
+                // issued) tombstones nothing.
+                removed.map(|value| decode_reminder_value(value.value()).map_or(0, |row| row.0))
             };
             txn.commit().map_err(backend)?;
             Ok(removed)
@@ -347,7 +349,10 @@ impl ReminderTable for RedbStorage {
                 if !key.value().starts_with(&prefix) {
                     break;
                 }
-                rows.push(decode_reminder(key.value(), value.value())?);
+                rows.extend(readable(
+                    decode_reminder(key.value(), value.value()),
+                    "redb",
+                ));
             }
             Ok(rows)
         })
@@ -361,7 +366,10 @@ impl ReminderTable for RedbStorage {
                 Vec::with_capacity(usize::try_from(table.len().map_err(backend)?).unwrap_or(0));
             for entry in table.iter().map_err(backend)? {
                 let (key, value) = entry.map_err(backend)?;
-                rows.push(decode_reminder(key.value(), value.value())?);
+                rows.extend(readable(
+                    decode_reminder(key.value(), value.value()),
+                    "redb",
+                ));
             }
             Ok(rows)
         })

@@ -16,6 +16,12 @@
 //!    row is gone); the check and the write are atomic.
 //! 4. The batch operations are the single ones applied in order, each with
 //!    its own outcome; a provider may run them in one transaction.
+//! 5. A row that a read cannot decode (written by other tooling, or
+//!    damaged: a grain key that does not decode, a negative period) is
+//!    skipped with a warning ([`readable`]), not an error for the whole
+//!    read: one bad row must not keep every other reminder of every silo
+//!    from loading. A store that fails (I/O, connection) still fails the
+//!    read. `delete` removes such a row all the same.
 
 use std::collections::BTreeMap;
 
@@ -338,6 +344,24 @@ impl ReminderTable for MemoryStorage {
 
 /// Milliseconds as an SQL `bigint`/`INTEGER` (i64): the service keeps its
 /// times and periods below 2^63 (`reminders.rs`, rule 9).
+/// Rule 5: `row` if it decoded; a row that did not is logged and skipped.
+pub(crate) fn readable(
+    row: Result<ReminderRow, StorageError>,
+    store: &'static str,
+) -> Option<ReminderRow> {
+    match row {
+        Ok(row) => Some(row),
+        Err(err) => {
+            tracing::warn!(
+                store,
+                error = %err,
+                "a stored reminder row cannot be read; it is skipped (delete it, or register it again)"
+            );
+            None
+        }
+    }
+}
+
 pub(crate) fn ms_to_sql(ms: u64) -> Result<i64, StorageError> {
     i64::try_from(ms)
         .map_err(|_| StorageError::Backend(format!("{ms} ms is out of the SQL range (2^63)")))

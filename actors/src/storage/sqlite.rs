@@ -23,7 +23,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::reminders::{
     BatchOutcome, DueUpdate, NewReminder, ReminderRow, ReminderTable, decode_grain,
-    encode_grain_key, ms_to_sql, sql_to_u64,
+    encode_grain_key, ms_to_sql, readable, sql_to_u64,
 };
 use super::{ETag, StorageError, StorageProvider, StoredState};
 use crate::key::GrainId;
@@ -362,14 +362,26 @@ fn collect_rows(
         .map_err(backend)?;
     let mut rows = Vec::new();
     for row in raw {
-        let (grain_type, key, name, period_ms, next_due_ms, etag) = row.map_err(backend)?;
-        rows.push(ReminderRow {
-            grain: decode_grain(grain_type, &key)?,
-            name,
-            period_ms: sql_to_u64(period_ms)?,
-            next_due_ms: sql_to_u64(next_due_ms)?,
-            etag: etag_of(etag)?,
-        });
+        let decoded = match row {
+            Ok((grain_type, key, name, period_ms, next_due_ms, etag)) => (|| {
+                Ok(ReminderRow {
+                    grain: decode_grain(grain_type, &key)?,
+                    name,
+                    period_ms: sql_to_u64(period_ms)?,
+                    next_due_ms: sql_to_u64(next_due_ms)?,
+                    etag: etag_of(etag)?,
+                })
+            })(),
+            // A column of the wrong type or range: this row is unreadable
+            // (contract rule 5); anything else is the store failing.
+            Err(
+                err @ (rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)),
+            ) => Err(StorageError::Serialization(err.to_string())),
+            Err(err) => return Err(backend(err)),
+        };
+        rows.extend(readable(decoded, "sqlite"));
     }
     Ok(rows)
 }

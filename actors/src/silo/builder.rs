@@ -44,11 +44,13 @@ pub struct SiloConfig {
     /// above `max_activations`, so that idle activations are shed before
     /// calls are refused.
     pub activation_limit: Option<u64>,
-    /// How long a grain state operation (read, write, clear) may wait for
-    /// the storage provider before it fails with
+    /// How long a grain state operation (read, write, clear), or an
+    /// operation on the reminder table, may wait for the storage provider
+    /// before it fails with
     /// [`StorageError::Timeout`](crate::StorageError::Timeout) (default
     /// 10 s): a storage server that stops answering fails calls rather than
-    /// holding their activations forever.
+    /// holding their activations (or reminder rounds, or a shutdown)
+    /// forever.
     pub storage_timeout: Duration,
 }
 

@@ -6,7 +6,12 @@
 //!    than a clock read by orders of magnitude), into a histogram with
 //!    fixed bounds ([`STORAGE_SECONDS_BOUNDS`]), and counted by outcome:
 //!    done, refused for a stale ETag (a conflict), or failed.
-//! 2. The reminder table is the provider's own, handed out unchanged.
+//! 2. The reminder table is the provider's own, uncounted, each of its
+//!    operations bounded as rule 3 bounds grain state's ([`TimedTable`]):
+//!    a store that stops answering fails a registration, a firing round's
+//!    write or a rescan with [`StorageError::Timeout`] (a firing's write
+//!    then takes the reminders service's unsaved path), rather than holding
+//!    an activation, a round, or a silo's shutdown, forever.
 //! 3. Each operation on grain state waits at most the silo's
 //!    `storage_timeout` for the provider: past it, the provider's future is
 //!    dropped and the operation fails with [`StorageError::Timeout`]
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
+use super::reminders::{BatchOutcome, DueUpdate, NewReminder, ReminderRow};
 use super::{ETag, ReminderTable, StorageError, StorageProvider, StoredState};
 use crate::histogram::{Histogram, HistogramSnapshot};
 use crate::key::GrainId;
@@ -122,14 +128,17 @@ pub(crate) struct CountedStorage {
     inner: Arc<dyn StorageProvider>,
     counters: [OpCounters; 3],
     timeout: Duration,
+    /// The provider's reminder table, bounded (rule 2).
+    table: TimedTable,
 }
 
 impl CountedStorage {
     pub(crate) fn new(inner: Arc<dyn StorageProvider>, timeout: Duration) -> CountedStorage {
         CountedStorage {
-            inner,
+            inner: inner.clone(),
             counters: Default::default(),
             timeout,
+            table: TimedTable { inner, timeout },
         }
     }
 
@@ -191,7 +200,91 @@ impl StorageProvider for CountedStorage {
     }
 
     fn reminder_table(&self) -> Option<&dyn ReminderTable> {
-        self.inner.reminder_table()
+        self.inner
+            .reminder_table()
+            .map(|_| &self.table as &dyn ReminderTable)
+    }
+}
+
+/// A provider's reminder table, each operation bounded by `timeout`
+/// (rule 2). Only handed out where the provider has a table.
+struct TimedTable {
+    inner: Arc<dyn StorageProvider>,
+    timeout: Duration,
+}
+
+impl TimedTable {
+    fn bounded<'a, T: Send + 'a>(
+        &'a self,
+        operation: impl FnOnce(&'a dyn ReminderTable) -> BoxFuture<'a, Result<T, StorageError>>
+        + Send
+        + 'a,
+    ) -> BoxFuture<'a, Result<T, StorageError>> {
+        Box::pin(async move {
+            let Some(table) = self.inner.reminder_table() else {
+                return Err(StorageError::Backend(
+                    "the storage provider has no reminder table".into(),
+                ));
+            };
+            tokio::time::timeout(self.timeout, operation(table))
+                .await
+                .unwrap_or(Err(StorageError::Timeout(self.timeout)))
+        })
+    }
+}
+
+impl ReminderTable for TimedTable {
+    fn upsert<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        period_ms: u64,
+        next_due_ms: u64,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        self.bounded(move |table| table.upsert(grain, name, period_ms, next_due_ms))
+    }
+
+    fn update_due<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+        next_due_ms: u64,
+        expected: ETag,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        self.bounded(move |table| table.update_due(grain, name, next_due_ms, expected))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
+        self.bounded(move |table| table.delete(grain, name))
+    }
+
+    fn read_grain<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
+        self.bounded(move |table| table.read_grain(grain))
+    }
+
+    fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
+        self.bounded(|table| table.read_all())
+    }
+
+    fn upsert_batch<'a>(
+        &'a self,
+        rows: &'a [NewReminder],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        self.bounded(move |table| table.upsert_batch(rows))
+    }
+
+    fn update_due_batch<'a>(
+        &'a self,
+        updates: &'a [DueUpdate],
+    ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
+        self.bounded(move |table| table.update_due_batch(updates))
     }
 }
 
@@ -282,5 +375,127 @@ mod tests {
         );
         let failed: Vec<u64> = counted.stats().ops.iter().map(|op| op.failed).collect();
         assert_eq!(failed, [1, 1, 1]);
+    }
+
+    /// A store whose reminder table never answers.
+    struct SilentTable;
+
+    impl ReminderTable for SilentTable {
+        fn upsert<'a>(
+            &'a self,
+            _: &'a GrainId,
+            _: &'a str,
+            _: u64,
+            _: u64,
+        ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn update_due<'a>(
+            &'a self,
+            _: &'a GrainId,
+            _: &'a str,
+            _: u64,
+            _: ETag,
+        ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn delete<'a>(
+            &'a self,
+            _: &'a GrainId,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn read_grain<'a>(
+            &'a self,
+            _: &'a GrainId,
+        ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// Grain state in memory, reminders in a table that never answers.
+    struct StalledReminders(MemoryStorage, SilentTable);
+
+    impl StorageProvider for StalledReminders {
+        fn read<'a>(
+            &'a self,
+            grain: &'a GrainId,
+        ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+            self.0.read(grain)
+        }
+
+        fn write<'a>(
+            &'a self,
+            grain: &'a GrainId,
+            data: &'a [u8],
+            expected: Option<ETag>,
+        ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+            self.0.write(grain, data, expected)
+        }
+
+        fn clear<'a>(
+            &'a self,
+            grain: &'a GrainId,
+            expected: Option<ETag>,
+        ) -> BoxFuture<'a, Result<(), StorageError>> {
+            self.0.clear(grain, expected)
+        }
+
+        fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+            Some(&self.1)
+        }
+    }
+
+    /// Rule 2: every reminder table operation fails at the timeout instead
+    /// of holding its caller (an activation registering, a firing round,
+    /// a rescan, a silo's shutdown waiting for them) forever.
+    #[tokio::test]
+    async fn a_reminder_table_past_the_timeout_fails_every_operation() {
+        let timeout = Duration::from_millis(50);
+        let counted = CountedStorage::new(
+            Arc::new(StalledReminders(MemoryStorage::new(), SilentTable)),
+            timeout,
+        );
+        let table = counted.reminder_table().expect("the provider's table");
+        let grain = GrainId {
+            type_name: "t".into(),
+            key: GrainKey::U64(1),
+        };
+        let late = Err(StorageError::Timeout(timeout));
+        assert_eq!(table.upsert(&grain, "r", 10, 20).await, late);
+        assert_eq!(table.update_due(&grain, "r", 30, 1).await, late);
+        assert_eq!(
+            table.delete(&grain, "r").await,
+            Err(StorageError::Timeout(timeout))
+        );
+        assert_eq!(
+            table.read_grain(&grain).await,
+            Err(StorageError::Timeout(timeout))
+        );
+        assert_eq!(table.read_all().await, Err(StorageError::Timeout(timeout)));
+        let update = DueUpdate {
+            grain: grain.clone(),
+            name: "r".into(),
+            next_due_ms: 30,
+            expected: 1,
+        };
+        assert_eq!(
+            table.update_due_batch(&[update]).await,
+            Err(StorageError::Timeout(timeout))
+        );
+        // No table, none handed out.
+        assert!(
+            CountedStorage::new(Arc::new(Silent), timeout)
+                .reminder_table()
+                .is_none()
+        );
     }
 }

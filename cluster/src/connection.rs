@@ -33,7 +33,8 @@
 //!    fails at once with [`CallFailure::SiloUnavailable`], and later calls
 //!    fail the same way without waiting. Nothing else is affected. A call
 //!    that gets no response fails with [`CallFailure::Timeout`] after
-//!    `call_timeout`.
+//!    `call_timeout` (or its own time left, if shorter); one with no time
+//!    left fails so at once, and is not sent.
 
 use std::collections::HashMap;
 use std::io;
@@ -474,6 +475,15 @@ impl Connection {
             return Err(shared.unavailable());
         }
         let wait = request.time_left.min(shared.config.call_timeout);
+        if wait.is_zero() {
+            // The sender has stopped waiting: nothing goes out. (A frame
+            // queued anyway would still be handled there: a home
+            // registered, a grain activated, a tell run.)
+            return Err(CallFailure::Timeout {
+                silo: shared.peer.clone(),
+                after: wait,
+            });
+        }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = request_frame(shared, id, &request, wait)?;
         let (reply, answer) = oneshot::channel();

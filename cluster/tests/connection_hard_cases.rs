@@ -1,6 +1,7 @@
 //! Connections' hard cases, each found in review: a call waiting for room
 //! in the outgoing queue, a stranger announcing huge frames before the
-//! handshake, and a peer flooding requests while it reads nothing.
+//! handshake, a peer flooding requests while it reads nothing, and a
+//! request whose sender has no time left.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -272,4 +273,77 @@ async fn flood_a_silo_that(kind: &str, inbound: Arc<dyn Inbound>) {
         "{kind}: {most} more tasks alive during the flood"
     );
     assert!(!connection.is_closed(), "{kind}: the connection closed");
+}
+
+/// Counts the requests it is handed, and answers each.
+struct Counts(AtomicUsize);
+impl Inbound for Counts {
+    fn request(
+        &self,
+        _: &SiloId,
+        _: InboundRequest,
+    ) -> BoxFuture<'static, Result<Vec<u8>, RemoteError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+/// A request whose sender has no time left fails with `Timeout` and is
+/// not sent: the other silo would still handle it (register a home,
+/// activate the grain, run a tell) for a caller that is gone. (In review,
+/// a zero wait still queued the frame before the timeout fired.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_no_time_left_is_not_sent() {
+    let config = ConnectionConfig::default();
+    let (near, far) = tokio::io::duplex(1 << 16);
+    let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
+    let expected = b.clone();
+    let counted = Arc::new(Counts(AtomicUsize::new(0)));
+    let accepted = tokio::spawn({
+        let (b, counted) = (b.clone(), counted.clone());
+        async move {
+            accept(
+                Box::new(far),
+                b,
+                "test",
+                &secret(),
+                &AnyPeer,
+                counted,
+                config,
+            )
+            .await
+        }
+    });
+    let connection = connect(
+        Box::new(near),
+        a,
+        &expected,
+        "test",
+        &secret(),
+        Arc::new(Never),
+        config,
+    )
+    .await
+    .unwrap();
+    let _server = accepted.await.unwrap().unwrap();
+    let request = |time_left| granary_cluster::Outgoing {
+        grain_type: "g",
+        key: &GrainKey::U64(1),
+        message: "m",
+        payload: b"x",
+        kind: granary_actors::route::Kind::Tell,
+        chain: 0,
+        time_left,
+    };
+    assert!(matches!(
+        connection.send(request(Duration::ZERO)).await,
+        Err(granary_cluster::CallFailure::Timeout { .. })
+    ));
+    // A request with time left goes out and is answered: the one before
+    // it, had it been sent, would have been handled first.
+    connection
+        .send(request(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(counted.0.load(Ordering::SeqCst), 1);
 }

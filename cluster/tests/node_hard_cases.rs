@@ -645,3 +645,63 @@ async fn connections_from_one_peer_are_bounded() {
     assert!(!newest.is_closed());
     assert!(links[0].is_closed(), "the oldest was kept");
 }
+
+/// Node rule 4: callers that need a peer whose connects never complete
+/// share one attempt, and wait about one handshake timeout, not one more
+/// for each caller queued before them. (In review, callers took the peer's
+/// slot one at a time, each making a full attempt of its own: the k-th
+/// waited k handshake timeouts, and `call_named` has no deadline of its
+/// own to cut that short.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_an_unreachable_peer_share_one_connect_attempt() {
+    let cluster = Cluster::new();
+    let mut ca = config(1, 44_000);
+    ca.connection.call_timeout = Duration::from_secs(30);
+    ca.connection.handshake_timeout = Duration::from_millis(300);
+    let transport = Arc::new(BlackHole {
+        inner: cluster.network.transport(&listen(1)),
+        hole: listen(3),
+    });
+    let a = ClusterNode::builder(silo(cluster.storage.clone()), ca)
+        .transport(transport)
+        .placement(Arc::new(PreferLocal))
+        .start(cluster.gossip.clone())
+        .await
+        .unwrap();
+    let b = cluster.start(config(2, 44_000), local).await;
+    let c = cluster.start(config(3, 44_000), local).await;
+    converged(&[&a, &b, &c], 3).await;
+    // A grain homed on c, whose directory entry c owns: a, which cannot
+    // reach c, can neither look it up nor call it.
+    let key = key_owned_by(
+        &c.id(),
+        &[vec![a.id().clone(), b.id().clone(), c.id().clone()]],
+    );
+    assert_eq!(add(&c, key, 1).await.unwrap(), 1);
+    let payload = postcard::to_allocvec(&Add(1)).unwrap();
+    let call = |a: ClusterNode, payload: Vec<u8>| async move {
+        let started = Instant::now();
+        let outcome = a
+            .call_named("counter", GrainKey::U64(key), "add", &payload)
+            .await;
+        (outcome, started.elapsed())
+    };
+    let (alone, one) = call(a.clone(), payload.clone()).await;
+    assert!(alone.is_err(), "{alone:?}");
+    let started = Instant::now();
+    let callers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(call(a.clone(), payload.clone())))
+        .collect();
+    for caller in callers {
+        let (outcome, _) = tokio::time::timeout(Duration::from_secs(20), caller)
+            .await
+            .expect("a caller still waits after 20 s")
+            .unwrap();
+        assert!(outcome.is_err(), "{outcome:?}");
+    }
+    let eight = started.elapsed();
+    assert!(
+        eight < one * 3 + Duration::from_millis(300),
+        "eight callers at once took {eight:?}, one alone {one:?}"
+    );
+}

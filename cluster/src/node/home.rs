@@ -731,7 +731,7 @@ impl Inner {
                 // handshake timeout: closed once it ends, beside the view
                 // task, which goes on to the next view meanwhile.
                 tokio::spawn(async move {
-                    if let Some(connection) = slot.lock().await.take() {
+                    if let Some(connection) = slot.lock().await.connection.take() {
                         connection.close();
                     }
                 });

@@ -72,7 +72,10 @@
 //!    and the grain starts from its persisted state there. Connections to
 //!    it are closed, so calls in flight fail at once with
 //!    `SiloUnavailable`; a call to a silo that no longer answers fails with
-//!    `Timeout` at the call timeout, never hangs.
+//!    `Timeout` at the call timeout, never hangs. Callers that need a peer
+//!    while a connect to it is under way wait for that one attempt and
+//!    share its failure (`peers.rs`), so each waits about one handshake
+//!    timeout, not one per caller queued before it.
 //! 5. **Load.** Every `load_interval` the node publishes its activation
 //!    count and, if it has a GPU bridge, each device's free memory, queue
 //!    depth and capabilities, for placement elsewhere (and what operators
@@ -311,7 +314,7 @@ struct Inner {
     /// Open connections, by peer: the one calls go out on. The map's lock
     /// is never held across an await; a peer's slot is, only while
     /// connecting to that peer.
-    connections: Mutex<HashMap<SiloId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    connections: Mutex<HashMap<SiloId, Arc<tokio::sync::Mutex<peers::PeerSlot>>>>,
     /// The connection calls go out on, by peer, for the common case: read
     /// without the slots' locks. Kept with the slots: set when a slot gets
     /// a connection, removed when the peer leaves the view.

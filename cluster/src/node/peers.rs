@@ -16,6 +16,19 @@ use crate::wire::RemoteError;
 /// Where the view comes from: gossip or etcd (`provider.rs`).
 pub(super) type Provider = Box<dyn crate::provider::MembershipProvider>;
 
+/// A peer's slot: the connection calls go out on, and how the last attempt
+/// to open one failed. Its lock is held while connecting, so callers that
+/// need the peer meanwhile wait for that one attempt.
+#[derive(Default)]
+pub(super) struct PeerSlot {
+    pub(super) connection: Option<Connection>,
+    /// When the last attempt ended, failed, and why: a caller that waited
+    /// for the slot while it ran is answered the same (rule 4), rather
+    /// than each making a full attempt of its own (a peer whose host died
+    /// would make the k-th caller wait k handshake timeouts).
+    failed: Option<(std::time::Instant, ClusterCallError)>,
+}
+
 impl ClusterNode {
     /// The open connection to `peer`, opened if needed.
     pub(super) async fn connection(&self, peer: &SiloId) -> Result<Connection, ClusterCallError> {
@@ -35,11 +48,22 @@ impl ClusterNode {
             .entry(peer.clone())
             .or_default()
             .clone();
+        let waited_from = std::time::Instant::now();
         let mut slot = slot.lock().await;
-        if let Some(connection) = slot.as_ref() {
+        // Rule 6: a node that stopped while this caller waited (its slots
+        // drained, perhaps before this one was made) connects to no one.
+        if inner.stopped.load(Ordering::Acquire) {
+            return Err(ClusterCallError::Remote(RemoteError::ShutDown));
+        }
+        if let Some(connection) = slot.connection.as_ref() {
             if !connection.is_closed() {
                 inner.open.insert(peer.clone(), connection.clone());
                 return Ok(connection.clone());
+            }
+        }
+        if let Some((ended, err)) = &slot.failed {
+            if *ended >= waited_from {
+                return Err(err.clone());
             }
         }
         let unavailable = |reason: String| ClusterCallError::SiloUnavailable {
@@ -64,12 +88,29 @@ impl ClusterNode {
             .await
             .map_err(|err| unavailable(err.to_string()))
         };
-        let connection =
-            tokio::time::timeout(inner.config.connection.handshake_timeout, connecting)
-                .await
-                .map_err(|_| unavailable("connecting timed out".into()))??;
-        *slot = Some(connection.clone());
+        let connected = tokio::time::timeout(inner.config.connection.handshake_timeout, connecting)
+            .await
+            .map_err(|_| unavailable("connecting timed out".into()))
+            .and_then(|connected| connected);
+        let connection = match connected {
+            Ok(connection) => connection,
+            Err(err) => {
+                slot.failed = Some((std::time::Instant::now(), err.clone()));
+                return Err(err);
+            }
+        };
+        slot.connection = Some(connection.clone());
+        slot.failed = None;
         inner.open.insert(peer.clone(), connection.clone());
+        // A stop that began while connecting: `close_connections` cleared
+        // `open` after setting the flag, so the insert above either came
+        // before its clear or is seen here, and undone.
+        if inner.stopped.load(Ordering::Acquire) {
+            inner.open.remove(peer);
+            slot.connection = None;
+            connection.close();
+            return Err(ClusterCallError::Remote(RemoteError::ShutDown));
+        }
         Ok(connection)
     }
 }

@@ -109,7 +109,7 @@ impl Inner {
             .map(|(_, slot)| slot)
             .collect();
         for slot in slots {
-            if let Some(connection) = slot.lock().await.take() {
+            if let Some(connection) = slot.lock().await.connection.take() {
                 connection.close();
             }
         }
@@ -484,8 +484,8 @@ impl NodeParts {
                                     .clone();
                                 // Busy: we are connecting to it ourselves.
                                 if let Ok(mut slot) = slot.try_lock() {
-                                    if slot.as_ref().is_none_or(Connection::is_closed) {
-                                        *slot = Some(connection.clone());
+                                    if slot.connection.as_ref().is_none_or(Connection::is_closed) {
+                                        slot.connection = Some(connection.clone());
                                         inner.open.insert(peer.clone(), connection.clone());
                                     }
                                 }

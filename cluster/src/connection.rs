@@ -34,7 +34,9 @@
 //!    fail the same way without waiting. Nothing else is affected. A call
 //!    that gets no response fails with [`CallFailure::Timeout`] after
 //!    `call_timeout` (or its own time left, if shorter); one with no time
-//!    left fails so at once, and is not sent.
+//!    left fails so at once, and is not sent. Closing drops this side of
+//!    the stream at once, even while the writer waits on a peer that reads
+//!    nothing, and with it every frame still queued.
 
 use std::collections::HashMap;
 use std::io;
@@ -776,15 +778,18 @@ fn start(
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;
 
-/// Rule 3.
+/// How long a closing writer tries to tell the peer the stream ends.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
+
+/// Rule 3. A close (rule 5) stops the writer even while it waits on a
+/// peer that reads nothing: its half of the stream, and the frames still
+/// queued, are dropped then, not kept for as long as the peer stalls.
 async fn write_frames(shared: Arc<Shared>, mut writer: Writer, mut frames: mpsc::Receiver<Bytes>) {
-    let outcome: io::Result<()> = async {
+    let writing = async {
         loop {
-            let first = tokio::select! {
-                _ = shared.stop.cancelled() => return Ok(()),
-                frame = frames.recv() => frame,
+            let Some(first) = frames.recv().await else {
+                return Ok(());
             };
-            let Some(first) = first else { return Ok(()) };
             writer.feed(first).await?;
             for _ in 1..WRITE_BATCH {
                 match frames.try_recv() {
@@ -794,13 +799,17 @@ async fn write_frames(shared: Arc<Shared>, mut writer: Writer, mut frames: mpsc:
             }
             SinkExt::<Bytes>::flush(&mut writer).await?;
         }
-    }
-    .await;
+    };
+    let outcome: io::Result<()> = tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => Ok(()),
+        outcome = writing => outcome,
+    };
     if let Err(err) = outcome {
         shared.close(format!("writing failed: {err}"));
     }
-    // Best effort: tell the peer the stream ends.
-    let _ = SinkExt::<Bytes>::close(&mut writer).await;
+    // Best effort, and bounded: tell the peer the stream ends.
+    let _ = tokio::time::timeout(CLOSE_GRACE, SinkExt::<Bytes>::close(&mut writer)).await;
 }
 
 /// Reads frames until the connection closes (rules 2, 4 and 5).

@@ -1,7 +1,8 @@
 //! Connections' hard cases, each found in review: a call waiting for room
 //! in the outgoing queue, a stranger announcing huge frames before the
-//! handshake, a peer flooding requests while it reads nothing, and a
-//! request whose sender has no time left.
+//! handshake, a peer flooding requests while it reads nothing, a request
+//! whose sender has no time left, and a close while the writer waits on a
+//! peer that stalled.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -346,4 +347,88 @@ async fn a_request_with_no_time_left_is_not_sent() {
         .await
         .unwrap();
     assert_eq!(counted.0.load(Ordering::SeqCst), 1);
+}
+
+/// Connection rule 5: `close` closes the stream even while the writer is
+/// blocked on a peer that reads nothing (the peer stalled, and the view
+/// dropped it). (In review, the blocked writer kept its half of the
+/// stream, and every frame still queued, for as long as the peer stalled:
+/// a peer that woke up read requests whose callers had been told the silo
+/// was unavailable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_ends_the_stream_while_the_writer_waits_on_a_stalled_peer() {
+    use futures_util::{SinkExt, StreamExt};
+    use granary_cluster::auth::{self, Role};
+    use granary_cluster::wire::{self, Header};
+    use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+    let config = ConnectionConfig {
+        call_timeout: Duration::from_secs(30),
+        ..ConnectionConfig::default()
+    };
+    let (near, far) = tokio::io::duplex(4096);
+    let (me, acceptor) = (SiloId::new("m:1", 1), SiloId::new("a:1", 1));
+    let accepted = tokio::spawn({
+        let acceptor = acceptor.clone();
+        async move {
+            accept(
+                Box::new(far),
+                acceptor,
+                "test",
+                &secret(),
+                &AnyPeer,
+                Arc::new(Never),
+                config,
+            )
+            .await
+        }
+    });
+    let mut raw = Framed::new(near, LengthDelimitedCodec::new());
+    let ours = auth::nonce().unwrap();
+    let hello = Header::Hello {
+        protocol: wire::PROTOCOL,
+        cluster: "test".into(),
+        silo: me.clone(),
+        nonce: ours,
+    };
+    raw.send(wire::encode(&hello, &[]).unwrap()).await.unwrap();
+    let frame = raw.next().await.unwrap().unwrap();
+    let Header::Challenge { nonce: theirs, .. } = wire::decode(frame.freeze()).unwrap().0 else {
+        panic!("expected a challenge");
+    };
+    let proof = secret().proof(Role::Connector, "test", [&theirs, &ours], [&me, &acceptor]);
+    raw.send(wire::encode(&Header::Proof { proof }, &[]).unwrap())
+        .await
+        .unwrap();
+    let connection = accepted.await.unwrap().expect("the handshake completes");
+    // The peer reads nothing more: a 64 KiB request fills the 4 KiB
+    // stream, and the writer waits on it.
+    let call = tokio::spawn({
+        let connection = connection.clone();
+        async move {
+            connection
+                .call("g", &GrainKey::U64(1), "m", &vec![0u8; 64 << 10])
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    connection.close();
+    assert!(call.await.unwrap().is_err());
+    // The stream is dropped on this side: the peer's writes fail.
+    let bound = Instant::now() + Duration::from_secs(2);
+    loop {
+        match raw.get_mut().write_all(b"x").await {
+            Err(err) => {
+                assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+                break;
+            }
+            Ok(()) => {
+                assert!(
+                    Instant::now() < bound,
+                    "the closed connection still holds its stream after 2 s"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }

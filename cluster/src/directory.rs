@@ -22,6 +22,13 @@
 //!    ([`LocationCache`]); a location that turns out stale (its silo is
 //!    gone, or it no longer hosts the grain) is invalidated and looked up
 //!    again. A silo that leaves the view is dropped from the cache whole.
+//!    The cache holds at most its capacity ([`LOCATIONS_KEPT`] by default,
+//!    a million, as Orleans keeps): an insert into a full cache first
+//!    forgets an eighth of it, the entries the map meets first (placed by
+//!    hash, so in effect at random). A forgotten location costs one
+//!    directory lookup when it is next needed, nothing else; a silo that
+//!    calls many distinct grains no longer keeps one entry per grain for
+//!    its whole life.
 //!
 //! The messages that carry registrations between silos, and the hand-over
 //! of entries when ownership moves, are the directory service's
@@ -160,16 +167,45 @@ impl Partition {
     }
 }
 
-/// Locations a silo has learned (rule 4).
-#[derive(Debug, Default)]
+/// How many locations a [`LocationCache`] keeps unless told otherwise
+/// (rule 4).
+pub const LOCATIONS_KEPT: usize = 1 << 20;
+
+/// Locations a silo has learned (rule 4), at most its capacity.
+#[derive(Debug)]
 pub struct LocationCache {
     locations: DashMap<GrainId, ActivationAddress>,
+    capacity: usize,
+}
+
+impl Default for LocationCache {
+    fn default() -> LocationCache {
+        LocationCache::with_capacity(LOCATIONS_KEPT)
+    }
 }
 
 impl LocationCache {
-    /// An empty cache.
+    /// An empty cache of [`LOCATIONS_KEPT`] locations.
     pub fn new() -> LocationCache {
         LocationCache::default()
+    }
+
+    /// An empty cache of at most `capacity` locations (at least 1).
+    pub fn with_capacity(capacity: usize) -> LocationCache {
+        LocationCache {
+            locations: DashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Locations held.
+    pub fn len(&self) -> usize {
+        self.locations.len()
+    }
+
+    /// Whether no location is held.
+    pub fn is_empty(&self) -> bool {
+        self.locations.is_empty()
     }
 
     /// The cached location of `grain`.
@@ -177,8 +213,19 @@ impl LocationCache {
         self.locations.get(grain).map(|entry| entry.clone())
     }
 
-    /// Remembers `address` for `grain`.
+    /// Remembers `address` for `grain`, first making room in a full cache
+    /// (rule 4).
     pub fn insert(&self, grain: GrainId, address: ActivationAddress) {
+        if self.locations.len() >= self.capacity && !self.locations.contains_key(&grain) {
+            let mut shed = (self.capacity / 8).max(1);
+            self.locations.retain(|_, _| {
+                if shed == 0 {
+                    return true;
+                }
+                shed -= 1;
+                false
+            });
+        }
         self.locations.insert(grain, address);
     }
 
@@ -296,6 +343,22 @@ mod tests {
             let winners: HashSet<_> = results.iter().map(|r| r[key].clone()).collect();
             assert_eq!(winners.len(), 1, "grain {key}: {winners:?}");
         }
+    }
+
+    /// Rule 4: a silo that calls many distinct grains keeps at most the
+    /// cache's capacity of locations, and the latest one learned.
+    #[test]
+    fn the_cache_keeps_at_most_its_capacity() {
+        let cache = LocationCache::with_capacity(100);
+        for key in 0..10_000 {
+            cache.insert(grain(key), at("a", key));
+            assert!(cache.len() <= 100, "{} locations", cache.len());
+            assert_eq!(cache.get(&grain(key)), Some(at("a", key)));
+        }
+        // Updating a location held makes no room.
+        let held = cache.len();
+        cache.insert(grain(9_999), at("b", 1));
+        assert_eq!(cache.len(), held);
     }
 
     #[test]

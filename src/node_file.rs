@@ -565,15 +565,30 @@ where
     }
 }
 
+/// `open` on a blocking thread, its failure as the node's.
+async fn blocking<T: Send + 'static>(
+    open: impl FnOnce() -> Result<T, granary_actors::StorageError> + Send + 'static,
+) -> Result<T, NodeRunError> {
+    tokio::task::spawn_blocking(open)
+        .await
+        .map_err(|err| NodeRunError(format!("storage: opening it failed: {err}")))?
+        .map_err(|err| NodeRunError(format!("storage: {err}")))
+}
+
 async fn open_storage(file: &StorageFile) -> Result<Arc<dyn StorageProvider>, NodeRunError> {
     let fail = |err: granary_actors::StorageError| NodeRunError(format!("storage: {err}"));
     Ok(match file {
         StorageFile::Memory => Arc::new(granary_actors::MemoryStorage::new()),
+        // Opening is file I/O, a redb repair after a crash, or SQLite's
+        // retries while another process holds the file (up to seconds):
+        // on a blocking thread, not a runtime worker.
         StorageFile::Redb { path } => {
-            Arc::new(granary_actors::RedbStorage::open(path).map_err(fail)?)
+            let path = path.clone();
+            Arc::new(blocking(move || granary_actors::RedbStorage::open(path)).await?)
         }
         StorageFile::Sqlite { path } => {
-            Arc::new(granary_actors::SqliteStorage::open(path).map_err(fail)?)
+            let path = path.clone();
+            Arc::new(blocking(move || granary_actors::SqliteStorage::open(path)).await?)
         }
         StorageFile::Postgres { url } => Arc::new(
             granary_actors::PostgresStorage::connect(url)

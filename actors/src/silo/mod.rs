@@ -85,8 +85,10 @@
 //!     or taken but not started (a call's caller gets
 //!     `CallError::Unavailable`; an admitted tell is lost; every dropped
 //!     message is counted in `Silo::dropped_with_homes`), runs
-//!     `on_deactivate` (a state write of a grain that has moved on is
-//!     refused by its ETag) and ends. Unlike rule 5, nothing queued runs:
+//!     `on_deactivate` and ends. A state write there is refused by its
+//!     ETag if the grain's next activation has written since; if it has
+//!     not, the write lands, and the next activation's own write is the
+//!     one refused (a `Conflict`), until it reads the state again. Unlike rule 5, nothing queued runs:
 //!     another silo may already be the grain's home. Nor does a message
 //!     whose delivery began before the give-up start a new activation: a
 //!     sender that waited for room, or was handed its message back by the

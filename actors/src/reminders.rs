@@ -78,7 +78,10 @@
 //!    below 2^63 ms, and a later due time is capped there.
 //! 10. **Earlier versions** kept a silo's reminders in one state record
 //!     ([`REMINDERS`]); a silo's first rescan copies any such record into
-//!     the table and clears it.
+//!     the table and clears it. Only rows the table lacks are copied, and
+//!     once they are, a try after a failed clear only clears: an import
+//!     tried again never moves a row that fired since back to its old due
+//!     time, nor brings back one unregistered since.
 
 mod schedule;
 
@@ -243,6 +246,9 @@ pub(crate) struct Reminders {
     changed: tokio::sync::Notify,
     /// A placement was installed: the scheduler rescans.
     rescan_requested: AtomicBool,
+    /// The legacy record's rows are in the table: what is left of the
+    /// import is clearing the record (rule 10).
+    legacy_copied: AtomicBool,
     rescan_every: Duration,
     /// Reminders that came due here, were delivered, or could not be
     /// (`ReminderStats`).
@@ -279,6 +285,7 @@ impl Reminders {
             loading: tokio::sync::Mutex::new(false),
             changed: tokio::sync::Notify::new(),
             rescan_requested: AtomicBool::new(false),
+            legacy_copied: AtomicBool::new(false),
             rescan_every,
             due: Default::default(),
             delivered: Default::default(),
@@ -478,29 +485,51 @@ impl Reminders {
                 return true;
             }
         };
-        let rows: Vec<NewReminder> = legacy
-            .into_iter()
-            .map(|reminder| NewReminder {
-                grain: reminder.grain,
-                name: reminder.name,
-                period_ms: reminder.period_ms.clamp(1, MAX_MS),
-                next_due_ms: reminder.next_due_ms.min(MAX_MS),
-            })
-            .collect();
-        let written = table.upsert_batch(&rows).await;
-        let failed = match written {
-            Ok(outcome) => outcome.into_iter().find_map(Result::err),
-            Err(err) => Some(err),
-        };
-        if let Some(err) = failed {
-            tracing::warn!(error = %err, "the reminders of an earlier version could not be copied; trying again at the next rescan");
-            return false;
+        let mut copied = legacy.len();
+        if !self.legacy_copied.load(Ordering::Acquire) {
+            // Only rows the table lacks: an import tried again (its record
+            // not cleared, or by another silo at once) must not move a row
+            // that fired since back to its old due time, nor give it a new
+            // version.
+            let present: std::collections::HashSet<(GrainId, String)> = match table.read_all().await
+            {
+                Ok(rows) => rows.into_iter().map(|row| (row.grain, row.name)).collect(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "the reminder table could not be read to copy the reminders of an earlier version; trying again at the next rescan");
+                    return false;
+                }
+            };
+            let rows: Vec<NewReminder> = legacy
+                .into_iter()
+                .filter(|reminder| {
+                    !present.contains(&(reminder.grain.clone(), reminder.name.clone()))
+                })
+                .map(|reminder| NewReminder {
+                    grain: reminder.grain,
+                    name: reminder.name,
+                    period_ms: reminder.period_ms.clamp(1, MAX_MS),
+                    next_due_ms: reminder.next_due_ms.min(MAX_MS),
+                })
+                .collect();
+            copied = rows.len();
+            let written = table.upsert_batch(&rows).await;
+            let failed = match written {
+                Ok(outcome) => outcome.into_iter().find_map(Result::err),
+                Err(err) => Some(err),
+            };
+            if let Some(err) = failed {
+                tracing::warn!(error = %err, "the reminders of an earlier version could not be copied; trying again at the next rescan");
+                return false;
+            }
+            // Copied: a later try only clears the record, so a reminder
+            // unregistered meanwhile stays gone.
+            self.legacy_copied.store(true, Ordering::Release);
         }
         match self.storage.clear(&record, Some(stored.etag)).await {
             // A conflict: another silo imported it at the same time.
             Ok(()) | Err(StorageError::Conflict { .. }) => {
                 tracing::info!(
-                    reminders = rows.len(),
+                    reminders = copied,
                     "copied the reminders of an earlier version into the reminder table"
                 );
                 true

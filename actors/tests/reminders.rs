@@ -978,3 +978,103 @@ async fn reminders_of_an_earlier_version_are_copied_into_the_table() {
     assert_eq!((rows[0].grain.clone(), rows[0].period_ms), (beeper(3), 100));
     silo.shutdown().await;
 }
+
+/// Memory storage whose first clear of the legacy reminders record fails.
+struct FailsFirstLegacyClear {
+    inner: MemoryStorage,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl StorageProvider for FailsFirstLegacyClear {
+    fn read<'a>(
+        &'a self,
+        grain: &'a GrainId,
+    ) -> BoxFuture<'a, Result<Option<StoredState>, StorageError>> {
+        self.inner.read(grain)
+    }
+
+    fn write<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        data: &'a [u8],
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<ETag, StorageError>> {
+        self.inner.write(grain, data, expected)
+    }
+
+    fn clear<'a>(
+        &'a self,
+        grain: &'a GrainId,
+        expected: Option<ETag>,
+    ) -> BoxFuture<'a, Result<(), StorageError>> {
+        if grain.type_name == granary_actors::REMINDERS
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Box::pin(async { Err(StorageError::Backend("injected".into())) });
+        }
+        self.inner.clear(grain, expected)
+    }
+
+    fn reminder_table(&self) -> Option<&dyn ReminderTable> {
+        self.inner.reminder_table()
+    }
+}
+
+/// Rule 10: an import whose clear failed is tried again at the next rescan,
+/// and that try only clears. A reminder unregistered in between stays
+/// gone. (In review, the try upserted every legacy row again: the
+/// unregistered reminder came back, and rows that had fired since went
+/// back to their old due times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_import_tried_again_brings_back_no_reminder_unregistered_since() {
+    let storage = Arc::new(FailsFirstLegacyClear {
+        inner: MemoryStorage::new(),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let record = GrainId {
+        type_name: granary_actors::REMINDERS.into(),
+        key: GrainKey::from("silo"),
+    };
+    let old = vec![OldReminder {
+        grain: beeper(4),
+        name: "beep".into(),
+        period_ms: 100,
+        next_due_ms: wall_ms(),
+    }];
+    storage
+        .write(&record, &postcard::to_allocvec(&old).unwrap(), None)
+        .await
+        .unwrap();
+    let fires = Arc::new(Fires::default());
+    let silo = beeper_silo(storage.clone(), &fires, Duration::from_millis(300));
+    fires
+        .wait_until("the old reminder", Duration::from_secs(20), |fires| {
+            fires.count(4) >= 1
+        })
+        .await;
+    // The first clear failed: the record is still there.
+    assert!(storage.read(&record).await.unwrap().is_some());
+    assert_eq!(
+        silo.grain::<Beeper>(4u64)
+            .call(Beep("beep", None))
+            .await
+            .unwrap(),
+        Ok(true)
+    );
+    // The next rescans clear the record, and copy nothing back.
+    let bound = std::time::Instant::now() + Duration::from_secs(20);
+    while storage.read(&record).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < bound,
+            "the record is never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        storage.reminder_table().unwrap().read_all().await.unwrap(),
+        vec![],
+        "an unregistered reminder came back"
+    );
+    silo.shutdown().await;
+}

@@ -371,7 +371,9 @@ impl Reminders {
             .ok()
             .filter(|ms| (1..=MAX_MS).contains(ms))
             .ok_or(ReminderError::BadPeriod(period))?;
-        let due_ms = u64::try_from(due.as_millis()).map_err(|_| ReminderError::BadPeriod(due))?;
+        // A first due time past the representable is capped (rule 9), as
+        // any later one is: it is not a bad period.
+        let due_ms = u64::try_from(due.as_millis()).unwrap_or(u64::MAX);
         let next_due_ms = now_ms().saturating_add(due_ms).min(MAX_MS);
         let etag = self
             .table()?

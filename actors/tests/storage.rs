@@ -888,6 +888,26 @@ async fn postgres_skips_a_reminder_row_it_cannot_read() {
         );
         assert!(table.delete(&negative, "bad").await.unwrap().is_some());
         table.delete(&good, "wake").await.unwrap();
+        // A grain state's negative ETag is refused, not taken for 0 (a
+        // version no write could ever match).
+        let state = id_in(&namespace, "state");
+        storage.write(&state, b"one", None).await.unwrap();
+        raw.execute(
+            "UPDATE granary_grain_state SET etag = -7 WHERE grain_type = $1",
+            &[&namespace],
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(storage.read(&state).await, Err(StorageError::Backend(_))),
+            "a negative ETag was read as a version"
+        );
+        raw.execute(
+            "DELETE FROM granary_grain_state WHERE grain_type = $1",
+            &[&namespace],
+        )
+        .await
+        .unwrap();
         raw.execute(
             "DELETE FROM granary_reminders WHERE grain_type = $1",
             &[&namespace],
@@ -895,4 +915,29 @@ async fn postgres_skips_a_reminder_row_it_cannot_read() {
         .await
         .unwrap();
     }
+}
+
+/// A truncated redb state is a decoding failure (`Serialization`), not a
+/// `Backend` error that reads as transient.
+#[tokio::test]
+async fn a_truncated_redb_state_is_a_serialization_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grains.redb");
+    let grain = id("truncated");
+    {
+        let table = redb::TableDefinition::<&[u8], &[u8]>::new("grain_state");
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut states = txn.open_table(table).unwrap();
+            let key = postcard::to_allocvec(&grain).unwrap();
+            states.insert(key.as_slice(), [1u8, 2].as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let storage = RedbStorage::open(&path).unwrap();
+    assert!(matches!(
+        storage.read(&grain).await,
+        Err(StorageError::Serialization(_))
+    ));
 }

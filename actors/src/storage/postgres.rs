@@ -104,9 +104,11 @@ fn encode_key(grain: &GrainId) -> Result<Vec<u8>, StorageError> {
     postcard::to_allocvec(&grain.key).map_err(|err| StorageError::Serialization(err.to_string()))
 }
 
-/// ETags are stored as `bigint`; the sequence starts at 1.
-fn etag(value: i64) -> ETag {
-    u64::try_from(value).unwrap_or(0)
+/// ETags are stored as `bigint`; the sequence starts at 1. A row's
+/// column that is not one (the table altered by hand) is an error, never a
+/// panic, and a negative ETag is refused, not taken for another.
+fn etag(row: &tokio_postgres::Row, column: usize) -> Result<ETag, StorageError> {
+    sql_to_u64(row.try_get(column).map_err(backend)?)
 }
 
 fn expected_sql(expected: ETag) -> Result<i64, StorageError> {
@@ -217,7 +219,7 @@ impl PostgresStorage {
             )
             .await
             .map_err(backend)?;
-        Ok(row.map(|row| etag(row.get(0))))
+        row.map(|row| etag(&row, 0)).transpose()
     }
 
     async fn conflict(&self, grain: &GrainId, key: &[u8], expected: Option<ETag>) -> StorageError {
@@ -245,10 +247,13 @@ impl StorageProvider for PostgresStorage {
                 )
                 .await
                 .map_err(backend)?;
-            Ok(row.map(|row| StoredState {
-                etag: etag(row.get(0)),
-                data: row.get(1),
-            }))
+            row.map(|row| {
+                Ok(StoredState {
+                    etag: etag(&row, 0)?,
+                    data: row.try_get(1).map_err(backend)?,
+                })
+            })
+            .transpose()
         })
     }
 
@@ -286,7 +291,7 @@ impl StorageProvider for PostgresStorage {
                     .map_err(backend)?,
             };
             match row {
-                Some(row) => Ok(etag(row.get(0))),
+                Some(row) => etag(&row, 0),
                 None => Err(self.conflict(grain, &key, expected).await),
             }
         })

@@ -56,7 +56,7 @@ fn encode_key(grain: &GrainId) -> Result<Vec<u8>, StorageError> {
 fn decode_value(value: &[u8]) -> Result<StoredState, StorageError> {
     let (etag, data) = value
         .split_first_chunk::<8>()
-        .ok_or_else(|| StorageError::Backend("redb: a stored value is truncated".into()))?;
+        .ok_or_else(|| StorageError::Serialization("redb: a stored value is truncated".into()))?;
     Ok(StoredState {
         data: data.to_vec(),
         etag: u64::from_le_bytes(*etag),
@@ -200,7 +200,7 @@ fn reminder_value(etag: ETag, period_ms: u64, next_due_ms: u64) -> [u8; 24] {
 
 /// `(etag, period, next due)` from a stored reminder value.
 fn decode_reminder_value(value: &[u8]) -> Result<(ETag, u64, u64), StorageError> {
-    let truncated = || StorageError::Backend("redb: a stored reminder is truncated".into());
+    let truncated = || StorageError::Serialization("redb: a stored reminder is truncated".into());
     let (etag, rest) = value.split_first_chunk::<8>().ok_or_else(truncated)?;
     let (period, rest) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;
     let (due, _) = rest.split_first_chunk::<8>().ok_or_else(truncated)?;

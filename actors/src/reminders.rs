@@ -62,7 +62,9 @@
 //!    the new owner loaded the row before the old owner's write landed (the
 //!    later of the two writes then conflicts, rule 5). A reminder is never
 //!    lost while some silo owns it: its row stays until it is unregistered,
-//!    and the owner's rescans find it. A removed reminder may still fire
+//!    and the owner's rescans find it. (A row the store cannot decode, put
+//!    there by other tooling or damage, is skipped with a warning and does
+//!    not fire: the reminder table's rule 5.) A removed reminder may still fire
 //!    once if its firing was under way, or, removed on a silo that does not
 //!    own it, before the owner hears of it. Due times missed while no silo
 //!    fired them (all were down, or the owner stalled past a period) fire
@@ -78,10 +80,13 @@
 //!    below 2^63 ms, and a later due time is capped there.
 //! 10. **Earlier versions** kept a silo's reminders in one state record
 //!     ([`REMINDERS`]); a silo's first rescan copies any such record into
-//!     the table and clears it. Only rows the table lacks are copied, and
-//!     once they are, a try after a failed clear only clears: an import
-//!     tried again never moves a row that fired since back to its old due
-//!     time, nor brings back one unregistered since.
+//!     the table and clears it. Only rows the table lacks are copied, so an
+//!     import tried again never moves a row that fired since back to its
+//!     old due time. Once this silo has copied a version of the record, it
+//!     only clears that version, so it brings back no reminder unregistered
+//!     since; another silo that imports the same record before it is
+//!     cleared copies what the table lacks then (the record is read by
+//!     every silo once, at its first rescan).
 
 mod schedule;
 
@@ -246,9 +251,9 @@ pub(crate) struct Reminders {
     changed: tokio::sync::Notify,
     /// A placement was installed: the scheduler rescans.
     rescan_requested: AtomicBool,
-    /// The legacy record's rows are in the table: what is left of the
-    /// import is clearing the record (rule 10).
-    legacy_copied: AtomicBool,
+    /// The version of the legacy record whose rows this silo copied into
+    /// the table: what is left of the import is clearing it (rule 10).
+    legacy_copied: std::sync::Mutex<Option<crate::storage::ETag>>,
     rescan_every: Duration,
     /// Reminders that came due here, were delivered, or could not be
     /// (`ReminderStats`).
@@ -285,7 +290,7 @@ impl Reminders {
             loading: tokio::sync::Mutex::new(false),
             changed: tokio::sync::Notify::new(),
             rescan_requested: AtomicBool::new(false),
-            legacy_copied: AtomicBool::new(false),
+            legacy_copied: std::sync::Mutex::new(None),
             rescan_every,
             due: Default::default(),
             delivered: Default::default(),
@@ -487,8 +492,13 @@ impl Reminders {
                 return true;
             }
         };
-        let mut copied = legacy.len();
-        if !self.legacy_copied.load(Ordering::Acquire) {
+        let mut copied = 0;
+        let already = *self
+            .legacy_copied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == Some(stored.etag);
+        if !already {
             // Only rows the table lacks: an import tried again (its record
             // not cleared, or by another silo at once) must not move a row
             // that fired since back to its old due time, nor give it a new
@@ -523,16 +533,19 @@ impl Reminders {
                 tracing::warn!(error = %err, "the reminders of an earlier version could not be copied; trying again at the next rescan");
                 return false;
             }
-            // Copied: a later try only clears the record, so a reminder
-            // unregistered meanwhile stays gone.
-            self.legacy_copied.store(true, Ordering::Release);
+            // Copied: a later try only clears this version of the record,
+            // so a reminder unregistered meanwhile stays gone.
+            *self
+                .legacy_copied
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stored.etag);
         }
         match self.storage.clear(&record, Some(stored.etag)).await {
             // A conflict: another silo imported it at the same time.
             Ok(()) | Err(StorageError::Conflict { .. }) => {
                 tracing::info!(
-                    reminders = copied,
-                    "copied the reminders of an earlier version into the reminder table"
+                    copied_now = copied,
+                    "the reminders of an earlier version are in the reminder table, and their record is cleared"
                 );
                 true
             }

@@ -979,13 +979,14 @@ async fn reminders_of_an_earlier_version_are_copied_into_the_table() {
     silo.shutdown().await;
 }
 
-/// Memory storage whose first clear of the legacy reminders record fails.
-struct FailsFirstLegacyClear {
+/// Memory storage whose clears of the legacy reminders record fail while
+/// `failing` is set.
+struct FailsLegacyClear {
     inner: MemoryStorage,
-    failed: std::sync::atomic::AtomicBool,
+    failing: std::sync::atomic::AtomicBool,
 }
 
-impl StorageProvider for FailsFirstLegacyClear {
+impl StorageProvider for FailsLegacyClear {
     fn read<'a>(
         &'a self,
         grain: &'a GrainId,
@@ -1008,7 +1009,7 @@ impl StorageProvider for FailsFirstLegacyClear {
         expected: Option<ETag>,
     ) -> BoxFuture<'a, Result<(), StorageError>> {
         if grain.type_name == granary_actors::REMINDERS
-            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            && self.failing.load(std::sync::atomic::Ordering::SeqCst)
         {
             return Box::pin(async { Err(StorageError::Backend("injected".into())) });
         }
@@ -1020,16 +1021,16 @@ impl StorageProvider for FailsFirstLegacyClear {
     }
 }
 
-/// Rule 10: an import whose clear failed is tried again at the next rescan,
-/// and that try only clears. A reminder unregistered in between stays
-/// gone. (In review, the try upserted every legacy row again: the
+/// Rule 10: an import whose clear failed is tried again at each rescan,
+/// and those tries only clear. A reminder unregistered in between stays
+/// gone. (In review, each try upserted every legacy row again: the
 /// unregistered reminder came back, and rows that had fired since went
 /// back to their old due times.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_import_tried_again_brings_back_no_reminder_unregistered_since() {
-    let storage = Arc::new(FailsFirstLegacyClear {
+    let storage = Arc::new(FailsLegacyClear {
         inner: MemoryStorage::new(),
-        failed: std::sync::atomic::AtomicBool::new(false),
+        failing: std::sync::atomic::AtomicBool::new(true),
     });
     let record = GrainId {
         type_name: granary_actors::REMINDERS.into(),
@@ -1052,7 +1053,8 @@ async fn a_legacy_import_tried_again_brings_back_no_reminder_unregistered_since(
             fires.count(4) >= 1
         })
         .await;
-    // The first clear failed: the record is still there.
+    // The clears fail: the record is still there, and is tried again at
+    // each rescan, before and after the reminder is unregistered.
     assert!(storage.read(&record).await.unwrap().is_some());
     assert_eq!(
         silo.grain::<Beeper>(4u64)
@@ -1061,6 +1063,15 @@ async fn a_legacy_import_tried_again_brings_back_no_reminder_unregistered_since(
             .unwrap(),
         Ok(true)
     );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        storage.reminder_table().unwrap().read_all().await.unwrap(),
+        vec![],
+        "an unregistered reminder came back while the record stayed"
+    );
+    storage
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     // The next rescans clear the record, and copy nothing back.
     let bound = std::time::Instant::now() + Duration::from_secs(20);
     while storage.read(&record).await.unwrap().is_some() {

@@ -45,8 +45,9 @@ pub struct SiloConfig {
     /// calls are refused.
     pub activation_limit: Option<u64>,
     /// How long a grain state operation (read, write, clear), or an
-    /// operation on the reminder table, may wait for the storage provider
-    /// before it fails with
+    /// operation on one reminder row (six times as long for a whole-table
+    /// read or a batch), may wait for the storage provider before it fails
+    /// with
     /// [`StorageError::Timeout`](crate::StorageError::Timeout) (default
     /// 10 s): a storage server that stops answering fails calls rather than
     /// holding their activations (or reminder rounds, or a shutdown)

@@ -11,7 +11,11 @@
 //!    a store that stops answering fails a registration, a firing round's
 //!    write or a rescan with [`StorageError::Timeout`] (a firing's write
 //!    then takes the reminders service's unsaved path), rather than holding
-//!    an activation, a round, or a silo's shutdown, forever.
+//!    an activation, a round, or a silo's shutdown, forever. One row's
+//!    operation waits `storage_timeout`; a whole-table read or a batch,
+//!    which grow with the table, [`SCAN_TIMEOUTS`] times as long (a minute
+//!    by default). A redb or SQLite operation cut off runs on to its end
+//!    on its blocking thread; its answer is dropped.
 //! 3. Each operation on grain state waits at most the silo's
 //!    `storage_timeout` for the provider: past it, the provider's future is
 //!    dropped and the operation fails with [`StorageError::Timeout`]
@@ -206,6 +210,10 @@ impl StorageProvider for CountedStorage {
     }
 }
 
+/// How many `storage_timeout`s a whole-table read or a batch of the
+/// reminder table may take (rule 2).
+pub(crate) const SCAN_TIMEOUTS: u32 = 6;
+
 /// A provider's reminder table, each operation bounded by `timeout`
 /// (rule 2). Only handed out where the provider has a table.
 struct TimedTable {
@@ -214,8 +222,14 @@ struct TimedTable {
 }
 
 impl TimedTable {
+    /// A whole-table read's or a batch's bound.
+    fn scan_timeout(&self) -> Duration {
+        self.timeout.saturating_mul(SCAN_TIMEOUTS)
+    }
+
     fn bounded<'a, T: Send + 'a>(
         &'a self,
+        limit: Duration,
         operation: impl FnOnce(&'a dyn ReminderTable) -> BoxFuture<'a, Result<T, StorageError>>
         + Send
         + 'a,
@@ -226,9 +240,9 @@ impl TimedTable {
                     "the storage provider has no reminder table".into(),
                 ));
             };
-            tokio::time::timeout(self.timeout, operation(table))
+            tokio::time::timeout(limit, operation(table))
                 .await
-                .unwrap_or(Err(StorageError::Timeout(self.timeout)))
+                .unwrap_or(Err(StorageError::Timeout(limit)))
         })
     }
 }
@@ -241,7 +255,9 @@ impl ReminderTable for TimedTable {
         period_ms: u64,
         next_due_ms: u64,
     ) -> BoxFuture<'a, Result<ETag, StorageError>> {
-        self.bounded(move |table| table.upsert(grain, name, period_ms, next_due_ms))
+        self.bounded(self.timeout, move |table| {
+            table.upsert(grain, name, period_ms, next_due_ms)
+        })
     }
 
     fn update_due<'a>(
@@ -251,7 +267,9 @@ impl ReminderTable for TimedTable {
         next_due_ms: u64,
         expected: ETag,
     ) -> BoxFuture<'a, Result<ETag, StorageError>> {
-        self.bounded(move |table| table.update_due(grain, name, next_due_ms, expected))
+        self.bounded(self.timeout, move |table| {
+            table.update_due(grain, name, next_due_ms, expected)
+        })
     }
 
     fn delete<'a>(
@@ -259,32 +277,34 @@ impl ReminderTable for TimedTable {
         grain: &'a GrainId,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<ETag>, StorageError>> {
-        self.bounded(move |table| table.delete(grain, name))
+        self.bounded(self.timeout, move |table| table.delete(grain, name))
     }
 
     fn read_grain<'a>(
         &'a self,
         grain: &'a GrainId,
     ) -> BoxFuture<'a, Result<Vec<ReminderRow>, StorageError>> {
-        self.bounded(move |table| table.read_grain(grain))
+        self.bounded(self.timeout, move |table| table.read_grain(grain))
     }
 
     fn read_all(&self) -> BoxFuture<'_, Result<Vec<ReminderRow>, StorageError>> {
-        self.bounded(|table| table.read_all())
+        self.bounded(self.scan_timeout(), |table| table.read_all())
     }
 
     fn upsert_batch<'a>(
         &'a self,
         rows: &'a [NewReminder],
     ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
-        self.bounded(move |table| table.upsert_batch(rows))
+        self.bounded(self.scan_timeout(), move |table| table.upsert_batch(rows))
     }
 
     fn update_due_batch<'a>(
         &'a self,
         updates: &'a [DueUpdate],
     ) -> BoxFuture<'a, Result<BatchOutcome, StorageError>> {
-        self.bounded(move |table| table.update_due_batch(updates))
+        self.bounded(self.scan_timeout(), move |table| {
+            table.update_due_batch(updates)
+        })
     }
 }
 
@@ -480,7 +500,8 @@ mod tests {
             table.read_grain(&grain).await,
             Err(StorageError::Timeout(timeout))
         );
-        assert_eq!(table.read_all().await, Err(StorageError::Timeout(timeout)));
+        let scan = timeout * SCAN_TIMEOUTS;
+        assert_eq!(table.read_all().await, Err(StorageError::Timeout(scan)));
         let update = DueUpdate {
             grain: grain.clone(),
             name: "r".into(),
@@ -489,7 +510,7 @@ mod tests {
         };
         assert_eq!(
             table.update_due_batch(&[update]).await,
-            Err(StorageError::Timeout(timeout))
+            Err(StorageError::Timeout(scan))
         );
         // No table, none handed out.
         assert!(

@@ -458,8 +458,14 @@ impl ReminderTable for PostgresStorage {
                 )
                 .await
                 .map_err(backend)?;
-            row.map(|row| sql_to_u64(row.try_get(0).map_err(backend)?))
-                .transpose()
+            // Contract rule 5: a row whose ETag cannot be read went all the
+            // same, reported with ETag 0 (never issued).
+            Ok(row.map(|row| {
+                row.try_get::<_, i64>(0)
+                    .ok()
+                    .and_then(|etag| ETag::try_from(etag).ok())
+                    .unwrap_or(0)
+            }))
         })
     }
 

@@ -342,8 +342,6 @@ impl ReminderTable for MemoryStorage {
     }
 }
 
-/// Milliseconds as an SQL `bigint`/`INTEGER` (i64): the service keeps its
-/// times and periods below 2^63 (`reminders.rs`, rule 9).
 /// Rule 5: `row` if it decoded; a row that did not is logged and skipped.
 pub(crate) fn readable(
     row: Result<ReminderRow, StorageError>,
@@ -362,14 +360,19 @@ pub(crate) fn readable(
     }
 }
 
+/// Milliseconds as an SQL `bigint`/`INTEGER` (i64): the service keeps its
+/// times and periods below 2^63 (`reminders.rs`, rule 9).
 pub(crate) fn ms_to_sql(ms: u64) -> Result<i64, StorageError> {
     i64::try_from(ms)
         .map_err(|_| StorageError::Backend(format!("{ms} ms is out of the SQL range (2^63)")))
 }
 
 /// An SQL `bigint` as milliseconds or an ETag.
+/// A stored integer that must not be negative; one that is was written by
+/// something else than this crate (contract rule 5): a decoding failure.
 pub(crate) fn sql_to_u64(value: i64) -> Result<u64, StorageError> {
-    u64::try_from(value).map_err(|_| StorageError::Backend(format!("a negative value {value}")))
+    u64::try_from(value)
+        .map_err(|_| StorageError::Serialization(format!("a negative value {value}")))
 }
 
 /// The grain key's bytes in the SQL tables' `grain_key` column (the type

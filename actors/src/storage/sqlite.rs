@@ -53,7 +53,8 @@ fn encode_key(grain: &GrainId) -> Result<Vec<u8>, StorageError> {
 
 /// ETags are stored as SQLite integers (i64); they never reach 2^63.
 fn etag_of(value: i64) -> Result<ETag, StorageError> {
-    ETag::try_from(value).map_err(|_| backend(format!("a negative ETag {value}")))
+    ETag::try_from(value)
+        .map_err(|_| StorageError::Serialization(format!("a negative ETag {value}")))
 }
 
 /// Whether SQLite refused for a lock held elsewhere.
@@ -434,7 +435,23 @@ impl ReminderTable for SqliteStorage {
         let row = RowKey::new(grain, name);
         self.write_txn(move |txn| {
             let row = row?;
-            let stored = stored_reminder_etag(txn, &row)?;
+            // Contract rule 5: a row whose ETag cannot be read goes all
+            // the same, reported with ETag 0 (never issued).
+            let stored = txn
+                .prepare_cached(
+                    "SELECT etag FROM granary_reminders
+                     WHERE grain_type = ?1 AND grain_key = ?2 AND name = ?3",
+                )
+                .map_err(backend)?
+                .query_row(params![row.grain.type_name, row.key, row.name], |stored| {
+                    stored.get::<_, rusqlite::types::Value>(0)
+                })
+                .optional()
+                .map_err(backend)?
+                .map(|etag| match etag {
+                    rusqlite::types::Value::Integer(etag) => ETag::try_from(etag).unwrap_or(0),
+                    _ => 0,
+                });
             if stored.is_some() {
                 txn.execute(
                     "DELETE FROM granary_reminders

@@ -33,8 +33,8 @@
 //!    fails at once with [`CallFailure::SiloUnavailable`], and later calls
 //!    fail the same way without waiting. Nothing else is affected. A call
 //!    that gets no response fails with [`CallFailure::Timeout`] after
-//!    `call_timeout` (or its own time left, if shorter); one with no time
-//!    left fails so at once, and is not sent. Closing drops this side of
+//!    `call_timeout` (or its own time left, if shorter); one with less than
+//!    a millisecond left fails so at once, and is not sent. Closing drops this side of
 //!    the stream at once, even while the writer waits on a peer that reads
 //!    nothing, and with it every frame still queued.
 
@@ -477,10 +477,11 @@ impl Connection {
             return Err(shared.unavailable());
         }
         let wait = request.time_left.min(shared.config.call_timeout);
-        if wait.is_zero() {
-            // The sender has stopped waiting: nothing goes out. (A frame
-            // queued anyway would still be handled there: a home
-            // registered, a grain activated, a tell run.)
+        if wait < MIN_TIME_LEFT {
+            // The sender has stopped waiting, or will before any answer
+            // could come: nothing goes out. (A frame queued anyway would
+            // still be handled there: a home registered, a grain
+            // activated, a tell run.)
             return Err(CallFailure::Timeout {
                 silo: shared.peer.clone(),
                 after: wait,
@@ -774,6 +775,11 @@ fn start(
         shared,
     }
 }
+
+/// The least time left worth sending a request with (rule 5): less is no
+/// time for an answer to come back, and the timer would fire only after
+/// the frame was queued.
+const MIN_TIME_LEFT: Duration = Duration::from_millis(1);
 
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;

@@ -24,8 +24,9 @@
 //!    again. A silo that leaves the view is dropped from the cache whole.
 //!    The cache holds at most its capacity ([`LOCATIONS_KEPT`] by default,
 //!    a million, as Orleans keeps): an insert into a full cache first
-//!    forgets an eighth of it, the entries the map meets first (placed by
-//!    hash, so in effect at random). A forgotten location costs one
+//!    forgets about an eighth of it, chosen by a freshly keyed hash, so at
+//!    random and across every shard (one shard locked at a time, once per
+//!    eighth of the capacity inserted). A forgotten location costs one
 //!    directory lookup when it is next needed, nothing else; a silo that
 //!    calls many distinct grains no longer keeps one entry per grain for
 //!    its whole life.
@@ -217,14 +218,21 @@ impl LocationCache {
     /// (rule 4).
     pub fn insert(&self, grain: GrainId, address: ActivationAddress) {
         if self.locations.len() >= self.capacity && !self.locations.contains_key(&grain) {
-            let mut shed = (self.capacity / 8).max(1);
-            self.locations.retain(|_, _| {
-                if shed == 0 {
-                    return true;
-                }
-                shed -= 1;
-                false
-            });
+            use std::hash::BuildHasher;
+            let chosen = std::collections::hash_map::RandomState::new();
+            self.locations
+                .retain(|grain, _| chosen.hash_one(grain) % 8 != 0);
+            // A small cache may lose none that way: any one then.
+            if self.locations.len() >= self.capacity {
+                let mut shed = (self.capacity / 8).max(1);
+                self.locations.retain(|_, _| {
+                    if shed == 0 {
+                        return true;
+                    }
+                    shed -= 1;
+                    false
+                });
+            }
         }
         self.locations.insert(grain, address);
     }

@@ -473,17 +473,33 @@ impl NodeFile {
             .map_err(|err| NodeRunError(format!("{}: {err}", path.display())))
     }
 
-    /// Reads and checks a node's configuration from TOML text.
+    /// Reads and checks a node's configuration from TOML text. An error
+    /// names the line and column and what is wrong there, never the line
+    /// itself: it may hold the admin token, the cluster secret or a
+    /// database password.
     pub fn from_toml(text: &str) -> Result<NodeFile, NodeRunError> {
-        let file: NodeFile = toml::from_str(text).map_err(|err| NodeRunError(err.to_string()))?;
+        let file: NodeFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
         // A threshold that is not a positive number would suspect every
         // silo or none (a fuzz target found NaN read as a threshold).
         if let Some(phi) = file.phi_threshold {
-            if !(phi.is_finite() && phi > 0.0) {
+            if !(phi.is_finite() && phi > 0.0 && phi <= granary_cluster::MAX_PHI) {
                 return Err(NodeRunError(format!(
-                    "phi_threshold = {phi}: a positive number (8.0 by default)"
+                    "phi_threshold = {phi}: a positive number, at most {} (8.0 by default)",
+                    granary_cluster::MAX_PHI
                 )));
             }
+        }
+        // A zero would be taken for 1 ms (a thousand gossip rounds a
+        // second) or a drain that gives up at once (no graceful leave).
+        if file.gossip_interval_ms == Some(0) {
+            return Err(NodeRunError(
+                "gossip_interval_ms = 0: more than zero (200 by default)".into(),
+            ));
+        }
+        if file.drain_grace_secs == Some(0) {
+            return Err(NodeRunError(format!(
+                "drain_grace_secs = 0: more than zero ({DEFAULT_DRAIN_GRACE_SECS} by default)"
+            )));
         }
         Ok(file)
     }
@@ -562,6 +578,23 @@ where
 {
     fn register(&self, silo: SiloBuilder, devices: &NodeDevices) -> SiloBuilder {
         self(silo, devices)
+    }
+}
+
+/// A TOML error without the snippet of the file that `toml` prints with it
+/// (the line may carry a secret): its message, line and column.
+fn toml_error(text: &str, err: &toml::de::Error) -> NodeRunError {
+    match err.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            NodeRunError(format!(
+                "TOML line {line}, column {column}: {}",
+                err.message()
+            ))
+        }
+        None => NodeRunError(format!("TOML: {}", err.message())),
     }
 }
 

@@ -43,6 +43,41 @@ fn an_unknown_key_is_named() {
     assert!(err.to_string().contains("colour"), "{err}");
 }
 
+/// A TOML error names the line and what is wrong, never the line itself:
+/// it may carry the admin token, the cluster secret or a database password.
+/// (In review, `toml`'s error printed the whole line, token and all, to the
+/// node's log.)
+#[test]
+fn an_error_never_prints_the_line_that_holds_a_secret() {
+    let text = format!(
+        "{README_FILE}admin = {{ listen = \"0.0.0.0:99999\", token = \"SENTINEL-TOKEN\" }}\n"
+    );
+    let err = NodeFile::from_toml(&text)
+        .expect_err("a port past 65535 is refused")
+        .to_string();
+    assert!(!err.contains("SENTINEL"), "{err}");
+    assert!(err.contains("line 9"), "{err}");
+}
+
+/// Values the node would take and then misbehave on are refused when the
+/// file is read: a threshold whose product with the gossip interval is no
+/// duration (it panicked at start), a zero gossip interval (taken for
+/// 1 ms: a thousand rounds a second) and a zero drain grace (no graceful
+/// leave at all).
+#[test]
+fn settings_the_node_cannot_work_with_are_refused_when_read() {
+    for (line, named) in [
+        ("phi_threshold = 1e20", "phi_threshold"),
+        ("gossip_interval_ms = 0", "gossip_interval_ms"),
+        ("drain_grace_secs = 0", "drain_grace_secs"),
+    ] {
+        let err = NodeFile::from_toml(&format!("{README_FILE}{line}\n"))
+            .expect_err(line)
+            .to_string();
+        assert!(err.contains(named), "{line}: {err}");
+    }
+}
+
 /// A grain of the caller's own.
 #[derive(GrainType)]
 #[grain(crate = granary::actors, name = "echo", messages(Say))]

@@ -82,8 +82,8 @@ pub use membership::{
     unix_ms,
 };
 pub use node::{
-    ClusterCallError, ClusterNode, ClusterStats, DeviceQuotas, NodeBuilder, NodeConfig, NodeError,
-    REMOTE_SECONDS_BOUNDS, RebalanceCount, Redirect,
+    ClusterCallError, ClusterNode, ClusterStats, DeviceQuotas, MAX_PHI, NodeBuilder, NodeConfig,
+    NodeError, REMOTE_SECONDS_BOUNDS, RebalanceCount, Redirect,
 };
 pub use placement::{
     GpuAware, GpuNeeds, HashPlacement, LeastActivations, PlacementError, PlacementRequest,

@@ -117,6 +117,11 @@ impl NodeConfig {
     }
 }
 
+/// The largest failure-detector threshold a node takes: far past any
+/// useful one (8 by default; 12 is already lenient), and small enough that
+/// the gossip interval times it is a duration.
+pub const MAX_PHI: f64 = 1000.0;
+
 impl NodeConfig {
     /// Refuses settings the failure detector cannot work with, and a zero
     /// hand-over window.
@@ -124,6 +129,12 @@ impl NodeConfig {
         if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
             return Err(NodeError::InvalidConfig(format!(
                 "phi_threshold must be a positive number, not {}",
+                self.phi_threshold
+            )));
+        }
+        if self.phi_threshold > MAX_PHI {
+            return Err(NodeError::InvalidConfig(format!(
+                "phi_threshold must be at most {MAX_PHI} (8 by default), not {}",
                 self.phi_threshold
             )));
         }

@@ -104,10 +104,13 @@ impl Fence {
 
 /// The soonest gossip peers can declare a silo dead under `config`.
 pub(super) fn gossip_death(config: &super::NodeConfig) -> Duration {
-    config
-        .gossip_interval
-        .mul_f64(config.phi_threshold.max(0.0))
-        + config.death_grace
+    // Saturating: a huge threshold or interval (refused by `validate`,
+    // but this must not panic) is "never".
+    Duration::try_from_secs_f64(
+        config.gossip_interval.as_secs_f64() * config.phi_threshold.max(0.0),
+    )
+    .unwrap_or(Duration::MAX)
+    .saturating_add(config.death_grace)
 }
 
 /// The fence bound (rule 3): 60% of the soonest the silo can be declared

@@ -218,7 +218,7 @@ use crate::placement::{GpuNeeds, PlacementStrategy};
 use crate::transport::Transport;
 
 pub use builder::NodeBuilder;
-pub use config::{NodeConfig, NodeError};
+pub use config::{MAX_PHI, NodeConfig, NodeError};
 pub use quotas::DeviceQuotas;
 pub use router::ClusterCallError;
 pub use stats::{ClusterStats, REMOTE_SECONDS_BOUNDS, RebalanceCount, Redirect};

@@ -106,7 +106,9 @@ pub struct NodeFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminFile>,
     /// How long a node asked to stop (SIGTERM, SIGINT) may take to drain,
-    /// in seconds (default 30): past it, the run ends with an error.
+    /// in seconds (default 30): past it, the run ends with an error. Zero
+    /// gives a drain no time at all: every stop ends that way, with no
+    /// graceful leave.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace_secs: Option<u64>,
     /// Bounds on what the silo holds ([`LimitsFile`]); the runtime's
@@ -489,17 +491,12 @@ impl NodeFile {
                 )));
             }
         }
-        // A zero would be taken for 1 ms (a thousand gossip rounds a
-        // second) or a drain that gives up at once (no graceful leave).
+        // A zero would be taken for 1 ms: a thousand gossip rounds a
+        // second.
         if file.gossip_interval_ms == Some(0) {
             return Err(NodeRunError(
                 "gossip_interval_ms = 0: more than zero (200 by default)".into(),
             ));
-        }
-        if file.drain_grace_secs == Some(0) {
-            return Err(NodeRunError(format!(
-                "drain_grace_secs = 0: more than zero ({DEFAULT_DRAIN_GRACE_SECS} by default)"
-            )));
         }
         Ok(file)
     }

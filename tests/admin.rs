@@ -376,3 +376,66 @@ async fn granary_status_reaches_an_ipv6_endpoint_and_refuses_bad_urls_and_tokens
         Err(StatusError::BadToken)
     );
 }
+
+/// Admin rule 8: a stranger cannot hold the endpoint. Past
+/// `MAX_CONNECTIONS` a connection is closed as it is accepted; the stop
+/// does not wait on a client that never finishes its request. (In review,
+/// `axum::serve` set no limit and no header timeout, and its graceful stop
+/// waited for such a client forever, past the node's drain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_can_neither_fill_the_endpoint_nor_hold_its_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let file = node_file();
+    let node = start_node(&file, &tallies).await.expect("the node starts");
+    let admin_file = file.admin.as_ref().expect("an admin section");
+    let admin = Admin::start(&admin_file.config(), AdminSources::of_node(&node))
+        .await
+        .expect("the endpoint starts");
+    let address = admin.address();
+    // Every connection the endpoint takes, each with half a request.
+    let mut held = Vec::new();
+    for _ in 0..granary::admin::MAX_CONNECTIONS {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    // Accepted, then closed at once: the read ends without an answer.
+    let mut extra = tokio::net::TcpStream::connect(address).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), extra.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection past the cap was served: {read:?} {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // One freed: the endpoint serves again.
+    drop(held.pop());
+    let bound = Instant::now() + Duration::from_secs(5);
+    let token = admin_file.config().token;
+    loop {
+        if let Some((status, _, _)) = support::get(address, "/health/live", token.as_deref()).await
+        {
+            assert_eq!(status, 200);
+            break;
+        }
+        assert!(Instant::now() < bound, "no answer once a connection freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stop does not wait for the half-sent requests.
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), admin.stop())
+        .await
+        .expect("the stop waited on clients that never finish");
+    assert!(
+        started.elapsed() <= granary::admin::STOP_GRACE + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    node.leave().await.ok();
+}

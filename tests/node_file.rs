@@ -61,15 +61,13 @@ fn an_error_never_prints_the_line_that_holds_a_secret() {
 
 /// Values the node would take and then misbehave on are refused when the
 /// file is read: a threshold whose product with the gossip interval is no
-/// duration (it panicked at start), a zero gossip interval (taken for
-/// 1 ms: a thousand rounds a second) and a zero drain grace (no graceful
-/// leave at all).
+/// duration (it panicked at start), and a zero gossip interval (taken for
+/// 1 ms: a thousand rounds a second).
 #[test]
 fn settings_the_node_cannot_work_with_are_refused_when_read() {
     for (line, named) in [
         ("phi_threshold = 1e20", "phi_threshold"),
         ("gossip_interval_ms = 0", "gossip_interval_ms"),
-        ("drain_grace_secs = 0", "drain_grace_secs"),
     ] {
         let err = NodeFile::from_toml(&format!("{README_FILE}{line}\n"))
             .expect_err(line)

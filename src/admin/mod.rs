@@ -46,12 +46,18 @@
 //!    draws `GET /dashboard.json`: the cluster view, the kernel traffic of
 //!    the last minutes and recent membership events, sampled by the
 //!    endpoint while it runs.
+//! 8. **Limits** (`serve.rs`): at most [`MAX_CONNECTIONS`] connections,
+//!    headers within [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`]
+//!    (checked before the token, so they bound what a stranger can hold),
+//!    and a stop that waits at most [`STOP_GRACE`] for requests in
+//!    progress.
 
 mod client;
 mod cluster;
 mod dashboard;
 mod health;
 mod metrics;
+mod serve;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -73,6 +79,7 @@ pub use client::{StatusError, fetch_cluster, table};
 pub use cluster::{ClusterView, SiloView};
 pub use dashboard::{Dashboard, Event, Sample, SiloTraffic};
 pub use health::{Check, Probe, ProbeReport};
+pub use serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, STOP_GRACE};
 
 /// The longest a probe waits for a dependency (rule 5).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -324,16 +331,8 @@ impl Admin {
             .fallback_service(routes)
             .layer(middleware::from_fn_with_state(shared, authorize));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(err) = served {
-                tracing::error!(error = %err, "the admin endpoint stopped");
-            }
-        });
+        // Rule 8: with the limits `axum::serve` leaves unset.
+        let serving = tokio::spawn(serve::serve(listener, app, stopped));
         Ok(Admin {
             address,
             stop: Some(stop),
@@ -348,7 +347,9 @@ impl Admin {
         self.address
     }
 
-    /// Stops serving: requests in progress finish, new ones are refused.
+    /// Stops serving: new connections are refused, requests in progress
+    /// finish, and after [`STOP_GRACE`] those that have not are dropped
+    /// (rule 8).
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -1,0 +1,98 @@
+//! The admin endpoint's HTTP server (rule 8 of `admin/mod.rs`): hyper's
+//! HTTP/1.1 connections, each with the limits `axum::serve` leaves unset.
+//!
+//! 1. **At most [`MAX_CONNECTIONS`] connections.** One past them is closed
+//!    as it is accepted, before a byte is read: a client that opens
+//!    thousands cannot take the process's memory or file descriptors.
+//! 2. **Headers within [`HEADER_READ_TIMEOUT`]** and [`MAX_HEADER_BYTES`]:
+//!    a request whose headers come slower, or grow larger, closes its
+//!    connection (hyper answers 431 for the size). The timer runs whenever
+//!    a connection waits for a request, so an idle keep-alive connection
+//!    is closed after it too. Requests carry no body the endpoint reads.
+//! 3. **A bounded stop.** Stopping closes the listener, lets each
+//!    connection finish the request in progress, and after
+//!    [`STOP_GRACE`] drops those that have not (a client that stopped
+//!    reading an answer, or one that never sent its headers): a node's
+//!    drain never waits on its admin clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::task::JoinSet;
+
+/// Rule 1.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Rule 2.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rule 2.
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+/// Rule 3.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves `app` on `listener` until `stop` fires (or its sender is
+/// dropped), then stops as rule 3 says.
+pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Receiver<()>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (closing, _) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, most likely: let some close.
+                tracing::debug!(error = %err, "the admin endpoint could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Rule 1: past the cap, closed as it is dropped here.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut closing = closing.subscribe();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_header_size(MAX_HEADER_BYTES);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = closing.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    // Rule 3.
+    let _ = closing.send(true);
+    let finished = tokio::time::timeout(STOP_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::debug!(
+            left = connections.len(),
+            "admin connections dropped unfinished at the stop"
+        );
+    }
+    connections.abort_all();
+}

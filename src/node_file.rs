@@ -491,6 +491,14 @@ impl NodeFile {
                 )));
             }
         }
+        // Admin rules 1 and 2, before the node joins a cluster it would
+        // leave again at once.
+        if let Some(admin) = &file.admin {
+            admin
+                .config()
+                .check()
+                .map_err(|err| NodeRunError(format!("admin: {err}")))?;
+        }
         // A zero would be taken for 1 ms: a thousand gossip rounds a
         // second.
         if file.gossip_interval_ms == Some(0) {

@@ -76,6 +76,34 @@ fn settings_the_node_cannot_work_with_are_refused_when_read() {
     }
 }
 
+/// Admin rules 1 and 2 are checked when the file is read, before the node
+/// joins a cluster: an endpoint off loopback with no token, or a token
+/// with a space. (In review, they were found only after the node had
+/// joined, and it left again at once: a join-and-leave loop under a
+/// restarting orchestrator.)
+#[test]
+fn the_admin_token_is_checked_when_the_file_is_read() {
+    for (admin, named) in [
+        ("admin = { listen = \"0.0.0.0:9100\" }", "token"),
+        (
+            "admin = { listen = \"127.0.0.1:9100\", token = \"has space\" }",
+            "token",
+        ),
+    ] {
+        let err = NodeFile::from_toml(&format!("{README_FILE}{admin}\n"))
+            .expect_err(admin)
+            .to_string();
+        assert!(
+            err.contains("admin") && err.contains(named),
+            "{admin}: {err}"
+        );
+    }
+    NodeFile::from_toml(&format!(
+        "{README_FILE}admin = {{ listen = \"0.0.0.0:9100\", token = \"s3cret\" }}\n"
+    ))
+    .expect("an endpoint off loopback with a token");
+}
+
 /// A grain of the caller's own.
 #[derive(GrainType)]
 #[grain(crate = granary::actors, name = "echo", messages(Say))]

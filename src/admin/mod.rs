@@ -272,23 +272,33 @@ impl fmt::Debug for Admin {
     }
 }
 
-impl Admin {
-    /// Starts the endpoint on `config.listen` for `sources` (rules 1 to 4).
-    pub async fn start(config: &AdminConfig, sources: AdminSources) -> Result<Admin, AdminError> {
-        let expected = match &config.token {
+impl AdminConfig {
+    /// Rules 1 and 2: the token `config` needs, checked, without starting
+    /// anything (a node's file is checked so before the node joins).
+    pub fn check(&self) -> Result<(), AdminError> {
+        self.expected_token().map(drop)
+    }
+
+    fn expected_token(&self) -> Result<Option<Arc<[u8]>>, AdminError> {
+        match &self.token {
             Some(token) => {
                 if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
                     return Err(AdminError::BadToken);
                 }
-                Some(Arc::from(token.as_bytes()))
+                Ok(Some(Arc::from(token.as_bytes())))
             }
-            None if !config.listen.ip().is_loopback() => {
-                return Err(AdminError::TokenRequired {
-                    listen: config.listen,
-                });
-            }
-            None => None,
-        };
+            None if !self.listen.ip().is_loopback() => Err(AdminError::TokenRequired {
+                listen: self.listen,
+            }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Admin {
+    /// Starts the endpoint on `config.listen` for `sources` (rules 1 to 4).
+    pub async fn start(config: &AdminConfig, sources: AdminSources) -> Result<Admin, AdminError> {
+        let expected = config.expected_token()?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|err| AdminError::Bind {

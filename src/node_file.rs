@@ -481,9 +481,18 @@ impl NodeFile {
     /// database password.
     pub fn from_toml(text: &str) -> Result<NodeFile, NodeRunError> {
         let file: NodeFile = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+        file.check()?;
+        Ok(file)
+    }
+
+    /// The checks of values the node would take and then misbehave on,
+    /// made when a file is read and again when a node starts from one
+    /// (which may have been built in code).
+    pub fn check(&self) -> Result<(), NodeRunError> {
         // A threshold that is not a positive number would suspect every
-        // silo or none (a fuzz target found NaN read as a threshold).
-        if let Some(phi) = file.phi_threshold {
+        // silo or none (a fuzz target found NaN read as a threshold); one
+        // past `MAX_PHI` times the gossip interval is no duration.
+        if let Some(phi) = self.phi_threshold {
             if !(phi.is_finite() && phi > 0.0 && phi <= granary_cluster::MAX_PHI) {
                 return Err(NodeRunError(format!(
                     "phi_threshold = {phi}: a positive number, at most {} (8.0 by default)",
@@ -493,7 +502,7 @@ impl NodeFile {
         }
         // Admin rules 1 and 2, before the node joins a cluster it would
         // leave again at once.
-        if let Some(admin) = &file.admin {
+        if let Some(admin) = &self.admin {
             admin
                 .config()
                 .check()
@@ -501,12 +510,12 @@ impl NodeFile {
         }
         // A zero would be taken for 1 ms: a thousand gossip rounds a
         // second.
-        if file.gossip_interval_ms == Some(0) {
+        if self.gossip_interval_ms == Some(0) {
             return Err(NodeRunError(
                 "gossip_interval_ms = 0: more than zero (200 by default)".into(),
             ));
         }
-        Ok(file)
+        Ok(())
     }
 
     /// The file as TOML text (what [`NodeFile::from_toml`] reads back).
@@ -587,19 +596,29 @@ where
 }
 
 /// A TOML error without the snippet of the file that `toml` prints with it
-/// (the line may carry a secret): its message, line and column.
+/// (the line may carry a secret): its message, line and column. A value of
+/// the wrong type or range is not quoted either: serde's message would
+/// (`invalid type: string "postgres://user:password@…"`, an unquoted
+/// token read as an integer).
 fn toml_error(text: &str, err: &toml::de::Error) -> NodeRunError {
+    let message = err.message();
+    let message = match message.split_once(", expected ") {
+        Some((found, expected))
+            if found.starts_with("invalid type") || found.starts_with("invalid value") =>
+        {
+            let kind = found.split(':').next().unwrap_or(found);
+            format!("{kind} (not shown: it may be a secret), expected {expected}")
+        }
+        _ => message.to_string(),
+    };
     match err.span() {
         Some(span) => {
             let before = text.get(..span.start).unwrap_or(text);
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            NodeRunError(format!(
-                "TOML line {line}, column {column}: {}",
-                err.message()
-            ))
+            NodeRunError(format!("TOML line {line}, column {column}: {message}"))
         }
-        None => NodeRunError(format!("TOML: {}", err.message())),
+        None => NodeRunError(format!("TOML: {message}")),
     }
 }
 
@@ -766,16 +785,12 @@ fn node_config(file: &NodeFile) -> Result<NodeConfig, NodeRunError> {
         file.gossip,
         file.seeds.clone(),
     );
+    // `from_toml` checked it; a file built in code is checked here.
+    file.check()?;
     if let Some(ms) = file.gossip_interval_ms {
-        config.gossip_interval = Duration::from_millis(ms.max(1));
+        config.gossip_interval = Duration::from_millis(ms);
     }
     if let Some(phi) = file.phi_threshold {
-        // `from_toml` refuses it too; a file built in code comes here.
-        if !(phi.is_finite() && phi > 0.0) {
-            return Err(NodeRunError(format!(
-                "phi_threshold = {phi}: a positive number (8.0 by default)"
-            )));
-        }
         config.phi_threshold = phi;
     }
     if let Some(ms) = file.death_grace_ms {

@@ -57,6 +57,28 @@ fn an_error_never_prints_the_line_that_holds_a_secret() {
         .to_string();
     assert!(!err.contains("SENTINEL"), "{err}");
     assert!(err.contains("line 9"), "{err}");
+    // Nor a secret in a value of the wrong type, which serde's message
+    // quotes: a URL where a table belongs, a token read as a number.
+    let without_storage = README_FILE.replace(
+        "storage = { kind = \"postgres\", url = \"postgres://granary@db/granary\" }\n",
+        "",
+    );
+    for (line, secret) in [
+        (
+            "storage = \"postgres://granary:SENTINEL-PW@db/granary\"",
+            "SENTINEL-PW",
+        ),
+        (
+            "admin = { listen = \"0.0.0.0:9100\", token = 987654321 }",
+            "987654321",
+        ),
+    ] {
+        let err = NodeFile::from_toml(&format!("{without_storage}{line}\n"))
+            .expect_err(line)
+            .to_string();
+        assert!(!err.contains(secret), "{line}: {err}");
+        assert!(err.contains("expected"), "{line}: {err}");
+    }
 }
 
 /// Values the node would take and then misbehave on are refused when the
@@ -65,7 +87,13 @@ fn an_error_never_prints_the_line_that_holds_a_secret() {
 /// 1 ms: a thousand rounds a second).
 #[test]
 fn settings_the_node_cannot_work_with_are_refused_when_read() {
+    NodeFile::from_toml(&format!(
+        "{README_FILE}phi_threshold = {:?}\n",
+        granary_cluster_max_phi()
+    ))
+    .expect("the largest threshold taken");
     for (line, named) in [
+        ("phi_threshold = 1000.5", "phi_threshold"),
         ("phi_threshold = 1e20", "phi_threshold"),
         ("gossip_interval_ms = 0", "gossip_interval_ms"),
     ] {
@@ -102,6 +130,10 @@ fn the_admin_token_is_checked_when_the_file_is_read() {
         "{README_FILE}admin = {{ listen = \"0.0.0.0:9100\", token = \"s3cret\" }}\n"
     ))
     .expect("an endpoint off loopback with a token");
+}
+
+fn granary_cluster_max_phi() -> f64 {
+    granary::cluster::MAX_PHI
 }
 
 /// A grain of the caller's own.

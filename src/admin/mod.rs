@@ -47,10 +47,12 @@
 //!    the last minutes and recent membership events, sampled by the
 //!    endpoint while it runs.
 //! 8. **Limits** (`serve.rs`): at most [`MAX_CONNECTIONS`] connections,
-//!    headers within [`HEADER_READ_TIMEOUT`] and [`MAX_HEADER_BYTES`]
-//!    (checked before the token, so they bound what a stranger can hold),
-//!    and a stop that waits at most [`STOP_GRACE`] for requests in
-//!    progress.
+//!    and [`LOOPBACK_CONNECTIONS`] more kept for loopback peers (the
+//!    node's own probes); headers within [`HEADER_READ_TIMEOUT`] and
+//!    [`MAX_HEADER_BYTES`] (checked before the token, so they bound what a
+//!    stranger can send); a connection lives at most
+//!    [`CONNECTION_LIFETIME`]; and a stop waits at most [`STOP_GRACE`] for
+//!    requests in progress.
 
 mod client;
 mod cluster;
@@ -79,7 +81,10 @@ pub use client::{StatusError, fetch_cluster, table};
 pub use cluster::{ClusterView, SiloView};
 pub use dashboard::{Dashboard, Event, Sample, SiloTraffic};
 pub use health::{Check, Probe, ProbeReport};
-pub use serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, STOP_GRACE};
+pub use serve::{
+    CONNECTION_LIFETIME, HEADER_READ_TIMEOUT, LOOPBACK_CONNECTIONS, MAX_CONNECTIONS,
+    MAX_HEADER_BYTES, STOP_GRACE,
+};
 
 /// The longest a probe waits for a dependency (rule 5).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,14 +1,21 @@
 //! The admin endpoint's HTTP server (rule 8 of `admin/mod.rs`): hyper's
 //! HTTP/1.1 connections, each with the limits `axum::serve` leaves unset.
 //!
-//! 1. **At most [`MAX_CONNECTIONS`] connections.** One past them is closed
-//!    as it is accepted, before a byte is read: a client that opens
-//!    thousands cannot take the process's memory or file descriptors.
+//! 1. **At most [`MAX_CONNECTIONS`] connections**, and
+//!    [`LOOPBACK_CONNECTIONS`] more kept for peers on loopback (the node's
+//!    own liveness probe, `granary-probe` in the pod). One past them is
+//!    closed as it is accepted, before a byte is read (and counted in the
+//!    log at debug level): a client that opens thousands cannot take the
+//!    process's memory or file descriptors, and strangers that fill every
+//!    other slot cannot fail the probes that keep the node alive.
 //! 2. **Headers within [`HEADER_READ_TIMEOUT`]** and [`MAX_HEADER_BYTES`]:
 //!    a request whose headers come slower, or grow larger, closes its
 //!    connection (hyper answers 431 for the size). The timer runs whenever
 //!    a connection waits for a request, so an idle keep-alive connection
 //!    is closed after it too. Requests carry no body the endpoint reads.
+//!    A connection lives at most [`CONNECTION_LIFETIME`], then stops as at
+//!    a stop (rule 3): one whose client stopped reading an answer, which
+//!    no header timer covers, frees its slot then.
 //! 3. **A bounded stop.** Stopping closes the listener, lets each
 //!    connection finish the request in progress, and after
 //!    [`STOP_GRACE`] drops those that have not (a client that stopped
@@ -27,6 +34,10 @@ use tokio::task::JoinSet;
 
 /// Rule 1.
 pub const MAX_CONNECTIONS: usize = 128;
+/// Rule 1.
+pub const LOOPBACK_CONNECTIONS: usize = 16;
+/// Rule 2.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// Rule 2.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rule 2.
@@ -38,6 +49,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// dropped), then stops as rule 3 says.
 pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Receiver<()>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let loopback_slots = Arc::new(Semaphore::new(LOOPBACK_CONNECTIONS));
     let (closing, _) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(stop);
@@ -48,17 +60,35 @@ pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Rec
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            // The peer gave up before it was accepted: nothing to wait for.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                continue;
+            }
             Err(err) => {
                 // Out of file descriptors, most likely: let some close.
-                tracing::debug!(error = %err, "the admin endpoint could not accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tracing::warn!(error = %err, "the admin endpoint could not accept a connection");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        // Rule 1: past the cap, closed as it is dropped here.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // Rule 1: a loopback peer takes a slot kept for it first; past the
+        // cap, the connection is closed as it is dropped here.
+        let kept = peer
+            .ip()
+            .is_loopback()
+            .then(|| loopback_slots.clone().try_acquire_owned().ok())
+            .flatten();
+        let Some(slot) = kept.or_else(|| slots.clone().try_acquire_owned().ok()) else {
+            tracing::debug!(%peer, "admin connection refused: every slot is taken");
             continue;
         };
         let service = TowerToHyperService::new(app.clone());
@@ -74,9 +104,16 @@ pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Rec
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
+                // Rule 3: the stop bounds what follows (it aborts this task).
                 _ = closing.changed() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
+                }
+                // Rule 2: its lifetime is over; it may finish what it is
+                // doing within `STOP_GRACE`.
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_GRACE, connection).await;
                 }
             }
         });

@@ -508,8 +508,8 @@ impl NodeFile {
                 .check()
                 .map_err(|err| NodeRunError(format!("admin: {err}")))?;
         }
-        // A zero would be taken for 1 ms: a thousand gossip rounds a
-        // second.
+        // A zero interval would gossip without pause (it was once taken
+        // for 1 ms: a thousand rounds a second).
         if self.gossip_interval_ms == Some(0) {
             return Err(NodeRunError(
                 "gossip_interval_ms = 0: more than zero (200 by default)".into(),
@@ -606,8 +606,27 @@ fn toml_error(text: &str, err: &toml::de::Error) -> NodeRunError {
         Some((found, expected))
             if found.starts_with("invalid type") || found.starts_with("invalid value") =>
         {
-            let kind = found.split(':').next().unwrap_or(found);
-            format!("{kind} (not shown: it may be a secret), expected {expected}")
+            // "invalid type: string \"…\"": the kind of value stays.
+            let (kind, value) = found.split_once(": ").unwrap_or((found, ""));
+            let of = value.split([' ', '`', '"']).next().unwrap_or("");
+            format!("{kind} ({of} not shown: it may be a secret), expected {expected}")
+        }
+        // A variant's name is shown when it is short and plain (`tpu`),
+        // not when it could be a secret put in the wrong place.
+        Some((found, expected)) if found.starts_with("unknown variant") => {
+            let name = found
+                .trim_start_matches("unknown variant")
+                .trim()
+                .trim_matches('`');
+            let plain = name.len() <= 16
+                && name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+            if plain {
+                message.to_string()
+            } else {
+                format!("unknown variant (not shown: it may be a secret), expected {expected}")
+            }
         }
         _ => message.to_string(),
     };

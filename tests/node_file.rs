@@ -72,6 +72,10 @@ fn an_error_never_prints_the_line_that_holds_a_secret() {
             "admin = { listen = \"0.0.0.0:9100\", token = 987654321 }",
             "987654321",
         ),
+        (
+            "storage = { kind = \"postgres://granary:SENTINEL-PW@db/granary\" }",
+            "SENTINEL-PW",
+        ),
     ] {
         let err = NodeFile::from_toml(&format!("{without_storage}{line}\n"))
             .expect_err(line)

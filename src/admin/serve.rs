@@ -45,6 +45,12 @@ pub const MAX_HEADER_BYTES: usize = 16 << 10;
 /// Rule 3.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// Whether a peer at `ip` may take a slot kept for loopback (rule 1): an
+/// IPv4 peer on a dual-stack listener arrives as `::ffff:127.0.0.1`.
+fn on_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
 /// Serves `app` on `listener` until `stop` fires (or its sender is
 /// dropped), then stops as rule 3 says.
 pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Receiver<()>) {
@@ -74,17 +80,19 @@ pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Rec
                 continue;
             }
             Err(err) => {
-                // Out of file descriptors, most likely: let some close.
+                // Out of file descriptors, most likely: let some close,
+                // unless the endpoint stops meanwhile.
                 tracing::warn!(error = %err, "the admin endpoint could not accept a connection");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
             }
         };
         // Rule 1: a loopback peer takes a slot kept for it first; past the
         // cap, the connection is closed as it is dropped here.
-        let kept = peer
-            .ip()
-            .is_loopback()
+        let kept = on_loopback(peer.ip())
             .then(|| loopback_slots.clone().try_acquire_owned().ok())
             .flatten();
         let Some(slot) = kept.or_else(|| slots.clone().try_acquire_owned().ok()) else {
@@ -132,4 +140,27 @@ pub(super) async fn serve(listener: TcpListener, app: Router, stop: oneshot::Rec
         );
     }
     connections.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_loopback;
+
+    /// Rule 1: the slots kept for loopback go to loopback peers only,
+    /// however they arrive (an IPv4 probe on a dual-stack listener too).
+    #[test]
+    fn only_loopback_peers_take_the_kept_slots() {
+        for (peer, kept) in [
+            ("127.0.0.1", true),
+            ("127.3.2.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("203.0.113.5", false),
+            ("::ffff:203.0.113.5", false),
+            ("2001:db8::1", false),
+        ] {
+            let ip: std::net::IpAddr = peer.parse().expect("an address");
+            assert_eq!(on_loopback(ip), kept, "{peer}");
+        }
+    }
 }

@@ -192,18 +192,24 @@ async fn a_peer_that_never_reads_cannot_grow_the_acceptors_tasks() {
     }
 }
 
-async fn flood_a_silo_that(kind: &str, inbound: Arc<dyn Inbound>) {
+/// A connection accepted with `inbound` and `config` over an in-memory
+/// stream of `buffer` bytes each way, and the raw, framed other end, which
+/// made the handshake by hand as a connector ("m:1") and from then on
+/// reads and writes only what the test does.
+async fn raw_connector(
+    buffer: usize,
+    inbound: Arc<dyn Inbound>,
+    config: ConnectionConfig,
+) -> (
+    tokio_util::codec::Framed<tokio::io::DuplexStream, tokio_util::codec::LengthDelimitedCodec>,
+    granary_cluster::Connection,
+) {
     use futures_util::{SinkExt, StreamExt};
     use granary_cluster::auth::{self, Role};
-    use granary_cluster::wire::{self, Header, Kind};
+    use granary_cluster::wire::{self, Header};
     use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-    let config = ConnectionConfig {
-        max_inbound: 16,
-        outgoing_frames: 8,
-        ..ConnectionConfig::default()
-    };
-    let (near, far) = tokio::io::duplex(64 << 10);
+    let (near, far) = tokio::io::duplex(buffer);
     let (me, acceptor) = (SiloId::new("m:1", 1), SiloId::new("a:1", 1));
     let accepted = tokio::spawn({
         let acceptor = acceptor.clone();
@@ -238,6 +244,19 @@ async fn flood_a_silo_that(kind: &str, inbound: Arc<dyn Inbound>) {
         .await
         .unwrap();
     let connection = accepted.await.unwrap().expect("the handshake completes");
+    (raw, connection)
+}
+
+async fn flood_a_silo_that(kind: &str, inbound: Arc<dyn Inbound>) {
+    use futures_util::SinkExt;
+    use granary_cluster::wire::{self, Header, Kind};
+
+    let config = ConnectionConfig {
+        max_inbound: 16,
+        outgoing_frames: 8,
+        ..ConnectionConfig::default()
+    };
+    let (mut raw, connection) = raw_connector(64 << 10, inbound, config).await;
     let metrics = tokio::runtime::Handle::current().metrics();
     let before = metrics.num_alive_tasks();
     let flood = tokio::spawn(async move {
@@ -359,50 +378,11 @@ async fn a_request_with_no_time_left_is_not_sent() {
 /// was unavailable.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_ends_the_stream_while_the_writer_waits_on_a_stalled_peer() {
-    use futures_util::{SinkExt, StreamExt};
-    use granary_cluster::auth::{self, Role};
-    use granary_cluster::wire::{self, Header};
-    use tokio_util::codec::{Framed, LengthDelimitedCodec};
-
     let config = ConnectionConfig {
         call_timeout: Duration::from_secs(30),
         ..ConnectionConfig::default()
     };
-    let (near, far) = tokio::io::duplex(4096);
-    let (me, acceptor) = (SiloId::new("m:1", 1), SiloId::new("a:1", 1));
-    let accepted = tokio::spawn({
-        let acceptor = acceptor.clone();
-        async move {
-            accept(
-                Box::new(far),
-                acceptor,
-                "test",
-                &secret(),
-                &AnyPeer,
-                Arc::new(Never),
-                config,
-            )
-            .await
-        }
-    });
-    let mut raw = Framed::new(near, LengthDelimitedCodec::new());
-    let ours = auth::nonce().unwrap();
-    let hello = Header::Hello {
-        protocol: wire::PROTOCOL,
-        cluster: "test".into(),
-        silo: me.clone(),
-        nonce: ours,
-    };
-    raw.send(wire::encode(&hello, &[]).unwrap()).await.unwrap();
-    let frame = raw.next().await.unwrap().unwrap();
-    let Header::Challenge { nonce: theirs, .. } = wire::decode(frame.freeze()).unwrap().0 else {
-        panic!("expected a challenge");
-    };
-    let proof = secret().proof(Role::Connector, "test", [&theirs, &ours], [&me, &acceptor]);
-    raw.send(wire::encode(&Header::Proof { proof }, &[]).unwrap())
-        .await
-        .unwrap();
-    let connection = accepted.await.unwrap().expect("the handshake completes");
+    let (mut raw, connection) = raw_connector(4096, Arc::new(Never), config).await;
     // The peer reads nothing more: a 64 KiB request fills the 4 KiB
     // stream, and the writer waits on it.
     let call = tokio::spawn({

@@ -357,21 +357,18 @@ async fn a_quota_stays_charged_until_an_abandoned_allocation_ends() {
     bridge.shutdown(StopMode::Abandon).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_remembered() {
-    use std::time::Duration;
-    // Room for a kernel's rings (about 8 MiB at the default capacity).
-    const RINGS_GPU_BYTES: u64 = 64 << 20;
-    // No fallback: a small request must run on the device's persistent
-    // kernel, whose first launch reserves its rings there.
+/// Room for a kernel's rings (about 8 MiB at the default capacity).
+const RINGS_GPU_BYTES: u64 = 64 << 20;
+
+/// A bridge over a `FakeGpu` with room for a kernel's rings, built with
+/// `config`, and all but 1 KiB of that device lent out as working memory
+/// (held until the reservation drops): a first launch cannot reserve its
+/// rings until it does.
+fn busy_gpu(config: BridgeConfig) -> (GpuBridge, granary_gpu::Reservation) {
     let bridge = GpuBridge::builder()
         .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
         .kernels(shipped::ALL)
-        .config(BridgeConfig {
-            fallback: FallbackPolicy::Fail,
-            overload_timeout: Duration::from_millis(300),
-            ..BridgeConfig::default()
-        })
+        .config(config)
         .build()
         .unwrap();
     let (gpu, ..) = bridge
@@ -379,16 +376,28 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
         .into_iter()
         .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
         .unwrap();
-    // Working memory lent out for longer than the overload timeout: the
-    // launch waits for it, then these calls fail `Overloaded` (as a batch
-    // would), and the device is not remembered as failed.
-    // Each waits about the timeout from its own start, not once more for
-    // every caller whose launch ran out of time before it (eight in a row
-    // would take 2.4 s).
     let held = bridge
         .broker()
         .reserve(gpu, RINGS_GPU_BYTES - 1024)
         .unwrap();
+    (bridge, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_remembered() {
+    use std::time::Duration;
+    // No fallback: a small request must run on the device's persistent
+    // kernel, whose first launch reserves its rings there. Working memory
+    // lent out for longer than the overload timeout: the launch waits for
+    // it, then these calls fail `Overloaded` (as a batch would), and the
+    // device is not remembered as failed. Each waits about the timeout
+    // from its own start, not once more for every caller whose launch ran
+    // out of time before it (eight in a row would take 2.4 s).
+    let (bridge, held) = busy_gpu(BridgeConfig {
+        fallback: FallbackPolicy::Fail,
+        overload_timeout: Duration::from_millis(300),
+        ..BridgeConfig::default()
+    });
     let started = std::time::Instant::now();
     let callers: Vec<_> = (0..8)
         .map(|_| {
@@ -418,20 +427,11 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
 
     // Memory that comes back within the overload timeout is waited for:
     // the first request is answered by the device's kernel.
-    let bridge = GpuBridge::builder()
-        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
-        .kernels(shipped::ALL)
-        .config(BridgeConfig {
-            fallback: FallbackPolicy::Fail,
-            overload_timeout: Duration::from_secs(10),
-            ..BridgeConfig::default()
-        })
-        .build()
-        .unwrap();
-    let held = bridge
-        .broker()
-        .reserve(gpu, RINGS_GPU_BYTES - 1024)
-        .unwrap();
+    let (bridge, held) = busy_gpu(BridgeConfig {
+        fallback: FallbackPolicy::Fail,
+        overload_timeout: Duration::from_secs(10),
+        ..BridgeConfig::default()
+    });
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(held);
@@ -446,20 +446,11 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
 
     // With a CPU fallback, a device still busy after the wait sends the
     // call to the CPU (counted), within the one wait.
-    let bridge = GpuBridge::builder()
-        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
-        .kernels(shipped::ALL)
-        .config(BridgeConfig {
-            fallback: FallbackPolicy::Cpu,
-            overload_timeout: Duration::from_millis(300),
-            ..BridgeConfig::default()
-        })
-        .build()
-        .unwrap();
-    let held = bridge
-        .broker()
-        .reserve(gpu, RINGS_GPU_BYTES - 1024)
-        .unwrap();
+    let (bridge, held) = busy_gpu(BridgeConfig {
+        fallback: FallbackPolicy::Cpu,
+        overload_timeout: Duration::from_millis(300),
+        ..BridgeConfig::default()
+    });
     let started = std::time::Instant::now();
     assert_eq!(
         from_f32s(&bridge.execute("double", &f32s(&[5.0])).await.unwrap()),
@@ -476,29 +467,14 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_ends_a_first_launch_that_waits_for_memory() {
     use std::time::Duration;
-    const RINGS_GPU_BYTES: u64 = 64 << 20;
     // The launch would wait 10 s for memory; a shutdown does not wait for
     // it that long, and its caller is told the bridge shut down.
-    let bridge = GpuBridge::builder()
-        .backend(Arc::new(FakeGpu::new(RINGS_GPU_BYTES)))
-        .kernels(shipped::ALL)
-        .config(BridgeConfig {
-            fallback: FallbackPolicy::Fail,
-            overload_timeout: Duration::from_secs(10),
-            stop_timeout: Duration::from_secs(10),
-            ..BridgeConfig::default()
-        })
-        .build()
-        .unwrap();
-    let (gpu, ..) = bridge
-        .devices()
-        .into_iter()
-        .find(|(_, info, _)| info.kind == DeviceKind::Gpu)
-        .unwrap();
-    let held = bridge
-        .broker()
-        .reserve(gpu, RINGS_GPU_BYTES - 1024)
-        .unwrap();
+    let (bridge, held) = busy_gpu(BridgeConfig {
+        fallback: FallbackPolicy::Fail,
+        overload_timeout: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(10),
+        ..BridgeConfig::default()
+    });
     let caller = tokio::spawn({
         let bridge = bridge.clone();
         async move { bridge.execute("double", &f32s(&[1.0])).await }

@@ -52,9 +52,11 @@ pub(crate) const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
 /// the ring's kernel thread beats while it waits for its device thread.
 pub(crate) const BEAT: Duration = Duration::from_millis(50);
 
-/// `len` rounded up to whole 4-byte words.
+/// `len` rounded up to whole 4-byte words; a length within three bytes
+/// of `u64::MAX` (which no device holds: its size check refuses it) stays
+/// at the largest, rather than wrapping to a small one.
 pub(crate) fn words(len: usize) -> u64 {
-    (len as u64).div_ceil(4) * 4
+    (len as u64).div_ceil(4).saturating_mul(4)
 }
 
 /// A device's idle buffers (rule 1).

@@ -5,8 +5,11 @@
 //!    bytes past its length stay zero.
 //! 2. A write or read at offsets that are not whole words covers the words
 //!    around it: a write reads those words back first and writes them
-//!    whole, so the bytes outside the range keep their values. Writes and
-//!    reads each wait for their own submission.
+//!    whole, so the bytes outside the range keep their values. Such a
+//!    write holds the buffer's patch lock from its read to its write, so
+//!    two of them at once (the bridge lets writes share a buffer) cannot
+//!    each write back the other's bytes as they were. Writes and reads
+//!    each wait for their own submission.
 //! 3. Resident parts of a batch are copied into the request on the device;
 //!    a response goes into a resident buffer by a copy on the device.
 //! 4. There is no copy between two devices (each wgpu device owns its
@@ -31,6 +34,9 @@ pub struct WgpuBuffer {
     /// The device that made it, to tell this backend's buffers from
     /// another wgpu backend's.
     gpu: Arc<Gpu>,
+    /// Held by a write that is not whole words, from reading the words
+    /// around it to writing them back (rule 2).
+    patch: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for WgpuBuffer {
@@ -80,6 +86,7 @@ impl WgpuBuffer {
             len,
             device,
             gpu: gpu.clone(),
+            patch: std::sync::Mutex::new(()),
         })
     }
 
@@ -154,7 +161,15 @@ pub(super) fn write(
     }
     let gpu = &own.gpu;
     let (start, span) = covering(offset, data.len());
-    let bytes = if start as usize == offset && span == data.len() {
+    let whole = start as usize == offset && span == data.len();
+    // Rule 2: held until the patched words are written back (a panic while
+    // it was held left nothing half done: the lock guards no data).
+    let _patching = (!whole).then(|| {
+        own.patch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
+    let bytes = if whole {
         data.to_vec()
     } else {
         // Rule 2: the words around the range, read back and patched.

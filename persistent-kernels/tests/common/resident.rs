@@ -51,6 +51,39 @@ pub fn writes_and_reads_round_trip(backend: &dyn Backend) -> Check {
     Ok(())
 }
 
+/// Two threads write neighbouring bytes of one word at once, 200 times:
+/// each keeps its byte (wgpu writes a part of a word by reading the word
+/// and writing it back whole, which two writes at once could each do with
+/// the other's byte as it was).
+pub fn writes_to_neighbouring_bytes_at_once_keep_both(backend: &dyn Backend) -> Check {
+    let buffer = expect(backend.alloc_resident(0, 4), "alloc")?;
+    let start = std::sync::Barrier::new(2);
+    for round in 1..=200u8 {
+        let (first, second) = std::thread::scope(|scope| {
+            let write = |offset: usize| {
+                let (buffer, start) = (&buffer, &start);
+                scope.spawn(move || {
+                    start.wait();
+                    backend.write_resident(&**buffer, offset, &[round])
+                })
+            };
+            let (first, second) = (write(0), write(2));
+            (first.join(), second.join())
+        });
+        for written in [first, second] {
+            match written {
+                Ok(result) => expect(result, "write")?,
+                Err(_) => return Err("a writing thread panicked".into()),
+            }
+        }
+        let word = expect(backend.read_resident(&*buffer, 0, 4), "read")?;
+        if word != [round, 0, round, 0] {
+            return Err(format!("round {round}: the word reads {word:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// `y = a·y + y` in place, three times, with only `a` crossing from the
 /// host: the buffer is both request parts and the output.
 pub fn saxpy_in_place_keeps_the_data_on_the_device(backend: &dyn Backend) -> Check {
@@ -198,8 +231,12 @@ pub fn misuse_is_typed(backend: &dyn Backend) -> Check {
 pub type ContractCheck = fn(&dyn Backend) -> Check;
 
 /// Every check, by name.
-pub const ALL: [(&str, ContractCheck); 4] = [
+pub const ALL: [(&str, ContractCheck); 5] = [
     ("writes_and_reads_round_trip", writes_and_reads_round_trip),
+    (
+        "writes_to_neighbouring_bytes_at_once_keep_both",
+        writes_to_neighbouring_bytes_at_once_keep_both,
+    ),
     (
         "saxpy_in_place_keeps_the_data_on_the_device",
         saxpy_in_place_keeps_the_data_on_the_device,

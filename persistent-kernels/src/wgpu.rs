@@ -9,7 +9,11 @@
 //!    each, with the adapter's own limits. An adapter whose device cannot
 //!    be opened is skipped and said why ([`WgpuBackend::skipped`]), and so
 //!    is a device already opened through another API (Windows lists one
-//!    GPU under Vulkan and DX12; the first API listed is kept). No
+//!    GPU under Vulkan and DX12; the first API listed that opens it is
+//!    kept). Adapters are one device when their vendor, device id, type
+//!    and name agree and so does their PCI bus where both give it; where
+//!    one does not, the k-th such adapter of an API is the k-th of
+//!    another. Identical GPUs listed by one API are each a device. No
 //!    adapter at all is [`WgpuError::Unavailable`], and everything else
 //!    keeps working.
 //! 2. **Memory.** A Vulkan adapter reports its device-local heaps, and
@@ -229,6 +233,66 @@ impl Gpu {
     }
 }
 
+/// What tells a physical device apart across the APIs that list it
+/// (rule 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    vendor: u32,
+    device: u32,
+    kind: wgpu::DeviceType,
+    name: String,
+    /// The PCI bus, where the API gives it (empty where not).
+    bus: String,
+}
+
+impl Identity {
+    fn of(info: &wgpu::AdapterInfo) -> Identity {
+        Identity {
+            vendor: info.vendor,
+            device: info.device,
+            kind: info.device_type,
+            name: info.name.clone(),
+            bus: info.device_pci_bus_id.clone(),
+        }
+    }
+
+    /// Whether the two may be one device: the same model, and the same
+    /// bus unless one of them does not say.
+    fn same(&self, other: &Identity) -> bool {
+        self.vendor == other.vendor
+            && self.device == other.device
+            && self.kind == other.kind
+            && self.name == other.name
+            && (self.bus.is_empty() || other.bus.is_empty() || self.bus == other.bus)
+    }
+}
+
+/// The API through which an adapter's device was already opened, if it
+/// was (rule 1): one with its bus on another API, or, where a bus is not
+/// known, the `listed_before`-th device of its model opened on another API
+/// (its own API listed that many of the model before it).
+fn opened_elsewhere(
+    opened: &[(Identity, wgpu::Backend)],
+    identity: &Identity,
+    api: wgpu::Backend,
+    listed_before: usize,
+) -> Option<wgpu::Backend> {
+    let mut elsewhere = opened
+        .iter()
+        .filter(|(other, other_api)| *other_api != api && other.same(identity));
+    if !identity.bus.is_empty() {
+        if let Some((_, other_api)) = elsewhere
+            .clone()
+            .find(|(other, _)| other.bus == identity.bus)
+        {
+            return Some(*other_api);
+        }
+    }
+    elsewhere
+        .nth(listed_before)
+        .map(|(_, other_api)| *other_api)
+}
+
 /// The wgpu devices of this node.
 pub struct WgpuBackend {
     gpus: Vec<Arc<Gpu>>,
@@ -270,29 +334,32 @@ impl WgpuBackend {
         let found = adapters.len();
         let mut gpus: Vec<Arc<Gpu>> = Vec::new();
         let mut skipped = Vec::new();
-        let mut seen = Vec::new();
+        // Every adapter listed so far, and each device opened, by identity
+        // and API (rule 1).
+        let mut listed: Vec<(Identity, wgpu::Backend)> = Vec::new();
+        let mut opened: Vec<(Identity, wgpu::Backend)> = Vec::new();
         for adapter in adapters {
             let info = adapter.get_info();
-            // One physical device listed under two APIs (rule 1): vendor
-            // and device ids where the platform gives them, else the name.
-            let identity = (
-                info.vendor,
-                info.device,
-                info.device_type,
-                info.name.clone(),
-            );
-            if seen.contains(&identity) {
+            let identity = Identity::of(&info);
+            let listed_before = listed
+                .iter()
+                .filter(|(other, api)| *api == info.backend && other.same(&identity))
+                .count();
+            listed.push((identity.clone(), info.backend));
+            if let Some(api) = opened_elsewhere(&opened, &identity, info.backend, listed_before) {
                 skipped.push(format!(
-                    "{} via {:?}: the same device as one already opened",
+                    "{} via {:?}: the same device as one opened via {api:?}",
                     info.name, info.backend
                 ));
                 continue;
             }
-            seen.push(identity);
             let index = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
             match open(&adapter, index, options.memory_share) {
-                Ok(gpu) => gpus.push(Arc::new(gpu)),
-                Err(why) => skipped.push(format!("{}: {why}", adapter.get_info().name)),
+                Ok(gpu) => {
+                    gpus.push(Arc::new(gpu));
+                    opened.push((identity, info.backend));
+                }
+                Err(why) => skipped.push(format!("{} via {:?}: {why}", info.name, info.backend)),
             }
         }
         if gpus.is_empty() {
@@ -621,7 +688,49 @@ pub(crate) fn device_error(err: WgpuError) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use super::{MemorySource, device_memory};
+    use super::{Identity, MemorySource, device_memory, opened_elsewhere};
+    use wgpu::Backend::{Dx12, Vulkan};
+
+    fn gpu(bus: &str) -> Identity {
+        Identity {
+            vendor: 0x10de,
+            device: 0x2330,
+            kind: wgpu::DeviceType::DiscreteGpu,
+            name: "NVIDIA H100".into(),
+            bus: bus.into(),
+        }
+    }
+
+    /// Rule 1: identical GPUs are each a device; one GPU listed by two
+    /// APIs is one, matched by bus or, without one, by order.
+    #[test]
+    fn identical_gpus_are_each_opened_and_a_second_api_listing_is_not() {
+        // Four identical GPUs under one API, with buses or without.
+        for buses in [["0:1", "0:2", "0:3", "0:4"], [""; 4]] {
+            let mut opened = Vec::new();
+            for (n, bus) in buses.iter().enumerate() {
+                assert_eq!(opened_elsewhere(&opened, &gpu(bus), Vulkan, n), None);
+                opened.push((gpu(bus), Vulkan));
+            }
+            // The same four again under DX12: each is one already opened.
+            for (n, bus) in buses.iter().enumerate() {
+                assert_eq!(
+                    opened_elsewhere(&opened, &gpu(bus), Dx12, n),
+                    Some(Vulkan),
+                    "{bus:?} {n}"
+                );
+            }
+        }
+        // Two GPUs on Vulkan with buses, DX12 giving none: its first and
+        // second listings are the two.
+        let opened = vec![(gpu("0:1"), Vulkan), (gpu("0:2"), Vulkan)];
+        assert_eq!(opened_elsewhere(&opened, &gpu(""), Dx12, 1), Some(Vulkan));
+        assert_eq!(opened_elsewhere(&opened, &gpu(""), Dx12, 2), None);
+        // A GPU whose Vulkan device did not open is tried through DX12.
+        assert_eq!(opened_elsewhere(&[], &gpu("0:1"), Dx12, 0), None);
+        // Another bus is another device, whatever the order.
+        assert_eq!(opened_elsewhere(&opened, &gpu("0:9"), Dx12, 0), None);
+    }
 
     #[test]
     fn a_reported_figure_wins_and_none_takes_the_configured_share() {

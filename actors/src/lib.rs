@@ -92,7 +92,8 @@ pub use reminders::{
 };
 pub use silo::{
     ActivationEnd, EndedListener, EndedListenerGuard, FailureReason, GrainRef, GrainTypeStats,
-    Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer,
+    MAX_GRAIN_TYPE_NAME, Registration, Silo, SiloBuilder, SiloConfig, TURN_SECONDS_BOUNDS, Timer,
+    grain_type_name_error,
 };
 pub use storage::{
     BatchOutcome, DueUpdate, ETag, MemoryStorage, NewReminder, PersistentState, PostgresStorage,

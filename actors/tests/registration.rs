@@ -305,6 +305,32 @@ fn a_stateless_worker_without_workers_is_refused_at_build() {
     );
 }
 
+/// A name registered by hand is held to the rules the derive applies: not
+/// one the runtime keeps for its services and records (a remote request
+/// for `$observers` would reach the cluster's observer service, not the
+/// grain), nor longer than the directory takes.
+#[test]
+fn a_grain_type_name_the_runtime_keeps_is_refused_at_build() {
+    for name in [
+        "",
+        "$observers",
+        "$health",
+        "granary.reminders",
+        &"g".repeat(granary_actors::MAX_GRAIN_TYPE_NAME + 1),
+    ] {
+        let built = Silo::builder().register::<Idle>(name).build();
+        assert!(
+            matches!(&built, Err(SiloError::InvalidConfig(why))
+                if why.contains("grain type name")),
+            "{name:?}: {built:?}"
+        );
+        assert!(granary_actors::grain_type_name_error(name).is_some());
+    }
+    let longest = "g".repeat(granary_actors::MAX_GRAIN_TYPE_NAME);
+    assert!(granary_actors::grain_type_name_error(&longest).is_none());
+    assert!(granary_actors::grain_type_name_error("ledger.v2").is_none());
+}
+
 /// Written by hand (as for a generic grain), registering two messages
 /// under one name: the derive refuses this when the crate compiles; by
 /// hand it is refused at build.

@@ -241,6 +241,30 @@ fn parse_name(meta: &ParseNestedMeta<'_>, what: &str) -> syn::Result<LitStr> {
     Ok(name)
 }
 
+/// A grain type's name within the runtime's bounds: the same rules as
+/// `granary_actors::grain_type_name_error`, which the silo's builder applies
+/// to names registered by hand (the macro cannot call it: the runtime
+/// depends on this crate).
+fn grain_type_name(name: &LitStr) -> syn::Result<()> {
+    let value = name.value();
+    if value.len() > 256 {
+        return Err(syn::Error::new(
+            name.span(),
+            format!(
+                "a grain type name of {} bytes; at most 256 (a cluster's directory refuses longer ones)",
+                value.len()
+            ),
+        ));
+    }
+    if value.starts_with('$') || value.starts_with("granary.") {
+        return Err(syn::Error::new(
+            name.span(),
+            "names starting with `$` or `granary.` are the runtime's own (its services and records)",
+        ));
+    }
+    Ok(())
+}
+
 /// `crate = path`.
 fn parse_crate(meta: &ParseNestedMeta<'_>) -> syn::Result<Path> {
     meta.value()?.parse()
@@ -406,7 +430,9 @@ mod grain {
             attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("name") {
                     once(&settings.name, &meta, "name")?;
-                    settings.name = Some(parse_name(&meta, "the grain type")?);
+                    let name = parse_name(&meta, "the grain type")?;
+                    grain_type_name(&name)?;
+                    settings.name = Some(name);
                 } else if meta.path.is_ident("messages") {
                     settings.messages.extend(types(&meta, "messages")?);
                 } else if meta.path.is_ident("reads") {
@@ -581,6 +607,26 @@ mod tests {
         grain::expand(&input)
             .map(|tokens| tokens.to_string())
             .map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn a_grain_type_name_the_runtime_keeps_or_too_long_is_refused() {
+        for (name, why) in [
+            ("$directory", "the runtime's own"),
+            ("granary.reminders", "the runtime's own"),
+            (&*"g".repeat(257), "at most 256"),
+        ] {
+            let input: DeriveInput =
+                syn::parse_str(&format!("#[grain(name = {name:?})] struct Account;")).unwrap();
+            let err = grain(input).unwrap_err();
+            assert!(err.contains(why), "{name}: {err}");
+        }
+        let input: DeriveInput = syn::parse_str(&format!(
+            "#[grain(name = {:?})] struct Account;",
+            "g".repeat(256)
+        ))
+        .unwrap();
+        assert!(grain(input).is_ok());
     }
 
     #[test]

@@ -21,6 +21,36 @@ use crate::grain::{Grain, Handler, Message, NamedMessage, ReadHandler, Service, 
 use crate::mailbox;
 use crate::storage::{MemoryStorage, StorageProvider};
 
+/// The longest grain type name, in bytes: a cluster's directory refuses
+/// longer ones, so a grain type with one could not be called from another
+/// silo.
+pub const MAX_GRAIN_TYPE_NAME: usize = 256;
+
+/// Why `name` cannot name a grain type, if it cannot: it is empty, longer
+/// than [`MAX_GRAIN_TYPE_NAME`], or in a namespace the runtime keeps for
+/// itself: `$` (the readiness probe's `$health` record, and the cluster's
+/// own services, `$directory`, `$migration`, `$observers` and
+/// `$reminders`, to which a request for such a type would go instead of
+/// the grain) and `granary.` (records such as the legacy reminder record,
+/// `granary.reminders`, which a grain of that name would share).
+/// `#[derive(GrainType)]` refuses the same names when the crate compiles.
+pub fn grain_type_name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("a grain type name is empty".into())
+    } else if name.len() > MAX_GRAIN_TYPE_NAME {
+        Some(format!(
+            "a grain type name of {} bytes; at most {MAX_GRAIN_TYPE_NAME}",
+            name.len()
+        ))
+    } else if name.starts_with('$') || name.starts_with("granary.") {
+        Some(format!(
+            "grain type name {name:?}: names starting with `$` or `granary.` are the runtime's own"
+        ))
+    } else {
+        None
+    }
+}
+
 /// How a silo is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiloConfig {
@@ -278,6 +308,9 @@ impl SiloBuilder {
         workers: usize,
         stateless: bool,
     ) -> SiloBuilder {
+        if let Some(why) = grain_type_name_error(name) {
+            self.invalid.get_or_insert(why);
+        }
         if self.types.contains_key(&TypeId::of::<G>()) {
             self.invalid.get_or_insert_with(|| {
                 format!(

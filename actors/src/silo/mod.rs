@@ -144,7 +144,9 @@ use std::sync::{Arc, PoisonError};
 use tokio_util::task::TaskTracker;
 
 pub(crate) use activation::HeldMailbox;
-pub use builder::{Registration, SiloBuilder, SiloConfig};
+pub use builder::{
+    MAX_GRAIN_TYPE_NAME, Registration, SiloBuilder, SiloConfig, grain_type_name_error,
+};
 pub use context::Timer;
 pub(crate) use envelope::{
     current_chain, deadline_after, fresh_chain, random_start as random_u64, running_chain,
@@ -319,8 +321,8 @@ impl Silo {
         SiloBuilder::new()
     }
 
-    /// How long a call waits for its answer.
-    pub(crate) fn call_timeout(&self) -> std::time::Duration {
+    /// How long a call waits for its answer (`SiloConfig::call_timeout`).
+    pub fn call_timeout(&self) -> std::time::Duration {
         self.inner.config.call_timeout
     }
 

@@ -121,7 +121,9 @@ impl<G: Grain> GrainRef<G> {
     /// Sends `message` and waits for the reply, at most the silo's call
     /// timeout. Dropping the future cancels the wait (the message may
     /// still run). On a routed silo the message goes to the grain's home,
-    /// wherever it is (rule 12).
+    /// wherever it is (rule 12); a call to another silo's home also waits
+    /// at most the cluster connection's own call timeout (30 s by
+    /// default), so a silo whose turns may run longer raises both.
     pub async fn call<M: Message>(&self, message: M) -> Result<M::Reply, CallError>
     where
         G: Handler<M>,

@@ -12,7 +12,7 @@ use crate::SiloId;
 use crate::directory::{self, ActivationAddress};
 
 /// The longest grain type name a directory entry takes, in bytes.
-pub(super) const MAX_DIRECTORY_TYPE: usize = 256;
+pub(super) const MAX_DIRECTORY_TYPE: usize = granary_actors::MAX_GRAIN_TYPE_NAME;
 /// The longest string in a grain key a directory entry takes, in bytes.
 pub(super) const MAX_DIRECTORY_KEY: usize = 4096;
 

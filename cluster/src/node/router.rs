@@ -108,7 +108,10 @@ impl ClusterNode {
     /// form. A failure on the way keeps its kind: the home's silo
     /// unavailable (`SiloUnavailable`), no silo to place the grain on
     /// (`Placement`), a failure where it ran (`Remote`), no answer in time
-    /// (`Timeout`), or a local one (`Local`).
+    /// (`Timeout`), or a local one (`Local`). It waits at most the silo's
+    /// `call_timeout`, as [`Silo::call_named`](granary_actors::Silo::call_named)
+    /// does, and for a grain on another silo also at most the connection's
+    /// (`ConnectionConfig::call_timeout`).
     pub async fn call_named(
         &self,
         grain_type: &str,
@@ -147,7 +150,11 @@ impl ClusterNode {
             payload,
             Kind::Call,
             granary_actors::route::current_chain(),
-            tokio::time::Instant::now() + self.inner.config.connection.call_timeout,
+            // Saturating: a timeout too long to represent waits a century.
+            tokio::time::Instant::from_std(deadline_after(
+                silo.call_timeout()
+                    .min(self.inner.config.connection.call_timeout),
+            )),
         );
         match self.inner.route_raw(named).await? {
             Delivered::Here => match answer.try_recv() {

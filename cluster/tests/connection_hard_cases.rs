@@ -70,36 +70,7 @@ async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
         max_inbound: 1,
         ..ConnectionConfig::default()
     };
-    let (near, far) = tokio::io::duplex(4096);
-    let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
-    let expected = b.clone();
-    let accepted = tokio::spawn({
-        let b = b.clone();
-        async move {
-            accept(
-                Box::new(far),
-                b,
-                "test",
-                &secret(),
-                &AnyPeer,
-                Arc::new(Never),
-                config,
-            )
-            .await
-        }
-    });
-    let connection = connect(
-        Box::new(near),
-        a,
-        &expected,
-        "test",
-        &secret(),
-        Arc::new(Never),
-        config,
-    )
-    .await
-    .unwrap();
-    let _server = accepted.await.unwrap().unwrap();
+    let (connection, _server) = connected(4096, Arc::new(Never), config).await;
     let calls: Vec<_> = (0..20)
         .map(|_| {
             let connection = connection.clone();
@@ -122,6 +93,45 @@ async fn a_call_waiting_for_room_in_the_outgoing_queue_times_out() {
         hung, 0,
         "{hung} of 20 calls with a 300 ms timeout still waiting after 3 s"
     );
+}
+
+/// Two connections over an in-memory stream of `buffer` bytes each way:
+/// the one "a:1" made as the connector (its own requests never answered),
+/// and the one "b:1" accepted, with `inbound`.
+async fn connected(
+    buffer: usize,
+    inbound: Arc<dyn Inbound>,
+    config: ConnectionConfig,
+) -> (granary_cluster::Connection, granary_cluster::Connection) {
+    let (near, far) = tokio::io::duplex(buffer);
+    let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
+    let accepted = tokio::spawn({
+        let b = b.clone();
+        async move {
+            accept(
+                Box::new(far),
+                b,
+                "test",
+                &secret(),
+                &AnyPeer,
+                inbound,
+                config,
+            )
+            .await
+        }
+    });
+    let connection = connect(
+        Box::new(near),
+        a,
+        &b,
+        "test",
+        &secret(),
+        Arc::new(Never),
+        config,
+    )
+    .await
+    .unwrap();
+    (connection, accepted.await.unwrap().unwrap())
 }
 
 /// An unauthenticated peer that sends only a 4-byte length prefix cannot
@@ -314,38 +324,9 @@ impl Inbound for Counts {
 /// a zero wait still queued the frame before the timeout fired.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_no_time_left_is_not_sent() {
-    let config = ConnectionConfig::default();
-    let (near, far) = tokio::io::duplex(1 << 16);
-    let (a, b) = (SiloId::new("a:1", 1), SiloId::new("b:1", 1));
-    let expected = b.clone();
     let counted = Arc::new(Counts(AtomicUsize::new(0)));
-    let accepted = tokio::spawn({
-        let (b, counted) = (b.clone(), counted.clone());
-        async move {
-            accept(
-                Box::new(far),
-                b,
-                "test",
-                &secret(),
-                &AnyPeer,
-                counted,
-                config,
-            )
-            .await
-        }
-    });
-    let connection = connect(
-        Box::new(near),
-        a,
-        &expected,
-        "test",
-        &secret(),
-        Arc::new(Never),
-        config,
-    )
-    .await
-    .unwrap();
-    let _server = accepted.await.unwrap().unwrap();
+    let (connection, _server) =
+        connected(1 << 16, counted.clone(), ConnectionConfig::default()).await;
     let request = |time_left| granary_cluster::Outgoing {
         grain_type: "g",
         key: &GrainKey::U64(1),

@@ -63,7 +63,9 @@
 //!     mailbox of a silo shares): one up when a sender parks, one down when
 //!     it leaves the parked list however it leaves (admitted, timed out,
 //!     closed, cancelled), both under the mailbox's lock, so it never
-//!     goes below zero. It is the silo's backpressure gauge
+//!     goes below zero. The parked list counts its own pushes and
+//!     removals, so no path that parks or unparks can skip the count. It
+//!     is the silo's backpressure gauge
 //!     (`Silo::senders_waiting`). A send future leaked while parked
 //!     (`mem::forget`) never leaves, and stays counted, as its message
 //!     stays parked.
@@ -131,12 +133,17 @@ impl<T> ParkedList<T> {
         self.0.as_ref().is_none_or(|parked| parked.is_empty())
     }
 
-    fn push_back(&mut self, parked: Parked<T>) {
+    /// Parks a sender, counted in `waiting` (rule 10).
+    fn push_back(&mut self, parked: Parked<T>, waiting: &Sweeper) {
         self.0.get_or_insert_with(Box::default).push_back(parked);
+        waiting.parked_one();
     }
 
-    fn pop_front(&mut self) -> Option<Parked<T>> {
-        self.0.as_mut()?.pop_front()
+    /// The oldest parked sender, no longer counted in `waiting` (rule 10).
+    fn pop_front(&mut self, waiting: &Sweeper) -> Option<Parked<T>> {
+        let parked = self.0.as_mut()?.pop_front()?;
+        waiting.unparked_one();
+        Some(parked)
     }
 
     /// The list's room, moved out to be freed, if no sender is parked
@@ -161,8 +168,11 @@ impl<T> ParkedList<T> {
             .ok()
     }
 
-    fn remove(&mut self, index: usize) -> Option<Parked<T>> {
-        self.0.as_mut()?.remove(index)
+    /// The sender at `index`, no longer counted in `waiting` (rule 10).
+    fn remove(&mut self, index: usize, waiting: &Sweeper) -> Option<Parked<T>> {
+        let parked = self.0.as_mut()?.remove(index)?;
+        waiting.unparked_one();
+        Some(parked)
     }
 
     fn get_mut(&mut self, index: usize) -> Option<&mut Parked<T>> {
@@ -215,8 +225,7 @@ impl<T> Shared<T> {
     fn admit(&self, state: &mut State<T>) -> Option<Waker> {
         let mut woken = None;
         if !state.closed && state.held() < self.slots() {
-            if let Some(parked) = state.parked.pop_front() {
-                self.sweeper.unparked_one();
+            if let Some(parked) = state.parked.pop_front(&self.sweeper) {
                 state.queue.push_back(parked.message);
                 self.admitted.store(parked.ticket + 1, Ordering::Release);
                 woken = Some(parked.waker);
@@ -580,13 +589,15 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 }
                 let ticket = state.next_ticket;
                 state.next_ticket += 1;
-                state.parked.push_back(Parked {
-                    ticket,
-                    message,
-                    waker: cx.waker().clone(),
-                    deadline: self.deadline,
-                });
-                shared.sweeper.parked_one();
+                state.parked.push_back(
+                    Parked {
+                        ticket,
+                        message,
+                        waker: cx.waker().clone(),
+                        deadline: self.deadline,
+                    },
+                    &shared.sweeper,
+                );
                 shared.mirror(&state);
                 let sweep = !std::mem::replace(&mut state.swept, true);
                 drop(state);
@@ -618,10 +629,7 @@ impl<T: Send + 'static> Future for SendFuture<'_, T> {
                 let closed = state.closed;
                 let expired = !closed && Instant::now() >= self.deadline;
                 if closed || expired {
-                    let parked = state.parked.remove(index);
-                    if parked.is_some() {
-                        shared.sweeper.unparked_one();
-                    }
+                    let parked = state.parked.remove(index, &shared.sweeper);
                     shared.mirror(&state);
                     drop(state);
                     return Poll::Ready(match parked {
@@ -660,10 +668,7 @@ impl<T> Drop for SendFuture<'_, T> {
             let removed = state
                 .parked
                 .find(ticket)
-                .and_then(|index| state.parked.remove(index));
-            if removed.is_some() {
-                shared.sweeper.unparked_one();
-            }
+                .and_then(|index| state.parked.remove(index, &shared.sweeper));
             shared.mirror(&state);
             drop(state);
             drop(removed);
@@ -959,14 +964,16 @@ impl Sweeper {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// A sender parked; called under its mailbox's lock.
+    /// A sender parked; called under its mailbox's lock, by
+    /// `ParkedList::push_back` only.
     fn parked_one(&self) {
         self.waiting.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A sender left the parked list (admitted, timed out, handed its
     /// message back or cancelled); called under its mailbox's lock, after
-    /// the `parked_one` of the same sender.
+    /// the `parked_one` of the same sender, by `ParkedList`'s `pop_front`
+    /// and `remove` only.
     fn unparked_one(&self) {
         self.waiting.fetch_sub(1, Ordering::Relaxed);
     }

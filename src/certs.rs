@@ -60,6 +60,14 @@ pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertFiles, NodeRunErr
             "name at least one node: the IP address it listens on".into(),
         ));
     }
+    // Every file this writes, by its name folded to lower case (a
+    // case-insensitive file system holds one of `A.pem` and `a.pem`), and
+    // whose it is: no name's files may be another's or the CA's.
+    let mut files: std::collections::HashMap<String, Option<&String>> = [
+        ("ca.pem".to_string(), None),
+        ("ca-key.pem".to_string(), None),
+    ]
+    .into();
     for name in names {
         if rustls_name(name).is_none() {
             return Err(NodeRunError(format!(
@@ -67,10 +75,24 @@ pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertFiles, NodeRunErr
             )));
         }
         let stem = file_stem(name).to_ascii_lowercase();
-        if stem == "ca" || stem == "ca-key" {
-            return Err(NodeRunError(format!(
-                "{name:?}: its files would be the CA's (ca.pem, ca-key.pem)"
-            )));
+        for file in [format!("{stem}.pem"), format!("{stem}-key.pem")] {
+            match files.insert(file.clone(), Some(name)) {
+                None => {}
+                Some(None) => {
+                    return Err(NodeRunError(format!(
+                        "{name:?}: its files would be the CA's (ca.pem, ca-key.pem)"
+                    )));
+                }
+                Some(Some(other)) if other == name => {
+                    return Err(NodeRunError(format!("{name:?} is named twice")));
+                }
+                Some(Some(other)) => {
+                    return Err(NodeRunError(format!(
+                        "{name:?} and {other:?} would both write {file}: name one of them \
+                         differently"
+                    )));
+                }
+            }
         }
     }
     if !dir.exists() {
@@ -95,7 +117,13 @@ pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertFiles, NodeRunErr
         (false, false) => {
             let ca = CertAuthority::generate().map_err(|err| NodeRunError(err.to_string()))?;
             write_private(&ca_key, &ca.key_pem()).map_err(io_error(&ca_key))?;
-            std::fs::write(&ca_cert, ca.cert_pem()).map_err(io_error(&ca_cert))?;
+            if let Err(err) = std::fs::write(&ca_cert, ca.cert_pem()) {
+                // A key alone would make every later run refuse the
+                // folder ("found only one of them").
+                let _ = std::fs::remove_file(&ca_key);
+                let _ = std::fs::remove_file(&ca_cert);
+                return Err(io_error(&ca_cert)(err));
+            }
             (ca, true)
         }
         _ => {
@@ -163,6 +191,19 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         for bad in ["10.0.0.5:7000", "[::1]", "bad name", "", "CA", "ca-key"] {
             assert!(write_certs(&certs, &[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        // Two names whose files would be one file: refused before anything
+        // is written (the second's certificate would overwrite the first's
+        // key).
+        for (first, second, why) in [
+            ("node1", "node1-key", "would both write node1-key.pem"),
+            ("Node1", "node1", "would both write node1.pem"),
+            ("node1", "node1", "is named twice"),
+        ] {
+            let err =
+                write_certs(&certs, &[first.to_string(), second.to_string()]).expect_err("refused");
+            assert!(err.0.contains(why), "{first} {second}: {}", err.0);
+            assert!(!certs.join("node1-key.pem").exists());
         }
         // Nothing of the CA was touched by the refusals.
         assert!(

@@ -38,26 +38,26 @@ enum Command {
     /// and print latency and throughput.
     Demo {
         /// Concurrent callers.
-        #[arg(long, default_value_t = DemoConfig::default().callers)]
+        #[arg(long, default_value_t = DemoConfig::default().callers, conflicts_with = "nodes")]
         callers: u32,
         /// Requests per backend.
-        #[arg(long, default_value_t = DemoConfig::default().requests)]
+        #[arg(long, default_value_t = DemoConfig::default().requests, conflicts_with = "nodes")]
         requests: u64,
         /// `f32` elements per small request (1..=1024).
-        #[arg(long, default_value_t = DemoConfig::default().small_elements)]
+        #[arg(long, default_value_t = DemoConfig::default().small_elements, conflicts_with = "nodes")]
         small_elements: u32,
         /// One batch request every this many requests per caller (0: none).
-        #[arg(long, default_value_t = DemoConfig::default().batch_every)]
+        #[arg(long, default_value_t = DemoConfig::default().batch_every, conflicts_with = "nodes")]
         batch_every: u64,
         /// Elements per operand of each batch vector add.
-        #[arg(long, default_value_t = DemoConfig::default().batch_elements)]
+        #[arg(long, default_value_t = DemoConfig::default().batch_elements, conflicts_with = "nodes")]
         batch_elements: u32,
         /// One fan-out call (a batch of small inferences, one group on the
         /// ring) every this many requests per caller (0: none).
-        #[arg(long, default_value_t = DemoConfig::default().fan_out_every)]
+        #[arg(long, default_value_t = DemoConfig::default().fan_out_every, conflicts_with = "nodes")]
         fan_out_every: u64,
         /// Small requests per fan-out call (2..=1024).
-        #[arg(long, default_value_t = DemoConfig::default().fan_out)]
+        #[arg(long, default_value_t = DemoConfig::default().fan_out, conflicts_with = "nodes")]
         fan_out: u32,
         /// Grains the requests are spread over (default 1000; with
         /// `--nodes`, 48).
@@ -69,11 +69,11 @@ enum Command {
         #[arg(long)]
         nodes: Option<u32>,
         /// Sequential calls per grain in the multi-node demo.
-        #[arg(long, default_value_t = ClusterDemoConfig::default().calls)]
+        #[arg(long, default_value_t = ClusterDemoConfig::default().calls, requires = "nodes")]
         calls: u32,
         /// The silos' device backend in the multi-node demo; each silo
         /// takes its own share of the device's memory.
-        #[arg(long, value_enum, default_value_t = DeviceBackend::Cpu)]
+        #[arg(long, value_enum, default_value_t = DeviceBackend::Cpu, requires = "nodes")]
         backend: DeviceBackend,
         /// Run the multi-node demo's membership and directory on etcd at
         /// these endpoints (comma-separated; a build with `--features

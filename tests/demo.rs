@@ -126,6 +126,26 @@ fn the_binary_runs_the_demo_and_prints_the_table() {
         stdout.contains("grain activations over 1000 grains"),
         "{stdout}"
     );
+    // A knob of the other demo is refused, not ignored: the single-node
+    // demo runs on every backend present and knows no `--calls`; the
+    // multi-node demo has no callers of its own.
+    for args in [
+        &["demo", "--backend", "cuda"][..],
+        &["demo", "--calls", "5"],
+        &["demo", "--nodes", "3", "--callers", "4"],
+        &["demo", "--nodes", "3", "--batch-every", "0"],
+    ] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_granary"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("cannot be used with") || stderr.contains("required"),
+            "{args:?}: {stderr}"
+        );
+    }
     let refused = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args(["demo", "--callers", "0", "--no-progress"])
         .output()

@@ -44,7 +44,7 @@ pub const SILO_MIB: u64 = 24 * (LEDGER_DEVICE_BYTES >> 20);
 const LEDGERS_PER_SILO: u32 = 20;
 
 /// How long a step may go unacknowledged before the demo reports it lost.
-const STEP_DEADLINE: Duration = Duration::from_secs(30);
+pub(super) const STEP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How far apart the silos may end, in points of used memory.
 pub const SPREAD_GOAL: f64 = 20.0;

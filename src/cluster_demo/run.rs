@@ -13,6 +13,7 @@ use super::grains::{
     AUDITOR, AUDITORS, Apply, Audit, Auditor, Inspect, Inspector, LEDGER, Ledger, Read,
     SiloActivity, auditor_of,
 };
+use super::rebalance::STEP_DEADLINE;
 use super::report::ClusterDemoReport;
 use crate::node_file::{
     DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, RebalanceFile, StorageFile,
@@ -287,13 +288,22 @@ pub async fn run_cluster_demo(
     // The demo kills a silo on purpose: fail over within a second or two
     // rather than the default grace's six.
     let mut cluster = DemoCluster::new(config.etcd.as_ref(), Some(DEMO_DEATH_GRACE_MS))?;
+    // A failure from here on names the folder it leaves, with the silos'
+    // logs.
+    let kept = |dir: &std::path::Path| {
+        let dir = dir.display().to_string();
+        move |err: NodeRunError| NodeRunError(format!("{} (the silos' logs are in {dir})", err.0))
+    };
     for n in 0..config.nodes {
-        // Different memory per silo, so placement has a choice to make.
-        let memory = 128 + 64 * u64::from((n * 2 + 1) % config.nodes);
-        cluster.start_silo(config.backend, memory, None)?;
+        // Different memory per silo (128, 192, 256 MiB, ... in a rotated
+        // order), so placement has a choice to make.
+        let memory = 128 + 64 * u64::from((n + 1) % config.nodes);
+        cluster
+            .start_silo(config.backend, memory, None)
+            .map_err(kept(cluster.dir()))?;
     }
-    let node = cluster.join().await?;
-    cluster.formed(&node).await?;
+    let node = cluster.join().await.map_err(kept(cluster.dir()))?;
+    cluster.formed(&node).await.map_err(kept(cluster.dir()))?;
     let silos = cluster.silos.clone();
 
     if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
@@ -331,13 +341,16 @@ pub async fn run_cluster_demo(
             tokio::spawn(async move {
                 let ledger = node.grain::<Ledger>(u64::from(grain));
                 let mut latencies = Vec::with_capacity(calls as usize);
+                let half = u64::from(calls / 2) + 1;
                 for seq in 1..=u64::from(calls) {
-                    if seq == u64::from(calls / 2) + 1 {
+                    if seq == half {
                         halfway.wait().await;
                     }
                     let apply = Apply { seq, amount: seq };
+                    // From the first try: a call retried through the
+                    // failover took all of it.
+                    let sent = Instant::now();
                     loop {
-                        let sent = Instant::now();
                         match ledger.call(apply).await {
                             Ok(Ok(applied)) if applied.state.applied >= seq => {
                                 latencies.push(sent.elapsed());
@@ -348,6 +361,21 @@ pub async fn run_cluster_demo(
                                     }
                                 }
                                 break;
+                            }
+                            // A step unanswered for this long is lost, and
+                            // said so (a ledger no survivor has room for),
+                            // rather than retried forever. A caller that
+                            // gives up before halfway still arrives there:
+                            // the barrier counts every one.
+                            other if sent.elapsed() > STEP_DEADLINE => {
+                                if seq < half {
+                                    halfway.wait().await;
+                                }
+                                let lost = format!(
+                                    "ledger {grain}: step {seq} not acknowledged in \
+                                     {STEP_DEADLINE:?}: {other:?}"
+                                );
+                                return (latencies, Some(lost));
                             }
                             other => {
                                 if std::env::var_os("GRANARY_DEMO_DEBUG").is_some() {
@@ -361,7 +389,7 @@ pub async fn run_cluster_demo(
                     let now = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     progress(now);
                 }
-                latencies
+                (latencies, None)
             })
         })
         .collect();
@@ -375,17 +403,17 @@ pub async fn run_cluster_demo(
         .unwrap_or_default();
     cluster.kill(&killed);
     let mut latencies = Vec::new();
+    let mut lost = Vec::new();
     for driver in drivers {
-        latencies.extend(
-            driver
-                .await
-                .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?,
-        );
+        let (answered, gave_up) = driver
+            .await
+            .map_err(|err| NodeRunError(format!("a caller failed: {err}")))?;
+        latencies.extend(answered);
+        lost.extend(gave_up);
     }
     let elapsed = started.elapsed();
     // Every ledger must hold every acknowledged call: the sum 1..=calls.
     let want = u64::from(config.calls) * (u64::from(config.calls) + 1) / 2;
-    let mut lost = Vec::new();
     for grain in 0..config.grains {
         match node.grain::<Ledger>(u64::from(grain)).call(Read).await {
             Ok(state) if state.total == want && state.applied == u64::from(config.calls) => {}
@@ -439,7 +467,14 @@ pub async fn run_cluster_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    cluster.finish();
+    if report.passed() {
+        cluster.finish();
+    } else {
+        eprintln!(
+            "granary demo: the silos' logs are kept in {}",
+            cluster.dir().display()
+        );
+    }
     Ok(report)
 }
 

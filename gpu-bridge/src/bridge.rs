@@ -39,11 +39,11 @@
 //!    (`bridge/typed.rs`) take the same routes.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller
-//!    waits up to `overload_timeout` for memory, then `Overloaded`; only a
-//!    request larger than what resident buffers and rings leave on every
-//!    device that runs the kernel falls back or is refused with
-//!    `NoDevice`), the
-//!    input is copied into a staging buffer rented from the bridge's
+//!    waits up to `overload_timeout` for memory, then `Overloaded`, and a
+//!    shutdown ends the wait with `ShutDown`; only a request larger than
+//!    what resident buffers and rings leave on every device that runs the
+//!    kernel falls back or is refused with `NoDevice`), the input is
+//!    copied into a staging buffer rented from the bridge's
 //!    [memory pool](crate::pool), and the backend runs the kernel on a
 //!    blocking thread.
 //! 7. **Resident buffers.** Device memory a caller keeps across calls,
@@ -364,6 +364,18 @@ impl Staged {
             Staged::Pool(rented) => rented.as_slice(),
         }
     }
+}
+
+/// Why a wait for a device's memory ended without it
+/// (`GpuBridge::wait_for_memory`).
+enum NoMemory {
+    /// `overload_timeout` passed with the memory still lent to other
+    /// requests; `available` was unreserved at the last try.
+    TimedOut { available: u64 },
+    /// The bridge shut down while the caller waited.
+    ShutDown,
+    /// The broker refused for another reason (an unknown device).
+    Broker(BrokerError),
 }
 
 /// Where a request goes.
@@ -1130,29 +1142,51 @@ impl GpuBridge {
                  rings leave {room} of the device"
             )));
         }
+        match self
+            .wait_for_memory(since, || broker.reserve_kept(device, bytes))
+            .await
+        {
+            Ok(reservation) => Ok(Ok(reservation)),
+            // A shutdown waits for launches under way: this one stops
+            // waiting for memory.
+            Err(NoMemory::ShutDown) => {
+                Err(BackendError::Unavailable("the bridge has shut down".into()))
+            }
+            Err(NoMemory::TimedOut { available }) => Err(BackendError::NoCapacity(format!(
+                "no memory for the kernel's rings: they take {bytes} bytes, and requests left \
+                 {available} unreserved for {:?}",
+                since.elapsed()
+            ))),
+            Err(NoMemory::Broker(err)) => Err(device_error(err)),
+        }
+    }
+
+    /// Tries `reserve` every millisecond while the memory it asks for is
+    /// lent to other requests, until `overload_timeout` after `since`
+    /// (rules 3 and 6) or a shutdown. The one wait of a first launch's
+    /// rings and of a batch's working memory.
+    async fn wait_for_memory(
+        &self,
+        since: Instant,
+        mut reserve: impl FnMut() -> Result<Reservation, BrokerError>,
+    ) -> Result<Reservation, NoMemory> {
         loop {
-            match broker.reserve_kept(device, bytes) {
-                Ok(reservation) => return Ok(Ok(reservation)),
-                // A shutdown waits for launches under way: this one stops
-                // waiting for memory.
+            match reserve() {
+                Ok(reservation) => return Ok(reservation),
                 Err(BrokerError::InsufficientMemory { .. })
                     if self.shared.shut_down.load(Ordering::SeqCst) =>
                 {
-                    return Err(BackendError::Unavailable("the bridge has shut down".into()));
+                    return Err(NoMemory::ShutDown);
                 }
                 Err(BrokerError::InsufficientMemory { available, .. })
                     if since.elapsed() >= self.shared.config.overload_timeout =>
                 {
-                    return Err(BackendError::NoCapacity(format!(
-                        "no memory for the kernel's rings: they take {bytes} bytes, and requests \
-                         left {available} unreserved for {:?}",
-                        since.elapsed()
-                    )));
+                    return Err(NoMemory::TimedOut { available });
                 }
                 Err(BrokerError::InsufficientMemory { .. }) => {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                Err(err) => return Err(device_error(err)),
+                Err(err) => return Err(NoMemory::Broker(err)),
             }
         }
     }
@@ -1214,9 +1248,10 @@ impl GpuBridge {
     }
 
     /// Reserves `bytes` on `device`, waiting up to `overload_timeout` for
-    /// other requests to release memory (then `Overloaded`). A request
-    /// larger than what resident buffers and rings leave of the device
-    /// (memory that no request gives back) fails at once.
+    /// other requests to release memory (then `Overloaded`; a shutdown
+    /// ends the wait with `ShutDown`). A request larger than what resident
+    /// buffers and rings leave of the device (memory that no request gives
+    /// back) fails at once.
     async fn reserve_within(
         &self,
         spec: &KernelSpec,
@@ -1239,29 +1274,20 @@ impl GpuBridge {
             });
         }
         let started = Instant::now();
-        loop {
-            match broker.reserve(device, bytes) {
-                Ok(reservation) => return Ok(reservation),
-                Err(BrokerError::InsufficientMemory { .. })
-                    if started.elapsed() < self.shared.config.overload_timeout =>
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                Err(BrokerError::InsufficientMemory { .. }) => {
-                    return Err(ExecuteError::Overloaded {
-                        kernel: spec.id,
-                        waited: started.elapsed(),
-                    });
-                }
-                Err(err) => {
-                    return Err(ExecuteError::DeviceFailed {
-                        kernel: spec.id,
-                        backend,
-                        reason: err.to_string(),
-                    });
-                }
-            }
-        }
+        self.wait_for_memory(started, || broker.reserve(device, bytes))
+            .await
+            .map_err(|why| match why {
+                NoMemory::ShutDown => ExecuteError::ShutDown,
+                NoMemory::TimedOut { .. } => ExecuteError::Overloaded {
+                    kernel: spec.id,
+                    waited: started.elapsed(),
+                },
+                NoMemory::Broker(err) => ExecuteError::DeviceFailed {
+                    kernel: spec.id,
+                    backend,
+                    reason: err.to_string(),
+                },
+            })
     }
 
     async fn batch_on(

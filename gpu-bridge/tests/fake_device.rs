@@ -465,28 +465,35 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_ends_a_first_launch_that_waits_for_memory() {
+async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory() {
     use std::time::Duration;
-    // The launch would wait 10 s for memory; a shutdown does not wait for
-    // it that long, and its caller is told the bridge shut down.
+    // The launch (a one-float request) and the batch (32 KiB in and out)
+    // would wait 10 s for memory; a shutdown does not wait for them that
+    // long, and their callers are told the bridge shut down.
     let (bridge, held) = busy_gpu(BridgeConfig {
         fallback: FallbackPolicy::Fail,
         overload_timeout: Duration::from_secs(10),
         stop_timeout: Duration::from_secs(10),
         ..BridgeConfig::default()
     });
-    let caller = tokio::spawn({
+    let callers = [vec![1.0f32], vec![1.0f32; 4096]].map(|input| {
         let bridge = bridge.clone();
-        async move { bridge.execute("double", &f32s(&[1.0])).await }
+        tokio::spawn(async move { bridge.execute("double", &f32s(&input)).await })
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     bridge.shutdown(StopMode::Abandon).await;
+    for caller in callers {
+        let answer = tokio::time::timeout(Duration::from_secs(5), caller)
+            .await
+            .expect("a caller still waited for memory 5 s after the shutdown")
+            .unwrap();
+        assert!(matches!(answer, Err(ExecuteError::ShutDown)), "{answer:?}");
+    }
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
-    assert!(matches!(caller.await.unwrap(), Err(ExecuteError::ShutDown)));
     drop(held);
 }

@@ -274,9 +274,14 @@ impl Dispatcher {
                 jobs,
             })
             .map_err(|_| Wait::Failed(WgpuError::Device("the device thread has ended".into())))?;
-        // The device thread's own wait is bounded by DEVICE_TIMEOUT from
-        // when it starts; this one starts first, so it allows a few beats
-        // more, and a late answer still carries the device's own error.
+        // The device thread's wait for its submission has no timeout
+        // (memory.rs rule 3: wgpu-core 30 panics when a timed wait ends
+        // under another thread's submission); only its wait for the map
+        // callback after it is bounded by DEVICE_TIMEOUT. This wait is
+        // bounded: DEVICE_TIMEOUT and a few beats, so that an answer the
+        // device gives in time still arrives with its own error; past it
+        // the micro-batch is answered Fault and a late answer is dropped
+        // (rule 4).
         let deadline = Instant::now() + DEVICE_TIMEOUT + 4 * BEAT;
         loop {
             match self.done.recv_timeout(BEAT) {

@@ -39,11 +39,12 @@
 //!    (`bridge/typed.rs`) take the same routes.
 //! 6. **Batch path.** The request's input and output bytes are reserved on
 //!    the device in the broker first (so it never overcommits; a caller
-//!    waits up to `overload_timeout` for memory, then `Overloaded`, and a
-//!    shutdown ends the wait with `ShutDown`; only a request larger than
-//!    what resident buffers and rings leave on every device that runs the
-//!    kernel falls back or is refused with `NoDevice`), the input is
-//!    copied into a staging buffer rented from the bridge's
+//!    waits up to `overload_timeout` for memory, then `Overloaded`; an
+//!    abandoning shutdown ends the wait with `ShutDown`, a draining one
+//!    lets it run on; only a request larger than what resident buffers and
+//!    rings leave on every device that runs the kernel falls back or is
+//!    refused with `NoDevice`), the input is copied into a staging buffer
+//!    rented from the bridge's
 //!    [memory pool](crate::pool), and the backend runs the kernel on a
 //!    blocking thread.
 //! 7. **Resident buffers.** Device memory a caller keeps across calls,
@@ -1143,7 +1144,7 @@ impl GpuBridge {
             )));
         }
         match self
-            .wait_for_memory(since, || broker.reserve_kept(device, bytes))
+            .wait_for_memory(since, false, || broker.reserve_kept(device, bytes))
             .await
         {
             Ok(reservation) => Ok(Ok(reservation)),
@@ -1163,19 +1164,24 @@ impl GpuBridge {
 
     /// Tries `reserve` every millisecond while the memory it asks for is
     /// lent to other requests, until `overload_timeout` after `since`
-    /// (rules 3 and 6) or a shutdown. The one wait of a first launch's
-    /// rings and of a batch's working memory.
+    /// (rules 3 and 6) or a shutdown: any shutdown, or for an accepted
+    /// request that a draining shutdown answers (`drained`: a batch's),
+    /// only an abandoning one. The one wait of a first launch's rings and
+    /// of a batch's working memory.
     async fn wait_for_memory(
         &self,
         since: Instant,
+        drained: bool,
         mut reserve: impl FnMut() -> Result<Reservation, BrokerError>,
     ) -> Result<Reservation, NoMemory> {
+        let ended = || {
+            self.shared.shut_down.load(Ordering::SeqCst)
+                && !(drained && self.shutdown_mode() == StopMode::Drain)
+        };
         loop {
             match reserve() {
                 Ok(reservation) => return Ok(reservation),
-                Err(BrokerError::InsufficientMemory { .. })
-                    if self.shared.shut_down.load(Ordering::SeqCst) =>
-                {
+                Err(BrokerError::InsufficientMemory { .. }) if ended() => {
                     return Err(NoMemory::ShutDown);
                 }
                 Err(BrokerError::InsufficientMemory { available, .. })
@@ -1248,8 +1254,9 @@ impl GpuBridge {
     }
 
     /// Reserves `bytes` on `device`, waiting up to `overload_timeout` for
-    /// other requests to release memory (then `Overloaded`; a shutdown
-    /// ends the wait with `ShutDown`). A request larger than what resident
+    /// other requests to release memory (then `Overloaded`; an abandoning
+    /// shutdown ends the wait with `ShutDown`, and a draining one lets it
+    /// run on, as it answers every request already accepted). A request larger than what resident
     /// buffers and rings leave of the device (memory that no request gives
     /// back) fails at once.
     async fn reserve_within(
@@ -1274,7 +1281,7 @@ impl GpuBridge {
             });
         }
         let started = Instant::now();
-        self.wait_for_memory(started, || broker.reserve(device, bytes))
+        self.wait_for_memory(started, true, || broker.reserve(device, bytes))
             .await
             .map_err(|why| match why {
                 NoMemory::ShutDown => ExecuteError::ShutDown,

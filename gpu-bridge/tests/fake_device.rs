@@ -465,11 +465,11 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory() {
+async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_it_drains() {
     use std::time::Duration;
     // The launch (a one-float request) and the batch (32 KiB in and out)
-    // would wait 10 s for memory; a shutdown does not wait for them that
-    // long, and their callers are told the bridge shut down.
+    // would wait 10 s for memory; an abandoning shutdown does not wait for
+    // them that long, and their callers are told the bridge shut down.
     let (bridge, held) = busy_gpu(BridgeConfig {
         fallback: FallbackPolicy::Fail,
         overload_timeout: Duration::from_secs(10),
@@ -496,4 +496,29 @@ async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory() {
         started.elapsed()
     );
     drop(held);
+
+    // A draining shutdown answers every request already accepted: a batch
+    // waiting for memory waits on, and runs once the memory comes back.
+    let (bridge, held) = busy_gpu(BridgeConfig {
+        fallback: FallbackPolicy::Fail,
+        overload_timeout: Duration::from_secs(10),
+        ..BridgeConfig::default()
+    });
+    let batch = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.execute("double", &f32s(&[1.0f32; 4096])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bridge.shutdown(StopMode::Drain).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !batch.is_finished(),
+        "the batch ended at a draining shutdown"
+    );
+    drop(held);
+    let answer = tokio::time::timeout(Duration::from_secs(5), batch)
+        .await
+        .expect("the batch still waited 5 s after its memory came back")
+        .unwrap();
+    assert_eq!(from_f32s(&answer.unwrap()), vec![2.0f32; 4096]);
 }

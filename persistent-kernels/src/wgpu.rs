@@ -10,12 +10,13 @@
 //!    be opened is skipped and said why ([`WgpuBackend::skipped`]), and so
 //!    is a device already opened through another API (Windows lists one
 //!    GPU under Vulkan and DX12; the first API listed that opens it is
-//!    kept). Adapters are one device when their vendor, device id, type
-//!    and name agree and so does their PCI bus where both give it; where
-//!    one does not, the k-th such adapter of an API is the k-th of
-//!    another. Identical GPUs listed by one API are each a device. No
-//!    adapter at all is [`WgpuError::Unavailable`], and everything else
-//!    keeps working.
+//!    kept). Adapters of one model (vendor, device id, type and name) are
+//!    one device when their PCI buses agree, where both APIs give buses;
+//!    where one does not, the k-th adapter of the model an API lists is the
+//!    k-th the other listed. Identical GPUs listed by one API are each a
+//!    device, and one whose device did not open through one API is tried
+//!    through the next. No adapter at all is [`WgpuError::Unavailable`],
+//!    and everything else keeps working.
 //! 2. **Memory.** A Vulkan adapter reports its device-local heaps, and
 //!    their sum is the device's memory. Metal and DX12 report none through
 //!    wgpu: such a device gets the configured share of the host's memory
@@ -256,41 +257,61 @@ impl Identity {
         }
     }
 
-    /// Whether the two may be one device: the same model, and the same
-    /// bus unless one of them does not say.
-    fn same(&self, other: &Identity) -> bool {
+    /// Whether the two are the same model of device.
+    fn same_model(&self, other: &Identity) -> bool {
         self.vendor == other.vendor
             && self.device == other.device
             && self.kind == other.kind
             && self.name == other.name
-            && (self.bus.is_empty() || other.bus.is_empty() || self.bus == other.bus)
     }
 }
 
+/// One adapter discovery listed (rule 1).
+#[derive(Debug, Clone)]
+struct Listed {
+    identity: Identity,
+    api: wgpu::Backend,
+    /// Whether its device opened.
+    opened: bool,
+}
+
 /// The API through which an adapter's device was already opened, if it
-/// was (rule 1): one with its bus on another API, or, where a bus is not
-/// known, the `listed_before`-th device of its model opened on another API
-/// (its own API listed that many of the model before it).
+/// was (rule 1), given the adapters listed before it. On each other API,
+/// its device is the adapter of its model with its bus, where both give
+/// buses; else the k-th of its model that API listed, where its own API
+/// listed k of the model before it. Only a device that opened there makes
+/// it one to skip.
 fn opened_elsewhere(
-    opened: &[(Identity, wgpu::Backend)],
+    listed: &[Listed],
     identity: &Identity,
     api: wgpu::Backend,
-    listed_before: usize,
 ) -> Option<wgpu::Backend> {
-    let mut elsewhere = opened
+    let before = listed
         .iter()
-        .filter(|(other, other_api)| *other_api != api && other.same(identity));
-    if !identity.bus.is_empty() {
-        if let Some((_, other_api)) = elsewhere
-            .clone()
-            .find(|(other, _)| other.bus == identity.bus)
-        {
-            return Some(*other_api);
+        .filter(|entry| entry.api == api && entry.identity.same_model(identity))
+        .count();
+    let mut others: Vec<wgpu::Backend> = Vec::new();
+    for entry in listed {
+        if entry.api != api && !others.contains(&entry.api) {
+            others.push(entry.api);
         }
     }
-    elsewhere
-        .nth(listed_before)
-        .map(|(_, other_api)| *other_api)
+    others.into_iter().find(|&other| {
+        let model: Vec<&Listed> = listed
+            .iter()
+            .filter(|entry| entry.api == other && entry.identity.same_model(identity))
+            .collect();
+        let buses =
+            !identity.bus.is_empty() && model.iter().all(|entry| !entry.identity.bus.is_empty());
+        let device = if buses {
+            model
+                .into_iter()
+                .find(|entry| entry.identity.bus == identity.bus)
+        } else {
+            model.get(before).copied()
+        };
+        device.is_some_and(|entry| entry.opened)
+    })
 }
 
 /// The wgpu devices of this node.
@@ -334,33 +355,36 @@ impl WgpuBackend {
         let found = adapters.len();
         let mut gpus: Vec<Arc<Gpu>> = Vec::new();
         let mut skipped = Vec::new();
-        // Every adapter listed so far, and each device opened, by identity
-        // and API (rule 1).
-        let mut listed: Vec<(Identity, wgpu::Backend)> = Vec::new();
-        let mut opened: Vec<(Identity, wgpu::Backend)> = Vec::new();
+        // Every adapter listed so far, and whether its device opened
+        // (rule 1).
+        let mut listed: Vec<Listed> = Vec::new();
         for adapter in adapters {
             let info = adapter.get_info();
             let identity = Identity::of(&info);
-            let listed_before = listed
-                .iter()
-                .filter(|(other, api)| *api == info.backend && other.same(&identity))
-                .count();
-            listed.push((identity.clone(), info.backend));
-            if let Some(api) = opened_elsewhere(&opened, &identity, info.backend, listed_before) {
+            let elsewhere = opened_elsewhere(&listed, &identity, info.backend);
+            let mut entry = Listed {
+                identity,
+                api: info.backend,
+                opened: false,
+            };
+            if let Some(api) = elsewhere {
                 skipped.push(format!(
                     "{} via {:?}: the same device as one opened via {api:?}",
                     info.name, info.backend
                 ));
-                continue;
-            }
-            let index = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
-            match open(&adapter, index, options.memory_share) {
-                Ok(gpu) => {
-                    gpus.push(Arc::new(gpu));
-                    opened.push((identity, info.backend));
+            } else {
+                let index = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+                match open(&adapter, index, options.memory_share) {
+                    Ok(gpu) => {
+                        gpus.push(Arc::new(gpu));
+                        entry.opened = true;
+                    }
+                    Err(why) => {
+                        skipped.push(format!("{} via {:?}: {why}", info.name, info.backend));
+                    }
                 }
-                Err(why) => skipped.push(format!("{} via {:?}: {why}", info.name, info.backend)),
             }
+            listed.push(entry);
         }
         if gpus.is_empty() {
             let why = if found == 0 {
@@ -688,7 +712,7 @@ pub(crate) fn device_error(err: WgpuError) -> BackendError {
 
 #[cfg(test)]
 mod tests {
-    use super::{Identity, MemorySource, device_memory, opened_elsewhere};
+    use super::{Identity, Listed, MemorySource, device_memory, opened_elsewhere};
     use wgpu::Backend::{Dx12, Vulkan};
 
     fn gpu(bus: &str) -> Identity {
@@ -701,35 +725,67 @@ mod tests {
         }
     }
 
+    /// Discovery's choices for adapters listed in order, each opening
+    /// unless `fails` says it does not: which are skipped as opened via
+    /// another API.
+    fn discover(adapters: &[(&str, wgpu::Backend, bool)]) -> Vec<Option<wgpu::Backend>> {
+        let mut listed = Vec::new();
+        adapters
+            .iter()
+            .map(|&(bus, api, fails)| {
+                let elsewhere = opened_elsewhere(&listed, &gpu(bus), api);
+                listed.push(Listed {
+                    identity: gpu(bus),
+                    api,
+                    opened: elsewhere.is_none() && !fails,
+                });
+                elsewhere
+            })
+            .collect()
+    }
+
     /// Rule 1: identical GPUs are each a device; one GPU listed by two
-    /// APIs is one, matched by bus or, without one, by order.
+    /// APIs is one, matched by bus or, without one, by order; one that
+    /// did not open through the first API is tried through the second.
     #[test]
     fn identical_gpus_are_each_opened_and_a_second_api_listing_is_not() {
-        // Four identical GPUs under one API, with buses or without.
         for buses in [["0:1", "0:2", "0:3", "0:4"], [""; 4]] {
-            let mut opened = Vec::new();
-            for (n, bus) in buses.iter().enumerate() {
-                assert_eq!(opened_elsewhere(&opened, &gpu(bus), Vulkan, n), None);
-                opened.push((gpu(bus), Vulkan));
-            }
-            // The same four again under DX12: each is one already opened.
-            for (n, bus) in buses.iter().enumerate() {
-                assert_eq!(
-                    opened_elsewhere(&opened, &gpu(bus), Dx12, n),
-                    Some(Vulkan),
-                    "{bus:?} {n}"
-                );
-            }
+            // Four identical GPUs under one API: each opened.
+            let one_api: Vec<_> = buses.iter().map(|bus| (*bus, Vulkan, false)).collect();
+            assert_eq!(discover(&one_api), vec![None; 4], "{buses:?}");
+            // The same four again under DX12, the second of which did not
+            // open through Vulkan: only it is tried again.
+            let mut two_apis: Vec<_> = buses
+                .iter()
+                .enumerate()
+                .map(|(n, bus)| (*bus, Vulkan, n == 1))
+                .collect();
+            two_apis.extend(buses.iter().map(|bus| (*bus, Dx12, false)));
+            let mut want = vec![None; 4];
+            want.extend([Some(Vulkan), None, Some(Vulkan), Some(Vulkan)]);
+            assert_eq!(discover(&two_apis), want, "{buses:?}");
         }
-        // Two GPUs on Vulkan with buses, DX12 giving none: its first and
-        // second listings are the two.
-        let opened = vec![(gpu("0:1"), Vulkan), (gpu("0:2"), Vulkan)];
-        assert_eq!(opened_elsewhere(&opened, &gpu(""), Dx12, 1), Some(Vulkan));
-        assert_eq!(opened_elsewhere(&opened, &gpu(""), Dx12, 2), None);
-        // A GPU whose Vulkan device did not open is tried through DX12.
-        assert_eq!(opened_elsewhere(&[], &gpu("0:1"), Dx12, 0), None);
-        // Another bus is another device, whatever the order.
-        assert_eq!(opened_elsewhere(&opened, &gpu("0:9"), Dx12, 0), None);
+        // Vulkan gives buses, DX12 none: matched by order.
+        assert_eq!(
+            discover(&[
+                ("0:1", Vulkan, false),
+                ("0:2", Vulkan, false),
+                ("", Dx12, false),
+                ("", Dx12, false),
+                ("", Dx12, false),
+            ]),
+            vec![None, None, Some(Vulkan), Some(Vulkan), None]
+        );
+        // Both give buses: another bus is another device, whatever the
+        // order.
+        assert_eq!(
+            discover(&[
+                ("0:1", Vulkan, false),
+                ("0:9", Dx12, false),
+                ("0:1", Dx12, false)
+            ]),
+            vec![None, None, Some(Vulkan)]
+        );
     }
 
     #[test]

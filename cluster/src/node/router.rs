@@ -150,7 +150,7 @@ impl ClusterNode {
             payload,
             Kind::Call,
             granary_actors::route::current_chain(),
-            // Saturating: a timeout too long to represent waits a century.
+            // Saturating: a timeout too long to represent waits a year.
             tokio::time::Instant::from_std(deadline_after(
                 silo.call_timeout()
                     .min(self.inner.config.connection.call_timeout),

@@ -25,7 +25,8 @@
 //!    and `device/dispatch.wgsl`, checked with naga, then built into two
 //!    pipelines (`granary_batch`, `granary_ring`) on one bind-group
 //!    layout. Builds are cached per device and source; a failed one returns
-//!    naga's or the driver's message and caches nothing.
+//!    naga's or the driver's message (`Build`; a device out of memory or
+//!    failing inside is `Device`, as for any call) and caches nothing.
 //! 4. **No persistent kernel.** WGSL gives a spinning shader no
 //!    forward-progress guarantee and the host no coherent memory it could
 //!    poll, so this backend never runs one: [`Backend::launch`] starts a

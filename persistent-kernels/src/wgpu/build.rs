@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, PoisonError};
 
-use super::memory::scoped;
+use super::memory::scoped_build;
 use super::{Gpu, WgpuError};
 use crate::spec::{KernelSpec, WGSL_CHUNK};
 
@@ -101,7 +101,7 @@ pub(crate) fn pipelines(gpu: &Gpu, spec: &KernelSpec) -> Result<Arc<Pipelines>, 
         return Ok(built.clone());
     }
     check(&source)?;
-    let built = scoped(gpu, || {
+    let built = scoped_build(gpu, || {
         let module = gpu
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -123,10 +123,6 @@ pub(crate) fn pipelines(gpu: &Gpu, spec: &KernelSpec) -> Result<Arc<Pipelines>, 
             batch: pipeline("granary_batch"),
             ring: pipeline("granary_ring"),
         })
-    })
-    .map_err(|err| match err {
-        WgpuError::Device(log) => WgpuError::Build { log },
-        other => other,
     })?;
     let built = Arc::new(built);
     builds.insert(source, built.clone());

@@ -156,6 +156,38 @@ pub(crate) fn scoped<T>(
     gpu: &Gpu,
     work: impl FnOnce() -> Result<T, WgpuError>,
 ) -> Result<T, WgpuError> {
+    let (result, caught) = caught(gpu, work);
+    let value = result?;
+    match caught {
+        Some(err) => Err(WgpuError::Device(err.to_string())),
+        None => Ok(value),
+    }
+}
+
+/// [`scoped`] for a shader's build: a validation error is the shader's
+/// (`Build`, with naga's or the driver's message), running out of memory
+/// or an internal error the device's (`Device`), as for any other call.
+pub(crate) fn scoped_build<T>(
+    gpu: &Gpu,
+    work: impl FnOnce() -> Result<T, WgpuError>,
+) -> Result<T, WgpuError> {
+    let (result, caught) = caught(gpu, work);
+    let value = result?;
+    match caught {
+        Some(err @ wgpu::Error::Validation { .. }) => Err(WgpuError::Build {
+            log: err.to_string(),
+        }),
+        Some(err) => Err(WgpuError::Device(err.to_string())),
+        None => Ok(value),
+    }
+}
+
+/// Runs `work` inside error scopes for validation, memory and internal
+/// errors, and returns what it returned with the first error caught.
+fn caught<T>(
+    gpu: &Gpu,
+    work: impl FnOnce() -> Result<T, WgpuError>,
+) -> (Result<T, WgpuError>, Option<wgpu::Error>) {
     let scopes: Vec<wgpu::ErrorScopeGuard> = [
         wgpu::ErrorFilter::Validation,
         wgpu::ErrorFilter::OutOfMemory,
@@ -168,14 +200,10 @@ pub(crate) fn scoped<T>(
     let mut caught = None;
     for scope in scopes.into_iter().rev() {
         if let Some(err) = pollster::block_on(scope.pop()) {
-            caught.get_or_insert(err.to_string());
+            caught.get_or_insert(err);
         }
     }
-    let value = result?;
-    match caught {
-        Some(why) => Err(WgpuError::Device(why)),
-        None => Ok(value),
-    }
+    (result, caught)
 }
 
 /// Writes `bytes` into `buffer` at `offset` through mapped staging memory
@@ -204,13 +232,21 @@ pub(crate) fn grid(gpu: &Gpu, invocations: u64) -> Result<(u32, u32, u32), WgpuE
     let widest = u64::from(gpu.adapter.max_workgroups_per_dimension.max(1));
     let x = groups.min(widest);
     let y = groups.div_ceil(x);
+    // Too much work for this device's grid is the device's limit, not a
+    // bad buffer: the bridge may run the request elsewhere.
     if y > widest {
-        return Err(WgpuError::BadInput(format!(
+        return Err(WgpuError::Device(format!(
             "{invocations} invocations exceed the device's dispatch grid"
         )));
     }
     let row = x * u64::from(GROUP);
-    let fits = |value: u64| u32::try_from(value).map_err(|_| WgpuError::BadInput("grid".into()));
+    let fits = |value: u64| {
+        u32::try_from(value).map_err(|_| {
+            WgpuError::Device(format!(
+                "{invocations} invocations exceed the device's dispatch grid"
+            ))
+        })
+    };
     Ok((fits(x)?, fits(y)?, fits(row)?))
 }
 

@@ -122,6 +122,38 @@ fn stop_drains_requests_in_flight_and_refuses_new_ones() {
     ));
 }
 
+/// A draining stop reads answers while it waits: a kernel holding a request
+/// while the response ring is full gets room and exits, and every request
+/// submitted is answered. (In review, the stop only polled the kernel's
+/// event, timed out, and the ready answers were never reported.)
+fn a_draining_stop_reads_the_answers_a_full_response_ring_holds() {
+    let _device = common::opencl_device_lock();
+    use granary_kernels::{PersistentKernel, StopMode, SubmitError};
+    let backend = OpenClBackend::discover().unwrap();
+    let mut kernel = OpenClPersistentKernel::launch(&backend, 0, DOUBLE, 2, 1).unwrap();
+    // Two answered fill the response ring; their request slots free up, so
+    // two more are taken, and the kernel holds the third.
+    let bound = std::time::Instant::now() + WAIT;
+    for i in 0..4u64 {
+        let mut payload = f32s(&[i as f32]);
+        loop {
+            match kernel.submit(i, payload) {
+                Ok(()) => break,
+                Err(SubmitError::Full(back)) if std::time::Instant::now() < bound => {
+                    payload = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(err) => panic!("request {i}: {err:?}"),
+            }
+        }
+    }
+    let report = PersistentKernel::stop(&mut kernel, StopMode::Drain, Duration::from_secs(5));
+    assert!(report.exited, "the kernel did not exit: {report:?}");
+    let mut answered: Vec<u64> = report.completions.iter().map(|c| c.request_id).collect();
+    answered.sort_unstable();
+    assert_eq!(answered, [0, 1, 2, 3]);
+}
+
 fn bad_requests_and_launches_are_typed_errors() {
     let _device = common::opencl_device_lock();
     use granary_kernels::SubmitError;
@@ -182,6 +214,10 @@ fn main() {
         gate::opencl(
             "stop_drains_requests_in_flight_and_refuses_new_ones",
             stop_drains_requests_in_flight_and_refuses_new_ones,
+        ),
+        gate::opencl(
+            "a_draining_stop_reads_the_answers_a_full_response_ring_holds",
+            a_draining_stop_reads_the_answers_a_full_response_ring_holds,
         ),
         gate::opencl(
             "bad_requests_and_launches_are_typed_errors",

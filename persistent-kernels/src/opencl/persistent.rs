@@ -245,15 +245,21 @@ impl OpenClPersistentKernel {
                 .enqueue_nd_range(&queue)
                 .map_err(api("clEnqueueNDRangeKernel"))?
         };
-        queue.flush().map_err(api("clFlush"))?;
-        Ok(OpenClPersistentKernel {
+        // From here the kernel is queued: the rings may be freed only once
+        // it has exited. A flush that fails drops the handle, which stops
+        // the kernel and waits for it (and leaks the rings and its units if
+        // it never exits), as for any other handle: releasing the queue
+        // would send the kernel to the device anyway.
+        let launched = OpenClPersistentKernel {
             spec,
             ends: HostEnds::new(spec, requests, responses, WaitPolicy::default()),
             event: Some(event),
             _kernel: kernel,
             lease: Some(lease),
             _queue: queue,
-        })
+        };
+        launched._queue.flush().map_err(api("clFlush"))?;
+        Ok(launched)
     }
 
     /// Submits one request; see [`Submitter::submit`].
@@ -290,6 +296,17 @@ impl OpenClPersistentKernel {
     /// answer what is queued and exit. `Ok(false)`: still running at the
     /// deadline (a hung device); the rings stay alive for it.
     pub fn stop(&mut self, timeout: Duration) -> Result<bool, OpenClError> {
+        self.stop_reading(timeout, None)
+    }
+
+    /// [`OpenClPersistentKernel::stop`], taking the answers into
+    /// `completions` while it waits, if given: a kernel that waits for
+    /// room in a full response ring then gets it, and exits.
+    fn stop_reading(
+        &mut self,
+        timeout: Duration,
+        mut completions: Option<&mut Vec<Completion>>,
+    ) -> Result<bool, OpenClError> {
         self.ends.close_requests();
         let Some(event) = &self.event else {
             return Ok(true);
@@ -297,6 +314,9 @@ impl OpenClPersistentKernel {
         // A timeout too long to represent waits without a deadline.
         let deadline = Instant::now().checked_add(timeout);
         loop {
+            if let Some(completions) = completions.as_deref_mut() {
+                self.ends.drain_into(completions);
+            }
             let status = event
                 .command_execution_status()
                 .map_err(api("clGetEventInfo"))?;
@@ -325,11 +345,12 @@ impl OpenClPersistentKernel {
         if mode == StopMode::Abandon {
             self.ends.close_responses();
         }
-        let mut report = StopReport {
-            // A kernel that failed reports no exit; its rings are kept.
-            exited: matches!(self.stop(timeout), Ok(true)),
-            ..StopReport::default()
-        };
+        let mut report = StopReport::default();
+        // Answers are read while the kernel drains (a full response ring
+        // would hold it): every request submitted is answered (Drain).
+        let stopped = self.stop_reading(timeout, Some(&mut report.completions));
+        // A kernel that failed reports no exit; its rings are kept.
+        report.exited = matches!(stopped, Ok(true));
         if report.exited {
             self.ends.drain_into(&mut report.completions);
         }

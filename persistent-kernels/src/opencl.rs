@@ -129,7 +129,10 @@ impl fmt::Debug for OpenClBackend {
 
 impl OpenClBackend {
     /// Finds every OpenCL device on every platform, with a context and an
-    /// in-order queue for each.
+    /// in-order queue for each. A device whose description, context or
+    /// queue fails is skipped (logged at warn), not the whole backend:
+    /// [`OpenClError::Unavailable`], with every reason, only when no
+    /// device is left.
     pub fn discover() -> Result<OpenClBackend, OpenClError> {
         // ICD loaders and drivers initialise themselves on first use, and
         // POCL was seen to report no device to one of two threads
@@ -140,33 +143,46 @@ impl OpenClBackend {
             .map_err(|err| OpenClError::Unavailable(format!("no platform ({err})")))?;
         let platform_count = platforms.len();
         let mut devices = Vec::new();
-        let mut last_error = None;
+        let mut skipped = Vec::new();
         for platform in platforms {
             let ids = match platform.get_devices(CL_DEVICE_TYPE_ALL) {
                 Ok(ids) => ids,
                 Err(err) => {
-                    last_error = Some(err);
+                    skipped.push(format!("a platform's devices: {err}"));
                     continue;
                 }
             };
             for id in ids {
                 let device = Device::new(id);
-                let info = describe(&device, devices.len() as u32)?;
-                let context = Context::from_device(&device).map_err(api("clCreateContext"))?;
-                let queue = CommandQueue::create_default_with_properties(&context, 0, 0)
-                    .map_err(api("clCreateCommandQueue"))?;
-                devices.push(OpenClDevice {
-                    info,
-                    context: Arc::new(context),
-                    queue,
-                    programs: Mutex::new(HashMap::new()),
+                let index = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+                let opened = describe(&device, index).and_then(|info| {
+                    let context = Context::from_device(&device).map_err(api("clCreateContext"))?;
+                    let queue = CommandQueue::create_default_with_properties(&context, 0, 0)
+                        .map_err(api("clCreateCommandQueue"))?;
+                    Ok(OpenClDevice {
+                        info,
+                        context: Arc::new(context),
+                        queue,
+                        programs: Mutex::new(HashMap::new()),
+                    })
                 });
+                match opened {
+                    Ok(opened) => devices.push(opened),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "an OpenCL device was skipped");
+                        skipped.push(err.to_string());
+                    }
+                }
             }
         }
         if devices.is_empty() {
-            let why = match last_error {
-                Some(err) => format!("no OpenCL device on {platform_count} platform(s) ({err})"),
-                None => format!("no OpenCL device on {platform_count} platform(s)"),
+            let why = if skipped.is_empty() {
+                format!("no OpenCL device on {platform_count} platform(s)")
+            } else {
+                format!(
+                    "no OpenCL device on {platform_count} platform(s) ({})",
+                    skipped.join("; ")
+                )
             };
             return Err(OpenClError::Unavailable(why));
         }

@@ -294,7 +294,8 @@ impl OpenClPersistentKernel {
 
     /// Closes the request ring and waits up to `timeout` for the kernel to
     /// answer what is queued and exit. `Ok(false)`: still running at the
-    /// deadline (a hung device); the rings stay alive for it.
+    /// deadline (a hung device); the rings stay alive for it. `Err`: the
+    /// kernel terminated abnormally; it holds no compute units any more.
     pub fn stop(&mut self, timeout: Duration) -> Result<bool, OpenClError> {
         self.stop_reading(timeout, None)
     }
@@ -326,6 +327,11 @@ impl OpenClPersistentKernel {
                 return Ok(true);
             }
             if status.0 < 0 {
+                // Terminated abnormally: the kernel no longer runs, so its
+                // compute units are free again and its rings may go (a
+                // hang keeps both; only this is certain to have ended).
+                self.event = None;
+                self.lease = None;
                 return Err(OpenClError::Api {
                     call: "persistent kernel",
                     code: status.0,
@@ -349,7 +355,7 @@ impl OpenClPersistentKernel {
         // Answers are read while the kernel drains (a full response ring
         // would hold it): every request submitted is answered (Drain).
         let stopped = self.stop_reading(timeout, Some(&mut report.completions));
-        // A kernel that failed reports no exit; its rings are kept.
+        // A kernel that failed (terminated abnormally) reports no exit.
         report.exited = matches!(stopped, Ok(true));
         if report.exited {
             self.ends.drain_into(&mut report.completions);

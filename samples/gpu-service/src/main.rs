@@ -3,7 +3,16 @@
 //! `POST /double/{key}` with a JSON array of numbers asks the grain `key` of
 //! type `Doubler` to double them; the grain sends the work through the
 //! silo's GPU bridge (the CPU backend here, a device where one is present).
-//! `GET /stats/{key}` answers how many requests that grain has served.
+//! `GET /stats/{key}` answers how many requests that grain has served
+//! since it was activated (a grain idle for the silo's `idle_timeout`, 15
+//! minutes, is deactivated, and counts from 0 again: the count is not
+//! persisted).
+//!
+//! Statuses: 400 for a body that is not a JSON array of finite `f32`s, 413
+//! for more than the kernel takes, 422 for input the kernel refuses or a
+//! result past `f32`'s range, 503 (with `Retry-After`) while the GPU or the
+//! silo is overloaded or shutting down, 500 for a failure on the server's
+//! side, whose details go to the service's log, not to the client.
 //!
 //! The silo runs on a tokio runtime of its own: actix-web runs each worker
 //! on a single-threaded runtime of its own, and grains must outlive any one
@@ -20,6 +29,7 @@ use std::sync::Arc;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use granary_actors::{
     ActivationError, CallError, Grain, GrainContext, GrainKey, GrainType, Handler, Message, Silo,
+    SiloConfig,
 };
 use granary_gpu::{ExecuteError, GpuBridge};
 use granary_kernels::shipped::{self, bytes_f32, f32_bytes};
@@ -83,7 +93,31 @@ struct State {
 }
 
 fn call_failed(err: CallError) -> HttpResponse {
-    HttpResponse::ServiceUnavailable().body(err.to_string())
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", "1"))
+        .body(err.to_string())
+}
+
+/// The bridge's answer to a request, as a status a client can act on: its
+/// own mistakes (4xx) with the reason, a busy or stopping service (503) to
+/// retry, and the server's failures (500) without their details, which may
+/// hold a device compiler's log.
+fn bridge_failed(err: ExecuteError) -> HttpResponse {
+    match err {
+        ExecuteError::TooLarge { .. } => HttpResponse::PayloadTooLarge().body(err.to_string()),
+        ExecuteError::WrongShape { .. } | ExecuteError::Rejected { .. } => {
+            HttpResponse::UnprocessableEntity().body(err.to_string())
+        }
+        ExecuteError::Overloaded { .. } | ExecuteError::ShutDown => {
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "1"))
+                .body(err.to_string())
+        }
+        err => {
+            eprintln!("gpu-service: the GPU bridge failed: {err}");
+            HttpResponse::InternalServerError().body("the GPU bridge failed; see the service's log")
+        }
+    }
 }
 
 async fn double(state: web::Data<State>, key: web::Path<String>, body: web::Bytes) -> HttpResponse {
@@ -95,16 +129,30 @@ async fn double(state: web::Data<State>, key: web::Path<String>, body: web::Byte
                 .body(format!("expected a JSON array of numbers: {err}"));
         }
     };
+    // A number past f32's range reads as an infinity, which JSON cannot
+    // carry back.
+    if let Some(at) = values.iter().position(|value| !value.is_finite()) {
+        return HttpResponse::BadRequest()
+            .body(format!("number {at} is outside the range of an f32"));
+    }
     let grain = state.silo.grain::<Doubler>(key.into_inner());
     let reply = state
         .runtime
         .spawn(async move { grain.call(Double(values)).await })
         .await;
     match reply {
-        Ok(Ok(Ok(doubled))) => HttpResponse::Ok()
-            .content_type("application/json")
-            .body(serde_json::to_string(&doubled).unwrap_or_default()),
-        Ok(Ok(Err(err))) => HttpResponse::UnprocessableEntity().body(err.to_string()),
+        // Doubled past f32's range: JSON would write `null`, a made-up
+        // answer.
+        Ok(Ok(Ok(doubled))) if doubled.iter().any(|value| !value.is_finite()) => {
+            HttpResponse::UnprocessableEntity().body("the result is outside the range of an f32")
+        }
+        Ok(Ok(Ok(doubled))) => match serde_json::to_string(&doubled) {
+            Ok(json) => HttpResponse::Ok()
+                .content_type("application/json")
+                .body(json),
+            Err(err) => HttpResponse::InternalServerError().body(err.to_string()),
+        },
+        Ok(Ok(Err(err))) => bridge_failed(err),
         Ok(Err(err)) => call_failed(err),
         Err(err) => HttpResponse::InternalServerError().body(err.to_string()),
     }
@@ -139,7 +187,17 @@ fn main() -> std::io::Result<()> {
         .kernels(shipped::ALL)
         .build()
         .map_err(|err| std::io::Error::other(err.to_string()))?;
+    // Each key a client names is a grain: without limits, a client that
+    // names a million keys keeps a million activations for the idle
+    // timeout. Idle ones are shed past 100 000; past 200 000 a call that
+    // would start one more is refused (503) while the others serve on.
+    let config = SiloConfig {
+        max_activations: Some(100_000),
+        activation_limit: Some(200_000),
+        ..SiloConfig::default()
+    };
     let silo = Silo::builder()
+        .config(config)
         .host::<Doubler>()
         .service(Arc::new(bridge))
         .build()

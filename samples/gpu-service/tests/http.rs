@@ -72,6 +72,11 @@ fn the_service_answers_with_its_gpu_grain_over_http() {
     assert_eq!(status, 400);
     let (status, body) = request(&service.address, "POST", "/double/alice", "[]");
     assert_eq!(status, 422, "{body}");
+    // Past f32's range, in or out: never a 200 with `null` for a number.
+    let (status, body) = request(&service.address, "POST", "/double/alice", "[1e39]");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = request(&service.address, "POST", "/double/alice", "[3e38]");
+    assert_eq!(status, 422, "{body}");
     let (status, _) = request(&service.address, "POST", "/double/bob", "[3]");
     assert_eq!(status, 200);
 }

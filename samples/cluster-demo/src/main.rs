@@ -61,8 +61,14 @@ impl Handler<Add> for Counter {
         let Some(state) = &mut self.state else {
             return Err("the counter is not active".into());
         };
-        *state.get_mut() += by;
-        state.write().await.map_err(|err| err.to_string())?;
+        let before = *state.get();
+        *state.get_mut() = before.saturating_add(by);
+        if let Err(err) = state.write().await {
+            // Reported as failed, so not counted: a later write must not
+            // store it.
+            *state.get_mut() = before;
+            return Err(err.to_string());
+        }
         Ok(*state.get())
     }
 }

@@ -200,11 +200,20 @@ fn format_us(us: f64) -> String {
     }
 }
 
+/// The most callers the demo runs.
+const MAX_CALLERS: u32 = 4096;
+
 impl DemoConfig {
     fn validate(&self) -> Result<(), DemoError> {
         let bad = |why: String| Err(DemoError::BadParameter(why));
         if self.callers == 0 {
             return bad("at least one caller".into());
+        }
+        if self.callers > MAX_CALLERS {
+            return bad(format!(
+                "{} callers: at most {MAX_CALLERS} (each is a task with its own buffers)",
+                self.callers
+            ));
         }
         if self.requests == 0 {
             return bad("at least one request".into());
@@ -510,11 +519,17 @@ async fn call_many(
 ) -> Result<Latencies, DemoError> {
     let mut latencies = Latencies::new();
     let batch_elements = config.batch_elements as usize;
-    let batch_input = f32_bytes(
-        &(0..2 * batch_elements)
-            .map(|i| (i % batch_elements) as f32)
-            .collect::<Vec<_>>(),
-    );
+    // Made only where batches are sent: with none, `batch_elements` is not
+    // checked, and a huge one must not be allocated.
+    let batch_input = if config.batch_every > 0 {
+        f32_bytes(
+            &(0..2 * batch_elements)
+                .map(|i| (i % batch_elements) as f32)
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        Vec::new()
+    };
     for i in 0..count {
         let is_batch = config.batch_every > 0 && i % config.batch_every == config.batch_every - 1;
         let started = Instant::now();

@@ -173,6 +173,9 @@ fn word(payload: &[u8], index: usize) -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// The most producer threads the demo starts.
+const MAX_PRODUCERS: u32 = 1024;
+
 /// Runs the demo, calling `progress(received)` from the consumer about every
 /// 64 Ki messages.
 pub fn run(
@@ -183,6 +186,12 @@ pub fn run(
         return Err(RingDemoError::BadParameter(
             "producers and messages must be at least 1".into(),
         ));
+    }
+    if config.producers > MAX_PRODUCERS {
+        return Err(RingDemoError::BadParameter(format!(
+            "{} producers: at most {MAX_PRODUCERS} (each is a thread)",
+            config.producers
+        )));
     }
     if config.payload < 24 {
         return Err(RingDemoError::BadParameter(format!(

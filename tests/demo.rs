@@ -74,6 +74,10 @@ async fn bad_parameters_are_typed_errors() {
             ..DemoConfig::default()
         },
         DemoConfig {
+            callers: u32::MAX,
+            ..DemoConfig::default()
+        },
+        DemoConfig {
             small_elements: 2000,
             ..DemoConfig::default()
         },

@@ -49,6 +49,16 @@ fn demo_refuses_bad_parameters_with_typed_errors() {
         demo::run(bad_payload, |_| {}),
         Err(RingDemoError::BadParameter(_))
     ));
+    // More producer threads than the demo starts: refused, not an abort
+    // in a Vec's allocation.
+    let too_many = RingDemoConfig {
+        producers: u32::MAX,
+        ..RingDemoConfig::default()
+    };
+    assert!(matches!(
+        demo::run(too_many, |_| {}),
+        Err(RingDemoError::BadParameter(_))
+    ));
     let overflowing = RingDemoConfig {
         producers: 2,
         messages_per_producer: u64::MAX,

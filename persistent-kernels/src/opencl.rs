@@ -104,6 +104,10 @@ fn api(call: &'static str) -> impl Fn(opencl3::error_codes::ClError) -> OpenClEr
 /// One OpenCL device with its context, queue and compiled programs.
 struct OpenClDevice {
     info: DeviceInfo,
+    /// The device's OpenCL id, as a number (a handle, never dereferenced):
+    /// what tells it apart across backends (the persistent kernels'
+    /// compute-unit registry keys on it).
+    id: usize,
     /// Shared with the SVM regions allocated in it, which must not outlive it.
     context: Arc<Context>,
     /// The batch path's in-order queue. Persistent kernels get their own,
@@ -161,6 +165,7 @@ impl OpenClBackend {
                         .map_err(api("clCreateCommandQueue"))?;
                     Ok(OpenClDevice {
                         info,
+                        id: id as usize,
                         context: Arc::new(context),
                         queue,
                         programs: Mutex::new(HashMap::new()),

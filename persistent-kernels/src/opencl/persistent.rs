@@ -14,7 +14,6 @@ use opencl3::kernel::{ExecuteKernel, Kernel};
 use opencl3::memory::{CL_MEM_READ_WRITE, CL_MEM_SVM_ATOMICS, CL_MEM_SVM_FINE_GRAIN_BUFFER};
 
 use super::{OpenClBackend, OpenClError, api};
-use crate::device::DeviceInfo;
 use crate::host_ends::HostEnds;
 use crate::kernel::PersistentKernel;
 use crate::kernel::{Completion, CompletionRef, StopMode, StopReport, SubmitError, Submitter};
@@ -111,10 +110,11 @@ pub struct OpenClPersistentKernel {
 /// beyond them would never be scheduled: launches are refused instead.
 static HELD_UNITS: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 
-/// A device as the registry knows it: every `OpenClBackend` in the process
-/// sees the same devices in the same order.
-fn device_key(info: &DeviceInfo) -> String {
-    format!("{}#{}", info.index, info.name)
+/// A device as the registry knows it: its OpenCL id, the same in every
+/// `OpenClBackend` of the process whatever devices each skipped, and its
+/// name.
+fn device_key(device: &super::OpenClDevice) -> String {
+    format!("{:x}#{}", device.id, device.info.name)
 }
 
 /// Compute units held on one device; given back on drop.
@@ -159,7 +159,7 @@ impl OpenClBackend {
     /// Compute units that persistent kernels hold on device `index`, across
     /// this process.
     pub fn held_compute_units(&self, index: usize) -> Result<u32, OpenClError> {
-        Ok(UnitLease::held(&device_key(&self.device(index)?.info)))
+        Ok(UnitLease::held(&device_key(self.device(index)?)))
     }
 }
 
@@ -205,7 +205,7 @@ impl OpenClPersistentKernel {
             )));
         }
         let lease = UnitLease::acquire(
-            device_key(&device.info),
+            device_key(device),
             work_groups as u32,
             compute_units.saturating_sub(keep_free),
         )?;
@@ -258,7 +258,16 @@ impl OpenClPersistentKernel {
             lease: Some(lease),
             _queue: queue,
         };
-        launched._queue.flush().map_err(api("clFlush"))?;
+        if let Err(code) = launched._queue.flush() {
+            // Never flushed, the kernel would stay queued through the
+            // handle's stop. With both rings closed it exits as soon as it
+            // runs: finishing the queue sends it and waits, and the handle
+            // then frees its units and rings.
+            launched.ends.close_requests();
+            launched.ends.close_responses();
+            let _ = launched._queue.finish();
+            return Err(api("clFlush")(code));
+        }
         Ok(launched)
     }
 
@@ -411,7 +420,10 @@ impl Drop for OpenClPersistentKernel {
         // that does not exit in time keeps its rings: they are leaked
         // rather than freed under a running kernel.
         self.ends.close_responses();
-        if !matches!(self.stop(Duration::from_secs(10)), Ok(true)) {
+        let stopped = self.stop(Duration::from_secs(10));
+        // A kernel that terminated abnormally (its event cleared by the
+        // stop) no longer runs either.
+        if !matches!(stopped, Ok(true)) && self.event.is_some() {
             self.ends.leak();
             // Its compute units stay held too: the kernel still runs.
             std::mem::forget(self.lease.take());

@@ -24,7 +24,9 @@
 //!    waiting, for at most [`DEVICE_TIMEOUT`].
 //! 4. **Scopes.** Each call's device work runs inside validation,
 //!    out-of-memory and internal error scopes ([`scoped`]); the first error
-//!    caught is the call's [`WgpuError::Device`].
+//!    caught is the call's [`WgpuError::Device`], except in a shader's
+//!    build ([`scoped_build`]), where a validation error is the shader's
+//!    [`WgpuError::Build`].
 
 use std::cell::Cell;
 use std::collections::HashMap;

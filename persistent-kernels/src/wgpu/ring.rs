@@ -259,7 +259,7 @@ impl Dispatcher {
                 0,
             ] {
                 let value = u32::try_from(value).map_err(|_| {
-                    Wait::Failed(WgpuError::BadInput("a micro-batch too large".into()))
+                    Wait::Failed(WgpuError::Device("a micro-batch too large".into()))
                 })?;
                 jobs.extend_from_slice(&value.to_le_bytes());
             }
@@ -326,7 +326,7 @@ fn submit(
     gpu.check_binding(response_bytes)?;
     let (x, y, row) = memory::grid(gpu, work.count as u64)?;
     let jobs_count = u32::try_from(work.count)
-        .map_err(|_| WgpuError::BadInput("a micro-batch too large".into()))?;
+        .map_err(|_| WgpuError::Device("a micro-batch too large".into()))?;
     memory::scoped(gpu, || {
         use wgpu::BufferUsages as U;
         let input = gpu.pool.take(gpu, request_bytes, U::STORAGE | U::COPY_DST);

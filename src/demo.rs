@@ -203,6 +203,9 @@ fn format_us(us: f64) -> String {
 /// The most callers the demo runs.
 const MAX_CALLERS: u32 = 4096;
 
+/// The most the callers' batch buffers may hold at once.
+const MAX_BATCH_BYTES: u64 = 4 << 30;
+
 impl DemoConfig {
     fn validate(&self) -> Result<(), DemoError> {
         let bad = |why: String| Err(DemoError::BadParameter(why));
@@ -237,6 +240,19 @@ impl DemoConfig {
             return bad(format!(
                 "batch requests of {} elements (1025..=2^24)",
                 self.batch_elements
+            ));
+        }
+        // Each caller holds its batch's two operands, a copy in flight and
+        // the sums: 24 bytes an element.
+        let batch_bytes = u64::from(self.callers) * u64::from(self.batch_elements) * 24;
+        if self.batch_every > 0 && batch_bytes > MAX_BATCH_BYTES {
+            return bad(format!(
+                "{} callers with batches of {} elements would hold {} MiB at once; at most {} \
+                 MiB (fewer callers or smaller batches)",
+                self.callers,
+                self.batch_elements,
+                batch_bytes >> 20,
+                MAX_BATCH_BYTES >> 20
             ));
         }
         Ok(())

@@ -78,6 +78,10 @@ async fn bad_parameters_are_typed_errors() {
             ..DemoConfig::default()
         },
         DemoConfig {
+            batch_elements: 1 << 24,
+            ..DemoConfig::default()
+        },
+        DemoConfig {
             small_elements: 2000,
             ..DemoConfig::default()
         },

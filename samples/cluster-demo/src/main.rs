@@ -62,7 +62,10 @@ impl Handler<Add> for Counter {
             return Err("the counter is not active".into());
         };
         let before = *state.get();
-        *state.get_mut() = before.saturating_add(by);
+        let Some(total) = before.checked_add(by) else {
+            return Err(format!("{before} + {by} overflows the counter"));
+        };
+        *state.get_mut() = total;
         if let Err(err) = state.write().await {
             // Reported as failed, so not counted: a later write must not
             // store it.

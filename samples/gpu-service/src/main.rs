@@ -4,15 +4,16 @@
 //! type `Doubler` to double them; the grain sends the work through the
 //! silo's GPU bridge (the CPU backend here, a device where one is present).
 //! `GET /stats/{key}` answers how many requests that grain has served
-//! since it was activated (a grain idle for the silo's `idle_timeout`, 15
-//! minutes, is deactivated, and counts from 0 again: the count is not
-//! persisted).
+//! since it was activated: the count is not persisted, so a grain
+//! deactivated (idle for the silo's `idle_timeout`, 15 minutes, or sooner
+//! while more than 100 000 grains are live) counts from 0 again.
 //!
 //! Statuses: 400 for a body that is not a JSON array of finite `f32`s, 413
 //! for more than the kernel takes, 422 for input the kernel refuses or a
 //! result past `f32`'s range, 503 (with `Retry-After`) while the GPU or the
-//! silo is overloaded or shutting down, 500 for a failure on the server's
-//! side, whose details go to the service's log, not to the client.
+//! silo is overloaded, recovering or shutting down, 504 for a grain that
+//! did not answer in time, 500 for a failure on the server's side, whose
+//! details go to the service's log, not to the client.
 //!
 //! The silo runs on a tokio runtime of its own: actix-web runs each worker
 //! on a single-threaded runtime of its own, and grains must outlive any one
@@ -92,10 +93,22 @@ struct State {
     runtime: tokio::runtime::Handle,
 }
 
+/// A grain call that failed, as a status: busy or stopping (503, worth a
+/// retry), no answer in time (504), or the server's own failure (500, its
+/// details in the log).
 fn call_failed(err: CallError) -> HttpResponse {
-    HttpResponse::ServiceUnavailable()
-        .insert_header(("Retry-After", "1"))
-        .body(err.to_string())
+    match err {
+        CallError::Overloaded { .. } | CallError::ShutDown | CallError::Unavailable { .. } => {
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "1"))
+                .body(err.to_string())
+        }
+        CallError::Timeout { .. } => HttpResponse::GatewayTimeout().body(err.to_string()),
+        err => {
+            eprintln!("gpu-service: a grain call failed: {err}");
+            HttpResponse::InternalServerError().body("the grain call failed; see the service's log")
+        }
+    }
 }
 
 /// The bridge's answer to a request, as a status a client can act on: its
@@ -108,11 +121,13 @@ fn bridge_failed(err: ExecuteError) -> HttpResponse {
         ExecuteError::WrongShape { .. } | ExecuteError::Rejected { .. } => {
             HttpResponse::UnprocessableEntity().body(err.to_string())
         }
-        ExecuteError::Overloaded { .. } | ExecuteError::ShutDown => {
-            HttpResponse::ServiceUnavailable()
-                .insert_header(("Retry-After", "1"))
-                .body(err.to_string())
-        }
+        // Busy, or a hung kernel being relaunched, or no device now.
+        ExecuteError::Overloaded { .. }
+        | ExecuteError::ShutDown
+        | ExecuteError::DeviceHung { .. }
+        | ExecuteError::NoDevice { .. } => HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .body(err.to_string()),
         err => {
             eprintln!("gpu-service: the GPU bridge failed: {err}");
             HttpResponse::InternalServerError().body("the GPU bridge failed; see the service's log")

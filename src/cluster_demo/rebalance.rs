@@ -399,13 +399,6 @@ pub async fn run_rebalance_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    if report.passed() {
-        cluster.finish();
-    } else {
-        eprintln!(
-            "granary demo: the silos' logs are kept in {}",
-            cluster.dir().display()
-        );
-    }
+    cluster.finish_if(report.passed());
     Ok(report)
 }

@@ -267,6 +267,19 @@ impl DemoCluster {
 
     /// Stops every silo and removes the folder: the run passed or failed
     /// in a way its report shows.
+    /// Finishes the run: removes the folder if every check `passed`, else
+    /// keeps it and says where, for the silos' logs.
+    pub(super) fn finish_if(self, passed: bool) {
+        if passed {
+            self.finish();
+        } else {
+            eprintln!(
+                "granary demo: the silos' logs are kept in {}",
+                self.dir().display()
+            );
+        }
+    }
+
     pub(super) fn finish(self) {
         let dir = self.dir.clone();
         drop(self);
@@ -475,14 +488,7 @@ pub async fn run_cluster_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    if report.passed() {
-        cluster.finish();
-    } else {
-        eprintln!(
-            "granary demo: the silos' logs are kept in {}",
-            cluster.dir().display()
-        );
-    }
+    cluster.finish_if(report.passed());
     Ok(report)
 }
 

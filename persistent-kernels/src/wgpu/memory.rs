@@ -158,12 +158,7 @@ pub(crate) fn scoped<T>(
     gpu: &Gpu,
     work: impl FnOnce() -> Result<T, WgpuError>,
 ) -> Result<T, WgpuError> {
-    let (result, caught) = caught(gpu, work);
-    let value = result?;
-    match caught {
-        Some(err) => Err(WgpuError::Device(err.to_string())),
-        None => Ok(value),
-    }
+    scoped_as(gpu, work, |err| WgpuError::Device(err.to_string()))
 }
 
 /// [`scoped`] for a shader's build: a validation error is the shader's
@@ -173,13 +168,25 @@ pub(crate) fn scoped_build<T>(
     gpu: &Gpu,
     work: impl FnOnce() -> Result<T, WgpuError>,
 ) -> Result<T, WgpuError> {
+    scoped_as(gpu, work, |err| match err {
+        wgpu::Error::Validation { .. } => WgpuError::Build {
+            log: err.to_string(),
+        },
+        err => WgpuError::Device(err.to_string()),
+    })
+}
+
+/// `work` in the scopes (rule 4): its own error first, else the first a
+/// scope caught, as `caught` calls it.
+fn scoped_as<T>(
+    gpu: &Gpu,
+    work: impl FnOnce() -> Result<T, WgpuError>,
+    caught_as: impl FnOnce(wgpu::Error) -> WgpuError,
+) -> Result<T, WgpuError> {
     let (result, caught) = caught(gpu, work);
     let value = result?;
     match caught {
-        Some(err @ wgpu::Error::Validation { .. }) => Err(WgpuError::Build {
-            log: err.to_string(),
-        }),
-        Some(err) => Err(WgpuError::Device(err.to_string())),
+        Some(err) => Err(caught_as(err)),
         None => Ok(value),
     }
 }

@@ -265,8 +265,6 @@ impl DemoCluster {
         }
     }
 
-    /// Stops every silo and removes the folder: the run passed or failed
-    /// in a way its report shows.
     /// Finishes the run: removes the folder if every check `passed`, else
     /// keeps it and says where, for the silos' logs.
     pub(super) fn finish_if(self, passed: bool) {
@@ -280,7 +278,8 @@ impl DemoCluster {
         }
     }
 
-    pub(super) fn finish(self) {
+    /// Stops every silo and removes the folder.
+    fn finish(self) {
         let dir = self.dir.clone();
         drop(self);
         let _ = std::fs::remove_dir_all(&dir);

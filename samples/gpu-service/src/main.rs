@@ -93,15 +93,20 @@ struct State {
     runtime: tokio::runtime::Handle,
 }
 
+/// 503 with `Retry-After`: busy or stopping, worth a retry in a second.
+fn retry_later(why: String) -> HttpResponse {
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", "1"))
+        .body(why)
+}
+
 /// A grain call that failed, as a status: busy or stopping (503, worth a
 /// retry), no answer in time (504), or the server's own failure (500, its
 /// details in the log).
 fn call_failed(err: CallError) -> HttpResponse {
     match err {
         CallError::Overloaded { .. } | CallError::ShutDown | CallError::Unavailable { .. } => {
-            HttpResponse::ServiceUnavailable()
-                .insert_header(("Retry-After", "1"))
-                .body(err.to_string())
+            retry_later(err.to_string())
         }
         CallError::Timeout { .. } => HttpResponse::GatewayTimeout().body(err.to_string()),
         err => {
@@ -125,9 +130,7 @@ fn bridge_failed(err: ExecuteError) -> HttpResponse {
         ExecuteError::Overloaded { .. }
         | ExecuteError::ShutDown
         | ExecuteError::DeviceHung { .. }
-        | ExecuteError::NoDevice { .. } => HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .body(err.to_string()),
+        | ExecuteError::NoDevice { .. } => retry_later(err.to_string()),
         err => {
             eprintln!("gpu-service: the GPU bridge failed: {err}");
             HttpResponse::InternalServerError().body("the GPU bridge failed; see the service's log")

@@ -148,6 +148,9 @@ struct Shared {
     /// First launches under way (`launch_once`): a shutdown waits for
     /// them, so that it finds and stops what they launch.
     launching: std::sync::atomic::AtomicUsize,
+    /// First launches and batches waiting for device memory now
+    /// (`wait_for_memory`; [`GpuBridge::waiting_for_memory`]).
+    memory_waiters: std::sync::atomic::AtomicUsize,
     /// The first shutdown's mode (`MODE_DRAIN` or `MODE_ABANDON`; `0`
     /// before any), set once before `shut_down`: every kernel is stopped
     /// that way, by a later shutdown, a caller that sees the flag
@@ -331,6 +334,7 @@ impl BridgeBuilder {
                 config: self.config,
                 shut_down: AtomicBool::new(false),
                 launching: std::sync::atomic::AtomicUsize::new(0),
+                memory_waiters: std::sync::atomic::AtomicUsize::new(0),
                 stop_mode: std::sync::atomic::AtomicU8::new(0),
                 fallbacks: std::sync::atomic::AtomicU64::new(0),
                 staging: MemoryPool::new(HostAllocator, PoolConfig::default())
@@ -364,6 +368,22 @@ impl Staged {
             Staged::Backend(staged) => (**staged).as_ref(),
             Staged::Pool(rented) => rented.as_slice(),
         }
+    }
+}
+
+/// One caller counted in `Shared::memory_waiters` while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -419,6 +439,14 @@ impl GpuBridge {
     /// run them (rule 4), since the bridge was built.
     pub fn fallbacks(&self) -> u64 {
         self.shared.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// First launches and batches waiting now for device memory lent to
+    /// other requests (rule 6): a gauge of memory pressure, which a batch
+    /// leaves once it reserves its memory, times out or is ended by a
+    /// shutdown, or when its caller stops waiting.
+    pub fn waiting_for_memory(&self) -> usize {
+        self.shared.memory_waiters.load(Ordering::Relaxed)
     }
 
     /// Every launched persistent kernel's health, in kernel then device
@@ -1178,6 +1206,8 @@ impl GpuBridge {
             self.shared.shut_down.load(Ordering::SeqCst)
                 && !(drained && self.shutdown_mode() == StopMode::Drain)
         };
+        // Counted from the first miss until this returns or is dropped.
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             match reserve() {
                 Ok(reservation) => return Ok(reservation),
@@ -1190,6 +1220,7 @@ impl GpuBridge {
                     return Err(NoMemory::TimedOut { available });
                 }
                 Err(BrokerError::InsufficientMemory { .. }) => {
+                    waiting.get_or_insert_with(|| Waiting::new(&self.shared.memory_waiters));
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
                 Err(err) => return Err(NoMemory::Broker(err)),

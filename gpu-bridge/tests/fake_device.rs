@@ -464,6 +464,20 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
     bridge.shutdown(StopMode::Abandon).await;
 }
 
+/// Waits until `count` callers wait for device memory on `bridge`, for
+/// at most 10 s.
+async fn waiting_for_memory(bridge: &GpuBridge, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while bridge.waiting_for_memory() != count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} callers wait for memory, not {count}",
+            bridge.waiting_for_memory()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_it_drains() {
     use std::time::Duration;
@@ -480,7 +494,7 @@ async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_
         let bridge = bridge.clone();
         tokio::spawn(async move { bridge.execute("double", &f32s(&input)).await })
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting_for_memory(&bridge, 2).await;
     let started = std::time::Instant::now();
     bridge.shutdown(StopMode::Abandon).await;
     for caller in callers {
@@ -490,6 +504,7 @@ async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_
             .unwrap();
         assert!(matches!(answer, Err(ExecuteError::ShutDown)), "{answer:?}");
     }
+    assert_eq!(bridge.waiting_for_memory(), 0);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -508,11 +523,11 @@ async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_
         let bridge = bridge.clone();
         async move { bridge.execute("double", &f32s(&[1.0f32; 4096])).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting_for_memory(&bridge, 1).await;
     bridge.shutdown(StopMode::Drain).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        !batch.is_finished(),
+        !batch.is_finished() && bridge.waiting_for_memory() == 1,
         "the batch ended at a draining shutdown"
     );
     drop(held);
@@ -521,4 +536,5 @@ async fn a_shutdown_ends_a_first_launch_and_a_batch_that_wait_for_memory_unless_
         .expect("the batch still waited 5 s after its memory came back")
         .unwrap();
     assert_eq!(from_f32s(&answer.unwrap()), vec![2.0f32; 4096]);
+    assert_eq!(bridge.waiting_for_memory(), 0);
 }

@@ -172,6 +172,14 @@ impl DeviceLoad {
             .saturating_sub(working)
     }
 
+    /// Device memory neither settled nor lent out for good: free memory
+    /// and requests' working memory, which comes back (the bridge's
+    /// `resident.rs` rule 1: a resident buffer waits for it). What a new
+    /// grain's buffers may take (placement rule 1, rule 5 of `node/mod.rs`).
+    pub fn room(&self) -> u64 {
+        self.total_memory.saturating_sub(self.settled_memory())
+    }
+
     /// Every device of `bridge`, as a silo publishes them.
     pub fn of_bridge(bridge: &granary_gpu::GpuBridge) -> Vec<DeviceLoad> {
         bridge

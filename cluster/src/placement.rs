@@ -11,9 +11,11 @@
 //!   the lowest id);
 //! - [`GpuAware`]: for grains that declare [`GpuNeeds`]:
 //!   1. only silos with a device where the grain fits are candidates:
-//!      enough free memory, the backend and compute units asked for;
-//!   2. among them, the one whose best such device has the most free
-//!      memory, then the shortest queue, then the lowest id;
+//!      enough room ([`DeviceLoad::room`]: free memory and requests'
+//!      working memory, which comes back), the backend and compute units
+//!      asked for;
+//!   2. among them, the one whose best such device has the most room,
+//!      then the shortest queue, then the lowest id;
 //!   3. never a silo where the grain does not fit; when none fits, the
 //!      configured fallback: another strategy (the grain runs on its CPU)
 //!      or [`PlacementError::NoDeviceFits`].
@@ -42,9 +44,9 @@ pub struct GpuNeeds {
 
 impl GpuNeeds {
     /// Whether the grain fits `device`: it [`suits`](GpuNeeds::suits) it
-    /// and has room there.
+    /// and has [room](DeviceLoad::room) there.
     pub fn fits(&self, device: &DeviceLoad) -> bool {
-        device.free_memory >= self.device_memory && self.suits(device)
+        device.room() >= self.device_memory && self.suits(device)
     }
 
     /// Whether `device` is of the backend and has the compute units the
@@ -265,8 +267,8 @@ impl PlacementStrategy for GpuAware {
                 None => LeastActivations.place(request, members),
             };
         };
-        // Rule 2: per silo its best fitting device, as (free memory,
-        // shorter queue); the best silo by that, then the lowest id.
+        // Rule 2: per silo its best fitting device, as (room, shorter
+        // queue); the best silo by that, then the lowest id.
         let best = members
             .iter()
             .filter_map(|member| {
@@ -275,7 +277,7 @@ impl PlacementStrategy for GpuAware {
                     .devices
                     .iter()
                     .filter(|device| needs.fits(device))
-                    .map(|device| (device.free_memory, std::cmp::Reverse(device.queue_depth)))
+                    .map(|device| (device.room(), std::cmp::Reverse(device.queue_depth)))
                     .max()
                     .map(|score| (score, std::cmp::Reverse(&member.silo)))
             })

@@ -80,6 +80,51 @@ async fn a_hundred_grains_move_between_the_devices_of_their_nodes_under_ten_thou
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end() {
+    let cluster = Cluster::new(47_950);
+    let one = cluster.node(1, 64).await;
+    // Room for one tensor, all of it lent to a request's working memory
+    // when the move asks: memory that comes back, which the arrival's
+    // buffer waits for (the bridge's `resident.rs` rule 1), so the
+    // target promises it (rule 1 of `node/migration.rs`).
+    let two = cluster.node(2, 1).await;
+    converged(&[&one.node, &two.node], 2).await;
+    let grain = one.node.grain::<Tensor>(1);
+    assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    assert_eq!(grain.call(Inspect).await.unwrap().2, 1);
+    let working = two
+        .bridge
+        .broker()
+        .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
+        .unwrap();
+    let ends = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(working);
+    });
+    let moved = grain
+        .migrate(MigrationTarget::Silo(two.node.id().to_string()))
+        .await;
+    assert!(moved.is_ok(), "{moved:?}");
+    ends.await.unwrap();
+    let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
+    assert_eq!((steps, on), (1, 2));
+    assert!(bytes == expected(1, 1));
+    // Memory kept there (a resident buffer, not a request's) is refused
+    // as before: a second tensor cannot follow.
+    let other = one.node.grain::<Tensor>(2);
+    assert_eq!(other.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    match other
+        .migrate(MigrationTarget::Silo(two.node.id().to_string()))
+        .await
+    {
+        Err(MigrationError::NoTarget { reason, .. }) => {
+            assert!(reason.contains("room"), "{reason}")
+        }
+        other => panic!("a full target: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_typed_and_leave_the_grain_serving() {
     let cluster = Cluster::new(47_200);
     let one = cluster.node(1, 64).await;

@@ -663,7 +663,7 @@ impl Inner {
             .into_iter()
             .enumerate()
             .filter(|(index, _)| only.is_none_or(|only| only == *index))
-            .filter_map(|(index, mut device)| {
+            .filter_map(|(index, device)| {
                 let already = promised.get(&index).copied().unwrap_or(0);
                 // `rebalance.rs` rule 7: past high water (what is settled
                 // on the device, what is promised, and this grain), a GPU
@@ -672,12 +672,17 @@ impl Inner {
                     .settled_memory()
                     .saturating_add(already)
                     .saturating_add(needs.device_memory);
-                device.free_memory = device.free_memory.saturating_sub(already);
+                // Room (`DeviceLoad::room`) not promised yet: requests'
+                // working memory is not taken from it, as it comes back
+                // and the grain's buffers wait for it, so a busy device
+                // is no full one.
+                let room = device.room().saturating_sub(already);
                 let under_pressure = needs.device_memory > 0
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
-                (needs.fits(&device) && !under_pressure).then_some((index, device.free_memory))
+                (needs.suits(&device) && room >= needs.device_memory && !under_pressure)
+                    .then_some((index, room))
             })
             .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
         let Some((device, _)) = chosen else {

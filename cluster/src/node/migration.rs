@@ -15,7 +15,7 @@
 //!    it holds until the state arrives, is released, or expires after
 //!    four call timeouts. A move to a named device of the target
 //!    (`MigrationTarget::Device`) takes the promise on that device alone
-//!    (the same checks: the type's needs, its free memory less what is
+//!    (the same checks: the type's needs, its room less what is
 //!    promised there, its high water mark), and the buffers the arrival
 //!    makes through `DeviceQuotas` while its hooks run (`rehydrate`,
 //!    `on_activate`) are made there (`quotas.rs` rule 3: the grain is

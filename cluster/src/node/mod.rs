@@ -92,7 +92,11 @@
 //!    `NoRoom`, and the caller places the grain elsewhere. A call every
 //!    silo hosting the type refused is `CallError::Overloaded`. Memory is promised to a grain from that
 //!    check until the call that activates it returns, so that first calls
-//!    arriving together do not all count the same free bytes.
+//!    arriving together do not all count the same free bytes. A device's
+//!    room for the check is what is neither settled on it nor promised:
+//!    requests' working memory comes back, and a grain's buffers wait for
+//!    it (the bridge's `resident.rs` rule 1), so a busy device is not a
+//!    full one.
 //! 6. **Giving a home up.** A call arriving here pins the grain's home
 //!    from before it registers until the local silo has answered it
 //!    (creating the home unconfirmed if there is none). When the grain's

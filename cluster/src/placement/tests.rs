@@ -101,6 +101,32 @@ fn gpu_aware_picks_the_most_free_memory_among_devices_where_the_grain_fits() {
 }
 
 #[test]
+fn a_device_whose_memory_is_lent_to_requests_is_not_full() {
+    // a: 100 MiB free but 900 MiB lent to requests' working memory (it
+    // comes back); b: 500 MiB free and 100 MiB kept by resident buffers.
+    let busy = DeviceLoad {
+        reserved_memory: 900 << 20,
+        ..device("Cuda", 100, 0, 132)
+    };
+    let kept = DeviceLoad {
+        reserved_memory: 100 << 20,
+        kept_memory: 100 << 20,
+        ..device("Cuda", 500, 0, 132)
+    };
+    assert_eq!((busy.room(), kept.room()), (1000 << 20, 500 << 20));
+    let view = [member("a", 0, vec![busy]), member("b", 0, vec![kept])];
+    let gpu = GpuAware::strict();
+    // 800 MiB fits only a, once its requests end; a has the most room for
+    // anything.
+    assert_eq!(place(&gpu, &view, Some(&mib(800))).unwrap(), "a");
+    assert_eq!(place(&gpu, &view, Some(&mib(10))).unwrap(), "a");
+    assert_eq!(
+        place(&gpu, &view, Some(&mib(1100))),
+        Err(PlacementError::NoDeviceFits { needs: mib(1100) })
+    );
+}
+
+#[test]
 fn gpu_aware_breaks_ties_on_queue_then_id_and_falls_back_as_configured() {
     let view = [
         member("a", 5, vec![device("Cuda", 1000, 4, 132)]),

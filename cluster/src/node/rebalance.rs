@@ -33,7 +33,10 @@
 //!    its verdict (or its activation's end), which matters once the round
 //!    stopped waiting for it (rule 7).
 //! 5. Each decision is counted by reason when carried out or failed
-//!    (`stats.rs` rule 4) and logged at debug level with its reason.
+//!    (`stats.rs` rule 4) and logged at debug level with its reason; each
+//!    round logs at debug level what it decided from (every silo's used
+//!    memory, what this node sent it still counting, its total; the
+//!    candidates) and how many moves and deactivations it planned.
 //! 6. A grain whose move to another silo failed for a reason that may
 //!    hold again (no target had room, it or its target was busy, a hook
 //!    failed, its entry changed, or the target could not be reached; not
@@ -201,6 +204,29 @@ impl Inner {
                 needs: &self.needs,
             },
         );
+        // Rule 5: what the round decided from, so that a silo that stops
+        // moving can be told apart from one whose moves do not end.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let fills: Vec<String> = view
+                .iter()
+                .map(|member| {
+                    let (used, total) = crate::rebalance::silo_fill(&member.load.devices);
+                    let sent = sent.get(&member.silo).copied().unwrap_or(0);
+                    format!("{}: {used}+{sent}/{total}", member.silo)
+                })
+                .collect();
+            tracing::debug!(
+                round,
+                silos = ?fills,
+                candidates = grains.len(),
+                cooling = grains.iter().filter(|grain| grain.cooling).count(),
+                refused_away = grains.iter().filter(|grain| !grain.away).count(),
+                shedding = self.shedding.len(),
+                moves = moves.len(),
+                shed = shed.len(),
+                "a rebalancer round decided"
+            );
+        }
         let counts_for = self
             .config
             .load_interval
@@ -312,6 +338,7 @@ impl Inner {
             }
             self.stats.rebalanced(Reason::Pressure, shed.is_ok());
         }
+        tracing::debug!(round, took = ?now.elapsed(), "a rebalancer round ended");
     }
 
     /// Carries out the move `decided`, on a task of its own (rule 7):

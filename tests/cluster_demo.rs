@@ -111,15 +111,22 @@ fn three_silo_processes_lose_a_silo_and_no_state() {
 
 #[test]
 fn the_rebalance_demo_spreads_ledgers_to_a_silo_that_joins_and_loses_nothing() {
+    // The silos log their rebalancers' rounds and moves, which a failure
+    // shows (the run's folder is kept only then).
     let output = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args(["demo", "--nodes", "3", "--rebalance"])
+        .env(
+            "RUST_LOG",
+            "info,granary_cluster::node::rebalance=debug,granary_cluster::node::migration=debug",
+        )
         .output()
         .expect("the demo ran");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        "stdout:\n{stdout}\nstderr:\n{stderr}\n{}",
+        kept_logs(&stderr)
     );
     // The table: silo 3 absent until it joins, then holding ledgers.
     let rows: Vec<Vec<&str>> = stdout
@@ -159,6 +166,31 @@ fn three_silo_processes_on_etcd_lose_a_silo_and_no_state() {
     let endpoints = option_env!("GRANARY_ETCD_ENDPOINTS").unwrap_or_default();
     let stdout = three_silo_demo(&["--etcd", endpoints]);
     assert!(stdout.contains("membership on etcd"), "{stdout}");
+}
+
+/// The silos' logs of a failed demo run, from the folder its `stderr`
+/// says it kept: each node's last 300 lines.
+fn kept_logs(stderr: &str) -> String {
+    let Some(dir) = stderr
+        .lines()
+        .find_map(|line| line.split("the silos' logs are kept in ").nth(1))
+    else {
+        return String::new();
+    };
+    let mut shown = String::new();
+    for node in 0..8 {
+        let path = std::path::Path::new(dir.trim()).join(format!("node-{node}.log"));
+        let Ok(log) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let lines: Vec<&str> = log.lines().collect();
+        shown.push_str(&format!("--- {} (last 300 lines)\n", path.display()));
+        for line in &lines[lines.len().saturating_sub(300)..] {
+            shown.push_str(line);
+            shown.push('\n');
+        }
+    }
+    shown
 }
 
 /// A node file's fields before its `extra` lines.

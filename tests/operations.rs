@@ -654,6 +654,8 @@ async fn a_flood_of_silent_connections_does_not_stop_a_silo_accepting() {
         "the node never ran out of descriptors ({opened} connections opened):\n{}",
         cluster.log(0)
     );
+    // Its text log goes to a file, not a terminal: no colour codes.
+    assert!(!cluster.log(0).contains('\u{1b}'), "{}", cluster.log(0));
     cluster.client.leave().await.expect("the client leaves");
 }
 

@@ -14,8 +14,9 @@
 //!      enough room ([`DeviceLoad::room`]: free memory and requests'
 //!      working memory, which comes back), the backend and compute units
 //!      asked for;
-//!   2. among them, the one whose best such device has the most room,
-//!      then the shortest queue, then the lowest id;
+//!   2. among them, the one whose best such device has the memory free
+//!      now (its buffers need not wait), then the most room, then the
+//!      shortest queue, then the lowest id;
 //!   3. never a silo where the grain does not fit; when none fits, the
 //!      configured fallback: another strategy (the grain runs on its CPU)
 //!      or [`PlacementError::NoDeviceFits`].
@@ -34,7 +35,8 @@ use crate::membership::{DeviceLoad, Member};
 /// What a grain needs of a device (rule 1 of [`GpuAware`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuNeeds {
-    /// Free device memory, in bytes.
+    /// Device memory the grain declares, in bytes: a device fits it with
+    /// that much [room](DeviceLoad::room).
     pub device_memory: u64,
     /// Only this backend (`Cpu`, `OpenCl`, `Cuda`, `Wgpu`), if set.
     pub backend: Option<String>,
@@ -91,7 +93,7 @@ impl std::fmt::Display for PlacementError {
             PlacementError::NoSilos => write!(f, "no live silo to place the grain on"),
             PlacementError::NoDeviceFits { needs } => write!(
                 f,
-                "no silo has a device with {} bytes free{}{}",
+                "no silo has a device with room for {} bytes{}{}",
                 needs.device_memory,
                 needs
                     .backend
@@ -217,8 +219,8 @@ impl PlacementStrategy for LeastActivations {
     }
 }
 
-/// Placement by device fit and free memory (the module docs' rules 1 to
-/// 3). Requests without [`GpuNeeds`] go to the fallback.
+/// Placement by device fit, memory free now and room (the module docs'
+/// rules 1 to 3). Requests without [`GpuNeeds`] go to the fallback.
 pub struct GpuAware {
     /// Where grains go when no device fits (or they need none); `None`
     /// refuses those that need a device.
@@ -267,8 +269,8 @@ impl PlacementStrategy for GpuAware {
                 None => LeastActivations.place(request, members),
             };
         };
-        // Rule 2: per silo its best fitting device, as (room, shorter
-        // queue); the best silo by that, then the lowest id.
+        // Rule 2: per silo its best fitting device, as (free now, room,
+        // shorter queue); the best silo by that, then the lowest id.
         let best = members
             .iter()
             .filter_map(|member| {
@@ -277,7 +279,13 @@ impl PlacementStrategy for GpuAware {
                     .devices
                     .iter()
                     .filter(|device| needs.fits(device))
-                    .map(|device| (device.room(), std::cmp::Reverse(device.queue_depth)))
+                    .map(|device| {
+                        (
+                            device.free_memory >= needs.device_memory,
+                            device.room(),
+                            std::cmp::Reverse(device.queue_depth),
+                        )
+                    })
                     .max()
                     .map(|score| (score, std::cmp::Reverse(&member.silo)))
             })

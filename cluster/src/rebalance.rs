@@ -49,8 +49,9 @@
 //!    a device of another silo.
 //! 6. **Never oversubscribe, never twice.** A silo never plans a move that
 //!    takes a target (a silo, or a device of its own) past `high_water -
-//!    hysteresis` of its memory, nor past its free memory. A target silo's
-//!    reservation then checks its free memory and its high water mark
+//!    hysteresis` of its memory, nor past its memory. A target silo's
+//!    reservation then checks its room (`DeviceLoad::room`, less what it
+//!    promised) and its high water mark
 //!    again (rule 1 of `node/migration.rs`), so silos deciding at once may
 //!    together fill a target up to high water, never past it; a move
 //!    between a silo's own devices reserves the bytes on the device

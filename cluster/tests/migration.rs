@@ -85,7 +85,7 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
     let one = cluster.node(1, 64).await;
     // Room for one tensor, all of it lent to a request's working memory
     // when the move asks: memory that comes back, which the arrival's
-    // buffer waits for (the bridge's `resident.rs` rule 1), so the
+    // buffer would wait for (the bridge's `resident.rs` rule 1), so the
     // target promises it (rule 1 of `node/migration.rs`).
     let two = cluster.node(2, 1).await;
     converged(&[&one.node, &two.node], 2).await;
@@ -97,15 +97,25 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
         .broker()
         .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
         .unwrap();
-    let ends = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(working);
+    // The arrival is held in `rehydrate`, before it makes its buffer:
+    // reaching it means the target promised the memory while the request
+    // held it all. The request ends then, and the arrival goes on.
+    *cluster.gate.armed.lock().unwrap() = true;
+    let moving = tokio::spawn({
+        let (grain, to) = (grain.clone(), two.node.id().to_string());
+        async move { grain.migrate(MigrationTarget::Silo(to)).await }
     });
-    let moved = grain
-        .migrate(MigrationTarget::Silo(two.node.id().to_string()))
-        .await;
+    tokio::time::timeout(Duration::from_secs(10), cluster.gate.reached.notified())
+        .await
+        .expect("the target reserved room while a request held its memory");
+    drop(working);
+    *cluster.gate.armed.lock().unwrap() = false;
+    cluster.gate.open.notify_one();
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .unwrap();
     assert!(moved.is_ok(), "{moved:?}");
-    ends.await.unwrap();
     let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
     assert_eq!((steps, on), (1, 2));
     assert!(bytes == expected(1, 1));
@@ -619,7 +629,9 @@ async fn a_silo_that_joins_takes_grains_from_two_full_ones_and_nothing_moves_twi
     // and that move may land after the other's fill: the silo it lands
     // on is filled again from scratch. Done once both read 95% five
     // times in a row, 100 ms apart, with no move ended between (at 95%
-    // neither takes a grain, so none starts).
+    // neither takes a grain, so none starts; one under way for longer
+    // than that could still land later, which the checks below allow:
+    // they need the third silo to take grains, not exactly 95% here).
     let mut ballast: [Vec<ResidentBuffer>; 2] = Default::default();
     let tried = |nodes: &[&Node]| -> u64 {
         nodes

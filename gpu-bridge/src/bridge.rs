@@ -376,7 +376,7 @@ struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> Waiting<'a> {
     fn new(count: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
+        count.fetch_add(1, Ordering::Release);
         Waiting(count)
     }
 }
@@ -441,12 +441,15 @@ impl GpuBridge {
         self.shared.fallbacks.load(Ordering::Relaxed)
     }
 
-    /// First launches and batches waiting now for device memory lent to
-    /// other requests (rule 6): a gauge of memory pressure, which a batch
-    /// leaves once it reserves its memory, times out or is ended by a
-    /// shutdown, or when its caller stops waiting.
+    /// First launches (rule 3; one however many callers wait on it) and
+    /// batches (rule 6) waiting now for device memory lent to other
+    /// requests. Each leaves the count once it reserves its memory, times
+    /// out, is ended by a shutdown or a broker error, or when its caller
+    /// stops waiting. Resident buffers waiting for memory
+    /// (`bridge/resident.rs` rule 1) are not counted. A wait counted here
+    /// sees any later shutdown at its next try (every millisecond).
     pub fn waiting_for_memory(&self) -> usize {
-        self.shared.memory_waiters.load(Ordering::Relaxed)
+        self.shared.memory_waiters.load(Ordering::Acquire)
     }
 
     /// Every launched persistent kernel's health, in kernel then device

@@ -464,14 +464,14 @@ async fn a_first_launch_waits_for_memory_batches_hold_and_a_busy_one_is_not_reme
     bridge.shutdown(StopMode::Abandon).await;
 }
 
-/// Waits until `count` callers wait for device memory on `bridge`, for
-/// at most 10 s.
+/// Waits until `count` first launches and batches wait for device memory
+/// on `bridge`, for at most 10 s.
 async fn waiting_for_memory(bridge: &GpuBridge, count: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while bridge.waiting_for_memory() != count {
         assert!(
             std::time::Instant::now() < deadline,
-            "{} callers wait for memory, not {count}",
+            "{} launches and batches wait for memory, not {count}",
             bridge.waiting_for_memory()
         );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;

@@ -169,20 +169,24 @@ fn three_silo_processes_on_etcd_lose_a_silo_and_no_state() {
 }
 
 /// The silos' logs of a failed demo run, from the folder its `stderr`
-/// says it kept: each node's last 300 lines.
+/// says it kept (a failed check: "kept in DIR"; an error: "are in DIR",
+/// maybe inside parentheses): each node's last 300 lines.
 fn kept_logs(stderr: &str) -> String {
-    let Some(dir) = stderr
-        .lines()
-        .find_map(|line| line.split("the silos' logs are kept in ").nth(1))
-    else {
+    let Some(dir) = stderr.lines().find_map(|line| {
+        ["the silos' logs are kept in ", "the silos' logs are in "]
+            .iter()
+            .find_map(|phrase| line.split(phrase).nth(1))
+    }) else {
         return String::new();
     };
+    let dir = dir.trim().trim_end_matches(')');
     let mut shown = String::new();
     for node in 0..8 {
-        let path = std::path::Path::new(dir.trim()).join(format!("node-{node}.log"));
-        let Ok(log) = std::fs::read_to_string(&path) else {
+        let path = std::path::Path::new(dir).join(format!("node-{node}.log"));
+        let Ok(log) = std::fs::read(&path) else {
             continue;
         };
+        let log = String::from_utf8_lossy(&log);
         let lines: Vec<&str> = log.lines().collect();
         shown.push_str(&format!("--- {} (last 300 lines)\n", path.display()));
         for line in &lines[lines.len().saturating_sub(300)..] {

@@ -324,13 +324,17 @@ fn main() -> ExitCode {
             // The node's warnings and errors (a fence, a lost lease, a
             // drain that outlived an activation) on standard error;
             // `RUST_LOG` sets the level (default `info`). Colours only on
-            // a terminal: a log file (the demo's silos write theirs to
-            // one) or a collector gets plain text.
+            // a terminal, and not there with `NO_COLOR` set: a log file
+            // (the demo's silos write theirs to one) or a collector gets
+            // plain text.
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_ansi(
+                    std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
+                )
                 .with_writer(std::io::stderr);
             let _ = match log_format {
                 LogFormat::Text => logs.try_init(),

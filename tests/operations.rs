@@ -173,14 +173,16 @@ struct Cluster {
 
 impl Cluster {
     /// Starts the nodes (node `n` with the environment `env` names for it,
-    /// each with at most `nofile` open files if given) and waits until
-    /// every one has joined and is ready.
+    /// each with at most `nofile` open files if given, logging in JSON
+    /// unless `text_log`) and waits until every one has joined and is
+    /// ready.
     async fn start(
         name: &str,
         count: usize,
         token: Option<&'static str>,
         env: &[(usize, &str, &str)],
         nofile: Option<u64>,
+        text_log: bool,
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("a directory");
         let storage = dir.path().join("grains.sqlite");
@@ -216,7 +218,7 @@ impl Cluster {
                 .arg("--config")
                 .arg(&path)
                 .arg("--log-format")
-                .arg("json")
+                .arg(if text_log { "text" } else { "json" })
                 .stdout(Stdio::null())
                 .stderr(log);
             for (_, key, value) in env.iter().filter(|(node, _, _)| *node == n) {
@@ -377,7 +379,7 @@ fn value(samples: &HashMap<String, f64>, prefix: &str, labels: &[&str]) -> Optio
 }
 
 async fn the_scrape_serves_every_family_and_the_token_guards_every_path() {
-    let cluster = Cluster::start("scrape", 2, Some(TOKEN), &[], None).await;
+    let cluster = Cluster::start("scrape", 2, Some(TOKEN), &[], None, false).await;
     drive(&cluster, 0..6, 3).await;
     let admin = cluster.admins[0];
 
@@ -609,7 +611,7 @@ async fn a_flood_of_silent_connections_does_not_stop_a_silo_accepting() {
         "prlimit could not raise the open-file limit"
     );
 
-    let cluster = Cluster::start("flood", 1, None, &[], Some(200)).await;
+    let cluster = Cluster::start("flood", 1, None, &[], Some(200), true).await;
     let silo = cluster.silos[0].clone();
     // All at once, each given 3 s (once the node's backlog is full, the
     // rest wait for it), from 128 loopback addresses: the node takes at
@@ -654,7 +656,7 @@ async fn a_flood_of_silent_connections_does_not_stop_a_silo_accepting() {
         "the node never ran out of descriptors ({opened} connections opened):\n{}",
         cluster.log(0)
     );
-    // Its text log goes to a file, not a terminal: no colour codes.
+    // Its log, in text, goes to a file, not a terminal: no colour codes.
     assert!(!cluster.log(0).contains('\u{1b}'), "{}", cluster.log(0));
     cluster.client.leave().await.expect("the client leaves");
 }
@@ -663,7 +665,15 @@ async fn a_hung_kernel_makes_its_node_unready_until_it_is_relaunched() {
     // Node 0's CPU kernels let 8 requests pass (inspections or probes),
     // then hold the next one without a heartbeat for longer than the
     // bridge waits (its hang timeout, 2 s).
-    let cluster = Cluster::start("hang", 1, None, &[(0, TEST_KERNEL_HANG, "8:60000")], None).await;
+    let cluster = Cluster::start(
+        "hang",
+        1,
+        None,
+        &[(0, TEST_KERNEL_HANG, "8:60000")],
+        None,
+        false,
+    )
+    .await;
     let (admin, silo) = (cluster.admins[0], cluster.silos[0].clone());
     inspect(&cluster, &silo)
         .await
@@ -777,7 +787,7 @@ async fn the_dashboard_shows_the_cluster_in_a_browser(
     chromium: std::path::PathBuf,
     driver: std::path::PathBuf,
 ) {
-    let mut cluster = Cluster::start("dashboard", 3, None, &[], None).await;
+    let mut cluster = Cluster::start("dashboard", 3, None, &[], None, false).await;
     drive(&cluster, 0..9, 2).await;
     let profile = cluster.dir.path().join("chromium-profile");
     let browser = browser::Browser::start(&chromium, &driver, &profile).await;
@@ -890,7 +900,7 @@ async fn the_dashboard_shows_the_cluster_in_a_browser(
 }
 
 async fn sigterm_drains_a_node_under_load_and_no_acknowledged_write_is_lost() {
-    let mut cluster = Cluster::start("drain", 3, None, &[], None).await;
+    let mut cluster = Cluster::start("drain", 3, None, &[], None, false).await;
     let (client, admins) = (&cluster.client, &cluster.admins);
     let nodes = &mut cluster.nodes;
 

@@ -116,9 +116,11 @@ fn a_device_whose_memory_is_lent_to_requests_is_not_full() {
     assert_eq!((busy.room(), kept.room()), (1000 << 20, 500 << 20));
     let view = [member("a", 0, vec![busy]), member("b", 0, vec![kept])];
     let gpu = GpuAware::strict();
-    // 800 MiB fits only a, once its requests end; a has the most room for
-    // anything.
+    // 800 MiB fits only a, once its requests end.
     assert_eq!(place(&gpu, &view, Some(&mib(800))).unwrap(), "a");
+    // 200 MiB fits both; only b has it free now, and its buffers need not
+    // wait. 10 MiB is free on both: a has the most room.
+    assert_eq!(place(&gpu, &view, Some(&mib(200))).unwrap(), "b");
     assert_eq!(place(&gpu, &view, Some(&mib(10))).unwrap(), "a");
     assert_eq!(
         place(&gpu, &view, Some(&mib(1100))),

@@ -14,9 +14,9 @@
 //!      enough room ([`DeviceLoad::room`]: free memory and requests'
 //!      working memory, which comes back), the backend and compute units
 //!      asked for;
-//!   2. among them, the one whose best such device has the memory free
-//!      now (its buffers need not wait), then the most room, then the
-//!      shortest queue, then the lowest id;
+//!   2. among them, the one whose best such device has the most memory
+//!      free now (its buffers wait the least), then the shortest queue,
+//!      then the lowest id;
 //!   3. never a silo where the grain does not fit; when none fits, the
 //!      configured fallback: another strategy (the grain runs on its CPU)
 //!      or [`PlacementError::NoDeviceFits`].
@@ -219,8 +219,8 @@ impl PlacementStrategy for LeastActivations {
     }
 }
 
-/// Placement by device fit, memory free now and room (the module docs'
-/// rules 1 to 3). Requests without [`GpuNeeds`] go to the fallback.
+/// Placement by device fit (room) and free memory (the module docs' rules
+/// 1 to 3). Requests without [`GpuNeeds`] go to the fallback.
 pub struct GpuAware {
     /// Where grains go when no device fits (or they need none); `None`
     /// refuses those that need a device.
@@ -269,7 +269,7 @@ impl PlacementStrategy for GpuAware {
                 None => LeastActivations.place(request, members),
             };
         };
-        // Rule 2: per silo its best fitting device, as (free now, room,
+        // Rule 2: per silo its best fitting device, as (free memory,
         // shorter queue); the best silo by that, then the lowest id.
         let best = members
             .iter()
@@ -279,13 +279,7 @@ impl PlacementStrategy for GpuAware {
                     .devices
                     .iter()
                     .filter(|device| needs.fits(device))
-                    .map(|device| {
-                        (
-                            device.free_memory >= needs.device_memory,
-                            device.room(),
-                            std::cmp::Reverse(device.queue_depth),
-                        )
-                    })
+                    .map(|device| (device.free_memory, std::cmp::Reverse(device.queue_depth)))
                     .max()
                     .map(|score| (score, std::cmp::Reverse(&member.silo)))
             })

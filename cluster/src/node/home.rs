@@ -675,16 +675,16 @@ impl Inner {
                 // Room (`DeviceLoad::room`) not promised yet: requests'
                 // working memory is not taken from it, as it comes back
                 // and the grain's buffers wait for it, so a busy device
-                // is no full one. A device with the memory free now is
-                // still chosen first: its buffers need not wait.
+                // is no full one. Of those that fit, the one with the most
+                // memory free now is chosen: its buffers wait the least.
                 let room = device.room().saturating_sub(already);
-                let free_now = device.free_memory.saturating_sub(already) >= needs.device_memory;
+                let free_now = device.free_memory.saturating_sub(already);
                 let under_pressure = needs.device_memory > 0
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
                 (needs.suits(&device) && room >= needs.device_memory && !under_pressure)
-                    .then_some((index, (free_now, room)))
+                    .then_some((index, free_now))
             })
             .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
         let Some((device, _)) = chosen else {

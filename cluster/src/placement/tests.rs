@@ -118,10 +118,10 @@ fn a_device_whose_memory_is_lent_to_requests_is_not_full() {
     let gpu = GpuAware::strict();
     // 800 MiB fits only a, once its requests end.
     assert_eq!(place(&gpu, &view, Some(&mib(800))).unwrap(), "a");
-    // 200 MiB fits both; only b has it free now, and its buffers need not
-    // wait. 10 MiB is free on both: a has the most room.
+    // 200 MiB and 10 MiB fit both: b has the most memory free now, and
+    // its buffers wait the least.
     assert_eq!(place(&gpu, &view, Some(&mib(200))).unwrap(), "b");
-    assert_eq!(place(&gpu, &view, Some(&mib(10))).unwrap(), "a");
+    assert_eq!(place(&gpu, &view, Some(&mib(10))).unwrap(), "b");
     assert_eq!(
         place(&gpu, &view, Some(&mib(1100))),
         Err(PlacementError::NoDeviceFits { needs: mib(1100) })

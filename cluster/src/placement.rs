@@ -52,7 +52,7 @@ impl GpuNeeds {
     }
 
     /// Whether `device` is of the backend and has the compute units the
-    /// grain needs, whatever its free memory.
+    /// grain needs, whatever its room.
     pub fn suits(&self, device: &DeviceLoad) -> bool {
         device.compute_units >= self.min_compute_units
             && self

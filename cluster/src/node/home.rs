@@ -629,8 +629,9 @@ impl Inner {
     }
 
     /// Promises the device memory a new grain of `grain_type` declares on
-    /// the device here with the most left beyond what is promised already,
-    /// if one fits it (rule 5), and with a rebalancer, if it stays below
+    /// the device here with the most memory free now beyond what is
+    /// promised already (then the most room), if one has room for it
+    /// (rule 5), and with a rebalancer, if it stays below
     /// the high water mark (`rebalance.rs` rule 7); a type that declares
     /// none always fits.
     pub(super) fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
@@ -676,7 +677,8 @@ impl Inner {
                 // working memory is not taken from it, as it comes back
                 // and the grain's buffers wait for it, so a busy device
                 // is no full one. Of those that fit, the one with the most
-                // memory free now is chosen: its buffers wait the least.
+                // memory free now is chosen (its buffers wait the least),
+                // then the one with the most room.
                 let room = device.room().saturating_sub(already);
                 let free_now = device.free_memory.saturating_sub(already);
                 let under_pressure = needs.device_memory > 0
@@ -684,9 +686,9 @@ impl Inner {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
                 (needs.suits(&device) && room >= needs.device_memory && !under_pressure)
-                    .then_some((index, free_now))
+                    .then_some((index, (free_now, room)))
             })
-            .max_by_key(|(index, left)| (*left, std::cmp::Reverse(*index)));
+            .max_by_key(|(index, rank)| (*rank, std::cmp::Reverse(*index)));
         let Some((device, _)) = chosen else {
             return Err(RemoteError::NoRoom);
         };

@@ -79,7 +79,7 @@ fn gpu_aware_picks_the_most_free_memory_among_devices_where_the_grain_fits() {
     let gpu = GpuAware::strict();
     // b's best device has the most free memory.
     assert_eq!(place(&gpu, &view, Some(&mib(100))).unwrap(), "b");
-    // Only c's and b's big device fit 2 GiB; b's has more room.
+    // Only c's and b's big device fit 2 GiB; b's has more free memory.
     assert_eq!(place(&gpu, &view, Some(&mib(2000))).unwrap(), "b");
     // A backend asked for.
     let opencl = GpuNeeds {

@@ -85,9 +85,23 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
     let one = cluster.node(1, 64).await;
     // Room for one tensor, all of it lent to a request's working memory
     // when the move asks: memory that comes back, which the arrival's
-    // buffer would wait for (the bridge's `resident.rs` rule 1), so the
-    // target promises it (rule 1 of `node/migration.rs`).
-    let two = cluster.node(2, 1).await;
+    // buffer waits for (the bridge's `resident.rs` rule 1, here up to
+    // 30 s), so the target promises it (rule 1 of `node/migration.rs`).
+    let bridge = granary_gpu::GpuBridge::builder()
+        .cpu_backend(granary_kernels::CpuBackend::with_device(
+            granary_kernels::DeviceInfo {
+                total_memory: BUFFER as u64,
+                free_memory: BUFFER as u64,
+                ..granary_kernels::host_device()
+            },
+        ))
+        .config(granary_gpu::BridgeConfig {
+            overload_timeout: Duration::from_secs(30),
+            ..granary_gpu::BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let two = cluster.node_on(2, Arc::new(bridge)).await;
     converged(&[&one.node, &two.node], 2).await;
     let grain = one.node.grain::<Tensor>(1);
     assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
@@ -99,18 +113,23 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
         .unwrap();
     // The arrival is held in `rehydrate`, before it makes its buffer:
     // reaching it means the target promised the memory while the request
-    // held it all. The request ends then, and the arrival goes on.
+    // held it all (a refusal ends the move first, and is shown). Then the
+    // arrival goes on to make its buffer, and the request ends 100 ms
+    // later: the buffer usually waits for it.
     *cluster.gate.armed.lock().unwrap() = true;
-    let moving = tokio::spawn({
+    let mut moving = tokio::spawn({
         let (grain, to) = (grain.clone(), two.node.id().to_string());
         async move { grain.migrate(MigrationTarget::Silo(to)).await }
     });
-    tokio::time::timeout(Duration::from_secs(10), cluster.gate.reached.notified())
-        .await
-        .expect("the target reserved room while a request held its memory");
-    drop(working);
+    tokio::select! {
+        _ = cluster.gate.reached.notified() => {}
+        ended = &mut moving => panic!("the move ended before its arrival: {ended:?}"),
+        _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("no arrival in 10 s"),
+    }
     *cluster.gate.armed.lock().unwrap() = false;
     cluster.gate.open.notify_one();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(working);
     let moved = tokio::time::timeout(Duration::from_secs(30), moving)
         .await
         .expect("the move ended")

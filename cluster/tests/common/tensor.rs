@@ -92,8 +92,9 @@ impl Census {
     }
 }
 
-/// Holds an arriving activation in `rehydrate` while armed: a test kills
-/// a silo then.
+/// Holds an arriving activation in `rehydrate` while armed, before it
+/// makes its buffer: a test kills a silo then, or changes what the
+/// target's device holds.
 #[derive(Default)]
 pub struct Gate {
     pub armed: Mutex<bool>,

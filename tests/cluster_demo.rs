@@ -175,7 +175,7 @@ fn kept_logs(stderr: &str) -> String {
     let Some(dir) = stderr.lines().find_map(|line| {
         ["the silos' logs are kept in ", "the silos' logs are in "]
             .iter()
-            .find_map(|phrase| line.split(phrase).nth(1))
+            .find_map(|phrase| line.rsplit_once(phrase).map(|(_, dir)| dir))
     }) else {
         return String::new();
     };

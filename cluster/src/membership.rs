@@ -174,8 +174,9 @@ impl DeviceLoad {
 
     /// Device memory neither settled nor lent out for good: free memory
     /// and requests' working memory, which comes back (the bridge's
-    /// `resident.rs` rule 1: a resident buffer waits for it). What a new
-    /// grain's buffers may take (placement rule 1, rule 5 of `node/mod.rs`).
+    /// `resident.rs` rule 1: a resident buffer waits for it). What an
+    /// arriving grain's buffers may take (`node/migration.rs` rule 1); a
+    /// first call counts free memory only (placement rule 1).
     pub fn room(&self) -> u64 {
         self.total_memory.saturating_sub(self.settled_memory())
     }

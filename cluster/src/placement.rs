@@ -11,12 +11,13 @@
 //!   the lowest id);
 //! - [`GpuAware`]: for grains that declare [`GpuNeeds`]:
 //!   1. only silos with a device where the grain fits are candidates:
-//!      enough room ([`DeviceLoad::room`]: free memory and requests'
-//!      working memory, which comes back), the backend and compute units
-//!      asked for;
-//!   2. among them, the one whose best such device has the most memory
-//!      free now (its buffers wait the least), then the shortest queue,
-//!      then the lowest id;
+//!      enough free memory, the backend and compute units asked for (free
+//!      now, not [`DeviceLoad::room`], which counts memory lent to
+//!      requests: a first call is placed where its buffers need not wait
+//!      for it; a migration's target counts room, `node/migration.rs`
+//!      rule 1);
+//!   2. among them, the one whose best such device has the most free
+//!      memory, then the shortest queue, then the lowest id;
 //!   3. never a silo where the grain does not fit; when none fits, the
 //!      configured fallback: another strategy (the grain runs on its CPU)
 //!      or [`PlacementError::NoDeviceFits`].
@@ -35,8 +36,7 @@ use crate::membership::{DeviceLoad, Member};
 /// What a grain needs of a device (rule 1 of [`GpuAware`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GpuNeeds {
-    /// Device memory the grain declares, in bytes: a device fits it with
-    /// that much [room](DeviceLoad::room).
+    /// Free device memory, in bytes.
     pub device_memory: u64,
     /// Only this backend (`Cpu`, `OpenCl`, `Cuda`, `Wgpu`), if set.
     pub backend: Option<String>,
@@ -46,13 +46,13 @@ pub struct GpuNeeds {
 
 impl GpuNeeds {
     /// Whether the grain fits `device`: it [`suits`](GpuNeeds::suits) it
-    /// and has [room](DeviceLoad::room) there.
+    /// and has room there.
     pub fn fits(&self, device: &DeviceLoad) -> bool {
-        device.room() >= self.device_memory && self.suits(device)
+        device.free_memory >= self.device_memory && self.suits(device)
     }
 
     /// Whether `device` is of the backend and has the compute units the
-    /// grain needs, whatever its room.
+    /// grain needs, whatever its free memory.
     pub fn suits(&self, device: &DeviceLoad) -> bool {
         device.compute_units >= self.min_compute_units
             && self
@@ -93,7 +93,7 @@ impl std::fmt::Display for PlacementError {
             PlacementError::NoSilos => write!(f, "no live silo to place the grain on"),
             PlacementError::NoDeviceFits { needs } => write!(
                 f,
-                "no silo has a device with room for {} bytes{}{}",
+                "no silo has a device with {} bytes free{}{}",
                 needs.device_memory,
                 needs
                     .backend
@@ -219,8 +219,8 @@ impl PlacementStrategy for LeastActivations {
     }
 }
 
-/// Placement by device fit (room) and free memory (the module docs' rules
-/// 1 to 3). Requests without [`GpuNeeds`] go to the fallback.
+/// Placement by device fit and free memory (the module docs' rules 1 to
+/// 3). Requests without [`GpuNeeds`] go to the fallback.
 pub struct GpuAware {
     /// Where grains go when no device fits (or they need none); `None`
     /// refuses those that need a device.

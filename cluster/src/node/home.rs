@@ -630,21 +630,38 @@ impl Inner {
 
     /// Promises the device memory a new grain of `grain_type` declares on
     /// the device here with the most memory free now beyond what is
-    /// promised already (then the most room), if one has room for it
-    /// (rule 5), and with a rebalancer, if it stays below
-    /// the high water mark (`rebalance.rs` rule 7); a type that declares
-    /// none always fits.
+    /// promised already, if one has it free now (rule 5), and with a
+    /// rebalancer, if it stays below the high water mark (`rebalance.rs`
+    /// rule 7); a type that declares none always fits. A first call's
+    /// promise: refused (`NoRoom`), the caller places the grain on another
+    /// silo, where its buffers need not wait.
     pub(super) fn promise(self: &Arc<Self>, grain_type: &str) -> Result<Promise, RemoteError> {
-        self.promise_on(grain_type, None)
+        self.promise_within(grain_type, None, Counted::FreeNow)
     }
 
-    /// [`Inner::promise`] on device `only` alone, if given (a migration to
-    /// a named device: `migration.rs` rule 1): the same checks, and the
-    /// memory promised there. `NoRoom` if the node has no such device.
+    /// A migration's promise (`migration.rs` rule 1): [`Inner::promise`]
+    /// on device `only` alone, if given (a move to a named device), with
+    /// the device's room (`DeviceLoad::room`) counted instead of its free
+    /// memory: requests' working memory comes back, and the arrival's
+    /// buffers wait for it (the bridge's `resident.rs` rule 1), while a
+    /// move the target refuses goes nowhere. Of the devices with room, the
+    /// one with the most memory free now, then the most room. `NoRoom` if
+    /// the node has no such device.
     pub(super) fn promise_on(
         self: &Arc<Self>,
         grain_type: &str,
         only: Option<usize>,
+    ) -> Result<Promise, RemoteError> {
+        self.promise_within(grain_type, only, Counted::Room)
+    }
+
+    /// Rule 5's promise, on device `only` if given, counting memory as
+    /// `counted` says.
+    fn promise_within(
+        self: &Arc<Self>,
+        grain_type: &str,
+        only: Option<usize>,
+        counted: Counted,
     ) -> Result<Promise, RemoteError> {
         let Some(needs) = self.needs.get(grain_type) else {
             if only.is_some_and(|device| device >= self.load().devices.len()) {
@@ -673,19 +690,22 @@ impl Inner {
                     .settled_memory()
                     .saturating_add(already)
                     .saturating_add(needs.device_memory);
-                // Room (`DeviceLoad::room`) not promised yet: requests'
-                // working memory is not taken from it, as it comes back
-                // and the grain's buffers wait for it, so a busy device
-                // is no full one. Of those that fit, the one with the most
-                // memory free now is chosen (its buffers wait the least),
-                // then the one with the most room.
+                // What is not promised yet: of its free memory, or for a
+                // migration of its room (`DeviceLoad::room`: requests'
+                // working memory comes back). Of those that fit, the one
+                // with the most memory free now is chosen (its buffers
+                // wait the least), then the one with the most room.
                 let room = device.room().saturating_sub(already);
                 let free_now = device.free_memory.saturating_sub(already);
+                let fits = match counted {
+                    Counted::FreeNow => free_now,
+                    Counted::Room => room,
+                } >= needs.device_memory;
                 let under_pressure = needs.device_memory > 0
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
-                (needs.suits(&device) && room >= needs.device_memory && !under_pressure)
+                (needs.suits(&device) && fits && !under_pressure)
                     .then_some((index, (free_now, room)))
             })
             .max_by_key(|(index, rank)| (*rank, std::cmp::Reverse(*index)));
@@ -1224,6 +1244,16 @@ impl Drop for InFlight {
             self.inner.maybe_leave(&self.grain);
         }
     }
+}
+
+/// What a promise counts as a device's memory (rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// Its free memory: a first call, which the caller can place
+    /// elsewhere.
+    FreeNow,
+    /// Its room, lent working memory included: a migration's arrival.
+    Room,
 }
 
 /// Device memory promised to a grain becoming home here (rule 5).

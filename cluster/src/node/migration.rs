@@ -10,9 +10,11 @@
 //! 1. **Room first.** The source asks the target to reserve room before
 //!    anything stops: the target must host the type, be below its
 //!    activation limit, not be leaving, and promise the device memory the
-//!    type declares (rule 5 of `node/mod.rs`, the same promise a first
-//!    call takes). One reservation per grain, at most 64 from one peer;
-//!    it holds until the state arrives, is released, or expires after
+//!    type declares (rule 5 of `node/mod.rs`, as a first call's promise
+//!    does, but counting the device's room, `DeviceLoad::room`: requests'
+//!    working memory comes back, and the arrival's buffers wait for it).
+//!    One reservation per grain, at most 64 from one peer; it holds
+//!    until the state arrives, is released, or expires after
 //!    four call timeouts. A move to a named device of the target
 //!    (`MigrationTarget::Device`) takes the promise on that device alone
 //!    (the same checks: the type's needs, its room less what is

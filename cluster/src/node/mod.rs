@@ -92,11 +92,11 @@
 //!    `NoRoom`, and the caller places the grain elsewhere. A call every
 //!    silo hosting the type refused is `CallError::Overloaded`. Memory is promised to a grain from that
 //!    check until the call that activates it returns, so that first calls
-//!    arriving together do not all count the same free bytes. A device's
-//!    room for the check is what is neither settled on it nor promised:
-//!    requests' working memory comes back, and a grain's buffers wait for
-//!    it (the bridge's `resident.rs` rule 1), so a busy device is not a
-//!    full one.
+//!    arriving together do not all count the same free bytes. A first
+//!    call's check counts the device's free memory, less what is
+//!    promised: refused, the caller places the grain where its buffers
+//!    need not wait. A migration's reservation counts room instead
+//!    (`migration.rs` rule 1).
 //! 6. **Giving a home up.** A call arriving here pins the grain's home
 //!    from before it registers until the local silo has answered it
 //!    (creating the home unconfirmed if there is none). When the grain's

@@ -46,7 +46,7 @@ pub struct GpuNeeds {
 
 impl GpuNeeds {
     /// Whether the grain fits `device`: it [`suits`](GpuNeeds::suits) it
-    /// and has room there.
+    /// and has the memory free there.
     pub fn fits(&self, device: &DeviceLoad) -> bool {
         device.free_memory >= self.device_memory && self.suits(device)
     }

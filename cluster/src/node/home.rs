@@ -694,7 +694,8 @@ impl Inner {
                 // migration of its room (`DeviceLoad::room`: requests'
                 // working memory comes back). Of those that fit, the one
                 // with the most memory free now is chosen (its buffers
-                // wait the least), then the one with the most room.
+                // wait the least), then for a migration the one with the
+                // most room.
                 let room = device.room().saturating_sub(already);
                 let free_now = device.free_memory.saturating_sub(already);
                 let fits = match counted {
@@ -705,8 +706,14 @@ impl Inner {
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
+                // A first call's tie goes to the lowest index, as before
+                // room was counted at all.
+                let then = match counted {
+                    Counted::FreeNow => 0,
+                    Counted::Room => room,
+                };
                 (needs.suits(&device) && fits && !under_pressure)
-                    .then_some((index, (free_now, room)))
+                    .then_some((index, (free_now, then)))
             })
             .max_by_key(|(index, rank)| (*rank, std::cmp::Reverse(*index)));
         let Some((device, _)) = chosen else {

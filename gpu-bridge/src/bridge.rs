@@ -371,22 +371,6 @@ impl Staged {
     }
 }
 
-/// One caller counted in `Shared::memory_waiters` while it lives.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
-        count.fetch_add(1, Ordering::Release);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Why a wait for a device's memory ended without it
 /// (`GpuBridge::wait_for_memory`).
 enum NoMemory {
@@ -1210,7 +1194,7 @@ impl GpuBridge {
                 && !(drained && self.shutdown_mode() == StopMode::Drain)
         };
         // Counted from the first miss until this returns or is dropped.
-        let mut waiting: Option<Waiting<'_>> = None;
+        let mut waiting: Option<slots::Waiting<'_>> = None;
         loop {
             match reserve() {
                 Ok(reservation) => return Ok(reservation),
@@ -1223,7 +1207,8 @@ impl GpuBridge {
                     return Err(NoMemory::TimedOut { available });
                 }
                 Err(BrokerError::InsufficientMemory { .. }) => {
-                    waiting.get_or_insert_with(|| Waiting::new(&self.shared.memory_waiters));
+                    waiting
+                        .get_or_insert_with(|| slots::Waiting::enter(&self.shared.memory_waiters));
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
                 Err(err) => return Err(NoMemory::Broker(err)),

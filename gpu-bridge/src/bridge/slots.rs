@@ -303,11 +303,12 @@ impl Drop for Gathered<'_> {
     }
 }
 
-/// A call counted in `waiting` while it waits for a slot.
-struct Waiting<'a>(&'a AtomicUsize);
+/// A caller counted in a gauge while it waits: for a slot (`waiting`), or
+/// for device memory (the bridge's `memory_waiters`).
+pub(super) struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn enter(count: &'a AtomicUsize) -> Waiting<'a> {
+    pub(super) fn enter(count: &'a AtomicUsize) -> Waiting<'a> {
         count.fetch_add(1, Ordering::SeqCst);
         Waiting(count)
     }

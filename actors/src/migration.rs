@@ -280,7 +280,9 @@ impl Dehydrated {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum MigrationTarget {
-    /// Wherever the router's placement picks, other than where it is.
+    /// Wherever the router's placement picks, other than where it is; in
+    /// a cluster, the hosts it passes over that have room for the grain
+    /// are asked after its picks (`cluster/src/node/migration.rs` rule 1).
     Any,
     /// The silo of this name (a cluster silo's address, as
     /// `Router::place` gives it).

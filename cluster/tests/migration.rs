@@ -14,6 +14,9 @@
 //!   device of its silo, all or none; to a device of another silo, its
 //!   arrival's buffers are made there; a device that is not there or has
 //!   no room is refused, typed, and the grain stays;
+//! - a target whose device memory is lent to requests' working memory
+//!   takes the grain, named or asked by a move to any silo, which strict
+//!   placement (counting the memory free now) would pass over;
 //! - what is refused, with a typed error: a type not registered as
 //!   migratable, a grain with no activation, a silo that is not a member,
 //!   the silo it is on already, a target with no room;
@@ -81,7 +84,19 @@ async fn a_hundred_grains_move_between_the_devices_of_their_nodes_under_ten_thou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end() {
-    let cluster = Cluster::new(47_950);
+    lent_memory_move(47_950, |two| MigrationTarget::Silo(two.to_string())).await;
+}
+
+/// A move to any silo asks a host whose memory is lent to requests, though
+/// strict placement, counting the memory free now, passes it over (rule 1
+/// of `node/migration.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_any_silo_asks_one_whose_memory_is_lent_to_requests() {
+    lent_memory_move(47_975, |_| MigrationTarget::Any).await;
+}
+
+async fn lent_memory_move(base: u16, target: impl Fn(&granary_cluster::SiloId) -> MigrationTarget) {
+    let cluster = Cluster::new(base);
     let one = cluster.node(1, 64).await;
     // Room for one tensor, all of it lent to a request's working memory
     // when the move asks: memory that comes back, which the arrival's
@@ -111,6 +126,25 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
         .broker()
         .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
         .unwrap();
+    // Silo 1 sees the request's memory in use before it asks, as
+    // placement would.
+    let lent =
+        |node: &ClusterNode| {
+            node.members().iter().any(|member| {
+                member.silo == two.node.id()
+                    && member.load.devices.first().is_some_and(|device| {
+                        device.free_memory == 0 && device.room() == BUFFER as u64
+                    })
+            })
+        };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !lent(&one.node) {
+        assert!(
+            Instant::now() < deadline,
+            "silo 1 never saw the lent memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The arrival is held in `rehydrate`, before it makes its buffer:
     // reaching it means the target promised the memory while the request
     // held it all (a refusal ends the move first, and is shown). Then the
@@ -118,8 +152,8 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
     // later: the buffer usually waits for it.
     *cluster.gate.armed.lock().unwrap() = true;
     let mut moving = tokio::spawn({
-        let (grain, to) = (grain.clone(), two.node.id().to_string());
-        async move { grain.migrate(MigrationTarget::Silo(to)).await }
+        let (grain, to) = (grain.clone(), target(&two.node.id()));
+        async move { grain.migrate(to).await }
     });
     tokio::select! {
         _ = cluster.gate.reached.notified() => {}
@@ -142,10 +176,7 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
     // as before: a second tensor cannot follow.
     let other = one.node.grain::<Tensor>(2);
     assert_eq!(other.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
-    match other
-        .migrate(MigrationTarget::Silo(two.node.id().to_string()))
-        .await
-    {
+    match other.migrate(target(&two.node.id())).await {
         Err(MigrationError::NoTarget { reason, .. }) => {
             assert!(reason.contains("room"), "{reason}")
         }

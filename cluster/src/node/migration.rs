@@ -15,7 +15,11 @@
 //!    working memory comes back, and the arrival's buffers wait for it).
 //!    One reservation per grain, at most 64 from one peer; it holds
 //!    until the state arrives, is released, or expires after
-//!    four call timeouts. A move to a named device of the target
+//!    four call timeouts. A move to any silo (`MigrationTarget::Any`)
+//!    asks up to three hosts of the type in turn: the placement's picks,
+//!    then those it passed over whose devices have room for the type's
+//!    memory, most room first (placement counts only the memory free
+//!    now). A move to a named device of the target
 //!    (`MigrationTarget::Device`) takes the promise on that device alone
 //!    (the same checks: the type's needs, its room less what is
 //!    promised there, its high water mark), and the buffers the arrival
@@ -149,6 +153,7 @@ use super::{ClusterNode, Inner};
 use crate::SiloId;
 use crate::connection::InboundRequest;
 use crate::directory::ActivationAddress;
+use crate::membership::{DeviceLoad, Member};
 use crate::placement::PlacementRequest;
 use crate::wire::RemoteError;
 use granary_gpu::{RelocateError, ResidentError};
@@ -161,6 +166,9 @@ pub(super) const MAX_STATE: u64 = 4 << 30;
 
 /// Chunks of the state in flight at once (rule 3).
 const STAGE_AT_ONCE: usize = 4;
+
+/// The silos a move to any silo asks, at most, in turn (rule 1).
+const MOVE_CANDIDATES: usize = 3;
 
 /// Reservations one peer may hold here at once (rule 1).
 const MAX_RESERVATIONS_PER_PEER: usize = 64;
@@ -778,8 +786,8 @@ impl Inner {
     }
 
     /// The silos `grain` may move to, best first: the one `target` names,
-    /// or up to three picks of the placement among the others that host
-    /// its type.
+    /// or up to three among the others that host its type: the
+    /// placement's picks, then the hosts with room for it (rule 1).
     fn candidates(
         &self,
         grain: &GrainId,
@@ -815,24 +823,68 @@ impl Inner {
                 }
             }
             _ => {
+                if hosts.is_empty() {
+                    return Err(MigrationError::NoTarget {
+                        grain: grain.clone(),
+                        reason: "no other silo hosts its type".into(),
+                    });
+                }
                 let me = self.id();
+                let needs = self.needs.get(&grain.type_name);
                 let mut picks = Vec::new();
-                while picks.len() < 3 && !hosts.is_empty() {
+                let mut refused = None;
+                while picks.len() < MOVE_CANDIDATES && !hosts.is_empty() {
                     let request = PlacementRequest {
                         grain,
                         caller: &me,
-                        needs: self.needs.get(&grain.type_name),
+                        needs,
                     };
-                    let Ok(pick) = self.placement.place(&request, &hosts) else {
-                        break;
+                    match self.placement.place(&request, &hosts) {
+                        Ok(pick) => {
+                            hosts.retain(|member| member.silo != pick);
+                            picks.push(pick);
+                        }
+                        Err(err) => {
+                            refused = Some(err);
+                            break;
+                        }
+                    }
+                }
+                // Rule 1: a target promises by room, and placement
+                // counts only the memory free now. The hosts placement
+                // left out whose devices have room for the grain follow
+                // its picks, most room first, so that a strict placement
+                // does not pass over a silo whose memory is lent to
+                // requests.
+                if let Some(needs) = needs.filter(|needs| needs.device_memory > 0) {
+                    let room = |member: &Member| {
+                        member
+                            .load
+                            .devices
+                            .iter()
+                            .filter(|device| needs.suits(device))
+                            .map(DeviceLoad::room)
+                            .max()
+                            .filter(|room| *room >= needs.device_memory)
                     };
-                    hosts.retain(|member| member.silo != pick);
-                    picks.push(pick);
+                    let mut roomy: Vec<_> = hosts
+                        .iter()
+                        .filter_map(|member| Some((room(member)?, member.silo.clone())))
+                        .collect();
+                    roomy.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                    let left = MOVE_CANDIDATES.saturating_sub(picks.len());
+                    picks.extend(roomy.into_iter().take(left).map(|(_, silo)| silo));
                 }
                 if picks.is_empty() {
                     return Err(MigrationError::NoTarget {
                         grain: grain.clone(),
-                        reason: "no other silo hosts its type".into(),
+                        reason: match refused {
+                            Some(err) => format!(
+                                "no other silo that hosts its type takes it: {err}, \
+                                 and none has that room once its requests end"
+                            ),
+                            None => "no other silo that hosts its type takes it".into(),
+                        },
                     });
                 }
                 Ok(picks)

@@ -16,7 +16,9 @@
 //!   no room is refused, typed, and the grain stays;
 //! - a target whose device memory is lent to requests' working memory
 //!   takes the grain, named or asked by a move to any silo, which strict
-//!   placement (counting the memory free now) would pass over;
+//!   placement (counting the memory free now) would pass over; a first
+//!   call is refused such memory (its activation would wait for it) and
+//!   served once it is free;
 //! - what is refused, with a typed error: a type not registered as
 //!   migratable, a grain with no activation, a silo that is not a member,
 //!   the silo it is on already, a target with no room;
@@ -102,21 +104,7 @@ async fn lent_memory_move(base: u16, target: impl Fn(&granary_cluster::SiloId) -
     // when the move asks: memory that comes back, which the arrival's
     // buffer waits for (the bridge's `resident.rs` rule 1, here up to
     // 30 s), so the target promises it (rule 1 of `node/migration.rs`).
-    let bridge = granary_gpu::GpuBridge::builder()
-        .cpu_backend(granary_kernels::CpuBackend::with_device(
-            granary_kernels::DeviceInfo {
-                total_memory: BUFFER as u64,
-                free_memory: BUFFER as u64,
-                ..granary_kernels::host_device()
-            },
-        ))
-        .config(granary_gpu::BridgeConfig {
-            overload_timeout: Duration::from_secs(30),
-            ..granary_gpu::BridgeConfig::default()
-        })
-        .build()
-        .unwrap();
-    let two = cluster.node_on(2, Arc::new(bridge)).await;
+    let two = cluster.node_on(2, one_tensor_bridge()).await;
     converged(&[&one.node, &two.node], 2).await;
     let grain = one.node.grain::<Tensor>(1);
     assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
@@ -182,6 +170,59 @@ async fn lent_memory_move(base: u16, target: impl Fn(&granary_cluster::SiloId) -
         }
         other => panic!("a full target: {other:?}"),
     }
+}
+
+/// A bridge with room for one tensor, whose buffers wait up to 30 s for
+/// device memory lent to requests.
+fn one_tensor_bridge() -> Arc<granary_gpu::GpuBridge> {
+    let bridge = granary_gpu::GpuBridge::builder()
+        .cpu_backend(granary_kernels::CpuBackend::with_device(
+            granary_kernels::DeviceInfo {
+                total_memory: BUFFER as u64,
+                free_memory: BUFFER as u64,
+                ..granary_kernels::host_device()
+            },
+        ))
+        .config(granary_gpu::BridgeConfig {
+            overload_timeout: Duration::from_secs(30),
+            ..granary_gpu::BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    Arc::new(bridge)
+}
+
+/// A first call is promised only memory free now (node rule 5), not
+/// memory lent to requests as a move is: its activation would wait for
+/// it, and then fail its call, where a refusal lets the caller place the
+/// grain elsewhere. Placement here always picks the caller, so only the
+/// promise refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_call_is_refused_memory_lent_to_requests_and_placed_once_it_is_free() {
+    let mut cluster = Cluster::new(47_990);
+    cluster.placement = Arc::new(granary_cluster::PreferLocal);
+    let one = cluster.node_on(1, one_tensor_bridge()).await;
+    converged(&[&one.node], 1).await;
+    let working = one
+        .bridge
+        .broker()
+        .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
+        .unwrap();
+    let grain = one.node.grain::<Tensor>(1);
+    // The activation's buffer would wait 30 s for the lent memory: a
+    // refusal comes at once.
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        grain.call(Step { sender: 1, seq: 1 }),
+    )
+    .await
+    {
+        Ok(Err(CallError::Overloaded { .. })) => {}
+        other => panic!("a first call promised lent memory: {other:?}"),
+    }
+    drop(working);
+    assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    assert_eq!(grain.call(Inspect).await.unwrap().2, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -698,20 +698,17 @@ impl Inner {
                 // most room.
                 let room = device.room().saturating_sub(already);
                 let free_now = device.free_memory.saturating_sub(already);
-                let fits = match counted {
-                    Counted::FreeNow => free_now,
-                    Counted::Room => room,
-                } >= needs.device_memory;
+                // A first call's tie goes to the lowest index, as before
+                // room was counted at all.
+                let (counts, then) = match counted {
+                    Counted::FreeNow => (free_now, 0),
+                    Counted::Room => (room, room),
+                };
+                let fits = counts >= needs.device_memory;
                 let under_pressure = needs.device_memory > 0
                     && self.config.rebalance.as_ref().is_some_and(|rebalance| {
                         rebalance.past_high_water(used_after, device.total_memory)
                     });
-                // A first call's tie goes to the lowest index, as before
-                // room was counted at all.
-                let then = match counted {
-                    Counted::FreeNow => 0,
-                    Counted::Room => room,
-                };
                 (needs.suits(&device) && fits && !under_pressure)
                     .then_some((index, (free_now, then)))
             })

@@ -401,6 +401,9 @@ pub struct Cluster {
     pub storage: Arc<MemoryStorage>,
     pub census: Arc<Census>,
     pub gate: Arc<Gate>,
+    /// The placement of the nodes made from now on (strict GPU-aware
+    /// unless a test says otherwise).
+    pub placement: Arc<dyn granary_cluster::PlacementStrategy>,
     pub base: u16,
 }
 
@@ -419,6 +422,7 @@ impl Cluster {
             storage: Arc::new(MemoryStorage::new()),
             census: Arc::new(Census::default()),
             gate: Arc::new(Gate::default()),
+            placement: Arc::new(granary_cluster::GpuAware::strict()),
             base,
         }
     }
@@ -473,7 +477,7 @@ impl Cluster {
         let node = ClusterNode::builder(silo, config)
             .transport(Arc::new(self.network.transport(&listen)))
             .needs("tensor", needs)
-            .placement(Arc::new(granary_cluster::GpuAware::strict()))
+            .placement(self.placement.clone())
             .start(self.gossip.clone())
             .await
             .unwrap();

@@ -194,6 +194,18 @@ fn reported<R: std::fmt::Display>(
     }
 }
 
+/// `n` as an English ordinal: 1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st.
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Devices => {
@@ -459,11 +471,24 @@ fn main() -> ExitCode {
             let (backends, skipped) = demo::backends();
             let total = requests.saturating_mul(backends.len() as u64);
             let bar = progress_bar(total, no_progress, "requests");
+            let batches = match batch_every {
+                0 => "no batch-path requests".to_string(),
+                n => format!(
+                    "every {} a {batch_elements}-element vector add on the batch path",
+                    ordinal(n)
+                ),
+            };
+            let fan_outs = match fan_out_every {
+                0 => "no fan-outs".to_string(),
+                n => format!(
+                    "every {} a fan-out of {fan_out} doubles as one group on the ring",
+                    ordinal(n)
+                ),
+            };
             println!(
                 "granary demo: {callers} callers × {requests} requests per backend, through {grains} grains \
-                 to the GPU bridge ({small_elements}-element doubles on the ring path; every \
-                 {batch_every}th a {batch_elements}-element vector add on the batch path, every \
-                 {fan_out_every}th a fan-out of {fan_out} doubles as one group on the ring), on {}",
+                 to the GPU bridge ({small_elements}-element doubles on the ring path; {batches}, \
+                 {fan_outs}), on {}",
                 backends
                     .iter()
                     .map(|b| format!("{:?}", b.kind()))
@@ -516,6 +541,32 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ordinal;
+
+    #[test]
+    fn ordinals_take_the_suffix_english_gives_them() {
+        let cases = [
+            (1, "1st"),
+            (2, "2nd"),
+            (3, "3rd"),
+            (4, "4th"),
+            (11, "11th"),
+            (12, "12th"),
+            (13, "13th"),
+            (21, "21st"),
+            (100, "100th"),
+            (101, "101st"),
+            (111, "111th"),
+            (2_000, "2000th"),
+        ];
+        for (n, expected) in cases {
+            assert_eq!(ordinal(n), expected);
         }
     }
 }

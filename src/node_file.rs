@@ -1100,7 +1100,7 @@ fn say(line: fmt::Arguments<'_>) {
 }
 
 /// SIGTERM and SIGINT, as one stream.
-struct Signals {
+pub(crate) struct Signals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -1108,7 +1108,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> Result<Signals, NodeRunError> {
+    pub(crate) fn new() -> Result<Signals, NodeRunError> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -1125,7 +1125,7 @@ impl Signals {
     }
 
     /// The next SIGTERM or SIGINT.
-    async fn next(&mut self) -> Result<(), NodeRunError> {
+    pub(crate) async fn next(&mut self) -> Result<(), NodeRunError> {
         #[cfg(unix)]
         {
             tokio::select! {

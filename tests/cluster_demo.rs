@@ -7,7 +7,9 @@
 //! `GRANARY_ETCD_ENDPOINTS`); `granary demo --nodes 3 --rebalance`, whose
 //! third silo joins empty and takes ledgers until used device memory is
 //! within 20 points, none moving twice and nothing lost; and a node
-//! configuration that is wrong, refused with a clear message.
+//! configuration that is wrong, refused with a clear message; and a
+//! demo stopped by SIGTERM or killed outright, which leaves no silo
+//! running.
 
 use std::process::Command;
 
@@ -195,6 +197,131 @@ fn kept_logs(stderr: &str) -> String {
         }
     }
     shown
+}
+
+/// The processes whose parent is `pid` and that have not exited (a zombie
+/// has exited; its new parent may not have reaped it yet).
+#[cfg(target_os = "linux")]
+fn live_children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                // After the command's name in parentheses: its state, then
+                // its parent.
+                let after = stat.rsplit_once(')').map_or("", |(_, after)| after);
+                let mut fields = after.split_whitespace();
+                let state = fields.next();
+                let parent = fields.next().and_then(|parent| parent.parse::<u32>().ok());
+                parent == Some(pid) && state != Some("Z")
+            })
+        })
+        .collect()
+}
+
+/// Whether process `pid` is gone or has exited (a zombie).
+#[cfg(target_os = "linux")]
+fn ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, after)| after.split_whitespace().next())
+            == Some("Z")
+    })
+}
+
+/// Starts a three-silo demo long enough to be stopped, its folder made
+/// under `tmp`, and waits until its three silo processes run. Returns
+/// the demo and its silos' process ids.
+#[cfg(target_os = "linux")]
+fn demo_with_three_silos(tmp: &std::path::Path) -> (std::process::Child, Vec<u32>) {
+    use std::time::{Duration, Instant};
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_granary"))
+        .args([
+            "demo",
+            "--nodes",
+            "3",
+            "--grains",
+            "12",
+            "--calls",
+            "1000000",
+            "--no-progress",
+        ])
+        .env("TMPDIR", tmp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the demo started");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let silos = live_children(demo.id());
+        if silos.len() == 3 {
+            return (demo, silos);
+        }
+        if Instant::now() > deadline || demo.try_wait().ok().flatten().is_some() {
+            let _ = demo.kill();
+            let output = demo.wait_with_output().expect("the demo ended");
+            panic!(
+                "three silos did not start in 60 s ({:?} seen); stderr:\n{}",
+                silos,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `granary demo --nodes 3` stopped by SIGTERM stops its silos, removes
+/// its folder and says so; killed outright (SIGKILL, where nothing of it
+/// runs), its silos die with it (their parent-death signal).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_demo_stopped_by_a_signal_leaves_no_silo_running() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let wait_ended = |pids: &[u32], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pids.iter().all(|pid| ended(*pid)) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: silos {pids:?} still run"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (demo, silos) = demo_with_three_silos(tmp.path());
+    let folders = || -> Vec<_> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("granary-demo-")
+            })
+            .map(|entry| entry.path())
+            .collect()
+    };
+    assert_eq!(folders().len(), 1, "the demo's folder");
+    let status = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted by a signal"), "{stderr}");
+    wait_ended(&silos, "after SIGTERM");
+    assert!(folders().is_empty(), "the folder stays: {:?}", folders());
+
+    let (mut demo, silos) = demo_with_three_silos(tmp.path());
+    demo.kill().unwrap();
+    let _ = demo.wait();
+    wait_ended(&silos, "after SIGKILL");
 }
 
 /// A node file's fields before its `extra` lines.

@@ -56,6 +56,12 @@
 //! (`rebalance.rs`): full silos, one that joins empty, ledgers moving to it
 //! with their state, and the same checks.
 //!
+//! Either demo stopped by SIGTERM or SIGINT (Ctrl-C) stops its silos,
+//! removes its folder and fails, saying so. Killed outright (SIGKILL),
+//! it runs nothing more, but its silos die with it: each is started with
+//! Linux's parent-death signal (`PR_SET_PDEATHSIG`, SIGKILL). The folder
+//! stays then, as after a failed run.
+//!
 //! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
 //! cluster every second and every failed call it retries.
 

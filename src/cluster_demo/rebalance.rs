@@ -29,8 +29,8 @@ use granary_cluster::rebalance::silo_fill;
 use super::grains::{
     AUDITORS, Apply, Audit, Auditor, LEDGER_DEVICE_BYTES, Ledger, Read, auditor_of,
 };
-use super::run::{DemoCluster, census};
-use crate::node_file::{DeviceBackend, NodeRunError, RebalanceFile};
+use super::run::{DemoCluster, census, interrupted};
+use crate::node_file::{DeviceBackend, NodeRunError, RebalanceFile, Signals};
 
 /// Device memory each silo lends, in MiB: 24 ledgers' worth, so that the
 /// tenth left free above the high water mark holds a step's working
@@ -212,15 +212,35 @@ pub async fn run_rebalance_demo(
             "the rebalance demo needs at least 2 nodes: the last one joins later".into(),
         ));
     }
+    let mut signals = Signals::new()?;
+    // Nothing is killed here: the default grace before a silent silo is
+    // declared dead, so that a loaded machine takes none for dead.
+    let mut cluster = DemoCluster::new(config.etcd.as_ref(), None)?;
+    let report = tokio::select! {
+        report = demo(&mut cluster, config, row) => Some(report),
+        () = interrupted(&mut signals) => None,
+    };
+    let Some(report) = report else {
+        return Err(cluster.interrupted());
+    };
+    let report = report?;
+    cluster.finish_if(report.passed());
+    Ok(report)
+}
+
+/// The rebalance demo on `cluster` once it is made: the first silos
+/// filled, the last one joined, the moves watched and the checks.
+async fn demo(
+    cluster: &mut DemoCluster,
+    config: RebalanceDemoConfig,
+    row: impl Fn(&str) + Send + Sync + 'static,
+) -> Result<RebalanceDemoReport, NodeRunError> {
     let rebalance = RebalanceFile {
         interval_ms: Some(500),
         // Ledgers stay active throughout: none is shed.
         shed_idle_secs: Some(3_600),
         ..RebalanceFile::default()
     };
-    // Nothing is killed here: the default grace before a silent silo is
-    // declared dead, so that a loaded machine takes none for dead.
-    let mut cluster = DemoCluster::new(config.etcd.as_ref(), None)?;
     for _ in 1..config.nodes {
         cluster.start_silo(config.backend, SILO_MIB, Some(rebalance.clone()))?;
     }
@@ -327,7 +347,7 @@ pub async fn run_rebalance_demo(
     };
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        sample(&mut samples, &cluster);
+        sample(&mut samples, cluster);
     }
     // 3. The last silo joins, empty.
     cluster.start_silo(config.backend, SILO_MIB, Some(rebalance))?;
@@ -339,7 +359,7 @@ pub async fn run_rebalance_demo(
     let mut last_moves = moves.load(Ordering::Relaxed);
     while quiet < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        sample(&mut samples, &cluster);
+        sample(&mut samples, cluster);
         let now = moves.load(Ordering::Relaxed);
         let settled = samples.last().is_some_and(|s| s.spread() < SPREAD_GOAL);
         quiet = if settled && now == last_moves {
@@ -399,6 +419,5 @@ pub async fn run_rebalance_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    cluster.finish_if(report.passed());
     Ok(report)
 }

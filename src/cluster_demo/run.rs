@@ -16,8 +16,8 @@ use super::grains::{
 use super::rebalance::STEP_DEADLINE;
 use super::report::ClusterDemoReport;
 use crate::node_file::{
-    DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, RebalanceFile, StorageFile,
-    TlsFile, start_node,
+    DeviceBackend, DevicesFile, EtcdFile, NodeFile, NodeRunError, RebalanceFile, Signals,
+    StorageFile, TlsFile, start_node,
 };
 
 /// How a multi-node demo runs.
@@ -61,6 +61,37 @@ fn free_ports() -> Result<(u16, u16), NodeRunError> {
         .and_then(|socket| socket.local_addr())
         .map_err(|err| NodeRunError(format!("no free port: {err}")))?;
     Ok((tcp.port(), udp.port()))
+}
+
+/// Has the silo `command` starts killed (SIGKILL) when this process ends
+/// by any means, SIGKILL included, where [`Children`]'s drop cannot run.
+/// Linux ties the parent-death signal to the thread that forks; the demo
+/// starts its silos from the thread that runs it (`block_on`'s), which
+/// lives as long as the run.
+fn die_with_parent(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before `exec`. It
+        // calls only async-signal-safe functions (`prctl`, `getppid`,
+        // `_exit`), allocates nothing (an OS error is a code), and reads
+        // only the integer it captured by value.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the signal was asked for.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Kills the child processes when dropped, whatever happens.
@@ -206,12 +237,15 @@ impl DemoCluster {
         file.save(&path)?;
         let log = std::fs::File::create(self.dir.join(format!("node-{n}.log")))
             .map_err(|err| NodeRunError(format!("node {n}'s log: {err}")))?;
-        let child = std::process::Command::new(&self.exe)
+        let mut command = std::process::Command::new(&self.exe);
+        command
             .arg("node")
             .arg("--config")
             .arg(&path)
             .stdout(std::process::Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = command
             .spawn()
             .map_err(|err| NodeRunError(format!("starting node {n}: {err}")))?;
         self.children.0.push((child, file.listen.clone()));
@@ -284,6 +318,22 @@ impl DemoCluster {
         drop(self);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// Ends a run that a signal interrupted: every silo stopped and the
+    /// folder removed, as after a run that passed.
+    pub(super) fn interrupted(self) -> NodeRunError {
+        self.finish();
+        NodeRunError(
+            "interrupted by a signal: every silo was stopped and the demo's folder removed".into(),
+        )
+    }
+}
+
+/// The next SIGTERM or SIGINT; never, if they cannot be listened for.
+pub(super) async fn interrupted(signals: &mut Signals) {
+    if signals.next().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Runs the multi-node demo (see the module docs); `progress` gets the
@@ -297,9 +347,29 @@ pub async fn run_cluster_demo(
             "the demo needs at least 2 nodes, 1 grain and 2 calls".into(),
         ));
     }
+    let mut signals = Signals::new()?;
     // The demo kills a silo on purpose: fail over within a second or two
     // rather than the default grace's six.
     let mut cluster = DemoCluster::new(config.etcd.as_ref(), Some(DEMO_DEATH_GRACE_MS))?;
+    let report = tokio::select! {
+        report = demo(&mut cluster, config, progress) => Some(report),
+        () = interrupted(&mut signals) => None,
+    };
+    let Some(report) = report else {
+        return Err(cluster.interrupted());
+    };
+    let report = report?;
+    cluster.finish_if(report.passed());
+    Ok(report)
+}
+
+/// The demo on `cluster` once it is made: its silos, the load, the kill
+/// and the checks.
+async fn demo(
+    cluster: &mut DemoCluster,
+    config: ClusterDemoConfig,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<ClusterDemoReport, NodeRunError> {
     // A failure from here on names the folder it leaves, with the silos'
     // logs.
     let kept = |dir: &std::path::Path| {
@@ -487,7 +557,6 @@ pub async fn run_cluster_demo(
         duplicates,
     };
     let _ = node.leave().await;
-    cluster.finish_if(report.passed());
     Ok(report)
 }
 

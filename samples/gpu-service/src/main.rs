@@ -15,6 +15,10 @@
 //! did not answer in time, 500 for a failure on the server's side, whose
 //! details go to the service's log, not to the client.
 //!
+//! Ctrl-C or SIGTERM stops it gracefully: no new connections, the
+//! requests in flight answered (up to 30 s), then the silo's grains
+//! deactivated and the GPU bridge drained.
+//!
 //! The silo runs on a tokio runtime of its own: actix-web runs each worker
 //! on a single-threaded runtime of its own, and grains must outlive any one
 //! of them. Handlers reach the silo through that runtime's handle.
@@ -33,6 +37,7 @@ use granary_actors::{
     SiloConfig,
 };
 use granary_gpu::{ExecuteError, GpuBridge};
+use granary_kernels::StopMode;
 use granary_kernels::shipped::{self, bytes_f32, f32_bytes};
 
 /// Doubles vectors on the silo's GPU bridge and counts its requests.
@@ -201,10 +206,12 @@ fn main() -> std::io::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let bridge = GpuBridge::builder()
-        .kernels(shipped::ALL)
-        .build()
-        .map_err(|err| std::io::Error::other(err.to_string()))?;
+    let bridge = Arc::new(
+        GpuBridge::builder()
+            .kernels(shipped::ALL)
+            .build()
+            .map_err(|err| std::io::Error::other(err.to_string()))?,
+    );
     // Each key a client names is a grain: without limits, a client that
     // names a million keys keeps a million activations for the idle
     // timeout. Idle ones are shed past 100 000; past 200 000 a call that
@@ -217,7 +224,7 @@ fn main() -> std::io::Result<()> {
     let silo = Silo::builder()
         .config(config)
         .host::<Doubler>()
-        .service(Arc::new(bridge))
+        .service(bridge.clone())
         .build()
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let state = web::Data::new(State {
@@ -225,19 +232,62 @@ fn main() -> std::io::Result<()> {
         runtime: runtime.handle().clone(),
     });
 
-    println!("listening on http://{bound}");
+    say(format_args!("listening on http://{bound}"));
     let served = actix_web::rt::System::new().block_on(async move {
-        HttpServer::new(move || {
+        let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .route("/double/{key}", web::post().to(double))
                 .route("/stats/{key}", web::get().to(stats))
         })
         .workers(2)
+        // Ctrl-C and SIGTERM both stop gracefully, below: actix's own
+        // handling stops at once on Ctrl-C, cutting requests in flight.
+        .disable_signals()
+        .shutdown_timeout(30)
         .listen(listener)?
-        .run()
-        .await
+        .run();
+        let handle = server.handle();
+        actix_web::rt::spawn(async move {
+            stop_signal().await;
+            say(format_args!(
+                "stopping: no new connections; requests in flight finish"
+            ));
+            handle.stop(true).await;
+        });
+        server.await
     });
-    runtime.block_on(silo.shutdown());
+    // Then the grains (each finishing its turn and running
+    // `on_deactivate`), then the bridge, once the requests it holds are
+    // answered.
+    runtime.block_on(async {
+        silo.shutdown().await;
+        bridge.shutdown(StopMode::Drain).await;
+    });
+    say(format_args!("stopped: the silo and the GPU bridge drained"));
     served
+}
+
+/// A line on standard output; a closed output (a supervisor that stopped
+/// reading) is not a reason to fail a shutdown.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// The first SIGTERM or Ctrl-C (SIGINT); never, if neither can be
+/// listened for.
+async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut terminate) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            interrupted = tokio::signal::ctrl_c() => if interrupted.is_ok() { return },
+        }
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }

@@ -1,4 +1,5 @@
-//! The sample service end to end: start the binary, call it over HTTP.
+//! The sample service end to end: start the binary, call it over HTTP;
+//! stop it with a signal.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -8,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 struct Service {
     child: Child,
     address: String,
+    /// Its standard output after the first line.
+    output: BufReader<std::process::ChildStdout>,
 }
 
 impl Drop for Service {
@@ -24,15 +27,18 @@ fn start() -> Service {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut output = BufReader::new(child.stdout.take().unwrap());
+    output.read_line(&mut line).unwrap();
     let address = line
         .trim()
         .strip_prefix("listening on http://")
         .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
         .to_string();
-    Service { child, address }
+    Service {
+        child,
+        address,
+        output,
+    }
 }
 
 /// One HTTP/1.1 request; returns the status code and the body.
@@ -56,6 +62,39 @@ fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, String)
         .map(|(_, body)| body.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Ctrl-C and SIGTERM stop the service gracefully: it says so, stops
+/// listening, drains the silo and the bridge, and exits with success.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_the_service_after_draining_its_silo_and_bridge() {
+    for signal in ["-INT", "-TERM"] {
+        let mut service = start();
+        let (status, body) = request(&service.address, "POST", "/double/carol", "[1]");
+        assert_eq!((status, body.as_str()), (200, "[2.0]"));
+        let sent = Command::new("kill")
+            .args([signal, &service.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let mut said = String::new();
+        service.output.read_to_string(&mut said).unwrap();
+        let status = service.child.wait().unwrap();
+        assert!(status.success(), "{signal}: {status:?}, said {said:?}");
+        assert!(
+            said.contains("stopping: no new connections"),
+            "{signal}: {said:?}"
+        );
+        assert!(
+            said.contains("stopped: the silo and the GPU bridge drained"),
+            "{signal}: {said:?}"
+        );
+        assert!(
+            TcpStream::connect(&service.address).is_err(),
+            "{signal}: still listening"
+        );
+    }
 }
 
 #[test]

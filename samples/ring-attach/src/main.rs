@@ -27,19 +27,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kernel = thread::spawn(move || {
         let mut sum = 0u64;
         let policy = WaitPolicy::default();
-        loop {
+        let result = loop {
             match consumer.pop(&policy, None) {
                 Ok(message) => sum += message.payload().iter().map(|&b| u64::from(b)).sum::<u64>(),
-                Err(PopError::Closed) => return Ok(sum),
-                Err(err) => return Err(err),
+                Err(PopError::Closed) => break Ok(sum),
+                Err(err) => break Err(err),
             }
-        }
+        };
+        // A consumer that stops for any reason closes the ring: a producer
+        // waiting for room is woken with `Closed` rather than waiting
+        // forever.
+        consumer.close();
+        result
     });
     let mut expected = 0u64;
     for i in 0..10_000u64 {
         let payload = [(i % 251) as u8; 16];
         expected += payload.iter().map(|&b| u64::from(b)).sum::<u64>();
-        producer.push_with(i, payload, &WaitPolicy::default(), None)?;
+        if let Err(err) = producer.push_with(i, payload, &WaitPolicy::default(), None) {
+            // The consumer closed the ring: its own error says why.
+            return match kernel.join() {
+                Ok(Err(consumer)) => Err(format!("the consumer stopped: {consumer}").into()),
+                Ok(Ok(_)) => Err(format!("the consumer stopped early: {err}").into()),
+                Err(_) => Err("consumer thread panicked".into()),
+            };
+        }
     }
     producer.close();
     let sum = kernel.join().map_err(|_| "consumer thread panicked")??;

@@ -17,6 +17,7 @@
 //! The file gives the rest (addresses, secret, storage, devices, gossip or
 //! etcd).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,7 +38,15 @@ use serde::{Deserialize, Serialize};
 #[derive(GrainType)]
 #[grain(crate = granary::actors, name = "counter", messages(Add))]
 pub struct Counter {
-    state: Option<PersistentState<u64>>,
+    state: Option<PersistentState<Tally>>,
+}
+
+/// A counter's persisted state: its total, and the last [`Add`] applied
+/// from each caller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tally {
+    total: u64,
+    last: BTreeMap<String, u64>,
 }
 
 impl Grain for Counter {
@@ -46,33 +55,50 @@ impl Grain for Counter {
     }
 
     async fn on_activate(&mut self, ctx: &mut GrainContext) -> Result<(), ActivationError> {
-        self.state = Some(ctx.load_state::<u64>().await?);
+        self.state = Some(ctx.load_state::<Tally>().await?);
         Ok(())
     }
 }
 
-/// Adds to a counter; answers its total once persisted.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, Message)]
+/// Adds `by` to a counter, once per `caller` and `seq` (a caller numbers
+/// its adds 1, 2, 3, ...): an add retried after its answer was lost (a
+/// timeout, a connection cut) is not counted twice. Answers the total once
+/// persisted.
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(crate = granary::actors, name = "add", reply = Result<u64, String>)]
-pub struct Add(pub u64);
+pub struct Add {
+    pub by: u64,
+    pub caller: String,
+    pub seq: u64,
+}
 
 impl Handler<Add> for Counter {
-    async fn handle(&mut self, Add(by): Add, _: &mut GrainContext) -> Result<u64, String> {
+    async fn handle(&mut self, add: Add, _: &mut GrainContext) -> Result<u64, String> {
         let Some(state) = &mut self.state else {
             return Err("the counter is not active".into());
         };
-        let before = *state.get();
-        let Some(total) = before.checked_add(by) else {
-            return Err(format!("{before} + {by} overflows the counter"));
+        let before = state.get().clone();
+        let last = before.last.get(&add.caller).copied().unwrap_or(0);
+        if add.seq <= last {
+            // Applied already: the caller retried.
+            return Ok(before.total);
+        }
+        let Some(total) = before.total.checked_add(add.by) else {
+            return Err(format!(
+                "{} + {} overflows the counter",
+                before.total, add.by
+            ));
         };
-        *state.get_mut() = total;
+        let tally = state.get_mut();
+        tally.total = total;
+        tally.last.insert(add.caller, add.seq);
         if let Err(err) = state.write().await {
             // Reported as failed, so not counted: a later write must not
             // store it.
             *state.get_mut() = before;
             return Err(err.to_string());
         }
-        Ok(*state.get())
+        Ok(total)
     }
 }
 
@@ -152,12 +178,18 @@ fn free_gossip_addresses() -> Result<(SocketAddr, SocketAddr), SampleError> {
     ))
 }
 
-/// Adds `by` to counter `key` through `node`, retrying while the cluster
-/// settles (a call may fail while a view change is handed over).
-async fn add(node: &ClusterNode, key: &str, by: u64) -> Result<u64, SampleError> {
+/// Adds `by` to counter `key` through `node` as its add number `seq`,
+/// retrying while the cluster settles (a call may fail while a view change
+/// is handed over, perhaps after it ran: the counter applies it once).
+async fn add(node: &ClusterNode, key: &str, by: u64, seq: u64) -> Result<u64, SampleError> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let add = Add {
+        by,
+        caller: node.id().to_string(),
+        seq,
+    };
     loop {
-        match node.grain::<Counter>(key).call(Add(by)).await {
+        match node.grain::<Counter>(key).call(add.clone()).await {
             Ok(Ok(total)) => return Ok(total),
             Ok(Err(err)) => return Err(SampleError::Counter(key.to_string(), err)),
             Err(err) if Instant::now() > deadline => {
@@ -188,15 +220,23 @@ async fn two_nodes() -> Result<(), SampleError> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for key in ["apples", "pears", "plums", "figs"] {
-        add(&a, key, 1).await?;
-        let total = add(&b, key, 2).await?;
+        add(&a, key, 1, 1).await?;
+        let total = add(&b, key, 2, 1).await?;
         if total != 3 {
             return Err(SampleError::Total(key.to_string(), total));
+        }
+        // The same add again, as a retry after a lost answer would send
+        // it: applied once.
+        let again = add(&b, key, 2, 1).await?;
+        if again != 3 {
+            return Err(SampleError::Total(key.to_string(), again));
         }
         let home = b
             .location(Counter::NAME, GrainKey::from(key))
             .map_or_else(|| "unknown".to_string(), |home| home.to_string());
-        println!("counter {key}: total {total} after a call from each node; lives on {home}");
+        println!(
+            "counter {key}: total {total} after a call from each node and one retried; lives on {home}"
+        );
     }
     println!(
         "homes: {} on {}, {} on {}",

@@ -18,7 +18,7 @@ fn two_nodes_host_the_samples_counters() {
     for key in ["apples", "pears", "plums", "figs"] {
         assert!(
             stdout.contains(&format!(
-                "counter {key}: total 3 after a call from each node"
+                "counter {key}: total 3 after a call from each node and one retried"
             )),
             "{stdout}"
         );

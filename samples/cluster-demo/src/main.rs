@@ -67,8 +67,11 @@ impl Grain for Counter {
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(crate = granary::actors, name = "add", reply = Result<u64, String>)]
 pub struct Add {
+    /// What to add.
     pub by: u64,
+    /// Who adds: a name no other caller uses (here the node's id).
     pub caller: String,
+    /// This caller's number for this add, from 1, one more each time.
     pub seq: u64,
 }
 

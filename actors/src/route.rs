@@ -115,8 +115,9 @@ pub trait Outbound: Send {
     fn chain(&self) -> u64;
     /// When the sender stops waiting.
     fn deadline(&self) -> Instant;
-    /// The message's registered name, if it has one (rule 4).
-    fn message_name(&self) -> Option<&str>;
+    /// The message's registered name (rule 4); `NotRoutable`, naming its
+    /// Rust type, if it has none.
+    fn message_name(&self) -> Result<&str, CallError>;
     /// The message in its wire form (rule 4), shared rather than copied
     /// where it is already bytes (a message sent by name); `NotRoutable`
     /// if it has no registered name.
@@ -448,8 +449,8 @@ impl Outbound for Named {
         self.deadline
     }
 
-    fn message_name(&self) -> Option<&str> {
-        Some(&self.message)
+    fn message_name(&self) -> Result<&str, CallError> {
+        Ok(&self.message)
     }
 
     fn encode(&self) -> Result<Arc<Vec<u8>>, CallError> {

@@ -396,13 +396,7 @@ impl Router for Away {
     fn dispatch(&self, message: Box<dyn Outbound>) -> BoxFuture<'_, Result<Delivered, CallError>> {
         Box::pin(async move {
             let grain = message.grain().clone();
-            let name = message
-                .message_name()
-                .ok_or_else(|| CallError::NotRoutable {
-                    grain: grain.clone(),
-                    message: "unnamed",
-                })?
-                .to_string();
+            let name = message.message_name()?.to_string();
             self.sent.0.lock().unwrap().push((
                 grain.type_name.clone(),
                 name.clone(),

@@ -46,7 +46,7 @@ impl Router for KeyRouter {
             self.sent.fetch_add(1, Ordering::SeqCst);
             let payload = message.encode()?;
             let grain = message.grain().clone();
-            let name = message.message_name().unwrap_or_default().to_string();
+            let name = message.message_name()?.to_string();
             let time_left = message
                 .deadline()
                 .saturating_duration_since(tokio::time::Instant::now());
@@ -485,10 +485,17 @@ async fn a_message_without_a_name_to_a_remote_home_is_a_typed_error() {
     let cluster = cluster(2, Duration::from_secs(5));
     // 701 lives on silo 1: `Local` cannot travel there.
     let remote = cluster.silos[0].grain::<Node>(701u64).call(Local).await;
-    assert!(
-        matches!(remote, Err(CallError::NotRoutable { .. })),
-        "{remote:?}"
-    );
+    match &remote {
+        Err(err @ CallError::NotRoutable { message, .. }) => {
+            // The error names the message's Rust type.
+            assert!(message.ends_with("::Local"), "{message}");
+            assert!(
+                err.to_string().contains("::Local has no registered name"),
+                "{err}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
     // At home it is delivered on the typed path.
     cluster.silos[1]
         .grain::<Node>(701u64)

@@ -793,6 +793,18 @@ pub(super) struct Routed<G, M, R, L> {
     here: L,
 }
 
+impl<G, M, R, L> Routed<G, M, R, L> {
+    /// How the message travels: its registered name and wire form;
+    /// `NotRoutable`, naming its Rust type, if it has no name (rule 4 of
+    /// `route.rs`).
+    fn codec(&self) -> Result<&Codec, CallError> {
+        self.codec.as_ref().ok_or_else(|| CallError::NotRoutable {
+            grain: self.grain.clone(),
+            message: std::any::type_name::<M>(),
+        })
+    }
+}
+
 impl<G, M, R, L, F> Outbound for Routed<G, M, R, L>
 where
     G: Grain,
@@ -817,15 +829,12 @@ where
         self.deadline
     }
 
-    fn message_name(&self) -> Option<&str> {
-        self.codec.as_ref().map(|codec| &*codec.name)
+    fn message_name(&self) -> Result<&str, CallError> {
+        Ok(&self.codec()?.name)
     }
 
     fn encode(&self) -> Result<Arc<Vec<u8>>, CallError> {
-        let codec = self.codec.as_ref().ok_or_else(|| CallError::NotRoutable {
-            grain: self.grain.clone(),
-            message: std::any::type_name::<M>(),
-        })?;
+        let codec = self.codec()?;
         (codec.encode)(&self.message)
             .map(Arc::new)
             .map_err(|err: DispatchError| CallError::Unavailable {

@@ -256,12 +256,7 @@ impl Inner {
                     if encoded.is_none() {
                         encoded = Some(outbound.encode().map_err(ClusterCallError::Local)?);
                     }
-                    let Some(name) = outbound.message_name() else {
-                        return Err(ClusterCallError::Local(CallError::NotRoutable {
-                            grain,
-                            message: "a message with no registered name",
-                        }));
-                    };
+                    let name = outbound.message_name().map_err(ClusterCallError::Local)?;
                     (
                         name.to_string(),
                         outbound.kind(),

@@ -16,7 +16,8 @@
 //!   no room is refused, typed, and the grain stays;
 //! - a target whose device memory is lent to requests' working memory
 //!   takes the grain, named or asked by a move to any silo, which strict
-//!   placement (counting the memory free now) would pass over; a first
+//!   placement (counting the memory free now) would pass over, and which
+//!   is asked before the hosts a hash fallback picks that have no room; a first
 //!   call is refused such memory (its activation would wait for it) and
 //!   served once it is free;
 //! - what is refused, with a typed error: a type not registered as
@@ -95,6 +96,126 @@ async fn a_target_whose_memory_is_lent_to_requests_takes_the_grain_once_they_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_to_any_silo_asks_one_whose_memory_is_lent_to_requests() {
     lent_memory_move(47_975, |_| MigrationTarget::Any).await;
+}
+
+/// Under placement that falls back to the hash (the default's shape), a
+/// move to any silo asks a host whose memory is lent to requests before
+/// the hosts the fallback picks, whose memory is kept (rule 1 of
+/// `node/migration.rs`): the grain here is one whose three hash picks
+/// leave that host out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_any_silo_asks_a_host_with_room_before_the_fallbacks_picks() {
+    let mut cluster = Cluster::new(48_050);
+    cluster.placement = Arc::new(granary_cluster::GpuAware::with_fallback(Box::new(
+        granary_cluster::HashPlacement,
+    )));
+    let one = cluster.node(1, 64).await;
+    let two = cluster.node_on(2, one_tensor_bridge()).await;
+    // Three silos with room for one tensor, each holding one's worth.
+    let full = [
+        cluster.node(3, 1).await,
+        cluster.node(4, 1).await,
+        cluster.node(5, 1).await,
+    ];
+    let mut kept = Vec::new();
+    for node in &full {
+        kept.push(ballast_on(node, 0, BUFFER).await);
+    }
+    converged(
+        &[
+            &one.node,
+            &two.node,
+            &full[0].node,
+            &full[1].node,
+            &full[2].node,
+        ],
+        5,
+    )
+    .await;
+    let _working = two
+        .bridge
+        .broker()
+        .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
+        .unwrap();
+    // Silo 1 sees silo 2's memory lent out and the others' kept.
+    let seen = |node: &ClusterNode| {
+        let members = node.members();
+        let device = |n: u16| {
+            members
+                .iter()
+                .find(|member| member.silo.to_string().starts_with(&format!("silo-{n}:")))
+                .and_then(|member| member.load.devices.first().cloned())
+        };
+        device(2).is_some_and(|d| d.free_memory == 0 && d.room() == BUFFER as u64)
+            && (3..=5).all(|n| device(n).is_some_and(|d| d.free_memory == 0 && d.room() == 0))
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !seen(&one.node) {
+        assert!(Instant::now() < deadline, "silo 1 never saw the loads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A grain whose three picks by hash, among the other hosts, are the
+    // full silos.
+    let others: Vec<_> = one
+        .node
+        .members()
+        .into_iter()
+        .filter(|member| member.silo != one.node.id())
+        .collect();
+    let two_id = two.node.id();
+    let key = (1..1_000u64)
+        .find(|key| {
+            let grain = granary_actors::GrainId {
+                type_name: "tensor".into(),
+                key: GrainKey::U64(*key),
+            };
+            let mut hosts = others.clone();
+            let me = one.node.id();
+            for _ in 0..3 {
+                let request = granary_cluster::PlacementRequest {
+                    grain: &grain,
+                    caller: &me,
+                    needs: None,
+                };
+                let pick = granary_cluster::PlacementStrategy::place(
+                    &granary_cluster::HashPlacement,
+                    &request,
+                    &hosts,
+                )
+                .unwrap();
+                if pick == two_id {
+                    return false;
+                }
+                hosts.retain(|member| member.silo != pick);
+            }
+            true
+        })
+        .expect("a grain the hash places away from silo 2");
+    // Placed on silo 1, the only silo with its memory free.
+    let grain = one.node.grain::<Tensor>(key);
+    assert_eq!(grain.call(Step { sender: 1, seq: 1 }).await.unwrap(), Ok(1));
+    assert_eq!(grain.call(Inspect).await.unwrap().2, 1);
+    *cluster.gate.armed.lock().unwrap() = true;
+    let mut moving = tokio::spawn({
+        let grain = grain.clone();
+        async move { grain.migrate(MigrationTarget::Any).await }
+    });
+    tokio::select! {
+        _ = cluster.gate.reached.notified() => {}
+        ended = &mut moving => panic!("the move ended before its arrival: {ended:?}"),
+        _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("no arrival in 10 s"),
+    }
+    *cluster.gate.armed.lock().unwrap() = false;
+    cluster.gate.open.notify_one();
+    drop(_working);
+    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
+        .await
+        .expect("the move ended")
+        .unwrap();
+    assert!(moved.is_ok(), "{moved:?}");
+    let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
+    assert_eq!((steps, on), (1, 2));
+    assert!(bytes == expected(key, 1));
 }
 
 async fn lent_memory_move(base: u16, target: impl Fn(&granary_cluster::SiloId) -> MigrationTarget) {

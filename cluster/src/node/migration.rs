@@ -16,10 +16,13 @@
 //!    One reservation per grain, at most 64 from one peer; it holds
 //!    until the state arrives, is released, or expires after
 //!    four call timeouts. A move to any silo (`MigrationTarget::Any`)
-//!    asks up to three hosts of the type in turn: the placement's picks,
-//!    then those it passed over whose devices have room for the type's
-//!    memory, most room first (placement counts only the memory free
-//!    now). A move to a named device of the target
+//!    asks up to three hosts of the type in turn, from the placement's
+//!    picks. For a type that declares device memory, those with room for
+//!    it (by their published load) go first, then the hosts placement
+//!    passed over that have room, most room first, then its picks
+//!    without (placement counts only the memory free now, and a
+//!    fallback none; a placement that refuses for a reason other than
+//!    memory is not overruled). A move to a named device of the target
 //!    (`MigrationTarget::Device`) takes the promise on that device alone
 //!    (the same checks: the type's needs, its room less what is
 //!    promised there, its high water mark), and the buffers the arrival
@@ -99,7 +102,7 @@
 //!    first marks the node draining: it becomes home to no new grain
 //!    (`NoRoom`, so callers place elsewhere) and reserves room for no
 //!    grain moving in. Then every home here whose type is migratable and
-//!    declares device memory moves to wherever placement picks, a few at
+//!    declares device memory moves as to any silo (rule 1), a few at
 //!    a time, each to its verdict (every step of a move is bounded by the
 //!    call timeout), and moves already under way, out or in, reach theirs
 //!    (for at most four call timeouts after its last batch of moves); a
@@ -154,7 +157,7 @@ use crate::SiloId;
 use crate::connection::InboundRequest;
 use crate::directory::ActivationAddress;
 use crate::membership::{DeviceLoad, Member};
-use crate::placement::PlacementRequest;
+use crate::placement::{PlacementError, PlacementRequest};
 use crate::wire::RemoteError;
 use granary_gpu::{RelocateError, ResidentError};
 
@@ -741,7 +744,7 @@ impl Inner {
     }
 
     /// Rule 1: reserves room for `grain` at the silo `target` names, or at
-    /// the first of the placement's picks that has it.
+    /// the first of the candidates (`candidates`) that has it.
     async fn reserve_at(
         self: &Arc<Self>,
         grain: &GrainId,
@@ -831,6 +834,7 @@ impl Inner {
                 }
                 let me = self.id();
                 let needs = self.needs.get(&grain.type_name);
+                let others = hosts.clone();
                 let mut picks = Vec::new();
                 let mut refused = None;
                 while picks.len() < MOVE_CANDIDATES && !hosts.is_empty() {
@@ -841,8 +845,17 @@ impl Inner {
                     };
                     match self.placement.place(&request, &hosts) {
                         Ok(pick) => {
+                            let before = hosts.len();
                             hosts.retain(|member| member.silo != pick);
-                            picks.push(pick);
+                            let among = hosts.len() < before;
+                            if among || !picks.contains(&pick) {
+                                picks.push(pick);
+                            }
+                            // A strategy that picks outside the hosts it
+                            // was given is asked no more.
+                            if !among {
+                                break;
+                            }
                         }
                         Err(err) => {
                             refused = Some(err);
@@ -851,12 +864,15 @@ impl Inner {
                     }
                 }
                 // Rule 1: a target promises by room, and placement
-                // counts only the memory free now. The hosts placement
-                // left out whose devices have room for the grain follow
-                // its picks, most room first, so that a strict placement
-                // does not pass over a silo whose memory is lent to
-                // requests.
-                if let Some(needs) = needs.filter(|needs| needs.device_memory > 0) {
+                // counts only the memory free now (and its fallback
+                // none). For a type that declares device memory, unless
+                // placement refused for another reason: first its picks
+                // with room for the grain, then the other hosts with
+                // room, most first, then its picks without.
+                let room_counted = needs.filter(|needs| needs.device_memory > 0).filter(|_| {
+                    matches!(refused, None | Some(PlacementError::NoDeviceFits { .. }))
+                });
+                if let Some(needs) = room_counted {
                     let room = |member: &Member| {
                         member
                             .load
@@ -867,24 +883,38 @@ impl Inner {
                             .max()
                             .filter(|room| *room >= needs.device_memory)
                     };
+                    let has_room = |silo: &SiloId| {
+                        others
+                            .iter()
+                            .find(|member| &member.silo == silo)
+                            .and_then(room)
+                            .is_some()
+                    };
+                    let (with, without): (Vec<_>, Vec<_>) = picks.into_iter().partition(has_room);
                     let mut roomy: Vec<_> = hosts
                         .iter()
                         .filter_map(|member| Some((room(member)?, member.silo.clone())))
                         .collect();
                     roomy.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-                    let left = MOVE_CANDIDATES.saturating_sub(picks.len());
-                    picks.extend(roomy.into_iter().take(left).map(|(_, silo)| silo));
+                    picks = with
+                        .into_iter()
+                        .chain(roomy.into_iter().map(|(_, silo)| silo))
+                        .chain(without)
+                        .take(MOVE_CANDIDATES)
+                        .collect();
                 }
                 if picks.is_empty() {
+                    let refused = refused.map_or_else(String::new, |err| format!(": {err}"));
+                    let room = if room_counted.is_some() {
+                        ", and none has that room once its requests end"
+                    } else {
+                        ""
+                    };
                     return Err(MigrationError::NoTarget {
                         grain: grain.clone(),
-                        reason: match refused {
-                            Some(err) => format!(
-                                "no other silo that hosts its type takes it: {err}, \
-                                 and none has that room once its requests end"
-                            ),
-                            None => "no other silo that hosts its type takes it".into(),
-                        },
+                        reason: format!(
+                            "no other silo that hosts its type takes it{refused}{room}"
+                        ),
                     });
                 }
                 Ok(picks)

@@ -74,9 +74,13 @@ impl Handler<ReminderFired> for Ledger {
     }
 }
 
+/// How many workers a [`Resizer`] key may have: a const, checked when
+/// this compiles (as a literal is).
+const RESIZERS: usize = 2;
+
 /// A stateless worker, named after its type.
 #[derive(GrainType)]
-#[grain(stateless(max_workers = 2))]
+#[grain(stateless(max_workers = RESIZERS))]
 struct Resizer;
 impl Grain for Resizer {
     fn new(_: &GrainKey) -> Resizer {
@@ -85,10 +89,11 @@ impl Grain for Resizer {
 }
 
 /// A generic message: one name for every instantiation, so a grain takes
-/// one of them by name.
+/// one of them by name. No bounds of its own: the derive bounds `T` by
+/// `Send + 'static`, as `Message` needs.
 #[derive(Message, Serialize, Deserialize)]
 #[message(name = "echo", reply = T)]
-struct Echo<T: Send + 'static>(T);
+struct Echo<T>(T);
 
 /// Reaches the runtime through a path of its own (as the `granary`
 /// facade's users do, with `crate = granary::actors`).
@@ -284,15 +289,19 @@ fn two_grain_types_under_one_name_are_refused_at_build() {
     );
 }
 
-/// A worker count the derive cannot see: checked by `build`.
-const NO_WORKERS: usize = 0;
-
-#[derive(GrainType)]
-#[grain(stateless(max_workers = NO_WORKERS))]
+/// A worker count written by hand (the derive refuses 0 when it
+/// compiles, as a literal or a const): checked by `build`.
 struct Idle;
 impl Grain for Idle {
     fn new(_: &GrainKey) -> Idle {
         Idle
+    }
+}
+impl GrainType for Idle {
+    const NAME: &'static str = "Idle";
+    const STATELESS: Option<usize> = Some(0);
+    fn accepts(registration: Registration<Idle>) -> Registration<Idle> {
+        registration
     }
 }
 

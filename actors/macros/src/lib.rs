@@ -216,6 +216,24 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 ///     }
 /// }
 /// ```
+///
+/// So is a stateless worker with no activations, written as a literal or
+/// as a const:
+///
+/// ```compile_fail
+/// use granary_actors::{Grain, GrainKey, GrainType};
+///
+/// const WORKERS: usize = 0;
+///
+/// #[derive(GrainType)]
+/// #[grain(stateless(max_workers = WORKERS))]
+/// struct Resizer;
+/// impl Grain for Resizer {
+///     fn new(_: &GrainKey) -> Resizer {
+///         Resizer
+///     }
+/// }
+/// ```
 #[proc_macro_derive(GrainType, attributes(grain))]
 pub fn derive_grain_type(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
@@ -346,7 +364,19 @@ mod message {
             .unwrap_or_else(|| LitStr::new(&ident.unraw().to_string(), ident.span()));
         let reply = settings.reply.unwrap_or_else(|| parse_quote!(()));
         let reply = quote_spanned!(reply.span()=> type Reply = #reply;);
-        let (impl_generics, type_generics, where_clause) = input.generics.split_for_impl();
+        // A message waits in a mailbox and may cross threads: each type
+        // parameter is bounded `Send + 'static`, as `Message` needs of the
+        // whole type (and of a reply that names the parameter).
+        let mut generics = input.generics.clone();
+        let bounded: Vec<_> = generics
+            .type_params()
+            .map(|param| param.ident.clone())
+            .collect();
+        let predicates = &mut generics.make_where_clause().predicates;
+        for param in bounded {
+            predicates.push(parse_quote!(#param: ::core::marker::Send + 'static));
+        }
+        let (impl_generics, type_generics, where_clause) = generics.split_for_impl();
         Ok(quote! {
             impl #impl_generics #runtime::Message for #ident #type_generics #where_clause {
                 #reply
@@ -550,7 +580,7 @@ mod grain {
                 "a stateless worker is local to each silo and cannot be `migratable`",
             ));
         }
-        let stateless = settings.stateless.map(|max_workers| {
+        let stateless = settings.stateless.as_ref().map(|max_workers| {
             quote_spanned! {max_workers.span()=>
                 const STATELESS: ::core::option::Option<::core::primitive::usize> =
                     ::core::option::Option::Some(#max_workers);
@@ -577,6 +607,21 @@ mod grain {
             settings.remindable.is_some(),
         );
         checks.extend(distinct_names(ident, &runtime, &settings.reads, false));
+        // A literal 0 was refused when parsed; any other expression (a
+        // const) is checked when the crate compiles, not when the silo
+        // is built.
+        if let Some(max_workers) = settings
+            .stateless
+            .as_ref()
+            .filter(|max_workers| !matches!(max_workers, Expr::Lit(_)))
+        {
+            checks.push(quote_spanned! {max_workers.span()=>
+                ::core::assert!(
+                    (#max_workers) > 0,
+                    "`max_workers` is 0: a stateless worker needs at least one activation"
+                );
+            });
+        }
         let checks = (!checks.is_empty()).then(|| quote!(const _: () = { #(#checks)* };));
         Ok(quote! {
             impl #runtime::GrainType for #ident {
@@ -672,6 +717,22 @@ mod tests {
         assert!(out.contains("\"apply\""), "{out}");
         assert!(
             out.contains("impl granary :: actors :: Message for Apply"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_generic_message_gets_send_and_static_bounds() {
+        let out = message(parse_quote!(
+            #[message(reply = Option<T>)]
+            struct Wrapped<T, U>(T, U);
+        ))
+        .unwrap();
+        assert!(
+            out.contains(
+                "impl < T , U > :: granary_actors :: Message for Wrapped < T , U > where T : :: \
+                 core :: marker :: Send + 'static , U : :: core :: marker :: Send + 'static"
+            ),
             "{out}"
         );
     }
@@ -801,6 +862,8 @@ mod tests {
         ))
         .unwrap();
         assert!(out.contains("Some (WORKERS)"), "{out}");
+        // A const is checked when the crate compiles.
+        assert!(out.contains(":: core :: assert ! ((WORKERS) > 0"), "{out}");
         assert!(
             out.contains("impl granary :: actors :: GrainType for Resizer"),
             "{out}"

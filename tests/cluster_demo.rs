@@ -232,11 +232,35 @@ fn ended(pid: u32) -> bool {
     })
 }
 
-/// Starts a three-silo demo long enough to be stopped, its folder made
-/// under `tmp`, and waits until its three silo processes run. Returns
-/// the demo and its silos' process ids.
+/// A demo and its silos, all killed (SIGKILL) when dropped: a failed
+/// check leaves nothing running.
 #[cfg(target_os = "linux")]
-fn demo_with_three_silos(tmp: &std::path::Path) -> (std::process::Child, Vec<u32>) {
+struct Running {
+    demo: Option<std::process::Child>,
+    silos: Vec<u32>,
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(demo) = &mut self.demo {
+            let _ = demo.kill();
+            let _ = demo.wait();
+        }
+        for silo in &self.silos {
+            if !ended(*silo) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &silo.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Starts a three-silo demo long enough to be stopped, its folder made
+/// under `tmp`, and waits until its three silo processes run.
+#[cfg(target_os = "linux")]
+fn demo_with_three_silos(tmp: &std::path::Path) -> Running {
     use std::time::{Duration, Instant};
     let mut demo = Command::new(env!("CARGO_BIN_EXE_granary"))
         .args([
@@ -258,9 +282,17 @@ fn demo_with_three_silos(tmp: &std::path::Path) -> (std::process::Child, Vec<u32
     loop {
         let silos = live_children(demo.id());
         if silos.len() == 3 {
-            return (demo, silos);
+            return Running {
+                demo: Some(demo),
+                silos,
+            };
         }
         if Instant::now() > deadline || demo.try_wait().ok().flatten().is_some() {
+            // The silos seen so far are killed as this panics.
+            let _seen = Running {
+                demo: None,
+                silos: silos.clone(),
+            };
             let _ = demo.kill();
             let output = demo.wait_with_output().expect("the demo ended");
             panic!(
@@ -291,7 +323,7 @@ fn a_demo_stopped_by_a_signal_leaves_no_silo_running() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let (demo, silos) = demo_with_three_silos(tmp.path());
+    let mut running = demo_with_three_silos(tmp.path());
     let folders = || -> Vec<_> {
         std::fs::read_dir(tmp.path())
             .unwrap()
@@ -306,6 +338,7 @@ fn a_demo_stopped_by_a_signal_leaves_no_silo_running() {
             .collect()
     };
     assert_eq!(folders().len(), 1, "the demo's folder");
+    let demo = running.demo.take().unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &demo.id().to_string()])
         .status()
@@ -315,13 +348,15 @@ fn a_demo_stopped_by_a_signal_leaves_no_silo_running() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("interrupted by a signal"), "{stderr}");
-    wait_ended(&silos, "after SIGTERM");
+    wait_ended(&running.silos, "after SIGTERM");
     assert!(folders().is_empty(), "the folder stays: {:?}", folders());
 
-    let (mut demo, silos) = demo_with_three_silos(tmp.path());
-    demo.kill().unwrap();
-    let _ = demo.wait();
-    wait_ended(&silos, "after SIGKILL");
+    let mut running = demo_with_three_silos(tmp.path());
+    if let Some(demo) = &mut running.demo {
+        demo.kill().unwrap();
+        let _ = demo.wait();
+    }
+    wait_ended(&running.silos, "after SIGKILL");
 }
 
 /// A node file's fields before its `extra` lines.

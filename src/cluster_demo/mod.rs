@@ -58,9 +58,13 @@
 //!
 //! Either demo stopped by SIGTERM or SIGINT (Ctrl-C) stops its silos,
 //! removes its folder and fails, saying so. Killed outright (SIGKILL),
-//! it runs nothing more, but its silos die with it: each is started with
-//! Linux's parent-death signal (`PR_SET_PDEATHSIG`, SIGKILL). The folder
-//! stays then, as after a failed run.
+//! it runs nothing more, but on Linux its silos die with it: each is
+//! started with the parent-death signal (`PR_SET_PDEATHSIG`, SIGKILL),
+//! which Linux sends when the *thread* that started it ends, so
+//! [`run_cluster_demo`] and [`run_rebalance_demo`] must be driven by a
+//! thread that outlives the run (`Runtime::block_on`'s caller, as the
+//! CLI does, not a task spawned on a pool). The folder stays then, as
+//! after a failed run. Elsewhere, silos outlive a killed demo.
 //!
 //! With `GRANARY_DEMO_DEBUG` set, the demo also prints its view of the
 //! cluster every second and every failed call it retries.

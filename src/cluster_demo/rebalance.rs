@@ -202,7 +202,9 @@ fn used(node: &ClusterNode, silos: &[(String, u64)], count: usize) -> Vec<Option
 }
 
 /// Runs the rebalance demo (see the module docs); `row` gets each line of
-/// the table as it is taken, the header first.
+/// the table as it is taken, the header first. Drive it from a thread that
+/// outlives the run (`Runtime::block_on`'s caller): on Linux its silos
+/// die with that thread (the module docs).
 pub async fn run_rebalance_demo(
     config: RebalanceDemoConfig,
     row: impl Fn(&str) + Send + Sync + 'static,

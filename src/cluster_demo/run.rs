@@ -303,7 +303,9 @@ impl DemoCluster {
     /// keeps it and says where, for the silos' logs.
     pub(super) fn finish_if(self, passed: bool) {
         if passed {
-            self.finish();
+            if let Err(err) = self.finish() {
+                eprintln!("granary demo: the demo's folder {err}");
+            }
         } else {
             eprintln!(
                 "granary demo: the silos' logs are kept in {}",
@@ -312,20 +314,27 @@ impl DemoCluster {
         }
     }
 
-    /// Stops every silo and removes the folder.
-    fn finish(self) {
+    /// Stops every silo and removes the folder; says where it is if it
+    /// could not be removed.
+    fn finish(self) -> Result<(), String> {
         let dir = self.dir.clone();
         drop(self);
-        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|err| format!("{} could not be removed: {err}", dir.display()))
     }
 
     /// Ends a run that a signal interrupted: every silo stopped and the
     /// folder removed, as after a run that passed.
     pub(super) fn interrupted(self) -> NodeRunError {
-        self.finish();
-        NodeRunError(
-            "interrupted by a signal: every silo was stopped and the demo's folder removed".into(),
-        )
+        NodeRunError(match self.finish() {
+            Ok(()) => {
+                "interrupted by a signal: every silo was stopped and the demo's folder removed"
+                    .into()
+            }
+            Err(err) => {
+                format!("interrupted by a signal: every silo was stopped; the folder {err}")
+            }
+        })
     }
 }
 
@@ -337,7 +346,9 @@ pub(super) async fn interrupted(signals: &mut Signals) {
 }
 
 /// Runs the multi-node demo (see the module docs); `progress` gets the
-/// number of calls acknowledged so far.
+/// number of calls acknowledged so far. Drive it from a thread that
+/// outlives the run (`Runtime::block_on`'s caller): on Linux its silos
+/// die with that thread (the module docs).
 pub async fn run_cluster_demo(
     config: ClusterDemoConfig,
     progress: impl Fn(u64) + Send + Sync + 'static,

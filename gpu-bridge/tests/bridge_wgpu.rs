@@ -2,7 +2,8 @@
 //! scenarios of the OpenCL suite, answered by micro-batch dispatches on the
 //! ring path (wgpu runs no persistent kernel) and by the wgpu batch path,
 //! and resident buffers that live on the wgpu device and move to the CPU
-//! and back. Reported as ignored, with the reason, where no wgpu adapter
+//! and back; a lost device routed around. Reported as ignored, with the
+//! reason, where no wgpu adapter
 //! opens a device when the tests run.
 
 mod common;
@@ -127,8 +128,66 @@ async fn a_resident_buffer_lives_on_wgpu_and_moves_through_the_host() {
     assert_eq!(from_f32s(&buffer.export().await.unwrap()), tripled);
 }
 
+/// A lost device (destroyed here, as a driver reset would leave it) ends
+/// its ring kernel (`ring.rs` rule 6 of the kernels' wgpu backend): the
+/// bridge takes the kernel for hung, cannot relaunch it on the lost
+/// device, and routes the kernel's requests around it (to the CPU
+/// fallback here). Every call meanwhile gets a typed answer.
+async fn a_lost_device_is_routed_around() {
+    use granary_gpu::ExecuteError;
+    use std::time::{Duration, Instant};
+    let wgpu = Arc::new(WgpuBackend::discover().expect("a wgpu adapter (lavapipe in CI)"));
+    let bridge = GpuBridge::builder()
+        .backend(wgpu.clone())
+        .kernels(shipped::ALL)
+        .config(BridgeConfig {
+            hang_timeout: Duration::from_millis(300),
+            ..BridgeConfig::default()
+        })
+        .build()
+        .unwrap();
+    let doubled = bridge.execute("double", &f32s(&[1.0])).await.unwrap();
+    assert_eq!(from_f32s(&doubled), [2.0]);
+    assert_eq!(device::processed_on(&bridge, BackendKind::Wgpu), 1);
+    wgpu.destroy_device(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut failed = 0;
+    loop {
+        match bridge.execute("double", &f32s(&[3.0])).await {
+            Ok(doubled) => {
+                assert_eq!(from_f32s(&doubled), [6.0]);
+                break;
+            }
+            // While the bridge learns: the lost device's fault, the hang
+            // it is taken for, or a request that met the failed relaunch.
+            Err(
+                ExecuteError::KernelFault { .. }
+                | ExecuteError::DeviceHung { .. }
+                | ExecuteError::DeviceFailed { .. },
+            ) => {
+                failed += 1;
+            }
+            Err(other) => panic!("a lost device's request: {other}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge still sends to the lost device after {failed} failed requests"
+        );
+    }
+    // From now on every request is answered elsewhere.
+    for n in 0..20 {
+        let doubled = bridge.execute("double", &f32s(&[n as f32])).await.unwrap();
+        assert_eq!(from_f32s(&doubled), [2.0 * n as f32]);
+    }
+    assert_eq!(device::processed_on(&bridge, BackendKind::Wgpu), 1);
+    bridge.shutdown(StopMode::Abandon).await;
+}
+
 fn main() {
     gate::run(vec![
+        gate::wgpu("a_lost_device_is_routed_around", || {
+            common::on_tokio(a_lost_device_is_routed_around)
+        }),
         gate::wgpu("one_hundred_sequential_double_requests_on_wgpu", || {
             common::on_tokio(one_hundred_sequential_double_requests_on_wgpu)
         }),

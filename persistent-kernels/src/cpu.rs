@@ -221,7 +221,8 @@ pub(crate) trait MicroBatch: Send {
     /// Answers every request in `taken`, in order: `answers[i]` is the
     /// status of request `i` and its response's range in `out`. Every
     /// request has passed the spec's request shape. A device failure
-    /// answers each request with [`Status::Fault`]; the loop goes on.
+    /// answers each request with [`Status::Fault`]; the loop goes on,
+    /// unless the device is gone for good ([`Given::Lost`]).
     /// `beat` beats the loop's heartbeat and says whether to go on: a
     /// call that waits on the device calls it while it waits, so a long
     /// wait is not taken for a hang, and gives up when it returns false
@@ -242,6 +243,12 @@ pub(crate) enum Given {
     Answered,
     /// The stop came while the device worked: nothing is answered.
     Up,
+    /// The device is lost (`answers` holds one answer per request, each a
+    /// fault): the loop publishes them and ends without closing the
+    /// response ring. The kernel stops beating, so its owner takes it for
+    /// hung and relaunches it (the bridge's `instance.rs` rule 5), which
+    /// fails on a lost device: the bridge routes around it.
+    Lost,
 }
 
 /// A persistent kernel on a CPU thread.
@@ -705,6 +712,7 @@ impl KernelLoop {
                 unanswered.extend_from_slice(&taken.ids);
                 break 'serve;
             }
+            let lost = given == Given::Lost;
             for i in 0..taken.len() {
                 let (status, payload) = match answers.get(i) {
                     Some((Status::Ok, span)) if span.len() <= response_max => {
@@ -720,6 +728,16 @@ impl KernelLoop {
                     unanswered.extend_from_slice(&taken.ids[i..]);
                     break 'serve;
                 }
+            }
+            if lost {
+                // `Given::Lost`: the response ring stays open (a closed
+                // one would answer its owner's every wait at once), and
+                // the loop beats no more.
+                tracing::error!(
+                    kernel = self.spec.id,
+                    "the device is lost; the kernel loop ends"
+                );
+                return (self.requests, unanswered);
             }
         }
         self.responses.close();

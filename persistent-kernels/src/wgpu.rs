@@ -435,6 +435,22 @@ impl WgpuBackend {
         build::pipelines(self.gpu(index)?, spec).map(drop)
     }
 
+    /// Destroys device `index` (wgpu's `Device::destroy`): its memory is
+    /// freed at once, and every later call on it fails as lost
+    /// (`WgpuError::Lost`), as after a driver reset. Its ring kernels end
+    /// (`ring.rs` rule 6). Tests use it to lose a device on demand.
+    pub fn destroy_device(&self, index: usize) -> Result<(), WgpuError> {
+        let gpu = self.gpu(index)?;
+        gpu.device.destroy();
+        // The device-lost callback says so too, when wgpu calls it; a
+        // destroyed device is lost from here on whatever it says.
+        gpu.fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| "destroyed".into());
+        Ok(())
+    }
+
     /// Kernels compiled on device `index` so far: a build the cache
     /// answers compiles nothing, and a failed one counts for nothing.
     pub fn compiled(&self, index: usize) -> Result<u64, WgpuError> {

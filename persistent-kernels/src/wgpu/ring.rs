@@ -27,6 +27,12 @@
 //!    requests are reported abandoned. The device thread ends when its
 //!    kernel does (once the call in hand returns), and skips work queued
 //!    behind a newer micro-batch (it was given up on).
+//! 6. A lost device (wgpu's device-lost callback, or
+//!    [`WgpuBackend::destroy_device`](super::WgpuBackend::destroy_device))
+//!    is answered like a failure, and then the kernel thread ends,
+//!    beating no more: the bridge takes the kernel for hung, and its
+//!    relaunch fails (every launch on a lost device does), so the bridge
+//!    routes around the device (its fallback, or `NoDevice`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -229,6 +235,10 @@ impl MicroBatch for Dispatcher {
             Err(Wait::Failed(err)) => {
                 tracing::warn!(%err, requests = taken.len(), "a wgpu micro-batch failed");
                 answers.extend((0..taken.len()).map(|_| (Status::Fault, 0..0)));
+                // Rule 6: a lost device answers nothing again.
+                if matches!(err, WgpuError::Lost(_)) {
+                    return Given::Lost;
+                }
             }
         }
         Given::Answered

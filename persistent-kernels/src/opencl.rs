@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use opencl3::command_queue::CommandQueue;
@@ -116,6 +117,12 @@ struct OpenClDevice {
     /// Built programs keyed by (build options, source text), so a hit is
     /// exact.
     programs: Mutex<HashMap<(String, String), Arc<Program>>>,
+    /// Times the compiler ran (a cache miss), failed builds included.
+    compiler_runs: AtomicU64,
+    /// Set once a kernel's program failed to build as OpenCL C 3.0 and
+    /// then built as 2.0: the device's compiler is taken to refuse 3.0,
+    /// and later programs are built as 2.0 first (`program_for`).
+    refuses_c3: AtomicBool,
 }
 
 /// The OpenCL devices of this node.
@@ -169,6 +176,8 @@ impl OpenClBackend {
                         context: Arc::new(context),
                         queue,
                         programs: Mutex::new(HashMap::new()),
+                        compiler_runs: AtomicU64::new(0),
+                        refuses_c3: AtomicBool::new(false),
                     })
                 });
                 match opened {
@@ -231,6 +240,7 @@ impl OpenClBackend {
         if let Some(program) = programs.get(&key) {
             return Ok(program.clone());
         }
+        device.compiler_runs.fetch_add(1, Ordering::Relaxed);
         let program = Program::create_and_build_from_source(&device.context, source, options)
             .map_err(|log| OpenClError::Build { log })?;
         let program = Arc::new(program);
@@ -248,10 +258,19 @@ impl OpenClBackend {
             .len())
     }
 
+    /// Times device `index`'s compiler ran: builds the cache did not
+    /// answer, failed ones included.
+    pub fn compiler_runs(&self, index: usize) -> Result<u64, OpenClError> {
+        Ok(self.device(index)?.compiler_runs.load(Ordering::Relaxed))
+    }
+
     /// The program holding `spec`'s two entry points on device `index`:
     /// the ring layout, the prelude, the kernel's OpenCL C and the
     /// persistent template, built as OpenCL C 3.0 (POCL's C11 atomics only
-    /// build there) or else 2.0. Cached like any build.
+    /// build there) or else 2.0. Cached like any build. A failed build is
+    /// not cached, so once a program built only as 2.0, the device's
+    /// later programs try 2.0 first (`two_standards`): a compiler
+    /// that refuses 3.0 is not asked again on every call.
     pub fn program_for(
         &self,
         index: usize,
@@ -260,21 +279,14 @@ impl OpenClBackend {
         let Some(process) = spec.opencl_c else {
             return Err(OpenClError::NoSource);
         };
+        let device = self.device(index)?;
         let source = format!(
             "{OPENCL_HEADER}\n{DEVICE_PRELUDE}\n{process}\n{}",
             persistent::PERSISTENT_TEMPLATE
         );
-        match self.compile_with(index, &source, "-cl-std=CL3.0") {
-            Err(OpenClError::Build { log: log_3 }) => {
-                match self.compile_with(index, &source, "-cl-std=CL2.0") {
-                    Err(OpenClError::Build { log: log_2 }) => Err(OpenClError::Build {
-                        log: format!("as OpenCL C 3.0:\n{log_3}\nas OpenCL C 2.0:\n{log_2}"),
-                    }),
-                    other => other,
-                }
-            }
-            other => other,
-        }
+        two_standards(&device.refuses_c3, |options| {
+            self.compile_with(index, &source, options)
+        })
     }
 
     /// Runs `spec`'s `granary_batch` over `request` on device `index`, one
@@ -441,6 +453,37 @@ impl Backend for OpenClBackend {
 }
 
 /// An OpenCL error as the backend trait reports it.
+/// Builds with `build` as OpenCL C 3.0 then 2.0, or 2.0 then 3.0 once
+/// `refuses_c3` is set; sets it when 2.0 built after 3.0 failed, and
+/// clears it when 3.0 built after 2.0 failed. A program that fails both
+/// ways carries both logs.
+fn two_standards<T>(
+    refuses_c3: &AtomicBool,
+    mut build: impl FnMut(&'static str) -> Result<T, OpenClError>,
+) -> Result<T, OpenClError> {
+    const C3: (&str, &str) = ("-cl-std=CL3.0", "OpenCL C 3.0");
+    const C2: (&str, &str) = ("-cl-std=CL2.0", "OpenCL C 2.0");
+    let (first, second) = if refuses_c3.load(Ordering::Relaxed) {
+        (C2, C3)
+    } else {
+        (C3, C2)
+    };
+    let first_log = match build(first.0) {
+        Err(OpenClError::Build { log }) => log,
+        other => return other,
+    };
+    match build(second.0) {
+        Err(OpenClError::Build { log }) => Err(OpenClError::Build {
+            log: format!("as {}:\n{first_log}\nas {}:\n{log}", first.1, second.1),
+        }),
+        Ok(program) => {
+            refuses_c3.store(second == C2, Ordering::Relaxed);
+            Ok(program)
+        }
+        other => other,
+    }
+}
+
 fn backend_error(err: OpenClError, spec: &KernelSpec) -> BackendError {
     match err {
         OpenClError::Unavailable(why) => BackendError::Unavailable(why),
@@ -480,4 +523,73 @@ fn describe(device: &Device, index: u32) -> Result<DeviceInfo, OpenClError> {
         // account for what Granary itself uses.
         free_memory: total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compiler that builds only under the options in `takes`, and
+    /// records each run's options.
+    fn compiler<'a>(
+        takes: &'a [&'a str],
+        runs: &'a mut Vec<&'static str>,
+    ) -> impl FnMut(&'static str) -> Result<&'static str, OpenClError> + 'a {
+        move |options| {
+            runs.push(options);
+            if takes.contains(&options) {
+                Ok(options)
+            } else {
+                Err(OpenClError::Build {
+                    log: format!("refused {options}"),
+                })
+            }
+        }
+    }
+
+    #[test]
+    fn a_compiler_that_refuses_3_0_is_asked_for_2_0_first_from_then_on() {
+        let refuses = AtomicBool::new(false);
+        let mut runs = Vec::new();
+        let built = two_standards(&refuses, compiler(&["-cl-std=CL2.0"], &mut runs));
+        assert_eq!(built.unwrap(), "-cl-std=CL2.0");
+        assert_eq!(runs, ["-cl-std=CL3.0", "-cl-std=CL2.0"]);
+        assert!(refuses.load(Ordering::Relaxed));
+        // The next program: one run, as 2.0.
+        let mut runs = Vec::new();
+        let built = two_standards(&refuses, compiler(&["-cl-std=CL2.0"], &mut runs));
+        assert_eq!(built.unwrap(), "-cl-std=CL2.0");
+        assert_eq!(runs, ["-cl-std=CL2.0"]);
+        // A program that builds only as 3.0 still builds, and 3.0 is
+        // tried first again.
+        let mut runs = Vec::new();
+        let built = two_standards(&refuses, compiler(&["-cl-std=CL3.0"], &mut runs));
+        assert_eq!(built.unwrap(), "-cl-std=CL3.0");
+        assert_eq!(runs, ["-cl-std=CL2.0", "-cl-std=CL3.0"]);
+        assert!(!refuses.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_program_that_builds_neither_way_carries_both_logs_and_other_errors_end_at_once() {
+        let refuses = AtomicBool::new(false);
+        let mut runs = Vec::new();
+        match two_standards(&refuses, compiler(&[], &mut runs)) {
+            Err(OpenClError::Build { log }) => assert_eq!(
+                log,
+                "as OpenCL C 3.0:\nrefused -cl-std=CL3.0\nas OpenCL C 2.0:\nrefused -cl-std=CL2.0"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(!refuses.load(Ordering::Relaxed));
+        let mut runs = 0;
+        let failed = two_standards::<()>(&refuses, |_| {
+            runs += 1;
+            Err(OpenClError::Api {
+                call: "clBuildProgram",
+                code: -5,
+            })
+        });
+        assert!(matches!(failed, Err(OpenClError::Api { .. })), "{failed:?}");
+        assert_eq!(runs, 1);
+    }
 }

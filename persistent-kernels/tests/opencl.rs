@@ -72,6 +72,14 @@ fn builds_are_cached_per_source_and_failures_return_the_build_log() {
         2,
         "failures are not cached"
     );
+    // The compiler ran for the two builds and the failure, not the hit.
+    assert_eq!(backend.compiler_runs(0).unwrap(), 3);
+    // A kernel's program, built once whoever asks (as OpenCL C 3.0 on
+    // POCL: one run).
+    backend.program_for(0, &VECTOR_ADD).unwrap();
+    let runs = backend.compiler_runs(0).unwrap();
+    backend.program_for(0, &VECTOR_ADD).unwrap();
+    assert_eq!(backend.compiler_runs(0).unwrap(), runs);
 }
 
 fn bad_input_and_unknown_devices_are_typed_errors() {

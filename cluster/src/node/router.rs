@@ -330,7 +330,10 @@ impl Inner {
                 }
                 Err(ClusterCallError::Remote(RemoteError::Moved(home))) => {
                     hops += 1;
-                    self.remember(&grain, home);
+                    self.remember(&grain, home.clone());
+                    // What the caller sees if this was the last hop: not
+                    // an older refusal.
+                    last = Some(ClusterCallError::Remote(RemoteError::Moved(home)));
                 }
                 Err(
                     err @ ClusterCallError::Remote(
@@ -398,6 +401,12 @@ fn call_error(err: ClusterCallError, grain: &GrainId, waited: Duration) -> CallE
     };
     match err {
         ClusterCallError::Local(err) => err,
+        // The call's last hop (of `MAX_HOPS`: moves followed, silos
+        // full or gone) was a move followed.
+        ClusterCallError::Remote(RemoteError::Moved(silo)) => unavailable(format!(
+            "the grain's home kept changing under the call until it ran out of hops \
+             ({MAX_HOPS}); the grain was last on {silo}"
+        )),
         ClusterCallError::Remote(RemoteError::TurnFailed(_)) => CallError::TurnFailed {
             grain: grain.clone(),
         },
@@ -505,4 +514,30 @@ pub(super) fn deadline_after(wait: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(wait)
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_actors::GrainKey;
+
+    #[test]
+    fn a_call_out_of_hops_says_so_and_where_the_grain_was_last() {
+        let grain = GrainId {
+            type_name: "ledger".into(),
+            key: GrainKey::U64(7),
+        };
+        let last = SiloId::new("10.0.0.9:7000", 3);
+        match call_error(
+            ClusterCallError::Remote(RemoteError::Moved(last.clone())),
+            &grain,
+            Duration::from_millis(5),
+        ) {
+            CallError::Unavailable { reason, .. } => {
+                assert!(reason.contains("ran out of hops"), "{reason}");
+                assert!(reason.contains(&last.to_string()), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

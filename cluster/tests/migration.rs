@@ -132,7 +132,7 @@ async fn a_move_to_any_silo_asks_a_host_with_room_before_the_fallbacks_picks() {
         5,
     )
     .await;
-    let _working = two
+    let working = two
         .bridge
         .broker()
         .reserve(granary_gpu::DeviceId(0), BUFFER as u64)
@@ -205,9 +205,23 @@ async fn a_move_to_any_silo_asks_a_host_with_room_before_the_fallbacks_picks() {
         ended = &mut moving => panic!("the move ended before its arrival: {ended:?}"),
         _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("no arrival in 10 s"),
     }
+    arrive_on_two(&cluster, moving, working, &grain, key).await;
+}
+
+/// Opens the gate a held arrival waits at, gives the lent memory back
+/// 100 ms later (the arrival's buffer usually waits for it), and checks
+/// the move ended with the grain on silo 2, its state whole.
+async fn arrive_on_two(
+    cluster: &Cluster,
+    moving: tokio::task::JoinHandle<Result<granary_actors::migration::Migrated, MigrationError>>,
+    working: granary_gpu::Reservation,
+    grain: &granary_actors::GrainRef<Tensor>,
+    key: u64,
+) {
     *cluster.gate.armed.lock().unwrap() = false;
     cluster.gate.open.notify_one();
-    drop(_working);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(working);
     let moved = tokio::time::timeout(Duration::from_secs(30), moving)
         .await
         .expect("the move ended")
@@ -269,18 +283,7 @@ async fn lent_memory_move(base: u16, target: impl Fn(&granary_cluster::SiloId) -
         ended = &mut moving => panic!("the move ended before its arrival: {ended:?}"),
         _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("no arrival in 10 s"),
     }
-    *cluster.gate.armed.lock().unwrap() = false;
-    cluster.gate.open.notify_one();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(working);
-    let moved = tokio::time::timeout(Duration::from_secs(30), moving)
-        .await
-        .expect("the move ended")
-        .unwrap();
-    assert!(moved.is_ok(), "{moved:?}");
-    let (steps, bytes, on) = grain.call(Inspect).await.unwrap();
-    assert_eq!((steps, on), (1, 2));
-    assert!(bytes == expected(1, 1));
+    arrive_on_two(&cluster, moving, working, &grain, 1).await;
     // Memory kept there (a resident buffer, not a request's) is refused
     // as before: a second tensor cannot follow.
     let other = one.node.grain::<Tensor>(2);

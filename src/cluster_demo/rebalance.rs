@@ -29,7 +29,7 @@ use granary_cluster::rebalance::silo_fill;
 use super::grains::{
     AUDITORS, Apply, Audit, Auditor, LEDGER_DEVICE_BYTES, Ledger, Read, auditor_of,
 };
-use super::run::{DemoCluster, census, interrupted};
+use super::run::{DemoCluster, census};
 use crate::node_file::{DeviceBackend, NodeRunError, RebalanceFile, Signals};
 
 /// Device memory each silo lends, in MiB: 24 ledgers' worth, so that the
@@ -217,17 +217,14 @@ pub async fn run_rebalance_demo(
     let mut signals = Signals::new()?;
     // Nothing is killed here: the default grace before a silent silo is
     // declared dead, so that a loaded machine takes none for dead.
-    let mut cluster = DemoCluster::new(config.etcd.as_ref(), None)?;
-    let report = tokio::select! {
-        report = demo(&mut cluster, config, row) => Some(report),
-        () = interrupted(&mut signals) => None,
-    };
-    let Some(report) = report else {
-        return Err(cluster.interrupted());
-    };
-    let report = report?;
-    cluster.finish_if(report.passed());
-    Ok(report)
+    let cluster = DemoCluster::new(config.etcd.as_ref(), None)?;
+    cluster
+        .run(
+            &mut signals,
+            async move |cluster: &mut DemoCluster| demo(cluster, config, row).await,
+            RebalanceDemoReport::passed,
+        )
+        .await
 }
 
 /// The rebalance demo on `cluster` once it is made: the first silos

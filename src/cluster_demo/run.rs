@@ -301,7 +301,7 @@ impl DemoCluster {
 
     /// Finishes the run: removes the folder if every check `passed`, else
     /// keeps it and says where, for the silos' logs.
-    pub(super) fn finish_if(self, passed: bool) {
+    fn finish_if(self, passed: bool) {
         if passed {
             if let Err(err) = self.finish() {
                 eprintln!("granary demo: the demo's folder {err}");
@@ -323,9 +323,31 @@ impl DemoCluster {
             .map_err(|err| format!("{} could not be removed: {err}", dir.display()))
     }
 
+    /// Runs `demo` on this cluster until it ends or a signal comes: a
+    /// report that `passed` removes the folder, one that did not or an
+    /// error keeps it (the silos' logs), and a signal stops every silo and
+    /// removes the folder (`interrupted`).
+    pub(super) async fn run<R>(
+        mut self,
+        signals: &mut Signals,
+        demo: impl AsyncFnOnce(&mut DemoCluster) -> Result<R, NodeRunError>,
+        passed: impl FnOnce(&R) -> bool,
+    ) -> Result<R, NodeRunError> {
+        let report = tokio::select! {
+            report = demo(&mut self) => Some(report),
+            () = interrupted(signals) => None,
+        };
+        let Some(report) = report else {
+            return Err(self.interrupted());
+        };
+        let report = report?;
+        self.finish_if(passed(&report));
+        Ok(report)
+    }
+
     /// Ends a run that a signal interrupted: every silo stopped and the
     /// folder removed, as after a run that passed.
-    pub(super) fn interrupted(self) -> NodeRunError {
+    fn interrupted(self) -> NodeRunError {
         NodeRunError(match self.finish() {
             Ok(()) => {
                 "interrupted by a signal: every silo was stopped and the demo's folder removed"
@@ -339,7 +361,7 @@ impl DemoCluster {
 }
 
 /// The next SIGTERM or SIGINT; never, if they cannot be listened for.
-pub(super) async fn interrupted(signals: &mut Signals) {
+async fn interrupted(signals: &mut Signals) {
     if signals.next().await.is_err() {
         std::future::pending::<()>().await;
     }
@@ -361,17 +383,14 @@ pub async fn run_cluster_demo(
     let mut signals = Signals::new()?;
     // The demo kills a silo on purpose: fail over within a second or two
     // rather than the default grace's six.
-    let mut cluster = DemoCluster::new(config.etcd.as_ref(), Some(DEMO_DEATH_GRACE_MS))?;
-    let report = tokio::select! {
-        report = demo(&mut cluster, config, progress) => Some(report),
-        () = interrupted(&mut signals) => None,
-    };
-    let Some(report) = report else {
-        return Err(cluster.interrupted());
-    };
-    let report = report?;
-    cluster.finish_if(report.passed());
-    Ok(report)
+    let cluster = DemoCluster::new(config.etcd.as_ref(), Some(DEMO_DEATH_GRACE_MS))?;
+    cluster
+        .run(
+            &mut signals,
+            async move |cluster: &mut DemoCluster| demo(cluster, config, progress).await,
+            ClusterDemoReport::passed,
+        )
+        .await
 }
 
 /// The demo on `cluster` once it is made: its silos, the load, the kill

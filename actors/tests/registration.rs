@@ -74,14 +74,14 @@ impl Handler<ReminderFired> for Ledger {
     }
 }
 
-/// How many workers a [`Resizer`] key may have: a const, checked when
-/// this compiles (as a literal is).
-const RESIZERS: usize = 2;
-
-/// A stateless worker, named after its type.
+/// A stateless worker, named after its type. Its worker count is a
+/// const of its own, checked when this compiles (as a literal is).
 #[derive(GrainType)]
-#[grain(stateless(max_workers = RESIZERS))]
+#[grain(stateless(max_workers = Self::WORKERS))]
 struct Resizer;
+impl Resizer {
+    const WORKERS: usize = 2;
+}
 impl Grain for Resizer {
     fn new(_: &GrainKey) -> Resizer {
         Resizer

@@ -220,7 +220,7 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 /// So is a stateless worker with no activations, written as a literal or
 /// as a const:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0080
 /// use granary_actors::{Grain, GrainKey, GrainType};
 ///
 /// const WORKERS: usize = 0;
@@ -362,19 +362,20 @@ mod message {
         let name = settings
             .name
             .unwrap_or_else(|| LitStr::new(&ident.unraw().to_string(), ident.span()));
-        let reply = settings.reply.unwrap_or_else(|| parse_quote!(()));
-        let reply = quote_spanned!(reply.span()=> type Reply = #reply;);
-        // A message waits in a mailbox and may cross threads: each type
-        // parameter is bounded `Send + 'static`, as `Message` needs of the
-        // whole type (and of a reply that names the parameter).
+        let reply_type: Type = settings.reply.unwrap_or_else(|| parse_quote!(()));
+        let reply = quote_spanned!(reply_type.span()=> type Reply = #reply_type;);
+        // A message waits in a mailbox and may cross threads: a generic
+        // one is bounded by what `Message` needs, the type and its reply
+        // `Send + 'static`, and no more (a parameter behind `PhantomData`
+        // of a function, say, need not be `Send` itself).
         let mut generics = input.generics.clone();
-        let bounded: Vec<_> = generics
-            .type_params()
-            .map(|param| param.ident.clone())
-            .collect();
-        let predicates = &mut generics.make_where_clause().predicates;
-        for param in bounded {
-            predicates.push(parse_quote!(#param: ::core::marker::Send + 'static));
+        if generics.type_params().next().is_some() {
+            let (_, type_generics, _) = input.generics.split_for_impl();
+            let predicates = &mut generics.make_where_clause().predicates;
+            predicates.push(parse_quote!(
+                #ident #type_generics: ::core::marker::Send + 'static
+            ));
+            predicates.push(parse_quote!(#reply_type: ::core::marker::Send + 'static));
         }
         let (impl_generics, type_generics, where_clause) = generics.split_for_impl();
         Ok(quote! {
@@ -608,18 +609,21 @@ mod grain {
         );
         checks.extend(distinct_names(ident, &runtime, &settings.reads, false));
         // A literal 0 was refused when parsed; any other expression (a
-        // const) is checked when the crate compiles, not when the silo
-        // is built.
+        // const, `Self::N`) is checked through the impl when the crate
+        // compiles, not when the silo is built.
         if let Some(max_workers) = settings
             .stateless
             .as_ref()
             .filter(|max_workers| !matches!(max_workers, Expr::Lit(_)))
         {
             checks.push(quote_spanned! {max_workers.span()=>
-                ::core::assert!(
-                    (#max_workers) > 0,
-                    "`max_workers` is 0: a stateless worker needs at least one activation"
-                );
+                if let ::core::option::Option::Some(0) =
+                    <#ident as #runtime::GrainType>::STATELESS
+                {
+                    ::core::panic!(
+                        "`max_workers` is 0: a stateless worker needs at least one activation"
+                    );
+                }
             });
         }
         let checks = (!checks.is_empty()).then(|| quote!(const _: () = { #(#checks)* };));
@@ -730,8 +734,9 @@ mod tests {
         .unwrap();
         assert!(
             out.contains(
-                "impl < T , U > :: granary_actors :: Message for Wrapped < T , U > where T : :: \
-                 core :: marker :: Send + 'static , U : :: core :: marker :: Send + 'static"
+                "impl < T , U > :: granary_actors :: Message for Wrapped < T , U > where Wrapped < \
+                 T , U > : :: core :: marker :: Send + 'static , Option < T > : :: core :: marker \
+                 :: Send + 'static"
             ),
             "{out}"
         );
@@ -862,8 +867,14 @@ mod tests {
         ))
         .unwrap();
         assert!(out.contains("Some (WORKERS)"), "{out}");
-        // A const is checked when the crate compiles.
-        assert!(out.contains(":: core :: assert ! ((WORKERS) > 0"), "{out}");
+        // A const is checked, through the impl, when the crate compiles.
+        assert!(
+            out.contains(
+                "if let :: core :: option :: Option :: Some (0) = < Resizer as granary :: \
+                 actors :: GrainType > :: STATELESS"
+            ),
+            "{out}"
+        );
         assert!(
             out.contains("impl granary :: actors :: GrainType for Resizer"),
             "{out}"

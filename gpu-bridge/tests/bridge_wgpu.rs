@@ -149,7 +149,11 @@ async fn a_lost_device_is_routed_around() {
     let doubled = bridge.execute("double", &f32s(&[1.0])).await.unwrap();
     assert_eq!(from_f32s(&doubled), [2.0]);
     assert_eq!(device::processed_on(&bridge, BackendKind::Wgpu), 1);
-    wgpu.destroy_device(0).unwrap();
+    let cpu = device::processed_on(&bridge, BackendKind::Cpu);
+    // Every wgpu device: the bridge may have used any.
+    for index in 0..wgpu.devices().len() {
+        wgpu.destroy_device(index).unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut failed = 0;
     loop {
@@ -174,12 +178,15 @@ async fn a_lost_device_is_routed_around() {
             "the bridge still sends to the lost device after {failed} failed requests"
         );
     }
-    // From now on every request is answered elsewhere.
+    // From now on every request is answered by the CPU fallback.
     for n in 0..20 {
         let doubled = bridge.execute("double", &f32s(&[n as f32])).await.unwrap();
         assert_eq!(from_f32s(&doubled), [2.0 * n as f32]);
     }
     assert_eq!(device::processed_on(&bridge, BackendKind::Wgpu), 1);
+    assert!(device::processed_on(&bridge, BackendKind::Cpu) >= cpu + 21);
+    // Destroying a lost device again does nothing.
+    wgpu.destroy_device(0).unwrap();
     bridge.shutdown(StopMode::Abandon).await;
 }
 

@@ -435,19 +435,23 @@ impl WgpuBackend {
         build::pipelines(self.gpu(index)?, spec).map(drop)
     }
 
-    /// Destroys device `index` (wgpu's `Device::destroy`): its memory is
-    /// freed at once, and every later call on it fails as lost
-    /// (`WgpuError::Lost`), as after a driver reset. Its ring kernels end
-    /// (`ring.rs` rule 6). Tests use it to lose a device on demand.
+    /// Destroys device `index` (wgpu's `Device::destroy`): every later
+    /// call of this backend on it fails as lost (`WgpuError::Lost`), as
+    /// after a driver reset, and wgpu frees its memory once its queue is
+    /// empty. Its ring kernels end (`ring.rs` rule 6). Destroying a device
+    /// again does nothing. Tests use it to lose a device on demand.
     pub fn destroy_device(&self, index: usize) -> Result<(), WgpuError> {
-        let gpu = self.gpu(index)?;
-        gpu.device.destroy();
-        // The device-lost callback says so too, when wgpu calls it; a
-        // destroyed device is lost from here on whatever it says.
+        let gpu = self
+            .gpus
+            .get(index)
+            .ok_or(WgpuError::UnknownDevice(index))?;
+        // Lost first, so that no call starts on the device once it is
+        // destroyed; the device-lost callback keeps this reason.
         gpu.fault
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert_with(|| "destroyed".into());
+        gpu.device.destroy();
         Ok(())
     }
 

@@ -29,7 +29,10 @@
 //!    behind a newer micro-batch (it was given up on).
 //! 6. A lost device (wgpu's device-lost callback, or
 //!    [`WgpuBackend::destroy_device`](super::WgpuBackend::destroy_device))
-//!    is answered like a failure, and then the kernel thread ends,
+//!    is answered like a failure, and then the kernel thread ends (after
+//!    any failed micro-batch, the device is asked whether it is lost;
+//!    a wgpu call that panics on the device thread is a failure, not the
+//!    thread's end),
 //!    beating no more: the bridge takes the kernel for hung, and its
 //!    relaunch fails (every launch on a lost device does), so the bridge
 //!    routes around the device (its fallback, or `NoDevice`).
@@ -83,6 +86,7 @@ impl WgpuRingKernel {
         let response_max = spec.response.max_bytes();
         let (work, inbox) = mpsc::channel::<Work>();
         let (outbox, done) = mpsc::channel();
+        let watched = gpu.clone();
         thread::Builder::new()
             .name(format!("granary-wgpu-{}", spec.id))
             .spawn(move || {
@@ -93,7 +97,14 @@ impl WgpuRingKernel {
                     while let Ok(newer) = inbox.try_recv() {
                         work = newer;
                     }
-                    let answer = submit(&gpu, &pipelines, response_max, &work);
+                    // wgpu panics on some failures of a lost device (its
+                    // poll's fatal errors): the thread answers them as
+                    // failures and lives on, so that the kernel thread
+                    // learns of the loss (rule 6).
+                    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        submit(&gpu, &pipelines, response_max, &work)
+                    }))
+                    .unwrap_or_else(|_| Err(WgpuError::Device("a wgpu call panicked".into())));
                     if outbox.send((work.sequence, answer)).is_err() {
                         break;
                     }
@@ -101,6 +112,7 @@ impl WgpuRingKernel {
             })
             .map_err(|err| LaunchError::Thread(err.to_string()))?;
         let device = Dispatcher {
+            gpu: watched,
             response_max,
             most: most.max(1),
             dispatches: dispatches.clone(),
@@ -169,6 +181,8 @@ impl PersistentKernel for WgpuRingKernel {
 
 /// Answers micro-batches through its kernel's device thread.
 struct Dispatcher {
+    /// Read only to see whether the device is lost (rule 6).
+    gpu: Arc<Gpu>,
     response_max: usize,
     most: usize,
     dispatches: Arc<AtomicU64>,
@@ -235,8 +249,9 @@ impl MicroBatch for Dispatcher {
             Err(Wait::Failed(err)) => {
                 tracing::warn!(%err, requests = taken.len(), "a wgpu micro-batch failed");
                 answers.extend((0..taken.len()).map(|_| (Status::Fault, 0..0)));
-                // Rule 6: a lost device answers nothing again.
-                if matches!(err, WgpuError::Lost(_)) {
+                // Rule 6: a lost device answers nothing again, whatever
+                // error the batch met on its way.
+                if matches!(err, WgpuError::Lost(_)) || self.gpu.check_alive().is_err() {
                     return Given::Lost;
                 }
             }

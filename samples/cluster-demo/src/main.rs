@@ -63,7 +63,11 @@ impl Grain for Counter {
 /// Adds `by` to a counter, once per `caller` and `seq` (a caller numbers
 /// its adds 1, 2, 3, ...): an add retried after its answer was lost (a
 /// timeout, a connection cut) is not counted twice. Answers the total once
-/// persisted.
+/// persisted. The counter keeps each caller's highest `seq`, so a caller
+/// sends one add at a time to a counter (as this sample's do); an add
+/// whose `seq` is not above the last one is taken as a retry. Each caller
+/// name stays in the counter's state: callers whose names come and go
+/// (a node's id per run) would want the entries pruned.
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[message(crate = granary::actors, name = "add", reply = Result<u64, String>)]
 pub struct Add {

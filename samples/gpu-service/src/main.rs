@@ -17,7 +17,8 @@
 //!
 //! Ctrl-C or SIGTERM stops it gracefully: no new connections, the
 //! requests in flight answered (up to 30 s), then the silo's grains
-//! deactivated and the GPU bridge drained.
+//! deactivated and the GPU bridge drained. A second signal stops it at
+//! once (exit status 130).
 //!
 //! The silo runs on a tokio runtime of its own: actix-web runs each worker
 //! on a single-threaded runtime of its own, and grains must outlive any one
@@ -232,6 +233,20 @@ fn main() -> std::io::Result<()> {
         runtime: runtime.handle().clone(),
     });
 
+    // Signals are listened for before the service says it listens: the
+    // first stops it gracefully (below), a second at once.
+    let mut signals = {
+        let _context = runtime.enter();
+        StopSignals::listen()?
+    };
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    runtime.spawn(async move {
+        signals.next().await;
+        let _ = stop.send(());
+        signals.next().await;
+        say(format_args!("a second signal: stopping at once"));
+        std::process::exit(130);
+    });
     say(format_args!("listening on http://{bound}"));
     let served = actix_web::rt::System::new().block_on(async move {
         let server = HttpServer::new(move || {
@@ -241,7 +256,7 @@ fn main() -> std::io::Result<()> {
                 .route("/stats/{key}", web::get().to(stats))
         })
         .workers(2)
-        // Ctrl-C and SIGTERM both stop gracefully, below: actix's own
+        // Ctrl-C and SIGTERM both stop gracefully, here: actix's own
         // handling stops at once on Ctrl-C, cutting requests in flight.
         .disable_signals()
         .shutdown_timeout(30)
@@ -249,11 +264,12 @@ fn main() -> std::io::Result<()> {
         .run();
         let handle = server.handle();
         actix_web::rt::spawn(async move {
-            stop_signal().await;
-            say(format_args!(
-                "stopping: no new connections; requests in flight finish"
-            ));
-            handle.stop(true).await;
+            if stopping.await.is_ok() {
+                say(format_args!(
+                    "stopping: no new connections; requests in flight finish"
+                ));
+                handle.stop(true).await;
+            }
         });
         server.await
     });
@@ -275,19 +291,39 @@ fn say(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 
-/// The first SIGTERM or Ctrl-C (SIGINT); never, if neither can be
-/// listened for.
-async fn stop_signal() {
+/// SIGTERM and Ctrl-C (SIGINT), listened for from when they are made.
+struct StopSignals {
     #[cfg(unix)]
-    if let Ok(mut terminate) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::select! {
-            _ = terminate.recv() => return,
-            interrupted = tokio::signal::ctrl_c() => if interrupted.is_ok() { return },
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Listens for both, inside a tokio runtime.
+    fn listen() -> std::io::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
     }
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
+
+    /// The next of either; never, if Ctrl-C cannot be listened for.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -8,7 +8,18 @@
 use std::sync::Arc;
 use std::thread;
 
-use granary_ring::{HeapRegion, PopError, Ring, RingConfig, WaitPolicy};
+use granary_ring::{Consumer, HeapRegion, PopError, Ring, RingConfig, WaitPolicy};
+
+/// A consumer that closes the ring when it stops for any reason, a panic
+/// included: a producer waiting for room is woken with `Closed` rather
+/// than waiting forever.
+struct Closing(Consumer);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = RingConfig::mpsc(256, 64);
@@ -23,22 +34,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Each view takes only its own role.
     let producer = host.into_producer()?;
-    let mut consumer = device.into_consumer();
+    let mut consumer = Closing(device.into_consumer());
     let kernel = thread::spawn(move || {
         let mut sum = 0u64;
         let policy = WaitPolicy::default();
-        let result = loop {
-            match consumer.pop(&policy, None) {
+        loop {
+            match consumer.0.pop(&policy, None) {
                 Ok(message) => sum += message.payload().iter().map(|&b| u64::from(b)).sum::<u64>(),
-                Err(PopError::Closed) => break Ok(sum),
-                Err(err) => break Err(err),
+                Err(PopError::Closed) => return Ok(sum),
+                Err(err) => return Err(err),
             }
-        };
-        // A consumer that stops for any reason closes the ring: a producer
-        // waiting for room is woken with `Closed` rather than waiting
-        // forever.
-        consumer.close();
-        result
+        }
     });
     let mut expected = 0u64;
     for i in 0..10_000u64 {

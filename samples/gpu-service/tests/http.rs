@@ -64,8 +64,8 @@ fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, String)
     (status, body)
 }
 
-/// Ctrl-C and SIGTERM stop the service gracefully: it says so, stops
-/// listening, drains the silo and the bridge, and exits with success.
+/// Ctrl-C and SIGTERM stop the service gracefully: it says so, drains
+/// the silo and the bridge, and exits with success.
 #[cfg(unix)]
 #[test]
 fn a_signal_stops_the_service_after_draining_its_silo_and_bridge() {

@@ -248,7 +248,11 @@ impl Drop for Running {
             let _ = demo.wait();
         }
         for silo in &self.silos {
-            if !ended(*silo) {
+            // Still a demo's silo: a process id freed by an ended silo may
+            // be another process's by now.
+            let a_silo = std::fs::read(format!("/proc/{silo}/cmdline"))
+                .is_ok_and(|line| String::from_utf8_lossy(&line).contains("granary-demo-"));
+            if !ended(*silo) && a_silo {
                 let _ = Command::new("kill")
                     .args(["-KILL", &silo.to_string()])
                     .status();

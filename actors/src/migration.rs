@@ -281,8 +281,10 @@ impl Dehydrated {
 #[non_exhaustive]
 pub enum MigrationTarget {
     /// Wherever the router's placement picks, other than where it is; in
-    /// a cluster, the hosts it passes over that have room for the grain
-    /// are asked after its picks (`cluster/src/node/migration.rs` rule 1).
+    /// a cluster, for a grain that declares device memory, its picks with
+    /// room for the grain first, then the hosts it passed over that have
+    /// room, then its picks without (`cluster/src/node/migration.rs` rule
+    /// 1).
     Any,
     /// The silo of this name (a cluster silo's address, as
     /// `Router::place` gives it).

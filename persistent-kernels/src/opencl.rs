@@ -452,7 +452,6 @@ impl Backend for OpenClBackend {
     }
 }
 
-/// An OpenCL error as the backend trait reports it.
 /// Builds with `build` as OpenCL C 3.0 then 2.0, or 2.0 then 3.0 once
 /// `refuses_c3` is set; sets it when 2.0 built after 3.0 failed, and
 /// clears it when 3.0 built after 2.0 failed. A program that fails both
@@ -484,6 +483,7 @@ fn two_standards<T>(
     }
 }
 
+/// An OpenCL error as the backend trait reports it.
 fn backend_error(err: OpenClError, spec: &KernelSpec) -> BackendError {
     match err {
         OpenClError::Unavailable(why) => BackendError::Unavailable(why),

@@ -789,8 +789,8 @@ impl Inner {
     }
 
     /// The silos `grain` may move to, best first: the one `target` names,
-    /// or up to three among the others that host its type: the
-    /// placement's picks, then the hosts with room for it (rule 1).
+    /// or up to three among the others that host its type, from the
+    /// placement's picks, ordered by room for it (rule 1).
     fn candidates(
         &self,
         grain: &GrainId,
